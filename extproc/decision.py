@@ -1,0 +1,71 @@
+"""What extproc answers Envoy, as plain data. `codec.py` turns these into protobuf."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from arks.api import ArksToken
+
+
+@dataclass(frozen=True)
+class Deny:
+    """An OpenAI-shaped error answered by the gateway itself."""
+
+    status: int
+    code: str
+    message: str
+    type: str = "invalid_request_error"
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def body(self) -> bytes:
+        return orjson.dumps({"error": {"message": self.message, "type": self.type, "code": self.code}})
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A successful answer made by the gateway (e.g. `GET /v1/models`)."""
+
+    body: bytes
+    status: int = 200
+    content_type: str = "application/json"
+
+
+@dataclass(frozen=True)
+class ReadBody:
+    """Ask Envoy for the buffered request body; the decision continues there."""
+
+    reason: str
+    token: ArksToken
+
+
+@dataclass(frozen=True)
+class Identity:
+    namespace: str
+    user: str
+    model: str
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Let the request through to the model's route, with our headers and metadata."""
+
+    identity: Identity
+    set_headers: tuple[tuple[str, str], ...]
+    remove_headers: tuple[str, ...]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    body: bytes | None = None  # a rewritten body, when the request needed one
+    prompt_estimate: int | None = None
+
+
+Decision = Deny | Reply | ReadBody | Forward
+
+
+def unauthorized(message: str) -> Deny:
+    return Deny(401, "invalid_api_key", message)
+
+
+def bad_request(message: str, code: str = "invalid_request_error") -> Deny:
+    return Deny(400, code, message)

@@ -1,0 +1,110 @@
+"""The gateway's decision for one request: pure, from our own types to a `Decision`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from arks.api import ArksToken
+from arks.policy import Policy
+from arks.tokens import count_prompt
+from extproc.auth import authenticate
+from extproc.decision import Decision, Deny, Forward, Identity, ReadBody, Reply, bad_request
+from extproc.request import CREDENTIAL_HEADERS, INFERENCE_PATHS, MODELS_PATH, BodyFacts, RequestInfo
+
+METADATA_NAMESPACE = "io.arks"
+
+
+def models_reply(policy: Policy, token: ArksToken) -> Reply:
+    data = [
+        {"id": model, "object": "model", "created": 0, "owned_by": token.key.namespace}
+        for model in policy.models_for(token)
+    ]
+    return Reply(orjson.dumps({"object": "list", "data": data}))
+
+
+def decide_headers(req: RequestInfo, policy: Policy, now: datetime) -> Decision:
+    """Decide on the request-headers message (with the body facts Envoy lifted into metadata)."""
+    token = authenticate(req.headers, policy, now)
+    if isinstance(token, Deny):
+        return token
+    if req.path == MODELS_PATH:
+        if req.method != "GET":
+            return Deny(405, "method_not_allowed", f"{req.method} is not allowed on {MODELS_PATH}.")
+        return models_reply(policy, token)
+    if req.path not in INFERENCE_PATHS:
+        return Deny(404, "not_found", f"Unknown path {req.path!r}.")
+    if req.method != "POST":
+        return Deny(405, "method_not_allowed", f"{req.method} is not allowed on {req.path}; use POST.")
+    if req.end_of_stream:
+        return bad_request("The request has no body: send a JSON object with a 'model'.", "missing_body")
+    if not req.body.known:
+        return ReadBody("the body was not lifted into metadata", token)
+    return admit(req, req.body, token, policy, body=None)
+
+
+def decide_body(req: RequestInfo, raw: bytes, token: ArksToken, policy: Policy) -> Decision:
+    """Decide on the buffered request body (asked for by `ReadBody`)."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return bad_request("We could not parse the JSON body of your request.", "invalid_json")
+    if not isinstance(body, dict):
+        return bad_request("The request body must be a JSON object.", "invalid_json")
+    return admit(req, BodyFacts.from_body(body), token, policy, body=body)
+
+
+def admit(req: RequestInfo, facts: BodyFacts, token: ArksToken, policy: Policy, body: dict[str, Any] | None) -> Decision:
+    if facts.invalid_json:
+        return bad_request("We could not parse the JSON body of your request.", "invalid_json")
+    if facts.model_missing or facts.model is None:
+        return bad_request("You must provide a model parameter.", "missing_model")
+    model = facts.model
+    if not isinstance(model, str) or not model:
+        return bad_request("'model' must be a non-empty string.", "invalid_type")
+    if facts.stream is not None and not isinstance(facts.stream, bool):
+        return bad_request("'stream' must be a boolean.", "invalid_type")
+    namespace = token.key.namespace
+    if policy.endpoint(namespace, model) is None:
+        return Deny(404, "model_not_found", f"The model {model!r} does not exist.")
+    if token.grants(model) is None:
+        return Deny(403, "model_not_allowed", f"This API key may not use the model {model!r}.", type="permission_denied")
+
+    # A streamed answer carries usage only when asked; ask for it unless the client said no.
+    needs_usage_option = facts.stream is True and facts.include_usage is None
+    if needs_usage_option and body is None:
+        return ReadBody("add stream_options.include_usage", token)
+    metadata: dict[str, Any] = {
+        "namespace": namespace,
+        "user": token.user,
+        "model": model,
+        "stream": facts.stream is True,
+    }
+    new_body = None
+    prompt_estimate = None
+    if body is not None:
+        prompt_estimate = metadata["prompt_estimate"] = count_prompt(body)
+        if needs_usage_option:
+            options = body.get("stream_options")
+            body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+            new_body = orjson.dumps(body)
+    set_headers = (
+        ("x-arks-model", model),
+        ("x-arks-namespace", namespace),
+        ("x-arks-user", token.user),
+        ("content-type", "application/json"),  # the body is a JSON object, whatever the client said
+    )
+    ours = {name for name, _ in set_headers}
+    remove = tuple(
+        name for name in (*req.spoofed_headers, *CREDENTIAL_HEADERS) if name in req.headers and name not in ours
+    )
+    return Forward(
+        identity=Identity(namespace, token.user, model),
+        set_headers=set_headers,
+        remove_headers=remove,
+        metadata={METADATA_NAMESPACE: metadata},
+        body=new_body,
+        prompt_estimate=prompt_estimate,
+    )

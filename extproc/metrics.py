@@ -1,0 +1,63 @@
+"""The gateway's Prometheus metrics. Labels name tenants and models, never token text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from extproc.usage import Usage
+
+_IDENTITY = ("namespace", "user", "model")
+
+
+@dataclass(frozen=True)
+class GatewayMetrics:
+    registry: CollectorRegistry
+    requests: Counter
+    tokens: Counter
+    estimated: Counter
+    denials: Counter
+    access_log_entries: Counter
+    unreported: Counter
+    policy_reloads: Gauge
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry | None = None) -> GatewayMetrics:
+        registry = registry or CollectorRegistry()
+        return cls(
+            registry=registry,
+            requests=Counter(
+                "arks_requests", "Admitted requests that finished, by answer status.", (*_IDENTITY, "code"), registry=registry
+            ),
+            tokens=Counter(
+                "arks_usage_tokens", "Tokens charged, by type (prompt, completion).", (*_IDENTITY, "type"), registry=registry
+            ),
+            estimated=Counter(
+                "arks_usage_estimated_requests",
+                "Requests charged with an estimate because no usage was reported, by reason.",
+                (*_IDENTITY, "reason"),
+                registry=registry,
+            ),
+            denials=Counter(
+                "arks_gateway_denials", "Requests the gateway answered itself with an error.", ("status", "code"), registry=registry
+            ),
+            access_log_entries=Counter(
+                "arks_access_log_entries", "Access-log entries received from Envoy.", registry=registry
+            ),
+            unreported=Counter(
+                "arks_usage_unreported_requests",
+                "Admitted requests whose access-log entry never arrived; charged with the prompt estimate.",
+                _IDENTITY,
+                registry=registry,
+            ),
+            policy_reloads=Gauge("arks_policy_reloads", "Successful policy reloads since start.", registry=registry),
+        )
+
+    def charge(self, usage: Usage, status: int) -> None:
+        identity = (usage.namespace, usage.user, usage.model)
+        self.requests.labels(*identity, str(status)).inc()
+        self.tokens.labels(*identity, "prompt").inc(usage.prompt_tokens)
+        self.tokens.labels(*identity, "completion").inc(usage.completion_tokens)
+        if usage.estimated is not None:
+            self.estimated.labels(*identity, usage.estimated).inc()

@@ -1,0 +1,68 @@
+"""The facts of one request that the gateway decides on, independent of protobuf."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+MODELS_PATH = "/v1/models"
+ROUTING_HEADERS = ("x-arks-model", "x-arks-namespace", "x-arks-user")
+CREDENTIAL_HEADERS = ("authorization", "x-api-key")
+
+
+@dataclass(frozen=True)
+class BodyFacts:
+    """What Envoy's json_to_metadata lifted out of the JSON body, or what we parsed ourselves."""
+
+    model: Any = None
+    stream: Any = None
+    include_usage: Any = None
+    max_tokens: Any = None
+    model_missing: bool = False
+    invalid_json: bool = False
+
+    @property
+    def known(self) -> bool:
+        """False when nobody looked at the body yet (not JSON content, or no filter ran)."""
+        return self.model is not None or self.model_missing or self.invalid_json
+
+    @classmethod
+    def from_metadata(cls, fields: Mapping[str, Any]) -> BodyFacts:
+        return cls(
+            model=fields.get("model"),
+            stream=fields.get("stream"),
+            include_usage=fields.get("include_usage"),
+            max_tokens=fields.get("max_completion_tokens", fields.get("max_tokens")),
+            model_missing=bool(fields.get("model_missing")),
+            invalid_json=bool(fields.get("invalid_json")),
+        )
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> BodyFacts:
+        options = body.get("stream_options")
+        return cls(
+            model=body.get("model"),
+            stream=body.get("stream"),
+            include_usage=options.get("include_usage") if isinstance(options, Mapping) else None,
+            max_tokens=body.get("max_completion_tokens", body.get("max_tokens")),
+            model_missing="model" not in body,
+        )
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    method: str
+    path: str  # without the query string
+    headers: Mapping[str, str]  # lower-case names; pseudo-headers excluded
+    body: BodyFacts = field(default_factory=BodyFacts)
+    end_of_stream: bool = False  # the request has no body
+
+    @property
+    def request_id(self) -> str:
+        return self.headers.get("x-request-id", "")
+
+    @property
+    def spoofed_headers(self) -> tuple[str, ...]:
+        return tuple(name for name in self.headers if name.startswith("x-arks-"))

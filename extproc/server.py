@@ -1,0 +1,101 @@
+"""`python -m extproc`: the ext_proc + access-log gRPC server and its metrics endpoint."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+import uvloop
+from envoy.service.accesslog.v3 import als_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import disable_created_metrics, start_http_server
+
+from arks.policy import FilePolicySource
+from extproc.inflight import InFlight
+from extproc.ledger import MemoryLedger
+from extproc.metrics import GatewayMetrics
+from extproc.servicer import AccessLogReceiver, Context, ExternalProcessor
+
+log = logging.getLogger("extproc")
+
+
+@dataclass(frozen=True)
+class Settings:
+    policy: Path
+    grpc_address: str = "127.0.0.1:50051"
+    metrics_port: int = 9101
+    metrics_address: str = "127.0.0.1"
+    log_level: str = "INFO"
+    # Longer than the longest answer (Envoy's route timeout) plus the access log's flush delay.
+    usage_settle_timeout_s: float = 630.0
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> Settings:
+        parser = argparse.ArgumentParser(prog="python -m extproc", description=__doc__)
+        parser.add_argument("--policy", type=Path, required=True, help="policy YAML file (reloaded on change)")
+        parser.add_argument("--grpc-address", default=cls.grpc_address)
+        parser.add_argument("--metrics-port", type=int, default=cls.metrics_port)
+        parser.add_argument("--metrics-address", default=cls.metrics_address)
+        parser.add_argument("--log-level", default=cls.log_level)
+        parser.add_argument(
+            "--usage-settle-timeout-s", type=float, default=cls.usage_settle_timeout_s,
+            help="charge an admitted request's estimate when its usage has not arrived after this long",
+        )
+        return cls(**vars(parser.parse_args(argv)))
+
+
+async def serve(settings: Settings) -> None:
+    source = FilePolicySource(settings.policy)
+    metrics = GatewayMetrics.create()
+    ctx = Context(
+        policy=source,
+        ledger=MemoryLedger(),
+        metrics=metrics,
+        inflight=InFlight(max_age=settings.usage_settle_timeout_s),
+        now=lambda: datetime.now(UTC),
+        monotonic=time.monotonic,
+    )
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    ep_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(ctx), server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogReceiver(ctx), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_insecure_port(settings.grpc_address)
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    start_http_server(settings.metrics_port, settings.metrics_address, registry=metrics.registry)
+    log.info("extproc serving gRPC on %s, metrics on %s:%d", settings.grpc_address, settings.metrics_address, settings.metrics_port)
+
+    async def housekeeping() -> None:
+        while True:
+            await asyncio.sleep(source.interval)
+            if source.reload_if_changed():
+                metrics.policy_reloads.inc()
+            if lost := ctx.expire_unreported():
+                log.warning("%d admitted requests had no access-log entry; charged their estimate", lost)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    watcher = asyncio.create_task(housekeeping())
+    await stop.wait()
+    watcher.cancel()
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace=2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = Settings.from_args(argv)
+    disable_created_metrics()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvloop.run(serve(settings))

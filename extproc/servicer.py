@@ -1,0 +1,155 @@
+"""The gRPC servicers: ext_proc (one decision per request) and the access-log receiver (usage).
+
+Thin loops: per-request state lives in a `RequestProcessor`, decisions in `gateway.py`, the
+wire in `codec.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import grpc
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+
+from arks.api import ArksToken
+from arks.policy import PolicySource
+from extproc import codec
+from extproc.decision import Decision, Deny, Forward, ReadBody, Reply
+from extproc.gateway import decide_body, decide_headers
+from extproc.inflight import Admitted, InFlight
+from extproc.ledger import Ledger
+from extproc.metrics import GatewayMetrics
+from extproc.request import RequestInfo
+from extproc.usage import Usage, usage_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every request needs, built once in `main`."""
+
+    policy: PolicySource
+    ledger: Ledger
+    metrics: GatewayMetrics
+    inflight: InFlight
+    now: Callable[[], datetime]
+    monotonic: Callable[[], float]
+
+    def charge(self, usage: Usage, status: int) -> None:
+        self.ledger.charge(usage)
+        self.metrics.charge(usage, status)
+
+    def expire_unreported(self) -> int:
+        """Charge the admitted requests whose access-log entry never came; how many there were."""
+        lost = self.inflight.expire(self.monotonic())
+        for entry in lost:
+            usage = entry.usage()
+            self.metrics.unreported.labels(usage.namespace, usage.user, usage.model).inc()
+            self.charge(usage, 0)
+        return len(lost)
+
+
+class RequestProcessor:
+    """One HTTP request's conversation with Envoy: headers, then (sometimes) the body."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.info: RequestInfo | None = None
+        self.token: ArksToken | None = None
+
+    def _encode(self, decision: Decision, phase: str) -> ep.ProcessingResponse:
+        match decision:
+            case Forward():
+                assert self.info is not None
+                self.ctx.inflight.admit(
+                    Admitted(
+                        self.info.request_id,
+                        decision.identity,
+                        decision.prompt_estimate,
+                        _int_or_none(self.info.body.max_tokens),
+                        self.ctx.monotonic(),
+                    )
+                )
+                return codec.forward_headers(decision) if phase == "headers" else codec.forward_body(decision)
+            case Deny():
+                self.ctx.metrics.denials.labels(str(decision.status), decision.code).inc()
+                return codec.deny(decision)
+            case Reply():
+                return codec.reply(decision)
+            case ReadBody():
+                self.token = decision.token
+                return codec.read_body(decision)
+
+    def handle(self, message: ep.ProcessingRequest) -> ep.ProcessingResponse:
+        kind = message.WhichOneof("request")
+        if kind == "request_headers":
+            self.info = codec.request_info(message.request_headers, message.metadata_context)
+            return self._encode(decide_headers(self.info, self.ctx.policy.current(), self.ctx.now()), "headers")
+        if kind == "request_body" and self.info is not None and self.token is not None:
+            decision = decide_body(self.info, message.request_body.body, self.token, self.ctx.policy.current())
+            if isinstance(decision, ReadBody):  # cannot happen with a parsed body; never loop
+                decision = Deny(400, "invalid_request_error", "The request body could not be processed.")
+            return self._encode(decision, "body")
+        # Anything else means Envoy sends more than we asked for: let it pass unchanged.
+        log.warning("unexpected ext_proc message %s; passing it through", kind)
+        return _pass_through(kind)
+
+
+def _int_or_none(value: object) -> int | None:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _pass_through(kind: str | None) -> ep.ProcessingResponse:
+    if kind in ("request_headers", "response_headers"):
+        return ep.ProcessingResponse(**{kind: ep.HeadersResponse()})
+    if kind in ("request_body", "response_body"):
+        return ep.ProcessingResponse(**{kind: ep.BodyResponse()})
+    if kind in ("request_trailers", "response_trailers"):
+        return ep.ProcessingResponse(**{kind: ep.TrailersResponse()})
+    return ep.ProcessingResponse()
+
+
+class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    async def Process(  # noqa: N802 (gRPC method name)
+        self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ep.ProcessingResponse]:
+        processor = RequestProcessor(self.ctx)
+        async for message in request_iterator:
+            yield processor.handle(message)
+
+
+class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
+    """Envoy's batched access log: one entry per finished request, carrying its usage."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def record(self, message: als_pb2.StreamAccessLogsMessage) -> None:
+        metrics = self.ctx.metrics
+        for entry in message.http_logs.log_entry:
+            metrics.access_log_entries.inc()
+            done = codec.finished(entry)
+            if done is None:
+                continue
+            self.ctx.inflight.finish(done.request_id)
+            usage = usage_of(done)
+            if usage is None:
+                metrics.requests.labels(done.namespace, done.user, done.model, str(done.status)).inc()
+                continue
+            self.ctx.charge(usage, done.status)
+
+    async def StreamAccessLogs(  # noqa: N802 (gRPC method name)
+        self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: grpc.aio.ServicerContext
+    ) -> als_pb2.StreamAccessLogsResponse:
+        async for message in request_iterator:
+            self.record(message)
+        return als_pb2.StreamAccessLogsResponse()

@@ -1,0 +1,88 @@
+"""How many tokens a finished request used: what the engine reported, or an estimate.
+
+Input is what the access log says about a finished request (`Finished`), output is a `Usage`
+to charge. Nothing admitted goes uncharged: without engine-reported usage, the prompt is
+estimated with tiktoken (or from the body size) and the completion from the bytes Envoy sent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# A streamed chunk as vLLM sends it, without the token text; its length calibrates the estimate.
+_CHAT_CHUNK = (
+    'data: {"id":"chatcmpl-00000000000000000000000000000000","object":"chat.completion.chunk",'
+    '"created":1700000000,"model":"%s","choices":[{"index":0,"delta":{"content":""},'
+    '"logprobs":null,"finish_reason":null}]}\n\n'
+)
+_TEXT_CHUNK = (
+    'data: {"id":"cmpl-00000000000000000000000000000000","object":"text_completion",'
+    '"created":1700000000,"model":"%s","choices":[{"index":0,"text":"","logprobs":null,'
+    '"finish_reason":null}]}\n\n'
+)
+BYTES_PER_TOKEN = 4  # of English text, the usual rule of thumb
+_ANSWER_OVERHEAD = 250  # bytes of a non-streamed answer around its text
+_REQUEST_OVERHEAD = 40  # bytes of a request around its prompt
+
+
+@dataclass(frozen=True)
+class Finished:
+    """One admitted request, as the access log reports it when it ends."""
+
+    request_id: str
+    namespace: str
+    user: str
+    model: str
+    path: str
+    stream: bool
+    status: int
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    prompt_estimate: int | None
+    request_body_bytes: int
+    response_body_bytes: int
+    interrupted: str | None = None  # "client_disconnected", "upstream_reset", …
+
+
+@dataclass(frozen=True)
+class Usage:
+    namespace: str
+    user: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: str | None = None  # why it is an estimate; None when the engine reported it
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def streamed_tokens_estimate(response_bytes: int, model: str, path: str) -> int:
+    template = _TEXT_CHUNK if path.endswith("/completions") and "chat" not in path else _CHAT_CHUNK
+    per_token = len((template % model).encode()) + BYTES_PER_TOKEN
+    return max(0, math.ceil(response_bytes / per_token) - 1)  # the role or final chunk carries no token
+
+
+def _text_tokens_estimate(nbytes: int, overhead: int) -> int:
+    return max(0, math.ceil((nbytes - overhead) / BYTES_PER_TOKEN))
+
+
+def usage_of(done: Finished) -> Usage | None:
+    """What to charge for a finished request; None when nothing is owed (an error answer)."""
+    if done.prompt_tokens is not None and done.completion_tokens is not None:
+        return Usage(done.namespace, done.user, done.model, done.prompt_tokens, done.completion_tokens)
+    if done.status >= 400 and done.interrupted is None:
+        return None  # the engine refused the request and did no work worth charging
+    prompt = done.prompt_estimate
+    if prompt is None:
+        prompt = _text_tokens_estimate(done.request_body_bytes, _REQUEST_OVERHEAD)
+    if done.stream:
+        completion = streamed_tokens_estimate(done.response_body_bytes, done.model, done.path)
+    elif done.path.endswith("/embeddings"):
+        completion = 0
+    else:
+        completion = _text_tokens_estimate(done.response_body_bytes, _ANSWER_OVERHEAD)
+    reason = done.interrupted or "no_usage_reported"
+    return Usage(done.namespace, done.user, done.model, prompt, completion, estimated=reason)

@@ -1,0 +1,483 @@
+"""The engine simulator as a real subprocess, driven with the openai client and raw httpx."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from arks.procs import Supervisor, free_port, wait_http
+from arks.tokens import count_prompt
+
+MODEL = "m1"
+NAME = "sim-test"
+TOKEN = " hello"
+DEFAULT_TOKENS = 16
+
+METRIC_NAMES = (
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:kv_cache_usage_perc",
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
+    "vllm:time_to_first_token_seconds",
+    "vllm:time_per_output_token_seconds",
+    "vllm:request_success_total",
+)
+
+
+def chat_body(text: str = "Say hello to the simulator, please.", **extra: Any) -> dict[str, Any]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": text}], **extra}
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    with Supervisor(log_dir=tmp_path_factory.mktemp("sim-logs")) as sup:
+        child = sup.python("sim", "arks.sim", "--port", str(port), "--model", MODEL, "--name", NAME)
+        wait_http(child, f"http://127.0.0.1:{port}/health")
+        yield f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def client(base_url: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{base_url}/v1", api_key="x", max_retries=0) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def http(base_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base_url, timeout=10.0) as c:
+        yield c
+
+
+def sse_events(http: httpx.Client, path: str, body: dict[str, Any], **headers: str) -> list[Any]:
+    """The `data:` payloads of a streamed answer, JSON-decoded except the final "[DONE]"."""
+    events: list[Any] = []
+    with http.stream("POST", path, json=body, headers=headers) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        raw = resp.read().decode()
+    assert raw.endswith("\n\n")
+    for block in raw.split("\n\n")[:-1]:
+        assert block.startswith("data: "), block
+        payload = block.removeprefix("data: ")
+        events.append(payload if payload == "[DONE]" else orjson.loads(payload))
+    return events
+
+
+def scrape(http: httpx.Client) -> dict[str, float]:
+    """Samples of /metrics for MODEL, keyed by name plus any labels other than model_name."""
+    resp = http.get("/metrics")
+    assert resp.status_code == 200
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(resp.text):
+        for sample in family.samples:
+            labels = dict(sample.labels)
+            if labels.pop("model_name", None) != MODEL:
+                continue
+            suffix = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+            samples[f"{sample.name}{{{suffix}}}" if suffix else sample.name] = sample.value
+    return samples
+
+
+# --------------------------------------------------------------------------- chat
+
+
+def test_chat_usage_is_exact(client: openai.OpenAI) -> None:
+    body = chat_body()
+    raw = client.chat.completions.with_raw_response.create(
+        **body, extra_headers={"x-sim-output-tokens": "7"}
+    )
+    assert raw.headers["x-sim-instance"] == NAME
+    resp = raw.parse()
+    assert resp.object == "chat.completion"
+    assert resp.id.startswith("chatcmpl-")
+    assert resp.model == MODEL
+    choice = resp.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == TOKEN * 7
+    assert choice.finish_reason == "stop"
+    assert resp.usage is not None
+    assert resp.usage.prompt_tokens == count_prompt(body) > 0
+    assert resp.usage.completion_tokens == 7
+    assert resp.usage.total_tokens == count_prompt(body) + 7
+
+
+def test_chat_default_output_tokens(client: openai.OpenAI) -> None:
+    resp = client.chat.completions.create(**chat_body())
+    assert resp.choices[0].message.content == TOKEN * DEFAULT_TOKENS
+    assert resp.usage is not None and resp.usage.completion_tokens == DEFAULT_TOKENS
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_chat_stream_raw(http: httpx.Client, include_usage: bool) -> None:
+    body = chat_body(stream=True, stream_options={"include_usage": include_usage})
+    events = sse_events(http, "/v1/chat/completions", body, **{"x-sim-output-tokens": "5"})
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert len({(c["id"], c["created"], c["model"]) for c in chunks}) == 1
+    assert chunks[0]["id"].startswith("chatcmpl-")
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    content = chunks[1:6]
+    assert [c["choices"][0]["delta"] for c in content] == [{"content": TOKEN}] * 5
+    assert all(c["choices"][0]["finish_reason"] is None for c in content)
+    finish = chunks[6]["choices"][0]
+    assert finish["delta"] == {} and finish["finish_reason"] == "stop"
+    if include_usage:
+        assert len(chunks) == 8
+        assert chunks[7]["choices"] == []
+        assert chunks[7]["usage"] == {
+            "prompt_tokens": count_prompt(body),
+            "completion_tokens": 5,
+            "total_tokens": count_prompt(body) + 5,
+        }
+    else:
+        assert len(chunks) == 7
+        assert all("usage" not in c for c in chunks)
+
+
+def test_chat_stream_openai_client(client: openai.OpenAI) -> None:
+    body = chat_body()
+    stream = client.chat.completions.create(
+        **body,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers={"x-sim-output-tokens": "40"},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == TOKEN * 40
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content == TOKEN) == 40
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.prompt_tokens == count_prompt(body)
+    assert chunks[-1].usage.completion_tokens == 40
+
+
+def test_long_stream_is_fast(http: httpx.Client) -> None:
+    started = time.monotonic()
+    events = sse_events(
+        http, "/v1/chat/completions", chat_body(stream=True), **{"x-sim-output-tokens": "2000"}
+    )
+    assert time.monotonic() - started < 2.0
+    assert sum(1 for e in events[:-1] if e["choices"][0]["delta"].get("content") == TOKEN) == 2000
+
+
+# --------------------------------------------------------------------------- completions
+
+
+def test_completions_non_streamed(client: openai.OpenAI) -> None:
+    prompt = "Once upon a time in a simulated datacenter"
+    resp = client.completions.create(
+        model=MODEL, prompt=prompt, extra_headers={"x-sim-output-tokens": "3"}
+    )
+    assert resp.object == "text_completion"
+    assert resp.id.startswith("cmpl-")
+    assert resp.choices[0].text == TOKEN * 3
+    assert resp.choices[0].finish_reason == "stop"
+    assert resp.usage is not None
+    assert resp.usage.prompt_tokens == count_prompt({"prompt": prompt})
+    assert resp.usage.completion_tokens == 3
+
+
+def test_completions_streamed(http: httpx.Client) -> None:
+    body = {
+        "model": MODEL,
+        "prompt": "abc",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    events = sse_events(http, "/v1/completions", body, **{"x-sim-output-tokens": "4"})
+    assert events[-1] == "[DONE]"
+    tokens, usage_chunk = events[:4], events[4]
+    assert len(events) == 6
+    assert [c["choices"][0]["text"] for c in tokens] == [TOKEN] * 4
+    assert [c["choices"][0]["finish_reason"] for c in tokens] == [None, None, None, "stop"]
+    assert all(c["object"] == "text_completion" and c["id"].startswith("cmpl-") for c in tokens)
+    assert len({c["id"] for c in events[:-1]}) == 1
+    assert usage_chunk["choices"] == []
+    assert usage_chunk["usage"]["completion_tokens"] == 4
+    assert usage_chunk["usage"]["prompt_tokens"] == count_prompt(body)
+
+
+def test_completions_streamed_openai_client(client: openai.OpenAI) -> None:
+    stream = client.completions.create(
+        model=MODEL, prompt="abc", stream=True, extra_headers={"x-sim-output-tokens": "6"}
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == TOKEN * 6
+    assert len(chunks) == 6
+    assert all(c.usage is None for c in chunks)
+
+
+@pytest.mark.parametrize(
+    ("path", "cap_key"),
+    [
+        ("/v1/chat/completions", "max_tokens"),
+        ("/v1/chat/completions", "max_completion_tokens"),
+        ("/v1/completions", "max_tokens"),
+    ],
+)
+def test_max_tokens_caps_with_length(http: httpx.Client, path: str, cap_key: str) -> None:
+    body: dict[str, Any] = chat_body() if "chat" in path else {"model": MODEL, "prompt": "abc"}
+    body[cap_key] = 3
+    data = http.post(path, json=body, headers={"x-sim-output-tokens": "10"}).json()
+    choice = data["choices"][0]
+    assert choice["finish_reason"] == "length"
+    assert (choice["message"]["content"] if "chat" in path else choice["text"]) == TOKEN * 3
+    assert data["usage"]["completion_tokens"] == 3
+    # a cap above the output length changes nothing
+    body[cap_key] = 50
+    data = http.post(path, json=body, headers={"x-sim-output-tokens": "10"}).json()
+    assert data["choices"][0]["finish_reason"] == "stop"
+    assert data["usage"]["completion_tokens"] == 10
+
+
+# --------------------------------------------------------------------------- test headers
+
+
+def test_status_header(http: httpx.Client, client: openai.OpenAI) -> None:
+    resp = http.post("/v1/chat/completions", json=chat_body(), headers={"x-sim-status": "503"})
+    assert resp.status_code == 503
+    assert resp.headers["x-sim-instance"] == NAME
+    assert resp.json() == {
+        "error": {
+            "message": "simulated error",
+            "type": "ServiceUnavailableError",
+            "param": None,
+            "code": 503,
+        }
+    }
+    with pytest.raises(openai.RateLimitError) as info:
+        client.chat.completions.create(**chat_body(), extra_headers={"x-sim-status": "429"})
+    assert info.value.status_code == 429
+
+
+def test_disconnect_after_stream_openai_client(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        **chat_body(),
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers={"x-sim-output-tokens": "10", "x-sim-disconnect-after": "3"},
+    )
+    contents: list[str | None] = []
+    with pytest.raises((httpx.HTTPError, openai.APIError)):
+        for chunk in stream:
+            contents.extend(c.delta.content for c in chunk.choices)
+    assert contents == ["", TOKEN, TOKEN, TOKEN]  # role chunk, then exactly 3 tokens
+
+
+def test_disconnect_after_stream_raw(http: httpx.Client) -> None:
+    received = b""
+    with pytest.raises(httpx.RemoteProtocolError):
+        with http.stream(
+            "POST",
+            "/v1/completions",
+            json={"model": MODEL, "prompt": "abc", "stream": True},
+            headers={"x-sim-output-tokens": "10", "x-sim-disconnect-after": "2"},
+        ) as resp:
+            assert resp.status_code == 200
+            for part in resp.iter_bytes():
+                received += part
+    events = [e for e in received.decode().split("\n\n") if e]
+    assert len(events) == 2
+    assert b"[DONE]" not in received and b'"finish_reason":"stop"' not in received
+
+
+def test_disconnect_non_streamed(http: httpx.Client, client: openai.OpenAI) -> None:
+    with pytest.raises(httpx.RemoteProtocolError):
+        http.post("/v1/chat/completions", json=chat_body(), headers={"x-sim-disconnect-after": "0"})
+    with pytest.raises(openai.APIConnectionError):
+        client.completions.create(
+            model=MODEL, prompt="abc", extra_headers={"x-sim-disconnect-after": "2"}
+        )
+    assert http.get("/health").status_code == 200  # the server itself is fine
+
+
+def test_omit_usage(http: httpx.Client) -> None:
+    hdrs = {"x-sim-omit-usage": "1", "x-sim-output-tokens": "2"}
+    data = http.post("/v1/chat/completions", json=chat_body(), headers=hdrs).json()
+    assert "usage" not in data
+    assert data["choices"][0]["message"]["content"] == TOKEN * 2
+    body = chat_body(stream=True, stream_options={"include_usage": True})
+    events = sse_events(http, "/v1/chat/completions", body, **hdrs)
+    assert events[-1] == "[DONE]"
+    assert len(events) == 5  # role, 2 tokens, finish, [DONE]
+    assert all("usage" not in e and e["choices"] for e in events[:-1])
+
+
+def test_timing_headers(http: httpx.Client) -> None:
+    started = time.monotonic()
+    http.post("/v1/chat/completions", json=chat_body(), headers={"x-sim-ttft-ms": "150"})
+    assert time.monotonic() - started >= 0.15
+    first_at = 0.0
+    started = time.monotonic()
+    hdrs = {"x-sim-ttft-ms": "100", "x-sim-tpot-ms": "40", "x-sim-output-tokens": "6"}
+    with http.stream(
+        "POST",
+        "/v1/completions",
+        json={"model": MODEL, "prompt": "a", "stream": True},
+        headers=hdrs,
+    ) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: {") and not first_at:
+                first_at = time.monotonic() - started
+    total = time.monotonic() - started
+    assert first_at >= 0.1
+    assert total - first_at >= 0.1  # the tokens came spread out, not in one burst
+    assert total >= 0.1 + 5 * 0.04
+
+
+# --------------------------------------------------------------------------- errors and listing
+
+
+def test_unknown_model_404(http: httpx.Client, client: openai.OpenAI) -> None:
+    resp = http.post("/v1/chat/completions", json={**chat_body(), "model": "nope"})
+    assert resp.status_code == 404
+    error = resp.json()["error"]
+    assert error["type"] == "NotFoundError" and error["code"] == 404
+    assert "nope" in error["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="abc")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b'{"model": "m1", "messages": [', b"[1, 2]", b'{"messages": []}', b'{"model": "m1"}'],
+)
+def test_bad_request_400(http: httpx.Client, content: bytes) -> None:
+    resp = http.post(
+        "/v1/chat/completions", content=content, headers={"content-type": "application/json"}
+    )
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert error["code"] == 400 and error["type"] == "BadRequestError" and error["message"]
+
+
+def test_bad_header_400(http: httpx.Client) -> None:
+    resp = http.post("/v1/chat/completions", json=chat_body(), headers={"x-sim-output-tokens": "x"})
+    assert resp.status_code == 400
+    assert "x-sim-output-tokens" in resp.json()["error"]["message"]
+
+
+def test_models(client: openai.OpenAI, http: httpx.Client) -> None:
+    assert [m.id for m in client.models.list()] == [MODEL]
+    data = http.get("/v1/models").json()
+    assert data["object"] == "list" and data["data"][0]["object"] == "model"
+
+
+def test_health(http: httpx.Client) -> None:
+    resp = http.get("/health")
+    assert resp.status_code == 200 and resp.content == b""
+    assert resp.headers["x-sim-instance"] == NAME
+
+
+def test_embeddings(client: openai.OpenAI) -> None:
+    resp = client.embeddings.create(model=MODEL, input=["first text", "second text"])
+    assert [d.index for d in resp.data] == [0, 1]
+    assert all(len(d.embedding) == 8 for d in resp.data)
+    assert resp.data[0].embedding != resp.data[1].embedding
+    assert resp.usage.prompt_tokens == resp.usage.total_tokens
+    assert resp.usage.prompt_tokens == count_prompt({"input": ["first text", "second text"]})
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_metrics_names_and_token_counters(http: httpx.Client) -> None:
+    text = http.get("/metrics").text
+    for name in METRIC_NAMES:
+        assert f"\n{name}" in text, name
+    before = scrape(http)
+    body = chat_body("Count these prompt tokens exactly, please.")
+    http.post("/v1/chat/completions", json=body, headers={"x-sim-output-tokens": "9"})
+    http.post("/v1/chat/completions", json={**body, "max_tokens": 2})
+    after = scrape(http)
+
+    def delta(key: str) -> float:
+        return after[key] - before.get(key, 0.0)
+
+    assert delta("vllm:prompt_tokens_total") == 2 * count_prompt(body)
+    assert delta("vllm:generation_tokens_total") == 9 + 2
+    assert delta("vllm:request_success_total{finished_reason=stop}") == 1
+    assert delta("vllm:request_success_total{finished_reason=length}") == 1
+    assert delta("vllm:time_to_first_token_seconds_count") == 2
+    assert delta("vllm:time_per_output_token_seconds_count") == 2
+    assert after["vllm:num_requests_running"] == 0
+    assert after["vllm:num_requests_waiting"] == 0
+
+
+def test_max_num_seqs_queues_and_clean_exit(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with Supervisor(log_dir=tmp_path) as sup:
+        child = sup.python(
+            "sim", "arks.sim", "--port", str(port), "--model", MODEL, "--max-num-seqs", "1"
+        )
+        wait_http(child, f"{url}/health")
+        durations: list[float] = []
+
+        def one_request() -> None:
+            started = time.monotonic()
+            httpx.post(
+                f"{url}/v1/completions",
+                json={"model": MODEL, "prompt": "a"},
+                headers={"x-sim-ttft-ms": "700"},
+                timeout=10,
+            )
+            durations.append(time.monotonic() - started)
+
+        threads = [threading.Thread(target=one_request) for _ in range(2)]
+        for t in threads:
+            t.start()
+        with httpx.Client(base_url=url, timeout=5.0) as http:
+            deadline = time.monotonic() + 0.6
+            busy: dict[str, float] = {}
+            while time.monotonic() < deadline:
+                busy = scrape(http)
+                if busy["vllm:num_requests_waiting"] == 1:
+                    break
+                time.sleep(0.02)
+            for t in threads:
+                t.join()
+            idle = scrape(http)
+            assert http.get("/health").headers["x-sim-instance"] == "sim"  # default --name
+        assert busy["vllm:num_requests_running"] == 1
+        assert busy["vllm:num_requests_waiting"] == 1
+        assert busy["vllm:kv_cache_usage_perc"] == 1.0
+        assert idle["vllm:num_requests_running"] == 0 and idle["vllm:kv_cache_usage_perc"] == 0
+        assert max(durations) >= 1.4  # the second one waited for the first
+        child.stop()
+        assert child.popen.returncode == 0
+
+
+def test_client_abort_frees_slot(http: httpx.Client, base_url: str) -> None:
+    before = scrape(http)
+    hdrs = {"x-sim-output-tokens": "50", "x-sim-tpot-ms": "20"}
+    with httpx.Client(base_url=base_url, timeout=5.0) as own:  # its own connection to drop
+        with own.stream(
+            "POST",
+            "/v1/completions",
+            json={"model": MODEL, "prompt": "a", "stream": True},
+            headers=hdrs,
+        ) as resp:
+            lines = resp.iter_lines()
+            assert next(lines).startswith("data: {")
+            assert scrape(http)["vllm:num_requests_running"] == 1
+    deadline = time.monotonic() + 2.0
+    after = scrape(http)
+    while after["vllm:num_requests_running"] != 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+        after = scrape(http)
+    assert after["vllm:num_requests_running"] == 0
+    generated = after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
+    assert 1 <= generated < 50  # generation stopped when the client left
