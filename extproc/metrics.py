@@ -21,6 +21,7 @@ class GatewayMetrics:
     access_log_entries: Counter
     unreported: Counter
     policy_reloads: Gauge
+    pending: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> GatewayMetrics:
@@ -52,6 +53,11 @@ class GatewayMetrics:
                 registry=registry,
             ),
             policy_reloads=Gauge("arks_policy_reloads", "Successful policy reloads since start.", registry=registry),
+            pending=Gauge(
+                "arks_usage_pending_requests",
+                "Admitted requests whose usage has not arrived yet (in flight, or the access log is behind).",
+                registry=registry,
+            ),
         )
 
     def charge(self, usage: Usage, status: int) -> None:

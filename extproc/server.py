@@ -64,6 +64,7 @@ async def serve(settings: Settings) -> None:
         monotonic=time.monotonic,
     )
 
+    metrics.pending.set_function(lambda: len(ctx.inflight))
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     ep_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(ctx), server)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogReceiver(ctx), server)

@@ -1,0 +1,164 @@
+"""The local stack for integration tests: real Envoy, extproc and simulated engines.
+
+Each test module that uses `stack` gets one stack on free ports with its own policy file; tests
+read usage from the gateway's metrics, as an operator would.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from arks.api import token_digest
+from arks.procs import Supervisor, free_port, wait_http
+from arks.stack import LocalStack, StackSettings
+
+ALICE = "sk-arks-test-alice-5f1c0e0d9b8a"
+BOB = "sk-arks-test-bob-77aa31c4e2d0"
+EXPIRED = "sk-arks-test-expired-0c9d"
+DISABLED = "sk-arks-test-disabled-1e2f"
+ALL_TOKENS = (ALICE, BOB, EXPIRED, DISABLED)
+
+
+def backend(name: str, port: int) -> dict:
+    return {
+        "apiVersion": "gateway.envoyproxy.io/v1alpha1",
+        "kind": "Backend",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"endpoints": [{"ip": {"address": "127.0.0.1", "port": port}}]},
+    }
+
+
+def endpoint(model: str, *backends: str) -> dict:
+    refs = [{"group": "gateway.envoyproxy.io", "kind": "Backend", "name": b, "weight": 1} for b in backends]
+    return {"apiVersion": "arks.ai/v1", "kind": "ArksEndpoint", "metadata": {"name": model, "namespace": "default"},
+            "spec": {"routeConfigs": refs}}
+
+
+def token(user: str, models: list[str], **spec: object) -> dict:
+    return {"apiVersion": "arks.ai/v1", "kind": "ArksToken", "metadata": {"name": user, "namespace": "default"},
+            "spec": {**spec, "qos": [{"arksEndpoint": {"name": m}} for m in models]}}
+
+
+@dataclass
+class Stack:
+    local: LocalStack
+    policy_path: Path
+    documents: list[dict]
+    sim_ports: dict[str, int]
+
+    @property
+    def url(self) -> str:
+        return self.local.url
+
+    def client(self, api_key: str = ALICE, **kwargs: object) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, **kwargs)
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30)
+
+    def write_policy(self, documents: list[dict]) -> None:
+        self.documents = documents
+        tmp = self.policy_path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump_all(documents))
+        tmp.replace(self.policy_path)
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = httpx.get(self.local.metrics_url, timeout=5).text
+        out = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return out
+
+    def metric(self, name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return self.metrics().get(key, 0.0)
+
+    def usage(self, user: str, model: str) -> "Usage":
+        """Charged usage so far, once every admitted request has been charged."""
+        ident = {"namespace": "default", "user": user, "model": model}
+        m = wait_for(self.metrics, lambda m: m.get(("arks_usage_pending_requests", ()), 0) == 0)
+
+        def get(name: str, **extra: str) -> float:
+            return sum(v for (n, labels), v in m.items() if n == name and all(
+                dict(labels).get(k) == val for k, val in {**ident, **extra}.items()))
+
+        return Usage(
+            requests=int(get("arks_requests_total")),
+            prompt=int(get("arks_usage_tokens_total", type="prompt")),
+            completion=int(get("arks_usage_tokens_total", type="completion")),
+            estimated=int(get("arks_usage_estimated_requests_total")),
+        )
+
+    def wait_usage(self, user: str, model: str, before: "Usage", requests: int = 1, timeout: float = 10) -> "Usage":
+        """The usage charged since `before`, once `requests` more requests were charged."""
+        return wait_for(lambda: self.usage(user, model) - before, lambda d: d.requests >= requests, timeout)
+
+
+@dataclass(frozen=True)
+class Usage:
+    requests: int = 0
+    prompt: int = 0
+    completion: int = 0
+    estimated: int = 0
+
+    def __sub__(self, other: "Usage") -> "Usage":
+        return Usage(self.requests - other.requests, self.prompt - other.prompt,
+                     self.completion - other.completion, self.estimated - other.estimated)
+
+
+def wait_for(get: Callable, ok: Callable, timeout: float = 10.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    value = get()
+    while not ok(value):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s; last value: {value!r}")
+        time.sleep(interval)
+        value = get()
+    return value
+
+
+def base_policy(ports: dict[str, int]) -> list[dict]:
+    return [
+        backend("sim-a", ports["a"]),
+        backend("sim-b", ports["b"]),
+        backend("sim-down", ports["down"]),
+        endpoint("model-a", "sim-a"),
+        endpoint("model-b", "sim-b"),
+        endpoint("model-down", "sim-down"),
+        endpoint("model-empty"),
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bob-token", "namespace": "default"},
+         "stringData": {"token": BOB}},
+        token("alice", ["model-a", "model-b", "model-down", "model-empty", "model-ghost"], tokenHash=token_digest(ALICE)),
+        token("bob", ["model-a"], tokenSecretRef={"name": "bob-token"}),
+        token("old", ["model-a"], tokenHash=token_digest(EXPIRED), expiresAt="2020-01-01T00:00:00Z"),
+        token("off", ["model-a"], tokenHash=token_digest(DISABLED), disabled=True),
+    ]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("stack")
+    ports = {"a": free_port(), "b": free_port(), "down": free_port()}  # nothing listens on "down"
+    policy_path = tmp / "policy.yaml"
+    documents = base_policy(ports)
+    policy_path.write_text(yaml.safe_dump_all(documents))
+    with Supervisor(log_dir=tmp / "logs") as sims:
+        for name, model in (("a", "model-a"), ("b", "model-b")):
+            child = sims.python(f"sim-{name}", "arks.sim", "--port", str(ports[name]), "--model", model, "--name", f"sim-{name}")
+            wait_http(child, f"http://127.0.0.1:{ports[name]}/health")
+        settings = StackSettings(
+            policy=policy_path, state_dir=tmp / "state", port=free_port(), admin_port=free_port(),
+            metrics_port=free_port(), simulate=False,
+        )
+        with LocalStack(settings) as local:
+            yield Stack(local, policy_path, documents, ports)

@@ -1,0 +1,288 @@
+"""The request path end to end: the openai client → real Envoy → extproc → simulated engines."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from arks.tokens import count_prompt
+from tests.integration.conftest import ALICE, BOB, DISABLED, EXPIRED, Stack, Usage
+
+MESSAGES = [{"role": "user", "content": "Tell me about the weather in Lisbon in spring."}]
+
+
+def chat_body(model: str = "model-a", **extra: object) -> dict:
+    return {"model": model, "messages": MESSAGES, **extra}
+
+
+# --- the happy paths, with usage counted exactly -------------------------------------------
+
+
+def test_chat_non_streamed_counts_engine_usage_exactly(stack: Stack) -> None:
+    before = stack.usage("alice", "model-a")
+    answer = stack.client().chat.completions.create(
+        model="model-a", messages=MESSAGES, extra_headers={"x-sim-output-tokens": "7"}
+    )
+    assert answer.choices[0].message.content == " hello" * 7
+    assert answer.usage is not None
+    assert answer.usage.prompt_tokens == count_prompt(chat_body())
+    charged = stack.wait_usage("alice", "model-a", before)
+    assert charged == Usage(requests=1, prompt=answer.usage.prompt_tokens, completion=7, estimated=0)
+
+
+def test_chat_streamed_with_the_unchanged_openai_client_is_counted_exactly(stack: Stack) -> None:
+    before = stack.usage("alice", "model-b")
+    stream = stack.client().chat.completions.create(
+        model="model-b", messages=MESSAGES, stream=True, extra_headers={"x-sim-output-tokens": "25"}
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == " hello" * 25
+    # The gateway asked for usage on the client's behalf: the last chunk carries it.
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 25
+    charged = stack.wait_usage("alice", "model-b", before)
+    assert charged == Usage(requests=1, prompt=count_prompt(chat_body("model-b")), completion=25, estimated=0)
+
+
+def test_chat_streamed_with_include_usage_from_the_client(stack: Stack) -> None:
+    before = stack.usage("alice", "model-a")
+    stream = stack.client().chat.completions.create(
+        model="model-a", messages=MESSAGES, stream=True, stream_options={"include_usage": True},
+        extra_headers={"x-sim-output-tokens": "300"},
+    )
+    usage = [c.usage for c in stream if c.usage is not None]
+    assert len(usage) == 1
+    charged = stack.wait_usage("alice", "model-a", before)
+    assert (charged.prompt, charged.completion, charged.estimated) == (usage[0].prompt_tokens, 300, 0)
+
+
+def test_completions_non_streamed_and_streamed(stack: Stack) -> None:
+    client = stack.client()
+    prompt = "Once upon a time"
+    before = stack.usage("alice", "model-a")
+    answer = client.completions.create(model="model-a", prompt=prompt, max_tokens=5)
+    assert answer.choices[0].text == " hello" * 5 and answer.choices[0].finish_reason == "length"
+    streamed = "".join(
+        c.choices[0].text for c in client.completions.create(
+            model="model-a", prompt=prompt, stream=True, extra_headers={"x-sim-output-tokens": "9"}) if c.choices
+    )
+    assert streamed == " hello" * 9
+    charged = stack.wait_usage("alice", "model-a", before, requests=2)
+    assert charged == Usage(requests=2, prompt=2 * count_prompt({"prompt": prompt}), completion=14, estimated=0)
+
+
+def test_models_are_listed_per_token(stack: Stack) -> None:
+    alice = sorted(m.id for m in stack.client(ALICE).models.list())
+    bob = [m.id for m in stack.client(BOB).models.list()]
+    # alice is also granted "model-ghost", which has no ArksEndpoint: it is not listed.
+    assert alice == ["model-a", "model-b", "model-down", "model-empty"]
+    assert bob == ["model-a"]
+
+
+def test_x_api_key_header_is_accepted(stack: Stack) -> None:
+    with stack.http() as http:
+        resp = http.post("/v1/chat/completions", json=chat_body(), headers={"x-api-key": BOB})
+    assert resp.status_code == 200, resp.text
+
+
+def test_a_json_body_sent_as_form_data_still_works(stack: Stack) -> None:
+    """`curl -d '{…}'` sends application/x-www-form-urlencoded; the gateway still reads the JSON."""
+    with stack.http() as http:
+        resp = http.post(
+            "/v1/chat/completions", content=json.dumps(chat_body()),
+            headers={"authorization": f"Bearer {ALICE}", "content-type": "application/x-www-form-urlencoded"},
+        )
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["completion_tokens"] == 16
+
+
+# --- spoofing ------------------------------------------------------------------------------
+
+
+def test_spoofed_routing_headers_are_ignored(stack: Stack) -> None:
+    before_bob = stack.usage("bob", "model-a")
+    with stack.http() as http:
+        resp = http.post(
+            "/v1/chat/completions",
+            json=chat_body("model-a"),
+            headers={
+                "authorization": f"Bearer {BOB}",
+                "x-arks-model": "model-b",  # bob may not use model-b
+                "x-arks-user": "alice",
+                "x-arks-namespace": "other",
+            },
+        )
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-sim-instance"] == "sim-a"  # routed by the body's model, not the header
+    assert stack.wait_usage("bob", "model-a", before_bob).requests == 1
+
+
+# --- usage without engine-reported numbers -------------------------------------------------
+
+
+def test_answer_without_usage_is_charged_an_estimate(stack: Stack) -> None:
+    before = stack.usage("alice", "model-a")
+    with stack.http() as http:
+        resp = http.post(
+            "/v1/chat/completions", json=chat_body(),
+            headers={"authorization": f"Bearer {ALICE}", "x-sim-omit-usage": "1", "x-sim-output-tokens": "40"},
+        )
+    assert resp.status_code == 200 and "usage" not in resp.json()
+    charged = stack.wait_usage("alice", "model-a", before)
+    assert charged.estimated == 1
+    assert charged.prompt > 0
+    assert 20 <= charged.completion <= 60  # 40 tokens of " hello", estimated from the bytes
+    assert stack.metric(
+        "arks_usage_estimated_requests_total", namespace="default", user="alice", model="model-a",
+        reason="no_usage_reported") >= 1
+
+
+def test_engine_dropping_a_stream_is_charged_an_estimate(stack: Stack) -> None:
+    before = stack.usage("alice", "model-a")
+    stream = stack.client().chat.completions.create(
+        model="model-a", messages=MESSAGES, stream=True,
+        extra_headers={"x-sim-output-tokens": "200", "x-sim-disconnect-after": "50"},
+    )
+    received = 0
+    with pytest.raises((openai.APIError, httpx.HTTPError)):
+        for chunk in stream:
+            received += bool(chunk.choices and chunk.choices[0].delta.content)
+    assert received == 50
+    charged = stack.wait_usage("alice", "model-a", before)
+    assert charged.estimated == 1
+    # The prompt is counted with tiktoken (the gateway read the body to add include_usage).
+    assert charged.prompt == count_prompt(chat_body())
+    assert 40 <= charged.completion <= 60
+    assert stack.metric(
+        "arks_usage_estimated_requests_total", namespace="default", user="alice", model="model-a",
+        reason="upstream_reset") >= 1
+
+
+def test_client_disconnecting_mid_stream_is_charged_an_estimate(stack: Stack) -> None:
+    before = stack.usage("alice", "model-b")
+    with stack.http() as http, http.stream(
+        "POST", "/v1/chat/completions", json=chat_body("model-b", stream=True),
+        headers={"authorization": f"Bearer {ALICE}", "x-sim-output-tokens": "400", "x-sim-tpot-ms": "10"},
+    ) as resp:
+        assert resp.status_code == 200
+        events = 0
+        for line in resp.iter_lines():
+            events += line.startswith("data: {")
+            if events == 20:
+                break  # leaving the block closes the connection
+    charged = stack.wait_usage("alice", "model-b", before)
+    assert charged.estimated == 1
+    assert 10 <= charged.completion < 400
+    assert stack.metric(
+        "arks_usage_estimated_requests_total", namespace="default", user="alice", model="model-b",
+        reason="client_disconnected") >= 1
+
+
+# --- every error, with its OpenAI-shaped body ----------------------------------------------
+
+
+def error_of(resp: httpx.Response) -> dict:
+    assert resp.headers["content-type"].startswith("application/json"), resp.text
+    body = resp.json()
+    assert set(body) == {"error"} and {"message", "type", "code"} <= set(body["error"]), body
+    return body["error"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        ({}, "invalid_api_key"),
+        ({"authorization": "Basic dXNlcjpwYXNz"}, "invalid_api_key"),
+        ({"authorization": "Bearer sk-arks-nobody-knows-this"}, "invalid_api_key"),
+        ({"authorization": f"Bearer {EXPIRED}"}, "invalid_api_key"),
+        ({"authorization": f"Bearer {DISABLED}"}, "invalid_api_key"),
+    ],
+    ids=["missing", "not-bearer", "unknown", "expired", "disabled"],
+)
+def test_bad_credentials_are_401(stack: Stack, headers: dict, code: str) -> None:
+    with stack.http() as http:
+        resp = http.post("/v1/chat/completions", json=chat_body(), headers=headers)
+    assert resp.status_code == 401
+    assert error_of(resp)["code"] == code
+
+
+def test_openai_client_sees_typed_errors(stack: Stack) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        stack.client("sk-arks-wrong").chat.completions.create(model="model-a", messages=MESSAGES)
+    with pytest.raises(openai.PermissionDeniedError) as denied:
+        stack.client(BOB).chat.completions.create(model="model-b", messages=MESSAGES)
+    assert denied.value.code == "model_not_allowed"
+    with pytest.raises(openai.NotFoundError) as missing:
+        stack.client().chat.completions.create(model="no-such-model", messages=MESSAGES)
+    assert missing.value.code == "model_not_found"
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "code"),
+    [
+        (b'{"model": "model-a", "messages": [', 400, "invalid_json"),
+        (b"[1, 2, 3]", 400, "missing_model"),  # valid JSON, but no object holding a model
+        (b'{"messages": []}', 400, "missing_model"),
+        (b'{"model": 42, "messages": []}', 400, "invalid_type"),
+        (b'{"model": "model-a", "stream": "yes", "messages": []}', 400, "invalid_type"),
+        (b"", 400, "missing_body"),
+        (b'{"model": "model-ghost", "messages": []}', 404, "model_not_found"),
+        (b'{"model": "model-empty", "messages": []}', 503, "no_backend"),
+        (b'{"model": "model-down", "messages": []}', 503, "no_backend"),
+    ],
+    ids=["truncated", "array", "no-model", "model-number", "stream-string", "empty", "ghost", "empty-endpoint", "backend-down"],
+)
+def test_bad_requests_get_the_documented_status(stack: Stack, content: bytes, status: int, code: str) -> None:
+    with stack.http() as http:
+        resp = http.post(
+            "/v1/chat/completions", content=content,
+            headers={"authorization": f"Bearer {ALICE}", "content-type": "application/json"},
+        )
+    assert resp.status_code == status, resp.text
+    assert error_of(resp)["code"] == code
+
+
+def test_forbidden_model_is_403(stack: Stack) -> None:
+    with stack.http() as http:
+        resp = http.post("/v1/chat/completions", json=chat_body("model-b"), headers={"authorization": f"Bearer {BOB}"})
+    assert resp.status_code == 403
+    assert error_of(resp)["code"] == "model_not_allowed"
+
+
+def test_unknown_path_and_wrong_method(stack: Stack) -> None:
+    auth = {"authorization": f"Bearer {ALICE}"}
+    with stack.http() as http:
+        unknown = http.post("/v1/images/generations", json={"model": "model-a"}, headers=auth)
+        wrong = http.get("/v1/chat/completions", headers=auth)
+    assert unknown.status_code == 404 and error_of(unknown)["code"] == "not_found"
+    assert wrong.status_code == 405 and error_of(wrong)["code"] == "method_not_allowed"
+
+
+def test_huge_body_is_413_and_the_gateway_keeps_serving(stack: Stack) -> None:
+    huge = b'{"model": "model-a", "messages": [{"role": "user", "content": "' + b"a" * (5 * 1024 * 1024) + b'"}]}'
+    with stack.http() as http:
+        resp = http.post(
+            "/v1/chat/completions", content=huge,
+            headers={"authorization": f"Bearer {ALICE}", "content-type": "application/json"},
+        )
+        assert resp.status_code == 413
+        assert error_of(resp)["code"] == "request_too_large"
+        after = http.post("/v1/chat/completions", json=chat_body(), headers={"authorization": f"Bearer {ALICE}"})
+    assert after.status_code == 200
+
+
+def test_engine_errors_pass_through_and_are_not_charged(stack: Stack) -> None:
+    before = stack.usage("alice", "model-a")
+    with stack.http() as http:
+        resp = http.post(
+            "/v1/chat/completions", json=chat_body(),
+            headers={"authorization": f"Bearer {ALICE}", "x-sim-status": "503"},
+        )
+    assert resp.status_code == 503
+    assert error_of(resp)["code"] == 503  # the engine's own body
+    charged = stack.wait_usage("alice", "model-a", before)
+    assert (charged.prompt, charged.completion) == (0, 0)
+    assert stack.metric("arks_requests_total", namespace="default", user="alice", model="model-a", code="503") >= 1
