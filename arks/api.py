@@ -187,7 +187,7 @@ class _Fields:
                 raise ObjectError(self.at(key), "required")
             return default
         value = self.value[key]
-        if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
             names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             raise ObjectError(self.at(key), f"expected {names}, got {type(value).__name__} {value!r}")
         return value
@@ -277,9 +277,8 @@ def _timestamp(fields: _Fields, key: str) -> datetime | None:
             value = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError as err:
             raise ObjectError(fields.at(key), f"not an RFC 3339 time: {value!r}") from err
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value
+    moment: datetime = value
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def parse_token(obj: Mapping[str, Any]) -> ArksToken:

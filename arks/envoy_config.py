@@ -62,10 +62,11 @@ def _fill(value: Any, replacements: Mapping[str, str]) -> Any:
 
 
 def http_filters(settings: EnvoySettings) -> list[dict[str, Any]]:
-    return _fill(
+    filters: list[dict[str, Any]] = _fill(
         copy.deepcopy(_filter_chain_template()),
         {"{extproc_cluster}": EXTPROC_CLUSTER, "{message_timeout}": f"{settings.message_timeout_ms / 1000}s"},
     )
+    return filters
 
 
 def cluster_name(ref: BackendRef) -> str:

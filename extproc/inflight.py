@@ -50,7 +50,7 @@ class InFlight:
     def expire(self, now: float) -> list[Admitted]:
         """Remove and return the entries older than `max_age`, oldest first."""
         expired = []
-        for request_id, entry in self._entries.items():
+        for _request_id, entry in self._entries.items():
             if now - entry.at <= self.max_age:
                 break
             expired.append(entry)

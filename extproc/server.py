@@ -97,6 +97,6 @@ async def serve(settings: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_args(argv)
-    disable_created_metrics()
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvloop.run(serve(settings))

@@ -115,11 +115,11 @@ def _pass_through(kind: str | None) -> ep.ProcessingResponse:
     return ep.ProcessingResponse()
 
 
-class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
+class ExternalProcessor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 
-    async def Process(  # noqa: N802 (gRPC method name)
+    async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ep.ProcessingResponse]:
         processor = RequestProcessor(self.ctx)
@@ -127,7 +127,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
             yield processor.handle(message)
 
 
-class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
+class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     """Envoy's batched access log: one entry per finished request, carrying its usage."""
 
     def __init__(self, ctx: Context) -> None:
@@ -147,7 +147,7 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
                 continue
             self.ctx.charge(usage, done.status)
 
-    async def StreamAccessLogs(  # noqa: N802 (gRPC method name)
+    async def StreamAccessLogs(
         self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: grpc.aio.ServicerContext
     ) -> als_pb2.StreamAccessLogsResponse:
         async for message in request_iterator:

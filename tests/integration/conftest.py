@@ -83,7 +83,7 @@ class Stack:
         key = (name, tuple(sorted(labels.items())))
         return self.metrics().get(key, 0.0)
 
-    def usage(self, user: str, model: str) -> "Usage":
+    def usage(self, user: str, model: str) -> Usage:
         """Charged usage so far, once every admitted request has been charged."""
         ident = {"namespace": "default", "user": user, "model": model}
         m = wait_for(self.metrics, lambda m: m.get(("arks_usage_pending_requests", ()), 0) == 0)
@@ -99,7 +99,7 @@ class Stack:
             estimated=int(get("arks_usage_estimated_requests_total")),
         )
 
-    def wait_usage(self, user: str, model: str, before: "Usage", requests: int = 1, timeout: float = 10) -> "Usage":
+    def wait_usage(self, user: str, model: str, before: Usage, requests: int = 1, timeout: float = 10) -> Usage:
         """The usage charged since `before`, once `requests` more requests were charged."""
         return wait_for(lambda: self.usage(user, model) - before, lambda d: d.requests >= requests, timeout)
 
@@ -111,7 +111,7 @@ class Usage:
     completion: int = 0
     estimated: int = 0
 
-    def __sub__(self, other: "Usage") -> "Usage":
+    def __sub__(self, other: Usage) -> Usage:
         return Usage(self.requests - other.requests, self.prompt - other.prompt,
                      self.completion - other.completion, self.estimated - other.estimated)
 

@@ -1,0 +1,115 @@
+"""`arks up` as a user runs it: prints a working endpoint and token; Ctrl-C leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import yaml
+
+from arks.cli import DEMO_POLICY
+from arks.procs import free_port
+from tests.integration.conftest import wait_for
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rpartition(")")[2].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_arks_up_serves_the_demo_policy_and_stops_cleanly(tmp_path: Path) -> None:
+    # The demo policy, moved to free ports so the test never collides with a running `make run`.
+    documents = list(yaml.safe_load_all(DEMO_POLICY.read_text()))
+    for doc in documents:
+        if doc["kind"] == "Backend":
+            doc["spec"]["endpoints"][0]["ip"]["port"] = free_port()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump_all(documents))
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "arks.cli", "up", "--policy", str(policy), "--port", str(port),
+        "--admin-port", str(free_port()), "--metrics-port", str(free_port()), "--state-dir", str(tmp_path / "state"),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        banner = []
+        deadline = time.monotonic() + 60
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "arks up exited early:\n" + "".join(banner)
+            banner.append(line)
+            if "Ctrl-C stops everything" in line:
+                break
+        text = "".join(banner)
+        endpoint = re.search(r"OpenAI endpoint\s+(\S+)", text)
+        token = re.search(r"Demo token\s+(sk-arks-\S+)", text)
+        assert endpoint and token, text
+        assert endpoint.group(1) == f"http://127.0.0.1:{port}/v1"
+        assert "curl " in text
+
+        client = openai.OpenAI(base_url=endpoint.group(1), api_key=token.group(1), max_retries=0)
+        assert sorted(m.id for m in client.models.list()) == ["llama-8b", "qwen-7b"]
+        answer = client.chat.completions.create(model="qwen-7b", messages=[{"role": "user", "content": "Hello!"}])
+        assert answer.choices[0].message.content
+        children = descendants(proc.pid)
+        assert len(children) >= 4  # two engines, extproc, envoy
+
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        wait_for(lambda: [pid for pid in children if alive(pid)], lambda left: not left, timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_arks_up_killed_hard_still_leaves_nothing_behind(tmp_path: Path) -> None:
+    documents = list(yaml.safe_load_all(DEMO_POLICY.read_text()))
+    for doc in documents:
+        if doc["kind"] == "Backend":
+            doc["spec"]["endpoints"][0]["ip"]["port"] = free_port()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump_all(documents))
+    cmd = [
+        sys.executable, "-m", "arks.cli", "up", "--policy", str(policy), "--port", str(free_port()),
+        "--admin-port", str(free_port()), "--metrics-port", str(free_port()), "--state-dir", str(tmp_path / "state"),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "Ctrl-C stops everything" in line:
+            break
+    children = descendants(proc.pid)
+    assert children
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    wait_for(lambda: [pid for pid in children if alive(pid)], lambda left: not left, timeout=15)
