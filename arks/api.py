@@ -12,7 +12,7 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 GROUP = "arks.ai"
@@ -187,7 +187,8 @@ class _Fields:
                 raise ObjectError(self.at(key), "required")
             return default
         value = self.value[key]
-        if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if (int in kinds and bool not in kinds and isinstance(value, bool)) or not isinstance(value, kind):
             names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             raise ObjectError(self.at(key), f"expected {names}, got {type(value).__name__} {value!r}")
         return value
@@ -269,9 +270,11 @@ def parse_endpoint(obj: Mapping[str, Any]) -> ArksEndpoint:
 
 
 def _timestamp(fields: _Fields, key: str) -> datetime | None:
-    value = fields.get(key, (str, datetime))
+    value = fields.get(key, (str, datetime, date))
     if value is None:
         return None
+    if isinstance(value, date) and not isinstance(value, datetime):  # YAML reads 2030-01-01 as a date
+        value = datetime(value.year, value.month, value.day, tzinfo=UTC)
     if isinstance(value, str):
         try:
             value = datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -288,17 +291,17 @@ def parse_token(obj: Mapping[str, Any]) -> ArksToken:
     if token_hash is not None and not _DIGEST.match(token_hash):
         raise ObjectError(spec.at("tokenHash"), 'expected "sha256:" and 64 lowercase hex digits')
     plain = spec.get("token", str)
-    if plain is not None:
-        token_hash = token_digest(plain)
     secret_ref = None
     ref_value = spec.get("tokenSecretRef", Mapping)
     if ref_value is not None:
         ref = _Fields(ref_value, spec.at("tokenSecretRef"))
         secret_ref = SecretRef(_name(ref, "name"), ref.get("key", str, default="token"))
         ref.done()
-    given = [token_hash is not None, secret_ref is not None]
+    given = [token_hash is not None, secret_ref is not None, plain is not None]
     if sum(given) != 1:
         raise ObjectError(spec.path, "exactly one of tokenHash, tokenSecretRef or token is required")
+    if plain is not None:
+        token_hash = token_digest(plain.strip())
     qos_list = []
     for qos in spec.items("qos"):
         endpoint = _Fields(qos.get("arksEndpoint", Mapping, required=True), qos.at("arksEndpoint"))
@@ -367,6 +370,9 @@ def parse_quota(obj: Mapping[str, Any]) -> ArksQuota:
 def parse_secret(obj: Mapping[str, Any]) -> Secret:
     key = object_key(obj)
     data: dict[str, str] = {}
+    for section in ("data", "stringData"):
+        if not isinstance(obj.get(section) or {}, Mapping):
+            raise ObjectError(section, "expected a mapping")
     for field_name, encoded in (obj.get("data") or {}).items():
         try:
             data[field_name] = base64.b64decode(str(encoded), validate=True).decode()

@@ -230,6 +230,9 @@ def listener(settings: EnvoySettings) -> dict[str, Any]:
         "stream_idle_timeout": "300s",
         "request_timeout": "0s",
         "generate_request_id": True,
+        # The edge: the client's address is the peer's, and an outside client's x-request-id is
+        # replaced, so request ids (which pair an admission with its usage) are Envoy's own.
+        "use_remote_address": True,
         "rds": {"route_config_name": ROUTE_CONFIG, "config_source": _file_source(settings, "rds.json")},
         "http_filters": http_filters(settings),
         "local_reply_config": local_reply_config(settings),

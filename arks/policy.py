@@ -116,7 +116,8 @@ def build_policy(objects: Iterable[tuple[str, Mapping[str, Any]]], version: str 
         if token.secret_ref is not None:
             secret = secrets.get(ObjectKey(token.key.namespace, token.secret_ref.name))
             plain = secret.data.get(token.secret_ref.key) if secret else None
-            if plain is None:
+            plain = plain.strip() if plain else None  # `kubectl create secret --from-file` keeps a newline
+            if not plain:
                 warnings.append(
                     f"ArksToken {token.key}: secret {token.secret_ref.name!r} key {token.secret_ref.key!r} "
                     "not found; the token is not usable"
@@ -156,6 +157,8 @@ def read_policy_file(path: Path) -> list[tuple[str, Mapping[str, Any]]]:
         if doc is None:
             continue
         if isinstance(doc, Mapping) and doc.get("kind") == "List":
+            if not isinstance(doc.get("items") or [], list):
+                raise PolicyError(f"{path}: document {index} (List): items: expected a list")
             out.extend((f"{path}: document {index} item {i}", item) for i, item in enumerate(doc.get("items") or []))
         else:
             out.append((f"{path}: document {index}", doc))

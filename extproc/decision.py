@@ -58,6 +58,7 @@ class Forward:
     metadata: dict[str, Any] = field(default_factory=dict)
     body: bytes | None = None  # a rewritten body, when the request needed one
     prompt_estimate: int | None = None
+    max_tokens: int | None = None
 
 
 Decision = Deny | Reply | ReadBody | Forward

@@ -17,12 +17,19 @@ from extproc.request import CREDENTIAL_HEADERS, INFERENCE_PATHS, MODELS_PATH, Bo
 METADATA_NAMESPACE = "io.arks"
 
 
-def models_reply(policy: Policy, token: ArksToken) -> Reply:
-    data = [
-        {"id": model, "object": "model", "created": 0, "owned_by": token.key.namespace}
-        for model in policy.models_for(token)
-    ]
-    return Reply(orjson.dumps({"object": "list", "data": data}))
+def _model_object(model: str, token: ArksToken) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": 0, "owned_by": token.key.namespace}
+
+
+def models_reply(policy: Policy, token: ArksToken, path: str) -> Decision:
+    """`GET /v1/models` (the models this token may use) and `GET /v1/models/{id}`."""
+    models = policy.models_for(token)
+    if path == MODELS_PATH:
+        return Reply(orjson.dumps({"object": "list", "data": [_model_object(m, token) for m in models]}))
+    model = path.removeprefix(MODELS_PATH + "/")
+    if model not in models:
+        return Deny(404, "model_not_found", f"The model {model!r} does not exist.")
+    return Reply(orjson.dumps(_model_object(model, token)))
 
 
 def decide_headers(req: RequestInfo, policy: Policy, now: datetime) -> Decision:
@@ -30,10 +37,10 @@ def decide_headers(req: RequestInfo, policy: Policy, now: datetime) -> Decision:
     token = authenticate(req.headers, policy, now)
     if isinstance(token, Deny):
         return token
-    if req.path == MODELS_PATH:
+    if req.path == MODELS_PATH or req.path.startswith(MODELS_PATH + "/"):
         if req.method != "GET":
-            return Deny(405, "method_not_allowed", f"{req.method} is not allowed on {MODELS_PATH}.")
-        return models_reply(policy, token)
+            return Deny(405, "method_not_allowed", f"{req.method} is not allowed on {req.path}.")
+        return models_reply(policy, token, req.path)
     if req.path not in INFERENCE_PATHS:
         return Deny(404, "not_found", f"Unknown path {req.path!r}.")
     if req.method != "POST":
@@ -107,4 +114,9 @@ def admit(req: RequestInfo, facts: BodyFacts, token: ArksToken, policy: Policy, 
         metadata={METADATA_NAMESPACE: metadata},
         body=new_body,
         prompt_estimate=prompt_estimate,
+        max_tokens=_count(facts.max_tokens),
     )
+
+
+def _count(value: object) -> int | None:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 else None

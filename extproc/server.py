@@ -79,10 +79,13 @@ async def serve(settings: Settings) -> None:
     async def housekeeping() -> None:
         while True:
             await asyncio.sleep(source.interval)
-            if source.reload_if_changed():
-                metrics.policy_reloads.inc()
-            if lost := ctx.expire_unreported():
-                log.warning("%d admitted requests had no access-log entry; charged their estimate", lost)
+            try:
+                if source.reload_if_changed():
+                    metrics.policy_reloads.inc()
+                if lost := ctx.expire_unreported():
+                    log.warning("%d admitted requests had no access-log entry; charged their estimate", lost)
+            except Exception:  # this loop must outlive any one bad turn
+                log.exception("housekeeping failed; retrying")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

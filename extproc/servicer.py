@@ -72,7 +72,7 @@ class RequestProcessor:
                         self.info.request_id,
                         decision.identity,
                         decision.prompt_estimate,
-                        _int_or_none(self.info.body.max_tokens),
+                        decision.max_tokens,
                         self.ctx.monotonic(),
                     )
                 )
@@ -99,10 +99,6 @@ class RequestProcessor:
         # Anything else means Envoy sends more than we asked for: let it pass unchanged.
         log.warning("unexpected ext_proc message %s; passing it through", kind)
         return _pass_through(kind)
-
-
-def _int_or_none(value: object) -> int | None:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def _pass_through(kind: str | None) -> ep.ProcessingResponse:

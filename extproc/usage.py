@@ -21,6 +21,7 @@ _TEXT_CHUNK = (
     '"created":1700000000,"model":"%s","choices":[{"index":0,"text":"","logprobs":null,'
     '"finish_reason":null}]}\n\n'
 )
+_DONE = "data: [DONE]\n\n"
 BYTES_PER_TOKEN = 4  # of English text, the usual rule of thumb
 _ANSWER_OVERHEAD = 250  # bytes of a non-streamed answer around its text
 _REQUEST_OVERHEAD = 40  # bytes of a request around its prompt
@@ -60,9 +61,12 @@ class Usage:
 
 
 def streamed_tokens_estimate(response_bytes: int, model: str, path: str) -> int:
-    template = _TEXT_CHUNK if path.endswith("/completions") and "chat" not in path else _CHAT_CHUNK
+    chat = "/chat/" in path
+    template = _CHAT_CHUNK if chat else _TEXT_CHUNK
     per_token = len((template % model).encode()) + BYTES_PER_TOKEN
-    return max(0, math.ceil(response_bytes / per_token) - 1)  # the role or final chunk carries no token
+    chunks = round(max(0, response_bytes - len(_DONE)) / per_token)
+    # A chat stream opens with a role chunk and closes with a finish chunk, neither holding a token.
+    return max(0, chunks - 2) if chat else chunks
 
 
 def _text_tokens_estimate(nbytes: int, overhead: int) -> int:
@@ -71,10 +75,13 @@ def _text_tokens_estimate(nbytes: int, overhead: int) -> int:
 
 def usage_of(done: Finished) -> Usage | None:
     """What to charge for a finished request; None when nothing is owed (an error answer)."""
-    if done.prompt_tokens is not None and done.completion_tokens is not None:
-        return Usage(done.namespace, done.user, done.model, done.prompt_tokens, done.completion_tokens)
-    if done.status >= 400 and done.interrupted is None:
-        return None  # the engine refused the request and did no work worth charging
+    completion_tokens = done.completion_tokens
+    if completion_tokens is None and done.path.endswith("/embeddings"):
+        completion_tokens = 0  # embeddings report prompt and total tokens only
+    if done.prompt_tokens is not None and completion_tokens is not None:
+        return Usage(done.namespace, done.user, done.model, done.prompt_tokens, completion_tokens)
+    if done.status >= 400:
+        return None  # an error answer (the engine refused, or never got the request): nothing owed
     prompt = done.prompt_estimate
     if prompt is None:
         prompt = _text_tokens_estimate(done.request_body_bytes, _REQUEST_OVERHEAD)

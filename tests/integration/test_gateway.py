@@ -80,6 +80,9 @@ def test_models_are_listed_per_token(stack: Stack) -> None:
     # alice is also granted "model-ghost", which has no ArksEndpoint: it is not listed.
     assert alice == ["model-a", "model-b", "model-down", "model-empty"]
     assert bob == ["model-a"]
+    assert stack.client(BOB).models.retrieve("model-a").id == "model-a"
+    with pytest.raises(openai.NotFoundError):
+        stack.client(BOB).models.retrieve("model-b")  # exists, but not for bob
 
 
 def test_x_api_key_header_is_accepted(stack: Stack) -> None:

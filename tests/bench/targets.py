@@ -1,0 +1,246 @@
+"""The three configurations measured against one simulated engine, and the CPU they burn.
+
+- plain: Envoy with only the router (no Python on the path: the physical limit);
+- floor: the same plus ext_proc to a do-nothing Python server (`floor_extproc`);
+- gateway: the full local stack (`arks.stack.LocalStack`) without simulators.
+
+Each is a running Envoy on a loopback port plus the processes whose CPU we count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from arks.api import token_digest
+from arks.envoy_config import EXTPROC_CLUSTER, EnvoySettings, extproc_cluster
+from arks.procs import Supervisor, free_port, wait_http, wait_port
+from arks.stack import LocalStack, StackSettings, envoy_binary
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = "bench-model"
+_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+_ROUTER = {
+    "name": "envoy.filters.http.router",
+    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A configuration ready to take load: where to send it and whose CPU to count."""
+
+    name: str
+    url: str
+    python_pids: tuple[int, ...]  # the Python services of this configuration (not the engine)
+    envoy_pid: int
+
+
+# --------------------------------------------------------------------------- CPU
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a whole process (all its threads, also finished ones).
+
+    Read from the process's CPU-time clock: the same total `/proc/<pid>/stat` reports in fields
+    14 and 15, but in nanoseconds rather than 10 ms clock ticks, which matters for the few
+    hundred requests of a streamed measurement. Falls back to `/proc` if the clock is refused.
+    """
+    clock = (~pid << 3) | 2  # Linux MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED), as clock_getcpuclockid
+    try:
+        return time.clock_gettime_ns(clock) / 1e9
+    except OSError:
+        return proc_stat_cpu_seconds(pid)
+
+
+def proc_stat_cpu_seconds(pid: int) -> float:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()  # fields[0] is field 3 (state)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    python: float
+    envoy: float
+
+    @classmethod
+    def take(cls, target: Target) -> CpuSample:
+        return cls(sum(cpu_seconds(pid) for pid in target.python_pids), cpu_seconds(target.envoy_pid))
+
+    def __sub__(self, other: CpuSample) -> CpuSample:
+        return CpuSample(self.python - other.python, self.envoy - other.envoy)
+
+    def __add__(self, other: CpuSample) -> CpuSample:
+        return CpuSample(self.python + other.python, self.envoy + other.envoy)
+
+
+# --------------------------------------------------------------------------- Envoy configs
+
+
+def _static_cluster(name: str, port: int) -> dict[str, Any]:
+    endpoint = {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "2s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [endpoint]}]},
+    }
+
+
+def floor_ext_proc_filter() -> dict[str, Any]:
+    """ext_proc as the gateway configures it, minus metadata: request headers only."""
+    return {
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": "2s"},
+            "message_timeout": "2s",
+            "failure_mode_allow": False,
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "response_header_mode": "SKIP",
+                "request_body_mode": "NONE",
+                "response_body_mode": "NONE",
+                "request_trailer_mode": "SKIP",
+                "response_trailer_mode": "SKIP",
+            },
+        },
+    }
+
+
+def baseline_bootstrap(listen_port: int, admin_port: int, engine_port: int, extproc_port: int | None) -> dict[str, Any]:
+    """plain Envoy (router only) → engine; with `extproc_port`, ext_proc to the floor first."""
+    filters = [_ROUTER] if extproc_port is None else [floor_ext_proc_filter(), _ROUTER]
+    clusters = [_static_cluster("engine", engine_port)]
+    if extproc_port is not None:
+        clusters.append(extproc_cluster(EnvoySettings(listen_port, admin_port, extproc_port)))
+    route = {"match": {"prefix": "/"}, "route": {"cluster": "engine", "timeout": "0s"}}
+    hcm = {
+        "@type": _HCM,
+        "stat_prefix": "bench",
+        "codec_type": "AUTO",
+        "route_config": {"name": "bench", "virtual_hosts": [{"name": "bench", "domains": ["*"], "routes": [route]}]},
+        "http_filters": filters,
+    }
+    return {
+        "node": {"id": "bench", "cluster": "bench"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "bench",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
+                    "filter_chains": [
+                        {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+                    ],
+                }
+            ],
+            "clusters": clusters,
+        },
+    }
+
+
+def envoy_argv(bootstrap: Path, concurrency: int) -> list[str]:
+    """The flags every configuration's Envoy runs with (LocalStack passes the same)."""
+    return [
+        envoy_binary(), "-c", str(bootstrap), "--disable-hot-restart", "--concurrency", str(concurrency),
+        "--log-level", "warning",
+    ]
+
+
+# --------------------------------------------------------------------------- starting them
+
+
+def _python_env() -> dict[str, str]:
+    # `python -m tests.bench...` must import from the repository wherever the bench was started.
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))}
+
+
+def start_engine(sup: Supervisor, output_tokens: int) -> int:
+    port = free_port()
+    child = sup.python(
+        "engine", "arks.sim", "--port", str(port), "--model", MODEL, "--output-tokens", str(output_tokens),
+        "--name", "bench-engine",
+    )
+    wait_http(child, f"http://127.0.0.1:{port}/health")
+    return port
+
+
+def start_baseline(sup: Supervisor, work: Path, engine_port: int, concurrency: int, *, floor: bool) -> Target:
+    name = "floor" if floor else "plain"
+    listen_port, admin_port = free_port(), free_port()
+    python_pids: tuple[int, ...] = ()
+    extproc_port = None
+    if floor:
+        extproc_port = free_port()
+        child = sup.python(
+            "floor-extproc", "tests.bench.floor_extproc", "--grpc-address", f"127.0.0.1:{extproc_port}",
+            env=_python_env(),
+        )
+        wait_port(child, extproc_port)
+        python_pids = (child.popen.pid,)
+    bootstrap = work / f"envoy-{name}.json"
+    bootstrap.write_text(json.dumps(baseline_bootstrap(listen_port, admin_port, engine_port, extproc_port), indent=1))
+    envoy = sup.start(f"envoy-{name}", envoy_argv(bootstrap, concurrency))
+    wait_http(envoy, f"http://127.0.0.1:{admin_port}/ready")
+    return Target(name, f"http://127.0.0.1:{listen_port}", python_pids, envoy.popen.pid)
+
+
+def bench_policy(engine_port: int, token: str) -> str:
+    docs = [
+        {
+            "apiVersion": "gateway.envoyproxy.io/v1alpha1",
+            "kind": "Backend",
+            "metadata": {"name": "bench-engine", "namespace": "default"},
+            "spec": {"endpoints": [{"ip": {"address": "127.0.0.1", "port": engine_port}}]},
+        },
+        {
+            "apiVersion": "arks.ai/v1",
+            "kind": "ArksEndpoint",
+            "metadata": {"name": MODEL, "namespace": "default"},
+            "spec": {
+                "routeConfigs": [
+                    {"group": "gateway.envoyproxy.io", "kind": "Backend", "name": "bench-engine", "weight": 1}
+                ]
+            },
+        },
+        {
+            "apiVersion": "arks.ai/v1",
+            "kind": "ArksToken",
+            "metadata": {"name": "bench", "namespace": "default"},
+            "spec": {"tokenHash": token_digest(token), "qos": [{"arksEndpoint": {"name": MODEL}}]},
+        },
+    ]
+    return yaml.safe_dump_all(docs, sort_keys=False)
+
+
+@contextmanager
+def gateway(work: Path, engine_port: int, token: str, concurrency: int) -> Iterator[Target]:
+    policy = work / "policy.yaml"
+    policy.write_text(bench_policy(engine_port, token))
+    settings = StackSettings(
+        policy=policy,
+        state_dir=work / "gateway",
+        port=free_port(),
+        admin_port=free_port(),
+        metrics_port=free_port(),
+        simulate=False,
+        envoy_concurrency=concurrency,
+    )
+    with LocalStack(settings) as stack:
+        children = stack.supervisor.children
+        python = tuple(c.popen.pid for c in children if c.popen.args[0] == sys.executable)  # type: ignore[index]
+        envoy = [c.popen.pid for c in children if c.name == "envoy"]
+        if not python or len(envoy) != 1:
+            raise RuntimeError(f"unexpected gateway processes: {[c.name for c in children]}")
+        yield Target("gateway", stack.url, python, envoy[0])

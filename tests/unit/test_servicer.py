@@ -1,0 +1,224 @@
+"""The per-request processor and the access-log receiver, driven with real messages, no sockets."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from google.protobuf import struct_pb2, wrappers_pb2
+
+from arks.api import token_digest
+from arks.policy import Policy, build_policy
+from extproc.decision import Identity
+from extproc.inflight import InFlight
+from extproc.ledger import MemoryLedger, Totals
+from extproc.metrics import GatewayMetrics
+from extproc.servicer import AccessLogReceiver, Context, RequestProcessor
+
+NOW = datetime(2030, 1, 1, tzinfo=UTC)
+MAX_AGE = 600.0
+
+
+class StaticPolicy:
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+
+    def current(self) -> Policy:
+        return self.policy
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def ctx(clock: FakeClock) -> Context:
+    token = {
+        "apiVersion": "arks.ai/v1",
+        "kind": "ArksToken",
+        "metadata": {"name": "alice"},
+        "spec": {
+            "tokenHash": token_digest("sk-alice"),
+            "qos": [{"arksEndpoint": {"name": "qwen"}}],
+        },
+    }
+    endpoint = {
+        "apiVersion": "arks.ai/v1",
+        "kind": "ArksEndpoint",
+        "metadata": {"name": "qwen"},
+        "spec": {},
+    }
+    return Context(
+        policy=StaticPolicy(build_policy([("token", token), ("endpoint", endpoint)])),
+        ledger=MemoryLedger(),
+        metrics=GatewayMetrics.create(),
+        inflight=InFlight(MAX_AGE),
+        now=lambda: NOW,
+        monotonic=clock,
+    )
+
+
+def _struct(fields: dict[str, Any]) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    out.update(fields)
+    return out
+
+
+def headers_message(facts: dict[str, Any] | None, token: str = "sk-alice") -> ep.ProcessingRequest:
+    headers = [
+        (":method", "POST"),
+        (":path", "/v1/chat/completions"),
+        ("authorization", f"Bearer {token}"),
+        ("x-request-id", "req-1"),
+    ]
+    metadata = base_pb2.Metadata()
+    if facts is not None:
+        metadata.filter_metadata["io.arks.request"].CopyFrom(_struct(facts))
+    return ep.ProcessingRequest(
+        request_headers=ep.HttpHeaders(
+            headers=base_pb2.HeaderMap(
+                headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in headers]
+            )
+        ),
+        metadata_context=metadata,
+    )
+
+
+def body_message(body: dict[str, Any]) -> ep.ProcessingRequest:
+    return ep.ProcessingRequest(
+        request_body=ep.HttpBody(body=orjson.dumps(body), end_of_stream=True)
+    )
+
+
+def sample(ctx: Context, name: str, labels: dict[str, str] | None = None) -> float:
+    value = ctx.metrics.registry.get_sample_value(name, labels or {})
+    return 0.0 if value is None else value
+
+
+# --- ext_proc: one processor per request ------------------------------------------------------
+
+
+def test_admitted_request_is_noted_with_its_max_tokens(ctx: Context) -> None:
+    response = RequestProcessor(ctx).handle(
+        headers_message({"model": "qwen", "stream": False, "max_tokens": 64})
+    )
+
+    assert response.WhichOneof("response") == "request_headers"
+    (entry,) = ctx.inflight.expire(ctx.monotonic() + MAX_AGE + 1)
+    assert (entry.request_id, entry.identity, entry.max_tokens) == (
+        "req-1",
+        Identity("default", "alice", "qwen"),
+        64,
+    )
+
+
+def test_body_phase_admission_keeps_the_body_max_tokens(ctx: Context) -> None:
+    processor = RequestProcessor(ctx)
+    asked = processor.handle(headers_message(None))
+    assert asked.HasField("mode_override")
+
+    body = {"model": "qwen", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
+    response = processor.handle(body_message(body))
+
+    assert response.WhichOneof("response") == "request_body"
+    (entry,) = ctx.inflight.expire(ctx.monotonic() + MAX_AGE + 1)
+    assert entry.prompt_estimate is not None and entry.prompt_estimate > 0
+    assert entry.max_tokens == 64  # what a lost access-log entry would be charged
+
+
+def test_denials_are_counted_by_status_and_code(ctx: Context) -> None:
+    response = RequestProcessor(ctx).handle(headers_message({"model": "qwen"}, token="sk-mallory"))
+
+    assert response.immediate_response.status.code == 401
+    assert (
+        sample(ctx, "arks_gateway_denials_total", {"status": "401", "code": "invalid_api_key"}) == 1
+    )
+    assert len(ctx.inflight) == 0
+
+
+def test_unexpected_messages_pass_through(ctx: Context) -> None:
+    processor = RequestProcessor(ctx)
+
+    body_first = processor.handle(body_message({"model": "qwen"}))
+    response_headers = processor.handle(ep.ProcessingRequest(response_headers=ep.HttpHeaders()))
+
+    assert body_first.WhichOneof("response") == "request_body"
+    assert not body_first.request_body.HasField("response")
+    assert response_headers.WhichOneof("response") == "response_headers"
+    assert len(ctx.inflight) == 0
+
+
+# --- access log: usage reaches the ledger -----------------------------------------------------
+
+
+def log_message(status: int, **arks: Any) -> als_pb2.StreamAccessLogsMessage:
+    entry = accesslog_pb2.HTTPAccessLogEntry(
+        request=accesslog_pb2.HTTPRequestProperties(
+            request_id="req-1", path="/v1/chat/completions"
+        ),
+        response=accesslog_pb2.HTTPResponseProperties(
+            response_code=wrappers_pb2.UInt32Value(value=status)
+        ),
+    )
+    fields = {"namespace": "default", "user": "alice", "model": "qwen", "stream": False, **arks}
+    entry.common_properties.metadata.filter_metadata["io.arks"].CopyFrom(_struct(fields))
+    message = als_pb2.StreamAccessLogsMessage()
+    message.http_logs.log_entry.append(entry)
+    return message
+
+
+def test_access_log_entry_charges_and_strikes_off_the_request(ctx: Context) -> None:
+    RequestProcessor(ctx).handle(headers_message({"model": "qwen", "stream": False}))
+
+    AccessLogReceiver(ctx).record(log_message(200, prompt_tokens=12, completion_tokens=34))
+
+    assert isinstance(ctx.ledger, MemoryLedger)
+    assert ctx.ledger.totals[("default", "alice", "qwen")] == Totals(1, 12, 34, 0)
+    assert len(ctx.inflight) == 0
+    assert ctx.expire_unreported() == 0
+
+
+def test_error_answers_are_counted_but_not_charged(ctx: Context) -> None:
+    AccessLogReceiver(ctx).record(log_message(500))
+
+    assert isinstance(ctx.ledger, MemoryLedger)
+    assert ctx.ledger.totals == {}
+    labels = {"namespace": "default", "user": "alice", "model": "qwen", "code": "500"}
+    assert sample(ctx, "arks_requests_total", labels) == 1
+
+
+def test_request_without_an_access_log_entry_is_charged_its_estimate(
+    ctx: Context, clock: FakeClock
+) -> None:
+    RequestProcessor(ctx).handle(
+        headers_message({"model": "qwen", "stream": False, "max_tokens": 64})
+    )
+
+    clock.now += MAX_AGE + 1
+
+    assert ctx.expire_unreported() == 1
+    assert isinstance(ctx.ledger, MemoryLedger)
+    assert ctx.ledger.totals[("default", "alice", "qwen")] == Totals(1, 0, 64, 1)
+    assert (
+        sample(
+            ctx,
+            "arks_usage_unreported_requests_total",
+            {"namespace": "default", "user": "alice", "model": "qwen"},
+        )
+        == 1
+    )
