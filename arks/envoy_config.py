@@ -19,7 +19,9 @@ import yaml
 from arks.api import ArksEndpoint, BackendRef
 from arks.policy import Policy
 
-FILTERS_FILE = Path(__file__).resolve().parent.parent / "envoy" / "filters.yaml"
+ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
+FILTERS_FILE = ENVOY_DIR / "filters.yaml"
+USAGE_LUA_FILE = ENVOY_DIR / "usage.lua"
 EXTPROC_CLUSTER = "arks_extproc"
 ACCESS_LOG_NAME = "arks_usage"
 ROUTE_CONFIG = "arks"
@@ -51,6 +53,11 @@ def _filter_chain_template() -> list[dict[str, Any]]:
     return filters
 
 
+@functools.cache
+def _usage_lua() -> str:
+    return USAGE_LUA_FILE.read_text()
+
+
 def _fill(value: Any, replacements: Mapping[str, str]) -> Any:
     if isinstance(value, dict):
         return {k: _fill(v, replacements) for k, v in value.items()}
@@ -64,7 +71,11 @@ def _fill(value: Any, replacements: Mapping[str, str]) -> Any:
 def http_filters(settings: EnvoySettings) -> list[dict[str, Any]]:
     filters: list[dict[str, Any]] = _fill(
         copy.deepcopy(_filter_chain_template()),
-        {"{extproc_cluster}": EXTPROC_CLUSTER, "{message_timeout}": f"{settings.message_timeout_ms / 1000}s"},
+        {
+            "{extproc_cluster}": EXTPROC_CLUSTER,
+            "{message_timeout}": f"{settings.message_timeout_ms / 1000}s",
+            "{usage_lua}": _usage_lua(),
+        },
     )
     return filters
 

@@ -80,15 +80,16 @@ def admit(req: RequestInfo, facts: BodyFacts, token: ArksToken, policy: Policy, 
         return Deny(403, "model_not_allowed", f"This API key may not use the model {model!r}.", type="permission_denied")
 
     # A streamed answer carries usage only when asked; ask for it unless the client said no.
+    # Envoy inserts it (usage.lua) when we only saw metadata; here when we parsed the body.
     needs_usage_option = facts.stream is True and facts.include_usage is None
-    if needs_usage_option and body is None:
-        return ReadBody("add stream_options.include_usage", token)
     metadata: dict[str, Any] = {
         "namespace": namespace,
         "user": token.user,
         "model": model,
         "stream": facts.stream is True,
     }
+    if needs_usage_option and body is None:
+        metadata["add_usage_option"] = True
     new_body = None
     prompt_estimate = None
     if body is not None:

@@ -22,7 +22,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 _HEADERS_ANSWER = ep.ProcessingResponse(request_headers=ep.HeadersResponse())
 
 
-class FloorProcessor(ep_grpc.ExternalProcessorServicer):
+class FloorProcessor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ep.ProcessingResponse]:

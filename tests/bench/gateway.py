@@ -182,7 +182,9 @@ def _envoy_version() -> str:
         out = subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return out.strip().split("version:", 1)[-1].strip().split()[0] if out else "unknown"
+    build = out.split("version:", 1)[-1].split()  # <commit>/<version>/<state>/<mode>/<ssl>
+    parts = build[0].split("/") if build else []
+    return parts[1] if len(parts) > 1 else "unknown"
 
 
 def _command(argv: Sequence[str]) -> str:
@@ -219,7 +221,7 @@ HOW_TO_READ = f"""\
   latency grow with the number of events while Python's work does not. Without
   `stream_options.include_usage` (what the official `openai` client sends) the gateway asks for
   the request body and adds it, one more gRPC message: about one more floor of CPU and latency.
-- Latencies come from wrk's full histogram (merged across rounds); a run fails if any request
+- Latencies come from wrk (1,000 quantiles per run, merged across rounds); a run fails if any request
   got a non-2xx answer or a socket error.
 """
 
@@ -238,7 +240,8 @@ def render_markdown(results: Results, workloads: Sequence[Workload], settings: S
         f"round(s); {settings.warmup_s:g} s warm-up per workload and config; Envoy `--concurrency "
         f"{settings.envoy_concurrency} --disable-hot-restart` for all configs; load from `wrk` (1 thread, "
         f"keep-alive); one simulated engine (`arks.sim`, {ENGINE_OUTPUT_TOKENS} output tokens, no delays; "
-        f"streamed: {STREAM_CHUNKS} chunks) on loopback."
+        f"streamed: {STREAM_CHUNKS} chunks) on loopback. Python CPU counted: the floor's "
+        f"`tests.bench.floor_extproc`; the gateway's Python children of `LocalStack` (today: `extproc`)."
         + (" **Quick smoke run: figures are not meaningful.**" if settings.quick else ""),
         "",
         "## Budgets (DESIGN §6)",

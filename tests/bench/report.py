@@ -82,16 +82,22 @@ def budgets(results: Results) -> list[Budget]:
     for w in cpu_rows:
         gw, floor = get(w, "gateway"), get(w, "floor")
         if gw and floor:
-            out.append(Budget(f"Python CPU/request, gateway ÷ floor — {w.title}", _ratio(gw.python_us, floor.python_us), "x", 1.5, True))
+            out.append(Budget(f"Python CPU/request, gateway ÷ floor — {w.short}", _ratio(gw.python_us, floor.python_us), "x", 1.5, True))
+        matched = get(w, FLOOR_MATCHED)
+        if gw and matched:
+            out.append(Budget(
+                f"Python CPU/request, gateway ÷ rate-matched floor — {w.short}",
+                _ratio(gw.python_us, matched.python_us), "x", 1.5, True,
+            ))
     for w in (chat(1), stream(1, client_asks_usage=True), stream(1, client_asks_usage=False)):
         gw, floor, plain = get(w, "gateway"), get(w, "floor"), get(w, "plain")
         if gw and floor and plain:
-            out.append(Budget(f"added p50 over plain, gateway ÷ floor — {w.title}", _ratio(gw.p50 - plain.p50, floor.p50 - plain.p50), "x", 1.5, True))
-            out.append(Budget(f"added p99 over plain, gateway — {w.title}", gw.p99 - plain.p99, "ms", 2.0, True))
+            out.append(Budget(f"added p50 over plain, gateway ÷ floor — {w.short}", _ratio(gw.p50 - plain.p50, floor.p50 - plain.p50), "x", 1.5, True))
+            out.append(Budget(f"added p99 over plain, gateway — {w.short}", gw.p99 - plain.p99, "ms", 2.0, True))
     for w in (chat(32), stream(32, client_asks_usage=True), stream(32, client_asks_usage=False)):
         gw, floor = get(w, "gateway"), get(w, "floor")
         if gw and floor:
-            out.append(Budget(f"throughput, gateway ÷ floor — {w.title}", _ratio(gw.load.rps, floor.load.rps), "x", 0.8, False))
+            out.append(Budget(f"throughput, gateway ÷ floor — {w.short}", _ratio(gw.load.rps, floor.load.rps), "x", 0.8, False))
     return out
 
 
@@ -115,7 +121,7 @@ def rate_matched(results: Results) -> list[list[str]]:
         gw, floor, matched = (results.get((w.key, c)) for c in ("gateway", "floor", FLOOR_MATCHED))
         if gw and floor and matched:
             rows.append([
-                w.title, f"{gw.load.rps:.0f} / {floor.load.rps:.0f} / {matched.load.rps:.0f}",
+                w.short, f"{gw.load.rps:.0f} / {floor.load.rps:.0f} / {matched.load.rps:.0f}",
                 _fmt(_ratio(gw.python_us, floor.python_us), "{:.2f}x"),
                 _fmt(_ratio(gw.python_us, matched.python_us), "{:.2f}x"),
             ])

@@ -18,6 +18,7 @@ STREAM_CHUNKS = 1000
 class Workload:
     key: str
     title: str
+    short: str  # for the budget table
     connections: int
     body: dict[str, Any]
     headers: tuple[tuple[str, str], ...] = ()
@@ -38,7 +39,10 @@ _LONG = (("x-sim-output-tokens", str(STREAM_CHUNKS)),)
 
 
 def chat(connections: int) -> Workload:
-    return Workload(f"chat-c{connections}", f"non-streamed chat, concurrency {connections}", connections, _CHAT)
+    return Workload(
+        f"chat-c{connections}", f"non-streamed chat, concurrency {connections}", f"chat, c={connections}",
+        connections, _CHAT,
+    )
 
 
 def stream(connections: int, *, client_asks_usage: bool) -> Workload:
@@ -47,11 +51,13 @@ def stream(connections: int, *, client_asks_usage: bool) -> Workload:
         return Workload(
             f"stream-usage-c{connections}",
             f"streamed chat, {STREAM_CHUNKS} chunks, client sends include_usage, concurrency {connections}",
+            f"stream {STREAM_CHUNKS}, client asks usage, c={connections}",
             connections, body, _LONG,
         )
     return Workload(
         f"stream-c{connections}",
         f"streamed chat, {STREAM_CHUNKS} chunks, no include_usage (gateway rewrites the body), concurrency {connections}",
+        f"stream {STREAM_CHUNKS}, gateway adds usage, c={connections}",
         connections, {**_CHAT, "stream": True}, _LONG,
     )
 

@@ -364,12 +364,21 @@ def test_body_phase_also_checks_the_grant(policy: Policy, alice: ArksToken) -> N
 # --- streamed requests: ask the engine for usage ----------------------------------------------
 
 
-def test_stream_without_include_usage_asks_for_the_body(policy: Policy, alice: ArksToken) -> None:
+def test_stream_without_include_usage_asks_envoy_to_add_it(policy: Policy, alice: ArksToken) -> None:
+    """One message per request: Envoy's Lua filter inserts the option, Python never reads the body."""
     decision = decide_headers(request(body=BodyFacts(model="qwen", stream=True)), policy, NOW)
 
-    assert isinstance(decision, ReadBody)
-    assert decision.token == alice
-    assert "include_usage" in decision.reason
+    assert isinstance(decision, Forward)
+    assert decision.body is None
+    assert decision.metadata["io.arks"]["add_usage_option"] is True
+
+
+def test_non_streamed_or_usage_given_is_not_marked(policy: Policy, alice: ArksToken) -> None:
+    for facts in (BodyFacts(model="qwen"), BodyFacts(model="qwen", stream=True, include_usage=False),
+                  BodyFacts(model="qwen", stream=True, include_usage=True)):
+        decision = decide_headers(request(body=facts), policy, NOW)
+        assert isinstance(decision, Forward)
+        assert "add_usage_option" not in decision.metadata["io.arks"]
 
 
 def test_stream_body_gets_include_usage_and_keeps_other_stream_options(
