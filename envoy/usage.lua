@@ -6,9 +6,10 @@
 -- (no JSON round trip, no number rounding). Quotes inside JSON strings are escaped, so the key
 -- pattern only matches a key. extproc marks only JSON objects holding "model" and "stream".
 --
--- Response: for a streamed answer, keep the last few KiB and, at the end, read the numbers of the
--- last "usage" object into io.arks (and Envoy AI Gateway's keys). One cheap step per data frame,
--- nothing per SSE event; the access log then carries the numbers to Python.
+-- Response: read the numbers of the answer's last "usage" object into io.arks (and Envoy AI
+-- Gateway's keys). For a streamed answer only its last few KiB are kept: one cheap step per data
+-- frame, nothing per SSE event. A JSON answer is whole anyway. Keys inside JSON strings have
+-- escaped quotes, so '"usage":{' only matches a key. The access log carries the numbers to Python.
 
 local TAIL = 4096
 local OPTION = '"stream_options":{"include_usage":true},'
@@ -51,42 +52,30 @@ local function number_after(text, key)
   return value and tonumber(value)
 end
 
-function envoy_on_response(handle)
-  local content_type = handle:headers():get("content-type")
-  if content_type == nil or string.find(content_type, "text/event-stream", 1, true) == nil then
-    return
-  end
-  local tail = ""
-  for chunk in handle:bodyChunks() do
-    local size = chunk:length()
-    if size >= TAIL then
-      tail = chunk:getBytes(size - TAIL, TAIL)
-    elseif size > 0 then
-      tail = tail .. chunk:getBytes(0, size)
-      if #tail > 2 * TAIL then
-        tail = string.sub(tail, -TAIL)
-      end
-    end
-  end
-  -- The last "usage" object of the stream, up to the end of its event.
+local function last_usage(text)
   local from, search = nil, 1
   while true do
-    local s, e = string.find(tail, '"usage":{', search, true)
-    if s == nil then
+    local _, e = string.find(text, '"usage"%s*:%s*{', search)
+    if e == nil then
       break
     end
     from, search = e, e + 1
   end
+  return from
+end
+
+local function record_usage(handle, text)
+  local from = last_usage(text)
   if from == nil then
     return
   end
-  local event_end = string.find(tail, "\n", from, true) or #tail
-  local usage = string.sub(tail, from, event_end)
+  -- Its numbers come first; details objects (cached tokens …) are small.
+  local usage = string.sub(text, from, from + 512)
   local prompt = number_after(usage, "prompt_tokens")
-  local completion = number_after(usage, "completion_tokens")
-  if prompt == nil or completion == nil then
+  if prompt == nil then
     return
   end
+  local completion = number_after(usage, "completion_tokens") or 0 -- embeddings report none
   local total = number_after(usage, "total_tokens") or (prompt + completion)
   local metadata = handle:streamInfo():dynamicMetadata()
   metadata:set("io.arks", "prompt_tokens", prompt)
@@ -95,4 +84,32 @@ function envoy_on_response(handle)
   metadata:set("io.envoy.ai_gateway", "llm_input_token", prompt)
   metadata:set("io.envoy.ai_gateway", "llm_output_token", completion)
   metadata:set("io.envoy.ai_gateway", "llm_total_token", total)
+end
+
+function envoy_on_response(handle)
+  local content_type = handle:headers():get("content-type") or ""
+  if string.find(content_type, "text/event-stream", 1, true) then
+    local tail = ""
+    for chunk in handle:bodyChunks() do
+      local size = chunk:length()
+      if size >= TAIL then
+        tail = chunk:getBytes(size - TAIL, TAIL)
+      elseif size > 0 then
+        tail = tail .. chunk:getBytes(0, size)
+        if #tail > 2 * TAIL then
+          tail = string.sub(tail, -TAIL)
+        end
+      end
+    end
+    record_usage(handle, tail)
+  elseif string.find(content_type, "json", 1, true) then
+    local status = handle:headers():get(":status")
+    if status ~= "200" then
+      return -- an error answer carries no usage; do not buffer it
+    end
+    local body = handle:body()
+    if body ~= nil then
+      record_usage(handle, body:getBytes(0, body:length()))
+    end
+  end
 end

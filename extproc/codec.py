@@ -42,18 +42,26 @@ def _struct_value(value: struct_pb2.Value) -> Any:
     return json_format.MessageToDict(value)
 
 
+def _text(header: base_pb2.HeaderValue) -> str:
+    return header.raw_value.decode("utf-8", "replace") if header.raw_value else str(header.value)
+
+
+_KEPT_HEADERS = frozenset({"authorization", "x-api-key", "x-request-id"})
+
+
 def request_info(headers: ep.HttpHeaders, metadata: base_pb2.Metadata) -> RequestInfo:
+    """The headers the gateway decides on (credentials, request id, any x-arks-*), path, method,
+    and the body facts Envoy lifted into metadata."""
     plain: dict[str, str] = {}
     method = path = ""
     for header in headers.headers.headers:
-        value = header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
         key = header.key
-        if key == ":path":
-            path = value.partition("?")[0]
+        if key in _KEPT_HEADERS or key.startswith("x-arks-"):
+            plain[key] = _text(header)
+        elif key == ":path":
+            path = _text(header).partition("?")[0]
         elif key == ":method":
-            method = value
-        elif not key.startswith(":"):
-            plain[key] = value
+            method = _text(header)
     fields = metadata.filter_metadata.get(REQUEST_METADATA_NAMESPACE)
     facts = BodyFacts.from_metadata({k: _struct_value(v) for k, v in fields.fields.items()}) if fields else BodyFacts()
     return RequestInfo(method, path, plain, facts, headers.end_of_stream)
@@ -63,10 +71,11 @@ def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
     return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, raw_value=value.encode()), append_action=_OVERWRITE)
 
 
+_JSON_CONTENT_TYPE = _header("content-type", "application/json")
+
+
 def _immediate(status: int, body: bytes, headers: tuple[tuple[str, str], ...], details: str) -> ep.ProcessingResponse:
-    mutation = ep.HeaderMutation(
-        set_headers=[_header("content-type", "application/json"), *(_header(k, v) for k, v in headers)]
-    )
+    mutation = ep.HeaderMutation(set_headers=[_JSON_CONTENT_TYPE, *(_header(k, v) for k, v in headers)])
     return ep.ProcessingResponse(
         immediate_response=ep.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=status), headers=mutation, body=body, details=details
@@ -99,10 +108,21 @@ def _forward_common(decision: Forward) -> ep.CommonResponse:
     )
 
 
+def _value(value: Any) -> struct_pb2.Value:
+    # Explicit construction: Struct.update walks Python code per field, this stays in upb.
+    if isinstance(value, bool):
+        return struct_pb2.Value(bool_value=value)
+    if isinstance(value, int | float):
+        return struct_pb2.Value(number_value=value)
+    if isinstance(value, str):
+        return struct_pb2.Value(string_value=value)
+    if isinstance(value, dict):
+        return struct_pb2.Value(struct_value=struct_pb2.Struct(fields={k: _value(v) for k, v in value.items()}))
+    raise TypeError(f"no protobuf Value for {type(value).__name__}")
+
+
 def _metadata(decision: Forward) -> struct_pb2.Struct:
-    metadata = struct_pb2.Struct()
-    metadata.update(decision.metadata)
-    return metadata
+    return struct_pb2.Struct(fields={ns: _value(fields) for ns, fields in decision.metadata.items()})
 
 
 def forward_headers(decision: Forward) -> ep.ProcessingResponse:

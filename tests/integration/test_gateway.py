@@ -106,6 +106,14 @@ def test_completions_non_streamed_and_streamed(stack: Stack) -> None:
     assert charged == Usage(requests=2, prompt=2 * count_prompt({"prompt": prompt}), completion=14, estimated=0)
 
 
+def test_embeddings_are_charged_their_reported_prompt_tokens(stack: Stack) -> None:
+    before = stack.usage("alice", "model-a")
+    result = stack.client().embeddings.create(model="model-a", input=["first text", "and a second one"])
+    assert len(result.data) == 2
+    charged = stack.wait_usage("alice", "model-a", before)
+    assert charged == Usage(requests=1, prompt=result.usage.prompt_tokens, completion=0, estimated=0)
+
+
 def test_models_are_listed_per_token(stack: Stack) -> None:
     alice = sorted(m.id for m in stack.client(ALICE).models.list())
     bob = [m.id for m in stack.client(BOB).models.list()]

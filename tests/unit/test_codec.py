@@ -101,13 +101,13 @@ def wire(message: Any) -> Any:
 # --- request headers -> RequestInfo -----------------------------------------------------------
 
 
-def test_request_info_reads_method_path_without_query_and_plain_headers() -> None:
+def test_request_info_reads_method_path_without_query_and_the_headers_decisions_need() -> None:
     info = info_of(headers_message(ENVOY_HEADERS))
 
     assert info.method == "POST"
     assert info.path == "/v1/chat/completions"
+    # Only credentials, the request id and x-arks-* matter to a decision; the rest is not copied.
     assert info.headers == {
-        "content-type": "application/json",
         "authorization": "Bearer sk-alice",
         "x-request-id": "7f1c0d9e",
     }
@@ -132,9 +132,9 @@ def test_request_info_falls_back_to_value_when_raw_value_is_empty() -> None:
 
 def test_request_info_survives_non_utf8_header_bytes() -> None:
     message = headers_message([(":path", "/v1/models")])
-    message.request_headers.headers.headers.add(key="x-odd", raw_value=b"\xff\xfeok")
+    message.request_headers.headers.headers.add(key="x-arks-odd", raw_value=b"\xff\xfeok")
 
-    assert info_of(message).headers["x-odd"] == "\ufffd\ufffdok"
+    assert info_of(message).headers["x-arks-odd"] == "\ufffd\ufffdok"
 
 
 def test_request_info_reads_body_facts_from_request_metadata() -> None:
