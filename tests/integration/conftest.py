@@ -20,32 +20,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from arks.api import token_digest
 from arks.procs import Supervisor, free_port, wait_http
 from arks.stack import LocalStack, StackSettings
+from tests.objects import backend, endpoint, token
 
 ALICE = "sk-arks-test-alice-5f1c0e0d9b8a"
 BOB = "sk-arks-test-bob-77aa31c4e2d0"
 EXPIRED = "sk-arks-test-expired-0c9d"
 DISABLED = "sk-arks-test-disabled-1e2f"
 ALL_TOKENS = (ALICE, BOB, EXPIRED, DISABLED)
-
-
-def backend(name: str, port: int) -> dict:
-    return {
-        "apiVersion": "gateway.envoyproxy.io/v1alpha1",
-        "kind": "Backend",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"endpoints": [{"ip": {"address": "127.0.0.1", "port": port}}]},
-    }
-
-
-def endpoint(model: str, *backends: str) -> dict:
-    refs = [{"group": "gateway.envoyproxy.io", "kind": "Backend", "name": b, "weight": 1} for b in backends]
-    return {"apiVersion": "arks.ai/v1", "kind": "ArksEndpoint", "metadata": {"name": model, "namespace": "default"},
-            "spec": {"routeConfigs": refs}}
-
-
-def token(user: str, models: list[str], **spec: object) -> dict:
-    return {"apiVersion": "arks.ai/v1", "kind": "ArksToken", "metadata": {"name": user, "namespace": "default"},
-            "spec": {**spec, "qos": [{"arksEndpoint": {"name": m}} for m in models]}}
 
 
 @dataclass

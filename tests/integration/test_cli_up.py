@@ -45,20 +45,24 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_arks_up_serves_the_demo_policy_and_stops_cleanly(tmp_path: Path) -> None:
-    # The demo policy, moved to free ports so the test never collides with a running `make run`.
+def start_arks_up(tmp_path: Path, port: int) -> subprocess.Popen[str]:
+    """`arks up` on the demo policy, moved to free ports so it never collides with `make run`."""
     documents = list(yaml.safe_load_all(DEMO_POLICY.read_text()))
     for doc in documents:
         if doc["kind"] == "Backend":
             doc["spec"]["endpoints"][0]["ip"]["port"] = free_port()
     policy = tmp_path / "policy.yaml"
     policy.write_text(yaml.safe_dump_all(documents))
-    port = free_port()
     cmd = [
         sys.executable, "-m", "arks.cli", "up", "--policy", str(policy), "--port", str(port),
         "--admin-port", str(free_port()), "--metrics-port", str(free_port()), "--state-dir", str(tmp_path / "state"),
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_arks_up_serves_the_demo_policy_and_stops_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    proc = start_arks_up(tmp_path, port)
     try:
         banner = []
         deadline = time.monotonic() + 60
@@ -93,17 +97,7 @@ def test_arks_up_serves_the_demo_policy_and_stops_cleanly(tmp_path: Path) -> Non
 
 
 def test_arks_up_killed_hard_still_leaves_nothing_behind(tmp_path: Path) -> None:
-    documents = list(yaml.safe_load_all(DEMO_POLICY.read_text()))
-    for doc in documents:
-        if doc["kind"] == "Backend":
-            doc["spec"]["endpoints"][0]["ip"]["port"] = free_port()
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(yaml.safe_dump_all(documents))
-    cmd = [
-        sys.executable, "-m", "arks.cli", "up", "--policy", str(policy), "--port", str(free_port()),
-        "--admin-port", str(free_port()), "--metrics-port", str(free_port()), "--state-dir", str(tmp_path / "state"),
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_arks_up(tmp_path, free_port())
     assert proc.stdout is not None
     for line in proc.stdout:
         if "Ctrl-C stops everything" in line:

@@ -20,6 +20,7 @@ from extproc.decision import Deny, Forward, Identity, ReadBody, Reply
 from extproc.gateway import decide_headers
 from extproc.request import BodyFacts
 from extproc.usage import Finished
+from tests import objects
 
 Mode = processing_mode_pb2.ProcessingMode
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -245,22 +246,9 @@ def test_forward_body_without_rewrite_leaves_the_body_alone() -> None:
 
 
 def test_envoy_headers_to_forwarded_mutations() -> None:
-    token = {
-        "apiVersion": "arks.ai/v1",
-        "kind": "ArksToken",
-        "metadata": {"name": "alice"},
-        "spec": {
-            "tokenHash": token_digest("sk-alice"),
-            "qos": [{"arksEndpoint": {"name": "qwen"}}],
-        },
-    }
-    endpoint = {
-        "apiVersion": "arks.ai/v1",
-        "kind": "ArksEndpoint",
-        "metadata": {"name": "qwen"},
-        "spec": {},
-    }
-    policy = build_policy([("token", token), ("endpoint", endpoint)])
+    alice = objects.token("alice", ["qwen"], tokenHash=token_digest("sk-alice"))
+    qwen = objects.endpoint("qwen")
+    policy = build_policy([("token", alice), ("endpoint", qwen)])
     message = wire(
         headers_message(
             [*ENVOY_HEADERS, ("x-arks-user", "root")], {"model": "qwen", "stream": False}

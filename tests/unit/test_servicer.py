@@ -20,6 +20,7 @@ from extproc.inflight import InFlight
 from extproc.ledger import MemoryLedger, Totals
 from extproc.metrics import GatewayMetrics
 from extproc.servicer import AccessLogReceiver, Context, RequestProcessor
+from tests import objects
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 MAX_AGE = 600.0
@@ -48,23 +49,10 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def ctx(clock: FakeClock) -> Context:
-    token = {
-        "apiVersion": "arks.ai/v1",
-        "kind": "ArksToken",
-        "metadata": {"name": "alice"},
-        "spec": {
-            "tokenHash": token_digest("sk-alice"),
-            "qos": [{"arksEndpoint": {"name": "qwen"}}],
-        },
-    }
-    endpoint = {
-        "apiVersion": "arks.ai/v1",
-        "kind": "ArksEndpoint",
-        "metadata": {"name": "qwen"},
-        "spec": {},
-    }
+    alice = objects.token("alice", ["qwen"], tokenHash=token_digest("sk-alice"))
+    qwen = objects.endpoint("qwen")
     return Context(
-        policy=StaticPolicy(build_policy([("token", token), ("endpoint", endpoint)])),
+        policy=StaticPolicy(build_policy([("token", alice), ("endpoint", qwen)])),
         ledger=MemoryLedger(),
         metrics=GatewayMetrics.create(),
         inflight=InFlight(MAX_AGE),
