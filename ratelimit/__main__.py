@@ -1,0 +1,3 @@
+from ratelimit.server import main
+
+main()

@@ -1,0 +1,34 @@
+"""Counter stores behind the rate-limit service: one `apply` per request, all its hits at once.
+
+`MemoryBackend` (one process, the local default) and `RedisBackend` (shared, atomic) answer the
+same `Hit`s with the same `Outcome`s: both run the arithmetic of `ratelimit.window`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from ratelimit.model import Hit, Outcome
+
+
+class BackendUnavailable(Exception):
+    """The store could not be reached or did not answer in time; the cause is chained.
+
+    The service decides what that means (fail open or closed); backends never guess.
+    """
+
+
+class CounterBackend(Protocol):
+    async def apply(self, hits: Sequence[Hit], now: float) -> list[Outcome]:
+        """Charge every hit at `now` (epoch seconds); one Outcome per Hit, in order."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+# Imported after the names above: the implementations import BackendUnavailable from here.
+from ratelimit.backends.memory import MemoryBackend  # noqa: E402
+from ratelimit.backends.redis import RedisBackend  # noqa: E402
+
+__all__ = ["BackendUnavailable", "CounterBackend", "MemoryBackend", "RedisBackend"]

@@ -1,0 +1,152 @@
+"""Counters in Redis: every hit of one `apply` in one atomic Lua script, one round trip.
+
+The script only moves state (INCRBY a window's counter, push a GCRA TAT forward) and returns the
+numbers the outcome needs; `ratelimit.window` turns them into Outcomes, exactly as the memory
+backend does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
+
+from ratelimit.backends import BackendUnavailable
+from ratelimit.model import Algorithm, Hit, Outcome
+from ratelimit.window import (
+    Instant,
+    counter_key,
+    fixed_window_outcome,
+    gcra_outcome,
+    validate,
+)
+
+# KEYS[i]: hit i's counter. ARGV[1], ARGV[2]: now as whole seconds and fraction (window.Instant).
+# ARGV[3 + 4(i-1) ...]: hit i's algorithm ("fixed" | "gcra"), hits, limit, window_s.
+# Reply per hit: fixed window: the count after the hit (an integer); GCRA: how far the TAT is
+# ahead of now after the hit, as "%.17g" (a Lua number in a reply would be cut to an integer).
+# The GCRA lines mirror window.Instant, gcra_ahead and gcra_charge operation for operation, so
+# the float results are bit-identical to the memory backend's. A TAT is stored as
+# "<whole seconds> <fraction>" to keep sub-microsecond precision at epoch magnitudes.
+# Counts and window lengths go to Redis as the caller's strings: Lua would print 1e15 as "1e+15".
+SCRIPT = """
+local now_s = tonumber(ARGV[1])
+local now_f = tonumber(ARGV[2])
+local replies = {}
+for i, key in ipairs(KEYS) do
+  local at = 3 + (i - 1) * 4
+  local algorithm, hits, limit, window_s = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
+  if algorithm == "fixed" then
+    if tonumber(hits) > 0 then
+      local used = redis.call("INCRBY", key, hits)
+      if used == tonumber(hits) then
+        redis.call("EXPIRE", key, window_s)
+      end
+      replies[i] = used
+    else
+      replies[i] = tonumber(redis.call("GET", key) or "0")
+    end
+  else
+    local ahead = 0
+    local tat = redis.call("GET", key)
+    if tat then
+      local sep = string.find(tat, " ", 1, true)
+      ahead = (tonumber(string.sub(tat, 1, sep - 1)) - now_s)
+        + (tonumber(string.sub(tat, sep + 1)) - now_f)
+      if ahead < 0 then
+        ahead = 0
+      end
+    end
+    local n, l = tonumber(hits), tonumber(limit)
+    if n > 0 and l > 0 then
+      ahead = ahead + n * (tonumber(window_s) / l)
+      local t = now_f + ahead
+      local whole = math.floor(t)
+      redis.call("SET", key, string.format("%d %.17g", now_s + whole, t - whole),
+        "PX", string.format("%d", (math.ceil(ahead) + 1) * 1000))
+    end
+    replies[i] = string.format("%.17g", ahead)
+  end
+end
+return replies
+"""
+
+SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
+
+_ALGORITHM_ARG = {Algorithm.FIXED_WINDOW: "fixed", Algorithm.GCRA: "gcra"}
+
+
+class RedisBackend:
+    """Shared counters in one Redis; every key is `prefix + hit.key + suffix`.
+
+    Any failure to get an answer within `timeout_s` (connect, pool wait, script) raises
+    BackendUnavailable. Broken connections are dropped and reopened on the next call, so the
+    backend recovers by itself when Redis comes back.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "arks:rl:",
+        timeout_s: float = 0.5,
+        *,
+        max_connections: int = 64,
+    ) -> None:
+        self._prefix = prefix
+        self._timeout_s = timeout_s
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout_s,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            # One immediate retry on a dropped connection (e.g. a pooled one Redis closed while
+            # restarting): the command almost surely never ran. Never on timeouts: the script
+            # may have run, and a retry would charge twice.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        )
+        self._redis: Redis = Redis.from_pool(pool)
+
+    async def apply(self, hits: Sequence[Hit], now: float) -> list[Outcome]:
+        if not hits:
+            return []
+        for hit in hits:
+            validate(hit)
+        at = Instant.of(now)
+        keys = [self._prefix + counter_key(hit, now) for hit in hits]
+        args: list[str | int] = [at.seconds, repr(at.fraction)]
+        for hit in hits:
+            args += [_ALGORITHM_ARG[hit.algorithm], hit.hits, hit.limit, hit.window_s]
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                replies = await self._run(keys, args)
+        except (RedisError, OSError, TimeoutError) as e:
+            detail = str(e) or f"no answer within {self._timeout_s} s"
+            raise BackendUnavailable(f"redis counters: {type(e).__name__}: {detail}") from e
+        return [_outcome(hit, reply, now) for hit, reply in zip(hits, replies, strict=True)]
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def _run(self, keys: list[str], args: list[str | int]) -> list[Any]:
+        try:
+            replies = await self._redis.evalsha(SCRIPT_SHA, len(keys), *keys, *args)
+        except NoScriptError:
+            # First call against this server (or it restarted): EVAL also caches the script.
+            replies = await self._redis.eval(SCRIPT, len(keys), *keys, *args)
+        if not isinstance(replies, list) or len(replies) != len(keys):
+            raise RedisError(f"unexpected script reply: {replies!r}")
+        return replies
+
+
+def _outcome(hit: Hit, reply: Any, now: float) -> Outcome:
+    if hit.algorithm is Algorithm.GCRA:
+        return gcra_outcome(float(reply), hit)
+    return fixed_window_outcome(int(reply), hit, now)

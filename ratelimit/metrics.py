@@ -1,0 +1,46 @@
+"""The rate-limit service's Prometheus metrics, keyed like envoyproxy/ratelimit's stats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter
+
+
+@dataclass(frozen=True)
+class RateLimitMetrics:
+    registry: CollectorRegistry
+    hits: Counter
+    over_limit: Counter
+    near_limit: Counter
+    within_limit: Counter
+    shadow_mode: Counter
+    backend_errors: Counter
+    config_reloads: Counter
+    config_errors: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry | None = None) -> RateLimitMetrics:
+        registry = registry or CollectorRegistry()
+
+        def per_key(name: str, doc: str) -> Counter:
+            return Counter(name, doc, ("domain", "key"), registry=registry)
+
+        return cls(
+            registry=registry,
+            hits=per_key("arks_ratelimit_hits", "Hits charged to a limit."),
+            over_limit=per_key("arks_ratelimit_over_limit", "Decisions over the limit (enforced)."),
+            near_limit=per_key("arks_ratelimit_near_limit", "Decisions within the limit but above the near-limit ratio."),
+            within_limit=per_key("arks_ratelimit_within_limit", "Decisions within the limit."),
+            shadow_mode=per_key("arks_ratelimit_shadow_mode", "Over the limit, let through because of shadow mode."),
+            backend_errors=Counter(
+                "arks_ratelimit_backend_errors",
+                "Decisions made without the counter store, by the policy applied (fail_open, fail_closed).",
+                ("policy",),
+                registry=registry,
+            ),
+            config_reloads=Counter("arks_ratelimit_config_reloads", "Configuration reloads.", registry=registry),
+            config_errors=Counter(
+                "arks_ratelimit_config_errors", "Rejected configuration changes (the last good one stays).", registry=registry
+            ),
+        )

@@ -1,0 +1,163 @@
+"""`python -m ratelimit`: Envoy's global rate-limit service, on Redis or in memory."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import uvloop
+from envoy.service.ratelimit.v3 import rls_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import disable_created_metrics, start_http_server
+
+from ratelimit.backends import CounterBackend, MemoryBackend, RedisBackend
+from ratelimit.config import ConfigError, RateLimitConfig, load_config
+from ratelimit.limiter import Limiter, Policy
+from ratelimit.metrics import RateLimitMetrics
+from ratelimit.servicer import RateLimitService
+
+log = logging.getLogger("ratelimit")
+
+
+@dataclass(frozen=True)
+class Settings:
+    config: tuple[Path, ...] = ()
+    grpc_address: str = "127.0.0.1:8081"
+    metrics_address: str = "127.0.0.1"
+    metrics_port: int = 9102
+    redis: str | None = None  # None: counters in this process's memory
+    redis_timeout_s: float = 0.5
+    fail_open: bool = True
+    shadow_mode: bool = False
+    near_ratio: float = 0.8
+    reload_interval_s: float = 1.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> Settings:
+        p = argparse.ArgumentParser(prog="python -m ratelimit", description=__doc__)
+        p.add_argument("--config", type=Path, action="append", default=[],
+                       help="envoyproxy/ratelimit YAML file or directory (repeatable; reloaded on change)")
+        p.add_argument("--grpc-address", default=cls.grpc_address)
+        p.add_argument("--metrics-address", default=cls.metrics_address)
+        p.add_argument("--metrics-port", type=int, default=cls.metrics_port)
+        p.add_argument("--redis", metavar="URL", help="redis://host:port/db (default: counters in memory)")
+        p.add_argument("--redis-timeout-s", type=float, default=cls.redis_timeout_s)
+        p.add_argument("--fail-closed", action="store_true", help="refuse limited requests while Redis is down")
+        p.add_argument("--shadow-mode", action="store_true", help="report over-limit in metrics, never enforce")
+        p.add_argument("--near-ratio", type=float, default=cls.near_ratio)
+        p.add_argument("--log-level", default=cls.log_level)
+        a = p.parse_args(argv)
+        return cls(
+            config=tuple(a.config), grpc_address=a.grpc_address, metrics_address=a.metrics_address,
+            metrics_port=a.metrics_port, redis=a.redis, redis_timeout_s=a.redis_timeout_s,
+            fail_open=not a.fail_closed, shadow_mode=a.shadow_mode, near_ratio=a.near_ratio, log_level=a.log_level,
+        )
+
+
+class ConfigSource:
+    """The configuration files, reloaded when any of them changes; a bad change keeps the last good."""
+
+    def __init__(self, paths: tuple[Path, ...], metrics: RateLimitMetrics) -> None:
+        self.paths = paths
+        self.metrics = metrics
+        self._config = load_config(paths)
+        self._stamp = self._files_stamp()
+
+    def current(self) -> RateLimitConfig:
+        return self._config
+
+    def _files_stamp(self) -> tuple[tuple[str, int, int], ...]:
+        files: list[Path] = []
+        for path in self.paths:
+            files.extend(sorted([*path.glob("*.yaml"), *path.glob("*.yml")]) if path.is_dir() else [path])
+        stamp = []
+        for file in files:
+            try:
+                st = file.stat()
+            except OSError:
+                continue
+            stamp.append((str(file), st.st_mtime_ns, st.st_size))
+        return tuple(stamp)
+
+    def reload_if_changed(self) -> bool:
+        stamp = self._files_stamp()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            self._config = load_config(self.paths)
+        except (ConfigError, OSError) as err:
+            self.metrics.config_errors.inc()
+            log.error("rate-limit config not reloaded, keeping the last good one: %s", err)
+            return False
+        self.metrics.config_reloads.inc()
+        log.info("rate-limit config reloaded (%d domains)", len(self._config.domains))
+        return True
+
+
+def make_backend(settings: Settings) -> CounterBackend:
+    if settings.redis:
+        return RedisBackend(settings.redis, timeout_s=settings.redis_timeout_s)
+    return MemoryBackend()
+
+
+async def serve(settings: Settings) -> None:
+    metrics = RateLimitMetrics.create()
+    source = ConfigSource(settings.config, metrics)
+    backend = make_backend(settings)
+    limiter = Limiter(
+        config=source.current,
+        backend=backend,
+        metrics=metrics,
+        clock=time.time,
+        policy=Policy(fail_open=settings.fail_open, shadow_mode=settings.shadow_mode, near_ratio=settings.near_ratio),
+    )
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(limiter), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_insecure_port(settings.grpc_address)
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    start_http_server(settings.metrics_port, settings.metrics_address, registry=metrics.registry)
+    log.info(
+        "ratelimit serving gRPC on %s (%s, %s), metrics on %s:%d",
+        settings.grpc_address, "redis" if settings.redis else "memory",
+        "fail-open" if settings.fail_open else "fail-closed", settings.metrics_address, settings.metrics_port,
+    )
+
+    async def reload_loop() -> None:
+        while True:
+            await asyncio.sleep(settings.reload_interval_s)
+            try:
+                source.reload_if_changed()
+            except Exception:  # this loop must outlive any one bad turn
+                log.exception("config reload failed; retrying")
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    reloader = asyncio.create_task(reload_loop())
+    await stop.wait()
+    reloader.cancel()
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace=2)
+    await backend.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = Settings.from_args(argv)
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        uvloop.run(serve(settings))
+    except ConfigError as err:
+        raise SystemExit(f"ratelimit: {err}") from None

@@ -1,0 +1,19 @@
+"""`envoy.service.ratelimit.v3.RateLimitService`: a thin gRPC shell around the limiter."""
+
+from __future__ import annotations
+
+import grpc
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+
+from ratelimit import codec
+from ratelimit.limiter import Limiter
+
+
+class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
+    def __init__(self, limiter: Limiter) -> None:
+        self.limiter = limiter
+
+    async def ShouldRateLimit(  # noqa: N802 (gRPC method name)
+        self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
+    ) -> rls_pb2.RateLimitResponse:
+        return codec.response(await self.limiter.decide(codec.request(request)))

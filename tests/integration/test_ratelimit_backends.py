@@ -1,0 +1,322 @@
+"""The counter backends against one shared suite: memory, and the real Redis on 127.0.0.1:6379.
+
+Time is passed in (`now`), so windows and GCRA intervals are stepped exactly. Redis outage tests
+run their own redis-server on a free port and never touch the shared one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+
+import pytest
+from redis.asyncio import Redis
+
+from ratelimit.backends import BackendUnavailable, CounterBackend, MemoryBackend, RedisBackend
+from ratelimit.model import Algorithm, Hit
+
+SHARED_REDIS = "redis://127.0.0.1:6379"
+T0 = 1_700_000_040.0  # a window start for 10 s and 60 s windows
+
+FIXED = Algorithm.FIXED_WINDOW
+GCRA = Algorithm.GCRA
+
+
+def hit(
+    limit: int, hits: int = 1, *, key: str = "k", window_s: int = 60, algorithm: Algorithm = FIXED
+) -> Hit:
+    return Hit(key=key, limit=limit, window_s=window_s, hits=hits, algorithm=algorithm)
+
+
+@asynccontextmanager
+async def shared_redis_backend(prefix: str = "") -> AsyncIterator[RedisBackend]:
+    """A RedisBackend on the shared server under a fresh prefix; its keys are deleted after."""
+    prefix = prefix or f"arks:rl:test:{uuid.uuid4().hex}:"
+    admin = Redis.from_url(SHARED_REDIS)
+    try:
+        await admin.ping()
+    except OSError as e:  # redis-py's ConnectionError is an OSError too
+        await admin.aclose()
+        pytest.fail(f"no Redis at {SHARED_REDIS} (.ci/run starts one): {e}")
+    backend = RedisBackend(SHARED_REDIS, prefix=prefix)
+    try:
+        yield backend
+    finally:
+        await backend.close()
+        keys = [key async for key in admin.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await admin.delete(*keys)
+        await admin.aclose()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[CounterBackend]:
+    if request.param == "memory":
+        memory = MemoryBackend()
+        yield memory
+        await memory.close()
+    else:
+        async with shared_redis_backend() as redis_backend:
+            yield redis_backend
+
+
+async def over(backend: CounterBackend, h: Hit, now: float) -> bool:
+    (outcome,) = await backend.apply([h], now)
+    return outcome.over_limit
+
+
+# Fixed window -----------------------------------------------------------------------------------
+
+
+async def test_fixed_window_passes_limit_requests_then_is_over(backend: CounterBackend) -> None:
+    results = [await over(backend, hit(5), T0 + 1) for _ in range(6)]
+    assert results == [False] * 5 + [True]
+
+
+async def test_fixed_window_resets_exactly_at_the_boundary(backend: CounterBackend) -> None:
+    assert not await over(backend, hit(2), T0)
+    assert not await over(backend, hit(2), T0 + 30)
+    assert await over(backend, hit(2), T0 + 59.999)
+    (outcome,) = await backend.apply([hit(2)], T0 + 60)
+    assert not outcome.over_limit
+    assert outcome.used == 1
+    assert outcome.reset_s == 60.0
+
+
+async def test_fixed_window_hits_addend_counts_as_many(backend: CounterBackend) -> None:
+    (a,) = await backend.apply([hit(10, hits=4)], T0)
+    (b,) = await backend.apply([hit(10, hits=6)], T0)
+    (c,) = await backend.apply([hit(10, hits=1)], T0)
+    assert (a.used, a.remaining, a.over_limit) == (4, 6, False)
+    assert (b.used, b.remaining, b.over_limit) == (10, 0, False)  # exactly the limit passes
+    assert (c.used, c.remaining, c.over_limit) == (11, 0, True)
+
+
+async def test_fixed_window_zero_hits_reads_without_counting(backend: CounterBackend) -> None:
+    (empty,) = await backend.apply([hit(3, hits=0)], T0)
+    assert (empty.used, empty.remaining, empty.over_limit) == (0, 3, False)
+    await backend.apply([hit(3, hits=2)], T0)
+    for _ in range(3):
+        (read,) = await backend.apply([hit(3, hits=0)], T0 + 1)
+        assert (read.used, read.remaining) == (2, 1)
+
+
+# GCRA -------------------------------------------------------------------------------------------
+
+
+def g(limit: int = 10, hits: int = 1, *, key: str = "k") -> Hit:
+    """A GCRA hit with a 10 s window: `limit` 10 makes the emission interval 1 s."""
+    return hit(limit, hits, key=key, window_s=10, algorithm=GCRA)
+
+
+async def test_gcra_spreads_with_no_burst_at_the_window_edge(backend: CounterBackend) -> None:
+    t = T0 + 0.25  # T = 1 s
+    assert [await over(backend, g(), t) for _ in range(10)] == [False] * 10
+    assert not await over(backend, g(), t + 1.0)
+    assert await over(backend, g(), t + 1.0)
+
+
+async def test_gcra_debt_from_a_large_cost_blocks_until_repaid(backend: CounterBackend) -> None:
+    (charged,) = await backend.apply([g(hits=30)], T0)
+    assert charged.over_limit
+    assert charged.reset_s == pytest.approx(21.0)  # 30 s ahead, tolerance 10 s, interval 1 s
+    assert await over(backend, g(hits=0), T0 + 20.5)
+    assert not await over(backend, g(hits=0), T0 + 21.0)
+    assert not await over(backend, g(), T0 + 21.0)
+    assert await over(backend, g(), T0 + 21.0)
+
+
+async def test_gcra_zero_hits_reads_without_charging(backend: CounterBackend) -> None:
+    for _ in range(20):
+        (read,) = await backend.apply([g(hits=0)], T0)
+        assert (read.over_limit, read.remaining, read.used) == (False, 10, 0)
+
+
+async def test_gcra_limit_zero_is_always_over(backend: CounterBackend) -> None:
+    assert await over(backend, g(limit=0), T0)
+    assert await over(backend, g(limit=0, hits=0), T0)
+
+
+# Several hits, concurrency ----------------------------------------------------------------------
+
+
+async def test_hits_in_one_apply_are_independent(backend: CounterBackend) -> None:
+    batch = [
+        hit(2, key="per-user"),
+        hit(5, key="per-model"),
+        g(limit=3, key="tokens", hits=2),
+        hit(100, key="read-only", hits=0),
+    ]
+    rounds = [await backend.apply(batch, T0 + 1) for _ in range(3)]
+    assert [[o.over_limit for o in r] for r in rounds] == [
+        [False, False, False, False],
+        [False, False, True, False],
+        [True, False, True, False],
+    ]
+    assert [o.used for o in rounds[-1]] == [3, 3, 3, 0]
+
+
+@pytest.mark.parametrize("algorithm", [FIXED, GCRA])
+async def test_concurrent_applies_admit_exactly_the_limit(
+    backend: CounterBackend, algorithm: Algorithm
+) -> None:
+    h = hit(100, algorithm=algorithm)
+    outcomes = await asyncio.gather(*(backend.apply([h], T0 + 2.5) for _ in range(200)))
+    assert sum(not o.over_limit for (o,) in outcomes) == 100
+
+
+# Both backends agree ----------------------------------------------------------------------------
+
+
+async def test_redis_and_memory_give_identical_outcomes() -> None:
+    memory = MemoryBackend()
+    now = time.time()  # fractional epoch seconds, as the service passes them
+    batches = [
+        [hit(7, hits=i % 3, key="f"), g(limit=7, hits=i % 4, key="g"), g(limit=1000, key="fine")]
+        for i in range(40)
+    ]
+    async with shared_redis_backend() as redis_backend:
+        for i, batch in enumerate(batches):
+            at = now + i * 0.137
+            assert await redis_backend.apply(batch, at) == await memory.apply(batch, at)
+
+
+# Keeping state bounded ---------------------------------------------------------------------------
+
+
+async def test_redis_keys_are_named_by_prefix_and_expire() -> None:
+    prefix = f"arks:rl:test:{uuid.uuid4().hex}:"
+    async with shared_redis_backend(prefix) as redis_backend:
+        await redis_backend.apply([hit(5, key="fw"), g(limit=10, hits=3, key="cell")], T0 + 1)
+        admin = Redis.from_url(SHARED_REDIS)
+        try:
+            assert await admin.ttl(f"{prefix}fw_{int(T0)}") == 60  # envoyproxy: the window length
+            pttl = await admin.pttl(f"{prefix}cell_gcra")
+            assert 3000 < pttl <= 4000  # TAT 3 s ahead, plus a second
+        finally:
+            await admin.aclose()
+
+
+async def test_memory_backend_drops_expired_entries() -> None:
+    memory = MemoryBackend()
+    await memory.apply([hit(5, key=f"old{i}", window_s=10) for i in range(3000)], T0)
+    for i in range(3000):
+        await memory.apply([g(key=f"new{i}")], T0 + 100)
+    assert len(memory) <= 3000 + 1024  # the old windows went in a sweep
+
+
+# Outages of a private redis-server --------------------------------------------------------------
+
+
+class PrivateRedis:
+    """A throwaway redis-server on a free port: started, killed, paused by the test."""
+
+    def __init__(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--save", "", "--appendonly", "no"]  # nothing on disk
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.kill()
+                raise RuntimeError(f"redis-server did not start on port {self.port}")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a paused server must be able to die
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        self.proc = None
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not on PATH (install Debian's redis-server)")
+    server = PrivateRedis()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+OUTAGE_TIMEOUT_S = 0.3
+
+
+async def test_redis_down_raises_in_time_and_recovers(private_redis: PrivateRedis) -> None:
+    backend = RedisBackend(private_redis.url, timeout_s=OUTAGE_TIMEOUT_S)
+    try:
+        (first,) = await backend.apply([hit(10)], T0)
+        assert first.used == 1
+
+        private_redis.kill()
+        for _ in range(2):  # every call fails fast while it is down
+            started = time.monotonic()
+            with pytest.raises(BackendUnavailable) as info:
+                await backend.apply([hit(10)], T0)
+            assert time.monotonic() - started < OUTAGE_TIMEOUT_S + 0.2
+            assert info.value.__cause__ is not None
+
+        private_redis.start()  # same port, empty data, no cached script
+        (again,) = await backend.apply([hit(10)], T0)
+        assert (again.used, again.over_limit) == (1, False)
+
+        private_redis.kill()  # a restart between two calls leaves a dead pooled connection
+        private_redis.start()
+        (silent,) = await backend.apply([hit(10)], T0)
+        assert (silent.used, silent.over_limit) == (1, False)
+    finally:
+        await backend.close()
+
+
+async def test_stalled_redis_times_out_and_recovers(private_redis: PrivateRedis) -> None:
+    backend = RedisBackend(private_redis.url, timeout_s=OUTAGE_TIMEOUT_S)
+    try:
+        await backend.apply([hit(10)], T0)
+        private_redis.pause()
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable):
+            await backend.apply([hit(10)], T0)
+        assert time.monotonic() - started < OUTAGE_TIMEOUT_S + 0.2
+        private_redis.resume()
+        (after,) = await backend.apply([hit(10)], T0)
+        # The timed-out script was already sent, so Redis may still have run it once it resumed.
+        assert after.used in (2, 3)
+        assert not after.over_limit
+    finally:
+        await backend.close()

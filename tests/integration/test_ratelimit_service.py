@@ -1,0 +1,228 @@
+"""The rate-limit service as Envoy uses it: over gRPC directly, and behind real Envoy's filter."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2 as common
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from google.protobuf import wrappers_pb2
+
+from arks.procs import Supervisor, free_port, wait_http, wait_port
+from arks.stack import envoy_binary
+from tests.integration.conftest import wait_for
+
+CONFIG = """
+domain: {domain}
+descriptors:
+  - key: user
+    rate_limit: {{unit: minute, requests_per_unit: 3, name: per_user}}
+    descriptors:
+      - key: model
+        rate_limit: {{unit: hour, requests_per_unit: 100, name: per_model}}
+  - key: tokens
+    rate_limit: {{unit: minute, requests_per_unit: 1000, name: tpm, algorithm: gcra}}
+  - key: shadowed
+    shadow_mode: true
+    rate_limit: {{unit: minute, requests_per_unit: 1}}
+  - key: vip
+    rate_limit: {{unlimited: true}}
+"""
+
+OK = rls_pb2.RateLimitResponse.OK
+OVER = rls_pb2.RateLimitResponse.OVER_LIMIT
+
+
+def descriptor(*entries: tuple[str, str], hits: int | None = None) -> common.RateLimitDescriptor:
+    d = common.RateLimitDescriptor(entries=[common.RateLimitDescriptor.Entry(key=k, value=v) for k, v in entries])
+    if hits is not None:
+        d.hits_addend.CopyFrom(wrappers_pb2.UInt64Value(value=hits))
+    return d
+
+
+class Service:
+    def __init__(self, sup: Supervisor, tmp: Path, *extra: str) -> None:
+        self.domain = f"test-{uuid.uuid4().hex[:8]}"  # fresh counters per service, also in a shared Redis
+        config = tmp / f"{self.domain}.yaml"
+        config.write_text(CONFIG.format(domain=self.domain))
+        self.port, self.metrics_port = free_port(), free_port()
+        self.child = sup.python(
+            f"ratelimit-{self.domain}", "ratelimit", "--config", str(config),
+            "--grpc-address", f"127.0.0.1:{self.port}", "--metrics-port", str(self.metrics_port), *extra,
+        )
+        wait_http(self.child, f"http://127.0.0.1:{self.metrics_port}/metrics")
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.stub = rls_pb2_grpc.RateLimitServiceStub(self.channel)
+
+    def ask(self, *descriptors: common.RateLimitDescriptor, hits_addend: int = 0) -> rls_pb2.RateLimitResponse:
+        request = rls_pb2.RateLimitRequest(domain=self.domain, descriptors=descriptors, hits_addend=hits_addend)
+        return self.stub.ShouldRateLimit(request, timeout=5)
+
+    def metrics(self) -> str:
+        return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics").text
+
+
+@pytest.fixture(params=["memory", "redis"])
+def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Service]:
+    extra = ("--redis", "redis://127.0.0.1:6379/0") if request.param == "redis" else ()
+    with Supervisor(log_dir=tmp_path / "logs") as sup:
+        svc = Service(sup, tmp_path, *extra)
+        yield svc
+        svc.channel.close()
+
+
+def test_the_n_plus_first_request_is_over_limit_with_statuses(service: Service) -> None:
+    codes = [service.ask(descriptor(("user", "alice"))).overall_code for _ in range(4)]
+    assert codes == [OK, OK, OK, OVER]
+    last = service.ask(descriptor(("user", "alice")))
+    status = last.statuses[0]
+    assert status.code == OVER
+    assert (status.current_limit.requests_per_unit, status.current_limit.name) == (3, "per_user")
+    assert status.limit_remaining == 0 and 0 < status.duration_until_reset.seconds <= 60
+    headers = {h.key: h.value for h in last.response_headers_to_add}
+    assert 1 <= int(headers["retry-after"]) <= 60
+    assert json.loads(last.raw_body)["error"]["code"] == "rate_limit_exceeded"
+    assert service.ask(descriptor(("user", "bob"))).overall_code == OK  # counters are per value
+
+
+def test_nested_descriptors_and_unknown_keys(service: Service) -> None:
+    answer = service.ask(descriptor(("user", "carol"), ("model", "m")), descriptor(("nobody", "x")))
+    assert answer.overall_code == OK
+    assert answer.statuses[0].current_limit.name == "per_model" and answer.statuses[0].limit_remaining == 99
+    assert not answer.statuses[1].HasField("current_limit")
+
+
+def test_hits_addend_charges_costs_and_zero_only_looks(service: Service) -> None:
+    assert service.ask(descriptor(("tokens", "t"), hits=600)).overall_code == OK
+    looked = service.ask(descriptor(("tokens", "t"), hits=0))
+    assert looked.overall_code == OK and looked.statuses[0].limit_remaining == 400
+    assert service.ask(descriptor(("tokens", "t"), hits=600)).overall_code == OVER  # charged anyway: debt
+    assert service.ask(descriptor(("tokens", "t"), hits=0)).overall_code == OVER
+    # request-level hits_addend applies to descriptors without their own
+    assert service.ask(descriptor(("user", "dave")), hits_addend=3).statuses[0].limit_remaining == 0
+
+
+def test_envoys_limit_override(service: Service) -> None:
+    d = descriptor(("user", "erin"))
+    d.limit.CopyFrom(common.RateLimitDescriptor.RateLimitOverride(requests_per_unit=1, unit=rls_pb2.RateLimitResponse.RateLimit.SECOND))
+    assert [service.ask(d).overall_code for _ in range(2)] == [OK, OVER]
+
+
+def test_shadow_mode_and_unlimited(service: Service) -> None:
+    assert [service.ask(descriptor(("shadowed", "s"))).overall_code for _ in range(3)] == [OK, OK, OK]
+    assert all(service.ask(descriptor(("vip", "v"))).overall_code == OK for _ in range(10))
+    assert f'arks_ratelimit_shadow_mode_total{{domain="{service.domain}",key="{service.domain}.shadowed"}} 2.0' in service.metrics()
+
+
+# --- Redis going away --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[tuple[Supervisor, int]]:
+    port = free_port()
+    with Supervisor(log_dir=tmp_path / "redis") as sup:
+        yield sup, port
+
+
+def start_redis(sup: Supervisor, port: int) -> None:
+    child = sup.start(f"redis-{port}", ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"])
+    wait_port(child, port)
+
+
+@pytest.mark.parametrize("mode", ["fail-open", "fail-closed"])
+def test_redis_outage_follows_the_policy_and_counting_resumes(
+    own_redis: tuple[Supervisor, int], tmp_path: Path, mode: str
+) -> None:
+    sup, port = own_redis
+    start_redis(sup, port)
+    extra = ["--redis", f"redis://127.0.0.1:{port}/0", "--redis-timeout-s", "0.3"]
+    if mode == "fail-closed":
+        extra.append("--fail-closed")
+    svc = Service(sup, tmp_path, *extra)
+    try:
+        assert svc.ask(descriptor(("user", "x"))).overall_code == OK
+        sup.children[0].stop()  # Redis goes away
+        during = svc.ask(descriptor(("user", "x")))
+        assert during.overall_code == (OK if mode == "fail-open" else OVER)
+        assert svc.ask(descriptor(("nobody", "n"))).overall_code == OK  # unlimited needs no Redis
+        assert f'arks_ratelimit_backend_errors_total{{policy="{mode.replace("-", "_")}"}}' in svc.metrics()
+        start_redis(sup, port)  # back, empty
+        answer = wait_for(lambda: svc.ask(descriptor(("user", "x"))), lambda a: a.statuses[0].limit_remaining == 2)
+        assert answer.overall_code == OK
+    finally:
+        svc.channel.close()
+
+
+# --- behind real Envoy -------------------------------------------------------------------------
+
+
+def envoy_bootstrap(listen: int, admin: int, rls_port: int, engine_port: int, domain: str) -> dict:
+    h2 = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}}}}
+
+    def cluster(name: str, port: int, http2: bool = False) -> dict:
+        c = {"name": name, "type": "STATIC", "connect_timeout": "1s", "load_assignment": {"cluster_name": name, "endpoints": [
+            {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}}
+        if http2:
+            c["typed_extension_protocol_options"] = h2
+        return c
+
+    route = {"match": {"prefix": "/"}, "route": {"cluster": "engine", "rate_limits": [
+        {"actions": [{"request_headers": {"header_name": "x-user", "descriptor_key": "user"}}]}]}}
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "t",
+        "route_config": {"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [route]}]},
+        "http_filters": [
+            {"name": "envoy.filters.http.ratelimit", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+                "domain": domain, "failure_mode_deny": False, "timeout": "1s",
+                "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
+                "rate_limit_service": {"transport_api_version": "V3",
+                                       "grpc_service": {"envoy_grpc": {"cluster_name": "ratelimit"}}}}},
+            {"name": "envoy.filters.http.router", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+        ],
+    }
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {
+            "listeners": [{"name": "l", "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen}},
+                           "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}]}],
+            "clusters": [cluster("engine", engine_port), cluster("ratelimit", rls_port, http2=True)],
+        },
+    }
+
+
+def test_behind_envoy_the_client_gets_429_with_headers_and_an_openai_body(tmp_path: Path) -> None:
+    with Supervisor(log_dir=tmp_path / "logs") as sup:
+        svc = Service(sup, tmp_path)
+        engine_port = free_port()
+        engine = sup.python("engine", "arks.sim", "--port", str(engine_port), "--model", "m")
+        wait_http(engine, f"http://127.0.0.1:{engine_port}/health")
+        listen, admin = free_port(), free_port()
+        bootstrap = tmp_path / "envoy.json"
+        bootstrap.write_text(json.dumps(envoy_bootstrap(listen, admin, svc.port, engine_port, svc.domain)))
+        envoy = sup.start("envoy", [envoy_binary(), "-c", str(bootstrap), "--disable-hot-restart", "--log-level", "warning"])
+        wait_http(envoy, f"http://127.0.0.1:{admin}/ready")
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        answers = [
+            httpx.post(f"http://127.0.0.1:{listen}/v1/chat/completions", json=body, headers={"x-user": "alice"})
+            for _ in range(4)
+        ]
+        svc.channel.close()
+    assert [a.status_code for a in answers] == [200, 200, 200, 429]
+    assert answers[0].headers["ratelimit-remaining"] == "2"
+    assert answers[0].headers["x-ratelimit-remaining"] == "2"
+    limited = answers[3]
+    assert 1 <= int(limited.headers["retry-after"]) <= 60
+    assert limited.headers["x-ratelimit-limit"].startswith("3")
+    assert limited.headers["content-type"] == "application/json"
+    assert limited.json()["error"]["code"] == "rate_limit_exceeded"
