@@ -13,7 +13,7 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
     def __init__(self, limiter: Limiter) -> None:
         self.limiter = limiter
 
-    async def ShouldRateLimit(  # noqa: N802 (gRPC method name)
+    async def ShouldRateLimit(
         self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
     ) -> rls_pb2.RateLimitResponse:
         return codec.response(await self.limiter.decide(codec.request(request)))
