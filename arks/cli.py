@@ -70,8 +70,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     from arks.stack import LocalStack, StackSettings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.redis:
-        logging.getLogger("arks").info("Redis %s noted; counters stay in memory until rate limits land", args.redis)
     settings = StackSettings(
         policy=args.policy.resolve(),
         state_dir=args.state_dir.resolve(),
@@ -124,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8080, help="the OpenAI endpoint's port")
     up.add_argument("--admin-port", type=int, default=9901, help="Envoy's admin port")
     up.add_argument("--metrics-port", type=int, default=9101, help="the gateway's Prometheus port")
-    up.add_argument("--redis", metavar="URL", help="Redis for counters (default: in memory)")
+    up.add_argument("--redis", metavar="URL", help="Redis for rate-limit counters (default: in memory)")
     up.add_argument("--state-dir", type=Path, default=Path(".arks"), help="generated config and logs")
     up.add_argument("--no-sim", action="store_true", help="do not simulate the loopback backends")
     up.set_defaults(func=cmd_up)

@@ -111,6 +111,7 @@ class LocalStack:
                 "--policy", str(s.policy),
                 "--grpc-address", f"127.0.0.1:{extproc_port}",
                 "--metrics-port", str(s.metrics_port),
+                *(("--redis", s.redis) if s.redis else ()),
                 *s.extproc_args,
             )
             wait_http(extproc, self.metrics_url)

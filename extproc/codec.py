@@ -175,4 +175,12 @@ def finished(entry: accesslog_pb2.HTTPAccessLogEntry) -> Finished | None:
         request_body_bytes=entry.request.request_body_bytes,
         response_body_bytes=entry.response.response_body_bytes,
         interrupted=_interruption(common.response_flags),
+        limits=_limits(fields),
     )
+
+
+def _limits(fields: Any) -> dict[str, int]:
+    value = fields.get("limits")
+    if value is None or value.WhichOneof("kind") != "struct_value":
+        return {}
+    return {k: int(v.number_value) for k, v in value.struct_value.fields.items() if v.WhichOneof("kind") == "number_value"}

@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from arks.api import ArksToken
+from arks.api import ArksToken, Qos
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class Forward:
     body: bytes | None = None  # a rewritten body, when the request needed one
     prompt_estimate: int | None = None
     max_tokens: int | None = None
+    qos: Qos | None = None  # the token's grant for this model: its limits and quota
 
 
 Decision = Deny | Reply | ReadBody | Forward

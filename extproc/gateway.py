@@ -12,6 +12,7 @@ from arks.policy import Policy
 from arks.tokens import count_prompt
 from extproc.auth import authenticate
 from extproc.decision import Decision, Deny, Forward, Identity, ReadBody, Reply, bad_request
+from extproc.qos import token_limits
 from extproc.request import CREDENTIAL_HEADERS, INFERENCE_PATHS, MODELS_PATH, BodyFacts, RequestInfo
 
 METADATA_NAMESPACE = "io.arks"
@@ -76,7 +77,8 @@ def admit(req: RequestInfo, facts: BodyFacts, token: ArksToken, policy: Policy, 
     namespace = token.key.namespace
     if policy.endpoint(namespace, model) is None:
         return Deny(404, "model_not_found", f"The model {model!r} does not exist.")
-    if token.grants(model) is None:
+    qos = token.grants(model)
+    if qos is None:
         return Deny(403, "model_not_allowed", f"This API key may not use the model {model!r}.", type="permission_denied")
 
     # A streamed answer carries usage only when asked; ask for it unless the client said no.
@@ -90,6 +92,8 @@ def admit(req: RequestInfo, facts: BodyFacts, token: ArksToken, policy: Policy, 
     }
     if needs_usage_option and body is None:
         metadata["add_usage_option"] = True
+    if limits := token_limits(qos):
+        metadata["limits"] = limits
     new_body = None
     prompt_estimate = None
     if body is not None:
@@ -116,6 +120,7 @@ def admit(req: RequestInfo, facts: BodyFacts, token: ArksToken, policy: Policy, 
         body=new_body,
         prompt_estimate=prompt_estimate,
         max_tokens=_count(facts.max_tokens),
+        qos=qos,
     )
 
 

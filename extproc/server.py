@@ -23,6 +23,10 @@ from extproc.inflight import InFlight
 from extproc.ledger import MemoryLedger
 from extproc.metrics import GatewayMetrics
 from extproc.servicer import AccessLogReceiver, Context, ExternalProcessor
+from ratelimit.backends import MemoryBackend, RedisBackend
+from ratelimit.config import RateLimitConfig
+from ratelimit.limiter import Limiter, Policy
+from ratelimit.metrics import RateLimitMetrics
 
 log = logging.getLogger("extproc")
 
@@ -34,6 +38,8 @@ class Settings:
     metrics_port: int = 9101
     metrics_address: str = "127.0.0.1"
     log_level: str = "INFO"
+    redis: str | None = None  # counters for rate limits; None keeps them in this process
+    fail_closed: bool = False  # refuse rate-limited requests while Redis is unreachable
     # Longer than the longest answer (Envoy's route timeout) plus the access log's flush delay.
     usage_settle_timeout_s: float = 630.0
 
@@ -45,6 +51,8 @@ class Settings:
         parser.add_argument("--metrics-port", type=int, default=cls.metrics_port)
         parser.add_argument("--metrics-address", default=cls.metrics_address)
         parser.add_argument("--log-level", default=cls.log_level)
+        parser.add_argument("--redis", metavar="URL", help="Redis for rate-limit counters (default: in memory)")
+        parser.add_argument("--fail-closed", action="store_true", help="refuse limited requests while Redis is down")
         parser.add_argument(
             "--usage-settle-timeout-s", type=float, default=cls.usage_settle_timeout_s,
             help="charge an admitted request's estimate when its usage has not arrived after this long",
@@ -60,6 +68,13 @@ async def serve(settings: Settings) -> None:
         ledger=MemoryLedger(),
         metrics=metrics,
         inflight=InFlight(max_age=settings.usage_settle_timeout_s),
+        limiter=Limiter(
+            config=RateLimitConfig,  # tokens' limits come as overrides; nothing is configured
+            backend=RedisBackend(settings.redis) if settings.redis else MemoryBackend(),
+            metrics=RateLimitMetrics.create(metrics.registry),
+            clock=time.time,
+            policy=Policy(fail_open=not settings.fail_closed),
+        ),
         now=lambda: datetime.now(UTC),
         monotonic=time.monotonic,
     )

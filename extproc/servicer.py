@@ -12,20 +12,22 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import grpc
+import orjson
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from arks.api import ArksToken
 from arks.policy import PolicySource
-from extproc import codec
-from extproc.decision import Decision, Deny, Forward, ReadBody, Reply
+from extproc import codec, qos
+from extproc.decision import Decision, Deny, Forward, Identity, ReadBody, Reply
 from extproc.gateway import decide_body, decide_headers
 from extproc.inflight import Admitted, InFlight
 from extproc.ledger import Ledger
 from extproc.metrics import GatewayMetrics
 from extproc.request import RequestInfo
 from extproc.usage import Usage, usage_of
+from ratelimit.limiter import Limiter
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ class Context:
     ledger: Ledger
     metrics: GatewayMetrics
     inflight: InFlight
+    limiter: Limiter
     now: Callable[[], datetime]
     monotonic: Callable[[], float]
 
@@ -63,6 +66,20 @@ class RequestProcessor:
         self.info: RequestInfo | None = None
         self.token: ArksToken | None = None
 
+    async def _limit(self, decision: Decision) -> Decision:
+        """The token's rate limits for this model, counted in the limiter's store."""
+        if not isinstance(decision, Forward):
+            return decision
+        request = qos.admission(decision.identity, decision.qos)
+        if request is None:
+            return decision
+        answer = await self.ctx.limiter.decide(request)
+        if not answer.over_limit:
+            return decision
+        message = orjson.loads(answer.body)["error"]["message"] if answer.body else "Rate limit reached."
+        headers = tuple((k, v) for k, v in answer.headers if k != "content-type")
+        return Deny(429, "rate_limit_exceeded", message, type="rate_limit_error", headers=headers)
+
     def _encode(self, decision: Decision, phase: str) -> ep.ProcessingResponse:
         match decision:
             case Forward():
@@ -86,16 +103,17 @@ class RequestProcessor:
                 self.token = decision.token
                 return codec.read_body(decision)
 
-    def handle(self, message: ep.ProcessingRequest) -> ep.ProcessingResponse:
+    async def handle(self, message: ep.ProcessingRequest) -> ep.ProcessingResponse:
         kind = message.WhichOneof("request")
         if kind == "request_headers":
             self.info = codec.request_info(message.request_headers, message.metadata_context)
-            return self._encode(decide_headers(self.info, self.ctx.policy.current(), self.ctx.now()), "headers")
+            decision = decide_headers(self.info, self.ctx.policy.current(), self.ctx.now())
+            return self._encode(await self._limit(decision), "headers")
         if kind == "request_body" and self.info is not None and self.token is not None:
             decision = decide_body(self.info, message.request_body.body, self.token, self.ctx.policy.current())
             if isinstance(decision, ReadBody):  # cannot happen with a parsed body; never loop
                 decision = Deny(400, "invalid_request_error", "The request body could not be processed.")
-            return self._encode(decision, "body")
+            return self._encode(await self._limit(decision), "body")
         # Anything else means Envoy sends more than we asked for: let it pass unchanged.
         log.warning("unexpected ext_proc message %s; passing it through", kind)
         return _pass_through(kind)
@@ -120,7 +138,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc
     ) -> AsyncIterator[ep.ProcessingResponse]:
         processor = RequestProcessor(self.ctx)
         async for message in request_iterator:
-            yield processor.handle(message)
+            yield await processor.handle(message)
 
 
 class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
@@ -129,7 +147,7 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 
-    def record(self, message: als_pb2.StreamAccessLogsMessage) -> None:
+    async def record(self, message: als_pb2.StreamAccessLogsMessage) -> None:
         metrics = self.ctx.metrics
         for entry in message.http_logs.log_entry:
             metrics.access_log_entries.inc()
@@ -142,10 +160,14 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
                 metrics.requests.labels(done.namespace, done.user, done.model, str(done.status)).inc()
                 continue
             self.ctx.charge(usage, done.status)
+            identity = Identity(done.namespace, done.user, done.model)
+            settle = qos.settlement(identity, done.limits, usage.total_tokens)
+            if settle is not None:
+                await self.ctx.limiter.decide(settle)  # the answer is in: its cost counts, over or not
 
     async def StreamAccessLogs(
         self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: grpc.aio.ServicerContext
     ) -> als_pb2.StreamAccessLogsResponse:
         async for message in request_iterator:
-            self.record(message)
+            await self.record(message)
         return als_pb2.StreamAccessLogsResponse()

@@ -8,7 +8,8 @@ estimated with tiktoken (or from the body size) and the completion from the byte
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 # A streamed chunk as vLLM sends it, without the token text; its length calibrates the estimate.
 _CHAT_CHUNK = (
@@ -44,6 +45,7 @@ class Finished:
     request_body_bytes: int
     response_body_bytes: int
     interrupted: str | None = None  # "client_disconnected", "upstream_reset", …
+    limits: Mapping[str, int] = field(default_factory=dict)  # token budgets to charge (tpm, tpd)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ read usage from the gateway's metrics, as an operator would.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -126,12 +127,12 @@ def base_policy(ports: dict[str, int]) -> list[dict]:
     ]
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("stack")
+@contextlib.contextmanager
+def running_stack(tmp: Path, extra_documents: list[dict] = (), redis: str | None = None) -> Iterator[Stack]:
+    """Two simulated engines, the base policy plus `extra_documents`, and the local stack."""
     ports = {"a": free_port(), "b": free_port(), "down": free_port()}  # nothing listens on "down"
     policy_path = tmp / "policy.yaml"
-    documents = base_policy(ports)
+    documents = [*base_policy(ports), *extra_documents]
     policy_path.write_text(yaml.safe_dump_all(documents))
     with Supervisor(log_dir=tmp / "logs") as sims:
         for name, model in (("a", "model-a"), ("b", "model-b")):
@@ -139,7 +140,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             wait_http(child, f"http://127.0.0.1:{ports[name]}/health")
         settings = StackSettings(
             policy=policy_path, state_dir=tmp / "state", port=free_port(), admin_port=free_port(),
-            metrics_port=free_port(), simulate=False,
+            metrics_port=free_port(), simulate=False, redis=redis,
         )
         with LocalStack(settings) as local:
             yield Stack(local, policy_path, documents, ports)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with running_stack(tmp_path_factory.mktemp("stack")) as running:
+        yield running

@@ -20,6 +20,10 @@ from extproc.inflight import InFlight
 from extproc.ledger import MemoryLedger, Totals
 from extproc.metrics import GatewayMetrics
 from extproc.servicer import AccessLogReceiver, Context, RequestProcessor
+from ratelimit.backends import MemoryBackend
+from ratelimit.config import RateLimitConfig
+from ratelimit.limiter import Limiter
+from ratelimit.metrics import RateLimitMetrics
 from tests import objects
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
@@ -56,6 +60,7 @@ def ctx(clock: FakeClock) -> Context:
         ledger=MemoryLedger(),
         metrics=GatewayMetrics.create(),
         inflight=InFlight(MAX_AGE),
+        limiter=Limiter(RateLimitConfig, MemoryBackend(), RateLimitMetrics.create(), clock=lambda: 1e9),
         now=lambda: NOW,
         monotonic=clock,
     )
@@ -101,8 +106,8 @@ def sample(ctx: Context, name: str, labels: dict[str, str] | None = None) -> flo
 # --- ext_proc: one processor per request ------------------------------------------------------
 
 
-def test_admitted_request_is_noted_with_its_max_tokens(ctx: Context) -> None:
-    response = RequestProcessor(ctx).handle(
+async def test_admitted_request_is_noted_with_its_max_tokens(ctx: Context) -> None:
+    response = await RequestProcessor(ctx).handle(
         headers_message({"model": "qwen", "stream": False, "max_tokens": 64})
     )
 
@@ -115,13 +120,13 @@ def test_admitted_request_is_noted_with_its_max_tokens(ctx: Context) -> None:
     )
 
 
-def test_body_phase_admission_keeps_the_body_max_tokens(ctx: Context) -> None:
+async def test_body_phase_admission_keeps_the_body_max_tokens(ctx: Context) -> None:
     processor = RequestProcessor(ctx)
-    asked = processor.handle(headers_message(None))
+    asked = await processor.handle(headers_message(None))
     assert asked.HasField("mode_override")
 
     body = {"model": "qwen", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
-    response = processor.handle(body_message(body))
+    response = await processor.handle(body_message(body))
 
     assert response.WhichOneof("response") == "request_body"
     (entry,) = ctx.inflight.expire(ctx.monotonic() + MAX_AGE + 1)
@@ -129,8 +134,8 @@ def test_body_phase_admission_keeps_the_body_max_tokens(ctx: Context) -> None:
     assert entry.max_tokens == 64  # what a lost access-log entry would be charged
 
 
-def test_denials_are_counted_by_status_and_code(ctx: Context) -> None:
-    response = RequestProcessor(ctx).handle(headers_message({"model": "qwen"}, token="sk-mallory"))
+async def test_denials_are_counted_by_status_and_code(ctx: Context) -> None:
+    response = await RequestProcessor(ctx).handle(headers_message({"model": "qwen"}, token="sk-mallory"))
 
     assert response.immediate_response.status.code == 401
     assert (
@@ -139,11 +144,11 @@ def test_denials_are_counted_by_status_and_code(ctx: Context) -> None:
     assert len(ctx.inflight) == 0
 
 
-def test_unexpected_messages_pass_through(ctx: Context) -> None:
+async def test_unexpected_messages_pass_through(ctx: Context) -> None:
     processor = RequestProcessor(ctx)
 
-    body_first = processor.handle(body_message({"model": "qwen"}))
-    response_headers = processor.handle(ep.ProcessingRequest(response_headers=ep.HttpHeaders()))
+    body_first = await processor.handle(body_message({"model": "qwen"}))
+    response_headers = await processor.handle(ep.ProcessingRequest(response_headers=ep.HttpHeaders()))
 
     assert body_first.WhichOneof("response") == "request_body"
     assert not body_first.request_body.HasField("response")
@@ -170,10 +175,10 @@ def log_message(status: int, **arks: Any) -> als_pb2.StreamAccessLogsMessage:
     return message
 
 
-def test_access_log_entry_charges_and_strikes_off_the_request(ctx: Context) -> None:
-    RequestProcessor(ctx).handle(headers_message({"model": "qwen", "stream": False}))
+async def test_access_log_entry_charges_and_strikes_off_the_request(ctx: Context) -> None:
+    await RequestProcessor(ctx).handle(headers_message({"model": "qwen", "stream": False}))
 
-    AccessLogReceiver(ctx).record(log_message(200, prompt_tokens=12, completion_tokens=34))
+    await AccessLogReceiver(ctx).record(log_message(200, prompt_tokens=12, completion_tokens=34))
 
     assert isinstance(ctx.ledger, MemoryLedger)
     assert ctx.ledger.totals[("default", "alice", "qwen")] == Totals(1, 12, 34, 0)
@@ -181,8 +186,8 @@ def test_access_log_entry_charges_and_strikes_off_the_request(ctx: Context) -> N
     assert ctx.expire_unreported() == 0
 
 
-def test_error_answers_are_counted_but_not_charged(ctx: Context) -> None:
-    AccessLogReceiver(ctx).record(log_message(500))
+async def test_error_answers_are_counted_but_not_charged(ctx: Context) -> None:
+    await AccessLogReceiver(ctx).record(log_message(500))
 
     assert isinstance(ctx.ledger, MemoryLedger)
     assert ctx.ledger.totals == {}
@@ -190,10 +195,10 @@ def test_error_answers_are_counted_but_not_charged(ctx: Context) -> None:
     assert sample(ctx, "arks_requests_total", labels) == 1
 
 
-def test_request_without_an_access_log_entry_is_charged_its_estimate(
+async def test_request_without_an_access_log_entry_is_charged_its_estimate(
     ctx: Context, clock: FakeClock
 ) -> None:
-    RequestProcessor(ctx).handle(
+    await RequestProcessor(ctx).handle(
         headers_message({"model": "qwen", "stream": False, "max_tokens": 64})
     )
 

@@ -1,0 +1,122 @@
+"""An ArksToken's rate limits, enforced by the gateway through real Envoy: rpm, rpd, tpm, tpd."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from arks.api import parse_token, token_digest
+from extproc import qos
+from extproc.decision import Identity
+from ratelimit.backends import MemoryBackend, RedisBackend
+from ratelimit.config import RateLimitConfig
+from ratelimit.limiter import Limiter
+from ratelimit.metrics import RateLimitMetrics
+from tests.integration.conftest import Stack, running_stack
+from tests.objects import token
+
+RPM_TOKEN = "sk-arks-test-rpm-1b2c3d"
+TPM_TOKEN = "sk-arks-test-tpm-4e5f6a"
+MESSAGES = [{"role": "user", "content": "Count to three."}]
+
+
+def limited(user: str, secret: str, **limits: int) -> dict:
+    doc = token(user, ["model-a", "model-b"], tokenHash=token_digest(secret))
+    for grant in doc["spec"]["qos"]:
+        grant["rateLimits"] = [{"type": kind, "value": value} for kind, value in limits.items()]
+    return doc
+
+
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def qos_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    redis = "redis://127.0.0.1:6379/0" if request.param == "redis" else None
+    # Fresh user names per run: counters in the shared Redis outlive a test run.
+    suffix = uuid.uuid4().hex[:6]
+    documents = [limited(f"rpm-{suffix}", RPM_TOKEN, rpm=3), limited(f"tpm-{suffix}", TPM_TOKEN, tpm=400)]
+    with running_stack(tmp_path_factory.mktemp("qos"), documents, redis=redis) as running:
+        running.suffix = suffix  # type: ignore[attr-defined]
+        yield running
+
+
+def test_the_request_over_rpm_gets_429_with_retry_after_and_headers(qos_stack: Stack) -> None:
+    client = qos_stack.client(RPM_TOKEN)
+    for _ in range(3):
+        client.chat.completions.create(model="model-a", messages=MESSAGES)
+    with pytest.raises(openai.RateLimitError) as limited_error:
+        client.chat.completions.create(model="model-a", messages=MESSAGES)
+    response = limited_error.value.response
+    assert limited_error.value.code == "rate_limit_exceeded"
+    assert 1 <= int(response.headers["retry-after"]) <= 60
+    assert response.headers["ratelimit-remaining"] == "0"
+    assert response.headers["ratelimit-limit"].startswith("3")
+    # per model: the same token still has its budget on another model
+    client.chat.completions.create(model="model-b", messages=MESSAGES)
+
+
+def test_tpm_is_charged_the_engine_reported_tokens_of_streamed_answers(qos_stack: Stack) -> None:
+    user = f"tpm-{qos_stack.suffix}"  # type: ignore[attr-defined]
+    client = qos_stack.client(TPM_TOKEN)
+    key = {"domain": "arks", "key": "arks.tpm"}
+    before_hits = qos_stack.metric("arks_ratelimit_hits_total", **key)
+    before = qos_stack.usage(user, "model-a")
+    usage = None
+    for chunk in client.chat.completions.create(
+        model="model-a", messages=MESSAGES, stream=True, extra_headers={"x-sim-output-tokens": "150"}
+    ):
+        usage = chunk.usage or usage
+    assert usage is not None
+    qos_stack.wait_usage(user, "model-a", before)
+    charged = qos_stack.metric("arks_ratelimit_hits_total", **key) - before_hits
+    # the admission check counts 0; the settlement counts exactly what the engine reported
+    assert charged == usage.total_tokens
+    # two more answers of ~160 tokens: 480 > 400; the third answer's check finds the budget spent
+    for _ in range(2):
+        list(client.chat.completions.create(
+            model="model-a", messages=MESSAGES, stream=True, extra_headers={"x-sim-output-tokens": "150"}))
+        qos_stack.usage(user, "model-a")  # settled
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="model-a", messages=MESSAGES)
+
+
+# --- the limits with a controlled clock (the limiter as extproc uses it) -----------------------
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def limiter_and_clock(request: pytest.FixtureRequest) -> Iterator[tuple[Limiter, list[float]]]:
+    now = [1_800_000_000.0]  # a fixed instant, moved by the test
+    backend = (
+        RedisBackend("redis://127.0.0.1:6379/0", prefix=f"arks:test:{uuid.uuid4().hex}:")
+        if request.param == "redis" else MemoryBackend()
+    )
+    yield Limiter(RateLimitConfig, backend, RateLimitMetrics.create(), clock=lambda: now[0]), now
+    await backend.close()
+
+
+async def test_rpd_allows_the_days_budget_then_resets_at_midnight_utc(limiter_and_clock) -> None:  # type: ignore[no-untyped-def]
+    limiter, now = limiter_and_clock
+    identity = Identity("default", "dora", "model-a")
+    parsed = parse_token(limited("dora", "x", rpd=5)).qos[0]
+    day_start = now[0] // 86400 * 86400
+    now[0] = day_start + 3600  # 01:00 UTC
+    results = [(await limiter.decide(qos.admission(identity, parsed))).over_limit for _ in range(6)]
+    assert results == [False] * 5 + [True]
+    now[0] = day_start + 86400 - 1  # 23:59:59, same day
+    assert (await limiter.decide(qos.admission(identity, parsed))).over_limit
+    now[0] = day_start + 86400  # midnight: a new day
+    assert not (await limiter.decide(qos.admission(identity, parsed))).over_limit
+
+
+async def test_tpd_counts_settled_tokens_across_the_day(limiter_and_clock) -> None:  # type: ignore[no-untyped-def]
+    limiter, now = limiter_and_clock
+    grant = parse_token(limited("erik", "x", tpd=1000)).qos[0]
+    identity = Identity("default", "erik", "model-a")
+    assert not (await limiter.decide(qos.admission(identity, grant))).over_limit
+    await limiter.decide(qos.settlement(identity, qos.token_limits(grant), 999))
+    assert not (await limiter.decide(qos.admission(identity, grant))).over_limit  # 999 ≤ 1000
+    await limiter.decide(qos.settlement(identity, qos.token_limits(grant), 2))
+    assert (await limiter.decide(qos.admission(identity, grant))).over_limit
+    now[0] += 86400
+    assert not (await limiter.decide(qos.admission(identity, grant))).over_limit
