@@ -112,6 +112,7 @@ class LocalStack:
                 "--grpc-address", f"127.0.0.1:{extproc_port}",
                 "--metrics-port", str(s.metrics_port),
                 *(("--redis", s.redis) if s.redis else ()),
+                "--state-file", str(s.state_dir / "quota-state.json"),
                 *s.extproc_args,
             )
             wait_http(extproc, self.metrics_url)

@@ -11,6 +11,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import json_format, struct_pb2
 
+from extproc.admission import Reservation
 from extproc.decision import Deny, Forward, ReadBody, Reply
 from extproc.gateway import METADATA_NAMESPACE
 from extproc.request import BodyFacts, RequestInfo
@@ -46,7 +47,7 @@ def _text(header: base_pb2.HeaderValue) -> str:
     return header.raw_value.decode("utf-8", "replace") if header.raw_value else str(header.value)
 
 
-_KEPT_HEADERS = frozenset({"authorization", "x-api-key", "x-request-id"})
+_KEPT_HEADERS = frozenset({"authorization", "x-api-key", "x-request-id", "content-length"})
 
 
 def request_info(headers: ep.HttpHeaders, metadata: base_pb2.Metadata) -> RequestInfo:
@@ -176,6 +177,7 @@ def finished(entry: accesslog_pb2.HTTPAccessLogEntry) -> Finished | None:
         response_body_bytes=entry.response.response_body_bytes,
         interrupted=_interruption(common.response_flags),
         limits=_limits(fields),
+        reservation=Reservation.from_metadata({k: _struct_value(v) for k, v in fields.items()}),
     )
 
 

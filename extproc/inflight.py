@@ -9,10 +9,15 @@ the difference between that estimate and the real usage, never the whole request
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from extproc.decision import Identity
 from extproc.usage import Usage
+
+if TYPE_CHECKING:
+    from extproc.admission import Reservation
 
 
 @dataclass(frozen=True)
@@ -22,6 +27,8 @@ class Admitted:
     prompt_estimate: int | None
     max_tokens: int | None
     at: float  # monotonic seconds
+    reservation: Reservation | None = None
+    limits: Mapping[str, int] = field(default_factory=dict)
 
     def usage(self) -> Usage:
         ident = self.identity

@@ -19,11 +19,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import disable_created_metrics, start_http_server
 
 from arks.policy import FilePolicySource
+from extproc.admission import Admission
+from extproc.durability import QuotaSnapshots
 from extproc.inflight import InFlight
 from extproc.ledger import MemoryLedger
 from extproc.metrics import GatewayMetrics
 from extproc.servicer import AccessLogReceiver, Context, ExternalProcessor
 from ratelimit.backends import MemoryBackend, RedisBackend
+from ratelimit.budgets import MemoryBudgets, RedisBudgets
 from ratelimit.config import RateLimitConfig
 from ratelimit.limiter import Limiter, Policy
 from ratelimit.metrics import RateLimitMetrics
@@ -40,6 +43,9 @@ class Settings:
     log_level: str = "INFO"
     redis: str | None = None  # counters for rate limits; None keeps them in this process
     fail_closed: bool = False  # refuse rate-limited requests while Redis is unreachable
+    quota_default_max_tokens: int = 1024  # reserved when a request sets no max_tokens
+    state_file: Path | None = None  # quota usage snapshots (local mode's durable copy)
+    snapshot_interval_s: float = 5.0
     # Longer than the longest answer (Envoy's route timeout) plus the access log's flush delay.
     usage_settle_timeout_s: float = 630.0
 
@@ -53,6 +59,10 @@ class Settings:
         parser.add_argument("--log-level", default=cls.log_level)
         parser.add_argument("--redis", metavar="URL", help="Redis for rate-limit counters (default: in memory)")
         parser.add_argument("--fail-closed", action="store_true", help="refuse limited requests while Redis is down")
+        parser.add_argument("--quota-default-max-tokens", type=int, default=cls.quota_default_max_tokens,
+                            help="completion tokens reserved against a quota when the request sets no max_tokens")
+        parser.add_argument("--state-file", type=Path, help="where quota usage is snapshotted and restored from")
+        parser.add_argument("--snapshot-interval-s", type=float, default=cls.snapshot_interval_s)
         parser.add_argument(
             "--usage-settle-timeout-s", type=float, default=cls.usage_settle_timeout_s,
             help="charge an admitted request's estimate when its usage has not arrived after this long",
@@ -62,18 +72,27 @@ class Settings:
 
 async def serve(settings: Settings) -> None:
     source = FilePolicySource(settings.policy)
+    budgets = RedisBudgets(settings.redis) if settings.redis else MemoryBudgets()
+    snapshots = QuotaSnapshots(budgets, source, settings.state_file, time.time)
     metrics = GatewayMetrics.create()
     ctx = Context(
         policy=source,
         ledger=MemoryLedger(),
         metrics=metrics,
         inflight=InFlight(max_age=settings.usage_settle_timeout_s),
-        limiter=Limiter(
-            config=RateLimitConfig,  # tokens' limits come as overrides; nothing is configured
-            backend=RedisBackend(settings.redis) if settings.redis else MemoryBackend(),
-            metrics=RateLimitMetrics.create(metrics.registry),
+        admission=Admission(
+            limiter=Limiter(
+                config=RateLimitConfig,  # tokens' limits come as overrides; nothing is configured
+                backend=RedisBackend(settings.redis) if settings.redis else MemoryBackend(),
+                metrics=RateLimitMetrics.create(metrics.registry),
+                clock=time.time,
+                policy=Policy(fail_open=not settings.fail_closed),
+            ),
+            budgets=budgets,
+            policy=source,
             clock=time.time,
-            policy=Policy(fail_open=not settings.fail_closed),
+            lease_ttl_s=settings.usage_settle_timeout_s,
+            default_max_tokens=settings.quota_default_max_tokens,
         ),
         now=lambda: datetime.now(UTC),
         monotonic=time.monotonic,
@@ -92,14 +111,18 @@ async def serve(settings: Settings) -> None:
     log.info("extproc serving gRPC on %s, metrics on %s:%d", settings.grpc_address, settings.metrics_address, settings.metrics_port)
 
     async def housekeeping() -> None:
+        last_snapshot = 0.0
         while True:
             await asyncio.sleep(source.interval)
             try:
                 if source.reload_if_changed():
                     metrics.policy_reloads.inc()
-                if lost := ctx.expire_unreported():
+                if lost := await ctx.expire_unreported():
                     log.warning("%d admitted requests had no access-log entry; charged their estimate", lost)
-            except Exception:  # this loop must outlive any one bad turn
+                if time.monotonic() - last_snapshot >= settings.snapshot_interval_s:
+                    last_snapshot = time.monotonic()
+                    await snapshots.turn()
+            except Exception:  # this loop must outlive any one bad turn (Redis away, disk full …)
                 log.exception("housekeeping failed; retrying")
 
     stop = asyncio.Event()

@@ -12,22 +12,21 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import grpc
-import orjson
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from arks.api import ArksToken
 from arks.policy import PolicySource
-from extproc import codec, qos
+from extproc import codec
+from extproc.admission import Admission, Reservation
 from extproc.decision import Decision, Deny, Forward, Identity, ReadBody, Reply
-from extproc.gateway import decide_body, decide_headers
+from extproc.gateway import METADATA_NAMESPACE, decide_body, decide_headers
 from extproc.inflight import Admitted, InFlight
 from extproc.ledger import Ledger
 from extproc.metrics import GatewayMetrics
 from extproc.request import RequestInfo
 from extproc.usage import Usage, usage_of
-from ratelimit.limiter import Limiter
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +39,7 @@ class Context:
     ledger: Ledger
     metrics: GatewayMetrics
     inflight: InFlight
-    limiter: Limiter
+    admission: Admission
     now: Callable[[], datetime]
     monotonic: Callable[[], float]
 
@@ -48,13 +47,17 @@ class Context:
         self.ledger.charge(usage)
         self.metrics.charge(usage, status)
 
-    def expire_unreported(self) -> int:
+    async def expire_unreported(self) -> int:
         """Charge the admitted requests whose access-log entry never came; how many there were."""
         lost = self.inflight.expire(self.monotonic())
         for entry in lost:
             usage = entry.usage()
             self.metrics.unreported.labels(usage.namespace, usage.user, usage.model).inc()
             self.charge(usage, 0)
+            await self.admission.settle(
+                entry.request_id, entry.identity, entry.reservation, entry.limits,
+                usage.prompt_tokens, usage.completion_tokens,
+            )
         return len(lost)
 
 
@@ -66,24 +69,11 @@ class RequestProcessor:
         self.info: RequestInfo | None = None
         self.token: ArksToken | None = None
 
-    async def _limit(self, decision: Decision) -> Decision:
-        """The token's rate limits for this model, counted in the limiter's store."""
-        if not isinstance(decision, Forward):
-            return decision
-        request = qos.admission(decision.identity, decision.qos)
-        if request is None:
-            return decision
-        answer = await self.ctx.limiter.decide(request)
-        if not answer.over_limit:
-            return decision
-        message = orjson.loads(answer.body)["error"]["message"] if answer.body else "Rate limit reached."
-        headers = tuple((k, v) for k, v in answer.headers if k != "content-type")
-        return Deny(429, "rate_limit_exceeded", message, type="rate_limit_error", headers=headers)
-
     def _encode(self, decision: Decision, phase: str) -> ep.ProcessingResponse:
         match decision:
             case Forward():
                 assert self.info is not None
+                ours = decision.metadata[METADATA_NAMESPACE]
                 self.ctx.inflight.admit(
                     Admitted(
                         self.info.request_id,
@@ -91,6 +81,8 @@ class RequestProcessor:
                         decision.prompt_estimate,
                         decision.max_tokens,
                         self.ctx.monotonic(),
+                        reservation=Reservation.from_metadata(ours),
+                        limits=ours.get("limits", {}),
                     )
                 )
                 return codec.forward_headers(decision) if phase == "headers" else codec.forward_body(decision)
@@ -108,12 +100,12 @@ class RequestProcessor:
         if kind == "request_headers":
             self.info = codec.request_info(message.request_headers, message.metadata_context)
             decision = decide_headers(self.info, self.ctx.policy.current(), self.ctx.now())
-            return self._encode(await self._limit(decision), "headers")
+            return self._encode(await self.ctx.admission.admit(self.info, decision), "headers")
         if kind == "request_body" and self.info is not None and self.token is not None:
             decision = decide_body(self.info, message.request_body.body, self.token, self.ctx.policy.current())
             if isinstance(decision, ReadBody):  # cannot happen with a parsed body; never loop
                 decision = Deny(400, "invalid_request_error", "The request body could not be processed.")
-            return self._encode(await self._limit(decision), "body")
+            return self._encode(await self.ctx.admission.admit(self.info, decision), "body")
         # Anything else means Envoy sends more than we asked for: let it pass unchanged.
         log.warning("unexpected ext_proc message %s; passing it through", kind)
         return _pass_through(kind)
@@ -158,12 +150,12 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
             usage = usage_of(done)
             if usage is None:
                 metrics.requests.labels(done.namespace, done.user, done.model, str(done.status)).inc()
-                continue
-            self.ctx.charge(usage, done.status)
-            identity = Identity(done.namespace, done.user, done.model)
-            settle = qos.settlement(identity, done.limits, usage.total_tokens)
-            if settle is not None:
-                await self.ctx.limiter.decide(settle)  # the answer is in: its cost counts, over or not
+            else:
+                self.ctx.charge(usage, done.status)
+            await self.ctx.admission.settle(
+                done.request_id, Identity(done.namespace, done.user, done.model), done.reservation, done.limits,
+                usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
+            )
 
     async def StreamAccessLogs(
         self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: grpc.aio.ServicerContext

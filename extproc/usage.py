@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 # A streamed chunk as vLLM sends it, without the token text; its length calibrates the estimate.
 _CHAT_CHUNK = (
@@ -46,6 +47,7 @@ class Finished:
     response_body_bytes: int
     interrupted: str | None = None  # "client_disconnected", "upstream_reset", …
     limits: Mapping[str, int] = field(default_factory=dict)  # token budgets to charge (tpm, tpd)
+    reservation: Any = None  # extproc.admission.Reservation: what admission took, to give back
 
 
 @dataclass(frozen=True)

@@ -128,9 +128,12 @@ def base_policy(ports: dict[str, int]) -> list[dict]:
 
 
 @contextlib.contextmanager
-def running_stack(tmp: Path, extra_documents: list[dict] = (), redis: str | None = None) -> Iterator[Stack]:
+def running_stack(
+    tmp: Path, extra_documents: list[dict] = (), redis: str | None = None, extproc_args: tuple[str, ...] = ()
+) -> Iterator[Stack]:
     """Two simulated engines, the base policy plus `extra_documents`, and the local stack."""
     ports = {"a": free_port(), "b": free_port(), "down": free_port()}  # nothing listens on "down"
+    tmp.mkdir(parents=True, exist_ok=True)
     policy_path = tmp / "policy.yaml"
     documents = [*base_policy(ports), *extra_documents]
     policy_path.write_text(yaml.safe_dump_all(documents))
@@ -141,6 +144,7 @@ def running_stack(tmp: Path, extra_documents: list[dict] = (), redis: str | None
         settings = StackSettings(
             policy=policy_path, state_dir=tmp / "state", port=free_port(), admin_port=free_port(),
             metrics_port=free_port(), simulate=False, redis=redis,
+            extproc_args=("--snapshot-interval-s", "0.5", *extproc_args),
         )
         with LocalStack(settings) as local:
             yield Stack(local, policy_path, documents, ports)

@@ -15,12 +15,14 @@ from google.protobuf import struct_pb2, wrappers_pb2
 
 from arks.api import token_digest
 from arks.policy import Policy, build_policy
+from extproc.admission import Admission
 from extproc.decision import Identity
 from extproc.inflight import InFlight
 from extproc.ledger import MemoryLedger, Totals
 from extproc.metrics import GatewayMetrics
 from extproc.servicer import AccessLogReceiver, Context, RequestProcessor
 from ratelimit.backends import MemoryBackend
+from ratelimit.budgets import MemoryBudgets
 from ratelimit.config import RateLimitConfig
 from ratelimit.limiter import Limiter
 from ratelimit.metrics import RateLimitMetrics
@@ -55,12 +57,18 @@ def clock() -> FakeClock:
 def ctx(clock: FakeClock) -> Context:
     alice = objects.token("alice", ["qwen"], tokenHash=token_digest("sk-alice"))
     qwen = objects.endpoint("qwen")
+    policy = StaticPolicy(build_policy([("token", alice), ("endpoint", qwen)]))
     return Context(
-        policy=StaticPolicy(build_policy([("token", alice), ("endpoint", qwen)])),
+        policy=policy,
         ledger=MemoryLedger(),
         metrics=GatewayMetrics.create(),
         inflight=InFlight(MAX_AGE),
-        limiter=Limiter(RateLimitConfig, MemoryBackend(), RateLimitMetrics.create(), clock=lambda: 1e9),
+        admission=Admission(
+            limiter=Limiter(RateLimitConfig, MemoryBackend(), RateLimitMetrics.create(), clock=lambda: 1e9),
+            budgets=MemoryBudgets(),
+            policy=policy,
+            clock=lambda: 1e9,
+        ),
         now=lambda: NOW,
         monotonic=clock,
     )
@@ -183,7 +191,7 @@ async def test_access_log_entry_charges_and_strikes_off_the_request(ctx: Context
     assert isinstance(ctx.ledger, MemoryLedger)
     assert ctx.ledger.totals[("default", "alice", "qwen")] == Totals(1, 12, 34, 0)
     assert len(ctx.inflight) == 0
-    assert ctx.expire_unreported() == 0
+    assert await ctx.expire_unreported() == 0
 
 
 async def test_error_answers_are_counted_but_not_charged(ctx: Context) -> None:
@@ -204,7 +212,7 @@ async def test_request_without_an_access_log_entry_is_charged_its_estimate(
 
     clock.now += MAX_AGE + 1
 
-    assert ctx.expire_unreported() == 1
+    assert await ctx.expire_unreported() == 1
     assert isinstance(ctx.ledger, MemoryLedger)
     assert ctx.ledger.totals[("default", "alice", "qwen")] == Totals(1, 0, 64, 1)
     assert (

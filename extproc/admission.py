@@ -1,0 +1,144 @@
+"""Admission control around a routing decision: the token's rate limits, its quota and its
+concurrency limit; and the settlement of all three when the answer ends.
+
+The decisions are pure (`qos.py`, `quota.py`); this module does their I/O, against the limiter's
+counter store and the budget store (memory locally, Redis when shared).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import orjson
+
+from arks.api import ObjectKey, Qos
+from arks.policy import PolicySource
+from extproc import qos, quota
+from extproc.decision import Decision, Deny, Forward, Identity
+from extproc.gateway import METADATA_NAMESPACE
+from extproc.request import RequestInfo
+from ratelimit.budgets import BudgetStore, Charge, Lease
+from ratelimit.limiter import Limiter
+
+BYTES_PER_TOKEN = 4
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """What an admission took, so that its settlement can give it back."""
+
+    admitted_at: float  # epoch seconds: the quota periods to settle into
+    quota: str | None = None
+    concurrency: bool = False
+
+    def metadata(self) -> dict[str, object]:
+        out: dict[str, object] = {"admitted_at": self.admitted_at}
+        if self.quota:
+            out["quota"] = self.quota
+        if self.concurrency:
+            out["concurrency"] = True
+        return out
+
+    @classmethod
+    def from_metadata(cls, fields: Mapping[str, object]) -> Reservation | None:
+        admitted_at = fields.get("admitted_at")
+        if not isinstance(admitted_at, int | float):
+            return None
+        name = fields.get("quota")
+        return cls(float(admitted_at), name if isinstance(name, str) else None, fields.get("concurrency") is True)
+
+
+def _concurrency(grant: Qos | None) -> int | None:
+    for limit in grant.rate_limits if grant else ():
+        if limit.type == "concurrency":
+            return limit.value
+    return None
+
+
+@dataclass
+class Admission:
+    limiter: Limiter
+    budgets: BudgetStore
+    policy: PolicySource
+    clock: Callable[[], float]  # epoch seconds
+    lease_ttl_s: float = 630.0  # the longest answer, plus the access log's delay
+    default_max_tokens: int = 1024  # reserved for an answer whose request sets no max_tokens
+
+    async def admit(self, info: RequestInfo, decision: Decision) -> Decision:
+        if not isinstance(decision, Forward):
+            return decision
+        limited = await self._rate_limits(decision)
+        if limited is not None:
+            return limited
+        leases, reservation = self._leases(info, decision)
+        if leases:
+            taken = await self.budgets.admit(info.request_id, leases, self.lease_ttl_s, reservation.admitted_at)
+            if not taken.admitted:
+                now = datetime.fromtimestamp(reservation.admitted_at, UTC)
+                why = quota.refusal(taken.key, taken.used, taken.leased, taken.limit, now)
+                headers = (("retry-after", str(why.retry_after_s)),) if why.retry_after_s else ()
+                kind = "insufficient_quota" if why.code == "insufficient_quota" else "rate_limit_error"
+                return Deny(why.status, why.code, why.message, type=kind, headers=headers)
+        metadata = {**decision.metadata[METADATA_NAMESPACE], **reservation.metadata()}
+        return dataclasses.replace(decision, metadata={METADATA_NAMESPACE: metadata})
+
+    async def _rate_limits(self, decision: Forward) -> Deny | None:
+        request = qos.admission(decision.identity, decision.qos)
+        if request is None:
+            return None
+        answer = await self.limiter.decide(request)
+        if not answer.over_limit:
+            return None
+        message = orjson.loads(answer.body)["error"]["message"] if answer.body else "Rate limit reached."
+        headers = tuple((k, v) for k, v in answer.headers if k != "content-type")
+        return Deny(429, "rate_limit_exceeded", message, type="rate_limit_error", headers=headers)
+
+    def _leases(self, info: RequestInfo, decision: Forward) -> tuple[list[Lease], Reservation]:
+        identity, grant = decision.identity, decision.qos
+        now = self.clock()
+        leases: list[Lease] = []
+        quota_name = None
+        found = self.policy.current().quotas.get(ObjectKey(identity.namespace, grant.quota)) if grant and grant.quota else None
+        if found is not None:
+            prompt = decision.prompt_estimate
+            if prompt is None:
+                prompt = math.ceil(_int(info.headers.get("content-length")) / BYTES_PER_TOKEN)
+            completion = decision.max_tokens if decision.max_tokens is not None else self.default_max_tokens
+            leases += quota.quota_leases(found, identity.model, prompt, completion, datetime.fromtimestamp(now, UTC))
+            quota_name = found.key.name
+        concurrency = _concurrency(grant)
+        if concurrency is not None:
+            leases.append(Lease(quota.concurrency_key(identity), concurrency, 1))
+        return leases, Reservation(now, quota_name, concurrency is not None)
+
+    async def settle(
+        self, request_id: str, identity: Identity, reservation: Reservation | None, limits: Mapping[str, int],
+        prompt: int, completion: int,
+    ) -> None:
+        """The answer ended: charge its tokens to tpm/tpd, its cost to the quota, free its slot."""
+        settle = qos.settlement(identity, limits, prompt + completion)
+        if settle is not None:
+            await self.limiter.decide(settle)  # the answer is in: its cost counts, over or not
+        if reservation is None:
+            return
+        charges: list[Charge] = []
+        if reservation.quota:
+            found = self.policy.current().quotas.get(ObjectKey(identity.namespace, reservation.quota))
+            if found is not None:
+                admitted = datetime.fromtimestamp(reservation.admitted_at, UTC)
+                charges += quota.quota_charges(found, identity.model, prompt, completion, admitted)
+        if reservation.concurrency:
+            charges.append(Charge(quota.concurrency_key(identity), 0))
+        if charges:
+            await self.budgets.settle(request_id, charges, self.clock())
+
+
+def _int(text: str | None) -> int:
+    try:
+        return max(0, int(text or 0))
+    except ValueError:
+        return 0

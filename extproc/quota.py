@@ -1,0 +1,120 @@
+"""ArksQuota budgets and concurrency limits as leases on a budget store (pure).
+
+A quota item (`prompt`, `response`, `total` tokens, or `cost`) has a calendar period in UTC
+(`day`, `week` from Monday, `month`, or `none`); each period is its own budget, keyed by the
+period's start. Costs are counted in micro-units of the price table's currency: prices are per
+million tokens, so a token costs `price` micro-units.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from arks.api import ArksQuota, ObjectKey, Price, QuotaItem
+from extproc.decision import Identity
+from ratelimit.budgets import Charge, Lease
+
+MICRO = 1_000_000
+# A budget is kept this long after its period ended, so late settlements still find it.
+GRACE = timedelta(days=7)
+
+
+def period_bounds(period: str, now: datetime) -> tuple[datetime, datetime | None]:
+    """The [start, end) of the calendar period holding `now` (UTC); `none` never ends."""
+    now = now.astimezone(UTC)
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "day":
+        return day, day + timedelta(days=1)
+    if period == "week":
+        start = day - timedelta(days=day.weekday())
+        return start, start + timedelta(days=7)
+    if period == "month":
+        start = day.replace(day=1)
+        end = (start + timedelta(days=32)).replace(day=1)
+        return start, end
+    return datetime(1970, 1, 1, tzinfo=UTC), None
+
+
+def budget_key(quota: ObjectKey, item: QuotaItem, now: datetime) -> str:
+    start, _ = period_bounds(item.period, now)
+    period = "none" if item.period == "none" else f"{item.period}-{start:%Y-%m-%d}"
+    return f"quota/{quota.namespace}/{quota.name}/{item.type}/{period}"
+
+
+def _expiry(item: QuotaItem, now: datetime) -> float | None:
+    _, end = period_bounds(item.period, now)
+    return None if end is None else (end + GRACE).timestamp()
+
+
+def limit_units(item: QuotaItem) -> int:
+    return round(item.value * MICRO) if item.type == "cost" else int(item.value)
+
+
+def price_for(quota: ArksQuota, model: str) -> Price | None:
+    for price in quota.prices:
+        if price.model == model:
+            return price
+    return next((p for p in quota.prices if p.model == "*"), None)
+
+
+def cost_of(item: QuotaItem, prompt: int, completion: int, price: Price | None) -> int:
+    if item.type == "prompt":
+        return prompt
+    if item.type == "response":
+        return completion
+    if item.type == "total":
+        return prompt + completion
+    if price is None:
+        return 0  # no price for this model: it costs nothing against a cost quota
+    return math.ceil(prompt * price.input + completion * price.output)
+
+
+def quota_leases(quota: ArksQuota, model: str, prompt: int, completion: int, now: datetime) -> list[Lease]:
+    price = price_for(quota, model)
+    return [
+        Lease(budget_key(quota.key, item, now), limit_units(item), cost_of(item, prompt, completion, price), _expiry(item, now))
+        for item in quota.quotas
+    ]
+
+
+def quota_charges(quota: ArksQuota, model: str, prompt: int, completion: int, admitted: datetime) -> list[Charge]:
+    """Settle into the periods the request was admitted in, even if it ended in the next."""
+    price = price_for(quota, model)
+    return [
+        Charge(budget_key(quota.key, item, admitted), cost_of(item, prompt, completion, price), _expiry(item, admitted))
+        for item in quota.quotas
+    ]
+
+
+def concurrency_key(identity: Identity) -> str:
+    return f"concurrency/{identity.namespace}/{identity.user}/{identity.model}"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why an admission was refused, for the client."""
+
+    status: int
+    code: str
+    message: str
+    retry_after_s: int
+
+
+def refusal(key: str, used: int, leased: int, limit: int, now: datetime) -> Refusal:
+    if key.startswith("concurrency/"):
+        return Refusal(429, "rate_limit_exceeded", f"Too many concurrent requests: the limit is {limit}.", 1)
+    _, namespace, name, kind, period = key.split("/", 4)
+    shown = (lambda v: f"{v / MICRO:.6g}") if kind == "cost" else str
+    period_kind = period.split("-", 1)[0]
+    _, end = period_bounds(period_kind, now)
+    retry = max(1, math.ceil((end - now).total_seconds())) if end else 0
+    when = f" until {end:%Y-%m-%d %H:%M} UTC" if end else ""
+    return Refusal(
+        429,
+        "insufficient_quota",
+        f"You exceeded your quota {namespace}/{name} ({kind}, period {period_kind}): "
+        f"used {shown(used)} and {shown(leased)} reserved of {shown(limit)}{when}.",
+        retry,
+    )

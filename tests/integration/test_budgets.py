@@ -1,0 +1,492 @@
+"""The budget stores against one shared suite: memory, and the real Redis on 127.0.0.1:6379.
+
+Lease expiry is judged by the `now` passed in, so it is stepped exactly. Budget expiry
+(`expires_at`) is judged by Redis's own clock, so those tests use real time. Outage tests run
+their own redis-server on a free port and never touch the shared one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+
+import pytest
+from redis.asyncio import Redis
+
+from ratelimit.backends import BackendUnavailable
+from ratelimit.budgets import Admission, BudgetStore, Charge, Lease, MemoryBudgets, RedisBudgets
+from ratelimit.budgets.room import MAX_AMOUNT
+
+SHARED_REDIS = "redis://127.0.0.1:6379"
+T0 = 1_700_000_000.0
+TTL = 60.0
+
+
+def lease(limit: int, amount: int, key: str = "q", expires_at: float | None = None) -> Lease:
+    return Lease(key=key, limit=limit, amount=amount, expires_at=expires_at)
+
+
+async def figures(store: BudgetStore, key: str, now: float) -> tuple[int, int]:
+    """(used, leased) of a budget, read by an admission that cannot fit and so takes nothing."""
+    probe = await store.admit("probe", [lease(0, 1, key)], TTL, now)
+    assert not probe.admitted
+    return probe.used, probe.leased
+
+
+@asynccontextmanager
+async def shared_redis_store(prefix: str = "") -> AsyncIterator[RedisBudgets]:
+    """A RedisBudgets on the shared server under a fresh prefix; its keys are deleted after."""
+    prefix = prefix or f"arks:budget:test:{uuid.uuid4().hex}:"
+    admin = Redis.from_url(SHARED_REDIS)
+    try:
+        await admin.ping()
+    except OSError as e:  # redis-py's ConnectionError is an OSError too
+        await admin.aclose()
+        pytest.fail(f"no Redis at {SHARED_REDIS} (.ci/run starts one): {e}")
+    store = RedisBudgets(SHARED_REDIS, prefix=prefix)
+    try:
+        yield store
+    finally:
+        await store.close()
+        keys = [key async for key in admin.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await admin.delete(*keys)
+        await admin.aclose()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[BudgetStore]:
+    if request.param == "memory":
+        memory = MemoryBudgets()
+        yield memory
+        await memory.close()
+    else:
+        async with shared_redis_store() as redis_store:
+            yield redis_store
+
+
+# Admission --------------------------------------------------------------------------------------
+
+
+async def test_admits_within_and_exactly_at_the_limit_then_refuses(store: BudgetStore) -> None:
+    first = await store.admit("r1", [lease(10, 4)], TTL, T0)
+    at_limit = await store.admit("r2", [lease(10, 6)], TTL, T0)
+    over = await store.admit("r3", [lease(10, 1)], TTL, T0)
+    assert (first.admitted, first.used, first.leased) == (True, 0, 0)
+    assert (at_limit.admitted, at_limit.leased) == (True, 4)
+    assert over == Admission(admitted=False, key="q", used=0, leased=10, limit=10)
+
+
+async def test_no_leases_admit_trivially(store: BudgetStore) -> None:
+    assert (await store.admit("r1", [], TTL, T0)).admitted
+
+
+async def test_budgets_are_taken_all_or_nothing(store: BudgetStore) -> None:
+    both = await store.admit("r1", [lease(10, 3, "a"), lease(5, 4, "b")], TTL, T0)
+    assert (both.admitted, both.key, both.limit) == (True, "b", 5)  # the last budget's figures
+
+    refused = await store.admit("r2", [lease(10, 3, "a"), lease(5, 2, "b")], TTL, T0)
+    assert refused == Admission(admitted=False, key="b", used=0, leased=4, limit=5)
+    assert await figures(store, "a", T0) == (0, 3)  # a's room was checked, never taken
+
+    first_refuses = await store.admit("r3", [lease(10, 8, "a"), lease(5, 2, "b")], TTL, T0)
+    assert (first_refuses.admitted, first_refuses.key, first_refuses.leased) == (False, "a", 3)
+
+
+async def test_two_leases_on_one_budget_count_together(store: BudgetStore) -> None:
+    refused = await store.admit("r1", [lease(10, 6), lease(10, 6)], TTL, T0)
+    assert (refused.admitted, refused.leased) == (False, 0)
+    taken = await store.admit("r1", [lease(10, 3), lease(8, 5)], TTL, T0)  # 8 is the tighter
+    assert (taken.admitted, taken.limit) == (True, 8)
+    assert await figures(store, "q", T0) == (0, 8)
+
+
+# Settling ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("real", [2, 9], ids=["cheaper", "dearer"])
+async def test_settle_moves_the_lease_to_used_at_the_real_cost(
+    store: BudgetStore, real: int
+) -> None:
+    await store.admit("r1", [lease(10, 6)], TTL, T0)
+    await store.admit("r2", [lease(10, 3)], TTL, T0)
+    await store.settle("r1", [Charge("q", real)], T0 + 1)
+    assert await figures(store, "q", T0 + 1) == (real, 3)
+    assert await store.used(["q"]) == {"q": real}
+
+
+async def test_expired_leases_free_their_room(store: BudgetStore) -> None:
+    assert (await store.admit("r1", [lease(10, 10)], TTL, T0)).admitted
+    assert not (await store.admit("r2", [lease(10, 1)], TTL, T0 + TTL - 0.001)).admitted
+    after = await store.admit("r2", [lease(10, 10)], TTL, T0 + TTL)  # a lease lives [now, now+ttl)
+    assert (after.admitted, after.leased) == (True, 0)
+
+
+async def test_settling_an_expired_or_missing_lease_still_charges(store: BudgetStore) -> None:
+    await store.admit("short", [lease(10, 5)], 10.0, T0)
+    await store.admit("long", [lease(10, 5)], 100.0, T0)
+    await store.settle("short", [Charge("q", 3)], T0 + 20)
+    assert await figures(store, "q", T0 + 20) == (3, 5)  # the long lease is untouched
+    await store.settle("never-admitted", [Charge("q", 4)], T0 + 20)
+    assert await figures(store, "q", T0 + 20) == (7, 5)
+
+
+async def test_readmitting_a_request_replaces_its_lease(store: BudgetStore) -> None:
+    await store.admit("r1", [lease(10, 4)], TTL, T0)
+    again = await store.admit("r1", [lease(10, 7)], TTL, T0)
+    assert (again.admitted, again.leased) == (True, 0)  # its own lease is not in the way
+    assert await figures(store, "q", T0) == (0, 7)
+    too_big = await store.admit("r1", [lease(10, 11)], TTL, T0)
+    assert (too_big.admitted, too_big.leased) == (False, 0)
+    assert await figures(store, "q", T0) == (0, 7)  # a refusal keeps the lease it had
+    await store.settle("r1", [Charge("q", 1)], T0)
+    assert await figures(store, "q", T0) == (1, 0)
+
+
+async def test_readmitting_renews_the_lease_expiry(store: BudgetStore) -> None:
+    await store.admit("r1", [lease(10, 4)], TTL, T0)
+    await store.admit("r1", [lease(10, 4)], TTL, T0 + 30)
+    assert await figures(store, "q", T0 + TTL + 1) == (0, 4)
+    assert await figures(store, "q", T0 + 30 + TTL) == (0, 0)
+
+
+async def test_a_concurrency_budget_holds_n_and_releases(store: BudgetStore) -> None:
+    slot = lease(3, 1, "concurrency/u")
+    taken = [(await store.admit(f"r{i}", [slot], TTL, T0)).admitted for i in range(4)]
+    assert taken == [True, True, True, False]
+    await store.settle("r1", [Charge(slot.key, 0)], T0 + 1)
+    assert (await store.admit("r3", [slot], TTL, T0 + 1)).admitted
+    for i in (0, 2, 3):
+        await store.settle(f"r{i}", [Charge(slot.key, 0)], T0 + 2)
+    assert await figures(store, slot.key, T0 + 2) == (0, 0)
+    assert await store.used([slot.key]) == {slot.key: 0}
+
+
+async def test_amounts_are_exact_up_to_two_to_the_53(store: BudgetStore) -> None:
+    await store.settle("earlier", [Charge("q", MAX_AMOUNT - 1)], T0)
+    refused = await store.admit("r1", [lease(MAX_AMOUNT, 2)], TTL, T0)
+    assert (refused.admitted, refused.used) == (False, MAX_AMOUNT - 1)
+    assert (await store.admit("r1", [lease(MAX_AMOUNT, 1)], TTL, T0)).admitted
+    await store.settle("r1", [Charge("q", MAX_AMOUNT)], T0)
+    assert await store.used(["q"]) == {"q": 2 * MAX_AMOUNT - 1}  # past 2**53, still exact
+    with pytest.raises(ValueError, match="lease amount"):
+        await store.admit("r2", [lease(MAX_AMOUNT, MAX_AMOUNT + 1)], TTL, T0)
+
+
+# Totals and their durability --------------------------------------------------------------------
+
+
+async def test_used_reports_totals_and_zero_for_unknown_budgets(store: BudgetStore) -> None:
+    await store.settle("r1", [Charge("a", 5), Charge("b", 0)], T0)
+    await store.admit("r2", [lease(10, 5, "c")], TTL, T0)
+    assert await store.used(["a", "b", "c", "nothing"]) == {"a": 5, "b": 0, "c": 0, "nothing": 0}
+    assert await store.used([]) == {}
+
+
+async def test_restore_sets_only_missing_totals(store: BudgetStore) -> None:
+    await store.settle("r1", [Charge("a", 5)], T0)
+    await store.admit("r2", [lease(10, 2, "b")], TTL, T0)  # leases only: its total is missing
+    assert await store.restore({"a": 100, "b": 7, "c": 0}) == 1
+    assert await store.restore({"a": 100, "b": 70}) == 0
+    assert await store.used(["a", "b", "c"]) == {"a": 5, "b": 7, "c": 0}
+    refused = await store.admit("r3", [lease(10, 2, "b")], TTL, T0)
+    assert (refused.admitted, refused.used, refused.leased) == (False, 7, 2)
+    assert await store.restore({}) == 0
+
+
+async def test_a_budget_is_forgotten_when_it_expires(store: BudgetStore) -> None:
+    now = time.time()  # budget expiry is absolute: Redis judges it by its own clock
+    ends = now + 0.3
+    assert (await store.admit("r1", [lease(10, 4, expires_at=ends)], TTL, now)).admitted
+    await store.settle("r1", [Charge("q", 6, expires_at=ends)], now)
+    assert (await store.admit("r2", [lease(10, 4, expires_at=ends)], TTL, now)).admitted
+    assert await store.used(["q"]) == {"q": 6}
+    await asyncio.sleep(ends - time.time() + 0.05)
+    later = time.time()
+    fresh = await store.admit("r3", [lease(10, 10, expires_at=later + 60)], TTL, later)
+    assert (fresh.admitted, fresh.used, fresh.leased) == (True, 0, 0)
+    assert await store.used(["q"]) == {"q": 0}
+
+
+# Overshoot --------------------------------------------------------------------------------------
+#
+# Each admission takes E of room only if used + leased + E <= L, and a settlement swaps the
+# request's E for its real cost R. Take the last admission: at that moment used + leased + E <= L,
+# with c leases in flight counting it (leased = (c - 1) E), and afterwards only those c requests
+# add to `used`. So
+#     final used <= L + c (R_max - E),   and c E <= L, so c <= L // E.
+# With R <= E there is no overshoot at all. With R up to 2 E it is at most L // E estimates
+# (final used <= 2 L), not one: "at most one admission" only holds when requests do not overlap
+# (c = 1). And a lease that expires before its request settles frees room that others take, so
+# each such late settlement can add its whole cost on top (see
+# test_settling_an_expired_or_missing_lease_still_charges).
+
+LIMIT, ESTIMATE, REQUESTS = 250, 7, 100  # L // E = 35 of 100 can be admitted at a time
+
+
+async def admit_and_settle(store: BudgetStore, costs: list[int]) -> tuple[list[int], int]:
+    """REQUESTS concurrent requests, request i settling at costs[i]: (admitted ids, final used)."""
+
+    async def one(i: int) -> int | None:
+        taken = await store.admit(f"r{i}", [lease(LIMIT, ESTIMATE)], TTL, T0)
+        if not taken.admitted:
+            return None
+        await asyncio.sleep(0)  # the upstream answers: other requests get their turn
+        await store.settle(f"r{i}", [Charge("q", costs[i])], T0 + 1)
+        return i
+
+    outcomes = await asyncio.gather(*(one(i) for i in range(REQUESTS)))
+    admitted = [i for i in outcomes if i is not None]
+    return admitted, (await store.used(["q"]))["q"]
+
+
+async def test_real_costs_within_estimates_never_overshoot(store: BudgetStore) -> None:
+    rng = random.Random(1)
+    costs = [rng.randint(0, ESTIMATE) for _ in range(REQUESTS)]
+    admitted, used = await admit_and_settle(store, costs)
+    assert used == sum(costs[i] for i in admitted)
+    assert used <= LIMIT
+
+
+async def test_exact_costs_admit_exactly_limit_over_estimate(store: BudgetStore) -> None:
+    admitted, used = await admit_and_settle(store, [ESTIMATE] * REQUESTS)
+    assert len(admitted) == LIMIT // ESTIMATE
+    assert used == LIMIT // ESTIMATE * ESTIMATE
+
+
+async def test_costs_over_estimates_overshoot_by_at_most_the_leases_in_flight(
+    store: BudgetStore,
+) -> None:
+    rng = random.Random(2)
+    costs = [rng.randint(ESTIMATE // 2, 2 * ESTIMATE) for _ in range(REQUESTS)]
+    admitted, used = await admit_and_settle(store, costs)
+    assert used == sum(costs[i] for i in admitted)
+    assert used <= LIMIT + (LIMIT // ESTIMATE) * ESTIMATE  # c <= L // E, R_max - E = E
+
+
+async def test_overlapping_requests_can_overshoot_by_more_than_one_estimate(
+    store: BudgetStore,
+) -> None:
+    """The worst case of the bound above: every admission before any settlement."""
+    taken = await asyncio.gather(
+        *(store.admit(f"r{i}", [lease(LIMIT, ESTIMATE)], TTL, T0) for i in range(REQUESTS))
+    )
+    admitted = [i for i, t in enumerate(taken) if t.admitted]
+    assert len(admitted) == LIMIT // ESTIMATE
+    await asyncio.gather(
+        *(store.settle(f"r{i}", [Charge("q", 2 * ESTIMATE)], T0 + 1) for i in admitted)
+    )
+    used = (await store.used(["q"]))["q"]
+    assert used == 2 * ESTIMATE * (LIMIT // ESTIMATE)
+    assert LIMIT + ESTIMATE < used <= LIMIT + (LIMIT // ESTIMATE) * ESTIMATE
+
+
+async def test_sequential_requests_overshoot_by_at_most_one_estimate(store: BudgetStore) -> None:
+    used = 0
+    for i in range(REQUESTS):
+        if (await store.admit(f"r{i}", [lease(LIMIT, ESTIMATE)], TTL, T0)).admitted:
+            await store.settle(f"r{i}", [Charge("q", 2 * ESTIMATE)], T0)
+        used = (await store.used(["q"]))["q"]
+        assert used <= LIMIT + ESTIMATE
+    assert used > LIMIT
+
+
+# Both stores agree -------------------------------------------------------------------------------
+
+
+async def test_redis_and_memory_give_identical_answers() -> None:
+    rng = random.Random(7)
+    memory = MemoryBudgets()
+    keys = ["a", "b", "c"]
+    prefix = f"arks:budget:test:{uuid.uuid4().hex}:"
+    async with shared_redis_store(prefix) as redis_store:
+        now = T0
+        for step in range(400):
+            now += rng.choice([0.0, 0.137, 1.5, 7.0])
+            request_id = f"r{rng.randrange(30)}"
+            chosen = rng.sample(keys, rng.randint(0, 3))
+            answers: list[object]
+            if rng.random() < 0.6:
+                leases = [lease(rng.randint(0, 40), rng.randint(0, 12), k) for k in chosen]
+                ttl_s = rng.choice([2.0, 10.0, 30.0])
+                answers = [
+                    await s.admit(request_id, leases, ttl_s, now) for s in (memory, redis_store)
+                ]
+            else:
+                charges = [Charge(k, rng.randint(0, 12)) for k in chosen]
+                for s in (memory, redis_store):
+                    await s.settle(request_id, charges, now)
+                answers = [await s.used(keys) for s in (memory, redis_store)]
+            assert answers[0] == answers[1], step
+
+        admin = Redis.from_url(SHARED_REDIS)
+        try:  # the three lease keys of a budget still tell one story
+            for key in keys:
+                amounts = await admin.hgetall(f"{prefix}{key}:leases")
+                members = await admin.zrange(f"{prefix}{key}:expiry", 0, -1)
+                leased = int(await admin.get(f"{prefix}{key}:leased") or 0)
+                assert sorted(amounts) == sorted(members)
+                assert leased == sum(int(v) for v in amounts.values())
+        finally:
+            await admin.aclose()
+
+
+# Keeping state bounded --------------------------------------------------------------------------
+
+
+async def test_redis_keys_expire_with_the_budget_or_the_latest_lease() -> None:
+    prefix = f"arks:budget:test:{uuid.uuid4().hex}:"
+    admin = Redis.from_url(SHARED_REDIS)
+    async with shared_redis_store(prefix) as redis_store:
+        try:
+            await redis_store.admit("r1", [lease(10, 4, "open")], 600.0, T0)
+            for suffix in (":leased", ":leases", ":expiry"):
+                assert 599_000 < await admin.pttl(f"{prefix}open{suffix}") <= 600_000
+            await redis_store.settle("r1", [Charge("open", 3)], T0)
+            assert await admin.pttl(f"{prefix}open:used") == -1  # no expiry given: it persists
+            lease_keys = [f"{prefix}open{s}" for s in (":leased", ":leases", ":expiry")]
+            assert await admin.exists(*lease_keys) == 0  # the last lease went: nothing is left
+
+            now = time.time()
+            await redis_store.admit("r2", [lease(10, 4, "period", expires_at=now + 5)], 600.0, now)
+            await redis_store.settle("r3", [Charge("period", 1, expires_at=now + 5)], now)
+            for suffix in (":used", ":leased", ":leases", ":expiry"):
+                assert 4000 < await admin.pttl(f"{prefix}period{suffix}") <= 5001  # ms rounding
+        finally:
+            await admin.aclose()
+
+
+async def test_memory_store_forgets_idle_and_expired_budgets() -> None:
+    memory = MemoryBudgets()
+    for i in range(3000):
+        await memory.admit(f"r{i}", [lease(1, 1, f"concurrency/{i}")], TTL, T0)
+        await memory.settle(f"r{i}", [Charge(f"concurrency/{i}", 0)], T0)
+    assert len(memory) == 0  # a settled concurrency slot leaves nothing behind
+    for i in range(2000):
+        await memory.admit(f"r{i}", [lease(10, 1, f"day/{i}", expires_at=T0 + 10)], TTL, T0)
+        await memory.admit(f"r{i}", [lease(10, 1, f"open/{i}")], TTL, T0)
+    for i in range(5000):  # more writes than budgets held: a sweep comes
+        await memory.admit(f"s{i}", [lease(10**6, 1, f"next/{i % 500}")], TTL, T0 + 100)
+    assert len(memory) == 500  # the expired days and the lapsed leases went in the sweep
+
+
+# Outages of a private redis-server --------------------------------------------------------------
+
+
+class PrivateRedis:
+    """A throwaway redis-server on a free port: started, killed, paused by the test."""
+
+    def __init__(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--save", "", "--appendonly", "no"]  # nothing on disk: a restart comes back empty
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.kill()
+                raise RuntimeError(f"redis-server did not start on port {self.port}")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a paused server must be able to die
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        self.proc = None
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not on PATH (install Debian's redis-server)")
+    server = PrivateRedis()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+OUTAGE_TIMEOUT_S = 0.3
+
+
+async def test_redis_down_raises_in_time_and_restore_brings_totals_back(
+    private_redis: PrivateRedis,
+) -> None:
+    store = RedisBudgets(private_redis.url, timeout_s=OUTAGE_TIMEOUT_S)
+    try:
+        assert (await store.admit("r1", [lease(10, 6)], TTL, T0)).admitted
+        await store.settle("r1", [Charge("q", 6)], T0 + 1)
+        snapshot = await store.used(["q"])
+        assert snapshot == {"q": 6}
+
+        private_redis.kill()
+        calls: list[Callable[[], Awaitable[object]]] = [
+            lambda: store.admit("r2", [lease(10, 1)], TTL, T0 + 2),
+            lambda: store.settle("r2", [Charge("q", 1)], T0 + 2),
+            lambda: store.used(["q"]),
+            lambda: store.restore(snapshot),
+        ]
+        for call in calls:
+            started = time.monotonic()
+            with pytest.raises(BackendUnavailable) as info:
+                await call()
+            assert time.monotonic() - started < OUTAGE_TIMEOUT_S + 0.2
+            assert info.value.__cause__ is not None
+
+        private_redis.start()  # same port, empty data, no cached scripts
+        assert await store.used(["q"]) == {"q": 0}
+        assert await store.restore(snapshot) == 1
+        assert await store.restore(snapshot) == 0
+        refused = await store.admit("r3", [lease(10, 5)], TTL, T0 + 3)
+        assert (refused.admitted, refused.used) == (False, 6)
+        assert (await store.admit("r4", [lease(10, 4)], TTL, T0 + 3)).admitted
+    finally:
+        await store.close()
+
+
+async def test_stalled_redis_times_out_and_recovers(private_redis: PrivateRedis) -> None:
+    store = RedisBudgets(private_redis.url, timeout_s=OUTAGE_TIMEOUT_S)
+    try:
+        assert (await store.admit("r1", [lease(10, 4)], TTL, T0)).admitted
+        private_redis.pause()
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable):
+            await store.admit("r2", [lease(10, 4)], TTL, T0)
+        assert time.monotonic() - started < OUTAGE_TIMEOUT_S + 0.2
+        private_redis.resume()
+        # The timed-out script was already sent, so Redis may have run it once it resumed.
+        after = await store.admit("r3", [lease(10, 2)], TTL, T0)
+        assert (after.admitted, after.leased in (4, 8)) == (True, True)
+    finally:
+        await store.close()
