@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, NamedTuple
@@ -150,13 +151,29 @@ return count
 
 # KEYS: used totals, ARGV: their values. Reply: how many were missing and set.
 RESTORE = """
+-- KEYS[1] the store's generation marker, then the used keys; ARGV[1] the generation this client
+-- last saw ("" if none), ARGV[2] a new generation, then the snapshot values.
+local seen = redis.call("GET", KEYS[1])
+if seen and seen == ARGV[1] then
+  return {0, seen}  -- the store kept its data: nothing to put back
+end
 local restored = 0
-for i, key in ipairs(KEYS) do
-  if redis.call("SET", key, ARGV[i], "NX") then
+for i = 2, #KEYS do
+  local value = ARGV[i + 1]
+  if seen == false and ARGV[1] ~= "" then
+    -- The marker this client saw is gone: Redis lost its data. Whatever was charged since the
+    -- restart is new; the snapshot is what came before it.
+    redis.call("INCRBY", KEYS[i], value)
     restored = restored + 1
+  elseif redis.call("SET", KEYS[i], value, "NX") then
+    restored = restored + 1  -- first contact: fill only what is missing
   end
 end
-return restored
+if seen then
+  return {restored, seen}
+end
+redis.call("SET", KEYS[1], ARGV[2])
+return {restored, ARGV[2]}
 """
 
 
@@ -190,6 +207,7 @@ class RedisBudgets:
     ) -> None:
         self._prefix = prefix
         self._timeout_s = timeout_s
+        self._generation: str | None = None  # the store's generation marker as last seen
         pool = BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
@@ -243,17 +261,21 @@ class RedisBudgets:
             return {key: int(value or 0) for key, value in zip(keys, values, strict=True)}
 
     async def restore(self, used: Mapping[str, int]) -> int:
-        """Zeros are not restored (a missing total is zero): they neither count nor write.
-
-        Restored totals have no expiry until the budget's next lease or charge brings one.
-        """
+        """Put the snapshot back if Redis lost it. A generation marker tells a store that was
+        wiped (the marker this client saw is gone: the snapshot is added to whatever was charged
+        since) from one met for the first time (only missing totals are filled). Zeros are not
+        restored. Restored totals have no expiry until the budget's next lease or charge."""
         check_restore(used)
         missing = {key: value for key, value in used.items() if value}
         if not missing:
             return 0
-        keys = [self._prefix + key + ":used" for key in missing]
+        keys = [self._prefix + "generation", *(self._prefix + key + ":used" for key in missing)]
+        args = [self._generation or "", uuid.uuid4().hex, *missing.values()]
         async with self._answer("restore"):
-            return int(await self._run(_RESTORE, keys, list(missing.values())))
+            reply = await self._run(_RESTORE, keys, args)
+        count, generation = reply
+        self._generation = generation.decode() if isinstance(generation, bytes) else str(generation)
+        return int(count)
 
     async def close(self) -> None:
         await self._redis.aclose()

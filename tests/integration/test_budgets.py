@@ -17,10 +17,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
+from arks.procs import Supervisor, free_port, wait_port
 from ratelimit.backends import BackendUnavailable
 from ratelimit.budgets import Admission, BudgetStore, Charge, Lease, MemoryBudgets, RedisBudgets
 from ratelimit.budgets.room import MAX_AMOUNT
@@ -490,3 +492,27 @@ async def test_stalled_redis_times_out_and_recovers(private_redis: PrivateRedis)
         assert (after.admitted, after.leased in (4, 8)) == (True, True)
     finally:
         await store.close()
+
+
+async def test_charges_made_after_a_wipe_are_added_to_the_restored_total(tmp_path: Path) -> None:
+    """Redis restarts empty, a settlement lands before the restore turn: nothing is lost."""
+    port = free_port()
+    with Supervisor(log_dir=tmp_path) as sup:
+        def start() -> None:
+            child = sup.start("redis", ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"])
+            wait_port(child, port)
+
+        start()
+        store = RedisBudgets(f"redis://127.0.0.1:{port}/0", timeout_s=0.5)
+        try:
+            await store.settle("r1", [Charge("q", 70)], 1000.0)
+            await store.restore({"q": 70})  # first contact: the total is there; marks the generation
+            assert await store.restore({"q": 70}) == 0  # the store kept its data
+            sup.children.pop().stop()
+            start()  # empty
+            await store.settle("r2", [Charge("q", 5)], 1001.0)  # lands before the restore turn
+            assert await store.restore({"q": 70}) == 1
+            assert await store.used(["q"]) == {"q": 75}
+            assert await store.restore({"q": 75}) == 0
+        finally:
+            await store.close()
