@@ -270,7 +270,7 @@ class RedisBudgets:
         if not missing:
             return 0
         keys = [self._prefix + "generation", *(self._prefix + key + ":used" for key in missing)]
-        args = [self._generation or "", uuid.uuid4().hex, *missing.values()]
+        args: list[str | int] = [self._generation or "", uuid.uuid4().hex, *missing.values()]
         async with self._answer("restore"):
             reply = await self._run(_RESTORE, keys, args)
         count, generation = reply

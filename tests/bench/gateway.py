@@ -1,11 +1,13 @@
 """`make bench`: the gateway's cost against plain Envoy and the Python floor, in one run.
 
-    .venv/bin/python -m tests.bench.gateway --out docs/benchmarks.md [--duration 8] [--quick]
+    .venv/bin/python -m tests.bench.gateway --out docs/benchmarks.md [--duration 8] [--quick] [--only ratelimit]
 
 One simulated engine serves three configurations (see `targets.py`): plain Envoy, Envoy with a
 do-nothing Python ext_proc (the floor), and the full gateway. Each workload runs against all
 three, interleaved (plain, floor, gateway, then gateway, floor, plain, ...) so that the noise of
 a shared 2-core machine lands on all of them alike. Only ratios between them mean anything.
+Then (unless `--only gateway`) the rate-limit service's part, `tests/bench/ratelimit.py`, adds its
+own section; `--only ratelimit` runs just that and replaces just its section of `--out`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from arks.procs import Supervisor
 from arks.stack import envoy_binary
-from tests.bench import report, targets, wrk
+from tests.bench import ratelimit, report, targets, wrk
 from tests.bench.report import Measurement, Results
 from tests.bench.targets import CpuSample, Target
 from tests.bench.workloads import PATH, STREAM_CHUNKS, Workload, all_workloads, preflight
@@ -51,6 +53,7 @@ class Settings:
     stream_c32: bool
     rate_matched: bool
     quick: bool
+    only: str = "all"
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None) -> Settings:
@@ -66,6 +69,10 @@ class Settings:
             help="skip re-measuring the floor at the gateway's request rate for streamed answers",
         )
         parser.add_argument("--quick", action="store_true", help="smoke run: 1 s per measurement, one round")
+        parser.add_argument(
+            "--only", choices=("all", "gateway", "ratelimit"), default="all",
+            help="run only the gateway part, or only the rate-limit part (tests/bench/ratelimit.py)",
+        )
         args = parser.parse_args(argv)
         if args.quick:
             args.duration, args.rounds, args.warmup = 1.0, 1, 1.0
@@ -80,6 +87,7 @@ class Settings:
             stream_c32=not args.no_stream_c32,
             rate_matched=not args.no_rate_matched,
             quick=args.quick,
+            only=args.only,
         )
 
 
@@ -275,6 +283,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     settings = Settings.from_args(argv)
     started = time.monotonic()
+    if settings.only != "ratelimit":
+        _gateway_part(settings, argv, started)
+    if settings.only != "gateway":
+        try:
+            section = ratelimit.run_section(quick=settings.quick, command=_command(argv))
+        except RuntimeError as err:
+            sys.exit(f"bench FAILED (rate-limit part): {err}")
+        if settings.out is not None:
+            ratelimit.write_section(settings.out, section)
+            print(f"wrote the rate-limit section of {settings.out}")
+
+
+def _gateway_part(settings: Settings, argv: Sequence[str], started: float) -> None:
     try:
         results, workloads = run(settings)
     except (BenchError, wrk.WrkError, RuntimeError) as err:
@@ -284,7 +305,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"\n(bench took {time.monotonic() - started:.0f} s)")
     if settings.out is not None:
         settings.out.parent.mkdir(parents=True, exist_ok=True)
-        settings.out.write_text(render_markdown(results, workloads, settings, argv))
+        text = render_markdown(results, workloads, settings, argv)
+        if settings.only == "gateway" and (kept := ratelimit.existing_section(settings.out)):
+            text += "\n" + kept + "\n"
+        settings.out.write_text(text)
         print(f"wrote {settings.out}")
 
 
