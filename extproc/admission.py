@@ -8,9 +8,11 @@ counter store and the budget store (memory locally, Redis when shared).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import orjson
@@ -21,10 +23,12 @@ from extproc import qos, quota
 from extproc.decision import Decision, Deny, Forward, Identity
 from extproc.gateway import METADATA_NAMESPACE
 from extproc.request import RequestInfo
+from ratelimit.backends import BackendUnavailable
 from ratelimit.budgets import BudgetStore, Charge, Lease
 from ratelimit.limiter import Limiter
 
 BYTES_PER_TOKEN = 4
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,8 @@ class Admission:
     clock: Callable[[], float]  # epoch seconds
     lease_ttl_s: float = 630.0  # the longest answer, plus the access log's delay
     default_max_tokens: int = 1024  # reserved for an answer whose request sets no max_tokens
+    # Settlements that found the store away, applied when it is back (bounded: the oldest go).
+    unsettled: deque[tuple[str, list[Charge]]] = field(default_factory=lambda: deque(maxlen=100_000))
 
     async def admit(self, info: RequestInfo, decision: Decision) -> Decision:
         if not isinstance(decision, Forward):
@@ -76,13 +82,27 @@ class Admission:
             return limited
         leases, reservation = self._leases(info, decision)
         if leases:
-            taken = await self.budgets.admit(info.request_id, leases, self.lease_ttl_s, reservation.admitted_at)
+            try:
+                taken = await self.budgets.admit(info.request_id, leases, self.lease_ttl_s, reservation.admitted_at)
+            except BackendUnavailable as err:
+                return self._without_store(decision, reservation, err)
             if not taken.admitted:
                 now = datetime.fromtimestamp(reservation.admitted_at, UTC)
                 why = quota.refusal(taken.key, taken.used, taken.leased, taken.limit, now)
                 headers = (("retry-after", str(why.retry_after_s)),) if why.retry_after_s else ()
                 kind = "insufficient_quota" if why.code == "insufficient_quota" else "rate_limit_error"
                 return Deny(why.status, why.code, why.message, type=kind, headers=headers)
+        metadata = {**decision.metadata[METADATA_NAMESPACE], **reservation.metadata()}
+        return dataclasses.replace(decision, metadata={METADATA_NAMESPACE: metadata})
+
+    def _without_store(self, decision: Forward, reservation: Reservation, err: Exception) -> Decision:
+        """The budget store is unreachable: fail open (settle later) or closed, as configured."""
+        policy = "fail_open" if self.limiter.policy.fail_open else "fail_closed"
+        self.limiter.metrics.backend_errors.labels(policy).inc()
+        log.warning("budget store unavailable (%s): %s", policy, err)
+        if not self.limiter.policy.fail_open:
+            return Deny(503, "quota_unavailable", "Quotas cannot be checked right now; try again shortly.",
+                        type="service_unavailable", headers=(("retry-after", "1"),))
         metadata = {**decision.metadata[METADATA_NAMESPACE], **reservation.metadata()}
         return dataclasses.replace(decision, metadata={METADATA_NAMESPACE: metadata})
 
@@ -134,7 +154,29 @@ class Admission:
         if reservation.concurrency:
             charges.append(Charge(quota.concurrency_key(identity), 0))
         if charges:
+            await self._settle(request_id, charges)
+
+    async def _settle(self, request_id: str, charges: list[Charge]) -> None:
+        try:
             await self.budgets.settle(request_id, charges, self.clock())
+        except BackendUnavailable as err:
+            if len(self.unsettled) == self.unsettled.maxlen:
+                self.limiter.metrics.backend_errors.labels("settlement_dropped").inc()
+            self.unsettled.append((request_id, charges))
+            log.warning("budget store unavailable; %d settlements wait for it: %s", len(self.unsettled), err)
+
+    async def retry_unsettled(self) -> int:
+        """Apply the settlements that waited for the store; how many went through."""
+        done = 0
+        while self.unsettled:
+            request_id, charges = self.unsettled[0]
+            try:
+                await self.budgets.settle(request_id, charges, self.clock())
+            except BackendUnavailable:
+                break
+            self.unsettled.popleft()
+            done += 1
+        return done
 
 
 def _int(text: str | None) -> int:

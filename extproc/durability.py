@@ -48,7 +48,7 @@ class QuotaSnapshots:
         """Restore what the store lost, then snapshot what it has; returns how many keys came back."""
         if self.snapshot is None:
             self.snapshot = self.load()
-        restored = await self.budgets.restore(self.snapshot) if self.snapshot else 0
+        restored = await self.budgets.restore(self.snapshot)
         if restored:
             log.warning("restored %d quota totals the budget store had lost", restored)
         keys = current_keys(self.policy.current(), datetime.fromtimestamp(self.clock(), UTC))

@@ -25,7 +25,7 @@ from extproc.inflight import InFlight
 from extproc.ledger import MemoryLedger
 from extproc.metrics import GatewayMetrics
 from extproc.servicer import AccessLogReceiver, Context, ExternalProcessor
-from ratelimit.backends import MemoryBackend, RedisBackend
+from ratelimit.backends import BackendUnavailable, MemoryBackend, RedisBackend
 from ratelimit.budgets import MemoryBudgets, RedisBudgets
 from ratelimit.config import RateLimitConfig
 from ratelimit.limiter import Limiter, Policy
@@ -119,10 +119,13 @@ async def serve(settings: Settings) -> None:
                     metrics.policy_reloads.inc()
                 if lost := await ctx.expire_unreported():
                     log.warning("%d admitted requests had no access-log entry; charged their estimate", lost)
+                await ctx.admission.retry_unsettled()
                 if time.monotonic() - last_snapshot >= settings.snapshot_interval_s:
                     last_snapshot = time.monotonic()
                     await snapshots.turn()
-            except Exception:  # this loop must outlive any one bad turn (Redis away, disk full …)
+            except BackendUnavailable as err:
+                log.warning("housekeeping: the counter store is unavailable (%s); retrying", err)
+            except Exception:  # this loop must outlive any one bad turn (disk full …)
                 log.exception("housekeeping failed; retrying")
 
     stop = asyncio.Event()

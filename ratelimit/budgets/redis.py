@@ -267,8 +267,8 @@ class RedisBudgets:
         restored. Restored totals have no expiry until the budget's next lease or charge."""
         check_restore(used)
         missing = {key: value for key, value in used.items() if value}
-        if not missing:
-            return 0
+        # Called with nothing to restore too: the first call marks the generation, so that a
+        # wipe before any usage was snapshotted is still recognised as one.
         keys = [self._prefix + "generation", *(self._prefix + key + ":used" for key in missing)]
         args: list[str | int] = [self._generation or "", uuid.uuid4().hex, *missing.values()]
         async with self._answer("restore"):
