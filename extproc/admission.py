@@ -124,28 +124,35 @@ class Admission:
         quota_name = None
         found = self.policy.current().quotas.get(ObjectKey(identity.namespace, grant.quota)) if grant and grant.quota else None
         if found is not None:
-            prompt = decision.prompt_estimate
-            if prompt is None:
-                prompt = math.ceil(_int(info.headers.get("content-length")) / BYTES_PER_TOKEN)
-            completion = decision.max_tokens if decision.max_tokens is not None else self.default_max_tokens
+            prompt, completion = self._prompt_estimate(info, decision), self._completion_estimate(decision)
             leases += quota.quota_leases(found, identity.model, prompt, completion, datetime.fromtimestamp(now, UTC))
             quota_name = found.key.name
+        limits = qos.token_limits(grant)
+        if limits:
+            estimate = self._prompt_estimate(info, decision) + self._completion_estimate(decision)
+            leases += quota.token_rate_leases(identity, limits, estimate, now)
         concurrency = _concurrency(grant)
         if concurrency is not None:
             leases.append(Lease(quota.concurrency_key(identity), concurrency, 1))
         return leases, Reservation(now, quota_name, concurrency is not None)
+
+    @staticmethod
+    def _prompt_estimate(info: RequestInfo, decision: Forward) -> int:
+        if decision.prompt_estimate is not None:
+            return decision.prompt_estimate
+        return math.ceil(_int(info.headers.get("content-length")) / BYTES_PER_TOKEN)
+
+    def _completion_estimate(self, decision: Forward) -> int:
+        return decision.max_tokens if decision.max_tokens is not None else self.default_max_tokens
 
     async def settle(
         self, request_id: str, identity: Identity, reservation: Reservation | None, limits: Mapping[str, int],
         prompt: int, completion: int,
     ) -> None:
         """The answer ended: charge its tokens to tpm/tpd, its cost to the quota, free its slot."""
-        settle = qos.settlement(identity, limits, prompt + completion)
-        if settle is not None:
-            await self.limiter.decide(settle)  # the answer is in: its cost counts, over or not
         if reservation is None:
             return
-        charges: list[Charge] = []
+        charges: list[Charge] = quota.token_rate_charges(identity, limits, prompt + completion, reservation.admitted_at)
         if reservation.quota:
             found = self.policy.current().quotas.get(ObjectKey(identity.namespace, reservation.quota))
             if found is not None:

@@ -1,14 +1,12 @@
-"""An ArksToken's rate limits (rpm, rpd, tpm, tpd) as rate-limit requests for the limiter.
+"""An ArksToken's request rate limits (rpm, rpd) as rate-limit requests for the limiter.
 
-Requests per minute/day are counted when a request is admitted; tokens per minute/day are
-checked then (without counting) and charged when the answer ends, with the usage the gateway
-counted — engine-reported or estimated. Counters live in the limiter's store (Redis, or memory
-locally), keyed by namespace, user, model and limit type.
+Requests per minute/day are counted when a request is admitted, in fixed windows, in the
+limiter's store (Redis, or memory locally), keyed by namespace, user, model and limit type.
+Token rates (tpm, tpd) are budgets with reservations instead (`quota.py`), so that concurrent
+requests cannot overshoot them: only their values are read here.
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
 
 from arks.api import Qos
 from extproc.decision import Identity
@@ -17,11 +15,11 @@ from ratelimit.model import RateLimit, Unit
 
 DOMAIN = "arks"
 REQUEST_LIMITS = {"rpm": Unit.MINUTE, "rpd": Unit.DAY}
-TOKEN_LIMITS = {"tpm": Unit.MINUTE, "tpd": Unit.DAY}
+TOKEN_LIMITS = ("tpm", "tpd")
 
 
 def _descriptor(identity: Identity, kind: str, value: int, hits: int) -> DescriptorRequest:
-    unit = REQUEST_LIMITS.get(kind) or TOKEN_LIMITS[kind]
+    unit = REQUEST_LIMITS[kind]
     entries = (("namespace", identity.namespace), ("user", identity.user), ("model", identity.model), ("limit", kind))
     return DescriptorRequest(entries, RateLimit(value, unit, name=kind, stats_key=f"{DOMAIN}.{kind}"), hits)
 
@@ -31,9 +29,7 @@ def admission(identity: Identity, qos: Qos | None) -> Request | None:
     if qos is None:
         return None
     descriptors = [
-        _descriptor(identity, limit.type, limit.value, 1 if limit.type in REQUEST_LIMITS else 0)
-        for limit in qos.rate_limits
-        if limit.type in REQUEST_LIMITS or limit.type in TOKEN_LIMITS
+        _descriptor(identity, limit.type, limit.value, 1) for limit in qos.rate_limits if limit.type in REQUEST_LIMITS
     ]
     return Request(DOMAIN, tuple(descriptors)) if descriptors else None
 
@@ -43,8 +39,3 @@ def token_limits(qos: Qos | None) -> dict[str, int]:
     if qos is None:
         return {}
     return {limit.type: limit.value for limit in qos.rate_limits if limit.type in TOKEN_LIMITS}
-
-
-def settlement(identity: Identity, limits: Mapping[str, int], total_tokens: int) -> Request | None:
-    descriptors = [_descriptor(identity, kind, value, total_tokens) for kind, value in limits.items() if kind in TOKEN_LIMITS]
-    return Request(DOMAIN, tuple(descriptors)) if descriptors and total_tokens > 0 else None

@@ -9,6 +9,7 @@ million tokens, so a token costs `price` micro-units.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -88,6 +89,33 @@ def quota_charges(quota: ArksQuota, model: str, prompt: int, completion: int, ad
     ]
 
 
+TOKEN_WINDOWS = {"tpm": 60, "tpd": 86400}
+
+
+def token_rate_key(identity: Identity, kind: str, now: float) -> tuple[str, float]:
+    """The budget of a tokens-per-window limit for the window holding `now`, and its end."""
+    window = TOKEN_WINDOWS[kind]
+    start = int(now) // window * window
+    return f"{kind}/{identity.namespace}/{identity.user}/{identity.model}/{start}", float(start + window)
+
+
+def token_rate_leases(identity: Identity, limits: Mapping[str, int], amount: int, now: float) -> list[Lease]:
+    """tpm/tpd as budgets: reserve the request's estimated tokens in the current window."""
+    leases = []
+    for kind, value in limits.items():
+        key, end = token_rate_key(identity, kind, now)
+        leases.append(Lease(key, value, amount, end + GRACE.total_seconds()))
+    return leases
+
+
+def token_rate_charges(identity: Identity, limits: Mapping[str, int], tokens: int, admitted: float) -> list[Charge]:
+    charges = []
+    for kind in limits:
+        key, end = token_rate_key(identity, kind, admitted)
+        charges.append(Charge(key, tokens, end + GRACE.total_seconds()))
+    return charges
+
+
 def concurrency_key(identity: Identity) -> str:
     return f"concurrency/{identity.namespace}/{identity.user}/{identity.model}"
 
@@ -105,6 +133,16 @@ class Refusal:
 def refusal(key: str, used: int, leased: int, limit: int, now: datetime) -> Refusal:
     if key.startswith("concurrency/"):
         return Refusal(429, "rate_limit_exceeded", f"Too many concurrent requests: the limit is {limit}.", 1)
+    kind = key.split("/", 1)[0]
+    if kind in TOKEN_WINDOWS:
+        window = TOKEN_WINDOWS[kind]
+        retry = window - int(now.timestamp()) % window
+        per = "minute" if kind == "tpm" else "day"
+        return Refusal(
+            429, "rate_limit_exceeded",
+            f"Token rate limit reached: {limit} tokens per {per}; {used} used and {leased} reserved "
+            f"in this {per}. Try again in {retry} s.", retry,
+        )
     _, namespace, name, kind, period = key.split("/", 4)
     shown = (lambda v: f"{v / MICRO:.6g}") if kind == "cost" else str
     period_kind = period.split("-", 1)[0]
