@@ -8,10 +8,11 @@ million tokens, so a token costs `price` micro-units.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 from arks.api import ArksQuota, ObjectKey, Price, QuotaItem
 from extproc.decision import Identity
@@ -24,8 +25,14 @@ GRACE = timedelta(days=7)
 
 def period_bounds(period: str, now: datetime) -> tuple[datetime, datetime | None]:
     """The [start, end) of the calendar period holding `now` (UTC); `none` never ends."""
-    now = now.astimezone(UTC)
-    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    return _day_period(period, now.astimezone(UTC).date().toordinal())
+
+
+@functools.lru_cache(maxsize=64)
+def _day_period(period: str, day_ordinal: int) -> tuple[datetime, datetime | None]:
+    # Per (period, day): the same few answers serve every request of a day.
+    plain = date.fromordinal(day_ordinal)
+    day = datetime(plain.year, plain.month, plain.day, tzinfo=UTC)
     if period == "day":
         return day, day + timedelta(days=1)
     if period == "week":
@@ -39,9 +46,14 @@ def period_bounds(period: str, now: datetime) -> tuple[datetime, datetime | None
 
 
 def budget_key(quota: ObjectKey, item: QuotaItem, now: datetime) -> str:
-    start, _ = period_bounds(item.period, now)
-    period = "none" if item.period == "none" else f"{item.period}-{start:%Y-%m-%d}"
-    return f"quota/{quota.namespace}/{quota.name}/{item.type}/{period}"
+    return _budget_key(quota, item.type, item.period, now.astimezone(UTC).date().toordinal())
+
+
+@functools.lru_cache(maxsize=4096)
+def _budget_key(quota: ObjectKey, kind: str, period: str, day_ordinal: int) -> str:
+    start, _ = _day_period(period, day_ordinal)
+    label = "none" if period == "none" else f"{period}-{start:%Y-%m-%d}"
+    return f"quota/{quota.namespace}/{quota.name}/{kind}/{label}"
 
 
 def _expiry(item: QuotaItem, now: datetime) -> float | None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from ratelimit.backends import BackendUnavailable, CounterBackend
 from ratelimit.config import RateLimitConfig
@@ -30,6 +31,7 @@ class Limiter:
     metrics: RateLimitMetrics
     clock: Callable[[], float]
     policy: Policy = Policy()
+    _cache: dict[tuple[str, str], _Series] = field(default_factory=dict, repr=False)
 
     async def decide(self, request: Request) -> Answer:
         limits = limits_for(request, self.config().lookup)
@@ -59,7 +61,6 @@ class Limiter:
         return Answer(True, closed, (("retry-after", "1"), ("content-type", "application/json")), body)
 
     def _count(self, request: Request, decided: Answer) -> None:
-        m = self.metrics
         for descriptor, status in zip(request.descriptors, decided.statuses, strict=True):
             limit = status.limit
             if limit is None:
@@ -67,13 +68,31 @@ class Limiter:
             key = limit.stats_key or "override"
             if limit.detailed_metric:
                 key = ".".join(f"{k}_{v}" for k, v in descriptor.entries)
-            labels = (request.domain, key)
-            m.hits.labels(*labels).inc(max(1, request.hits_addend) if descriptor.hits is None else descriptor.hits)
+            series = self._series(request.domain, key)
+            series.hits.inc(max(1, request.hits_addend) if descriptor.hits is None else descriptor.hits)
             if status.over_limit:
-                m.over_limit.labels(*labels).inc()
+                series.over_limit.inc()
             elif status.shadowed:
-                m.shadow_mode.labels(*labels).inc()
+                series.shadow_mode.inc()
             else:
-                m.within_limit.labels(*labels).inc()
+                series.within_limit.inc()
                 if status.near_limit:
-                    m.near_limit.labels(*labels).inc()
+                    series.near_limit.inc()
+
+    def _series(self, domain: str, key: str) -> _Series:
+        """One key's counters, looked up once: labels() costs microseconds on every call."""
+        found = self._cache.get((domain, key))
+        if found is None:
+            m = self.metrics
+            found = self._cache[(domain, key)] = _Series(
+                *(c.labels(domain, key) for c in (m.hits, m.over_limit, m.near_limit, m.within_limit, m.shadow_mode))
+            )
+        return found
+
+
+class _Series(NamedTuple):
+    hits: Any
+    over_limit: Any
+    near_limit: Any
+    within_limit: Any
+    shadow_mode: Any

@@ -214,11 +214,31 @@ def bench_policy(engine_port: int, token: str) -> str:
                 ]
             },
         },
+        # The full path (DESIGN §6): every kind of limit and a quota configured, none ever reached.
+        {
+            "apiVersion": "arks.ai/v1",
+            "kind": "ArksQuota",
+            "metadata": {"name": "bench", "namespace": "default"},
+            "spec": {"quotas": [{"type": "total", "value": 10**15, "period": "month"}]},
+        },
         {
             "apiVersion": "arks.ai/v1",
             "kind": "ArksToken",
             "metadata": {"name": "bench", "namespace": "default"},
-            "spec": {"tokenHash": token_digest(token), "qos": [{"arksEndpoint": {"name": MODEL}}]},
+            "spec": {
+                "tokenHash": token_digest(token),
+                "qos": [
+                    {
+                        "arksEndpoint": {"name": MODEL},
+                        "rateLimits": [
+                            {"type": "rpm", "value": 10**9},
+                            {"type": "tpm", "value": 10**12},
+                            {"type": "concurrency", "value": 10**6},
+                        ],
+                        "quota": {"name": "bench"},
+                    }
+                ],
+            },
         },
     ]
     return yaml.safe_dump_all(docs, sort_keys=False)
