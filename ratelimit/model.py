@@ -67,3 +67,10 @@ class Outcome:
     remaining: int  # never negative
     reset_s: float  # seconds until the counter has room again (fixed window: until the window ends)
     used: int  # the count (or equivalent cost) in the window after this hit
+
+
+class BackendUnavailable(Exception):
+    """The store could not be reached or did not answer in time; the cause is chained.
+
+    The service decides what that means (fail open or closed); backends never guess.
+    """

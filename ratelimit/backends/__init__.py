@@ -9,14 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from ratelimit.model import Hit, Outcome
-
-
-class BackendUnavailable(Exception):
-    """The store could not be reached or did not answer in time; the cause is chained.
-
-    The service decides what that means (fail open or closed); backends never guess.
-    """
+from ratelimit.model import BackendUnavailable, Hit, Outcome
 
 
 class CounterBackend(Protocol):

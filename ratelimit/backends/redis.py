@@ -7,19 +7,14 @@ backend does.
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
-from ratelimit.backends import BackendUnavailable
 from ratelimit.model import Algorithm, Hit, Outcome
+from ratelimit.redis_client import Script, answer_within, connect, run
 from ratelimit.window import (
     Instant,
     counter_key,
@@ -78,7 +73,7 @@ end
 return replies
 """
 
-SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
+_SCRIPT = Script.of(SCRIPT)
 
 _ALGORITHM_ARG = {Algorithm.FIXED_WINDOW: "fixed", Algorithm.GCRA: "gcra"}
 
@@ -101,18 +96,7 @@ class RedisBackend:
     ) -> None:
         self._prefix = prefix
         self._timeout_s = timeout_s
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout_s,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            # One immediate retry on a dropped connection (e.g. a pooled one Redis closed while
-            # restarting): the command almost surely never ran. Never on timeouts: the script
-            # may have run, and a retry would charge twice.
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        )
-        self._redis: Redis = Redis.from_pool(pool)
+        self._redis: Redis = connect(url, timeout_s, max_connections)
 
     async def apply(self, hits: Sequence[Hit], now: float) -> list[Outcome]:
         if not hits:
@@ -124,23 +108,15 @@ class RedisBackend:
         args: list[str | int] = [at.seconds, repr(at.fraction)]
         for hit in hits:
             args += [_ALGORITHM_ARG[hit.algorithm], hit.hits, hit.limit, hit.window_s]
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                replies = await self._run(keys, args)
-        except (RedisError, OSError, TimeoutError) as e:
-            detail = str(e) or f"no answer within {self._timeout_s} s"
-            raise BackendUnavailable(f"redis counters: {type(e).__name__}: {detail}") from e
+        async with answer_within(self._timeout_s, "counters"):
+            replies = await self._run(keys, args)
         return [_outcome(hit, reply, now) for hit, reply in zip(hits, replies, strict=True)]
 
     async def close(self) -> None:
         await self._redis.aclose()
 
     async def _run(self, keys: list[str], args: list[str | int]) -> list[Any]:
-        try:
-            replies = await self._redis.evalsha(SCRIPT_SHA, len(keys), *keys, *args)
-        except NoScriptError:
-            # First call against this server (or it restarted): EVAL also caches the script.
-            replies = await self._redis.eval(SCRIPT, len(keys), *keys, *args)
+        replies = await run(self._redis, _SCRIPT, keys, args)
         if not isinstance(replies, list) or len(replies) != len(keys):
             raise RedisError(f"unexpected script reply: {replies!r}")
         return replies

@@ -16,21 +16,15 @@ clock: an idle budget without `expires_at` leaves nothing behind but its used to
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import math
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
-from typing import Any, NamedTuple
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
-from ratelimit.backends import BackendUnavailable
 from ratelimit.budgets import Admission, Charge, Lease
 from ratelimit.budgets.room import (
     NOTHING_TO_ADMIT,
@@ -39,6 +33,7 @@ from ratelimit.budgets.room import (
     check_settle,
     merge_leases,
 )
+from ratelimit.redis_client import Script, answer_within, connect, run
 
 SUFFIXES = (":used", ":leased", ":leases", ":expiry")  # none ends another: names never collide
 
@@ -177,16 +172,7 @@ return {restored, ARGV[2]}
 """
 
 
-class _Script(NamedTuple):
-    text: str
-    sha: str
-
-
-def _script(text: str) -> _Script:
-    return _Script(text, hashlib.sha1(text.encode()).hexdigest())
-
-
-_ADMIT, _SETTLE, _RESTORE = _script(ADMIT), _script(SETTLE), _script(RESTORE)
+_ADMIT, _SETTLE, _RESTORE = Script.of(ADMIT), Script.of(SETTLE), Script.of(RESTORE)
 
 
 class RedisBudgets:
@@ -208,17 +194,7 @@ class RedisBudgets:
         self._prefix = prefix
         self._timeout_s = timeout_s
         self._generation: str | None = None  # the store's generation marker as last seen
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout_s,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            # One immediate retry on a dropped connection only (see RedisBackend): after a
-            # timeout the script may have run, and settling twice would charge twice.
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        )
-        self._redis: Redis = Redis.from_pool(pool)
+        self._redis: Redis = connect(url, timeout_s, max_connections)
 
     async def admit(
         self, request_id: str, leases: Sequence[Lease], ttl_s: float, now: float
@@ -283,22 +259,11 @@ class RedisBudgets:
     def _names(self, key: str) -> list[str]:
         return [self._prefix + key + suffix for suffix in SUFFIXES]
 
-    @asynccontextmanager
-    async def _answer(self, what: str) -> AsyncIterator[None]:
-        """Bound the block by the timeout; any failure to get an answer is unavailability."""
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                yield
-        except (RedisError, OSError, TimeoutError) as e:
-            detail = str(e) or f"no answer within {self._timeout_s} s"
-            raise BackendUnavailable(f"redis budgets ({what}): {type(e).__name__}: {detail}") from e
+    def _answer(self, what: str) -> AbstractAsyncContextManager[None]:
+        return answer_within(self._timeout_s, f"budgets ({what})")
 
-    async def _run(self, script: _Script, keys: list[str], args: Sequence[str | int]) -> Any:
-        try:
-            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            # First call against this server (or it restarted): EVAL also caches the script.
-            return await self._redis.eval(script.text, len(keys), *keys, *args)
+    async def _run(self, script: Script, keys: list[str], args: Sequence[str | int]) -> Any:
+        return await run(self._redis, script, keys, args)
 
 
 def _ms(expires_at: float | None) -> str | int:

@@ -7,6 +7,7 @@ read usage from the gateway's metrics, as an operator would.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from arks.api import token_digest
 from arks.procs import Supervisor, free_port, wait_http
 from arks.stack import LocalStack, StackSettings
 from tests.objects import backend, endpoint, token
+from tests.redis_server import PrivateRedis
 
 ALICE = "sk-arks-test-alice-5f1c0e0d9b8a"
 BOB = "sk-arks-test-bob-77aa31c4e2d0"
@@ -154,3 +156,15 @@ def running_stack(
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with running_stack(tmp_path_factory.mktemp("stack")) as running:
         yield running
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not on PATH (install Debian's redis-server)")
+    server = PrivateRedis()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()

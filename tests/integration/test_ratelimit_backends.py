@@ -7,13 +7,9 @@ run their own redis-server on a free port and never touch the shared one.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import signal
-import socket
-import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
@@ -21,6 +17,7 @@ from redis.asyncio import Redis
 
 from ratelimit.backends import BackendUnavailable, CounterBackend, MemoryBackend, RedisBackend
 from ratelimit.model import Algorithm, Hit
+from tests.redis_server import PrivateRedis
 
 SHARED_REDIS = "redis://127.0.0.1:6379"
 T0 = 1_700_000_040.0  # a window start for 10 s and 60 s windows
@@ -213,66 +210,6 @@ async def test_memory_backend_drops_expired_entries() -> None:
 
 
 # Outages of a private redis-server --------------------------------------------------------------
-
-
-class PrivateRedis:
-    """A throwaway redis-server on a free port: started, killed, paused by the test."""
-
-    def __init__(self) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
-        args += ["--save", "", "--appendonly", "no"]  # nothing on disk
-        self.proc = subprocess.Popen(
-            args,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.kill()
-                raise RuntimeError(f"redis-server did not start on port {self.port}")
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)  # a paused server must be able to die
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-        self.proc = None
-
-    def pause(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
-
-
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    if shutil.which("redis-server") is None:
-        pytest.fail("redis-server is not on PATH (install Debian's redis-server)")
-    server = PrivateRedis()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 OUTAGE_TIMEOUT_S = 0.3
