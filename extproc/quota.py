@@ -84,10 +84,16 @@ def cost_of(item: QuotaItem, prompt: int, completion: int, price: Price | None) 
     return math.ceil(prompt * price.input + completion * price.output)
 
 
+def _lease(key: str, limit: int, amount: int, expires_at: float | None) -> Lease:
+    # A reservation larger than the whole budget could never be admitted: cap it, so such a
+    # request still runs when the budget is untouched (and overshoots by at most its excess).
+    return Lease(key, limit, min(amount, limit), expires_at)
+
+
 def quota_leases(quota: ArksQuota, model: str, prompt: int, completion: int, now: datetime) -> list[Lease]:
     price = price_for(quota, model)
     return [
-        Lease(budget_key(quota.key, item, now), limit_units(item), cost_of(item, prompt, completion, price), _expiry(item, now))
+        _lease(budget_key(quota.key, item, now), limit_units(item), cost_of(item, prompt, completion, price), _expiry(item, now))
         for item in quota.quotas
     ]
 
@@ -116,7 +122,7 @@ def token_rate_leases(identity: Identity, limits: Mapping[str, int], amount: int
     leases = []
     for kind, value in limits.items():
         key, end = token_rate_key(identity, kind, now)
-        leases.append(Lease(key, value, amount, end + GRACE.total_seconds()))
+        leases.append(_lease(key, value, amount, end + GRACE.total_seconds()))
     return leases
 
 

@@ -15,6 +15,7 @@ from extproc.quota import (
     quota_charges,
     quota_leases,
     refusal,
+    token_rate_leases,
 )
 
 T = datetime(2026, 11, 27, 15, 30, tzinfo=UTC)  # a Friday
@@ -65,3 +66,11 @@ def test_refusals_say_which_budget_and_until_when() -> None:
     assert why.retry_after_s == 8.5 * 3600
     slots = refusal(concurrency_key(Identity("default", "u", "m")), 0, 2, 2, T)
     assert slots.code == "rate_limit_exceeded" and slots.retry_after_s == 1
+
+
+def test_a_reservation_bigger_than_the_budget_is_capped_so_it_can_run_on_an_untouched_budget() -> None:
+    small = ArksQuota(TEAM, (QuotaItem("total", 500, "day"),))
+    (lease,) = quota_leases(small, "m", 20, 1024, T)
+    assert (lease.limit, lease.amount) == (500, 500)
+    (rate,) = token_rate_leases(Identity("default", "u", "m"), {"tpm": 300}, 1044, T.timestamp())
+    assert (rate.limit, rate.amount) == (300, 300)
