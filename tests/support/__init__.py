@@ -1,0 +1,1 @@
+"""Test-only support code: emulated external systems the integration tests talk to."""
