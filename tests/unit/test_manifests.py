@@ -12,13 +12,18 @@ BASE = Path(__file__).resolve().parents[2] / "manifests" / "base"
 KUBERNETES = "1.33.0"
 
 
-def documents() -> list[tuple[str, dict]]:
-    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+def documents(directory: Path = BASE) -> list[tuple[str, dict]]:
+    """Every object `kubectl apply -k` would send, following nested kustomizations."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
     out = []
     for resource in kustomization["resources"]:
-        for i, doc in enumerate(yaml.safe_load_all((BASE / resource).read_text())):
+        path = (directory / resource).resolve()
+        if path.is_dir():
+            out.extend(documents(path))
+            continue
+        for i, doc in enumerate(yaml.safe_load_all(path.read_text())):
             if doc:
-                out.append((f"{resource}#{i} {doc['kind']}/{doc['metadata']['name']}", doc))
+                out.append((f"{path.name}#{i} {doc['kind']}/{doc['metadata']['name']}", doc))
     return out
 
 

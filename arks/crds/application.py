@@ -1,0 +1,244 @@
+"""ArksApplication and ArksDisaggregatedApplication: engine deployments of a model."""
+
+from __future__ import annotations
+
+from arks.crds.render import Column, Kind, Scale
+from arks.crds.schema import (
+    NAME_PATTERN,
+    Schema,
+    array,
+    conditions,
+    integer,
+    map_of,
+    obj,
+    object_ref,
+    observed_generation,
+    passthrough,
+    rule,
+    string,
+)
+
+RUNTIMES = ("vllm", "sglang", "dynamo")
+DISAGGREGATED_RUNTIMES = ("sglang", "dynamo")
+PHASES = ("Pending", "Checking", "Loading", "Creating", "Running", "Failed")
+METRICS = ("waitingRequests", "kvCacheUsage", "cpu")
+
+# Every one of the `size` nodes of a replica runs an equal share of the engine's ranks.
+RANKS_SPREAD_EVENLY = "(self.tensorParallelSize * self.pipelineParallelSize) % self.size == 0"
+MIN_NOT_ABOVE_MAX = "self.minReplicas <= self.maxReplicas"
+
+
+def instance_spec() -> Schema:
+    """Pod template bits; Kubernetes types are passed through as given."""
+    return obj(
+        {
+            "resources": passthrough(
+                "Container resources (corev1.ResourceRequirements), e.g. nvidia.com/gpu limits."
+            ),
+            "nodeSelector": map_of(string(), "Node labels the engine pods must match."),
+            "tolerations": array(
+                passthrough("A corev1.Toleration."), "Tolerations of the engine pods."
+            ),
+            "affinity": passthrough("corev1.Affinity of the engine pods."),
+            "env": array(
+                obj(
+                    {"name": string("Variable name.", min_length=1)},
+                    "A corev1.EnvVar.",
+                    required=["name"],
+                    preserve_unknown=True,
+                ),
+                "Extra environment of the engine container.",
+                map_keys=["name"],
+            ),
+            "annotations": map_of(string(), "Extra annotations of the engine pods."),
+            "labels": map_of(string(), "Extra labels of the engine pods."),
+            "serviceAccountName": string(
+                "Service account of the engine pods.", pattern=NAME_PATTERN
+            ),
+            "volumes": array(passthrough("A corev1.Volume."), "Extra volumes of the engine pods."),
+            "volumeMounts": array(
+                passthrough("A corev1.VolumeMount."), "Extra mounts of the engine container."
+            ),
+        },
+        "Pod template bits of the engine pods.",
+    )
+
+
+def _model() -> Schema:
+    return object_ref("The ArksModel to serve, in the same namespace.")
+
+
+def _args(description: str) -> Schema:
+    return array(string(), description)
+
+
+def _parallelism(description: str) -> Schema:
+    return integer(description, minimum=1, maximum=1024, default=1)
+
+
+autoscaling = obj(
+    {
+        "minReplicas": integer("Fewest replicas.", minimum=0, default=1),
+        "maxReplicas": integer("Most replicas.", minimum=1),
+        "metrics": array(
+            obj(
+                {
+                    "type": string("What to scale on.", enum=METRICS),
+                    "target": integer(
+                        "Target per replica: waiting requests, or a percentage for kvCacheUsage and cpu.",
+                        minimum=1,
+                    ),
+                },
+                "One scaling metric.",
+                required=["type", "target"],
+                rules=[
+                    rule(
+                        "self.type == 'waitingRequests' || self.target <= 100",
+                        "kvCacheUsage and cpu targets are percentages (1-100)",
+                    )
+                ],
+            ),
+            "Metrics the replica count follows; the largest proposal wins.",
+            map_keys=["type"],
+            max_items=3,
+        ),
+    },
+    "Horizontal autoscaling of the replicas.",
+    required=["maxReplicas"],
+    rules=[rule(MIN_NOT_ABOVE_MAX, "minReplicas must not exceed maxReplicas")],
+)
+
+_replica_status = {
+    "replicas": integer("Replicas that exist.", minimum=0),
+    "readyReplicas": integer("Replicas that serve.", minimum=0),
+}
+
+application_spec = obj(
+    {
+        "runtime": string("Inference engine.", enum=RUNTIMES, default="vllm"),
+        "image": string("Engine image; empty uses the runtime's default image."),
+        "model": _model(),
+        "servedModelName": string("Model name the engine answers to; defaults to the model name."),
+        "replicas": integer("Number of engine instances.", minimum=0, default=1),
+        "size": integer(
+            "Nodes per instance; more than 1 deploys a LeaderWorkerSet.", minimum=1, default=1
+        ),
+        "tensorParallelSize": _parallelism("Tensor parallel degree of one instance."),
+        "pipelineParallelSize": _parallelism("Pipeline parallel degree of one instance."),
+        "runtimeCommonArgs": _args("Extra engine command-line arguments."),
+        "instanceSpec": instance_spec(),
+        "autoscaling": autoscaling,
+    },
+    "An engine deployment.",
+    required=["model"],
+    rules=[
+        rule(
+            RANKS_SPREAD_EVENLY,
+            "tensorParallelSize * pipelineParallelSize must be a multiple of size",
+        )
+    ],
+)
+
+application_status = obj(
+    {
+        "phase": string("Where the application is in its life cycle.", enum=PHASES),
+        "observedGeneration": observed_generation(),
+        **_replica_status,
+        "updatedReplicas": integer("Replicas running the current spec.", minimum=0),
+        "selector": string("Label selector of the engine pods, for the scale subresource."),
+        "conditions": conditions(),
+    },
+    "Observed state, written by the controller.",
+)
+
+APPLICATION = Kind(
+    kind="ArksApplication",
+    plural="arksapplications",
+    short_names=("arkapp",),
+    description="ArksApplication deploys an inference engine (vLLM, SGLang, Dynamo) serving an ArksModel.",
+    spec=application_spec,
+    status=application_status,
+    columns=(
+        Column("Model", ".spec.model.name"),
+        Column("Runtime", ".spec.runtime"),
+        Column("Phase", ".status.phase"),
+        Column("Replicas", ".status.replicas", "integer"),
+        Column("Ready", ".status.readyReplicas", "integer"),
+    ),
+    scale=Scale(),
+)
+
+
+def _group(role: str) -> Schema:
+    return obj(
+        {
+            "replicas": integer(f"Number of {role} instances.", minimum=0, default=1),
+            "size": integer("Nodes per instance.", minimum=1, default=1),
+            "tensorParallelSize": _parallelism("Tensor parallel degree of one instance."),
+            "pipelineParallelSize": _parallelism("Pipeline parallel degree of one instance."),
+            "instanceSpec": instance_spec(),
+            "runtimeCommonArgs": _args(f"Extra {role} engine arguments."),
+        },
+        f"The {role} instances.",
+        rules=[
+            rule(
+                RANKS_SPREAD_EVENLY,
+                "tensorParallelSize * pipelineParallelSize must be a multiple of size",
+            )
+        ],
+    )
+
+
+def _group_status(role: str) -> Schema:
+    return obj(_replica_status, f"Replicas of the {role} group.")
+
+
+disaggregated_spec = obj(
+    {
+        "runtime": string("Inference engine.", enum=DISAGGREGATED_RUNTIMES, default="sglang"),
+        "image": string("Engine image; empty uses the runtime's default image."),
+        "model": _model(),
+        "servedModelName": string("Model name the router answers to; defaults to the model name."),
+        "router": obj(
+            {
+                "replicas": integer("Number of routers.", minimum=0, default=1),
+                "image": string("Router image; empty uses the runtime's default router."),
+                "args": _args("Extra router arguments."),
+                "instanceSpec": instance_spec(),
+            },
+            "The router that pairs prefill and decode instances.",
+        ),
+        "prefill": _group("prefill"),
+        "decode": _group("decode"),
+    },
+    "A prefill/decode split deployment behind a router.",
+    required=["model", "prefill", "decode"],
+)
+
+disaggregated_status = obj(
+    {
+        "phase": string("Where the application is in its life cycle.", enum=PHASES),
+        "observedGeneration": observed_generation(),
+        "router": _group_status("router"),
+        "prefill": _group_status("prefill"),
+        "decode": _group_status("decode"),
+        "conditions": conditions(),
+    },
+    "Observed state, written by the controller.",
+)
+
+DISAGGREGATED_APPLICATION = Kind(
+    kind="ArksDisaggregatedApplication",
+    plural="arksdisaggregatedapplications",
+    short_names=("arkdapp",),
+    description="ArksDisaggregatedApplication deploys prefill and decode engines of one model behind a router.",
+    spec=disaggregated_spec,
+    status=disaggregated_status,
+    columns=(
+        Column("Model", ".spec.model.name"),
+        Column("Runtime", ".spec.runtime"),
+        Column("Phase", ".status.phase"),
+        Column("Prefill", ".status.prefill.readyReplicas", "integer"),
+        Column("Decode", ".status.decode.readyReplicas", "integer"),
+    ),
+)
