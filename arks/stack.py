@@ -37,6 +37,7 @@ class StackSettings:
     sim_args: tuple[str, ...] = ()
     envoy_concurrency: int = 2
     extproc_args: tuple[str, ...] = ()
+    kube_host: str | None = None  # extproc reads the policy from this API server, not the file
     envoy_log_level: str = "warning"
 
 
@@ -108,7 +109,7 @@ class LocalStack:
             extproc = self.supervisor.python(
                 "extproc",
                 "extproc",
-                "--policy", str(s.policy),
+                *(("--kube-host", s.kube_host) if s.kube_host else ("--policy", str(s.policy))),
                 "--grpc-address", f"127.0.0.1:{extproc_port}",
                 "--metrics-port", str(s.metrics_port),
                 *(("--redis", s.redis) if s.redis else ()),

@@ -20,6 +20,7 @@ from prometheus_client import disable_created_metrics, start_http_server
 
 from arks.policy import FilePolicySource
 from extproc.admission import Admission
+from extproc.cluster_policy import ClusterPolicySource
 from extproc.durability import QuotaSnapshots
 from extproc.inflight import InFlight
 from extproc.ledger import MemoryLedger
@@ -36,7 +37,9 @@ log = logging.getLogger("extproc")
 
 @dataclass(frozen=True)
 class Settings:
-    policy: Path
+    policy: Path | None = None
+    kube_host: str | None = None  # an API server URL (plain HTTP: tests); "in-cluster" or "kubeconfig"
+    kube_namespace: str | None = None  # None: every namespace
     grpc_address: str = "127.0.0.1:50051"
     metrics_port: int = 9101
     metrics_address: str = "127.0.0.1"
@@ -52,7 +55,11 @@ class Settings:
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> Settings:
         parser = argparse.ArgumentParser(prog="python -m extproc", description=__doc__)
-        parser.add_argument("--policy", type=Path, required=True, help="policy YAML file (reloaded on change)")
+        source = parser.add_mutually_exclusive_group(required=True)
+        source.add_argument("--policy", type=Path, help="policy YAML file (reloaded on change)")
+        source.add_argument("--kube-host", metavar="URL|in-cluster|kubeconfig",
+                            help="read the policy from the cluster's API server (watches)")
+        parser.add_argument("--kube-namespace", help="only this namespace (default: all)")
         parser.add_argument("--grpc-address", default=cls.grpc_address)
         parser.add_argument("--metrics-port", type=int, default=cls.metrics_port)
         parser.add_argument("--metrics-address", default=cls.metrics_address)
@@ -70,8 +77,25 @@ class Settings:
         return cls(**vars(parser.parse_args(argv)))
 
 
+def policy_source(settings: Settings) -> FilePolicySource | ClusterPolicySource:
+    if settings.policy is not None:
+        return FilePolicySource(settings.policy)
+    import kubernetes
+
+    if settings.kube_host == "in-cluster":
+        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
+        client = kubernetes.client.ApiClient()
+    elif settings.kube_host == "kubeconfig":
+        client = kubernetes.config.new_client_from_config()  # type: ignore[no-untyped-call]
+    else:
+        client = kubernetes.client.ApiClient(kubernetes.client.Configuration(host=settings.kube_host))
+    cluster = ClusterPolicySource(client, settings.kube_namespace)
+    cluster.start()
+    return cluster
+
+
 async def serve(settings: Settings) -> None:
-    source = FilePolicySource(settings.policy)
+    source = policy_source(settings)
     budgets = RedisBudgets(settings.redis) if settings.redis else MemoryBudgets()
     snapshots = QuotaSnapshots(budgets, source, settings.state_file, time.time)
     metrics = GatewayMetrics.create()
@@ -113,7 +137,7 @@ async def serve(settings: Settings) -> None:
     async def housekeeping() -> None:
         last_snapshot = 0.0
         while True:
-            await asyncio.sleep(source.interval)
+            await asyncio.sleep(0.5)
             try:
                 if source.reload_if_changed():
                     metrics.policy_reloads.inc()

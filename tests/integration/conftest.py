@@ -131,7 +131,8 @@ def base_policy(ports: dict[str, int]) -> list[dict]:
 
 @contextlib.contextmanager
 def running_stack(
-    tmp: Path, extra_documents: list[dict] = (), redis: str | None = None, extproc_args: tuple[str, ...] = ()
+    tmp: Path, extra_documents: list[dict] = (), redis: str | None = None, extproc_args: tuple[str, ...] = (),
+    kube_host: str | None = None,
 ) -> Iterator[Stack]:
     """Two simulated engines, the base policy plus `extra_documents`, and the local stack."""
     ports = {"a": free_port(), "b": free_port(), "down": free_port()}  # nothing listens on "down"
@@ -146,7 +147,7 @@ def running_stack(
         settings = StackSettings(
             policy=policy_path, state_dir=tmp / "state", port=free_port(), admin_port=free_port(),
             metrics_port=free_port(), simulate=False, redis=redis,
-            extproc_args=("--snapshot-interval-s", "0.5", *extproc_args),
+            extproc_args=("--snapshot-interval-s", "0.5", *extproc_args), kube_host=kube_host,
         )
         with LocalStack(settings) as local:
             yield Stack(local, policy_path, documents, ports)
