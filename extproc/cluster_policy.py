@@ -65,6 +65,13 @@ class ClusterPolicySource:
     def current(self) -> Policy:
         return self._policy
 
+    def status_of(self, quota: api.ArksQuota) -> Mapping[str, Any] | None:
+        """The status of an ArksQuota as the watch last saw it (the durable copy of its usage)."""
+        with self._lock:
+            obj = self._objects.get(("ArksQuota", quota.key.namespace, quota.key.name))
+        status = obj.get("status") if obj else None
+        return status if isinstance(status, Mapping) else None
+
     def reload_if_changed(self) -> bool:
         """For the housekeeping loop's metrics: whether a new snapshot was built since the last call."""
         changed = self.reloads != self._reported
@@ -168,7 +175,8 @@ class ClusterPolicySource:
         except PolicyError as err:
             log.error("policy from the cluster not applied, keeping the last good one: %s", err)
             return
-        for warning in policy.warnings:
-            log.warning("policy: %s", warning)
+        if policy.warnings != self._policy.warnings:  # status writes rebuild often: say things once
+            for warning in policy.warnings:
+                log.warning("policy: %s", warning)
         self._policy = policy
         self.reloads += 1

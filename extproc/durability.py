@@ -1,20 +1,22 @@
 """Quota usage kept somewhere durable, so that no service holds the only copy of a counter.
 
 Every few seconds the used totals of every quota's current periods are read from the budget
-store and written to a state file (atomically); the same turn puts any total the store has lost
-back (`restore` only sets missing keys). So a Redis that restarts empty — or the in-memory store
-of a restarted gateway — gets its quota usage back, less at most one interval of charges.
+store and written to a durable copy — a state file locally, `ArksQuota.status` in a cluster; the
+same turn puts any total the store has lost back. So a Redis that restarts empty — or the
+in-memory store of a restarted gateway — gets its quota usage back, less at most one interval.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, Protocol
 
+from arks.api import ArksQuota
 from arks.policy import Policy, PolicySource
 from extproc import quota
 from ratelimit.budgets import BudgetStore
@@ -26,16 +28,20 @@ def current_keys(policy: Policy, now: datetime) -> list[str]:
     return [quota.budget_key(q.key, item, now) for q in policy.quotas.values() for item in q.quotas]
 
 
-@dataclass
-class QuotaSnapshots:
-    budgets: BudgetStore
-    policy: PolicySource
-    path: Path | None
-    clock: Callable[[], float]
-    snapshot: dict[str, int] | None = None
+class DurableCopy(Protocol):
+    def load(self, policy: Policy, now: datetime) -> dict[str, int]: ...
 
-    def load(self) -> dict[str, int]:
-        if self.path is None or not self.path.exists():
+    def save(self, snapshot: Mapping[str, int], policy: Policy, now: datetime) -> None: ...
+
+
+@dataclass(frozen=True)
+class StateFile:
+    """Local mode: a JSON file, replaced atomically."""
+
+    path: Path
+
+    def load(self, policy: Policy, now: datetime) -> dict[str, int]:
+        if not self.path.exists():
             return {}
         try:
             data = json.loads(self.path.read_text())
@@ -44,20 +50,84 @@ class QuotaSnapshots:
             return {}
         return {k: int(v) for k, v in data.get("used", {}).items() if isinstance(v, int | float)}
 
+    def save(self, snapshot: Mapping[str, int], policy: Policy, now: datetime) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps({"taken_at": now.timestamp(), "used": dict(snapshot)}, indent=1, sort_keys=True))
+        tmp.replace(self.path)
+
+
+def quota_status(q: ArksQuota, snapshot: Mapping[str, int], now: datetime) -> list[dict[str, Any]]:
+    """`ArksQuota.status.quotaStatus`: each item's use in its current period, in its own units."""
+    out = []
+    for item in q.quotas:
+        used = snapshot.get(quota.budget_key(q.key, item, now), 0)
+        start, _ = quota.period_bounds(item.period, now)
+        out.append({
+            "type": item.type,
+            "period": item.period,
+            "used": used / quota.MICRO if item.type == "cost" else used,
+            "windowStart": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        })
+    return out
+
+
+@dataclass(frozen=True)
+class QuotaStatus:
+    """In a cluster: `ArksQuota.status`, which the API server keeps in etcd."""
+
+    api_client: Any
+    read_status: Callable[[ArksQuota], Mapping[str, Any] | None]  # the status the watch last saw
+
+    def load(self, policy: Policy, now: datetime) -> dict[str, int]:
+        loaded: dict[str, int] = {}
+        for q in policy.quotas.values():
+            status = self.read_status(q) or {}
+            current = {(s["type"], s["period"]): s for s in quota_status(q, {}, now)}
+            for entry in status.get("quotaStatus") or []:
+                mine = current.get((entry.get("type"), entry.get("period")))
+                if mine is None or entry.get("windowStart") != mine["windowStart"]:
+                    continue  # another period's figure: nothing to restore from it
+                item = next(i for i in q.quotas if (i.type, i.period) == (entry["type"], entry["period"]))
+                value = float(entry.get("used") or 0)
+                loaded[quota.budget_key(q.key, item, now)] = round(value * quota.MICRO) if item.type == "cost" else int(value)
+        return loaded
+
+    def save(self, snapshot: Mapping[str, int], policy: Policy, now: datetime) -> None:
+        import kubernetes
+
+        custom = kubernetes.client.CustomObjectsApi(self.api_client)
+        for q in policy.quotas.values():
+            body = {"status": {"quotaStatus": quota_status(q, snapshot, now)}}
+            try:
+                custom.patch_namespaced_custom_object_status(
+                    "arks.ai", "v1", q.key.namespace, "arksquotas", q.key.name, body
+                )
+            except kubernetes.client.ApiException as err:
+                log.warning("ArksQuota %s status not written: %s", q.key, err.reason)
+
+
+@dataclass
+class QuotaSnapshots:
+    budgets: BudgetStore
+    policy: PolicySource
+    durable: DurableCopy | None
+    clock: Callable[[], float]
+    snapshot: dict[str, int] | None = None
+
     async def turn(self) -> int:
         """Restore what the store lost, then snapshot what it has; returns how many keys came back."""
+        now = datetime.fromtimestamp(self.clock(), UTC)
+        policy = self.policy.current()
         if self.snapshot is None:
-            self.snapshot = self.load()
+            self.snapshot = self.durable.load(policy, now) if self.durable else {}
         restored = await self.budgets.restore(self.snapshot)
         if restored:
             log.warning("restored %d quota totals the budget store had lost", restored)
-        keys = current_keys(self.policy.current(), datetime.fromtimestamp(self.clock(), UTC))
+        keys = current_keys(policy, now)
         used = await self.budgets.used(keys) if keys else {}
         # Within a period `used` only grows: the larger figure is the truer one (a store that
         # restarted empty between restore and read must not zero the snapshot).
         self.snapshot = {k: max(self.snapshot.get(k, 0), v) for k, v in used.items()}
-        if self.path is not None:
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text(json.dumps({"taken_at": self.clock(), "used": self.snapshot}, indent=1, sort_keys=True))
-            tmp.replace(self.path)
+        if self.durable is not None:
+            self.durable.save(self.snapshot, policy, now)
         return restored

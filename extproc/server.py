@@ -21,7 +21,7 @@ from prometheus_client import disable_created_metrics, start_http_server
 from arks.policy import FilePolicySource
 from extproc.admission import Admission
 from extproc.cluster_policy import ClusterPolicySource
-from extproc.durability import QuotaSnapshots
+from extproc.durability import DurableCopy, QuotaSnapshots, QuotaStatus, StateFile
 from extproc.inflight import InFlight
 from extproc.ledger import MemoryLedger
 from extproc.metrics import GatewayMetrics
@@ -97,7 +97,10 @@ def policy_source(settings: Settings) -> FilePolicySource | ClusterPolicySource:
 async def serve(settings: Settings) -> None:
     source = policy_source(settings)
     budgets = RedisBudgets(settings.redis) if settings.redis else MemoryBudgets()
-    snapshots = QuotaSnapshots(budgets, source, settings.state_file, time.time)
+    durable: DurableCopy | None = StateFile(settings.state_file) if settings.state_file else None
+    if isinstance(source, ClusterPolicySource):
+        durable = QuotaStatus(source.api_client, source.status_of)
+    snapshots = QuotaSnapshots(budgets, source, durable, time.time)
     metrics = GatewayMetrics.create()
     ctx = Context(
         policy=source,

@@ -71,3 +71,29 @@ def test_a_token_held_in_a_secret(kube: RunningKubeEmulator, cluster_stack: Stac
     core.patch_namespaced_secret("dave-token", "default", {"stringData": {"token": DAVE + "-rotated"}})
     wait_for(lambda: status(cluster_stack, DAVE), lambda s: s == 401, timeout=10)
     assert status(cluster_stack, DAVE + "-rotated") == 200
+
+
+def test_quota_usage_is_written_to_the_arksquota_status(kube: RunningKubeEmulator, cluster_stack: Stack) -> None:
+    custom = kubernetes.client.CustomObjectsApi(kube.api_client())
+    custom.create_namespaced_custom_object("arks.ai", "v1", "default", "arksquotas", {
+        "apiVersion": "arks.ai/v1", "kind": "ArksQuota", "metadata": {"name": "eve-team", "namespace": "default"},
+        "spec": {"quotas": [{"type": "total", "value": 100000, "period": "month"}]},
+    })
+    eve = token("eve", ["model-a"], tokenHash=token_digest("sk-arks-test-cluster-eve-73"))
+    eve["spec"]["qos"][0]["quota"] = {"name": "eve-team"}
+    custom.create_namespaced_custom_object("arks.ai", "v1", "default", "arkstokens", eve)
+    answer = wait_for(
+        lambda: httpx.post(
+            f"{cluster_stack.url}/v1/chat/completions",
+            json={"model": "model-a", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"authorization": "Bearer sk-arks-test-cluster-eve-73"}, timeout=10,
+        ),
+        lambda r: r.status_code == 200, timeout=10,
+    )
+    total = answer.json()["usage"]["total_tokens"]
+
+    def used() -> float:
+        status = custom.get_namespaced_custom_object("arks.ai", "v1", "default", "arksquotas", "eve-team").get("status") or {}
+        return sum(entry.get("used", 0) for entry in status.get("quotaStatus", []))
+
+    assert wait_for(used, lambda u: u == total, timeout=15) == total

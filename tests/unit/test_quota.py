@@ -74,3 +74,18 @@ def test_a_reservation_bigger_than_the_budget_is_capped_so_it_can_run_on_an_unto
     assert (lease.limit, lease.amount) == (500, 500)
     (rate,) = token_rate_leases(Identity("default", "u", "m"), {"tpm": 300}, 1044, T.timestamp())
     assert (rate.limit, rate.amount) == (300, 300)
+
+
+def test_quota_status_round_trips_the_current_period_and_ignores_old_ones() -> None:
+    from arks.policy import Policy
+    from extproc.durability import QuotaStatus, quota_status
+
+    q = ArksQuota(TEAM, (QuotaItem("total", 100, "day"), QuotaItem("cost", 2, "month")))
+    key_total, key_cost = budget_key(TEAM, q.quotas[0], T), budget_key(TEAM, q.quotas[1], T)
+    status = {"quotaStatus": quota_status(q, {key_total: 42, key_cost: 1_500_000}, T)}
+    assert [e["used"] for e in status["quotaStatus"]] == [42, 1.5]  # cost in currency units
+    policy = Policy(quotas={TEAM: q})
+    durable = QuotaStatus(api_client=None, read_status=lambda _: status)
+    assert durable.load(policy, T) == {key_total: 42, key_cost: 1_500_000}
+    tomorrow = datetime(2026, 11, 28, 1, tzinfo=UTC)
+    assert durable.load(policy, tomorrow) == {key_cost: 1_500_000}  # yesterday's daily total is not today's
