@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
 import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
 
 
 class PrivateRedis:
@@ -50,3 +56,26 @@ class PrivateRedis:
     def resume(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)
+
+
+SHARED_REDIS = "redis://127.0.0.1:6379/0"
+
+
+@contextlib.asynccontextmanager
+async def fresh_prefix(namespace: str) -> AsyncIterator[str]:
+    """A key prefix of its own on the shared Redis (which must be up: CI starts it); the keys
+    under it are deleted afterwards."""
+    prefix = f"{namespace}:{uuid.uuid4().hex}:"
+    admin = Redis.from_url(SHARED_REDIS)
+    try:
+        await admin.ping()
+    except OSError as e:  # redis-py's ConnectionError is an OSError too
+        await admin.aclose()
+        pytest.fail(f"no Redis at {SHARED_REDIS} (.ci/run starts one): {e}")
+    try:
+        yield prefix
+    finally:
+        keys = [key async for key in admin.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await admin.delete(*keys)
+        await admin.aclose()

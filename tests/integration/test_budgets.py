@@ -22,9 +22,8 @@ from arks.procs import Supervisor, free_port, wait_port
 from ratelimit.backends import BackendUnavailable
 from ratelimit.budgets import Admission, BudgetStore, Charge, Lease, MemoryBudgets, RedisBudgets
 from ratelimit.budgets.room import MAX_AMOUNT
-from tests.redis_server import PrivateRedis
+from tests.redis_server import SHARED_REDIS, PrivateRedis, fresh_prefix
 
-SHARED_REDIS = "redis://127.0.0.1:6379"
 T0 = 1_700_000_000.0
 TTL = 60.0
 
@@ -43,22 +42,12 @@ async def figures(store: BudgetStore, key: str, now: float) -> tuple[int, int]:
 @asynccontextmanager
 async def shared_redis_store(prefix: str = "") -> AsyncIterator[RedisBudgets]:
     """A RedisBudgets on the shared server under a fresh prefix; its keys are deleted after."""
-    prefix = prefix or f"arks:budget:test:{uuid.uuid4().hex}:"
-    admin = Redis.from_url(SHARED_REDIS)
-    try:
-        await admin.ping()
-    except OSError as e:  # redis-py's ConnectionError is an OSError too
-        await admin.aclose()
-        pytest.fail(f"no Redis at {SHARED_REDIS} (.ci/run starts one): {e}")
-    store = RedisBudgets(SHARED_REDIS, prefix=prefix)
-    try:
-        yield store
-    finally:
-        await store.close()
-        keys = [key async for key in admin.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await admin.delete(*keys)
-        await admin.aclose()
+    async with fresh_prefix("arks:budget:test") as fresh:
+        store = RedisBudgets(SHARED_REDIS, prefix=prefix or fresh)
+        try:
+            yield store
+        finally:
+            await store.close()
 
 
 @pytest.fixture(params=["memory", "redis"])

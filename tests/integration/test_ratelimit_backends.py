@@ -17,9 +17,8 @@ from redis.asyncio import Redis
 
 from ratelimit.backends import BackendUnavailable, CounterBackend, MemoryBackend, RedisBackend
 from ratelimit.model import Algorithm, Hit
-from tests.redis_server import PrivateRedis
+from tests.redis_server import SHARED_REDIS, PrivateRedis, fresh_prefix
 
-SHARED_REDIS = "redis://127.0.0.1:6379"
 T0 = 1_700_000_040.0  # a window start for 10 s and 60 s windows
 
 FIXED = Algorithm.FIXED_WINDOW
@@ -35,22 +34,12 @@ def hit(
 @asynccontextmanager
 async def shared_redis_backend(prefix: str = "") -> AsyncIterator[RedisBackend]:
     """A RedisBackend on the shared server under a fresh prefix; its keys are deleted after."""
-    prefix = prefix or f"arks:rl:test:{uuid.uuid4().hex}:"
-    admin = Redis.from_url(SHARED_REDIS)
-    try:
-        await admin.ping()
-    except OSError as e:  # redis-py's ConnectionError is an OSError too
-        await admin.aclose()
-        pytest.fail(f"no Redis at {SHARED_REDIS} (.ci/run starts one): {e}")
-    backend = RedisBackend(SHARED_REDIS, prefix=prefix)
-    try:
-        yield backend
-    finally:
-        await backend.close()
-        keys = [key async for key in admin.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await admin.delete(*keys)
-        await admin.aclose()
+    async with fresh_prefix("arks:rl:test") as fresh:
+        backend = RedisBackend(SHARED_REDIS, prefix=prefix or fresh)
+        try:
+            yield backend
+        finally:
+            await backend.close()
 
 
 @pytest.fixture(params=["memory", "redis"])
