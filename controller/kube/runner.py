@@ -1,0 +1,100 @@
+"""Runs a reconcile function over an informer's keys with worker threads.
+
+Retry meaning comes from the exception type: TemporaryError → requeue with backoff (or its
+`delay_s`); PermanentError → log and forget until the object changes; anything else → as
+temporary. Workers take keys only while the leader elector (if any) says we lead; informers
+run regardless so a new leader starts with a warm cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from controller.kube.errors import PermanentError, TemporaryError
+from controller.kube.queue import Key, WorkQueue
+from controller.kube.watch import Informer, enqueue
+
+log = logging.getLogger(__name__)
+
+Reconcile = Callable[[Key], None]
+
+
+class Leadership(Protocol):
+    def is_leader(self) -> bool: ...
+
+
+class Controller:
+    def __init__(
+        self,
+        name: str,
+        informer: Informer,
+        reconcile: Reconcile,
+        workers: int = 1,
+        *,
+        queue: WorkQueue | None = None,
+        owned: Sequence[Informer] = (),
+        leader: Leadership | None = None,
+        poll_s: float = 0.1,
+    ) -> None:
+        self.name = name
+        self.informer = informer
+        self.queue = queue if queue is not None else WorkQueue()
+        self._reconcile = reconcile
+        self._workers = workers
+        self._owned = list(owned)  # their handlers must already enqueue into `self.queue`
+        self._leader = leader
+        self._poll_s = poll_s
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        informer.add_handler(enqueue(self.queue))
+
+    def start(self) -> None:
+        for informer in (self.informer, *self._owned):
+            informer.start()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{self.name}-worker-{i}", daemon=True)
+            for i in range(self._workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop taking keys, let running reconciles finish, then stop the informers."""
+        self._stopping.set()
+        self.queue.shutdown()
+        for thread in self._threads:
+            thread.join(timeout_s)
+        for informer in (self.informer, *self._owned):
+            informer.stop()
+
+    def _work(self) -> None:
+        while not self._stopping.is_set():
+            if self._leader is not None and not self._leader.is_leader():
+                self._stopping.wait(self._poll_s)
+                continue
+            key = self.queue.get(timeout_s=self._poll_s)
+            if key is None:
+                continue
+            try:
+                self.process(key)
+            finally:
+                self.queue.done(key)
+
+    def process(self, key: Key) -> None:
+        """Reconcile one key and apply the retry policy (the caller owns `done`)."""
+        try:
+            self._reconcile(key)
+        except TemporaryError as e:
+            delay = self.queue.add_rate_limited(key, e.delay_s)
+            log.info("%s %s: %s; retrying in %.2fs", self.name, key, e, delay)
+        except PermanentError as e:
+            log.error("%s %s: %s; not retrying until it changes", self.name, key, e)
+            self.queue.forget(key)
+        except Exception:
+            delay = self.queue.add_rate_limited(key)
+            log.exception("%s %s failed; retrying in %.2fs", self.name, key, delay)
+        else:
+            self.queue.forget(key)

@@ -1,0 +1,431 @@
+"""The controller machinery against the Kubernetes API emulator, through the real client.
+
+A toy reconcile (ArksApplication → ConfigMap child + status + event) exercises the pieces as a
+real controller will: informer → queue → worker → server-side apply → status subresource.
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from kubernetes.client import ApiClient
+from kubernetes.client.exceptions import ApiException
+
+from controller.kube import rest
+from controller.kube.apply import (
+    ensure_finalizer,
+    patch_status,
+    remove_finalizer,
+    server_side_apply,
+    set_owner,
+)
+from controller.kube.conditions import find_condition, set_condition
+from controller.kube.errors import TemporaryError
+from controller.kube.events import record_event
+from controller.kube.leader import LeaderElector
+from controller.kube.queue import Key, WorkQueue
+from controller.kube.rest import CONFIGMAPS, EVENTS, Resource
+from controller.kube.runner import Controller
+from controller.kube.watch import Informer, watch_owned
+from tests.support.kube import RunningKubeEmulator, running_kube_emulator
+
+APPS = Resource("arks.ai", "v1", "arksapplications")
+FINALIZER = "arks.ai/cleanup"
+MANAGER = "arks-controller"
+FAST = {"resync_s": 60.0, "watch_timeout_s": 1.0, "retry_s": 0.1}
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def kube() -> Iterator[RunningKubeEmulator]:
+    with running_kube_emulator() as running:
+        yield running
+
+
+@pytest.fixture
+def api(kube: RunningKubeEmulator) -> Iterator[ApiClient]:
+    with kube.api_client() as client:
+        yield client
+
+
+@pytest.fixture
+def ns() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+def eventually(check: Callable[[], Any], timeout_s: float = 5.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s}s")
+        time.sleep(0.02)
+
+
+def create_app(api: ApiClient, ns: str, name: str, **spec: Any) -> dict[str, Any]:
+    body = {"apiVersion": "arks.ai/v1", "kind": "ArksApplication", "metadata": {"name": name}}
+    return rest.request(api, "POST", APPS.path(ns), body={**body, "spec": spec})
+
+
+def get(api: ApiClient, resource: Resource, ns: str, name: str) -> dict[str, Any] | None:
+    try:
+        return rest.request(api, "GET", resource.path(ns, name))
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+# --- informer -----------------------------------------------------------------------------
+
+
+def test_informer_sees_added_modified_deleted_and_keeps_its_cache(api: ApiClient, ns: str) -> None:
+    create_app(api, ns, "before")
+    seen: list[tuple[str, str]] = []
+    informer = Informer(api, APPS, ns, **FAST)
+    informer.add_handler(lambda kind, obj: seen.append((kind, obj["metadata"]["name"])))
+    informer.start()
+    try:
+        assert informer.wait_synced(5)
+        assert informer.keys() == [(ns, "before")]
+        create_app(api, ns, "app", replicas=1)
+        rest.request(
+            api,
+            "PATCH",
+            APPS.path(ns, "app"),
+            body={"spec": {"replicas": 2}},
+            content_type=rest.MERGE_PATCH,
+        )
+        eventually(lambda: (informer.get((ns, "app")) or {}).get("spec") == {"replicas": 2})
+        rest.request(api, "DELETE", APPS.path(ns, "app"))
+        eventually(lambda: ("DELETED", "app") in seen)
+    finally:
+        informer.stop()
+
+    assert seen == [("ADDED", "before"), ("ADDED", "app"), ("MODIFIED", "app"), ("DELETED", "app")]
+    assert informer.get((ns, "app")) is None
+
+
+def test_informer_resync_re_enqueues_every_known_key(api: ApiClient, ns: str) -> None:
+    create_app(api, ns, "a")
+    create_app(api, ns, "b")
+    queue = WorkQueue()
+    informer = Informer(api, APPS, ns, **{**FAST, "resync_s": 0.2})
+    informer.add_handler(lambda kind, obj: queue.add((ns, obj["metadata"]["name"])))
+    informer.start()
+    try:
+        assert informer.wait_synced(5)
+        first = {queue.get(1), queue.get(1)}
+        for key in first:
+            assert key is not None
+            queue.done(key)
+        again = {queue.get(2), queue.get(2)}  # nothing changed: only the resync adds them
+    finally:
+        informer.stop()
+
+    assert first == again == {(ns, "a"), (ns, "b")}
+
+
+# --- a toy controller ---------------------------------------------------------------------
+
+
+class ToyReconciler:
+    """ArksApplication → ConfigMap `<name>-config`, a Ready condition and an event."""
+
+    def __init__(self, api: ApiClient, informer: Informer) -> None:
+        self.api = api
+        self.informer = informer
+        self.calls: list[Key] = []
+
+    def __call__(self, key: Key) -> None:
+        self.calls.append(key)
+        namespace, name = key
+        app = get(self.api, APPS, namespace, name)  # read fresh, the cache may lag our writes
+        if app is None:
+            return
+        if app["metadata"].get("deletionTimestamp"):
+            remove_finalizer(self.api, APPS, app, FINALIZER)
+            return
+        app = ensure_finalizer(self.api, APPS, app, FINALIZER)
+        child = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": f"{name}-config", "namespace": namespace},
+            "data": {"replicas": str(app["spec"].get("replicas", 1))},
+        }
+        server_side_apply(self.api, CONFIGMAPS, set_owner(child, app), MANAGER)
+        conditions = set_condition(
+            (app.get("status") or {}).get("conditions"),
+            "Ready",
+            "True",
+            "Applied",
+            "config applied",
+            app["metadata"]["generation"],
+            datetime.datetime.now(datetime.UTC),
+        )
+        if conditions != (app.get("status") or {}).get("conditions"):
+            patch_status(self.api, APPS, namespace, name, {"conditions": conditions})
+            record_event(self.api, app, "Normal", "Applied", "config applied", MANAGER)
+
+
+@pytest.fixture
+def toy(api: ApiClient, ns: str) -> Iterator[tuple[Controller, ToyReconciler]]:
+    queue = WorkQueue(max_delay_s=0.5)
+    informer = Informer(api, APPS, ns, **FAST)
+    children = watch_owned(api, CONFIGMAPS, queue, "arks.ai/v1", "ArksApplication", ns, **FAST)
+    reconciler = ToyReconciler(api, informer)
+    controller = Controller("toy", informer, reconciler, workers=2, queue=queue, owned=[children])
+    controller.start()
+    try:
+        yield controller, reconciler
+    finally:
+        controller.stop()
+
+
+def test_reconcile_applies_an_owned_child_sets_status_and_records_an_event(
+    api: ApiClient, ns: str, toy: tuple[Controller, ToyReconciler]
+) -> None:
+    app = create_app(api, ns, "llama", replicas=3)
+
+    child = eventually(lambda: get(api, CONFIGMAPS, ns, "llama-config"))
+    status = eventually(lambda: (get(api, APPS, ns, "llama") or {}).get("status"))
+
+    assert child["data"] == {"replicas": "3"}
+    (ref,) = child["metadata"]["ownerReferences"]
+    assert (ref["kind"], ref["name"], ref["uid"]) == (
+        "ArksApplication",
+        "llama",
+        app["metadata"]["uid"],
+    )
+    assert ref["controller"] is True and ref["blockOwnerDeletion"] is True
+    ready = find_condition(status["conditions"], "Ready")
+    assert ready is not None and (ready["status"], ready["observedGeneration"]) == ("True", 1)
+    events = rest.request(api, "GET", EVENTS.path(ns))["items"]
+    assert [(e["reason"], e["involvedObject"]["name"]) for e in events] == [("Applied", "llama")]
+
+
+def test_reconciling_twice_changes_nothing(
+    api: ApiClient, ns: str, toy: tuple[Controller, ToyReconciler]
+) -> None:
+    _, reconciler = toy
+    create_app(api, ns, "llama", replicas=1)
+    eventually(lambda: (get(api, APPS, ns, "llama") or {}).get("status"))
+    time.sleep(0.3)  # let the wake-ups from our own writes settle
+    child_rv = get(api, CONFIGMAPS, ns, "llama-config")["metadata"]["resourceVersion"]  # type: ignore[index]
+    app_rv = get(api, APPS, ns, "llama")["metadata"]["resourceVersion"]  # type: ignore[index]
+
+    reconciler((ns, "llama"))
+    reconciler((ns, "llama"))
+
+    assert get(api, CONFIGMAPS, ns, "llama-config")["metadata"]["resourceVersion"] == child_rv  # type: ignore[index]
+    assert get(api, APPS, ns, "llama")["metadata"]["resourceVersion"] == app_rv  # type: ignore[index]
+
+
+def test_a_deleted_child_is_recreated_through_the_owned_watch(
+    api: ApiClient, ns: str, toy: tuple[Controller, ToyReconciler]
+) -> None:
+    create_app(api, ns, "llama")
+    old = eventually(lambda: get(api, CONFIGMAPS, ns, "llama-config"))
+
+    rest.request(api, "DELETE", CONFIGMAPS.path(ns, "llama-config"))
+
+    new = eventually(
+        lambda: (
+            (c := get(api, CONFIGMAPS, ns, "llama-config"))
+            and c["metadata"]["uid"] != old["metadata"]["uid"]
+            and c
+        )
+    )
+    assert new["data"] == old["data"]
+
+
+def test_a_spec_change_is_reconciled_into_the_child(
+    api: ApiClient, ns: str, toy: tuple[Controller, ToyReconciler]
+) -> None:
+    create_app(api, ns, "llama", replicas=1)
+    eventually(lambda: get(api, CONFIGMAPS, ns, "llama-config"))
+
+    rest.request(
+        api,
+        "PATCH",
+        APPS.path(ns, "llama"),
+        body={"spec": {"replicas": 4}},
+        content_type=rest.MERGE_PATCH,
+    )
+
+    eventually(
+        lambda: (get(api, CONFIGMAPS, ns, "llama-config") or {}).get("data") == {"replicas": "4"}
+    )
+
+
+def test_the_finalizer_holds_deletion_until_the_reconcile_removes_it(
+    api: ApiClient, ns: str, toy: tuple[Controller, ToyReconciler]
+) -> None:
+    create_app(api, ns, "llama")
+    eventually(
+        lambda: (
+            FINALIZER
+            in (get(api, APPS, ns, "llama") or {}).get("metadata", {}).get("finalizers", [])
+        )
+    )
+    eventually(lambda: get(api, CONFIGMAPS, ns, "llama-config"))
+
+    rest.request(api, "DELETE", APPS.path(ns, "llama"))
+
+    eventually(lambda: get(api, APPS, ns, "llama") is None)
+    # The child's cascade is the garbage collector's job, not the controller's; the emulator
+    # does not cascade deletions completed by removing the last finalizer, so it is not checked.
+
+
+def test_a_conflict_is_a_temporary_error_that_is_retried_until_it_succeeds(
+    api: ApiClient, ns: str
+) -> None:
+    stale = create_app(api, ns, "llama", replicas=1)
+    rest.request(
+        api,
+        "PATCH",
+        APPS.path(ns, "llama"),
+        body={"spec": {"replicas": 2}},
+        content_type=rest.MERGE_PATCH,
+    )
+    errors: list[Exception] = []
+
+    def reconcile(key: Key) -> None:
+        obj = stale if not errors else get(api, APPS, *key)
+        assert obj is not None
+        try:
+            ensure_finalizer(api, APPS, obj, FINALIZER)
+        except TemporaryError as e:
+            errors.append(e)
+            raise
+
+    informer = Informer(api, APPS, ns, **FAST)
+    controller = Controller("conflict", informer, reconcile, queue=WorkQueue(max_delay_s=0.2))
+    controller.start()
+    try:
+        eventually(
+            lambda: (
+                FINALIZER in (get(api, APPS, ns, "llama") or {})["metadata"].get("finalizers", [])
+            )
+        )
+    finally:
+        controller.stop()
+
+    assert len(errors) == 1 and "409" in str(errors[0])
+    assert controller.queue.num_requeues((ns, "llama")) == 0  # success reset the backoff
+
+
+def test_a_permanent_error_is_not_retried(api: ApiClient, ns: str) -> None:
+    from controller.kube.errors import PermanentError
+
+    calls: list[Key] = []
+
+    def reconcile(key: Key) -> None:
+        calls.append(key)
+        raise PermanentError("spec names an unknown runtime")
+
+    create_app(api, ns, "bad")
+    informer = Informer(api, APPS, ns, **FAST)
+    controller = Controller("permanent", informer, reconcile)
+    controller.start()
+    try:
+        eventually(lambda: calls)
+        time.sleep(0.3)
+    finally:
+        controller.stop()
+
+    assert calls == [(ns, "bad")]
+
+
+def test_events_for_the_same_occurrence_aggregate_into_one_with_a_count(
+    api: ApiClient, ns: str
+) -> None:
+    app = create_app(api, ns, "llama")
+
+    record_event(api, app, "Warning", "Degraded", "1/2 replicas ready", MANAGER)
+    record_event(api, app, "Warning", "Degraded", "1/2 replicas ready", MANAGER)
+    record_event(api, app, "Normal", "Ready", "2/2 replicas ready", MANAGER)
+
+    events = rest.request(api, "GET", EVENTS.path(ns))["items"]
+    assert sorted((e["reason"], e["count"]) for e in events) == [("Degraded", 2), ("Ready", 1)]
+    assert all(e["involvedObject"]["uid"] == app["metadata"]["uid"] for e in events)
+
+
+# --- leader election ----------------------------------------------------------------------
+
+
+def test_exactly_one_elector_leads_and_the_other_takes_over_when_it_stops(
+    api: ApiClient, ns: str
+) -> None:
+    electors = [
+        LeaderElector(api, ns, "arks-controller", identity, lease_s=1.0, renew_s=0.1)
+        for identity in ("a", "b")
+    ]
+    for elector in electors:
+        elector.start()
+    try:
+        leader = eventually(lambda: next((e for e in electors if e.is_leader()), None))
+        for _ in range(10):  # it stays so while it renews
+            assert [e.is_leader() for e in electors].count(True) == 1
+            assert leader.is_leader()
+            time.sleep(0.05)
+        follower = next(e for e in electors if e is not leader)
+
+        leader.stop()
+
+        assert follower.wait_leader(3)
+        assert not leader.is_leader()
+        lease = rest.request(api, "GET", rest.LEASES.path(ns, "arks-controller"))
+        assert lease["spec"]["holderIdentity"] == follower.identity
+        assert lease["spec"]["leaseTransitions"] == 1
+    finally:
+        for elector in electors:
+            elector.stop()
+
+
+def test_a_follower_takes_over_an_expired_lease_of_a_crashed_leader(
+    api: ApiClient, ns: str
+) -> None:
+    crashed = LeaderElector(api, ns, "lease", "crashed", lease_s=1.0, renew_s=0.1)
+    assert crashed.try_acquire_or_renew()  # then never renews again
+    follower = LeaderElector(api, ns, "lease", "follower", lease_s=1.0, renew_s=0.1)
+
+    assert not follower.try_acquire_or_renew()
+    started = time.monotonic()
+    eventually(follower.try_acquire_or_renew, timeout_s=3)
+
+    assert time.monotonic() - started >= 0.9  # not before the lease's duration
+    assert not crashed.try_acquire_or_renew()  # its renewal now fails: it stops leading
+
+
+def test_workers_reconcile_only_while_leading(api: ApiClient, ns: str) -> None:
+    create_app(api, ns, "llama")
+    calls: list[Key] = []
+
+    class Switch:
+        leading = threading.Event()
+
+        def is_leader(self) -> bool:
+            return self.leading.is_set()
+
+    switch = Switch()
+    informer = Informer(api, APPS, ns, **FAST)
+    controller = Controller("gated", informer, calls.append, leader=switch, poll_s=0.02)
+    controller.start()
+    try:
+        assert informer.wait_synced(5)
+        time.sleep(0.2)
+        assert calls == []
+        switch.leading.set()
+        eventually(lambda: calls == [(ns, "llama")])
+    finally:
+        controller.stop()
