@@ -282,8 +282,8 @@ def test_the_finalizer_holds_deletion_until_the_reconcile_removes_it(
     rest.request(api, "DELETE", APPS.path(ns, "llama"))
 
     eventually(lambda: get(api, APPS, ns, "llama") is None)
-    # The child's cascade is the garbage collector's job, not the controller's; the emulator
-    # does not cascade deletions completed by removing the last finalizer, so it is not checked.
+    # and the garbage collector takes the owned child with it
+    eventually(lambda: get(api, CONFIGMAPS, ns, "llama-config") is None)
 
 
 def test_a_conflict_is_a_temporary_error_that_is_retried_until_it_succeeds(

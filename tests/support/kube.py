@@ -495,7 +495,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
         new["metadata"]["resourceVersion"] = self._next_rv()
         self._store(path, new, "MODIFIED")
         if new["metadata"].get("deletionTimestamp") and not new["metadata"].get("finalizers"):
-            self._remove(path, new)  # the last finalizer is gone: the deletion completes
+            self._remove(path, new)  # the last finalizer is gone: the deletion completes …
+            self._collect_garbage(new, orphan=False)  # … and its dependents go with it
         return new
 
     def _delete(self, path: ObjectPath, options: Obj) -> Obj:
