@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,8 +14,9 @@ import uvloop
 from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import disable_created_metrics, start_http_server
+from prometheus_client import start_http_server
 
+from arks.lifecycle import every, run_until_signalled, setup_process
 from arks.policy import FilePolicySource
 from extproc.admission import Admission
 from extproc.cluster_policy import ClusterPolicySource
@@ -137,37 +136,30 @@ async def serve(settings: Settings) -> None:
     start_http_server(settings.metrics_port, settings.metrics_address, registry=metrics.registry)
     log.info("extproc serving gRPC on %s, metrics on %s:%d", settings.grpc_address, settings.metrics_address, settings.metrics_port)
 
-    async def housekeeping() -> None:
-        last_snapshot = 0.0
-        while True:
-            await asyncio.sleep(0.5)
-            try:
-                if source.reload_if_changed():
-                    metrics.policy_reloads.inc()
-                if lost := await ctx.expire_unreported():
-                    log.warning("%d admitted requests had no access-log entry; charged their estimate", lost)
-                await ctx.admission.retry_unsettled()
-                if time.monotonic() - last_snapshot >= settings.snapshot_interval_s:
-                    last_snapshot = time.monotonic()
-                    await snapshots.turn()
-            except BackendUnavailable as err:
-                log.warning("housekeeping: the counter store is unavailable (%s); retrying", err)
-            except Exception:  # this loop must outlive any one bad turn (disk full …)
-                log.exception("housekeeping failed; retrying")
+    last_snapshot = 0.0
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    watcher = asyncio.create_task(housekeeping())
-    await stop.wait()
-    watcher.cancel()
-    await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace=2)
+    async def housekeeping() -> None:
+        nonlocal last_snapshot
+        try:
+            if source.reload_if_changed():
+                metrics.policy_reloads.inc()
+            if lost := await ctx.expire_unreported():
+                log.warning("%d admitted requests had no access-log entry; charged their estimate", lost)
+            await ctx.admission.retry_unsettled()
+            if time.monotonic() - last_snapshot >= settings.snapshot_interval_s:
+                last_snapshot = time.monotonic()
+                await snapshots.turn()
+        except BackendUnavailable as err:  # expected while Redis is away: no traceback
+            log.warning("housekeeping: the counter store is unavailable (%s); retrying", err)
+
+    async def shutdown() -> None:
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(grace=2)
+
+    await run_until_signalled(every(0.5, housekeeping, log), shutdown=shutdown)
 
 
 def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_args(argv)
-    disable_created_metrics()  # type: ignore[no-untyped-call]
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_process(settings.log_level)
     uvloop.run(serve(settings))

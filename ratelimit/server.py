@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +12,9 @@ import grpc
 import uvloop
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import disable_created_metrics, start_http_server
+from prometheus_client import start_http_server
 
+from arks.lifecycle import every, run_until_signalled, setup_process
 from ratelimit.backends import CounterBackend, MemoryBackend, RedisBackend
 from ratelimit.config import ConfigError, RateLimitConfig, load_config
 from ratelimit.limiter import Limiter, Policy
@@ -133,30 +132,20 @@ async def serve(settings: Settings) -> None:
         "fail-open" if settings.fail_open else "fail-closed", settings.metrics_address, settings.metrics_port,
     )
 
-    async def reload_loop() -> None:
-        while True:
-            await asyncio.sleep(settings.reload_interval_s)
-            try:
-                source.reload_if_changed()
-            except Exception:  # this loop must outlive any one bad turn
-                log.exception("config reload failed; retrying")
+    async def reload() -> None:
+        source.reload_if_changed()
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    reloader = asyncio.create_task(reload_loop())
-    await stop.wait()
-    reloader.cancel()
-    await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace=2)
-    await backend.close()
+    async def shutdown() -> None:
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(grace=2)
+        await backend.close()
+
+    await run_until_signalled(every(settings.reload_interval_s, reload, log), shutdown=shutdown)
 
 
 def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_args(argv)
-    disable_created_metrics()  # type: ignore[no-untyped-call]
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_process(settings.log_level)
     try:
         uvloop.run(serve(settings))
     except ConfigError as err:

@@ -1,0 +1,1 @@
+"""Reconcilers: the Arks-specific logic run by the `controller.kube` machinery."""

@@ -1,0 +1,274 @@
+"""The ArksApplication reconciler against the Kubernetes API emulator, through the real client."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from kubernetes.client import ApiClient
+from kubernetes.client.exceptions import ApiException
+
+from controller.kube import rest
+from controller.kube.conditions import find_condition
+from controller.kube.errors import PermanentError, TemporaryError
+from controller.kube.queue import WorkQueue
+from controller.kube.rest import Resource
+from controller.reconcilers.application import (
+    APPLICATIONS,
+    DEPLOYMENTS,
+    LEADERWORKERSETS,
+    MODELS,
+    SERVICES,
+    application_controller,
+    reconcile_application,
+)
+from tests.support.kube import RunningKubeEmulator, running_kube_emulator
+
+FAST = {"resync_s": 60.0, "watch_timeout_s": 1.0, "retry_s": 0.1}
+MODEL = "qwen2-5-7b-instruct"
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def kube() -> Iterator[RunningKubeEmulator]:
+    with running_kube_emulator() as running:
+        yield running
+
+
+@pytest.fixture
+def api(kube: RunningKubeEmulator) -> Iterator[ApiClient]:
+    with kube.api_client() as client:
+        yield client
+
+
+@pytest.fixture
+def ns() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+def eventually(check: Callable[[], Any], timeout_s: float = 5.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s}s")
+        time.sleep(0.02)
+
+
+def get(api: ApiClient, resource: Resource, ns: str, name: str) -> dict[str, Any] | None:
+    try:
+        return rest.request(api, "GET", resource.path(ns, name))
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def set_status(api: ApiClient, resource: Resource, ns: str, name: str, **status: Any) -> None:
+    rest.request(
+        api,
+        "PATCH",
+        resource.path(ns, name, "status"),
+        body={"status": status},
+        content_type=rest.MERGE_PATCH,
+    )
+
+
+def create_model(api: ApiClient, ns: str, *, ready: bool, claim: str | None = None) -> None:
+    body = {
+        "apiVersion": "arks.ai/v1",
+        "kind": "ArksModel",
+        "metadata": {"name": MODEL},
+        "spec": {"model": "Qwen/Qwen2.5-7B-Instruct"},
+    }
+    rest.request(api, "POST", MODELS.path(ns), body=body)
+    if ready:
+        status: dict[str, Any] = {"phase": "Ready"}
+        if claim:
+            status["claimName"] = claim
+        set_status(api, MODELS, ns, MODEL, **status)
+
+
+def create_app(api: ApiClient, ns: str, name: str = "chat", **spec: Any) -> dict[str, Any]:
+    body = {
+        "apiVersion": "arks.ai/v1",
+        "kind": "ArksApplication",
+        "metadata": {"name": name},
+        "spec": {
+            "runtime": "vllm",
+            "image": "vllm/vllm-openai:v0.8.5",
+            "model": {"name": MODEL},
+            "replicas": 1,
+            **spec,
+        },
+    }
+    return rest.request(api, "POST", APPLICATIONS.path(ns), body=body)
+
+
+def app_status(api: ApiClient, ns: str, name: str = "chat") -> dict[str, Any]:
+    app = get(api, APPLICATIONS, ns, name)
+    assert app is not None
+    return dict(app.get("status") or {})
+
+
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    found = find_condition(status.get("conditions"), type_)
+    assert found is not None, f"no {type_} condition in {status}"
+    return dict(found)
+
+
+def test_model_not_ready_leaves_the_app_pending_without_children(api: ApiClient, ns: str) -> None:
+    create_app(api, ns)
+    with pytest.raises(TemporaryError) as missing:
+        reconcile_application(api, (ns, "chat"))
+    assert missing.value.delay_s == 5
+    status = app_status(api, ns)
+    assert status["phase"] == "Pending"
+    assert condition(status, "ModelReady")["status"] == "False"
+    assert condition(status, "ModelReady")["reason"] == "ModelNotReady"
+
+    create_model(api, ns, ready=False)
+    with pytest.raises(TemporaryError):
+        reconcile_application(api, (ns, "chat"))
+    assert app_status(api, ns)["phase"] == "Pending"
+    assert get(api, DEPLOYMENTS, ns, "chat") is None
+    assert get(api, SERVICES, ns, "chat") is None
+
+
+def test_ready_model_renders_owned_children_and_status_follows_the_deployment(
+    api: ApiClient, ns: str
+) -> None:
+    create_model(api, ns, ready=True, claim="models-qwen")
+    app = create_app(api, ns)
+    reconcile_application(api, (ns, "chat"))
+
+    deployment = get(api, DEPLOYMENTS, ns, "chat")
+    service = get(api, SERVICES, ns, "chat")
+    assert deployment is not None and service is not None
+    for child in (deployment, service):
+        (ref,) = child["metadata"]["ownerReferences"]
+        assert ref["uid"] == app["metadata"]["uid"] and ref["controller"] is True
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["containers"][0]["command"][:3] == ["vllm", "serve", "/models"]
+    claims = [
+        v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if v["name"] == "model"
+    ]
+    assert claims == ["models-qwen"]
+
+    status = app_status(api, ns)
+    assert status["phase"] == "Pending"
+    assert (status["replicas"], status["readyReplicas"]) == (1, 0)
+    assert status["observedGeneration"] == app["metadata"]["generation"]
+    assert condition(status, "ModelReady")["status"] == "True"
+    assert condition(status, "Available")["status"] == "False"
+    model_ready_since = condition(status, "ModelReady")["lastTransitionTime"]
+
+    set_status(api, DEPLOYMENTS, ns, "chat", replicas=1, readyReplicas=1)
+    reconcile_application(api, (ns, "chat"))
+    status = app_status(api, ns)
+    assert status["phase"] == "Ready"
+    assert status["readyReplicas"] == 1
+    assert condition(status, "Available")["status"] == "True"
+    assert condition(status, "ModelReady")["lastTransitionTime"] == model_ready_since
+
+
+def test_partially_ready_is_running(api: ApiClient, ns: str) -> None:
+    create_model(api, ns, ready=True)
+    create_app(api, ns, replicas=3)
+    reconcile_application(api, (ns, "chat"))
+    set_status(api, DEPLOYMENTS, ns, "chat", replicas=3, readyReplicas=1)
+    reconcile_application(api, (ns, "chat"))
+    status = app_status(api, ns)
+    assert (status["phase"], status["replicas"], status["readyReplicas"]) == ("Running", 3, 1)
+    deployment = get(api, DEPLOYMENTS, ns, "chat")
+    assert deployment is not None
+    # No status.claimName: the claim is named after the model.
+    volumes = deployment["spec"]["template"]["spec"]["volumes"]
+    assert volumes[0]["persistentVolumeClaim"]["claimName"] == MODEL
+
+
+def test_reconciling_twice_changes_nothing(api: ApiClient, ns: str) -> None:
+    create_model(api, ns, ready=True)
+    create_app(api, ns)
+    reconcile_application(api, (ns, "chat"))
+
+    def versions() -> list[str]:
+        objs = [get(api, r, ns, "chat") for r in (DEPLOYMENTS, SERVICES, APPLICATIONS)]
+        return [str(o["metadata"]["resourceVersion"]) for o in objs if o is not None]
+
+    before = versions()
+    reconcile_application(api, (ns, "chat"))
+    assert len(before) == 3
+    assert versions() == before
+
+
+def test_a_deleted_deployment_is_recreated(api: ApiClient, ns: str) -> None:
+    create_model(api, ns, ready=True)
+    create_app(api, ns)
+    reconcile_application(api, (ns, "chat"))
+    rest.request(api, "DELETE", DEPLOYMENTS.path(ns, "chat"))
+    assert get(api, DEPLOYMENTS, ns, "chat") is None
+    reconcile_application(api, (ns, "chat"))
+    assert get(api, DEPLOYMENTS, ns, "chat") is not None
+
+
+def test_deleting_the_app_cascades_to_its_children(api: ApiClient, ns: str) -> None:
+    create_model(api, ns, ready=True)
+    create_app(api, ns)
+    reconcile_application(api, (ns, "chat"))
+    rest.request(api, "DELETE", APPLICATIONS.path(ns, "chat"))
+    eventually(lambda: get(api, DEPLOYMENTS, ns, "chat") is None)
+    eventually(lambda: get(api, SERVICES, ns, "chat") is None)
+    reconcile_application(api, (ns, "chat"))  # a gone app is nothing to do
+    assert get(api, DEPLOYMENTS, ns, "chat") is None
+
+
+def test_size_two_renders_a_leaderworkerset(api: ApiClient, ns: str) -> None:
+    create_model(api, ns, ready=True)
+    create_app(api, ns, size=2, tensorParallelSize=2)
+    reconcile_application(api, (ns, "chat"))
+    lws = get(api, LEADERWORKERSETS, ns, "chat")
+    assert lws is not None
+    assert lws["spec"]["leaderWorkerTemplate"]["size"] == 2
+    assert get(api, DEPLOYMENTS, ns, "chat") is None
+    assert get(api, SERVICES, ns, "chat") is not None
+
+    set_status(api, LEADERWORKERSETS, ns, "chat", replicas=1, readyReplicas=1)
+    reconcile_application(api, (ns, "chat"))
+    assert app_status(api, ns)["phase"] == "Ready"
+
+
+def test_an_unsupported_spec_fails_with_a_rendered_condition(api: ApiClient, ns: str) -> None:
+    create_model(api, ns, ready=True)
+    create_app(api, ns, runtime="nonesuch")
+    with pytest.raises(PermanentError):
+        reconcile_application(api, (ns, "chat"))
+    status = app_status(api, ns)
+    assert status["phase"] == "Failed"
+    rendered = condition(status, "Rendered")
+    assert rendered["status"] == "False" and "nonesuch" in rendered["message"]
+    assert get(api, DEPLOYMENTS, ns, "chat") is None
+
+
+def test_the_controller_creates_and_repairs_children(api: ApiClient, ns: str) -> None:
+    create_model(api, ns, ready=True)
+    controller = application_controller(
+        api, ns, workers=2, queue=WorkQueue(max_delay_s=0.5), informer_options=FAST
+    )
+    controller.start()
+    try:
+        create_app(api, ns)
+        eventually(lambda: get(api, DEPLOYMENTS, ns, "chat"))
+        eventually(lambda: app_status(api, ns).get("phase") == "Pending")
+        rest.request(api, "DELETE", DEPLOYMENTS.path(ns, "chat"))
+        eventually(lambda: get(api, DEPLOYMENTS, ns, "chat"))
+    finally:
+        started = time.monotonic()
+        controller.stop()
+    assert time.monotonic() - started < 5
