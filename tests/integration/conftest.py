@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -24,6 +26,7 @@ from arks.procs import Supervisor, free_port, wait_http
 from arks.stack import LocalStack, StackSettings
 from tests.objects import backend, endpoint, token
 from tests.redis_server import PrivateRedis
+from tests.support.kube import RunningKubeEmulator, running_kube_emulator
 
 ALICE = "sk-arks-test-alice-5f1c0e0d9b8a"
 BOB = "sk-arks-test-bob-77aa31c4e2d0"
@@ -169,3 +172,22 @@ def private_redis() -> Iterator[PrivateRedis]:
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture(scope="module")
+def kube() -> Iterator[RunningKubeEmulator]:
+    """An emulated Kubernetes API server for the module's tests."""
+    with running_kube_emulator() as running:
+        yield running
+
+
+@pytest.fixture
+def api(kube: RunningKubeEmulator) -> Iterator[Any]:
+    with kube.api_client() as client:
+        yield client
+
+
+@pytest.fixture
+def ns() -> str:
+    """A namespace of the test's own, so tests sharing an emulator never see each other."""
+    return f"test-{uuid.uuid4().hex[:8]}"

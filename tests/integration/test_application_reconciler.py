@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from kubernetes.client import ApiClient
-from kubernetes.client.exceptions import ApiException
 
 from controller.kube import rest
 from controller.kube.conditions import find_condition
@@ -25,7 +22,8 @@ from controller.reconcilers.application import (
     application_controller,
     reconcile_application,
 )
-from tests.support.kube import RunningKubeEmulator, running_kube_emulator
+from tests.support.kube import eventually
+from tests.support.kube import get_object as get
 
 FAST = {"resync_s": 60.0, "watch_timeout_s": 1.0, "retry_s": 0.1}
 MODEL = "qwen2-5-7b-instruct"
@@ -33,41 +31,13 @@ MODEL = "qwen2-5-7b-instruct"
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(scope="module")
-def kube() -> Iterator[RunningKubeEmulator]:
-    with running_kube_emulator() as running:
-        yield running
 
 
-@pytest.fixture
-def api(kube: RunningKubeEmulator) -> Iterator[ApiClient]:
-    with kube.api_client() as client:
-        yield client
 
 
-@pytest.fixture
-def ns() -> str:
-    return f"test-{uuid.uuid4().hex[:8]}"
 
 
-def eventually(check: Callable[[], Any], timeout_s: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s}s")
-        time.sleep(0.02)
 
-
-def get(api: ApiClient, resource: Resource, ns: str, name: str) -> dict[str, Any] | None:
-    try:
-        return rest.request(api, "GET", resource.path(ns, name))
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise
 
 
 def set_status(api: ApiClient, resource: Resource, ns: str, name: str, **status: Any) -> None:

@@ -12,16 +12,11 @@ import pytest
 from arks.api import token_digest
 from tests.integration.conftest import Stack, running_stack, wait_for
 from tests.objects import endpoint, token
-from tests.support.kube import RunningKubeEmulator, running_kube_emulator
+from tests.support.kube import RunningKubeEmulator
 
 CAROL = "sk-arks-test-cluster-carol-71"
 DAVE = "sk-arks-test-cluster-dave-72"
 
-
-@pytest.fixture(scope="module")
-def kube() -> Iterator[RunningKubeEmulator]:
-    with running_kube_emulator() as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,11 @@ from __future__ import annotations
 import datetime
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from kubernetes.client import ApiClient
-from kubernetes.client.exceptions import ApiException
 
 from controller.kube import rest
 from controller.kube.apply import (
@@ -33,7 +31,8 @@ from controller.kube.queue import Key, WorkQueue
 from controller.kube.rest import CONFIGMAPS, EVENTS, Resource
 from controller.kube.runner import Controller
 from controller.kube.watch import Informer, watch_owned
-from tests.support.kube import RunningKubeEmulator, running_kube_emulator
+from tests.support.kube import eventually
+from tests.support.kube import get_object as get
 
 APPS = Resource("arks.ai", "v1", "arksapplications")
 FINALIZER = "arks.ai/cleanup"
@@ -43,32 +42,11 @@ FAST = {"resync_s": 60.0, "watch_timeout_s": 1.0, "retry_s": 0.1}
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(scope="module")
-def kube() -> Iterator[RunningKubeEmulator]:
-    with running_kube_emulator() as running:
-        yield running
 
 
-@pytest.fixture
-def api(kube: RunningKubeEmulator) -> Iterator[ApiClient]:
-    with kube.api_client() as client:
-        yield client
 
 
-@pytest.fixture
-def ns() -> str:
-    return f"test-{uuid.uuid4().hex[:8]}"
 
-
-def eventually(check: Callable[[], Any], timeout_s: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s}s")
-        time.sleep(0.02)
 
 
 def create_app(api: ApiClient, ns: str, name: str, **spec: Any) -> dict[str, Any]:
@@ -76,13 +54,6 @@ def create_app(api: ApiClient, ns: str, name: str, **spec: Any) -> dict[str, Any
     return rest.request(api, "POST", APPS.path(ns), body={**body, "spec": spec})
 
 
-def get(api: ApiClient, resource: Resource, ns: str, name: str) -> dict[str, Any] | None:
-    try:
-        return rest.request(api, "GET", resource.path(ns, name))
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise
 
 
 # --- informer -----------------------------------------------------------------------------

@@ -28,8 +28,9 @@ import datetime
 import json
 import secrets
 import threading
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -700,3 +701,31 @@ def running_kube_emulator(emulator: KubeEmulator | None = None) -> Iterator[Runn
         thread.join(timeout=30)
         if not thread.is_alive():
             loop.close()
+
+
+
+def eventually(check: Callable[[], Any], timeout_s: float = 5.0) -> Any:
+    """Poll `check` until it returns something truthy; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s}s")
+        time.sleep(0.02)
+
+
+def get_object(api: Any, resource: Any, ns: str, name: str) -> dict[str, Any] | None:
+    """The object, or None when the API server says 404 (`resource` is a controller.kube.rest.Resource)."""
+    from kubernetes.client import ApiException
+
+    from controller.kube import rest
+
+    try:
+        found: dict[str, Any] = rest.request(api, "GET", resource.path(ns, name))
+        return found
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
