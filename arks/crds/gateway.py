@@ -121,6 +121,23 @@ endpoint_status = obj(
         "observedGeneration": observed_generation(),
         "conditions": conditions(),
         "backends": integer("Backends the route currently spreads traffic over.", minimum=0),
+        "routes": array(
+            obj(
+                {
+                    "group": string("The backend's API group; empty for the core group."),
+                    "kind": string("The backend's kind: Service or an Envoy Gateway Backend."),
+                    "name": string("The backend's name."),
+                    "namespace": string("The backend's namespace."),
+                    "port": integer("The backend's port.", minimum=1),
+                    "weight": integer("Its weight on the route.", minimum=0),
+                    "share": integer("Its share of the traffic, in percent.", minimum=0),
+                },
+                "One backend of the route.",
+                required=("name",),
+            ),
+            "The route's backends as the controller last wrote them, with their weights.",
+            max_items=64,
+        ),
     },
     "Observed state, written by the controller.",
 )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import os
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,10 @@ import yaml
 
 from controller.engines import UnsupportedApplication, engine_command
 from controller.render import label_value, render_application
+from tests.support.crd_schema import upstream_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden" / "application"
-LWS_CRD = Path("/work/shared/schemas/crds/leaderworkerset.x-k8s.io_leaderworkersets.yaml")
 K8S_VERSION = "1.33.0"
 
 IMAGES = {"vllm": "vllm/vllm-openai:v0.8.5", "sglang": "lmsysorg/sglang:v0.4.6"}
@@ -121,28 +120,8 @@ def test_core_objects_validate_strictly(runtime: str, size: int) -> None:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
 
-def _strict(schema: Any) -> Any:
-    """openAPIV3Schema -> JSON Schema that rejects fields the CRD does not declare."""
-    if isinstance(schema, list):
-        return [_strict(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: _strict(v) for k, v in schema.items()}
-    if out.pop("x-kubernetes-int-or-string", False):
-        out.pop("type", None)
-        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-    if "properties" in out and "additionalProperties" not in out:
-        if not out.get("x-kubernetes-preserve-unknown-fields"):
-            out["additionalProperties"] = False
-    return out
-
-
-@cache
 def lws_schema() -> dict[str, Any]:
-    crd = yaml.safe_load(LWS_CRD.read_text())
-    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    schema: dict[str, Any] = _strict(version["schema"]["openAPIV3Schema"])
-    return schema
+    return upstream_schema("leaderworkerset.x-k8s.io_leaderworkersets.yaml", "v1")
 
 
 @pytest.mark.parametrize("runtime", ["vllm", "sglang"])

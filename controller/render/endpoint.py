@@ -1,0 +1,174 @@
+"""Render an ArksEndpoint into the Gateway API HTTPRoute that publishes it: pure.
+
+The endpoint's name is the public model name. Requests carry it in the `x-arks-model` header
+(set by the gateway's request processing from the body's `model`), so every match of the
+route is AND'ed with an exact match on that header. The backends are
+
+* every ArksApplication in the endpoint's namespace serving that name (its
+  `spec.servedModelName`, else its model's name, as the application renderer uses it), each
+  through the Service the application renderer creates, with weight `spec.defaultWeight`; and
+* the static `spec.routeConfigs`, as given (weight 1 unless set).
+
+A route with no backends (or only zero weights) still renders: the Gateway answers such
+requests with a 500 rather than leaving an older route in place. Owner references are left
+to the reconciler.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from controller.engines import UnsupportedApplication, engine_for, served_model_name
+from controller.kube.errors import PermanentError
+from controller.render.application import LABEL_MANAGED_BY, LABEL_SERVED_NAME, label_value
+
+HTTPROUTE_API_VERSION = "gateway.networking.k8s.io/v1"
+MODEL_HEADER = "x-arks-model"
+DEFAULT_GATEWAY = "arks-gateway"
+DEFAULT_MATCH: Mapping[str, Any] = {"path": {"type": "PathPrefix", "value": "/v1"}}
+DEFAULT_WEIGHT = 5  # the ArksEndpoint CRD's default for spec.defaultWeight
+STATIC_WEIGHT = 1  # the CRD's default for routeConfigs[].weight
+LABEL_ENDPOINT = "arks.ai/endpoint"
+ANNOTATION_SERVED_NAME = "arks.ai/served-model-name"
+MAX_BACKENDS = 16  # HTTPRoute rules[].backendRefs maxItems
+
+_BACKEND_FIELDS = ("group", "kind", "name", "namespace", "port", "weight")
+
+
+class UnroutableEndpoint(PermanentError):
+    """The endpoint cannot be expressed as an HTTPRoute; retrying will not help."""
+
+
+def _model_match(match: Mapping[str, Any], model: str) -> dict[str, Any]:
+    """`match` AND'ed with an exact `x-arks-model: model` header match.
+
+    A header of the same name (names compare case-insensitively) in `match` is replaced: for
+    equivalent names only the first counts, and the model name is not the user's to choose.
+    """
+    out = copy.deepcopy(dict(match))
+    others = [h for h in out.get("headers") or [] if str(h.get("name", "")).lower() != MODEL_HEADER]
+    out["headers"] = [{"type": "Exact", "name": MODEL_HEADER, "value": model}, *others]
+    return out
+
+
+def served_name(app: Mapping[str, Any]) -> str:
+    """The name an application serves: what the application renderer passes to the engine
+    (`spec.servedModelName`, else the model's name), else the application's own name."""
+    spec = app.get("spec") or {}
+    if spec.get("servedModelName") or (spec.get("model") or {}).get("name"):
+        return served_model_name(spec)
+    return str(app["metadata"]["name"])
+
+
+def _serves(app: Mapping[str, Any], namespace: str, model: str) -> bool:
+    meta = app.get("metadata") or {}
+    if meta.get("namespace", namespace) != namespace or meta.get("deletionTimestamp"):
+        return False
+    return served_name(app) == model
+
+
+def _discovered(
+    applications: Sequence[Mapping[str, Any]], namespace: str, model: str, weight: int
+) -> list[dict[str, Any]]:
+    refs = []
+    for app in applications:
+        if not _serves(app, namespace, model):
+            continue
+        try:
+            port = engine_for(app["spec"]).default_port
+        except UnsupportedApplication:
+            continue  # the application renders nothing, so there is no Service to route to
+        refs.append(
+            {
+                "kind": "Service",
+                "name": str(app["metadata"]["name"]),
+                "port": port,
+                "weight": weight,
+            }
+        )
+    return refs
+
+
+def _static(route_config: Mapping[str, Any]) -> dict[str, Any]:
+    ref = {k: copy.deepcopy(route_config[k]) for k in _BACKEND_FIELDS if k in route_config}
+    ref.setdefault("kind", "Service")
+    ref.setdefault("weight", STATIC_WEIGHT)
+    return ref
+
+
+def _sort_key(ref: Mapping[str, Any]) -> tuple[str, str, str, str, int, int]:
+    return (
+        str(ref.get("group", "")),
+        str(ref.get("kind", "Service")),
+        str(ref.get("namespace", "")),
+        str(ref["name"]),
+        int(ref.get("port", 0)),
+        int(ref.get("weight", STATIC_WEIGHT)),
+    )
+
+
+def backend_refs(
+    endpoint: Mapping[str, Any], applications: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """The route's backendRefs: discovered applications plus static routeConfigs, sorted."""
+    meta, spec = endpoint["metadata"], endpoint.get("spec") or {}
+    weight = int(spec.get("defaultWeight", DEFAULT_WEIGHT))
+    refs = _discovered(applications, str(meta["namespace"]), str(meta["name"]), weight)
+    refs += [_static(rc) for rc in spec.get("routeConfigs") or []]
+    return sorted(refs, key=_sort_key)
+
+
+def render_httproute(
+    endpoint: Mapping[str, Any], applications: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """The desired HTTPRoute for ArksEndpoint `endpoint` given the `applications` around it."""
+    meta, spec = endpoint["metadata"], endpoint.get("spec") or {}
+    name, namespace = str(meta["name"]), str(meta["namespace"])
+    parent = copy.deepcopy(dict(spec.get("gatewayRef") or {"name": DEFAULT_GATEWAY}))
+    matches = [_model_match(m, name) for m in spec.get("matchConfigs") or [DEFAULT_MATCH]]
+    refs = backend_refs(endpoint, applications)
+    if len(refs) > MAX_BACKENDS:
+        raise UnroutableEndpoint(
+            f"{len(refs)} backends for {name!r}; an HTTPRoute rule takes at most {MAX_BACKENDS}"
+        )
+    rule: dict[str, Any] = {"matches": matches}
+    if refs:  # without backends the Gateway answers 500, which is what an empty route means
+        rule["backendRefs"] = refs
+    return {
+        "apiVersion": HTTPROUTE_API_VERSION,
+        "kind": "HTTPRoute",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {
+                LABEL_MANAGED_BY: "arks",
+                LABEL_ENDPOINT: label_value(name),
+                LABEL_SERVED_NAME: label_value(name),
+            },
+            "annotations": {ANNOTATION_SERVED_NAME: name},
+        },
+        "spec": {"parentRefs": [parent], "rules": [rule]},
+    }
+
+
+def route_status(rendered: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The backends of a rendered HTTPRoute with their weights, for `status.routes`.
+
+    One entry per backendRef, in the route's order, with `share`: its percentage of the
+    traffic (0 for every backend when all weights are 0).
+    """
+    refs = [
+        ref
+        for rule in (rendered.get("spec") or {}).get("rules") or []
+        for ref in rule.get("backendRefs") or []
+    ]
+    total = sum(int(ref.get("weight", STATIC_WEIGHT)) for ref in refs)
+    out = []
+    for ref in refs:
+        entry = {k: ref[k] for k in _BACKEND_FIELDS if k in ref and ref[k] != ""}
+        entry.setdefault("weight", STATIC_WEIGHT)
+        entry["share"] = round(100 * int(entry["weight"]) / total) if total else 0
+        out.append(entry)
+    return out

@@ -1,0 +1,129 @@
+"""The ArksEndpoint reconciler against the Kubernetes API emulator, through the real client."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from kubernetes.client import ApiClient
+
+from controller.kube import rest
+from controller.kube.conditions import find_condition
+from controller.reconcilers.application import APPLICATIONS
+from controller.reconcilers.endpoint import ENDPOINTS, HTTPROUTES, reconcile_endpoint
+from tests.support.kube import eventually
+from tests.support.kube import get_object as get
+
+pytestmark = pytest.mark.timeout(60)
+
+SERVED = "qwen-7b"
+
+
+def create_app(api: ApiClient, ns: str, name: str, runtime: str, gpu: str) -> dict[str, Any]:
+    body = {
+        "apiVersion": "arks.ai/v1",
+        "kind": "ArksApplication",
+        "metadata": {"name": name},
+        "spec": {
+            "runtime": runtime,
+            "image": "engine:latest",
+            "model": {"name": "qwen2-5-7b-instruct"},
+            "servedModelName": SERVED,
+            "instanceSpec": {"nodeSelector": {"nvidia.com/gpu.product": gpu}},
+        },
+    }
+    return rest.request(api, "POST", APPLICATIONS.path(ns), body=body)
+
+
+def create_endpoint(api: ApiClient, ns: str, **spec: Any) -> dict[str, Any]:
+    body = {
+        "apiVersion": "arks.ai/v1",
+        "kind": "ArksEndpoint",
+        "metadata": {"name": SERVED},
+        "spec": {"gatewayRef": {"name": "arks-gateway"}, "defaultWeight": 5, **spec},
+    }
+    return rest.request(api, "POST", ENDPOINTS.path(ns), body=body)
+
+
+def endpoint_status(api: ApiClient, ns: str) -> dict[str, Any]:
+    endpoint = get(api, ENDPOINTS, ns, SERVED)
+    assert endpoint is not None
+    return dict(endpoint.get("status") or {})
+
+
+def test_two_apps_become_two_owned_backends_with_status(api: ApiClient, ns: str) -> None:
+    create_app(api, ns, "qwen-l40s", "vllm", "NVIDIA-L40S")
+    create_app(api, ns, "qwen-h100", "sglang", "NVIDIA-H100")
+    endpoint = create_endpoint(api, ns, routeConfigs=[{"name": "spill", "port": 80}])
+    reconcile_endpoint(api, (ns, SERVED))
+
+    route = get(api, HTTPROUTES, ns, SERVED)
+    assert route is not None
+    (ref,) = route["metadata"]["ownerReferences"]
+    assert ref["uid"] == endpoint["metadata"]["uid"] and ref["controller"] is True
+    assert route["spec"]["parentRefs"] == [{"name": "arks-gateway"}]
+    (rule,) = route["spec"]["rules"]
+    assert rule["backendRefs"] == [
+        {"kind": "Service", "name": "qwen-h100", "port": 30000, "weight": 5},
+        {"kind": "Service", "name": "qwen-l40s", "port": 8000, "weight": 5},
+        {"kind": "Service", "name": "spill", "port": 80, "weight": 1},
+    ]
+    assert {"type": "Exact", "name": "x-arks-model", "value": SERVED} in (
+        rule["matches"][0]["headers"]
+    )
+
+    status = endpoint_status(api, ns)
+    assert [(r["name"], r["weight"]) for r in status["routes"]] == [
+        ("qwen-h100", 5),
+        ("qwen-l40s", 5),
+        ("spill", 1),
+    ]
+    assert status["backends"] == 3
+    assert status["observedGeneration"] == endpoint["metadata"]["generation"]
+    ready = find_condition(status["conditions"], "Ready")
+    assert ready is not None and ready["status"] == "True"
+
+
+def test_reconciling_twice_changes_nothing(api: ApiClient, ns: str) -> None:
+    create_app(api, ns, "qwen-l40s", "vllm", "NVIDIA-L40S")
+    create_app(api, ns, "qwen-h100", "sglang", "NVIDIA-H100")
+    create_endpoint(api, ns)
+    reconcile_endpoint(api, (ns, SERVED))
+
+    def versions() -> list[str]:
+        objs = [get(api, HTTPROUTES, ns, SERVED), get(api, ENDPOINTS, ns, SERVED)]
+        return [str(o["metadata"]["resourceVersion"]) for o in objs if o is not None]
+
+    before = versions()
+    reconcile_endpoint(api, (ns, SERVED))
+    assert len(before) == 2
+    assert versions() == before
+
+
+def test_a_new_app_joins_and_a_route_without_backends_is_not_ready(api: ApiClient, ns: str) -> None:
+    create_endpoint(api, ns)
+    reconcile_endpoint(api, (ns, SERVED))
+    route = get(api, HTTPROUTES, ns, SERVED)
+    assert route is not None and "backendRefs" not in route["spec"]["rules"][0]
+    status = endpoint_status(api, ns)
+    assert (status["routes"], status["backends"]) == ([], 0)
+    ready = find_condition(status["conditions"], "Ready")
+    assert ready is not None and (ready["status"], ready["reason"]) == ("False", "NoBackends")
+
+    create_app(api, ns, "qwen-l40s", "vllm", "NVIDIA-L40S")
+    reconcile_endpoint(api, (ns, SERVED))
+    route = get(api, HTTPROUTES, ns, SERVED)
+    assert route is not None
+    assert [r["name"] for r in route["spec"]["rules"][0]["backendRefs"]] == ["qwen-l40s"]
+    assert endpoint_status(api, ns)["backends"] == 1
+
+
+def test_deleting_the_endpoint_cascades_to_the_route(api: ApiClient, ns: str) -> None:
+    create_app(api, ns, "qwen-l40s", "vllm", "NVIDIA-L40S")
+    create_endpoint(api, ns)
+    reconcile_endpoint(api, (ns, SERVED))
+    assert get(api, HTTPROUTES, ns, SERVED) is not None
+    rest.request(api, "DELETE", ENDPOINTS.path(ns, SERVED))
+    eventually(lambda: get(api, HTTPROUTES, ns, SERVED) is None)
+    reconcile_endpoint(api, (ns, SERVED))  # a gone endpoint is nothing to do
+    assert get(api, HTTPROUTES, ns, SERVED) is None
