@@ -107,6 +107,13 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_controller(argv: list[str]) -> int:
+    from controller.__main__ import build_parser as controller_parser
+    from controller.__main__ import run as run_controller
+
+    return run_controller(controller_parser().parse_args(argv))
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     token = "sk-arks-" + secrets.token_urlsafe(32)
     print(f"token:     {token}\ntokenHash: {api.token_digest(token)}")
@@ -131,12 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_arguments(simulator)
     simulator.set_defaults(func=cmd_sim)
 
+    # Its options are the controller's own (`arks controller --help`); main() hands them over.
+    commands.add_parser("controller", help="reconcile the arks.ai/v1 resources of a cluster", add_help=False)
+
     token = commands.add_parser("token", help="make a new API token and its tokenHash for an ArksToken")
     token.set_defaults(func=cmd_token)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["controller"]:
+        sys.exit(cmd_controller(argv[1:]))
     args = build_parser().parse_args(argv)
     sys.exit(args.func(args))
 

@@ -65,9 +65,12 @@ class EngineSpec:
     waiting_requests_metric: str
     kv_cache_usage_metric: str
     multi_node: MultiNode
+    # Used when the application names no image (the CRD promises one). Pin it in production.
+    default_image: str = ""
 
 
 VLLM = EngineSpec(
+    default_image="vllm/vllm-openai:latest",
     runtime="vllm",
     program=("vllm", "serve"),
     model_flag=None,
@@ -90,6 +93,7 @@ VLLM = EngineSpec(
 )
 
 SGLANG = EngineSpec(
+    default_image="lmsysorg/sglang:latest",
     runtime="sglang",
     program=("python3", "-m", "sglang.launch_server"),
     model_flag="--model-path",

@@ -68,7 +68,9 @@ class Controller:
         for thread in self._threads:
             thread.join(timeout_s)
         for informer in (self.informer, *self._owned):
-            informer.stop()
+            # Informer threads are daemons and leave within their watch timeout by themselves:
+            # waiting for each open watch to end would hold a shutdown for minutes.
+            informer.stop(timeout_s=1.0)
 
     def _work(self) -> None:
         while not self._stopping.is_set():

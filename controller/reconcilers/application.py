@@ -21,7 +21,7 @@ from controller.kube.conditions import set_condition
 from controller.kube.errors import PermanentError, TemporaryError
 from controller.kube.queue import Key, WorkQueue
 from controller.kube.rest import Obj, Resource
-from controller.kube.runner import Controller
+from controller.kube.runner import Controller, Leadership
 from controller.kube.watch import Informer, watch_owned
 from controller.render.application import RenderDefaults, render_application
 
@@ -195,6 +195,7 @@ def application_controller(
     watch_leaderworkersets: bool = False,
     queue: WorkQueue | None = None,
     informer_options: Mapping[str, Any] | None = None,
+    leader: Leadership | None = None,
 ) -> Controller:
     """A (not started) controller for ArksApplications and the children they own.
 
@@ -214,4 +215,4 @@ def application_controller(
     def reconcile(key: Key) -> None:
         reconcile_application(api_client, key, field_manager=field_manager, defaults=defaults)
 
-    return Controller("arksapplication", informer, reconcile, workers, queue=work, owned=owned)
+    return Controller("arksapplication", informer, reconcile, workers, queue=work, owned=owned, leader=leader)

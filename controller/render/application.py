@@ -144,7 +144,7 @@ def _pod_template(
         mount["subPath"] = model_sub_path
     container: dict[str, Any] = {
         "name": "engine",
-        "image": spec["image"],
+        "image": spec.get("image") or engine.default_image,
         "command": engine_command(app, role),
         "resources": _resources(instance, parallelism(spec).gpus_per_pod),
         "volumeMounts": [

@@ -1,0 +1,76 @@
+"""`python -m controller` (also `arks controller`): reconcile the arks.ai/v1 resources of a cluster.
+
+Several replicas are safe: they elect a leader on a Lease, and only the leader reconciles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import threading
+from typing import Any
+
+import kubernetes
+
+from arks.lifecycle import setup_process
+from controller.kube.leader import LeaderElector
+from controller.reconcilers.application import application_controller
+
+log = logging.getLogger("controller")
+
+
+def api_client(kube_host: str) -> Any:
+    if kube_host == "in-cluster":
+        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
+        return kubernetes.client.ApiClient()
+    if kube_host == "kubeconfig":
+        return kubernetes.config.new_client_from_config()  # type: ignore[no-untyped-call]
+    return kubernetes.client.ApiClient(kubernetes.client.Configuration(host=kube_host))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m controller", description=__doc__)
+    p.add_argument("--kube-host", default="in-cluster", metavar="URL|in-cluster|kubeconfig")
+    p.add_argument("--namespace", help="only this namespace (default: all)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE", "arks-system"))
+    p.add_argument("--lease-name", default="arks-controller")
+    p.add_argument("--identity", default=f"{socket.gethostname()}-{os.getpid()}")
+    p.add_argument("--watch-leaderworkersets", action="store_true", help="the LWS CRD is installed")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_process(args.log_level)
+    client = api_client(args.kube_host)
+    elector = LeaderElector(client, args.lease_namespace, args.lease_name, args.identity)
+    controllers = [
+        application_controller(
+            client, args.namespace, workers=args.workers, leader=elector,
+            watch_leaderworkersets=args.watch_leaderworkersets,
+        ),
+    ]
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    elector.start()
+    for c in controllers:
+        c.start()
+    log.info("controller %s running (namespace %s)", args.identity, args.namespace or "all")
+    stop.wait()
+    for c in controllers:
+        c.stop()
+    elector.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    raise SystemExit(run(build_parser().parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

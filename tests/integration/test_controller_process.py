@@ -1,0 +1,52 @@
+"""`arks controller` as it runs in a cluster: a process watching the API server, electing itself
+leader on a Lease, reconciling an ArksApplication into a Deployment, and stopping on SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+
+from controller.kube.rest import Resource
+from tests.support.kube import RunningKubeEmulator, eventually, get_object
+
+DEPLOYMENTS = Resource("apps", "v1", "deployments")
+LEASES = Resource("coordination.k8s.io", "v1", "leases")
+
+
+def test_the_controller_process_reconciles_and_stops_cleanly(kube: RunningKubeEmulator, api: Any, tmp_path: Path) -> None:
+    custom = kubernetes.client.CustomObjectsApi(api)
+    model = {"apiVersion": "arks.ai/v1", "kind": "ArksModel", "metadata": {"name": "qwen"},
+             "spec": {"source": {"huggingface": {"repo": "Qwen/Qwen2.5-7B-Instruct"}}, "storage": {"size": "40Gi"}}}
+    custom.create_namespaced_custom_object("arks.ai", "v1", "prod", "arksmodels", model)
+    custom.patch_namespaced_custom_object_status("arks.ai", "v1", "prod", "arksmodels", "qwen", {"status": {"phase": "Ready"}})
+    app = {"apiVersion": "arks.ai/v1", "kind": "ArksApplication", "metadata": {"name": "qwen-a"},
+           "spec": {"runtime": "vllm", "model": {"name": "qwen"}, "servedModelName": "qwen-7b", "replicas": 1, "size": 1}}
+    custom.create_namespaced_custom_object("arks.ai", "v1", "prod", "arksapplications", app)
+
+    log = (tmp_path / "controller.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "arks.cli", "controller", "--kube-host", kube.url, "--lease-namespace", "prod"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        deployment = eventually(lambda: get_object(api, DEPLOYMENTS, "prod", "qwen-a"), timeout_s=20)
+        assert deployment["metadata"]["ownerReferences"][0]["name"] == "qwen-a"
+        lease = get_object(api, LEASES, "prod", "arks-controller")
+        assert lease and lease["spec"]["holderIdentity"]
+        status = eventually(
+            lambda: (custom.get_namespaced_custom_object("arks.ai", "v1", "prod", "arksapplications", "qwen-a").get("status") or {}),
+            timeout_s=10,
+        )
+        assert status["phase"] == "Pending"  # no pod is ready in an emulated cluster
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
