@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-UPSTREAM_CRDS = Path(__file__).resolve().parents[3] / "shared" / "schemas" / "crds"
+REPO = Path(__file__).resolve().parents[2]
+# shared/ sits beside the checkout (in CI too); ARKS_SHARED points elsewhere if it does not.
+_CANDIDATES = [Path(os.environ["ARKS_SHARED"])] if os.environ.get("ARKS_SHARED") else []
+_CANDIDATES += [REPO.parent / "shared", Path("/work/shared")]
+
+
+def upstream_crds() -> Path:
+    for shared in _CANDIDATES:
+        if (shared / "schemas" / "crds").is_dir():
+            return shared / "schemas" / "crds"
+    raise FileNotFoundError(f"no shared/schemas/crds in {', '.join(map(str, _CANDIDATES))}; set ARKS_SHARED")
 
 
 def strict(schema: Any) -> Any:
@@ -30,7 +41,7 @@ def strict(schema: Any) -> Any:
 
 @functools.cache
 def upstream_schema(file_name: str, version: str) -> dict[str, Any]:
-    crd = yaml.safe_load((UPSTREAM_CRDS / file_name).read_text())
+    crd = yaml.safe_load((upstream_crds() / file_name).read_text())
     (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
     schema: dict[str, Any] = strict(served["schema"]["openAPIV3Schema"])
     return schema
