@@ -148,3 +148,14 @@ def classify(error: ApiException, what: str) -> Exception:
     if status in (0, 409, 429) or status >= 500:
         return TemporaryError(message)
     return PermanentError(message)
+
+
+def get_or_none(api_client: ApiClient, resource: Resource, namespace: str, name: str) -> dict[str, Any] | None:
+    """The object, or None when it does not exist; other failures classified for retrying."""
+    try:
+        found: dict[str, Any] = request(api_client, "GET", resource.path(namespace, name))
+        return found
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise classify(e, f"get {resource.plural}/{name}") from e

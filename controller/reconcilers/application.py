@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kubernetes.client import ApiClient
-from kubernetes.client.exceptions import ApiException
 
 from controller.kube import rest
 from controller.kube.apply import patch_status, server_side_apply, set_owner
@@ -50,14 +49,6 @@ PHASE_RUNNING = "Running"
 PHASE_READY = "Ready"
 PHASE_FAILED = "Failed"
 
-
-def _get(api_client: ApiClient, resource: Resource, namespace: str, name: str) -> Obj | None:
-    try:
-        return rest.request(api_client, "GET", resource.path(namespace, name))
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise rest.classify(e, f"get {resource.plural}/{name}") from e
 
 
 def resource_for(obj: Mapping[str, Any]) -> Resource:
@@ -137,13 +128,13 @@ def reconcile_application(
     a spec that cannot be run (after recording it in the status).
     """
     namespace, name = key
-    app = _get(api_client, APPLICATIONS, namespace, name)
+    app = rest.get_or_none(api_client, APPLICATIONS, namespace, name)
     if app is None or app["metadata"].get("deletionTimestamp"):
         return  # children go with it through their owner references
     status = _Status(app, now or datetime.datetime.now(datetime.UTC))
 
     model_name = str(app["spec"]["model"]["name"])
-    model = _get(api_client, MODELS, namespace, model_name)
+    model = rest.get_or_none(api_client, MODELS, namespace, model_name)
     model_phase = ((model or {}).get("status") or {}).get("phase")
     if model is None or model_phase != "Ready":
         message = (

@@ -29,14 +29,6 @@ HTTPROUTES = Resource("gateway.networking.k8s.io", "v1", "httproutes")
 FIELD_MANAGER = "arks-controller"
 
 
-def _get(api_client: ApiClient, resource: Resource, namespace: str, name: str) -> Obj | None:
-    try:
-        return rest.request(api_client, "GET", resource.path(namespace, name))
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise rest.classify(e, f"get {resource.plural}/{name}") from e
-
 
 def _list(api_client: ApiClient, resource: Resource, namespace: str) -> list[Obj]:
     try:
@@ -78,7 +70,7 @@ def reconcile_endpoint(
     recording it in the Ready condition).
     """
     namespace, name = key
-    endpoint = _get(api_client, ENDPOINTS, namespace, name)
+    endpoint = rest.get_or_none(api_client, ENDPOINTS, namespace, name)
     if endpoint is None or endpoint["metadata"].get("deletionTimestamp"):
         return  # the route goes with it through its owner reference
     when = now or datetime.datetime.now(datetime.UTC)

@@ -718,14 +718,6 @@ def eventually(check: Callable[[], Any], timeout_s: float = 5.0) -> Any:
 
 def get_object(api: Any, resource: Any, ns: str, name: str) -> dict[str, Any] | None:
     """The object, or None when the API server says 404 (`resource` is a controller.kube.rest.Resource)."""
-    from kubernetes.client import ApiException
-
     from controller.kube import rest
 
-    try:
-        found: dict[str, Any] = rest.request(api, "GET", resource.path(ns, name))
-        return found
-    except ApiException as err:
-        if err.status == 404:
-            return None
-        raise
+    return rest.get_or_none(api, resource, ns, name)
