@@ -60,6 +60,14 @@ BUILTIN_RESOURCES: dict[tuple[str, str, str], tuple[str, bool, bool]] = {
     ("arks.ai", "v1", "arksmodels"): ("ArksModel", True, True),
     ("gateway.networking.k8s.io", "v1", "httproutes"): ("HTTPRoute", True, True),
     ("leaderworkerset.x-k8s.io", "v1", "leaderworkersets"): ("LeaderWorkerSet", True, True),
+    ("", "v1", "serviceaccounts"): ("ServiceAccount", True, False),
+    ("apps", "v1", "daemonsets"): ("DaemonSet", True, True),
+    ("rbac.authorization.k8s.io", "v1", "roles"): ("Role", True, False),
+    ("rbac.authorization.k8s.io", "v1", "rolebindings"): ("RoleBinding", True, False),
+    ("arks.ai", "v1", "arksdisaggregatedapplications"): ("ArksDisaggregatedApplication", True, True),
+    ("arks.ai", "v1", "arkstokens"): ("ArksToken", True, True),
+    ("arks.ai", "v1", "arksquotas"): ("ArksQuota", True, True),
+    ("gateway.envoyproxy.io", "v1alpha1", "backends"): ("Backend", True, True),
 }
 
 APPLY_PATCH = "application/apply-patch+yaml"
