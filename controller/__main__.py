@@ -18,6 +18,8 @@ import kubernetes
 from arks.lifecycle import setup_process
 from controller.kube.leader import LeaderElector
 from controller.reconcilers.application import application_controller
+from controller.reconcilers.endpoint import endpoint_controller
+from controller.reconcilers.token import token_controller
 
 log = logging.getLogger("controller")
 
@@ -53,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
             client, args.namespace, workers=args.workers, leader=elector,
             watch_leaderworkersets=args.watch_leaderworkersets,
         ),
+        endpoint_controller(client, args.namespace, workers=args.workers, leader=elector),
+        token_controller(client, args.namespace, workers=args.workers, leader=elector),
     ]
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

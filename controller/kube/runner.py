@@ -2,7 +2,8 @@
 
 Retry meaning comes from the exception type: TemporaryError → requeue with backoff (or its
 `delay_s`); PermanentError → log and forget until the object changes; anything else → as
-temporary. Workers take keys only while the leader elector (if any) says we lead; informers
+temporary. A reconcile that returns a number of seconds is run again after that long (state
+that changes with time, such as a token's expiry). Workers take keys only while the leader elector (if any) says we lead; informers
 run regardless so a new leader starts with a warm cache.
 """
 
@@ -19,7 +20,7 @@ from controller.kube.watch import Informer, enqueue
 
 log = logging.getLogger(__name__)
 
-Reconcile = Callable[[Key], None]
+Reconcile = Callable[[Key], float | None]
 
 
 class Leadership(Protocol):
@@ -88,7 +89,7 @@ class Controller:
     def process(self, key: Key) -> None:
         """Reconcile one key and apply the retry policy (the caller owns `done`)."""
         try:
-            self._reconcile(key)
+            again_after_s = self._reconcile(key)
         except TemporaryError as e:
             delay = self.queue.add_rate_limited(key, e.delay_s)
             log.info("%s %s: %s; retrying in %.2fs", self.name, key, e, delay)
@@ -100,3 +101,5 @@ class Controller:
             log.exception("%s %s failed; retrying in %.2fs", self.name, key, delay)
         else:
             self.queue.forget(key)
+            if again_after_s is not None:
+                self.queue.add_after(key, again_after_s)

@@ -19,14 +19,18 @@ from controller.kube import rest
 from controller.kube.apply import patch_status, server_side_apply, set_owner
 from controller.kube.conditions import set_condition
 from controller.kube.errors import PermanentError
-from controller.kube.queue import Key
+from controller.kube.queue import Key, WorkQueue
 from controller.kube.rest import Obj, Resource
+from controller.kube.runner import Controller, Leadership
+from controller.kube.watch import Informer, watch_owned
 from controller.reconcilers.application import APPLICATIONS
 from controller.render.endpoint import render_httproute, route_status
 
 ENDPOINTS = Resource("arks.ai", "v1", "arksendpoints")
 HTTPROUTES = Resource("gateway.networking.k8s.io", "v1", "httproutes")
 FIELD_MANAGER = "arks-controller"
+ENDPOINT_API_VERSION = "arks.ai/v1"
+ENDPOINT_KIND = "ArksEndpoint"
 
 
 
@@ -92,3 +96,43 @@ def reconcile_endpoint(
     else:
         ready = ("False", "NoBackends", f"HTTPRoute {name} has no backends (requests get 500)")
     _write_status(api_client, endpoint, {"routes": routes, "backends": len(live)}, ready, when)
+
+
+def endpoint_controller(
+    api_client: ApiClient,
+    namespace: str | None = None,
+    *,
+    workers: int = 1,
+    field_manager: str = FIELD_MANAGER,
+    queue: WorkQueue | None = None,
+    informer_options: Mapping[str, Any] | None = None,
+    leader: Leadership | None = None,
+) -> Controller:
+    """A (not started) controller for ArksEndpoints and their HTTPRoutes.
+
+    An edited or deleted HTTPRoute re-triggers its endpoint; any ArksApplication change
+    re-triggers the endpoints of its namespace, since discovery may add or drop it (also
+    when its served name changes away from an endpoint).
+    """
+    work = queue if queue is not None else WorkQueue()
+    options = dict(informer_options or {})
+    endpoints = Informer(api_client, ENDPOINTS, namespace, **options)
+    routes = watch_owned(
+        api_client, HTTPROUTES, work, ENDPOINT_API_VERSION, ENDPOINT_KIND, namespace, **options
+    )
+    applications = Informer(api_client, APPLICATIONS, namespace, **options)
+
+    def namespace_changed(_kind: str, app: Obj) -> None:
+        app_namespace = (app.get("metadata") or {}).get("namespace")
+        for key in endpoints.keys():
+            if key[0] == app_namespace:
+                work.add(key)
+
+    applications.add_handler(namespace_changed)
+
+    def reconcile(key: Key) -> None:
+        reconcile_endpoint(api_client, key, field_manager=field_manager)
+
+    return Controller(
+        "arksendpoint", endpoints, reconcile, workers, queue=work, owned=[routes, applications], leader=leader
+    )

@@ -1,5 +1,6 @@
 """`arks controller` as it runs in a cluster: a process watching the API server, electing itself
-leader on a Lease, reconciling an ArksApplication into a Deployment, and stopping on SIGTERM."""
+leader on a Lease, reconciling an ArksApplication into a Deployment, an ArksEndpoint into an
+HTTPRoute and an ArksToken into its status, and stopping on SIGTERM."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from tests.support.kube import RunningKubeEmulator, eventually, get_object
 
 DEPLOYMENTS = Resource("apps", "v1", "deployments")
 LEASES = Resource("coordination.k8s.io", "v1", "leases")
+HTTPROUTES = Resource("gateway.networking.k8s.io", "v1", "httproutes")
 
 
 def test_the_controller_process_reconciles_and_stops_cleanly(kube: RunningKubeEmulator, api: Any, tmp_path: Path) -> None:
@@ -27,6 +29,12 @@ def test_the_controller_process_reconciles_and_stops_cleanly(kube: RunningKubeEm
     app = {"apiVersion": "arks.ai/v1", "kind": "ArksApplication", "metadata": {"name": "qwen-a"},
            "spec": {"runtime": "vllm", "model": {"name": "qwen"}, "servedModelName": "qwen-7b", "replicas": 1, "size": 1}}
     custom.create_namespaced_custom_object("arks.ai", "v1", "prod", "arksapplications", app)
+    endpoint = {"apiVersion": "arks.ai/v1", "kind": "ArksEndpoint", "metadata": {"name": "qwen-7b"},
+                "spec": {"gatewayRef": {"name": "arks-gateway"}}}
+    custom.create_namespaced_custom_object("arks.ai", "v1", "prod", "arksendpoints", endpoint)
+    token = {"apiVersion": "arks.ai/v1", "kind": "ArksToken", "metadata": {"name": "alice"},
+             "spec": {"tokenHash": "sha256:" + "ab" * 32, "qos": [{"arksEndpoint": {"name": "qwen-7b"}}]}}
+    custom.create_namespaced_custom_object("arks.ai", "v1", "prod", "arkstokens", token)
 
     log = (tmp_path / "controller.log").open("wb")
     proc = subprocess.Popen(
@@ -43,6 +51,13 @@ def test_the_controller_process_reconciles_and_stops_cleanly(kube: RunningKubeEm
             timeout_s=10,
         )
         assert status["phase"] == "Pending"  # no pod is ready in an emulated cluster
+        route = eventually(lambda: get_object(api, HTTPROUTES, "prod", "qwen-7b"), timeout_s=10)
+        assert [ref["name"] for ref in route["spec"]["rules"][0]["backendRefs"]] == ["qwen-a"]
+        token_status = eventually(
+            lambda: (custom.get_namespaced_custom_object("arks.ai", "v1", "prod", "arkstokens", "alice").get("status") or {}),
+            timeout_s=10,
+        )
+        assert token_status["phase"] == "Active"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
     finally:

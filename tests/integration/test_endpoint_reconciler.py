@@ -10,13 +10,19 @@ from kubernetes.client import ApiClient
 from controller.kube import rest
 from controller.kube.conditions import find_condition
 from controller.reconcilers.application import APPLICATIONS
-from controller.reconcilers.endpoint import ENDPOINTS, HTTPROUTES, reconcile_endpoint
+from controller.reconcilers.endpoint import (
+    ENDPOINTS,
+    HTTPROUTES,
+    endpoint_controller,
+    reconcile_endpoint,
+)
 from tests.support.kube import eventually
 from tests.support.kube import get_object as get
 
 pytestmark = pytest.mark.timeout(60)
 
 SERVED = "qwen-7b"
+FAST = {"resync_s": 60.0, "watch_timeout_s": 1.0, "retry_s": 0.1}
 
 
 def create_app(api: ApiClient, ns: str, name: str, runtime: str, gpu: str) -> dict[str, Any]:
@@ -127,3 +133,26 @@ def test_deleting_the_endpoint_cascades_to_the_route(api: ApiClient, ns: str) ->
     eventually(lambda: get(api, HTTPROUTES, ns, SERVED) is None)
     reconcile_endpoint(api, (ns, SERVED))  # a gone endpoint is nothing to do
     assert get(api, HTTPROUTES, ns, SERVED) is None
+
+
+def test_the_running_controller_follows_applications_and_repairs_its_route(
+    api: ApiClient, ns: str
+) -> None:
+    controller = endpoint_controller(api, ns, informer_options=FAST)
+    controller.start()
+    try:
+        create_endpoint(api, ns)
+        route = eventually(lambda: get(api, HTTPROUTES, ns, SERVED))
+        assert "backendRefs" not in route["spec"]["rules"][0]
+
+        create_app(api, ns, "qwen-l40s", "vllm", "NVIDIA-L40S")  # discovered without a poke
+        eventually(lambda: endpoint_status(api, ns).get("backends") == 1)
+
+        rest.request(api, "DELETE", HTTPROUTES.path(ns, SERVED))  # repaired
+        route = eventually(lambda: get(api, HTTPROUTES, ns, SERVED))
+        assert [r["name"] for r in route["spec"]["rules"][0]["backendRefs"]] == ["qwen-l40s"]
+
+        rest.request(api, "DELETE", APPLICATIONS.path(ns, "qwen-l40s"))  # and dropped
+        eventually(lambda: endpoint_status(api, ns).get("backends") == 0)
+    finally:
+        controller.stop()
