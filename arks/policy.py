@@ -72,8 +72,19 @@ def _describe(obj: Mapping[str, Any]) -> str:
     return f"{obj.get('kind', '?')} {meta.get('namespace', 'default')}/{meta.get('name', '?')}"
 
 
-def build_policy(objects: Iterable[tuple[str, Mapping[str, Any]]], version: str = "0") -> Policy:
-    """Build a snapshot from `(where, object)` pairs; `where` names the object in errors."""
+def build_policy(
+    objects: Iterable[tuple[str, Mapping[str, Any]]],
+    version: str = "0",
+    *,
+    drop_duplicate_tokens: bool = False,
+) -> Policy:
+    """Build a snapshot from `(where, object)` pairs; `where` names the object in errors.
+
+    Two tokens with the same value are an error: whose user a request belongs to would be
+    ambiguous. A file is fixed by its one author, so the file source refuses the snapshot.
+    In a cluster many tenants write tokens, and one clash must not freeze everyone's
+    changes: with `drop_duplicate_tokens` both tokens are left out, with a warning.
+    """
     backends: dict[ObjectKey, Backend] = {}
     endpoints: dict[ObjectKey, ArksEndpoint] = {}
     tokens: list[tuple[str, ArksToken]] = []
@@ -111,6 +122,7 @@ def build_policy(objects: Iterable[tuple[str, Mapping[str, Any]]], version: str 
 
     warnings: list[str] = []
     by_digest: dict[str, ArksToken] = {}
+    clashing: dict[str, ArksToken] = {}  # digest -> the first token that had it
     for where, token in tokens:
         digest = token.token_hash
         if token.secret_ref is not None:
@@ -127,8 +139,14 @@ def build_policy(objects: Iterable[tuple[str, Mapping[str, Any]]], version: str 
         if token.plain_token_given:
             warnings.append(f"ArksToken {token.key}: spec.token holds a plain token; use tokenHash or tokenSecretRef")
         assert digest is not None
-        if digest in by_digest:
-            raise PolicyError(f"{where} (ArksToken {token.key}): same token as ArksToken {by_digest[digest].key}")
+        if digest in by_digest or digest in clashing:
+            first = by_digest.pop(digest, None) or clashing[digest]
+            message = f"{where} (ArksToken {token.key}): same token as ArksToken {first.key}"
+            if not drop_duplicate_tokens:
+                raise PolicyError(message)
+            warnings.append(f"{message}; neither is accepted until one changes")
+            clashing[digest] = first
+            continue
         by_digest[digest] = token
         for qos in token.qos:
             if ObjectKey(token.key.namespace, qos.endpoint) not in endpoints:

@@ -171,7 +171,9 @@ class ClusterPolicySource:
                 continue
             valid.append((where, obj))
         try:
-            policy = build_policy(valid, version=str(self.reloads + 1))
+            policy = build_policy(
+                valid, version=str(self.reloads + 1), drop_duplicate_tokens=True
+            )
         except PolicyError as err:
             log.error("policy from the cluster not applied, keeping the last good one: %s", err)
             return
