@@ -29,7 +29,7 @@ bench: $(STAMP)
 	$(PY) -m tests.bench.gateway --out docs/benchmarks.md $(ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check arks extproc tests
+	$(VENV)/bin/ruff check arks extproc ratelimit controller tests
 	$(VENV)/bin/mypy
 
 clean:
