@@ -9,6 +9,7 @@ deletes the route) and reports the backends in `status.routes`, their count in
 from __future__ import annotations
 
 import datetime
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,14 +18,17 @@ from kubernetes.client.exceptions import ApiException
 
 from controller.kube import rest
 from controller.kube.apply import patch_status, server_side_apply, set_owner
-from controller.kube.conditions import set_condition
+from controller.kube.conditions import find_condition, set_condition
 from controller.kube.errors import PermanentError
+from controller.kube.events import record_event
 from controller.kube.queue import Key, WorkQueue
 from controller.kube.rest import Obj, Resource
 from controller.kube.runner import Controller, Leadership
 from controller.kube.watch import Informer, watch_owned
 from controller.reconcilers.application import APPLICATIONS
 from controller.render.endpoint import render_httproute, route_status
+
+log = logging.getLogger(__name__)
 
 ENDPOINTS = Resource("arks.ai", "v1", "arksendpoints")
 HTTPROUTES = Resource("gateway.networking.k8s.io", "v1", "httproutes")
@@ -59,6 +63,13 @@ def _write_status(
         return
     meta = endpoint["metadata"]
     patch_status(api_client, ENDPOINTS, meta["namespace"], meta["name"], desired)
+    before = find_condition(current.get("conditions"), "Ready")
+    if before is None or (before["status"], before["reason"]) != ready[:2]:
+        type_ = "Normal" if ready[0] == "True" else "Warning"
+        try:  # best effort: a lost Event loses no state
+            record_event(api_client, endpoint, type_, ready[1], ready[2], FIELD_MANAGER)
+        except Exception:
+            log.warning("could not record an Event for ArksEndpoint %s", meta["name"])
 
 
 def reconcile_endpoint(

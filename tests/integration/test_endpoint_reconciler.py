@@ -9,6 +9,7 @@ from kubernetes.client import ApiClient
 
 from controller.kube import rest
 from controller.kube.conditions import find_condition
+from controller.kube.rest import EVENTS
 from controller.reconcilers.application import APPLICATIONS
 from controller.reconcilers.endpoint import (
     ENDPOINTS,
@@ -154,5 +155,8 @@ def test_the_running_controller_follows_applications_and_repairs_its_route(
 
         rest.request(api, "DELETE", APPLICATIONS.path(ns, "qwen-l40s"))  # and dropped
         eventually(lambda: endpoint_status(api, ns).get("backends") == 0)
+        events = rest.request(api, "GET", EVENTS.path(ns))["items"]
+        seen = [(e["type"], e["reason"]) for e in events if e["involvedObject"]["name"] == SERVED]
+        assert ("Normal", "BackendsRouted") in seen and ("Warning", "NoBackends") in seen
     finally:
         controller.stop()
