@@ -16,8 +16,9 @@ from typing import Any
 import kubernetes
 
 from arks.lifecycle import setup_process
+from controller.kube import rest
 from controller.kube.leader import LeaderElector
-from controller.reconcilers.application import application_controller
+from controller.reconcilers.application import LEADERWORKERSETS, application_controller
 from controller.reconcilers.endpoint import endpoint_controller
 from controller.reconcilers.token import token_controller
 
@@ -41,7 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE", "arks-system"))
     p.add_argument("--lease-name", default="arks-controller")
     p.add_argument("--identity", default=f"{socket.gethostname()}-{os.getpid()}")
-    p.add_argument("--watch-leaderworkersets", action="store_true", help="the LWS CRD is installed")
+    p.add_argument(
+        "--watch-leaderworkersets",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="watch LeaderWorkerSets (multi-node engines); auto: when the LWS CRD is installed",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -49,11 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     setup_process(args.log_level)
     client = api_client(args.kube_host)
+    watch_lws = args.watch_leaderworkersets == "yes" or (
+        args.watch_leaderworkersets == "auto" and rest.serves(client, LEADERWORKERSETS)
+    )
+    log.info("LeaderWorkerSets %s", "watched" if watch_lws else "not watched (CRD not installed)")
     elector = LeaderElector(client, args.lease_namespace, args.lease_name, args.identity)
     controllers = [
         application_controller(
             client, args.namespace, workers=args.workers, leader=elector,
-            watch_leaderworkersets=args.watch_leaderworkersets,
+            watch_leaderworkersets=watch_lws,
         ),
         endpoint_controller(client, args.namespace, workers=args.workers, leader=elector),
         token_controller(client, args.namespace, workers=args.workers, leader=elector),

@@ -159,3 +159,15 @@ def get_or_none(api_client: ApiClient, resource: Resource, namespace: str, name:
         if e.status == 404:
             return None
         raise classify(e, f"get {resource.plural}/{name}") from e
+
+
+def serves(api_client: ApiClient, resource: Resource) -> bool:
+    """Whether the API server serves `resource` (its CRD is installed), from API discovery."""
+    prefix = f"/apis/{resource.group}/{resource.version}" if resource.group else "/api/v1"
+    try:
+        listed = request(api_client, "GET", prefix)
+    except ApiException as e:
+        if e.status == 404:
+            return False
+        raise
+    return any(r.get("name") == resource.plural for r in listed.get("resources") or [])

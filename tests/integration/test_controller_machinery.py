@@ -400,3 +400,10 @@ def test_workers_reconcile_only_while_leading(api: ApiClient, ns: str) -> None:
         eventually(lambda: calls == [(ns, "llama")])
     finally:
         controller.stop()
+
+
+def test_discovery_tells_which_optional_crds_are_installed(api: ApiClient) -> None:
+    assert rest.serves(api, Resource("leaderworkerset.x-k8s.io", "v1", "leaderworkersets"))
+    assert rest.serves(api, Resource("", "v1", "services"))
+    assert not rest.serves(api, Resource("leaderworkerset.x-k8s.io", "v1", "widgets"))
+    assert not rest.serves(api, Resource("example.invalid", "v1", "widgets"))
