@@ -18,6 +18,7 @@ import kubernetes
 from arks.lifecycle import setup_process
 from controller.kube import rest
 from controller.kube.leader import LeaderElector
+from controller.metrics import ControllerMetrics, serve
 from controller.reconcilers.application import LEADERWORKERSETS, application_controller
 from controller.reconcilers.endpoint import endpoint_controller
 from controller.reconcilers.token import token_controller
@@ -48,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="watch LeaderWorkerSets (multi-node engines); auto: when the LWS CRD is installed",
     )
+    p.add_argument("--metrics-port", type=int, default=9103, help="/metrics, /healthz, /readyz")
+    p.add_argument("--metrics-address", default="0.0.0.0")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -68,6 +71,11 @@ def run(args: argparse.Namespace) -> int:
         endpoint_controller(client, args.namespace, workers=args.workers, leader=elector),
         token_controller(client, args.namespace, workers=args.workers, leader=elector),
     ]
+    metrics = ControllerMetrics()
+    metrics.leader.set_function(lambda: 1.0 if elector.is_leader() else 0.0)
+    for c in controllers:
+        c.instrument(metrics)
+    http = serve(args.metrics_address, args.metrics_port, metrics, lambda: all(c.synced() for c in controllers))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -79,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     for c in controllers:
         c.stop()
     elector.stop()
+    http.shutdown()
     return 0
 
 

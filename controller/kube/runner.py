@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from controller.kube.errors import PermanentError, TemporaryError
 from controller.kube.queue import Key, WorkQueue
 from controller.kube.watch import Informer, enqueue
+from controller.metrics import ControllerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class Controller:
         self._owned = list(owned)  # their handlers must already enqueue into `self.queue`
         self._leader = leader
         self._poll_s = poll_s
+        self._metrics: ControllerMetrics | None = None
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         informer.add_handler(enqueue(self.queue))
@@ -86,20 +89,39 @@ class Controller:
             finally:
                 self.queue.done(key)
 
+    def instrument(self, metrics: ControllerMetrics) -> None:
+        """Count reconciles, time them, and export the queue depth (before `start`)."""
+        self._metrics = metrics
+        metrics.queue_depth.labels(self.name).set_function(lambda: len(self.queue))
+
+    def synced(self) -> bool:
+        """Whether every informer has listed its objects once."""
+        return all(i.wait_synced(0) for i in (self.informer, *self._owned))
+
     def process(self, key: Key) -> None:
         """Reconcile one key and apply the retry policy (the caller owns `done`)."""
+        started = time.perf_counter()
+        result = self._process(key)
+        if self._metrics is not None:
+            self._metrics.reconciles.labels(self.name, result).inc()
+            self._metrics.duration.labels(self.name).observe(time.perf_counter() - started)
+
+    def _process(self, key: Key) -> str:
         try:
             again_after_s = self._reconcile(key)
         except TemporaryError as e:
             delay = self.queue.add_rate_limited(key, e.delay_s)
             log.info("%s %s: %s; retrying in %.2fs", self.name, key, e, delay)
+            return "retry"
         except PermanentError as e:
             log.error("%s %s: %s; not retrying until it changes", self.name, key, e)
             self.queue.forget(key)
+            return "permanent_error"
         except Exception:
             delay = self.queue.add_rate_limited(key)
             log.exception("%s %s failed; retrying in %.2fs", self.name, key, delay)
-        else:
-            self.queue.forget(key)
-            if again_after_s is not None:
-                self.queue.add_after(key, again_after_s)
+            return "error"
+        self.queue.forget(key)
+        if again_after_s is not None:
+            self.queue.add_after(key, again_after_s)
+        return "success"

@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import kubernetes
 
+from arks.procs import free_port
 from controller.kube.rest import Resource
 from tests.support.kube import RunningKubeEmulator, eventually, get_object
 
@@ -36,9 +38,11 @@ def test_the_controller_process_reconciles_and_stops_cleanly(kube: RunningKubeEm
              "spec": {"tokenHash": "sha256:" + "ab" * 32, "qos": [{"arksEndpoint": {"name": "qwen-7b"}}]}}
     custom.create_namespaced_custom_object("arks.ai", "v1", "prod", "arkstokens", token)
 
+    port = free_port()
     log = (tmp_path / "controller.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "arks.cli", "controller", "--kube-host", kube.url, "--lease-namespace", "prod"],
+        [sys.executable, "-m", "arks.cli", "controller", "--kube-host", kube.url, "--lease-namespace", "prod",
+         "--metrics-address", "127.0.0.1", "--metrics-port", str(port)],
         stdout=log, stderr=subprocess.STDOUT,
     )
     try:
@@ -58,6 +62,15 @@ def test_the_controller_process_reconciles_and_stops_cleanly(kube: RunningKubeEm
             timeout_s=10,
         )
         assert token_status["phase"] == "Active"
+
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/healthz").status_code == 200
+        assert httpx.get(f"{base}/readyz").status_code == 200
+        metrics = httpx.get(f"{base}/metrics").text
+        assert "arks_controller_leader 1.0" in metrics
+        assert 'arks_controller_reconcile_total{controller="arksapplication",result="success"}' in metrics
+        assert 'arks_controller_reconcile_total{controller="arksendpoint",result="success"}' in metrics
+        assert 'arks_controller_queue_depth{controller="arkstoken"}' in metrics
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
     finally:
