@@ -1,8 +1,8 @@
 """Render an ArksEndpoint into the Gateway API HTTPRoute that publishes it: pure.
 
 The endpoint's name is the public model name. Requests carry it in the `x-arks-model` header
-(set by the gateway's request processing from the body's `model`), so every match of the
-route is AND'ed with an exact match on that header. The backends are
+and the endpoint's namespace in `x-arks-namespace` (both set by the gateway's request
+processing), so every match of the route is AND'ed with exact matches on those headers. The backends are
 
 * every ArksApplication in the endpoint's namespace serving that name (its
   `spec.servedModelName`, else its model's name, as the application renderer uses it), each
@@ -26,6 +26,7 @@ from controller.render.application import LABEL_MANAGED_BY, LABEL_SERVED_NAME, l
 
 HTTPROUTE_API_VERSION = "gateway.networking.k8s.io/v1"
 MODEL_HEADER = "x-arks-model"
+NAMESPACE_HEADER = "x-arks-namespace"
 DEFAULT_GATEWAY = "arks-gateway"
 DEFAULT_MATCH: Mapping[str, Any] = {"path": {"type": "PathPrefix", "value": "/v1"}}
 DEFAULT_WEIGHT = 5  # the ArksEndpoint CRD's default for spec.defaultWeight
@@ -41,15 +42,22 @@ class UnroutableEndpoint(PermanentError):
     """The endpoint cannot be expressed as an HTTPRoute; retrying will not help."""
 
 
-def _model_match(match: Mapping[str, Any], model: str) -> dict[str, Any]:
-    """`match` AND'ed with an exact `x-arks-model: model` header match.
+def _model_match(match: Mapping[str, Any], model: str, namespace: str) -> dict[str, Any]:
+    """`match` AND'ed with exact `x-arks-model: model` and `x-arks-namespace` header matches.
 
-    A header of the same name (names compare case-insensitively) in `match` is replaced: for
-    equivalent names only the first counts, and the model name is not the user's to choose.
+    The namespace match keeps tenants apart: endpoints of the same name in two namespaces
+    attach routes to one Gateway, and the gateway's request processing sets both headers from
+    the token's grant. Headers of those names (compared case-insensitively) in `match` are
+    replaced: for equivalent names only the first counts, and routing is not the user's to choose.
     """
     out = copy.deepcopy(dict(match))
-    others = [h for h in out.get("headers") or [] if str(h.get("name", "")).lower() != MODEL_HEADER]
-    out["headers"] = [{"type": "Exact", "name": MODEL_HEADER, "value": model}, *others]
+    routing = (MODEL_HEADER, NAMESPACE_HEADER)
+    others = [h for h in out.get("headers") or [] if str(h.get("name", "")).lower() not in routing]
+    out["headers"] = [
+        {"type": "Exact", "name": MODEL_HEADER, "value": model},
+        {"type": "Exact", "name": NAMESPACE_HEADER, "value": namespace},
+        *others,
+    ]
     return out
 
 
@@ -127,7 +135,7 @@ def render_httproute(
     meta, spec = endpoint["metadata"], endpoint.get("spec") or {}
     name, namespace = str(meta["name"]), str(meta["namespace"])
     parent = copy.deepcopy(dict(spec.get("gatewayRef") or {"name": DEFAULT_GATEWAY}))
-    matches = [_model_match(m, name) for m in spec.get("matchConfigs") or [DEFAULT_MATCH]]
+    matches = [_model_match(m, name, namespace) for m in spec.get("matchConfigs") or [DEFAULT_MATCH]]
     refs = backend_refs(endpoint, applications)
     if len(refs) > MAX_BACKENDS:
         raise UnroutableEndpoint(

@@ -13,6 +13,7 @@ from controller.render.endpoint import render_httproute, route_status
 from tests.support.crd_schema import upstream_schema
 
 MODEL_MATCH = {"type": "Exact", "name": "x-arks-model", "value": "qwen-7b"}
+NAMESPACE_MATCH = {"type": "Exact", "name": "x-arks-namespace", "value": "llm"}
 
 
 def make_endpoint(**spec: Any) -> dict[str, Any]:
@@ -75,7 +76,7 @@ def test_static_route_configs_only() -> None:
             "rules": [
                 {
                     "matches": [
-                        {"path": {"type": "PathPrefix", "value": "/v1"}, "headers": [MODEL_MATCH]}
+                        {"path": {"type": "PathPrefix", "value": "/v1"}, "headers": [MODEL_MATCH, NAMESPACE_MATCH]}
                     ],
                     "backendRefs": [
                         {"kind": "Service", "name": "legacy", "namespace": "old", "port": 8000,
@@ -134,13 +135,14 @@ def test_unset_served_name_is_the_model_name_as_the_engine_is_told() -> None:
     assert ref == {"kind": "Service", "name": "qwen-app", "port": 8000, "weight": 5}
 
 
-def test_custom_match_configs_get_the_model_header_and_keep_their_own() -> None:
+def test_custom_match_configs_get_the_routing_headers_and_keep_their_own() -> None:
     matches = [
         {"path": {"type": "Exact", "value": "/v1/chat/completions"}, "method": "POST"},
         {
             "path": {"type": "PathPrefix", "value": "/v1/completions"},
             "headers": [
                 {"name": "X-Arks-Model", "value": "spoofed"},
+                {"name": "x-arks-namespace", "value": "someone-else"},
                 {"name": "x-tenant", "type": "RegularExpression", "value": "team-.*"},
             ],
         },
@@ -152,12 +154,13 @@ def test_custom_match_configs_get_the_model_header_and_keep_their_own() -> None:
             {
                 "path": {"type": "Exact", "value": "/v1/chat/completions"},
                 "method": "POST",
-                "headers": [MODEL_MATCH],
+                "headers": [MODEL_MATCH, NAMESPACE_MATCH],
             },
             {
                 "path": {"type": "PathPrefix", "value": "/v1/completions"},
                 "headers": [
                     MODEL_MATCH,
+                    NAMESPACE_MATCH,
                     {"name": "x-tenant", "type": "RegularExpression", "value": "team-.*"},
                 ],
             },
