@@ -35,6 +35,11 @@ def api_client(kube_host: str) -> Any:
     return kubernetes.client.ApiClient(kubernetes.client.Configuration(host=kube_host))
 
 
+def gateway_ref(value: str) -> dict[str, str]:
+    namespace, _, name = value.rpartition("/")
+    return {"name": name, "namespace": namespace} if namespace else {"name": name}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m controller", description=__doc__)
     p.add_argument("--kube-host", default="in-cluster", metavar="URL|in-cluster|kubeconfig")
@@ -48,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "yes", "no"),
         default="auto",
         help="watch LeaderWorkerSets (multi-node engines); auto: when the LWS CRD is installed",
+    )
+    p.add_argument(
+        "--default-gateway",
+        default="arks-system/arks-gateway",
+        metavar="NAMESPACE/NAME",
+        help="the Gateway HTTPRoutes of ArksEndpoints without a gatewayRef attach to",
     )
     p.add_argument("--metrics-port", type=int, default=9103, help="/metrics, /healthz, /readyz")
     p.add_argument("--metrics-address", default="0.0.0.0")
@@ -68,7 +79,10 @@ def run(args: argparse.Namespace) -> int:
             client, args.namespace, workers=args.workers, leader=elector,
             watch_leaderworkersets=watch_lws,
         ),
-        endpoint_controller(client, args.namespace, workers=args.workers, leader=elector),
+        endpoint_controller(
+            client, args.namespace, workers=args.workers, leader=elector,
+            default_gateway=gateway_ref(args.default_gateway),
+        ),
         token_controller(client, args.namespace, workers=args.workers, leader=elector),
     ]
     metrics = ControllerMetrics()

@@ -26,7 +26,7 @@ from controller.kube.rest import Obj, Resource
 from controller.kube.runner import Controller, Leadership
 from controller.kube.watch import Informer, watch_owned
 from controller.reconcilers.application import APPLICATIONS
-from controller.render.endpoint import render_httproute, route_status
+from controller.render.endpoint import DEFAULT_GATEWAY, render_httproute, route_status
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ def reconcile_endpoint(
     *,
     field_manager: str = FIELD_MANAGER,
     now: datetime.datetime | None = None,
+    default_gateway: Mapping[str, str] = DEFAULT_GATEWAY,
 ) -> None:
     """Bring the HTTPRoute of ArksEndpoint `key` = (namespace, name) to the desired state.
 
@@ -92,7 +93,7 @@ def reconcile_endpoint(
     applications = _list(api_client, APPLICATIONS, namespace)
 
     try:
-        route = render_httproute(endpoint, applications)
+        route = render_httproute(endpoint, applications, default_gateway)
     except PermanentError as e:
         _write_status(api_client, endpoint, {}, ("False", "Unroutable", str(e)), when)
         raise
@@ -118,6 +119,7 @@ def endpoint_controller(
     queue: WorkQueue | None = None,
     informer_options: Mapping[str, Any] | None = None,
     leader: Leadership | None = None,
+    default_gateway: Mapping[str, str] = DEFAULT_GATEWAY,
 ) -> Controller:
     """A (not started) controller for ArksEndpoints and their HTTPRoutes.
 
@@ -142,7 +144,9 @@ def endpoint_controller(
     applications.add_handler(namespace_changed)
 
     def reconcile(key: Key) -> None:
-        reconcile_endpoint(api_client, key, field_manager=field_manager)
+        reconcile_endpoint(
+            api_client, key, field_manager=field_manager, default_gateway=default_gateway
+        )
 
     return Controller(
         "arksendpoint", endpoints, reconcile, workers, queue=work, owned=[routes, applications], leader=leader

@@ -27,7 +27,8 @@ from controller.render.application import LABEL_MANAGED_BY, LABEL_SERVED_NAME, l
 HTTPROUTE_API_VERSION = "gateway.networking.k8s.io/v1"
 MODEL_HEADER = "x-arks-model"
 NAMESPACE_HEADER = "x-arks-namespace"
-DEFAULT_GATEWAY = "arks-gateway"
+# Where routes of endpoints without a gatewayRef attach: the Gateway manifests/ installs.
+DEFAULT_GATEWAY: Mapping[str, str] = {"name": "arks-gateway", "namespace": "arks-system"}
 DEFAULT_MATCH: Mapping[str, Any] = {"path": {"type": "PathPrefix", "value": "/v1"}}
 DEFAULT_WEIGHT = 5  # the ArksEndpoint CRD's default for spec.defaultWeight
 STATIC_WEIGHT = 1  # the CRD's default for routeConfigs[].weight
@@ -129,12 +130,17 @@ def backend_refs(
 
 
 def render_httproute(
-    endpoint: Mapping[str, Any], applications: Sequence[Mapping[str, Any]]
+    endpoint: Mapping[str, Any],
+    applications: Sequence[Mapping[str, Any]],
+    default_gateway: Mapping[str, str] = DEFAULT_GATEWAY,
 ) -> dict[str, Any]:
-    """The desired HTTPRoute for ArksEndpoint `endpoint` given the `applications` around it."""
+    """The desired HTTPRoute for ArksEndpoint `endpoint` given the `applications` around it.
+
+    An endpoint without `gatewayRef` attaches to `default_gateway` (a parentRef).
+    """
     meta, spec = endpoint["metadata"], endpoint.get("spec") or {}
     name, namespace = str(meta["name"]), str(meta["namespace"])
-    parent = copy.deepcopy(dict(spec.get("gatewayRef") or {"name": DEFAULT_GATEWAY}))
+    parent = copy.deepcopy(dict(spec.get("gatewayRef") or default_gateway))
     matches = [_model_match(m, name, namespace) for m in spec.get("matchConfigs") or [DEFAULT_MATCH]]
     refs = backend_refs(endpoint, applications)
     if len(refs) > MAX_BACKENDS:

@@ -110,7 +110,9 @@ def test_two_apps_on_different_hardware_serving_one_name_are_two_weighted_backen
     ]  # fmt: skip
     endpoint = make_endpoint(defaultWeight=7, routeConfigs=[{"name": "spill", "port": 80}])
     route = render_httproute(endpoint, [l40s, *others, h100])
-    assert route["spec"]["parentRefs"] == [{"name": "arks-gateway"}]
+    assert route["spec"]["parentRefs"] == [{"name": "arks-gateway", "namespace": "arks-system"}]
+    elsewhere = render_httproute(endpoint, [], default_gateway={"name": "gw", "namespace": "edge"})
+    assert elsewhere["spec"]["parentRefs"] == [{"name": "gw", "namespace": "edge"}]
     assert rule(route)["backendRefs"] == [
         {"kind": "Service", "name": "qwen-7b-h100", "port": 30000, "weight": 7},
         {"kind": "Service", "name": "qwen-7b-l40s", "port": 8000, "weight": 7},
