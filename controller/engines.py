@@ -1,9 +1,15 @@
-"""Engine command lines as data: one frozen table per runtime, filled by one pure function.
+"""Engine command lines as data: one frozen table per runtime, filled by pure functions.
 
 A table says how an engine spells its flags (model path, served name, parallelism, port,
-host, metrics), where its health endpoint is, and how it spans several nodes under a
-LeaderWorkerSet. `engine_command` turns an ArksApplication spec and a pod role into the
-container argv; nothing else in the controller builds engine command lines.
+host, metrics), where its health endpoints are, how it spans several nodes under a
+LeaderWorkerSet, and how it runs as the prefill or decode half of a disaggregated pair.
+A router table says the same for what sits in front of the engines (the Dynamo frontend,
+the SGLang router). `engine_command` and `router_command` turn a spec into the container
+argv; nothing else in the controller builds command lines.
+
+Dynamo runs vLLM as its backend (`python3 -m dynamo.vllm`): the CRD has no field to pick
+another one, and the vLLM backend is the one with the same multi-node recipe (Ray) as our
+plain vLLM table.
 
 Multi-node templates may use `{size}`, `{port}`, `{ray_port}` and `{dist_port}`, filled
 here, and the LeaderWorkerSet variables `$(LWS_LEADER_ADDRESS)` and `$(LWS_WORKER_INDEX)`,
@@ -15,12 +21,13 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from controller.kube.errors import PermanentError
 
 Role = Literal["single", "leader", "worker"]
+DisaggregationMode = Literal["prefill", "decode"]
 
 MODEL_DIR = "/models"
 RAY_PORT = 6379
@@ -47,6 +54,44 @@ class MultiNode:
 
 
 @dataclass(frozen=True)
+class Disaggregation:
+    """How an engine runs as the prefill or the decode half of a disaggregated pair."""
+
+    mode_flag: str  # followed by "prefill" or "decode"
+    # (flag, value) pairs added unless the user's args already give the flag.
+    default_flags: tuple[tuple[str, str], ...] = ()
+    # SGLang: prefill instances run a bootstrap server that decode instances contact for the
+    # KV transfer; the router learns its port from a pod annotation.
+    bootstrap_port_flag: str | None = None
+    bootstrap_port: int = 0
+    bootstrap_port_annotation: str = ""
+    # Variables set to the pod IP, so peers on other nodes can reach the KV transfer channel.
+    pod_ip_env: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """What serves the public HTTP API in front of engines that do not (or not alone)."""
+
+    name: str
+    program: tuple[str, ...]
+    port_flag: str
+    host_flag: str | None  # None: the program listens on all interfaces by default
+    default_port: int
+    readiness_path: str
+    liveness_path: str
+    # Prefill/decode mode with Kubernetes pod discovery, filled by `router_command`.
+    pd_flags: tuple[str, ...] = ()
+    prefill_selector_flag: str | None = None
+    decode_selector_flag: str | None = None
+    metrics_flags: tuple[str, ...] = ()
+    # The router lists and watches pods itself, so it needs a service account and a Role.
+    watches_pods: bool = False
+    # The router tokenizes, reading the files the workers registered from the model path.
+    needs_model: bool = False
+
+
+@dataclass(frozen=True)
 class EngineSpec:
     """How one runtime is started and probed."""
 
@@ -56,8 +101,8 @@ class EngineSpec:
     served_name_flag: str
     tp_flag: str
     pp_flag: str | None  # None: pipeline parallelism is not offered by this table
-    port_flag: str
-    host_flag: str
+    port_flag: str | None  # None: the engine serves no HTTP API; `default_port` is for probes
+    host_flag: str | None
     metrics_flags: tuple[str, ...]
     default_port: int
     health_path: str
@@ -67,7 +112,54 @@ class EngineSpec:
     multi_node: MultiNode
     # Used when the application names no image (the CRD promises one). Pin it in production.
     default_image: str = ""
+    port_name: str = "http"  # the container port the probes use
+    liveness_path: str | None = None  # None: the health path
+    env: tuple[tuple[str, str], ...] = ()
+    # Set when the engine pods do not serve the OpenAI API themselves: this serves it.
+    frontend: RouterSpec | None = None
+    # The router of a disaggregated deployment; None: the runtime has no such mode.
+    pd_router: RouterSpec | None = None
+    disaggregation: Disaggregation | None = None
+    # "dynamo": the pods find each other through Dynamo's discovery (etcd) and need its env.
+    discovery: str = ""
 
+
+SGLANG_ROUTER = RouterSpec(
+    name="sglang-router",
+    program=("python3", "-m", "sglang_router.launch_router"),
+    port_flag="--port",
+    host_flag="--host",
+    default_port=30000,
+    readiness_path="/readiness",  # 503 until the router has healthy workers
+    liveness_path="/liveness",
+    pd_flags=(
+        "--pd-disaggregation",
+        "--service-discovery",
+        "--service-discovery-namespace",
+        "{namespace}",
+        "--service-discovery-port",
+        "{engine_port}",
+        "--bootstrap-port-annotation",
+        "{bootstrap_annotation}",
+    ),
+    prefill_selector_flag="--prefill-selector",
+    decode_selector_flag="--decode-selector",
+    metrics_flags=("--prometheus-host", "0.0.0.0", "--prometheus-port", "29000"),
+    watches_pods=True,
+)
+
+DYNAMO_FRONTEND = RouterSpec(
+    name="dynamo-frontend",
+    program=("python3", "-m", "dynamo.frontend"),
+    port_flag="--http-port",
+    host_flag=None,  # --http-host defaults to 0.0.0.0
+    default_port=8000,
+    readiness_path="/health",
+    liveness_path="/live",
+    needs_model=True,
+    # Disaggregation needs no flag: the frontend pairs the prefill and decode workers it
+    # discovers in its Dynamo namespace.
+)
 
 VLLM = EngineSpec(
     default_image="vllm/vllm-openai:latest",
@@ -117,9 +209,49 @@ SGLANG = EngineSpec(
             "$(LWS_WORKER_INDEX)",
         ),
     ),
+    pd_router=SGLANG_ROUTER,
+    disaggregation=Disaggregation(
+        mode_flag="--disaggregation-mode",
+        default_flags=(("--disaggregation-transfer-backend", "mooncake"),),
+        bootstrap_port_flag="--disaggregation-bootstrap-port",
+        bootstrap_port=8998,
+        bootstrap_port_annotation="sglang.ai/bootstrap-port",
+    ),
 )
 
-ENGINES: Mapping[str, EngineSpec] = {e.runtime: e for e in (VLLM, SGLANG)}
+SYSTEM_PORT = 9090
+
+# Dynamo's vLLM worker: no HTTP API of its own (the frontend serves it); it registers in
+# Dynamo's discovery and reports health and metrics (vLLM's too) on the system port.
+DYNAMO_VLLM = replace(
+    VLLM,
+    default_image="nvcr.io/nvidia/ai-dynamo/vllm-runtime:1.0.0",
+    runtime="dynamo",
+    program=("python3", "-m", "dynamo.vllm"),
+    model_flag="--model",
+    port_flag=None,
+    host_flag=None,
+    default_port=SYSTEM_PORT,
+    port_name="system",
+    health_path="/health",
+    liveness_path="/live",
+    env=(
+        ("DYN_SYSTEM_ENABLED", "true"),  # older releases; newer ones enable it by the port
+        ("DYN_SYSTEM_PORT", str(SYSTEM_PORT)),
+        # /health answers 200 only once the worker's generate endpoint is serving.
+        ("DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS", '["generate"]'),
+    ),
+    frontend=DYNAMO_FRONTEND,
+    pd_router=DYNAMO_FRONTEND,
+    disaggregation=Disaggregation(
+        mode_flag="--disaggregation-mode",
+        # NIXL's side channel defaults to localhost; peers in other pods need the pod IP.
+        pod_ip_env=("VLLM_NIXL_SIDE_CHANNEL_HOST",),
+    ),
+    discovery="dynamo",
+)
+
+ENGINES: Mapping[str, EngineSpec] = {e.runtime: e for e in (VLLM, SGLANG, DYNAMO_VLLM)}
 
 
 @dataclass(frozen=True)
@@ -165,8 +297,18 @@ def _fill(template: Sequence[str], values: Mapping[str, object]) -> list[str]:
     return [arg.format_map(values) for arg in template]
 
 
-def engine_command(app: Mapping[str, Any], role: Role) -> list[str]:
-    """The container command for `role` in the workload rendered from ArksApplication `app`."""
+def _has_flag(args: Sequence[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def engine_command(
+    app: Mapping[str, Any], role: Role, *, disaggregation: DisaggregationMode | None = None
+) -> list[str]:
+    """The container command for `role` in the workload rendered from ArksApplication `app`.
+
+    `disaggregation` makes it the prefill or decode half of a disaggregated pair (`app` is
+    then the group's spec in ArksApplication shape).
+    """
     spec = app["spec"]
     engine = engine_for(spec)
     par = parallelism(spec)
@@ -178,6 +320,9 @@ def engine_command(app: Mapping[str, Any], role: Role) -> list[str]:
         raise UnsupportedApplication(
             f"pipelineParallelSize > 1 is not supported for runtime {engine.runtime}"
         )
+    pd = engine.disaggregation
+    if disaggregation is not None and pd is None:
+        raise UnsupportedApplication(f"runtime {engine.runtime} has no disaggregated mode")
     values = {
         "size": par.size,
         "port": engine.default_port,
@@ -192,19 +337,65 @@ def engine_command(app: Mapping[str, Any], role: Role) -> list[str]:
             worker = f"until {worker}; do sleep {multi.worker_retry_s}; done"
         return ["sh", "-c", worker]
 
+    user_args = [str(a) for a in spec.get("runtimeCommonArgs") or ()]
     argv = list(engine.program)
     argv += [engine.model_flag, MODEL_DIR] if engine.model_flag else [MODEL_DIR]
     argv += [engine.served_name_flag, served_model_name(spec)]
     argv += [engine.tp_flag, str(par.tp)]
     if engine.pp_flag is not None:
         argv += [engine.pp_flag, str(par.pp)]
-    argv += [engine.host_flag, "0.0.0.0", engine.port_flag, str(engine.default_port)]
+    if engine.host_flag is not None:
+        argv += [engine.host_flag, "0.0.0.0"]
+    if engine.port_flag is not None:
+        argv += [engine.port_flag, str(engine.default_port)]
     argv += engine.metrics_flags
     if role != "single":
         argv += _fill(multi.engine_flags, values)
-    argv += [str(a) for a in spec.get("runtimeCommonArgs") or ()]
+    if disaggregation is not None and pd is not None:
+        argv += [pd.mode_flag, disaggregation]
+        for flag, value in pd.default_flags:
+            if not _has_flag(user_args, flag):
+                argv += [flag, value]
+        if disaggregation == "prefill" and pd.bootstrap_port_flag is not None:
+            argv += [pd.bootstrap_port_flag, str(pd.bootstrap_port)]
+    argv += user_args
 
     if role == "leader" and multi.leader_prelude:
         prelude = shlex.join(_fill(multi.leader_prelude, values))
         return ["sh", "-c", f"{prelude} && exec {shlex.join(argv)}"]
+    return argv
+
+
+def _selector_args(labels: Mapping[str, str]) -> list[str]:
+    return [f"{key}={value}" for key, value in labels.items()]
+
+
+def router_command(
+    router: RouterSpec,
+    *,
+    namespace: str = "",
+    engine: EngineSpec | None = None,
+    prefill_selector: Mapping[str, str] | None = None,
+    decode_selector: Mapping[str, str] | None = None,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """The command of `router` in front of `engine` pods; with selectors, in prefill/decode mode."""
+    argv = list(router.program)
+    if router.host_flag is not None:
+        argv += [router.host_flag, "0.0.0.0"]
+    argv += [router.port_flag, str(router.default_port)]
+    if prefill_selector is not None and decode_selector is not None and router.pd_flags:
+        if engine is None or engine.disaggregation is None:
+            raise ValueError("prefill/decode routing needs an engine with a disaggregated mode")
+        values = {
+            "namespace": namespace,
+            "engine_port": engine.default_port,
+            "bootstrap_annotation": engine.disaggregation.bootstrap_port_annotation,
+        }
+        argv += _fill(router.pd_flags, values)
+        if router.prefill_selector_flag and router.decode_selector_flag:
+            argv += [router.prefill_selector_flag, *_selector_args(prefill_selector)]
+            argv += [router.decode_selector_flag, *_selector_args(decode_selector)]
+    argv += router.metrics_flags
+    argv += [str(a) for a in extra_args]
     return argv

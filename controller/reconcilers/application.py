@@ -2,13 +2,19 @@
 
 Level-triggered: every call reads the application and its model afresh, applies the full
 desired set of children (server-side apply, owned by the application so deletion cascades)
-and derives the status from the workload as it is now. An unchanged status is not written,
-so reconciling a settled application makes no writes that change anything.
+and derives the status from the workloads as they are now. An unchanged status is not
+written, so reconciling a settled application makes no writes that change anything.
+Transitions worth a look in `kubectl describe` (waiting for the model, a spec that cannot
+be rendered, becoming available or unavailable) are recorded as Events.
+
+The model wait, the status bookkeeping, the owned apply and the Events are shared with the
+ArksDisaggregatedApplication reconciler.
 """
 
 from __future__ import annotations
 
 import datetime
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,13 +22,16 @@ from kubernetes.client import ApiClient
 
 from controller.kube import rest
 from controller.kube.apply import patch_status, server_side_apply, set_owner
-from controller.kube.conditions import set_condition
+from controller.kube.conditions import find_condition, set_condition
 from controller.kube.errors import PermanentError, TemporaryError
+from controller.kube.events import record_event
 from controller.kube.queue import Key, WorkQueue
 from controller.kube.rest import Obj, Resource
 from controller.kube.runner import Controller, Leadership
 from controller.kube.watch import Informer, watch_owned
 from controller.render.application import RenderDefaults, render_application
+
+log = logging.getLogger(__name__)
 
 APPLICATIONS = Resource("arks.ai", "v1", "arksapplications")
 MODELS = Resource("arks.ai", "v1", "arksmodels")
@@ -30,25 +39,32 @@ DEPLOYMENTS = Resource("apps", "v1", "deployments")
 SERVICES = Resource("", "v1", "services")
 LEADERWORKERSETS = Resource("leaderworkerset.x-k8s.io", "v1", "leaderworkersets")
 HPAS = Resource("autoscaling", "v2", "horizontalpodautoscalers")
+SERVICEACCOUNTS = Resource("", "v1", "serviceaccounts")
+ROLES = Resource("rbac.authorization.k8s.io", "v1", "roles")
+ROLEBINDINGS = Resource("rbac.authorization.k8s.io", "v1", "rolebindings")
 
 APP_API_VERSION = "arks.ai/v1"
 APP_KIND = "ArksApplication"
 FIELD_MANAGER = "arks-controller"
+EVENT_COMPONENT = "arks-controller"
 MODEL_WAIT_S = 5.0
 
-# The plural of every kind the renderer emits (plurals cannot be derived from kinds safely).
+# The plural of every kind the renderers emit (plurals cannot be derived from kinds safely).
 _PLURALS = {
     "Deployment": "deployments",
     "Service": "services",
     "LeaderWorkerSet": "leaderworkersets",
     "HorizontalPodAutoscaler": "horizontalpodautoscalers",
+    "ServiceAccount": "serviceaccounts",
+    "Role": "roles",
+    "RoleBinding": "rolebindings",
 }
+WORKLOAD_KINDS = ("Deployment", "LeaderWorkerSet")
 
+# Values of the CRD's phase enum (arks.crds.application.PHASES) this controller writes.
 PHASE_PENDING = "Pending"
 PHASE_RUNNING = "Running"
-PHASE_READY = "Ready"
 PHASE_FAILED = "Failed"
-
 
 
 def resource_for(obj: Mapping[str, Any]) -> Resource:
@@ -77,20 +93,21 @@ def workload_replicas(workload: Mapping[str, Any] | None) -> tuple[int, int]:
     return int(desired), int(status.get("readyReplicas") or 0)
 
 
-def phase_of(desired: int, ready: int) -> str:
-    if ready >= 1 and ready >= desired:
-        return PHASE_READY
-    if ready >= 1:
+def phase_of(ready_groups: Sequence[tuple[int, int]]) -> str:
+    """Running once every group has a ready replica (the app serves); Pending before."""
+    if ready_groups and all(ready >= 1 for _, ready in ready_groups):
         return PHASE_RUNNING
     return PHASE_PENDING
 
 
-class _Status:
-    """Builds the application's next status from its current one (conditions keep times)."""
+class StatusWriter:
+    """Builds an object's next status from its current one (conditions keep their times)."""
 
-    def __init__(self, app: Mapping[str, Any], now: datetime.datetime) -> None:
-        self.current: Mapping[str, Any] = app.get("status") or {}
-        self.generation = app["metadata"].get("generation")
+    def __init__(self, resource: Resource, obj: Mapping[str, Any], now: datetime.datetime) -> None:
+        self.resource = resource
+        self.obj = obj
+        self.current: Mapping[str, Any] = obj.get("status") or {}
+        self.generation = obj["metadata"].get("generation")
         self.now = now
         self.conditions: Sequence[Mapping[str, Any]] | None = self.current.get("conditions")
         self.fields: dict[str, Any] = {}
@@ -100,18 +117,111 @@ class _Status:
             self.conditions, type_, status, reason, message, self.generation, self.now
         )
 
+    def changed(self, type_: str) -> bool:
+        """True when condition `type_` now has another status than the object had."""
+        before = find_condition(self.current.get("conditions"), type_)
+        after = find_condition(self.conditions, type_)
+        return (before or {}).get("status") != (after or {}).get("status")
+
     def desired(self) -> dict[str, Any]:
         status = {**self.fields, "conditions": list(self.conditions or [])}
         if self.generation is not None:
             status["observedGeneration"] = self.generation
         return status
 
-    def write(self, api_client: ApiClient, app: Mapping[str, Any]) -> None:
+    def write(self, api_client: ApiClient) -> None:
         desired = self.desired()
         if all(self.current.get(k) == v for k, v in desired.items()):
             return
-        meta = app["metadata"]
-        patch_status(api_client, APPLICATIONS, meta["namespace"], meta["name"], desired)
+        meta = self.obj["metadata"]
+        patch_status(api_client, self.resource, meta["namespace"], meta["name"], desired)
+
+
+def record(
+    api_client: ApiClient, obj: Mapping[str, Any], type_: str, reason: str, message: str
+) -> None:
+    """An Event about `obj`; best effort: a failure to record is logged, never raised."""
+    try:
+        record_event(api_client, obj, type_, reason, message, EVENT_COMPONENT)
+    except Exception:
+        log.warning("could not record event %s on %s", reason, obj["metadata"]["name"])
+
+
+def await_model(api_client: ApiClient, obj: Mapping[str, Any], status: StatusWriter) -> Obj:
+    """The Ready ArksModel `obj` serves; else record why in `status` and raise TemporaryError."""
+    namespace = obj["metadata"]["namespace"]
+    model_name = str(obj["spec"]["model"]["name"])
+    model = rest.get_or_none(api_client, MODELS, namespace, model_name)
+    model_phase = ((model or {}).get("status") or {}).get("phase")
+    if model is None or model_phase != "Ready":
+        message = (
+            f"ArksModel {model_name} not found"
+            if model is None
+            else f"ArksModel {model_name} is {model_phase or 'not ready'}"
+        )
+        status.condition("ModelReady", "False", "ModelNotReady", message)
+        status.fields["phase"] = PHASE_PENDING
+        status.write(api_client)
+        if status.changed("ModelReady"):
+            record(api_client, obj, "Normal", "WaitingForModel", message)
+        raise TemporaryError(f"waiting for model: {message}", delay_s=MODEL_WAIT_S)
+    status.condition("ModelReady", "True", "ModelReady", f"ArksModel {model_name} is Ready")
+    return model
+
+
+def render_failed(
+    api_client: ApiClient, obj: Mapping[str, Any], status: StatusWriter, error: Exception
+) -> None:
+    """Record a spec that cannot be rendered: Rendered=False, phase Failed, a Warning."""
+    status.condition("Rendered", "False", "Unsupported", str(error))
+    status.fields["phase"] = PHASE_FAILED
+    status.write(api_client)
+    if status.changed("Rendered"):
+        record(api_client, obj, "Warning", "RenderFailed", str(error))
+
+
+def apply_owned(
+    api_client: ApiClient,
+    owner: Mapping[str, Any],
+    objects: Sequence[Mapping[str, Any]],
+    field_manager: str,
+) -> list[Obj]:
+    """Server-side apply `objects` as children of `owner`; the live objects, in order."""
+    resources = [resource_for(obj) for obj in objects]  # unknown kinds fail before any write
+    return [
+        server_side_apply(api_client, resource, set_owner(obj, owner), field_manager)
+        for obj, resource in zip(objects, resources, strict=True)
+    ]
+
+
+def availability(
+    api_client: ApiClient,
+    obj: Mapping[str, Any],
+    status: StatusWriter,
+    groups: Mapping[str, tuple[int, int]],
+) -> None:
+    """Available (and an Event on each change) from (desired, ready) per named workload."""
+    summary = ", ".join(f"{name} {ready}/{desired}" for name, (desired, ready) in groups.items())
+    unready = [name for name, (_, ready) in groups.items() if ready < 1]
+    if unready:
+        status.condition(
+            "Available",
+            "False",
+            "NoReplicasReady",
+            f"no ready replica of {', '.join(unready)} ({summary})",
+        )
+    else:
+        every = all(ready >= desired for desired, ready in groups.values())
+        reason = "AllReplicasReady" if every else "SomeReplicasReady"
+        status.condition("Available", "True", reason, f"ready: {summary}")
+    status.fields["phase"] = phase_of(list(groups.values()))
+    if status.changed("Available"):
+        available = not unready
+        was = find_condition(status.current.get("conditions"), "Available")
+        if available:
+            record(api_client, obj, "Normal", "Available", f"serving; ready: {summary}")
+        elif was is not None:
+            record(api_client, obj, "Warning", "Unavailable", f"not serving; ready: {summary}")
 
 
 def reconcile_application(
@@ -131,49 +241,30 @@ def reconcile_application(
     app = rest.get_or_none(api_client, APPLICATIONS, namespace, name)
     if app is None or app["metadata"].get("deletionTimestamp"):
         return  # children go with it through their owner references
-    status = _Status(app, now or datetime.datetime.now(datetime.UTC))
-
-    model_name = str(app["spec"]["model"]["name"])
-    model = rest.get_or_none(api_client, MODELS, namespace, model_name)
-    model_phase = ((model or {}).get("status") or {}).get("phase")
-    if model is None or model_phase != "Ready":
-        message = (
-            f"ArksModel {model_name} not found"
-            if model is None
-            else f"ArksModel {model_name} is {model_phase or 'not ready'}"
-        )
-        status.condition("ModelReady", "False", "ModelNotReady", message)
-        status.fields["phase"] = PHASE_PENDING
-        status.write(api_client, app)
-        raise TemporaryError(f"waiting for model: {message}", delay_s=MODEL_WAIT_S)
-    status.condition("ModelReady", "True", "ModelReady", f"ArksModel {model_name} is Ready")
+    status = StatusWriter(APPLICATIONS, app, now or datetime.datetime.now(datetime.UTC))
+    model = await_model(api_client, app, status)
 
     try:
         objects = render_application(app, model_claim(model), defaults=defaults)
-        resources = [resource_for(obj) for obj in objects]
+        for obj in objects:
+            resource_for(obj)
     except PermanentError as e:
-        status.condition("Rendered", "False", "Unsupported", str(e))
-        status.fields["phase"] = PHASE_FAILED
-        status.write(api_client, app)
+        render_failed(api_client, app, status, e)
         raise
     status.condition("Rendered", "True", "Rendered", f"{len(objects)} objects applied")
 
-    workload: Obj | None = None
-    for obj, resource in zip(objects, resources, strict=True):
-        live = server_side_apply(api_client, resource, set_owner(obj, app), field_manager)
-        if obj is objects[0]:
-            workload = live
-    desired, ready = workload_replicas(workload)
-    kind = str(objects[0]["kind"])
-    if ready >= 1:
-        reason = "AllReplicasReady" if ready >= desired else "SomeReplicasReady"
-        status.condition("Available", "True", reason, f"{ready}/{desired} {kind} replicas ready")
-    else:
-        status.condition(
-            "Available", "False", "NoReplicasReady", f"0/{desired} {kind} replicas ready"
-        )
-    status.fields.update(phase=phase_of(desired, ready), replicas=desired, readyReplicas=ready)
-    status.write(api_client, app)
+    live = apply_owned(api_client, app, objects, field_manager)
+    # The first object is the engine workload (the replica counts); any other workload (the
+    # Dynamo frontend) must have a ready replica too for the application to serve.
+    groups = {
+        f"{obj['kind']} {obj['metadata']['name']}": workload_replicas(current)
+        for obj, current in zip(objects, live, strict=True)
+        if obj["kind"] in WORKLOAD_KINDS
+    }
+    desired, ready = workload_replicas(live[0])
+    availability(api_client, app, status, groups)
+    status.fields.update(replicas=desired, readyReplicas=ready)
+    status.write(api_client)
 
 
 def application_controller(
@@ -206,4 +297,6 @@ def application_controller(
     def reconcile(key: Key) -> None:
         reconcile_application(api_client, key, field_manager=field_manager, defaults=defaults)
 
-    return Controller("arksapplication", informer, reconcile, workers, queue=work, owned=owned, leader=leader)
+    return Controller(
+        "arksapplication", informer, reconcile, workers, queue=work, owned=owned, leader=leader
+    )

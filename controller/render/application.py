@@ -3,6 +3,17 @@
 size == 1 -> Deployment; size > 1 -> LeaderWorkerSet (one group of `size` pods per
 replica). Plus a Service over the pods that serve HTTP, and an autoscaling/v2 HPA when
 `spec.autoscaling` is set. Owner references are left to the reconciler.
+
+Runtime `dynamo` adds a frontend Deployment (`<name>-frontend`) that serves the OpenAI API
+and sits behind the Service; the engine workload then holds Dynamo workers, which find the
+frontend through Dynamo's discovery (etcd), not through Kubernetes.
+
+The first object is always the engine workload, whose replicas are the application's; any
+other Deployment or LeaderWorkerSet in the list must be ready too for the application to
+serve (the reconciler relies on this order).
+
+The building blocks (`EngineGroup`, `engine_workload`, `router_deployment`, `service`) are
+shared with the ArksDisaggregatedApplication renderer.
 """
 
 from __future__ import annotations
@@ -16,11 +27,14 @@ from typing import Any
 
 from controller.engines import (
     MODEL_DIR,
+    DisaggregationMode,
     EngineSpec,
     Role,
+    RouterSpec,
     engine_command,
     engine_for,
     parallelism,
+    router_command,
     served_model_name,
 )
 
@@ -33,6 +47,7 @@ LABEL_APPLICATION = "arks.ai/application"
 LABEL_MODEL = "arks.ai/model"
 LABEL_SERVED_NAME = "arks.ai/served-model-name"
 LABEL_ROLE = "arks.ai/role"
+LABEL_COMPONENT = "arks.ai/component"
 ANNOTATION_SERVED_NAME = "arks.ai/served-model-name"
 
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -50,6 +65,11 @@ class RenderDefaults:
     liveness_failures: int = 4
     probe_timeout_s: int = 5
     shm_size: str = "16Gi"  # NCCL and engine workers share tensors through /dev/shm
+    # Dynamo's discovery (etcd) and event plane (NATS), as the Dynamo platform Helm chart
+    # installs them; an empty NATS address leaves NATS_SERVER unset (recent releases need
+    # NATS only for KV-aware routing events).
+    dynamo_etcd_endpoints: str = "http://dynamo-platform-etcd.dynamo-system:2379"
+    dynamo_nats_server: str = "nats://dynamo-platform-nats.dynamo-system:4222"
 
 
 def label_value(value: str) -> str:
@@ -65,121 +85,217 @@ def label_value(value: str) -> str:
     return f"{readable}-{digest}" if readable else digest
 
 
-def _selector(name: str) -> dict[str, str]:
-    return {LABEL_APPLICATION: name}
+@dataclass(frozen=True)
+class EngineGroup:
+    """Identical engine instances, rendered as one workload (a LeaderWorkerSet when size > 1)."""
+
+    name: str  # of the workload
+    namespace: str
+    owner: str  # name of the Arks object: the arks.ai/application label, the Dynamo namespace
+    # ArksApplication-shaped: runtime, image, model, servedModelName, replicas, size,
+    # tensorParallelSize, pipelineParallelSize, runtimeCommonArgs, instanceSpec, autoscaling.
+    spec: Mapping[str, Any]
+    # arks.ai/component label; "" keeps the selector plain vLLM/SGLang applications always had
+    # (Deployment selectors cannot change).
+    component: str = ""
+    disaggregation: DisaggregationMode | None = None
 
 
-def _labels(app: Mapping[str, Any], engine: EngineSpec) -> dict[str, str]:
-    spec = app["spec"]
-    return {
-        LABEL_NAME: engine.runtime,
+def selector_of(owner: str, component: str = "") -> dict[str, str]:
+    selector = {LABEL_APPLICATION: owner}
+    if component:
+        selector[LABEL_COMPONENT] = component
+    return selector
+
+
+def base_labels(owner: str, spec: Mapping[str, Any], component: str = "") -> dict[str, str]:
+    labels = {
+        LABEL_NAME: str(spec.get("runtime") or "vllm"),
         LABEL_MANAGED_BY: "arks",
-        LABEL_APPLICATION: app["metadata"]["name"],
+        LABEL_APPLICATION: owner,
         LABEL_MODEL: label_value(spec["model"]["name"]),
         LABEL_SERVED_NAME: label_value(served_model_name(spec)),
     }
+    if component:
+        labels[LABEL_COMPONENT] = component
+    return labels
 
 
-def _meta(app: Mapping[str, Any], labels: Mapping[str, str]) -> dict[str, Any]:
+def object_meta(
+    name: str, namespace: str, labels: Mapping[str, str], spec: Mapping[str, Any]
+) -> dict[str, Any]:
     return {
-        "name": app["metadata"]["name"],
-        "namespace": app["metadata"]["namespace"],
+        "name": name,
+        "namespace": namespace,
         "labels": dict(labels),
-        "annotations": {ANNOTATION_SERVED_NAME: served_model_name(app["spec"])},
+        "annotations": {ANNOTATION_SERVED_NAME: served_model_name(spec)},
     }
+
+
+def dynamo_namespace(namespace: str, owner: str) -> str:
+    """The Dynamo namespace of one Arks object: its frontend sees only its own workers."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", f"{namespace}-{owner}")
+
+
+def _dynamo_env(namespace: str, owner: str, d: RenderDefaults) -> list[dict[str, Any]]:
+    env = [
+        {"name": "DYN_NAMESPACE", "value": dynamo_namespace(namespace, owner)},
+        {"name": "ETCD_ENDPOINTS", "value": d.dynamo_etcd_endpoints},
+    ]
+    if d.dynamo_nats_server:
+        env.append({"name": "NATS_SERVER", "value": d.dynamo_nats_server})
+    return env
+
+
+def _merge_env(ours: list[dict[str, Any]], instance: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Our variables, then the user's; a user variable of the same name replaces ours (the
+    list is keyed by name for server-side apply, so duplicates would be rejected)."""
+    user = copy.deepcopy(list(instance.get("env") or []))
+    names = {e["name"] for e in user}
+    return [e for e in ours if e["name"] not in names] + user
 
 
 def _resources(instance: Mapping[str, Any], gpus: int) -> dict[str, Any]:
     resources: dict[str, Any] = copy.deepcopy(dict(instance.get("resources") or {}))
     declared = {**(resources.get("requests") or {}), **(resources.get("limits") or {})}
-    if GPU_RESOURCE not in declared:
+    if gpus and GPU_RESOURCE not in declared:
         # Extended resources are requested through limits; requests default to them.
         resources.setdefault("limits", {})[GPU_RESOURCE] = str(gpus)
     return resources
 
 
-def _probes(engine: EngineSpec, d: RenderDefaults) -> dict[str, Any]:
-    get = {"path": engine.health_path, "port": "http"}
-    return {
-        "startupProbe": {
-            "httpGet": get,
+def _probes(
+    port: str, ready_path: str, live_path: str, d: RenderDefaults, *, startup: bool = True
+) -> dict[str, Any]:
+    probes: dict[str, Any] = {}
+    if startup:
+        probes["startupProbe"] = {
+            "httpGet": {"path": ready_path, "port": port},
             "periodSeconds": d.startup_period_s,
             "timeoutSeconds": d.probe_timeout_s,
             "failureThreshold": -(-d.startup_budget_s // d.startup_period_s),
-        },
-        "readinessProbe": {
-            "httpGet": dict(get),
-            "periodSeconds": d.readiness_period_s,
-            "timeoutSeconds": d.probe_timeout_s,
-            "failureThreshold": 3,
-        },
-        "livenessProbe": {
-            "httpGet": dict(get),
-            "periodSeconds": d.liveness_period_s,
-            "timeoutSeconds": d.probe_timeout_s,
-            "failureThreshold": d.liveness_failures,
-        },
+        }
+    probes["readinessProbe"] = {
+        "httpGet": {"path": ready_path, "port": port},
+        "periodSeconds": d.readiness_period_s,
+        "timeoutSeconds": d.probe_timeout_s,
+        "failureThreshold": 3,
+    }
+    probes["livenessProbe"] = {
+        "httpGet": {"path": live_path, "port": port},
+        "periodSeconds": d.liveness_period_s,
+        "timeoutSeconds": d.probe_timeout_s,
+        "failureThreshold": d.liveness_failures,
+    }
+    return probes
+
+
+def _model_volume(model_claim: str) -> dict[str, Any]:
+    return {"name": "model", "persistentVolumeClaim": {"claimName": model_claim, "readOnly": True}}
+
+
+def _model_mount(model_sub_path: str) -> dict[str, Any]:
+    mount: dict[str, Any] = {"name": "model", "mountPath": MODEL_DIR, "readOnly": True}
+    if model_sub_path:
+        mount["subPath"] = model_sub_path
+    return mount
+
+
+def _scheduling(instance: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        key: copy.deepcopy(instance[key])
+        for key in ("nodeSelector", "tolerations", "affinity", "serviceAccountName")
+        if instance.get(key)
     }
 
 
+def _template_meta(labels: Mapping[str, str], annotations: Mapping[str, str]) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"labels": dict(labels)}
+    if annotations:
+        metadata["annotations"] = dict(annotations)
+    return metadata
+
+
+def _engine_env(g: EngineGroup, engine: EngineSpec, d: RenderDefaults) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in engine.env]
+    if engine.discovery == "dynamo":
+        env += _dynamo_env(g.namespace, g.owner, d)
+    if g.disaggregation is not None and engine.disaggregation is not None:
+        env += [
+            {"name": name, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+            for name in engine.disaggregation.pod_ip_env
+        ]
+    return env
+
+
 def _pod_template(
-    app: Mapping[str, Any],
+    g: EngineGroup,
     role: Role,
     model_claim: str,
     model_sub_path: str,
     defaults: RenderDefaults,
 ) -> dict[str, Any]:
-    spec = app["spec"]
+    spec = g.spec
     engine = engine_for(spec)
     instance: Mapping[str, Any] = spec.get("instanceSpec") or {}
     serves_http = role != "worker"
+    prefill = engine.disaggregation if g.disaggregation == "prefill" else None
+    bootstrap_port = prefill.bootstrap_port if prefill is not None and serves_http else 0
 
-    labels = {**(instance.get("labels") or {}), **_labels(app, engine)}
+    labels = {**(instance.get("labels") or {}), **group_labels(g)}
     if role != "single":
         labels[LABEL_ROLE] = role
     annotations = dict(instance.get("annotations") or {})
+    if prefill is not None and bootstrap_port:
+        # The router reads the bootstrap port of each prefill pod it discovers from here.
+        annotations[prefill.bootstrap_port_annotation] = str(bootstrap_port)
 
-    mount: dict[str, Any] = {"name": "model", "mountPath": MODEL_DIR, "readOnly": True}
-    if model_sub_path:
-        mount["subPath"] = model_sub_path
     container: dict[str, Any] = {
         "name": "engine",
         "image": spec.get("image") or engine.default_image,
-        "command": engine_command(app, role),
+        "command": engine_command({"spec": spec}, role, disaggregation=g.disaggregation),
         "resources": _resources(instance, parallelism(spec).gpus_per_pod),
         "volumeMounts": [
-            mount,
+            _model_mount(model_sub_path),
             {"name": "dshm", "mountPath": "/dev/shm"},
             *copy.deepcopy(instance.get("volumeMounts") or []),
         ],
     }
-    if instance.get("env"):
-        container["env"] = copy.deepcopy(instance["env"])
+    env = _merge_env(_engine_env(g, engine, defaults), instance)
+    if env:
+        container["env"] = env
     if serves_http:
-        container["ports"] = [
-            {"name": "http", "containerPort": engine.default_port, "protocol": "TCP"}
+        ports = [
+            {"name": engine.port_name, "containerPort": engine.default_port, "protocol": "TCP"}
         ]
-        container.update(_probes(engine, defaults))
+        if bootstrap_port:
+            ports.append({"name": "bootstrap", "containerPort": bootstrap_port, "protocol": "TCP"})
+        container["ports"] = ports
+        live = engine.liveness_path or engine.health_path
+        container.update(_probes(engine.port_name, engine.health_path, live, defaults))
 
     pod: dict[str, Any] = {
         "containers": [container],
         "volumes": [
-            {
-                "name": "model",
-                "persistentVolumeClaim": {"claimName": model_claim, "readOnly": True},
-            },
+            _model_volume(model_claim),
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": defaults.shm_size}},
             *copy.deepcopy(instance.get("volumes") or []),
         ],
+        **_scheduling(instance),
     }
-    for key in ("nodeSelector", "tolerations", "affinity", "serviceAccountName"):
-        if instance.get(key):
-            pod[key] = copy.deepcopy(instance[key])
+    return {"metadata": _template_meta(labels, annotations), "spec": pod}
 
-    metadata: dict[str, Any] = {"labels": labels}
-    if annotations:
-        metadata["annotations"] = annotations
-    return {"metadata": metadata, "spec": pod}
+
+def group_labels(g: EngineGroup) -> dict[str, str]:
+    return base_labels(g.owner, g.spec, g.component)
+
+
+def group_selector(g: EngineGroup) -> dict[str, str]:
+    """The labels that select the group's pods that serve (its leaders when size > 1)."""
+    selector = selector_of(g.owner, g.component)
+    if parallelism(g.spec).size > 1:
+        selector[LABEL_ROLE] = "leader"
+    return selector
 
 
 def _replicas(spec: Mapping[str, Any]) -> dict[str, int]:
@@ -187,27 +303,28 @@ def _replicas(spec: Mapping[str, Any]) -> dict[str, int]:
     return {} if spec.get("autoscaling") else {"replicas": int(spec.get("replicas", 1))}
 
 
-def _workload(
-    app: Mapping[str, Any], model_claim: str, model_sub_path: str, defaults: RenderDefaults
+def engine_workload(
+    g: EngineGroup, model_claim: str, model_sub_path: str, defaults: RenderDefaults
 ) -> dict[str, Any]:
-    spec = app["spec"]
-    labels = _labels(app, engine_for(spec))
+    """The Deployment (size 1) or LeaderWorkerSet (size > 1) running group `g`."""
+    spec = g.spec
+    meta = object_meta(g.name, g.namespace, group_labels(g), spec)
     size = parallelism(spec).size
     if size == 1:
         return {
             "apiVersion": "apps/v1",
             "kind": "Deployment",
-            "metadata": _meta(app, labels),
+            "metadata": meta,
             "spec": {
                 **_replicas(spec),
-                "selector": {"matchLabels": _selector(app["metadata"]["name"])},
-                "template": _pod_template(app, "single", model_claim, model_sub_path, defaults),
+                "selector": {"matchLabels": selector_of(g.owner, g.component)},
+                "template": _pod_template(g, "single", model_claim, model_sub_path, defaults),
             },
         }
     return {
         "apiVersion": LWS_API_VERSION,
         "kind": "LeaderWorkerSet",
-        "metadata": _meta(app, labels),
+        "metadata": meta,
         "spec": {
             **_replicas(spec),
             "startupPolicy": "LeaderCreated",
@@ -215,38 +332,96 @@ def _workload(
                 "size": size,
                 # A lost pod breaks the collective; restart the group together.
                 "restartPolicy": "RecreateGroupOnPodRestart",
-                "leaderTemplate": _pod_template(
-                    app, "leader", model_claim, model_sub_path, defaults
-                ),
-                "workerTemplate": _pod_template(
-                    app, "worker", model_claim, model_sub_path, defaults
-                ),
+                "leaderTemplate": _pod_template(g, "leader", model_claim, model_sub_path, defaults),
+                "workerTemplate": _pod_template(g, "worker", model_claim, model_sub_path, defaults),
             },
         },
     }
 
 
-def _service(app: Mapping[str, Any]) -> dict[str, Any]:
-    spec = app["spec"]
-    engine = engine_for(spec)
-    selector = _selector(app["metadata"]["name"])
-    if parallelism(spec).size > 1:
-        selector[LABEL_ROLE] = "leader"
+@dataclass(frozen=True)
+class RouterGroup:
+    """The pods that serve the public API in front of engine groups (a Deployment)."""
+
+    name: str
+    namespace: str
+    owner: str
+    spec: Mapping[str, Any]  # the Arks object's spec: runtime, image, model, servedModelName
+    router: RouterSpec
+    command: list[str]
+    replicas: int = 1
+    image: str = ""  # "" : the spec's image, else the engine's default image
+    instance: Mapping[str, Any] | None = None  # instanceSpec of the router pods
+    component: str = "router"
+    service_account: str = ""
+
+
+def router_deployment(
+    r: RouterGroup, model_claim: str, model_sub_path: str, defaults: RenderDefaults
+) -> dict[str, Any]:
+    """A Deployment of router `r`: no GPUs, probes on its own health endpoints."""
+    engine = engine_for(r.spec)
+    instance: Mapping[str, Any] = r.instance or {}
+    labels = base_labels(r.owner, r.spec, r.component)
+    pod_labels = {**(instance.get("labels") or {}), **labels}
+    env: list[dict[str, Any]] = []
+    if engine.discovery == "dynamo":
+        env = _dynamo_env(r.namespace, r.owner, defaults)
+    container: dict[str, Any] = {
+        "name": "router",
+        "image": r.image or r.spec.get("image") or engine.default_image,
+        "command": list(r.command),
+    }
+    if instance.get("resources"):
+        container["resources"] = copy.deepcopy(instance["resources"])
+    if r.router.needs_model:
+        container["volumeMounts"] = [_model_mount(model_sub_path)]
+    env = _merge_env(env, instance)
+    if env:
+        container["env"] = env
+    container["ports"] = [
+        {"name": "http", "containerPort": r.router.default_port, "protocol": "TCP"}
+    ]
+    container.update(
+        _probes("http", r.router.readiness_path, r.router.liveness_path, defaults, startup=False)
+    )
+    pod: dict[str, Any] = {"containers": [container], **_scheduling(instance)}
+    if r.router.needs_model:
+        pod["volumes"] = [_model_volume(model_claim)]
+    if r.service_account:
+        pod["serviceAccountName"] = r.service_account
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": object_meta(r.name, r.namespace, labels, r.spec),
+        "spec": {
+            "replicas": r.replicas,
+            "selector": {"matchLabels": selector_of(r.owner, r.component)},
+            "template": {
+                "metadata": _template_meta(pod_labels, instance.get("annotations") or {}),
+                "spec": pod,
+            },
+        },
+    }
+
+
+def service(
+    name: str,
+    namespace: str,
+    labels: Mapping[str, str],
+    selector: Mapping[str, str],
+    port: int,
+    spec: Mapping[str, Any],
+) -> dict[str, Any]:
+    """A ClusterIP Service named `name` over the pods `selector` picks, port `http`."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _meta(app, _labels(app, engine)),
+        "metadata": object_meta(name, namespace, labels, spec),
         "spec": {
             "type": "ClusterIP",
-            "selector": selector,
-            "ports": [
-                {
-                    "name": "http",
-                    "port": engine.default_port,
-                    "targetPort": "http",
-                    "protocol": "TCP",
-                }
-            ],
+            "selector": dict(selector),
+            "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}],
         },
     }
 
@@ -284,6 +459,7 @@ def _hpa_metric(engine: EngineSpec, metric: Mapping[str, Any]) -> dict[str, Any]
 def _hpa(app: Mapping[str, Any], workload: Mapping[str, Any]) -> dict[str, Any]:
     spec = app["spec"]
     engine = engine_for(spec)
+    meta = app["metadata"]
     scaling = spec["autoscaling"]
     hpa_spec: dict[str, Any] = {
         "scaleTargetRef": {
@@ -299,7 +475,9 @@ def _hpa(app: Mapping[str, Any], workload: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
-        "metadata": _meta(app, _labels(app, engine)),
+        "metadata": object_meta(
+            meta["name"], meta["namespace"], base_labels(meta["name"], spec), spec
+        ),
         "spec": hpa_spec,
     }
 
@@ -313,8 +491,28 @@ def render_application(
 ) -> list[dict[str, Any]]:
     """The desired objects for ArksApplication `app` whose model is on PVC `model_claim`."""
     d = defaults or RenderDefaults()
-    workload = _workload(app, model_claim, model_sub_path, d)
-    objects = [workload, _service(app)]
-    if app["spec"].get("autoscaling"):
+    spec = app["spec"]
+    name, namespace = app["metadata"]["name"], app["metadata"]["namespace"]
+    engine = engine_for(spec)
+    frontend = engine.frontend
+    group = EngineGroup(name, namespace, name, spec, component="worker" if frontend else "")
+    workload = engine_workload(group, model_claim, model_sub_path, d)
+    objects = [workload]
+    if frontend is None:
+        selector, port = group_selector(group), engine.default_port
+    else:
+        router = RouterGroup(
+            name=f"{name}-frontend",
+            namespace=namespace,
+            owner=name,
+            spec=spec,
+            router=frontend,
+            command=router_command(frontend),
+            component="frontend",
+        )
+        objects.append(router_deployment(router, model_claim, model_sub_path, d))
+        selector, port = selector_of(name, "frontend"), frontend.default_port
+    objects.append(service(name, namespace, base_labels(name, spec), selector, port, spec))
+    if spec.get("autoscaling"):
         objects.append(_hpa(app, workload))
     return objects

@@ -12,7 +12,7 @@ from controller.kube import rest
 from controller.kube.conditions import find_condition
 from controller.kube.errors import PermanentError, TemporaryError
 from controller.kube.queue import WorkQueue
-from controller.kube.rest import Resource
+from controller.kube.rest import EVENTS, Resource
 from controller.reconcilers.application import (
     APPLICATIONS,
     DEPLOYMENTS,
@@ -29,15 +29,6 @@ FAST = {"resync_s": 60.0, "watch_timeout_s": 1.0, "retry_s": 0.1}
 MODEL = "qwen2-5-7b-instruct"
 
 pytestmark = pytest.mark.timeout(60)
-
-
-
-
-
-
-
-
-
 
 
 def set_status(api: ApiClient, resource: Resource, ns: str, name: str, **status: Any) -> None:
@@ -142,7 +133,7 @@ def test_ready_model_renders_owned_children_and_status_follows_the_deployment(
     set_status(api, DEPLOYMENTS, ns, "chat", replicas=1, readyReplicas=1)
     reconcile_application(api, (ns, "chat"))
     status = app_status(api, ns)
-    assert status["phase"] == "Ready"
+    assert status["phase"] == "Running"
     assert status["readyReplicas"] == 1
     assert condition(status, "Available")["status"] == "True"
     assert condition(status, "ModelReady")["lastTransitionTime"] == model_ready_since
@@ -211,7 +202,7 @@ def test_size_two_renders_a_leaderworkerset(api: ApiClient, ns: str) -> None:
 
     set_status(api, LEADERWORKERSETS, ns, "chat", replicas=1, readyReplicas=1)
     reconcile_application(api, (ns, "chat"))
-    assert app_status(api, ns)["phase"] == "Ready"
+    assert app_status(api, ns)["phase"] == "Running"
 
 
 def test_an_unsupported_spec_fails_with_a_rendered_condition(api: ApiClient, ns: str) -> None:
@@ -242,3 +233,72 @@ def test_the_controller_creates_and_repairs_children(api: ApiClient, ns: str) ->
         started = time.monotonic()
         controller.stop()
     assert time.monotonic() - started < 5
+
+
+def test_dynamo_is_available_only_once_workers_and_frontend_are_ready(
+    api: ApiClient, ns: str
+) -> None:
+    create_model(api, ns, ready=True, claim="models-qwen")
+    app = create_app(
+        api, ns, runtime="dynamo", image="nvcr.io/nvidia/ai-dynamo/vllm-runtime:1.0.0", replicas=2
+    )
+    reconcile_application(api, (ns, "chat"))
+
+    workers = get(api, DEPLOYMENTS, ns, "chat")
+    frontend = get(api, DEPLOYMENTS, ns, "chat-frontend")
+    service = get(api, SERVICES, ns, "chat")
+    assert workers is not None and frontend is not None and service is not None
+    for child in (workers, frontend, service):
+        (ref,) = child["metadata"]["ownerReferences"]
+        assert ref["uid"] == app["metadata"]["uid"] and ref["controller"] is True
+    worker_pod = workers["spec"]["template"]["spec"]["containers"][0]
+    assert worker_pod["command"][:3] == ["python3", "-m", "dynamo.vllm"]
+    frontend_pod = frontend["spec"]["template"]
+    assert frontend_pod["spec"]["containers"][0]["command"][:3] == [
+        "python3",
+        "-m",
+        "dynamo.frontend",
+    ]
+    assert service["spec"]["selector"].items() <= frontend_pod["metadata"]["labels"].items()
+    assert (app_status(api, ns)["replicas"], app_status(api, ns)["readyReplicas"]) == (2, 0)
+
+    set_status(api, DEPLOYMENTS, ns, "chat", replicas=2, readyReplicas=2)
+    reconcile_application(api, (ns, "chat"))
+    status = app_status(api, ns)
+    assert (status["replicas"], status["readyReplicas"]) == (2, 2), "counts are the workers'"
+    assert status["phase"] == "Pending"
+    available = condition(status, "Available")
+    assert available["status"] == "False" and "chat-frontend" in available["message"]
+
+    set_status(api, DEPLOYMENTS, ns, "chat-frontend", replicas=1, readyReplicas=1)
+    reconcile_application(api, (ns, "chat"))
+    status = app_status(api, ns)
+    assert status["phase"] == "Running"
+    assert condition(status, "Available")["reason"] == "AllReplicasReady"
+    listed = rest.request(api, "GET", EVENTS.path(ns)).get("items") or []
+    reasons = {e["reason"] for e in listed if e["involvedObject"]["name"] == "chat"}
+    assert "Available" in reasons
+
+    def versions() -> list[str]:
+        objects = [
+            get(api, DEPLOYMENTS, ns, "chat"),
+            get(api, DEPLOYMENTS, ns, "chat-frontend"),
+            get(api, SERVICES, ns, "chat"),
+            get(api, APPLICATIONS, ns, "chat"),
+        ]
+        return [str(o["metadata"]["resourceVersion"]) for o in objects if o is not None]
+
+    before = versions()
+    reconcile_application(api, (ns, "chat"))
+    assert len(before) == 4 and versions() == before
+
+
+def test_render_failure_records_a_warning_event(api: ApiClient, ns: str) -> None:
+    create_model(api, ns, ready=True)
+    create_app(api, ns, runtime="nonesuch")
+    for _ in range(2):
+        with pytest.raises(PermanentError):
+            reconcile_application(api, (ns, "chat"))
+    listed = rest.request(api, "GET", EVENTS.path(ns)).get("items") or []
+    (event,) = [e for e in listed if e["reason"] == "RenderFailed"]
+    assert event["type"] == "Warning" and event["count"] == 1, "recorded on the transition only"

@@ -17,14 +17,18 @@ import pytest
 import yaml
 
 from controller.engines import UnsupportedApplication, engine_command
-from controller.render import label_value, render_application
+from controller.render import RenderDefaults, label_value, render_application
 from tests.support.crd_schema import upstream_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden" / "application"
 K8S_VERSION = "1.33.0"
 
-IMAGES = {"vllm": "vllm/vllm-openai:v0.8.5", "sglang": "lmsysorg/sglang:v0.4.6"}
+IMAGES = {
+    "vllm": "vllm/vllm-openai:v0.8.5",
+    "sglang": "lmsysorg/sglang:v0.4.6",
+    "dynamo": "nvcr.io/nvidia/ai-dynamo/vllm-runtime:1.0.0",
+}
 
 
 def make_app(runtime: str, size: int, **spec: Any) -> dict[str, Any]:
@@ -75,10 +79,11 @@ def by_kind(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def pod_templates(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    kinds = by_kind(objects)
-    if "Deployment" in kinds:
-        return {"single": kinds["Deployment"]["spec"]["template"]}
-    lwt = kinds["LeaderWorkerSet"]["spec"]["leaderWorkerTemplate"]
+    """The engine pod templates; the engine workload is always the first object."""
+    workload = objects[0]
+    if workload["kind"] == "Deployment":
+        return {"single": workload["spec"]["template"]}
+    lwt = workload["spec"]["leaderWorkerTemplate"]
     return {"leader": lwt["leaderTemplate"], "worker": lwt["workerTemplate"]}
 
 
@@ -88,7 +93,7 @@ def engine_container(template: dict[str, Any]) -> dict[str, Any]:
     return container
 
 
-CASES = [(r, s) for r in ("vllm", "sglang") for s in (1, 2)]
+CASES = [(r, s) for r in ("vllm", "sglang", "dynamo") for s in (1, 2)]
 
 
 @pytest.mark.parametrize(("runtime", "size"), CASES)
@@ -124,9 +129,13 @@ def lws_schema() -> dict[str, Any]:
     return upstream_schema("leaderworkerset.x-k8s.io_leaderworkersets.yaml", "v1")
 
 
-@pytest.mark.parametrize("runtime", ["vllm", "sglang"])
+@pytest.mark.parametrize("runtime", ["vllm", "sglang", "dynamo"])
 def test_leaderworkerset_validates_against_upstream_crd(runtime: str) -> None:
-    lws = by_kind(render_application(make_app(runtime, 2), "claim"))["LeaderWorkerSet"]
+    (lws,) = [
+        o
+        for o in render_application(make_app(runtime, 2), "claim")
+        if o["kind"] == "LeaderWorkerSet"
+    ]
     jsonschema.validate(lws, lws_schema())
 
 
@@ -314,7 +323,7 @@ def test_no_autoscaling_means_fixed_replicas_and_no_hpa() -> None:
 @pytest.mark.parametrize(
     "spec",
     [
-        {"runtime": "dynamo"},
+        {"runtime": "nonesuch"},
         {"tensorParallelSize": 3, "size": 2},
         {"runtime": "sglang", "image": "x", "pipelineParallelSize": 2},
     ],
@@ -324,3 +333,111 @@ def test_unsupported_specs_are_permanent_errors(spec: dict[str, Any]) -> None:
     app["spec"].update(spec)
     with pytest.raises(UnsupportedApplication):
         render_application(app, "c")
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    entries = container.get("env") or []
+    names = [e["name"] for e in entries]
+    assert len(names) == len(set(names)), f"duplicate env names: {names}"
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in entries}
+
+
+def dynamo_parts(
+    objects: list[dict[str, Any]],
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(worker workload, frontend Deployment, Service) of a rendered dynamo application."""
+    workload, frontend, svc = objects[:3]
+    assert frontend["kind"] == "Deployment" and frontend["metadata"]["name"].endswith("-frontend")
+    assert svc["kind"] == "Service"
+    return workload, frontend, svc
+
+
+def test_dynamo_worker_runs_the_vllm_backend_registered_in_dynamo_discovery() -> None:
+    app = make_app("dynamo", 1, tensorParallelSize=2)
+    objects = render_application(app, "c")
+    workload, _, _ = dynamo_parts(objects)
+    assert (workload["kind"], workload["metadata"]["name"]) == ("Deployment", "qwen-7b-dynamo-n1")
+    container = engine_container(workload["spec"]["template"])
+    argv = container["command"]
+    assert argv[:3] == ["python3", "-m", "dynamo.vllm"]
+    assert flag(argv, "--model") == "/models"
+    assert flag(argv, "--served-model-name") == "qwen-7b"
+    assert flag(argv, "--tensor-parallel-size") == "2"
+    assert "--port" not in argv and "--host" not in argv, "workers serve no HTTP API"
+    assert argv[-2:] == ["--max-model-len", "8192"]
+    env = env_of(container)
+    assert env["DYN_NAMESPACE"] == "llm-qwen-7b-dynamo-n1"
+    assert env["ETCD_ENDPOINTS"] == "http://dynamo-platform-etcd.dynamo-system:2379"
+    assert env["NATS_SERVER"] == "nats://dynamo-platform-nats.dynamo-system:4222"
+    assert env["DYN_SYSTEM_PORT"] == "9090"
+    assert env["LOG_LEVEL"] == "INFO", "the user's env is kept"
+    assert container["ports"] == [{"name": "system", "containerPort": 9090, "protocol": "TCP"}]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "system"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/live", "port": "system"}
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+
+
+def test_dynamo_frontend_serves_the_api_behind_the_service() -> None:
+    objects = render_application(make_app("dynamo", 1), "c")
+    workload, frontend, svc = dynamo_parts(objects)
+    (container,) = frontend["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["python3", "-m", "dynamo.frontend", "--http-port", "8000"]
+    assert container["image"] == IMAGES["dynamo"]
+    assert "nvidia.com/gpu" not in str(container.get("resources")), "the frontend needs no GPU"
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/live", "port": "http"}
+    worker_env = env_of(engine_container(workload["spec"]["template"]))
+    assert env_of(container)["DYN_NAMESPACE"] == worker_env["DYN_NAMESPACE"]
+    # The frontend tokenizes with the files the workers registered from /models.
+    assert {"name": "model", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
+
+    frontend_pods = frontend["spec"]["template"]["metadata"]["labels"]
+    worker_pods = workload["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= frontend_pods.items()
+    assert not svc["spec"]["selector"].items() <= worker_pods.items()
+    assert svc["spec"]["ports"][0]["port"] == 8000
+    # Two Deployments of one application must not select each other's pods.
+    assert not frontend["spec"]["selector"]["matchLabels"].items() <= worker_pods.items()
+    assert not workload["spec"]["selector"]["matchLabels"].items() <= frontend_pods.items()
+
+
+def test_dynamo_multi_node_workers_form_a_ray_cluster_under_the_leader() -> None:
+    objects = render_application(make_app("dynamo", 2), "c")
+    workload, frontend, svc = dynamo_parts(objects)
+    assert workload["kind"] == "LeaderWorkerSet"
+    templates = pod_templates(objects)
+    leader = engine_container(templates["leader"])
+    worker = engine_container(templates["worker"])
+    assert leader["command"][2].startswith(
+        "ray start --head --port=6379 && exec python3 -m dynamo.vllm "
+    )
+    assert "--distributed-executor-backend ray" in leader["command"][2]
+    assert "'--address=$(LWS_LEADER_ADDRESS):6379'" in worker["command"][2]
+    assert "readinessProbe" in leader and "readinessProbe" not in worker
+    assert (
+        svc["spec"]["selector"].items()
+        <= frontend["spec"]["template"]["metadata"]["labels"].items()
+    )
+
+
+def test_dynamo_autoscaling_scales_the_workers_on_vllm_metrics() -> None:
+    objects = render_application(make_app("dynamo", 1), "c")
+    (hpa,) = [o for o in objects if o["kind"] == "HorizontalPodAutoscaler"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == objects[0]["metadata"]["name"]
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "vllm:num_requests_waiting"
+    assert "replicas" not in objects[0]["spec"]
+    assert objects[1]["spec"]["replicas"] == 1, "the frontend keeps its own count"
+
+
+def test_dynamo_endpoints_come_from_render_defaults_and_user_env_wins() -> None:
+    app = make_app("dynamo", 1)
+    app["spec"]["instanceSpec"]["env"].append(
+        {"name": "ETCD_ENDPOINTS", "value": "http://mine:2379"}
+    )
+    defaults = RenderDefaults(dynamo_etcd_endpoints="http://etcd.infra:2379", dynamo_nats_server="")
+    workload, frontend, _ = dynamo_parts(render_application(app, "c", defaults=defaults))
+    worker_env = env_of(engine_container(workload["spec"]["template"]))
+    assert worker_env["ETCD_ENDPOINTS"] == "http://mine:2379"
+    assert "NATS_SERVER" not in worker_env
+    (container,) = frontend["spec"]["template"]["spec"]["containers"]
+    assert env_of(container)["ETCD_ENDPOINTS"] == "http://etcd.infra:2379"

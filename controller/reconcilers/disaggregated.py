@@ -1,0 +1,136 @@
+"""ArksDisaggregatedApplication reconciler: model ready → render → apply children → status.
+
+The same level-triggered steps as the ArksApplication reconciler, sharing its model wait,
+status bookkeeping, owned apply and Events. The status reports `router`, `prefill` and
+`decode` replicas from the workload of each component; the application is Available (phase
+Running) once every component has a ready replica, since a request needs all three.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping
+from typing import Any
+
+from kubernetes.client import ApiClient
+
+from controller.kube import rest
+from controller.kube.errors import PermanentError
+from controller.kube.queue import Key, WorkQueue
+from controller.kube.rest import Resource
+from controller.kube.runner import Controller, Leadership
+from controller.kube.watch import Informer, watch_owned
+from controller.reconcilers.application import (
+    DEPLOYMENTS,
+    FIELD_MANAGER,
+    LEADERWORKERSETS,
+    ROLEBINDINGS,
+    ROLES,
+    SERVICEACCOUNTS,
+    SERVICES,
+    WORKLOAD_KINDS,
+    StatusWriter,
+    apply_owned,
+    availability,
+    await_model,
+    model_claim,
+    render_failed,
+    resource_for,
+    workload_replicas,
+)
+from controller.render.application import LABEL_COMPONENT, LABEL_MANAGED_BY, RenderDefaults
+from controller.render.disaggregated import COMPONENTS, render_disaggregated
+
+DISAGGREGATED_APPLICATIONS = Resource("arks.ai", "v1", "arksdisaggregatedapplications")
+DAPP_API_VERSION = "arks.ai/v1"
+DAPP_KIND = "ArksDisaggregatedApplication"
+
+
+def reconcile_disaggregated(
+    api_client: ApiClient,
+    key: Key,
+    *,
+    field_manager: str = FIELD_MANAGER,
+    defaults: RenderDefaults | None = None,
+    now: datetime.datetime | None = None,
+) -> None:
+    """Bring ArksDisaggregatedApplication `key` = (namespace, name) to the desired state.
+
+    Raises TemporaryError while the model is not Ready, and the renderer's PermanentError for
+    a spec that cannot be run (after recording it in the status).
+    """
+    namespace, name = key
+    dapp = rest.get_or_none(api_client, DISAGGREGATED_APPLICATIONS, namespace, name)
+    if dapp is None or dapp["metadata"].get("deletionTimestamp"):
+        return  # children go with it through their owner references
+    status = StatusWriter(
+        DISAGGREGATED_APPLICATIONS, dapp, now or datetime.datetime.now(datetime.UTC)
+    )
+    model = await_model(api_client, dapp, status)
+
+    try:
+        objects = render_disaggregated(dapp, model_claim(model), defaults=defaults)
+        for obj in objects:
+            resource_for(obj)
+    except PermanentError as e:
+        render_failed(api_client, dapp, status, e)
+        raise
+    status.condition("Rendered", "True", "Rendered", f"{len(objects)} objects applied")
+
+    live = apply_owned(api_client, dapp, objects, field_manager)
+    by_component = {
+        obj["metadata"]["labels"][LABEL_COMPONENT]: workload_replicas(current)
+        for obj, current in zip(objects, live, strict=True)
+        if obj["kind"] in WORKLOAD_KINDS
+    }
+    groups = {component: by_component.get(component, (0, 0)) for component in COMPONENTS}
+    availability(api_client, dapp, status, groups)
+    for component, (desired, ready) in groups.items():
+        status.fields[component] = {"replicas": desired, "readyReplicas": ready}
+    status.write(api_client)
+
+
+def disaggregated_controller(
+    api_client: ApiClient,
+    namespace: str | None = None,
+    *,
+    workers: int = 1,
+    field_manager: str = FIELD_MANAGER,
+    defaults: RenderDefaults | None = None,
+    watch_leaderworkersets: bool = False,
+    queue: WorkQueue | None = None,
+    informer_options: Mapping[str, Any] | None = None,
+    leader: Leadership | None = None,
+) -> Controller:
+    """A (not started) controller for ArksDisaggregatedApplications and their children.
+
+    Changes to owned Deployments, Services and the router's ServiceAccounts, Roles and
+    RoleBindings (and LeaderWorkerSets when `watch_leaderworkersets`, i.e. the LWS CRD is
+    installed) re-trigger the owner, so a deleted or edited child is repaired. The RBAC kinds
+    are watched only where labelled as managed by Arks, to keep those watches small.
+    """
+    work = queue if queue is not None else WorkQueue()
+    options = dict(informer_options or {})
+    informer = Informer(api_client, DISAGGREGATED_APPLICATIONS, namespace, **options)
+    children = [DEPLOYMENTS, SERVICES, *([LEADERWORKERSETS] if watch_leaderworkersets else [])]
+    ours = {**options, "label_selector": f"{LABEL_MANAGED_BY}=arks"}
+    owned = [
+        watch_owned(api_client, child, work, DAPP_API_VERSION, DAPP_KIND, namespace, **options)
+        for child in children
+    ] + [
+        watch_owned(api_client, child, work, DAPP_API_VERSION, DAPP_KIND, namespace, **ours)
+        for child in (SERVICEACCOUNTS, ROLES, ROLEBINDINGS)
+    ]
+
+    def reconcile(key: Key) -> None:
+        reconcile_disaggregated(api_client, key, field_manager=field_manager, defaults=defaults)
+
+    return Controller(
+        "arksdisaggregatedapplication",
+        informer,
+        reconcile,
+        workers,
+        queue=work,
+        owned=owned,
+        leader=leader,
+    )
