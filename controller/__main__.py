@@ -21,6 +21,7 @@ from controller.kube.leader import LeaderElector
 from controller.metrics import ControllerMetrics, serve
 from controller.reconcilers.application import LEADERWORKERSETS, application_controller
 from controller.reconcilers.endpoint import endpoint_controller
+from controller.reconcilers.model import model_controller
 from controller.reconcilers.token import token_controller
 
 log = logging.getLogger("controller")
@@ -79,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
             client, args.namespace, workers=args.workers, leader=elector,
             watch_leaderworkersets=watch_lws,
         ),
+        model_controller(client, args.namespace, workers=args.workers, leader=elector),
         endpoint_controller(
             client, args.namespace, workers=args.workers, leader=elector,
             default_gateway=gateway_ref(args.default_gateway),

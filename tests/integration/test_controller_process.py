@@ -1,5 +1,6 @@
 """`arks controller` as it runs in a cluster: a process watching the API server, electing itself
-leader on a Lease, reconciling an ArksApplication into a Deployment, an ArksEndpoint into an
+leader on a Lease, reconciling an ArksModel into its claim and download Job and, once the
+model is Ready, an ArksApplication into a Deployment, an ArksEndpoint into an
 HTTPRoute and an ArksToken into its status, and stopping on SIGTERM."""
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ import httpx
 import kubernetes
 
 from arks.procs import free_port
+from controller.kube import rest
 from controller.kube.rest import Resource
 from tests.support.kube import RunningKubeEmulator, eventually, get_object
 
 DEPLOYMENTS = Resource("apps", "v1", "deployments")
 LEASES = Resource("coordination.k8s.io", "v1", "leases")
+PVCS = Resource("", "v1", "persistentvolumeclaims")
+JOBS = Resource("batch", "v1", "jobs")
 HTTPROUTES = Resource("gateway.networking.k8s.io", "v1", "httproutes")
 
 
@@ -27,7 +31,6 @@ def test_the_controller_process_reconciles_and_stops_cleanly(kube: RunningKubeEm
     model = {"apiVersion": "arks.ai/v1", "kind": "ArksModel", "metadata": {"name": "qwen"},
              "spec": {"source": {"huggingface": {"repo": "Qwen/Qwen2.5-7B-Instruct"}}, "storage": {"size": "40Gi"}}}
     custom.create_namespaced_custom_object("arks.ai", "v1", "prod", "arksmodels", model)
-    custom.patch_namespaced_custom_object_status("arks.ai", "v1", "prod", "arksmodels", "qwen", {"status": {"phase": "Ready"}})
     app = {"apiVersion": "arks.ai/v1", "kind": "ArksApplication", "metadata": {"name": "qwen-a"},
            "spec": {"runtime": "vllm", "model": {"name": "qwen"}, "servedModelName": "qwen-7b", "replicas": 1, "size": 1}}
     custom.create_namespaced_custom_object("arks.ai", "v1", "prod", "arksapplications", app)
@@ -46,6 +49,19 @@ def test_the_controller_process_reconciles_and_stops_cleanly(kube: RunningKubeEm
         stdout=log, stderr=subprocess.STDOUT,
     )
     try:
+        # Play the cluster's part: the claim binds, the download Job succeeds; the model turns Ready.
+        eventually(lambda: get_object(api, PVCS, "prod", "qwen"), timeout_s=20)
+        rest.request(api, "PATCH", PVCS.path("prod", "qwen", "status"), body={"status": {"phase": "Bound"}},
+                     content_type=rest.MERGE_PATCH)
+        job = eventually(lambda: rest.request(api, "GET", JOBS.path("prod"))["items"], timeout_s=10)[0]
+        rest.request(api, "PATCH", JOBS.path("prod", job["metadata"]["name"], "status"),
+                     body={"status": {"succeeded": 1}}, content_type=rest.MERGE_PATCH)
+        model_status = eventually(
+            lambda: (custom.get_namespaced_custom_object("arks.ai", "v1", "prod", "arksmodels", "qwen").get("status") or {})
+            .get("phase") == "Ready",
+            timeout_s=10,
+        )
+        assert model_status
         deployment = eventually(lambda: get_object(api, DEPLOYMENTS, "prod", "qwen-a"), timeout_s=20)
         assert deployment["metadata"]["ownerReferences"][0]["name"] == "qwen-a"
         lease = get_object(api, LEASES, "prod", "arks-controller")
