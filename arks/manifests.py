@@ -1,0 +1,385 @@
+"""Render the Envoy Gateway policies of the Kubernetes install from the local filter chain.
+
+`python -m arks.manifests` writes `manifests/gateway/envoy-policies.yaml`; `--check` fails when
+the committed file differs from what `envoy/filters.yaml`, `envoy/usage.lua` and
+`arks/envoy_config.py` produce, so the local stack and the cluster run one filter chain.
+
+What Envoy Gateway (EG) builds and what we patch in, and why:
+
+* ext_proc comes from an EnvoyExtensionPolicy: EG then creates the filter and the cluster for
+  our Service. EG names both `envoyextensionpolicy/<namespace>/<policy>/extproc/<index>`, the
+  filter with the prefix `envoy.filters.http.ext_proc/`, and adds the filter *disabled*,
+  switched on per route. Our patch switches it on for the whole listener, as the local chain
+  has it: every request is authenticated, also one that no route matches yet (routes match on
+  the `x-arks-model` header that ext_proc itself sets).
+* `json_to_metadata` must run before ext_proc (it lifts `model`/`stream` out of the body into
+  the metadata ext_proc is sent), and the usage Lua after it (it reads what ext_proc wrote).
+  EG's own Lua extension sorts Lua ahead of ext_proc, so both go in by EnvoyPatchPolicy, placed
+  by JSONPath relative to EG's ext_proc and router filters instead of by index.
+* The gRPC access log that carries usage to extproc goes to the ext_proc cluster EG created.
+* The `arks.ratelimit` filter asks our `python -m ratelimit` (cluster added by the patch)
+  for tenant-wide caps keyed on the headers ext_proc sets; the per-client-IP limit is EG's own
+  global rate limit (BackendTrafficPolicy, served by EG's envoy-ratelimit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from arks.envoy_config import (
+    EnvoySettings,
+    http_filters,
+    listener,
+    local_reply_config,
+    usage_access_log,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+OUTPUT = ROOT / "manifests" / "gateway" / "envoy-policies.yaml"
+
+NAMESPACE = "arks-system"
+GATEWAY = "arks-gateway"
+LISTENER = "http"
+EXTPROC_POLICY = "arks-extproc"
+EXTPROC_SERVICE = "arks-extproc"
+EXTPROC_PORT = 50051
+RATELIMIT_SERVICE = "arks-ratelimit"
+RATELIMIT_PORT = 8081
+RATELIMIT_CLUSTER = "arks_ratelimit"
+RATELIMIT_DOMAIN = "arks"
+RATELIMIT_TIMEOUT = "0.1s"
+# Our filter carries its own descriptors (filter-level `rate_limits`, which take no stage) and
+# sits on its own stage, so the route-level rate limits EG's BackendTrafficPolicy adds (stage 0)
+# are never sent to our service.
+RATELIMIT_STAGE = 1
+# Gateway-wide abuse protection by EG's global rate limit: requests per client address.
+CLIENT_IP_LIMIT = {"requests": 1200, "unit": "Minute"}
+CLUSTER_DOMAIN = "cluster.local"
+
+EG_GROUP = "gateway.envoyproxy.io"
+EG_VERSION = f"{EG_GROUP}/v1alpha1"
+LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+HCM_FILTER = "envoy.filters.network.http_connection_manager"
+ROUTER_FILTER = "envoy.filters.http.router"
+EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+REQUEST_FILTER = "arks.request_to_metadata"
+USAGE_FILTER = "arks.usage_lua"
+RATELIMIT_FILTER = "arks.ratelimit"
+# The local retry policy of a model's route (arks.envoy_config.routes), as EG retry triggers.
+RETRY_ON = ("connect-failure", "refused-stream", "reset-before-request")
+NUM_RETRIES = 2
+
+# The local ext_proc settings EG's EnvoyExtensionPolicy cannot express, patched in instead.
+_PATCHED_EXTPROC_FIELDS = ("route_cache_action",)
+# The processing mode EnvoyExtensionPolicy's `processingMode: {request: {}}` produces.
+_HEADERS_ONLY = {
+    "request_header_mode": "SEND",
+    "response_header_mode": "SKIP",
+    "request_body_mode": "NONE",
+    "response_body_mode": "NONE",
+    "request_trailer_mode": "SKIP",
+    "response_trailer_mode": "SKIP",
+}
+
+
+class UntranslatableFilter(ValueError):
+    """envoy/filters.yaml holds something this module does not know how to give Envoy Gateway."""
+
+
+def eg_extproc_name(namespace: str = NAMESPACE, policy: str = EXTPROC_POLICY, index: int = 0) -> str:
+    """EG's name for the ext_proc of an EnvoyExtensionPolicy: also its cluster's name."""
+    return f"envoyextensionpolicy/{namespace}/{policy}/extproc/{index}".lower()
+
+
+def eg_extproc_filter_name(namespace: str = NAMESPACE, policy: str = EXTPROC_POLICY) -> str:
+    return f"{EXT_PROC_FILTER}/{eg_extproc_name(namespace, policy)}"
+
+
+def eg_listener_name(namespace: str = NAMESPACE, gateway: str = GATEWAY, section: str = LISTENER) -> str:
+    """EG's xDS Listener name for a Gateway listener (the default name scheme, not XDSNameSchemeV2)."""
+    return f"{namespace}/{gateway}/{section}"
+
+
+def filter_at(name: str) -> str:
+    """JSONPath to the HTTP filter called `name`, in every HTTP connection manager of a Listener."""
+    return f"$..http_filters[?(@.name=='{name}')]"
+
+
+HCM_AT = f"$..filters[?(@.name=='{HCM_FILTER}')].typed_config"
+
+
+def _settings() -> EnvoySettings:
+    return EnvoySettings(listen_port=0, admin_port=0, extproc_port=0)
+
+
+def local_filters(settings: EnvoySettings | None = None) -> dict[str, dict[str, Any]]:
+    """The local HTTP filter chain by filter name (envoy/filters.yaml, placeholders filled)."""
+    return {f["name"]: f for f in http_filters(settings or _settings())}
+
+
+def _duration_ms(value: str) -> str:
+    """Envoy's "2.0s" as EG's duration pattern wants it ("2000ms")."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)s", value)
+    if match is None:
+        raise UntranslatableFilter(f"duration {value!r} is not in seconds")
+    return f"{round(float(match.group(1)) * 1000)}ms"
+
+
+def _status_code(envoy_code: str) -> int:
+    """Envoy's StatusCode enum name ("ServiceUnavailable") as a number."""
+    return int(HTTPStatus[re.sub(r"(?<!^)(?=[A-Z])", "_", envoy_code).upper()])
+
+
+def extproc_spec(ext_proc: Mapping[str, Any]) -> dict[str, Any]:
+    """The EnvoyExtensionPolicy `extProc` entry equivalent to the local ext_proc filter config."""
+    config = dict(ext_proc["typed_config"])
+    known = {"@type", "grpc_service", "message_timeout", "failure_mode_allow", "status_on_error",
+             "allow_mode_override", "processing_mode", "metadata_options", *_PATCHED_EXTPROC_FIELDS}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise UntranslatableFilter(f"ext_proc fields without an Envoy Gateway equivalent: {unknown}")
+    if config["processing_mode"] != _HEADERS_ONLY:
+        raise UntranslatableFilter(f"ext_proc processing mode {config['processing_mode']} is not headers-only")
+    metadata = config["metadata_options"]
+    return {
+        "backendRefs": [{"name": EXTPROC_SERVICE, "port": EXTPROC_PORT}],
+        "messageTimeout": _duration_ms(config["message_timeout"]),
+        "failOpen": bool(config["failure_mode_allow"]),
+        "statusOnError": _status_code(config["status_on_error"]["code"]),
+        "processingMode": {"request": {}, "allowModeOverride": bool(config["allow_mode_override"])},
+        "metadata": {
+            "accessibleNamespaces": list(metadata["forwarding_namespaces"]["untyped"]),
+            "writableNamespaces": list(metadata["receiving_namespaces"]["untyped"]),
+        },
+    }
+
+
+def _metadata(name: str, component: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": NAMESPACE,
+        "labels": {"app.kubernetes.io/part-of": "arks", "app.kubernetes.io/component": component},
+    }
+
+
+def _gateway_ref() -> dict[str, Any]:
+    return {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": GATEWAY}
+
+
+def extension_policy(settings: EnvoySettings | None = None) -> dict[str, Any]:
+    ext_proc = local_filters(settings)[EXT_PROC_FILTER]
+    return {
+        "apiVersion": EG_VERSION,
+        "kind": "EnvoyExtensionPolicy",
+        "metadata": _metadata(EXTPROC_POLICY, "gateway"),
+        "spec": {"targetRefs": [_gateway_ref()], "extProc": [extproc_spec(ext_proc)]},
+    }
+
+
+def _patch(op: str, value: Any = None, *, json_path: str | None = None, path: str | None = None,
+           name: str | None = None, kind: str = LISTENER_TYPE) -> dict[str, Any]:
+    operation: dict[str, Any] = {"op": op}
+    if json_path is not None:
+        operation["jsonPath"] = json_path
+    if path is not None:
+        operation["path"] = path
+    if value is not None:
+        operation["value"] = value
+    return {"type": kind, "name": name if name is not None else eg_listener_name(), "operation": operation}
+
+
+def filter_patches(settings: EnvoySettings | None = None) -> list[dict[str, Any]]:
+    """The JSON patches that turn EG's listener into the local filter chain, in order."""
+    settings = settings or _settings()
+    filters = local_filters(settings)
+    ext_proc_at = filter_at(eg_extproc_filter_name())
+    ext_proc = filters[EXT_PROC_FILTER]["typed_config"]
+    access_log = copy.deepcopy(usage_access_log(settings))
+    access_log["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = eg_extproc_name()
+    patches = [
+        # on for every request, as locally (EG adds it disabled and enables it per route)
+        _patch("add", False, json_path=ext_proc_at, path="/disabled"),
+        # adding at an array element's pointer inserts before that element
+        _patch("add", filters[REQUEST_FILTER], json_path=ext_proc_at),
+        *[
+            _patch("add", ext_proc[field], json_path=ext_proc_at, path=f"/typed_config/{field}")
+            for field in _PATCHED_EXTPROC_FIELDS
+            if field in ext_proc
+        ],
+        _patch("add", filters[USAGE_FILTER], json_path=filter_at(ROUTER_FILTER)),
+        _patch("add", access_log, json_path=HCM_AT, path="/access_log/-"),
+        _patch("add", local_reply_config(settings), json_path=HCM_AT, path="/local_reply_config"),
+    ]
+    return patches
+
+
+def ratelimit_cluster() -> dict[str, Any]:
+    """Our rate-limit service; its Service is headless, so Envoy balances over every pod."""
+    address = f"{RATELIMIT_SERVICE}.{NAMESPACE}.svc.{CLUSTER_DOMAIN}"
+    return {
+        "name": RATELIMIT_CLUSTER,
+        "type": "STRICT_DNS",
+        "connect_timeout": "1s",
+        "lb_policy": "ROUND_ROBIN",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": RATELIMIT_CLUSTER,
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": address, "port_value": RATELIMIT_PORT}}}}]}
+            ],
+        },
+    }
+
+
+# Descriptors: one per tenant namespace, and one per namespace and model. The headers are the
+# ones ext_proc sets after removing any a client sent, so they cannot be spoofed.
+RATELIMIT_DESCRIPTORS = (
+    (("x-arks-namespace", "namespace"),),
+    (("x-arks-namespace", "namespace"), ("x-arks-model", "model")),
+)
+
+
+def ratelimit_filter() -> dict[str, Any]:
+    return {
+        "name": RATELIMIT_FILTER,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+            "domain": RATELIMIT_DOMAIN,
+            "stage": RATELIMIT_STAGE,
+            "timeout": RATELIMIT_TIMEOUT,
+            "failure_mode_deny": False,
+            "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
+            "rate_limit_service": {
+                "grpc_service": {"envoy_grpc": {"cluster_name": RATELIMIT_CLUSTER}},
+                "transport_api_version": "V3",
+            },
+            "rate_limits": [
+                {"actions": [{"request_headers": {"header_name": header, "descriptor_key": key}} for header, key in entries]}
+                for entries in RATELIMIT_DESCRIPTORS
+            ],
+        },
+    }
+
+
+def ratelimit_patches() -> list[dict[str, Any]]:
+    return [
+        _patch("add", ratelimit_cluster(), kind=CLUSTER_TYPE, name=RATELIMIT_CLUSTER),
+        # after ext_proc (its headers are the descriptors), before the usage Lua
+        _patch("add", ratelimit_filter(), json_path=filter_at(USAGE_FILTER)),
+    ]
+
+
+def patch_policy(name: str, priority: int, patches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    return {
+        "apiVersion": EG_VERSION,
+        "kind": "EnvoyPatchPolicy",
+        "metadata": _metadata(name, "gateway"),
+        "spec": {"type": "JSONPatch", "targetRef": _gateway_ref(), "priority": priority, "jsonPatches": list(patches)},
+    }
+
+
+def client_traffic_policy(settings: EnvoySettings | None = None) -> dict[str, Any]:
+    """The local listener's limits: the body buffer (json_to_metadata buffers the request; EG's
+    default of 32 KiB would refuse long prompts with 413) and the stream idle timeout."""
+    settings = settings or _settings()
+    hcm = listener(settings)["filter_chains"][0]["filters"][0]["typed_config"]
+    return {
+        "apiVersion": EG_VERSION,
+        "kind": "ClientTrafficPolicy",
+        "metadata": _metadata("arks-clients", "gateway"),
+        "spec": {
+            "targetRefs": [_gateway_ref()],
+            "connection": {"bufferLimit": f"{settings.body_limit_bytes // (1024 * 1024)}Mi"},
+            "timeout": {"http": {"streamIdleTimeout": hcm["stream_idle_timeout"]}},
+        },
+    }
+
+
+def backend_traffic_policy(settings: EnvoySettings | None = None) -> dict[str, Any]:
+    """The local routes' timeout and retries, and EG's global per-client-IP rate limit."""
+    settings = settings or _settings()
+    rules = [
+        {"clientSelectors": [{"sourceCIDR": {"type": "Distinct", "value": cidr}}], "limit": dict(CLIENT_IP_LIMIT)}
+        for cidr in ("0.0.0.0/0", "::/0")
+    ]
+    return {
+        "apiVersion": EG_VERSION,
+        "kind": "BackendTrafficPolicy",
+        "metadata": _metadata("arks-backends", "gateway"),
+        "spec": {
+            "targetRefs": [_gateway_ref()],
+            "timeout": {"http": {"requestTimeout": f"{settings.upstream_timeout_s}s"}},
+            "retry": {"numRetries": NUM_RETRIES, "retryOn": {"triggers": list(RETRY_ON)}},
+            "rateLimit": {"type": "Global", "global": {"rules": rules}},
+        },
+    }
+
+
+def documents(settings: EnvoySettings | None = None) -> list[dict[str, Any]]:
+    return [
+        extension_policy(settings),
+        patch_policy("arks-filters", 0, filter_patches(settings)),
+        patch_policy("arks-ratelimit", 10, ratelimit_patches()),
+        client_traffic_policy(settings),
+        backend_traffic_policy(settings),
+    ]
+
+
+HEADER = """\
+# Generated by `python -m arks.manifests` from envoy/filters.yaml, envoy/usage.lua and
+# arks/envoy_config.py: the local filter chain, given to Envoy Gateway. Do not edit by hand;
+# `python -m arks.manifests --check` fails when this file is stale. See README.md here.
+"""
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def render(settings: EnvoySettings | None = None) -> str:
+    body = "---\n".join(yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=120) for doc in documents(settings))
+    return HEADER + body
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m arks.manifests", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=OUTPUT)
+    parser.add_argument("--check", action="store_true", help="fail if the file differs from what would be written")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        current = args.out.read_text() if args.out.exists() else ""
+        if current != text:
+            print(f"{args.out} is stale: run `python -m arks.manifests`", file=sys.stderr)
+            return 1
+        return 0
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
