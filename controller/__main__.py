@@ -20,6 +20,7 @@ from controller.kube import rest
 from controller.kube.leader import LeaderElector
 from controller.metrics import ControllerMetrics, serve
 from controller.reconcilers.application import LEADERWORKERSETS, application_controller
+from controller.reconcilers.disaggregated import disaggregated_controller
 from controller.reconcilers.endpoint import endpoint_controller
 from controller.reconcilers.model import model_controller
 from controller.reconcilers.token import token_controller
@@ -77,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
     elector = LeaderElector(client, args.lease_namespace, args.lease_name, args.identity)
     controllers = [
         application_controller(
+            client, args.namespace, workers=args.workers, leader=elector,
+            watch_leaderworkersets=watch_lws,
+        ),
+        disaggregated_controller(
             client, args.namespace, workers=args.workers, leader=elector,
             watch_leaderworkersets=watch_lws,
         ),

@@ -31,3 +31,27 @@ def token(user: str, models: list[str], namespace: str = "default", **spec: Any)
         "metadata": {"name": user, "namespace": namespace},
         "spec": {**spec, "qos": [{"arksEndpoint": {"name": m}} for m in models]},
     }
+
+
+def model_on_claim(claim: str, sub_path: str = "", name: str = "qwen2-5-7b-instruct", **spec: Any) -> dict[str, Any]:
+    """An ArksModel already on a PVC (`source.pvc`): engines mount that claim."""
+    return {
+        "apiVersion": "arks.ai/v1",
+        "kind": "ArksModel",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"source": {"pvc": {"claimName": claim, "subPath": sub_path}}, **spec},
+    }
+
+
+def downloaded_model(name: str = "qwen2-5-7b-instruct", **spec: Any) -> dict[str, Any]:
+    """An ArksModel downloaded from Hugging Face to a claim of its own."""
+    return {
+        "apiVersion": "arks.ai/v1",
+        "kind": "ArksModel",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "source": {"huggingface": {"repo": "Qwen/Qwen2.5-7B-Instruct"}},
+            "storage": {"size": "40Gi"},
+            **spec,
+        },
+    }

@@ -69,12 +69,13 @@ class Controller:
         """Stop taking keys, let running reconciles finish, then stop the informers."""
         self._stopping.set()
         self.queue.shutdown()
+        deadline = time.monotonic() + timeout_s
         for thread in self._threads:
-            thread.join(timeout_s)
+            thread.join(max(0.0, deadline - time.monotonic()))
         for informer in (self.informer, *self._owned):
             # Informer threads are daemons and leave within their watch timeout by themselves:
             # waiting for each open watch to end would hold a shutdown for minutes.
-            informer.stop(timeout_s=1.0)
+            informer.stop(timeout_s=0.0)
 
     def _work(self) -> None:
         while not self._stopping.is_set():

@@ -75,12 +75,6 @@ def resource_for(obj: Mapping[str, Any]) -> Resource:
     return rest.resource_of(obj, plural)
 
 
-def model_claim(model: Mapping[str, Any]) -> str:
-    """The PVC holding the model's files: `status.claimName`, else the model's name."""
-    claim = (model.get("status") or {}).get("claimName")
-    return str(claim) if claim else str(model["metadata"]["name"])
-
-
 def workload_replicas(workload: Mapping[str, Any] | None) -> tuple[int, int]:
     """(desired, ready) replicas of a Deployment or LeaderWorkerSet (groups for the latter)."""
     if workload is None:
@@ -245,7 +239,7 @@ def reconcile_application(
     model = await_model(api_client, app, status)
 
     try:
-        objects = render_application(app, model_claim(model), defaults=defaults)
+        objects = render_application(app, model, defaults=defaults)
         for obj in objects:
             resource_for(obj)
     except PermanentError as e:
@@ -267,6 +261,32 @@ def reconcile_application(
     status.write(api_client)
 
 
+def watch_models(
+    api_client: ApiClient,
+    users: Informer,
+    queue: WorkQueue,
+    namespace: str | None = None,
+    **informer_options: Any,
+) -> Informer:
+    """An informer on ArksModels that re-triggers the objects in `users` serving a changed model,
+    so an application starts as soon as its model turns Ready (not started)."""
+    models = Informer(api_client, MODELS, namespace, **informer_options)
+
+    def model_changed(_kind: str, model: Obj) -> None:
+        meta = model.get("metadata") or {}
+        for key in users.keys():
+            user = users.get(key)
+            if (
+                user is not None
+                and key[0] == meta.get("namespace")
+                and ((user.get("spec") or {}).get("model") or {}).get("name") == meta.get("name")
+            ):
+                queue.add(key)
+
+    models.add_handler(model_changed)
+    return models
+
+
 def application_controller(
     api_client: ApiClient,
     namespace: str | None = None,
@@ -283,7 +303,7 @@ def application_controller(
 
     Changes to owned Deployments and Services (and LeaderWorkerSets when
     `watch_leaderworkersets`, i.e. the LWS CRD is installed) re-trigger the owner, so a
-    deleted or edited child is repaired.
+    deleted or edited child is repaired; a changed ArksModel re-triggers its applications.
     """
     work = queue if queue is not None else WorkQueue()
     options = dict(informer_options or {})
@@ -293,6 +313,7 @@ def application_controller(
         watch_owned(api_client, child, work, APP_API_VERSION, APP_KIND, namespace, **options)
         for child in children
     ]
+    owned.append(watch_models(api_client, informer, work, namespace, **options))
 
     def reconcile(key: Key) -> None:
         reconcile_application(api_client, key, field_manager=field_manager, defaults=defaults)

@@ -33,13 +33,14 @@ from controller.reconcilers.application import (
     apply_owned,
     availability,
     await_model,
-    model_claim,
     render_failed,
     resource_for,
+    watch_models,
     workload_replicas,
 )
-from controller.render.application import LABEL_COMPONENT, LABEL_MANAGED_BY, RenderDefaults
+from controller.render.application import RenderDefaults
 from controller.render.disaggregated import COMPONENTS, render_disaggregated
+from controller.render.labels import LABEL_COMPONENT, LABEL_MANAGED_BY
 
 DISAGGREGATED_APPLICATIONS = Resource("arks.ai", "v1", "arksdisaggregatedapplications")
 DAPP_API_VERSION = "arks.ai/v1"
@@ -69,7 +70,7 @@ def reconcile_disaggregated(
     model = await_model(api_client, dapp, status)
 
     try:
-        objects = render_disaggregated(dapp, model_claim(model), defaults=defaults)
+        objects = render_disaggregated(dapp, model, defaults=defaults)
         for obj in objects:
             resource_for(obj)
     except PermanentError as e:
@@ -107,7 +108,8 @@ def disaggregated_controller(
     Changes to owned Deployments, Services and the router's ServiceAccounts, Roles and
     RoleBindings (and LeaderWorkerSets when `watch_leaderworkersets`, i.e. the LWS CRD is
     installed) re-trigger the owner, so a deleted or edited child is repaired. The RBAC kinds
-    are watched only where labelled as managed by Arks, to keep those watches small.
+    are watched only where labelled as managed by Arks, to keep those watches small. A changed
+    ArksModel re-triggers its applications.
     """
     work = queue if queue is not None else WorkQueue()
     options = dict(informer_options or {})
@@ -121,6 +123,7 @@ def disaggregated_controller(
         watch_owned(api_client, child, work, DAPP_API_VERSION, DAPP_KIND, namespace, **ours)
         for child in (SERVICEACCOUNTS, ROLES, ROLEBINDINGS)
     ]
+    owned.append(watch_models(api_client, informer, work, namespace, **options))
 
     def reconcile(key: Key) -> None:
         reconcile_disaggregated(api_client, key, field_manager=field_manager, defaults=defaults)

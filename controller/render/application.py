@@ -19,7 +19,6 @@ shared with the ArksDisaggregatedApplication renderer.
 from __future__ import annotations
 
 import copy
-import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,20 +36,22 @@ from controller.engines import (
     router_command,
     served_model_name,
 )
+from controller.render.labels import (
+    ANNOTATION_SERVED_NAME,
+    LABEL_APPLICATION,
+    LABEL_COMPONENT,
+    LABEL_MANAGED_BY,
+    LABEL_MODEL,
+    LABEL_NAME,
+    LABEL_ROLE,
+    LABEL_SERVED_NAME,
+    label_value,
+)
+from controller.render.model import ModelVolume, model_volume
 
 GPU_RESOURCE = "nvidia.com/gpu"
 LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
 
-LABEL_NAME = "app.kubernetes.io/name"
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-LABEL_APPLICATION = "arks.ai/application"
-LABEL_MODEL = "arks.ai/model"
-LABEL_SERVED_NAME = "arks.ai/served-model-name"
-LABEL_ROLE = "arks.ai/role"
-LABEL_COMPONENT = "arks.ai/component"
-ANNOTATION_SERVED_NAME = "arks.ai/served-model-name"
-
-_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
 
 @dataclass(frozen=True)
@@ -70,19 +71,6 @@ class RenderDefaults:
     # NATS only for KV-aware routing events).
     dynamo_etcd_endpoints: str = "http://dynamo-platform-etcd.dynamo-system:2379"
     dynamo_nats_server: str = "nats://dynamo-platform-nats.dynamo-system:4222"
-
-
-def label_value(value: str) -> str:
-    """`value` if it is a valid label value, else a readable form with a hash suffix.
-
-    Served names such as `meta-llama/Llama-3.1-8B` contain `/`; the exact name is kept in
-    an annotation, the label only has to be stable and equal for equal names.
-    """
-    if len(value) <= 63 and _LABEL_VALUE.match(value):
-        return value
-    digest = hashlib.sha256(value.encode()).hexdigest()[:10]
-    readable = re.sub(r"[^A-Za-z0-9_.-]+", "-", value)[:52].strip("-_.")
-    return f"{readable}-{digest}" if readable else digest
 
 
 @dataclass(frozen=True)
@@ -190,23 +178,16 @@ def _probes(
     return probes
 
 
-def _model_volume(model_claim: str) -> dict[str, Any]:
-    return {"name": "model", "persistentVolumeClaim": {"claimName": model_claim, "readOnly": True}}
-
-
-def _model_mount(model_sub_path: str) -> dict[str, Any]:
-    mount: dict[str, Any] = {"name": "model", "mountPath": MODEL_DIR, "readOnly": True}
-    if model_sub_path:
-        mount["subPath"] = model_sub_path
-    return mount
-
-
-def _scheduling(instance: Mapping[str, Any]) -> dict[str, Any]:
-    return {
+def _scheduling(instance: Mapping[str, Any], volume: ModelVolume | None = None) -> dict[str, Any]:
+    """The pod's scheduling fields; a node-local model volume adds the cache's nodeSelector."""
+    out = {
         key: copy.deepcopy(instance[key])
         for key in ("nodeSelector", "tolerations", "affinity", "serviceAccountName")
         if instance.get(key)
     }
+    if volume is not None and volume.node_selector:
+        out["nodeSelector"] = dict(volume.node_selector)
+    return out
 
 
 def _template_meta(labels: Mapping[str, str], annotations: Mapping[str, str]) -> dict[str, Any]:
@@ -231,13 +212,13 @@ def _engine_env(g: EngineGroup, engine: EngineSpec, d: RenderDefaults) -> list[d
 def _pod_template(
     g: EngineGroup,
     role: Role,
-    model_claim: str,
-    model_sub_path: str,
+    model: Mapping[str, Any],
     defaults: RenderDefaults,
 ) -> dict[str, Any]:
     spec = g.spec
     engine = engine_for(spec)
     instance: Mapping[str, Any] = spec.get("instanceSpec") or {}
+    volume = model_volume(model, instance.get("nodeSelector"))
     serves_http = role != "worker"
     prefill = engine.disaggregation if g.disaggregation == "prefill" else None
     bootstrap_port = prefill.bootstrap_port if prefill is not None and serves_http else 0
@@ -256,7 +237,7 @@ def _pod_template(
         "command": engine_command({"spec": spec}, role, disaggregation=g.disaggregation),
         "resources": _resources(instance, parallelism(spec).gpus_per_pod),
         "volumeMounts": [
-            _model_mount(model_sub_path),
+            volume.mount(MODEL_DIR),
             {"name": "dshm", "mountPath": "/dev/shm"},
             *copy.deepcopy(instance.get("volumeMounts") or []),
         ],
@@ -277,11 +258,11 @@ def _pod_template(
     pod: dict[str, Any] = {
         "containers": [container],
         "volumes": [
-            _model_volume(model_claim),
+            volume.volume,
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": defaults.shm_size}},
             *copy.deepcopy(instance.get("volumes") or []),
         ],
-        **_scheduling(instance),
+        **_scheduling(instance, volume),
     }
     return {"metadata": _template_meta(labels, annotations), "spec": pod}
 
@@ -304,7 +285,7 @@ def _replicas(spec: Mapping[str, Any]) -> dict[str, int]:
 
 
 def engine_workload(
-    g: EngineGroup, model_claim: str, model_sub_path: str, defaults: RenderDefaults
+    g: EngineGroup, model: Mapping[str, Any], defaults: RenderDefaults
 ) -> dict[str, Any]:
     """The Deployment (size 1) or LeaderWorkerSet (size > 1) running group `g`."""
     spec = g.spec
@@ -318,7 +299,7 @@ def engine_workload(
             "spec": {
                 **_replicas(spec),
                 "selector": {"matchLabels": selector_of(g.owner, g.component)},
-                "template": _pod_template(g, "single", model_claim, model_sub_path, defaults),
+                "template": _pod_template(g, "single", model, defaults),
             },
         }
     return {
@@ -332,8 +313,8 @@ def engine_workload(
                 "size": size,
                 # A lost pod breaks the collective; restart the group together.
                 "restartPolicy": "RecreateGroupOnPodRestart",
-                "leaderTemplate": _pod_template(g, "leader", model_claim, model_sub_path, defaults),
-                "workerTemplate": _pod_template(g, "worker", model_claim, model_sub_path, defaults),
+                "leaderTemplate": _pod_template(g, "leader", model, defaults),
+                "workerTemplate": _pod_template(g, "worker", model, defaults),
             },
         },
     }
@@ -357,7 +338,7 @@ class RouterGroup:
 
 
 def router_deployment(
-    r: RouterGroup, model_claim: str, model_sub_path: str, defaults: RenderDefaults
+    r: RouterGroup, model: Mapping[str, Any], defaults: RenderDefaults
 ) -> dict[str, Any]:
     """A Deployment of router `r`: no GPUs, probes on its own health endpoints."""
     engine = engine_for(r.spec)
@@ -374,8 +355,11 @@ def router_deployment(
     }
     if instance.get("resources"):
         container["resources"] = copy.deepcopy(instance["resources"])
+    # Routers read the claim: pinning them to the GPU nodes of the node-local cache would
+    # take scheduling room the engines need.
+    volume = model_volume(model, allow_node_local=False)
     if r.router.needs_model:
-        container["volumeMounts"] = [_model_mount(model_sub_path)]
+        container["volumeMounts"] = [volume.mount(MODEL_DIR)]
     env = _merge_env(env, instance)
     if env:
         container["env"] = env
@@ -387,7 +371,7 @@ def router_deployment(
     )
     pod: dict[str, Any] = {"containers": [container], **_scheduling(instance)}
     if r.router.needs_model:
-        pod["volumes"] = [_model_volume(model_claim)]
+        pod["volumes"] = [volume.volume]
     if r.service_account:
         pod["serviceAccountName"] = r.service_account
     return {
@@ -484,19 +468,22 @@ def _hpa(app: Mapping[str, Any], workload: Mapping[str, Any]) -> dict[str, Any]:
 
 def render_application(
     app: Mapping[str, Any],
-    model_claim: str,
+    model: Mapping[str, Any],
     *,
-    model_sub_path: str = "",
     defaults: RenderDefaults | None = None,
 ) -> list[dict[str, Any]]:
-    """The desired objects for ArksApplication `app` whose model is on PVC `model_claim`."""
+    """The desired objects for ArksApplication `app` serving ArksModel `model`.
+
+    Engines mount the model as `controller.render.model.model_volume` says: the model's
+    claim, or its node-local copy (and then run on the cache's nodes).
+    """
     d = defaults or RenderDefaults()
     spec = app["spec"]
     name, namespace = app["metadata"]["name"], app["metadata"]["namespace"]
     engine = engine_for(spec)
     frontend = engine.frontend
     group = EngineGroup(name, namespace, name, spec, component="worker" if frontend else "")
-    workload = engine_workload(group, model_claim, model_sub_path, d)
+    workload = engine_workload(group, model, d)
     objects = [workload]
     if frontend is None:
         selector, port = group_selector(group), engine.default_port
@@ -510,7 +497,7 @@ def render_application(
             command=router_command(frontend),
             component="frontend",
         )
-        objects.append(router_deployment(router, model_claim, model_sub_path, d))
+        objects.append(router_deployment(router, model, d))
         selector, port = selector_of(name, "frontend"), frontend.default_port
     objects.append(service(name, namespace, base_labels(name, spec), selector, port, spec))
     if spec.get("autoscaling"):

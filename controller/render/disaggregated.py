@@ -119,12 +119,11 @@ def _rbac(
 
 def render_disaggregated(
     dapp: Mapping[str, Any],
-    model_claim: str,
+    model: Mapping[str, Any],
     *,
-    model_sub_path: str = "",
     defaults: RenderDefaults | None = None,
 ) -> list[dict[str, Any]]:
-    """The desired objects for ArksDisaggregatedApplication `dapp`, model on PVC `model_claim`.
+    """The desired objects for ArksDisaggregatedApplication `dapp` serving ArksModel `model`.
 
     Order: the prefill and decode workloads, the router Deployment, the public Service, then
     the router's RBAC objects (SGLang). Every workload carries the `arks.ai/component` label
@@ -149,7 +148,7 @@ def render_disaggregated(
         )
         for mode in MODES
     }
-    workloads = [engine_workload(g, model_claim, model_sub_path, d) for g in groups.values()]
+    workloads = [engine_workload(g, model, d) for g in groups.values()]
 
     router: Mapping[str, Any] = top.get("router") or {}
     instance: Mapping[str, Any] = router.get("instanceSpec") or {}
@@ -192,7 +191,7 @@ def render_disaggregated(
     )
     return [
         *workloads,
-        router_deployment(router_group, model_claim, model_sub_path, d),
+        router_deployment(router_group, model, d),
         public,
         *rbac,
     ]

@@ -22,7 +22,7 @@ from typing import Any
 
 from controller.engines import UnsupportedApplication, engine_for, served_model_name
 from controller.kube.errors import PermanentError
-from controller.render.application import LABEL_MANAGED_BY, LABEL_SERVED_NAME, label_value
+from controller.render.labels import LABEL_MANAGED_BY, LABEL_SERVED_NAME, label_value
 
 HTTPROUTE_API_VERSION = "gateway.networking.k8s.io/v1"
 MODEL_HEADER = "x-arks-model"

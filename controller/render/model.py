@@ -27,14 +27,19 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
-from controller.render.application import LABEL_MANAGED_BY, LABEL_MODEL, LABEL_NAME, label_value
+from controller.render.labels import (
+    LABEL_COMPONENT,
+    LABEL_MANAGED_BY,
+    LABEL_MODEL,
+    LABEL_NAME,
+    label_value,
+)
 
 MODEL_SUBDIR = "model"
 """Where a downloaded model lives inside its PVC; engines mount it with this subPath."""
 MARKER = ".arks-complete"
 """Written last, holding the source id: a directory without it is never used."""
 
-LABEL_COMPONENT = "arks.ai/component"
 ANNOTATION_MODEL = "arks.ai/model"
 ANNOTATION_SOURCE_ID = "arks.ai/source-id"
 COMPONENT_DOWNLOAD = "model-download"
@@ -626,6 +631,7 @@ def model_volume(
     pod_node_selector: Mapping[str, str] | None = None,
     *,
     volume_name: str = "model",
+    allow_node_local: bool = True,
 ) -> ModelVolume:
     """What an engine pod mounts for `model`, given the pod's own nodeSelector.
 
@@ -635,10 +641,11 @@ def model_volume(
     directory is mounted with type `Directory`: it appears by an atomic rename only when the
     copy is complete, so until then the kubelet keeps retrying the mount and the engine never
     starts on a half-copied model. An empty cache nodeSelector cannot pin the pod to cache
-    nodes, so the claim is used.
+    nodes, so the claim is used. Pods that should not be pinned to the cache nodes (routers,
+    frontends) pass `allow_node_local=False` and always read the claim.
     """
     own = {str(k): str(v) for k, v in (pod_node_selector or {}).items()}
-    cache = _cache_node_selector(model) if cache_enabled(model) else {}
+    cache = _cache_node_selector(model) if allow_node_local and cache_enabled(model) else {}
     compatible = all(own.get(k, v) == v for k, v in cache.items())
     if cache and compatible:
         return ModelVolume(

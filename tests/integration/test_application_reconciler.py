@@ -46,14 +46,15 @@ def create_model(api: ApiClient, ns: str, *, ready: bool, claim: str | None = No
         "apiVersion": "arks.ai/v1",
         "kind": "ArksModel",
         "metadata": {"name": MODEL},
-        "spec": {"model": "Qwen/Qwen2.5-7B-Instruct"},
+        "spec": (
+            {"source": {"pvc": {"claimName": claim}}}  # adopted: engines mount that claim
+            if claim
+            else {"source": {"huggingface": {"repo": "Qwen/Qwen2.5-7B-Instruct"}}, "storage": {"size": "40Gi"}}
+        ),
     }
     rest.request(api, "POST", MODELS.path(ns), body=body)
     if ready:
-        status: dict[str, Any] = {"phase": "Ready"}
-        if claim:
-            status["claimName"] = claim
-        set_status(api, MODELS, ns, MODEL, **status)
+        set_status(api, MODELS, ns, MODEL, phase="Ready", claimName=claim or MODEL)
 
 
 def create_app(api: ApiClient, ns: str, name: str = "chat", **spec: Any) -> dict[str, Any]:
@@ -149,7 +150,7 @@ def test_partially_ready_is_running(api: ApiClient, ns: str) -> None:
     assert (status["phase"], status["replicas"], status["readyReplicas"]) == ("Running", 3, 1)
     deployment = get(api, DEPLOYMENTS, ns, "chat")
     assert deployment is not None
-    # No status.claimName: the claim is named after the model.
+    # Downloaded: the claim is named after the model.
     volumes = deployment["spec"]["template"]["spec"]["volumes"]
     assert volumes[0]["persistentVolumeClaim"]["claimName"] == MODEL
 

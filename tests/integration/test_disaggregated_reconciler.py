@@ -54,7 +54,7 @@ def create_model(api: ApiClient, ns: str, *, ready: bool = True) -> None:
         "apiVersion": "arks.ai/v1",
         "kind": "ArksModel",
         "metadata": {"name": MODEL},
-        "spec": {"model": "deepseek-ai/DeepSeek-V3"},
+        "spec": {"source": {"pvc": {"claimName": "models-deepseek"}}},
     }
     rest.request(api, "POST", MODELS.path(ns), body=body)
     if ready:

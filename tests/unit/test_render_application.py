@@ -18,6 +18,7 @@ import yaml
 
 from controller.engines import UnsupportedApplication, engine_command
 from controller.render import RenderDefaults, label_value, render_application
+from tests.objects import downloaded_model, model_on_claim
 from tests.support.crd_schema import upstream_schema
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,7 +100,7 @@ CASES = [(r, s) for r in ("vllm", "sglang", "dynamo") for s in (1, 2)]
 @pytest.mark.parametrize(("runtime", "size"), CASES)
 def test_render_matches_golden_file(runtime: str, size: int) -> None:
     rendered = yaml.safe_dump_all(
-        render_application(make_app(runtime, size), "qwen2-5-7b-instruct-model"), sort_keys=False
+        render_application(make_app(runtime, size), downloaded_model()), sort_keys=False
     )
     path = GOLDEN / f"{runtime}-size{size}.yaml"
     if os.environ.get("ARKS_UPDATE_GOLDEN") == "1":
@@ -111,14 +112,14 @@ def test_render_matches_golden_file(runtime: str, size: int) -> None:
 def test_rendering_is_pure() -> None:
     app = make_app("vllm", 2)
     before = copy.deepcopy(app)
-    first = render_application(app, "claim")
+    first = render_application(app, model_on_claim("claim"))
     assert app == before
-    assert render_application(app, "claim") == first
+    assert render_application(app, model_on_claim("claim")) == first
 
 
 @pytest.mark.parametrize(("runtime", "size"), CASES)
 def test_core_objects_validate_strictly(runtime: str, size: int) -> None:
-    for obj in render_application(make_app(runtime, size), "claim"):
+    for obj in render_application(make_app(runtime, size), model_on_claim("claim")):
         assert obj["metadata"]["name"] and obj["metadata"]["namespace"] == "llm"
         if obj["kind"] == "LeaderWorkerSet":
             continue
@@ -133,14 +134,14 @@ def lws_schema() -> dict[str, Any]:
 def test_leaderworkerset_validates_against_upstream_crd(runtime: str) -> None:
     (lws,) = [
         o
-        for o in render_application(make_app(runtime, 2), "claim")
+        for o in render_application(make_app(runtime, 2), model_on_claim("claim"))
         if o["kind"] == "LeaderWorkerSet"
     ]
     jsonschema.validate(lws, lws_schema())
 
 
 def test_strict_lws_schema_rejects_unknown_fields() -> None:
-    lws = by_kind(render_application(make_app("vllm", 2), "claim"))["LeaderWorkerSet"]
+    lws = by_kind(render_application(make_app("vllm", 2), model_on_claim("claim")))["LeaderWorkerSet"]
     lws["spec"]["leaderWorkerTemplate"]["sizee"] = 2
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(lws, lws_schema())
@@ -161,7 +162,7 @@ def test_vllm_single_node_flags() -> None:
     assert flag(argv, "--port") == "8000"
     assert flag(argv, "--host") == "0.0.0.0"
     assert argv[-2:] == ["--max-model-len", "8192"], "user args come last"
-    container = engine_container(pod_templates(render_application(app, "c"))["single"])
+    container = engine_container(pod_templates(render_application(app, model_on_claim("c")))["single"])
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
 
@@ -179,7 +180,7 @@ def test_sglang_single_node_flags() -> None:
 
 
 def test_vllm_multi_node_runs_ray_head_then_engine_and_ray_workers() -> None:
-    objects = render_application(make_app("vllm", 2), "c")
+    objects = render_application(make_app("vllm", 2), model_on_claim("c"))
     templates = pod_templates(objects)
     leader = engine_container(templates["leader"])["command"]
     worker = engine_container(templates["worker"])["command"]
@@ -197,7 +198,7 @@ def test_vllm_multi_node_runs_ray_head_then_engine_and_ray_workers() -> None:
 
 
 def test_sglang_multi_node_every_pod_runs_engine_with_lws_rank() -> None:
-    templates = pod_templates(render_application(make_app("sglang", 2), "c"))
+    templates = pod_templates(render_application(make_app("sglang", 2), model_on_claim("c")))
     for role, template in templates.items():
         argv = engine_container(template)["command"]
         assert argv[:3] == ["python3", "-m", "sglang.launch_server"], role
@@ -211,7 +212,7 @@ def test_sglang_multi_node_every_pod_runs_engine_with_lws_rank() -> None:
 
 @pytest.mark.parametrize("runtime", ["vllm", "sglang"])
 def test_only_the_leader_serves_http_and_is_behind_the_service(runtime: str) -> None:
-    objects = render_application(make_app(runtime, 2), "c")
+    objects = render_application(make_app(runtime, 2), model_on_claim("c"))
     templates = pod_templates(objects)
     leader, worker = engine_container(templates["leader"]), engine_container(templates["worker"])
     assert leader["ports"][0]["name"] == "http" and "readinessProbe" in leader
@@ -222,7 +223,7 @@ def test_only_the_leader_serves_http_and_is_behind_the_service(runtime: str) -> 
 
 
 def test_deployment_service_selects_engine_pods() -> None:
-    objects = render_application(make_app("vllm", 1), "c")
+    objects = render_application(make_app("vllm", 1), model_on_claim("c"))
     kinds = by_kind(objects)
     pod_labels = kinds["Deployment"]["spec"]["template"]["metadata"]["labels"]
     assert kinds["Service"]["spec"]["selector"].items() <= pod_labels.items()
@@ -232,7 +233,7 @@ def test_deployment_service_selects_engine_pods() -> None:
 
 def test_model_claim_mounted_read_only() -> None:
     template = pod_templates(
-        render_application(make_app("vllm", 1), "my-claim", model_sub_path="qwen")
+        render_application(make_app("vllm", 1), model_on_claim("my-claim", "qwen"))
     )["single"]
     (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == "model"]
     assert volume["persistentVolumeClaim"] == {"claimName": "my-claim", "readOnly": True}
@@ -243,7 +244,7 @@ def test_model_claim_mounted_read_only() -> None:
 def test_explicit_gpu_resources_win() -> None:
     app = make_app("vllm", 1, tensorParallelSize=2)
     app["spec"]["instanceSpec"]["resources"] = {"limits": {"nvidia.com/gpu": 1}}
-    container = engine_container(pod_templates(render_application(app, "c"))["single"])
+    container = engine_container(pod_templates(render_application(app, model_on_claim("c")))["single"])
     assert container["resources"] == {"limits": {"nvidia.com/gpu": 1}}
 
 
@@ -252,7 +253,7 @@ def test_heterogeneous_hardware_same_served_name() -> None:
     b = make_app("vllm", 1)
     a["metadata"]["name"], b["metadata"]["name"] = "qwen-l40s", "qwen-h100"
     b["spec"]["instanceSpec"]["nodeSelector"] = {"nvidia.com/gpu.product": "NVIDIA-H100"}
-    ra, rb = render_application(a, "c"), render_application(b, "c")
+    ra, rb = render_application(a, model_on_claim("c")), render_application(b, model_on_claim("c"))
     names_a = {(o["kind"], o["metadata"]["name"]) for o in ra}
     names_b = {(o["kind"], o["metadata"]["name"]) for o in rb}
     assert not names_a & names_b
@@ -269,7 +270,7 @@ def test_heterogeneous_hardware_same_served_name() -> None:
 
 def test_served_name_label_is_valid_for_hub_style_names() -> None:
     app = make_app("vllm", 1, servedModelName="meta-llama/Llama-3.1-8B-Instruct")
-    for obj in render_application(app, "c"):
+    for obj in render_application(app, model_on_claim("c")):
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
         assert obj["metadata"]["annotations"]["arks.ai/served-model-name"] == (
             "meta-llama/Llama-3.1-8B-Instruct"
@@ -289,7 +290,7 @@ def test_served_name_label_is_valid_for_hub_style_names() -> None:
 )
 def test_hpa_metrics_per_type(runtime: str, waiting: str, kv: str) -> None:
     for size, kind in ((1, "Deployment"), (2, "LeaderWorkerSet")):
-        objects = render_application(make_app(runtime, size), "c")
+        objects = render_application(make_app(runtime, size), model_on_claim("c"))
         kinds = by_kind(objects)
         hpa = kinds["HorizontalPodAutoscaler"]
         assert hpa["apiVersion"] == "autoscaling/v2"
@@ -315,7 +316,7 @@ def test_hpa_metrics_per_type(runtime: str, waiting: str, kv: str) -> None:
 def test_no_autoscaling_means_fixed_replicas_and_no_hpa() -> None:
     app = make_app("sglang", 2)
     del app["spec"]["autoscaling"]
-    kinds = by_kind(render_application(app, "c"))
+    kinds = by_kind(render_application(app, model_on_claim("c")))
     assert "HorizontalPodAutoscaler" not in kinds
     assert kinds["LeaderWorkerSet"]["spec"]["replicas"] == 2
 
@@ -332,7 +333,7 @@ def test_unsupported_specs_are_permanent_errors(spec: dict[str, Any]) -> None:
     app = make_app("vllm", 1)
     app["spec"].update(spec)
     with pytest.raises(UnsupportedApplication):
-        render_application(app, "c")
+        render_application(app, model_on_claim("c"))
 
 
 def env_of(container: dict[str, Any]) -> dict[str, Any]:
@@ -354,7 +355,7 @@ def dynamo_parts(
 
 def test_dynamo_worker_runs_the_vllm_backend_registered_in_dynamo_discovery() -> None:
     app = make_app("dynamo", 1, tensorParallelSize=2)
-    objects = render_application(app, "c")
+    objects = render_application(app, model_on_claim("c"))
     workload, _, _ = dynamo_parts(objects)
     assert (workload["kind"], workload["metadata"]["name"]) == ("Deployment", "qwen-7b-dynamo-n1")
     container = engine_container(workload["spec"]["template"])
@@ -378,7 +379,7 @@ def test_dynamo_worker_runs_the_vllm_backend_registered_in_dynamo_discovery() ->
 
 
 def test_dynamo_frontend_serves_the_api_behind_the_service() -> None:
-    objects = render_application(make_app("dynamo", 1), "c")
+    objects = render_application(make_app("dynamo", 1), model_on_claim("c"))
     workload, frontend, svc = dynamo_parts(objects)
     (container,) = frontend["spec"]["template"]["spec"]["containers"]
     assert container["command"] == ["python3", "-m", "dynamo.frontend", "--http-port", "8000"]
@@ -402,7 +403,7 @@ def test_dynamo_frontend_serves_the_api_behind_the_service() -> None:
 
 
 def test_dynamo_multi_node_workers_form_a_ray_cluster_under_the_leader() -> None:
-    objects = render_application(make_app("dynamo", 2), "c")
+    objects = render_application(make_app("dynamo", 2), model_on_claim("c"))
     workload, frontend, svc = dynamo_parts(objects)
     assert workload["kind"] == "LeaderWorkerSet"
     templates = pod_templates(objects)
@@ -421,7 +422,7 @@ def test_dynamo_multi_node_workers_form_a_ray_cluster_under_the_leader() -> None
 
 
 def test_dynamo_autoscaling_scales_the_workers_on_vllm_metrics() -> None:
-    objects = render_application(make_app("dynamo", 1), "c")
+    objects = render_application(make_app("dynamo", 1), model_on_claim("c"))
     (hpa,) = [o for o in objects if o["kind"] == "HorizontalPodAutoscaler"]
     assert hpa["spec"]["scaleTargetRef"]["name"] == objects[0]["metadata"]["name"]
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "vllm:num_requests_waiting"
@@ -435,9 +436,41 @@ def test_dynamo_endpoints_come_from_render_defaults_and_user_env_wins() -> None:
         {"name": "ETCD_ENDPOINTS", "value": "http://mine:2379"}
     )
     defaults = RenderDefaults(dynamo_etcd_endpoints="http://etcd.infra:2379", dynamo_nats_server="")
-    workload, frontend, _ = dynamo_parts(render_application(app, "c", defaults=defaults))
+    workload, frontend, _ = dynamo_parts(render_application(app, model_on_claim("c"), defaults=defaults))
     worker_env = env_of(engine_container(workload["spec"]["template"]))
     assert worker_env["ETCD_ENDPOINTS"] == "http://mine:2379"
     assert "NATS_SERVER" not in worker_env
     (container,) = frontend["spec"]["template"]["spec"]["containers"]
     assert env_of(container)["ETCD_ENDPOINTS"] == "http://etcd.infra:2379"
+
+
+def test_engines_read_the_node_local_copy_and_run_on_the_cache_nodes() -> None:
+    cache = {"enabled": True, "nodeSelector": {"nvidia.com/gpu.present": "true"}, "path": "/var/lib/arks/models"}
+    model = downloaded_model(nodeCache=cache)
+    app = make_app("vllm", 2)
+    for template in pod_templates(render_application(app, model)).values():
+        (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == "model"]
+        assert volume["hostPath"] == {"path": "/var/lib/arks/models/default/qwen2-5-7b-instruct", "type": "Directory"}
+        assert template["spec"]["nodeSelector"] == {
+            **app["spec"]["instanceSpec"]["nodeSelector"], "nvidia.com/gpu.present": "true"
+        }
+        (mount,) = [m for m in engine_container(template)["volumeMounts"] if m["name"] == "model"]
+        assert mount == {"name": "model", "mountPath": "/models", "readOnly": True}
+
+
+def test_a_cache_on_other_nodes_than_the_engines_leaves_them_on_the_claim() -> None:
+    cache = {"enabled": True, "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100"}}
+    app = make_app("vllm", 1)
+    app["spec"]["instanceSpec"]["nodeSelector"] = {"nvidia.com/gpu.product": "NVIDIA-L40S"}
+    template = pod_templates(render_application(app, downloaded_model(nodeCache=cache)))["single"]
+    (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == "model"]
+    assert volume["persistentVolumeClaim"]["claimName"] == "qwen2-5-7b-instruct"
+    assert template["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-L40S"}
+
+
+def test_the_dynamo_frontend_reads_the_claim_even_with_a_node_cache() -> None:
+    cache = {"enabled": True, "nodeSelector": {"nvidia.com/gpu.present": "true"}}
+    _, frontend, _ = dynamo_parts(render_application(make_app("dynamo", 1), downloaded_model(nodeCache=cache)))
+    (volume,) = frontend["spec"]["template"]["spec"]["volumes"]
+    assert volume["persistentVolumeClaim"]["claimName"] == "qwen2-5-7b-instruct"
+    assert "nvidia.com/gpu.present" not in (frontend["spec"]["template"]["spec"].get("nodeSelector") or {})

@@ -19,6 +19,7 @@ import yaml
 
 from controller.engines import UnsupportedApplication
 from controller.render.disaggregated import render_disaggregated
+from tests.objects import downloaded_model, model_on_claim
 from tests.support.crd_schema import upstream_schema
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,7 +133,7 @@ CASES = [(r, s) for r in ("sglang", "dynamo") for s in (1, 2)]
 @pytest.mark.parametrize(("runtime", "size"), CASES)
 def test_render_matches_golden_file(runtime: str, size: int) -> None:
     rendered = yaml.safe_dump_all(
-        render_disaggregated(make_dapp(runtime, size), "deepseek-v3-model"), sort_keys=False
+        render_disaggregated(make_dapp(runtime, size), downloaded_model("deepseek-v3")), sort_keys=False
     )
     path = GOLDEN / f"{runtime}-size{size}.yaml"
     if os.environ.get("ARKS_UPDATE_GOLDEN") == "1":
@@ -144,7 +145,7 @@ def test_render_matches_golden_file(runtime: str, size: int) -> None:
 @pytest.mark.parametrize(("runtime", "size"), CASES)
 def test_every_object_validates_strictly(runtime: str, size: int) -> None:
     lws_schema = upstream_schema("leaderworkerset.x-k8s.io_leaderworkersets.yaml", "v1")
-    objects = render_disaggregated(make_dapp(runtime, size), "claim")
+    objects = render_disaggregated(make_dapp(runtime, size), model_on_claim("claim"))
     for obj in objects:
         assert obj["metadata"]["namespace"] == NS
         if obj["kind"] == "LeaderWorkerSet":
@@ -162,16 +163,16 @@ def test_every_object_validates_strictly(runtime: str, size: int) -> None:
 def test_rendering_is_pure() -> None:
     dapp = make_dapp("sglang", 2)
     before = copy.deepcopy(dapp)
-    first = render_disaggregated(dapp, "claim")
+    first = render_disaggregated(dapp, model_on_claim("claim"))
     assert dapp == before
-    assert render_disaggregated(dapp, "claim") == first
+    assert render_disaggregated(dapp, model_on_claim("claim")) == first
 
 
 def test_the_sample_manifest_renders() -> None:
     sample = yaml.safe_load(
         (ROOT / "manifests/samples/arksdisaggregatedapplication.yaml").read_text()
     )
-    objects = named(render_disaggregated(sample, "claim"))
+    objects = named(render_disaggregated(sample, model_on_claim("claim")))
     assert ("LeaderWorkerSet", "deepseek-v3-pd-prefill") in objects
     assert ("LeaderWorkerSet", "deepseek-v3-pd-decode") in objects
     assert ("Service", "deepseek-v3-pd") in objects
@@ -179,7 +180,7 @@ def test_the_sample_manifest_renders() -> None:
 
 @pytest.mark.parametrize("size", [1, 2])
 def test_sglang_groups_run_in_their_disaggregation_mode(size: int) -> None:
-    objects = render_disaggregated(make_dapp("sglang", size), "c")
+    objects = render_disaggregated(make_dapp("sglang", size), model_on_claim("c"))
     for mode in ("prefill", "decode"):
         w = workload(objects, mode)
         assert w["metadata"]["name"] == f"ds-sglang-n{size}-{mode}"
@@ -203,7 +204,7 @@ def test_sglang_groups_run_in_their_disaggregation_mode(size: int) -> None:
 
 @pytest.mark.parametrize("size", [1, 2])
 def test_prefill_serving_pods_announce_their_bootstrap_port(size: int) -> None:
-    objects = render_disaggregated(make_dapp("sglang", size), "c")
+    objects = render_disaggregated(make_dapp("sglang", size), model_on_claim("c"))
     serving = "single" if size == 1 else "leader"
     prefill = templates(workload(objects, "prefill"))
     annotations = prefill[serving]["metadata"].get("annotations") or {}
@@ -218,7 +219,7 @@ def test_prefill_serving_pods_announce_their_bootstrap_port(size: int) -> None:
 
 @pytest.mark.parametrize("size", [1, 2])
 def test_sglang_router_discovers_exactly_the_serving_pods(size: int) -> None:
-    objects = render_disaggregated(make_dapp("sglang", size), "c")
+    objects = render_disaggregated(make_dapp("sglang", size), model_on_claim("c"))
     router = workload(objects, "router")
     assert router["metadata"]["name"] == f"ds-sglang-n{size}-router"
     assert router["spec"]["replicas"] == 2
@@ -247,7 +248,7 @@ def test_sglang_router_discovers_exactly_the_serving_pods(size: int) -> None:
 
 
 def test_sglang_router_may_watch_pods_of_its_namespace_only() -> None:
-    objects = named(render_disaggregated(make_dapp("sglang", 1), "c"))
+    objects = named(render_disaggregated(make_dapp("sglang", 1), model_on_claim("c")))
     router_pod = objects[("Deployment", "ds-sglang-n1-router")]["spec"]["template"]["spec"]
     account = objects[("ServiceAccount", "ds-sglang-n1-router")]
     role = objects[("Role", "ds-sglang-n1-router")]
@@ -269,7 +270,7 @@ def test_sglang_router_may_watch_pods_of_its_namespace_only() -> None:
 def test_a_router_service_account_of_the_users_own_is_bound_not_created() -> None:
     dapp = make_dapp("sglang", 1)
     dapp["spec"]["router"]["instanceSpec"]["serviceAccountName"] = "routers"
-    objects = named(render_disaggregated(dapp, "c"))
+    objects = named(render_disaggregated(dapp, model_on_claim("c")))
     assert not [k for k in objects if k[0] == "ServiceAccount"]
     binding = objects[("RoleBinding", "ds-sglang-n1-router")]
     assert binding["subjects"][0]["name"] == "routers"
@@ -279,7 +280,7 @@ def test_a_router_service_account_of_the_users_own_is_bound_not_created() -> Non
 
 @pytest.mark.parametrize(("runtime", "port"), [("sglang", 30000), ("dynamo", 8000)])
 def test_the_public_service_is_the_router(runtime: str, port: int) -> None:
-    objects = render_disaggregated(make_dapp(runtime, 1), "c")
+    objects = render_disaggregated(make_dapp(runtime, 1), model_on_claim("c"))
     svc = named(objects)[("Service", f"ds-{runtime}-n1")]
     assert svc["spec"]["ports"] == [
         {"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}
@@ -293,7 +294,7 @@ def test_the_public_service_is_the_router(runtime: str, port: int) -> None:
 
 @pytest.mark.parametrize("size", [1, 2])
 def test_dynamo_prefill_and_decode_workers_pair_through_the_frontend(size: int) -> None:
-    objects = render_disaggregated(make_dapp("dynamo", size), "c")
+    objects = render_disaggregated(make_dapp("dynamo", size), model_on_claim("c"))
     assert not [o for o in objects if o["kind"] in ("Role", "RoleBinding", "ServiceAccount")]
     router = container(workload(objects, "router")["spec"]["template"])
     assert router["command"] == [
@@ -334,12 +335,12 @@ def test_unsupported_specs_are_permanent_errors(spec: dict[str, Any]) -> None:
     dapp = make_dapp("sglang", 1)
     dapp["spec"].update(spec)
     with pytest.raises(UnsupportedApplication):
-        render_disaggregated(dapp, "c")
+        render_disaggregated(dapp, model_on_claim("c"))
 
 
 def test_the_crd_default_runtime_is_sglang() -> None:
     dapp = make_dapp("sglang", 1)
     del dapp["spec"]["runtime"]
-    objects = render_disaggregated(dapp, "c")
+    objects = render_disaggregated(dapp, model_on_claim("c"))
     argv = container(templates(workload(objects, "decode"))["single"])["command"]
     assert argv[:3] == ["python3", "-m", "sglang.launch_server"]
