@@ -28,13 +28,19 @@ from controller.reconcilers.token import token_controller
 log = logging.getLogger("controller")
 
 
+USER_AGENT = "arks-controller"  # how the API server's audit log names our requests
+
+
 def api_client(kube_host: str) -> Any:
     if kube_host == "in-cluster":
         kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
-        return kubernetes.client.ApiClient()
-    if kube_host == "kubeconfig":
-        return kubernetes.config.new_client_from_config()  # type: ignore[no-untyped-call]
-    return kubernetes.client.ApiClient(kubernetes.client.Configuration(host=kube_host))
+        client = kubernetes.client.ApiClient()
+    elif kube_host == "kubeconfig":
+        client = kubernetes.config.new_client_from_config()  # type: ignore[no-untyped-call]
+    else:
+        client = kubernetes.client.ApiClient(kubernetes.client.Configuration(host=kube_host))
+    client.user_agent = USER_AGENT
+    return client
 
 
 def gateway_ref(value: str) -> dict[str, str]:

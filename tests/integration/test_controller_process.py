@@ -15,9 +15,11 @@ import httpx
 import kubernetes
 
 from arks.procs import free_port
+from controller.__main__ import USER_AGENT
 from controller.kube import rest
 from controller.kube.rest import Resource
 from tests.support.kube import RunningKubeEmulator, eventually, get_object
+from tests.support.rbac import allows, roles_of
 
 DEPLOYMENTS = Resource("apps", "v1", "deployments")
 LEASES = Resource("coordination.k8s.io", "v1", "leases")
@@ -89,6 +91,18 @@ def test_the_controller_process_reconciles_and_stops_cleanly(kube: RunningKubeEm
         assert 'arks_controller_queue_depth{controller="arkstoken"}' in metrics
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
+
+        # Everything it asked of the API server, its manifests' RBAC allows.
+        cluster, own_namespace = roles_of("arks-controller")
+        asked = {entry[1:] for entry in kube.emulator.audit if entry[0] == USER_AGENT}
+        assert {verb for verb, *_ in asked} >= {"list", "watch", "get", "create", "patch"}
+        refused = [
+            (verb, group, resource, namespace, name)
+            for verb, group, resource, namespace, name in asked
+            if not allows(cluster, verb, group, resource, name)
+            and not (namespace == "prod" and allows(own_namespace, verb, group, resource, name))
+        ]
+        assert refused == []
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -78,6 +78,29 @@ STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 SYSTEM_METADATA = ("uid", "creationTimestamp", "generation", "resourceVersion", "deletionTimestamp")
 
 
+_VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+
+
+AuditEntry = tuple[str, str, str, str, str | None, str | None]
+
+
+def _audit_entry(request: kmock.Request, path: ObjectPath) -> AuditEntry:
+    """The RBAC request attributes of an API request:
+    https://kubernetes.io/docs/reference/access-authn-authz/authorization/#determine-the-request-verb
+    """
+    method = request.method.value
+    if method == "GET":
+        if request.params.get("watch") in ("true", "1"):
+            verb = "watch"
+        else:
+            verb = "get" if path.name is not None else "list"
+    else:
+        verb = _VERBS.get(method, method.lower())
+    resource = f"{path.plural}/{path.subresource}" if path.subresource else path.plural
+    agent = request.headers.get("User-Agent", "")
+    return agent, verb, path.group, resource, path.namespace, path.name
+
+
 class ApiError(Exception):
     """A failure answered as a `Status` object.
 
@@ -229,6 +252,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
     # Every change as (resourceVersion, path, event), for watches that resume from a version.
     _events: list[tuple[int, ObjectPath, Obj]] = attrs.field(factory=list, init=False)
     _watchers: list[tuple[ObjectPath, asyncio.Queue[Any]]] = attrs.field(factory=list, init=False)
+    # Every object request as an RBAC check would see it: (user agent, verb, group,
+    # resource[/subresource], namespace, name), so a test can hold one client's requests
+    # against the Roles that client is installed with.
+    audit: list[AuditEntry] = attrs.field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -244,6 +271,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         path = parse_object_path(request.url.path)
+        if path is not None:
+            self.audit.append(_audit_entry(request, path))
         if path is None or request.params.get("watch") in ("true", "1"):
             return await super()._handle(request)  # discovery; watches go to _serve_watch
         try:

@@ -134,3 +134,16 @@ def test_leases_only_in_its_own_namespace_and_only_its_own() -> None:
 def test_nothing_else_is_granted_to_anyone() -> None:
     accounts = {s["name"] for b in of_kind("ClusterRoleBinding") + of_kind("RoleBinding") for s in b["subjects"]}
     assert accounts == {"arks-controller", "arks-extproc"}
+
+
+def test_the_rbac_evaluator_used_against_the_controller_process_refuses_what_it_should() -> None:
+    from tests.support.rbac import allows, roles_of
+
+    cluster, own = roles_of("arks-controller")
+    assert allows(cluster, "patch", "arks.ai", "arksmodels/status", "m")
+    assert not allows(cluster, "create", "", "secrets", None)
+    assert not allows(cluster, "delete", "arks.ai", "arksquotas", "q")
+    assert allows(own, "update", "coordination.k8s.io", "leases", "arks-controller")
+    assert not allows(own, "update", "coordination.k8s.io", "leases", "someone-elses")
+    assert not allows(own, "list", "coordination.k8s.io", "leases", None)
+    assert roles_of("arks-ratelimit") == ([], [])
