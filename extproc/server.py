@@ -31,6 +31,8 @@ from ratelimit.config import RateLimitConfig
 from ratelimit.limiter import Limiter, Policy
 from ratelimit.metrics import RateLimitMetrics
 
+USER_AGENT = "arks-extproc"  # how the API server's audit log names our requests
+
 log = logging.getLogger("extproc")
 
 
@@ -88,6 +90,7 @@ def policy_source(settings: Settings) -> FilePolicySource | ClusterPolicySource:
         client = kubernetes.config.new_client_from_config()  # type: ignore[no-untyped-call]
     else:
         client = kubernetes.client.ApiClient(kubernetes.client.Configuration(host=settings.kube_host))
+    client.user_agent = USER_AGENT
     cluster = ClusterPolicySource(client, settings.kube_namespace)
     cluster.start()
     return cluster

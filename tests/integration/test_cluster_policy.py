@@ -10,9 +10,11 @@ import kubernetes
 import pytest
 
 from arks.api import token_digest
+from extproc.server import USER_AGENT
 from tests.integration.conftest import Stack, running_stack, wait_for
 from tests.objects import endpoint, token
 from tests.support.kube import RunningKubeEmulator
+from tests.support.rbac import allows, roles_of
 
 CAROL = "sk-arks-test-cluster-carol-71"
 DAVE = "sk-arks-test-cluster-dave-72"
@@ -92,3 +94,13 @@ def test_quota_usage_is_written_to_the_arksquota_status(kube: RunningKubeEmulato
         return sum(entry.get("used", 0) for entry in status.get("quotaStatus", []))
 
     assert wait_for(used, lambda u: u == total, timeout=15) == total
+
+
+def test_what_the_gateway_asks_of_the_api_server_its_rbac_allows(kube: RunningKubeEmulator, cluster_stack: Stack) -> None:
+    """Runs after the tests above (watches, Secrets, quota status writes)."""
+    cluster, own_namespace = roles_of("arks-extproc")
+    assert own_namespace == []
+    asked = {entry[1:] for entry in kube.emulator.audit if entry[0] == USER_AGENT}
+    assert {verb for verb, *_ in asked} >= {"list", "watch", "patch"}
+    refused = [a for a in asked if not allows(cluster, a[0], a[1], a[2], a[4])]
+    assert refused == []
