@@ -51,8 +51,9 @@ class InFlight:
         self._entries.pop(entry.request_id, None)  # a reused id moves to the back
         self._entries[entry.request_id] = entry
 
-    def finish(self, request_id: str) -> None:
-        self._entries.pop(request_id, None)
+    def finish(self, request_id: str) -> bool:
+        """Strike the request off; False when this process never admitted it."""
+        return self._entries.pop(request_id, None) is not None
 
     def expire(self, now: float) -> list[Admitted]:
         """Remove and return the entries older than `max_age`, oldest first."""

@@ -21,6 +21,7 @@ class GatewayMetrics:
     denials: Counter
     access_log_entries: Counter
     unreported: Counter
+    reported_elsewhere: Counter
     policy_reloads: Gauge
     pending: Gauge
     _cache: dict[tuple[str, str, str, int], tuple[Any, Any, Any]] = field(default_factory=dict)
@@ -52,6 +53,11 @@ class GatewayMetrics:
                 "arks_usage_unreported_requests",
                 "Admitted requests whose access-log entry never arrived; charged with the prompt estimate.",
                 _IDENTITY,
+                registry=registry,
+            ),
+            reported_elsewhere=Counter(
+                "arks_usage_reported_elsewhere_requests",
+                "Requests admitted here whose access-log entry went to another gateway replica.",
                 registry=registry,
             ),
             policy_reloads=Gauge("arks_policy_reloads", "Successful policy reloads since start.", registry=registry),

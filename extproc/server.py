@@ -24,6 +24,7 @@ from extproc.durability import DurableCopy, QuotaSnapshots, QuotaStatus, StateFi
 from extproc.inflight import InFlight
 from extproc.ledger import MemoryLedger
 from extproc.metrics import GatewayMetrics
+from extproc.reported import RedisReported, SingleReplica
 from extproc.servicer import AccessLogReceiver, Context, ExternalProcessor
 from ratelimit.backends import BackendUnavailable, MemoryBackend, RedisBackend
 from ratelimit.budgets import MemoryBudgets, RedisBudgets
@@ -125,6 +126,11 @@ async def serve(settings: Settings) -> None:
         ),
         now=lambda: datetime.now(UTC),
         monotonic=time.monotonic,
+        reported=(
+            RedisReported(settings.redis, ttl_s=2 * settings.usage_settle_timeout_s)
+            if settings.redis
+            else SingleReplica()
+        ),
     )
 
     metrics.pending.set_function(lambda: len(ctx.inflight))

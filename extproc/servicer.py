@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import grpc
@@ -25,8 +25,10 @@ from extproc.gateway import METADATA_NAMESPACE, decide_body, decide_headers
 from extproc.inflight import Admitted, InFlight
 from extproc.ledger import Ledger
 from extproc.metrics import GatewayMetrics
+from extproc.reported import ReportedElsewhere, SingleReplica
 from extproc.request import RequestInfo
 from extproc.usage import Usage, usage_of
+from ratelimit.model import BackendUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +44,28 @@ class Context:
     admission: Admission
     now: Callable[[], datetime]
     monotonic: Callable[[], float]
+    reported: ReportedElsewhere = field(default_factory=SingleReplica)
 
     def charge(self, usage: Usage, status: int) -> None:
         self.ledger.charge(usage)
         self.metrics.charge(usage, status)
 
     async def expire_unreported(self) -> int:
-        """Charge the admitted requests whose access-log entry never came; how many there were."""
-        lost = self.inflight.expire(self.monotonic())
+        """Charge the admitted requests whose access-log entry never came; how many there were.
+
+        An entry that went to another replica is not lost: that replica charged the request.
+        If the shared store cannot say, the request is charged (a lost entry must cost something).
+        """
+        expired = self.inflight.expire(self.monotonic())
+        if not expired:
+            return 0
+        try:
+            elsewhere = await self.reported.seen([e.request_id for e in expired])
+        except BackendUnavailable as err:
+            log.warning("cannot tell whether %d requests were reported elsewhere: %s", len(expired), err)
+            elsewhere = set()
+        self.metrics.reported_elsewhere.inc(len(elsewhere))
+        lost = [e for e in expired if e.request_id not in elsewhere]
         for entry in lost:
             usage = entry.usage()
             self.metrics.unreported.labels(usage.namespace, usage.user, usage.model).inc()
@@ -141,12 +157,14 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
 
     async def record(self, message: als_pb2.StreamAccessLogsMessage) -> None:
         metrics = self.ctx.metrics
+        foreign: list[str] = []  # admitted by another replica, which is waiting for them
         for entry in message.http_logs.log_entry:
             metrics.access_log_entries.inc()
             done = codec.finished(entry)
             if done is None:
                 continue
-            self.ctx.inflight.finish(done.request_id)
+            if not self.ctx.inflight.finish(done.request_id) and done.request_id:
+                foreign.append(done.request_id)
             usage = usage_of(done)
             if usage is None:
                 metrics.requests.labels(done.namespace, done.user, done.model, str(done.status)).inc()
@@ -156,6 +174,10 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
                 done.request_id, Identity(done.namespace, done.user, done.model), done.reservation, done.limits,
                 usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
             )
+        try:
+            await self.ctx.reported.mark(foreign)
+        except BackendUnavailable as err:
+            log.warning("could not tell other replicas about %d reported requests: %s", len(foreign), err)
 
     async def StreamAccessLogs(
         self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: grpc.aio.ServicerContext

@@ -297,12 +297,12 @@ def test_replicated_deployments_have_a_disruption_budget_and_spread(deployment: 
     assert spread[0]["labelSelector"]["matchLabels"] == labels
 
 
-def test_single_replica_extproc_rolls_without_a_gap() -> None:
-    """One replica (a second would double-charge usage, see extproc.yaml): surge first."""
+def test_the_gateway_runs_replicated_on_shared_redis_and_rolls_without_a_gap() -> None:
+    """Replicas share counters and reported-elsewhere marks in Redis (extproc/reported.py)."""
     extproc = DEPLOYMENTS["arks-extproc"]
-    assert extproc["spec"]["replicas"] == 1
+    assert extproc["spec"]["replicas"] >= 2
+    assert _parse("extproc", next(containers(extproc))).redis
     assert extproc["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
-    assert not [p for p in of_kind("PodDisruptionBudget") if p["metadata"]["name"] == "arks-extproc"]
 
 
 def test_ratelimit_reads_its_config_map_without_an_api_token() -> None:

@@ -20,6 +20,7 @@ from extproc.decision import Identity
 from extproc.inflight import InFlight
 from extproc.ledger import MemoryLedger, Totals
 from extproc.metrics import GatewayMetrics
+from extproc.reported import ReportedElsewhere, SingleReplica
 from extproc.servicer import AccessLogReceiver, Context, RequestProcessor
 from ratelimit.backends import MemoryBackend
 from ratelimit.budgets import MemoryBudgets
@@ -55,6 +56,11 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def ctx(clock: FakeClock) -> Context:
+    return make_context(clock)
+
+
+def make_context(clock: FakeClock, reported: ReportedElsewhere | None = None) -> Context:
+    """A gateway replica's context over in-memory stores (and `reported`, if given)."""
     alice = objects.token("alice", ["qwen"], tokenHash=token_digest("sk-alice"))
     qwen = objects.endpoint("qwen")
     policy = StaticPolicy(build_policy([("token", alice), ("endpoint", qwen)]))
@@ -71,6 +77,7 @@ def ctx(clock: FakeClock) -> Context:
         ),
         now=lambda: NOW,
         monotonic=clock,
+        reported=reported or SingleReplica(),
     )
 
 
@@ -80,12 +87,14 @@ def _struct(fields: dict[str, Any]) -> struct_pb2.Struct:
     return out
 
 
-def headers_message(facts: dict[str, Any] | None, token: str = "sk-alice") -> ep.ProcessingRequest:
+def headers_message(
+    facts: dict[str, Any] | None, token: str = "sk-alice", request_id: str = "req-1"
+) -> ep.ProcessingRequest:
     headers = [
         (":method", "POST"),
         (":path", "/v1/chat/completions"),
         ("authorization", f"Bearer {token}"),
-        ("x-request-id", "req-1"),
+        ("x-request-id", request_id),
     ]
     metadata = base_pb2.Metadata()
     if facts is not None:
@@ -167,10 +176,10 @@ async def test_unexpected_messages_pass_through(ctx: Context) -> None:
 # --- access log: usage reaches the ledger -----------------------------------------------------
 
 
-def log_message(status: int, **arks: Any) -> als_pb2.StreamAccessLogsMessage:
+def log_message(status: int, request_id: str = "req-1", **arks: Any) -> als_pb2.StreamAccessLogsMessage:
     entry = accesslog_pb2.HTTPAccessLogEntry(
         request=accesslog_pb2.HTTPRequestProperties(
-            request_id="req-1", path="/v1/chat/completions"
+            request_id=request_id, path="/v1/chat/completions"
         ),
         response=accesslog_pb2.HTTPResponseProperties(
             response_code=wrappers_pb2.UInt32Value(value=status)

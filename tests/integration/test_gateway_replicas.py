@@ -1,0 +1,66 @@
+"""Several gateway replicas share Redis: a request admitted by one and reported to another is
+charged once, by the one that got its usage; a request reported nowhere is still charged."""
+
+from __future__ import annotations
+
+import pytest
+
+from arks.procs import free_port
+from extproc.ledger import MemoryLedger, Totals
+from extproc.reported import RedisReported
+from extproc.servicer import AccessLogReceiver, Context, RequestProcessor
+from tests.redis_server import SHARED_REDIS, fresh_prefix
+from tests.unit.test_servicer import (
+    MAX_AGE,
+    FakeClock,
+    headers_message,
+    log_message,
+    make_context,
+    sample,
+)
+
+ALICE = ("default", "alice", "qwen")
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def totals(ctx: Context) -> Totals | None:
+    assert isinstance(ctx.ledger, MemoryLedger)
+    return ctx.ledger.totals.get(ALICE)
+
+
+async def admit(ctx: Context, request_id: str) -> None:
+    facts = {"model": "qwen", "stream": False, "max_tokens": 64}
+    await RequestProcessor(ctx).handle(headers_message(facts, request_id=request_id))
+
+
+async def test_a_request_reported_to_another_replica_is_charged_once() -> None:
+    async with fresh_prefix("reported") as prefix:
+        clock_a, clock_b = FakeClock(), FakeClock()
+        a = make_context(clock_a, RedisReported(SHARED_REDIS, ttl_s=2 * MAX_AGE, prefix=prefix))
+        b = make_context(clock_b, RedisReported(SHARED_REDIS, ttl_s=2 * MAX_AGE, prefix=prefix))
+        await admit(a, "req-elsewhere")
+        await admit(a, "req-lost")  # its entry never reaches any replica
+
+        await AccessLogReceiver(b).record(
+            log_message(200, request_id="req-elsewhere", prompt_tokens=12, completion_tokens=34)
+        )
+        assert totals(b) == Totals(1, 12, 34, 0)
+
+        clock_a.now += MAX_AGE + 1
+        assert await a.expire_unreported() == 1  # only req-lost
+        assert totals(a) == Totals(1, 0, 64, 1)
+        assert sample(a, "arks_usage_reported_elsewhere_requests_total") == 1
+        assert len(a.inflight) == 0
+
+
+async def test_without_the_shared_store_an_unreported_request_is_still_charged() -> None:
+    clock = FakeClock()
+    down = RedisReported(f"redis://127.0.0.1:{free_port()}/0", ttl_s=2 * MAX_AGE, timeout_s=0.2)
+    a = make_context(clock, down)
+    await admit(a, "req-1")
+    await AccessLogReceiver(a).record(log_message(200, request_id="someone-elses", prompt_tokens=1, completion_tokens=1))
+    clock.now += MAX_AGE + 1
+    assert await a.expire_unreported() == 1
+    assert totals(a) == Totals(2, 1, 65, 1)
+
