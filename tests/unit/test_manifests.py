@@ -8,6 +8,7 @@ parsed by the services' own argument parsers, so a flag that does not exist fail
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -346,3 +347,19 @@ def test_a_service_monitor_scrapes_each_services_metrics_port() -> None:
 
 def test_monitoring_is_not_part_of_the_default_install() -> None:
     assert not of_kind("ServiceMonitor")
+
+
+def test_the_dockerfile_builds_what_the_deployments_run() -> None:
+    """The image runs as the uid the pods demand, and ships every package of pyproject.toml."""
+    dockerfile = (MANIFESTS.parent / "Dockerfile").read_text()
+    (user,) = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
+    uid, gid = (int(x) for x in user.split(":"))
+    for name, deployment in DEPLOYMENTS.items():
+        if next(containers(deployment))["image"].startswith(IMAGE):
+            context = deployment["spec"]["template"]["spec"]["securityContext"]
+            assert (context["runAsUser"], context["runAsGroup"]) == (uid, gid), name
+    pyproject = (MANIFESTS.parent / "pyproject.toml").read_text()
+    packages = re.search(r'include = \[(.*?)\]', pyproject)
+    assert packages
+    for package in re.findall(r'"(\w+)\*"', packages.group(1)):
+        assert f"COPY {package} {package}" in dockerfile, package
