@@ -29,7 +29,8 @@ from controller.kube.queue import Key, WorkQueue
 from controller.kube.rest import Obj, Resource
 from controller.kube.runner import Controller, Leadership
 from controller.kube.watch import Informer, watch_owned
-from controller.render.application import RenderDefaults, render_application
+from controller.render.application import render_application
+from controller.render.workload import RenderDefaults
 
 log = logging.getLogger(__name__)
 

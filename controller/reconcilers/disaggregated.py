@@ -38,9 +38,9 @@ from controller.reconcilers.application import (
     watch_models,
     workload_replicas,
 )
-from controller.render.application import RenderDefaults
 from controller.render.disaggregated import COMPONENTS, render_disaggregated
 from controller.render.labels import LABEL_COMPONENT, LABEL_MANAGED_BY
+from controller.render.workload import RenderDefaults
 
 DISAGGREGATED_APPLICATIONS = Resource("arks.ai", "v1", "arksdisaggregatedapplications")
 DAPP_API_VERSION = "arks.ai/v1"

@@ -36,18 +36,20 @@ from controller.kube.runner import Controller, Leadership
 from controller.kube.watch import Handler, Informer, watch_owned
 from controller.render.model import (
     ANNOTATION_MODEL,
-    CACHE_PODS_SELECTOR,
     ModelDefaults,
-    cache_daemonset_name,
     cache_enabled,
-    cache_pod_selector,
     claim_name,
     is_adopted,
-    render_cache_daemonset,
-    render_download_job,
     render_pvc,
+)
+from controller.render.model_cache import (
+    CACHE_PODS_SELECTOR,
+    cache_daemonset_name,
+    cache_pod_selector,
+    render_cache_daemonset,
     warm_nodes,
 )
+from controller.render.model_download import render_download_job
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,35 @@
-"""Pure renderers: an Arks custom resource in, the Kubernetes objects it needs out."""
+"""Pure renderers: an Arks custom resource in, the Kubernetes objects it needs out.
 
-from controller.render.application import RenderDefaults, render_application
+One module per kind (`application`, `disaggregated`, `endpoint`; an ArksModel's objects are
+spread over `model`, `model_download` and `model_cache`), plus the engine-workload building
+blocks the two application kinds share (`workload`) and the labels every renderer uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from controller.render.application import render_application
 from controller.render.labels import label_value
+from controller.render.model import ModelDefaults, render_pvc
+from controller.render.model_cache import render_cache_daemonset
+from controller.render.model_download import render_download_job
+from controller.render.workload import RenderDefaults
 
-__all__ = ["RenderDefaults", "label_value", "render_application"]
+__all__ = ["RenderDefaults", "label_value", "render_application", "render_model"]
+
+
+def render_model(
+    model: Mapping[str, Any], defaults: ModelDefaults | None = None
+) -> list[dict[str, Any]]:
+    """Every object the model may need: PVC, download Job, cache DaemonSet (those that apply).
+
+    The reconciler applies the DaemonSet only once the download is complete.
+    """
+    rendered = (
+        render_pvc(model, defaults),
+        render_download_job(model, defaults),
+        render_cache_daemonset(model, defaults),
+    )
+    return [obj for obj in rendered if obj is not None]

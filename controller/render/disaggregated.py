@@ -1,8 +1,9 @@
 """Render an ArksDisaggregatedApplication into the objects that run it: pure, CR in, objects out.
 
 - `<name>-prefill`, `<name>-decode`: one engine group each, in the engine's prefill or decode
-  mode; a Deployment for size 1, a LeaderWorkerSet for size > 1 (the ArksApplication
-  building blocks, so multi-node flags, GPUs, probes and the model mount are the same).
+  mode; a Deployment for size 1, a LeaderWorkerSet for size > 1 (the building blocks of
+  `controller.render.workload`, shared with ArksApplication, so multi-node flags, GPUs, probes
+  and the model mount are the same).
 - `<name>-router`: a Deployment of the runtime's router. SGLang: sglang-router in PD mode,
   finding the groups' serving pods (leaders when size > 1) through the Kubernetes API by
   label selectors, and each prefill pod's bootstrap port through its annotation. Dynamo: the
@@ -28,7 +29,7 @@ from controller.engines import (
     engine_for,
     router_command,
 )
-from controller.render.application import (
+from controller.render.workload import (
     EngineGroup,
     RenderDefaults,
     RouterGroup,

@@ -26,11 +26,8 @@ from controller.reconcilers.model import (
     model_controller,
     reconcile_model,
 )
-from controller.render.model import (
-    cache_daemonset_name,
-    cache_pod_labels,
-    download_job_name,
-)
+from controller.render.model_cache import cache_daemonset_name, cache_pod_labels
+from controller.render.model_download import download_job_name
 from tests.support.kube import eventually
 from tests.support.kube import get_object as get
 

@@ -22,23 +22,23 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from controller.render import render_model
 from controller.render.model import (
     MARKER,
     ModelDefaults,
     cache_host_path,
-    cache_pod_labels,
     claim_name,
-    download_job_name,
-    download_steps,
     model_sub_path,
     model_volume,
-    partial_dir,
-    render_cache_daemonset,
-    render_download_job,
-    render_model,
     render_pvc,
     source_id,
-    warm_nodes,
+)
+from controller.render.model_cache import cache_pod_labels, render_cache_daemonset, warm_nodes
+from controller.render.model_download import (
+    download_job_name,
+    download_steps,
+    partial_dir,
+    render_download_job,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
