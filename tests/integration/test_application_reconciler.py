@@ -12,7 +12,7 @@ from controller.kube import rest
 from controller.kube.conditions import find_condition
 from controller.kube.errors import PermanentError, TemporaryError
 from controller.kube.queue import WorkQueue
-from controller.kube.rest import EVENTS, Resource
+from controller.kube.rest import EVENTS
 from controller.reconcilers.application import (
     APPLICATIONS,
     DEPLOYMENTS,
@@ -22,23 +22,13 @@ from controller.reconcilers.application import (
     application_controller,
     reconcile_application,
 )
-from tests.support.kube import eventually
+from tests.support.kube import FAST_INFORMERS, eventually, set_status
 from tests.support.kube import get_object as get
 
-FAST = {"resync_s": 60.0, "watch_timeout_s": 1.0, "retry_s": 0.1}
 MODEL = "qwen2-5-7b-instruct"
 
 pytestmark = pytest.mark.timeout(60)
 
-
-def set_status(api: ApiClient, resource: Resource, ns: str, name: str, **status: Any) -> None:
-    rest.request(
-        api,
-        "PATCH",
-        resource.path(ns, name, "status"),
-        body={"status": status},
-        content_type=rest.MERGE_PATCH,
-    )
 
 
 def create_model(api: ApiClient, ns: str, *, ready: bool, claim: str | None = None) -> None:
@@ -221,7 +211,7 @@ def test_an_unsupported_spec_fails_with_a_rendered_condition(api: ApiClient, ns:
 def test_the_controller_creates_and_repairs_children(api: ApiClient, ns: str) -> None:
     create_model(api, ns, ready=True)
     controller = application_controller(
-        api, ns, workers=2, queue=WorkQueue(max_delay_s=0.5), informer_options=FAST
+        api, ns, workers=2, queue=WorkQueue(max_delay_s=0.5), informer_options=FAST_INFORMERS
     )
     controller.start()
     try:

@@ -31,13 +31,12 @@ from controller.kube.queue import Key, WorkQueue
 from controller.kube.rest import CONFIGMAPS, EVENTS, Resource
 from controller.kube.runner import Controller
 from controller.kube.watch import Informer, watch_owned
-from tests.support.kube import eventually
+from tests.support.kube import FAST_INFORMERS, eventually
 from tests.support.kube import get_object as get
 
 APPS = Resource("arks.ai", "v1", "arksapplications")
 FINALIZER = "arks.ai/cleanup"
 MANAGER = "arks-controller"
-FAST = {"resync_s": 60.0, "watch_timeout_s": 1.0, "retry_s": 0.1}
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -62,7 +61,7 @@ def create_app(api: ApiClient, ns: str, name: str, **spec: Any) -> dict[str, Any
 def test_informer_sees_added_modified_deleted_and_keeps_its_cache(api: ApiClient, ns: str) -> None:
     create_app(api, ns, "before")
     seen: list[tuple[str, str]] = []
-    informer = Informer(api, APPS, ns, **FAST)
+    informer = Informer(api, APPS, ns, **FAST_INFORMERS)
     informer.add_handler(lambda kind, obj: seen.append((kind, obj["metadata"]["name"])))
     informer.start()
     try:
@@ -90,7 +89,7 @@ def test_informer_resync_re_enqueues_every_known_key(api: ApiClient, ns: str) ->
     create_app(api, ns, "a")
     create_app(api, ns, "b")
     queue = WorkQueue()
-    informer = Informer(api, APPS, ns, **{**FAST, "resync_s": 0.2})
+    informer = Informer(api, APPS, ns, **{**FAST_INFORMERS, "resync_s": 0.2})
     informer.add_handler(lambda kind, obj: queue.add((ns, obj["metadata"]["name"])))
     informer.start()
     try:
@@ -151,8 +150,8 @@ class ToyReconciler:
 @pytest.fixture
 def toy(api: ApiClient, ns: str) -> Iterator[tuple[Controller, ToyReconciler]]:
     queue = WorkQueue(max_delay_s=0.5)
-    informer = Informer(api, APPS, ns, **FAST)
-    children = watch_owned(api, CONFIGMAPS, queue, "arks.ai/v1", "ArksApplication", ns, **FAST)
+    informer = Informer(api, APPS, ns, **FAST_INFORMERS)
+    children = watch_owned(api, CONFIGMAPS, queue, "arks.ai/v1", "ArksApplication", ns, **FAST_INFORMERS)
     reconciler = ToyReconciler(api, informer)
     controller = Controller("toy", informer, reconciler, workers=2, queue=queue, owned=[children])
     controller.start()
@@ -279,7 +278,7 @@ def test_a_conflict_is_a_temporary_error_that_is_retried_until_it_succeeds(
             errors.append(e)
             raise
 
-    informer = Informer(api, APPS, ns, **FAST)
+    informer = Informer(api, APPS, ns, **FAST_INFORMERS)
     controller = Controller("conflict", informer, reconcile, queue=WorkQueue(max_delay_s=0.2))
     controller.start()
     try:
@@ -305,7 +304,7 @@ def test_a_permanent_error_is_not_retried(api: ApiClient, ns: str) -> None:
         raise PermanentError("spec names an unknown runtime")
 
     create_app(api, ns, "bad")
-    informer = Informer(api, APPS, ns, **FAST)
+    informer = Informer(api, APPS, ns, **FAST_INFORMERS)
     controller = Controller("permanent", informer, reconcile)
     controller.start()
     try:
@@ -389,7 +388,7 @@ def test_workers_reconcile_only_while_leading(api: ApiClient, ns: str) -> None:
             return self.leading.is_set()
 
     switch = Switch()
-    informer = Informer(api, APPS, ns, **FAST)
+    informer = Informer(api, APPS, ns, **FAST_INFORMERS)
     controller = Controller("gated", informer, calls.append, leader=switch, poll_s=0.02)
     controller.start()
     try:

@@ -17,13 +17,12 @@ from controller.reconcilers.endpoint import (
     endpoint_controller,
     reconcile_endpoint,
 )
-from tests.support.kube import eventually
+from tests.support.kube import FAST_INFORMERS, eventually
 from tests.support.kube import get_object as get
 
 pytestmark = pytest.mark.timeout(60)
 
 SERVED = "qwen-7b"
-FAST = {"resync_s": 60.0, "watch_timeout_s": 1.0, "retry_s": 0.1}
 
 
 def create_app(api: ApiClient, ns: str, name: str, runtime: str, gpu: str) -> dict[str, Any]:
@@ -139,7 +138,7 @@ def test_deleting_the_endpoint_cascades_to_the_route(api: ApiClient, ns: str) ->
 def test_the_running_controller_follows_applications_and_repairs_its_route(
     api: ApiClient, ns: str
 ) -> None:
-    controller = endpoint_controller(api, ns, informer_options=FAST)
+    controller = endpoint_controller(api, ns, informer_options=FAST_INFORMERS)
     controller.start()
     try:
         create_endpoint(api, ns)

@@ -16,7 +16,7 @@ from controller.kube import rest
 from controller.kube.conditions import find_condition
 from controller.kube.errors import PermanentError, TemporaryError
 from controller.kube.queue import WorkQueue
-from controller.kube.rest import EVENTS, Resource
+from controller.kube.rest import EVENTS
 from controller.reconcilers.model import (
     DAEMONSETS,
     JOBS,
@@ -28,10 +28,9 @@ from controller.reconcilers.model import (
 )
 from controller.render.model_cache import cache_daemonset_name, cache_pod_labels
 from controller.render.model_download import download_job_name
-from tests.support.kube import eventually
+from tests.support.kube import FAST_INFORMERS, eventually, set_status
 from tests.support.kube import get_object as get
 
-FAST = {"resync_s": 60.0, "watch_timeout_s": 1.0, "retry_s": 0.1}
 MODEL = "qwen2-5-7b-instruct"
 HF = {
     "huggingface": {
@@ -44,15 +43,6 @@ CACHE = {"enabled": True, "nodeSelector": {"nvidia.com/gpu.present": "true"}}
 
 pytestmark = pytest.mark.timeout(60)
 
-
-def set_status(api: ApiClient, resource: Resource, ns: str, name: str, **status: Any) -> None:
-    rest.request(
-        api,
-        "PATCH",
-        resource.path(ns, name, "status"),
-        body={"status": status},
-        content_type=rest.MERGE_PATCH,
-    )
 
 
 def create_model(
@@ -416,7 +406,7 @@ def test_turning_the_cache_off_removes_its_daemonset(api: ApiClient, ns: str) ->
 
 def test_the_running_controller_creates_repairs_and_follows(api: ApiClient, ns: str) -> None:
     controller = model_controller(
-        api, ns, workers=2, queue=WorkQueue(max_delay_s=0.5), informer_options=FAST
+        api, ns, workers=2, queue=WorkQueue(max_delay_s=0.5), informer_options=FAST_INFORMERS
     )
     controller.start()
     try:

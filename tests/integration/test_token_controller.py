@@ -14,11 +14,10 @@ from controller.kube import rest
 from controller.kube.conditions import find_condition
 from controller.kube.rest import EVENTS, Resource
 from controller.reconcilers.token import ENDPOINTS, QUOTAS, SECRETS, TOKENS, token_controller
-from tests.support.kube import eventually
+from tests.support.kube import FAST_INFORMERS, eventually
 from tests.support.kube import get_object as get
 
 pytestmark = pytest.mark.timeout(60)
-FAST = {"resync_s": 60.0, "watch_timeout_s": 1.0, "retry_s": 0.1}
 DIGEST = "sha256:" + "cd" * 32
 
 
@@ -39,7 +38,7 @@ def ready(api: ApiClient, ns: str, name: str = "alice") -> tuple[str, str] | Non
 
 @pytest.fixture
 def controller(api: ApiClient, ns: str) -> Any:
-    running = token_controller(api, ns, informer_options=FAST)
+    running = token_controller(api, ns, informer_options=FAST_INFORMERS)
     running.start()
     yield running
     running.stop()

@@ -758,3 +758,17 @@ def get_object(api: Any, resource: Any, ns: str, name: str) -> dict[str, Any] | 
     from controller.kube import rest
 
     return rest.get_or_none(api, resource, ns, name)
+
+
+# Informer settings for tests: watches that end (and are resumed) every second, quick retries.
+FAST_INFORMERS: dict[str, float] = {"resync_s": 60.0, "watch_timeout_s": 1.0, "retry_s": 0.1}
+
+
+def set_status(api: Any, resource: Any, ns: str, name: str, **status: Any) -> None:
+    """Merge-patch the status subresource, as the cluster's own controllers would (a
+    Deployment's readyReplicas, a Job's succeeded, a PVC's phase)."""
+    from controller.kube import rest
+
+    rest.request(
+        api, "PATCH", resource.path(ns, name, "status"), body={"status": status}, content_type=rest.MERGE_PATCH
+    )
