@@ -79,6 +79,15 @@ class BackendRef:
         return ObjectKey(self.namespace, self.name)
 
 
+# How an endpoint spreads requests over its engines:
+#   static        the routeConfigs' weights, nothing else;
+#   weighted      those weights times each engine's weight from its live load (the default);
+#   least-load    the gateway picks the least-loaded engine for each request;
+#   prefix-cache  the gateway keeps requests sharing a long prompt prefix on one engine.
+STATIC, WEIGHTED, LEAST_LOAD, PREFIX_CACHE = "static", "weighted", "least-load", "prefix-cache"
+WEIGHTINGS = (STATIC, WEIGHTED, LEAST_LOAD, PREFIX_CACHE)
+
+
 @dataclass(frozen=True)
 class ArksEndpoint:
     key: ObjectKey  # the name is the public model name
@@ -86,6 +95,7 @@ class ArksEndpoint:
     default_weight: int = 5
     gateway_ref: Mapping[str, Any] | None = None
     match_configs: tuple[Mapping[str, Any], ...] = ()
+    weighting: str = "weighted"  # one of WEIGHTINGS
 
     @property
     def model(self) -> str:
@@ -257,14 +267,17 @@ def parse_endpoint(obj: Mapping[str, Any]) -> ArksEndpoint:
             )
         )
         ref.done()
+    weighting = spec.get("weighting", str, default=WEIGHTED)
+    if weighting not in WEIGHTINGS:
+        raise ObjectError(spec.at("weighting"), f"{weighting!r} is not one of {', '.join(WEIGHTINGS)}")
     endpoint = ArksEndpoint(
         key=key,
         route_configs=tuple(refs),
         default_weight=spec.get("defaultWeight", int, default=5),
         gateway_ref=spec.get("gatewayRef", Mapping),
         match_configs=tuple(spec.get("matchConfigs", list, default=[])),
+        weighting=weighting,
     )
-    spec.get("weighting", str)  # accepted now; used by the traffic issue
     spec.done()
     return endpoint
 

@@ -1,7 +1,15 @@
-"""Render Envoy's configuration from a policy: one cluster per Backend, one route per endpoint.
+"""Render Envoy's configuration from a policy: the listener, one route and one cluster per
+ArksEndpoint, and the cluster's engines with their weights.
 
-Pure functions, dicts in the shape of Envoy's v3 JSON. The local stack writes them into a static
-bootstrap; the controller's xDS server (a later issue) serves the same clusters and routes.
+Pure functions, dicts in the shape of Envoy's v3 JSON. The local stack writes only the
+bootstrap (admin, the extproc and xDS clusters, ADS as the source of everything else); the
+controller's xDS server serves the rest (`xds_resources`), so routes and weights change
+without touching a file.
+
+An endpoint's cluster holds the engines of every Backend its `routeConfigs` name: one locality
+per Backend, weighted by the routeConfig's weight (locality-weighted load balancing), and one
+endpoint per engine address, weighted by the engine's load where the endpoint asks for it
+(`weighting: load`). An engine with weight 0 is marked unhealthy: Envoy stops sending to it.
 """
 
 from __future__ import annotations
@@ -16,16 +24,30 @@ from typing import Any
 
 import yaml
 
-from arks.api import ArksEndpoint, BackendRef
+from arks.api import ArksEndpoint, Backend, BackendRef, ObjectKey, SocketAddress
 from arks.policy import Policy
 
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
 FILTERS_FILE = ENVOY_DIR / "filters.yaml"
 USAGE_LUA_FILE = ENVOY_DIR / "usage.lua"
 EXTPROC_CLUSTER = "arks_extproc"
+XDS_CLUSTER = "arks_xds"
 ACCESS_LOG_NAME = "arks_usage"
+LISTENER = "arks"
 ROUTE_CONFIG = "arks"
 _TYPE = "type.googleapis.com/envoy.config.{}.v3.{}"
+LISTENER_TYPE = _TYPE.format("listener", "Listener")
+ROUTE_TYPE = _TYPE.format("route", "RouteConfiguration")
+CLUSTER_TYPE = _TYPE.format("cluster", "Cluster")
+ENDPOINT_TYPE = _TYPE.format("endpoint", "ClusterLoadAssignment")
+ADS_SOURCE: Mapping[str, Any] = {"ads": {}, "resource_api_version": "V3"}
+
+# Failover: an engine that refuses the connection, resets before answering or answers 503 is
+# retried on another engine. Envoy retries only before it has sent the client any byte of the
+# answer (response headers included), so a started answer is never duplicated.
+RETRY_ON = ("connect-failure", "refused-stream", "reset-before-request", "retriable-status-codes")
+RETRIABLE_STATUS_CODES = (503,)
+NUM_RETRIES = 2
 
 
 @dataclass(frozen=True)
@@ -34,6 +56,7 @@ class EnvoySettings:
     admin_port: int
     extproc_port: int
     config_dir: Path = Path(".")
+    xds_port: int = 0  # the controller's xDS server (ADS)
     listen_address: str = "127.0.0.1"
     body_limit_bytes: int = 4 * 1024 * 1024
     message_timeout_ms: int = 2000
@@ -80,39 +103,95 @@ def http_filters(settings: EnvoySettings) -> list[dict[str, Any]]:
     return filters
 
 
-def cluster_name(ref: BackendRef) -> str:
-    return f"{ref.kind.lower()}/{ref.namespace}/{ref.name}"
+def endpoint_cluster_name(endpoint: ArksEndpoint) -> str:
+    return f"endpoint/{endpoint.key.namespace}/{endpoint.model}"
 
 
-def backend_clusters(policy: Policy) -> list[dict[str, Any]]:
-    clusters = []
-    for backend in sorted(policy.backends.values(), key=lambda b: (b.key.namespace, b.key.name)):
-        endpoints = [
-            {"endpoint": {"address": {"socket_address": {"address": ep.address, "port_value": ep.port}}}}
-            for ep in backend.endpoints
-        ]
-        clusters.append(
-            {
-                "name": f"backend/{backend.key.namespace}/{backend.key.name}",
-                "type": "STATIC",
-                "connect_timeout": "2s",
-                "lb_policy": "LEAST_REQUEST",
-                "load_assignment": {
-                    "cluster_name": f"backend/{backend.key.namespace}/{backend.key.name}",
-                    "endpoints": [{"lb_endpoints": endpoints}],
-                },
-            }
-        )
-    return clusters
+def routed_backends(endpoint: ArksEndpoint, policy: Policy) -> list[tuple[BackendRef, Backend]]:
+    """The Backends an endpoint routes to here, with their routeConfig (weight > 0 only).
 
-
-def _weighted_clusters(endpoint: ArksEndpoint, policy: Policy) -> list[dict[str, Any]]:
+    Services are routed by Envoy Gateway in Kubernetes, not by the local Envoy."""
     out = []
     for ref in endpoint.route_configs:
-        if ref.kind != "Backend" or ref.key not in policy.backends or ref.weight == 0:
-            continue  # Services are routed by Envoy Gateway in Kubernetes, not here
-        out.append({"name": cluster_name(ref), "weight": ref.weight})
+        backend = policy.backends.get(ObjectKey(ref.namespace, ref.name)) if ref.kind == "Backend" else None
+        if backend is not None and ref.weight > 0:
+            out.append((ref, backend))
     return out
+
+
+def endpoint_cluster(endpoint: ArksEndpoint) -> dict[str, Any]:
+    name = endpoint_cluster_name(endpoint)
+    return {
+        "name": name,
+        "type": "EDS",
+        "eds_cluster_config": {"eds_config": dict(ADS_SOURCE), "service_name": name},
+        "connect_timeout": "2s",
+        # Weighted least request: among the engines, fewer requests in flight and a higher
+        # weight both attract the next request.
+        "lb_policy": "LEAST_REQUEST",
+        "common_lb_config": {"locality_weighted_lb_config": {}},
+        # An engine answering errors or refusing connections is set aside for a while, on top
+        # of the controller's load-based draining (which needs a scrape to notice).
+        "outlier_detection": {
+            "consecutive_5xx": 5,
+            "consecutive_gateway_failure": 3,
+            "interval": "5s",
+            "base_ejection_time": "15s",
+            "max_ejection_percent": 50,
+        },
+    }
+
+
+def load_assignment(
+    endpoint: ArksEndpoint, policy: Policy, engine_weights: Mapping[SocketAddress, int]
+) -> dict[str, Any]:
+    """The endpoint's engines: a locality per Backend, each engine with its weight.
+
+    `engine_weights` is consulted only for endpoints with `weighting: load`; an engine missing
+    from it (not scraped yet) gets weight 1, as under static weighting."""
+    dynamic = endpoint.weighting == "load"
+    localities = []
+    for ref, backend in routed_backends(endpoint, policy):
+        lb_endpoints = []
+        for address in backend.endpoints:
+            weight = engine_weights.get(address, 1) if dynamic else 1
+            entry: dict[str, Any] = {
+                "endpoint": {"address": {"socket_address": {"address": address.address, "port_value": address.port}}},
+                "load_balancing_weight": max(weight, 1),
+            }
+            if weight == 0:
+                entry["health_status"] = "UNHEALTHY"  # drained: failing its scrapes
+            lb_endpoints.append(entry)
+        localities.append(
+            {
+                "locality": {"sub_zone": f"{backend.key.namespace}/{backend.key.name}"},
+                "load_balancing_weight": ref.weight,
+                "lb_endpoints": lb_endpoints,
+            }
+        )
+    return {"cluster_name": endpoint_cluster_name(endpoint), "endpoints": localities}
+
+
+def retry_policy() -> dict[str, Any]:
+    return {
+        "retry_on": ",".join(RETRY_ON),
+        "retriable_status_codes": list(RETRIABLE_STATUS_CODES),
+        "num_retries": NUM_RETRIES,
+        # Retry on another engine, not the one that just failed.
+        "retry_host_predicate": [
+            {
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                },
+            }
+        ],
+        "host_selection_retry_max_attempts": 5,
+    }
+
+
+def _endpoints(policy: Policy) -> list[ArksEndpoint]:
+    return sorted(policy.endpoints.values(), key=lambda e: (e.key.namespace, e.key.name))
 
 
 def routes(policy: Policy, settings: EnvoySettings) -> list[dict[str, Any]]:
@@ -130,7 +209,7 @@ def routes(policy: Policy, settings: EnvoySettings) -> list[dict[str, Any]]:
             },
         }
     ]
-    for endpoint in sorted(policy.endpoints.values(), key=lambda e: (e.key.namespace, e.key.name)):
+    for endpoint in _endpoints(policy):
         match = {
             "prefix": "/",
             "headers": [
@@ -138,9 +217,8 @@ def routes(policy: Policy, settings: EnvoySettings) -> list[dict[str, Any]]:
                 {"name": "x-arks-namespace", "string_match": {"exact": endpoint.key.namespace}},
             ],
         }
-        weighted = _weighted_clusters(endpoint, policy)
         name = f"endpoint/{endpoint.key.namespace}/{endpoint.model}"
-        if not weighted:
+        if not routed_backends(endpoint, policy):
             out.append(
                 {
                     "name": name,
@@ -156,12 +234,9 @@ def routes(policy: Policy, settings: EnvoySettings) -> list[dict[str, Any]]:
                 "name": name,
                 "match": match,
                 "route": {
-                    "weighted_clusters": {"clusters": weighted},
+                    "cluster": endpoint_cluster_name(endpoint),
                     "timeout": f"{settings.upstream_timeout_s}s",
-                    "retry_policy": {
-                        "retry_on": "connect-failure,refused-stream,reset-before-request",
-                        "num_retries": 2,
-                    },
+                    "retry_policy": retry_policy(),
                 },
             }
         )
@@ -229,10 +304,6 @@ def route_configuration(policy: Policy, settings: EnvoySettings) -> dict[str, An
     }
 
 
-def _file_source(settings: EnvoySettings, name: str) -> dict[str, Any]:
-    return {"path_config_source": {"path": str(settings.config_dir / name)}, "resource_api_version": "V3"}
-
-
 def listener(settings: EnvoySettings) -> dict[str, Any]:
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -244,13 +315,13 @@ def listener(settings: EnvoySettings) -> dict[str, Any]:
         # The edge: the client's address is the peer's, and an outside client's x-request-id is
         # replaced, so request ids (which pair an admission with its usage) are Envoy's own.
         "use_remote_address": True,
-        "rds": {"route_config_name": ROUTE_CONFIG, "config_source": _file_source(settings, "rds.json")},
+        "rds": {"route_config_name": ROUTE_CONFIG, "config_source": dict(ADS_SOURCE)},
         "http_filters": http_filters(settings),
         "local_reply_config": local_reply_config(settings),
         "access_log": [usage_access_log(settings)],
     }
     return {
-        "name": "arks",
+        "name": LISTENER,
         "address": {"socket_address": {"address": settings.listen_address, "port_value": settings.listen_port}},
         # Bounds every buffered body (the request JSON, a non-streamed answer): Envoy answers 413.
         "per_connection_buffer_limit_bytes": settings.body_limit_bytes,
@@ -258,9 +329,9 @@ def listener(settings: EnvoySettings) -> dict[str, Any]:
     }
 
 
-def extproc_cluster(settings: EnvoySettings) -> dict[str, Any]:
+def _grpc_cluster(name: str, port: int) -> dict[str, Any]:
     return {
-        "name": EXTPROC_CLUSTER,
+        "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
         "typed_extension_protocol_options": {
@@ -270,52 +341,63 @@ def extproc_cluster(settings: EnvoySettings) -> dict[str, Any]:
             }
         },
         "load_assignment": {
-            "cluster_name": EXTPROC_CLUSTER,
+            "cluster_name": name,
             "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": settings.extproc_port}}}}
-                    ]
-                }
+                {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}
             ],
         },
     }
 
 
-def bootstrap(settings: EnvoySettings) -> dict[str, Any]:
-    """The fixed part: the listener and filter chain, the extproc cluster, and where the
-    policy-dependent parts (routes, backend clusters) come from — files now, ADS later."""
+def extproc_cluster(settings: EnvoySettings) -> dict[str, Any]:
+    return _grpc_cluster(EXTPROC_CLUSTER, settings.extproc_port)
+
+
+def xds_cluster(settings: EnvoySettings) -> dict[str, Any]:
+    return _grpc_cluster(XDS_CLUSTER, settings.xds_port)
+
+
+def bootstrap(settings: EnvoySettings, node_id: str = "arks-local") -> dict[str, Any]:
+    """The fixed part: admin, the extproc and xDS clusters, and ADS for everything else.
+
+    Envoy keeps serving its last configuration while the xDS server is away, and reconnects."""
     return {
-        "node": {"id": "arks-local", "cluster": "arks"},
+        "node": {"id": node_id, "cluster": "arks"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": settings.admin_port}}},
-        "static_resources": {"listeners": [listener(settings)], "clusters": [extproc_cluster(settings)]},
-        "dynamic_resources": {"cds_config": _file_source(settings, "cds.json")},
+        "static_resources": {"clusters": [extproc_cluster(settings), xds_cluster(settings)]},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
+                "set_node_on_first_message_only": True,
+            },
+            "lds_config": dict(ADS_SOURCE),
+            "cds_config": dict(ADS_SOURCE),
+        },
         "layered_runtime": {"layers": [{"name": "static", "static_layer": {"overload": {"global_downstream_max_connections": 50000}}}]},
     }
 
 
-def discovery_files(policy: Policy, settings: EnvoySettings) -> dict[str, dict[str, Any]]:
-    """The policy-dependent resources as filesystem xDS responses, by file name."""
+def xds_resources(
+    policy: Policy, settings: EnvoySettings, engine_weights: Mapping[SocketAddress, int] | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """Everything the xDS server serves, by type URL (each resource carries its `name`)."""
+    weights = engine_weights or {}
+    routed = [e for e in _endpoints(policy) if routed_backends(e, policy)]
     return {
-        "cds.json": {
-            "version_info": policy.version,
-            "resources": [{"@type": _TYPE.format("cluster", "Cluster"), **c} for c in backend_clusters(policy)],
-        },
-        "rds.json": {
-            "version_info": policy.version,
-            "resources": [{"@type": _TYPE.format("route", "RouteConfiguration"), **route_configuration(policy, settings)}],
-        },
+        LISTENER_TYPE: [listener(settings)],
+        ROUTE_TYPE: [route_configuration(policy, settings)],
+        CLUSTER_TYPE: [endpoint_cluster(e) for e in routed],
+        ENDPOINT_TYPE: [load_assignment(e, policy, weights) for e in routed],
     }
 
 
-def write_config(policy: Policy, settings: EnvoySettings) -> Path:
-    """Write the bootstrap and the discovery files; Envoy picks up replaced files by itself
-    (it watches for a rename, which is also what makes the replacement atomic)."""
+def write_bootstrap(settings: EnvoySettings) -> Path:
     settings.config_dir.mkdir(parents=True, exist_ok=True)
-    files = {"bootstrap.json": bootstrap(settings), **discovery_files(policy, settings)}
-    for name, content in files.items():
-        write_json(settings.config_dir / name, content)
-    return settings.config_dir / "bootstrap.json"
+    path = settings.config_dir / "bootstrap.json"
+    write_json(path, bootstrap(settings))
+    return path
 
 
 def write_json(path: Path, content: Mapping[str, Any]) -> None:

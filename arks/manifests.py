@@ -36,6 +36,9 @@ from typing import Any
 import yaml
 
 from arks.envoy_config import (
+    NUM_RETRIES,
+    RETRIABLE_STATUS_CODES,
+    RETRY_ON,
     EnvoySettings,
     http_filters,
     listener,
@@ -75,9 +78,6 @@ EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 REQUEST_FILTER = "arks.request_to_metadata"
 USAGE_FILTER = "arks.usage_lua"
 RATELIMIT_FILTER = "arks.ratelimit"
-# The local retry policy of a model's route (arks.envoy_config.routes), as EG retry triggers.
-RETRY_ON = ("connect-failure", "refused-stream", "reset-before-request")
-NUM_RETRIES = 2
 
 # The local ext_proc settings EG's EnvoyExtensionPolicy cannot express, patched in instead.
 _PATCHED_EXTPROC_FIELDS = ("route_cache_action",)
@@ -324,7 +324,11 @@ def backend_traffic_policy(settings: EnvoySettings | None = None) -> dict[str, A
         "spec": {
             "targetRefs": [_gateway_ref()],
             "timeout": {"http": {"requestTimeout": f"{settings.upstream_timeout_s}s"}},
-            "retry": {"numRetries": NUM_RETRIES, "retryOn": {"triggers": list(RETRY_ON)}},
+            # The local retry policy of a model's route (arks.envoy_config.retry_policy).
+            "retry": {
+                "numRetries": NUM_RETRIES,
+                "retryOn": {"triggers": list(RETRY_ON), "httpStatusCodes": list(RETRIABLE_STATUS_CODES)},
+            },
             "rateLimit": {"type": "Global", "global": {"rules": rules}},
         },
     }

@@ -1,7 +1,10 @@
-"""The local stack behind `arks up`: real Envoy, extproc and simulated engines, as child processes.
+"""The local stack behind `arks up`: real Envoy, extproc, the controller and simulated engines,
+as child processes.
 
-Routes and backend clusters are rendered from the policy into files Envoy watches, so editing
-the policy file re-routes Envoy and re-keys extproc without a restart.
+Envoy gets everything but its bootstrap from the controller over xDS (ADS): the listener, the
+routes, one cluster per model and the engines with their load-derived weights. The controller
+and extproc both watch the policy file, so editing it re-routes Envoy and re-keys extproc
+without a restart.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ import ipaddress
 import logging
 import shutil
 import sys
-import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ from pathlib import Path
 from arks import envoy_config
 from arks.api import ObjectKey, SocketAddress
 from arks.envoy_config import EnvoySettings
-from arks.policy import Policy, PolicyError, load_policy_file
+from arks.policy import Policy, load_policy_file
 from arks.procs import Supervisor, free_port, wait_http
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,8 @@ class StackSettings:
     admin_port: int = 9901
     metrics_port: int = 9101
     extproc_port: int = 0  # 0: any free port
+    xds_port: int = 0  # 0: any free port
+    controller_metrics_port: int = 0  # 0: any free port
     redis: str | None = None
     simulate: bool = True
     sim_args: tuple[str, ...] = ()
@@ -69,8 +73,7 @@ class LocalStack:
     supervisor: Supervisor = field(init=False)
     envoy_settings: EnvoySettings = field(init=False)
     policy: Policy = field(init=False)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _watcher: threading.Thread | None = None
+    controller_metrics_port: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.supervisor = Supervisor(log_dir=self.settings.state_dir / "logs")
@@ -87,37 +90,46 @@ class LocalStack:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.settings.metrics_port}/metrics"
 
+    @property
+    def controller_url(self) -> str:
+        return f"http://127.0.0.1:{self.controller_metrics_port}"
+
     def start(self) -> None:
         s = self.settings
         self.policy = load_policy_file(s.policy)
-        extproc_port = s.extproc_port or free_port()
         self.envoy_settings = EnvoySettings(
             listen_port=s.port,
             admin_port=s.admin_port,
-            extproc_port=extproc_port,
+            extproc_port=s.extproc_port or free_port(),
+            xds_port=s.xds_port or free_port(),
             config_dir=s.state_dir / "envoy",
         )
+        self.controller_metrics_port = s.controller_metrics_port or free_port()
         try:
             if s.simulate:
-                for address, models in sorted(simulated_engines(self.policy).items(), key=lambda i: i[0].port):
-                    name = f"sim-{address.port}"
-                    args = ["--host", address.address, "--port", str(address.port), "--name", name, *s.sim_args]
-                    for model in models:
-                        args += ["--model", model]
-                    child = self.supervisor.python(name, "arks.sim", *args)
-                    wait_http(child, f"http://{address.address}:{address.port}/health")
+                self._start_engines()
             extproc = self.supervisor.python(
                 "extproc",
                 "extproc",
                 *(("--kube-host", s.kube_host) if s.kube_host else ("--policy", str(s.policy))),
-                "--grpc-address", f"127.0.0.1:{extproc_port}",
+                "--grpc-address", f"127.0.0.1:{self.envoy_settings.extproc_port}",
                 "--metrics-port", str(s.metrics_port),
                 *(("--redis", s.redis) if s.redis else ()),
                 "--state-file", str(s.state_dir / "quota-state.json"),
                 *s.extproc_args,
             )
             wait_http(extproc, self.metrics_url)
-            bootstrap = envoy_config.write_config(self.policy, self.envoy_settings)
+            controller = self.supervisor.python(
+                "controller",
+                "controller",
+                "--policy", str(s.policy),
+                "--xds-address", f"127.0.0.1:{self.envoy_settings.xds_port}",
+                "--listen-port", str(s.port),
+                "--metrics-address", "127.0.0.1",
+                "--metrics-port", str(self.controller_metrics_port),
+            )
+            wait_http(controller, f"{self.controller_url}/readyz")
+            bootstrap = envoy_config.write_bootstrap(self.envoy_settings)
             envoy = self.supervisor.start(
                 "envoy",
                 [
@@ -130,34 +142,22 @@ class LocalStack:
                 ],
             )
             wait_http(envoy, f"{self.admin_url}/ready")
-            wait_http(envoy, f"{self.url}/healthz")
+            wait_http(envoy, f"{self.url}/healthz")  # the listener came over xDS
         except BaseException:
             self.stop()
             raise
-        self._watcher = threading.Thread(target=self._watch_policy, name="policy-watch", daemon=True)
-        self._watcher.start()
 
-    def reload(self) -> bool:
-        """Re-render Envoy's routes and clusters if the policy file changed and is valid."""
-        try:
-            policy = load_policy_file(self.settings.policy)
-        except (PolicyError, OSError) as err:
-            log.error("policy not applied to Envoy, keeping the last good one: %s", err)
-            return False
-        if policy.version == self.policy.version:
-            return False
-        self.policy = policy
-        for name, content in envoy_config.discovery_files(policy, self.envoy_settings).items():
-            envoy_config.write_json(self.envoy_settings.config_dir / name, content)
-        log.info("policy %s applied to Envoy", policy.version)
-        return True
-
-    def _watch_policy(self) -> None:
-        while not self._stop.wait(0.5):
-            self.reload()
+    def _start_engines(self) -> None:
+        s = self.settings
+        for address, models in sorted(simulated_engines(self.policy).items(), key=lambda i: i[0].port):
+            name = f"sim-{address.port}"
+            args = ["--host", address.address, "--port", str(address.port), "--name", name, *s.sim_args]
+            for model in models:
+                args += ["--model", model]
+            child = self.supervisor.python(name, "arks.sim", *args)
+            wait_http(child, f"http://{address.address}:{address.port}/health")
 
     def stop(self) -> None:
-        self._stop.set()
         self.supervisor.close()
 
     def __enter__(self) -> LocalStack:

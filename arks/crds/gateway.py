@@ -6,7 +6,7 @@ valid both locally and in a cluster; `tests/unit/test_crds.py` guards that they 
 
 from __future__ import annotations
 
-from arks.api import QUOTA_PERIODS, QUOTA_TYPES, RATE_LIMIT_TYPES
+from arks.api import QUOTA_PERIODS, QUOTA_TYPES, RATE_LIMIT_TYPES, WEIGHTED, WEIGHTINGS
 from arks.crds.render import Column, Kind
 from arks.crds.schema import (
     NAME_PATTERN,
@@ -108,9 +108,11 @@ endpoint_spec = obj(
             max_items=8,
         ),
         "weighting": string(
-            "How traffic is spread over backends: static weights, or a dynamic mode such as least-load.",
-            pattern=r"^[a-z][-a-z]*$",
-            max_length=63,
+            "How requests are spread over the engines: static (the routeConfigs' weights), weighted "
+            "(those weights times each engine's weight from its live load), least-load or "
+            "prefix-cache (the gateway picks the engine for each request).",
+            enum=WEIGHTINGS,
+            default=WEIGHTED,
         ),
     },
     "A public model name (the object's name) and the backends serving it.",
