@@ -1,21 +1,28 @@
 """`python -m controller` (also `arks controller`): reconcile the arks.ai/v1 resources of a cluster.
 
 Several replicas are safe: they elect a leader on a Lease, and only the leader reconciles.
+
+With `--policy FILE` it runs standalone instead (what `arks up` starts): no cluster, the same
+objects from a file, Envoy programmed over xDS with weights from the engines' live load.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
 import socket
 import threading
+from pathlib import Path
 from typing import Any
 
 import kubernetes
 
+from arks.envoy_config import EnvoySettings
 from arks.lifecycle import setup_process
+from arks.policy import FilePolicySource
 from controller.kube import rest
 from controller.kube.leader import LeaderElector
 from controller.metrics import ControllerMetrics, serve
@@ -24,6 +31,7 @@ from controller.reconcilers.disaggregated import disaggregated_controller
 from controller.reconcilers.endpoint import endpoint_controller
 from controller.reconcilers.model import model_controller
 from controller.reconcilers.token import token_controller
+from controller.standalone import Standalone, serve_http
 
 log = logging.getLogger("controller")
 
@@ -51,6 +59,12 @@ def gateway_ref(value: str) -> dict[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m controller", description=__doc__)
     p.add_argument("--kube-host", default="in-cluster", metavar="URL|in-cluster|kubeconfig")
+    standalone = p.add_argument_group("standalone (no cluster)")
+    standalone.add_argument("--policy", type=Path, help="run standalone with this policy file (reloaded on change)")
+    standalone.add_argument("--xds-address", default="127.0.0.1:18000", help="where Envoy's ADS connects")
+    standalone.add_argument("--listen-address", default="127.0.0.1", help="Envoy's listener address")
+    standalone.add_argument("--listen-port", type=int, default=8080, help="Envoy's listener port")
+    standalone.add_argument("--scrape-interval-s", type=float, default=1.0, help="engine /metrics scrape period")
     p.add_argument("--namespace", help="only this namespace (default: all)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE", "arks-system"))
@@ -74,8 +88,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_standalone(args: argparse.Namespace) -> int:
+    settings = EnvoySettings(
+        listen_port=args.listen_port, admin_port=0, extproc_port=0, listen_address=args.listen_address
+    )
+    state = Standalone(
+        FilePolicySource(args.policy), settings, args.xds_address, interval_s=args.scrape_interval_s
+    )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        http = await serve_http(state, args.metrics_address, args.metrics_port)
+        try:
+            await state.run(stop)
+        finally:
+            await http.cleanup()
+
+    asyncio.run(main())
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     setup_process(args.log_level)
+    if args.policy is not None:
+        return run_standalone(args)
     client = api_client(args.kube_host)
     watch_lws = args.watch_leaderworkersets == "yes" or (
         args.watch_leaderworkersets == "auto" and rest.serves(client, LEADERWORKERSETS)
