@@ -1,0 +1,215 @@
+"""The ADS server (envoy.service.discovery.v3, state of the world) over grpc.aio.
+
+A thin servicer: each stream has one `StreamState`; requests from Envoy and changes of the
+cache both wake the same loop, which answers with whatever the state says is due. A NACK is
+logged once per (node, type, version), counted, and kept as a `Rejection` until that node
+ACKs a later version of the type; the rejected version is not re-sent, so Envoy stays on its
+last good configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Final, TypeAlias
+
+import grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from controller.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, SnapshotCache
+from controller.xds.stream import Kind, Request, StreamState
+
+log = logging.getLogger(__name__)
+
+_TYPE_LABELS = {LISTENER: "lds", ROUTE: "rds", CLUSTER: "cds", ENDPOINT: "eds"}
+
+
+def type_label(type_url: str) -> str:
+    return _TYPE_LABELS.get(type_url, type_url.rpartition("/")[2])
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Envoy `node` refused `version` of `type_url`; it runs its last good config of that type."""
+
+    node: str
+    type_url: str
+    version: str
+    message: str
+
+
+class XdsMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.pushes = Counter(
+            "arks_xds_pushes_total", "xDS responses sent, by type (lds, rds, cds, eds).", ["type"], registry=registry
+        )
+        self.nacks = Counter(
+            "arks_xds_nacks_total", "xDS responses Envoy rejected, by type.", ["type"], registry=registry
+        )
+        self.connected = Gauge("arks_xds_connected_streams", "Open ADS streams.", registry=registry)
+
+
+class _Ended:
+    """Sentinel: Envoy closed its side of the stream."""
+
+
+_CHANGED: Final = "changed"
+_ENDED: Final = _Ended()
+_Event: TypeAlias = "discovery_pb2.DiscoveryRequest | str | _Ended"
+
+
+class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
+    def __init__(self, cache: SnapshotCache, metrics: XdsMetrics) -> None:
+        self._cache = cache
+        self._metrics = metrics
+        self._lock = threading.Lock()  # rejected() may be read from the controller's threads
+        self._rejections: dict[tuple[str, str], Rejection] = {}
+        self._streams_per_node: dict[str, int] = {}
+
+    def rejected(self) -> list[Rejection]:
+        """The NACKs in force now: per node and type, the last version Envoy refused."""
+        with self._lock:
+            return sorted(self._rejections.values(), key=lambda r: (r.node, r.type_url))
+
+    async def StreamAggregatedResources(
+        self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
+        events: asyncio.Queue[_Event] = asyncio.Queue()
+        tasks = [
+            asyncio.create_task(_read(request_iterator, events)),
+            asyncio.create_task(_watch(self._cache, events)),
+        ]
+        state = StreamState()
+        self._metrics.connected.inc()
+        try:
+            while not isinstance(event := await events.get(), _Ended):
+                if isinstance(event, discovery_pb2.DiscoveryRequest):
+                    self._receive(state, event)
+                for response in state.due(self._cache.get(state.node)):
+                    self._metrics.pushes.labels(type_label(response.type_url)).inc()
+                    log.debug("%s: sending %s version %s", state.node, type_label(response.type_url), response.version)
+                    yield discovery_pb2.DiscoveryResponse(
+                        version_info=response.version,
+                        resources=response.resources,
+                        type_url=response.type_url,
+                        nonce=response.nonce,
+                    )
+        finally:
+            for task in tasks:
+                task.cancel()
+            self._metrics.connected.dec()
+            self._stream_ended(state.node)
+
+    async def DeltaAggregatedResources(
+        self, request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "only state-of-the-world ADS is served")
+
+    def _receive(self, state: StreamState, message: discovery_pb2.DiscoveryRequest) -> None:
+        if not state.node:
+            state.node = message.node.id
+            with self._lock:
+                self._streams_per_node[state.node] = self._streams_per_node.get(state.node, 0) + 1
+            log.info("xDS stream opened by node %r", state.node)
+        received = state.receive(
+            Request(
+                type_url=message.type_url,
+                names=message.resource_names,
+                version=message.version_info,
+                nonce=message.response_nonce,
+                error=message.error_detail.message if message.HasField("error_detail") else None,
+            )
+        )
+        key = (state.node, received.type_url)
+        if received.kind is Kind.NACK:
+            self._metrics.nacks.labels(type_label(received.type_url)).inc()
+            rejection = Rejection(state.node, received.type_url, received.version, received.message)
+            with self._lock:
+                known = self._rejections.get(key)
+                self._rejections[key] = rejection
+            if known is None or known.version != rejection.version:
+                log.error(
+                    "node %r rejected %s version %s; it keeps its last good config: %s",
+                    state.node, type_label(received.type_url), received.version, received.message,
+                )
+        elif received.kind is Kind.ACK:
+            with self._lock:
+                cleared = self._rejections.pop(key, None)
+            if cleared is not None:
+                log.info("node %r accepted %s version %s", state.node, type_label(received.type_url), received.version)
+        elif received.kind is Kind.SUBSCRIBE and received.type_url not in _TYPE_LABELS:
+            log.warning("node %r subscribed to %s, which this server does not serve", state.node, received.type_url)
+
+    def _stream_ended(self, node: str) -> None:
+        if not node:
+            return
+        with self._lock:
+            left = self._streams_per_node.get(node, 1) - 1
+            if left > 0:
+                self._streams_per_node[node] = left
+                return
+            self._streams_per_node.pop(node, None)
+            # Nobody is left to be running the rejected config's predecessor: no stale status.
+            for key in [k for k in self._rejections if k[0] == node]:
+                del self._rejections[key]
+        log.info("xDS stream of node %r closed", node)
+
+
+async def _read(requests: AsyncIterator[discovery_pb2.DiscoveryRequest], events: asyncio.Queue[_Event]) -> None:
+    try:
+        async for request in requests:
+            events.put_nowait(request)
+    except asyncio.CancelledError:
+        raise
+    except Exception as err:  # the stream broke; the loop ends as if Envoy had closed it
+        log.debug("xDS stream read failed: %s", err)
+    events.put_nowait(_ENDED)
+
+
+async def _watch(cache: SnapshotCache, events: asyncio.Queue[_Event]) -> None:
+    seen = cache.generation
+    while True:
+        seen = await cache.wait(seen)
+        events.put_nowait(_CHANGED)
+
+
+class XdsServer:
+    """The ADS service on its own grpc.aio server: `await start()`, `await stop()`."""
+
+    def __init__(self, cache: SnapshotCache, address: str, registry: CollectorRegistry) -> None:
+        self.address = address
+        self.service = AggregatedDiscoveryService(cache, XdsMetrics(registry))
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> int:
+        """Bind and serve; returns the port (useful with `host:0`)."""
+        # No SO_REUSEPORT: a second server on the same port must fail, not share it silently.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.service, server)
+        self.port = server.add_insecure_port(self.address)
+        await server.start()
+        self._server = server
+        log.info("xDS (ADS) serving on %s", self.address.rpartition(":")[0] + f":{self.port}")
+        return self.port
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        if self._server is not None:
+            server, self._server = self._server, None
+            with contextlib.suppress(asyncio.CancelledError):
+                await server.stop(grace)
+
+    def rejected(self) -> list[Rejection]:
+        return self.service.rejected()
+
+
+async def serve_xds(cache: SnapshotCache, address: str, registry: CollectorRegistry) -> XdsServer:
+    """Start an ADS server for `cache` on `address` (e.g. "127.0.0.1:18000")."""
+    server = XdsServer(cache, address, registry)
+    await server.start()
+    return server
