@@ -15,6 +15,22 @@ Per-request headers override the command-line settings for one request:
     x-sim-omit-usage: 1         no usage in answers nor usage chunk in streams
 
 Every response carries `x-sim-instance: <--name>`.
+
+`--metrics-style vllm` (default) exports vLLM's metric names, `--metrics-style sglang` SGLang's
+(`sglang:num_queue_reqs`, `sglang:num_running_reqs`, `sglang:token_usage`, ...).
+
+Simulated load, so tests can make an engine look busy without sending traffic:
+
+    PUT /sim/load  {"waiting": 12, "running": 3, "kv_cache_usage": 0.7}
+    GET /sim/load
+
+PUT replaces the whole simulated load (an omitted field is 0; `{}` clears it) and answers the
+new one. The values are *added* to what the engine really has in flight: /metrics reports
+waiting = real waiting + `waiting`, running = real running + `running`, KV-cache usage =
+min(1, real usage + `kv_cache_usage`). So an idle engine reports exactly the set values, and
+real traffic still shows on top. waiting/running are non-negative integers, kv_cache_usage a
+number in [0, 1]; anything else (or an unknown key) is a 400. The extra requests are reported
+under the first --model; they take no slots.
 """
 
 from __future__ import annotations
@@ -30,7 +46,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import uvloop
@@ -51,6 +67,8 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 7.5, 10.0, 20.0, 40.0, 80.0)
 TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
                 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
+               40.0, 50.0, 60.0)
 # fmt: on
 
 H_OUTPUT_TOKENS = "x-sim-output-tokens"
@@ -60,6 +78,9 @@ H_STATUS = "x-sim-status"
 H_DISCONNECT_AFTER = "x-sim-disconnect-after"
 H_OMIT_USAGE = "x-sim-omit-usage"
 H_INSTANCE = "x-sim-instance"
+
+MetricsStyle = Literal["vllm", "sglang"]
+METRICS_STYLES: tuple[MetricsStyle, ...] = ("vllm", "sglang")
 
 
 # --------------------------------------------------------------------------- settings
@@ -75,6 +96,7 @@ class Settings:
     tpot_ms: float = 0.0
     max_num_seqs: int = 256
     name: str = "sim"
+    metrics_style: MetricsStyle = "vllm"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -87,6 +109,7 @@ class Settings:
             tpot_ms=args.tpot_ms,
             max_num_seqs=args.max_num_seqs,
             name=args.name,
+            metrics_style=args.metrics_style,
         )
 
 
@@ -137,6 +160,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--name", default="sim", help="instance name for logs and the x-sim-instance header"
+    )
+    parser.add_argument(
+        "--metrics-style",
+        choices=METRICS_STYLES,
+        default="vllm",
+        help="export /metrics under vLLM's or SGLang's metric names",
     )
 
 
@@ -264,6 +293,50 @@ def embedding_vector(item: Any) -> list[float]:
 
 
 @dataclass(frozen=True)
+class MetricNames:
+    """One runtime's spelling of the metrics the simulator exports (counters without _total)."""
+
+    running: str
+    waiting: str
+    kv_cache: str
+    prompt_tokens: str
+    generation_tokens: str
+    ttft: str
+    tpot: str
+    e2e: str
+    success: str
+    success_by_reason: bool  # vLLM labels finished requests with finished_reason
+
+
+METRIC_NAMES: dict[MetricsStyle, MetricNames] = {
+    "vllm": MetricNames(
+        running="vllm:num_requests_running",
+        waiting="vllm:num_requests_waiting",
+        kv_cache="vllm:kv_cache_usage_perc",
+        prompt_tokens="vllm:prompt_tokens",
+        generation_tokens="vllm:generation_tokens",
+        ttft="vllm:time_to_first_token_seconds",
+        tpot="vllm:time_per_output_token_seconds",
+        e2e="vllm:e2e_request_latency_seconds",
+        success="vllm:request_success",
+        success_by_reason=True,
+    ),
+    "sglang": MetricNames(
+        running="sglang:num_running_reqs",
+        waiting="sglang:num_queue_reqs",
+        kv_cache="sglang:token_usage",
+        prompt_tokens="sglang:prompt_tokens",
+        generation_tokens="sglang:generation_tokens",
+        ttft="sglang:time_to_first_token_seconds",
+        tpot="sglang:time_per_output_token_seconds",
+        e2e="sglang:e2e_request_latency_seconds",
+        success="sglang:num_requests",
+        success_by_reason=False,
+    ),
+}
+
+
+@dataclass(frozen=True)
 class Metrics:
     registry: CollectorRegistry
     running: Gauge
@@ -273,52 +346,55 @@ class Metrics:
     generation_tokens: Counter
     ttft: Histogram
     tpot: Histogram
+    e2e: Histogram
     success: Counter
+    success_by_reason: bool
 
     @classmethod
-    def create(cls, models: tuple[str, ...]) -> Metrics:
+    def create(cls, models: tuple[str, ...], style: MetricsStyle = "vllm") -> Metrics:
+        names = METRIC_NAMES[style]
         reg = CollectorRegistry(auto_describe=True)
         label = ["model_name"]
         metrics = cls(
             registry=reg,
-            running=Gauge(
-                "vllm:num_requests_running", "Requests being generated.", label, registry=reg
-            ),
-            waiting=Gauge(
-                "vllm:num_requests_waiting", "Requests waiting for a slot.", label, registry=reg
-            ),
+            running=Gauge(names.running, "Requests being generated.", label, registry=reg),
+            waiting=Gauge(names.waiting, "Requests waiting for a slot.", label, registry=reg),
             kv_cache=Gauge(
-                "vllm:kv_cache_usage_perc",
+                names.kv_cache,
                 "KV cache usage, 0..1 (running/max_num_seqs).",
                 label,
                 registry=reg,
             ),
             prompt_tokens=Counter(
-                "vllm:prompt_tokens", "Prefill tokens processed.", label, registry=reg
+                names.prompt_tokens, "Prefill tokens processed.", label, registry=reg
             ),
             generation_tokens=Counter(
-                "vllm:generation_tokens", "Generation tokens produced.", label, registry=reg
+                names.generation_tokens, "Generation tokens produced.", label, registry=reg
             ),
             ttft=Histogram(
-                "vllm:time_to_first_token_seconds",
-                "Time to first token.",
-                label,
-                buckets=TTFT_BUCKETS,
-                registry=reg,
+                names.ttft, "Time to first token.", label, buckets=TTFT_BUCKETS, registry=reg
             ),
             tpot=Histogram(
-                "vllm:time_per_output_token_seconds",
+                names.tpot,
                 "Mean time per output token after the first, one sample per request.",
                 label,
                 buckets=TPOT_BUCKETS,
                 registry=reg,
             ),
-            success=Counter(
-                "vllm:request_success",
-                "Requests finished.",
-                [*label, "finished_reason"],
+            e2e=Histogram(
+                names.e2e,
+                "End-to-end latency of finished requests, from arrival.",
+                label,
+                buckets=E2E_BUCKETS,
                 registry=reg,
             ),
+            success=Counter(
+                names.success,
+                "Requests finished.",
+                [*label, "finished_reason"] if names.success_by_reason else label,
+                registry=reg,
+            ),
+            success_by_reason=names.success_by_reason,
         )
         for model in models:  # every series exists from the start
             for metric in (
@@ -329,11 +405,49 @@ class Metrics:
                 metrics.generation_tokens,
                 metrics.ttft,
                 metrics.tpot,
+                metrics.e2e,
             ):
                 metric.labels(model)
-            for reason in FINISH_REASONS:
-                metrics.success.labels(model, reason)
+            if names.success_by_reason:
+                for reason in FINISH_REASONS:
+                    metrics.success.labels(model, reason)
+            else:
+                metrics.success.labels(model)
         return metrics
+
+
+@dataclass(frozen=True)
+class SimulatedLoad:
+    """Load added on top of the real one in /metrics (see the module docstring)."""
+
+    waiting: int = 0
+    running: int = 0
+    kv_cache_usage: float = 0.0
+
+    @classmethod
+    def from_json(cls, body: Any) -> SimulatedLoad:
+        if not isinstance(body, dict):
+            raise ApiError(400, "simulated load must be a JSON object")
+        unknown = body.keys() - {"waiting", "running", "kv_cache_usage"}
+        if unknown:
+            raise ApiError(400, f"unknown simulated load fields: {', '.join(sorted(unknown))}")
+        counts = {}
+        for key in ("waiting", "running"):
+            value = body.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ApiError(400, f"{key} must be a non-negative integer, got {value!r}")
+            counts[key] = value
+        kv = body.get("kv_cache_usage", 0.0)
+        if isinstance(kv, bool) or not isinstance(kv, int | float) or not 0.0 <= kv <= 1.0:
+            raise ApiError(400, f"kv_cache_usage must be a number in [0, 1], got {kv!r}")
+        return cls(counts["waiting"], counts["running"], float(kv))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "waiting": self.waiting,
+            "running": self.running,
+            "kv_cache_usage": self.kv_cache_usage,
+        }
 
 
 # --------------------------------------------------------------------------- engine
@@ -344,7 +458,8 @@ class Engine:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.metrics = Metrics.create(settings.models)
+        self.metrics = Metrics.create(settings.models, settings.metrics_style)
+        self.simulated = SimulatedLoad()
         self._slots = asyncio.Semaphore(settings.max_num_seqs)
         self._running = 0
 
@@ -366,9 +481,20 @@ class Engine:
     def _set_running(self, model: str, delta: int) -> None:
         self._running += delta
         self.metrics.running.labels(model).inc(delta)
-        usage_perc = self._running / self.settings.max_num_seqs
+        self._set_kv_cache()
+
+    def _set_kv_cache(self) -> None:
+        usage_perc = self._running / self.settings.max_num_seqs + self.simulated.kv_cache_usage
         for name in self.settings.models:
-            self.metrics.kv_cache.labels(name).set(usage_perc)
+            self.metrics.kv_cache.labels(name).set(min(1.0, usage_perc))
+
+    def simulate(self, load: SimulatedLoad) -> None:
+        """Replace the simulated load: the gauges move by the difference, real counts stay."""
+        first, before = self.settings.models[0], self.simulated
+        self.simulated = load
+        self.metrics.waiting.labels(first).inc(load.waiting - before.waiting)
+        self.metrics.running.labels(first).inc(load.running - before.running)
+        self._set_kv_cache()
 
     def record(
         self, model: str, prompt_tokens: int, generated: int, ttft: float | None, tpot: float | None
@@ -381,6 +507,15 @@ class Engine:
             m.ttft.labels(model).observe(ttft)
         if tpot is not None:
             m.tpot.labels(model).observe(tpot)
+
+    def finished(self, model: str, reason: str, e2e: float) -> None:
+        """A request answered in full: the finished counter and its end-to-end latency."""
+        m = self.metrics
+        if m.success_by_reason:
+            m.success.labels(model, reason).inc()
+        else:
+            m.success.labels(model).inc()
+        m.e2e.labels(model).observe(e2e)
 
 
 @dataclass(frozen=True)
@@ -563,7 +698,7 @@ async def whole_answer(
     if plan.disconnect_after is not None:
         drop_connection(request)
         return web.Response()  # aiohttp cannot send it and treats it as a client disconnect
-    engine.metrics.success.labels(plan.model, plan.finish_reason).inc()
+    engine.finished(plan.model, plan.finish_reason, loop.time() - arrival)
     return json_response(shape.answer(plan))
 
 
@@ -610,7 +745,7 @@ async def stream_answer(
     if disconnect:
         drop_connection(request)
     else:
-        engine.metrics.success.labels(plan.model, plan.finish_reason).inc()
+        engine.finished(plan.model, plan.finish_reason, loop.time() - arrival)
     return resp
 
 
@@ -623,6 +758,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
+    arrival = asyncio.get_running_loop().time()
     engine = request.app[ENGINE_KEY]
     body, model = await read_body(request, engine)
     inputs = embedding_inputs(body.get("input"))
@@ -633,7 +769,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         if plan.disconnect_after is not None:
             drop_connection(request)
             return web.Response()
-        engine.metrics.success.labels(model, "stop").inc()
+        engine.finished(model, "stop", asyncio.get_running_loop().time() - arrival)
     out: dict[str, Any] = {
         "id": "embd-" + secrets.token_hex(16),
         "object": "list",
@@ -677,6 +813,21 @@ async def metrics(request: web.Request) -> web.StreamResponse:
     )
 
 
+async def get_simulated_load(request: web.Request) -> web.StreamResponse:
+    return json_response(request.app[ENGINE_KEY].simulated.to_json())
+
+
+async def put_simulated_load(request: web.Request) -> web.StreamResponse:
+    engine = request.app[ENGINE_KEY]
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as err:
+        raise ApiError(400, f"invalid JSON body: {err}") from None
+    engine.simulate(SimulatedLoad.from_json(body))
+    log.info("sim %s simulated load now %s", engine.settings.name, engine.simulated)
+    return json_response(engine.simulated.to_json())
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -707,6 +858,8 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/sim/load", get_simulated_load)
+    app.router.add_put("/sim/load", put_simulated_load)
     return app
 
 
@@ -731,7 +884,8 @@ async def serve(settings: Settings) -> None:
         site = web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_address=True)
         await site.start()
         log.info(
-            "sim %s serving %s on http://%s:%d (output_tokens=%d ttft_ms=%g tpot_ms=%g max_num_seqs=%d)",
+            "sim %s serving %s on http://%s:%d (output_tokens=%d ttft_ms=%g tpot_ms=%g max_num_seqs=%d"
+            " metrics=%s)",
             settings.name,
             ", ".join(settings.models),
             settings.host,
@@ -740,6 +894,7 @@ async def serve(settings: Settings) -> None:
             settings.ttft_ms,
             settings.tpot_ms,
             settings.max_num_seqs,
+            settings.metrics_style,
         )
         await stop.wait()
         log.info("sim %s stopping", settings.name)

@@ -479,3 +479,167 @@ def test_client_abort_frees_slot(http: httpx.Client, base_url: str) -> None:
     assert after["vllm:num_requests_running"] == 0
     generated = after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
     assert 1 <= generated < 50  # generation stopped when the client left
+
+
+# --------------------------------------------------------------------------- simulated load
+
+
+@pytest.fixture
+def clean_load(http: httpx.Client) -> Iterator[None]:
+    """Whatever a test sets, the shared simulator leaves it without simulated load."""
+    yield
+    assert http.put("/sim/load", json={}).status_code == 200
+
+
+def test_simulated_load_shows_in_metrics(http: httpx.Client, clean_load: None) -> None:
+    assert http.get("/sim/load").json() == {"waiting": 0, "running": 0, "kv_cache_usage": 0.0}
+    resp = http.put("/sim/load", json={"waiting": 12, "running": 3, "kv_cache_usage": 0.7})
+    assert resp.status_code == 200
+    assert resp.json() == {"waiting": 12, "running": 3, "kv_cache_usage": 0.7}
+    assert http.get("/sim/load").json() == resp.json()
+    busy = scrape(http)
+    assert busy["vllm:num_requests_waiting"] == 12
+    assert busy["vllm:num_requests_running"] == 3
+    assert busy["vllm:kv_cache_usage_perc"] == pytest.approx(0.7)
+    # PUT replaces the whole load: omitted fields go back to 0
+    assert http.put("/sim/load", json={"waiting": 2}).json()["running"] == 0
+    after = scrape(http)
+    assert after["vllm:num_requests_waiting"] == 2
+    assert after["vllm:num_requests_running"] == 0
+    assert after["vllm:kv_cache_usage_perc"] == 0
+
+
+def test_simulated_load_adds_to_real_requests(
+    http: httpx.Client, base_url: str, clean_load: None
+) -> None:
+    http.put("/sim/load", json={"running": 5, "kv_cache_usage": 0.5})
+    hdrs = {"x-sim-output-tokens": "40", "x-sim-tpot-ms": "20"}
+    with (
+        httpx.Client(base_url=base_url, timeout=5.0) as own,
+        own.stream(
+            "POST",
+            "/v1/completions",
+            json={"model": MODEL, "prompt": "a", "stream": True},
+            headers=hdrs,
+        ) as resp,
+    ):
+        lines = resp.iter_lines()
+        assert next(lines).startswith("data: {")
+        during = scrape(http)
+        for _ in lines:
+            pass
+    assert during["vllm:num_requests_running"] == 5 + 1
+    assert during["vllm:kv_cache_usage_perc"] == pytest.approx(0.5 + 1 / 256)
+    deadline = time.monotonic() + 2.0  # the server frees the slot just after the last chunk
+    after = scrape(http)
+    while after["vllm:num_requests_running"] != 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+        after = scrape(http)
+    assert after["vllm:num_requests_running"] == 5
+    assert after["vllm:kv_cache_usage_perc"] == pytest.approx(0.5)
+
+
+def test_simulated_load_caps_kv_cache_at_one(
+    http: httpx.Client, base_url: str, clean_load: None
+) -> None:
+    http.put("/sim/load", json={"kv_cache_usage": 1.0})
+    hdrs = {"x-sim-ttft-ms": "300"}
+    with httpx.Client(base_url=base_url, timeout=5.0) as own:
+        thread = threading.Thread(
+            target=own.post,
+            args=("/v1/completions",),
+            kwargs={"json": {"model": MODEL, "prompt": "a"}, "headers": hdrs},
+        )
+        thread.start()
+        deadline = time.monotonic() + 2.0
+        seen = scrape(http)
+        while seen["vllm:num_requests_running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+            seen = scrape(http)
+        thread.join()
+    assert seen["vllm:num_requests_running"] == 1
+    assert seen["vllm:kv_cache_usage_perc"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"waiting": -1},
+        {"running": 1.5},
+        {"waiting": True},
+        {"kv_cache_usage": 1.5},
+        {"kv_cache_usage": "0.5"},
+        {"queue": 3},
+        [1, 2],
+    ],
+)
+def test_simulated_load_rejects_bad_values(http: httpx.Client, body: Any, clean_load: None) -> None:
+    http.put("/sim/load", json={"waiting": 4})
+    resp = http.put("/sim/load", json=body)
+    assert resp.status_code == 400
+    assert resp.json()["error"]["code"] == 400 and resp.json()["error"]["message"]
+    assert http.get("/sim/load").json()["waiting"] == 4  # a rejected PUT changes nothing
+
+
+def test_simulated_load_rejects_invalid_json(http: httpx.Client) -> None:
+    resp = http.put("/sim/load", content=b"{", headers={"content-type": "application/json"})
+    assert resp.status_code == 400
+    assert "invalid JSON" in resp.json()["error"]["message"]
+
+
+def test_e2e_latency_histogram_counts_finished_requests(http: httpx.Client) -> None:
+    before = scrape(http)
+    http.post("/v1/chat/completions", json=chat_body(), headers={"x-sim-ttft-ms": "50"})
+    after = scrape(http)
+    count = "vllm:e2e_request_latency_seconds_count"
+    total = "vllm:e2e_request_latency_seconds_sum"
+    assert after[count] - before[count] == 1
+    assert after[total] - before[total] >= 0.05 - 1e-6  # the sums are floats
+
+
+# --------------------------------------------------------------------------- SGLang-style metrics
+
+SGLANG_METRIC_NAMES = (
+    "sglang:num_running_reqs",
+    "sglang:num_queue_reqs",
+    "sglang:token_usage",
+    "sglang:prompt_tokens_total",
+    "sglang:generation_tokens_total",
+    "sglang:time_to_first_token_seconds",
+    "sglang:e2e_request_latency_seconds",
+    "sglang:num_requests_total",
+)
+
+
+def test_sglang_metrics_style(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with Supervisor(log_dir=tmp_path) as sup:
+        child = sup.python(
+            "sim", "arks.sim", "--port", str(port), "--model", MODEL, "--metrics-style", "sglang"
+        )
+        wait_http(child, f"{url}/health")
+        with httpx.Client(base_url=url, timeout=5.0) as http:
+            text = http.get("/metrics").text
+            for name in SGLANG_METRIC_NAMES:
+                assert f"\n{name}" in text, name
+            assert "vllm:" not in text
+            body = chat_body()
+            http.post("/v1/chat/completions", json=body, headers={"x-sim-output-tokens": "4"})
+            http.put("/sim/load", json={"waiting": 7, "running": 2, "kv_cache_usage": 0.25})
+            samples = scrape(http)
+    assert samples["sglang:num_requests_total"] == 1
+    assert samples["sglang:generation_tokens_total"] == 4
+    assert samples["sglang:prompt_tokens_total"] == count_prompt(body)
+    assert samples["sglang:e2e_request_latency_seconds_count"] == 1
+    assert samples["sglang:num_queue_reqs"] == 7
+    assert samples["sglang:num_running_reqs"] == 2
+    assert samples["sglang:token_usage"] == pytest.approx(0.25)
+
+
+def test_metrics_style_flag_rejects_unknown_runtime(tmp_path: Path) -> None:
+    with Supervisor(log_dir=tmp_path) as sup:
+        child = sup.python("sim", "arks.sim", "--metrics-style", "tgi")
+        child.popen.wait(20)
+        assert child.popen.returncode == 2  # argparse: invalid choice
+        assert "invalid choice" in child.log_tail()

@@ -1,0 +1,216 @@
+"""Load -> weights: the properties the gateway relies on, checked over many rounds."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Mapping
+
+import pytest
+
+from controller.load.record import EngineLoad, HistogramTotals, Observation, ScrapeFailure
+from controller.load.weights import WeightSettings, WeightTracker, load_score
+
+DOWN = ScrapeFailure("connection refused")
+
+
+def busy(waiting: float = 0, running: float = 8, kv: float = 0.5) -> EngineLoad:
+    return EngineLoad("vllm", waiting=waiting, running=running, kv_cache_usage=kv)
+
+
+def settle(
+    tracker: WeightTracker[str], loads: Mapping[str, Observation], rounds: int = 40
+) -> dict[str, int]:
+    weights: dict[str, int] = {}
+    for _ in range(rounds):
+        weights = tracker.update(loads)
+    return weights
+
+
+def test_equal_load_gives_equal_weights() -> None:
+    for waiting in (0, 1, 5, 40, 500):
+        weights = settle(WeightTracker(), {k: busy(waiting) for k in "abc"})
+        assert set(weights.values()) == {100}, waiting
+
+
+def test_a_longer_queue_never_gets_a_higher_weight() -> None:
+    settings = WeightSettings()
+    previous = settings.max_weight + 1
+    for waiting in range(0, 200, 3):
+        weights = settle(WeightTracker(settings), {"ref": busy(0), "x": busy(waiting)})
+        assert weights["ref"] == settings.max_weight
+        assert weights["x"] <= previous, waiting
+        previous = weights["x"]
+    assert previous < 10  # and a long enough queue drives it near the floor
+
+
+def test_weights_stay_within_bounds() -> None:
+    settings = WeightSettings(min_weight=5, max_weight=50)
+    rng = random.Random(7)
+    tracker: WeightTracker[str] = WeightTracker(settings)
+    for _ in range(300):
+        loads = {
+            k: busy(rng.choice((0, 1, 10, 1000, 10**6)), rng.randint(0, 500), rng.random())
+            for k in "abcd"
+        }
+        for weight in tracker.update(loads).values():
+            assert settings.min_weight <= weight <= settings.max_weight
+
+
+def test_failing_engine_is_drained_after_n_failures_and_returns_gradually() -> None:
+    settings = WeightSettings(failures_to_drain=3, recovery_steps=5)
+    tracker: WeightTracker[str] = WeightTracker(settings)
+    settle(tracker, {"a": busy(2), "b": busy(2)})
+    for n in range(1, 3):  # fewer than N failures: still in rotation
+        weights = tracker.update({"a": busy(2), "b": DOWN})
+        assert weights["b"] > 0, n
+        assert tracker.state()["b"].consecutive_failures == n
+    assert tracker.update({"a": busy(2), "b": DOWN})["b"] == 0
+    assert tracker.state()["b"].drained
+    assert tracker.update({"a": busy(2), "b": DOWN})["b"] == 0  # stays drained
+    ramp = [tracker.update({"a": busy(2), "b": busy(2)})["b"] for _ in range(8)]
+    assert ramp[0] == 20  # first healthy round: capped at max_weight / recovery_steps
+    assert ramp == sorted(ramp), ramp  # comes back monotonically ...
+    assert ramp[3] < 100 and ramp[-1] == 100  # ... over recovery_steps rounds, not at once
+    assert not tracker.state()["b"].drained
+
+
+def test_a_single_failure_between_successes_does_not_drain() -> None:
+    tracker: WeightTracker[str] = WeightTracker(WeightSettings(failures_to_drain=2))
+    for i in range(50):
+        weights = tracker.update({"a": busy(1), "b": DOWN if i % 2 else busy(1)})
+        assert weights["b"] > 0
+
+
+def test_all_engines_failing_are_all_drained() -> None:
+    tracker: WeightTracker[str] = WeightTracker(WeightSettings(failures_to_drain=2))
+    settle(tracker, {"a": busy(1), "b": busy(3)})
+    weights = settle(tracker, {"a": DOWN, "b": DOWN}, rounds=2)
+    assert weights == {"a": 0, "b": 0}
+
+
+def test_no_flapping_under_steady_noisy_load() -> None:
+    """±1 waiting of noise per round: after convergence, 200 rounds publish no change."""
+    scenarios = [
+        ({"a": 2, "b": 4, "c": 8}, 8, 0.5),
+        ({"a": 0, "b": 1, "c": 2}, 8, 0.5),
+        ({"a": 1, "b": 1, "c": 1}, 8, 0.5),
+        ({"a": 3, "b": 3, "c": 12}, 16, 0.7),
+        ({"a": 0, "b": 0, "c": 0}, 0, 0.0),
+        ({"a": 10, "b": 20, "c": 40}, 32, 0.9),
+    ]
+    for seed in range(20):
+        for base, running, kv in scenarios:
+            rng = random.Random(seed)
+            tracker: WeightTracker[str] = WeightTracker()
+            history = []
+            for _ in range(40 + 200):
+                noisy = {
+                    k: busy(max(0, w + rng.choice((-1, 0, 1))), running, kv)
+                    for k, w in base.items()
+                }
+                history.append(tracker.update(noisy))
+            steady = history[40:]
+            changes = sum(1 for before, after in itertools.pairwise(steady) if before != after)
+            assert changes == 0, (seed, base, changes)
+
+
+def test_steady_noise_keeps_the_ordering_of_loads() -> None:
+    rng = random.Random(3)
+    tracker: WeightTracker[str] = WeightTracker()
+    base = {"a": 2, "b": 10, "c": 30}
+    for _ in range(100):
+        weights = tracker.update({k: busy(w + rng.choice((-1, 0, 1))) for k, w in base.items()})
+    assert weights["a"] == 100 > weights["b"] > weights["c"]
+
+
+def test_a_step_change_in_load_converges_within_k_rounds() -> None:
+    tracker: WeightTracker[str] = WeightTracker()
+    settle(tracker, {k: busy(2) for k in "abc"})
+    after = {"a": busy(2), "b": busy(2), "c": busy(12)}
+    target = settle(WeightTracker(), after, rounds=60)["c"]  # where a fresh tracker settles
+    history = [tracker.update(after)["c"] for _ in range(30)]
+    k = 12
+    assert abs(history[k - 1] - target) <= 3, history
+    assert history[k - 1 :] == [history[-1]] * (len(history) - k + 1), history  # and stays
+    assert history[5] < 60  # most of the way there within a few rounds
+    assert history[-1] < 100
+
+
+def test_new_endpoint_starts_at_the_fleets_weight_not_at_max() -> None:
+    tracker: WeightTracker[str] = WeightTracker()
+    settle(tracker, {"a": busy(10), "b": busy(10)})
+    # a fresh engine with no load joins: it starts where the fleet is and climbs, no stampede
+    joined = [tracker.update({"a": busy(10), "b": busy(10), "new": busy(0)}) for _ in range(30)]
+    first, last = joined[0], joined[-1]
+    assert first["new"] == 100 and first["a"] >= 70  # it does not take everything at once
+    ideal = round(100 * (1 + 1.8) / (1 + 6.8))  # scores: idle 1.8 (running, kv), busy 6.8
+    assert last["new"] == 100 and abs(last["a"] - ideal) <= 5  # then its idleness shows
+    shares = [w["a"] for w in joined]
+    assert shares == sorted(shares, reverse=True), shares
+
+
+def test_first_endpoint_alone_gets_max_weight() -> None:
+    assert WeightTracker[str]().update({"a": busy(30)}) == {"a": 100}
+    assert WeightTracker[str]().update({"a": DOWN}) == {"a": 100}  # unknown yet, not drained yet
+
+
+def test_endpoints_missing_from_an_update_are_forgotten() -> None:
+    tracker: WeightTracker[str] = WeightTracker()
+    settle(tracker, {"a": busy(0), "b": busy(20)})
+    assert tracker.update({"b": busy(20)}) == {"b": 100}
+    assert set(tracker.state()) == {"b"}
+
+
+def test_errors_and_latency_lower_the_weight() -> None:
+    def with_counters(requests: float, errors: float, ttft_sum: float) -> EngineLoad:
+        return EngineLoad(
+            "vllm",
+            waiting=0,
+            running=4,
+            kv_cache_usage=0.2,
+            requests_total=requests,
+            errors_total=errors,
+            ttft=HistogramTotals(ttft_sum, requests),
+        )
+
+    tracker: WeightTracker[str] = WeightTracker()
+    weights: dict[str, int] = {}
+    for i in range(40):
+        n = 10.0 * i
+        weights = tracker.update(
+            {
+                "fine": with_counters(n, 0, n * 0.05),
+                "erroring": with_counters(n, n * 0.5, n * 0.05),
+                "slow": with_counters(n, 0, n * 4.0),
+            }
+        )
+    assert weights["fine"] == 100
+    assert weights["erroring"] < 40 and weights["slow"] < 60
+
+
+def test_load_score_formula() -> None:
+    s = WeightSettings()
+    from controller.load.record import LoadWindow
+
+    recent = LoadWindow(finished=10, error_ratio=0.1, mean_ttft_s=2.0, mean_e2e_s=9.0)
+    score = load_score(busy(4, 10, 0.5), recent, s)
+    assert score == pytest.approx(0.5 * 4 + 0.1 * 10 + 2.0 * 0.5 + 10.0 * 0.1 + 0.5 * 2.0)
+    assert load_score(EngineLoad("unknown"), LoadWindow(None, None, None, None), s) == 0
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"min_weight": 0},
+        {"min_weight": 10, "max_weight": 5},
+        {"smoothing": 0},
+        {"smoothing": 1.5},
+        {"hysteresis_rel": -0.1},
+        {"failures_to_drain": 0},
+        {"waiting_cost": -1},
+    ],
+)
+def test_settings_reject_nonsense(bad: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="WeightSettings"):
+        WeightSettings(**bad)  # type: ignore[arg-type]
