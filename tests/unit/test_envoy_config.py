@@ -1,4 +1,10 @@
-"""Envoy's configuration rendered from a policy, checked by shape and by Envoy's own validator."""
+"""Envoy's configuration rendered from a policy, checked by shape and by Envoy's own validator.
+
+The bootstrap is fixed (admin, the extproc and xDS clusters, ADS); everything a policy decides
+(the listener, the routes, one EDS cluster per routed ArksEndpoint and its engines) is an xDS
+resource. Envoy validates both: the bootstrap as written, and the resources inlined into a
+static bootstrap, since `--mode validate` does not fetch from an xDS server.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +12,36 @@ import copy
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from arks.api import STATIC, WEIGHTINGS, SocketAddress
 from arks.envoy_config import (
+    CLUSTER_TYPE,
+    ENDPOINT_TYPE,
     EXTPROC_CLUSTER,
+    LISTENER,
+    LISTENER_TYPE,
     ROUTE_CONFIG,
+    ROUTE_TYPE,
+    XDS_CLUSTER,
     EnvoySettings,
-    backend_clusters,
     bootstrap,
-    discovery_files,
+    retry_policy,
     routes,
-    write_config,
+    write_bootstrap,
+    xds_resources,
 )
 from arks.policy import Policy, build_policy, load_policy_file
 
 ENVOY = Path(sys.executable).parent / "envoy"
 DEMO_POLICY = Path(__file__).resolve().parents[2] / "arks" / "demo" / "policy.yaml"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+PLACEHOLDERS = ("{extproc_cluster}", "{message_timeout}", "{usage_lua}")
+ADS = {"ads": {}, "resource_api_version": "V3"}
 
 
 def _object(
@@ -44,36 +60,64 @@ def _backend(name: str, namespace: str, *ports: int) -> dict[str, Any]:
     return _object("gateway.envoyproxy.io/v1alpha1", "Backend", name, namespace, spec)
 
 
-def _endpoint(name: str, namespace: str, *refs: dict[str, Any]) -> dict[str, Any]:
-    return _object("arks.ai/v1", "ArksEndpoint", name, namespace, {"routeConfigs": list(refs)})
+def _endpoint(
+    name: str, namespace: str, *refs: dict[str, Any], weighting: str | None = None
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {"routeConfigs": list(refs)}
+    if weighting is not None:
+        spec["weighting"] = weighting
+    return _object("arks.ai/v1", "ArksEndpoint", name, namespace, spec)
 
 
 def _ref(name: str, weight: int = 1, kind: str = "Backend") -> dict[str, Any]:
     return {"group": "gateway.envoyproxy.io", "kind": kind, "name": name, "weight": weight}
 
 
+def _policy(*objects: dict[str, Any]) -> Policy:
+    return build_policy(((f"object {i}", obj) for i, obj in enumerate(objects)), version="v7")
+
+
+def _engine(port: int) -> SocketAddress:
+    return SocketAddress("127.0.0.1", port)
+
+
+# Engines 18001 and 18002 are engine-a, 18003 engine-b, 18004 engine-c. 18003 has not been
+# scraped yet (absent), 18002 is drained (0).
+ENGINE_WEIGHTS = {_engine(18001): 7, _engine(18002): 0, _engine(18004): 9}
+
+
 @pytest.fixture(scope="module")
 def policy() -> Policy:
-    objects = [
+    return _policy(
         _backend("engine-a", "default", 18001, 18002),
         _backend("engine-b", "default", 18003),
         _backend("engine-c", "team-b", 18004),
-        _endpoint("qwen", "default", _ref("engine-a", 1), _ref("engine-b", 3)),
-        _endpoint(
-            "llama", "default", _ref("a-service", kind="Service")
-        ),  # routed by Envoy Gateway, not here
+        _endpoint("qwen", "default", _ref("engine-a", 1), _ref("engine-b", 3)),  # weighted
+        # routed by Envoy Gateway in Kubernetes, not here
+        _endpoint("llama", "default", _ref("a-service", kind="Service")),
         _endpoint("mistral", "default", _ref("engine-a", 0)),  # drained
         _endpoint("phi", "default", _ref("gone")),  # dangling (a warning in the policy)
-        _endpoint("qwen", "team-b", _ref("engine-c")),
+        _endpoint("qwen", "team-b", _ref("engine-c"), weighting=STATIC),
         _endpoint("idle", "default"),
-    ]
-    return build_policy(((f"object {i}", obj) for i, obj in enumerate(objects)), version="v7")
+        # only engine-a is routed here: the Service and the weight-0 Backend are left out
+        _endpoint(
+            "mixed",
+            "default",
+            _ref("a-service", 4, kind="Service"),
+            _ref("engine-a", 2),
+            _ref("engine-b", 0),
+        ),
+    )
 
 
 @pytest.fixture
 def settings(tmp_path: Path) -> EnvoySettings:
     return EnvoySettings(
-        listen_port=18000, admin_port=18100, extproc_port=18200, config_dir=tmp_path / "envoy"
+        listen_port=18000,
+        admin_port=18100,
+        extproc_port=18200,
+        xds_port=18300,
+        config_dir=tmp_path / "envoy",
     )
 
 
@@ -85,11 +129,38 @@ def json_body(direct_response: dict[str, Any]) -> Any:
     return json.loads(direct_response["body"]["inline_string"])
 
 
-def hcm_of(config: dict[str, Any]) -> dict[str, Any]:
-    hcm: dict[str, Any] = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][
-        0
-    ]["typed_config"]
+def hcm_of(listener: dict[str, Any]) -> dict[str, Any]:
+    hcm: dict[str, Any] = listener["filter_chains"][0]["filters"][0]["typed_config"]
     return hcm
+
+
+def clusters_of(resources: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    return by_name(resources[CLUSTER_TYPE])
+
+
+def assignments_of(resources: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    return {cla["cluster_name"]: cla for cla in resources[ENDPOINT_TYPE]}
+
+
+def localities(
+    policy: Policy,
+    settings: EnvoySettings,
+    cluster: str,
+    weights: dict[SocketAddress, int] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """A cluster's localities by sub-zone (the Backend's namespace/name)."""
+    assignment = assignments_of(xds_resources(policy, settings, weights))[cluster]
+    return {loc["locality"]["sub_zone"]: loc for loc in assignment["endpoints"]}
+
+
+def engines(locality: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """A locality's lb_endpoints by engine port, without the address."""
+    out = {}
+    for lb in locality["lb_endpoints"]:
+        socket = lb["endpoint"]["address"]["socket_address"]
+        assert socket["address"] == "127.0.0.1"
+        out[socket["port_value"]] = {k: v for k, v in lb.items() if k != "endpoint"}
+    return out
 
 
 # --- routes -----------------------------------------------------------------------------------
@@ -116,12 +187,12 @@ def test_one_route_per_endpoint_matching_model_and_namespace(
         "endpoint/default/idle",
         "endpoint/default/llama",
         "endpoint/default/mistral",
+        "endpoint/default/mixed",
         "endpoint/default/phi",
         "endpoint/default/qwen",
         "endpoint/team-b/qwen",
     ]
-    team_b = endpoint_routes[-1]["match"]
-    assert team_b == {
+    assert endpoint_routes[-1]["match"] == {
         "prefix": "/",
         "headers": [
             {"name": "x-arks-model", "string_match": {"exact": "qwen"}},
@@ -130,35 +201,35 @@ def test_one_route_per_endpoint_matching_model_and_namespace(
     }
 
 
-def test_endpoint_route_weights_its_backend_clusters(
-    policy: Policy, settings: EnvoySettings
+@pytest.mark.parametrize(
+    "namespace, model", [("default", "qwen"), ("default", "mixed"), ("team-b", "qwen")]
+)
+def test_routed_endpoint_goes_to_its_one_cluster_with_timeout_and_retries(
+    policy: Policy, settings: EnvoySettings, namespace: str, model: str
 ) -> None:
-    route = by_name(routes(policy, settings))["endpoint/default/qwen"]["route"]
+    route = by_name(routes(policy, settings))[f"endpoint/{namespace}/{model}"]["route"]
 
-    assert route["weighted_clusters"]["clusters"] == [
-        {"name": "backend/default/engine-a", "weight": 1},
-        {"name": "backend/default/engine-b", "weight": 3},
-    ]
-    assert route["timeout"] == f"{settings.upstream_timeout_s}s"
-    assert "connect-failure" in route["retry_policy"]["retry_on"]
-
-
-def test_routes_point_only_at_clusters_that_exist(policy: Policy, settings: EnvoySettings) -> None:
-    clusters = {cluster["name"] for cluster in backend_clusters(policy)}
-
-    targets = {
-        weighted["name"]
-        for route in routes(policy, settings)
-        if "route" in route
-        for weighted in route["route"]["weighted_clusters"]["clusters"]
+    assert route == {
+        "cluster": f"endpoint/{namespace}/{model}",
+        "timeout": f"{settings.upstream_timeout_s}s",
+        "retry_policy": retry_policy(),
     }
+    assert "weighted_clusters" not in route
 
-    assert targets == {
-        "backend/default/engine-a",
-        "backend/default/engine-b",
-        "backend/team-b/engine-c",
-    }
-    assert targets <= clusters
+
+def test_retries_go_to_another_engine_on_failures_before_an_answer() -> None:
+    policy = retry_policy()
+    retry_on = policy["retry_on"].split(",")
+
+    assert {"connect-failure", "refused-stream", "retriable-status-codes"} <= set(retry_on)
+    # An engine resetting before it answers is retried ("reset" covers "reset-before-request").
+    assert {"reset", "reset-before-request"} & set(retry_on)
+    assert policy["retriable_status_codes"] == [503]
+    assert policy["num_retries"] >= 1
+    (predicate,) = policy["retry_host_predicate"]
+    assert predicate["name"] == "envoy.retry_host_predicates.previous_hosts"
+    assert predicate["typed_config"]["@type"].endswith(".PreviousHostsPredicate")
+    assert policy["host_selection_retry_max_attempts"] >= 1
 
 
 @pytest.mark.parametrize(
@@ -166,10 +237,11 @@ def test_routes_point_only_at_clusters_that_exist(policy: Policy, settings: Envo
     ["idle", "llama", "mistral", "phi"],
     ids=["no-refs", "service-only", "weight-0", "unknown-backend"],
 )
-def test_endpoint_without_a_backend_answers_503_json(
+def test_endpoint_without_a_routable_backend_answers_503_json_and_has_no_cluster(
     policy: Policy, settings: EnvoySettings, model: str
 ) -> None:
     route = by_name(routes(policy, settings))[f"endpoint/default/{model}"]
+    resources = xds_resources(policy, settings, ENGINE_WEIGHTS)
 
     assert "route" not in route
     assert route["direct_response"]["status"] == 503
@@ -180,6 +252,8 @@ def test_endpoint_without_a_backend_answers_503_json(
             "code": "no_backend",
         }
     }
+    assert f"endpoint/default/{model}" not in clusters_of(resources)
+    assert f"endpoint/default/{model}" not in assignments_of(resources)
 
 
 def test_catch_all_route_comes_last_and_answers_404_json(
@@ -187,10 +261,12 @@ def test_catch_all_route_comes_last_and_answers_404_json(
 ) -> None:
     last = routes(policy, settings)[-1]
 
+    assert last["name"] == "not_found"
     assert last["match"] == {"prefix": "/"}
-    assert "headers" not in last["match"]
     assert last["direct_response"]["status"] == 404
-    assert json_body(last["direct_response"])["error"]["code"] == "not_found"
+    assert json_body(last["direct_response"]) == {
+        "error": {"message": "no such route", "type": "invalid_request_error", "code": "not_found"}
+    }
 
 
 def test_route_names_are_unique(policy: Policy, settings: EnvoySettings) -> None:
@@ -199,82 +275,270 @@ def test_route_names_are_unique(policy: Policy, settings: EnvoySettings) -> None
     assert len(names) == len(set(names))
 
 
-def test_empty_policy_has_only_health_and_not_found(settings: EnvoySettings) -> None:
-    assert [route["name"] for route in routes(Policy(), settings)] == ["healthz", "not_found"]
-    assert backend_clusters(Policy()) == []
+def test_empty_policy_has_only_health_and_not_found_and_no_clusters(
+    settings: EnvoySettings,
+) -> None:
+    resources = xds_resources(Policy(), settings)
+
+    (route_config,) = resources[ROUTE_TYPE]
+    (virtual_host,) = route_config["virtual_hosts"]
+    assert [route["name"] for route in virtual_host["routes"]] == ["healthz", "not_found"]
+    assert len(resources[LISTENER_TYPE]) == 1
+    assert resources[CLUSTER_TYPE] == []
+    assert resources[ENDPOINT_TYPE] == []
 
 
-# --- clusters and discovery files -------------------------------------------------------------
+# --- xDS resources ----------------------------------------------------------------------------
 
 
-def test_one_static_cluster_per_backend(policy: Policy) -> None:
-    clusters = by_name(backend_clusters(policy))
+def test_resources_are_keyed_by_envoy_v3_type_urls(policy: Policy, settings: EnvoySettings) -> None:
+    resources = xds_resources(policy, settings, ENGINE_WEIGHTS)
 
-    assert list(clusters) == [
-        "backend/default/engine-a",
-        "backend/default/engine-b",
-        "backend/team-b/engine-c",
-    ]
-    engine_a = clusters["backend/default/engine-a"]
-    assert engine_a["type"] == "STATIC"
-    assert engine_a["load_assignment"]["cluster_name"] == "backend/default/engine-a"
-    addresses = [
-        lb["endpoint"]["address"]["socket_address"]
-        for lb in engine_a["load_assignment"]["endpoints"][0]["lb_endpoints"]
-    ]
-    assert addresses == [
-        {"address": "127.0.0.1", "port_value": 18001},
-        {"address": "127.0.0.1", "port_value": 18002},
-    ]
+    assert set(resources) == {
+        "type.googleapis.com/envoy.config.listener.v3.Listener",
+        "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+        "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+        "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+    }
+    assert {LISTENER_TYPE, ROUTE_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE} == set(resources)
 
 
-def test_discovery_files_are_typed_and_versioned_by_the_policy(
+def test_listener_takes_its_routes_from_ads(policy: Policy, settings: EnvoySettings) -> None:
+    resources = xds_resources(policy, settings)
+    (listener,) = resources[LISTENER_TYPE]
+    (route_config,) = resources[ROUTE_TYPE]
+
+    assert listener["name"] == LISTENER
+    assert listener["address"]["socket_address"] == {
+        "address": settings.listen_address,
+        "port_value": settings.listen_port,
+    }
+    assert listener["per_connection_buffer_limit_bytes"] == settings.body_limit_bytes
+    hcm = hcm_of(listener)
+    assert hcm["rds"] == {"route_config_name": ROUTE_CONFIG, "config_source": ADS}
+    assert "route_config" not in hcm
+    assert route_config["name"] == ROUTE_CONFIG
+    (virtual_host,) = route_config["virtual_hosts"]
+    assert virtual_host["domains"] == ["*"]
+    assert virtual_host["routes"] == routes(policy, settings)
+
+
+def test_listener_filters_call_extproc_with_every_placeholder_filled(
     policy: Policy, settings: EnvoySettings
 ) -> None:
-    files = discovery_files(policy, settings)
+    (listener,) = xds_resources(policy, settings)[LISTENER_TYPE]
+    hcm = hcm_of(listener)
+    rendered = json.dumps(listener)
 
-    assert set(files) == {"cds.json", "rds.json"}
-    assert {files["cds.json"]["version_info"], files["rds.json"]["version_info"]} == {"v7"}
-    assert {c["@type"] for c in files["cds.json"]["resources"]} == {
-        "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+    for placeholder in PLACEHOLDERS:
+        assert placeholder not in rendered
+    filters = by_name(hcm["http_filters"])
+    grpc = filters[EXT_PROC_FILTER]["typed_config"]["grpc_service"]
+    assert grpc["envoy_grpc"]["cluster_name"] == EXTPROC_CLUSTER
+    assert grpc["timeout"] == f"{settings.message_timeout_ms / 1000}s"
+    assert hcm["http_filters"][-1]["name"] == "envoy.filters.http.router"
+    (access_log,) = hcm["access_log"]
+    common = access_log["typed_config"]["common_config"]
+    assert common["grpc_service"]["envoy_grpc"]["cluster_name"] == EXTPROC_CLUSTER
+
+
+def test_one_eds_cluster_per_routed_endpoint(policy: Policy, settings: EnvoySettings) -> None:
+    clusters = clusters_of(xds_resources(policy, settings, ENGINE_WEIGHTS))
+
+    assert list(clusters) == [
+        "endpoint/default/mixed",
+        "endpoint/default/qwen",
+        "endpoint/team-b/qwen",
+    ]
+    for name, cluster in clusters.items():
+        assert cluster["type"] == "EDS"
+        assert cluster["eds_cluster_config"] == {"eds_config": ADS, "service_name": name}
+        assert cluster["lb_policy"] == "LEAST_REQUEST"
+        assert cluster["common_lb_config"] == {"locality_weighted_lb_config": {}}
+        assert cluster["outlier_detection"]["consecutive_5xx"] >= 1
+        assert "load_assignment" not in cluster
+
+
+def test_every_route_cluster_exists_and_every_cluster_has_one_assignment(
+    policy: Policy, settings: EnvoySettings
+) -> None:
+    resources = xds_resources(policy, settings, ENGINE_WEIGHTS)
+    (route_config,) = resources[ROUTE_TYPE]
+    clusters = {cluster["name"] for cluster in resources[CLUSTER_TYPE]}
+
+    targets = {
+        route["route"]["cluster"]
+        for route in route_config["virtual_hosts"][0]["routes"]
+        if "route" in route
     }
-    (route_config,) = files["rds.json"]["resources"]
-    assert route_config["@type"] == "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-    assert route_config["name"] == ROUTE_CONFIG
+
+    assert targets == clusters
+    assert Counter(cla["cluster_name"] for cla in resources[ENDPOINT_TYPE]) == dict.fromkeys(
+        clusters, 1
+    )
 
 
-def test_bootstrap_reads_routes_and_clusters_from_the_config_dir(settings: EnvoySettings) -> None:
+# --- localities and weights -------------------------------------------------------------------
+
+
+def test_a_locality_per_backend_weighted_by_its_route_config(
+    policy: Policy, settings: EnvoySettings
+) -> None:
+    qwen = localities(policy, settings, "endpoint/default/qwen")
+
+    assert list(qwen) == ["default/engine-a", "default/engine-b"]
+    assert qwen["default/engine-a"]["load_balancing_weight"] == 1
+    assert qwen["default/engine-b"]["load_balancing_weight"] == 3
+    assert list(engines(qwen["default/engine-a"])) == [18001, 18002]
+    assert list(engines(qwen["default/engine-b"])) == [18003]
+
+
+def test_a_route_config_of_weight_0_or_a_service_is_not_routed_locally(
+    policy: Policy, settings: EnvoySettings
+) -> None:
+    mixed = localities(policy, settings, "endpoint/default/mixed", ENGINE_WEIGHTS)
+
+    assert list(mixed) == ["default/engine-a"]
+    assert mixed["default/engine-a"]["load_balancing_weight"] == 2
+
+
+def test_weighted_endpoint_applies_engine_weights(policy: Policy, settings: EnvoySettings) -> None:
+    qwen = localities(policy, settings, "endpoint/default/qwen", ENGINE_WEIGHTS)
+
+    assert engines(qwen["default/engine-a"]) == {
+        18001: {"load_balancing_weight": 7},
+        # drained: Envoy wants a weight >= 1, so health is what keeps traffic off it
+        18002: {"load_balancing_weight": 1, "health_status": "UNHEALTHY"},
+    }
+    # not scraped yet: weight 1, as under static weighting
+    assert engines(qwen["default/engine-b"]) == {18003: {"load_balancing_weight": 1}}
+
+
+@pytest.mark.parametrize("weight", [0, 9])
+def test_static_endpoint_ignores_engine_weights(
+    policy: Policy, settings: EnvoySettings, weight: int
+) -> None:
+    team_b = localities(policy, settings, "endpoint/team-b/qwen", {_engine(18004): weight})
+
+    assert engines(team_b["team-b/engine-c"]) == {18004: {"load_balancing_weight": 1}}
+
+
+@pytest.mark.parametrize("weighting", [*WEIGHTINGS, None])
+def test_every_weighting_but_static_applies_engine_weights(
+    settings: EnvoySettings, weighting: str | None
+) -> None:
+    chosen = _policy(
+        _backend("engine", "default", 18001, 18002),
+        _endpoint("model", "default", _ref("engine"), weighting=weighting),
+    )
+    weights = {_engine(18001): 4, _engine(18002): 0}
+
+    got = engines(localities(chosen, settings, "endpoint/default/model", weights)["default/engine"])
+
+    if weighting == STATIC:
+        assert got == {18001: {"load_balancing_weight": 1}, 18002: {"load_balancing_weight": 1}}
+    else:  # None: the default, "weighted"
+        assert got == {
+            18001: {"load_balancing_weight": 4},
+            18002: {"load_balancing_weight": 1, "health_status": "UNHEALTHY"},
+        }
+
+
+@pytest.mark.parametrize("weights", [None, {}], ids=["none", "empty"])
+def test_without_engine_weights_every_engine_weighs_1(
+    policy: Policy, settings: EnvoySettings, weights: dict[SocketAddress, int] | None
+) -> None:
+    resources = xds_resources(policy, settings, weights)
+
+    lb_endpoints = [
+        lb
+        for cla in resources[ENDPOINT_TYPE]
+        for locality in cla["endpoints"]
+        for lb in locality["lb_endpoints"]
+    ]
+    assert len(lb_endpoints) == 6  # default/qwen: 3, default/mixed: 2, team-b/qwen: 1
+    assert all(lb["load_balancing_weight"] == 1 for lb in lb_endpoints)
+    assert not any("health_status" in lb for lb in lb_endpoints)
+
+
+# --- bootstrap --------------------------------------------------------------------------------
+
+
+def test_bootstrap_takes_everything_else_from_ads(settings: EnvoySettings) -> None:
     config = bootstrap(settings)
+    dynamic = config["dynamic_resources"]
 
-    assert hcm_of(config)["rds"]["config_source"]["path_config_source"]["path"] == str(
-        settings.config_dir / "rds.json"
-    )
-    assert config["dynamic_resources"]["cds_config"]["path_config_source"]["path"] == str(
-        settings.config_dir / "cds.json"
-    )
-    assert [c["name"] for c in config["static_resources"]["clusters"]] == [EXTPROC_CLUSTER]
+    assert dynamic["lds_config"] == ADS
+    assert dynamic["cds_config"] == ADS
+    ads = dynamic["ads_config"]
+    assert ads["api_type"] == "GRPC"
+    assert ads["transport_api_version"] == "V3"
+    (grpc_service,) = ads["grpc_services"]
+    assert grpc_service["envoy_grpc"]["cluster_name"] == XDS_CLUSTER
+    assert "listeners" not in config["static_resources"]
+    assert config["admin"]["address"]["socket_address"]["port_value"] == settings.admin_port
+
+
+def test_bootstrap_holds_only_the_extproc_and_xds_grpc_clusters(settings: EnvoySettings) -> None:
+    clusters = by_name(bootstrap(settings)["static_resources"]["clusters"])
+
+    assert list(clusters) == [EXTPROC_CLUSTER, XDS_CLUSTER]
+    for name, port in ((EXTPROC_CLUSTER, settings.extproc_port), (XDS_CLUSTER, settings.xds_port)):
+        cluster = clusters[name]
+        assert cluster["type"] == "STATIC"
+        (options,) = cluster["typed_extension_protocol_options"].values()
+        assert "http2_protocol_options" in options["explicit_http_config"]  # gRPC
+        (locality,) = cluster["load_assignment"]["endpoints"]
+        (lb,) = locality["lb_endpoints"]
+        assert lb["endpoint"]["address"]["socket_address"] == {
+            "address": "127.0.0.1",
+            "port_value": port,
+        }
 
 
 def test_bootstrap_fills_every_filter_placeholder(settings: EnvoySettings) -> None:
-    assert "{" + "extproc_cluster}" not in json.dumps(bootstrap(settings))
-    assert "{" + "message_timeout}" not in json.dumps(bootstrap(settings))
+    rendered = json.dumps(bootstrap(settings))
+
+    for placeholder in PLACEHOLDERS:
+        assert placeholder not in rendered
 
 
-def test_write_config_writes_the_bootstrap_and_discovery_files(
-    policy: Policy, settings: EnvoySettings
-) -> None:
-    path = write_config(policy, settings)
+def test_write_bootstrap_writes_the_bootstrap_as_json(settings: EnvoySettings) -> None:
+    path = write_bootstrap(settings)
 
     assert path == settings.config_dir / "bootstrap.json"
-    assert sorted(p.name for p in settings.config_dir.iterdir()) == [
-        "bootstrap.json",
-        "cds.json",
-        "rds.json",
-    ]
-    assert (
-        json.loads((settings.config_dir / "rds.json").read_text())
-        == discovery_files(policy, settings)["rds.json"]
+    assert json.loads(path.read_text()) == bootstrap(settings)
+    assert [p.name for p in settings.config_dir.iterdir()] == ["bootstrap.json"]  # no temp file
+
+
+def test_write_bootstrap_replaces_the_previous_file_whole(settings: EnvoySettings) -> None:
+    path = write_bootstrap(settings)
+    changed = EnvoySettings(
+        listen_port=1, admin_port=2, extproc_port=3, xds_port=4, config_dir=settings.config_dir
     )
+
+    assert write_bootstrap(changed) == path
+    assert json.loads(path.read_text()) == bootstrap(changed)
+    assert [p.name for p in settings.config_dir.iterdir()] == ["bootstrap.json"]
+
+
+def test_a_failed_write_leaves_the_previous_bootstrap_intact(
+    settings: EnvoySettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_bootstrap(settings)
+    before = path.read_text()
+    real_write_text = Path.write_text
+
+    def write_half_then_fail(self: Path, data: str, *args: Any, **kwargs: Any) -> int:
+        real_write_text(self, data[: len(data) // 2], *args, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_text", write_half_then_fail)
+
+    with pytest.raises(OSError, match="disk full"):
+        write_bootstrap(settings)
+
+    assert path.read_text() == before
 
 
 # --- Envoy's own validator --------------------------------------------------------------------
@@ -289,38 +553,58 @@ def envoy_validate(config_path: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def inlined(policy: Policy, settings: EnvoySettings) -> dict[str, Any]:
-    """The bootstrap with the discovery files inlined, so Envoy validates routes and clusters too."""
+def write(config: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config))
+    return path
+
+
+def inlined(
+    policy: Policy, settings: EnvoySettings, weights: dict[SocketAddress, int] | None = None
+) -> dict[str, Any]:
+    """A static bootstrap holding what ADS would serve, so Envoy validates those resources too:
+    the route configuration inlined into the listener, each EDS cluster made STATIC with its
+    ClusterLoadAssignment."""
     config = copy.deepcopy(bootstrap(settings))
-    files = discovery_files(policy, settings)
-    hcm = hcm_of(config)
+    resources = copy.deepcopy(xds_resources(policy, settings, weights))
+    (listener,) = resources[LISTENER_TYPE]
+    (route_config,) = resources[ROUTE_TYPE]
+    hcm = hcm_of(listener)
     del hcm["rds"]
-    (route_config,) = files["rds.json"]["resources"]
-    hcm["route_config"] = {k: v for k, v in route_config.items() if k != "@type"}
-    config["static_resources"]["clusters"] += [
-        {k: v for k, v in cluster.items() if k != "@type"}
-        for cluster in files["cds.json"]["resources"]
-    ]
+    hcm["route_config"] = route_config
+    assignments = assignments_of(resources)
+    clusters = []
+    for cluster in resources[CLUSTER_TYPE]:
+        del cluster["eds_cluster_config"]
+        cluster["type"] = "STATIC"
+        cluster["load_assignment"] = assignments.pop(cluster["name"])
+        clusters.append(cluster)
+    assert assignments == {}  # no assignment without its cluster
+    config["static_resources"]["listeners"] = [listener]
+    config["static_resources"]["clusters"] += clusters
     del config["dynamic_resources"]
     return config
 
 
-def test_envoy_accepts_the_written_bootstrap(policy: Policy, settings: EnvoySettings) -> None:
-    result = envoy_validate(write_config(policy, settings))
+def test_envoy_accepts_the_written_ads_bootstrap(settings: EnvoySettings) -> None:
+    result = envoy_validate(write_bootstrap(settings))
 
     assert result.returncode == 0, result.stderr + result.stdout
 
 
-@pytest.mark.parametrize("source", ["rich", "demo", "empty"])
-def test_envoy_accepts_the_routes_and_clusters(
+@pytest.mark.parametrize("source", ["rich", "rich-unweighted", "demo", "empty"])
+def test_envoy_accepts_the_xds_resources(
     policy: Policy, settings: EnvoySettings, source: str
 ) -> None:
-    chosen = {"rich": policy, "demo": load_policy_file(DEMO_POLICY), "empty": Policy()}[source]
-    path = settings.config_dir / "inlined.json"
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps(inlined(chosen, settings)))
+    chosen, weights = {
+        "rich": (policy, ENGINE_WEIGHTS),
+        "rich-unweighted": (policy, None),
+        "demo": (load_policy_file(DEMO_POLICY), None),
+        "empty": (Policy(), None),
+    }[source]
+    config = inlined(chosen, settings, weights)
 
-    result = envoy_validate(path)
+    result = envoy_validate(write(config, settings.config_dir / "inlined.json"))
 
     assert result.returncode == 0, result.stderr + result.stdout
 
@@ -328,16 +612,14 @@ def test_envoy_accepts_the_routes_and_clusters(
 def test_envoy_validation_catches_a_route_to_a_missing_cluster(
     policy: Policy, settings: EnvoySettings
 ) -> None:
-    config = inlined(policy, settings)
-    qwen = by_name(hcm_of(config)["route_config"]["virtual_hosts"][0]["routes"])[
+    config = inlined(policy, settings, ENGINE_WEIGHTS)
+    listener = config["static_resources"]["listeners"][0]
+    qwen = by_name(hcm_of(listener)["route_config"]["virtual_hosts"][0]["routes"])[
         "endpoint/default/qwen"
     ]
-    qwen["route"]["weighted_clusters"]["clusters"][0]["name"] = "backend/default/nowhere"
-    path = settings.config_dir / "broken.json"
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps(config))
+    qwen["route"]["cluster"] = "endpoint/default/nowhere"
 
-    result = envoy_validate(path)
+    result = envoy_validate(write(config, settings.config_dir / "broken.json"))
 
     assert result.returncode != 0
-    assert "backend/default/nowhere" in result.stderr + result.stdout
+    assert "endpoint/default/nowhere" in result.stderr + result.stdout
