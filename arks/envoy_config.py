@@ -9,7 +9,8 @@ without touching a file.
 An endpoint's cluster holds the engines of every Backend its `routeConfigs` name: one locality
 per Backend, weighted by the routeConfig's weight (locality-weighted load balancing), and one
 endpoint per engine address, weighted by the engine's load where the endpoint asks for it
-(`weighting: load`). An engine with weight 0 is marked unhealthy: Envoy stops sending to it.
+(`weighting` other than `static`). An engine with weight 0 is marked unhealthy: Envoy stops sending to it
+(unless all of the endpoint's engines are: then it fails open).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from arks.api import ArksEndpoint, Backend, BackendRef, ObjectKey, SocketAddress
+from arks.api import STATIC, ArksEndpoint, Backend, BackendRef, ObjectKey, SocketAddress
 from arks.policy import Policy
 
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
@@ -42,10 +43,10 @@ CLUSTER_TYPE = _TYPE.format("cluster", "Cluster")
 ENDPOINT_TYPE = _TYPE.format("endpoint", "ClusterLoadAssignment")
 ADS_SOURCE: Mapping[str, Any] = {"ads": {}, "resource_api_version": "V3"}
 
-# Failover: an engine that refuses the connection, resets before answering or answers 503 is
-# retried on another engine. Envoy retries only before it has sent the client any byte of the
-# answer (response headers included), so a started answer is never duplicated.
-RETRY_ON = ("connect-failure", "refused-stream", "reset-before-request", "retriable-status-codes")
+# Failover: an engine that refuses the connection, resets (e.g. dies) before answering or
+# answers 503 is retried on another engine. Envoy retries only before it has sent the client
+# any byte of the answer (response headers included), so a started answer is never duplicated.
+RETRY_ON = ("connect-failure", "refused-stream", "reset", "retriable-status-codes")
 RETRIABLE_STATUS_CODES = (503,)
 NUM_RETRIES = 2
 
@@ -129,7 +130,10 @@ def endpoint_cluster(endpoint: ArksEndpoint) -> dict[str, Any]:
         # Weighted least request: among the engines, fewer requests in flight and a higher
         # weight both attract the next request.
         "lb_policy": "LEAST_REQUEST",
-        "common_lb_config": {"locality_weighted_lb_config": {}},
+        # Drained engines get nothing, however many there are (Envoy's default "panic" would
+        # spread traffic over all of them once half are unhealthy); when all of an endpoint's
+        # engines are drained, `load_assignment` fails open instead.
+        "common_lb_config": {"locality_weighted_lb_config": {}, "healthy_panic_threshold": {"value": 0}},
         # An engine answering errors or refusing connections is set aside for a while, on top
         # of the controller's load-based draining (which needs a scrape to notice).
         "outlier_detection": {
@@ -147,11 +151,17 @@ def load_assignment(
 ) -> dict[str, Any]:
     """The endpoint's engines: a locality per Backend, each engine with its weight.
 
-    `engine_weights` is consulted only for endpoints with `weighting: load`; an engine missing
-    from it (not scraped yet) gets weight 1, as under static weighting."""
-    dynamic = endpoint.weighting == "load"
+    `engine_weights` is consulted for every endpoint not on `weighting: static`; an engine
+    missing from it (not scraped yet) gets weight 1, as under static weighting."""
+    dynamic = endpoint.weighting != STATIC
+    routed = routed_backends(endpoint, policy)
+    if dynamic and all(engine_weights.get(a, 1) == 0 for _, b in routed for a in b.endpoints):
+        # Every engine is failing its scrapes: rather than answer 503 for the whole model on
+        # the strength of the scrapes alone, let traffic try them (outlier detection and
+        # retries still keep requests off the ones that are really down).
+        dynamic = False
     localities = []
-    for ref, backend in routed_backends(endpoint, policy):
+    for ref, backend in routed:
         lb_endpoints = []
         for address in backend.endpoints:
             weight = engine_weights.get(address, 1) if dynamic else 1
@@ -369,7 +379,16 @@ def bootstrap(settings: EnvoySettings, node_id: str = "arks-local") -> dict[str,
             "ads_config": {
                 "api_type": "GRPC",
                 "transport_api_version": "V3",
-                "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
+                "grpc_services": [
+                    {
+                        "envoy_grpc": {
+                            "cluster_name": XDS_CLUSTER,
+                            # Reconnect within a second after a controller restart (Envoy's
+                            # default backs off from 0.5 s up to 30 s).
+                            "retry_policy": {"retry_back_off": {"base_interval": "0.1s", "max_interval": "1s"}},
+                        }
+                    }
+                ],
                 "set_node_on_first_message_only": True,
             },
             "lds_config": dict(ADS_SOURCE),

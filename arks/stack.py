@@ -21,7 +21,7 @@ from arks import envoy_config
 from arks.api import ObjectKey, SocketAddress
 from arks.envoy_config import EnvoySettings
 from arks.policy import Policy, load_policy_file
-from arks.procs import Supervisor, free_port, wait_http
+from arks.procs import Child, Supervisor, free_port, wait_http
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class StackSettings:
     sim_args: tuple[str, ...] = ()
     envoy_concurrency: int = 2
     extproc_args: tuple[str, ...] = ()
+    controller_args: tuple[str, ...] = ()
     kube_host: str | None = None  # extproc reads the policy from this API server, not the file
     envoy_log_level: str = "warning"
 
@@ -74,6 +75,7 @@ class LocalStack:
     envoy_settings: EnvoySettings = field(init=False)
     policy: Policy = field(init=False)
     controller_metrics_port: int = field(init=False)
+    controller: Child = field(init=False)
 
     def __post_init__(self) -> None:
         self.supervisor = Supervisor(log_dir=self.settings.state_dir / "logs")
@@ -119,16 +121,7 @@ class LocalStack:
                 *s.extproc_args,
             )
             wait_http(extproc, self.metrics_url)
-            controller = self.supervisor.python(
-                "controller",
-                "controller",
-                "--policy", str(s.policy),
-                "--xds-address", f"127.0.0.1:{self.envoy_settings.xds_port}",
-                "--listen-port", str(s.port),
-                "--metrics-address", "127.0.0.1",
-                "--metrics-port", str(self.controller_metrics_port),
-            )
-            wait_http(controller, f"{self.controller_url}/readyz")
+            self.start_controller()
             bootstrap = envoy_config.write_bootstrap(self.envoy_settings)
             envoy = self.supervisor.start(
                 "envoy",
@@ -146,6 +139,28 @@ class LocalStack:
         except BaseException:
             self.stop()
             raise
+
+    def start_controller(self) -> Child:
+        """Start the standalone controller (Envoy's xDS server); wait until it has a snapshot."""
+        s = self.settings
+        self.controller = self.supervisor.python(
+            "controller",
+            "controller",
+            "--policy", str(s.policy),
+            "--xds-address", f"127.0.0.1:{self.envoy_settings.xds_port}",
+            "--listen-port", str(s.port),
+            "--metrics-address", "127.0.0.1",
+            "--metrics-port", str(self.controller_metrics_port),
+            *s.controller_args,
+        )
+        wait_http(self.controller, f"{self.controller_url}/readyz")
+        return self.controller
+
+    def restart_controller(self) -> Child:
+        """Stop the controller and start a new one on the same ports (Envoy keeps serving)."""
+        self.controller.stop()
+        self.supervisor.children.remove(self.controller)
+        return self.start_controller()
 
     def _start_engines(self) -> None:
         s = self.settings

@@ -68,7 +68,12 @@ async def scrape(session: aiohttp.ClientSession, url: str, timeout_s: float) -> 
 
 
 def observe(result: Scrape) -> Observation:
-    """A scrape as the weight tracker's input: the parsed load, or why there is none."""
+    """A scrape as the weight tracker's input: the parsed load, or why there is none.
+
+    An engine without a metrics page (404: e.g. an OpenAI-compatible server that exports
+    none) is up with an unknown load, not failing: it keeps a neutral weight."""
+    if result.status == 404:
+        return EngineLoad("unknown")
     if not result.ok or result.text is None:
         return ScrapeFailure(result.error or "no answer")
     try:

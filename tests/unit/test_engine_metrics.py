@@ -205,3 +205,12 @@ def test_window_without_history_or_traffic_or_after_a_restart_is_empty() -> None
     assert restarted == empty
     no_counters = window(EngineLoad("sglang", waiting=1), EngineLoad("sglang", waiting=2))
     assert no_counters == empty
+
+
+def test_an_engine_without_a_metrics_page_is_up_with_unknown_load() -> None:
+    from controller.load.record import EngineLoad, ScrapeFailure
+    from controller.load.scrape import Scrape, observe
+
+    assert observe(Scrape("http://e/metrics", False, 0.01, error="HTTP 404", status=404)) == EngineLoad("unknown")
+    failed = observe(Scrape("http://e/metrics", False, 0.01, error="HTTP 500", status=500))
+    assert isinstance(failed, ScrapeFailure) and "500" in failed.reason

@@ -354,7 +354,11 @@ def test_one_eds_cluster_per_routed_endpoint(policy: Policy, settings: EnvoySett
         assert cluster["type"] == "EDS"
         assert cluster["eds_cluster_config"] == {"eds_config": ADS, "service_name": name}
         assert cluster["lb_policy"] == "LEAST_REQUEST"
-        assert cluster["common_lb_config"] == {"locality_weighted_lb_config": {}}
+        # drained engines get nothing, even when most are drained (no "panic" spreading)
+        assert cluster["common_lb_config"] == {
+            "locality_weighted_lb_config": {},
+            "healthy_panic_threshold": {"value": 0},
+        }
         assert cluster["outlier_detection"]["consecutive_5xx"] >= 1
         assert "load_assignment" not in cluster
 
@@ -411,6 +415,19 @@ def test_weighted_endpoint_applies_engine_weights(policy: Policy, settings: Envo
         18002: {"load_balancing_weight": 1, "health_status": "UNHEALTHY"},
     }
     # not scraped yet: weight 1, as under static weighting
+    assert engines(qwen["default/engine-b"]) == {18003: {"load_balancing_weight": 1}}
+
+
+def test_when_every_engine_is_drained_the_endpoint_fails_open(
+    policy: Policy, settings: EnvoySettings
+) -> None:
+    all_drained = {_engine(18001): 0, _engine(18002): 0, _engine(18003): 0}
+    qwen = localities(policy, settings, "endpoint/default/qwen", all_drained)
+
+    assert engines(qwen["default/engine-a"]) == {
+        18001: {"load_balancing_weight": 1},
+        18002: {"load_balancing_weight": 1},
+    }
     assert engines(qwen["default/engine-b"]) == {18003: {"load_balancing_weight": 1}}
 
 
