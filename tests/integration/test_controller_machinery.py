@@ -179,7 +179,7 @@ def test_reconcile_applies_an_owned_child_sets_status_and_records_an_event(
     assert ref["controller"] is True and ref["blockOwnerDeletion"] is True
     ready = find_condition(status["conditions"], "Ready")
     assert ready is not None and (ready["status"], ready["observedGeneration"]) == ("True", 1)
-    events = rest.request(api, "GET", EVENTS.path(ns))["items"]
+    events = eventually(lambda: rest.request(api, "GET", EVENTS.path(ns))["items"])  # after the status
     assert [(e["reason"], e["involvedObject"]["name"]) for e in events] == [("Applied", "llama")]
 
 
