@@ -1,13 +1,14 @@
 """`make bench`: the gateway's cost against plain Envoy and the Python floor, in one run.
 
-    .venv/bin/python -m tests.bench.gateway --out docs/benchmarks.md [--duration 8] [--quick] [--only ratelimit]
+    .venv/bin/python -m tests.bench.gateway --out docs/benchmarks.md [--duration 8] [--quick] [--only gateway|ratelimit|traffic]
 
 One simulated engine serves three configurations (see `targets.py`): plain Envoy, Envoy with a
 do-nothing Python ext_proc (the floor), and the full gateway. Each workload runs against all
 three, interleaved (plain, floor, gateway, then gateway, floor, plain, ...) so that the noise of
 a shared 2-core machine lands on all of them alike. Only ratios between them mean anything.
-Then (unless `--only gateway`) the rate-limit service's part, `tests/bench/ratelimit.py`, adds its
-own section; `--only ratelimit` runs just that and replaces just its section of `--out`.
+Then the rate-limit service's part (`tests/bench/ratelimit.py`) and the traffic control plane's
+part (`tests/bench/traffic.py`) add their own sections; `--only ratelimit|traffic` runs just that
+part and replaces just its section of `--out`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from arks.procs import Supervisor
 from arks.stack import envoy_binary
-from tests.bench import ratelimit, report, targets, wrk
+from tests.bench import ratelimit, report, targets, traffic, wrk
 from tests.bench.report import Measurement, Results
 from tests.bench.targets import CpuSample, Target
 from tests.bench.workloads import PATH, STREAM_CHUNKS, Workload, all_workloads, preflight
@@ -70,7 +71,7 @@ class Settings:
         )
         parser.add_argument("--quick", action="store_true", help="smoke run: 1 s per measurement, one round")
         parser.add_argument(
-            "--only", choices=("all", "gateway", "ratelimit"), default="all",
+            "--only", choices=("all", "gateway", "ratelimit", "traffic"), default="all",
             help="run only the gateway part, or only the rate-limit part (tests/bench/ratelimit.py)",
         )
         args = parser.parse_args(argv)
@@ -283,16 +284,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     settings = Settings.from_args(argv)
     started = time.monotonic()
-    if settings.only != "ratelimit":
+    if settings.only in ("all", "gateway"):
         _gateway_part(settings, argv, started)
-    if settings.only != "gateway":
+    for part, module in (("ratelimit", ratelimit), ("traffic", traffic)):
+        if settings.only not in ("all", part):
+            continue
         try:
-            section = ratelimit.run_section(quick=settings.quick, command=_command(argv))
+            section = module.run_section(quick=settings.quick, command=_command(argv))
         except RuntimeError as err:
-            sys.exit(f"bench FAILED (rate-limit part): {err}")
+            sys.exit(f"bench FAILED ({part} part): {err}")
         if settings.out is not None:
-            ratelimit.write_section(settings.out, section)
-            print(f"wrote the rate-limit section of {settings.out}")
+            module.write_section(settings.out, section)
+            print(f"wrote the {part} section of {settings.out}")
 
 
 def _gateway_part(settings: Settings, argv: Sequence[str], started: float) -> None:
@@ -306,8 +309,10 @@ def _gateway_part(settings: Settings, argv: Sequence[str], started: float) -> No
     if settings.out is not None:
         settings.out.parent.mkdir(parents=True, exist_ok=True)
         text = render_markdown(results, workloads, settings, argv)
-        if settings.only == "gateway" and (kept := ratelimit.existing_section(settings.out)):
-            text += "\n" + kept + "\n"
+        if settings.only == "gateway":  # keep the other parts' sections
+            for module in (ratelimit, traffic):
+                if kept := report.existing_section(settings.out, module.BEGIN, module.END):
+                    text += "\n" + kept + "\n"
         settings.out.write_text(text)
         print(f"wrote {settings.out}")
 

@@ -748,25 +748,12 @@ def render_section(r: Results, command: str) -> str:
 
 def write_section(path: Path, section: str) -> None:
     """Put the section in `path`: replace the previous one if present, else append; keep the rest."""
-    text = path.read_text() if path.exists() else ""
-    start = text.find(BEGIN)
-    if start >= 0:
-        end = text.find(END, start)
-        if end < 0:
-            raise RateLimitBenchError(f"{path}: the rate-limit section has no end marker {END!r}; fix the file")
-        text = text[:start] + section + text[end + len(END):]
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text if text.endswith("\n") else text + "\n")
+    report.replace_section(path, BEGIN, END, section)
 
 
 def existing_section(path: Path) -> str | None:
     """The rate-limit section already in `path`, to carry over when only the gateway part is rewritten."""
-    text = path.read_text() if path.exists() else ""
-    start = text.find(BEGIN)
-    end = text.find(END, start)
-    return text[start:end + len(END)] if start >= 0 and end >= 0 else None
+    return report.existing_section(path, BEGIN, END)
 
 
 def run_section(*, quick: bool, command: str, settings: Settings | None = None) -> str:

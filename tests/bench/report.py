@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from tests.bench.targets import CpuSample
 from tests.bench.workloads import Workload, chat, stream
@@ -164,3 +165,27 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 BUDGET_HEADER = ["figure (DESIGN §6)", "measured", "budget", "verdict"]
+
+
+def replace_section(path: Path, begin: str, end: str, section: str) -> None:
+    """Put `section` (which starts with `begin` and ends with `end`) in `path`: replace the
+    previous one if present, else append; keep the rest of the file."""
+    text = path.read_text() if path.exists() else ""
+    start = text.find(begin)
+    if start >= 0:
+        stop = text.find(end, start)
+        if stop < 0:
+            raise RuntimeError(f"{path}: a section has no end marker {end!r}; fix the file")
+        text = text[:start] + section + text[stop + len(end):]
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text if text.endswith("\n") else text + "\n")
+
+
+def existing_section(path: Path, begin: str, end: str) -> str | None:
+    """The section between the markers in `path`, to carry over when the rest is rewritten."""
+    text = path.read_text() if path.exists() else ""
+    start = text.find(begin)
+    stop = text.find(end, start)
+    return text[start:stop + len(end)] if start >= 0 and stop >= 0 else None

@@ -1,0 +1,241 @@
+"""The traffic control plane's figures (part of `make bench`; `--only traffic` runs just these):
+
+1. Propagation: how long from an engine's load change (its /metrics) until Envoy runs the new
+   weights — the scrape interval, the weight tracker's smoothing, the snapshot and the xDS push,
+   read on Envoy's admin `/clusters`. Measured at the controller's default scrape interval and
+   at a short one.
+2. Picking: the per-request cost of the gateway picking the engine (`least-load`, and
+   `prefix-cache`, which reads the body) against weighted routing (`weighted`), all in one
+   stack, arms interleaved: Python CPU per request of the gateway process and the latency the
+   client sees.
+
+    .venv/bin/python -m tests.bench.traffic [--out docs/benchmarks.md] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from arks.api import token_digest
+from arks.procs import Supervisor, free_port, wait_http
+from arks.stack import LocalStack, StackSettings
+from tests.bench import report
+
+BEGIN = "<!-- traffic-bench: begin (python -m tests.bench.traffic replaces this section) -->"
+END = "<!-- traffic-bench: end -->"
+TOKEN = "sk-arks-bench-traffic-0001"
+ENGINES = ("a", "b", "c")
+BUSY_WAITING = 30  # the changed engine's queue: far enough to move its weight for sure
+
+
+@dataclass(frozen=True)
+class Settings:
+    trials: int = 8  # load changes per scrape interval
+    intervals_s: tuple[float, ...] = (1.0, 0.25)  # 1.0: what `arks up` runs
+    requests: int = 600  # per picking arm and round
+    rounds: int = 3
+    quick: bool = False
+
+    @classmethod
+    def smoke(cls) -> Settings:
+        return cls(trials=2, intervals_s=(0.25,), requests=60, rounds=1, quick=True)
+
+
+@dataclass
+class Engines:
+    ports: dict[str, int]
+
+    def set_waiting(self, name: str, waiting: int) -> None:
+        httpx.put(f"http://127.0.0.1:{self.ports[name]}/sim/load", json={"waiting": waiting}, timeout=5).raise_for_status()
+
+
+def _policy(ports: dict[str, int]) -> list[dict[str, Any]]:
+    backend = {
+        "apiVersion": "gateway.envoyproxy.io/v1alpha1",
+        "kind": "Backend",
+        "metadata": {"name": "pool", "namespace": "default"},
+        "spec": {"endpoints": [{"ip": {"address": "127.0.0.1", "port": ports[n]}} for n in ENGINES]},
+    }
+    endpoints: list[dict[str, Any]] = [
+        {
+            "apiVersion": "arks.ai/v1",
+            "kind": "ArksEndpoint",
+            "metadata": {"name": f"bench-{weighting}", "namespace": "default"},
+            "spec": {
+                "weighting": weighting,
+                "routeConfigs": [{"group": "gateway.envoyproxy.io", "kind": "Backend", "name": "pool"}],
+            },
+        }
+        for weighting in ("weighted", "least-load", "prefix-cache")
+    ]
+    models = [f"bench-{w}" for w in ("weighted", "least-load", "prefix-cache")]
+    token = {
+        "apiVersion": "arks.ai/v1",
+        "kind": "ArksToken",
+        "metadata": {"name": "bench", "namespace": "default"},
+        "spec": {"tokenHash": token_digest(TOKEN), "qos": [{"arksEndpoint": {"name": m}} for m in models]},
+    }
+    return [backend, *endpoints, token]
+
+
+@contextmanager
+def _stack(work: Path, interval_s: float) -> Iterator[tuple[LocalStack, Engines]]:
+    ports = {name: free_port() for name in ENGINES}
+    work.mkdir(parents=True, exist_ok=True)
+    policy = work / "policy.yaml"
+    policy.write_text(yaml.safe_dump_all(_policy(ports)))
+    with Supervisor(log_dir=work / "logs") as sims:
+        for name in ENGINES:
+            child = sims.python(f"sim-{name}", "arks.sim", "--port", str(ports[name]), "--name", name,
+                                *(a for m in ("bench-weighted", "bench-least-load", "bench-prefix-cache")
+                                  for a in ("--model", m)))
+            wait_http(child, f"http://127.0.0.1:{ports[name]}/health")
+        settings = StackSettings(
+            policy=policy, state_dir=work / "state", port=free_port(), admin_port=free_port(),
+            metrics_port=free_port(), simulate=False, controller_args=("--scrape-interval-s", str(interval_s)),
+        )
+        with LocalStack(settings) as stack:
+            yield stack, Engines(ports)
+
+
+def _envoy_weights(stack: LocalStack, by_port: dict[int, str]) -> dict[str, int]:
+    clusters = httpx.get(f"{stack.admin_url}/clusters?format=json", timeout=5).json()
+    out = {}
+    for cluster in clusters.get("cluster_statuses", []):
+        if cluster["name"] == "endpoint/default/bench-weighted":
+            for host in cluster.get("host_statuses", []):
+                out[by_port[host["address"]["socket_address"]["port_value"]]] = int(host.get("weight", 1))
+    return out
+
+
+def _until(check: Callable[[], Any], timeout_s: float, poll_s: float = 0.01) -> float:
+    """Seconds until `check()` is truthy (polled every `poll_s`)."""
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout_s:
+            raise RuntimeError(f"not within {timeout_s}s")
+        time.sleep(poll_s)
+    return time.monotonic() - started
+
+
+@dataclass
+class Propagation:
+    interval_s: float
+    first_s: list[float] = field(default_factory=list)  # until Envoy runs a changed weight
+    settled_s: list[float] = field(default_factory=list)  # until it runs the weight that then stays
+
+
+def propagation(work: Path, interval_s: float, trials: int) -> Propagation:
+    out = Propagation(interval_s)
+    with _stack(work, interval_s) as (stack, engines):
+        by_port = {p: n for n, p in engines.ports.items()}
+        for name in ENGINES:
+            engines.set_waiting(name, 0)
+        quiet = max(3 * interval_s, 1.0)
+        _settled(stack, by_port, quiet, timeout_s=60)
+        for trial in range(trials):
+            before = _envoy_weights(stack, by_port)
+            waiting = BUSY_WAITING if trial % 2 == 0 else 0
+            started = time.monotonic()
+            engines.set_waiting("c", waiting)
+            _until(_changed(stack, by_port, "c", before.get("c")), timeout_s=60)
+            out.first_s.append(time.monotonic() - started)
+            final_at = _settled(stack, by_port, quiet, timeout_s=60)
+            out.settled_s.append(final_at - started)
+    return out
+
+
+def _changed(stack: LocalStack, by_port: dict[int, str], engine: str, was: int | None) -> Callable[[], bool]:
+    return lambda: _envoy_weights(stack, by_port).get(engine) != was
+
+
+def _settled(stack: LocalStack, by_port: dict[int, str], quiet_s: float, timeout_s: float) -> float:
+    """Wait until Envoy's weights have not moved for `quiet_s`; return when they last moved."""
+    deadline = time.monotonic() + timeout_s
+    last, since = _envoy_weights(stack, by_port), time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        if time.monotonic() > deadline:
+            raise RuntimeError("Envoy's weights never settled")
+        time.sleep(0.01)
+        now = _envoy_weights(stack, by_port)
+        if now != last:
+            last, since = now, time.monotonic()
+    return since
+
+
+def render_section(results: Sequence[Propagation], command: str) -> str:
+    rows = [
+        [
+            f"{p.interval_s:g} s",
+            f"{statistics.median(p.first_s):.2f} s",
+            f"{max(p.first_s):.2f} s",
+            f"{statistics.median(p.settled_s):.2f} s",
+            f"{max(p.settled_s):.2f} s",
+            str(len(p.first_s)),
+        ]
+        for p in results
+    ]
+    table = report.markdown_table(
+        ["scrape interval", "first weight change, median", "max", "final weight, median", "max", "load changes"], rows
+    )
+    return "\n".join([
+        BEGIN,
+        "## Traffic control plane",
+        "",
+        f"`{command}`",
+        "",
+        "### Load change → weights in Envoy",
+        "",
+        f"One engine of three goes from an idle queue to {BUSY_WAITING} waiting requests and back (the",
+        "simulator's `PUT /sim/load`); the clock runs from that change until Envoy's admin `/clusters`",
+        "shows the engine's new weight (first change) and until the weight it then keeps (final).",
+        "It is the scrape interval, the weight tracker's smoothing rounds and the xDS push.",
+        "",
+        table,
+        "",
+        END,
+    ])
+
+
+def write_section(path: Path, section: str) -> None:
+    report.replace_section(path, BEGIN, END, section)
+
+
+def run_section(*, quick: bool, command: str, settings: Settings | None = None) -> str:
+    settings = settings or (Settings.smoke() if quick else Settings())
+    results = []
+    with tempfile.TemporaryDirectory(prefix="arks-bench-traffic-") as tmp:
+        for i, interval in enumerate(settings.intervals_s):
+            result = propagation(Path(tmp) / f"p{i}", interval, settings.trials)
+            print(f"scrape every {interval:g}s: first change median {statistics.median(result.first_s):.2f}s, "
+                  f"final median {statistics.median(result.settled_s):.2f}s", flush=True)
+            results.append(result)
+    return render_section(results, command)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.traffic", description=__doc__)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    command = "python -m tests.bench.traffic" + (" --quick" if args.quick else "")
+    section = run_section(quick=args.quick, command=command)
+    if args.out is not None:
+        write_section(args.out, section)
+        print(f"wrote the traffic section of {args.out}")
+
+
+if __name__ == "__main__":
+    main()
