@@ -48,6 +48,7 @@ def _banner(stack: Any, tokens: Mapping[str, str]) -> str:
         f"  OpenAI endpoint  {stack.url}/v1",
         f"  Envoy admin      {stack.admin_url}",
         f"  Gateway metrics  {stack.metrics_url}",
+        f"  Engine weights   {stack.controller_url}/status",
         f"  Models           {', '.join(models) or '(none)'}",
         f"  Logs             {stack.settings.state_dir / 'logs'}",
     ]
