@@ -20,6 +20,8 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from arks import envoy_config
+from arks.envoy_config import EnvoySettings
 from arks.procs import Supervisor, free_port, wait_http
 from arks.stack import envoy_binary
 from controller.xds.cache import (
@@ -34,7 +36,7 @@ from controller.xds.cache import (
 from controller.xds.server import XdsServer
 
 NODE = "xds-test-node"
-ADS = {"ads": {}, "resource_api_version": "V3"}
+ADS = dict(envoy_config.ADS_SOURCE)
 T = TypeVar("T")
 
 
@@ -94,46 +96,9 @@ def assignment(cluster: str, weights: dict[int, int]) -> dict[str, Any]:
 
 
 def bootstrap(admin_port: int, xds_port: int) -> dict[str, Any]:
-    xds_cluster = {
-        "name": "xds_cluster",
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
-        "load_assignment": {
-            "cluster_name": "xds_cluster",
-            "endpoints": [
-                {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": xds_port}}}}]}
-            ],
-        },
-    }
-    return {
-        "node": {"id": NODE, "cluster": "xds-test"},
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
-        "static_resources": {"clusters": [xds_cluster]},
-        "dynamic_resources": {
-            "ads_config": {
-                "api_type": "GRPC",
-                "transport_api_version": "V3",
-                "grpc_services": [
-                    {
-                        "envoy_grpc": {
-                            "cluster_name": "xds_cluster",
-                            # reconnect fast after the server restarts (default: from 0.5 s up to 30 s)
-                            "retry_policy": {"retry_back_off": {"base_interval": "0.1s", "max_interval": "0.5s"}},
-                        }
-                    }
-                ],
-                "set_node_on_first_message_only": True,
-            },
-            "lds_config": ADS,
-            "cds_config": ADS,
-        },
-    }
+    """The local stack's own bootstrap (ADS for everything; its extproc cluster goes unused)."""
+    settings = EnvoySettings(listen_port=0, admin_port=admin_port, extproc_port=free_port(), xds_port=xds_port)
+    return envoy_config.bootstrap(settings, node_id=NODE)
 
 
 # --- the running pieces ------------------------------------------------------------------------
