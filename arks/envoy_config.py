@@ -11,6 +11,19 @@ per Backend, weighted by the routeConfig's weight (locality-weighted load balanc
 endpoint per engine address, weighted by the engine's load where the endpoint asks for it
 (`weighting` other than `static`). An engine with weight 0 is marked unhealthy: Envoy stops sending to it
 (unless all of the endpoint's engines are: then it fails open).
+
+Endpoints that pick their engine per request (`least-load`, `prefix-cache`: extproc's
+`extproc/picking/`) name it the Gateway API Inference Extension way, an `ip:port` list in the
+`x-gateway-destination-endpoint` header and in metadata `envoy.lb`. Their cluster reads it with
+Envoy's `override_host` load-balancing policy rather than an ORIGINAL_DST cluster:
+- a named host is looked up among the cluster's own engines, so a forged or stale address can
+  never send traffic anywhere else (an ORIGINAL_DST cluster connects to whatever it is told);
+- the list is consumed one host per attempt, so the route's retries go to the picker's
+  fallbacks in order, and past the list (or with no list: the picker failing open) the
+  cluster's usual locality-weighted least-request balancing takes over;
+- outlier detection, circuit breakers and the controller's weights and drains keep working.
+Metadata is read first: only extproc can write `envoy.lb`, while a header is client input
+until extproc strips it.
 """
 
 from __future__ import annotations
@@ -25,7 +38,16 @@ from typing import Any
 
 import yaml
 
-from arks.api import STATIC, ArksEndpoint, Backend, BackendRef, ObjectKey, SocketAddress
+from arks.api import (
+    LEAST_LOAD,
+    PREFIX_CACHE,
+    STATIC,
+    ArksEndpoint,
+    Backend,
+    BackendRef,
+    ObjectKey,
+    SocketAddress,
+)
 from arks.policy import Policy
 
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
@@ -49,6 +71,12 @@ ADS_SOURCE: Mapping[str, Any] = {"ads": {}, "resource_api_version": "V3"}
 RETRY_ON = ("connect-failure", "refused-stream", "reset", "retriable-status-codes")
 RETRIABLE_STATUS_CODES = (503,)
 NUM_RETRIES = 2
+
+# Endpoint picking (Gateway API Inference Extension): where extproc names the chosen engines.
+PICKED_WEIGHTINGS = frozenset({LEAST_LOAD, PREFIX_CACHE})
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+DESTINATION_METADATA_NAMESPACE = "envoy.lb"
+_LB_TYPE = "type.googleapis.com/envoy.extensions.load_balancing_policies.{}.v3.{}"
 
 
 @dataclass(frozen=True)
@@ -120,9 +148,42 @@ def routed_backends(endpoint: ArksEndpoint, policy: Policy) -> list[tuple[Backen
     return out
 
 
+def _least_request() -> dict[str, Any]:
+    return {
+        "typed_extension_config": {
+            "name": "envoy.load_balancing_policies.least_request",
+            "typed_config": {
+                "@type": _LB_TYPE.format("least_request", "LeastRequest"),
+                "locality_lb_config": {"locality_weighted_lb_config": {}},
+            },
+        }
+    }
+
+
+def picked_host_policy() -> dict[str, Any]:
+    """The engines extproc picked (metadata, then header), else weighted least request."""
+    return {
+        "policies": [
+            {
+                "typed_extension_config": {
+                    "name": "envoy.load_balancing_policies.override_host",
+                    "typed_config": {
+                        "@type": _LB_TYPE.format("override_host", "OverrideHost"),
+                        "override_host_sources": [
+                            {"metadata": {"key": DESTINATION_METADATA_NAMESPACE, "path": [{"key": DESTINATION_HEADER}]}},
+                            {"header": DESTINATION_HEADER},
+                        ],
+                        "fallback_policy": {"policies": [_least_request()]},
+                    },
+                }
+            }
+        ]
+    }
+
+
 def endpoint_cluster(endpoint: ArksEndpoint) -> dict[str, Any]:
     name = endpoint_cluster_name(endpoint)
-    return {
+    cluster: dict[str, Any] = {
         "name": name,
         "type": "EDS",
         "eds_cluster_config": {"eds_config": dict(ADS_SOURCE), "service_name": name},
@@ -144,6 +205,13 @@ def endpoint_cluster(endpoint: ArksEndpoint) -> dict[str, Any]:
             "max_ejection_percent": 50,
         },
     }
+    if endpoint.weighting in PICKED_WEIGHTINGS:
+        # `load_balancing_policy` replaces `lb_policy`; locality weighting moves into the
+        # fallback policy, the panic threshold stays common (the fallback reads it).
+        del cluster["lb_policy"]
+        cluster["load_balancing_policy"] = picked_host_policy()
+        cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
+    return cluster
 
 
 def load_assignment(

@@ -14,7 +14,7 @@ from google.protobuf import json_format, struct_pb2
 from extproc.admission import Reservation
 from extproc.decision import Deny, Forward, ReadBody, Reply
 from extproc.gateway import METADATA_NAMESPACE
-from extproc.request import BodyFacts, RequestInfo
+from extproc.request import PICKED_HEADERS, BodyFacts, RequestInfo
 from extproc.usage import Finished
 
 REQUEST_METADATA_NAMESPACE = "io.arks.request"
@@ -47,7 +47,7 @@ def _text(header: base_pb2.HeaderValue) -> str:
     return header.raw_value.decode("utf-8", "replace") if header.raw_value else str(header.value)
 
 
-_KEPT_HEADERS = frozenset({"authorization", "x-api-key", "x-request-id", "content-length"})
+_KEPT_HEADERS = frozenset({"authorization", "x-api-key", "x-request-id", "content-length", *PICKED_HEADERS})
 
 
 def request_info(headers: ep.HttpHeaders, metadata: base_pb2.Metadata) -> RequestInfo:

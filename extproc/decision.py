@@ -60,6 +60,8 @@ class Forward:
     prompt_estimate: int | None = None
     max_tokens: int | None = None
     qos: Qos | None = None  # the token's grant for this model: its limits and quota
+    weighting: str = ""  # the endpoint's: least-load and prefix-cache pick an engine per request
+    prompt: str | None = None  # the prompt text, read for prefix-cache picking
 
 
 Decision = Deny | Reply | ReadBody | Forward

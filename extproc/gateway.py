@@ -7,11 +7,12 @@ from typing import Any
 
 import orjson
 
-from arks.api import ArksToken
+from arks.api import PREFIX_CACHE, ArksToken
 from arks.policy import Policy
 from arks.tokens import count_prompt
 from extproc.auth import authenticate
 from extproc.decision import Decision, Deny, Forward, Identity, ReadBody, Reply, bad_request
+from extproc.picking.prefix import prompt_text
 from extproc.qos import token_limits
 from extproc.request import CREDENTIAL_HEADERS, INFERENCE_PATHS, MODELS_PATH, BodyFacts, RequestInfo
 
@@ -50,7 +51,10 @@ def decide_headers(req: RequestInfo, policy: Policy, now: datetime) -> Decision:
         return bad_request("The request has no body: send a JSON object with a 'model'.", "missing_body")
     if not req.body.known:
         return ReadBody("the body was not lifted into metadata", token)
-    return admit(req, req.body, token, policy, body=None)
+    decision = admit(req, req.body, token, policy, body=None)
+    if isinstance(decision, Forward) and decision.weighting == PREFIX_CACHE:
+        return ReadBody("prefix-cache picking needs the prompt", token)  # one more message, this endpoint only
+    return decision
 
 
 def decide_body(req: RequestInfo, raw: bytes, token: ArksToken, policy: Policy) -> Decision:
@@ -75,7 +79,8 @@ def admit(req: RequestInfo, facts: BodyFacts, token: ArksToken, policy: Policy, 
     if facts.stream is not None and not isinstance(facts.stream, bool):
         return bad_request("'stream' must be a boolean.", "invalid_type")
     namespace = token.key.namespace
-    if policy.endpoint(namespace, model) is None:
+    endpoint = policy.endpoint(namespace, model)
+    if endpoint is None:
         return Deny(404, "model_not_found", f"The model {model!r} does not exist.")
     qos = token.grants(model)
     if qos is None:
@@ -121,6 +126,8 @@ def admit(req: RequestInfo, facts: BodyFacts, token: ArksToken, policy: Policy, 
         prompt_estimate=prompt_estimate,
         max_tokens=_count(facts.max_tokens),
         qos=qos,
+        weighting=endpoint.weighting,
+        prompt=prompt_text(body) if body is not None and endpoint.weighting == PREFIX_CACHE else None,
     )
 
 

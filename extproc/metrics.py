@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from extproc.usage import Usage
 
@@ -24,6 +24,8 @@ class GatewayMetrics:
     reported_elsewhere: Counter
     policy_reloads: Gauge
     pending: Gauge
+    picks: Counter
+    pick_seconds: Histogram
     _cache: dict[tuple[str, str, str, int], tuple[Any, Any, Any]] = field(default_factory=dict)
 
     @classmethod
@@ -64,6 +66,19 @@ class GatewayMetrics:
             pending=Gauge(
                 "arks_usage_pending_requests",
                 "Admitted requests whose usage has not arrived yet (in flight, or the access log is behind).",
+                registry=registry,
+            ),
+            picks=Counter(
+                "arks_picks",
+                "Engine picks for least-load and prefix-cache endpoints, by reason (least_load, prefix_hit, "
+                "prefix_miss; fallback: no engine pickable, Envoy balanced; refused: the same, answered 503).",
+                ("namespace", "model", "reason"),
+                registry=registry,
+            ),
+            pick_seconds=Histogram(
+                "arks_pick_seconds",
+                "Time extproc spent picking an engine.",
+                buckets=(5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3),
                 registry=registry,
             ),
         )

@@ -6,10 +6,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from arks.envoy_config import DESTINATION_HEADER
+
 INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 MODELS_PATH = "/v1/models"
 ROUTING_HEADERS = ("x-arks-model", "x-arks-namespace", "x-arks-user")
 CREDENTIAL_HEADERS = ("authorization", "x-api-key")
+# Also set by extproc only (endpoint picking); a client's copy is dropped like the routing headers.
+PICKED_HEADERS = (DESTINATION_HEADER,)
 
 
 @dataclass(frozen=True)
@@ -65,4 +69,4 @@ class RequestInfo:
 
     @property
     def spoofed_headers(self) -> tuple[str, ...]:
-        return tuple(name for name in self.headers if name.startswith("x-arks-"))
+        return tuple(name for name in self.headers if name.startswith("x-arks-") or name in PICKED_HEADERS)

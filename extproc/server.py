@@ -24,6 +24,8 @@ from extproc.durability import DurableCopy, QuotaSnapshots, QuotaStatus, StateFi
 from extproc.inflight import InFlight
 from extproc.ledger import MemoryLedger
 from extproc.metrics import GatewayMetrics
+from extproc.picking.service import Picking, PickSettings
+from extproc.picking.watch import watch
 from extproc.reported import RedisReported, SingleReplica
 from extproc.servicer import AccessLogReceiver, Context, ExternalProcessor
 from ratelimit.backends import BackendUnavailable, MemoryBackend, RedisBackend
@@ -53,6 +55,8 @@ class Settings:
     snapshot_interval_s: float = 5.0
     # Longer than the longest answer (Envoy's route timeout) plus the access log's flush delay.
     usage_settle_timeout_s: float = 630.0
+    picker_fail_closed: bool = False  # 503 when a least-load/prefix-cache endpoint has no engine to pick
+    picker_interval_s: float = 0.5  # how often those endpoints' engines are scraped
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> Settings:
@@ -76,6 +80,11 @@ class Settings:
             "--usage-settle-timeout-s", type=float, default=cls.usage_settle_timeout_s,
             help="charge an admitted request's estimate when its usage has not arrived after this long",
         )
+        parser.add_argument("--picker-fail-closed", action="store_true",
+                            help="answer 503 when a least-load or prefix-cache endpoint has no engine to pick "
+                                 "(default: let Envoy balance over its engines)")
+        parser.add_argument("--picker-interval-s", type=float, default=cls.picker_interval_s,
+                            help="how often the engines of picking endpoints are scraped")
         return cls(**vars(parser.parse_args(argv)))
 
 
@@ -105,6 +114,15 @@ async def serve(settings: Settings) -> None:
         durable = QuotaStatus(source.api_client, source.status_of)
     snapshots = QuotaSnapshots(budgets, source, durable, time.time)
     metrics = GatewayMetrics.create()
+    picking = Picking(
+        PickSettings(
+            fail_closed=settings.picker_fail_closed,
+            interval_s=settings.picker_interval_s,
+            scrape_timeout_s=min(0.8 * settings.picker_interval_s, 1.0),
+            max_pick_age_s=settings.usage_settle_timeout_s,
+        ),
+        metrics,
+    )
     ctx = Context(
         policy=source,
         ledger=MemoryLedger(),
@@ -131,6 +149,7 @@ async def serve(settings: Settings) -> None:
             if settings.redis
             else SingleReplica()
         ),
+        picking=picking,
     )
 
     metrics.pending.set_function(lambda: len(ctx.inflight))
@@ -165,7 +184,7 @@ async def serve(settings: Settings) -> None:
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=2)
 
-    await run_until_signalled(every(0.5, housekeeping, log), shutdown=shutdown)
+    await run_until_signalled(every(0.5, housekeeping, log), watch(picking, source), shutdown=shutdown)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,6 +17,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from arks.api import ArksToken
+from arks.envoy_config import PICKED_WEIGHTINGS
 from arks.policy import PolicySource
 from extproc import codec
 from extproc.admission import Admission, Reservation
@@ -25,6 +26,7 @@ from extproc.gateway import METADATA_NAMESPACE, decide_body, decide_headers
 from extproc.inflight import Admitted, InFlight
 from extproc.ledger import Ledger
 from extproc.metrics import GatewayMetrics
+from extproc.picking.service import Destination, Picking, with_destination
 from extproc.reported import ReportedElsewhere, SingleReplica
 from extproc.request import RequestInfo
 from extproc.usage import Usage, usage_of
@@ -45,6 +47,7 @@ class Context:
     now: Callable[[], datetime]
     monotonic: Callable[[], float]
     reported: ReportedElsewhere = field(default_factory=SingleReplica)
+    picking: Picking | None = None  # endpoint picking for least-load and prefix-cache endpoints
 
     def charge(self, usage: Usage, status: int) -> None:
         self.ledger.charge(usage)
@@ -111,17 +114,34 @@ class RequestProcessor:
                 self.token = decision.token
                 return codec.read_body(decision)
 
+    async def _admit(self, decision: Decision) -> Decision:
+        """Pick the engine (where the endpoint asks for it), then admit; a refused request's pick
+        is released. Picking comes first so that failing closed refuses before anything is charged."""
+        assert self.info is not None
+        picking = self.ctx.picking
+        if picking is None or not isinstance(decision, Forward) or decision.weighting not in PICKED_WEIGHTINGS:
+            return await self.ctx.admission.admit(self.info, decision)
+        picked = picking.choose(self.info.request_id, decision.identity, decision.weighting, decision.prompt)
+        if isinstance(picked, Deny):
+            return picked
+        admitted = await self.ctx.admission.admit(self.info, decision)
+        if isinstance(picked, Destination):
+            if isinstance(admitted, Forward):
+                return with_destination(admitted, picked)
+            picking.finished(self.info.request_id)
+        return admitted
+
     async def handle(self, message: ep.ProcessingRequest) -> ep.ProcessingResponse:
         kind = message.WhichOneof("request")
         if kind == "request_headers":
             self.info = codec.request_info(message.request_headers, message.metadata_context)
             decision = decide_headers(self.info, self.ctx.policy.current(), self.ctx.now())
-            return self._encode(await self.ctx.admission.admit(self.info, decision), "headers")
+            return self._encode(await self._admit(decision), "headers")
         if kind == "request_body" and self.info is not None and self.token is not None:
             decision = decide_body(self.info, message.request_body.body, self.token, self.ctx.policy.current())
             if isinstance(decision, ReadBody):  # cannot happen with a parsed body; never loop
                 decision = Deny(400, "invalid_request_error", "The request body could not be processed.")
-            return self._encode(await self.ctx.admission.admit(self.info, decision), "body")
+            return self._encode(await self._admit(decision), "body")
         # Anything else means Envoy sends more than we asked for: let it pass unchanged.
         log.warning("unexpected ext_proc message %s; passing it through", kind)
         return _pass_through(kind)
@@ -163,6 +183,8 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
             done = codec.finished(entry)
             if done is None:
                 continue
+            if self.ctx.picking is not None:
+                self.ctx.picking.finished(done.request_id)
             if not self.ctx.inflight.finish(done.request_id) and done.request_id:
                 foreign.append(done.request_id)
             usage = usage_of(done)

@@ -18,13 +18,14 @@ from typing import Any
 
 import pytest
 
-from arks.api import STATIC, WEIGHTINGS, SocketAddress
+from arks.api import LEAST_LOAD, PREFIX_CACHE, STATIC, WEIGHTED, WEIGHTINGS, SocketAddress
 from arks.envoy_config import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
     EXTPROC_CLUSTER,
     LISTENER,
     LISTENER_TYPE,
+    PICKED_WEIGHTINGS,
     ROUTE_CONFIG,
     ROUTE_TYPE,
     XDS_CLUSTER,
@@ -476,6 +477,90 @@ def test_without_engine_weights_every_engine_weighs_1(
     assert len(lb_endpoints) == 6  # default/qwen: 3, default/mixed: 2, team-b/qwen: 1
     assert all(lb["load_balancing_weight"] == 1 for lb in lb_endpoints)
     assert not any("health_status" in lb for lb in lb_endpoints)
+
+
+# --- endpoint picking: least-load and prefix-cache ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def picking_policy() -> Policy:
+    return _policy(
+        _backend("pool", "default", 18001, 18002),
+        _backend("other", "default", 18003),
+        _endpoint("qwen", "default", _ref("pool", 2), _ref("other", 1), weighting=LEAST_LOAD),
+        _endpoint("llama", "default", _ref("pool"), weighting=PREFIX_CACHE),
+        _endpoint("mistral", "default", _ref("pool"), weighting=WEIGHTED),
+    )
+
+
+def test_picking_weightings_are_least_load_and_prefix_cache() -> None:
+    assert PICKED_WEIGHTINGS == {LEAST_LOAD, PREFIX_CACHE}
+
+
+@pytest.mark.parametrize("model", ["qwen", "llama"])
+def test_a_picking_endpoint_goes_to_the_picked_engines_then_weighted_least_request(
+    picking_policy: Policy, settings: EnvoySettings, model: str
+) -> None:
+    cluster = clusters_of(xds_resources(picking_policy, settings))[f"endpoint/default/{model}"]
+
+    assert "lb_policy" not in cluster  # load_balancing_policy replaces it
+    (policy,) = cluster["load_balancing_policy"]["policies"]
+    override = policy["typed_extension_config"]
+    assert override["name"] == "envoy.load_balancing_policies.override_host"
+    config = override["typed_config"]
+    assert config["@type"].endswith("override_host.v3.OverrideHost")
+    # metadata first: only extproc writes envoy.lb; the header is client input until stripped
+    assert config["override_host_sources"] == [
+        {"metadata": {"key": "envoy.lb", "path": [{"key": "x-gateway-destination-endpoint"}]}},
+        {"header": "x-gateway-destination-endpoint"},
+    ]
+    (fallback,) = config["fallback_policy"]["policies"]
+    least_request = fallback["typed_extension_config"]
+    assert least_request["name"] == "envoy.load_balancing_policies.least_request"
+    assert least_request["typed_config"]["locality_lb_config"] == {"locality_weighted_lb_config": {}}
+    # the fallback still leaves drained engines alone (verified with Envoy: no panic spreading)
+    assert cluster["common_lb_config"] == {"healthy_panic_threshold": {"value": 0}}
+    assert cluster["outlier_detection"]["consecutive_gateway_failure"] >= 1
+    assert cluster["type"] == "EDS"
+
+
+def test_a_picking_endpoint_keeps_its_localities_and_engine_weights(
+    picking_policy: Policy, settings: EnvoySettings
+) -> None:
+    weights = {_engine(18001): 5, _engine(18002): 0}
+    qwen = localities(picking_policy, settings, "endpoint/default/qwen", weights)
+
+    assert qwen["default/pool"]["load_balancing_weight"] == 2
+    assert engines(qwen["default/pool"]) == {
+        18001: {"load_balancing_weight": 5},
+        18002: {"load_balancing_weight": 1, "health_status": "UNHEALTHY"},
+    }
+
+
+def test_weighted_endpoints_keep_plain_least_request(picking_policy: Policy, settings: EnvoySettings) -> None:
+    cluster = clusters_of(xds_resources(picking_policy, settings))["endpoint/default/mistral"]
+
+    assert cluster["lb_policy"] == "LEAST_REQUEST"
+    assert "load_balancing_policy" not in cluster
+
+
+def test_extproc_may_write_the_picked_engines_into_envoy_lb(settings: EnvoySettings) -> None:
+    (listener,) = xds_resources(Policy(), settings)[LISTENER_TYPE]
+    ext_proc = by_name(hcm_of(listener)["http_filters"])[EXT_PROC_FILTER]["typed_config"]
+
+    assert ext_proc["metadata_options"]["receiving_namespaces"]["untyped"] == ["io.arks", "envoy.lb"]
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_envoy_accepts_picking_clusters(
+    picking_policy: Policy, settings: EnvoySettings, weighted: bool
+) -> None:
+    weights = {_engine(18001): 5, _engine(18002): 0} if weighted else None
+    config = inlined(picking_policy, settings, weights)
+
+    result = envoy_validate(write(config, settings.config_dir / "picking.json"))
+
+    assert result.returncode == 0, result.stderr + result.stdout
 
 
 # --- bootstrap --------------------------------------------------------------------------------

@@ -1,0 +1,8 @@
+"""Endpoint picking: extproc chooses the engine for each request of a `least-load` or
+`prefix-cache` ArksEndpoint and names it the Gateway API Inference Extension way.
+
+filter -> score -> pick, one small piece per file: `state.py` (the one datastore: engines per
+endpoint, their scraped load and our picks in flight), `filters.py`, `scorers.py`, `prefix.py`
+(the prompt-prefix index), `picker.py` (combines them, pure), `service.py` (what the servicer
+calls: profiles, metrics, fail-open/closed) and `watch.py` (the scrape loop, the only I/O).
+"""

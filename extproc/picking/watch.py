@@ -1,0 +1,53 @@
+"""The picker's eyes: every `interval_s`, the engines of the picking endpoints in the current
+policy, their `/metrics` scraped (`controller.load.scrape`: fetch and parse live there) and
+folded into the datastore. The only I/O of the package; a failing round is logged, never fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+
+from arks.envoy_config import PICKED_WEIGHTINGS, routed_backends
+from arks.policy import Policy, PolicySource
+from controller.load.scrape import Scraper
+from extproc.picking.service import Picking
+from extproc.picking.state import EndpointKey, host
+
+log = logging.getLogger(__name__)
+
+
+def picking_endpoints(policy: Policy) -> dict[EndpointKey, list[str]]:
+    """(namespace, model) -> engine hosts, for every endpoint whose weighting picks per request."""
+    out: dict[EndpointKey, list[str]] = {}
+    for endpoint in policy.endpoints.values():
+        if endpoint.weighting in PICKED_WEIGHTINGS:
+            out[(endpoint.key.namespace, endpoint.model)] = [
+                host(address) for _ref, backend in routed_backends(endpoint, policy) for address in backend.endpoints
+            ]
+    return out
+
+
+async def refresh(picking: Picking, scraper: Scraper[str], policy: Policy) -> None:
+    """One round: the engine set from the policy, one scrape of each, the picks too old to count."""
+    picking.store.set_endpoints(picking_endpoints(policy))
+    scraper.set_targets({address: f"http://{address}/metrics" for address in picking.store.addresses()})
+    picking.store.observe(await scraper.scrape_once())
+    if expired := picking.store.expire(picking.clock()):
+        log.warning("%d picks had no access-log entry; no longer counted as in flight", expired)
+
+
+async def watch(picking: Picking, source: PolicySource) -> None:
+    s = picking.settings
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession() as session:
+        scraper: Scraper[str] = Scraper(session, {}, interval_s=s.interval_s, timeout_s=s.scrape_timeout_s)
+        while True:
+            started = loop.time()
+            try:
+                await refresh(picking, scraper, source.current())
+            except Exception:
+                log.exception("engine scrape round failed; retrying")
+            await asyncio.sleep(max(0.0, s.interval_s - (loop.time() - started)))
