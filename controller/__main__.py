@@ -2,6 +2,10 @@
 
 Several replicas are safe: they elect a leader on a Lease, and only the leader reconciles.
 
+ArksEndpoints not on `weighting: static` weigh their applications by live engine load: every
+replica scrapes the serving engine pods' `/metrics` every `--scrape-interval-s`
+(`controller.cluster_load`), the leader writes the weights into the HTTPRoutes.
+
 With `--policy FILE` it runs standalone instead (what `arks up` starts): no cluster, the same
 objects from a file, Envoy programmed over xDS with weights from the engines' live load.
 """
@@ -23,6 +27,7 @@ import kubernetes
 from arks.envoy_config import EnvoySettings
 from arks.lifecycle import setup_process
 from arks.policy import FilePolicySource
+from controller.cluster_load import ClusterLoad
 from controller.kube import rest
 from controller.kube.leader import LeaderElector
 from controller.metrics import ControllerMetrics, serve
@@ -64,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     standalone.add_argument("--xds-address", default="127.0.0.1:18000", help="where Envoy's ADS connects")
     standalone.add_argument("--listen-address", default="127.0.0.1", help="Envoy's listener address")
     standalone.add_argument("--listen-port", type=int, default=8080, help="Envoy's listener port")
-    standalone.add_argument("--scrape-interval-s", type=float, default=1.0, help="engine /metrics scrape period")
+    p.add_argument(
+        "--scrape-interval-s", type=float, default=1.0,
+        help="engine /metrics scrape period, for load-based weights (both modes)",
+    )
     p.add_argument("--namespace", help="only this namespace (default: all)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE", "arks-system"))
@@ -121,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     )
     log.info("LeaderWorkerSets %s", "watched" if watch_lws else "not watched (CRD not installed)")
     elector = LeaderElector(client, args.lease_namespace, args.lease_name, args.identity)
+    load = ClusterLoad(client, args.namespace, interval_s=args.scrape_interval_s)
     controllers = [
         application_controller(
             client, args.namespace, workers=args.workers, leader=elector,
@@ -133,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         model_controller(client, args.namespace, workers=args.workers, leader=elector),
         endpoint_controller(
             client, args.namespace, workers=args.workers, leader=elector,
-            default_gateway=gateway_ref(args.default_gateway),
+            default_gateway=gateway_ref(args.default_gateway), load=load,
         ),
         token_controller(client, args.namespace, workers=args.workers, leader=elector),
     ]
@@ -141,17 +150,22 @@ def run(args: argparse.Namespace) -> int:
     metrics.leader.set_function(lambda: 1.0 if elector.is_leader() else 0.0)
     for c in controllers:
         c.instrument(metrics)
-    http = serve(args.metrics_address, args.metrics_port, metrics, lambda: all(c.synced() for c in controllers))
+    http = serve(
+        args.metrics_address, args.metrics_port, metrics,
+        lambda: load.synced() and all(c.synced() for c in controllers),
+    )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     elector.start()
+    load.start()
     for c in controllers:
         c.start()
     log.info("controller %s running (namespace %s)", args.identity, args.namespace or "all")
     stop.wait()
     for c in controllers:
         c.stop()
+    load.stop()
     elector.stop()
     http.shutdown()
     return 0

@@ -4,18 +4,25 @@ Level-triggered: every call reads the endpoint and the ArksApplications of its n
 afresh, server-side applies the HTTPRoute (owned by the endpoint, so deleting the endpoint
 deletes the route) and reports the backends in `status.routes`, their count in
 `status.backends` and a `Ready` condition. An unchanged status is not written.
+
+With a `LoadSource` (`controller.cluster_load.ClusterLoad`), endpoints not on `weighting:
+static` weigh their discovered applications by live engine load (the formula is in
+`controller.render.endpoint`), and a change of an application's load re-triggers the
+endpoints of its namespace. Hysteresis lives in the weight tracker, so a steady load
+rewrites neither the route nor the status.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
+from arks.api import STATIC
 from controller.kube import rest
 from controller.kube.apply import patch_status, server_side_apply, set_owner
 from controller.kube.conditions import find_condition, set_condition
@@ -36,6 +43,13 @@ FIELD_MANAGER = "arks-controller"
 ENDPOINT_API_VERSION = "arks.ai/v1"
 ENDPOINT_KIND = "ArksEndpoint"
 
+
+class LoadSource(Protocol):
+    """Live engine load per application (`controller.cluster_load.ClusterLoad`)."""
+
+    def capacity_of(self, namespace: str, application: str) -> int | None: ...
+
+    def subscribe(self, listener: Callable[[set[tuple[str, str]]], None]) -> None: ...
 
 
 def _list(api_client: ApiClient, resource: Resource, namespace: str) -> list[Obj]:
@@ -79,6 +93,7 @@ def reconcile_endpoint(
     field_manager: str = FIELD_MANAGER,
     now: datetime.datetime | None = None,
     default_gateway: Mapping[str, str] = DEFAULT_GATEWAY,
+    load: LoadSource | None = None,
 ) -> None:
     """Bring the HTTPRoute of ArksEndpoint `key` = (namespace, name) to the desired state.
 
@@ -91,9 +106,10 @@ def reconcile_endpoint(
         return  # the route goes with it through its owner reference
     when = now or datetime.datetime.now(datetime.UTC)
     applications = _list(api_client, APPLICATIONS, namespace)
+    capacities = _capacities(load, namespace, applications)
 
     try:
-        route = render_httproute(endpoint, applications, default_gateway)
+        route = render_httproute(endpoint, applications, default_gateway, capacities)
     except PermanentError as e:
         _write_status(api_client, endpoint, {}, ("False", "Unroutable", str(e)), when)
         raise
@@ -102,12 +118,35 @@ def reconcile_endpoint(
     routes = route_status(route)
     live = [r for r in routes if int(r["weight"]) > 0]
     if live:
-        ready = ("True", "BackendsRouted", f"HTTPRoute {name} over {len(live)} backends")
+        message = f"HTTPRoute {name} over {len(live)} backends"
+        if drained := _drained(endpoint, routes, capacities):
+            message += f"; drained (failing their metrics scrapes): {', '.join(drained)}"
+        ready = ("True", "BackendsRouted", message)
     elif routes:
         ready = ("False", "NoWeightedBackends", f"HTTPRoute {name}: every backend has weight 0")
     else:
         ready = ("False", "NoBackends", f"HTTPRoute {name} has no backends (requests get 500)")
     _write_status(api_client, endpoint, {"routes": routes, "backends": len(live)}, ready, when)
+
+
+def _drained(
+    endpoint: Mapping[str, Any], routes: list[dict[str, Any]], capacities: Mapping[str, int]
+) -> list[str]:
+    """The routed applications whose every pod failed its scrapes (for the Ready message)."""
+    if (endpoint.get("spec") or {}).get("weighting") == STATIC:
+        return []
+    routed = {str(r["name"]) for r in routes if r.get("kind", "Service") == "Service"}
+    return sorted(app for app, capacity in capacities.items() if capacity == 0 and app in routed)
+
+
+def _capacities(
+    load: LoadSource | None, namespace: str, applications: list[Obj]
+) -> dict[str, int]:
+    if load is None:
+        return {}
+    names = {str(app["metadata"]["name"]) for app in applications}
+    known = {name: load.capacity_of(namespace, name) for name in names}
+    return {name: c for name, c in known.items() if c is not None}
 
 
 def endpoint_controller(
@@ -120,12 +159,14 @@ def endpoint_controller(
     informer_options: Mapping[str, Any] | None = None,
     leader: Leadership | None = None,
     default_gateway: Mapping[str, str] = DEFAULT_GATEWAY,
+    load: LoadSource | None = None,
 ) -> Controller:
     """A (not started) controller for ArksEndpoints and their HTTPRoutes.
 
     An edited or deleted HTTPRoute re-triggers its endpoint; any ArksApplication change
     re-triggers the endpoints of its namespace, since discovery may add or drop it (also
-    when its served name changes away from an endpoint).
+    when its served name changes away from an endpoint), and so does a changed live load of
+    an application (`load`, started and stopped by the caller).
     """
     work = queue if queue is not None else WorkQueue()
     options = dict(informer_options or {})
@@ -135,17 +176,22 @@ def endpoint_controller(
     )
     applications = Informer(api_client, APPLICATIONS, namespace, **options)
 
-    def namespace_changed(_kind: str, app: Obj) -> None:
-        app_namespace = (app.get("metadata") or {}).get("namespace")
+    def enqueue_namespaces(namespaces: set[str]) -> None:
         for key in endpoints.keys():
-            if key[0] == app_namespace:
+            if key[0] in namespaces:
                 work.add(key)
 
+    def namespace_changed(_kind: str, app: Obj) -> None:
+        enqueue_namespaces({str((app.get("metadata") or {}).get("namespace"))})
+
     applications.add_handler(namespace_changed)
+    if load is not None:
+        load.subscribe(lambda changed: enqueue_namespaces({ns for ns, _app in changed}))
 
     def reconcile(key: Key) -> None:
         reconcile_endpoint(
-            api_client, key, field_manager=field_manager, default_gateway=default_gateway
+            api_client, key, field_manager=field_manager, default_gateway=default_gateway,
+            load=load,
         )
 
     return Controller(

@@ -6,8 +6,24 @@ processing), so every match of the route is AND'ed with exact matches on those h
 
 * every ArksApplication in the endpoint's namespace serving that name (its
   `spec.servedModelName`, else its model's name, as the application renderer uses it), each
-  through the Service the application renderer creates, with weight `spec.defaultWeight`; and
+  through the Service the application renderer creates, with weight `spec.defaultWeight` —
+  or, unless `spec.weighting` is `static`, the weight its live load gives it (`load_weight`); and
 * the static `spec.routeConfigs`, as given (weight 1 unless set).
+
+Load weights: an application's capacity is the sum over its serving pods of each pod's
+weight in percent of the freest pod of the same model (`controller.cluster_load`: 100 = idle
+or not scraped yet, 0 = drained after failing its scrapes). Its backend weight is
+
+    round(defaultWeight * capacity / 100), at least 1 while capacity > 0
+
+so one free pod weighs `defaultWeight` as under static weighting (the static routeConfigs keep
+their share), two free pods twice that, a busy one less; a live application never rounds down
+to 0, which means drained. An application whose capacity is unknown (no serving pod seen)
+keeps `defaultWeight`. When every discovered application is drained and no static backend
+takes traffic, they all get `defaultWeight` back (fail open): the gateway then spreads
+requests over whatever still answers rather than failing every one of them, as the
+standalone mode's Envoy does. The resolution is `defaultWeight` steps per free pod: a larger
+`defaultWeight` (with the routeConfigs' weights scaled alike) gives finer weights.
 
 A route with no backends (or only zero weights) still renders: the Gateway answers such
 requests with a 500 rather than leaving an older route in place. Owner references are left
@@ -20,6 +36,7 @@ import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from arks.api import STATIC, WEIGHTED
 from controller.engines import UnsupportedApplication, engine_for, served_model_name
 from controller.kube.errors import PermanentError
 from controller.render.labels import LABEL_MANAGED_BY, LABEL_SERVED_NAME, label_value
@@ -35,6 +52,7 @@ STATIC_WEIGHT = 1  # the CRD's default for routeConfigs[].weight
 LABEL_ENDPOINT = "arks.ai/endpoint"
 ANNOTATION_SERVED_NAME = "arks.ai/served-model-name"
 MAX_BACKENDS = 16  # HTTPRoute rules[].backendRefs maxItems
+FULL_CAPACITY = 100  # one pod as free as the freest of its model (controller.cluster_load.FULL)
 
 _BACKEND_FIELDS = ("group", "kind", "name", "namespace", "port", "weight")
 
@@ -78,8 +96,19 @@ def _serves(app: Mapping[str, Any], namespace: str, model: str) -> bool:
     return served_name(app) == model
 
 
+def load_weight(default_weight: int, capacity: int) -> int:
+    """An application's backend weight from its live capacity (see the module doc)."""
+    if capacity <= 0 or default_weight <= 0:
+        return 0
+    return max(1, round(default_weight * capacity / FULL_CAPACITY))
+
+
 def _discovered(
-    applications: Sequence[Mapping[str, Any]], namespace: str, model: str, weight: int
+    applications: Sequence[Mapping[str, Any]],
+    namespace: str,
+    model: str,
+    weight: int,
+    capacities: Mapping[str, int],
 ) -> list[dict[str, Any]]:
     refs = []
     for app in applications:
@@ -89,14 +118,10 @@ def _discovered(
             port = engine_for(app["spec"]).default_port
         except UnsupportedApplication:
             continue  # the application renders nothing, so there is no Service to route to
-        refs.append(
-            {
-                "kind": "Service",
-                "name": str(app["metadata"]["name"]),
-                "port": port,
-                "weight": weight,
-            }
-        )
+        name = str(app["metadata"]["name"])
+        capacity = capacities.get(name)
+        live = weight if capacity is None else load_weight(weight, capacity)
+        refs.append({"kind": "Service", "name": name, "port": port, "weight": live})
     return refs
 
 
@@ -119,22 +144,35 @@ def _sort_key(ref: Mapping[str, Any]) -> tuple[str, str, str, str, int, int]:
 
 
 def backend_refs(
-    endpoint: Mapping[str, Any], applications: Sequence[Mapping[str, Any]]
+    endpoint: Mapping[str, Any],
+    applications: Sequence[Mapping[str, Any]],
+    capacities: Mapping[str, int] | None = None,
 ) -> list[dict[str, Any]]:
-    """The route's backendRefs: discovered applications plus static routeConfigs, sorted."""
+    """The route's backendRefs: discovered applications plus static routeConfigs, sorted.
+
+    `capacities` (application name -> live capacity, see the module doc) weighs the
+    discovered applications unless the endpoint's weighting is `static`."""
     meta, spec = endpoint["metadata"], endpoint.get("spec") or {}
     weight = int(spec.get("defaultWeight", DEFAULT_WEIGHT))
-    refs = _discovered(applications, str(meta["namespace"]), str(meta["name"]), weight)
-    refs += [_static(rc) for rc in spec.get("routeConfigs") or []]
-    return sorted(refs, key=_sort_key)
+    dynamic = spec.get("weighting", WEIGHTED) != STATIC
+    live = (capacities or {}) if dynamic else {}
+    discovered = _discovered(applications, str(meta["namespace"]), str(meta["name"]), weight, live)
+    static = [_static(rc) for rc in spec.get("routeConfigs") or []]
+    drained = all(int(ref["weight"]) == 0 for ref in discovered)
+    if discovered and drained and not any(int(ref["weight"]) > 0 for ref in static):
+        for ref in discovered:  # fail open: nothing else would take the traffic
+            ref["weight"] = weight
+    return sorted(discovered + static, key=_sort_key)
 
 
 def render_httproute(
     endpoint: Mapping[str, Any],
     applications: Sequence[Mapping[str, Any]],
     default_gateway: Mapping[str, str] = DEFAULT_GATEWAY,
+    capacities: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """The desired HTTPRoute for ArksEndpoint `endpoint` given the `applications` around it.
+    """The desired HTTPRoute for ArksEndpoint `endpoint` given the `applications` around it
+    and their live `capacities` (by application name; see the module doc).
 
     An endpoint without `gatewayRef` attaches to `default_gateway` (a parentRef).
     """
@@ -142,7 +180,7 @@ def render_httproute(
     name, namespace = str(meta["name"]), str(meta["namespace"])
     parent = copy.deepcopy(dict(spec.get("gatewayRef") or default_gateway))
     matches = [_model_match(m, name, namespace) for m in spec.get("matchConfigs") or [DEFAULT_MATCH]]
-    refs = backend_refs(endpoint, applications)
+    refs = backend_refs(endpoint, applications, capacities)
     if len(refs) > MAX_BACKENDS:
         raise UnroutableEndpoint(
             f"{len(refs)} backends for {name!r}; an HTTPRoute rule takes at most {MAX_BACKENDS}"

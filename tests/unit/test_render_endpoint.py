@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 
 from controller.kube.errors import PermanentError
-from controller.render.endpoint import render_httproute, route_status
+from controller.render.endpoint import load_weight, render_httproute, route_status
 from tests.support.crd_schema import upstream_schema
 
 MODEL_MATCH = {"type": "Exact", "name": "x-arks-model", "value": "qwen-7b"}
@@ -184,6 +184,82 @@ def test_zero_weights_share_nothing() -> None:
     assert route_status(route) == [
         {"kind": "Service", "name": "a", "port": 1, "weight": 0, "share": 0}
     ]
+
+
+@pytest.mark.parametrize(
+    ("default_weight", "capacity", "weight"),
+    [
+        (5, 100, 5),  # one free pod: the static weight
+        (5, 200, 10),  # two free pods: twice that
+        (5, 150, 8),  # a free pod and a half-busy one
+        (5, 50, 2),  # rounds half to even
+        (5, 1, 1),  # busy but alive never rounds to 0, which means drained
+        (5, 0, 0),  # every pod drained
+        (0, 100, 0),  # the user keeps discovered applications at 0
+        (100, 37, 37),  # a larger defaultWeight gives finer steps
+    ],
+)
+def test_load_weight_scales_default_weight_by_free_pods(
+    default_weight: int, capacity: int, weight: int
+) -> None:
+    assert load_weight(default_weight, capacity) == weight
+
+
+def test_live_capacities_weigh_discovered_applications_but_not_route_configs() -> None:
+    apps = [make_app("busy"), make_app("idle"), make_app("new")]
+    endpoint = make_endpoint(defaultWeight=10, routeConfigs=[{"name": "spill", "port": 80, "weight": 4}])
+    capacities = {"busy": 30, "idle": 200, "elsewhere": 0}  # "new": no pod seen yet
+    route = render_httproute(endpoint, apps, capacities=capacities)
+    assert [(r["name"], r["weight"], r["share"]) for r in route_status(route)] == [
+        ("busy", 3, 8),
+        ("idle", 20, 54),
+        ("new", 10, 27),
+        ("spill", 4, 11),
+    ]
+    assert render_httproute(make_endpoint(defaultWeight=10), apps, capacities={}) == (
+        render_httproute(make_endpoint(defaultWeight=10), apps)
+    )
+
+
+@pytest.mark.parametrize("weighting", ["weighted", "least-load", "prefix-cache"])
+def test_every_weighting_but_static_follows_load(weighting: str) -> None:
+    route = render_httproute(
+        make_endpoint(weighting=weighting), [make_app("a"), make_app("b")], capacities={"a": 40}
+    )
+    assert [r["weight"] for r in rule(route)["backendRefs"]] == [2, 5]
+
+
+def test_static_weighting_keeps_default_weight_whatever_the_load() -> None:
+    apps = [make_app("a"), make_app("b")]
+    route = render_httproute(
+        make_endpoint(weighting="static"), apps, capacities={"a": 0, "b": 300}
+    )
+    assert [(r["name"], r["weight"]) for r in rule(route)["backendRefs"]] == [("a", 5), ("b", 5)]
+
+
+def test_a_drained_application_gets_nothing_while_another_backend_serves() -> None:
+    apps = [make_app("dead"), make_app("alive")]
+    route = render_httproute(make_endpoint(), apps, capacities={"dead": 0, "alive": 100})
+    assert [(r["name"], r["weight"]) for r in rule(route)["backendRefs"]] == [
+        ("alive", 5), ("dead", 0)
+    ]
+    only_static = render_httproute(
+        make_endpoint(routeConfigs=[{"name": "spill", "port": 80}]), apps,
+        capacities={"dead": 0, "alive": 0},
+    )
+    assert [(r["name"], r["weight"]) for r in rule(only_static)["backendRefs"]] == [
+        ("alive", 0), ("dead", 0), ("spill", 1)
+    ]
+
+
+def test_every_application_drained_and_nothing_else_fails_open_to_default_weight() -> None:
+    apps = [make_app("a"), make_app("b")]
+    for configs in ([], [{"name": "off", "port": 80, "weight": 0}]):
+        route = render_httproute(
+            make_endpoint(routeConfigs=configs), apps, capacities={"a": 0, "b": 0}
+        )
+        weights = {r["name"]: r["weight"] for r in rule(route)["backendRefs"]}
+        assert weights == {"a": 5, "b": 5, **({"off": 0} if configs else {})}
 
 
 def test_more_backends_than_a_rule_takes_is_permanent() -> None:
