@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -157,5 +158,81 @@ def test_the_running_controller_follows_applications_and_repairs_its_route(
         events = rest.request(api, "GET", EVENTS.path(ns))["items"]
         seen = [(e["type"], e["reason"]) for e in events if e["involvedObject"]["name"] == SERVED]
         assert ("Normal", "BackendsRouted") in seen and ("Warning", "NoBackends") in seen
+    finally:
+        controller.stop()
+
+
+class FixedLoad:
+    """A `LoadSource` whose capacities the test sets, telling listeners like ClusterLoad does."""
+
+    def __init__(self, capacities: dict[tuple[str, str], int] | None = None) -> None:
+        self.capacities = dict(capacities or {})
+        self.listeners: list[Callable[[set[tuple[str, str]]], None]] = []
+
+    def capacity_of(self, namespace: str, application: str) -> int | None:
+        return self.capacities.get((namespace, application))
+
+    def subscribe(self, listener: Callable[[set[tuple[str, str]]], None]) -> None:
+        self.listeners.append(listener)
+
+    def set(self, namespace: str, application: str, capacity: int) -> None:
+        self.capacities[(namespace, application)] = capacity
+        for listener in self.listeners:
+            listener({(namespace, application)})
+
+
+def test_live_load_weighs_the_route_and_status_and_a_second_pass_writes_nothing(
+    api: ApiClient, ns: str
+) -> None:
+    create_app(api, ns, "qwen-l40s", "vllm", "NVIDIA-L40S")
+    create_app(api, ns, "qwen-h100", "sglang", "NVIDIA-H100")
+    create_endpoint(api, ns, defaultWeight=10, routeConfigs=[{"name": "spill", "port": 80}])
+    # Two free H100 pods; one L40S pod, a third free. Same-named apps elsewhere do not count.
+    load = FixedLoad({(ns, "qwen-h100"): 200, (ns, "qwen-l40s"): 33, ("other", "qwen-l40s"): 0})
+    reconcile_endpoint(api, (ns, SERVED), load=load)
+
+    def versions() -> list[str]:
+        objs = [get(api, HTTPROUTES, ns, SERVED), get(api, ENDPOINTS, ns, SERVED)]
+        return [str(o["metadata"]["resourceVersion"]) for o in objs if o is not None]
+
+    route = get(api, HTTPROUTES, ns, SERVED)
+    assert route is not None
+    assert [(r["name"], r["weight"]) for r in route["spec"]["rules"][0]["backendRefs"]] == [
+        ("qwen-h100", 20), ("qwen-l40s", 3), ("spill", 1)
+    ]
+    status = endpoint_status(api, ns)
+    assert [(r["name"], r["weight"], r["share"]) for r in status["routes"]] == [
+        ("qwen-h100", 20, 83), ("qwen-l40s", 3, 12), ("spill", 1, 4)
+    ]
+    before = versions()
+    reconcile_endpoint(api, (ns, SERVED), load=load)
+    assert len(before) == 2 and versions() == before
+
+    load.capacities[(ns, "qwen-l40s")] = 0  # drained: no traffic, and the status says why
+    reconcile_endpoint(api, (ns, SERVED), load=load)
+    status = endpoint_status(api, ns)
+    assert [(r["name"], r["weight"]) for r in status["routes"]] == [
+        ("qwen-h100", 20), ("qwen-l40s", 0), ("spill", 1)
+    ]
+    ready = find_condition(status["conditions"], "Ready")
+    assert ready is not None and ready["status"] == "True"
+    assert ready["message"].endswith("drained (failing their metrics scrapes): qwen-l40s")
+
+
+def test_a_load_change_retriggers_the_endpoints_of_its_namespace(api: ApiClient, ns: str) -> None:
+    load = FixedLoad()
+    controller = endpoint_controller(api, ns, informer_options=FAST_INFORMERS, load=load)
+    controller.start()
+    try:
+        create_app(api, ns, "qwen-l40s", "vllm", "NVIDIA-L40S")
+        create_endpoint(api, ns)
+        eventually(lambda: endpoint_status(api, ns).get("backends") == 1)
+        assert endpoint_status(api, ns)["routes"][0]["weight"] == 5  # no load known: defaultWeight
+
+        load.set(ns, "qwen-l40s", 40)
+        eventually(lambda: endpoint_status(api, ns)["routes"][0]["weight"] == 2)
+        load.set(ns, "qwen-l40s", 0)  # the only backend drained: fail open to defaultWeight
+        eventually(lambda: "drained" in str(endpoint_status(api, ns)["conditions"]))
+        assert endpoint_status(api, ns)["routes"][0]["weight"] == 5
     finally:
         controller.stop()
