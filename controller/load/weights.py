@@ -18,8 +18,10 @@ weights and a longer queue always a lower (or equal) weight.
 Against flapping, two bands. A dead band on the score: weights are computed from a *held*
 score that follows the smoothed one only when it moves by more than
 `max(deadband_abs, deadband_rel * held)`; after such a move (and after an endpoint appears)
-it follows the EWMA for `ceil(3 / smoothing)` rounds, so it settles where the load settled
-rather than where the move was first noticed. When any held score moves, all are refreshed,
+it follows the EWMA for `ceil(3 / smoothing)` rounds and on until the EWMA has caught up with
+the load (within `SETTLED`, or crossed by it), so it settles where the load settled rather
+than where the move was first noticed: a queue of 30 that empties gives the weight back in
+full, not the 70-80 % the EWMA had reached after its time constant. When any held score moves, all are refreshed,
 since weights are relative. Then hysteresis on the weight: a target is published only when it
 differs from the published weight by more than `max(hysteresis_abs, hysteresis_rel *
 published)` (an endpoint coming back from 0 bypasses it). The price is a steady error inside
@@ -48,6 +50,7 @@ from typing import Generic, TypeVar
 from controller.load.record import EngineLoad, LoadWindow, Observation, ScrapeFailure, window
 
 K = TypeVar("K", bound=Hashable)
+SETTLED = 0.05  # score units: an EWMA this close to the load has caught up with it
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +121,8 @@ class _Endpoint:
     recovering: int = 0  # healthy rounds since a drain, while still ramping up
     age: int = 0  # healthy rounds since it appeared, came back or its held score moved
     previous: EngineLoad | None = None
+    gap: float = 0.0  # raw - smoothed score of the last round: which side the EWMA trails on
+    settling: bool = True  # following the EWMA after a move, until it caught up
 
 
 @dataclass
@@ -167,7 +172,7 @@ class WeightTracker(Generic[K]):
         """Fold one load in; whether its score, once warmed up, left the dead band."""
         s = self.settings
         if ep.drained:  # back from a drain: restart from the fleet and ramp up
-            ep.drained, ep.recovering, ep.age, ep.score = False, 1, 0, neutral
+            ep.drained, ep.recovering, ep.age, ep.score, ep.settling = False, 1, 0, neutral, True
         elif ep.recovering:
             ep.recovering = ep.recovering + 1 if ep.recovering + 1 < s.recovery_steps else 0
         ep.failures = 0
@@ -175,12 +180,18 @@ class WeightTracker(Generic[K]):
         ep.previous = load
         ep.score = raw if ep.score is None else s.smoothing * raw + (1 - s.smoothing) * ep.score
         ep.age += 1
-        if ep.held is None or ep.age <= math.ceil(3 / s.smoothing):
+        gap, ep.gap = ep.gap, raw - ep.score
+        # Settling after a move: follow the EWMA for its time constant, and on until it has
+        # caught up with the load — it reaches it (within SETTLED) or the noise makes it cross.
+        caught_up = abs(ep.gap) <= SETTLED or (gap != 0.0 and (gap > 0) != (ep.gap > 0))
+        warming = ep.age <= math.ceil(3 / s.smoothing)
+        if ep.held is None or warming or (ep.settling and not caught_up):
             ep.held = ep.score  # warming up, or settling after a move: follow the EWMA
             return False
+        ep.settling = False
         if abs(ep.score - ep.held) <= max(s.deadband_abs, s.deadband_rel * ep.held):
             return False
-        ep.held, ep.age = ep.score, 0  # a real move: follow it until the EWMA settles
+        ep.held, ep.age, ep.settling = ep.score, 0, True  # a real move: follow it until it settles
         return True
 
     def _publish(self) -> dict[K, int]:

@@ -214,3 +214,25 @@ def test_load_score_formula() -> None:
 def test_settings_reject_nonsense(bad: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="WeightSettings"):
         WeightSettings(**bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_an_engine_whose_long_queue_empties_gets_its_full_weight_back(noise: bool) -> None:
+    """The dead band must not freeze the weight where the EWMA was when it noticed the move."""
+    rng = random.Random(7)
+    tracker: WeightTracker[str] = WeightTracker()
+
+    def idle() -> EngineLoad:
+        return busy(waiting=rng.choice((0, 1)) if noise else 0, running=0, kv=0.0)
+
+    for _ in range(20):
+        tracker.update({"a": idle(), "b": busy(waiting=30, running=0, kv=0.0)})
+    weights: Mapping[str, int] = {}
+    for _ in range(60):
+        weights = tracker.update({"a": idle(), "b": idle()})
+    if noise:
+        # Inside the dead band a noisy idle queue (0 or 1 waiting) is indistinguishable from
+        # a slightly busy one: the weight settles within the band's steady error.
+        assert weights["a"] >= 60 and weights["b"] >= 60, weights
+    else:
+        assert weights["a"] >= 90 and weights["b"] >= 90, weights
