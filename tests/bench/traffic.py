@@ -32,6 +32,7 @@ from arks.api import token_digest
 from arks.procs import Supervisor, free_port, wait_http
 from arks.stack import LocalStack, StackSettings
 from tests.bench import report
+from tests.bench.targets import cpu_seconds
 
 BEGIN = "<!-- traffic-bench: begin (python -m tests.bench.traffic replaces this section) -->"
 END = "<!-- traffic-bench: end -->"
@@ -175,7 +176,64 @@ def _settled(stack: LocalStack, by_port: dict[int, str], quiet_s: float, timeout
     return since
 
 
-def render_section(results: Sequence[Propagation], command: str) -> str:
+ARMS = ("weighted", "least-load", "prefix-cache")
+SYSTEM_PROMPT = "You are a careful assistant for the Arks benchmark. " * 40  # ~2 KB, shared prefix
+
+
+@dataclass
+class Picking:
+    requests: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ARMS, 0))
+    cpu_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ARMS, 0.0))
+    latencies_ms: dict[str, list[float]] = field(default_factory=lambda: {a: [] for a in ARMS})
+
+    def cpu_us(self, arm: str) -> float:
+        return 1e6 * self.cpu_s[arm] / max(self.requests[arm], 1)
+
+    def p(self, arm: str, q: float) -> float:
+        values = sorted(self.latencies_ms[arm])
+        return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def picking(work: Path, requests: int, rounds: int) -> Picking:
+    """Sequential requests per arm, arms interleaved per round; the gateway's CPU per request."""
+    out = Picking()
+    with _stack(work, 1.0) as (stack, _engines):
+        (extproc,) = [c for c in stack.supervisor.children if c.name == "extproc"]
+        headers = {"authorization": f"Bearer {TOKEN}"}
+        with httpx.Client(base_url=stack.url, headers=headers, timeout=10) as client:
+
+            def ask(arm: str, i: int) -> float:
+                body = {
+                    "model": f"bench-{arm}",
+                    "max_tokens": 2,
+                    "messages": [
+                        {"role": "system", "content": SYSTEM_PROMPT},
+                        {"role": "user", "content": f"question {i % 50}"},
+                    ],
+                }
+                started = time.perf_counter()
+                answer = client.post("/v1/chat/completions", json=body)
+                elapsed = time.perf_counter() - started
+                if answer.status_code != 200:
+                    raise RuntimeError(f"{arm}: {answer.status_code} {answer.text[:200]}")
+                return elapsed * 1000
+
+            for arm in ARMS:  # warm every path (and the picker's first scrape)
+                for i in range(20):
+                    ask(arm, i)
+            time.sleep(1.0)
+            for r in range(rounds):
+                for arm in ARMS if r % 2 == 0 else tuple(reversed(ARMS)):
+                    before = cpu_seconds(extproc.popen.pid)
+                    for i in range(requests):
+                        out.latencies_ms[arm].append(ask(arm, i))
+                    time.sleep(0.3)  # the access log's last batch
+                    out.cpu_s[arm] += cpu_seconds(extproc.popen.pid) - before
+                    out.requests[arm] += requests
+    return out
+
+
+def render_section(results: Sequence[Propagation], command: str, pick: Picking | None = None) -> str:
     rows = [
         [
             f"{p.interval_s:g} s",
@@ -205,8 +263,39 @@ def render_section(results: Sequence[Propagation], command: str) -> str:
         "",
         table,
         "",
+        *(_picking_lines(pick) if pick is not None else []),
         END,
     ])
+
+
+def _picking_lines(pick: Picking) -> list[str]:
+    base = pick.cpu_us("weighted")
+    rows = [
+        [
+            arm,
+            f"{pick.cpu_us(arm):.0f} µs",
+            f"{pick.cpu_us(arm) / base:.2f}x" if base else "-",
+            f"{pick.p(arm, 0.5):.2f} ms",
+            f"{pick.p(arm, 0.5) - pick.p('weighted', 0.5):+.2f} ms",
+            f"{pick.p(arm, 0.99):.2f} ms",
+            str(pick.requests[arm]),
+        ]
+        for arm in ARMS
+    ]
+    return [
+        "### Picking the engine per request",
+        "",
+        "The same three engines behind three model names, one per `weighting`; sequential requests",
+        "with a ~2 KB shared system prompt, arms interleaved. CPU is the gateway process's (from",
+        "`/proc`) per request; latency is the client's, so only the differences between arms mean",
+        "much. `prefix-cache` reads the request body (a second ext_proc message); `least-load`",
+        "decides on the headers alone, like `weighted`.",
+        "",
+        report.markdown_table(
+            ["weighting", "gateway CPU / request", "vs weighted", "p50", "p50 vs weighted", "p99", "requests"], rows
+        ),
+        "",
+    ]
 
 
 def write_section(path: Path, section: str) -> None:
@@ -222,7 +311,10 @@ def run_section(*, quick: bool, command: str, settings: Settings | None = None) 
             print(f"scrape every {interval:g}s: first change median {statistics.median(result.first_s):.2f}s, "
                   f"final median {statistics.median(result.settled_s):.2f}s", flush=True)
             results.append(result)
-    return render_section(results, command)
+        pick = picking(Path(tmp) / "picking", settings.requests, settings.rounds)
+        for arm in ARMS:
+            print(f"{arm}: {pick.cpu_us(arm):.0f} µs gateway CPU/request, p50 {pick.p(arm, 0.5):.2f} ms", flush=True)
+    return render_section(results, command, pick)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
