@@ -65,10 +65,27 @@ def decide_body(req: RequestInfo, raw: bytes, token: ArksToken, policy: Policy) 
         return bad_request("We could not parse the JSON body of your request.", "invalid_json")
     if not isinstance(body, dict):
         return bad_request("The request body must be a JSON object.", "invalid_json")
+    if req.body.known and _picks_by_prefix(policy, token, req.body.model):
+        # Read for its prompt only: decide as on the headers (Envoy's lifted facts, no tokenizer
+        # pass, no body rewrite: usage.lua adds include_usage), so this mode costs one more
+        # message and the prompt's hashing, nothing else.
+        return admit(req, req.body, token, policy, body=None, prompt=prompt_text(body))
     return admit(req, BodyFacts.from_body(body), token, policy, body=body)
 
 
-def admit(req: RequestInfo, facts: BodyFacts, token: ArksToken, policy: Policy, body: dict[str, Any] | None) -> Decision:
+def _picks_by_prefix(policy: Policy, token: ArksToken, model: object) -> bool:
+    endpoint = policy.endpoint(token.key.namespace, model) if isinstance(model, str) else None
+    return endpoint is not None and endpoint.weighting == PREFIX_CACHE
+
+
+def admit(
+    req: RequestInfo,
+    facts: BodyFacts,
+    token: ArksToken,
+    policy: Policy,
+    body: dict[str, Any] | None,
+    prompt: str | None = None,
+) -> Decision:
     if facts.invalid_json:
         return bad_request("We could not parse the JSON body of your request.", "invalid_json")
     if facts.model_missing or facts.model is None:
@@ -127,7 +144,7 @@ def admit(req: RequestInfo, facts: BodyFacts, token: ArksToken, policy: Policy, 
         max_tokens=_count(facts.max_tokens),
         qos=qos,
         weighting=endpoint.weighting,
-        prompt=prompt_text(body) if body is not None and endpoint.weighting == PREFIX_CACHE else None,
+        prompt=prompt if prompt is not None or body is None or endpoint.weighting != PREFIX_CACHE else prompt_text(body),
     )
 
 

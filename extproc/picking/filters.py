@@ -41,13 +41,15 @@ class KvCacheRoom:
 
 @dataclass(frozen=True, slots=True)
 class QueueRoom:
-    """Fewer than `max_waiting` requests queued (scraped plus our unseen picks), if any engine has.
+    """Fewer than `max_waiting` requests in the engine's scraped queue, if any engine has that.
 
     What "while it has room" means for prefix affinity: an engine holding the prompt's prefix
-    keeps its conversations until its queue reaches this, then they move."""
+    keeps its conversations until its queue reaches this, then they move. Our own picks since
+    the scrape are not added: most of them run at once (and the access log reports their end
+    only ~0.1 s later), so counting them would move a conversation on its own quick turns."""
 
     max_waiting: float = 8.0
 
     def __call__(self, engines: Sequence[EngineView]) -> Sequence[EngineView]:
-        roomy = [e for e in engines if e.waiting + e.unseen < self.max_waiting]
+        roomy = [e for e in engines if e.waiting < self.max_waiting]
         return roomy or engines

@@ -18,6 +18,7 @@ from arks.policy import build_policy
 from extproc import codec
 from extproc.decision import Deny, Forward, Identity, ReadBody, Reply
 from extproc.gateway import decide_headers
+from extproc.picking.service import Destination, with_destination
 from extproc.request import BodyFacts
 from extproc.usage import Finished
 from tests import objects
@@ -218,6 +219,28 @@ def test_forward_headers_sets_dynamic_metadata_under_io_arks() -> None:
     assert json_format.MessageToDict(response.dynamic_metadata) == {
         "io.arks": {"namespace": "default", "user": "alice", "model": "qwen", "stream": True}
     }
+
+
+def test_forward_carries_the_picked_engines_in_header_and_envoy_lb() -> None:
+    picked = with_destination(forward(), Destination(("10.0.0.1:8000", "10.0.0.2:8000"), "least_load"))
+
+    response = wire(codec.forward_headers(picked))
+
+    value = "10.0.0.1:8000,10.0.0.2:8000"
+    assert header_options(response.request_headers.response.header_mutation.set_headers)[
+        "x-gateway-destination-endpoint"
+    ] == (value, OVERWRITE)
+    assert json_format.MessageToDict(response.dynamic_metadata)["envoy.lb"] == {"x-gateway-destination-endpoint": value}
+
+
+def test_request_info_keeps_a_client_sent_destination_so_it_can_be_stripped() -> None:
+    info = codec.request_info(
+        headers_message([*ENVOY_HEADERS, ("x-gateway-destination-endpoint", "10.9.9.9:80")]).request_headers,
+        base_pb2.Metadata(),
+    )
+
+    assert info.headers["x-gateway-destination-endpoint"] == "10.9.9.9:80"
+    assert "x-gateway-destination-endpoint" in info.spoofed_headers
 
 
 def test_forward_body_replaces_the_body_and_its_length() -> None:

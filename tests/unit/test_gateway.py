@@ -516,3 +516,60 @@ def test_forward_metadata_under_io_arks(policy: Policy) -> None:
         }
     }
     assert METADATA_NAMESPACE == "io.arks"
+
+
+# --- endpoint picking: what the picker is given ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def picking_policy() -> Policy:
+    objects = [
+        _object("ArksEndpoint", "qwen", weighting="least-load"),
+        _object("ArksEndpoint", "llama", weighting="prefix-cache"),
+        _object("ArksEndpoint", "mistral"),
+        _token("alice", ALICE, "llama", "qwen", "mistral"),
+    ]
+    return build_policy((f"object {i}", obj) for i, obj in enumerate(objects))
+
+
+def test_the_endpoints_weighting_travels_with_the_forward(picking_policy: Policy) -> None:
+    least = forwarded(decide_headers(request(body=BodyFacts(model="qwen")), picking_policy, NOW))
+    weighted = forwarded(decide_headers(request(body=BodyFacts(model="mistral")), picking_policy, NOW))
+
+    assert (least.weighting, least.prompt) == ("least-load", None)  # decided on one message
+    assert (weighted.weighting, weighted.prompt) == ("weighted", None)
+
+
+def test_prefix_cache_reads_the_prompt_then_decides_as_on_the_headers(picking_policy: Policy) -> None:
+    req = request(body=BodyFacts(model="llama", stream=True))
+    asked = decide_headers(req, picking_policy, NOW)
+    assert isinstance(asked, ReadBody)
+
+    body = {"model": "llama", "stream": True, "messages": MESSAGES}
+    decision = forwarded(decide_body(req, orjson.dumps(body), asked.token, picking_policy))
+
+    assert decision.prompt == "user: Tell me a short story about a lighthouse keeper.\n"
+    assert decision.weighting == "prefix-cache"
+    assert decision.body is None  # not rewritten: Envoy's Lua filter adds include_usage
+    assert decision.metadata[METADATA_NAMESPACE]["add_usage_option"] is True
+    assert decision.prompt_estimate is None  # no tokenizer pass, as on the one-message path
+
+
+def test_prefix_cache_with_unknown_facts_takes_the_full_body_path(picking_policy: Policy) -> None:
+    req = request(body=BodyFacts())
+    asked = decide_headers(req, picking_policy, NOW)
+    assert isinstance(asked, ReadBody)
+
+    body = {"model": "llama", "messages": MESSAGES}
+    decision = forwarded(decide_body(req, orjson.dumps(body), asked.token, picking_policy))
+
+    assert decision.prompt == "user: Tell me a short story about a lighthouse keeper.\n"
+    assert decision.prompt_estimate == count_prompt(body)
+
+
+def test_a_client_sent_destination_header_is_removed(policy: Policy) -> None:
+    sent = {"x-gateway-destination-endpoint": "10.9.9.9:80"}
+
+    decision = forwarded(decide_headers(request(headers=sent), policy, NOW))
+
+    assert "x-gateway-destination-endpoint" in decision.remove_headers

@@ -123,11 +123,11 @@ def test_kv_cache_room_drops_full_engines_only_while_another_has_room() -> None:
     assert KvCacheRoom(0.9)([full]) == [full]
 
 
-def test_queue_room_counts_unseen_picks() -> None:
-    busy, burst, idle = view(A, waiting=8), view(B, waiting=2, unseen=6), view(C, waiting=7)
+def test_queue_room_drops_long_queues_only_while_another_engine_has_room() -> None:
+    busy, burst, idle = view(A, waiting=8), view(B, waiting=2, unseen=20), view(C, waiting=7)
 
-    assert QueueRoom(8)([busy, burst, idle]) == [idle]
-    assert QueueRoom(8)([busy, burst]) == [busy, burst]
+    assert QueueRoom(8)([busy, burst, idle]) == [burst, idle]  # our own quick picks do not count
+    assert QueueRoom(8)([busy]) == [busy]
 
 
 # --- scorers ----------------------------------------------------------------------------------
