@@ -11,6 +11,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import json_format, struct_pb2
 
+from arks.envoy_config import DESTINATION_HEADER, DESTINATION_METADATA_NAMESPACE
 from extproc.admission import Reservation
 from extproc.decision import Deny, Forward, ReadBody, Reply
 from extproc.gateway import METADATA_NAMESPACE
@@ -96,8 +97,11 @@ def read_body(_: ReadBody) -> ep.ProcessingResponse:
     return ep.ProcessingResponse(request_headers=ep.HeadersResponse(), mode_override=READ_BODY_MODE)
 
 
-def _forward_common(decision: Forward) -> ep.CommonResponse:
+def _forward_common(decision: Forward, destination: str | None) -> ep.CommonResponse:
+    # Envoy applies removals before sets: a client's destination header, removed, is replaced by ours.
     set_headers = [_header(k, v) for k, v in decision.set_headers]
+    if destination is not None:
+        set_headers.append(_header(DESTINATION_HEADER, destination))
     body_mutation = None
     if decision.body is not None:
         body_mutation = ep.BodyMutation(body=decision.body)
@@ -122,19 +126,26 @@ def _value(value: Any) -> struct_pb2.Value:
     raise TypeError(f"no protobuf Value for {type(value).__name__}")
 
 
-def _metadata(decision: Forward) -> struct_pb2.Struct:
-    return struct_pb2.Struct(fields={ns: _value(fields) for ns, fields in decision.metadata.items()})
+def _metadata(decision: Forward, destination: str | None) -> struct_pb2.Struct:
+    fields = {ns: _value(values) for ns, values in decision.metadata.items()}
+    if destination is not None:  # the picked engines, Gateway API Inference Extension style
+        picked = struct_pb2.Struct(fields={DESTINATION_HEADER: struct_pb2.Value(string_value=destination)})
+        fields[DESTINATION_METADATA_NAMESPACE] = struct_pb2.Value(struct_value=picked)
+    return struct_pb2.Struct(fields=fields)
 
 
-def forward_headers(decision: Forward) -> ep.ProcessingResponse:
+def forward_headers(decision: Forward, destination: str | None = None) -> ep.ProcessingResponse:
+    """Forward with our headers and metadata; `destination`: the engines picked (`ip:port,...`)."""
     return ep.ProcessingResponse(
-        request_headers=ep.HeadersResponse(response=_forward_common(decision)), dynamic_metadata=_metadata(decision)
+        request_headers=ep.HeadersResponse(response=_forward_common(decision, destination)),
+        dynamic_metadata=_metadata(decision, destination),
     )
 
 
-def forward_body(decision: Forward) -> ep.ProcessingResponse:
+def forward_body(decision: Forward, destination: str | None = None) -> ep.ProcessingResponse:
     return ep.ProcessingResponse(
-        request_body=ep.BodyResponse(response=_forward_common(decision)), dynamic_metadata=_metadata(decision)
+        request_body=ep.BodyResponse(response=_forward_common(decision, destination)),
+        dynamic_metadata=_metadata(decision, destination),
     )
 
 

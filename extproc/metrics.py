@@ -71,7 +71,8 @@ class GatewayMetrics:
             picks=Counter(
                 "arks_picks",
                 "Engine picks for least-load and prefix-cache endpoints, by reason (least_load, prefix_hit, "
-                "prefix_miss; fallback: no engine pickable, Envoy balanced; refused: the same, answered 503).",
+                "prefix_miss; fallback: no engine pickable, Envoy balanced; refused: the same, answered 503; "
+                "unmanaged: no engine known to the gateway, Envoy balanced).",
                 ("namespace", "model", "reason"),
                 registry=registry,
             ),

@@ -26,7 +26,7 @@ from extproc.gateway import METADATA_NAMESPACE, decide_body, decide_headers
 from extproc.inflight import Admitted, InFlight
 from extproc.ledger import Ledger
 from extproc.metrics import GatewayMetrics
-from extproc.picking.service import Destination, Picking, with_destination
+from extproc.picking.service import Destination, Picking
 from extproc.reported import ReportedElsewhere, SingleReplica
 from extproc.request import RequestInfo
 from extproc.usage import Usage, usage_of
@@ -87,6 +87,7 @@ class RequestProcessor:
         self.ctx = ctx
         self.info: RequestInfo | None = None
         self.token: ArksToken | None = None
+        self.destination: str | None = None  # the engines picked for it, `ip:port,...`
 
     def _encode(self, decision: Decision, phase: str) -> ep.ProcessingResponse:
         match decision:
@@ -104,7 +105,9 @@ class RequestProcessor:
                         limits=ours.get("limits", {}),
                     )
                 )
-                return codec.forward_headers(decision) if phase == "headers" else codec.forward_body(decision)
+                if phase == "headers":
+                    return codec.forward_headers(decision, self.destination)
+                return codec.forward_body(decision, self.destination)
             case Deny():
                 self.ctx.metrics.denials.labels(str(decision.status), decision.code).inc()
                 return codec.deny(decision)
@@ -127,8 +130,9 @@ class RequestProcessor:
         admitted = await self.ctx.admission.admit(self.info, decision)
         if isinstance(picked, Destination):
             if isinstance(admitted, Forward):
-                return with_destination(admitted, picked)
-            picking.finished(self.info.request_id)
+                self.destination = picked.value
+            else:
+                picking.finished(self.info.request_id)
         return admitted
 
     async def handle(self, message: ep.ProcessingRequest) -> ep.ProcessingResponse:

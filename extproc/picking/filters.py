@@ -25,7 +25,7 @@ class Healthy:
     max_failures: int = 2
 
     def __call__(self, engines: Sequence[EngineView]) -> Sequence[EngineView]:
-        return [e for e in engines if e.load is not None and e.failures < self.max_failures]
+        return [e for e in engines if e.scraped and e.failures < self.max_failures]
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,17 +24,15 @@ class Scorer(Protocol):
     def __call__(self, engines: Sequence[EngineView], request: PickRequest) -> list[float]: ...
 
 
-def queue_length(engine: EngineView) -> float:
-    return engine.waiting + engine.unseen
-
-
 @dataclass(frozen=True, slots=True)
 class QueueScorer:
     """Shorter queue, higher score: 1 for the shortest, 0 for the longest (min-max), all 1 when equal."""
 
     def __call__(self, engines: Sequence[EngineView], request: PickRequest) -> list[float]:
-        queues = [queue_length(e) for e in engines]
-        low, high = min(queues, default=0.0), max(queues, default=0.0)
+        queues = [e.waiting + e.unseen for e in engines]
+        if not queues:
+            return []
+        low, high = min(queues), max(queues)
         if high == low:
             return [1.0] * len(queues)
         return [(high - q) / (high - low) for q in queues]
@@ -45,7 +43,7 @@ class KvCacheScorer:
     """Free KV cache: 1 - usage."""
 
     def __call__(self, engines: Sequence[EngineView], request: PickRequest) -> list[float]:
-        return [1.0 - min(1.0, max(0.0, e.kv_cache_usage)) for e in engines]
+        return [1.0 - e.kv_cache_usage for e in engines]
 
 
 @dataclass(frozen=True, slots=True)

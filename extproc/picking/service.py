@@ -8,14 +8,15 @@ Per weighting mode a `Profile`:
   engine has room (`QueueRoom`, `KvCacheRoom`), and moves to the least loaded otherwise; a
   prompt with no cached prefix goes to the least loaded. Every pick is recorded in the index.
 
-No engine to pick (none scraped yet, all failing): fail open — no destination, Envoy's own
+An endpoint without engines the gateway knows (routed to Services, which Envoy Gateway
+balances, or not seen by the scrape loop yet) is left to Envoy ("unmanaged"). No engine to
+pick among known ones (none scraped yet, all failing): fail open — no destination, Envoy's own
 least-request balancing over the endpoint's engines decides — or, with `fail_closed`, 503
 `no_backend`. Both counted in `arks_picks_total{reason}`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import time
 from collections.abc import Callable
@@ -24,8 +25,7 @@ from dataclasses import dataclass, field
 from prometheus_client import Counter
 
 from arks.api import PREFIX_CACHE
-from arks.envoy_config import DESTINATION_HEADER, DESTINATION_METADATA_NAMESPACE
-from extproc.decision import Deny, Forward, Identity
+from extproc.decision import Deny, Identity
 from extproc.metrics import GatewayMetrics
 from extproc.picking.filters import Healthy, KvCacheRoom, QueueRoom
 from extproc.picking.picker import Profile, pick
@@ -73,21 +73,11 @@ class Destination:
         return ",".join(self.hosts)
 
 
+NO_PREFIX = PickRequest()
 NO_ENGINE = Deny(
     503, "no_backend", "No engine can take this request right now; try again shortly.", type="service_unavailable",
     headers=(("retry-after", "1"),),
 )
-
-
-def with_destination(decision: Forward, destination: Destination) -> Forward:
-    """The forward decision carrying the pick in the header and in metadata `envoy.lb`."""
-    value = destination.value
-    return dataclasses.replace(
-        decision,
-        set_headers=(*decision.set_headers, (DESTINATION_HEADER, value)),
-        remove_headers=tuple(h for h in decision.remove_headers if h != DESTINATION_HEADER),
-        metadata={**decision.metadata, DESTINATION_METADATA_NAMESPACE: {DESTINATION_HEADER: value}},
-    )
 
 
 @dataclass
@@ -114,12 +104,15 @@ class Picking:
         s = self.settings
         prefix = weighting == PREFIX_CACHE
         blocks: tuple[int, ...] = ()
-        request = PickRequest()
+        request = NO_PREFIX
         if prefix and prompt:
             blocks = block_hashes(prompt, f"{identity.namespace}/{identity.model}", s.block_chars, s.max_blocks)
             request = PickRequest(len(blocks), self.index.matches(blocks))
-        ranked = pick(self.store.engines((identity.namespace, identity.model)), self._profiles[prefix], request,
-                      self.rng, s.fallbacks)
+        engines = self.store.engines((identity.namespace, identity.model))
+        if not engines:  # no engine of ours to pick from (Services only, or not loaded yet): Envoy's call
+            self._count(identity, "unmanaged", time.perf_counter() - started)
+            return None
+        ranked = pick(engines, self._profiles[prefix], request, self.rng, s.fallbacks)
         result: Destination | Deny | None
         if not ranked.hosts:
             reason = "refused" if s.fail_closed else "fallback"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from arks.api import SocketAddress
 from controller.load.record import EngineLoad, Observation
@@ -29,28 +30,24 @@ def host(address: SocketAddress) -> str:
     return f"{address.address}:{address.port}"
 
 
-@dataclass(frozen=True, slots=True)
-class EngineView:
-    """One engine as filters and scorers see it (a snapshot, never mutated)."""
+class EngineView(NamedTuple):
+    """One engine as filters and scorers see it: typed numbers, a snapshot (a tuple: cheap to
+    build per request)."""
 
     address: str
-    load: EngineLoad | None = None  # None: never scraped successfully
+    scraped: bool = False  # answered a scrape at least once
+    waiting: float = 0.0  # its queue at the last scrape (0 where the engine does not say)
+    kv_cache_usage: float = 0.0  # 0..1
     failures: int = 0  # consecutive failed scrapes
     unseen: int = 0  # our picks since its last scrape, still in flight
     in_flight: int = 0  # all our picks still in flight
-
-    @property
-    def waiting(self) -> float:
-        return (self.load.waiting or 0.0) if self.load else 0.0
-
-    @property
-    def kv_cache_usage(self) -> float:
-        return (self.load.kv_cache_usage or 0.0) if self.load else 0.0
 
 
 @dataclass(slots=True)
 class _Engine:
     load: EngineLoad | None = None
+    waiting: float = 0.0
+    kv_cache_usage: float = 0.0
     failures: int = 0
     generation: int = 0  # successful scrapes so far
     unseen: int = 0
@@ -82,6 +79,11 @@ class Datastore:
         for address in wanted - self._engines.keys():
             self._engines[address] = _Engine()
 
+    def load(self, address: str) -> EngineLoad | None:
+        """The engine's last scraped load (None: never scraped)."""
+        engine = self._engines.get(address)
+        return engine.load if engine else None
+
     def addresses(self) -> list[str]:
         return list(self._engines)
 
@@ -93,6 +95,8 @@ class Datastore:
                 continue
             if isinstance(observation, EngineLoad):
                 engine.load, engine.failures, engine.unseen = observation, 0, 0
+                engine.waiting = observation.waiting or 0.0
+                engine.kv_cache_usage = min(1.0, max(0.0, observation.kv_cache_usage or 0.0))
                 engine.generation += 1
             else:
                 engine.failures += 1
@@ -101,7 +105,9 @@ class Datastore:
         out = []
         for address in self._endpoints.get(key, ()):
             e = self._engines[address]
-            out.append(EngineView(address, e.load, e.failures, e.unseen, e.in_flight))
+            out.append(
+                EngineView(address, e.load is not None, e.waiting, e.kv_cache_usage, e.failures, e.unseen, e.in_flight)
+            )
         return out
 
     def picked(self, request_id: str, address: str, now: float) -> None:

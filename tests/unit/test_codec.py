@@ -18,7 +18,6 @@ from arks.policy import build_policy
 from extproc import codec
 from extproc.decision import Deny, Forward, Identity, ReadBody, Reply
 from extproc.gateway import decide_headers
-from extproc.picking.service import Destination, with_destination
 from extproc.request import BodyFacts
 from extproc.usage import Finished
 from tests import objects
@@ -222,15 +221,18 @@ def test_forward_headers_sets_dynamic_metadata_under_io_arks() -> None:
 
 
 def test_forward_carries_the_picked_engines_in_header_and_envoy_lb() -> None:
-    picked = with_destination(forward(), Destination(("10.0.0.1:8000", "10.0.0.2:8000"), "least_load"))
-
-    response = wire(codec.forward_headers(picked))
-
     value = "10.0.0.1:8000,10.0.0.2:8000"
+
+    response = wire(codec.forward_headers(forward(), value))
+
     assert header_options(response.request_headers.response.header_mutation.set_headers)[
         "x-gateway-destination-endpoint"
     ] == (value, OVERWRITE)
-    assert json_format.MessageToDict(response.dynamic_metadata)["envoy.lb"] == {"x-gateway-destination-endpoint": value}
+    metadata = json_format.MessageToDict(response.dynamic_metadata)
+    assert metadata["envoy.lb"] == {"x-gateway-destination-endpoint": value}
+    assert metadata["io.arks"]["user"] == "alice"
+    body = wire(codec.forward_body(forward(), value))
+    assert json_format.MessageToDict(body.dynamic_metadata)["envoy.lb"] == {"x-gateway-destination-endpoint": value}
 
 
 def test_request_info_keeps_a_client_sent_destination_so_it_can_be_stripped() -> None:

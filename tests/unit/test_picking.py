@@ -22,7 +22,7 @@ def load(waiting: float = 0, kv: float = 0.0, running: float = 0) -> EngineLoad:
 
 
 def view(address: str, waiting: float = 0, kv: float = 0.0, **kw: int) -> EngineView:
-    return EngineView(address, load(waiting, kv), **kw)
+    return EngineView(address, True, waiting, kv, **kw)
 
 
 LEAST_LOAD = Profile(Healthy(), (KvCacheRoom(0.9),), ((QueueScorer(), 1.0), (KvCacheScorer(), 0.5)))
@@ -43,11 +43,12 @@ def test_hosts_are_spelled_as_envoy_names_them() -> None:
 def test_datastore_shows_each_endpoints_engines_with_their_latest_load() -> None:
     store = Datastore()
     store.set_endpoints({KEY: [A, B], ("team", "llama"): [C]})
-    store.observe({A: load(3), B: ScrapeFailure("refused"), C: load(1)})
+    store.observe({A: load(3, kv=0.5), B: ScrapeFailure("refused"), C: load(1)})
 
     a, b = store.engines(KEY)
-    assert (a.address, a.load, a.failures) == (A, load(3), 0)
-    assert (b.address, b.load, b.failures) == (B, None, 1)
+    assert a == EngineView(A, scraped=True, waiting=3, kv_cache_usage=0.5)
+    assert b == EngineView(B, scraped=False, failures=1)
+    assert store.load(A) == load(3, kv=0.5) and store.load(B) is None
     assert store.engines(("default", "unknown")) == []
 
 
@@ -59,7 +60,8 @@ def test_a_failed_scrape_keeps_the_last_load_and_counts_failures() -> None:
     store.observe({A: ScrapeFailure("timeout")})
 
     (a,) = store.engines(KEY)
-    assert (a.load, a.failures) == (load(3), 2)
+    assert (a.scraped, a.waiting, a.failures) == (True, 3, 2)
+    assert store.load(A) == load(3)
     store.observe({A: load(0)})
     assert store.engines(KEY)[0].failures == 0
 
@@ -138,6 +140,14 @@ def test_queue_scorer_is_min_max_over_waiting_plus_unseen() -> None:
 
     assert QueueScorer()(engines, PickRequest()) == [1.0, 0.5, 0.0]
     assert QueueScorer()([view(A, waiting=3), view(B, waiting=3)], PickRequest()) == [1.0, 1.0]
+
+
+def test_a_load_the_engine_does_not_report_counts_as_idle() -> None:
+    store = Datastore()
+    store.set_endpoints({KEY: [A]})
+    store.observe({A: EngineLoad("unknown")})  # e.g. no /metrics page
+
+    assert store.engines(KEY) == [EngineView(A, scraped=True)]
 
 
 def test_kv_cache_scorer_is_the_free_share() -> None:

@@ -7,10 +7,10 @@ import random
 
 from arks.api import LEAST_LOAD, PREFIX_CACHE
 from controller.load.record import EngineLoad, ScrapeFailure
-from extproc.decision import Deny, Forward, Identity
+from extproc.decision import Deny, Identity
 from extproc.metrics import GatewayMetrics
 from extproc.picking.prefix import prompt_text
-from extproc.picking.service import Destination, Picking, PickSettings, with_destination
+from extproc.picking.service import Destination, Picking, PickSettings
 
 A, B, C = "10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"
 QWEN = Identity("default", "alice", "qwen")
@@ -120,20 +120,10 @@ def test_no_pickable_engine_fails_closed_when_asked() -> None:
     assert picks(p, "refused") == 1
 
 
-def test_an_unknown_endpoint_has_no_engine() -> None:
-    assert picking().choose("r1", Identity("default", "alice", "llama"), LEAST_LOAD, None) is None
+def test_an_endpoint_without_known_engines_is_left_to_envoy_even_when_failing_closed() -> None:
+    p = picking(fail_closed=True)
+    llama = Identity("default", "alice", "llama")  # e.g. routed to Services: Envoy Gateway balances
 
-
-def test_the_destination_goes_in_the_header_and_in_envoy_lb_metadata() -> None:
-    forward = Forward(
-        identity=QWEN,
-        set_headers=(("x-arks-model", "qwen"),),
-        remove_headers=("x-gateway-destination-endpoint", "authorization"),
-        metadata={"io.arks": {"user": "alice"}},
-    )
-
-    out = with_destination(forward, Destination((A, B), "least_load"))
-
-    assert out.set_headers == (("x-arks-model", "qwen"), ("x-gateway-destination-endpoint", f"{A},{B}"))
-    assert out.remove_headers == ("authorization",)  # ours replaces the client's
-    assert out.metadata == {"io.arks": {"user": "alice"}, "envoy.lb": {"x-gateway-destination-endpoint": f"{A},{B}"}}
+    assert p.choose("r1", llama, LEAST_LOAD, None) is None
+    labels = {"namespace": "default", "model": "llama", "reason": "unmanaged"}
+    assert p.metrics.registry.get_sample_value("arks_picks_total", labels) == 1

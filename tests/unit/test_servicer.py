@@ -283,7 +283,7 @@ async def test_least_load_names_the_engine_in_header_and_envoy_lb_metadata(clock
     common = response.request_headers.response
     expected = ",".join(ENGINES)
     assert set_headers(common)[DESTINATION] == expected  # replaces the client's value
-    assert DESTINATION not in common.header_mutation.remove_headers
+    assert DESTINATION in common.header_mutation.remove_headers  # Envoy removes before it sets
     lb = response.dynamic_metadata.fields["envoy.lb"].struct_value.fields
     assert lb[DESTINATION].string_value == expected
     assert response.dynamic_metadata.fields["io.arks"].struct_value.fields["user"].string_value == "alice"
@@ -338,7 +338,7 @@ async def test_fail_closed_refuses_before_admission_when_no_engine_can_be_picked
 async def test_fail_open_forwards_without_a_destination(clock: FakeClock) -> None:
     ctx = picking_context(clock, "least-load")
     assert ctx.picking is not None
-    ctx.picking.store.set_endpoints({("default", "qwen"): ()})
+    ctx.picking.store.set_endpoints({("default", "qwen"): ("10.0.0.9:8000",)})  # not scraped yet
 
     response = await RequestProcessor(ctx).handle(
         with_client_destination(headers_message({"model": "qwen"}), "6.6.6.6:80")
