@@ -6,6 +6,7 @@ read usage from the gateway's metrics, as an operator would.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import shutil
 import time
@@ -22,7 +23,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from arks.api import token_digest
-from arks.procs import Supervisor, free_port, wait_http
+from arks.procs import Child, Supervisor, free_port, wait_http
 from arks.stack import LocalStack, StackSettings
 from tests.objects import backend, endpoint, token
 from tests.redis_server import PrivateRedis
@@ -112,6 +113,26 @@ def wait_for(get: Callable, ok: Callable, timeout: float = 10.0, interval: float
         time.sleep(interval)
         value = get()
     return value
+
+
+def kill_mid_run(
+    client: httpx.Client, model: str, engine: Child, requests: int = 150, at: int = 30
+) -> tuple[collections.Counter[int], collections.Counter[str]]:
+    """Send `requests` short chat requests, SIGKILL `engine` before request `at`; the answers'
+    statuses and which engine (x-sim-instance) served the successful ones."""
+    statuses: collections.Counter[int] = collections.Counter()
+    served: collections.Counter[str] = collections.Counter()
+    for i in range(requests):
+        if i == at:
+            engine.popen.kill()  # no goodbye: connections refused from now on
+        answer = client.post(
+            "/v1/chat/completions",
+            json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        )
+        statuses[answer.status_code] += 1
+        if answer.status_code == 200:
+            served[answer.headers["x-sim-instance"]] += 1
+    return statuses, served
 
 
 def base_policy(ports: dict[str, int]) -> list[dict]:

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from arks.api import token_digest
 from arks.procs import Child, Supervisor, free_port, wait_http
 from arks.stack import LocalStack, StackSettings
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import kill_mid_run, wait_for
 from tests.objects import token
 
 TOKEN = "sk-arks-picking-test-0001"
@@ -231,19 +231,8 @@ def test_fail_closed_answers_503_when_no_engine_can_be_picked(picking: Picking) 
 
 def test_an_engine_killed_mid_run_costs_no_client_an_error_and_is_no_longer_picked(picking: Picking) -> None:
     picking.loads()  # equal loads: our own picks in flight spread the requests over all three
-    statuses: collections.Counter[int] = collections.Counter()
-    served: collections.Counter[str] = collections.Counter()
     with picking.client() as client:
-        for i in range(150):
-            if i == 30:
-                picking.sims["c"].popen.kill()  # no goodbye: connections refused from now on
-            answer = client.post(
-                "/v1/chat/completions",
-                json={"model": LEAST, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
-            )
-            statuses[answer.status_code] += 1
-            if answer.status_code == 200:
-                served[answer.headers["x-sim-instance"]] += 1
+        statuses, served = kill_mid_run(client, LEAST, picking.sims["c"])
     assert statuses == {200: 150}  # picks of the dead engine were retried on their fallbacks
     assert served["c"] > 0 and served["a"] > 0 and served["b"] > 0
 

@@ -23,7 +23,7 @@ import yaml
 from arks.api import token_digest
 from arks.procs import Child, Supervisor, free_port, wait_http
 from arks.stack import LocalStack, StackSettings
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import kill_mid_run, wait_for
 from tests.objects import token
 
 TOKEN = "sk-arks-traffic-test-0001"
@@ -219,19 +219,8 @@ def test_an_engine_killed_mid_run_costs_no_client_an_error(traffic: Traffic) -> 
     for name in ENGINES:
         traffic.set_load(name, waiting=0)
     settle(traffic, lambda w: min(w.values()) >= 50)  # c takes its share until it dies
-    statuses: collections.Counter[int] = collections.Counter()
-    served_by: collections.Counter[str] = collections.Counter()
     with traffic.client() as client:
-        for i in range(150):
-            if i == 30:
-                traffic.sims["c"].popen.kill()  # no goodbye: connections refused from now on
-            answer = client.post(
-                "/v1/chat/completions",
-                json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
-            )
-            statuses[answer.status_code] += 1
-            if answer.status_code == 200:
-                served_by[answer.headers["x-sim-instance"]] += 1
+        statuses, served_by = kill_mid_run(client, MODEL, traffic.sims["c"])
     assert statuses == {200: 150}
     weights = settle(traffic, lambda w: w["c"] == 0)  # drained once its scrapes fail
     assert weights["a"] > 0 and weights["b"] > 0 and served_by["c"] < 30
