@@ -250,7 +250,7 @@ def render_markdown(results: Results, workloads: Sequence[Workload], settings: S
         f"{settings.envoy_concurrency} --disable-hot-restart` for all configs; load from `wrk` (1 thread, "
         f"keep-alive); one simulated engine (`arks.sim`, {ENGINE_OUTPUT_TOKENS} output tokens, no delays; "
         f"streamed: {STREAM_CHUNKS} chunks) on loopback. Python CPU counted: the floor's "
-        f"`tests.bench.floor_extproc`; the gateway's Python children of `LocalStack` (today: `extproc`)."
+        f"`tests.bench.floor_extproc`; the gateway's Python children of `LocalStack` (`extproc` and the standalone controller, whose scraping costs ~3 µs per request at c=32)."
         + (" **Quick smoke run: figures are not meaningful.**" if settings.quick else ""),
         "",
         "## Budgets (DESIGN §6)",
