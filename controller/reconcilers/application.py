@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from kubernetes.client import ApiClient
@@ -219,6 +220,48 @@ def availability(
             record(api_client, obj, "Warning", "Unavailable", f"not serving; ready: {summary}")
 
 
+Render = Callable[[Obj, Obj], list[dict[str, Any]]]
+
+
+@dataclass
+class Applied:
+    """An application whose children were just applied: the object, its status in the making,
+    the rendered children and their live versions (in the same order)."""
+
+    obj: Obj
+    status: StatusWriter
+    objects: list[dict[str, Any]]
+    live: list[Obj]
+
+
+def render_and_apply(
+    api_client: ApiClient,
+    resource: Resource,
+    key: Key,
+    render: Render,
+    field_manager: str,
+    now: datetime.datetime | None,
+) -> Applied | None:
+    """The steps every engine application shares: read it, wait for its model, render (a spec
+    that cannot run is recorded and raised as PermanentError), apply the children it owns.
+    None when it is gone or going: its children go with it through their owner references."""
+    namespace, name = key
+    obj = rest.get_or_none(api_client, resource, namespace, name)
+    if obj is None or obj["metadata"].get("deletionTimestamp"):
+        return None
+    status = StatusWriter(resource, obj, now or datetime.datetime.now(datetime.UTC))
+    model = await_model(api_client, obj, status)
+    try:
+        objects = render(obj, model)
+        for child in objects:
+            resource_for(child)
+    except PermanentError as e:
+        render_failed(api_client, obj, status, e)
+        raise
+    status.condition("Rendered", "True", "Rendered", f"{len(objects)} objects applied")
+    return Applied(obj, status, objects, apply_owned(api_client, obj, objects, field_manager))
+
+
 def reconcile_application(
     api_client: ApiClient,
     key: Key,
@@ -232,23 +275,17 @@ def reconcile_application(
     Raises TemporaryError while the model is not Ready, and the renderer's PermanentError for
     a spec that cannot be run (after recording it in the status).
     """
-    namespace, name = key
-    app = rest.get_or_none(api_client, APPLICATIONS, namespace, name)
-    if app is None or app["metadata"].get("deletionTimestamp"):
-        return  # children go with it through their owner references
-    status = StatusWriter(APPLICATIONS, app, now or datetime.datetime.now(datetime.UTC))
-    model = await_model(api_client, app, status)
-
-    try:
-        objects = render_application(app, model, defaults=defaults)
-        for obj in objects:
-            resource_for(obj)
-    except PermanentError as e:
-        render_failed(api_client, app, status, e)
-        raise
-    status.condition("Rendered", "True", "Rendered", f"{len(objects)} objects applied")
-
-    live = apply_owned(api_client, app, objects, field_manager)
+    done = render_and_apply(
+        api_client,
+        APPLICATIONS,
+        key,
+        lambda app, model: render_application(app, model, defaults=defaults),
+        field_manager,
+        now,
+    )
+    if done is None:
+        return
+    app, status, objects, live = done.obj, done.status, done.objects, done.live
     # The first object is the engine workload (the replica counts); any other workload (the
     # Dynamo frontend) must have a ready replica too for the application to serve.
     groups = {

@@ -14,8 +14,6 @@ from typing import Any
 
 from kubernetes.client import ApiClient
 
-from controller.kube import rest
-from controller.kube.errors import PermanentError
 from controller.kube.queue import Key, WorkQueue
 from controller.kube.rest import Resource
 from controller.kube.runner import Controller, Leadership
@@ -29,12 +27,8 @@ from controller.reconcilers.application import (
     SERVICEACCOUNTS,
     SERVICES,
     WORKLOAD_KINDS,
-    StatusWriter,
-    apply_owned,
     availability,
-    await_model,
-    render_failed,
-    resource_for,
+    render_and_apply,
     watch_models,
     workload_replicas,
 )
@@ -60,25 +54,17 @@ def reconcile_disaggregated(
     Raises TemporaryError while the model is not Ready, and the renderer's PermanentError for
     a spec that cannot be run (after recording it in the status).
     """
-    namespace, name = key
-    dapp = rest.get_or_none(api_client, DISAGGREGATED_APPLICATIONS, namespace, name)
-    if dapp is None or dapp["metadata"].get("deletionTimestamp"):
-        return  # children go with it through their owner references
-    status = StatusWriter(
-        DISAGGREGATED_APPLICATIONS, dapp, now or datetime.datetime.now(datetime.UTC)
+    done = render_and_apply(
+        api_client,
+        DISAGGREGATED_APPLICATIONS,
+        key,
+        lambda dapp, model: render_disaggregated(dapp, model, defaults=defaults),
+        field_manager,
+        now,
     )
-    model = await_model(api_client, dapp, status)
-
-    try:
-        objects = render_disaggregated(dapp, model, defaults=defaults)
-        for obj in objects:
-            resource_for(obj)
-    except PermanentError as e:
-        render_failed(api_client, dapp, status, e)
-        raise
-    status.condition("Rendered", "True", "Rendered", f"{len(objects)} objects applied")
-
-    live = apply_owned(api_client, dapp, objects, field_manager)
+    if done is None:
+        return
+    dapp, status, objects, live = done.obj, done.status, done.objects, done.live
     by_component = {
         obj["metadata"]["labels"][LABEL_COMPONENT]: workload_replicas(current)
         for obj, current in zip(objects, live, strict=True)
