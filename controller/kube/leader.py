@@ -117,22 +117,23 @@ class LeaderElector:
             changes["acquireTime"] = now
             changes["leaseTransitions"] = int(spec.get("leaseTransitions") or 0) + 1
         try:
-            rest.request(
-                self._api,
-                "PATCH",
-                path,
-                body={
-                    "metadata": {"resourceVersion": lease["metadata"]["resourceVersion"]},
-                    "spec": changes,
-                },
-                content_type=rest.MERGE_PATCH,
-            )
+            self._patch(lease, changes)
         except ApiException as e:
             if e.status == 409:
                 self._lost_to_other = True
                 return False
             raise
         return True
+
+    def _patch(self, lease: Obj, spec: dict[str, Any]) -> None:
+        """Merge-patch the lease's spec, only if it is still the version we read (else 409)."""
+        rest.request(
+            self._api,
+            "PATCH",
+            LEASES.path(self._namespace, self._name),
+            body={"metadata": {"resourceVersion": lease["metadata"]["resourceVersion"]}, "spec": spec},
+            content_type=rest.MERGE_PATCH,
+        )
 
     def _create(self) -> bool:
         now = micro_time(self._wall_clock())
@@ -167,16 +168,7 @@ class LeaderElector:
             lease = rest.request(self._api, "GET", path)
             if (lease.get("spec") or {}).get("holderIdentity") != self.identity:
                 return
-            rest.request(
-                self._api,
-                "PATCH",
-                path,
-                body={
-                    "metadata": {"resourceVersion": lease["metadata"]["resourceVersion"]},
-                    "spec": {"holderIdentity": None, "leaseDurationSeconds": 1},
-                },
-                content_type=rest.MERGE_PATCH,
-            )
+            self._patch(lease, {"holderIdentity": None, "leaseDurationSeconds": 1})
         except (ApiException, OSError) as e:
             log.warning("could not release lease %s/%s: %s", self._namespace, self._name, e)
 
