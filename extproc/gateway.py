@@ -70,7 +70,9 @@ def decide_body(req: RequestInfo, raw: bytes, token: ArksToken, policy: Policy) 
         # pass, no body rewrite: usage.lua adds include_usage), so this mode costs one more
         # message and the prompt's hashing, nothing else.
         return admit(req, req.body, token, policy, body=None, prompt=prompt_text(body))
-    return admit(req, BodyFacts.from_body(body), token, policy, body=body)
+    facts = BodyFacts.from_body(body)
+    prompt = prompt_text(body) if _picks_by_prefix(policy, token, facts.model) else None
+    return admit(req, facts, token, policy, body=body, prompt=prompt)
 
 
 def _picks_by_prefix(policy: Policy, token: ArksToken, model: object) -> bool:
@@ -144,7 +146,7 @@ def admit(
         max_tokens=_count(facts.max_tokens),
         qos=qos,
         weighting=endpoint.weighting,
-        prompt=prompt if prompt is not None or body is None or endpoint.weighting != PREFIX_CACHE else prompt_text(body),
+        prompt=prompt,
     )
 
 
