@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, gen
 from arks.api import STATIC, SocketAddress
 from arks.envoy_config import EnvoySettings, routed_backends, xds_resources
 from arks.policy import FilePolicySource, Policy
-from controller.load.record import EngineLoad
+from controller.load.record import EngineLoad, Observation
 from controller.load.scrape import Scraper
 from controller.load.weights import WeightSettings, WeightTracker
 from controller.xds.cache import SnapshotCache, SnapshotError, snapshot_from_json
@@ -103,7 +103,7 @@ class Standalone:
         self.metrics.snapshots.set(self._published)
         return True
 
-    def weigh(self, observations: Mapping[SocketAddress, EngineLoad | Any]) -> None:
+    def weigh(self, observations: Mapping[SocketAddress, Observation]) -> None:
         """New weights from one scrape round (pure decisions in the tracker)."""
         weights = self.tracker.update(observations)
         for engine, weight in weights.items():
@@ -112,7 +112,7 @@ class Standalone:
             self.metrics.weight.labels(f"{engine.address}:{engine.port}").set(weight)
         self.weights = dict(weights)
         self.loads = {
-            engine: observation if isinstance(observation, EngineLoad) else str(getattr(observation, "reason", observation))
+            engine: observation if isinstance(observation, EngineLoad) else observation.reason
             for engine, observation in observations.items()
         }
 
