@@ -3,7 +3,9 @@
 Level-triggered: every call reads the endpoint and the ArksApplications of its namespace
 afresh, server-side applies the HTTPRoute (owned by the endpoint, so deleting the endpoint
 deletes the route) and reports the backends in `status.routes`, their count in
-`status.backends` and a `Ready` condition. An unchanged status is not written.
+`status.backends` and a `Ready` condition. An unchanged status is not written. Endpoints that
+pick their engine per request also get an EnvoyPatchPolicy for Envoy Gateway and a `Picking`
+condition (`controller.reconcilers.picking`).
 
 With a `LoadSource` (`controller.cluster_load.ClusterLoad`), endpoints not on `weighting:
 static` weigh their discovered applications by live engine load (the formula is in
@@ -33,6 +35,7 @@ from controller.kube.rest import Obj, Resource
 from controller.kube.runner import Controller, Leadership
 from controller.kube.watch import Informer, watch_owned
 from controller.reconcilers.application import APPLICATIONS
+from controller.reconcilers.picking import Condition, sync_picking_policy
 from controller.render.endpoint import DEFAULT_GATEWAY, render_httproute, route_status
 
 log = logging.getLogger(__name__)
@@ -66,10 +69,15 @@ def _write_status(
     fields: Mapping[str, Any],
     ready: tuple[str, str, str],
     now: datetime.datetime,
+    picking: Condition | None = None,
 ) -> None:
     current: Mapping[str, Any] = endpoint.get("status") or {}
     generation = endpoint["metadata"].get("generation")
     conditions = set_condition(current.get("conditions"), "Ready", *ready, generation, now)
+    if picking is not None:
+        conditions = set_condition(conditions, "Picking", *picking, generation, now)
+    else:  # not picking per request (any more): no condition to speak of
+        conditions = [c for c in conditions if c.get("type") != "Picking"]
     desired: dict[str, Any] = {**fields, "conditions": list(conditions)}
     if generation is not None:
         desired["observedGeneration"] = generation
@@ -102,8 +110,13 @@ def reconcile_endpoint(
     """
     namespace, name = key
     endpoint = rest.get_or_none(api_client, ENDPOINTS, namespace, name)
-    if endpoint is None or endpoint["metadata"].get("deletionTimestamp"):
-        return  # the route goes with it through its owner reference
+    if endpoint is None:
+        return
+    if endpoint["metadata"].get("deletionTimestamp"):
+        # The route goes with it through its owner reference; a picking policy, in the
+        # Gateway's namespace, through the finalizer.
+        sync_picking_policy(api_client, ENDPOINTS, endpoint, default_gateway, field_manager)
+        return
     when = now or datetime.datetime.now(datetime.UTC)
     applications = _list(api_client, APPLICATIONS, namespace)
     capacities = _capacities(load, namespace, applications)
@@ -114,6 +127,7 @@ def reconcile_endpoint(
         _write_status(api_client, endpoint, {}, ("False", "Unroutable", str(e)), when)
         raise
     server_side_apply(api_client, HTTPROUTES, set_owner(route, endpoint), field_manager)
+    picking = sync_picking_policy(api_client, ENDPOINTS, endpoint, default_gateway, field_manager)
 
     routes = route_status(route)
     live = [r for r in routes if int(r["weight"]) > 0]
@@ -126,7 +140,7 @@ def reconcile_endpoint(
         ready = ("False", "NoWeightedBackends", f"HTTPRoute {name}: every backend has weight 0")
     else:
         ready = ("False", "NoBackends", f"HTTPRoute {name} has no backends (requests get 500)")
-    _write_status(api_client, endpoint, {"routes": routes, "backends": len(live)}, ready, when)
+    _write_status(api_client, endpoint, {"routes": routes, "backends": len(live)}, ready, when, picking)
 
 
 def _drained(

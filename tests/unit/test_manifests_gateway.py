@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import jsonpatch
 import pytest
 import yaml
 
@@ -27,6 +26,7 @@ from arks.envoy_config import (
 from arks.policy import load_policy_file
 from controller.render.endpoint import render_httproute
 from ratelimit.config import parse_config
+from tests.support.envoy_gateway import apply_patches
 from tests.unit.test_manifests import INSTALL, MANIFESTS, one
 
 ENVOY = Path(sys.executable).parent / "envoy"
@@ -196,54 +196,6 @@ def eg_listener() -> dict[str, Any]:
         "address": {"socket_address": {"address": "0.0.0.0", "port_value": 10080}},
         "default_filter_chain": {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]},
     }
-
-
-_JSON_PATH = re.compile(r"\$\.\.(\w+)\[\?\(@\.name=='([^']+)'\)\](?:\.(\w+))?")
-
-
-def json_pointers(document: Any, json_path: str) -> list[str]:
-    """The JSON pointers EG's JSONPath evaluation yields, for the one form our patches use:
-    `$..KEY[?(@.name=='NAME')]` with an optional `.FIELD` (recursive descent, filter on name)."""
-    match = _JSON_PATH.fullmatch(json_path)
-    assert match, f"unsupported JSONPath {json_path}"
-    key, name, field = match.groups()
-    found: list[str] = []
-
-    def walk(node: Any, pointer: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if k == key and isinstance(v, list):
-                    for i, item in enumerate(v):
-                        if isinstance(item, dict) and item.get("name") == name:
-                            found.append(f"{pointer}/{k}/{i}" + (f"/{field}" if field else ""))
-                walk(v, f"{pointer}/{k}")
-        elif isinstance(node, list):
-            for i, v in enumerate(node):
-                walk(v, f"{pointer}/{i}")
-
-    walk(document, "")
-    return found
-
-
-def apply_patches(resources: dict[tuple[str, str], Any], policies: list[dict[str, Any]]) -> None:
-    """EG's EnvoyPatchPolicy semantics (xds/translator/jsonpatch.go, utils/jsonpatch): policies
-    by priority; an `add` with neither path nor jsonPath adds a whole resource; a jsonPath is
-    evaluated per patch and `path` appended to each pointer; RFC 6902 applies the rest."""
-    for policy in sorted(policies, key=lambda p: p["spec"]["priority"]):
-        for patch in policy["spec"]["jsonPatches"]:
-            op, key = patch["operation"], (patch["type"], patch["name"])
-            if op["op"] == "add" and not op.get("path") and not op.get("jsonPath"):
-                assert op["value"]["name"] == patch["name"]
-                resources[key] = copy.deepcopy(op["value"])
-                continue
-            assert key in resources, f"EG has no {key}: the patch would be ResourceNotFound"
-            pointers = json_pointers(resources[key], op["jsonPath"]) if "jsonPath" in op else [""]
-            assert pointers, f"{op.get('jsonPath')} finds nothing in {key}"
-            for pointer in pointers:
-                step = {"op": op["op"], "path": pointer + op.get("path", "")}
-                if "value" in op:
-                    step["value"] = copy.deepcopy(op["value"])
-                resources[key] = jsonpatch.apply_patch(resources[key], [step])
 
 
 @pytest.fixture(scope="module")

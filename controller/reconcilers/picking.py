@@ -1,0 +1,113 @@
+"""The EnvoyPatchPolicy of a picking ArksEndpoint: applied, moved, and deleted with it.
+
+Part of the ArksEndpoint reconcile (`controller.reconcilers.endpoint`); the policy itself is
+rendered by `controller.render.picking`, which says why it exists and why it lives in the
+Gateway's namespace. That placement rules out owner references, so:
+
+* while an endpoint picks per request it carries the `arks.ai/picking-policy` finalizer, added
+  before its policy is first written (a crash in between leaves no untracked policy);
+* every reconcile deletes the endpoint's other policies (found by its uid label): those of a
+  Gateway it no longer attaches to, or all of them when it stopped picking;
+* when the endpoint is deleted, its policies go first, then the finalizer.
+
+Without Envoy Gateway's EnvoyPatchPolicy API (Envoy Gateway not installed, or an older one), the
+endpoint's `Picking` condition says so and routing falls back to the route's weights; the
+finalizer still comes off, so the endpoint can always be deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from kubernetes.client import ApiClient
+from kubernetes.client.exceptions import ApiException
+
+from controller.kube import rest
+from controller.kube.apply import ensure_finalizer, remove_finalizer, server_side_apply
+from controller.kube.errors import PermanentError
+from controller.kube.rest import Obj, Resource
+from controller.render.picking import (
+    LABEL_ENDPOINT_UID,
+    PICKING_FINALIZER,
+    render_picking_policy,
+)
+
+log = logging.getLogger(__name__)
+
+PATCH_POLICIES = Resource("gateway.envoyproxy.io", "v1alpha1", "envoypatchpolicies")
+Condition = tuple[str, str, str]
+"""(status, reason, message) of the endpoint's `Picking` condition."""
+
+
+def _policies_of(api_client: ApiClient, uid: str) -> list[Obj]:
+    """The endpoint's policies in every namespace; none when the API is not served."""
+    try:
+        listed = rest.request(
+            api_client, "GET", PATCH_POLICIES.path(), query={"labelSelector": f"{LABEL_ENDPOINT_UID}={uid}"}
+        )
+    except ApiException as e:
+        if e.status == 404:
+            return []
+        raise rest.classify(e, "list envoypatchpolicies") from e
+    return [dict(item) for item in listed.get("items") or []]
+
+
+def _delete(api_client: ApiClient, policy: Mapping[str, Any]) -> None:
+    meta = policy["metadata"]
+    try:
+        rest.request(api_client, "DELETE", PATCH_POLICIES.path(meta["namespace"], meta["name"]))
+    except ApiException as e:
+        if e.status != 404:
+            raise rest.classify(e, f"delete envoypatchpolicies/{meta['name']}") from e
+    log.info("deleted EnvoyPatchPolicy %s/%s", meta["namespace"], meta["name"])
+
+
+def _where(obj: Mapping[str, Any]) -> tuple[str, str]:
+    return str(obj["metadata"]["namespace"]), str(obj["metadata"]["name"])
+
+
+def sync_picking_policy(
+    api_client: ApiClient,
+    endpoints: Resource,
+    endpoint: Mapping[str, Any],
+    default_gateway: Mapping[str, str],
+    field_manager: str,
+) -> Condition | None:
+    """Bring the endpoint's EnvoyPatchPolicies to the desired state, including its deletion.
+
+    Returns the `Picking` condition to report, None for an endpoint that does not pick per
+    request (or is being deleted)."""
+    meta = endpoint["metadata"]
+    deleting = bool(meta.get("deletionTimestamp"))
+    desired = None if deleting else render_picking_policy(endpoint, default_gateway)
+    if desired is None and PICKING_FINALIZER not in (meta.get("finalizers") or []):
+        return None
+    uid = str(meta["uid"])
+    condition: Condition | None = None
+    if desired is not None:
+        ensure_finalizer(api_client, endpoints, endpoint, PICKING_FINALIZER)
+        namespace, name = _where(desired)
+        cluster = desired["spec"]["jsonPatches"][0]["name"]
+        try:
+            server_side_apply(api_client, PATCH_POLICIES, desired, field_manager)
+            condition = (
+                "True",
+                "HostOverridePatched",
+                f"EnvoyPatchPolicy {namespace}/{name} lets Envoy Gateway's cluster {cluster} take extproc's picks",
+            )
+        except PermanentError as e:
+            condition = (
+                "False",
+                "PatchPolicyNotApplied",
+                f"EnvoyPatchPolicy {namespace}/{name} could not be written ({e}); requests are balanced "
+                "by the route's weights. Picking needs Envoy Gateway with enableEnvoyPatchPolicy",
+            )
+    keep = _where(desired) if desired is not None and condition and condition[0] == "True" else None
+    for policy in _policies_of(api_client, uid):
+        if _where(policy) != keep:
+            _delete(api_client, policy)
+    if desired is None:
+        remove_finalizer(api_client, endpoints, endpoint, PICKING_FINALIZER)
+    return condition

@@ -1,0 +1,108 @@
+"""Envoy Gateway's EnvoyPatchPolicy semantics, for applying our patches to xDS resources shaped
+as Envoy Gateway builds them (internal/xds/translator/jsonpatch.go and internal/utils/jsonpatch
+in envoyproxy/gateway)."""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+import jsonpatch
+
+_JSON_PATH = re.compile(r"\$\.\.(\w+)\[\?\(@\.name=='([^']+)'\)\](?:\.(\w+))?")
+
+
+def json_pointers(document: Any, json_path: str) -> list[str]:
+    """The JSON pointers EG's JSONPath evaluation yields, for the one form our patches use:
+    `$..KEY[?(@.name=='NAME')]` with an optional `.FIELD` (recursive descent, filter on name)."""
+    match = _JSON_PATH.fullmatch(json_path)
+    assert match, f"unsupported JSONPath {json_path}"
+    key, name, field = match.groups()
+    found: list[str] = []
+
+    def walk(node: Any, pointer: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == key and isinstance(v, list):
+                    for i, item in enumerate(v):
+                        if isinstance(item, dict) and item.get("name") == name:
+                            found.append(f"{pointer}/{k}/{i}" + (f"/{field}" if field else ""))
+                walk(v, f"{pointer}/{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{pointer}/{i}")
+
+    walk(document, "")
+    return found
+
+
+def apply_patches(resources: dict[tuple[str, str], Any], policies: list[dict[str, Any]]) -> None:
+    """EG's EnvoyPatchPolicy semantics (xds/translator/jsonpatch.go, utils/jsonpatch): policies
+    by priority; an `add` with neither path nor jsonPath adds a whole resource; a jsonPath is
+    evaluated per patch and `path` appended to each pointer; RFC 6902 applies the rest."""
+    for policy in sorted(policies, key=lambda p: p["spec"].get("priority", 0)):
+        for patch in policy["spec"]["jsonPatches"]:
+            op, key = patch["operation"], (patch["type"], patch["name"])
+            if op["op"] == "add" and not op.get("path") and not op.get("jsonPath"):
+                assert op["value"]["name"] == patch["name"]
+                resources[key] = copy.deepcopy(op["value"])
+                continue
+            assert key in resources, f"EG has no {key}: the patch would be ResourceNotFound"
+            pointers = json_pointers(resources[key], op["jsonPath"]) if "jsonPath" in op else [""]
+            assert pointers, f"{op.get('jsonPath')} finds nothing in {key}"
+            for pointer in pointers:
+                step = {"op": op["op"], "path": pointer + op.get("path", "")}
+                if "value" in op:
+                    step["value"] = copy.deepcopy(op["value"])
+                resources[key] = jsonpatch.apply_patch(resources[key], [step])
+
+
+def eg_route_cluster(name: str, localities: list[list[tuple[str, int]]], weights: list[int]) -> dict[str, Any]:
+    """An HTTPRoute rule's cluster as Envoy Gateway builds it (its translator's golden output
+    `internal/xds/translator/testdata/out/xds-ir/http-route-weighted-backend.clusters.yaml` at
+    commit d32f282, in proto field names as EG marshals it before patching): one locality per
+    backendRef, weighted by it, balanced by locality-weighted least request.
+
+    EG sends the endpoints by EDS; here they are inline (`STATIC`), so the cluster runs without a
+    management server. What the picking patch touches, `load_balancing_policy`, is as EG has it."""
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "10s",
+        "per_connection_buffer_limit_bytes": 32768,
+        "dns_lookup_family": "V4_PREFERRED",
+        "ignore_health_on_host_removal": True,
+        "circuit_breakers": {"thresholds": [{"max_retries": 1024}]},
+        "common_lb_config": {},
+        "load_balancing_policy": {
+            "policies": [
+                {
+                    "typed_extension_config": {
+                        "name": "envoy.load_balancing_policies.least_request",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest",
+                            "locality_lb_config": {"locality_weighted_lb_config": {}},
+                        },
+                    }
+                }
+            ]
+        },
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "locality": {"region": f"{name}/backend/{i}"},
+                    "load_balancing_weight": weight,
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {"address": {"socket_address": {"address": ip, "port_value": port}}},
+                            "load_balancing_weight": 1,
+                        }
+                        for ip, port in hosts
+                    ],
+                }
+                for i, (hosts, weight) in enumerate(zip(localities, weights, strict=True))
+            ],
+        },
+    }
