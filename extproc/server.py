@@ -24,8 +24,9 @@ from extproc.durability import DurableCopy, QuotaSnapshots, QuotaStatus, StateFi
 from extproc.inflight import InFlight
 from extproc.ledger import MemoryLedger
 from extproc.metrics import GatewayMetrics
+from extproc.picking.cluster import ClusterEngines
 from extproc.picking.service import Picking, PickSettings
-from extproc.picking.watch import watch
+from extproc.picking.watch import EngineSets, picking_endpoints, watch
 from extproc.reported import RedisReported, SingleReplica
 from extproc.servicer import AccessLogReceiver, Context, ExternalProcessor
 from ratelimit.backends import BackendUnavailable, MemoryBackend, RedisBackend
@@ -110,8 +111,14 @@ async def serve(settings: Settings) -> None:
     source = policy_source(settings)
     budgets = RedisBudgets(settings.redis) if settings.redis else MemoryBudgets()
     durable: DurableCopy | None = StateFile(settings.state_file) if settings.state_file else None
+    engines: EngineSets = picking_endpoints
+    cluster_engines: ClusterEngines | None = None
     if isinstance(source, ClusterPolicySource):
         durable = QuotaStatus(source.api_client, source.status_of)
+        # Envoy Gateway routes in a cluster: pick among the hosts of each endpoint's HTTPRoute.
+        cluster_engines = ClusterEngines(source.api_client, source.namespace)
+        cluster_engines.start()
+        engines = cluster_engines.picking_endpoints
     snapshots = QuotaSnapshots(budgets, source, durable, time.time)
     metrics = GatewayMetrics.create()
     picking = Picking(
@@ -183,8 +190,10 @@ async def serve(settings: Settings) -> None:
     async def shutdown() -> None:
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=2)
+        if cluster_engines is not None:
+            cluster_engines.stop(timeout_s=0)  # daemon threads: an open watch need not end first
 
-    await run_until_signalled(every(0.5, housekeeping, log), watch(picking, source), shutdown=shutdown)
+    await run_until_signalled(every(0.5, housekeeping, log), watch(picking, source, engines), shutdown=shutdown)
 
 
 def main(argv: list[str] | None = None) -> None:
