@@ -1,7 +1,8 @@
 """`arks controller` as it runs in a cluster: a process watching the API server, electing itself
 leader on a Lease, reconciling an ArksModel into its claim and download Job and, once the
 model is Ready, an ArksApplication into a Deployment, an ArksEndpoint into an
-HTTPRoute and an ArksToken into its status, and stopping on SIGTERM."""
+HTTPRoute (and a picking one also into its EnvoyPatchPolicy, deleted with it) and an ArksToken
+into its status, and stopping on SIGTERM."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from arks.procs import free_port
 from controller.__main__ import USER_AGENT
 from controller.kube import rest
 from controller.kube.rest import Resource
+from controller.reconcilers.endpoint import ENDPOINTS
+from controller.reconcilers.picking import PATCH_POLICIES
+from controller.render.picking import picking_policy_name
 from tests.support.kube import RunningKubeEmulator, eventually, get_object
 from tests.support.rbac import allows, roles_of
 
@@ -39,6 +43,9 @@ def test_the_controller_process_reconciles_and_stops_cleanly(kube: RunningKubeEm
     endpoint = {"apiVersion": "arks.ai/v1", "kind": "ArksEndpoint", "metadata": {"name": "qwen-7b"},
                 "spec": {"gatewayRef": {"name": "arks-gateway"}}}
     custom.create_namespaced_custom_object("arks.ai", "v1", "prod", "arksendpoints", endpoint)
+    picked = {"apiVersion": "arks.ai/v1", "kind": "ArksEndpoint", "metadata": {"name": "qwen-picked"},
+              "spec": {"weighting": "least-load"}}
+    custom.create_namespaced_custom_object("arks.ai", "v1", "prod", "arksendpoints", picked)
     token = {"apiVersion": "arks.ai/v1", "kind": "ArksToken", "metadata": {"name": "alice"},
              "spec": {"tokenHash": "sha256:" + "ab" * 32, "qos": [{"arksEndpoint": {"name": "qwen-7b"}}]}}
     custom.create_namespaced_custom_object("arks.ai", "v1", "prod", "arkstokens", token)
@@ -81,6 +88,13 @@ def test_the_controller_process_reconciles_and_stops_cleanly(kube: RunningKubeEm
         )
         assert token_status["phase"] == "Active"
 
+        # A picking endpoint's EnvoyPatchPolicy, beside the Gateway, goes with the endpoint.
+        policy = ("arks-system", picking_policy_name("prod", "qwen-picked"))
+        eventually(lambda: get_object(api, PATCH_POLICIES, *policy), timeout_s=10)
+        custom.delete_namespaced_custom_object("arks.ai", "v1", "prod", "arksendpoints", "qwen-picked")
+        eventually(lambda: get_object(api, PATCH_POLICIES, *policy) is None
+                   and get_object(api, ENDPOINTS, "prod", "qwen-picked") is None, timeout_s=10)
+
         base = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{base}/healthz").status_code == 200
         assert httpx.get(f"{base}/readyz").status_code == 200
@@ -95,7 +109,7 @@ def test_the_controller_process_reconciles_and_stops_cleanly(kube: RunningKubeEm
         # Everything it asked of the API server, its manifests' RBAC allows.
         cluster, own_namespace = roles_of("arks-controller")
         asked = {entry[1:] for entry in kube.emulator.audit if entry[0] == USER_AGENT}
-        assert {verb for verb, *_ in asked} >= {"list", "watch", "get", "create", "patch"}
+        assert {verb for verb, *_ in asked} >= {"list", "watch", "get", "create", "patch", "delete"}
         refused = [
             (verb, group, resource, namespace, name)
             for verb, group, resource, namespace, name in asked
