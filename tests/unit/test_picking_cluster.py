@@ -3,6 +3,7 @@ and EndpointSlices to the hosts Envoy Gateway puts in each picking endpoint's cl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from arks.api import LEAST_LOAD, PREFIX_CACHE, STATIC
@@ -19,6 +20,7 @@ from extproc.picking.cluster import (
 from tests.objects import backend
 
 KEY = ("default", "qwen")
+Obj = dict[str, Any]
 
 
 def arks_endpoint(
@@ -79,8 +81,7 @@ def not_ready(*addresses: str) -> dict[str, Any]:
     return {"addresses": list(addresses), "conditions": {"ready": False, "serving": False, "terminating": False}}
 
 
-def view(routes: list[dict[str, Any]] = (), services: list[dict[str, Any]] = (),  # type: ignore[assignment]
-         slices: list[dict[str, Any]] = ()) -> ClusterView:  # type: ignore[assignment]
+def view(routes: Sequence[Obj] = (), services: Sequence[Obj] = (), slices: Sequence[Obj] = ()) -> ClusterView:
     return ClusterView.build(map(parse_route, routes), map(parse_service, services), map(parse_slice, slices))
 
 
