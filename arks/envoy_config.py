@@ -86,6 +86,9 @@ class EnvoySettings:
     extproc_port: int
     config_dir: Path = Path(".")
     xds_port: int = 0  # the controller's xDS server (ADS)
+    # Delta ADS: a changed resource travels alone (one engine's weight: one endpoint
+    # assignment), where the state of the world re-sends every resource of its type.
+    xds_delta: bool = True
     listen_address: str = "127.0.0.1"
     body_limit_bytes: int = 4 * 1024 * 1024
     message_timeout_ms: int = 2000
@@ -445,7 +448,7 @@ def bootstrap(settings: EnvoySettings, node_id: str = "arks-local") -> dict[str,
         "static_resources": {"clusters": [extproc_cluster(settings), xds_cluster(settings)]},
         "dynamic_resources": {
             "ads_config": {
-                "api_type": "GRPC",
+                "api_type": "DELTA_GRPC" if settings.xds_delta else "GRPC",
                 "transport_api_version": "V3",
                 "grpc_services": [
                     {

@@ -1,8 +1,9 @@
 """Snapshots of Envoy resources and the cache the xDS server serves them from.
 
 A `Snapshot` is immutable and swapped whole: every stream sees one consistent set of resources.
-Each resource type carries its own version, a content hash of that type's resources, so a change
-to endpoints alone re-sends only endpoints: Envoy keeps its listeners and clusters untouched.
+Each resource carries a version, a hash of its content, and each resource type one over its
+resources: a change to endpoints alone re-sends only endpoints (state of the world), or only the
+endpoints that changed (delta), and Envoy keeps its listeners and clusters untouched.
 """
 
 from __future__ import annotations
@@ -127,11 +128,16 @@ def _canonical(type_url: str, packed: any_pb2.Any) -> bytes:
         return wire
 
 
-def type_version(type_url: str, resources: Mapping[str, any_pb2.Any]) -> str:
-    """The version of one type's resources: the first 16 hex digits of a SHA-256 over them."""
+def resource_version(type_url: str, resource: any_pb2.Any) -> str:
+    """One resource's version (delta xDS): the first 16 hex digits of a SHA-256 of its content."""
+    return hashlib.sha256(_canonical(type_url, resource)).hexdigest()[:16]
+
+
+def type_version(resource_versions: Mapping[str, str]) -> str:
+    """The version of one type's resources (state of the world): a hash over names and versions."""
     digest = hashlib.sha256()
-    for name in sorted(resources):
-        digest.update(name.encode() + b"\0" + _canonical(type_url, resources[name]) + b"\0")
+    for name in sorted(resource_versions):
+        digest.update(name.encode() + b"\0" + resource_versions[name].encode() + b"\0")
     return digest.hexdigest()[:16]
 
 
@@ -147,6 +153,7 @@ class Snapshot:
     version: str
     resources: Mapping[str, Mapping[str, Message]]
     versions: Mapping[str, str] = field(init=False, compare=False)
+    resource_versions: Mapping[str, Mapping[str, str]] = field(init=False, compare=False)
     _packed: Mapping[str, Mapping[str, any_pb2.Any]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -159,7 +166,12 @@ class Snapshot:
                 {name: _pack(type_url, name, resource) for name, resource in given.items()}
             )
         object.__setattr__(self, "_packed", MappingProxyType(packed))
-        versions = {t: type_version(t, packed[t]) for t in RESOURCE_TYPES}
+        per_resource = {
+            t: MappingProxyType({name: resource_version(t, r) for name, r in packed[t].items()})
+            for t in RESOURCE_TYPES
+        }
+        object.__setattr__(self, "resource_versions", MappingProxyType(per_resource))
+        versions = {t: type_version(per_resource[t]) for t in RESOURCE_TYPES}
         object.__setattr__(self, "versions", MappingProxyType(versions))
 
     def names(self, type_url: str) -> frozenset[str]:

@@ -1,7 +1,8 @@
-"""The ADS server (envoy.service.discovery.v3, state of the world) over grpc.aio.
+"""The ADS server (envoy.service.discovery.v3: state of the world and delta) over grpc.aio.
 
-A thin servicer: each stream has one `StreamState`; requests from Envoy and changes of the
-cache both wake the same loop, which answers with whatever the state says is due. A NACK is
+A thin servicer: each stream has one `StreamState` (or `DeltaStreamState`); requests from Envoy
+and changes of the cache both wake the same loop, which answers with whatever the state says is
+due. A NACK is
 logged once per (node, type, version), counted, and kept as a `Rejection` until that node
 ACKs a later version of the type; the rejected version is not re-sent, so Envoy stays on its
 last good configuration.
@@ -15,14 +16,16 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Final, TypeAlias
+from typing import Any, Final, TypeAlias
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from controller.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, SnapshotCache
-from controller.xds.stream import Kind, Request, StreamState
+from controller.xds.delta import DeltaRequest, DeltaStreamState
+from controller.xds.stream import Kind, Received, Request, StreamState
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,13 @@ class XdsMetrics:
             "arks_xds_nacks_total", "xDS responses Envoy rejected, by type.", ["type"], registry=registry
         )
         self.connected = Gauge("arks_xds_connected_streams", "Open ADS streams.", registry=registry)
+        self.resources = Counter(
+            "arks_xds_resources_sent_total",
+            "Resources sent in xDS responses, by type: all of the type per state-of-the-world "
+            "response, only the changed ones per delta response.",
+            ["type"],
+            registry=registry,
+        )
 
 
 class _Ended:
@@ -61,6 +71,7 @@ class _Ended:
 _CHANGED: Final = "changed"
 _ENDED: Final = _Ended()
 _Event: TypeAlias = "discovery_pb2.DiscoveryRequest | str | _Ended"
+_DeltaEvent: TypeAlias = "discovery_pb2.DeltaDiscoveryRequest | str | _Ended"
 
 
 class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
@@ -91,7 +102,7 @@ class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer
                 if isinstance(event, discovery_pb2.DiscoveryRequest):
                     self._receive(state, event)
                 for response in state.due(self._cache.get(state.node)):
-                    self._metrics.pushes.labels(type_label(response.type_url)).inc()
+                    self._sent(response.type_url, len(response.resources))
                     log.debug("%s: sending %s version %s", state.node, type_label(response.type_url), response.version)
                     yield discovery_pb2.DiscoveryResponse(
                         version_info=response.version,
@@ -107,15 +118,46 @@ class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer
 
     async def DeltaAggregatedResources(
         self, request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest], context: grpc.aio.ServicerContext
-    ) -> None:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "only state-of-the-world ADS is served")
+    ) -> AsyncIterator[discovery_pb2.DeltaDiscoveryResponse]:
+        events: asyncio.Queue[_DeltaEvent] = asyncio.Queue()
+        tasks = [
+            asyncio.create_task(_read(request_iterator, events)),
+            asyncio.create_task(_watch(self._cache, events)),
+        ]
+        state = DeltaStreamState()
+        self._metrics.connected.inc()
+        try:
+            while not isinstance(event := await events.get(), _Ended):
+                if isinstance(event, discovery_pb2.DeltaDiscoveryRequest):
+                    self._opened(state, event.node.id)
+                    self._record(state.node, state.receive(_delta_request(event)))
+                for response in state.due(self._cache.get(state.node)):
+                    self._sent(response.type_url, len(response.resources))
+                    log.debug("%s: sending %d %s, removing %d", state.node, len(response.resources),
+                              type_label(response.type_url), len(response.removed))
+                    yield discovery_pb2.DeltaDiscoveryResponse(
+                        system_version_info=response.system_version,
+                        resources=[
+                            discovery_pb2.Resource(name=r.name, version=r.version, resource=r.resource)
+                            for r in response.resources
+                        ],
+                        type_url=response.type_url,
+                        removed_resources=response.removed,
+                        nonce=response.nonce,
+                    )
+        finally:
+            for task in tasks:
+                task.cancel()
+            self._metrics.connected.dec()
+            self._stream_ended(state.node)
+
+    def _sent(self, type_url: str, resources: int) -> None:
+        label = type_label(type_url)
+        self._metrics.pushes.labels(label).inc()
+        self._metrics.resources.labels(label).inc(resources)
 
     def _receive(self, state: StreamState, message: discovery_pb2.DiscoveryRequest) -> None:
-        if not state.node:
-            state.node = message.node.id
-            with self._lock:
-                self._streams_per_node[state.node] = self._streams_per_node.get(state.node, 0) + 1
-            log.info("xDS stream opened by node %r", state.node)
+        self._opened(state, message.node.id)
         received = state.receive(
             Request(
                 type_url=message.type_url,
@@ -125,25 +167,38 @@ class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer
                 error=message.error_detail.message if message.HasField("error_detail") else None,
             )
         )
-        key = (state.node, received.type_url)
+        self._record(state.node, received)
+
+    def _opened(self, state: StreamState | DeltaStreamState, node: str) -> None:
+        """Note the stream's node from its first request (later ones may leave it out)."""
+        if state.node:
+            return
+        state.node = node
+        with self._lock:
+            self._streams_per_node[node] = self._streams_per_node.get(node, 0) + 1
+        log.info("xDS stream opened by node %r", node)
+
+    def _record(self, node: str, received: Received) -> None:
+        """A NACK kept as a Rejection (logged once per version) until an ACK of the type clears it."""
+        key = (node, received.type_url)
         if received.kind is Kind.NACK:
             self._metrics.nacks.labels(type_label(received.type_url)).inc()
-            rejection = Rejection(state.node, received.type_url, received.version, received.message)
+            rejection = Rejection(node, received.type_url, received.version, received.message)
             with self._lock:
                 known = self._rejections.get(key)
                 self._rejections[key] = rejection
             if known is None or known.version != rejection.version:
                 log.error(
                     "node %r rejected %s version %s; it keeps its last good config: %s",
-                    state.node, type_label(received.type_url), received.version, received.message,
+                    node, type_label(received.type_url), received.version, received.message,
                 )
         elif received.kind is Kind.ACK:
             with self._lock:
                 cleared = self._rejections.pop(key, None)
             if cleared is not None:
-                log.info("node %r accepted %s version %s", state.node, type_label(received.type_url), received.version)
+                log.info("node %r accepted %s version %s", node, type_label(received.type_url), received.version)
         elif received.kind is Kind.SUBSCRIBE and received.type_url not in _TYPE_LABELS:
-            log.warning("node %r subscribed to %s, which this server does not serve", state.node, received.type_url)
+            log.warning("node %r subscribed to %s, which this server does not serve", node, received.type_url)
 
     def _stream_ended(self, node: str) -> None:
         if not node:
@@ -160,7 +215,18 @@ class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer
         log.info("xDS stream of node %r closed", node)
 
 
-async def _read(requests: AsyncIterator[discovery_pb2.DiscoveryRequest], events: asyncio.Queue[_Event]) -> None:
+def _delta_request(message: discovery_pb2.DeltaDiscoveryRequest) -> DeltaRequest:
+    return DeltaRequest(
+        type_url=message.type_url,
+        subscribe=message.resource_names_subscribe,
+        unsubscribe=message.resource_names_unsubscribe,
+        initial_versions=dict(message.initial_resource_versions),
+        nonce=message.response_nonce,
+        error=message.error_detail.message if message.HasField("error_detail") else None,
+    )
+
+
+async def _read(requests: AsyncIterator[Message], events: asyncio.Queue[Any]) -> None:
     try:
         async for request in requests:
             events.put_nowait(request)
@@ -171,7 +237,7 @@ async def _read(requests: AsyncIterator[discovery_pb2.DiscoveryRequest], events:
     events.put_nowait(_ENDED)
 
 
-async def _watch(cache: SnapshotCache, events: asyncio.Queue[_Event]) -> None:
+async def _watch(cache: SnapshotCache, events: asyncio.Queue[Any]) -> None:
     seen = cache.generation
     while True:
         seen = await cache.wait(seen)

@@ -128,6 +128,21 @@ def test_update_with_a_stale_resource_version_is_409_conflict(
     assert api.read_namespaced_deployment("d", ns).spec.replicas == 2
 
 
+def test_an_update_keeps_the_namespace_of_its_path_and_refuses_another(
+    api_client: client.ApiClient, ns: str
+) -> None:
+    api = client.AppsV1Api(api_client)
+    api.create_namespaced_deployment(ns, deployment("d"))
+    body = deployment("d", replicas=4)  # no namespace in the body: the path's applies
+    assert api.replace_namespaced_deployment("d", ns, body).metadata.namespace == ns
+    assert api.read_namespaced_deployment("d", ns).spec.replicas == 4
+
+    elsewhere = deployment("d")
+    elsewhere["metadata"]["namespace"] = "other"
+    error = api_error(api.replace_namespaced_deployment, "d", ns, elsewhere)
+    assert error.status == 400 and '"reason": "BadRequest"' in error.body
+
+
 def test_generation_bumps_only_on_spec_changes(api_client: client.ApiClient, ns: str) -> None:
     api = client.AppsV1Api(api_client)
     created = api.create_namespaced_deployment(ns, deployment("d"))

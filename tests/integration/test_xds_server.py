@@ -95,9 +95,10 @@ def assignment(cluster: str, weights: dict[int, int]) -> dict[str, Any]:
     }
 
 
-def bootstrap(admin_port: int, xds_port: int) -> dict[str, Any]:
+def bootstrap(admin_port: int, xds_port: int, delta: bool) -> dict[str, Any]:
     """The local stack's own bootstrap (ADS for everything; its extproc cluster goes unused)."""
-    settings = EnvoySettings(listen_port=0, admin_port=admin_port, extproc_port=free_port(), xds_port=xds_port)
+    settings = EnvoySettings(listen_port=0, admin_port=admin_port, extproc_port=free_port(), xds_port=xds_port,
+                             xds_delta=delta)
     return envoy_config.bootstrap(settings, node_id=NODE)
 
 
@@ -128,6 +129,7 @@ class Plane:
     upstream_a: int
     upstream_b: int
     http: httpx.AsyncClient
+    delta: bool
 
     def snapshot(
         self, version: str, weights: dict[int, int], routes: tuple[dict[str, Any], ...] = (), **extra: Any
@@ -201,8 +203,9 @@ async def timed_until(get: Callable[[], Awaitable[T]], ok: Callable[[T], bool], 
     return time.monotonic() - start
 
 
-@pytest.fixture
-async def plane(tmp_path: Path) -> AsyncIterator[Plane]:
+@pytest.fixture(params=["sotw", "delta"])
+async def plane(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Plane]:
+    """Envoy on state-of-the-world ADS, or on delta ADS (what the local stack uses)."""
     runner_a, port_a = await start_upstream("a")
     runner_b, port_b = await start_upstream("b")
     registry = CollectorRegistry()
@@ -211,12 +214,13 @@ async def plane(tmp_path: Path) -> AsyncIterator[Plane]:
     server = XdsServer(cache, f"127.0.0.1:{xds_port}", registry)
     http = httpx.AsyncClient(timeout=5)
     supervisor = Supervisor(log_dir=tmp_path / "logs")
-    p = Plane(cache, server, registry, xds_port, listen_port, admin_port, port_a, port_b, http)
+    delta = request.param == "delta"
+    p = Plane(cache, server, registry, xds_port, listen_port, admin_port, port_a, port_b, http, delta)
     try:
         await server.start()
         cache.set(p.snapshot("v1", {port_a: 1}))
         path = tmp_path / "bootstrap.json"
-        path.write_text(json.dumps(bootstrap(admin_port, xds_port)))
+        path.write_text(json.dumps(bootstrap(admin_port, xds_port, delta)))
         envoy = supervisor.start(
             "envoy",
             [envoy_binary(), "-c", str(path), "--disable-hot-restart", "--concurrency", "1", "--log-level", "warning"],
@@ -341,11 +345,37 @@ async def test_envoy_keeps_serving_while_the_server_is_away_and_reconnects(plane
         return plane.metric("arks_xds_connected_streams", registry)
 
     await eventually(connected, lambda n: n == 1)
-    # The new server answered the reconnected stream; Envoy still has what it had.
-    assert plane.metric("arks_xds_pushes_total", registry, type="cds") >= 1
+    if plane.delta:
+        # Envoy told the new server what it holds (initial_resource_versions): nothing to resend.
+        await asyncio.sleep(0.3)
+        assert plane.metric("arks_xds_pushes_total", registry, type="cds") == 0
+        assert plane.metric("arks_xds_pushes_total", registry, type="eds") == 0
+    else:
+        # The new server answered the reconnected stream; Envoy still has what it had.
+        assert plane.metric("arks_xds_pushes_total", registry, type="cds") >= 1
     assert set(await plane.answers()) == {"a"}
 
     plane.cache.set(plane.snapshot("v2", {plane.upstream_b: 4}))
     assert await timed_until(plane.hosts, lambda hosts: hosts == {plane.upstream_b: 4}) < 1.0
     assert set(await plane.answers()) == {"b"}
 
+
+async def test_one_engine_weight_change_sends_one_endpoint_assignment_on_delta(plane: Plane) -> None:
+    """Two endpoints' clusters; one engine's weight changes. Delta sends that endpoint's
+    assignment alone, the state of the world every assignment (what the metric shows)."""
+
+    def two(weight: int) -> Snapshot:
+        return snapshot_from_json(f"w{weight}", {
+            LISTENER: [listener(plane.listen_port)],
+            ROUTE: [route_config()],
+            CLUSTER: [eds_cluster("engines"), eds_cluster("spare")],
+            ENDPOINT: [assignment("engines", {plane.upstream_a: 1}), assignment("spare", {plane.upstream_b: weight})],
+        })
+
+    plane.cache.set(two(1))
+    await eventually(lambda: plane.hosts("spare"), lambda hosts: hosts == {plane.upstream_b: 1})
+    before = plane.metric("arks_xds_resources_sent_total", type="eds")
+    plane.cache.set(two(6))
+    await eventually(lambda: plane.hosts("spare"), lambda hosts: hosts == {plane.upstream_b: 6})
+    assert plane.metric("arks_xds_resources_sent_total", type="eds") - before == (1 if plane.delta else 2)
+    assert set(await plane.answers()) == {"a"}

@@ -510,6 +510,16 @@ class KubeEmulator(kmock.KubernetesEmulator):
             live["apiVersion"],
             live["kind"],
         )
+        if "namespace" in live["metadata"]:
+            # The namespace comes from the request's path: a body may leave it out, not change it.
+            # https://kubernetes.io/docs/reference/using-api/api-concepts/#resource-uris
+            if meta.get("namespace", live["metadata"]["namespace"]) != live["metadata"]["namespace"]:
+                raise ApiError(
+                    400,
+                    "BadRequest",
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                )
+            meta["namespace"] = live["metadata"]["namespace"]
         if path.subresource == "status":
             # The status subresource changes .status only; everything else stays as it was:
             # https://github.com/kubernetes/community/blob/master/contributors/devel/sig-architecture/api-conventions.md#spec-and-status
