@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
@@ -21,7 +22,7 @@ from typing import Any, Final, TypeAlias
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf.message import Message
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from controller.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, SnapshotCache
 from controller.xds.delta import DeltaRequest, DeltaStreamState
@@ -55,6 +56,14 @@ class XdsMetrics:
             "arks_xds_nacks_total", "xDS responses Envoy rejected, by type.", ["type"], registry=registry
         )
         self.connected = Gauge("arks_xds_connected_streams", "Open ADS streams.", registry=registry)
+        self.answered = Histogram(
+            "arks_xds_answer_seconds",
+            "Time from sending an xDS response to Envoy's ACK or NACK of it (Envoy applies it in "
+            "between), by type.",
+            ["type"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=registry,
+        )
         self.resources = Counter(
             "arks_xds_resources_sent_total",
             "Resources sent in xDS responses, by type: all of the type per state-of-the-world "
@@ -96,13 +105,15 @@ class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer
             asyncio.create_task(_watch(self._cache, events)),
         ]
         state = StreamState()
+        timer = _AnswerTimer(self._metrics.answered, supersedes=True)
         self._metrics.connected.inc()
         try:
             while not isinstance(event := await events.get(), _Ended):
                 if isinstance(event, discovery_pb2.DiscoveryRequest):
-                    self._receive(state, event)
+                    timer.answered(event.type_url, event.response_nonce, self._receive(state, event))
                 for response in state.due(self._cache.get(state.node)):
                     self._sent(response.type_url, len(response.resources))
+                    timer.sent(response.type_url, response.nonce)
                     log.debug("%s: sending %s version %s", state.node, type_label(response.type_url), response.version)
                     yield discovery_pb2.DiscoveryResponse(
                         version_info=response.version,
@@ -125,14 +136,18 @@ class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer
             asyncio.create_task(_watch(self._cache, events)),
         ]
         state = DeltaStreamState()
+        timer = _AnswerTimer(self._metrics.answered, supersedes=False)
         self._metrics.connected.inc()
         try:
             while not isinstance(event := await events.get(), _Ended):
                 if isinstance(event, discovery_pb2.DeltaDiscoveryRequest):
                     self._opened(state, event.node.id)
-                    self._record(state.node, state.receive(_delta_request(event)))
+                    received = state.receive(_delta_request(event))
+                    self._record(state.node, received)
+                    timer.answered(event.type_url, event.response_nonce, received)
                 for response in state.due(self._cache.get(state.node)):
                     self._sent(response.type_url, len(response.resources))
+                    timer.sent(response.type_url, response.nonce)
                     log.debug("%s: sending %d %s, removing %d", state.node, len(response.resources),
                               type_label(response.type_url), len(response.removed))
                     yield discovery_pb2.DeltaDiscoveryResponse(
@@ -156,7 +171,7 @@ class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer
         self._metrics.pushes.labels(label).inc()
         self._metrics.resources.labels(label).inc(resources)
 
-    def _receive(self, state: StreamState, message: discovery_pb2.DiscoveryRequest) -> None:
+    def _receive(self, state: StreamState, message: discovery_pb2.DiscoveryRequest) -> Received:
         self._opened(state, message.node.id)
         received = state.receive(
             Request(
@@ -168,6 +183,7 @@ class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer
             )
         )
         self._record(state.node, received)
+        return received
 
     def _opened(self, state: StreamState | DeltaStreamState, node: str) -> None:
         """Note the stream's node from its first request (later ones may leave it out)."""
@@ -213,6 +229,31 @@ class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer
             for key in [k for k in self._rejections if k[0] == node]:
                 del self._rejections[key]
         log.info("xDS stream of node %r closed", node)
+
+
+class _AnswerTimer:
+    """When each response of a stream went out, until Envoy answers it (ACK or NACK).
+
+    Under the state of the world an answer also settles the type's older responses, which
+    Envoy will never answer (`supersedes`); under delta every response is answered."""
+
+    def __init__(self, histogram: Histogram, *, supersedes: bool) -> None:
+        self._histogram = histogram
+        self._supersedes = supersedes
+        self._sent: dict[tuple[str, str], float] = {}
+
+    def sent(self, type_url: str, nonce: str) -> None:
+        self._sent[(type_url, nonce)] = time.monotonic()
+
+    def answered(self, type_url: str, nonce: str, received: Received) -> None:
+        if received.kind not in (Kind.ACK, Kind.NACK):
+            return
+        at = self._sent.pop((type_url, nonce), None)
+        if at is not None:
+            self._histogram.labels(type_label(type_url)).observe(time.monotonic() - at)
+        if self._supersedes:
+            for key in [k for k in self._sent if k[0] == type_url]:
+                del self._sent[key]
 
 
 def _delta_request(message: discovery_pb2.DeltaDiscoveryRequest) -> DeltaRequest:

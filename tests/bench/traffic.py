@@ -4,7 +4,9 @@
    weights — the scrape interval, the weight tracker's smoothing, the snapshot and the xDS push,
    read on Envoy's admin `/clusters`. Measured at the controller's default scrape interval and
    at a short one.
-2. Picking: the per-request cost of the gateway picking the engine (`least-load`, and
+2. The xDS push of one weight change among many models, state of the world against delta
+   (`tests/bench/xds_push.py`).
+3. Picking: the per-request cost of the gateway picking the engine (`least-load`, and
    `prefix-cache`, which reads the body) against weighted routing (`weighted`), all in one
    stack, arms interleaved: Python CPU per request of the gateway process and the latency the
    client sees.
@@ -31,7 +33,7 @@ import yaml
 from arks.api import token_digest
 from arks.procs import Supervisor, free_port, wait_http
 from arks.stack import LocalStack, StackSettings
-from tests.bench import report
+from tests.bench import report, xds_push
 from tests.bench.targets import cpu_seconds
 
 BEGIN = "<!-- traffic-bench: begin (python -m tests.bench.traffic replaces this section) -->"
@@ -47,11 +49,13 @@ class Settings:
     intervals_s: tuple[float, ...] = (1.0, 0.25)  # 1.0: what `arks up` runs
     requests: int = 600  # per picking arm and round
     rounds: int = 3
+    models: int = 300  # for the xDS push figures
+    pushes: int = 20
     quick: bool = False
 
     @classmethod
     def smoke(cls) -> Settings:
-        return cls(trials=2, intervals_s=(0.25,), requests=60, rounds=1, quick=True)
+        return cls(trials=2, intervals_s=(0.25,), requests=60, rounds=1, models=20, pushes=2, quick=True)
 
 
 @dataclass
@@ -233,7 +237,9 @@ def picking(work: Path, requests: int, rounds: int) -> Picking:
     return out
 
 
-def render_section(results: Sequence[Propagation], command: str, pick: Picking | None = None) -> str:
+def render_section(
+    results: Sequence[Propagation], command: str, pick: Picking | None = None, pushes: Sequence[xds_push.Push] = ()
+) -> str:
     rows = [
         [
             f"{p.interval_s:g} s",
@@ -263,6 +269,7 @@ def render_section(results: Sequence[Propagation], command: str, pick: Picking |
         "",
         table,
         "",
+        *(xds_push.lines(list(pushes)) if pushes else []),
         *(_picking_lines(pick) if pick is not None else []),
         END,
     ])
@@ -311,10 +318,14 @@ def run_section(*, quick: bool, command: str, settings: Settings | None = None) 
             print(f"scrape every {interval:g}s: first change median {statistics.median(result.first_s):.2f}s, "
                   f"final median {statistics.median(result.settled_s):.2f}s", flush=True)
             results.append(result)
+        pushes = [xds_push.push(Path(tmp), delta, settings.models, settings.pushes) for delta in (False, True)]
+        for p in pushes:
+            print(f"xDS push, {p.protocol}: {p.resources:.0f} endpoint assignments, "
+                  f"median {1000 * statistics.median(p.seconds):.1f} ms to Envoy", flush=True)
         pick = picking(Path(tmp) / "picking", settings.requests, settings.rounds)
         for arm in ARMS:
             print(f"{arm}: {pick.cpu_us(arm):.0f} µs gateway CPU/request, p50 {pick.p(arm, 0.5):.2f} ms", flush=True)
-    return render_section(results, command, pick)
+    return render_section(results, command, pick, pushes)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

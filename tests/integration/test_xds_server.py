@@ -254,6 +254,10 @@ async def test_endpoint_and_weight_changes_reach_envoy_within_a_second(plane: Pl
     assert set(await plane.answers()) == {"b"}
     # Only endpoints changed: listeners (and their filter chains) were not sent again.
     assert plane.pushes("lds") == listener_pushes
+    # Envoy answered every endpoint push, each timed from sending to its ACK.
+    answered = await eventually(lambda: asyncio.sleep(0, plane.metric("arks_xds_answer_seconds_count", type="eds")),
+                                lambda n: n == plane.pushes("eds"))
+    assert answered >= 3
 
 
 async def test_changed_and_new_clusters_and_listeners_finish_warming(plane: Plane) -> None:
