@@ -7,7 +7,6 @@ Every child runs in its own process group so stopping it also stops anything it 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import random
 import signal
@@ -21,13 +20,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
-
-
-def _die_with_parent() -> None:
-    """Linux: the child gets SIGTERM if the process that started it dies, even by SIGKILL."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
 
 _handed_out: set[int] = set()
 
@@ -94,6 +86,15 @@ class Child:
             self.popen.wait(timeout)
 
 
+def _launched(argv: Sequence[str]) -> list[str]:
+    """`argv` run by arks.launch; a Python module (`python -m M ...`) in the launcher's own
+    interpreter, so it costs no second start-up."""
+    launch = [sys.executable, "-m", "arks.launch", str(os.getpid())]
+    if len(argv) >= 3 and argv[0] == sys.executable and argv[1] == "-m":
+        return [*launch, *argv[1:]]
+    return [*launch, *argv]
+
+
 @dataclass
 class Supervisor:
     """Starts children and stops them all, newest first."""
@@ -115,13 +116,13 @@ class Supervisor:
             log_path = self.log_dir / f"{name}.log"
             out = log_path.open("ab")
         popen = subprocess.Popen(
-            list(argv),
+            # Through arks.launch, which makes the child die with this process (see there).
+            _launched(argv),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
             start_new_session=True,
-            preexec_fn=_die_with_parent,
         )
         if log_path is not None and out is not None and not isinstance(out, int):
             out.close()  # the child holds its own descriptor

@@ -9,6 +9,7 @@ static bootstrap, since `--mode validate` does not fetch from an xDS server.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -573,7 +574,8 @@ def test_bootstrap_takes_everything_else_from_ads(settings: EnvoySettings) -> No
     assert dynamic["lds_config"] == ADS
     assert dynamic["cds_config"] == ADS
     ads = dynamic["ads_config"]
-    assert ads["api_type"] == "GRPC"
+    assert ads["api_type"] == "DELTA_GRPC"  # one changed resource per push
+    assert bootstrap(dataclasses.replace(settings, xds_delta=False))["dynamic_resources"]["ads_config"]["api_type"] == "GRPC"
     assert ads["transport_api_version"] == "V3"
     (grpc_service,) = ads["grpc_services"]
     assert grpc_service["envoy_grpc"]["cluster_name"] == XDS_CLUSTER
