@@ -15,16 +15,16 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence, Sized
 from dataclasses import dataclass
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, Protocol, TypeVar
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from controller.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, SnapshotCache
+from controller.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot, SnapshotCache
 from controller.xds.delta import DeltaRequest, DeltaStreamState
 from controller.xds.stream import Kind, Received, Request, StreamState
 
@@ -79,8 +79,29 @@ class _Ended:
 
 _CHANGED: Final = "changed"
 _ENDED: Final = _Ended()
-_Event: TypeAlias = "discovery_pb2.DiscoveryRequest | str | _Ended"
-_DeltaEvent: TypeAlias = "discovery_pb2.DeltaDiscoveryRequest | str | _Ended"
+_Req = TypeVar("_Req", discovery_pb2.DiscoveryRequest, discovery_pb2.DeltaDiscoveryRequest)
+
+
+class _Pushed(Protocol):
+    """What the stream loop reads of a response of either protocol."""
+
+    @property
+    def type_url(self) -> str: ...
+    @property
+    def nonce(self) -> str: ...
+    @property
+    def resources(self) -> Sized: ...
+
+
+_Resp = TypeVar("_Resp", bound=_Pushed, covariant=True)
+
+
+class _State(Protocol[_Resp]):
+    """A stream's protocol bookkeeping: `StreamState` or `DeltaStreamState`."""
+
+    node: str
+
+    def due(self, snapshot: Snapshot | None) -> Sequence[_Resp]: ...
 
 
 class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
@@ -99,67 +120,61 @@ class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer
     async def StreamAggregatedResources(
         self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
-        events: asyncio.Queue[_Event] = asyncio.Queue()
-        tasks = [
-            asyncio.create_task(_read(request_iterator, events)),
-            asyncio.create_task(_watch(self._cache, events)),
-        ]
         state = StreamState()
-        timer = _AnswerTimer(self._metrics.answered, supersedes=True)
-        self._metrics.connected.inc()
-        try:
-            while not isinstance(event := await events.get(), _Ended):
-                if isinstance(event, discovery_pb2.DiscoveryRequest):
-                    timer.answered(event.type_url, event.response_nonce, self._receive(state, event))
-                for response in state.due(self._cache.get(state.node)):
-                    self._sent(response.type_url, len(response.resources))
-                    timer.sent(response.type_url, response.nonce)
-                    log.debug("%s: sending %s version %s", state.node, type_label(response.type_url), response.version)
-                    yield discovery_pb2.DiscoveryResponse(
-                        version_info=response.version,
-                        resources=response.resources,
-                        type_url=response.type_url,
-                        nonce=response.nonce,
-                    )
-        finally:
-            for task in tasks:
-                task.cancel()
-            self._metrics.connected.dec()
-            self._stream_ended(state.node)
+        stream = self._serve(request_iterator, state, lambda m: state.receive(_request(m)), supersedes=True)
+        async for response in stream:
+            log.debug("%s: sending %s version %s", state.node, type_label(response.type_url), response.version)
+            yield discovery_pb2.DiscoveryResponse(
+                version_info=response.version,
+                resources=response.resources,
+                type_url=response.type_url,
+                nonce=response.nonce,
+            )
 
     async def DeltaAggregatedResources(
         self, request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[discovery_pb2.DeltaDiscoveryResponse]:
-        events: asyncio.Queue[_DeltaEvent] = asyncio.Queue()
-        tasks = [
-            asyncio.create_task(_read(request_iterator, events)),
-            asyncio.create_task(_watch(self._cache, events)),
-        ]
         state = DeltaStreamState()
-        timer = _AnswerTimer(self._metrics.answered, supersedes=False)
+        stream = self._serve(request_iterator, state, lambda m: state.receive(_delta_request(m)), supersedes=False)
+        async for response in stream:
+            log.debug("%s: sending %d %s, removing %d", state.node, len(response.resources),
+                      type_label(response.type_url), len(response.removed))
+            yield discovery_pb2.DeltaDiscoveryResponse(
+                system_version_info=response.system_version,
+                resources=[
+                    discovery_pb2.Resource(name=r.name, version=r.version, resource=r.resource)
+                    for r in response.resources
+                ],
+                type_url=response.type_url,
+                removed_resources=response.removed,
+                nonce=response.nonce,
+            )
+
+    async def _serve(
+        self,
+        requests: AsyncIterator[_Req],
+        state: _State[_Resp],
+        receive: Callable[[_Req], Received],
+        *,
+        supersedes: bool,
+    ) -> AsyncIterator[_Resp]:
+        """One stream of either protocol: Envoy's requests and the cache's changes wake one
+        loop, which yields whatever the stream's state says is due."""
+        events: asyncio.Queue[_Req | str | _Ended] = asyncio.Queue()
+        tasks = [asyncio.create_task(_read(requests, events)), asyncio.create_task(_watch(self._cache, events))]
+        timer = _AnswerTimer(self._metrics.answered, supersedes=supersedes)
         self._metrics.connected.inc()
         try:
             while not isinstance(event := await events.get(), _Ended):
-                if isinstance(event, discovery_pb2.DeltaDiscoveryRequest):
+                if not isinstance(event, str):  # a request, not "the cache changed"
                     self._opened(state, event.node.id)
-                    received = state.receive(_delta_request(event))
+                    received = receive(event)
                     self._record(state.node, received)
                     timer.answered(event.type_url, event.response_nonce, received)
                 for response in state.due(self._cache.get(state.node)):
                     self._sent(response.type_url, len(response.resources))
                     timer.sent(response.type_url, response.nonce)
-                    log.debug("%s: sending %d %s, removing %d", state.node, len(response.resources),
-                              type_label(response.type_url), len(response.removed))
-                    yield discovery_pb2.DeltaDiscoveryResponse(
-                        system_version_info=response.system_version,
-                        resources=[
-                            discovery_pb2.Resource(name=r.name, version=r.version, resource=r.resource)
-                            for r in response.resources
-                        ],
-                        type_url=response.type_url,
-                        removed_resources=response.removed,
-                        nonce=response.nonce,
-                    )
+                    yield response
         finally:
             for task in tasks:
                 task.cancel()
@@ -171,21 +186,7 @@ class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer
         self._metrics.pushes.labels(label).inc()
         self._metrics.resources.labels(label).inc(resources)
 
-    def _receive(self, state: StreamState, message: discovery_pb2.DiscoveryRequest) -> Received:
-        self._opened(state, message.node.id)
-        received = state.receive(
-            Request(
-                type_url=message.type_url,
-                names=message.resource_names,
-                version=message.version_info,
-                nonce=message.response_nonce,
-                error=message.error_detail.message if message.HasField("error_detail") else None,
-            )
-        )
-        self._record(state.node, received)
-        return received
-
-    def _opened(self, state: StreamState | DeltaStreamState, node: str) -> None:
+    def _opened(self, state: _State[Any], node: str) -> None:
         """Note the stream's node from its first request (later ones may leave it out)."""
         if state.node:
             return
@@ -254,6 +255,16 @@ class _AnswerTimer:
         if self._supersedes:
             for key in [k for k in self._sent if k[0] == type_url]:
                 del self._sent[key]
+
+
+def _request(message: discovery_pb2.DiscoveryRequest) -> Request:
+    return Request(
+        type_url=message.type_url,
+        names=message.resource_names,
+        version=message.version_info,
+        nonce=message.response_nonce,
+        error=message.error_detail.message if message.HasField("error_detail") else None,
+    )
 
 
 def _delta_request(message: discovery_pb2.DeltaDiscoveryRequest) -> DeltaRequest:
