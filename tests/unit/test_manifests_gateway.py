@@ -112,6 +112,14 @@ def test_gateway_uses_the_class_and_proxy_settings_shipped() -> None:
     assert GATEWAY["spec"]["listeners"][0]["allowedRoutes"]["namespaces"]["from"] == "All"
 
 
+def test_the_proxy_keeps_envoy_gateways_per_gateway_and_per_rule_names() -> None:
+    """Merged gateways rename the listener the filter patches address; merged backends replace
+    the per-rule route clusters the picking policies patch (`controller.render.picking`)."""
+    ref = GATEWAY["spec"]["infrastructure"]["parametersRef"]
+    proxy = one(ref["kind"], ref["name"], INSTALL)
+    assert "mergeGateways" not in proxy["spec"] and "mergeBackends" not in proxy["spec"]
+
+
 def test_endpoint_routes_attach_to_this_gateway() -> None:
     """The controller's HTTPRoutes name this Gateway by default (its --default-gateway)."""
     from controller.__main__ import build_parser
