@@ -1,4 +1,4 @@
-"""Writes a reconcile makes: server-side apply, owner references, status, finalizers.
+"""Writes a reconcile makes: server-side apply, owner references, status, finalizers, deletes.
 
 Every API failure leaves here as TemporaryError or PermanentError (see `rest.classify`), so a
 reconcile can let them propagate and the runner retries the right way.
@@ -86,6 +86,15 @@ def patch_status(
         )
     except ApiException as e:
         raise rest.classify(e, f"status of {resource.plural}/{name}") from e
+
+
+def delete(api_client: ApiClient, resource: Resource, namespace: str | None, name: str) -> None:
+    """Delete an object, its dependents in the background; one already gone is no error."""
+    try:
+        rest.request(api_client, "DELETE", resource.path(namespace, name), body={"propagationPolicy": "Background"})
+    except ApiException as e:
+        if e.status != 404:
+            raise rest.classify(e, f"delete {resource.plural}/{name}") from e
 
 
 def ensure_finalizer(

@@ -23,10 +23,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 from kubernetes.client import ApiClient
-from kubernetes.client.exceptions import ApiException
 
 from controller.kube import rest
-from controller.kube.apply import patch_status, server_side_apply, set_owner
+from controller.kube.apply import delete, patch_status, server_side_apply, set_owner
 from controller.kube.conditions import set_condition
 from controller.kube.errors import PermanentError, TemporaryError
 from controller.kube.events import record_event
@@ -367,16 +366,7 @@ def _delete_owned(
     live = rest.get_or_none(api_client, resource, namespace, name)
     if live is None or not _controlled_by(live, owner):
         return
-    try:
-        rest.request(
-            api_client,
-            "DELETE",
-            resource.path(namespace, name),
-            body={"propagationPolicy": "Background"},
-        )
-    except ApiException as e:
-        if e.status != 404:
-            raise rest.classify(e, f"delete {resource.plural}/{name}") from e
+    delete(api_client, resource, namespace, name)
 
 
 def _enqueue_cache_pod(queue: WorkQueue) -> Handler:

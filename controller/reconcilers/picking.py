@@ -25,7 +25,7 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from controller.kube import rest
-from controller.kube.apply import ensure_finalizer, remove_finalizer, server_side_apply
+from controller.kube.apply import delete, ensure_finalizer, remove_finalizer, server_side_apply
 from controller.kube.errors import PermanentError
 from controller.kube.rest import Obj, Resource
 from controller.render.picking import (
@@ -54,16 +54,6 @@ def _policies_of(api_client: ApiClient, uid: str) -> list[Obj]:
     return [dict(item) for item in listed.get("items") or []]
 
 
-def _delete(api_client: ApiClient, policy: Mapping[str, Any]) -> None:
-    meta = policy["metadata"]
-    try:
-        rest.request(api_client, "DELETE", PATCH_POLICIES.path(meta["namespace"], meta["name"]))
-    except ApiException as e:
-        if e.status != 404:
-            raise rest.classify(e, f"delete envoypatchpolicies/{meta['name']}") from e
-    log.info("deleted EnvoyPatchPolicy %s/%s", meta["namespace"], meta["name"])
-
-
 def _where(obj: Mapping[str, Any]) -> tuple[str, str]:
     return str(obj["metadata"]["namespace"]), str(obj["metadata"]["name"])
 
@@ -84,14 +74,15 @@ def sync_picking_policy(
     desired = None if deleting else render_picking_policy(endpoint, default_gateway)
     if desired is None and PICKING_FINALIZER not in (meta.get("finalizers") or []):
         return None
-    uid = str(meta["uid"])
     condition: Condition | None = None
+    keep: tuple[str, str] | None = None  # the policy written now; every other one goes
     if desired is not None:
         ensure_finalizer(api_client, endpoints, endpoint, PICKING_FINALIZER)
         namespace, name = _where(desired)
         cluster = desired["spec"]["jsonPatches"][0]["name"]
         try:
             server_side_apply(api_client, PATCH_POLICIES, desired, field_manager)
+            keep = (namespace, name)
             condition = (
                 "True",
                 "HostOverridePatched",
@@ -104,10 +95,10 @@ def sync_picking_policy(
                 f"EnvoyPatchPolicy {namespace}/{name} could not be written ({e}); requests are balanced "
                 "by the route's weights. Picking needs Envoy Gateway with enableEnvoyPatchPolicy",
             )
-    keep = _where(desired) if desired is not None and condition and condition[0] == "True" else None
-    for policy in _policies_of(api_client, uid):
+    for policy in _policies_of(api_client, str(meta["uid"])):
         if _where(policy) != keep:
-            _delete(api_client, policy)
+            delete(api_client, PATCH_POLICIES, *_where(policy))
+            log.info("deleted EnvoyPatchPolicy %s/%s", *_where(policy))
     if desired is None:
         remove_finalizer(api_client, endpoints, endpoint, PICKING_FINALIZER)
     return condition
