@@ -25,11 +25,10 @@ from typing import Any
 
 from arks.api import WEIGHTED
 from arks.envoy_config import PICKED_WEIGHTINGS, picked_host_policy
+from arks.manifests import CLUSTER_TYPE, EG_VERSION
 from controller.render.endpoint import DEFAULT_GATEWAY, LABEL_ENDPOINT
 from controller.render.labels import LABEL_MANAGED_BY, label_value
 
-PATCH_POLICY_API_VERSION = "gateway.envoyproxy.io/v1alpha1"
-CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 LABEL_ENDPOINT_NAMESPACE = "arks.ai/endpoint-namespace"
 LABEL_ENDPOINT_UID = "arks.ai/endpoint-uid"
 ANNOTATION_ENDPOINT = "arks.ai/endpoint"  # "<namespace>/<name>", exact
@@ -82,7 +81,7 @@ def render_picking_policy(
     if meta.get("uid"):
         labels[LABEL_ENDPOINT_UID] = str(meta["uid"])
     return {
-        "apiVersion": PATCH_POLICY_API_VERSION,
+        "apiVersion": EG_VERSION,
         "kind": "EnvoyPatchPolicy",
         "metadata": {
             "name": picking_policy_name(namespace, name),
