@@ -12,6 +12,7 @@ COPY arks arks
 COPY extproc extproc
 COPY ratelimit ratelimit
 COPY controller controller
+COPY launcher launcher
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.11-slim-bookworm

@@ -4,7 +4,7 @@ Several replicas are safe: they elect a leader on a Lease, and only the leader r
 
 ArksEndpoints not on `weighting: static` weigh their applications by live engine load: every
 replica scrapes the serving engine pods' `/metrics` every `--scrape-interval-s`
-(`controller.cluster_load`), the leader writes the weights into the HTTPRoutes.
+(`controller.load.cluster`), the leader writes the weights into the HTTPRoutes.
 
 With `--policy FILE` it runs standalone instead (what `arks up` starts): no cluster, the same
 objects from a file, Envoy programmed over xDS with weights from the engines' live load.
@@ -24,12 +24,12 @@ from typing import Any
 
 import kubernetes
 
+from arks.adapters.kube import rest
+from arks.adapters.kube.leader import LeaderElector
 from arks.envoy_config import EnvoySettings
 from arks.lifecycle import setup_process
 from arks.policy import FilePolicySource
-from controller.cluster_load import ClusterLoad
-from controller.kube import rest
-from controller.kube.leader import LeaderElector
+from controller.load.cluster import ClusterLoad
 from controller.metrics import ControllerMetrics, serve
 from controller.reconcilers.application import LEADERWORKERSETS, application_controller
 from controller.reconcilers.disaggregated import disaggregated_controller

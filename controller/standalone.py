@@ -24,11 +24,11 @@ import aiohttp
 import aiohttp.web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
+from arks.adapters.scrape import Scraper
 from arks.api import STATIC, SocketAddress
+from arks.engine_metrics import EngineLoad, Observation
 from arks.envoy_config import EnvoySettings, routed_backends, xds_resources
 from arks.policy import FilePolicySource, Policy
-from controller.load.record import EngineLoad, Observation
-from controller.load.scrape import Scraper
 from controller.load.weights import WeightSettings, WeightTracker
 from controller.xds.cache import SnapshotCache, SnapshotError, snapshot_from_json
 from controller.xds.server import XdsServer

@@ -18,14 +18,14 @@ from datetime import UTC, datetime
 import orjson
 
 from arks.api import ObjectKey, Qos
+from arks.limits.backends import BackendUnavailable
+from arks.limits.budgets import BudgetStore, Charge, Lease
+from arks.limits.limiter import Limiter
 from arks.policy import PolicySource
 from extproc import qos, quota
 from extproc.decision import Decision, Deny, Forward, Identity
 from extproc.gateway import METADATA_NAMESPACE
 from extproc.request import RequestInfo
-from ratelimit.backends import BackendUnavailable
-from ratelimit.budgets import BudgetStore, Charge, Lease
-from ratelimit.limiter import Limiter
 
 BYTES_PER_TOKEN = 4
 log = logging.getLogger(__name__)

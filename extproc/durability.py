@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from arks.api import ArksQuota
+from arks.limits.budgets import BudgetStore
 from arks.policy import Policy, PolicySource
 from extproc import quota
-from ratelimit.budgets import BudgetStore
 
 log = logging.getLogger(__name__)
 

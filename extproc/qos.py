@@ -9,9 +9,9 @@ requests cannot overshoot them: only their values are read here.
 from __future__ import annotations
 
 from arks.api import Qos
+from arks.limits.decision import DescriptorRequest, Request
+from arks.limits.model import RateLimit, Unit
 from extproc.decision import Identity
-from ratelimit.decision import DescriptorRequest, Request
-from ratelimit.model import RateLimit, Unit
 
 DOMAIN = "arks"
 REQUEST_LIMITS = {"rpm": Unit.MINUTE, "rpd": Unit.DAY}

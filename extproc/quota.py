@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 from arks.api import ArksQuota, ObjectKey, Price, QuotaItem
+from arks.limits.budgets import Charge, Lease
 from extproc.decision import Identity
-from ratelimit.budgets import Charge, Lease
 
 MICRO = 1_000_000
 # A budget is kept this long after its period ended, so late settlements still find it.

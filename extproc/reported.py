@@ -19,8 +19,8 @@ from typing import Protocol
 
 from redis.exceptions import RedisError
 
-from ratelimit.model import BackendUnavailable
-from ratelimit.redis_client import connect
+from arks.adapters.redis.client import connect
+from arks.limits.model import BackendUnavailable
 
 
 class ReportedElsewhere(Protocol):

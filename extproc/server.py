@@ -16,7 +16,14 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
+from arks.adapters.redis.backend import RedisBackend
+from arks.adapters.redis.budgets import RedisBudgets
 from arks.lifecycle import every, run_until_signalled, setup_process
+from arks.limits.backends import BackendUnavailable, MemoryBackend
+from arks.limits.budgets import MemoryBudgets
+from arks.limits.config import RateLimitConfig
+from arks.limits.limiter import Limiter, Policy
+from arks.limits.metrics import RateLimitMetrics
 from arks.policy import FilePolicySource
 from extproc.admission import Admission
 from extproc.cluster_policy import ClusterPolicySource
@@ -24,16 +31,11 @@ from extproc.durability import DurableCopy, QuotaSnapshots, QuotaStatus, StateFi
 from extproc.inflight import InFlight
 from extproc.ledger import MemoryLedger
 from extproc.metrics import GatewayMetrics
-from extproc.picking.cluster import ClusterEngines
+from extproc.picking.discovery import ClusterEngines
+from extproc.picking.scraping import EngineSets, picking_endpoints, watch
 from extproc.picking.service import Picking, PickSettings
-from extproc.picking.watch import EngineSets, picking_endpoints, watch
 from extproc.reported import RedisReported, SingleReplica
 from extproc.servicer import AccessLogReceiver, Context, ExternalProcessor
-from ratelimit.backends import BackendUnavailable, MemoryBackend, RedisBackend
-from ratelimit.budgets import MemoryBudgets, RedisBudgets
-from ratelimit.config import RateLimitConfig
-from ratelimit.limiter import Limiter, Policy
-from ratelimit.metrics import RateLimitMetrics
 
 USER_AGENT = "arks-extproc"  # how the API server's audit log names our requests
 

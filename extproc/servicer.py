@@ -18,6 +18,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from arks.api import ArksToken
 from arks.envoy_config import PICKED_WEIGHTINGS
+from arks.limits.model import BackendUnavailable
 from arks.policy import PolicySource
 from extproc import codec
 from extproc.admission import Admission, Reservation
@@ -30,7 +31,6 @@ from extproc.picking.service import Destination, Picking
 from extproc.reported import ReportedElsewhere, SingleReplica
 from extproc.request import RequestInfo
 from extproc.usage import Usage, usage_of
-from ratelimit.model import BackendUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2
 from google.protobuf import duration_pb2
 
-from ratelimit.decision import Answer, DescriptorRequest, Request
-from ratelimit.model import RateLimit, Unit
+from arks.limits.decision import Answer, DescriptorRequest, Request
+from arks.limits.model import RateLimit, Unit
 
 _Response = rls_pb2.RateLimitResponse
 _UNIT_NAMES = {u: u.name for u in Unit}

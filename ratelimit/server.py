@@ -14,11 +14,12 @@ from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
+from arks.adapters.redis.backend import RedisBackend
 from arks.lifecycle import every, run_until_signalled, setup_process
-from ratelimit.backends import CounterBackend, MemoryBackend, RedisBackend
-from ratelimit.config import ConfigError, RateLimitConfig, load_config
-from ratelimit.limiter import Limiter, Policy
-from ratelimit.metrics import RateLimitMetrics
+from arks.limits.backends import CounterBackend, MemoryBackend
+from arks.limits.config import ConfigError, RateLimitConfig, load_config
+from arks.limits.limiter import Limiter, Policy
+from arks.limits.metrics import RateLimitMetrics
 from ratelimit.servicer import RateLimitService
 
 log = logging.getLogger("ratelimit")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
+from arks.limits.limiter import Limiter
 from ratelimit import codec
-from ratelimit.limiter import Limiter
 
 
 class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]

@@ -47,7 +47,7 @@ from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from controller.load.record import EngineLoad, LoadWindow, Observation, ScrapeFailure, window
+from arks.engine_metrics import EngineLoad, LoadWindow, Observation, ScrapeFailure, window
 
 K = TypeVar("K", bound=Hashable)
 SETTLED = 0.05  # score units: an EWMA this close to the load has caught up with it

@@ -1,1 +1,1 @@
-"""Reconcilers: the Arks-specific logic run by the `controller.kube` machinery."""
+"""Reconcilers: the Arks-specific logic run by the `arks.adapters.kube` machinery."""

@@ -14,10 +14,11 @@ from typing import Any
 
 from kubernetes.client import ApiClient
 
-from controller.kube.queue import Key, WorkQueue
-from controller.kube.rest import Resource
-from controller.kube.runner import Controller, Leadership
-from controller.kube.watch import Informer, watch_owned
+from arks.adapters.kube.queue import Key, WorkQueue
+from arks.adapters.kube.rest import Resource
+from arks.adapters.kube.runner import Controller, Leadership
+from arks.adapters.kube.watch import Informer, watch_owned
+from arks.wire import LABEL_COMPONENT, LABEL_MANAGED_BY
 from controller.reconcilers.application import (
     DEPLOYMENTS,
     FIELD_MANAGER,
@@ -33,7 +34,6 @@ from controller.reconcilers.application import (
     workload_replicas,
 )
 from controller.render.disaggregated import COMPONENTS, render_disaggregated
-from controller.render.labels import LABEL_COMPONENT, LABEL_MANAGED_BY
 from controller.render.workload import RenderDefaults
 
 DISAGGREGATED_APPLICATIONS = Resource("arks.ai", "v1", "arksdisaggregatedapplications")

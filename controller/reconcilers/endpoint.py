@@ -7,7 +7,7 @@ deletes the route) and reports the backends in `status.routes`, their count in
 pick their engine per request also get an EnvoyPatchPolicy for Envoy Gateway and a `Picking`
 condition (`controller.reconcilers.picking`).
 
-With a `LoadSource` (`controller.cluster_load.ClusterLoad`), endpoints not on `weighting:
+With a `LoadSource` (`controller.load.cluster.ClusterLoad`), endpoints not on `weighting:
 static` weigh their discovered applications by live engine load (the formula is in
 `controller.render.endpoint`), and a change of an application's load re-triggers the
 endpoints of its namespace. Hysteresis lives in the weight tracker, so a steady load
@@ -24,16 +24,16 @@ from typing import Any, Protocol
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
+from arks.adapters.kube import rest
+from arks.adapters.kube.apply import patch_status, server_side_apply, set_owner
+from arks.adapters.kube.conditions import find_condition, set_condition
+from arks.adapters.kube.errors import PermanentError
+from arks.adapters.kube.events import record_event
+from arks.adapters.kube.queue import Key, WorkQueue
+from arks.adapters.kube.rest import Obj, Resource
+from arks.adapters.kube.runner import Controller, Leadership
+from arks.adapters.kube.watch import Informer, watch_owned
 from arks.api import STATIC
-from controller.kube import rest
-from controller.kube.apply import patch_status, server_side_apply, set_owner
-from controller.kube.conditions import find_condition, set_condition
-from controller.kube.errors import PermanentError
-from controller.kube.events import record_event
-from controller.kube.queue import Key, WorkQueue
-from controller.kube.rest import Obj, Resource
-from controller.kube.runner import Controller, Leadership
-from controller.kube.watch import Informer, watch_owned
 from controller.reconcilers.application import APPLICATIONS
 from controller.reconcilers.picking import Condition, sync_picking_policy
 from controller.render.endpoint import DEFAULT_GATEWAY, render_httproute, route_status
@@ -48,7 +48,7 @@ ENDPOINT_KIND = "ArksEndpoint"
 
 
 class LoadSource(Protocol):
-    """Live engine load per application (`controller.cluster_load.ClusterLoad`)."""
+    """Live engine load per application (`controller.load.cluster.ClusterLoad`)."""
 
     def capacity_of(self, namespace: str, application: str) -> int | None: ...
 

@@ -24,15 +24,15 @@ from typing import Any, NoReturn
 
 from kubernetes.client import ApiClient
 
-from controller.kube import rest
-from controller.kube.apply import delete, patch_status, server_side_apply, set_owner
-from controller.kube.conditions import set_condition
-from controller.kube.errors import PermanentError, TemporaryError
-from controller.kube.events import record_event
-from controller.kube.queue import Key, WorkQueue
-from controller.kube.rest import Obj, Resource
-from controller.kube.runner import Controller, Leadership
-from controller.kube.watch import Handler, Informer, watch_owned
+from arks.adapters.kube import rest
+from arks.adapters.kube.apply import delete, patch_status, server_side_apply, set_owner
+from arks.adapters.kube.conditions import set_condition
+from arks.adapters.kube.errors import PermanentError, TemporaryError
+from arks.adapters.kube.events import record_event
+from arks.adapters.kube.queue import Key, WorkQueue
+from arks.adapters.kube.rest import Obj, Resource
+from arks.adapters.kube.runner import Controller, Leadership
+from arks.adapters.kube.watch import Handler, Informer, watch_owned
 from controller.render.model import (
     ANNOTATION_MODEL,
     ModelDefaults,

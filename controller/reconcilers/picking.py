@@ -24,10 +24,10 @@ from typing import Any
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
-from controller.kube import rest
-from controller.kube.apply import delete, ensure_finalizer, remove_finalizer, server_side_apply
-from controller.kube.errors import PermanentError
-from controller.kube.rest import Obj, Resource
+from arks.adapters.kube import rest
+from arks.adapters.kube.apply import delete, ensure_finalizer, remove_finalizer, server_side_apply
+from arks.adapters.kube.errors import PermanentError
+from arks.adapters.kube.rest import Obj, Resource
 from controller.render.picking import (
     LABEL_ENDPOINT_UID,
     PICKING_FINALIZER,

@@ -21,14 +21,14 @@ from typing import Any
 from kubernetes.client import ApiClient
 
 from arks import api
-from controller.kube.apply import patch_status
-from controller.kube.conditions import find_condition, set_condition
-from controller.kube.errors import TemporaryError
-from controller.kube.events import record_event
-from controller.kube.queue import Key, WorkQueue
-from controller.kube.rest import Obj, Resource
-from controller.kube.runner import Controller, Leadership
-from controller.kube.watch import Informer
+from arks.adapters.kube.apply import patch_status
+from arks.adapters.kube.conditions import find_condition, set_condition
+from arks.adapters.kube.errors import TemporaryError
+from arks.adapters.kube.events import record_event
+from arks.adapters.kube.queue import Key, WorkQueue
+from arks.adapters.kube.rest import Obj, Resource
+from arks.adapters.kube.runner import Controller, Leadership
+from arks.adapters.kube.watch import Informer
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from arks.wire import label_value
 from controller.render.application import render_application
-from controller.render.labels import label_value
 from controller.render.model import ModelDefaults, render_pvc
 from controller.render.model_cache import render_cache_daemonset
 from controller.render.model_download import render_download_job

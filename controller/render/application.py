@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from controller.engines import EngineSpec, engine_for, router_command
+from controller.render.engines import EngineSpec, engine_for, router_command
 from controller.render.workload import (
     EngineGroup,
     RenderDefaults,

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from controller.engines import (
+from controller.render.engines import (
     DisaggregationMode,
     UnsupportedApplication,
     engine_for,

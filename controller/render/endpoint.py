@@ -11,7 +11,7 @@ processing), so every match of the route is AND'ed with exact matches on those h
 * the static `spec.routeConfigs`, as given (weight 1 unless set).
 
 Load weights: an application's capacity is the sum over its serving pods of each pod's
-weight in percent of the freest pod of the same model (`controller.cluster_load`: 100 = idle
+weight in percent of the freest pod of the same model (`controller.load.cluster`: 100 = idle
 or not scraped yet, 0 = drained after failing its scrapes). Its backend weight is
 
     round(defaultWeight * capacity / 100), at least 1 while capacity > 0
@@ -36,10 +36,10 @@ import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from arks.adapters.kube.errors import PermanentError
 from arks.api import STATIC, WEIGHTED
-from controller.engines import UnsupportedApplication, engine_for, served_model_name
-from controller.kube.errors import PermanentError
-from controller.render.labels import LABEL_MANAGED_BY, LABEL_SERVED_NAME, label_value
+from arks.wire import LABEL_MANAGED_BY, LABEL_SERVED_NAME, label_value
+from controller.render.engines import UnsupportedApplication, engine_for, served_model_name
 
 HTTPROUTE_API_VERSION = "gateway.networking.k8s.io/v1"
 MODEL_HEADER = "x-arks-model"
@@ -52,7 +52,7 @@ STATIC_WEIGHT = 1  # the CRD's default for routeConfigs[].weight
 LABEL_ENDPOINT = "arks.ai/endpoint"
 ANNOTATION_SERVED_NAME = "arks.ai/served-model-name"
 MAX_BACKENDS = 16  # HTTPRoute rules[].backendRefs maxItems
-FULL_CAPACITY = 100  # one pod as free as the freest of its model (controller.cluster_load.FULL)
+FULL_CAPACITY = 100  # one pod as free as the freest of its model (controller.load.cluster.FULL)
 
 _BACKEND_FIELDS = ("group", "kind", "name", "namespace", "port", "weight")
 

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from controller.render.labels import (
+from arks.wire import (
     LABEL_COMPONENT,
     LABEL_MANAGED_BY,
     LABEL_MODEL,

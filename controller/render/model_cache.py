@@ -14,7 +14,7 @@ import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from controller.render.labels import LABEL_COMPONENT, LABEL_MODEL, label_value
+from arks.wire import LABEL_COMPONENT, LABEL_MODEL, label_value
 from controller.render.model import (
     ANNOTATION_MODEL,
     CLAIM_MOUNT,

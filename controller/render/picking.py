@@ -26,8 +26,8 @@ from typing import Any
 from arks.api import WEIGHTED
 from arks.envoy_config import PICKED_WEIGHTINGS, picked_host_policy
 from arks.manifests import CLUSTER_TYPE, EG_VERSION
+from arks.wire import LABEL_MANAGED_BY, label_value
 from controller.render.endpoint import DEFAULT_GATEWAY, LABEL_ENDPOINT
-from controller.render.labels import LABEL_MANAGED_BY, label_value
 
 LABEL_ENDPOINT_NAMESPACE = "arks.ai/endpoint-namespace"
 LABEL_ENDPOINT_UID = "arks.ai/endpoint-uid"

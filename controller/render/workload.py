@@ -23,18 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from controller.engines import (
-    MODEL_DIR,
-    DisaggregationMode,
-    EngineSpec,
-    Role,
-    RouterSpec,
-    engine_command,
-    engine_for,
-    parallelism,
-    served_model_name,
-)
-from controller.render.labels import (
+from arks.wire import (
     ANNOTATION_SERVED_NAME,
     LABEL_APPLICATION,
     LABEL_COMPONENT,
@@ -44,6 +33,17 @@ from controller.render.labels import (
     LABEL_ROLE,
     LABEL_SERVED_NAME,
     label_value,
+)
+from controller.render.engines import (
+    MODEL_DIR,
+    DisaggregationMode,
+    EngineSpec,
+    Role,
+    RouterSpec,
+    engine_command,
+    engine_for,
+    parallelism,
+    served_model_name,
 )
 from controller.render.model import ModelVolume, model_volume
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from arks.api import SocketAddress
-from controller.load.record import EngineLoad, Observation
+from arks.engine_metrics import EngineLoad, Observation
 
 EndpointKey = tuple[str, str]  # (namespace, model)
 

@@ -28,8 +28,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from arks.procs import Supervisor
-from arks.stack import envoy_binary
+from launcher.procs import Supervisor
+from launcher.stack import envoy_binary
 from tests.bench import ratelimit, report, targets, traffic, wrk
 from tests.bench.report import Measurement, Results
 from tests.bench.targets import CpuSample, Target
@@ -207,7 +207,7 @@ HOW_TO_READ = f"""\
   path, the physical limit of this design. **floor** adds an `ext_proc` filter calling a
   do-nothing Python server (`tests/bench/floor_extproc.py`) that answers the request-headers
   message and nothing else: no Python gateway can be cheaper. **gateway** is the full local stack
-  (`arks.stack.LocalStack`: the gateway's filter chain, extproc with auth, routing, quota and
+  (`launcher.stack.LocalStack`: the gateway's filter chain, extproc with auth, routing, quota and
   usage via the gRPC access log).
 - The machine is shared and noisy, so absolute figures drift from run to run; the budgets are
   ratios between configurations measured in this same run, interleaved.
@@ -248,7 +248,7 @@ def render_markdown(results: Results, workloads: Sequence[Workload], settings: S
         f"- Settings: {settings.duration_s:g} s measured per workload and config, in {settings.rounds} interleaved "
         f"round(s); {settings.warmup_s:g} s warm-up per workload and config; Envoy `--concurrency "
         f"{settings.envoy_concurrency} --disable-hot-restart` for all configs; load from `wrk` (1 thread, "
-        f"keep-alive); one simulated engine (`arks.sim`, {ENGINE_OUTPUT_TOKENS} output tokens, no delays; "
+        f"keep-alive); one simulated engine (`launcher.sim`, {ENGINE_OUTPUT_TOKENS} output tokens, no delays; "
         f"streamed: {STREAM_CHUNKS} chunks) on loopback. Python CPU counted: the floor's "
         f"`tests.bench.floor_extproc`; the gateway's Python children of `LocalStack` (`extproc` and the standalone controller, whose scraping costs ~3 µs per request at c=32)."
         + (" **Quick smoke run: figures are not meaningful.**" if settings.quick else ""),

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from arks.procs import Supervisor, free_port, wait_http, wait_port
+from launcher.procs import Supervisor, free_port, wait_http, wait_port
 from tests.bench import report, targets, wrk
 from tests.bench.report import Budget, Measurement
 from tests.bench.targets import REPO, CpuSample, Target, cpu_seconds
@@ -692,7 +692,7 @@ def render_section(r: Results, command: str) -> str:
         f"pre-serialized); every request is one descriptor `user: u<i % {USERS}>` under a limit of "
         f"{LIMIT_PER_MINUTE:,} per minute (never over: each decision counts and answers OK). Redis: `{s.redis_url}` "
         "(the machine's shared server). Through Envoy: wrk (1 thread) → Envoy `--concurrency "
-        f"{s.envoy_concurrency}` → `arks.sim` ({ENGINE_OUTPUT_TOKENS} output tokens), {s.warmup_s:g} s warm-up and "
+        f"{s.envoy_concurrency}` → `launcher.sim` ({ENGINE_OUTPUT_TOKENS} output tokens), {s.warmup_s:g} s warm-up and "
         f"{s.duration_s:g} s measured per config and concurrency, in {s.rounds} interleaved round(s)."
         + (" **Quick smoke run: figures are not meaningful.**" if s.quick else ""),
         "",

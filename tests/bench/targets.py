@@ -2,7 +2,7 @@
 
 - plain: Envoy with only the router (no Python on the path: the physical limit);
 - floor: the same plus ext_proc to a do-nothing Python server (`floor_extproc`);
-- gateway: the full local stack (`arks.stack.LocalStack`) without simulators.
+- gateway: the full local stack (`launcher.stack.LocalStack`) without simulators.
 
 Each is a running Envoy on a loopback port plus the processes whose CPU we count.
 """
@@ -23,8 +23,8 @@ import yaml
 
 from arks.api import token_digest
 from arks.envoy_config import EXTPROC_CLUSTER, EnvoySettings, extproc_cluster
-from arks.procs import Supervisor, free_port, wait_http, wait_port
-from arks.stack import LocalStack, StackSettings, envoy_binary
+from launcher.procs import Supervisor, free_port, wait_http, wait_port
+from launcher.stack import LocalStack, StackSettings, envoy_binary
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "bench-model"
@@ -169,7 +169,7 @@ def _python_env() -> dict[str, str]:
 def start_engine(sup: Supervisor, output_tokens: int) -> int:
     port = free_port()
     child = sup.python(
-        "engine", "arks.sim", "--port", str(port), "--model", MODEL, "--output-tokens", str(output_tokens),
+        "engine", "launcher.sim", "--port", str(port), "--model", MODEL, "--output-tokens", str(output_tokens),
         "--name", "bench-engine",
     )
     wait_http(child, f"http://127.0.0.1:{port}/health")

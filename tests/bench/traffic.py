@@ -31,8 +31,8 @@ import httpx
 import yaml
 
 from arks.api import token_digest
-from arks.procs import Supervisor, free_port, wait_http
-from arks.stack import LocalStack, StackSettings
+from launcher.procs import Supervisor, free_port, wait_http
+from launcher.stack import LocalStack, StackSettings
 from tests.bench import report, xds_push
 from tests.bench.targets import cpu_seconds
 
@@ -103,7 +103,7 @@ def _stack(work: Path, interval_s: float) -> Iterator[tuple[LocalStack, Engines]
     policy.write_text(yaml.safe_dump_all(_policy(ports)))
     with Supervisor(log_dir=work / "logs") as sims:
         for name in ENGINES:
-            child = sims.python(f"sim-{name}", "arks.sim", "--port", str(ports[name]), "--name", name,
+            child = sims.python(f"sim-{name}", "launcher.sim", "--port", str(ports[name]), "--name", name,
                                 *(a for m in ("bench-weighted", "bench-least-load", "bench-prefix-cache")
                                   for a in ("--model", m)))
             wait_http(child, f"http://127.0.0.1:{ports[name]}/health")

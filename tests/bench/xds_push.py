@@ -29,8 +29,6 @@ from prometheus_client import CollectorRegistry
 
 from arks import envoy_config
 from arks.envoy_config import EnvoySettings
-from arks.procs import Supervisor, free_port, wait_http
-from arks.stack import envoy_binary
 from controller.xds.cache import (
     CLUSTER,
     ENDPOINT,
@@ -41,6 +39,8 @@ from controller.xds.cache import (
     snapshot_from_json,
 )
 from controller.xds.server import XdsServer
+from launcher.procs import Supervisor, free_port, wait_http
+from launcher.stack import envoy_binary
 from tests.bench import report
 from tests.bench.targets import cpu_seconds
 

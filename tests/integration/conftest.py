@@ -23,8 +23,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from arks.api import token_digest
-from arks.procs import Child, Supervisor, free_port, wait_http
-from arks.stack import LocalStack, StackSettings
+from launcher.procs import Child, Supervisor, free_port, wait_http
+from launcher.stack import LocalStack, StackSettings
 from tests.objects import backend, endpoint, token
 from tests.redis_server import PrivateRedis
 from tests.support.kube import RunningKubeEmulator, running_kube_emulator
@@ -166,7 +166,7 @@ def running_stack(
     policy_path.write_text(yaml.safe_dump_all(documents))
     with Supervisor(log_dir=tmp / "logs") as sims:
         for name, model in (("a", "model-a"), ("b", "model-b")):
-            child = sims.python(f"sim-{name}", "arks.sim", "--port", str(ports[name]), "--model", model, "--name", f"sim-{name}")
+            child = sims.python(f"sim-{name}", "launcher.sim", "--port", str(ports[name]), "--model", model, "--name", f"sim-{name}")
             wait_http(child, f"http://127.0.0.1:{ports[name]}/health")
         settings = StackSettings(
             policy=policy_path, state_dir=tmp / "state", port=free_port(), admin_port=free_port(),

@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from arks.procs import Supervisor, free_port, wait_port
-from ratelimit.backends import BackendUnavailable
-from ratelimit.budgets import Admission, BudgetStore, Charge, Lease, MemoryBudgets, RedisBudgets
-from ratelimit.budgets.room import MAX_AMOUNT
+from arks.adapters.redis.budgets import RedisBudgets
+from arks.limits.backends import BackendUnavailable
+from arks.limits.budgets import Admission, BudgetStore, Charge, Lease, MemoryBudgets
+from arks.limits.budgets.room import MAX_AMOUNT
+from launcher.procs import Supervisor, free_port, wait_port
 from tests.redis_server import SHARED_REDIS, PrivateRedis, fresh_prefix
 
 T0 = 1_700_000_000.0

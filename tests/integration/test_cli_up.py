@@ -13,8 +13,8 @@ from pathlib import Path
 import openai
 import yaml
 
-from arks.cli import DEMO_POLICY
-from arks.procs import free_port
+from launcher.cli import DEMO_POLICY
+from launcher.procs import free_port
 from tests.integration.conftest import wait_for
 
 
@@ -54,7 +54,7 @@ def start_arks_up(tmp_path: Path, port: int) -> subprocess.Popen[str]:
     policy = tmp_path / "policy.yaml"
     policy.write_text(yaml.safe_dump_all(documents))
     cmd = [
-        sys.executable, "-m", "arks.cli", "up", "--policy", str(policy), "--port", str(port),
+        sys.executable, "-m", "launcher.cli", "up", "--policy", str(policy), "--port", str(port),
         "--admin-port", str(free_port()), "--metrics-port", str(free_port()), "--state-dir", str(tmp_path / "state"),
     ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

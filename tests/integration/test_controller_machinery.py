@@ -15,22 +15,22 @@ from typing import Any
 import pytest
 from kubernetes.client import ApiClient
 
-from controller.kube import rest
-from controller.kube.apply import (
+from arks.adapters.kube import rest
+from arks.adapters.kube.apply import (
     ensure_finalizer,
     patch_status,
     remove_finalizer,
     server_side_apply,
     set_owner,
 )
-from controller.kube.conditions import find_condition, set_condition
-from controller.kube.errors import TemporaryError
-from controller.kube.events import record_event
-from controller.kube.leader import LeaderElector
-from controller.kube.queue import Key, WorkQueue
-from controller.kube.rest import CONFIGMAPS, EVENTS, Resource
-from controller.kube.runner import Controller
-from controller.kube.watch import Informer, watch_owned
+from arks.adapters.kube.conditions import find_condition, set_condition
+from arks.adapters.kube.errors import TemporaryError
+from arks.adapters.kube.events import record_event
+from arks.adapters.kube.leader import LeaderElector
+from arks.adapters.kube.queue import Key, WorkQueue
+from arks.adapters.kube.rest import CONFIGMAPS, EVENTS, Resource
+from arks.adapters.kube.runner import Controller
+from arks.adapters.kube.watch import Informer, watch_owned
 from tests.support.kube import FAST_INFORMERS, eventually
 from tests.support.kube import get_object as get
 
@@ -295,7 +295,7 @@ def test_a_conflict_is_a_temporary_error_that_is_retried_until_it_succeeds(
 
 
 def test_a_permanent_error_is_not_retried(api: ApiClient, ns: str) -> None:
-    from controller.kube.errors import PermanentError
+    from arks.adapters.kube.errors import PermanentError
 
     calls: list[Key] = []
 

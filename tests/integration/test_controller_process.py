@@ -15,13 +15,13 @@ from typing import Any
 import httpx
 import kubernetes
 
-from arks.procs import free_port
+from arks.adapters.kube import rest
+from arks.adapters.kube.rest import Resource
 from controller.__main__ import USER_AGENT
-from controller.kube import rest
-from controller.kube.rest import Resource
 from controller.reconcilers.endpoint import ENDPOINTS
 from controller.reconcilers.picking import PATCH_POLICIES
 from controller.render.picking import picking_policy_name
+from launcher.procs import free_port
 from tests.support.kube import RunningKubeEmulator, eventually, get_object
 from tests.support.rbac import allows, roles_of
 
@@ -53,7 +53,7 @@ def test_the_controller_process_reconciles_and_stops_cleanly(kube: RunningKubeEm
     port = free_port()
     log = (tmp_path / "controller.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "arks.cli", "controller", "--kube-host", kube.url, "--lease-namespace", "prod",
+        [sys.executable, "-m", "launcher.cli", "controller", "--kube-host", kube.url, "--lease-namespace", "prod",
          "--metrics-address", "127.0.0.1", "--metrics-port", str(port)],
         stdout=log, stderr=subprocess.STDOUT,
     )

@@ -19,10 +19,9 @@ import httpx
 import pytest
 from kubernetes.client import ApiClient
 
-from arks.procs import Child, Supervisor, free_port, wait_http
-from controller.cluster_load import PODS, ClusterLoad
-from controller.kube import rest
-from controller.kube.conditions import find_condition
+from arks.adapters.kube import rest
+from arks.adapters.kube.conditions import find_condition
+from controller.load.cluster import PODS, ClusterLoad
 from controller.reconcilers.application import APPLICATIONS
 from controller.reconcilers.endpoint import (
     ENDPOINTS,
@@ -31,6 +30,7 @@ from controller.reconcilers.endpoint import (
     reconcile_endpoint,
 )
 from controller.render.application import render_application
+from launcher.procs import Child, Supervisor, free_port, wait_http
 from tests.support.kube import FAST_INFORMERS, eventually, set_status
 from tests.support.kube import get_object as get
 
@@ -130,7 +130,7 @@ def cluster(api: ApiClient, ns: str, tmp_path: Path) -> Iterator[Cluster]:
     port = shared_port(list(APPS.values()))
     with Supervisor(log_dir=tmp_path / "logs") as sup:
         children = {
-            app: sup.python(f"sim-{app}", "arks.sim", "--host", ip, "--port", str(port),
+            app: sup.python(f"sim-{app}", "launcher.sim", "--host", ip, "--port", str(port),
                             "--model", SERVED, "--name", app)
             for app, ip in APPS.items()
         }  # fmt: skip

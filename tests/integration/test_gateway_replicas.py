@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from arks.procs import free_port
 from extproc.ledger import MemoryLedger, Totals
 from extproc.reported import RedisReported
 from extproc.servicer import AccessLogReceiver, Context, RequestProcessor
+from launcher.procs import free_port
 from tests.redis_server import SHARED_REDIS, fresh_prefix
 from tests.unit.test_servicer import (
     MAX_AGE,

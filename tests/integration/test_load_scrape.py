@@ -11,10 +11,10 @@ import aiohttp
 import httpx
 import pytest
 
-from arks.procs import Child, Supervisor, free_port, wait_http
-from controller.load.record import EngineLoad, Observation, ScrapeFailure
-from controller.load.scrape import Scraper, scrape
+from arks.adapters.scrape import Scraper, scrape
+from arks.engine_metrics import EngineLoad, Observation, ScrapeFailure
 from controller.load.weights import WeightSettings, WeightTracker
+from launcher.procs import Child, Supervisor, free_port, wait_http
 
 MODEL = "m1"
 
@@ -38,7 +38,7 @@ class Sim:
 def start_sim(sup: Supervisor, name: str, style: str, port: int | None = None) -> Sim:
     port = port or free_port()
     child = sup.python(
-        name, "arks.sim", "--port", str(port), "--model", MODEL, "--name", name,
+        name, "launcher.sim", "--port", str(port), "--model", MODEL, "--name", name,
         "--metrics-style", style,
     )  # fmt: skip
     wait_http(child, f"http://127.0.0.1:{port}/health")

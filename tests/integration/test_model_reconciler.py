@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from kubernetes.client import ApiClient
 
-from controller.kube import rest
-from controller.kube.conditions import find_condition
-from controller.kube.errors import PermanentError, TemporaryError
-from controller.kube.queue import WorkQueue
-from controller.kube.rest import EVENTS
+from arks.adapters.kube import rest
+from arks.adapters.kube.conditions import find_condition
+from arks.adapters.kube.errors import PermanentError, TemporaryError
+from arks.adapters.kube.queue import WorkQueue
+from arks.adapters.kube.rest import EVENTS
 from controller.reconcilers.model import (
     DAEMONSETS,
     JOBS,

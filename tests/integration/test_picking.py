@@ -22,8 +22,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from arks.api import token_digest
-from arks.procs import Child, Supervisor, free_port, wait_http
-from arks.stack import LocalStack, StackSettings
+from launcher.procs import Child, Supervisor, free_port, wait_http
+from launcher.stack import LocalStack, StackSettings
 from tests.integration.conftest import kill_mid_run, wait_for
 from tests.objects import token
 
@@ -128,7 +128,7 @@ def picking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Picking]:
         children = {}
         for name in ENGINES:
             children[name] = sims.python(
-                f"sim-{name}", "arks.sim", "--port", str(ports[name]), "--model", LEAST, "--model", PREFIX,
+                f"sim-{name}", "launcher.sim", "--port", str(ports[name]), "--model", LEAST, "--model", PREFIX,
                 "--name", name,
             )
         for name in ENGINES:

@@ -13,7 +13,7 @@ from kubernetes.client import ApiClient
 
 from controller.render.endpoint import render_httproute
 from extproc.cluster_policy import ClusterPolicySource
-from extproc.picking.cluster import ClusterEngines
+from extproc.picking.discovery import ClusterEngines
 from extproc.server import USER_AGENT
 from tests.objects import backend
 from tests.support.kube import FAST_INFORMERS, RunningKubeEmulator, eventually

@@ -24,15 +24,15 @@ import httpx
 import pytest
 from kubernetes.client import ApiClient
 
+from arks.adapters.kube import rest
 from arks.api import token_digest
 from arks.envoy_config import EnvoySettings, extproc_cluster, listener, retry_policy
-from arks.procs import Supervisor, free_port, wait_http
-from arks.stack import envoy_binary
-from controller.kube import rest
 from controller.reconcilers.application import APPLICATIONS
 from controller.reconcilers.endpoint import ENDPOINTS, HTTPROUTES, reconcile_endpoint
 from controller.reconcilers.picking import PATCH_POLICIES
 from controller.render.picking import CLUSTER_TYPE, eg_route_cluster_name, picking_policy_name
+from launcher.procs import Supervisor, free_port, wait_http
+from launcher.stack import envoy_binary
 from tests.integration.conftest import wait_for
 from tests.objects import token
 from tests.support.envoy_gateway import apply_patches, eg_route_cluster
@@ -155,7 +155,7 @@ def gateway(kube: RunningKubeEmulator, tmp_path_factory: pytest.TempPathFactory)
         seed_cluster(api, ports)
         reconcile_endpoint(api, (NS, MODEL))  # the controller: HTTPRoute and EnvoyPatchPolicy
         for name in ENGINES:
-            sim = sup.python(f"sim-{name}", "arks.sim", "--port", str(ports[name]), "--model", MODEL, "--name", name)
+            sim = sup.python(f"sim-{name}", "launcher.sim", "--port", str(ports[name]), "--model", MODEL, "--name", name)
             wait_http(sim, f"http://127.0.0.1:{ports[name]}/health")
         settings = EnvoySettings(listen_port=free_port(), admin_port=free_port(), extproc_port=free_port())
         metrics_port = free_port()

@@ -12,8 +12,8 @@ import kmock
 import pytest
 from kubernetes.client import ApiClient
 
-from controller.kube import rest
-from controller.kube.conditions import find_condition
+from arks.adapters.kube import rest
+from arks.adapters.kube.conditions import find_condition
 from controller.reconcilers.endpoint import (
     ENDPOINTS,
     HTTPROUTES,

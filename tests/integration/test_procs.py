@@ -1,5 +1,5 @@
 """Children of the Supervisor die with the process that started them (also by SIGKILL), and
-are started without running Python between fork and exec (`arks.launch`)."""
+are started without running Python between fork and exec (`launcher.launch`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from arks.procs import Supervisor
+from launcher.procs import Supervisor
 
 
 def alive(pid: int) -> bool:
@@ -28,7 +28,7 @@ def alive(pid: int) -> bool:
 def test_children_die_when_their_parent_is_killed(tmp_path: Path) -> None:
     parent = textwrap.dedent(f"""
         import sys, time
-        from arks.procs import Supervisor
+        from launcher.procs import Supervisor
         sup = Supervisor(log_dir=__import__("pathlib").Path({str(tmp_path)!r}))
         program = sup.start("sleeper", ["sleep", "60"])
         module = sup.python("server", "http.server", "--bind", "127.0.0.1", "0")
@@ -62,6 +62,6 @@ def test_a_module_child_gets_its_arguments_and_a_program_its_own(tmp_path: Path)
 
 
 def test_the_launcher_gives_up_when_its_parent_is_already_gone() -> None:
-    done = subprocess.run([sys.executable, "-m", "arks.launch", "1", "echo", "hi"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "launcher.launch", "1", "echo", "hi"], capture_output=True, text=True,
                           timeout=10, cwd=Path(__file__).resolve().parents[2])
     assert (done.returncode, done.stdout) == (1, "")

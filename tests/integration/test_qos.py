@@ -8,13 +8,14 @@ from collections.abc import Iterator
 import openai
 import pytest
 
+from arks.adapters.redis.backend import RedisBackend
 from arks.api import parse_token, token_digest
+from arks.limits.backends import MemoryBackend
+from arks.limits.config import RateLimitConfig
+from arks.limits.limiter import Limiter
+from arks.limits.metrics import RateLimitMetrics
 from extproc import qos
 from extproc.decision import Identity
-from ratelimit.backends import MemoryBackend, RedisBackend
-from ratelimit.config import RateLimitConfig
-from ratelimit.limiter import Limiter
-from ratelimit.metrics import RateLimitMetrics
 from tests.integration.conftest import Stack, running_stack
 from tests.objects import token
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from arks.api import token_digest
-from arks.procs import Supervisor, free_port, wait_port
+from launcher.procs import Supervisor, free_port, wait_port
 from tests.integration.conftest import Stack, running_stack, wait_for
 from tests.objects import token
 

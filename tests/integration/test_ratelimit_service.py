@@ -14,8 +14,8 @@ from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2 as common
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import wrappers_pb2
 
-from arks.procs import Supervisor, free_port, wait_http, wait_port
-from arks.stack import envoy_binary
+from launcher.procs import Supervisor, free_port, wait_http, wait_port
+from launcher.stack import envoy_binary
 from tests.integration.conftest import wait_for
 
 CONFIG = """
@@ -206,7 +206,7 @@ def test_behind_envoy_the_client_gets_429_with_headers_and_an_openai_body(tmp_pa
     with Supervisor(log_dir=tmp_path / "logs") as sup:
         svc = Service(sup, tmp_path)
         engine_port = free_port()
-        engine = sup.python("engine", "arks.sim", "--port", str(engine_port), "--model", "m")
+        engine = sup.python("engine", "launcher.sim", "--port", str(engine_port), "--model", "m")
         wait_http(engine, f"http://127.0.0.1:{engine_port}/health")
         listen, admin = free_port(), free_port()
         bootstrap = tmp_path / "envoy.json"

@@ -14,8 +14,8 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from arks.procs import Supervisor, free_port, wait_http
 from arks.tokens import count_prompt
+from launcher.procs import Supervisor, free_port, wait_http
 
 MODEL = "m1"
 NAME = "sim-test"
@@ -42,7 +42,7 @@ def chat_body(text: str = "Say hello to the simulator, please.", **extra: Any) -
 def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     with Supervisor(log_dir=tmp_path_factory.mktemp("sim-logs")) as sup:
-        child = sup.python("sim", "arks.sim", "--port", str(port), "--model", MODEL, "--name", NAME)
+        child = sup.python("sim", "launcher.sim", "--port", str(port), "--model", MODEL, "--name", NAME)
         wait_http(child, f"http://127.0.0.1:{port}/health")
         yield f"http://127.0.0.1:{port}"
 
@@ -419,7 +419,7 @@ def test_max_num_seqs_queues_and_clean_exit(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{port}"
     with Supervisor(log_dir=tmp_path) as sup:
         child = sup.python(
-            "sim", "arks.sim", "--port", str(port), "--model", MODEL, "--max-num-seqs", "1"
+            "sim", "launcher.sim", "--port", str(port), "--model", MODEL, "--max-num-seqs", "1"
         )
         wait_http(child, f"{url}/health")
         durations: list[float] = []
@@ -616,7 +616,7 @@ def test_sglang_metrics_style(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{port}"
     with Supervisor(log_dir=tmp_path) as sup:
         child = sup.python(
-            "sim", "arks.sim", "--port", str(port), "--model", MODEL, "--metrics-style", "sglang"
+            "sim", "launcher.sim", "--port", str(port), "--model", MODEL, "--metrics-style", "sglang"
         )
         wait_http(child, f"{url}/health")
         with httpx.Client(base_url=url, timeout=5.0) as http:
@@ -639,7 +639,7 @@ def test_sglang_metrics_style(tmp_path: Path) -> None:
 
 def test_metrics_style_flag_rejects_unknown_runtime(tmp_path: Path) -> None:
     with Supervisor(log_dir=tmp_path) as sup:
-        child = sup.python("sim", "arks.sim", "--metrics-style", "tgi")
+        child = sup.python("sim", "launcher.sim", "--metrics-style", "tgi")
         child.popen.wait(20)
         assert child.popen.returncode == 2  # argparse: invalid choice
         assert "invalid choice" in child.log_tail()

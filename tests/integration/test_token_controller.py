@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from kubernetes.client import ApiClient
 
-from controller.kube import rest
-from controller.kube.conditions import find_condition
-from controller.kube.rest import EVENTS, Resource
+from arks.adapters.kube import rest
+from arks.adapters.kube.conditions import find_condition
+from arks.adapters.kube.rest import EVENTS, Resource
 from controller.reconcilers.token import ENDPOINTS, QUOTAS, SECRETS, TOKENS, token_controller
 from tests.support.kube import FAST_INFORMERS, eventually
 from tests.support.kube import get_object as get

@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from arks.api import token_digest
-from arks.procs import Child, Supervisor, free_port, wait_http
-from arks.stack import LocalStack, StackSettings
+from launcher.procs import Child, Supervisor, free_port, wait_http
+from launcher.stack import LocalStack, StackSettings
 from tests.integration.conftest import kill_mid_run, wait_for
 from tests.objects import token
 
@@ -116,7 +116,7 @@ def traffic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traffic]:
         children = {}
         for name in ENGINES:
             children[name] = sims.python(
-                f"sim-{name}", "arks.sim", "--port", str(ports[name]), "--model", MODEL, "--name", name
+                f"sim-{name}", "launcher.sim", "--port", str(ports[name]), "--model", MODEL, "--name", name
             )
         for name in ENGINES:
             wait_http(children[name], f"http://127.0.0.1:{ports[name]}/health")

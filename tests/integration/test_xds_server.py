@@ -22,8 +22,6 @@ from prometheus_client import CollectorRegistry
 
 from arks import envoy_config
 from arks.envoy_config import EnvoySettings
-from arks.procs import Supervisor, free_port, wait_http
-from arks.stack import envoy_binary
 from controller.xds.cache import (
     CLUSTER,
     ENDPOINT,
@@ -34,6 +32,8 @@ from controller.xds.cache import (
     snapshot_from_json,
 )
 from controller.xds.server import XdsServer
+from launcher.procs import Supervisor, free_port, wait_http
+from launcher.stack import envoy_binary
 
 NODE = "xds-test-node"
 ADS = dict(envoy_config.ADS_SOURCE)

@@ -764,8 +764,8 @@ def eventually(check: Callable[[], Any], timeout_s: float = 5.0) -> Any:
 
 
 def get_object(api: Any, resource: Any, ns: str, name: str) -> dict[str, Any] | None:
-    """The object, or None when the API server says 404 (`resource` is a controller.kube.rest.Resource)."""
-    from controller.kube import rest
+    """The object, or None when the API server says 404 (`resource` is a arks.adapters.kube.rest.Resource)."""
+    from arks.adapters.kube import rest
 
     return rest.get_or_none(api, resource, ns, name)
 
@@ -777,7 +777,7 @@ FAST_INFORMERS: dict[str, float] = {"resync_s": 60.0, "watch_timeout_s": 1.0, "r
 def set_status(api: Any, resource: Any, ns: str, name: str, **status: Any) -> None:
     """Merge-patch the status subresource, as the cluster's own controllers would (a
     Deployment's readyReplicas, a Job's succeeded, a PVC's phase)."""
-    from controller.kube import rest
+    from arks.adapters.kube import rest
 
     rest.request(
         api, "PATCH", resource.path(ns, name, "status"), body={"status": status}, content_type=rest.MERGE_PATCH

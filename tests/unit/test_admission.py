@@ -6,16 +6,16 @@ import asyncio
 from datetime import UTC, datetime
 
 from arks.api import token_digest
+from arks.limits.backends import MemoryBackend
+from arks.limits.budgets import MemoryBudgets
+from arks.limits.config import RateLimitConfig
+from arks.limits.limiter import Limiter
+from arks.limits.metrics import RateLimitMetrics
 from arks.policy import Policy, build_policy
 from extproc.admission import Admission, Reservation
 from extproc.decision import Deny, Forward
 from extproc.gateway import METADATA_NAMESPACE, decide_headers
 from extproc.request import BodyFacts, RequestInfo
-from ratelimit.backends import MemoryBackend
-from ratelimit.budgets import MemoryBudgets
-from ratelimit.config import RateLimitConfig
-from ratelimit.limiter import Limiter
-from ratelimit.metrics import RateLimitMetrics
 from tests import objects
 
 DAY_END = datetime(2026, 11, 27, 23, 59, 30, tzinfo=UTC).timestamp()

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from ratelimit.budgets import Charge, Lease
-from ratelimit.budgets.room import (
+from arks.limits.budgets import Charge, Lease
+from arks.limits.budgets.room import (
     MAX_AMOUNT,
     check_admit,
     check_restore,

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from controller.cluster_load import (
+from arks.engine_metrics import EngineLoad, ScrapeFailure
+from controller.load.cluster import (
     FULL,
     POD_SELECTOR,
     PodTarget,
@@ -16,7 +17,6 @@ from controller.cluster_load import (
     changed_keys,
     serving_target,
 )
-from controller.load.record import EngineLoad, ScrapeFailure
 from controller.load.weights import WeightSettings
 from tests.support.kube import labels_match, parse_label_selector
 

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from controller.kube.conditions import set_condition
-from controller.kube.queue import WorkQueue
+from arks.adapters.kube.conditions import set_condition
+from arks.adapters.kube.queue import WorkQueue
 
 A = ("ns", "a")
 B = ("ns", "b")

@@ -17,11 +17,11 @@ import yaml
 from arks import api
 from arks.crds import KINDS, files, render
 from arks.crds.__main__ import DEFAULT_OUT, drift, main
+from tests.support.paths import DEMO_POLICY
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "manifests" / "samples"
 FIXTURES = Path(__file__).resolve().parent / "crd_fixtures"
-DEMO_POLICY = ROOT / "arks" / "demo" / "policy.yaml"
 
 CRDS: dict[str, dict[str, Any]] = {kind.kind: render(kind) for kind in KINDS}
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from controller.load.record import (
+from arks.engine_metrics import (
     EngineLoad,
     HistogramTotals,
     LoadWindow,
@@ -208,8 +208,8 @@ def test_window_without_history_or_traffic_or_after_a_restart_is_empty() -> None
 
 
 def test_an_engine_without_a_metrics_page_is_up_with_unknown_load() -> None:
-    from controller.load.record import EngineLoad, ScrapeFailure
-    from controller.load.scrape import Scrape, observe
+    from arks.adapters.scrape import Scrape, observe
+    from arks.engine_metrics import EngineLoad, ScrapeFailure
 
     assert observe(Scrape("http://e/metrics", False, 0.01, error="HTTP 404", status=404)) == EngineLoad("unknown")
     failed = observe(Scrape("http://e/metrics", False, 0.01, error="HTTP 500", status=500))

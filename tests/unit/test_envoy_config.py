@@ -38,9 +38,9 @@ from arks.envoy_config import (
     xds_resources,
 )
 from arks.policy import Policy, build_policy, load_policy_file
+from tests.support.paths import DEMO_POLICY
 
 ENVOY = Path(sys.executable).parent / "envoy"
-DEMO_POLICY = Path(__file__).resolve().parents[2] / "arks" / "demo" / "policy.yaml"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 PLACEHOLDERS = ("{extproc_cluster}", "{message_timeout}", "{usage_lua}")
 ADS = {"ads": {}, "resource_api_version": "V3"}

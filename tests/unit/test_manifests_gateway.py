@@ -23,14 +23,14 @@ from arks.envoy_config import (
     routes,
     usage_access_log,
 )
+from arks.limits.config import parse_config
 from arks.policy import load_policy_file
 from controller.render.endpoint import render_httproute
-from ratelimit.config import parse_config
 from tests.support.envoy_gateway import apply_patches
+from tests.support.paths import DEMO_POLICY
 from tests.unit.test_manifests import INSTALL, MANIFESTS, one
 
 ENVOY = Path(sys.executable).parent / "envoy"
-DEMO_POLICY = Path(__file__).resolve().parents[2] / "arks" / "demo" / "policy.yaml"
 GATEWAY = one("Gateway", "arks-gateway", INSTALL)
 EXTENSION = one("EnvoyExtensionPolicy", "arks-extproc", INSTALL)
 FILTERS = one("EnvoyPatchPolicy", "arks-filters", INSTALL)

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from arks.api import SocketAddress
-from controller.load.record import EngineLoad, ScrapeFailure
+from arks.engine_metrics import EngineLoad, ScrapeFailure
 from extproc.picking.filters import Healthy, KvCacheRoom, QueueRoom
 from extproc.picking.picker import Profile, pick
 from extproc.picking.scorers import KvCacheScorer, PickRequest, PrefixScorer, QueueScorer

@@ -9,7 +9,7 @@ from typing import Any
 from arks.api import LEAST_LOAD, PREFIX_CACHE, STATIC
 from arks.policy import Policy, build_policy
 from controller.render.endpoint import render_httproute
-from extproc.picking.cluster import (
+from extproc.picking.discovery import (
     ClusterView,
     parse_route,
     parse_service,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 from arks.api import LEAST_LOAD, PREFIX_CACHE
-from controller.load.record import EngineLoad, ScrapeFailure
+from arks.engine_metrics import EngineLoad, ScrapeFailure
 from extproc.decision import Deny, Identity
 from extproc.metrics import GatewayMetrics
 from extproc.picking.prefix import prompt_text

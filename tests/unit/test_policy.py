@@ -31,9 +31,9 @@ from arks.policy import (
     load_policy_file,
     read_policy_file,
 )
+from tests.support.paths import DEMO_POLICY
 
 FIXTURES = Path(__file__).parent / "fixtures" / "policy"
-DEMO_POLICY = Path(__file__).resolve().parents[2] / "arks" / "demo" / "policy.yaml"
 DEMO_TOKEN = "sk-arks-demo-0123456789abcdef"
 HASH = "sha256:" + "0" * 64
 NOW = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)

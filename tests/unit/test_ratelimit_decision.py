@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import orjson
 
-from ratelimit.decision import DescriptorRequest, Request, answer, counter_key, hits_for, limits_for
-from ratelimit.model import Algorithm, Outcome, RateLimit, Unit
+from arks.limits.decision import (
+    DescriptorRequest,
+    Request,
+    answer,
+    counter_key,
+    hits_for,
+    limits_for,
+)
+from arks.limits.model import Algorithm, Outcome, RateLimit, Unit
 
 PER_MINUTE = RateLimit(10, Unit.MINUTE, name="per_minute", stats_key="d.user")
 PER_DAY = RateLimit(100, Unit.DAY, name="per_day", replaces=("per_minute",), stats_key="d.user.model")

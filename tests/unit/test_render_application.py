@@ -16,8 +16,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from controller.engines import UnsupportedApplication, engine_command
 from controller.render import RenderDefaults, label_value, render_application
+from controller.render.engines import UnsupportedApplication, engine_command
 from tests.objects import downloaded_model, model_on_claim
 from tests.support.crd_schema import upstream_schema
 

@@ -17,8 +17,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from controller.engines import UnsupportedApplication
 from controller.render.disaggregated import render_disaggregated
+from controller.render.engines import UnsupportedApplication
 from tests.objects import downloaded_model, model_on_claim
 from tests.support.crd_schema import upstream_schema
 

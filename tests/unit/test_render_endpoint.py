@@ -8,7 +8,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from controller.kube.errors import PermanentError
+from arks.adapters.kube.errors import PermanentError
 from controller.render.endpoint import load_weight, render_httproute, route_status
 from tests.support.crd_schema import upstream_schema
 

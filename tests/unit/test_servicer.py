@@ -15,8 +15,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import struct_pb2, wrappers_pb2
 
 from arks.api import token_digest
+from arks.engine_metrics import EngineLoad
+from arks.limits.backends import MemoryBackend
+from arks.limits.budgets import MemoryBudgets
+from arks.limits.config import RateLimitConfig
+from arks.limits.limiter import Limiter
+from arks.limits.metrics import RateLimitMetrics
 from arks.policy import Policy, build_policy
-from controller.load.record import EngineLoad
 from extproc.admission import Admission
 from extproc.decision import Identity
 from extproc.inflight import InFlight
@@ -25,11 +30,6 @@ from extproc.metrics import GatewayMetrics
 from extproc.picking.service import Picking, PickSettings
 from extproc.reported import ReportedElsewhere, SingleReplica
 from extproc.servicer import AccessLogReceiver, Context, RequestProcessor
-from ratelimit.backends import MemoryBackend
-from ratelimit.budgets import MemoryBudgets
-from ratelimit.config import RateLimitConfig
-from ratelimit.limiter import Limiter
-from ratelimit.metrics import RateLimitMetrics
 from tests import objects
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)

@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from arks.sim import Plan, Shape
 from extproc.usage import Finished, Usage, streamed_tokens_estimate, usage_of
+from launcher.sim import Plan, Shape
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import pytest
 
-from controller.load.record import EngineLoad, HistogramTotals, Observation, ScrapeFailure
+from arks.engine_metrics import EngineLoad, HistogramTotals, Observation, ScrapeFailure
 from controller.load.weights import WeightSettings, WeightTracker, load_score
 
 DOWN = ScrapeFailure("connection refused")
@@ -191,7 +191,7 @@ def test_errors_and_latency_lower_the_weight() -> None:
 
 def test_load_score_formula() -> None:
     s = WeightSettings()
-    from controller.load.record import LoadWindow
+    from arks.engine_metrics import LoadWindow
 
     recent = LoadWindow(finished=10, error_ratio=0.1, mean_ttft_s=2.0, mean_e2e_s=9.0)
     score = load_score(busy(4, 10, 0.5), recent, s)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,8 +27,8 @@ from controller.xds.cache import (
     snapshot_from_messages,
 )
 from controller.xds.stream import Kind, Request, StreamState
+from tests.support.paths import DEMO_POLICY
 
-DEMO_POLICY = Path(__file__).resolve().parents[2] / "arks" / "demo" / "policy.yaml"
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from ratelimit.config import ConfigError, RateLimitConfig, load_config, parse_config
-from ratelimit.model import Algorithm, RateLimit, Unit
+from arks.limits.config import ConfigError, RateLimitConfig, load_config, parse_config
+from arks.limits.model import Algorithm, RateLimit, Unit
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ERRORS = FIXTURES / "errors"

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from ratelimit.model import Algorithm, Hit, Outcome
-from ratelimit.window import (
+from arks.limits.model import Algorithm, Hit, Outcome
+from arks.limits.window import (
     Instant,
     counter_key,
     fixed_window_key,

@@ -1,0 +1,128 @@
+"""Counters in Redis: every hit of one `apply` in one atomic Lua script, one round trip.
+
+The script only moves state (INCRBY a window's counter, push a GCRA TAT forward) and returns the
+numbers the outcome needs; `arks.limits.window` turns them into Outcomes, exactly as the memory
+backend does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from arks.adapters.redis.client import Script, answer_within, connect, run
+from arks.limits.model import Algorithm, Hit, Outcome
+from arks.limits.window import (
+    Instant,
+    counter_key,
+    fixed_window_outcome,
+    gcra_outcome,
+    validate,
+)
+
+# KEYS[i]: hit i's counter. ARGV[1], ARGV[2]: now as whole seconds and fraction (window.Instant).
+# ARGV[3 + 4(i-1) ...]: hit i's algorithm ("fixed" | "gcra"), hits, limit, window_s.
+# Reply per hit: fixed window: the count after the hit (an integer); GCRA: how far the TAT is
+# ahead of now after the hit, as "%.17g" (a Lua number in a reply would be cut to an integer).
+# The GCRA lines mirror window.Instant, gcra_ahead and gcra_charge operation for operation, so
+# the float results are bit-identical to the memory backend's. A TAT is stored as
+# "<whole seconds> <fraction>" to keep sub-microsecond precision at epoch magnitudes.
+# Counts and window lengths go to Redis as the caller's strings: Lua would print 1e15 as "1e+15".
+SCRIPT = """
+local now_s = tonumber(ARGV[1])
+local now_f = tonumber(ARGV[2])
+local replies = {}
+for i, key in ipairs(KEYS) do
+  local at = 3 + (i - 1) * 4
+  local algorithm, hits, limit, window_s = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
+  if algorithm == "fixed" then
+    if tonumber(hits) > 0 then
+      local used = redis.call("INCRBY", key, hits)
+      if used == tonumber(hits) then
+        redis.call("EXPIRE", key, window_s)
+      end
+      replies[i] = used
+    else
+      replies[i] = tonumber(redis.call("GET", key) or "0")
+    end
+  else
+    local ahead = 0
+    local tat = redis.call("GET", key)
+    if tat then
+      local sep = string.find(tat, " ", 1, true)
+      ahead = (tonumber(string.sub(tat, 1, sep - 1)) - now_s)
+        + (tonumber(string.sub(tat, sep + 1)) - now_f)
+      if ahead < 0 then
+        ahead = 0
+      end
+    end
+    local n, l = tonumber(hits), tonumber(limit)
+    if n > 0 and l > 0 then
+      ahead = ahead + n * (tonumber(window_s) / l)
+      local t = now_f + ahead
+      local whole = math.floor(t)
+      redis.call("SET", key, string.format("%d %.17g", now_s + whole, t - whole),
+        "PX", string.format("%d", (math.ceil(ahead) + 1) * 1000))
+    end
+    replies[i] = string.format("%.17g", ahead)
+  end
+end
+return replies
+"""
+
+_SCRIPT = Script.of(SCRIPT)
+
+_ALGORITHM_ARG = {Algorithm.FIXED_WINDOW: "fixed", Algorithm.GCRA: "gcra"}
+
+
+class RedisBackend:
+    """Shared counters in one Redis; every key is `prefix + hit.key + suffix`.
+
+    Any failure to get an answer within `timeout_s` (connect, pool wait, script) raises
+    BackendUnavailable. Broken connections are dropped and reopened on the next call, so the
+    backend recovers by itself when Redis comes back.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "arks:rl:",
+        timeout_s: float = 0.5,
+        *,
+        max_connections: int = 64,
+    ) -> None:
+        self._prefix = prefix
+        self._timeout_s = timeout_s
+        self._redis: Redis = connect(url, timeout_s, max_connections)
+
+    async def apply(self, hits: Sequence[Hit], now: float) -> list[Outcome]:
+        if not hits:
+            return []
+        for hit in hits:
+            validate(hit)
+        at = Instant.of(now)
+        keys = [self._prefix + counter_key(hit, now) for hit in hits]
+        args: list[str | int] = [at.seconds, repr(at.fraction)]
+        for hit in hits:
+            args += [_ALGORITHM_ARG[hit.algorithm], hit.hits, hit.limit, hit.window_s]
+        async with answer_within(self._timeout_s, "counters"):
+            replies = await self._run(keys, args)
+        return [_outcome(hit, reply, now) for hit, reply in zip(hits, replies, strict=True)]
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def _run(self, keys: list[str], args: list[str | int]) -> list[Any]:
+        replies = await run(self._redis, _SCRIPT, keys, args)
+        if not isinstance(replies, list) or len(replies) != len(keys):
+            raise RedisError(f"unexpected script reply: {replies!r}")
+        return replies
+
+
+def _outcome(hit: Hit, reply: Any, now: float) -> Outcome:
+    if hit.algorithm is Algorithm.GCRA:
+        return gcra_outcome(float(reply), hit)
+    return fixed_window_outcome(int(reply), hit, now)

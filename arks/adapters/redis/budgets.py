@@ -1,0 +1,270 @@
+"""Budgets in Redis: `admit` and `settle` are each one atomic Lua script, one round trip.
+
+Per budget `K` (under the prefix) four keys:
+  K:used    the used total (an integer; missing until settled or restored)
+  K:leased  the sum of the live leases' amounts, so a check need not add them up
+  K:leases  hash: request id -> lease amount
+  K:expiry  sorted set: request id -> lease expiry (epoch seconds, the caller's clock)
+The three lease keys are always written together and given the same expiry, so they never
+disagree. A script first drops the budget's expired leases from all three, then reads or writes.
+
+Expiry: `K:used` gets PEXPIREAT from `expires_at` when one is given (else it persists). The
+lease keys expire with the budget or when their latest lease would (relative, so a skew between
+the caller's clock and Redis's cannot drop live leases), whichever comes first by the caller's
+clock: an idle budget without `expires_at` leaves nothing behind but its used total.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from arks.adapters.redis.client import Script, answer_within, connect, run
+from arks.limits.budgets import Admission, Charge, Lease
+from arks.limits.budgets.room import (
+    NOTHING_TO_ADMIT,
+    check_admit,
+    check_restore,
+    check_settle,
+    merge_leases,
+)
+
+SUFFIXES = (":used", ":leased", ":leases", ":expiry")  # none ends another: names never collide
+
+# Numbers reach Lua as the caller's strings and go back to Redis as strings: "%d" for sums (Lua
+# would print 1e15 as "1e+15"), the raw reply for stored integers. Times are epoch seconds as
+# repr(float), so sorted-set scores are the very doubles the memory store compares.
+_PRELUDE = """
+local function int(n)
+  return string.format("%d", n)
+end
+
+local function drop_expired(leased_key, leases_key, expiry_key, now)
+  local ids = redis.call("ZRANGEBYSCORE", expiry_key, "-inf", now)
+  if #ids == 0 then
+    return
+  end
+  local total = 0
+  for first = 1, #ids, 500 do  -- unpack is bounded by Lua's C stack
+    local last = math.min(first + 499, #ids)
+    local amounts = redis.call("HMGET", leases_key, unpack(ids, first, last))
+    for j = 1, #amounts do
+      if amounts[j] then
+        total = total + tonumber(amounts[j])
+      end
+    end
+    redis.call("HDEL", leases_key, unpack(ids, first, last))
+  end
+  redis.call("ZREMRANGEBYSCORE", expiry_key, "-inf", now)
+  if redis.call("DECRBY", leased_key, int(total)) <= 0 then
+    redis.call("DEL", leased_key)
+  end
+end
+"""
+
+# KEYS: the four keys of each budget, in lease order. ARGV[1] now, ARGV[2] lease expiry (now +
+# ttl), ARGV[3] request id; then per budget: limit, amount, budget expiry in ms or "".
+# Reply: {admitted 0/1, index of the deciding budget, its used, leased and this request's lease},
+# figures read before any lease is taken. A refusal writes nothing but the expired leases' drop.
+ADMIT = (
+    _PRELUDE
+    + """
+local now, until_s, rid = ARGV[1], ARGV[2], ARGV[3]
+local count = #KEYS / 4
+local figures = {}
+for i = 1, count do
+  local k, a = (i - 1) * 4, 3 + (i - 1) * 3
+  drop_expired(KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], now)
+  local used = redis.call("GET", KEYS[k + 1]) or "0"
+  local leased = redis.call("GET", KEYS[k + 2]) or "0"
+  local own = redis.call("HGET", KEYS[k + 3], rid) or "0"
+  figures[i] = {used, leased, own}
+  local others = tonumber(leased) - tonumber(own)
+  if tonumber(used) + others + tonumber(ARGV[a + 2]) > tonumber(ARGV[a + 1]) then
+    return {0, i, used, leased, own}
+  end
+end
+for i = 1, count do
+  local k, a = (i - 1) * 4, 3 + (i - 1) * 3
+  local amount, expires_ms = ARGV[a + 2], ARGV[a + 3]
+  redis.call("HSET", KEYS[k + 3], rid, amount)
+  redis.call("ZADD", KEYS[k + 4], until_s, rid)
+  redis.call("INCRBY", KEYS[k + 2], int(tonumber(amount) - tonumber(figures[i][3])))
+  local latest = tonumber(redis.call("ZRANGE", KEYS[k + 4], -1, -1, "WITHSCORES")[2])
+  local lease_ms = math.ceil((latest - tonumber(now)) * 1000)
+  if expires_ms ~= "" then
+    redis.call("PEXPIREAT", KEYS[k + 1], expires_ms)
+  end
+  for j = 2, 4 do
+    if expires_ms ~= "" and tonumber(expires_ms) <= latest * 1000 then
+      redis.call("PEXPIREAT", KEYS[k + j], expires_ms)
+    else
+      redis.call("PEXPIRE", KEYS[k + j], int(lease_ms))
+    end
+  end
+end
+local last = figures[count]
+return {1, count, last[1], last[2], last[3]}
+"""
+)
+
+# KEYS: the four keys of each budget, in charge order. ARGV[1] now, ARGV[2] request id; then per
+# budget: cost, budget expiry in ms or "". Reply: how many charges were applied.
+SETTLE = (
+    _PRELUDE
+    + """
+local now, rid = ARGV[1], ARGV[2]
+local count = #KEYS / 4
+for i = 1, count do
+  local k, a = (i - 1) * 4, 2 + (i - 1) * 2
+  drop_expired(KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], now)
+  local own = redis.call("HGET", KEYS[k + 3], rid)
+  if own then
+    redis.call("HDEL", KEYS[k + 3], rid)
+    redis.call("ZREM", KEYS[k + 4], rid)
+    if redis.call("DECRBY", KEYS[k + 2], own) <= 0 then
+      redis.call("DEL", KEYS[k + 2])
+    end
+  end
+  local cost, expires_ms = ARGV[a + 1], ARGV[a + 2]
+  if cost ~= "0" then
+    redis.call("INCRBY", KEYS[k + 1], cost)
+  end
+  if expires_ms ~= "" then
+    redis.call("PEXPIREAT", KEYS[k + 1], expires_ms)
+  end
+end
+return count
+"""
+)
+
+# KEYS: used totals, ARGV: their values. Reply: how many were missing and set.
+RESTORE = """
+-- KEYS[1] the store's generation marker, then the used keys; ARGV[1] the generation this client
+-- last saw ("" if none), ARGV[2] a new generation, then the snapshot values.
+local seen = redis.call("GET", KEYS[1])
+if seen and seen == ARGV[1] then
+  return {0, seen}  -- the store kept its data: nothing to put back
+end
+local restored = 0
+for i = 2, #KEYS do
+  local value = ARGV[i + 1]
+  if seen == false and ARGV[1] ~= "" then
+    -- The marker this client saw is gone: Redis lost its data. Whatever was charged since the
+    -- restart is new; the snapshot is what came before it.
+    redis.call("INCRBY", KEYS[i], value)
+    restored = restored + 1
+  elseif redis.call("SET", KEYS[i], value, "NX") then
+    restored = restored + 1  -- first contact: fill only what is missing
+  end
+end
+if seen then
+  return {restored, seen}
+end
+redis.call("SET", KEYS[1], ARGV[2])
+return {restored, ARGV[2]}
+"""
+
+
+_ADMIT, _SETTLE, _RESTORE = Script.of(ADMIT), Script.of(SETTLE), Script.of(RESTORE)
+
+
+class RedisBudgets:
+    """Shared budgets in one Redis; every key is `prefix + budget key + suffix`.
+
+    Any failure to get an answer within `timeout_s` (connect, pool wait, script) raises
+    BackendUnavailable. Broken connections are dropped and reopened on the next call, so the
+    store recovers by itself when Redis comes back (empty: see `restore`).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "arks:budget:",
+        timeout_s: float = 0.5,
+        *,
+        max_connections: int = 64,
+    ) -> None:
+        self._prefix = prefix
+        self._timeout_s = timeout_s
+        self._generation: str | None = None  # the store's generation marker as last seen
+        self._redis: Redis = connect(url, timeout_s, max_connections)
+
+    async def admit(
+        self, request_id: str, leases: Sequence[Lease], ttl_s: float, now: float
+    ) -> Admission:
+        """Admitted: the figures are the last budget's (in the order given), before its lease."""
+        merged = merge_leases(leases)
+        check_admit(merged, ttl_s, now)
+        if not merged:
+            return NOTHING_TO_ADMIT
+        keys = [name for lease in merged for name in self._names(lease.key)]
+        args: list[str | int] = [repr(now), repr(now + ttl_s), request_id]
+        for lease in merged:
+            args += [lease.limit, lease.amount, _ms(lease.expires_at)]
+        async with self._answer("admit"):
+            reply = await self._run(_ADMIT, keys, args)
+            if not (isinstance(reply, list) and len(reply) == 5 and 1 <= reply[1] <= len(merged)):
+                raise RedisError(f"unexpected script reply: {reply!r}")
+        admitted, index, used, leased, own = reply
+        lease = merged[index - 1]
+        return Admission(admitted == 1, lease.key, int(used), int(leased) - int(own), lease.limit)
+
+    async def settle(self, request_id: str, charges: Sequence[Charge], now: float) -> None:
+        check_settle(charges, now)
+        if not charges:
+            return
+        keys = [name for charge in charges for name in self._names(charge.key)]
+        args: list[str | int] = [repr(now), request_id]
+        for charge in charges:
+            args += [str(charge.cost), _ms(charge.expires_at)]
+        async with self._answer("settle"):
+            settled = await self._run(_SETTLE, keys, args)
+            if settled != len(charges):
+                raise RedisError(f"unexpected script reply: {settled!r}")
+
+    async def used(self, keys: Sequence[str]) -> dict[str, int]:
+        if not keys:
+            return {}
+        async with self._answer("used"):
+            values = await self._redis.mget([self._prefix + key + ":used" for key in keys])
+            return {key: int(value or 0) for key, value in zip(keys, values, strict=True)}
+
+    async def restore(self, used: Mapping[str, int]) -> int:
+        """Put the snapshot back if Redis lost it. A generation marker tells a store that was
+        wiped (the marker this client saw is gone: the snapshot is added to whatever was charged
+        since) from one met for the first time (only missing totals are filled). Zeros are not
+        restored. Restored totals have no expiry until the budget's next lease or charge."""
+        check_restore(used)
+        missing = {key: value for key, value in used.items() if value}
+        # Called with nothing to restore too: the first call marks the generation, so that a
+        # wipe before any usage was snapshotted is still recognised as one.
+        keys = [self._prefix + "generation", *(self._prefix + key + ":used" for key in missing)]
+        args: list[str | int] = [self._generation or "", uuid.uuid4().hex, *missing.values()]
+        async with self._answer("restore"):
+            reply = await self._run(_RESTORE, keys, args)
+        count, generation = reply
+        self._generation = generation.decode() if isinstance(generation, bytes) else str(generation)
+        return int(count)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    def _names(self, key: str) -> list[str]:
+        return [self._prefix + key + suffix for suffix in SUFFIXES]
+
+    def _answer(self, what: str) -> AbstractAsyncContextManager[None]:
+        return answer_within(self._timeout_s, f"budgets ({what})")
+
+    async def _run(self, script: Script, keys: list[str], args: Sequence[str | int]) -> Any:
+        return await run(self._redis, script, keys, args)
+
+
+def _ms(expires_at: float | None) -> str | int:
+    return "" if expires_at is None else math.ceil(expires_at * 1000)

@@ -1,0 +1,25 @@
+"""Counter stores behind the rate-limit service: one `apply` per request, all its hits at once.
+
+`MemoryBackend` (one process, the local default) and `RedisBackend` (shared, atomic) answer the
+same `Hit`s with the same `Outcome`s: both run the arithmetic of `arks.limits.window`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from arks.limits.model import BackendUnavailable, Hit, Outcome
+
+
+class CounterBackend(Protocol):
+    async def apply(self, hits: Sequence[Hit], now: float) -> list[Outcome]:
+        """Charge every hit at `now` (epoch seconds); one Outcome per Hit, in order."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+from arks.limits.backends.memory import MemoryBackend  # noqa: E402
+
+__all__ = ["BackendUnavailable", "CounterBackend", "MemoryBackend"]

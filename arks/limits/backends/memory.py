@@ -1,0 +1,76 @@
+"""Counters in dicts: for a single process (the local default) and as the tests' real fake."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from arks.limits.model import Algorithm, Hit, Outcome
+from arks.limits.window import (
+    Instant,
+    counter_key,
+    fixed_window_outcome,
+    gcra_step,
+    validate,
+)
+
+# Expired entries are dropped lazily on read, and all at once after this many writes (or as many
+# writes as there were live entries, whichever is more), so a sweep costs O(1) per write.
+MIN_WRITES_PER_SWEEP = 1024
+
+
+class MemoryBackend:
+    """Not shared between processes; atomic per `apply` because `apply` never awaits."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, tuple[int, float]] = {}  # key -> (count, expires_at)
+        self._tats: dict[str, tuple[Instant, float]] = {}  # key -> (tat, expires_at)
+        self._writes = 0
+        self._writes_per_sweep = MIN_WRITES_PER_SWEEP
+
+    async def apply(self, hits: Sequence[Hit], now: float) -> list[Outcome]:
+        for hit in hits:
+            validate(hit)
+        outcomes = [self._apply_one(hit, now) for hit in hits]
+        if self._writes >= self._writes_per_sweep:
+            self._sweep(now)
+        return outcomes
+
+    async def close(self) -> None:
+        self._counts.clear()
+        self._tats.clear()
+
+    def __len__(self) -> int:
+        """Entries held, expired ones included until the next sweep."""
+        return len(self._counts) + len(self._tats)
+
+    def _apply_one(self, hit: Hit, now: float) -> Outcome:
+        key = counter_key(hit, now)
+        if hit.algorithm is Algorithm.GCRA:
+            tat_entry = self._tats.get(key)
+            if tat_entry is not None and tat_entry[1] <= now:
+                del self._tats[key]
+                tat_entry = None
+            step = gcra_step(tat_entry[0] if tat_entry else None, now, hit)
+            if step.tat is not None:
+                self._tats[key] = (step.tat, now + step.ttl_s)
+                self._writes += 1
+            return step.outcome
+
+        count_entry = self._counts.get(key)
+        if count_entry is not None and count_entry[1] <= now:
+            del self._counts[key]
+            count_entry = None
+        used = count_entry[0] if count_entry else 0
+        if hit.hits > 0:
+            used += hit.hits
+            # Like Redis EXPIRE on creation: the window's length from the first hit.
+            expires_at = count_entry[1] if count_entry else now + hit.window_s
+            self._counts[key] = (used, expires_at)
+            self._writes += 1
+        return fixed_window_outcome(used, hit, now)
+
+    def _sweep(self, now: float) -> None:
+        self._counts = {k: v for k, v in self._counts.items() if v[1] > now}
+        self._tats = {k: v for k, v in self._tats.items() if v[1] > now}
+        self._writes = 0
+        self._writes_per_sweep = max(MIN_WRITES_PER_SWEEP, len(self))

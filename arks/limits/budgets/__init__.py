@@ -1,0 +1,77 @@
+"""Budgets with leases: quotas and concurrency limits that admissions cannot overshoot.
+
+A budget has a `used` total (what finished requests cost) and leases (what requests in flight
+may still cost). Admitting a request takes a lease of its estimated cost, atomically, only if
+`used + leased + cost <= limit`; settling it drops the lease and adds the real cost to `used`,
+whatever it is. A lease nobody settles (the gateway died) expires by itself. Concurrency is a
+budget whose leases cost 1 and whose settlements cost 0.
+
+The bound: while every request's real cost stays within its lease (a quota's reservation is the
+prompt estimate plus max_tokens), `used` never exceeds the limit, however many run at once.
+Requests that cost more than they reserved (no max_tokens, an estimate that was low) can take
+`used` past the limit by at most the sum of their excesses over the requests in flight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Ask to reserve `amount` of budget `key` (whose limit is `limit`) for one request."""
+
+    key: str
+    limit: int
+    amount: int
+    expires_at: float | None = None  # when the budget itself may be forgotten (its period ended)
+
+
+@dataclass(frozen=True)
+class Charge:
+    """Settle one budget for one request: drop its lease, add `cost` to `used`."""
+
+    key: str
+    cost: int
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Admission:
+    admitted: bool
+    key: str  # the first budget that refused, or the last checked when admitted
+    used: int  # the budget's used total at decision time
+    leased: int  # the budget's leases at decision time, without this request's
+    limit: int
+
+
+class BudgetStore(Protocol):
+    async def admit(self, request_id: str, leases: Sequence[Lease], ttl_s: float, now: float) -> Admission:
+        """All or nothing: take every lease (expiring at now + ttl_s), or none if one budget
+        has no room. Expired leases of the budgets involved are dropped first. Taking a lease
+        with an id that already holds one on that key replaces it."""
+        ...
+
+    async def settle(self, request_id: str, charges: Sequence[Charge], now: float) -> None:
+        """Drop this request's lease on each charge's key and add the cost to that budget's
+        `used` (also when the lease already expired, or never existed). Not idempotent."""
+        ...
+
+    async def used(self, keys: Sequence[str]) -> dict[str, int]:
+        """The used totals (0 for unknown keys), for status, snapshots and tests."""
+        ...
+
+    async def restore(self, used: Mapping[str, int]) -> int:
+        """Durability: for each key whose used total is missing from the store, set it; keys the
+        store already has are left alone. Returns how many keys were restored."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+# Imported after the names above: the implementations import them from here.
+from arks.limits.budgets.memory import MemoryBudgets  # noqa: E402
+
+__all__ = ["Admission", "BudgetStore", "Charge", "Lease", "MemoryBudgets"]

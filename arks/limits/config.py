@@ -1,0 +1,363 @@
+"""The rate-limit configuration in envoyproxy/ratelimit's YAML format, as an immutable snapshot.
+
+One file per domain; a domain is a tree of descriptors. A request descriptor (a list of
+(key, value) entries) walks the tree one level per entry and gets the limit of the node it
+reaches. `parse_config` is the pure core; `load_config` only reads files around it.
+
+Differences from envoyproxy/ratelimit, all on the strict side: unknown or misplaced keys are
+errors (upstream ignores a key valid elsewhere), keys and values must be YAML strings (so
+`value: 0123` cannot silently become "83"), a `*` is only a trailing prefix wildcard, limit
+names are unique per domain and `replaces` must name one of them. Upstream's `quota_mode`,
+`metadata`, `value_to_metric` and `share_threshold` are rejected as unsupported rather than
+ignored. Our extension: `rate_limit.algorithm` (`fixed_window`, the default, or `gcra`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import yaml
+
+from arks.limits.model import Algorithm, RateLimit, Unit
+
+MAX_REQUESTS_PER_UNIT = 2**32 - 1  # a uint32 in envoyproxy/ratelimit and in Envoy's proto
+
+_T = TypeVar("_T")
+
+_ROOT_FIELDS = ("domain", "descriptors")
+_DESCRIPTOR_FIELDS = ("key", "value", "rate_limit", "shadow_mode", "detailed_metric", "descriptors")
+_RATE_LIMIT_FIELDS = ("unit", "requests_per_unit", "name", "unlimited", "replaces", "algorithm")
+_REPLACES_FIELDS = ("name",)
+# Valid in envoyproxy/ratelimit but not implemented here: loading them silently would change meaning.
+_UNSUPPORTED = frozenset({"quota_mode", "metadata", "value_to_metric", "share_threshold"})
+# Where a key found in the wrong mapping belongs, for a hint in the error.
+_HOME = {
+    **{name: "the file's top level" for name in _ROOT_FIELDS},
+    **{name: "a descriptor" for name in _DESCRIPTOR_FIELDS},
+    **{name: "a rate_limit" for name in _RATE_LIMIT_FIELDS},
+}
+_KIND_NAMES: dict[type, str] = {str: "a string", int: "an integer", bool: "true or false", list: "a list"}
+
+
+class ConfigError(ValueError):
+    """One configuration file is wrong: which file, where in it (dotted path), and what."""
+
+    def __init__(self, file: str, path: str, problem: str) -> None:
+        super().__init__(f"{file}: {path}: {problem}")
+        self.file = file
+        self.path = path
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class DescriptorNode:
+    """One node of a domain's descriptor tree: its limit, if any, and its children by match kind."""
+
+    limit: RateLimit | None
+    exact: Mapping[tuple[str, str], DescriptorNode]  # (key, value) → node
+    prefixed: Mapping[str, tuple[tuple[str, DescriptorNode], ...]]  # key → (prefix, node), longest first
+    any_value: Mapping[str, DescriptorNode]  # key → node of a descriptor without a value
+
+    def child(self, key: str, value: str) -> DescriptorNode | None:
+        """The most specific child matching one entry: exact value, longest prefix, key only."""
+        node = self.exact.get((key, value))
+        if node is not None:
+            return node
+        for prefix, candidate in self.prefixed.get(key, ()):
+            if value.startswith(prefix):
+                return candidate
+        return self.any_value.get(key)
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    """Every domain's descriptor tree. Never changed after loading: a reload builds a new one."""
+
+    domains: Mapping[str, DescriptorNode] = field(default_factory=lambda: MappingProxyType({}))
+
+    def lookup(self, domain: str, entries: Sequence[tuple[str, str]]) -> RateLimit | None:
+        """The limit for one request descriptor, as envoyproxy/ratelimit finds it: one tree level
+        per entry, no backtracking; the limit of the node reached after the last entry, if any."""
+        node = self.domains.get(domain)
+        if node is None or not entries:
+            return None
+        for key, value in entries:
+            node = node.child(key, value)
+            if node is None:
+                return None
+        return node.limit
+
+
+def load_config(paths: Sequence[Path]) -> RateLimitConfig:
+    """Read each file, or every `*.yaml` / `*.yml` of each directory (sorted, not recursive)."""
+    return parse_config([(str(file), _read_yaml(file)) for file in _config_files(paths)])
+
+
+def parse_config(documents: Sequence[tuple[str, Any]]) -> RateLimitConfig:
+    """(source name, parsed YAML) pairs → the configuration; one domain per document."""
+    domains: dict[str, DescriptorNode] = {}
+    sources: dict[str, str] = {}
+    for source, document in documents:
+        name, tree = _parse_domain(source, document)
+        if name in domains:
+            raise ConfigError(source, "domain", f"duplicate domain {name!r}, already in {sources[name]}")
+        domains[name] = tree
+        sources[name] = source
+    return RateLimitConfig(MappingProxyType(domains))
+
+
+# --- files ---------------------------------------------------------------------------------
+
+
+def _config_files(paths: Sequence[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(
+                sorted(
+                    child
+                    for child in path.iterdir()
+                    # Dotfiles are editor leftovers; `..data` of a mounted ConfigMap is a directory.
+                    if child.suffix in (".yaml", ".yml") and not child.name.startswith(".") and child.is_file()
+                )
+            )
+        else:
+            files.append(path)
+    return files
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML that rejects a key repeated in one mapping (plain YAML keeps the last silently)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` keys may be overridden: that is their use
+            continue
+        key = loader.construct_object(key_node)
+        try:
+            duplicate = key in seen
+            seen.add(key)
+        except TypeError:  # unhashable: SafeLoader reports it below
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
+            )
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _read_yaml(file: Path) -> Any:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(str(file), ".", f"cannot read: {err}") from err
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "."
+        raise ConfigError(str(file), where, f"invalid YAML: {err.problem}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(str(file), ".", f"invalid YAML: {err}") from err
+
+
+# --- parsing -------------------------------------------------------------------------------
+
+
+class _Reader:
+    """One YAML mapping with its dotted path; keys outside `fields` are rejected on sight, so a
+    misspelt key is reported as such rather than as the missing key it was meant to be."""
+
+    def __init__(self, source: str, value: Any, path: str, fields: tuple[str, ...], what: str) -> None:
+        self.source = source
+        self.path = path
+        if not isinstance(value, Mapping):
+            got = "an empty document" if value is None and not path else _describe(value)
+            raise ConfigError(source, path or ".", f"expected {what} (a mapping), got {got}")
+        self.value: Mapping[Any, Any] = value
+        for key in value:
+            if key not in fields:
+                raise self.error(str(key), _unknown(key, what))
+
+    def at(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str | None, problem: str) -> ConfigError:
+        return ConfigError(self.source, self.at(key) if key is not None else self.path or ".", problem)
+
+    def has(self, key: str) -> bool:
+        return self.value.get(key) is not None
+
+    def get(self, key: str, kind: type[_T]) -> _T | None:
+        """The value, None if absent or null; bool is not accepted as an integer."""
+        value = self.value.get(key)
+        if value is None:
+            return None
+        if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+            return value
+        hint = " (quote it: YAML reads it as a number or boolean)" if kind is str else ""
+        raise self.error(key, f"expected {_KIND_NAMES[kind]}, got {_describe(value)}{hint}")
+
+    def require(self, key: str, kind: type[_T]) -> _T:
+        value = self.get(key, kind)
+        if value is None:
+            raise self.error(key, "required")
+        return value
+
+    def text(self, key: str, *, required: bool = False) -> str:
+        """A non-empty string; "" when optional and absent."""
+        value = self.require(key, str) if required else self.get(key, str)
+        if value == "" and required:
+            raise self.error(key, "must not be empty")
+        return value or ""
+
+    def mapping(self, key: str, fields: tuple[str, ...]) -> _Reader | None:
+        return _Reader(self.source, self.value[key], self.at(key), fields, key) if self.has(key) else None
+
+    def items(self, key: str, fields: tuple[str, ...], what: str) -> list[_Reader]:
+        values = self.get(key, list) or []
+        return [_Reader(self.source, v, f"{self.at(key)}[{i}]", fields, what) for i, v in enumerate(values)]
+
+
+def _describe(value: Any) -> str:
+    kind = "a mapping" if isinstance(value, Mapping) else type(value).__name__
+    return f"{kind} {value!r}" if not isinstance(value, Mapping | list) else kind
+
+
+def _unknown(key: Any, what: str) -> str:
+    if key in _UNSUPPORTED:
+        return "envoyproxy/ratelimit's field is not supported by this service"
+    home = _HOME.get(key) if isinstance(key, str) else None
+    if home is not None:
+        return f"unknown field in {what} (it belongs in {home})"
+    return "unknown field"
+
+
+@dataclass
+class _DomainScan:
+    """Bookkeeping while one domain is parsed: limit names and where `replaces` refers to them."""
+
+    names: dict[str, str] = field(default_factory=dict)  # limit name → path where it is defined
+    replaces: list[tuple[str, str]] = field(default_factory=list)  # (name, path of the reference)
+
+
+def _parse_domain(source: str, document: Any) -> tuple[str, DescriptorNode]:
+    root = _Reader(source, document, "", _ROOT_FIELDS, "a domain file")
+    domain = root.text("domain", required=True)
+    scan = _DomainScan()
+    tree = DescriptorNode(None, *_children(root, domain, scan))
+    for name, path in scan.replaces:
+        if name not in scan.names:
+            raise ConfigError(source, path, f"no limit named {name!r} in domain {domain!r}")
+    return domain, tree
+
+
+def _children(
+    parent: _Reader, stats_prefix: str, scan: _DomainScan
+) -> tuple[
+    Mapping[tuple[str, str], DescriptorNode],
+    Mapping[str, tuple[tuple[str, DescriptorNode], ...]],
+    Mapping[str, DescriptorNode],
+]:
+    exact: dict[tuple[str, str], DescriptorNode] = {}
+    prefixed: dict[str, list[tuple[str, DescriptorNode]]] = {}
+    any_value: dict[str, DescriptorNode] = {}
+    siblings: dict[tuple[str, str | None], str] = {}
+    for d in parent.items("descriptors", _DESCRIPTOR_FIELDS, "a descriptor"):
+        key = d.text("key", required=True)
+        value = d.text("value") or None  # upstream treats an empty value as no value
+        if value is not None and "*" in value[:-1]:
+            raise d.error("value", f"{value!r}: '*' is only supported at the end (a prefix wildcard)")
+        if (key, value) in siblings:
+            same = f"key {key!r}" + (f", value {value!r}" if value is not None else " without a value")
+            raise d.error(None, f"duplicate of {siblings[key, value]} ({same})")
+        siblings[key, value] = d.path
+        stats_key = f"{stats_prefix}.{key}" + (f"_{value}" if value is not None else "")
+        node = _node(d, stats_key, scan)
+        if value is None:
+            any_value[key] = node
+        elif value.endswith("*"):
+            prefixed.setdefault(key, []).append((value[:-1], node))
+        else:
+            exact[key, value] = node
+    longest_first = {
+        key: tuple(sorted(nodes, key=lambda pair: len(pair[0]), reverse=True)) for key, nodes in prefixed.items()
+    }
+    return MappingProxyType(exact), MappingProxyType(longest_first), MappingProxyType(any_value)
+
+
+def _node(d: _Reader, stats_key: str, scan: _DomainScan) -> DescriptorNode:
+    shadow_mode = d.get("shadow_mode", bool) or False
+    detailed_metric = d.get("detailed_metric", bool) or False
+    section = d.mapping("rate_limit", _RATE_LIMIT_FIELDS)
+    limit = None
+    if section is not None:
+        limit = _rate_limit(section, stats_key, scan, shadow_mode=shadow_mode, detailed_metric=detailed_metric)
+    return DescriptorNode(limit, *_children(d, stats_key, scan))
+
+
+def _rate_limit(
+    r: _Reader, stats_key: str, scan: _DomainScan, *, shadow_mode: bool, detailed_metric: bool
+) -> RateLimit:
+    unlimited = r.get("unlimited", bool) or False
+    if unlimited:
+        if r.has("unit"):
+            raise r.error("unit", "must not be set when unlimited is true")
+        unit = Unit.SECOND  # never used: an unlimited limit is never counted
+    else:
+        unit = _unit(r)
+    requests = r.get("requests_per_unit", int) if unlimited else r.require("requests_per_unit", int)
+    if requests is not None and not 0 <= requests <= MAX_REQUESTS_PER_UNIT:
+        raise r.error("requests_per_unit", f"{requests} is out of range 0..{MAX_REQUESTS_PER_UNIT}")
+    name = r.text("name")
+    if name:
+        if name in scan.names:
+            raise r.error("name", f"limit name {name!r} is already used at {scan.names[name]}")
+        scan.names[name] = r.at("name")
+    replaces = []
+    for entry in r.items("replaces", _REPLACES_FIELDS, "a replaces entry"):
+        replaced = entry.text("name", required=True)
+        if replaced == name:
+            raise entry.error("name", f"a limit cannot replace itself ({name!r})")
+        scan.replaces.append((replaced, entry.at("name")))
+        replaces.append(replaced)
+    return RateLimit(
+        requests_per_unit=requests or 0,
+        unit=unit,
+        name=name,
+        unlimited=unlimited,
+        algorithm=_algorithm(r),
+        replaces=tuple(replaces),
+        shadow_mode=shadow_mode,
+        detailed_metric=detailed_metric,
+        stats_key=stats_key,
+    )
+
+
+def _unit(r: _Reader) -> Unit:
+    text = r.require("unit", str)
+    try:
+        return Unit.parse(text)
+    except KeyError:
+        expected = ", ".join(u.name.lower() for u in Unit)
+        raise r.error("unit", f"unknown unit {text!r}; expected one of {expected}") from None
+
+
+def _algorithm(r: _Reader) -> Algorithm:
+    text = r.get("algorithm", str)
+    if text is None:
+        return Algorithm.FIXED_WINDOW
+    try:
+        return Algorithm(text.strip().lower())
+    except ValueError:
+        expected = " or ".join(a.value for a in Algorithm)
+        raise r.error("algorithm", f"unknown algorithm {text!r}; expected {expected}") from None

@@ -1,0 +1,146 @@
+"""From a rate-limit request to the counters to charge, and from their outcomes to an answer.
+
+Pure functions over our own types (`model.py`); the servicer does the I/O around them.
+Semantics follow envoyproxy/ratelimit: the limit of a descriptor is Envoy's per-descriptor
+override if it sent one, else the configured one; a limit named in another matched limit's
+`replaces` is not applied; every matched counter is charged, also when another is over.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import orjson
+
+from arks.limits.model import Algorithm, Hit, Outcome, RateLimit
+
+
+@dataclass(frozen=True)
+class DescriptorRequest:
+    entries: tuple[tuple[str, str], ...]
+    override: RateLimit | None = None
+    hits: int | None = None  # the descriptor's own hits_addend; 0 = look without counting
+
+
+@dataclass(frozen=True)
+class Request:
+    domain: str
+    descriptors: tuple[DescriptorRequest, ...]
+    hits_addend: int = 0  # request-wide; 0 (unset) counts 1, as in envoyproxy/ratelimit
+
+
+@dataclass(frozen=True)
+class Status:
+    over_limit: bool
+    limit: RateLimit | None = None
+    remaining: int = 0
+    reset_s: float = 0.0
+    shadowed: bool = False  # over the limit, but the limit is in shadow mode
+    near_limit: bool = False
+
+
+@dataclass(frozen=True)
+class Answer:
+    over_limit: bool
+    statuses: tuple[Status, ...]
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+
+
+Lookup = Callable[[str, Sequence[tuple[str, str]]], RateLimit | None]
+
+
+def limits_for(request: Request, lookup: Lookup) -> list[RateLimit | None]:
+    """The limit applying to each descriptor, after overrides and `replaces`."""
+    found = [d.override or lookup(request.domain, d.entries) for d in request.descriptors]
+    replaced = {name for limit in found if limit is not None for name in limit.replaces}
+    return [
+        None if limit is None or limit.unlimited or (limit.name and limit.name in replaced) else limit
+        for limit in found
+    ]
+
+
+def counter_key(domain: str, entries: Sequence[tuple[str, str]], limit: RateLimit) -> str:
+    """envoyproxy/ratelimit's key shape (domain_key_value_…), plus the window, so that an
+    override with another unit never shares a counter; GCRA state is kept apart from counts."""
+    parts = "_".join(f"{key}_{value}" for key, value in entries)
+    prefix = "gcra:" if limit.algorithm is Algorithm.GCRA else ""
+    return f"{prefix}{domain}_{parts}_{limit.unit.seconds}"
+
+
+def hits_for(request: Request, limits: Sequence[RateLimit | None]) -> list[Hit | None]:
+    default_hits = max(1, request.hits_addend)
+    out: list[Hit | None] = []
+    for descriptor, limit in zip(request.descriptors, limits, strict=True):
+        if limit is None:
+            out.append(None)
+            continue
+        hits = default_hits if descriptor.hits is None else descriptor.hits
+        key = counter_key(request.domain, descriptor.entries, limit)
+        out.append(Hit(key, limit.requests_per_unit, limit.unit.seconds, hits, limit.algorithm))
+    return out
+
+
+def answer(
+    limits: Sequence[RateLimit | None],
+    outcomes: Sequence[Outcome | None],
+    *,
+    shadow_mode: bool = False,
+    near_ratio: float = 0.8,
+) -> Answer:
+    """Combine the outcomes into Envoy's answer: overall code, statuses, headers, 429 body."""
+    statuses = []
+    for limit, outcome in zip(limits, outcomes, strict=True):
+        if limit is None or outcome is None:
+            statuses.append(Status(over_limit=False))
+            continue
+        shadowed = outcome.over_limit and (shadow_mode or limit.shadow_mode)
+        near = not outcome.over_limit and outcome.used >= near_ratio * limit.requests_per_unit
+        statuses.append(
+            Status(
+                over_limit=outcome.over_limit and not shadowed,
+                limit=limit,
+                remaining=outcome.remaining,
+                reset_s=max(0.0, outcome.reset_s),
+                shadowed=shadowed,
+                near_limit=near,
+            )
+        )
+    over = any(s.over_limit for s in statuses)
+    return Answer(over, tuple(statuses), _headers(statuses, over), _body(statuses) if over else b"")
+
+
+def _headers(statuses: Sequence[Status], over: bool) -> tuple[tuple[str, str], ...]:
+    """IETF RateLimit-* headers for the tightest limit, and Retry-After when over."""
+    limited = [s for s in statuses if s.limit is not None]
+    if not limited:
+        return ()
+    tightest = min(limited, key=lambda s: (not s.over_limit, s.remaining))
+    assert tightest.limit is not None
+    window = tightest.limit.unit.seconds
+    headers = [
+        ("ratelimit-limit", f"{tightest.limit.requests_per_unit}, {tightest.limit.requests_per_unit};w={window}"),
+        ("ratelimit-remaining", str(tightest.remaining)),
+        ("ratelimit-reset", str(math.ceil(tightest.reset_s))),
+    ]
+    if over:
+        retry = max(s.reset_s for s in statuses if s.over_limit)
+        headers += [("retry-after", str(max(1, math.ceil(retry)))), ("content-type", "application/json")]
+    return tuple(headers)
+
+
+def _body(statuses: Sequence[Status]) -> bytes:
+    over = [s for s in statuses if s.over_limit and s.limit is not None]
+    limit = over[0].limit if over else None
+    if limit is None:
+        message = "Rate limit reached."
+    else:
+        what = f" for {limit.name}" if limit.name else ""
+        unit = limit.unit.name.lower()
+        message = (
+            f"Rate limit reached{what}: {limit.requests_per_unit} per {unit}. "
+            f"Try again in {max(1, math.ceil(over[0].reset_s))} s."
+        )
+    return orjson.dumps({"error": {"message": message, "type": "rate_limit_error", "code": "rate_limit_exceeded"}})

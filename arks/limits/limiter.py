@@ -1,0 +1,98 @@
+"""The limiter: configuration + counter store → an answer. Usable without gRPC (a library), so
+whichever process is already on the request path can decide without another hop."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from arks.limits.backends import BackendUnavailable, CounterBackend
+from arks.limits.config import RateLimitConfig
+from arks.limits.decision import Answer, Request, Status, answer, hits_for, limits_for
+from arks.limits.metrics import RateLimitMetrics
+from arks.limits.model import Outcome, RateLimit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Policy:
+    fail_open: bool = True  # the counter store unreachable: let requests through (and count it)
+    shadow_mode: bool = False  # report, never enforce
+    near_ratio: float = 0.8
+
+
+@dataclass
+class Limiter:
+    config: Callable[[], RateLimitConfig]
+    backend: CounterBackend
+    metrics: RateLimitMetrics
+    clock: Callable[[], float]
+    policy: Policy = Policy()
+    _cache: dict[tuple[str, str], _Series] = field(default_factory=dict, repr=False)
+
+    async def decide(self, request: Request) -> Answer:
+        limits = limits_for(request, self.config().lookup)
+        hits = hits_for(request, limits)
+        charged = [h for h in hits if h is not None]
+        outcomes: list[Outcome | None]
+        try:
+            results = iter(await self.backend.apply(charged, self.clock()) if charged else [])
+            outcomes = [next(results) if h is not None else None for h in hits]
+        except BackendUnavailable as err:
+            return self._without_backend(request, limits, err)
+        decided = answer(limits, outcomes, shadow_mode=self.policy.shadow_mode, near_ratio=self.policy.near_ratio)
+        self._count(request, decided)
+        return decided
+
+    def _without_backend(self, request: Request, limits: Sequence[RateLimit | None], err: Exception) -> Answer:
+        policy = "fail_open" if self.policy.fail_open else "fail_closed"
+        self.metrics.backend_errors.labels(policy).inc()
+        log.warning("counter store unavailable (%s): %s", policy, err)
+        if self.policy.fail_open or not any(limits):
+            return Answer(False, tuple(Status(False, limit) for limit in limits))
+        closed = tuple(Status(limit is not None, limit, 0, 1.0) for limit in limits)
+        body = (
+            b'{"error":{"message":"Rate limiting is unavailable and this gateway fails closed; try again shortly.",'
+            b'"type":"rate_limit_error","code":"rate_limit_unavailable"}}'
+        )
+        return Answer(True, closed, (("retry-after", "1"), ("content-type", "application/json")), body)
+
+    def _count(self, request: Request, decided: Answer) -> None:
+        for descriptor, status in zip(request.descriptors, decided.statuses, strict=True):
+            limit = status.limit
+            if limit is None:
+                continue
+            key = limit.stats_key or "override"
+            if limit.detailed_metric:
+                key = ".".join(f"{k}_{v}" for k, v in descriptor.entries)
+            series = self._series(request.domain, key)
+            series.hits.inc(max(1, request.hits_addend) if descriptor.hits is None else descriptor.hits)
+            if status.over_limit:
+                series.over_limit.inc()
+            elif status.shadowed:
+                series.shadow_mode.inc()
+            else:
+                series.within_limit.inc()
+                if status.near_limit:
+                    series.near_limit.inc()
+
+    def _series(self, domain: str, key: str) -> _Series:
+        """One key's counters, looked up once: labels() costs microseconds on every call."""
+        found = self._cache.get((domain, key))
+        if found is None:
+            m = self.metrics
+            found = self._cache[(domain, key)] = _Series(
+                *(c.labels(domain, key) for c in (m.hits, m.over_limit, m.near_limit, m.within_limit, m.shadow_mode))
+            )
+        return found
+
+
+class _Series(NamedTuple):
+    hits: Any
+    over_limit: Any
+    near_limit: Any
+    within_limit: Any
+    shadow_mode: Any

@@ -1,0 +1,160 @@
+"""`arks`: the command line. `arks up` runs the local stack, `arks sim` one simulated engine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import secrets
+import shlex
+import signal
+import sys
+import threading
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from arks import api
+from arks.policy import PolicyError, read_policy_file
+from launcher import sim
+
+DEMO_POLICY = Path(str(resources.files("launcher") / "demo" / "policy.yaml"))
+
+
+def printable_tokens(policy_path: Path) -> dict[str, str]:
+    """Plain tokens the policy file itself holds (demo Secrets), by user, for the banner only."""
+    objects = [obj for _, obj in read_policy_file(policy_path)]
+    secrets_by_key: dict[tuple[str, str], Mapping[str, str]] = {}
+    for obj in objects:
+        if obj.get("kind") == "Secret":
+            secret = api.parse_secret(obj)
+            secrets_by_key[(secret.key.namespace, secret.key.name)] = secret.data
+    found: dict[str, str] = {}
+    for obj in objects:
+        if obj.get("kind") != "ArksToken":
+            continue
+        token = api.parse_token(obj)
+        if token.secret_ref is not None:
+            plain = secrets_by_key.get((token.key.namespace, token.secret_ref.name), {}).get(token.secret_ref.key)
+            if plain:
+                found[str(token.key)] = plain
+    return found
+
+
+def _banner(stack: Any, tokens: Mapping[str, str]) -> str:
+    models = sorted({e.model for e in stack.policy.endpoints.values()})
+    lines = [
+        "Arks is up.",
+        f"  OpenAI endpoint  {stack.url}/v1",
+        f"  Envoy admin      {stack.admin_url}",
+        f"  Gateway metrics  {stack.metrics_url}",
+        f"  Engine weights   {stack.controller_url}/status",
+        f"  Models           {', '.join(models) or '(none)'}",
+        f"  Logs             {stack.settings.state_dir / 'logs'}",
+    ]
+    if tokens:
+        user, token = next(iter(tokens.items()))
+        body = {"model": models[0] if models else "MODEL", "messages": [{"role": "user", "content": "Hello!"}]}
+        lines += [
+            f"  Demo token       {token}   (ArksToken {user})",
+            "",
+            "Try:",
+            f"  curl {stack.url}/v1/chat/completions \\",
+            f"    -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' \\",
+            f"    -d {shlex.quote(json.dumps(body))}",
+        ]
+    lines += ["", "Ctrl-C stops everything."]
+    return "\n".join(lines)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from launcher.stack import LocalStack, StackSettings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = StackSettings(
+        policy=args.policy.resolve(),
+        state_dir=args.state_dir.resolve(),
+        port=args.port,
+        admin_port=args.admin_port,
+        metrics_port=args.metrics_port,
+        redis=args.redis,
+        simulate=not args.no_sim,
+    )
+    try:
+        tokens = printable_tokens(settings.policy)
+    except (PolicyError, api.ObjectError) as err:
+        print(f"arks up: {err}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stack = LocalStack(settings)
+    try:
+        stack.start()
+    except Exception as err:  # a clear one-line reason beats a traceback here
+        print(f"arks up: could not start: {err}", file=sys.stderr)
+        return 1
+    try:
+        print(_banner(stack, tokens), flush=True)
+        stop.wait()
+    finally:
+        print("\nStopping…", flush=True)
+        stack.stop()
+    return 0
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    sim.main(args)
+    return 0
+
+
+def cmd_controller(argv: list[str]) -> int:
+    from controller.__main__ import build_parser as controller_parser
+    from controller.__main__ import run as run_controller
+
+    return run_controller(controller_parser().parse_args(argv))
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    token = "sk-arks-" + secrets.token_urlsafe(32)
+    print(f"token:     {token}\ntokenHash: {api.token_digest(token)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="arks", description="Arks: multi-tenant LLM inference gateway")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="run the local stack: Envoy, extproc and simulated engines")
+    up.add_argument("--policy", type=Path, default=DEMO_POLICY, help="policy YAML (default: the demo policy)")
+    up.add_argument("--port", type=int, default=8080, help="the OpenAI endpoint's port")
+    up.add_argument("--admin-port", type=int, default=9901, help="Envoy's admin port")
+    up.add_argument("--metrics-port", type=int, default=9101, help="the gateway's Prometheus port")
+    up.add_argument("--redis", metavar="URL", help="Redis for rate-limit counters (default: in memory)")
+    up.add_argument("--state-dir", type=Path, default=Path(".arks"), help="generated config and logs")
+    up.add_argument("--no-sim", action="store_true", help="do not simulate the loopback backends")
+    up.set_defaults(func=cmd_up)
+
+    simulator = commands.add_parser("sim", help="run one simulated OpenAI-compatible engine")
+    sim.add_arguments(simulator)
+    simulator.set_defaults(func=cmd_sim)
+
+    # Its options are the controller's own (`arks controller --help`); main() hands them over.
+    commands.add_parser("controller", help="reconcile the arks.ai/v1 resources of a cluster", add_help=False)
+
+    token = commands.add_parser("token", help="make a new API token and its tokenHash for an ArksToken")
+    token.set_defaults(func=cmd_token)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["controller"]:
+        sys.exit(cmd_controller(argv[1:]))
+    args = build_parser().parse_args(argv)
+    sys.exit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()

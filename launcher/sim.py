@@ -1,0 +1,917 @@
+"""Engine simulator: an OpenAI-compatible server standing in for vLLM/SGLang.
+
+Used as the upstream in tests, benchmarks and the local demo. Answers are predictable so tests
+can check them exactly: every generated token is the string " hello" (one cl100k token), prompt
+tokens are counted with `arks.tokens.count_prompt`, and metrics use vLLM's names.
+
+Per-request headers override the command-line settings for one request:
+
+    x-sim-output-tokens: N      generate N tokens (then capped by max_tokens/max_completion_tokens)
+    x-sim-ttft-ms: F            time to first token
+    x-sim-tpot-ms: F            time per output token (between tokens)
+    x-sim-status: CODE          answer at once with that status and an OpenAI error body
+    x-sim-disconnect-after: K   streamed: send K token chunks, then close the connection;
+                                non-streamed: close the connection without answering
+    x-sim-omit-usage: 1         no usage in answers nor usage chunk in streams
+
+Every response carries `x-sim-instance: <--name>`.
+
+`--metrics-style vllm` (default) exports vLLM's metric names, `--metrics-style sglang` SGLang's
+(`sglang:num_queue_reqs`, `sglang:num_running_reqs`, `sglang:token_usage`, ...).
+
+Simulated load, so tests can make an engine look busy without sending traffic:
+
+    PUT /sim/load  {"waiting": 12, "running": 3, "kv_cache_usage": 0.7}
+    GET /sim/load
+
+PUT replaces the whole simulated load (an omitted field is 0; `{}` clears it) and answers the
+new one. The values are *added* to what the engine really has in flight: /metrics reports
+waiting = real waiting + `waiting`, running = real running + `running`, KV-cache usage =
+min(1, real usage + `kv_cache_usage`). So an idle engine reports exactly the set values, and
+real traffic still shows on top. waiting/running are non-negative integers, kv_cache_usage a
+number in [0, 1]; anything else (or an unknown key) is a 400. The extra requests are reported
+under the first --model; they take no slots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Literal
+
+import orjson
+import uvloop
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+from arks.tokens import count_prompt
+
+log = logging.getLogger("launcher.sim")
+
+TOKEN = " hello"  # exactly one cl100k token, so N tokens are TOKEN * N
+EMBEDDING_DIM = 8
+MAX_BODY_BYTES = 64 * 1024 * 1024
+FINISH_REASONS = ("stop", "length")
+# fmt: off
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0)
+TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
+                0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
+               40.0, 50.0, 60.0)
+# fmt: on
+
+H_OUTPUT_TOKENS = "x-sim-output-tokens"
+H_TTFT_MS = "x-sim-ttft-ms"
+H_TPOT_MS = "x-sim-tpot-ms"
+H_STATUS = "x-sim-status"
+H_DISCONNECT_AFTER = "x-sim-disconnect-after"
+H_OMIT_USAGE = "x-sim-omit-usage"
+H_INSTANCE = "x-sim-instance"
+
+MetricsStyle = Literal["vllm", "sglang"]
+METRICS_STYLES: tuple[MetricsStyle, ...] = ("vllm", "sglang")
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    models: tuple[str, ...] = ("sim-model",)
+    output_tokens: int = 16
+    ttft_ms: float = 0.0
+    tpot_ms: float = 0.0
+    max_num_seqs: int = 256
+    name: str = "sim"
+    metrics_style: MetricsStyle = "vllm"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Settings:
+        return cls(
+            host=args.host,
+            port=args.port,
+            models=tuple(dict.fromkeys(args.model or ["sim-model"])),
+            output_tokens=args.output_tokens,
+            ttft_ms=args.ttft_ms,
+            tpot_ms=args.tpot_ms,
+            max_num_seqs=args.max_num_seqs,
+            name=args.name,
+            metrics_style=args.metrics_style,
+        )
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="listen address")
+    parser.add_argument("--port", type=int, default=8000, help="listen port")
+    parser.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME",
+        help="served model name; repeatable (default: sim-model)",
+    )
+    parser.add_argument(
+        "--output-tokens", type=_non_negative_int, default=16, help="tokens per answer"
+    )
+    parser.add_argument(
+        "--ttft-ms", type=_non_negative_float, default=0.0, help="time to first token"
+    )
+    parser.add_argument(
+        "--tpot-ms", type=_non_negative_float, default=0.0, help="time per output token"
+    )
+    parser.add_argument(
+        "--max-num-seqs",
+        type=_positive_int,
+        default=256,
+        help="concurrent requests; more are counted as waiting and queue for a slot",
+    )
+    parser.add_argument(
+        "--name", default="sim", help="instance name for logs and the x-sim-instance header"
+    )
+    parser.add_argument(
+        "--metrics-style",
+        choices=METRICS_STYLES,
+        default="vllm",
+        help="export /metrics under vLLM's or SGLang's metric names",
+    )
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+class ApiError(Exception):
+    """Answered as an OpenAI-style error body with this status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def error_type(status: int) -> str:
+    """vLLM-style error type: 404 -> NotFoundError, 503 -> ServiceUnavailableError."""
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+    name = "".join(word.capitalize() for word in phrase.replace("-", " ").split())
+    return name if name.endswith("Error") else name + "Error"
+
+
+def error_body(status: int, message: str) -> dict[str, Any]:
+    return {
+        "error": {"message": message, "type": error_type(status), "param": None, "code": status}
+    }
+
+
+def json_response(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return json_response(error_body(status, message), status)
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def header_int(
+    headers: Mapping[str, str], name: str, low: int, high: int | None = None
+) -> int | None:
+    raw = headers.get(name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"{name} must be an integer, got {raw!r}") from None
+    if value < low or (high is not None and value > high):
+        raise ApiError(400, f"{name} out of range: {value}")
+    return value
+
+
+def header_ms(headers: Mapping[str, str], name: str, default_ms: float) -> float:
+    """A duration header in milliseconds, returned in seconds."""
+    raw = headers.get(name)
+    if raw is None:
+        return default_ms / 1000.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ApiError(400, f"{name} must be a number, got {raw!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise ApiError(400, f"{name} out of range: {raw}")
+    return value / 1000.0
+
+
+def header_flag(headers: Mapping[str, str], name: str) -> bool:
+    return headers.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def max_tokens_cap(body: Mapping[str, Any]) -> int | None:
+    """The request's `max_completion_tokens` (preferred) or `max_tokens`, if set."""
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ApiError(400, f"{key} must be a non-negative integer, got {value!r}")
+        return value
+    return None
+
+
+def plan_output(wanted: int, cap: int | None) -> tuple[int, str]:
+    """How many tokens to generate and why generation stops."""
+    if cap is not None and cap < wanted:
+        return cap, "length"
+    return wanted, "stop"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def embedding_inputs(value: Any) -> list[Any]:
+    """One entry per embedding: a string, a token list, or a list of either."""
+    if isinstance(value, str) or (
+        isinstance(value, list) and value and all(isinstance(v, int) for v in value)
+    ):
+        return [value]
+    if isinstance(value, list) and value:
+        return value
+    raise ApiError(400, "input must be a non-empty string, token list or list of them")
+
+
+def embedding_vector(item: Any) -> list[float]:
+    """A deterministic unit-range vector derived from the input."""
+    digest = hashlib.blake2b(orjson.dumps(item), digest_size=EMBEDDING_DIM).digest()
+    return [round(byte / 255.0, 6) for byte in digest]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+@dataclass(frozen=True)
+class MetricNames:
+    """One runtime's spelling of the metrics the simulator exports (counters without _total)."""
+
+    running: str
+    waiting: str
+    kv_cache: str
+    prompt_tokens: str
+    generation_tokens: str
+    ttft: str
+    tpot: str
+    e2e: str
+    success: str
+    success_by_reason: bool  # vLLM labels finished requests with finished_reason
+
+
+METRIC_NAMES: dict[MetricsStyle, MetricNames] = {
+    "vllm": MetricNames(
+        running="vllm:num_requests_running",
+        waiting="vllm:num_requests_waiting",
+        kv_cache="vllm:kv_cache_usage_perc",
+        prompt_tokens="vllm:prompt_tokens",
+        generation_tokens="vllm:generation_tokens",
+        ttft="vllm:time_to_first_token_seconds",
+        tpot="vllm:time_per_output_token_seconds",
+        e2e="vllm:e2e_request_latency_seconds",
+        success="vllm:request_success",
+        success_by_reason=True,
+    ),
+    "sglang": MetricNames(
+        running="sglang:num_running_reqs",
+        waiting="sglang:num_queue_reqs",
+        kv_cache="sglang:token_usage",
+        prompt_tokens="sglang:prompt_tokens",
+        generation_tokens="sglang:generation_tokens",
+        ttft="sglang:time_to_first_token_seconds",
+        tpot="sglang:time_per_output_token_seconds",
+        e2e="sglang:e2e_request_latency_seconds",
+        success="sglang:num_requests",
+        success_by_reason=False,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Metrics:
+    registry: CollectorRegistry
+    running: Gauge
+    waiting: Gauge
+    kv_cache: Gauge
+    prompt_tokens: Counter
+    generation_tokens: Counter
+    ttft: Histogram
+    tpot: Histogram
+    e2e: Histogram
+    success: Counter
+    success_by_reason: bool
+
+    @classmethod
+    def create(cls, models: tuple[str, ...], style: MetricsStyle = "vllm") -> Metrics:
+        names = METRIC_NAMES[style]
+        reg = CollectorRegistry(auto_describe=True)
+        label = ["model_name"]
+        metrics = cls(
+            registry=reg,
+            running=Gauge(names.running, "Requests being generated.", label, registry=reg),
+            waiting=Gauge(names.waiting, "Requests waiting for a slot.", label, registry=reg),
+            kv_cache=Gauge(
+                names.kv_cache,
+                "KV cache usage, 0..1 (running/max_num_seqs).",
+                label,
+                registry=reg,
+            ),
+            prompt_tokens=Counter(
+                names.prompt_tokens, "Prefill tokens processed.", label, registry=reg
+            ),
+            generation_tokens=Counter(
+                names.generation_tokens, "Generation tokens produced.", label, registry=reg
+            ),
+            ttft=Histogram(
+                names.ttft, "Time to first token.", label, buckets=TTFT_BUCKETS, registry=reg
+            ),
+            tpot=Histogram(
+                names.tpot,
+                "Mean time per output token after the first, one sample per request.",
+                label,
+                buckets=TPOT_BUCKETS,
+                registry=reg,
+            ),
+            e2e=Histogram(
+                names.e2e,
+                "End-to-end latency of finished requests, from arrival.",
+                label,
+                buckets=E2E_BUCKETS,
+                registry=reg,
+            ),
+            success=Counter(
+                names.success,
+                "Requests finished.",
+                [*label, "finished_reason"] if names.success_by_reason else label,
+                registry=reg,
+            ),
+            success_by_reason=names.success_by_reason,
+        )
+        for model in models:  # every series exists from the start
+            for metric in (
+                metrics.running,
+                metrics.waiting,
+                metrics.kv_cache,
+                metrics.prompt_tokens,
+                metrics.generation_tokens,
+                metrics.ttft,
+                metrics.tpot,
+                metrics.e2e,
+            ):
+                metric.labels(model)
+            if names.success_by_reason:
+                for reason in FINISH_REASONS:
+                    metrics.success.labels(model, reason)
+            else:
+                metrics.success.labels(model)
+        return metrics
+
+
+@dataclass(frozen=True)
+class SimulatedLoad:
+    """Load added on top of the real one in /metrics (see the module docstring)."""
+
+    waiting: int = 0
+    running: int = 0
+    kv_cache_usage: float = 0.0
+
+    @classmethod
+    def from_json(cls, body: Any) -> SimulatedLoad:
+        if not isinstance(body, dict):
+            raise ApiError(400, "simulated load must be a JSON object")
+        unknown = body.keys() - {"waiting", "running", "kv_cache_usage"}
+        if unknown:
+            raise ApiError(400, f"unknown simulated load fields: {', '.join(sorted(unknown))}")
+        counts = {}
+        for key in ("waiting", "running"):
+            value = body.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ApiError(400, f"{key} must be a non-negative integer, got {value!r}")
+            counts[key] = value
+        kv = body.get("kv_cache_usage", 0.0)
+        if isinstance(kv, bool) or not isinstance(kv, int | float) or not 0.0 <= kv <= 1.0:
+            raise ApiError(400, f"kv_cache_usage must be a number in [0, 1], got {kv!r}")
+        return cls(counts["waiting"], counts["running"], float(kv))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "waiting": self.waiting,
+            "running": self.running,
+            "kv_cache_usage": self.kv_cache_usage,
+        }
+
+
+# --------------------------------------------------------------------------- engine
+
+
+class Engine:
+    """Slots (max_num_seqs) and metrics shared by all requests of one server."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics.create(settings.models, settings.metrics_style)
+        self.simulated = SimulatedLoad()
+        self._slots = asyncio.Semaphore(settings.max_num_seqs)
+        self._running = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self, model: str) -> AsyncIterator[None]:
+        m = self.metrics
+        m.waiting.labels(model).inc()
+        try:
+            await self._slots.acquire()
+        finally:
+            m.waiting.labels(model).dec()
+        self._set_running(model, +1)
+        try:
+            yield
+        finally:
+            self._set_running(model, -1)
+            self._slots.release()
+
+    def _set_running(self, model: str, delta: int) -> None:
+        self._running += delta
+        self.metrics.running.labels(model).inc(delta)
+        self._set_kv_cache()
+
+    def _set_kv_cache(self) -> None:
+        usage_perc = self._running / self.settings.max_num_seqs + self.simulated.kv_cache_usage
+        for name in self.settings.models:
+            self.metrics.kv_cache.labels(name).set(min(1.0, usage_perc))
+
+    def simulate(self, load: SimulatedLoad) -> None:
+        """Replace the simulated load: the gauges move by the difference, real counts stay."""
+        first, before = self.settings.models[0], self.simulated
+        self.simulated = load
+        self.metrics.waiting.labels(first).inc(load.waiting - before.waiting)
+        self.metrics.running.labels(first).inc(load.running - before.running)
+        self._set_kv_cache()
+
+    def record(
+        self, model: str, prompt_tokens: int, generated: int, ttft: float | None, tpot: float | None
+    ) -> None:
+        m = self.metrics
+        m.prompt_tokens.labels(model).inc(prompt_tokens)
+        if generated:
+            m.generation_tokens.labels(model).inc(generated)
+        if ttft is not None:
+            m.ttft.labels(model).observe(ttft)
+        if tpot is not None:
+            m.tpot.labels(model).observe(tpot)
+
+    def finished(self, model: str, reason: str, e2e: float) -> None:
+        """A request answered in full: the finished counter and its end-to-end latency."""
+        m = self.metrics
+        if m.success_by_reason:
+            m.success.labels(model, reason).inc()
+        else:
+            m.success.labels(model).inc()
+        m.e2e.labels(model).observe(e2e)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one request gets: validated body, header overrides and the output to produce."""
+
+    model: str
+    body: Mapping[str, Any]
+    stream: bool
+    prompt_tokens: int
+    tokens: int
+    finish_reason: str
+    ttft: float  # seconds
+    tpot: float  # seconds
+    disconnect_after: int | None
+    omit_usage: bool
+
+    @property
+    def include_usage(self) -> bool:
+        opts = self.body.get("stream_options")
+        wanted = isinstance(opts, Mapping) and opts.get("include_usage") is True
+        return wanted and not self.omit_usage
+
+    @property
+    def sent_tokens(self) -> int:
+        """Tokens actually produced before finishing or disconnecting."""
+        if self.disconnect_after is None:
+            return self.tokens
+        return min(self.disconnect_after, self.tokens)
+
+
+ENGINE_KEY = web.AppKey("engine", Engine)
+
+
+async def read_body(request: web.Request, engine: Engine) -> tuple[dict[str, Any], str]:
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as err:
+        raise ApiError(400, f"invalid JSON body: {err}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "model is required")
+    if model not in engine.settings.models:
+        raise ApiError(404, f"The model `{model}` does not exist.")
+    return body, model
+
+
+def make_plan(request: web.Request, engine: Engine, body: dict[str, Any], model: str) -> Plan:
+    settings, headers = engine.settings, request.headers
+    wanted = header_int(headers, H_OUTPUT_TOKENS, 0)
+    tokens, finish_reason = plan_output(
+        settings.output_tokens if wanted is None else wanted, max_tokens_cap(body)
+    )
+    return Plan(
+        model=model,
+        body=body,
+        stream=body.get("stream") is True,
+        prompt_tokens=count_prompt(body),
+        tokens=tokens,
+        finish_reason=finish_reason,
+        ttft=header_ms(headers, H_TTFT_MS, settings.ttft_ms),
+        tpot=header_ms(headers, H_TPOT_MS, settings.tpot_ms),
+        disconnect_after=header_int(headers, H_DISCONNECT_AFTER, 0),
+        omit_usage=header_flag(headers, H_OMIT_USAGE),
+    )
+
+
+async def sleep_until(deadline: float) -> None:
+    delay = deadline - asyncio.get_running_loop().time()
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+def drop_connection(request: web.Request) -> None:
+    """Close the socket after flushing what was written; aiohttp then cannot finish the body."""
+    if request.transport is not None:
+        request.transport.close()
+
+
+# --------------------------------------------------------------------------- response shapes
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The JSON of one endpoint's answers; `ident`, `created` and `model` are shared by all chunks."""
+
+    chat: bool
+    ident: str
+    created: int
+    model: str
+
+    @classmethod
+    def new(cls, chat: bool, model: str) -> Shape:
+        prefix = "chatcmpl-" if chat else "cmpl-"
+        return cls(chat, prefix + secrets.token_hex(16), int(time.time()), model)
+
+    def _envelope(self, obj_type: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.ident,
+            "object": obj_type,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+    def answer(self, plan: Plan) -> dict[str, Any]:
+        text = TOKEN * plan.tokens
+        choice: dict[str, Any] = {"index": 0}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        choice.update(logprobs=None, finish_reason=plan.finish_reason)
+        out = self._envelope("chat.completion" if self.chat else "text_completion", [choice])
+        if not plan.omit_usage:
+            out["usage"] = usage(plan.prompt_tokens, plan.tokens)
+        return out
+
+    def _chunk(self, payload: dict[str, Any], finish_reason: str | None) -> bytes:
+        choice = {"index": 0, **payload, "logprobs": None, "finish_reason": finish_reason}
+        return sse(
+            self._envelope("chat.completion.chunk" if self.chat else "text_completion", [choice])
+        )
+
+    def stream_parts(self, plan: Plan) -> tuple[bytes, bytes, bytes, bytes]:
+        """(head, token, last token, tail): the stream is head + token*(n-1) + last + tail.
+
+        Chat: the head carries the assistant role, the tail an empty delta with finish_reason.
+        Completions: the last token chunk carries finish_reason (like vLLM).
+        """
+        if self.chat:
+            head = self._chunk({"delta": {"role": "assistant", "content": ""}}, None)
+            token = self._chunk({"delta": {"content": TOKEN}}, None)
+            last = token
+            tail = self._chunk({"delta": {}}, plan.finish_reason)
+        else:
+            head = b""
+            token = self._chunk({"text": TOKEN}, None)
+            last = self._chunk({"text": TOKEN}, plan.finish_reason)
+            tail = b"" if plan.tokens else self._chunk({"text": ""}, plan.finish_reason)
+        if plan.include_usage:
+            obj_type = "chat.completion.chunk" if self.chat else "text_completion"
+            tail += sse(
+                {**self._envelope(obj_type, []), "usage": usage(plan.prompt_tokens, plan.tokens)}
+            )
+        return head, token, last, tail + SSE_DONE
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+async def generate(request: web.Request, chat: bool) -> web.StreamResponse:
+    arrival = asyncio.get_running_loop().time()
+    engine = request.app[ENGINE_KEY]
+    body, model = await read_body(request, engine)
+    if chat and not isinstance(body.get("messages"), list):
+        raise ApiError(400, "messages must be a list")
+    if not chat and "prompt" not in body:
+        raise ApiError(400, "prompt is required")
+    plan = make_plan(request, engine, body, model)
+    shape = Shape.new(chat, model)
+    async with engine.slot(model):  # timing starts once a slot is ours; TTFT counts from arrival
+        if plan.stream:
+            return await stream_answer(request, engine, plan, shape, arrival)
+        return await whole_answer(request, engine, plan, shape, arrival)
+
+
+async def whole_answer(
+    request: web.Request, engine: Engine, plan: Plan, shape: Shape, arrival: float
+) -> web.StreamResponse:
+    loop = asyncio.get_running_loop()
+    first = loop.time() + plan.ttft
+    n = plan.sent_tokens
+    await sleep_until(first + max(n - 1, 0) * plan.tpot)
+    ttft = first - arrival if n else None
+    tpot = (loop.time() - first) / (n - 1) if n > 1 else None
+    engine.record(plan.model, plan.prompt_tokens, n, ttft, tpot)
+    if plan.disconnect_after is not None:
+        drop_connection(request)
+        return web.Response()  # aiohttp cannot send it and treats it as a client disconnect
+    engine.finished(plan.model, plan.finish_reason, loop.time() - arrival)
+    return json_response(shape.answer(plan))
+
+
+async def stream_answer(
+    request: web.Request, engine: Engine, plan: Plan, shape: Shape, arrival: float
+) -> web.StreamResponse:
+    loop = asyncio.get_running_loop()
+    first = loop.time() + plan.ttft
+    head, token, last, tail = shape.stream_parts(plan)
+    n = plan.sent_tokens
+    disconnect = plan.disconnect_after is not None
+    if disconnect:
+        last, tail = token, b""  # never the finishing chunk, usage or [DONE]
+    resp = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await resp.prepare(request)
+    first_at = last_at = 0.0
+    written = 0
+    try:
+        await sleep_until(first)
+        if plan.tpot == 0 or n <= 1:  # one write; still one SSE event per token
+            await resp.write(head + token * max(n - 1, 0) + (last if n else b"") + tail)
+            first_at = last_at = loop.time()
+            written = n
+        else:
+            for i in range(n):
+                if i:
+                    await sleep_until(first + i * plan.tpot)
+                await resp.write((head if i == 0 else b"") + (token if i < n - 1 else last + tail))
+                last_at = loop.time()
+                first_at = first_at or last_at
+                written = i + 1
+    except ConnectionError:  # the client went away
+        return resp
+    finally:  # also when cancelled because the client went away
+        engine.record(
+            plan.model,
+            plan.prompt_tokens,
+            written,
+            first_at - arrival if written else None,
+            (last_at - first_at) / (written - 1) if written > 1 else None,
+        )
+    if disconnect:
+        drop_connection(request)
+    else:
+        engine.finished(plan.model, plan.finish_reason, loop.time() - arrival)
+    return resp
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await generate(request, chat=True)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await generate(request, chat=False)
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    arrival = asyncio.get_running_loop().time()
+    engine = request.app[ENGINE_KEY]
+    body, model = await read_body(request, engine)
+    inputs = embedding_inputs(body.get("input"))
+    plan = make_plan(request, engine, body, model)
+    async with engine.slot(model):
+        await asyncio.sleep(plan.ttft)
+        engine.record(model, plan.prompt_tokens, 0, None, None)
+        if plan.disconnect_after is not None:
+            drop_connection(request)
+            return web.Response()
+        engine.finished(model, "stop", asyncio.get_running_loop().time() - arrival)
+    out: dict[str, Any] = {
+        "id": "embd-" + secrets.token_hex(16),
+        "object": "list",
+        "created": int(time.time()),
+        "model": model,
+        "data": [
+            {"object": "embedding", "index": i, "embedding": embedding_vector(item)}
+            for i, item in enumerate(inputs)
+        ],
+    }
+    if not plan.omit_usage:
+        out["usage"] = {"prompt_tokens": plan.prompt_tokens, "total_tokens": plan.prompt_tokens}
+    return json_response(out)
+
+
+async def list_models(request: web.Request) -> web.StreamResponse:
+    engine = request.app[ENGINE_KEY]
+    created = int(time.time())
+    data = [
+        {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "arks-sim",
+            "root": name,
+            "parent": None,
+        }
+        for name in engine.settings.models
+    ]
+    return json_response({"object": "list", "data": data})
+
+
+async def health(request: web.Request) -> web.StreamResponse:
+    return web.Response()
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    registry = request.app[ENGINE_KEY].metrics.registry
+    return web.Response(
+        body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+async def get_simulated_load(request: web.Request) -> web.StreamResponse:
+    return json_response(request.app[ENGINE_KEY].simulated.to_json())
+
+
+async def put_simulated_load(request: web.Request) -> web.StreamResponse:
+    engine = request.app[ENGINE_KEY]
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as err:
+        raise ApiError(400, f"invalid JSON body: {err}") from None
+    engine.simulate(SimulatedLoad.from_json(body))
+    log.info("sim %s simulated load now %s", engine.settings.name, engine.simulated)
+    return json_response(engine.simulated.to_json())
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """`x-sim-status` short-circuits; `ApiError` becomes an OpenAI error body."""
+    try:
+        if H_STATUS in request.headers:
+            status = header_int(request.headers, H_STATUS, 400, 599)
+            assert status is not None
+            return error_response(status, "simulated error")
+        return await handler(request)
+    except ApiError as err:
+        return error_response(err.status, err.message)
+
+
+def build_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[openai_errors], client_max_size=MAX_BODY_BYTES)
+    app[ENGINE_KEY] = Engine(settings)
+
+    async def add_instance_header(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[H_INSTANCE] = settings.name
+
+    app.on_response_prepare.append(add_instance_header)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/sim/load", get_simulated_load)
+    app.router.add_put("/sim/load", put_simulated_load)
+    return app
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+async def serve(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    count_prompt({"prompt": "warm up"})  # load the tokenizer now, not in the first request
+    runner = web.AppRunner(
+        build_app(settings),
+        access_log=None,
+        handle_signals=False,
+        handler_cancellation=True,  # a client that goes away frees its slot, like vLLM aborts
+        shutdown_timeout=1.0,
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_address=True)
+        await site.start()
+        log.info(
+            "sim %s serving %s on http://%s:%d (output_tokens=%d ttft_ms=%g tpot_ms=%g max_num_seqs=%d"
+            " metrics=%s)",
+            settings.name,
+            ", ".join(settings.models),
+            settings.host,
+            settings.port,
+            settings.output_tokens,
+            settings.ttft_ms,
+            settings.tpot_ms,
+            settings.max_num_seqs,
+            settings.metrics_style,
+        )
+        await stop.wait()
+        log.info("sim %s stopping", settings.name)
+    finally:
+        await runner.cleanup()
+
+
+def main(args: argparse.Namespace) -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvloop.run(serve(Settings.from_args(args)))
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(
+        prog="python -m launcher.sim", description=__doc__.splitlines()[0]
+    )
+    add_arguments(_parser)
+    main(_parser.parse_args())
