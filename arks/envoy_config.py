@@ -49,6 +49,13 @@ from arks.api import (
     SocketAddress,
 )
 from arks.policy import Policy
+from arks.wire import (
+    DESTINATION_HEADER,
+    DESTINATION_METADATA_NAMESPACE,
+    METADATA_NAMESPACE,
+    MODEL_HEADER,
+    NAMESPACE_HEADER,
+)
 
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
 FILTERS_FILE = ENVOY_DIR / "filters.yaml"
@@ -74,8 +81,6 @@ NUM_RETRIES = 2
 
 # Endpoint picking (Gateway API Inference Extension): where extproc names the chosen engines.
 PICKED_WEIGHTINGS = frozenset({LEAST_LOAD, PREFIX_CACHE})
-DESTINATION_HEADER = "x-gateway-destination-endpoint"
-DESTINATION_METADATA_NAMESPACE = "envoy.lb"
 _LB_TYPE = "type.googleapis.com/envoy.extensions.load_balancing_policies.{}.v3.{}"
 
 
@@ -294,8 +299,8 @@ def routes(policy: Policy, settings: EnvoySettings) -> list[dict[str, Any]]:
         match = {
             "prefix": "/",
             "headers": [
-                {"name": "x-arks-model", "string_match": {"exact": endpoint.model}},
-                {"name": "x-arks-namespace", "string_match": {"exact": endpoint.key.namespace}},
+                {"name": MODEL_HEADER, "string_match": {"exact": endpoint.model}},
+                {"name": NAMESPACE_HEADER, "string_match": {"exact": endpoint.key.namespace}},
             ],
         }
         name = f"endpoint/{endpoint.key.namespace}/{endpoint.model}"
@@ -361,7 +366,7 @@ def usage_access_log(settings: EnvoySettings) -> dict[str, Any]:
         "name": "envoy.access_loggers.http_grpc",
         "filter": {
             "metadata_filter": {
-                "matcher": {"filter": "io.arks", "path": [{"key": "user"}], "value": {"present_match": True}},
+                "matcher": {"filter": METADATA_NAMESPACE, "path": [{"key": "user"}], "value": {"present_match": True}},
                 "match_if_key_not_found": False,
             }
         },

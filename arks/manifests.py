@@ -45,6 +45,7 @@ from arks.envoy_config import (
     local_reply_config,
     usage_access_log,
 )
+from arks.wire import MODEL_HEADER, NAMESPACE_HEADER
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "manifests" / "gateway" / "envoy-policies.yaml"
@@ -249,8 +250,8 @@ def ratelimit_cluster() -> dict[str, Any]:
 # Descriptors: one per tenant namespace, and one per namespace and model. The headers are the
 # ones ext_proc sets after removing any a client sent, so they cannot be spoofed.
 RATELIMIT_DESCRIPTORS = (
-    (("x-arks-namespace", "namespace"),),
-    (("x-arks-namespace", "namespace"), ("x-arks-model", "model")),
+    ((NAMESPACE_HEADER, "namespace"),),
+    ((NAMESPACE_HEADER, "namespace"), (MODEL_HEADER, "model")),
 )
 
 

@@ -1,9 +1,30 @@
-"""The labels and annotations every renderer puts on what it creates, and label-safe values."""
+"""The wire contract: every name another program (Envoy, the API server, a client) sees, once.
+
+Metadata namespaces and headers between Envoy and the gateway; labels, annotations, finalizers
+and the field manager on what the controller writes; label-safe values.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import re
+
+# --- Envoy: dynamic metadata namespaces ------------------------------------------------------
+METADATA_NAMESPACE = "io.arks"  # identity, limits, reservation and usage of one request
+REQUEST_METADATA_NAMESPACE = "io.arks.request"  # body fields json_to_metadata reads ahead of ext_proc
+DESTINATION_METADATA_NAMESPACE = "envoy.lb"  # the picked engines (Gateway API Inference Extension)
+
+# --- HTTP headers ---------------------------------------------------------------------------
+MODEL_HEADER = "x-arks-model"
+NAMESPACE_HEADER = "x-arks-namespace"
+USER_HEADER = "x-arks-user"
+ROUTING_HEADERS = (MODEL_HEADER, NAMESPACE_HEADER, USER_HEADER)  # set by extproc only
+DESTINATION_HEADER = "x-gateway-destination-endpoint"  # the picked engines, `ip:port[,ip:port]`
+CREDENTIAL_HEADERS = ("authorization", "x-api-key")
+
+# --- Kubernetes -----------------------------------------------------------------------------
+FIELD_MANAGER = "arks-controller"  # server-side apply
+EVENT_COMPONENT = "arks-controller"  # the source of the controller's Events
 
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -12,7 +33,14 @@ LABEL_MODEL = "arks.ai/model"
 LABEL_SERVED_NAME = "arks.ai/served-model-name"
 LABEL_ROLE = "arks.ai/role"
 LABEL_COMPONENT = "arks.ai/component"
+LABEL_ENDPOINT = "arks.ai/endpoint"
+LABEL_ENDPOINT_NAMESPACE = "arks.ai/endpoint-namespace"
+LABEL_ENDPOINT_UID = "arks.ai/endpoint-uid"
 ANNOTATION_SERVED_NAME = "arks.ai/served-model-name"
+ANNOTATION_MODEL = "arks.ai/model"
+ANNOTATION_SOURCE_ID = "arks.ai/source-id"
+ANNOTATION_ENDPOINT = "arks.ai/endpoint"  # "<namespace>/<name>", exact
+PICKING_FINALIZER = "arks.ai/picking-policy"
 
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 

@@ -29,9 +29,10 @@ from arks.adapters.kube.leader import LeaderElector
 from arks.envoy_config import EnvoySettings
 from arks.lifecycle import setup_process
 from arks.policy import FilePolicySource
+from arks.resources import LEADERWORKERSETS
 from controller.load.cluster import ClusterLoad
 from controller.metrics import ControllerMetrics, serve
-from controller.reconcilers.application import LEADERWORKERSETS, application_controller
+from controller.reconcilers.application import application_controller
 from controller.reconcilers.disaggregated import disaggregated_controller
 from controller.reconcilers.endpoint import endpoint_controller
 from controller.reconcilers.model import model_controller

@@ -22,9 +22,9 @@ from arks.limits.backends import BackendUnavailable
 from arks.limits.budgets import BudgetStore, Charge, Lease
 from arks.limits.limiter import Limiter
 from arks.policy import PolicySource
+from arks.wire import METADATA_NAMESPACE
 from extproc import qos, quota
 from extproc.decision import Decision, Deny, Forward, Identity
-from extproc.gateway import METADATA_NAMESPACE
 from extproc.request import RequestInfo
 
 BYTES_PER_TOKEN = 4

@@ -11,14 +11,17 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import json_format, struct_pb2
 
-from arks.envoy_config import DESTINATION_HEADER, DESTINATION_METADATA_NAMESPACE
+from arks.wire import (
+    DESTINATION_HEADER,
+    DESTINATION_METADATA_NAMESPACE,
+    METADATA_NAMESPACE,
+    REQUEST_METADATA_NAMESPACE,
+)
 from extproc.admission import Reservation
 from extproc.decision import Deny, Forward, ReadBody, Reply
-from extproc.gateway import METADATA_NAMESPACE
 from extproc.request import PICKED_HEADERS, BodyFacts, RequestInfo
 from extproc.usage import Finished
 
-REQUEST_METADATA_NAMESPACE = "io.arks.request"
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _Mode = processing_mode_pb2.ProcessingMode
 # Asking for the body must restate every other mode: 0 would mean "the default" (SEND).

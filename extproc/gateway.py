@@ -10,13 +10,18 @@ import orjson
 from arks.api import PREFIX_CACHE, ArksToken
 from arks.policy import Policy
 from arks.tokens import count_prompt
+from arks.wire import (
+    CREDENTIAL_HEADERS,
+    METADATA_NAMESPACE,
+    MODEL_HEADER,
+    NAMESPACE_HEADER,
+    USER_HEADER,
+)
 from extproc.auth import authenticate
 from extproc.decision import Decision, Deny, Forward, Identity, ReadBody, Reply, bad_request
 from extproc.picking.prefix import prompt_text
 from extproc.qos import token_limits
-from extproc.request import CREDENTIAL_HEADERS, INFERENCE_PATHS, MODELS_PATH, BodyFacts, RequestInfo
-
-METADATA_NAMESPACE = "io.arks"
+from extproc.request import INFERENCE_PATHS, MODELS_PATH, BodyFacts, RequestInfo
 
 
 def _model_object(model: str, token: ArksToken) -> dict[str, Any]:
@@ -127,9 +132,9 @@ def admit(
             body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
             new_body = orjson.dumps(body)
     set_headers = (
-        ("x-arks-model", model),
-        ("x-arks-namespace", namespace),
-        ("x-arks-user", token.user),
+        (MODEL_HEADER, model),
+        (NAMESPACE_HEADER, namespace),
+        (USER_HEADER, token.user),
         ("content-type", "application/json"),  # the body is a JSON object, whatever the client said
     )
     ours = {name for name, _ in set_headers}

@@ -6,12 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from arks.envoy_config import DESTINATION_HEADER
+from arks.wire import DESTINATION_HEADER
 
 INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 MODELS_PATH = "/v1/models"
-ROUTING_HEADERS = ("x-arks-model", "x-arks-namespace", "x-arks-user")
-CREDENTIAL_HEADERS = ("authorization", "x-api-key")
 # Also set by extproc only (endpoint picking); a client's copy is dropped like the routing headers.
 PICKED_HEADERS = (DESTINATION_HEADER,)
 

@@ -20,10 +20,11 @@ from arks.api import ArksToken
 from arks.envoy_config import PICKED_WEIGHTINGS
 from arks.limits.model import BackendUnavailable
 from arks.policy import PolicySource
+from arks.wire import METADATA_NAMESPACE
 from extproc import codec
 from extproc.admission import Admission, Reservation
 from extproc.decision import Decision, Deny, Forward, Identity, ReadBody, Reply
-from extproc.gateway import METADATA_NAMESPACE, decide_body, decide_headers
+from extproc.gateway import decide_body, decide_headers
 from extproc.inflight import Admitted, InFlight
 from extproc.ledger import Ledger
 from extproc.metrics import GatewayMetrics

@@ -45,10 +45,11 @@ from typing import Any
 import aiohttp
 from kubernetes.client import ApiClient
 
-from arks.adapters.kube.rest import Obj, Resource
+from arks.adapters.kube.rest import Obj
 from arks.adapters.kube.watch import Informer, key_of
 from arks.adapters.scrape import Scraper
 from arks.engine_metrics import Observation
+from arks.resources import PODS
 from arks.wire import (
     LABEL_APPLICATION,
     LABEL_COMPONENT,
@@ -60,7 +61,6 @@ from controller.load.weights import WeightSettings, WeightTracker
 
 log = logging.getLogger(__name__)
 
-PODS = Resource("", "v1", "pods")
 # Arks' engine pods that may serve: not the workers of a multi-node group.
 POD_SELECTOR = f"{LABEL_MANAGED_BY}=arks,{LABEL_APPLICATION},{LABEL_ROLE}!=worker"
 # arks.ai/component -> the container port whose /metrics shows the engine's load.

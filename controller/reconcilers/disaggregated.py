@@ -15,18 +15,19 @@ from typing import Any
 from kubernetes.client import ApiClient
 
 from arks.adapters.kube.queue import Key, WorkQueue
-from arks.adapters.kube.rest import Resource
 from arks.adapters.kube.runner import Controller, Leadership
 from arks.adapters.kube.watch import Informer, watch_owned
-from arks.wire import LABEL_COMPONENT, LABEL_MANAGED_BY
-from controller.reconcilers.application import (
+from arks.resources import (
     DEPLOYMENTS,
-    FIELD_MANAGER,
+    DISAGGREGATED_APPLICATIONS,
     LEADERWORKERSETS,
     ROLEBINDINGS,
     ROLES,
     SERVICEACCOUNTS,
     SERVICES,
+)
+from arks.wire import FIELD_MANAGER, LABEL_COMPONENT, LABEL_MANAGED_BY
+from controller.reconcilers.workloads import (
     WORKLOAD_KINDS,
     availability,
     render_and_apply,
@@ -36,7 +37,6 @@ from controller.reconcilers.application import (
 from controller.render.disaggregated import COMPONENTS, render_disaggregated
 from controller.render.workload import RenderDefaults
 
-DISAGGREGATED_APPLICATIONS = Resource("arks.ai", "v1", "arksdisaggregatedapplications")
 DAPP_API_VERSION = "arks.ai/v1"
 DAPP_KIND = "ArksDisaggregatedApplication"
 

@@ -30,19 +30,17 @@ from arks.adapters.kube.conditions import find_condition, set_condition
 from arks.adapters.kube.errors import PermanentError
 from arks.adapters.kube.events import record_event
 from arks.adapters.kube.queue import Key, WorkQueue
-from arks.adapters.kube.rest import Obj, Resource
+from arks.adapters.kube.rest import Obj
 from arks.adapters.kube.runner import Controller, Leadership
 from arks.adapters.kube.watch import Informer, watch_owned
 from arks.api import STATIC
-from controller.reconcilers.application import APPLICATIONS
+from arks.resources import APPLICATIONS, ENDPOINTS, HTTPROUTES, Resource
+from arks.wire import FIELD_MANAGER
 from controller.reconcilers.picking import Condition, sync_picking_policy
 from controller.render.endpoint import DEFAULT_GATEWAY, render_httproute, route_status
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS = Resource("arks.ai", "v1", "arksendpoints")
-HTTPROUTES = Resource("gateway.networking.k8s.io", "v1", "httproutes")
-FIELD_MANAGER = "arks-controller"
 ENDPOINT_API_VERSION = "arks.ai/v1"
 ENDPOINT_KIND = "ArksEndpoint"
 

@@ -30,17 +30,12 @@ from arks.adapters.kube.conditions import set_condition
 from arks.adapters.kube.errors import PermanentError, TemporaryError
 from arks.adapters.kube.events import record_event
 from arks.adapters.kube.queue import Key, WorkQueue
-from arks.adapters.kube.rest import Obj, Resource
+from arks.adapters.kube.rest import Obj
 from arks.adapters.kube.runner import Controller, Leadership
 from arks.adapters.kube.watch import Handler, Informer, watch_owned
-from controller.render.model import (
-    ANNOTATION_MODEL,
-    ModelDefaults,
-    cache_enabled,
-    claim_name,
-    is_adopted,
-    render_pvc,
-)
+from arks.resources import DAEMONSETS, JOBS, MODELS, PODS, PVCS, Resource
+from arks.wire import ANNOTATION_MODEL, EVENT_COMPONENT, FIELD_MANAGER
+from controller.render.model import ModelDefaults, cache_enabled, claim_name, is_adopted, render_pvc
 from controller.render.model_cache import (
     CACHE_PODS_SELECTOR,
     cache_daemonset_name,
@@ -52,16 +47,9 @@ from controller.render.model_download import render_download_job
 
 log = logging.getLogger(__name__)
 
-MODELS = Resource("arks.ai", "v1", "arksmodels")
-PVCS = Resource("", "v1", "persistentvolumeclaims")
-JOBS = Resource("batch", "v1", "jobs")
-DAEMONSETS = Resource("apps", "v1", "daemonsets")
-PODS = Resource("", "v1", "pods")
 
 MODEL_API_VERSION = "arks.ai/v1"
 MODEL_KIND = "ArksModel"
-FIELD_MANAGER = "arks-controller"
-COMPONENT = "arks-controller"
 CLAIM_WAIT_S = 10.0  # an adopted claim is not ours, so no event tells us it appeared
 
 PHASE_PENDING = "Pending"
@@ -166,7 +154,7 @@ def _event(
     now: datetime.datetime,
 ) -> None:
     try:
-        record_event(api_client, model, type_, reason, message, COMPONENT, now)
+        record_event(api_client, model, type_, reason, message, EVENT_COMPONENT, now)
     except Exception:  # events are diagnostics: a failed one must not fail the reconcile
         log.warning(
             "could not record event %s for %s", reason, model["metadata"]["name"], exc_info=True

@@ -27,16 +27,13 @@ from kubernetes.client.exceptions import ApiException
 from arks.adapters.kube import rest
 from arks.adapters.kube.apply import delete, ensure_finalizer, remove_finalizer, server_side_apply
 from arks.adapters.kube.errors import PermanentError
-from arks.adapters.kube.rest import Obj, Resource
-from controller.render.picking import (
-    LABEL_ENDPOINT_UID,
-    PICKING_FINALIZER,
-    render_picking_policy,
-)
+from arks.adapters.kube.rest import Obj
+from arks.resources import PATCH_POLICIES, Resource
+from arks.wire import LABEL_ENDPOINT_UID, PICKING_FINALIZER
+from controller.render.picking import render_picking_policy
 
 log = logging.getLogger(__name__)
 
-PATCH_POLICIES = Resource("gateway.envoyproxy.io", "v1alpha1", "envoypatchpolicies")
 Condition = tuple[str, str, str]
 """(status, reason, message) of the endpoint's `Picking` condition."""
 

@@ -26,17 +26,14 @@ from arks.adapters.kube.conditions import find_condition, set_condition
 from arks.adapters.kube.errors import TemporaryError
 from arks.adapters.kube.events import record_event
 from arks.adapters.kube.queue import Key, WorkQueue
-from arks.adapters.kube.rest import Obj, Resource
+from arks.adapters.kube.rest import Obj
 from arks.adapters.kube.runner import Controller, Leadership
 from arks.adapters.kube.watch import Informer
+from arks.resources import ENDPOINTS, QUOTAS, SECRETS, TOKENS
+from arks.wire import EVENT_COMPONENT
 
 log = logging.getLogger(__name__)
 
-TOKENS = Resource("arks.ai", "v1", "arkstokens")
-QUOTAS = Resource("arks.ai", "v1", "arksquotas")
-ENDPOINTS = Resource("arks.ai", "v1", "arksendpoints")
-SECRETS = Resource("", "v1", "secrets")
-COMPONENT = "arks-controller"
 
 PHASE_ACTIVE = "Active"
 PHASE_DISABLED = "Disabled"
@@ -233,7 +230,7 @@ class TokenReconciler:
         if computed.warnings:
             message += "; " + "; ".join(computed.warnings)
         try:
-            record_event(self.api, token, type_, str(ready["reason"]), message, COMPONENT)
+            record_event(self.api, token, type_, str(ready["reason"]), message, EVENT_COMPONENT)
         except Exception:  # diagnostics must not fail the reconcile
             log.warning("could not record an Event for ArksToken %s", token["metadata"]["name"])
 

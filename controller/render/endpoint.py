@@ -38,19 +38,23 @@ from typing import Any
 
 from arks.adapters.kube.errors import PermanentError
 from arks.api import STATIC, WEIGHTED
-from arks.wire import LABEL_MANAGED_BY, LABEL_SERVED_NAME, label_value
+from arks.wire import (
+    ANNOTATION_SERVED_NAME,
+    LABEL_ENDPOINT,
+    LABEL_MANAGED_BY,
+    LABEL_SERVED_NAME,
+    MODEL_HEADER,
+    NAMESPACE_HEADER,
+    label_value,
+)
 from controller.render.engines import UnsupportedApplication, engine_for, served_model_name
 
 HTTPROUTE_API_VERSION = "gateway.networking.k8s.io/v1"
-MODEL_HEADER = "x-arks-model"
-NAMESPACE_HEADER = "x-arks-namespace"
 # Where routes of endpoints without a gatewayRef attach: the Gateway manifests/ installs.
 DEFAULT_GATEWAY: Mapping[str, str] = {"name": "arks-gateway", "namespace": "arks-system"}
 DEFAULT_MATCH: Mapping[str, Any] = {"path": {"type": "PathPrefix", "value": "/v1"}}
 DEFAULT_WEIGHT = 5  # the ArksEndpoint CRD's default for spec.defaultWeight
 STATIC_WEIGHT = 1  # the CRD's default for routeConfigs[].weight
-LABEL_ENDPOINT = "arks.ai/endpoint"
-ANNOTATION_SERVED_NAME = "arks.ai/served-model-name"
 MAX_BACKENDS = 16  # HTTPRoute rules[].backendRefs maxItems
 FULL_CAPACITY = 100  # one pod as free as the freest of its model (controller.load.cluster.FULL)
 

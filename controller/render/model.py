@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from arks.wire import (
+    ANNOTATION_MODEL,
+    ANNOTATION_SOURCE_ID,
     LABEL_COMPONENT,
     LABEL_MANAGED_BY,
     LABEL_MODEL,
@@ -37,8 +39,6 @@ MARKER = ".arks-complete"
 CLAIM_MOUNT = "/models"
 """Where the download Job and the cache copy mount the claim (and engines, by default)."""
 
-ANNOTATION_MODEL = "arks.ai/model"
-ANNOTATION_SOURCE_ID = "arks.ai/source-id"
 
 _MAX_NAME = 63  # Job and DaemonSet names end up in label values (job-name, pod names)
 

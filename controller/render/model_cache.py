@@ -14,9 +14,8 @@ import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from arks.wire import LABEL_COMPONENT, LABEL_MODEL, label_value
+from arks.wire import ANNOTATION_MODEL, LABEL_COMPONENT, LABEL_MODEL, label_value
 from controller.render.model import (
-    ANNOTATION_MODEL,
     CLAIM_MOUNT,
     MARKER,
     ModelDefaults,

@@ -26,13 +26,16 @@ from typing import Any
 from arks.api import WEIGHTED
 from arks.envoy_config import PICKED_WEIGHTINGS, picked_host_policy
 from arks.manifests import CLUSTER_TYPE, EG_VERSION
-from arks.wire import LABEL_MANAGED_BY, label_value
-from controller.render.endpoint import DEFAULT_GATEWAY, LABEL_ENDPOINT
+from arks.wire import (
+    ANNOTATION_ENDPOINT,
+    LABEL_ENDPOINT,
+    LABEL_ENDPOINT_NAMESPACE,
+    LABEL_ENDPOINT_UID,
+    LABEL_MANAGED_BY,
+    label_value,
+)
+from controller.render.endpoint import DEFAULT_GATEWAY
 
-LABEL_ENDPOINT_NAMESPACE = "arks.ai/endpoint-namespace"
-LABEL_ENDPOINT_UID = "arks.ai/endpoint-uid"
-ANNOTATION_ENDPOINT = "arks.ai/endpoint"  # "<namespace>/<name>", exact
-PICKING_FINALIZER = "arks.ai/picking-policy"
 _MAX_NAME = 253
 
 

@@ -43,20 +43,18 @@ from typing import Any, TypeVar
 from kubernetes.client import ApiClient
 
 from arks.adapters.kube.queue import Key
-from arks.adapters.kube.rest import Obj, Resource
+from arks.adapters.kube.rest import Obj
 from arks.adapters.kube.watch import Handler, Informer, key_of
 from arks.api import Backend, ObjectKey, SocketAddress
 from arks.envoy_config import PICKED_WEIGHTINGS
 from arks.policy import Policy
+from arks.resources import ENDPOINTSLICES, HTTPROUTES, SERVICES, Resource
 from arks.wire import ANNOTATION_SERVED_NAME, LABEL_MANAGED_BY
 from extproc.picking.scraping import backend_hosts
 from extproc.picking.state import EndpointKey, host
 
 log = logging.getLogger(__name__)
 
-HTTPROUTES = Resource("gateway.networking.k8s.io", "v1", "httproutes")
-SERVICES = Resource("", "v1", "services")
-ENDPOINTSLICES = Resource("discovery.k8s.io", "v1", "endpointslices")
 MANAGED_ROUTES = f"{LABEL_MANAGED_BY}=arks"
 LABEL_SERVICE_NAME = "kubernetes.io/service-name"
 BACKEND_GROUP = "gateway.envoyproxy.io"

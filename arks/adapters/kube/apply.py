@@ -14,7 +14,8 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from arks.adapters.kube import rest
-from arks.adapters.kube.rest import Obj, Resource
+from arks.adapters.kube.rest import Obj
+from arks.resources import Resource
 
 
 def server_side_apply(

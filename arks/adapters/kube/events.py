@@ -12,7 +12,8 @@ from kubernetes.client.exceptions import ApiException
 
 from arks.adapters.kube import rest
 from arks.adapters.kube.conditions import format_time
-from arks.adapters.kube.rest import EVENTS, Obj
+from arks.adapters.kube.rest import Obj
+from arks.resources import EVENTS
 
 
 def event_name(involved: Mapping[str, Any], type_: str, reason: str, message: str) -> str:

@@ -21,7 +21,8 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from arks.adapters.kube import rest
-from arks.adapters.kube.rest import LEASES, Obj
+from arks.adapters.kube.rest import Obj
+from arks.resources import LEASES
 
 log = logging.getLogger(__name__)
 

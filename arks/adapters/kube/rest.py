@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
 
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from arks.adapters.kube.errors import PermanentError, TemporaryError
+from arks.resources import Resource
 
 Obj = dict[str, Any]
 
@@ -24,36 +23,6 @@ APPLY_PATCH = "application/apply-patch+yaml"
 MERGE_PATCH = "application/merge-patch+json"
 
 
-@dataclass(frozen=True)
-class Resource:
-    """A namespaced (or cluster-scoped) resource, e.g. Resource("arks.ai", "v1", "arksapplications")."""
-
-    group: str
-    version: str
-    plural: str
-    namespaced: bool = True
-
-    @property
-    def api_version(self) -> str:
-        return f"{self.group}/{self.version}" if self.group else self.version
-
-    def path(
-        self, namespace: str | None = None, name: str | None = None, subresource: str | None = None
-    ) -> str:
-        base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
-        if self.namespaced and namespace:
-            base += f"/namespaces/{quote(namespace, safe='')}"
-        base += f"/{self.plural}"
-        if name is not None:
-            base += f"/{quote(name, safe='')}"
-        if subresource is not None:
-            base += f"/{subresource}"
-        return base
-
-
-CONFIGMAPS = Resource("", "v1", "configmaps")
-EVENTS = Resource("", "v1", "events")
-LEASES = Resource("coordination.k8s.io", "v1", "leases")
 
 
 def resource_of(obj: Mapping[str, Any], plural: str) -> Resource:

@@ -18,7 +18,8 @@ from kubernetes.client import ApiClient
 
 from arks.adapters.kube import rest
 from arks.adapters.kube.queue import Key, WorkQueue
-from arks.adapters.kube.rest import Obj, Resource
+from arks.adapters.kube.rest import Obj
+from arks.resources import Resource
 
 log = logging.getLogger(__name__)
 
