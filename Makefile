@@ -4,6 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
+CODE   := arks extproc ratelimit controller launcher tests
 
 .PHONY: run test unit integration bench lint clean
 
@@ -28,8 +29,11 @@ integration: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m tests.bench.gateway --out docs/benchmarks.md $(ARGS)
 
+# ruff (rules and formatting), the layers of docs/architecture.md (import-linter), mypy --strict.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check arks extproc ratelimit controller tests
+	$(VENV)/bin/ruff check $(CODE)
+	$(VENV)/bin/ruff format --check $(CODE)
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 
 clean:

@@ -1,35 +1,7 @@
-"""One engine's load as a typed record, parsed from its Prometheus `/metrics` text.
+"""One engine's load as a typed record (`EngineLoad`), parsed from its Prometheus `/metrics` text.
 
-`parse_engine_metrics` is pure: text in, `EngineLoad` out. It knows the metric names of vLLM
-and SGLang (sources in `controller/load/SOURCES.md`) and nothing about HTTP; `scrape.py`
-fetches the text, `weights.py` turns records into weights.
-
-Normalisation:
-
-| field            | vLLM                                                  | SGLang                               |
-|------------------|-------------------------------------------------------|--------------------------------------|
-| waiting          | `vllm:num_requests_waiting`                           | `sglang:num_queue_reqs`              |
-| running          | `vllm:num_requests_running`                           | `sglang:num_running_reqs`            |
-| kv_cache_usage   | `vllm:kv_cache_usage_perc` (else the older            | `sglang:token_usage`                 |
-|                  | `vllm:gpu_cache_usage_perc`)                          |                                      |
-| requests_total   | `vllm:request_success_total`, every finished_reason   | `sglang:num_requests_total`          |
-| errors_total     | `vllm:request_success_total{finished_reason=          | `sglang:num_aborted_requests_total`  |
-|                  | "error" or "abort"}`                                  |                                      |
-| ttft             | `vllm:time_to_first_token_seconds` _sum/_count        | `sglang:time_to_first_token_seconds` |
-| e2e              | `vllm:e2e_request_latency_seconds` _sum/_count        | `sglang:e2e_request_latency_seconds` |
-
-An engine exports one series per model name, engine index (vLLM data parallel) or DP rank
-(SGLang): counts, counters and histogram sums are summed across series; the KV-cache usage,
-a fraction, is averaged. "errors" means requests that did not finish normally — vLLM counts
-aborts and errors under `request_success_total`, SGLang's aborted counter also grows when a
-full queue rejects a request — which is what a load balancer wants to steer away from.
-
-Parser choice, measured (best of 7 x 200 parses, this shared 2-core machine) on the 190-line
-two-engine vLLM fixture in tests/unit/fixtures/metrics/: `prometheus_client.parser.
-text_string_to_metric_families` took ~3.6 ms per parse, this module's regex line scanner
-~0.32 ms (about 11 times cheaper; 1.5-1.7 us a line on every fixture), because it builds no
-family or sample objects and looks labels up only for the one counter that needs them. The
-unit tests check that both agree on every fixture.
+Pure: vLLM's and SGLang's metric names in (sources: `engine_metrics_sources.md`), one record out;
+fetching is `arks.adapters.scrape`'s. Why: docs/architecture.md, section 6 (Engine metrics).
 """
 
 from __future__ import annotations

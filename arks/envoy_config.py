@@ -1,29 +1,8 @@
 """Render Envoy's configuration from a policy: the listener, one route and one cluster per
-ArksEndpoint, and the cluster's engines with their weights.
+ArksEndpoint, and the cluster's engines with their weights. Pure: dicts in Envoy's v3 JSON.
 
-Pure functions, dicts in the shape of Envoy's v3 JSON. The local stack writes only the
-bootstrap (admin, the extproc and xDS clusters, ADS as the source of everything else); the
-controller's xDS server serves the rest (`xds_resources`), so routes and weights change
-without touching a file.
-
-An endpoint's cluster holds the engines of every Backend its `routeConfigs` name: one locality
-per Backend, weighted by the routeConfig's weight (locality-weighted load balancing), and one
-endpoint per engine address, weighted by the engine's load where the endpoint asks for it
-(`weighting` other than `static`). An engine with weight 0 is marked unhealthy: Envoy stops sending to it
-(unless all of the endpoint's engines are: then it fails open).
-
-Endpoints that pick their engine per request (`least-load`, `prefix-cache`: extproc's
-`extproc/picking/`) name it the Gateway API Inference Extension way, an `ip:port` list in the
-`x-gateway-destination-endpoint` header and in metadata `envoy.lb`. Their cluster reads it with
-Envoy's `override_host` load-balancing policy rather than an ORIGINAL_DST cluster:
-- a named host is looked up among the cluster's own engines, so a forged or stale address can
-  never send traffic anywhere else (an ORIGINAL_DST cluster connects to whatever it is told);
-- the list is consumed one host per attempt, so the route's retries go to the picker's
-  fallbacks in order, and past the list (or with no list: the picker failing open) the
-  cluster's usual locality-weighted least-request balancing takes over;
-- outlier detection, circuit breakers and the controller's weights and drains keep working.
-Metadata is read first: only extproc can write `envoy.lb`, while a header is client input
-until extproc strips it.
+The local stack writes the bootstrap (`bootstrap`); the controller's xDS server serves the rest
+(`xds_resources`). Why the clusters look as they do: docs/architecture.md, section 10.
 """
 
 from __future__ import annotations

@@ -1,25 +1,8 @@
 """Render the Envoy Gateway policies of the Kubernetes install from the local filter chain.
 
-`python -m arks.manifests` writes `manifests/gateway/envoy-policies.yaml`; `--check` fails when
-the committed file differs from what `envoy/filters.yaml`, `envoy/usage.lua` and
-`arks/envoy_config.py` produce, so the local stack and the cluster run one filter chain.
-
-What Envoy Gateway (EG) builds and what we patch in, and why:
-
-* ext_proc comes from an EnvoyExtensionPolicy: EG then creates the filter and the cluster for
-  our Service. EG names both `envoyextensionpolicy/<namespace>/<policy>/extproc/<index>`, the
-  filter with the prefix `envoy.filters.http.ext_proc/`, and adds the filter *disabled*,
-  switched on per route. Our patch switches it on for the whole listener, as the local chain
-  has it: every request is authenticated, also one that no route matches yet (routes match on
-  the `x-arks-model` header that ext_proc itself sets).
-* `json_to_metadata` must run before ext_proc (it lifts `model`/`stream` out of the body into
-  the metadata ext_proc is sent), and the usage Lua after it (it reads what ext_proc wrote).
-  EG's own Lua extension sorts Lua ahead of ext_proc, so both go in by EnvoyPatchPolicy, placed
-  by JSONPath relative to EG's ext_proc and router filters instead of by index.
-* The gRPC access log that carries usage to extproc goes to the ext_proc cluster EG created.
-* The `arks.ratelimit` filter asks our `python -m ratelimit` (cluster added by the patch)
-  for tenant-wide caps keyed on the headers ext_proc sets; the per-client-IP limit is EG's own
-  global rate limit (BackendTrafficPolicy, served by EG's envoy-ratelimit).
+`python -m arks.manifests` writes `manifests/gateway/envoy-policies.yaml`; `--check` fails when it
+differs from what `envoy/` and `arks/envoy_config.py` produce. What Envoy Gateway builds and what
+we patch in: docs/architecture.md, section 12 (The Envoy Gateway wiring).
 """
 
 from __future__ import annotations

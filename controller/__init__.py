@@ -1,1 +1,1 @@
-"""The Kubernetes control plane: reconcilers per kind, their machinery, renderers, and (later) the xDS server."""
+"""The Kubernetes control plane: reconcilers per kind, renderers, engine load and weights, and the xDS server."""

@@ -22,38 +22,14 @@ from arks.limits.backends import BackendUnavailable
 from arks.limits.budgets import BudgetStore, Charge, Lease
 from arks.limits.limiter import Limiter
 from arks.policy import PolicySource
+from arks.tokens import BYTES_PER_TOKEN
 from arks.wire import METADATA_NAMESPACE
 from extproc import qos, quota
 from extproc.decision import Decision, Deny, Forward, Identity
 from extproc.request import RequestInfo
+from extproc.reservation import Reservation
 
-BYTES_PER_TOKEN = 4
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Reservation:
-    """What an admission took, so that its settlement can give it back."""
-
-    admitted_at: float  # epoch seconds: the quota periods to settle into
-    quota: str | None = None
-    concurrency: bool = False
-
-    def metadata(self) -> dict[str, object]:
-        out: dict[str, object] = {"admitted_at": self.admitted_at}
-        if self.quota:
-            out["quota"] = self.quota
-        if self.concurrency:
-            out["concurrency"] = True
-        return out
-
-    @classmethod
-    def from_metadata(cls, fields: Mapping[str, object]) -> Reservation | None:
-        admitted_at = fields.get("admitted_at")
-        if not isinstance(admitted_at, int | float):
-            return None
-        name = fields.get("quota")
-        return cls(float(admitted_at), name if isinstance(name, str) else None, fields.get("concurrency") is True)
 
 
 def _concurrency(grant: Qos | None) -> int | None:
@@ -64,7 +40,7 @@ def _concurrency(grant: Qos | None) -> int | None:
 
 
 @dataclass
-class Admission:
+class AdmissionControl:
     limiter: Limiter
     budgets: BudgetStore
     policy: PolicySource
@@ -97,10 +73,10 @@ class Admission:
 
     def _without_store(self, decision: Forward, reservation: Reservation, err: Exception) -> Decision:
         """The budget store is unreachable: fail open (settle later) or closed, as configured."""
-        policy = "fail_open" if self.limiter.policy.fail_open else "fail_closed"
+        policy = "fail_open" if self.limiter.enforcement.fail_open else "fail_closed"
         self.limiter.metrics.backend_errors.labels(policy).inc()
         log.warning("budget store unavailable (%s): %s", policy, err)
-        if not self.limiter.policy.fail_open:
+        if not self.limiter.enforcement.fail_open:
             return Deny(503, "quota_unavailable", "Quotas cannot be checked right now; try again shortly.",
                         type="service_unavailable", headers=(("retry-after", "1"),))
         metadata = {**decision.metadata[METADATA_NAMESPACE], **reservation.metadata()}

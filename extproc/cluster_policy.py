@@ -1,64 +1,67 @@
 """Policy from the cluster: ArksTokens, ArksQuotas, ArksEndpoints, Backends and Secrets, watched
-through the API server and built into the same snapshot the policy file gives.
+through the API server (the core's informers) and built into the same snapshot the policy file
+gives.
 
-One thread per kind lists, then watches from the list's resourceVersion, and reconnects after
-errors. Every change rebuilds the snapshot from all objects known; an object that does not
-parse is left out (and logged) rather than failing the whole policy, as a cluster's objects
-come and go independently. A build that fails as a whole (two tokens with one secret) keeps the
-last good snapshot.
+Every change rebuilds the snapshot from all objects known; an object that does not parse is
+left out (and logged) rather than failing the whole policy, as a cluster's objects come and go
+independently. A build that fails as a whole (two tokens with one secret) keeps the last good
+snapshot. Bursts of changes (a first list, a relist after an error) make one rebuild.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import kubernetes
+from kubernetes.client import ApiClient
 
 from arks import api
+from arks.adapters.kube.rest import Obj
+from arks.adapters.kube.watch import Informer
 from arks.policy import Policy, PolicyError, build_policy
+from arks.resources import BACKENDS, ENDPOINTS, QUOTAS, SECRETS, TOKENS, Resource
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Kind:
-    group: str
-    version: str
-    plural: str
+class PolicyKind:
+    resource: Resource
     kind: str
     parse: Callable[[Mapping[str, Any]], Any]
 
-    @property
-    def api_version(self) -> str:
-        return f"{self.group}/{self.version}" if self.group else self.version
-
 
 KINDS = (
-    Kind("arks.ai", "v1", "arkstokens", "ArksToken", api.parse_token),
-    Kind("arks.ai", "v1", "arksquotas", "ArksQuota", api.parse_quota),
-    Kind("arks.ai", "v1", "arksendpoints", "ArksEndpoint", api.parse_endpoint),
-    Kind("gateway.envoyproxy.io", "v1alpha1", "backends", "Backend", api.parse_backend),
-    Kind("", "v1", "secrets", "Secret", api.parse_secret),
+    PolicyKind(TOKENS, "ArksToken", api.parse_token),
+    PolicyKind(QUOTAS, "ArksQuota", api.parse_quota),
+    PolicyKind(ENDPOINTS, "ArksEndpoint", api.parse_endpoint),
+    PolicyKind(BACKENDS, "Backend", api.parse_backend),
+    PolicyKind(SECRETS, "Secret", api.parse_secret),
 )
 
 
 class ClusterPolicySource:
-    """A `PolicySource` fed by watches; `current()` is always a complete snapshot."""
+    """A `PolicySource` fed by informers; `current()` is always a complete snapshot."""
 
-    def __init__(self, api_client: Any, namespace: str | None = None, retry_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        api_client: ApiClient,
+        namespace: str | None = None,
+        informer_options: Mapping[str, Any] | None = None,
+    ) -> None:
         self.api_client = api_client
         self.namespace = namespace
-        self.retry_s = retry_s
-        self._objects: dict[tuple[str, str, str], Mapping[str, Any]] = {}
-        self._lock = threading.Lock()
+        self._informers = {k.kind: Informer(api_client, k.resource, namespace, **(informer_options or {})) for k in KINDS}
+        for informer in self._informers.values():
+            informer.add_handler(self._changed)
         self._policy = Policy()
+        self._dirty = threading.Event()
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._synced = {k.kind: threading.Event() for k in KINDS}
+        self._builder: threading.Thread | None = None
         self.reloads = 0
         self._reported = 0
 
@@ -67,8 +70,7 @@ class ClusterPolicySource:
 
     def status_of(self, quota: api.ArksQuota) -> Mapping[str, Any] | None:
         """The status of an ArksQuota as the watch last saw it (the durable copy of its usage)."""
-        with self._lock:
-            obj = self._objects.get(("ArksQuota", quota.key.namespace, quota.key.name))
+        obj = self._informers["ArksQuota"].get((quota.key.namespace, quota.key.name))
         status = obj.get("status") if obj else None
         return status if isinstance(status, Mapping) else None
 
@@ -79,101 +81,56 @@ class ClusterPolicySource:
         return changed
 
     def start(self, timeout_s: float = 10.0) -> None:
-        for kind in KINDS:
-            thread = threading.Thread(target=self._run, args=(kind,), name=f"watch-{kind.plural}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        for event in self._synced.values():
-            event.wait(timeout_s)
+        """Start watching; wait (up to `timeout_s` in all) for the first lists, and build from them."""
+        deadline = time.monotonic() + timeout_s
+        for informer in self._informers.values():
+            informer.start()
+        for informer in self._informers.values():
+            if not informer.wait_synced(max(0.0, deadline - time.monotonic())):
+                log.warning("policy: %s not listed yet; starting without them", informer.resource.plural)
+        self._dirty.clear()
+        self._rebuild()
+        self._builder = threading.Thread(target=self._build_loop, name="policy-builder", daemon=True)
+        self._builder.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float | None = 0) -> None:
+        """Stop the informers and the builder; `timeout_s` bounds each wait (0: do not wait)."""
         self._stop.set()
+        self._dirty.set()
+        for informer in self._informers.values():
+            informer.stop(timeout_s)
 
-    # --- watching -------------------------------------------------------------------------------
+    def _changed(self, event: str, _obj: Obj) -> None:
+        if event != "RESYNC":  # a resync repeats what the cache holds: nothing to rebuild
+            self._dirty.set()
 
-    def _list_call(self, kind: Kind) -> tuple[Callable[..., Any], dict[str, Any]]:
-        if not kind.group:
-            core = kubernetes.client.CoreV1Api(self.api_client)
-            if self.namespace:
-                return core.list_namespaced_secret, {"namespace": self.namespace}
-            return core.list_secret_for_all_namespaces, {}
-        custom = kubernetes.client.CustomObjectsApi(self.api_client)
-        args = {"group": kind.group, "version": kind.version, "plural": kind.plural}
-        if self.namespace:
-            return custom.list_namespaced_custom_object, {**args, "namespace": self.namespace}
-        return custom.list_cluster_custom_object, args
-
-    def _run(self, kind: Kind) -> None:
-        call, args = self._list_call(kind)
-        while not self._stop.is_set():
-            try:
-                listed = self._plain(call(**args))
-                self._replace(kind, listed.get("items") or [])
-                self._synced[kind.kind].set()
-                version = (listed.get("metadata") or {}).get("resourceVersion")
-                for event in kubernetes.watch.Watch().stream(  # type: ignore[no-untyped-call]
-                    call, resource_version=version, timeout_seconds=60, **args
-                ):
-                    if self._stop.is_set():
-                        return
-                    self._apply(kind, event["type"], self._plain(event["object"]))
-            except Exception as err:  # the API server went away, the watch expired …: list again
-                if self._stop.is_set():
-                    return
-                log.warning("watch of %s failed (%s); listing again in %.1fs", kind.plural, err, self.retry_s)
-                self._stop.wait(self.retry_s)
-
-    def _plain(self, obj: Any) -> dict[str, Any]:
-        if isinstance(obj, dict):
-            return obj
-        plain: dict[str, Any] = self.api_client.sanitize_for_serialization(obj)
-        return plain
-
-    @staticmethod
-    def _key(kind: Kind, obj: Mapping[str, Any]) -> tuple[str, str, str]:
-        meta = obj.get("metadata") or {}
-        return (kind.kind, str(meta.get("namespace", "default")), str(meta.get("name", "")))
-
-    def _with_kind(self, kind: Kind, obj: Mapping[str, Any]) -> dict[str, Any]:
-        return {**obj, "apiVersion": kind.api_version, "kind": kind.kind}
-
-    def _replace(self, kind: Kind, items: list[Mapping[str, Any]]) -> None:
-        with self._lock:
-            for key in [k for k in self._objects if k[0] == kind.kind]:
-                del self._objects[key]
-            for item in items:
-                self._objects[self._key(kind, item)] = self._with_kind(kind, item)
-        self._rebuild()
-
-    def _apply(self, kind: Kind, event_type: str, obj: Mapping[str, Any]) -> None:
-        with self._lock:
-            if event_type == "DELETED":
-                self._objects.pop(self._key(kind, obj), None)
-            elif event_type in ("ADDED", "MODIFIED"):
-                self._objects[self._key(kind, obj)] = self._with_kind(kind, obj)
-            else:
+    def _build_loop(self) -> None:
+        while True:
+            self._dirty.wait()
+            if self._stop.is_set():
                 return
-        self._rebuild()
+            self._dirty.clear()
+            try:
+                self._rebuild()
+            except Exception:
+                log.exception("policy: rebuilding the snapshot failed; keeping the last good one")
 
     # --- building -------------------------------------------------------------------------------
 
     def _rebuild(self) -> None:
-        with self._lock:
-            objects = dict(self._objects)
-        parsers = {k.kind: k.parse for k in KINDS}
         valid: list[tuple[str, Mapping[str, Any]]] = []
-        for (kind, namespace, name), obj in sorted(objects.items()):
-            where = f"{kind} {namespace}/{name}"
-            try:
-                parsers[kind](obj)
-            except api.ObjectError as err:
-                log.error("policy: %s is left out: %s", where, err)
-                continue
-            valid.append((where, obj))
+        for kind in sorted(KINDS, key=lambda k: k.kind):  # one order, whatever arrived first
+            for obj in sorted(self._informers[kind.kind].list(), key=_name_of):
+                typed = {**obj, "apiVersion": kind.resource.api_version, "kind": kind.kind}
+                where = f"{kind.kind} {'/'.join(_name_of(obj))}"
+                try:
+                    kind.parse(typed)
+                except api.ObjectError as err:
+                    log.error("policy: %s is left out: %s", where, err)
+                    continue
+                valid.append((where, typed))
         try:
-            policy = build_policy(
-                valid, version=str(self.reloads + 1), drop_duplicate_tokens=True
-            )
+            policy = build_policy(valid, version=str(self.reloads + 1), drop_duplicate_tokens=True)
         except PolicyError as err:
             log.error("policy from the cluster not applied, keeping the last good one: %s", err)
             return
@@ -182,3 +139,8 @@ class ClusterPolicySource:
                 log.warning("policy: %s", warning)
         self._policy = policy
         self.reloads += 1
+
+
+def _name_of(obj: Mapping[str, Any]) -> tuple[str, str]:
+    meta = obj.get("metadata") or {}
+    return (str(meta.get("namespace", "default")), str(meta.get("name", "")))

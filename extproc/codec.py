@@ -17,9 +17,9 @@ from arks.wire import (
     METADATA_NAMESPACE,
     REQUEST_METADATA_NAMESPACE,
 )
-from extproc.admission import Reservation
 from extproc.decision import Deny, Forward, ReadBody, Reply
 from extproc.request import PICKED_HEADERS, BodyFacts, RequestInfo
+from extproc.reservation import Reservation
 from extproc.usage import Finished
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD

@@ -56,7 +56,7 @@ def decide_headers(req: RequestInfo, policy: Policy, now: datetime) -> Decision:
         return bad_request("The request has no body: send a JSON object with a 'model'.", "missing_body")
     if not req.body.known:
         return ReadBody("the body was not lifted into metadata", token)
-    decision = admit(req, req.body, token, policy, body=None)
+    decision = decide_route(req, req.body, token, policy, body=None)
     if isinstance(decision, Forward) and decision.weighting == PREFIX_CACHE:
         return ReadBody("prefix-cache picking needs the prompt", token)  # one more message, this endpoint only
     return decision
@@ -74,10 +74,10 @@ def decide_body(req: RequestInfo, raw: bytes, token: ArksToken, policy: Policy) 
         # Read for its prompt only: decide as on the headers (Envoy's lifted facts, no tokenizer
         # pass, no body rewrite: usage.lua adds include_usage), so this mode costs one more
         # message and the prompt's hashing, nothing else.
-        return admit(req, req.body, token, policy, body=None, prompt=prompt_text(body))
+        return decide_route(req, req.body, token, policy, body=None, prompt=prompt_text(body))
     facts = BodyFacts.from_body(body)
     prompt = prompt_text(body) if _picks_by_prefix(policy, token, facts.model) else None
-    return admit(req, facts, token, policy, body=body, prompt=prompt)
+    return decide_route(req, facts, token, policy, body=body, prompt=prompt)
 
 
 def _picks_by_prefix(policy: Policy, token: ArksToken, model: object) -> bool:
@@ -85,7 +85,7 @@ def _picks_by_prefix(policy: Policy, token: ArksToken, model: object) -> bool:
     return endpoint is not None and endpoint.weighting == PREFIX_CACHE
 
 
-def admit(
+def decide_route(
     req: RequestInfo,
     facts: BodyFacts,
     token: ArksToken,

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from extproc.decision import Identity
+from extproc.reservation import Reservation
 from extproc.usage import Usage
-
-if TYPE_CHECKING:
-    from extproc.admission import Reservation
 
 
 @dataclass(frozen=True)
@@ -45,7 +42,7 @@ class InFlight:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def admit(self, entry: Admitted) -> None:
+    def add(self, entry: Admitted) -> None:
         if not entry.request_id:
             return
         self._entries.pop(entry.request_id, None)  # a reused id moves to the back

@@ -9,7 +9,7 @@ requests cannot overshoot them: only their values are read here.
 from __future__ import annotations
 
 from arks.api import Qos
-from arks.limits.decision import DescriptorRequest, Request
+from arks.limits.decision import DescriptorRequest, LimitRequest
 from arks.limits.model import RateLimit, Unit
 from extproc.decision import Identity
 
@@ -24,14 +24,14 @@ def _descriptor(identity: Identity, kind: str, value: int, hits: int) -> Descrip
     return DescriptorRequest(entries, RateLimit(value, unit, name=kind, stats_key=f"{DOMAIN}.{kind}"), hits)
 
 
-def admission(identity: Identity, qos: Qos | None) -> Request | None:
+def admission(identity: Identity, qos: Qos | None) -> LimitRequest | None:
     """What to ask the limiter before forwarding; None when the grant has no such limits."""
     if qos is None:
         return None
     descriptors = [
         _descriptor(identity, limit.type, limit.value, 1) for limit in qos.rate_limits if limit.type in REQUEST_LIMITS
     ]
-    return Request(DOMAIN, tuple(descriptors)) if descriptors else None
+    return LimitRequest(DOMAIN, tuple(descriptors)) if descriptors else None
 
 
 def token_limits(qos: Qos | None) -> dict[str, int]:

@@ -13,29 +13,31 @@ import grpc
 import uvloop
 from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
+from arks.adapters.grpc_server import start_grpc
+from arks.adapters.kube.client import api_client
 from arks.adapters.redis.backend import RedisBackend
 from arks.adapters.redis.budgets import RedisBudgets
 from arks.lifecycle import every, run_until_signalled, setup_process
 from arks.limits.backends import BackendUnavailable, MemoryBackend
 from arks.limits.budgets import MemoryBudgets
 from arks.limits.config import RateLimitConfig
-from arks.limits.limiter import Limiter, Policy
+from arks.limits.limiter import Enforcement, Limiter
 from arks.limits.metrics import RateLimitMetrics
 from arks.policy import FilePolicySource
-from extproc.admission import Admission
+from extproc import settlement
+from extproc.admission import AdmissionControl
 from extproc.cluster_policy import ClusterPolicySource
+from extproc.context import Context
 from extproc.durability import DurableCopy, QuotaSnapshots, QuotaStatus, StateFile
 from extproc.inflight import InFlight
-from extproc.ledger import MemoryLedger
 from extproc.metrics import GatewayMetrics
 from extproc.picking.discovery import ClusterEngines
-from extproc.picking.scraping import EngineSets, picking_endpoints, watch
+from extproc.picking.scraping import EngineSets, picking_endpoints, scrape_forever
 from extproc.picking.service import Picking, PickSettings
 from extproc.reported import RedisReported, SingleReplica
-from extproc.servicer import AccessLogReceiver, Context, ExternalProcessor
+from extproc.servicer import AccessLogReceiver, ExternalProcessor
 
 USER_AGENT = "arks-extproc"  # how the API server's audit log names our requests
 
@@ -94,17 +96,8 @@ class Settings:
 def policy_source(settings: Settings) -> FilePolicySource | ClusterPolicySource:
     if settings.policy is not None:
         return FilePolicySource(settings.policy)
-    import kubernetes
-
-    if settings.kube_host == "in-cluster":
-        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
-        client = kubernetes.client.ApiClient()
-    elif settings.kube_host == "kubeconfig":
-        client = kubernetes.config.new_client_from_config()  # type: ignore[no-untyped-call]
-    else:
-        client = kubernetes.client.ApiClient(kubernetes.client.Configuration(host=settings.kube_host))
-    client.user_agent = USER_AGENT
-    cluster = ClusterPolicySource(client, settings.kube_namespace)
+    assert settings.kube_host is not None  # the flags ask for one of the two
+    cluster = ClusterPolicySource(api_client(settings.kube_host, USER_AGENT), settings.kube_namespace)
     cluster.start()
     return cluster
 
@@ -132,25 +125,25 @@ async def serve(settings: Settings) -> None:
         ),
         metrics,
     )
+    admission = AdmissionControl(
+        limiter=Limiter(
+            config=RateLimitConfig,  # tokens' limits come as overrides; nothing is configured
+            backend=RedisBackend(settings.redis) if settings.redis else MemoryBackend(),
+            metrics=RateLimitMetrics.create(metrics.registry),
+            clock=time.time,
+            enforcement=Enforcement(fail_open=not settings.fail_closed),
+        ),
+        budgets=budgets,
+        policy=source,
+        clock=time.time,
+        lease_ttl_s=settings.usage_settle_timeout_s,
+        default_max_tokens=settings.quota_default_max_tokens,
+    )
     ctx = Context(
         policy=source,
-        ledger=MemoryLedger(),
         metrics=metrics,
         inflight=InFlight(max_age=settings.usage_settle_timeout_s),
-        admission=Admission(
-            limiter=Limiter(
-                config=RateLimitConfig,  # tokens' limits come as overrides; nothing is configured
-                backend=RedisBackend(settings.redis) if settings.redis else MemoryBackend(),
-                metrics=RateLimitMetrics.create(metrics.registry),
-                clock=time.time,
-                policy=Policy(fail_open=not settings.fail_closed),
-            ),
-            budgets=budgets,
-            policy=source,
-            clock=time.time,
-            lease_ttl_s=settings.usage_settle_timeout_s,
-            default_max_tokens=settings.quota_default_max_tokens,
-        ),
+        admission=admission,
         now=lambda: datetime.now(UTC),
         monotonic=time.monotonic,
         reported=(
@@ -162,14 +155,12 @@ async def serve(settings: Settings) -> None:
     )
 
     metrics.pending.set_function(lambda: len(ctx.inflight))
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    ep_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(ctx), server)
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogReceiver(ctx), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    server.add_insecure_port(settings.grpc_address)
-    await server.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    def register(server: grpc.aio.Server) -> None:
+        ep_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(ctx), server)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogReceiver(ctx), server)
+
+    grpc_server = await start_grpc(settings.grpc_address, register)
     start_http_server(settings.metrics_port, settings.metrics_address, registry=metrics.registry)
     log.info("extproc serving gRPC on %s, metrics on %s:%d", settings.grpc_address, settings.metrics_address, settings.metrics_port)
 
@@ -180,9 +171,9 @@ async def serve(settings: Settings) -> None:
         try:
             if source.reload_if_changed():
                 metrics.policy_reloads.inc()
-            if lost := await ctx.expire_unreported():
+            if lost := await settlement.expire_unreported(ctx):
                 log.warning("%d admitted requests had no access-log entry; charged their estimate", lost)
-            await ctx.admission.retry_unsettled()
+            await admission.retry_unsettled()
             if time.monotonic() - last_snapshot >= settings.snapshot_interval_s:
                 last_snapshot = time.monotonic()
                 await snapshots.turn()
@@ -190,12 +181,11 @@ async def serve(settings: Settings) -> None:
             log.warning("housekeeping: the counter store is unavailable (%s); retrying", err)
 
     async def shutdown() -> None:
-        await health_servicer.enter_graceful_shutdown()
-        await server.stop(grace=2)
+        await grpc_server.stop()
         if cluster_engines is not None:
             cluster_engines.stop(timeout_s=0)  # daemon threads: an open watch need not end first
 
-    await run_until_signalled(every(0.5, housekeeping, log), watch(picking, source, engines), shutdown=shutdown)
+    await run_until_signalled(every(0.5, housekeeping, log), scrape_forever(picking, source, engines), shutdown=shutdown)
 
 
 def main(argv: list[str] | None = None) -> None:

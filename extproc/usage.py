@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+
+from arks.tokens import BYTES_PER_TOKEN
+from extproc.reservation import Reservation
 
 # A streamed chunk as vLLM sends it, without the token text; its length calibrates the estimate.
 _CHAT_CHUNK = (
@@ -24,7 +26,6 @@ _TEXT_CHUNK = (
     '"finish_reason":null}]}\n\n'
 )
 _DONE = "data: [DONE]\n\n"
-BYTES_PER_TOKEN = 4  # of English text, the usual rule of thumb
 _ANSWER_OVERHEAD = 250  # bytes of a non-streamed answer around its text
 _REQUEST_OVERHEAD = 40  # bytes of a request around its prompt
 
@@ -47,7 +48,7 @@ class Finished:
     response_body_bytes: int
     interrupted: str | None = None  # "client_disconnected", "upstream_reset", …
     limits: Mapping[str, int] = field(default_factory=dict)  # token budgets to charge (tpm, tpd)
-    reservation: Any = None  # extproc.admission.Reservation: what admission took, to give back
+    reservation: Reservation | None = None  # what admission took, to give back
 
 
 @dataclass(frozen=True)

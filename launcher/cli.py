@@ -110,10 +110,9 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 
 def cmd_controller(argv: list[str]) -> int:
-    from controller.__main__ import build_parser as controller_parser
-    from controller.__main__ import run as run_controller
+    from controller.server import Settings, run
 
-    return run_controller(controller_parser().parse_args(argv))
+    return run(Settings.from_args(argv))
 
 
 def cmd_token(args: argparse.Namespace) -> int:

@@ -1,36 +1,8 @@
 """Engine simulator: an OpenAI-compatible server standing in for vLLM/SGLang.
 
-Used as the upstream in tests, benchmarks and the local demo. Answers are predictable so tests
-can check them exactly: every generated token is the string " hello" (one cl100k token), prompt
-tokens are counted with `arks.tokens.count_prompt`, and metrics use vLLM's names.
-
-Per-request headers override the command-line settings for one request:
-
-    x-sim-output-tokens: N      generate N tokens (then capped by max_tokens/max_completion_tokens)
-    x-sim-ttft-ms: F            time to first token
-    x-sim-tpot-ms: F            time per output token (between tokens)
-    x-sim-status: CODE          answer at once with that status and an OpenAI error body
-    x-sim-disconnect-after: K   streamed: send K token chunks, then close the connection;
-                                non-streamed: close the connection without answering
-    x-sim-omit-usage: 1         no usage in answers nor usage chunk in streams
-
-Every response carries `x-sim-instance: <--name>`.
-
-`--metrics-style vllm` (default) exports vLLM's metric names, `--metrics-style sglang` SGLang's
-(`sglang:num_queue_reqs`, `sglang:num_running_reqs`, `sglang:token_usage`, ...).
-
-Simulated load, so tests can make an engine look busy without sending traffic:
-
-    PUT /sim/load  {"waiting": 12, "running": 3, "kv_cache_usage": 0.7}
-    GET /sim/load
-
-PUT replaces the whole simulated load (an omitted field is 0; `{}` clears it) and answers the
-new one. The values are *added* to what the engine really has in flight: /metrics reports
-waiting = real waiting + `waiting`, running = real running + `running`, KV-cache usage =
-min(1, real usage + `kv_cache_usage`). So an idle engine reports exactly the set values, and
-real traffic still shows on top. waiting/running are non-negative integers, kv_cache_usage a
-number in [0, 1]; anything else (or an unknown key) is a 400. The extra requests are reported
-under the first --model; they take no slots.
+Used in tests, benchmarks and the local demo. Predictable: every generated token is " hello",
+prompts are counted with `arks.tokens`, metrics use vLLM's names (or SGLang's). The `x-sim-*`
+headers and `/sim/load`: docs/architecture.md, section 13 (The engine simulator).
 """
 
 from __future__ import annotations

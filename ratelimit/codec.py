@@ -8,14 +8,14 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2
 from google.protobuf import duration_pb2
 
-from arks.limits.decision import Answer, DescriptorRequest, Request
+from arks.limits.decision import Answer, DescriptorRequest, LimitRequest
 from arks.limits.model import RateLimit, Unit
 
 _Response = rls_pb2.RateLimitResponse
 _UNIT_NAMES = {u: u.name for u in Unit}
 
 
-def request(message: rls_pb2.RateLimitRequest) -> Request:
+def request(message: rls_pb2.RateLimitRequest) -> LimitRequest:
     descriptors = []
     for d in message.descriptors:
         override = None
@@ -25,7 +25,7 @@ def request(message: rls_pb2.RateLimitRequest) -> Request:
                 override = RateLimit(d.limit.requests_per_unit, Unit[unit_name], name="override")
         hits = d.hits_addend.value if d.HasField("hits_addend") else None
         descriptors.append(DescriptorRequest(tuple((e.key, e.value) for e in d.entries), override, hits))
-    return Request(message.domain, tuple(descriptors), message.hits_addend)
+    return LimitRequest(message.domain, tuple(descriptors), message.hits_addend)
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:

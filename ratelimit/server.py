@@ -11,14 +11,14 @@ from pathlib import Path
 import grpc
 import uvloop
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
+from arks.adapters.grpc_server import start_grpc
 from arks.adapters.redis.backend import RedisBackend
 from arks.lifecycle import every, run_until_signalled, setup_process
 from arks.limits.backends import CounterBackend, MemoryBackend
 from arks.limits.config import ConfigError, RateLimitConfig, load_config
-from arks.limits.limiter import Limiter, Policy
+from arks.limits.limiter import Enforcement, Limiter
 from arks.limits.metrics import RateLimitMetrics
 from ratelimit.servicer import RateLimitService
 
@@ -117,15 +117,13 @@ async def serve(settings: Settings) -> None:
         backend=backend,
         metrics=metrics,
         clock=time.time,
-        policy=Policy(fail_open=settings.fail_open, shadow_mode=settings.shadow_mode, near_ratio=settings.near_ratio),
+        enforcement=Enforcement(fail_open=settings.fail_open, shadow_mode=settings.shadow_mode, near_ratio=settings.near_ratio),
     )
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(limiter), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    server.add_insecure_port(settings.grpc_address)
-    await server.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    def register(server: grpc.aio.Server) -> None:
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(limiter), server)
+
+    grpc_server = await start_grpc(settings.grpc_address, register)
     start_http_server(settings.metrics_port, settings.metrics_address, registry=metrics.registry)
     log.info(
         "ratelimit serving gRPC on %s (%s, %s), metrics on %s:%d",
@@ -137,8 +135,7 @@ async def serve(settings: Settings) -> None:
         source.reload_if_changed()
 
     async def shutdown() -> None:
-        await health_servicer.enter_graceful_shutdown()
-        await server.stop(grace=2)
+        await grpc_server.stop()
         await backend.close()
 
     await run_until_signalled(every(settings.reload_interval_s, reload, log), shutdown=shutdown)

@@ -1,7 +1,7 @@
 """Fetching engines' `/metrics`: the only I/O of this package.
 
 `scrape` fetches one URL and reports what happened as data. `Scraper` scrapes a set of
-endpoints concurrently every `interval_s`, parses each answer (`record.parse_engine_metrics`)
+endpoints concurrently every `interval_s`, parses each answer (`arks.engine_metrics.parse_engine_metrics`)
 and keeps, per endpoint, the last load, the consecutive failures and the last success time.
 A down, slow or garbled engine is a `ScrapeFailure` observation; nothing it does raises out of
 the loop.
@@ -26,7 +26,7 @@ from arks.engine_metrics import (
     parse_engine_metrics,
 )
 
-log = logging.getLogger("arks.controller.load")
+log = logging.getLogger(__name__)
 
 K = TypeVar("K", bound=Hashable)
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a vLLM exposition is tens of KiB

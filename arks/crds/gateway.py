@@ -1,7 +1,7 @@
 """ArksEndpoint, ArksToken and ArksQuota: the objects the gateway reads (see `arks/api.py`).
 
 Field names, enums and defaults follow the parsers in `arks/api.py`, so one policy file is
-valid both locally and in a cluster; `tests/unit/test_crds.py` guards that they agree.
+valid both locally and in a cluster; `tests/unit/arks/crds/test_crds.py` guards that they agree.
 """
 
 from __future__ import annotations

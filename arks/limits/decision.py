@@ -25,7 +25,7 @@ class DescriptorRequest:
 
 
 @dataclass(frozen=True)
-class Request:
+class LimitRequest:
     domain: str
     descriptors: tuple[DescriptorRequest, ...]
     hits_addend: int = 0  # request-wide; 0 (unset) counts 1, as in envoyproxy/ratelimit
@@ -52,7 +52,7 @@ class Answer:
 Lookup = Callable[[str, Sequence[tuple[str, str]]], RateLimit | None]
 
 
-def limits_for(request: Request, lookup: Lookup) -> list[RateLimit | None]:
+def limits_for(request: LimitRequest, lookup: Lookup) -> list[RateLimit | None]:
     """The limit applying to each descriptor, after overrides and `replaces`."""
     found = [d.override or lookup(request.domain, d.entries) for d in request.descriptors]
     replaced = {name for limit in found if limit is not None for name in limit.replaces}
@@ -70,7 +70,7 @@ def counter_key(domain: str, entries: Sequence[tuple[str, str]], limit: RateLimi
     return f"{prefix}{domain}_{parts}_{limit.unit.seconds}"
 
 
-def hits_for(request: Request, limits: Sequence[RateLimit | None]) -> list[Hit | None]:
+def hits_for(request: LimitRequest, limits: Sequence[RateLimit | None]) -> list[Hit | None]:
     default_hits = max(1, request.hits_addend)
     out: list[Hit | None] = []
     for descriptor, limit in zip(request.descriptors, limits, strict=True):

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 from arks.limits.backends import BackendUnavailable, CounterBackend
 from arks.limits.config import RateLimitConfig
-from arks.limits.decision import Answer, Request, Status, answer, hits_for, limits_for
+from arks.limits.decision import Answer, LimitRequest, Status, answer, hits_for, limits_for
 from arks.limits.metrics import RateLimitMetrics
 from arks.limits.model import Outcome, RateLimit
 
@@ -18,7 +18,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Policy:
+class Enforcement:
+    """How the limiter acts on its decisions and on a counter store it cannot reach."""
+
     fail_open: bool = True  # the counter store unreachable: let requests through (and count it)
     shadow_mode: bool = False  # report, never enforce
     near_ratio: float = 0.8
@@ -30,10 +32,10 @@ class Limiter:
     backend: CounterBackend
     metrics: RateLimitMetrics
     clock: Callable[[], float]
-    policy: Policy = Policy()
+    enforcement: Enforcement = Enforcement()
     _cache: dict[tuple[str, str], _Series] = field(default_factory=dict, repr=False)
 
-    async def decide(self, request: Request) -> Answer:
+    async def decide(self, request: LimitRequest) -> Answer:
         limits = limits_for(request, self.config().lookup)
         hits = hits_for(request, limits)
         charged = [h for h in hits if h is not None]
@@ -43,15 +45,15 @@ class Limiter:
             outcomes = [next(results) if h is not None else None for h in hits]
         except BackendUnavailable as err:
             return self._without_backend(request, limits, err)
-        decided = answer(limits, outcomes, shadow_mode=self.policy.shadow_mode, near_ratio=self.policy.near_ratio)
+        decided = answer(limits, outcomes, shadow_mode=self.enforcement.shadow_mode, near_ratio=self.enforcement.near_ratio)
         self._count(request, decided)
         return decided
 
-    def _without_backend(self, request: Request, limits: Sequence[RateLimit | None], err: Exception) -> Answer:
-        policy = "fail_open" if self.policy.fail_open else "fail_closed"
+    def _without_backend(self, request: LimitRequest, limits: Sequence[RateLimit | None], err: Exception) -> Answer:
+        policy = "fail_open" if self.enforcement.fail_open else "fail_closed"
         self.metrics.backend_errors.labels(policy).inc()
         log.warning("counter store unavailable (%s): %s", policy, err)
-        if self.policy.fail_open or not any(limits):
+        if self.enforcement.fail_open or not any(limits):
             return Answer(False, tuple(Status(False, limit) for limit in limits))
         closed = tuple(Status(limit is not None, limit, 0, 1.0) for limit in limits)
         body = (
@@ -60,7 +62,7 @@ class Limiter:
         )
         return Answer(True, closed, (("retry-after", "1"), ("content-type", "application/json")), body)
 
-    def _count(self, request: Request, decided: Answer) -> None:
+    def _count(self, request: LimitRequest, decided: Answer) -> None:
         for descriptor, status in zip(request.descriptors, decided.statuses, strict=True):
             limit = status.limit
             if limit is None:

@@ -1,2 +1,3 @@
-"""Engine load -> endpoint weights: parse engine metrics (`record`), scrape them (`scrape`),
-decide weights (`weights`). Only `scrape` does I/O."""
+"""Engine load -> endpoint weights: `weights` decides them (pure), `cluster` watches and scrapes
+a cluster's engine pods. Parsing and fetching are the core's (`arks.engine_metrics`,
+`arks.adapters.scrape`)."""

@@ -1,35 +1,8 @@
 """Engine load in a cluster: how much of each ArksApplication's capacity is free right now.
 
-`ClusterLoad` watches the Arks-managed engine pods (an informer), scrapes the `/metrics` of
-those that serve (`arks.adapters.scrape`, on an asyncio loop in a thread of its own), turns
-each round into per-pod weights (`controller.load.weights`) and sums them per application:
-`capacity_of(namespace, application)`. ArksEndpoints turn that into HTTPRoute weights
-(`controller.render.endpoint.load_weight`).
-
-Which pods (`serving_target`, pure): labelled `app.kubernetes.io/managed-by=arks` with an
-`arks.ai/application`, Running, Ready, with a pod IP, not terminating, and serving — a single
-pod or a LeaderWorkerSet leader (`arks.ai/role` is not `worker`). vLLM and SGLang pods (no
-`arks.ai/component`) are scraped on their `http` container port. Dynamo's frontend does not
-run an engine, so for Dynamo the worker pods (`arks.ai/component=worker`) are scraped on their
-`system` port (9090), where `dynamo.vllm` exports vLLM's metrics. Pods of other components (a
-disaggregated application's prefill, decode and router) are left out: no ArksEndpoint
-discovers them.
-
-Weights are relative (`WeightTracker`: the least loaded engine of a tracker gets the maximum),
-so there is one tracker per namespace and served model name: pods compete with the pods of
-the same public model only, and the best of them is always worth one idle pod. A pod's
-capacity is its weight in percent of the maximum (100 = as free as the freest pod of its model,
-0 = drained after failing its scrapes); a Ready pod not scraped yet counts 100 (neutral). An
-application's capacity is the sum over its serving pods, so two idle pods make 200; it is
-None while no serving pod of it is known (nothing to say: the endpoint keeps its default
-weight).
-
-Every replica of the controller scrapes, not only the leader: the cost is one small GET per
-engine and interval, and a new leader starts with settled weights (like the informers' warm
-caches) instead of neutral ones.
-
-Scraping needs the controller to reach the engine pods' metrics ports (a NetworkPolicy that
-isolates engine namespaces must admit it).
+`ClusterLoad` watches the serving engine pods, scrapes their `/metrics` and sums per-pod weights
+per application (`capacity_of`); `serving_target` and `PodWeights` are its pure parts. Which pods,
+and why every replica scrapes: docs/architecture.md, section 8 (Engine load in a cluster).
 """
 
 from __future__ import annotations
@@ -217,11 +190,6 @@ class ClusterLoad:
     def capacities(self) -> dict[AppKey, int]:
         with self._lock:
             return dict(self._capacities)
-
-    def pod_capacities(self) -> dict[PodTarget, int]:
-        """Each serving pod's capacity (FULL until its first scrape round)."""
-        with self._lock:
-            return {t: self._pod_capacities.get(t, FULL) for t in self._targets.values()}
 
     def subscribe(self, listener: Listener) -> None:
         """Call `listener` with the applications whose capacity changed (before `start`)."""

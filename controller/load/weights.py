@@ -1,43 +1,8 @@
 """Engine load -> endpoint weights: pure decisions, no I/O, no clock.
 
-Every round the caller hands `WeightTracker.update` one `Observation` per endpoint (an
-`EngineLoad`, or a `ScrapeFailure` when the engine did not answer) and gets back the weight to
-publish for each. The formula:
-
-    raw_i    = waiting_cost * waiting + running_cost * running + kv_cost * kv_cache_usage
-             + error_cost * error_ratio + ttft_cost * mean_ttft_s + e2e_cost * mean_e2e_s
-    score_i  = smoothing * raw_i + (1 - smoothing) * score_i            (EWMA)
-    capacity = 1 / (1 + score_i)
-    target_i = clamp(round(max_weight * capacity_i / max_j capacity_j), min_weight, max_weight)
-
-A figure the engine does not export counts as 0; error ratio and mean latencies are taken over
-the interval since the previous scrape (`record.window`). The least loaded engine gets
-`max_weight` and the others a share in proportion to their headroom, so equal loads give equal
-weights and a longer queue always a lower (or equal) weight.
-
-Against flapping, two bands. A dead band on the score: weights are computed from a *held*
-score that follows the smoothed one only when it moves by more than
-`max(deadband_abs, deadband_rel * held)`; after such a move (and after an endpoint appears)
-it follows the EWMA for `ceil(3 / smoothing)` rounds and on until the EWMA has caught up with
-the load (within `SETTLED`, or crossed by it), so it settles where the load settled rather
-than where the move was first noticed: a queue of 30 that empties gives the weight back in
-full, not the 70-80 % the EWMA had reached after its time constant. When any held score moves, all are refreshed,
-since weights are relative. Then hysteresis on the weight: a target is published only when it
-differs from the published weight by more than `max(hysteresis_abs, hysteresis_rel *
-published)` (an endpoint coming back from 0 bypasses it). The price is a steady error inside
-those bands: engines with equal mean load settle close to, not exactly at, equal weights
-(99/100/100 at 1 waiting of noisy load; 87-98 for idle engines whose queue flickers 0/1).
-Measured with the defaults: three engines under steady load with ±1 waiting of noise per
-round published no change in 200 rounds (50 seeds, loads 0-40 waiting), and a step from 2 to
-12 waiting on one of them reached its final weight in 6 rounds.
-
-Health: `failures_to_drain` consecutive failures publish 0 at once. The first healthy answer
-after a drain restarts the endpoint's score at the fleet's mean and caps its weight at
-`max_weight * k / recovery_steps` for its k-th healthy round, so it comes back gradually
-instead of taking a full share while cold. A new endpoint also starts at the fleet's mean
-score — a neutral weight, neither a stampede nor starvation — and moves to its own load
-through the EWMA. Endpoints missing from an update are forgotten. When every endpoint is
-drained every weight is 0: whether to fail open is the caller's call.
+`WeightTracker.update` folds one round of observations (an `EngineLoad` or a `ScrapeFailure` per
+endpoint) into the weights to publish. The formula, the bands against flapping and the health
+rules: docs/architecture.md, section 7 (Weights from load).
 """
 
 from __future__ import annotations

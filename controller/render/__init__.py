@@ -2,7 +2,8 @@
 
 One module per kind (`application`, `disaggregated`, `endpoint`; an ArksModel's objects are
 spread over `model`, `model_download` and `model_cache`), plus the engine-workload building
-blocks the two application kinds share (`workload`) and the labels every renderer uses.
+blocks the two application kinds share (`workload`), engine command lines per runtime
+(`engines`) and the EnvoyPatchPolicy of picking endpoints (`picking`). Labels: `arks.wire`.
 """
 
 from __future__ import annotations

@@ -1,33 +1,8 @@
 """Render an ArksEndpoint into the Gateway API HTTPRoute that publishes it: pure.
 
-The endpoint's name is the public model name. Requests carry it in the `x-arks-model` header
-and the endpoint's namespace in `x-arks-namespace` (both set by the gateway's request
-processing), so every match of the route is AND'ed with exact matches on those headers. The backends are
-
-* every ArksApplication in the endpoint's namespace serving that name (its
-  `spec.servedModelName`, else its model's name, as the application renderer uses it), each
-  through the Service the application renderer creates, with weight `spec.defaultWeight` —
-  or, unless `spec.weighting` is `static`, the weight its live load gives it (`load_weight`); and
-* the static `spec.routeConfigs`, as given (weight 1 unless set).
-
-Load weights: an application's capacity is the sum over its serving pods of each pod's
-weight in percent of the freest pod of the same model (`controller.load.cluster`: 100 = idle
-or not scraped yet, 0 = drained after failing its scrapes). Its backend weight is
-
-    round(defaultWeight * capacity / 100), at least 1 while capacity > 0
-
-so one free pod weighs `defaultWeight` as under static weighting (the static routeConfigs keep
-their share), two free pods twice that, a busy one less; a live application never rounds down
-to 0, which means drained. An application whose capacity is unknown (no serving pod seen)
-keeps `defaultWeight`. When every discovered application is drained and no static backend
-takes traffic, they all get `defaultWeight` back (fail open): the gateway then spreads
-requests over whatever still answers rather than failing every one of them, as the
-standalone mode's Envoy does. The resolution is `defaultWeight` steps per free pod: a larger
-`defaultWeight` (with the routeConfigs' weights scaled alike) gives finer weights.
-
-A route with no backends (or only zero weights) still renders: the Gateway answers such
-requests with a 500 rather than leaving an older route in place. Owner references are left
-to the reconciler.
+Matches are AND'ed with the `x-arks-model` and `x-arks-namespace` headers the gateway sets; the
+backends are the applications serving the name (weighted by live load unless `static`) and the
+static `routeConfigs`. Why: docs/architecture.md, section 9 (HTTPRoute weights).
 """
 
 from __future__ import annotations

@@ -24,9 +24,10 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from arks.adapters.grpc_server import GrpcServer, start_grpc
 from controller.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot, SnapshotCache
 from controller.xds.delta import DeltaRequest, DeltaStreamState
-from controller.xds.stream import Kind, Received, Request, StreamState
+from controller.xds.stream import Kind, Received, StreamState, XdsRequest
 
 log = logging.getLogger(__name__)
 
@@ -257,8 +258,8 @@ class _AnswerTimer:
                 del self._sent[key]
 
 
-def _request(message: discovery_pb2.DiscoveryRequest) -> Request:
-    return Request(
+def _request(message: discovery_pb2.DiscoveryRequest) -> XdsRequest:
+    return XdsRequest(
         type_url=message.type_url,
         names=message.resource_names,
         version=message.version_info,
@@ -303,16 +304,16 @@ class XdsServer:
         self.address = address
         self.service = AggregatedDiscoveryService(cache, XdsMetrics(registry))
         self.port = 0
-        self._server: grpc.aio.Server | None = None
+        self._server: GrpcServer | None = None
 
     async def start(self) -> int:
         """Bind and serve; returns the port (useful with `host:0`)."""
-        # No SO_REUSEPORT: a second server on the same port must fail, not share it silently.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.service, server)
-        self.port = server.add_insecure_port(self.address)
-        await server.start()
-        self._server = server
+
+        def register(server: grpc.aio.Server) -> None:
+            ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.service, server)
+
+        self._server = await start_grpc(self.address, register)
+        self.port = self._server.port
         log.info("xDS (ADS) serving on %s", self.address.rpartition(":")[0] + f":{self.port}")
         return self.port
 
@@ -325,9 +326,3 @@ class XdsServer:
     def rejected(self) -> list[Rejection]:
         return self.service.rejected()
 
-
-async def serve_xds(cache: SnapshotCache, address: str, registry: CollectorRegistry) -> XdsServer:
-    """Start an ADS server for `cache` on `address` (e.g. "127.0.0.1:18000")."""
-    server = XdsServer(cache, address, registry)
-    await server.start()
-    return server

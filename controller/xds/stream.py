@@ -21,7 +21,7 @@ from controller.xds.cache import CLUSTER, ENDPOINT, RESOURCE_TYPES, WILDCARD_TYP
 
 
 @dataclass(frozen=True)
-class Request:
+class XdsRequest:
     """The parts of a DiscoveryRequest the protocol turns on."""
 
     type_url: str
@@ -72,7 +72,7 @@ class StreamState:
     def subscribed(self) -> list[str]:
         return list(self._subscriptions)
 
-    def receive(self, request: Request) -> Received:
+    def receive(self, request: XdsRequest) -> Received:
         sub = self._subscriptions.get(request.type_url)
         if sub is not None and sub.nonce and request.nonce and request.nonce != sub.nonce:
             return Received(Kind.STALE, request.type_url)

@@ -4,7 +4,7 @@
 filter -> score -> pick, one small piece per file: `state.py` (the one datastore: engines per
 endpoint, their scraped load and our picks in flight), `filters.py`, `scorers.py`, `prefix.py`
 (the prompt-prefix index), `picker.py` (combines them, pure), `service.py` (what the servicer
-calls: profiles, metrics, fail-open/closed), `watch.py` (the scrape loop) and `cluster.py`
+calls: profiles, metrics, fail-open/closed), `scraping.py` (the scrape loop) and `discovery.py`
 (in a cluster, which engines each endpoint has: its HTTPRoute's Services' ready endpoints). Only
 the last two do I/O.
 """

@@ -1,34 +1,8 @@
 """The engines of picking endpoints in a cluster: the hosts of the Envoy cluster that Envoy
-Gateway builds for each endpoint's HTTPRoute.
+Gateway builds for each endpoint's HTTPRoute (`route_hosts`, `picking_endpoints`: pure).
 
-Envoy's override_host policy only honours a picked host of the route's own cluster, so the
-picker must choose among exactly those hosts. For ArksEndpoint `ns/model` the controller
-renders HTTPRoute `ns/model` (`controller.render.endpoint`): managed-by `arks`, the model in
-annotation `arks.ai/served-model-name`, and backendRefs to Services (discovered applications,
-static routeConfigs) or Envoy Gateway Backends. Envoy Gateway turns a backendRef into hosts as
-follows (internal/gatewayapi/route.go), and so does `route_hosts`:
-
-* a ref of weight 0 adds nothing (the weight defaults to 1);
-* a Service ref (namespace defaulting to the route's): the Service port whose `port` is the
-  ref's port, then each EndpointSlice labelled `kubernetes.io/service-name=<service>`, its port
-  of the same name and protocol (absent: "" and TCP), and each routable endpoint's addresses
-  on that port. Not routable (Envoy Gateway keeps such hosts as draining, which override_host
-  does not honour): `terminating` or not `serving` when both are set, else `ready: false`;
-  an absent `ready` counts as ready, as the EndpointSlice API documents. FQDN slices give no
-  `ip:port` and are skipped;
-* a Backend ref (group gateway.envoyproxy.io): the Backend's endpoints, from the policy.
-
-Not modelled: cross-namespace refs are taken as allowed (ReferenceGrants are not read), and the
-hosts of all rules of a route are one set (the controller renders one rule).
-
-An endpoint whose route is not known (not rendered yet, or the route watch cannot list) keeps
-the engines its own Backend routeConfigs give (`watch.backend_hosts`): Envoy Gateway puts the
-same Backends on the route, and a stack whose Envoy is not programmed by Envoy Gateway keeps
-picking. Services are never guessed: without the route they give no engines, and the servicer
-leaves such requests to Envoy.
-
-`ClusterEngines` is the I/O: three informers (managed HTTPRoutes, Services, EndpointSlices)
-whose events keep a small parsed index; `picking_endpoints(policy)` reads a snapshot of it.
+`ClusterEngines` is the I/O: informers on managed HTTPRoutes, Services and EndpointSlices. The
+Envoy Gateway rules it mirrors: docs/architecture.md, section 11.
 """
 
 from __future__ import annotations
@@ -247,7 +221,7 @@ def picking_endpoints(policy: Policy, view: ClusterView) -> dict[EndpointKey, li
 
 class ClusterEngines:
     """Informers on managed HTTPRoutes, Services and EndpointSlices (all namespaces, or
-    `namespace`), folded into a parsed index; `picking_endpoints` is `watch.watch`'s engine-set
+    `namespace`), folded into a parsed index; `picking_endpoints` is `scraping.scrape_forever`'s engine-set
     function in a cluster. Informers call back from their threads; the scrape loop reads a
     snapshot taken under the lock (rebuilt only after a change)."""
 

@@ -53,7 +53,7 @@ async def refresh(
         log.warning("%d picks had no access-log entry; no longer counted as in flight", expired)
 
 
-async def watch(picking: Picking, source: PolicySource, engines: EngineSets = picking_endpoints) -> None:
+async def scrape_forever(picking: Picking, source: PolicySource, engines: EngineSets = picking_endpoints) -> None:
     s = picking.settings
     loop = asyncio.get_running_loop()
     async with aiohttp.ClientSession() as session:

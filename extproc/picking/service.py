@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter
 
-from arks.api import PREFIX_CACHE
+from arks.api import LEAST_LOAD, PREFIX_CACHE
 from extproc.decision import Deny, Identity
 from extproc.metrics import GatewayMetrics
 from extproc.picking.filters import Healthy, KvCacheRoom, QueueRoom
@@ -50,12 +50,12 @@ class PickSettings:
     max_pick_age_s: float = 630.0
 
 
-def profiles(s: PickSettings) -> dict[bool, Profile]:
-    """The least-load profile (False) and the prefix-cache one (True)."""
+def profiles(s: PickSettings) -> dict[str, Profile]:
+    """The filters and scorers of each picked weighting (least-load, prefix-cache)."""
     load = ((QueueScorer(), 1.0), (KvCacheScorer(), 0.5))
     return {
-        False: Profile(Healthy(s.max_failures), (KvCacheRoom(s.kv_threshold),), load),
-        True: Profile(
+        LEAST_LOAD: Profile(Healthy(s.max_failures), (KvCacheRoom(s.kv_threshold),), load),
+        PREFIX_CACHE: Profile(
             Healthy(s.max_failures),
             (KvCacheRoom(s.kv_threshold), QueueRoom(s.prefix_max_waiting)),
             ((PrefixScorer(), s.prefix_weight), *load),
@@ -88,7 +88,7 @@ class Picking:
     rng: random.Random = field(default_factory=random.Random)
     store: Datastore = field(init=False)
     index: PrefixIndex = field(init=False)
-    _profiles: dict[bool, Profile] = field(init=False)
+    _profiles: dict[str, Profile] = field(init=False)
     _series: dict[tuple[str, str, str], Counter] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
@@ -112,7 +112,7 @@ class Picking:
         if not engines:  # no engine of ours to pick from (Services only, or not loaded yet): Envoy's call
             self._count(identity, "unmanaged", time.perf_counter() - started)
             return None
-        ranked = pick(engines, self._profiles[prefix], request, self.rng, s.fallbacks)
+        ranked = pick(engines, self._profiles[PREFIX_CACHE if prefix else LEAST_LOAD], request, self.rng, s.fallbacks)
         result: Destination | Deny | None
         if not ranked.hosts:
             reason = "refused" if s.fail_closed else "fallback"

@@ -1,9 +1,9 @@
 """The engines picking endpoints route to, as the picker sees them: the only shared state.
 
 Per engine: its address as Envoy names hosts (`ip:port`), the latest load scraped from its
-`/metrics` (`controller.load`: parsed there, never here), consecutive scrape failures, and our
+`/metrics` (`arks.engine_metrics`: parsed there, never here), consecutive scrape failures, and our
 own picks still in flight. Per endpoint: which engines it may use. The scrape loop
-(`watch.py`) swaps the endpoint map when the policy changes and folds in each round; the
+(`scraping.py`) swaps the endpoint map when the policy changes and folds in each round; the
 servicer records picks and their end (the access-log entry of the request).
 
 "Unseen" picks are those made since the engine's last successful scrape and not finished yet:

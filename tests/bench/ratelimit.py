@@ -35,8 +35,10 @@ from typing import Any
 from launcher.procs import Supervisor, free_port, wait_http, wait_port
 from tests.bench import report, targets, wrk
 from tests.bench.report import Budget, Measurement
-from tests.bench.targets import REPO, CpuSample, Target, cpu_seconds
+from tests.bench.targets import CpuSample, Target
 from tests.bench.workloads import PATH, Workload, chat, preflight
+from tests.support.cpu import cpu_seconds
+from tests.support.paths import REPO
 
 RPC = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,8 +24,9 @@ from arks.api import token_digest
 from arks.envoy_config import EXTPROC_CLUSTER, EnvoySettings, extproc_cluster
 from launcher.procs import Supervisor, free_port, wait_http, wait_port
 from launcher.stack import LocalStack, StackSettings, envoy_binary
+from tests.support.cpu import cpu_seconds
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 MODEL = "bench-model"
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _ROUTER = {
@@ -46,26 +46,6 @@ class Target:
 
 
 # --------------------------------------------------------------------------- CPU
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a whole process (all its threads, also finished ones).
-
-    Read from the process's CPU-time clock: the same total `/proc/<pid>/stat` reports in fields
-    14 and 15, but in nanoseconds rather than 10 ms clock ticks, which matters for the few
-    hundred requests of a streamed measurement. Falls back to `/proc` if the clock is refused.
-    """
-    clock = (~pid << 3) | 2  # Linux MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED), as clock_getcpuclockid
-    try:
-        return time.clock_gettime_ns(clock) / 1e9
-    except OSError:
-        return proc_stat_cpu_seconds(pid)
-
-
-def proc_stat_cpu_seconds(pid: int) -> float:
-    text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text[text.rindex(")") + 2 :].split()  # fields[0] is field 3 (state)
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)

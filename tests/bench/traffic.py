@@ -34,7 +34,7 @@ from arks.api import token_digest
 from launcher.procs import Supervisor, free_port, wait_http
 from launcher.stack import LocalStack, StackSettings
 from tests.bench import report, xds_push
-from tests.bench.targets import cpu_seconds
+from tests.support.cpu import cpu_seconds
 
 BEGIN = "<!-- traffic-bench: begin (python -m tests.bench.traffic replaces this section) -->"
 END = "<!-- traffic-bench: end -->"

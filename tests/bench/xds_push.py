@@ -42,7 +42,7 @@ from controller.xds.server import XdsServer
 from launcher.procs import Supervisor, free_port, wait_http
 from launcher.stack import envoy_binary
 from tests.bench import report
-from tests.bench.targets import cpu_seconds
+from tests.support.cpu import cpu_seconds
 
 ADS = dict(envoy_config.ADS_SOURCE)
 

@@ -12,16 +12,8 @@ from arks.adapters.kube import rest
 from arks.adapters.kube.conditions import find_condition
 from arks.adapters.kube.errors import PermanentError, TemporaryError
 from arks.adapters.kube.queue import WorkQueue
-from arks.adapters.kube.rest import EVENTS
-from controller.reconcilers.application import (
-    APPLICATIONS,
-    DEPLOYMENTS,
-    LEADERWORKERSETS,
-    MODELS,
-    SERVICES,
-    application_controller,
-    reconcile_application,
-)
+from arks.resources import APPLICATIONS, DEPLOYMENTS, EVENTS, LEADERWORKERSETS, MODELS, SERVICES
+from controller.reconcilers.application import application_controller, reconcile_application
 from tests.support.kube import FAST_INFORMERS, eventually, set_status
 from tests.support.kube import get_object as get
 

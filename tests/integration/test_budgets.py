@@ -23,7 +23,7 @@ from arks.limits.backends import BackendUnavailable
 from arks.limits.budgets import Admission, BudgetStore, Charge, Lease, MemoryBudgets
 from arks.limits.budgets.room import MAX_AMOUNT
 from launcher.procs import Supervisor, free_port, wait_port
-from tests.redis_server import SHARED_REDIS, PrivateRedis, fresh_prefix
+from tests.support.redis_server import SHARED_REDIS, PrivateRedis, fresh_prefix
 
 T0 = 1_700_000_000.0
 TTL = 60.0

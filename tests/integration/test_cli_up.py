@@ -15,7 +15,7 @@ import yaml
 
 from launcher.cli import DEMO_POLICY
 from launcher.procs import free_port
-from tests.integration.conftest import wait_for
+from tests.support.waiting import wait_for
 
 
 def descendants(pid: int) -> set[int]:

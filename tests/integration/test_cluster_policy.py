@@ -11,10 +11,11 @@ import pytest
 
 from arks.api import token_digest
 from extproc.server import USER_AGENT
-from tests.integration.conftest import Stack, running_stack, wait_for
-from tests.objects import endpoint, token
 from tests.support.kube import RunningKubeEmulator
+from tests.support.objects import endpoint, token
 from tests.support.rbac import allows, roles_of
+from tests.support.stack import Stack, running_stack
+from tests.support.waiting import wait_for
 
 CAROL = "sk-arks-test-cluster-carol-71"
 DAVE = "sk-arks-test-cluster-dave-72"

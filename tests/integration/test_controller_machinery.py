@@ -28,13 +28,12 @@ from arks.adapters.kube.errors import TemporaryError
 from arks.adapters.kube.events import record_event
 from arks.adapters.kube.leader import LeaderElector
 from arks.adapters.kube.queue import Key, WorkQueue
-from arks.adapters.kube.rest import CONFIGMAPS, EVENTS, Resource
 from arks.adapters.kube.runner import Controller
 from arks.adapters.kube.watch import Informer, watch_owned
+from arks.resources import APPLICATIONS, CONFIGMAPS, EVENTS, LEASES, Resource
 from tests.support.kube import FAST_INFORMERS, eventually
 from tests.support.kube import get_object as get
 
-APPS = Resource("arks.ai", "v1", "arksapplications")
 FINALIZER = "arks.ai/cleanup"
 MANAGER = "arks-controller"
 
@@ -50,7 +49,7 @@ pytestmark = pytest.mark.timeout(60)
 
 def create_app(api: ApiClient, ns: str, name: str, **spec: Any) -> dict[str, Any]:
     body = {"apiVersion": "arks.ai/v1", "kind": "ArksApplication", "metadata": {"name": name}}
-    return rest.request(api, "POST", APPS.path(ns), body={**body, "spec": spec})
+    return rest.request(api, "POST", APPLICATIONS.path(ns), body={**body, "spec": spec})
 
 
 
@@ -61,7 +60,7 @@ def create_app(api: ApiClient, ns: str, name: str, **spec: Any) -> dict[str, Any
 def test_informer_sees_added_modified_deleted_and_keeps_its_cache(api: ApiClient, ns: str) -> None:
     create_app(api, ns, "before")
     seen: list[tuple[str, str]] = []
-    informer = Informer(api, APPS, ns, **FAST_INFORMERS)
+    informer = Informer(api, APPLICATIONS, ns, **FAST_INFORMERS)
     informer.add_handler(lambda kind, obj: seen.append((kind, obj["metadata"]["name"])))
     informer.start()
     try:
@@ -71,12 +70,12 @@ def test_informer_sees_added_modified_deleted_and_keeps_its_cache(api: ApiClient
         rest.request(
             api,
             "PATCH",
-            APPS.path(ns, "app"),
+            APPLICATIONS.path(ns, "app"),
             body={"spec": {"replicas": 2}},
             content_type=rest.MERGE_PATCH,
         )
         eventually(lambda: (informer.get((ns, "app")) or {}).get("spec") == {"replicas": 2})
-        rest.request(api, "DELETE", APPS.path(ns, "app"))
+        rest.request(api, "DELETE", APPLICATIONS.path(ns, "app"))
         eventually(lambda: ("DELETED", "app") in seen)
     finally:
         informer.stop()
@@ -89,7 +88,7 @@ def test_informer_resync_re_enqueues_every_known_key(api: ApiClient, ns: str) ->
     create_app(api, ns, "a")
     create_app(api, ns, "b")
     queue = WorkQueue()
-    informer = Informer(api, APPS, ns, **{**FAST_INFORMERS, "resync_s": 0.2})
+    informer = Informer(api, APPLICATIONS, ns, **{**FAST_INFORMERS, "resync_s": 0.2})
     informer.add_handler(lambda kind, obj: queue.add((ns, obj["metadata"]["name"])))
     informer.start()
     try:
@@ -119,13 +118,13 @@ class ToyReconciler:
     def __call__(self, key: Key) -> None:
         self.calls.append(key)
         namespace, name = key
-        app = get(self.api, APPS, namespace, name)  # read fresh, the cache may lag our writes
+        app = get(self.api, APPLICATIONS, namespace, name)  # read fresh, the cache may lag our writes
         if app is None:
             return
         if app["metadata"].get("deletionTimestamp"):
-            remove_finalizer(self.api, APPS, app, FINALIZER)
+            remove_finalizer(self.api, APPLICATIONS, app, FINALIZER)
             return
-        app = ensure_finalizer(self.api, APPS, app, FINALIZER)
+        app = ensure_finalizer(self.api, APPLICATIONS, app, FINALIZER)
         child = {
             "apiVersion": "v1",
             "kind": "ConfigMap",
@@ -143,14 +142,14 @@ class ToyReconciler:
             datetime.datetime.now(datetime.UTC),
         )
         if conditions != (app.get("status") or {}).get("conditions"):
-            patch_status(self.api, APPS, namespace, name, {"conditions": conditions})
+            patch_status(self.api, APPLICATIONS, namespace, name, {"conditions": conditions})
             record_event(self.api, app, "Normal", "Applied", "config applied", MANAGER)
 
 
 @pytest.fixture
 def toy(api: ApiClient, ns: str) -> Iterator[tuple[Controller, ToyReconciler]]:
     queue = WorkQueue(max_delay_s=0.5)
-    informer = Informer(api, APPS, ns, **FAST_INFORMERS)
+    informer = Informer(api, APPLICATIONS, ns, **FAST_INFORMERS)
     children = watch_owned(api, CONFIGMAPS, queue, "arks.ai/v1", "ArksApplication", ns, **FAST_INFORMERS)
     reconciler = ToyReconciler(api, informer)
     controller = Controller("toy", informer, reconciler, workers=2, queue=queue, owned=[children])
@@ -167,7 +166,7 @@ def test_reconcile_applies_an_owned_child_sets_status_and_records_an_event(
     app = create_app(api, ns, "llama", replicas=3)
 
     child = eventually(lambda: get(api, CONFIGMAPS, ns, "llama-config"))
-    status = eventually(lambda: (get(api, APPS, ns, "llama") or {}).get("status"))
+    status = eventually(lambda: (get(api, APPLICATIONS, ns, "llama") or {}).get("status"))
 
     assert child["data"] == {"replicas": "3"}
     (ref,) = child["metadata"]["ownerReferences"]
@@ -188,16 +187,16 @@ def test_reconciling_twice_changes_nothing(
 ) -> None:
     _, reconciler = toy
     create_app(api, ns, "llama", replicas=1)
-    eventually(lambda: (get(api, APPS, ns, "llama") or {}).get("status"))
+    eventually(lambda: (get(api, APPLICATIONS, ns, "llama") or {}).get("status"))
     time.sleep(0.3)  # let the wake-ups from our own writes settle
     child_rv = get(api, CONFIGMAPS, ns, "llama-config")["metadata"]["resourceVersion"]  # type: ignore[index]
-    app_rv = get(api, APPS, ns, "llama")["metadata"]["resourceVersion"]  # type: ignore[index]
+    app_rv = get(api, APPLICATIONS, ns, "llama")["metadata"]["resourceVersion"]  # type: ignore[index]
 
     reconciler((ns, "llama"))
     reconciler((ns, "llama"))
 
     assert get(api, CONFIGMAPS, ns, "llama-config")["metadata"]["resourceVersion"] == child_rv  # type: ignore[index]
-    assert get(api, APPS, ns, "llama")["metadata"]["resourceVersion"] == app_rv  # type: ignore[index]
+    assert get(api, APPLICATIONS, ns, "llama")["metadata"]["resourceVersion"] == app_rv  # type: ignore[index]
 
 
 def test_a_deleted_child_is_recreated_through_the_owned_watch(
@@ -227,7 +226,7 @@ def test_a_spec_change_is_reconciled_into_the_child(
     rest.request(
         api,
         "PATCH",
-        APPS.path(ns, "llama"),
+        APPLICATIONS.path(ns, "llama"),
         body={"spec": {"replicas": 4}},
         content_type=rest.MERGE_PATCH,
     )
@@ -244,14 +243,14 @@ def test_the_finalizer_holds_deletion_until_the_reconcile_removes_it(
     eventually(
         lambda: (
             FINALIZER
-            in (get(api, APPS, ns, "llama") or {}).get("metadata", {}).get("finalizers", [])
+            in (get(api, APPLICATIONS, ns, "llama") or {}).get("metadata", {}).get("finalizers", [])
         )
     )
     eventually(lambda: get(api, CONFIGMAPS, ns, "llama-config"))
 
-    rest.request(api, "DELETE", APPS.path(ns, "llama"))
+    rest.request(api, "DELETE", APPLICATIONS.path(ns, "llama"))
 
-    eventually(lambda: get(api, APPS, ns, "llama") is None)
+    eventually(lambda: get(api, APPLICATIONS, ns, "llama") is None)
     # and the garbage collector takes the owned child with it
     eventually(lambda: get(api, CONFIGMAPS, ns, "llama-config") is None)
 
@@ -263,28 +262,28 @@ def test_a_conflict_is_a_temporary_error_that_is_retried_until_it_succeeds(
     rest.request(
         api,
         "PATCH",
-        APPS.path(ns, "llama"),
+        APPLICATIONS.path(ns, "llama"),
         body={"spec": {"replicas": 2}},
         content_type=rest.MERGE_PATCH,
     )
     errors: list[Exception] = []
 
     def reconcile(key: Key) -> None:
-        obj = stale if not errors else get(api, APPS, *key)
+        obj = stale if not errors else get(api, APPLICATIONS, *key)
         assert obj is not None
         try:
-            ensure_finalizer(api, APPS, obj, FINALIZER)
+            ensure_finalizer(api, APPLICATIONS, obj, FINALIZER)
         except TemporaryError as e:
             errors.append(e)
             raise
 
-    informer = Informer(api, APPS, ns, **FAST_INFORMERS)
+    informer = Informer(api, APPLICATIONS, ns, **FAST_INFORMERS)
     controller = Controller("conflict", informer, reconcile, queue=WorkQueue(max_delay_s=0.2))
     controller.start()
     try:
         eventually(
             lambda: (
-                FINALIZER in (get(api, APPS, ns, "llama") or {})["metadata"].get("finalizers", [])
+                FINALIZER in (get(api, APPLICATIONS, ns, "llama") or {})["metadata"].get("finalizers", [])
             )
         )
     finally:
@@ -304,7 +303,7 @@ def test_a_permanent_error_is_not_retried(api: ApiClient, ns: str) -> None:
         raise PermanentError("spec names an unknown runtime")
 
     create_app(api, ns, "bad")
-    informer = Informer(api, APPS, ns, **FAST_INFORMERS)
+    informer = Informer(api, APPLICATIONS, ns, **FAST_INFORMERS)
     controller = Controller("permanent", informer, reconcile)
     controller.start()
     try:
@@ -354,7 +353,7 @@ def test_exactly_one_elector_leads_and_the_other_takes_over_when_it_stops(
 
         assert follower.wait_leader(3)
         assert not leader.is_leader()
-        lease = rest.request(api, "GET", rest.LEASES.path(ns, "arks-controller"))
+        lease = rest.request(api, "GET", LEASES.path(ns, "arks-controller"))
         assert lease["spec"]["holderIdentity"] == follower.identity
         assert lease["spec"]["leaseTransitions"] == 1
     finally:
@@ -388,7 +387,7 @@ def test_workers_reconcile_only_while_leading(api: ApiClient, ns: str) -> None:
             return self.leading.is_set()
 
     switch = Switch()
-    informer = Informer(api, APPS, ns, **FAST_INFORMERS)
+    informer = Informer(api, APPLICATIONS, ns, **FAST_INFORMERS)
     controller = Controller("gated", informer, calls.append, leader=switch, poll_s=0.02)
     controller.start()
     try:

@@ -16,20 +16,20 @@ import httpx
 import kubernetes
 
 from arks.adapters.kube import rest
-from arks.adapters.kube.rest import Resource
-from controller.__main__ import USER_AGENT
-from controller.reconcilers.endpoint import ENDPOINTS
-from controller.reconcilers.picking import PATCH_POLICIES
+from arks.resources import (
+    DEPLOYMENTS,
+    ENDPOINTS,
+    HTTPROUTES,
+    JOBS,
+    LEASES,
+    PATCH_POLICIES,
+    PVCS,
+)
 from controller.render.picking import picking_policy_name
+from controller.server import USER_AGENT
 from launcher.procs import free_port
 from tests.support.kube import RunningKubeEmulator, eventually, get_object
 from tests.support.rbac import allows, roles_of
-
-DEPLOYMENTS = Resource("apps", "v1", "deployments")
-LEASES = Resource("coordination.k8s.io", "v1", "leases")
-PVCS = Resource("", "v1", "persistentvolumeclaims")
-JOBS = Resource("batch", "v1", "jobs")
-HTTPROUTES = Resource("gateway.networking.k8s.io", "v1", "httproutes")
 
 
 def test_the_controller_process_reconciles_and_stops_cleanly(kube: RunningKubeEmulator, api: Any, tmp_path: Path) -> None:

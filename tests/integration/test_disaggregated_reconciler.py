@@ -14,9 +14,10 @@ from arks.adapters.kube import rest
 from arks.adapters.kube.conditions import find_condition
 from arks.adapters.kube.errors import PermanentError, TemporaryError
 from arks.adapters.kube.queue import WorkQueue
-from arks.adapters.kube.rest import EVENTS
-from controller.reconcilers.application import (
+from arks.resources import (
     DEPLOYMENTS,
+    DISAGGREGATED_APPLICATIONS,
+    EVENTS,
     LEADERWORKERSETS,
     MODELS,
     ROLEBINDINGS,
@@ -24,11 +25,7 @@ from controller.reconcilers.application import (
     SERVICEACCOUNTS,
     SERVICES,
 )
-from controller.reconcilers.disaggregated import (
-    DISAGGREGATED_APPLICATIONS,
-    disaggregated_controller,
-    reconcile_disaggregated,
-)
+from controller.reconcilers.disaggregated import disaggregated_controller, reconcile_disaggregated
 from tests.support.kube import FAST_INFORMERS, eventually, set_status
 from tests.support.kube import get_object as get
 

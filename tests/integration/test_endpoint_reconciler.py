@@ -10,14 +10,8 @@ from kubernetes.client import ApiClient
 
 from arks.adapters.kube import rest
 from arks.adapters.kube.conditions import find_condition
-from arks.adapters.kube.rest import EVENTS
-from controller.reconcilers.application import APPLICATIONS
-from controller.reconcilers.endpoint import (
-    ENDPOINTS,
-    HTTPROUTES,
-    endpoint_controller,
-    reconcile_endpoint,
-)
+from arks.resources import APPLICATIONS, ENDPOINTS, EVENTS, HTTPROUTES
+from controller.reconcilers.endpoint import endpoint_controller, reconcile_endpoint
 from tests.support.kube import FAST_INFORMERS, eventually
 from tests.support.kube import get_object as get
 

@@ -21,14 +21,9 @@ from kubernetes.client import ApiClient
 
 from arks.adapters.kube import rest
 from arks.adapters.kube.conditions import find_condition
-from controller.load.cluster import PODS, ClusterLoad
-from controller.reconcilers.application import APPLICATIONS
-from controller.reconcilers.endpoint import (
-    ENDPOINTS,
-    HTTPROUTES,
-    endpoint_controller,
-    reconcile_endpoint,
-)
+from arks.resources import APPLICATIONS, ENDPOINTS, HTTPROUTES, PODS
+from controller.load.cluster import ClusterLoad
+from controller.reconcilers.endpoint import endpoint_controller, reconcile_endpoint
 from controller.render.application import render_application
 from launcher.procs import Child, Supervisor, free_port, wait_http
 from tests.support.kube import FAST_INFORMERS, eventually, set_status

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from arks.tokens import count_prompt
-from tests.integration.conftest import ALICE, BOB, DISABLED, EXPIRED, Stack, Usage
+from tests.support.stack import ALICE, BOB, DISABLED, EXPIRED, Stack, Usage
 
 MESSAGES = [{"role": "user", "content": "Tell me about the weather in Lisbon in spring."}]
 

@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import pytest
 
-from extproc.ledger import MemoryLedger, Totals
+from extproc.context import Context
 from extproc.reported import RedisReported
-from extproc.servicer import AccessLogReceiver, Context, RequestProcessor
+from extproc.servicer import AccessLogReceiver, RequestProcessor
+from extproc.settlement import expire_unreported
 from launcher.procs import free_port
-from tests.redis_server import SHARED_REDIS, fresh_prefix
-from tests.unit.test_servicer import (
+from tests.support.clock import FakeClock
+from tests.support.gateway import (
     MAX_AGE,
-    FakeClock,
+    Totals,
+    charged,
     headers_message,
     log_message,
     make_context,
     sample,
 )
+from tests.support.redis_server import SHARED_REDIS, fresh_prefix
 
 ALICE = ("default", "alice", "qwen")
 
@@ -25,8 +28,7 @@ pytestmark = pytest.mark.timeout(30)
 
 
 def totals(ctx: Context) -> Totals | None:
-    assert isinstance(ctx.ledger, MemoryLedger)
-    return ctx.ledger.totals.get(ALICE)
+    return charged(ctx).get(ALICE)
 
 
 async def admit(ctx: Context, request_id: str) -> None:
@@ -48,7 +50,7 @@ async def test_a_request_reported_to_another_replica_is_charged_once() -> None:
         assert totals(b) == Totals(1, 12, 34, 0)
 
         clock_a.now += MAX_AGE + 1
-        assert await a.expire_unreported() == 1  # only req-lost
+        assert await expire_unreported(a) == 1  # only req-lost
         assert totals(a) == Totals(1, 0, 64, 1)
         assert sample(a, "arks_usage_reported_elsewhere_requests_total") == 1
         assert len(a.inflight) == 0
@@ -61,6 +63,6 @@ async def test_without_the_shared_store_an_unreported_request_is_still_charged()
     await admit(a, "req-1")
     await AccessLogReceiver(a).record(log_message(200, request_id="someone-elses", prompt_tokens=1, completion_tokens=1))
     clock.now += MAX_AGE + 1
-    assert await a.expire_unreported() == 1
+    assert await expire_unreported(a) == 1
     assert totals(a) == Totals(2, 1, 65, 1)
 

@@ -16,16 +16,8 @@ from arks.adapters.kube import rest
 from arks.adapters.kube.conditions import find_condition
 from arks.adapters.kube.errors import PermanentError, TemporaryError
 from arks.adapters.kube.queue import WorkQueue
-from arks.adapters.kube.rest import EVENTS
-from controller.reconcilers.model import (
-    DAEMONSETS,
-    JOBS,
-    MODELS,
-    PODS,
-    PVCS,
-    model_controller,
-    reconcile_model,
-)
+from arks.resources import DAEMONSETS, EVENTS, JOBS, MODELS, PODS, PVCS
+from controller.reconcilers.model import model_controller, reconcile_model
 from controller.render.model_cache import cache_daemonset_name, cache_pod_labels
 from controller.render.model_download import download_job_name
 from tests.support.kube import FAST_INFORMERS, eventually, set_status

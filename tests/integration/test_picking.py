@@ -24,8 +24,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from arks.api import token_digest
 from launcher.procs import Child, Supervisor, free_port, wait_http
 from launcher.stack import LocalStack, StackSettings
-from tests.integration.conftest import kill_mid_run, wait_for
-from tests.objects import token
+from tests.support.objects import token
+from tests.support.stack import kill_mid_run
+from tests.support.waiting import wait_for
 
 TOKEN = "sk-arks-picking-test-0001"
 LEAST, PREFIX, GHOST = "least", "prefix", "ghost"

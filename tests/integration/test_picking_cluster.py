@@ -15,8 +15,8 @@ from controller.render.endpoint import render_httproute
 from extproc.cluster_policy import ClusterPolicySource
 from extproc.picking.discovery import ClusterEngines
 from extproc.server import USER_AGENT
-from tests.objects import backend
 from tests.support.kube import FAST_INFORMERS, RunningKubeEmulator, eventually
+from tests.support.objects import backend
 from tests.support.rbac import allows, roles_of
 
 pytestmark = pytest.mark.timeout(60)

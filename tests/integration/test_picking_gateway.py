@@ -27,17 +27,24 @@ from kubernetes.client import ApiClient
 from arks.adapters.kube import rest
 from arks.api import token_digest
 from arks.envoy_config import EnvoySettings, extproc_cluster, listener, retry_policy
-from controller.reconcilers.application import APPLICATIONS
-from controller.reconcilers.endpoint import ENDPOINTS, HTTPROUTES, reconcile_endpoint
-from controller.reconcilers.picking import PATCH_POLICIES
+from arks.resources import (
+    APPLICATIONS,
+    ENDPOINTS,
+    ENDPOINTSLICES,
+    HTTPROUTES,
+    PATCH_POLICIES,
+    SERVICES,
+    TOKENS,
+)
+from controller.reconcilers.endpoint import reconcile_endpoint
 from controller.render.picking import CLUSTER_TYPE, eg_route_cluster_name, picking_policy_name
 from launcher.procs import Supervisor, free_port, wait_http
 from launcher.stack import envoy_binary
-from tests.integration.conftest import wait_for
-from tests.objects import token
 from tests.support.envoy_gateway import apply_patches, eg_route_cluster
 from tests.support.kube import RunningKubeEmulator
 from tests.support.kube import get_object as get
+from tests.support.objects import token
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -48,9 +55,6 @@ TOKEN = "sk-arks-picking-gateway-0001"
 ENGINES = ("a", "b", "c")
 ENGINE_PORT = 8000  # vLLM's: the application's Service port
 SCRAPE_INTERVAL_S = 0.25
-SERVICES = rest.Resource("", "v1", "services")
-SLICES = rest.Resource("discovery.k8s.io", "v1", "endpointslices")
-TOKENS = rest.Resource("arks.ai", "v1", "arkstokens")
 
 
 def endpoint_slice(port: int, ready: bool = True) -> dict[str, Any]:
@@ -79,7 +83,7 @@ def seed_cluster(api: ApiClient, ports: dict[str, int]) -> None:
     }
     rest.request(api, "POST", SERVICES.path(NS), body=service)
     for name in ENGINES:
-        rest.request(api, "POST", SLICES.path(NS), body=endpoint_slice(ports[name]))
+        rest.request(api, "POST", ENDPOINTSLICES.path(NS), body=endpoint_slice(ports[name]))
     rest.request(api, "POST", TOKENS.path(NS), body=token("alice", [MODEL], namespace=NS, tokenHash=token_digest(TOKEN)))
     endpoint = {"apiVersion": "arks.ai/v1", "kind": "ArksEndpoint", "metadata": {"name": MODEL},
                 "spec": {"weighting": "least-load"}}
@@ -192,10 +196,10 @@ def test_a_pod_that_turns_unready_is_no_longer_picked(gateway: Gateway) -> None:
     gateway.loads(a=40, b=0, c=90)
     gateway.picks_move_to("b")
     b = endpoint_slice(gateway.ports["b"], ready=False)
-    rest.request(gateway.api, "PUT", SLICES.path(NS, b["metadata"]["name"]), body=b)
+    rest.request(gateway.api, "PUT", ENDPOINTSLICES.path(NS, b["metadata"]["name"]), body=b)
     gateway.picks_move_to("a")  # b is still in Envoy's cluster here, but extproc no longer picks it
     assert gateway.served() == {"a": 30}
 
     b = endpoint_slice(gateway.ports["b"], ready=True)
-    rest.request(gateway.api, "PUT", SLICES.path(NS, b["metadata"]["name"]), body=b)
+    rest.request(gateway.api, "PUT", ENDPOINTSLICES.path(NS, b["metadata"]["name"]), body=b)
     gateway.picks_move_to("b")

@@ -14,14 +14,10 @@ from kubernetes.client import ApiClient
 
 from arks.adapters.kube import rest
 from arks.adapters.kube.conditions import find_condition
-from controller.reconcilers.endpoint import (
-    ENDPOINTS,
-    HTTPROUTES,
-    endpoint_controller,
-    reconcile_endpoint,
-)
-from controller.reconcilers.picking import PATCH_POLICIES
-from controller.render.picking import PICKING_FINALIZER, picking_policy_name
+from arks.resources import ENDPOINTS, HTTPROUTES, PATCH_POLICIES
+from arks.wire import PICKING_FINALIZER
+from controller.reconcilers.endpoint import endpoint_controller, reconcile_endpoint
+from controller.render.picking import picking_policy_name
 from tests.support.kube import FAST_INFORMERS, KubeEmulator, eventually, running_kube_emulator
 from tests.support.kube import get_object as get
 

@@ -7,7 +7,9 @@ import copy
 import httpx
 
 from arks.api import token_digest
-from tests.integration.conftest import ALICE, BOB, Stack, backend, endpoint, token, wait_for
+from tests.support.objects import backend, endpoint, token
+from tests.support.stack import ALICE, BOB, Stack
+from tests.support.waiting import wait_for
 
 CAROL = "sk-arks-test-carol-93be01"
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from launcher.procs import Supervisor
+from tests.support.paths import REPO
 
 
 def alive(pid: int) -> bool:
@@ -36,7 +37,7 @@ def test_children_die_when_their_parent_is_killed(tmp_path: Path) -> None:
         time.sleep(60)
     """)
     proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[2])
+                            cwd=REPO)
     assert proc.stdout is not None
     pids = [int(p) for p in proc.stdout.readline().split()]
     assert len(pids) == 2
@@ -63,5 +64,5 @@ def test_a_module_child_gets_its_arguments_and_a_program_its_own(tmp_path: Path)
 
 def test_the_launcher_gives_up_when_its_parent_is_already_gone() -> None:
     done = subprocess.run([sys.executable, "-m", "launcher.launch", "1", "echo", "hi"], capture_output=True, text=True,
-                          timeout=10, cwd=Path(__file__).resolve().parents[2])
+                          timeout=10, cwd=REPO)
     assert (done.returncode, done.stdout) == (1, "")

@@ -16,8 +16,8 @@ from arks.limits.limiter import Limiter
 from arks.limits.metrics import RateLimitMetrics
 from extproc import qos
 from extproc.decision import Identity
-from tests.integration.conftest import Stack, running_stack
-from tests.objects import token
+from tests.support.objects import token
+from tests.support.stack import Stack, running_stack
 
 RPM_TOKEN = "sk-arks-test-rpm-1b2c3d"
 TPM_TOKEN = "sk-arks-test-tpm-4e5f6a"

@@ -15,8 +15,9 @@ import pytest
 
 from arks.api import token_digest
 from launcher.procs import Supervisor, free_port, wait_port
-from tests.integration.conftest import Stack, running_stack, wait_for
-from tests.objects import token
+from tests.support.objects import token
+from tests.support.stack import Stack, running_stack
+from tests.support.waiting import wait_for
 
 ALICE_Q = "sk-arks-test-quota-alice-01"
 BOB_Q = "sk-arks-test-quota-bob-02"

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from arks.adapters.redis.backend import RedisBackend
 from arks.limits.backends import BackendUnavailable, CounterBackend, MemoryBackend
 from arks.limits.model import Algorithm, Hit
-from tests.redis_server import SHARED_REDIS, PrivateRedis, fresh_prefix
+from tests.support.redis_server import SHARED_REDIS, PrivateRedis, fresh_prefix
 
 T0 = 1_700_000_040.0  # a window start for 10 s and 60 s windows
 

@@ -16,7 +16,7 @@ from google.protobuf import wrappers_pb2
 
 from launcher.procs import Supervisor, free_port, wait_http, wait_port
 from launcher.stack import envoy_binary
-from tests.integration.conftest import wait_for
+from tests.support.waiting import wait_for
 
 CONFIG = """
 domain: {domain}

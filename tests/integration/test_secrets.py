@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from tests.integration.conftest import ALL_TOKENS, Stack
+from tests.support.stack import ALL_TOKENS, Stack
 
 NEVER_ISSUED = "sk-arks-not-a-real-token-4d3c2b1a"
 

@@ -12,8 +12,8 @@ from kubernetes.client import ApiClient
 
 from arks.adapters.kube import rest
 from arks.adapters.kube.conditions import find_condition
-from arks.adapters.kube.rest import EVENTS, Resource
-from controller.reconcilers.token import ENDPOINTS, QUOTAS, SECRETS, TOKENS, token_controller
+from arks.resources import ENDPOINTS, EVENTS, QUOTAS, SECRETS, TOKENS, Resource
+from controller.reconcilers.token import token_controller
 from tests.support.kube import FAST_INFORMERS, eventually
 from tests.support.kube import get_object as get
 

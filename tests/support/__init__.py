@@ -1,1 +1,2 @@
-"""Test-only support code: emulated external systems the integration tests talk to."""
+"""Test-only support code shared by the unit, integration and bench trees: builders, fakes,
+emulated external systems, the running local stack. Tests import helpers from here only."""

@@ -1,25 +1,15 @@
-"""Upstream CRD schemas (../shared/schemas/crds) as strict JSON Schemas for validating renders."""
+"""Upstream CRD schemas (vendored in tests/schemas, see SOURCES.md there) as strict JSON Schemas."""
 
 from __future__ import annotations
 
 import functools
-import os
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-# shared/ sits beside the checkout (in CI too); ARKS_SHARED points elsewhere if it does not.
-_CANDIDATES = [Path(os.environ["ARKS_SHARED"])] if os.environ.get("ARKS_SHARED") else []
-_CANDIDATES += [REPO.parent / "shared", Path("/work/shared")]
+from tests.support.paths import REPO
 
-
-def upstream_crds() -> Path:
-    for shared in _CANDIDATES:
-        if (shared / "schemas" / "crds").is_dir():
-            return shared / "schemas" / "crds"
-    raise FileNotFoundError(f"no shared/schemas/crds in {', '.join(map(str, _CANDIDATES))}; set ARKS_SHARED")
+UPSTREAM_CRDS = REPO / "tests" / "schemas" / "crds"
 
 
 def strict(schema: Any) -> Any:
@@ -41,7 +31,7 @@ def strict(schema: Any) -> Any:
 
 @functools.cache
 def upstream_schema(file_name: str, version: str) -> dict[str, Any]:
-    crd = yaml.safe_load((upstream_crds() / file_name).read_text())
+    crd = yaml.safe_load((UPSTREAM_CRDS / file_name).read_text())
     (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
     schema: dict[str, Any] = strict(served["schema"]["openAPIV3Schema"])
     return schema

@@ -14,7 +14,9 @@ from typing import Any
 
 import yaml
 
-RBAC_FILE = Path(__file__).resolve().parents[2] / "manifests" / "base" / "rbac.yaml"
+from tests.support.paths import REPO
+
+RBAC_FILE = REPO / "manifests" / "base" / "rbac.yaml"
 
 
 def _has(values: Iterable[str], value: str) -> bool:

@@ -125,11 +125,6 @@ class WorkQueue:
             self._shut_down = True
             self._cond.notify_all()
 
-    @property
-    def shutting_down(self) -> bool:
-        with self._cond:
-            return self._shut_down
-
     def __len__(self) -> int:
         """Keys ready to be taken (not the delayed ones)."""
         with self._cond:

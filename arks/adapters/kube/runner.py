@@ -3,8 +3,8 @@
 Retry meaning comes from the exception type: TemporaryError → requeue with backoff (or its
 `delay_s`); PermanentError → log and forget until the object changes; anything else → as
 temporary. A reconcile that returns a number of seconds is run again after that long (state
-that changes with time, such as a token's expiry). Workers take keys only while the leader elector (if any) says we lead; informers
-run regardless so a new leader starts with a warm cache.
+that changes with time, such as a token's expiry). Workers take keys only while the leader
+elector (if any) says we lead; informers run regardless so a new leader starts with a warm cache.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from prometheus_client import Counter, Gauge, Histogram
+
 from arks.adapters.kube.errors import PermanentError, TemporaryError
 from arks.adapters.kube.queue import Key, WorkQueue
 from arks.adapters.kube.watch import Informer, enqueue
-from controller.metrics import ControllerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,19 @@ Reconcile = Callable[[Key], float | None]
 
 class Leadership(Protocol):
     def is_leader(self) -> bool: ...
+
+
+class ReconcileMetrics(Protocol):
+    """Where a controller counts its reconciles; the service that runs it owns the registry."""
+
+    @property
+    def reconciles(self) -> Counter: ...  # labels: controller, result
+
+    @property
+    def duration(self) -> Histogram: ...  # labels: controller
+
+    @property
+    def queue_depth(self) -> Gauge: ...  # labels: controller
 
 
 class Controller:
@@ -50,7 +64,7 @@ class Controller:
         self._owned = list(owned)  # their handlers must already enqueue into `self.queue`
         self._leader = leader
         self._poll_s = poll_s
-        self._metrics: ControllerMetrics | None = None
+        self._metrics: ReconcileMetrics | None = None
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         informer.add_handler(enqueue(self.queue))
@@ -90,7 +104,7 @@ class Controller:
             finally:
                 self.queue.done(key)
 
-    def instrument(self, metrics: ControllerMetrics) -> None:
+    def instrument(self, metrics: ReconcileMetrics) -> None:
         """Count reconciles, time them, and export the queue depth (before `start`)."""
         self._metrics = metrics
         metrics.queue_depth.labels(self.name).set_function(lambda: len(self.queue))

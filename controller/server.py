@@ -1,0 +1,189 @@
+"""`python -m controller` (also `arks controller`): reconcile the arks.ai/v1 resources of a cluster.
+
+Several replicas are safe: they elect a leader on a Lease, and only the leader reconciles.
+
+ArksEndpoints not on `weighting: static` weigh their applications by live engine load: every
+replica scrapes the serving engine pods' `/metrics` every `--scrape-interval-s`
+(`controller.load.cluster`), the leader writes the weights into the HTTPRoutes.
+
+With `--policy FILE` it runs standalone instead (what `arks up` starts): no cluster, the same
+objects from a file, Envoy programmed over xDS with weights from the engines' live load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from arks.adapters.kube import rest
+from arks.adapters.kube.client import IN_CLUSTER, api_client
+from arks.adapters.kube.leader import LeaderElector
+from arks.envoy_config import EnvoySettings
+from arks.lifecycle import setup_process
+from arks.policy import FilePolicySource
+from arks.resources import LEADERWORKERSETS
+from controller.load.cluster import ClusterLoad
+from controller.metrics import ControllerMetrics, serve
+from controller.reconcilers.application import application_controller
+from controller.reconcilers.disaggregated import disaggregated_controller
+from controller.reconcilers.endpoint import endpoint_controller
+from controller.reconcilers.model import model_controller
+from controller.reconcilers.token import token_controller
+from controller.standalone import Standalone, serve_http
+
+log = logging.getLogger("controller")
+
+
+USER_AGENT = "arks-controller"  # how the API server's audit log names our requests
+
+
+def gateway_ref(value: str) -> dict[str, str]:
+    namespace, _, name = value.rpartition("/")
+    return {"name": name, "namespace": namespace} if namespace else {"name": name}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m controller", description=__doc__)
+    p.add_argument("--kube-host", default="in-cluster", metavar="URL|in-cluster|kubeconfig")
+    standalone = p.add_argument_group("standalone (no cluster)")
+    standalone.add_argument("--policy", type=Path, help="run standalone with this policy file (reloaded on change)")
+    standalone.add_argument("--xds-address", default="127.0.0.1:18000", help="where Envoy's ADS connects")
+    standalone.add_argument("--listen-address", default="127.0.0.1", help="Envoy's listener address")
+    standalone.add_argument("--listen-port", type=int, default=8080, help="Envoy's listener port")
+    p.add_argument(
+        "--scrape-interval-s", type=float, default=1.0,
+        help="engine /metrics scrape period, for load-based weights (both modes)",
+    )
+    p.add_argument("--namespace", help="only this namespace (default: all)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE", "arks-system"))
+    p.add_argument("--lease-name", default="arks-controller")
+    p.add_argument("--identity", default=f"{socket.gethostname()}-{os.getpid()}")
+    p.add_argument(
+        "--watch-leaderworkersets",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="watch LeaderWorkerSets (multi-node engines); auto: when the LWS CRD is installed",
+    )
+    p.add_argument(
+        "--default-gateway",
+        default="arks-system/arks-gateway",
+        metavar="NAMESPACE/NAME",
+        help="the Gateway HTTPRoutes of ArksEndpoints without a gatewayRef attach to",
+    )
+    p.add_argument("--metrics-port", type=int, default=9103, help="/metrics, /healthz, /readyz")
+    p.add_argument("--metrics-address", default="0.0.0.0")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The controller's options, read once in `main` (see `build_parser` for their help)."""
+
+    kube_host: str = IN_CLUSTER
+    policy: Path | None = None  # standalone: no cluster
+    xds_address: str = "127.0.0.1:18000"
+    listen_address: str = "127.0.0.1"
+    listen_port: int = 8080
+    scrape_interval_s: float = 1.0
+    namespace: str | None = None  # None: every namespace
+    workers: int = 2
+    lease_namespace: str = "arks-system"
+    lease_name: str = "arks-controller"
+    identity: str = ""
+    watch_leaderworkersets: str = "auto"  # auto, yes or no
+    default_gateway: str = "arks-system/arks-gateway"
+    metrics_port: int = 9103
+    metrics_address: str = "0.0.0.0"
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> Settings:
+        return cls(**vars(build_parser().parse_args(argv)))
+
+
+def run_standalone(settings: Settings, policy: Path) -> int:
+    envoy = EnvoySettings(
+        listen_port=settings.listen_port, admin_port=0, extproc_port=0, listen_address=settings.listen_address
+    )
+    state = Standalone(
+        FilePolicySource(policy), envoy, settings.xds_address, interval_s=settings.scrape_interval_s
+    )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        http = await serve_http(state, settings.metrics_address, settings.metrics_port)
+        try:
+            await state.run(stop)
+        finally:
+            await http.cleanup()
+
+    asyncio.run(main())
+    return 0
+
+
+def run(settings: Settings) -> int:
+    setup_process(settings.log_level)
+    if settings.policy is not None:
+        return run_standalone(settings, settings.policy)
+    client = api_client(settings.kube_host, USER_AGENT)
+    watch_lws = settings.watch_leaderworkersets == "yes" or (
+        settings.watch_leaderworkersets == "auto" and rest.serves(client, LEADERWORKERSETS)
+    )
+    log.info("LeaderWorkerSets %s", "watched" if watch_lws else "not watched (CRD not installed)")
+    elector = LeaderElector(client, settings.lease_namespace, settings.lease_name, settings.identity)
+    load = ClusterLoad(client, settings.namespace, interval_s=settings.scrape_interval_s)
+    controllers = [
+        application_controller(
+            client, settings.namespace, workers=settings.workers, leader=elector,
+            watch_leaderworkersets=watch_lws,
+        ),
+        disaggregated_controller(
+            client, settings.namespace, workers=settings.workers, leader=elector,
+            watch_leaderworkersets=watch_lws,
+        ),
+        model_controller(client, settings.namespace, workers=settings.workers, leader=elector),
+        endpoint_controller(
+            client, settings.namespace, workers=settings.workers, leader=elector,
+            default_gateway=gateway_ref(settings.default_gateway), load=load,
+        ),
+        token_controller(client, settings.namespace, workers=settings.workers, leader=elector),
+    ]
+    metrics = ControllerMetrics()
+    metrics.leader.set_function(lambda: 1.0 if elector.is_leader() else 0.0)
+    for c in controllers:
+        c.instrument(metrics)
+    http = serve(
+        settings.metrics_address, settings.metrics_port, metrics,
+        lambda: load.synced() and all(c.synced() for c in controllers),
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    elector.start()
+    load.start()
+    for c in controllers:
+        c.start()
+    log.info("controller %s running (namespace %s)", settings.identity, settings.namespace or "all")
+    stop.wait()
+    for c in controllers:
+        c.stop()
+    load.stop()
+    elector.stop()
+    http.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    raise SystemExit(run(Settings.from_args(argv)))

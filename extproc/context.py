@@ -1,0 +1,26 @@
+"""What every request needs, built once in `main` and shared by both servicers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from arks.policy import PolicySource
+from extproc.admission import AdmissionControl
+from extproc.inflight import InFlight
+from extproc.metrics import GatewayMetrics
+from extproc.picking.service import Picking
+from extproc.reported import ReportedElsewhere, SingleReplica
+
+
+@dataclass(frozen=True)
+class Context:
+    policy: PolicySource
+    metrics: GatewayMetrics
+    inflight: InFlight  # admitted requests whose usage has not arrived yet
+    admission: AdmissionControl
+    now: Callable[[], datetime]
+    monotonic: Callable[[], float]
+    reported: ReportedElsewhere = field(default_factory=SingleReplica)
+    picking: Picking | None = None  # endpoint picking for least-load and prefix-cache endpoints

@@ -1,0 +1,90 @@
+"""Settlement: an admitted request ends, or never says that it did.
+
+A forwarded request is noted in flight. Its access-log entry charges its usage (metrics), settles
+its budgets (tpm/tpd, quota, concurrency) and frees its pick. One still in flight after the
+longest possible answer is charged what the gateway knew when it admitted it (`inflight`), unless
+another replica received its entry (`reported`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from arks.limits.model import BackendUnavailable
+from arks.wire import METADATA_NAMESPACE
+from extproc.context import Context
+from extproc.decision import Forward, Identity
+from extproc.inflight import Admitted
+from extproc.reservation import Reservation
+from extproc.usage import Finished, Usage, usage_of
+
+log = logging.getLogger(__name__)
+
+
+def admitted(ctx: Context, request_id: str, decision: Forward) -> None:
+    """Note a forwarded request, with what settling it needs if its entry never comes."""
+    ours = decision.metadata[METADATA_NAMESPACE]
+    ctx.inflight.add(
+        Admitted(
+            request_id,
+            decision.identity,
+            decision.prompt_estimate,
+            decision.max_tokens,
+            ctx.monotonic(),
+            reservation=Reservation.from_metadata(ours),
+            limits=ours.get("limits", {}),
+        )
+    )
+
+
+
+async def finished(ctx: Context, entries: Iterable[Finished]) -> None:
+    """One access-log batch: charge and settle each request, strike it off."""
+    foreign: list[str] = []  # admitted by another replica, which is waiting for them
+    for done in entries:
+        if ctx.picking is not None:
+            ctx.picking.finished(done.request_id)
+        if not ctx.inflight.finish(done.request_id) and done.request_id:
+            foreign.append(done.request_id)
+        usage = usage_of(done)
+        if usage is None:
+            ctx.metrics.requests.labels(done.namespace, done.user, done.model, str(done.status)).inc()
+        else:
+            ctx.metrics.charge(usage, done.status)
+        await ctx.admission.settle(
+            done.request_id, Identity(done.namespace, done.user, done.model), done.reservation, done.limits,
+            usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
+        )
+    try:
+        await ctx.reported.mark(foreign)
+    except BackendUnavailable as err:
+        log.warning("could not tell other replicas about %d reported requests: %s", len(foreign), err)
+
+
+
+async def expire_unreported(ctx: Context) -> int:
+    """Charge the admitted requests whose access-log entry never came; how many there were.
+
+    An entry that went to another replica is not lost: that replica charged the request.
+    If the shared store cannot say, the request is charged (a lost entry must cost something).
+    """
+    expired = ctx.inflight.expire(ctx.monotonic())
+    if not expired:
+        return 0
+    try:
+        elsewhere = await ctx.reported.seen([e.request_id for e in expired])
+    except BackendUnavailable as err:
+        log.warning("cannot tell whether %d requests were reported elsewhere: %s", len(expired), err)
+        elsewhere = set()
+    ctx.metrics.reported_elsewhere.inc(len(elsewhere))
+    lost = [e for e in expired if e.request_id not in elsewhere]
+    for entry in lost:
+        usage: Usage = entry.usage()
+        ctx.metrics.unreported.labels(usage.namespace, usage.user, usage.model).inc()
+        ctx.metrics.charge(usage, 0)
+        await ctx.admission.settle(
+            entry.request_id, entry.identity, entry.reservation, entry.limits,
+            usage.prompt_tokens, usage.completion_tokens,
+        )
+    return len(lost)

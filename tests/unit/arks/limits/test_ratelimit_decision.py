@@ -1,0 +1,101 @@
+"""Rate-limit decisions: which limit applies, what is charged, what Envoy is told."""
+
+from __future__ import annotations
+
+import orjson
+
+from arks.limits.decision import (
+    DescriptorRequest,
+    LimitRequest,
+    answer,
+    counter_key,
+    hits_for,
+    limits_for,
+)
+from arks.limits.model import Algorithm, Outcome, RateLimit, Unit
+
+PER_MINUTE = RateLimit(10, Unit.MINUTE, name="per_minute", stats_key="d.user")
+PER_DAY = RateLimit(100, Unit.DAY, name="per_day", replaces=("per_minute",), stats_key="d.user.model")
+
+
+def lookup_table(table: dict[tuple[tuple[str, str], ...], RateLimit]):  # type: ignore[no-untyped-def]
+    return lambda domain, entries: table.get(tuple(entries))
+
+
+def request(*descriptors: DescriptorRequest, hits_addend: int = 0) -> LimitRequest:
+    return LimitRequest("d", descriptors, hits_addend)
+
+
+def test_configured_limit_applies_and_unknown_descriptors_are_unlimited() -> None:
+    lookup = lookup_table({(("user", "a"),): PER_MINUTE})
+    limits = limits_for(request(DescriptorRequest((("user", "a"),)), DescriptorRequest((("user", "b"),))), lookup)
+    assert limits == [PER_MINUTE, None]
+
+
+def test_envoys_override_wins_over_the_configuration() -> None:
+    override = RateLimit(3, Unit.SECOND, name="override")
+    lookup = lookup_table({(("user", "a"),): PER_MINUTE})
+    assert limits_for(request(DescriptorRequest((("user", "a"),), override)), lookup) == [override]
+    # and it applies even where nothing is configured
+    assert limits_for(request(DescriptorRequest((("user", "z"),), override)), lookup) == [override]
+
+
+def test_a_limit_named_in_replaces_is_not_applied() -> None:
+    lookup = lookup_table({(("user", "a"),): PER_MINUTE, (("user", "a"), ("model", "m")): PER_DAY})
+    req = request(DescriptorRequest((("user", "a"),)), DescriptorRequest((("user", "a"), ("model", "m"))))
+    assert limits_for(req, lookup) == [None, PER_DAY]
+
+
+def test_unlimited_is_never_charged() -> None:
+    unlimited = RateLimit(0, Unit.SECOND, unlimited=True)
+    assert limits_for(request(DescriptorRequest((("k", "v"),))), lookup_table({(("k", "v"),): unlimited})) == [None]
+
+
+def test_hits_default_to_one_and_descriptor_hits_win() -> None:
+    req = request(
+        DescriptorRequest((("a", "1"),)),
+        DescriptorRequest((("a", "2"),), hits=0),
+        DescriptorRequest((("a", "3"),), hits=500),
+    )
+    hits = hits_for(req, [PER_MINUTE, PER_MINUTE, PER_MINUTE])
+    assert [h.hits for h in hits if h] == [1, 0, 500]
+    assert [h.hits for h in hits_for(request(DescriptorRequest((("a", "1"),)), hits_addend=7), [PER_MINUTE]) if h] == [7]
+
+
+def test_counter_keys_follow_envoyproxy_and_keep_algorithms_and_windows_apart() -> None:
+    entries = (("user", "alice"), ("model", "m"))
+    assert counter_key("arks", entries, PER_MINUTE) == "arks_user_alice_model_m_60"
+    gcra = RateLimit(10, Unit.MINUTE, algorithm=Algorithm.GCRA)
+    assert counter_key("arks", entries, gcra) == "gcra:arks_user_alice_model_m_60"
+    assert counter_key("arks", entries, RateLimit(10, Unit.HOUR)) != counter_key("arks", entries, PER_MINUTE)
+
+
+def test_over_limit_answer_has_statuses_headers_and_an_openai_body() -> None:
+    decided = answer(
+        [PER_MINUTE, PER_DAY, None],
+        [Outcome(True, 0, 12.2, 11), Outcome(False, 40, 3600, 60), None],
+    )
+    assert decided.over_limit
+    assert [s.over_limit for s in decided.statuses] == [True, False, False]
+    headers = dict(decided.headers)
+    assert headers["retry-after"] == "13"
+    assert headers["ratelimit-limit"] == "10, 10;w=60"
+    assert headers["ratelimit-remaining"] == "0"
+    assert headers["content-type"] == "application/json"
+    error = orjson.loads(decided.body)["error"]
+    assert error["code"] == "rate_limit_exceeded" and "per_minute" in error["message"]
+
+
+def test_within_limits_reports_the_tightest_and_no_body() -> None:
+    decided = answer([PER_MINUTE, PER_DAY], [Outcome(False, 2, 30, 8), Outcome(False, 50, 100, 50)])
+    assert not decided.over_limit and decided.body == b""
+    headers = dict(decided.headers)
+    assert headers["ratelimit-remaining"] == "2" and "retry-after" not in headers
+    assert decided.statuses[0].near_limit and not decided.statuses[1].near_limit
+
+
+def test_shadow_mode_reports_but_does_not_enforce() -> None:
+    shadow = RateLimit(1, Unit.SECOND, shadow_mode=True)
+    decided = answer([shadow], [Outcome(True, 0, 1, 2)])
+    assert not decided.over_limit and decided.statuses[0].shadowed
+    assert not answer([PER_MINUTE], [Outcome(True, 0, 1, 11)], shadow_mode=True).over_limit

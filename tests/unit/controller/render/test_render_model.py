@@ -1,0 +1,599 @@
+"""ArksModel rendering: golden files, strict validation, fetch commands, markers, model_volume.
+
+Regenerate the golden files with
+`ARKS_UPDATE_GOLDEN=1 pytest tests/unit/controller/render/test_render_model.py` and review the
+diff; golden/model/SOURCES.md (next to this file) lists where the CLI facts come from.
+The download and cache scripts are also run here, with stand-in CLIs, to check the marker
+discipline (a half-finished fetch is never taken for a model; a finished one is not redone).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import shlex
+import stat
+import subprocess
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from controller.render import render_model
+from controller.render.model import (
+    MARKER,
+    ModelDefaults,
+    cache_host_path,
+    claim_name,
+    model_sub_path,
+    model_volume,
+    render_pvc,
+    source_id,
+)
+from controller.render.model_cache import cache_pod_labels, render_cache_daemonset, warm_nodes
+from controller.render.model_download import (
+    download_job_name,
+    download_steps,
+    partial_dir,
+    render_download_job,
+)
+
+GOLDEN = Path(__file__).parent / "golden" / "model"
+K8S_VERSION = "1.33.0"
+
+SOURCES: dict[str, dict[str, Any]] = {
+    "huggingface": {
+        "huggingface": {
+            "repo": "Qwen/Qwen2.5-7B-Instruct",
+            "revision": "main",
+            "tokenSecretRef": {"name": "hf-token", "key": "token"},
+        }
+    },
+    "modelscope": {"modelscope": {"repo": "Qwen/Qwen2.5-7B-Instruct", "revision": "master"}},
+    "s3": {
+        "s3": {
+            "endpoint": "https://minio.storage.svc:9000",
+            "bucket": "models",
+            "prefix": "qwen/qwen2.5-7b-instruct",
+            "credentialsSecretRef": {"name": "minio-credentials"},
+        }
+    },
+    "url": {"url": {"url": "https://example.com/models/qwen2.5-7b-instruct.tar.gz"}},
+    "pvc": {"pvc": {"claimName": "shared-models", "subPath": "qwen/7b"}},
+}
+
+
+def make_model(source: str | dict[str, Any], *, cache: bool = False, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "source": copy.deepcopy(SOURCES[source] if isinstance(source, str) else source)
+    }
+    if "pvc" not in body["source"]:
+        body["storage"] = {"size": "40Gi", "storageClassName": "nfs-client"}
+    if cache:
+        body["nodeCache"] = {
+            "enabled": True,
+            "nodeSelector": {"nvidia.com/gpu.present": "true"},
+            "path": "/var/lib/arks/models",
+        }
+    body.update(spec)
+    return {
+        "apiVersion": "arks.ai/v1",
+        "kind": "ArksModel",
+        "metadata": {"name": "qwen2-5-7b-instruct", "namespace": "llm"},
+        "spec": body,
+    }
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line scripts as literal blocks, and no YAML aliases: golden files are read by people."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def dump(objects: list[dict[str, Any]]) -> str:
+    return yaml.dump_all(objects, Dumper=_Dumper, sort_keys=False)
+
+
+def job(model: dict[str, Any], defaults: ModelDefaults | None = None) -> dict[str, Any]:
+    rendered = render_download_job(model, defaults)
+    assert rendered is not None
+    return rendered
+
+
+def container(obj: dict[str, Any]) -> dict[str, Any]:
+    (only,) = obj["spec"]["template"]["spec"]["containers"]
+    return dict(only)
+
+
+def script(obj: dict[str, Any]) -> str:
+    command = container(obj)["command"]
+    assert command[:2] == ["sh", "-c"] and len(command) == 3
+    return str(command[2])
+
+
+def env(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container(obj).get("env") or []}
+
+
+# --- golden files and validity ------------------------------------------------------------------
+
+CASES = list(SOURCES)
+
+
+@pytest.mark.parametrize("source", CASES)
+def test_render_matches_golden_file(source: str) -> None:
+    rendered = dump(render_model(make_model(source, cache=True)))
+    path = GOLDEN / f"{source}.yaml"
+    if os.environ.get("ARKS_UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(rendered)
+    assert path.read_text() == rendered, f"{path} is stale; rerun with ARKS_UPDATE_GOLDEN=1"
+
+
+@pytest.mark.parametrize("source", CASES)
+@pytest.mark.parametrize("cache", [False, True])
+def test_every_object_validates_strictly(source: str, cache: bool) -> None:
+    objects = render_model(make_model(source, cache=cache))
+    assert objects or source == "pvc"
+    for obj in objects:
+        assert obj["metadata"]["namespace"] == "llm"
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_rendering_is_pure() -> None:
+    model = make_model("huggingface", cache=True)
+    before = copy.deepcopy(model)
+    first = render_model(model)
+    assert model == before
+    assert render_model(model) == first
+
+
+# --- the claim ----------------------------------------------------------------------------------
+
+
+def test_pvc_is_named_after_the_model_with_the_requested_storage() -> None:
+    model = make_model("huggingface", storage={"size": "100Gi", "accessModes": ["ReadWriteOnce"]})
+    pvc = render_pvc(model)
+    assert pvc is not None
+    assert pvc["metadata"]["name"] == claim_name(model) == "qwen2-5-7b-instruct"
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert pvc["spec"]["resources"] == {"requests": {"storage": "100Gi"}}
+    assert "storageClassName" not in pvc["spec"], "empty means the cluster default"
+
+
+def test_pvc_defaults_to_read_write_many_and_the_given_class() -> None:
+    pvc = render_pvc(make_model("s3"))
+    assert pvc is not None
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["spec"]["storageClassName"] == "nfs-client"
+    custom = render_pvc(make_model("s3"), ModelDefaults(access_modes=("ReadWriteOnce",)))
+    assert custom is not None and custom["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+def test_an_adopted_claim_gets_no_pvc_and_no_job() -> None:
+    model = make_model("pvc")
+    assert render_pvc(model) is None
+    assert render_download_job(model) is None
+    assert render_model(model) == []
+    assert claim_name(model) == "shared-models"
+    assert model_sub_path(model) == "qwen/7b"
+
+
+# --- download Jobs ------------------------------------------------------------------------------
+
+
+def test_huggingface_job_runs_hf_download_with_the_token_from_its_secret() -> None:
+    model = make_model("huggingface")
+    (argv,) = download_steps(model)
+    assert argv == [
+        "hf",
+        "download",
+        "Qwen/Qwen2.5-7B-Instruct",
+        "--revision",
+        "main",
+        "--local-dir",
+        partial_dir(model),
+    ]
+    variables = env(job(model))
+    assert variables["HF_TOKEN"] == {
+        "name": "HF_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}},
+    }
+    assert "HF_XET_HIGH_PERFORMANCE" not in variables
+    fast = env(job(model, ModelDefaults(huggingface_high_performance=True)))
+    assert fast["HF_XET_HIGH_PERFORMANCE"]["value"] == "1"
+    assert container(job(model))["image"] == ModelDefaults().huggingface_image
+    assert "pip install --user --no-cache-dir --quiet 'huggingface_hub>=0.34'" in script(job(model))
+
+
+def test_public_huggingface_model_has_no_token_and_default_revision() -> None:
+    model = make_model({"huggingface": {"repo": "Qwen/Qwen2.5-0.5B"}})
+    (argv,) = download_steps(model)
+    assert argv[argv.index("--revision") + 1] == "main"
+    assert "HF_TOKEN" not in env(job(model))
+
+
+def test_modelscope_job_runs_modelscope_download() -> None:
+    model = make_model("modelscope")
+    (argv,) = download_steps(model)
+    assert argv == [
+        "modelscope",
+        "download",
+        "--model",
+        "Qwen/Qwen2.5-7B-Instruct",
+        "--revision",
+        "master",
+        "--local_dir",
+        partial_dir(model),
+    ]
+    assert "pip install --user --no-cache-dir --quiet modelscope" in script(job(model))
+
+
+def test_s3_job_syncs_the_prefix_with_endpoint_and_credentials_from_the_secret() -> None:
+    model = make_model("s3")
+    (argv,) = download_steps(model)
+    assert argv[:5] == [
+        "aws",
+        "s3",
+        "sync",
+        "s3://models/qwen/qwen2.5-7b-instruct/",
+        partial_dir(model),
+    ]
+    assert argv[argv.index("--endpoint-url") + 1] == "https://minio.storage.svc:9000"
+    assert "--no-sign-request" not in argv
+    rendered = container(job(model))
+    assert rendered["envFrom"] == [{"secretRef": {"name": "minio-credentials"}}]
+    assert rendered["image"] == ModelDefaults().s3_image
+
+
+def test_s3_without_credentials_is_a_public_bucket_on_aws() -> None:
+    model = make_model({"s3": {"bucket": "open-models", "prefix": "/qwen/"}})
+    (argv,) = download_steps(model)
+    assert argv[3] == "s3://open-models/qwen/"
+    assert "--no-sign-request" in argv and "--endpoint-url" not in argv
+    assert "envFrom" not in container(job(model))
+    whole = make_model({"s3": {"bucket": "open-models"}})
+    assert download_steps(whole)[0][3] == "s3://open-models/"
+
+
+@pytest.mark.parametrize(
+    ("url", "unpack"),
+    [
+        ("https://example.com/m.tar.gz", ["tar", "-xzf"]),
+        ("https://example.com/m.tgz?sig=abc", ["tar", "-xzf"]),
+        ("https://example.com/m.tar.xz", ["tar", "-xJf"]),
+        ("https://example.com/m.tar.bz2", ["tar", "-xjf"]),
+        ("https://example.com/m.tar", ["tar", "-xf"]),
+        ("https://example.com/M.ZIP", ["unzip", "-q", "-o"]),
+    ],
+)
+def test_url_archives_are_fetched_with_retries_and_unpacked_by_extension(
+    url: str, unpack: list[str]
+) -> None:
+    model = make_model({"url": {"url": url}})
+    mkdir, curl, extract, cleanup = download_steps(model)
+    out = partial_dir(model)
+    assert mkdir == ["mkdir", "-p", f"{out}.download"]
+    assert curl[0] == "curl" and curl[-1] == url
+    assert {"--fail", "--location", "--retry-all-errors"} <= set(curl)
+    assert curl[curl.index("--retry") + 1] == "5"
+    archive = curl[curl.index("--output") + 1]
+    assert archive.startswith(f"{out}.download/")
+    assert extract[: len(unpack)] == unpack and extract[len(unpack)] == archive
+    assert extract[-1] == out
+    assert cleanup == ["rm", "-rf", f"{out}.download"]
+
+
+def test_a_url_that_is_not_an_archive_is_the_model_file_itself() -> None:
+    model = make_model({"url": {"url": "https://example.com/q/qwen2.5-7b-q4_k_m.gguf"}})
+    (curl,) = download_steps(model)
+    assert curl[curl.index("--output") + 1] == f"{partial_dir(model)}/qwen2.5-7b-q4_k_m.gguf"
+
+
+def test_jobs_retry_with_backoff_have_a_deadline_and_keep_their_outcome() -> None:
+    for source in ("huggingface", "modelscope", "s3", "url"):
+        spec = job(make_model(source))["spec"]
+        assert spec["backoffLimit"] == ModelDefaults().backoff_limit
+        assert spec["activeDeadlineSeconds"] == ModelDefaults().active_deadline_s
+        assert "ttlSecondsAfterFinished" not in spec, "the reconciler reads the outcome"
+        pod = spec["template"]["spec"]
+        assert pod["restartPolicy"] == "Never"
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert container(job(make_model(source)))["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        }
+        claim = [v for v in pod["volumes"] if v["name"] == "model"]
+        assert claim == [
+            {"name": "model", "persistentVolumeClaim": {"claimName": "qwen2-5-7b-instruct"}}
+        ]
+
+
+def test_no_secret_value_is_ever_inlined() -> None:
+    secret_names = {"hf-token", "minio-credentials"}
+    for source in CASES:
+        for obj in render_model(make_model(source, cache=True)):
+            for pod_container in _containers(obj):
+                for variable in pod_container.get("env") or []:
+                    sensitive = any(w in variable["name"] for w in ("TOKEN", "KEY", "SECRET"))
+                    assert not (sensitive and "value" in variable), variable
+                text = yaml.safe_dump(pod_container)
+                for name in secret_names:
+                    # Named only in references, never copied into commands.
+                    assert name not in " ".join(pod_container.get("command") or [])
+                assert "hf_" not in text
+
+
+def _containers(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    template = (obj.get("spec") or {}).get("template")
+    if not template:
+        return []
+    spec = template["spec"]
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def test_source_id_follows_the_source_only() -> None:
+    base = make_model("huggingface")
+    other_revision = make_model(
+        {"huggingface": {**SOURCES["huggingface"]["huggingface"], "revision": "v2"}}
+    )
+    other_token = make_model(
+        {"huggingface": {**SOURCES["huggingface"]["huggingface"], "tokenSecretRef": {"name": "x"}}}
+    )
+    defaulted = make_model({"huggingface": {"repo": "Qwen/Qwen2.5-7B-Instruct"}})
+    assert source_id(base) != source_id(other_revision)
+    assert download_job_name(base) != download_job_name(other_revision)
+    assert source_id(base) == source_id(other_token), "a new token needs no new download"
+    assert source_id(base) == source_id(defaulted), "the CRD default revision is the same source"
+    ids = {source_id(make_model(s)) for s in CASES}
+    assert len(ids) == len(CASES)
+    assert download_job_name(base) == f"qwen2-5-7b-instruct-download-{source_id(base)}"
+
+
+def test_long_model_names_give_valid_short_child_names() -> None:
+    model = make_model("url")
+    model["metadata"]["name"] = "a-very-long-model-name-" + "x" * 200
+    for obj in render_model(model | {"spec": {**model["spec"], "nodeCache": {"enabled": True}}}):
+        if obj["kind"] != "PersistentVolumeClaim":
+            assert len(obj["metadata"]["name"]) <= 63
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    other = copy.deepcopy(model)
+    other["metadata"]["name"] = "a-very-long-model-name-" + "x" * 199 + "y"
+    assert download_job_name(model) != download_job_name(other)
+
+
+# --- the scripts, run with stand-in CLIs --------------------------------------------------------
+
+
+def _executable(path: Path, body: str) -> None:
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+def _run(text: str, tmp: Path, mounts: dict[str, Path]) -> subprocess.CompletedProcess[str]:
+    for mount, local in mounts.items():
+        text = text.replace(mount, str(local))
+    environment = {
+        **os.environ,
+        "HOME": str(tmp / "home"),
+        "PATH": f"{tmp / 'bin'}:{os.environ['PATH']}",
+    }
+    return subprocess.run(
+        ["sh", "-c", text], env=environment, capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+def test_download_script_marks_completion_last_and_is_idempotent(tmp_path: Path) -> None:
+    models, bin_dir = tmp_path / "models", tmp_path / "bin"
+    models.mkdir()
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    # A stand-in `hf`: writes one file into --local-dir, fails while tmp/fail exists.
+    _executable(
+        bin_dir / "hf",
+        f'echo "$@" >> {calls}\n'
+        'while [ "$1" != "--local-dir" ]; do shift; done\n'
+        'mkdir -p "$2" && echo weights > "$2/model.safetensors"\n'
+        f"[ ! -e {tmp_path}/fail ]\n",
+    )
+    model = make_model("huggingface")
+    text = script(job(model))
+    (tmp_path / "fail").touch()
+    failed = _run(text, tmp_path, {"/models": models})
+    assert failed.returncode != 0
+    assert not (models / "model").exists(), "a failed fetch is never the model"
+
+    (tmp_path / "fail").unlink()
+    done = _run(text, tmp_path, {"/models": models})
+    assert done.returncode == 0, done.stderr
+    assert (models / "model" / "model.safetensors").read_text() == "weights\n"
+    assert (models / "model" / MARKER).read_text() == f"{source_id(model)}\n"
+    assert not Path(str(models) + partial_dir(model).removeprefix("/models")).exists()
+
+    again = _run(text, tmp_path, {"/models": models})
+    assert again.returncode == 0 and "already holds" in again.stdout
+    assert len(calls.read_text().splitlines()) == 2, "a complete model is not fetched again"
+
+
+def test_url_script_unpacks_and_flattens_a_single_top_directory(tmp_path: Path) -> None:
+    models, bin_dir = tmp_path / "models", tmp_path / "bin"
+    models.mkdir()
+    bin_dir.mkdir()
+    archive = tmp_path / "served.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, data in (("qwen/config.json", b"{}"), ("qwen/model.safetensors", b"w")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    # A stand-in `curl` that "downloads" the archive to --output.
+    _executable(
+        bin_dir / "curl",
+        f'while [ "$1" != "--output" ]; do shift; done\ncp {archive} "$2"\n',
+    )
+    model = make_model("url")
+    done = _run(script(job(model)), tmp_path, {"/models": models})
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (models / "model").iterdir()) == sorted(
+        ["config.json", "model.safetensors", MARKER]
+    )
+    assert [p.name for p in models.iterdir()] == ["model"], "no partial or archive left"
+
+
+def test_cache_copy_script_copies_only_a_complete_model(tmp_path: Path) -> None:
+    claim, cache = tmp_path / "claim", tmp_path / "cache"
+    claim.mkdir()
+    cache.mkdir()
+    (claim / "config.json").write_text("{}")
+    model = make_model("huggingface", cache=True)
+    ds = render_cache_daemonset(model)
+    assert ds is not None
+    (init,) = ds["spec"]["template"]["spec"]["initContainers"]
+    text = init["command"][2]
+    mounts = {"/models": claim, "/cache": cache}
+    incomplete = _run(text, tmp_path, mounts)
+    assert incomplete.returncode != 0 and not (cache / model["metadata"]["name"]).exists()
+
+    (claim / MARKER).write_text(f"{source_id(model)}\n")
+    done = _run(text, tmp_path, mounts)
+    assert done.returncode == 0, done.stderr
+    target = cache / model["metadata"]["name"]
+    assert (target / "config.json").read_text() == "{}"
+    assert (target / MARKER).read_text() == f"{source_id(model)}\n"
+    probe = ds["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["exec"]["command"]
+    assert probe == ["test", "-f", f"/cache/{model['metadata']['name']}/{MARKER}"]
+    assert _run(" ".join(map(shlex.quote, probe)), tmp_path, mounts).returncode == 0
+
+
+# --- node-local cache ---------------------------------------------------------------------------
+
+
+def test_cache_daemonset_copies_from_the_claim_read_only_on_selected_nodes() -> None:
+    model = make_model("huggingface", cache=True)
+    ds = render_cache_daemonset(model)
+    assert ds is not None
+    template = ds["spec"]["template"]
+    assert ds["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    assert template["metadata"]["labels"] == cache_pod_labels(model)
+    pod = template["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["tolerations"] == [{"operator": "Exists"}]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["model"]["persistentVolumeClaim"] == {
+        "claimName": "qwen2-5-7b-instruct",
+        "readOnly": True,
+    }
+    assert volumes["cache"]["hostPath"] == {
+        "path": "/var/lib/arks/models/llm",
+        "type": "DirectoryOrCreate",
+    }
+    (init,) = pod["initContainers"]
+    claim_mount = next(m for m in init["volumeMounts"] if m["name"] == "model")
+    assert claim_mount == {
+        "name": "model",
+        "mountPath": "/models",
+        "readOnly": True,
+        "subPath": "model",
+    }
+    assert cache_host_path(model) == "/var/lib/arks/models/llm/qwen2-5-7b-instruct"
+
+
+def test_no_daemonset_without_the_cache_and_no_tolerations_without_a_selector() -> None:
+    assert render_cache_daemonset(make_model("s3")) is None
+    everywhere = make_model("s3", nodeCache={"enabled": True})
+    ds = render_cache_daemonset(everywhere)
+    assert ds is not None
+    assert "nodeSelector" not in ds["spec"]["template"]["spec"]
+    assert "tolerations" not in ds["spec"]["template"]["spec"]
+
+
+def test_adopted_claim_cache_copies_its_sub_path_without_a_marker_check() -> None:
+    ds = render_cache_daemonset(make_model("pvc", cache=True))
+    assert ds is not None
+    (init,) = ds["spec"]["template"]["spec"]["initContainers"]
+    assert init["volumeMounts"][0]["subPath"] == "qwen/7b"
+    assert "has no complete model" not in init["command"][2]
+
+
+def test_warm_nodes_are_the_sorted_nodes_of_ready_cache_pods() -> None:
+    def pod(node: str | None, ready: bool, deleting: bool = False) -> dict[str, Any]:
+        meta: dict[str, Any] = {"name": f"p-{node}"}
+        if deleting:
+            meta["deletionTimestamp"] = "2025-01-01T00:00:00Z"
+        return {
+            "metadata": meta,
+            "spec": {"nodeName": node} if node else {},
+            "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
+        }
+
+    pods = [pod("gpu-b", True), pod("gpu-a", True), pod("gpu-c", False), pod(None, True)]
+    pods += [pod("gpu-d", True, deleting=True), pod("gpu-a", True)]
+    assert warm_nodes(pods) == ["gpu-a", "gpu-b"]
+
+
+# --- model_volume -------------------------------------------------------------------------------
+
+
+def test_model_volume_is_the_claim_at_the_model_directory_by_default() -> None:
+    volume = model_volume(make_model("huggingface"), {"nvidia.com/gpu.product": "L40S"})
+    assert volume.volume == {
+        "name": "model",
+        "persistentVolumeClaim": {"claimName": "qwen2-5-7b-instruct", "readOnly": True},
+    }
+    assert volume.sub_path == "model" and not volume.node_local
+    assert volume.node_selector == {"nvidia.com/gpu.product": "L40S"}
+    assert volume.mount() == {
+        "name": "model",
+        "mountPath": "/models",
+        "readOnly": True,
+        "subPath": "model",
+    }
+
+
+def test_model_volume_of_an_adopted_claim_uses_its_sub_path() -> None:
+    volume = model_volume(make_model("pvc"), volume_name="weights")
+    assert volume.volume["persistentVolumeClaim"]["claimName"] == "shared-models"
+    assert volume.mount("/data")["subPath"] == "qwen/7b"
+    assert volume.mount("/data")["name"] == "weights"
+    root = model_volume(make_model({"pvc": {"claimName": "c"}}))
+    assert "subPath" not in root.mount()
+
+
+def test_model_volume_uses_the_node_cache_and_pins_the_pod_to_cache_nodes() -> None:
+    model = make_model("huggingface", cache=True)
+    volume = model_volume(model, {"nvidia.com/gpu.product": "L40S"})
+    assert volume.node_local
+    assert volume.volume == {
+        "name": "model",
+        "hostPath": {"path": cache_host_path(model), "type": "Directory"},
+    }
+    assert volume.sub_path == "" and "subPath" not in volume.mount()
+    assert volume.node_selector == {
+        "nvidia.com/gpu.product": "L40S",
+        "nvidia.com/gpu.present": "true",
+    }
+    unpinned = model_volume(model)
+    assert unpinned.node_local and unpinned.node_selector == {"nvidia.com/gpu.present": "true"}
+
+
+def test_model_volume_falls_back_to_the_claim_when_the_cache_cannot_be_guaranteed() -> None:
+    model = make_model("huggingface", cache=True)
+    conflicting = model_volume(model, {"nvidia.com/gpu.present": "false"})
+    assert not conflicting.node_local and "persistentVolumeClaim" in conflicting.volume
+    assert conflicting.node_selector == {"nvidia.com/gpu.present": "false"}
+    everywhere = make_model("huggingface", nodeCache={"enabled": True})
+    assert not model_volume(everywhere).node_local, "an empty selector cannot pin the pod"
+    disabled = make_model("huggingface", nodeCache={"enabled": False, "nodeSelector": {"a": "b"}})
+    assert not model_volume(disabled, {"a": "b"}).node_local
