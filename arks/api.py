@@ -190,7 +190,9 @@ class _Fields:
     def at(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any = None, required: bool = False) -> Any:
+    def get(
+        self, key: str, kind: type | tuple[type, ...], default: Any = None, required: bool = False
+    ) -> Any:
         self.seen.add(key)
         if key not in self.value or self.value[key] is None:
             if required:
@@ -198,9 +200,15 @@ class _Fields:
             return default
         value = self.value[key]
         kinds = kind if isinstance(kind, tuple) else (kind,)
-        if (int in kinds and bool not in kinds and isinstance(value, bool)) or not isinstance(value, kind):
-            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            raise ObjectError(self.at(key), f"expected {names}, got {type(value).__name__} {value!r}")
+        if (int in kinds and bool not in kinds and isinstance(value, bool)) or not isinstance(
+            value, kind
+        ):
+            names = (
+                kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            )
+            raise ObjectError(
+                self.at(key), f"expected {names}, got {type(value).__name__} {value!r}"
+            )
         return value
 
     def items(self, key: str, required: bool = False) -> list[_Fields]:
@@ -269,7 +277,9 @@ def parse_endpoint(obj: Mapping[str, Any]) -> ArksEndpoint:
         ref.done()
     weighting = spec.get("weighting", str, default=WEIGHTED)
     if weighting not in WEIGHTINGS:
-        raise ObjectError(spec.at("weighting"), f"{weighting!r} is not one of {', '.join(WEIGHTINGS)}")
+        raise ObjectError(
+            spec.at("weighting"), f"{weighting!r} is not one of {', '.join(WEIGHTINGS)}"
+        )
     endpoint = ArksEndpoint(
         key=key,
         route_configs=tuple(refs),
@@ -286,7 +296,9 @@ def _timestamp(fields: _Fields, key: str) -> datetime | None:
     value = fields.get(key, (str, datetime, date))
     if value is None:
         return None
-    if isinstance(value, date) and not isinstance(value, datetime):  # YAML reads 2030-01-01 as a date
+    if isinstance(value, date) and not isinstance(
+        value, datetime
+    ):  # YAML reads 2030-01-01 as a date
         value = datetime(value.year, value.month, value.day, tzinfo=UTC)
     if isinstance(value, str):
         try:
@@ -312,7 +324,9 @@ def parse_token(obj: Mapping[str, Any]) -> ArksToken:
         ref.done()
     given = [token_hash is not None, secret_ref is not None, plain is not None]
     if sum(given) != 1:
-        raise ObjectError(spec.path, "exactly one of tokenHash, tokenSecretRef or token is required")
+        raise ObjectError(
+            spec.path, "exactly one of tokenHash, tokenSecretRef or token is required"
+        )
     if plain is not None:
         token_hash = token_digest(plain.strip())
     qos_list = []
@@ -322,7 +336,9 @@ def parse_token(obj: Mapping[str, Any]) -> ArksToken:
         for limit in qos.items("rateLimits"):
             kind = limit.get("type", str, required=True)
             if kind not in RATE_LIMIT_TYPES:
-                raise ObjectError(limit.at("type"), f"{kind!r} is not one of {', '.join(RATE_LIMIT_TYPES)}")
+                raise ObjectError(
+                    limit.at("type"), f"{kind!r} is not one of {', '.join(RATE_LIMIT_TYPES)}"
+                )
             value = limit.get("value", int, required=True)
             if value < 0:
                 raise ObjectError(limit.at("value"), "must be >= 0")
@@ -363,7 +379,9 @@ def parse_quota(obj: Mapping[str, Any]) -> ArksQuota:
             raise ObjectError(item.at("value"), "must be >= 0")
         period = item.get("period", str, default="none")
         if period not in QUOTA_PERIODS:
-            raise ObjectError(item.at("period"), f"{period!r} is not one of {', '.join(QUOTA_PERIODS)}")
+            raise ObjectError(
+                item.at("period"), f"{period!r} is not one of {', '.join(QUOTA_PERIODS)}"
+            )
         items.append(QuotaItem(kind, float(value), period))
         item.done()
     prices = []

@@ -129,7 +129,11 @@ def routed_backends(endpoint: ArksEndpoint, policy: Policy) -> list[tuple[Backen
     Services are routed by Envoy Gateway in Kubernetes, not by the local Envoy."""
     out = []
     for ref in endpoint.route_configs:
-        backend = policy.backends.get(ObjectKey(ref.namespace, ref.name)) if ref.kind == "Backend" else None
+        backend = (
+            policy.backends.get(ObjectKey(ref.namespace, ref.name))
+            if ref.kind == "Backend"
+            else None
+        )
         if backend is not None and ref.weight > 0:
             out.append((ref, backend))
     return out
@@ -157,7 +161,12 @@ def picked_host_policy() -> dict[str, Any]:
                     "typed_config": {
                         "@type": _LB_TYPE.format("override_host", "OverrideHost"),
                         "override_host_sources": [
-                            {"metadata": {"key": DESTINATION_METADATA_NAMESPACE, "path": [{"key": DESTINATION_HEADER}]}},
+                            {
+                                "metadata": {
+                                    "key": DESTINATION_METADATA_NAMESPACE,
+                                    "path": [{"key": DESTINATION_HEADER}],
+                                }
+                            },
                             {"header": DESTINATION_HEADER},
                         ],
                         "fallback_policy": {"policies": [_least_request()]},
@@ -181,7 +190,10 @@ def endpoint_cluster(endpoint: ArksEndpoint) -> dict[str, Any]:
         # Drained engines get nothing, however many there are (Envoy's default "panic" would
         # spread traffic over all of them once half are unhealthy); when all of an endpoint's
         # engines are drained, `load_assignment` fails open instead.
-        "common_lb_config": {"locality_weighted_lb_config": {}, "healthy_panic_threshold": {"value": 0}},
+        "common_lb_config": {
+            "locality_weighted_lb_config": {},
+            "healthy_panic_threshold": {"value": 0},
+        },
         # An engine answering errors or refusing connections is set aside for a while, on top
         # of the controller's load-based draining (which needs a scrape to notice).
         "outlier_detection": {
@@ -221,7 +233,11 @@ def load_assignment(
         for address in backend.endpoints:
             weight = engine_weights.get(address, 1) if dynamic else 1
             entry: dict[str, Any] = {
-                "endpoint": {"address": {"socket_address": {"address": address.address, "port_value": address.port}}},
+                "endpoint": {
+                    "address": {
+                        "socket_address": {"address": address.address, "port_value": address.port}
+                    }
+                },
                 "load_balancing_weight": max(weight, 1),
             }
             if weight == 0:
@@ -289,7 +305,10 @@ def routes(policy: Policy, settings: EnvoySettings) -> list[dict[str, Any]]:
                     "name": name,
                     "match": match,
                     "direct_response": _json_error(
-                        503, "service_unavailable", "no_backend", f"model {endpoint.model!r} has no ready backend"
+                        503,
+                        "service_unavailable",
+                        "no_backend",
+                        f"model {endpoint.model!r} has no ready backend",
                     ),
                 }
             )
@@ -309,15 +328,26 @@ def routes(policy: Policy, settings: EnvoySettings) -> list[dict[str, Any]]:
         {
             "name": "not_found",
             "match": {"prefix": "/"},
-            "direct_response": _json_error(404, "invalid_request_error", "not_found", "no such route"),
+            "direct_response": _json_error(
+                404, "invalid_request_error", "not_found", "no such route"
+            ),
         }
     )
     return out
 
 
-def _local_reply_mapper(status: int, kind: str, code: str, message: str = "%LOCAL_REPLY_BODY%") -> dict[str, Any]:
+def _local_reply_mapper(
+    status: int, kind: str, code: str, message: str = "%LOCAL_REPLY_BODY%"
+) -> dict[str, Any]:
     return {
-        "filter": {"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": status, "runtime_key": f"arks.local_reply.{status}"}}}},
+        "filter": {
+            "status_code_filter": {
+                "comparison": {
+                    "op": "EQ",
+                    "value": {"default_value": status, "runtime_key": f"arks.local_reply.{status}"},
+                }
+            }
+        },
         "body_format_override": {
             "json_format": {"error": {"message": message, "type": kind, "code": code}},
             "content_type": "application/json",
@@ -327,7 +357,9 @@ def _local_reply_mapper(status: int, kind: str, code: str, message: str = "%LOCA
 
 def local_reply_config(settings: EnvoySettings) -> dict[str, Any]:
     """OpenAI-shaped bodies for the answers Envoy makes itself (ext_proc never sends these codes)."""
-    too_large = f"The request body is larger than the gateway's limit of {settings.body_limit_bytes} bytes."
+    too_large = (
+        f"The request body is larger than the gateway's limit of {settings.body_limit_bytes} bytes."
+    )
     return {
         "mappers": [
             _local_reply_mapper(413, "invalid_request_error", "request_too_large", too_large),
@@ -345,7 +377,11 @@ def usage_access_log(settings: EnvoySettings) -> dict[str, Any]:
         "name": "envoy.access_loggers.http_grpc",
         "filter": {
             "metadata_filter": {
-                "matcher": {"filter": METADATA_NAMESPACE, "path": [{"key": "user"}], "value": {"present_match": True}},
+                "matcher": {
+                    "filter": METADATA_NAMESPACE,
+                    "path": [{"key": "user"}],
+                    "value": {"present_match": True},
+                },
                 "match_if_key_not_found": False,
             }
         },
@@ -387,10 +423,21 @@ def listener(settings: EnvoySettings) -> dict[str, Any]:
     }
     return {
         "name": LISTENER,
-        "address": {"socket_address": {"address": settings.listen_address, "port_value": settings.listen_port}},
+        "address": {
+            "socket_address": {
+                "address": settings.listen_address,
+                "port_value": settings.listen_port,
+            }
+        },
         # Bounds every buffered body (the request JSON, a non-streamed answer): Envoy answers 413.
         "per_connection_buffer_limit_bytes": settings.body_limit_bytes,
-        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+        "filter_chains": [
+            {
+                "filters": [
+                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+                ]
+            }
+        ],
     }
 
 
@@ -408,7 +455,17 @@ def _grpc_cluster(name: str, port: int) -> dict[str, Any]:
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [
-                {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {"address": "127.0.0.1", "port_value": port}
+                                }
+                            }
+                        }
+                    ]
+                }
             ],
         },
     }
@@ -428,7 +485,11 @@ def bootstrap(settings: EnvoySettings, node_id: str = "arks-local") -> dict[str,
     Envoy keeps serving its last configuration while the xDS server is away, and reconnects."""
     return {
         "node": {"id": node_id, "cluster": "arks"},
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": settings.admin_port}}},
+        "admin": {
+            "address": {
+                "socket_address": {"address": "127.0.0.1", "port_value": settings.admin_port}
+            }
+        },
         "static_resources": {"clusters": [extproc_cluster(settings), xds_cluster(settings)]},
         "dynamic_resources": {
             "ads_config": {
@@ -440,7 +501,9 @@ def bootstrap(settings: EnvoySettings, node_id: str = "arks-local") -> dict[str,
                             "cluster_name": XDS_CLUSTER,
                             # Reconnect within a second after a controller restart (Envoy's
                             # default backs off from 0.5 s up to 30 s).
-                            "retry_policy": {"retry_back_off": {"base_interval": "0.1s", "max_interval": "1s"}},
+                            "retry_policy": {
+                                "retry_back_off": {"base_interval": "0.1s", "max_interval": "1s"}
+                            },
                         }
                     }
                 ],
@@ -449,12 +512,21 @@ def bootstrap(settings: EnvoySettings, node_id: str = "arks-local") -> dict[str,
             "lds_config": dict(ADS_SOURCE),
             "cds_config": dict(ADS_SOURCE),
         },
-        "layered_runtime": {"layers": [{"name": "static", "static_layer": {"overload": {"global_downstream_max_connections": 50000}}}]},
+        "layered_runtime": {
+            "layers": [
+                {
+                    "name": "static",
+                    "static_layer": {"overload": {"global_downstream_max_connections": 50000}},
+                }
+            ]
+        },
     }
 
 
 def xds_resources(
-    policy: Policy, settings: EnvoySettings, engine_weights: Mapping[SocketAddress, int] | None = None
+    policy: Policy,
+    settings: EnvoySettings,
+    engine_weights: Mapping[SocketAddress, int] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Everything the xDS server serves, by type URL (each resource carries its `name`)."""
     weights = engine_weights or {}

@@ -16,7 +16,9 @@ def setup_process(log_level: str) -> None:
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-async def every(interval_s: float, turn: Callable[[], Awaitable[object]], log: logging.Logger) -> None:
+async def every(
+    interval_s: float, turn: Callable[[], Awaitable[object]], log: logging.Logger
+) -> None:
     """Run `turn` every `interval_s` forever; a failing turn is logged, never the end of it."""
     while True:
         await asyncio.sleep(interval_s)
@@ -26,7 +28,9 @@ async def every(interval_s: float, turn: Callable[[], Awaitable[object]], log: l
             log.exception("periodic turn failed; retrying")
 
 
-async def run_until_signalled(*background: Awaitable[None], shutdown: Callable[[], Awaitable[None]]) -> None:
+async def run_until_signalled(
+    *background: Awaitable[None], shutdown: Callable[[], Awaitable[None]]
+) -> None:
     """Run the background tasks until SIGTERM or SIGINT, then cancel them and shut down."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

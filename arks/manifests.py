@@ -80,7 +80,9 @@ class UntranslatableFilter(ValueError):
     """envoy/filters.yaml holds something this module does not know how to give Envoy Gateway."""
 
 
-def eg_extproc_name(namespace: str = NAMESPACE, policy: str = EXTPROC_POLICY, index: int = 0) -> str:
+def eg_extproc_name(
+    namespace: str = NAMESPACE, policy: str = EXTPROC_POLICY, index: int = 0
+) -> str:
     """EG's name for the ext_proc of an EnvoyExtensionPolicy: also its cluster's name."""
     return f"envoyextensionpolicy/{namespace}/{policy}/extproc/{index}".lower()
 
@@ -89,7 +91,9 @@ def eg_extproc_filter_name(namespace: str = NAMESPACE, policy: str = EXTPROC_POL
     return f"{EXT_PROC_FILTER}/{eg_extproc_name(namespace, policy)}"
 
 
-def eg_listener_name(namespace: str = NAMESPACE, gateway: str = GATEWAY, section: str = LISTENER) -> str:
+def eg_listener_name(
+    namespace: str = NAMESPACE, gateway: str = GATEWAY, section: str = LISTENER
+) -> str:
     """EG's xDS Listener name for a Gateway listener (the default name scheme, not XDSNameSchemeV2)."""
     return f"{namespace}/{gateway}/{section}"
 
@@ -127,13 +131,26 @@ def _status_code(envoy_code: str) -> int:
 def extproc_spec(ext_proc: Mapping[str, Any]) -> dict[str, Any]:
     """The EnvoyExtensionPolicy `extProc` entry equivalent to the local ext_proc filter config."""
     config = dict(ext_proc["typed_config"])
-    known = {"@type", "grpc_service", "message_timeout", "failure_mode_allow", "status_on_error",
-             "allow_mode_override", "processing_mode", "metadata_options", *_PATCHED_EXTPROC_FIELDS}
+    known = {
+        "@type",
+        "grpc_service",
+        "message_timeout",
+        "failure_mode_allow",
+        "status_on_error",
+        "allow_mode_override",
+        "processing_mode",
+        "metadata_options",
+        *_PATCHED_EXTPROC_FIELDS,
+    }
     unknown = sorted(set(config) - known)
     if unknown:
-        raise UntranslatableFilter(f"ext_proc fields without an Envoy Gateway equivalent: {unknown}")
+        raise UntranslatableFilter(
+            f"ext_proc fields without an Envoy Gateway equivalent: {unknown}"
+        )
     if config["processing_mode"] != _HEADERS_ONLY:
-        raise UntranslatableFilter(f"ext_proc processing mode {config['processing_mode']} is not headers-only")
+        raise UntranslatableFilter(
+            f"ext_proc processing mode {config['processing_mode']} is not headers-only"
+        )
     metadata = config["metadata_options"]
     return {
         "backendRefs": [{"name": EXTPROC_SERVICE, "port": EXTPROC_PORT}],
@@ -170,8 +187,15 @@ def extension_policy(settings: EnvoySettings | None = None) -> dict[str, Any]:
     }
 
 
-def _patch(op: str, value: Any = None, *, json_path: str | None = None, path: str | None = None,
-           name: str | None = None, kind: str = LISTENER_TYPE) -> dict[str, Any]:
+def _patch(
+    op: str,
+    value: Any = None,
+    *,
+    json_path: str | None = None,
+    path: str | None = None,
+    name: str | None = None,
+    kind: str = LISTENER_TYPE,
+) -> dict[str, Any]:
     operation: dict[str, Any] = {"op": op}
     if json_path is not None:
         operation["jsonPath"] = json_path
@@ -179,7 +203,11 @@ def _patch(op: str, value: Any = None, *, json_path: str | None = None, path: st
         operation["path"] = path
     if value is not None:
         operation["value"] = value
-    return {"type": kind, "name": name if name is not None else eg_listener_name(), "operation": operation}
+    return {
+        "type": kind,
+        "name": name if name is not None else eg_listener_name(),
+        "operation": operation,
+    }
 
 
 def filter_patches(settings: EnvoySettings | None = None) -> list[dict[str, Any]]:
@@ -189,7 +217,9 @@ def filter_patches(settings: EnvoySettings | None = None) -> list[dict[str, Any]
     ext_proc_at = filter_at(eg_extproc_filter_name())
     ext_proc = filters[EXT_PROC_FILTER]["typed_config"]
     access_log = copy.deepcopy(usage_access_log(settings))
-    access_log["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = eg_extproc_name()
+    access_log["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = (
+        eg_extproc_name()
+    )
     patches = [
         # on for every request, as locally (EG adds it disabled and enables it per route)
         _patch("add", False, json_path=ext_proc_at, path="/disabled"),
@@ -224,7 +254,20 @@ def ratelimit_cluster() -> dict[str, Any]:
         "load_assignment": {
             "cluster_name": RATELIMIT_CLUSTER,
             "endpoints": [
-                {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": address, "port_value": RATELIMIT_PORT}}}}]}
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {
+                                        "address": address,
+                                        "port_value": RATELIMIT_PORT,
+                                    }
+                                }
+                            }
+                        }
+                    ]
+                }
             ],
         },
     }
@@ -253,7 +296,12 @@ def ratelimit_filter() -> dict[str, Any]:
                 "transport_api_version": "V3",
             },
             "rate_limits": [
-                {"actions": [{"request_headers": {"header_name": header, "descriptor_key": key}} for header, key in entries]}
+                {
+                    "actions": [
+                        {"request_headers": {"header_name": header, "descriptor_key": key}}
+                        for header, key in entries
+                    ]
+                }
                 for entries in RATELIMIT_DESCRIPTORS
             ],
         },
@@ -273,7 +321,12 @@ def patch_policy(name: str, priority: int, patches: Sequence[Mapping[str, Any]])
         "apiVersion": EG_VERSION,
         "kind": "EnvoyPatchPolicy",
         "metadata": _metadata(name, "gateway"),
-        "spec": {"type": "JSONPatch", "targetRef": _gateway_ref(), "priority": priority, "jsonPatches": list(patches)},
+        "spec": {
+            "type": "JSONPatch",
+            "targetRef": _gateway_ref(),
+            "priority": priority,
+            "jsonPatches": list(patches),
+        },
     }
 
 
@@ -298,7 +351,10 @@ def backend_traffic_policy(settings: EnvoySettings | None = None) -> dict[str, A
     """The local routes' timeout and retries, and EG's global per-client-IP rate limit."""
     settings = settings or _settings()
     rules = [
-        {"clientSelectors": [{"sourceCIDR": {"type": "Distinct", "value": cidr}}], "limit": dict(CLIENT_IP_LIMIT)}
+        {
+            "clientSelectors": [{"sourceCIDR": {"type": "Distinct", "value": cidr}}],
+            "limit": dict(CLIENT_IP_LIMIT),
+        }
         for cidr in ("0.0.0.0/0", "::/0")
     ]
     return {
@@ -311,7 +367,10 @@ def backend_traffic_policy(settings: EnvoySettings | None = None) -> dict[str, A
             # The local retry policy of a model's route (arks.envoy_config.retry_policy).
             "retry": {
                 "numRetries": NUM_RETRIES,
-                "retryOn": {"triggers": list(RETRY_ON), "httpStatusCodes": list(RETRIABLE_STATUS_CODES)},
+                "retryOn": {
+                    "triggers": list(RETRY_ON),
+                    "httpStatusCodes": list(RETRIABLE_STATUS_CODES),
+                },
             },
             "rateLimit": {"type": "Global", "global": {"rules": rules}},
         },
@@ -348,14 +407,20 @@ _Dumper.add_representer(str, _str)
 
 
 def render(settings: EnvoySettings | None = None) -> str:
-    body = "---\n".join(yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=120) for doc in documents(settings))
+    body = "---\n".join(
+        yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=120) for doc in documents(settings)
+    )
     return HEADER + body
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m arks.manifests", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m arks.manifests", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--out", type=Path, default=OUTPUT)
-    parser.add_argument("--check", action="store_true", help="fail if the file differs from what would be written")
+    parser.add_argument(
+        "--check", action="store_true", help="fail if the file differs from what would be written"
+    )
     args = parser.parse_args(argv)
     text = render()
     if args.check:

@@ -29,7 +29,11 @@ _PARSERS: Mapping[tuple[str, str], Callable[[Mapping[str, Any]], Any]] = {
     ("", "Secret"): api.parse_secret,
 }
 # Kinds a policy file may hold that the gateway itself does not read (the controller does).
-_IGNORED = {("arks.ai", "ArksModel"), ("arks.ai", "ArksApplication"), ("arks.ai", "ArksDisaggregatedApplication")}
+_IGNORED = {
+    ("arks.ai", "ArksModel"),
+    ("arks.ai", "ArksApplication"),
+    ("arks.ai", "ArksDisaggregatedApplication"),
+}
 
 
 class PolicyError(ValueError):
@@ -128,7 +132,9 @@ def build_policy(
         if token.secret_ref is not None:
             secret = secrets.get(ObjectKey(token.key.namespace, token.secret_ref.name))
             plain = secret.data.get(token.secret_ref.key) if secret else None
-            plain = plain.strip() if plain else None  # `kubectl create secret --from-file` keeps a newline
+            plain = (
+                plain.strip() if plain else None
+            )  # `kubectl create secret --from-file` keeps a newline
             if not plain:
                 warnings.append(
                     f"ArksToken {token.key}: secret {token.secret_ref.name!r} key {token.secret_ref.key!r} "
@@ -137,7 +143,9 @@ def build_policy(
                 continue
             digest = api.token_digest(plain)
         if token.plain_token_given:
-            warnings.append(f"ArksToken {token.key}: spec.token holds a plain token; use tokenHash or tokenSecretRef")
+            warnings.append(
+                f"ArksToken {token.key}: spec.token holds a plain token; use tokenHash or tokenSecretRef"
+            )
         assert digest is not None
         if digest in by_digest or digest in clashing:
             first = by_digest.pop(digest, None) or clashing[digest]
@@ -150,13 +158,19 @@ def build_policy(
         by_digest[digest] = token
         for qos in token.qos:
             if ObjectKey(token.key.namespace, qos.endpoint) not in endpoints:
-                warnings.append(f"ArksToken {token.key}: grants unknown ArksEndpoint {qos.endpoint!r}")
+                warnings.append(
+                    f"ArksToken {token.key}: grants unknown ArksEndpoint {qos.endpoint!r}"
+                )
             if qos.quota and ObjectKey(token.key.namespace, qos.quota) not in quotas:
-                warnings.append(f"ArksToken {token.key}: references unknown ArksQuota {qos.quota!r}")
+                warnings.append(
+                    f"ArksToken {token.key}: references unknown ArksQuota {qos.quota!r}"
+                )
     for endpoint in endpoints.values():
         for ref in endpoint.route_configs:
             if ref.kind == "Backend" and ref.key not in backends:
-                warnings.append(f"ArksEndpoint {endpoint.key}: references unknown Backend {ref.key}")
+                warnings.append(
+                    f"ArksEndpoint {endpoint.key}: references unknown Backend {ref.key}"
+                )
     return Policy(backends, endpoints, by_digest, quotas, tuple(warnings), version)
 
 
@@ -177,7 +191,10 @@ def read_policy_file(path: Path) -> list[tuple[str, Mapping[str, Any]]]:
         if isinstance(doc, Mapping) and doc.get("kind") == "List":
             if not isinstance(doc.get("items") or [], list):
                 raise PolicyError(f"{path}: document {index} (List): items: expected a list")
-            out.extend((f"{path}: document {index} item {i}", item) for i, item in enumerate(doc.get("items") or []))
+            out.extend(
+                (f"{path}: document {index} item {i}", item)
+                for i, item in enumerate(doc.get("items") or [])
+            )
         else:
             out.append((f"{path}: document {index}", doc))
     return out
@@ -237,7 +254,11 @@ class FilePolicySource:
         self.reloads += 1
         log.info(
             "policy reloaded from %s: %d tokens, %d endpoints, %d backends, %d quotas",
-            self.path, len(policy.tokens_by_digest), len(policy.endpoints), len(policy.backends), len(policy.quotas),
+            self.path,
+            len(policy.tokens_by_digest),
+            len(policy.endpoints),
+            len(policy.backends),
+            len(policy.quotas),
         )
         self._log_warnings(policy)
         return True

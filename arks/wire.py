@@ -11,7 +11,9 @@ import re
 
 # --- Envoy: dynamic metadata namespaces ------------------------------------------------------
 METADATA_NAMESPACE = "io.arks"  # identity, limits, reservation and usage of one request
-REQUEST_METADATA_NAMESPACE = "io.arks.request"  # body fields json_to_metadata reads ahead of ext_proc
+REQUEST_METADATA_NAMESPACE = (
+    "io.arks.request"  # body fields json_to_metadata reads ahead of ext_proc
+)
 DESTINATION_METADATA_NAMESPACE = "envoy.lb"  # the picked engines (Gateway API Inference Extension)
 
 # --- HTTP headers ---------------------------------------------------------------------------

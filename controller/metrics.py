@@ -48,7 +48,9 @@ class ControllerMetrics:
             registry=self.registry,
         )
         self.leader = Gauge(
-            "arks_controller_leader", "1 while this replica holds the leader Lease.", registry=self.registry
+            "arks_controller_leader",
+            "1 while this replica holds the leader Lease.",
+            registry=self.registry,
         )
 
 

@@ -53,12 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m controller", description=__doc__)
     p.add_argument("--kube-host", default="in-cluster", metavar="URL|in-cluster|kubeconfig")
     standalone = p.add_argument_group("standalone (no cluster)")
-    standalone.add_argument("--policy", type=Path, help="run standalone with this policy file (reloaded on change)")
-    standalone.add_argument("--xds-address", default="127.0.0.1:18000", help="where Envoy's ADS connects")
-    standalone.add_argument("--listen-address", default="127.0.0.1", help="Envoy's listener address")
+    standalone.add_argument(
+        "--policy", type=Path, help="run standalone with this policy file (reloaded on change)"
+    )
+    standalone.add_argument(
+        "--xds-address", default="127.0.0.1:18000", help="where Envoy's ADS connects"
+    )
+    standalone.add_argument(
+        "--listen-address", default="127.0.0.1", help="Envoy's listener address"
+    )
     standalone.add_argument("--listen-port", type=int, default=8080, help="Envoy's listener port")
     p.add_argument(
-        "--scrape-interval-s", type=float, default=1.0,
+        "--scrape-interval-s",
+        type=float,
+        default=1.0,
         help="engine /metrics scrape period, for load-based weights (both modes)",
     )
     p.add_argument("--namespace", help="only this namespace (default: all)")
@@ -112,7 +120,10 @@ class Settings:
 
 def run_standalone(settings: Settings, policy: Path) -> int:
     envoy = EnvoySettings(
-        listen_port=settings.listen_port, admin_port=0, extproc_port=0, listen_address=settings.listen_address
+        listen_port=settings.listen_port,
+        admin_port=0,
+        extproc_port=0,
+        listen_address=settings.listen_address,
     )
     state = Standalone(
         FilePolicySource(policy), envoy, settings.xds_address, interval_s=settings.scrape_interval_s
@@ -142,21 +153,33 @@ def run(settings: Settings) -> int:
         settings.watch_leaderworkersets == "auto" and rest.serves(client, LEADERWORKERSETS)
     )
     log.info("LeaderWorkerSets %s", "watched" if watch_lws else "not watched (CRD not installed)")
-    elector = LeaderElector(client, settings.lease_namespace, settings.lease_name, settings.identity)
+    elector = LeaderElector(
+        client, settings.lease_namespace, settings.lease_name, settings.identity
+    )
     load = ClusterLoad(client, settings.namespace, interval_s=settings.scrape_interval_s)
     controllers = [
         application_controller(
-            client, settings.namespace, workers=settings.workers, leader=elector,
+            client,
+            settings.namespace,
+            workers=settings.workers,
+            leader=elector,
             watch_leaderworkersets=watch_lws,
         ),
         disaggregated_controller(
-            client, settings.namespace, workers=settings.workers, leader=elector,
+            client,
+            settings.namespace,
+            workers=settings.workers,
+            leader=elector,
             watch_leaderworkersets=watch_lws,
         ),
         model_controller(client, settings.namespace, workers=settings.workers, leader=elector),
         endpoint_controller(
-            client, settings.namespace, workers=settings.workers, leader=elector,
-            default_gateway=gateway_ref(settings.default_gateway), load=load,
+            client,
+            settings.namespace,
+            workers=settings.workers,
+            leader=elector,
+            default_gateway=gateway_ref(settings.default_gateway),
+            load=load,
         ),
         token_controller(client, settings.namespace, workers=settings.workers, leader=elector),
     ]
@@ -165,7 +188,9 @@ def run(settings: Settings) -> int:
     for c in controllers:
         c.instrument(metrics)
     http = serve(
-        settings.metrics_address, settings.metrics_port, metrics,
+        settings.metrics_address,
+        settings.metrics_port,
+        metrics,
         lambda: load.synced() and all(c.synced() for c in controllers),
     )
     stop = threading.Event()

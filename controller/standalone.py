@@ -54,10 +54,15 @@ class StandaloneMetrics:
 
     def __post_init__(self) -> None:
         self.weight = Gauge(
-            "arks_engine_weight", "Weight published for an engine (0: drained).", ["engine"], registry=self.registry
+            "arks_engine_weight",
+            "Weight published for an engine (0: drained).",
+            ["engine"],
+            registry=self.registry,
         )
         self.snapshots = Gauge(
-            "arks_xds_snapshots", "Snapshots handed to the xDS server since start.", registry=self.registry
+            "arks_xds_snapshots",
+            "Snapshots handed to the xDS server since start.",
+            registry=self.registry,
         )
 
 
@@ -108,7 +113,13 @@ class Standalone:
         weights = self.tracker.update(observations)
         for engine, weight in weights.items():
             if self.weights.get(engine) != weight:
-                log.info("engine %s:%d weight %s -> %d", engine.address, engine.port, self.weights.get(engine), weight)
+                log.info(
+                    "engine %s:%d weight %s -> %d",
+                    engine.address,
+                    engine.port,
+                    self.weights.get(engine),
+                    weight,
+                )
             self.metrics.weight.labels(f"{engine.address}:{engine.port}").set(weight)
         self.weights = dict(weights)
         self.loads = {
@@ -147,9 +158,16 @@ class Standalone:
         engines = []
         for engine in sorted(self.weights, key=lambda e: (e.address, e.port)):
             load = self.loads.get(engine)
-            entry: dict[str, Any] = {"engine": f"{engine.address}:{engine.port}", "weight": self.weights[engine]}
+            entry: dict[str, Any] = {
+                "engine": f"{engine.address}:{engine.port}",
+                "weight": self.weights[engine],
+            }
             if isinstance(load, EngineLoad):
-                entry["load"] = {"waiting": load.waiting, "running": load.running, "kv_cache_usage": load.kv_cache_usage}
+                entry["load"] = {
+                    "waiting": load.waiting,
+                    "running": load.running,
+                    "kv_cache_usage": load.kv_cache_usage,
+                }
             elif load is not None:
                 entry["error"] = load
             engines.append(entry)

@@ -48,7 +48,9 @@ class AdmissionControl:
     lease_ttl_s: float = 630.0  # the longest answer, plus the access log's delay
     default_max_tokens: int = 1024  # reserved for an answer whose request sets no max_tokens
     # Settlements that found the store away, applied when it is back (bounded: the oldest go).
-    unsettled: deque[tuple[str, list[Charge]]] = field(default_factory=lambda: deque(maxlen=100_000))
+    unsettled: deque[tuple[str, list[Charge]]] = field(
+        default_factory=lambda: deque(maxlen=100_000)
+    )
 
     async def admit(self, info: RequestInfo, decision: Decision) -> Decision:
         if not isinstance(decision, Forward):
@@ -59,26 +61,37 @@ class AdmissionControl:
         leases, reservation = self._leases(info, decision)
         if leases:
             try:
-                taken = await self.budgets.admit(info.request_id, leases, self.lease_ttl_s, reservation.admitted_at)
+                taken = await self.budgets.admit(
+                    info.request_id, leases, self.lease_ttl_s, reservation.admitted_at
+                )
             except BackendUnavailable as err:
                 return self._without_store(decision, reservation, err)
             if not taken.admitted:
                 now = datetime.fromtimestamp(reservation.admitted_at, UTC)
                 why = quota.refusal(taken.key, taken.used, taken.leased, taken.limit, now)
                 headers = (("retry-after", str(why.retry_after_s)),) if why.retry_after_s else ()
-                kind = "insufficient_quota" if why.code == "insufficient_quota" else "rate_limit_error"
+                kind = (
+                    "insufficient_quota" if why.code == "insufficient_quota" else "rate_limit_error"
+                )
                 return Deny(why.status, why.code, why.message, type=kind, headers=headers)
         metadata = {**decision.metadata[METADATA_NAMESPACE], **reservation.metadata()}
         return dataclasses.replace(decision, metadata={METADATA_NAMESPACE: metadata})
 
-    def _without_store(self, decision: Forward, reservation: Reservation, err: Exception) -> Decision:
+    def _without_store(
+        self, decision: Forward, reservation: Reservation, err: Exception
+    ) -> Decision:
         """The budget store is unreachable: fail open (settle later) or closed, as configured."""
         policy = "fail_open" if self.limiter.enforcement.fail_open else "fail_closed"
         self.limiter.metrics.backend_errors.labels(policy).inc()
         log.warning("budget store unavailable (%s): %s", policy, err)
         if not self.limiter.enforcement.fail_open:
-            return Deny(503, "quota_unavailable", "Quotas cannot be checked right now; try again shortly.",
-                        type="service_unavailable", headers=(("retry-after", "1"),))
+            return Deny(
+                503,
+                "quota_unavailable",
+                "Quotas cannot be checked right now; try again shortly.",
+                type="service_unavailable",
+                headers=(("retry-after", "1"),),
+            )
         metadata = {**decision.metadata[METADATA_NAMESPACE], **reservation.metadata()}
         return dataclasses.replace(decision, metadata={METADATA_NAMESPACE: metadata})
 
@@ -89,7 +102,9 @@ class AdmissionControl:
         answer = await self.limiter.decide(request)
         if not answer.over_limit:
             return None
-        message = orjson.loads(answer.body)["error"]["message"] if answer.body else "Rate limit reached."
+        message = (
+            orjson.loads(answer.body)["error"]["message"] if answer.body else "Rate limit reached."
+        )
         headers = tuple((k, v) for k, v in answer.headers if k != "content-type")
         return Deny(429, "rate_limit_exceeded", message, type="rate_limit_error", headers=headers)
 
@@ -98,10 +113,19 @@ class AdmissionControl:
         now = self.clock()
         leases: list[Lease] = []
         quota_name = None
-        found = self.policy.current().quotas.get(ObjectKey(identity.namespace, grant.quota)) if grant and grant.quota else None
+        found = (
+            self.policy.current().quotas.get(ObjectKey(identity.namespace, grant.quota))
+            if grant and grant.quota
+            else None
+        )
         if found is not None:
-            prompt, completion = self._prompt_estimate(info, decision), self._completion_estimate(decision)
-            leases += quota.quota_leases(found, identity.model, prompt, completion, datetime.fromtimestamp(now, UTC))
+            prompt, completion = (
+                self._prompt_estimate(info, decision),
+                self._completion_estimate(decision),
+            )
+            leases += quota.quota_leases(
+                found, identity.model, prompt, completion, datetime.fromtimestamp(now, UTC)
+            )
             quota_name = found.key.name
         limits = qos.token_limits(grant)
         if limits:
@@ -122,15 +146,24 @@ class AdmissionControl:
         return decision.max_tokens if decision.max_tokens is not None else self.default_max_tokens
 
     async def settle(
-        self, request_id: str, identity: Identity, reservation: Reservation | None, limits: Mapping[str, int],
-        prompt: int, completion: int,
+        self,
+        request_id: str,
+        identity: Identity,
+        reservation: Reservation | None,
+        limits: Mapping[str, int],
+        prompt: int,
+        completion: int,
     ) -> None:
         """The answer ended: charge its tokens to tpm/tpd, its cost to the quota, free its slot."""
         if reservation is None:
             return
-        charges: list[Charge] = quota.token_rate_charges(identity, limits, prompt + completion, reservation.admitted_at)
+        charges: list[Charge] = quota.token_rate_charges(
+            identity, limits, prompt + completion, reservation.admitted_at
+        )
         if reservation.quota:
-            found = self.policy.current().quotas.get(ObjectKey(identity.namespace, reservation.quota))
+            found = self.policy.current().quotas.get(
+                ObjectKey(identity.namespace, reservation.quota)
+            )
             if found is not None:
                 admitted = datetime.fromtimestamp(reservation.admitted_at, UTC)
                 charges += quota.quota_charges(found, identity.model, prompt, completion, admitted)
@@ -146,7 +179,9 @@ class AdmissionControl:
             if len(self.unsettled) == self.unsettled.maxlen:
                 self.limiter.metrics.backend_errors.labels("settlement_dropped").inc()
             self.unsettled.append((request_id, charges))
-            log.warning("budget store unavailable; %d settlements wait for it: %s", len(self.unsettled), err)
+            log.warning(
+                "budget store unavailable; %d settlements wait for it: %s", len(self.unsettled), err
+            )
 
     async def retry_unsettled(self) -> int:
         """Apply the settlements that waited for the store; how many went through."""

@@ -27,7 +27,9 @@ def authenticate(headers: Mapping[str, str], policy: Policy, now: datetime) -> A
     if token is None:
         if "authorization" in headers:
             return unauthorized("The Authorization header must be 'Bearer <token>'.")
-        return unauthorized("No API key provided: send 'Authorization: Bearer <token>' or 'x-api-key'.")
+        return unauthorized(
+            "No API key provided: send 'Authorization: Bearer <token>' or 'x-api-key'."
+        )
     found = policy.token(token_digest(token))
     # Saying "expired" or "disabled" tells nothing to someone who does not hold the token.
     if found is None:

@@ -55,7 +55,10 @@ class ClusterPolicySource:
     ) -> None:
         self.api_client = api_client
         self.namespace = namespace
-        self._informers = {k.kind: Informer(api_client, k.resource, namespace, **(informer_options or {})) for k in KINDS}
+        self._informers = {
+            k.kind: Informer(api_client, k.resource, namespace, **(informer_options or {}))
+            for k in KINDS
+        }
         for informer in self._informers.values():
             informer.add_handler(self._changed)
         self._policy = Policy()
@@ -87,10 +90,14 @@ class ClusterPolicySource:
             informer.start()
         for informer in self._informers.values():
             if not informer.wait_synced(max(0.0, deadline - time.monotonic())):
-                log.warning("policy: %s not listed yet; starting without them", informer.resource.plural)
+                log.warning(
+                    "policy: %s not listed yet; starting without them", informer.resource.plural
+                )
         self._dirty.clear()
         self._rebuild()
-        self._builder = threading.Thread(target=self._build_loop, name="policy-builder", daemon=True)
+        self._builder = threading.Thread(
+            target=self._build_loop, name="policy-builder", daemon=True
+        )
         self._builder.start()
 
     def stop(self, timeout_s: float | None = 0) -> None:

@@ -51,7 +51,9 @@ def _text(header: base_pb2.HeaderValue) -> str:
     return header.raw_value.decode("utf-8", "replace") if header.raw_value else str(header.value)
 
 
-_KEPT_HEADERS = frozenset({"authorization", "x-api-key", "x-request-id", "content-length", *PICKED_HEADERS})
+_KEPT_HEADERS = frozenset(
+    {"authorization", "x-api-key", "x-request-id", "content-length", *PICKED_HEADERS}
+)
 
 
 def request_info(headers: ep.HttpHeaders, metadata: base_pb2.Metadata) -> RequestInfo:
@@ -68,22 +70,35 @@ def request_info(headers: ep.HttpHeaders, metadata: base_pb2.Metadata) -> Reques
         elif key == ":method":
             method = _text(header)
     fields = metadata.filter_metadata.get(REQUEST_METADATA_NAMESPACE)
-    facts = BodyFacts.from_metadata({k: _struct_value(v) for k, v in fields.fields.items()}) if fields else BodyFacts()
+    facts = (
+        BodyFacts.from_metadata({k: _struct_value(v) for k, v in fields.fields.items()})
+        if fields
+        else BodyFacts()
+    )
     return RequestInfo(method, path, plain, facts, headers.end_of_stream)
 
 
 def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
-    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, raw_value=value.encode()), append_action=_OVERWRITE)
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=name, raw_value=value.encode()), append_action=_OVERWRITE
+    )
 
 
 _JSON_CONTENT_TYPE = _header("content-type", "application/json")
 
 
-def _immediate(status: int, body: bytes, headers: tuple[tuple[str, str], ...], details: str) -> ep.ProcessingResponse:
-    mutation = ep.HeaderMutation(set_headers=[_JSON_CONTENT_TYPE, *(_header(k, v) for k, v in headers)])
+def _immediate(
+    status: int, body: bytes, headers: tuple[tuple[str, str], ...], details: str
+) -> ep.ProcessingResponse:
+    mutation = ep.HeaderMutation(
+        set_headers=[_JSON_CONTENT_TYPE, *(_header(k, v) for k, v in headers)]
+    )
     return ep.ProcessingResponse(
         immediate_response=ep.ImmediateResponse(
-            status=http_status_pb2.HttpStatus(code=status), headers=mutation, body=body, details=details
+            status=http_status_pb2.HttpStatus(code=status),
+            headers=mutation,
+            body=body,
+            details=details,
         )
     )
 
@@ -110,7 +125,9 @@ def _forward_common(decision: Forward, destination: str | None) -> ep.CommonResp
         body_mutation = ep.BodyMutation(body=decision.body)
         set_headers.append(_header("content-length", str(len(decision.body))))
     return ep.CommonResponse(
-        header_mutation=ep.HeaderMutation(set_headers=set_headers, remove_headers=list(decision.remove_headers)),
+        header_mutation=ep.HeaderMutation(
+            set_headers=set_headers, remove_headers=list(decision.remove_headers)
+        ),
         body_mutation=body_mutation,
         clear_route_cache=True,
     )
@@ -125,14 +142,18 @@ def _value(value: Any) -> struct_pb2.Value:
     if isinstance(value, str):
         return struct_pb2.Value(string_value=value)
     if isinstance(value, dict):
-        return struct_pb2.Value(struct_value=struct_pb2.Struct(fields={k: _value(v) for k, v in value.items()}))
+        return struct_pb2.Value(
+            struct_value=struct_pb2.Struct(fields={k: _value(v) for k, v in value.items()})
+        )
     raise TypeError(f"no protobuf Value for {type(value).__name__}")
 
 
 def _metadata(decision: Forward, destination: str | None) -> struct_pb2.Struct:
     fields = {ns: _value(values) for ns, values in decision.metadata.items()}
     if destination is not None:  # the picked engines, Gateway API Inference Extension style
-        picked = struct_pb2.Struct(fields={DESTINATION_HEADER: struct_pb2.Value(string_value=destination)})
+        picked = struct_pb2.Struct(
+            fields={DESTINATION_HEADER: struct_pb2.Value(string_value=destination)}
+        )
         fields[DESTINATION_METADATA_NAMESPACE] = struct_pb2.Value(struct_value=picked)
     return struct_pb2.Struct(fields=fields)
 
@@ -162,7 +183,11 @@ def _number(fields: Any, key: str) -> int | None:
 def _interruption(flags: accesslog_pb2.ResponseFlags) -> str | None:
     if flags.downstream_connection_termination:
         return "client_disconnected"
-    if flags.upstream_remote_reset or flags.upstream_connection_termination or flags.upstream_protocol_error:
+    if (
+        flags.upstream_remote_reset
+        or flags.upstream_connection_termination
+        or flags.upstream_protocol_error
+    ):
         return "upstream_reset"
     if flags.upstream_request_timeout or flags.stream_idle_timeout:
         return "timeout"
@@ -199,4 +224,8 @@ def _limits(fields: Any) -> dict[str, int]:
     value = fields.get("limits")
     if value is None or value.WhichOneof("kind") != "struct_value":
         return {}
-    return {k: int(v.number_value) for k, v in value.struct_value.fields.items() if v.WhichOneof("kind") == "number_value"}
+    return {
+        k: int(v.number_value)
+        for k, v in value.struct_value.fields.items()
+        if v.WhichOneof("kind") == "number_value"
+    }

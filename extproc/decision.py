@@ -21,7 +21,9 @@ class Deny:
     headers: tuple[tuple[str, str], ...] = ()
 
     def body(self) -> bytes:
-        return orjson.dumps({"error": {"message": self.message, "type": self.type, "code": self.code}})
+        return orjson.dumps(
+            {"error": {"message": self.message, "type": self.type, "code": self.code}}
+        )
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,11 @@ class StateFile:
 
     def save(self, snapshot: Mapping[str, int], policy: Policy, now: datetime) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps({"taken_at": now.timestamp(), "used": dict(snapshot)}, indent=1, sort_keys=True))
+        tmp.write_text(
+            json.dumps(
+                {"taken_at": now.timestamp(), "used": dict(snapshot)}, indent=1, sort_keys=True
+            )
+        )
         tmp.replace(self.path)
 
 
@@ -62,12 +66,14 @@ def quota_status(q: ArksQuota, snapshot: Mapping[str, int], now: datetime) -> li
     for item in q.quotas:
         used = snapshot.get(quota.budget_key(q.key, item, now), 0)
         start, _ = quota.period_bounds(item.period, now)
-        out.append({
-            "type": item.type,
-            "period": item.period,
-            "used": used / quota.MICRO if item.type == "cost" else used,
-            "windowStart": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        })
+        out.append(
+            {
+                "type": item.type,
+                "period": item.period,
+                "used": used / quota.MICRO if item.type == "cost" else used,
+                "windowStart": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            }
+        )
     return out
 
 
@@ -87,9 +93,13 @@ class QuotaStatus:
                 mine = current.get((entry.get("type"), entry.get("period")))
                 if mine is None or entry.get("windowStart") != mine["windowStart"]:
                     continue  # another period's figure: nothing to restore from it
-                item = next(i for i in q.quotas if (i.type, i.period) == (entry["type"], entry["period"]))
+                item = next(
+                    i for i in q.quotas if (i.type, i.period) == (entry["type"], entry["period"])
+                )
                 value = float(entry.get("used") or 0)
-                loaded[quota.budget_key(q.key, item, now)] = round(value * quota.MICRO) if item.type == "cost" else int(value)
+                loaded[quota.budget_key(q.key, item, now)] = (
+                    round(value * quota.MICRO) if item.type == "cost" else int(value)
+                )
         return loaded
 
     def save(self, snapshot: Mapping[str, int], policy: Policy, now: datetime) -> None:

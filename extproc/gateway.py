@@ -32,7 +32,9 @@ def models_reply(policy: Policy, token: ArksToken, path: str) -> Decision:
     """`GET /v1/models` (the models this token may use) and `GET /v1/models/{id}`."""
     models = policy.models_for(token)
     if path == MODELS_PATH:
-        return Reply(orjson.dumps({"object": "list", "data": [_model_object(m, token) for m in models]}))
+        return Reply(
+            orjson.dumps({"object": "list", "data": [_model_object(m, token) for m in models]})
+        )
     model = path.removeprefix(MODELS_PATH + "/")
     if model not in models:
         return Deny(404, "model_not_found", f"The model {model!r} does not exist.")
@@ -51,14 +53,20 @@ def decide_headers(req: RequestInfo, policy: Policy, now: datetime) -> Decision:
     if req.path not in INFERENCE_PATHS:
         return Deny(404, "not_found", f"Unknown path {req.path!r}.")
     if req.method != "POST":
-        return Deny(405, "method_not_allowed", f"{req.method} is not allowed on {req.path}; use POST.")
+        return Deny(
+            405, "method_not_allowed", f"{req.method} is not allowed on {req.path}; use POST."
+        )
     if req.end_of_stream:
-        return bad_request("The request has no body: send a JSON object with a 'model'.", "missing_body")
+        return bad_request(
+            "The request has no body: send a JSON object with a 'model'.", "missing_body"
+        )
     if not req.body.known:
         return ReadBody("the body was not lifted into metadata", token)
     decision = decide_route(req, req.body, token, policy, body=None)
     if isinstance(decision, Forward) and decision.weighting == PREFIX_CACHE:
-        return ReadBody("prefix-cache picking needs the prompt", token)  # one more message, this endpoint only
+        return ReadBody(
+            "prefix-cache picking needs the prompt", token
+        )  # one more message, this endpoint only
     return decision
 
 
@@ -108,7 +116,12 @@ def decide_route(
         return Deny(404, "model_not_found", f"The model {model!r} does not exist.")
     qos = token.grants(model)
     if qos is None:
-        return Deny(403, "model_not_allowed", f"This API key may not use the model {model!r}.", type="permission_denied")
+        return Deny(
+            403,
+            "model_not_allowed",
+            f"This API key may not use the model {model!r}.",
+            type="permission_denied",
+        )
 
     # A streamed answer carries usage only when asked; ask for it unless the client said no.
     # Envoy inserts it (usage.lua) when we only saw metadata; here when we parsed the body.
@@ -129,7 +142,10 @@ def decide_route(
         prompt_estimate = metadata["prompt_estimate"] = count_prompt(body)
         if needs_usage_option:
             options = body.get("stream_options")
-            body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+            body["stream_options"] = {
+                **(options if isinstance(options, dict) else {}),
+                "include_usage": True,
+            }
             new_body = orjson.dumps(body)
     set_headers = (
         (MODEL_HEADER, model),
@@ -139,7 +155,9 @@ def decide_route(
     )
     ours = {name for name, _ in set_headers}
     remove = tuple(
-        name for name in (*req.spoofed_headers, *CREDENTIAL_HEADERS) if name in req.headers and name not in ours
+        name
+        for name in (*req.spoofed_headers, *CREDENTIAL_HEADERS)
+        if name in req.headers and name not in ours
     )
     return Forward(
         identity=Identity(namespace, token.user, model),
@@ -156,4 +174,8 @@ def decide_route(
 
 
 def _count(value: object) -> int | None:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 else None
+    return (
+        int(value)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+        else None
+    )

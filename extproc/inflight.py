@@ -30,7 +30,12 @@ class Admitted:
     def usage(self) -> Usage:
         ident = self.identity
         return Usage(
-            ident.namespace, ident.user, ident.model, self.prompt_estimate or 0, self.max_tokens or 0, "access_log_lost"
+            ident.namespace,
+            ident.user,
+            ident.model,
+            self.prompt_estimate or 0,
+            self.max_tokens or 0,
+            "access_log_lost",
         )
 
 

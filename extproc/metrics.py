@@ -34,10 +34,16 @@ class GatewayMetrics:
         return cls(
             registry=registry,
             requests=Counter(
-                "arks_requests", "Admitted requests that finished, by answer status.", (*_IDENTITY, "code"), registry=registry
+                "arks_requests",
+                "Admitted requests that finished, by answer status.",
+                (*_IDENTITY, "code"),
+                registry=registry,
             ),
             tokens=Counter(
-                "arks_usage_tokens", "Tokens charged, by type (prompt, completion).", (*_IDENTITY, "type"), registry=registry
+                "arks_usage_tokens",
+                "Tokens charged, by type (prompt, completion).",
+                (*_IDENTITY, "type"),
+                registry=registry,
             ),
             estimated=Counter(
                 "arks_usage_estimated_requests",
@@ -46,10 +52,15 @@ class GatewayMetrics:
                 registry=registry,
             ),
             denials=Counter(
-                "arks_gateway_denials", "Requests the gateway answered itself with an error.", ("status", "code"), registry=registry
+                "arks_gateway_denials",
+                "Requests the gateway answered itself with an error.",
+                ("status", "code"),
+                registry=registry,
             ),
             access_log_entries=Counter(
-                "arks_access_log_entries", "Access-log entries received from Envoy.", registry=registry
+                "arks_access_log_entries",
+                "Access-log entries received from Envoy.",
+                registry=registry,
             ),
             unreported=Counter(
                 "arks_usage_unreported_requests",
@@ -62,7 +73,9 @@ class GatewayMetrics:
                 "Requests admitted here whose access-log entry went to another gateway replica.",
                 registry=registry,
             ),
-            policy_reloads=Gauge("arks_policy_reloads", "Successful policy reloads since start.", registry=registry),
+            policy_reloads=Gauge(
+                "arks_policy_reloads", "Successful policy reloads since start.", registry=registry
+            ),
             pending=Gauge(
                 "arks_usage_pending_requests",
                 "Admitted requests whose usage has not arrived yet (in flight, or the access log is behind).",

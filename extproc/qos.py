@@ -20,8 +20,15 @@ TOKEN_LIMITS = ("tpm", "tpd")
 
 def _descriptor(identity: Identity, kind: str, value: int, hits: int) -> DescriptorRequest:
     unit = REQUEST_LIMITS[kind]
-    entries = (("namespace", identity.namespace), ("user", identity.user), ("model", identity.model), ("limit", kind))
-    return DescriptorRequest(entries, RateLimit(value, unit, name=kind, stats_key=f"{DOMAIN}.{kind}"), hits)
+    entries = (
+        ("namespace", identity.namespace),
+        ("user", identity.user),
+        ("model", identity.model),
+        ("limit", kind),
+    )
+    return DescriptorRequest(
+        entries, RateLimit(value, unit, name=kind, stats_key=f"{DOMAIN}.{kind}"), hits
+    )
 
 
 def admission(identity: Identity, qos: Qos | None) -> LimitRequest | None:
@@ -29,7 +36,9 @@ def admission(identity: Identity, qos: Qos | None) -> LimitRequest | None:
     if qos is None:
         return None
     descriptors = [
-        _descriptor(identity, limit.type, limit.value, 1) for limit in qos.rate_limits if limit.type in REQUEST_LIMITS
+        _descriptor(identity, limit.type, limit.value, 1)
+        for limit in qos.rate_limits
+        if limit.type in REQUEST_LIMITS
     ]
     return LimitRequest(DOMAIN, tuple(descriptors)) if descriptors else None
 

@@ -90,19 +90,32 @@ def _lease(key: str, limit: int, amount: int, expires_at: float | None) -> Lease
     return Lease(key, limit, min(amount, limit), expires_at)
 
 
-def quota_leases(quota: ArksQuota, model: str, prompt: int, completion: int, now: datetime) -> list[Lease]:
+def quota_leases(
+    quota: ArksQuota, model: str, prompt: int, completion: int, now: datetime
+) -> list[Lease]:
     price = price_for(quota, model)
     return [
-        _lease(budget_key(quota.key, item, now), limit_units(item), cost_of(item, prompt, completion, price), _expiry(item, now))
+        _lease(
+            budget_key(quota.key, item, now),
+            limit_units(item),
+            cost_of(item, prompt, completion, price),
+            _expiry(item, now),
+        )
         for item in quota.quotas
     ]
 
 
-def quota_charges(quota: ArksQuota, model: str, prompt: int, completion: int, admitted: datetime) -> list[Charge]:
+def quota_charges(
+    quota: ArksQuota, model: str, prompt: int, completion: int, admitted: datetime
+) -> list[Charge]:
     """Settle into the periods the request was admitted in, even if it ended in the next."""
     price = price_for(quota, model)
     return [
-        Charge(budget_key(quota.key, item, admitted), cost_of(item, prompt, completion, price), _expiry(item, admitted))
+        Charge(
+            budget_key(quota.key, item, admitted),
+            cost_of(item, prompt, completion, price),
+            _expiry(item, admitted),
+        )
         for item in quota.quotas
     ]
 
@@ -114,10 +127,14 @@ def token_rate_key(identity: Identity, kind: str, now: float) -> tuple[str, floa
     """The budget of a tokens-per-window limit for the window holding `now`, and its end."""
     window = TOKEN_WINDOWS[kind]
     start = int(now) // window * window
-    return f"{kind}/{identity.namespace}/{identity.user}/{identity.model}/{start}", float(start + window)
+    return f"{kind}/{identity.namespace}/{identity.user}/{identity.model}/{start}", float(
+        start + window
+    )
 
 
-def token_rate_leases(identity: Identity, limits: Mapping[str, int], amount: int, now: float) -> list[Lease]:
+def token_rate_leases(
+    identity: Identity, limits: Mapping[str, int], amount: int, now: float
+) -> list[Lease]:
     """tpm/tpd as budgets: reserve the request's estimated tokens in the current window."""
     leases = []
     for kind, value in limits.items():
@@ -126,7 +143,9 @@ def token_rate_leases(identity: Identity, limits: Mapping[str, int], amount: int
     return leases
 
 
-def token_rate_charges(identity: Identity, limits: Mapping[str, int], tokens: int, admitted: float) -> list[Charge]:
+def token_rate_charges(
+    identity: Identity, limits: Mapping[str, int], tokens: int, admitted: float
+) -> list[Charge]:
     charges = []
     for kind in limits:
         key, end = token_rate_key(identity, kind, admitted)
@@ -150,16 +169,20 @@ class Refusal:
 
 def refusal(key: str, used: int, leased: int, limit: int, now: datetime) -> Refusal:
     if key.startswith("concurrency/"):
-        return Refusal(429, "rate_limit_exceeded", f"Too many concurrent requests: the limit is {limit}.", 1)
+        return Refusal(
+            429, "rate_limit_exceeded", f"Too many concurrent requests: the limit is {limit}.", 1
+        )
     kind = key.split("/", 1)[0]
     if kind in TOKEN_WINDOWS:
         window = TOKEN_WINDOWS[kind]
         retry = window - int(now.timestamp()) % window
         per = "minute" if kind == "tpm" else "day"
         return Refusal(
-            429, "rate_limit_exceeded",
+            429,
+            "rate_limit_exceeded",
             f"Token rate limit reached: {limit} tokens per {per}; {used} used and {leased} reserved "
-            f"in this {per}. Try again in {retry} s.", retry,
+            f"in this {per}. Try again in {retry} s.",
+            retry,
         )
     _, namespace, name, kind, period = key.split("/", 4)
     shown = (lambda v: f"{v / MICRO:.6g}") if kind == "cost" else str

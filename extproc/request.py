@@ -67,4 +67,6 @@ class RequestInfo:
 
     @property
     def spoofed_headers(self) -> tuple[str, ...]:
-        return tuple(name for name in self.headers if name.startswith("x-arks-") or name in PICKED_HEADERS)
+        return tuple(
+            name for name in self.headers if name.startswith("x-arks-") or name in PICKED_HEADERS
+        )

@@ -29,4 +29,8 @@ class Reservation:
         if not isinstance(admitted_at, int | float):
             return None
         name = fields.get("quota")
-        return cls(float(admitted_at), name if isinstance(name, str) else None, fields.get("concurrency") is True)
+        return cls(
+            float(admitted_at),
+            name if isinstance(name, str) else None,
+            fields.get("concurrency") is True,
+        )

@@ -47,7 +47,9 @@ log = logging.getLogger("extproc")
 @dataclass(frozen=True)
 class Settings:
     policy: Path | None = None
-    kube_host: str | None = None  # an API server URL (plain HTTP: tests); "in-cluster" or "kubeconfig"
+    kube_host: str | None = (
+        None  # an API server URL (plain HTTP: tests); "in-cluster" or "kubeconfig"
+    )
     kube_namespace: str | None = None  # None: every namespace
     grpc_address: str = "127.0.0.1:50051"
     metrics_port: int = 9101
@@ -60,7 +62,9 @@ class Settings:
     snapshot_interval_s: float = 5.0
     # Longer than the longest answer (Envoy's route timeout) plus the access log's flush delay.
     usage_settle_timeout_s: float = 630.0
-    picker_fail_closed: bool = False  # 503 when a least-load/prefix-cache endpoint has no engine to pick
+    picker_fail_closed: bool = (
+        False  # 503 when a least-load/prefix-cache endpoint has no engine to pick
+    )
     picker_interval_s: float = 0.5  # how often those endpoints' engines are scraped
 
     @classmethod
@@ -68,28 +72,50 @@ class Settings:
         parser = argparse.ArgumentParser(prog="python -m extproc", description=__doc__)
         source = parser.add_mutually_exclusive_group(required=True)
         source.add_argument("--policy", type=Path, help="policy YAML file (reloaded on change)")
-        source.add_argument("--kube-host", metavar="URL|in-cluster|kubeconfig",
-                            help="read the policy from the cluster's API server (watches)")
+        source.add_argument(
+            "--kube-host",
+            metavar="URL|in-cluster|kubeconfig",
+            help="read the policy from the cluster's API server (watches)",
+        )
         parser.add_argument("--kube-namespace", help="only this namespace (default: all)")
         parser.add_argument("--grpc-address", default=cls.grpc_address)
         parser.add_argument("--metrics-port", type=int, default=cls.metrics_port)
         parser.add_argument("--metrics-address", default=cls.metrics_address)
         parser.add_argument("--log-level", default=cls.log_level)
-        parser.add_argument("--redis", metavar="URL", help="Redis for rate-limit counters (default: in memory)")
-        parser.add_argument("--fail-closed", action="store_true", help="refuse limited requests while Redis is down")
-        parser.add_argument("--quota-default-max-tokens", type=int, default=cls.quota_default_max_tokens,
-                            help="completion tokens reserved against a quota when the request sets no max_tokens")
-        parser.add_argument("--state-file", type=Path, help="where quota usage is snapshotted and restored from")
+        parser.add_argument(
+            "--redis", metavar="URL", help="Redis for rate-limit counters (default: in memory)"
+        )
+        parser.add_argument(
+            "--fail-closed", action="store_true", help="refuse limited requests while Redis is down"
+        )
+        parser.add_argument(
+            "--quota-default-max-tokens",
+            type=int,
+            default=cls.quota_default_max_tokens,
+            help="completion tokens reserved against a quota when the request sets no max_tokens",
+        )
+        parser.add_argument(
+            "--state-file", type=Path, help="where quota usage is snapshotted and restored from"
+        )
         parser.add_argument("--snapshot-interval-s", type=float, default=cls.snapshot_interval_s)
         parser.add_argument(
-            "--usage-settle-timeout-s", type=float, default=cls.usage_settle_timeout_s,
+            "--usage-settle-timeout-s",
+            type=float,
+            default=cls.usage_settle_timeout_s,
             help="charge an admitted request's estimate when its usage has not arrived after this long",
         )
-        parser.add_argument("--picker-fail-closed", action="store_true",
-                            help="answer 503 when a least-load or prefix-cache endpoint has no engine to pick "
-                                 "(default: let Envoy balance over its engines)")
-        parser.add_argument("--picker-interval-s", type=float, default=cls.picker_interval_s,
-                            help="how often the engines of picking endpoints are scraped")
+        parser.add_argument(
+            "--picker-fail-closed",
+            action="store_true",
+            help="answer 503 when a least-load or prefix-cache endpoint has no engine to pick "
+            "(default: let Envoy balance over its engines)",
+        )
+        parser.add_argument(
+            "--picker-interval-s",
+            type=float,
+            default=cls.picker_interval_s,
+            help="how often the engines of picking endpoints are scraped",
+        )
         return cls(**vars(parser.parse_args(argv)))
 
 
@@ -97,7 +123,9 @@ def policy_source(settings: Settings) -> FilePolicySource | ClusterPolicySource:
     if settings.policy is not None:
         return FilePolicySource(settings.policy)
     assert settings.kube_host is not None  # the flags ask for one of the two
-    cluster = ClusterPolicySource(api_client(settings.kube_host, USER_AGENT), settings.kube_namespace)
+    cluster = ClusterPolicySource(
+        api_client(settings.kube_host, USER_AGENT), settings.kube_namespace
+    )
     cluster.start()
     return cluster
 
@@ -162,7 +190,12 @@ async def serve(settings: Settings) -> None:
 
     grpc_server = await start_grpc(settings.grpc_address, register)
     start_http_server(settings.metrics_port, settings.metrics_address, registry=metrics.registry)
-    log.info("extproc serving gRPC on %s, metrics on %s:%d", settings.grpc_address, settings.metrics_address, settings.metrics_port)
+    log.info(
+        "extproc serving gRPC on %s, metrics on %s:%d",
+        settings.grpc_address,
+        settings.metrics_address,
+        settings.metrics_port,
+    )
 
     last_snapshot = 0.0
 
@@ -172,7 +205,9 @@ async def serve(settings: Settings) -> None:
             if source.reload_if_changed():
                 metrics.policy_reloads.inc()
             if lost := await settlement.expire_unreported(ctx):
-                log.warning("%d admitted requests had no access-log entry; charged their estimate", lost)
+                log.warning(
+                    "%d admitted requests had no access-log entry; charged their estimate", lost
+                )
             await admission.retry_unsettled()
             if time.monotonic() - last_snapshot >= settings.snapshot_interval_s:
                 last_snapshot = time.monotonic()
@@ -185,7 +220,9 @@ async def serve(settings: Settings) -> None:
         if cluster_engines is not None:
             cluster_engines.stop(timeout_s=0)  # daemon threads: an open watch need not end first
 
-    await run_until_signalled(every(0.5, housekeeping, log), scrape_forever(picking, source, engines), shutdown=shutdown)
+    await run_until_signalled(
+        every(0.5, housekeeping, log), scrape_forever(picking, source, engines), shutdown=shutdown
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -63,9 +63,15 @@ class RequestProcessor:
         is released. Picking comes first so that failing closed refuses before anything is charged."""
         assert self.info is not None
         picking = self.ctx.picking
-        if picking is None or not isinstance(decision, Forward) or decision.weighting not in PICKED_WEIGHTINGS:
+        if (
+            picking is None
+            or not isinstance(decision, Forward)
+            or decision.weighting not in PICKED_WEIGHTINGS
+        ):
             return await self.ctx.admission.admit(self.info, decision)
-        picked = picking.choose(self.info.request_id, decision.identity, decision.weighting, decision.prompt)
+        picked = picking.choose(
+            self.info.request_id, decision.identity, decision.weighting, decision.prompt
+        )
         if isinstance(picked, Deny):
             return picked
         admitted = await self.ctx.admission.admit(self.info, decision)
@@ -83,9 +89,13 @@ class RequestProcessor:
             decision = decide_headers(self.info, self.ctx.policy.current(), self.ctx.now())
             return self._encode(await self._admit(decision), "headers")
         if kind == "request_body" and self.info is not None and self.token is not None:
-            decision = decide_body(self.info, message.request_body.body, self.token, self.ctx.policy.current())
+            decision = decide_body(
+                self.info, message.request_body.body, self.token, self.ctx.policy.current()
+            )
             if isinstance(decision, ReadBody):  # cannot happen with a parsed body; never loop
-                decision = Deny(400, "invalid_request_error", "The request body could not be processed.")
+                decision = Deny(
+                    400, "invalid_request_error", "The request body could not be processed."
+                )
             return self._encode(await self._admit(decision), "body")
         # Anything else means Envoy sends more than we asked for: let it pass unchanged.
         log.warning("unexpected ext_proc message %s; passing it through", kind)
@@ -107,7 +117,9 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc
         self.ctx = ctx
 
     async def Process(
-        self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[ep.ProcessingRequest],
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[ep.ProcessingResponse]:
         processor = RequestProcessor(self.ctx)
         async for message in request_iterator:
@@ -123,10 +135,14 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
     async def record(self, message: als_pb2.StreamAccessLogsMessage) -> None:
         entries = message.http_logs.log_entry
         self.ctx.metrics.access_log_entries.inc(len(entries))
-        await settlement.finished(self.ctx, (done for entry in entries if (done := codec.finished(entry)) is not None))
+        await settlement.finished(
+            self.ctx, (done for entry in entries if (done := codec.finished(entry)) is not None)
+        )
 
     async def StreamAccessLogs(
-        self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
+        context: grpc.aio.ServicerContext,
     ) -> als_pb2.StreamAccessLogsResponse:
         async for message in request_iterator:
             await self.record(message)

@@ -38,7 +38,6 @@ def admitted(ctx: Context, request_id: str, decision: Forward) -> None:
     )
 
 
-
 async def finished(ctx: Context, entries: Iterable[Finished]) -> None:
     """One access-log batch: charge and settle each request, strike it off."""
     foreign: list[str] = []  # admitted by another replica, which is waiting for them
@@ -49,18 +48,25 @@ async def finished(ctx: Context, entries: Iterable[Finished]) -> None:
             foreign.append(done.request_id)
         usage = usage_of(done)
         if usage is None:
-            ctx.metrics.requests.labels(done.namespace, done.user, done.model, str(done.status)).inc()
+            ctx.metrics.requests.labels(
+                done.namespace, done.user, done.model, str(done.status)
+            ).inc()
         else:
             ctx.metrics.charge(usage, done.status)
         await ctx.admission.settle(
-            done.request_id, Identity(done.namespace, done.user, done.model), done.reservation, done.limits,
-            usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
+            done.request_id,
+            Identity(done.namespace, done.user, done.model),
+            done.reservation,
+            done.limits,
+            usage.prompt_tokens if usage else 0,
+            usage.completion_tokens if usage else 0,
         )
     try:
         await ctx.reported.mark(foreign)
     except BackendUnavailable as err:
-        log.warning("could not tell other replicas about %d reported requests: %s", len(foreign), err)
-
+        log.warning(
+            "could not tell other replicas about %d reported requests: %s", len(foreign), err
+        )
 
 
 async def expire_unreported(ctx: Context) -> int:
@@ -75,7 +81,9 @@ async def expire_unreported(ctx: Context) -> int:
     try:
         elsewhere = await ctx.reported.seen([e.request_id for e in expired])
     except BackendUnavailable as err:
-        log.warning("cannot tell whether %d requests were reported elsewhere: %s", len(expired), err)
+        log.warning(
+            "cannot tell whether %d requests were reported elsewhere: %s", len(expired), err
+        )
         elsewhere = set()
     ctx.metrics.reported_elsewhere.inc(len(elsewhere))
     lost = [e for e in expired if e.request_id not in elsewhere]
@@ -84,7 +92,11 @@ async def expire_unreported(ctx: Context) -> int:
         ctx.metrics.unreported.labels(usage.namespace, usage.user, usage.model).inc()
         ctx.metrics.charge(usage, 0)
         await ctx.admission.settle(
-            entry.request_id, entry.identity, entry.reservation, entry.limits,
-            usage.prompt_tokens, usage.completion_tokens,
+            entry.request_id,
+            entry.identity,
+            entry.reservation,
+            entry.limits,
+            usage.prompt_tokens,
+            usage.completion_tokens,
         )
     return len(lost)

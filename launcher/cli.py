@@ -36,7 +36,9 @@ def printable_tokens(policy_path: Path) -> dict[str, str]:
             continue
         token = api.parse_token(obj)
         if token.secret_ref is not None:
-            plain = secrets_by_key.get((token.key.namespace, token.secret_ref.name), {}).get(token.secret_ref.key)
+            plain = secrets_by_key.get((token.key.namespace, token.secret_ref.name), {}).get(
+                token.secret_ref.key
+            )
             if plain:
                 found[str(token.key)] = plain
     return found
@@ -55,7 +57,10 @@ def _banner(stack: Any, tokens: Mapping[str, str]) -> str:
     ]
     if tokens:
         user, token = next(iter(tokens.items()))
-        body = {"model": models[0] if models else "MODEL", "messages": [{"role": "user", "content": "Hello!"}]}
+        body = {
+            "model": models[0] if models else "MODEL",
+            "messages": [{"role": "user", "content": "Hello!"}],
+        }
         lines += [
             f"  Demo token       {token}   (ArksToken {user})",
             "",
@@ -71,7 +76,9 @@ def _banner(stack: Any, tokens: Mapping[str, str]) -> str:
 def cmd_up(args: argparse.Namespace) -> int:
     from launcher.stack import LocalStack, StackSettings
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     settings = StackSettings(
         policy=args.policy.resolve(),
         state_dir=args.state_dir.resolve(),
@@ -122,16 +129,24 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="arks", description="Arks: multi-tenant LLM inference gateway")
+    parser = argparse.ArgumentParser(
+        prog="arks", description="Arks: multi-tenant LLM inference gateway"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     up = commands.add_parser("up", help="run the local stack: Envoy, extproc and simulated engines")
-    up.add_argument("--policy", type=Path, default=DEMO_POLICY, help="policy YAML (default: the demo policy)")
+    up.add_argument(
+        "--policy", type=Path, default=DEMO_POLICY, help="policy YAML (default: the demo policy)"
+    )
     up.add_argument("--port", type=int, default=8080, help="the OpenAI endpoint's port")
     up.add_argument("--admin-port", type=int, default=9901, help="Envoy's admin port")
     up.add_argument("--metrics-port", type=int, default=9101, help="the gateway's Prometheus port")
-    up.add_argument("--redis", metavar="URL", help="Redis for rate-limit counters (default: in memory)")
-    up.add_argument("--state-dir", type=Path, default=Path(".arks"), help="generated config and logs")
+    up.add_argument(
+        "--redis", metavar="URL", help="Redis for rate-limit counters (default: in memory)"
+    )
+    up.add_argument(
+        "--state-dir", type=Path, default=Path(".arks"), help="generated config and logs"
+    )
     up.add_argument("--no-sim", action="store_true", help="do not simulate the loopback backends")
     up.set_defaults(func=cmd_up)
 
@@ -140,9 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     simulator.set_defaults(func=cmd_sim)
 
     # Its options are the controller's own (`arks controller --help`); main() hands them over.
-    commands.add_parser("controller", help="reconcile the arks.ai/v1 resources of a cluster", add_help=False)
+    commands.add_parser(
+        "controller", help="reconcile the arks.ai/v1 resources of a cluster", add_help=False
+    )
 
-    token = commands.add_parser("token", help="make a new API token and its tokenHash for an ArksToken")
+    token = commands.add_parser(
+        "token", help="make a new API token and its tokenHash for an ArksToken"
+    )
     token.set_defaults(func=cmd_token)
     return parser
 

@@ -130,7 +130,9 @@ class Supervisor:
         self.children.append(child)
         return child
 
-    def python(self, name: str, module: str, *args: str, env: Mapping[str, str] | None = None) -> Child:
+    def python(
+        self, name: str, module: str, *args: str, env: Mapping[str, str] | None = None
+    ) -> Child:
         return self.start(name, [sys.executable, "-m", module, *args], env=env)
 
     def close(self) -> None:
@@ -150,7 +152,9 @@ def wait_http(child: Child, url: str, timeout: float = 20.0, expect: int = 200) 
     last = ""
     while time.monotonic() < deadline:
         if not child.alive():
-            raise StartupError(f"{child.name} exited with {child.popen.returncode}:\n{child.log_tail()}")
+            raise StartupError(
+                f"{child.name} exited with {child.popen.returncode}:\n{child.log_tail()}"
+            )
         try:
             with urllib.request.urlopen(url, timeout=1.0) as resp:
                 if resp.status == expect:
@@ -163,15 +167,21 @@ def wait_http(child: Child, url: str, timeout: float = 20.0, expect: int = 200) 
         except OSError as err:
             last = str(err)
         time.sleep(0.05)
-    raise StartupError(f"{child.name} not ready at {url} after {timeout}s ({last}):\n{child.log_tail()}")
+    raise StartupError(
+        f"{child.name} not ready at {url} after {timeout}s ({last}):\n{child.log_tail()}"
+    )
 
 
 def wait_port(child: Child, port: int, host: str = "127.0.0.1", timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not child.alive():
-            raise StartupError(f"{child.name} exited with {child.popen.returncode}:\n{child.log_tail()}")
+            raise StartupError(
+                f"{child.name} exited with {child.popen.returncode}:\n{child.log_tail()}"
+            )
         with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
             return
         time.sleep(0.05)
-    raise StartupError(f"{child.name} not listening on {host}:{port} after {timeout}s:\n{child.log_tail()}")
+    raise StartupError(
+        f"{child.name} not listening on {host}:{port} after {timeout}s:\n{child.log_tail()}"
+    )

@@ -61,9 +61,16 @@ def simulated_engines(policy: Policy) -> dict[SocketAddress, list[str]]:
     models: defaultdict[SocketAddress, list[str]] = defaultdict(list)
     for endpoint in policy.endpoints.values():
         for ref in endpoint.route_configs:
-            backend = policy.backends.get(ObjectKey(ref.namespace, ref.name)) if ref.kind == "Backend" else None
+            backend = (
+                policy.backends.get(ObjectKey(ref.namespace, ref.name))
+                if ref.kind == "Backend"
+                else None
+            )
             for address in backend.endpoints if backend else ():
-                if ipaddress.ip_address(address.address).is_loopback and endpoint.model not in models[address]:
+                if (
+                    ipaddress.ip_address(address.address).is_loopback
+                    and endpoint.model not in models[address]
+                ):
                     models[address].append(endpoint.model)
     return dict(models)
 
@@ -114,10 +121,13 @@ class LocalStack:
                 "extproc",
                 "extproc",
                 *(("--kube-host", s.kube_host) if s.kube_host else ("--policy", str(s.policy))),
-                "--grpc-address", f"127.0.0.1:{self.envoy_settings.extproc_port}",
-                "--metrics-port", str(s.metrics_port),
+                "--grpc-address",
+                f"127.0.0.1:{self.envoy_settings.extproc_port}",
+                "--metrics-port",
+                str(s.metrics_port),
                 *(("--redis", s.redis) if s.redis else ()),
-                "--state-file", str(s.state_dir / "quota-state.json"),
+                "--state-file",
+                str(s.state_dir / "quota-state.json"),
                 *s.extproc_args,
             )
             wait_http(extproc, self.metrics_url)
@@ -126,12 +136,17 @@ class LocalStack:
             envoy = self.supervisor.start(
                 "envoy",
                 [
-                    envoy_binary(), "-c", str(bootstrap),
+                    envoy_binary(),
+                    "-c",
+                    str(bootstrap),
                     "--disable-hot-restart",
-                    "--concurrency", str(s.envoy_concurrency),
-                    "--log-level", s.envoy_log_level,
+                    "--concurrency",
+                    str(s.envoy_concurrency),
+                    "--log-level",
+                    s.envoy_log_level,
                     # sse_to_metadata is marked work-in-progress; say so once, not per message
-                    "--component-log-level", "misc:error",
+                    "--component-log-level",
+                    "misc:error",
                 ],
             )
             wait_http(envoy, f"{self.admin_url}/ready")
@@ -146,11 +161,16 @@ class LocalStack:
         self.controller = self.supervisor.python(
             "controller",
             "controller",
-            "--policy", str(s.policy),
-            "--xds-address", f"127.0.0.1:{self.envoy_settings.xds_port}",
-            "--listen-port", str(s.port),
-            "--metrics-address", "127.0.0.1",
-            "--metrics-port", str(self.controller_metrics_port),
+            "--policy",
+            str(s.policy),
+            "--xds-address",
+            f"127.0.0.1:{self.envoy_settings.xds_port}",
+            "--listen-port",
+            str(s.port),
+            "--metrics-address",
+            "127.0.0.1",
+            "--metrics-port",
+            str(self.controller_metrics_port),
             *s.controller_args,
         )
         wait_http(self.controller, f"{self.controller_url}/readyz")
@@ -164,9 +184,19 @@ class LocalStack:
 
     def _start_engines(self) -> None:
         s = self.settings
-        for address, models in sorted(simulated_engines(self.policy).items(), key=lambda i: i[0].port):
+        for address, models in sorted(
+            simulated_engines(self.policy).items(), key=lambda i: i[0].port
+        ):
             name = f"sim-{address.port}"
-            args = ["--host", address.address, "--port", str(address.port), "--name", name, *s.sim_args]
+            args = [
+                "--host",
+                address.address,
+                "--port",
+                str(address.port),
+                "--name",
+                name,
+                *s.sim_args,
+            ]
             for model in models:
                 args += ["--model", model]
             child = self.supervisor.python(name, "launcher.sim", *args)

@@ -24,7 +24,9 @@ def request(message: rls_pb2.RateLimitRequest) -> LimitRequest:
             if unit_name in Unit.__members__:
                 override = RateLimit(d.limit.requests_per_unit, Unit[unit_name], name="override")
         hits = d.hits_addend.value if d.HasField("hits_addend") else None
-        descriptors.append(DescriptorRequest(tuple((e.key, e.value) for e in d.entries), override, hits))
+        descriptors.append(
+            DescriptorRequest(tuple((e.key, e.value) for e in d.entries), override, hits)
+        )
     return LimitRequest(message.domain, tuple(descriptors), message.hits_addend)
 
 
@@ -36,7 +38,9 @@ def _duration(seconds: float) -> duration_pb2.Duration:
 def response(answer: Answer) -> rls_pb2.RateLimitResponse:
     statuses = []
     for status in answer.statuses:
-        item = _Response.DescriptorStatus(code=_Response.OVER_LIMIT if status.over_limit else _Response.OK)
+        item = _Response.DescriptorStatus(
+            code=_Response.OVER_LIMIT if status.over_limit else _Response.OK
+        )
         if status.limit is not None:
             item.current_limit.CopyFrom(
                 _Response.RateLimit(

@@ -42,22 +42,40 @@ class Settings:
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> Settings:
         p = argparse.ArgumentParser(prog="python -m ratelimit", description=__doc__)
-        p.add_argument("--config", type=Path, action="append", default=[],
-                       help="envoyproxy/ratelimit YAML file or directory (repeatable; reloaded on change)")
+        p.add_argument(
+            "--config",
+            type=Path,
+            action="append",
+            default=[],
+            help="envoyproxy/ratelimit YAML file or directory (repeatable; reloaded on change)",
+        )
         p.add_argument("--grpc-address", default=cls.grpc_address)
         p.add_argument("--metrics-address", default=cls.metrics_address)
         p.add_argument("--metrics-port", type=int, default=cls.metrics_port)
-        p.add_argument("--redis", metavar="URL", help="redis://host:port/db (default: counters in memory)")
+        p.add_argument(
+            "--redis", metavar="URL", help="redis://host:port/db (default: counters in memory)"
+        )
         p.add_argument("--redis-timeout-s", type=float, default=cls.redis_timeout_s)
-        p.add_argument("--fail-closed", action="store_true", help="refuse limited requests while Redis is down")
-        p.add_argument("--shadow-mode", action="store_true", help="report over-limit in metrics, never enforce")
+        p.add_argument(
+            "--fail-closed", action="store_true", help="refuse limited requests while Redis is down"
+        )
+        p.add_argument(
+            "--shadow-mode", action="store_true", help="report over-limit in metrics, never enforce"
+        )
         p.add_argument("--near-ratio", type=float, default=cls.near_ratio)
         p.add_argument("--log-level", default=cls.log_level)
         a = p.parse_args(argv)
         return cls(
-            config=tuple(a.config), grpc_address=a.grpc_address, metrics_address=a.metrics_address,
-            metrics_port=a.metrics_port, redis=a.redis, redis_timeout_s=a.redis_timeout_s,
-            fail_open=not a.fail_closed, shadow_mode=a.shadow_mode, near_ratio=a.near_ratio, log_level=a.log_level,
+            config=tuple(a.config),
+            grpc_address=a.grpc_address,
+            metrics_address=a.metrics_address,
+            metrics_port=a.metrics_port,
+            redis=a.redis,
+            redis_timeout_s=a.redis_timeout_s,
+            fail_open=not a.fail_closed,
+            shadow_mode=a.shadow_mode,
+            near_ratio=a.near_ratio,
+            log_level=a.log_level,
         )
 
 
@@ -76,7 +94,9 @@ class ConfigSource:
     def _files_stamp(self) -> tuple[tuple[str, int, int], ...]:
         files: list[Path] = []
         for path in self.paths:
-            files.extend(sorted([*path.glob("*.yaml"), *path.glob("*.yml")]) if path.is_dir() else [path])
+            files.extend(
+                sorted([*path.glob("*.yaml"), *path.glob("*.yml")]) if path.is_dir() else [path]
+            )
         stamp = []
         for file in files:
             try:
@@ -117,7 +137,11 @@ async def serve(settings: Settings) -> None:
         backend=backend,
         metrics=metrics,
         clock=time.time,
-        enforcement=Enforcement(fail_open=settings.fail_open, shadow_mode=settings.shadow_mode, near_ratio=settings.near_ratio),
+        enforcement=Enforcement(
+            fail_open=settings.fail_open,
+            shadow_mode=settings.shadow_mode,
+            near_ratio=settings.near_ratio,
+        ),
     )
 
     def register(server: grpc.aio.Server) -> None:
@@ -127,8 +151,11 @@ async def serve(settings: Settings) -> None:
     start_http_server(settings.metrics_port, settings.metrics_address, registry=metrics.registry)
     log.info(
         "ratelimit serving gRPC on %s (%s, %s), metrics on %s:%d",
-        settings.grpc_address, "redis" if settings.redis else "memory",
-        "fail-open" if settings.fail_open else "fail-closed", settings.metrics_address, settings.metrics_port,
+        settings.grpc_address,
+        "redis" if settings.redis else "memory",
+        "fail-open" if settings.fail_open else "fail-closed",
+        settings.metrics_address,
+        settings.metrics_port,
     )
 
     async def reload() -> None:

@@ -40,7 +40,12 @@ _HOME = {
     **{name: "a descriptor" for name in _DESCRIPTOR_FIELDS},
     **{name: "a rate_limit" for name in _RATE_LIMIT_FIELDS},
 }
-_KIND_NAMES: dict[type, str] = {str: "a string", int: "an integer", bool: "true or false", list: "a list"}
+_KIND_NAMES: dict[type, str] = {
+    str: "a string",
+    int: "an integer",
+    bool: "true or false",
+    list: "a list",
+}
 
 
 class ConfigError(ValueError):
@@ -59,7 +64,9 @@ class DescriptorNode:
 
     limit: RateLimit | None
     exact: Mapping[tuple[str, str], DescriptorNode]  # (key, value) → node
-    prefixed: Mapping[str, tuple[tuple[str, DescriptorNode], ...]]  # key → (prefix, node), longest first
+    prefixed: Mapping[
+        str, tuple[tuple[str, DescriptorNode], ...]
+    ]  # key → (prefix, node), longest first
     any_value: Mapping[str, DescriptorNode]  # key → node of a descriptor without a value
 
     def child(self, key: str, value: str) -> DescriptorNode | None:
@@ -104,7 +111,9 @@ def parse_config(documents: Sequence[tuple[str, Any]]) -> RateLimitConfig:
     for source, document in documents:
         name, tree = _parse_domain(source, document)
         if name in domains:
-            raise ConfigError(source, "domain", f"duplicate domain {name!r}, already in {sources[name]}")
+            raise ConfigError(
+                source, "domain", f"duplicate domain {name!r}, already in {sources[name]}"
+            )
         domains[name] = tree
         sources[name] = source
     return RateLimitConfig(MappingProxyType(domains))
@@ -122,7 +131,9 @@ def _config_files(paths: Sequence[Path]) -> list[Path]:
                     child
                     for child in path.iterdir()
                     # Dotfiles are editor leftovers; `..data` of a mounted ConfigMap is a directory.
-                    if child.suffix in (".yaml", ".yml") and not child.name.startswith(".") and child.is_file()
+                    if child.suffix in (".yaml", ".yml")
+                    and not child.name.startswith(".")
+                    and child.is_file()
                 )
             )
         else:
@@ -137,7 +148,9 @@ class _StrictLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` keys may be overridden: that is their use
+        if (
+            key_node.tag == "tag:yaml.org,2002:merge"
+        ):  # `<<:` keys may be overridden: that is their use
             continue
         key = loader.construct_object(key_node)
         try:
@@ -147,7 +160,10 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
             continue
         if duplicate:
             raise yaml.constructor.ConstructorError(
-                "while constructing a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
+                "while constructing a mapping",
+                node.start_mark,
+                f"duplicate key {key!r}",
+                key_node.start_mark,
             )
     return loader.construct_mapping(node, deep=True)
 
@@ -177,7 +193,9 @@ class _Reader:
     """One YAML mapping with its dotted path; keys outside `fields` are rejected on sight, so a
     misspelt key is reported as such rather than as the missing key it was meant to be."""
 
-    def __init__(self, source: str, value: Any, path: str, fields: tuple[str, ...], what: str) -> None:
+    def __init__(
+        self, source: str, value: Any, path: str, fields: tuple[str, ...], what: str
+    ) -> None:
         self.source = source
         self.path = path
         if not isinstance(value, Mapping):
@@ -192,7 +210,9 @@ class _Reader:
         return f"{self.path}.{key}" if self.path else key
 
     def error(self, key: str | None, problem: str) -> ConfigError:
-        return ConfigError(self.source, self.at(key) if key is not None else self.path or ".", problem)
+        return ConfigError(
+            self.source, self.at(key) if key is not None else self.path or ".", problem
+        )
 
     def has(self, key: str) -> bool:
         return self.value.get(key) is not None
@@ -221,11 +241,18 @@ class _Reader:
         return value or ""
 
     def mapping(self, key: str, fields: tuple[str, ...]) -> _Reader | None:
-        return _Reader(self.source, self.value[key], self.at(key), fields, key) if self.has(key) else None
+        return (
+            _Reader(self.source, self.value[key], self.at(key), fields, key)
+            if self.has(key)
+            else None
+        )
 
     def items(self, key: str, fields: tuple[str, ...], what: str) -> list[_Reader]:
         values = self.get(key, list) or []
-        return [_Reader(self.source, v, f"{self.at(key)}[{i}]", fields, what) for i, v in enumerate(values)]
+        return [
+            _Reader(self.source, v, f"{self.at(key)}[{i}]", fields, what)
+            for i, v in enumerate(values)
+        ]
 
 
 def _describe(value: Any) -> str:
@@ -276,9 +303,13 @@ def _children(
         key = d.text("key", required=True)
         value = d.text("value") or None  # upstream treats an empty value as no value
         if value is not None and "*" in value[:-1]:
-            raise d.error("value", f"{value!r}: '*' is only supported at the end (a prefix wildcard)")
+            raise d.error(
+                "value", f"{value!r}: '*' is only supported at the end (a prefix wildcard)"
+            )
         if (key, value) in siblings:
-            same = f"key {key!r}" + (f", value {value!r}" if value is not None else " without a value")
+            same = f"key {key!r}" + (
+                f", value {value!r}" if value is not None else " without a value"
+            )
             raise d.error(None, f"duplicate of {siblings[key, value]} ({same})")
         siblings[key, value] = d.path
         stats_key = f"{stats_prefix}.{key}" + (f"_{value}" if value is not None else "")
@@ -290,7 +321,8 @@ def _children(
         else:
             exact[key, value] = node
     longest_first = {
-        key: tuple(sorted(nodes, key=lambda pair: len(pair[0]), reverse=True)) for key, nodes in prefixed.items()
+        key: tuple(sorted(nodes, key=lambda pair: len(pair[0]), reverse=True))
+        for key, nodes in prefixed.items()
     }
     return MappingProxyType(exact), MappingProxyType(longest_first), MappingProxyType(any_value)
 
@@ -301,7 +333,9 @@ def _node(d: _Reader, stats_key: str, scan: _DomainScan) -> DescriptorNode:
     section = d.mapping("rate_limit", _RATE_LIMIT_FIELDS)
     limit = None
     if section is not None:
-        limit = _rate_limit(section, stats_key, scan, shadow_mode=shadow_mode, detailed_metric=detailed_metric)
+        limit = _rate_limit(
+            section, stats_key, scan, shadow_mode=shadow_mode, detailed_metric=detailed_metric
+        )
     return DescriptorNode(limit, *_children(d, stats_key, scan))
 
 

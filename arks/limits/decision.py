@@ -57,7 +57,9 @@ def limits_for(request: LimitRequest, lookup: Lookup) -> list[RateLimit | None]:
     found = [d.override or lookup(request.domain, d.entries) for d in request.descriptors]
     replaced = {name for limit in found if limit is not None for name in limit.replaces}
     return [
-        None if limit is None or limit.unlimited or (limit.name and limit.name in replaced) else limit
+        None
+        if limit is None or limit.unlimited or (limit.name and limit.name in replaced)
+        else limit
         for limit in found
     ]
 
@@ -121,13 +123,19 @@ def _headers(statuses: Sequence[Status], over: bool) -> tuple[tuple[str, str], .
     assert tightest.limit is not None
     window = tightest.limit.unit.seconds
     headers = [
-        ("ratelimit-limit", f"{tightest.limit.requests_per_unit}, {tightest.limit.requests_per_unit};w={window}"),
+        (
+            "ratelimit-limit",
+            f"{tightest.limit.requests_per_unit}, {tightest.limit.requests_per_unit};w={window}",
+        ),
         ("ratelimit-remaining", str(tightest.remaining)),
         ("ratelimit-reset", str(math.ceil(tightest.reset_s))),
     ]
     if over:
         retry = max(s.reset_s for s in statuses if s.over_limit)
-        headers += [("retry-after", str(max(1, math.ceil(retry)))), ("content-type", "application/json")]
+        headers += [
+            ("retry-after", str(max(1, math.ceil(retry)))),
+            ("content-type", "application/json"),
+        ]
     return tuple(headers)
 
 
@@ -143,4 +151,6 @@ def _body(statuses: Sequence[Status]) -> bytes:
             f"Rate limit reached{what}: {limit.requests_per_unit} per {unit}. "
             f"Try again in {max(1, math.ceil(over[0].reset_s))} s."
         )
-    return orjson.dumps({"error": {"message": message, "type": "rate_limit_error", "code": "rate_limit_exceeded"}})
+    return orjson.dumps(
+        {"error": {"message": message, "type": "rate_limit_error", "code": "rate_limit_exceeded"}}
+    )

@@ -45,11 +45,18 @@ class Limiter:
             outcomes = [next(results) if h is not None else None for h in hits]
         except BackendUnavailable as err:
             return self._without_backend(request, limits, err)
-        decided = answer(limits, outcomes, shadow_mode=self.enforcement.shadow_mode, near_ratio=self.enforcement.near_ratio)
+        decided = answer(
+            limits,
+            outcomes,
+            shadow_mode=self.enforcement.shadow_mode,
+            near_ratio=self.enforcement.near_ratio,
+        )
         self._count(request, decided)
         return decided
 
-    def _without_backend(self, request: LimitRequest, limits: Sequence[RateLimit | None], err: Exception) -> Answer:
+    def _without_backend(
+        self, request: LimitRequest, limits: Sequence[RateLimit | None], err: Exception
+    ) -> Answer:
         policy = "fail_open" if self.enforcement.fail_open else "fail_closed"
         self.metrics.backend_errors.labels(policy).inc()
         log.warning("counter store unavailable (%s): %s", policy, err)
@@ -60,7 +67,9 @@ class Limiter:
             b'{"error":{"message":"Rate limiting is unavailable and this gateway fails closed; try again shortly.",'
             b'"type":"rate_limit_error","code":"rate_limit_unavailable"}}'
         )
-        return Answer(True, closed, (("retry-after", "1"), ("content-type", "application/json")), body)
+        return Answer(
+            True, closed, (("retry-after", "1"), ("content-type", "application/json")), body
+        )
 
     def _count(self, request: LimitRequest, decided: Answer) -> None:
         for descriptor, status in zip(request.descriptors, decided.statuses, strict=True):
@@ -71,7 +80,9 @@ class Limiter:
             if limit.detailed_metric:
                 key = ".".join(f"{k}_{v}" for k, v in descriptor.entries)
             series = self._series(request.domain, key)
-            series.hits.inc(max(1, request.hits_addend) if descriptor.hits is None else descriptor.hits)
+            series.hits.inc(
+                max(1, request.hits_addend) if descriptor.hits is None else descriptor.hits
+            )
             if status.over_limit:
                 series.over_limit.inc()
             elif status.shadowed:
@@ -87,7 +98,10 @@ class Limiter:
         if found is None:
             m = self.metrics
             found = self._cache[(domain, key)] = _Series(
-                *(c.labels(domain, key) for c in (m.hits, m.over_limit, m.near_limit, m.within_limit, m.shadow_mode))
+                *(
+                    c.labels(domain, key)
+                    for c in (m.hits, m.over_limit, m.near_limit, m.within_limit, m.shadow_mode)
+                )
             )
         return found
 

@@ -30,17 +30,26 @@ class RateLimitMetrics:
             registry=registry,
             hits=per_key("arks_ratelimit_hits", "Hits charged to a limit."),
             over_limit=per_key("arks_ratelimit_over_limit", "Decisions over the limit (enforced)."),
-            near_limit=per_key("arks_ratelimit_near_limit", "Decisions within the limit but above the near-limit ratio."),
+            near_limit=per_key(
+                "arks_ratelimit_near_limit",
+                "Decisions within the limit but above the near-limit ratio.",
+            ),
             within_limit=per_key("arks_ratelimit_within_limit", "Decisions within the limit."),
-            shadow_mode=per_key("arks_ratelimit_shadow_mode", "Over the limit, let through because of shadow mode."),
+            shadow_mode=per_key(
+                "arks_ratelimit_shadow_mode", "Over the limit, let through because of shadow mode."
+            ),
             backend_errors=Counter(
                 "arks_ratelimit_backend_errors",
                 "Decisions made without the counter store, by the policy applied (fail_open, fail_closed).",
                 ("policy",),
                 registry=registry,
             ),
-            config_reloads=Counter("arks_ratelimit_config_reloads", "Configuration reloads.", registry=registry),
+            config_reloads=Counter(
+                "arks_ratelimit_config_reloads", "Configuration reloads.", registry=registry
+            ),
             config_errors=Counter(
-                "arks_ratelimit_config_errors", "Rejected configuration changes (the last good one stays).", registry=registry
+                "arks_ratelimit_config_errors",
+                "Rejected configuration changes (the last good one stays).",
+                registry=registry,
             ),
         )

@@ -137,9 +137,7 @@ class PodWeights:
         for target, observation in observations.items():
             groups.setdefault(target.group, {})[target] = observation
         # A group without pods is forgotten, like a pod missing from a round.
-        self._trackers = {
-            g: self._trackers.get(g) or WeightTracker(self.settings) for g in groups
-        }
+        self._trackers = {g: self._trackers.get(g) or WeightTracker(self.settings) for g in groups}
         out: dict[PodTarget, int] = {}
         for group, round_ in groups.items():
             for target, weight in self._trackers[group].update(round_).items():
@@ -238,7 +236,10 @@ class ClusterLoad:
         for namespace, app in sorted(changed):
             log.info(
                 "application %s/%s capacity %s -> %s",
-                namespace, app, before.get((namespace, app)), after.get((namespace, app)),
+                namespace,
+                app,
+                before.get((namespace, app)),
+                after.get((namespace, app)),
             )
         if changed:
             for listener in self._listeners:

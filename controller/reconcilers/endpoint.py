@@ -138,7 +138,9 @@ def reconcile_endpoint(
         ready = ("False", "NoWeightedBackends", f"HTTPRoute {name}: every backend has weight 0")
     else:
         ready = ("False", "NoBackends", f"HTTPRoute {name} has no backends (requests get 500)")
-    _write_status(api_client, endpoint, {"routes": routes, "backends": len(live)}, ready, when, picking)
+    _write_status(
+        api_client, endpoint, {"routes": routes, "backends": len(live)}, ready, when, picking
+    )
 
 
 def _drained(
@@ -151,9 +153,7 @@ def _drained(
     return sorted(app for app, capacity in capacities.items() if capacity == 0 and app in routed)
 
 
-def _capacities(
-    load: LoadSource | None, namespace: str, applications: list[Obj]
-) -> dict[str, int]:
+def _capacities(load: LoadSource | None, namespace: str, applications: list[Obj]) -> dict[str, int]:
     if load is None:
         return {}
     names = {str(app["metadata"]["name"]) for app in applications}
@@ -202,10 +202,19 @@ def endpoint_controller(
 
     def reconcile(key: Key) -> None:
         reconcile_endpoint(
-            api_client, key, field_manager=field_manager, default_gateway=default_gateway,
+            api_client,
+            key,
+            field_manager=field_manager,
+            default_gateway=default_gateway,
             load=load,
         )
 
     return Controller(
-        "arksendpoint", endpoints, reconcile, workers, queue=work, owned=[routes, applications], leader=leader
+        "arksendpoint",
+        endpoints,
+        reconcile,
+        workers,
+        queue=work,
+        owned=[routes, applications],
+        leader=leader,
     )

@@ -42,7 +42,10 @@ def _policies_of(api_client: ApiClient, uid: str) -> list[Obj]:
     """The endpoint's policies in every namespace; none when the API is not served."""
     try:
         listed = rest.request(
-            api_client, "GET", PATCH_POLICIES.path(), query={"labelSelector": f"{LABEL_ENDPOINT_UID}={uid}"}
+            api_client,
+            "GET",
+            PATCH_POLICIES.path(),
+            query={"labelSelector": f"{LABEL_ENDPOINT_UID}={uid}"},
         )
     except ApiException as e:
         if e.status == 404:

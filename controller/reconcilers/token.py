@@ -74,15 +74,17 @@ def _secret_check(token: api.ArksToken, secret: Mapping[str, Any] | None) -> Che
     except api.ObjectError as e:
         return Check("Ready", "False", "SecretInvalid", f"Secret {ref.name}: {e}")
     if value is None:
-        return Check("Ready", "False", "SecretKeyNotFound", f"Secret {ref.name} has no key {ref.key!r}")
+        return Check(
+            "Ready", "False", "SecretKeyNotFound", f"Secret {ref.name} has no key {ref.key!r}"
+        )
     if not value.strip():
-        return Check("Ready", "False", "SecretKeyEmpty", f"Secret {ref.name} key {ref.key!r} is empty")
+        return Check(
+            "Ready", "False", "SecretKeyEmpty", f"Secret {ref.name} key {ref.key!r} is empty"
+        )
     return None
 
 
-def _references(
-    token: api.ArksToken, endpoints: Collection[str], quotas: Collection[str]
-) -> Check:
+def _references(token: api.ArksToken, endpoints: Collection[str], quotas: Collection[str]) -> Check:
     missing_endpoints = sorted({q.endpoint for q in token.qos} - set(endpoints))
     missing_quotas = sorted({q.quota for q in token.qos if q.quota} - set(quotas))
     problems = []
@@ -120,7 +122,9 @@ def token_status(
         checks.append(Check("PlainTextToken", "True", "PlainTextToken", message))
         warnings.append(message)
     else:
-        checks.append(Check("PlainTextToken", "False", "NotPlainText", "the token is not stored in the spec"))
+        checks.append(
+            Check("PlainTextToken", "False", "NotPlainText", "the token is not stored in the spec")
+        )
 
     recheck = None
     broken = _secret_check(token, secret)
@@ -151,7 +155,10 @@ def token_status(
 
 
 def desired_status(
-    current: Mapping[str, Any], computed: TokenStatus, generation: int | None, now: datetime.datetime
+    current: Mapping[str, Any],
+    computed: TokenStatus,
+    generation: int | None,
+    now: datetime.datetime,
 ) -> dict[str, Any]:
     """The status object to write: `computed` with conditions keeping their transition times."""
     conditions = current.get("conditions")
@@ -196,7 +203,9 @@ class TokenReconciler:
         if token is None or token["metadata"].get("deletionTimestamp"):
             return None
         for informer in (self.secrets, self.endpoints, self.quotas):
-            if not informer.wait_synced(timeout_s=5.0):  # a half-filled cache would report "not found"
+            if not informer.wait_synced(
+                timeout_s=5.0
+            ):  # a half-filled cache would report "not found"
                 raise TemporaryError(f"{informer.resource.plural} not listed yet", delay_s=1.0)
         now = self.clock()
         ref = (token.get("spec") or {}).get("tokenSecretRef") or {}
@@ -220,8 +229,10 @@ class TokenReconciler:
         if current.get("phase") == computed.phase:
             return
         ready = find_condition(
-            [{"type": c.type, "status": c.status, "reason": c.reason, "message": c.message}
-             for c in computed.checks],
+            [
+                {"type": c.type, "status": c.status, "reason": c.reason, "message": c.message}
+                for c in computed.checks
+            ],
             "Ready",
         )
         assert ready is not None
@@ -299,5 +310,11 @@ def token_controller(
         **({"clock": clock} if clock else {}),
     )
     return Controller(
-        "arkstoken", tokens, reconcile, workers, queue=work, owned=list(informers.values()), leader=leader
+        "arkstoken",
+        tokens,
+        reconcile,
+        workers,
+        queue=work,
+        owned=list(informers.values()),
+        leader=leader,
     )

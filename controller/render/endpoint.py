@@ -158,7 +158,9 @@ def render_httproute(
     meta, spec = endpoint["metadata"], endpoint.get("spec") or {}
     name, namespace = str(meta["name"]), str(meta["namespace"])
     parent = copy.deepcopy(dict(spec.get("gatewayRef") or default_gateway))
-    matches = [_model_match(m, name, namespace) for m in spec.get("matchConfigs") or [DEFAULT_MATCH]]
+    matches = [
+        _model_match(m, name, namespace) for m in spec.get("matchConfigs") or [DEFAULT_MATCH]
+    ]
     refs = backend_refs(endpoint, applications, capacities)
     if len(refs) > MAX_BACKENDS:
         raise UnroutableEndpoint(

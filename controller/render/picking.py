@@ -43,7 +43,9 @@ def picks_per_request(endpoint: Mapping[str, Any]) -> bool:
     return (endpoint.get("spec") or {}).get("weighting", WEIGHTED) in PICKED_WEIGHTINGS
 
 
-def gateway_of(endpoint: Mapping[str, Any], default_gateway: Mapping[str, str] = DEFAULT_GATEWAY) -> tuple[str, str]:
+def gateway_of(
+    endpoint: Mapping[str, Any], default_gateway: Mapping[str, str] = DEFAULT_GATEWAY
+) -> tuple[str, str]:
     """(namespace, name) of the Gateway the endpoint's route attaches to; a gatewayRef without
     a namespace means the endpoint's own (Gateway API ParentReference semantics)."""
     ref = (endpoint.get("spec") or {}).get("gatewayRef")
@@ -101,7 +103,11 @@ def render_picking_policy(
                     "name": eg_route_cluster_name(namespace, name),
                     # `add` on a member replaces it when present (RFC 6902): Envoy Gateway sets
                     # load_balancing_policy today, and this works should it ever leave it out.
-                    "operation": {"op": "add", "path": "/load_balancing_policy", "value": picked_host_policy()},
+                    "operation": {
+                        "op": "add",
+                        "path": "/load_balancing_policy",
+                        "value": picked_host_policy(),
+                    },
                 }
             ],
         },

@@ -41,6 +41,7 @@ _TOP_LEVEL_MODULES = {
     ENDPOINT: ("envoy.config.endpoint.v3.endpoint_pb2", "ClusterLoadAssignment"),
 }
 
+
 class SnapshotError(ValueError):
     """A snapshot's resources are malformed; the message names the type and the resource."""
 
@@ -215,10 +216,13 @@ def parse_resource(type_url: str, document: Mapping[str, AnyValue]) -> Message:
         raise SnapshotError(f"{label}: {err}") from err
 
 
-def snapshot_from_json(version: str, resources: Mapping[str, Iterable[Mapping[str, AnyValue]]]) -> Snapshot:
+def snapshot_from_json(
+    version: str, resources: Mapping[str, Iterable[Mapping[str, AnyValue]]]
+) -> Snapshot:
     """A snapshot from JSON-shaped dicts by type URL (the shape of `envoy_config.xds_resources`)."""
     return snapshot_from_messages(
-        version, {t: [parse_resource(t, d) for d in documents] for t, documents in resources.items()}
+        version,
+        {t: [parse_resource(t, d) for d in documents] for t, documents in resources.items()},
     )
 
 

@@ -97,7 +97,9 @@ class DeltaStreamState:
             sub = self._subscriptions[request.type_url] = _Subscription()
             # No names on the first request of a wildcard type: the legacy wildcard.
             sub.wildcard = request.type_url in WILDCARD_TYPES and not request.subscribe
-            sub.held = {name: version for name, version in request.initial_versions.items() if version}
+            sub.held = {
+                name: version for name, version in request.initial_versions.items() if version
+            }
         for name in request.subscribe:
             if name == "*":
                 sub.wildcard = True
@@ -156,15 +158,21 @@ class DeltaStreamState:
             if not forced and (sub.held.get(name) == version or sub.rejected.get(name) == version):
                 continue
             updated.append(Resource(name, version, snapshot.packed(type_url, [name])[0]))
-        gone = sorted(name for name, held in sub.held.items() if name not in present and held != _ABSENT)
+        gone = sorted(
+            name for name, held in sub.held.items() if name not in present and held != _ABSENT
+        )
         unknown = sorted(name for name in sub.names - present if name not in sub.held)
         sub.resend -= wanted & present
         removed = gone + unknown
         if not updated and not removed:
             return None
         nonce = str(next(self._nonces))
-        before = {r.name: sub.held.get(r.name) for r in updated} | {name: sub.held.get(name) for name in removed}
-        sub.awaiting[nonce] = _Sent(snapshot.versions[type_url], before, {r.name: r.version for r in updated})
+        before = {r.name: sub.held.get(r.name) for r in updated} | {
+            name: sub.held.get(name) for name in removed
+        }
+        sub.awaiting[nonce] = _Sent(
+            snapshot.versions[type_url], before, {r.name: r.version for r in updated}
+        )
         for resource in updated:
             sub.held[resource.name] = resource.version
             sub.rejected.pop(resource.name, None)

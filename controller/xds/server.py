@@ -51,10 +51,16 @@ class Rejection:
 class XdsMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.pushes = Counter(
-            "arks_xds_pushes_total", "xDS responses sent, by type (lds, rds, cds, eds).", ["type"], registry=registry
+            "arks_xds_pushes_total",
+            "xDS responses sent, by type (lds, rds, cds, eds).",
+            ["type"],
+            registry=registry,
         )
         self.nacks = Counter(
-            "arks_xds_nacks_total", "xDS responses Envoy rejected, by type.", ["type"], registry=registry
+            "arks_xds_nacks_total",
+            "xDS responses Envoy rejected, by type.",
+            ["type"],
+            registry=registry,
         )
         self.connected = Gauge("arks_xds_connected_streams", "Open ADS streams.", registry=registry)
         self.answered = Histogram(
@@ -119,12 +125,21 @@ class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer
             return sorted(self._rejections.values(), key=lambda r: (r.node, r.type_url))
 
     async def StreamAggregatedResources(
-        self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
         state = StreamState()
-        stream = self._serve(request_iterator, state, lambda m: state.receive(_request(m)), supersedes=True)
+        stream = self._serve(
+            request_iterator, state, lambda m: state.receive(_request(m)), supersedes=True
+        )
         async for response in stream:
-            log.debug("%s: sending %s version %s", state.node, type_label(response.type_url), response.version)
+            log.debug(
+                "%s: sending %s version %s",
+                state.node,
+                type_label(response.type_url),
+                response.version,
+            )
             yield discovery_pb2.DiscoveryResponse(
                 version_info=response.version,
                 resources=response.resources,
@@ -133,13 +148,22 @@ class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer
             )
 
     async def DeltaAggregatedResources(
-        self, request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[discovery_pb2.DeltaDiscoveryResponse]:
         state = DeltaStreamState()
-        stream = self._serve(request_iterator, state, lambda m: state.receive(_delta_request(m)), supersedes=False)
+        stream = self._serve(
+            request_iterator, state, lambda m: state.receive(_delta_request(m)), supersedes=False
+        )
         async for response in stream:
-            log.debug("%s: sending %d %s, removing %d", state.node, len(response.resources),
-                      type_label(response.type_url), len(response.removed))
+            log.debug(
+                "%s: sending %d %s, removing %d",
+                state.node,
+                len(response.resources),
+                type_label(response.type_url),
+                len(response.removed),
+            )
             yield discovery_pb2.DeltaDiscoveryResponse(
                 system_version_info=response.system_version,
                 resources=[
@@ -162,7 +186,10 @@ class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer
         """One stream of either protocol: Envoy's requests and the cache's changes wake one
         loop, which yields whatever the stream's state says is due."""
         events: asyncio.Queue[_Req | str | _Ended] = asyncio.Queue()
-        tasks = [asyncio.create_task(_read(requests, events)), asyncio.create_task(_watch(self._cache, events))]
+        tasks = [
+            asyncio.create_task(_read(requests, events)),
+            asyncio.create_task(_watch(self._cache, events)),
+        ]
         timer = _AnswerTimer(self._metrics.answered, supersedes=supersedes)
         self._metrics.connected.inc()
         try:
@@ -208,15 +235,27 @@ class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer
             if known is None or known.version != rejection.version:
                 log.error(
                     "node %r rejected %s version %s; it keeps its last good config: %s",
-                    node, type_label(received.type_url), received.version, received.message,
+                    node,
+                    type_label(received.type_url),
+                    received.version,
+                    received.message,
                 )
         elif received.kind is Kind.ACK:
             with self._lock:
                 cleared = self._rejections.pop(key, None)
             if cleared is not None:
-                log.info("node %r accepted %s version %s", node, type_label(received.type_url), received.version)
+                log.info(
+                    "node %r accepted %s version %s",
+                    node,
+                    type_label(received.type_url),
+                    received.version,
+                )
         elif received.kind is Kind.SUBSCRIBE and received.type_url not in _TYPE_LABELS:
-            log.warning("node %r subscribed to %s, which this server does not serve", node, received.type_url)
+            log.warning(
+                "node %r subscribed to %s, which this server does not serve",
+                node,
+                received.type_url,
+            )
 
     def _stream_ended(self, node: str) -> None:
         if not node:
@@ -325,4 +364,3 @@ class XdsServer:
 
     def rejected(self) -> list[Rejection]:
         return self.service.rejected()
-

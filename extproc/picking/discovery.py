@@ -117,7 +117,9 @@ def parse_route(obj: Mapping[str, Any]) -> Route:
 
 
 def _port(obj: Mapping[str, Any]) -> Port:
-    return Port(str(obj.get("name") or ""), _int(obj.get("port")), str(obj.get("protocol") or "TCP"))
+    return Port(
+        str(obj.get("name") or ""), _int(obj.get("port")), str(obj.get("protocol") or "TCP")
+    )
 
 
 def parse_service(obj: Mapping[str, Any]) -> Service:
@@ -145,7 +147,13 @@ def parse_slice(obj: Mapping[str, Any]) -> Slice:
             if routable(endpoint.get("conditions")):
                 addresses.extend(str(a) for a in endpoint.get("addresses") or [])
     ports = tuple(_port(p) for p in obj.get("ports") or [])
-    return Slice(str(meta.get("namespace") or ""), str(meta.get("name") or ""), service, ports, tuple(addresses))
+    return Slice(
+        str(meta.get("namespace") or ""),
+        str(meta.get("name") or ""),
+        service,
+        ports,
+        tuple(addresses),
+    )
 
 
 @dataclass(frozen=True)
@@ -157,7 +165,9 @@ class ClusterView:
     slices: Mapping[Key, tuple[Slice, ...]] = field(default_factory=dict)  # by (namespace, service)
 
     @classmethod
-    def build(cls, routes: Iterable[Route], services: Iterable[Service], slices: Iterable[Slice]) -> ClusterView:
+    def build(
+        cls, routes: Iterable[Route], services: Iterable[Service], slices: Iterable[Slice]
+    ) -> ClusterView:
         by_model: dict[EndpointKey, Route] = {}
         # Two routes claiming one model (not the controller's doing): the one named after it wins.
         for route in sorted(routes, key=lambda r: (r.name != r.model, r.name)):
@@ -181,13 +191,17 @@ def service_hosts(ref: RouteRef, view: ClusterView) -> list[str]:
         return []
     out: list[str] = []
     for s in view.slices.get((ref.namespace, ref.name), ()):
-        target = next((p.port for p in s.ports if (p.name, p.protocol) == (port.name, port.protocol)), None)
+        target = next(
+            (p.port for p in s.ports if (p.name, p.protocol) == (port.name, port.protocol)), None
+        )
         if target is not None:
             out.extend(host(SocketAddress(address, target)) for address in s.addresses)
     return out
 
 
-def route_hosts(route: Route, view: ClusterView, backends: Mapping[ObjectKey, Backend]) -> list[str]:
+def route_hosts(
+    route: Route, view: ClusterView, backends: Mapping[ObjectKey, Backend]
+) -> list[str]:
     """The hosts of the Envoy cluster Envoy Gateway builds for `route`, deduplicated, in the
     order of its backendRefs (module doc)."""
     out: list[str] = []
@@ -212,7 +226,9 @@ def picking_endpoints(policy: Policy, view: ClusterView) -> dict[EndpointKey, li
             continue
         key = (endpoint.key.namespace, endpoint.model)
         route = view.routes.get(key)
-        out[key] = route_hosts(route, view, policy.backends) if route else backend_hosts(endpoint, policy)
+        out[key] = (
+            route_hosts(route, view, policy.backends) if route else backend_hosts(endpoint, policy)
+        )
     return out
 
 
@@ -240,7 +256,9 @@ class ClusterEngines:
         self._view_version = 0
 
         def informer(resource: Resource, selector: str | None, handler: Handler) -> Informer:
-            made = Informer(api_client, resource, namespace, label_selector=selector, **(informer_options or {}))
+            made = Informer(
+                api_client, resource, namespace, label_selector=selector, **(informer_options or {})
+            )
             made.add_handler(handler)
             return made
 
@@ -273,7 +291,10 @@ class ClusterEngines:
             informer.start()
         for informer in self._informers:
             if not informer.wait_synced(max(0.0, deadline - time.monotonic())):
-                log.warning("engine discovery: %s not listed yet; picking uses what is known", informer.resource.plural)
+                log.warning(
+                    "engine discovery: %s not listed yet; picking uses what is known",
+                    informer.resource.plural,
+                )
 
     def stop(self, timeout_s: float | None = None) -> None:
         """Stop the informers; `timeout_s` bounds the wait for each thread (0: do not wait)."""
@@ -285,7 +306,11 @@ class ClusterEngines:
             if self._view_version == self._version:
                 return self._view
             version = self._version
-            routes, services, slices = list(self._routes.values()), list(self._services.values()), list(self._slices.values())
+            routes, services, slices = (
+                list(self._routes.values()),
+                list(self._services.values()),
+                list(self._slices.values()),
+            )
         view = ClusterView.build(routes, services, slices)
         with self._lock:
             if version >= self._view_version:

@@ -23,7 +23,11 @@ def _content_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # [{"type": "text", "text": ...}, {"type": "image_url", ...}]
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+        return "".join(
+            p.get("text", "")
+            for p in content
+            if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
     return ""
 
 
@@ -32,7 +36,9 @@ def prompt_text(body: Mapping[str, Any]) -> str:
     messages = body.get("messages")
     if isinstance(messages, list):
         return "".join(
-            f"{m.get('role', '')}: {_content_text(m.get('content'))}\n" for m in messages if isinstance(m, dict)
+            f"{m.get('role', '')}: {_content_text(m.get('content'))}\n"
+            for m in messages
+            if isinstance(m, dict)
         )
     prompt = body.get("prompt", body.get("input"))
     if isinstance(prompt, str):
@@ -42,7 +48,9 @@ def prompt_text(body: Mapping[str, Any]) -> str:
     return ""
 
 
-def block_hashes(text: str, seed: str, block_chars: int = 256, max_blocks: int = 256) -> tuple[int, ...]:
+def block_hashes(
+    text: str, seed: str, block_chars: int = 256, max_blocks: int = 256
+) -> tuple[int, ...]:
     """Chained hashes of the whole `block_chars` blocks of `text` (at most `max_blocks`)."""
     count = min(len(text) // block_chars, max_blocks)
     out = []

@@ -30,7 +30,11 @@ EngineSets = Callable[[Policy], Mapping[EndpointKey, Iterable[str]]]
 
 def backend_hosts(endpoint: ArksEndpoint, policy: Policy) -> list[str]:
     """The addresses of the Backends the endpoint routes to (weight > 0)."""
-    return [host(address) for _ref, backend in routed_backends(endpoint, policy) for address in backend.endpoints]
+    return [
+        host(address)
+        for _ref, backend in routed_backends(endpoint, policy)
+        for address in backend.endpoints
+    ]
 
 
 def picking_endpoints(policy: Policy) -> dict[EndpointKey, list[str]]:
@@ -47,17 +51,23 @@ async def refresh(
 ) -> None:
     """One round: the engine set from the policy, one scrape of each, the picks too old to count."""
     picking.store.set_endpoints(engines(policy))
-    scraper.set_targets({address: f"http://{address}/metrics" for address in picking.store.addresses()})
+    scraper.set_targets(
+        {address: f"http://{address}/metrics" for address in picking.store.addresses()}
+    )
     picking.store.observe(await scraper.scrape_once())
     if expired := picking.store.expire(picking.clock()):
         log.warning("%d picks had no access-log entry; no longer counted as in flight", expired)
 
 
-async def scrape_forever(picking: Picking, source: PolicySource, engines: EngineSets = picking_endpoints) -> None:
+async def scrape_forever(
+    picking: Picking, source: PolicySource, engines: EngineSets = picking_endpoints
+) -> None:
     s = picking.settings
     loop = asyncio.get_running_loop()
     async with aiohttp.ClientSession() as session:
-        scraper: Scraper[str] = Scraper(session, {}, interval_s=s.interval_s, timeout_s=s.scrape_timeout_s)
+        scraper: Scraper[str] = Scraper(
+            session, {}, interval_s=s.interval_s, timeout_s=s.scrape_timeout_s
+        )
         while True:
             started = loop.time()
             try:

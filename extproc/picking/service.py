@@ -41,7 +41,9 @@ class PickSettings:
     scrape_timeout_s: float = 0.4
     max_failures: int = 2  # consecutive failed scrapes that take an engine out
     kv_threshold: float = 0.9
-    prefix_max_waiting: float = 8.0  # an engine holding a prefix keeps it while its queue is shorter
+    prefix_max_waiting: float = (
+        8.0  # an engine holding a prefix keeps it while its queue is shorter
+    )
     prefix_weight: float = 4.0  # > queue + KV weights: a held prefix outweighs any load difference
     block_chars: int = 256
     max_blocks: int = 256  # prompts longer than 64 KiB are matched on their first 64 KiB
@@ -75,7 +77,10 @@ class Destination:
 
 NO_PREFIX = PickRequest()
 NO_ENGINE = Deny(
-    503, "no_backend", "No engine can take this request right now; try again shortly.", type="service_unavailable",
+    503,
+    "no_backend",
+    "No engine can take this request right now; try again shortly.",
+    type="service_unavailable",
     headers=(("retry-after", "1"),),
 )
 
@@ -106,13 +111,23 @@ class Picking:
         blocks: tuple[int, ...] = ()
         request = NO_PREFIX
         if prefix and prompt:
-            blocks = block_hashes(prompt, f"{identity.namespace}/{identity.model}", s.block_chars, s.max_blocks)
+            blocks = block_hashes(
+                prompt, f"{identity.namespace}/{identity.model}", s.block_chars, s.max_blocks
+            )
             request = PickRequest(len(blocks), self.index.matches(blocks))
         engines = self.store.engines((identity.namespace, identity.model))
-        if not engines:  # no engine of ours to pick from (Services only, or not loaded yet): Envoy's call
+        if (
+            not engines
+        ):  # no engine of ours to pick from (Services only, or not loaded yet): Envoy's call
             self._count(identity, "unmanaged", time.perf_counter() - started)
             return None
-        ranked = pick(engines, self._profiles[PREFIX_CACHE if prefix else LEAST_LOAD], request, self.rng, s.fallbacks)
+        ranked = pick(
+            engines,
+            self._profiles[PREFIX_CACHE if prefix else LEAST_LOAD],
+            request,
+            self.rng,
+            s.fallbacks,
+        )
         result: Destination | Deny | None
         if not ranked.hosts:
             reason = "refused" if s.fail_closed else "fallback"

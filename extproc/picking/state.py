@@ -72,7 +72,9 @@ class Datastore:
 
     def set_endpoints(self, endpoints: Mapping[EndpointKey, Iterable[str]]) -> None:
         """The picking endpoints and their engines; engines no endpoint names are forgotten."""
-        self._endpoints = {key: tuple(dict.fromkeys(addresses)) for key, addresses in endpoints.items()}
+        self._endpoints = {
+            key: tuple(dict.fromkeys(addresses)) for key, addresses in endpoints.items()
+        }
         wanted = {a for addresses in self._endpoints.values() for a in addresses}
         for gone in self._engines.keys() - wanted:
             del self._engines[gone]
@@ -106,7 +108,15 @@ class Datastore:
         for address in self._endpoints.get(key, ()):
             e = self._engines[address]
             out.append(
-                EngineView(address, e.load is not None, e.waiting, e.kv_cache_usage, e.failures, e.unseen, e.in_flight)
+                EngineView(
+                    address,
+                    e.load is not None,
+                    e.waiting,
+                    e.kv_cache_usage,
+                    e.failures,
+                    e.unseen,
+                    e.in_flight,
+                )
             )
         return out
 

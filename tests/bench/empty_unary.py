@@ -46,7 +46,9 @@ async def serve(address: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tests.bench.empty_unary", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench.empty_unary", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--grpc-address", default="127.0.0.1:50053")
     args = parser.parse_args(argv)
     uvloop.run(serve(args.grpc_address))

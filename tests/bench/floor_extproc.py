@@ -24,7 +24,9 @@ _HEADERS_ANSWER = ep.ProcessingResponse(request_headers=ep.HeadersResponse())
 
 class FloorProcessor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     async def Process(
-        self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[ep.ProcessingRequest],
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[ep.ProcessingResponse]:
         async for message in request_iterator:
             if message.WhichOneof("request") == "request_headers":
@@ -47,7 +49,9 @@ async def serve(address: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tests.bench.floor_extproc", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench.floor_extproc", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--grpc-address", default="127.0.0.1:50052")
     args = parser.parse_args(argv)
     uvloop.run(serve(args.grpc_address))

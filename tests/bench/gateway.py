@@ -58,20 +58,41 @@ class Settings:
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None) -> Settings:
-        parser = argparse.ArgumentParser(prog="python -m tests.bench.gateway", description=__doc__.splitlines()[0])
-        parser.add_argument("--out", type=Path, help="write the markdown report here (e.g. docs/benchmarks.md)")
-        parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per workload and config")
-        parser.add_argument("--rounds", type=int, default=2, help="interleaved segments the duration is split into")
-        parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load per config before measuring")
-        parser.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads, all configs")
-        parser.add_argument("--no-stream-c32", action="store_true", help="skip the streamed workloads at concurrency 32")
+        parser = argparse.ArgumentParser(
+            prog="python -m tests.bench.gateway", description=__doc__.splitlines()[0]
+        )
         parser.add_argument(
-            "--no-rate-matched", action="store_true",
+            "--out", type=Path, help="write the markdown report here (e.g. docs/benchmarks.md)"
+        )
+        parser.add_argument(
+            "--duration", type=float, default=8.0, help="measured seconds per workload and config"
+        )
+        parser.add_argument(
+            "--rounds", type=int, default=2, help="interleaved segments the duration is split into"
+        )
+        parser.add_argument(
+            "--warmup", type=float, default=1.0, help="seconds of load per config before measuring"
+        )
+        parser.add_argument(
+            "--envoy-concurrency", type=int, default=1, help="Envoy worker threads, all configs"
+        )
+        parser.add_argument(
+            "--no-stream-c32",
+            action="store_true",
+            help="skip the streamed workloads at concurrency 32",
+        )
+        parser.add_argument(
+            "--no-rate-matched",
+            action="store_true",
             help="skip re-measuring the floor at the gateway's request rate for streamed answers",
         )
-        parser.add_argument("--quick", action="store_true", help="smoke run: 1 s per measurement, one round")
         parser.add_argument(
-            "--only", choices=("all", "gateway", "ratelimit", "traffic"), default="all",
+            "--quick", action="store_true", help="smoke run: 1 s per measurement, one round"
+        )
+        parser.add_argument(
+            "--only",
+            choices=("all", "gateway", "ratelimit", "traffic"),
+            default="all",
             help="run only the gateway part, or only the rate-limit part (tests/bench/ratelimit.py)",
         )
         args = parser.parse_args(argv)
@@ -102,7 +123,9 @@ class Arm:
     delay_ms: float = 0.0
 
 
-def measure(wrk_bin: str, arms: Sequence[Arm], work: Path, token: str, settings: Settings) -> Results:
+def measure(
+    wrk_bin: str, arms: Sequence[Arm], work: Path, token: str, settings: Settings
+) -> Results:
     scripts = {}
     for arm in arms:
         script = scripts[arm.label] = work / f"{arm.workload.key}-{arm.label}.lua"
@@ -116,7 +139,9 @@ def measure(wrk_bin: str, arms: Sequence[Arm], work: Path, token: str, settings:
         for arm in arms if round_ % 2 == 0 else list(reversed(arms)):
             before = CpuSample.take(arm.target)
             url = arm.target.url + PATH
-            loads[arm.label].merge(wrk.run(wrk_bin, url, scripts[arm.label], arm.workload.connections, segment_s))
+            loads[arm.label].merge(
+                wrk.run(wrk_bin, url, scripts[arm.label], arm.workload.connections, segment_s)
+            )
             time.sleep(SETTLE_S)
             cpu[arm.label] = cpu[arm.label] + (CpuSample.take(arm.target) - before)
     for arm in arms:
@@ -126,7 +151,10 @@ def measure(wrk_bin: str, arms: Sequence[Arm], work: Path, token: str, settings:
                 f"{arm.workload.key} via {arm.label}: {load.requests} requests, errors {dict(load.errors)} "
                 "(status = non-2xx/3xx answers); see the logs under the run's temporary directory"
             )
-    return {(arms[0].workload.key, a.label): Measurement(loads[a.label], cpu[a.label], a.delay_ms) for a in arms}
+    return {
+        (arms[0].workload.key, a.label): Measurement(loads[a.label], cpu[a.label], a.delay_ms)
+        for a in arms
+    }
 
 
 def rate_matched_floor(workload: Workload, floor: Target, results: Results) -> Arm | None:
@@ -136,7 +164,10 @@ def rate_matched_floor(workload: Workload, floor: Target, results: Results) -> A
     thread wake-ups): at concurrency 1 a slower configuration looks costlier per request even
     when it does the same work. Matching the request rate separates the two.
     """
-    gateway, plain_floor = results.get((workload.key, "gateway")), results.get((workload.key, "floor"))
+    gateway, plain_floor = (
+        results.get((workload.key, "gateway")),
+        results.get((workload.key, "floor")),
+    )
     if gateway is None or plain_floor is None:
         return None
     extra = round(gateway.p50 - plain_floor.p50, 2)
@@ -155,21 +186,32 @@ def run(settings: Settings) -> tuple[Results, list[Workload]]:
         work = Path(tmp)
         sup = stack.enter_context(Supervisor(log_dir=work / "logs"))
         engine_port = targets.start_engine(sup, ENGINE_OUTPUT_TOKENS)
-        plain = targets.start_baseline(sup, work, engine_port, settings.envoy_concurrency, floor=False)
-        floor = targets.start_baseline(sup, work, engine_port, settings.envoy_concurrency, floor=True)
-        gateway = stack.enter_context(targets.gateway(work, engine_port, token, settings.envoy_concurrency))
+        plain = targets.start_baseline(
+            sup, work, engine_port, settings.envoy_concurrency, floor=False
+        )
+        floor = targets.start_baseline(
+            sup, work, engine_port, settings.envoy_concurrency, floor=True
+        )
+        gateway = stack.enter_context(
+            targets.gateway(work, engine_port, token, settings.envoy_concurrency)
+        )
         configs = [plain, floor, gateway]
         for workload in workloads:
             for target in configs:
                 preflight(target.url, workload, token, target.name)
             print(f"measuring {workload.title} ...", file=sys.stderr, flush=True)
-            results |= measure(wrk_bin, [Arm(t.name, t, workload) for t in configs], work, token, settings)
+            results |= measure(
+                wrk_bin, [Arm(t.name, t, workload) for t in configs], work, token, settings
+            )
             if workload.streamed and workload.connections == 1 and settings.rate_matched:
                 matched = rate_matched_floor(workload, floor, results)
                 if matched is not None:
                     results |= measure(wrk_bin, [matched], work, token, settings)
             print(f"\n{workload.title}", flush=True)
-            print(report.text_table(report.HEADER, report.workload_rows(workload, results)) + "\n", flush=True)
+            print(
+                report.text_table(report.HEADER, report.workload_rows(workload, results)) + "\n",
+                flush=True,
+            )
     return results, workloads
 
 
@@ -188,7 +230,9 @@ def _cpu_model() -> str:
 
 def _envoy_version() -> str:
     try:
-        out = subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(
+            [envoy_binary(), "--version"], capture_output=True, text=True, timeout=10
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     build = out.split("version:", 1)[-1].split()  # <commit>/<version>/<state>/<mode>/<ssl>
@@ -235,7 +279,9 @@ HOW_TO_READ = f"""\
 """
 
 
-def render_markdown(results: Results, workloads: Sequence[Workload], settings: Settings, argv: Sequence[str]) -> str:
+def render_markdown(
+    results: Results, workloads: Sequence[Workload], settings: Settings, argv: Sequence[str]
+) -> str:
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
         "<!-- Generated by `make bench` (python -m tests.bench.gateway); do not edit: each run overwrites it. -->",
@@ -257,7 +303,7 @@ def render_markdown(results: Results, workloads: Sequence[Workload], settings: S
         "",
         report.markdown_table(report.BUDGET_HEADER, [b.cells() for b in report.budgets(results)]),
         "",
-        "Python CPU of a streamed answer ÷ a non-streamed one (\"flat in answer length\" is ≈ 1):",
+        'Python CPU of a streamed answer ÷ a non-streamed one ("flat in answer length" is ≈ 1):',
         "",
         report.markdown_table(
             ["config", f"{STREAM_CHUNKS} chunks ÷ {ENGINE_OUTPUT_TOKENS} tokens"],
@@ -275,7 +321,12 @@ def render_markdown(results: Results, workloads: Sequence[Workload], settings: S
             "",
         ]
     for workload in workloads:
-        parts += [f"## {workload.title}", "", report.markdown_table(report.HEADER, report.workload_rows(workload, results)), ""]
+        parts += [
+            f"## {workload.title}",
+            "",
+            report.markdown_table(report.HEADER, report.workload_rows(workload, results)),
+            "",
+        ]
     parts.append(HOW_TO_READ)
     return "\n".join(parts)
 
@@ -304,7 +355,11 @@ def _gateway_part(settings: Settings, argv: Sequence[str], started: float) -> No
     except (BenchError, wrk.WrkError, RuntimeError) as err:
         sys.exit(f"bench FAILED: {err}")
     rows = [b.cells() for b in report.budgets(results)]
-    print(report.text_table(report.BUDGET_HEADER, [[c.replace("**", "") for c in row] for row in rows]))
+    print(
+        report.text_table(
+            report.BUDGET_HEADER, [[c.replace("**", "") for c in row] for row in rows]
+        )
+    )
     print(f"\n(bench took {time.monotonic() - started:.0f} s)")
     if settings.out is not None:
         settings.out.parent.mkdir(parents=True, exist_ok=True)

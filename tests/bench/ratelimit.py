@@ -63,7 +63,9 @@ class RateLimitBenchError(RuntimeError):
 
 @dataclass(frozen=True)
 class Settings:
-    duration_s: float = 4.0  # measured seconds per server (closed loop) and per Envoy config and concurrency
+    duration_s: float = (
+        4.0  # measured seconds per server (closed loop) and per Envoy config and concurrency
+    )
     paced_s: float = 5.0  # measured seconds per server at the fixed rate
     rate: int = 500  # decisions per second, open loop
     in_flight: int = 16  # closed loop
@@ -89,7 +91,9 @@ def _requests(domain: str) -> list[bytes]:
     out = []
     for i in range(USERS):
         entry = common.RateLimitDescriptor.Entry(key="user", value=f"u{i}")
-        message = rls_pb2.RateLimitRequest(domain=domain, descriptors=[common.RateLimitDescriptor(entries=[entry])])
+        message = rls_pb2.RateLimitRequest(
+            domain=domain, descriptors=[common.RateLimitDescriptor(entries=[entry])]
+        )
         out.append(message.SerializeToString())
     return out
 
@@ -105,10 +109,14 @@ class _Probe:
         return done, time.perf_counter(), cpu_seconds(self.pid), redis
 
 
-def _segment(start: tuple[int, float, float, float], end: tuple[int, float, float, float]) -> dict[str, float]:
+def _segment(
+    start: tuple[int, float, float, float], end: tuple[int, float, float, float]
+) -> dict[str, float]:
     return {
-        "decisions": end[0] - start[0], "wall_s": end[1] - start[1],
-        "cpu_s": end[2] - start[2], "redis_cpu_s": end[3] - start[3],
+        "decisions": end[0] - start[0],
+        "wall_s": end[1] - start[1],
+        "cpu_s": end[2] - start[2],
+        "redis_cpu_s": end[3] - start[3],
     }
 
 
@@ -128,7 +136,9 @@ async def _client(plan: dict[str, Any]) -> dict[str, Any]:
         channels.append(channel)
         await asyncio.wait_for(channel.channel_ready(), 10)
         # bytes in (pre-serialized), response parsed to check every answer
-        calls[t["label"]] = channel.unary_unary(RPC, request_serializer=None, response_deserializer=parse)
+        calls[t["label"]] = channel.unary_unary(
+            RPC, request_serializer=None, response_deserializer=parse
+        )
         out["closed"][t["label"]] = []
         out["paced"][t["label"]] = []
         out["calls"][t["label"]] = 0
@@ -217,10 +227,17 @@ async def _client(plan: dict[str, Any]) -> dict[str, Any]:
     for t in targets_:
         print(f"  warming up {t['label']} ...", file=sys.stderr, flush=True)
         await closed(t["label"], _Probe(t["pid"], redis_pid), plan["warmup_s"])
-    for kind, run, seconds in (("closed", closed, plan["closed_segment_s"]), ("paced", paced, plan["paced_segment_s"])):
+    for kind, run, seconds in (
+        ("closed", closed, plan["closed_segment_s"]),
+        ("paced", paced, plan["paced_segment_s"]),
+    ):
         for round_ in range(plan["rounds"]):
             for t in targets_ if round_ % 2 == 0 else list(reversed(targets_)):
-                print(f"  {kind} loop, round {round_ + 1}: {t['label']} ...", file=sys.stderr, flush=True)
+                print(
+                    f"  {kind} loop, round {round_ + 1}: {t['label']} ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 result = await run(t["label"], _Probe(t["pid"], redis_pid), seconds)
                 out[kind][t["label"]].append(result)
     for channel in channels:
@@ -264,7 +281,9 @@ class Server:
     def metric_sum(self, name: str, domain: str | None = None) -> float:
         if self.metrics_port is None:
             return math.nan
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
+        ) as resp:
             text = resp.read().decode()
         total = 0.0
         for line in text.splitlines():
@@ -274,12 +293,20 @@ class Server:
 
 
 def _python_env() -> dict[str, str]:
-    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))}
+    return {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
+    }
 
 
 def start_empty(sup: Supervisor) -> Server:
     port = free_port()
-    child = sup.python("empty-unary", "tests.bench.empty_unary", "--grpc-address", f"127.0.0.1:{port}", env=_python_env())
+    child = sup.python(
+        "empty-unary",
+        "tests.bench.empty_unary",
+        "--grpc-address",
+        f"127.0.0.1:{port}",
+        env=_python_env(),
+    )
     wait_port(child, port)
     return Server(EMPTY, port, child.popen.pid)
 
@@ -288,8 +315,17 @@ def start_ratelimit(sup: Supervisor, label: str, config: Path, redis_url: str | 
     port, metrics_port = free_port(), free_port()
     extra = ["--redis", redis_url] if redis_url else []
     child = sup.python(
-        label.replace(" + ", "-"), "ratelimit", "--config", str(config), "--grpc-address", f"127.0.0.1:{port}",
-        "--metrics-port", str(metrics_port), "--log-level", "WARNING", *extra,
+        label.replace(" + ", "-"),
+        "ratelimit",
+        "--config",
+        str(config),
+        "--grpc-address",
+        f"127.0.0.1:{port}",
+        "--metrics-port",
+        str(metrics_port),
+        "--log-level",
+        "WARNING",
+        *extra,
     )
     wait_http(child, f"http://127.0.0.1:{metrics_port}/metrics")
     wait_port(child, port)
@@ -302,7 +338,9 @@ def check_decides(server: Server, domain: str) -> None:
     from envoy.service.ratelimit.v3 import rls_pb2
 
     with grpc.insecure_channel(server.address) as channel:
-        call = channel.unary_unary(RPC, request_serializer=None, response_deserializer=rls_pb2.RateLimitResponse.FromString)
+        call = channel.unary_unary(
+            RPC, request_serializer=None, response_deserializer=rls_pb2.RateLimitResponse.FromString
+        )
         first, second = (call(_requests(domain)[0], timeout=CALL_TIMEOUT_S) for _ in range(2))
     if first.overall_code != rls_pb2.RateLimitResponse.OK:
         raise RateLimitBenchError(f"{server.label}: preflight decision is not OK: {first}")
@@ -310,11 +348,17 @@ def check_decides(server: Server, domain: str) -> None:
         return
     statuses = [first.statuses, second.statuses]
     if any(len(s) != 1 or s[0].current_limit.name != LIMIT_NAME for s in statuses):
-        raise RateLimitBenchError(f"{server.label}: preflight did not apply the bench limit: {first}")
+        raise RateLimitBenchError(
+            f"{server.label}: preflight did not apply the bench limit: {first}"
+        )
     if second.statuses[0].limit_remaining != first.statuses[0].limit_remaining - 1:
-        raise RateLimitBenchError(f"{server.label}: preflight decisions were not counted: {first} then {second}")
+        raise RateLimitBenchError(
+            f"{server.label}: preflight decisions were not counted: {first} then {second}"
+        )
     if server.metric_sum("arks_ratelimit_backend_errors_total"):
-        raise RateLimitBenchError(f"{server.label}: the counter store failed already at preflight (see its log)")
+        raise RateLimitBenchError(
+            f"{server.label}: the counter store failed already at preflight (see its log)"
+        )
 
 
 def redis_pid(url: str) -> int | None:
@@ -349,34 +393,55 @@ def rate_limit_config(domain: str) -> str:
 # --------------------------------------------------------------------------- Envoy with the rate-limit filter
 
 
-def limited_bootstrap(listen: int, admin: int, engine_port: int, rls_port: int, domain: str) -> dict[str, Any]:
+def limited_bootstrap(
+    listen: int, admin: int, engine_port: int, rls_port: int, domain: str
+) -> dict[str, Any]:
     """The plain baseline's bootstrap plus the rate-limit filter: `x-user` header → `user` descriptor."""
     boot = targets.baseline_bootstrap(listen, admin, engine_port, None)
     hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     route = hcm["route_config"]["virtual_hosts"][0]["routes"][0]
-    route["route"]["rate_limits"] = [{"actions": [{"request_headers": {"header_name": "x-user", "descriptor_key": "user"}}]}]
-    hcm["http_filters"].insert(0, {
-        "name": "envoy.filters.http.ratelimit",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
-            "domain": domain,
-            "failure_mode_deny": True,  # a failed decision must fail the run, not pass unmeasured
-            "timeout": "1s",
-            "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
-            "rate_limit_service": {"transport_api_version": "V3", "grpc_service": {"envoy_grpc": {"cluster_name": "ratelimit"}}},
+    route["route"]["rate_limits"] = [
+        {"actions": [{"request_headers": {"header_name": "x-user", "descriptor_key": "user"}}]}
+    ]
+    hcm["http_filters"].insert(
+        0,
+        {
+            "name": "envoy.filters.http.ratelimit",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+                "domain": domain,
+                "failure_mode_deny": True,  # a failed decision must fail the run, not pass unmeasured
+                "timeout": "1s",
+                "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
+                "rate_limit_service": {
+                    "transport_api_version": "V3",
+                    "grpc_service": {"envoy_grpc": {"cluster_name": "ratelimit"}},
+                },
+            },
         },
-    })
-    endpoint = {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": rls_port}}}}
-    boot["static_resources"]["clusters"].append({
-        "name": "ratelimit",
-        "type": "STATIC",
-        "connect_timeout": "2s",
-        "load_assignment": {"cluster_name": "ratelimit", "endpoints": [{"lb_endpoints": [endpoint]}]},
-        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            "explicit_http_config": {"http2_protocol_options": {}},
-        }},
-    })
+    )
+    endpoint = {
+        "endpoint": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": rls_port}}
+        }
+    }
+    boot["static_resources"]["clusters"].append(
+        {
+            "name": "ratelimit",
+            "type": "STATIC",
+            "connect_timeout": "2s",
+            "load_assignment": {
+                "cluster_name": "ratelimit",
+                "endpoints": [{"lb_endpoints": [endpoint]}],
+            },
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                }
+            },
+        }
+    )
     return boot
 
 
@@ -385,14 +450,18 @@ def start_limited_envoy(
 ) -> tuple[Target, int]:
     listen, admin = free_port(), free_port()
     bootstrap = work / "envoy-ratelimit.json"
-    bootstrap.write_text(json.dumps(limited_bootstrap(listen, admin, engine_port, rls.port, domain), indent=1))
+    bootstrap.write_text(
+        json.dumps(limited_bootstrap(listen, admin, engine_port, rls.port, domain), indent=1)
+    )
     envoy = sup.start("envoy-ratelimit", targets.envoy_argv(bootstrap, concurrency))
     wait_http(envoy, f"http://127.0.0.1:{admin}/ready")
     return Target(LIMITED, f"http://127.0.0.1:{listen}", (rls.pid,), envoy.popen.pid), admin
 
 
 def envoy_ratelimit_stats(admin: int) -> dict[str, int]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats?filter=ratelimit", timeout=5) as resp:
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{admin}/stats?filter=ratelimit", timeout=5
+    ) as resp:
         text = resp.read().decode()
     stats: dict[str, int] = {}
     for line in text.splitlines():
@@ -470,16 +539,32 @@ def run_client(work: Path, plan: dict[str, Any]) -> dict[str, Any]:
     plan_path = work / "client-plan.json"
     plan_path.write_text(json.dumps(plan))
     argv = [sys.executable, "-m", "tests.bench.ratelimit", "client", str(plan_path)]
-    budget_s = 60 + len(plan["targets"]) * (plan["warmup_s"] + plan["rounds"] * (
-        plan["closed_segment_s"] + plan["paced_segment_s"] + RAMP_S + PACED_WARM_S + 2 * CALL_TIMEOUT_S))
+    budget_s = 60 + len(plan["targets"]) * (
+        plan["warmup_s"]
+        + plan["rounds"]
+        * (
+            plan["closed_segment_s"]
+            + plan["paced_segment_s"]
+            + RAMP_S
+            + PACED_WARM_S
+            + 2 * CALL_TIMEOUT_S
+        )
+    )
     try:
         done = subprocess.run(
-            argv, stdout=subprocess.PIPE, text=True, env={**os.environ, **_python_env()}, timeout=budget_s, check=False,
+            argv,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **_python_env()},
+            timeout=budget_s,
+            check=False,
         )
     except subprocess.TimeoutExpired as err:
         raise RateLimitBenchError(f"the load client took longer than {budget_s:.0f} s") from err
     if done.returncode != 0:
-        raise RateLimitBenchError(f"the load client exited with {done.returncode} (its message is above)")
+        raise RateLimitBenchError(
+            f"the load client exited with {done.returncode} (its message is above)"
+        )
     result: dict[str, Any] = json.loads(done.stdout)
     return result
 
@@ -497,7 +582,9 @@ def measure_envoy(
     for round_ in range(settings.rounds):
         for target in arms if round_ % 2 == 0 else list(reversed(arms)):
             before = CpuSample.take(target)
-            loads[target.name].merge(wrk.run(wrk_bin, target.url + PATH, script, workload.connections, segment_s))
+            loads[target.name].merge(
+                wrk.run(wrk_bin, target.url + PATH, script, workload.connections, segment_s)
+            )
             time.sleep(0.1)
             cpu[target.name] = cpu[target.name] + (CpuSample.take(target) - before)
     for name, load in loads.items():
@@ -514,18 +601,28 @@ def run(settings: Settings) -> Results:
     load_average = os.getloadavg()
     wrk_bin = wrk.ensure_wrk()
     domain = f"bench-{uuid.uuid4().hex[:10]}"  # fresh counters in a Redis others may share
-    with tempfile.TemporaryDirectory(prefix="arks-bench-ratelimit-") as tmp, Supervisor(log_dir=Path(tmp) / "logs") as sup:
+    with (
+        tempfile.TemporaryDirectory(prefix="arks-bench-ratelimit-") as tmp,
+        Supervisor(log_dir=Path(tmp) / "logs") as sup,
+    ):
         try:
             return _run(settings, sup, Path(tmp), wrk_bin, domain, started, load_average)
         except RateLimitBenchError as err:
             tails = "\n".join(
-                f"--- {c.name} (last lines of its log):\n{c.log_tail(15)}" for c in sup.children if c.log_tail(15).strip()
+                f"--- {c.name} (last lines of its log):\n{c.log_tail(15)}"
+                for c in sup.children
+                if c.log_tail(15).strip()
             )
             raise RateLimitBenchError(f"{err}\n{tails}") from err
 
 
 def _run(
-    settings: Settings, sup: Supervisor, work: Path, wrk_bin: str, domain: str, started: float,
+    settings: Settings,
+    sup: Supervisor,
+    work: Path,
+    wrk_bin: str,
+    domain: str,
+    started: float,
     load_average: tuple[float, float, float],
 ) -> Results:
     config = work / "ratelimit.yaml"
@@ -540,8 +637,12 @@ def _run(
         check_decides(server, domain)
     print("measuring rate-limit decisions over direct gRPC ...", file=sys.stderr, flush=True)
     plan = {
-        "domain": domain, "redis_pid": redis, "in_flight": settings.in_flight, "rate": settings.rate,
-        "rounds": settings.direct_rounds, "warmup_s": settings.warmup_s,
+        "domain": domain,
+        "redis_pid": redis,
+        "in_flight": settings.in_flight,
+        "rate": settings.rate,
+        "rounds": settings.direct_rounds,
+        "warmup_s": settings.warmup_s,
         "closed_segment_s": settings.duration_s / settings.direct_rounds,
         "paced_segment_s": settings.paced_s / settings.direct_rounds,
         "targets": [{"label": s.label, "address": s.address, "pid": s.pid} for s in servers],
@@ -565,10 +666,14 @@ def _run(
     engine_port = targets.start_engine(sup, ENGINE_OUTPUT_TOKENS)
     plain = targets.start_baseline(sup, work, engine_port, settings.envoy_concurrency, floor=False)
     plain = replace(plain, name=PLAIN)
-    limited, admin = start_limited_envoy(sup, work, engine_port, rls, domain, settings.envoy_concurrency)
+    limited, admin = start_limited_envoy(
+        sup, work, engine_port, rls, domain, settings.envoy_concurrency
+    )
     envoy: dict[tuple[int, str], Measurement] = {}
     for connections in (1, 32):
-        workload = replace(chat(connections), headers=(("Content-Type", "application/json"), ("x-user", "bench")))
+        workload = replace(
+            chat(connections), headers=(("Content-Type", "application/json"), ("x-user", "bench"))
+        )
         for target in (plain, limited):
             preflight(target.url, workload, "unused", target.name)
         envoy |= measure_envoy(wrk_bin, work, [plain, limited], workload, settings)
@@ -576,10 +681,18 @@ def _run(
     stats = envoy_ratelimit_stats(admin)
     calls = int(rls.metric_sum("arks_ratelimit_hits_total", domain) - hits_before)
     measured = sum(m.load.requests for (_, name), m in envoy.items() if name == LIMITED)
-    if stats.get("error", 0) or stats.get("failure_mode_allowed", 0) or stats.get("ok", 0) < measured:
-        raise RateLimitBenchError(f"Envoy's rate-limit filter did not decide every request: {stats}")
+    if (
+        stats.get("error", 0)
+        or stats.get("failure_mode_allowed", 0)
+        or stats.get("ok", 0) < measured
+    ):
+        raise RateLimitBenchError(
+            f"Envoy's rate-limit filter did not decide every request: {stats}"
+        )
     if calls < measured:
-        raise RateLimitBenchError(f"the rate-limit service counted {calls} hits for {measured} requests")
+        raise RateLimitBenchError(
+            f"the rate-limit service counted {calls} hits for {measured} requests"
+        )
     return Results(settings, closed, paced, envoy, calls, load_average, time.monotonic() - started)
 
 
@@ -599,19 +712,37 @@ def budgets(r: Results) -> list[Budget]:
     return [
         Budget(
             f"rate-limit CPU/decision, ratelimit+redis ÷ empty call — direct gRPC, {s.in_flight} in flight",
-            _ratio(r.closed[REDIS].cpu_us, r.closed[EMPTY].cpu_us), "x", 1.3, True,
+            _ratio(r.closed[REDIS].cpu_us, r.closed[EMPTY].cpu_us),
+            "x",
+            1.3,
+            True,
         ),
         Budget(
             f"rate-limit CPU/decision, ratelimit+redis ÷ empty call — direct gRPC, {s.rate}/s (same rate)",
-            _ratio(r.paced[REDIS].cpu_us, r.paced[EMPTY].cpu_us), "x", 1.3, True,
+            _ratio(r.paced[REDIS].cpu_us, r.paced[EMPTY].cpu_us),
+            "x",
+            1.3,
+            True,
         ),
-        Budget(f"rate-limit p99 at {s.rate} decisions/s, ratelimit+redis, client-measured", r.paced[REDIS].latency_ms(99), "ms", 2.0, True),
+        Budget(
+            f"rate-limit p99 at {s.rate} decisions/s, ratelimit+redis, client-measured",
+            r.paced[REDIS].latency_ms(99),
+            "ms",
+            2.0,
+            True,
+        ),
     ]
 
 
 CLOSED_HEADER = [
-    "server", "decisions/s", "server CPU (cores busy)", "Python CPU µs/decision", "÷ empty call",
-    "decisions/s per core", "Redis CPU µs/decision", "decisions",
+    "server",
+    "decisions/s",
+    "server CPU (cores busy)",
+    "Python CPU µs/decision",
+    "÷ empty call",
+    "decisions/s per core",
+    "Redis CPU µs/decision",
+    "decisions",
 ]
 
 
@@ -619,16 +750,32 @@ def closed_rows(r: Results) -> list[list[str]]:
     empty = r.closed[EMPTY].cpu_us
     rows = []
     for label, d in r.closed.items():
-        rows.append([
-            label, f"{d.rate:.0f}", f"{_ratio(d.cpu_s, d.wall_s):.2f}", f"{d.cpu_us:.0f}", f"{_ratio(d.cpu_us, empty):.2f}x",
-            f"{_ratio(1e6, d.cpu_us):.0f}", _f(d.redis_us, "{:.0f}") if label == REDIS else "—", str(d.decisions),
-        ])
+        rows.append(
+            [
+                label,
+                f"{d.rate:.0f}",
+                f"{_ratio(d.cpu_s, d.wall_s):.2f}",
+                f"{d.cpu_us:.0f}",
+                f"{_ratio(d.cpu_us, empty):.2f}x",
+                f"{_ratio(1e6, d.cpu_us):.0f}",
+                _f(d.redis_us, "{:.0f}") if label == REDIS else "—",
+                str(d.decisions),
+            ]
+        )
     return rows
 
 
 PACED_HEADER = [
-    "server", "achieved decisions/s", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "Python CPU µs/decision", "÷ empty call",
-    "client send lag p99 ms", "decisions",
+    "server",
+    "achieved decisions/s",
+    "p50 ms",
+    "p99 ms",
+    "p99.9 ms",
+    "max ms",
+    "Python CPU µs/decision",
+    "÷ empty call",
+    "client send lag p99 ms",
+    "decisions",
 ]
 
 
@@ -636,8 +783,15 @@ def paced_rows(r: Results) -> list[list[str]]:
     empty = r.paced[EMPTY].cpu_us
     return [
         [
-            label, f"{d.rate:.0f}", f"{d.latency_ms(50):.3f}", f"{d.latency_ms(99):.3f}", f"{d.latency_ms(99.9):.3f}",
-            f"{d.latency_ms(100):.3f}", f"{d.cpu_us:.0f}", f"{_ratio(d.cpu_us, empty):.2f}x", f"{d.lag_ms(99):.3f}",
+            label,
+            f"{d.rate:.0f}",
+            f"{d.latency_ms(50):.3f}",
+            f"{d.latency_ms(99):.3f}",
+            f"{d.latency_ms(99.9):.3f}",
+            f"{d.latency_ms(100):.3f}",
+            f"{d.cpu_us:.0f}",
+            f"{_ratio(d.cpu_us, empty):.2f}x",
+            f"{d.lag_ms(99):.3f}",
             str(d.decisions),
         ]
         for label, d in r.paced.items()
@@ -645,8 +799,16 @@ def paced_rows(r: Results) -> list[list[str]]:
 
 
 ENVOY_HEADER = [
-    "config", "p50 ms", "p99 ms", "+p50 vs Envoy", "+p99 vs Envoy", "req/s", "req/s ÷ Envoy",
-    "ratelimit CPU µs/req", "Envoy CPU µs/req", "requests",
+    "config",
+    "p50 ms",
+    "p99 ms",
+    "+p50 vs Envoy",
+    "+p99 vs Envoy",
+    "req/s",
+    "req/s ÷ Envoy",
+    "ratelimit CPU µs/req",
+    "Envoy CPU µs/req",
+    "requests",
 ]
 
 
@@ -655,11 +817,24 @@ def envoy_rows(envoy: dict[tuple[int, str], Measurement], connections: int) -> l
     rows = []
     for name in (PLAIN, LIMITED):
         m = envoy[(connections, name)]
-        added = ["—", "—"] if name == PLAIN else [f"{m.p50 - base.p50:+.3f} ms", f"{m.p99 - base.p99:+.3f} ms"]
-        rows.append([
-            name, f"{m.p50:.3f}", f"{m.p99:.3f}", *added, f"{m.load.rps:.0f}", f"{_ratio(m.load.rps, base.load.rps):.2f}x",
-            "—" if name == PLAIN else f"{m.python_us:.0f}", f"{m.envoy_us:.0f}", str(m.load.requests),
-        ])
+        added = (
+            ["—", "—"]
+            if name == PLAIN
+            else [f"{m.p50 - base.p50:+.3f} ms", f"{m.p99 - base.p99:+.3f} ms"]
+        )
+        rows.append(
+            [
+                name,
+                f"{m.p50:.3f}",
+                f"{m.p99:.3f}",
+                *added,
+                f"{m.load.rps:.0f}",
+                f"{_ratio(m.load.rps, base.load.rps):.2f}x",
+                "—" if name == PLAIN else f"{m.python_us:.0f}",
+                f"{m.envoy_us:.0f}",
+                str(m.load.requests),
+            ]
+        )
     return rows
 
 
@@ -763,7 +938,11 @@ def run_section(*, quick: bool, command: str, settings: Settings | None = None) 
     settings = settings or (Settings.smoke() if quick else Settings())
     results = run(settings)
     rows = [b.cells() for b in budgets(results)]
-    print(report.text_table(report.BUDGET_HEADER, [[c.replace("**", "") for c in row] for row in rows]))
+    print(
+        report.text_table(
+            report.BUDGET_HEADER, [[c.replace("**", "") for c in row] for row in rows]
+        )
+    )
     print(f"\n(rate-limit bench took {results.elapsed_s:.0f} s)", flush=True)
     return render_section(results, command)
 
@@ -773,17 +952,45 @@ def main(argv: Sequence[str] | None = None) -> None:
     if argv[:1] == ["client"]:
         client_main(Path(argv[1]))
         return
-    parser = argparse.ArgumentParser(prog="python -m tests.bench.ratelimit", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="put the markdown section in this file (replacing its previous one)")
-    parser.add_argument("--duration", type=float, default=Settings.duration_s, help="closed-loop and wrk seconds per config")
-    parser.add_argument("--paced", type=float, default=Settings.paced_s, help="open-loop seconds per server")
-    parser.add_argument("--rate", type=int, default=Settings.rate, help="open-loop decisions per second")
-    parser.add_argument("--in-flight", type=int, default=Settings.in_flight, help="closed-loop calls in flight")
-    parser.add_argument("--redis", default=DEFAULT_REDIS, help="Redis URL for the Redis-backed service")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 s per measurement, one round")
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench.ratelimit", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="put the markdown section in this file (replacing its previous one)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=Settings.duration_s,
+        help="closed-loop and wrk seconds per config",
+    )
+    parser.add_argument(
+        "--paced", type=float, default=Settings.paced_s, help="open-loop seconds per server"
+    )
+    parser.add_argument(
+        "--rate", type=int, default=Settings.rate, help="open-loop decisions per second"
+    )
+    parser.add_argument(
+        "--in-flight", type=int, default=Settings.in_flight, help="closed-loop calls in flight"
+    )
+    parser.add_argument(
+        "--redis", default=DEFAULT_REDIS, help="Redis URL for the Redis-backed service"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 1 s per measurement, one round"
+    )
     args = parser.parse_args(argv)
-    settings = Settings.smoke() if args.quick else Settings(
-        duration_s=args.duration, paced_s=args.paced, rate=args.rate, in_flight=args.in_flight,
+    settings = (
+        Settings.smoke()
+        if args.quick
+        else Settings(
+            duration_s=args.duration,
+            paced_s=args.paced,
+            rate=args.rate,
+            in_flight=args.in_flight,
+        )
     )
     settings = replace(settings, redis_url=args.redis)
     command = " ".join([".venv/bin/python", "-m", "tests.bench.ratelimit", *argv])

@@ -78,27 +78,70 @@ def budgets(results: Results) -> list[Budget]:
         return results.get((workload.key, config))
 
     out: list[Budget] = []
-    cpu_rows = [chat(1), chat(32), stream(1, client_asks_usage=True), stream(1, client_asks_usage=False),
-                stream(32, client_asks_usage=True), stream(32, client_asks_usage=False)]
+    cpu_rows = [
+        chat(1),
+        chat(32),
+        stream(1, client_asks_usage=True),
+        stream(1, client_asks_usage=False),
+        stream(32, client_asks_usage=True),
+        stream(32, client_asks_usage=False),
+    ]
     for w in cpu_rows:
         gw, floor = get(w, "gateway"), get(w, "floor")
         if gw and floor:
-            out.append(Budget(f"Python CPU/request, gateway ÷ floor — {w.short}", _ratio(gw.python_us, floor.python_us), "x", 1.5, True))
+            out.append(
+                Budget(
+                    f"Python CPU/request, gateway ÷ floor — {w.short}",
+                    _ratio(gw.python_us, floor.python_us),
+                    "x",
+                    1.5,
+                    True,
+                )
+            )
         matched = get(w, FLOOR_MATCHED)
         if gw and matched:
-            out.append(Budget(
-                f"Python CPU/request, gateway ÷ rate-matched floor — {w.short}",
-                _ratio(gw.python_us, matched.python_us), "x", 1.5, True,
-            ))
+            out.append(
+                Budget(
+                    f"Python CPU/request, gateway ÷ rate-matched floor — {w.short}",
+                    _ratio(gw.python_us, matched.python_us),
+                    "x",
+                    1.5,
+                    True,
+                )
+            )
     for w in (chat(1), stream(1, client_asks_usage=True), stream(1, client_asks_usage=False)):
         gw, floor, plain = get(w, "gateway"), get(w, "floor"), get(w, "plain")
         if gw and floor and plain:
-            out.append(Budget(f"added p50 over plain, gateway ÷ floor — {w.short}", _ratio(gw.p50 - plain.p50, floor.p50 - plain.p50), "x", 1.5, True))
-            out.append(Budget(f"added p99 over plain, gateway — {w.short}", gw.p99 - plain.p99, "ms", 2.0, True))
+            out.append(
+                Budget(
+                    f"added p50 over plain, gateway ÷ floor — {w.short}",
+                    _ratio(gw.p50 - plain.p50, floor.p50 - plain.p50),
+                    "x",
+                    1.5,
+                    True,
+                )
+            )
+            out.append(
+                Budget(
+                    f"added p99 over plain, gateway — {w.short}",
+                    gw.p99 - plain.p99,
+                    "ms",
+                    2.0,
+                    True,
+                )
+            )
     for w in (chat(32), stream(32, client_asks_usage=True), stream(32, client_asks_usage=False)):
         gw, floor = get(w, "gateway"), get(w, "floor")
         if gw and floor:
-            out.append(Budget(f"throughput, gateway ÷ floor — {w.short}", _ratio(gw.load.rps, floor.load.rps), "x", 0.8, False))
+            out.append(
+                Budget(
+                    f"throughput, gateway ÷ floor — {w.short}",
+                    _ratio(gw.load.rps, floor.load.rps),
+                    "x",
+                    0.8,
+                    False,
+                )
+            )
     return out
 
 
@@ -121,17 +164,35 @@ def rate_matched(results: Results) -> list[list[str]]:
     for w in (stream(1, client_asks_usage=True), stream(1, client_asks_usage=False)):
         gw, floor, matched = (results.get((w.key, c)) for c in ("gateway", "floor", FLOOR_MATCHED))
         if gw and floor and matched:
-            rows.append([
-                w.short, f"{gw.load.rps:.0f} / {floor.load.rps:.0f} / {matched.load.rps:.0f}",
-                _fmt(_ratio(gw.python_us, floor.python_us), "{:.2f}x"),
-                _fmt(_ratio(gw.python_us, matched.python_us), "{:.2f}x"),
-            ])
+            rows.append(
+                [
+                    w.short,
+                    f"{gw.load.rps:.0f} / {floor.load.rps:.0f} / {matched.load.rps:.0f}",
+                    _fmt(_ratio(gw.python_us, floor.python_us), "{:.2f}x"),
+                    _fmt(_ratio(gw.python_us, matched.python_us), "{:.2f}x"),
+                ]
+            )
     return rows
 
 
-RATE_MATCHED_HEADER = ["workload", "req/s gateway / floor / rate-matched floor", "Python CPU gateway ÷ floor", "gateway ÷ rate-matched floor"]
+RATE_MATCHED_HEADER = [
+    "workload",
+    "req/s gateway / floor / rate-matched floor",
+    "Python CPU gateway ÷ floor",
+    "gateway ÷ rate-matched floor",
+]
 
-HEADER = ["config", "p50 ms", "p99 ms", "+p50 vs plain", "+p99 vs plain", "req/s", "Python CPU µs/req", "Envoy CPU µs/req", "requests"]
+HEADER = [
+    "config",
+    "p50 ms",
+    "p99 ms",
+    "+p50 vs plain",
+    "+p99 vs plain",
+    "req/s",
+    "Python CPU µs/req",
+    "Envoy CPU µs/req",
+    "requests",
+]
 
 
 def workload_rows(workload: Workload, results: Results) -> list[list[str]]:
@@ -142,13 +203,27 @@ def workload_rows(workload: Workload, results: Results) -> list[list[str]]:
         if m is None:
             continue
         added = (
-            [f"{m.p50 - plain.p50:+.3f} ms", f"{m.p99 - plain.p99:+.3f} ms"] if plain and config != "plain" else ["—", "—"]
+            [f"{m.p50 - plain.p50:+.3f} ms", f"{m.p99 - plain.p99:+.3f} ms"]
+            if plain and config != "plain"
+            else ["—", "—"]
         )
-        label = f"floor, rate-matched (+{m.delay_ms:g} ms engine delay)" if config == FLOOR_MATCHED else config
-        rows.append([
-            label, f"{m.p50:.3f}", f"{m.p99:.3f}", *added, f"{m.load.rps:.0f}",
-            "—" if config == "plain" else f"{m.python_us:.0f}", f"{m.envoy_us:.0f}", str(m.load.requests),
-        ])
+        label = (
+            f"floor, rate-matched (+{m.delay_ms:g} ms engine delay)"
+            if config == FLOOR_MATCHED
+            else config
+        )
+        rows.append(
+            [
+                label,
+                f"{m.p50:.3f}",
+                f"{m.p99:.3f}",
+                *added,
+                f"{m.load.rps:.0f}",
+                "—" if config == "plain" else f"{m.python_us:.0f}",
+                f"{m.envoy_us:.0f}",
+                str(m.load.requests),
+            ]
+        )
     return rows
 
 
@@ -176,7 +251,7 @@ def replace_section(path: Path, begin: str, end: str, section: str) -> None:
         stop = text.find(end, start)
         if stop < 0:
             raise RuntimeError(f"{path}: a section has no end marker {end!r}; fix the file")
-        text = text[:start] + section + text[stop + len(end):]
+        text = text[:start] + section + text[stop + len(end) :]
     else:
         text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + section + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,4 +263,4 @@ def existing_section(path: Path, begin: str, end: str) -> str | None:
     text = path.read_text() if path.exists() else ""
     start = text.find(begin)
     stop = text.find(end, start)
-    return text[start:stop + len(end)] if start >= 0 and stop >= 0 else None
+    return text[start : stop + len(end)] if start >= 0 and stop >= 0 else None

@@ -55,7 +55,9 @@ class CpuSample:
 
     @classmethod
     def take(cls, target: Target) -> CpuSample:
-        return cls(sum(cpu_seconds(pid) for pid in target.python_pids), cpu_seconds(target.envoy_pid))
+        return cls(
+            sum(cpu_seconds(pid) for pid in target.python_pids), cpu_seconds(target.envoy_pid)
+        )
 
     def __sub__(self, other: CpuSample) -> CpuSample:
         return CpuSample(self.python - other.python, self.envoy - other.envoy)
@@ -68,7 +70,9 @@ class CpuSample:
 
 
 def _static_cluster(name: str, port: int) -> dict[str, Any]:
-    endpoint = {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
+    endpoint = {
+        "endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}
+    }
     return {
         "name": name,
         "type": "STATIC",
@@ -98,7 +102,9 @@ def floor_ext_proc_filter() -> dict[str, Any]:
     }
 
 
-def baseline_bootstrap(listen_port: int, admin_port: int, engine_port: int, extproc_port: int | None) -> dict[str, Any]:
+def baseline_bootstrap(
+    listen_port: int, admin_port: int, engine_port: int, extproc_port: int | None
+) -> dict[str, Any]:
     """plain Envoy (router only) → engine; with `extproc_port`, ext_proc to the floor first."""
     filters = [_ROUTER] if extproc_port is None else [floor_ext_proc_filter(), _ROUTER]
     clusters = [_static_cluster("engine", engine_port)]
@@ -109,19 +115,33 @@ def baseline_bootstrap(listen_port: int, admin_port: int, engine_port: int, extp
         "@type": _HCM,
         "stat_prefix": "bench",
         "codec_type": "AUTO",
-        "route_config": {"name": "bench", "virtual_hosts": [{"name": "bench", "domains": ["*"], "routes": [route]}]},
+        "route_config": {
+            "name": "bench",
+            "virtual_hosts": [{"name": "bench", "domains": ["*"], "routes": [route]}],
+        },
         "http_filters": filters,
     }
     return {
         "node": {"id": "bench", "cluster": "bench"},
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "admin": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
+        },
         "static_resources": {
             "listeners": [
                 {
                     "name": "bench",
-                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
+                    "address": {
+                        "socket_address": {"address": "127.0.0.1", "port_value": listen_port}
+                    },
                     "filter_chains": [
-                        {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": hcm,
+                                }
+                            ]
+                        }
                     ],
                 }
             ],
@@ -133,8 +153,14 @@ def baseline_bootstrap(listen_port: int, admin_port: int, engine_port: int, extp
 def envoy_argv(bootstrap: Path, concurrency: int) -> list[str]:
     """The flags every configuration's Envoy runs with (LocalStack passes the same)."""
     return [
-        envoy_binary(), "-c", str(bootstrap), "--disable-hot-restart", "--concurrency", str(concurrency),
-        "--log-level", "warning",
+        envoy_binary(),
+        "-c",
+        str(bootstrap),
+        "--disable-hot-restart",
+        "--concurrency",
+        str(concurrency),
+        "--log-level",
+        "warning",
     ]
 
 
@@ -143,20 +169,32 @@ def envoy_argv(bootstrap: Path, concurrency: int) -> list[str]:
 
 def _python_env() -> dict[str, str]:
     # `python -m tests.bench...` must import from the repository wherever the bench was started.
-    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))}
+    return {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
+    }
 
 
 def start_engine(sup: Supervisor, output_tokens: int) -> int:
     port = free_port()
     child = sup.python(
-        "engine", "launcher.sim", "--port", str(port), "--model", MODEL, "--output-tokens", str(output_tokens),
-        "--name", "bench-engine",
+        "engine",
+        "launcher.sim",
+        "--port",
+        str(port),
+        "--model",
+        MODEL,
+        "--output-tokens",
+        str(output_tokens),
+        "--name",
+        "bench-engine",
     )
     wait_http(child, f"http://127.0.0.1:{port}/health")
     return port
 
 
-def start_baseline(sup: Supervisor, work: Path, engine_port: int, concurrency: int, *, floor: bool) -> Target:
+def start_baseline(
+    sup: Supervisor, work: Path, engine_port: int, concurrency: int, *, floor: bool
+) -> Target:
     name = "floor" if floor else "plain"
     listen_port, admin_port = free_port(), free_port()
     python_pids: tuple[int, ...] = ()
@@ -164,13 +202,18 @@ def start_baseline(sup: Supervisor, work: Path, engine_port: int, concurrency: i
     if floor:
         extproc_port = free_port()
         child = sup.python(
-            "floor-extproc", "tests.bench.floor_extproc", "--grpc-address", f"127.0.0.1:{extproc_port}",
+            "floor-extproc",
+            "tests.bench.floor_extproc",
+            "--grpc-address",
+            f"127.0.0.1:{extproc_port}",
             env=_python_env(),
         )
         wait_port(child, extproc_port)
         python_pids = (child.popen.pid,)
     bootstrap = work / f"envoy-{name}.json"
-    bootstrap.write_text(json.dumps(baseline_bootstrap(listen_port, admin_port, engine_port, extproc_port), indent=1))
+    bootstrap.write_text(
+        json.dumps(baseline_bootstrap(listen_port, admin_port, engine_port, extproc_port), indent=1)
+    )
     envoy = sup.start(f"envoy-{name}", envoy_argv(bootstrap, concurrency))
     wait_http(envoy, f"http://127.0.0.1:{admin_port}/ready")
     return Target(name, f"http://127.0.0.1:{listen_port}", python_pids, envoy.popen.pid)
@@ -190,7 +233,12 @@ def bench_policy(engine_port: int, token: str) -> str:
             "metadata": {"name": MODEL, "namespace": "default"},
             "spec": {
                 "routeConfigs": [
-                    {"group": "gateway.envoyproxy.io", "kind": "Backend", "name": "bench-engine", "weight": 1}
+                    {
+                        "group": "gateway.envoyproxy.io",
+                        "kind": "Backend",
+                        "name": "bench-engine",
+                        "weight": 1,
+                    }
                 ]
             },
         },

@@ -55,7 +55,9 @@ class Settings:
 
     @classmethod
     def smoke(cls) -> Settings:
-        return cls(trials=2, intervals_s=(0.25,), requests=60, rounds=1, models=20, pushes=2, quick=True)
+        return cls(
+            trials=2, intervals_s=(0.25,), requests=60, rounds=1, models=20, pushes=2, quick=True
+        )
 
 
 @dataclass
@@ -63,7 +65,9 @@ class Engines:
     ports: dict[str, int]
 
     def set_waiting(self, name: str, waiting: int) -> None:
-        httpx.put(f"http://127.0.0.1:{self.ports[name]}/sim/load", json={"waiting": waiting}, timeout=5).raise_for_status()
+        httpx.put(
+            f"http://127.0.0.1:{self.ports[name]}/sim/load", json={"waiting": waiting}, timeout=5
+        ).raise_for_status()
 
 
 def _policy(ports: dict[str, int]) -> list[dict[str, Any]]:
@@ -71,7 +75,9 @@ def _policy(ports: dict[str, int]) -> list[dict[str, Any]]:
         "apiVersion": "gateway.envoyproxy.io/v1alpha1",
         "kind": "Backend",
         "metadata": {"name": "pool", "namespace": "default"},
-        "spec": {"endpoints": [{"ip": {"address": "127.0.0.1", "port": ports[n]}} for n in ENGINES]},
+        "spec": {
+            "endpoints": [{"ip": {"address": "127.0.0.1", "port": ports[n]}} for n in ENGINES]
+        },
     }
     endpoints: list[dict[str, Any]] = [
         {
@@ -80,7 +86,9 @@ def _policy(ports: dict[str, int]) -> list[dict[str, Any]]:
             "metadata": {"name": f"bench-{weighting}", "namespace": "default"},
             "spec": {
                 "weighting": weighting,
-                "routeConfigs": [{"group": "gateway.envoyproxy.io", "kind": "Backend", "name": "pool"}],
+                "routeConfigs": [
+                    {"group": "gateway.envoyproxy.io", "kind": "Backend", "name": "pool"}
+                ],
             },
         }
         for weighting in ("weighted", "least-load", "prefix-cache")
@@ -90,7 +98,10 @@ def _policy(ports: dict[str, int]) -> list[dict[str, Any]]:
         "apiVersion": "arks.ai/v1",
         "kind": "ArksToken",
         "metadata": {"name": "bench", "namespace": "default"},
-        "spec": {"tokenHash": token_digest(TOKEN), "qos": [{"arksEndpoint": {"name": m}} for m in models]},
+        "spec": {
+            "tokenHash": token_digest(TOKEN),
+            "qos": [{"arksEndpoint": {"name": m}} for m in models],
+        },
     }
     return [backend, *endpoints, token]
 
@@ -103,13 +114,28 @@ def _stack(work: Path, interval_s: float) -> Iterator[tuple[LocalStack, Engines]
     policy.write_text(yaml.safe_dump_all(_policy(ports)))
     with Supervisor(log_dir=work / "logs") as sims:
         for name in ENGINES:
-            child = sims.python(f"sim-{name}", "launcher.sim", "--port", str(ports[name]), "--name", name,
-                                *(a for m in ("bench-weighted", "bench-least-load", "bench-prefix-cache")
-                                  for a in ("--model", m)))
+            child = sims.python(
+                f"sim-{name}",
+                "launcher.sim",
+                "--port",
+                str(ports[name]),
+                "--name",
+                name,
+                *(
+                    a
+                    for m in ("bench-weighted", "bench-least-load", "bench-prefix-cache")
+                    for a in ("--model", m)
+                ),
+            )
             wait_http(child, f"http://127.0.0.1:{ports[name]}/health")
         settings = StackSettings(
-            policy=policy, state_dir=work / "state", port=free_port(), admin_port=free_port(),
-            metrics_port=free_port(), simulate=False, controller_args=("--scrape-interval-s", str(interval_s)),
+            policy=policy,
+            state_dir=work / "state",
+            port=free_port(),
+            admin_port=free_port(),
+            metrics_port=free_port(),
+            simulate=False,
+            controller_args=("--scrape-interval-s", str(interval_s)),
         )
         with LocalStack(settings) as stack:
             yield stack, Engines(ports)
@@ -121,7 +147,9 @@ def _envoy_weights(stack: LocalStack, by_port: dict[int, str]) -> dict[str, int]
     for cluster in clusters.get("cluster_statuses", []):
         if cluster["name"] == "endpoint/default/bench-weighted":
             for host in cluster.get("host_statuses", []):
-                out[by_port[host["address"]["socket_address"]["port_value"]]] = int(host.get("weight", 1))
+                out[by_port[host["address"]["socket_address"]["port_value"]]] = int(
+                    host.get("weight", 1)
+                )
     return out
 
 
@@ -162,7 +190,9 @@ def propagation(work: Path, interval_s: float, trials: int) -> Propagation:
     return out
 
 
-def _changed(stack: LocalStack, by_port: dict[int, str], engine: str, was: int | None) -> Callable[[], bool]:
+def _changed(
+    stack: LocalStack, by_port: dict[int, str], engine: str, was: int | None
+) -> Callable[[], bool]:
     return lambda: _envoy_weights(stack, by_port).get(engine) != was
 
 
@@ -238,7 +268,10 @@ def picking(work: Path, requests: int, rounds: int) -> Picking:
 
 
 def render_section(
-    results: Sequence[Propagation], command: str, pick: Picking | None = None, pushes: Sequence[xds_push.Push] = ()
+    results: Sequence[Propagation],
+    command: str,
+    pick: Picking | None = None,
+    pushes: Sequence[xds_push.Push] = (),
 ) -> str:
     rows = [
         [
@@ -252,27 +285,37 @@ def render_section(
         for p in results
     ]
     table = report.markdown_table(
-        ["scrape interval", "first weight change, median", "max", "final weight, median", "max", "load changes"], rows
+        [
+            "scrape interval",
+            "first weight change, median",
+            "max",
+            "final weight, median",
+            "max",
+            "load changes",
+        ],
+        rows,
     )
-    return "\n".join([
-        BEGIN,
-        "## Traffic control plane",
-        "",
-        f"`{command}`",
-        "",
-        "### Load change → weights in Envoy",
-        "",
-        f"One engine of three goes from an idle queue to {BUSY_WAITING} waiting requests and back (the",
-        "simulator's `PUT /sim/load`); the clock runs from that change until Envoy's admin `/clusters`",
-        "shows the engine's new weight (first change) and until the weight it then keeps (final).",
-        "It is the scrape interval, the weight tracker's smoothing rounds and the xDS push.",
-        "",
-        table,
-        "",
-        *(xds_push.lines(list(pushes)) if pushes else []),
-        *(_picking_lines(pick) if pick is not None else []),
-        END,
-    ])
+    return "\n".join(
+        [
+            BEGIN,
+            "## Traffic control plane",
+            "",
+            f"`{command}`",
+            "",
+            "### Load change → weights in Envoy",
+            "",
+            f"One engine of three goes from an idle queue to {BUSY_WAITING} waiting requests and back (the",
+            "simulator's `PUT /sim/load`); the clock runs from that change until Envoy's admin `/clusters`",
+            "shows the engine's new weight (first change) and until the weight it then keeps (final).",
+            "It is the scrape interval, the weight tracker's smoothing rounds and the xDS push.",
+            "",
+            table,
+            "",
+            *(xds_push.lines(list(pushes)) if pushes else []),
+            *(_picking_lines(pick) if pick is not None else []),
+            END,
+        ]
+    )
 
 
 def _picking_lines(pick: Picking) -> list[str]:
@@ -299,7 +342,16 @@ def _picking_lines(pick: Picking) -> list[str]:
         "decides on the headers alone, like `weighted`.",
         "",
         report.markdown_table(
-            ["weighting", "gateway CPU / request", "vs weighted", "p50", "p50 vs weighted", "p99", "requests"], rows
+            [
+                "weighting",
+                "gateway CPU / request",
+                "vs weighted",
+                "p50",
+                "p50 vs weighted",
+                "p99",
+                "requests",
+            ],
+            rows,
         ),
         "",
     ]
@@ -315,16 +367,28 @@ def run_section(*, quick: bool, command: str, settings: Settings | None = None) 
     with tempfile.TemporaryDirectory(prefix="arks-bench-traffic-") as tmp:
         for i, interval in enumerate(settings.intervals_s):
             result = propagation(Path(tmp) / f"p{i}", interval, settings.trials)
-            print(f"scrape every {interval:g}s: first change median {statistics.median(result.first_s):.2f}s, "
-                  f"final median {statistics.median(result.settled_s):.2f}s", flush=True)
+            print(
+                f"scrape every {interval:g}s: first change median {statistics.median(result.first_s):.2f}s, "
+                f"final median {statistics.median(result.settled_s):.2f}s",
+                flush=True,
+            )
             results.append(result)
-        pushes = [xds_push.push(Path(tmp), delta, settings.models, settings.pushes) for delta in (False, True)]
+        pushes = [
+            xds_push.push(Path(tmp), delta, settings.models, settings.pushes)
+            for delta in (False, True)
+        ]
         for p in pushes:
-            print(f"xDS push, {p.protocol}: {p.resources:.0f} endpoint assignments, "
-                  f"median {1000 * statistics.median(p.seconds):.1f} ms to Envoy", flush=True)
+            print(
+                f"xDS push, {p.protocol}: {p.resources:.0f} endpoint assignments, "
+                f"median {1000 * statistics.median(p.seconds):.1f} ms to Envoy",
+                flush=True,
+            )
         pick = picking(Path(tmp) / "picking", settings.requests, settings.rounds)
         for arm in ARMS:
-            print(f"{arm}: {pick.cpu_us(arm):.0f} µs gateway CPU/request, p50 {pick.p(arm, 0.5):.2f} ms", flush=True)
+            print(
+                f"{arm}: {pick.cpu_us(arm):.0f} µs gateway CPU/request, p50 {pick.p(arm, 0.5):.2f} ms",
+                flush=True,
+            )
     return render_section(results, command, pick, pushes)
 
 

@@ -28,7 +28,11 @@ class Workload:
         return bool(self.body.get("stream"))
 
     def request_headers(self, token: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {token}", "Content-Type": "application/json", **dict(self.headers)}
+        return {
+            "Authorization": f"Bearer {token}",
+            "Content-Type": "application/json",
+            **dict(self.headers),
+        }
 
     def body_bytes(self) -> bytes:
         return json.dumps(self.body, separators=(",", ":")).encode()
@@ -40,8 +44,11 @@ _LONG = (("x-sim-output-tokens", str(STREAM_CHUNKS)),)
 
 def chat(connections: int) -> Workload:
     return Workload(
-        f"chat-c{connections}", f"non-streamed chat, concurrency {connections}", f"chat, c={connections}",
-        connections, _CHAT,
+        f"chat-c{connections}",
+        f"non-streamed chat, concurrency {connections}",
+        f"chat, c={connections}",
+        connections,
+        _CHAT,
     )
 
 
@@ -52,13 +59,17 @@ def stream(connections: int, *, client_asks_usage: bool) -> Workload:
             f"stream-usage-c{connections}",
             f"streamed chat, {STREAM_CHUNKS} chunks, client sends include_usage, concurrency {connections}",
             f"stream {STREAM_CHUNKS}, client asks usage, c={connections}",
-            connections, body, _LONG,
+            connections,
+            body,
+            _LONG,
         )
     return Workload(
         f"stream-c{connections}",
         f"streamed chat, {STREAM_CHUNKS} chunks, no include_usage (gateway rewrites the body), concurrency {connections}",
         f"stream {STREAM_CHUNKS}, gateway adds usage, c={connections}",
-        connections, {**_CHAT, "stream": True}, _LONG,
+        connections,
+        {**_CHAT, "stream": True},
+        _LONG,
     )
 
 
@@ -76,7 +87,10 @@ class PreflightError(RuntimeError):
 def preflight(base_url: str, workload: Workload, token: str, config: str) -> None:
     """Send one request and check the answer, so a broken config fails with its body, not a count."""
     request = urllib.request.Request(
-        base_url + PATH, data=workload.body_bytes(), headers=workload.request_headers(token), method="POST"
+        base_url + PATH,
+        data=workload.body_bytes(),
+        headers=workload.request_headers(token),
+        method="POST",
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as resp:
@@ -89,6 +103,8 @@ def preflight(base_url: str, workload: Workload, token: str, config: str) -> Non
     if workload.streamed:
         chunks = text.count("data: ")
         if chunks < STREAM_CHUNKS or not text.rstrip().endswith("data: [DONE]"):
-            raise PreflightError(f"{where}: expected {STREAM_CHUNKS}+ SSE chunks ending in [DONE], got {chunks}")
+            raise PreflightError(
+                f"{where}: expected {STREAM_CHUNKS}+ SSE chunks ending in [DONE], got {chunks}"
+            )
     elif '"choices"' not in text:
         raise PreflightError(f"{where}: not a chat completion: {text[:500]}")

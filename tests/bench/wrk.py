@@ -49,13 +49,21 @@ def ensure_wrk() -> str:
         return found
     apt = shutil.which("apt-get")
     if apt is None:
-        raise WrkError("wrk is not installed and there is no apt-get here: install wrk (https://github.com/wg/wrk)")
-    print("wrk is not installed; installing it with `apt-get install -y wrk` ...", file=sys.stderr, flush=True)
+        raise WrkError(
+            "wrk is not installed and there is no apt-get here: install wrk (https://github.com/wg/wrk)"
+        )
+    print(
+        "wrk is not installed; installing it with `apt-get install -y wrk` ...",
+        file=sys.stderr,
+        flush=True,
+    )
     install = [apt, "install", "-y", "-q", "wrk"]
     if subprocess.run(install, stdout=subprocess.DEVNULL, check=False).returncode != 0:
         subprocess.run([apt, "update", "-q"], stdout=subprocess.DEVNULL, check=False)
         if subprocess.run(install, stdout=subprocess.DEVNULL, check=False).returncode != 0:
-            raise WrkError("could not install wrk with apt-get (not root?): run `apt-get install -y wrk` and retry")
+            raise WrkError(
+                "could not install wrk with apt-get (not root?): run `apt-get install -y wrk` and retry"
+            )
     found = shutil.which("wrk")
     if found is None:
         raise WrkError("apt-get installed wrk but it is not on PATH")
@@ -117,23 +125,42 @@ def parse_output(text: str) -> Result:
         if line.startswith(SUMMARY_TAG):
             summary = line.split()[1:]
         elif line.startswith(QUANTILES_TAG):
-            quantiles = line[len(QUANTILES_TAG):].strip()
+            quantiles = line[len(QUANTILES_TAG) :].strip()
     if summary is None or quantiles is None:
         raise WrkError(f"no summary in wrk's output:\n{text}")
     duration_us, requests, *errors = (int(x) for x in summary)
     names = ("connect", "read", "write", "status", "timeout")
-    result = Result(duration_us / 1e6, requests, Counter({k: v for k, v in zip(names, errors, strict=True) if v}))
+    result = Result(
+        duration_us / 1e6,
+        requests,
+        Counter({k: v for k, v in zip(names, errors, strict=True) if v}),
+    )
     values = [int(us) for us in filter(None, quantiles.split(","))]
     result.quantiles = [(us, requests / len(values)) for us in values]
     return result
 
 
-def run(wrk: str, url: str, script: Path, connections: int, seconds: float, timeout_s: float = 30.0) -> Result:
+def run(
+    wrk: str, url: str, script: Path, connections: int, seconds: float, timeout_s: float = 30.0
+) -> Result:
     argv = [
-        wrk, "--threads", "1", "--connections", str(connections), "--duration", f"{max(1, round(seconds))}s",
-        "--timeout", f"{timeout_s:g}s", "--latency", "--script", str(script), url,
+        wrk,
+        "--threads",
+        "1",
+        "--connections",
+        str(connections),
+        "--duration",
+        f"{max(1, round(seconds))}s",
+        "--timeout",
+        f"{timeout_s:g}s",
+        "--latency",
+        "--script",
+        str(script),
+        url,
     ]
-    done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=seconds + timeout_s + 30)
+    done = subprocess.run(
+        argv, capture_output=True, text=True, check=False, timeout=seconds + timeout_s + 30
+    )
     if done.returncode != 0:
         raise WrkError(f"wrk exited with {done.returncode}:\n{done.stdout}\n{done.stderr}")
     return parse_output(done.stdout)

@@ -54,29 +54,72 @@ def _snapshot(models: int, listen_port: int, weight: int) -> Snapshot:
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "bench",
         "rds": {"route_config_name": "bench", "config_source": ADS},
-        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                },
+            }
+        ],
     }
     listener = {
         "name": "bench",
         "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
-        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+        "filter_chains": [
+            {
+                "filters": [
+                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+                ]
+            }
+        ],
     }
     routes = [{"match": {"prefix": f"/{n}"}, "route": {"cluster": n}} for n in names]
-    clusters = [{"name": n, "type": "EDS", "eds_cluster_config": {"eds_config": ADS}, "connect_timeout": "1s",
-                 "lb_policy": "LEAST_REQUEST"} for n in names]
+    clusters = [
+        {
+            "name": n,
+            "type": "EDS",
+            "eds_cluster_config": {"eds_config": ADS},
+            "connect_timeout": "1s",
+            "lb_policy": "LEAST_REQUEST",
+        }
+        for n in names
+    ]
 
     def assignment(i: int, name: str) -> dict[str, Any]:
-        hosts = [{"endpoint": {"address": {"socket_address": {"address": f"10.{i // 250}.{i % 250}.{e + 1}", "port_value": 8000}}},
-                  "load_balancing_weight": weight if (i == models - 1 and e == 0) else 50} for e in range(3)]
-        return {"cluster_name": name, "endpoints": [{"locality": {"sub_zone": "pool"}, "lb_endpoints": hosts}]}
+        hosts = [
+            {
+                "endpoint": {
+                    "address": {
+                        "socket_address": {
+                            "address": f"10.{i // 250}.{i % 250}.{e + 1}",
+                            "port_value": 8000,
+                        }
+                    }
+                },
+                "load_balancing_weight": weight if (i == models - 1 and e == 0) else 50,
+            }
+            for e in range(3)
+        ]
+        return {
+            "cluster_name": name,
+            "endpoints": [{"locality": {"sub_zone": "pool"}, "lb_endpoints": hosts}],
+        }
 
-    return snapshot_from_json(f"w{weight}", {
-        LISTENER: [listener],
-        ROUTE: [{"name": "bench", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]}],
-        CLUSTER: clusters,
-        ENDPOINT: [assignment(i, n) for i, n in enumerate(names)],
-    })
+    return snapshot_from_json(
+        f"w{weight}",
+        {
+            LISTENER: [listener],
+            ROUTE: [
+                {
+                    "name": "bench",
+                    "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}],
+                }
+            ],
+            CLUSTER: clusters,
+            ENDPOINT: [assignment(i, n) for i, n in enumerate(names)],
+        },
+    )
 
 
 @dataclass
@@ -106,8 +149,15 @@ def _server(cache: SnapshotCache, port: int, registry: CollectorRegistry) -> Ite
 
 
 def _envoy_weight(admin: str, cluster: str) -> int | None:
-    answer = httpx.get(f"{admin}/config_dump", params={"resource": "dynamic_endpoint_configs",
-                                                       "name_regex": f"^{cluster}$", "include_eds": ""}, timeout=5)
+    answer = httpx.get(
+        f"{admin}/config_dump",
+        params={
+            "resource": "dynamic_endpoint_configs",
+            "name_regex": f"^{cluster}$",
+            "include_eds": "",
+        },
+        timeout=5,
+    )
     if answer.status_code == 404:  # no endpoints yet
         return None
     dump = answer.json()
@@ -130,17 +180,35 @@ def push(work: Path, delta: bool, models: int, trials: int) -> Push:
     cache = SnapshotCache(_snapshot(models, listen_port, 50))
     last = f"m{models - 1:03d}"
     admin = f"http://127.0.0.1:{admin_port}"
-    settings = EnvoySettings(listen_port=listen_port, admin_port=admin_port, extproc_port=free_port(),
-                             xds_port=xds_port, xds_delta=delta)
+    settings = EnvoySettings(
+        listen_port=listen_port,
+        admin_port=admin_port,
+        extproc_port=free_port(),
+        xds_port=xds_port,
+        xds_delta=delta,
+    )
     bootstrap = work / f"bootstrap-{out.protocol[0]}.json"
     bootstrap.write_text(json.dumps(envoy_config.bootstrap(settings, node_id="bench")))
     with _server(cache, xds_port, registry), Supervisor(log_dir=work / "logs") as sup:
-        envoy = sup.start("envoy", [envoy_binary(), "-c", str(bootstrap), "--disable-hot-restart",
-                                    "--concurrency", "1", "--log-level", "warning"])
+        envoy = sup.start(
+            "envoy",
+            [
+                envoy_binary(),
+                "-c",
+                str(bootstrap),
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "--log-level",
+                "warning",
+            ],
+        )
         wait_http(envoy, f"{admin}/ready", timeout=60)
         while _envoy_weight(admin, last) != 50:
             time.sleep(0.05)
-        sent_before = registry.get_sample_value("arks_xds_resources_sent_total", {"type": "eds"}) or 0.0
+        sent_before = (
+            registry.get_sample_value("arks_xds_resources_sent_total", {"type": "eds"}) or 0.0
+        )
         cpu_s = 0.0
         for trial in range(trials):
             weight = 10 + trial % 2 * 80  # 10, 90, 10, …: always a change
@@ -155,12 +223,16 @@ def push(work: Path, delta: bool, models: int, trials: int) -> Push:
             time.sleep(0.2)  # whatever Envoy does after answering counts too
             cpu_s += cpu_seconds(envoy.popen.pid) - cpu_before
             if _envoy_weight(admin, last) != weight:
-                raise RuntimeError(f"{out.protocol}: Envoy acknowledged, but does not run weight {weight}")
+                raise RuntimeError(
+                    f"{out.protocol}: Envoy acknowledged, but does not run weight {weight}"
+                )
             if trial == 0:
                 packed = snapshot.packed(ENDPOINT)
                 out.bytes = len(packed[-1].value) if delta else sum(len(p.value) for p in packed)
         out.envoy_cpu_s = cpu_s / trials
-        sent = (registry.get_sample_value("arks_xds_resources_sent_total", {"type": "eds"}) or 0.0) - sent_before
+        sent = (
+            registry.get_sample_value("arks_xds_resources_sent_total", {"type": "eds"}) or 0.0
+        ) - sent_before
         out.resources = sent / trials
     return out
 
@@ -172,8 +244,15 @@ def run(models: int = 300, trials: int = 10) -> list[Push]:
 
 def lines(results: list[Push]) -> list[str]:
     rows = [
-        [p.protocol, f"{p.resources:.0f}", f"{p.bytes / 1024:.1f} KiB", f"{1000 * statistics.median(p.seconds):.1f} ms",
-         f"{1000 * max(p.seconds):.1f} ms", f"{1000 * p.envoy_cpu_s:.1f} ms", str(len(p.seconds))]
+        [
+            p.protocol,
+            f"{p.resources:.0f}",
+            f"{p.bytes / 1024:.1f} KiB",
+            f"{1000 * statistics.median(p.seconds):.1f} ms",
+            f"{1000 * max(p.seconds):.1f} ms",
+            f"{1000 * p.envoy_cpu_s:.1f} ms",
+            str(len(p.seconds)),
+        ]
         for p in results
     ]
     models = results[0].models if results else 0
@@ -186,7 +265,15 @@ def lines(results: list[Push]) -> list[str]:
         "(`tests/bench/xds_push.py`).",
         "",
         report.markdown_table(
-            ["protocol", "endpoint assignments sent", "bytes", "to Envoy, median", "max", "Envoy CPU / push", "pushes"],
+            [
+                "protocol",
+                "endpoint assignments sent",
+                "bytes",
+                "to Envoy, median",
+                "max",
+                "Envoy CPU / push",
+                "pushes",
+            ],
             rows,
         ),
         "",
@@ -195,5 +282,10 @@ def lines(results: list[Push]) -> list[str]:
 
 if __name__ == "__main__":
     for result in run():
-        print(result.protocol, f"{result.resources:.0f} resources", f"{result.bytes} B",
-              f"median {1000 * statistics.median(result.seconds):.1f} ms", f"envoy cpu {1000 * result.envoy_cpu_s:.1f} ms")
+        print(
+            result.protocol,
+            f"{result.resources:.0f} resources",
+            f"{result.bytes} B",
+            f"median {1000 * statistics.median(result.seconds):.1f} ms",
+            f"envoy cpu {1000 * result.envoy_cpu_s:.1f} ms",
+        )

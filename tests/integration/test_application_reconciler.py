@@ -22,7 +22,6 @@ MODEL = "qwen2-5-7b-instruct"
 pytestmark = pytest.mark.timeout(60)
 
 
-
 def create_model(api: ApiClient, ns: str, *, ready: bool, claim: str | None = None) -> None:
     body = {
         "apiVersion": "arks.ai/v1",
@@ -31,7 +30,10 @@ def create_model(api: ApiClient, ns: str, *, ready: bool, claim: str | None = No
         "spec": (
             {"source": {"pvc": {"claimName": claim}}}  # adopted: engines mount that claim
             if claim
-            else {"source": {"huggingface": {"repo": "Qwen/Qwen2.5-7B-Instruct"}}, "storage": {"size": "40Gi"}}
+            else {
+                "source": {"huggingface": {"repo": "Qwen/Qwen2.5-7B-Instruct"}},
+                "storage": {"size": "40Gi"},
+            }
         ),
     }
     rest.request(api, "POST", MODELS.path(ns), body=body)

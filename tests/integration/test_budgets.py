@@ -429,15 +429,20 @@ async def test_charges_made_after_a_wipe_are_added_to_the_restored_total(tmp_pat
     """Redis restarts empty, a settlement lands before the restore turn: nothing is lost."""
     port = free_port()
     with Supervisor(log_dir=tmp_path) as sup:
+
         def start() -> None:
-            child = sup.start("redis", ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"])
+            child = sup.start(
+                "redis", ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"]
+            )
             wait_port(child, port)
 
         start()
         store = RedisBudgets(f"redis://127.0.0.1:{port}/0", timeout_s=0.5)
         try:
             await store.settle("r1", [Charge("q", 70)], 1000.0)
-            await store.restore({"q": 70})  # first contact: the total is there; marks the generation
+            await store.restore(
+                {"q": 70}
+            )  # first contact: the total is there; marks the generation
             assert await store.restore({"q": 70}) == 0  # the store kept its data
             sup.children.pop().stop()
             start()  # empty

@@ -54,8 +54,20 @@ def start_arks_up(tmp_path: Path, port: int) -> subprocess.Popen[str]:
     policy = tmp_path / "policy.yaml"
     policy.write_text(yaml.safe_dump_all(documents))
     cmd = [
-        sys.executable, "-m", "launcher.cli", "up", "--policy", str(policy), "--port", str(port),
-        "--admin-port", str(free_port()), "--metrics-port", str(free_port()), "--state-dir", str(tmp_path / "state"),
+        sys.executable,
+        "-m",
+        "launcher.cli",
+        "up",
+        "--policy",
+        str(policy),
+        "--port",
+        str(port),
+        "--admin-port",
+        str(free_port()),
+        "--metrics-port",
+        str(free_port()),
+        "--state-dir",
+        str(tmp_path / "state"),
     ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -82,7 +94,9 @@ def test_arks_up_serves_the_demo_policy_and_stops_cleanly(tmp_path: Path) -> Non
 
         client = openai.OpenAI(base_url=endpoint.group(1), api_key=token.group(1), max_retries=0)
         assert sorted(m.id for m in client.models.list()) == ["llama-8b", "qwen-7b"]
-        answer = client.chat.completions.create(model="qwen-7b", messages=[{"role": "user", "content": "Hello!"}])
+        answer = client.chat.completions.create(
+            model="qwen-7b", messages=[{"role": "user", "content": "Hello!"}]
+        )
         assert answer.choices[0].message.content
         children = descendants(proc.pid)
         assert len(children) >= 4  # two engines, extproc, envoy

@@ -21,13 +21,16 @@ CAROL = "sk-arks-test-cluster-carol-71"
 DAVE = "sk-arks-test-cluster-dave-72"
 
 
-
 @pytest.fixture(scope="module")
-def cluster_stack(kube: RunningKubeEmulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def cluster_stack(
+    kube: RunningKubeEmulator, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     # Envoy's routes still come from the file (Envoy Gateway routes in a cluster); extproc's
     # tokens, quotas and endpoints come from the API server.
     custom = kubernetes.client.CustomObjectsApi(kube.api_client())
-    custom.create_namespaced_custom_object("arks.ai", "v1", "default", "arksendpoints", endpoint("model-a", "sim-a"))
+    custom.create_namespaced_custom_object(
+        "arks.ai", "v1", "default", "arksendpoints", endpoint("model-a", "sim-a")
+    )
     with running_stack(tmp_path_factory.mktemp("cluster"), kube_host=kube.url) as stack:
         yield stack
 
@@ -41,17 +44,26 @@ def status(stack: Stack, secret: str) -> int:
     ).status_code
 
 
-def test_a_token_created_changed_and_deleted_in_the_cluster(kube: RunningKubeEmulator, cluster_stack: Stack) -> None:
+def test_a_token_created_changed_and_deleted_in_the_cluster(
+    kube: RunningKubeEmulator, cluster_stack: Stack
+) -> None:
     custom = kubernetes.client.CustomObjectsApi(kube.api_client())
     assert status(cluster_stack, CAROL) == 401
     custom.create_namespaced_custom_object(
-        "arks.ai", "v1", "default", "arkstokens",
+        "arks.ai",
+        "v1",
+        "default",
+        "arkstokens",
         token("carol", ["model-a"], tokenHash=token_digest(CAROL)),
     )
     wait_for(lambda: status(cluster_stack, CAROL), lambda s: s == 200, timeout=10)
-    custom.patch_namespaced_custom_object("arks.ai", "v1", "default", "arkstokens", "carol", {"spec": {"disabled": True}})
+    custom.patch_namespaced_custom_object(
+        "arks.ai", "v1", "default", "arkstokens", "carol", {"spec": {"disabled": True}}
+    )
     wait_for(lambda: status(cluster_stack, CAROL), lambda s: s == 401, timeout=10)
-    custom.patch_namespaced_custom_object("arks.ai", "v1", "default", "arkstokens", "carol", {"spec": {"disabled": False}})
+    custom.patch_namespaced_custom_object(
+        "arks.ai", "v1", "default", "arkstokens", "carol", {"spec": {"disabled": False}}
+    )
     wait_for(lambda: status(cluster_stack, CAROL), lambda s: s == 200, timeout=10)
     custom.delete_namespaced_custom_object("arks.ai", "v1", "default", "arkstokens", "carol")
     wait_for(lambda: status(cluster_stack, CAROL), lambda s: s == 401, timeout=10)
@@ -61,22 +73,40 @@ def test_a_token_held_in_a_secret(kube: RunningKubeEmulator, cluster_stack: Stac
     core = kubernetes.client.CoreV1Api(kube.api_client())
     custom = kubernetes.client.CustomObjectsApi(kube.api_client())
     custom.create_namespaced_custom_object(
-        "arks.ai", "v1", "default", "arkstokens", token("dave", ["model-a"], tokenSecretRef={"name": "dave-token"}),
+        "arks.ai",
+        "v1",
+        "default",
+        "arkstokens",
+        token("dave", ["model-a"], tokenSecretRef={"name": "dave-token"}),
     )
-    core.create_namespaced_secret("default", {"metadata": {"name": "dave-token"}, "stringData": {"token": DAVE}})
+    core.create_namespaced_secret(
+        "default", {"metadata": {"name": "dave-token"}, "stringData": {"token": DAVE}}
+    )
     wait_for(lambda: status(cluster_stack, DAVE), lambda s: s == 200, timeout=10)
     # rotating the secret retires the old token
-    core.patch_namespaced_secret("dave-token", "default", {"stringData": {"token": DAVE + "-rotated"}})
+    core.patch_namespaced_secret(
+        "dave-token", "default", {"stringData": {"token": DAVE + "-rotated"}}
+    )
     wait_for(lambda: status(cluster_stack, DAVE), lambda s: s == 401, timeout=10)
     assert status(cluster_stack, DAVE + "-rotated") == 200
 
 
-def test_quota_usage_is_written_to_the_arksquota_status(kube: RunningKubeEmulator, cluster_stack: Stack) -> None:
+def test_quota_usage_is_written_to_the_arksquota_status(
+    kube: RunningKubeEmulator, cluster_stack: Stack
+) -> None:
     custom = kubernetes.client.CustomObjectsApi(kube.api_client())
-    custom.create_namespaced_custom_object("arks.ai", "v1", "default", "arksquotas", {
-        "apiVersion": "arks.ai/v1", "kind": "ArksQuota", "metadata": {"name": "eve-team", "namespace": "default"},
-        "spec": {"quotas": [{"type": "total", "value": 100000, "period": "month"}]},
-    })
+    custom.create_namespaced_custom_object(
+        "arks.ai",
+        "v1",
+        "default",
+        "arksquotas",
+        {
+            "apiVersion": "arks.ai/v1",
+            "kind": "ArksQuota",
+            "metadata": {"name": "eve-team", "namespace": "default"},
+            "spec": {"quotas": [{"type": "total", "value": 100000, "period": "month"}]},
+        },
+    )
     eve = token("eve", ["model-a"], tokenHash=token_digest("sk-arks-test-cluster-eve-73"))
     eve["spec"]["qos"][0]["quota"] = {"name": "eve-team"}
     custom.create_namespaced_custom_object("arks.ai", "v1", "default", "arkstokens", eve)
@@ -84,20 +114,29 @@ def test_quota_usage_is_written_to_the_arksquota_status(kube: RunningKubeEmulato
         lambda: httpx.post(
             f"{cluster_stack.url}/v1/chat/completions",
             json={"model": "model-a", "messages": [{"role": "user", "content": "hi"}]},
-            headers={"authorization": "Bearer sk-arks-test-cluster-eve-73"}, timeout=10,
+            headers={"authorization": "Bearer sk-arks-test-cluster-eve-73"},
+            timeout=10,
         ),
-        lambda r: r.status_code == 200, timeout=10,
+        lambda r: r.status_code == 200,
+        timeout=10,
     )
     total = answer.json()["usage"]["total_tokens"]
 
     def used() -> float:
-        status = custom.get_namespaced_custom_object("arks.ai", "v1", "default", "arksquotas", "eve-team").get("status") or {}
+        status = (
+            custom.get_namespaced_custom_object(
+                "arks.ai", "v1", "default", "arksquotas", "eve-team"
+            ).get("status")
+            or {}
+        )
         return sum(entry.get("used", 0) for entry in status.get("quotaStatus", []))
 
     assert wait_for(used, lambda u: u == total, timeout=15) == total
 
 
-def test_what_the_gateway_asks_of_the_api_server_its_rbac_allows(kube: RunningKubeEmulator, cluster_stack: Stack) -> None:
+def test_what_the_gateway_asks_of_the_api_server_its_rbac_allows(
+    kube: RunningKubeEmulator, cluster_stack: Stack
+) -> None:
     """Runs after the tests above (watches, Secrets, quota status writes)."""
     cluster, own_namespace = roles_of("arks-extproc")
     assert own_namespace == []

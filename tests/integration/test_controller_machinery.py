@@ -40,18 +40,9 @@ MANAGER = "arks-controller"
 pytestmark = pytest.mark.timeout(60)
 
 
-
-
-
-
-
-
-
 def create_app(api: ApiClient, ns: str, name: str, **spec: Any) -> dict[str, Any]:
     body = {"apiVersion": "arks.ai/v1", "kind": "ArksApplication", "metadata": {"name": name}}
     return rest.request(api, "POST", APPLICATIONS.path(ns), body={**body, "spec": spec})
-
-
 
 
 # --- informer -----------------------------------------------------------------------------
@@ -118,7 +109,9 @@ class ToyReconciler:
     def __call__(self, key: Key) -> None:
         self.calls.append(key)
         namespace, name = key
-        app = get(self.api, APPLICATIONS, namespace, name)  # read fresh, the cache may lag our writes
+        app = get(
+            self.api, APPLICATIONS, namespace, name
+        )  # read fresh, the cache may lag our writes
         if app is None:
             return
         if app["metadata"].get("deletionTimestamp"):
@@ -150,7 +143,9 @@ class ToyReconciler:
 def toy(api: ApiClient, ns: str) -> Iterator[tuple[Controller, ToyReconciler]]:
     queue = WorkQueue(max_delay_s=0.5)
     informer = Informer(api, APPLICATIONS, ns, **FAST_INFORMERS)
-    children = watch_owned(api, CONFIGMAPS, queue, "arks.ai/v1", "ArksApplication", ns, **FAST_INFORMERS)
+    children = watch_owned(
+        api, CONFIGMAPS, queue, "arks.ai/v1", "ArksApplication", ns, **FAST_INFORMERS
+    )
     reconciler = ToyReconciler(api, informer)
     controller = Controller("toy", informer, reconciler, workers=2, queue=queue, owned=[children])
     controller.start()
@@ -178,7 +173,9 @@ def test_reconcile_applies_an_owned_child_sets_status_and_records_an_event(
     assert ref["controller"] is True and ref["blockOwnerDeletion"] is True
     ready = find_condition(status["conditions"], "Ready")
     assert ready is not None and (ready["status"], ready["observedGeneration"]) == ("True", 1)
-    events = eventually(lambda: rest.request(api, "GET", EVENTS.path(ns))["items"])  # after the status
+    events = eventually(
+        lambda: rest.request(api, "GET", EVENTS.path(ns))["items"]
+    )  # after the status
     assert [(e["reason"], e["involvedObject"]["name"]) for e in events] == [("Applied", "llama")]
 
 
@@ -283,7 +280,8 @@ def test_a_conflict_is_a_temporary_error_that_is_retried_until_it_succeeds(
     try:
         eventually(
             lambda: (
-                FINALIZER in (get(api, APPLICATIONS, ns, "llama") or {})["metadata"].get("finalizers", [])
+                FINALIZER
+                in (get(api, APPLICATIONS, ns, "llama") or {})["metadata"].get("finalizers", [])
             )
         )
     finally:

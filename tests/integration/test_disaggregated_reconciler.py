@@ -35,7 +35,6 @@ APP = "pd"
 pytestmark = pytest.mark.timeout(60)
 
 
-
 def create_model(api: ApiClient, ns: str, *, ready: bool = True) -> None:
     body = {
         "apiVersion": "arks.ai/v1",

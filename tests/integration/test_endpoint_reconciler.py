@@ -192,11 +192,15 @@ def test_live_load_weighs_the_route_and_status_and_a_second_pass_writes_nothing(
     route = get(api, HTTPROUTES, ns, SERVED)
     assert route is not None
     assert [(r["name"], r["weight"]) for r in route["spec"]["rules"][0]["backendRefs"]] == [
-        ("qwen-h100", 20), ("qwen-l40s", 3), ("spill", 1)
+        ("qwen-h100", 20),
+        ("qwen-l40s", 3),
+        ("spill", 1),
     ]
     status = endpoint_status(api, ns)
     assert [(r["name"], r["weight"], r["share"]) for r in status["routes"]] == [
-        ("qwen-h100", 20, 83), ("qwen-l40s", 3, 12), ("spill", 1, 4)
+        ("qwen-h100", 20, 83),
+        ("qwen-l40s", 3, 12),
+        ("spill", 1, 4),
     ]
     before = versions()
     reconcile_endpoint(api, (ns, SERVED), load=load)
@@ -206,7 +210,9 @@ def test_live_load_weighs_the_route_and_status_and_a_second_pass_writes_nothing(
     reconcile_endpoint(api, (ns, SERVED), load=load)
     status = endpoint_status(api, ns)
     assert [(r["name"], r["weight"]) for r in status["routes"]] == [
-        ("qwen-h100", 20), ("qwen-l40s", 0), ("spill", 1)
+        ("qwen-h100", 20),
+        ("qwen-l40s", 0),
+        ("spill", 1),
     ]
     ready = find_condition(status["conditions"], "Ready")
     assert ready is not None and ready["status"] == "True"

@@ -169,8 +169,11 @@ def test_the_busier_application_loses_weight_and_gets_it_back(running: Cluster) 
     assert capacity is not None and capacity < 50
     # The status shows what the route says, with each backend's share of the traffic.
     status = eventually(
-        lambda: (s := running.status()) and [r["weight"] for r in s["routes"]] == [
-            weights["qwen-a"], weights["qwen-b"]] and s
+        lambda: (
+            (s := running.status())
+            and [r["weight"] for r in s["routes"]] == [weights["qwen-a"], weights["qwen-b"]]
+            and s
+        )
     )
     total = weights["qwen-a"] + weights["qwen-b"]
     assert status["routes"] == [

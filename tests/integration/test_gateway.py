@@ -30,7 +30,9 @@ def test_chat_non_streamed_counts_engine_usage_exactly(stack: Stack) -> None:
     assert answer.usage is not None
     assert answer.usage.prompt_tokens == count_prompt(chat_body())
     charged = stack.wait_usage("alice", "model-a", before)
-    assert charged == Usage(requests=1, prompt=answer.usage.prompt_tokens, completion=7, estimated=0)
+    assert charged == Usage(
+        requests=1, prompt=answer.usage.prompt_tokens, completion=7, estimated=0
+    )
 
 
 def test_chat_streamed_with_the_unchanged_openai_client_is_counted_exactly(stack: Stack) -> None:
@@ -44,19 +46,28 @@ def test_chat_streamed_with_the_unchanged_openai_client_is_counted_exactly(stack
     # The gateway asked for usage on the client's behalf: the last chunk carries it.
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 25
     charged = stack.wait_usage("alice", "model-b", before)
-    assert charged == Usage(requests=1, prompt=count_prompt(chat_body("model-b")), completion=25, estimated=0)
+    assert charged == Usage(
+        requests=1, prompt=count_prompt(chat_body("model-b")), completion=25, estimated=0
+    )
 
 
 def test_chat_streamed_with_include_usage_from_the_client(stack: Stack) -> None:
     before = stack.usage("alice", "model-a")
     stream = stack.client().chat.completions.create(
-        model="model-a", messages=MESSAGES, stream=True, stream_options={"include_usage": True},
+        model="model-a",
+        messages=MESSAGES,
+        stream=True,
+        stream_options={"include_usage": True},
         extra_headers={"x-sim-output-tokens": "300"},
     )
     usage = [c.usage for c in stream if c.usage is not None]
     assert len(usage) == 1
     charged = stack.wait_usage("alice", "model-a", before)
-    assert (charged.prompt, charged.completion, charged.estimated) == (usage[0].prompt_tokens, 300, 0)
+    assert (charged.prompt, charged.completion, charged.estimated) == (
+        usage[0].prompt_tokens,
+        300,
+        0,
+    )
 
 
 @pytest.mark.parametrize(
@@ -64,12 +75,15 @@ def test_chat_streamed_with_include_usage_from_the_client(stack: Stack) -> None:
     [{}, {"continuous_usage_stats": False}, {"include_usage": None}],
     ids=["empty-object", "other-option", "null-include-usage"],
 )
-def test_include_usage_is_merged_into_the_clients_stream_options(stack: Stack, stream_options: dict) -> None:
+def test_include_usage_is_merged_into_the_clients_stream_options(
+    stack: Stack, stream_options: dict
+) -> None:
     before = stack.usage("alice", "model-a")
     body = chat_body(stream=True, stream_options=stream_options)
     with stack.http() as http:
         resp = http.post(
-            "/v1/chat/completions", json=body,
+            "/v1/chat/completions",
+            json=body,
             headers={"authorization": f"Bearer {ALICE}", "x-sim-output-tokens": "4"},
         )
     assert resp.status_code == 200, resp.text  # the engine parsed the patched body
@@ -82,7 +96,10 @@ def test_include_usage_is_merged_into_the_clients_stream_options(stack: Stack, s
 def test_a_client_refusing_usage_is_respected_and_charged_an_estimate(stack: Stack) -> None:
     before = stack.usage("alice", "model-a")
     stream = stack.client().chat.completions.create(
-        model="model-a", messages=MESSAGES, stream=True, stream_options={"include_usage": False},
+        model="model-a",
+        messages=MESSAGES,
+        stream=True,
+        stream_options={"include_usage": False},
         extra_headers={"x-sim-output-tokens": "30"},
     )
     assert all(chunk.usage is None for chunk in stream)
@@ -98,20 +115,29 @@ def test_completions_non_streamed_and_streamed(stack: Stack) -> None:
     answer = client.completions.create(model="model-a", prompt=prompt, max_tokens=5)
     assert answer.choices[0].text == " hello" * 5 and answer.choices[0].finish_reason == "length"
     streamed = "".join(
-        c.choices[0].text for c in client.completions.create(
-            model="model-a", prompt=prompt, stream=True, extra_headers={"x-sim-output-tokens": "9"}) if c.choices
+        c.choices[0].text
+        for c in client.completions.create(
+            model="model-a", prompt=prompt, stream=True, extra_headers={"x-sim-output-tokens": "9"}
+        )
+        if c.choices
     )
     assert streamed == " hello" * 9
     charged = stack.wait_usage("alice", "model-a", before, requests=2)
-    assert charged == Usage(requests=2, prompt=2 * count_prompt({"prompt": prompt}), completion=14, estimated=0)
+    assert charged == Usage(
+        requests=2, prompt=2 * count_prompt({"prompt": prompt}), completion=14, estimated=0
+    )
 
 
 def test_embeddings_are_charged_their_reported_prompt_tokens(stack: Stack) -> None:
     before = stack.usage("alice", "model-a")
-    result = stack.client().embeddings.create(model="model-a", input=["first text", "and a second one"])
+    result = stack.client().embeddings.create(
+        model="model-a", input=["first text", "and a second one"]
+    )
     assert len(result.data) == 2
     charged = stack.wait_usage("alice", "model-a", before)
-    assert charged == Usage(requests=1, prompt=result.usage.prompt_tokens, completion=0, estimated=0)
+    assert charged == Usage(
+        requests=1, prompt=result.usage.prompt_tokens, completion=0, estimated=0
+    )
 
 
 def test_models_are_listed_per_token(stack: Stack) -> None:
@@ -135,8 +161,12 @@ def test_a_json_body_sent_as_form_data_still_works(stack: Stack) -> None:
     """`curl -d '{…}'` sends application/x-www-form-urlencoded; the gateway still reads the JSON."""
     with stack.http() as http:
         resp = http.post(
-            "/v1/chat/completions", content=json.dumps(chat_body()),
-            headers={"authorization": f"Bearer {ALICE}", "content-type": "application/x-www-form-urlencoded"},
+            "/v1/chat/completions",
+            content=json.dumps(chat_body()),
+            headers={
+                "authorization": f"Bearer {ALICE}",
+                "content-type": "application/x-www-form-urlencoded",
+            },
         )
     assert resp.status_code == 200, resp.text
     assert resp.json()["usage"]["completion_tokens"] == 16
@@ -170,23 +200,37 @@ def test_answer_without_usage_is_charged_an_estimate(stack: Stack) -> None:
     before = stack.usage("alice", "model-a")
     with stack.http() as http:
         resp = http.post(
-            "/v1/chat/completions", json=chat_body(),
-            headers={"authorization": f"Bearer {ALICE}", "x-sim-omit-usage": "1", "x-sim-output-tokens": "40"},
+            "/v1/chat/completions",
+            json=chat_body(),
+            headers={
+                "authorization": f"Bearer {ALICE}",
+                "x-sim-omit-usage": "1",
+                "x-sim-output-tokens": "40",
+            },
         )
     assert resp.status_code == 200 and "usage" not in resp.json()
     charged = stack.wait_usage("alice", "model-a", before)
     assert charged.estimated == 1
     assert charged.prompt > 0
     assert 20 <= charged.completion <= 60  # 40 tokens of " hello", estimated from the bytes
-    assert stack.metric(
-        "arks_usage_estimated_requests_total", namespace="default", user="alice", model="model-a",
-        reason="no_usage_reported") >= 1
+    assert (
+        stack.metric(
+            "arks_usage_estimated_requests_total",
+            namespace="default",
+            user="alice",
+            model="model-a",
+            reason="no_usage_reported",
+        )
+        >= 1
+    )
 
 
 def test_engine_dropping_a_stream_is_charged_an_estimate(stack: Stack) -> None:
     before = stack.usage("alice", "model-a")
     stream = stack.client().chat.completions.create(
-        model="model-a", messages=MESSAGES, stream=True,
+        model="model-a",
+        messages=MESSAGES,
+        stream=True,
         extra_headers={"x-sim-output-tokens": "200", "x-sim-disconnect-after": "50"},
     )
     received = 0
@@ -199,17 +243,33 @@ def test_engine_dropping_a_stream_is_charged_an_estimate(stack: Stack) -> None:
     # Estimated from the body's size (Envoy added include_usage; Python never read the body).
     assert count_prompt(chat_body()) <= charged.prompt <= 3 * count_prompt(chat_body())
     assert 40 <= charged.completion <= 60
-    assert stack.metric(
-        "arks_usage_estimated_requests_total", namespace="default", user="alice", model="model-a",
-        reason="upstream_reset") >= 1
+    assert (
+        stack.metric(
+            "arks_usage_estimated_requests_total",
+            namespace="default",
+            user="alice",
+            model="model-a",
+            reason="upstream_reset",
+        )
+        >= 1
+    )
 
 
 def test_client_disconnecting_mid_stream_is_charged_an_estimate(stack: Stack) -> None:
     before = stack.usage("alice", "model-b")
-    with stack.http() as http, http.stream(
-        "POST", "/v1/chat/completions", json=chat_body("model-b", stream=True),
-        headers={"authorization": f"Bearer {ALICE}", "x-sim-output-tokens": "400", "x-sim-tpot-ms": "10"},
-    ) as resp:
+    with (
+        stack.http() as http,
+        http.stream(
+            "POST",
+            "/v1/chat/completions",
+            json=chat_body("model-b", stream=True),
+            headers={
+                "authorization": f"Bearer {ALICE}",
+                "x-sim-output-tokens": "400",
+                "x-sim-tpot-ms": "10",
+            },
+        ) as resp,
+    ):
         assert resp.status_code == 200
         events = 0
         for line in resp.iter_lines():
@@ -219,9 +279,16 @@ def test_client_disconnecting_mid_stream_is_charged_an_estimate(stack: Stack) ->
     charged = stack.wait_usage("alice", "model-b", before)
     assert charged.estimated == 1
     assert 10 <= charged.completion < 400
-    assert stack.metric(
-        "arks_usage_estimated_requests_total", namespace="default", user="alice", model="model-b",
-        reason="client_disconnected") >= 1
+    assert (
+        stack.metric(
+            "arks_usage_estimated_requests_total",
+            namespace="default",
+            user="alice",
+            model="model-b",
+            reason="client_disconnected",
+        )
+        >= 1
+    )
 
 
 # --- every error, with its OpenAI-shaped body ----------------------------------------------
@@ -276,12 +343,25 @@ def test_openai_client_sees_typed_errors(stack: Stack) -> None:
         (b'{"model": "model-empty", "messages": []}', 503, "no_backend"),
         (b'{"model": "model-down", "messages": []}', 503, "no_backend"),
     ],
-    ids=["truncated", "array", "no-model", "model-number", "stream-string", "empty", "ghost", "empty-endpoint", "backend-down"],
+    ids=[
+        "truncated",
+        "array",
+        "no-model",
+        "model-number",
+        "stream-string",
+        "empty",
+        "ghost",
+        "empty-endpoint",
+        "backend-down",
+    ],
 )
-def test_bad_requests_get_the_documented_status(stack: Stack, content: bytes, status: int, code: str) -> None:
+def test_bad_requests_get_the_documented_status(
+    stack: Stack, content: bytes, status: int, code: str
+) -> None:
     with stack.http() as http:
         resp = http.post(
-            "/v1/chat/completions", content=content,
+            "/v1/chat/completions",
+            content=content,
             headers={"authorization": f"Bearer {ALICE}", "content-type": "application/json"},
         )
     assert resp.status_code == status, resp.text
@@ -290,7 +370,11 @@ def test_bad_requests_get_the_documented_status(stack: Stack, content: bytes, st
 
 def test_forbidden_model_is_403(stack: Stack) -> None:
     with stack.http() as http:
-        resp = http.post("/v1/chat/completions", json=chat_body("model-b"), headers={"authorization": f"Bearer {BOB}"})
+        resp = http.post(
+            "/v1/chat/completions",
+            json=chat_body("model-b"),
+            headers={"authorization": f"Bearer {BOB}"},
+        )
     assert resp.status_code == 403
     assert error_of(resp)["code"] == "model_not_allowed"
 
@@ -305,15 +389,22 @@ def test_unknown_path_and_wrong_method(stack: Stack) -> None:
 
 
 def test_huge_body_is_413_and_the_gateway_keeps_serving(stack: Stack) -> None:
-    huge = b'{"model": "model-a", "messages": [{"role": "user", "content": "' + b"a" * (5 * 1024 * 1024) + b'"}]}'
+    huge = (
+        b'{"model": "model-a", "messages": [{"role": "user", "content": "'
+        + b"a" * (5 * 1024 * 1024)
+        + b'"}]}'
+    )
     with stack.http() as http:
         resp = http.post(
-            "/v1/chat/completions", content=huge,
+            "/v1/chat/completions",
+            content=huge,
             headers={"authorization": f"Bearer {ALICE}", "content-type": "application/json"},
         )
         assert resp.status_code == 413
         assert error_of(resp)["code"] == "request_too_large"
-        after = http.post("/v1/chat/completions", json=chat_body(), headers={"authorization": f"Bearer {ALICE}"})
+        after = http.post(
+            "/v1/chat/completions", json=chat_body(), headers={"authorization": f"Bearer {ALICE}"}
+        )
     assert after.status_code == 200
 
 
@@ -321,11 +412,17 @@ def test_engine_errors_pass_through_and_are_not_charged(stack: Stack) -> None:
     before = stack.usage("alice", "model-a")
     with stack.http() as http:
         resp = http.post(
-            "/v1/chat/completions", json=chat_body(),
+            "/v1/chat/completions",
+            json=chat_body(),
             headers={"authorization": f"Bearer {ALICE}", "x-sim-status": "503"},
         )
     assert resp.status_code == 503
     assert error_of(resp)["code"] == 503  # the engine's own body
     charged = stack.wait_usage("alice", "model-a", before)
     assert (charged.prompt, charged.completion) == (0, 0)
-    assert stack.metric("arks_requests_total", namespace="default", user="alice", model="model-a", code="503") >= 1
+    assert (
+        stack.metric(
+            "arks_requests_total", namespace="default", user="alice", model="model-a", code="503"
+        )
+        >= 1
+    )

@@ -61,8 +61,9 @@ async def test_without_the_shared_store_an_unreported_request_is_still_charged()
     down = RedisReported(f"redis://127.0.0.1:{free_port()}/0", ttl_s=2 * MAX_AGE, timeout_s=0.2)
     a = make_context(clock, down)
     await admit(a, "req-1")
-    await AccessLogReceiver(a).record(log_message(200, request_id="someone-elses", prompt_tokens=1, completion_tokens=1))
+    await AccessLogReceiver(a).record(
+        log_message(200, request_id="someone-elses", prompt_tokens=1, completion_tokens=1)
+    )
     clock.now += MAX_AGE + 1
     assert await expire_unreported(a) == 1
     assert totals(a) == Totals(2, 1, 65, 1)
-

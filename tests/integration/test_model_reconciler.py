@@ -36,7 +36,6 @@ CACHE = {"enabled": True, "nodeSelector": {"nvidia.com/gpu.present": "true"}}
 pytestmark = pytest.mark.timeout(60)
 
 
-
 def create_model(
     api: ApiClient, ns: str, source: dict[str, Any] | None = None, **spec: Any
 ) -> dict[str, Any]:

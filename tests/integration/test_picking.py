@@ -47,7 +47,9 @@ class Picking:
     sims: dict[str, Child]
 
     def set_load(self, name: str, waiting: int = 0) -> None:
-        answer = httpx.put(f"http://127.0.0.1:{self.ports[name]}/sim/load", json={"waiting": waiting}, timeout=5)
+        answer = httpx.put(
+            f"http://127.0.0.1:{self.ports[name]}/sim/load", json={"waiting": waiting}, timeout=5
+        )
         answer.raise_for_status()
 
     def loads(self, **waiting: int) -> None:
@@ -59,22 +61,37 @@ class Picking:
         time.sleep(2.5 * SCRAPE_INTERVAL_S)
 
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.stack.url, headers={"authorization": f"Bearer {TOKEN}"}, timeout=10)
+        return httpx.Client(
+            base_url=self.stack.url, headers={"authorization": f"Bearer {TOKEN}"}, timeout=10
+        )
 
-    def ask(self, client: httpx.Client, model: str = LEAST, messages: list[dict[str, str]] | None = None,
-            headers: dict[str, str] | None = None) -> str:
+    def ask(
+        self,
+        client: httpx.Client,
+        model: str = LEAST,
+        messages: list[dict[str, str]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> str:
         answer = client.post(
             "/v1/chat/completions",
-            json={"model": model, "messages": messages or [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            json={
+                "model": model,
+                "messages": messages or [{"role": "user", "content": "hi"}],
+                "max_tokens": 2,
+            },
             headers=headers,
         )
         assert answer.status_code == 200, answer.text
         return answer.headers["x-sim-instance"]
 
-    def picks_move_to(self, name: str, model: str = LEAST, messages: list[dict[str, str]] | None = None) -> None:
+    def picks_move_to(
+        self, name: str, model: str = LEAST, messages: list[dict[str, str]] | None = None
+    ) -> None:
         """Wait until the picker saw the new load (next scrape) and sends `name` the request."""
         with self.client() as client:
-            wait_for(lambda: self.ask(client, model, messages), lambda served: served == name, timeout=10)
+            wait_for(
+                lambda: self.ask(client, model, messages), lambda served: served == name, timeout=10
+            )
 
     def connect_failures(self, name: str) -> int:
         """Envoy's failed connections to an engine, in the least-load endpoint's cluster."""
@@ -105,7 +122,9 @@ def policy(ports: dict[str, int], ghost_port: int) -> list[dict[str, Any]]:
             "metadata": {"name": model, "namespace": "default"},
             "spec": {
                 "weighting": weighting,
-                "routeConfigs": [{"group": "gateway.envoyproxy.io", "kind": "Backend", "name": pool}],
+                "routeConfigs": [
+                    {"group": "gateway.envoyproxy.io", "kind": "Backend", "name": pool}
+                ],
             },
         }
 
@@ -129,25 +148,46 @@ def picking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Picking]:
         children = {}
         for name in ENGINES:
             children[name] = sims.python(
-                f"sim-{name}", "launcher.sim", "--port", str(ports[name]), "--model", LEAST, "--model", PREFIX,
-                "--name", name,
+                f"sim-{name}",
+                "launcher.sim",
+                "--port",
+                str(ports[name]),
+                "--model",
+                LEAST,
+                "--model",
+                PREFIX,
+                "--name",
+                name,
             )
         for name in ENGINES:
             wait_http(children[name], f"http://127.0.0.1:{ports[name]}/health")
         settings = StackSettings(
-            policy=policy_path, state_dir=tmp / "state", port=free_port(), admin_port=free_port(),
-            metrics_port=free_port(), simulate=False,
+            policy=policy_path,
+            state_dir=tmp / "state",
+            port=free_port(),
+            admin_port=free_port(),
+            metrics_port=free_port(),
+            simulate=False,
             extproc_args=("--picker-fail-closed", "--picker-interval-s", str(SCRAPE_INTERVAL_S)),
         )
         with LocalStack(settings) as stack:
             ready = Picking(stack, ports, children)
             with ready.client() as client:  # fail closed: 503 until extproc's first scrape
-                wait_for(lambda: client.post("/v1/chat/completions", json={"model": LEAST, "messages": []}).status_code,
-                         lambda status: status == 200, timeout=15)
+                wait_for(
+                    lambda: (
+                        client.post(
+                            "/v1/chat/completions", json={"model": LEAST, "messages": []}
+                        ).status_code
+                    ),
+                    lambda status: status == 200,
+                    timeout=15,
+                )
             yield ready
 
 
-def test_least_load_sends_every_request_to_the_least_loaded_engine_and_follows_its_load(picking: Picking) -> None:
+def test_least_load_sends_every_request_to_the_least_loaded_engine_and_follows_its_load(
+    picking: Picking,
+) -> None:
     picking.loads(a=40, b=0, c=90)
     picking.picks_move_to("b")
     with picking.client() as client:
@@ -175,11 +215,15 @@ def conversation(system: str, turns: int) -> list[dict[str, str]]:
     for i in range(turns):
         messages.append({"role": "user", "content": f"Question {i}: where to next?"})
         if i < turns - 1:
-            messages.append({"role": "assistant", "content": f"Bearing {i * 17 % 360}, {i + 3} miles."})
+            messages.append(
+                {"role": "assistant", "content": f"Bearing {i * 17 % 360}, {i + 3} miles."}
+            )
     return messages
 
 
-def test_prefix_cache_keeps_a_conversation_on_one_engine_until_that_engine_is_busy(picking: Picking) -> None:
+def test_prefix_cache_keeps_a_conversation_on_one_engine_until_that_engine_is_busy(
+    picking: Picking,
+) -> None:
     picking.loads()  # every engine idle
     with picking.client() as client:
         first = [picking.ask(client, PREFIX, conversation(SYSTEM_1, turn)) for turn in range(1, 21)]
@@ -190,8 +234,12 @@ def test_prefix_cache_keeps_a_conversation_on_one_engine_until_that_engine_is_bu
 
     picking.set_load(holder, waiting=50)  # the holder gets a long queue: the conversation moves
     with picking.client() as client:
-        moved = wait_for(lambda: picking.ask(client, PREFIX, conversation(SYSTEM_1, 21)), lambda s: s != holder)
-        after = [picking.ask(client, PREFIX, conversation(SYSTEM_1, turn)) for turn in range(22, 27)]
+        moved = wait_for(
+            lambda: picking.ask(client, PREFIX, conversation(SYSTEM_1, 21)), lambda s: s != holder
+        )
+        after = [
+            picking.ask(client, PREFIX, conversation(SYSTEM_1, turn)) for turn in range(22, 27)
+        ]
     assert set(after) == {moved}  # and stays where it went
 
     prefix_hits = picking_metric(picking, PREFIX, "prefix_hit")
@@ -206,7 +254,11 @@ def test_a_streamed_prefix_cache_request_still_gets_its_usage(picking: Picking) 
         answer = client.post("/v1/chat/completions", json=body)
 
     assert answer.status_code == 200, answer.text
-    events = [line.removeprefix("data: ") for line in answer.text.splitlines() if line.startswith("data: {")]
+    events = [
+        line.removeprefix("data: ")
+        for line in answer.text.splitlines()
+        if line.startswith("data: {")
+    ]
     assert '"usage"' in events[-1] and '"completion_tokens":3' in events[-1].replace(" ", "")
 
 
@@ -223,14 +275,19 @@ def picking_metric(picking: Picking, model: str, reason: str) -> float:
 
 def test_fail_closed_answers_503_when_no_engine_can_be_picked(picking: Picking) -> None:
     with picking.client() as client:
-        answer = client.post("/v1/chat/completions", json={"model": GHOST, "messages": [{"role": "user", "content": "hi"}]})
+        answer = client.post(
+            "/v1/chat/completions",
+            json={"model": GHOST, "messages": [{"role": "user", "content": "hi"}]},
+        )
 
     assert answer.status_code == 503
     assert answer.json()["error"]["code"] == "no_backend"
     assert picking_metric(picking, GHOST, "refused") >= 1
 
 
-def test_an_engine_killed_mid_run_costs_no_client_an_error_and_is_no_longer_picked(picking: Picking) -> None:
+def test_an_engine_killed_mid_run_costs_no_client_an_error_and_is_no_longer_picked(
+    picking: Picking,
+) -> None:
     picking.loads()  # equal loads: our own picks in flight spread the requests over all three
     with picking.client() as client:
         statuses, served = kill_mid_run(client, LEAST, picking.sims["c"])

@@ -30,7 +30,12 @@ def application() -> dict[str, Any]:
         "apiVersion": "arks.ai/v1",
         "kind": "ArksApplication",
         "metadata": {"name": APP},
-        "spec": {"runtime": "vllm", "image": "img", "model": {"name": "qwen2-5-7b-instruct"}, "servedModelName": "qwen"},
+        "spec": {
+            "runtime": "vllm",
+            "image": "img",
+            "model": {"name": "qwen2-5-7b-instruct"},
+            "servedModelName": "qwen",
+        },
     }
 
 
@@ -46,12 +51,18 @@ def arks_endpoint(ns: str, model: str, *route_configs: dict[str, Any]) -> dict[s
 def service(name: str, port: int) -> dict[str, Any]:
     return {
         "metadata": {"name": name},
-        "spec": {"type": "ClusterIP", "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}]},
+        "spec": {
+            "type": "ClusterIP",
+            "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}],
+        },
     }
 
 
 def endpoint(address: str, ready: bool = True) -> dict[str, Any]:
-    return {"addresses": [address], "conditions": {"ready": ready, "serving": ready, "terminating": False}}
+    return {
+        "addresses": [address],
+        "conditions": {"ready": ready, "serving": ready, "terminating": False},
+    }
 
 
 def endpoint_slice(name: str, service_name: str, *endpoints: dict[str, Any]) -> dict[str, Any]:
@@ -100,22 +111,39 @@ def test_the_engines_of_a_picking_endpoint_follow_its_route_services_and_slices(
     core = kubernetes.client.CoreV1Api(api)
     discovery = kubernetes.client.DiscoveryV1Api(api)
     custom = kubernetes.client.CustomObjectsApi(api)
-    qwen = arks_endpoint(ns, "qwen", {"group": "gateway.envoyproxy.io", "kind": "Backend", "name": "sim"})
+    qwen = arks_endpoint(
+        ns, "qwen", {"group": "gateway.envoyproxy.io", "kind": "Backend", "name": "sim"}
+    )
     llama = arks_endpoint(ns, "llama")
-    custom.create_namespaced_custom_object("gateway.envoyproxy.io", "v1alpha1", ns, "backends", backend("sim", 9001, ns))
+    custom.create_namespaced_custom_object(
+        "gateway.envoyproxy.io", "v1alpha1", ns, "backends", backend("sim", 9001, ns)
+    )
     for obj in (qwen, llama):
         custom.create_namespaced_custom_object("arks.ai", "v1", ns, "arksendpoints", obj)
     route = render_httproute(qwen, [application()])
     (service_ref, _backend_ref) = route["spec"]["rules"][0]["backendRefs"]
     assert service_ref["name"] == APP
-    custom.create_namespaced_custom_object("gateway.networking.k8s.io", "v1", ns, "httproutes", route)
+    custom.create_namespaced_custom_object(
+        "gateway.networking.k8s.io", "v1", ns, "httproutes", route
+    )
     # A route the controller did not render is not read, even if it names the model.
-    unmanaged = render_httproute(arks_endpoint(ns, "llama", {"name": APP, "port": service_ref["port"]}), [])
+    unmanaged = render_httproute(
+        arks_endpoint(ns, "llama", {"name": APP, "port": service_ref["port"]}), []
+    )
     del unmanaged["metadata"]["labels"]
-    custom.create_namespaced_custom_object("gateway.networking.k8s.io", "v1", ns, "httproutes", unmanaged)
+    custom.create_namespaced_custom_object(
+        "gateway.networking.k8s.io", "v1", ns, "httproutes", unmanaged
+    )
     core.create_namespaced_service(ns, service(APP, service_ref["port"]))
     discovery.create_namespaced_endpoint_slice(
-        ns, endpoint_slice(f"{APP}-a", APP, endpoint("10.1.0.1"), endpoint("10.1.0.2"), endpoint("10.1.0.9", ready=False))
+        ns,
+        endpoint_slice(
+            f"{APP}-a",
+            APP,
+            endpoint("10.1.0.1"),
+            endpoint("10.1.0.2"),
+            endpoint("10.1.0.9", ready=False),
+        ),
     )
 
     def engines_now() -> dict[tuple[str, str], list[str]]:
@@ -134,15 +162,21 @@ def test_the_engines_of_a_picking_endpoint_follow_its_route_services_and_slices(
     becomes(["10.1.0.1:8000", "127.0.0.1:9001"])
 
     # the Service gets a second slice
-    discovery.create_namespaced_endpoint_slice(ns, endpoint_slice(f"{APP}-b", APP, endpoint("10.1.0.3")))
+    discovery.create_namespaced_endpoint_slice(
+        ns, endpoint_slice(f"{APP}-b", APP, endpoint("10.1.0.3"))
+    )
     becomes(["10.1.0.1:8000", "10.1.0.3:8000", "127.0.0.1:9001"])
 
     # the application is drained: its backendRef's weight drops to 0
     drained = render_httproute(qwen, [application()], capacities={APP: 0})
     assert drained["spec"]["rules"][0]["backendRefs"][0]["weight"] == 0
-    custom.patch_namespaced_custom_object("gateway.networking.k8s.io", "v1", ns, "httproutes", "qwen", {"spec": drained["spec"]})
+    custom.patch_namespaced_custom_object(
+        "gateway.networking.k8s.io", "v1", ns, "httproutes", "qwen", {"spec": drained["spec"]}
+    )
     becomes(["127.0.0.1:9001"])
-    custom.patch_namespaced_custom_object("gateway.networking.k8s.io", "v1", ns, "httproutes", "qwen", {"spec": route["spec"]})
+    custom.patch_namespaced_custom_object(
+        "gateway.networking.k8s.io", "v1", ns, "httproutes", "qwen", {"spec": route["spec"]}
+    )
     becomes(["10.1.0.1:8000", "10.1.0.3:8000", "127.0.0.1:9001"])
 
     # the Service goes away
@@ -150,15 +184,22 @@ def test_the_engines_of_a_picking_endpoint_follow_its_route_services_and_slices(
     becomes(["127.0.0.1:9001"])
 
 
-def test_what_engine_discovery_asks_of_the_api_server_its_rbac_allows(kube: RunningKubeEmulator) -> None:
+def test_what_engine_discovery_asks_of_the_api_server_its_rbac_allows(
+    kube: RunningKubeEmulator,
+) -> None:
     """Watches every namespace, as the extproc does by default."""
     with extproc_client(kube) as client:
         found = ClusterEngines(client, informer_options=FAST_INFORMERS)
         found.start()
         try:
-            watched = {("watch", "gateway.networking.k8s.io", "httproutes"), ("watch", "", "services"),
-                       ("watch", "discovery.k8s.io", "endpointslices")}
-            eventually(lambda: watched <= {e[1:4] for e in kube.emulator.audit if e[0] == USER_AGENT})
+            watched = {
+                ("watch", "gateway.networking.k8s.io", "httproutes"),
+                ("watch", "", "services"),
+                ("watch", "discovery.k8s.io", "endpointslices"),
+            }
+            eventually(
+                lambda: watched <= {e[1:4] for e in kube.emulator.audit if e[0] == USER_AGENT}
+            )
         finally:
             found.stop()
     cluster, own_namespace = roles_of("arks-extproc")
@@ -167,8 +208,11 @@ def test_what_engine_discovery_asks_of_the_api_server_its_rbac_allows(kube: Runn
     assert {(verb, group, resource) for verb, group, resource, *_ in asked} >= {
         (verb, group, resource)
         for verb in ("list", "watch")
-        for group, resource in (("gateway.networking.k8s.io", "httproutes"), ("", "services"),
-                                ("discovery.k8s.io", "endpointslices"))
+        for group, resource in (
+            ("gateway.networking.k8s.io", "httproutes"),
+            ("", "services"),
+            ("discovery.k8s.io", "endpointslices"),
+        )
     }
     refused = sorted(a for a in asked if not allows(cluster, a[0], a[1], a[2], a[4]))
     assert refused == []

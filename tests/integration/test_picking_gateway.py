@@ -73,24 +73,48 @@ def seed_cluster(api: ApiClient, ports: dict[str, int]) -> None:
     """What operators and Kubernetes would have made: the application (discovered by the
     endpoint), its Service and EndpointSlices, the token and the least-load endpoint."""
     app = {
-        "apiVersion": "arks.ai/v1", "kind": "ArksApplication", "metadata": {"name": APP},
-        "spec": {"runtime": "vllm", "image": "vllm/vllm-openai", "model": {"name": "m"}, "servedModelName": MODEL},
+        "apiVersion": "arks.ai/v1",
+        "kind": "ArksApplication",
+        "metadata": {"name": APP},
+        "spec": {
+            "runtime": "vllm",
+            "image": "vllm/vllm-openai",
+            "model": {"name": "m"},
+            "servedModelName": MODEL,
+        },
     }
     rest.request(api, "POST", APPLICATIONS.path(NS), body=app)
     service = {
-        "apiVersion": "v1", "kind": "Service", "metadata": {"name": APP},
-        "spec": {"ports": [{"name": "http", "port": ENGINE_PORT, "targetPort": "http", "protocol": "TCP"}]},
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": APP},
+        "spec": {
+            "ports": [
+                {"name": "http", "port": ENGINE_PORT, "targetPort": "http", "protocol": "TCP"}
+            ]
+        },
     }
     rest.request(api, "POST", SERVICES.path(NS), body=service)
     for name in ENGINES:
         rest.request(api, "POST", ENDPOINTSLICES.path(NS), body=endpoint_slice(ports[name]))
-    rest.request(api, "POST", TOKENS.path(NS), body=token("alice", [MODEL], namespace=NS, tokenHash=token_digest(TOKEN)))
-    endpoint = {"apiVersion": "arks.ai/v1", "kind": "ArksEndpoint", "metadata": {"name": MODEL},
-                "spec": {"weighting": "least-load"}}
+    rest.request(
+        api,
+        "POST",
+        TOKENS.path(NS),
+        body=token("alice", [MODEL], namespace=NS, tokenHash=token_digest(TOKEN)),
+    )
+    endpoint = {
+        "apiVersion": "arks.ai/v1",
+        "kind": "ArksEndpoint",
+        "metadata": {"name": MODEL},
+        "spec": {"weighting": "least-load"},
+    }
     rest.request(api, "POST", ENDPOINTS.path(NS), body=endpoint)
 
 
-def envoy_gateway_config(api: ApiClient, settings: EnvoySettings, ports: dict[str, int]) -> dict[str, Any]:
+def envoy_gateway_config(
+    api: ApiClient, settings: EnvoySettings, ports: dict[str, int]
+) -> dict[str, Any]:
     """Envoy's configuration as Envoy Gateway would program it for this endpoint: the route to
     the HTTPRoute rule's cluster, the cluster over the Services' ready endpoints, and the
     controller's EnvoyPatchPolicy applied to it."""
@@ -100,7 +124,11 @@ def envoy_gateway_config(api: ApiClient, settings: EnvoySettings, ports: dict[st
     assert [ref["name"] for ref in rule["backendRefs"]] == [APP]
     cluster_name = eg_route_cluster_name(NS, MODEL)
     hosts = [("127.0.0.1", ports[name]) for name in ENGINES]
-    resources = {(CLUSTER_TYPE, cluster_name): eg_route_cluster(cluster_name, [hosts], [rule["backendRefs"][0]["weight"]])}
+    resources = {
+        (CLUSTER_TYPE, cluster_name): eg_route_cluster(
+            cluster_name, [hosts], [rule["backendRefs"][0]["weight"]]
+        )
+    }
     policy = get(api, PATCH_POLICIES, "arks-system", picking_policy_name(NS, MODEL))
     assert policy is not None
     apply_patches(resources, [policy])
@@ -108,15 +136,39 @@ def envoy_gateway_config(api: ApiClient, settings: EnvoySettings, ports: dict[st
     gateway = listener(settings)
     hcm = gateway["filter_chains"][0]["filters"][0]["typed_config"]
     del hcm["rds"]
-    headers = [{"name": "x-arks-model", "string_match": {"exact": MODEL}},
-               {"name": "x-arks-namespace", "string_match": {"exact": NS}}]
-    hcm["route_config"] = {"name": "eg", "virtual_hosts": [{"name": "eg", "domains": ["*"], "routes": [
-        {"match": {"prefix": "/v1", "headers": headers},
-         "route": {"cluster": cluster_name, "timeout": "60s", "retry_policy": retry_policy()}},
-    ]}]}
+    headers = [
+        {"name": "x-arks-model", "string_match": {"exact": MODEL}},
+        {"name": "x-arks-namespace", "string_match": {"exact": NS}},
+    ]
+    hcm["route_config"] = {
+        "name": "eg",
+        "virtual_hosts": [
+            {
+                "name": "eg",
+                "domains": ["*"],
+                "routes": [
+                    {
+                        "match": {"prefix": "/v1", "headers": headers},
+                        "route": {
+                            "cluster": cluster_name,
+                            "timeout": "60s",
+                            "retry_policy": retry_policy(),
+                        },
+                    },
+                ],
+            }
+        ],
+    }
     return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": settings.admin_port}}},
-        "static_resources": {"listeners": [gateway], "clusters": [extproc_cluster(settings), *resources.values()]},
+        "admin": {
+            "address": {
+                "socket_address": {"address": "127.0.0.1", "port_value": settings.admin_port}
+            }
+        },
+        "static_resources": {
+            "listeners": [gateway],
+            "clusters": [extproc_cluster(settings), *resources.values()],
+        },
     }
 
 
@@ -128,19 +180,26 @@ class Gateway:
 
     def loads(self, **waiting: int) -> None:
         for name in ENGINES:
-            answer = httpx.put(f"http://127.0.0.1:{self.ports[name]}/sim/load",
-                               json={"waiting": waiting.get(name, 0)}, timeout=5)
+            answer = httpx.put(
+                f"http://127.0.0.1:{self.ports[name]}/sim/load",
+                json={"waiting": waiting.get(name, 0)},
+                timeout=5,
+            )
             answer.raise_for_status()
         time.sleep(2.5 * SCRAPE_INTERVAL_S)  # two scrape rounds: extproc saw them all
 
     def ask(self, client: httpx.Client) -> str:
-        answer = client.post("/v1/chat/completions",
-                             json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        answer = client.post(
+            "/v1/chat/completions",
+            json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        )
         assert answer.status_code == 200, answer.text
         return answer.headers["x-sim-instance"]
 
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {TOKEN}"}, timeout=10)
+        return httpx.Client(
+            base_url=self.url, headers={"authorization": f"Bearer {TOKEN}"}, timeout=10
+        )
 
     def served(self, requests: int = 30) -> collections.Counter[str]:
         with self.client() as client:
@@ -152,37 +211,80 @@ class Gateway:
 
 
 @pytest.fixture(scope="module")
-def gateway(kube: RunningKubeEmulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def gateway(
+    kube: RunningKubeEmulator, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
     tmp: Path = tmp_path_factory.mktemp("picking-gateway")
     ports = {name: free_port() for name in ENGINES}
     with kube.api_client() as api, Supervisor(log_dir=tmp / "logs") as sup:
         seed_cluster(api, ports)
         reconcile_endpoint(api, (NS, MODEL))  # the controller: HTTPRoute and EnvoyPatchPolicy
         for name in ENGINES:
-            sim = sup.python(f"sim-{name}", "launcher.sim", "--port", str(ports[name]), "--model", MODEL, "--name", name)
+            sim = sup.python(
+                f"sim-{name}",
+                "launcher.sim",
+                "--port",
+                str(ports[name]),
+                "--model",
+                MODEL,
+                "--name",
+                name,
+            )
             wait_http(sim, f"http://127.0.0.1:{ports[name]}/health")
-        settings = EnvoySettings(listen_port=free_port(), admin_port=free_port(), extproc_port=free_port())
+        settings = EnvoySettings(
+            listen_port=free_port(), admin_port=free_port(), extproc_port=free_port()
+        )
         metrics_port = free_port()
         extproc = sup.python(
-            "extproc", "extproc", "--kube-host", kube.url,
-            "--grpc-address", f"127.0.0.1:{settings.extproc_port}", "--metrics-port", str(metrics_port),
-            "--picker-fail-closed", "--picker-interval-s", str(SCRAPE_INTERVAL_S),
+            "extproc",
+            "extproc",
+            "--kube-host",
+            kube.url,
+            "--grpc-address",
+            f"127.0.0.1:{settings.extproc_port}",
+            "--metrics-port",
+            str(metrics_port),
+            "--picker-fail-closed",
+            "--picker-interval-s",
+            str(SCRAPE_INTERVAL_S),
         )
         wait_http(extproc, f"http://127.0.0.1:{metrics_port}/metrics")
         config = tmp / "envoy.json"
         config.write_text(json.dumps(envoy_gateway_config(api, settings, ports)))
-        envoy = sup.start("envoy", [envoy_binary(), "-c", str(config), "--disable-hot-restart",
-                                    "--concurrency", "1", "--log-level", "warning"])
+        envoy = sup.start(
+            "envoy",
+            [
+                envoy_binary(),
+                "-c",
+                str(config),
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "--log-level",
+                "warning",
+            ],
+        )
         wait_http(envoy, f"http://127.0.0.1:{settings.admin_port}/ready")
         ready = Gateway(api, f"http://127.0.0.1:{settings.listen_port}", ports)
-        with ready.client() as client:  # fail closed: 503 until extproc knows the engines and their load
-            wait_for(lambda: client.post("/v1/chat/completions",
-                                         json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).status_code,
-                     lambda status: status == 200, timeout=20)
+        with (
+            ready.client() as client
+        ):  # fail closed: 503 until extproc knows the engines and their load
+            wait_for(
+                lambda: (
+                    client.post(
+                        "/v1/chat/completions",
+                        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+                    ).status_code
+                ),
+                lambda status: status == 200,
+                timeout=20,
+            )
         yield ready
 
 
-def test_least_load_picks_the_least_loaded_pod_behind_envoy_gateways_cluster(gateway: Gateway) -> None:
+def test_least_load_picks_the_least_loaded_pod_behind_envoy_gateways_cluster(
+    gateway: Gateway,
+) -> None:
     gateway.loads(a=40, b=0, c=90)
     gateway.picks_move_to("b")
     assert gateway.served() == {"b": 30}

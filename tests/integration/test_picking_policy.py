@@ -27,19 +27,27 @@ MODEL = "qwen-7b"
 
 
 def create_endpoint(api: ApiClient, ns: str, **spec: Any) -> dict[str, Any]:
-    body = {"apiVersion": "arks.ai/v1", "kind": "ArksEndpoint", "metadata": {"name": MODEL}, "spec": spec}
+    body = {
+        "apiVersion": "arks.ai/v1",
+        "kind": "ArksEndpoint",
+        "metadata": {"name": MODEL},
+        "spec": spec,
+    }
     return rest.request(api, "POST", ENDPOINTS.path(ns), body=body)
 
 
 def patch_spec(api: ApiClient, ns: str, **spec: Any) -> None:
-    rest.request(api, "PATCH", ENDPOINTS.path(ns, MODEL), body={"spec": spec}, content_type=rest.MERGE_PATCH)
+    rest.request(
+        api, "PATCH", ENDPOINTS.path(ns, MODEL), body={"spec": spec}, content_type=rest.MERGE_PATCH
+    )
 
 
 def policies(api: ApiClient, ns: str) -> list[tuple[str, str]]:
     """Every EnvoyPatchPolicy made for the endpoint in `ns`, in any namespace, as (namespace, name)."""
     items = rest.request(api, "GET", PATCH_POLICIES.path())["items"]
     return sorted(
-        (i["metadata"]["namespace"], i["metadata"]["name"]) for i in items
+        (i["metadata"]["namespace"], i["metadata"]["name"])
+        for i in items
         if i["metadata"].get("annotations", {}).get("arks.ai/endpoint") == f"{ns}/{MODEL}"
     )
 
@@ -56,8 +64,12 @@ def finalizers(api: ApiClient, ns: str) -> list[str]:
     return list(endpoint["metadata"].get("finalizers") or [])
 
 
-def test_a_picking_endpoint_gets_its_policy_beside_the_gateway_and_keeps_it_steady(api: ApiClient, ns: str) -> None:
-    create_endpoint(api, ns, weighting="least-load", gatewayRef={"name": "edge", "namespace": f"{ns}-gw"})
+def test_a_picking_endpoint_gets_its_policy_beside_the_gateway_and_keeps_it_steady(
+    api: ApiClient, ns: str
+) -> None:
+    create_endpoint(
+        api, ns, weighting="least-load", gatewayRef={"name": "edge", "namespace": f"{ns}-gw"}
+    )
     reconcile_endpoint(api, (ns, MODEL))
     name = picking_policy_name(ns, MODEL)
     assert policies(api, ns) == [(f"{ns}-gw", name)]
@@ -66,7 +78,10 @@ def test_a_picking_endpoint_gets_its_policy_beside_the_gateway_and_keeps_it_stea
     assert policy["spec"]["jsonPatches"][0]["name"] == f"httproute/{ns}/{MODEL}/rule/0"
     assert PICKING_FINALIZER in finalizers(api, ns)
     condition = picking_condition(api, ns)
-    assert condition is not None and (condition["status"], condition["reason"]) == ("True", "HostOverridePatched")
+    assert condition is not None and (condition["status"], condition["reason"]) == (
+        "True",
+        "HostOverridePatched",
+    )
     assert name in condition["message"]
 
     def versions() -> list[str]:
@@ -78,8 +93,12 @@ def test_a_picking_endpoint_gets_its_policy_beside_the_gateway_and_keeps_it_stea
     assert len(before) == 2 and versions() == before  # a second pass writes nothing
 
 
-def test_the_policy_moves_with_the_gateway_and_goes_when_picking_stops(api: ApiClient, ns: str) -> None:
-    create_endpoint(api, ns, weighting="prefix-cache", gatewayRef={"name": "edge", "namespace": f"{ns}-a"})
+def test_the_policy_moves_with_the_gateway_and_goes_when_picking_stops(
+    api: ApiClient, ns: str
+) -> None:
+    create_endpoint(
+        api, ns, weighting="prefix-cache", gatewayRef={"name": "edge", "namespace": f"{ns}-a"}
+    )
     reconcile_endpoint(api, (ns, MODEL))
     patch_spec(api, ns, gatewayRef={"name": "edge", "namespace": f"{ns}-b"})
     reconcile_endpoint(api, (ns, MODEL))
@@ -106,8 +125,12 @@ def test_deleting_the_endpoint_deletes_its_policy_first(api: ApiClient, ns: str)
         # Deleted by someone else while the endpoint lives: put back at the next pass.
         create_endpoint(api, ns, weighting="least-load")
         eventually(lambda: len(policies(api, ns)) == 1)
-        rest.request(api, "DELETE", PATCH_POLICIES.path("arks-system", picking_policy_name(ns, MODEL)))
-        patch_spec(api, ns, defaultWeight=7)  # any change re-runs the reconcile (so does the resync)
+        rest.request(
+            api, "DELETE", PATCH_POLICIES.path("arks-system", picking_policy_name(ns, MODEL))
+        )
+        patch_spec(
+            api, ns, defaultWeight=7
+        )  # any change re-runs the reconcile (so does the resync)
         eventually(lambda: len(policies(api, ns)) == 1)
     finally:
         controller.stop()
@@ -118,8 +141,14 @@ class WithoutEnvoyGateway(KubeEmulator):
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         if "/gateway.envoyproxy.io/" in request.url.path:
-            status = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404,
-                      "message": "the server could not find the requested resource"}
+            status = {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "status": "Failure",
+                "reason": "NotFound",
+                "code": 404,
+                "message": "the server could not find the requested resource",
+            }
             return aiohttp.web.json_response(status, status=404)
         return await super()._handle(request)
 
@@ -130,12 +159,17 @@ def bare() -> Iterator[Any]:
         yield api
 
 
-def test_without_envoy_gateway_the_endpoint_says_so_and_can_still_be_deleted(bare: ApiClient) -> None:
+def test_without_envoy_gateway_the_endpoint_says_so_and_can_still_be_deleted(
+    bare: ApiClient,
+) -> None:
     ns = "no-eg"
     create_endpoint(bare, ns, weighting="least-load")
     reconcile_endpoint(bare, (ns, MODEL))
     condition = picking_condition(bare, ns)
-    assert condition is not None and (condition["status"], condition["reason"]) == ("False", "PatchPolicyNotApplied")
+    assert condition is not None and (condition["status"], condition["reason"]) == (
+        "False",
+        "PatchPolicyNotApplied",
+    )
     assert "enableEnvoyPatchPolicy" in condition["message"]
     assert get(bare, HTTPROUTES, ns, MODEL) is not None  # the route still balances by weight
 

@@ -24,7 +24,9 @@ def status(stack: Stack, api_key: str, model: str) -> int:
     return resp.status_code
 
 
-def test_policy_changes_apply_while_running_and_a_bad_file_keeps_the_last_good_one(stack: Stack) -> None:
+def test_policy_changes_apply_while_running_and_a_bad_file_keeps_the_last_good_one(
+    stack: Stack,
+) -> None:
     assert status(stack, CAROL, "model-a") == 401
     assert status(stack, BOB, "model-a") == 200
 

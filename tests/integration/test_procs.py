@@ -36,8 +36,9 @@ def test_children_die_when_their_parent_is_killed(tmp_path: Path) -> None:
         print(program.popen.pid, module.popen.pid, flush=True)
         time.sleep(60)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True,
-                            cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
     assert proc.stdout is not None
     pids = [int(p) for p in proc.stdout.readline().split()]
     assert len(pids) == 2
@@ -63,6 +64,11 @@ def test_a_module_child_gets_its_arguments_and_a_program_its_own(tmp_path: Path)
 
 
 def test_the_launcher_gives_up_when_its_parent_is_already_gone() -> None:
-    done = subprocess.run([sys.executable, "-m", "launcher.launch", "1", "echo", "hi"], capture_output=True, text=True,
-                          timeout=10, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, "-m", "launcher.launch", "1", "echo", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        cwd=REPO,
+    )
     assert (done.returncode, done.stdout) == (1, "")

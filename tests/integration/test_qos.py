@@ -32,11 +32,16 @@ def limited(user: str, secret: str, **limits: int) -> dict:
 
 
 @pytest.fixture(scope="module", params=["memory", "redis"])
-def qos_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def qos_stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     redis = "redis://127.0.0.1:6379/0" if request.param == "redis" else None
     # Fresh user names per run: counters in the shared Redis outlive a test run.
     suffix = uuid.uuid4().hex[:6]
-    documents = [limited(f"rpm-{suffix}", RPM_TOKEN, rpm=3), limited(f"tpm-{suffix}", TPM_TOKEN, tpm=400)]
+    documents = [
+        limited(f"rpm-{suffix}", RPM_TOKEN, rpm=3),
+        limited(f"tpm-{suffix}", TPM_TOKEN, tpm=400),
+    ]
     with running_stack(tmp_path_factory.mktemp("qos"), documents, redis=redis) as running:
         running.suffix = suffix  # type: ignore[attr-defined]
         yield running
@@ -63,7 +68,11 @@ def test_tpm_is_charged_the_engine_reported_tokens_of_streamed_answers(qos_stack
     before = qos_stack.usage(user, "model-a")
     usage = None
     for chunk in client.chat.completions.create(
-        model="model-a", messages=MESSAGES, stream=True, max_tokens=150, extra_headers={"x-sim-output-tokens": "150"}
+        model="model-a",
+        messages=MESSAGES,
+        stream=True,
+        max_tokens=150,
+        extra_headers={"x-sim-output-tokens": "150"},
     ):
         usage = chunk.usage or usage
     assert usage is not None
@@ -75,18 +84,26 @@ def test_tpm_is_charged_the_engine_reported_tokens_of_streamed_answers(qos_stack
     assert f"{usage.total_tokens} used and 0 reserved" in refused.value.message
     assert 1 <= int(refused.value.response.headers["retry-after"]) <= 60
     # one that fits still goes through
-    client.chat.completions.create(model="model-a", messages=MESSAGES, max_tokens=100, extra_headers={"x-sim-output-tokens": "5"})
+    client.chat.completions.create(
+        model="model-a",
+        messages=MESSAGES,
+        max_tokens=100,
+        extra_headers={"x-sim-output-tokens": "5"},
+    )
 
 
 # --- request limits with a controlled clock (the limiter as extproc uses it) -------------------
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def limiter_and_clock(request: pytest.FixtureRequest) -> Iterator[tuple[Limiter, list[float]]]:
+async def limiter_and_clock(
+    request: pytest.FixtureRequest,
+) -> Iterator[tuple[Limiter, list[float]]]:
     now = [1_800_000_000.0]  # a fixed instant, moved by the test
     backend = (
         RedisBackend("redis://127.0.0.1:6379/0", prefix=f"arks:test:{uuid.uuid4().hex}:")
-        if request.param == "redis" else MemoryBackend()
+        if request.param == "redis"
+        else MemoryBackend()
     )
     yield Limiter(RateLimitConfig, backend, RateLimitMetrics.create(), clock=lambda: now[0]), now
     await backend.close()

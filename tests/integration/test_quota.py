@@ -31,10 +31,17 @@ def quota(name: str, *items: dict, prices: list[dict] | None = None) -> dict:
     spec: dict = {"quotas": list(items)}
     if prices:
         spec["prices"] = prices
-    return {"apiVersion": "arks.ai/v1", "kind": "ArksQuota", "metadata": {"name": name, "namespace": "default"}, "spec": spec}
+    return {
+        "apiVersion": "arks.ai/v1",
+        "kind": "ArksQuota",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": spec,
+    }
 
 
-def granted(user: str, secret: str, quota_name: str | None = None, rate_limits: list[dict] | None = None) -> dict:
+def granted(
+    user: str, secret: str, quota_name: str | None = None, rate_limits: list[dict] | None = None
+) -> dict:
     doc = token(user, ["model-a", "model-b"], tokenHash=token_digest(secret))
     for grant in doc["spec"]["qos"]:
         if quota_name:
@@ -47,8 +54,11 @@ def granted(user: str, secret: str, quota_name: str | None = None, rate_limits: 
 def documents(suffix: str) -> list[dict]:
     return [
         quota(f"team-{suffix}", {"type": "total", "value": 300, "period": "day"}),
-        quota(f"priced-{suffix}", {"type": "cost", "value": 0.001, "period": "month"},  # 1,000 micro-units
-              prices=[{"model": "model-a", "input": 10, "output": 20}]),
+        quota(
+            f"priced-{suffix}",
+            {"type": "cost", "value": 0.001, "period": "month"},  # 1,000 micro-units
+            prices=[{"model": "model-a", "input": 10, "output": 20}],
+        ),
         quota(f"crowd-{suffix}", {"type": "total", "value": 1000, "period": "none"}),
         granted(f"alice-{suffix}", ALICE_Q, f"team-{suffix}"),
         granted(f"bob-{suffix}", BOB_Q, f"team-{suffix}"),
@@ -66,11 +76,17 @@ def quota_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield running
 
 
-def chat(stack: Stack, secret: str, tokens: int = 20, max_tokens: int = 20, **headers: str) -> httpx.Response:
+def chat(
+    stack: Stack, secret: str, tokens: int = 20, max_tokens: int = 20, **headers: str
+) -> httpx.Response:
     return httpx.post(
         f"{stack.url}/v1/chat/completions",
         json={"model": "model-a", "messages": MESSAGES, "max_tokens": max_tokens},
-        headers={"authorization": f"Bearer {secret}", "x-sim-output-tokens": str(tokens), **headers},
+        headers={
+            "authorization": f"Bearer {secret}",
+            "x-sim-output-tokens": str(tokens),
+            **headers,
+        },
         timeout=30,
     )
 
@@ -94,7 +110,10 @@ def test_a_quota_shared_by_two_tokens_runs_out_for_both(quota_stack: Stack) -> N
     assert f"team-{s}" in refused.json()["error"]["message"]
     assert int(refused.headers["retry-after"]) > 0  # until midnight UTC
     # both tokens are refused once the shared budget is spent
-    assert chat(quota_stack, ALICE_Q).status_code == 429 and chat(quota_stack, BOB_Q).status_code == 429
+    assert (
+        chat(quota_stack, ALICE_Q).status_code == 429
+        and chat(quota_stack, BOB_Q).status_code == 429
+    )
     used = wait_for(lambda: quota_used(quota_stack, f"team-{s}"), lambda u: sum(u.values()) > 0)
     assert 0 < sum(used.values()) <= 300
 
@@ -117,6 +136,7 @@ def test_a_hundred_concurrent_requests_never_overshoot_the_quota(quota_stack: St
 
     async def crowd() -> list[int]:
         async with httpx.AsyncClient(timeout=60) as client:
+
             async def one() -> int:
                 r = await client.post(
                     f"{quota_stack.url}/v1/chat/completions",
@@ -124,6 +144,7 @@ def test_a_hundred_concurrent_requests_never_overshoot_the_quota(quota_stack: St
                     headers={"authorization": f"Bearer {CROWD}", "x-sim-output-tokens": "40"},
                 )
                 return r.status_code
+
             return list(await asyncio.gather(*(one() for _ in range(100))))
 
     codes = asyncio.run(crowd())
@@ -143,13 +164,19 @@ def test_concurrency_is_held_and_released_when_a_client_disconnects(quota_stack:
     slow = {"x-sim-output-tokens": "200", "x-sim-tpot-ms": "20"}
     body = {"model": "model-a", "messages": MESSAGES, "stream": True}
     headers = {"authorization": f"Bearer {SLOTS}", **slow}
-    with httpx.Client(base_url=quota_stack.url, timeout=30) as c1, httpx.Client(base_url=quota_stack.url, timeout=30) as c2:
+    with (
+        httpx.Client(base_url=quota_stack.url, timeout=30) as c1,
+        httpx.Client(base_url=quota_stack.url, timeout=30) as c2,
+    ):
         with c1.stream("POST", "/v1/chat/completions", json=body, headers=headers) as first:
             assert first.status_code == 200
             with c2.stream("POST", "/v1/chat/completions", json=body, headers=headers) as second:
                 assert second.status_code == 200
                 third = chat(quota_stack, SLOTS)
-                assert third.status_code == 429 and third.json()["error"]["code"] == "rate_limit_exceeded"
+                assert (
+                    third.status_code == 429
+                    and third.json()["error"]["code"] == "rate_limit_exceeded"
+                )
                 next(first.iter_lines())
             # second left mid-stream: its slot comes back once Envoy logs the request
         wait_for(lambda: chat(quota_stack, SLOTS).status_code, lambda code: code == 200, timeout=10)
@@ -162,16 +189,23 @@ def test_quota_usage_survives_a_redis_outage_and_restart(tmp_path: Path) -> None
     port = free_port()
     suffix = uuid.uuid4().hex[:6]
     with Supervisor(log_dir=tmp_path / "redis") as redis:
+
         def start() -> None:
-            child = redis.start("redis", ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"])
+            child = redis.start(
+                "redis", ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"]
+            )
             wait_port(child, port)
 
         start()
-        docs = [quota(f"durable-{suffix}", {"type": "total", "value": 100, "period": "month"}),
-                granted(f"durable-{suffix}", ALICE_Q, f"durable-{suffix}")]
+        docs = [
+            quota(f"durable-{suffix}", {"type": "total", "value": 100, "period": "month"}),
+            granted(f"durable-{suffix}", ALICE_Q, f"durable-{suffix}"),
+        ]
         with running_stack(tmp_path / "stack", docs, redis=f"redis://127.0.0.1:{port}/0") as stack:
             assert chat(stack, ALICE_Q).status_code == 200
-            before = wait_for(lambda: sum(quota_used(stack, f"durable-{suffix}").values()), lambda u: u > 0)
+            before = wait_for(
+                lambda: sum(quota_used(stack, f"durable-{suffix}").values()), lambda u: u > 0
+            )
             redis.children[0].stop()  # Redis dies …
             redis.children.clear()
             during = chat(stack, ALICE_Q)  # the gateway fails open, and keeps the charge for later

@@ -40,7 +40,9 @@ OVER = rls_pb2.RateLimitResponse.OVER_LIMIT
 
 
 def descriptor(*entries: tuple[str, str], hits: int | None = None) -> common.RateLimitDescriptor:
-    d = common.RateLimitDescriptor(entries=[common.RateLimitDescriptor.Entry(key=k, value=v) for k, v in entries])
+    d = common.RateLimitDescriptor(
+        entries=[common.RateLimitDescriptor.Entry(key=k, value=v) for k, v in entries]
+    )
     if hits is not None:
         d.hits_addend.CopyFrom(wrappers_pb2.UInt64Value(value=hits))
     return d
@@ -48,20 +50,33 @@ def descriptor(*entries: tuple[str, str], hits: int | None = None) -> common.Rat
 
 class Service:
     def __init__(self, sup: Supervisor, tmp: Path, *extra: str) -> None:
-        self.domain = f"test-{uuid.uuid4().hex[:8]}"  # fresh counters per service, also in a shared Redis
+        self.domain = (
+            f"test-{uuid.uuid4().hex[:8]}"  # fresh counters per service, also in a shared Redis
+        )
         config = tmp / f"{self.domain}.yaml"
         config.write_text(CONFIG.format(domain=self.domain))
         self.port, self.metrics_port = free_port(), free_port()
         self.child = sup.python(
-            f"ratelimit-{self.domain}", "ratelimit", "--config", str(config),
-            "--grpc-address", f"127.0.0.1:{self.port}", "--metrics-port", str(self.metrics_port), *extra,
+            f"ratelimit-{self.domain}",
+            "ratelimit",
+            "--config",
+            str(config),
+            "--grpc-address",
+            f"127.0.0.1:{self.port}",
+            "--metrics-port",
+            str(self.metrics_port),
+            *extra,
         )
         wait_http(self.child, f"http://127.0.0.1:{self.metrics_port}/metrics")
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.stub = rls_pb2_grpc.RateLimitServiceStub(self.channel)
 
-    def ask(self, *descriptors: common.RateLimitDescriptor, hits_addend: int = 0) -> rls_pb2.RateLimitResponse:
-        request = rls_pb2.RateLimitRequest(domain=self.domain, descriptors=descriptors, hits_addend=hits_addend)
+    def ask(
+        self, *descriptors: common.RateLimitDescriptor, hits_addend: int = 0
+    ) -> rls_pb2.RateLimitResponse:
+        request = rls_pb2.RateLimitRequest(
+            domain=self.domain, descriptors=descriptors, hits_addend=hits_addend
+        )
         return self.stub.ShouldRateLimit(request, timeout=5)
 
     def metrics(self) -> str:
@@ -95,7 +110,10 @@ def test_the_n_plus_first_request_is_over_limit_with_statuses(service: Service) 
 def test_nested_descriptors_and_unknown_keys(service: Service) -> None:
     answer = service.ask(descriptor(("user", "carol"), ("model", "m")), descriptor(("nobody", "x")))
     assert answer.overall_code == OK
-    assert answer.statuses[0].current_limit.name == "per_model" and answer.statuses[0].limit_remaining == 99
+    assert (
+        answer.statuses[0].current_limit.name == "per_model"
+        and answer.statuses[0].limit_remaining == 99
+    )
     assert not answer.statuses[1].HasField("current_limit")
 
 
@@ -103,7 +121,9 @@ def test_hits_addend_charges_costs_and_zero_only_looks(service: Service) -> None
     assert service.ask(descriptor(("tokens", "t"), hits=600)).overall_code == OK
     looked = service.ask(descriptor(("tokens", "t"), hits=0))
     assert looked.overall_code == OK and looked.statuses[0].limit_remaining == 400
-    assert service.ask(descriptor(("tokens", "t"), hits=600)).overall_code == OVER  # charged anyway: debt
+    assert (
+        service.ask(descriptor(("tokens", "t"), hits=600)).overall_code == OVER
+    )  # charged anyway: debt
     assert service.ask(descriptor(("tokens", "t"), hits=0)).overall_code == OVER
     # request-level hits_addend applies to descriptors without their own
     assert service.ask(descriptor(("user", "dave")), hits_addend=3).statuses[0].limit_remaining == 0
@@ -111,14 +131,25 @@ def test_hits_addend_charges_costs_and_zero_only_looks(service: Service) -> None
 
 def test_envoys_limit_override(service: Service) -> None:
     d = descriptor(("user", "erin"))
-    d.limit.CopyFrom(common.RateLimitDescriptor.RateLimitOverride(requests_per_unit=1, unit=rls_pb2.RateLimitResponse.RateLimit.SECOND))
+    d.limit.CopyFrom(
+        common.RateLimitDescriptor.RateLimitOverride(
+            requests_per_unit=1, unit=rls_pb2.RateLimitResponse.RateLimit.SECOND
+        )
+    )
     assert [service.ask(d).overall_code for _ in range(2)] == [OK, OVER]
 
 
 def test_shadow_mode_and_unlimited(service: Service) -> None:
-    assert [service.ask(descriptor(("shadowed", "s"))).overall_code for _ in range(3)] == [OK, OK, OK]
+    assert [service.ask(descriptor(("shadowed", "s"))).overall_code for _ in range(3)] == [
+        OK,
+        OK,
+        OK,
+    ]
     assert all(service.ask(descriptor(("vip", "v"))).overall_code == OK for _ in range(10))
-    assert f'arks_ratelimit_shadow_mode_total{{domain="{service.domain}",key="{service.domain}.shadowed"}} 2.0' in service.metrics()
+    assert (
+        f'arks_ratelimit_shadow_mode_total{{domain="{service.domain}",key="{service.domain}.shadowed"}} 2.0'
+        in service.metrics()
+    )
 
 
 # --- Redis going away --------------------------------------------------------------------------
@@ -132,7 +163,9 @@ def own_redis(tmp_path: Path) -> Iterator[tuple[Supervisor, int]]:
 
 
 def start_redis(sup: Supervisor, port: int) -> None:
-    child = sup.start(f"redis-{port}", ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"])
+    child = sup.start(
+        f"redis-{port}", ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"]
+    )
     wait_port(child, port)
 
 
@@ -152,9 +185,14 @@ def test_redis_outage_follows_the_policy_and_counting_resumes(
         during = svc.ask(descriptor(("user", "x")))
         assert during.overall_code == (OK if mode == "fail-open" else OVER)
         assert svc.ask(descriptor(("nobody", "n"))).overall_code == OK  # unlimited needs no Redis
-        assert f'arks_ratelimit_backend_errors_total{{policy="{mode.replace("-", "_")}"}}' in svc.metrics()
+        assert (
+            f'arks_ratelimit_backend_errors_total{{policy="{mode.replace("-", "_")}"}}'
+            in svc.metrics()
+        )
         start_redis(sup, port)  # back, empty
-        answer = wait_for(lambda: svc.ask(descriptor(("user", "x"))), lambda a: a.statuses[0].limit_remaining == 2)
+        answer = wait_for(
+            lambda: svc.ask(descriptor(("user", "x"))), lambda a: a.statuses[0].limit_remaining == 2
+        )
         assert answer.overall_code == OK
     finally:
         svc.channel.close()
@@ -164,40 +202,105 @@ def test_redis_outage_follows_the_policy_and_counting_resumes(
 
 
 def envoy_bootstrap(listen: int, admin: int, rls_port: int, engine_port: int, domain: str) -> dict:
-    h2 = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-        "explicit_http_config": {"http2_protocol_options": {}}}}
+    h2 = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
 
     def cluster(name: str, port: int, http2: bool = False) -> dict:
-        c = {"name": name, "type": "STATIC", "connect_timeout": "1s", "load_assignment": {"cluster_name": name, "endpoints": [
-            {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}}
+        c = {
+            "name": name,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {
+                "cluster_name": name,
+                "endpoints": [
+                    {
+                        "lb_endpoints": [
+                            {
+                                "endpoint": {
+                                    "address": {
+                                        "socket_address": {
+                                            "address": "127.0.0.1",
+                                            "port_value": port,
+                                        }
+                                    }
+                                }
+                            }
+                        ]
+                    }
+                ],
+            },
+        }
         if http2:
             c["typed_extension_protocol_options"] = h2
         return c
 
-    route = {"match": {"prefix": "/"}, "route": {"cluster": "engine", "rate_limits": [
-        {"actions": [{"request_headers": {"header_name": "x-user", "descriptor_key": "user"}}]}]}}
+    route = {
+        "match": {"prefix": "/"},
+        "route": {
+            "cluster": "engine",
+            "rate_limits": [
+                {
+                    "actions": [
+                        {"request_headers": {"header_name": "x-user", "descriptor_key": "user"}}
+                    ]
+                }
+            ],
+        },
+    }
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "t",
         "route_config": {"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [route]}]},
         "http_filters": [
-            {"name": "envoy.filters.http.ratelimit", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
-                "domain": domain, "failure_mode_deny": False, "timeout": "1s",
-                "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
-                "rate_limit_service": {"transport_api_version": "V3",
-                                       "grpc_service": {"envoy_grpc": {"cluster_name": "ratelimit"}}}}},
-            {"name": "envoy.filters.http.router", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+            {
+                "name": "envoy.filters.http.ratelimit",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+                    "domain": domain,
+                    "failure_mode_deny": False,
+                    "timeout": "1s",
+                    "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
+                    "rate_limit_service": {
+                        "transport_api_version": "V3",
+                        "grpc_service": {"envoy_grpc": {"cluster_name": "ratelimit"}},
+                    },
+                },
+            },
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                },
+            },
         ],
     }
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
         "static_resources": {
-            "listeners": [{"name": "l", "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen}},
-                           "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}]}],
-            "clusters": [cluster("engine", engine_port), cluster("ratelimit", rls_port, http2=True)],
+            "listeners": [
+                {
+                    "name": "l",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": hcm,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                cluster("engine", engine_port),
+                cluster("ratelimit", rls_port, http2=True),
+            ],
         },
     }
 
@@ -210,12 +313,28 @@ def test_behind_envoy_the_client_gets_429_with_headers_and_an_openai_body(tmp_pa
         wait_http(engine, f"http://127.0.0.1:{engine_port}/health")
         listen, admin = free_port(), free_port()
         bootstrap = tmp_path / "envoy.json"
-        bootstrap.write_text(json.dumps(envoy_bootstrap(listen, admin, svc.port, engine_port, svc.domain)))
-        envoy = sup.start("envoy", [envoy_binary(), "-c", str(bootstrap), "--disable-hot-restart", "--log-level", "warning"])
+        bootstrap.write_text(
+            json.dumps(envoy_bootstrap(listen, admin, svc.port, engine_port, svc.domain))
+        )
+        envoy = sup.start(
+            "envoy",
+            [
+                envoy_binary(),
+                "-c",
+                str(bootstrap),
+                "--disable-hot-restart",
+                "--log-level",
+                "warning",
+            ],
+        )
         wait_http(envoy, f"http://127.0.0.1:{admin}/ready")
         body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
         answers = [
-            httpx.post(f"http://127.0.0.1:{listen}/v1/chat/completions", json=body, headers={"x-user": "alice"})
+            httpx.post(
+                f"http://127.0.0.1:{listen}/v1/chat/completions",
+                json=body,
+                headers={"x-user": "alice"},
+            )
             for _ in range(4)
         ]
         svc.channel.close()

@@ -17,9 +17,19 @@ def test_no_token_text_in_logs_metrics_or_answers(stack: Stack) -> None:
                 for headers in ({"authorization": f"Bearer {secret}"}, {"x-api-key": secret}):
                     body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
                     answers.append(http.post("/v1/chat/completions", json=body, headers=headers))
-                    answers.append(http.post("/v1/chat/completions", json={**body, "stream": True}, headers=headers))
+                    answers.append(
+                        http.post(
+                            "/v1/chat/completions", json={**body, "stream": True}, headers=headers
+                        )
+                    )
             answers.append(http.get("/v1/models", headers={"authorization": f"Bearer {secret}"}))
-            answers.append(http.post("/v1/chat/completions", content=b"{bad", headers={"authorization": f"Bearer {secret}"}))
+            answers.append(
+                http.post(
+                    "/v1/chat/completions",
+                    content=b"{bad",
+                    headers={"authorization": f"Bearer {secret}"},
+                )
+            )
     assert {r.status_code for r in answers} >= {200, 401, 403, 404, 400}
     stack.usage("alice", "model-a")  # wait until every request was charged (and logged)
 

@@ -42,7 +42,9 @@ def chat_body(text: str = "Say hello to the simulator, please.", **extra: Any) -
 def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     with Supervisor(log_dir=tmp_path_factory.mktemp("sim-logs")) as sup:
-        child = sup.python("sim", "launcher.sim", "--port", str(port), "--model", MODEL, "--name", NAME)
+        child = sup.python(
+            "sim", "launcher.sim", "--port", str(port), "--model", MODEL, "--name", NAME
+        )
         wait_http(child, f"http://127.0.0.1:{port}/health")
         yield f"http://127.0.0.1:{port}"
 
@@ -616,7 +618,14 @@ def test_sglang_metrics_style(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{port}"
     with Supervisor(log_dir=tmp_path) as sup:
         child = sup.python(
-            "sim", "launcher.sim", "--port", str(port), "--model", MODEL, "--metrics-style", "sglang"
+            "sim",
+            "launcher.sim",
+            "--port",
+            str(port),
+            "--model",
+            MODEL,
+            "--metrics-style",
+            "sglang",
         )
         wait_http(child, f"{url}/health")
         with httpx.Client(base_url=url, timeout=5.0) as http:

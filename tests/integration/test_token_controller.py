@@ -21,7 +21,9 @@ pytestmark = pytest.mark.timeout(60)
 DIGEST = "sha256:" + "cd" * 32
 
 
-def create(api: ApiClient, resource: Resource, ns: str, kind: str, name: str, **fields: Any) -> None:
+def create(
+    api: ApiClient, resource: Resource, ns: str, kind: str, name: str, **fields: Any
+) -> None:
     body = {"apiVersion": resource.api_version, "kind": kind, "metadata": {"name": name}, **fields}
     rest.request(api, "POST", resource.path(ns), body=body)
 
@@ -48,9 +50,18 @@ def test_a_secret_held_token_turns_active_when_its_secret_appears(
     api: ApiClient, ns: str, controller: Any
 ) -> None:
     create(api, ENDPOINTS, ns, "ArksEndpoint", "qwen-7b", spec={})
-    create(api, QUOTAS, ns, "ArksQuota", "team-a", spec={"quotas": [{"type": "total", "value": 10}]})
+    create(
+        api, QUOTAS, ns, "ArksQuota", "team-a", spec={"quotas": [{"type": "total", "value": 10}]}
+    )
     qos = [{"arksEndpoint": {"name": "qwen-7b"}, "quota": {"name": "team-a"}}]
-    create(api, TOKENS, ns, "ArksToken", "alice", spec={"tokenSecretRef": {"name": "alice-token"}, "qos": qos})
+    create(
+        api,
+        TOKENS,
+        ns,
+        "ArksToken",
+        "alice",
+        spec={"tokenSecretRef": {"name": "alice-token"}, "qos": qos},
+    )
 
     eventually(lambda: ready(api, ns) == ("False", "SecretNotFound"))
     assert status(api, ns)["phase"] == "Invalid"
@@ -76,7 +87,14 @@ def test_an_expiring_token_expires_by_itself_and_settled_status_is_not_rewritten
     soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=2)
     stamp = soon.strftime("%Y-%m-%dT%H:%M:%SZ")
     qos = [{"arksEndpoint": {"name": "gone"}}]
-    create(api, TOKENS, ns, "ArksToken", "alice", spec={"tokenHash": DIGEST, "expiresAt": stamp, "qos": qos})
+    create(
+        api,
+        TOKENS,
+        ns,
+        "ArksToken",
+        "alice",
+        spec={"tokenHash": DIGEST, "expiresAt": stamp, "qos": qos},
+    )
     eventually(lambda: ready(api, ns) == ("True", "Active"))
     refs = find_condition(status(api, ns)["conditions"], "ReferencesResolved")
     assert refs and (refs["status"], refs["reason"]) == ("False", "EndpointNotFound")
@@ -98,7 +116,11 @@ def test_plain_and_disabled_tokens(api: ApiClient, ns: str, controller: Any) -> 
     assert "sk-plain-text-token" not in repr(status(api, ns, "bob"))
 
     rest.request(
-        api, "PATCH", TOKENS.path(ns, "bob"), body={"spec": {"disabled": True}}, content_type=rest.MERGE_PATCH
+        api,
+        "PATCH",
+        TOKENS.path(ns, "bob"),
+        body={"spec": {"disabled": True}},
+        content_type=rest.MERGE_PATCH,
     )
     eventually(lambda: ready(api, ns, "bob") == ("False", "Disabled"))
     assert status(api, ns, "bob")["phase"] == "Disabled"

@@ -54,7 +54,10 @@ class Traffic:
 
     def weights(self) -> dict[str, int]:
         by_port = self.engine_of_port()
-        return {by_port[int(e["engine"].rsplit(":", 1)[1])]: e["weight"] for e in self.status()["engines"]}
+        return {
+            by_port[int(e["engine"].rsplit(":", 1)[1])]: e["weight"]
+            for e in self.status()["engines"]
+        }
 
     def envoy_weights(self) -> dict[str, int]:
         """What Envoy runs: the weights of the model cluster's hosts on its admin /clusters."""
@@ -83,7 +86,9 @@ class Traffic:
         return {name: served.get(name, 0) / requests for name in ENGINES}
 
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.stack.url, headers={"authorization": f"Bearer {TOKEN}"}, timeout=10)
+        return httpx.Client(
+            base_url=self.stack.url, headers={"authorization": f"Bearer {TOKEN}"}, timeout=10
+        )
 
 
 def policy(ports: dict[str, int]) -> list[dict[str, Any]]:
@@ -92,7 +97,9 @@ def policy(ports: dict[str, int]) -> list[dict[str, Any]]:
             "apiVersion": "gateway.envoyproxy.io/v1alpha1",
             "kind": "Backend",
             "metadata": {"name": "pool", "namespace": "default"},
-            "spec": {"endpoints": [{"ip": {"address": "127.0.0.1", "port": ports[n]}} for n in ENGINES]},
+            "spec": {
+                "endpoints": [{"ip": {"address": "127.0.0.1", "port": ports[n]}} for n in ENGINES]
+            },
         },
         {
             "apiVersion": "arks.ai/v1",
@@ -100,7 +107,9 @@ def policy(ports: dict[str, int]) -> list[dict[str, Any]]:
             "metadata": {"name": MODEL, "namespace": "default"},
             "spec": {
                 "weighting": "weighted",
-                "routeConfigs": [{"group": "gateway.envoyproxy.io", "kind": "Backend", "name": "pool"}],
+                "routeConfigs": [
+                    {"group": "gateway.envoyproxy.io", "kind": "Backend", "name": "pool"}
+                ],
             },
         },
         token("alice", [MODEL], tokenHash=token_digest(TOKEN)),
@@ -117,19 +126,33 @@ def traffic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traffic]:
         children = {}
         for name in ENGINES:
             children[name] = sims.python(
-                f"sim-{name}", "launcher.sim", "--port", str(ports[name]), "--model", MODEL, "--name", name
+                f"sim-{name}",
+                "launcher.sim",
+                "--port",
+                str(ports[name]),
+                "--model",
+                MODEL,
+                "--name",
+                name,
             )
         for name in ENGINES:
             wait_http(children[name], f"http://127.0.0.1:{ports[name]}/health")
         settings = StackSettings(
-            policy=policy_path, state_dir=tmp / "state", port=free_port(), admin_port=free_port(),
-            metrics_port=free_port(), simulate=False, controller_args=("--scrape-interval-s", "0.25"),
+            policy=policy_path,
+            state_dir=tmp / "state",
+            port=free_port(),
+            admin_port=free_port(),
+            metrics_port=free_port(),
+            simulate=False,
+            controller_args=("--scrape-interval-s", "0.25"),
         )
         with LocalStack(settings) as stack:
             yield Traffic(stack, ports, children)
 
 
-def settle(traffic: Traffic, ok: Any, timeout: float = 20.0, quiet_s: float = 1.5) -> dict[str, int]:
+def settle(
+    traffic: Traffic, ok: Any, timeout: float = 20.0, quiet_s: float = 1.5
+) -> dict[str, int]:
     """The weights once they satisfy `ok`, have not moved for `quiet_s` (six scrape rounds),
     and Envoy runs exactly those weights."""
     deadline = time.monotonic() + timeout
@@ -144,7 +167,9 @@ def settle(traffic: Traffic, ok: Any, timeout: float = 20.0, quiet_s: float = 1.
             break
         assert now < deadline, f"weights did not settle as wanted within {timeout}s: {weights}"
         time.sleep(0.05)
-    wait_for(traffic.envoy_weights, lambda e: e == {n: max(w, 1) for n, w in last.items()}, timeout=5)
+    wait_for(
+        traffic.envoy_weights, lambda e: e == {n: max(w, 1) for n, w in last.items()}, timeout=5
+    )
     return last
 
 
@@ -196,7 +221,11 @@ def test_a_controller_restart_mid_traffic_fails_no_request(traffic: Traffic) -> 
             while not stop.is_set():
                 answer = client.post(
                     "/v1/chat/completions",
-                    json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+                    json={
+                        "model": MODEL,
+                        "messages": [{"role": "user", "content": "hi"}],
+                        "max_tokens": 2,
+                    },
                 )
                 served += 1
                 if answer.status_code != 200:

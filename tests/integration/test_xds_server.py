@@ -51,20 +51,31 @@ def listener(port: int, stat_prefix: str = "ingress") -> dict[str, Any]:
         "http_filters": [
             {
                 "name": "envoy.filters.http.router",
-                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                },
             }
         ],
     }
     return {
         "name": "ingress",
         "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+        "filter_chains": [
+            {
+                "filters": [
+                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+                ]
+            }
+        ],
     }
 
 
 def route_config(*routes: dict[str, Any]) -> dict[str, Any]:
     default = {"match": {"prefix": "/"}, "route": {"cluster": "engines", "timeout": "5s"}}
-    return {"name": "local", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [*routes, default]}]}
+    return {
+        "name": "local",
+        "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [*routes, default]}],
+    }
 
 
 def eds_cluster(name: str, lb_policy: str = "ROUND_ROBIN") -> dict[str, Any]:
@@ -85,7 +96,11 @@ def assignment(cluster: str, weights: dict[int, int]) -> dict[str, Any]:
             {
                 "lb_endpoints": [
                     {
-                        "endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}},
+                        "endpoint": {
+                            "address": {
+                                "socket_address": {"address": "127.0.0.1", "port_value": port}
+                            }
+                        },
                         "load_balancing_weight": weight,
                     }
                     for port, weight in weights.items()
@@ -97,8 +112,13 @@ def assignment(cluster: str, weights: dict[int, int]) -> dict[str, Any]:
 
 def bootstrap(admin_port: int, xds_port: int, delta: bool) -> dict[str, Any]:
     """The local stack's own bootstrap (ADS for everything; its extproc cluster goes unused)."""
-    settings = EnvoySettings(listen_port=0, admin_port=admin_port, extproc_port=free_port(), xds_port=xds_port,
-                             xds_delta=delta)
+    settings = EnvoySettings(
+        listen_port=0,
+        admin_port=admin_port,
+        extproc_port=free_port(),
+        xds_port=xds_port,
+        xds_delta=delta,
+    )
     return envoy_config.bootstrap(settings, node_id=NODE)
 
 
@@ -132,7 +152,11 @@ class Plane:
     delta: bool
 
     def snapshot(
-        self, version: str, weights: dict[int, int], routes: tuple[dict[str, Any], ...] = (), **extra: Any
+        self,
+        version: str,
+        weights: dict[int, int],
+        routes: tuple[dict[str, Any], ...] = (),
+        **extra: Any,
     ) -> Snapshot:
         return snapshot_from_json(
             version,
@@ -168,14 +192,16 @@ class Plane:
 
     async def stats(self) -> dict[str, int]:
         response = await self.http.get(
-            f"http://127.0.0.1:{self.admin_port}/stats", params={"format": "json", "filter": "_manager"}
+            f"http://127.0.0.1:{self.admin_port}/stats",
+            params={"format": "json", "filter": "_manager"},
         )
         return {s["name"]: s["value"] for s in response.json()["stats"] if "value" in s}
 
     async def route_version(self) -> str:
         """The RouteConfiguration version Envoy runs (what it last accepted)."""
         response = await self.http.get(
-            f"http://127.0.0.1:{self.admin_port}/stats", params={"format": "json", "filter": "rds.local.version_text"}
+            f"http://127.0.0.1:{self.admin_port}/stats",
+            params={"format": "json", "filter": "rds.local.version_text"},
         )
         return str(response.json()["stats"][0]["value"])
 
@@ -186,7 +212,9 @@ class Plane:
         return self.metric("arks_xds_pushes_total", type=kind)
 
 
-async def eventually(get: Callable[[], Awaitable[T]], ok: Callable[[T], bool], timeout: float = 5.0) -> T:
+async def eventually(
+    get: Callable[[], Awaitable[T]], ok: Callable[[T], bool], timeout: float = 5.0
+) -> T:
     deadline = time.monotonic() + timeout
     while True:
         value = await get()
@@ -197,7 +225,9 @@ async def eventually(get: Callable[[], Awaitable[T]], ok: Callable[[T], bool], t
         await asyncio.sleep(0.02)
 
 
-async def timed_until(get: Callable[[], Awaitable[T]], ok: Callable[[T], bool], timeout: float = 5.0) -> float:
+async def timed_until(
+    get: Callable[[], Awaitable[T]], ok: Callable[[T], bool], timeout: float = 5.0
+) -> float:
     start = time.monotonic()
     await eventually(get, ok, timeout)
     return time.monotonic() - start
@@ -215,7 +245,9 @@ async def plane(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     http = httpx.AsyncClient(timeout=5)
     supervisor = Supervisor(log_dir=tmp_path / "logs")
     delta = request.param == "delta"
-    p = Plane(cache, server, registry, xds_port, listen_port, admin_port, port_a, port_b, http, delta)
+    p = Plane(
+        cache, server, registry, xds_port, listen_port, admin_port, port_a, port_b, http, delta
+    )
     try:
         await server.start()
         cache.set(p.snapshot("v1", {port_a: 1}))
@@ -223,7 +255,16 @@ async def plane(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         path.write_text(json.dumps(bootstrap(admin_port, xds_port, delta)))
         envoy = supervisor.start(
             "envoy",
-            [envoy_binary(), "-c", str(path), "--disable-hot-restart", "--concurrency", "1", "--log-level", "warning"],
+            [
+                envoy_binary(),
+                "-c",
+                str(path),
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "--log-level",
+                "warning",
+            ],
         )
         # /ready turns 200 once the first LDS and CDS (and their RDS, EDS) are in: served by ADS
         await asyncio.to_thread(wait_http, envoy, f"http://127.0.0.1:{admin_port}/ready")
@@ -255,19 +296,26 @@ async def test_endpoint_and_weight_changes_reach_envoy_within_a_second(plane: Pl
     # Only endpoints changed: listeners (and their filter chains) were not sent again.
     assert plane.pushes("lds") == listener_pushes
     # Envoy answered every endpoint push, each timed from sending to its ACK.
-    answered = await eventually(lambda: asyncio.sleep(0, plane.metric("arks_xds_answer_seconds_count", type="eds")),
-                                lambda n: n == plane.pushes("eds"))
+    answered = await eventually(
+        lambda: asyncio.sleep(0, plane.metric("arks_xds_answer_seconds_count", type="eds")),
+        lambda n: n == plane.pushes("eds"),
+    )
     assert answered >= 3
 
 
 async def test_changed_and_new_clusters_and_listeners_finish_warming(plane: Plane) -> None:
     def warm(stats: dict[str, int]) -> bool:
-        return stats.get("cluster_manager.warming_clusters") == 0 and stats.get("listener_manager.total_listeners_warming") == 0
+        return (
+            stats.get("cluster_manager.warming_clusters") == 0
+            and stats.get("listener_manager.total_listeners_warming") == 0
+        )
 
     # A replaced cluster (and listener) with the same endpoints (and routes) as before: Envoy
     # asks again for what it already has, and warms until it gets it.
     plane.cache.set(plane.snapshot("v2", {plane.upstream_a: 1}, lb_policy="LEAST_REQUEST"))
-    await eventually(plane.stats, lambda s: s.get("cluster_manager.cluster_modified") == 1 and warm(s))
+    await eventually(
+        plane.stats, lambda s: s.get("cluster_manager.cluster_modified") == 1 and warm(s)
+    )
     changed_listener = snapshot_from_json(
         "v3",
         {
@@ -278,7 +326,9 @@ async def test_changed_and_new_clusters_and_listeners_finish_warming(plane: Plan
         },
     )
     plane.cache.set(changed_listener)
-    await eventually(plane.stats, lambda s: s.get("listener_manager.listener_modified") == 1 and warm(s))
+    await eventually(
+        plane.stats, lambda s: s.get("listener_manager.listener_modified") == 1 and warm(s)
+    )
     assert set(await plane.answers()) == {"a"}
 
     # A new cluster: Envoy subscribes to its endpoints by name.
@@ -288,7 +338,10 @@ async def test_changed_and_new_clusters_and_listeners_finish_warming(plane: Plan
             LISTENER: [listener(plane.listen_port)],
             ROUTE: [route_config({"match": {"prefix": "/b"}, "route": {"cluster": "engines-b"}})],
             CLUSTER: [eds_cluster("engines", lb_policy="LEAST_REQUEST"), eds_cluster("engines-b")],
-            ENDPOINT: [assignment("engines", {plane.upstream_a: 2}), assignment("engines-b", {plane.upstream_b: 1})],
+            ENDPOINT: [
+                assignment("engines", {plane.upstream_a: 2}),
+                assignment("engines-b", {plane.upstream_b: 1}),
+            ],
         },
     )
     plane.cache.set(with_new_cluster)
@@ -313,7 +366,11 @@ async def test_a_nacked_update_leaves_traffic_on_the_last_good_config(plane: Pla
     rejections = await eventually(lambda: asyncio.to_thread(plane.server.rejected), bool)
     assert len(rejections) == 1
     rejection = rejections[0]
-    assert (rejection.node, rejection.type_url, rejection.version) == (NODE, ROUTE, broken.versions[ROUTE])
+    assert (rejection.node, rejection.type_url, rejection.version) == (
+        NODE,
+        ROUTE,
+        broken.versions[ROUTE],
+    )
     assert "missing ]" in rejection.message, rejection.message  # RE2's own words
     assert plane.metric("arks_xds_nacks_total", type="rds") == 1
     assert await plane.route_version() == good_routes
@@ -325,12 +382,19 @@ async def test_a_nacked_update_leaves_traffic_on_the_last_good_config(plane: Pla
     assert plane.pushes("rds") == route_pushes
     assert plane.metric("arks_xds_nacks_total", type="rds") == 1
 
-    healthz = {"match": {"path": "/healthz"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}
+    healthz = {
+        "match": {"path": "/healthz"},
+        "direct_response": {"status": 200, "body": {"inline_string": "ok"}},
+    }
     fixed = plane.snapshot("v3", {plane.upstream_a: 1}, routes=(healthz,))
     plane.cache.set(fixed)
-    assert (await eventually(lambda: plane.get("/healthz"), lambda r: r.text == "ok")).status_code == 200
+    assert (
+        await eventually(lambda: plane.get("/healthz"), lambda r: r.text == "ok")
+    ).status_code == 200
     assert await plane.route_version() == fixed.versions[ROUTE]
-    assert await eventually(lambda: asyncio.to_thread(plane.server.rejected), lambda r: r == []) == []
+    assert (
+        await eventually(lambda: asyncio.to_thread(plane.server.rejected), lambda r: r == []) == []
+    )
     assert set(await plane.answers()) == {"a"}
 
 
@@ -364,22 +428,32 @@ async def test_envoy_keeps_serving_while_the_server_is_away_and_reconnects(plane
     assert set(await plane.answers()) == {"b"}
 
 
-async def test_one_engine_weight_change_sends_one_endpoint_assignment_on_delta(plane: Plane) -> None:
+async def test_one_engine_weight_change_sends_one_endpoint_assignment_on_delta(
+    plane: Plane,
+) -> None:
     """Two endpoints' clusters; one engine's weight changes. Delta sends that endpoint's
     assignment alone, the state of the world every assignment (what the metric shows)."""
 
     def two(weight: int) -> Snapshot:
-        return snapshot_from_json(f"w{weight}", {
-            LISTENER: [listener(plane.listen_port)],
-            ROUTE: [route_config()],
-            CLUSTER: [eds_cluster("engines"), eds_cluster("spare")],
-            ENDPOINT: [assignment("engines", {plane.upstream_a: 1}), assignment("spare", {plane.upstream_b: weight})],
-        })
+        return snapshot_from_json(
+            f"w{weight}",
+            {
+                LISTENER: [listener(plane.listen_port)],
+                ROUTE: [route_config()],
+                CLUSTER: [eds_cluster("engines"), eds_cluster("spare")],
+                ENDPOINT: [
+                    assignment("engines", {plane.upstream_a: 1}),
+                    assignment("spare", {plane.upstream_b: weight}),
+                ],
+            },
+        )
 
     plane.cache.set(two(1))
     await eventually(lambda: plane.hosts("spare"), lambda hosts: hosts == {plane.upstream_b: 1})
     before = plane.metric("arks_xds_resources_sent_total", type="eds")
     plane.cache.set(two(6))
     await eventually(lambda: plane.hosts("spare"), lambda hosts: hosts == {plane.upstream_b: 6})
-    assert plane.metric("arks_xds_resources_sent_total", type="eds") - before == (1 if plane.delta else 2)
+    assert plane.metric("arks_xds_resources_sent_total", type="eds") - before == (
+        1 if plane.delta else 2
+    )
     assert set(await plane.answers()) == {"a"}

@@ -14,7 +14,9 @@ def cpu_seconds(pid: int) -> float:
     14 and 15, but in nanoseconds rather than 10 ms clock ticks, which matters for the few
     hundred requests of a streamed measurement. Falls back to `/proc` if the clock is refused.
     """
-    clock = (~pid << 3) | 2  # Linux MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED), as clock_getcpuclockid
+    clock = (
+        ~pid << 3
+    ) | 2  # Linux MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED), as clock_getcpuclockid
     try:
         return time.clock_gettime_ns(clock) / 1e9
     except OSError:

@@ -58,7 +58,9 @@ def apply_patches(resources: dict[tuple[str, str], Any], policies: list[dict[str
                 resources[key] = jsonpatch.apply_patch(resources[key], [step])
 
 
-def eg_route_cluster(name: str, localities: list[list[tuple[str, int]]], weights: list[int]) -> dict[str, Any]:
+def eg_route_cluster(
+    name: str, localities: list[list[tuple[str, int]]], weights: list[int]
+) -> dict[str, Any]:
     """An HTTPRoute rule's cluster as Envoy Gateway builds it (its translator's golden output
     `internal/xds/translator/testdata/out/xds-ir/http-route-weighted-backend.clusters.yaml` at
     commit d32f282, in proto field names as EG marshals it before patching): one locality per
@@ -96,7 +98,9 @@ def eg_route_cluster(name: str, localities: list[list[tuple[str, int]]], weights
                     "load_balancing_weight": weight,
                     "lb_endpoints": [
                         {
-                            "endpoint": {"address": {"socket_address": {"address": ip, "port_value": port}}},
+                            "endpoint": {
+                                "address": {"socket_address": {"address": ip, "port_value": port}}
+                            },
                             "load_balancing_weight": 1,
                         }
                         for ip, port in hosts

@@ -49,7 +49,9 @@ def make_context(clock: Callable[[], float], reported: ReportedElsewhere | None 
     policy = StaticPolicy(build_policy([("token", alice), ("endpoint", qwen)]))
     metrics = GatewayMetrics.create()
     admission = AdmissionControl(
-        limiter=Limiter(RateLimitConfig, MemoryBackend(), RateLimitMetrics.create(), clock=lambda: 1e9),
+        limiter=Limiter(
+            RateLimitConfig, MemoryBackend(), RateLimitMetrics.create(), clock=lambda: 1e9
+        ),
         budgets=MemoryBudgets(),
         policy=policy,
         clock=lambda: 1e9,
@@ -120,11 +122,17 @@ def charged(ctx: Context) -> dict[tuple[str, str, str], Totals]:
         for s in metric.samples:
             if not s.name.endswith("_total"):
                 continue
-            identity = (s.labels.get("namespace", ""), s.labels.get("user", ""), s.labels.get("model", ""))
+            identity = (
+                s.labels.get("namespace", ""),
+                s.labels.get("user", ""),
+                s.labels.get("model", ""),
+            )
             field = {
                 "arks_requests_total": "requests",
                 "arks_usage_estimated_requests_total": "estimated_requests",
-            }.get(s.name) or (f"{s.labels['type']}_tokens" if s.name == "arks_usage_tokens_total" else None)
+            }.get(s.name) or (
+                f"{s.labels['type']}_tokens" if s.name == "arks_usage_tokens_total" else None
+            )
             if field is not None:
                 counts[identity][field] = counts[identity].get(field, 0) + s.value
     return {
@@ -134,7 +142,9 @@ def charged(ctx: Context) -> dict[tuple[str, str, str], Totals]:
     }
 
 
-def log_message(status: int, request_id: str = "req-1", **arks: Any) -> als_pb2.StreamAccessLogsMessage:
+def log_message(
+    status: int, request_id: str = "req-1", **arks: Any
+) -> als_pb2.StreamAccessLogsMessage:
     entry = accesslog_pb2.HTTPAccessLogEntry(
         request=accesslog_pb2.HTTPRequestProperties(
             request_id=request_id, path="/v1/chat/completions"

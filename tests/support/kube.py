@@ -64,7 +64,11 @@ BUILTIN_RESOURCES: dict[tuple[str, str, str], tuple[str, bool, bool]] = {
     ("apps", "v1", "daemonsets"): ("DaemonSet", True, True),
     ("rbac.authorization.k8s.io", "v1", "roles"): ("Role", True, False),
     ("rbac.authorization.k8s.io", "v1", "rolebindings"): ("RoleBinding", True, False),
-    ("arks.ai", "v1", "arksdisaggregatedapplications"): ("ArksDisaggregatedApplication", True, True),
+    ("arks.ai", "v1", "arksdisaggregatedapplications"): (
+        "ArksDisaggregatedApplication",
+        True,
+        True,
+    ),
     ("arks.ai", "v1", "arkstokens"): ("ArksToken", True, True),
     ("arks.ai", "v1", "arksquotas"): ("ArksQuota", True, True),
     ("gateway.envoyproxy.io", "v1alpha1", "backends"): ("Backend", True, True),
@@ -513,7 +517,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if "namespace" in live["metadata"]:
             # The namespace comes from the request's path: a body may leave it out, not change it.
             # https://kubernetes.io/docs/reference/using-api/api-concepts/#resource-uris
-            if meta.get("namespace", live["metadata"]["namespace"]) != live["metadata"]["namespace"]:
+            if (
+                meta.get("namespace", live["metadata"]["namespace"])
+                != live["metadata"]["namespace"]
+            ):
                 raise ApiError(
                     400,
                     "BadRequest",
@@ -750,7 +757,6 @@ def running_kube_emulator(emulator: KubeEmulator | None = None) -> Iterator[Runn
             loop.close()
 
 
-
 def eventually(check: Callable[[], Any], timeout_s: float = 5.0) -> Any:
     """Poll `check` until it returns something truthy; fail after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
@@ -780,5 +786,9 @@ def set_status(api: Any, resource: Any, ns: str, name: str, **status: Any) -> No
     from arks.adapters.kube import rest
 
     rest.request(
-        api, "PATCH", resource.path(ns, name, "status"), body={"status": status}, content_type=rest.MERGE_PATCH
+        api,
+        "PATCH",
+        resource.path(ns, name, "status"),
+        body={"status": status},
+        content_type=rest.MERGE_PATCH,
     )

@@ -15,7 +15,13 @@ import yaml
 from tests.support.paths import REPO
 
 MANIFESTS = REPO / "manifests"
-CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "GatewayClass"}
+CLUSTER_SCOPED = {
+    "Namespace",
+    "CustomResourceDefinition",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "GatewayClass",
+}
 
 
 # --- a kustomize build of the subset the manifests use ----------------------------------------
@@ -37,7 +43,9 @@ def _set_image(doc: dict[str, Any], images: list[dict[str, str]]) -> None:
 def build(directory: Path) -> list[dict[str, Any]]:
     """The objects `kubectl kustomize directory` prints: resources, namespace, images."""
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    assert set(kustomization) <= {"apiVersion", "kind", "namespace", "resources", "images"}, directory
+    assert set(kustomization) <= {"apiVersion", "kind", "namespace", "resources", "images"}, (
+        directory
+    )
     out: list[dict[str, Any]] = []
     for resource in kustomization["resources"]:
         path = (directory / resource).resolve()

@@ -15,7 +15,10 @@ def backend(name: str, port: int, namespace: str = "default") -> dict[str, Any]:
 
 
 def endpoint(model: str, *backends: str, namespace: str = "default") -> dict[str, Any]:
-    refs = [{"group": "gateway.envoyproxy.io", "kind": "Backend", "name": b, "weight": 1} for b in backends]
+    refs = [
+        {"group": "gateway.envoyproxy.io", "kind": "Backend", "name": b, "weight": 1}
+        for b in backends
+    ]
     return {
         "apiVersion": "arks.ai/v1",
         "kind": "ArksEndpoint",
@@ -33,7 +36,9 @@ def token(user: str, models: list[str], namespace: str = "default", **spec: Any)
     }
 
 
-def model_on_claim(claim: str, sub_path: str = "", name: str = "qwen2-5-7b-instruct", **spec: Any) -> dict[str, Any]:
+def model_on_claim(
+    claim: str, sub_path: str = "", name: str = "qwen2-5-7b-instruct", **spec: Any
+) -> dict[str, Any]:
     """An ArksModel already on a PVC (`source.pvc`): engines mount that claim."""
     return {
         "apiVersion": "arks.ai/v1",

@@ -24,9 +24,13 @@ def _has(values: Iterable[str], value: str) -> bool:
     return "*" in values or value in values
 
 
-def allows(rules: Iterable[Mapping[str, Any]], verb: str, group: str, resource: str, name: str | None) -> bool:
+def allows(
+    rules: Iterable[Mapping[str, Any]], verb: str, group: str, resource: str, name: str | None
+) -> bool:
     for rule in rules:
-        if not (_has(rule.get("apiGroups", []), group) and _has(rule.get("resources", []), resource)):
+        if not (
+            _has(rule.get("apiGroups", []), group) and _has(rule.get("resources", []), resource)
+        ):
             continue
         if not _has(rule.get("verbs", []), verb):
             continue
@@ -37,16 +41,25 @@ def allows(rules: Iterable[Mapping[str, Any]], verb: str, group: str, resource: 
     return False
 
 
-def roles_of(service_account: str, path: Path = RBAC_FILE) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def roles_of(
+    service_account: str, path: Path = RBAC_FILE
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(cluster-wide rules, rules in the service account's own namespace) bound to it."""
     documents = [d for d in yaml.safe_load_all(path.read_text()) if d]
-    roles = {(d["kind"], d["metadata"]["name"]): d for d in documents if d["kind"] in ("ClusterRole", "Role")}
+    roles = {
+        (d["kind"], d["metadata"]["name"]): d
+        for d in documents
+        if d["kind"] in ("ClusterRole", "Role")
+    }
     cluster: list[dict[str, Any]] = []
     local: list[dict[str, Any]] = []
     for binding in documents:
         if binding["kind"] not in ("ClusterRoleBinding", "RoleBinding"):
             continue
-        if not any(s.get("kind") == "ServiceAccount" and s["name"] == service_account for s in binding["subjects"]):
+        if not any(
+            s.get("kind") == "ServiceAccount" and s["name"] == service_account
+            for s in binding["subjects"]
+        ):
             continue
         role = roles[(binding["roleRef"]["kind"], binding["roleRef"]["name"])]
         (cluster if binding["kind"] == "ClusterRoleBinding" else local).extend(role["rules"])

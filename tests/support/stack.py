@@ -72,8 +72,12 @@ class Stack:
         m = wait_for(self.metrics, lambda m: m.get(("arks_usage_pending_requests", ()), 0) == 0)
 
         def get(name: str, **extra: str) -> float:
-            return sum(v for (n, labels), v in m.items() if n == name and all(
-                dict(labels).get(k) == val for k, val in {**ident, **extra}.items()))
+            return sum(
+                v
+                for (n, labels), v in m.items()
+                if n == name
+                and all(dict(labels).get(k) == val for k, val in {**ident, **extra}.items())
+            )
 
         return Usage(
             requests=int(get("arks_requests_total")),
@@ -82,9 +86,13 @@ class Stack:
             estimated=int(get("arks_usage_estimated_requests_total")),
         )
 
-    def wait_usage(self, user: str, model: str, before: Usage, requests: int = 1, timeout: float = 10) -> Usage:
+    def wait_usage(
+        self, user: str, model: str, before: Usage, requests: int = 1, timeout: float = 10
+    ) -> Usage:
         """The usage charged since `before`, once `requests` more requests were charged."""
-        return wait_for(lambda: self.usage(user, model) - before, lambda d: d.requests >= requests, timeout)
+        return wait_for(
+            lambda: self.usage(user, model) - before, lambda d: d.requests >= requests, timeout
+        )
 
 
 @dataclass(frozen=True)
@@ -95,8 +103,12 @@ class Usage:
     estimated: int = 0
 
     def __sub__(self, other: Usage) -> Usage:
-        return Usage(self.requests - other.requests, self.prompt - other.prompt,
-                     self.completion - other.completion, self.estimated - other.estimated)
+        return Usage(
+            self.requests - other.requests,
+            self.prompt - other.prompt,
+            self.completion - other.completion,
+            self.estimated - other.estimated,
+        )
 
 
 def kill_mid_run(
@@ -128,18 +140,31 @@ def base_policy(ports: dict[str, int]) -> list[dict]:
         endpoint("model-b", "sim-b"),
         endpoint("model-down", "sim-down"),
         endpoint("model-empty"),
-        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bob-token", "namespace": "default"},
-         "stringData": {"token": BOB}},
-        token("alice", ["model-a", "model-b", "model-down", "model-empty", "model-ghost"], tokenHash=token_digest(ALICE)),
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "bob-token", "namespace": "default"},
+            "stringData": {"token": BOB},
+        },
+        token(
+            "alice",
+            ["model-a", "model-b", "model-down", "model-empty", "model-ghost"],
+            tokenHash=token_digest(ALICE),
+        ),
         token("bob", ["model-a"], tokenSecretRef={"name": "bob-token"}),
-        token("old", ["model-a"], tokenHash=token_digest(EXPIRED), expiresAt="2020-01-01T00:00:00Z"),
+        token(
+            "old", ["model-a"], tokenHash=token_digest(EXPIRED), expiresAt="2020-01-01T00:00:00Z"
+        ),
         token("off", ["model-a"], tokenHash=token_digest(DISABLED), disabled=True),
     ]
 
 
 @contextlib.contextmanager
 def running_stack(
-    tmp: Path, extra_documents: list[dict] = (), redis: str | None = None, extproc_args: tuple[str, ...] = (),
+    tmp: Path,
+    extra_documents: list[dict] = (),
+    redis: str | None = None,
+    extproc_args: tuple[str, ...] = (),
     kube_host: str | None = None,
 ) -> Iterator[Stack]:
     """Two simulated engines, the base policy plus `extra_documents`, and the local stack."""
@@ -150,12 +175,27 @@ def running_stack(
     policy_path.write_text(yaml.safe_dump_all(documents))
     with Supervisor(log_dir=tmp / "logs") as sims:
         for name, model in (("a", "model-a"), ("b", "model-b")):
-            child = sims.python(f"sim-{name}", "launcher.sim", "--port", str(ports[name]), "--model", model, "--name", f"sim-{name}")
+            child = sims.python(
+                f"sim-{name}",
+                "launcher.sim",
+                "--port",
+                str(ports[name]),
+                "--model",
+                model,
+                "--name",
+                f"sim-{name}",
+            )
             wait_http(child, f"http://127.0.0.1:{ports[name]}/health")
         settings = StackSettings(
-            policy=policy_path, state_dir=tmp / "state", port=free_port(), admin_port=free_port(),
-            metrics_port=free_port(), simulate=False, redis=redis,
-            extproc_args=("--snapshot-interval-s", "0.5", *extproc_args), kube_host=kube_host,
+            policy=policy_path,
+            state_dir=tmp / "state",
+            port=free_port(),
+            admin_port=free_port(),
+            metrics_port=free_port(),
+            simulate=False,
+            redis=redis,
+            extproc_args=("--snapshot-interval-s", "0.5", *extproc_args),
+            kube_host=kube_host,
         )
         with LocalStack(settings) as local:
             yield Stack(local, policy_path, documents, ports)

@@ -16,7 +16,12 @@ def listener(name: str = "ingress", port: int = 10000) -> dict[str, Any]:
         "stat_prefix": "ingress",
         "rds": {"route_config_name": "local", "config_source": {"ads": {}}},
         "http_filters": [
-            {"name": "router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+            {
+                "name": "router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                },
+            }
         ],
     }
     return {
@@ -32,7 +37,10 @@ def cluster(name: str) -> dict[str, Any]:
 
 def assignment(name: str, port: int, weight: int = 1) -> dict[str, Any]:
     endpoint = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}
-    return {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": endpoint, "load_balancing_weight": weight}]}]}
+    return {
+        "cluster_name": name,
+        "endpoints": [{"lb_endpoints": [{"endpoint": endpoint, "load_balancing_weight": weight}]}],
+    }
 
 
 def snapshot(version: str = "v1", weight: int = 1, **overrides: list[dict[str, Any]]) -> Snapshot:
@@ -43,5 +51,9 @@ def snapshot(version: str = "v1", weight: int = 1, **overrides: list[dict[str, A
         ENDPOINT: [assignment("a", 1001, weight), assignment("b", 1002)],
     }
     for key, value in overrides.items():
-        resources[{"listeners": LISTENER, "routes": ROUTE, "clusters": CLUSTER, "endpoints": ENDPOINT}[key]] = value
+        resources[
+            {"listeners": LISTENER, "routes": ROUTE, "clusters": CLUSTER, "endpoints": ENDPOINT}[
+                key
+            ]
+        ] = value
     return snapshot_from_json(version, resources)

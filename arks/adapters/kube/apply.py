@@ -92,7 +92,12 @@ def patch_status(
 def delete(api_client: ApiClient, resource: Resource, namespace: str | None, name: str) -> None:
     """Delete an object, its dependents in the background; one already gone is no error."""
     try:
-        rest.request(api_client, "DELETE", resource.path(namespace, name), body={"propagationPolicy": "Background"})
+        rest.request(
+            api_client,
+            "DELETE",
+            resource.path(namespace, name),
+            body={"propagationPolicy": "Background"},
+        )
     except ApiException as e:
         if e.status != 404:
             raise rest.classify(e, f"delete {resource.plural}/{name}") from e

@@ -132,7 +132,10 @@ class LeaderElector:
             self._api,
             "PATCH",
             LEASES.path(self._namespace, self._name),
-            body={"metadata": {"resourceVersion": lease["metadata"]["resourceVersion"]}, "spec": spec},
+            body={
+                "metadata": {"resourceVersion": lease["metadata"]["resourceVersion"]},
+                "spec": spec,
+            },
             content_type=rest.MERGE_PATCH,
         )
 

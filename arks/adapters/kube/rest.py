@@ -23,8 +23,6 @@ APPLY_PATCH = "application/apply-patch+yaml"
 MERGE_PATCH = "application/merge-patch+json"
 
 
-
-
 def resource_of(obj: Mapping[str, Any], plural: str) -> Resource:
     """The Resource of an object from its apiVersion (the plural cannot be derived safely)."""
     group, _, version = str(obj["apiVersion"]).rpartition("/")
@@ -119,7 +117,9 @@ def classify(error: ApiException, what: str) -> Exception:
     return PermanentError(message)
 
 
-def get_or_none(api_client: ApiClient, resource: Resource, namespace: str, name: str) -> dict[str, Any] | None:
+def get_or_none(
+    api_client: ApiClient, resource: Resource, namespace: str, name: str
+) -> dict[str, Any] | None:
     """The object, or None when it does not exist; other failures classified for retrying."""
     try:
         found: dict[str, Any] = request(api_client, "GET", resource.path(namespace, name))

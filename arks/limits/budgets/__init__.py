@@ -48,7 +48,9 @@ class Admission:
 
 
 class BudgetStore(Protocol):
-    async def admit(self, request_id: str, leases: Sequence[Lease], ttl_s: float, now: float) -> Admission:
+    async def admit(
+        self, request_id: str, leases: Sequence[Lease], ttl_s: float, now: float
+    ) -> Admission:
         """All or nothing: take every lease (expiring at now + ttl_s), or none if one budget
         has no room. Expired leases of the budgets involved are dropped first. Taking a lease
         with an id that already holds one on that key replaces it."""

@@ -211,6 +211,8 @@ def test_an_engine_without_a_metrics_page_is_up_with_unknown_load() -> None:
     from arks.adapters.scrape import Scrape, observe
     from arks.engine_metrics import EngineLoad, ScrapeFailure
 
-    assert observe(Scrape("http://e/metrics", False, 0.01, error="HTTP 404", status=404)) == EngineLoad("unknown")
+    assert observe(
+        Scrape("http://e/metrics", False, 0.01, error="HTTP 404", status=404)
+    ) == EngineLoad("unknown")
     failed = observe(Scrape("http://e/metrics", False, 0.01, error="HTTP 500", status=500))
     assert isinstance(failed, ScrapeFailure) and "500" in failed.reason

@@ -518,7 +518,9 @@ def test_a_picking_endpoint_goes_to_the_picked_engines_then_weighted_least_reque
     (fallback,) = config["fallback_policy"]["policies"]
     least_request = fallback["typed_extension_config"]
     assert least_request["name"] == "envoy.load_balancing_policies.least_request"
-    assert least_request["typed_config"]["locality_lb_config"] == {"locality_weighted_lb_config": {}}
+    assert least_request["typed_config"]["locality_lb_config"] == {
+        "locality_weighted_lb_config": {}
+    }
     # the fallback still leaves drained engines alone (verified with Envoy: no panic spreading)
     assert cluster["common_lb_config"] == {"healthy_panic_threshold": {"value": 0}}
     assert cluster["outlier_detection"]["consecutive_gateway_failure"] >= 1
@@ -538,7 +540,9 @@ def test_a_picking_endpoint_keeps_its_localities_and_engine_weights(
     }
 
 
-def test_weighted_endpoints_keep_plain_least_request(picking_policy: Policy, settings: EnvoySettings) -> None:
+def test_weighted_endpoints_keep_plain_least_request(
+    picking_policy: Policy, settings: EnvoySettings
+) -> None:
     cluster = clusters_of(xds_resources(picking_policy, settings))["endpoint/default/mistral"]
 
     assert cluster["lb_policy"] == "LEAST_REQUEST"
@@ -549,7 +553,10 @@ def test_extproc_may_write_the_picked_engines_into_envoy_lb(settings: EnvoySetti
     (listener,) = xds_resources(Policy(), settings)[LISTENER_TYPE]
     ext_proc = by_name(hcm_of(listener)["http_filters"])[EXT_PROC_FILTER]["typed_config"]
 
-    assert ext_proc["metadata_options"]["receiving_namespaces"]["untyped"] == ["io.arks", "envoy.lb"]
+    assert ext_proc["metadata_options"]["receiving_namespaces"]["untyped"] == [
+        "io.arks",
+        "envoy.lb",
+    ]
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -575,7 +582,12 @@ def test_bootstrap_takes_everything_else_from_ads(settings: EnvoySettings) -> No
     assert dynamic["cds_config"] == ADS
     ads = dynamic["ads_config"]
     assert ads["api_type"] == "DELTA_GRPC"  # one changed resource per push
-    assert bootstrap(dataclasses.replace(settings, xds_delta=False))["dynamic_resources"]["ads_config"]["api_type"] == "GRPC"
+    assert (
+        bootstrap(dataclasses.replace(settings, xds_delta=False))["dynamic_resources"][
+            "ads_config"
+        ]["api_type"]
+        == "GRPC"
+    )
     assert ads["transport_api_version"] == "V3"
     (grpc_service,) = ads["grpc_services"]
     assert grpc_service["envoy_grpc"]["cluster_name"] == XDS_CLUSTER

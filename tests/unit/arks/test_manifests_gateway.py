@@ -88,9 +88,18 @@ def test_names_follow_envoy_gateways_scheme() -> None:
 
 
 def test_policies_target_the_gateway_in_its_namespace() -> None:
-    target = {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": GATEWAY["metadata"]["name"]}
-    for policy in (EXTENSION, FILTERS, RATELIMIT, one("BackendTrafficPolicy", "arks-backends", INSTALL),
-                   one("ClientTrafficPolicy", "arks-clients", INSTALL)):
+    target = {
+        "group": "gateway.networking.k8s.io",
+        "kind": "Gateway",
+        "name": GATEWAY["metadata"]["name"],
+    }
+    for policy in (
+        EXTENSION,
+        FILTERS,
+        RATELIMIT,
+        one("BackendTrafficPolicy", "arks-backends", INSTALL),
+        one("ClientTrafficPolicy", "arks-clients", INSTALL),
+    ):
         assert policy["metadata"]["namespace"] == GATEWAY["metadata"]["namespace"]
         refs = policy["spec"].get("targetRefs") or [policy["spec"]["targetRef"]]
         assert refs == [target]
@@ -100,13 +109,17 @@ def test_policies_target_the_gateway_in_its_namespace() -> None:
 def test_extproc_backend_is_the_extproc_service() -> None:
     (ref,) = EXTENSION["spec"]["extProc"][0]["backendRefs"]
     service = one("Service", ref["name"], INSTALL)
-    port = next(p for p in service["spec"]["ports"] if p["port"] == ref["port"])  # CEL: a Service ref needs a port
+    port = next(
+        p for p in service["spec"]["ports"] if p["port"] == ref["port"]
+    )  # CEL: a Service ref needs a port
     assert port["appProtocol"] == "grpc"
 
 
 def test_gateway_uses_the_class_and_proxy_settings_shipped() -> None:
     gateway_class = one("GatewayClass", GATEWAY["spec"]["gatewayClassName"], INSTALL)
-    assert gateway_class["spec"]["controllerName"] == "gateway.envoyproxy.io/gatewayclass-controller"
+    assert (
+        gateway_class["spec"]["controllerName"] == "gateway.envoyproxy.io/gatewayclass-controller"
+    )
     ref = GATEWAY["spec"]["infrastructure"]["parametersRef"]
     one(ref["kind"], ref["name"], INSTALL)
     assert GATEWAY["spec"]["listeners"][0]["allowedRoutes"]["namespaces"]["from"] == "All"
@@ -126,8 +139,13 @@ def test_endpoint_routes_attach_to_this_gateway() -> None:
 
     namespace, name = build_parser().parse_args([]).default_gateway.split("/")
     endpoint = {"metadata": {"name": "qwen-7b", "namespace": "team-a"}, "spec": {}}
-    (parent,) = render_httproute(endpoint, [], {"namespace": namespace, "name": name})["spec"]["parentRefs"]
-    assert (parent.get("namespace"), parent["name"]) == (GATEWAY["metadata"]["namespace"], GATEWAY["metadata"]["name"])
+    (parent,) = render_httproute(endpoint, [], {"namespace": namespace, "name": name})["spec"][
+        "parentRefs"
+    ]
+    assert (parent.get("namespace"), parent["name"]) == (
+        GATEWAY["metadata"]["namespace"],
+        GATEWAY["metadata"]["name"],
+    )
 
 
 # --- the ext_proc Envoy Gateway builds is the local one ------------------------------------
@@ -148,13 +166,19 @@ def eg_ext_proc_filter(policy: dict[str, Any]) -> dict[str, Any]:
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
             "grpc_service": {
-                "envoy_grpc": {"cluster_name": EG_CLUSTER, "authority": f"{ref['name']}.arks-system:{ref['port']}"},
+                "envoy_grpc": {
+                    "cluster_name": EG_CLUSTER,
+                    "authority": f"{ref['name']}.arks-system:{ref['port']}",
+                },
                 "timeout": "10s",
             },
             "processing_mode": {
-                "request_header_mode": "SEND", "response_header_mode": "SKIP",
-                "request_body_mode": "NONE", "response_body_mode": "NONE",
-                "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP",
+                "request_header_mode": "SEND",
+                "response_header_mode": "SKIP",
+                "request_body_mode": "NONE",
+                "response_body_mode": "NONE",
+                "request_trailer_mode": "SKIP",
+                "response_trailer_mode": "SKIP",
             },
             "failure_mode_allow": spec["failOpen"],
             "message_timeout": f"{ms / 1000}s",
@@ -177,38 +201,66 @@ def eg_listener() -> dict[str, Any]:
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "http-10080",
         "use_remote_address": True,
-        "route_config": {"name": "arks-system/arks-gateway/http", "virtual_hosts": [
-            {"name": "arks-system/arks-gateway/http/*", "domains": ["*"], "routes": [
-                {"match": {"prefix": "/v1"}, "route": {"cluster": EG_CLUSTER}},
-            ]},
-        ]},
+        "route_config": {
+            "name": "arks-system/arks-gateway/http",
+            "virtual_hosts": [
+                {
+                    "name": "arks-system/arks-gateway/http/*",
+                    "domains": ["*"],
+                    "routes": [
+                        {"match": {"prefix": "/v1"}, "route": {"cluster": EG_CLUSTER}},
+                    ],
+                },
+            ],
+        },
         "http_filters": [
             eg_ext_proc_filter(EXTENSION),
-            {"name": "envoy.filters.http.ratelimit", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
-                "domain": "arks-system/arks-gateway/http",
-                "rate_limit_service": {"grpc_service": {"envoy_grpc": {"cluster_name": "ratelimit_cluster"}},
-                                       "transport_api_version": "V3"},
-                "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
-                "disable_x_envoy_ratelimited_header": True,
-            }},
-            {"name": "envoy.filters.http.router", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+            {
+                "name": "envoy.filters.http.ratelimit",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+                    "domain": "arks-system/arks-gateway/http",
+                    "rate_limit_service": {
+                        "grpc_service": {"envoy_grpc": {"cluster_name": "ratelimit_cluster"}},
+                        "transport_api_version": "V3",
+                    },
+                    "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
+                    "disable_x_envoy_ratelimited_header": True,
+                },
+            },
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                },
+            },
         ],
-        "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-            "path": "/dev/stdout"}}],
+        "access_log": [
+            {
+                "name": "envoy.access_loggers.file",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                    "path": "/dev/stdout",
+                },
+            }
+        ],
     }
     return {
         "name": "arks-system/arks-gateway/http",
         "address": {"socket_address": {"address": "0.0.0.0", "port_value": 10080}},
-        "default_filter_chain": {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]},
+        "default_filter_chain": {
+            "filters": [
+                {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+            ]
+        },
     }
 
 
 @pytest.fixture(scope="module")
 def patched() -> dict[tuple[str, str], Any]:
-    resources: dict[tuple[str, str], Any] = {(manifests.LISTENER_TYPE, "arks-system/arks-gateway/http"): eg_listener()}
+    resources: dict[tuple[str, str], Any] = {
+        (manifests.LISTENER_TYPE, "arks-system/arks-gateway/http"): eg_listener()
+    }
     apply_patches(resources, [FILTERS, RATELIMIT])
     return resources
 
@@ -222,11 +274,20 @@ def hcm(resources: dict[tuple[str, str], Any]) -> dict[str, Any]:
 def test_patched_chain_has_the_local_order(patched: dict[tuple[str, str], Any]) -> None:
     names = [f["name"] for f in hcm(patched)["http_filters"]]
     assert names == [
-        "arks.request_to_metadata", EG_EXT_PROC, "envoy.filters.http.ratelimit", "arks.ratelimit",
-        "arks.usage_lua", "envoy.filters.http.router",
+        "arks.request_to_metadata",
+        EG_EXT_PROC,
+        "envoy.filters.http.ratelimit",
+        "arks.ratelimit",
+        "arks.usage_lua",
+        "envoy.filters.http.router",
     ]
     local = [f["name"] for f in manifests.local_filters().values()]
-    assert local == ["arks.request_to_metadata", "envoy.filters.http.ext_proc", "arks.usage_lua", "envoy.filters.http.router"]
+    assert local == [
+        "arks.request_to_metadata",
+        "envoy.filters.http.ext_proc",
+        "arks.usage_lua",
+        "envoy.filters.http.router",
+    ]
 
 
 def test_patched_filters_are_the_local_filters(patched: dict[tuple[str, str], Any]) -> None:
@@ -234,36 +295,61 @@ def test_patched_filters_are_the_local_filters(patched: dict[tuple[str, str], An
     local = manifests.local_filters()
     assert filters["arks.request_to_metadata"] == local["arks.request_to_metadata"]
     assert filters["arks.usage_lua"] == local["arks.usage_lua"]
-    assert filters["arks.usage_lua"]["typed_config"]["default_source_code"]["inline_string"] == USAGE_LUA_FILE.read_text()
+    assert (
+        filters["arks.usage_lua"]["typed_config"]["default_source_code"]["inline_string"]
+        == USAGE_LUA_FILE.read_text()
+    )
     # ext_proc: on for every request, and apart from the cluster EG made, the local config
     ext_proc = filters[EG_EXT_PROC]
     assert ext_proc["disabled"] is False
     mine = {k: v for k, v in ext_proc["typed_config"].items() if k != "grpc_service"}
-    theirs = {k: v for k, v in local["envoy.filters.http.ext_proc"]["typed_config"].items() if k != "grpc_service"}
+    theirs = {
+        k: v
+        for k, v in local["envoy.filters.http.ext_proc"]["typed_config"].items()
+        if k != "grpc_service"
+    }
     theirs["status_on_error"] = {"code": 503}  # the number EG renders for ServiceUnavailable
     assert mine == theirs
 
 
-def test_usage_access_log_goes_to_envoy_gateways_extproc_cluster(patched: dict[tuple[str, str], Any]) -> None:
+def test_usage_access_log_goes_to_envoy_gateways_extproc_cluster(
+    patched: dict[tuple[str, str], Any],
+) -> None:
     logs = hcm(patched)["access_log"]
     assert logs[0]["name"] == "envoy.access_loggers.file"  # EG's own stays
     usage = logs[1]
-    assert usage["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == EG_CLUSTER
+    assert (
+        usage["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]
+        == EG_CLUSTER
+    )
     local = usage_access_log(settings())
-    local["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = EG_CLUSTER
+    local["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = (
+        EG_CLUSTER
+    )
     assert usage == local
     assert hcm(patched)["local_reply_config"] == local_reply_config(settings())
 
 
-def test_ratelimit_cluster_reaches_the_ratelimit_service(patched: dict[tuple[str, str], Any]) -> None:
+def test_ratelimit_cluster_reaches_the_ratelimit_service(
+    patched: dict[tuple[str, str], Any],
+) -> None:
     cluster = patched[(manifests.CLUSTER_TYPE, manifests.RATELIMIT_CLUSTER)]
-    address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
+        "socket_address"
+    ]
     service = one("Service", "arks-ratelimit", INSTALL)
-    assert address["address"] == f"arks-ratelimit.{service['metadata']['namespace']}.svc.cluster.local"
-    assert address["port_value"] in {p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc"}
+    assert (
+        address["address"] == f"arks-ratelimit.{service['metadata']['namespace']}.svc.cluster.local"
+    )
+    assert address["port_value"] in {
+        p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc"
+    }
     assert service["spec"]["clusterIP"] == "None"  # STRICT_DNS sees every pod
     rl = {f["name"]: f for f in hcm(patched)["http_filters"]}["arks.ratelimit"]["typed_config"]
-    assert rl["rate_limit_service"]["grpc_service"]["envoy_grpc"]["cluster_name"] == manifests.RATELIMIT_CLUSTER
+    assert (
+        rl["rate_limit_service"]["grpc_service"]["envoy_grpc"]["cluster_name"]
+        == manifests.RATELIMIT_CLUSTER
+    )
 
 
 def test_ratelimit_config_has_a_limit_for_every_descriptor_the_filter_sends() -> None:
@@ -272,7 +358,9 @@ def test_ratelimit_config_has_a_limit_for_every_descriptor_the_filter_sends() ->
     for entries in manifests.RATELIMIT_DESCRIPTORS:
         descriptor = [(key, f"value-of-{key}") for _, key in entries]
         assert config.lookup(manifests.RATELIMIT_DOMAIN, descriptor) is not None, descriptor
-    assert config.lookup("arks-system/arks-gateway/http", [("namespace", "a")]) is None  # EG's domain is not ours
+    assert (
+        config.lookup("arks-system/arks-gateway/http", [("namespace", "a")]) is None
+    )  # EG's domain is not ours
 
 
 def test_ratelimit_descriptors_read_headers_extproc_sets() -> None:
@@ -283,7 +371,9 @@ def test_ratelimit_descriptors_read_headers_extproc_sets() -> None:
             assert header in ROUTING_HEADERS
 
 
-def test_envoy_accepts_the_patched_listener(patched: dict[tuple[str, str], Any], tmp_path: Path) -> None:
+def test_envoy_accepts_the_patched_listener(
+    patched: dict[tuple[str, str], Any], tmp_path: Path
+) -> None:
     http2 = {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -292,9 +382,31 @@ def test_envoy_accepts_the_patched_listener(patched: dict[tuple[str, str], Any],
     }
 
     def static(name: str, port: int) -> dict[str, Any]:
-        return {"name": name, "type": "STATIC", "connect_timeout": "1s", "typed_extension_protocol_options": http2,
-                "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
-                    {"endpoint": {"address": {"socket_address": {"address": "10.0.0.1", "port_value": port}}}}]}]}}
+        return {
+            "name": name,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "typed_extension_protocol_options": http2,
+            "load_assignment": {
+                "cluster_name": name,
+                "endpoints": [
+                    {
+                        "lb_endpoints": [
+                            {
+                                "endpoint": {
+                                    "address": {
+                                        "socket_address": {
+                                            "address": "10.0.0.1",
+                                            "port_value": port,
+                                        }
+                                    }
+                                }
+                            }
+                        ]
+                    }
+                ],
+            },
+        }
 
     listeners = [v for (kind, _), v in patched.items() if kind == manifests.LISTENER_TYPE]
     clusters = [v for (kind, _), v in patched.items() if kind == manifests.CLUSTER_TYPE]
@@ -306,8 +418,12 @@ def test_envoy_accepts_the_patched_listener(patched: dict[tuple[str, str], Any],
     }
     path = tmp_path / "eg.json"
     path.write_text(json.dumps(config))
-    result = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(path), "--log-level", "error"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(ENVOY), "--mode", "validate", "-c", str(path), "--log-level", "error"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr + result.stdout
 
 
@@ -316,12 +432,20 @@ def test_envoy_rejects_a_broken_patch(patched: dict[tuple[str, str], Any], tmp_p
     broken = copy.deepcopy(patched)
     filters = hcm(broken)["http_filters"]
     filters[0]["typed_config"]["request_rules"]["rulez"] = []
-    config = {"static_resources": {"listeners": [v for (k, _), v in broken.items() if k == manifests.LISTENER_TYPE],
-                                   "clusters": [v for (k, _), v in broken.items() if k == manifests.CLUSTER_TYPE]}}
+    config = {
+        "static_resources": {
+            "listeners": [v for (k, _), v in broken.items() if k == manifests.LISTENER_TYPE],
+            "clusters": [v for (k, _), v in broken.items() if k == manifests.CLUSTER_TYPE],
+        }
+    }
     path = tmp_path / "broken.json"
     path.write_text(json.dumps(config))
-    result = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(path), "--log-level", "error"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(ENVOY), "--mode", "validate", "-c", str(path), "--log-level", "error"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
     assert "rulez" in result.stderr + result.stdout
 
@@ -329,9 +453,13 @@ def test_envoy_rejects_a_broken_patch(patched: dict[tuple[str, str], Any], tmp_p
 def test_patch_finding_nothing_is_an_error() -> None:
     listener = eg_listener()
     hcm_config = listener["default_filter_chain"]["filters"][0]["typed_config"]
-    hcm_config["http_filters"] = [f for f in hcm_config["http_filters"] if not f["name"].startswith(manifests.EXT_PROC_FILTER)]
+    hcm_config["http_filters"] = [
+        f for f in hcm_config["http_filters"] if not f["name"].startswith(manifests.EXT_PROC_FILTER)
+    ]
     with pytest.raises(AssertionError, match="finds nothing"):
-        apply_patches({(manifests.LISTENER_TYPE, "arks-system/arks-gateway/http"): listener}, [FILTERS])
+        apply_patches(
+            {(manifests.LISTENER_TYPE, "arks-system/arks-gateway/http"): listener}, [FILTERS]
+        )
 
 
 # --- traffic policies mirror the local listener and routes -----------------------------------
@@ -346,7 +474,10 @@ def test_traffic_policies_mirror_the_local_limits() -> None:
     local_route = next(r for r in routes(load_policy_file(DEMO_POLICY), s) if "route" in r)["route"]
     assert backends["timeout"]["http"]["requestTimeout"] == local_route["timeout"]
     assert backends["retry"]["numRetries"] == local_route["retry_policy"]["num_retries"]
-    assert ",".join(backends["retry"]["retryOn"]["triggers"]) == local_route["retry_policy"]["retry_on"]
+    assert (
+        ",".join(backends["retry"]["retryOn"]["triggers"])
+        == local_route["retry_policy"]["retry_on"]
+    )
 
 
 def test_client_ip_limit_is_envoy_gateways_global_rate_limit() -> None:
@@ -355,7 +486,9 @@ def test_client_ip_limit_is_envoy_gateways_global_rate_limit() -> None:
     cidrs = {r["clientSelectors"][0]["sourceCIDR"]["value"] for r in rate_limit["global"]["rules"]}
     assert cidrs == {"0.0.0.0/0", "::/0"}
     for rule in rate_limit["global"]["rules"]:
-        assert rule["clientSelectors"][0]["sourceCIDR"]["type"] == "Distinct"  # one counter per address
+        assert (
+            rule["clientSelectors"][0]["sourceCIDR"]["type"] == "Distinct"
+        )  # one counter per address
 
 
 def test_envoy_gateway_config_enables_what_the_manifests_need() -> None:
@@ -365,6 +498,9 @@ def test_envoy_gateway_config_enables_what_the_manifests_need() -> None:
     assert config["extensionApis"]["enableBackend"] is True
     redis = one("Service", "arks-redis", INSTALL)
     url = config["rateLimit"]["backend"]["redis"]["url"]
-    assert url == f"arks-redis.{redis['metadata']['namespace']}.svc.cluster.local:{redis['spec']['ports'][0]['port']}"
+    assert (
+        url
+        == f"arks-redis.{redis['metadata']['namespace']}.svc.cluster.local:{redis['spec']['ports'][0]['port']}"
+    )
     gateway_class = one("GatewayClass", "arks", INSTALL)
     assert config["gateway"]["controllerName"] == gateway_class["spec"]["controllerName"]

@@ -383,9 +383,15 @@ def test_the_same_token_hash_on_two_tokens_is_an_error() -> None:
 
 
 def test_in_a_cluster_duplicate_tokens_are_both_dropped_and_the_rest_still_applies() -> None:
-    objects = [token("alice", tokenHash=HASH), token("bob", tokenHash=HASH), token("carol", tokenHash=HASH),
-               token("dave", token="sk-dave")]
-    policy = build_policy([(f"object {i}", o) for i, o in enumerate(objects, 1)], drop_duplicate_tokens=True)
+    objects = [
+        token("alice", tokenHash=HASH),
+        token("bob", tokenHash=HASH),
+        token("carol", tokenHash=HASH),
+        token("dave", token="sk-dave"),
+    ]
+    policy = build_policy(
+        [(f"object {i}", o) for i, o in enumerate(objects, 1)], drop_duplicate_tokens=True
+    )
     assert policy.token(HASH) is None  # whose request it would be is ambiguous
     assert policy.token(token_digest("sk-dave")) is not None
     clashes = [w for w in policy.warnings if "same token" in w]

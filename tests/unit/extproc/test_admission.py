@@ -34,19 +34,30 @@ class Source:
 def setup(**rate_limits: int) -> tuple[AdmissionControl, Policy, list[float]]:
     alice = objects.token("alice", ["qwen"], tokenHash=token_digest("sk-a"))
     alice["spec"]["qos"][0]["quota"] = {"name": "team"}
-    alice["spec"]["qos"][0]["rateLimits"] = [{"type": k, "value": v} for k, v in rate_limits.items()]
-    team = {"apiVersion": "arks.ai/v1", "kind": "ArksQuota", "metadata": {"name": "team"},
-            "spec": {"quotas": [{"type": "total", "value": 100, "period": "day"}]}}
+    alice["spec"]["qos"][0]["rateLimits"] = [
+        {"type": k, "value": v} for k, v in rate_limits.items()
+    ]
+    team = {
+        "apiVersion": "arks.ai/v1",
+        "kind": "ArksQuota",
+        "metadata": {"name": "team"},
+        "spec": {"quotas": [{"type": "total", "value": 100, "period": "day"}]},
+    }
     policy = build_policy([("t", alice), ("e", objects.endpoint("qwen")), ("q", team)])
     now = [DAY_END]
     clock = lambda: now[0]  # noqa: E731
     limiter = Limiter(RateLimitConfig, MemoryBackend(), RateLimitMetrics.create(), clock=clock)
-    return AdmissionControl(limiter, MemoryBudgets(), Source(policy), clock, default_max_tokens=40), policy, now
+    return (
+        AdmissionControl(limiter, MemoryBudgets(), Source(policy), clock, default_max_tokens=40),
+        policy,
+        now,
+    )
 
 
 def request(policy: Policy, request_id: str, max_tokens: int = 40) -> tuple[RequestInfo, Forward]:
     info = RequestInfo(
-        "POST", "/v1/chat/completions",
+        "POST",
+        "/v1/chat/completions",
         {"authorization": "Bearer sk-a", "x-request-id": request_id, "content-length": "40"},
         BodyFacts(model="qwen", max_tokens=max_tokens),
     )
@@ -55,20 +66,31 @@ def request(policy: Policy, request_id: str, max_tokens: int = 40) -> tuple[Requ
     return info, decision
 
 
-async def admit_and_settle(admission: AdmissionControl, policy: Policy, rid: str, tokens: int) -> bool:
+async def admit_and_settle(
+    admission: AdmissionControl, policy: Policy, rid: str, tokens: int
+) -> bool:
     info, decision = request(policy, rid)
     admitted = await admission.admit(info, decision)
     if isinstance(admitted, Deny):
         return False
     ours = admitted.metadata[METADATA_NAMESPACE]
-    await admission.settle(rid, admitted.identity, Reservation.from_metadata(ours), ours.get("limits", {}), 10, tokens - 10)
+    await admission.settle(
+        rid,
+        admitted.identity,
+        Reservation.from_metadata(ours),
+        ours.get("limits", {}),
+        10,
+        tokens - 10,
+    )
     return True
 
 
 async def test_a_daily_quota_resets_at_midnight_utc() -> None:
     admission, policy, now = setup()
     assert await admit_and_settle(admission, policy, "r1", 45)
-    assert await admit_and_settle(admission, policy, "r2", 45)  # 90 used; 50 reserved would pass 100
+    assert await admit_and_settle(
+        admission, policy, "r2", 45
+    )  # 90 used; 50 reserved would pass 100
     info, decision = request(policy, "r3")
     refused = await admission.admit(info, decision)
     assert isinstance(refused, Deny) and refused.code == "insufficient_quota"
@@ -88,28 +110,54 @@ async def test_all_budgets_are_leased_at_once_and_the_tightest_binds() -> None:
     assert len(winners) == 100 // 50
     for i, winner in enumerate(winners):
         ours = winner.metadata[METADATA_NAMESPACE]
-        await admission.settle(f"c{i}", winner.identity, Reservation.from_metadata(ours), ours["limits"], 10, 40)
+        await admission.settle(
+            f"c{i}", winner.identity, Reservation.from_metadata(ours), ours["limits"], 10, 40
+        )
 
 
 async def test_tpm_alone_admits_what_fits_and_settles_real_costs() -> None:
     admission, policy, now = setup(tpm=1000)
-    admission.policy = Source(build_policy([
-        ("t", {**objects.token("alice", ["qwen"], tokenHash=token_digest("sk-a")),
-               "spec": {"tokenHash": token_digest("sk-a"),
-                        "qos": [{"arksEndpoint": {"name": "qwen"}, "rateLimits": [{"type": "tpm", "value": 1000}]}]}}),
-        ("e", objects.endpoint("qwen")),
-    ]))
+    admission.policy = Source(
+        build_policy(
+            [
+                (
+                    "t",
+                    {
+                        **objects.token("alice", ["qwen"], tokenHash=token_digest("sk-a")),
+                        "spec": {
+                            "tokenHash": token_digest("sk-a"),
+                            "qos": [
+                                {
+                                    "arksEndpoint": {"name": "qwen"},
+                                    "rateLimits": [{"type": "tpm", "value": 1000}],
+                                }
+                            ],
+                        },
+                    },
+                ),
+                ("e", objects.endpoint("qwen")),
+            ]
+        )
+    )
     policy = admission.policy.current()
     now[0] = 1_800_000_000.0
     infos = [request(policy, f"c{i}") for i in range(100)]
     admitted = await asyncio.gather(*(admission.admit(info, d) for info, d in infos))
     winners = [(i, a) for i, a in enumerate(admitted) if isinstance(a, Forward)]
     assert len(winners) == 1000 // 50  # reservations of 50 fill the minute exactly
-    await asyncio.gather(*(
-        admission.settle(f"c{i}", a.identity, Reservation.from_metadata(a.metadata[METADATA_NAMESPACE]),
-                         a.metadata[METADATA_NAMESPACE]["limits"], 10, 30)
-        for i, a in winners
-    ))
+    await asyncio.gather(
+        *(
+            admission.settle(
+                f"c{i}",
+                a.identity,
+                Reservation.from_metadata(a.metadata[METADATA_NAMESPACE]),
+                a.metadata[METADATA_NAMESPACE]["limits"],
+                10,
+                30,
+            )
+            for i, a in winners
+        )
+    )
     used = await admission.budgets.used([f"tpm/default/alice/qwen/{int(now[0]) // 60 * 60}"])
     assert list(used.values()) == [40 * len(winners)]  # real costs replaced the reservations
     now[0] += 60  # the next minute

@@ -232,12 +232,16 @@ def test_forward_carries_the_picked_engines_in_header_and_envoy_lb() -> None:
     assert metadata["envoy.lb"] == {"x-gateway-destination-endpoint": value}
     assert metadata["io.arks"]["user"] == "alice"
     body = wire(codec.forward_body(forward(), value))
-    assert json_format.MessageToDict(body.dynamic_metadata)["envoy.lb"] == {"x-gateway-destination-endpoint": value}
+    assert json_format.MessageToDict(body.dynamic_metadata)["envoy.lb"] == {
+        "x-gateway-destination-endpoint": value
+    }
 
 
 def test_request_info_keeps_a_client_sent_destination_so_it_can_be_stripped() -> None:
     info = codec.request_info(
-        headers_message([*ENVOY_HEADERS, ("x-gateway-destination-endpoint", "10.9.9.9:80")]).request_headers,
+        headers_message(
+            [*ENVOY_HEADERS, ("x-gateway-destination-endpoint", "10.9.9.9:80")]
+        ).request_headers,
         base_pb2.Metadata(),
     )
 

@@ -365,7 +365,9 @@ def test_body_phase_also_checks_the_grant(policy: Policy, alice: ArksToken) -> N
 # --- streamed requests: ask the engine for usage ----------------------------------------------
 
 
-def test_stream_without_include_usage_asks_envoy_to_add_it(policy: Policy, alice: ArksToken) -> None:
+def test_stream_without_include_usage_asks_envoy_to_add_it(
+    policy: Policy, alice: ArksToken
+) -> None:
     """One message per request: Envoy's Lua filter inserts the option, Python never reads the body."""
     decision = decide_headers(request(body=BodyFacts(model="qwen", stream=True)), policy, NOW)
 
@@ -375,8 +377,11 @@ def test_stream_without_include_usage_asks_envoy_to_add_it(policy: Policy, alice
 
 
 def test_non_streamed_or_usage_given_is_not_marked(policy: Policy, alice: ArksToken) -> None:
-    for facts in (BodyFacts(model="qwen"), BodyFacts(model="qwen", stream=True, include_usage=False),
-                  BodyFacts(model="qwen", stream=True, include_usage=True)):
+    for facts in (
+        BodyFacts(model="qwen"),
+        BodyFacts(model="qwen", stream=True, include_usage=False),
+        BodyFacts(model="qwen", stream=True, include_usage=True),
+    ):
         decision = decide_headers(request(body=facts), policy, NOW)
         assert isinstance(decision, Forward)
         assert "add_usage_option" not in decision.metadata["io.arks"]
@@ -535,13 +540,17 @@ def picking_policy() -> Policy:
 
 def test_the_endpoints_weighting_travels_with_the_forward(picking_policy: Policy) -> None:
     least = forwarded(decide_headers(request(body=BodyFacts(model="qwen")), picking_policy, NOW))
-    weighted = forwarded(decide_headers(request(body=BodyFacts(model="mistral")), picking_policy, NOW))
+    weighted = forwarded(
+        decide_headers(request(body=BodyFacts(model="mistral")), picking_policy, NOW)
+    )
 
     assert (least.weighting, least.prompt) == ("least-load", None)  # decided on one message
     assert (weighted.weighting, weighted.prompt) == ("weighted", None)
 
 
-def test_prefix_cache_reads_the_prompt_then_decides_as_on_the_headers(picking_policy: Policy) -> None:
+def test_prefix_cache_reads_the_prompt_then_decides_as_on_the_headers(
+    picking_policy: Policy,
+) -> None:
     req = request(body=BodyFacts(model="llama", stream=True))
     asked = decide_headers(req, picking_policy, NOW)
     assert isinstance(asked, ReadBody)

@@ -23,17 +23,30 @@ TEAM = ObjectKey("default", "team")
 
 
 def test_calendar_periods_in_utc() -> None:
-    assert period_bounds("day", T) == (datetime(2026, 11, 27, tzinfo=UTC), datetime(2026, 11, 28, tzinfo=UTC))
-    assert period_bounds("week", T) == (datetime(2026, 11, 23, tzinfo=UTC), datetime(2026, 11, 30, tzinfo=UTC))
-    assert period_bounds("month", T) == (datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC))
-    assert period_bounds("month", datetime(2026, 12, 31, 23, 59, tzinfo=UTC))[1] == datetime(2027, 1, 1, tzinfo=UTC)
+    assert period_bounds("day", T) == (
+        datetime(2026, 11, 27, tzinfo=UTC),
+        datetime(2026, 11, 28, tzinfo=UTC),
+    )
+    assert period_bounds("week", T) == (
+        datetime(2026, 11, 23, tzinfo=UTC),
+        datetime(2026, 11, 30, tzinfo=UTC),
+    )
+    assert period_bounds("month", T) == (
+        datetime(2026, 11, 1, tzinfo=UTC),
+        datetime(2026, 12, 1, tzinfo=UTC),
+    )
+    assert period_bounds("month", datetime(2026, 12, 31, 23, 59, tzinfo=UTC))[1] == datetime(
+        2027, 1, 1, tzinfo=UTC
+    )
     assert period_bounds("none", T)[1] is None
 
 
 def test_each_period_is_its_own_budget_and_resets_at_the_boundary() -> None:
     item = QuotaItem("total", 100, "day")
     assert budget_key(TEAM, item, T) == "quota/default/team/total/day-2026-11-27"
-    assert budget_key(TEAM, item, datetime(2026, 11, 27, 23, 59, 59, tzinfo=UTC)) == budget_key(TEAM, item, T)
+    assert budget_key(TEAM, item, datetime(2026, 11, 27, 23, 59, 59, tzinfo=UTC)) == budget_key(
+        TEAM, item, T
+    )
     assert budget_key(TEAM, item, datetime(2026, 11, 28, tzinfo=UTC)).endswith("day-2026-11-28")
     assert budget_key(TEAM, QuotaItem("total", 1, "none"), T).endswith("/none")
 
@@ -50,7 +63,9 @@ def test_costs_by_type_and_price_per_million() -> None:
 
 
 def test_leases_and_charges_use_the_admission_period() -> None:
-    q = ArksQuota(TEAM, (QuotaItem("total", 100, "day"), QuotaItem("cost", 1, "month")), (Price("*", 1, 1),))
+    q = ArksQuota(
+        TEAM, (QuotaItem("total", 100, "day"), QuotaItem("cost", 1, "month")), (Price("*", 1, 1),)
+    )
     leases = quota_leases(q, "any-model", 10, 20, T)
     assert [(lease.limit, lease.amount) for lease in leases] == [(100, 30), (1_000_000, 30)]
     assert all(lease.expires_at and lease.expires_at > T.timestamp() for lease in leases)
@@ -68,7 +83,9 @@ def test_refusals_say_which_budget_and_until_when() -> None:
     assert slots.code == "rate_limit_exceeded" and slots.retry_after_s == 1
 
 
-def test_a_reservation_bigger_than_the_budget_is_capped_so_it_can_run_on_an_untouched_budget() -> None:
+def test_a_reservation_bigger_than_the_budget_is_capped_so_it_can_run_on_an_untouched_budget() -> (
+    None
+):
     small = ArksQuota(TEAM, (QuotaItem("total", 500, "day"),))
     (lease,) = quota_leases(small, "m", 20, 1024, T)
     assert (lease.limit, lease.amount) == (500, 500)
@@ -88,4 +105,6 @@ def test_quota_status_round_trips_the_current_period_and_ignores_old_ones() -> N
     durable = QuotaStatus(api_client=None, read_status=lambda _: status)
     assert durable.load(policy, T) == {key_total: 42, key_cost: 1_500_000}
     tomorrow = datetime(2026, 11, 28, 1, tzinfo=UTC)
-    assert durable.load(policy, tomorrow) == {key_cost: 1_500_000}  # yesterday's daily total is not today's
+    assert durable.load(policy, tomorrow) == {
+        key_cost: 1_500_000
+    }  # yesterday's daily total is not today's

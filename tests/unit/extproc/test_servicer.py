@@ -80,7 +80,9 @@ async def test_body_phase_admission_keeps_the_body_max_tokens(ctx: Context) -> N
 
 
 async def test_denials_are_counted_by_status_and_code(ctx: Context) -> None:
-    response = await RequestProcessor(ctx).handle(headers_message({"model": "qwen"}, token="sk-mallory"))
+    response = await RequestProcessor(ctx).handle(
+        headers_message({"model": "qwen"}, token="sk-mallory")
+    )
 
     assert response.immediate_response.status.code == 401
     assert (
@@ -93,7 +95,9 @@ async def test_unexpected_messages_pass_through(ctx: Context) -> None:
     processor = RequestProcessor(ctx)
 
     body_first = await processor.handle(body_message({"model": "qwen"}))
-    response_headers = await processor.handle(ep.ProcessingRequest(response_headers=ep.HttpHeaders()))
+    response_headers = await processor.handle(
+        ep.ProcessingRequest(response_headers=ep.HttpHeaders())
+    )
 
     assert body_first.WhichOneof("response") == "request_body"
     assert not body_first.request_body.HasField("response")
@@ -149,7 +153,9 @@ ENGINES = ("10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000")
 DESTINATION = "x-gateway-destination-endpoint"
 
 
-def picking_context(clock: FakeClock, weighting: str, rpm: int | None = None, fail_closed: bool = False) -> Context:
+def picking_context(
+    clock: FakeClock, weighting: str, rpm: int | None = None, fail_closed: bool = False
+) -> Context:
     """A context whose `qwen` endpoint picks its engine (`weighting`); engines 2 and 3 are busy."""
     alice = objects.token("alice", ["qwen"], tokenHash=token_digest("sk-alice"))
     if rpm is not None:
@@ -161,16 +167,24 @@ def picking_context(clock: FakeClock, weighting: str, rpm: int | None = None, fa
     metrics = ctx.metrics
     picking = Picking(PickSettings(fail_closed=fail_closed), metrics, clock=clock)
     picking.store.set_endpoints({("default", "qwen"): ENGINES})
-    picking.store.observe({e: EngineLoad("vllm", waiting=w) for e, w in zip(ENGINES, (0, 5, 9), strict=True)})
+    picking.store.observe(
+        {e: EngineLoad("vllm", waiting=w) for e, w in zip(ENGINES, (0, 5, 9), strict=True)}
+    )
     admission = AdmissionControl(
-        limiter=Limiter(RateLimitConfig, MemoryBackend(), RateLimitMetrics.create(), clock=lambda: 1e9),
-        budgets=MemoryBudgets(), policy=policy, clock=lambda: 1e9,
+        limiter=Limiter(
+            RateLimitConfig, MemoryBackend(), RateLimitMetrics.create(), clock=lambda: 1e9
+        ),
+        budgets=MemoryBudgets(),
+        policy=policy,
+        clock=lambda: 1e9,
     )
     return dataclasses.replace(ctx, policy=policy, admission=admission, picking=picking)
 
 
 def with_client_destination(message: ep.ProcessingRequest, value: str) -> ep.ProcessingRequest:
-    message.request_headers.headers.headers.append(base_pb2.HeaderValue(key=DESTINATION, raw_value=value.encode()))
+    message.request_headers.headers.headers.append(
+        base_pb2.HeaderValue(key=DESTINATION, raw_value=value.encode())
+    )
     return message
 
 
@@ -178,7 +192,9 @@ def set_headers(response: ep.CommonResponse) -> dict[str, str]:
     return {h.header.key: h.header.raw_value.decode() for h in response.header_mutation.set_headers}
 
 
-async def test_least_load_names_the_engine_in_header_and_envoy_lb_metadata(clock: FakeClock) -> None:
+async def test_least_load_names_the_engine_in_header_and_envoy_lb_metadata(
+    clock: FakeClock,
+) -> None:
     ctx = picking_context(clock, "least-load")
 
     response = await RequestProcessor(ctx).handle(
@@ -192,7 +208,10 @@ async def test_least_load_names_the_engine_in_header_and_envoy_lb_metadata(clock
     assert DESTINATION in common.header_mutation.remove_headers  # Envoy removes before it sets
     lb = response.dynamic_metadata.fields["envoy.lb"].struct_value.fields
     assert lb[DESTINATION].string_value == expected
-    assert response.dynamic_metadata.fields["io.arks"].struct_value.fields["user"].string_value == "alice"
+    assert (
+        response.dynamic_metadata.fields["io.arks"].struct_value.fields["user"].string_value
+        == "alice"
+    )
     labels = {"namespace": "default", "model": "qwen", "reason": "least_load"}
     assert sample(ctx, "arks_picks_total", labels) == 1
     assert ctx.picking is not None and len(ctx.picking.store) == 1
@@ -218,7 +237,9 @@ async def test_prefix_cache_reads_the_body_and_picks_from_the_prompt(clock: Fake
     assert ctx.picking is not None and len(ctx.picking.index) > 0
 
 
-async def test_weighted_endpoints_get_no_destination_and_clients_cannot_set_one(ctx: Context) -> None:
+async def test_weighted_endpoints_get_no_destination_and_clients_cannot_set_one(
+    ctx: Context,
+) -> None:
     response = await RequestProcessor(ctx).handle(
         with_client_destination(headers_message({"model": "qwen"}), "6.6.6.6:80")
     )
@@ -229,7 +250,9 @@ async def test_weighted_endpoints_get_no_destination_and_clients_cannot_set_one(
     assert set(response.dynamic_metadata.fields) == {"io.arks"}
 
 
-async def test_fail_closed_refuses_before_admission_when_no_engine_can_be_picked(clock: FakeClock) -> None:
+async def test_fail_closed_refuses_before_admission_when_no_engine_can_be_picked(
+    clock: FakeClock,
+) -> None:
     ctx = picking_context(clock, "least-load", fail_closed=True)
     assert ctx.picking is not None
     ctx.picking.store.set_endpoints({("default", "qwen"): ("10.0.0.9:8000",)})  # not scraped yet
@@ -253,7 +276,12 @@ async def test_fail_open_forwards_without_a_destination(clock: FakeClock) -> Non
     common = response.request_headers.response
     assert DESTINATION in common.header_mutation.remove_headers
     assert "envoy.lb" not in response.dynamic_metadata.fields
-    assert sample(ctx, "arks_picks_total", {"namespace": "default", "model": "qwen", "reason": "fallback"}) == 1
+    assert (
+        sample(
+            ctx, "arks_picks_total", {"namespace": "default", "model": "qwen", "reason": "fallback"}
+        )
+        == 1
+    )
 
 
 async def test_a_pick_refused_by_rate_limits_is_released(clock: FakeClock) -> None:

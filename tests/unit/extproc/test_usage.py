@@ -125,10 +125,18 @@ def test_reset_before_any_answer_is_not_charged() -> None:
 
 def test_client_leaving_before_the_answer_is_charged_the_prompt() -> None:
     # No status reached the client (0), but the engine already read the prompt.
-    usage = usage_of(finished(status=0, prompt_estimate=25, response_body_bytes=0, interrupted="client_disconnected"))
+    usage = usage_of(
+        finished(
+            status=0, prompt_estimate=25, response_body_bytes=0, interrupted="client_disconnected"
+        )
+    )
 
     assert usage is not None
-    assert (usage.prompt_tokens, usage.completion_tokens, usage.estimated) == (25, 0, "client_disconnected")
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.estimated) == (
+        25,
+        0,
+        "client_disconnected",
+    )
 
 
 @pytest.mark.parametrize("status", [400, 404, 429, 500, 503])
@@ -212,4 +220,6 @@ def test_streamed_estimate_grows_with_the_bytes() -> None:
     large = streamed_tokens_estimate(1_000_000, "qwen", CHAT)
 
     assert 0 < small < large
-    assert math.isclose(large / small, 100, rel_tol=0.1)  # linear, but for the fixed role and finish chunks
+    assert math.isclose(
+        large / small, 100, rel_tol=0.1
+    )  # linear, but for the fixed role and finish chunks

@@ -39,14 +39,35 @@ IMAGE = "ghcr.io/arks-ai/arks"
 
 # Kinds of other projects, by apiVersion and kind: (upstream CRD file, version).
 UPSTREAM = {
-    ("gateway.networking.k8s.io/v1", "GatewayClass"): ("gateway.networking.k8s.io_gatewayclasses.yaml", "v1"),
+    ("gateway.networking.k8s.io/v1", "GatewayClass"): (
+        "gateway.networking.k8s.io_gatewayclasses.yaml",
+        "v1",
+    ),
     ("gateway.networking.k8s.io/v1", "Gateway"): ("gateway.networking.k8s.io_gateways.yaml", "v1"),
-    ("gateway.envoyproxy.io/v1alpha1", "EnvoyProxy"): ("gateway.envoyproxy.io_envoyproxies.yaml", "v1alpha1"),
-    ("gateway.envoyproxy.io/v1alpha1", "EnvoyExtensionPolicy"): ("gateway.envoyproxy.io_envoyextensionpolicies.yaml", "v1alpha1"),
-    ("gateway.envoyproxy.io/v1alpha1", "EnvoyPatchPolicy"): ("gateway.envoyproxy.io_envoypatchpolicies.yaml", "v1alpha1"),
-    ("gateway.envoyproxy.io/v1alpha1", "BackendTrafficPolicy"): ("gateway.envoyproxy.io_backendtrafficpolicies.yaml", "v1alpha1"),
-    ("gateway.envoyproxy.io/v1alpha1", "ClientTrafficPolicy"): ("gateway.envoyproxy.io_clienttrafficpolicies.yaml", "v1alpha1"),
-    ("monitoring.coreos.com/v1", "ServiceMonitor"): ("monitoring.coreos.com_servicemonitors.yaml", "v1"),
+    ("gateway.envoyproxy.io/v1alpha1", "EnvoyProxy"): (
+        "gateway.envoyproxy.io_envoyproxies.yaml",
+        "v1alpha1",
+    ),
+    ("gateway.envoyproxy.io/v1alpha1", "EnvoyExtensionPolicy"): (
+        "gateway.envoyproxy.io_envoyextensionpolicies.yaml",
+        "v1alpha1",
+    ),
+    ("gateway.envoyproxy.io/v1alpha1", "EnvoyPatchPolicy"): (
+        "gateway.envoyproxy.io_envoypatchpolicies.yaml",
+        "v1alpha1",
+    ),
+    ("gateway.envoyproxy.io/v1alpha1", "BackendTrafficPolicy"): (
+        "gateway.envoyproxy.io_backendtrafficpolicies.yaml",
+        "v1alpha1",
+    ),
+    ("gateway.envoyproxy.io/v1alpha1", "ClientTrafficPolicy"): (
+        "gateway.envoyproxy.io_clienttrafficpolicies.yaml",
+        "v1alpha1",
+    ),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): (
+        "monitoring.coreos.com_servicemonitors.yaml",
+        "v1",
+    ),
 }
 
 
@@ -59,9 +80,9 @@ def test_every_object_is_valid(doc: dict[str, Any]) -> None:
     if key in UPSTREAM:
         jsonschema.validate(doc, upstream_schema(*UPSTREAM[key]))
     else:
-        assert "." not in doc["apiVersion"].split("/")[0] or doc["apiVersion"].endswith(".k8s.io/v1"), (
-            f"{where(doc)}: a custom kind without a schema to validate it against"
-        )
+        assert "." not in doc["apiVersion"].split("/")[0] or doc["apiVersion"].endswith(
+            ".k8s.io/v1"
+        ), f"{where(doc)}: a custom kind without a schema to validate it against"
         kubernetes_validate.validate(doc, KUBERNETES, strict=True)
 
 
@@ -69,10 +90,14 @@ def test_install_has_each_piece() -> None:
     kinds = {(d["kind"], d["metadata"]["name"]) for d in INSTALL}
     for expected in [
         ("Namespace", "arks-system"),
-        ("Deployment", "arks-extproc"), ("Deployment", "arks-ratelimit"), ("Deployment", "arks-controller"),
+        ("Deployment", "arks-extproc"),
+        ("Deployment", "arks-ratelimit"),
+        ("Deployment", "arks-controller"),
         ("StatefulSet", "arks-redis"),
-        ("GatewayClass", "arks"), ("Gateway", "arks-gateway"),
-        ("EnvoyExtensionPolicy", "arks-extproc"), ("EnvoyPatchPolicy", "arks-filters"),
+        ("GatewayClass", "arks"),
+        ("Gateway", "arks-gateway"),
+        ("EnvoyExtensionPolicy", "arks-extproc"),
+        ("EnvoyPatchPolicy", "arks-filters"),
         ("BackendTrafficPolicy", "arks-backends"),
     ]:
         assert expected in kinds
@@ -96,7 +121,9 @@ def test_rendering_agrees_with_real_kustomize() -> None:
     kubectl = shutil.which("kubectl")
     assert kubectl, "kubectl (with its built-in kustomize) is needed to check `kubectl apply -k`"
     for directory, mine in ((MANIFESTS, INSTALL), (MANIFESTS / "monitoring", MONITORING)):
-        out = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [kubectl, "kustomize", str(directory)], capture_output=True, text=True, check=True
+        )
         theirs = [d for d in yaml.safe_load_all(out.stdout) if d]
         assert sorted(map(yaml.safe_dump, theirs)) == sorted(map(yaml.safe_dump, mine))
 
@@ -128,7 +155,9 @@ def test_service_command_lines_parse_with_the_services_own_flags() -> None:
     assert extproc.grpc_address == "0.0.0.0:50051" and extproc.metrics_address == "0.0.0.0"
     ratelimit = _parse("ratelimit", next(containers(DEPLOYMENTS["arks-ratelimit"])))
     assert ratelimit.config == (Path("/etc/ratelimit/config.yaml"),)
-    assert ratelimit.redis == "redis://arks-redis:6379/0" and ratelimit.grpc_address == "0.0.0.0:8081"
+    assert (
+        ratelimit.redis == "redis://arks-redis:6379/0" and ratelimit.grpc_address == "0.0.0.0:8081"
+    )
     controller = _parse("controller", next(containers(DEPLOYMENTS["arks-controller"])))
     assert controller.kube_host == "in-cluster" and controller.identity == "$(POD_NAME)"
     assert controller.default_gateway == "arks-system/arks-gateway"
@@ -136,9 +165,11 @@ def test_service_command_lines_parse_with_the_services_own_flags() -> None:
 
 def test_listening_ports_are_the_declared_container_ports() -> None:
     """What each process binds (from its parsed flags) is a declared, named container port."""
-    for name, attrs in {"arks-extproc": ("grpc_address", "metrics_port"),
-                        "arks-ratelimit": ("grpc_address", "metrics_port"),
-                        "arks-controller": (None, "metrics_port")}.items():
+    for name, attrs in {
+        "arks-extproc": ("grpc_address", "metrics_port"),
+        "arks-ratelimit": ("grpc_address", "metrics_port"),
+        "arks-controller": (None, "metrics_port"),
+    }.items():
         container = next(containers(DEPLOYMENTS[name]))
         settings = _parse(name, container)
         declared = {p["containerPort"] for p in container["ports"]}
@@ -192,12 +223,16 @@ def test_services_have_probes_on_what_they_serve() -> None:
 def test_service_selects_a_workloads_pods_and_targets_its_ports(service: dict[str, Any]) -> None:
     selector = service["spec"]["selector"]
     matching = [
-        w for w in WORKLOADS
+        w
+        for w in WORKLOADS
         if selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()
     ]
     assert len(matching) == 1, where(service)
     (workload,) = matching
-    assert workload["spec"]["selector"]["matchLabels"].items() <= workload["spec"]["template"]["metadata"]["labels"].items()
+    assert (
+        workload["spec"]["selector"]["matchLabels"].items()
+        <= workload["spec"]["template"]["metadata"]["labels"].items()
+    )
     ports = _port_names(workload)
     for port in service["spec"]["ports"]:
         assert port.get("targetPort", port["port"]) in ports, f"{where(service)} {port['name']}"
@@ -206,7 +241,9 @@ def test_service_selects_a_workloads_pods_and_targets_its_ports(service: dict[st
 def test_workload_selectors_match_their_own_pods() -> None:
     for workload in WORKLOADS:
         labels = workload["spec"]["template"]["metadata"]["labels"]
-        assert workload["spec"]["selector"]["matchLabels"].items() <= labels.items(), where(workload)
+        assert workload["spec"]["selector"]["matchLabels"].items() <= labels.items(), where(
+            workload
+        )
 
 
 # --- production habits ---------------------------------------------------------------------
@@ -222,7 +259,10 @@ def test_pods_are_locked_down(workload: dict[str, Any]) -> None:
         assert security["readOnlyRootFilesystem"] is True
         assert security["allowPrivilegeEscalation"] is False
         assert security["capabilities"]["drop"] == ["ALL"]
-        assert container["resources"]["requests"]["cpu"] and container["resources"]["requests"]["memory"]
+        assert (
+            container["resources"]["requests"]["cpu"]
+            and container["resources"]["requests"]["memory"]
+        )
         assert container["resources"]["limits"]["memory"]
 
 
@@ -232,16 +272,28 @@ def test_our_services_run_the_one_overridable_image() -> None:
     for name, deployment in DEPLOYMENTS.items():
         (container,) = containers(deployment)
         assert container["image"] == f"{IMAGE}:{images[0]['newTag']}", name
-    raw = [d for d in yaml.safe_load_all((MANIFESTS / "base" / "extproc.yaml").read_text()) if d["kind"] == "Deployment"]
-    assert raw[0]["spec"]["template"]["spec"]["containers"][0]["image"] == IMAGE  # the tag comes from images:
+    raw = [
+        d
+        for d in yaml.safe_load_all((MANIFESTS / "base" / "extproc.yaml").read_text())
+        if d["kind"] == "Deployment"
+    ]
+    assert (
+        raw[0]["spec"]["template"]["spec"]["containers"][0]["image"] == IMAGE
+    )  # the tag comes from images:
 
 
-@pytest.mark.parametrize("deployment", of_kind("Deployment"), ids=[where(d) for d in of_kind("Deployment")])
-def test_replicated_deployments_have_a_disruption_budget_and_spread(deployment: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    "deployment", of_kind("Deployment"), ids=[where(d) for d in of_kind("Deployment")]
+)
+def test_replicated_deployments_have_a_disruption_budget_and_spread(
+    deployment: dict[str, Any],
+) -> None:
     if deployment["spec"]["replicas"] < 2:
         return
     labels = deployment["spec"]["selector"]["matchLabels"]
-    budgets = [p for p in of_kind("PodDisruptionBudget") if p["spec"]["selector"]["matchLabels"] == labels]
+    budgets = [
+        p for p in of_kind("PodDisruptionBudget") if p["spec"]["selector"]["matchLabels"] == labels
+    ]
     assert len(budgets) == 1, where(deployment)
     spread = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
     assert spread[0]["labelSelector"]["matchLabels"] == labels
@@ -269,7 +321,9 @@ def test_redis_persists_every_second() -> None:
     config = one("ConfigMap", "arks-redis")["data"]["redis.conf"]
     assert "appendonly yes" in config and "appendfsync everysec" in config
     statefulset = one("StatefulSet", "arks-redis")
-    assert statefulset["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
+    assert statefulset["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"][
+        "storage"
+    ]
 
 
 def test_services_reach_redis_by_its_service() -> None:
@@ -288,7 +342,10 @@ def test_a_service_monitor_scrapes_each_services_metrics_port() -> None:
     assert {m["metadata"]["name"] for m in monitors} == set(DEPLOYMENTS)
     for monitor in monitors:
         service = one("Service", monitor["metadata"]["name"])
-        assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+        assert (
+            monitor["spec"]["selector"]["matchLabels"].items()
+            <= service["metadata"]["labels"].items()
+        )
         port_names = {p["name"] for p in service["spec"]["ports"]}
         for endpoint in monitor["spec"]["endpoints"]:
             assert endpoint["port"] in port_names and endpoint["path"] == "/metrics"
@@ -308,7 +365,7 @@ def test_the_dockerfile_builds_what_the_deployments_run() -> None:
             context = deployment["spec"]["template"]["spec"]["securityContext"]
             assert (context["runAsUser"], context["runAsGroup"]) == (uid, gid), name
     pyproject = (MANIFESTS.parent / "pyproject.toml").read_text()
-    packages = re.search(r'include = \[(.*?)\]', pyproject)
+    packages = re.search(r"include = \[(.*?)\]", pyproject)
     assert packages
     for package in re.findall(r'"(\w+)\*"', packages.group(1)):
         assert f"COPY {package} {package}" in dockerfile, package

@@ -27,7 +27,11 @@ def rules_of(account: str) -> list[tuple[str, dict[str, Any]]]:
     for binding in bindings_of(account):
         ref = binding["roleRef"]
         role = one(ref["kind"], ref["name"], INSTALL)
-        scope = "cluster" if binding["kind"] == "ClusterRoleBinding" else binding["metadata"]["namespace"]
+        scope = (
+            "cluster"
+            if binding["kind"] == "ClusterRoleBinding"
+            else binding["metadata"]["namespace"]
+        )
         out.extend((scope, rule) for rule in role["rules"])
     return out
 
@@ -62,7 +66,9 @@ def test_nobody_writes_secrets(role: dict[str, Any]) -> None:
 
 
 def test_each_service_runs_as_its_own_account() -> None:
-    accounts = {name: d["spec"]["template"]["spec"]["serviceAccountName"] for name, d in DEPLOYMENTS.items()}
+    accounts = {
+        name: d["spec"]["template"]["spec"]["serviceAccountName"] for name, d in DEPLOYMENTS.items()
+    }
     assert accounts == {n: n for n in ("arks-extproc", "arks-ratelimit", "arks-controller")}
     for account in accounts.values():
         one("ServiceAccount", account, INSTALL)
@@ -90,21 +96,39 @@ def test_extproc_reads_its_policy_and_writes_only_quota_status() -> None:
 
 
 def test_controller_can_do_what_it_reconciles() -> None:
-    for resource in ("arksmodels", "arksapplications", "arksdisaggregatedapplications", "arksendpoints", "arkstokens"):
+    for resource in (
+        "arksmodels",
+        "arksapplications",
+        "arksdisaggregatedapplications",
+        "arksendpoints",
+        "arkstokens",
+    ):
         assert READ <= verbs("arks-controller", "arks.ai", resource)
-        assert WRITE & verbs("arks-controller", "arks.ai", resource) <= {"patch", "update"}  # finalizers only
+        assert WRITE & verbs("arks-controller", "arks.ai", resource) <= {
+            "patch",
+            "update",
+        }  # finalizers only
         assert "create" not in verbs("arks-controller", "arks.ai", resource)
         assert {"patch", "update"} <= verbs("arks-controller", "arks.ai", f"{resource}/status")
         assert "update" in verbs("arks-controller", "arks.ai", f"{resource}/finalizers")
     assert verbs("arks-controller", "arks.ai", "arksquotas") == READ
     owned = [
-        ("apps", "deployments"), ("apps", "daemonsets"), ("", "services"), ("", "persistentvolumeclaims"),
-        ("", "serviceaccounts"), ("batch", "jobs"), ("autoscaling", "horizontalpodautoscalers"),
-        ("leaderworkerset.x-k8s.io", "leaderworkersets"), ("gateway.networking.k8s.io", "httproutes"),
-        ("rbac.authorization.k8s.io", "roles"), ("rbac.authorization.k8s.io", "rolebindings"),
+        ("apps", "deployments"),
+        ("apps", "daemonsets"),
+        ("", "services"),
+        ("", "persistentvolumeclaims"),
+        ("", "serviceaccounts"),
+        ("batch", "jobs"),
+        ("autoscaling", "horizontalpodautoscalers"),
+        ("leaderworkerset.x-k8s.io", "leaderworkersets"),
+        ("gateway.networking.k8s.io", "httproutes"),
+        ("rbac.authorization.k8s.io", "roles"),
+        ("rbac.authorization.k8s.io", "rolebindings"),
     ]
     for group, resource in owned:
-        assert READ | {"create", "patch", "update", "delete"} <= verbs("arks-controller", group, resource), resource
+        assert READ | {"create", "patch", "update", "delete"} <= verbs(
+            "arks-controller", group, resource
+        ), resource
     assert verbs("arks-controller", "", "pods") == READ
     assert verbs("arks-controller", "", "secrets") == READ
     assert {"create", "patch"} <= verbs("arks-controller", "", "events")
@@ -132,7 +156,11 @@ def test_leases_only_in_its_own_namespace_and_only_its_own() -> None:
 
 
 def test_nothing_else_is_granted_to_anyone() -> None:
-    accounts = {s["name"] for b in of_kind("ClusterRoleBinding") + of_kind("RoleBinding") for s in b["subjects"]}
+    accounts = {
+        s["name"]
+        for b in of_kind("ClusterRoleBinding") + of_kind("RoleBinding")
+        for s in b["subjects"]
+    }
     assert accounts == {"arks-controller", "arks-extproc"}
 
 

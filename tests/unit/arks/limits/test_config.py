@@ -44,32 +44,96 @@ ERROR_CASES = [
     ("domain_not_string", "domain", "expected a string, got int 42"),
     ("unknown_top_level_field", "descriptor", "unknown field"),
     ("descriptors_not_list", "descriptors", "expected a list, got a mapping"),
-    ("descriptor_not_mapping", "descriptors[0]", "expected a descriptor (a mapping), got str 'user'"),
+    (
+        "descriptor_not_mapping",
+        "descriptors[0]",
+        "expected a descriptor (a mapping), got str 'user'",
+    ),
     ("missing_key", "descriptors[0].key", "required"),
     ("empty_key", "descriptors[0].key", "must not be empty"),
     ("value_not_string", "descriptors[0].value", "expected a string, got int 2061234567 (quote it"),
     ("wildcard_not_trailing", "descriptors[0].value", "'*' is only supported at the end"),
     ("misspelt_descriptor_field", "descriptors[0].rate_limits", "unknown field"),
-    ("misspelt_rate_limit_field", "descriptors[0].descriptors[1].rate_limit.request_per_unit", "unknown field"),
-    ("misplaced_shadow_mode", "descriptors[0].rate_limit.shadow_mode", "it belongs in a descriptor"),
+    (
+        "misspelt_rate_limit_field",
+        "descriptors[0].descriptors[1].rate_limit.request_per_unit",
+        "unknown field",
+    ),
+    (
+        "misplaced_shadow_mode",
+        "descriptors[0].rate_limit.shadow_mode",
+        "it belongs in a descriptor",
+    ),
     ("misplaced_name", "descriptors[0].name", "it belongs in a rate_limit"),
-    ("rate_limit_not_mapping", "descriptors[0].rate_limit", "expected rate_limit (a mapping), got str"),
-    ("bad_unit", "descriptors[0].descriptors[1].rate_limit.unit", "unknown unit 'fortnight'; expected one of second"),
+    (
+        "rate_limit_not_mapping",
+        "descriptors[0].rate_limit",
+        "expected rate_limit (a mapping), got str",
+    ),
+    (
+        "bad_unit",
+        "descriptors[0].descriptors[1].rate_limit.unit",
+        "unknown unit 'fortnight'; expected one of second",
+    ),
     ("missing_unit", "descriptors[0].rate_limit.unit", "required"),
     ("missing_requests_per_unit", "descriptors[0].rate_limit.requests_per_unit", "required"),
-    ("negative_requests_per_unit", "descriptors[0].rate_limit.requests_per_unit", "-1 is out of range"),
-    ("too_many_requests_per_unit", "descriptors[0].rate_limit.requests_per_unit", "4294967296 is out of range"),
-    ("bool_requests_per_unit", "descriptors[0].rate_limit.requests_per_unit", "expected an integer, got bool True"),
-    ("string_requests_per_unit", "descriptors[0].rate_limit.requests_per_unit", "expected an integer, got str '500'"),
-    ("unlimited_with_unit", "descriptors[0].rate_limit.unit", "must not be set when unlimited is true"),
-    ("unlimited_not_bool", "descriptors[0].rate_limit.unlimited", "expected true or false, got str 'true'"),
+    (
+        "negative_requests_per_unit",
+        "descriptors[0].rate_limit.requests_per_unit",
+        "-1 is out of range",
+    ),
+    (
+        "too_many_requests_per_unit",
+        "descriptors[0].rate_limit.requests_per_unit",
+        "4294967296 is out of range",
+    ),
+    (
+        "bool_requests_per_unit",
+        "descriptors[0].rate_limit.requests_per_unit",
+        "expected an integer, got bool True",
+    ),
+    (
+        "string_requests_per_unit",
+        "descriptors[0].rate_limit.requests_per_unit",
+        "expected an integer, got str '500'",
+    ),
+    (
+        "unlimited_with_unit",
+        "descriptors[0].rate_limit.unit",
+        "must not be set when unlimited is true",
+    ),
+    (
+        "unlimited_not_bool",
+        "descriptors[0].rate_limit.unlimited",
+        "expected true or false, got str 'true'",
+    ),
     ("shadow_mode_not_bool", "descriptors[0].shadow_mode", "expected true or false"),
     ("bad_algorithm", "descriptors[0].rate_limit.algorithm", "unknown algorithm 'sliding_log'"),
-    ("duplicate_key_value", "descriptors[1]", "duplicate of descriptors[0] (key 'database', value 'users')"),
-    ("duplicate_key_only", "descriptors[0].descriptors[1]", "duplicate of descriptors[0].descriptors[0]"),
-    ("duplicate_prefix", "descriptors[1]", "duplicate of descriptors[0] (key 'path', value '/v1/*')"),
-    ("duplicate_name", "descriptors[1].descriptors[0].rate_limit.name", "already used at descriptors[0].rate_limit.name"),
-    ("replaces_unknown_name", "descriptors[1].rate_limit.replaces[1].name", "no limit named 'per_usr' in domain 'replaces'"),
+    (
+        "duplicate_key_value",
+        "descriptors[1]",
+        "duplicate of descriptors[0] (key 'database', value 'users')",
+    ),
+    (
+        "duplicate_key_only",
+        "descriptors[0].descriptors[1]",
+        "duplicate of descriptors[0].descriptors[0]",
+    ),
+    (
+        "duplicate_prefix",
+        "descriptors[1]",
+        "duplicate of descriptors[0] (key 'path', value '/v1/*')",
+    ),
+    (
+        "duplicate_name",
+        "descriptors[1].descriptors[0].rate_limit.name",
+        "already used at descriptors[0].rate_limit.name",
+    ),
+    (
+        "replaces_unknown_name",
+        "descriptors[1].rate_limit.replaces[1].name",
+        "no limit named 'per_usr' in domain 'replaces'",
+    ),
     ("replaces_self", "descriptors[0].rate_limit.replaces[0].name", "cannot replace itself"),
     ("replaces_empty_name", "descriptors[0].rate_limit.replaces[0].name", "must not be empty"),
     ("replaces_unknown_field", "descriptors[1].rate_limit.replaces[0].limit", "unknown field"),
@@ -79,8 +143,12 @@ ERROR_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("fixture", "path", "problem"), ERROR_CASES, ids=[c[0] for c in ERROR_CASES])
-def test_each_config_error_names_the_file_the_path_and_the_problem(fixture: str, path: str, problem: str) -> None:
+@pytest.mark.parametrize(
+    ("fixture", "path", "problem"), ERROR_CASES, ids=[c[0] for c in ERROR_CASES]
+)
+def test_each_config_error_names_the_file_the_path_and_the_problem(
+    fixture: str, path: str, problem: str
+) -> None:
     file = ERRORS / f"{fixture}.yaml"
     with pytest.raises(ConfigError) as caught:
         load_config([file])
@@ -99,7 +167,10 @@ def test_a_config_error_is_a_value_error() -> None:
 
 
 def test_the_same_domain_in_two_files_is_an_error_naming_the_second() -> None:
-    first, second = FIXTURES / "duplicate_domain" / "a.yaml", FIXTURES / "duplicate_domain" / "b.yaml"
+    first, second = (
+        FIXTURES / "duplicate_domain" / "a.yaml",
+        FIXTURES / "duplicate_domain" / "b.yaml",
+    )
     with pytest.raises(ConfigError) as caught:
         load_config([FIXTURES / "duplicate_domain"])
     assert str(caught.value) == f"{second}: domain: duplicate domain 'shared', already in {first}"
@@ -189,7 +260,9 @@ def test_a_limit_carries_every_configured_field() -> None:
         algorithm=Algorithm.GCRA,
         stats_key="llm.tenant.user",
     )
-    assert limit_of(config, "llm", ("tenant", "acme"), ("user", "bob"), ("model", "gpt-4o")) == RateLimit(
+    assert limit_of(
+        config, "llm", ("tenant", "acme"), ("user", "bob"), ("model", "gpt-4o")
+    ) == RateLimit(
         requests_per_unit=100,
         unit=Unit.HOUR,
         name="per_user_gpt4",
@@ -309,15 +382,26 @@ def upstream() -> RateLimitConfig:
 
 def test_mongo_cps(upstream: RateLimitConfig) -> None:
     users = limit_of(upstream, "mongo_cps", ("database", "users"))
-    assert (users.requests_per_unit, users.unit, users.stats_key) == (500, Unit.SECOND, "mongo_cps.database_users")
+    assert (users.requests_per_unit, users.unit, users.stats_key) == (
+        500,
+        Unit.SECOND,
+        "mongo_cps.database_users",
+    )
     assert upstream.lookup("mongo_cps", [("database", "other")]) is None
 
 
 def test_messaging(upstream: RateLimitConfig) -> None:
-    assert rpu(upstream, "messaging", ("message_type", "marketing"), ("to_number", "2061111111")) == 5
+    assert (
+        rpu(upstream, "messaging", ("message_type", "marketing"), ("to_number", "2061111111")) == 5
+    )
     assert rpu(upstream, "messaging", ("to_number", "2061111111")) == 100
     assert upstream.lookup("messaging", [("message_type", "marketing")]) is None
-    assert upstream.lookup("messaging", [("message_type", "transactional"), ("to_number", "2061111111")]) is None
+    assert (
+        upstream.lookup(
+            "messaging", [("message_type", "transactional"), ("to_number", "2061111111")]
+        )
+        is None
+    )
     marketing = limit_of(upstream, "messaging", ("message_type", "marketing"), ("to_number", "1"))
     assert marketing.stats_key == "messaging.message_type_marketing.to_number"
 
@@ -338,8 +422,12 @@ def test_internal_unlimited(upstream: RateLimitConfig) -> None:
 
 
 def test_example6_shadow_mode(upstream: RateLimitConfig) -> None:
-    assert limit_of(upstream, "example6", ("service", "auth-service"), ("user", "user-a")).shadow_mode
-    assert not limit_of(upstream, "example6", ("service", "auth-service"), ("user", "user-b")).shadow_mode
+    assert limit_of(
+        upstream, "example6", ("service", "auth-service"), ("user", "user-a")
+    ).shadow_mode
+    assert not limit_of(
+        upstream, "example6", ("service", "auth-service"), ("user", "user-b")
+    ).shadow_mode
     assert upstream.lookup("example6", [("service", "auth-service"), ("user", "user-c")]) is None
 
 

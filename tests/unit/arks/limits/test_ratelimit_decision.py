@@ -15,7 +15,9 @@ from arks.limits.decision import (
 from arks.limits.model import Algorithm, Outcome, RateLimit, Unit
 
 PER_MINUTE = RateLimit(10, Unit.MINUTE, name="per_minute", stats_key="d.user")
-PER_DAY = RateLimit(100, Unit.DAY, name="per_day", replaces=("per_minute",), stats_key="d.user.model")
+PER_DAY = RateLimit(
+    100, Unit.DAY, name="per_day", replaces=("per_minute",), stats_key="d.user.model"
+)
 
 
 def lookup_table(table: dict[tuple[tuple[str, str], ...], RateLimit]):  # type: ignore[no-untyped-def]
@@ -28,7 +30,9 @@ def request(*descriptors: DescriptorRequest, hits_addend: int = 0) -> LimitReque
 
 def test_configured_limit_applies_and_unknown_descriptors_are_unlimited() -> None:
     lookup = lookup_table({(("user", "a"),): PER_MINUTE})
-    limits = limits_for(request(DescriptorRequest((("user", "a"),)), DescriptorRequest((("user", "b"),))), lookup)
+    limits = limits_for(
+        request(DescriptorRequest((("user", "a"),)), DescriptorRequest((("user", "b"),))), lookup
+    )
     assert limits == [PER_MINUTE, None]
 
 
@@ -42,13 +46,17 @@ def test_envoys_override_wins_over_the_configuration() -> None:
 
 def test_a_limit_named_in_replaces_is_not_applied() -> None:
     lookup = lookup_table({(("user", "a"),): PER_MINUTE, (("user", "a"), ("model", "m")): PER_DAY})
-    req = request(DescriptorRequest((("user", "a"),)), DescriptorRequest((("user", "a"), ("model", "m"))))
+    req = request(
+        DescriptorRequest((("user", "a"),)), DescriptorRequest((("user", "a"), ("model", "m")))
+    )
     assert limits_for(req, lookup) == [None, PER_DAY]
 
 
 def test_unlimited_is_never_charged() -> None:
     unlimited = RateLimit(0, Unit.SECOND, unlimited=True)
-    assert limits_for(request(DescriptorRequest((("k", "v"),))), lookup_table({(("k", "v"),): unlimited})) == [None]
+    assert limits_for(
+        request(DescriptorRequest((("k", "v"),))), lookup_table({(("k", "v"),): unlimited})
+    ) == [None]
 
 
 def test_hits_default_to_one_and_descriptor_hits_win() -> None:
@@ -59,7 +67,11 @@ def test_hits_default_to_one_and_descriptor_hits_win() -> None:
     )
     hits = hits_for(req, [PER_MINUTE, PER_MINUTE, PER_MINUTE])
     assert [h.hits for h in hits if h] == [1, 0, 500]
-    assert [h.hits for h in hits_for(request(DescriptorRequest((("a", "1"),)), hits_addend=7), [PER_MINUTE]) if h] == [7]
+    assert [
+        h.hits
+        for h in hits_for(request(DescriptorRequest((("a", "1"),)), hits_addend=7), [PER_MINUTE])
+        if h
+    ] == [7]
 
 
 def test_counter_keys_follow_envoyproxy_and_keep_algorithms_and_windows_apart() -> None:
@@ -67,7 +79,9 @@ def test_counter_keys_follow_envoyproxy_and_keep_algorithms_and_windows_apart() 
     assert counter_key("arks", entries, PER_MINUTE) == "arks_user_alice_model_m_60"
     gcra = RateLimit(10, Unit.MINUTE, algorithm=Algorithm.GCRA)
     assert counter_key("arks", entries, gcra) == "gcra:arks_user_alice_model_m_60"
-    assert counter_key("arks", entries, RateLimit(10, Unit.HOUR)) != counter_key("arks", entries, PER_MINUTE)
+    assert counter_key("arks", entries, RateLimit(10, Unit.HOUR)) != counter_key(
+        "arks", entries, PER_MINUTE
+    )
 
 
 def test_over_limit_answer_has_statuses_headers_and_an_openai_body() -> None:

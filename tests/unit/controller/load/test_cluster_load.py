@@ -97,7 +97,10 @@ def test_dynamo_is_scraped_on_its_workers_system_port_not_its_frontend() -> None
         make_pod(phase="Pending"),
         make_pod(ip=None),
         make_pod(ports=(("metrics", 8000),)),  # no port of the expected name
-        {**make_pod(), "metadata": {**make_pod()["metadata"], "deletionTimestamp": "2025-01-01T00:00:00Z"}},
+        {
+            **make_pod(),
+            "metadata": {**make_pod()["metadata"], "deletionTimestamp": "2025-01-01T00:00:00Z"},
+        },
         {**make_pod(), "metadata": {**make_pod()["metadata"], "labels": {"app": "other"}}},
     ],
     ids=["not-ready", "pending", "no-ip", "no-port", "terminating", "not-arks"],

@@ -29,7 +29,12 @@ def token(**spec: Any) -> dict[str, Any]:
 
 def secret(**data: str) -> dict[str, Any]:
     encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
-    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "alice-token", "namespace": "prod"}, "data": encoded}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "alice-token", "namespace": "prod"},
+        "data": encoded,
+    }
 
 
 def status_of(obj: dict[str, Any], sec: dict[str, Any] | None = None, **kw: Any) -> Any:
@@ -96,7 +101,9 @@ def test_a_secret_that_does_not_provide_the_token_makes_it_invalid(sec: Any, rea
 
 
 def test_a_secret_held_token_is_active_and_its_value_never_appears() -> None:
-    s = status_of(token(tokenSecretRef={"name": "alice-token"}), secret(token="sk-held-in-secret\n"))
+    s = status_of(
+        token(tokenSecretRef={"name": "alice-token"}), secret(token="sk-held-in-secret\n")
+    )
     assert s.phase == "Active"
     assert "sk-held-in-secret" not in repr(s)
 
@@ -121,4 +128,8 @@ def test_conditions_keep_their_transition_time_when_nothing_changes() -> None:
     again = desired_status(first, s, 3, NOW + datetime.timedelta(minutes=5))
     assert again == first
     assert first["observedGeneration"] == 3 and first["phase"] == "Active"
-    assert {c["type"] for c in first["conditions"]} == {"Ready", "ReferencesResolved", "PlainTextToken"}
+    assert {c["type"] for c in first["conditions"]} == {
+        "Ready",
+        "ReferencesResolved",
+        "PlainTextToken",
+    }

@@ -142,7 +142,9 @@ def test_leaderworkerset_validates_against_upstream_crd(runtime: str) -> None:
 
 
 def test_strict_lws_schema_rejects_unknown_fields() -> None:
-    lws = by_kind(render_application(make_app("vllm", 2), model_on_claim("claim")))["LeaderWorkerSet"]
+    lws = by_kind(render_application(make_app("vllm", 2), model_on_claim("claim")))[
+        "LeaderWorkerSet"
+    ]
     lws["spec"]["leaderWorkerTemplate"]["sizee"] = 2
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(lws, lws_schema())
@@ -163,7 +165,9 @@ def test_vllm_single_node_flags() -> None:
     assert flag(argv, "--port") == "8000"
     assert flag(argv, "--host") == "0.0.0.0"
     assert argv[-2:] == ["--max-model-len", "8192"], "user args come last"
-    container = engine_container(pod_templates(render_application(app, model_on_claim("c")))["single"])
+    container = engine_container(
+        pod_templates(render_application(app, model_on_claim("c")))["single"]
+    )
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
 
@@ -245,7 +249,9 @@ def test_model_claim_mounted_read_only() -> None:
 def test_explicit_gpu_resources_win() -> None:
     app = make_app("vllm", 1, tensorParallelSize=2)
     app["spec"]["instanceSpec"]["resources"] = {"limits": {"nvidia.com/gpu": 1}}
-    container = engine_container(pod_templates(render_application(app, model_on_claim("c")))["single"])
+    container = engine_container(
+        pod_templates(render_application(app, model_on_claim("c")))["single"]
+    )
     assert container["resources"] == {"limits": {"nvidia.com/gpu": 1}}
 
 
@@ -437,7 +443,9 @@ def test_dynamo_endpoints_come_from_render_defaults_and_user_env_wins() -> None:
         {"name": "ETCD_ENDPOINTS", "value": "http://mine:2379"}
     )
     defaults = RenderDefaults(dynamo_etcd_endpoints="http://etcd.infra:2379", dynamo_nats_server="")
-    workload, frontend, _ = dynamo_parts(render_application(app, model_on_claim("c"), defaults=defaults))
+    workload, frontend, _ = dynamo_parts(
+        render_application(app, model_on_claim("c"), defaults=defaults)
+    )
     worker_env = env_of(engine_container(workload["spec"]["template"]))
     assert worker_env["ETCD_ENDPOINTS"] == "http://mine:2379"
     assert "NATS_SERVER" not in worker_env
@@ -446,14 +454,22 @@ def test_dynamo_endpoints_come_from_render_defaults_and_user_env_wins() -> None:
 
 
 def test_engines_read_the_node_local_copy_and_run_on_the_cache_nodes() -> None:
-    cache = {"enabled": True, "nodeSelector": {"nvidia.com/gpu.present": "true"}, "path": "/var/lib/arks/models"}
+    cache = {
+        "enabled": True,
+        "nodeSelector": {"nvidia.com/gpu.present": "true"},
+        "path": "/var/lib/arks/models",
+    }
     model = downloaded_model(nodeCache=cache)
     app = make_app("vllm", 2)
     for template in pod_templates(render_application(app, model)).values():
         (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == "model"]
-        assert volume["hostPath"] == {"path": "/var/lib/arks/models/default/qwen2-5-7b-instruct", "type": "Directory"}
+        assert volume["hostPath"] == {
+            "path": "/var/lib/arks/models/default/qwen2-5-7b-instruct",
+            "type": "Directory",
+        }
         assert template["spec"]["nodeSelector"] == {
-            **app["spec"]["instanceSpec"]["nodeSelector"], "nvidia.com/gpu.present": "true"
+            **app["spec"]["instanceSpec"]["nodeSelector"],
+            "nvidia.com/gpu.present": "true",
         }
         (mount,) = [m for m in engine_container(template)["volumeMounts"] if m["name"] == "model"]
         assert mount == {"name": "model", "mountPath": "/models", "readOnly": True}
@@ -471,7 +487,11 @@ def test_a_cache_on_other_nodes_than_the_engines_leaves_them_on_the_claim() -> N
 
 def test_the_dynamo_frontend_reads_the_claim_even_with_a_node_cache() -> None:
     cache = {"enabled": True, "nodeSelector": {"nvidia.com/gpu.present": "true"}}
-    _, frontend, _ = dynamo_parts(render_application(make_app("dynamo", 1), downloaded_model(nodeCache=cache)))
+    _, frontend, _ = dynamo_parts(
+        render_application(make_app("dynamo", 1), downloaded_model(nodeCache=cache))
+    )
     (volume,) = frontend["spec"]["template"]["spec"]["volumes"]
     assert volume["persistentVolumeClaim"]["claimName"] == "qwen2-5-7b-instruct"
-    assert "nvidia.com/gpu.present" not in (frontend["spec"]["template"]["spec"].get("nodeSelector") or {})
+    assert "nvidia.com/gpu.present" not in (
+        frontend["spec"]["template"]["spec"].get("nodeSelector") or {}
+    )

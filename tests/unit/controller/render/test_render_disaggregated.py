@@ -133,7 +133,8 @@ CASES = [(r, s) for r in ("sglang", "dynamo") for s in (1, 2)]
 @pytest.mark.parametrize(("runtime", "size"), CASES)
 def test_render_matches_golden_file(runtime: str, size: int) -> None:
     rendered = yaml.safe_dump_all(
-        render_disaggregated(make_dapp(runtime, size), downloaded_model("deepseek-v3")), sort_keys=False
+        render_disaggregated(make_dapp(runtime, size), downloaded_model("deepseek-v3")),
+        sort_keys=False,
     )
     path = GOLDEN / f"{runtime}-size{size}.yaml"
     if os.environ.get("ARKS_UPDATE_GOLDEN") == "1":

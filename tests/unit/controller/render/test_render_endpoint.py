@@ -207,7 +207,9 @@ def test_load_weight_scales_default_weight_by_free_pods(
 
 def test_live_capacities_weigh_discovered_applications_but_not_route_configs() -> None:
     apps = [make_app("busy"), make_app("idle"), make_app("new")]
-    endpoint = make_endpoint(defaultWeight=10, routeConfigs=[{"name": "spill", "port": 80, "weight": 4}])
+    endpoint = make_endpoint(
+        defaultWeight=10, routeConfigs=[{"name": "spill", "port": 80, "weight": 4}]
+    )
     capacities = {"busy": 30, "idle": 200, "elsewhere": 0}  # "new": no pod seen yet
     route = render_httproute(endpoint, apps, capacities=capacities)
     assert [(r["name"], r["weight"], r["share"]) for r in route_status(route)] == [
@@ -231,9 +233,7 @@ def test_every_weighting_but_static_follows_load(weighting: str) -> None:
 
 def test_static_weighting_keeps_default_weight_whatever_the_load() -> None:
     apps = [make_app("a"), make_app("b")]
-    route = render_httproute(
-        make_endpoint(weighting="static"), apps, capacities={"a": 0, "b": 300}
-    )
+    route = render_httproute(make_endpoint(weighting="static"), apps, capacities={"a": 0, "b": 300})
     assert [(r["name"], r["weight"]) for r in rule(route)["backendRefs"]] == [("a", 5), ("b", 5)]
 
 
@@ -241,14 +241,18 @@ def test_a_drained_application_gets_nothing_while_another_backend_serves() -> No
     apps = [make_app("dead"), make_app("alive")]
     route = render_httproute(make_endpoint(), apps, capacities={"dead": 0, "alive": 100})
     assert [(r["name"], r["weight"]) for r in rule(route)["backendRefs"]] == [
-        ("alive", 5), ("dead", 0)
+        ("alive", 5),
+        ("dead", 0),
     ]
     only_static = render_httproute(
-        make_endpoint(routeConfigs=[{"name": "spill", "port": 80}]), apps,
+        make_endpoint(routeConfigs=[{"name": "spill", "port": 80}]),
+        apps,
         capacities={"dead": 0, "alive": 0},
     )
     assert [(r["name"], r["weight"]) for r in rule(only_static)["backendRefs"]] == [
-        ("alive", 0), ("dead", 0), ("spill", 1)
+        ("alive", 0),
+        ("dead", 0),
+        ("spill", 1),
     ]
 
 

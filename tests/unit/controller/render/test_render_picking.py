@@ -30,7 +30,11 @@ def make_endpoint(name: str = "qwen-7b", namespace: str = "llm", **spec: Any) ->
     return {
         "apiVersion": "arks.ai/v1",
         "kind": "ArksEndpoint",
-        "metadata": {"name": name, "namespace": namespace, "uid": "7d0c1a52-5b1e-4c1f-9b0e-2f6a1c3d4e5f"},
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "uid": "7d0c1a52-5b1e-4c1f-9b0e-2f6a1c3d4e5f",
+        },
         "spec": spec,
     }
 
@@ -42,24 +46,43 @@ def test_endpoints_balanced_by_weight_need_no_policy(weighting: str | None) -> N
 
 
 @pytest.mark.parametrize("weighting", ["least-load", "prefix-cache"])
-def test_a_picking_endpoint_patches_its_routes_cluster_on_the_default_gateway(weighting: str) -> None:
+def test_a_picking_endpoint_patches_its_routes_cluster_on_the_default_gateway(
+    weighting: str,
+) -> None:
     policy = render_picking_policy(make_endpoint(weighting=weighting))
     assert policy is not None
     assert policy["metadata"]["namespace"] == "arks-system"  # EG takes it only beside its Gateway
-    assert policy["spec"]["targetRef"] == {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "arks-gateway"}
-    assert policy["metadata"]["labels"][LABEL_ENDPOINT_UID] == "7d0c1a52-5b1e-4c1f-9b0e-2f6a1c3d4e5f"
+    assert policy["spec"]["targetRef"] == {
+        "group": "gateway.networking.k8s.io",
+        "kind": "Gateway",
+        "name": "arks-gateway",
+    }
+    assert (
+        policy["metadata"]["labels"][LABEL_ENDPOINT_UID] == "7d0c1a52-5b1e-4c1f-9b0e-2f6a1c3d4e5f"
+    )
     assert policy["metadata"]["annotations"]["arks.ai/endpoint"] == "llm/qwen-7b"
     [patch] = policy["spec"]["jsonPatches"]
     assert (patch["type"], patch["name"]) == (CLUSTER_TYPE, "httproute/llm/qwen-7b/rule/0")
-    assert patch["operation"] == {"op": "add", "path": "/load_balancing_policy", "value": picked_host_policy()}
+    assert patch["operation"] == {
+        "op": "add",
+        "path": "/load_balancing_policy",
+        "value": picked_host_policy(),
+    }
 
 
 def test_the_policy_follows_the_gateway_ref() -> None:
-    elsewhere = render_picking_policy(make_endpoint(weighting="least-load", gatewayRef={"name": "edge", "namespace": "net"}))
+    elsewhere = render_picking_policy(
+        make_endpoint(weighting="least-load", gatewayRef={"name": "edge", "namespace": "net"})
+    )
     assert elsewhere is not None
-    assert (elsewhere["metadata"]["namespace"], elsewhere["spec"]["targetRef"]["name"]) == ("net", "edge")
+    assert (elsewhere["metadata"]["namespace"], elsewhere["spec"]["targetRef"]["name"]) == (
+        "net",
+        "edge",
+    )
     # A ParentReference without a namespace means the route's own.
-    local = render_picking_policy(make_endpoint(weighting="least-load", gatewayRef={"name": "edge"}))
+    local = render_picking_policy(
+        make_endpoint(weighting="least-load", gatewayRef={"name": "edge"})
+    )
     assert local is not None and local["metadata"]["namespace"] == "llm"
 
 
@@ -72,7 +95,10 @@ def test_policy_names_are_distinct_and_valid() -> None:
 
 def test_policy_validates_against_the_upstream_crd() -> None:
     schema = upstream_schema("gateway.envoyproxy.io_envoypatchpolicies.yaml", "v1alpha1")
-    for endpoint in (make_endpoint(weighting="prefix-cache"), make_endpoint("m" * 253, "n" * 63, weighting="least-load")):
+    for endpoint in (
+        make_endpoint(weighting="prefix-cache"),
+        make_endpoint("m" * 253, "n" * 63, weighting="least-load"),
+    ):
         policy = render_picking_policy(endpoint)
         assert policy is not None
         jsonschema.validate(policy, schema)
@@ -81,18 +107,28 @@ def test_policy_validates_against_the_upstream_crd() -> None:
 
 def patched_cluster(endpoint: dict[str, Any]) -> dict[str, Any]:
     name = eg_route_cluster_name(endpoint["metadata"]["namespace"], endpoint["metadata"]["name"])
-    resources = {(CLUSTER_TYPE, name): eg_route_cluster(name, [[("10.0.0.1", 8000), ("10.0.0.2", 8000)], [("10.0.1.1", 8000)]], [5, 1])}
+    resources = {
+        (CLUSTER_TYPE, name): eg_route_cluster(
+            name, [[("10.0.0.1", 8000), ("10.0.0.2", 8000)], [("10.0.1.1", 8000)]], [5, 1]
+        )
+    }
     policy = render_picking_policy(endpoint)
     assert policy is not None
     apply_patches(resources, [policy])
     return resources[(CLUSTER_TYPE, name)]
 
 
-def envoy_validate(clusters: list[dict[str, Any]], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+def envoy_validate(
+    clusters: list[dict[str, Any]], tmp_path: Path
+) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "eg.json"
     path.write_text(json.dumps({"static_resources": {"clusters": clusters}}))
-    return subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(path), "--log-level", "error"],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [str(ENVOY), "--mode", "validate", "-c", str(path), "--log-level", "error"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_envoy_accepts_envoy_gateways_cluster_with_the_patch(tmp_path: Path) -> None:
@@ -108,5 +144,7 @@ def test_envoy_accepts_envoy_gateways_cluster_with_the_patch(tmp_path: Path) -> 
 
 def test_the_validation_can_fail(tmp_path: Path) -> None:
     cluster = patched_cluster(make_endpoint(weighting="least-load"))
-    cluster["load_balancing_policy"]["policies"][0]["typed_extension_config"]["typed_config"]["override_host_sourcez"] = []
+    cluster["load_balancing_policy"]["policies"][0]["typed_extension_config"]["typed_config"][
+        "override_host_sourcez"
+    ] = []
     assert envoy_validate([cluster], tmp_path).returncode != 0

@@ -90,12 +90,26 @@ def test_messages_and_anys_make_the_same_snapshot() -> None:
         ({CLUSTER: [{"@type": LISTENER, "name": "a"}]}, "declares @type"),
         ({"type.googleapis.com/envoy.NotAType": [{"name": "a"}]}, "unknown resource type"),
         (
-            {LISTENER: [{"name": "l", "listener_filters": [{"name": "x", "typed_config": {"@type": "type.googleapis.com/no.such.Type"}}]}]},
+            {
+                LISTENER: [
+                    {
+                        "name": "l",
+                        "listener_filters": [
+                            {
+                                "name": "x",
+                                "typed_config": {"@type": "type.googleapis.com/no.such.Type"},
+                            }
+                        ],
+                    }
+                ]
+            },
             "no.such.Type",
         ),
     ],
 )
-def test_malformed_resources_are_refused_with_their_name(resources: dict[str, Any], error: str) -> None:
+def test_malformed_resources_are_refused_with_their_name(
+    resources: dict[str, Any], error: str
+) -> None:
     with pytest.raises(SnapshotError, match=re.escape(error)):
         snapshot_from_json("v", resources)
 
@@ -149,11 +163,18 @@ async def test_a_cancelled_waiter_is_forgotten() -> None:
 def subscribed_stream(snap: Snapshot) -> tuple[StreamState, dict[str, str]]:
     """A stream that subscribed to all four types and ACKed everything; returns the nonces."""
     state = StreamState(node="n")
-    for type_url, names in ((CLUSTER, ()), (ENDPOINT, ("a", "b")), (LISTENER, ()), (ROUTE, ("local",))):
+    for type_url, names in (
+        (CLUSTER, ()),
+        (ENDPOINT, ("a", "b")),
+        (LISTENER, ()),
+        (ROUTE, ("local",)),
+    ):
         assert state.receive(XdsRequest(type_url, names)).kind is Kind.SUBSCRIBE
     nonces = {r.type_url: r.nonce for r in state.due(snap)}
     for type_url, nonce in nonces.items():
-        received = state.receive(XdsRequest(type_url, _names(type_url), snap.versions[type_url], nonce))
+        received = state.receive(
+            XdsRequest(type_url, _names(type_url), snap.versions[type_url], nonce)
+        )
         assert received.kind is Kind.ACK
     return state, nonces
 
@@ -208,8 +229,14 @@ def test_a_nack_names_the_rejected_version_and_it_is_not_sent_again() -> None:
     state, _ = subscribed_stream(good)
     bad = snapshot("bad", weight=9)
     [response] = state.due(bad)
-    received = state.receive(XdsRequest(ENDPOINT, ["a", "b"], good.versions[ENDPOINT], response.nonce, error="no"))
-    assert (received.kind, received.version, received.message) == (Kind.NACK, bad.versions[ENDPOINT], "no")
+    received = state.receive(
+        XdsRequest(ENDPOINT, ["a", "b"], good.versions[ENDPOINT], response.nonce, error="no")
+    )
+    assert (received.kind, received.version, received.message) == (
+        Kind.NACK,
+        bad.versions[ENDPOINT],
+        "no",
+    )
     assert state.due(bad) == []
     assert [r.type_url for r in state.due(snapshot("fixed", weight=2))] == [ENDPOINT]
 
@@ -235,5 +262,7 @@ def test_no_snapshot_means_no_responses() -> None:
     state = StreamState(node="n")
     state.receive(XdsRequest(LISTENER))
     assert state.due(None) == []
-    state.receive(XdsRequest("type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret", ["x"]))
+    state.receive(
+        XdsRequest("type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret", ["x"])
+    )
     assert [r.type_url for r in state.due(snapshot())] == [LISTENER]

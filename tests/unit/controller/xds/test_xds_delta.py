@@ -16,7 +16,12 @@ def sent(response: DeltaResponse) -> list[str]:
 def acked_stream(snap: Snapshot) -> DeltaStreamState:
     """A stream subscribed as Envoy does (LDS/CDS wildcard, RDS/EDS by name) that ACKed all."""
     state = DeltaStreamState(node="n")
-    for type_url, names in ((CLUSTER, ()), (ENDPOINT, ("a", "b")), (LISTENER, ()), (ROUTE, ("local",))):
+    for type_url, names in (
+        (CLUSTER, ()),
+        (ENDPOINT, ("a", "b")),
+        (LISTENER, ()),
+        (ROUTE, ("local",)),
+    ):
         assert state.receive(DeltaRequest(type_url, subscribe=names)).kind is Kind.SUBSCRIBE
     for response in state.due(snap):
         assert state.receive(DeltaRequest(response.type_url, nonce=response.nonce)).kind is Kind.ACK
@@ -30,7 +35,11 @@ def test_a_new_stream_gets_what_it_subscribed_to_in_push_order_with_versions() -
     state.receive(DeltaRequest(CLUSTER, subscribe=["*"]))
     state.receive(DeltaRequest(ENDPOINT, subscribe=["a"]))
     responses = state.due(snap)
-    assert [(r.type_url, sent(r)) for r in responses] == [(CLUSTER, ["a", "b"]), (ENDPOINT, ["a"]), (LISTENER, ["ingress"])]
+    assert [(r.type_url, sent(r)) for r in responses] == [
+        (CLUSTER, ["a", "b"]),
+        (ENDPOINT, ["a"]),
+        (LISTENER, ["ingress"]),
+    ]
     assert responses[0].resources[0].version == snap.resource_versions[CLUSTER]["a"]
     assert responses[0].system_version == snap.versions[CLUSTER]
     assert len({r.nonce for r in responses}) == 3
@@ -60,7 +69,10 @@ def test_a_resource_that_went_away_is_removed() -> None:
     state = acked_stream(snapshot())
     fewer = snapshot(clusters=[cluster("a")], endpoints=[assignment("a", 1001)])
     responses = state.due(fewer)
-    assert [(r.type_url, sent(r), r.removed) for r in responses] == [(CLUSTER, [], ["b"]), (ENDPOINT, [], ["b"])]
+    assert [(r.type_url, sent(r), r.removed) for r in responses] == [
+        (CLUSTER, [], ["b"]),
+        (ENDPOINT, [], ["b"]),
+    ]
     for response in responses:
         state.receive(DeltaRequest(response.type_url, nonce=response.nonce))
     assert state.due(fewer) == []  # said once
@@ -73,7 +85,9 @@ def test_a_name_the_snapshot_lacks_is_answered_as_absent_once() -> None:
     [response] = state.due(snap)
     assert (sent(response), response.removed) == ([], ["ghost"])
     assert state.due(snap) == []
-    arrived = snapshot(endpoints=[assignment("a", 1001), assignment("b", 1002), assignment("ghost", 1003)])
+    arrived = snapshot(
+        endpoints=[assignment("a", 1001), assignment("b", 1002), assignment("ghost", 1003)]
+    )
     [response] = state.due(arrived)
     assert sent(response) == ["ghost"]
 
@@ -83,7 +97,11 @@ def test_a_nack_keeps_envoys_versions_and_the_refused_one_is_not_sent_again() ->
     bad = snapshot("bad", weight=9)
     [response] = state.due(bad)
     received = state.receive(DeltaRequest(ENDPOINT, nonce=response.nonce, error="no"))
-    assert (received.kind, received.version, received.message) == (Kind.NACK, bad.versions[ENDPOINT], "no")
+    assert (received.kind, received.version, received.message) == (
+        Kind.NACK,
+        bad.versions[ENDPOINT],
+        "no",
+    )
     assert state.due(bad) == []
     [fixed] = state.due(snapshot("fixed", weight=2))
     assert sent(fixed) == ["a"]

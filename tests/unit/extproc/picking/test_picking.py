@@ -28,7 +28,9 @@ def view(address: str, waiting: float = 0, kv: float = 0.0, **kw: int) -> Engine
 LEAST_LOAD = Profile(Healthy(), (KvCacheRoom(0.9),), ((QueueScorer(), 1.0), (KvCacheScorer(), 0.5)))
 
 
-def hosts(engines: list[EngineView], request: PickRequest | None = None, profile: Profile = LEAST_LOAD) -> tuple[str, ...]:
+def hosts(
+    engines: list[EngineView], request: PickRequest | None = None, profile: Profile = LEAST_LOAD
+) -> tuple[str, ...]:
     return pick(engines, profile, request or PickRequest(), random.Random(7)).hosts
 
 

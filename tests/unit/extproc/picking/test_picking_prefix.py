@@ -9,16 +9,27 @@ SYSTEM = "You are a careful assistant. " * 40  # ~1,100 characters: 4 blocks of 
 
 def chat(*turns: str) -> str:
     messages = [{"role": "system", "content": SYSTEM}]
-    messages += [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+    messages += [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)
+    ]
     return prompt_text({"messages": messages})
 
 
 def test_prompt_text_of_chat_completions_and_embeddings() -> None:
-    parts = [{"type": "text", "text": "look at "}, {"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "this"}]
+    parts = [
+        {"type": "text", "text": "look at "},
+        {"type": "image_url", "image_url": {"url": "x"}},
+        {"type": "text", "text": "this"},
+    ]
 
-    assert prompt_text({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": parts}]}) == (
-        "system: be brief\nuser: look at this\n"
-    )
+    assert prompt_text(
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": parts},
+            ]
+        }
+    ) == ("system: be brief\nuser: look at this\n")
     assert prompt_text({"prompt": "once upon"}) == "once upon"
     assert prompt_text({"prompt": ["a", "b"]}) == "a\nb"
     assert prompt_text({"input": "embed me"}) == "embed me"

@@ -18,10 +18,20 @@ SYSTEM = "Answer as a pirate would, in full sentences. " * 30
 
 
 def picking(fail_closed: bool = False, **loads: float) -> Picking:
-    p = Picking(PickSettings(fail_closed=fail_closed), GatewayMetrics.create(), clock=lambda: 0.0, rng=random.Random(5))
+    p = Picking(
+        PickSettings(fail_closed=fail_closed),
+        GatewayMetrics.create(),
+        clock=lambda: 0.0,
+        rng=random.Random(5),
+    )
     p.store.set_endpoints({("default", "qwen"): [A, B, C]})
-    p.store.observe({A: EngineLoad("vllm", waiting=loads.get("a", 0)), B: EngineLoad("vllm", waiting=loads.get("b", 0)),
-                     C: EngineLoad("vllm", waiting=loads.get("c", 0))})
+    p.store.observe(
+        {
+            A: EngineLoad("vllm", waiting=loads.get("a", 0)),
+            B: EngineLoad("vllm", waiting=loads.get("b", 0)),
+            C: EngineLoad("vllm", waiting=loads.get("c", 0)),
+        }
+    )
     return p
 
 
@@ -31,7 +41,14 @@ def picks(p: Picking, reason: str) -> float:
 
 
 def conversation(*turns: str) -> str:
-    return prompt_text({"messages": [{"role": "system", "content": SYSTEM}, *({"role": "user", "content": t} for t in turns)]})
+    return prompt_text(
+        {
+            "messages": [
+                {"role": "system", "content": SYSTEM},
+                *({"role": "user", "content": t} for t in turns),
+            ]
+        }
+    )
 
 
 def test_least_load_names_the_least_loaded_engine_and_two_fallbacks() -> None:
@@ -67,9 +84,18 @@ def test_finished_requests_stop_counting() -> None:
 
 def test_prefix_cache_keeps_a_conversation_where_it_started() -> None:
     p = picking()
-    turns = ["Where is the treasure?", "Arr, under the palm.", "Which palm?", "The tallest one.", "Thanks!"]
+    turns = [
+        "Where is the treasure?",
+        "Arr, under the palm.",
+        "Which palm?",
+        "The tallest one.",
+        "Thanks!",
+    ]
 
-    destinations = [p.choose(f"r{i}", QWEN, PREFIX_CACHE, conversation(*turns[: i + 1])) for i in range(len(turns))]
+    destinations = [
+        p.choose(f"r{i}", QWEN, PREFIX_CACHE, conversation(*turns[: i + 1]))
+        for i in range(len(turns))
+    ]
 
     first = destinations[0]
     assert isinstance(first, Destination) and first.reason == "prefix_miss"
@@ -89,7 +115,9 @@ def test_prefix_cache_moves_a_conversation_off_an_engine_without_room() -> None:
     stays = p.choose("r2", QWEN, PREFIX_CACHE, conversation("hello", "again", "and again"))
 
     assert isinstance(moved, Destination) and moved.hosts[0] != holder
-    assert isinstance(stays, Destination) and stays.hosts[0] == moved.hosts[0]  # recorded where it went
+    assert (
+        isinstance(stays, Destination) and stays.hosts[0] == moved.hosts[0]
+    )  # recorded where it went
 
 
 def test_a_short_prompt_is_picked_by_load() -> None:
@@ -116,7 +144,11 @@ def test_no_pickable_engine_fails_closed_when_asked() -> None:
     refused = p.choose("r1", QWEN, LEAST_LOAD, None)
 
     assert isinstance(refused, Deny)
-    assert (refused.status, refused.code, refused.type) == (503, "no_backend", "service_unavailable")
+    assert (refused.status, refused.code, refused.type) == (
+        503,
+        "no_backend",
+        "service_unavailable",
+    )
     assert picks(p, "refused") == 1
 
 
