@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +20,7 @@ from kubernetes.client import ApiClient
 
 from arks import api
 from arks.adapters.kube.rest import Obj
-from arks.adapters.kube.watch import Informer
+from arks.adapters.kube.watch import Informer, start_all
 from arks.policy import Policy, PolicyError, build_policy
 from arks.resources import BACKENDS, ENDPOINTS, QUOTAS, SECRETS, TOKENS, Resource
 
@@ -85,14 +84,10 @@ class ClusterPolicySource:
 
     def start(self, timeout_s: float = 10.0) -> None:
         """Start watching; wait (up to `timeout_s` in all) for the first lists, and build from them."""
-        deadline = time.monotonic() + timeout_s
-        for informer in self._informers.values():
-            informer.start()
-        for informer in self._informers.values():
-            if not informer.wait_synced(max(0.0, deadline - time.monotonic())):
-                log.warning(
-                    "policy: %s not listed yet; starting without them", informer.resource.plural
-                )
+        for informer in start_all(self._informers.values(), timeout_s):
+            log.warning(
+                "policy: %s not listed yet; starting without them", informer.resource.plural
+            )
         self._dirty.clear()
         self._rebuild()
         self._builder = threading.Thread(

@@ -203,9 +203,8 @@ class TokenReconciler:
         if token is None or token["metadata"].get("deletionTimestamp"):
             return None
         for informer in (self.secrets, self.endpoints, self.quotas):
-            if not informer.wait_synced(
-                timeout_s=5.0
-            ):  # a half-filled cache would report "not found"
+            # A half-filled cache would report "not found".
+            if not informer.wait_synced(timeout_s=5.0):
                 raise TemporaryError(f"{informer.resource.plural} not listed yet", delay_s=1.0)
         now = self.clock()
         ref = (token.get("spec") or {}).get("tokenSecretRef") or {}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -18,7 +17,7 @@ from kubernetes.client import ApiClient
 
 from arks.adapters.kube.queue import Key
 from arks.adapters.kube.rest import Obj
-from arks.adapters.kube.watch import Handler, Informer, key_of
+from arks.adapters.kube.watch import Handler, Informer, key_of, start_all
 from arks.api import Backend, ObjectKey, SocketAddress
 from arks.envoy_config import PICKED_WEIGHTINGS
 from arks.policy import Policy
@@ -286,15 +285,11 @@ class ClusterEngines:
 
     def start(self, timeout_s: float = 10.0) -> None:
         """Start the informers and wait (up to `timeout_s` in all) for their first lists."""
-        deadline = time.monotonic() + timeout_s
-        for informer in self._informers:
-            informer.start()
-        for informer in self._informers:
-            if not informer.wait_synced(max(0.0, deadline - time.monotonic())):
-                log.warning(
-                    "engine discovery: %s not listed yet; picking uses what is known",
-                    informer.resource.plural,
-                )
+        for informer in start_all(self._informers, timeout_s):
+            log.warning(
+                "engine discovery: %s not listed yet; picking uses what is known",
+                informer.resource.plural,
+            )
 
     def stop(self, timeout_s: float | None = None) -> None:
         """Stop the informers; `timeout_s` bounds the wait for each thread (0: do not wait)."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from kubernetes.client import ApiClient
@@ -179,6 +180,16 @@ class Informer:
 
     def _query(self) -> dict[str, str]:
         return {"labelSelector": self._selector} if self._selector else {}
+
+
+def start_all(informers: Iterable[Informer], timeout_s: float) -> list[Informer]:
+    """Start the informers and wait (up to `timeout_s` in all) for their first lists; the ones
+    not listed by then (they go on trying)."""
+    started = list(informers)
+    deadline = time.monotonic() + timeout_s
+    for informer in started:
+        informer.start()
+    return [i for i in started if not i.wait_synced(max(0.0, deadline - time.monotonic()))]
 
 
 def _rv(obj: Mapping[str, Any]) -> str:
