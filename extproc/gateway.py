@@ -19,7 +19,7 @@ from arks.wire import (
 )
 from extproc.auth import authenticate
 from extproc.decision import Decision, Deny, Forward, Identity, ReadBody, Reply, bad_request
-from extproc.picking.prefix import prompt_text
+from extproc.picking.prefix import prefix_text
 from extproc.qos import token_limits
 from extproc.request import INFERENCE_PATHS, MODELS_PATH, BodyFacts, RequestInfo
 
@@ -82,9 +82,9 @@ def decide_body(req: RequestInfo, raw: bytes, token: ArksToken, policy: Policy) 
         # Read for its prompt only: decide as on the headers (Envoy's lifted facts, no tokenizer
         # pass, no body rewrite: usage.lua adds include_usage), so this mode costs one more
         # message and the prompt's hashing, nothing else.
-        return decide_route(req, req.body, token, policy, body=None, prompt=prompt_text(body))
+        return decide_route(req, req.body, token, policy, body=None, prompt=prefix_text(body))
     facts = BodyFacts.from_body(body)
-    prompt = prompt_text(body) if _picks_by_prefix(policy, token, facts.model) else None
+    prompt = prefix_text(body) if _picks_by_prefix(policy, token, facts.model) else None
     return decide_route(req, facts, token, policy, body=body, prompt=prompt)
 
 

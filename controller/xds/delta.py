@@ -46,7 +46,7 @@ class DeltaRequest:
 
 
 @dataclass(frozen=True)
-class Resource:
+class VersionedResource:
     name: str
     version: str
     resource: any_pb2.Any
@@ -57,7 +57,7 @@ class DeltaResponse:
     type_url: str
     system_version: str  # the snapshot's version of the type, for logs and NACK reports
     nonce: str
-    resources: list[Resource]
+    resources: list[VersionedResource]
     removed: list[str]
 
 
@@ -157,7 +157,7 @@ class DeltaStreamState:
             forced = name in sub.resend
             if not forced and (sub.held.get(name) == version or sub.rejected.get(name) == version):
                 continue
-            updated.append(Resource(name, version, snapshot.packed(type_url, [name])[0]))
+            updated.append(VersionedResource(name, version, snapshot.packed(type_url, [name])[0]))
         gone = sorted(
             name for name, held in sub.held.items() if name not in present and held != _ABSENT
         )

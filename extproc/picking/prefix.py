@@ -31,7 +31,7 @@ def _content_text(content: Any) -> str:
     return ""
 
 
-def prompt_text(body: Mapping[str, Any]) -> str:
+def prefix_text(body: Mapping[str, Any]) -> str:
     """The prompt as one string: chat messages as `role: content` lines, or the completion prompt."""
     messages = body.get("messages")
     if isinstance(messages, list):

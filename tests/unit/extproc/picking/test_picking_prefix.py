@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from extproc.picking.prefix import PrefixIndex, block_hashes, prompt_text
+from extproc.picking.prefix import PrefixIndex, block_hashes, prefix_text
 
 SYSTEM = "You are a careful assistant. " * 40  # ~1,100 characters: 4 blocks of 256
 
@@ -12,7 +12,7 @@ def chat(*turns: str) -> str:
     messages += [
         {"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)
     ]
-    return prompt_text({"messages": messages})
+    return prefix_text({"messages": messages})
 
 
 def test_prompt_text_of_chat_completions_and_embeddings() -> None:
@@ -22,7 +22,7 @@ def test_prompt_text_of_chat_completions_and_embeddings() -> None:
         {"type": "text", "text": "this"},
     ]
 
-    assert prompt_text(
+    assert prefix_text(
         {
             "messages": [
                 {"role": "system", "content": "be brief"},
@@ -30,11 +30,11 @@ def test_prompt_text_of_chat_completions_and_embeddings() -> None:
             ]
         }
     ) == ("system: be brief\nuser: look at this\n")
-    assert prompt_text({"prompt": "once upon"}) == "once upon"
-    assert prompt_text({"prompt": ["a", "b"]}) == "a\nb"
-    assert prompt_text({"input": "embed me"}) == "embed me"
-    assert prompt_text({"prompt": [1, 2, 3]}) == ""  # token ids: nothing to match on
-    assert prompt_text({"messages": "nonsense"}) == ""
+    assert prefix_text({"prompt": "once upon"}) == "once upon"
+    assert prefix_text({"prompt": ["a", "b"]}) == "a\nb"
+    assert prefix_text({"input": "embed me"}) == "embed me"
+    assert prefix_text({"prompt": [1, 2, 3]}) == ""  # token ids: nothing to match on
+    assert prefix_text({"messages": "nonsense"}) == ""
 
 
 def test_blocks_are_whole_chained_and_seeded() -> None:

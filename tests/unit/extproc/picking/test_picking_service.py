@@ -9,7 +9,7 @@ from arks.api import LEAST_LOAD, PREFIX_CACHE
 from arks.engine_metrics import EngineLoad, ScrapeFailure
 from extproc.decision import Deny, Identity
 from extproc.metrics import GatewayMetrics
-from extproc.picking.prefix import prompt_text
+from extproc.picking.prefix import prefix_text
 from extproc.picking.service import Destination, Picking, PickSettings
 
 A, B, C = "10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"
@@ -41,7 +41,7 @@ def picks(p: Picking, reason: str) -> float:
 
 
 def conversation(*turns: str) -> str:
-    return prompt_text(
+    return prefix_text(
         {
             "messages": [
                 {"role": "system", "content": SYSTEM},
