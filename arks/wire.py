@@ -22,7 +22,9 @@ NAMESPACE_HEADER = "x-arks-namespace"
 USER_HEADER = "x-arks-user"
 ROUTING_HEADERS = (MODEL_HEADER, NAMESPACE_HEADER, USER_HEADER)  # set by extproc only
 DESTINATION_HEADER = "x-gateway-destination-endpoint"  # the picked engines, `ip:port[,ip:port]`
-CREDENTIAL_HEADERS = ("authorization", "x-api-key")
+AUTHORIZATION_HEADER = "authorization"  # `Bearer <token>`
+API_KEY_HEADER = "x-api-key"  # `<token>`, as some OpenAI-compatible clients send it
+CREDENTIAL_HEADERS = (AUTHORIZATION_HEADER, API_KEY_HEADER)
 
 # --- Kubernetes -----------------------------------------------------------------------------
 FIELD_MANAGER = "arks-controller"  # server-side apply

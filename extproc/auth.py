@@ -7,25 +7,26 @@ from datetime import datetime
 
 from arks.api import ArksToken, token_digest
 from arks.policy import Policy
+from arks.wire import API_KEY_HEADER, AUTHORIZATION_HEADER
 from extproc.decision import Deny, unauthorized
 
 
 def bearer_token(headers: Mapping[str, str]) -> str | None:
     """`Authorization: Bearer <token>` or `x-api-key: <token>`."""
-    authorization = headers.get("authorization")
+    authorization = headers.get(AUTHORIZATION_HEADER)
     if authorization:
         scheme, _, credentials = authorization.strip().partition(" ")
         if scheme.lower() == "bearer" and credentials.strip():
             return credentials.strip()
         return None
-    api_key = headers.get("x-api-key", "").strip()
+    api_key = headers.get(API_KEY_HEADER, "").strip()
     return api_key or None
 
 
 def authenticate(headers: Mapping[str, str], policy: Policy, now: datetime) -> ArksToken | Deny:
     token = bearer_token(headers)
     if token is None:
-        if "authorization" in headers:
+        if AUTHORIZATION_HEADER in headers:
             return unauthorized("The Authorization header must be 'Bearer <token>'.")
         return unauthorized(
             "No API key provided: send 'Authorization: Bearer <token>' or 'x-api-key'."

@@ -12,6 +12,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import json_format, struct_pb2
 
 from arks.wire import (
+    CREDENTIAL_HEADERS,
     DESTINATION_HEADER,
     DESTINATION_METADATA_NAMESPACE,
     METADATA_NAMESPACE,
@@ -51,9 +52,7 @@ def _text(header: base_pb2.HeaderValue) -> str:
     return header.raw_value.decode("utf-8", "replace") if header.raw_value else str(header.value)
 
 
-_KEPT_HEADERS = frozenset(
-    {"authorization", "x-api-key", "x-request-id", "content-length", *PICKED_HEADERS}
-)
+_KEPT_HEADERS = frozenset({*CREDENTIAL_HEADERS, "x-request-id", "content-length", *PICKED_HEADERS})
 
 
 def request_info(headers: ep.HttpHeaders, metadata: base_pb2.Metadata) -> RequestInfo:
