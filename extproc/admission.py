@@ -53,12 +53,25 @@ class AdmissionControl:
     )
 
     async def admit(self, info: RequestInfo, decision: Decision) -> Decision:
+        """Forward with what was reserved, or a refusal. All or nothing: a request refused by any
+        check (budgets, then rpm/rpd) is charged by none, so refusals never use up an allowance."""
         if not isinstance(decision, Forward):
             return decision
+        leases, reservation = self._leases(info, decision)
+        admitted = await self._take_budgets(info, decision, leases, reservation)
+        if not isinstance(admitted, Forward):
+            return admitted
         limited = await self._rate_limits(decision)
         if limited is not None:
+            if leases:  # give back what the budgets reserved for it
+                released = [Charge(lease.key, 0, lease.expires_at) for lease in leases]
+                await self._settle(info.request_id, released)
             return limited
-        leases, reservation = self._leases(info, decision)
+        return admitted
+
+    async def _take_budgets(
+        self, info: RequestInfo, decision: Forward, leases: list[Lease], reservation: Reservation
+    ) -> Decision:
         if leases:
             try:
                 taken = await self.budgets.admit(
@@ -99,7 +112,7 @@ class AdmissionControl:
         request = qos.admission(decision.identity, decision.qos)
         if request is None:
             return None
-        answer = await self.limiter.decide(request)
+        answer = await self.limiter.decide(request, all_or_nothing=True)
         if not answer.over_limit:
             return None
         message = (

@@ -35,13 +35,20 @@ class Limiter:
     enforcement: Enforcement = Enforcement()
     _cache: dict[tuple[str, str], _Series] = field(default_factory=dict, repr=False)
 
-    async def decide(self, request: LimitRequest) -> Answer:
+    async def decide(self, request: LimitRequest, *, all_or_nothing: bool = False) -> Answer:
+        """The answer to `request`, its hits charged. envoyproxy/ratelimit charges over-limit hits
+        too; with `all_or_nothing` (admission) a refused request is charged nothing."""
         limits = limits_for(request, self.config().lookup)
         hits = hits_for(request, limits)
         charged = [h for h in hits if h is not None]
         outcomes: list[Outcome | None]
         try:
-            results = iter(await self.backend.apply(charged, self.clock()) if charged else [])
+            applied = (
+                await self.backend.apply(charged, self.clock(), all_or_nothing=all_or_nothing)
+                if charged
+                else []
+            )
+            results = iter(applied)
             outcomes = [next(results) if h is not None else None for h in hits]
         except BackendUnavailable as err:
             return self._without_backend(request, limits, err)

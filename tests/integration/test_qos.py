@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -21,6 +23,7 @@ from tests.support.stack import Stack, running_stack
 
 RPM_TOKEN = "sk-arks-test-rpm-1b2c3d"
 TPM_TOKEN = "sk-arks-test-tpm-4e5f6a"
+BUSY_TOKEN = "sk-arks-test-busy-7c8d9e"
 MESSAGES = [{"role": "user", "content": "Count to three."}]
 
 
@@ -41,6 +44,7 @@ def qos_stack(
     documents = [
         limited(f"rpm-{suffix}", RPM_TOKEN, rpm=3),
         limited(f"tpm-{suffix}", TPM_TOKEN, tpm=400),
+        limited(f"busy-{suffix}", BUSY_TOKEN, rpm=4, concurrency=1),
     ]
     with running_stack(tmp_path_factory.mktemp("qos"), documents, redis=redis) as running:
         running.suffix = suffix  # type: ignore[attr-defined]
@@ -90,6 +94,35 @@ def test_tpm_is_charged_the_engine_reported_tokens_of_streamed_answers(qos_stack
         max_tokens=100,
         extra_headers={"x-sim-output-tokens": "5"},
     )
+
+
+def test_requests_refused_for_concurrency_do_not_use_up_rpm(qos_stack: Stack) -> None:
+    """40 clients at once on a token with one slot: one runs, 39 are refused, and those refusals
+    leave the minute's rpm untouched, so the tenant is not locked out by its own refused calls."""
+    body = {"model": "model-a", "messages": MESSAGES}
+    slow = {"authorization": f"Bearer {BUSY_TOKEN}", "x-sim-ttft-ms": "1500"}
+    if time.time() % 60 > 45:  # the test takes ~2 s and must stay within one rpm window
+        time.sleep(60.5 - time.time() % 60)
+    with qos_stack.http() as http, ThreadPoolExecutor(40) as pool:
+        answers = list(
+            pool.map(
+                lambda _: http.post("/v1/chat/completions", json=body, headers=slow), range(40)
+            )
+        )
+        codes = sorted(a.status_code for a in answers)
+        assert codes == [200] + [429] * 39, codes
+        refusals = {a.json()["error"]["message"] for a in answers if a.status_code == 429}
+        assert all("concurrent" in m for m in refusals), refusals
+        fast = {"authorization": f"Bearer {BUSY_TOKEN}"}
+        # rpm 4: the one admitted above and three more fit in this minute, one at a time (a slot
+        # is free once the access log has settled the request before)
+        user = f"busy-{qos_stack.suffix}"  # type: ignore[attr-defined]
+        for _ in range(3):
+            qos_stack.usage(user, "model-a")
+            assert http.post("/v1/chat/completions", json=body, headers=fast).status_code == 200
+        qos_stack.usage(user, "model-a")
+        over = http.post("/v1/chat/completions", json=body, headers=fast)
+    assert over.status_code == 429 and over.headers["ratelimit-limit"].startswith("4")
 
 
 # --- request limits with a controlled clock (the limiter as extproc uses it) -------------------

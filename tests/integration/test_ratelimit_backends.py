@@ -159,6 +159,54 @@ async def test_concurrent_applies_admit_exactly_the_limit(
     assert sum(not o.over_limit for (o,) in outcomes) == 100
 
 
+# All or nothing: admission charges a refused request nothing -----------------------------------
+
+
+async def test_all_or_nothing_charges_no_hit_when_one_is_over(backend: CounterBackend) -> None:
+    rpm, rpd = hit(3, key="rpm"), hit(1, key="rpd", window_s=86400)
+    first = await backend.apply([rpm, rpd], T0, all_or_nothing=True)
+    assert [o.over_limit for o in first] == [False, False]
+    refused = await backend.apply([rpm, rpd], T0 + 1, all_or_nothing=True)
+    # The outcomes say what charging would have given; nothing was charged.
+    assert [(o.over_limit, o.used) for o in refused] == [(False, 2), (True, 2)]
+    (rpm_now, rpd_now) = await backend.apply(
+        [hit(3, 0, key="rpm"), hit(1, 0, key="rpd", window_s=86400)], T0 + 2
+    )
+    assert (rpm_now.used, rpd_now.used) == (1, 1)
+
+
+async def test_all_or_nothing_leaves_a_gcra_cell_alone_when_another_limit_refuses(
+    backend: CounterBackend,
+) -> None:
+    cell, strict = g(limit=2, key="cell"), hit(1, key="strict")
+    await backend.apply([cell, strict], T0, all_or_nothing=True)
+    for _ in range(5):
+        (cell_outcome, strict_outcome) = await backend.apply(
+            [cell, strict], T0, all_or_nothing=True
+        )
+        assert strict_outcome.over_limit and not cell_outcome.over_limit
+    (read,) = await backend.apply([g(limit=2, hits=0, key="cell")], T0)
+    assert read.remaining == 1  # only the admitted request holds a unit
+
+
+async def test_all_or_nothing_counts_a_key_hit_twice_once_per_hit(backend: CounterBackend) -> None:
+    twice = [hit(3, hits=2, key="same"), hit(3, hits=2, key="same")]
+    outcomes = await backend.apply(twice, T0, all_or_nothing=True)
+    assert [o.over_limit for o in outcomes] == [False, True]
+    (read,) = await backend.apply([hit(3, 0, key="same")], T0)
+    assert read.used == 0
+
+
+async def test_without_all_or_nothing_over_limit_hits_are_still_charged(
+    backend: CounterBackend,
+) -> None:
+    # envoyproxy/ratelimit's rule, kept for the rate-limit service
+    await backend.apply([hit(1, key="a"), hit(5, key="b")], T0)
+    await backend.apply([hit(1, key="a"), hit(5, key="b")], T0)
+    (b,) = await backend.apply([hit(5, 0, key="b")], T0)
+    assert b.used == 2
+
+
 # Both backends agree ----------------------------------------------------------------------------
 
 
@@ -173,6 +221,21 @@ async def test_redis_and_memory_give_identical_outcomes() -> None:
         for i, batch in enumerate(batches):
             at = now + i * 0.137
             assert await redis_backend.apply(batch, at) == await memory.apply(batch, at)
+
+
+async def test_redis_and_memory_agree_in_all_or_nothing_mode() -> None:
+    memory = MemoryBackend()
+    now = time.time()
+    batches = [
+        [hit(5, hits=i % 3, key="f"), g(limit=4, hits=i % 2, key="g"), hit(20, key="wide")]
+        for i in range(40)
+    ]
+    async with shared_redis_backend() as redis_backend:
+        for i, batch in enumerate(batches):
+            at = now + i * 0.71
+            assert await redis_backend.apply(batch, at, all_or_nothing=True) == await memory.apply(
+                batch, at, all_or_nothing=True
+            )
 
 
 # Keeping state bounded ---------------------------------------------------------------------------

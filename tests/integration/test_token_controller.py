@@ -74,9 +74,13 @@ def test_a_secret_held_token_turns_active_when_its_secret_appears(
     refs = find_condition(s["conditions"], "ReferencesResolved")
     assert refs and refs["status"] == "True"
 
+    def reasons() -> set[tuple[str, str]]:
+        events = rest.request(api, "GET", EVENTS.path(ns))["items"]
+        return {(e["reason"], e["type"]) for e in events if e["involvedObject"]["name"] == "alice"}
+
+    # The Event is recorded after the status is written: wait for it rather than race it.
+    eventually(lambda: {("SecretNotFound", "Warning"), ("Active", "Normal")} <= reasons())
     events = rest.request(api, "GET", EVENTS.path(ns))["items"]
-    reasons = {(e["reason"], e["type"]) for e in events if e["involvedObject"]["name"] == "alice"}
-    assert {("SecretNotFound", "Warning"), ("Active", "Normal")} <= reasons
     everything = repr(status(api, ns)) + repr(events)
     assert "sk-arks-never-shown" not in everything
 

@@ -24,19 +24,88 @@ from arks.limits.window import (
 )
 
 # KEYS[i]: hit i's counter. ARGV[1], ARGV[2]: now as whole seconds and fraction (window.Instant).
-# ARGV[3 + 4(i-1) ...]: hit i's algorithm ("fixed" | "gcra"), hits, limit, window_s.
-# Reply per hit: fixed window: the count after the hit (an integer); GCRA: how far the TAT is
-# ahead of now after the hit, as "%.17g" (a Lua number in a reply would be cut to an integer).
-# The GCRA lines mirror window.Instant, gcra_ahead and gcra_charge operation for operation, so
-# the float results are bit-identical to the memory backend's. A TAT is stored as
-# "<whole seconds> <fraction>" to keep sub-microsecond precision at epoch magnitudes.
-# Counts and window lengths go to Redis as the caller's strings: Lua would print 1e15 as "1e+15".
+# ARGV[3]: "1" for all or nothing (charge nothing if any hit would be over its limit), else "0".
+# ARGV[4 + 4(i-1) ...]: hit i's algorithm ("fixed" | "gcra"), hits, limit, window_s.
+# Reply: a flag (1: charged, 0: nothing charged), then per hit: fixed window: the count after the
+# hit (an integer); GCRA: how far the TAT is ahead of now after the hit, as "%.17g" (a Lua number
+# in a reply would be cut to an integer). When nothing is charged, the values are what charging
+# would have given. The GCRA lines mirror window.Instant, gcra_ahead, gcra_charge and
+# gcra_outcome's over-limit rule operation for operation, so the float results are bit-identical
+# to the memory backend's. A TAT is stored as "<whole seconds> <fraction>" to keep
+# sub-microsecond precision at epoch magnitudes. Counts and window lengths go to Redis as the
+# caller's strings: Lua would print 1e15 as "1e+15".
 SCRIPT = """
 local now_s = tonumber(ARGV[1])
 local now_f = tonumber(ARGV[2])
-local replies = {}
+local all_or_nothing = ARGV[3] == "1"
+
+local function tat_ahead(key)
+  local tat = redis.call("GET", key)
+  if not tat then
+    return 0
+  end
+  local sep = string.find(tat, " ", 1, true)
+  local ahead = (tonumber(string.sub(tat, 1, sep - 1)) - now_s)
+    + (tonumber(string.sub(tat, sep + 1)) - now_f)
+  if ahead < 0 then
+    ahead = 0
+  end
+  return ahead
+end
+
+local function gcra_charge(ahead, n, l, window_s)
+  if n > 0 and l > 0 then
+    return ahead + n * (tonumber(window_s) / l)
+  end
+  return ahead
+end
+
+if all_or_nothing then
+  local counts, aheads, values, over = {}, {}, {}, false
+  for i, key in ipairs(KEYS) do
+    local at = 4 + (i - 1) * 4
+    local algorithm, hits, limit, window_s = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
+    local n, l = tonumber(hits), tonumber(limit)
+    if algorithm == "fixed" then
+      if counts[key] == nil then
+        counts[key] = tonumber(redis.call("GET", key) or "0")
+      end
+      counts[key] = counts[key] + n
+      values[i] = counts[key]
+      if counts[key] > l then
+        over = true
+      end
+    else
+      if aheads[key] == nil then
+        aheads[key] = tat_ahead(key)
+      end
+      aheads[key] = gcra_charge(aheads[key], n, l, window_s)
+      values[i] = string.format("%.17g", aheads[key])
+      local window = tonumber(window_s)
+      if l == 0 then
+        over = true
+      else
+        local interval = window / l
+        local slack = interval * 1e-6
+        if n == 0 then
+          if aheads[key] + interval > window + slack then
+            over = true
+          end
+        elseif aheads[key] > window + slack then
+          over = true
+        end
+      end
+    end
+  end
+  if over then
+    table.insert(values, 1, 0)
+    return values
+  end
+end
+
+local replies = {1}
 for i, key in ipairs(KEYS) do
-  local at = 3 + (i - 1) * 4
+  local at = 4 + (i - 1) * 4
   local algorithm, hits, limit, window_s = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
   if algorithm == "fixed" then
     if tonumber(hits) > 0 then
@@ -44,30 +113,20 @@ for i, key in ipairs(KEYS) do
       if used == tonumber(hits) then
         redis.call("EXPIRE", key, window_s)
       end
-      replies[i] = used
+      replies[i + 1] = used
     else
-      replies[i] = tonumber(redis.call("GET", key) or "0")
+      replies[i + 1] = tonumber(redis.call("GET", key) or "0")
     end
   else
-    local ahead = 0
-    local tat = redis.call("GET", key)
-    if tat then
-      local sep = string.find(tat, " ", 1, true)
-      ahead = (tonumber(string.sub(tat, 1, sep - 1)) - now_s)
-        + (tonumber(string.sub(tat, sep + 1)) - now_f)
-      if ahead < 0 then
-        ahead = 0
-      end
-    end
     local n, l = tonumber(hits), tonumber(limit)
+    local ahead = gcra_charge(tat_ahead(key), n, l, window_s)
     if n > 0 and l > 0 then
-      ahead = ahead + n * (tonumber(window_s) / l)
       local t = now_f + ahead
       local whole = math.floor(t)
       redis.call("SET", key, string.format("%d %.17g", now_s + whole, t - whole),
         "PX", string.format("%d", (math.ceil(ahead) + 1) * 1000))
     end
-    replies[i] = string.format("%.17g", ahead)
+    replies[i + 1] = string.format("%.17g", ahead)
   end
 end
 return replies
@@ -98,26 +157,29 @@ class RedisBackend:
         self._timeout_s = timeout_s
         self._redis: Redis = connect(url, timeout_s, max_connections)
 
-    async def apply(self, hits: Sequence[Hit], now: float) -> list[Outcome]:
+    async def apply(
+        self, hits: Sequence[Hit], now: float, *, all_or_nothing: bool = False
+    ) -> list[Outcome]:
         if not hits:
             return []
         for hit in hits:
             validate(hit)
         at = Instant.of(now)
         keys = [self._prefix + counter_key(hit, now) for hit in hits]
-        args: list[str | int] = [at.seconds, repr(at.fraction)]
+        args: list[str | int] = [at.seconds, repr(at.fraction), "1" if all_or_nothing else "0"]
         for hit in hits:
             args += [_ALGORITHM_ARG[hit.algorithm], hit.hits, hit.limit, hit.window_s]
         async with answer_within(self._timeout_s, "counters"):
             replies = await self._run(keys, args)
-        return [_outcome(hit, reply, now) for hit, reply in zip(hits, replies, strict=True)]
+        # replies[0] says whether the hits were charged; the outcomes say the same (over_limit).
+        return [_outcome(hit, reply, now) for hit, reply in zip(hits, replies[1:], strict=True)]
 
     async def close(self) -> None:
         await self._redis.aclose()
 
     async def _run(self, keys: list[str], args: list[str | int]) -> list[Any]:
         replies = await run(self._redis, _SCRIPT, keys, args)
-        if not isinstance(replies, list) or len(replies) != len(keys):
+        if not isinstance(replies, list) or len(replies) != len(keys) + 1:
             raise RedisError(f"unexpected script reply: {replies!r}")
         return replies
 

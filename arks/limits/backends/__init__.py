@@ -13,8 +13,15 @@ from arks.limits.model import BackendUnavailable, Hit, Outcome
 
 
 class CounterBackend(Protocol):
-    async def apply(self, hits: Sequence[Hit], now: float) -> list[Outcome]:
-        """Charge every hit at `now` (epoch seconds); one Outcome per Hit, in order."""
+    async def apply(
+        self, hits: Sequence[Hit], now: float, *, all_or_nothing: bool = False
+    ) -> list[Outcome]:
+        """Charge every hit at `now` (epoch seconds); one Outcome per Hit, in order.
+
+        By default over-limit hits are charged too (envoyproxy/ratelimit's rule). With
+        `all_or_nothing`, atomically: if any outcome would be over its limit, nothing is charged
+        and the outcomes say what charging would have given (admission: a refused request must
+        not use up the allowance)."""
         ...
 
     async def close(self) -> None: ...

@@ -9,6 +9,9 @@ from arks.limits.window import (
     Instant,
     counter_key,
     fixed_window_outcome,
+    gcra_ahead,
+    gcra_charge,
+    gcra_outcome,
     gcra_step,
     validate,
 )
@@ -27,9 +30,15 @@ class MemoryBackend:
         self._writes = 0
         self._writes_per_sweep = MIN_WRITES_PER_SWEEP
 
-    async def apply(self, hits: Sequence[Hit], now: float) -> list[Outcome]:
+    async def apply(
+        self, hits: Sequence[Hit], now: float, *, all_or_nothing: bool = False
+    ) -> list[Outcome]:
         for hit in hits:
             validate(hit)
+        if all_or_nothing:
+            prospective = self._prospective(hits, now)
+            if any(outcome.over_limit for outcome in prospective):
+                return prospective
         outcomes = [self._apply_one(hit, now) for hit in hits]
         if self._writes >= self._writes_per_sweep:
             self._sweep(now)
@@ -42,6 +51,30 @@ class MemoryBackend:
     def __len__(self) -> int:
         """Entries held, expired ones included until the next sweep."""
         return len(self._counts) + len(self._tats)
+
+    def _prospective(self, hits: Sequence[Hit], now: float) -> list[Outcome]:
+        """The outcomes charging `hits` would give, nothing written (a key hit twice adds up)."""
+        at = Instant.of(now)
+        counts: dict[str, int] = {}
+        aheads: dict[str, float] = {}
+        outcomes = []
+        for hit in hits:
+            key = counter_key(hit, now)
+            if hit.algorithm is Algorithm.GCRA:
+                if key not in aheads:
+                    entry = self._tats.get(key)
+                    live = entry[0] if entry is not None and entry[1] > now else None
+                    aheads[key] = gcra_ahead(live, at)
+                aheads[key] = gcra_charge(aheads[key], hit)
+                outcomes.append(gcra_outcome(aheads[key], hit))
+            else:
+                if key not in counts:
+                    entry_count = self._counts.get(key)
+                    live_count = entry_count is not None and entry_count[1] > now
+                    counts[key] = entry_count[0] if entry_count is not None and live_count else 0
+                counts[key] += hit.hits
+                outcomes.append(fixed_window_outcome(counts[key], hit, now))
+        return outcomes
 
     def _apply_one(self, hit: Hit, now: float) -> Outcome:
         key = counter_key(hit, now)

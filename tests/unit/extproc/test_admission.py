@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import UTC, datetime
 
-from arks.api import token_digest
+from arks.api import ObjectKey, token_digest
 from arks.limits.backends import MemoryBackend
 from arks.limits.budgets import MemoryBudgets
 from arks.limits.config import RateLimitConfig
@@ -13,6 +14,7 @@ from arks.limits.limiter import Limiter
 from arks.limits.metrics import RateLimitMetrics
 from arks.policy import Policy, build_policy
 from arks.wire import METADATA_NAMESPACE
+from extproc import qos, quota
 from extproc.admission import AdmissionControl
 from extproc.decision import Deny, Forward
 from extproc.gateway import decide_headers
@@ -163,3 +165,82 @@ async def test_tpm_alone_admits_what_fits_and_settles_real_costs() -> None:
     now[0] += 60  # the next minute
     info, decision = request(policy, "late")
     assert isinstance(await admission.admit(info, decision), Forward)
+
+
+# --- a refused request charges nothing, whichever check refused it -----------------------------
+
+
+async def admit(admission: AdmissionControl, policy: Policy, rid: str) -> Forward | Deny:
+    info, decision = request(policy, rid, max_tokens=1)
+    admitted = await admission.admit(info, decision)
+    assert isinstance(admitted, Forward | Deny)
+    return admitted
+
+
+async def settle(admission: AdmissionControl, admitted: Forward, rid: str) -> None:
+    ours = admitted.metadata[METADATA_NAMESPACE]
+    await admission.settle(
+        rid, admitted.identity, Reservation.from_metadata(ours), ours.get("limits", {}), 1, 1
+    )
+
+
+async def test_requests_refused_for_concurrency_do_not_use_up_rpm() -> None:
+    admission, policy, now = setup(rpm=3, concurrency=1)
+    now[0] = 1_800_000_000.0  # the start of a minute
+    first = await admit(admission, policy, "r1")
+    assert isinstance(first, Forward)
+    for i in range(20):  # all refused while r1 runs: none may count against rpm
+        refused = await admit(admission, policy, f"busy{i}")
+        assert isinstance(refused, Deny) and "concurrent" in refused.message
+    await settle(admission, first, "r1")
+    for rid in ("r2", "r3"):  # rpm 3: two more fit in this minute
+        admitted = await admit(admission, policy, rid)
+        assert isinstance(admitted, Forward), admitted
+        await settle(admission, admitted, rid)
+    over = await admit(admission, policy, "r4")
+    assert isinstance(over, Deny) and over.code == "rate_limit_exceeded"
+    assert "per minute" in over.message or "ratelimit-limit" in dict(over.headers)
+
+
+async def test_a_request_refused_by_rpm_holds_no_concurrency_slot_and_no_quota() -> None:
+    admission, policy, now = setup(rpm=1, concurrency=1)
+    now[0] = 1_800_000_000.0
+    first = await admit(admission, policy, "r1")
+    assert isinstance(first, Forward)
+    await settle(admission, first, "r1")
+    refused = await admit(admission, policy, "r2")  # over rpm
+    assert isinstance(refused, Deny) and "ratelimit-limit" in dict(refused.headers)
+    team = policy.quotas[ObjectKey("default", "team")]
+    (lease,) = quota.quota_leases(team, "qwen", 0, 0, datetime.fromtimestamp(now[0], UTC))
+    probe = await admission.budgets.admit(
+        "probe", [dataclasses.replace(lease, amount=98)], 1, now[0]
+    )
+    assert probe.admitted, probe  # 100 - r1's 2: r2 reserved 11, then gave them back
+    now[0] += 60  # the next minute: the slot must be free at once (not after the lease's TTL)
+    second = await admit(admission, policy, "r3")
+    assert isinstance(second, Forward), second
+
+
+async def test_a_request_refused_by_rpd_does_not_count_against_rpm() -> None:
+    admission, policy, now = setup(rpm=5, rpd=2)
+    now[0] = 1_800_000_000.0
+    for rid in ("r1", "r2"):
+        admitted = await admit(admission, policy, rid)
+        assert isinstance(admitted, Forward)
+        await settle(admission, admitted, rid)
+    for i in range(10):
+        refused = await admit(admission, policy, f"x{i}")
+        assert isinstance(refused, Deny) and refused.code == "rate_limit_exceeded"
+    # rpm's counter holds the two admitted requests only: 3 of 5 remain
+    _, decision = request(policy, "read")
+    asked = qos.admission(decision.identity, decision.qos)
+    assert asked is not None
+    read = dataclasses.replace(
+        asked, descriptors=tuple(dataclasses.replace(d, hits=0) for d in asked.descriptors)
+    )
+    statuses = {
+        s.limit.name: s.remaining
+        for s in (await admission.limiter.decide(read)).statuses
+        if s.limit
+    }
+    assert statuses == {"rpm": 3, "rpd": 0}
