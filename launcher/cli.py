@@ -17,17 +17,20 @@ from typing import Any
 
 from arks import api
 from arks.policy import PolicyError, read_policy_file
+from arks.wire import ANNOTATION_DEMO
 from launcher import sim
 
 DEMO_POLICY = Path(str(resources.files("launcher") / "demo" / "policy.yaml"))
 
 
 def printable_tokens(policy_path: Path) -> dict[str, str]:
-    """Plain tokens the policy file itself holds (demo Secrets), by user, for the banner only."""
+    """Plain tokens of the demo's Secrets (annotated `arks.ai/demo: "true"`), by user, for the
+    banner only. A real token is never printed, whatever policy file holds it."""
     objects = [obj for _, obj in read_policy_file(policy_path)]
     secrets_by_key: dict[tuple[str, str], Mapping[str, str]] = {}
     for obj in objects:
-        if obj.get("kind") == "Secret":
+        annotations = (obj.get("metadata") or {}).get("annotations") or {}
+        if obj.get("kind") == "Secret" and annotations.get(ANNOTATION_DEMO) == "true":
             secret = api.parse_secret(obj)
             secrets_by_key[(secret.key.namespace, secret.key.name)] = secret.data
     found: dict[str, str] = {}
@@ -55,7 +58,9 @@ def _banner(stack: Any, tokens: Mapping[str, str]) -> str:
         f"  Models           {', '.join(models) or '(none)'}",
         f"  Logs             {stack.settings.state_dir / 'logs'}",
     ]
-    if tokens:
+    if not tokens:
+        lines += ["", "Tokens: the policy's own (never printed); `arks token` makes a new one."]
+    else:
         user, token = next(iter(tokens.items()))
         body = {
             "model": models[0] if models else "MODEL",

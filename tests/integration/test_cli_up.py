@@ -45,12 +45,15 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def start_arks_up(tmp_path: Path, port: int) -> subprocess.Popen[str]:
-    """`arks up` on the demo policy, moved to free ports so it never collides with `make run`."""
+def start_arks_up(tmp_path: Path, port: int, *, demo: bool = True) -> subprocess.Popen[str]:
+    """`arks up` on the demo policy, moved to free ports so it never collides with `make run`;
+    with `demo=False` its Secret is an ordinary one (a real tenant's token)."""
     documents = list(yaml.safe_load_all(DEMO_POLICY.read_text()))
     for doc in documents:
         if doc["kind"] == "Backend":
             doc["spec"]["endpoints"][0]["ip"]["port"] = free_port()
+        if doc["kind"] == "Secret" and not demo:
+            doc["metadata"].pop("annotations", None)
     policy = tmp_path / "policy.yaml"
     policy.write_text(yaml.safe_dump_all(documents))
     cmd = [
@@ -106,6 +109,35 @@ def test_arks_up_serves_the_demo_policy_and_stops_cleanly(tmp_path: Path) -> Non
         wait_for(lambda: [pid for pid in children if alive(pid)], lambda left: not left, timeout=10)
     finally:
         if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def banner_of(proc: subprocess.Popen[str]) -> str:
+    assert proc.stdout is not None
+    lines = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        assert line, "arks up exited early:\n" + "".join(lines)
+        lines.append(line)
+        if "Ctrl-C stops everything" in line:
+            return "".join(lines)
+    raise AssertionError("no banner within 60 s:\n" + "".join(lines))
+
+
+def test_arks_up_never_prints_a_token_that_is_not_the_demos(tmp_path: Path) -> None:
+    proc = start_arks_up(tmp_path, free_port(), demo=False)
+    try:
+        text = banner_of(proc)
+        assert "sk-arks-demo-0123456789abcdef" not in text
+        assert "Demo token" not in text and "Authorization: Bearer" not in text
+        assert "arks token" in text  # says how to get one instead
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
 
