@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,9 +202,26 @@ def read_policy_file(path: Path) -> list[tuple[str, Mapping[str, Any]]]:
 
 
 def load_policy_file(path: Path) -> Policy:
+    """The policy a file holds. A file with no object at all (empty, only comments, or cut
+    before its first document ended) is refused: it is never what anyone meant to serve."""
     stat = path.stat() if path.exists() else None
     version = f"{stat.st_mtime_ns}-{stat.st_size}" if stat else "0"
-    return build_policy(read_policy_file(path), version=version)
+    objects = read_policy_file(path)
+    if not objects:
+        raise PolicyError(f"{path}: no objects (an empty or comment-only file is not a policy)")
+    return build_policy(objects, version=version)
+
+
+def removes_everything(old: Policy, new: Policy) -> str | None:
+    """Why `new` must not replace `old`: it would drop every token or every endpoint at once,
+    which is what a truncated or half-written file looks like; None when it may."""
+    for what, before, after in (
+        ("token", len(old.tokens_by_digest), len(new.tokens_by_digest)),
+        ("endpoint", len(old.endpoints), len(new.endpoints)),
+    ):
+        if before and not after:
+            return f"it would remove every {what} ({before} -> 0)"
+    return None
 
 
 class PolicySource(Protocol):
@@ -213,11 +231,23 @@ class PolicySource(Protocol):
 
 
 class FilePolicySource:
-    """A policy YAML file, reloaded when it changes; a bad file keeps the last good snapshot."""
+    """A policy YAML file, reloaded when it changes; a bad file keeps the last good snapshot.
 
-    def __init__(self, path: Path, interval: float = 0.5) -> None:
+    A file is read only once it has not changed for `settle_s` (so a write in progress is never
+    read half done), and a reload that would remove every token or endpoint is refused.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        interval: float = 0.5,
+        settle_s: float = 0.5,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.path = path
         self.interval = interval
+        self.settle_s = settle_s
+        self._clock = clock
         self._policy = load_policy_file(path)
         self._stamp = self._file_stamp()
         self.reloads = 0
@@ -234,6 +264,10 @@ class FilePolicySource:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
+    def _settling(self, stamp: tuple[int, int, int] | None) -> bool:
+        """Whether the file changed less than `settle_s` ago (a writer may not be done)."""
+        return stamp is not None and self._clock() - stamp[0] / 1e9 < self.settle_s
+
     @staticmethod
     def _log_warnings(policy: Policy) -> None:
         for warning in policy.warnings:
@@ -241,11 +275,17 @@ class FilePolicySource:
 
     def reload_if_changed(self) -> bool:
         stamp = self._file_stamp()
-        if stamp == self._stamp:
+        if stamp == self._stamp or self._settling(stamp):
             return False
         self._stamp = stamp
         try:
             policy = load_policy_file(self.path)
+            refused = removes_everything(self._policy, policy)
+            if refused:
+                raise PolicyError(
+                    f"{self.path}: not applied: {refused}, as a truncated or half-written file "
+                    "would; if that is meant, restart with this file"
+                )
         except PolicyError as err:
             self.errors += 1
             log.error("policy reload failed, keeping the last good policy: %s", err)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import threading
+import time
 
 import httpx
 
@@ -64,3 +66,35 @@ def test_policy_changes_apply_while_running_and_a_bad_file_keeps_the_last_good_o
     assert status(stack, CAROL, "model-a") == 200
     assert status(stack, ALICE, "model-a") == 200
     assert status(stack, BOB, "model-a") == 401
+
+
+def test_a_truncated_or_emptied_policy_file_never_becomes_the_policy(stack: Stack) -> None:
+    """An editor or a template truncates the file and writes it again in place, under traffic:
+    every request is served by the last good policy, and the log says why the others were not."""
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            statuses.append(status(stack, ALICE, "model-a"))
+
+    good = stack.policy_path.read_text()
+    documents = good.split("\n---\n")
+    sender = threading.Thread(target=traffic)
+    sender.start()
+    try:
+        stack.policy_path.write_text("")  # truncated in place
+        time.sleep(1.5)
+        stack.policy_path.write_text("# being regenerated\n")
+        time.sleep(1.5)
+        stack.policy_path.write_text(documents[0] + "\n")  # cut after its first object
+        time.sleep(1.5)
+        stack.policy_path.write_text(good)  # the writer finishes
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        sender.join()
+    assert statuses and set(statuses) == {200}, sorted(set(statuses))
+    text = (stack.local.settings.state_dir / "logs" / "extproc.log").read_text()
+    assert "no objects (an empty or comment-only file is not a policy)" in text
+    assert "would remove every token" in text

@@ -637,13 +637,15 @@ def test_read_policy_file_names_documents_and_list_items() -> None:
     ]
 
 
-def test_empty_file_is_an_empty_policy(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "text", ["", "# nothing yet\n", "---\n---\n", "\n\n# just comments\n---\n"]
+)
+def test_a_file_with_no_object_is_refused(tmp_path: Path, text: str) -> None:
     path = tmp_path / "policy.yaml"
-    path.write_text("# nothing yet\n")
+    path.write_text(text)
 
-    policy = load_policy_file(path)
-
-    assert (policy.tokens_by_digest, policy.endpoints, policy.warnings) == ({}, {}, ())
+    with pytest.raises(PolicyError, match="no objects"):
+        load_policy_file(path)
 
 
 # --- the demo policy --------------------------------------------------------------------------
@@ -780,6 +782,59 @@ def test_bad_file_keeps_the_last_good_policy_and_counts_an_error(policy_file: Pa
     assert source.reload_if_changed()
     assert len(source.current().endpoints) == 2
     assert (source.reloads, source.errors) == (1, 1)
+
+
+TOKEN_AND_MODEL = (
+    ONE_MODEL
+    + """---
+apiVersion: arks.ai/v1
+kind: ArksToken
+metadata: {name: alice}
+spec:
+  tokenHash: "sha256:%s"
+  qos: [{arksEndpoint: {name: qwen}}]
+"""
+    % ("ab" * 32)
+)
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        "",
+        "# emptied by an editor\n",
+        ONE_MODEL,
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\n",
+    ],
+    ids=["empty", "comment-only", "every-token-gone", "every-endpoint-and-token-gone"],
+)
+def test_a_reload_that_would_remove_everything_keeps_the_last_good_policy(
+    tmp_path: Path, cut: str
+) -> None:
+    path = tmp_path / "policy.yaml"
+    _write(path, TOKEN_AND_MODEL, bump=0)
+    source = FilePolicySource(path)
+    good = source.current()
+
+    _write(path, cut, bump=1)
+
+    assert not source.reload_if_changed()
+    assert source.current() is good
+    assert source.errors == 1
+
+
+def test_a_file_still_being_written_is_read_once_it_settles(policy_file: Path) -> None:
+    now = [0.0]
+    source = FilePolicySource(policy_file, clock=lambda: now[0])
+    _write(policy_file, TWO_MODELS, bump=10)
+    written_at = policy_file.stat().st_mtime_ns / 1e9
+
+    now[0] = written_at + 0.1  # a writer may still be at it
+    assert not source.reload_if_changed()
+    assert len(source.current().endpoints) == 1
+    now[0] = written_at + 0.6
+    assert source.reload_if_changed()
+    assert len(source.current().endpoints) == 2
 
 
 def test_deleted_file_keeps_the_last_good_policy(policy_file: Path) -> None:
