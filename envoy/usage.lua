@@ -7,11 +7,16 @@
 -- pattern only matches a key. extproc marks only JSON objects holding "model" and "stream".
 --
 -- Response: read the numbers of the answer's last "usage" object into io.arks (and Envoy AI
--- Gateway's keys). For a streamed answer only its last few KiB are kept: one cheap step per data
--- frame, nothing per SSE event. A JSON answer is whole anyway. Keys inside JSON strings have
--- escaped quotes, so '"usage":{' only matches a key. The access log carries the numbers to Python.
+-- Gateway's keys), without ever holding the whole answer: Envoy passes every chunk on as it comes
+-- (an answer of any size goes through whole). A streamed answer keeps only its last few KiB: one
+-- cheap step per data frame, nothing per SSE event. A JSON answer is searched chunk by chunk for
+-- its last "usage" key, wherever it is (other fields may follow it). Keys inside JSON strings
+-- have escaped quotes, so '"usage":{' only matches a key. The access log carries the numbers to
+-- Python.
 
 local TAIL = 4096
+local USAGE_WINDOW = 512 -- a usage object's numbers come first; details objects are small
+local CARRY = 64 -- bytes kept across chunks so a key split between two is still found
 local OPTION = '"stream_options":{"include_usage":true},'
 local INCLUDE = '"include_usage":true'
 
@@ -53,15 +58,15 @@ local function number_after(text, key)
 end
 
 local function last_usage(text)
-  local from, search = nil, 1
+  local from, start, search = nil, nil, 1
   while true do
-    local _, e = string.find(text, '"usage"%s*:%s*{', search)
+    local s, e = string.find(text, '"usage"%s*:%s*{', search)
     if e == nil then
       break
     end
-    from, search = e, e + 1
+    from, start, search = e, s, e + 1
   end
-  return from
+  return from, start
 end
 
 local function record_usage(handle, text)
@@ -105,11 +110,25 @@ function envoy_on_response(handle)
   elseif string.find(content_type, "json", 1, true) then
     local status = handle:headers():get(":status")
     if status ~= "200" then
-      return -- an error answer carries no usage; do not buffer it
+      return -- an error answer carries no usage
     end
-    local body = handle:body()
-    if body ~= nil then
-      record_usage(handle, body:getBytes(0, body:length()))
+    local carry, found = "", nil -- found: the last usage key and what follows it
+    for chunk in handle:bodyChunks() do
+      local size = chunk:length()
+      if size > 0 then
+        local text = carry .. chunk:getBytes(0, size)
+        if found ~= nil and #found < USAGE_WINDOW then
+          found = found .. string.sub(text, #carry + 1, #carry + USAGE_WINDOW)
+        end
+        local _, start = last_usage(text)
+        if start ~= nil then
+          found = string.sub(text, start, start + USAGE_WINDOW)
+        end
+        carry = string.sub(text, -CARRY)
+      end
+    end
+    if found ~= nil then
+      record_usage(handle, found)
     end
   end
 end

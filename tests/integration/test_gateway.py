@@ -140,6 +140,27 @@ def test_embeddings_are_charged_their_reported_prompt_tokens(stack: Stack) -> No
     )
 
 
+def test_a_json_answer_over_the_buffer_limit_passes_whole_and_is_charged(stack: Stack) -> None:
+    """A batch of embeddings larger than Envoy's 4 MiB buffer: the gateway must not hold the
+    answer to read its usage (it used to, and turned the answer into an uncharged 500)."""
+    inputs = [f"text {i}" for i in range(40_000)]
+    before = stack.usage("alice", "model-a")
+    with stack.http() as http:
+        answer = http.post(
+            "/v1/embeddings",
+            json={"model": "model-a", "input": inputs},
+            headers={"authorization": f"Bearer {ALICE}"},
+        )
+    assert answer.status_code == 200, answer.text[:300]
+    assert len(answer.content) > 4 * 1024 * 1024
+    body = answer.json()
+    assert len(body["data"]) == len(inputs)
+    charged = stack.wait_usage("alice", "model-a", before)
+    assert charged == Usage(
+        requests=1, prompt=body["usage"]["prompt_tokens"], completion=0, estimated=0
+    )
+
+
 def test_models_are_listed_per_token(stack: Stack) -> None:
     alice = sorted(m.id for m in stack.client(ALICE).models.list())
     bob = [m.id for m in stack.client(BOB).models.list()]
