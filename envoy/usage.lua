@@ -1,10 +1,10 @@
 -- Usage plumbing that must not cost Python a message per request or per chunk.
 --
 -- Request: when extproc marks a streamed request without include_usage (io.arks.add_usage_option),
--- add "include_usage":true to the client's "stream_options" object, or add that object right after
--- the body's opening brace, so the engine reports usage. The body is otherwise left byte for byte
--- (no JSON round trip, no number rounding). Quotes inside JSON strings are escaped, so the key
--- pattern only matches a key. extproc marks only JSON objects holding "model" and "stream".
+-- set "include_usage":true in the body's own "stream_options" (added when missing or null; a
+-- stream_options of another type is refused with a 400), so the engine reports usage. Only the
+-- top-level object's keys are looked at, and the body is otherwise left byte for byte (no JSON
+-- round trip, no number rounding). extproc marks only JSON objects holding "model" and "stream".
 --
 -- Response: read the numbers of the answer's last "usage" object into io.arks (and Envoy AI
 -- Gateway's keys), without ever holding the whole answer: Envoy passes every chunk on as it comes
@@ -20,6 +20,58 @@ local CARRY = 64 -- bytes kept across chunks so a key split between two is still
 local OPTION = '"stream_options":{"include_usage":true},'
 local INCLUDE = '"include_usage":true'
 
+-- Where the value of `key` starts in the JSON object opening at `open`: only that object's own
+-- keys count, never one nested deeper (a tool's schema may have a property "stream_options").
+-- Strings are skipped whole (escaped quotes included), so nothing inside one is taken for
+-- structure. One step per structural character, not per byte.
+local function member_value(text, open, key)
+  local depth, pos = 1, open + 1
+  while true do
+    local s = string.find(text, '[{}%[%]"]', pos)
+    if s == nil then
+      return nil
+    end
+    local c = string.sub(text, s, s)
+    if c == '"' then
+      local e = s
+      repeat
+        e = string.find(text, '"', e + 1, true)
+        if e == nil then
+          return nil
+        end
+        local b = e - 1
+        while string.byte(text, b) == 92 do -- a backslash
+          b = b - 1
+        end
+      until (e - 1 - b) % 2 == 0
+      pos = e + 1
+      if depth == 1 then
+        local _, colon = string.find(text, "^%s*:%s*", e + 1)
+        if colon ~= nil then
+          if string.sub(text, s + 1, e - 1) == key then
+            return colon + 1
+          end
+          pos = colon + 1
+        end
+      end
+    elseif c == "{" or c == "[" then
+      depth, pos = depth + 1, s + 1
+    else
+      depth, pos = depth - 1, s + 1
+      if depth == 0 then
+        return nil
+      end
+    end
+  end
+end
+
+local function refuse(handle, message)
+  handle:respond(
+    { [":status"] = "400", ["content-type"] = "application/json" },
+    '{"error":{"message":"' .. message .. '","type":"invalid_request_error","code":"invalid_type"}}'
+  )
+end
+
 function envoy_on_request(handle)
   local arks = handle:streamInfo():dynamicMetadata():get("io.arks")
   if arks == nil or not arks["add_usage_option"] then
@@ -30,23 +82,31 @@ function envoy_on_request(handle)
     return
   end
   local text = body:getBytes(0, body:length())
-  local patched, nulls = string.gsub(text, '("include_usage"%s*:%s*)null', "%1true", 1)
-  local _, open = string.find(text, '"stream_options"%s*:%s*{')
-  if nulls == 1 then
-    -- "include_usage": null was given: set it (an inserted key before it would be overridden)
-  elseif open ~= nil then
-    local rest = string.sub(text, open + 1)
-    local separator = string.find(rest, "^%s*}") and "" or ","
-    patched = string.sub(text, 1, open) .. INCLUDE .. separator .. rest
+  local top = string.find(text, "{", 1, true) -- extproc marks JSON objects only
+  if top == nil then
+    return
+  end
+  local patched
+  local options = member_value(text, top, "stream_options")
+  if options == nil then
+    patched = string.sub(text, 1, top) .. OPTION .. string.sub(text, top + 1)
+  elseif string.sub(text, options, options) == "{" then
+    local include = member_value(text, options, "include_usage")
+    if include == nil then
+      local rest = string.sub(text, options + 1)
+      local separator = string.find(rest, "^%s*}") and "" or ","
+      patched = string.sub(text, 1, options) .. INCLUDE .. separator .. rest
+    elseif string.sub(text, include, include + 3) == "null" then
+      patched = string.sub(text, 1, include - 1) .. "true" .. string.sub(text, include + 4)
+    else
+      return -- extproc saw no include_usage it could read: not a boolean (the engine decides)
+    end
+  elseif string.sub(text, options, options + 3) == "null" then
+    patched = string.sub(text, 1, options - 1)
+      .. '{"include_usage":true}'
+      .. string.sub(text, options + 4)
   else
-    if string.find(text, '"stream_options"', 1, true) then
-      return -- stream_options is not an object (null?): leave it; usage will be estimated
-    end
-    local brace = string.find(text, "{", 1, true)
-    if brace == nil then
-      return
-    end
-    patched = string.sub(text, 1, brace) .. OPTION .. string.sub(text, brace + 1)
+    return refuse(handle, "'stream_options' must be an object.")
   end
   body:setBytes(patched)
   handle:headers():replace("content-length", tostring(#patched))

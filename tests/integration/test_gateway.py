@@ -93,6 +93,66 @@ def test_include_usage_is_merged_into_the_clients_stream_options(
     assert (charged.completion, charged.estimated) == (4, 0)
 
 
+TOOL_WITH_A_STREAM_OPTIONS_PROPERTY = {
+    "type": "function",
+    "function": {
+        "name": "configure",
+        "parameters": {
+            "type": "object",
+            "properties": {"stream_options": {"type": "object", "description": 'a \\"quoted\\" {'}},
+        },
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"tools": [TOOL_WITH_A_STREAM_OPTIONS_PROPERTY]},
+        {"tools": [TOOL_WITH_A_STREAM_OPTIONS_PROPERTY], "stream_options": None},
+        {"stream_options": None},
+        {"metadata": {"stream_options": {"include_usage": None}}, "stream_options": {}},
+    ],
+    ids=["nested-key-only", "nested-key-and-null", "null", "nested-include-usage"],
+)
+def test_the_usage_option_goes_into_the_top_level_object_only(stack: Stack, extra: dict) -> None:
+    before = stack.usage("alice", "model-a")
+    body = {**chat_body(stream=True), **extra}
+    with stack.http() as http:
+        resp = http.post(
+            "/v1/chat/completions",
+            json=body,
+            headers={"authorization": f"Bearer {ALICE}", "x-sim-output-tokens": "3"},
+        )
+    assert resp.status_code == 200, resp.text
+    events = [json.loads(line[6:]) for line in resp.text.splitlines() if line.startswith("data: {")]
+    assert events[-1]["usage"]["completion_tokens"] == 3  # the engine was asked at the top level
+    charged = stack.wait_usage("alice", "model-a", before)
+    assert (charged.completion, charged.estimated) == (3, 0)
+
+
+def test_stream_options_of_another_type_is_a_400_and_charges_nothing(stack: Stack) -> None:
+    before = stack.usage("alice", "model-a")
+    with stack.http() as http:
+        resp = http.post(
+            "/v1/chat/completions",
+            json={**chat_body(stream=True), "stream_options": "yes"},
+            headers={"authorization": f"Bearer {ALICE}"},
+        )
+    assert resp.status_code == 400
+    assert resp.json()["error"] == {
+        "message": "'stream_options' must be an object.",
+        "type": "invalid_request_error",
+        "code": "invalid_type",
+    }
+    after = stack.usage("alice", "model-a")
+    assert (after.prompt, after.completion, after.estimated) == (
+        before.prompt,
+        before.completion,
+        before.estimated,
+    )  # counted as a request that ended in 400, charged no token
+
+
 def test_a_client_refusing_usage_is_respected_and_charged_an_estimate(stack: Stack) -> None:
     before = stack.usage("alice", "model-a")
     stream = stack.client().chat.completions.create(
