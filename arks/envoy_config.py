@@ -337,17 +337,36 @@ def routes(policy: Policy, settings: EnvoySettings) -> list[dict[str, Any]]:
 
 
 def _local_reply_mapper(
-    status: int, kind: str, code: str, message: str = "%LOCAL_REPLY_BODY%"
+    status: int,
+    kind: str,
+    code: str,
+    message: str = "%LOCAL_REPLY_BODY%",
+    *,
+    codec_error: bool = False,
 ) -> dict[str, Any]:
-    return {
-        "filter": {
-            "status_code_filter": {
-                "comparison": {
-                    "op": "EQ",
-                    "value": {"default_value": status, "runtime_key": f"arks.local_reply.{status}"},
-                }
+    """Envoy's own answer with this status gets OpenAI's error shape. `codec_error`: only when
+    Envoy's HTTP codec refused the request (details `http1.*`, `http2.*`), so the gateway's own
+    answers with the same status (ext_proc's `arks_*` and usage.lua's 400s) keep their bodies.
+    (The DPE response flag is not set yet when local replies are mapped: a CEL filter it is.)"""
+    status_filter = {
+        "status_code_filter": {
+            "comparison": {
+                "op": "EQ",
+                "value": {"default_value": status, "runtime_key": f"arks.local_reply.{status}"},
             }
-        },
+        }
+    }
+    codec = {
+        "extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                "expression": f"response.code == {status} && response.code_details.startsWith('http')",
+            },
+        }
+    }
+    return {
+        "filter": codec if codec_error else status_filter,
         "body_format_override": {
             "json_format": {"error": {"message": message, "type": kind, "code": code}},
             "content_type": "application/json",
@@ -356,12 +375,39 @@ def _local_reply_mapper(
 
 
 def local_reply_config(settings: EnvoySettings) -> dict[str, Any]:
-    """OpenAI-shaped bodies for the answers Envoy makes itself (ext_proc never sends these codes)."""
+    """OpenAI-shaped bodies for the answers Envoy makes itself; the gateway's own answers (ext_proc,
+    usage.lua) are JSON already and keep their bodies."""
     too_large = (
         f"The request body is larger than the gateway's limit of {settings.body_limit_bytes} bytes."
     )
     return {
         "mappers": [
+            # Refused by Envoy itself: its HTTP codec, its header limits, its timeouts.
+            _local_reply_mapper(
+                400,
+                "invalid_request_error",
+                "bad_request",
+                "The request is not valid HTTP (%RESPONSE_CODE_DETAILS%).",
+                codec_error=True,
+            ),
+            _local_reply_mapper(
+                426,
+                "invalid_request_error",
+                "upgrade_required",
+                "HTTP/1.0 is not supported: use HTTP/1.1 or HTTP/2.",
+            ),
+            _local_reply_mapper(
+                431,
+                "invalid_request_error",
+                "request_headers_too_large",
+                "The request's headers are larger than the gateway accepts.",
+            ),
+            _local_reply_mapper(
+                408,
+                "invalid_request_error",
+                "request_timeout",
+                "The request did not arrive in time (%RESPONSE_CODE_DETAILS%).",
+            ),
             _local_reply_mapper(413, "invalid_request_error", "request_too_large", too_large),
             _local_reply_mapper(500, "server_error", "internal_error"),
             _local_reply_mapper(502, "server_error", "bad_gateway"),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import urllib.parse
 
 import httpx
 import openai
@@ -507,3 +509,68 @@ def test_engine_errors_pass_through_and_are_not_charged(stack: Stack) -> None:
         )
         >= 1
     )
+
+
+# --- Envoy's own refusals are OpenAI-shaped too -------------------------------------------------
+
+
+def raw_exchange(stack: Stack, request: bytes) -> tuple[int, dict]:
+    """Send bytes no HTTP client would send; the status and JSON error of the answer."""
+    parsed = urllib.parse.urlsplit(stack.url)
+    with socket.create_connection((parsed.hostname, parsed.port), timeout=10) as conn:
+        conn.sendall(request)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < _length(answer):
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    assert b"content-type: application/json" in head.lower(), head
+    return status, json.loads(body[: _length(answer)])
+
+
+def _length(answer: bytes) -> int:
+    for line in answer.partition(b"\r\n\r\n")[0].split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 1 << 30
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "code"),
+    [
+        (
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
+            431,
+            "request_headers_too_large",
+        ),
+        (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+            400,
+            "bad_request",
+        ),
+        (b"GET /v1/models HTTP/1.0\r\nHost: x\r\n\r\n", 426, "upgrade_required"),
+    ],
+    ids=["headers-too-large", "bad-framing", "http-1.0"],
+)
+def test_envoys_own_refusals_have_the_openai_error_shape(
+    stack: Stack, request_bytes: bytes, status: int, code: str
+) -> None:
+    got, body = raw_exchange(stack, request_bytes)
+    assert got == status
+    assert body["error"]["code"] == code and body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["message"]
+
+
+def test_the_gateways_own_400s_keep_their_message(stack: Stack) -> None:
+    with stack.http() as http:
+        resp = http.post(
+            "/v1/chat/completions",
+            content=b"{not json",
+            headers={"authorization": f"Bearer {ALICE}", "content-type": "application/json"},
+        )
+    assert resp.status_code == 400
+    assert resp.json()["error"]["code"] == "invalid_json"
