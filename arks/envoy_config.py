@@ -177,6 +177,21 @@ def picked_host_policy() -> dict[str, Any]:
     }
 
 
+# Envoy's default circuit breakers allow 3 retries in flight per cluster: when an engine dies under
+# load, every request beyond those gets 503 (upstream_rq_retry_overflow) instead of its retry on
+# another engine. A retry budget scales with the traffic: as many retries as requests in flight
+# (each request retries at most NUM_RETRIES times, on other hosts), never fewer than 64. The
+# request and connection caps are Envoy's defaults raised for LLM serving, where a model's
+# requests in flight (long streams) number in the thousands; the engines' own queues bound them.
+CIRCUIT_BREAKERS: dict[str, Any] = {
+    "priority": "DEFAULT",
+    "max_connections": 100_000,
+    "max_pending_requests": 100_000,
+    "max_requests": 100_000,
+    "retry_budget": {"budget_percent": {"value": 100.0}, "min_retry_concurrency": 64},
+}
+
+
 def endpoint_cluster(endpoint: ArksEndpoint) -> dict[str, Any]:
     name = endpoint_cluster_name(endpoint)
     cluster: dict[str, Any] = {
@@ -203,6 +218,7 @@ def endpoint_cluster(endpoint: ArksEndpoint) -> dict[str, Any]:
             "base_ejection_time": "15s",
             "max_ejection_percent": 50,
         },
+        "circuit_breakers": {"thresholds": [CIRCUIT_BREAKERS]},
     }
     if endpoint.weighting in PICKED_WEIGHTINGS:
         # `load_balancing_policy` replaces `lb_policy`; locality weighting moves into the

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from arks.envoy_config import (
+    CIRCUIT_BREAKERS,
     NUM_RETRIES,
     RETRIABLE_STATUS_CODES,
     RETRY_ON,
@@ -373,6 +374,14 @@ def backend_traffic_policy(settings: EnvoySettings | None = None) -> dict[str, A
                 },
             },
             "rateLimit": {"type": "Global", "global": {"rules": rules}},
+            # The local clusters' circuit breakers (arks.envoy_config.CIRCUIT_BREAKERS); Envoy
+            # Gateway has no retry budget, so parallel retries get the same cap as requests.
+            "circuitBreaker": {
+                "maxConnections": CIRCUIT_BREAKERS["max_connections"],
+                "maxPendingRequests": CIRCUIT_BREAKERS["max_pending_requests"],
+                "maxParallelRequests": CIRCUIT_BREAKERS["max_requests"],
+                "maxParallelRetries": CIRCUIT_BREAKERS["max_requests"],
+            },
         },
     }
 

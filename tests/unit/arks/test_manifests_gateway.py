@@ -17,6 +17,7 @@ import yaml
 
 from arks import manifests
 from arks.envoy_config import (
+    CIRCUIT_BREAKERS,
     USAGE_LUA_FILE,
     EnvoySettings,
     local_reply_config,
@@ -477,6 +478,11 @@ def test_traffic_policies_mirror_the_local_limits() -> None:
     assert (
         ",".join(backends["retry"]["retryOn"]["triggers"])
         == local_route["retry_policy"]["retry_on"]
+    )
+    breakers = backends["circuitBreaker"]
+    assert breakers["maxParallelRequests"] == CIRCUIT_BREAKERS["max_requests"] > 1024
+    assert (
+        breakers["maxParallelRetries"] >= CIRCUIT_BREAKERS["retry_budget"]["min_retry_concurrency"]
     )
 
 
