@@ -358,12 +358,14 @@ def _local_reply_mapper(
     code: str,
     message: str = "%LOCAL_REPLY_BODY%",
     *,
-    codec_error: bool = False,
+    details_prefix: str | None = None,
+    details_not_prefix: str | None = None,
 ) -> dict[str, Any]:
-    """Envoy's own answer with this status gets OpenAI's error shape. `codec_error`: only when
-    Envoy's HTTP codec refused the request (details `http1.*`, `http2.*`), so the gateway's own
-    answers with the same status (ext_proc's `arks_*` and usage.lua's 400s) keep their bodies.
-    (The DPE response flag is not set yet when local replies are mapped: a CEL filter it is.)"""
+    """Envoy's own answer with this status gets OpenAI's error shape. `details_prefix` (or
+    `details_not_prefix`): only when the answer's response code details start so (or do not), e.g. `http` for Envoy's HTTP codec refusing the
+    request, so the gateway's own answers with the same status (ext_proc's `arks_*`, usage.lua's)
+    keep their bodies. (The DPE response flag is not set yet when local replies are mapped: a
+    CEL filter on the details it is.)"""
     status_filter = {
         "status_code_filter": {
             "comparison": {
@@ -372,17 +374,22 @@ def _local_reply_mapper(
             }
         }
     }
-    codec = {
+    expression = f"response.code == {status}"
+    if details_prefix:
+        expression += f" && response.code_details.startsWith('{details_prefix}')"
+    if details_not_prefix:
+        expression += f" && !response.code_details.startsWith('{details_not_prefix}')"
+    by_details = {
         "extension_filter": {
             "name": "envoy.access_loggers.extension_filters.cel",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
-                "expression": f"response.code == {status} && response.code_details.startsWith('http')",
+                "expression": expression,
             },
         }
     }
     return {
-        "filter": codec if codec_error else status_filter,
+        "filter": by_details if details_prefix or details_not_prefix else status_filter,
         "body_format_override": {
             "json_format": {"error": {"message": message, "type": kind, "code": code}},
             "content_type": "application/json",
@@ -404,7 +411,7 @@ def local_reply_config(settings: EnvoySettings) -> dict[str, Any]:
                 "invalid_request_error",
                 "bad_request",
                 "The request is not valid HTTP (%RESPONSE_CODE_DETAILS%).",
-                codec_error=True,
+                details_prefix="http",
             ),
             _local_reply_mapper(
                 426,
@@ -427,7 +434,18 @@ def local_reply_config(settings: EnvoySettings) -> dict[str, Any]:
             _local_reply_mapper(413, "invalid_request_error", "request_too_large", too_large),
             _local_reply_mapper(500, "server_error", "internal_error"),
             _local_reply_mapper(502, "server_error", "bad_gateway"),
-            _local_reply_mapper(503, "service_unavailable", "no_backend"),
+            # ext_proc unreachable (status_on_error 503): the gateway is away, not the engines.
+            _local_reply_mapper(
+                503,
+                "service_unavailable",
+                "gateway_unavailable",
+                "The gateway's decision service is unreachable; try again shortly.",
+                details_prefix="ext_proc",
+            ),
+            # Envoy's own 503s only: extproc's (arks_*: picking, quota store) keep their bodies.
+            _local_reply_mapper(
+                503, "service_unavailable", "no_backend", details_not_prefix="arks_"
+            ),
             _local_reply_mapper(504, "timeout", "upstream_timeout"),
         ]
     }

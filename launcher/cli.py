@@ -109,6 +109,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
     try:
         print(_banner(stack, tokens), flush=True)
+        # A child that dies (killed, crashed) is started again, and the console says so.
+        stack.supervisor.supervise(lambda line: print(f"arks up: {line}", flush=True))
         stop.wait()
     finally:
         print("\nStopping…", flush=True)

@@ -13,10 +13,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -63,6 +64,9 @@ class Child:
     name: str
     popen: subprocess.Popen[bytes]
     log_path: Path | None
+    argv: tuple[str, ...] = ()  # how it was started, for a restart
+    env: Mapping[str, str] | None = None
+    restarts: int = 0
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -96,11 +100,28 @@ def _launched(argv: Sequence[str]) -> list[str]:
 
 
 @dataclass
+class Backoff:
+    """Restart delays: `first_s`, doubling per failure in a row up to `max_s`."""
+
+    first_s: float = 0.5
+    max_s: float = 30.0
+    reset_s: float = 30.0  # up this long: the next failure starts over at `first_s`
+    failures: dict[str, int] = field(default_factory=dict)
+    started: dict[str, float] = field(default_factory=dict)
+
+    def delay(self, name: str) -> float:
+        count = self.failures.get(name, 0)
+        self.failures[name] = count + 1
+        return float(min(self.max_s, self.first_s * 2**count))
+
+
+@dataclass
 class Supervisor:
-    """Starts children and stops them all, newest first."""
+    """Starts children and stops them all, newest first; `supervise` restarts those that exit."""
 
     log_dir: Path | None = None
     children: list[Child] = field(default_factory=list)
+    _closing: bool = field(default=False, init=False)
 
     def start(
         self,
@@ -126,9 +147,15 @@ class Supervisor:
         )
         if log_path is not None and out is not None and not isinstance(out, int):
             out.close()  # the child holds its own descriptor
-        child = Child(name, popen, log_path)
+        child = Child(name, popen, log_path, tuple(argv), env)
         self.children.append(child)
         return child
+
+    def restart(self, child: Child) -> None:
+        """Start a child that exited again, the same way; its log goes on in the same file."""
+        fresh = self.start(child.name, child.argv, child.env)
+        self.children.remove(fresh)
+        child.popen, child.restarts = fresh.popen, child.restarts + 1
 
     def python(
         self, name: str, module: str, *args: str, env: Mapping[str, str] | None = None
@@ -136,8 +163,49 @@ class Supervisor:
         return self.start(name, [sys.executable, "-m", module, *args], env=env)
 
     def close(self) -> None:
+        self._closing = True
         while self.children:
             self.children.pop().stop()
+
+    def supervise(
+        self,
+        report: Callable[[str], None],
+        *,
+        poll_s: float = 0.5,
+        backoff: Backoff | None = None,
+    ) -> threading.Thread:
+        """Restart every child that exits, with backoff, saying so through `report`, until
+        `close()`. A child that stayed up for `backoff.reset_s` starts over at the first delay."""
+        policy = backoff or Backoff()
+        due: dict[str, float] = {}
+
+        def watch() -> None:
+            while not self._closing:
+                now = time.monotonic()
+                for child in list(self.children):
+                    if self._closing:
+                        return
+                    if child.alive():
+                        if now - policy.started.get(child.name, now) >= policy.reset_s:
+                            policy.failures.pop(child.name, None)
+                        continue
+                    if child.name not in due:
+                        delay = policy.delay(child.name)
+                        due[child.name] = now + delay
+                        report(
+                            f"{child.name} exited with code {child.popen.returncode}; "
+                            f"restarting it in {delay:g} s (log: {child.log_path})"
+                        )
+                    elif now >= due[child.name]:
+                        del due[child.name]
+                        self.restart(child)
+                        policy.started[child.name] = time.monotonic()
+                        report(f"{child.name} restarted (restart {child.restarts})")
+                time.sleep(poll_s)
+
+        thread = threading.Thread(target=watch, name="supervisor", daemon=True)
+        thread.start()
+        return thread
 
     def __enter__(self) -> Supervisor:
         return self

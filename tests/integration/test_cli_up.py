@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import openai
+import pytest
 import yaml
 
 from launcher.cli import DEMO_POLICY
@@ -153,3 +154,63 @@ def test_arks_up_killed_hard_still_leaves_nothing_behind(tmp_path: Path) -> None
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     wait_for(lambda: [pid for pid in children if alive(pid)], lambda left: not left, timeout=15)
+
+
+def child_running(parent: int, module: str) -> int:
+    """The pid of the descendant of `parent` running `python -m <module>`."""
+    for pid in descendants(parent):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if module.encode() in argv and alive(pid):
+            return pid
+    raise AssertionError(f"no {module} under {parent}")
+
+
+def test_a_killed_gateway_is_restarted_and_says_what_is_wrong_meanwhile(tmp_path: Path) -> None:
+    port = free_port()
+    proc = start_arks_up(tmp_path, port)
+    try:
+        text = banner_of(proc)
+        token = re.search(r"Demo token\s+(sk-arks-\S+)", text)
+        assert token, text
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key=token.group(1), max_retries=0
+        )
+        hello = [{"role": "user", "content": "Hello!"}]
+        assert client.chat.completions.create(model="qwen-7b", messages=hello).choices
+
+        os.kill(child_running(proc.pid, "extproc"), signal.SIGKILL)
+        with pytest.raises(openai.APIStatusError) as away:
+            client.chat.completions.create(model="qwen-7b", messages=hello)
+        assert away.value.status_code == 503
+        assert away.value.code == "gateway_unavailable", away.value.response.text
+        assert "unreachable" in away.value.message
+
+        assert proc.stdout is not None
+        console = []
+        for line in proc.stdout:  # the supervisor says what happened, then restarts it
+            console.append(line)
+            if "extproc restarted" in line:
+                break
+        assert any("extproc exited with code -9" in line for line in console), console
+        answer = wait_for(lambda: _status(client, hello), lambda status: status == 200, timeout=20)
+        assert answer == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _status(client: openai.OpenAI, messages: list[dict[str, str]]) -> int:
+    try:
+        client.chat.completions.create(model="qwen-7b", messages=messages)
+    except openai.APIStatusError as err:
+        return err.status_code
+    except openai.APIConnectionError:
+        return 0
+    return 200
