@@ -45,8 +45,14 @@ class AdmissionControl:
     budgets: BudgetStore
     policy: PolicySource
     clock: Callable[[], float]  # epoch seconds
-    lease_ttl_s: float = 630.0  # the longest answer, plus the access log's delay
+    # A lease lives this long unless renewed (`renew_leases`, while the request is in flight): the
+    # leases of a gateway process that died are free again within this, not after the longest
+    # answer (630 s).
+    lease_ttl_s: float = 60.0
+    hold_max_s: float = 630.0  # the longest answer, plus the access log's delay: renewed no longer
     default_max_tokens: int = 1024  # reserved for an answer whose request sets no max_tokens
+    # The budget keys leased for each request in flight, and when: what `renew_leases` renews.
+    held: dict[str, tuple[float, tuple[str, ...]]] = field(default_factory=dict)
     # Settlements that found the store away, applied when it is back (bounded: the oldest go).
     unsettled: deque[tuple[str, list[Charge]]] = field(
         default_factory=lambda: deque(maxlen=100_000)
@@ -67,7 +73,29 @@ class AdmissionControl:
                 released = [Charge(lease.key, 0, lease.expires_at) for lease in leases]
                 await self._settle(info.request_id, released)
             return limited
+        if leases and info.request_id:
+            self.held[info.request_id] = (self.clock(), tuple({lease.key for lease in leases}))
         return admitted
+
+    async def renew_leases(self) -> int:
+        """Renew the leases of the requests in flight (call it well within `lease_ttl_s`); how
+        many were renewed. Requests held longer than `hold_max_s` are let go: their settlement
+        (an access-log entry, or the expiry of an unreported request) is overdue."""
+        now = self.clock()
+        by_key: dict[str, list[str]] = {}
+        for request_id, (since, keys) in list(self.held.items()):
+            if now - since > self.hold_max_s:
+                del self.held[request_id]
+                continue
+            for key in keys:
+                by_key.setdefault(key, []).append(request_id)
+        if not by_key:
+            return 0
+        try:
+            return await self.budgets.renew(by_key, self.lease_ttl_s, now)
+        except BackendUnavailable as err:
+            log.warning("budget store unavailable; leases not renewed: %s", err)
+            return 0
 
     async def _take_budgets(
         self, info: RequestInfo, decision: Forward, leases: list[Lease], reservation: Reservation
@@ -168,6 +196,7 @@ class AdmissionControl:
         completion: int,
     ) -> None:
         """The answer ended: charge its tokens to tpm/tpd, its cost to the quota, free its slot."""
+        self.held.pop(request_id, None)
         if reservation is None:
             return
         charges: list[Charge] = quota.token_rate_charges(

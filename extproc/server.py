@@ -62,6 +62,9 @@ class Settings:
     snapshot_interval_s: float = 5.0
     # Longer than the longest answer (Envoy's route timeout) plus the access log's flush delay.
     usage_settle_timeout_s: float = 630.0
+    # Leases (quota, tpm/tpd, concurrency) live this long unless renewed while their request runs:
+    # those of a gateway process that died are free again within it.
+    lease_ttl_s: float = 60.0
     picker_fail_closed: bool = (
         False  # 503 when a least-load/prefix-cache endpoint has no engine to pick
     )
@@ -103,6 +106,13 @@ class Settings:
             type=float,
             default=cls.usage_settle_timeout_s,
             help="charge an admitted request's estimate when its usage has not arrived after this long",
+        )
+        parser.add_argument(
+            "--lease-ttl-s",
+            type=float,
+            default=cls.lease_ttl_s,
+            help="leases of requests in flight are renewed every quarter of this; a dead "
+            "gateway's leases (concurrency slots, reservations) are free again within it",
         )
         parser.add_argument(
             "--picker-fail-closed",
@@ -164,7 +174,8 @@ async def serve(settings: Settings) -> None:
         budgets=budgets,
         policy=source,
         clock=time.time,
-        lease_ttl_s=settings.usage_settle_timeout_s,
+        lease_ttl_s=settings.lease_ttl_s,
+        hold_max_s=settings.usage_settle_timeout_s,
         default_max_tokens=settings.quota_default_max_tokens,
     )
     ctx = Context(
@@ -198,9 +209,10 @@ async def serve(settings: Settings) -> None:
     )
 
     last_snapshot = 0.0
+    last_renewal = time.monotonic()
 
     async def housekeeping() -> None:
-        nonlocal last_snapshot
+        nonlocal last_snapshot, last_renewal
         try:
             if source.reload_if_changed():
                 metrics.policy_reloads.inc()
@@ -209,6 +221,9 @@ async def serve(settings: Settings) -> None:
                     "%d admitted requests had no access-log entry; charged their estimate", lost
                 )
             await admission.retry_unsettled()
+            if time.monotonic() - last_renewal >= settings.lease_ttl_s / 4:
+                last_renewal = time.monotonic()
+                await admission.renew_leases()
             if time.monotonic() - last_snapshot >= settings.snapshot_interval_s:
                 last_snapshot = time.monotonic()
                 await snapshots.turn()

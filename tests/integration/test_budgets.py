@@ -173,6 +173,28 @@ async def test_amounts_are_exact_up_to_two_to_the_53(store: BudgetStore) -> None
 # Totals and their durability --------------------------------------------------------------------
 
 
+async def test_a_renewed_lease_outlives_its_first_expiry_and_an_abandoned_one_does_not(
+    store: BudgetStore,
+) -> None:
+    assert (await store.admit("alive", [lease(2, 1)], 10.0, T0)).admitted
+    assert (await store.admit("dead", [lease(2, 1)], 10.0, T0)).admitted
+    # At T0 + 8 only "alive" is renewed (its process is still running), for 10 s more.
+    assert await store.renew({"q": ["alive", "never-admitted"]}, 10.0, T0 + 8) == 1
+    # At T0 + 12 the abandoned lease is gone, the renewed one still holds its unit.
+    after = await store.admit("next", [lease(2, 1)], 10.0, T0 + 12)
+    assert after.admitted and after.leased == 1
+    assert not (await store.admit("over", [lease(2, 1)], 10.0, T0 + 12)).admitted
+
+
+async def test_renewing_never_brings_back_an_expired_or_settled_lease(store: BudgetStore) -> None:
+    await store.admit("expired", [lease(5, 2)], 10.0, T0)
+    await store.admit("settled", [lease(5, 2)], 10.0, T0)
+    await store.settle("settled", [Charge("q", 1)], T0 + 1)
+    assert await store.renew({"q": ["expired", "settled"], "other": ["x"]}, 10.0, T0 + 11) == 0
+    taken = await store.admit("r", [lease(5, 4)], 10.0, T0 + 11)
+    assert taken.admitted and (taken.used, taken.leased) == (1, 0)
+
+
 async def test_used_reports_totals_and_zero_for_unknown_budgets(store: BudgetStore) -> None:
     await store.settle("r1", [Charge("a", 5), Charge("b", 0)], T0)
     await store.admit("r2", [lease(10, 5, "c")], TTL, T0)

@@ -144,6 +144,39 @@ return count
 """
 )
 
+# KEYS: the four keys of each budget. ARGV[1] now, ARGV[2] the new lease expiry (now + ttl);
+# then per budget: how many request ids, and the ids. A lease still held gets the new expiry, and
+# the lease keys live at least as long (never shortened). Reply: how many leases were renewed.
+RENEW = (
+    _PRELUDE
+    + """
+local now, until_s = ARGV[1], ARGV[2]
+local renewed, at = 0, 3
+for i = 1, #KEYS / 4 do
+  local k = (i - 1) * 4
+  drop_expired(KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], now)
+  local n = tonumber(ARGV[at])
+  local any = false
+  for j = at + 1, at + n do
+    if redis.call("HEXISTS", KEYS[k + 3], ARGV[j]) == 1 then
+      redis.call("ZADD", KEYS[k + 4], "XX", until_s, ARGV[j])
+      renewed, any = renewed + 1, true
+    end
+  end
+  at = at + n + 1
+  if any then
+    local lease_ms = math.ceil((tonumber(until_s) - tonumber(now)) * 1000)
+    for j = 2, 4 do
+      if redis.call("PTTL", KEYS[k + j]) < lease_ms then
+        redis.call("PEXPIRE", KEYS[k + j], int(lease_ms))
+      end
+    end
+  end
+end
+return renewed
+"""
+)
+
 # KEYS: used totals, ARGV: their values. Reply: how many were missing and set.
 RESTORE = """
 -- KEYS[1] the store's generation marker, then the used keys; ARGV[1] the generation this client
@@ -172,7 +205,12 @@ return {restored, ARGV[2]}
 """
 
 
-_ADMIT, _SETTLE, _RESTORE = Script.of(ADMIT), Script.of(SETTLE), Script.of(RESTORE)
+_ADMIT, _SETTLE, _RENEW, _RESTORE = (
+    Script.of(ADMIT),
+    Script.of(SETTLE),
+    Script.of(RENEW),
+    Script.of(RESTORE),
+)
 
 
 class RedisBudgets:
@@ -228,6 +266,18 @@ class RedisBudgets:
             settled = await self._run(_SETTLE, keys, args)
             if settled != len(charges):
                 raise RedisError(f"unexpected script reply: {settled!r}")
+
+    async def renew(self, held: Mapping[str, Sequence[str]], ttl_s: float, now: float) -> int:
+        held = {key: ids for key, ids in held.items() if ids}
+        if not held:
+            return 0
+        keys = [name for key in held for name in self._names(key)]
+        args: list[str | int] = [repr(now), repr(now + ttl_s)]
+        for ids in held.values():
+            args += [len(ids), *ids]
+        async with self._answer("renew"):
+            renewed = await self._run(_RENEW, keys, args)
+        return int(renewed)
 
     async def used(self, keys: Sequence[str]) -> dict[str, int]:
         if not keys:

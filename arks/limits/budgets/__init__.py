@@ -61,6 +61,13 @@ class BudgetStore(Protocol):
         `used` (also when the lease already expired, or never existed). Not idempotent."""
         ...
 
+    async def renew(self, held: Mapping[str, Sequence[str]], ttl_s: float, now: float) -> int:
+        """Keep leases alive: for each budget key, the leases of these request ids that are still
+        held now expire at now + ttl_s (an expired or settled lease is not brought back). A
+        process renews the leases of its requests in flight, so the leases of a process that
+        died expire within one ttl. Returns how many leases were renewed."""
+        ...
+
     async def used(self, keys: Sequence[str]) -> dict[str, int]:
         """The used totals (0 for unknown keys), for status, snapshots and tests."""
         ...

@@ -120,6 +120,20 @@ class MemoryBudgets:
                 del self._budgets[charge.key]
         self._wrote(len(charges), now)
 
+    async def renew(self, held: Mapping[str, Sequence[str]], ttl_s: float, now: float) -> int:
+        self._now = max(self._now, now)
+        renewed = 0
+        for key, request_ids in held.items():
+            budget = self._live(key, now)
+            if budget is None:
+                continue
+            for request_id in request_ids:
+                lease = budget.leases.get(request_id)
+                if lease is not None:
+                    budget.take(request_id, lease[0], now + ttl_s)
+                    renewed += 1
+        return renewed
+
     async def used(self, keys: Sequence[str]) -> dict[str, int]:
         totals: dict[str, int] = {}
         for key in keys:

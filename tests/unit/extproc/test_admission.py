@@ -244,3 +244,32 @@ async def test_a_request_refused_by_rpd_does_not_count_against_rpm() -> None:
         if s.limit
     }
     assert statuses == {"rpm": 3, "rpd": 0}
+
+
+# --- leases of a gateway that died are free again within one lease ttl --------------------------
+
+
+async def test_a_slot_whose_gateway_died_is_free_within_the_lease_ttl_and_a_live_one_is_kept() -> (
+    None
+):
+    admission, policy, now = setup(concurrency=1)
+    admission.lease_ttl_s = 60.0
+    now[0] = 1_800_000_000.0
+    assert isinstance(await admit(admission, policy, "running"), Forward)
+    now[0] += 30
+    assert await admission.renew_leases() == 2  # alive: it renews (its quota and slot leases)
+    now[0] += 40  # 70 s after admission, 40 s after the renewal: still held
+    assert isinstance(await admit(admission, policy, "second"), Deny)
+    admission.held.clear()  # as if this process died: nobody renews any more
+    now[0] += 21
+    assert isinstance(await admit(admission, policy, "third"), Forward)
+
+
+async def test_a_settled_request_is_no_longer_renewed() -> None:
+    admission, policy, now = setup(concurrency=2)
+    now[0] = 1_800_000_000.0
+    first = await admit(admission, policy, "r1")
+    assert isinstance(first, Forward) and "r1" in admission.held
+    await settle(admission, first, "r1")
+    assert "r1" not in admission.held
+    assert await admission.renew_leases() == 0
