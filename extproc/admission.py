@@ -184,7 +184,8 @@ class AdmissionControl:
         return math.ceil(_int(info.headers.get("content-length")) / BYTES_PER_TOKEN)
 
     def _completion_estimate(self, decision: Forward) -> int:
-        return decision.max_tokens if decision.max_tokens is not None else self.default_max_tokens
+        each = decision.max_tokens if decision.max_tokens is not None else self.default_max_tokens
+        return each * decision.choices
 
     async def settle(
         self,

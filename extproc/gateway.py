@@ -21,7 +21,12 @@ from extproc.auth import authenticate
 from extproc.decision import Decision, Deny, Forward, Identity, ReadBody, Reply, bad_request
 from extproc.picking.prefix import prefix_text
 from extproc.qos import token_limits
-from extproc.request import INFERENCE_PATHS, MODELS_PATH, BodyFacts, RequestInfo
+from extproc.request import (
+    INFERENCE_PATHS,
+    MODELS_PATH,
+    BodyFacts,
+    RequestInfo,
+)
 
 
 def _model_object(model: str, token: ArksToken) -> dict[str, Any]:
@@ -110,6 +115,9 @@ def decide_route(
         return bad_request("'model' must be a non-empty string.", "invalid_type")
     if facts.stream is not None and not isinstance(facts.stream, bool):
         return bad_request("'stream' must be a boolean.", "invalid_type")
+    for name, value in (("n", facts.n), ("best_of", facts.best_of)):
+        if value is not None and not _positive_int(value):
+            return bad_request(f"'{name}' must be a positive integer.", "invalid_type")
     namespace = token.key.namespace
     endpoint = policy.endpoint(namespace, model)
     if endpoint is None:
@@ -167,10 +175,17 @@ def decide_route(
         body=new_body,
         prompt_estimate=prompt_estimate,
         max_tokens=_count(facts.max_tokens),
+        choices=facts.prompts * max(int(facts.n or 1), int(facts.best_of or 1)),
         qos=qos,
         weighting=endpoint.weighting,
         prompt=prompt,
     )
+
+
+def _positive_int(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return value >= 1 and float(value).is_integer()
 
 
 def _count(value: object) -> int | None:

@@ -8,7 +8,8 @@ from typing import Any
 
 from arks.wire import DESTINATION_HEADER
 
-INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+COMPLETIONS_PATH = "/v1/completions"
+INFERENCE_PATHS = frozenset({"/v1/chat/completions", COMPLETIONS_PATH, "/v1/embeddings"})
 MODELS_PATH = "/v1/models"
 # Also set by extproc only (endpoint picking); a client's copy is dropped like the routing headers.
 PICKED_HEADERS = (DESTINATION_HEADER,)
@@ -22,6 +23,9 @@ class BodyFacts:
     stream: Any = None
     include_usage: Any = None
     max_tokens: Any = None
+    n: Any = None  # answers per prompt
+    best_of: Any = None  # candidates generated per prompt (completions)
+    prompts: int = 1  # prompts in the request (a list on /v1/completions: known from the body only)
     model_missing: bool = False
     invalid_json: bool = False
 
@@ -37,6 +41,8 @@ class BodyFacts:
             stream=fields.get("stream"),
             include_usage=fields.get("include_usage"),
             max_tokens=fields.get("max_completion_tokens", fields.get("max_tokens")),
+            n=fields.get("n"),
+            best_of=fields.get("best_of"),
             model_missing=bool(fields.get("model_missing")),
             invalid_json=bool(fields.get("invalid_json")),
         )
@@ -49,8 +55,19 @@ class BodyFacts:
             stream=body.get("stream"),
             include_usage=options.get("include_usage") if isinstance(options, Mapping) else None,
             max_tokens=body.get("max_completion_tokens", body.get("max_tokens")),
+            n=body.get("n"),
+            best_of=body.get("best_of"),
+            prompts=prompt_count(body.get("prompt")),
             model_missing="model" not in body,
         )
+
+
+def prompt_count(prompt: Any) -> int:
+    """How many prompts a completions `prompt` holds: a list of strings or of token-id lists is
+    one per item; one string, or one list of token ids, is one."""
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
+        return len(prompt)
+    return 1
 
 
 @dataclass(frozen=True)

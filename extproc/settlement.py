@@ -30,7 +30,7 @@ def admitted(ctx: Context, request_id: str, decision: Forward) -> None:
             request_id,
             decision.identity,
             decision.prompt_estimate,
-            decision.max_tokens,
+            None if decision.max_tokens is None else decision.max_tokens * decision.choices,
             ctx.monotonic(),
             reservation=Reservation.from_metadata(ours),
             limits=ours.get("limits", {}),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ BOB_Q = "sk-arks-test-quota-bob-02"
 PRICED = "sk-arks-test-quota-priced-03"
 SLOTS = "sk-arks-test-concurrency-04"
 CROWD = "sk-arks-test-crowd-05"
+MULTI = "sk-arks-test-multi-06"
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
@@ -65,6 +67,8 @@ def documents(suffix: str) -> list[dict]:
         granted(f"priced-{suffix}", PRICED, f"priced-{suffix}"),
         granted(f"crowd-{suffix}", CROWD, f"crowd-{suffix}"),
         granted(f"slots-{suffix}", SLOTS, rate_limits=[{"type": "concurrency", "value": 2}]),
+        quota(f"multi-{suffix}", {"type": "total", "value": 200, "period": "none"}),
+        granted(f"multi-{suffix}", MULTI, f"multi-{suffix}"),
     ]
 
 
@@ -233,3 +237,53 @@ def _redis_used(port: int, name: str) -> int:
         return total
     finally:
         client.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"messages": MESSAGES, "n": 3}),
+        ("/v1/completions", {"prompt": "one", "best_of": 3, "n": 1}),
+    ],
+    ids=["chat-n", "completions-best-of"],
+)
+def test_a_reservation_covers_every_answer_the_request_asks_for(
+    quota_stack: Stack, path: str, body: dict
+) -> None:
+    """Three answers of up to 50 tokens reserve 150 tokens (and the prompt): while such a request
+    runs, a quota of 200 has no room for another of 50 (it used to reserve for one answer)."""
+    s = quota_stack.suffix  # type: ignore[attr-defined]
+    quota_stack.usage(f"multi-{s}", "model-a")  # nothing of an earlier case still in flight
+    auth = {"authorization": f"Bearer {MULTI}"}
+    first: list[httpx.Response] = []
+    running = threading.Thread(
+        target=lambda: first.append(
+            httpx.post(
+                f"{quota_stack.url}{path}",
+                json={"model": "model-a", "max_tokens": 50, **body},
+                headers={**auth, "x-sim-ttft-ms": "1500", "x-sim-output-tokens": "1"},
+                timeout=30,
+            )
+        )
+    )
+    running.start()
+    time.sleep(0.5)  # admitted, answering slowly
+    second = httpx.post(
+        f"{quota_stack.url}/v1/chat/completions",
+        json={"model": "model-a", "messages": MESSAGES, "max_tokens": 50},
+        headers={**auth, "x-sim-output-tokens": "1"},
+        timeout=30,
+    )
+    running.join()
+    assert first[0].status_code == 200, first[0].text
+    assert second.status_code == 429, second.text
+    assert second.json()["error"]["code"] == "insufficient_quota"
+    quota_stack.usage(f"multi-{s}", "model-a")
+    after = httpx.post(  # once the first settled (a few tokens), there is room again
+        f"{quota_stack.url}/v1/chat/completions",
+        json={"model": "model-a", "messages": MESSAGES, "max_tokens": 50},
+        headers={**auth, "x-sim-output-tokens": "1"},
+        timeout=30,
+    )
+    assert after.status_code == 200, after.text
+    quota_stack.usage(f"multi-{s}", "model-a")

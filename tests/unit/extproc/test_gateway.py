@@ -583,3 +583,44 @@ def test_a_client_sent_destination_header_is_removed(policy: Policy) -> None:
     decision = forwarded(decide_headers(request(headers=sent), policy, NOW))
 
     assert "x-gateway-destination-endpoint" in decision.remove_headers
+
+
+# --- what one request can cost: every answer it asks for ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("facts", "choices"),
+    [
+        (BodyFacts(model="qwen"), 1),
+        (BodyFacts(model="qwen", n=3), 3),
+        (BodyFacts(model="qwen", n=2, best_of=5), 5),
+        (BodyFacts(model="qwen", n=2.0), 2),  # a JSON number with no fraction
+    ],
+)
+def test_a_request_asking_for_several_answers_reserves_for_each(
+    policy: Policy, facts: BodyFacts, choices: int
+) -> None:
+    assert forwarded(decide_headers(request(body=facts), policy, NOW)).choices == choices
+
+
+def test_a_list_of_prompts_counts_once_per_prompt_and_answer(
+    alice: ArksToken, policy: Policy
+) -> None:
+    body = raw(model="qwen", prompt=["one", "two", "three"], n=2)
+    decision = forwarded(
+        decide_body(request("/v1/completions", body=BodyFacts()), body, alice, policy)
+    )
+    assert decision.choices == 6
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "2", True, [2], {"n": 2}])
+@pytest.mark.parametrize("name", ["n", "best_of"])
+def test_a_count_of_answers_that_is_not_a_positive_integer_is_400(
+    policy: Policy, name: str, value: object
+) -> None:
+    deny = denied(
+        decide_headers(request(body=BodyFacts(model="qwen", **{name: value})), policy, NOW),
+        400,
+        "invalid_type",
+    )
+    assert f"'{name}' must be a positive integer" in deny.message
