@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
@@ -67,6 +68,8 @@ def decide_headers(req: RequestInfo, policy: Policy, now: datetime) -> Decision:
         )
     if not req.body.known:
         return ReadBody("the body was not lifted into metadata", token)
+    if req.body.invalid_json:  # or valid JSON Envoy cannot read (a number beyond 64 bits)
+        return ReadBody("Envoy could not read the body: a precise answer needs it", token)
     decision = decide_route(req, req.body, token, policy, body=None)
     if isinstance(decision, Forward) and decision.weighting == PREFIX_CACHE:
         return ReadBody(
@@ -80,7 +83,10 @@ def decide_body(req: RequestInfo, raw: bytes, token: ArksToken, policy: Policy) 
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return bad_request("We could not parse the JSON body of your request.", "invalid_json")
+        try:  # valid JSON with a number orjson will not hold (beyond 64 bits, 1e400) is not
+            body = json.loads(raw)  # "unparseable": its field gets a precise answer below
+        except ValueError:
+            return bad_request("We could not parse the JSON body of your request.", "invalid_json")
     if not isinstance(body, dict):
         return bad_request("The request body must be a JSON object.", "invalid_json")
     if req.body.known and _picks_by_prefix(policy, token, req.body.model):
@@ -118,6 +124,10 @@ def decide_route(
     for name, value in (("n", facts.n), ("best_of", facts.best_of)):
         if value is not None and not _positive_int(value):
             return bad_request(f"'{name}' must be a positive integer.", "invalid_type")
+    if facts.max_tokens is not None and _count(facts.max_tokens) is None:
+        return bad_request(
+            f"'max_tokens' must be an integer from 0 to {MAX_TOKENS_LIMIT}.", "invalid_type"
+        )
     namespace = token.key.namespace
     endpoint = policy.endpoint(namespace, model)
     if endpoint is None:
@@ -188,9 +198,13 @@ def _positive_int(value: object) -> bool:
     return value >= 1 and float(value).is_integer()
 
 
+MAX_TOKENS_LIMIT = 2**31 - 1  # beyond any model's context; engines parse it as a 32-bit int
+
+
 def _count(value: object) -> int | None:
-    return (
-        int(value)
-        if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
-        else None
-    )
+    """A token count: a JSON integer (1024 or 1024.0) from 0 to MAX_TOKENS_LIMIT, else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not 0 <= value <= MAX_TOKENS_LIMIT or not float(value).is_integer():
+        return None
+    return int(value)
