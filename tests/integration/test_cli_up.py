@@ -114,6 +114,16 @@ def test_arks_up_serves_the_demo_policy_and_stops_cleanly(tmp_path: Path) -> Non
             proc.wait()
 
 
+def interrupt(proc: subprocess.Popen[str]) -> None:
+    """Ctrl-C, as a user stops it; killed if it does not stop within 30 s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def banner_of(proc: subprocess.Popen[str]) -> str:
     assert proc.stdout is not None
     lines = []
@@ -135,12 +145,7 @@ def test_arks_up_never_prints_a_token_that_is_not_the_demos(tmp_path: Path) -> N
         assert "Demo token" not in text and "Authorization: Bearer" not in text
         assert "arks token" in text  # says how to get one instead
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        interrupt(proc)
 
 
 def test_arks_up_killed_hard_still_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -198,12 +203,7 @@ def test_a_killed_gateway_is_restarted_and_says_what_is_wrong_meanwhile(tmp_path
         answer = wait_for(lambda: _status(client, hello), lambda status: status == 200, timeout=20)
         assert answer == 200
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        interrupt(proc)
 
 
 def _status(client: openai.OpenAI, messages: list[dict[str, str]]) -> int:

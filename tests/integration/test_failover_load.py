@@ -18,7 +18,7 @@ import yaml
 from arks.api import token_digest
 from launcher.procs import Child, Supervisor, free_port, wait_http
 from launcher.stack import LocalStack, StackSettings
-from tests.support.objects import token
+from tests.support.objects import endpoint, pool, token
 
 TOKEN = "sk-arks-failover-test-0001"
 MODEL = "qwen"
@@ -32,25 +32,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalStack,
     tmp: Path = tmp_path_factory.mktemp("failover")
     ports = {name: free_port() for name in ("a", "b")}
     documents = [
-        {
-            "apiVersion": "gateway.envoyproxy.io/v1alpha1",
-            "kind": "Backend",
-            "metadata": {"name": "pool", "namespace": "default"},
-            "spec": {
-                "endpoints": [{"ip": {"address": "127.0.0.1", "port": p}} for p in ports.values()]
-            },
-        },
-        {
-            "apiVersion": "arks.ai/v1",
-            "kind": "ArksEndpoint",
-            "metadata": {"name": MODEL, "namespace": "default"},
-            "spec": {
-                "weighting": "static",
-                "routeConfigs": [
-                    {"group": "gateway.envoyproxy.io", "kind": "Backend", "name": "pool"}
-                ],
-            },
-        },
+        pool("pool", list(ports.values())),
+        endpoint(MODEL, "pool", weighting="static"),
         token("alice", [MODEL], tokenHash=token_digest(TOKEN)),
     ]
     (tmp / "policy.yaml").write_text(yaml.safe_dump_all(documents))

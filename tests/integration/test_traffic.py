@@ -23,7 +23,7 @@ import yaml
 from arks.api import token_digest
 from launcher.procs import Child, Supervisor, free_port, wait_http
 from launcher.stack import LocalStack, StackSettings
-from tests.support.objects import token
+from tests.support.objects import endpoint, pool, token
 from tests.support.stack import kill_mid_run
 from tests.support.waiting import wait_for
 
@@ -93,25 +93,8 @@ class Traffic:
 
 def policy(ports: dict[str, int]) -> list[dict[str, Any]]:
     return [
-        {
-            "apiVersion": "gateway.envoyproxy.io/v1alpha1",
-            "kind": "Backend",
-            "metadata": {"name": "pool", "namespace": "default"},
-            "spec": {
-                "endpoints": [{"ip": {"address": "127.0.0.1", "port": ports[n]}} for n in ENGINES]
-            },
-        },
-        {
-            "apiVersion": "arks.ai/v1",
-            "kind": "ArksEndpoint",
-            "metadata": {"name": MODEL, "namespace": "default"},
-            "spec": {
-                "weighting": "weighted",
-                "routeConfigs": [
-                    {"group": "gateway.envoyproxy.io", "kind": "Backend", "name": "pool"}
-                ],
-            },
-        },
+        pool("pool", [ports[n] for n in ENGINES]),
+        endpoint(MODEL, "pool", weighting="weighted"),
         token("alice", [MODEL], tokenHash=token_digest(TOKEN)),
     ]
 

@@ -14,16 +14,28 @@ def backend(name: str, port: int, namespace: str = "default") -> dict[str, Any]:
     }
 
 
-def endpoint(model: str, *backends: str, namespace: str = "default") -> dict[str, Any]:
+def pool(name: str, ports: list[int], namespace: str = "default") -> dict[str, Any]:
+    """One Backend holding several engines (loopback ports)."""
+    doc = backend(name, ports[0], namespace)
+    doc["spec"]["endpoints"] = [{"ip": {"address": "127.0.0.1", "port": p}} for p in ports]
+    return doc
+
+
+def endpoint(
+    model: str, *backends: str, namespace: str = "default", weighting: str | None = None
+) -> dict[str, Any]:
     refs = [
         {"group": "gateway.envoyproxy.io", "kind": "Backend", "name": b, "weight": 1}
         for b in backends
     ]
+    spec: dict[str, Any] = {"routeConfigs": refs}
+    if weighting is not None:
+        spec["weighting"] = weighting
     return {
         "apiVersion": "arks.ai/v1",
         "kind": "ArksEndpoint",
         "metadata": {"name": model, "namespace": namespace},
-        "spec": {"routeConfigs": refs},
+        "spec": spec,
     }
 
 
