@@ -584,3 +584,36 @@ def test_the_gateways_own_400s_keep_their_message(stack: Stack) -> None:
         )
     assert resp.status_code == 400
     assert resp.json()["error"]["code"] == "invalid_json"
+
+
+def test_a_request_without_credentials_is_refused_before_its_body_is_read(stack: Stack) -> None:
+    """Headers announcing 4 MB and no credential, then nothing: answered 401 at once (it used to
+    wait for the whole body, holding the connection and Envoy's buffer)."""
+    parsed = urllib.parse.urlsplit(stack.url)
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 4000000\r\n\r\n"
+    )
+    with socket.create_connection((parsed.hostname, parsed.port), timeout=3) as conn:
+        conn.sendall(head)
+        answer = conn.recv(65536)  # socket.timeout (the old behaviour) fails the test
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert b" 401 " in status_line, answer
+    body = json.loads(rest.partition(b"\r\n\r\n")[2])
+    assert body["error"]["code"] == "invalid_api_key"
+    assert "No API key provided" in body["error"]["message"]
+
+
+def test_no_credentials_get_the_same_answer_as_before(stack: Stack) -> None:
+    with stack.http() as http:
+        resp = http.post("/v1/chat/completions", json={"model": "model-a", "messages": []})
+        health = http.get("/healthz")
+    assert resp.status_code == 401
+    assert resp.json() == {
+        "error": {
+            "message": "No API key provided: send 'Authorization: Bearer <token>' or 'x-api-key'.",
+            "type": "invalid_request_error",
+            "code": "invalid_api_key",
+        }
+    }
+    assert health.status_code == 200  # Envoy's own health answer needs no credential

@@ -275,6 +275,7 @@ def hcm(resources: dict[tuple[str, str], Any]) -> dict[str, Any]:
 def test_patched_chain_has_the_local_order(patched: dict[tuple[str, str], Any]) -> None:
     names = [f["name"] for f in hcm(patched)["http_filters"]]
     assert names == [
+        "arks.credentials_lua",
         "arks.request_to_metadata",
         EG_EXT_PROC,
         "envoy.filters.http.ratelimit",
@@ -284,6 +285,7 @@ def test_patched_chain_has_the_local_order(patched: dict[tuple[str, str], Any]) 
     ]
     local = [f["name"] for f in manifests.local_filters().values()]
     assert local == [
+        "arks.credentials_lua",
         "arks.request_to_metadata",
         "envoy.filters.http.ext_proc",
         "arks.usage_lua",
@@ -294,6 +296,7 @@ def test_patched_chain_has_the_local_order(patched: dict[tuple[str, str], Any]) 
 def test_patched_filters_are_the_local_filters(patched: dict[tuple[str, str], Any]) -> None:
     filters = {f["name"]: f for f in hcm(patched)["http_filters"]}
     local = manifests.local_filters()
+    assert filters["arks.credentials_lua"] == local["arks.credentials_lua"]
     assert filters["arks.request_to_metadata"] == local["arks.request_to_metadata"]
     assert filters["arks.usage_lua"] == local["arks.usage_lua"]
     assert (
@@ -431,8 +434,8 @@ def test_envoy_accepts_the_patched_listener(
 def test_envoy_rejects_a_broken_patch(patched: dict[tuple[str, str], Any], tmp_path: Path) -> None:
     """The validation above can fail: a misspelt field in the patched filter is caught."""
     broken = copy.deepcopy(patched)
-    filters = hcm(broken)["http_filters"]
-    filters[0]["typed_config"]["request_rules"]["rulez"] = []
+    filters = {f["name"]: f for f in hcm(broken)["http_filters"]}
+    filters["arks.request_to_metadata"]["typed_config"]["request_rules"]["rulez"] = []
     config = {
         "static_resources": {
             "listeners": [v for (k, _), v in broken.items() if k == manifests.LISTENER_TYPE],
