@@ -74,7 +74,8 @@ class AdmissionControl:
                 await self._settle(info.request_id, released)
             return limited
         if leases and info.request_id:
-            self.held[info.request_id] = (self.clock(), tuple({lease.key for lease in leases}))
+            keys = tuple({lease.key for lease in leases})
+            self.held[info.request_id] = (reservation.admitted_at, keys)
         return admitted
 
     async def renew_leases(self) -> int:

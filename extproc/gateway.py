@@ -193,9 +193,8 @@ def decide_route(
 
 
 def _positive_int(value: object) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    return value >= 1 and float(value).is_integer()
+    count = _count(value)
+    return count is not None and count >= 1
 
 
 MAX_TOKENS_LIMIT = 2**31 - 1  # beyond any model's context; engines parse it as a 32-bit int

@@ -62,37 +62,37 @@ class MemoryBackend:
             key = counter_key(hit, now)
             if hit.algorithm is Algorithm.GCRA:
                 if key not in aheads:
-                    entry = self._tats.get(key)
-                    live = entry[0] if entry is not None and entry[1] > now else None
-                    aheads[key] = gcra_ahead(live, at)
+                    tat = self._live_tat(key, now)
+                    aheads[key] = gcra_ahead(tat[0] if tat else None, at)
                 aheads[key] = gcra_charge(aheads[key], hit)
                 outcomes.append(gcra_outcome(aheads[key], hit))
             else:
                 if key not in counts:
-                    entry_count = self._counts.get(key)
-                    live_count = entry_count is not None and entry_count[1] > now
-                    counts[key] = entry_count[0] if entry_count is not None and live_count else 0
+                    count = self._live_count(key, now)
+                    counts[key] = count[0] if count else 0
                 counts[key] += hit.hits
                 outcomes.append(fixed_window_outcome(counts[key], hit, now))
         return outcomes
 
+    def _live_tat(self, key: str, now: float) -> tuple[Instant, float] | None:
+        entry = self._tats.get(key)
+        return entry if entry is not None and entry[1] > now else None
+
+    def _live_count(self, key: str, now: float) -> tuple[int, float] | None:
+        entry = self._counts.get(key)
+        return entry if entry is not None and entry[1] > now else None
+
     def _apply_one(self, hit: Hit, now: float) -> Outcome:
         key = counter_key(hit, now)
         if hit.algorithm is Algorithm.GCRA:
-            tat_entry = self._tats.get(key)
-            if tat_entry is not None and tat_entry[1] <= now:
-                del self._tats[key]
-                tat_entry = None
+            tat_entry = self._live_tat(key, now)
             step = gcra_step(tat_entry[0] if tat_entry else None, now, hit)
             if step.tat is not None:
                 self._tats[key] = (step.tat, now + step.ttl_s)
                 self._writes += 1
             return step.outcome
 
-        count_entry = self._counts.get(key)
-        if count_entry is not None and count_entry[1] <= now:
-            del self._counts[key]
-            count_entry = None
+        count_entry = self._live_count(key, now)
         used = count_entry[0] if count_entry else 0
         if hit.hits > 0:
             used += hit.hits
