@@ -166,6 +166,7 @@ def running_stack(
     redis: str | None = None,
     extproc_args: tuple[str, ...] = (),
     kube_host: str | None = None,
+    controller_args: tuple[str, ...] = (),
 ) -> Iterator[Stack]:
     """Two simulated engines, the base policy plus `extra_documents`, and the local stack."""
     ports = {"a": free_port(), "b": free_port(), "down": free_port()}  # nothing listens on "down"
@@ -195,6 +196,7 @@ def running_stack(
             simulate=False,
             redis=redis,
             extproc_args=("--snapshot-interval-s", "0.5", *extproc_args),
+            controller_args=controller_args,
             kube_host=kube_host,
         )
         with LocalStack(settings) as local:
