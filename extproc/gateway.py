@@ -121,6 +121,9 @@ def decide_route(
         return bad_request("'model' must be a non-empty string.", "invalid_type")
     if facts.stream is not None and not isinstance(facts.stream, bool):
         return bad_request("'stream' must be a boolean.", "invalid_type")
+    if body is not None and body.get("stream_options") is not None:
+        if not isinstance(body["stream_options"], dict):
+            return bad_request("'stream_options' must be an object.", "invalid_type")
     for name, value in (("n", facts.n), ("best_of", facts.best_of)):
         if value is not None and not _positive_int(value):
             return bad_request(f"'{name}' must be a positive integer.", "invalid_type")
@@ -152,6 +155,10 @@ def decide_route(
     }
     if needs_usage_option and body is None:
         metadata["add_usage_option"] = True
+    elif body is None and facts.stream is not True:
+        # Envoy cannot tell an object or array from an absent `stream`, nor type-check
+        # `stream_options`: usage.lua looks (a pattern search of the body; type_error there).
+        metadata["check_types"] = True
     if limits := token_limits(qos):
         metadata["limits"] = limits
     new_body = None
