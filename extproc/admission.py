@@ -185,7 +185,15 @@ class AdmissionControl:
         return math.ceil(_int(info.headers.get("content-length")) / BYTES_PER_TOKEN)
 
     def _completion_estimate(self, decision: Forward) -> int:
-        each = decision.max_tokens if decision.max_tokens is not None else self.default_max_tokens
+        """The most the answers can hold: each up to the request's max_tokens, else the
+        endpoint's maxTokens (its context length), else the gateway's default; never more than
+        the endpoint's maxTokens (the engine refuses or stops there)."""
+        limit = decision.answer_limit
+        each = decision.max_tokens if decision.max_tokens is not None else limit
+        if each is None:
+            each = self.default_max_tokens
+        if limit is not None:
+            each = min(each, limit)
         return each * decision.choices
 
     async def settle(

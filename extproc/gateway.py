@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import datetime
 from typing import Any
@@ -23,10 +24,12 @@ from extproc.decision import Decision, Deny, Forward, Identity, ReadBody, Reply,
 from extproc.picking.prefix import prefix_text
 from extproc.qos import token_limits
 from extproc.request import (
+    COMPLETIONS_PATH,
     INFERENCE_PATHS,
     MODELS_PATH,
     BodyFacts,
     RequestInfo,
+    prompt_count,
 )
 
 
@@ -93,7 +96,8 @@ def decide_body(req: RequestInfo, raw: bytes, token: ArksToken, policy: Policy) 
         # Read for its prompt only: decide as on the headers (Envoy's lifted facts, no tokenizer
         # pass, no body rewrite: usage.lua adds include_usage), so this mode costs one more
         # message and the prompt's hashing, nothing else.
-        return decide_route(req, req.body, token, policy, body=None, prompt=prefix_text(body))
+        facts = dataclasses.replace(req.body, prompts=prompt_count(body.get("prompt")))
+        return decide_route(req, facts, token, policy, body=None, prompt=prefix_text(body))
     facts = BodyFacts.from_body(body)
     prompt = prefix_text(body) if _picks_by_prefix(policy, token, facts.model) else None
     return decide_route(req, facts, token, policy, body=body, prompt=prompt)
@@ -144,6 +148,11 @@ def decide_route(
             type="permission_denied",
         )
 
+    if facts.prompts is None and req.path == COMPLETIONS_PATH and (token_limits(qos) or qos.quota):
+        # Envoy cannot count a list of prompts (it reads a list as absent), and each prompt gets
+        # its answers: a reservation against token limits needs the count from the body.
+        return ReadBody("a completions prompt may be a list of prompts", token)
+
     # A streamed answer carries usage only when asked; ask for it unless the client said no.
     # Envoy inserts it (usage.lua) when we only saw metadata; here when we parsed the body.
     needs_usage_option = facts.stream is True and facts.include_usage is None
@@ -192,7 +201,8 @@ def decide_route(
         body=new_body,
         prompt_estimate=prompt_estimate,
         max_tokens=_count(facts.max_tokens),
-        choices=facts.prompts * max(int(facts.n or 1), int(facts.best_of or 1)),
+        choices=(facts.prompts or 1) * max(int(facts.n or 1), int(facts.best_of or 1)),
+        answer_limit=endpoint.max_tokens,
         qos=qos,
         weighting=endpoint.weighting,
         prompt=prompt,

@@ -17,7 +17,7 @@ import pytest
 from arks.api import token_digest
 from launcher.procs import Supervisor, free_port, wait_port
 from tests.support.objects import token
-from tests.support.stack import Stack, running_stack
+from tests.support.stack import MODEL_B_MAX_TOKENS, Stack, running_stack
 from tests.support.waiting import wait_for
 
 ALICE_Q = "sk-arks-test-quota-alice-01"
@@ -244,8 +244,9 @@ def _redis_used(port: int, name: str) -> int:
     [
         ("/v1/chat/completions", {"messages": MESSAGES, "n": 3}),
         ("/v1/completions", {"prompt": "one", "best_of": 3, "n": 1}),
+        ("/v1/completions", {"prompt": ["one", "two", "three"]}),  # Envoy cannot count these
     ],
-    ids=["chat-n", "completions-best-of"],
+    ids=["chat-n", "completions-best-of", "completions-prompt-list"],
 )
 def test_a_reservation_covers_every_answer_the_request_asks_for(
     quota_stack: Stack, path: str, body: dict
@@ -287,3 +288,41 @@ def test_a_reservation_covers_every_answer_the_request_asks_for(
     )
     assert after.status_code == 200, after.text
     quota_stack.usage(f"multi-{s}", "model-a")
+
+
+def test_an_answer_without_max_tokens_is_reserved_up_to_the_models_context(
+    quota_stack: Stack,
+) -> None:
+    """model-b's ArksEndpoint says an answer holds at most 100 tokens. A request naming no
+    max_tokens reserves that (it reserved the gateway's default of 1,024, refusing everything
+    under a quota of 200, while an engine with a longer context could write past any quota):
+    one runs; a second one, while it does, finds no room."""
+    s = quota_stack.suffix  # type: ignore[attr-defined]
+    quota_stack.usage(f"multi-{s}", "model-b")
+    auth = {"authorization": f"Bearer {MULTI}"}
+    body = {"model": "model-b", "messages": MESSAGES}
+    first: list[httpx.Response] = []
+    running = threading.Thread(
+        target=lambda: first.append(
+            httpx.post(
+                f"{quota_stack.url}/v1/chat/completions",
+                json=body,
+                headers={**auth, "x-sim-ttft-ms": "1500", "x-sim-output-tokens": "1"},
+                timeout=30,
+            )
+        )
+    )
+    running.start()
+    time.sleep(0.5)
+    second = httpx.post(
+        f"{quota_stack.url}/v1/chat/completions",
+        json=body,
+        headers={**auth, "x-sim-output-tokens": "1"},
+        timeout=30,
+    )
+    running.join()
+    assert first[0].status_code == 200, first[0].text
+    assert second.status_code == 429, second.text
+    assert second.json()["error"]["code"] == "insufficient_quota"  # 2 x (100 + prompt) > 200
+    assert MODEL_B_MAX_TOKENS == 100
+    quota_stack.usage(f"multi-{s}", "model-b")

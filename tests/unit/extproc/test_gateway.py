@@ -660,3 +660,41 @@ def test_a_count_of_answers_that_is_not_a_positive_integer_is_400(
         "invalid_type",
     )
     assert f"'{name}' must be a positive integer" in deny.message
+
+
+# --- reservations: what a request can cost ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def limited() -> Policy:
+    """Erin's qwen grant has a token limit (reservations matter); Frank's has none."""
+    erin = _token("erin", "sk-erin", "qwen")
+    erin["spec"]["qos"][0]["rateLimits"] = [{"type": "tpm", "value": 10_000}]
+    objects = [
+        _object("ArksEndpoint", "qwen", maxTokens=4096),
+        erin,
+        _token("frank", "sk-frank", "qwen"),
+    ]
+    return build_policy((f"object {i}", obj) for i, obj in enumerate(objects))
+
+
+def test_completions_with_token_limits_read_the_body_to_count_its_prompts(limited: Policy) -> None:
+    """Envoy reads a list of prompts as absent: the reservation would cover one prompt only."""
+    facts = BodyFacts(model="qwen", stream=False)
+    asked = decide_headers(request("/v1/completions", body=facts, token="sk-erin"), limited, NOW)
+    assert isinstance(asked, ReadBody)
+    unlimited = decide_headers(
+        request("/v1/completions", body=facts, token="sk-frank"), limited, NOW
+    )
+    assert isinstance(unlimited, Forward)  # nothing to reserve: one message, as ever
+    chat = decide_headers(request(CHAT, body=facts, token="sk-erin"), limited, NOW)
+    assert isinstance(chat, Forward)
+
+
+def test_every_prompt_and_every_answer_per_prompt_is_reserved(limited: Policy) -> None:
+    req = request("/v1/completions", body=BodyFacts(model="qwen", stream=False), token="sk-erin")
+    asked = decide_headers(req, limited, NOW)
+    assert isinstance(asked, ReadBody)
+    body = {"model": "qwen", "prompt": ["a", "b", "c"], "n": 2, "best_of": 4, "max_tokens": 7}
+    decision = forwarded(decide_body(req, orjson.dumps(body), asked.token, limited))
+    assert (decision.choices, decision.max_tokens, decision.answer_limit) == (3 * 4, 7, 4096)
