@@ -31,6 +31,7 @@ from arks.policy import Policy
 from arks.wire import (
     DESTINATION_HEADER,
     DESTINATION_METADATA_NAMESPACE,
+    HEALTH_PATH,
     METADATA_NAMESPACE,
     MODEL_HEADER,
     NAMESPACE_HEADER,
@@ -302,15 +303,11 @@ def routes(policy: Policy, settings: EnvoySettings) -> list[dict[str, Any]]:
     """One route per ArksEndpoint, matched on the headers extproc sets (never on client input)."""
     out: list[dict[str, Any]] = [
         {
+            # extproc answers it first (see HEALTH_PATH): while extproc is away, this is the
+            # 503 gateway_unavailable every request gets, not a healthy "ok".
             "name": "healthz",
-            "match": {"path": "/healthz"},
+            "match": {"path": HEALTH_PATH},
             "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}},
-            "typed_per_filter_config": {
-                "envoy.filters.http.ext_proc": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-                    "disabled": True,
-                }
-            },
         }
     ]
     for endpoint in _endpoints(policy):

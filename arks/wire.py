@@ -19,6 +19,11 @@ REQUEST_METADATA_NAMESPACE = (
 AUTH_METADATA_NAMESPACE = "io.arks.auth"
 DESTINATION_METADATA_NAMESPACE = "envoy.lb"  # the picked engines (Gateway API Inference Extension)
 
+# --- HTTP paths ------------------------------------------------------------------------------
+# Envoy's health answer, asked of the gateway's decision service: 200 while it answers, 503
+# gateway_unavailable while it is away (a load balancer should stop sending then).
+HEALTH_PATH = "/healthz"
+
 # --- HTTP headers ---------------------------------------------------------------------------
 MODEL_HEADER = "x-arks-model"
 NAMESPACE_HEADER = "x-arks-namespace"

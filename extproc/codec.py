@@ -89,11 +89,13 @@ _JSON_CONTENT_TYPE = _header("content-type", "application/json")
 
 
 def _immediate(
-    status: int, body: bytes, headers: tuple[tuple[str, str], ...], details: str
+    status: int,
+    body: bytes,
+    headers: tuple[tuple[str, str], ...],
+    details: str,
+    content_type: base_pb2.HeaderValueOption = _JSON_CONTENT_TYPE,
 ) -> ep.ProcessingResponse:
-    mutation = ep.HeaderMutation(
-        set_headers=[_JSON_CONTENT_TYPE, *(_header(k, v) for k, v in headers)]
-    )
+    mutation = ep.HeaderMutation(set_headers=[content_type, *(_header(k, v) for k, v in headers)])
     return ep.ProcessingResponse(
         immediate_response=ep.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=status),
@@ -109,7 +111,12 @@ def deny(decision: Deny) -> ep.ProcessingResponse:
 
 
 def reply(decision: Reply) -> ep.ProcessingResponse:
-    return _immediate(decision.status, decision.body, (), "arks_reply")
+    content_type = (
+        _JSON_CONTENT_TYPE
+        if decision.content_type == "application/json"
+        else _header("content-type", decision.content_type)
+    )
+    return _immediate(decision.status, decision.body, (), "arks_reply", content_type)
 
 
 def check_headers(request: authz.CheckRequest) -> dict[str, str]:

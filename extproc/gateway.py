@@ -14,6 +14,7 @@ from arks.policy import Policy
 from arks.tokens import count_prompt
 from arks.wire import (
     CREDENTIAL_HEADERS,
+    HEALTH_PATH,
     METADATA_NAMESPACE,
     MODEL_HEADER,
     NAMESPACE_HEADER,
@@ -50,8 +51,13 @@ def models_reply(policy: Policy, token: ArksToken, path: str) -> Decision:
     return Reply(orjson.dumps(_model_object(model, token)))
 
 
+HEALTHY = Reply(b"ok\n", content_type="text/plain")
+
+
 def decide_headers(req: RequestInfo, policy: Policy, now: datetime) -> Decision:
     """Decide on the request-headers message (with the body facts Envoy lifted into metadata)."""
+    if req.path == HEALTH_PATH:
+        return HEALTHY  # answering is the health: Envoy says 503 while extproc is away
     token = authenticate(req.headers, policy, now)
     if isinstance(token, Deny):
         return token

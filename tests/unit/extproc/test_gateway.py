@@ -698,3 +698,8 @@ def test_every_prompt_and_every_answer_per_prompt_is_reserved(limited: Policy) -
     body = {"model": "qwen", "prompt": ["a", "b", "c"], "n": 2, "best_of": 4, "max_tokens": 7}
     decision = forwarded(decide_body(req, orjson.dumps(body), asked.token, limited))
     assert (decision.choices, decision.max_tokens, decision.answer_limit) == (3 * 4, 7, 4096)
+
+
+def test_health_is_answered_without_a_credential(policy: Policy) -> None:
+    decision = decide_headers(request("/healthz", method="GET", token=None), policy, NOW)
+    assert decision == Reply(b"ok\n", content_type="text/plain")
