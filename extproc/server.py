@@ -178,6 +178,7 @@ async def serve(settings: Settings) -> None:
         lease_ttl_s=settings.lease_ttl_s,
         hold_max_s=settings.usage_settle_timeout_s,
         default_max_tokens=settings.quota_default_max_tokens,
+        on_settled=snapshots.charged,
     )
     ctx = Context(
         policy=source,
@@ -222,6 +223,7 @@ async def serve(settings: Settings) -> None:
                 log.warning(
                     "%d admitted requests had no access-log entry; charged their estimate", lost
                 )
+            await snapshots.restore_lost()  # a Redis that came back empty: before anything else
             await admission.retry_unsettled()
             if time.monotonic() - last_renewal >= settings.lease_ttl_s / 4:
                 last_renewal = time.monotonic()
