@@ -598,8 +598,36 @@ def _length(answer: bytes) -> int:
             "bad_request",
         ),
         (b"GET /v1/models HTTP/1.0\r\nHost: x\r\n\r\n", 426, "upgrade_required"),
+        (
+            b"POST /v1/chat/completions#frag HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+            400,
+            "bad_request",
+        ),
+        (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + ALICE.encode()
+            + b"\r\nContent-Encoding: gzip\r\nContent-Length: 36\r\n\r\n"
+            + b'{"model": "model-a", "messages": []}',
+            415,
+            "unsupported_content_encoding",
+        ),
+        (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + ALICE.encode()
+            + b"\r\nExpect: 100-continue\r\nExpect: 100-continue\r\nContent-Length: 36\r\n\r\n"
+            + b'{"model": "model-a", "messages": []}',
+            417,
+            "expectation_failed",
+        ),
     ],
-    ids=["headers-too-large", "bad-framing", "http-1.0"],
+    ids=[
+        "headers-too-large",
+        "bad-framing",
+        "http-1.0",
+        "fragment-in-path",
+        "compressed-body",
+        "duplicate-expect",
+    ],
 )
 def test_envoys_own_refusals_have_the_openai_error_shape(
     stack: Stack, request_bytes: bytes, status: int, code: str
