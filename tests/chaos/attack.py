@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -82,18 +83,23 @@ class Answer:
 def wave(
     url: str,
     clients: int,
-    body: Mapping[str, Any],
+    body: bytes,
     headers: Mapping[str, str],
     path: str = "/v1/chat/completions",
 ) -> list[Answer]:
-    """`clients` requests at once (one connection each), all sent before any is answered."""
+    """`clients` requests of a JSON `body` at once (one connection each), all sent before any
+    is answered."""
 
     async def run() -> list[Answer]:
         limits = httpx.Limits(max_connections=clients, max_keepalive_connections=0)
         async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
 
             async def one() -> Answer:
-                r = await client.post(path, json=dict(body), headers=dict(headers))
+                r = await client.post(
+                    path,
+                    content=body,
+                    headers={"content-type": "application/json", **headers},
+                )
                 try:
                     parsed = r.json()
                 except ValueError:
@@ -103,3 +109,28 @@ def wave(
             return list(await asyncio.gather(*(one() for _ in range(clients))))
 
     return asyncio.run(run())
+
+
+def quota_used(stack: Stack, name: str) -> int:
+    """What the quota `name` has used in its current periods, from the gateway's state file
+    (snapshotted every 0.5 s in tests)."""
+    state = stack.local.settings.state_dir / "quota-state.json"
+    data = json.loads(state.read_text()) if state.exists() else {"used": {}}
+    return sum(v for k, v in data["used"].items() if f"/{name}/" in k and "/total/" in k)
+
+
+def quota_doc(name: str, value: int, period: str = "month") -> dict[str, Any]:
+    return {
+        "apiVersion": "arks.ai/v1",
+        "kind": "ArksQuota",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"quotas": [{"type": "total", "value": value, "period": period}]},
+    }
+
+
+def within_one_minute(needed_s: float) -> None:
+    """Wait for the next UTC minute unless `needed_s` still fit in this one: fixed rpm/tpm
+    windows must not turn over in the middle of an attack whose admitted count is checked."""
+    into = time.time() % 60
+    if into > 60 - needed_s:
+        time.sleep(60.2 - into)
