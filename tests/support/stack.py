@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -37,6 +37,7 @@ class Stack:
     policy_path: Path
     documents: list[dict]
     sim_ports: dict[str, int]
+    engines: dict[str, Child] = field(default_factory=dict)  # "a", "b": to kill, stop, restart
 
     @property
     def url(self) -> str:
@@ -174,6 +175,7 @@ def running_stack(
     documents = [*base_policy(ports), *extra_documents]
     policy_path.write_text(yaml.safe_dump_all(documents))
     with Supervisor(log_dir=tmp / "logs") as sims:
+        engines = {}
         for name, model in (("a", "model-a"), ("b", "model-b")):
             child = sims.python(
                 f"sim-{name}",
@@ -186,6 +188,7 @@ def running_stack(
                 f"sim-{name}",
             )
             wait_http(child, f"http://127.0.0.1:{ports[name]}/health")
+            engines[name] = child
         settings = StackSettings(
             policy=policy_path,
             state_dir=tmp / "state",
@@ -198,4 +201,4 @@ def running_stack(
             kube_host=kube_host,
         )
         with LocalStack(settings) as local:
-            yield Stack(local, policy_path, documents, ports)
+            yield Stack(local, policy_path, documents, ports, engines)
