@@ -30,8 +30,8 @@ class PrivateRedis:
 
     def start(self) -> None:
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
-        if self.aof_dir is None:
-            args += ["--save", "", "--appendonly", "no"]  # nothing on disk: restarts come back empty
+        if self.aof_dir is None:  # nothing on disk: a restart comes back empty
+            args += ["--save", "", "--appendonly", "no"]
         else:
             self.aof_dir.mkdir(parents=True, exist_ok=True)
             args += ["--save", "", "--appendonly", "yes", "--appendfsync", "everysec"]
