@@ -63,6 +63,18 @@ def engine_tokens(port: int, model: str) -> int:
     return int(total)
 
 
+def engine_running(port: int, model: str) -> int:
+    """Requests the simulated engine on `port` is generating for `model` right now."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "vllm:num_requests_running" and (
+                sample.labels.get("model_name") == model
+            ):
+                return int(sample.value)
+    return 0
+
+
 def charged_tokens(stack: Stack, user: str, model: str) -> int:
     usage = stack.usage(user, model)
     return usage.prompt + usage.completion

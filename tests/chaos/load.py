@@ -113,3 +113,17 @@ def redis_ledger(url: str, quota: str) -> int:
         return sum(int(v or 0) for v in client.mget(keys)) if keys else 0
     finally:
         client.close()
+
+
+def settled(get: Callable[[], int], quiet_s: float = 1.5, timeout: float = 15) -> int:
+    """`get()` once it stopped changing for `quiet_s` (settlements still arriving move it)."""
+    deadline = time.monotonic() + timeout
+    value, since = get(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = get()
+        if now != value:
+            value, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            break
+    return value
