@@ -168,7 +168,7 @@ def test_a_killed_gateway_is_restarted_and_loses_only_the_requests_in_flight(
             engine,
             ledger,
             note=f"charged: the quota ledger in Redis; serving again {back_after:.1f} s after "
-            f"the kill; supervisor: {lines[0] if lines else 'silent'}",
+            f"the kill; supervisor: {lines[0].split(' (log:')[0] if lines else 'silent'}",
             lost_allowed=(0, allowed),
         )
     assert back.status == 200
