@@ -187,7 +187,8 @@ def test_an_engine_killed_mid_stream_is_charged_what_reached_the_clients(
     estimate: no usage came), close to the prompt plus the tokens that reached the client."""
     clients = 20
     with running_stack(tmp_path, tenant(user, user)) as stack:
-        headers = {**AUTH, "x-sim-output-tokens": "200", "x-sim-tpot-ms": "5"}
+        # 200 tokens every 15 ms: 3 s, so all 20 run at once however slowly the clients start
+        headers = {**AUTH, "x-sim-output-tokens": "200", "x-sim-tpot-ms": "15"}
         body = {**STREAM, "max_tokens": 200}
         before = stack.usage(user, "model-a")
 
@@ -198,8 +199,8 @@ def test_an_engine_killed_mid_stream_is_charged_what_reached_the_clients(
         with ThreadPoolExecutor(clients) as pool:
             running = pool.map(one, range(clients))
             port = stack.sim_ports["a"]
-            wait_for(lambda: engine_running(port, "model-a"), lambda n: n >= clients)
-            time.sleep(0.3)  # every stream some 60 tokens in
+            wait_for(lambda: engine_running(port, "model-a"), lambda n: n >= clients, timeout=20)
+            time.sleep(0.5)  # every stream some 30 tokens in
             stack.engines["a"].popen.kill()
             outcomes = list(running)
         usage = stack.wait_usage(user, "model-a", before, requests=clients)
@@ -211,7 +212,7 @@ def test_an_engine_killed_mid_stream_is_charged_what_reached_the_clients(
         record(
             figures,
             "engine SIGKILL mid-stream",
-            {"clients": clients, "stream_tokens": 200, "tpot_ms": 5},
+            {"clients": clients, "stream_tokens": 200, "tpot_ms": 15},
             outcomes,
             held,
             delivered,
