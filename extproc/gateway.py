@@ -96,6 +96,8 @@ def decide_body(req: RequestInfo, raw: bytes, token: ArksToken, policy: Policy) 
             body = json.loads(raw)  # "unparseable": its field gets a precise answer below
         except ValueError:
             return bad_request("We could not parse the JSON body of your request.", "invalid_json")
+        except RecursionError:  # orjson stops at 1,024 levels; Python's json at its stack
+            return bad_request("The JSON body is nested too deeply.", "invalid_json")
         if _has_lone_surrogate(body):
             return bad_request(
                 "The JSON body holds an unpaired UTF-16 surrogate escape (such as \\ud800), "

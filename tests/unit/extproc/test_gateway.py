@@ -715,3 +715,9 @@ def test_an_unpaired_surrogate_is_a_400_not_a_crash(
     decision = decide_body(request(body=BodyFacts()), raw, alice, policy)
     assert isinstance(decision, Deny) and decision.status == 400
     assert decision.code == "invalid_json" and "surrogate" in decision.message
+
+
+def test_a_body_nested_too_deeply_is_a_400_not_a_crash(policy: Policy, alice: ArksToken) -> None:
+    raw = b'{"model": "qwen", "messages": [], "metadata": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    decision = decide_body(request(body=BodyFacts()), raw, alice, policy)
+    assert decision == Deny(400, "invalid_json", "The JSON body is nested too deeply.")
