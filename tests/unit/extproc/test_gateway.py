@@ -648,3 +648,20 @@ def test_a_count_of_answers_that_is_not_a_positive_integer_is_400(
         "invalid_type",
     )
     assert f"'{name}' must be a positive integer" in deny.message
+
+
+@pytest.mark.parametrize("max_tokens", [0, 2**31 - 1])
+def test_max_tokens_at_either_end_of_its_range_is_forwarded(
+    policy: Policy, max_tokens: int
+) -> None:
+    facts = BodyFacts(model="qwen", max_tokens=max_tokens, n=1, best_of=1)
+    decision = forwarded(decide_headers(request(body=facts), policy, NOW))
+    assert (decision.max_tokens, decision.choices) == (max_tokens, 1)
+
+
+def test_a_parsed_body_for_an_endpoint_not_picking_by_prefix_carries_no_prompt(
+    alice: ArksToken, policy: Policy
+) -> None:
+    body = raw(model="qwen", messages=[{"role": "user", "content": "hello"}])
+    decision = forwarded(decide_body(request(body=BodyFacts()), body, alice, policy))
+    assert decision.prompt is None and decision.prompt_estimate

@@ -18,7 +18,7 @@ from arks.limits.config import parse_config
 from arks.limits.decision import DescriptorRequest, LimitRequest
 from arks.limits.limiter import Enforcement, Limiter
 from arks.limits.metrics import RateLimitMetrics
-from arks.limits.model import RateLimit, Unit
+from arks.limits.model import BackendUnavailable, RateLimit, Unit
 
 NOW = 1_700_000_010.0  # 10 s into a minute
 
@@ -42,6 +42,16 @@ CONFIG = parse_config(
                         "rate_limit": {"unit": "minute", "requests_per_unit": 1},
                     },
                     {"key": "open", "rate_limit": {"unlimited": True}},
+                    {
+                        "key": "team",
+                        "descriptors": [
+                            {
+                                "key": "model",
+                                "detailed_metric": True,
+                                "rate_limit": {"unit": "minute", "requests_per_unit": 5},
+                            }
+                        ],
+                    },
                 ],
             },
         )
@@ -93,8 +103,10 @@ async def test_descriptor_hits_and_the_request_hits_addend_are_what_the_metrics_
     await limit.decide(LimitRequest("d", (descriptor(("model", "m"), hits=4),), hits_addend=9))
     await limit.decide(LimitRequest("d", (descriptor(("user", "a")),), hits_addend=0))
     await limit.decide(LimitRequest("d", (descriptor(("user", "b")),), hits_addend=2))
+    await limit.decide(LimitRequest("d", (descriptor(("team", "t"), ("model", "m")),)))
     # detailed_metric: the key is the descriptor's own entries
     assert sample(metrics, "hits", "model_m") == 4
+    assert sample(metrics, "hits", "team_t.model_m") == 1
     assert sample(metrics, "hits", "d.user") == 1 + 2
 
 
@@ -175,6 +187,7 @@ async def test_an_unreachable_store_fails_open_or_closed_as_configured(
         == 1
     )
     (record,) = [r for r in caplog.records if r.name == "arks.limits.limiter"]
+    assert isinstance(record.args, tuple) and isinstance(record.args[1], BackendUnavailable)
     assert record.getMessage().startswith(f"counter store unavailable ({policy}): ")
     assert len(record.getMessage()) > len(f"counter store unavailable ({policy}): ")
     user_limit = CONFIG.lookup("d", [("user", "a")])
@@ -203,3 +216,16 @@ async def test_an_unreachable_store_fails_open_or_closed_as_configured(
     }
     # nothing was decided by the store, so no hit is counted
     assert sample(metrics, "hits", "d.user") == 0
+
+
+async def test_the_enforcement_settings_reach_the_decision() -> None:
+    shadow, metrics = limiter(Enforcement(shadow_mode=True))
+    request = LimitRequest("d", (descriptor(("user", "s")),))
+    answers = [await shadow.decide(request) for _ in range(3)]
+    assert not any(a.over_limit for a in answers) and answers[-1].statuses[0].shadowed
+    assert sample(metrics, "shadow_mode", "d.user") == 1
+
+    early, metrics = limiter(Enforcement(near_ratio=0.5))
+    first = await early.decide(request)
+    assert first.statuses[0].near_limit  # 1 of 2 reaches a 0.5 ratio
+    assert sample(metrics, "near_limit", "d.user") == 1

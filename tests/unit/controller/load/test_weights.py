@@ -343,3 +343,46 @@ def test_an_endpoint_first_seen_failing_starts_at_the_fleets_weight() -> None:
     joined = tracker.update({"a": busy(0), "b": busy(10), "c": DOWN})
     # the fleet's mean score: between a's and b's weight, not the maximum of an unknown
     assert fleet["b"] < joined["c"] < fleet["a"]
+
+
+def test_after_its_ramp_a_returned_engine_is_held_by_the_hysteresis_again() -> None:
+    tracker: WeightTracker[str] = WeightTracker(
+        only_queues(failures_to_drain=1, recovery_steps=2, hysteresis_abs=2, hysteresis_rel=0.0)
+    )
+    settle(tracker, {"a": busy(0), "b": busy(1.0)}, rounds=6)
+    tracker.update({"a": busy(0), "b": DOWN})
+    assert tracker.update({"a": busy(0), "b": busy(1.0)})["b"] == 50  # ramp step 1 of 2: cap 50
+    assert tracker.update({"a": busy(0), "b": busy(100 / 52 - 1)})["b"] == 50  # ramped: held
+
+
+def test_the_dead_band_holds_the_score_after_warming_up_and_after_each_move() -> None:
+    """Score = waiting, no EWMA: the held score follows for 3 rounds, then moves only by more
+    than the dead band (2), and follows again for 3 rounds after each move."""
+    tracker: WeightTracker[str] = WeightTracker(
+        only_queues(deadband_abs=2.0, hysteresis_abs=0, hysteresis_rel=0.0)
+    )
+    waits = [1, 1, 3, 1, 0.5, 0.5, 0.5, 2, 0.5]
+    published = [tracker.update({"a": busy(0), "b": busy(w)})["b"] for w in waits]
+    assert published == [50, 50, 25, 25, 67, 67, 67, 33, 33]
+    #                    warming up ^  held  moved  following   ^ held: within the band of 2
+
+
+def test_when_one_endpoint_moves_every_weight_is_recomputed_from_fresh_scores() -> None:
+    tracker: WeightTracker[str] = WeightTracker(
+        only_queues(deadband_abs=2.0, hysteresis_abs=0, hysteresis_rel=0.0)
+    )
+    settle(tracker, {"z": busy(0), "a": busy(1), "b": busy(1)}, rounds=5)
+    weights = tracker.update({"z": busy(0), "a": busy(2), "b": busy(5)})
+    # b's move also brings in a's drift, which alone stayed inside the dead band
+    assert (weights["a"], weights["b"]) == (33, 17)
+
+
+def test_an_engine_back_from_a_drain_restarts_from_the_live_fleets_mean_score() -> None:
+    tracker: WeightTracker[str] = WeightTracker(WeightSettings(failures_to_drain=1))
+    settle(tracker, {"a": busy(10), "b": busy(0), "c": busy(30)})
+    tracker.update({"a": busy(10), "b": DOWN, "c": DOWN})
+    fleet = tracker.state()["a"].score
+    assert fleet is not None
+    tracker.update({"a": busy(10), "b": busy(0), "c": DOWN})
+    raw = load_score(busy(0), LoadWindow(None, None, None, None), WeightSettings())
+    assert tracker.state()["b"].score == pytest.approx(0.3 * raw + 0.7 * fleet)
