@@ -13,7 +13,7 @@ from arks.policy import Policy, build_policy
 from arks.tokens import count_prompt
 from arks.wire import METADATA_NAMESPACE
 from extproc.decision import Decision, Deny, Forward, Identity, ReadBody, Reply
-from extproc.gateway import decide_body, decide_headers
+from extproc.gateway import decide_body, decide_headers, decide_route
 from extproc.request import BodyFacts, RequestInfo
 
 NOW = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
@@ -302,9 +302,17 @@ def test_body_errors_have_distinct_codes(alice: ArksToken, policy: Policy) -> No
     assert len({deny.code for deny in codes if isinstance(deny, Deny)}) == 3
 
 
-def test_a_body_envoy_could_not_read_is_read_by_the_gateway(policy: Policy) -> None:
+def test_a_body_envoy_could_not_read_is_read_by_the_gateway(
+    alice: ArksToken, policy: Policy
+) -> None:
     decision = decide_headers(request(body=BodyFacts(invalid_json=True)), policy, NOW)
-    assert isinstance(decision, ReadBody)
+    assert isinstance(decision, ReadBody) and decision.token == alice
+
+
+def test_routing_facts_that_say_invalid_json_are_a_400(alice: ArksToken, policy: Policy) -> None:
+    facts = BodyFacts(model="qwen", invalid_json=True)
+    decision = decide_route(request(body=facts), facts, alice, policy, body=None)
+    denied(decision, 400, "invalid_json")
 
 
 @pytest.mark.parametrize(

@@ -196,5 +196,8 @@ def test_concurrency_and_cost_refusals_in_full() -> None:
         "of 2 until 2026-12-01 00:00 UTC.",
         int((datetime(2026, 12, 1, tzinfo=UTC) - T).total_seconds()),
     )
+    last_second = datetime(2026, 11, 27, 23, 59, 59, 500_000, tzinfo=UTC)
+    soon = refusal("quota/default/team/total/day-2026-11-27", 100, 0, 100, last_second)
+    assert soon.retry_after_s == 1  # half a second left: at least one
     forever = refusal("quota/default/team/total/none", 5, 1, 6, T)
     assert (forever.retry_after_s, forever.message.endswith(" reserved of 6.")) == (0, True)

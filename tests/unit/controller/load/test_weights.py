@@ -386,3 +386,34 @@ def test_an_engine_back_from_a_drain_restarts_from_the_live_fleets_mean_score() 
     tracker.update({"a": busy(10), "b": busy(0), "c": DOWN})
     raw = load_score(busy(0), LoadWindow(None, None, None, None), WeightSettings())
     assert tracker.state()["b"].score == pytest.approx(0.3 * raw + 0.7 * fleet)
+
+
+def test_the_hysteresis_holds_the_smallest_weight_too() -> None:
+    tracker: WeightTracker[str] = WeightTracker(only_queues(hysteresis_abs=2, hysteresis_rel=0.0))
+    assert settle(tracker, {"a": busy(0), "b": busy(99)}, rounds=6)["b"] == 1
+    assert tracker.update({"a": busy(0), "b": busy(49)})["b"] == 1  # target 2: within the band
+
+
+def test_an_engine_back_from_a_drain_warms_up_again_before_the_dead_band_holds_it() -> None:
+    tracker: WeightTracker[str] = WeightTracker(
+        only_queues(
+            failures_to_drain=1,
+            recovery_steps=1,
+            deadband_abs=2.0,
+            hysteresis_abs=0,
+            hysteresis_rel=0.0,
+        )
+    )
+    settle(tracker, {"a": busy(0), "b": busy(1)}, rounds=6)
+    tracker.update({"a": busy(0), "b": DOWN})
+    back = [tracker.update({"a": busy(0), "b": busy(w)})["b"] for w in (1, 1, 3, 1)]
+    assert back == [50, 50, 25, 25]  # three rounds follow the load, then the band holds
+
+
+def test_a_joining_engines_warm_up_is_no_move_of_the_others() -> None:
+    tracker: WeightTracker[str] = WeightTracker(
+        only_queues(deadband_abs=2.0, hysteresis_abs=0, hysteresis_rel=0.0)
+    )
+    settle(tracker, {"z": busy(0), "a": busy(1)}, rounds=5)
+    weights = tracker.update({"z": busy(0), "a": busy(2), "new": busy(1)})
+    assert weights["a"] == 50  # a's drift stays inside its dead band
