@@ -32,9 +32,11 @@ bench: $(STAMP)
 # Mutation testing of the pure decision modules ([tool.mutmut] only_mutate in pyproject.toml),
 # each mutant judged by the unit tests (tests/unit) that reach its function, 2 workers. Starts
 # from a clean mutants/ (mutmut keeps a survivor's verdict across runs even after new tests).
-# tests/mutation/score.py then prints detected/total per module and fails below 95 %. Excluded
-# from the score: message-text mutants, whose function differs only in str literals that hold a
-# space (prose: messages, log lines) and are not compared; their wording is not behaviour.
+# tests/mutation/score.py then prints detected (killed or timed out) / total per module and fails
+# below 95 %. Excluded from the score: message-text mutants, whose function differs only inside
+# prose, i.e. a str literal whose text holds a space (or an f-string with such a part), changed or
+# replaced by None, and not an operand of a comparison: error and log wording is not behaviour.
+# Codes, header names, JSON keys and bytes bodies hold no space or are bytes, so they count.
 mutation: $(STAMP)
 	rm -rf mutants && mkdir mutants
 	$(VENV)/bin/mutmut run --max-children 2 > mutants/run.log 2>&1 || { tail -n 40 mutants/run.log; exit 1; }

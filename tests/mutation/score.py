@@ -4,11 +4,11 @@ A mutant counts as detected when a test failed on it (killed) or it hung past mu
 limit (timeout). Survivors and mutants no unit test reaches both count against the score.
 
 Message-text mutants are left out of the score: a mutant whose function differs from the
-original only in the text of str literals that are prose — the original text holds a space —
-and that are not an operand of a comparison. Such a literal is a sentence people read (an
-error message, a log line, a problem in a list); its exact words are not behaviour. Header
-names, codes, JSON keys, metric labels and bytes bodies hold no space, or are bytes, so
-mutants of them stay in.
+original only inside prose — a str literal whose original text holds a space, or an f-string
+with such a literal part — changed, or replaced by None, where it is not an operand of a
+comparison. Prose is a sentence people read (an error message, a log line, a problem in a
+list); its exact words are not behaviour. Header names, codes, JSON keys, metric labels and
+bytes bodies hold no space, or are bytes, so mutants of them stay in.
 
 Run from the repository root after `mutmut run`: `python -m tests.mutation.score [--show]`.
 It exits 1 when the score is below MINIMUM.
@@ -61,23 +61,25 @@ def _function_sources(name: str, path: Path) -> tuple[str, str]:
     return original, mutated
 
 
-def _blank_prose(tree: ast.AST) -> str:
-    """The tree's dump with every prose str literal (see the module docstring) made equal."""
-    compared = {
-        id(operand)
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Compare)
-        for operand in (node.left, *node.comparators)
-    }
-    for node in ast.walk(tree):
-        if (
-            isinstance(node, ast.Constant)
-            and isinstance(node.value, str)
-            and " " in node.value
-            and id(node) not in compared
-        ):
-            node.value = _PROSE
-    return ast.dump(tree)
+class _BlankProse(ast.NodeTransformer):
+    """Makes every prose literal, every f-string with prose in it, and every None equal: a
+    message replaced by None is a message-text mutant too. Comparison operands stay as they are.
+    """
+
+    def visit_Compare(self, node: ast.Compare) -> ast.Compare:
+        return node  # `kind == "some words"` decides something: never blanked
+
+    def visit_JoinedStr(self, node: ast.JoinedStr) -> ast.expr:
+        if any(_is_prose(part) for part in node.values):
+            return ast.Constant(_PROSE)
+        return node
+
+    def visit_Constant(self, node: ast.Constant) -> ast.Constant:
+        return ast.Constant(_PROSE) if node.value is None or _is_prose(node) else node
+
+
+def _is_prose(node: ast.AST) -> bool:
+    return isinstance(node, ast.Constant) and isinstance(node.value, str) and " " in node.value
 
 
 def message_only(name: str, path: Path) -> bool:
@@ -85,7 +87,8 @@ def message_only(name: str, path: Path) -> bool:
     original, mutated = (ast.parse(source) for source in _function_sources(name, path))
     if ast.dump(original) == ast.dump(mutated):
         return False  # no change mutmut's own view cannot see: judge it as any other
-    return _blank_prose(original) == _blank_prose(mutated)
+    blank = _BlankProse()
+    return ast.dump(blank.visit(original)) == ast.dump(blank.visit(mutated))
 
 
 def tallies() -> Iterator[tuple[str, Tally, Tally]]:
