@@ -417,3 +417,20 @@ def test_a_joining_engines_warm_up_is_no_move_of_the_others() -> None:
     settle(tracker, {"z": busy(0), "a": busy(1)}, rounds=5)
     weights = tracker.update({"z": busy(0), "a": busy(2), "new": busy(1)})
     assert weights["a"] == 50  # a's drift stays inside its dead band
+
+
+def test_settling_follows_the_ewma_until_the_noise_crosses_it() -> None:
+    """Smoothing 0.5: six rounds of warm-up, then the held score follows the EWMA until the load
+    crosses it (raw - smoothed changes sign), after which the dead band (10) holds it."""
+    tracker: WeightTracker[str] = WeightTracker(
+        only_queues(smoothing=0.5, deadband_abs=10.0, hysteresis_abs=0, hysteresis_rel=0.0)
+    )
+    steady = {"a": busy(0), "b": busy(4), "c": busy(4), "d": busy(4)}
+    assert settle(tracker, steady, rounds=6) == {"a": 100, "b": 20, "c": 20, "d": 20}
+    # one more round: the EWMA trails the load (gaps -0.3, +1.0, +0.3): still followed
+    # (held 3.7, 5, 4.3)
+    first = tracker.update({"a": busy(0), "b": busy(3.4), "c": busy(6), "d": busy(4.6)})
+    assert first == {"a": 100, "b": 21, "c": 17, "d": 19}
+    # the load crosses the EWMA (gaps +0.45, -1.0, -0.45): settled, held where it was
+    crossed = tracker.update({"a": busy(0), "b": busy(4.6), "c": busy(3), "d": busy(3.4)})
+    assert crossed == first
