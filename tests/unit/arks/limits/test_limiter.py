@@ -229,3 +229,13 @@ async def test_the_enforcement_settings_reach_the_decision() -> None:
     first = await early.decide(request)
     assert first.statuses[0].near_limit  # 1 of 2 reaches a 0.5 ratio
     assert sample(metrics, "near_limit", "d.user") == 1
+
+
+async def test_by_default_every_matched_counter_is_charged_even_when_another_is_over() -> None:
+    limit, _ = limiter()
+    both = LimitRequest("d", (descriptor(("user", "a")), descriptor(("model", "m"))))
+    answers = [await limit.decide(both) for _ in range(3)]
+    assert [a.over_limit for a in answers] == [False, False, True]
+    # the refused third still used the model's counter (envoyproxy/ratelimit's rule): 4 of 5
+    alone = await limit.decide(LimitRequest("d", (descriptor(("model", "m")),)))
+    assert alone.statuses[0].remaining == 1
