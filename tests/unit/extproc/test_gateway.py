@@ -13,7 +13,7 @@ from arks.policy import Policy, build_policy
 from arks.tokens import count_prompt
 from arks.wire import METADATA_NAMESPACE
 from extproc.decision import Decision, Deny, Forward, Identity, ReadBody, Reply
-from extproc.gateway import decide_body, decide_headers
+from extproc.gateway import decide_body, decide_headers, decide_route
 from extproc.request import BodyFacts, RequestInfo
 
 NOW = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
@@ -302,9 +302,17 @@ def test_body_errors_have_distinct_codes(alice: ArksToken, policy: Policy) -> No
     assert len({deny.code for deny in codes if isinstance(deny, Deny)}) == 3
 
 
-def test_a_body_envoy_could_not_read_is_read_by_the_gateway(policy: Policy) -> None:
+def test_a_body_envoy_could_not_read_is_read_by_the_gateway(
+    alice: ArksToken, policy: Policy
+) -> None:
     decision = decide_headers(request(body=BodyFacts(invalid_json=True)), policy, NOW)
-    assert isinstance(decision, ReadBody)
+    assert isinstance(decision, ReadBody) and decision.token == alice
+
+
+def test_routing_facts_that_say_invalid_json_are_a_400(alice: ArksToken, policy: Policy) -> None:
+    facts = BodyFacts(model="qwen", invalid_json=True)
+    decision = decide_route(request(body=facts), facts, alice, policy, body=None)
+    denied(decision, 400, "invalid_json")
 
 
 @pytest.mark.parametrize(
@@ -721,3 +729,20 @@ def test_a_body_nested_too_deeply_is_a_400_not_a_crash(policy: Policy, alice: Ar
     raw = b'{"model": "qwen", "messages": [], "metadata": ' + b"[" * 5000 + b"]" * 5000 + b"}"
     decision = decide_body(request(body=BodyFacts()), raw, alice, policy)
     assert decision == Deny(400, "invalid_json", "The JSON body is nested too deeply.")
+
+
+@pytest.mark.parametrize("max_tokens", [0, 2**31 - 1])
+def test_max_tokens_at_either_end_of_its_range_is_forwarded(
+    policy: Policy, max_tokens: int
+) -> None:
+    facts = BodyFacts(model="qwen", max_tokens=max_tokens, n=1, best_of=1)
+    decision = forwarded(decide_headers(request(body=facts), policy, NOW))
+    assert (decision.max_tokens, decision.choices) == (max_tokens, 1)
+
+
+def test_a_parsed_body_for_an_endpoint_not_picking_by_prefix_carries_no_prompt(
+    alice: ArksToken, policy: Policy
+) -> None:
+    body = raw(model="qwen", messages=[{"role": "user", "content": "hello"}])
+    decision = forwarded(decide_body(request(body=BodyFacts()), body, alice, policy))
+    assert decision.prompt is None and decision.prompt_estimate

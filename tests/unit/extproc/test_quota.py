@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 from arks.api import ArksQuota, ObjectKey, Price, QuotaItem
 from extproc.decision import Identity
 from extproc.quota import (
+    Refusal,
     budget_key,
     concurrency_key,
     cost_of,
     limit_units,
     period_bounds,
+    price_for,
     quota_charges,
     quota_leases,
     refusal,
+    token_rate_charges,
+    token_rate_key,
     token_rate_leases,
 )
 
@@ -108,3 +112,92 @@ def test_quota_status_round_trips_the_current_period_and_ignores_old_ones() -> N
     assert durable.load(policy, tomorrow) == {
         key_cost: 1_500_000
     }  # yesterday's daily total is not today's
+
+
+def test_the_models_own_price_wins_among_several_and_the_wildcard_covers_the_rest() -> None:
+    a, wildcard, b = Price("a", 1.0, 1.0), Price("*", 5.0, 5.0), Price("b", 2.0, 3.0)
+    q = ArksQuota(TEAM, (QuotaItem("cost", 1, "day"),), (a, wildcard, b))
+    assert price_for(q, "b") == b
+    assert price_for(q, "a") == a
+    assert price_for(q, "c") == wildcard
+    assert price_for(ArksQuota(TEAM, (), (a, b)), "c") is None
+    # leases and charges price the request's own model: 10 * 2 + 20 * 3
+    (lease,) = quota_leases(q, "b", 10, 20, T)
+    (charge,) = quota_charges(q, "b", 10, 20, T)
+    assert lease.amount == charge.cost == 80
+
+
+def test_budgets_expire_a_grace_week_after_their_period_and_none_never() -> None:
+    q = ArksQuota(TEAM, (QuotaItem("total", 100, "day"), QuotaItem("total", 100, "none")))
+    day_end = datetime(2026, 11, 28, tzinfo=UTC)
+    expected = [(day_end + timedelta(days=7)).timestamp(), None]
+    assert [lease.expires_at for lease in quota_leases(q, "m", 1, 1, T)] == expected
+    assert [charge.expires_at for charge in quota_charges(q, "m", 1, 1, T)] == expected
+
+
+def test_token_windows_are_keyed_by_their_start_and_expire_a_grace_week_after_their_end() -> None:
+    who = Identity("default", "u", "m")
+    now = T.timestamp() + 45  # 15:30:45
+    minute = int(T.timestamp())
+    day = int(datetime(2026, 11, 27, tzinfo=UTC).timestamp())
+    grace = 7 * 86400
+    assert token_rate_key(who, "tpm", now) == (f"tpm/default/u/m/{minute}", minute + 60.0)
+    leases = token_rate_leases(who, {"tpm": 300, "tpd": 5000}, 40, now)
+    assert [(x.key, x.limit, x.amount, x.expires_at) for x in leases] == [
+        (f"tpm/default/u/m/{minute}", 300, 40, minute + 60.0 + grace),
+        (f"tpd/default/u/m/{day}", 5000, 40, day + 86400.0 + grace),
+    ]
+    charges = token_rate_charges(who, {"tpm": 300, "tpd": 5000}, 37, now)
+    assert [(c.key, c.cost, c.expires_at) for c in charges] == [
+        (f"tpm/default/u/m/{minute}", 37, minute + 60.0 + grace),
+        (f"tpd/default/u/m/{day}", 37, day + 86400.0 + grace),
+    ]
+
+
+def test_periods_are_utc_days_whatever_the_callers_timezone() -> None:
+    sydney = timezone(timedelta(hours=10))
+    late = datetime(2026, 11, 28, 5, 0, tzinfo=sydney)  # 2026-11-27 19:00 UTC
+    assert period_bounds("day", late)[0] == datetime(2026, 11, 27, tzinfo=UTC)
+    assert budget_key(TEAM, QuotaItem("total", 1, "day"), late).endswith("day-2026-11-27")
+
+
+def test_a_tpm_or_tpd_refusal_says_the_window_and_when_it_ends() -> None:
+    now = T + timedelta(seconds=45)  # 15:30:45 UTC
+    who = Identity("default", "u", "m")
+    tpm, _ = token_rate_key(who, "tpm", now.timestamp())
+    tpd, _ = token_rate_key(who, "tpd", now.timestamp())
+    assert refusal(tpm, 250, 40, 300, now) == Refusal(
+        429,
+        "rate_limit_exceeded",
+        "Token rate limit reached: 300 tokens per minute; 250 used and 40 reserved in this "
+        "minute. Try again in 15 s.",
+        15,
+    )
+    left = 86400 - (15 * 3600 + 30 * 60 + 45)
+    assert refusal(tpd, 4900, 200, 5000, now) == Refusal(
+        429,
+        "rate_limit_exceeded",
+        "Token rate limit reached: 5000 tokens per day; 4900 used and 200 reserved in this "
+        f"day. Try again in {left} s.",
+        left,
+    )
+
+
+def test_concurrency_and_cost_refusals_in_full() -> None:
+    slots = refusal(concurrency_key(Identity("default", "u", "m")), 0, 2, 2, T)
+    assert slots == Refusal(
+        429, "rate_limit_exceeded", "Too many concurrent requests: the limit is 2.", 1
+    )
+    cost = refusal("quota/default/team/cost/month-2026-11-01", 1_500_000, 250_000, 2_000_000, T)
+    assert cost == Refusal(
+        429,
+        "insufficient_quota",
+        "You exceeded your quota default/team (cost, period month): used 1.5 and 0.25 reserved "
+        "of 2 until 2026-12-01 00:00 UTC.",
+        int((datetime(2026, 12, 1, tzinfo=UTC) - T).total_seconds()),
+    )
+    last_second = datetime(2026, 11, 27, 23, 59, 59, 500_000, tzinfo=UTC)
+    soon = refusal("quota/default/team/total/day-2026-11-27", 100, 0, 100, last_second)
+    assert soon.retry_after_s == 1  # half a second left: at least one
+    forever = refusal("quota/default/team/total/none", 5, 1, 6, T)
+    assert (forever.retry_after_s, forever.message.endswith(" reserved of 6.")) == (0, True)

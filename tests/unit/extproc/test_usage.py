@@ -183,14 +183,17 @@ def test_unreported_streamed_answer_estimates_from_streamed_bytes() -> None:
 # --- the streamed estimate is calibrated on the chunks engines send ---------------------------
 
 
-def _within(estimate: int, actual: int, tolerance: float = 0.2) -> bool:
-    return abs(estimate - actual) <= tolerance * actual
+def _within(estimate: int, actual: int, tolerance: float = 0.02) -> bool:
+    """Within 2 % and a token: the chunk shapes are known, so the estimate is near exact (a
+    20 % band let a chat stream be measured with the completions chunk, or the chunk size be
+    8 bytes off, unnoticed)."""
+    return abs(estimate - actual) <= tolerance * actual + 1
 
 
-@pytest.mark.parametrize("tokens", [5, 50, 500])
+@pytest.mark.parametrize("tokens", [5, 50, 500, 5000])
 @pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
 @pytest.mark.parametrize("model", ["qwen", "meta-llama/Llama-3.1-8B-Instruct"])
-def test_streamed_estimate_is_within_20_percent_of_the_tokens_sent(
+def test_streamed_estimate_is_within_2_percent_of_the_tokens_sent(
     tokens: int, path: str, model: str
 ) -> None:
     body = simulated_stream(tokens, path, model, usage_chunk=False)
@@ -202,7 +205,7 @@ def test_streamed_estimate_is_within_20_percent_of_the_tokens_sent(
 
 @pytest.mark.parametrize("sent", [5, 50, 500])
 @pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
-def test_streamed_estimate_of_a_cut_stream_is_within_20_percent(sent: int, path: str) -> None:
+def test_streamed_estimate_of_a_cut_stream_is_within_2_percent(sent: int, path: str) -> None:
     body = simulated_stream(1000, path, "qwen", usage_chunk=False, disconnect_after=sent)
 
     estimate = streamed_tokens_estimate(len(body), "qwen", path)
@@ -223,3 +226,18 @@ def test_streamed_estimate_grows_with_the_bytes() -> None:
     assert math.isclose(
         large / small, 100, rel_tol=0.1
     )  # linear, but for the fixed role and finish chunks
+
+
+def test_a_reported_prompt_without_a_completion_count_is_still_an_estimate() -> None:
+    usage = usage_of(finished(prompt_tokens=12, response_body_bytes=250 + 80))
+    assert usage is not None and usage.estimated == "no_usage_reported"
+    assert usage.completion_tokens > 0
+
+
+def test_a_streamed_estimate_uses_the_requests_model_name() -> None:
+    model = "meta-llama/Llama-3.1-8B-Instruct"
+    body = simulated_stream(500, CHAT, model, usage_chunk=False)
+    usage = usage_of(finished(model=model, stream=True, response_body_bytes=len(body)))
+    assert usage is not None
+    assert usage.completion_tokens == streamed_tokens_estimate(len(body), model, CHAT)
+    assert _within(usage.completion_tokens, 500)

@@ -469,3 +469,75 @@ def test_parse_config_is_the_pure_core_of_load_config() -> None:
     file = ENVOYPROXY / "messaging.yaml"
     document: Any = yaml.safe_load(file.read_text())
     assert parse_config([(str(file), document)]) == load_config([file])
+
+
+def problem_of(document: dict[str, Any]) -> tuple[str, str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config([("inline", document)])
+    return caught.value.path, caught.value.problem
+
+
+def in_rate_limit(**fields: Any) -> dict[str, Any]:
+    return {"domain": "d", "descriptors": [{"key": "k", "rate_limit": fields}]}
+
+
+@pytest.mark.parametrize(
+    ("document", "path", "problem"),
+    [
+        (
+            {"domain": "d", "descriptors": [{"key": "k"}, {"key": "k"}]},
+            "descriptors[1]",
+            "duplicate of descriptors[0] (key 'k' without a value)",
+        ),
+        (
+            {"domain": "d", "descriptors": [{"key": "k", "value": "a*b"}]},
+            "descriptors[0].value",
+            "'a*b': '*' is only supported at the end (a prefix wildcard)",
+        ),
+        (
+            in_rate_limit(unit="second", requests_per_unit="5"),
+            "descriptors[0].rate_limit.requests_per_unit",
+            "expected an integer, got str '5'",
+        ),
+        (
+            in_rate_limit(unit="second", requests_per_unit={"n": 5}),
+            "descriptors[0].rate_limit.requests_per_unit",
+            "expected an integer, got a mapping",
+        ),
+        (
+            in_rate_limit(unit="second", requests_per_unit=5, algorithm="leaky"),
+            "descriptors[0].rate_limit.algorithm",
+            "unknown algorithm 'leaky'; expected fixed_window or gcra",
+        ),
+        (
+            {"domain": "d", "descriptors": [{"key": "k", "name": "x"}]},
+            "descriptors[0].name",
+            "unknown field in a descriptor (it belongs in a rate_limit)",
+        ),
+    ],
+    ids=["duplicate", "inner wildcard", "string count", "mapping count", "algorithm", "misplaced"],
+)
+def test_errors_in_full(document: dict[str, Any], path: str, problem: str) -> None:
+    assert problem_of(document) == (path, problem)
+
+
+def test_the_largest_count_envoy_can_carry_is_accepted() -> None:
+    config = parse_config([("inline", in_rate_limit(unit="second", requests_per_unit=2**32 - 1))])
+    assert rpu(config, "d", ("k", "v")) == 2**32 - 1
+
+
+def test_a_merge_key_does_not_hide_a_repeated_key_after_it(tmp_path: Path) -> None:
+    file = tmp_path / "merge.yaml"
+    file.write_text("domain: d\ndescriptors:\n  - <<: {key: k}\n    value: a\n    value: b\n")
+    with pytest.raises(ConfigError, match="duplicate key 'value'"):
+        load_config([file])
+
+
+def test_yaml_the_reader_rejects_is_an_error_for_the_whole_file(tmp_path: Path) -> None:
+    file = tmp_path / "control.yaml"
+    file.write_text("domain: d\x07\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config([file])
+    err = caught.value
+    assert (err.file, err.path) == (str(file), ".")
+    assert err.problem.startswith("invalid YAML: unacceptable character")

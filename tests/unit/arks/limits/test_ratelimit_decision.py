@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import orjson
+import pytest
 
 from arks.limits.decision import (
     DescriptorRequest,
     LimitRequest,
+    Status,
     answer,
     counter_key,
     hits_for,
     limits_for,
 )
-from arks.limits.model import Algorithm, Outcome, RateLimit, Unit
+from arks.limits.model import Algorithm, Hit, Outcome, RateLimit, Unit
 
 PER_MINUTE = RateLimit(10, Unit.MINUTE, name="per_minute", stats_key="d.user")
 PER_DAY = RateLimit(
@@ -113,3 +115,81 @@ def test_shadow_mode_reports_but_does_not_enforce() -> None:
     decided = answer([shadow], [Outcome(True, 0, 1, 2)])
     assert not decided.over_limit and decided.statuses[0].shadowed
     assert not answer([PER_MINUTE], [Outcome(True, 0, 1, 11)], shadow_mode=True).over_limit
+
+
+def test_the_lookup_is_asked_with_the_requests_domain() -> None:
+    asked: list[str] = []
+
+    def lookup(domain: str, entries: object) -> RateLimit:
+        asked.append(domain)
+        return PER_MINUTE
+
+    limits_for(LimitRequest("arks", (DescriptorRequest((("user", "a"),)),)), lookup)
+    assert asked == ["arks"]
+
+
+def test_each_hit_is_wired_to_its_domain_key_window_and_algorithm() -> None:
+    gcra = RateLimit(7, Unit.HOUR, algorithm=Algorithm.GCRA)
+    entries = (("user", "a"),)
+    (hit,) = hits_for(LimitRequest("arks", (DescriptorRequest(entries),)), [gcra])
+    assert hit == Hit(counter_key("arks", entries, gcra), 7, 3600, 1, Algorithm.GCRA)
+    assert hit.key == "gcra:arks_user_a_3600"
+
+
+def test_descriptors_after_an_unmatched_one_are_still_charged_and_answered() -> None:
+    req = request(DescriptorRequest((("none", "x"),)), DescriptorRequest((("user", "a"),)))
+    hits = hits_for(req, [None, PER_MINUTE])
+    assert hits[0] is None and hits[1] is not None and hits[1].key == "d_user_a_60"
+    decided = answer([None, PER_MINUTE], [None, Outcome(True, 0, 5, 11)])
+    assert decided.over_limit
+    assert [s.limit for s in decided.statuses] == [None, PER_MINUTE]
+
+
+def test_a_limit_without_an_outcome_reports_no_status() -> None:
+    decided = answer([PER_MINUTE, PER_DAY], [None, Outcome(False, 5, 30, 95)])
+    assert decided.statuses[0] == Status(over_limit=False)
+    assert decided.statuses[1].limit == PER_DAY
+
+
+def test_limits_outcomes_and_descriptors_must_line_up() -> None:
+    with pytest.raises(ValueError):
+        answer([PER_MINUTE, PER_DAY], [Outcome(False, 5, 30, 5)])
+    with pytest.raises(ValueError):
+        hits_for(request(DescriptorRequest((("user", "a"),))), [PER_MINUTE, PER_DAY])
+
+
+def test_reset_is_never_negative_and_keeps_fractions() -> None:
+    decided = answer(
+        [PER_MINUTE, PER_DAY], [Outcome(False, 5, -2.0, 5), Outcome(False, 50, 0.4, 50)]
+    )
+    assert [s.reset_s for s in decided.statuses] == [0.0, 0.4]
+
+
+def test_ratelimit_reset_header_rounds_the_tightest_reset_up() -> None:
+    within = answer([PER_MINUTE], [Outcome(False, 3, 41.2, 7)])
+    assert dict(within.headers)["ratelimit-reset"] == "42"
+    over = answer([PER_DAY, PER_MINUTE], [Outcome(False, 50, 3000, 50), Outcome(True, 0, 0.0, 11)])
+    # the tightest is the one over the limit, though another has more time left
+    assert dict(over.headers) == {
+        "ratelimit-limit": "10, 10;w=60",
+        "ratelimit-remaining": "0",
+        "ratelimit-reset": "0",
+        "retry-after": "1",
+        "content-type": "application/json",
+    }
+
+
+def test_the_429_body_names_the_limit_over_and_says_when_to_retry() -> None:
+    decided = answer(
+        [PER_DAY, PER_MINUTE], [Outcome(False, 50, 3000, 50), Outcome(True, 0, 0.3, 11)]
+    )
+    assert orjson.loads(decided.body) == {
+        "error": {
+            "message": "Rate limit reached for per_minute: 10 per minute. Try again in 1 s.",
+            "type": "rate_limit_error",
+            "code": "rate_limit_exceeded",
+        }
+    }
+    unnamed = RateLimit(3, Unit.SECOND)
+    body = orjson.loads(answer([unnamed], [Outcome(True, 0, 0.0, 4)]).body)
+    assert body["error"]["message"] == "Rate limit reached: 3 per second. Try again in 1 s."

@@ -8,6 +8,7 @@ import pytest
 
 from arks.limits.model import Algorithm, Hit, Outcome
 from arks.limits.window import (
+    CELL_SLACK,
     Instant,
     counter_key,
     fixed_window_key,
@@ -204,6 +205,26 @@ def test_gcra_limit_zero_rejects_everything_without_dividing() -> None:
         assert step.tat is None
 
 
+def test_gcra_limit_zero_answers_a_full_window_to_wait_and_nothing_used() -> None:
+    assert gcra_outcome(0.0, gcra(0, hits=3, window_s=10)) == Outcome(
+        over_limit=True, remaining=0, reset_s=10.0, used=0
+    )
+
+
+def test_gcra_a_limit_of_one_stores_its_tat() -> None:
+    step = gcra_step(None, 100.0, gcra(1, hits=1))
+    assert step.tat == Instant.of(110.0)
+
+
+def test_gcra_a_tat_exactly_at_the_tolerance_edge_still_fits() -> None:
+    """The edge is the window plus the slack; landing exactly on it is within the limit."""
+    one_per_second = gcra(1, window_s=1)
+    edge = 1.0 + 1.0 * CELL_SLACK
+    assert not gcra_outcome(edge, one_per_second).over_limit  # charged: TAT on the edge
+    read = gcra(1, hits=0, window_s=1)
+    assert not gcra_outcome(edge - 1.0, read).over_limit  # would one more land on the edge?
+
+
 def test_gcra_large_cost() -> None:
     step = gcra_step(None, EPOCH, gcra(100, hits=10**9, window_s=60))
     ahead = 10**9 * 0.6
@@ -236,3 +257,13 @@ def test_instant_keeps_sub_microsecond_offsets_at_epoch_magnitudes() -> None:
 def test_impossible_hits_are_rejected(hit: Hit) -> None:
     with pytest.raises(ValueError, match="k"):
         validate(hit)
+
+
+@pytest.mark.parametrize(
+    "hit",
+    [fixed(0), fixed(10, window_s=1), gcra(0, window_s=1), fixed(10, hits=0)],
+    ids=["limit 0", "1-second window", "gcra limit 0 per second", "a read"],
+)
+def test_edge_values_are_valid_hits(hit: Hit) -> None:
+    validate(hit)  # no error: a 1-second window and a limit of 0 are real configurations
+    assert fixed_window_outcome(hit.hits, hit, EPOCH).over_limit == (hit.hits > hit.limit)

@@ -8,8 +8,14 @@ from collections.abc import Mapping
 
 import pytest
 
-from arks.engine_metrics import EngineLoad, HistogramTotals, Observation, ScrapeFailure
-from controller.load.weights import WeightSettings, WeightTracker, load_score
+from arks.engine_metrics import (
+    EngineLoad,
+    HistogramTotals,
+    LoadWindow,
+    Observation,
+    ScrapeFailure,
+)
+from controller.load.weights import EndpointWeight, WeightSettings, WeightTracker, load_score
 
 DOWN = ScrapeFailure("connection refused")
 
@@ -191,8 +197,6 @@ def test_errors_and_latency_lower_the_weight() -> None:
 
 def test_load_score_formula() -> None:
     s = WeightSettings()
-    from arks.engine_metrics import LoadWindow
-
     recent = LoadWindow(finished=10, error_ratio=0.1, mean_ttft_s=2.0, mean_e2e_s=9.0)
     score = load_score(busy(4, 10, 0.5), recent, s)
     assert score == pytest.approx(0.5 * 4 + 0.1 * 10 + 2.0 * 0.5 + 10.0 * 0.1 + 0.5 * 2.0)
@@ -236,3 +240,197 @@ def test_an_engine_whose_long_queue_empties_gets_its_full_weight_back(noise: boo
         assert weights["a"] >= 60 and weights["b"] >= 60, weights
     else:
         assert weights["a"] >= 90 and weights["b"] >= 90, weights
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"hysteresis_abs": -1},
+        {"deadband_abs": -0.5},
+        {"deadband_rel": -0.1},
+        {"recovery_steps": 0},
+        {"ttft_cost": -1},
+        {"e2e_cost": -1},
+    ],
+)
+def test_settings_reject_each_negative_band_count_and_cost(bad: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="WeightSettings"):
+        WeightSettings(**bad)  # type: ignore[arg-type]
+
+
+def test_settings_accept_their_edge_values() -> None:
+    edge = WeightSettings(
+        min_weight=7,
+        max_weight=7,
+        smoothing=1.0,
+        hysteresis_abs=0,
+        hysteresis_rel=0.0,
+        deadband_abs=0.0,
+        deadband_rel=0.0,
+        failures_to_drain=1,
+        recovery_steps=1,
+        waiting_cost=0.0,
+        running_cost=0.0,
+        kv_cost=0.0,
+        error_cost=0.0,
+        ttft_cost=0.0,
+        e2e_cost=0.0,
+    )
+    assert WeightTracker[str](edge).update({"a": busy(3), "b": busy(0)}) == {"a": 7, "b": 7}
+
+
+def test_load_score_adds_end_to_end_latency_and_treats_unknowns_as_zero() -> None:
+    s = WeightSettings(waiting_cost=0, running_cost=0, kv_cost=0, ttft_cost=0.5, e2e_cost=0.25)
+    idle = EngineLoad("vllm")
+    assert load_score(idle, LoadWindow(10, None, None, 8.0), s) == 2.0
+    assert load_score(idle, LoadWindow(10, None, 3.0, 8.0), s) == 1.5 + 2.0
+    assert load_score(idle, LoadWindow(10, None, 3.0, None), s) == 1.5
+
+
+def only_queues(**overrides: float) -> WeightSettings:
+    """Score = waiting; the EWMA and the dead band off, so only the hysteresis holds weights."""
+    base: dict[str, float] = dict(
+        smoothing=1.0,
+        deadband_abs=0.0,
+        deadband_rel=0.0,
+        running_cost=0.0,
+        kv_cost=0.0,
+        ttft_cost=0.0,
+        waiting_cost=1.0,
+    )
+    return WeightSettings(**(base | overrides))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [only_queues(hysteresis_abs=2, hysteresis_rel=0.0), only_queues(hysteresis_abs=0)],
+    ids=["absolute band 2", "relative band 5% of 50"],
+)
+def test_published_weights_move_only_beyond_the_hysteresis(settings: WeightSettings) -> None:
+    tracker: WeightTracker[str] = WeightTracker(settings)
+
+    def publish(waiting: float) -> int:
+        # a's idle queue is the best capacity: b's target is round(100 / (1 + waiting))
+        return tracker.update({"a": busy(0), "b": busy(waiting)})["b"]
+
+    assert [publish(1.0) for _ in range(6)][-1] == 50
+    assert publish(100 / 52 - 1) == 50  # target 52: within the band, held
+    assert publish(100 / 48 - 1) == 50  # target 48: likewise below
+    assert publish(100 / 53 - 1) == 53  # target 53: beyond it, published
+    assert publish(100 / 51 - 1) == 53  # and held again around the new weight
+
+
+def test_a_drained_engine_comes_back_in_equal_steps() -> None:
+    tracker: WeightTracker[str] = WeightTracker(WeightSettings(failures_to_drain=1))
+    settle(tracker, {"a": busy(2), "b": busy(2)})
+    tracker.update({"a": busy(2), "b": DOWN})
+    ramp = [tracker.update({"a": busy(2), "b": busy(2)})["b"] for _ in range(7)]
+    assert ramp == [20, 40, 60, 80, 100, 100, 100]
+
+
+def test_state_reports_a_drained_engine_at_weight_zero_with_its_last_score() -> None:
+    tracker: WeightTracker[str] = WeightTracker(WeightSettings(failures_to_drain=1, smoothing=1.0))
+    tracker.update({"a": busy(2, running=0, kv=0.0)})
+    assert tracker.state()["a"] == EndpointWeight(100, 1.0, 0, False)  # 0.5 per queued request
+    tracker.update({"a": DOWN})
+    assert tracker.state()["a"] == EndpointWeight(0, 1.0, 1, True)
+
+
+def test_an_endpoint_first_seen_failing_starts_at_the_fleets_weight() -> None:
+    tracker: WeightTracker[str] = WeightTracker()
+    settle(tracker, {"a": busy(0), "b": busy(10)})
+    fleet = tracker.update({"a": busy(0), "b": busy(10)})
+    joined = tracker.update({"a": busy(0), "b": busy(10), "c": DOWN})
+    # the fleet's mean score: between a's and b's weight, not the maximum of an unknown
+    assert fleet["b"] < joined["c"] < fleet["a"]
+
+
+def test_after_its_ramp_a_returned_engine_is_held_by_the_hysteresis_again() -> None:
+    tracker: WeightTracker[str] = WeightTracker(
+        only_queues(failures_to_drain=1, recovery_steps=2, hysteresis_abs=2, hysteresis_rel=0.0)
+    )
+    settle(tracker, {"a": busy(0), "b": busy(1.0)}, rounds=6)
+    tracker.update({"a": busy(0), "b": DOWN})
+    assert tracker.update({"a": busy(0), "b": busy(1.0)})["b"] == 50  # ramp step 1 of 2: cap 50
+    assert tracker.update({"a": busy(0), "b": busy(100 / 52 - 1)})["b"] == 50  # ramped: held
+
+
+def test_the_dead_band_holds_the_score_after_warming_up_and_after_each_move() -> None:
+    """Score = waiting, no EWMA: the held score follows for 3 rounds, then moves only by more
+    than the dead band (2), and follows again for 3 rounds after each move."""
+    tracker: WeightTracker[str] = WeightTracker(
+        only_queues(deadband_abs=2.0, hysteresis_abs=0, hysteresis_rel=0.0)
+    )
+    waits = [1, 1, 3, 1, 0.5, 0.5, 0.5, 2, 0.5]
+    published = [tracker.update({"a": busy(0), "b": busy(w)})["b"] for w in waits]
+    assert published == [50, 50, 25, 25, 67, 67, 67, 33, 33]
+    #                    warming up ^  held  moved  following   ^ held: within the band of 2
+
+
+def test_when_one_endpoint_moves_every_weight_is_recomputed_from_fresh_scores() -> None:
+    tracker: WeightTracker[str] = WeightTracker(
+        only_queues(deadband_abs=2.0, hysteresis_abs=0, hysteresis_rel=0.0)
+    )
+    settle(tracker, {"z": busy(0), "a": busy(1), "b": busy(1)}, rounds=5)
+    weights = tracker.update({"z": busy(0), "a": busy(2), "b": busy(5)})
+    # b's move also brings in a's drift, which alone stayed inside the dead band
+    assert (weights["a"], weights["b"]) == (33, 17)
+
+
+def test_an_engine_back_from_a_drain_restarts_from_the_live_fleets_mean_score() -> None:
+    tracker: WeightTracker[str] = WeightTracker(WeightSettings(failures_to_drain=1))
+    settle(tracker, {"a": busy(10), "b": busy(0), "c": busy(30)})
+    tracker.update({"a": busy(10), "b": DOWN, "c": DOWN})
+    fleet = tracker.state()["a"].score
+    assert fleet is not None
+    tracker.update({"a": busy(10), "b": busy(0), "c": DOWN})
+    raw = load_score(busy(0), LoadWindow(None, None, None, None), WeightSettings())
+    assert tracker.state()["b"].score == pytest.approx(0.3 * raw + 0.7 * fleet)
+
+
+def test_the_hysteresis_holds_the_smallest_weight_too() -> None:
+    tracker: WeightTracker[str] = WeightTracker(only_queues(hysteresis_abs=2, hysteresis_rel=0.0))
+    assert settle(tracker, {"a": busy(0), "b": busy(99)}, rounds=6)["b"] == 1
+    assert tracker.update({"a": busy(0), "b": busy(49)})["b"] == 1  # target 2: within the band
+
+
+def test_an_engine_back_from_a_drain_warms_up_again_before_the_dead_band_holds_it() -> None:
+    tracker: WeightTracker[str] = WeightTracker(
+        only_queues(
+            failures_to_drain=1,
+            recovery_steps=1,
+            deadband_abs=2.0,
+            hysteresis_abs=0,
+            hysteresis_rel=0.0,
+        )
+    )
+    settle(tracker, {"a": busy(0), "b": busy(1)}, rounds=6)
+    tracker.update({"a": busy(0), "b": DOWN})
+    back = [tracker.update({"a": busy(0), "b": busy(w)})["b"] for w in (1, 1, 3, 1)]
+    assert back == [50, 50, 25, 25]  # three rounds follow the load, then the band holds
+
+
+def test_a_joining_engines_warm_up_is_no_move_of_the_others() -> None:
+    tracker: WeightTracker[str] = WeightTracker(
+        only_queues(deadband_abs=2.0, hysteresis_abs=0, hysteresis_rel=0.0)
+    )
+    settle(tracker, {"z": busy(0), "a": busy(1)}, rounds=5)
+    weights = tracker.update({"z": busy(0), "a": busy(2), "new": busy(1)})
+    assert weights["a"] == 50  # a's drift stays inside its dead band
+
+
+def test_settling_follows_the_ewma_until_the_noise_crosses_it() -> None:
+    """Smoothing 0.5: six rounds of warm-up, then the held score follows the EWMA until the load
+    crosses it (raw - smoothed changes sign), after which the dead band (10) holds it."""
+    tracker: WeightTracker[str] = WeightTracker(
+        only_queues(smoothing=0.5, deadband_abs=10.0, hysteresis_abs=0, hysteresis_rel=0.0)
+    )
+    steady = {"a": busy(0), "b": busy(4), "c": busy(4), "d": busy(4)}
+    assert settle(tracker, steady, rounds=6) == {"a": 100, "b": 20, "c": 20, "d": 20}
+    # one more round: the EWMA trails the load (gaps -0.3, +1.0, +0.3): still followed
+    # (held 3.7, 5, 4.3)
+    first = tracker.update({"a": busy(0), "b": busy(3.4), "c": busy(6), "d": busy(4.6)})
+    assert first == {"a": 100, "b": 21, "c": 17, "d": 19}
+    # the load crosses the EWMA (gaps +0.45, -1.0, -0.45): settled, held where it was
+    crossed = tracker.update({"a": busy(0), "b": busy(4.6), "c": busy(3), "d": busy(3.4)})
+    assert crossed == first

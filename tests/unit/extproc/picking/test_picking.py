@@ -239,3 +239,14 @@ def test_when_every_engine_is_busy_the_prefix_holder_keeps_its_conversation(wait
     engines = [view(A, waiting=waiting + 5), view(B, waiting=waiting)]
 
     assert hosts(engines, PickRequest(4, {A: 4}), PREFIX)[0] == A
+
+
+def test_scorer_and_filter_edges() -> None:
+    # exactly at the threshold still has room
+    at_edge, full = view(A, kv=0.9), view(B, kv=0.95)
+    assert KvCacheRoom(0.9)([at_edge, full]) == [at_edge]
+    # min-max never divides by the sum: queues 2 and 4 score 1 and 0, 3 is halfway
+    assert QueueScorer()([view(A, 2), view(B, 3), view(C, 4)], PickRequest()) == [1.0, 0.5, 0.0]
+    # a one-block prompt is scored; more matches than blocks still score at most 1
+    one = PickRequest(blocks=1, matches={A: 1, B: 3})
+    assert PrefixScorer()([view(A), view(B), view(C)], one) == [1.0, 1.0, 0.0]

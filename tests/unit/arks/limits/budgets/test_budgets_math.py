@@ -82,3 +82,19 @@ def test_settle_and_restore_reject_negative_or_inexact_figures() -> None:
     check_restore({"q": MAX_AMOUNT, "z": 0})
     with pytest.raises(ValueError, match="'q': used total"):
         check_restore({"q": 2**53})
+
+
+def test_merged_leases_keep_the_first_known_expiry() -> None:
+    (merged,) = merge_leases([Lease("b", 10, 1, 100.0), Lease("b", 10, 1, 200.0)])
+    assert merged.expires_at == 100.0
+    (merged,) = merge_leases([Lease("b", 10, 1, None), Lease("b", 10, 1, 200.0)])
+    assert merged.expires_at == 200.0
+
+
+def test_time_errors_say_which_time() -> None:
+    with pytest.raises(ValueError, match=r"^now must be finite epoch seconds, not nan$"):
+        check_admit([], 60.0, math.nan)
+    with pytest.raises(ValueError, match=r"^now must be finite epoch seconds, not inf$"):
+        check_settle([], math.inf)
+    with pytest.raises(ValueError, match=r"^budget 'b': expires_at must be finite"):
+        check_settle([Charge("b", 1, math.inf)], 0.0)
