@@ -14,6 +14,9 @@ METADATA_NAMESPACE = "io.arks"  # identity, limits, reservation and usage of one
 REQUEST_METADATA_NAMESPACE = (
     "io.arks.request"  # body fields json_to_metadata reads ahead of ext_proc
 )
+PROMPT_METADATA_NAMESPACE = (
+    "io.arks.prompt"  # the request body's head, for the prompt estimate (extproc/estimate.py)
+)
 DESTINATION_METADATA_NAMESPACE = "envoy.lb"  # the picked engines (Gateway API Inference Extension)
 
 # --- HTTP headers ---------------------------------------------------------------------------

@@ -13,10 +13,22 @@
 -- its last "usage" key, wherever it is (other fields may follow it). Keys inside JSON strings
 -- have escaped quotes, so '"usage":{' only matches a key. The access log carries the numbers to
 -- Python.
+--
+-- An answer without usage is estimated in Python from a sample of it (io.arks answer_sample,
+-- extproc/estimate.py): a JSON answer's first TAIL bytes, a stream's last ones (the tail above).
+-- A stream is also sampled once early, when SAMPLE_AT bytes have passed, for a stream that is cut
+-- (then this script never reaches its end); the sample is blanked when usage comes. No step per
+-- chunk beyond the ones above. Samples write `%` and bytes above 0x7f as %XX, so a sample cut
+-- inside a UTF-8 character is still a valid protobuf string (the access log must parse).
 
 local TAIL = 4096
 local USAGE_WINDOW = 512 -- a usage object's numbers come first; details objects are small
 local CARRY = 64 -- bytes kept across chunks so a key split between two is still found
+local SAMPLE_AT = 2048 -- a stream's early sample, once this much of it has passed
+local ESCAPES = { ["%"] = "%25" }
+for byte = 128, 255 do
+  ESCAPES[string.char(byte)] = string.format("%%%02X", byte)
+end
 local OPTION = '"stream_options":{"include_usage":true},'
 local INCLUDE = '"include_usage":true'
 
@@ -73,7 +85,9 @@ local function refuse(handle, message)
 end
 
 function envoy_on_request(handle)
-  local arks = handle:streamInfo():dynamicMetadata():get("io.arks")
+  local metadata = handle:streamInfo():dynamicMetadata()
+  metadata:set("io.arks.prompt", "sample", "") -- ext_proc has read it; keep it off the access log
+  local arks = metadata:get("io.arks")
   if arks == nil or not arks["add_usage_option"] then
     return
   end
@@ -129,16 +143,22 @@ local function last_usage(text)
   return from, start
 end
 
+local function sample(handle, text)
+  local escaped = string.gsub(text, "[%%\128-\255]", ESCAPES)
+  handle:streamInfo():dynamicMetadata():set("io.arks", "answer_sample", escaped)
+end
+
+-- True when the answer's usage was found and recorded.
 local function record_usage(handle, text)
   local from = last_usage(text)
   if from == nil then
-    return
+    return false
   end
   -- Its numbers come first; details objects (cached tokens …) are small.
   local usage = string.sub(text, from, from + 512)
   local prompt = number_after(usage, "prompt_tokens")
   if prompt == nil then
-    return
+    return false
   end
   local completion = number_after(usage, "completion_tokens") or 0 -- embeddings report none
   local total = number_after(usage, "total_tokens") or (prompt + completion)
@@ -149,12 +169,13 @@ local function record_usage(handle, text)
   metadata:set("io.envoy.ai_gateway", "llm_input_token", prompt)
   metadata:set("io.envoy.ai_gateway", "llm_output_token", completion)
   metadata:set("io.envoy.ai_gateway", "llm_total_token", total)
+  return true
 end
 
 function envoy_on_response(handle)
   local content_type = handle:headers():get("content-type") or ""
   if string.find(content_type, "text/event-stream", 1, true) then
-    local tail = ""
+    local tail, seen, sampled = "", 0, false
     for chunk in handle:bodyChunks() do
       local size = chunk:length()
       if size >= TAIL then
@@ -165,18 +186,31 @@ function envoy_on_response(handle)
           tail = string.sub(tail, -TAIL)
         end
       end
+      seen = seen + size
+      if not sampled and seen >= SAMPLE_AT then
+        sampled = true
+        sample(handle, string.sub(tail, 1, TAIL))
+      end
     end
-    record_usage(handle, tail)
+    if not record_usage(handle, tail) then
+      sample(handle, string.sub(tail, -TAIL))
+    elseif sampled then
+      handle:streamInfo():dynamicMetadata():set("io.arks", "answer_sample", "")
+    end
   elseif string.find(content_type, "json", 1, true) then
     local status = handle:headers():get(":status")
     if status ~= "200" then
       return -- an error answer carries no usage
     end
     local carry, found = "", nil -- found: the last usage key and what follows it
+    local head = "" -- the answer's first TAIL bytes, to estimate it if it reports no usage
     for chunk in handle:bodyChunks() do
       local size = chunk:length()
       if size > 0 then
         local text = carry .. chunk:getBytes(0, size)
+        if #head < TAIL then
+          head = head .. string.sub(text, #carry + 1, #carry + TAIL - #head)
+        end
         if found ~= nil and #found < USAGE_WINDOW then
           found = found .. string.sub(text, #carry + 1, #carry + USAGE_WINDOW)
         end
@@ -187,8 +221,8 @@ function envoy_on_response(handle)
         carry = string.sub(text, -CARRY)
       end
     end
-    if found ~= nil then
-      record_usage(handle, found)
+    if found == nil or not record_usage(handle, found) then
+      sample(handle, head)
     end
   end
 end

@@ -16,6 +16,7 @@ from arks.wire import (
     DESTINATION_HEADER,
     DESTINATION_METADATA_NAMESPACE,
     METADATA_NAMESPACE,
+    PROMPT_METADATA_NAMESPACE,
     REQUEST_METADATA_NAMESPACE,
 )
 from extproc.decision import Deny, Forward, ReadBody, Reply
@@ -74,7 +75,17 @@ def request_info(headers: ep.HttpHeaders, metadata: base_pb2.Metadata) -> Reques
         if fields
         else BodyFacts()
     )
-    return RequestInfo(method, path, plain, facts, headers.end_of_stream)
+    prompt = metadata.filter_metadata.get(PROMPT_METADATA_NAMESPACE)
+    sample = prompt.fields.get("sample") if prompt else None
+    return RequestInfo(
+        method,
+        path,
+        plain,
+        facts,
+        headers.end_of_stream,
+        prompt_sample=sample.string_value if sample is not None else None,
+        body_bytes=(_number(prompt.fields, "bytes") or 0) if prompt else 0,
+    )
 
 
 def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
@@ -214,6 +225,9 @@ def finished(entry: accesslog_pb2.HTTPAccessLogEntry) -> Finished | None:
         request_body_bytes=entry.request.request_body_bytes,
         response_body_bytes=entry.response.response_body_bytes,
         interrupted=_interruption(common.response_flags),
+        answer_sample=fields["answer_sample"].string_value or None
+        if "answer_sample" in fields
+        else None,
         limits=_limits(fields),
         reservation=Reservation.from_metadata({k: _struct_value(v) for k, v in fields.items()}),
     )

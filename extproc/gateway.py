@@ -10,7 +10,6 @@ import orjson
 
 from arks.api import PREFIX_CACHE, ArksToken
 from arks.policy import Policy
-from arks.tokens import count_prompt
 from arks.wire import (
     CREDENTIAL_HEADERS,
     METADATA_NAMESPACE,
@@ -20,6 +19,7 @@ from arks.wire import (
 )
 from extproc.auth import authenticate
 from extproc.decision import Decision, Deny, Forward, Identity, ReadBody, Reply, bad_request
+from extproc.estimate import prompt_estimate, prompt_tokens
 from extproc.picking.prefix import prefix_text
 from extproc.qos import token_limits
 from extproc.request import (
@@ -155,9 +155,10 @@ def decide_route(
     if limits := token_limits(qos):
         metadata["limits"] = limits
     new_body = None
-    prompt_estimate = None
+    estimate = _prompt_estimate(req, body)
+    if estimate is not None:
+        metadata["prompt_estimate"] = estimate
     if body is not None:
-        prompt_estimate = metadata["prompt_estimate"] = count_prompt(body)
         if needs_usage_option:
             options = body.get("stream_options")
             body["stream_options"] = {
@@ -183,13 +184,23 @@ def decide_route(
         remove_headers=remove,
         metadata={METADATA_NAMESPACE: metadata},
         body=new_body,
-        prompt_estimate=prompt_estimate,
+        prompt_estimate=estimate,
         max_tokens=_count(facts.max_tokens),
         choices=facts.prompts * max(int(facts.n or 1), int(facts.best_of or 1)),
         qos=qos,
         weighting=endpoint.weighting,
         prompt=prompt,
     )
+
+
+def _prompt_estimate(req: RequestInfo, body: dict[str, Any] | None) -> int | None:
+    """The prompt's tokens, over its text only: from the parsed body, else from the head of it
+    Envoy forwarded (every admitted request: the filter runs before ext_proc)."""
+    if body is not None:
+        return prompt_tokens(body)
+    if req.prompt_sample is not None:
+        return prompt_estimate(req.prompt_sample, req.body_bytes)
+    return None
 
 
 def _positive_int(value: object) -> bool:

@@ -1,8 +1,10 @@
 """How many tokens a finished request used: what the engine reported, or an estimate.
 
 Input is what the access log says about a finished request (`Finished`), output is a `Usage`
-to charge. Nothing admitted goes uncharged: without engine-reported usage, the prompt is
-estimated with tiktoken (or from the body size) and the completion from the bytes Envoy sent.
+to charge. Nothing admitted goes uncharged: without engine-reported usage, the prompt is the
+estimate made when it was admitted (the tokenizer over its text, `extproc.estimate`) and the
+completion is counted on usage.lua's sample of the answer's content; only without those does
+the charge fall back on sizes (the body's, the bytes Envoy sent).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from arks.tokens import BYTES_PER_TOKEN
+from extproc.estimate import answer_estimate
 from extproc.reservation import Reservation
 
 # A streamed chunk as vLLM sends it, without the token text; its length calibrates the estimate.
@@ -49,6 +52,7 @@ class Finished:
     interrupted: str | None = None  # "client_disconnected", "upstream_reset", …
     limits: Mapping[str, int] = field(default_factory=dict)  # token budgets to charge (tpm, tpd)
     reservation: Reservation | None = None  # what admission took, to give back
+    answer_sample: str | None = None  # usage.lua's sample of an answer without usage
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,19 @@ def _text_tokens_estimate(nbytes: int, overhead: int) -> int:
     return max(0, math.ceil((nbytes - overhead) / BYTES_PER_TOKEN))
 
 
+def _completion_estimate(done: Finished) -> int:
+    """From the answer's content when usage.lua sampled it, else from the answer's size."""
+    if done.path.endswith("/embeddings"):
+        return 0
+    if done.answer_sample is not None:
+        counted = answer_estimate(done.answer_sample, done.response_body_bytes, done.stream)
+        if counted is not None:
+            return counted
+    if done.stream:
+        return streamed_tokens_estimate(done.response_body_bytes, done.model, done.path)
+    return _text_tokens_estimate(done.response_body_bytes, _ANSWER_OVERHEAD)
+
+
 def usage_of(done: Finished) -> Usage | None:
     """What to charge for a finished request; None when nothing is owed (an error answer)."""
     completion_tokens = done.completion_tokens
@@ -90,11 +107,6 @@ def usage_of(done: Finished) -> Usage | None:
     prompt = done.prompt_estimate
     if prompt is None:
         prompt = _text_tokens_estimate(done.request_body_bytes, _REQUEST_OVERHEAD)
-    if done.stream:
-        completion = streamed_tokens_estimate(done.response_body_bytes, done.model, done.path)
-    elif done.path.endswith("/embeddings"):
-        completion = 0
-    else:
-        completion = _text_tokens_estimate(done.response_body_bytes, _ANSWER_OVERHEAD)
+    completion = _completion_estimate(done)
     reason = done.interrupted or "no_usage_reported"
     return Usage(done.namespace, done.user, done.model, prompt, completion, estimated=reason)

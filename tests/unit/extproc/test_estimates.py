@@ -1,0 +1,261 @@
+"""Estimates within ±20 % of the tokenizer's count, for prompts and answers of every shape.
+
+The truth is what the engine simulator reports (`arks.tokens`, the same tokenizer); the samples
+are what Envoy forwards (the body's head, an answer's head or tail), escaped as the Lua does.
+"""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from arks.tokens import count_prompt, count_text, encoding
+from extproc.estimate import (
+    EXACT_BYTES,
+    PROMPT_SAMPLE_BYTES,
+    answer_estimate,
+    prompt_estimate,
+    prompt_tokens,
+    text_tokens,
+    unescape,
+)
+
+PROSE = (
+    "The gateway admits each request against its tenant's budgets before the engine sees it, "
+    "and charges the tokens the engine reports once the answer ends. When no usage comes back, "
+    "because a stream was cut or an engine left it out, an estimate is charged instead. "
+)
+CODE = (
+    "def settle(request_id: str, charges: list[Charge]) -> None:\n"
+    "    for charge in charges:\n        store.add(charge.key, charge.tokens)  # tpm, tpd\n"
+)
+ACCENTED = "Crème brûlée, façade, naïve café — déjà vu à São Paulo; 東京の天気は晴れです。 "
+SHORT = ("Hi", "Say hello", "What is 2+2?", "Tell me about the weather in Lisbon in spring.")
+TEXTS = (
+    *SHORT,
+    PROSE,
+    PROSE * 8,
+    CODE * 20,
+    ACCENTED * 10,
+    (PROSE + CODE) * 30,
+    " hello" * 3000,
+)
+
+
+def escape(raw: bytes) -> str:
+    """What usage.lua and filters.yaml forward: `%` and bytes above 0x7f written `%XX`."""
+    return "".join(f"%{b:02X}" if b == 0x25 or b >= 0x80 else chr(b) for b in raw)
+
+
+def close(estimate: int | None, truth: int) -> bool:
+    assert estimate is not None
+    return (
+        abs(estimate - truth) <= max(1, 0.2 * truth)
+        if truth < 5
+        else (abs(estimate - truth) <= 0.2 * truth)
+    )
+
+
+# --- text ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", TEXTS, ids=lambda t: f"{len(t)}ch")
+def test_text_is_counted_within_20_percent(text: str) -> None:
+    assert close(text_tokens(text), count_text(text))
+
+
+def test_short_text_is_counted_exactly() -> None:
+    text = (PROSE * 10)[: EXACT_BYTES - 1]
+    assert text_tokens(text) == count_text(text)
+    assert text_tokens("") == 0
+
+
+def test_escaping_round_trips_any_bytes() -> None:
+    raw = (ACCENTED + "100% sure").encode()[:-3] + b"\xff\x00"
+    assert unescape(escape(raw)) == raw
+
+
+# --- prompts -----------------------------------------------------------------------------------
+
+
+def chat(*contents: object) -> dict:
+    roles = ("system", "user", "assistant")
+    return {
+        "model": "qwen",
+        "messages": [{"role": roles[i % 3], "content": c} for i, c in enumerate(contents)],
+        "max_tokens": 64,
+        "temperature": 0.7,
+    }
+
+
+BODIES = {
+    "chat, one short message": chat("Say hello"),
+    "chat, 4 tokens": chat("Hello, world!"),
+    "chat, multi-message": chat(PROSE, "Summarise that.", "It says usage is estimated.", CODE),
+    "chat, multi-part content": chat(
+        [{"type": "text", "text": PROSE}, {"type": "image_url", "image_url": {"url": "x"}}],
+        [{"type": "text", "text": "and "}, {"type": "text", "text": ACCENTED}],
+    ),
+    "chat, long": chat(PROSE * 40, CODE * 40),
+    "chat, non-ASCII": chat(ACCENTED * 30),
+    "completions, one prompt": {"model": "qwen", "prompt": "Once upon a time"},
+    "completions, a list of prompts": {"model": "qwen", "prompt": [PROSE, "Say hi", CODE * 3]},
+    "completions, long": {"model": "qwen", "prompt": PROSE * 200},
+    "embeddings, one input": {"model": "qwen", "input": "a sentence to embed"},
+    "embeddings, inputs": {"model": "qwen", "input": [PROSE, ACCENTED, "third"]},
+}
+
+
+@pytest.mark.parametrize("body", BODIES.values(), ids=BODIES.keys())
+def test_prompt_from_the_body_within_20_percent(body: dict) -> None:
+    assert close(prompt_tokens(body), count_prompt(body))
+
+
+@pytest.mark.parametrize("body", BODIES.values(), ids=BODIES.keys())
+def test_prompt_from_envoys_sample_within_20_percent(body: dict) -> None:
+    raw = orjson.dumps(body)
+    sample = escape(raw[:PROMPT_SAMPLE_BYTES])
+    assert close(prompt_estimate(sample, len(raw)), count_prompt(body))
+
+
+def test_a_four_token_prompt_is_four_tokens_not_its_body_size() -> None:
+    body = chat("Hello, world!")
+    raw = orjson.dumps(body)
+    assert prompt_estimate(escape(raw), len(raw)) == count_prompt(body) == 4
+    assert len(raw) / 4 > 3 * count_prompt(body)  # what bytes/4 of the whole JSON would say
+
+
+def test_prompt_cut_inside_a_character_or_an_escape_still_counts() -> None:
+    body = chat(ACCENTED * 200 + 'and "quoted"\n' * 500)
+    raw = orjson.dumps(body)
+    for cut in range(PROMPT_SAMPLE_BYTES - 6, PROMPT_SAMPLE_BYTES):
+        assert close(prompt_estimate(escape(raw[:cut]), len(raw)), count_prompt(body))
+
+
+def test_prompts_given_as_token_ids_count_one_each() -> None:
+    assert prompt_tokens({"model": "m", "prompt": [1, 2, 3, 4]}) == 4
+    assert prompt_tokens({"model": "m", "prompt": [[1, 2], [3, 4, 5]]}) == 5
+    assert prompt_tokens({"model": "m", "input": [[7] * 10]}) == 10
+
+
+def test_a_body_that_is_not_json_estimates_its_strings() -> None:
+    raw = b'{"model": "m", "prompt": "' + PROSE.encode() + b'",,}'
+    assert close(prompt_estimate(escape(raw), len(raw)), count_text(PROSE) + count_text("m"))
+    assert prompt_estimate("", 0) == 0
+
+
+# --- answers -----------------------------------------------------------------------------------
+
+
+def chunk(chat_: bool, text: str | None, finish: str | None = None) -> bytes:
+    if chat_:
+        delta = {} if text is None else {"content": text}
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        kind = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        kind = "text_completion"
+    event = {"id": "chatcmpl-4f2a9c", "object": kind, "created": 1, "model": "qwen"}
+    return b"data: " + orjson.dumps({**event, "choices": [choice]}) + b"\n\n"
+
+
+def token_pieces(text: str) -> list[str]:
+    """`text` as an engine streams it: a token per event, a character split over tokens whole."""
+    parts: list[str] = []
+    pending = b""
+    for token in encoding().encode(text):
+        pending += encoding().decode_single_token_bytes(token)
+        try:
+            parts.append(pending.decode())
+        except UnicodeDecodeError:
+            continue
+        pending = b""
+    return parts
+
+
+def stream(text: str, chat_: bool, *, pieces: int = 0, cut: bool = False) -> bytes:
+    """An engine's stream of `text`, one token per event (or `pieces` equal slices)."""
+    if pieces:
+        step = -(-len(text) // pieces)
+        parts = [text[i : i + step] for i in range(0, len(text), step)]
+    else:
+        parts = token_pieces(text)
+    out = chunk(chat_, "") if chat_ else b""
+    out += b"".join(chunk(chat_, p) for p in parts)
+    if cut:
+        return out
+    return out + chunk(chat_, None, "stop") + b"data: [DONE]\n\n"
+
+
+TAIL = 4096
+
+
+def tail_of(raw: bytes) -> bytes:
+    return raw[-TAIL:]
+
+
+ANSWERS = ("Hello!", " hello" * 16, PROSE, PROSE * 6, CODE * 30, ACCENTED * 20, " hello" * 1000)
+
+
+@pytest.mark.parametrize("text", ANSWERS, ids=lambda t: f"{len(t)}ch")
+@pytest.mark.parametrize("chat_", [True, False], ids=["chat", "completions"])
+def test_streamed_answer_within_20_percent(text: str, chat_: bool) -> None:
+    raw = stream(text, chat_)
+    assert close(answer_estimate(escape(tail_of(raw)), len(raw), stream=True), count_text(text))
+
+
+@pytest.mark.parametrize("text", ANSWERS[2:], ids=lambda t: f"{len(t)}ch")
+def test_cut_stream_from_its_head_within_20_percent(text: str) -> None:
+    raw = stream(text, True, cut=True)
+    head = raw[:TAIL]
+    assert close(answer_estimate(escape(head), len(raw), stream=True), count_text(text))
+
+
+def test_stream_whose_engine_sends_several_tokens_per_event() -> None:
+    text = PROSE * 12
+    raw = stream(text, True, pieces=40)
+    assert close(answer_estimate(escape(tail_of(raw)), len(raw), stream=True), count_text(text))
+
+
+def test_stream_sample_without_content_says_so() -> None:
+    raw = chunk(True, None, "stop") + b"data: [DONE]\n\n"
+    assert answer_estimate(escape(raw), 10_000, stream=True) is None
+    assert answer_estimate(escape(raw), len(raw), stream=True) == 0
+
+
+def whole(text: str, chat_: bool, choices: int = 1) -> bytes:
+    def choice(i: int) -> dict:
+        body: dict = (
+            {"message": {"role": "assistant", "content": text, "tool_calls": []}}
+            if chat_
+            else {"text": text}
+        )
+        return {"index": i, **body, "logprobs": None, "finish_reason": "stop"}
+
+    kind = "chat.completion" if chat_ else "text_completion"
+    envelope = {"id": "chatcmpl-4f2a9c", "object": kind, "created": 1, "model": "qwen"}
+    return orjson.dumps({**envelope, "choices": [choice(i) for i in range(choices)]})
+
+
+@pytest.mark.parametrize("text", ANSWERS, ids=lambda t: f"{len(t)}ch")
+@pytest.mark.parametrize("chat_", [True, False], ids=["chat", "completions"])
+def test_json_answer_within_20_percent(text: str, chat_: bool) -> None:
+    raw = whole(text, chat_)
+    head = raw[:TAIL]
+    assert close(answer_estimate(escape(head), len(raw), stream=False), count_text(text))
+
+
+def test_json_answer_with_several_choices_counts_each() -> None:
+    raw = whole(PROSE, True, choices=3)
+    assert answer_estimate(escape(raw), len(raw), stream=False) == 3 * count_text(PROSE)
+
+
+def test_json_answer_of_reasoning_counts_it() -> None:
+    message = {"role": "assistant", "content": "4", "reasoning_content": PROSE}
+    raw = orjson.dumps({"choices": [{"index": 0, "message": message}]})
+    assert answer_estimate(escape(raw), len(raw), stream=False) == count_text(PROSE) + 1
+
+
+def test_json_sample_without_content_says_so() -> None:
+    raw = b'{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role"'
+    assert answer_estimate(escape(raw), 10_000, stream=False) is None
