@@ -6,10 +6,22 @@ are what Envoy forwards (the body's head, an answer's head or tail), escaped as 
 
 from __future__ import annotations
 
+from dataclasses import replace
+from datetime import UTC, datetime
+
 import orjson
 import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from google.protobuf import wrappers_pb2
 
+from arks.api import token_digest
+from arks.policy import build_policy
 from arks.tokens import count_prompt, count_text, encoding
+from arks.wire import PROMPT_METADATA_NAMESPACE
+from extproc import codec
+from extproc.decision import Forward
 from extproc.estimate import (
     EXACT_BYTES,
     PROMPT_SAMPLE_BYTES,
@@ -19,6 +31,9 @@ from extproc.estimate import (
     text_tokens,
     unescape,
 )
+from extproc.gateway import decide_body, decide_headers
+from extproc.request import BodyFacts, RequestInfo
+from extproc.usage import Finished, usage_of
 
 PROSE = (
     "The gateway admits each request against its tenant's budgets before the engine sees it, "
@@ -48,12 +63,9 @@ def escape(raw: bytes) -> str:
 
 
 def close(estimate: int | None, truth: int) -> bool:
+    """Within ±20 % (±1 token for the shortest texts, where one token is more than 20 %)."""
     assert estimate is not None
-    return (
-        abs(estimate - truth) <= max(1, 0.2 * truth)
-        if truth < 5
-        else (abs(estimate - truth) <= 0.2 * truth)
-    )
+    return abs(estimate - truth) <= max(1, 0.2 * truth)
 
 
 # --- text ------------------------------------------------------------------------------------
@@ -259,3 +271,117 @@ def test_json_answer_of_reasoning_counts_it() -> None:
 def test_json_sample_without_content_says_so() -> None:
     raw = b'{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role"'
     assert answer_estimate(escape(raw), 10_000, stream=False) is None
+
+
+# --- the samples' way in and out: Envoy's metadata, the decision, the charge -----------------
+
+
+def test_request_info_reads_envoys_prompt_sample() -> None:
+    sample = escape(orjson.dumps(chat("Hello, world!")))
+    metadata = base_pb2.Metadata()
+    metadata.filter_metadata[PROMPT_METADATA_NAMESPACE].update({"sample": sample, "bytes": 97})
+    headers = ep.HttpHeaders(
+        headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=":path", raw_value=b"/")])
+    )
+    info = codec.request_info(headers, metadata)
+    assert (info.prompt_sample, info.body_bytes) == (sample, 97)
+    assert codec.request_info(headers, base_pb2.Metadata()).prompt_sample is None
+
+
+def test_every_admitted_request_carries_its_prompt_estimate() -> None:
+    body = chat("Hello, world!", PROSE)
+    raw = orjson.dumps(body)
+    token = _token()
+    policy = build_policy([("token", token), ("endpoint", ENDPOINT)])
+    grant = policy.token(token_digest("sk-alice"))
+    assert grant is not None
+    info = RequestInfo(
+        "POST",
+        "/v1/chat/completions",
+        {"authorization": "Bearer sk-alice"},
+        BodyFacts(model="qwen", stream=False),
+        prompt_sample=escape(raw),
+        body_bytes=len(raw),
+    )
+    on_headers = decide_headers(info, policy, datetime.now(UTC))
+    assert isinstance(on_headers, Forward)
+    assert on_headers.prompt_estimate == count_prompt(body)
+    assert on_headers.metadata["io.arks"]["prompt_estimate"] == count_prompt(body)
+    on_body = decide_body(replace(info, body=BodyFacts(), prompt_sample=None), raw, grant, policy)
+    assert isinstance(on_body, Forward) and on_body.prompt_estimate == count_prompt(body)
+
+
+ENDPOINT = {
+    "apiVersion": "arks.ai/v1",
+    "kind": "ArksEndpoint",
+    "metadata": {"name": "qwen", "namespace": "default"},
+    "spec": {},
+}
+
+
+def _token() -> dict:
+    return {
+        "apiVersion": "arks.ai/v1",
+        "kind": "ArksToken",
+        "metadata": {"name": "alice", "namespace": "default"},
+        "spec": {
+            "tokenHash": token_digest("sk-alice"),
+            "qos": [{"arksEndpoint": {"name": "qwen"}}],
+        },
+    }
+
+
+def log_entry(arks: dict) -> accesslog_pb2.HTTPAccessLogEntry:
+    entry = accesslog_pb2.HTTPAccessLogEntry(
+        request=accesslog_pb2.HTTPRequestProperties(request_id="r", path="/v1/chat/completions"),
+        response=accesslog_pb2.HTTPResponseProperties(
+            response_code=wrappers_pb2.UInt32Value(value=200), response_body_bytes=4567
+        ),
+    )
+    entry.common_properties.metadata.filter_metadata["io.arks"].update(
+        {"namespace": "default", "user": "alice", "model": "qwen", **arks}
+    )
+    return entry
+
+
+def test_finished_reads_the_answer_sample_and_a_blanked_one_is_none() -> None:
+    done = codec.finished(log_entry({"answer_sample": "%E2%80%94"}))
+    assert done is not None and done.answer_sample == "%E2%80%94"
+    blanked = codec.finished(log_entry({"answer_sample": ""}))
+    assert blanked is not None and blanked.answer_sample is None
+
+
+DONE = Finished(
+    request_id="r",
+    namespace="default",
+    user="alice",
+    model="qwen",
+    path="/v1/chat/completions",
+    stream=False,
+    status=200,
+    prompt_tokens=None,
+    completion_tokens=None,
+    prompt_estimate=4,
+    request_body_bytes=120,
+    response_body_bytes=0,
+)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["json", "stream"])
+def test_usage_of_an_answer_without_usage_counts_its_sample(streamed: bool) -> None:
+    raw = stream(PROSE * 30, True) if streamed else whole(PROSE * 30, True)
+    sample = escape(raw[-TAIL:] if streamed else raw[:TAIL])
+    done = replace(DONE, stream=streamed, response_body_bytes=len(raw), answer_sample=sample)
+    usage = usage_of(done)
+    assert usage is not None and usage.estimated == "no_usage_reported"
+    assert usage.prompt_tokens == 4  # the admission's estimate, not the body's size
+    assert close(usage.completion_tokens, count_text(PROSE * 30))
+
+
+def test_usage_of_a_sample_without_content_falls_back_on_the_size() -> None:
+    sample = escape(b'{"id":"x","choices":[{"index":0,"message":{"role"')
+    done = replace(DONE, response_body_bytes=250 + 4 * 30, answer_sample=sample)
+    usage = usage_of(done)
+    assert usage is not None and usage.completion_tokens == 30
+    embeddings = usage_of(replace(done, path="/v1/embeddings", answer_sample=escape(b"{}")))
+    assert embeddings is not None and embeddings.completion_tokens == 0
