@@ -14,8 +14,9 @@ the sample's own tokens per byte.
 
 The tokenizer costs ~90 µs per KiB of text on the request path, so text is counted exactly up to
 `EXACT_BYTES`; longer text is counted on `WINDOWS` evenly spread windows of `WINDOW_CHARS`
-characters and scaled by its length in bytes (bounded: ~1 KiB tokenized per request, whatever its
-size).
+characters and scaled by its length in bytes: at most ~1,024 characters tokenized per request,
+whatever its size (~100 µs; a few per cent off: the windows' cut words, text that changes kind).
+Smaller windows halve the cost but land up to 14 % off on text alternating prose and CJK.
 """
 
 from __future__ import annotations

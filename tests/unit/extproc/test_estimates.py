@@ -53,6 +53,7 @@ TEXTS = (
     CODE * 20,
     ACCENTED * 10,
     (PROSE + CODE) * 30,
+    (PROSE + ACCENTED) * 80,  # text that changes kind every 300 characters: windows can alias
     " hello" * 3000,
 )
 
@@ -110,6 +111,7 @@ BODIES = {
     ),
     "chat, long": chat(PROSE * 40, CODE * 40),
     "chat, non-ASCII": chat(ACCENTED * 30),
+    "chat, long, alternating kinds": chat("You are terse.", (PROSE + ACCENTED) * 80),
     "completions, one prompt": {"model": "qwen", "prompt": "Once upon a time"},
     "completions, a list of prompts": {"model": "qwen", "prompt": [PROSE, "Say hi", CODE * 3]},
     "completions, long": {"model": "qwen", "prompt": PROSE * 200},
