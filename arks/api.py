@@ -96,6 +96,7 @@ class ArksEndpoint:
     gateway_ref: Mapping[str, Any] | None = None
     match_configs: tuple[Mapping[str, Any], ...] = ()
     weighting: str = "weighted"  # one of WEIGHTINGS
+    max_tokens: int | None = None  # the most tokens one answer may hold (context length)
 
     @property
     def model(self) -> str:
@@ -287,7 +288,10 @@ def parse_endpoint(obj: Mapping[str, Any]) -> ArksEndpoint:
         gateway_ref=spec.get("gatewayRef", Mapping),
         match_configs=tuple(spec.get("matchConfigs", list, default=[])),
         weighting=weighting,
+        max_tokens=spec.get("maxTokens", int),
     )
+    if endpoint.max_tokens is not None and endpoint.max_tokens < 1:
+        raise ObjectError(spec.at("maxTokens"), "must be >= 1")
     spec.done()
     return endpoint
 

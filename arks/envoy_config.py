@@ -31,6 +31,7 @@ from arks.policy import Policy
 from arks.wire import (
     DESTINATION_HEADER,
     DESTINATION_METADATA_NAMESPACE,
+    HEALTH_PATH,
     METADATA_NAMESPACE,
     MODEL_HEADER,
     NAMESPACE_HEADER,
@@ -79,6 +80,13 @@ class EnvoySettings:
     upstream_timeout_s: int = 600  # a whole answer; long generations stream for minutes
     access_log_flush_ms: int = 100
     access_log_buffer_bytes: int = 16384
+    # Downstream limits: what a slow or idle client may hold (Envoy's edge recommendations).
+    request_headers_timeout_s: int = 10  # from a request's first byte to its last header
+    request_timeout_s: int = 60  # the whole request, body included (a 4 MiB body at 70 KB/s)
+    idle_timeout_s: int = 300  # a connection with no request in flight
+    max_connections: int = 50_000  # downstream connections, all listeners together
+    max_heap_bytes: int = 2 * 1024**3  # Envoy's heap: past 95 % it frees, past 98 % it refuses
+    http2_max_concurrent_streams: int = 100
 
 
 def _json_error(status: int, kind: str, code: str, message: str) -> dict[str, Any]:
@@ -295,15 +303,11 @@ def routes(policy: Policy, settings: EnvoySettings) -> list[dict[str, Any]]:
     """One route per ArksEndpoint, matched on the headers extproc sets (never on client input)."""
     out: list[dict[str, Any]] = [
         {
+            # extproc answers it first (see HEALTH_PATH): while extproc is away, this is the
+            # 503 gateway_unavailable every request gets, not a healthy "ok".
             "name": "healthz",
-            "match": {"path": "/healthz"},
+            "match": {"path": HEALTH_PATH},
             "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}},
-            "typed_per_filter_config": {
-                "envoy.filters.http.ext_proc": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-                    "disabled": True,
-                }
-            },
         }
     ]
     for endpoint in _endpoints(policy):
@@ -442,6 +446,20 @@ def local_reply_config(settings: EnvoySettings) -> dict[str, Any]:
                 "The gateway's decision service is unreachable; try again shortly.",
                 details_prefix="ext_proc",
             ),
+            _local_reply_mapper(
+                503,
+                "service_unavailable",
+                "gateway_unavailable",
+                "The gateway's decision service is unreachable; try again shortly.",
+                details_prefix="ext_authz",
+            ),
+            _local_reply_mapper(
+                503,
+                "service_unavailable",
+                "overloaded",
+                "The gateway is overloaded; try again shortly.",
+                details_prefix="overload",
+            ),
             # Envoy's own 503s only: extproc's (arks_*: picking, quota store) keep their bodies.
             _local_reply_mapper(
                 503, "service_unavailable", "no_backend", details_not_prefix="arks_"
@@ -491,7 +509,14 @@ def listener(settings: EnvoySettings) -> dict[str, Any]:
         "stat_prefix": "arks",
         "codec_type": "AUTO",
         "stream_idle_timeout": "300s",
-        "request_timeout": "0s",
+        "request_timeout": f"{settings.request_timeout_s}s",
+        "request_headers_timeout": f"{settings.request_headers_timeout_s}s",
+        "common_http_protocol_options": {"idle_timeout": f"{settings.idle_timeout_s}s"},
+        "http2_protocol_options": {
+            "max_concurrent_streams": settings.http2_max_concurrent_streams,
+            "initial_stream_window_size": 65536,  # 64 KiB
+            "initial_connection_window_size": 1048576,  # 1 MiB
+        },
         "generate_request_id": True,
         # The edge: the client's address is the peer's, and an outside client's x-request-id is
         # replaced, so request ids (which pair an admission with its usage) are Envoy's own.
@@ -592,14 +617,58 @@ def bootstrap(settings: EnvoySettings, node_id: str = "arks-local") -> dict[str,
             "lds_config": dict(ADS_SOURCE),
             "cds_config": dict(ADS_SOURCE),
         },
-        "layered_runtime": {
-            "layers": [
-                {
-                    "name": "static",
-                    "static_layer": {"overload": {"global_downstream_max_connections": 50000}},
-                }
-            ]
-        },
+        "overload_manager": overload_manager(settings),
+    }
+
+
+_MONITOR = "type.googleapis.com/envoy.extensions.resource_monitors.{}.v3.{}"
+
+
+def overload_manager(settings: EnvoySettings) -> dict[str, Any]:
+    """Envoy's own limits: a cap on downstream connections, and a heap past which it first frees
+    memory, then resets the streams holding the most buffered data, then refuses new requests."""
+    heap = "envoy.resource_monitors.fixed_heap"
+    return {
+        "refresh_interval": "0.25s",
+        "resource_monitors": [
+            {
+                "name": "envoy.resource_monitors.global_downstream_max_connections",
+                "typed_config": {
+                    "@type": _MONITOR.format(
+                        "downstream_connections", "DownstreamConnectionsConfig"
+                    ),
+                    "max_active_downstream_connections": settings.max_connections,
+                },
+            },
+            {
+                "name": heap,
+                "typed_config": {
+                    "@type": _MONITOR.format("fixed_heap", "FixedHeapConfig"),
+                    "max_heap_size_bytes": settings.max_heap_bytes,
+                },
+            },
+        ],
+        "actions": [
+            {
+                "name": "envoy.overload_actions.shrink_heap",
+                "triggers": [{"name": heap, "threshold": {"value": 0.95}}],
+            },
+            {
+                "name": "envoy.overload_actions.reset_high_memory_stream",
+                "triggers": [
+                    {
+                        "name": heap,
+                        "scaled": {"scaling_threshold": 0.90, "saturation_threshold": 0.97},
+                    }
+                ],
+            },
+            {
+                "name": "envoy.overload_actions.stop_accepting_requests",
+                "triggers": [{"name": heap, "threshold": {"value": 0.98}}],
+            },
+        ],
+        # reset_high_memory_stream needs streams' buffers accounted (buckets from 1 MiB up).
+        "buffer_factory_config": {"minimum_account_to_track_power_of_two": 20},
     }
 
 

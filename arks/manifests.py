@@ -61,6 +61,7 @@ HCM_FILTER = "envoy.filters.network.http_connection_manager"
 ROUTER_FILTER = "envoy.filters.http.router"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 CREDENTIALS_FILTER = "arks.credentials_lua"
+EARLY_AUTH_FILTER = "arks.early_auth"
 REQUEST_FILTER = "arks.request_to_metadata"
 PROMPT_FILTER = "arks.prompt_lua"
 USAGE_FILTER = "arks.usage_lua"
@@ -219,6 +220,8 @@ def filter_patches(settings: EnvoySettings | None = None) -> list[dict[str, Any]
     filters = local_filters(settings)
     ext_proc_at = filter_at(eg_extproc_filter_name())
     ext_proc = filters[EXT_PROC_FILTER]["typed_config"]
+    early_auth = copy.deepcopy(filters[EARLY_AUTH_FILTER])  # asks EG's ext_proc cluster
+    early_auth["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = eg_extproc_name()
     access_log = copy.deepcopy(usage_access_log(settings))
     access_log["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = (
         eg_extproc_name()
@@ -229,6 +232,7 @@ def filter_patches(settings: EnvoySettings | None = None) -> list[dict[str, Any]
         # adding at an array element's pointer inserts before that element
         _patch("add", filters[REQUEST_FILTER], json_path=ext_proc_at),
         _patch("add", filters[CREDENTIALS_FILTER], json_path=filter_at(REQUEST_FILTER)),
+        _patch("add", early_auth, json_path=filter_at(REQUEST_FILTER)),
         _patch("add", filters[PROMPT_FILTER], json_path=ext_proc_at),
         *[
             _patch("add", ext_proc[field], json_path=ext_proc_at, path=f"/typed_config/{field}")
@@ -337,17 +341,36 @@ def patch_policy(name: str, priority: int, patches: Sequence[Mapping[str, Any]])
 
 def client_traffic_policy(settings: EnvoySettings | None = None) -> dict[str, Any]:
     """The local listener's limits: the body buffer (json_to_metadata buffers the request; EG's
-    default of 32 KiB would refuse long prompts with 413) and the stream idle timeout."""
+    default of 32 KiB would refuse long prompts with 413), the timeouts that bound what a slow or
+    idle client holds, the connection cap and HTTP/2's streams and windows."""
     settings = settings or _settings()
     hcm = listener(settings)["filter_chains"][0]["filters"][0]["typed_config"]
+    http2 = hcm["http2_protocol_options"]
     return {
         "apiVersion": EG_VERSION,
         "kind": "ClientTrafficPolicy",
         "metadata": _metadata("arks-clients", "gateway"),
         "spec": {
             "targetRefs": [_gateway_ref()],
-            "connection": {"bufferLimit": f"{settings.body_limit_bytes // (1024 * 1024)}Mi"},
-            "timeout": {"http": {"streamIdleTimeout": hcm["stream_idle_timeout"]}},
+            "connection": {
+                "bufferLimit": f"{settings.body_limit_bytes // (1024 * 1024)}Mi",
+                "connectionLimit": {"value": settings.max_connections},
+            },
+            "timeout": {
+                "http": {
+                    "streamIdleTimeout": hcm["stream_idle_timeout"],
+                    "requestReceivedTimeout": hcm["request_timeout"],
+                    "requestHeadersReceivedTimeout": hcm["request_headers_timeout"],
+                    "idleTimeout": hcm["common_http_protocol_options"]["idle_timeout"],
+                }
+            },
+            "http2": {
+                "maxConcurrentStreams": http2["max_concurrent_streams"],
+                "initialStreamWindowSize": f"{http2['initial_stream_window_size'] // 1024}Ki",
+                "initialConnectionWindowSize": (
+                    f"{http2['initial_connection_window_size'] // (1024 * 1024)}Mi"
+                ),
+            },
         },
     }
 

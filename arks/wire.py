@@ -17,7 +17,15 @@ REQUEST_METADATA_NAMESPACE = (
 PROMPT_METADATA_NAMESPACE = (
     "io.arks.prompt"  # the request body's head, for the prompt estimate (extproc/estimate.py)
 )
+# set by the credentials Lua filter on a request whose body may be large: its credential is
+# judged on the headers (ext_authz), before the body is read
+AUTH_METADATA_NAMESPACE = "io.arks.auth"
 DESTINATION_METADATA_NAMESPACE = "envoy.lb"  # the picked engines (Gateway API Inference Extension)
+
+# --- HTTP paths ------------------------------------------------------------------------------
+# Envoy's health answer, asked of the gateway's decision service: 200 while it answers, 503
+# gateway_unavailable while it is away (a load balancer should stop sending then).
+HEALTH_PATH = "/healthz"
 
 # --- HTTP headers ---------------------------------------------------------------------------
 MODEL_HEADER = "x-arks-model"

@@ -63,6 +63,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen-address", default="127.0.0.1", help="Envoy's listener address"
     )
     standalone.add_argument("--listen-port", type=int, default=8080, help="Envoy's listener port")
+    standalone.add_argument(
+        "--request-timeout-s",
+        type=int,
+        default=EnvoySettings.request_timeout_s,
+        help="Envoy's limit on receiving a whole request, body included",
+    )
+    standalone.add_argument(
+        "--request-headers-timeout-s",
+        type=int,
+        default=EnvoySettings.request_headers_timeout_s,
+        help="Envoy's limit on receiving a request's headers",
+    )
+    standalone.add_argument(
+        "--idle-timeout-s",
+        type=int,
+        default=EnvoySettings.idle_timeout_s,
+        help="Envoy closes a client connection with no request in flight after this long",
+    )
     p.add_argument(
         "--scrape-interval-s",
         type=float,
@@ -101,6 +119,9 @@ class Settings:
     xds_address: str = "127.0.0.1:18000"
     listen_address: str = "127.0.0.1"
     listen_port: int = 8080
+    request_timeout_s: int = EnvoySettings.request_timeout_s
+    request_headers_timeout_s: int = EnvoySettings.request_headers_timeout_s
+    idle_timeout_s: int = EnvoySettings.idle_timeout_s
     scrape_interval_s: float = 1.0
     namespace: str | None = None  # None: every namespace
     workers: int = 2
@@ -124,6 +145,9 @@ def run_standalone(settings: Settings, policy: Path) -> int:
         admin_port=0,
         extproc_port=0,
         listen_address=settings.listen_address,
+        request_timeout_s=settings.request_timeout_s,
+        request_headers_timeout_s=settings.request_headers_timeout_s,
+        idle_timeout_s=settings.idle_timeout_s,
     )
     state = Standalone(
         FilePolicySource(policy), envoy, settings.xds_address, interval_s=settings.scrape_interval_s

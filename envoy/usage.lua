@@ -84,11 +84,34 @@ local function refuse(handle, message)
   )
 end
 
+-- What json_to_metadata cannot say: it reads an object, an array and null alike as "absent".
+-- extproc marks a request whose `stream` was not read as true (io.arks.check_types); here the
+-- body is searched for a suspect value (a pattern search, C speed) and only when one is found is
+-- the top level walked to see whether it is the request's own key. `stream` must be a boolean or
+-- null, `stream_options` an object or null.
+local function type_error(text, top)
+  if string.find(text, '"stream"%s*:%s*[{%[]') then
+    local at = member_value(text, top, "stream")
+    local c = at and string.sub(text, at, at)
+    if c == "{" or c == "[" then
+      return "'stream' must be a boolean."
+    end
+  end
+  if string.find(text, '"stream_options"%s*:%s*[^%s{n]') then
+    local at = member_value(text, top, "stream_options")
+    local c = at and string.sub(text, at, at)
+    if c ~= nil and c ~= "{" and c ~= "n" then
+      return "'stream_options' must be an object."
+    end
+  end
+  return nil
+end
+
 function envoy_on_request(handle)
   local metadata = handle:streamInfo():dynamicMetadata()
   metadata:set("io.arks.prompt", "sample", "") -- ext_proc has read it; keep it off the access log
   local arks = metadata:get("io.arks")
-  if arks == nil or not arks["add_usage_option"] then
+  if arks == nil or not (arks["add_usage_option"] or arks["check_types"]) then
     return
   end
   local body = handle:body()
@@ -98,6 +121,13 @@ function envoy_on_request(handle)
   local text = body:getBytes(0, body:length())
   local top = string.find(text, "{", 1, true) -- extproc marks JSON objects only
   if top == nil then
+    return
+  end
+  if arks["check_types"] then
+    local message = type_error(text, top)
+    if message ~= nil then
+      return refuse(handle, message)
+    end
     return
   end
   local patched

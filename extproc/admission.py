@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -57,6 +57,9 @@ class AdmissionControl:
     unsettled: deque[tuple[str, list[Charge]]] = field(
         default_factory=lambda: deque(maxlen=100_000)
     )
+    # Told of every settlement the store took into the generation it last restored (the quota
+    # snapshots follow each one; a charge made in a wiped store is there already after restore).
+    on_settled: Callable[[Sequence[Charge]], None] = lambda charges: None
 
     async def admit(self, info: RequestInfo, decision: Decision) -> Decision:
         """Forward with what was reserved, or a refusal. All or nothing: a request refused by any
@@ -185,7 +188,15 @@ class AdmissionControl:
         return math.ceil(_int(info.headers.get("content-length")) / BYTES_PER_TOKEN)
 
     def _completion_estimate(self, decision: Forward) -> int:
-        each = decision.max_tokens if decision.max_tokens is not None else self.default_max_tokens
+        """The most the answers can hold: each up to the request's max_tokens, else the
+        endpoint's maxTokens (its context length), else the gateway's default; never more than
+        the endpoint's maxTokens (the engine refuses or stops there)."""
+        limit = decision.answer_limit
+        each = decision.max_tokens if decision.max_tokens is not None else limit
+        if each is None:
+            each = self.default_max_tokens
+        if limit is not None:
+            each = min(each, limit)
         return each * decision.choices
 
     async def settle(
@@ -218,14 +229,19 @@ class AdmissionControl:
 
     async def _settle(self, request_id: str, charges: list[Charge]) -> None:
         try:
-            await self.budgets.settle(request_id, charges, self.clock())
+            kept = await self.budgets.settle(request_id, charges, self.clock())
         except BackendUnavailable as err:
+            # The store may have applied it before the reply was lost: the retry counts once
+            # (a budget remembers the requests it settled, see BudgetStore.settle).
             if len(self.unsettled) == self.unsettled.maxlen:
                 self.limiter.metrics.backend_errors.labels("settlement_dropped").inc()
             self.unsettled.append((request_id, charges))
             log.warning(
                 "budget store unavailable; %d settlements wait for it: %s", len(self.unsettled), err
             )
+        else:
+            if kept:
+                self.on_settled(charges)
 
     async def retry_unsettled(self) -> int:
         """Apply the settlements that waited for the store; how many went through."""
@@ -233,10 +249,12 @@ class AdmissionControl:
         while self.unsettled:
             request_id, charges = self.unsettled[0]
             try:
-                await self.budgets.settle(request_id, charges, self.clock())
+                kept = await self.budgets.settle(request_id, charges, self.clock())
             except BackendUnavailable:
                 break
             self.unsettled.popleft()
+            if kept:
+                self.on_settled(charges)
             done += 1
         return done
 

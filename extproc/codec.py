@@ -7,9 +7,11 @@ from typing import Any
 from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.auth.v3 import external_auth_pb2 as authz
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import json_format, struct_pb2
+from google.rpc import code_pb2, status_pb2
 
 from arks.wire import (
     CREDENTIAL_HEADERS,
@@ -98,11 +100,13 @@ _JSON_CONTENT_TYPE = _header("content-type", "application/json")
 
 
 def _immediate(
-    status: int, body: bytes, headers: tuple[tuple[str, str], ...], details: str
+    status: int,
+    body: bytes,
+    headers: tuple[tuple[str, str], ...],
+    details: str,
+    content_type: base_pb2.HeaderValueOption = _JSON_CONTENT_TYPE,
 ) -> ep.ProcessingResponse:
-    mutation = ep.HeaderMutation(
-        set_headers=[_JSON_CONTENT_TYPE, *(_header(k, v) for k, v in headers)]
-    )
+    mutation = ep.HeaderMutation(set_headers=[content_type, *(_header(k, v) for k, v in headers)])
     return ep.ProcessingResponse(
         immediate_response=ep.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=status),
@@ -118,7 +122,37 @@ def deny(decision: Deny) -> ep.ProcessingResponse:
 
 
 def reply(decision: Reply) -> ep.ProcessingResponse:
-    return _immediate(decision.status, decision.body, (), "arks_reply")
+    content_type = (
+        _JSON_CONTENT_TYPE
+        if decision.content_type == "application/json"
+        else _header("content-type", decision.content_type)
+    )
+    return _immediate(decision.status, decision.body, (), "arks_reply", content_type)
+
+
+def check_headers(request: authz.CheckRequest) -> dict[str, str]:
+    """The credential headers of an early-auth check (Envoy sends only those)."""
+    headers = request.attributes.request.http.headers
+    return {name: headers[name] for name in CREDENTIAL_HEADERS if name in headers}
+
+
+CHECK_OK = authz.CheckResponse(status=status_pb2.Status(code=code_pb2.OK))
+
+
+def check_denied(decision: Deny) -> authz.CheckResponse:
+    return authz.CheckResponse(
+        status=status_pb2.Status(code=code_pb2.UNAUTHENTICATED),
+        denied_response=authz.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=decision.status),
+            # ext_authz reads `value`, not `raw_value`
+            headers=[
+                base_pb2.HeaderValueOption(
+                    header=base_pb2.HeaderValue(key="content-type", value="application/json")
+                )
+            ],
+            body=decision.body().decode(),
+        ),
+    )
 
 
 def read_body(_: ReadBody) -> ep.ProcessingResponse:

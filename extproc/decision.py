@@ -62,6 +62,7 @@ class Forward:
     prompt_estimate: int | None = None
     max_tokens: int | None = None
     choices: int = 1  # answers the engine writes: prompts x max(n, best_of); each up to max_tokens
+    answer_limit: int | None = None  # the endpoint's maxTokens: the most one answer may hold
     qos: Qos | None = None  # the token's grant for this model: its limits and quota
     weighting: str = ""  # the endpoint's: least-load and prefix-cache pick an engine per request
     prompt: str | None = None  # the prompt text, read for prefix-cache picking

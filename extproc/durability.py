@@ -1,23 +1,26 @@
 """Quota usage kept somewhere durable, so that no service holds the only copy of a counter.
 
-Every few seconds the used totals of every quota's current periods are read from the budget
-store and written to a durable copy — a state file locally, `ArksQuota.status` in a cluster; the
-same turn puts any total the store has lost back. So a Redis that restarts empty — or the
-in-memory store of a restarted gateway — gets its quota usage back, less at most one interval.
+The gateway keeps a snapshot of the used totals of every quota's current periods: each
+settlement it makes is added to it as the store takes it, and every few seconds it is merged
+with the store's own totals (other replicas' charges) and written to a durable copy — a state
+file locally, `ArksQuota.status` in a cluster. Every housekeeping tick (half a second) puts back
+what the store lost. So a Redis that restarts empty gets back every charge this replica made
+(other replicas' since the last merge at most), and the in-memory store of a restarted gateway
+gets back what the durable copy had (at most one interval old).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from arks.api import ArksQuota
-from arks.limits.budgets import BudgetStore
+from arks.limits.budgets import BudgetStore, Charge
 from arks.policy import Policy, PolicySource
 from extproc import quota
 
@@ -123,6 +126,34 @@ class QuotaSnapshots:
     durable: DurableCopy | None
     clock: Callable[[], float]
     snapshot: dict[str, int] | None = None
+    _keys_for: tuple[Policy, int] | None = None
+    _keys: frozenset[str] = frozenset()
+
+    def charged(self, charges: Sequence[Charge]) -> None:
+        """A settlement the store took: its quota charges join the snapshot at once (rate
+        windows and concurrency slots are not snapshotted)."""
+        if self.snapshot is None:
+            return  # before the first turn, which reads the store's totals anyway
+        for charge in charges:
+            if charge.cost and charge.key in self._quota_keys():
+                self.snapshot[charge.key] = self.snapshot.get(charge.key, 0) + charge.cost
+
+    def _quota_keys(self) -> frozenset[str]:
+        now = datetime.fromtimestamp(self.clock(), UTC)
+        policy = self.policy.current()
+        day = now.date().toordinal()  # budget keys change with the policy or the day, no faster
+        if self._keys_for is None or self._keys_for[0] is not policy or self._keys_for[1] != day:
+            self._keys_for, self._keys = (policy, day), frozenset(current_keys(policy, now))
+        return self._keys
+
+    async def restore_lost(self) -> int:
+        """Put back what the store lost (a Redis restarted empty); a cheap call otherwise."""
+        if self.snapshot is None:
+            return 0
+        restored = await self.budgets.restore(self.snapshot)
+        if restored:
+            log.warning("restored %d quota totals the budget store had lost", restored)
+        return restored
 
     async def turn(self) -> int:
         """Restore what the store lost, then snapshot what it has; returns how many keys came back."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import datetime
 from typing import Any
@@ -12,6 +13,7 @@ from arks.api import PREFIX_CACHE, ArksToken
 from arks.policy import Policy
 from arks.wire import (
     CREDENTIAL_HEADERS,
+    HEALTH_PATH,
     METADATA_NAMESPACE,
     MODEL_HEADER,
     NAMESPACE_HEADER,
@@ -23,10 +25,12 @@ from extproc.estimate import prompt_estimate, prompt_tokens
 from extproc.picking.prefix import prefix_text
 from extproc.qos import token_limits
 from extproc.request import (
+    COMPLETIONS_PATH,
     INFERENCE_PATHS,
     MODELS_PATH,
     BodyFacts,
     RequestInfo,
+    prompt_count,
 )
 
 
@@ -47,8 +51,13 @@ def models_reply(policy: Policy, token: ArksToken, path: str) -> Decision:
     return Reply(orjson.dumps(_model_object(model, token)))
 
 
+HEALTHY = Reply(b"ok\n", content_type="text/plain")
+
+
 def decide_headers(req: RequestInfo, policy: Policy, now: datetime) -> Decision:
     """Decide on the request-headers message (with the body facts Envoy lifted into metadata)."""
+    if req.path == HEALTH_PATH:
+        return HEALTHY  # answering is the health: Envoy says 503 while extproc is away
     token = authenticate(req.headers, policy, now)
     if isinstance(token, Deny):
         return token
@@ -93,7 +102,8 @@ def decide_body(req: RequestInfo, raw: bytes, token: ArksToken, policy: Policy) 
         # Read for its prompt only: decide as on the headers (Envoy's lifted facts, no tokenizer
         # pass, no body rewrite: usage.lua adds include_usage), so this mode costs one more
         # message and the prompt's hashing, nothing else.
-        return decide_route(req, req.body, token, policy, body=None, prompt=prefix_text(body))
+        facts = dataclasses.replace(req.body, prompts=prompt_count(body.get("prompt")))
+        return decide_route(req, facts, token, policy, body=None, prompt=prefix_text(body))
     facts = BodyFacts.from_body(body)
     prompt = prefix_text(body) if _picks_by_prefix(policy, token, facts.model) else None
     return decide_route(req, facts, token, policy, body=body, prompt=prompt)
@@ -121,6 +131,9 @@ def decide_route(
         return bad_request("'model' must be a non-empty string.", "invalid_type")
     if facts.stream is not None and not isinstance(facts.stream, bool):
         return bad_request("'stream' must be a boolean.", "invalid_type")
+    if body is not None and body.get("stream_options") is not None:
+        if not isinstance(body["stream_options"], dict):
+            return bad_request("'stream_options' must be an object.", "invalid_type")
     for name, value in (("n", facts.n), ("best_of", facts.best_of)):
         if value is not None and not _positive_int(value):
             return bad_request(f"'{name}' must be a positive integer.", "invalid_type")
@@ -141,6 +154,11 @@ def decide_route(
             type="permission_denied",
         )
 
+    if facts.prompts is None and req.path == COMPLETIONS_PATH and (token_limits(qos) or qos.quota):
+        # Envoy cannot count a list of prompts (it reads a list as absent), and each prompt gets
+        # its answers: a reservation against token limits needs the count from the body.
+        return ReadBody("a completions prompt may be a list of prompts", token)
+
     # A streamed answer carries usage only when asked; ask for it unless the client said no.
     # Envoy inserts it (usage.lua) when we only saw metadata; here when we parsed the body.
     needs_usage_option = facts.stream is True and facts.include_usage is None
@@ -152,6 +170,10 @@ def decide_route(
     }
     if needs_usage_option and body is None:
         metadata["add_usage_option"] = True
+    elif body is None and facts.stream is not True:
+        # Envoy cannot tell an object or array from an absent `stream`, nor type-check
+        # `stream_options`: usage.lua looks (a pattern search of the body; type_error there).
+        metadata["check_types"] = True
     if limits := token_limits(qos):
         metadata["limits"] = limits
     new_body = None
@@ -186,7 +208,8 @@ def decide_route(
         body=new_body,
         prompt_estimate=estimate,
         max_tokens=_count(facts.max_tokens),
-        choices=facts.prompts * max(int(facts.n or 1), int(facts.best_of or 1)),
+        choices=(facts.prompts or 1) * max(int(facts.n or 1), int(facts.best_of or 1)),
+        answer_limit=endpoint.max_tokens,
         qos=qos,
         weighting=endpoint.weighting,
         prompt=prompt,

@@ -25,7 +25,9 @@ class BodyFacts:
     max_tokens: Any = None
     n: Any = None  # answers per prompt
     best_of: Any = None  # candidates generated per prompt (completions)
-    prompts: int = 1  # prompts in the request (a list on /v1/completions: known from the body only)
+    # Prompts in the request: a list on /v1/completions is known from the body only (None: Envoy
+    # lifted the facts and could not count them).
+    prompts: int | None = None
     model_missing: bool = False
     invalid_json: bool = False
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import uvloop
 from envoy.service.accesslog.v3 import als_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from prometheus_client import start_http_server
 
@@ -37,7 +38,7 @@ from extproc.picking.discovery import ClusterEngines
 from extproc.picking.scraping import EngineSets, picking_endpoints, scrape_forever
 from extproc.picking.service import Picking, PickSettings
 from extproc.reported import RedisReported, SingleReplica
-from extproc.servicer import AccessLogReceiver, ExternalProcessor
+from extproc.servicer import AccessLogReceiver, EarlyAuth, ExternalProcessor
 
 USER_AGENT = "arks-extproc"  # how the API server's audit log names our requests
 
@@ -177,6 +178,7 @@ async def serve(settings: Settings) -> None:
         lease_ttl_s=settings.lease_ttl_s,
         hold_max_s=settings.usage_settle_timeout_s,
         default_max_tokens=settings.quota_default_max_tokens,
+        on_settled=snapshots.charged,
     )
     ctx = Context(
         policy=source,
@@ -198,6 +200,7 @@ async def serve(settings: Settings) -> None:
     def register(server: grpc.aio.Server) -> None:
         ep_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(ctx), server)
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogReceiver(ctx), server)
+        authz_grpc.add_AuthorizationServicer_to_server(EarlyAuth(ctx), server)
 
     grpc_server = await start_grpc(settings.grpc_address, register)
     start_http_server(settings.metrics_port, settings.metrics_address, registry=metrics.registry)
@@ -220,6 +223,7 @@ async def serve(settings: Settings) -> None:
                 log.warning(
                     "%d admitted requests had no access-log entry; charged their estimate", lost
                 )
+            await snapshots.restore_lost()  # a Redis that came back empty: before anything else
             await admission.retry_unsettled()
             if time.monotonic() - last_renewal >= settings.lease_ttl_s / 4:
                 last_renewal = time.monotonic()

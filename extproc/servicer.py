@@ -11,12 +11,15 @@ from collections.abc import AsyncIterator
 
 import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2 as authz
+from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from arks.api import ArksToken
 from arks.envoy_config import PICKED_WEIGHTINGS
 from extproc import codec, settlement
+from extproc.auth import authenticate
 from extproc.context import Context
 from extproc.decision import Decision, Deny, Forward, ReadBody, Reply
 from extproc.gateway import decide_body, decide_headers
@@ -124,6 +127,26 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc
         processor = RequestProcessor(self.ctx)
         async for message in request_iterator:
             yield await processor.handle(message)
+
+
+class EarlyAuth(authz_grpc.AuthorizationServicer):  # type: ignore[misc]
+    """Envoy's ext_authz check of a request whose body may be large, on its headers alone: a
+    wrong credential is refused before the body is read. The request's other checks come later,
+    on the ext_proc stream, as for every request."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    async def Check(
+        self, request: authz.CheckRequest, context: grpc.aio.ServicerContext
+    ) -> authz.CheckResponse:
+        found = authenticate(
+            codec.check_headers(request), self.ctx.policy.current(), self.ctx.now()
+        )
+        if isinstance(found, Deny):
+            self.ctx.metrics.denials.labels(str(found.status), found.code).inc()
+            return codec.check_denied(found)
+        return codec.CHECK_OK
 
 
 class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]

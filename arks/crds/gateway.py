@@ -107,6 +107,14 @@ endpoint_spec = obj(
             "Extra request matches of the route, besides the model name.",
             max_items=8,
         ),
+        "maxTokens": integer(
+            "The most tokens one answer of this model may hold: the engine's context length "
+            "(vLLM --max-model-len, SGLang --context-length) or a lower cap it enforces. "
+            "Admission reserves it, against token limits and quotas, for each answer of a "
+            "request that names no max_tokens, and caps a larger max_tokens to it. Unset: the "
+            "gateway's --quota-default-max-tokens.",
+            minimum=1,
+        ),
         "weighting": string(
             "How requests are spread over the engines: static (the routeConfigs' weights), weighted "
             "(those weights times each engine's weight from its live load), least-load or "

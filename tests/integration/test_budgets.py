@@ -20,7 +20,14 @@ from redis.asyncio import Redis
 
 from arks.adapters.redis.budgets import RedisBudgets
 from arks.limits.backends import BackendUnavailable
-from arks.limits.budgets import Admission, BudgetStore, Charge, Lease, MemoryBudgets
+from arks.limits.budgets import (
+    SETTLED_MEMORY_S,
+    Admission,
+    BudgetStore,
+    Charge,
+    Lease,
+    MemoryBudgets,
+)
 from arks.limits.budgets.room import MAX_AMOUNT
 from launcher.procs import Supervisor, free_port, wait_port
 from tests.support.redis_server import SHARED_REDIS, PrivateRedis, fresh_prefix
@@ -126,6 +133,18 @@ async def test_settling_an_expired_or_missing_lease_still_charges(store: BudgetS
     assert await figures(store, "q", T0 + 20) == (3, 5)  # the long lease is untouched
     await store.settle("never-admitted", [Charge("q", 4)], T0 + 20)
     assert await figures(store, "q", T0 + 20) == (7, 5)
+
+
+async def test_a_settlement_retried_counts_once(store: BudgetStore) -> None:
+    """A settlement whose reply was lost is retried: it must not charge twice."""
+    assert (await store.admit("r1", [lease(100, 10)], TTL, T0)).admitted
+    await store.settle("r1", [Charge("q", 7)], T0 + 1)
+    await store.settle("r1", [Charge("q", 7)], T0 + 2)  # the retry
+    assert await store.used(["q"]) == {"q": 7}
+    assert await figures(store, "q", T0 + 3) == (7, 0)
+    # long after, the request id is forgotten (ids are unique; memory stays bounded)
+    await store.settle("r1", [Charge("q", 7)], T0 + 3 + SETTLED_MEMORY_S)
+    assert await store.used(["q"]) == {"q": 14}
 
 
 async def test_readmitting_a_request_replaces_its_lease(store: BudgetStore) -> None:
@@ -468,9 +487,12 @@ async def test_charges_made_after_a_wipe_are_added_to_the_restored_total(tmp_pat
             assert await store.restore({"q": 70}) == 0  # the store kept its data
             sup.children.pop().stop()
             start()  # empty
-            await store.settle("r2", [Charge("q", 5)], 1001.0)  # lands before the restore turn
+            # lands before the restore turn, and says so: a snapshot must not count it, the
+            # restore adds the snapshot to it
+            assert await store.settle("r2", [Charge("q", 5)], 1001.0) is False
             assert await store.restore({"q": 70}) == 1
             assert await store.used(["q"]) == {"q": 75}
             assert await store.restore({"q": 75}) == 0
+            assert await store.settle("r3", [Charge("q", 1)], 1002.0) is True
         finally:
             await store.close()

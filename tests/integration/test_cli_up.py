@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import yaml
@@ -192,6 +193,9 @@ def test_a_killed_gateway_is_restarted_and_says_what_is_wrong_meanwhile(tmp_path
         assert away.value.status_code == 503
         assert away.value.code == "gateway_unavailable", away.value.response.text
         assert "unreachable" in away.value.message
+        health = httpx.get(f"http://127.0.0.1:{port}/healthz")  # a load balancer's view
+        assert health.status_code == 503, health.text
+        assert health.json()["error"]["code"] == "gateway_unavailable"
 
         assert proc.stdout is not None
         console = []
@@ -202,6 +206,7 @@ def test_a_killed_gateway_is_restarted_and_says_what_is_wrong_meanwhile(tmp_path
         assert any("extproc exited with code -9" in line for line in console), console
         answer = wait_for(lambda: _status(client, hello), lambda status: status == 200, timeout=20)
         assert answer == 200
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").text == "ok\n"
     finally:
         interrupt(proc)
 

@@ -133,6 +133,29 @@ def test_the_usage_option_goes_into_the_top_level_object_only(stack: Stack, extr
     assert (charged.completion, charged.estimated) == (3, 0)
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"model": "model-a", "stream": null, "stream_options": null, "messages": []}',
+        # the same keys deeper down are not the request's own
+        b'{"model": "model-a", "metadata": {"stream": {}, "stream_options": 1}, "messages": []}',
+        b'{"model": "model-a", "messages": [{"role": "user", "content": "\\"stream\\": {}"}]}',
+    ],
+    ids=["nulls", "nested", "in-a-string"],
+)
+def test_stream_fields_envoy_cannot_read_are_accepted_when_valid(
+    stack: Stack, content: bytes
+) -> None:
+    with stack.http() as http:
+        resp = http.post(
+            "/v1/chat/completions",
+            content=content,
+            headers={"authorization": f"Bearer {ALICE}", "content-type": "application/json"},
+        )
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["object"] == "chat.completion"
+
+
 def test_stream_options_of_another_type_is_a_400_and_charges_nothing(stack: Stack) -> None:
     before = stack.usage("alice", "model-a")
     with stack.http() as http:
@@ -428,6 +451,14 @@ def test_openai_client_sees_typed_errors(stack: Stack) -> None:
         ),
         (b'{"model": "model-a", "messages": [], "max_tokens": 1e400}', 400, "invalid_type"),
         (b'{"model": "model-a", "messages": [], "n": 0}', 400, "invalid_type"),
+        (b'{"model": "model-a", "stream": {}, "messages": []}', 400, "invalid_type"),
+        (b'{"model": "model-a", "stream": [true], "messages": []}', 400, "invalid_type"),
+        (
+            b'{"model": "model-a", "stream": false, "stream_options": 1, "messages": []}',
+            400,
+            "invalid_type",
+        ),
+        (b'{"model": "model-a", "stream_options": [], "messages": []}', 400, "invalid_type"),
         (b"", 400, "missing_body"),
         (b'{"model": "model-ghost", "messages": []}', 404, "model_not_found"),
         (b'{"model": "model-empty", "messages": []}', 503, "no_backend"),
@@ -442,6 +473,10 @@ def test_openai_client_sees_typed_errors(stack: Stack) -> None:
         "max-tokens-2^63",
         "max-tokens-1e400",
         "n-zero",
+        "stream-object",
+        "stream-array",
+        "stream-options-number",
+        "stream-options-array",
         "empty",
         "ghost",
         "empty-endpoint",

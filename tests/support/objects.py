@@ -22,7 +22,11 @@ def pool(name: str, ports: list[int], namespace: str = "default") -> dict[str, A
 
 
 def endpoint(
-    model: str, *backends: str, namespace: str = "default", weighting: str | None = None
+    model: str,
+    *backends: str,
+    namespace: str = "default",
+    weighting: str | None = None,
+    max_tokens: int | None = None,
 ) -> dict[str, Any]:
     refs = [
         {"group": "gateway.envoyproxy.io", "kind": "Backend", "name": b, "weight": 1}
@@ -31,6 +35,8 @@ def endpoint(
     spec: dict[str, Any] = {"routeConfigs": refs}
     if weighting is not None:
         spec["weighting"] = weighting
+    if max_tokens is not None:
+        spec["maxTokens"] = max_tokens
     return {
         "apiVersion": "arks.ai/v1",
         "kind": "ArksEndpoint",

@@ -29,6 +29,7 @@ BOB = "sk-arks-test-bob-77aa31c4e2d0"
 EXPIRED = "sk-arks-test-expired-0c9d"
 DISABLED = "sk-arks-test-disabled-1e2f"
 ALL_TOKENS = (ALICE, BOB, EXPIRED, DISABLED)
+MODEL_B_MAX_TOKENS = 100  # model-b's context: what an answer with no max_tokens may hold
 
 
 @dataclass
@@ -137,7 +138,7 @@ def base_policy(ports: dict[str, int]) -> list[dict]:
         backend("sim-b", ports["b"]),
         backend("sim-down", ports["down"]),
         endpoint("model-a", "sim-a"),
-        endpoint("model-b", "sim-b"),
+        endpoint("model-b", "sim-b", max_tokens=MODEL_B_MAX_TOKENS),
         endpoint("model-down", "sim-down"),
         endpoint("model-empty"),
         {
@@ -166,6 +167,7 @@ def running_stack(
     redis: str | None = None,
     extproc_args: tuple[str, ...] = (),
     kube_host: str | None = None,
+    controller_args: tuple[str, ...] = (),
 ) -> Iterator[Stack]:
     """Two simulated engines, the base policy plus `extra_documents`, and the local stack."""
     ports = {"a": free_port(), "b": free_port(), "down": free_port()}  # nothing listens on "down"
@@ -195,6 +197,7 @@ def running_stack(
             simulate=False,
             redis=redis,
             extproc_args=("--snapshot-interval-s", "0.5", *extproc_args),
+            controller_args=controller_args,
             kube_host=kube_host,
         )
         with LocalStack(settings) as local:

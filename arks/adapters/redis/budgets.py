@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from arks.adapters.redis.client import Script, answer_within, connect, run
-from arks.limits.budgets import Admission, Charge, Lease
+from arks.limits.budgets import SETTLED_MEMORY_S, Admission, Charge, Lease
 from arks.limits.budgets.room import (
     NOTHING_TO_ADMIT,
     check_admit,
@@ -35,7 +35,8 @@ from arks.limits.budgets.room import (
     merge_leases,
 )
 
-SUFFIXES = (":used", ":leased", ":leases", ":expiry")  # none ends another: names never collide
+# A budget's keys (and K:settled, written by settlements only); no suffix ends another.
+SUFFIXES = (":used", ":leased", ":leases", ":expiry")
 
 # Numbers reach Lua as the caller's strings and go back to Redis as strings: "%d" for sums (Lua
 # would print 1e15 as "1e+15"), the raw reply for stored integers. Times are epoch seconds as
@@ -114,33 +115,43 @@ return {1, count, last[1], last[2], last[3]}
 """
 )
 
-# KEYS: the four keys of each budget, in charge order. ARGV[1] now, ARGV[2] request id; then per
-# budget: cost, budget expiry in ms or "". Reply: how many charges were applied.
+# KEYS[1] the store's generation marker, then the four keys of each budget and its K:settled
+# (sorted set: request id -> when settled), in charge order. ARGV[1] now, ARGV[2] request id,
+# ARGV[3] forget settlements up to this time, ARGV[4] how long K:settled outlives its last write
+# (ms), ARGV[5] the generation the caller knows; then per budget: cost, budget expiry in ms or
+# "". A request already settled on a budget is skipped there (a retry after a lost reply).
+# Reply: {how many charges were given, 1 if the marker is the caller's generation}.
 SETTLE = (
     _PRELUDE
     + """
-local now, rid = ARGV[1], ARGV[2]
-local count = #KEYS / 4
+local now, rid, forget, memory_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local count = (#KEYS - 1) / 5
 for i = 1, count do
-  local k, a = (i - 1) * 4, 2 + (i - 1) * 2
-  drop_expired(KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], now)
-  local own = redis.call("HGET", KEYS[k + 3], rid)
-  if own then
-    redis.call("HDEL", KEYS[k + 3], rid)
-    redis.call("ZREM", KEYS[k + 4], rid)
-    if redis.call("DECRBY", KEYS[k + 2], own) <= 0 then
-      redis.call("DEL", KEYS[k + 2])
+  local k, a = 1 + (i - 1) * 5, 5 + (i - 1) * 2
+  local settled = KEYS[k + 5]
+  redis.call("ZREMRANGEBYSCORE", settled, "-inf", forget)
+  if redis.call("ZADD", settled, "NX", now, rid) == 1 then
+    redis.call("PEXPIRE", settled, memory_ms)
+    drop_expired(KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], now)
+    local own = redis.call("HGET", KEYS[k + 3], rid)
+    if own then
+      redis.call("HDEL", KEYS[k + 3], rid)
+      redis.call("ZREM", KEYS[k + 4], rid)
+      if redis.call("DECRBY", KEYS[k + 2], own) <= 0 then
+        redis.call("DEL", KEYS[k + 2])
+      end
+    end
+    local cost, expires_ms = ARGV[a + 1], ARGV[a + 2]
+    if cost ~= "0" then
+      redis.call("INCRBY", KEYS[k + 1], cost)
+    end
+    if expires_ms ~= "" then
+      redis.call("PEXPIREAT", KEYS[k + 1], expires_ms)
     end
   end
-  local cost, expires_ms = ARGV[a + 1], ARGV[a + 2]
-  if cost ~= "0" then
-    redis.call("INCRBY", KEYS[k + 1], cost)
-  end
-  if expires_ms ~= "" then
-    redis.call("PEXPIREAT", KEYS[k + 1], expires_ms)
-  end
 end
-return count
+local generation = redis.call("GET", KEYS[1])
+return {count, (generation and generation == ARGV[5]) and 1 or 0}
 """
 )
 
@@ -254,18 +265,31 @@ class RedisBudgets:
         lease = merged[index - 1]
         return Admission(admitted == 1, lease.key, int(used), int(leased) - int(own), lease.limit)
 
-    async def settle(self, request_id: str, charges: Sequence[Charge], now: float) -> None:
+    async def settle(self, request_id: str, charges: Sequence[Charge], now: float) -> bool:
+        """True when the store still holds the generation `restore` last saw: the charges
+        joined the totals a snapshot of this client's covers (False: the store was wiped and
+        not yet restored, or never restored by this client)."""
         check_settle(charges, now)
         if not charges:
-            return
-        keys = [name for charge in charges for name in self._names(charge.key)]
-        args: list[str | int] = [repr(now), request_id]
+            return True
+        keys = [self._prefix + "generation"]
+        for charge in charges:
+            keys += [*self._names(charge.key), self._prefix + charge.key + ":settled"]
+        memory_ms = math.ceil(SETTLED_MEMORY_S * 1000)
+        args: list[str | int] = [
+            repr(now),
+            request_id,
+            repr(now - SETTLED_MEMORY_S),
+            memory_ms,
+            self._generation or "",
+        ]
         for charge in charges:
             args += [str(charge.cost), _ms(charge.expires_at)]
         async with self._answer("settle"):
-            settled = await self._run(_SETTLE, keys, args)
-            if settled != len(charges):
-                raise RedisError(f"unexpected script reply: {settled!r}")
+            reply = await self._run(_SETTLE, keys, args)
+            if not (isinstance(reply, list) and len(reply) == 2 and reply[0] == len(charges)):
+                raise RedisError(f"unexpected script reply: {reply!r}")
+        return bool(reply[1])
 
     async def renew(self, held: Mapping[str, Sequence[str]], ttl_s: float, now: float) -> int:
         held = {key: ids for key, ids in held.items() if ids}

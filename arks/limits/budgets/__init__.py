@@ -18,6 +18,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+# How long a budget remembers which requests it settled: longer than a settlement waits to be
+# retried after a lost reply (the next housekeeping turn), short enough to stay small in Redis.
+SETTLED_MEMORY_S = 120.0
+
 
 @dataclass(frozen=True)
 class Lease:
@@ -56,9 +60,13 @@ class BudgetStore(Protocol):
         with an id that already holds one on that key replaces it."""
         ...
 
-    async def settle(self, request_id: str, charges: Sequence[Charge], now: float) -> None:
+    async def settle(self, request_id: str, charges: Sequence[Charge], now: float) -> bool:
         """Drop this request's lease on each charge's key and add the cost to that budget's
-        `used` (also when the lease already expired, or never existed). Not idempotent."""
+        `used` (also when the lease already expired, or never existed). Once per request and
+        budget: settling the same request id on a budget again within SETTLED_MEMORY_S changes
+        nothing, so a settlement retried after a lost reply (applied or not) counts once.
+        Returns whether the charges joined the totals of the store's generation this client
+        last restored (see `restore`): only then may a snapshot of this client count them."""
         ...
 
     async def renew(self, held: Mapping[str, Sequence[str]], ttl_s: float, now: float) -> int:
@@ -83,4 +91,4 @@ class BudgetStore(Protocol):
 # Imported after the names above: the implementations import them from here.
 from arks.limits.budgets.memory import MemoryBudgets  # noqa: E402
 
-__all__ = ["Admission", "BudgetStore", "Charge", "Lease", "MemoryBudgets"]
+__all__ = ["SETTLED_MEMORY_S", "Admission", "BudgetStore", "Charge", "Lease", "MemoryBudgets"]

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from arks.limits.budgets import Admission, Charge, Lease
+from arks.limits.budgets import SETTLED_MEMORY_S, Admission, Charge, Lease
 from arks.limits.budgets.room import (
     NOTHING_TO_ADMIT,
     check_admit,
@@ -77,6 +78,9 @@ class MemoryBudgets:
         self._now = -math.inf  # the latest `now` seen
         self._writes = 0
         self._writes_per_sweep = MIN_WRITES_PER_SWEEP
+        # (budget key, request id) settled, and when: a retried settlement counts once
+        self._settled: dict[tuple[str, str], float] = {}
+        self._settled_order: deque[tuple[float, tuple[str, str]]] = deque()
 
     async def admit(
         self, request_id: str, leases: Sequence[Lease], ttl_s: float, now: float
@@ -106,10 +110,15 @@ class MemoryBudgets:
         used, leased = figures[-1]
         return Admission(True, merged[-1].key, used, leased, merged[-1].limit)
 
-    async def settle(self, request_id: str, charges: Sequence[Charge], now: float) -> None:
+    async def settle(self, request_id: str, charges: Sequence[Charge], now: float) -> bool:
         check_settle(charges, now)
         self._now = max(self._now, now)
+        self._forget_settled(now - SETTLED_MEMORY_S)
         for charge in charges:
+            if (charge.key, request_id) in self._settled:
+                continue
+            self._settled[(charge.key, request_id)] = now
+            self._settled_order.append((now, (charge.key, request_id)))
             budget = self._live(charge.key, now) or self._budgets.setdefault(charge.key, _Budget())
             budget.release(request_id)
             if charge.cost:
@@ -119,6 +128,13 @@ class MemoryBudgets:
             if budget.idle:
                 del self._budgets[charge.key]
         self._wrote(len(charges), now)
+        return True  # one process, never wiped under its own snapshot
+
+    def _forget_settled(self, before: float) -> None:
+        order = self._settled_order
+        while order and order[0][0] <= before:
+            _, entry = order.popleft()
+            self._settled.pop(entry, None)
 
     async def renew(self, held: Mapping[str, Sequence[str]], ttl_s: float, now: float) -> int:
         self._now = max(self._now, now)

@@ -276,6 +276,7 @@ def test_patched_chain_has_the_local_order(patched: dict[tuple[str, str], Any]) 
     names = [f["name"] for f in hcm(patched)["http_filters"]]
     assert names == [
         "arks.credentials_lua",
+        "arks.early_auth",
         "arks.request_to_metadata",
         "arks.prompt_lua",
         EG_EXT_PROC,
@@ -287,6 +288,7 @@ def test_patched_chain_has_the_local_order(patched: dict[tuple[str, str], Any]) 
     local = [f["name"] for f in manifests.local_filters().values()]
     assert local == [
         "arks.credentials_lua",
+        "arks.early_auth",
         "arks.request_to_metadata",
         "arks.prompt_lua",
         "envoy.filters.http.ext_proc",

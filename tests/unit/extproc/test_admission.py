@@ -6,6 +6,8 @@ import asyncio
 import dataclasses
 from datetime import UTC, datetime
 
+import pytest
+
 from arks.api import ObjectKey, token_digest
 from arks.limits.backends import MemoryBackend
 from arks.limits.budgets import MemoryBudgets
@@ -115,6 +117,46 @@ async def test_all_budgets_are_leased_at_once_and_the_tightest_binds() -> None:
         await admission.settle(
             f"c{i}", winner.identity, Reservation.from_metadata(ours), ours["limits"], 10, 40
         )
+
+
+@pytest.mark.parametrize(
+    ("endpoint_max", "request_max", "admitted"),
+    [
+        (None, None, 100 // (10 + 40)),  # the gateway's default (40) per answer
+        (20, None, 100 // (10 + 20)),  # the endpoint's maxTokens per answer
+        (20, 1000, 100 // (10 + 20)),  # a larger max_tokens is capped to it
+        (90, None, 100 // (10 + 90)),  # a context larger than the default is reserved whole
+        (90, 30, 100 // (10 + 30)),  # the request's own smaller max_tokens wins
+    ],
+)
+async def test_an_answer_is_reserved_up_to_the_endpoints_max_tokens(
+    endpoint_max: int | None, request_max: int | None, admitted: int
+) -> None:
+    admission, _, now = setup()
+    alice = objects.token("alice", ["qwen"], tokenHash=token_digest("sk-a"))
+    alice["spec"]["qos"][0]["quota"] = {"name": "team"}
+    team = {
+        "apiVersion": "arks.ai/v1",
+        "kind": "ArksQuota",
+        "metadata": {"name": "team"},
+        "spec": {"quotas": [{"type": "total", "value": 100, "period": "day"}]},
+    }
+    qwen = objects.endpoint("qwen", max_tokens=endpoint_max)
+    policy = build_policy([("t", alice), ("e", qwen), ("q", team)])
+    admission.policy = Source(policy)
+    infos = []
+    for i in range(10):
+        info = RequestInfo(
+            "POST",
+            "/v1/chat/completions",
+            {"authorization": "Bearer sk-a", "x-request-id": f"m{i}", "content-length": "40"},
+            BodyFacts(model="qwen", max_tokens=request_max),
+        )
+        decision = decide_headers(info, policy, datetime.fromtimestamp(now[0], UTC))
+        assert isinstance(decision, Forward)
+        infos.append((info, decision))
+    results = await asyncio.gather(*(admission.admit(info, d) for info, d in infos))
+    assert sum(isinstance(r, Forward) for r in results) == admitted
 
 
 async def test_tpm_alone_admits_what_fits_and_settles_real_costs() -> None:

@@ -411,6 +411,28 @@ def test_non_streamed_or_usage_given_is_not_marked(policy: Policy, alice: ArksTo
         assert "add_usage_option" not in decision.metadata["io.arks"]
 
 
+def test_a_stream_envoy_did_not_read_as_true_is_type_checked_by_envoy(policy: Policy) -> None:
+    """json_to_metadata reads `stream: {}` as absent: usage.lua looks at such bodies."""
+    for facts, marked in (
+        (BodyFacts(model="qwen"), True),
+        (BodyFacts(model="qwen", stream=False), True),
+        (BodyFacts(model="qwen", stream=True, include_usage=True), False),
+        (BodyFacts(model="qwen", stream=True), False),  # add_usage_option checks it there
+    ):
+        decision = decide_headers(request(body=facts), policy, NOW)
+        assert isinstance(decision, Forward)
+        assert decision.metadata["io.arks"].get("check_types", False) is marked, facts
+
+
+@pytest.mark.parametrize("options", ["yes", 1, [], True])
+def test_a_parsed_body_with_stream_options_of_another_type_is_refused(
+    policy: Policy, alice: ArksToken, options: object
+) -> None:
+    body = {"model": "qwen", "messages": MESSAGES, "stream_options": options}
+    decision = decide_body(request(body=BodyFacts()), orjson.dumps(body), alice, policy)
+    assert decision == Deny(400, "invalid_type", "'stream_options' must be an object.")
+
+
 def test_stream_body_gets_include_usage_and_keeps_other_stream_options(
     policy: Policy, alice: ArksToken
 ) -> None:
@@ -436,17 +458,6 @@ def test_stream_body_gets_include_usage_and_keeps_other_stream_options(
 
 def test_stream_body_without_stream_options_gets_them(policy: Policy, alice: ArksToken) -> None:
     raw_body = raw(model="qwen", stream=True, messages=MESSAGES)
-
-    decision = forwarded(decide_body(request(body=BodyFacts()), raw_body, alice, policy))
-
-    assert decision.body is not None
-    assert orjson.loads(decision.body)["stream_options"] == {"include_usage": True}
-
-
-def test_stream_options_that_are_not_an_object_are_replaced(
-    policy: Policy, alice: ArksToken
-) -> None:
-    raw_body = raw(model="qwen", stream=True, messages=MESSAGES, stream_options="please")
 
     decision = forwarded(decide_body(request(body=BodyFacts()), raw_body, alice, policy))
 
@@ -543,6 +554,7 @@ def test_forward_metadata_under_io_arks(policy: Policy) -> None:
             "user": "alice",
             "model": "llama",
             "stream": False,
+            "check_types": True,
         }
     }
     assert METADATA_NAMESPACE == "io.arks"
@@ -648,3 +660,46 @@ def test_a_count_of_answers_that_is_not_a_positive_integer_is_400(
         "invalid_type",
     )
     assert f"'{name}' must be a positive integer" in deny.message
+
+
+# --- reservations: what a request can cost ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def limited() -> Policy:
+    """Erin's qwen grant has a token limit (reservations matter); Frank's has none."""
+    erin = _token("erin", "sk-erin", "qwen")
+    erin["spec"]["qos"][0]["rateLimits"] = [{"type": "tpm", "value": 10_000}]
+    objects = [
+        _object("ArksEndpoint", "qwen", maxTokens=4096),
+        erin,
+        _token("frank", "sk-frank", "qwen"),
+    ]
+    return build_policy((f"object {i}", obj) for i, obj in enumerate(objects))
+
+
+def test_completions_with_token_limits_read_the_body_to_count_its_prompts(limited: Policy) -> None:
+    """Envoy reads a list of prompts as absent: the reservation would cover one prompt only."""
+    facts = BodyFacts(model="qwen", stream=False)
+    asked = decide_headers(request("/v1/completions", body=facts, token="sk-erin"), limited, NOW)
+    assert isinstance(asked, ReadBody)
+    unlimited = decide_headers(
+        request("/v1/completions", body=facts, token="sk-frank"), limited, NOW
+    )
+    assert isinstance(unlimited, Forward)  # nothing to reserve: one message, as ever
+    chat = decide_headers(request(CHAT, body=facts, token="sk-erin"), limited, NOW)
+    assert isinstance(chat, Forward)
+
+
+def test_every_prompt_and_every_answer_per_prompt_is_reserved(limited: Policy) -> None:
+    req = request("/v1/completions", body=BodyFacts(model="qwen", stream=False), token="sk-erin")
+    asked = decide_headers(req, limited, NOW)
+    assert isinstance(asked, ReadBody)
+    body = {"model": "qwen", "prompt": ["a", "b", "c"], "n": 2, "best_of": 4, "max_tokens": 7}
+    decision = forwarded(decide_body(req, orjson.dumps(body), asked.token, limited))
+    assert (decision.choices, decision.max_tokens, decision.answer_limit) == (3 * 4, 7, 4096)
+
+
+def test_health_is_answered_without_a_credential(policy: Policy) -> None:
+    decision = decide_headers(request("/healthz", method="GET", token=None), policy, NOW)
+    assert decision == Reply(b"ok\n", content_type="text/plain")

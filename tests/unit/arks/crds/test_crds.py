@@ -446,6 +446,7 @@ GATEWAY_FIELDS = {
         "spec.gatewayRef",
         "spec.matchConfigs",
         "spec.weighting",
+        "spec.maxTokens",
     ],
     "ArksToken": [
         "spec.tokenHash",
