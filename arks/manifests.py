@@ -63,7 +63,6 @@ EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 CREDENTIALS_FILTER = "arks.credentials_lua"
 EARLY_AUTH_FILTER = "arks.early_auth"
 REQUEST_FILTER = "arks.request_to_metadata"
-PROMPT_FILTER = "arks.prompt_lua"
 USAGE_FILTER = "arks.usage_lua"
 RATELIMIT_FILTER = "arks.ratelimit"
 
@@ -233,7 +232,6 @@ def filter_patches(settings: EnvoySettings | None = None) -> list[dict[str, Any]
         _patch("add", filters[REQUEST_FILTER], json_path=ext_proc_at),
         _patch("add", filters[CREDENTIALS_FILTER], json_path=filter_at(REQUEST_FILTER)),
         _patch("add", early_auth, json_path=filter_at(REQUEST_FILTER)),
-        _patch("add", filters[PROMPT_FILTER], json_path=ext_proc_at),
         *[
             _patch("add", ext_proc[field], json_path=ext_proc_at, path=f"/typed_config/{field}")
             for field in _PATCHED_EXTPROC_FIELDS

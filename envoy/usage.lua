@@ -14,20 +14,33 @@
 -- have escaped quotes, so '"usage":{' only matches a key. The access log carries the numbers to
 -- Python.
 --
--- An answer without usage is estimated in Python from a sample of it (io.arks answer_sample,
--- extproc/estimate.py): a JSON answer's first TAIL bytes, a stream's last ones (the tail above).
--- A stream is also sampled once early, when SAMPLE_AT bytes have passed, for a stream that is cut
--- (then this script never reaches its end); the sample is blanked when usage comes. No step per
--- chunk beyond the ones above. Samples write `%` and bytes above 0x7f as %XX, so a sample cut
--- inside a UTF-8 character is still a valid protobuf string (the access log must parse).
+-- Samples, for a request whose answer reports no usage (extproc/estimate.py counts them at
+-- settlement, only then). The request's: its body's first PROMPT_SAMPLE bytes, kept when ext_proc
+-- admitted it without counting its prompt (io.arks.prompt sample, a namespace ext_proc is not
+-- sent; only the access log carries it). The answer's (io.arks answer_sample), written only when
+-- no usage is found: a JSON answer's first TAIL bytes, a stream's last ones (the tail above). A
+-- stream is also sampled once early, when SAMPLE_AT bytes have passed, for a stream that is cut
+-- (then this script never reaches its end). When usage is found, the samples already written are
+-- blanked, so the access log does not carry them. No step per chunk beyond the ones above.
+-- Samples write `%` and bytes above 0x7f as %XX, so a sample cut inside a UTF-8 character (or a
+-- client's invalid UTF-8) is still a valid protobuf string: the access log must parse.
 
 local TAIL = 4096
 local USAGE_WINDOW = 512 -- a usage object's numbers come first; details objects are small
 local CARRY = 64 -- bytes kept across chunks so a key split between two is still found
 local SAMPLE_AT = 2048 -- a stream's early sample, once this much of it has passed
+local PROMPT_SAMPLE = 8192 -- the request body's head, for the prompt's estimate
 local ESCAPES = { ["%"] = "%25" }
 for byte = 128, 255 do
   ESCAPES[string.char(byte)] = string.format("%%%02X", byte)
+end
+
+-- `text` with `%` and bytes above 0x7f written %XX; plain ASCII is searched, not copied.
+local function escaped(text)
+  if string.find(text, "[%%\128-\255]") == nil then
+    return text
+  end
+  return (string.gsub(text, "[%%\128-\255]", ESCAPES))
 end
 local OPTION = '"stream_options":{"include_usage":true},'
 local INCLUDE = '"include_usage":true'
@@ -108,17 +121,29 @@ local function type_error(text, top)
 end
 
 function envoy_on_request(handle)
-  local metadata = handle:streamInfo():dynamicMetadata()
-  metadata:set("io.arks.prompt", "sample", "") -- ext_proc has read it; keep it off the access log
-  local arks = metadata:get("io.arks")
-  if arks == nil or not (arks["add_usage_option"] or arks["check_types"]) then
+  local arks = handle:streamInfo():dynamicMetadata():get("io.arks")
+  if arks == nil then
+    return -- not admitted by ext_proc
+  end
+  local sample = arks["prompt_estimate"] == nil -- else ext_proc counted the body it parsed
+  local rewrite = arks["add_usage_option"] or arks["check_types"]
+  if not (sample or rewrite) then
     return
   end
   local body = handle:body()
   if body == nil then
     return
   end
-  local text = body:getBytes(0, body:length())
+  local size = body:length()
+  if sample and size > 0 then
+    local head = body:getBytes(0, math.min(size, PROMPT_SAMPLE))
+    -- (metadata is fetched again: objects taken before body() waited are out of scope)
+    handle:streamInfo():dynamicMetadata():set("io.arks.prompt", "sample", escaped(head))
+  end
+  if not rewrite then
+    return
+  end
+  local text = body:getBytes(0, size)
   local top = string.find(text, "{", 1, true) -- extproc marks JSON objects only
   if top == nil then
     return
@@ -174,8 +199,12 @@ local function last_usage(text)
 end
 
 local function sample(handle, text)
-  local escaped = string.gsub(text, "[%%\128-\255]", ESCAPES)
-  handle:streamInfo():dynamicMetadata():set("io.arks", "answer_sample", escaped)
+  handle:streamInfo():dynamicMetadata():set("io.arks", "answer_sample", escaped(text))
+end
+
+-- Nothing to estimate (usage found, or an error answer): the prompt's sample leaves the access log.
+local function settled(handle)
+  handle:streamInfo():dynamicMetadata():set("io.arks.prompt", "sample", "")
 end
 
 -- True when the answer's usage was found and recorded.
@@ -203,7 +232,8 @@ local function record_usage(handle, text)
 end
 
 function envoy_on_response(handle)
-  local content_type = handle:headers():get("content-type") or ""
+  local headers = handle:headers()
+  local content_type = headers:get("content-type") or ""
   if string.find(content_type, "text/event-stream", 1, true) then
     local tail, seen, sampled = "", 0, false
     for chunk in handle:bodyChunks() do
@@ -224,14 +254,15 @@ function envoy_on_response(handle)
     end
     if not record_usage(handle, tail) then
       sample(handle, string.sub(tail, -TAIL))
-    elseif sampled then
-      handle:streamInfo():dynamicMetadata():set("io.arks", "answer_sample", "")
+    else
+      settled(handle)
+      if sampled then
+        handle:streamInfo():dynamicMetadata():set("io.arks", "answer_sample", "")
+      end
     end
+  elseif headers:get(":status") ~= "200" then
+    settled(handle) -- an error answer: it carries no usage and nothing is owed
   elseif string.find(content_type, "json", 1, true) then
-    local status = handle:headers():get(":status")
-    if status ~= "200" then
-      return -- an error answer carries no usage
-    end
     local carry, found = "", nil -- found: the last usage key and what follows it
     local head = "" -- the answer's first TAIL bytes, to estimate it if it reports no usage
     for chunk in handle:bodyChunks() do
@@ -251,7 +282,9 @@ function envoy_on_response(handle)
         carry = string.sub(text, -CARRY)
       end
     end
-    if found == nil or not record_usage(handle, found) then
+    if found ~= nil and record_usage(handle, found) then
+      settled(handle)
+    else
       sample(handle, head)
     end
   end

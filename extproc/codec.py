@@ -77,17 +77,7 @@ def request_info(headers: ep.HttpHeaders, metadata: base_pb2.Metadata) -> Reques
         if fields
         else BodyFacts()
     )
-    prompt = metadata.filter_metadata.get(PROMPT_METADATA_NAMESPACE)
-    sample = prompt.fields.get("sample") if prompt else None
-    return RequestInfo(
-        method,
-        path,
-        plain,
-        facts,
-        headers.end_of_stream,
-        prompt_sample=sample.string_value if sample is not None else None,
-        body_bytes=(_number(prompt.fields, "bytes") or 0) if prompt else 0,
-    )
+    return RequestInfo(method, path, plain, facts, headers.end_of_stream)
 
 
 def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
@@ -259,12 +249,18 @@ def finished(entry: accesslog_pb2.HTTPAccessLogEntry) -> Finished | None:
         request_body_bytes=entry.request.request_body_bytes,
         response_body_bytes=entry.response.response_body_bytes,
         interrupted=_interruption(common.response_flags),
-        answer_sample=fields["answer_sample"].string_value or None
-        if "answer_sample" in fields
-        else None,
+        prompt_sample=_sample(common.metadata.filter_metadata.get(PROMPT_METADATA_NAMESPACE)),
+        answer_sample=_sample(ours, "answer_sample"),
         limits=_limits(fields),
         reservation=Reservation.from_metadata({k: _struct_value(v) for k, v in fields.items()}),
     )
+
+
+def _sample(namespace: struct_pb2.Struct | None, key: str = "sample") -> str | None:
+    """usage.lua's sample, if it left one (it blanks those of answers that report usage)."""
+    if namespace is None or key not in namespace.fields:
+        return None
+    return namespace.fields[key].string_value or None
 
 
 def _limits(fields: Any) -> dict[str, int]:

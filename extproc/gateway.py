@@ -21,7 +21,7 @@ from arks.wire import (
 )
 from extproc.auth import authenticate
 from extproc.decision import Decision, Deny, Forward, Identity, ReadBody, Reply, bad_request
-from extproc.estimate import prompt_estimate, prompt_tokens
+from extproc.estimate import prompt_tokens
 from extproc.picking.prefix import prefix_text
 from extproc.qos import token_limits
 from extproc.request import (
@@ -177,10 +177,11 @@ def decide_route(
     if limits := token_limits(qos):
         metadata["limits"] = limits
     new_body = None
-    estimate = _prompt_estimate(req, body)
-    if estimate is not None:
-        metadata["prompt_estimate"] = estimate
+    estimate = None
     if body is not None:
+        # Parsed anyway (the rare path): its prompt is counted now. On the headers alone it is
+        # not: usage.lua keeps the body's head and it is counted only if no usage comes back.
+        estimate = metadata["prompt_estimate"] = prompt_tokens(body)
         if needs_usage_option:
             options = body.get("stream_options")
             body["stream_options"] = {
@@ -214,16 +215,6 @@ def decide_route(
         weighting=endpoint.weighting,
         prompt=prompt,
     )
-
-
-def _prompt_estimate(req: RequestInfo, body: dict[str, Any] | None) -> int | None:
-    """The prompt's tokens, over its text only: from the parsed body, else from the head of it
-    Envoy forwarded (every admitted request: the filter runs before ext_proc)."""
-    if body is not None:
-        return prompt_tokens(body)
-    if req.prompt_sample is not None:
-        return prompt_estimate(req.prompt_sample, req.body_bytes)
-    return None
 
 
 def _positive_int(value: object) -> bool:

@@ -79,8 +79,6 @@ class RequestInfo:
     headers: Mapping[str, str]  # lower-case names; pseudo-headers excluded
     body: BodyFacts = field(default_factory=BodyFacts)
     end_of_stream: bool = False  # the request has no body
-    prompt_sample: str | None = None  # the body's head as Envoy forwards it (extproc/estimate.py)
-    body_bytes: int = 0  # the whole body's size, with `prompt_sample`
 
     @property
     def request_id(self) -> str:

@@ -278,7 +278,6 @@ def test_patched_chain_has_the_local_order(patched: dict[tuple[str, str], Any]) 
         "arks.credentials_lua",
         "arks.early_auth",
         "arks.request_to_metadata",
-        "arks.prompt_lua",
         EG_EXT_PROC,
         "envoy.filters.http.ratelimit",
         "arks.ratelimit",
@@ -290,7 +289,6 @@ def test_patched_chain_has_the_local_order(patched: dict[tuple[str, str], Any]) 
         "arks.credentials_lua",
         "arks.early_auth",
         "arks.request_to_metadata",
-        "arks.prompt_lua",
         "envoy.filters.http.ext_proc",
         "arks.usage_lua",
         "envoy.filters.http.router",
@@ -302,7 +300,6 @@ def test_patched_filters_are_the_local_filters(patched: dict[tuple[str, str], An
     local = manifests.local_filters()
     assert filters["arks.credentials_lua"] == local["arks.credentials_lua"]
     assert filters["arks.request_to_metadata"] == local["arks.request_to_metadata"]
-    assert filters["arks.prompt_lua"] == local["arks.prompt_lua"]
     assert filters["arks.usage_lua"] == local["arks.usage_lua"]
     assert (
         filters["arks.usage_lua"]["typed_config"]["default_source_code"]["inline_string"]

@@ -11,9 +11,7 @@ from datetime import UTC, datetime
 
 import orjson
 import pytest
-from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import wrappers_pb2
 
 from arks.api import token_digest
@@ -278,19 +276,8 @@ def test_json_sample_without_content_says_so() -> None:
 # --- the samples' way in and out: Envoy's metadata, the decision, the charge -----------------
 
 
-def test_request_info_reads_envoys_prompt_sample() -> None:
-    sample = escape(orjson.dumps(chat("Hello, world!")))
-    metadata = base_pb2.Metadata()
-    metadata.filter_metadata[PROMPT_METADATA_NAMESPACE].update({"sample": sample, "bytes": 97})
-    headers = ep.HttpHeaders(
-        headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=":path", raw_value=b"/")])
-    )
-    info = codec.request_info(headers, metadata)
-    assert (info.prompt_sample, info.body_bytes) == (sample, 97)
-    assert codec.request_info(headers, base_pb2.Metadata()).prompt_sample is None
-
-
-def test_every_admitted_request_carries_its_prompt_estimate() -> None:
+def test_a_request_decided_on_its_headers_is_not_tokenised() -> None:
+    """The hot path: Envoy lifted the facts, nothing is counted; a parsed body is counted."""
     body = chat("Hello, world!", PROSE)
     raw = orjson.dumps(body)
     token = _token()
@@ -302,15 +289,14 @@ def test_every_admitted_request_carries_its_prompt_estimate() -> None:
         "/v1/chat/completions",
         {"authorization": "Bearer sk-alice"},
         BodyFacts(model="qwen", stream=False),
-        prompt_sample=escape(raw),
-        body_bytes=len(raw),
     )
     on_headers = decide_headers(info, policy, datetime.now(UTC))
     assert isinstance(on_headers, Forward)
-    assert on_headers.prompt_estimate == count_prompt(body)
-    assert on_headers.metadata["io.arks"]["prompt_estimate"] == count_prompt(body)
-    on_body = decide_body(replace(info, body=BodyFacts(), prompt_sample=None), raw, grant, policy)
+    assert on_headers.prompt_estimate is None
+    assert "prompt_estimate" not in on_headers.metadata["io.arks"]  # usage.lua samples the body
+    on_body = decide_body(replace(info, body=BodyFacts()), raw, grant, policy)
     assert isinstance(on_body, Forward) and on_body.prompt_estimate == count_prompt(body)
+    assert on_body.metadata["io.arks"]["prompt_estimate"] == count_prompt(body)
 
 
 ENDPOINT = {
@@ -353,6 +339,19 @@ def test_finished_reads_the_answer_sample_and_a_blanked_one_is_none() -> None:
     assert blanked is not None and blanked.answer_sample is None
 
 
+def test_finished_reads_the_prompt_sample_from_its_own_namespace() -> None:
+    entry = log_entry({})
+    assert (done := codec.finished(entry)) is not None and done.prompt_sample is None
+    entry.common_properties.metadata.filter_metadata[PROMPT_METADATA_NAMESPACE].update(
+        {"sample": "%E2%80%94"}
+    )
+    assert (done := codec.finished(entry)) is not None and done.prompt_sample == "%E2%80%94"
+    entry.common_properties.metadata.filter_metadata[PROMPT_METADATA_NAMESPACE].update(
+        {"sample": ""}  # blanked by usage.lua: the engine reported usage
+    )
+    assert (done := codec.finished(entry)) is not None and done.prompt_sample is None
+
+
 DONE = Finished(
     request_id="r",
     namespace="default",
@@ -387,3 +386,40 @@ def test_usage_of_a_sample_without_content_falls_back_on_the_size() -> None:
     assert usage is not None and usage.completion_tokens == 30
     embeddings = usage_of(replace(done, path="/v1/embeddings", answer_sample=escape(b"{}")))
     assert embeddings is not None and embeddings.completion_tokens == 0
+
+
+@pytest.mark.parametrize(
+    "text", [PROSE, PROSE * 200, ACCENTED * 100], ids=["short", "long", "utf8"]
+)
+def test_usage_of_a_request_without_usage_counts_its_prompt_sample(text: str) -> None:
+    body = chat("Hello, world!", text)
+    raw = orjson.dumps(body)
+    done = replace(
+        DONE,
+        prompt_estimate=None,
+        request_body_bytes=len(raw),
+        prompt_sample=escape(raw[:PROMPT_SAMPLE_BYTES]),
+    )
+    usage = usage_of(done)
+    assert usage is not None and close(usage.prompt_tokens, count_prompt(body))
+
+
+def test_usage_of_a_request_with_usage_never_counts_its_samples() -> None:
+    """A blank-free sample left behind (a cut stream's, say) is not read once usage is known."""
+    done = replace(
+        DONE,
+        prompt_tokens=12,
+        completion_tokens=34,
+        prompt_estimate=None,
+        prompt_sample="%ZZ not a sample",
+        answer_sample="%ZZ not a sample",
+    )
+    usage = usage_of(done)
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (12, 34)
+    assert usage.estimated is None
+
+
+def test_usage_of_a_request_without_a_prompt_sample_falls_back_on_the_size() -> None:
+    done = replace(DONE, prompt_estimate=None, request_body_bytes=40 + 4 * 50)
+    usage = usage_of(done)
+    assert usage is not None and usage.prompt_tokens == 50
