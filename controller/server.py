@@ -49,6 +49,14 @@ def gateway_ref(value: str) -> dict[str, str]:
     return {"name": name, "namespace": namespace} if namespace else {"name": name}
 
 
+# Envoy's limits on slow and idle clients (EnvoySettings), settable standalone: tests shorten them.
+_CLIENT_TIMEOUTS = (
+    ("request_timeout_s", "Envoy's limit on receiving a whole request, body included"),
+    ("request_headers_timeout_s", "Envoy's limit on receiving a request's headers"),
+    ("idle_timeout_s", "Envoy closes a client connection with nothing in flight after this long"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m controller", description=__doc__)
     p.add_argument("--kube-host", default="in-cluster", metavar="URL|in-cluster|kubeconfig")
@@ -63,24 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen-address", default="127.0.0.1", help="Envoy's listener address"
     )
     standalone.add_argument("--listen-port", type=int, default=8080, help="Envoy's listener port")
-    standalone.add_argument(
-        "--request-timeout-s",
-        type=int,
-        default=EnvoySettings.request_timeout_s,
-        help="Envoy's limit on receiving a whole request, body included",
-    )
-    standalone.add_argument(
-        "--request-headers-timeout-s",
-        type=int,
-        default=EnvoySettings.request_headers_timeout_s,
-        help="Envoy's limit on receiving a request's headers",
-    )
-    standalone.add_argument(
-        "--idle-timeout-s",
-        type=int,
-        default=EnvoySettings.idle_timeout_s,
-        help="Envoy closes a client connection with no request in flight after this long",
-    )
+    for field, help_text in _CLIENT_TIMEOUTS:
+        standalone.add_argument(
+            "--" + field.replace("_", "-"),
+            type=int,
+            default=getattr(EnvoySettings, field),
+            help=help_text,
+        )
     p.add_argument(
         "--scrape-interval-s",
         type=float,
