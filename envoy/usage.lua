@@ -15,15 +15,21 @@
 -- Python.
 --
 -- Samples, for a request whose answer reports no usage (extproc/estimate.py counts them at
--- settlement, only then). The request's: its body's first PROMPT_SAMPLE bytes, kept when ext_proc
--- admitted it without counting its prompt (io.arks.prompt sample, a namespace ext_proc is not
--- sent; only the access log carries it). The answer's (io.arks answer_sample), written only when
--- no usage is found: a JSON answer's first TAIL bytes, a stream's last ones (the tail above). A
--- stream is also sampled once early, when SAMPLE_AT bytes have passed, for a stream that is cut
--- (then this script never reaches its end). When usage is found, the samples already written are
--- blanked, so the access log does not carry them. No step per chunk beyond the ones above.
--- Samples write `%` and bytes above 0x7f as %XX, so a sample cut inside a UTF-8 character (or a
--- client's invalid UTF-8) is still a valid protobuf string: the access log must parse.
+-- settlement, only then). Taking them must cost next to nothing when usage comes back:
+-- - the request's: its body's first PROMPT_SAMPLE bytes, when ext_proc admitted it without
+--   counting its prompt (io.arks.prompt sample; ext_proc is not sent that namespace, only the
+--   access log carries it). Raw, cut to whole UTF-8 characters: no per-byte step. The body is
+--   valid UTF-8 (JSON that json_to_metadata parsed, which refuses ill-formed UTF-8; a body it did
+--   not parse, extproc parsed and counted, and it is not sampled);
+-- - a stream's first bytes, once SAMPLE_AT of them have passed (io.arks answer_head), for a
+--   stream that is cut (then this script never reaches its end). Raw, cut to whole characters:
+--   an engine writes its JSON in UTF-8;
+-- - an answer that ended without usage (io.arks answer_sample): a JSON answer's first TAIL
+--   bytes, a stream's last ones (the tail above). Written only then, so `%` and bytes above
+--   0x7f are written %XX (a per-byte step), whatever the engine sent.
+-- When usage is found, the samples already written are blanked, so the access log does not
+-- carry them. A sample must be a valid protobuf string: a bad one would lose the access log's
+-- whole batch.
 
 local TAIL = 4096
 local USAGE_WINDOW = 512 -- a usage object's numbers come first; details objects are small
@@ -35,12 +41,30 @@ for byte = 128, 255 do
   ESCAPES[string.char(byte)] = string.format("%%%02X", byte)
 end
 
--- `text` with `%` and bytes above 0x7f written %XX; plain ASCII is searched, not copied.
+-- `text` with `%` and bytes above 0x7f written %XX.
 local function escaped(text)
-  if string.find(text, "[%%\128-\255]") == nil then
-    return text
-  end
   return (string.gsub(text, "[%%\128-\255]", ESCAPES))
+end
+
+-- `text` (valid UTF-8 cut anywhere) without the parts of characters cut at its ends: at most
+-- three bytes looked at on each side.
+local function whole_chars(text)
+  local first, last = 1, #text
+  while first <= 3 and first <= last and string.byte(text, first) >= 128 and string.byte(text, first) < 192 do
+    first = first + 1 -- a continuation byte: its character started before the sample
+  end
+  local lead = last
+  while lead > last - 3 and lead > first and string.byte(text, lead) >= 128 and string.byte(text, lead) < 192 do
+    lead = lead - 1
+  end
+  local b = string.byte(text, lead)
+  if b ~= nil and b >= 192 then
+    local length = b >= 240 and 4 or b >= 224 and 3 or 2
+    if lead + length - 1 > last then
+      last = lead - 1 -- the last character is cut short
+    end
+  end
+  return string.sub(text, first, last)
 end
 local OPTION = '"stream_options":{"include_usage":true},'
 local INCLUDE = '"include_usage":true'
@@ -125,9 +149,9 @@ function envoy_on_request(handle)
   if arks == nil then
     return -- not admitted by ext_proc
   end
-  local sample = arks["prompt_estimate"] == nil -- else ext_proc counted the body it parsed
+  local keep_prompt = arks["prompt_estimate"] == nil -- else ext_proc counted the body it parsed
   local rewrite = arks["add_usage_option"] or arks["check_types"]
-  if not (sample or rewrite) then
+  if not (keep_prompt or rewrite) then
     return
   end
   local body = handle:body()
@@ -135,10 +159,13 @@ function envoy_on_request(handle)
     return
   end
   local size = body:length()
-  if sample and size > 0 then
+  if keep_prompt and size > 0 then
     local head = body:getBytes(0, math.min(size, PROMPT_SAMPLE))
+    if size > PROMPT_SAMPLE then
+      head = whole_chars(head)
+    end
     -- (metadata is fetched again: objects taken before body() waited are out of scope)
-    handle:streamInfo():dynamicMetadata():set("io.arks.prompt", "sample", escaped(head))
+    handle:streamInfo():dynamicMetadata():set("io.arks.prompt", "sample", head)
   end
   if not rewrite then
     return
@@ -249,16 +276,17 @@ function envoy_on_response(handle)
       seen = seen + size
       if not sampled and seen >= SAMPLE_AT then
         sampled = true
-        sample(handle, string.sub(tail, 1, TAIL))
+        local head = whole_chars(string.sub(tail, 1, SAMPLE_AT))
+        handle:streamInfo():dynamicMetadata():set("io.arks", "answer_head", head)
       end
     end
-    if not record_usage(handle, tail) then
-      sample(handle, string.sub(tail, -TAIL))
-    else
+    if sampled then
+      handle:streamInfo():dynamicMetadata():set("io.arks", "answer_head", "")
+    end
+    if record_usage(handle, tail) then
       settled(handle)
-      if sampled then
-        handle:streamInfo():dynamicMetadata():set("io.arks", "answer_sample", "")
-      end
+    else
+      sample(handle, string.sub(tail, -TAIL))
     end
   elseif headers:get(":status") ~= "200" then
     settled(handle) -- an error answer: it carries no usage and nothing is owed

@@ -251,6 +251,7 @@ def finished(entry: accesslog_pb2.HTTPAccessLogEntry) -> Finished | None:
         interrupted=_interruption(common.response_flags),
         prompt_sample=_sample(common.metadata.filter_metadata.get(PROMPT_METADATA_NAMESPACE)),
         answer_sample=_sample(ours, "answer_sample"),
+        answer_head=_sample(ours, "answer_head"),
         limits=_limits(fields),
         reservation=Reservation.from_metadata({k: _struct_value(v) for k, v in fields.items()}),
     )

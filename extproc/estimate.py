@@ -1,18 +1,20 @@
 """Token estimates for what the engine did not count for us: pure functions over text samples.
 
 An answer without engine-reported usage (an interrupted stream, an engine that omits `usage`, a
-client that said `include_usage: false`) is charged an estimate, and admission reserves the
-prompt's estimate before the engine has seen it. Both count the tokenizer over the text only —
-the messages' content, the prompt(s), the input(s), the answer's content — never the JSON around
-it: a 4-token prompt in a 120-byte body is 4 tokens, not 20.
+client that said `include_usage: false`) is charged an estimate, counted at settlement and only
+then: a request that reports usage is never tokenised. (A body extproc parses anyway, the rare
+path, is counted at admission with `prompt_tokens`.) The tokenizer runs over the text only — the
+messages' content, the prompt(s), the input(s), the answer's content — never the JSON around it:
+a 4-token prompt in a 120-byte body is 4 tokens, not 20.
 
-Envoy hands Python samples, not whole bodies (envoy/filters.yaml, envoy/usage.lua): the request
-body's first `PROMPT_SAMPLE_BYTES`, an answer's first (JSON) or last (stream) few KiB, with `%` and
-every byte above 0x7f written `%XX` so a sample cut inside a UTF-8 character (or a client's
-invalid UTF-8) is still a valid protobuf string. What a sample does not cover is extrapolated at
-the sample's own tokens per byte.
+Python gets samples, not whole bodies, through the access log (envoy/usage.lua keeps them and
+blanks them when usage comes back): the request body's first `PROMPT_SAMPLE_BYTES` and a stream's
+first 2 KiB as they are, cut to whole UTF-8 characters (they are taken on every request, so
+nothing is done per byte); an answer's first (JSON) or last (stream) few KiB, taken only when it
+ended without usage, with `%` and every byte above 0x7f written `%XX` (`unescape`). What a sample
+does not cover is extrapolated at the sample's own tokens per byte.
 
-The tokenizer costs ~90 µs per KiB of text on the request path, so text is counted exactly up to
+The tokenizer costs ~90 µs per KiB of text, so text is counted exactly up to
 `EXACT_BYTES`; longer text is counted on `WINDOWS` evenly spread windows of `WINDOW_CHARS`
 characters and scaled by its length in bytes: at most ~1,024 characters tokenized per request,
 whatever its size (~100 µs; a few per cent off: the windows' cut words, text that changes kind).
@@ -33,7 +35,7 @@ from arks.tokens import count_text, prompt_text
 EXACT_BYTES = 1024  # text up to this many UTF-8 bytes is counted exactly
 WINDOWS = 4  # longer text: this many windows, evenly spread ...
 WINDOW_CHARS = 256  # ... of this many characters each
-PROMPT_SAMPLE_BYTES = 8192  # the request body's head Envoy forwards (envoy/filters.yaml)
+PROMPT_SAMPLE_BYTES = 8192  # the request body's head usage.lua keeps (PROMPT_SAMPLE there)
 _ANSWER_TAIL = 150  # bytes of a JSON answer after its content ("finish_reason" …), roughly
 
 # A JSON string from its opening quote: its raw text, whether it closed, whether it is a key.
@@ -44,18 +46,23 @@ _ANSWER_KEYS = ("content", "reasoning_content")
 
 
 def unescape(sample: str) -> bytes:
-    """Envoy's sample back to its bytes (usage.lua and filters.yaml escape `%` and bytes > 0x7f)."""
+    """Envoy's sample back to its bytes (usage.lua escapes `%` and bytes > 0x7f)."""
     return urllib.parse.unquote_to_bytes(sample)
+
+
+def _utf8_bytes(text: str) -> int:
+    # A lone surrogate ("\ud800" in a body Python's json parsed) has no UTF-8: it counts as 3.
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def text_tokens(text: str) -> int:
     """The tokenizer's count of `text`: exact up to `EXACT_BYTES`, sampled beyond (see above)."""
-    size = len(text.encode())
+    size = _utf8_bytes(text)
     if size <= EXACT_BYTES:
         return count_text(text)
     step = max(1, (len(text) - WINDOW_CHARS) // (WINDOWS - 1))
     windows = [text[i * step : i * step + WINDOW_CHARS] for i in range(WINDOWS)]
-    sampled = sum(len(w.encode()) for w in windows)
+    sampled = sum(_utf8_bytes(w) for w in windows)
     return round(sum(count_text(w) for w in windows) * size / sampled)
 
 
@@ -93,14 +100,13 @@ def _value_strings(raw: bytes) -> Iterable[bytes]:
             yield match.group(1)
 
 
-def prompt_estimate(sample: str, body_bytes: int) -> int:
-    """A request's prompt tokens from Envoy's sample of its body (`body_bytes` long).
+def prompt_estimate(raw: bytes, body_bytes: int) -> int:
+    """A request's prompt tokens from the head of its body (`body_bytes` long).
 
     A whole body is parsed and counted like `prompt_tokens`. A longer one is cut: its sample's
     string values (the prompt's start; the model and roles are a few tokens of it) give the
     tokens per byte, and the bytes beyond the sample are taken for prompt text.
     """
-    raw = unescape(sample)
     if len(raw) >= body_bytes:
         try:
             body = orjson.loads(raw)
@@ -191,7 +197,7 @@ def _stream(raw: bytes, response_bytes: int) -> int | None:
     return round(tokens * max(0, response_bytes - other_bytes) / content_bytes)
 
 
-def answer_estimate(sample: str, response_bytes: int, stream: bool) -> int | None:
+def answer_estimate(raw: bytes, response_bytes: int, stream: bool) -> int | None:
     """An answer's completion tokens from Envoy's sample of it; None when the sample holds no
     content to count (the caller falls back to the answer's size).
 
@@ -200,7 +206,6 @@ def answer_estimate(sample: str, response_bytes: int, stream: bool) -> int | Non
     (role, finish, usage, `[DONE]`) are counted at that rate. A JSON answer's sample is its head:
     whole, it is counted exactly; cut, its content's start gives the rate for the rest.
     """
-    raw = unescape(sample)
     if stream:
         return _stream(raw, response_bytes)
     if len(raw) >= response_bytes:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from arks.tokens import BYTES_PER_TOKEN
-from extproc.estimate import answer_estimate, prompt_estimate
+from extproc.estimate import answer_estimate, prompt_estimate, unescape
 from extproc.reservation import Reservation
 
 # A streamed chunk as vLLM sends it, without the token text; its length calibrates the estimate.
@@ -53,8 +53,9 @@ class Finished:
     interrupted: str | None = None  # "client_disconnected", "upstream_reset", …
     limits: Mapping[str, int] = field(default_factory=dict)  # token budgets to charge (tpm, tpd)
     reservation: Reservation | None = None  # what admission took, to give back
-    prompt_sample: str | None = None  # usage.lua's sample of the request body's head
-    answer_sample: str | None = None  # usage.lua's sample of an answer without usage
+    prompt_sample: str | None = None  # usage.lua's sample of the request body's head, raw
+    answer_sample: str | None = None  # usage.lua's sample of an answer without usage, %XX-escaped
+    answer_head: str | None = None  # a stream's first bytes, raw, left when it was cut
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def _prompt_estimate(done: Finished) -> int:
     if done.prompt_estimate is not None:
         return done.prompt_estimate
     if done.prompt_sample is not None:
-        return prompt_estimate(done.prompt_sample, done.request_body_bytes)
+        return prompt_estimate(done.prompt_sample.encode(), done.request_body_bytes)
     return _text_tokens_estimate(done.request_body_bytes, _REQUEST_OVERHEAD)
 
 
@@ -97,8 +98,13 @@ def _completion_estimate(done: Finished) -> int:
     """From the answer's content when usage.lua sampled it, else from the answer's size."""
     if done.path.endswith("/embeddings"):
         return 0
+    sample = None
     if done.answer_sample is not None:
-        counted = answer_estimate(done.answer_sample, done.response_body_bytes, done.stream)
+        sample = unescape(done.answer_sample)
+    elif done.answer_head is not None:
+        sample = done.answer_head.encode()
+    if sample is not None:
+        counted = answer_estimate(sample, done.response_body_bytes, done.stream)
         if counted is not None:
             return counted
     if done.stream:

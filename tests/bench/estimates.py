@@ -162,6 +162,8 @@ def section(results: dict[str, Errors], command: str) -> str:
             + " (prose, code, accented and CJK text); answers: "
             + ", ".join(f"{n} tokens" for n in ANSWERS.values())
             + ' (the simulator always answers " hello", one token per SSE event).',
+            "The estimates are counted at settlement from the samples Envoy's usage.lua keeps (the",
+            "body's first 8 KiB, an answer's head or tail), only for a request without usage.",
             "",
             report.markdown_table(header, rows),
             "",

@@ -21,6 +21,7 @@ PROSE = (
     "The gateway admits each request against its tenant's budgets before the engine sees it, "
     "and charges the tokens the engine reports once the answer ends. "
 )
+ACCENTED = "Crème brûlée, façade, naïve café — déjà vu à São Paulo; 東京の天気は晴れです。 "
 OMIT = {"x-sim-omit-usage": "1"}
 
 
@@ -45,6 +46,9 @@ CASES = {
         chat(PROSE * 60, "Summarise that.", PROSE * 40),
         300,
         OMIT,
+    ),
+    "chat, long UTF-8 prompt (its head cut inside a character)": Case(
+        "/v1/chat/completions", chat("x" + ACCENTED * 150), 30, OMIT
     ),
     "chat, long answer": Case("/v1/chat/completions", chat("Talk."), 2000, OMIT),
     "chat, streamed, engine omits usage": Case(
@@ -126,3 +130,37 @@ def test_reported_usage_is_charged_exactly_whatever_the_samples(stack: Stack) ->
     assert resp.status_code == 200 and '"usage"' in resp.text
     charged = stack.wait_usage("alice", "model-a", before)
     assert (charged.prompt, charged.completion, charged.estimated) == (count_prompt(body), 300, 0)
+
+
+def _post_raw(stack: Stack, body: bytes) -> httpx.Response:
+    with stack.http() as http:
+        return http.post(
+            "/v1/chat/completions",
+            content=body,
+            headers={"authorization": f"Bearer {ALICE}", "content-type": "application/json"},
+        )
+
+
+def _chat_bytes(content: bytes) -> bytes:
+    return b'{"model":"model-a","messages":[{"role":"user","content":"' + content + b'"}]}'
+
+
+@pytest.mark.parametrize("bad", [b"caf\xe9", b"\xf0\x9f\x98"], ids=["latin-1", "cut"])
+def test_a_body_of_ill_formed_utf8_is_refused_before_it_is_sampled(
+    stack: Stack, bad: bytes
+) -> None:
+    """usage.lua keeps the body's head as it is: the access log carries it as a protobuf string,
+    which must be UTF-8. Such a body is refused first (invalid JSON, 400)."""
+    resp = _post_raw(stack, _chat_bytes(bad))
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["code"] == "invalid_json"
+
+
+@pytest.mark.parametrize("surrogate", [b"\xed\xa0\x80", b"\\ud800"], ids=["raw", "escaped"])
+def test_a_lone_surrogate_is_parsed_by_extproc_not_sampled(stack: Stack, surrogate: bytes) -> None:
+    """Envoy does not lift such a body; extproc parses it (Python's json takes lone surrogates)
+    and counts its prompt then (usage.lua leaves it unsampled). The request goes on to the engine,
+    which refuses it: no 503 from a gateway that could not count it."""
+    resp = _post_raw(stack, _chat_bytes(b"Hello " + surrogate))
+    assert resp.status_code == 400, resp.text
+    assert "surrogate" in resp.json()["error"]["message"]  # the engine's own words

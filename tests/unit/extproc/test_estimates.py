@@ -1,7 +1,7 @@
 """Estimates within ±20 % of the tokenizer's count, for prompts and answers of every shape.
 
 The truth is what the engine simulator reports (`arks.tokens`, the same tokenizer); the samples
-are what Envoy forwards (the body's head, an answer's head or tail), escaped as the Lua does.
+are what usage.lua keeps (the body's head, an answer's head or tail), escaped as it does.
 """
 
 from __future__ import annotations
@@ -57,8 +57,14 @@ TEXTS = (
 
 
 def escape(raw: bytes) -> str:
-    """What usage.lua and filters.yaml forward: `%` and bytes above 0x7f written `%XX`."""
+    """What usage.lua keeps: `%` and bytes above 0x7f written `%XX`."""
     return "".join(f"%{b:02X}" if b == 0x25 or b >= 0x80 else chr(b) for b in raw)
+
+
+def lua_head(raw: bytes, size: int) -> bytes:
+    """What usage.lua keeps of a body or a stream's start: `size` bytes, cut to whole UTF-8
+    characters (of valid UTF-8, only a character cut at the end is dropped)."""
+    return raw[:size].decode("utf-8", "ignore").encode()
 
 
 def close(estimate: int | None, truth: int) -> bool:
@@ -126,14 +132,13 @@ def test_prompt_from_the_body_within_20_percent(body: dict) -> None:
 @pytest.mark.parametrize("body", BODIES.values(), ids=BODIES.keys())
 def test_prompt_from_envoys_sample_within_20_percent(body: dict) -> None:
     raw = orjson.dumps(body)
-    sample = escape(raw[:PROMPT_SAMPLE_BYTES])
-    assert close(prompt_estimate(sample, len(raw)), count_prompt(body))
+    assert close(prompt_estimate(lua_head(raw, PROMPT_SAMPLE_BYTES), len(raw)), count_prompt(body))
 
 
 def test_a_four_token_prompt_is_four_tokens_not_its_body_size() -> None:
     body = chat("Hello, world!")
     raw = orjson.dumps(body)
-    assert prompt_estimate(escape(raw), len(raw)) == count_prompt(body) == 4
+    assert prompt_estimate(raw, len(raw)) == count_prompt(body) == 4
     assert len(raw) / 4 > 3 * count_prompt(body)  # what bytes/4 of the whole JSON would say
 
 
@@ -141,7 +146,7 @@ def test_prompt_cut_inside_a_character_or_an_escape_still_counts() -> None:
     body = chat(ACCENTED * 200 + 'and "quoted"\n' * 500)
     raw = orjson.dumps(body)
     for cut in range(PROMPT_SAMPLE_BYTES - 6, PROMPT_SAMPLE_BYTES):
-        assert close(prompt_estimate(escape(raw[:cut]), len(raw)), count_prompt(body))
+        assert close(prompt_estimate(lua_head(raw, cut), len(raw)), count_prompt(body))
 
 
 def test_prompts_given_as_token_ids_count_one_each() -> None:
@@ -152,8 +157,8 @@ def test_prompts_given_as_token_ids_count_one_each() -> None:
 
 def test_a_body_that_is_not_json_estimates_its_strings() -> None:
     raw = b'{"model": "m", "prompt": "' + PROSE.encode() + b'",,}'
-    assert close(prompt_estimate(escape(raw), len(raw)), count_text(PROSE) + count_text("m"))
-    assert prompt_estimate("", 0) == 0
+    assert close(prompt_estimate(raw, len(raw)), count_text(PROSE) + count_text("m"))
+    assert prompt_estimate(b"", 0) == 0
 
 
 # --- answers -----------------------------------------------------------------------------------
@@ -200,6 +205,7 @@ def stream(text: str, chat_: bool, *, pieces: int = 0, cut: bool = False) -> byt
 
 
 TAIL = 4096
+SAMPLE_AT = 2048  # usage.lua's early sample of a stream
 
 
 def tail_of(raw: bytes) -> bytes:
@@ -213,26 +219,26 @@ ANSWERS = ("Hello!", " hello" * 16, PROSE, PROSE * 6, CODE * 30, ACCENTED * 20, 
 @pytest.mark.parametrize("chat_", [True, False], ids=["chat", "completions"])
 def test_streamed_answer_within_20_percent(text: str, chat_: bool) -> None:
     raw = stream(text, chat_)
-    assert close(answer_estimate(escape(tail_of(raw)), len(raw), stream=True), count_text(text))
+    assert close(answer_estimate(tail_of(raw), len(raw), stream=True), count_text(text))
 
 
 @pytest.mark.parametrize("text", ANSWERS[2:], ids=lambda t: f"{len(t)}ch")
 def test_cut_stream_from_its_head_within_20_percent(text: str) -> None:
     raw = stream(text, True, cut=True)
-    head = raw[:TAIL]
-    assert close(answer_estimate(escape(head), len(raw), stream=True), count_text(text))
+    head = lua_head(raw, SAMPLE_AT)
+    assert close(answer_estimate(head, len(raw), stream=True), count_text(text))
 
 
 def test_stream_whose_engine_sends_several_tokens_per_event() -> None:
     text = PROSE * 12
     raw = stream(text, True, pieces=40)
-    assert close(answer_estimate(escape(tail_of(raw)), len(raw), stream=True), count_text(text))
+    assert close(answer_estimate(tail_of(raw), len(raw), stream=True), count_text(text))
 
 
 def test_stream_sample_without_content_says_so() -> None:
     raw = chunk(True, None, "stop") + b"data: [DONE]\n\n"
-    assert answer_estimate(escape(raw), 10_000, stream=True) is None
-    assert answer_estimate(escape(raw), len(raw), stream=True) == 0
+    assert answer_estimate(raw, 10_000, stream=True) is None
+    assert answer_estimate(raw, len(raw), stream=True) == 0
 
 
 def whole(text: str, chat_: bool, choices: int = 1) -> bytes:
@@ -254,26 +260,26 @@ def whole(text: str, chat_: bool, choices: int = 1) -> bytes:
 def test_json_answer_within_20_percent(text: str, chat_: bool) -> None:
     raw = whole(text, chat_)
     head = raw[:TAIL]
-    assert close(answer_estimate(escape(head), len(raw), stream=False), count_text(text))
+    assert close(answer_estimate(head, len(raw), stream=False), count_text(text))
 
 
 def test_json_answer_with_several_choices_counts_each() -> None:
     raw = whole(PROSE, True, choices=3)
-    assert answer_estimate(escape(raw), len(raw), stream=False) == 3 * count_text(PROSE)
+    assert answer_estimate(raw, len(raw), stream=False) == 3 * count_text(PROSE)
 
 
 def test_json_answer_of_reasoning_counts_it() -> None:
     message = {"role": "assistant", "content": "4", "reasoning_content": PROSE}
     raw = orjson.dumps({"choices": [{"index": 0, "message": message}]})
-    assert answer_estimate(escape(raw), len(raw), stream=False) == count_text(PROSE) + 1
+    assert answer_estimate(raw, len(raw), stream=False) == count_text(PROSE) + 1
 
 
 def test_json_sample_without_content_says_so() -> None:
     raw = b'{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role"'
-    assert answer_estimate(escape(raw), 10_000, stream=False) is None
+    assert answer_estimate(raw, 10_000, stream=False) is None
 
 
-# --- the samples' way in and out: Envoy's metadata, the decision, the charge -----------------
+# --- the samples' way in and out: the decision, the access log, the charge ------------------
 
 
 def test_a_request_decided_on_its_headers_is_not_tokenised() -> None:
@@ -339,6 +345,11 @@ def test_finished_reads_the_answer_sample_and_a_blanked_one_is_none() -> None:
     assert blanked is not None and blanked.answer_sample is None
 
 
+def test_finished_reads_a_cut_streams_head() -> None:
+    done = codec.finished(log_entry({"answer_head": "data: {}", "answer_sample": ""}))
+    assert done is not None and (done.answer_head, done.answer_sample) == ("data: {}", None)
+
+
 def test_finished_reads_the_prompt_sample_from_its_own_namespace() -> None:
     entry = log_entry({})
     assert (done := codec.finished(entry)) is not None and done.prompt_sample is None
@@ -398,7 +409,7 @@ def test_usage_of_a_request_without_usage_counts_its_prompt_sample(text: str) ->
         DONE,
         prompt_estimate=None,
         request_body_bytes=len(raw),
-        prompt_sample=escape(raw[:PROMPT_SAMPLE_BYTES]),
+        prompt_sample=lua_head(raw, PROMPT_SAMPLE_BYTES).decode(),
     )
     usage = usage_of(done)
     assert usage is not None and close(usage.prompt_tokens, count_prompt(body))
@@ -423,3 +434,18 @@ def test_usage_of_a_request_without_a_prompt_sample_falls_back_on_the_size() -> 
     done = replace(DONE, prompt_estimate=None, request_body_bytes=40 + 4 * 50)
     usage = usage_of(done)
     assert usage is not None and usage.prompt_tokens == 50
+
+
+def test_usage_of_a_cut_stream_counts_its_head() -> None:
+    raw = stream(ACCENTED * 40, True, cut=True)
+    head = lua_head(raw, SAMPLE_AT).decode()
+    done = replace(DONE, stream=True, response_body_bytes=len(raw), answer_head=head)
+    usage = usage_of(replace(done, interrupted="client_disconnected"))
+    assert usage is not None and usage.estimated == "client_disconnected"
+    assert close(usage.completion_tokens, count_text(ACCENTED * 40))
+
+
+def test_a_lone_surrogate_is_counted_not_raised_on() -> None:
+    """Python's json parser takes "\\ud800" (extproc's fallback parser): no UTF-8 for it."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "Hello \ud800" * 300}]}
+    assert close(prompt_tokens(body), count_prompt(body))
