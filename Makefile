@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 ARGS   ?=
 CODE   := arks extproc ratelimit controller launcher tests
 
-.PHONY: run test unit integration bench lint clean
+.PHONY: run test unit integration chaos bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,13 +18,22 @@ run: $(STAMP)
 	$(VENV)/bin/arks up $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests/unit tests/integration
+	$(PY) -m pytest -q tests/unit tests/integration tests/chaos
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
 
 integration: $(STAMP)
 	$(PY) -m pytest -q tests/integration
+
+# The adversarial suite (also part of `make test`), recording its figures into docs/reliability.md;
+# the doc is rendered also when an attack failed, then the target fails.
+CHAOS_FIGURES := .arks/chaos-figures.jsonl
+chaos: $(STAMP)
+	rm -f $(CHAOS_FIGURES)
+	ARKS_CHAOS_FIGURES=$(CHAOS_FIGURES) $(PY) -m pytest -q tests/chaos $(ARGS); status=$$?; \
+	$(PY) -m tests.chaos.report $(CHAOS_FIGURES) --out docs/reliability.md --command "make chaos"; \
+	exit $$status
 
 bench: $(STAMP)
 	$(PY) -m tests.bench.gateway --out docs/benchmarks.md $(ARGS)

@@ -418,6 +418,13 @@ def local_reply_config(settings: EnvoySettings) -> dict[str, Any]:
                 details_prefix="http",
             ),
             _local_reply_mapper(
+                400,
+                "invalid_request_error",
+                "bad_request",
+                "The request's path is not valid (%RESPONSE_CODE_DETAILS%).",
+                details_prefix="path_normalization",
+            ),
+            _local_reply_mapper(
                 426,
                 "invalid_request_error",
                 "upgrade_required",

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -57,9 +57,10 @@ class AdmissionControl:
     unsettled: deque[tuple[str, list[Charge]]] = field(
         default_factory=lambda: deque(maxlen=100_000)
     )
-    # Told of every settlement the store took into the generation it last restored (the quota
-    # snapshots follow each one; a charge made in a wiped store is there already after restore).
-    on_settled: Callable[[Sequence[Charge]], None] = lambda charges: None
+    # Told the totals after every settlement the store took into the generation it last
+    # restored (the quota snapshots follow each one; a charge made in a wiped store is in the
+    # store's own figure, which the restore adds the snapshot to).
+    on_settled: Callable[[Mapping[str, int]], None] = lambda totals: None
 
     async def admit(self, info: RequestInfo, decision: Decision) -> Decision:
         """Forward with what was reserved, or a refusal. All or nothing: a request refused by any
@@ -229,7 +230,7 @@ class AdmissionControl:
 
     async def _settle(self, request_id: str, charges: list[Charge]) -> None:
         try:
-            kept = await self.budgets.settle(request_id, charges, self.clock())
+            totals = await self.budgets.settle(request_id, charges, self.clock())
         except BackendUnavailable as err:
             # The store may have applied it before the reply was lost: the retry counts once
             # (a budget remembers the requests it settled, see BudgetStore.settle).
@@ -240,8 +241,8 @@ class AdmissionControl:
                 "budget store unavailable; %d settlements wait for it: %s", len(self.unsettled), err
             )
         else:
-            if kept:
-                self.on_settled(charges)
+            if totals is not None:
+                self.on_settled(totals)
 
     async def retry_unsettled(self) -> int:
         """Apply the settlements that waited for the store; how many went through."""
@@ -249,12 +250,12 @@ class AdmissionControl:
         while self.unsettled:
             request_id, charges = self.unsettled[0]
             try:
-                kept = await self.budgets.settle(request_id, charges, self.clock())
+                totals = await self.budgets.settle(request_id, charges, self.clock())
             except BackendUnavailable:
                 break
             self.unsettled.popleft()
-            if kept:
-                self.on_settled(charges)
+            if totals is not None:
+                self.on_settled(totals)
             done += 1
         return done
 

@@ -1,7 +1,7 @@
 """Quota usage kept somewhere durable, so that no service holds the only copy of a counter.
 
 The gateway keeps a snapshot of the used totals of every quota's current periods: each
-settlement it makes is added to it as the store takes it, and every few seconds it is merged
+settlement it makes brings the totals just after it, and every few seconds it is merged
 with the store's own totals (other replicas' charges) and written to a durable copy — a state
 file locally, `ArksQuota.status` in a cluster. Every housekeeping tick (half a second) puts back
 what the store lost. So a Redis that restarts empty gets back every charge this replica made
@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from arks.api import ArksQuota
-from arks.limits.budgets import BudgetStore, Charge
+from arks.limits.budgets import BudgetStore
 from arks.policy import Policy, PolicySource
 from extproc import quota
 
@@ -129,14 +129,16 @@ class QuotaSnapshots:
     _keys_for: tuple[Policy, int] | None = None
     _keys: frozenset[str] = frozenset()
 
-    def charged(self, charges: Sequence[Charge]) -> None:
-        """A settlement the store took: its quota charges join the snapshot at once (rate
-        windows and concurrency slots are not snapshotted)."""
+    def charged(self, totals: Mapping[str, int]) -> None:
+        """A settlement the store took: the quota budgets' totals just after it join the
+        snapshot at once (the larger figure wins, as in `turn`: a total is never counted twice;
+        rate windows and concurrency slots are not snapshotted)."""
         if self.snapshot is None:
             return  # before the first turn, which reads the store's totals anyway
-        for charge in charges:
-            if charge.cost and charge.key in self._quota_keys():
-                self.snapshot[charge.key] = self.snapshot.get(charge.key, 0) + charge.cost
+        keys = self._quota_keys()
+        for key, total in totals.items():
+            if key in keys and total > self.snapshot.get(key, 0):
+                self.snapshot[key] = total
 
     def _quota_keys(self) -> frozenset[str]:
         now = datetime.fromtimestamp(self.clock(), UTC)

@@ -96,6 +96,14 @@ def decide_body(req: RequestInfo, raw: bytes, token: ArksToken, policy: Policy) 
             body = json.loads(raw)  # "unparseable": its field gets a precise answer below
         except ValueError:
             return bad_request("We could not parse the JSON body of your request.", "invalid_json")
+        except RecursionError:  # orjson stops at 1,024 levels; Python's json at its stack
+            return bad_request("The JSON body is nested too deeply.", "invalid_json")
+        if _has_lone_surrogate(body):
+            return bad_request(
+                "The JSON body holds an unpaired UTF-16 surrogate escape (such as \\ud800), "
+                "which is no Unicode text.",
+                "invalid_json",
+            )
     if not isinstance(body, dict):
         return bad_request("The request body must be a JSON object.", "invalid_json")
     if req.body.known and _picks_by_prefix(policy, token, req.body.model):
@@ -107,6 +115,15 @@ def decide_body(req: RequestInfo, raw: bytes, token: ArksToken, policy: Policy) 
     facts = BodyFacts.from_body(body)
     prompt = prefix_text(body) if _picks_by_prefix(policy, token, facts.model) else None
     return decide_route(req, facts, token, policy, body=body, prompt=prompt)
+
+
+def _has_lone_surrogate(body: object) -> bool:
+    """Python's json accepts "\\ud800" alone; orjson, engines and every encoder refuse it."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _picks_by_prefix(policy: Policy, token: ArksToken, model: object) -> bool:

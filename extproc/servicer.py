@@ -105,6 +105,11 @@ class RequestProcessor:
         return _pass_through(kind)
 
 
+INTERNAL_ERROR = Deny(
+    500, "internal_error", "The gateway failed to process this request.", type="server_error"
+)
+
+
 def _pass_through(kind: str | None) -> ep.ProcessingResponse:
     if kind in ("request_headers", "response_headers"):
         return ep.ProcessingResponse(**{kind: ep.HeadersResponse()})
@@ -126,7 +131,12 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc
     ) -> AsyncIterator[ep.ProcessingResponse]:
         processor = RequestProcessor(self.ctx)
         async for message in request_iterator:
-            yield await processor.handle(message)
+            try:
+                response = await processor.handle(message)
+            except Exception:  # a bug must not read as "the gateway is away" (503)
+                log.exception("ext_proc message failed; answering 500")
+                response = processor._encode(INTERNAL_ERROR, "headers")
+            yield response
 
 
 class EarlyAuth(authz_grpc.AuthorizationServicer):  # type: ignore[misc]

@@ -250,9 +250,16 @@ def embedding_inputs(value: Any) -> list[Any]:
         isinstance(value, list) and value and all(isinstance(v, int) for v in value)
     ):
         return [value]
-    if isinstance(value, list) and value:
+    if isinstance(value, list) and value and all(_one_input(v) for v in value):
         return value
     raise ApiError(400, "input must be a non-empty string, token list or list of them")
+
+
+def _one_input(item: Any) -> bool:
+    """As vLLM's request model has it: a string, or a list of token ids."""
+    return isinstance(item, str) or (
+        isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item)
+    )
 
 
 def embedding_vector(item: Any) -> list[float]:

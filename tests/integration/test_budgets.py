@@ -139,7 +139,9 @@ async def test_a_settlement_retried_counts_once(store: BudgetStore) -> None:
     """A settlement whose reply was lost is retried: it must not charge twice."""
     assert (await store.admit("r1", [lease(100, 10)], TTL, T0)).admitted
     await store.settle("r1", [Charge("q", 7)], T0 + 1)
-    await store.settle("r1", [Charge("q", 7)], T0 + 2)  # the retry
+    # the retry; a store this client restored says the total, as after the first
+    await store.restore({})
+    assert await store.settle("r1", [Charge("q", 7)], T0 + 2) == {"q": 7}
     assert await store.used(["q"]) == {"q": 7}
     assert await figures(store, "q", T0 + 3) == (7, 0)
     # long after, the request id is forgotten (ids are unique; memory stays bounded)
@@ -489,10 +491,10 @@ async def test_charges_made_after_a_wipe_are_added_to_the_restored_total(tmp_pat
             start()  # empty
             # lands before the restore turn, and says so: a snapshot must not count it, the
             # restore adds the snapshot to it
-            assert await store.settle("r2", [Charge("q", 5)], 1001.0) is False
+            assert await store.settle("r2", [Charge("q", 5)], 1001.0) is None
             assert await store.restore({"q": 70}) == 1
             assert await store.used(["q"]) == {"q": 75}
             assert await store.restore({"q": 75}) == 0
-            assert await store.settle("r3", [Charge("q", 1)], 1002.0) is True
+            assert await store.settle("r3", [Charge("q", 1)], 1002.0) == {"q": 76}
         finally:
             await store.close()

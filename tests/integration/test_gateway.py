@@ -459,6 +459,11 @@ def test_openai_client_sees_typed_errors(stack: Stack) -> None:
             "invalid_type",
         ),
         (b'{"model": "model-a", "stream_options": [], "messages": []}', 400, "invalid_type"),
+        (
+            b'{"model": "model-a", "stream": true, "messages": [{"role": "user", "content": "\\ud800"}]}',
+            400,
+            "invalid_json",
+        ),
         (b"", 400, "missing_body"),
         (b'{"model": "model-ghost", "messages": []}', 404, "model_not_found"),
         (b'{"model": "model-empty", "messages": []}', 503, "no_backend"),
@@ -477,6 +482,7 @@ def test_openai_client_sees_typed_errors(stack: Stack) -> None:
         "stream-array",
         "stream-options-number",
         "stream-options-array",
+        "lone-surrogate",
         "empty",
         "ghost",
         "empty-endpoint",
@@ -598,8 +604,36 @@ def _length(answer: bytes) -> int:
             "bad_request",
         ),
         (b"GET /v1/models HTTP/1.0\r\nHost: x\r\n\r\n", 426, "upgrade_required"),
+        (
+            b"POST /v1/chat/completions#frag HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+            400,
+            "bad_request",
+        ),
+        (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + ALICE.encode()
+            + b"\r\nContent-Encoding: gzip\r\nContent-Length: 36\r\n\r\n"
+            + b'{"model": "model-a", "messages": []}',
+            415,
+            "unsupported_content_encoding",
+        ),
+        (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + ALICE.encode()
+            + b"\r\nExpect: 100-continue\r\nExpect: 100-continue\r\nContent-Length: 36\r\n\r\n"
+            + b'{"model": "model-a", "messages": []}',
+            417,
+            "expectation_failed",
+        ),
     ],
-    ids=["headers-too-large", "bad-framing", "http-1.0"],
+    ids=[
+        "headers-too-large",
+        "bad-framing",
+        "http-1.0",
+        "fragment-in-path",
+        "compressed-body",
+        "duplicate-expect",
+    ],
 )
 def test_envoys_own_refusals_have_the_openai_error_shape(
     stack: Stack, request_bytes: bytes, status: int, code: str

@@ -390,6 +390,13 @@ def test_embeddings(client: openai.OpenAI) -> None:
     assert resp.usage.prompt_tokens == count_prompt({"input": ["first text", "second text"]})
 
 
+@pytest.mark.parametrize("bad", [[["nested"]], [[1, [2]]], [{"text": "x"}], [[True]]])
+def test_embeddings_refuse_inputs_vllm_refuses(http: httpx.Client, bad: list) -> None:
+    """As vLLM: a string, token ids, or a list of either; anything else is a 400, not a 500."""
+    resp = http.post("/v1/embeddings", json={"model": MODEL, "input": bad})
+    assert resp.status_code == 400, resp.text
+
+
 # --------------------------------------------------------------------------- metrics
 
 

@@ -9,6 +9,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
@@ -17,7 +18,10 @@ from redis.asyncio import Redis
 class PrivateRedis:
     """A throwaway redis-server on a free port: started, killed, paused by the test."""
 
-    def __init__(self) -> None:
+    def __init__(self, aof_dir: Path | None = None) -> None:
+        """`aof_dir`: persist with an append-only file there (fsync every second, as manifests/
+        configures Redis), so a restart comes back with what was written; None: nothing on disk."""
+        self.aof_dir = aof_dir
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -26,7 +30,12 @@ class PrivateRedis:
 
     def start(self) -> None:
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
-        args += ["--save", "", "--appendonly", "no"]  # nothing on disk: a restart comes back empty
+        if self.aof_dir is None:  # nothing on disk: a restart comes back empty
+            args += ["--save", "", "--appendonly", "no"]
+        else:
+            self.aof_dir.mkdir(parents=True, exist_ok=True)
+            args += ["--save", "", "--appendonly", "yes", "--appendfsync", "everysec"]
+            args += ["--dir", str(self.aof_dir)]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 5
         while True:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -38,6 +38,7 @@ class Stack:
     policy_path: Path
     documents: list[dict]
     sim_ports: dict[str, int]
+    engines: dict[str, Child] = field(default_factory=dict)  # "a", "b": to kill, stop, restart
 
     @property
     def url(self) -> str:
@@ -176,6 +177,7 @@ def running_stack(
     documents = [*base_policy(ports), *extra_documents]
     policy_path.write_text(yaml.safe_dump_all(documents))
     with Supervisor(log_dir=tmp / "logs") as sims:
+        engines = {}
         for name, model in (("a", "model-a"), ("b", "model-b")):
             child = sims.python(
                 f"sim-{name}",
@@ -188,6 +190,7 @@ def running_stack(
                 f"sim-{name}",
             )
             wait_http(child, f"http://127.0.0.1:{ports[name]}/health")
+            engines[name] = child
         settings = StackSettings(
             policy=policy_path,
             state_dir=tmp / "state",
@@ -201,4 +204,4 @@ def running_stack(
             kube_host=kube_host,
         )
         with LocalStack(settings) as local:
-            yield Stack(local, policy_path, documents, ports)
+            yield Stack(local, policy_path, documents, ports, engines)

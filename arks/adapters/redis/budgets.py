@@ -120,12 +120,14 @@ return {1, count, last[1], last[2], last[3]}
 # ARGV[3] forget settlements up to this time, ARGV[4] how long K:settled outlives its last write
 # (ms), ARGV[5] the generation the caller knows; then per budget: cost, budget expiry in ms or
 # "". A request already settled on a budget is skipped there (a retry after a lost reply).
-# Reply: {how many charges were given, 1 if the marker is the caller's generation}.
+# Reply: {how many charges were given, 1 if the marker is the caller's generation, then each
+# budget's used total after (as a string)}.
 SETTLE = (
     _PRELUDE
     + """
 local now, rid, forget, memory_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local count = (#KEYS - 1) / 5
+local totals = {}
 for i = 1, count do
   local k, a = 1 + (i - 1) * 5, 5 + (i - 1) * 2
   local settled = KEYS[k + 5]
@@ -149,9 +151,10 @@ for i = 1, count do
       redis.call("PEXPIREAT", KEYS[k + 1], expires_ms)
     end
   end
+  totals[i] = redis.call("GET", KEYS[k + 1]) or "0"
 end
 local generation = redis.call("GET", KEYS[1])
-return {count, (generation and generation == ARGV[5]) and 1 or 0}
+return {count, (generation and generation == ARGV[5]) and 1 or 0, unpack(totals)}
 """
 )
 
@@ -265,13 +268,16 @@ class RedisBudgets:
         lease = merged[index - 1]
         return Admission(admitted == 1, lease.key, int(used), int(leased) - int(own), lease.limit)
 
-    async def settle(self, request_id: str, charges: Sequence[Charge], now: float) -> bool:
-        """True when the store still holds the generation `restore` last saw: the charges
-        joined the totals a snapshot of this client's covers (False: the store was wiped and
-        not yet restored, or never restored by this client)."""
+    async def settle(
+        self, request_id: str, charges: Sequence[Charge], now: float
+    ) -> Mapping[str, int] | None:
+        """The charged budgets' totals just after, when the store still holds the generation
+        `restore` last saw (None: wiped and not restored yet, or never restored by this
+        client). Totals, not increments: a snapshot takes the larger figure, so a read of the
+        store that already saw this settlement cannot make it count twice."""
         check_settle(charges, now)
         if not charges:
-            return True
+            return {}
         keys = [self._prefix + "generation"]
         for charge in charges:
             keys += [*self._names(charge.key), self._prefix + charge.key + ":settled"]
@@ -287,9 +293,15 @@ class RedisBudgets:
             args += [str(charge.cost), _ms(charge.expires_at)]
         async with self._answer("settle"):
             reply = await self._run(_SETTLE, keys, args)
-            if not (isinstance(reply, list) and len(reply) == 2 and reply[0] == len(charges)):
+            if not (
+                isinstance(reply, list)
+                and len(reply) == 2 + len(charges)
+                and reply[0] == len(charges)
+            ):
                 raise RedisError(f"unexpected script reply: {reply!r}")
-        return bool(reply[1])
+        if not reply[1]:
+            return None
+        return {c.key: int(total) for c, total in zip(charges, reply[2:], strict=True)}
 
     async def renew(self, held: Mapping[str, Sequence[str]], ttl_s: float, now: float) -> int:
         held = {key: ids for key, ids in held.items() if ids}

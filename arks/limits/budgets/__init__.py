@@ -60,13 +60,16 @@ class BudgetStore(Protocol):
         with an id that already holds one on that key replaces it."""
         ...
 
-    async def settle(self, request_id: str, charges: Sequence[Charge], now: float) -> bool:
+    async def settle(
+        self, request_id: str, charges: Sequence[Charge], now: float
+    ) -> Mapping[str, int] | None:
         """Drop this request's lease on each charge's key and add the cost to that budget's
         `used` (also when the lease already expired, or never existed). Once per request and
         budget: settling the same request id on a budget again within SETTLED_MEMORY_S changes
         nothing, so a settlement retried after a lost reply (applied or not) counts once.
-        Returns whether the charges joined the totals of the store's generation this client
-        last restored (see `restore`): only then may a snapshot of this client count them."""
+        Returns the charged budgets' used totals just after, when the store holds the
+        generation this client last restored (see `restore`), so a snapshot may take them;
+        None when it does not (wiped and not restored yet, or never restored by this client)."""
         ...
 
     async def renew(self, held: Mapping[str, Sequence[str]], ttl_s: float, now: float) -> int:

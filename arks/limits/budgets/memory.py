@@ -110,7 +110,9 @@ class MemoryBudgets:
         used, leased = figures[-1]
         return Admission(True, merged[-1].key, used, leased, merged[-1].limit)
 
-    async def settle(self, request_id: str, charges: Sequence[Charge], now: float) -> bool:
+    async def settle(
+        self, request_id: str, charges: Sequence[Charge], now: float
+    ) -> Mapping[str, int] | None:
         check_settle(charges, now)
         self._now = max(self._now, now)
         self._forget_settled(now - SETTLED_MEMORY_S)
@@ -128,7 +130,8 @@ class MemoryBudgets:
             if budget.idle:
                 del self._budgets[charge.key]
         self._wrote(len(charges), now)
-        return True  # one process, never wiped under its own snapshot
+        # One process, never wiped under its own snapshot: always the known generation.
+        return {c.key: b.used or 0 for c in charges if (b := self._live(c.key, now)) is not None}
 
     def _forget_settled(self, before: float) -> None:
         order = self._settled_order

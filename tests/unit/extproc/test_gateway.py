@@ -703,3 +703,21 @@ def test_every_prompt_and_every_answer_per_prompt_is_reserved(limited: Policy) -
 def test_health_is_answered_without_a_credential(policy: Policy) -> None:
     decision = decide_headers(request("/healthz", method="GET", token=None), policy, NOW)
     assert decision == Reply(b"ok\n", content_type="text/plain")
+
+
+@pytest.mark.parametrize("text", ["a\\ud800b", "\\udc00", "x\\ud83d"])
+def test_an_unpaired_surrogate_is_a_400_not_a_crash(
+    policy: Policy, alice: ArksToken, text: str
+) -> None:
+    """orjson refuses it, Python's json takes it, and rewriting the body then failed (503)."""
+    head = b'{"model": "qwen", "stream": true, "messages": [{"role": "user", "content": "'
+    raw = head + text.encode() + b'"}]}'
+    decision = decide_body(request(body=BodyFacts()), raw, alice, policy)
+    assert isinstance(decision, Deny) and decision.status == 400
+    assert decision.code == "invalid_json" and "surrogate" in decision.message
+
+
+def test_a_body_nested_too_deeply_is_a_400_not_a_crash(policy: Policy, alice: ArksToken) -> None:
+    raw = b'{"model": "qwen", "messages": [], "metadata": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    decision = decide_body(request(body=BodyFacts()), raw, alice, policy)
+    assert decision == Deny(400, "invalid_json", "The JSON body is nested too deeply.")
