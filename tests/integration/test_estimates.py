@@ -145,22 +145,17 @@ def _chat_bytes(content: bytes) -> bytes:
     return b'{"model":"model-a","messages":[{"role":"user","content":"' + content + b'"}]}'
 
 
-@pytest.mark.parametrize("bad", [b"caf\xe9", b"\xf0\x9f\x98"], ids=["latin-1", "cut"])
-def test_a_body_of_ill_formed_utf8_is_refused_before_it_is_sampled(
+@pytest.mark.parametrize(
+    "bad",
+    [b"caf\xe9", b"\xf0\x9f\x98", b"\xed\xa0\x80", b"\\ud800"],
+    ids=["latin-1", "cut", "surrogate", "surrogate-escape"],
+)
+def test_a_body_that_is_no_utf8_text_is_refused_before_it_is_sampled(
     stack: Stack, bad: bytes
 ) -> None:
     """usage.lua keeps the body's head as it is: the access log carries it as a protobuf string,
-    which must be UTF-8. Such a body is refused first (invalid JSON, 400)."""
-    resp = _post_raw(stack, _chat_bytes(bad))
+    which must be UTF-8. Such a body is refused first (invalid JSON, 400): by json_to_metadata,
+    or by extproc when Envoy could not lift it."""
+    resp = _post_raw(stack, _chat_bytes(b"Hello " + bad))
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["code"] == "invalid_json"
-
-
-@pytest.mark.parametrize("surrogate", [b"\xed\xa0\x80", b"\\ud800"], ids=["raw", "escaped"])
-def test_a_lone_surrogate_is_parsed_by_extproc_not_sampled(stack: Stack, surrogate: bytes) -> None:
-    """Envoy does not lift such a body; extproc parses it (Python's json takes lone surrogates)
-    and counts its prompt then (usage.lua leaves it unsampled). The request goes on to the engine,
-    which refuses it: no 503 from a gateway that could not count it."""
-    resp = _post_raw(stack, _chat_bytes(b"Hello " + surrogate))
-    assert resp.status_code == 400, resp.text
-    assert "surrogate" in resp.json()["error"]["message"]  # the engine's own words
