@@ -14,6 +14,9 @@ METADATA_NAMESPACE = "io.arks"  # identity, limits, reservation and usage of one
 REQUEST_METADATA_NAMESPACE = (
     "io.arks.request"  # body fields json_to_metadata reads ahead of ext_proc
 )
+# the request body's head, kept by usage.lua for the prompt's estimate (extproc/estimate.py);
+# not sent to ext_proc, it reaches Python in the access log, blanked when usage came back
+PROMPT_METADATA_NAMESPACE = "io.arks.prompt"
 # set by the credentials Lua filter on a request whose body may be large: its credential is
 # judged on the headers (ext_authz), before the body is read
 AUTH_METADATA_NAMESPACE = "io.arks.auth"

@@ -13,10 +13,59 @@
 -- its last "usage" key, wherever it is (other fields may follow it). Keys inside JSON strings
 -- have escaped quotes, so '"usage":{' only matches a key. The access log carries the numbers to
 -- Python.
+--
+-- Samples, for a request whose answer reports no usage (extproc/estimate.py counts them at
+-- settlement, only then). Taking them must cost next to nothing when usage comes back:
+-- - the request's: its body's first PROMPT_SAMPLE bytes, when ext_proc admitted it without
+--   counting its prompt (io.arks.prompt sample; ext_proc is not sent that namespace, only the
+--   access log carries it). Raw, cut to whole UTF-8 characters: no per-byte step. The body is
+--   valid UTF-8 (JSON that json_to_metadata parsed, which refuses ill-formed UTF-8; a body it did
+--   not parse, extproc parsed and counted, and it is not sampled);
+-- - a stream's first bytes, once SAMPLE_AT of them have passed (io.arks answer_head), for a
+--   stream that is cut (then this script never reaches its end). Raw, cut to whole characters:
+--   an engine writes its JSON in UTF-8;
+-- - an answer that ended without usage (io.arks answer_sample): a JSON answer's first TAIL
+--   bytes, a stream's last ones (the tail above). Written only then, so `%` and bytes above
+--   0x7f are written %XX (a per-byte step), whatever the engine sent.
+-- When usage is found, the samples already written are blanked, so the access log does not
+-- carry them. A sample must be a valid protobuf string: a bad one would lose the access log's
+-- whole batch.
 
 local TAIL = 4096
 local USAGE_WINDOW = 512 -- a usage object's numbers come first; details objects are small
 local CARRY = 64 -- bytes kept across chunks so a key split between two is still found
+local SAMPLE_AT = 2048 -- a stream's early sample, once this much of it has passed
+local PROMPT_SAMPLE = 8192 -- the request body's head, for the prompt's estimate
+local ESCAPES = { ["%"] = "%25" }
+for byte = 128, 255 do
+  ESCAPES[string.char(byte)] = string.format("%%%02X", byte)
+end
+
+-- `text` with `%` and bytes above 0x7f written %XX.
+local function escaped(text)
+  return (string.gsub(text, "[%%\128-\255]", ESCAPES))
+end
+
+-- `text` (valid UTF-8 cut anywhere) without the parts of characters cut at its ends: at most
+-- three bytes looked at on each side.
+local function whole_chars(text)
+  local first, last = 1, #text
+  while first <= 3 and first <= last and string.byte(text, first) >= 128 and string.byte(text, first) < 192 do
+    first = first + 1 -- a continuation byte: its character started before the sample
+  end
+  local lead = last
+  while lead > last - 3 and lead > first and string.byte(text, lead) >= 128 and string.byte(text, lead) < 192 do
+    lead = lead - 1
+  end
+  local b = string.byte(text, lead)
+  if b ~= nil and b >= 192 then
+    local length = b >= 240 and 4 or b >= 224 and 3 or 2
+    if lead + length - 1 > last then
+      last = lead - 1 -- the last character is cut short
+    end
+  end
+  return string.sub(text, first, last)
+end
 local OPTION = '"stream_options":{"include_usage":true},'
 local INCLUDE = '"include_usage":true'
 
@@ -97,14 +146,31 @@ end
 
 function envoy_on_request(handle)
   local arks = handle:streamInfo():dynamicMetadata():get("io.arks")
-  if arks == nil or not (arks["add_usage_option"] or arks["check_types"]) then
+  if arks == nil then
+    return -- not admitted by ext_proc
+  end
+  local keep_prompt = arks["prompt_estimate"] == nil -- else ext_proc counted the body it parsed
+  local rewrite = arks["add_usage_option"] or arks["check_types"]
+  if not (keep_prompt or rewrite) then
     return
   end
   local body = handle:body()
   if body == nil then
     return
   end
-  local text = body:getBytes(0, body:length())
+  local size = body:length()
+  if keep_prompt and size > 0 then
+    local head = body:getBytes(0, math.min(size, PROMPT_SAMPLE))
+    if size > PROMPT_SAMPLE then
+      head = whole_chars(head)
+    end
+    -- (metadata is fetched again: objects taken before body() waited are out of scope)
+    handle:streamInfo():dynamicMetadata():set("io.arks.prompt", "sample", head)
+  end
+  if not rewrite then
+    return
+  end
+  local text = body:getBytes(0, size)
   local top = string.find(text, "{", 1, true) -- extproc marks JSON objects only
   if top == nil then
     return
@@ -159,16 +225,26 @@ local function last_usage(text)
   return from, start
 end
 
+local function sample(handle, text)
+  handle:streamInfo():dynamicMetadata():set("io.arks", "answer_sample", escaped(text))
+end
+
+-- Nothing to estimate (usage found, or an error answer): the prompt's sample leaves the access log.
+local function settled(handle)
+  handle:streamInfo():dynamicMetadata():set("io.arks.prompt", "sample", "")
+end
+
+-- True when the answer's usage was found and recorded.
 local function record_usage(handle, text)
   local from = last_usage(text)
   if from == nil then
-    return
+    return false
   end
   -- Its numbers come first; details objects (cached tokens …) are small.
   local usage = string.sub(text, from, from + 512)
   local prompt = number_after(usage, "prompt_tokens")
   if prompt == nil then
-    return
+    return false
   end
   local completion = number_after(usage, "completion_tokens") or 0 -- embeddings report none
   local total = number_after(usage, "total_tokens") or (prompt + completion)
@@ -179,12 +255,14 @@ local function record_usage(handle, text)
   metadata:set("io.envoy.ai_gateway", "llm_input_token", prompt)
   metadata:set("io.envoy.ai_gateway", "llm_output_token", completion)
   metadata:set("io.envoy.ai_gateway", "llm_total_token", total)
+  return true
 end
 
 function envoy_on_response(handle)
-  local content_type = handle:headers():get("content-type") or ""
+  local headers = handle:headers()
+  local content_type = headers:get("content-type") or ""
   if string.find(content_type, "text/event-stream", 1, true) then
-    local tail = ""
+    local tail, seen, sampled = "", 0, false
     for chunk in handle:bodyChunks() do
       local size = chunk:length()
       if size >= TAIL then
@@ -195,18 +273,33 @@ function envoy_on_response(handle)
           tail = string.sub(tail, -TAIL)
         end
       end
+      seen = seen + size
+      if not sampled and seen >= SAMPLE_AT then
+        sampled = true
+        local head = whole_chars(string.sub(tail, 1, SAMPLE_AT))
+        handle:streamInfo():dynamicMetadata():set("io.arks", "answer_head", head)
+      end
     end
-    record_usage(handle, tail)
+    if sampled then
+      handle:streamInfo():dynamicMetadata():set("io.arks", "answer_head", "")
+    end
+    if record_usage(handle, tail) then
+      settled(handle)
+    else
+      sample(handle, string.sub(tail, -TAIL))
+    end
+  elseif headers:get(":status") ~= "200" then
+    settled(handle) -- an error answer: it carries no usage and nothing is owed
   elseif string.find(content_type, "json", 1, true) then
-    local status = handle:headers():get(":status")
-    if status ~= "200" then
-      return -- an error answer carries no usage
-    end
     local carry, found = "", nil -- found: the last usage key and what follows it
+    local head = "" -- the answer's first TAIL bytes, to estimate it if it reports no usage
     for chunk in handle:bodyChunks() do
       local size = chunk:length()
       if size > 0 then
         local text = carry .. chunk:getBytes(0, size)
+        if #head < TAIL then
+          head = head .. string.sub(text, #carry + 1, #carry + TAIL - #head)
+        end
         if found ~= nil and #found < USAGE_WINDOW then
           found = found .. string.sub(text, #carry + 1, #carry + USAGE_WINDOW)
         end
@@ -217,8 +310,10 @@ function envoy_on_response(handle)
         carry = string.sub(text, -CARRY)
       end
     end
-    if found ~= nil then
-      record_usage(handle, found)
+    if found ~= nil and record_usage(handle, found) then
+      settled(handle)
+    else
+      sample(handle, head)
     end
   end
 end

@@ -18,6 +18,7 @@ from arks.wire import (
     DESTINATION_HEADER,
     DESTINATION_METADATA_NAMESPACE,
     METADATA_NAMESPACE,
+    PROMPT_METADATA_NAMESPACE,
     REQUEST_METADATA_NAMESPACE,
 )
 from extproc.decision import Deny, Forward, ReadBody, Reply
@@ -248,9 +249,19 @@ def finished(entry: accesslog_pb2.HTTPAccessLogEntry) -> Finished | None:
         request_body_bytes=entry.request.request_body_bytes,
         response_body_bytes=entry.response.response_body_bytes,
         interrupted=_interruption(common.response_flags),
+        prompt_sample=_sample(common.metadata.filter_metadata.get(PROMPT_METADATA_NAMESPACE)),
+        answer_sample=_sample(ours, "answer_sample"),
+        answer_head=_sample(ours, "answer_head"),
         limits=_limits(fields),
         reservation=Reservation.from_metadata({k: _struct_value(v) for k, v in fields.items()}),
     )
+
+
+def _sample(namespace: struct_pb2.Struct | None, key: str = "sample") -> str | None:
+    """usage.lua's sample, if it left one (it blanks those of answers that report usage)."""
+    if namespace is None or key not in namespace.fields:
+        return None
+    return namespace.fields[key].string_value or None
 
 
 def _limits(fields: Any) -> dict[str, int]:

@@ -11,7 +11,6 @@ import orjson
 
 from arks.api import PREFIX_CACHE, ArksToken
 from arks.policy import Policy
-from arks.tokens import count_prompt
 from arks.wire import (
     CREDENTIAL_HEADERS,
     HEALTH_PATH,
@@ -22,6 +21,7 @@ from arks.wire import (
 )
 from extproc.auth import authenticate
 from extproc.decision import Decision, Deny, Forward, Identity, ReadBody, Reply, bad_request
+from extproc.estimate import prompt_tokens
 from extproc.picking.prefix import prefix_text
 from extproc.qos import token_limits
 from extproc.request import (
@@ -194,9 +194,11 @@ def decide_route(
     if limits := token_limits(qos):
         metadata["limits"] = limits
     new_body = None
-    prompt_estimate = None
+    estimate = None
     if body is not None:
-        prompt_estimate = metadata["prompt_estimate"] = count_prompt(body)
+        # Parsed anyway (the rare path): its prompt is counted now. On the headers alone it is
+        # not: usage.lua keeps the body's head and it is counted only if no usage comes back.
+        estimate = metadata["prompt_estimate"] = prompt_tokens(body)
         if needs_usage_option:
             options = body.get("stream_options")
             body["stream_options"] = {
@@ -222,7 +224,7 @@ def decide_route(
         remove_headers=remove,
         metadata={METADATA_NAMESPACE: metadata},
         body=new_body,
-        prompt_estimate=prompt_estimate,
+        prompt_estimate=estimate,
         max_tokens=_count(facts.max_tokens),
         choices=(facts.prompts or 1) * max(int(facts.n or 1), int(facts.best_of or 1)),
         answer_limit=endpoint.max_tokens,

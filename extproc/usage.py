@@ -1,8 +1,11 @@
 """How many tokens a finished request used: what the engine reported, or an estimate.
 
 Input is what the access log says about a finished request (`Finished`), output is a `Usage`
-to charge. Nothing admitted goes uncharged: without engine-reported usage, the prompt is
-estimated with tiktoken (or from the body size) and the completion from the bytes Envoy sent.
+to charge. Nothing admitted goes uncharged: without engine-reported usage, the prompt and the
+completion are counted with the tokenizer on the samples usage.lua left of the request's body and
+of the answer (`extproc.estimate`; a body extproc parsed was counted when it was admitted). Only
+here, for a request without usage, is a sample counted: one that reports usage costs nothing.
+Without samples the charge falls back on sizes (the body's, the bytes Envoy sent).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from arks.tokens import BYTES_PER_TOKEN
+from extproc.estimate import answer_estimate, prompt_estimate, unescape
 from extproc.reservation import Reservation
 
 # A streamed chunk as vLLM sends it, without the token text; its length calibrates the estimate.
@@ -49,6 +53,9 @@ class Finished:
     interrupted: str | None = None  # "client_disconnected", "upstream_reset", …
     limits: Mapping[str, int] = field(default_factory=dict)  # token budgets to charge (tpm, tpd)
     reservation: Reservation | None = None  # what admission took, to give back
+    prompt_sample: str | None = None  # usage.lua's sample of the request body's head, raw
+    answer_sample: str | None = None  # usage.lua's sample of an answer without usage, %XX-escaped
+    answer_head: str | None = None  # a stream's first bytes, raw, left when it was cut
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,33 @@ def _text_tokens_estimate(nbytes: int, overhead: int) -> int:
     return max(0, math.ceil((nbytes - overhead) / BYTES_PER_TOKEN))
 
 
+def _prompt_estimate(done: Finished) -> int:
+    """Counted at admission (a parsed body), else on usage.lua's sample, else from the size."""
+    if done.prompt_estimate is not None:
+        return done.prompt_estimate
+    if done.prompt_sample is not None:
+        return prompt_estimate(done.prompt_sample.encode(), done.request_body_bytes)
+    return _text_tokens_estimate(done.request_body_bytes, _REQUEST_OVERHEAD)
+
+
+def _completion_estimate(done: Finished) -> int:
+    """From the answer's content when usage.lua sampled it, else from the answer's size."""
+    if done.path.endswith("/embeddings"):
+        return 0
+    sample = None
+    if done.answer_sample is not None:
+        sample = unescape(done.answer_sample)
+    elif done.answer_head is not None:
+        sample = done.answer_head.encode()
+    if sample is not None:
+        counted = answer_estimate(sample, done.response_body_bytes, done.stream)
+        if counted is not None:
+            return counted
+    if done.stream:
+        return streamed_tokens_estimate(done.response_body_bytes, done.model, done.path)
+    return _text_tokens_estimate(done.response_body_bytes, _ANSWER_OVERHEAD)
+
+
 def usage_of(done: Finished) -> Usage | None:
     """What to charge for a finished request; None when nothing is owed (an error answer)."""
     completion_tokens = done.completion_tokens
@@ -87,14 +121,7 @@ def usage_of(done: Finished) -> Usage | None:
         return Usage(done.namespace, done.user, done.model, done.prompt_tokens, completion_tokens)
     if done.status >= 400:
         return None  # an error answer (the engine refused, or never got the request): nothing owed
-    prompt = done.prompt_estimate
-    if prompt is None:
-        prompt = _text_tokens_estimate(done.request_body_bytes, _REQUEST_OVERHEAD)
-    if done.stream:
-        completion = streamed_tokens_estimate(done.response_body_bytes, done.model, done.path)
-    elif done.path.endswith("/embeddings"):
-        completion = 0
-    else:
-        completion = _text_tokens_estimate(done.response_body_bytes, _ANSWER_OVERHEAD)
+    prompt = _prompt_estimate(done)
+    completion = _completion_estimate(done)
     reason = done.interrupted or "no_usage_reported"
     return Usage(done.namespace, done.user, done.model, prompt, completion, estimated=reason)
