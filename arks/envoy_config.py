@@ -112,6 +112,9 @@ def _fill(value: Any, replacements: Mapping[str, str]) -> Any:
         return [_fill(v, replacements) for v in value]
     if isinstance(value, str) and value in replacements:
         return replacements[value]
+    if isinstance(value, str) and "{" in value:  # a placeholder inside Lua code
+        for placeholder, replacement in replacements.items():
+            value = value.replace(placeholder, replacement)
     return value
 
 
@@ -121,6 +124,7 @@ def http_filters(settings: EnvoySettings) -> list[dict[str, Any]]:
         {
             "{extproc_cluster}": EXTPROC_CLUSTER,
             "{message_timeout}": f"{settings.message_timeout_ms / 1000}s",
+            "{body_limit_bytes}": str(settings.body_limit_bytes),
             "{usage_lua}": _usage_lua(),
         },
     )

@@ -262,7 +262,7 @@ function envoy_on_response(handle)
   local headers = handle:headers()
   local content_type = headers:get("content-type") or ""
   if string.find(content_type, "text/event-stream", 1, true) then
-    local tail, seen, sampled = "", 0, false
+    local tail, seen, sampled, recorded = "", 0, false, false
     for chunk in handle:bodyChunks() do
       local size = chunk:length()
       if size >= TAIL then
@@ -279,14 +279,27 @@ function envoy_on_response(handle)
         local head = whole_chars(string.sub(tail, 1, SAMPLE_AT))
         handle:streamInfo():dynamicMetadata():set("io.arks", "answer_head", head)
       end
+      -- The stream's last event: its usage is in the tail now. Record it at once: a client that
+      -- closes on [DONE] may reset the stream before Envoy sees its end (this loop then stops).
+      if not recorded and size > 0 and string.find(tail, "[DONE]", math.max(1, #tail - size - 8), true) then
+        recorded = record_usage(handle, tail)
+        if recorded then
+          settled(handle)
+          if sampled then
+            handle:streamInfo():dynamicMetadata():set("io.arks", "answer_head", "")
+          end
+        end
+      end
     end
-    if sampled then
-      handle:streamInfo():dynamicMetadata():set("io.arks", "answer_head", "")
-    end
-    if record_usage(handle, tail) then
-      settled(handle)
-    else
-      sample(handle, string.sub(tail, -TAIL))
+    if not recorded then
+      if sampled then
+        handle:streamInfo():dynamicMetadata():set("io.arks", "answer_head", "")
+      end
+      if record_usage(handle, tail) then
+        settled(handle)
+      else
+        sample(handle, string.sub(tail, -TAIL))
+      end
     end
   elseif headers:get(":status") ~= "200" then
     settled(handle) -- an error answer: it carries no usage and nothing is owed

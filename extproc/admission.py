@@ -166,7 +166,7 @@ class AdmissionControl:
         )
         if found is not None:
             prompt, completion = (
-                self._prompt_estimate(info, decision),
+                prompt_reservation(info, decision),
                 self._completion_estimate(decision),
             )
             leases += quota.quota_leases(
@@ -175,18 +175,12 @@ class AdmissionControl:
             quota_name = found.key.name
         limits = qos.token_limits(grant)
         if limits:
-            estimate = self._prompt_estimate(info, decision) + self._completion_estimate(decision)
+            estimate = prompt_reservation(info, decision) + self._completion_estimate(decision)
             leases += quota.token_rate_leases(identity, limits, estimate, now)
         concurrency = _concurrency(grant)
         if concurrency is not None:
             leases.append(Lease(quota.concurrency_key(identity), concurrency, 1))
         return leases, Reservation(now, quota_name, concurrency is not None)
-
-    @staticmethod
-    def _prompt_estimate(info: RequestInfo, decision: Forward) -> int:
-        if decision.prompt_estimate is not None:
-            return decision.prompt_estimate
-        return math.ceil(_int(info.headers.get("content-length")) / BYTES_PER_TOKEN)
 
     def _completion_estimate(self, decision: Forward) -> int:
         """The most the answers can hold: each up to the request's max_tokens, else the
@@ -258,6 +252,14 @@ class AdmissionControl:
                 self.on_settled(totals)
             done += 1
         return done
+
+
+def prompt_reservation(info: RequestInfo, decision: Forward) -> int:
+    """The prompt's tokens as admission can know them: counted when the body was parsed, else
+    the body's size over BYTES_PER_TOKEN (an upper bound for text; no tokenizer pass)."""
+    if decision.prompt_estimate is not None:
+        return decision.prompt_estimate
+    return math.ceil(_int(info.headers.get("content-length")) / BYTES_PER_TOKEN)
 
 
 def _int(text: str | None) -> int:

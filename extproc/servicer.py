@@ -58,7 +58,7 @@ class RequestProcessor:
         assert self.info is not None
         admitted = await self._pick_and_admit(decision)
         if isinstance(admitted, Forward):
-            settlement.admitted(self.ctx, self.info.request_id, admitted)
+            settlement.admitted(self.ctx, self.info, admitted)
         return admitted
 
     async def _pick_and_admit(self, decision: Decision) -> Decision:

@@ -13,23 +13,26 @@ from collections.abc import Iterable
 
 from arks.limits.model import BackendUnavailable
 from arks.wire import METADATA_NAMESPACE
+from extproc.admission import prompt_reservation
 from extproc.context import Context
 from extproc.decision import Forward, Identity
 from extproc.inflight import Admitted
+from extproc.request import RequestInfo
 from extproc.reservation import Reservation
 from extproc.usage import Finished, Usage, usage_of
 
 log = logging.getLogger(__name__)
 
 
-def admitted(ctx: Context, request_id: str, decision: Forward) -> None:
-    """Note a forwarded request, with what settling it needs if its entry never comes."""
+def admitted(ctx: Context, info: RequestInfo, decision: Forward) -> None:
+    """Note a forwarded request, with what settling it needs if its entry never comes (its
+    prompt as admission reserved it: a lost entry is charged that, not nothing)."""
     ours = decision.metadata[METADATA_NAMESPACE]
     ctx.inflight.add(
         Admitted(
-            request_id,
+            info.request_id,
             decision.identity,
-            decision.prompt_estimate,
+            prompt_reservation(info, decision),
             None if decision.max_tokens is None else decision.max_tokens * decision.choices,
             ctx.monotonic(),
             reservation=Reservation.from_metadata(ours),

@@ -50,6 +50,7 @@ H_STATUS = "x-sim-status"
 H_DISCONNECT_AFTER = "x-sim-disconnect-after"
 H_OMIT_USAGE = "x-sim-omit-usage"
 H_INSTANCE = "x-sim-instance"
+H_LINGER_MS = "x-sim-linger-ms"  # a stream stays open this long after [DONE] before it ends
 
 MetricsStyle = Literal["vllm", "sglang"]
 METRICS_STYLES: tuple[MetricsStyle, ...] = ("vllm", "sglang")
@@ -511,6 +512,7 @@ class Plan:
     tpot: float  # seconds
     disconnect_after: int | None
     omit_usage: bool
+    linger: float = 0.0  # seconds between [DONE] and the stream's end
 
     @property
     def include_usage(self) -> bool:
@@ -561,6 +563,7 @@ def make_plan(request: web.Request, engine: Engine, body: dict[str, Any], model:
         tpot=header_ms(headers, H_TPOT_MS, settings.tpot_ms),
         disconnect_after=header_int(headers, H_DISCONNECT_AFTER, 0),
         omit_usage=header_flag(headers, H_OMIT_USAGE),
+        linger=header_ms(headers, H_LINGER_MS, 0),
     )
 
 
@@ -711,6 +714,8 @@ async def stream_answer(
                 last_at = loop.time()
                 first_at = first_at or last_at
                 written = i + 1
+        if plan.linger and not disconnect:
+            await asyncio.sleep(plan.linger)
     except ConnectionError:  # the client went away
         return resp
     finally:  # also when cancelled because the client went away

@@ -686,3 +686,23 @@ def test_no_credentials_get_the_same_answer_as_before(stack: Stack) -> None:
         }
     }
     assert health.status_code == 200  # Envoy's own health answer needs no credential
+
+
+def test_a_client_that_closes_on_done_is_charged_the_reported_usage(stack: Stack) -> None:
+    """The client hangs up as soon as it reads [DONE], while the engine has not ended the stream
+    yet (it lingers here; under load Envoy may simply not have seen the end): the usage that
+    came before [DONE] is what is charged, not an estimate."""
+    before = stack.usage("alice", "model-a")
+    body = chat_body(stream=True)
+    headers = {"authorization": f"Bearer {ALICE}", "x-sim-linger-ms": "1500"}
+    with (
+        stack.http() as http,
+        http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as resp,
+    ):
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line == "data: [DONE]":
+                break  # and close the connection, mid-stream for Envoy
+    charged = stack.wait_usage("alice", "model-a", before)
+    assert (charged.requests, charged.estimated) == (1, 0)
+    assert charged.completion == 16 and charged.prompt == count_prompt(body)

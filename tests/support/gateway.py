@@ -74,7 +74,10 @@ def _struct(fields: dict[str, Any]) -> struct_pb2.Struct:
 
 
 def headers_message(
-    facts: dict[str, Any] | None, token: str = "sk-alice", request_id: str = "req-1"
+    facts: dict[str, Any] | None,
+    token: str = "sk-alice",
+    request_id: str = "req-1",
+    content_length: int | None = None,
 ) -> ep.ProcessingRequest:
     headers = [
         (":method", "POST"),
@@ -82,6 +85,8 @@ def headers_message(
         ("authorization", f"Bearer {token}"),
         ("x-request-id", request_id),
     ]
+    if content_length is not None:
+        headers.append(("content-length", str(content_length)))
     metadata = base_pb2.Metadata()
     if facts is not None:
         metadata.filter_metadata["io.arks.request"].CopyFrom(_struct(facts))

@@ -130,13 +130,14 @@ async def test_request_without_an_access_log_entry_is_charged_its_estimate(
     ctx: Context, clock: FakeClock
 ) -> None:
     await RequestProcessor(ctx).handle(
-        headers_message({"model": "qwen", "stream": False, "max_tokens": 64})
+        headers_message({"model": "qwen", "stream": False, "max_tokens": 64}, content_length=400)
     )
 
     clock.now += MAX_AGE + 1
 
     assert await expire_unreported(ctx) == 1
-    assert charged(ctx)[("default", "alice", "qwen")] == Totals(1, 0, 64, 1)
+    # the prompt as admission reserved it (400 bytes / 4; it was charged 0), and max_tokens
+    assert charged(ctx)[("default", "alice", "qwen")] == Totals(1, 100, 64, 1)
     assert (
         sample(
             ctx,
