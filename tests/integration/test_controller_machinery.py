@@ -31,8 +31,9 @@ from arks.adapters.kube.queue import Key, WorkQueue
 from arks.adapters.kube.runner import Controller
 from arks.adapters.kube.watch import Informer, watch_owned
 from arks.resources import APPLICATIONS, CONFIGMAPS, EVENTS, LEASES, Resource
-from tests.support.kube import FAST_INFORMERS, eventually
+from tests.support.kube import FAST_INFORMERS, RunningKubeEmulator, eventually
 from tests.support.kube import get_object as get
+from tests.support.stall_proxy import stall_proxy
 
 FINALIZER = "arks.ai/cleanup"
 MANAGER = "arks-controller"
@@ -372,6 +373,40 @@ def test_a_follower_takes_over_an_expired_lease_of_a_crashed_leader(
 
     assert time.monotonic() - started >= 0.9  # not before the lease's duration
     assert not crashed.try_acquire_or_renew()  # its renewal now fails: it stops leading
+
+
+def test_a_leader_whose_lease_calls_hang_stops_leading_before_a_follower_takes_over(
+    kube: RunningKubeEmulator, api: ApiClient, ns: str
+) -> None:
+    """The API server stalls the leader's calls (they would take up to 30 s against a 1 s lease):
+    the leader stops leading at its renew deadline, while its call still hangs, and only after
+    that can the follower take the lease: never two leaders at once."""
+    with stall_proxy(kube.url) as proxy:
+        import kubernetes.client
+
+        stalled_api = kubernetes.client.ApiClient(kubernetes.client.Configuration(host=proxy.url))
+        leader = LeaderElector(stalled_api, ns, "lease", "stalled", lease_s=1.0, renew_s=0.1)
+        follower = LeaderElector(api, ns, "lease", "follower", lease_s=1.0, renew_s=0.1)
+        leader.start()
+        try:
+            assert leader.wait_leader(3)
+            follower.start()
+            proxy.stalled = True
+            stalled_at = time.monotonic()
+            both: list[float] = []
+            while not follower.is_leader() and time.monotonic() - stalled_at < 5:
+                if leader.is_leader() and follower.is_leader():
+                    both.append(time.monotonic() - stalled_at)
+                time.sleep(0.01)
+            assert follower.is_leader()
+            assert not leader.is_leader() and both == []
+            # it let go within its deadline (2/3 of the lease), not when the call returned
+            assert time.monotonic() - stalled_at >= 0.9  # the follower waited the lease out
+        finally:
+            proxy.stalled = False
+            follower.stop()
+            leader.stop()
+            stalled_api.close()
 
 
 def test_workers_reconcile_only_while_leading(api: ApiClient, ns: str) -> None:

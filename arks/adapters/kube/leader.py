@@ -5,6 +5,11 @@ held by someone else counts as expired when its record has not changed for its d
 observed on our own monotonic clock (no comparison of clocks across machines). Every write
 carries the resourceVersion it read, so two candidates racing for it cannot both win: the
 loser gets 409 Conflict and stays (or becomes) a follower.
+
+Leading ends by itself: `is_leader` is true only within the renew deadline of the last
+successful renewal (client-go's renewDeadline), however long an API call hangs, and every call
+is bounded by that deadline. The deadline is shorter than the lease, which a follower waits out
+before taking over, so two leaders never overlap (given clocks that run at the same rate).
 """
 
 from __future__ import annotations
@@ -41,12 +46,15 @@ class LeaderElector:
         identity: str,
         *,
         lease_s: float = 15.0,
-        renew_s: float = 5.0,
+        renew_deadline_s: float | None = None,  # default: two thirds of lease_s (10 of 15 s)
+        renew_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
     ) -> None:
-        if renew_s >= lease_s:
-            raise ValueError("renew_s must be shorter than lease_s")
+        deadline = renew_deadline_s if renew_deadline_s is not None else lease_s * 2 / 3
+        if not renew_s < deadline < lease_s:
+            raise ValueError("need renew_s < renew_deadline_s < lease_s")
+        self._deadline_s = deadline
         self.identity = identity
         self._api = api_client
         self._namespace = namespace
@@ -63,7 +71,19 @@ class LeaderElector:
         self._thread: threading.Thread | None = None
 
     def is_leader(self) -> bool:
-        return self._leader.is_set()
+        """Leading, and renewed within the deadline: a hung renewal ends leadership on time."""
+        if not self._leader.is_set():
+            return False
+        if self._clock() - self._last_renewed < self._deadline_s:
+            return True
+        self._leader.clear()
+        log.warning(
+            "lease %s/%s not renewed within %.1f s: no longer leading",
+            self._namespace,
+            self._name,
+            self._deadline_s,
+        )
+        return False
 
     def wait_leader(self, timeout_s: float | None = None) -> bool:
         return self._leader.wait(timeout_s)
@@ -72,14 +92,15 @@ class LeaderElector:
 
     def try_acquire_or_renew(self) -> bool:
         """One round: take or keep the lease if we may; returns whether we now lead."""
+        started = self._clock()
         try:
             won = self._attempt()
-        except (ApiException, OSError) as e:
+        except Exception as e:  # API errors, refused or timed-out calls: a failed round, no more
             log.warning("lease %s/%s: %s", self._namespace, self._name, e)
             won = False
         now = self._clock()
-        if won:
-            self._last_renewed = now
+        if won and now - started < self._deadline_s:  # a renewal that came too late is none
+            self._last_renewed = started
             self._leader.set()
         elif self.is_leader() and (
             now - self._last_renewed >= self._lease_s or self._lost_to_other
@@ -92,7 +113,7 @@ class LeaderElector:
         self._lost_to_other = False
         path = LEASES.path(self._namespace, self._name)
         try:
-            lease = rest.request(self._api, "GET", path)
+            lease = rest.request(self._api, "GET", path, timeout_s=self._deadline_s)
         except ApiException as e:
             if e.status != 404:
                 raise
@@ -137,6 +158,7 @@ class LeaderElector:
                 "spec": spec,
             },
             content_type=rest.MERGE_PATCH,
+            timeout_s=self._deadline_s,
         )
 
     def _create(self) -> bool:
@@ -154,7 +176,13 @@ class LeaderElector:
             },
         }
         try:
-            rest.request(self._api, "POST", LEASES.path(self._namespace), body=lease)
+            rest.request(
+                self._api,
+                "POST",
+                LEASES.path(self._namespace),
+                body=lease,
+                timeout_s=self._deadline_s,
+            )
         except ApiException as e:
             if e.status == 409:  # another candidate created it first
                 self._lost_to_other = True
@@ -169,7 +197,7 @@ class LeaderElector:
         self._leader.clear()
         path = LEASES.path(self._namespace, self._name)
         try:
-            lease = rest.request(self._api, "GET", path)
+            lease = rest.request(self._api, "GET", path, timeout_s=self._deadline_s)
             if (lease.get("spec") or {}).get("holderIdentity") != self.identity:
                 return
             self._patch(lease, {"holderIdentity": None, "leaseDurationSeconds": 1})
