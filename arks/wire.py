@@ -43,6 +43,7 @@ EVENT_COMPONENT = "arks-controller"  # the source of the controller's Events
 
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "arks"  # its value on everything the controller creates
 LABEL_APPLICATION = "arks.ai/application"
 LABEL_MODEL = "arks.ai/model"
 LABEL_SERVED_NAME = "arks.ai/served-model-name"

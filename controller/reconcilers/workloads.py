@@ -10,17 +10,28 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubernetes.client import ApiClient
+from kubernetes.client.exceptions import ApiException
 
 from arks.adapters.kube import rest
-from arks.adapters.kube.apply import patch_status, server_side_apply, set_owner
+from arks.adapters.kube.apply import delete, patch_status, server_side_apply, set_owner
 from arks.adapters.kube.conditions import find_condition, set_condition
 from arks.adapters.kube.errors import PermanentError, TemporaryError
 from arks.adapters.kube.events import record_event
 from arks.adapters.kube.queue import Key, WorkQueue
 from arks.adapters.kube.rest import Obj
 from arks.adapters.kube.watch import Informer
-from arks.resources import MODELS, Resource
-from arks.wire import EVENT_COMPONENT
+from arks.resources import (
+    DEPLOYMENTS,
+    HPAS,
+    LEADERWORKERSETS,
+    MODELS,
+    ROLEBINDINGS,
+    ROLES,
+    SERVICEACCOUNTS,
+    SERVICES,
+    Resource,
+)
+from arks.wire import EVENT_COMPONENT, LABEL_MANAGED_BY, MANAGED_BY
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +177,51 @@ def apply_owned(
     ]
 
 
+# Every kind an application's render may produce, so one it stops producing can be pruned.
+PRUNED_KINDS: Mapping[str, Resource] = {
+    "Deployment": DEPLOYMENTS,
+    "LeaderWorkerSet": LEADERWORKERSETS,
+    "HorizontalPodAutoscaler": HPAS,
+    "Service": SERVICES,
+    "ServiceAccount": SERVICEACCOUNTS,
+    "Role": ROLES,
+    "RoleBinding": ROLEBINDINGS,
+}
+
+
+def prune_owned(
+    api_client: ApiClient, owner: Mapping[str, Any], rendered: Sequence[Mapping[str, Any]]
+) -> list[str]:
+    """Delete the children `owner` controls that the current render no longer produces (the
+    HPA after autoscaling was turned off, the Deployment after `size` grew to a LeaderWorkerSet):
+    left behind they fight the controller over replicas or hold GPUs. Children are found by
+    the managed-by label and recognised by their controller reference; returns `kind/name` of
+    each deleted."""
+    meta = owner["metadata"]
+    keep = {(str(o["kind"]), str(o["metadata"]["name"])) for o in rendered}
+    selector = {"labelSelector": f"{LABEL_MANAGED_BY}={MANAGED_BY}"}
+    deleted = []
+    for kind, resource in PRUNED_KINDS.items():
+        try:
+            items = rest.request(
+                api_client, "GET", resource.path(meta["namespace"]), query=selector
+            ).get("items", [])
+        except ApiException as e:
+            if e.status == 404:  # a kind this cluster does not serve (LeaderWorkerSet's CRD)
+                continue
+            raise rest.classify(e, f"list {resource.plural}") from e
+        for item in items:
+            name = item["metadata"]["name"]
+            controlled = any(
+                ref.get("uid") == meta["uid"] and ref.get("controller")
+                for ref in item["metadata"].get("ownerReferences") or []
+            )
+            if controlled and (kind, name) not in keep:
+                delete(api_client, resource, meta["namespace"], name)
+                deleted.append(f"{kind}/{name}")
+    return deleted
+
+
 def availability(
     api_client: ApiClient,
     obj: Mapping[str, Any],
@@ -235,7 +291,10 @@ def render_and_apply(
         render_failed(api_client, obj, status, e)
         raise
     status.condition("Rendered", "True", "Rendered", f"{len(objects)} objects applied")
-    return Applied(obj, status, objects, apply_owned(api_client, obj, objects, field_manager))
+    live = apply_owned(api_client, obj, objects, field_manager)
+    for gone in prune_owned(api_client, obj, objects):
+        record(api_client, obj, "Normal", "Pruned", f"deleted {gone}: no longer rendered")
+    return Applied(obj, status, objects, live)
 
 
 def watch_models(

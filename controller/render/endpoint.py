@@ -18,6 +18,7 @@ from arks.wire import (
     LABEL_ENDPOINT,
     LABEL_MANAGED_BY,
     LABEL_SERVED_NAME,
+    MANAGED_BY,
     MODEL_HEADER,
     NAMESPACE_HEADER,
     label_value,
@@ -176,7 +177,7 @@ def render_httproute(
             "name": name,
             "namespace": namespace,
             "labels": {
-                LABEL_MANAGED_BY: "arks",
+                LABEL_MANAGED_BY: MANAGED_BY,
                 LABEL_ENDPOINT: label_value(name),
                 LABEL_SERVED_NAME: label_value(name),
             },

@@ -29,6 +29,7 @@ from arks.wire import (
     LABEL_MANAGED_BY,
     LABEL_MODEL,
     LABEL_NAME,
+    MANAGED_BY,
     label_value,
 )
 
@@ -144,7 +145,7 @@ def model_labels(model: Mapping[str, Any], component: str) -> dict[str, str]:
     """The labels of an object made for the model, by `arks.ai/component`."""
     return {
         LABEL_NAME: f"arks-{component}",
-        LABEL_MANAGED_BY: "arks",
+        LABEL_MANAGED_BY: MANAGED_BY,
         LABEL_MODEL: label_value(str(model["metadata"]["name"])),
         LABEL_COMPONENT: component,
     }

@@ -32,6 +32,7 @@ from arks.wire import (
     LABEL_ENDPOINT_NAMESPACE,
     LABEL_ENDPOINT_UID,
     LABEL_MANAGED_BY,
+    MANAGED_BY,
     label_value,
 )
 from controller.render.endpoint import DEFAULT_GATEWAY
@@ -79,7 +80,7 @@ def render_picking_policy(
     namespace, name = str(meta["namespace"]), str(meta["name"])
     gateway_namespace, gateway = gateway_of(endpoint, default_gateway)
     labels = {
-        LABEL_MANAGED_BY: "arks",
+        LABEL_MANAGED_BY: MANAGED_BY,
         LABEL_ENDPOINT: label_value(name),
         LABEL_ENDPOINT_NAMESPACE: label_value(namespace),
     }

@@ -32,6 +32,7 @@ from arks.wire import (
     LABEL_NAME,
     LABEL_ROLE,
     LABEL_SERVED_NAME,
+    MANAGED_BY,
     label_value,
 )
 from controller.render.engines import (
@@ -96,7 +97,7 @@ def selector_of(owner: str, component: str = "") -> dict[str, str]:
 def base_labels(owner: str, spec: Mapping[str, Any], component: str = "") -> dict[str, str]:
     labels = {
         LABEL_NAME: str(spec.get("runtime") or "vllm"),
-        LABEL_MANAGED_BY: "arks",
+        LABEL_MANAGED_BY: MANAGED_BY,
         LABEL_APPLICATION: owner,
         LABEL_MODEL: label_value(spec["model"]["name"]),
         LABEL_SERVED_NAME: label_value(served_model_name(spec)),

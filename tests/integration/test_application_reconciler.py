@@ -12,7 +12,15 @@ from arks.adapters.kube import rest
 from arks.adapters.kube.conditions import find_condition
 from arks.adapters.kube.errors import PermanentError, TemporaryError
 from arks.adapters.kube.queue import WorkQueue
-from arks.resources import APPLICATIONS, DEPLOYMENTS, EVENTS, LEADERWORKERSETS, MODELS, SERVICES
+from arks.resources import (
+    APPLICATIONS,
+    DEPLOYMENTS,
+    EVENTS,
+    HPAS,
+    LEADERWORKERSETS,
+    MODELS,
+    SERVICES,
+)
 from controller.reconcilers.application import application_controller, reconcile_application
 from tests.support.kube import FAST_INFORMERS, eventually, set_status
 from tests.support.kube import get_object as get
@@ -188,6 +196,54 @@ def test_size_two_renders_a_leaderworkerset(api: ApiClient, ns: str) -> None:
     set_status(api, LEADERWORKERSETS, ns, "chat", replicas=1, readyReplicas=1)
     reconcile_application(api, (ns, "chat"))
     assert app_status(api, ns)["phase"] == "Running"
+
+
+def _update_spec(api: ApiClient, ns: str, name: str = "chat", **changes: Any) -> None:
+    """Change the app's spec as `kubectl edit` would (None removes a field)."""
+    app = get(api, APPLICATIONS, ns, name)
+    assert app is not None
+    for key, value in changes.items():
+        if value is None:
+            app["spec"].pop(key, None)
+        else:
+            app["spec"][key] = value
+    rest.request(api, "PUT", APPLICATIONS.path(ns, name), body=app)
+
+
+def test_autoscaling_turned_off_deletes_the_hpa(api: ApiClient, ns: str) -> None:
+    """Left behind, the HPA would fight the controller over `replicas`."""
+    create_model(api, ns, ready=True)
+    create_app(api, ns, autoscaling={"minReplicas": 1, "maxReplicas": 3})
+    reconcile_application(api, (ns, "chat"))
+    assert get(api, HPAS, ns, "chat") is not None
+
+    _update_spec(api, ns, autoscaling=None)
+    reconcile_application(api, (ns, "chat"))
+
+    assert get(api, HPAS, ns, "chat") is None
+    assert get(api, DEPLOYMENTS, ns, "chat") is not None
+    events = rest.request(api, "GET", EVENTS.path(ns))["items"]
+    assert any(
+        e["reason"] == "Pruned" and "HorizontalPodAutoscaler/chat" in e["message"] for e in events
+    )
+
+
+def test_growing_to_two_nodes_deletes_the_one_node_deployment(api: ApiClient, ns: str) -> None:
+    """size 1 -> 2: the LeaderWorkerSet replaces the Deployment, which would hold its GPUs."""
+    create_model(api, ns, ready=True)
+    create_app(api, ns)
+    create_app(api, ns, "other")  # another app's children stay
+    reconcile_application(api, (ns, "chat"))
+    reconcile_application(api, (ns, "other"))
+    assert get(api, DEPLOYMENTS, ns, "chat") is not None
+
+    _update_spec(api, ns, size=2, tensorParallelSize=2)
+    reconcile_application(api, (ns, "chat"))
+
+    assert get(api, DEPLOYMENTS, ns, "chat") is None
+    assert get(api, LEADERWORKERSETS, ns, "chat") is not None
+    assert get(api, SERVICES, ns, "chat") is not None  # still rendered: kept
+    assert get(api, DEPLOYMENTS, ns, "other") is not None
 
 
 def test_an_unsupported_spec_fails_with_a_rendered_condition(api: ApiClient, ns: str) -> None:
