@@ -159,8 +159,10 @@ function envoy_on_request(handle)
     return
   end
   local size = body:length()
+  local text = rewrite and body:getBytes(0, size) or nil -- one copy of the body, read once
   if keep_prompt and size > 0 then
-    local head = body:getBytes(0, math.min(size, PROMPT_SAMPLE))
+    local head = text and string.sub(text, 1, PROMPT_SAMPLE)
+      or body:getBytes(0, math.min(size, PROMPT_SAMPLE))
     if size > PROMPT_SAMPLE then
       head = whole_chars(head)
     end
@@ -170,7 +172,6 @@ function envoy_on_request(handle)
   if not rewrite then
     return
   end
-  local text = body:getBytes(0, size)
   local top = string.find(text, "{", 1, true) -- extproc marks JSON objects only
   if top == nil then
     return

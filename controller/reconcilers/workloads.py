@@ -38,16 +38,19 @@ log = logging.getLogger(__name__)
 
 MODEL_WAIT_S = 5.0
 
-# The plural of every kind the renderers emit (plurals cannot be derived from kinds safely).
-_PLURALS = {
-    "Deployment": "deployments",
-    "Service": "services",
-    "LeaderWorkerSet": "leaderworkersets",
-    "HorizontalPodAutoscaler": "horizontalpodautoscalers",
-    "ServiceAccount": "serviceaccounts",
-    "Role": "roles",
-    "RoleBinding": "rolebindings",
+# Every kind an application's render may produce (plurals cannot be derived from kinds safely);
+# a kind it stops producing is pruned.
+KIND_RESOURCES: Mapping[str, Resource] = {
+    "Deployment": DEPLOYMENTS,
+    "LeaderWorkerSet": LEADERWORKERSETS,
+    "HorizontalPodAutoscaler": HPAS,
+    "Service": SERVICES,
+    "ServiceAccount": SERVICEACCOUNTS,
+    "Role": ROLES,
+    "RoleBinding": ROLEBINDINGS,
 }
+
+
 WORKLOAD_KINDS = ("Deployment", "LeaderWorkerSet")
 
 # Values of the CRD's phase enum (arks.crds.application.PHASES) this controller writes.
@@ -58,10 +61,10 @@ PHASE_FAILED = "Failed"
 
 def resource_for(obj: Mapping[str, Any]) -> Resource:
     kind = str(obj["kind"])
-    plural = _PLURALS.get(kind)
-    if plural is None:
+    known = KIND_RESOURCES.get(kind)
+    if known is None:
         raise PermanentError(f"the renderer produced an unknown kind {kind!r}")
-    return rest.resource_of(obj, plural)
+    return rest.resource_of(obj, known.plural)
 
 
 def workload_replicas(workload: Mapping[str, Any] | None) -> tuple[int, int]:
@@ -177,18 +180,6 @@ def apply_owned(
     ]
 
 
-# Every kind an application's render may produce, so one it stops producing can be pruned.
-PRUNED_KINDS: Mapping[str, Resource] = {
-    "Deployment": DEPLOYMENTS,
-    "LeaderWorkerSet": LEADERWORKERSETS,
-    "HorizontalPodAutoscaler": HPAS,
-    "Service": SERVICES,
-    "ServiceAccount": SERVICEACCOUNTS,
-    "Role": ROLES,
-    "RoleBinding": ROLEBINDINGS,
-}
-
-
 def prune_owned(
     api_client: ApiClient, owner: Mapping[str, Any], rendered: Sequence[Mapping[str, Any]]
 ) -> list[str]:
@@ -201,7 +192,7 @@ def prune_owned(
     keep = {(str(o["kind"]), str(o["metadata"]["name"])) for o in rendered}
     selector = {"labelSelector": f"{LABEL_MANAGED_BY}={MANAGED_BY}"}
     deleted = []
-    for kind, resource in PRUNED_KINDS.items():
+    for kind, resource in KIND_RESOURCES.items():
         try:
             items = rest.request(
                 api_client, "GET", resource.path(meta["namespace"]), query=selector
