@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from kubernetes import client, watch
 
+from arks.adapters.kube import rest
 from tests.support.kube import RunningKubeEmulator, running_kube_emulator
 
 ARKS = ("arks.ai", "v1", "arksapplications")
@@ -191,6 +192,7 @@ def test_status_subresource_changes_only_status(api_client: client.ApiClient, ns
 def test_server_side_apply_creates_then_merges(api_client: client.ApiClient, ns: str) -> None:
     api = client.AppsV1Api(api_client)
     apply = {"_content_type": "application/apply-patch+yaml", "field_manager": "arks-controller"}
+    annotate = {"_content_type": "application/apply-patch+yaml", "field_manager": "someone"}
 
     created = api.patch_namespaced_deployment("d", ns, deployment("d", replicas=1), **apply)
     merged = api.patch_namespaced_deployment(
@@ -200,18 +202,19 @@ def test_server_side_apply_creates_then_merges(api_client: client.ApiClient, ns:
             "apiVersion": "apps/v1",
             "kind": "Deployment",
             "metadata": {"name": "d", "annotations": {"a": "b"}},
-            "spec": {"replicas": 3},
         },
-        **apply,
+        **annotate,
     )
+    scaled = api.patch_namespaced_deployment("d", ns, deployment("d", replicas=3), **apply)
     unchanged = api.patch_namespaced_deployment("d", ns, deployment("d", replicas=3), **apply)
 
     assert created.metadata.generation == 1 and created.metadata.uid
     assert merged.metadata.uid == created.metadata.uid
-    assert merged.spec.replicas == 3 and merged.metadata.annotations == {"a": "b"}
+    assert merged.metadata.annotations == {"a": "b"} and merged.metadata.generation == 1
     assert merged.spec.template.spec.containers[0].image == "vllm:latest"
-    assert merged.metadata.generation == 2
-    assert unchanged.metadata.resource_version == merged.metadata.resource_version
+    assert scaled.spec.replicas == 3 and scaled.metadata.annotations == {"a": "b"}
+    assert scaled.metadata.generation == 2
+    assert unchanged.metadata.resource_version == scaled.metadata.resource_version
 
 
 def test_server_side_apply_needs_a_field_manager(api_client: client.ApiClient, ns: str) -> None:
@@ -420,3 +423,177 @@ def test_other_builtin_kinds_round_trip(api_client: client.ApiClient, ns: str) -
 
     assert hpa.kind == "HorizontalPodAutoscaler" and event.reason == "Ready"
     assert (route["kind"], lws["kind"]) == ("HTTPRoute", "LeaderWorkerSet")
+
+
+# --- server-side apply's field ownership, on the examples of
+# https://kubernetes.io/docs/reference/using-api/server-side-apply/ -----------------------------
+
+APPLY_TYPE = "application/apply-patch+yaml"
+DEPLOYMENTS_PATH = "/apis/apps/v1/namespaces/{ns}/deployments"
+# The HPA controller's client: kube-controller-manager's user agent, so its manager is
+# `kube-controller-manager` (the User-Agent up to its first "/").
+HPA_AGENT = (
+    "kube-controller-manager/v1.33.0 (linux/amd64) kubernetes/abcdef0/horizontal-pod-autoscaler"
+)
+
+
+def ssa(
+    api: client.ApiClient, ns: str, body: dict[str, Any], manager: str, force: bool = False
+) -> dict[str, Any]:
+    name = body["metadata"]["name"]
+    query = {"fieldManager": manager, **({"force": "true"} if force else {})}
+    return rest.request(
+        api,
+        "PATCH",
+        f"{DEPLOYMENTS_PATH.format(ns=ns)}/{name}",
+        query=query,
+        body=body,
+        content_type=APPLY_TYPE,
+    )
+
+
+def replicas_only(name: str, replicas: int) -> dict[str, Any]:
+    """The doc's `nginx-deployment-replicas-only.yaml`."""
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {"replicas": replicas},
+    }
+
+
+def without_replicas(name: str) -> dict[str, Any]:
+    body = deployment(name)
+    del body["spec"]["replicas"]
+    return body
+
+
+def managers(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """managedFields by manager name (with the subresource, if any, after a slash)."""
+    return {
+        e["manager"] + (f"/{e['subresource']}" if e.get("subresource") else ""): e
+        for e in obj["metadata"].get("managedFields") or []
+    }
+
+
+@pytest.fixture
+def hpa(kube: RunningKubeEmulator) -> Iterator[client.ApiClient]:
+    """A client acting as the HPA controller, which scales through the scale subresource."""
+    with kube.api_client() as api:
+        api.user_agent = HPA_AGENT
+        yield api
+
+
+def scale_to(hpa: client.ApiClient, ns: str, name: str, replicas: int) -> dict[str, Any]:
+    path = f"{DEPLOYMENTS_PATH.format(ns=ns)}/{name}/scale"
+    scale = rest.request(hpa, "GET", path)
+    scale["spec"]["replicas"] = replicas
+    return rest.request(hpa, "PUT", path, body=scale)
+
+
+def test_managed_fields_record_what_each_manager_applied(
+    api_client: client.ApiClient, ns: str
+) -> None:
+    live = ssa(api_client, ns, deployment("d", replicas=3), "arks-controller")
+    entry = managers(live)["arks-controller"]
+    assert entry["operation"] == "Apply" and entry["fieldsType"] == "FieldsV1"
+    assert entry["fieldsV1"]["f:spec"]["f:replicas"] == {}
+    assert entry["fieldsV1"]["f:metadata"]["f:labels"] == {"f:app": {}}
+    assert "f:name" not in entry["fieldsV1"]["f:metadata"]  # identity is nobody's field
+
+
+def test_a_field_the_manager_stops_applying_is_removed(
+    api_client: client.ApiClient, ns: str
+) -> None:
+    """'If you remove a field from a manifest and apply that manifest, ... it is either deleted
+    from the live object or reset to its default value, if it has one.'"""
+    body = deployment("d", replicas=3)
+    body["metadata"]["annotations"] = {"note": "x"}
+    ssa(api_client, ns, body, "arks-controller")
+
+    live = ssa(api_client, ns, without_replicas("d"), "arks-controller")
+
+    assert "annotations" not in live["metadata"]  # deleted
+    assert live["spec"]["replicas"] == 1  # reset to the Deployment default
+    assert "f:replicas" not in managers(live)["arks-controller"]["fieldsV1"]["f:spec"]
+
+
+def test_handing_replicas_over_to_the_hpa_keeps_them(
+    api_client: client.ApiClient, hpa: client.ApiClient, ns: str
+) -> None:
+    """The doc's 'Transferring ownership' sequence, step by step."""
+    ssa(api_client, ns, deployment("d", replicas=3), "arks-controller")
+
+    shared = ssa(api_client, ns, replicas_only("d", 3), "handover-to-hpa")
+    assert set(managers(shared)) == {"arks-controller", "handover-to-hpa"}
+    kept = ssa(api_client, ns, without_replicas("d"), "arks-controller")
+    assert kept["spec"]["replicas"] == 3  # still owned by the handover manager
+
+    scaled = scale_to(hpa, ns, "d", 5)
+    assert scaled["spec"]["replicas"] == 5
+    live = rest.request(api_client, "GET", f"{DEPLOYMENTS_PATH.format(ns=ns)}/d")
+    assert live["spec"]["replicas"] == 5
+    owners = managers(live)
+    # "whenever the HPA controller sets the replicas field to a new value, the temporary field
+    # manager will no longer own any fields and will be automatically deleted"
+    assert "handover-to-hpa" not in owners
+    scale_entry = owners["kube-controller-manager/scale"]
+    assert scale_entry["operation"] == "Update"
+    assert scale_entry["fieldsV1"] == {"f:spec": {"f:replicas": {}}}
+
+    again = ssa(api_client, ns, without_replicas("d"), "arks-controller")
+    assert again["spec"]["replicas"] == 5  # the HPA's field: the controller's apply keeps it
+
+
+def test_applying_another_managers_field_conflicts_unless_forced(
+    api_client: client.ApiClient, hpa: client.ApiClient, ns: str
+) -> None:
+    ssa(api_client, ns, without_replicas("d"), "arks-controller")
+    scale_to(hpa, ns, "d", 4)
+
+    error = api_error(ssa, api_client, ns, deployment("d", replicas=2), "arks-controller")
+    assert error.status == 409
+    status = json.loads(error.body)
+    assert status["reason"] == "Conflict"
+    assert 'conflict with "kube-controller-manager"' in status["message"]
+    assert [c["field"] for c in status["details"]["causes"]] == [".spec.replicas"]
+
+    same = ssa(api_client, ns, deployment("d", replicas=4), "arks-controller")  # same value: shared
+    assert {"arks-controller", "kube-controller-manager/scale"} <= set(managers(same))
+
+    forced = ssa(api_client, ns, deployment("d", replicas=2), "arks-controller", force=True)
+    assert forced["spec"]["replicas"] == 2
+    assert "kube-controller-manager/scale" not in managers(forced)  # it owned nothing else
+
+
+def test_an_update_takes_the_fields_it_changes(api_client: client.ApiClient, ns: str) -> None:
+    """'Whenever a field's value does change, ownership moves from its current manager to the
+    manager making the change' (an update never conflicts)."""
+    ssa(api_client, ns, deployment("d", replicas=1), "arks-controller")
+    live = rest.request(api_client, "GET", f"{DEPLOYMENTS_PATH.format(ns=ns)}/d")
+    live["metadata"]["labels"]["app"] = "edited"
+    updated = rest.request(
+        api_client,
+        "PUT",
+        f"{DEPLOYMENTS_PATH.format(ns=ns)}/d",
+        query={"fieldManager": "kubectl-edit"},
+        body=live,
+    )
+    owners = managers(updated)
+    assert owners["kubectl-edit"]["operation"] == "Update"
+    assert owners["kubectl-edit"]["fieldsV1"] == {"f:metadata": {"f:labels": {"f:app": {}}}}
+    assert "f:metadata" not in owners["arks-controller"]["fieldsV1"]  # its only label went
+
+
+def test_the_scale_subresource_reads_and_writes_replicas(
+    kube: RunningKubeEmulator, api_client: client.ApiClient, hpa: client.ApiClient, ns: str
+) -> None:
+    ssa(api_client, ns, deployment("d", replicas=2), "arks-controller")
+    path = f"{DEPLOYMENTS_PATH.format(ns=ns)}/d/scale"
+    scale = rest.request(hpa, "GET", path)
+    assert (scale["apiVersion"], scale["kind"]) == ("autoscaling/v1", "Scale")
+    assert scale["spec"] == {"replicas": 2} and scale["status"]["selector"] == "app=d"
+
+    scale["metadata"]["resourceVersion"] = "1"  # stale
+    assert api_error(rest.request, hpa, "PUT", path, body=scale).status == 409
+    assert (HPA_AGENT, "update", "apps", "deployments/scale", ns, "d") in kube.emulator.audit

@@ -9,9 +9,15 @@ collection. Each rule names the part of the Kubernetes API docs it follows:
     API concepts:  https://kubernetes.io/docs/reference/using-api/api-concepts/
     Conventions:   https://github.com/kubernetes/community/blob/master/contributors/devel/sig-architecture/api-conventions.md
 
-Simplifications (documented where they apply): server-side apply is a recursive merge with no
-field ownership; strategic merge patch is treated as JSON merge patch; JSON patch, field
-selectors, foreground deletion and admission/validation are not emulated.
+Server-side apply tracks field ownership per manager (`metadata.managedFields`): a field a
+manager stops applying is removed (or reset to its default) unless another manager owns it, a
+write that changes a field takes it over, and an apply changing another manager's field without
+`force` is a 409 Conflict (the subset `tests.support.fieldmanager` describes). Deployments and
+LeaderWorkerSets have a `scale` subresource, as the HPA controller uses it.
+
+Simplifications (documented where they apply): lists are atomic for server-side apply; only the
+defaults in `DEFAULTS` are applied; strategic merge patch is treated as JSON merge patch; JSON
+patch, field selectors, foreground deletion and admission/validation are not emulated.
 
 Usage from synchronous tests and the real `kubernetes` client::
 
@@ -38,6 +44,8 @@ import aiohttp.web
 import attrs
 import kmock
 import yaml
+
+from tests.support import fieldmanager as fm
 
 Obj = dict[str, Any]
 
@@ -72,6 +80,21 @@ BUILTIN_RESOURCES: dict[tuple[str, str, str], tuple[str, bool, bool]] = {
     ("arks.ai", "v1", "arkstokens"): ("ArksToken", True, True),
     ("arks.ai", "v1", "arksquotas"): ("ArksQuota", True, True),
     ("gateway.envoyproxy.io", "v1alpha1", "backends"): ("Backend", True, True),
+}
+
+# Resources with a `scale` subresource: (group, version, plural) -> the path of their replicas
+# (`specReplicasPath` of a CRD's scale subresource; spec.replicas for apps/v1 Deployments).
+SCALE_RESOURCES: dict[tuple[str, str, str], tuple[str, ...]] = {
+    ("apps", "v1", "deployments"): ("spec", "replicas"),
+    ("leaderworkerset.x-k8s.io", "v1", "leaderworkersets"): ("spec", "replicas"),
+}
+
+# Defaults the API server fills in when a field is missing, on create and after an apply removed
+# it: Deployment `spec.replicas` (SetDefaults_Deployment, apps/v1) and LeaderWorkerSet
+# `spec.replicas` (`default: 1` in its CRD schema).
+DEFAULTS: dict[str, tuple[tuple[tuple[str, ...], Any], ...]] = {
+    "Deployment": ((("spec", "replicas"), 1),),
+    "LeaderWorkerSet": ((("spec", "replicas"), 1),),
 }
 
 APPLY_PATCH = "application/apply-patch+yaml"
@@ -190,12 +213,10 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 
 def apply_merge(live: Any, applied: Any) -> Any:
-    """Server-side apply, simplified: a recursive merge where the applied configuration wins.
-
-    Real SSA tracks field ownership per manager (`managedFields`), removes fields a manager
-    stopped applying, merges lists by their keys and reports conflicts between managers:
-    https://kubernetes.io/docs/reference/using-api/server-side-apply/
-    None of that is emulated: lists are replaced whole and fields are never removed.
+    """Server-side apply's merge: recursive, the applied configuration wins, lists are replaced
+    whole (atomic). Removing what a manager stopped applying, ownership and conflicts are
+    `tests.support.fieldmanager`'s:
+    https://kubernetes.io/docs/reference/using-api/server-side-apply/#merge-strategy
     """
     if not (isinstance(live, dict) and isinstance(applied, dict)):
         return copy.deepcopy(applied)
@@ -268,7 +289,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 kind=kind,
                 namespaced=namespaced,
                 verbs={"create", "get", "list", "watch", "update", "patch", "delete"},
-                subresources={"status"} if has_status else set(),
+                subresources=({"status"} if has_status else set())
+                | ({"scale"} if (group, version, plural) in SCALE_RESOURCES else set()),
             )
 
     # --- HTTP entry -------------------------------------------------------------------------
@@ -288,16 +310,25 @@ class KubeEmulator(kmock.KubernetesEmulator):
     def _serve_object(self, request: kmock.Request, path: ObjectPath) -> tuple[int, Obj]:
         # All state changes are synchronous (no awaits), so each request is atomic on the loop.
         method = request.method.value
+        manager = fm.manager_from(
+            request.params.get("fieldManager"), request.headers.get("User-Agent", "")
+        )
+        if path.subresource == "scale" and path.name is not None and method in ("GET", "PUT"):
+            if (path.group, path.version, path.plural) not in SCALE_RESOURCES:
+                raise ApiError(404, "NotFound", f"{path.qualified} has no scale subresource")
+            if method == "GET":
+                return 200, self._scale_of(path, self._must_find(path))
+            return 200, self._put_scale(path, _read_body(request), manager)
         if path.name is None and method == "GET":
             return 200, self._list(path, request.params)
         if path.name is None and method == "POST":
-            return 201, self._create(path, _read_body(request))
+            return 201, self._create(path, _read_body(request), manager)
         if path.name is not None and method == "GET":
             return 200, self._get(path)
         if path.name is not None and method == "PUT":
-            return 200, self._update(path, _read_body(request))
+            return 200, self._update(path, _read_body(request), manager)
         if path.name is not None and method == "PATCH":
-            return self._patch(request, path)
+            return self._patch(request, path, manager)
         if path.name is not None and method == "DELETE":
             return 200, self._delete(path, _read_body(request, required=False))
         raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on {request.url.path}")
@@ -398,7 +429,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
     def _get(self, path: ObjectPath) -> Obj:
         return self._must_find(path)
 
-    def _create(self, path: ObjectPath, body: Obj) -> Obj:
+    def _create(self, path: ObjectPath, body: Obj, manager: str) -> Obj:
         # https://kubernetes.io/docs/reference/using-api/api-concepts/#resource-uris (POST creates)
         meta = body.setdefault("metadata", {})
         if not meta.get("name") and meta.get("generateName"):
@@ -421,9 +452,11 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 f'{path.qualified} "{meta["name"]}" already exists',
                 {"name": meta["name"], "group": path.group, "kind": path.plural},
             )
-        return self._insert(path, body)
+        return self._insert(path, body, fm.Manager(manager, fm.UPDATE))
 
-    def _insert(self, path: ObjectPath, body: Obj) -> Obj:
+    def _insert(
+        self, path: ObjectPath, body: Obj, writer: fm.Manager, applied: fm.FieldSet | None = None
+    ) -> Obj:
         meta = body["metadata"]
         # System-populated metadata; `generation` starts at 1 and counts spec changes:
         # https://github.com/kubernetes/community/blob/master/contributors/devel/sig-architecture/api-conventions.md#metadata
@@ -439,15 +472,62 @@ class KubeEmulator(kmock.KubernetesEmulator):
             # With a status subresource, the main resource ignores .status (also on create):
             # https://kubernetes.io/docs/tasks/extend-kubernetes/custom-resources/custom-resource-definitions/#status-subresource
             body.pop("status", None)
+        _default(body)
+        # The creator owns what it set (an apply: what it applied):
+        # https://kubernetes.io/docs/reference/using-api/server-side-apply/#field-management
+        meta.pop("managedFields", None)
+        meta["managedFields"] = fm.record_write({}, body, writer, _now(), applied=applied)
         self._store(path, body, "ADDED")
         return body
 
-    def _update(self, path: ObjectPath, body: Obj) -> Obj:
+    def _update(self, path: ObjectPath, body: Obj, manager: str) -> Obj:
         live = self._must_find(path)
         self._check_precondition(path, live, body)
-        return self._write(path, live, body)
+        return self._write(path, live, body, fm.Manager(manager, fm.UPDATE, path.subresource or ""))
 
-    def _patch(self, request: kmock.Request, path: ObjectPath) -> tuple[int, Obj]:
+    def _scale_of(self, path: ObjectPath, obj: Obj) -> Obj:
+        """The autoscaling/v1 Scale of an object (what the HPA controller reads and writes):
+        https://kubernetes.io/docs/reference/kubernetes-api/workload-resources/deployment-v1/#get-read-scale-of-the-specified-deployment
+        """
+        replicas_path = SCALE_RESOURCES[(path.group, path.version, path.plural)]
+        node: Any = obj
+        for part in replicas_path:
+            node = (node or {}).get(part)
+        status = obj.get("status") or {}
+        match = ((obj.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+        selector = status.get("hpaPodSelector") or ",".join(f"{k}={v}" for k, v in match.items())
+        meta = obj["metadata"]
+        return {
+            "apiVersion": "autoscaling/v1",
+            "kind": "Scale",
+            "metadata": {
+                k: meta[k]
+                for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+                if k in meta
+            },
+            "spec": {"replicas": int(node or 0)},
+            "status": {"replicas": int(status.get("replicas") or 0), "selector": selector},
+        }
+
+    def _put_scale(self, path: ObjectPath, scale: Obj, manager: str) -> Obj:
+        """Set the replicas through the scale subresource: an update of the parent's replicas
+        field by (manager, Update, "scale"), as the API server's ScaleHandler maps it."""
+        main = ObjectPath(path.group, path.version, path.plural, path.namespace, path.name, None)
+        live = self._must_find(main)
+        self._check_precondition(path, live, scale)
+        replicas = (scale.get("spec") or {}).get("replicas")
+        if not isinstance(replicas, int) or replicas < 0:
+            raise ApiError(422, "Invalid", "spec.replicas: Invalid value: must be an integer >= 0")
+        desired = copy.deepcopy(live)
+        node = desired
+        replicas_path = SCALE_RESOURCES[(path.group, path.version, path.plural)]
+        for part in replicas_path[:-1]:
+            node = node.setdefault(part, {})
+        node[replicas_path[-1]] = replicas
+        new = self._write(main, live, desired, fm.Manager(manager, fm.UPDATE, "scale"))
+        return self._scale_of(path, new)
+
+    def _patch(self, request: kmock.Request, path: ObjectPath, manager: str) -> tuple[int, Obj]:
         # https://kubernetes.io/docs/reference/using-api/api-concepts/#patch-and-apply
         content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
         if content_type == APPLY_PATCH:
@@ -464,15 +544,19 @@ class KubeEmulator(kmock.KubernetesEmulator):
                     "BadRequest",
                     "the name of the object does not match the name on the request",
                 )
+            writer = fm.Manager(manager, fm.APPLY, path.subresource or "")
+            force = request.params.get("force") in ("true", "1")
+            owned = self._applied_fields(path, applied)
             live = self._find(path)
             if live is None and path.subresource is None:
                 # Apply creates a missing object (a real server answers 201 Created).
                 applied.setdefault("metadata", {})["name"] = path.name
-                return 201, self._insert(path, applied)
+                return 201, self._insert(path, applied, writer, owned)
             if live is None:
                 self._must_find(path)
             assert live is not None
-            return 200, self._write(path, live, apply_merge(live, applied))
+            merged = fm.prune_unapplied(apply_merge(live, applied), live, writer, owned)
+            return 200, self._write(path, live, merged, writer, applied=owned, force=force)
         if content_type in (MERGE_PATCH, STRATEGIC_MERGE_PATCH):
             # Simplification: strategic merge patch is treated as JSON merge patch, so lists are
             # replaced whole instead of merged by their patchMergeKey:
@@ -480,7 +564,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
             patch = _read_body(request)
             live = self._must_find(path)
             self._check_precondition(path, live, patch)
-            return 200, self._write(path, live, merge_patch(live, patch))
+            writer = fm.Manager(manager, fm.UPDATE, path.subresource or "")
+            return 200, self._write(path, live, merge_patch(live, patch), writer)
         raise ApiError(
             415,
             "UnsupportedMediaType",
@@ -500,8 +585,28 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 {"name": path.name, "group": path.group, "kind": path.plural},
             )
 
-    def _write(self, path: ObjectPath, live: Obj, desired: Obj) -> Obj:
-        """Store `desired` as the new state of `live`, keeping what the client may not change."""
+    def _applied_fields(self, path: ObjectPath, applied: Obj) -> fm.FieldSet:
+        """The fields an apply claims: a status-subresource apply claims only status, a main
+        resource with a status subresource never claims status (its reset fields)."""
+        if path.subresource == "status":
+            return fm.field_set({"status": applied.get("status") or {}})
+        if self._has_status(path):
+            return fm.field_set({k: v for k, v in applied.items() if k != "status"})
+        return fm.field_set(applied)
+
+    def _write(
+        self,
+        path: ObjectPath,
+        live: Obj,
+        desired: Obj,
+        writer: fm.Manager | None = None,
+        *,
+        applied: fm.FieldSet | None = None,
+        force: bool = True,
+    ) -> Obj:
+        """Store `desired` as the new state of `live`, keeping what the client may not change;
+        `writer` (None for the server's own writes) is recorded in managedFields, `applied` is
+        the field set of an apply (see `tests.support.fieldmanager.record_write`)."""
         new = copy.deepcopy(desired)
         meta = new.setdefault("metadata", {})
         for field in SYSTEM_METADATA:
@@ -539,6 +644,30 @@ class KubeEmulator(kmock.KubernetesEmulator):
             new.pop("status", None)
             if "status" in live:
                 new["status"] = live["status"]
+        if path.subresource != "status":
+            _default(new)
+        if writer is None:
+            new["metadata"].pop("managedFields", None)
+            if "managedFields" in live["metadata"]:
+                new["metadata"]["managedFields"] = live["metadata"]["managedFields"]
+        else:
+            try:
+                new["metadata"]["managedFields"] = fm.record_write(
+                    live, new, writer, _now(), applied=applied, force=force
+                )
+            except fm.ConflictError as e:
+                # https://kubernetes.io/docs/reference/using-api/server-side-apply/#conflicts
+                raise ApiError(
+                    409,
+                    "Conflict",
+                    e.message,
+                    {
+                        "name": path.name,
+                        "group": path.group,
+                        "kind": path.plural,
+                        "causes": e.causes(),
+                    },
+                ) from e
         if new == live:
             # A no-op write changes nothing: no new resourceVersion, no watch event (as a real
             # server does), so controllers applying an unchanged state do not wake themselves up.
@@ -671,6 +800,16 @@ class KubeEmulator(kmock.KubernetesEmulator):
         """End every open watch stream, so the server can stop without waiting on them."""
         for _, queue in self._watchers:
             queue.put_nowait(_WATCH_CLOSED)
+
+
+def _default(obj: Obj) -> None:
+    """Fill in the defaults of `DEFAULTS` the object lacks (as the API server's defaulting does
+    on every write, so a field an apply removed comes back with its default)."""
+    for path, value in DEFAULTS.get(str(obj.get("kind")), ()):
+        node = obj
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node.setdefault(path[-1], value)
 
 
 def _in_scope(scope: ObjectPath, path: ObjectPath, obj: Obj) -> bool:
