@@ -39,6 +39,9 @@ CREDENTIAL_HEADERS = (AUTHORIZATION_HEADER, API_KEY_HEADER)
 
 # --- Kubernetes -----------------------------------------------------------------------------
 FIELD_MANAGER = "arks-controller"  # server-side apply
+# Applies only a field the controller stops applying, so it keeps its value until its new owner
+# (the HPA) writes it: server-side apply's "transferring ownership".
+HANDOVER_FIELD_MANAGER = "arks-handover-to-hpa"
 EVENT_COMPONENT = "arks-controller"  # the source of the controller's Events
 
 LABEL_NAME = "app.kubernetes.io/name"

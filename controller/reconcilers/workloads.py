@@ -10,10 +10,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubernetes.client import ApiClient
-from kubernetes.client.exceptions import ApiException
 
 from arks.adapters.kube import rest
-from arks.adapters.kube.apply import delete, patch_status, server_side_apply, set_owner
+from arks.adapters.kube.apply import (
+    applies,
+    hand_over,
+    patch_status,
+    server_side_apply,
+    set_owner,
+)
 from arks.adapters.kube.conditions import find_condition, set_condition
 from arks.adapters.kube.errors import PermanentError, TemporaryError
 from arks.adapters.kube.events import record_event
@@ -31,7 +36,8 @@ from arks.resources import (
     SERVICES,
     Resource,
 )
-from arks.wire import EVENT_COMPONENT, LABEL_MANAGED_BY, MANAGED_BY
+from arks.wire import EVENT_COMPONENT, HANDOVER_FIELD_MANAGER, LABEL_APPLICATION
+from controller.reconcilers.pruning import prune_owned
 
 log = logging.getLogger(__name__)
 
@@ -166,51 +172,39 @@ def render_failed(
         record(api_client, obj, "Warning", "RenderFailed", str(error))
 
 
+REPLICAS = ("spec", "replicas")
+
+
+def release_replicas(
+    api_client: ApiClient, resource: Resource, workload: Mapping[str, Any], field_manager: str
+) -> None:
+    """Before applying a workload without `replicas` (an autoscaler owns the count now) whose
+    live version has them from our apply, hand them over so they are not reset to 1 (see
+    `arks.adapters.kube.apply.hand_over`)."""
+    meta = workload["metadata"]
+    live = rest.get_or_none(api_client, resource, meta["namespace"], meta["name"])
+    if live is not None and applies(live, field_manager, REPLICAS):
+        if hand_over(api_client, resource, live, REPLICAS, HANDOVER_FIELD_MANAGER):
+            log.info("handed the replicas of %s/%s over", workload["kind"], meta["name"])
+
+
 def apply_owned(
     api_client: ApiClient,
     owner: Mapping[str, Any],
     objects: Sequence[Mapping[str, Any]],
     field_manager: str,
 ) -> list[Obj]:
-    """Server-side apply `objects` as children of `owner`; the live objects, in order."""
+    """Server-side apply `objects` as children of `owner`; the live objects, in order.
+
+    A workload applied without `replicas` gets them handed over first; one applied with them
+    takes them back (the apply is forced), from the HPA too once autoscaling is off."""
     resources = [resource_for(obj) for obj in objects]  # unknown kinds fail before any write
-    return [
-        server_side_apply(api_client, resource, set_owner(obj, owner), field_manager)
-        for obj, resource in zip(objects, resources, strict=True)
-    ]
-
-
-def prune_owned(
-    api_client: ApiClient, owner: Mapping[str, Any], rendered: Sequence[Mapping[str, Any]]
-) -> list[str]:
-    """Delete the children `owner` controls that the current render no longer produces (the
-    HPA after autoscaling was turned off, the Deployment after `size` grew to a LeaderWorkerSet):
-    left behind they fight the controller over replicas or hold GPUs. Children are found by
-    the managed-by label and recognised by their controller reference; returns `kind/name` of
-    each deleted."""
-    meta = owner["metadata"]
-    keep = {(str(o["kind"]), str(o["metadata"]["name"])) for o in rendered}
-    selector = {"labelSelector": f"{LABEL_MANAGED_BY}={MANAGED_BY}"}
-    deleted = []
-    for kind, resource in KIND_RESOURCES.items():
-        try:
-            items = rest.request(
-                api_client, "GET", resource.path(meta["namespace"]), query=selector
-            ).get("items", [])
-        except ApiException as e:
-            if e.status == 404:  # a kind this cluster does not serve (LeaderWorkerSet's CRD)
-                continue
-            raise rest.classify(e, f"list {resource.plural}") from e
-        for item in items:
-            name = item["metadata"]["name"]
-            controlled = any(
-                ref.get("uid") == meta["uid"] and ref.get("controller")
-                for ref in item["metadata"].get("ownerReferences") or []
-            )
-            if controlled and (kind, name) not in keep:
-                delete(api_client, resource, meta["namespace"], name)
-                deleted.append(f"{kind}/{name}")
-    return deleted
+    live = []
+    for obj, resource in zip(objects, resources, strict=True):
+        if obj["kind"] in WORKLOAD_KINDS and "replicas" not in (obj.get("spec") or {}):
+            release_replicas(api_client, resource, obj, field_manager)
+        live.append(server_side_apply(api_client, resource, set_owner(obj, owner), field_manager))
+    return live
 
 
 def availability(
@@ -283,7 +277,8 @@ def render_and_apply(
         raise
     status.condition("Rendered", "True", "Rendered", f"{len(objects)} objects applied")
     live = apply_owned(api_client, obj, objects, field_manager)
-    for gone in prune_owned(api_client, obj, objects):
+    owner_label = (LABEL_APPLICATION, str(obj["metadata"]["name"]))
+    for gone in prune_owned(api_client, obj, objects, KIND_RESOURCES, owner_label):
         record(api_client, obj, "Normal", "Pruned", f"deleted {gone}: no longer rendered")
     return Applied(obj, status, objects, live)
 

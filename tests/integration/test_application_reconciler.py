@@ -22,7 +22,7 @@ from arks.resources import (
     SERVICES,
 )
 from controller.reconcilers.application import application_controller, reconcile_application
-from tests.support.kube import FAST_INFORMERS, eventually, set_status
+from tests.support.kube import FAST_INFORMERS, RunningKubeEmulator, eventually, set_status
 from tests.support.kube import get_object as get
 
 MODEL = "qwen2-5-7b-instruct"
@@ -343,3 +343,69 @@ def test_render_failure_records_a_warning_event(api: ApiClient, ns: str) -> None
     listed = rest.request(api, "GET", EVENTS.path(ns)).get("items") or []
     (event,) = [e for e in listed if e["reason"] == "RenderFailed"]
     assert event["type"] == "Warning" and event["count"] == 1, "recorded on the transition only"
+
+
+# The HPA controller scales through the scale subresource with kube-controller-manager's client.
+HPA_AGENT = (
+    "kube-controller-manager/v1.33.0 (linux/amd64) kubernetes/abcdef0/horizontal-pod-autoscaler"
+)
+
+
+def hpa_scales(kube: RunningKubeEmulator, ns: str, name: str, replicas: int) -> None:
+    with kube.api_client() as hpa:
+        hpa.user_agent = HPA_AGENT
+        path = DEPLOYMENTS.path(ns, name, "scale")
+        scale = rest.request(hpa, "GET", path)
+        scale["spec"]["replicas"] = replicas
+        rest.request(hpa, "PUT", path, body=scale)
+
+
+def replicas_of(api: ApiClient, ns: str, name: str = "chat") -> int:
+    deployment = get(api, DEPLOYMENTS, ns, name)
+    assert deployment is not None
+    return int(deployment["spec"]["replicas"])
+
+
+def test_turning_autoscaling_on_hands_replicas_to_the_hpa_without_a_reset(
+    kube: RunningKubeEmulator, api: ApiClient, ns: str
+) -> None:
+    """Dropping `replicas` from the applied Deployment would reset it to 1 (the API server's
+    default) before the HPA takes the field: the running replicas would be killed."""
+    create_model(api, ns, ready=True)
+    create_app(api, ns, replicas=3)
+    reconcile_application(api, (ns, "chat"))
+    assert replicas_of(api, ns) == 3
+
+    _update_spec(api, ns, autoscaling={"minReplicas": 1, "maxReplicas": 8})
+    reconcile_application(api, (ns, "chat"))
+    assert replicas_of(api, ns) == 3
+    reconcile_application(api, (ns, "chat"))  # and again, once the handover is done
+    assert replicas_of(api, ns) == 3
+
+    hpa_scales(kube, ns, "chat", 5)
+    reconcile_application(api, (ns, "chat"))
+    assert replicas_of(api, ns) == 5  # the HPA's count: the controller leaves it
+    managers = {
+        e["manager"] for e in get(api, DEPLOYMENTS, ns, "chat")["metadata"]["managedFields"]
+    }
+    assert managers == {"arks-controller", "kube-controller-manager"}  # the handover is gone
+
+    _update_spec(api, ns, autoscaling=None, replicas=2)
+    reconcile_application(api, (ns, "chat"))
+    assert replicas_of(api, ns) == 2  # the controller's count again
+    assert get(api, HPAS, ns, "chat") is None
+    hpa_scales(kube, ns, "chat", 7)  # a late write of the deleted HPA …
+    reconcile_application(api, (ns, "chat"))
+    assert replicas_of(api, ns) == 2  # … is undone
+
+
+def test_an_autoscaled_leaderworkerset_keeps_its_groups_on_handover(
+    kube: RunningKubeEmulator, api: ApiClient, ns: str
+) -> None:
+    create_model(api, ns, ready=True)
+    create_app(api, ns, replicas=2, size=2, tensorParallelSize=2)
+    reconcile_application(api, (ns, "chat"))
+    _update_spec(api, ns, autoscaling={"minReplicas": 1, "maxReplicas": 4})
+    reconcile_application(api, (ns, "chat"))
+    lws = get(api, LEADERWORKERSETS, ns, "chat")
+    assert lws is not None and lws["spec"]["replicas"] == 2

@@ -7,7 +7,7 @@ reconcile can let them propagate and the runner retries the right way.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kubernetes.client import ApiClient
@@ -40,6 +40,67 @@ def server_side_apply(
         )
     except ApiException as e:
         raise rest.classify(e, f"apply {resource.plural}/{meta['name']}") from e
+
+
+def applies(obj: Mapping[str, Any], field_manager: str, path: Sequence[str]) -> bool:
+    """Whether `field_manager`'s server-side apply owns the field at `path` (e.g. `spec`,
+    `replicas`) of `obj`, from its `metadata.managedFields` (FieldsV1: `f:<name>` keys)."""
+    for entry in (obj.get("metadata") or {}).get("managedFields") or []:
+        if entry.get("manager") != field_manager or entry.get("operation") != "Apply":
+            continue
+        node: Any = entry.get("fieldsV1") or {}
+        for part in path:
+            node = node.get(f"f:{part}") if isinstance(node, dict) else None
+        if node is not None:
+            return True
+    return False
+
+
+def hand_over(
+    api_client: ApiClient,
+    resource: Resource,
+    live: Mapping[str, Any],
+    path: Sequence[str],
+    handover_manager: str,
+) -> bool:
+    """Keep the field at `path` of `live` at its value while its applier stops applying it.
+
+    Server-side apply removes a field its manager leaves out unless another manager owns it;
+    for `replicas` that is a reset to 1. So, as the Kubernetes docs prescribe ("Transferring
+    ownership"), the live value is applied once under a private `handover_manager`, which then
+    shares the field; the next write of a new value by its real owner (the HPA) takes it from
+    both and the handover manager disappears. Not forced: a conflict means that owner already
+    changed it, and nothing needs keeping. True when the handover manager now holds the field.
+    """
+    meta = live["metadata"]
+    value: Any = live
+    for part in path:
+        value = value[part]
+    body: dict[str, Any] = {
+        "apiVersion": live["apiVersion"],
+        "kind": live["kind"],
+        "metadata": {"name": meta["name"], "namespace": meta.get("namespace")},
+    }
+    node = body
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
+    try:
+        rest.request(
+            api_client,
+            "PATCH",
+            resource.path(meta.get("namespace"), meta["name"]),
+            query={"fieldManager": handover_manager},
+            body=body,
+            content_type=rest.APPLY_PATCH,
+        )
+    except ApiException as e:
+        if e.status == 409:
+            return False
+        raise rest.classify(
+            e, f"hand over {'.'.join(path)} of {resource.plural}/{meta['name']}"
+        ) from e
+    return True
 
 
 def owner_reference(owner: Mapping[str, Any]) -> dict[str, Any]:
@@ -89,18 +150,26 @@ def patch_status(
         raise rest.classify(e, f"status of {resource.plural}/{name}") from e
 
 
-def delete(api_client: ApiClient, resource: Resource, namespace: str | None, name: str) -> None:
-    """Delete an object, its dependents in the background; one already gone is no error."""
+def delete(
+    api_client: ApiClient,
+    resource: Resource,
+    namespace: str | None,
+    name: str,
+    uid: str | None = None,
+) -> None:
+    """Delete an object, its dependents in the background; one already gone is no error.
+
+    With `uid`, only that object: one re-created under the same name since it was read is left
+    alone (a uid precondition, answered 409 Conflict, taken as "already gone")."""
+    options: dict[str, Any] = {"propagationPolicy": "Background"}
+    if uid is not None:
+        options["preconditions"] = {"uid": uid}
     try:
-        rest.request(
-            api_client,
-            "DELETE",
-            resource.path(namespace, name),
-            body={"propagationPolicy": "Background"},
-        )
+        rest.request(api_client, "DELETE", resource.path(namespace, name), body=options)
     except ApiException as e:
-        if e.status != 404:
-            raise rest.classify(e, f"delete {resource.plural}/{name}") from e
+        if e.status == 404 or (e.status == 409 and uid is not None):
+            return
+        raise rest.classify(e, f"delete {resource.plural}/{name}") from e
 
 
 def ensure_finalizer(
