@@ -35,14 +35,19 @@ from arks.adapters.kube.runner import Controller, Leadership
 from arks.adapters.kube.watch import Informer, watch_owned
 from arks.api import STATIC
 from arks.resources import APPLICATIONS, ENDPOINTS, HTTPROUTES, Resource
-from arks.wire import FIELD_MANAGER
+from arks.wire import FIELD_MANAGER, LABEL_ENDPOINT, label_value
 from controller.reconcilers.picking import Condition, sync_picking_policy
+from controller.reconcilers.pruning import prune_owned
 from controller.render.endpoint import DEFAULT_GATEWAY, render_httproute, route_status
 
 log = logging.getLogger(__name__)
 
 ENDPOINT_API_VERSION = "arks.ai/v1"
 ENDPOINT_KIND = "ArksEndpoint"
+
+# The kinds an endpoint owns through its controller reference, pruned when no longer rendered
+# (its EnvoyPatchPolicies live in another namespace: `controller.reconcilers.picking`).
+ROUTE_KINDS: Mapping[str, Resource] = {"HTTPRoute": HTTPROUTES}
 
 
 class LoadSource(Protocol):
@@ -125,6 +130,9 @@ def reconcile_endpoint(
         _write_status(api_client, endpoint, {}, ("False", "Unroutable", str(e)), when)
         raise
     server_side_apply(api_client, HTTPROUTES, set_owner(route, endpoint), field_manager)
+    owner_label = (LABEL_ENDPOINT, label_value(name))
+    for gone in prune_owned(api_client, endpoint, [route], ROUTE_KINDS, owner_label):
+        log.info("ArksEndpoint %s/%s: deleted %s, no longer rendered", namespace, name, gone)
     picking = sync_picking_policy(api_client, ENDPOINTS, endpoint, default_gateway, field_manager)
 
     routes = route_status(route)

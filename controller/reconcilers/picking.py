@@ -29,7 +29,7 @@ from arks.adapters.kube.apply import delete, ensure_finalizer, remove_finalizer,
 from arks.adapters.kube.errors import PermanentError
 from arks.adapters.kube.rest import Obj
 from arks.resources import PATCH_POLICIES, Resource
-from arks.wire import LABEL_ENDPOINT_UID, PICKING_FINALIZER
+from arks.wire import LABEL_ENDPOINT_UID, LABEL_MANAGED_BY, MANAGED_BY, PICKING_FINALIZER
 from controller.render.picking import render_picking_policy
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def _policies_of(api_client: ApiClient, uid: str) -> list[Obj]:
             api_client,
             "GET",
             PATCH_POLICIES.path(),
-            query={"labelSelector": f"{LABEL_ENDPOINT_UID}={uid}"},
+            query={"labelSelector": f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_ENDPOINT_UID}={uid}"},
         )
     except ApiException as e:
         if e.status == 404:
@@ -97,7 +97,7 @@ def sync_picking_policy(
             )
     for policy in _policies_of(api_client, str(meta["uid"])):
         if _where(policy) != keep:
-            delete(api_client, PATCH_POLICIES, *_where(policy))
+            delete(api_client, PATCH_POLICIES, *_where(policy), uid=policy["metadata"].get("uid"))
             log.info("deleted EnvoyPatchPolicy %s/%s", *_where(policy))
     if desired is None:
         remove_finalizer(api_client, endpoints, endpoint, PICKING_FINALIZER)

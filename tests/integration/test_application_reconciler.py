@@ -409,3 +409,26 @@ def test_an_autoscaled_leaderworkerset_keeps_its_groups_on_handover(
     reconcile_application(api, (ns, "chat"))
     lws = get(api, LEADERWORKERSETS, ns, "chat")
     assert lws is not None and lws["spec"]["replicas"] == 2
+
+
+def test_pruning_spares_a_look_alike_the_app_does_not_control(api: ApiClient, ns: str) -> None:
+    """A user's HPA carrying the app's labels (copied from a rendered one) is not the app's to
+    delete: only its controller reference makes a child the app's."""
+    create_model(api, ns, ready=True)
+    create_app(api, ns)
+    reconcile_application(api, (ns, "chat"))
+    users = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {
+            "name": "users-hpa",
+            "labels": {"app.kubernetes.io/managed-by": "arks", "arks.ai/application": "chat"},
+        },
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "chat"},
+            "maxReplicas": 2,
+        },
+    }
+    rest.request(api, "POST", HPAS.path(ns), body=users)
+    reconcile_application(api, (ns, "chat"))
+    assert get(api, HPAS, ns, "users-hpa") is not None

@@ -17,6 +17,7 @@ from kubernetes.client import ApiClient
 
 from arks.adapters.kube import rest
 from arks.adapters.kube.apply import (
+    delete,
     ensure_finalizer,
     patch_status,
     remove_finalizer,
@@ -438,3 +439,21 @@ def test_discovery_tells_which_optional_crds_are_installed(api: ApiClient) -> No
     assert rest.serves(api, Resource("", "v1", "services"))
     assert not rest.serves(api, Resource("leaderworkerset.x-k8s.io", "v1", "widgets"))
     assert not rest.serves(api, Resource("example.invalid", "v1", "widgets"))
+
+
+def test_a_delete_with_a_uid_precondition_spares_a_re_created_object(
+    api: ApiClient, ns: str
+) -> None:
+    """Pruning reads a child, then deletes it: one re-created under that name in between (a
+    new uid) must survive, and the stale delete is no error."""
+    body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}}
+    first = rest.request(api, "POST", CONFIGMAPS.path(ns), body=body)
+    rest.request(api, "DELETE", CONFIGMAPS.path(ns, "c"))
+    second = rest.request(api, "POST", CONFIGMAPS.path(ns), body=body)
+
+    delete(api, CONFIGMAPS, ns, "c", uid=first["metadata"]["uid"])
+    assert get(api, CONFIGMAPS, ns, "c") is not None
+
+    delete(api, CONFIGMAPS, ns, "c", uid=second["metadata"]["uid"])
+    assert get(api, CONFIGMAPS, ns, "c") is None
+    delete(api, CONFIGMAPS, ns, "c", uid=second["metadata"]["uid"])  # already gone: fine

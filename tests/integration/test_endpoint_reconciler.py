@@ -236,3 +236,44 @@ def test_a_load_change_retriggers_the_endpoints_of_its_namespace(api: ApiClient,
         assert endpoint_status(api, ns)["routes"][0]["weight"] == 5
     finally:
         controller.stop()
+
+
+def _route(name: str, owner: dict[str, Any] | None) -> dict[str, Any]:
+    """An HTTPRoute labelled as the endpoint's, controlled by `owner` (or by nobody)."""
+    meta: dict[str, Any] = {
+        "name": name,
+        "labels": {"app.kubernetes.io/managed-by": "arks", "arks.ai/endpoint": SERVED},
+    }
+    if owner is not None:
+        meta["ownerReferences"] = [
+            {
+                "apiVersion": "arks.ai/v1",
+                "kind": "ArksEndpoint",
+                "name": owner["metadata"]["name"],
+                "uid": owner["metadata"]["uid"],
+                "controller": True,
+            }
+        ]
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": meta,
+        "spec": {"parentRefs": [{"name": "arks-gateway"}], "rules": [{}]},
+    }
+
+
+def test_a_route_the_endpoint_no_longer_renders_is_deleted_and_others_are_kept(
+    api: ApiClient, ns: str
+) -> None:
+    """A route of the endpoint under another name (what a render that names its route
+    differently leaves behind) keeps routing the public name: it is pruned. A look-alike the
+    endpoint does not control (a user's) stays."""
+    endpoint = create_endpoint(api, ns)
+    rest.request(api, "POST", HTTPROUTES.path(ns), body=_route("qwen-7b-old", endpoint))
+    rest.request(api, "POST", HTTPROUTES.path(ns), body=_route("users-own", None))
+
+    reconcile_endpoint(api, (ns, SERVED))
+
+    assert get(api, HTTPROUTES, ns, SERVED) is not None
+    assert get(api, HTTPROUTES, ns, "qwen-7b-old") is None
+    assert get(api, HTTPROUTES, ns, "users-own") is not None
