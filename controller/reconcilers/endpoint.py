@@ -132,7 +132,11 @@ def reconcile_endpoint(
     server_side_apply(api_client, HTTPROUTES, set_owner(route, endpoint), field_manager)
     owner_label = (LABEL_ENDPOINT, label_value(name))
     for gone in prune_owned(api_client, endpoint, [route], ROUTE_KINDS, owner_label):
-        log.info("ArksEndpoint %s/%s: deleted %s, no longer rendered", namespace, name, gone)
+        message = f"deleted {gone}: no longer rendered"
+        try:  # best effort: the deletion is done either way
+            record_event(api_client, endpoint, "Normal", "Pruned", message, FIELD_MANAGER)
+        except Exception:
+            log.warning("could not record an Event for ArksEndpoint %s", name)
     picking = sync_picking_policy(api_client, ENDPOINTS, endpoint, default_gateway, field_manager)
 
     routes = route_status(route)

@@ -432,3 +432,16 @@ def test_pruning_spares_a_look_alike_the_app_does_not_control(api: ApiClient, ns
     rest.request(api, "POST", HPAS.path(ns), body=users)
     reconcile_application(api, (ns, "chat"))
     assert get(api, HPAS, ns, "users-hpa") is not None
+
+
+def test_shrinking_to_one_node_deletes_the_leaderworkerset(api: ApiClient, ns: str) -> None:
+    create_model(api, ns, ready=True)
+    create_app(api, ns, size=2, tensorParallelSize=2)
+    reconcile_application(api, (ns, "chat"))
+    assert get(api, LEADERWORKERSETS, ns, "chat") is not None
+
+    _update_spec(api, ns, size=1, tensorParallelSize=1)
+    reconcile_application(api, (ns, "chat"))
+
+    assert get(api, LEADERWORKERSETS, ns, "chat") is None
+    assert get(api, DEPLOYMENTS, ns, "chat") is not None

@@ -277,3 +277,7 @@ def test_a_route_the_endpoint_no_longer_renders_is_deleted_and_others_are_kept(
     assert get(api, HTTPROUTES, ns, SERVED) is not None
     assert get(api, HTTPROUTES, ns, "qwen-7b-old") is None
     assert get(api, HTTPROUTES, ns, "users-own") is not None
+    events = rest.request(api, "GET", EVENTS.path(ns))["items"]
+    assert [e["message"] for e in events if e["reason"] == "Pruned"] == [
+        "deleted HTTPRoute/qwen-7b-old: no longer rendered"
+    ]
