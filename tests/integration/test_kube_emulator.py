@@ -597,3 +597,43 @@ def test_the_scale_subresource_reads_and_writes_replicas(
     scale["metadata"]["resourceVersion"] = "1"  # stale
     assert api_error(rest.request, hpa, "PUT", path, body=scale).status == 409
     assert (HPA_AGENT, "update", "apps", "deployments/scale", ns, "d") in kube.emulator.audit
+
+
+def test_a_shared_owner_gives_up_a_field_without_changing_it(
+    api_client: client.ApiClient, ns: str
+) -> None:
+    """'When two or more appliers set a field to the same value, they share ownership ...
+    Shared field owners may give up ownership of a field by making a Server-Side Apply patch
+    request that doesn't include that field.'"""
+    labelled = deployment("d")
+    labelled["metadata"]["labels"]["team"] = "a"
+    ssa(api_client, ns, labelled, "first")
+    ssa(api_client, ns, labelled, "second")
+
+    kept = ssa(api_client, ns, deployment("d"), "first")  # drops the label
+
+    assert kept["metadata"]["labels"] == {"app": "d", "team": "a"}
+    assert "f:team" not in managers(kept)["first"]["fieldsV1"]["f:metadata"]["f:labels"]
+    assert "f:team" in managers(kept)["second"]["fieldsV1"]["f:metadata"]["f:labels"]
+
+    gone = ssa(api_client, ns, deployment("d"), "second")  # the last owner drops it
+    assert gone["metadata"]["labels"] == {"app": "d"}
+
+
+def test_a_leaderworkerset_without_replicas_gets_the_crd_default(
+    api_client: client.ApiClient, ns: str
+) -> None:
+    lws = {
+        "apiVersion": "leaderworkerset.x-k8s.io/v1",
+        "kind": "LeaderWorkerSet",
+        "metadata": {"name": "l"},
+        "spec": {"replicas": 3, "leaderWorkerTemplate": {"size": 2}},
+    }
+    path = f"/apis/leaderworkerset.x-k8s.io/v1/namespaces/{ns}/leaderworkersets/l"
+    query = {"fieldManager": "arks-controller", "force": "true"}
+    rest.request(api_client, "PATCH", path, query=query, body=lws, content_type=APPLY_TYPE)
+    del lws["spec"]["replicas"]
+    live = rest.request(api_client, "PATCH", path, query=query, body=lws, content_type=APPLY_TYPE)
+    assert live["spec"]["replicas"] == 1
+    scale = rest.request(api_client, "GET", f"{path}/scale")
+    assert scale["spec"]["replicas"] == 1
