@@ -281,3 +281,28 @@ def test_the_controller_creates_and_repairs_children(api: ApiClient, ns: str) ->
         started = time.monotonic()
         controller.stop()
     assert time.monotonic() - started < 5
+
+
+def test_switching_to_dynamo_prunes_the_sglang_router_rbac(api: ApiClient, ns: str) -> None:
+    """SGLang's router watches pods through its own ServiceAccount, Role and RoleBinding;
+    Dynamo's frontend needs none, so they go (a stale Role would keep granting pod reads)."""
+    create_model(api, ns)
+    create_dapp(api, ns)
+    reconcile_disaggregated(api, (ns, APP))
+    for resource in (ROLES, ROLEBINDINGS, SERVICEACCOUNTS):
+        assert get(api, resource, ns, f"{APP}-router") is not None
+
+    dapp = get(api, DISAGGREGATED_APPLICATIONS, ns, APP)
+    assert dapp is not None
+    dapp["spec"].update(
+        runtime="dynamo",
+        image="nvcr.io/nvidia/ai-dynamo/vllm-runtime:1.0.0",
+        router={"replicas": 1, "args": ["--router-mode", "kv"]},
+    )
+    rest.request(api, "PUT", DISAGGREGATED_APPLICATIONS.path(ns, APP), body=dapp)
+    reconcile_disaggregated(api, (ns, APP))
+
+    for resource in (ROLES, ROLEBINDINGS, SERVICEACCOUNTS):
+        assert get(api, resource, ns, f"{APP}-router") is None
+    assert get(api, DEPLOYMENTS, ns, f"{APP}-router") is not None
+    assert "Pruned" in events(api, ns)
