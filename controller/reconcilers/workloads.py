@@ -1,5 +1,6 @@
-"""What the two application reconcilers share: the model wait, the owned apply, the status
-bookkeeping (phase, conditions, Available from workload replicas) and the Events."""
+"""What the two application reconcilers share: the model wait, the owned apply (with the
+replicas handover to an autoscaler) and pruning, the status bookkeeping (phase, conditions,
+Available from workload replicas) and the Events."""
 
 from __future__ import annotations
 
