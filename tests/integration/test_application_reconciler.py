@@ -445,3 +445,29 @@ def test_shrinking_to_one_node_deletes_the_leaderworkerset(api: ApiClient, ns: s
 
     assert get(api, LEADERWORKERSETS, ns, "chat") is None
     assert get(api, DEPLOYMENTS, ns, "chat") is not None
+
+
+def test_the_running_controller_leaves_the_hpas_count_alone(
+    kube: RunningKubeEmulator, api: ApiClient, ns: str
+) -> None:
+    """The HPA's write wakes the controller (its Deployment changed): the reconcile it triggers
+    must keep the HPA's count, and turning autoscaling off must set the app's again."""
+    create_model(api, ns, ready=True)
+    controller = application_controller(
+        api, ns, workers=1, queue=WorkQueue(max_delay_s=0.5), informer_options=FAST_INFORMERS
+    )
+    controller.start()
+    try:
+        create_app(api, ns, replicas=3)
+        eventually(lambda: get(api, DEPLOYMENTS, ns, "chat"))
+        _update_spec(api, ns, autoscaling={"minReplicas": 1, "maxReplicas": 8})
+        eventually(lambda: get(api, HPAS, ns, "chat"))
+        assert replicas_of(api, ns) == 3
+        hpa_scales(kube, ns, "chat", 6)
+        # The reconcile the scale triggered reports the HPA's count: it ran, and kept it.
+        eventually(lambda: app_status(api, ns).get("replicas") == 6)
+        assert replicas_of(api, ns) == 6
+        _update_spec(api, ns, autoscaling=None, replicas=2)
+        eventually(lambda: get(api, HPAS, ns, "chat") is None and replicas_of(api, ns) == 2)
+    finally:
+        controller.stop()
