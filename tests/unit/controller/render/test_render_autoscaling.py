@@ -242,7 +242,7 @@ def test_empty_metrics_never_render_an_hpa_on_cpu() -> None:
 def test_cpu_needs_a_cpu_request_on_the_engine_pods(provider: str) -> None:
     obj = app("vllm", provider, "waitingRequests", "cpu")
     obj["spec"]["instanceSpec"] = {"resources": {"limits": {"nvidia.com/gpu": "1"}}}
-    with pytest.raises(UnsupportedApplication, match="requests.cpu"):
+    with pytest.raises(UnsupportedApplication, match=r"requests\.cpu"):
         render_application(obj, model_on_claim("c"))
     obj["spec"]["instanceSpec"]["resources"]["limits"]["cpu"] = "4"  # requests default to limits
     assert autoscaler_of(obj)
