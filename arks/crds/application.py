@@ -29,6 +29,8 @@ METRICS = (
     "cpu",
 )
 AUTOSCALING_PROVIDERS = ("hpa", "keda")
+# When autoscaling names no metrics: queue length, never the HPA's CPU fallback.
+DEFAULT_AUTOSCALING_METRICS = ({"type": "waitingRequests", "target": 5},)
 LATENCY_QUANTILES = (50, 90, 95, 99)  # arks.engine_series.ADAPTER_QUANTILES
 
 # Every one of the `size` nodes of a replica runs an equal share of the engine's ranks.
@@ -171,7 +173,7 @@ autoscaling = obj(
             map_keys=["type"],
             min_items=1,
             max_items=len(METRICS),
-            default=[{"type": "waitingRequests", "target": 5}],
+            default=[dict(m) for m in DEFAULT_AUTOSCALING_METRICS],
         ),
         "behavior": obj(
             {

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from arks.crds.application import DEFAULT_AUTOSCALING_METRICS
 from arks.engine_series import SERIES, EngineSeries, adapter_metric, generation
 from controller.render.engines import UnsupportedApplication
 
@@ -71,9 +72,11 @@ def engine_series(spec: Mapping[str, Any]) -> EngineSeries:
 
 
 def _metrics(spec: Mapping[str, Any]) -> list[ScalingMetric]:
-    entries = (spec.get("autoscaling") or {}).get("metrics") or []
+    scaling = spec.get("autoscaling") or {}
+    # Absent: the CRD's default (the API server fills it in; the renderer agrees). Empty:
+    # refused, as the CRD does; an HPA without metrics would scale on CPU utilisation.
+    entries = scaling.get("metrics", DEFAULT_AUTOSCALING_METRICS)
     if not entries:
-        # The CRD defaults the list; without metrics an HPA would fall back to CPU utilisation.
         raise UnsupportedApplication("autoscaling.metrics is empty: name at least one metric")
     metrics = [ScalingMetric.from_spec(e) for e in entries]
     if any(m.type == "cpu" for m in metrics) and not _requests_cpu(spec):

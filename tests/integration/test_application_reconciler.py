@@ -19,9 +19,11 @@ from arks.resources import (
     HPAS,
     LEADERWORKERSETS,
     MODELS,
+    SCALEDOBJECTS,
     SERVICES,
 )
 from controller.reconcilers.application import application_controller, reconcile_application
+from controller.render import RenderDefaults
 from tests.support.kube import FAST_INFORMERS, eventually, set_status
 from tests.support.kube import get_object as get
 
@@ -226,6 +228,43 @@ def test_autoscaling_turned_off_deletes_the_hpa(api: ApiClient, ns: str) -> None
     assert any(
         e["reason"] == "Pruned" and "HorizontalPodAutoscaler/chat" in e["message"] for e in events
     )
+
+
+def test_switching_the_autoscaling_provider_prunes_the_other_autoscaler(
+    api: ApiClient, ns: str
+) -> None:
+    """hpa -> keda: our HPA and KEDA's would both own the replicas; keda -> hpa likewise."""
+    defaults = RenderDefaults(prometheus_url="http://prom.obs.svc:9090")
+    scaling = {
+        "provider": "hpa",
+        "minReplicas": 1,
+        "maxReplicas": 3,
+        "metrics": [{"type": "waitingRequests", "target": 5}],
+    }
+    create_model(api, ns, ready=True)
+    create_app(api, ns, autoscaling=scaling)
+    reconcile_application(api, (ns, "chat"), defaults=defaults)
+    assert get(api, HPAS, ns, "chat") is not None
+    assert get(api, SCALEDOBJECTS, ns, "chat") is None
+
+    _update_spec(api, ns, autoscaling={**scaling, "provider": "keda"})
+    reconcile_application(api, (ns, "chat"), defaults=defaults)
+    assert get(api, HPAS, ns, "chat") is None
+    scaled = get(api, SCALEDOBJECTS, ns, "chat")
+    assert scaled is not None
+    assert scaled["metadata"]["ownerReferences"][0]["kind"] == "ArksApplication"
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["metadata"]["serverAddress"] == "http://prom.obs.svc:9090"
+    assert "replicas" not in get(api, DEPLOYMENTS, ns, "chat")["spec"]
+
+    _update_spec(api, ns, autoscaling={**scaling, "provider": "hpa"})
+    reconcile_application(api, (ns, "chat"), defaults=defaults)
+    assert get(api, SCALEDOBJECTS, ns, "chat") is None
+    assert get(api, HPAS, ns, "chat") is not None
+    events = rest.request(api, "GET", EVENTS.path(ns))["items"]
+    pruned = [e["message"] for e in events if e["reason"] == "Pruned"]
+    assert any("HorizontalPodAutoscaler/chat" in m for m in pruned)
+    assert any("ScaledObject/chat" in m for m in pruned)
 
 
 def test_growing_to_two_nodes_deletes_the_one_node_deployment(api: ApiClient, ns: str) -> None:

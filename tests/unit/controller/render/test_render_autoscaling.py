@@ -228,14 +228,17 @@ def test_behavior_given_is_passed_through_and_scale_down_default_only_fills_a_ga
 
 
 def test_empty_metrics_never_render_an_hpa_on_cpu() -> None:
-    """The CRD defaults the list and refuses an empty one; the renderer refuses it too, rather
-    than an HPA without metrics, which Kubernetes would run on CPU utilisation."""
+    """An HPA without metrics is run on CPU utilisation by Kubernetes. Absent metrics get the
+    CRD's default (waiting requests); an empty list is refused, as the CRD refuses it."""
     obj = app("vllm", "hpa")
     with pytest.raises(UnsupportedApplication, match="metrics is empty"):
         render_application(obj, model_on_claim("c"))
     del obj["spec"]["autoscaling"]["metrics"]
-    with pytest.raises(UnsupportedApplication, match="metrics is empty"):
-        render_application(obj, model_on_claim("c"))
+    (metric,) = autoscaler_of(obj)["spec"]["metrics"]
+    assert metric["pods"] == {
+        "metric": {"name": "arks_vllm_num_requests_waiting"},
+        "target": {"type": "AverageValue", "averageValue": "5"},
+    }
 
 
 @pytest.mark.parametrize("provider", ["hpa", "keda"])
