@@ -11,6 +11,7 @@ from typing import Any
 import jsonschema
 import kubernetes_validate
 import pytest
+import yaml
 
 from arks.engine_series import ADAPTER_QUANTILES, SERIES, adapter_metric, generation
 from controller.render import RenderDefaults, render_application
@@ -18,6 +19,7 @@ from controller.render.autoscaling import DEFAULT_SCALE_DOWN, engine_series
 from controller.render.engines import UnsupportedApplication
 from tests.support.crd_schema import upstream_schema
 from tests.support.objects import model_on_claim
+from tests.support.paths import REPO
 
 K8S_VERSION = "1.33.0"
 TYPES = ("waitingRequests", "kvCacheUsage", "timeToFirstToken", "timePerOutputToken", "cpu")
@@ -255,3 +257,18 @@ def test_the_autoscaler_owns_the_replica_count_with_either_provider() -> None:
     for provider in ("hpa", "keda"):
         workload = render_application(app("vllm", provider, "waitingRequests"), model_on_claim("c"))[0]  # fmt: skip
         assert "replicas" not in workload["spec"]
+
+
+def test_the_sample_asks_for_what_vllm_0_8_5_exports() -> None:
+    """The issue's case: the sample pins vllm/vllm-openai:v0.8.5, which has no
+    vllm:kv_cache_usage_perc; its HPA must ask for gpu_cache_usage_perc."""
+    sample = yaml.safe_load((REPO / "manifests" / "samples" / "arksapplication.yaml").read_text())
+    hpa = autoscaler_of(sample)
+    names = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]]
+    assert names == [
+        "arks_vllm_num_requests_waiting",
+        "arks_vllm_gpu_cache_usage_perc",
+        "arks_vllm_time_to_first_token_seconds_p90",
+    ]
+    assert hpa["spec"]["behavior"]["scaleDown"] == {"stabilizationWindowSeconds": 900}
+    valid(hpa)
