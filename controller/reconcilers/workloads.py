@@ -54,6 +54,9 @@ KIND_RESOURCES: Mapping[str, Resource] = {
 
 
 WORKLOAD_KINDS = ("Deployment", "LeaderWorkerSet")
+# KEDA's admission webhook refuses a ScaledObject for a workload another HPA already scales,
+# so the autoscaler of a provider no longer chosen is deleted before the new one is applied.
+AUTOSCALER_KINDS = ("HorizontalPodAutoscaler", "ScaledObject")
 
 # Values of the CRD's phase enum (arks.crds.application.PHASES) this controller writes.
 PHASE_PENDING = "Pending"
@@ -183,18 +186,23 @@ def apply_owned(
 
 
 def prune_owned(
-    api_client: ApiClient, owner: Mapping[str, Any], rendered: Sequence[Mapping[str, Any]]
+    api_client: ApiClient,
+    owner: Mapping[str, Any],
+    rendered: Sequence[Mapping[str, Any]],
+    kinds: Sequence[str] | None = None,
 ) -> list[str]:
     """Delete the children `owner` controls that the current render no longer produces (the
     HPA after autoscaling was turned off, the Deployment after `size` grew to a LeaderWorkerSet):
     left behind they fight the controller over replicas or hold GPUs. Children are found by
     the managed-by label and recognised by their controller reference; returns `kind/name` of
-    each deleted."""
+    each deleted. `kinds` limits it to those kinds."""
     meta = owner["metadata"]
     keep = {(str(o["kind"]), str(o["metadata"]["name"])) for o in rendered}
     selector = {"labelSelector": f"{LABEL_MANAGED_BY}={MANAGED_BY}"}
     deleted = []
     for kind, resource in KIND_RESOURCES.items():
+        if kinds is not None and kind not in kinds:
+            continue
         try:
             items = rest.request(
                 api_client, "GET", resource.path(meta["namespace"]), query=selector
@@ -284,8 +292,9 @@ def render_and_apply(
         render_failed(api_client, obj, status, e)
         raise
     status.condition("Rendered", "True", "Rendered", f"{len(objects)} objects applied")
+    replaced = prune_owned(api_client, obj, objects, AUTOSCALER_KINDS)
     live = apply_owned(api_client, obj, objects, field_manager)
-    for gone in prune_owned(api_client, obj, objects):
+    for gone in replaced + prune_owned(api_client, obj, objects):
         record(api_client, obj, "Normal", "Pruned", f"deleted {gone}: no longer rendered")
     return Applied(obj, status, objects, live)
 

@@ -24,7 +24,7 @@ from arks.resources import (
 )
 from controller.reconcilers.application import application_controller, reconcile_application
 from controller.render import RenderDefaults
-from tests.support.kube import FAST_INFORMERS, eventually, set_status
+from tests.support.kube import FAST_INFORMERS, RunningKubeEmulator, eventually, set_status
 from tests.support.kube import get_object as get
 
 MODEL = "qwen2-5-7b-instruct"
@@ -231,9 +231,12 @@ def test_autoscaling_turned_off_deletes_the_hpa(api: ApiClient, ns: str) -> None
 
 
 def test_switching_the_autoscaling_provider_prunes_the_other_autoscaler(
-    api: ApiClient, ns: str
+    kube: RunningKubeEmulator, api: ApiClient, ns: str
 ) -> None:
-    """hpa -> keda: our HPA and KEDA's would both own the replicas; keda -> hpa likewise."""
+    """hpa -> keda: our HPA and KEDA's would both own the replicas; keda -> hpa likewise. The
+    old one goes first: KEDA's admission webhook refuses a ScaledObject for a workload that
+    another HPA scales ("is already managed by the hpa"), which the emulator does not do, so
+    the order of the requests is checked."""
     defaults = RenderDefaults(prometheus_url="http://prom.obs.svc:9090")
     scaling = {
         "provider": "hpa",
@@ -248,7 +251,12 @@ def test_switching_the_autoscaling_provider_prunes_the_other_autoscaler(
     assert get(api, SCALEDOBJECTS, ns, "chat") is None
 
     _update_spec(api, ns, autoscaling={**scaling, "provider": "keda"})
+    start = len(kube.emulator.audit)
     reconcile_application(api, (ns, "chat"), defaults=defaults)
+    writes = [(verb, res) for _, verb, _, res, ns_, _ in kube.emulator.audit[start:] if ns_ == ns]
+    assert writes.index(("delete", "horizontalpodautoscalers")) < writes.index(
+        ("patch", "scaledobjects")
+    )
     assert get(api, HPAS, ns, "chat") is None
     scaled = get(api, SCALEDOBJECTS, ns, "chat")
     assert scaled is not None
