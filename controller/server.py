@@ -36,6 +36,7 @@ from controller.reconcilers.disaggregated import disaggregated_controller
 from controller.reconcilers.endpoint import endpoint_controller
 from controller.reconcilers.model import model_controller
 from controller.reconcilers.token import token_controller
+from controller.render.workload import RenderDefaults
 from controller.standalone import Standalone, serve_http
 
 log = logging.getLogger("controller")
@@ -101,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAMESPACE/NAME",
         help="the Gateway HTTPRoutes of ArksEndpoints without a gatewayRef attach to",
     )
+    p.add_argument(
+        "--prometheus-url",
+        default=RenderDefaults.prometheus_url,
+        metavar="URL",
+        help="the Prometheus KEDA's triggers query (ArksApplication autoscaling.provider: keda)",
+    )
     p.add_argument("--metrics-port", type=int, default=9103, help="/metrics, /healthz, /readyz")
     p.add_argument("--metrics-address", default="0.0.0.0")
     p.add_argument("--log-level", default="INFO")
@@ -127,6 +134,7 @@ class Settings:
     identity: str = ""
     watch_leaderworkersets: str = "auto"  # auto, yes or no
     default_gateway: str = "arks-system/arks-gateway"
+    prometheus_url: str = RenderDefaults.prometheus_url
     metrics_port: int = 9103
     metrics_address: str = "0.0.0.0"
     log_level: str = "INFO"
@@ -185,6 +193,7 @@ def run(settings: Settings) -> int:
             workers=settings.workers,
             leader=elector,
             watch_leaderworkersets=watch_lws,
+            defaults=RenderDefaults(prometheus_url=settings.prometheus_url),
         ),
         disaggregated_controller(
             client,

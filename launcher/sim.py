@@ -1,8 +1,9 @@
 """Engine simulator: an OpenAI-compatible server standing in for vLLM/SGLang.
 
 Used in tests, benchmarks and the local demo. Predictable: every generated token is " hello",
-prompts are counted with `arks.tokens`, metrics use vLLM's names (or SGLang's). The `x-sim-*`
-headers and `/sim/load`: docs/architecture.md, section 13 (The engine simulator).
+prompts are counted with `arks.tokens`, metrics use vLLM's names (current or before 0.11) or
+SGLang's. The `x-sim-*` headers and `/sim/load`: docs/architecture.md, section 13 (The engine
+simulator).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 import uvloop
@@ -26,6 +27,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
+from arks.engine_series import GENERATIONS, SERIES, Generation
 from arks.tokens import count_prompt
 
 log = logging.getLogger("launcher.sim")
@@ -52,8 +54,9 @@ H_OMIT_USAGE = "x-sim-omit-usage"
 H_INSTANCE = "x-sim-instance"
 H_LINGER_MS = "x-sim-linger-ms"  # a stream stays open this long after [DONE] before it ends
 
-MetricsStyle = Literal["vllm", "sglang"]
-METRICS_STYLES: tuple[MetricsStyle, ...] = ("vllm", "sglang")
+# One per engine generation of `arks.engine_series` ("vllm-legacy": vLLM before 0.11).
+MetricsStyle = Generation
+METRICS_STYLES: tuple[MetricsStyle, ...] = GENERATIONS
 
 
 # --------------------------------------------------------------------------- settings
@@ -138,7 +141,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--metrics-style",
         choices=METRICS_STYLES,
         default="vllm",
-        help="export /metrics under vLLM's or SGLang's metric names",
+        help="export /metrics under the metric names of vLLM (0.11 on), vLLM before 0.11, or SGLang",
     )
 
 
@@ -288,27 +291,40 @@ class MetricNames:
     success_by_reason: bool  # vLLM labels finished requests with finished_reason
 
 
+_VLLM, _VLLM_LEGACY, _SGLANG = SERIES["vllm"], SERIES["vllm-legacy"], SERIES["sglang"]
 METRIC_NAMES: dict[MetricsStyle, MetricNames] = {
     "vllm": MetricNames(
         running="vllm:num_requests_running",
-        waiting="vllm:num_requests_waiting",
-        kv_cache="vllm:kv_cache_usage_perc",
+        waiting=_VLLM.waiting,
+        kv_cache=_VLLM.kv_cache,
         prompt_tokens="vllm:prompt_tokens",
         generation_tokens="vllm:generation_tokens",
-        ttft="vllm:time_to_first_token_seconds",
-        tpot="vllm:time_per_output_token_seconds",
+        ttft=_VLLM.ttft,
+        tpot=_VLLM.tpot,
+        e2e="vllm:e2e_request_latency_seconds",
+        success="vllm:request_success",
+        success_by_reason=True,
+    ),
+    "vllm-legacy": MetricNames(
+        running="vllm:num_requests_running",
+        waiting=_VLLM_LEGACY.waiting,
+        kv_cache=_VLLM_LEGACY.kv_cache,
+        prompt_tokens="vllm:prompt_tokens",
+        generation_tokens="vllm:generation_tokens",
+        ttft=_VLLM_LEGACY.ttft,
+        tpot=_VLLM_LEGACY.tpot,
         e2e="vllm:e2e_request_latency_seconds",
         success="vllm:request_success",
         success_by_reason=True,
     ),
     "sglang": MetricNames(
         running="sglang:num_running_reqs",
-        waiting="sglang:num_queue_reqs",
-        kv_cache="sglang:token_usage",
+        waiting=_SGLANG.waiting,
+        kv_cache=_SGLANG.kv_cache,
         prompt_tokens="sglang:prompt_tokens",
         generation_tokens="sglang:generation_tokens",
-        ttft="sglang:time_to_first_token_seconds",
-        tpot="sglang:time_per_output_token_seconds",
+        ttft=_SGLANG.ttft,
+        tpot=_SGLANG.tpot,
         e2e="sglang:e2e_request_latency_seconds",
         success="sglang:num_requests",
         success_by_reason=False,

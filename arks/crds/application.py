@@ -21,7 +21,17 @@ from arks.crds.schema import (
 RUNTIMES = ("vllm", "sglang", "dynamo")
 DISAGGREGATED_RUNTIMES = ("sglang", "dynamo")
 PHASES = ("Pending", "Checking", "Loading", "Creating", "Running", "Failed")
-METRICS = ("waitingRequests", "kvCacheUsage", "cpu")
+METRICS = (
+    "waitingRequests",
+    "kvCacheUsage",
+    "timeToFirstToken",
+    "timePerOutputToken",
+    "cpu",
+)
+AUTOSCALING_PROVIDERS = ("hpa", "keda")
+# When autoscaling names no metrics: queue length, never the HPA's CPU fallback.
+DEFAULT_AUTOSCALING_METRICS = ({"type": "waitingRequests", "target": 5},)
+LATENCY_QUANTILES = (50, 90, 95, 99)  # arks.engine_series.ADAPTER_QUANTILES
 
 # Every one of the `size` nodes of a replica runs an equal share of the engine's ranks.
 RANKS_SPREAD_EVENLY = "(self.tensorParallelSize * self.pipelineParallelSize) % self.size == 0"
@@ -76,31 +86,104 @@ def _parallelism(description: str) -> Schema:
     return integer(description, minimum=1, maximum=1024, default=1)
 
 
+def _scaling_rules(description: str) -> Schema:
+    """autoscaling/v2 HPAScalingRules."""
+    return obj(
+        {
+            "stabilizationWindowSeconds": integer(
+                "Seconds of past recommendations considered; the most cautious one wins.",
+                minimum=0,
+                maximum=3600,
+            ),
+            "selectPolicy": string(
+                "Which policy applies when several do; Disabled forbids changes this way.",
+                enum=["Max", "Min", "Disabled"],
+            ),
+            "policies": array(
+                obj(
+                    {
+                        "type": string("Pods or Percent.", enum=["Pods", "Percent"]),
+                        "value": integer("Pods, or percent of the current replicas.", minimum=1),
+                        "periodSeconds": integer(
+                            "Window the change is limited over.", minimum=1, maximum=1800
+                        ),
+                    },
+                    "At most `value` pods (or percent) per `periodSeconds`.",
+                    required=["type", "value", "periodSeconds"],
+                ),
+                "Limits on the rate of change.",
+                max_items=10,
+            ),
+        },
+        description,
+    )
+
+
 autoscaling = obj(
     {
-        "minReplicas": integer("Fewest replicas.", minimum=0, default=1),
+        "provider": string(
+            "What scales the replicas: an HPA on prometheus-adapter's custom metrics (hpa) or a "
+            "KEDA ScaledObject with Prometheus queries (keda).",
+            enum=AUTOSCALING_PROVIDERS,
+            default="hpa",
+        ),
+        "minReplicas": integer(
+            "Fewest replicas. Not 0: the engines' own metrics cannot wake a scaled-to-zero "
+            "application.",
+            minimum=1,
+            default=1,
+        ),
         "maxReplicas": integer("Most replicas.", minimum=1),
+        "engineVersion": string(
+            "The engine's release (e.g. 0.8.5; for dynamo the vLLM it runs) when the image tag "
+            "does not say it; it picks the metric names (vLLM renamed some in 0.11).",
+            pattern=r"^v?[0-9]+\.[0-9]+(\.[0-9]+)*([-+.][0-9A-Za-z.+-]*)?$",
+            max_length=64,
+        ),
         "metrics": array(
             obj(
                 {
                     "type": string("What to scale on.", enum=METRICS),
                     "target": integer(
-                        "Target per replica: waiting requests, or a percentage for kvCacheUsage and cpu.",
+                        "Target per replica: waiting requests; a percentage for kvCacheUsage "
+                        "and cpu; milliseconds for timeToFirstToken and timePerOutputToken.",
                         minimum=1,
+                    ),
+                    "quantile": integer(
+                        "Latency types only: the percentile held to the target (default 90).",
+                        enum=LATENCY_QUANTILES,
                     ),
                 },
                 "One scaling metric.",
                 required=["type", "target"],
                 rules=[
                     rule(
-                        "self.type == 'waitingRequests' || self.target <= 100",
+                        "!(self.type in ['kvCacheUsage', 'cpu']) || self.target <= 100",
                         "kvCacheUsage and cpu targets are percentages (1-100)",
-                    )
+                    ),
+                    rule(
+                        "!has(self.quantile) || self.type in "
+                        "['timeToFirstToken', 'timePerOutputToken']",
+                        "quantile applies to timeToFirstToken and timePerOutputToken only",
+                    ),
                 ],
             ),
-            "Metrics the replica count follows; the largest proposal wins.",
+            "Metrics the replica count follows; the largest proposal wins. Default: waiting "
+            "requests, 5 per replica.",
             map_keys=["type"],
-            max_items=3,
+            min_items=1,
+            max_items=len(METRICS),
+            default=[dict(m) for m in DEFAULT_AUTOSCALING_METRICS],
+        ),
+        "behavior": obj(
+            {
+                "scaleUp": _scaling_rules("How fast replicas are added (HPA defaults)."),
+                "scaleDown": _scaling_rules(
+                    "How fast replicas are removed (default: 10 minutes' stabilisation, one "
+                    "pod per 2 minutes)."
+                ),
+            },
+            "Scaling behaviour (autoscaling/v2 HPA behavior), for both providers.",
         ),
     },
     "Horizontal autoscaling of the replicas.",

@@ -70,8 +70,11 @@ def integer(
     maximum: int | None = None,
     default: int | None = None,
     format: str = "int32",
+    enum: Sequence[int] | None = None,
 ) -> Schema:
     node: Schema = {"type": "integer", "format": format}
+    if enum is not None:
+        node["enum"] = list(enum)
     if minimum is not None:
         node["minimum"] = minimum
     if maximum is not None:
@@ -107,6 +110,7 @@ def array(
     map_keys: Sequence[str] | None = None,
     set_like: bool = False,
     rules: Iterable[Schema] = (),
+    default: Sequence[Any] | None = None,
 ) -> Schema:
     """A list. `map_keys` makes it a list-map (entries unique by those keys, merged by SSA)."""
     node: Schema = {"type": "array", "items": items}
@@ -119,7 +123,9 @@ def array(
         node["x-kubernetes-list-map-keys"] = list(map_keys)
     elif set_like:
         node["x-kubernetes-list-type"] = "set"
-    return _with_rules(_common(node, description, None), rules)
+    return _with_rules(
+        _common(node, description, None if default is None else list(default)), rules
+    )
 
 
 def obj(

@@ -33,6 +33,7 @@ from arks.resources import (
     MODELS,
     ROLEBINDINGS,
     ROLES,
+    SCALEDOBJECTS,
     SERVICEACCOUNTS,
     SERVICES,
     Resource,
@@ -51,6 +52,7 @@ KIND_RESOURCES: Mapping[str, Resource] = {
     "Deployment": DEPLOYMENTS,
     "LeaderWorkerSet": LEADERWORKERSETS,
     "HorizontalPodAutoscaler": HPAS,
+    "ScaledObject": SCALEDOBJECTS,
     "Service": SERVICES,
     "ServiceAccount": SERVICEACCOUNTS,
     "Role": ROLES,
@@ -59,6 +61,9 @@ KIND_RESOURCES: Mapping[str, Resource] = {
 
 
 WORKLOAD_KINDS = ("Deployment", "LeaderWorkerSet")
+# KEDA's admission webhook refuses a ScaledObject for a workload another HPA already scales,
+# so the autoscaler of a provider no longer chosen is deleted before the new one is applied.
+AUTOSCALER_KINDS = ("HorizontalPodAutoscaler", "ScaledObject")
 
 # Values of the CRD's phase enum (arks.crds.application.PHASES) this controller writes.
 PHASE_PENDING = "Pending"
@@ -277,9 +282,11 @@ def render_and_apply(
         render_failed(api_client, obj, status, e)
         raise
     status.condition("Rendered", "True", "Rendered", f"{len(objects)} objects applied")
-    live = apply_owned(api_client, obj, objects, field_manager)
     owner_label = (LABEL_APPLICATION, str(obj["metadata"]["name"]))
-    for gone in prune_owned(api_client, obj, objects, KIND_RESOURCES, owner_label):
+    autoscalers = {kind: KIND_RESOURCES[kind] for kind in AUTOSCALER_KINDS}
+    replaced = prune_owned(api_client, obj, objects, autoscalers, owner_label)
+    live = apply_owned(api_client, obj, objects, field_manager)
+    for gone in replaced + prune_owned(api_client, obj, objects, KIND_RESOURCES, owner_label):
         record(api_client, obj, "Normal", "Pruned", f"deleted {gone}: no longer rendered")
     return Applied(obj, status, objects, live)
 

@@ -1,8 +1,8 @@
 """Render an ArksApplication into the objects that run it: pure, CR in, objects out.
 
 size == 1 -> Deployment; size > 1 -> LeaderWorkerSet (one group of `size` pods per
-replica). Plus a Service over the pods that serve HTTP, and an autoscaling/v2 HPA when
-`spec.autoscaling` is set. Owner references are left to the reconciler.
+replica). Plus a Service over the pods that serve HTTP, and, when `spec.autoscaling` is set, an
+autoscaling/v2 HPA or a KEDA ScaledObject (`controller.render.autoscaling`). Owner references are left to the reconciler.
 
 Runtime `dynamo` adds a frontend Deployment (`<name>-frontend`) that serves the OpenAI API
 and sits behind the Service; the engine workload then holds Dynamo workers, which find the
@@ -21,7 +21,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from controller.render.engines import EngineSpec, engine_for, router_command
+from controller.render.autoscaling import autoscaler
+from controller.render.engines import engine_for, router_command
 from controller.render.workload import (
     EngineGroup,
     RenderDefaults,
@@ -34,62 +35,6 @@ from controller.render.workload import (
     selector_of,
     service,
 )
-
-
-def _fraction(percent: int) -> str:
-    """A percentage as a Kubernetes quantity of the 0..1 gauges engines export."""
-    return f"{percent * 10}m"
-
-
-def _hpa_metric(engine: EngineSpec, metric: Mapping[str, Any]) -> dict[str, Any]:
-    kind, target = metric["type"], int(metric["target"])
-    if kind == "cpu":
-        return {
-            "type": "Resource",
-            "resource": {
-                "name": "cpu",
-                "target": {"type": "Utilization", "averageUtilization": target},
-            },
-        }
-    if kind == "waitingRequests":
-        name, value = engine.waiting_requests_metric, str(target)
-    elif kind == "kvCacheUsage":
-        name, value = engine.kv_cache_usage_metric, _fraction(target)
-    else:
-        raise ValueError(f"unknown autoscaling metric type {kind!r}")
-    return {
-        "type": "Pods",
-        "pods": {
-            "metric": {"name": name},
-            "target": {"type": "AverageValue", "averageValue": value},
-        },
-    }
-
-
-def _hpa(app: Mapping[str, Any], workload: Mapping[str, Any]) -> dict[str, Any]:
-    spec = app["spec"]
-    engine = engine_for(spec)
-    meta = app["metadata"]
-    scaling = spec["autoscaling"]
-    hpa_spec: dict[str, Any] = {
-        "scaleTargetRef": {
-            "apiVersion": workload["apiVersion"],
-            "kind": workload["kind"],
-            "name": workload["metadata"]["name"],
-        },
-        "minReplicas": int(scaling.get("minReplicas", 1)),
-        "maxReplicas": int(scaling["maxReplicas"]),
-    }
-    if scaling.get("metrics"):
-        hpa_spec["metrics"] = [_hpa_metric(engine, m) for m in scaling["metrics"]]
-    return {
-        "apiVersion": "autoscaling/v2",
-        "kind": "HorizontalPodAutoscaler",
-        "metadata": object_meta(
-            meta["name"], meta["namespace"], base_labels(meta["name"], spec), spec
-        ),
-        "spec": hpa_spec,
-    }
 
 
 def render_application(
@@ -127,5 +72,6 @@ def render_application(
         selector, port = selector_of(name, "frontend"), frontend.default_port
     objects.append(service(name, namespace, base_labels(name, spec), selector, port, spec))
     if spec.get("autoscaling"):
-        objects.append(_hpa(app, workload))
+        meta = object_meta(name, namespace, base_labels(name, spec), spec)
+        objects.append(autoscaler(spec, meta, workload, d.prometheus_url))
     return objects

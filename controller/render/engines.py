@@ -106,9 +106,6 @@ class EngineSpec:
     metrics_flags: tuple[str, ...]
     default_port: int
     health_path: str
-    # Prometheus series for the autoscaling metric types (HPA Pods metrics).
-    waiting_requests_metric: str
-    kv_cache_usage_metric: str
     multi_node: MultiNode
     # Used when the application names no image (the CRD promises one). Pin it in production.
     default_image: str = ""
@@ -174,8 +171,6 @@ VLLM = EngineSpec(
     metrics_flags=(),  # /metrics is always served by the OpenAI server
     default_port=8000,
     health_path="/health",
-    waiting_requests_metric="vllm:num_requests_waiting",
-    kv_cache_usage_metric="vllm:kv_cache_usage_perc",
     multi_node=MultiNode(
         leader_prelude=("ray", "start", "--head", "--port={ray_port}"),
         engine_flags=("--distributed-executor-backend", "ray"),
@@ -197,8 +192,6 @@ SGLANG = EngineSpec(
     metrics_flags=("--enable-metrics",),
     default_port=30000,
     health_path="/health",
-    waiting_requests_metric="sglang:num_queue_reqs",
-    kv_cache_usage_metric="sglang:token_usage",
     multi_node=MultiNode(
         engine_flags=(
             "--dist-init-addr",

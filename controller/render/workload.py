@@ -69,6 +69,9 @@ class RenderDefaults:
     # NATS only for KV-aware routing events).
     dynamo_etcd_endpoints: str = "http://dynamo-platform-etcd.dynamo-system:2379"
     dynamo_nats_server: str = "nats://dynamo-platform-nats.dynamo-system:4222"
+    # Where KEDA's Prometheus triggers query (`autoscaling.provider: keda`): the Service the
+    # Prometheus Operator creates for a Prometheus in namespace `monitoring`.
+    prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
 
 
 @dataclass(frozen=True)
@@ -278,7 +281,7 @@ def group_selector(g: EngineGroup) -> dict[str, str]:
 
 
 def _replicas(spec: Mapping[str, Any]) -> dict[str, int]:
-    # With an HPA the HPA owns the replica count; applying ours too would fight it.
+    # With an autoscaler (an HPA, KEDA's too) it owns the replica count; ours would fight it.
     return {} if spec.get("autoscaling") else {"replicas": int(spec.get("replicas", 1))}
 
 

@@ -9,6 +9,7 @@ import pytest
 from kubernetes.client import ApiClient
 
 from arks.adapters.kube import rest
+from arks.adapters.kube.apply import applies
 from arks.adapters.kube.conditions import find_condition
 from arks.adapters.kube.errors import PermanentError, TemporaryError
 from arks.adapters.kube.queue import WorkQueue
@@ -19,9 +20,12 @@ from arks.resources import (
     HPAS,
     LEADERWORKERSETS,
     MODELS,
+    SCALEDOBJECTS,
     SERVICES,
 )
+from arks.wire import FIELD_MANAGER
 from controller.reconcilers.application import application_controller, reconcile_application
+from controller.render import RenderDefaults
 from tests.support.kube import FAST_INFORMERS, RunningKubeEmulator, eventually, set_status
 from tests.support.kube import get_object as get
 
@@ -226,6 +230,51 @@ def test_autoscaling_turned_off_deletes_the_hpa(api: ApiClient, ns: str) -> None
     assert any(
         e["reason"] == "Pruned" and "HorizontalPodAutoscaler/chat" in e["message"] for e in events
     )
+
+
+def test_switching_the_autoscaling_provider_prunes_the_other_autoscaler(
+    kube: RunningKubeEmulator, api: ApiClient, ns: str
+) -> None:
+    """hpa -> keda: our HPA and KEDA's would both own the replicas; keda -> hpa likewise. The
+    old one goes first: KEDA's admission webhook refuses a ScaledObject for a workload that
+    another HPA scales ("is already managed by the hpa"), which the emulator does not do, so
+    the order of the requests is checked."""
+    defaults = RenderDefaults(prometheus_url="http://prom.obs.svc:9090")
+    scaling = {
+        "provider": "hpa",
+        "minReplicas": 1,
+        "maxReplicas": 3,
+        "metrics": [{"type": "waitingRequests", "target": 5}],
+    }
+    create_model(api, ns, ready=True)
+    create_app(api, ns, autoscaling=scaling)
+    reconcile_application(api, (ns, "chat"), defaults=defaults)
+    assert get(api, HPAS, ns, "chat") is not None
+    assert get(api, SCALEDOBJECTS, ns, "chat") is None
+
+    _update_spec(api, ns, autoscaling={**scaling, "provider": "keda"})
+    start = len(kube.emulator.audit)
+    reconcile_application(api, (ns, "chat"), defaults=defaults)
+    writes = [(verb, res) for _, verb, _, res, ns_, _ in kube.emulator.audit[start:] if ns_ == ns]
+    assert writes.index(("delete", "horizontalpodautoscalers")) < writes.index(
+        ("patch", "scaledobjects")
+    )
+    assert get(api, HPAS, ns, "chat") is None
+    scaled = get(api, SCALEDOBJECTS, ns, "chat")
+    assert scaled is not None
+    assert scaled["metadata"]["ownerReferences"][0]["kind"] == "ArksApplication"
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["metadata"]["serverAddress"] == "http://prom.obs.svc:9090"
+    assert not applies(get(api, DEPLOYMENTS, ns, "chat"), FIELD_MANAGER, ("spec", "replicas"))
+
+    _update_spec(api, ns, autoscaling={**scaling, "provider": "hpa"})
+    reconcile_application(api, (ns, "chat"), defaults=defaults)
+    assert get(api, SCALEDOBJECTS, ns, "chat") is None
+    assert get(api, HPAS, ns, "chat") is not None
+    events = rest.request(api, "GET", EVENTS.path(ns))["items"]
+    pruned = [e["message"] for e in events if e["reason"] == "Pruned"]
+    assert any("HorizontalPodAutoscaler/chat" in m for m in pruned)
+    assert any("ScaledObject/chat" in m for m in pruned)
 
 
 def test_growing_to_two_nodes_deletes_the_one_node_deployment(api: ApiClient, ns: str) -> None:

@@ -29,7 +29,7 @@ METRIC_NAMES = (
     "vllm:prompt_tokens_total",
     "vllm:generation_tokens_total",
     "vllm:time_to_first_token_seconds",
-    "vllm:time_per_output_token_seconds",
+    "vllm:inter_token_latency_seconds",
     "vllm:request_success_total",
 )
 
@@ -418,7 +418,7 @@ def test_metrics_names_and_token_counters(http: httpx.Client) -> None:
     assert delta("vllm:request_success_total{finished_reason=stop}") == 1
     assert delta("vllm:request_success_total{finished_reason=length}") == 1
     assert delta("vllm:time_to_first_token_seconds_count") == 2
-    assert delta("vllm:time_per_output_token_seconds_count") == 2
+    assert delta("vllm:inter_token_latency_seconds_count") == 2
     assert after["vllm:num_requests_running"] == 0
     assert after["vllm:num_requests_waiting"] == 0
 
@@ -651,6 +651,30 @@ def test_sglang_metrics_style(tmp_path: Path) -> None:
     assert samples["sglang:num_queue_reqs"] == 7
     assert samples["sglang:num_running_reqs"] == 2
     assert samples["sglang:token_usage"] == pytest.approx(0.25)
+
+
+def test_vllm_legacy_metrics_style_exports_the_names_of_vllm_before_0_11(tmp_path: Path) -> None:
+    """vLLM v0.8.5 (the sample's image) has gpu_cache_usage_perc and
+    time_per_output_token_seconds; their successors do not exist there."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with Supervisor(log_dir=tmp_path) as sup:
+        child = sup.python(
+            "sim", "launcher.sim", "--port", str(port), "--model", MODEL,
+            "--metrics-style", "vllm-legacy",
+        )  # fmt: skip
+        wait_http(child, f"{url}/health")
+        with httpx.Client(base_url=url, timeout=5.0) as http:
+            body = chat_body()
+            http.post("/v1/chat/completions", json=body, headers={"x-sim-output-tokens": "4"})
+            http.put("/sim/load", json={"kv_cache_usage": 0.25})
+            text = http.get("/metrics").text
+            samples = scrape(http)
+    assert "vllm:kv_cache_usage_perc" not in text
+    assert "vllm:inter_token_latency_seconds" not in text
+    assert samples["vllm:gpu_cache_usage_perc"] == pytest.approx(0.25)
+    assert samples["vllm:time_per_output_token_seconds_count"] == 1
+    assert samples["vllm:time_to_first_token_seconds_count"] == 1
 
 
 def test_metrics_style_flag_rejects_unknown_runtime(tmp_path: Path) -> None:

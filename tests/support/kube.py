@@ -80,6 +80,7 @@ BUILTIN_RESOURCES: dict[tuple[str, str, str], tuple[str, bool, bool]] = {
     ("arks.ai", "v1", "arkstokens"): ("ArksToken", True, True),
     ("arks.ai", "v1", "arksquotas"): ("ArksQuota", True, True),
     ("gateway.envoyproxy.io", "v1alpha1", "backends"): ("Backend", True, True),
+    ("keda.sh", "v1alpha1", "scaledobjects"): ("ScaledObject", True, True),
 }
 
 # Resources with a `scale` subresource: (group, version, plural) -> the path of their replicas

@@ -66,7 +66,8 @@ def where(doc: dict[str, Any]) -> str:
 
 INSTALL = build(MANIFESTS)
 MONITORING = build(MANIFESTS / "monitoring")
-EVERYTHING = INSTALL + MONITORING
+AUTOSCALING = build(MANIFESTS / "autoscaling")
+EVERYTHING = INSTALL + MONITORING + AUTOSCALING
 
 
 def of_kind(kind: str, docs: list[dict[str, Any]] = INSTALL) -> list[dict[str, Any]]:

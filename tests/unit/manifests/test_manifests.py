@@ -21,6 +21,7 @@ import yaml
 
 from tests.support.crd_schema import upstream_schema
 from tests.support.manifests import (
+    AUTOSCALING,
     CLUSTER_SCOPED,
     DEPLOYMENTS,
     EVERYTHING,
@@ -68,6 +69,7 @@ UPSTREAM = {
         "monitoring.coreos.com_servicemonitors.yaml",
         "v1",
     ),
+    ("monitoring.coreos.com/v1", "PodMonitor"): ("monitoring.coreos.com_podmonitors.yaml", "v1"),
 }
 
 
@@ -120,7 +122,11 @@ def test_rendering_agrees_with_real_kustomize() -> None:
     must print the same objects (kubectl is on these machines; without it this check fails)."""
     kubectl = shutil.which("kubectl")
     assert kubectl, "kubectl (with its built-in kustomize) is needed to check `kubectl apply -k`"
-    for directory, mine in ((MANIFESTS, INSTALL), (MANIFESTS / "monitoring", MONITORING)):
+    for directory, mine in (
+        (MANIFESTS, INSTALL),
+        (MANIFESTS / "monitoring", MONITORING),
+        (MANIFESTS / "autoscaling", AUTOSCALING),
+    ):
         out = subprocess.run(
             [kubectl, "kustomize", str(directory)], capture_output=True, text=True, check=True
         )

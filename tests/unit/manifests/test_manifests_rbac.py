@@ -121,6 +121,7 @@ def test_controller_can_do_what_it_reconciles() -> None:
         ("batch", "jobs"),
         ("autoscaling", "horizontalpodautoscalers"),
         ("leaderworkerset.x-k8s.io", "leaderworkersets"),
+        ("keda.sh", "scaledobjects"),
         ("gateway.networking.k8s.io", "httproutes"),
         ("rbac.authorization.k8s.io", "roles"),
         ("rbac.authorization.k8s.io", "rolebindings"),

@@ -318,6 +318,17 @@ SCHEMA_ERRORS = {
     "quota_missing_value.yaml": ("spec.quotas[0]", "'value' is a required property"),
     "quota_bad_period.yaml": ("spec.quotas[0].period", "'year' is not one of"),
     "application_bad_runtime.yaml": ("spec.runtime", "'tgi' is not one of"),
+    "application_empty_metrics.yaml": ("spec.autoscaling.metrics", "should be non-empty"),
+    "application_bad_provider.yaml": ("spec.autoscaling.provider", "'knative' is not one of"),
+    "application_zero_min_replicas.yaml": (
+        "spec.autoscaling.minReplicas",
+        "less than the minimum",
+    ),
+    "application_bad_engine_version.yaml": ("spec.autoscaling.engineVersion", "does not match"),
+    "application_bad_scale_down_policy.yaml": (
+        "spec.autoscaling.behavior.scaleDown.policies[0].type",
+        "'Replicas' is not one of",
+    ),
     "model_bad_size.yaml": ("spec.storage.size", "does not match"),
     "endpoint_negative_weight.yaml": ("spec.routeConfigs[0].weight", "less than the minimum"),
 }
@@ -328,6 +339,15 @@ def test_bad_object_is_rejected_with_its_path(fixture: str) -> None:
     path, problem = SCHEMA_ERRORS[fixture]
     errors = validation_errors(load(FIXTURES / fixture))
     assert len(errors) == 1 and errors[0].startswith(f"{path}: ") and problem in errors[0], errors
+
+
+def test_autoscaling_defaults_to_an_hpa_on_waiting_requests() -> None:
+    """No metrics given: waiting requests, never the HPA's CPU fallback."""
+    obj = load(FIXTURES / "application_min_above_max.yaml")
+    obj["spec"]["autoscaling"] = {"maxReplicas": 3}
+    scaling = defaulted_spec(obj)["autoscaling"]
+    assert scaling["provider"] == "hpa" and scaling["minReplicas"] == 1
+    assert scaling["metrics"] == [{"type": "waitingRequests", "target": 5}]
 
 
 def test_duplicate_rate_limit_type_is_rejected() -> None:
@@ -365,6 +385,10 @@ def test_cel_rules_are_where_they_belong() -> None:
     spread = "(self.tensorParallelSize * self.pipelineParallelSize) % self.size == 0"
     assert rules("ArksApplication")["spec"] == [spread]
     assert rules("ArksApplication")["spec.autoscaling"] == ["self.minReplicas <= self.maxReplicas"]
+    assert rules("ArksApplication")["spec.autoscaling.metrics[]"] == [
+        "!(self.type in ['kvCacheUsage', 'cpu']) || self.target <= 100",
+        "!has(self.quantile) || self.type in ['timeToFirstToken', 'timePerOutputToken']",
+    ]
     assert rules("ArksDisaggregatedApplication")["spec.prefill"] == [spread]
     assert rules("ArksDisaggregatedApplication")["spec.decode"] == [spread]
     assert "has(self.port)" in rules("ArksEndpoint")["spec.routeConfigs[]"][0]
@@ -392,7 +416,14 @@ def application_ok(spec: dict[str, Any]) -> bool:
     """ArksApplication rules, in Python, over the defaulted spec."""
     spread = (spec["tensorParallelSize"] * spec["pipelineParallelSize"]) % spec["size"] == 0
     scaling = spec.get("autoscaling")
-    return spread and (scaling is None or scaling["minReplicas"] <= scaling["maxReplicas"])
+    if scaling is None:
+        return spread
+    metrics_ok = all(
+        (m["type"] not in ("kvCacheUsage", "cpu") or m["target"] <= 100)
+        and ("quantile" not in m or m["type"] in ("timeToFirstToken", "timePerOutputToken"))
+        for m in scaling["metrics"]
+    )
+    return spread and scaling["minReplicas"] <= scaling["maxReplicas"] and metrics_ok
 
 
 def model_source_ok(spec: dict[str, Any]) -> bool:
@@ -406,6 +437,8 @@ CEL_ERRORS: dict[str, Callable[[dict[str, Any]], bool]] = {
     "token_two_sources.yaml": token_sources_ok,
     "application_uneven_ranks.yaml": application_ok,
     "application_min_above_max.yaml": application_ok,
+    "application_quantile_on_queue.yaml": application_ok,
+    "application_kv_cache_over_100.yaml": application_ok,
     "model_two_sources.yaml": model_source_ok,
 }
 

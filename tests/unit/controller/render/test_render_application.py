@@ -59,7 +59,7 @@ def make_app(runtime: str, size: int, **spec: Any) -> dict[str, Any]:
             "metrics": [
                 {"type": "waitingRequests", "target": 8},
                 {"type": "kvCacheUsage", "target": 80},
-                {"type": "cpu", "target": 70},
+                {"type": "timeToFirstToken", "target": 500},
             ],
         },
     }
@@ -289,13 +289,25 @@ def test_served_name_label_is_valid_for_hub_style_names() -> None:
 
 
 @pytest.mark.parametrize(
-    ("runtime", "waiting", "kv"),
+    ("runtime", "waiting", "kv", "ttft"),
     [
-        ("vllm", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"),
-        ("sglang", "sglang:num_queue_reqs", "sglang:token_usage"),
+        # The fixture pins vllm/vllm-openai:v0.8.5: vLLM before 0.11 names the KV-cache gauge
+        # gpu_cache_usage_perc (kv_cache_usage_perc does not exist in 0.8.5).
+        (
+            "vllm",
+            "arks_vllm_num_requests_waiting",
+            "arks_vllm_gpu_cache_usage_perc",
+            "arks_vllm_time_to_first_token_seconds_p90",
+        ),
+        (
+            "sglang",
+            "arks_sglang_num_queue_reqs",
+            "arks_sglang_token_usage",
+            "arks_sglang_time_to_first_token_seconds_p90",
+        ),
     ],
 )
-def test_hpa_metrics_per_type(runtime: str, waiting: str, kv: str) -> None:
+def test_hpa_metrics_per_type(runtime: str, waiting: str, kv: str, ttft: str) -> None:
     for size, kind in ((1, "Deployment"), (2, "LeaderWorkerSet")):
         objects = render_application(make_app(runtime, size), model_on_claim("c"))
         kinds = by_kind(objects)
@@ -306,18 +318,13 @@ def test_hpa_metrics_per_type(runtime: str, waiting: str, kv: str) -> None:
         assert ref["apiVersion"] == kinds[kind]["apiVersion"]
         assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 4)
         assert "replicas" not in kinds[kind]["spec"], "the HPA owns replicas"
-        pods, kv_metric, cpu = hpa["spec"]["metrics"]
+        pods, kv_metric, ttft_metric = hpa["spec"]["metrics"]
         assert pods["pods"]["metric"]["name"] == waiting
         assert pods["pods"]["target"] == {"type": "AverageValue", "averageValue": "8"}
         assert kv_metric["pods"]["metric"]["name"] == kv
         assert kv_metric["pods"]["target"]["averageValue"] == "800m"  # 80 % of a 0..1 gauge
-        assert cpu == {
-            "type": "Resource",
-            "resource": {
-                "name": "cpu",
-                "target": {"type": "Utilization", "averageUtilization": 70},
-            },
-        }
+        assert ttft_metric["pods"]["metric"]["name"] == ttft
+        assert ttft_metric["pods"]["target"]["averageValue"] == "500m"  # 500 ms in seconds
 
 
 def test_no_autoscaling_means_fixed_replicas_and_no_hpa() -> None:
@@ -432,7 +439,9 @@ def test_dynamo_autoscaling_scales_the_workers_on_vllm_metrics() -> None:
     objects = render_application(make_app("dynamo", 1), model_on_claim("c"))
     (hpa,) = [o for o in objects if o["kind"] == "HorizontalPodAutoscaler"]
     assert hpa["spec"]["scaleTargetRef"]["name"] == objects[0]["metadata"]["name"]
-    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "vllm:num_requests_waiting"
+    # Dynamo's tag is its own release, not its vLLM's: the current vLLM names.
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "arks_vllm_num_requests_waiting"
+    assert hpa["spec"]["metrics"][1]["pods"]["metric"]["name"] == "arks_vllm_kv_cache_usage_perc"
     assert "replicas" not in objects[0]["spec"]
     assert objects[1]["spec"]["replicas"] == 1, "the frontend keeps its own count"
 
