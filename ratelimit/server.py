@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -15,6 +15,7 @@ from prometheus_client import start_http_server
 
 from arks.adapters.grpc_server import start_grpc
 from arks.adapters.redis.backend import RedisBackend
+from arks.adapters.redis.client import RedisAuthFailed, check_auth, read_password
 from arks.lifecycle import every, run_until_signalled, setup_process
 from arks.limits.backends import CounterBackend, MemoryBackend
 from arks.limits.config import ConfigError, RateLimitConfig, load_config
@@ -32,6 +33,7 @@ class Settings:
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 9102
     redis: str | None = None  # None: counters in this process's memory
+    redis_password: str | None = field(default=None, repr=False)  # AUTH, from a file
     redis_timeout_s: float = 0.5
     fail_open: bool = True
     shadow_mode: bool = False
@@ -55,6 +57,11 @@ class Settings:
         p.add_argument(
             "--redis", metavar="URL", help="redis://host:port/db (default: counters in memory)"
         )
+        p.add_argument(
+            "--redis-password-file",
+            type=Path,
+            help="file holding Redis's password (a mounted Secret key; default: no AUTH)",
+        )
         p.add_argument("--redis-timeout-s", type=float, default=cls.redis_timeout_s)
         p.add_argument(
             "--fail-closed", action="store_true", help="refuse limited requests while Redis is down"
@@ -65,12 +72,17 @@ class Settings:
         p.add_argument("--near-ratio", type=float, default=cls.near_ratio)
         p.add_argument("--log-level", default=cls.log_level)
         a = p.parse_args(argv)
+        try:
+            password = read_password(a.redis_password_file) if a.redis_password_file else None
+        except OSError as err:
+            p.error(f"--redis-password-file: {err}")
         return cls(
             config=tuple(a.config),
             grpc_address=a.grpc_address,
             metrics_address=a.metrics_address,
             metrics_port=a.metrics_port,
             redis=a.redis,
+            redis_password=password,
             redis_timeout_s=a.redis_timeout_s,
             fail_open=not a.fail_closed,
             shadow_mode=a.shadow_mode,
@@ -124,11 +136,15 @@ class ConfigSource:
 
 def make_backend(settings: Settings) -> CounterBackend:
     if settings.redis:
-        return RedisBackend(settings.redis, timeout_s=settings.redis_timeout_s)
+        return RedisBackend(
+            settings.redis, timeout_s=settings.redis_timeout_s, password=settings.redis_password
+        )
     return MemoryBackend()
 
 
 async def serve(settings: Settings) -> None:
+    if settings.redis:
+        await check_auth(settings.redis, settings.redis_password, timeout_s=2.0)
     metrics = RateLimitMetrics.create()
     source = ConfigSource(settings.config, metrics)
     backend = make_backend(settings)
@@ -175,3 +191,5 @@ def main(argv: list[str] | None = None) -> None:
         uvloop.run(serve(settings))
     except ConfigError as err:
         raise SystemExit(f"ratelimit: {err}") from None
+    except RedisAuthFailed as err:
+        raise SystemExit(f"ratelimit: {err} (see --redis-password-file)") from None
