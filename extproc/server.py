@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -58,7 +58,7 @@ class Settings:
     metrics_address: str = "127.0.0.1"
     log_level: str = "INFO"
     redis: str | None = None  # counters for rate limits; None keeps them in this process
-    redis_password: str | None = field(default=None, repr=False)  # AUTH, from a file
+    redis_password_file: Path | None = None  # Redis AUTH (a mounted Secret key)
     fail_closed: bool = False  # refuse rate-limited requests while Redis is unreachable
     quota_default_max_tokens: int = 1024  # reserved when a request sets no max_tokens
     state_file: Path | None = None  # quota usage snapshots (local mode's durable copy)
@@ -134,13 +134,7 @@ class Settings:
             default=cls.picker_interval_s,
             help="how often the engines of picking endpoints are scraped",
         )
-        args = vars(parser.parse_args(argv))
-        password_file: Path | None = args.pop("redis_password_file")
-        try:
-            password = read_password(password_file) if password_file else None
-        except OSError as err:
-            parser.error(f"--redis-password-file: {err}")
-        return cls(**args, redis_password=password)
+        return cls(**vars(parser.parse_args(argv)))
 
 
 def policy_source(settings: Settings) -> FilePolicySource | ClusterPolicySource:
@@ -155,7 +149,7 @@ def policy_source(settings: Settings) -> FilePolicySource | ClusterPolicySource:
 
 
 async def serve(settings: Settings) -> None:
-    password = settings.redis_password
+    password = read_password(settings.redis_password_file) if settings.redis_password_file else None
     if settings.redis:
         await check_auth(settings.redis, password, timeout_s=2.0)
     source = policy_source(settings)
@@ -273,3 +267,7 @@ def main(argv: list[str] | None = None) -> None:
         uvloop.run(serve(settings))
     except RedisAuthFailed as err:
         raise SystemExit(f"extproc: {err} (see --redis-password-file)") from None
+    except OSError as err:
+        if settings.redis_password_file and err.filename == str(settings.redis_password_file):
+            raise SystemExit(f"extproc: --redis-password-file: {err}") from None
+        raise

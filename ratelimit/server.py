@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -33,7 +33,7 @@ class Settings:
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 9102
     redis: str | None = None  # None: counters in this process's memory
-    redis_password: str | None = field(default=None, repr=False)  # AUTH, from a file
+    redis_password_file: Path | None = None  # Redis AUTH (a mounted Secret key)
     redis_timeout_s: float = 0.5
     fail_open: bool = True
     shadow_mode: bool = False
@@ -72,17 +72,13 @@ class Settings:
         p.add_argument("--near-ratio", type=float, default=cls.near_ratio)
         p.add_argument("--log-level", default=cls.log_level)
         a = p.parse_args(argv)
-        try:
-            password = read_password(a.redis_password_file) if a.redis_password_file else None
-        except OSError as err:
-            p.error(f"--redis-password-file: {err}")
         return cls(
             config=tuple(a.config),
             grpc_address=a.grpc_address,
             metrics_address=a.metrics_address,
             metrics_port=a.metrics_port,
             redis=a.redis,
-            redis_password=password,
+            redis_password_file=a.redis_password_file,
             redis_timeout_s=a.redis_timeout_s,
             fail_open=not a.fail_closed,
             shadow_mode=a.shadow_mode,
@@ -134,20 +130,19 @@ class ConfigSource:
         return True
 
 
-def make_backend(settings: Settings) -> CounterBackend:
+def make_backend(settings: Settings, password: str | None) -> CounterBackend:
     if settings.redis:
-        return RedisBackend(
-            settings.redis, timeout_s=settings.redis_timeout_s, password=settings.redis_password
-        )
+        return RedisBackend(settings.redis, timeout_s=settings.redis_timeout_s, password=password)
     return MemoryBackend()
 
 
 async def serve(settings: Settings) -> None:
+    password = read_password(settings.redis_password_file) if settings.redis_password_file else None
     if settings.redis:
-        await check_auth(settings.redis, settings.redis_password, timeout_s=2.0)
+        await check_auth(settings.redis, password, timeout_s=2.0)
     metrics = RateLimitMetrics.create()
     source = ConfigSource(settings.config, metrics)
-    backend = make_backend(settings)
+    backend = make_backend(settings, password)
     limiter = Limiter(
         config=source.current,
         backend=backend,
@@ -193,3 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"ratelimit: {err}") from None
     except RedisAuthFailed as err:
         raise SystemExit(f"ratelimit: {err} (see --redis-password-file)") from None
+    except OSError as err:
+        if settings.redis_password_file and err.filename == str(settings.redis_password_file):
+            raise SystemExit(f"ratelimit: --redis-password-file: {err}") from None
+        raise

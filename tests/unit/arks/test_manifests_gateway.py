@@ -123,7 +123,7 @@ def test_gateway_uses_the_class_and_proxy_settings_shipped() -> None:
     )
     ref = GATEWAY["spec"]["infrastructure"]["parametersRef"]
     one(ref["kind"], ref["name"], INSTALL)
-    assert GATEWAY["spec"]["listeners"][0]["allowedRoutes"]["namespaces"]["from"] == "All"
+    assert GATEWAY["spec"]["listeners"][0]["allowedRoutes"]["namespaces"]["from"] == "Selector"
 
 
 def test_the_proxy_keeps_envoy_gateways_per_gateway_and_per_rule_names() -> None:
