@@ -542,3 +542,11 @@ def test_the_pinned_envoy_is_envoy_gateway_v1_9s_and_the_one_validated() -> None
         [str(tool("envoy-1.39")), "--version"], capture_output=True, text=True, check=True
     ).stdout
     assert "/1.39.0/" in version, version
+
+
+def test_no_plain_scalar_reads_as_a_boolean_in_go_yaml() -> None:
+    """gopkg.in/yaml.v2 (sigs.k8s.io/yaml: `kubectl apply -f`, Helm) reads plain y/n as
+    booleans; PyYAML does not, so the generator must quote them (`key: "n"`, the `n` field)."""
+    text = manifests.render()
+    assert not re.search(r"(:|^\s*-) [yYnN]$", text, re.MULTILINE)
+    assert 'key: "n"' in text

@@ -78,6 +78,11 @@ UPSTREAM = {
 
 @pytest.mark.parametrize("doc", EVERYTHING, ids=[where(d) for d in EVERYTHING])
 def test_every_object_is_valid(doc: dict[str, Any]) -> None:
+    validate(doc)
+
+
+def validate(doc: dict[str, Any]) -> None:
+    """Strictly, against the upstream schema of its kind (also for charts/arks's renders)."""
     key = (doc["apiVersion"], doc["kind"])
     if key in UPSTREAM:
         jsonschema.validate(doc, upstream_schema(*UPSTREAM[key]))
@@ -92,7 +97,7 @@ def test_every_object_is_valid(doc: dict[str, Any]) -> None:
 def test_the_readmes_state_the_supported_kubernetes_range() -> None:
     low, high = KUBERNETES
     for readme in (MANIFESTS / "README.md", MANIFESTS.parent / "README.md"):
-        assert f"Kubernetes {low}–{high}" in readme.read_text(), readme
+        assert f"Kubernetes {low}\u2013{high}" in readme.read_text(), readme  # an en dash
 
 
 def test_install_has_each_piece() -> None:
