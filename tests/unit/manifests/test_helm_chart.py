@@ -184,3 +184,17 @@ def test_the_crds_are_the_generated_ones() -> None:
         [d for d in INSTALL if d["kind"] == "CustomResourceDefinition"]
     )
     assert Path(CHART / "crds").is_dir()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "replica.arks-extproc=3",  # a misspelt key
+        "replicas.arks-extproc=0",
+        "redis.url=redis://:hunter2@redis:6379/0",  # the password belongs in a Secret
+    ],
+)
+def test_helm_refuses_values_the_schema_does_not_allow(value: str) -> None:
+    with pytest.raises(subprocess.CalledProcessError) as refused:
+        render(value)
+    assert "values don't meet the specifications of the schema" in refused.value.stderr
