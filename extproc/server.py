@@ -20,6 +20,7 @@ from arks.adapters.grpc_server import start_grpc
 from arks.adapters.kube.client import api_client
 from arks.adapters.redis.backend import RedisBackend
 from arks.adapters.redis.budgets import RedisBudgets
+from arks.adapters.redis.client import RedisAuthFailed, check_auth, read_password
 from arks.lifecycle import every, run_until_signalled, setup_process
 from arks.limits.backends import BackendUnavailable, MemoryBackend
 from arks.limits.budgets import MemoryBudgets
@@ -57,6 +58,7 @@ class Settings:
     metrics_address: str = "127.0.0.1"
     log_level: str = "INFO"
     redis: str | None = None  # counters for rate limits; None keeps them in this process
+    redis_password_file: Path | None = None  # Redis AUTH (a mounted Secret key)
     fail_closed: bool = False  # refuse rate-limited requests while Redis is unreachable
     quota_default_max_tokens: int = 1024  # reserved when a request sets no max_tokens
     state_file: Path | None = None  # quota usage snapshots (local mode's durable copy)
@@ -88,6 +90,11 @@ class Settings:
         parser.add_argument("--log-level", default=cls.log_level)
         parser.add_argument(
             "--redis", metavar="URL", help="Redis for rate-limit counters (default: in memory)"
+        )
+        parser.add_argument(
+            "--redis-password-file",
+            type=Path,
+            help="file holding Redis's password (a mounted Secret key; default: no AUTH)",
         )
         parser.add_argument(
             "--fail-closed", action="store_true", help="refuse limited requests while Redis is down"
@@ -142,8 +149,11 @@ def policy_source(settings: Settings) -> FilePolicySource | ClusterPolicySource:
 
 
 async def serve(settings: Settings) -> None:
+    password = read_password(settings.redis_password_file) if settings.redis_password_file else None
+    if settings.redis:
+        await check_auth(settings.redis, password, timeout_s=2.0)
     source = policy_source(settings)
-    budgets = RedisBudgets(settings.redis) if settings.redis else MemoryBudgets()
+    budgets = RedisBudgets(settings.redis, password=password) if settings.redis else MemoryBudgets()
     durable: DurableCopy | None = StateFile(settings.state_file) if settings.state_file else None
     engines: EngineSets = picking_endpoints
     cluster_engines: ClusterEngines | None = None
@@ -167,7 +177,11 @@ async def serve(settings: Settings) -> None:
     admission = AdmissionControl(
         limiter=Limiter(
             config=RateLimitConfig,  # tokens' limits come as overrides; nothing is configured
-            backend=RedisBackend(settings.redis) if settings.redis else MemoryBackend(),
+            backend=(
+                RedisBackend(settings.redis, password=password)
+                if settings.redis
+                else MemoryBackend()
+            ),
             metrics=RateLimitMetrics.create(metrics.registry),
             clock=time.time,
             enforcement=Enforcement(fail_open=not settings.fail_closed),
@@ -188,7 +202,9 @@ async def serve(settings: Settings) -> None:
         now=lambda: datetime.now(UTC),
         monotonic=time.monotonic,
         reported=(
-            RedisReported(settings.redis, ttl_s=2 * settings.usage_settle_timeout_s)
+            RedisReported(
+                settings.redis, ttl_s=2 * settings.usage_settle_timeout_s, password=password
+            )
             if settings.redis
             else SingleReplica()
         ),
@@ -247,4 +263,11 @@ async def serve(settings: Settings) -> None:
 def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_args(argv)
     setup_process(settings.log_level)
-    uvloop.run(serve(settings))
+    try:
+        uvloop.run(serve(settings))
+    except RedisAuthFailed as err:
+        raise SystemExit(f"extproc: {err} (see --redis-password-file)") from None
+    except OSError as err:
+        if settings.redis_password_file and err.filename == str(settings.redis_password_file):
+            raise SystemExit(f"extproc: --redis-password-file: {err}") from None
+        raise

@@ -15,6 +15,7 @@ from prometheus_client import start_http_server
 
 from arks.adapters.grpc_server import start_grpc
 from arks.adapters.redis.backend import RedisBackend
+from arks.adapters.redis.client import RedisAuthFailed, check_auth, read_password
 from arks.lifecycle import every, run_until_signalled, setup_process
 from arks.limits.backends import CounterBackend, MemoryBackend
 from arks.limits.config import ConfigError, RateLimitConfig, load_config
@@ -32,6 +33,7 @@ class Settings:
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 9102
     redis: str | None = None  # None: counters in this process's memory
+    redis_password_file: Path | None = None  # Redis AUTH (a mounted Secret key)
     redis_timeout_s: float = 0.5
     fail_open: bool = True
     shadow_mode: bool = False
@@ -55,6 +57,11 @@ class Settings:
         p.add_argument(
             "--redis", metavar="URL", help="redis://host:port/db (default: counters in memory)"
         )
+        p.add_argument(
+            "--redis-password-file",
+            type=Path,
+            help="file holding Redis's password (a mounted Secret key; default: no AUTH)",
+        )
         p.add_argument("--redis-timeout-s", type=float, default=cls.redis_timeout_s)
         p.add_argument(
             "--fail-closed", action="store_true", help="refuse limited requests while Redis is down"
@@ -71,6 +78,7 @@ class Settings:
             metrics_address=a.metrics_address,
             metrics_port=a.metrics_port,
             redis=a.redis,
+            redis_password_file=a.redis_password_file,
             redis_timeout_s=a.redis_timeout_s,
             fail_open=not a.fail_closed,
             shadow_mode=a.shadow_mode,
@@ -122,16 +130,19 @@ class ConfigSource:
         return True
 
 
-def make_backend(settings: Settings) -> CounterBackend:
+def make_backend(settings: Settings, password: str | None) -> CounterBackend:
     if settings.redis:
-        return RedisBackend(settings.redis, timeout_s=settings.redis_timeout_s)
+        return RedisBackend(settings.redis, timeout_s=settings.redis_timeout_s, password=password)
     return MemoryBackend()
 
 
 async def serve(settings: Settings) -> None:
+    password = read_password(settings.redis_password_file) if settings.redis_password_file else None
+    if settings.redis:
+        await check_auth(settings.redis, password, timeout_s=2.0)
     metrics = RateLimitMetrics.create()
     source = ConfigSource(settings.config, metrics)
-    backend = make_backend(settings)
+    backend = make_backend(settings, password)
     limiter = Limiter(
         config=source.current,
         backend=backend,
@@ -175,3 +186,9 @@ def main(argv: list[str] | None = None) -> None:
         uvloop.run(serve(settings))
     except ConfigError as err:
         raise SystemExit(f"ratelimit: {err}") from None
+    except RedisAuthFailed as err:
+        raise SystemExit(f"ratelimit: {err} (see --redis-password-file)") from None
+    except OSError as err:
+        if settings.redis_password_file and err.filename == str(settings.redis_password_file):
+            raise SystemExit(f"ratelimit: --redis-password-file: {err}") from None
+        raise

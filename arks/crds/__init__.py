@@ -17,4 +17,10 @@ def files() -> dict[str, str]:
     return out
 
 
-__all__ = ["KINDS", "Kind", "files", "render"]
+def chart_files() -> dict[str, str]:
+    """Every file of the Helm chart's `crds/` (charts/arks/crds): the CRDs alone, as Helm
+    applies every file there."""
+    return {kind.file_name: to_yaml(render(kind)) for kind in KINDS}
+
+
+__all__ = ["KINDS", "Kind", "chart_files", "files", "render"]

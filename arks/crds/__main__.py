@@ -1,4 +1,5 @@
-"""`python -m arks.crds [--check] [--out DIR]`: write the CRD manifests, or check them for drift."""
+"""`python -m arks.crds [--check] [--out DIR]`: write the CRD manifests (manifests/crds, and the
+Helm chart's charts/arks/crds), or check them for drift."""
 
 from __future__ import annotations
 
@@ -6,14 +7,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from arks.crds import files
+from arks.crds import chart_files, files
 
-DEFAULT_OUT = Path(__file__).resolve().parents[2] / "manifests" / "crds"
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_OUT = ROOT / "manifests" / "crds"
+CHART_OUT = ROOT / "charts" / "arks" / "crds"
 
 
-def drift(out: Path) -> list[str]:
+def drift(out: Path, wanted: dict[str, str] | None = None) -> list[str]:
     """Names of files in `out` that differ from, lack or are not among the generated ones."""
-    wanted = files()
+    wanted = files() if wanted is None else wanted
     problems = []
     for file_name, text in wanted.items():
         path = out / file_name
@@ -33,21 +36,26 @@ def main(argv: list[str] | None = None) -> int:
         "--check", action="store_true", help="exit 1 if the files differ from the Python"
     )
     parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help="directory of the CRD manifests"
+        "--out",
+        type=Path,
+        help="directory of the CRD manifests (default: manifests/crds and charts/arks/crds)",
     )
     args = parser.parse_args(argv)
-    out: Path = args.out
+    targets = (
+        [(args.out, files())] if args.out else [(DEFAULT_OUT, files()), (CHART_OUT, chart_files())]
+    )
     if args.check:
-        problems = drift(out)
+        problems = [p for out, wanted in targets for p in drift(out, wanted)]
         for problem in problems:
             print(problem, file=sys.stderr)
         if problems:
             print("run `python -m arks.crds` to regenerate", file=sys.stderr)
         return 1 if problems else 0
-    out.mkdir(parents=True, exist_ok=True)
-    for file_name, text in files().items():
-        (out / file_name).write_text(text)
-    print(f"wrote {len(files())} files to {out}")
+    for out, wanted in targets:
+        out.mkdir(parents=True, exist_ok=True)
+        for file_name, text in wanted.items():
+            (out / file_name).write_text(text)
+        print(f"wrote {len(wanted)} files to {out}")
     return 0
 
 

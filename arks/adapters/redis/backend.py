@@ -152,10 +152,11 @@ class RedisBackend:
         timeout_s: float = 0.5,
         *,
         max_connections: int = 64,
+        password: str | None = None,
     ) -> None:
         self._prefix = prefix
         self._timeout_s = timeout_s
-        self._redis: Redis = connect(url, timeout_s, max_connections)
+        self._redis: Redis = connect(url, timeout_s, max_connections, password)
 
     async def apply(
         self, hits: Sequence[Hit], now: float, *, all_or_nothing: bool = False

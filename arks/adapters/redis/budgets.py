@@ -242,11 +242,12 @@ class RedisBudgets:
         timeout_s: float = 0.5,
         *,
         max_connections: int = 64,
+        password: str | None = None,
     ) -> None:
         self._prefix = prefix
         self._timeout_s = timeout_s
         self._generation: str | None = None  # the store's generation marker as last seen
-        self._redis: Redis = connect(url, timeout_s, max_connections)
+        self._redis: Redis = connect(url, timeout_s, max_connections, password)
 
     async def admit(
         self, request_id: str, leases: Sequence[Lease], ttl_s: float, now: float

