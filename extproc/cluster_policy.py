@@ -22,7 +22,7 @@ from arks import api
 from arks.adapters.kube.rest import Obj
 from arks.adapters.kube.watch import Informer, start_all
 from arks.policy import Policy, PolicyError, build_policy
-from arks.resources import BACKENDS, ENDPOINTS, QUOTAS, SECRETS, TOKENS, Resource
+from arks.resources import BACKENDS, ENDPOINTS, QUOTAS, TOKENS, Resource
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,6 @@ KINDS = (
     PolicyKind(QUOTAS, "ArksQuota", api.parse_quota),
     PolicyKind(ENDPOINTS, "ArksEndpoint", api.parse_endpoint),
     PolicyKind(BACKENDS, "Backend", api.parse_backend),
-    PolicyKind(SECRETS, "Secret", api.parse_secret),
 )
 
 

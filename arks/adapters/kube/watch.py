@@ -2,6 +2,10 @@
 
 One thread per informer runs list → watch → (stream ends or fails) → watch again from the last
 seen resourceVersion, or list again after an error (e.g. 410 Gone when the version expired).
+A healthy watch that the server ends (`timeoutSeconds`) is resumed from its resourceVersion
+(bookmarks keep it fresh), never re-listed: a list happens at start and after an error only.
+A refusal (401/403: this client may not read that kind there) is retried every
+`forbidden_retry_s`, quietly after the first log line, and `forbidden` says so meanwhile.
 A second thread calls the handlers with "RESYNC" for every cached object every `resync_s`, so
 a reconcile that missed something (or dropped a key) converges anyway.
 """
@@ -13,9 +17,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from kubernetes.client import ApiClient
+from kubernetes.client.exceptions import ApiException
 
 from arks.adapters.kube import rest
 from arks.adapters.kube.queue import Key, WorkQueue
@@ -48,6 +53,7 @@ class Informer:
         resync_s: float = 300.0,
         watch_timeout_s: float = 30.0,
         retry_s: float = 1.0,
+        forbidden_retry_s: float = 30.0,
     ) -> None:
         self.resource = resource
         self._api = api_client
@@ -56,6 +62,9 @@ class Informer:
         self._resync_s = resync_s
         self._watch_timeout_s = watch_timeout_s
         self._retry_s = retry_s
+        self._forbidden_retry_s = forbidden_retry_s
+        self.forbidden = False  # the last list was refused (401/403)
+        self.lists = 0  # full lists made (start, and after an error or 410 Gone)
         self._lock = threading.Lock()
         self._cache: dict[Key, Obj] = {}
         self._handlers: list[Handler] = []
@@ -114,6 +123,25 @@ class Informer:
                 resource_version = self._watch(resource_version)
             except _Expired:
                 resource_version = None
+            except ApiException as e:
+                resource_version = None
+                if e.status == 410:  # the version expired: list again now
+                    continue
+                if e.status in (401, 403):
+                    if not self.forbidden:
+                        log.warning(
+                            "informer for %s%s: %s %s; retrying every %.0f s",
+                            self.resource.plural,
+                            f" in {self._namespace}" if self._namespace else "",
+                            e.status,
+                            e.reason,
+                            self._forbidden_retry_s,
+                        )
+                    self.forbidden = True
+                    self._stop.wait(self._forbidden_retry_s)
+                    continue
+                log.exception("informer for %s failed; listing again", self.resource.plural)
+                self._stop.wait(self._retry_s)
             except Exception:
                 log.exception("informer for %s failed; listing again", self.resource.plural)
                 resource_version = None
@@ -121,6 +149,8 @@ class Informer:
 
     def _relist(self) -> str:
         listed = rest.request(self._api, "GET", self._path(), query=self._query())
+        self.lists += 1
+        self.forbidden = False
         fresh = {key_of(o): o for o in listed.get("items") or []}
         with self._lock:
             gone = [o for k, o in self._cache.items() if k not in fresh]
@@ -180,6 +210,77 @@ class Informer:
 
     def _query(self) -> dict[str, str]:
         return {"labelSelector": self._selector} if self._selector else {}
+
+
+class Watched(Protocol):
+    """What a controller starts and stops with itself: an `Informer` or `PerNamespace`."""
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout_s: float | None = None) -> None: ...
+
+    def wait_synced(self, timeout_s: float | None = None) -> bool: ...
+
+
+class PerNamespace:
+    """One informer per namespace, each started the first time `informer(namespace)` is asked
+    for: for a kind this client may read only in the namespaces that granted it (a RoleBinding
+    there), where a cluster-wide list would be refused. With `namespace` given, only that one.
+
+    `wait_synced` is True: namespaces are opted into one by one, and a namespace that has not
+    (or not yet) must not hold the controller's readiness.
+    """
+
+    def __init__(
+        self,
+        api_client: ApiClient,
+        resource: Resource,
+        handlers: Iterable[Handler],
+        namespace: str | None = None,
+        **informer_options: Any,
+    ) -> None:
+        self.resource = resource
+        self._api = api_client
+        self._handlers = list(handlers)
+        self._only = namespace
+        self._options = informer_options
+        self._lock = threading.Lock()
+        self._informers: dict[str, Informer] = {}
+        self._started = False
+
+    def informer(self, namespace: str) -> Informer:
+        if self._only is not None and namespace != self._only:
+            raise ValueError(f"{self.resource.plural}: watching {self._only} only, not {namespace}")
+        with self._lock:
+            made = self._informers.get(namespace)
+            if made is None:
+                made = Informer(self._api, self.resource, namespace, **self._options)
+                for handler in self._handlers:
+                    made.add_handler(handler)
+                self._informers[namespace] = made
+                if self._started:
+                    made.start()
+            return made
+
+    def namespaces(self) -> list[str]:
+        with self._lock:
+            return sorted(self._informers)
+
+    def start(self) -> None:
+        with self._lock:
+            self._started = True
+            for informer in self._informers.values():
+                informer.start()
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        with self._lock:
+            self._started = False
+            informers = list(self._informers.values())
+        for informer in informers:
+            informer.stop(timeout_s)
+
+    def wait_synced(self, timeout_s: float | None = None) -> bool:
+        return True
 
 
 def start_all(informers: Iterable[Informer], timeout_s: float) -> list[Informer]:
