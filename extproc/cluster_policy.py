@@ -75,6 +75,10 @@ class ClusterPolicySource:
         status = obj.get("status") if obj else None
         return status if isinstance(status, Mapping) else None
 
+    def cached(self) -> int:
+        """How many objects its informers' caches hold in all."""
+        return sum(i.size() for i in self._informers.values())
+
     def reload_if_changed(self) -> bool:
         """For the housekeeping loop's metrics: whether a new snapshot was built since the last call."""
         changed = self.reloads != self._reported

@@ -111,6 +111,10 @@ class Controller:
         self._metrics = metrics
         metrics.queue_depth.labels(self.name).set_function(lambda: len(self.queue))
 
+    def cached(self) -> int:
+        """How many objects its informers' caches hold in all."""
+        return sum(i.size() for i in (self.informer, *self._owned))
+
     def synced(self) -> bool:
         """Whether every informer has listed its objects once."""
         return all(i.wait_synced(0) for i in (self.informer, *self._owned))

@@ -26,8 +26,11 @@ from arks.adapters.kube import rest
 from arks.adapters.kube.queue import Key, WorkQueue
 from arks.adapters.kube.rest import Obj
 from arks.resources import Resource
+from arks.wire import LABEL_MANAGED_BY, MANAGED_BY
 
 log = logging.getLogger(__name__)
+
+MANAGED_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"  # what the controller renders carries it
 
 Handler = Callable[[str, Obj], None]
 """Called with the event type (ADDED, MODIFIED, DELETED or RESYNC) and the object."""
@@ -83,6 +86,11 @@ class Informer:
     def keys(self) -> list[Key]:
         with self._lock:
             return list(self._cache)
+
+    def size(self) -> int:
+        """How many objects the cache holds."""
+        with self._lock:
+            return len(self._cache)
 
     def list(self) -> list[Obj]:
         with self._lock:
@@ -221,6 +229,8 @@ class Watched(Protocol):
 
     def wait_synced(self, timeout_s: float | None = None) -> bool: ...
 
+    def size(self) -> int: ...
+
 
 class PerNamespace:
     """One informer per namespace, each started the first time `informer(namespace)` is asked
@@ -282,6 +292,11 @@ class PerNamespace:
     def wait_synced(self, timeout_s: float | None = None) -> bool:
         return True
 
+    def size(self) -> int:
+        with self._lock:
+            informers = list(self._informers.values())
+        return sum(i.size() for i in informers)
+
 
 def start_all(informers: Iterable[Informer], timeout_s: float) -> list[Informer]:
     """Start the informers and wait (up to `timeout_s` in all) for their first lists; the ones
@@ -338,7 +353,12 @@ def watch_owned(
     namespace: str | None = None,
     **informer_options: Any,
 ) -> Informer:
-    """An informer on a child kind whose events re-trigger the owner's reconcile (not started)."""
+    """An informer on a child kind whose events re-trigger the owner's reconcile (not started).
+
+    Only the objects labelled as the controller's (`app.kubernetes.io/managed-by=arks`, on
+    everything it renders) are listed and cached, unless `label_selector` says otherwise: a
+    cluster's unrelated Deployments, Services, PVCs, Jobs and DaemonSets never enter memory."""
+    informer_options.setdefault("label_selector", MANAGED_SELECTOR)
     informer = Informer(api_client, child, namespace, **informer_options)
     informer.add_handler(enqueue_owner(queue, owner_api_version, owner_kind))
     return informer
