@@ -149,6 +149,7 @@ def build_policy(
             clashing[digest] = first
             continue
         by_digest[digest] = token
+    for token in by_digest.values():  # what an accepted token names that does not exist
         for qos in token.qos:
             if ObjectKey(token.key.namespace, qos.endpoint) not in endpoints:
                 warnings.append(
