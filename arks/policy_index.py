@@ -60,13 +60,13 @@ class PolicyIndex:
 
     def apply(self, kind: str, key: ObjectKey, parsed: Any | None) -> bool:
         """Put `parsed` (None: remove) as the object `kind` `key`; whether anything changed."""
-        table: dict[ObjectKey, Any] = {
+        tables: dict[str, dict[ObjectKey, Any]] = {
             TOKEN: self.tokens,
             ENDPOINT: self.endpoints,
             QUOTA: self.quotas,
             BACKEND: self.backends,
-        }[kind]
-        old = table.get(key)
+        }
+        old = tables[kind].get(key)
         if old == parsed:
             return False
         if kind == TOKEN:

@@ -18,9 +18,9 @@ from arks.resources import ENDPOINTS, EVENTS, QUOTAS, SECRETS, TOKENS, Resource
 from arks.wire import LABEL_TOKEN_SECRET
 from controller.reconcilers.token import SECRET_READER_ROLE, token_controller
 from tests.support.kube import FAST_INFORMERS, eventually, running_kube_emulator
+from tests.support.kube import get_object as get
 from tests.support.paths import REPO
 from tests.support.rbac import authorizer
-from tests.support.kube import get_object as get
 
 pytestmark = pytest.mark.timeout(60)
 DIGEST = "sha256:" + "cd" * 32
