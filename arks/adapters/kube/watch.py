@@ -4,8 +4,9 @@ One thread per informer runs list → watch → (stream ends or fails) → watch
 seen resourceVersion, or list again after an error (e.g. 410 Gone when the version expired).
 A healthy watch that the server ends (`timeoutSeconds`) is resumed from its resourceVersion
 (bookmarks keep it fresh), never re-listed: a list happens at start and after an error only.
-A refusal (401/403: this client may not read that kind there) is retried every
-`forbidden_retry_s`, quietly after the first log line, and `forbidden` says so meanwhile.
+A refusal (401/403: this client may not read that kind there) or 404 (the kind is not served:
+its CRD is not installed) is retried every `forbidden_retry_s`, quietly after the first log
+line; `forbidden` says whether the last list was refused.
 A second thread calls the handlers with "RESYNC" for every cached object every `resync_s`, so
 a reconcile that missed something (or dropped a key) converges anyway.
 """
@@ -67,6 +68,7 @@ class Informer:
         self._retry_s = retry_s
         self._forbidden_retry_s = forbidden_retry_s
         self.forbidden = False  # the last list was refused (401/403)
+        self._refused: int | None = None  # the status of the last refusal (logged once)
         self.lists = 0  # full lists made (start, and after an error or 410 Gone)
         self._lock = threading.Lock()
         self._cache: dict[Key, Obj] = {}
@@ -135,8 +137,8 @@ class Informer:
                 resource_version = None
                 if e.status == 410:  # the version expired: list again now
                     continue
-                if e.status in (401, 403):
-                    if not self.forbidden:
+                if e.status in (401, 403, 404):  # not allowed, or not served (no CRD)
+                    if not self.forbidden and e.status != self._refused:
                         log.warning(
                             "informer for %s%s: %s %s; retrying every %.0f s",
                             self.resource.plural,
@@ -145,7 +147,8 @@ class Informer:
                             e.reason,
                             self._forbidden_retry_s,
                         )
-                    self.forbidden = True
+                    self._refused = e.status
+                    self.forbidden = e.status in (401, 403)
                     self._stop.wait(self._forbidden_retry_s)
                     continue
                 log.exception("informer for %s failed; listing again", self.resource.plural)
@@ -158,7 +161,7 @@ class Informer:
     def _relist(self) -> str:
         listed = rest.request(self._api, "GET", self._path(), query=self._query())
         self.lists += 1
-        self.forbidden = False
+        self.forbidden, self._refused = False, None
         fresh = {key_of(o): o for o in listed.get("items") or []}
         with self._lock:
             gone = [o for k, o in self._cache.items() if k not in fresh]
