@@ -301,11 +301,19 @@ class TokenReconciler:
 
 
 def _enqueue_tokens_referencing(
-    tokens: Informer, queue: WorkQueue, refers: Callable[[Mapping[str, Any], str], bool]
+    tokens: Informer,
+    queue: WorkQueue,
+    refers: Callable[[Mapping[str, Any], str], bool],
+    events: Collection[str] = ("ADDED", "MODIFIED", "DELETED"),
 ) -> Callable[[str, Obj], None]:
-    """A handler: when an object changes, enqueue the tokens of its namespace that refer to it."""
+    """A handler: when an object changes (one of `events`), enqueue the tokens of its namespace
+    that refer to it. A token's status depends on whether its endpoints and quotas exist, not on
+    what they hold: for those only ADDED and DELETED count, so the gateways' ArksQuota status
+    writes (every few seconds per quota) do not re-check every token charged to the quota."""
 
-    def handle(_kind: str, obj: Obj) -> None:
+    def handle(kind: str, obj: Obj) -> None:
+        if kind not in events:
+            return
         meta = obj.get("metadata") or {}
         namespace, name = str(meta.get("namespace") or ""), str(meta.get("name"))
         for key in tokens.keys():
@@ -352,7 +360,9 @@ def token_controller(
     informers = {}
     for resource, refers in related.items():
         informer = Informer(api_client, resource, namespace, **options)
-        informer.add_handler(_enqueue_tokens_referencing(tokens, work, refers))
+        informer.add_handler(
+            _enqueue_tokens_referencing(tokens, work, refers, ("ADDED", "DELETED"))
+        )
         informers[resource] = informer
     secrets = PerNamespace(
         api_client,

@@ -16,6 +16,7 @@ from arks.adapters.kube.conditions import find_condition
 from arks.api import token_digest
 from arks.resources import ENDPOINTS, EVENTS, QUOTAS, SECRETS, TOKENS, Resource
 from arks.wire import LABEL_TOKEN_SECRET
+from controller.metrics import ControllerMetrics
 from controller.reconcilers.token import SECRET_READER_ROLE, token_controller
 from tests.support.kube import FAST_INFORMERS, eventually, running_kube_emulator
 from tests.support.kube import get_object as get
@@ -242,3 +243,45 @@ def _opted_in_and_not(api: ApiClient, kube: Any) -> None:
     eventually(lambda: ready(api, "team-a") == ("False", "SecretNotFound"))
     assert "tokenHash" not in status(api, "team-a")
     assert "tokenHashSecret" not in status(api, "team-a")
+
+
+def test_quota_status_writes_do_not_recheck_the_tokens_charged_to_it(
+    api: ApiClient, ns: str
+) -> None:
+    """The gateways write each ArksQuota's status every few seconds; a token's status depends
+    only on whether its quota exists, so those writes reconcile no token."""
+    metrics = ControllerMetrics()
+    running = token_controller(api, ns, informer_options=FAST_INFORMERS)
+    running.instrument(metrics)
+    running.start()
+    try:
+        quota_spec = {"quotas": [{"type": "total", "value": 10}]}
+        create(api, QUOTAS, ns, "ArksQuota", "team-a", spec=quota_spec)
+        qos = [{"arksEndpoint": {"name": "qwen-7b"}, "quota": {"name": "team-a"}}]
+        for name in ("u1", "u2", "u3"):
+            create(api, TOKENS, ns, "ArksToken", name, spec={"tokenHash": DIGEST, "qos": qos})
+        eventually(lambda: all(ready(api, ns, n) == ("True", "Active") for n in ("u1", "u2", "u3")))
+        time.sleep(0.5)
+
+        def reconciles() -> float:
+            value = metrics.registry.get_sample_value(
+                "arks_controller_reconcile_total", {"controller": "arkstoken", "result": "success"}
+            )
+            return value or 0.0
+
+        settled = reconciles()
+        for used in range(5):
+            rest.request(
+                api,
+                "PATCH",
+                QUOTAS.path(ns, "team-a", "status"),
+                body={"status": {"quotaStatus": [{"used": used}]}},
+                content_type=rest.MERGE_PATCH,
+            )
+        time.sleep(1.0)
+        assert reconciles() == settled
+        rest.request(api, "DELETE", QUOTAS.path(ns, "team-a"))  # existence does count
+        eventually(lambda: "team-a" in str(status(api, ns, "u1").get("conditions")))
+        assert reconciles() >= settled + 3
+    finally:
+        running.stop()
