@@ -131,6 +131,11 @@ class ArksToken:
     plain_token_given: bool = False
     expires_at: datetime | None = None
     disabled: bool = False
+    # The digest of the token its Secret holds, as the controller published it in the status
+    # (`status.tokenHash`, for the `status.tokenHashSecret` it read): how the gateway, which
+    # reads no Secrets, learns a tokenSecretRef token. None when none is published for the
+    # Secret and key the spec names now.
+    published_hash: str | None = None
 
     @property
     def user(self) -> str:
@@ -365,9 +370,24 @@ def parse_token(obj: Mapping[str, Any]) -> ArksToken:
         plain_token_given=plain is not None,
         expires_at=_timestamp(spec, "expiresAt"),
         disabled=spec.get("disabled", bool, default=False),
+        published_hash=published_digest(obj, secret_ref),
     )
     spec.done()
     return token
+
+
+def published_digest(obj: Mapping[str, Any], ref: SecretRef | None) -> str | None:
+    """The digest the controller published in an ArksToken's status for the Secret key the spec
+    names now (pure; a status for another Secret or key, or not a digest, is ignored)."""
+    status = obj.get("status")
+    if ref is None or not isinstance(status, Mapping):
+        return None
+    digest, source = status.get("tokenHash"), status.get("tokenHashSecret")
+    if not isinstance(digest, str) or not _DIGEST.match(digest) or not isinstance(source, Mapping):
+        return None
+    if source.get("name") != ref.name or source.get("key", "token") != ref.key:
+        return None
+    return digest
 
 
 def parse_quota(obj: Mapping[str, Any]) -> ArksQuota:

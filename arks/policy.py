@@ -131,18 +131,10 @@ def build_policy(
     for where, token in tokens:
         digest = token.token_hash
         if token.secret_ref is not None:
-            secret = secrets.get(ObjectKey(token.key.namespace, token.secret_ref.name))
-            plain = secret.data.get(token.secret_ref.key) if secret else None
-            plain = (
-                plain.strip() if plain else None
-            )  # `kubectl create secret --from-file` keeps a newline
-            if not plain:
-                warnings.append(
-                    f"ArksToken {token.key}: secret {token.secret_ref.name!r} key {token.secret_ref.key!r} "
-                    "not found; the token is not usable"
-                )
+            digest = secret_digest(token, secrets)
+            if digest is None:
+                warnings.append(secret_warning(token))
                 continue
-            digest = api.token_digest(plain)
         if token.plain_token_given:
             warnings.append(
                 f"ArksToken {token.key}: spec.token holds a plain token; use tokenHash or tokenSecretRef"
@@ -157,6 +149,7 @@ def build_policy(
             clashing[digest] = first
             continue
         by_digest[digest] = token
+    for token in by_digest.values():  # what an accepted token names that does not exist
         for qos in token.qos:
             if ObjectKey(token.key.namespace, qos.endpoint) not in endpoints:
                 warnings.append(
@@ -173,6 +166,27 @@ def build_policy(
                     f"ArksEndpoint {endpoint.key}: references unknown Backend {ref.key}"
                 )
     return Policy(backends, endpoints, by_digest, quotas, tuple(warnings), version)
+
+
+def secret_digest(token: ArksToken, secrets: Mapping[ObjectKey, Secret]) -> str | None:
+    """The digest of a tokenSecretRef token: from its Secret when the objects hold it (a policy
+    file), else the one the controller published in the token's status (a cluster, where the
+    gateway reads no Secrets); None when neither gives one."""
+    assert token.secret_ref is not None
+    secret = secrets.get(ObjectKey(token.key.namespace, token.secret_ref.name))
+    if secret is None:
+        return token.published_hash
+    plain = secret.data.get(token.secret_ref.key)
+    plain = plain.strip() if plain else None  # `kubectl create secret --from-file` keeps a newline
+    return api.token_digest(plain) if plain else None
+
+
+def secret_warning(token: ArksToken) -> str:
+    assert token.secret_ref is not None
+    return (
+        f"ArksToken {token.key}: secret {token.secret_ref.name!r} key {token.secret_ref.key!r} "
+        "not found (nor its digest in status.tokenHash); the token is not usable"
+    )
 
 
 def read_policy_file(path: Path) -> list[tuple[str, Mapping[str, Any]]]:

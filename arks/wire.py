@@ -60,6 +60,9 @@ ANNOTATION_MODEL = "arks.ai/model"
 ANNOTATION_SOURCE_ID = "arks.ai/source-id"
 ANNOTATION_ENDPOINT = "arks.ai/endpoint"  # "<namespace>/<name>", exact
 PICKING_FINALIZER = "arks.ai/picking-policy"
+# On a Secret holding an ArksToken's token (tokenSecretRef): the controller watches only the
+# Secrets with this label (any value), and only in namespaces that let it read Secrets.
+LABEL_TOKEN_SECRET = "arks.ai/token-secret"
 ANNOTATION_DEMO = "arks.ai/demo"  # "true" on the demo policy's Secret: `arks up` may print it
 
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")

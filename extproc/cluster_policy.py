@@ -1,11 +1,20 @@
-"""Policy from the cluster: ArksTokens, ArksQuotas, ArksEndpoints, Backends and Secrets, watched
-through the API server (the core's informers) and built into the same snapshot the policy file
-gives.
+"""Policy from the cluster: ArksTokens, ArksQuotas, ArksEndpoints and Backends, watched through
+the API server (the core's informers) and kept in the same snapshot the policy file gives.
 
-Every change rebuilds the snapshot from all objects known; an object that does not parse is
-left out (and logged) rather than failing the whole policy, as a cluster's objects come and go
-independently. A build that fails as a whole (two tokens with one secret) keeps the last good
-snapshot. Bursts of changes (a first list, a relist after an error) make one rebuild.
+No Secrets: a token held in a Secret is known by the digest the controller published in the
+ArksToken's status (controller/reconcilers/token.py), so the internet-facing gateway needs no
+right to read any Secret.
+
+A change costs O(that change), not O(cluster) (arks/policy_index.py): only the changed object
+is parsed and only the indexes it touches are updated; a burst of changes (a first list, a
+relist after an error) is applied as one and makes one new snapshot. An update that cannot
+change the policy is dropped before it is parsed: for these kinds, `metadata.generation` moves
+with every spec change, so an update whose generation did not move changed only status or
+metadata — the gateway's own ArksQuota status writes every few seconds come back as such — except
+an ArksToken's published digest (`status.tokenHash`/`tokenHashSecret`), compared as well. An
+object that does not parse is left out (and logged) rather than failing the policy, as a
+cluster's objects come and go independently; two tokens with one digest are both left out, with
+a warning, until one changes.
 """
 
 from __future__ import annotations
@@ -21,8 +30,10 @@ from kubernetes.client import ApiClient
 from arks import api
 from arks.adapters.kube.rest import Obj
 from arks.adapters.kube.watch import Informer, start_all
-from arks.policy import Policy, PolicyError, build_policy
-from arks.resources import BACKENDS, ENDPOINTS, QUOTAS, SECRETS, TOKENS, Resource
+from arks.api import ObjectKey
+from arks.policy import Policy
+from arks.policy_index import PolicyIndex
+from arks.resources import BACKENDS, ENDPOINTS, QUOTAS, TOKENS, Resource
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +50,6 @@ KINDS = (
     PolicyKind(QUOTAS, "ArksQuota", api.parse_quota),
     PolicyKind(ENDPOINTS, "ArksEndpoint", api.parse_endpoint),
     PolicyKind(BACKENDS, "Backend", api.parse_backend),
-    PolicyKind(SECRETS, "Secret", api.parse_secret),
 )
 
 
@@ -54,17 +64,25 @@ class ClusterPolicySource:
     ) -> None:
         self.api_client = api_client
         self.namespace = namespace
+        self._kinds = {k.kind: k for k in KINDS}
         self._informers = {
             k.kind: Informer(api_client, k.resource, namespace, **(informer_options or {}))
             for k in KINDS
         }
-        for informer in self._informers.values():
-            informer.add_handler(self._changed)
+        for kind in KINDS:
+            self._informers[kind.kind].add_handler(self._handler(kind))
         self._policy = Policy()
+        self._index = PolicyIndex()
+        self._lock = threading.Lock()
+        # (kind, namespace, name) -> the object to apply (None: deleted), latest wins
+        self._pending: dict[tuple[str, str, str], Obj | None] = {}
+        self._marks: dict[tuple[str, str, str], tuple[Any, ...] | None] = {}
         self._dirty = threading.Event()
         self._stop = threading.Event()
         self._builder: threading.Thread | None = None
         self.reloads = 0
+        self.parsed = 0  # objects parsed (each change once)
+        self.skipped = 0  # updates dropped unparsed (status or metadata only)
         self._reported = 0
 
     def current(self) -> Policy:
@@ -75,6 +93,10 @@ class ClusterPolicySource:
         obj = self._informers["ArksQuota"].get((quota.key.namespace, quota.key.name))
         status = obj.get("status") if obj else None
         return status if isinstance(status, Mapping) else None
+
+    def cached(self) -> int:
+        """How many objects its informers' caches hold in all."""
+        return sum(i.size() for i in self._informers.values())
 
     def reload_if_changed(self) -> bool:
         """For the housekeeping loop's metrics: whether a new snapshot was built since the last call."""
@@ -89,7 +111,7 @@ class ClusterPolicySource:
                 "policy: %s not listed yet; starting without them", informer.resource.plural
             )
         self._dirty.clear()
-        self._rebuild()
+        self._apply_pending()
         self._builder = threading.Thread(
             target=self._build_loop, name="policy-builder", daemon=True
         )
@@ -102,9 +124,24 @@ class ClusterPolicySource:
         for informer in self._informers.values():
             informer.stop(timeout_s)
 
-    def _changed(self, event: str, _obj: Obj) -> None:
-        if event != "RESYNC":  # a resync repeats what the cache holds: nothing to rebuild
+    def _handler(self, kind: PolicyKind) -> Callable[[str, Obj], None]:
+        def changed(event: str, obj: Obj) -> None:
+            if event == "RESYNC":  # a resync repeats what the cache holds: nothing to apply
+                return
+            key = (kind.kind, *_name_of(obj))
+            if event == "DELETED":
+                self._marks.pop(key, None)
+            else:
+                mark = _mark(kind.kind, obj)
+                if mark is not None and self._marks.get(key) == mark:
+                    self.skipped += 1  # only status or metadata moved: nothing to parse
+                    return
+                self._marks[key] = mark
+            with self._lock:
+                self._pending[key] = None if event == "DELETED" else obj
             self._dirty.set()
+
+        return changed
 
     def _build_loop(self) -> None:
         while True:
@@ -113,34 +150,49 @@ class ClusterPolicySource:
                 return
             self._dirty.clear()
             try:
-                self._rebuild()
+                self._apply_pending()
             except Exception:
-                log.exception("policy: rebuilding the snapshot failed; keeping the last good one")
+                log.exception("policy: applying changes failed; keeping the last snapshot")
 
-    # --- building -------------------------------------------------------------------------------
+    # --- applying -------------------------------------------------------------------------------
 
-    def _rebuild(self) -> None:
-        valid: list[tuple[str, Mapping[str, Any]]] = []
-        for kind in sorted(KINDS, key=lambda k: k.kind):  # one order, whatever arrived first
-            for obj in sorted(self._informers[kind.kind].list(), key=_name_of):
+    def _apply_pending(self) -> None:
+        """Apply the changes queued since the last call (a burst, coalesced per object) and
+        publish one new snapshot if any changed the policy."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        changed = False
+        for (kind_name, namespace, name), obj in pending.items():
+            parsed = None
+            if obj is not None:
+                kind = self._kinds[kind_name]
                 typed = {**obj, "apiVersion": kind.resource.api_version, "kind": kind.kind}
-                where = f"{kind.kind} {'/'.join(_name_of(obj))}"
                 try:
-                    kind.parse(typed)
+                    parsed = kind.parse(typed)
+                    self.parsed += 1
                 except api.ObjectError as err:
-                    log.error("policy: %s is left out: %s", where, err)
-                    continue
-                valid.append((where, typed))
-        try:
-            policy = build_policy(valid, version=str(self.reloads + 1), drop_duplicate_tokens=True)
-        except PolicyError as err:
-            log.error("policy from the cluster not applied, keeping the last good one: %s", err)
+                    log.error("policy: %s %s/%s is left out: %s", kind_name, namespace, name, err)
+            changed |= self._index.apply(kind_name, ObjectKey(namespace, name), parsed)
+        if not changed:
             return
-        if policy.warnings != self._policy.warnings:  # status writes rebuild often: say things once
-            for warning in policy.warnings:
-                log.warning("policy: %s", warning)
-        self._policy = policy
+        self._policy = self._index.snapshot(str(self.reloads + 1))
         self.reloads += 1
+        for warning in self._index.refresh_warnings():  # said once, when it appears
+            log.warning("policy: %s", warning)
+
+
+def _mark(kind: str, obj: Mapping[str, Any]) -> tuple[Any, ...] | None:
+    """What an update must move to change the policy, or None when unknown (then it is parsed
+    and compared): the generation, and for an ArksToken its published digest too."""
+    meta = obj.get("metadata") or {}
+    generation = meta.get("generation")
+    if generation is None:
+        return None
+    if kind != "ArksToken":
+        return (generation,)
+    status = obj.get("status") or {}
+    source = status.get("tokenHashSecret") or {}
+    return (generation, status.get("tokenHash"), source.get("name"), source.get("key"))
 
 
 def _name_of(obj: Mapping[str, Any]) -> tuple[str, str]:

@@ -231,6 +231,12 @@ token_status = obj(
         "observedGeneration": observed_generation(),
         "endpoints": integer("Number of endpoints granted.", minimum=0),
         "quotas": integer("Number of quotas charged.", minimum=0),
+        "tokenHash": string(
+            "Digest of the token tokenSecretRef names, as the controller last read it (the gateway "
+            "reads no Secrets; it uses this digest while tokenHashSecret matches the spec).",
+            pattern=DIGEST_PATTERN,
+        ),
+        "tokenHashSecret": secret_key_ref("The Secret key tokenHash was read from.", "token"),
         "conditions": conditions(),
     },
     "Observed state, written by the controller.",

@@ -1,7 +1,15 @@
 """ArksToken status: does the token work now, until when, and what should its owner fix.
 
-The gateway reads tokens itself (extproc watches them); the controller only explains them in
-`kubectl get atk` and `kubectl describe atk`. `token_status` is pure: the token, its Secret
+The gateway reads tokens itself (extproc watches them); the controller explains them in
+`kubectl get atk` and `kubectl describe atk`, and, for a token held in a Secret, publishes its
+SHA-256 digest in `status.tokenHash` (with `status.tokenHashSecret`, the key it was read from):
+the gateway, which faces the internet, reads no Secrets at all.
+
+The controller reads a tenant's Secrets only where the tenant's namespace opted in, by binding
+the ClusterRole `arks-token-secret-reader` to the controller there (a RoleBinding), and only
+the Secrets labelled `arks.ai/token-secret`: one label-selected watch per namespace, started
+when a token there first names a Secret. Where the namespace has not opted in, the status says
+so (`SecretForbidden`) and the check is repeated every `FORBIDDEN_RECHECK_S`. `token_status` is pure: the token, its Secret
 and the names of the namespace's endpoints and quotas in, the status out. The reconciler
 reads those from informer caches, writes the status when it changed, records an Event when
 the phase changes, and asks to be woken at the expiry time so `Active` turns `Expired` on time.
@@ -14,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,9 +37,9 @@ from arks.adapters.kube.events import record_event
 from arks.adapters.kube.queue import Key, WorkQueue
 from arks.adapters.kube.rest import Obj
 from arks.adapters.kube.runner import Controller, Leadership
-from arks.adapters.kube.watch import Informer
+from arks.adapters.kube.watch import Informer, PerNamespace
 from arks.resources import ENDPOINTS, QUOTAS, SECRETS, TOKENS
-from arks.wire import EVENT_COMPONENT
+from arks.wire import EVENT_COMPONENT, LABEL_TOKEN_SECRET
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +48,8 @@ PHASE_ACTIVE = "Active"
 PHASE_DISABLED = "Disabled"
 PHASE_EXPIRED = "Expired"
 PHASE_INVALID = "Invalid"
+FORBIDDEN_RECHECK_S = 30.0  # how often a namespace that refused is asked again
+SECRET_READER_ROLE = "arks-token-secret-reader"  # the ClusterRole a namespace binds to opt in
 
 
 @dataclass(frozen=True)
@@ -60,15 +71,25 @@ class TokenStatus:
     # When the status changes by itself (the expiry), as seconds from `now`.
     recheck_after_s: float | None = None
     warnings: tuple[str, ...] = field(default=())
+    # The digest of the token its Secret holds (tokenSecretRef tokens whose Secret works).
+    digest: str | None = None
 
 
-def _secret_check(token: api.ArksToken, secret: Mapping[str, Any] | None) -> Check | None:
-    """Why the Secret does not provide the token, or None when it does."""
+def _secret_check(
+    token: api.ArksToken, secret: Mapping[str, Any] | None, forbidden: bool
+) -> Check | str:
+    """Why the Secret does not provide the token, or the token's digest when it does."""
     ref = token.secret_ref
-    if ref is None:
-        return None
+    assert ref is not None
+    if forbidden:
+        message = (
+            f"the controller may not read Secrets in namespace {token.key.namespace}: bind the "
+            f"ClusterRole {SECRET_READER_ROLE} to it there with a RoleBinding"
+        )
+        return Check("Ready", "False", "SecretForbidden", message)
     if secret is None:
-        return Check("Ready", "False", "SecretNotFound", f"Secret {ref.name} not found")
+        message = f"Secret {ref.name} not found (among the Secrets labelled {LABEL_TOKEN_SECRET})"
+        return Check("Ready", "False", "SecretNotFound", message)
     try:
         value = api.parse_secret(secret).data.get(ref.key)
     except api.ObjectError as e:
@@ -81,7 +102,7 @@ def _secret_check(token: api.ArksToken, secret: Mapping[str, Any] | None) -> Che
         return Check(
             "Ready", "False", "SecretKeyEmpty", f"Secret {ref.name} key {ref.key!r} is empty"
         )
-    return None
+    return api.token_digest(value.strip())  # `--from-file` keeps a newline, as the gateway does
 
 
 def _references(token: api.ArksToken, endpoints: Collection[str], quotas: Collection[str]) -> Check:
@@ -107,6 +128,7 @@ def token_status(
     endpoints: Collection[str],
     quotas: Collection[str],
     now: datetime.datetime,
+    secret_forbidden: bool = False,
 ) -> TokenStatus:
     """The status of ArksToken `obj` at `now` (pure)."""
     try:
@@ -127,7 +149,15 @@ def token_status(
         )
 
     recheck = None
-    broken = _secret_check(token, secret)
+    digest = None
+    broken: Check | None = None
+    if token.secret_ref is not None:
+        checked = _secret_check(token, secret, secret_forbidden)
+        if isinstance(checked, Check):
+            broken = checked
+            recheck = FORBIDDEN_RECHECK_S if secret_forbidden else None
+        else:
+            digest = checked
     if broken is not None:
         phase, ready = PHASE_INVALID, broken
     elif token.disabled:
@@ -151,6 +181,7 @@ def token_status(
         checks=(ready, *checks),
         recheck_after_s=recheck,
         warnings=tuple(warnings),
+        digest=digest,
     )
 
 
@@ -159,8 +190,10 @@ def desired_status(
     computed: TokenStatus,
     generation: int | None,
     now: datetime.datetime,
+    secret_ref: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The status object to write: `computed` with conditions keeping their transition times."""
+    """The status object to write: `computed` with conditions keeping their transition times,
+    and the digest with the Secret key it came from (None removes both: a merge patch)."""
     conditions = current.get("conditions")
     for check in computed.checks:
         conditions = set_condition(
@@ -171,6 +204,12 @@ def desired_status(
         "endpoints": computed.endpoints,
         "quotas": computed.quotas,
         "conditions": list(conditions or []),
+        "tokenHash": computed.digest,
+        "tokenHashSecret": (
+            {"name": str(secret_ref["name"]), "key": str(secret_ref.get("key") or "token")}
+            if computed.digest is not None and secret_ref
+            else None
+        ),
     }
     if generation is not None:
         status["observedGeneration"] = generation
@@ -184,7 +223,7 @@ class TokenReconciler:
         self,
         api_client: ApiClient,
         tokens: Informer,
-        secrets: Informer,
+        secrets: PerNamespace,
         endpoints: Informer,
         quotas: Informer,
         clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
@@ -202,26 +241,42 @@ class TokenReconciler:
         token = self.tokens.get(key)
         if token is None or token["metadata"].get("deletionTimestamp"):
             return None
-        for informer in (self.secrets, self.endpoints, self.quotas):
+        for informer in (self.endpoints, self.quotas):
             # A half-filled cache would report "not found".
             if not informer.wait_synced(timeout_s=5.0):
                 raise TemporaryError(f"{informer.resource.plural} not listed yet", delay_s=1.0)
-        now = self.clock()
         ref = (token.get("spec") or {}).get("tokenSecretRef") or {}
-        secret = self.secrets.get((namespace, str(ref["name"]))) if ref.get("name") else None
+        secret, forbidden = None, False
+        if isinstance(ref, Mapping) and isinstance(ref.get("name"), str):
+            secret, forbidden = self._secret(namespace, ref["name"])
+        now = self.clock()
         computed = token_status(
             token,
             secret=secret,
             endpoints=self._names(self.endpoints, namespace),
             quotas=self._names(self.quotas, namespace),
             now=now,
+            secret_forbidden=forbidden,
         )
         current: Mapping[str, Any] = token.get("status") or {}
-        desired = desired_status(current, computed, token["metadata"].get("generation"), now)
+        desired = desired_status(
+            current, computed, token["metadata"].get("generation"), now, ref or None
+        )
         if any(current.get(k) != v for k, v in desired.items()):
             patch_status(self.api, TOKENS, namespace, name, desired)
             self._announce(token, current, computed)
         return computed.recheck_after_s
+
+    def _secret(self, namespace: str, name: str) -> tuple[Obj | None, bool]:
+        """(the Secret from the namespace's label-selected cache, whether reading is refused)."""
+        informer = self.secrets.informer(namespace)
+        deadline = time.monotonic() + 5.0
+        while not informer.forbidden and not informer.wait_synced(timeout_s=0.05):
+            if time.monotonic() > deadline:  # a half-filled cache would report "not found"
+                raise TemporaryError(f"secrets in {namespace} not listed yet", delay_s=1.0)
+        if informer.forbidden:
+            return None, True
+        return informer.get((namespace, name)), False
 
     def _announce(self, token: Obj, current: Mapping[str, Any], computed: TokenStatus) -> None:
         """An Event when the phase changes (best effort: a lost Event loses no state)."""
@@ -246,16 +301,26 @@ class TokenReconciler:
 
 
 def _enqueue_tokens_referencing(
-    tokens: Informer, queue: WorkQueue, refers: Callable[[Mapping[str, Any], str], bool]
+    tokens: Informer,
+    queue: WorkQueue,
+    refers: Callable[[Mapping[str, Any], str], bool],
+    events: Collection[str] = ("ADDED", "MODIFIED", "DELETED"),
 ) -> Callable[[str, Obj], None]:
-    """A handler: when an object changes, enqueue the tokens of its namespace that refer to it."""
+    """A handler: when an object changes (one of `events`), enqueue the tokens of its namespace
+    that refer to it. A token's status depends on whether its endpoints and quotas exist, not on
+    what they hold: for those only ADDED and DELETED count, so the gateways' ArksQuota status
+    writes (every few seconds per quota) do not re-check every token charged to the quota."""
 
-    def handle(_kind: str, obj: Obj) -> None:
+    def handle(kind: str, obj: Obj) -> None:
+        if kind not in events:
+            return
         meta = obj.get("metadata") or {}
         namespace, name = str(meta.get("namespace") or ""), str(meta.get("name"))
         for key in tokens.keys():
+            if key[0] != namespace:
+                continue
             token = tokens.get(key)
-            if key[0] == namespace and token is not None and refers(token.get("spec") or {}, name):
+            if token is not None and refers(token.get("spec") or {}, name):
                 queue.add(key)
 
     return handle
@@ -285,25 +350,31 @@ def token_controller(
 ) -> Controller:
     """A (not started) controller writing ArksToken status.
 
-    A change to a Secret, ArksEndpoint or ArksQuota re-checks the tokens that name it.
+    A change to a Secret, ArksEndpoint or ArksQuota re-checks the tokens that name it. Secrets
+    are watched per namespace, only those labelled `arks.ai/token-secret` (see the module).
     """
     work = queue if queue is not None else WorkQueue()
     options = dict(informer_options or {})
     tokens = Informer(api_client, TOKENS, namespace, **options)
-    related = {
-        SECRETS: _uses_secret,
-        ENDPOINTS: _uses_endpoint,
-        QUOTAS: _uses_quota,
-    }
+    related = {ENDPOINTS: _uses_endpoint, QUOTAS: _uses_quota}
     informers = {}
     for resource, refers in related.items():
         informer = Informer(api_client, resource, namespace, **options)
-        informer.add_handler(_enqueue_tokens_referencing(tokens, work, refers))
+        informer.add_handler(
+            _enqueue_tokens_referencing(tokens, work, refers, ("ADDED", "DELETED"))
+        )
         informers[resource] = informer
+    secrets = PerNamespace(
+        api_client,
+        SECRETS,
+        [_enqueue_tokens_referencing(tokens, work, _uses_secret)],
+        namespace,
+        **{**options, "label_selector": LABEL_TOKEN_SECRET},
+    )
     reconcile = TokenReconciler(
         api_client,
         tokens,
-        informers[SECRETS],
+        secrets,
         informers[ENDPOINTS],
         informers[QUOTAS],
         **({"clock": clock} if clock else {}),
@@ -314,6 +385,6 @@ def token_controller(
         reconcile,
         workers,
         queue=work,
-        owned=list(informers.values()),
+        owned=[*informers.values(), secrets],
         leader=leader,
     )

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 MANAGED_ROUTES = f"{LABEL_MANAGED_BY}=arks"
 LABEL_SERVICE_NAME = "kubernetes.io/service-name"
+MANAGED_SERVICES = MANAGED_ROUTES
+MANAGED_SLICES = f"{MANAGED_ROUTES},{LABEL_SERVICE_NAME}"
 BACKEND_GROUP = "gateway.envoyproxy.io"
 
 T = TypeVar("T")
@@ -263,10 +265,18 @@ class ClusterEngines:
 
         self._informers = (
             informer(HTTPROUTES, MANAGED_ROUTES, self._handler(self._routes, parse_route)),
-            informer(SERVICES, None, self._handler(self._services, parse_service)),
-            # Slices without the label belong to no Service.
-            informer(ENDPOINTSLICES, LABEL_SERVICE_NAME, self._handler(self._slices, parse_slice)),
+            # Only the Services labelled as Arks's (the applications' Services the controller
+            # renders; a routeConfigs Service must carry the label to be picked among), and
+            # their slices (the EndpointSlice controller copies a Service's labels to its
+            # slices): a cluster's unrelated Services never enter memory.
+            informer(SERVICES, MANAGED_SERVICES, self._handler(self._services, parse_service)),
+            # Slices without the service-name label belong to no Service.
+            informer(ENDPOINTSLICES, MANAGED_SLICES, self._handler(self._slices, parse_slice)),
         )
+
+    def cached(self) -> int:
+        """How many objects its informers' caches hold in all."""
+        return sum(i.size() for i in self._informers)
 
     def _handler(self, index: dict[Key, T], parse: Callable[[Obj], T]) -> Handler:
         def handle(kind: str, obj: Obj) -> None:

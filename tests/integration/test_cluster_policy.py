@@ -10,8 +10,10 @@ import kubernetes
 import pytest
 
 from arks.api import token_digest
+from arks.wire import LABEL_TOKEN_SECRET
+from controller.reconcilers.token import token_controller
 from extproc.server import USER_AGENT
-from tests.support.kube import RunningKubeEmulator
+from tests.support.kube import FAST_INFORMERS, RunningKubeEmulator
 from tests.support.objects import endpoint, token
 from tests.support.rbac import allows, roles_of
 from tests.support.stack import Stack, running_stack
@@ -70,6 +72,8 @@ def test_a_token_created_changed_and_deleted_in_the_cluster(
 
 
 def test_a_token_held_in_a_secret(kube: RunningKubeEmulator, cluster_stack: Stack) -> None:
+    """The gateway reads no Secret: the controller (its token reconciler, here in-process)
+    reads it and publishes the digest in the ArksToken's status, which the gateway watches."""
     core = kubernetes.client.CoreV1Api(kube.api_client())
     custom = kubernetes.client.CustomObjectsApi(kube.api_client())
     custom.create_namespaced_custom_object(
@@ -79,15 +83,26 @@ def test_a_token_held_in_a_secret(kube: RunningKubeEmulator, cluster_stack: Stac
         "arkstokens",
         token("dave", ["model-a"], tokenSecretRef={"name": "dave-token"}),
     )
+    labels = {LABEL_TOKEN_SECRET: "true"}
     core.create_namespaced_secret(
-        "default", {"metadata": {"name": "dave-token"}, "stringData": {"token": DAVE}}
+        "default",
+        {"metadata": {"name": "dave-token", "labels": labels}, "stringData": {"token": DAVE}},
     )
-    wait_for(lambda: status(cluster_stack, DAVE), lambda s: s == 200, timeout=10)
-    # rotating the secret retires the old token
-    core.patch_namespaced_secret(
-        "dave-token", "default", {"stringData": {"token": DAVE + "-rotated"}}
-    )
-    wait_for(lambda: status(cluster_stack, DAVE), lambda s: s == 401, timeout=10)
+    assert status(cluster_stack, DAVE) == 401  # nobody has published its digest yet
+    with kube.api_client() as client:
+        controller = token_controller(client, "default", informer_options=FAST_INFORMERS)
+        controller.start()
+        try:
+            wait_for(lambda: status(cluster_stack, DAVE), lambda s: s == 200, timeout=10)
+            # rotating the secret retires the old token once the controller re-publishes
+            core.patch_namespaced_secret(
+                "dave-token", "default", {"stringData": {"token": DAVE + "-rotated"}}
+            )
+            wait_for(lambda: status(cluster_stack, DAVE), lambda s: s == 401, timeout=10)
+            assert status(cluster_stack, DAVE + "-rotated") == 200
+        finally:
+            controller.stop()
+    # the controller away, the last published digest keeps working
     assert status(cluster_stack, DAVE + "-rotated") == 200
 
 
@@ -137,10 +152,11 @@ def test_quota_usage_is_written_to_the_arksquota_status(
 def test_what_the_gateway_asks_of_the_api_server_its_rbac_allows(
     kube: RunningKubeEmulator, cluster_stack: Stack
 ) -> None:
-    """Runs after the tests above (watches, Secrets, quota status writes)."""
+    """Runs after the tests above (watches, a Secret-held token, quota status writes)."""
     cluster, own_namespace = roles_of("arks-extproc")
     assert own_namespace == []
     asked = {entry[1:] for entry in kube.emulator.audit if entry[0] == USER_AGENT}
     assert {verb for verb, *_ in asked} >= {"list", "watch", "patch"}
+    assert not [a for a in asked if a[2] == "secrets"]  # the gateway reads no Secrets
     refused = [a for a in asked if not allows(cluster, a[0], a[1], a[2], a[4])]
     assert refused == []

@@ -123,7 +123,12 @@ class ToyReconciler:
         child = {
             "apiVersion": "v1",
             "kind": "ConfigMap",
-            "metadata": {"name": f"{name}-config", "namespace": namespace},
+            "metadata": {
+                "name": f"{name}-config",
+                "namespace": namespace,
+                # watch_owned caches only what is labelled as the controller's
+                "labels": {"app.kubernetes.io/managed-by": "arks"},
+            },
             "data": {"replicas": str(app["spec"].get("replicas", 1))},
         }
         server_side_apply(self.api, CONFIGMAPS, set_owner(child, app), MANAGER)

@@ -48,9 +48,12 @@ def arks_endpoint(ns: str, model: str, *route_configs: dict[str, Any]) -> dict[s
     }
 
 
+MANAGED = {"app.kubernetes.io/managed-by": "arks"}  # as the controller renders it
+
+
 def service(name: str, port: int) -> dict[str, Any]:
     return {
-        "metadata": {"name": name},
+        "metadata": {"name": name, "labels": MANAGED},
         "spec": {
             "type": "ClusterIP",
             "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}],
@@ -69,7 +72,11 @@ def endpoint_slice(name: str, service_name: str, *endpoints: dict[str, Any]) -> 
     return {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
-        "metadata": {"name": name, "labels": {"kubernetes.io/service-name": service_name}},
+        # the EndpointSlice controller copies the Service's labels to its slices
+        "metadata": {
+            "name": name,
+            "labels": {"kubernetes.io/service-name": service_name, **MANAGED},
+        },
         "addressType": "IPv4",
         "ports": [{"name": "http", "port": ENGINE_PORT, "protocol": "TCP"}],
         "endpoints": list(endpoints),

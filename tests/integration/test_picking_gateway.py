@@ -55,6 +55,7 @@ TOKEN = "sk-arks-picking-gateway-0001"
 ENGINES = ("a", "b", "c")
 ENGINE_PORT = 8000  # vLLM's: the application's Service port
 SCRAPE_INTERVAL_S = 0.25
+MANAGED = {"app.kubernetes.io/managed-by": "arks"}
 
 
 def endpoint_slice(port: int, ready: bool = True) -> dict[str, Any]:
@@ -62,7 +63,11 @@ def endpoint_slice(port: int, ready: bool = True) -> dict[str, Any]:
     return {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
-        "metadata": {"name": f"{APP}-{port}", "labels": {"kubernetes.io/service-name": APP}},
+        # the EndpointSlice controller copies the Service's labels (managed-by) to its slices
+        "metadata": {
+            "name": f"{APP}-{port}",
+            "labels": {"kubernetes.io/service-name": APP, **MANAGED},
+        },
         "addressType": "IPv4",
         "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
         "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": ready}}],
@@ -87,7 +92,7 @@ def seed_cluster(api: ApiClient, ports: dict[str, int]) -> None:
     service = {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": APP},
+        "metadata": {"name": APP, "labels": MANAGED},  # as the controller renders it
         "spec": {
             "ports": [
                 {"name": "http", "port": ENGINE_PORT, "targetPort": "http", "protocol": "TCP"}

@@ -282,6 +282,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
     # resource[/subresource], namespace, name), so a test can hold one client's requests
     # against the Roles that client is installed with.
     audit: list[AuditEntry] = attrs.field(factory=list, init=False)
+    # When set, an RBAC authorizer: a request it refuses is answered 403 Forbidden, as the API
+    # server answers a client its Roles do not allow (tests/support/rbac.py builds one).
+    authorize: Callable[[AuditEntry], bool] | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -299,7 +302,13 @@ class KubeEmulator(kmock.KubernetesEmulator):
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         path = parse_object_path(request.url.path)
         if path is not None:
-            self.audit.append(_audit_entry(request, path))
+            entry = _audit_entry(request, path)
+            self.audit.append(entry)
+            if self.authorize is not None and not self.authorize(entry):
+                refused = ApiError(
+                    403, "Forbidden", f"{entry[0]} cannot {entry[1]} {entry[3]} in {entry[4]}"
+                )
+                return aiohttp.web.json_response(refused.status(), status=403)
         if path is None or request.params.get("watch") in ("true", "1"):
             return await super()._handle(request)  # discovery; watches go to _serve_watch
         try:
@@ -796,6 +805,14 @@ class KubeEmulator(kmock.KubernetesEmulator):
                     yield event
         finally:
             self._watchers.remove(watcher)
+
+    def seed(self, url_path: str, bodies: list[Obj]) -> None:
+        """Create many objects at once, as POSTs to `url_path` would, without the HTTP round
+        trips: only before any client talks to the server (it runs outside the server's loop)."""
+        path = parse_object_path(url_path)
+        assert path is not None and path.name is None
+        for body in bodies:
+            self._create(path, body)
 
     def close_watches(self) -> None:
         """End every open watch stream, so the server can stop without waiting on them."""

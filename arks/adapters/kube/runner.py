@@ -19,7 +19,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from arks.adapters.kube.errors import PermanentError, TemporaryError
 from arks.adapters.kube.queue import Key, WorkQueue
-from arks.adapters.kube.watch import Informer, enqueue
+from arks.adapters.kube.watch import Informer, Watched, enqueue
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Controller:
         workers: int = 1,
         *,
         queue: WorkQueue | None = None,
-        owned: Sequence[Informer] = (),
+        owned: Sequence[Watched] = (),
         leader: Leadership | None = None,
         poll_s: float = 0.1,
     ) -> None:
@@ -61,7 +61,9 @@ class Controller:
         self.queue = queue if queue is not None else WorkQueue()
         self._reconcile = reconcile
         self._workers = workers
-        self._owned = list(owned)  # their handlers must already enqueue into `self.queue`
+        self._owned: list[Watched] = list(
+            owned
+        )  # their handlers must already enqueue into `self.queue`
         self._leader = leader
         self._poll_s = poll_s
         self._metrics: ReconcileMetrics | None = None
@@ -108,6 +110,10 @@ class Controller:
         """Count reconciles, time them, and export the queue depth (before `start`)."""
         self._metrics = metrics
         metrics.queue_depth.labels(self.name).set_function(lambda: len(self.queue))
+
+    def cached(self) -> int:
+        """How many objects its informers' caches hold in all."""
+        return sum(i.size() for i in (self.informer, *self._owned))
 
     def synced(self) -> bool:
         """Whether every informer has listed its objects once."""

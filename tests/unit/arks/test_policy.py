@@ -315,8 +315,38 @@ def test_secret_ref_to_a_missing_secret_warns_and_the_token_is_unusable() -> Non
 
     assert policy.tokens_by_digest == {}
     assert policy.warnings == (
-        "ArksToken default/alice: secret 'nowhere' key 'token' not found; the token is not usable",
+        "ArksToken default/alice: secret 'nowhere' key 'token' not found (nor its digest in "
+        "status.tokenHash); the token is not usable",
     )
+
+
+def published(obj: dict[str, Any], digest: str, name: str, key: str = "token") -> dict[str, Any]:
+    return {**obj, "status": {"tokenHash": digest, "tokenHashSecret": {"name": name, "key": key}}}
+
+
+def test_in_a_cluster_a_secret_ref_token_is_known_by_the_digest_the_controller_published() -> None:
+    """The gateway reads no Secrets: the controller publishes the digest in the status, for the
+    Secret key it read; it counts only while that is the key the spec names now."""
+    alice = token("alice", tokenSecretRef={"name": "creds"})
+    policy = build(published(alice, token_digest("sk-alice"), "creds"))
+    found = policy.token(token_digest("sk-alice"))
+    assert found is not None and found.user == "alice"
+    for stale in (
+        published(alice, token_digest("sk-alice"), "old-creds"),  # the spec names another Secret
+        published(alice, token_digest("sk-alice"), "creds", key="other"),  # or another key
+        published(alice, "sha256:not-a-digest", "creds"),
+    ):
+        assert build(stale).tokens_by_digest == {}
+    # a token given by digest ignores any status digest
+    by_hash = token("bob", tokenHash=token_digest("sk-bob"))
+    assert set(build(published(by_hash, token_digest("x"), "creds")).tokens_by_digest) == {
+        token_digest("sk-bob")
+    }
+    # a Secret among the objects (a policy file) wins over a published digest
+    both = build(
+        published(alice, token_digest("old"), "creds"), secret("creds", stringData={"token": "new"})
+    )
+    assert set(both.tokens_by_digest) == {token_digest("new")}
 
 
 def test_secret_ref_to_a_missing_key_warns() -> None:

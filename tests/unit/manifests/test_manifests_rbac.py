@@ -84,7 +84,7 @@ def test_extproc_reads_its_policy_and_writes_only_quota_status() -> None:
         assert verbs("arks-extproc", "arks.ai", resource) == READ
     assert verbs("arks-extproc", "arks.ai", "arksquotas/status") == {"get", "patch", "update"}
     assert verbs("arks-extproc", "gateway.envoyproxy.io", "backends") == READ
-    assert verbs("arks-extproc", "", "secrets") == READ
+    assert verbs("arks-extproc", "", "secrets") == set()  # the gateway reads no Secrets
     written = {
         (group, resource)
         for _, rule in rules_of("arks-extproc")
@@ -131,7 +131,7 @@ def test_controller_can_do_what_it_reconciles() -> None:
             "arks-controller", group, resource
         ), resource
     assert verbs("arks-controller", "", "pods") == READ
-    assert verbs("arks-controller", "", "secrets") == READ
+    assert verbs("arks-controller", "", "secrets") == set()  # only where a tenant opts in
     assert {"create", "patch"} <= verbs("arks-controller", "", "events")
     assert {"create", "patch"} <= verbs("arks-controller", "events.k8s.io", "events")
 
@@ -176,3 +176,26 @@ def test_the_rbac_evaluator_used_against_the_controller_process_refuses_what_it_
     assert not allows(own, "update", "coordination.k8s.io", "leases", "someone-elses")
     assert not allows(own, "list", "coordination.k8s.io", "leases", None)
     assert roles_of("arks-ratelimit") == ([], [])
+
+
+def test_no_cluster_role_bound_cluster_wide_reads_secrets() -> None:
+    """RBAC cannot limit a list or watch to a label: a cluster-wide read of Secrets would be all
+    of them. Neither service holds one; the controller reads a namespace's only where that
+    namespace binds it arks-token-secret-reader."""
+    for binding in of_kind("ClusterRoleBinding"):
+        role = one("ClusterRole", binding["roleRef"]["name"], INSTALL)
+        for rule in role["rules"]:
+            if "" in rule["apiGroups"] and "secrets" in rule["resources"]:
+                raise AssertionError(f"{role['metadata']['name']} reads Secrets cluster-wide")
+
+
+def test_the_secret_reader_role_is_shipped_unbound_and_reads_only() -> None:
+    role = one("ClusterRole", "arks-token-secret-reader", INSTALL)
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch"]}
+    ]
+    bound = of_kind("ClusterRoleBinding") + of_kind("RoleBinding")
+    assert not [b for b in bound if b["roleRef"]["name"] == "arks-token-secret-reader"]
+    from controller.reconcilers.token import SECRET_READER_ROLE
+
+    assert SECRET_READER_ROLE == "arks-token-secret-reader"

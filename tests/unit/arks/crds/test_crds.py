@@ -500,6 +500,9 @@ GATEWAY_FIELDS = {
         "spec.qos[].rateLimits[].type",
         "spec.qos[].rateLimits[].value",
         "spec.qos[].quota.name",
+        "status.tokenHash",  # published by the controller, read by the gateway
+        "status.tokenHashSecret.name",
+        "status.tokenHashSecret.key",
     ],
     "ArksQuota": [
         "spec.quotas[].type",

@@ -8,7 +8,13 @@ from typing import Any
 
 import pytest
 
-from controller.reconcilers.token import desired_status, token_status
+from arks.api import token_digest
+from controller.reconcilers.token import (
+    FORBIDDEN_RECHECK_S,
+    SECRET_READER_ROLE,
+    desired_status,
+    token_status,
+)
 
 NOW = datetime.datetime(2026, 11, 27, 12, 0, tzinfo=datetime.UTC)
 DIGEST = "sha256:" + "ab" * 32
@@ -44,6 +50,7 @@ def status_of(obj: dict[str, Any], sec: dict[str, Any] | None = None, **kw: Any)
         endpoints=kw.get("endpoints", {"qwen-7b", "llama-8b"}),
         quotas=kw.get("quotas", {"team-a"}),
         now=kw.get("now", NOW),
+        secret_forbidden=kw.get("secret_forbidden", False),
     )
 
 
@@ -106,6 +113,32 @@ def test_a_secret_held_token_is_active_and_its_value_never_appears() -> None:
     )
     assert s.phase == "Active"
     assert "sk-held-in-secret" not in repr(s)
+
+
+def test_the_digest_of_a_secret_held_token_is_published_with_the_key_it_came_from() -> None:
+    ref = {"name": "alice-token"}
+    obj = token(tokenSecretRef=ref)
+    s = status_of(obj, secret(token="sk-held-in-secret\n"))  # --from-file keeps the newline
+    assert s.digest == token_digest("sk-held-in-secret")  # as the gateway would compute it
+    desired = desired_status({}, s, 3, NOW, ref)
+    assert desired["tokenHash"] == token_digest("sk-held-in-secret")
+    assert desired["tokenHashSecret"] == {"name": "alice-token", "key": "token"}
+    # a token given by digest, or a Secret that does not provide it: nothing published (None
+    # removes what a merge patch had published before)
+    for computed, ref_given in ((status_of(token(tokenHash=DIGEST)), None), (status_of(obj), ref)):
+        assert computed.digest is None
+        gone = desired_status({"tokenHash": DIGEST}, computed, 3, NOW, ref_given)
+        assert gone["tokenHash"] is None and gone["tokenHashSecret"] is None
+
+
+def test_a_namespace_that_did_not_opt_in_says_so_and_is_asked_again() -> None:
+    s = status_of(token(tokenSecretRef={"name": "alice-token"}), None, secret_forbidden=True)
+    assert s.phase == "Invalid" and check(s, "Ready") == ("False", "SecretForbidden")
+    ready = next(c for c in s.checks if c.type == "Ready")
+    assert SECRET_READER_ROLE in ready.message and "prod" in ready.message
+    assert s.digest is None and s.recheck_after_s == FORBIDDEN_RECHECK_S
+    # tokens given by digest never need the Secret
+    assert status_of(token(tokenHash=DIGEST), None, secret_forbidden=True).phase == "Active"
 
 
 def test_missing_endpoints_and_quotas_are_named() -> None:

@@ -1,0 +1,80 @@
+"""The gateway's cluster policy is updated per change, not rebuilt (issue 11, item 3): one
+token changed among many parses that one object; the gateway's own ArksQuota status writes (and
+any status- or metadata-only update) are dropped unparsed; an ArksToken's published digest, a
+status field, is applied."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from arks.adapters.kube import rest
+from arks.api import token_digest
+from arks.resources import QUOTAS, TOKENS, Resource
+from extproc.cluster_policy import ClusterPolicySource
+from tests.support.kube import FAST_INFORMERS, RunningKubeEmulator, eventually
+
+pytestmark = pytest.mark.timeout(60)
+TOKENS_LOADED = 300
+
+
+def merge(api: Any, resource: Resource, ns: str, name: str, body: Any, sub: str = "") -> None:
+    path = resource.path(ns, name, sub) if sub else resource.path(ns, name)
+    rest.request(api, "PATCH", path, body=body, content_type=rest.MERGE_PATCH)
+
+
+@pytest.fixture
+def source(kube: RunningKubeEmulator, api: Any, ns: str) -> Iterator[ClusterPolicySource]:
+    quota = {"metadata": {"name": "team"}, "spec": {"quotas": [{"type": "total", "value": 10}]}}
+    rest.request(api, "POST", QUOTAS.path(ns), body=quota)
+    for i in range(TOKENS_LOADED):
+        qos = [{"arksEndpoint": {"name": "m"}, "quota": {"name": "team"}}]
+        body = {
+            "metadata": {"name": f"u{i}"},
+            "spec": {"tokenHash": token_digest(f"sk-{i}"), "qos": qos},
+        }
+        rest.request(api, "POST", TOKENS.path(ns), body=body)
+    running = ClusterPolicySource(api, ns, informer_options=FAST_INFORMERS)
+    running.start()
+    yield running
+    running.stop()
+
+
+def test_one_change_parses_one_object_and_status_writes_parse_nothing(
+    api: Any, ns: str, source: ClusterPolicySource
+) -> None:
+    assert source.parsed == TOKENS_LOADED + 1
+    assert len(source.current().tokens_by_digest) == TOKENS_LOADED
+    reloads = source.reloads
+
+    # the gateway's quota status write, five times: no parse, no new snapshot
+    for used in range(5):
+        merge(api, QUOTAS, ns, "team", {"status": {"quotaStatus": [{"used": used}]}}, "status")
+    merge(api, TOKENS, ns, "u1", {"metadata": {"labels": {"team": "a"}}})  # metadata only
+    eventually(lambda: source.skipped >= 6)
+    assert (source.parsed, source.reloads) == (TOKENS_LOADED + 1, reloads)
+
+    # one token disabled among hundreds: that token is parsed, once
+    merge(api, TOKENS, ns, "u7", {"spec": {"disabled": True}})
+    eventually(lambda: source.reloads == reloads + 1)
+    assert source.parsed == TOKENS_LOADED + 2
+    disabled = source.current().token(token_digest("sk-7"))
+    assert disabled is not None and disabled.disabled
+
+    # the published digest of a Secret-held token is a status field, and it is applied
+    ref = {"name": "sec", "key": "token"}
+    body = {"metadata": {"name": "held"}, "spec": {"tokenSecretRef": ref, "qos": []}}
+    rest.request(api, "POST", TOKENS.path(ns), body=body)
+    eventually(lambda: source.reloads == reloads + 2)
+    assert source.current().token(token_digest("sk-held")) is None
+    status = {"tokenHash": token_digest("sk-held"), "tokenHashSecret": ref}
+    merge(api, TOKENS, ns, "held", {"status": status}, "status")
+    eventually(lambda: source.current().token(token_digest("sk-held")) is not None)
+    assert source.parsed == TOKENS_LOADED + 4
+
+    # deleted: gone from the snapshot
+    rest.request(api, "DELETE", TOKENS.path(ns, "u7"))
+    eventually(lambda: source.current().token(token_digest("sk-7")) is None)
+    assert len(source.current().tokens_by_digest) == TOKENS_LOADED
