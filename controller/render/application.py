@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from controller.render.engines import EngineSpec, engine_for, router_command
+from controller.render.engines import EngineSpec, args_problems, engine_for, router_command
 from controller.render.workload import (
     EngineGroup,
     RenderDefaults,
@@ -129,3 +129,9 @@ def render_application(
     if spec.get("autoscaling"):
         objects.append(_hpa(app, workload))
     return objects
+
+
+def application_args_problems(app: Mapping[str, Any]) -> list[str]:
+    """Flags in `spec.runtimeCommonArgs` the engine's flag table does not list (reported in the
+    status; the workload is rendered anyway: a newer engine may know them)."""
+    return args_problems(app["spec"])

@@ -85,6 +85,8 @@ class EngineGroup:
     # (Deployment selectors cannot change).
     component: str = ""
     disaggregation: DisaggregationMode | None = None
+    # The pair's shared disaggregation defaults (`engines.shared_pd_flags`); None: the engine's.
+    pd_flags: tuple[tuple[str, str], ...] | None = None
 
 
 def selector_of(owner: str, component: str = "") -> dict[str, str]:
@@ -232,7 +234,9 @@ def _pod_template(
     container: dict[str, Any] = {
         "name": "engine",
         "image": spec.get("image") or engine.default_image,
-        "command": engine_command({"spec": spec}, role, disaggregation=g.disaggregation),
+        "command": engine_command(
+            {"spec": spec}, role, disaggregation=g.disaggregation, pd_flags=g.pd_flags
+        ),
         "resources": _resources(instance, parallelism(spec).gpus_per_pod),
         "volumeMounts": [
             volume.mount(MODEL_DIR),

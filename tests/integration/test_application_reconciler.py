@@ -343,3 +343,26 @@ def test_render_failure_records_a_warning_event(api: ApiClient, ns: str) -> None
     listed = rest.request(api, "GET", EVENTS.path(ns)).get("items") or []
     (event,) = [e for e in listed if e["reason"] == "RenderFailed"]
     assert event["type"] == "Warning" and event["count"] == 1, "recorded on the transition only"
+
+
+def test_an_engine_flag_the_engine_lacks_is_reported_in_the_status(api: ApiClient, ns: str) -> None:
+    create_model(api, ns, ready=True)
+    create_app(api, ns, runtimeCommonArgs=["--max-model-len", "8192", "--nonesuch", "1"])
+    for _ in range(2):
+        reconcile_application(api, (ns, "chat"))
+    accepted = condition(app_status(api, ns), "EngineArgsAccepted")
+    assert accepted["status"] == "False" and accepted["reason"] == "UnknownFlags"
+    assert accepted["message"] == "runtimeCommonArgs: --nonesuch not accepted by vllm 0.8.5"
+    assert get(api, DEPLOYMENTS, ns, "chat") is not None, (
+        "rendered anyway: a newer engine may know it"
+    )
+    listed = rest.request(api, "GET", EVENTS.path(ns)).get("items") or []
+    (event,) = [e for e in listed if e["reason"] == "UnknownEngineFlags"]
+    assert event["type"] == "Warning" and event["count"] == 1
+
+    app = get(api, APPLICATIONS, ns, "chat")
+    assert app is not None
+    app["spec"]["runtimeCommonArgs"] = ["--max-model-len", "8192"]
+    rest.request(api, "PUT", APPLICATIONS.path(ns, "chat"), body=app)
+    reconcile_application(api, (ns, "chat"))
+    assert condition(app_status(api, ns), "EngineArgsAccepted")["status"] == "True"

@@ -177,7 +177,7 @@ def test_sglang_single_node_flags() -> None:
     assert argv[:3] == ["python3", "-m", "sglang.launch_server"]
     assert flag(argv, "--model-path") == "/models"
     assert flag(argv, "--served-model-name") == "qwen-7b"
-    assert flag(argv, "--tp") == "4"
+    assert flag(argv, "--tp-size") == "4"
     assert flag(argv, "--port") == "30000"
     assert flag(argv, "--host") == "0.0.0.0"
     assert "--enable-metrics" in argv
@@ -207,11 +207,11 @@ def test_sglang_multi_node_every_pod_runs_engine_with_lws_rank() -> None:
     for role, template in templates.items():
         argv = engine_container(template)["command"]
         assert argv[:3] == ["python3", "-m", "sglang.launch_server"], role
-        assert flag(argv, "--tp") == "16"
+        assert flag(argv, "--tp-size") == "16"
         assert flag(argv, "--dist-init-addr") == "$(LWS_LEADER_ADDRESS):20000"
         assert flag(argv, "--nnodes") == "2"
         assert flag(argv, "--node-rank") == "$(LWS_WORKER_INDEX)"
-        assert argv[-2:] == ["--max-model-len", "8192"]
+        assert argv[-2:] == ["--context-length", "8192"], "SGLang's name for --max-model-len"
         assert engine_container(template)["resources"]["limits"]["nvidia.com/gpu"] == "8"
 
 

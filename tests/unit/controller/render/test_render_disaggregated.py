@@ -193,14 +193,13 @@ def test_sglang_groups_run_in_their_disaggregation_mode(size: int) -> None:
             if size > 1:
                 assert flag(argv, "--nnodes") == str(size)
                 assert flag(argv, "--node-rank") == "$(LWS_WORKER_INDEX)"
-                assert flag(argv, "--tp") == str(8 * size)
+                assert flag(argv, "--tp-size") == str(8 * size)
             if mode == "prefill":
                 assert flag(argv, "--disaggregation-bootstrap-port") == "8998"
-                # The user's transfer backend is the only one.
-                assert flag(argv, "--disaggregation-transfer-backend") == "nixl"
             else:
                 assert "--disaggregation-bootstrap-port" not in argv
-                assert flag(argv, "--disaggregation-transfer-backend") == "mooncake"
+            # The prefill args' transfer backend is the pair's: decode must use it too.
+            assert flag(argv, "--disaggregation-transfer-backend") == "nixl"
 
 
 @pytest.mark.parametrize("size", [1, 2])
@@ -230,7 +229,8 @@ def test_sglang_router_discovers_exactly_the_serving_pods(size: int) -> None:
     assert "--pd-disaggregation" in argv and "--service-discovery" in argv
     assert flag(argv, "--service-discovery-namespace") == NS
     assert flag(argv, "--service-discovery-port") == "30000"
-    assert flag(argv, "--bootstrap-port-annotation") == "sglang.ai/bootstrap-port"
+    # sglang-router has no flag for it: it reads the sglang.ai/bootstrap-port annotation.
+    assert "--bootstrap-port-annotation" not in argv
     assert flag(argv, "--port") == "30000" and flag(argv, "--host") == "0.0.0.0"
     assert argv[-2:] == ["--policy", "cache_aware"], "the user's router args come last"
     assert c["readinessProbe"]["httpGet"]["path"] == "/readiness"
