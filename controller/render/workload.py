@@ -9,7 +9,10 @@
 - `service`, `object_meta`, `base_labels`, `selector_of`, `group_selector`: the metadata and
   selectors that tie them together.
 
-`RenderDefaults` holds what a cluster operator may tune. ArksApplication
+`instanceSpec` passes corev1 fields through to every engine pod (leader and worker templates
+alike): scheduling, image pull secrets, RuntimeClass, PriorityClass, scheduler, host network/IPC
+(RDMA) and the pod and container securityContext. `RenderDefaults` holds what a cluster operator
+may tune. ArksApplication
 (`controller.render.application`) and ArksDisaggregatedApplication
 (`controller.render.disaggregated`) compose these blocks; owner references are left to the
 reconciler.
@@ -178,16 +181,38 @@ def _probes(
     return probes
 
 
-def _scheduling(instance: Mapping[str, Any], volume: ModelVolume | None = None) -> dict[str, Any]:
-    """The pod's scheduling fields; a node-local model volume adds the cache's nodeSelector."""
-    out = {
-        key: copy.deepcopy(instance[key])
-        for key in ("nodeSelector", "tolerations", "affinity", "serviceAccountName")
-        if instance.get(key)
-    }
+# instanceSpec fields copied to the pod spec as they are (corev1 types, passed through).
+_POD_FIELDS = (
+    "nodeSelector",
+    "tolerations",
+    "affinity",
+    "serviceAccountName",
+    "runtimeClassName",
+    "priorityClassName",
+    "schedulerName",
+    "imagePullSecrets",
+    "hostNetwork",
+    "hostIPC",
+)
+
+
+def _pod_fields(instance: Mapping[str, Any], volume: ModelVolume | None = None) -> dict[str, Any]:
+    """The pod-level fields of `instance` (scheduling, identity, namespaces, security); a
+    node-local model volume adds the cache's nodeSelector."""
+    out = {key: copy.deepcopy(instance[key]) for key in _POD_FIELDS if instance.get(key)}
+    if instance.get("podSecurityContext"):
+        out["securityContext"] = copy.deepcopy(instance["podSecurityContext"])
+    if instance.get("hostNetwork"):
+        # Without it a host-network pod resolves with the node's DNS: no cluster Services.
+        out["dnsPolicy"] = "ClusterFirstWithHostNet"
     if volume is not None and volume.node_selector:
         out["nodeSelector"] = dict(volume.node_selector)
     return out
+
+
+def _container_security(instance: Mapping[str, Any]) -> dict[str, Any]:
+    security = instance.get("securityContext")
+    return {"securityContext": copy.deepcopy(security)} if security else {}
 
 
 def _template_meta(labels: Mapping[str, str], annotations: Mapping[str, str]) -> dict[str, Any]:
@@ -243,6 +268,7 @@ def _pod_template(
             {"name": "dshm", "mountPath": "/dev/shm"},
             *copy.deepcopy(instance.get("volumeMounts") or []),
         ],
+        **_container_security(instance),
     }
     env = _merge_env(_engine_env(g, engine, defaults), instance)
     if env:
@@ -264,7 +290,7 @@ def _pod_template(
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": defaults.shm_size}},
             *copy.deepcopy(instance.get("volumes") or []),
         ],
-        **_scheduling(instance, volume),
+        **_pod_fields(instance, volume),
     }
     return {"metadata": _template_meta(labels, annotations), "spec": pod}
 
@@ -354,6 +380,7 @@ def router_deployment(
         "name": "router",
         "image": r.image or r.spec.get("image") or engine.default_image,
         "command": list(r.command),
+        **_container_security(instance),
     }
     if instance.get("resources"):
         container["resources"] = copy.deepcopy(instance["resources"])
@@ -371,7 +398,7 @@ def router_deployment(
     container.update(
         _probes("http", r.router.readiness_path, r.router.liveness_path, defaults, startup=False)
     )
-    pod: dict[str, Any] = {"containers": [container], **_scheduling(instance)}
+    pod: dict[str, Any] = {"containers": [container], **_pod_fields(instance)}
     if r.router.needs_model:
         pod["volumes"] = [volume.volume]
     if r.service_account:

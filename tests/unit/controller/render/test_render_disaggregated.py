@@ -345,3 +345,80 @@ def test_the_crd_default_runtime_is_sglang() -> None:
     objects = render_disaggregated(dapp, model_on_claim("c"))
     argv = container(templates(workload(objects, "decode"))["single"])["command"]
     assert argv[:3] == ["python3", "-m", "sglang.launch_server"]
+
+
+RDMA_INSTANCE: dict[str, Any] = {
+    "resources": {"limits": {"nvidia.com/gpu": "8", "rdma/hca_shared_devices_a": "1"}},
+    "securityContext": {"capabilities": {"add": ["IPC_LOCK"]}},
+    "podSecurityContext": {"runAsUser": 0, "fsGroup": 1000},
+    "hostNetwork": True,
+    "hostIPC": True,
+    "runtimeClassName": "nvidia",
+    "priorityClassName": "llm-serving",
+    "schedulerName": "volcano",
+    "imagePullSecrets": [{"name": "registry"}],
+    "tolerations": [{"key": "rdma", "operator": "Exists", "effect": "NoSchedule"}],
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "rdma", "operator": "In", "values": ["yes"]}]}
+                ]
+            }
+        }
+    },
+}
+
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_instance_spec_carries_what_rdma_needs_into_every_engine_pod(size: int) -> None:
+    dapp = make_dapp("sglang", size)
+    for mode in ("prefill", "decode"):
+        dapp["spec"][mode]["instanceSpec"] = copy.deepcopy(RDMA_INSTANCE)
+        dapp["spec"][mode]["runtimeCommonArgs"] = ["--disaggregation-ib-device", "mlx5_0"]
+    objects = render_disaggregated(dapp, model_on_claim("c"))
+    lws_schema = upstream_schema("leaderworkerset.x-k8s.io_leaderworkersets.yaml", "v1")
+    for mode in ("prefill", "decode"):
+        w = workload(objects, mode)
+        if w["kind"] == "LeaderWorkerSet":
+            jsonschema.validate(w, lws_schema)
+        else:
+            kubernetes_validate.validate(w, K8S_VERSION, strict=True)
+        for role, template in templates(w).items():
+            pod = template["spec"]
+            for key in (
+                "hostIPC",
+                "runtimeClassName",
+                "priorityClassName",
+                "schedulerName",
+                "imagePullSecrets",
+                "tolerations",
+                "affinity",
+            ):
+                assert pod[key] == RDMA_INSTANCE[key], (mode, role, key)
+            assert pod["hostNetwork"] is True
+            assert pod["dnsPolicy"] == "ClusterFirstWithHostNet", "cluster DNS on the host network"
+            assert pod["securityContext"] == RDMA_INSTANCE["podSecurityContext"]
+            c = container(template)
+            assert c["securityContext"] == {"capabilities": {"add": ["IPC_LOCK"]}}
+            assert c["resources"]["limits"] == RDMA_INSTANCE["resources"]["limits"]
+            if role != "worker" or "ray" not in c["command"][-1]:
+                assert flag(c["command"], "--disaggregation-ib-device") == "mlx5_0"
+    # The router's instanceSpec is its own: the engines' RDMA setup does not leak into it.
+    router_pod = workload(objects, "router")["spec"]["template"]["spec"]
+    assert "hostNetwork" not in router_pod and "securityContext" not in router_pod
+
+
+def test_the_router_takes_the_same_pass_through_fields() -> None:
+    dapp = make_dapp("sglang", 1)
+    dapp["spec"]["router"]["instanceSpec"].update(
+        priorityClassName="system-cluster-critical",
+        imagePullSecrets=[{"name": "registry"}],
+        securityContext={"runAsNonRoot": True},
+    )
+    router = workload(render_disaggregated(dapp, model_on_claim("c")), "router")
+    kubernetes_validate.validate(router, K8S_VERSION, strict=True)
+    pod = router["spec"]["template"]["spec"]
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    assert pod["imagePullSecrets"] == [{"name": "registry"}]
+    assert container(router["spec"]["template"])["securityContext"] == {"runAsNonRoot": True}
