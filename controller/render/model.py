@@ -43,20 +43,23 @@ CLAIM_MOUNT = "/models"
 
 _MAX_NAME = 63  # Job and DaemonSet names end up in label values (job-name, pod names)
 
+DOWNLOADER_IMAGE = "ghcr.io/arks-ai/arks:0.1.0"
+"""The Arks image (manifests/base/kustomization.yaml's tag), built with the `download` extra."""
+
 
 @dataclass(frozen=True)
 class ModelDefaults:
     """Images and limits a cluster operator may tune; one value per controller, passed in.
 
-    The Python images install the CLI at start (`pip install --user`) only when it is not
-    already on PATH: clusters without PyPI access set an image that ships it.
+    Every image already holds the CLI its Job runs: nothing is installed at run time (many
+    clusters reach no package index). The Arks image carries `hf` and `modelscope` (the
+    `download` extra); the controller's `--*-image` flags point elsewhere (a mirror, a pinned
+    tag).
     """
 
-    huggingface_image: str = "python:3.12-slim"
-    huggingface_pip: str = "huggingface_hub>=0.34"  # the `hf` CLI arrived in 0.34
+    huggingface_image: str = DOWNLOADER_IMAGE  # runs `hf download`
     huggingface_high_performance: bool = False  # HF_XET_HIGH_PERFORMANCE: all cores, more RAM
-    modelscope_image: str = "python:3.12-slim"
-    modelscope_pip: str = "modelscope"
+    modelscope_image: str = DOWNLOADER_IMAGE  # runs `modelscope download`
     s3_image: str = "amazon/aws-cli:2.22.0"
     url_image: str = "curlimages/curl:8.11.1"  # Alpine: busybox sh, tar and unzip
     cache_image: str = "busybox:1.37"

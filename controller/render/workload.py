@@ -44,6 +44,7 @@ from controller.render.engines import (
     EngineSpec,
     Role,
     RouterSpec,
+    UnsupportedApplication,
     engine_command,
     engine_for,
     parallelism,
@@ -67,11 +68,13 @@ class RenderDefaults:
     liveness_failures: int = 4
     probe_timeout_s: int = 5
     shm_size: str = "16Gi"  # NCCL and engine workers share tensors through /dev/shm
-    # Dynamo's discovery (etcd) and event plane (NATS), as the Dynamo platform Helm chart
-    # installs them; an empty NATS address leaves NATS_SERVER unset (recent releases need
-    # NATS only for KV-aware routing events).
-    dynamo_etcd_endpoints: str = "http://dynamo-platform-etcd.dynamo-system:2379"
-    dynamo_nats_server: str = "nats://dynamo-platform-nats.dynamo-system:4222"
+    # Dynamo's discovery (etcd) and event plane (NATS): the controller's
+    # --dynamo-etcd-endpoints / --dynamo-nats-server (e.g. the dynamo-platform Helm chart's
+    # Services). Without etcd (here or ETCD_ENDPOINTS in the pod's env) a Dynamo application
+    # is refused; an empty NATS address leaves NATS_SERVER unset (recent releases need NATS
+    # only for KV-aware routing events).
+    dynamo_etcd_endpoints: str = ""
+    dynamo_nats_server: str = ""
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,15 @@ def dynamo_namespace(namespace: str, owner: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "-", f"{namespace}-{owner}")
 
 
+DYNAMO_PLATFORM_MISSING = (
+    "runtime dynamo needs the Dynamo platform (etcd for discovery, NATS for KV events): start "
+    "the controller with --dynamo-etcd-endpoints (and --dynamo-nats-server)"
+)
+
+
 def _dynamo_env(namespace: str, owner: str, d: RenderDefaults) -> list[dict[str, Any]]:
+    if not d.dynamo_etcd_endpoints:  # the workers and the frontend would never find each other
+        raise UnsupportedApplication(DYNAMO_PLATFORM_MISSING)
     env = [
         {"name": "DYN_NAMESPACE", "value": dynamo_namespace(namespace, owner)},
         {"name": "ETCD_ENDPOINTS", "value": d.dynamo_etcd_endpoints},

@@ -23,6 +23,7 @@ from arks.resources import (
 )
 from controller.reconcilers.application import application_controller, reconcile_application
 from tests.support.kube import FAST_INFORMERS, eventually, set_status
+from tests.support.objects import RENDER_DEFAULTS
 from tests.support.kube import get_object as get
 
 MODEL = "qwen2-5-7b-instruct"
@@ -283,7 +284,7 @@ def test_dynamo_is_available_only_once_workers_and_frontend_are_ready(
     app = create_app(
         api, ns, runtime="dynamo", image="nvcr.io/nvidia/ai-dynamo/vllm-runtime:1.0.0", replicas=2
     )
-    reconcile_application(api, (ns, "chat"))
+    reconcile_application(api, (ns, "chat"), defaults=RENDER_DEFAULTS)
 
     workers = get(api, DEPLOYMENTS, ns, "chat")
     frontend = get(api, DEPLOYMENTS, ns, "chat-frontend")
@@ -304,7 +305,7 @@ def test_dynamo_is_available_only_once_workers_and_frontend_are_ready(
     assert (app_status(api, ns)["replicas"], app_status(api, ns)["readyReplicas"]) == (2, 0)
 
     set_status(api, DEPLOYMENTS, ns, "chat", replicas=2, readyReplicas=2)
-    reconcile_application(api, (ns, "chat"))
+    reconcile_application(api, (ns, "chat"), defaults=RENDER_DEFAULTS)
     status = app_status(api, ns)
     assert (status["replicas"], status["readyReplicas"]) == (2, 2), "counts are the workers'"
     assert status["phase"] == "Pending"
@@ -312,7 +313,7 @@ def test_dynamo_is_available_only_once_workers_and_frontend_are_ready(
     assert available["status"] == "False" and "chat-frontend" in available["message"]
 
     set_status(api, DEPLOYMENTS, ns, "chat-frontend", replicas=1, readyReplicas=1)
-    reconcile_application(api, (ns, "chat"))
+    reconcile_application(api, (ns, "chat"), defaults=RENDER_DEFAULTS)
     status = app_status(api, ns)
     assert status["phase"] == "Running"
     assert condition(status, "Available")["reason"] == "AllReplicasReady"
@@ -330,7 +331,7 @@ def test_dynamo_is_available_only_once_workers_and_frontend_are_ready(
         return [str(o["metadata"]["resourceVersion"]) for o in objects if o is not None]
 
     before = versions()
-    reconcile_application(api, (ns, "chat"))
+    reconcile_application(api, (ns, "chat"), defaults=RENDER_DEFAULTS)
     assert len(before) == 4 and versions() == before
 
 
@@ -366,3 +367,17 @@ def test_an_engine_flag_the_engine_lacks_is_reported_in_the_status(api: ApiClien
     rest.request(api, "PUT", APPLICATIONS.path(ns, "chat"), body=app)
     reconcile_application(api, (ns, "chat"))
     assert condition(app_status(api, ns), "EngineArgsAccepted")["status"] == "True"
+
+
+def test_dynamo_without_the_platform_is_failed_with_what_the_controller_needs(
+    api: ApiClient, ns: str
+) -> None:
+    create_model(api, ns, ready=True)
+    create_app(api, ns, runtime="dynamo", image="nvcr.io/nvidia/ai-dynamo/vllm-runtime:1.0.0")
+    with pytest.raises(PermanentError):
+        reconcile_application(api, (ns, "chat"))
+    status = app_status(api, ns)
+    rendered = condition(status, "Rendered")
+    assert status["phase"] == "Failed" and rendered["status"] == "False"
+    assert "--dynamo-etcd-endpoints" in rendered["message"]
+    assert get(api, DEPLOYMENTS, ns, "chat") is None

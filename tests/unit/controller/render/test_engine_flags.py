@@ -29,7 +29,7 @@ from controller.render.engine_flags import (
     unknown_flags,
 )
 from controller.render.engines import UnsupportedApplication
-from tests.support.objects import model_on_claim
+from tests.support.objects import RENDER_DEFAULTS, model_on_claim
 from tests.unit.controller.render.test_render_application import make_app
 from tests.unit.controller.render.test_render_disaggregated import make_dapp
 
@@ -111,13 +111,13 @@ CASES = [(r, i, s) for r, images in RUNTIME_IMAGES.items() for i in images for s
 @pytest.mark.parametrize(("runtime", "image", "size"), CASES)
 def test_our_flags_are_in_every_version_of_each_engine(runtime: str, image: str, size: int) -> None:
     app = make_app(runtime, size, image=image, runtimeCommonArgs=[], autoscaling=None)
-    objects = render_application(app, model_on_claim("c"))
+    objects = render_application(app, model_on_claim("c"), defaults=RENDER_DEFAULTS)
     if runtime in ("sglang", "dynamo"):
         dapp = make_dapp(runtime, size, image=image)
         for mode in ("prefill", "decode"):
             dapp["spec"][mode]["runtimeCommonArgs"] = []
         dapp["spec"]["router"]["args"] = []
-        objects += render_disaggregated(dapp, model_on_claim("c"))
+        objects += render_disaggregated(dapp, model_on_claim("c"), defaults=RENDER_DEFAULTS)
     t = table(runtime, image_version(image))
     for c in containers(objects):
         found = program_argv(c["command"])
@@ -130,9 +130,9 @@ def test_our_flags_are_in_every_version_of_each_engine(runtime: str, image: str,
 
 def test_sglang_gets_its_own_spelling_of_the_context_length() -> None:
     app = make_app("sglang", 1, runtimeCommonArgs=["--max-model-len", "8192"])
-    argv = render_application(app, model_on_claim("c"))[0]["spec"]["template"]["spec"][
-        "containers"
-    ][0]["command"]
+    argv = render_application(app, model_on_claim("c"), defaults=RENDER_DEFAULTS)[0]["spec"][
+        "template"
+    ]["spec"]["containers"][0]["command"]
     assert "--max-model-len" not in argv
     assert argv[-2:] == ["--context-length", "8192"]
     assert application_args_problems(app) == []
@@ -199,7 +199,7 @@ def test_disaggregated_groups_and_router_args_are_checked() -> None:
 
 def test_both_halves_of_a_pair_use_one_transfer_backend() -> None:
     def backends(dapp: dict[str, Any]) -> set[str]:
-        objects = render_disaggregated(dapp, model_on_claim("c"))
+        objects = render_disaggregated(dapp, model_on_claim("c"), defaults=RENDER_DEFAULTS)
         found = set()
         for c in containers(objects):
             argv = c["command"]
@@ -215,4 +215,4 @@ def test_both_halves_of_a_pair_use_one_transfer_backend() -> None:
     assert backends(dapp) == {"nixl"}
     dapp["spec"]["prefill"]["runtimeCommonArgs"] = ["--disaggregation-transfer-backend", "mooncake"]
     with pytest.raises(UnsupportedApplication, match="same --disaggregation-transfer-backend"):
-        render_disaggregated(dapp, model_on_claim("c"))
+        render_disaggregated(dapp, model_on_claim("c"), defaults=RENDER_DEFAULTS)

@@ -25,6 +25,7 @@ import yaml
 
 from controller.render import render_model
 from controller.render.model import (
+    DOWNLOADER_IMAGE,
     MARKER,
     ModelDefaults,
     cache_host_path,
@@ -36,6 +37,7 @@ from controller.render.model import (
 )
 from controller.render.model_cache import cache_pod_labels, render_cache_daemonset, warm_nodes
 from controller.render.model_download import (
+    NO_CLI_EXIT,
     download_job_name,
     download_steps,
     partial_dir,
@@ -216,7 +218,8 @@ def test_huggingface_job_runs_hf_download_with_the_token_from_its_secret() -> No
     fast = env(job(model, ModelDefaults(huggingface_high_performance=True)))
     assert fast["HF_XET_HIGH_PERFORMANCE"]["value"] == "1"
     assert container(job(model))["image"] == ModelDefaults().huggingface_image
-    assert "pip install --user --no-cache-dir --quiet 'huggingface_hub>=0.34'" in script(job(model))
+    own = job(model, ModelDefaults(huggingface_image="mirror.example/arks:1"))
+    assert container(own)["image"] == "mirror.example/arks:1"
 
 
 def test_public_huggingface_model_has_no_token_and_default_revision() -> None:
@@ -239,7 +242,7 @@ def test_modelscope_job_runs_modelscope_download() -> None:
         "--local_dir",
         partial_dir(model),
     ]
-    assert "pip install --user --no-cache-dir --quiet modelscope" in script(job(model))
+    assert container(job(model))["image"] == ModelDefaults().modelscope_image
 
 
 def test_s3_job_syncs_the_prefix_with_endpoint_and_credentials_from_the_secret() -> None:
@@ -383,13 +386,15 @@ def _executable(path: Path, body: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
-def _run(text: str, tmp: Path, mounts: dict[str, Path]) -> subprocess.CompletedProcess[str]:
+def _run(
+    text: str, tmp: Path, mounts: dict[str, Path], path: str | None = None
+) -> subprocess.CompletedProcess[str]:
     for mount, local in mounts.items():
         text = text.replace(mount, str(local))
     environment = {
         **os.environ,
         "HOME": str(tmp / "home"),
-        "PATH": f"{tmp / 'bin'}:{os.environ['PATH']}",
+        "PATH": path or f"{tmp / 'bin'}:{os.environ['PATH']}",
     }
     return subprocess.run(
         ["sh", "-c", text], env=environment, capture_output=True, text=True, timeout=30, check=False
@@ -597,3 +602,84 @@ def test_model_volume_falls_back_to_the_claim_when_the_cache_cannot_be_guarantee
     assert not model_volume(everywhere).node_local, "an empty selector cannot pin the pod"
     disabled = make_model("huggingface", nodeCache={"enabled": False, "nodeSelector": {"a": "b"}})
     assert not model_volume(disabled, {"a": "b"}).node_local
+
+
+def _pod_specs(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    pods = []
+    for obj in objects:
+        spec = obj.get("spec") or {}
+        lwt = spec.get("leaderWorkerTemplate") or {}
+        for template in (
+            spec.get("template"),
+            lwt.get("leaderTemplate"),
+            lwt.get("workerTemplate"),
+        ):
+            if template:
+                pods.append(template["spec"])
+    return pods
+
+
+def test_no_rendered_pod_installs_anything_at_run_time() -> None:
+    from controller.render import render_application
+    from controller.render.disaggregated import render_disaggregated
+    from tests.support.objects import RENDER_DEFAULTS
+    from tests.unit.controller.render.test_render_application import make_app
+    from tests.unit.controller.render.test_render_disaggregated import make_dapp
+
+    objects: list[dict[str, Any]] = []
+    for source in SOURCES:
+        objects += render_model(make_model(source, nodeCache={"enabled": True}))
+    for runtime in ("vllm", "sglang", "dynamo"):
+        for size in (1, 2):
+            model = make_model("huggingface")
+            objects += render_application(make_app(runtime, size), model, defaults=RENDER_DEFAULTS)
+            if runtime != "vllm":
+                objects += render_disaggregated(
+                    make_dapp(runtime, size), model, defaults=RENDER_DEFAULTS
+                )
+    pods = _pod_specs(objects)
+    assert len(pods) > 20
+    installers = ("pip ", "pip3 ", "pip install", "uv pip", "apt-get", "apk add", "yum ", "dnf ")
+    for pod in pods:
+        for c in [*pod.get("initContainers", []), *pod["containers"]]:
+            words = " ".join([*c.get("command", []), *c.get("args", [])])
+            assert not [i for i in installers if i in words], (c["name"], words)
+
+
+@pytest.mark.parametrize("source", ["huggingface", "modelscope", "s3", "url"])
+def test_an_image_without_the_cli_fails_the_job_at_once_and_says_why(
+    tmp_path: Path, source: str
+) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    rendered = job(make_model(source))
+    # Only the shell's own tools: no hf, modelscope, aws or curl.
+    only_shell = tmp_path / "bin"
+    only_shell.mkdir()
+    for tool in ("sh", "cat", "mkdir", "rm", "mv", "printf", "echo"):
+        found = subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True, text=True)
+        if found.stdout.strip().startswith("/"):
+            (only_shell / tool).symlink_to(found.stdout.strip())
+    result = _run(script(rendered), tmp_path, {"/models": models}, path=str(only_shell))
+    assert result.returncode == NO_CLI_EXIT
+    assert "this image has no" in result.stderr
+    assert not (models / "model").exists()
+    rules = rendered["spec"]["podFailurePolicy"]["rules"]
+    assert {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "download", "operator": "In", "values": [NO_CLI_EXIT]},
+    } in rules, "no retries: an image does not grow a CLI"
+
+
+def test_the_default_download_image_is_the_arks_image_built_with_the_download_clis() -> None:
+    from tests.support.paths import REPO
+
+    kustomization = yaml.safe_load((REPO / "manifests/base/kustomization.yaml").read_text())
+    (image,) = kustomization["images"]
+    assert DOWNLOADER_IMAGE == f"{image['name']}:{image['newTag']}"
+    assert ModelDefaults().huggingface_image == ModelDefaults().modelscope_image == DOWNLOADER_IMAGE
+    assert '"arks[download]"' in (REPO / "Dockerfile").read_text()
+    pyproject = (REPO / "pyproject.toml").read_text()
+    extra = pyproject.split("download = [", 1)[1].split("]", 1)[0]
+    # The packages whose console scripts are the `hf` and `modelscope` the Jobs run.
+    assert '"huggingface_hub>=0.34"' in extra and '"modelscope-hub>=0.5"' in extra

@@ -1,0 +1,34 @@
+"""The controller's flags reach what it renders: Dynamo's platform addresses and the images of
+the model Jobs and cache pods."""
+
+from __future__ import annotations
+
+from controller.render.model import DOWNLOADER_IMAGE, ModelDefaults
+from controller.server import Settings
+
+
+def test_dynamo_platform_addresses_are_flags_unset_by_default() -> None:
+    assert Settings.from_args([]).render_defaults().dynamo_etcd_endpoints == ""
+    settings = Settings.from_args(
+        [
+            "--dynamo-etcd-endpoints=http://etcd.dynamo:2379",
+            "--dynamo-nats-server=nats://nats.dynamo:4222",
+        ]
+    )
+    defaults = settings.render_defaults()
+    assert defaults.dynamo_etcd_endpoints == "http://etcd.dynamo:2379"
+    assert defaults.dynamo_nats_server == "nats://nats.dynamo:4222"
+
+
+def test_every_model_image_is_a_flag() -> None:
+    assert Settings.from_args([]).model_defaults() == ModelDefaults()
+    assert ModelDefaults().huggingface_image == DOWNLOADER_IMAGE
+    args = [
+        f"--{s}-image=mirror.example/{s}:1"
+        for s in ("huggingface", "modelscope", "s3", "url", "cache")
+    ]
+    d = Settings.from_args(args).model_defaults()
+    images = (d.huggingface_image, d.modelscope_image, d.s3_image, d.url_image, d.cache_image)
+    assert images == tuple(
+        f"mirror.example/{s}:1" for s in ("huggingface", "modelscope", "s3", "url", "cache")
+    )
