@@ -126,6 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="NATS of the Dynamo platform (NATS_SERVER), e.g. "
         "nats://dynamo-platform-nats.dynamo-system:4222; unset: NATS_SERVER is not set",
     )
+    workloads.add_argument(
+        "--cache-namespace",
+        default=ModelDefaults.cache_namespace,
+        help="namespace of the node-cache DaemonSets (hostPath: Pod Security privileged)",
+    )
+    workloads.add_argument(
+        "--cache-reserve-bytes",
+        type=int,
+        default=ModelDefaults.cache_reserve_bytes,
+        help="free disk a node-cache copy must leave on the node",
+    )
     for source, help_text in _IMAGES:
         workloads.add_argument(
             f"--{source}-image",
@@ -168,6 +179,8 @@ class Settings:
     s3_image: str = ModelDefaults.s3_image
     url_image: str = ModelDefaults.url_image
     cache_image: str = ModelDefaults.cache_image
+    cache_namespace: str = ModelDefaults.cache_namespace
+    cache_reserve_bytes: int = ModelDefaults.cache_reserve_bytes
 
     def render_defaults(self) -> RenderDefaults:
         return RenderDefaults(
@@ -182,6 +195,8 @@ class Settings:
             s3_image=self.s3_image,
             url_image=self.url_image,
             cache_image=self.cache_image,
+            cache_namespace=self.cache_namespace,
+            cache_reserve_bytes=self.cache_reserve_bytes,
         )
 
     @classmethod

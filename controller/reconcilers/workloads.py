@@ -181,18 +181,21 @@ def apply_owned(
 
 
 def prune_owned(
-    api_client: ApiClient, owner: Mapping[str, Any], rendered: Sequence[Mapping[str, Any]]
+    api_client: ApiClient,
+    owner: Mapping[str, Any],
+    rendered: Sequence[Mapping[str, Any]],
+    kinds: Mapping[str, Resource] = KIND_RESOURCES,
 ) -> list[str]:
     """Delete the children `owner` controls that the current render no longer produces (the
     HPA after autoscaling was turned off, the Deployment after `size` grew to a LeaderWorkerSet):
     left behind they fight the controller over replicas or hold GPUs. Children are found by
-    the managed-by label and recognised by their controller reference; returns `kind/name` of
-    each deleted."""
+    the managed-by label and recognised by their controller reference, among `kinds` (the kinds
+    the owner's render may produce); returns `kind/name` of each deleted."""
     meta = owner["metadata"]
     keep = {(str(o["kind"]), str(o["metadata"]["name"])) for o in rendered}
     selector = {"labelSelector": f"{LABEL_MANAGED_BY}={MANAGED_BY}"}
     deleted = []
-    for kind, resource in KIND_RESOURCES.items():
+    for kind, resource in kinds.items():
         try:
             items = rest.request(
                 api_client, "GET", resource.path(meta["namespace"]), query=selector

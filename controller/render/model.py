@@ -62,7 +62,12 @@ class ModelDefaults:
     modelscope_image: str = DOWNLOADER_IMAGE  # runs `modelscope download`
     s3_image: str = "amazon/aws-cli:2.22.0"
     url_image: str = "curlimages/curl:8.11.1"  # Alpine: busybox sh, tar and unzip
-    cache_image: str = "busybox:1.37"
+    # The node cache: the Arks image runs `python -m controller.cache_transfer` on both sides.
+    cache_image: str = DOWNLOADER_IMAGE
+    # Where the cache DaemonSets run: a namespace of their own that admits hostPath
+    # (pod-security enforce: privileged), apart from the tenants' and the controller's.
+    cache_namespace: str = "arks-cache"
+    cache_reserve_bytes: int = 10 * 2**30  # a copy must leave this much of the node disk free
     # Attempts after the first; Kubernetes backs off 10 s, 20 s, 40 s … (capped at 6 min).
     backoff_limit: int = 4
     active_deadline_s: int = 6 * 3600  # hundreds of GB over a slow link take hours

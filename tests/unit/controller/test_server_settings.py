@@ -32,3 +32,10 @@ def test_every_model_image_is_a_flag() -> None:
     assert images == tuple(
         f"mirror.example/{s}:1" for s in ("huggingface", "modelscope", "s3", "url", "cache")
     )
+
+
+def test_the_cache_namespace_and_reserve_are_flags() -> None:
+    d = Settings.from_args(["--cache-namespace=gpu-cache", "--cache-reserve-bytes=1024"])
+    assert d.model_defaults().cache_namespace == "gpu-cache"
+    assert d.model_defaults().cache_reserve_bytes == 1024
+    assert Settings.from_args([]).model_defaults().cache_namespace == "arks-cache"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import io
 import os
-import shlex
 import stat
 import subprocess
 import tarfile
@@ -35,7 +34,18 @@ from controller.render.model import (
     render_pvc,
     source_id,
 )
-from controller.render.model_cache import cache_pod_labels, render_cache_daemonset, warm_nodes
+from controller.render.model_cache import (
+    cache_daemonset_name,
+    cache_pod_labels,
+    cleanup_daemonset_name,
+    cleanup_done,
+    copy_failures,
+    render_cache_daemonset,
+    render_cache_source,
+    render_cleanup_daemonset,
+    retired_root,
+    warm_nodes,
+)
 from controller.render.model_download import (
     NO_CLI_EXIT,
     download_job_name,
@@ -151,7 +161,8 @@ def test_every_object_validates_strictly(source: str, cache: bool) -> None:
     objects = render_model(make_model(source, cache=cache))
     assert objects or source == "pvc"
     for obj in objects:
-        assert obj["metadata"]["namespace"] == "llm"
+        cache_ns = obj["kind"] == "DaemonSet"
+        assert obj["metadata"]["namespace"] == ("arks-cache" if cache_ns else "llm")
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
 
@@ -457,62 +468,115 @@ def test_url_script_unpacks_and_flattens_a_single_top_directory(tmp_path: Path) 
     assert [p.name for p in models.iterdir()] == ["model"], "no partial or archive left"
 
 
-def test_cache_copy_script_copies_only_a_complete_model(tmp_path: Path) -> None:
-    claim, cache = tmp_path / "claim", tmp_path / "cache"
-    claim.mkdir()
-    cache.mkdir()
-    (claim / "config.json").write_text("{}")
-    model = make_model("huggingface", cache=True)
-    ds = render_cache_daemonset(model)
-    assert ds is not None
-    (init,) = ds["spec"]["template"]["spec"]["initContainers"]
-    text = init["command"][2]
-    mounts = {"/models": claim, "/cache": cache}
-    incomplete = _run(text, tmp_path, mounts)
-    assert incomplete.returncode != 0 and not (cache / model["metadata"]["name"]).exists()
-
-    (claim / MARKER).write_text(f"{source_id(model)}\n")
-    done = _run(text, tmp_path, mounts)
-    assert done.returncode == 0, done.stderr
-    target = cache / model["metadata"]["name"]
-    assert (target / "config.json").read_text() == "{}"
-    assert (target / MARKER).read_text() == f"{source_id(model)}\n"
-    probe = ds["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["exec"]["command"]
-    assert probe == ["test", "-f", f"/cache/{model['metadata']['name']}/{MARKER}"]
-    assert _run(" ".join(map(shlex.quote, probe)), tmp_path, mounts).returncode == 0
-
-
 # --- node-local cache ---------------------------------------------------------------------------
 
 
-def test_cache_daemonset_copies_from_the_claim_read_only_on_selected_nodes() -> None:
+def _source_objects(model: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {o["kind"]: o for o in render_cache_source(model)}
+
+
+def test_the_cache_source_serves_the_claim_read_only_to_the_cache_namespace_only() -> None:
     model = make_model("huggingface", cache=True)
-    ds = render_cache_daemonset(model)
+    objects = _source_objects(model)
+    assert sorted(objects) == ["Deployment", "NetworkPolicy", "Service"]
+    for obj in objects.values():
+        assert obj["metadata"]["namespace"] == "llm", "in the model's namespace, owned by it"
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    (serve,) = pod["containers"]
+    assert serve["command"][:4] == ["python", "-m", "controller.cache_transfer", "serve"]
+    assert serve["volumeMounts"] == [
+        {"name": "model", "mountPath": "/models", "readOnly": True, "subPath": "model"}
+    ]
+    assert pod["volumes"][0]["persistentVolumeClaim"] == {
+        "claimName": "qwen2-5-7b-instruct",
+        "readOnly": True,
+    }
+    assert_restricted(pod)
+    ingress = objects["NetworkPolicy"]["spec"]["ingress"]
+    assert ingress == [
+        {
+            "from": [
+                {
+                    "namespaceSelector": {
+                        "matchLabels": {"kubernetes.io/metadata.name": "arks-cache"}
+                    },
+                    "podSelector": {"matchLabels": {"arks.ai/component": "model-cache"}},
+                }
+            ],
+            "ports": [{"port": 8080, "protocol": "TCP"}],
+        }
+    ]
+    selector = objects["NetworkPolicy"]["spec"]["podSelector"]["matchLabels"].items()
+    assert selector <= objects["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
+    assert objects["Service"]["spec"]["selector"].items() == selector
+    assert render_cache_source(make_model("huggingface")) == []
+
+
+def assert_restricted(pod: dict[str, Any]) -> None:
+    """Pod Security `restricted`, as far as a pod spec says it."""
+    context = pod["securityContext"]
+    assert context["runAsNonRoot"] is True and context["seccompProfile"] == {
+        "type": "RuntimeDefault"
+    }
+    for c in pod["containers"]:
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+    assert not [v for v in pod["volumes"] if "hostPath" in v]
+
+
+def test_cache_daemonset_runs_in_the_cache_namespace_with_least_privilege() -> None:
+    model = make_model("huggingface", cache=True)
+    ds = render_cache_daemonset(model, ModelDefaults(cache_namespace="node-cache"))
     assert ds is not None
+    kubernetes_validate.validate(ds, K8S_VERSION, strict=True)
+    meta = ds["metadata"]
+    assert meta["namespace"] == "node-cache"
+    assert meta["labels"]["arks.ai/model-namespace"] == "llm"
+    assert meta["labels"]["arks.ai/model"] == "qwen2-5-7b-instruct"
+    assert meta["annotations"]["arks.ai/cache-root"] == "/var/lib/arks/models/llm"
+    assert "ownerReferences" not in meta, "an owner reference cannot cross namespaces"
     template = ds["spec"]["template"]
     assert ds["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
     assert template["metadata"]["labels"] == cache_pod_labels(model)
     pod = template["spec"]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["tolerations"] == [{"operator": "Exists"}]
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    assert volumes["model"]["persistentVolumeClaim"] == {
-        "claimName": "qwen2-5-7b-instruct",
-        "readOnly": True,
-    }
-    assert volumes["cache"]["hostPath"] == {
-        "path": "/var/lib/arks/models/llm",
-        "type": "DirectoryOrCreate",
-    }
-    (init,) = pod["initContainers"]
-    claim_mount = next(m for m in init["volumeMounts"] if m["name"] == "model")
-    assert claim_mount == {
-        "name": "model",
-        "mountPath": "/models",
-        "readOnly": True,
-        "subPath": "model",
-    }
+    assert pod["volumes"] == [
+        {
+            "name": "cache",
+            "hostPath": {"path": "/var/lib/arks/models/llm", "type": "DirectoryOrCreate"},
+        }
+    ], "the cache root only; no claim (it is in another namespace)"
+    own, copy_ = pod["initContainers"]
+    assert own["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    assert own["command"] == ["chown", "1000:1000", "/cache"]
+    for c in (copy_, *pod["containers"]):
+        sc = c["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"] == {"drop": ["ALL"]} and not sc["allowPrivilegeEscalation"]
+    assert not [
+        c for c in (own, copy_, *pod["containers"]) if c["securityContext"].get("privileged")
+    ]
+    argv = copy_["command"]
+    assert argv[:4] == ["python", "-m", "controller.cache_transfer", "fetch"]
+    assert (
+        argv[argv.index("--source") + 1] == "http://qwen2-5-7b-instruct-cache-source.llm.svc:8080"
+    )
+    assert argv[argv.index("--id") + 1] == source_id(model)
+    assert "--require-marker" in argv and "--reserve-bytes" in argv
+    probe = pod["containers"][0]["readinessProbe"]["exec"]["command"]
+    assert probe == ["test", "-f", f"/cache/qwen2-5-7b-instruct/{MARKER}"]
     assert cache_host_path(model) == "/var/lib/arks/models/llm/qwen2-5-7b-instruct"
+
+
+def test_cache_objects_of_two_models_never_share_a_name() -> None:
+    a = make_model("s3", nodeCache={"enabled": True})
+    b = make_model("s3", nodeCache={"enabled": True})
+    a["metadata"].update(namespace="a", name="b-c")
+    b["metadata"].update(namespace="a-b", name="c")
+    assert cache_daemonset_name(a) != cache_daemonset_name(b)
+    assert cleanup_daemonset_name(a, "/x") != cleanup_daemonset_name(a, "/y")
 
 
 def test_no_daemonset_without_the_cache_and_no_tolerations_without_a_selector() -> None:
@@ -524,12 +588,74 @@ def test_no_daemonset_without_the_cache_and_no_tolerations_without_a_selector() 
     assert "tolerations" not in ds["spec"]["template"]["spec"]
 
 
-def test_adopted_claim_cache_copies_its_sub_path_without_a_marker_check() -> None:
-    ds = render_cache_daemonset(make_model("pvc", cache=True))
+def test_adopted_claim_cache_serves_its_sub_path_without_a_marker_check() -> None:
+    model = make_model("pvc", cache=True)
+    ds = render_cache_daemonset(model)
     assert ds is not None
-    (init,) = ds["spec"]["template"]["spec"]["initContainers"]
-    assert init["volumeMounts"][0]["subPath"] == "qwen/7b"
-    assert "has no complete model" not in init["command"][2]
+    assert "--require-marker" not in ds["spec"]["template"]["spec"]["initContainers"][1]["command"]
+    serve = _source_objects(model)["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert serve["volumeMounts"][0]["subPath"] == "qwen/7b"
+
+
+def test_the_cleanup_daemonset_removes_the_copy_where_the_cache_ran() -> None:
+    model = make_model("huggingface", cache=True)
+    ds = render_cleanup_daemonset(model, "/old/root/llm", {"pool": "gpu"})
+    kubernetes_validate.validate(ds, K8S_VERSION, strict=True)
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["volumes"][0]["hostPath"]["path"] == "/old/root/llm"
+    assert pod["nodeSelector"] == {"pool": "gpu"} and pod["tolerations"] == [{"operator": "Exists"}]
+    (remove,) = pod["initContainers"]
+    assert remove["command"] == [
+        "python",
+        "-m",
+        "controller.cache_transfer",
+        "remove",
+        "--root",
+        "/cache",
+        "--name",
+        "qwen2-5-7b-instruct",
+    ]
+    assert remove["securityContext"]["runAsUser"] == 1000, "the copier's user owns the copy"
+    assert retired_root(ds) == ("/old/root/llm", {"pool": "gpu"})
+    assert not cleanup_done(ds), "no status yet: not done"
+    ds["status"] = {"desiredNumberScheduled": 2, "numberReady": 1}
+    assert not cleanup_done(ds)
+    ds["status"] = {"desiredNumberScheduled": 2, "numberReady": 2}
+    assert cleanup_done(ds)
+    ds["metadata"]["generation"] = 3
+    ds["status"]["observedGeneration"] = 2
+    assert not cleanup_done(ds), "the status of an older spec"
+
+
+def test_a_copy_that_found_no_disk_is_reported_with_its_message() -> None:
+    def pod(node: str, code: int, message: str, current: bool) -> dict[str, Any]:
+        terminated = {"exitCode": code, "message": message, "reason": "Error"}
+        state = (
+            {"state": {"terminated": terminated}}
+            if current
+            else {
+                "state": {"running": {}},
+                "lastState": {"terminated": terminated},
+            }
+        )
+        return {
+            "spec": {"nodeName": node},
+            "status": {"initContainerStatuses": [{"name": "copy", **state}]},
+        }
+
+    pods = [
+        pod("gpu-b", 2, "arks: not enough disk for the model on this node: it needs 9 bytes", True),
+        pod("gpu-a", 1, "arks: cannot read http://x/index", False),
+        pod("gpu-c", 0, "", True),
+    ]
+    assert copy_failures(pods) == [
+        ("gpu-a", "CopyFailed", "arks: cannot read http://x/index"),
+        (
+            "gpu-b",
+            "NoDiskSpace",
+            "arks: not enough disk for the model on this node: it needs 9 bytes",
+        ),
+    ]
 
 
 def test_warm_nodes_are_the_sorted_nodes_of_ready_cache_pods() -> None:
