@@ -23,8 +23,8 @@ from arks.resources import (
 )
 from controller.reconcilers.application import application_controller, reconcile_application
 from tests.support.kube import FAST_INFORMERS, eventually, set_status
-from tests.support.objects import RENDER_DEFAULTS
 from tests.support.kube import get_object as get
+from tests.support.objects import RENDER_DEFAULTS
 
 MODEL = "qwen2-5-7b-instruct"
 

@@ -27,8 +27,8 @@ from arks.resources import (
 )
 from controller.reconcilers.disaggregated import disaggregated_controller, reconcile_disaggregated
 from tests.support.kube import FAST_INFORMERS, eventually, set_status
-from tests.support.objects import RENDER_DEFAULTS
 from tests.support.kube import get_object as get
+from tests.support.objects import RENDER_DEFAULTS
 
 MODEL = "deepseek-v3"
 APP = "pd"
