@@ -36,7 +36,7 @@ from controller.reconcilers.disaggregated import disaggregated_controller
 from controller.reconcilers.endpoint import endpoint_controller
 from controller.reconcilers.model import model_controller
 from controller.reconcilers.token import token_controller
-from controller.render.model import ModelDefaults
+from controller.render.model import DEFAULT_CACHE_ROOT, ModelDefaults
 from controller.render.workload import RenderDefaults
 from controller.standalone import Standalone, serve_http
 
@@ -132,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="namespace of the node-cache DaemonSets (hostPath: Pod Security privileged)",
     )
     workloads.add_argument(
+        "--cache-root",
+        dest="cache_roots",
+        action="append",
+        metavar="DIR",
+        help="a host directory node caches may use (nodeCache.path equal to or under it; "
+        f"repeatable; default {DEFAULT_CACHE_ROOT})",
+    )
+    workloads.add_argument(
         "--cache-reserve-bytes",
         type=int,
         default=ModelDefaults.cache_reserve_bytes,
@@ -181,11 +189,16 @@ class Settings:
     cache_image: str = ModelDefaults.cache_image
     cache_namespace: str = ModelDefaults.cache_namespace
     cache_reserve_bytes: int = ModelDefaults.cache_reserve_bytes
+    cache_roots: list[str] | None = None  # None: ModelDefaults' (DEFAULT_CACHE_ROOT)
+
+    def _cache_roots(self) -> tuple[str, ...]:
+        return tuple(self.cache_roots) if self.cache_roots else ModelDefaults.cache_roots
 
     def render_defaults(self) -> RenderDefaults:
         return RenderDefaults(
             dynamo_etcd_endpoints=self.dynamo_etcd_endpoints,
             dynamo_nats_server=self.dynamo_nats_server,
+            cache_roots=self._cache_roots(),
         )
 
     def model_defaults(self) -> ModelDefaults:
@@ -197,6 +210,7 @@ class Settings:
             cache_image=self.cache_image,
             cache_namespace=self.cache_namespace,
             cache_reserve_bytes=self.cache_reserve_bytes,
+            cache_roots=self._cache_roots(),
         )
 
     @classmethod

@@ -63,6 +63,7 @@ from controller.reconcilers.workloads import prune_owned
 from controller.render.model import (
     ModelDefaults,
     cache_enabled,
+    cache_path_problem,
     cache_root,
     claim_name,
     is_adopted,
@@ -377,13 +378,18 @@ def _reconcile_cache(
             f"DaemonSet {d.cache_namespace}/{live['metadata']['name']} belongs to another model",
             "CacheReady",
         )
-    if not cache_enabled(model):
+    problem = cache_path_problem(model, d.cache_roots) if cache_enabled(model) else None
+    if not cache_enabled(model) or problem is not None:
         if live is not None:
             _retire(api_client, model, live, field_manager, d)
         if _cleanups_finished(api_client, model, d):
             remove_finalizer(api_client, MODELS, model, NODE_CACHE_FINALIZER)
-        status.drop_condition("CacheReady")
-        status.fields["warmNodes"] = None  # merge patch: remove
+        if problem is not None:  # refused: the cache pods may own and delete what is there
+            status.condition("CacheReady", "False", "PathNotAllowed", problem)
+            status.fields["warmNodes"] = []
+        else:
+            status.drop_condition("CacheReady")
+            status.fields["warmNodes"] = None  # merge patch: remove
         return []
     # Before anything exists outside the model's namespace: its deletion must wait for us.
     model.update(ensure_finalizer(api_client, MODELS, model, NODE_CACHE_FINALIZER))
@@ -403,6 +409,9 @@ def _reconcile_cache(
         ds_obj = render_cache_daemonset(model, d)
         assert ds_obj is not None
         daemonset = server_side_apply(api_client, DAEMONSETS, ds_obj, field_manager)
+    elif live is not None:
+        # A new source is downloading: the nodes keep their copy, new nodes still fetch it.
+        source = render_cache_source(model, d)
     listed = rest.request(
         api_client,
         "GET",

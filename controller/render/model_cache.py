@@ -44,6 +44,7 @@ from controller.render.model import (
     ModelDefaults,
     cache_enabled,
     cache_node_selector,
+    cache_path_problem,
     cache_root,
     child_name,
     claim_name,
@@ -61,6 +62,7 @@ COMPONENT_SOURCE = "model-cache-source"
 SOURCE_PORT = 8080
 EXIT_NO_SPACE = 2  # controller.cache_transfer.EXIT_NO_SPACE
 
+LABEL_CACHE_ROOT = "arks.ai/cache-root-digest"
 _CACHE_MOUNT = "/cache"
 _TRANSFER = ("python", "-m", "controller.cache_transfer")
 
@@ -84,9 +86,13 @@ def cache_daemonset_name(model: Mapping[str, Any]) -> str:
     return cache_object_name(model, "cache")
 
 
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:6]
+
+
 def cleanup_daemonset_name(model: Mapping[str, Any], root: str) -> str:
     """One per host directory being emptied (the cache may have moved more than once)."""
-    return cache_object_name(model, f"clean-{hashlib.sha256(root.encode()).hexdigest()[:6]}")
+    return cache_object_name(model, f"clean-{_digest(root)}")
 
 
 def source_name(model: Mapping[str, Any]) -> str:
@@ -147,6 +153,10 @@ def _cache_meta(
     }
 
 
+def cache_usable(model: Mapping[str, Any], d: ModelDefaults) -> bool:
+    return cache_enabled(model) and cache_path_problem(model, d.cache_roots) is None
+
+
 # --- the source, in the model's namespace -------------------------------------------------------
 
 
@@ -168,9 +178,9 @@ def render_cache_source(
 ) -> list[dict[str, Any]]:
     """The Deployment serving the claim to the cache pods, its Service and NetworkPolicy
     (nothing when the cache is off). Pod Security restricted: non-root, read-only."""
-    if not cache_enabled(model):
-        return []
     d = defaults or ModelDefaults()
+    if not cache_usable(model, d):
+        return []
     name = source_name(model)
     labels = model_labels(model, COMPONENT_SOURCE)
     selector = {LABEL_COMPONENT: COMPONENT_SOURCE, LABEL_MODEL: labels[LABEL_MODEL]}
@@ -285,7 +295,11 @@ def _daemonset(
     meta: dict[str, Any], node_selector: Mapping[str, str], pod: dict[str, Any]
 ) -> dict[str, Any]:
     labels = meta["labels"]
-    keys = (LABEL_MODEL_NAMESPACE, LABEL_MODEL, LABEL_COMPONENT)
+    keys = [
+        k
+        for k in (LABEL_MODEL_NAMESPACE, LABEL_MODEL, LABEL_COMPONENT, LABEL_CACHE_ROOT)
+        if k in labels
+    ]
     return {
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",
@@ -307,10 +321,11 @@ def _daemonset(
 def render_cache_daemonset(
     model: Mapping[str, Any], defaults: ModelDefaults | None = None
 ) -> dict[str, Any] | None:
-    """The DaemonSet copying the model to the cache nodes, or None when the cache is off."""
-    if not cache_enabled(model):
-        return None
+    """The DaemonSet copying the model to the cache nodes, or None when the cache is off (or
+    its path is not one the cluster allows)."""
     d = defaults or ModelDefaults()
+    if not cache_usable(model, d):
+        return None
     name = str(model["metadata"]["name"])
     root = cache_root(model)
     meta = _cache_meta(model, cache_daemonset_name(model), COMPONENT_CACHE, d.cache_namespace, root)
@@ -388,6 +403,8 @@ def render_cleanup_daemonset(
     meta = _cache_meta(
         model, cleanup_daemonset_name(model, root), COMPONENT_CLEANUP, d.cache_namespace, root
     )
+    # Two cleanups of one model (the cache moved twice) must not select each other's pods.
+    meta["labels"][LABEL_CACHE_ROOT] = _digest(root)
     hold = _hold(None)
     hold["image"] = d.cache_image
     pod = {

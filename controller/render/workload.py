@@ -50,7 +50,7 @@ from controller.render.engines import (
     parallelism,
     served_model_name,
 )
-from controller.render.model import ModelVolume, model_volume
+from controller.render.model import DEFAULT_CACHE_ROOT, ModelVolume, model_volume
 
 GPU_RESOURCE = "nvidia.com/gpu"
 LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
@@ -75,6 +75,8 @@ class RenderDefaults:
     # only for KV-aware routing events).
     dynamo_etcd_endpoints: str = ""
     dynamo_nats_server: str = ""
+    # ModelDefaults.cache_roots: engines read a node-local copy only where one may be.
+    cache_roots: tuple[str, ...] = (DEFAULT_CACHE_ROOT,)
 
 
 @dataclass(frozen=True)
@@ -254,7 +256,7 @@ def _pod_template(
     spec = g.spec
     engine = engine_for(spec)
     instance: Mapping[str, Any] = spec.get("instanceSpec") or {}
-    volume = model_volume(model, instance.get("nodeSelector"))
+    volume = model_volume(model, instance.get("nodeSelector"), cache_roots=defaults.cache_roots)
     serves_http = role != "worker"
     prefill = engine.disaggregation if g.disaggregation == "prefill" else None
     bootstrap_port = prefill.bootstrap_port if prefill is not None and serves_http else 0

@@ -518,7 +518,7 @@ def test_moving_the_cache_cleans_the_old_directory(api: ApiClient, ns: str) -> N
         api,
         "PATCH",
         MODELS.path(ns, MODEL),
-        body={"spec": {"nodeCache": {"path": "/mnt/nvme/arks"}}},
+        body={"spec": {"nodeCache": {"path": "/var/lib/arks/models/nvme"}}},
         content_type=rest.MERGE_PATCH,
     )
     reconcile_model(api, (ns, MODEL))
@@ -531,7 +531,7 @@ def test_moving_the_cache_cleans_the_old_directory(api: ApiClient, ns: str) -> N
     )
     current = cache_ds(api, model)
     assert current is not None
-    assert current["metadata"]["annotations"]["arks.ai/cache-root"] == f"/mnt/nvme/arks/{ns}"
+    assert current["metadata"]["annotations"]["arks.ai/cache-root"] == f"/var/lib/arks/models/nvme/{ns}"
 
 
 def test_a_new_source_prunes_the_old_download_job_but_keeps_the_claim(
@@ -600,3 +600,14 @@ def test_the_running_controller_creates_repairs_and_follows(api: ApiClient, ns: 
         started = time.monotonic()
         controller.stop()
     assert time.monotonic() - started < 5
+
+
+def test_a_cache_path_outside_the_allowed_roots_is_refused(api: ApiClient, ns: str) -> None:
+    model = ready_model(api, ns, nodeCache={**CACHE, "path": "/etc"})
+    assert cache_ds(api, model) is None, "no privileged pod chowns or deletes under /etc"
+    assert get(api, DEPLOYMENTS, ns, source_name(model)) is None
+    cache = condition(model_status(api, ns), "CacheReady")
+    assert (cache["status"], cache["reason"]) == ("False", "PathNotAllowed")
+    assert "/var/lib/arks/models" in cache["message"]
+    assert not get(api, MODELS, ns, MODEL)["metadata"].get("finalizers")
+    assert model_status(api, ns)["phase"] == "Ready", "the claim still serves"

@@ -39,3 +39,11 @@ def test_the_cache_namespace_and_reserve_are_flags() -> None:
     assert d.model_defaults().cache_namespace == "gpu-cache"
     assert d.model_defaults().cache_reserve_bytes == 1024
     assert Settings.from_args([]).model_defaults().cache_namespace == "arks-cache"
+
+
+def test_cache_roots_reach_both_renderers() -> None:
+    settings = Settings.from_args(["--cache-root=/var/lib/arks/models", "--cache-root=/mnt/nvme"])
+    roots = ("/var/lib/arks/models", "/mnt/nvme")
+    assert settings.model_defaults().cache_roots == roots
+    assert settings.render_defaults().cache_roots == roots
+    assert Settings.from_args([]).model_defaults().cache_roots == ("/var/lib/arks/models",)

@@ -28,6 +28,7 @@ from controller.render.model import (
     MARKER,
     ModelDefaults,
     cache_host_path,
+    cache_path_problem,
     claim_name,
     model_sub_path,
     model_volume,
@@ -809,3 +810,38 @@ def test_the_default_download_image_is_the_arks_image_built_with_the_download_cl
     extra = pyproject.split("download = [", 1)[1].split("]", 1)[0]
     # The packages whose console scripts are the `hf` and `modelscope` the Jobs run.
     assert '"huggingface_hub>=0.34"' in extra and '"modelscope-hub>=0.5"' in extra
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        ("/var/lib/arks/models", True),
+        ("/var/lib/arks/models/", True),
+        ("/var/lib/arks/models/nvme", True),
+        ("/var/lib/arks/models2", False),
+        ("/etc", False),
+        ("/", False),
+        ("/var/lib/arks/models/../../../etc", False),
+        ("/var/lib/arks/models/./x", False),
+        ("var/lib/arks/models", False),
+    ],
+)
+def test_a_tenant_cannot_point_the_privileged_cache_pods_at_any_host_directory(
+    path: str, allowed: bool
+) -> None:
+    model = make_model("huggingface", cache=True)
+    model["spec"]["nodeCache"]["path"] = path
+    assert (cache_path_problem(model, ModelDefaults().cache_roots) is None) == allowed
+    assert (render_cache_daemonset(model) is not None) == allowed
+    assert bool(render_cache_source(model)) == allowed
+    volume = model_volume(model, {})
+    assert volume.node_local == allowed, "engines read the claim when there is no copy"
+
+
+def test_the_operator_allows_other_cache_roots() -> None:
+    model = make_model("huggingface", cache=True)
+    model["spec"]["nodeCache"]["path"] = "/mnt/nvme/models"
+    d = ModelDefaults(cache_roots=("/var/lib/arks/models", "/mnt/nvme"))
+    assert cache_path_problem(model, d.cache_roots) is None
+    assert render_cache_daemonset(model, d) is not None
+    assert model_volume(model, {}, cache_roots=d.cache_roots).node_local
