@@ -22,6 +22,7 @@ Security admits it, so the copying runs apart from the tenant, in the cache name
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -96,7 +97,16 @@ def cleanup_daemonset_name(model: Mapping[str, Any], root: str) -> str:
 
 
 def source_name(model: Mapping[str, Any]) -> str:
-    return child_name(_ns_name(model)[1], "cache-source")
+    """The cache source's Deployment, Service and NetworkPolicy name. A Service name is a
+    DNS-1035 label (a letter first, no dots), a model name a DNS subdomain (`qwen2.5-7b`): such
+    a name is made a label, with a hash so `a.b` and `a-b` stay apart."""
+    name = _ns_name(model)[1]
+    label = re.sub(r"[^a-z0-9-]", "-", name)
+    if not label[:1].isalpha():
+        label = "m-" + label
+    if label != name:
+        label = f"{label}-{_digest(name)}"
+    return child_name(label, "cache-source")
 
 
 def cache_labels(model: Mapping[str, Any], component: str) -> dict[str, str]:

@@ -531,7 +531,10 @@ def test_moving_the_cache_cleans_the_old_directory(api: ApiClient, ns: str) -> N
     )
     current = cache_ds(api, model)
     assert current is not None
-    assert current["metadata"]["annotations"]["arks.ai/cache-root"] == f"/var/lib/arks/models/nvme/{ns}"
+    assert (
+        current["metadata"]["annotations"]["arks.ai/cache-root"]
+        == f"/var/lib/arks/models/nvme/{ns}"
+    )
 
 
 def test_a_new_source_prunes_the_old_download_job_but_keeps_the_claim(

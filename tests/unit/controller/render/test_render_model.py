@@ -845,3 +845,18 @@ def test_the_operator_allows_other_cache_roots() -> None:
     assert cache_path_problem(model, d.cache_roots) is None
     assert render_cache_daemonset(model, d) is not None
     assert model_volume(model, {}, cache_roots=d.cache_roots).node_local
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-7b", "1-model", "qwen2-5-7b"])
+def test_cache_source_names_are_valid_service_names(name: str) -> None:
+    import re
+
+    model = make_model("huggingface", cache=True)
+    model["metadata"]["name"] = name
+    names = {o["metadata"]["name"] for o in render_cache_source(model)}
+    (service_name,) = names
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", service_name) and len(service_name) <= 63
+    other = make_model("huggingface", cache=True)
+    other["metadata"]["name"] = name.replace(".", "-")
+    if other["metadata"]["name"] != name:
+        assert {o["metadata"]["name"] for o in render_cache_source(other)} != names
