@@ -130,3 +130,66 @@ def test_remove_deletes_the_copy_and_a_partial_one(tmp_path: Path) -> None:
     (tmp_path / "other").mkdir()
     assert main(["remove", "--root", str(tmp_path), "--name", "m"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
+
+
+def test_the_rendered_cache_pods_copy_serve_probe_and_clean_up_for_real(tmp_path: Path) -> None:
+    """The commands the renderer puts in the source pod, the cache DaemonSet and the cleanup
+    DaemonSet, run as processes (paths and the Service address swapped for local ones)."""
+    import subprocess
+    import sys
+    import time
+
+    from controller.render.model_cache import (
+        render_cache_daemonset,
+        render_cache_source,
+        render_cleanup_daemonset,
+    )
+    from launcher.procs import free_port
+    from tests.unit.controller.render.test_render_model import make_model
+
+    model = make_model("huggingface", cache=True)
+    claim, cache = tmp_path / "claim", tmp_path / "cache"
+    claim.mkdir()
+    cache.mkdir()
+    (claim / "weights.bin").write_bytes(b"x" * 4096)
+    (claim / MARKER).write_text("whatever\n")
+    port = free_port()
+
+    def local(argv: list[str]) -> list[str]:
+        swapped = [
+            a.replace("/models", str(claim))
+            .replace("/cache", str(cache))
+            .replace("8080", str(port))
+            for a in argv
+        ]
+        swapped = [f"http://127.0.0.1:{port}" if a.startswith("http://") else a for a in swapped]
+        return [sys.executable if a == "python" else a for a in swapped]
+
+    (serve,) = render_cache_source(model)[0]["spec"]["template"]["spec"]["containers"]
+    server = subprocess.Popen(local(serve["command"]), stderr=subprocess.DEVNULL)
+    try:
+        ds = render_cache_daemonset(model)
+        assert ds is not None
+        pod = ds["spec"]["template"]["spec"]
+        copy_ = next(c for c in pod["initContainers"] if c["name"] == "copy")
+        argv = local(copy_["command"])
+        argv[argv.index("--reserve-bytes") + 1] = "0"
+        for _ in range(50):  # the server may not listen yet: the pod would be restarted
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+            if done.returncode == 0:
+                break
+            time.sleep(0.1)
+        assert done.returncode == 0, done.stderr
+        name = model["metadata"]["name"]
+        assert (cache / name / "weights.bin").stat().st_size == 4096
+        probe = pod["containers"][0]["readinessProbe"]["exec"]["command"]
+        assert subprocess.run(local(probe), check=False).returncode == 0, "Ready once copied"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+    cleanup = render_cleanup_daemonset(model, "/cache", {})
+    (remove,) = cleanup["spec"]["template"]["spec"]["initContainers"]
+    assert subprocess.run(local(remove["command"]), check=False).returncode == 0
+    assert not (cache / name).exists()
+    assert subprocess.run(local(probe), check=False).returncode != 0
