@@ -76,6 +76,7 @@ from controller.render.model_cache import (
     COMPONENT_CLEANUP,
     cache_daemonset_name,
     cleanup_done,
+    cleanup_expired,
     copy_failures,
     model_selector,
     owner_key,
@@ -269,7 +270,7 @@ def reconcile_model(
         # Children in its namespace go through their owner references; the host copies on the
         # nodes are deleted here first, then the finalizer lets the deletion complete.
         if NODE_CACHE_FINALIZER in (model["metadata"].get("finalizers") or []):
-            _release_cache(api_client, model, field_manager, d)
+            _release_cache(api_client, model, field_manager, d, now)
         return
     status = _Status(model, now or datetime.datetime.now(datetime.UTC))
     status.fields["claimName"] = claim_name(model)
@@ -382,7 +383,7 @@ def _reconcile_cache(
     if not cache_enabled(model) or problem is not None:
         if live is not None:
             _retire(api_client, model, live, field_manager, d)
-        if _cleanups_finished(api_client, model, d):
+        if _cleanups_finished(api_client, model, d, status.now):
             remove_finalizer(api_client, MODELS, model, NODE_CACHE_FINALIZER)
         if problem is not None:  # refused: the cache pods may own and delete what is there
             status.condition("CacheReady", "False", "PathNotAllowed", problem)
@@ -396,7 +397,7 @@ def _reconcile_cache(
     if live is not None and retired_root(live)[0] != cache_root(model):
         _retire(api_client, model, live, field_manager, d)  # nodeCache.path moved
         live = None
-    _cleanups_finished(api_client, model, d)
+    _cleanups_finished(api_client, model, d, status.now)
     source: list[dict[str, Any]] = []
     daemonset: Obj | None = live
     if status.fields.get("phase") == PHASE_READY:
@@ -476,8 +477,12 @@ def _retire(
     )
 
 
-def _cleanups_finished(api_client: ApiClient, model: Obj, d: ModelDefaults) -> bool:
-    """Delete the model's cleanup DaemonSets that are done; True when none is left."""
+def _cleanups_finished(
+    api_client: ApiClient, model: Obj, d: ModelDefaults, now: datetime.datetime
+) -> bool:
+    """Delete the model's cleanup DaemonSets that are done, or past their deadline (a node that
+    is down would otherwise hold the model forever: say which copies may be left); True when
+    none is left."""
     listed = rest.request(
         api_client,
         "GET",
@@ -488,19 +493,39 @@ def _cleanups_finished(api_client: ApiClient, model: Obj, d: ModelDefaults) -> b
     for cleanup in listed.get("items") or []:
         if owner_key(cleanup) != _key(model):
             continue
-        if cleanup_done(cleanup):
+        expired = cleanup_expired(cleanup, now, d.cleanup_deadline_s)
+        if cleanup_done(cleanup) or expired:
+            if expired and not cleanup_done(cleanup):
+                status = cleanup.get("status") or {}
+                _event(
+                    api_client,
+                    model,
+                    "Warning",
+                    "CacheCleanupIncomplete",
+                    f"{cleanup['metadata']['name']}: {status.get('numberReady') or 0} of "
+                    f"{status.get('desiredNumberScheduled', '?')} nodes confirmed deleting the "
+                    f"copy under {retired_root(cleanup)[0]} within {d.cleanup_deadline_s} s; "
+                    "the others may keep it",
+                    now,
+                )
             delete(api_client, DAEMONSETS, d.cache_namespace, cleanup["metadata"]["name"])
         else:
             left += 1
     return left == 0
 
 
-def _release_cache(api_client: ApiClient, model: Obj, field_manager: str, d: ModelDefaults) -> None:
+def _release_cache(
+    api_client: ApiClient,
+    model: Obj,
+    field_manager: str,
+    d: ModelDefaults,
+    now: datetime.datetime | None,
+) -> None:
     """A deleted model: retire its cache DaemonSet, wait for the cleanup, drop the finalizer."""
     live = rest.get_or_none(api_client, DAEMONSETS, d.cache_namespace, cache_daemonset_name(model))
     if live is not None and owner_key(live) == _key(model):
         _retire(api_client, model, live, field_manager, d)
-    if not _cleanups_finished(api_client, model, d):
+    if not _cleanups_finished(api_client, model, d, now or datetime.datetime.now(datetime.UTC)):
         raise TemporaryError("waiting for the node copies to be deleted", delay_s=CLEANUP_WAIT_S)
     remove_finalizer(api_client, MODELS, model, NODE_CACHE_FINALIZER)
 

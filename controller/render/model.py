@@ -74,6 +74,9 @@ class ModelDefaults:
     # Host directories `nodeCache.path` may name (or lie under): the cache pods run privileged
     # enough to own and delete what is there, so a tenant must not pick /etc.
     cache_roots: tuple[str, ...] = (DEFAULT_CACHE_ROOT,)
+    # A cleanup waits this long for every node (a node that is down never confirms), then the
+    # model is let go with a Warning naming what may be left.
+    cleanup_deadline_s: int = 600
     # Attempts after the first; Kubernetes backs off 10 s, 20 s, 40 s … (capped at 6 min).
     backoff_limit: int = 4
     active_deadline_s: int = 6 * 3600  # hundreds of GB over a slow link take hours

@@ -21,6 +21,7 @@ Security admits it, so the copying runs apart from the tenant, in the cache name
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
@@ -491,6 +492,15 @@ def cleanup_done(daemonset: Mapping[str, Any]) -> bool:
     if generation is not None and int(status.get("observedGeneration") or 0) < int(generation):
         return False
     return int(status.get("numberReady") or 0) >= int(status["desiredNumberScheduled"])
+
+
+def cleanup_expired(daemonset: Mapping[str, Any], now: datetime.datetime, deadline_s: int) -> bool:
+    """True when cleanup DaemonSet `daemonset` was created more than `deadline_s` ago."""
+    created = (daemonset.get("metadata") or {}).get("creationTimestamp")
+    if not created:
+        return False
+    born = datetime.datetime.fromisoformat(str(created).replace("Z", "+00:00"))
+    return (now - born).total_seconds() > deadline_s
 
 
 def retired_root(daemonset: Mapping[str, Any]) -> tuple[str, dict[str, str]]:

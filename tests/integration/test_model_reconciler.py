@@ -614,3 +614,34 @@ def test_a_cache_path_outside_the_allowed_roots_is_refused(api: ApiClient, ns: s
     assert "/var/lib/arks/models" in cache["message"]
     assert not get(api, MODELS, ns, MODEL)["metadata"].get("finalizers")
     assert model_status(api, ns)["phase"] == "Ready", "the claim still serves"
+
+
+def test_a_node_that_never_cleans_up_does_not_hold_the_model_forever(
+    api: ApiClient, ns: str
+) -> None:
+    import datetime
+
+    model = ready_model(api, ns, nodeCache=CACHE)
+    rest.request(api, "DELETE", MODELS.path(ns, MODEL))
+    with pytest.raises(TemporaryError):
+        reconcile_model(api, (ns, MODEL))
+    cleanup_name = cleanup_daemonset_name(model, f"/var/lib/arks/models/{ns}")
+    set_status(
+        api,
+        DAEMONSETS,
+        CACHE_NS,
+        cleanup_name,
+        desiredNumberScheduled=3,
+        numberReady=2,
+        observedGeneration=1,
+    )  # one node is down
+    soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=5)
+    with pytest.raises(TemporaryError):
+        reconcile_model(api, (ns, MODEL), now=soon)
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=11)
+    reconcile_model(api, (ns, MODEL), now=later)
+    assert get(api, DAEMONSETS, CACHE_NS, cleanup_name) is None
+    eventually(lambda: get(api, MODELS, ns, MODEL) is None)
+    events = rest.request(api, "GET", EVENTS.path(ns)).get("items") or []
+    (warning,) = [e for e in events if e["reason"] == "CacheCleanupIncomplete"]
+    assert warning["type"] == "Warning" and "2 of 3 nodes" in warning["message"]
