@@ -118,7 +118,8 @@ class EngineSpec:
     waiting_requests_metric: str
     kv_cache_usage_metric: str
     multi_node: MultiNode
-    # Used when the application names no image (the CRD promises one). Pin it in production.
+    # Used when the application names no image: pinned to a version whose flags are in
+    # `engine_flag_tables` (a moving tag would change the flags under a running spec).
     default_image: str = ""
     port_name: str = "http"  # the container port the probes use
     liveness_path: str | None = None  # None: the health path
@@ -172,7 +173,7 @@ DYNAMO_FRONTEND = RouterSpec(
 )
 
 VLLM = EngineSpec(
-    default_image="vllm/vllm-openai:latest",
+    default_image="vllm/vllm-openai:v0.16.0",  # a version with a flag table
     runtime="vllm",
     program=("vllm", "serve"),
     model_flag=None,
@@ -195,7 +196,7 @@ VLLM = EngineSpec(
 )
 
 SGLANG = EngineSpec(
-    default_image="lmsysorg/sglang:latest",
+    default_image="lmsysorg/sglang:v0.5.9",
     runtime="sglang",
     program=("python3", "-m", "sglang.launch_server"),
     model_flag="--model-path",

@@ -216,3 +216,11 @@ def test_both_halves_of_a_pair_use_one_transfer_backend() -> None:
     dapp["spec"]["prefill"]["runtimeCommonArgs"] = ["--disaggregation-transfer-backend", "mooncake"]
     with pytest.raises(UnsupportedApplication, match="same --disaggregation-transfer-backend"):
         render_disaggregated(dapp, model_on_claim("c"), defaults=RENDER_DEFAULTS)
+
+
+def test_default_images_are_versions_with_a_flag_table() -> None:
+    from controller.render.engines import ENGINES
+
+    for runtime, engine in ENGINES.items():
+        version = image_version(engine.default_image)
+        assert version and table(runtime, version).version == version, engine.default_image
