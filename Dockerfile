@@ -13,7 +13,8 @@ COPY extproc extproc
 COPY ratelimit ratelimit
 COPY controller controller
 COPY launcher launcher
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# With the `download` extra: the model download Jobs run `hf` / `modelscope` from this image.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[download]"
 
 FROM python:3.11-slim-bookworm
 # The services never write to the image: the manifests mount the root filesystem read-only
@@ -21,7 +22,7 @@ FROM python:3.11-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links=/wheels arks \
+RUN pip install --no-cache-dir --no-index --find-links=/wheels "arks[download]" \
     && rm -rf /wheels
 # 65532: the non-root uid/gid the manifests' securityContext names.
 USER 65532:65532

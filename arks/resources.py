@@ -57,6 +57,7 @@ LEASES = Resource("coordination.k8s.io", "v1", "leases")
 ENDPOINTSLICES = Resource("discovery.k8s.io", "v1", "endpointslices")
 ROLES = Resource("rbac.authorization.k8s.io", "v1", "roles")
 ROLEBINDINGS = Resource("rbac.authorization.k8s.io", "v1", "rolebindings")
+NETWORKPOLICIES = Resource("networking.k8s.io", "v1", "networkpolicies")
 
 # Other projects' kinds
 HTTPROUTES = Resource("gateway.networking.k8s.io", "v1", "httproutes")

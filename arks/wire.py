@@ -58,6 +58,12 @@ LABEL_ENDPOINT_UID = "arks.ai/endpoint-uid"
 ANNOTATION_SERVED_NAME = "arks.ai/served-model-name"
 ANNOTATION_MODEL = "arks.ai/model"
 ANNOTATION_SOURCE_ID = "arks.ai/source-id"
+# The node cache lives in its own namespace: its objects name their model by these, not by an
+# owner reference (which cannot cross namespaces).
+LABEL_MODEL_NAMESPACE = "arks.ai/model-namespace"
+ANNOTATION_MODEL_NAMESPACE = "arks.ai/model-namespace"
+ANNOTATION_CACHE_ROOT = "arks.ai/cache-root"  # the host directory a cache DaemonSet fills
+NODE_CACHE_FINALIZER = "arks.ai/node-cache"  # held until the model's host copies are deleted
 ANNOTATION_ENDPOINT = "arks.ai/endpoint"  # "<namespace>/<name>", exact
 PICKING_FINALIZER = "arks.ai/picking-policy"
 # On a Secret holding an ArksToken's token (tokenSecretRef): the controller watches only the

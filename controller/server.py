@@ -36,6 +36,7 @@ from controller.reconcilers.disaggregated import disaggregated_controller
 from controller.reconcilers.endpoint import endpoint_controller
 from controller.reconcilers.model import model_controller
 from controller.reconcilers.token import token_controller
+from controller.render.model import DEFAULT_CACHE_ROOT, ModelDefaults
 from controller.render.workload import RenderDefaults
 from controller.standalone import Standalone, serve_http
 
@@ -55,6 +56,16 @@ _CLIENT_TIMEOUTS = (
     ("request_timeout_s", "Envoy's limit on receiving a whole request, body included"),
     ("request_headers_timeout_s", "Envoy's limit on receiving a request's headers"),
     ("idle_timeout_s", "Envoy closes a client connection with nothing in flight after this long"),
+)
+
+
+# The images of the model Jobs and the cache pods (ModelDefaults), each holding its CLI already.
+_IMAGES = (
+    ("huggingface", "image of Hugging Face download Jobs: has the `hf` CLI"),
+    ("modelscope", "image of ModelScope download Jobs: has the `modelscope` CLI"),
+    ("s3", "image of S3 download Jobs: has the `aws` CLI"),
+    ("url", "image of URL download Jobs: has curl, tar and unzip"),
+    ("cache", "image of the node-cache pods: has sh, cp, df and du"),
 )
 
 
@@ -108,6 +119,44 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="the Prometheus KEDA's triggers query (ArksApplication autoscaling.provider: keda)",
     )
+    workloads = p.add_argument_group("what the controller renders")
+    workloads.add_argument(
+        "--dynamo-etcd-endpoints",
+        default="",
+        help="etcd of the Dynamo platform (ETCD_ENDPOINTS of Dynamo pods), e.g. "
+        "http://dynamo-platform-etcd.dynamo-system:2379; unset: Dynamo applications are refused",
+    )
+    workloads.add_argument(
+        "--dynamo-nats-server",
+        default="",
+        help="NATS of the Dynamo platform (NATS_SERVER), e.g. "
+        "nats://dynamo-platform-nats.dynamo-system:4222; unset: NATS_SERVER is not set",
+    )
+    workloads.add_argument(
+        "--cache-namespace",
+        default=ModelDefaults.cache_namespace,
+        help="namespace of the node-cache DaemonSets (hostPath: Pod Security privileged)",
+    )
+    workloads.add_argument(
+        "--cache-root",
+        dest="cache_roots",
+        action="append",
+        metavar="DIR",
+        help="a host directory node caches may use (nodeCache.path equal to or under it; "
+        f"repeatable; default {DEFAULT_CACHE_ROOT})",
+    )
+    workloads.add_argument(
+        "--cache-reserve-bytes",
+        type=int,
+        default=ModelDefaults.cache_reserve_bytes,
+        help="free disk a node-cache copy must leave on the node",
+    )
+    for source, help_text in _IMAGES:
+        workloads.add_argument(
+            f"--{source}-image",
+            default=getattr(ModelDefaults, f"{source.replace('-', '_')}_image"),
+            help=help_text,
+        )
     p.add_argument("--metrics-port", type=int, default=9103, help="/metrics, /healthz, /readyz")
     p.add_argument("--metrics-address", default="0.0.0.0")
     p.add_argument("--log-level", default="INFO")
@@ -138,6 +187,39 @@ class Settings:
     metrics_port: int = 9103
     metrics_address: str = "0.0.0.0"
     log_level: str = "INFO"
+    dynamo_etcd_endpoints: str = ""
+    dynamo_nats_server: str = ""
+    huggingface_image: str = ModelDefaults.huggingface_image
+    modelscope_image: str = ModelDefaults.modelscope_image
+    s3_image: str = ModelDefaults.s3_image
+    url_image: str = ModelDefaults.url_image
+    cache_image: str = ModelDefaults.cache_image
+    cache_namespace: str = ModelDefaults.cache_namespace
+    cache_reserve_bytes: int = ModelDefaults.cache_reserve_bytes
+    cache_roots: list[str] | None = None  # None: ModelDefaults' (DEFAULT_CACHE_ROOT)
+
+    def _cache_roots(self) -> tuple[str, ...]:
+        return tuple(self.cache_roots) if self.cache_roots else ModelDefaults.cache_roots
+
+    def render_defaults(self) -> RenderDefaults:
+        return RenderDefaults(
+            dynamo_etcd_endpoints=self.dynamo_etcd_endpoints,
+            dynamo_nats_server=self.dynamo_nats_server,
+            cache_roots=self._cache_roots(),
+            prometheus_url=self.prometheus_url,
+        )
+
+    def model_defaults(self) -> ModelDefaults:
+        return ModelDefaults(
+            huggingface_image=self.huggingface_image,
+            modelscope_image=self.modelscope_image,
+            s3_image=self.s3_image,
+            url_image=self.url_image,
+            cache_image=self.cache_image,
+            cache_namespace=self.cache_namespace,
+            cache_reserve_bytes=self.cache_reserve_bytes,
+            cache_roots=self._cache_roots(),
+        )
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> Settings:
@@ -193,7 +275,7 @@ def run(settings: Settings) -> int:
             workers=settings.workers,
             leader=elector,
             watch_leaderworkersets=watch_lws,
-            defaults=RenderDefaults(prometheus_url=settings.prometheus_url),
+            defaults=settings.render_defaults(),
         ),
         disaggregated_controller(
             client,
@@ -201,8 +283,15 @@ def run(settings: Settings) -> int:
             workers=settings.workers,
             leader=elector,
             watch_leaderworkersets=watch_lws,
+            defaults=settings.render_defaults(),
         ),
-        model_controller(client, settings.namespace, workers=settings.workers, leader=elector),
+        model_controller(
+            client,
+            settings.namespace,
+            workers=settings.workers,
+            leader=elector,
+            defaults=settings.model_defaults(),
+        ),
         endpoint_controller(
             client,
             settings.namespace,

@@ -7,6 +7,7 @@ from arks.crds.schema import (
     NAME_PATTERN,
     Schema,
     array,
+    boolean,
     conditions,
     integer,
     map_of,
@@ -68,6 +69,30 @@ def instance_spec() -> Schema:
             "volumes": array(passthrough("A corev1.Volume."), "Extra volumes of the engine pods."),
             "volumeMounts": array(
                 passthrough("A corev1.VolumeMount."), "Extra mounts of the engine container."
+            ),
+            "securityContext": passthrough(
+                "corev1.SecurityContext of the engine container, e.g. "
+                "capabilities: {add: [IPC_LOCK]} for RDMA memory registration."
+            ),
+            "podSecurityContext": passthrough("corev1.PodSecurityContext of the engine pods."),
+            "hostNetwork": boolean(
+                "Run the engine pods in the node's network namespace (RDMA/RoCE without a "
+                "secondary network); dnsPolicy becomes ClusterFirstWithHostNet."
+            ),
+            "hostIPC": boolean("Share the node's IPC namespace (some NCCL/RDMA setups)."),
+            "runtimeClassName": string(
+                "RuntimeClass of the engine pods (e.g. nvidia).", pattern=NAME_PATTERN
+            ),
+            "priorityClassName": string("PriorityClass of the engine pods.", pattern=NAME_PATTERN),
+            "schedulerName": string("Scheduler of the engine pods (e.g. a gang scheduler)."),
+            "imagePullSecrets": array(
+                obj(
+                    {"name": string("Secret name.", pattern=NAME_PATTERN)},
+                    "A corev1.LocalObjectReference.",
+                    required=["name"],
+                ),
+                "Secrets for pulling the engine image.",
+                map_keys=["name"],
             ),
         },
         "Pod template bits of the engine pods.",

@@ -114,7 +114,11 @@ node_cache = obj(
             string(), "Nodes to preload on; empty means every node that runs an engine."
         ),
         "path": string(
-            "Host directory of the cache.", pattern=r"^/", default="/var/lib/arks/models"
+            "Host directory of the cache: one the cluster allows (the controller's --cache-root, "
+            "/var/lib/arks/models by default) or a directory under it; another is refused "
+            "(CacheReady PathNotAllowed).",
+            pattern=r"^/",
+            default="/var/lib/arks/models",
         ),
     },
     "An optional node-local copy, so engines start without reading the network volume.",

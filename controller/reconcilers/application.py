@@ -37,7 +37,7 @@ from controller.reconcilers.workloads import (
     watch_models,
     workload_replicas,
 )
-from controller.render.application import render_application
+from controller.render.application import application_args_problems, render_application
 from controller.render.workload import RenderDefaults
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ def reconcile_application(
         lambda app, model: render_application(app, model, defaults=defaults),
         field_manager,
         now,
+        check_args=application_args_problems,
     )
     if done is None:
         return

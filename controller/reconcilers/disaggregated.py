@@ -34,7 +34,11 @@ from controller.reconcilers.workloads import (
     watch_models,
     workload_replicas,
 )
-from controller.render.disaggregated import COMPONENTS, render_disaggregated
+from controller.render.disaggregated import (
+    COMPONENTS,
+    disaggregated_args_problems,
+    render_disaggregated,
+)
 from controller.render.workload import RenderDefaults
 
 DAPP_API_VERSION = "arks.ai/v1"
@@ -61,6 +65,7 @@ def reconcile_disaggregated(
         lambda dapp, model: render_disaggregated(dapp, model, defaults=defaults),
         field_manager,
         now,
+        check_args=disaggregated_args_problems,
     )
     if done is None:
         return

@@ -13,6 +13,13 @@ The Job is created together with the PVC, not after it binds: with a WaitForFirs
 StorageClass the Job's pod is what makes the claim bind. A Failed Job stays Failed; an operator
 retries by deleting it (`kubectl delete job <model>-download-<id>`), and the controller creates
 it again. An unchanged status is not written, so reconciling a settled model changes nothing.
+
+Children the render no longer produces are pruned (the download Job of an older source, the
+cache source when the cache is off); the PVC never is: it goes only with the model. The node
+cache runs in the cache namespace (`controller.render.model_cache`), outside the model's owner
+references, so the model carries the `arks.ai/node-cache` finalizer while it has a cache: a
+cache turned off, moved or deleted with the model is replaced by a cleanup DaemonSet deleting
+the host copies, and the finalizer comes off once every cleanup is done.
 """
 
 from __future__ import annotations
@@ -25,7 +32,14 @@ from typing import Any, NoReturn
 from kubernetes.client import ApiClient
 
 from arks.adapters.kube import rest
-from arks.adapters.kube.apply import delete, patch_status, server_side_apply, set_owner
+from arks.adapters.kube.apply import (
+    delete,
+    ensure_finalizer,
+    patch_status,
+    remove_finalizer,
+    server_side_apply,
+    set_owner,
+)
 from arks.adapters.kube.conditions import set_condition
 from arks.adapters.kube.errors import PermanentError, TemporaryError
 from arks.adapters.kube.events import record_event
@@ -33,14 +47,49 @@ from arks.adapters.kube.queue import Key, WorkQueue
 from arks.adapters.kube.rest import Obj
 from arks.adapters.kube.runner import Controller, Leadership
 from arks.adapters.kube.watch import Handler, Informer, watch_owned
-from arks.resources import DAEMONSETS, JOBS, MODELS, PODS, PVCS, Resource
-from arks.wire import ANNOTATION_MODEL, EVENT_COMPONENT, FIELD_MANAGER
-from controller.render.model import ModelDefaults, cache_enabled, claim_name, is_adopted, render_pvc
+from arks.resources import (
+    DAEMONSETS,
+    DEPLOYMENTS,
+    JOBS,
+    MODELS,
+    NETWORKPOLICIES,
+    PODS,
+    PVCS,
+    SERVICES,
+    Resource,
+)
+from arks.wire import (
+    EVENT_COMPONENT,
+    FIELD_MANAGER,
+    LABEL_MODEL,
+    NODE_CACHE_FINALIZER,
+    label_value,
+)
+from controller.reconcilers.pruning import prune_owned
+from controller.render.model import (
+    ModelDefaults,
+    cache_enabled,
+    cache_path_problem,
+    cache_root,
+    claim_name,
+    is_adopted,
+    render_pvc,
+)
 from controller.render.model_cache import (
+    CACHE_OBJECTS_SELECTOR,
     CACHE_PODS_SELECTOR,
+    COMPONENT_CACHE,
+    COMPONENT_CLEANUP,
     cache_daemonset_name,
-    cache_pod_selector,
+    cleanup_done,
+    cleanup_expired,
+    copy_failures,
+    model_selector,
+    owner_key,
     render_cache_daemonset,
+    render_cache_source,
+    render_cleanup_daemonset,
+    retired_root,
     warm_nodes,
 )
 from controller.render.model_download import render_download_job
@@ -51,6 +100,17 @@ log = logging.getLogger(__name__)
 MODEL_API_VERSION = "arks.ai/v1"
 MODEL_KIND = "ArksModel"
 CLAIM_WAIT_S = 10.0  # an adopted claim is not ours, so no event tells us it appeared
+CLEANUP_WAIT_S = 15.0  # recheck a host-copy cleanup even if no DaemonSet event arrives
+
+# The kinds a model owns that its render may stop producing: the download Job of an older
+# source, the cache source when the cache is off. Never its PVC: the model's files live there,
+# and the claim goes only with the model (owner reference).
+PRUNED_KINDS: Mapping[str, Resource] = {
+    "Job": JOBS,
+    "Deployment": DEPLOYMENTS,
+    "Service": SERVICES,
+    "NetworkPolicy": NETWORKPOLICIES,
+}
 
 PHASE_PENDING = "Pending"
 PHASE_STORAGE = "StorageCreating"
@@ -208,23 +268,36 @@ def reconcile_model(
     the model does not own (after recording it in the status).
     """
     namespace, name = key
+    d = defaults or ModelDefaults()
     model = rest.get_or_none(api_client, MODELS, namespace, name)
-    if model is None or model["metadata"].get("deletionTimestamp"):
-        return  # children go with it through their owner references
+    if model is None:
+        return
+    if model["metadata"].get("deletionTimestamp"):
+        # Children in its namespace go through their owner references; the host copies on the
+        # nodes are deleted here first, then the finalizer lets the deletion complete.
+        if NODE_CACHE_FINALIZER in (model["metadata"].get("finalizers") or []):
+            _release_cache(api_client, model, field_manager, d, now)
+        return
     status = _Status(model, now or datetime.datetime.now(datetime.UTC))
     status.fields["claimName"] = claim_name(model)
+    rendered: list[dict[str, Any]] = []
     try:
         if is_adopted(model):
             _reconcile_adopted(api_client, model, status)
         else:
-            _reconcile_download(api_client, model, status, field_manager, defaults)
-        _reconcile_cache(api_client, model, status, field_manager, defaults)
+            rendered += _reconcile_download(api_client, model, status, field_manager, d)
+        rendered += _reconcile_cache(api_client, model, status, field_manager, d)
     except NameTaken as e:
         status.condition(e.condition, "False", "NameTaken", str(e))
         if e.condition != "CacheReady":  # without its cache the model still serves
             status.phase(PHASE_FAILED, str(e))
         status.write(api_client, model)
         raise
+    owner_label = (LABEL_MODEL, label_value(str(model["metadata"]["name"])))
+    for gone in prune_owned(api_client, model, rendered, PRUNED_KINDS, owner_label):
+        _event(
+            api_client, model, "Normal", "Pruned", f"deleted {gone}: no longer needed", status.now
+        )
     status.write(api_client, model)
 
 
@@ -258,8 +331,8 @@ def _reconcile_download(
     model: Obj,
     status: _Status,
     field_manager: str,
-    defaults: ModelDefaults | None,
-) -> None:
+    defaults: ModelDefaults,
+) -> list[dict[str, Any]]:
     pvc_obj = render_pvc(model, defaults)
     job_obj = render_download_job(model, defaults)
     assert pvc_obj is not None and job_obj is not None
@@ -295,6 +368,7 @@ def _reconcile_download(
             status.phase(PHASE_DOWNLOADING, why)
         else:
             status.phase(PHASE_STORAGE, storage_why)
+    return [job_obj]
 
 
 def _reconcile_cache(
@@ -302,26 +376,60 @@ def _reconcile_cache(
     model: Obj,
     status: _Status,
     field_manager: str,
-    defaults: ModelDefaults | None,
-) -> None:
-    namespace = model["metadata"]["namespace"]
-    if not cache_enabled(model):
-        _delete_owned(api_client, DAEMONSETS, namespace, cache_daemonset_name(model), model)
-        status.drop_condition("CacheReady")
-        status.fields["warmNodes"] = None  # merge patch: remove
-        return
-    daemonset: Obj | None
+    d: ModelDefaults,
+) -> list[dict[str, Any]]:
+    """The node cache: its source in the model's namespace (returned, to keep it from being
+    pruned), its DaemonSet in the cache namespace, the cleanup of copies it no longer wants."""
+    live = rest.get_or_none(api_client, DAEMONSETS, d.cache_namespace, cache_daemonset_name(model))
+    if live is not None and owner_key(live) != _key(model):
+        raise NameTaken(
+            f"DaemonSet {d.cache_namespace}/{live['metadata']['name']} belongs to another model",
+            "CacheReady",
+        )
+    problem = cache_path_problem(model, d.cache_roots) if cache_enabled(model) else None
+    if not cache_enabled(model) or problem is not None:
+        if live is not None:
+            _retire(api_client, model, live, field_manager, d)
+        if _cleanups_finished(api_client, model, d, status.now):
+            remove_finalizer(api_client, MODELS, model, NODE_CACHE_FINALIZER)
+        if problem is not None:  # refused: the cache pods may own and delete what is there
+            status.condition("CacheReady", "False", "PathNotAllowed", problem)
+            status.fields["warmNodes"] = []
+        else:
+            status.drop_condition("CacheReady")
+            status.fields["warmNodes"] = None  # merge patch: remove
+        return []
+    # Before anything exists outside the model's namespace: its deletion must wait for us.
+    model.update(ensure_finalizer(api_client, MODELS, model, NODE_CACHE_FINALIZER))
+    if live is not None and retired_root(live)[0] != cache_root(model):
+        _retire(api_client, model, live, field_manager, d)  # nodeCache.path moved
+        live = None
+    _cleanups_finished(api_client, model, d, status.now)
+    source: list[dict[str, Any]] = []
+    daemonset: Obj | None = live
     if status.fields.get("phase") == PHASE_READY:
-        ds_obj = render_cache_daemonset(model, defaults)
+        source = render_cache_source(model, d)
+        for obj in source:
+            kind = {"Deployment": DEPLOYMENTS, "Service": SERVICES}.get(
+                obj["kind"], NETWORKPOLICIES
+            )
+            _apply_owned(api_client, kind, obj, model, field_manager, "CacheReady")
+        ds_obj = render_cache_daemonset(model, d)
         assert ds_obj is not None
-        daemonset = _apply_owned(api_client, DAEMONSETS, ds_obj, model, field_manager, "CacheReady")
-    else:  # copy only a complete model; an existing DaemonSet is left as it is
-        daemonset = rest.get_or_none(api_client, DAEMONSETS, namespace, cache_daemonset_name(model))
+        daemonset = server_side_apply(api_client, DAEMONSETS, ds_obj, field_manager)
+    elif live is not None:
+        # A new source is downloading: the nodes keep their copy, new nodes still fetch it.
+        source = render_cache_source(model, d)
     listed = rest.request(
-        api_client, "GET", PODS.path(namespace), query={"labelSelector": cache_pod_selector(model)}
+        api_client,
+        "GET",
+        PODS.path(d.cache_namespace),
+        query={"labelSelector": model_selector(model, COMPONENT_CACHE)},
     )
-    nodes = warm_nodes(listed.get("items") or [])
+    pods = listed.get("items") or []
+    nodes = warm_nodes(pods)
     status.fields["warmNodes"] = nodes
+    failures = [f for f in copy_failures(pods) if f[0] not in nodes]
     if daemonset is None:
         status.condition(
             "CacheReady",
@@ -329,7 +437,7 @@ def _reconcile_cache(
             "WaitingForDownload",
             "the cache is filled once the model is Ready",
         )
-        return
+        return source
     desired = (daemonset.get("status") or {}).get("desiredNumberScheduled")
     if desired is not None and int(desired) == 0:
         status.condition(
@@ -339,6 +447,10 @@ def _reconcile_cache(
         status.condition(
             "CacheReady", "True", "CacheWarm", f"{len(nodes)}/{desired} nodes hold the model"
         )
+    elif failures:
+        node, reason, message = failures[0]
+        more = f" (and {len(failures) - 1} more nodes)" if len(failures) > 1 else ""
+        status.condition("CacheReady", "False", reason, f"node {node}: {message}{more}")
     else:
         status.condition(
             "CacheReady",
@@ -346,25 +458,92 @@ def _reconcile_cache(
             "CacheWarming",
             f"{len(nodes)}/{'?' if desired is None else desired} nodes hold the model",
         )
+    return source
 
 
-def _delete_owned(
-    api_client: ApiClient, resource: Resource, namespace: str, name: str, owner: Mapping[str, Any]
+def _key(model: Mapping[str, Any]) -> tuple[str, str]:
+    return str(model["metadata"]["namespace"]), str(model["metadata"]["name"])
+
+
+def _retire(
+    api_client: ApiClient, model: Obj, live: Obj, field_manager: str, d: ModelDefaults
 ) -> None:
-    live = rest.get_or_none(api_client, resource, namespace, name)
-    if live is None or not _controlled_by(live, owner):
-        return
-    delete(api_client, resource, namespace, name)
+    """Replace cache DaemonSet `live` by a cleanup DaemonSet deleting its copies."""
+    root, node_selector = retired_root(live)
+    if root:
+        cleanup = render_cleanup_daemonset(model, root, node_selector, d)
+        server_side_apply(api_client, DAEMONSETS, cleanup, field_manager)
+    delete(api_client, DAEMONSETS, d.cache_namespace, live["metadata"]["name"])
+    _event(
+        api_client,
+        model,
+        "Normal",
+        "CacheRemoving",
+        f"deleting the node copies under {root or '?'}",
+        datetime.datetime.now(datetime.UTC),
+    )
 
 
-def _enqueue_cache_pod(queue: WorkQueue) -> Handler:
-    """Cache pods are owned by the DaemonSet, not the model: map them back by annotation."""
+def _cleanups_finished(
+    api_client: ApiClient, model: Obj, d: ModelDefaults, now: datetime.datetime
+) -> bool:
+    """Delete the model's cleanup DaemonSets that are done, or past their deadline (a node that
+    is down would otherwise hold the model forever: say which copies may be left); True when
+    none is left."""
+    listed = rest.request(
+        api_client,
+        "GET",
+        DAEMONSETS.path(d.cache_namespace),
+        query={"labelSelector": model_selector(model, COMPONENT_CLEANUP)},
+    )
+    left = 0
+    for cleanup in listed.get("items") or []:
+        if owner_key(cleanup) != _key(model):
+            continue
+        expired = cleanup_expired(cleanup, now, d.cleanup_deadline_s)
+        if cleanup_done(cleanup) or expired:
+            if expired and not cleanup_done(cleanup):
+                status = cleanup.get("status") or {}
+                _event(
+                    api_client,
+                    model,
+                    "Warning",
+                    "CacheCleanupIncomplete",
+                    f"{cleanup['metadata']['name']}: {status.get('numberReady') or 0} of "
+                    f"{status.get('desiredNumberScheduled', '?')} nodes confirmed deleting the "
+                    f"copy under {retired_root(cleanup)[0]} within {d.cleanup_deadline_s} s; "
+                    "the others may keep it",
+                    now,
+                )
+            delete(api_client, DAEMONSETS, d.cache_namespace, cleanup["metadata"]["name"])
+        else:
+            left += 1
+    return left == 0
 
-    def handle(_kind: str, pod: Obj) -> None:
-        meta = pod.get("metadata") or {}
-        model = (meta.get("annotations") or {}).get(ANNOTATION_MODEL)
-        if model:
-            queue.add((str(meta.get("namespace") or ""), str(model)))
+
+def _release_cache(
+    api_client: ApiClient,
+    model: Obj,
+    field_manager: str,
+    d: ModelDefaults,
+    now: datetime.datetime | None,
+) -> None:
+    """A deleted model: retire its cache DaemonSet, wait for the cleanup, drop the finalizer."""
+    live = rest.get_or_none(api_client, DAEMONSETS, d.cache_namespace, cache_daemonset_name(model))
+    if live is not None and owner_key(live) == _key(model):
+        _retire(api_client, model, live, field_manager, d)
+    if not _cleanups_finished(api_client, model, d, now or datetime.datetime.now(datetime.UTC)):
+        raise TemporaryError("waiting for the node copies to be deleted", delay_s=CLEANUP_WAIT_S)
+    remove_finalizer(api_client, MODELS, model, NODE_CACHE_FINALIZER)
+
+
+def _enqueue_by_annotations(queue: WorkQueue) -> Handler:
+    """Objects of the cache namespace name their model by annotations: map them back."""
+
+    def handle(_kind: str, obj: Obj) -> None:
+        key = owner_key(obj)
+        if key is not None:
+            queue.add(key)
 
     return handle
 
@@ -388,19 +567,33 @@ def model_controller(
     """
     work = queue if queue is not None else WorkQueue()
     options = dict(informer_options or {})
+    cache_namespace = (defaults or ModelDefaults()).cache_namespace
     informer = Informer(api_client, MODELS, namespace, **options)
     owned: Sequence[Informer] = [
         watch_owned(api_client, child, work, MODEL_API_VERSION, MODEL_KIND, namespace, **options)
-        for child in (PVCS, JOBS, DAEMONSETS)
+        for child in (PVCS, JOBS, DEPLOYMENTS)
     ]
     pods = Informer(
-        api_client, PODS, namespace, **{**options, "label_selector": CACHE_PODS_SELECTOR}
+        api_client, PODS, cache_namespace, **{**options, "label_selector": CACHE_PODS_SELECTOR}
     )
-    pods.add_handler(_enqueue_cache_pod(work))
+    pods.add_handler(_enqueue_by_annotations(work))
+    daemonsets = Informer(
+        api_client,
+        DAEMONSETS,
+        cache_namespace,
+        **{**options, "label_selector": CACHE_OBJECTS_SELECTOR},
+    )
+    daemonsets.add_handler(_enqueue_by_annotations(work))
 
     def reconcile(key: Key) -> None:
         reconcile_model(api_client, key, field_manager=field_manager, defaults=defaults)
 
     return Controller(
-        "arksmodel", informer, reconcile, workers, queue=work, owned=[*owned, pods], leader=leader
+        "arksmodel",
+        informer,
+        reconcile,
+        workers,
+        queue=work,
+        owned=[*owned, pods, daemonsets],
+        leader=leader,
     )

@@ -244,6 +244,22 @@ def availability(
 
 
 Render = Callable[[Obj, Obj], list[dict[str, Any]]]
+CheckArgs = Callable[[Obj], list[str]]
+
+
+def report_args(
+    api_client: ApiClient, obj: Mapping[str, Any], status: StatusWriter, problems: Sequence[str]
+) -> None:
+    """EngineArgsAccepted from the flag check: False (and a Warning) names the unknown flags."""
+    if problems:
+        message = "; ".join(problems)
+        status.condition("EngineArgsAccepted", "False", "UnknownFlags", message)
+        if status.changed("EngineArgsAccepted"):
+            record(api_client, obj, "Warning", "UnknownEngineFlags", message)
+    else:
+        status.condition(
+            "EngineArgsAccepted", "True", "Accepted", "every flag is in the engine's flag table"
+        )
 
 
 @dataclass
@@ -264,6 +280,7 @@ def render_and_apply(
     render: Render,
     field_manager: str,
     now: datetime.datetime | None,
+    check_args: CheckArgs | None = None,
 ) -> Applied | None:
     """The steps every engine application shares: read it, wait for its model, render (a spec
     that cannot run is recorded and raised as PermanentError), apply the children it owns.
@@ -281,6 +298,8 @@ def render_and_apply(
     except PermanentError as e:
         render_failed(api_client, obj, status, e)
         raise
+    if check_args is not None:
+        report_args(api_client, obj, status, check_args(obj))
     status.condition("Rendered", "True", "Rendered", f"{len(objects)} objects applied")
     owner_label = (LABEL_APPLICATION, str(obj["metadata"]["name"]))
     autoscalers = {kind: KIND_RESOURCES[kind] for kind in AUTOSCALER_KINDS}

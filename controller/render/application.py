@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from controller.render.autoscaling import autoscaler
-from controller.render.engines import engine_for, router_command
+from controller.render.engines import args_problems, engine_for, router_command
 from controller.render.workload import (
     EngineGroup,
     RenderDefaults,
@@ -75,3 +75,9 @@ def render_application(
         meta = object_meta(name, namespace, base_labels(name, spec), spec)
         objects.append(autoscaler(spec, meta, workload, d.prometheus_url))
     return objects
+
+
+def application_args_problems(app: Mapping[str, Any]) -> list[str]:
+    """Flags in `spec.runtimeCommonArgs` the engine's flag table does not list (reported in the
+    status; the workload is rendered anyway: a newer engine may know them)."""
+    return args_problems(app["spec"])

@@ -26,8 +26,11 @@ from typing import Any
 from controller.render.engines import (
     DisaggregationMode,
     UnsupportedApplication,
+    args_problems,
     engine_for,
+    router_args_problems,
     router_command,
+    shared_pd_flags,
 )
 from controller.render.workload import (
     EngineGroup,
@@ -138,14 +141,17 @@ def render_disaggregated(
     if engine.disaggregation is None or router_table is None:
         raise UnsupportedApplication(f"runtime {engine.runtime} has no disaggregated mode")
 
+    specs = {mode: group_spec(dapp, mode) for mode in MODES}
+    pd_flags = shared_pd_flags(engine, specs["prefill"], specs["decode"])
     groups = {
         mode: EngineGroup(
             f"{name}-{mode}",
             namespace,
             name,
-            group_spec(dapp, mode),
+            specs[mode],
             component=mode,
             disaggregation=mode,
+            pd_flags=pd_flags,
         )
         for mode in MODES
     }
@@ -196,3 +202,18 @@ def render_disaggregated(
         public,
         *rbac,
     ]
+
+
+def disaggregated_args_problems(dapp: Mapping[str, Any]) -> list[str]:
+    """Flags in the groups' `runtimeCommonArgs` and the router's `args` their programs' flag
+    tables do not list (reported in the status; rendered anyway)."""
+    problems = [
+        p
+        for mode in MODES
+        for p in args_problems(group_spec(dapp, mode), f"{mode}.runtimeCommonArgs")
+    ]
+    router_table = engine_for(_top_spec(dapp)).pd_router
+    args = (_top_spec(dapp).get("router") or {}).get("args") or ()
+    if router_table is not None:
+        problems += router_args_problems(router_table, args, "router.args")
+    return problems

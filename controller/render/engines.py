@@ -25,6 +25,12 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from arks.adapters.kube.errors import PermanentError
+from controller.render.engine_flags import (
+    describe,
+    tables_for_image,
+    translate_args,
+    unknown_flags,
+)
 
 Role = Literal["single", "leader", "worker"]
 DisaggregationMode = Literal["prefill", "decode"]
@@ -58,7 +64,8 @@ class Disaggregation:
     """How an engine runs as the prefill or the decode half of a disaggregated pair."""
 
     mode_flag: str  # followed by "prefill" or "decode"
-    # (flag, value) pairs added unless the user's args already give the flag.
+    # (flag, value) pairs added unless the user's args already give the flag; both halves of a
+    # pair must agree on them (`shared_pd_flags`): a value one group's args give is the other's.
     default_flags: tuple[tuple[str, str], ...] = ()
     # SGLang: prefill instances run a bootstrap server that decode instances contact for the
     # KV transfer; the router learns its port from a pod annotation.
@@ -89,6 +96,7 @@ class RouterSpec:
     watches_pods: bool = False
     # The router tokenizes, reading the files the workers registered from the model path.
     needs_model: bool = False
+    flag_table: str = ""  # its table in `engine_flags`
 
 
 @dataclass(frozen=True)
@@ -107,7 +115,8 @@ class EngineSpec:
     default_port: int
     health_path: str
     multi_node: MultiNode
-    # Used when the application names no image (the CRD promises one). Pin it in production.
+    # Used when the application names no image: pinned to a version whose flags are in
+    # `engine_flag_tables` (a moving tag would change the flags under a running spec).
     default_image: str = ""
     port_name: str = "http"  # the container port the probes use
     liveness_path: str | None = None  # None: the health path
@@ -136,13 +145,14 @@ SGLANG_ROUTER = RouterSpec(
         "{namespace}",
         "--service-discovery-port",
         "{engine_port}",
-        "--bootstrap-port-annotation",
-        "{bootstrap_annotation}",
+        # No --bootstrap-port-annotation: sglang-router has no such flag (0.1.5 to 0.3.2); it
+        # reads the `sglang.ai/bootstrap-port` annotation, which is what we set.
     ),
     prefill_selector_flag="--prefill-selector",
     decode_selector_flag="--decode-selector",
     metrics_flags=("--prometheus-host", "0.0.0.0", "--prometheus-port", "29000"),
     watches_pods=True,
+    flag_table="sglang-router",
 )
 
 DYNAMO_FRONTEND = RouterSpec(
@@ -154,12 +164,13 @@ DYNAMO_FRONTEND = RouterSpec(
     readiness_path="/health",
     liveness_path="/live",
     needs_model=True,
+    flag_table="dynamo-frontend",
     # Disaggregation needs no flag: the frontend pairs the prefill and decode workers it
     # discovers in its Dynamo namespace.
 )
 
 VLLM = EngineSpec(
-    default_image="vllm/vllm-openai:latest",
+    default_image="vllm/vllm-openai:v0.16.0",  # a version with a flag table
     runtime="vllm",
     program=("vllm", "serve"),
     model_flag=None,
@@ -180,12 +191,12 @@ VLLM = EngineSpec(
 )
 
 SGLANG = EngineSpec(
-    default_image="lmsysorg/sglang:latest",
+    default_image="lmsysorg/sglang:v0.5.9",
     runtime="sglang",
     program=("python3", "-m", "sglang.launch_server"),
     model_flag="--model-path",
     served_name_flag="--served-model-name",
-    tp_flag="--tp",
+    tp_flag="--tp-size",  # `--tp` in SGLang's docs is argparse's abbreviation of it
     pp_flag=None,
     port_flag="--port",
     host_flag="--host",
@@ -294,13 +305,80 @@ def _has_flag(args: Sequence[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
+def flag_value(args: Sequence[str], flag: str) -> str | None:
+    """The value the last `flag` in `args` gives (`--flag value` or `--flag=value`), else None."""
+    found = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            found = args[i + 1]
+        elif arg.startswith(flag + "="):
+            found = arg[len(flag) + 1 :]
+    return found
+
+
+def user_args(spec: Mapping[str, Any]) -> list[str]:
+    """The group's `runtimeCommonArgs`, with flags spelled for another engine translated."""
+    return translate_args(
+        engine_for(spec).runtime, [str(a) for a in spec.get("runtimeCommonArgs") or ()]
+    )
+
+
+def args_problems(spec: Mapping[str, Any], where: str = "runtimeCommonArgs") -> list[str]:
+    """What is wrong with the user's engine flags of an ArksApplication-shaped `spec`: the flags
+    (after translation) that its engine's flag table for the image does not list."""
+    engine = engine_for(spec)
+    candidates = tables_for_image(engine.runtime, str(spec.get("image") or engine.default_image))
+    unknown = unknown_flags(user_args(spec), candidates)
+    if not unknown:
+        return []
+    return [f"{where}: {', '.join(unknown)} not accepted by {describe(candidates)}"]
+
+
+def router_args_problems(router: RouterSpec, args: Sequence[str], where: str) -> list[str]:
+    """The same for the extra args of a router (the SGLang router, the Dynamo frontend)."""
+    candidates = tables_for_image(router.flag_table, "")
+    unknown = unknown_flags([str(a) for a in args], candidates)
+    if not unknown:
+        return []
+    return [f"{where}: {', '.join(unknown)} not accepted by {describe(candidates)}"]
+
+
+def shared_pd_flags(
+    engine: EngineSpec, prefill: Mapping[str, Any], decode: Mapping[str, Any]
+) -> tuple[tuple[str, str], ...]:
+    """The disaggregation defaults both halves of a pair use: the engine's, unless one group's
+    args give another value (then both use it); two different values cannot transfer KV."""
+    pd = engine.disaggregation
+    if pd is None:
+        return ()
+    shared = []
+    for flag, default in pd.default_flags:
+        given = {
+            mode: v
+            for mode, spec in (("prefill", prefill), ("decode", decode))
+            if (v := flag_value(user_args(spec), flag)) is not None
+        }
+        if len(set(given.values())) > 1:
+            raise UnsupportedApplication(
+                f"prefill and decode must use the same {flag}: prefill gives "
+                f"{given['prefill']!r}, decode {given['decode']!r}"
+            )
+        shared.append((flag, next(iter(given.values()), default)))
+    return tuple(shared)
+
+
 def engine_command(
-    app: Mapping[str, Any], role: Role, *, disaggregation: DisaggregationMode | None = None
+    app: Mapping[str, Any],
+    role: Role,
+    *,
+    disaggregation: DisaggregationMode | None = None,
+    pd_flags: Sequence[tuple[str, str]] | None = None,
 ) -> list[str]:
     """The container command for `role` in the workload rendered from ArksApplication `app`.
 
     `disaggregation` makes it the prefill or decode half of a disaggregated pair (`app` is
-    then the group's spec in ArksApplication shape).
+    then the group's spec in ArksApplication shape); `pd_flags` are the pair's shared
+    defaults (`shared_pd_flags`; the engine's own when None).
     """
     spec = app["spec"]
     engine = engine_for(spec)
@@ -330,7 +408,7 @@ def engine_command(
             worker = f"until {worker}; do sleep {multi.worker_retry_s}; done"
         return ["sh", "-c", worker]
 
-    user_args = [str(a) for a in spec.get("runtimeCommonArgs") or ()]
+    args = user_args(spec)
     argv = list(engine.program)
     argv += [engine.model_flag, MODEL_DIR] if engine.model_flag else [MODEL_DIR]
     argv += [engine.served_name_flag, served_model_name(spec)]
@@ -346,12 +424,12 @@ def engine_command(
         argv += _fill(multi.engine_flags, values)
     if disaggregation is not None and pd is not None:
         argv += [pd.mode_flag, disaggregation]
-        for flag, value in pd.default_flags:
-            if not _has_flag(user_args, flag):
+        for flag, value in pd.default_flags if pd_flags is None else pd_flags:
+            if not _has_flag(args, flag):
                 argv += [flag, value]
         if disaggregation == "prefill" and pd.bootstrap_port_flag is not None:
             argv += [pd.bootstrap_port_flag, str(pd.bootstrap_port)]
-    argv += user_args
+    argv += args
 
     if role == "leader" and multi.leader_prelude:
         prelude = shlex.join(_fill(multi.leader_prelude, values))
@@ -380,11 +458,7 @@ def router_command(
     if prefill_selector is not None and decode_selector is not None and router.pd_flags:
         if engine is None or engine.disaggregation is None:
             raise ValueError("prefill/decode routing needs an engine with a disaggregated mode")
-        values = {
-            "namespace": namespace,
-            "engine_port": engine.default_port,
-            "bootstrap_annotation": engine.disaggregation.bootstrap_port_annotation,
-        }
+        values = {"namespace": namespace, "engine_port": engine.default_port}
         argv += _fill(router.pd_flags, values)
         if router.prefill_selector_flag and router.decode_selector_flag:
             argv += [router.prefill_selector_flag, *_selector_args(prefill_selector)]

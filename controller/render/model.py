@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+import posixpath
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,23 +44,39 @@ CLAIM_MOUNT = "/models"
 
 _MAX_NAME = 63  # Job and DaemonSet names end up in label values (job-name, pod names)
 
+DEFAULT_CACHE_ROOT = "/var/lib/arks/models"
+"""The host directory node caches may use unless the operator allows others."""
+DOWNLOADER_IMAGE = "ghcr.io/arks-ai/arks:0.1.0"
+"""The Arks image (manifests/base/kustomization.yaml's tag), built with the `download` extra."""
+
 
 @dataclass(frozen=True)
 class ModelDefaults:
     """Images and limits a cluster operator may tune; one value per controller, passed in.
 
-    The Python images install the CLI at start (`pip install --user`) only when it is not
-    already on PATH: clusters without PyPI access set an image that ships it.
+    Every image already holds the CLI its Job runs: nothing is installed at run time (many
+    clusters reach no package index). The Arks image carries `hf` and `modelscope` (the
+    `download` extra); the controller's `--*-image` flags point elsewhere (a mirror, a pinned
+    tag).
     """
 
-    huggingface_image: str = "python:3.12-slim"
-    huggingface_pip: str = "huggingface_hub>=0.34"  # the `hf` CLI arrived in 0.34
+    huggingface_image: str = DOWNLOADER_IMAGE  # runs `hf download`
     huggingface_high_performance: bool = False  # HF_XET_HIGH_PERFORMANCE: all cores, more RAM
-    modelscope_image: str = "python:3.12-slim"
-    modelscope_pip: str = "modelscope"
+    modelscope_image: str = DOWNLOADER_IMAGE  # runs `modelscope download`
     s3_image: str = "amazon/aws-cli:2.22.0"
     url_image: str = "curlimages/curl:8.11.1"  # Alpine: busybox sh, tar and unzip
-    cache_image: str = "busybox:1.37"
+    # The node cache: the Arks image runs `python -m controller.cache_transfer` on both sides.
+    cache_image: str = DOWNLOADER_IMAGE
+    # Where the cache DaemonSets run: a namespace of their own that admits hostPath
+    # (pod-security enforce: privileged), apart from the tenants' and the controller's.
+    cache_namespace: str = "arks-cache"
+    cache_reserve_bytes: int = 10 * 2**30  # a copy must leave this much of the node disk free
+    # Host directories `nodeCache.path` may name (or lie under): the cache pods run privileged
+    # enough to own and delete what is there, so a tenant must not pick /etc.
+    cache_roots: tuple[str, ...] = (DEFAULT_CACHE_ROOT,)
+    # A cleanup waits this long for every node (a node that is down never confirms), then the
+    # model is let go with a Warning naming what may be left.
+    cleanup_deadline_s: int = 600
     # Attempts after the first; Kubernetes backs off 10 s, 20 s, 40 s … (capped at 6 min).
     backoff_limit: int = 4
     active_deadline_s: int = 6 * 3600  # hundreds of GB over a slow link take hours
@@ -178,8 +195,26 @@ def cache_enabled(model: Mapping[str, Any]) -> bool:
 
 def cache_root(model: Mapping[str, Any]) -> str:
     """The node directory of the namespace's cached models (the cache pods' hostPath)."""
-    path = str((model["spec"].get("nodeCache") or {}).get("path") or "/var/lib/arks/models")
+    path = str((model["spec"].get("nodeCache") or {}).get("path") or DEFAULT_CACHE_ROOT)
     return f"{path.rstrip('/') or ''}/{model['metadata']['namespace']}"
+
+
+def cache_path_problem(model: Mapping[str, Any], allowed: Sequence[str]) -> str | None:
+    """Why `nodeCache.path` may not be used (None when it may): it must be one of the
+    operator's `allowed` roots or lie under one, with no `..` or `.` in it."""
+    path = str((model["spec"].get("nodeCache") or {}).get("path") or DEFAULT_CACHE_ROOT)
+    parts = path.split("/")
+    if not path.startswith("/") or ".." in parts or "." in parts:
+        return f"nodeCache.path {path!r} must be an absolute path without '.' or '..'"
+    normal = posixpath.normpath(path)
+    for root in allowed:
+        base = posixpath.normpath(root)
+        if normal == base or normal.startswith(base.rstrip("/") + "/"):
+            return None
+    return (
+        f"nodeCache.path {path!r} is not under a host directory the cluster allows for model "
+        f"caches ({', '.join(allowed) or 'none'}; the controller's --cache-root)"
+    )
 
 
 def cache_host_path(model: Mapping[str, Any]) -> str:
@@ -248,6 +283,7 @@ def model_volume(
     *,
     volume_name: str = "model",
     allow_node_local: bool = True,
+    cache_roots: Sequence[str] = (DEFAULT_CACHE_ROOT,),
 ) -> ModelVolume:
     """What an engine pod mounts for `model`, given the pod's own nodeSelector.
 
@@ -261,7 +297,8 @@ def model_volume(
     frontends) pass `allow_node_local=False` and always read the claim.
     """
     own = {str(k): str(v) for k, v in (pod_node_selector or {}).items()}
-    cache = cache_node_selector(model) if allow_node_local and cache_enabled(model) else {}
+    usable = cache_enabled(model) and cache_path_problem(model, cache_roots) is None
+    cache = cache_node_selector(model) if allow_node_local and usable else {}
     compatible = all(own.get(k, v) == v for k, v in cache.items())
     if cache and compatible:
         return ModelVolume(

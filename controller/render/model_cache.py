@@ -1,26 +1,52 @@
-"""Render the DaemonSet that keeps an ArksModel on its nodes, and read which nodes are warm.
+"""Render what keeps an ArksModel on its nodes, and read how far it got. Pure.
 
-With `nodeCache.enabled`, a DaemonSet copies the model from its claim to
-`<path>/<namespace>/<model>` (`cache_host_path`) on the selected nodes, with the download's
-marker discipline: it copies into a hidden directory, writes `.arks-complete` (holding the
-source id) last and renames the directory into place. Its pods are Ready only once the copy is
-complete, so the warm nodes are the nodes of its Ready pods (`warm_nodes`). Where the copy lives
-and when engines use it are the model's facts (`controller.render.model`). Pure.
+With `nodeCache.enabled` the model is copied to `<path>/<namespace>/<model>`
+(`cache_host_path`) on the selected nodes. A hostPath volume needs a namespace whose Pod
+Security admits it, so the copying runs apart from the tenant, in the cache namespace
+(`ModelDefaults.cache_namespace`), which cannot mount the tenant's claim. Hence two halves:
+
+- in the model's namespace, owned by the model: the cache source, a Deployment serving the
+  claim read-only over HTTP (`controller.cache_transfer serve`), its Service, and a
+  NetworkPolicy letting only the cache namespace reach it;
+- in the cache namespace, named after the model's namespace and name and labelled with them
+  (an owner reference cannot cross namespaces): the cache DaemonSet. Its init containers make
+  the host directory the copier's (root, CAP_CHOWN only), then copy as a non-root user
+  (`cache_transfer fetch`: free disk checked first, marker written last, renamed into place);
+  its pods are Ready only once the copy is complete, so the warm nodes are the nodes of its
+  Ready pods (`warm_nodes`);
+- when the cache is turned off, moved or the model deleted: a cleanup DaemonSet on the same
+  nodes deletes the host copy (`cache_transfer remove`); it is done when all its pods are Ready
+  (`cleanup_done`), then the reconciler deletes it and releases the model's finalizer.
 """
 
 from __future__ import annotations
 
-import shlex
+import datetime
+import hashlib
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from arks.wire import ANNOTATION_MODEL, LABEL_COMPONENT, LABEL_MODEL, label_value
+from arks.wire import (
+    ANNOTATION_CACHE_ROOT,
+    ANNOTATION_MODEL,
+    ANNOTATION_MODEL_NAMESPACE,
+    ANNOTATION_SOURCE_ID,
+    LABEL_COMPONENT,
+    LABEL_MANAGED_BY,
+    LABEL_MODEL,
+    LABEL_MODEL_NAMESPACE,
+    LABEL_NAME,
+    MANAGED_BY,
+    label_value,
+)
 from controller.render.model import (
     CLAIM_MOUNT,
     MARKER,
     ModelDefaults,
     cache_enabled,
     cache_node_selector,
+    cache_path_problem,
     cache_root,
     child_name,
     claim_name,
@@ -33,144 +59,397 @@ from controller.render.model import (
 )
 
 COMPONENT_CACHE = "model-cache"
+COMPONENT_CLEANUP = "model-cache-cleanup"
+COMPONENT_SOURCE = "model-cache-source"
+SOURCE_PORT = 8080
+EXIT_NO_SPACE = 2  # controller.cache_transfer.EXIT_NO_SPACE
 
+LABEL_CACHE_ROOT = "arks.ai/cache-root-digest"
 _CACHE_MOUNT = "/cache"
+_TRANSFER = ("python", "-m", "controller.cache_transfer")
+
+
+# --- names and selectors ------------------------------------------------------------------------
+
+
+def _ns_name(model: Mapping[str, Any]) -> tuple[str, str]:
+    return str(model["metadata"]["namespace"]), str(model["metadata"]["name"])
+
+
+def cache_object_name(model: Mapping[str, Any], suffix: str = "cache") -> str:
+    """A name in the cache namespace, unique per model namespace and name (a hash tells
+    `a-b/c` from `a/b-c`)."""
+    namespace, name = _ns_name(model)
+    digest = hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:6]
+    return child_name(f"{namespace}-{name}-{digest}", suffix)
 
 
 def cache_daemonset_name(model: Mapping[str, Any]) -> str:
-    return child_name(str(model["metadata"]["name"]), "cache")
+    return cache_object_name(model, "cache")
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:6]
+
+
+def cleanup_daemonset_name(model: Mapping[str, Any], root: str) -> str:
+    """One per host directory being emptied (the cache may have moved more than once)."""
+    return cache_object_name(model, f"clean-{_digest(root)}")
+
+
+def source_name(model: Mapping[str, Any]) -> str:
+    """The cache source's Deployment, Service and NetworkPolicy name. A Service name is a
+    DNS-1035 label (a letter first, no dots), a model name a DNS subdomain (`qwen2.5-7b`): such
+    a name is made a label, with a hash so `a.b` and `a-b` stay apart."""
+    name = _ns_name(model)[1]
+    label = re.sub(r"[^a-z0-9-]", "-", name)
+    if not label[:1].isalpha():
+        label = "m-" + label
+    if label != name:
+        label = f"{label}-{_digest(name)}"
+    return child_name(label, "cache-source")
+
+
+def cache_labels(model: Mapping[str, Any], component: str) -> dict[str, str]:
+    """Labels of the model's objects in the cache namespace (they say whose they are)."""
+    namespace, name = _ns_name(model)
+    return {
+        LABEL_NAME: f"arks-{component}",
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_MODEL_NAMESPACE: label_value(namespace),
+        LABEL_MODEL: label_value(name),
+        LABEL_COMPONENT: component,
+    }
 
 
 def cache_pod_labels(model: Mapping[str, Any]) -> dict[str, str]:
     """The labels of the cache DaemonSet's pods (its selector is a subset of them)."""
-    return model_labels(model, COMPONENT_CACHE)
+    return cache_labels(model, COMPONENT_CACHE)
 
 
-def cache_pod_selector(model: Mapping[str, Any]) -> str:
-    """A label selector for the cache pods of this model (to list warm nodes)."""
-    return f"{LABEL_COMPONENT}={COMPONENT_CACHE},{LABEL_MODEL}={label_value(str(model['metadata']['name']))}"
+def model_selector(model: Mapping[str, Any], component: str) -> str:
+    """A label selector for the model's objects of `component` in the cache namespace."""
+    labels = cache_labels(model, component)
+    keys = (LABEL_MANAGED_BY, LABEL_MODEL_NAMESPACE, LABEL_MODEL, LABEL_COMPONENT)
+    return ",".join(f"{k}={labels[k]}" for k in keys)
 
 
 CACHE_PODS_SELECTOR = f"{LABEL_COMPONENT}={COMPONENT_CACHE}"
 """A label selector for the cache pods of every model (for a pod informer)."""
+CACHE_OBJECTS_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_MODEL_NAMESPACE}"
+"""The cache and cleanup DaemonSets of every model in the cache namespace (for an informer)."""
 
 
-def _copy_script(model: Mapping[str, Any]) -> str:
-    q = shlex.quote
-    name = str(model["metadata"]["name"])
-    lines = [
-        "set -eu",
-        f"id={q(source_id(model))}",
-        f"target={q(_CACHE_MOUNT + '/' + name)}",
-        f"partial={q(_CACHE_MOUNT + '/.' + name + '.partial')}",
-        f'if [ -f "$target/{MARKER}" ] && [ "$(cat "$target/{MARKER}")" = "$id" ]; then',
-        '  echo "arks: $target already holds source $id"; exit 0',
-        "fi",
-    ]
-    if not is_adopted(model):  # a downloaded model is complete only with its marker
-        lines.append(
-            f'[ -f {CLAIM_MOUNT}/{MARKER} ] || {{ echo "arks: the claim has no complete model"; exit 1; }}'
-        )
-    lines += [
-        'rm -rf "$partial"',
-        'mkdir -p "$partial"',
-        f'cp -R {CLAIM_MOUNT}/. "$partial/"',
-        f'printf \'%s\\n\' "$id" > "$partial/{MARKER}"',
-        'rm -rf "$target"',
-        'mv "$partial" "$target"',
-        'echo "arks: source $id is cached in $target"',
-    ]
-    return "\n".join(lines) + "\n"
+def owner_key(obj: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(namespace, name) of the model an object of the cache namespace is for."""
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    namespace, name = annotations.get(ANNOTATION_MODEL_NAMESPACE), annotations.get(ANNOTATION_MODEL)
+    return (str(namespace), str(name)) if namespace and name else None
 
 
-def render_cache_daemonset(
+def _cache_meta(
+    model: Mapping[str, Any], name: str, component: str, namespace: str, root: str
+) -> dict[str, Any]:
+    model_ns, model_name = _ns_name(model)
+    return {
+        "name": name,
+        "namespace": namespace,
+        "labels": cache_labels(model, component),
+        "annotations": {
+            ANNOTATION_MODEL_NAMESPACE: model_ns,
+            ANNOTATION_MODEL: model_name,
+            ANNOTATION_SOURCE_ID: source_id(model),
+            ANNOTATION_CACHE_ROOT: root,
+        },
+    }
+
+
+def cache_usable(model: Mapping[str, Any], d: ModelDefaults) -> bool:
+    return cache_enabled(model) and cache_path_problem(model, d.cache_roots) is None
+
+
+# --- the source, in the model's namespace -------------------------------------------------------
+
+
+def source_url(model: Mapping[str, Any]) -> str:
+    return f"http://{source_name(model)}.{_ns_name(model)[0]}.svc:{SOURCE_PORT}"
+
+
+def _restricted_pod(run_as: int) -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": run_as,
+        "runAsGroup": run_as,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def render_cache_source(
     model: Mapping[str, Any], defaults: ModelDefaults | None = None
-) -> dict[str, Any] | None:
-    """The DaemonSet preloading the model on the cache nodes, or None when the cache is off.
-
-    The init container copies from the claim (read-only) to the host directory; the main
-    container only idles, Ready when the marker is there. On explicitly selected nodes the pods
-    tolerate every taint, like node agents: an engine pod sent there by `model_volume` must find
-    the cache. Files stay on the nodes after the model is deleted (remove them by hand).
-    """
-    if not cache_enabled(model):
-        return None
+) -> list[dict[str, Any]]:
+    """The Deployment serving the claim to the cache pods, its Service and NetworkPolicy
+    (nothing when the cache is off). Pod Security restricted: non-root, read-only."""
     d = defaults or ModelDefaults()
-    name = str(model["metadata"]["name"])
-    meta = model_meta(model, cache_daemonset_name(model), COMPONENT_CACHE)
-    labels = cache_pod_labels(model)
-    selector = {LABEL_COMPONENT: labels[LABEL_COMPONENT], LABEL_MODEL: labels[LABEL_MODEL]}
+    if not cache_usable(model, d):
+        return []
+    name = source_name(model)
+    labels = model_labels(model, COMPONENT_SOURCE)
+    selector = {LABEL_COMPONENT: COMPONENT_SOURCE, LABEL_MODEL: labels[LABEL_MODEL]}
     claim_mount: dict[str, Any] = {"name": "model", "mountPath": CLAIM_MOUNT, "readOnly": True}
     if model_sub_path(model):
         claim_mount["subPath"] = model_sub_path(model)
-    pod: dict[str, Any] = {
-        # Root in the copy only: kubelet creates the host directory owned by root.
-        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
-        "initContainers": [
-            {
-                "name": "copy",
-                "image": d.cache_image,
-                "command": ["sh", "-c", _copy_script(model)],
-                "resources": {
-                    "requests": {"cpu": "100m", "memory": "64Mi"},
-                    "limits": {"memory": "256Mi"},
-                },
-                "securityContext": container_security(
-                    readOnlyRootFilesystem=True, runAsUser=0, runAsNonRoot=False
-                ),
-                "volumeMounts": [claim_mount, {"name": "cache", "mountPath": _CACHE_MOUNT}],
-            }
-        ],
-        "containers": [
-            {
-                "name": "hold",
-                "image": d.cache_image,
-                "command": [
-                    "sh",
-                    "-c",
-                    "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done",
-                ],
-                "readinessProbe": {
-                    "exec": {"command": ["test", "-f", f"{_CACHE_MOUNT}/{name}/{MARKER}"]},
-                    "periodSeconds": 10,
-                },
-                "resources": {
-                    "requests": {"cpu": "1m", "memory": "8Mi"},
-                    "limits": {"memory": "16Mi"},
-                },
-                "securityContext": container_security(
-                    readOnlyRootFilesystem=True, runAsUser=65534, runAsNonRoot=True
-                ),
-                "volumeMounts": [{"name": "cache", "mountPath": _CACHE_MOUNT, "readOnly": True}],
-            }
-        ],
-        "volumes": [
-            {
-                "name": "model",
-                "persistentVolumeClaim": {"claimName": claim_name(model), "readOnly": True},
-            },
-            {
-                "name": "cache",
-                "hostPath": {"path": cache_root(model), "type": "DirectoryOrCreate"},
-            },
-        ],
+    container = {
+        "name": "serve",
+        "image": d.cache_image,
+        "command": [*_TRANSFER, "serve", "--root", CLAIM_MOUNT, "--port", str(SOURCE_PORT)],
+        "ports": [{"name": "http", "containerPort": SOURCE_PORT, "protocol": "TCP"}],
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
+        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
+        "securityContext": container_security(readOnlyRootFilesystem=True),
+        "volumeMounts": [claim_mount],
     }
-    node_selector = cache_node_selector(model)
-    if node_selector:
-        pod["nodeSelector"] = node_selector
-        pod["tolerations"] = [{"operator": "Exists"}]
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": model_meta(model, name, COMPONENT_SOURCE),
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "securityContext": _restricted_pod(d.run_as_user),
+                    "containers": [container],
+                    "volumes": [
+                        {
+                            "name": "model",
+                            "persistentVolumeClaim": {
+                                "claimName": claim_name(model),
+                                "readOnly": True,
+                            },
+                        }
+                    ],
+                },
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": model_meta(model, name, COMPONENT_SOURCE),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector,
+            "ports": [
+                {"name": "http", "port": SOURCE_PORT, "targetPort": "http", "protocol": "TCP"}
+            ],
+        },
+    }
+    policy = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": model_meta(model, name, COMPONENT_SOURCE),
+        "spec": {
+            "podSelector": {"matchLabels": selector},
+            "policyTypes": ["Ingress"],
+            # The model's files go to the cache pods, nobody else.
+            "ingress": [
+                {
+                    "from": [
+                        {
+                            "namespaceSelector": {
+                                "matchLabels": {"kubernetes.io/metadata.name": d.cache_namespace}
+                            },
+                            "podSelector": {"matchLabels": {LABEL_COMPONENT: COMPONENT_CACHE}},
+                        }
+                    ],
+                    "ports": [{"port": SOURCE_PORT, "protocol": "TCP"}],
+                }
+            ],
+        },
+    }
+    return [deployment, service, policy]
+
+
+# --- the DaemonSets, in the cache namespace -----------------------------------------------------
+
+
+def _host_volume(root: str) -> dict[str, Any]:
+    return {"name": "cache", "hostPath": {"path": root, "type": "DirectoryOrCreate"}}
+
+
+def _scheduling(node_selector: Mapping[str, str]) -> dict[str, Any]:
+    # On explicitly selected nodes the pods tolerate every taint, like node agents: an engine
+    # pod sent there by `model_volume` must find the cache.
+    if not node_selector:
+        return {}
+    return {"nodeSelector": dict(node_selector), "tolerations": [{"operator": "Exists"}]}
+
+
+def _hold(readiness: list[str] | None) -> dict[str, Any]:
+    container: dict[str, Any] = {
+        "name": "hold",
+        "image": "",  # filled by the caller
+        "command": ["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done"],
+        "resources": {"requests": {"cpu": "1m", "memory": "8Mi"}, "limits": {"memory": "16Mi"}},
+        "securityContext": container_security(
+            readOnlyRootFilesystem=True, runAsUser=65534, runAsNonRoot=True
+        ),
+        "volumeMounts": [{"name": "cache", "mountPath": _CACHE_MOUNT, "readOnly": True}],
+    }
+    if readiness:
+        container["readinessProbe"] = {"exec": {"command": readiness}, "periodSeconds": 10}
+    return container
+
+
+def _daemonset(
+    meta: dict[str, Any], node_selector: Mapping[str, str], pod: dict[str, Any]
+) -> dict[str, Any]:
+    labels = meta["labels"]
+    keys = [
+        k
+        for k in (LABEL_MODEL_NAMESPACE, LABEL_MODEL, LABEL_COMPONENT, LABEL_CACHE_ROOT)
+        if k in labels
+    ]
     return {
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",
         "metadata": meta,
         "spec": {
-            "selector": {"matchLabels": selector},
+            "selector": {"matchLabels": {k: labels[k] for k in keys}},
             "template": {
-                "metadata": {"labels": labels, "annotations": {ANNOTATION_MODEL: name}},
-                "spec": pod,
+                "metadata": {"labels": dict(labels), "annotations": dict(meta["annotations"])},
+                "spec": {
+                    "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+                    **pod,
+                    **_scheduling(node_selector),
+                },
             },
         },
     }
+
+
+def render_cache_daemonset(
+    model: Mapping[str, Any], defaults: ModelDefaults | None = None
+) -> dict[str, Any] | None:
+    """The DaemonSet copying the model to the cache nodes, or None when the cache is off (or
+    its path is not one the cluster allows)."""
+    d = defaults or ModelDefaults()
+    if not cache_usable(model, d):
+        return None
+    name = str(model["metadata"]["name"])
+    root = cache_root(model)
+    meta = _cache_meta(model, cache_daemonset_name(model), COMPONENT_CACHE, d.cache_namespace, root)
+    uid = str(d.run_as_user)
+    fetch = [*_TRANSFER, "fetch", "--source", source_url(model), "--root", _CACHE_MOUNT]
+    fetch += [
+        "--name",
+        name,
+        "--id",
+        source_id(model),
+        "--reserve-bytes",
+        str(d.cache_reserve_bytes),
+    ]
+    if not is_adopted(model):  # a downloaded model is complete only with its marker
+        fetch.append("--require-marker")
+    mount = [{"name": "cache", "mountPath": _CACHE_MOUNT}]
+    hold = _hold(["test", "-f", f"{_CACHE_MOUNT}/{name}/{MARKER}"])
+    hold["image"] = d.cache_image
+    pod = {
+        "initContainers": [
+            {
+                # kubelet creates the host directory owned by root: hand it to the copier, with
+                # the one capability that takes.
+                "name": "own",
+                "image": d.cache_image,
+                "command": ["chown", f"{uid}:{uid}", _CACHE_MOUNT],
+                "resources": {
+                    "requests": {"cpu": "10m", "memory": "16Mi"},
+                    "limits": {"memory": "32Mi"},
+                },
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]},
+                    "readOnlyRootFilesystem": True,
+                    "runAsUser": 0,
+                    "runAsNonRoot": False,
+                },
+                "volumeMounts": mount,
+            },
+            {
+                "name": "copy",
+                "image": d.cache_image,
+                "command": fetch,
+                "resources": {
+                    "requests": {"cpu": "100m", "memory": "128Mi"},
+                    "limits": {"memory": "512Mi"},
+                },
+                "securityContext": container_security(
+                    readOnlyRootFilesystem=True,
+                    runAsUser=d.run_as_user,
+                    runAsGroup=d.run_as_user,
+                    runAsNonRoot=True,
+                ),
+                # The reconciler reads why a copy failed (no disk) from the pod status.
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "volumeMounts": mount,
+            },
+        ],
+        "containers": [hold],
+        "volumes": [_host_volume(root)],
+    }
+    return _daemonset(meta, cache_node_selector(model), pod)
+
+
+def render_cleanup_daemonset(
+    model: Mapping[str, Any],
+    root: str,
+    node_selector: Mapping[str, str],
+    defaults: ModelDefaults | None = None,
+) -> dict[str, Any]:
+    """A DaemonSet deleting the model's copy under host directory `root` on the nodes
+    `node_selector` picks (those the cache DaemonSet being retired ran on)."""
+    d = defaults or ModelDefaults()
+    name = str(model["metadata"]["name"])
+    meta = _cache_meta(
+        model, cleanup_daemonset_name(model, root), COMPONENT_CLEANUP, d.cache_namespace, root
+    )
+    # Two cleanups of one model (the cache moved twice) must not select each other's pods.
+    meta["labels"][LABEL_CACHE_ROOT] = _digest(root)
+    hold = _hold(None)
+    hold["image"] = d.cache_image
+    pod = {
+        "initContainers": [
+            {
+                "name": "remove",
+                "image": d.cache_image,
+                "command": [*_TRANSFER, "remove", "--root", _CACHE_MOUNT, "--name", name],
+                "resources": {
+                    "requests": {"cpu": "10m", "memory": "32Mi"},
+                    "limits": {"memory": "128Mi"},
+                },
+                # The copier's user owns the copy.
+                "securityContext": container_security(
+                    readOnlyRootFilesystem=True,
+                    runAsUser=d.run_as_user,
+                    runAsGroup=d.run_as_user,
+                    runAsNonRoot=True,
+                ),
+                "volumeMounts": [{"name": "cache", "mountPath": _CACHE_MOUNT}],
+            }
+        ],
+        "containers": [hold],
+        "volumes": [_host_volume(root)],
+    }
+    return _daemonset(meta, node_selector, pod)
+
+
+# --- reading what happened ----------------------------------------------------------------------
+
+
+def _ready(pod: Mapping[str, Any]) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
 def warm_nodes(pods: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -180,8 +459,54 @@ def warm_nodes(pods: Sequence[Mapping[str, Any]]) -> list[str]:
         if (pod.get("metadata") or {}).get("deletionTimestamp"):
             continue
         node = (pod.get("spec") or {}).get("nodeName")
-        conditions = (pod.get("status") or {}).get("conditions") or []
-        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
-        if node and ready:
+        if node and _ready(pod):
             nodes.add(str(node))
     return sorted(nodes)
+
+
+def copy_failures(pods: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, str]]:
+    """(node, reason, message) of cache pods whose copy failed last time: "NoDiskSpace" when
+    the node lacks room (the copier's exit code 2), else "CopyFailed"."""
+    failures = []
+    for pod in pods:
+        node = str((pod.get("spec") or {}).get("nodeName") or "?")
+        for status in (pod.get("status") or {}).get("initContainerStatuses") or []:
+            if status.get("name") != "copy":
+                continue
+            state = status.get("state") or {}
+            last = state.get("terminated") or (status.get("lastState") or {}).get("terminated")
+            if not last or int(last.get("exitCode") or 0) == 0:
+                continue
+            reason = "NoDiskSpace" if int(last["exitCode"]) == EXIT_NO_SPACE else "CopyFailed"
+            message = str(last.get("message") or last.get("reason") or "the copy failed").strip()
+            failures.append((node, reason, message))
+    return sorted(failures)
+
+
+def cleanup_done(daemonset: Mapping[str, Any]) -> bool:
+    """True once every pod of cleanup DaemonSet `daemonset` has removed the copy (is Ready)."""
+    status = daemonset.get("status") or {}
+    generation = (daemonset.get("metadata") or {}).get("generation")
+    if status.get("desiredNumberScheduled") is None:
+        return False
+    if generation is not None and int(status.get("observedGeneration") or 0) < int(generation):
+        return False
+    return int(status.get("numberReady") or 0) >= int(status["desiredNumberScheduled"])
+
+
+def cleanup_expired(daemonset: Mapping[str, Any], now: datetime.datetime, deadline_s: int) -> bool:
+    """True when cleanup DaemonSet `daemonset` was created more than `deadline_s` ago."""
+    created = (daemonset.get("metadata") or {}).get("creationTimestamp")
+    if not created:
+        return False
+    born = datetime.datetime.fromisoformat(str(created).replace("Z", "+00:00"))
+    return (now - born).total_seconds() > deadline_s
+
+
+def retired_root(daemonset: Mapping[str, Any]) -> tuple[str, dict[str, str]]:
+    """(host directory, nodeSelector) of a live cache DaemonSet, to clean up after it."""
+    annotations = (daemonset.get("metadata") or {}).get("annotations") or {}
+    template = ((daemonset.get("spec") or {}).get("template") or {}).get("spec") or {}
+    return str(annotations.get(ANNOTATION_CACHE_ROOT) or ""), dict(
+        template.get("nodeSelector") or {}
+    )

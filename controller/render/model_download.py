@@ -36,6 +36,7 @@ from controller.render.model import (
 )
 
 COMPONENT_DOWNLOAD = "model-download"
+NO_CLI_EXIT = 127  # the shell's "command not found": the Job fails at once, no retries
 
 
 def download_job_name(model: Mapping[str, Any]) -> str:
@@ -50,8 +51,7 @@ class _Fetch:
     steps: list[list[str]]
     env: list[dict[str, Any]] = field(default_factory=list)
     env_from: list[dict[str, Any]] = field(default_factory=list)
-    pip: str = ""  # installed first unless `cli` is already on PATH
-    cli: str = ""
+    cli: str = ""  # checked on PATH first: an image without it fails the Job at once
     flatten: bool = False  # an archive with one top-level directory becomes that directory
     fresh: bool = False  # start from an empty directory (the fetch cannot resume)
 
@@ -97,7 +97,6 @@ def _fetch(model: Mapping[str, Any], d: ModelDefaults) -> _Fetch:
             d.huggingface_image,
             [[*argv, "--local-dir", out]],
             env=env,
-            pip=d.huggingface_pip,
             cli="hf",
         )
     if kind == "modelscope":
@@ -106,7 +105,6 @@ def _fetch(model: Mapping[str, Any], d: ModelDefaults) -> _Fetch:
             d.modelscope_image,
             [[*argv, "--revision", identity["revision"], "--local_dir", out]],
             env=[{"name": "MODELSCOPE_CACHE", "value": "/tmp/modelscope"}],
-            pip=d.modelscope_pip,
             cli="modelscope",
         )
     if kind == "s3":
@@ -119,7 +117,7 @@ def _fetch(model: Mapping[str, Any], d: ModelDefaults) -> _Fetch:
         if not secret:
             argv.append("--no-sign-request")  # a public bucket
         env_from = [{"secretRef": {"name": secret["name"]}}] if secret else []
-        return _Fetch(d.s3_image, [argv], env_from=env_from)
+        return _Fetch(d.s3_image, [argv], env_from=env_from, cli="aws")
     if kind == "url":
         url = identity["url"]
         name = _file_name(url)
@@ -127,7 +125,7 @@ def _fetch(model: Mapping[str, Any], d: ModelDefaults) -> _Fetch:
         curl += ["--retry", str(d.curl_retries), "--retry-all-errors"]
         unpack = next((u for u in _UNPACK if name.lower().endswith(u[0])), None)
         if unpack is None:  # a single file, e.g. a .gguf: it is the model
-            return _Fetch(d.url_image, [[*curl, "--output", f"{out}/{name}", url]])
+            return _Fetch(d.url_image, [[*curl, "--output", f"{out}/{name}", url]], cli="curl")
         archive = f"{out}.download/{name}"
         _, before, after = unpack
         return _Fetch(
@@ -140,6 +138,7 @@ def _fetch(model: Mapping[str, Any], d: ModelDefaults) -> _Fetch:
             ],
             flatten=True,
             fresh=True,
+            cli="curl",
         )
     raise ValueError(f"source {kind} is not downloaded")
 
@@ -172,12 +171,14 @@ def _download_script(model: Mapping[str, Any], fetch: _Fetch) -> str:
         *(['rm -rf "$partial" "$partial.inner"'] if fetch.fresh else []),
         'mkdir -p "$partial"',
     ]
-    if fetch.pip:
-        lines += [
-            'export PATH="$HOME/.local/bin:$PATH"',
+    if fetch.cli:
+        missing = (
+            f"arks: this image has no {fetch.cli} command; give the controller an image that has"
+        )
+        lines.append(
             f"command -v {q(fetch.cli)} >/dev/null 2>&1 || "
-            f"pip install --user --no-cache-dir --quiet {q(fetch.pip)}",
-        ]
+            f"{{ echo {q(missing)} >&2; exit {NO_CLI_EXIT}; }}"
+        )
     lines += [" ".join(q(arg) for arg in step) for step in fetch.steps]
     script = "\n".join(lines) + "\n"
     if fetch.flatten:
@@ -245,7 +246,16 @@ def render_download_job(
                     {
                         "action": "Ignore",
                         "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
-                    }
+                    },
+                    # An image without the CLI will not grow one by retrying.
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {
+                            "containerName": "download",
+                            "operator": "In",
+                            "values": [NO_CLI_EXIT],
+                        },
+                    },
                 ]
             },
             "template": {

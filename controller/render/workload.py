@@ -9,7 +9,10 @@
 - `service`, `object_meta`, `base_labels`, `selector_of`, `group_selector`: the metadata and
   selectors that tie them together.
 
-`RenderDefaults` holds what a cluster operator may tune. ArksApplication
+`instanceSpec` passes corev1 fields through to every engine pod (leader and worker templates
+alike): scheduling, image pull secrets, RuntimeClass, PriorityClass, scheduler, host network/IPC
+(RDMA) and the pod and container securityContext. `RenderDefaults` holds what a cluster operator
+may tune. ArksApplication
 (`controller.render.application`) and ArksDisaggregatedApplication
 (`controller.render.disaggregated`) compose these blocks; owner references are left to the
 reconciler.
@@ -41,12 +44,13 @@ from controller.render.engines import (
     EngineSpec,
     Role,
     RouterSpec,
+    UnsupportedApplication,
     engine_command,
     engine_for,
     parallelism,
     served_model_name,
 )
-from controller.render.model import ModelVolume, model_volume
+from controller.render.model import DEFAULT_CACHE_ROOT, ModelVolume, model_volume
 
 GPU_RESOURCE = "nvidia.com/gpu"
 LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
@@ -64,11 +68,15 @@ class RenderDefaults:
     liveness_failures: int = 4
     probe_timeout_s: int = 5
     shm_size: str = "16Gi"  # NCCL and engine workers share tensors through /dev/shm
-    # Dynamo's discovery (etcd) and event plane (NATS), as the Dynamo platform Helm chart
-    # installs them; an empty NATS address leaves NATS_SERVER unset (recent releases need
-    # NATS only for KV-aware routing events).
-    dynamo_etcd_endpoints: str = "http://dynamo-platform-etcd.dynamo-system:2379"
-    dynamo_nats_server: str = "nats://dynamo-platform-nats.dynamo-system:4222"
+    # Dynamo's discovery (etcd) and event plane (NATS): the controller's
+    # --dynamo-etcd-endpoints / --dynamo-nats-server (e.g. the dynamo-platform Helm chart's
+    # Services). Without etcd (here or ETCD_ENDPOINTS in the pod's env) a Dynamo application
+    # is refused; an empty NATS address leaves NATS_SERVER unset (recent releases need NATS
+    # only for KV-aware routing events).
+    dynamo_etcd_endpoints: str = ""
+    dynamo_nats_server: str = ""
+    # ModelDefaults.cache_roots: engines read a node-local copy only where one may be.
+    cache_roots: tuple[str, ...] = (DEFAULT_CACHE_ROOT,)
     # Where KEDA's Prometheus triggers query (`autoscaling.provider: keda`): the Service the
     # Prometheus Operator creates for a Prometheus in namespace `monitoring`.
     prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
@@ -88,6 +96,8 @@ class EngineGroup:
     # (Deployment selectors cannot change).
     component: str = ""
     disaggregation: DisaggregationMode | None = None
+    # The pair's shared disaggregation defaults (`engines.shared_pd_flags`); None: the engine's.
+    pd_flags: tuple[tuple[str, str], ...] | None = None
 
 
 def selector_of(owner: str, component: str = "") -> dict[str, str]:
@@ -126,7 +136,15 @@ def dynamo_namespace(namespace: str, owner: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "-", f"{namespace}-{owner}")
 
 
+DYNAMO_PLATFORM_MISSING = (
+    "runtime dynamo needs the Dynamo platform (etcd for discovery, NATS for KV events): start "
+    "the controller with --dynamo-etcd-endpoints (and --dynamo-nats-server)"
+)
+
+
 def _dynamo_env(namespace: str, owner: str, d: RenderDefaults) -> list[dict[str, Any]]:
+    if not d.dynamo_etcd_endpoints:  # the workers and the frontend would never find each other
+        raise UnsupportedApplication(DYNAMO_PLATFORM_MISSING)
     env = [
         {"name": "DYN_NAMESPACE", "value": dynamo_namespace(namespace, owner)},
         {"name": "ETCD_ENDPOINTS", "value": d.dynamo_etcd_endpoints},
@@ -179,16 +197,38 @@ def _probes(
     return probes
 
 
-def _scheduling(instance: Mapping[str, Any], volume: ModelVolume | None = None) -> dict[str, Any]:
-    """The pod's scheduling fields; a node-local model volume adds the cache's nodeSelector."""
-    out = {
-        key: copy.deepcopy(instance[key])
-        for key in ("nodeSelector", "tolerations", "affinity", "serviceAccountName")
-        if instance.get(key)
-    }
+# instanceSpec fields copied to the pod spec as they are (corev1 types, passed through).
+_POD_FIELDS = (
+    "nodeSelector",
+    "tolerations",
+    "affinity",
+    "serviceAccountName",
+    "runtimeClassName",
+    "priorityClassName",
+    "schedulerName",
+    "imagePullSecrets",
+    "hostNetwork",
+    "hostIPC",
+)
+
+
+def _pod_fields(instance: Mapping[str, Any], volume: ModelVolume | None = None) -> dict[str, Any]:
+    """The pod-level fields of `instance` (scheduling, identity, namespaces, security); a
+    node-local model volume adds the cache's nodeSelector."""
+    out = {key: copy.deepcopy(instance[key]) for key in _POD_FIELDS if instance.get(key)}
+    if instance.get("podSecurityContext"):
+        out["securityContext"] = copy.deepcopy(instance["podSecurityContext"])
+    if instance.get("hostNetwork"):
+        # Without it a host-network pod resolves with the node's DNS: no cluster Services.
+        out["dnsPolicy"] = "ClusterFirstWithHostNet"
     if volume is not None and volume.node_selector:
         out["nodeSelector"] = dict(volume.node_selector)
     return out
+
+
+def _container_security(instance: Mapping[str, Any]) -> dict[str, Any]:
+    security = instance.get("securityContext")
+    return {"securityContext": copy.deepcopy(security)} if security else {}
 
 
 def _template_meta(labels: Mapping[str, str], annotations: Mapping[str, str]) -> dict[str, Any]:
@@ -219,7 +259,7 @@ def _pod_template(
     spec = g.spec
     engine = engine_for(spec)
     instance: Mapping[str, Any] = spec.get("instanceSpec") or {}
-    volume = model_volume(model, instance.get("nodeSelector"))
+    volume = model_volume(model, instance.get("nodeSelector"), cache_roots=defaults.cache_roots)
     serves_http = role != "worker"
     prefill = engine.disaggregation if g.disaggregation == "prefill" else None
     bootstrap_port = prefill.bootstrap_port if prefill is not None and serves_http else 0
@@ -235,13 +275,16 @@ def _pod_template(
     container: dict[str, Any] = {
         "name": "engine",
         "image": spec.get("image") or engine.default_image,
-        "command": engine_command({"spec": spec}, role, disaggregation=g.disaggregation),
+        "command": engine_command(
+            {"spec": spec}, role, disaggregation=g.disaggregation, pd_flags=g.pd_flags
+        ),
         "resources": _resources(instance, parallelism(spec).gpus_per_pod),
         "volumeMounts": [
             volume.mount(MODEL_DIR),
             {"name": "dshm", "mountPath": "/dev/shm"},
             *copy.deepcopy(instance.get("volumeMounts") or []),
         ],
+        **_container_security(instance),
     }
     env = _merge_env(_engine_env(g, engine, defaults), instance)
     if env:
@@ -263,7 +306,7 @@ def _pod_template(
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": defaults.shm_size}},
             *copy.deepcopy(instance.get("volumes") or []),
         ],
-        **_scheduling(instance, volume),
+        **_pod_fields(instance, volume),
     }
     return {"metadata": _template_meta(labels, annotations), "spec": pod}
 
@@ -353,6 +396,7 @@ def router_deployment(
         "name": "router",
         "image": r.image or r.spec.get("image") or engine.default_image,
         "command": list(r.command),
+        **_container_security(instance),
     }
     if instance.get("resources"):
         container["resources"] = copy.deepcopy(instance["resources"])
@@ -370,7 +414,7 @@ def router_deployment(
     container.update(
         _probes("http", r.router.readiness_path, r.router.liveness_path, defaults, startup=False)
     )
-    pod: dict[str, Any] = {"containers": [container], **_scheduling(instance)}
+    pod: dict[str, Any] = {"containers": [container], **_pod_fields(instance)}
     if r.router.needs_model:
         pod["volumes"] = [volume.volume]
     if r.service_account:

@@ -28,6 +28,7 @@ from controller.reconcilers.application import application_controller, reconcile
 from controller.render import RenderDefaults
 from tests.support.kube import FAST_INFORMERS, RunningKubeEmulator, eventually, set_status
 from tests.support.kube import get_object as get
+from tests.support.objects import RENDER_DEFAULTS
 
 MODEL = "qwen2-5-7b-instruct"
 
@@ -332,7 +333,7 @@ def test_dynamo_is_available_only_once_workers_and_frontend_are_ready(
     app = create_app(
         api, ns, runtime="dynamo", image="nvcr.io/nvidia/ai-dynamo/vllm-runtime:1.0.0", replicas=2
     )
-    reconcile_application(api, (ns, "chat"))
+    reconcile_application(api, (ns, "chat"), defaults=RENDER_DEFAULTS)
 
     workers = get(api, DEPLOYMENTS, ns, "chat")
     frontend = get(api, DEPLOYMENTS, ns, "chat-frontend")
@@ -353,7 +354,7 @@ def test_dynamo_is_available_only_once_workers_and_frontend_are_ready(
     assert (app_status(api, ns)["replicas"], app_status(api, ns)["readyReplicas"]) == (2, 0)
 
     set_status(api, DEPLOYMENTS, ns, "chat", replicas=2, readyReplicas=2)
-    reconcile_application(api, (ns, "chat"))
+    reconcile_application(api, (ns, "chat"), defaults=RENDER_DEFAULTS)
     status = app_status(api, ns)
     assert (status["replicas"], status["readyReplicas"]) == (2, 2), "counts are the workers'"
     assert status["phase"] == "Pending"
@@ -361,7 +362,7 @@ def test_dynamo_is_available_only_once_workers_and_frontend_are_ready(
     assert available["status"] == "False" and "chat-frontend" in available["message"]
 
     set_status(api, DEPLOYMENTS, ns, "chat-frontend", replicas=1, readyReplicas=1)
-    reconcile_application(api, (ns, "chat"))
+    reconcile_application(api, (ns, "chat"), defaults=RENDER_DEFAULTS)
     status = app_status(api, ns)
     assert status["phase"] == "Running"
     assert condition(status, "Available")["reason"] == "AllReplicasReady"
@@ -379,7 +380,7 @@ def test_dynamo_is_available_only_once_workers_and_frontend_are_ready(
         return [str(o["metadata"]["resourceVersion"]) for o in objects if o is not None]
 
     before = versions()
-    reconcile_application(api, (ns, "chat"))
+    reconcile_application(api, (ns, "chat"), defaults=RENDER_DEFAULTS)
     assert len(before) == 4 and versions() == before
 
 
@@ -520,3 +521,40 @@ def test_the_running_controller_leaves_the_hpas_count_alone(
         eventually(lambda: get(api, HPAS, ns, "chat") is None and replicas_of(api, ns) == 2)
     finally:
         controller.stop()
+
+
+def test_an_engine_flag_the_engine_lacks_is_reported_in_the_status(api: ApiClient, ns: str) -> None:
+    create_model(api, ns, ready=True)
+    create_app(api, ns, runtimeCommonArgs=["--max-model-len", "8192", "--nonesuch", "1"])
+    for _ in range(2):
+        reconcile_application(api, (ns, "chat"))
+    accepted = condition(app_status(api, ns), "EngineArgsAccepted")
+    assert accepted["status"] == "False" and accepted["reason"] == "UnknownFlags"
+    assert accepted["message"] == "runtimeCommonArgs: --nonesuch not accepted by vllm 0.8.5"
+    assert get(api, DEPLOYMENTS, ns, "chat") is not None, (
+        "rendered anyway: a newer engine may know it"
+    )
+    listed = rest.request(api, "GET", EVENTS.path(ns)).get("items") or []
+    (event,) = [e for e in listed if e["reason"] == "UnknownEngineFlags"]
+    assert event["type"] == "Warning" and event["count"] == 1
+
+    app = get(api, APPLICATIONS, ns, "chat")
+    assert app is not None
+    app["spec"]["runtimeCommonArgs"] = ["--max-model-len", "8192"]
+    rest.request(api, "PUT", APPLICATIONS.path(ns, "chat"), body=app)
+    reconcile_application(api, (ns, "chat"))
+    assert condition(app_status(api, ns), "EngineArgsAccepted")["status"] == "True"
+
+
+def test_dynamo_without_the_platform_is_failed_with_what_the_controller_needs(
+    api: ApiClient, ns: str
+) -> None:
+    create_model(api, ns, ready=True)
+    create_app(api, ns, runtime="dynamo", image="nvcr.io/nvidia/ai-dynamo/vllm-runtime:1.0.0")
+    with pytest.raises(PermanentError):
+        reconcile_application(api, (ns, "chat"))
+    status = app_status(api, ns)
+    rendered = condition(status, "Rendered")
+    assert status["phase"] == "Failed" and rendered["status"] == "False"
+    assert "--dynamo-etcd-endpoints" in rendered["message"]
+    assert get(api, DEPLOYMENTS, ns, "chat") is None

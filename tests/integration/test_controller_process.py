@@ -17,13 +17,21 @@ import kubernetes
 
 from arks.adapters.kube import rest
 from arks.resources import (
+    DAEMONSETS,
     DEPLOYMENTS,
     ENDPOINTS,
     HTTPROUTES,
     JOBS,
     LEASES,
+    MODELS,
+    NETWORKPOLICIES,
     PATCH_POLICIES,
     PVCS,
+)
+from controller.render.model_cache import (
+    cache_daemonset_name,
+    cleanup_daemonset_name,
+    source_name,
 )
 from controller.render.picking import picking_policy_name
 from controller.server import USER_AGENT
@@ -43,6 +51,7 @@ def test_the_controller_process_reconciles_and_stops_cleanly(
         "spec": {
             "source": {"huggingface": {"repo": "Qwen/Qwen2.5-7B-Instruct"}},
             "storage": {"size": "40Gi"},
+            "nodeCache": {"enabled": True, "nodeSelector": {"gpu": "true"}},
         },
     }
     custom.create_namespaced_custom_object("arks.ai", "v1", "prod", "arksmodels", model)
@@ -179,6 +188,26 @@ def test_the_controller_process_reconciles_and_stops_cleanly(
             ),
             timeout_s=10,
         )
+
+        # The node cache: its source in the model's namespace, its DaemonSet in arks-cache; a
+        # deleted model waits for the cleanup of the host copies, then goes.
+        model["metadata"]["namespace"] = "prod"
+        eventually(lambda: get_object(api, NETWORKPOLICIES, "prod", source_name(model)))
+        eventually(lambda: get_object(api, DAEMONSETS, "arks-cache", cache_daemonset_name(model)))
+        custom.delete_namespaced_custom_object("arks.ai", "v1", "prod", "arksmodels", "qwen")
+        cleanup = cleanup_daemonset_name(model, "/var/lib/arks/models/prod")
+        eventually(lambda: get_object(api, DAEMONSETS, "arks-cache", cleanup), timeout_s=10)
+        rest.request(
+            api,
+            "PATCH",
+            DAEMONSETS.path("arks-cache", cleanup, "status"),
+            body={
+                "status": {"desiredNumberScheduled": 1, "numberReady": 1, "observedGeneration": 1}
+            },
+            content_type=rest.MERGE_PATCH,
+        )
+        eventually(lambda: get_object(api, MODELS, "prod", "qwen") is None, timeout_s=10)
+        assert get_object(api, DAEMONSETS, "arks-cache", cleanup) is None
 
         base = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{base}/healthz").status_code == 200

@@ -28,6 +28,7 @@ from arks.resources import (
 from controller.reconcilers.disaggregated import disaggregated_controller, reconcile_disaggregated
 from tests.support.kube import FAST_INFORMERS, eventually, set_status
 from tests.support.kube import get_object as get
+from tests.support.objects import RENDER_DEFAULTS
 
 MODEL = "deepseek-v3"
 APP = "pd"
@@ -222,7 +223,7 @@ def test_dynamo_needs_no_router_rbac(api: ApiClient, ns: str) -> None:
         image="nvcr.io/nvidia/ai-dynamo/vllm-runtime:1.0.0",
         router={"replicas": 1, "args": ["--router-mode", "kv"]},
     )
-    reconcile_disaggregated(api, (ns, APP))
+    reconcile_disaggregated(api, (ns, APP), defaults=RENDER_DEFAULTS)
     router = get(api, DEPLOYMENTS, ns, f"{APP}-router")
     assert router is not None
     container = router["spec"]["template"]["spec"]["containers"][0]

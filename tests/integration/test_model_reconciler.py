@@ -16,9 +16,26 @@ from arks.adapters.kube import rest
 from arks.adapters.kube.conditions import find_condition
 from arks.adapters.kube.errors import PermanentError, TemporaryError
 from arks.adapters.kube.queue import WorkQueue
-from arks.resources import DAEMONSETS, EVENTS, JOBS, MODELS, PODS, PVCS
+from arks.resources import (
+    DAEMONSETS,
+    DEPLOYMENTS,
+    EVENTS,
+    JOBS,
+    MODELS,
+    NETWORKPOLICIES,
+    PODS,
+    PVCS,
+    SERVICES,
+)
+from arks.wire import NODE_CACHE_FINALIZER
 from controller.reconcilers.model import model_controller, reconcile_model
-from controller.render.model_cache import cache_daemonset_name, cache_pod_labels
+from controller.render.model import ModelDefaults
+from controller.render.model_cache import (
+    cache_daemonset_name,
+    cache_pod_labels,
+    cleanup_daemonset_name,
+    source_name,
+)
 from controller.render.model_download import download_job_name
 from tests.support.kube import FAST_INFORMERS, eventually, set_status
 from tests.support.kube import get_object as get
@@ -32,6 +49,7 @@ HF = {
     }
 }
 CACHE = {"enabled": True, "nodeSelector": {"nvidia.com/gpu.present": "true"}}
+CACHE_NS = ModelDefaults().cache_namespace  # shared: names and labels carry the model's namespace
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -108,8 +126,15 @@ def event_reasons(api: ApiClient, ns: str) -> dict[str, str]:
 
 
 def create_cache_pod(
-    api: ApiClient, ns: str, model: dict[str, Any], node: str, ready: bool
+    api: ApiClient,
+    ns: str,
+    model: dict[str, Any],
+    node: str,
+    ready: bool,
+    copy_exit: tuple[int, str] | None = None,
 ) -> None:
+    """What the DaemonSet controller would create in the cache namespace (and the kubelet
+    report): a pod on `node`, Ready or not; `copy_exit` is how its copy container ended."""
     name = f"{cache_daemonset_name(model)}-{node}"
     pod = {
         "apiVersion": "v1",
@@ -117,15 +142,34 @@ def create_cache_pod(
         "metadata": {
             "name": name,
             "labels": cache_pod_labels(model),
-            "annotations": {"arks.ai/model": MODEL},
+            "annotations": {"arks.ai/model": MODEL, "arks.ai/model-namespace": ns},
         },
-        "spec": {"nodeName": node, "containers": [{"name": "hold", "image": "busybox:1.37"}]},
+        "spec": {"nodeName": node, "containers": [{"name": "hold", "image": "arks"}]},
     }
-    rest.request(api, "POST", PODS.path(ns), body=pod)
-    status = "True" if ready else "False"
-    set_status(
-        api, PODS, ns, name, phase="Running", conditions=[{"type": "Ready", "status": status}]
-    )
+    rest.request(api, "POST", PODS.path(CACHE_NS), body=pod)
+    status: dict[str, Any] = {
+        "phase": "Running" if ready else "Pending",
+        "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+    }
+    if copy_exit is not None:
+        code, message = copy_exit
+        status["initContainerStatuses"] = [
+            {"name": "copy", "state": {"terminated": {"exitCode": code, "message": message}}}
+        ]
+    set_status(api, PODS, CACHE_NS, name, **status)
+
+
+def cache_ds(api: ApiClient, model: dict[str, Any]) -> dict[str, Any] | None:
+    return get(api, DAEMONSETS, CACHE_NS, cache_daemonset_name(model))
+
+
+def ready_model(api: ApiClient, ns: str, **spec: Any) -> dict[str, Any]:
+    model = create_model(api, ns, **spec)
+    reconcile_model(api, (ns, MODEL))
+    bind_claim(api, ns)
+    complete_job(api, ns, job_name(model))
+    reconcile_model(api, (ns, MODEL))
+    return model
 
 
 def test_create_renders_an_owned_claim_and_job_and_waits_for_storage(
@@ -241,7 +285,8 @@ def test_reconciling_twice_changes_nothing(api: ApiClient, ns: str) -> None:
             get(api, MODELS, ns, MODEL),
             get(api, PVCS, ns, MODEL),
             get(api, JOBS, ns, job_name(model)),
-            get(api, DAEMONSETS, ns, cache_daemonset_name(model)),
+            cache_ds(api, model),
+            get(api, DEPLOYMENTS, ns, source_name(model)),
         ]
         events = rest.request(api, "GET", EVENTS.path(ns)).get("items") or []
         return [str(o["metadata"]["resourceVersion"]) for o in [*objs, *events] if o is not None]
@@ -249,7 +294,7 @@ def test_reconciling_twice_changes_nothing(api: ApiClient, ns: str) -> None:
     before = versions()
     reconcile_model(api, (ns, MODEL))
     reconcile_model(api, (ns, MODEL))
-    assert len(before) >= 4
+    assert len(before) >= 5
     assert versions() == before
 
 
@@ -263,20 +308,60 @@ def test_deleted_children_are_recreated(api: ApiClient, ns: str) -> None:
     assert get(api, PVCS, ns, MODEL) is not None
 
 
-def test_deleting_the_model_cascades_to_what_it_created(api: ApiClient, ns: str) -> None:
-    model = create_model(api, ns, nodeCache=CACHE)
-    reconcile_model(api, (ns, MODEL))
-    bind_claim(api, ns)
-    complete_job(api, ns, job_name(model))
-    reconcile_model(api, (ns, MODEL))
-    assert get(api, DAEMONSETS, ns, cache_daemonset_name(model)) is not None
+def test_deleting_the_model_deletes_its_node_copies_before_it_goes(api: ApiClient, ns: str) -> None:
+    model = ready_model(api, ns, nodeCache=CACHE)
+    assert cache_ds(api, model) is not None
+    assert NODE_CACHE_FINALIZER in get(api, MODELS, ns, MODEL)["metadata"]["finalizers"]
 
     rest.request(api, "DELETE", MODELS.path(ns, MODEL))
+    with pytest.raises(TemporaryError, match="node copies"):
+        reconcile_model(api, (ns, MODEL))
+    assert cache_ds(api, model) is None
+    cleanup_name = cleanup_daemonset_name(model, "/var/lib/arks/models/" + ns)
+    cleanup = get(api, DAEMONSETS, CACHE_NS, cleanup_name)
+    assert cleanup is not None, "a DaemonSet deletes the copies on the nodes the cache ran on"
+    pod = cleanup["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == CACHE["nodeSelector"]
+    assert pod["volumes"][0]["hostPath"]["path"] == f"/var/lib/arks/models/{ns}"
+    assert get(api, MODELS, ns, MODEL) is not None, "held by the finalizer until then"
+
+    set_status(
+        api,
+        DAEMONSETS,
+        CACHE_NS,
+        cleanup_name,
+        desiredNumberScheduled=2,
+        numberReady=1,
+        observedGeneration=1,
+    )
+    with pytest.raises(TemporaryError):
+        reconcile_model(api, (ns, MODEL))
+    assert get(api, MODELS, ns, MODEL) is not None, "one node still holds a copy"
+
+    set_status(
+        api,
+        DAEMONSETS,
+        CACHE_NS,
+        cleanup_name,
+        desiredNumberScheduled=2,
+        numberReady=2,
+        observedGeneration=1,
+    )
+    reconcile_model(api, (ns, MODEL))
+    assert get(api, DAEMONSETS, CACHE_NS, cleanup_name) is None
+    eventually(lambda: get(api, MODELS, ns, MODEL) is None)
     eventually(lambda: get(api, PVCS, ns, MODEL) is None)
     eventually(lambda: get(api, JOBS, ns, job_name(model)) is None)
-    eventually(lambda: get(api, DAEMONSETS, ns, cache_daemonset_name(model)) is None)
+    eventually(lambda: get(api, DEPLOYMENTS, ns, source_name(model)) is None)
     reconcile_model(api, (ns, MODEL))  # a gone model is nothing to do
-    assert get(api, PVCS, ns, MODEL) is None
+
+
+def test_a_model_without_a_cache_is_deleted_at_once(api: ApiClient, ns: str) -> None:
+    model = ready_model(api, ns)
+    assert not get(api, MODELS, ns, MODEL)["metadata"].get("finalizers")
+    rest.request(api, "DELETE", MODELS.path(ns, MODEL))
+    eventually(lambda: get(api, MODELS, ns, MODEL) is None)
+    eventually(lambda: get(api, JOBS, ns, job_name(model)) is None)
 
 
 def test_an_adopted_claim_is_ready_once_bound_and_never_owned(api: ApiClient, ns: str) -> None:
@@ -347,19 +432,22 @@ def test_the_node_cache_reports_ready_cache_pods_as_warm_nodes(api: ApiClient, n
     status = model_status(api, ns)
     assert condition(status, "CacheReady")["reason"] == "WaitingForDownload"
     assert status["warmNodes"] == []
-    assert get(api, DAEMONSETS, ns, cache_daemonset_name(model)) is None, (
-        "copy only a complete model"
-    )
+    assert cache_ds(api, model) is None, "copy only a complete model"
+    assert get(api, DEPLOYMENTS, ns, source_name(model)) is None
 
     bind_claim(api, ns)
     complete_job(api, ns, job_name(model))
     reconcile_model(api, (ns, MODEL))
-    daemonset = get(api, DAEMONSETS, ns, cache_daemonset_name(model))
+    daemonset = cache_ds(api, model)
     assert daemonset is not None
-    assert owner_uids(daemonset) == [model["metadata"]["uid"]]
+    assert not daemonset["metadata"].get("ownerReferences"), "named by labels, not owned"
+    assert daemonset["metadata"]["labels"]["arks.ai/model-namespace"] == ns
     assert daemonset["spec"]["template"]["spec"]["nodeSelector"] == CACHE["nodeSelector"]
+    uid = model["metadata"]["uid"]
+    for resource in (DEPLOYMENTS, SERVICES, NETWORKPOLICIES):
+        assert owner_uids(get(api, resource, ns, source_name(model))) == [uid]
 
-    set_status(api, DAEMONSETS, ns, cache_daemonset_name(model), desiredNumberScheduled=2)
+    set_status(api, DAEMONSETS, CACHE_NS, cache_daemonset_name(model), desiredNumberScheduled=2)
     create_cache_pod(api, ns, model, "gpu-b", ready=True)
     create_cache_pod(api, ns, model, "gpu-c", ready=False)
     reconcile_model(api, (ns, MODEL))
@@ -375,12 +463,23 @@ def test_the_node_cache_reports_ready_cache_pods_as_warm_nodes(api: ApiClient, n
     assert status["phase"] == "Ready"
 
 
-def test_turning_the_cache_off_removes_its_daemonset(api: ApiClient, ns: str) -> None:
-    model = create_model(api, ns, nodeCache=CACHE)
+def test_a_node_without_room_is_named_in_the_cache_condition(api: ApiClient, ns: str) -> None:
+    model = ready_model(api, ns, nodeCache=CACHE)
+    set_status(api, DAEMONSETS, CACHE_NS, cache_daemonset_name(model), desiredNumberScheduled=2)
+    create_cache_pod(api, ns, model, "gpu-a", ready=True)
+    full = "arks: not enough disk for the model on this node: it needs 15 GB, 3 GB are free"
+    create_cache_pod(api, ns, model, "gpu-b", ready=False, copy_exit=(2, full))
     reconcile_model(api, (ns, MODEL))
-    bind_claim(api, ns)
-    complete_job(api, ns, job_name(model))
-    reconcile_model(api, (ns, MODEL))
+    cache = condition(model_status(api, ns), "CacheReady")
+    assert (cache["status"], cache["reason"]) == ("False", "NoDiskSpace")
+    assert cache["message"] == f"node gpu-b: {full}"
+    assert model_status(api, ns)["phase"] == "Ready", "the claim still serves"
+
+
+def test_turning_the_cache_off_deletes_the_node_copies_then_lets_go(
+    api: ApiClient, ns: str
+) -> None:
+    model = ready_model(api, ns, nodeCache=CACHE)
     rest.request(
         api,
         "PATCH",
@@ -389,10 +488,75 @@ def test_turning_the_cache_off_removes_its_daemonset(api: ApiClient, ns: str) ->
         content_type=rest.MERGE_PATCH,
     )
     reconcile_model(api, (ns, MODEL))
-    assert get(api, DAEMONSETS, ns, cache_daemonset_name(model)) is None
+    assert cache_ds(api, model) is None
+    cleanup_name = cleanup_daemonset_name(model, f"/var/lib/arks/models/{ns}")
+    assert get(api, DAEMONSETS, CACHE_NS, cleanup_name) is not None
+    for resource in (DEPLOYMENTS, SERVICES, NETWORKPOLICIES):
+        assert get(api, resource, ns, source_name(model)) is None, "pruned with the cache"
     status = model_status(api, ns)
     assert "warmNodes" not in status
     assert find_condition(status.get("conditions"), "CacheReady") is None
+    assert NODE_CACHE_FINALIZER in get(api, MODELS, ns, MODEL)["metadata"]["finalizers"]
+
+    set_status(
+        api,
+        DAEMONSETS,
+        CACHE_NS,
+        cleanup_name,
+        desiredNumberScheduled=1,
+        numberReady=1,
+        observedGeneration=1,
+    )
+    reconcile_model(api, (ns, MODEL))
+    assert get(api, DAEMONSETS, CACHE_NS, cleanup_name) is None
+    assert not get(api, MODELS, ns, MODEL)["metadata"].get("finalizers")
+
+
+def test_moving_the_cache_cleans_the_old_directory(api: ApiClient, ns: str) -> None:
+    model = ready_model(api, ns, nodeCache=CACHE)
+    rest.request(
+        api,
+        "PATCH",
+        MODELS.path(ns, MODEL),
+        body={"spec": {"nodeCache": {"path": "/var/lib/arks/models/nvme"}}},
+        content_type=rest.MERGE_PATCH,
+    )
+    reconcile_model(api, (ns, MODEL))
+    old = get(
+        api, DAEMONSETS, CACHE_NS, cleanup_daemonset_name(model, f"/var/lib/arks/models/{ns}")
+    )
+    assert old is not None
+    assert old["spec"]["template"]["spec"]["volumes"][0]["hostPath"]["path"] == (
+        f"/var/lib/arks/models/{ns}"
+    )
+    current = cache_ds(api, model)
+    assert current is not None
+    assert (
+        current["metadata"]["annotations"]["arks.ai/cache-root"]
+        == f"/var/lib/arks/models/nvme/{ns}"
+    )
+
+
+def test_a_new_source_prunes_the_old_download_job_but_keeps_the_claim(
+    api: ApiClient, ns: str
+) -> None:
+    model = ready_model(api, ns)
+    old_job = job_name(model)
+    rest.request(
+        api,
+        "PATCH",
+        MODELS.path(ns, MODEL),
+        body={"spec": {"source": {"huggingface": {"revision": "v2"}}}},
+        content_type=rest.MERGE_PATCH,
+    )
+    reconcile_model(api, (ns, MODEL))
+    changed = get(api, MODELS, ns, MODEL)
+    assert changed is not None and job_name(changed) != old_job
+    assert get(api, JOBS, ns, job_name(changed)) is not None
+    assert get(api, JOBS, ns, old_job) is None
+    assert get(api, PVCS, ns, MODEL) is not None, "the claim holds the model: never pruned"
+    reasons = event_reasons(api, ns)
+    assert reasons.get("Pruned") == "Normal"
 
 
 def test_the_running_controller_creates_repairs_and_follows(api: ApiClient, ns: str) -> None:
@@ -416,11 +580,68 @@ def test_the_running_controller_creates_repairs_and_follows(api: ApiClient, ns: 
         eventually(lambda: model_status(api, ns).get("phase") == "Downloading")
         complete_job(api, ns, name)
         eventually(lambda: model_status(api, ns).get("phase") == "Ready")
-        eventually(lambda: get(api, DAEMONSETS, ns, cache_daemonset_name(model)))
+        eventually(lambda: cache_ds(api, model))
 
         create_cache_pod(api, ns, model, "gpu-a", ready=True)  # cache pods are watched too
         eventually(lambda: model_status(api, ns).get("warmNodes") == ["gpu-a"])
+
+        # Deleting the model: the cleanup DaemonSet's progress (watched) releases it.
+        rest.request(api, "DELETE", MODELS.path(ns, MODEL))
+        cleanup_name = cleanup_daemonset_name(model, f"/var/lib/arks/models/{ns}")
+        eventually(lambda: get(api, DAEMONSETS, CACHE_NS, cleanup_name))
+        set_status(
+            api,
+            DAEMONSETS,
+            CACHE_NS,
+            cleanup_name,
+            desiredNumberScheduled=1,
+            numberReady=1,
+            observedGeneration=1,
+        )
+        eventually(lambda: get(api, MODELS, ns, MODEL) is None)
     finally:
         started = time.monotonic()
         controller.stop()
     assert time.monotonic() - started < 5
+
+
+def test_a_cache_path_outside_the_allowed_roots_is_refused(api: ApiClient, ns: str) -> None:
+    model = ready_model(api, ns, nodeCache={**CACHE, "path": "/etc"})
+    assert cache_ds(api, model) is None, "no privileged pod chowns or deletes under /etc"
+    assert get(api, DEPLOYMENTS, ns, source_name(model)) is None
+    cache = condition(model_status(api, ns), "CacheReady")
+    assert (cache["status"], cache["reason"]) == ("False", "PathNotAllowed")
+    assert "/var/lib/arks/models" in cache["message"]
+    assert not get(api, MODELS, ns, MODEL)["metadata"].get("finalizers")
+    assert model_status(api, ns)["phase"] == "Ready", "the claim still serves"
+
+
+def test_a_node_that_never_cleans_up_does_not_hold_the_model_forever(
+    api: ApiClient, ns: str
+) -> None:
+    import datetime
+
+    model = ready_model(api, ns, nodeCache=CACHE)
+    rest.request(api, "DELETE", MODELS.path(ns, MODEL))
+    with pytest.raises(TemporaryError):
+        reconcile_model(api, (ns, MODEL))
+    cleanup_name = cleanup_daemonset_name(model, f"/var/lib/arks/models/{ns}")
+    set_status(
+        api,
+        DAEMONSETS,
+        CACHE_NS,
+        cleanup_name,
+        desiredNumberScheduled=3,
+        numberReady=2,
+        observedGeneration=1,
+    )  # one node is down
+    soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=5)
+    with pytest.raises(TemporaryError):
+        reconcile_model(api, (ns, MODEL), now=soon)
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=11)
+    reconcile_model(api, (ns, MODEL), now=later)
+    assert get(api, DAEMONSETS, CACHE_NS, cleanup_name) is None
+    eventually(lambda: get(api, MODELS, ns, MODEL) is None)
+    events = rest.request(api, "GET", EVENTS.path(ns)).get("items") or []
+    (warning,) = [e for e in events if e["reason"] == "CacheCleanupIncomplete"]
+    assert warning["type"] == "Warning" and "2 of 3 nodes" in warning["message"]

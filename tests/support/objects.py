@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from controller.render.workload import RenderDefaults
+
+# A controller started with the Dynamo platform's addresses (the dynamo-platform Helm chart's
+# Services in dynamo-system): without them, Dynamo applications are refused.
+RENDER_DEFAULTS = RenderDefaults(
+    dynamo_etcd_endpoints="http://dynamo-platform-etcd.dynamo-system:2379",
+    dynamo_nats_server="nats://dynamo-platform-nats.dynamo-system:4222",
+)
+
 
 def backend(name: str, port: int, namespace: str = "default") -> dict[str, Any]:
     return {

@@ -13,7 +13,7 @@ import pytest
 from arks.engine_series import ADAPTER_QUANTILES, GENERATIONS, SERIES, adapter_metric
 from controller.render import render_application
 from tests.support.manifests import AUTOSCALING, INSTALL, of_kind
-from tests.support.objects import model_on_claim
+from tests.support.objects import RENDER_DEFAULTS, model_on_claim
 from tests.support.prometheus_adapter import load_rules, resolve
 
 RULES = load_rules()
@@ -122,7 +122,9 @@ def test_podmonitor_scrapes_the_engine_pods_that_serve_metrics(runtime: str, siz
     ports = {e["port"] for e in spec["podMetricsEndpoints"]}
     assert all(e["path"] == "/metrics" for e in spec["podMetricsEndpoints"])
     scraped = 0
-    for template in pod_templates(render_application(app(runtime, size), model_on_claim("c"))):
+    for template in pod_templates(
+        render_application(app(runtime, size), model_on_claim("c"), defaults=RENDER_DEFAULTS)
+    ):
         labels = template["metadata"]["labels"]
         (container,) = template["spec"]["containers"]
         declared = {p["name"] for p in container.get("ports", [])}

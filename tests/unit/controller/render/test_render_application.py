@@ -19,9 +19,11 @@ import yaml
 
 from arks.wire import label_value
 from controller.render import RenderDefaults, render_application
+from controller.render.disaggregated import render_disaggregated
 from controller.render.engines import UnsupportedApplication, engine_command
 from tests.support.crd_schema import upstream_schema
-from tests.support.objects import downloaded_model, model_on_claim
+from tests.support.objects import RENDER_DEFAULTS, downloaded_model, model_on_claim
+from tests.unit.controller.render.test_render_disaggregated import make_dapp
 
 GOLDEN = Path(__file__).parent / "golden" / "application"
 K8S_VERSION = "1.33.0"
@@ -101,7 +103,8 @@ CASES = [(r, s) for r in ("vllm", "sglang", "dynamo") for s in (1, 2)]
 @pytest.mark.parametrize(("runtime", "size"), CASES)
 def test_render_matches_golden_file(runtime: str, size: int) -> None:
     rendered = yaml.safe_dump_all(
-        render_application(make_app(runtime, size), downloaded_model()), sort_keys=False
+        render_application(make_app(runtime, size), downloaded_model(), defaults=RENDER_DEFAULTS),
+        sort_keys=False,
     )
     path = GOLDEN / f"{runtime}-size{size}.yaml"
     if os.environ.get("ARKS_UPDATE_GOLDEN") == "1":
@@ -113,14 +116,16 @@ def test_render_matches_golden_file(runtime: str, size: int) -> None:
 def test_rendering_is_pure() -> None:
     app = make_app("vllm", 2)
     before = copy.deepcopy(app)
-    first = render_application(app, model_on_claim("claim"))
+    first = render_application(app, model_on_claim("claim"), defaults=RENDER_DEFAULTS)
     assert app == before
-    assert render_application(app, model_on_claim("claim")) == first
+    assert render_application(app, model_on_claim("claim"), defaults=RENDER_DEFAULTS) == first
 
 
 @pytest.mark.parametrize(("runtime", "size"), CASES)
 def test_core_objects_validate_strictly(runtime: str, size: int) -> None:
-    for obj in render_application(make_app(runtime, size), model_on_claim("claim")):
+    for obj in render_application(
+        make_app(runtime, size), model_on_claim("claim"), defaults=RENDER_DEFAULTS
+    ):
         assert obj["metadata"]["name"] and obj["metadata"]["namespace"] == "llm"
         if obj["kind"] == "LeaderWorkerSet":
             continue
@@ -135,16 +140,18 @@ def lws_schema() -> dict[str, Any]:
 def test_leaderworkerset_validates_against_upstream_crd(runtime: str) -> None:
     (lws,) = [
         o
-        for o in render_application(make_app(runtime, 2), model_on_claim("claim"))
+        for o in render_application(
+            make_app(runtime, 2), model_on_claim("claim"), defaults=RENDER_DEFAULTS
+        )
         if o["kind"] == "LeaderWorkerSet"
     ]
     jsonschema.validate(lws, lws_schema())
 
 
 def test_strict_lws_schema_rejects_unknown_fields() -> None:
-    lws = by_kind(render_application(make_app("vllm", 2), model_on_claim("claim")))[
-        "LeaderWorkerSet"
-    ]
+    lws = by_kind(
+        render_application(make_app("vllm", 2), model_on_claim("claim"), defaults=RENDER_DEFAULTS)
+    )["LeaderWorkerSet"]
     lws["spec"]["leaderWorkerTemplate"]["sizee"] = 2
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(lws, lws_schema())
@@ -166,7 +173,9 @@ def test_vllm_single_node_flags() -> None:
     assert flag(argv, "--host") == "0.0.0.0"
     assert argv[-2:] == ["--max-model-len", "8192"], "user args come last"
     container = engine_container(
-        pod_templates(render_application(app, model_on_claim("c")))["single"]
+        pod_templates(render_application(app, model_on_claim("c"), defaults=RENDER_DEFAULTS))[
+            "single"
+        ]
     )
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
@@ -177,7 +186,7 @@ def test_sglang_single_node_flags() -> None:
     assert argv[:3] == ["python3", "-m", "sglang.launch_server"]
     assert flag(argv, "--model-path") == "/models"
     assert flag(argv, "--served-model-name") == "qwen-7b"
-    assert flag(argv, "--tp") == "4"
+    assert flag(argv, "--tp-size") == "4"
     assert flag(argv, "--port") == "30000"
     assert flag(argv, "--host") == "0.0.0.0"
     assert "--enable-metrics" in argv
@@ -185,7 +194,7 @@ def test_sglang_single_node_flags() -> None:
 
 
 def test_vllm_multi_node_runs_ray_head_then_engine_and_ray_workers() -> None:
-    objects = render_application(make_app("vllm", 2), model_on_claim("c"))
+    objects = render_application(make_app("vllm", 2), model_on_claim("c"), defaults=RENDER_DEFAULTS)
     templates = pod_templates(objects)
     leader = engine_container(templates["leader"])["command"]
     worker = engine_container(templates["worker"])["command"]
@@ -203,21 +212,25 @@ def test_vllm_multi_node_runs_ray_head_then_engine_and_ray_workers() -> None:
 
 
 def test_sglang_multi_node_every_pod_runs_engine_with_lws_rank() -> None:
-    templates = pod_templates(render_application(make_app("sglang", 2), model_on_claim("c")))
+    templates = pod_templates(
+        render_application(make_app("sglang", 2), model_on_claim("c"), defaults=RENDER_DEFAULTS)
+    )
     for role, template in templates.items():
         argv = engine_container(template)["command"]
         assert argv[:3] == ["python3", "-m", "sglang.launch_server"], role
-        assert flag(argv, "--tp") == "16"
+        assert flag(argv, "--tp-size") == "16"
         assert flag(argv, "--dist-init-addr") == "$(LWS_LEADER_ADDRESS):20000"
         assert flag(argv, "--nnodes") == "2"
         assert flag(argv, "--node-rank") == "$(LWS_WORKER_INDEX)"
-        assert argv[-2:] == ["--max-model-len", "8192"]
+        assert argv[-2:] == ["--context-length", "8192"], "SGLang's name for --max-model-len"
         assert engine_container(template)["resources"]["limits"]["nvidia.com/gpu"] == "8"
 
 
 @pytest.mark.parametrize("runtime", ["vllm", "sglang"])
 def test_only_the_leader_serves_http_and_is_behind_the_service(runtime: str) -> None:
-    objects = render_application(make_app(runtime, 2), model_on_claim("c"))
+    objects = render_application(
+        make_app(runtime, 2), model_on_claim("c"), defaults=RENDER_DEFAULTS
+    )
     templates = pod_templates(objects)
     leader, worker = engine_container(templates["leader"]), engine_container(templates["worker"])
     assert leader["ports"][0]["name"] == "http" and "readinessProbe" in leader
@@ -228,7 +241,7 @@ def test_only_the_leader_serves_http_and_is_behind_the_service(runtime: str) -> 
 
 
 def test_deployment_service_selects_engine_pods() -> None:
-    objects = render_application(make_app("vllm", 1), model_on_claim("c"))
+    objects = render_application(make_app("vllm", 1), model_on_claim("c"), defaults=RENDER_DEFAULTS)
     kinds = by_kind(objects)
     pod_labels = kinds["Deployment"]["spec"]["template"]["metadata"]["labels"]
     assert kinds["Service"]["spec"]["selector"].items() <= pod_labels.items()
@@ -238,7 +251,9 @@ def test_deployment_service_selects_engine_pods() -> None:
 
 def test_model_claim_mounted_read_only() -> None:
     template = pod_templates(
-        render_application(make_app("vllm", 1), model_on_claim("my-claim", "qwen"))
+        render_application(
+            make_app("vllm", 1), model_on_claim("my-claim", "qwen"), defaults=RENDER_DEFAULTS
+        )
     )["single"]
     (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == "model"]
     assert volume["persistentVolumeClaim"] == {"claimName": "my-claim", "readOnly": True}
@@ -250,7 +265,9 @@ def test_explicit_gpu_resources_win() -> None:
     app = make_app("vllm", 1, tensorParallelSize=2)
     app["spec"]["instanceSpec"]["resources"] = {"limits": {"nvidia.com/gpu": 1}}
     container = engine_container(
-        pod_templates(render_application(app, model_on_claim("c")))["single"]
+        pod_templates(render_application(app, model_on_claim("c"), defaults=RENDER_DEFAULTS))[
+            "single"
+        ]
     )
     assert container["resources"] == {"limits": {"nvidia.com/gpu": 1}}
 
@@ -260,7 +277,10 @@ def test_heterogeneous_hardware_same_served_name() -> None:
     b = make_app("vllm", 1)
     a["metadata"]["name"], b["metadata"]["name"] = "qwen-l40s", "qwen-h100"
     b["spec"]["instanceSpec"]["nodeSelector"] = {"nvidia.com/gpu.product": "NVIDIA-H100"}
-    ra, rb = render_application(a, model_on_claim("c")), render_application(b, model_on_claim("c"))
+    ra, rb = (
+        render_application(a, model_on_claim("c"), defaults=RENDER_DEFAULTS),
+        render_application(b, model_on_claim("c"), defaults=RENDER_DEFAULTS),
+    )
     names_a = {(o["kind"], o["metadata"]["name"]) for o in ra}
     names_b = {(o["kind"], o["metadata"]["name"]) for o in rb}
     assert not names_a & names_b
@@ -277,7 +297,7 @@ def test_heterogeneous_hardware_same_served_name() -> None:
 
 def test_served_name_label_is_valid_for_hub_style_names() -> None:
     app = make_app("vllm", 1, servedModelName="meta-llama/Llama-3.1-8B-Instruct")
-    for obj in render_application(app, model_on_claim("c")):
+    for obj in render_application(app, model_on_claim("c"), defaults=RENDER_DEFAULTS):
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
         assert obj["metadata"]["annotations"]["arks.ai/served-model-name"] == (
             "meta-llama/Llama-3.1-8B-Instruct"
@@ -309,7 +329,9 @@ def test_served_name_label_is_valid_for_hub_style_names() -> None:
 )
 def test_hpa_metrics_per_type(runtime: str, waiting: str, kv: str, ttft: str) -> None:
     for size, kind in ((1, "Deployment"), (2, "LeaderWorkerSet")):
-        objects = render_application(make_app(runtime, size), model_on_claim("c"))
+        objects = render_application(
+            make_app(runtime, size), model_on_claim("c"), defaults=RENDER_DEFAULTS
+        )
         kinds = by_kind(objects)
         hpa = kinds["HorizontalPodAutoscaler"]
         assert hpa["apiVersion"] == "autoscaling/v2"
@@ -330,7 +352,7 @@ def test_hpa_metrics_per_type(runtime: str, waiting: str, kv: str, ttft: str) ->
 def test_no_autoscaling_means_fixed_replicas_and_no_hpa() -> None:
     app = make_app("sglang", 2)
     del app["spec"]["autoscaling"]
-    kinds = by_kind(render_application(app, model_on_claim("c")))
+    kinds = by_kind(render_application(app, model_on_claim("c"), defaults=RENDER_DEFAULTS))
     assert "HorizontalPodAutoscaler" not in kinds
     assert kinds["LeaderWorkerSet"]["spec"]["replicas"] == 2
 
@@ -347,7 +369,7 @@ def test_unsupported_specs_are_permanent_errors(spec: dict[str, Any]) -> None:
     app = make_app("vllm", 1)
     app["spec"].update(spec)
     with pytest.raises(UnsupportedApplication):
-        render_application(app, model_on_claim("c"))
+        render_application(app, model_on_claim("c"), defaults=RENDER_DEFAULTS)
 
 
 def env_of(container: dict[str, Any]) -> dict[str, Any]:
@@ -369,7 +391,7 @@ def dynamo_parts(
 
 def test_dynamo_worker_runs_the_vllm_backend_registered_in_dynamo_discovery() -> None:
     app = make_app("dynamo", 1, tensorParallelSize=2)
-    objects = render_application(app, model_on_claim("c"))
+    objects = render_application(app, model_on_claim("c"), defaults=RENDER_DEFAULTS)
     workload, _, _ = dynamo_parts(objects)
     assert (workload["kind"], workload["metadata"]["name"]) == ("Deployment", "qwen-7b-dynamo-n1")
     container = engine_container(workload["spec"]["template"])
@@ -393,7 +415,9 @@ def test_dynamo_worker_runs_the_vllm_backend_registered_in_dynamo_discovery() ->
 
 
 def test_dynamo_frontend_serves_the_api_behind_the_service() -> None:
-    objects = render_application(make_app("dynamo", 1), model_on_claim("c"))
+    objects = render_application(
+        make_app("dynamo", 1), model_on_claim("c"), defaults=RENDER_DEFAULTS
+    )
     workload, frontend, svc = dynamo_parts(objects)
     (container,) = frontend["spec"]["template"]["spec"]["containers"]
     assert container["command"] == ["python3", "-m", "dynamo.frontend", "--http-port", "8000"]
@@ -417,7 +441,9 @@ def test_dynamo_frontend_serves_the_api_behind_the_service() -> None:
 
 
 def test_dynamo_multi_node_workers_form_a_ray_cluster_under_the_leader() -> None:
-    objects = render_application(make_app("dynamo", 2), model_on_claim("c"))
+    objects = render_application(
+        make_app("dynamo", 2), model_on_claim("c"), defaults=RENDER_DEFAULTS
+    )
     workload, frontend, svc = dynamo_parts(objects)
     assert workload["kind"] == "LeaderWorkerSet"
     templates = pod_templates(objects)
@@ -436,7 +462,9 @@ def test_dynamo_multi_node_workers_form_a_ray_cluster_under_the_leader() -> None
 
 
 def test_dynamo_autoscaling_scales_the_workers_on_vllm_metrics() -> None:
-    objects = render_application(make_app("dynamo", 1), model_on_claim("c"))
+    objects = render_application(
+        make_app("dynamo", 1), model_on_claim("c"), defaults=RENDER_DEFAULTS
+    )
     (hpa,) = [o for o in objects if o["kind"] == "HorizontalPodAutoscaler"]
     assert hpa["spec"]["scaleTargetRef"]["name"] == objects[0]["metadata"]["name"]
     # Dynamo's tag is its own release, not its vLLM's: the current vLLM names.
@@ -470,7 +498,9 @@ def test_engines_read_the_node_local_copy_and_run_on_the_cache_nodes() -> None:
     }
     model = downloaded_model(nodeCache=cache)
     app = make_app("vllm", 2)
-    for template in pod_templates(render_application(app, model)).values():
+    for template in pod_templates(
+        render_application(app, model, defaults=RENDER_DEFAULTS)
+    ).values():
         (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == "model"]
         assert volume["hostPath"] == {
             "path": "/var/lib/arks/models/default/qwen2-5-7b-instruct",
@@ -488,7 +518,9 @@ def test_a_cache_on_other_nodes_than_the_engines_leaves_them_on_the_claim() -> N
     cache = {"enabled": True, "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100"}}
     app = make_app("vllm", 1)
     app["spec"]["instanceSpec"]["nodeSelector"] = {"nvidia.com/gpu.product": "NVIDIA-L40S"}
-    template = pod_templates(render_application(app, downloaded_model(nodeCache=cache)))["single"]
+    template = pod_templates(
+        render_application(app, downloaded_model(nodeCache=cache), defaults=RENDER_DEFAULTS)
+    )["single"]
     (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == "model"]
     assert volume["persistentVolumeClaim"]["claimName"] == "qwen2-5-7b-instruct"
     assert template["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-L40S"}
@@ -497,10 +529,23 @@ def test_a_cache_on_other_nodes_than_the_engines_leaves_them_on_the_claim() -> N
 def test_the_dynamo_frontend_reads_the_claim_even_with_a_node_cache() -> None:
     cache = {"enabled": True, "nodeSelector": {"nvidia.com/gpu.present": "true"}}
     _, frontend, _ = dynamo_parts(
-        render_application(make_app("dynamo", 1), downloaded_model(nodeCache=cache))
+        render_application(
+            make_app("dynamo", 1), downloaded_model(nodeCache=cache), defaults=RENDER_DEFAULTS
+        )
     )
     (volume,) = frontend["spec"]["template"]["spec"]["volumes"]
     assert volume["persistentVolumeClaim"]["claimName"] == "qwen2-5-7b-instruct"
     assert "nvidia.com/gpu.present" not in (
         frontend["spec"]["template"]["spec"].get("nodeSelector") or {}
     )
+
+
+def test_dynamo_without_the_platform_addresses_is_refused_with_what_to_set() -> None:
+    for render in (
+        lambda: render_application(make_app("dynamo", 1), model_on_claim("c")),
+        lambda: render_disaggregated(make_dapp("dynamo", 1), model_on_claim("c")),
+    ):
+        with pytest.raises(UnsupportedApplication, match="--dynamo-etcd-endpoints"):
+            render()
+    # Other runtimes need nothing of it.
+    render_application(make_app("vllm", 1), model_on_claim("c"))

@@ -18,7 +18,7 @@ from controller.render import RenderDefaults, render_application
 from controller.render.autoscaling import DEFAULT_SCALE_DOWN, engine_series
 from controller.render.engines import UnsupportedApplication
 from tests.support.crd_schema import upstream_schema
-from tests.support.objects import model_on_claim
+from tests.support.objects import RENDER_DEFAULTS, model_on_claim
 from tests.support.paths import REPO
 
 K8S_VERSION = "1.33.0"
@@ -61,7 +61,7 @@ def app(runtime: str, provider: str, *types: str, size: int = 1, **scaling: Any)
 
 
 def autoscaler_of(obj: dict[str, Any], defaults: RenderDefaults | None = None) -> dict[str, Any]:
-    rendered = render_application(obj, model_on_claim("c"), defaults=defaults)
+    rendered = render_application(obj, model_on_claim("c"), defaults=defaults or RENDER_DEFAULTS)
     (found,) = [o for o in rendered if o["kind"] in ("HorizontalPodAutoscaler", "ScaledObject")]
     return found
 
@@ -82,7 +82,9 @@ def test_every_metric_type_renders_a_valid_autoscaler(
 ) -> None:
     obj = autoscaler_of(app(runtime, provider, *TYPES, size=size))
     valid(obj)
-    workload = render_application(app(runtime, provider, *TYPES, size=size), model_on_claim("c"))[0]
+    workload = render_application(
+        app(runtime, provider, *TYPES, size=size), model_on_claim("c"), defaults=RENDER_DEFAULTS
+    )[0]
     spec = obj["spec"]
     assert spec["scaleTargetRef"] == {
         "apiVersion": workload["apiVersion"],
@@ -234,7 +236,7 @@ def test_empty_metrics_never_render_an_hpa_on_cpu() -> None:
     CRD's default (waiting requests); an empty list is refused, as the CRD refuses it."""
     obj = app("vllm", "hpa")
     with pytest.raises(UnsupportedApplication, match="metrics is empty"):
-        render_application(obj, model_on_claim("c"))
+        render_application(obj, model_on_claim("c"), defaults=RENDER_DEFAULTS)
     del obj["spec"]["autoscaling"]["metrics"]
     (metric,) = autoscaler_of(obj)["spec"]["metrics"]
     assert metric["pods"] == {
@@ -248,7 +250,7 @@ def test_cpu_needs_a_cpu_request_on_the_engine_pods(provider: str) -> None:
     obj = app("vllm", provider, "waitingRequests", "cpu")
     obj["spec"]["instanceSpec"] = {"resources": {"limits": {"nvidia.com/gpu": "1"}}}
     with pytest.raises(UnsupportedApplication, match=r"requests\.cpu"):
-        render_application(obj, model_on_claim("c"))
+        render_application(obj, model_on_claim("c"), defaults=RENDER_DEFAULTS)
     obj["spec"]["instanceSpec"]["resources"]["limits"]["cpu"] = "4"  # requests default to limits
     assert autoscaler_of(obj)
 

@@ -20,7 +20,7 @@ import yaml
 from controller.render.disaggregated import render_disaggregated
 from controller.render.engines import UnsupportedApplication
 from tests.support.crd_schema import upstream_schema
-from tests.support.objects import downloaded_model, model_on_claim
+from tests.support.objects import RENDER_DEFAULTS, downloaded_model, model_on_claim
 from tests.support.paths import REPO
 
 GOLDEN = Path(__file__).parent / "golden" / "disaggregated"
@@ -133,7 +133,9 @@ CASES = [(r, s) for r in ("sglang", "dynamo") for s in (1, 2)]
 @pytest.mark.parametrize(("runtime", "size"), CASES)
 def test_render_matches_golden_file(runtime: str, size: int) -> None:
     rendered = yaml.safe_dump_all(
-        render_disaggregated(make_dapp(runtime, size), downloaded_model("deepseek-v3")),
+        render_disaggregated(
+            make_dapp(runtime, size), downloaded_model("deepseek-v3"), defaults=RENDER_DEFAULTS
+        ),
         sort_keys=False,
     )
     path = GOLDEN / f"{runtime}-size{size}.yaml"
@@ -146,7 +148,9 @@ def test_render_matches_golden_file(runtime: str, size: int) -> None:
 @pytest.mark.parametrize(("runtime", "size"), CASES)
 def test_every_object_validates_strictly(runtime: str, size: int) -> None:
     lws_schema = upstream_schema("leaderworkerset.x-k8s.io_leaderworkersets.yaml", "v1")
-    objects = render_disaggregated(make_dapp(runtime, size), model_on_claim("claim"))
+    objects = render_disaggregated(
+        make_dapp(runtime, size), model_on_claim("claim"), defaults=RENDER_DEFAULTS
+    )
     for obj in objects:
         assert obj["metadata"]["namespace"] == NS
         if obj["kind"] == "LeaderWorkerSet":
@@ -164,16 +168,16 @@ def test_every_object_validates_strictly(runtime: str, size: int) -> None:
 def test_rendering_is_pure() -> None:
     dapp = make_dapp("sglang", 2)
     before = copy.deepcopy(dapp)
-    first = render_disaggregated(dapp, model_on_claim("claim"))
+    first = render_disaggregated(dapp, model_on_claim("claim"), defaults=RENDER_DEFAULTS)
     assert dapp == before
-    assert render_disaggregated(dapp, model_on_claim("claim")) == first
+    assert render_disaggregated(dapp, model_on_claim("claim"), defaults=RENDER_DEFAULTS) == first
 
 
 def test_the_sample_manifest_renders() -> None:
     sample = yaml.safe_load(
         (REPO / "manifests/samples/arksdisaggregatedapplication.yaml").read_text()
     )
-    objects = named(render_disaggregated(sample, model_on_claim("claim")))
+    objects = named(render_disaggregated(sample, model_on_claim("claim"), defaults=RENDER_DEFAULTS))
     assert ("LeaderWorkerSet", "deepseek-v3-pd-prefill") in objects
     assert ("LeaderWorkerSet", "deepseek-v3-pd-decode") in objects
     assert ("Service", "deepseek-v3-pd") in objects
@@ -181,7 +185,9 @@ def test_the_sample_manifest_renders() -> None:
 
 @pytest.mark.parametrize("size", [1, 2])
 def test_sglang_groups_run_in_their_disaggregation_mode(size: int) -> None:
-    objects = render_disaggregated(make_dapp("sglang", size), model_on_claim("c"))
+    objects = render_disaggregated(
+        make_dapp("sglang", size), model_on_claim("c"), defaults=RENDER_DEFAULTS
+    )
     for mode in ("prefill", "decode"):
         w = workload(objects, mode)
         assert w["metadata"]["name"] == f"ds-sglang-n{size}-{mode}"
@@ -193,19 +199,20 @@ def test_sglang_groups_run_in_their_disaggregation_mode(size: int) -> None:
             if size > 1:
                 assert flag(argv, "--nnodes") == str(size)
                 assert flag(argv, "--node-rank") == "$(LWS_WORKER_INDEX)"
-                assert flag(argv, "--tp") == str(8 * size)
+                assert flag(argv, "--tp-size") == str(8 * size)
             if mode == "prefill":
                 assert flag(argv, "--disaggregation-bootstrap-port") == "8998"
-                # The user's transfer backend is the only one.
-                assert flag(argv, "--disaggregation-transfer-backend") == "nixl"
             else:
                 assert "--disaggregation-bootstrap-port" not in argv
-                assert flag(argv, "--disaggregation-transfer-backend") == "mooncake"
+            # The prefill args' transfer backend is the pair's: decode must use it too.
+            assert flag(argv, "--disaggregation-transfer-backend") == "nixl"
 
 
 @pytest.mark.parametrize("size", [1, 2])
 def test_prefill_serving_pods_announce_their_bootstrap_port(size: int) -> None:
-    objects = render_disaggregated(make_dapp("sglang", size), model_on_claim("c"))
+    objects = render_disaggregated(
+        make_dapp("sglang", size), model_on_claim("c"), defaults=RENDER_DEFAULTS
+    )
     serving = "single" if size == 1 else "leader"
     prefill = templates(workload(objects, "prefill"))
     annotations = prefill[serving]["metadata"].get("annotations") or {}
@@ -220,7 +227,9 @@ def test_prefill_serving_pods_announce_their_bootstrap_port(size: int) -> None:
 
 @pytest.mark.parametrize("size", [1, 2])
 def test_sglang_router_discovers_exactly_the_serving_pods(size: int) -> None:
-    objects = render_disaggregated(make_dapp("sglang", size), model_on_claim("c"))
+    objects = render_disaggregated(
+        make_dapp("sglang", size), model_on_claim("c"), defaults=RENDER_DEFAULTS
+    )
     router = workload(objects, "router")
     assert router["metadata"]["name"] == f"ds-sglang-n{size}-router"
     assert router["spec"]["replicas"] == 2
@@ -230,7 +239,8 @@ def test_sglang_router_discovers_exactly_the_serving_pods(size: int) -> None:
     assert "--pd-disaggregation" in argv and "--service-discovery" in argv
     assert flag(argv, "--service-discovery-namespace") == NS
     assert flag(argv, "--service-discovery-port") == "30000"
-    assert flag(argv, "--bootstrap-port-annotation") == "sglang.ai/bootstrap-port"
+    # sglang-router has no flag for it: it reads the sglang.ai/bootstrap-port annotation.
+    assert "--bootstrap-port-annotation" not in argv
     assert flag(argv, "--port") == "30000" and flag(argv, "--host") == "0.0.0.0"
     assert argv[-2:] == ["--policy", "cache_aware"], "the user's router args come last"
     assert c["readinessProbe"]["httpGet"]["path"] == "/readiness"
@@ -249,7 +259,9 @@ def test_sglang_router_discovers_exactly_the_serving_pods(size: int) -> None:
 
 
 def test_sglang_router_may_watch_pods_of_its_namespace_only() -> None:
-    objects = named(render_disaggregated(make_dapp("sglang", 1), model_on_claim("c")))
+    objects = named(
+        render_disaggregated(make_dapp("sglang", 1), model_on_claim("c"), defaults=RENDER_DEFAULTS)
+    )
     router_pod = objects[("Deployment", "ds-sglang-n1-router")]["spec"]["template"]["spec"]
     account = objects[("ServiceAccount", "ds-sglang-n1-router")]
     role = objects[("Role", "ds-sglang-n1-router")]
@@ -271,7 +283,7 @@ def test_sglang_router_may_watch_pods_of_its_namespace_only() -> None:
 def test_a_router_service_account_of_the_users_own_is_bound_not_created() -> None:
     dapp = make_dapp("sglang", 1)
     dapp["spec"]["router"]["instanceSpec"]["serviceAccountName"] = "routers"
-    objects = named(render_disaggregated(dapp, model_on_claim("c")))
+    objects = named(render_disaggregated(dapp, model_on_claim("c"), defaults=RENDER_DEFAULTS))
     assert not [k for k in objects if k[0] == "ServiceAccount"]
     binding = objects[("RoleBinding", "ds-sglang-n1-router")]
     assert binding["subjects"][0]["name"] == "routers"
@@ -281,7 +293,9 @@ def test_a_router_service_account_of_the_users_own_is_bound_not_created() -> Non
 
 @pytest.mark.parametrize(("runtime", "port"), [("sglang", 30000), ("dynamo", 8000)])
 def test_the_public_service_is_the_router(runtime: str, port: int) -> None:
-    objects = render_disaggregated(make_dapp(runtime, 1), model_on_claim("c"))
+    objects = render_disaggregated(
+        make_dapp(runtime, 1), model_on_claim("c"), defaults=RENDER_DEFAULTS
+    )
     svc = named(objects)[("Service", f"ds-{runtime}-n1")]
     assert svc["spec"]["ports"] == [
         {"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}
@@ -295,7 +309,9 @@ def test_the_public_service_is_the_router(runtime: str, port: int) -> None:
 
 @pytest.mark.parametrize("size", [1, 2])
 def test_dynamo_prefill_and_decode_workers_pair_through_the_frontend(size: int) -> None:
-    objects = render_disaggregated(make_dapp("dynamo", size), model_on_claim("c"))
+    objects = render_disaggregated(
+        make_dapp("dynamo", size), model_on_claim("c"), defaults=RENDER_DEFAULTS
+    )
     assert not [o for o in objects if o["kind"] in ("Role", "RoleBinding", "ServiceAccount")]
     router = container(workload(objects, "router")["spec"]["template"])
     assert router["command"] == [
@@ -336,12 +352,91 @@ def test_unsupported_specs_are_permanent_errors(spec: dict[str, Any]) -> None:
     dapp = make_dapp("sglang", 1)
     dapp["spec"].update(spec)
     with pytest.raises(UnsupportedApplication):
-        render_disaggregated(dapp, model_on_claim("c"))
+        render_disaggregated(dapp, model_on_claim("c"), defaults=RENDER_DEFAULTS)
 
 
 def test_the_crd_default_runtime_is_sglang() -> None:
     dapp = make_dapp("sglang", 1)
     del dapp["spec"]["runtime"]
-    objects = render_disaggregated(dapp, model_on_claim("c"))
+    objects = render_disaggregated(dapp, model_on_claim("c"), defaults=RENDER_DEFAULTS)
     argv = container(templates(workload(objects, "decode"))["single"])["command"]
     assert argv[:3] == ["python3", "-m", "sglang.launch_server"]
+
+
+RDMA_INSTANCE: dict[str, Any] = {
+    "resources": {"limits": {"nvidia.com/gpu": "8", "rdma/hca_shared_devices_a": "1"}},
+    "securityContext": {"capabilities": {"add": ["IPC_LOCK"]}},
+    "podSecurityContext": {"runAsUser": 0, "fsGroup": 1000},
+    "hostNetwork": True,
+    "hostIPC": True,
+    "runtimeClassName": "nvidia",
+    "priorityClassName": "llm-serving",
+    "schedulerName": "volcano",
+    "imagePullSecrets": [{"name": "registry"}],
+    "tolerations": [{"key": "rdma", "operator": "Exists", "effect": "NoSchedule"}],
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "rdma", "operator": "In", "values": ["yes"]}]}
+                ]
+            }
+        }
+    },
+}
+
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_instance_spec_carries_what_rdma_needs_into_every_engine_pod(size: int) -> None:
+    dapp = make_dapp("sglang", size)
+    for mode in ("prefill", "decode"):
+        dapp["spec"][mode]["instanceSpec"] = copy.deepcopy(RDMA_INSTANCE)
+        dapp["spec"][mode]["runtimeCommonArgs"] = ["--disaggregation-ib-device", "mlx5_0"]
+    objects = render_disaggregated(dapp, model_on_claim("c"), defaults=RENDER_DEFAULTS)
+    lws_schema = upstream_schema("leaderworkerset.x-k8s.io_leaderworkersets.yaml", "v1")
+    for mode in ("prefill", "decode"):
+        w = workload(objects, mode)
+        if w["kind"] == "LeaderWorkerSet":
+            jsonschema.validate(w, lws_schema)
+        else:
+            kubernetes_validate.validate(w, K8S_VERSION, strict=True)
+        for role, template in templates(w).items():
+            pod = template["spec"]
+            for key in (
+                "hostIPC",
+                "runtimeClassName",
+                "priorityClassName",
+                "schedulerName",
+                "imagePullSecrets",
+                "tolerations",
+                "affinity",
+            ):
+                assert pod[key] == RDMA_INSTANCE[key], (mode, role, key)
+            assert pod["hostNetwork"] is True
+            assert pod["dnsPolicy"] == "ClusterFirstWithHostNet", "cluster DNS on the host network"
+            assert pod["securityContext"] == RDMA_INSTANCE["podSecurityContext"]
+            c = container(template)
+            assert c["securityContext"] == {"capabilities": {"add": ["IPC_LOCK"]}}
+            assert c["resources"]["limits"] == RDMA_INSTANCE["resources"]["limits"]
+            if role != "worker" or "ray" not in c["command"][-1]:
+                assert flag(c["command"], "--disaggregation-ib-device") == "mlx5_0"
+    # The router's instanceSpec is its own: the engines' RDMA setup does not leak into it.
+    router_pod = workload(objects, "router")["spec"]["template"]["spec"]
+    assert "hostNetwork" not in router_pod and "securityContext" not in router_pod
+
+
+def test_the_router_takes_the_same_pass_through_fields() -> None:
+    dapp = make_dapp("sglang", 1)
+    dapp["spec"]["router"]["instanceSpec"].update(
+        priorityClassName="system-cluster-critical",
+        imagePullSecrets=[{"name": "registry"}],
+        securityContext={"runAsNonRoot": True},
+    )
+    router = workload(
+        render_disaggregated(dapp, model_on_claim("c"), defaults=RENDER_DEFAULTS), "router"
+    )
+    kubernetes_validate.validate(router, K8S_VERSION, strict=True)
+    pod = router["spec"]["template"]["spec"]
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    assert pod["imagePullSecrets"] == [{"name": "registry"}]
+    assert container(router["spec"]["template"])["securityContext"] == {"runAsNonRoot": True}

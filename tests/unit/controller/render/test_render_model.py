@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import io
 import os
-import shlex
 import stat
 import subprocess
 import tarfile
@@ -25,17 +24,31 @@ import yaml
 
 from controller.render import render_model
 from controller.render.model import (
+    DOWNLOADER_IMAGE,
     MARKER,
     ModelDefaults,
     cache_host_path,
+    cache_path_problem,
     claim_name,
     model_sub_path,
     model_volume,
     render_pvc,
     source_id,
 )
-from controller.render.model_cache import cache_pod_labels, render_cache_daemonset, warm_nodes
+from controller.render.model_cache import (
+    cache_daemonset_name,
+    cache_pod_labels,
+    cleanup_daemonset_name,
+    cleanup_done,
+    copy_failures,
+    render_cache_daemonset,
+    render_cache_source,
+    render_cleanup_daemonset,
+    retired_root,
+    warm_nodes,
+)
 from controller.render.model_download import (
+    NO_CLI_EXIT,
     download_job_name,
     download_steps,
     partial_dir,
@@ -149,7 +162,8 @@ def test_every_object_validates_strictly(source: str, cache: bool) -> None:
     objects = render_model(make_model(source, cache=cache))
     assert objects or source == "pvc"
     for obj in objects:
-        assert obj["metadata"]["namespace"] == "llm"
+        cache_ns = obj["kind"] == "DaemonSet"
+        assert obj["metadata"]["namespace"] == ("arks-cache" if cache_ns else "llm")
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
 
@@ -216,7 +230,8 @@ def test_huggingface_job_runs_hf_download_with_the_token_from_its_secret() -> No
     fast = env(job(model, ModelDefaults(huggingface_high_performance=True)))
     assert fast["HF_XET_HIGH_PERFORMANCE"]["value"] == "1"
     assert container(job(model))["image"] == ModelDefaults().huggingface_image
-    assert "pip install --user --no-cache-dir --quiet 'huggingface_hub>=0.34'" in script(job(model))
+    own = job(model, ModelDefaults(huggingface_image="mirror.example/arks:1"))
+    assert container(own)["image"] == "mirror.example/arks:1"
 
 
 def test_public_huggingface_model_has_no_token_and_default_revision() -> None:
@@ -239,7 +254,7 @@ def test_modelscope_job_runs_modelscope_download() -> None:
         "--local_dir",
         partial_dir(model),
     ]
-    assert "pip install --user --no-cache-dir --quiet modelscope" in script(job(model))
+    assert container(job(model))["image"] == ModelDefaults().modelscope_image
 
 
 def test_s3_job_syncs_the_prefix_with_endpoint_and_credentials_from_the_secret() -> None:
@@ -383,13 +398,15 @@ def _executable(path: Path, body: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
-def _run(text: str, tmp: Path, mounts: dict[str, Path]) -> subprocess.CompletedProcess[str]:
+def _run(
+    text: str, tmp: Path, mounts: dict[str, Path], path: str | None = None
+) -> subprocess.CompletedProcess[str]:
     for mount, local in mounts.items():
         text = text.replace(mount, str(local))
     environment = {
         **os.environ,
         "HOME": str(tmp / "home"),
-        "PATH": f"{tmp / 'bin'}:{os.environ['PATH']}",
+        "PATH": path or f"{tmp / 'bin'}:{os.environ['PATH']}",
     }
     return subprocess.run(
         ["sh", "-c", text], env=environment, capture_output=True, text=True, timeout=30, check=False
@@ -452,62 +469,115 @@ def test_url_script_unpacks_and_flattens_a_single_top_directory(tmp_path: Path) 
     assert [p.name for p in models.iterdir()] == ["model"], "no partial or archive left"
 
 
-def test_cache_copy_script_copies_only_a_complete_model(tmp_path: Path) -> None:
-    claim, cache = tmp_path / "claim", tmp_path / "cache"
-    claim.mkdir()
-    cache.mkdir()
-    (claim / "config.json").write_text("{}")
-    model = make_model("huggingface", cache=True)
-    ds = render_cache_daemonset(model)
-    assert ds is not None
-    (init,) = ds["spec"]["template"]["spec"]["initContainers"]
-    text = init["command"][2]
-    mounts = {"/models": claim, "/cache": cache}
-    incomplete = _run(text, tmp_path, mounts)
-    assert incomplete.returncode != 0 and not (cache / model["metadata"]["name"]).exists()
-
-    (claim / MARKER).write_text(f"{source_id(model)}\n")
-    done = _run(text, tmp_path, mounts)
-    assert done.returncode == 0, done.stderr
-    target = cache / model["metadata"]["name"]
-    assert (target / "config.json").read_text() == "{}"
-    assert (target / MARKER).read_text() == f"{source_id(model)}\n"
-    probe = ds["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["exec"]["command"]
-    assert probe == ["test", "-f", f"/cache/{model['metadata']['name']}/{MARKER}"]
-    assert _run(" ".join(map(shlex.quote, probe)), tmp_path, mounts).returncode == 0
-
-
 # --- node-local cache ---------------------------------------------------------------------------
 
 
-def test_cache_daemonset_copies_from_the_claim_read_only_on_selected_nodes() -> None:
+def _source_objects(model: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {o["kind"]: o for o in render_cache_source(model)}
+
+
+def test_the_cache_source_serves_the_claim_read_only_to_the_cache_namespace_only() -> None:
     model = make_model("huggingface", cache=True)
-    ds = render_cache_daemonset(model)
+    objects = _source_objects(model)
+    assert sorted(objects) == ["Deployment", "NetworkPolicy", "Service"]
+    for obj in objects.values():
+        assert obj["metadata"]["namespace"] == "llm", "in the model's namespace, owned by it"
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    (serve,) = pod["containers"]
+    assert serve["command"][:4] == ["python", "-m", "controller.cache_transfer", "serve"]
+    assert serve["volumeMounts"] == [
+        {"name": "model", "mountPath": "/models", "readOnly": True, "subPath": "model"}
+    ]
+    assert pod["volumes"][0]["persistentVolumeClaim"] == {
+        "claimName": "qwen2-5-7b-instruct",
+        "readOnly": True,
+    }
+    assert_restricted(pod)
+    ingress = objects["NetworkPolicy"]["spec"]["ingress"]
+    assert ingress == [
+        {
+            "from": [
+                {
+                    "namespaceSelector": {
+                        "matchLabels": {"kubernetes.io/metadata.name": "arks-cache"}
+                    },
+                    "podSelector": {"matchLabels": {"arks.ai/component": "model-cache"}},
+                }
+            ],
+            "ports": [{"port": 8080, "protocol": "TCP"}],
+        }
+    ]
+    selector = objects["NetworkPolicy"]["spec"]["podSelector"]["matchLabels"].items()
+    assert selector <= objects["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
+    assert objects["Service"]["spec"]["selector"].items() == selector
+    assert render_cache_source(make_model("huggingface")) == []
+
+
+def assert_restricted(pod: dict[str, Any]) -> None:
+    """Pod Security `restricted`, as far as a pod spec says it."""
+    context = pod["securityContext"]
+    assert context["runAsNonRoot"] is True and context["seccompProfile"] == {
+        "type": "RuntimeDefault"
+    }
+    for c in pod["containers"]:
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+    assert not [v for v in pod["volumes"] if "hostPath" in v]
+
+
+def test_cache_daemonset_runs_in_the_cache_namespace_with_least_privilege() -> None:
+    model = make_model("huggingface", cache=True)
+    ds = render_cache_daemonset(model, ModelDefaults(cache_namespace="node-cache"))
     assert ds is not None
+    kubernetes_validate.validate(ds, K8S_VERSION, strict=True)
+    meta = ds["metadata"]
+    assert meta["namespace"] == "node-cache"
+    assert meta["labels"]["arks.ai/model-namespace"] == "llm"
+    assert meta["labels"]["arks.ai/model"] == "qwen2-5-7b-instruct"
+    assert meta["annotations"]["arks.ai/cache-root"] == "/var/lib/arks/models/llm"
+    assert "ownerReferences" not in meta, "an owner reference cannot cross namespaces"
     template = ds["spec"]["template"]
     assert ds["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
     assert template["metadata"]["labels"] == cache_pod_labels(model)
     pod = template["spec"]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["tolerations"] == [{"operator": "Exists"}]
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    assert volumes["model"]["persistentVolumeClaim"] == {
-        "claimName": "qwen2-5-7b-instruct",
-        "readOnly": True,
-    }
-    assert volumes["cache"]["hostPath"] == {
-        "path": "/var/lib/arks/models/llm",
-        "type": "DirectoryOrCreate",
-    }
-    (init,) = pod["initContainers"]
-    claim_mount = next(m for m in init["volumeMounts"] if m["name"] == "model")
-    assert claim_mount == {
-        "name": "model",
-        "mountPath": "/models",
-        "readOnly": True,
-        "subPath": "model",
-    }
+    assert pod["volumes"] == [
+        {
+            "name": "cache",
+            "hostPath": {"path": "/var/lib/arks/models/llm", "type": "DirectoryOrCreate"},
+        }
+    ], "the cache root only; no claim (it is in another namespace)"
+    own, copy_ = pod["initContainers"]
+    assert own["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    assert own["command"] == ["chown", "1000:1000", "/cache"]
+    for c in (copy_, *pod["containers"]):
+        sc = c["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"] == {"drop": ["ALL"]} and not sc["allowPrivilegeEscalation"]
+    assert not [
+        c for c in (own, copy_, *pod["containers"]) if c["securityContext"].get("privileged")
+    ]
+    argv = copy_["command"]
+    assert argv[:4] == ["python", "-m", "controller.cache_transfer", "fetch"]
+    assert (
+        argv[argv.index("--source") + 1] == "http://qwen2-5-7b-instruct-cache-source.llm.svc:8080"
+    )
+    assert argv[argv.index("--id") + 1] == source_id(model)
+    assert "--require-marker" in argv and "--reserve-bytes" in argv
+    probe = pod["containers"][0]["readinessProbe"]["exec"]["command"]
+    assert probe == ["test", "-f", f"/cache/qwen2-5-7b-instruct/{MARKER}"]
     assert cache_host_path(model) == "/var/lib/arks/models/llm/qwen2-5-7b-instruct"
+
+
+def test_cache_objects_of_two_models_never_share_a_name() -> None:
+    a = make_model("s3", nodeCache={"enabled": True})
+    b = make_model("s3", nodeCache={"enabled": True})
+    a["metadata"].update(namespace="a", name="b-c")
+    b["metadata"].update(namespace="a-b", name="c")
+    assert cache_daemonset_name(a) != cache_daemonset_name(b)
+    assert cleanup_daemonset_name(a, "/x") != cleanup_daemonset_name(a, "/y")
 
 
 def test_no_daemonset_without_the_cache_and_no_tolerations_without_a_selector() -> None:
@@ -519,12 +589,74 @@ def test_no_daemonset_without_the_cache_and_no_tolerations_without_a_selector() 
     assert "tolerations" not in ds["spec"]["template"]["spec"]
 
 
-def test_adopted_claim_cache_copies_its_sub_path_without_a_marker_check() -> None:
-    ds = render_cache_daemonset(make_model("pvc", cache=True))
+def test_adopted_claim_cache_serves_its_sub_path_without_a_marker_check() -> None:
+    model = make_model("pvc", cache=True)
+    ds = render_cache_daemonset(model)
     assert ds is not None
-    (init,) = ds["spec"]["template"]["spec"]["initContainers"]
-    assert init["volumeMounts"][0]["subPath"] == "qwen/7b"
-    assert "has no complete model" not in init["command"][2]
+    assert "--require-marker" not in ds["spec"]["template"]["spec"]["initContainers"][1]["command"]
+    serve = _source_objects(model)["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert serve["volumeMounts"][0]["subPath"] == "qwen/7b"
+
+
+def test_the_cleanup_daemonset_removes_the_copy_where_the_cache_ran() -> None:
+    model = make_model("huggingface", cache=True)
+    ds = render_cleanup_daemonset(model, "/old/root/llm", {"pool": "gpu"})
+    kubernetes_validate.validate(ds, K8S_VERSION, strict=True)
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["volumes"][0]["hostPath"]["path"] == "/old/root/llm"
+    assert pod["nodeSelector"] == {"pool": "gpu"} and pod["tolerations"] == [{"operator": "Exists"}]
+    (remove,) = pod["initContainers"]
+    assert remove["command"] == [
+        "python",
+        "-m",
+        "controller.cache_transfer",
+        "remove",
+        "--root",
+        "/cache",
+        "--name",
+        "qwen2-5-7b-instruct",
+    ]
+    assert remove["securityContext"]["runAsUser"] == 1000, "the copier's user owns the copy"
+    assert retired_root(ds) == ("/old/root/llm", {"pool": "gpu"})
+    assert not cleanup_done(ds), "no status yet: not done"
+    ds["status"] = {"desiredNumberScheduled": 2, "numberReady": 1}
+    assert not cleanup_done(ds)
+    ds["status"] = {"desiredNumberScheduled": 2, "numberReady": 2}
+    assert cleanup_done(ds)
+    ds["metadata"]["generation"] = 3
+    ds["status"]["observedGeneration"] = 2
+    assert not cleanup_done(ds), "the status of an older spec"
+
+
+def test_a_copy_that_found_no_disk_is_reported_with_its_message() -> None:
+    def pod(node: str, code: int, message: str, current: bool) -> dict[str, Any]:
+        terminated = {"exitCode": code, "message": message, "reason": "Error"}
+        state = (
+            {"state": {"terminated": terminated}}
+            if current
+            else {
+                "state": {"running": {}},
+                "lastState": {"terminated": terminated},
+            }
+        )
+        return {
+            "spec": {"nodeName": node},
+            "status": {"initContainerStatuses": [{"name": "copy", **state}]},
+        }
+
+    pods = [
+        pod("gpu-b", 2, "arks: not enough disk for the model on this node: it needs 9 bytes", True),
+        pod("gpu-a", 1, "arks: cannot read http://x/index", False),
+        pod("gpu-c", 0, "", True),
+    ]
+    assert copy_failures(pods) == [
+        ("gpu-a", "CopyFailed", "arks: cannot read http://x/index"),
+        (
+            "gpu-b",
+            "NoDiskSpace",
+            "arks: not enough disk for the model on this node: it needs 9 bytes",
+        ),
+    ]
 
 
 def test_warm_nodes_are_the_sorted_nodes_of_ready_cache_pods() -> None:
@@ -597,3 +729,134 @@ def test_model_volume_falls_back_to_the_claim_when_the_cache_cannot_be_guarantee
     assert not model_volume(everywhere).node_local, "an empty selector cannot pin the pod"
     disabled = make_model("huggingface", nodeCache={"enabled": False, "nodeSelector": {"a": "b"}})
     assert not model_volume(disabled, {"a": "b"}).node_local
+
+
+def _pod_specs(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    pods = []
+    for obj in objects:
+        spec = obj.get("spec") or {}
+        lwt = spec.get("leaderWorkerTemplate") or {}
+        for template in (
+            spec.get("template"),
+            lwt.get("leaderTemplate"),
+            lwt.get("workerTemplate"),
+        ):
+            if template:
+                pods.append(template["spec"])
+    return pods
+
+
+def test_no_rendered_pod_installs_anything_at_run_time() -> None:
+    from controller.render import render_application
+    from controller.render.disaggregated import render_disaggregated
+    from tests.support.objects import RENDER_DEFAULTS
+    from tests.unit.controller.render.test_render_application import make_app
+    from tests.unit.controller.render.test_render_disaggregated import make_dapp
+
+    objects: list[dict[str, Any]] = []
+    for source in SOURCES:
+        objects += render_model(make_model(source, nodeCache={"enabled": True}))
+    for runtime in ("vllm", "sglang", "dynamo"):
+        for size in (1, 2):
+            model = make_model("huggingface")
+            objects += render_application(make_app(runtime, size), model, defaults=RENDER_DEFAULTS)
+            if runtime != "vllm":
+                objects += render_disaggregated(
+                    make_dapp(runtime, size), model, defaults=RENDER_DEFAULTS
+                )
+    pods = _pod_specs(objects)
+    assert len(pods) > 20
+    installers = ("pip ", "pip3 ", "pip install", "uv pip", "apt-get", "apk add", "yum ", "dnf ")
+    for pod in pods:
+        for c in [*pod.get("initContainers", []), *pod["containers"]]:
+            words = " ".join([*c.get("command", []), *c.get("args", [])])
+            assert not [i for i in installers if i in words], (c["name"], words)
+
+
+@pytest.mark.parametrize("source", ["huggingface", "modelscope", "s3", "url"])
+def test_an_image_without_the_cli_fails_the_job_at_once_and_says_why(
+    tmp_path: Path, source: str
+) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    rendered = job(make_model(source))
+    # Only the shell's own tools: no hf, modelscope, aws or curl.
+    only_shell = tmp_path / "bin"
+    only_shell.mkdir()
+    for tool in ("sh", "cat", "mkdir", "rm", "mv", "printf", "echo"):
+        found = subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True, text=True)
+        if found.stdout.strip().startswith("/"):
+            (only_shell / tool).symlink_to(found.stdout.strip())
+    result = _run(script(rendered), tmp_path, {"/models": models}, path=str(only_shell))
+    assert result.returncode == NO_CLI_EXIT
+    assert "this image has no" in result.stderr
+    assert not (models / "model").exists()
+    rules = rendered["spec"]["podFailurePolicy"]["rules"]
+    assert {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "download", "operator": "In", "values": [NO_CLI_EXIT]},
+    } in rules, "no retries: an image does not grow a CLI"
+
+
+def test_the_default_download_image_is_the_arks_image_built_with_the_download_clis() -> None:
+    from tests.support.paths import REPO
+
+    kustomization = yaml.safe_load((REPO / "manifests/base/kustomization.yaml").read_text())
+    (image,) = kustomization["images"]
+    assert DOWNLOADER_IMAGE == f"{image['name']}:{image['newTag']}"
+    assert ModelDefaults().huggingface_image == ModelDefaults().modelscope_image == DOWNLOADER_IMAGE
+    assert '"arks[download]"' in (REPO / "Dockerfile").read_text()
+    pyproject = (REPO / "pyproject.toml").read_text()
+    extra = pyproject.split("download = [", 1)[1].split("]", 1)[0]
+    # The packages whose console scripts are the `hf` and `modelscope` the Jobs run.
+    assert '"huggingface_hub>=0.34"' in extra and '"modelscope-hub>=0.5"' in extra
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        ("/var/lib/arks/models", True),
+        ("/var/lib/arks/models/", True),
+        ("/var/lib/arks/models/nvme", True),
+        ("/var/lib/arks/models2", False),
+        ("/etc", False),
+        ("/", False),
+        ("/var/lib/arks/models/../../../etc", False),
+        ("/var/lib/arks/models/./x", False),
+        ("var/lib/arks/models", False),
+    ],
+)
+def test_a_tenant_cannot_point_the_privileged_cache_pods_at_any_host_directory(
+    path: str, allowed: bool
+) -> None:
+    model = make_model("huggingface", cache=True)
+    model["spec"]["nodeCache"]["path"] = path
+    assert (cache_path_problem(model, ModelDefaults().cache_roots) is None) == allowed
+    assert (render_cache_daemonset(model) is not None) == allowed
+    assert bool(render_cache_source(model)) == allowed
+    volume = model_volume(model, {})
+    assert volume.node_local == allowed, "engines read the claim when there is no copy"
+
+
+def test_the_operator_allows_other_cache_roots() -> None:
+    model = make_model("huggingface", cache=True)
+    model["spec"]["nodeCache"]["path"] = "/mnt/nvme/models"
+    d = ModelDefaults(cache_roots=("/var/lib/arks/models", "/mnt/nvme"))
+    assert cache_path_problem(model, d.cache_roots) is None
+    assert render_cache_daemonset(model, d) is not None
+    assert model_volume(model, {}, cache_roots=d.cache_roots).node_local
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-7b", "1-model", "qwen2-5-7b"])
+def test_cache_source_names_are_valid_service_names(name: str) -> None:
+    import re
+
+    model = make_model("huggingface", cache=True)
+    model["metadata"]["name"] = name
+    names = {o["metadata"]["name"] for o in render_cache_source(model)}
+    (service_name,) = names
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", service_name) and len(service_name) <= 63
+    other = make_model("huggingface", cache=True)
+    other["metadata"]["name"] = name.replace(".", "-")
+    if other["metadata"]["name"] != name:
+        assert {o["metadata"]["name"] for o in render_cache_source(other)} != names
