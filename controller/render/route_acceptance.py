@@ -55,6 +55,13 @@ def _named(ref: Mapping[str, Any], route_namespace: str) -> str:
     return where
 
 
+MAX_MESSAGE = 1024  # of the Gateway's message quoted in ours (a condition message is <= 32768)
+
+
+def _said(condition: Mapping[str, Any]) -> str:
+    return str(condition.get("message") or condition.get("reason") or "")[:MAX_MESSAGE]
+
+
 def _condition(entry: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
     for condition in entry.get("conditions") or []:
         if condition.get("type") == type_:
@@ -82,11 +89,11 @@ def route_acceptance(
     if accepted is None or accepted.get("status") not in ("True", "False"):
         message = f"no word from {controller_name} on HTTPRoute {meta.get('name')} in {gateway} yet"
         if accepted is not None and accepted.get("message"):
-            message += f": {accepted['message']}"
+            message += f": {_said(accepted)}"
         reason = str((accepted or {}).get("reason") or PENDING)
         return RouteAcceptance(("Unknown", reason, message))
     reason = str(accepted.get("reason") or ACCEPTED)
-    message = f"{gateway}: {accepted.get('message') or reason}"
+    message = f"{gateway}: {_said(accepted) or reason}"
     if reason == NOT_ALLOWED_BY_LISTENERS:
         message += f" (is the namespace {namespace} labelled {LABEL_TENANT}=true?)"
     resolved = _condition(entries[0], RESOLVED_REFS)
@@ -95,6 +102,6 @@ def route_acceptance(
         unresolved = (
             "False",
             str(resolved.get("reason") or RESOLVED_REFS),
-            f"{gateway}: {resolved.get('message') or resolved.get('reason')}",
+            f"{gateway}: {_said(resolved)}",
         )
     return RouteAcceptance((str(accepted["status"]), reason, message), unresolved)
