@@ -68,6 +68,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if not $v.redis.url }}{{ fail "redis.enabled=false needs redis.url" }}{{ end }}
 {{- $a = printf "--redis=%s" $v.redis.url }}
 {{- end }}
+{{- if hasPrefix "--prometheus-url=" $a }}
+{{- $a = printf "--prometheus-url=%s" $v.autoscaling.prometheusUrl }}
+{{- end }}
 {{- $args = append $args $a }}
 {{- end }}
 {{- $_ := set $c "args" $args }}
@@ -100,6 +103,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if and (eq $meta.name "arks-ratelimit") (not $v.redis.enabled) }}
 {{- $_ := set $obj.spec "policyTypes" (list "Ingress") }}
 {{- $_ := unset $obj.spec "egress" }}
+{{- end }}
+{{- end }}
+{{- if eq $obj.kind "PodMonitor" }}
+{{- $pm := $v.autoscaling.podMonitor }}
+{{- $_ := set $meta "labels" (merge $meta.labels ($pm.labels | default dict)) }}
+{{- if $pm.namespaces }}
+{{- $_ := set $obj.spec "namespaceSelector" (dict "matchNames" $pm.namespaces) }}
 {{- end }}
 {{- end }}
 {{- end }}
