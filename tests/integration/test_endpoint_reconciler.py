@@ -293,23 +293,28 @@ NOT_ALLOWED = (
 )  # Envoy Gateway's own words (internal/gatewayapi/route.go)
 
 
+RESOLVED = ("True", "ResolvedRefs", "Resolved all the Object references for the Route")
+
+
 def play_envoy_gateway(
     api: ApiClient,
     ns: str,
     accepted: tuple[str, str, str],
     controller: str = ENVOY_GATEWAY,
     others: list[dict[str, Any]] | None = None,
+    resolved: tuple[str, str, str] = RESOLVED,
 ) -> None:
     """Write the route's status as Envoy Gateway does: one RouteParentStatus per parentRef."""
     route = get(api, HTTPROUTES, ns, SERVED)
     assert route is not None
     status, reason, message = accepted
+    resolved_status, resolved_reason, resolved_message = resolved
     conditions = [
         {"type": "Accepted", "status": status, "reason": reason, "message": message,
          "observedGeneration": route["metadata"]["generation"],
          "lastTransitionTime": "2026-12-05T00:00:00Z"},
-        {"type": "ResolvedRefs", "status": "True", "reason": "ResolvedRefs",
-         "message": "Resolved all the Object references for the Route",
+        {"type": "ResolvedRefs", "status": resolved_status, "reason": resolved_reason,
+         "message": resolved_message,
          "observedGeneration": route["metadata"]["generation"],
          "lastTransitionTime": "2026-12-05T00:00:00Z"},
     ]  # fmt: skip
@@ -390,3 +395,19 @@ def test_the_running_controller_follows_the_gateways_word_on_its_route(
         assert conditions_of(api, ns)["RouteAccepted"][0] == "True"
     finally:
         controller.stop()
+
+
+def test_an_accepted_route_with_a_backend_the_gateway_cannot_find_is_not_ready(
+    api: ApiClient, ns: str
+) -> None:
+    create_app(api, ns, "qwen-l40s", "vllm", "NVIDIA-L40S")
+    create_endpoint(api, ns, routeConfigs=[{"name": "spill", "port": 80}])
+    reconcile_endpoint(api, (ns, SERVED))
+    missing = ("False", "BackendNotFound", f"Failed to process route rule 0 backendRef 2: service {ns}/spill not found.")  # fmt: skip
+    play_envoy_gateway(api, ns, ("True", "Accepted", "Route is accepted"), resolved=missing)
+    reconcile_endpoint(api, (ns, SERVED))
+    conditions = conditions_of(api, ns)
+    assert conditions["RouteAccepted"][0] == "True"
+    status, reason, message = conditions["Ready"]
+    assert (status, reason) == ("False", "BackendNotFound")
+    assert f"service {ns}/spill not found" in message and "over 2 backends" in message
