@@ -1,9 +1,10 @@
 """`python -m arks.chart [--check]`: copy the kustomize manifests into the Helm chart.
 
 charts/arks renders the objects of `manifests/` from copies of its files (charts/arks/files/:
-base/, gateway/, monitoring/, each the files its kustomization.yaml lists), changing only what
-its values set: image, replicas, Redis, the monitoring namespace. One source, so the chart and
-`kubectl apply -k manifests/` cannot drift apart (tests/unit/manifests/test_helm_chart.py
+base/, gateway/, cache/, monitoring/, autoscaling/, each the files its kustomization.yaml lists, and
+`EXTRAS`), changing only what its values set: image, replicas, Redis, the monitoring namespace,
+the controller's Prometheus, the engine PodMonitor's labels and namespaces. One source, so the
+chart and `kubectl apply -k manifests/` cannot drift apart (tests/unit/manifests/test_helm_chart.py
 renders both). The CRDs go to charts/arks/crds/ by `python -m arks.crds`.
 """
 
@@ -18,7 +19,10 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
 OUTPUT = ROOT / "charts" / "arks" / "files"
-PARTS = ("base", "gateway", "monitoring")
+PARTS = ("base", "gateway", "cache", "monitoring", "autoscaling")
+# Copied although no kustomization lists them: prometheus-adapter's Helm values, for a chart
+# user's `helm install prometheus-adapter ... -f` (not an object the chart renders).
+EXTRAS = ("autoscaling/prometheus-adapter-values.yaml",)
 
 
 def files(manifests: Path = MANIFESTS) -> dict[str, str]:
@@ -30,6 +34,8 @@ def files(manifests: Path = MANIFESTS) -> dict[str, str]:
             path = manifests / part / resource
             if path.is_file():
                 out[f"{part}/{path.name}"] = path.read_text()
+    for extra in EXTRAS:
+        out[extra] = (manifests / extra).read_text()
     return out
 
 

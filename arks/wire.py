@@ -43,6 +43,9 @@ FIELD_MANAGER = "arks-controller"  # server-side apply
 # (the HPA) writes it: server-side apply's "transferring ownership".
 HANDOVER_FIELD_MANAGER = "arks-handover-to-hpa"
 EVENT_COMPONENT = "arks-controller"  # the source of the controller's Events
+# Envoy Gateway's GatewayClass controllerName (manifests/gateway/gateway.yaml): the only writer of
+# an HTTPRoute's `status.parents[]` the controller believes about the Arks Gateway.
+ENVOY_GATEWAY_CONTROLLER = "gateway.envoyproxy.io/gatewayclass-controller"
 
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -55,6 +58,9 @@ LABEL_COMPONENT = "arks.ai/component"
 LABEL_ENDPOINT = "arks.ai/endpoint"
 LABEL_ENDPOINT_NAMESPACE = "arks.ai/endpoint-namespace"
 LABEL_ENDPOINT_UID = "arks.ai/endpoint-uid"
+# On a Namespace (the cluster admin's): the Arks Gateway's listener takes its HTTPRoutes
+# (manifests/gateway/gateway.yaml, allowedRoutes).
+LABEL_TENANT = "arks.ai/tenant"
 ANNOTATION_SERVED_NAME = "arks.ai/served-model-name"
 ANNOTATION_MODEL = "arks.ai/model"
 ANNOTATION_SOURCE_ID = "arks.ai/source-id"

@@ -149,7 +149,11 @@ endpoint_status = obj(
             max_items=64,
         ),
     },
-    "Observed state, written by the controller.",
+    "Observed state, written by the controller. Conditions: Ready (the route has backends with "
+    "weight and the Gateway has not refused it), RouteAccepted (the Accepted condition Envoy "
+    "Gateway wrote into the HTTPRoute's status for the Arks Gateway; False with reason "
+    "NotAllowedByListeners when the namespace is not labelled arks.ai/tenant=true; Unknown "
+    "with reason Pending until it reports) and Picking (endpoints that pick per request).",
 )
 
 ENDPOINT = Kind(
@@ -162,6 +166,8 @@ ENDPOINT = Kind(
     columns=(
         Column("Backends", ".status.backends", "integer"),
         Column("Ready", '.status.conditions[?(@.type=="Ready")].status'),
+        Column("Accepted", '.status.conditions[?(@.type=="RouteAccepted")].status'),
+        Column("Reason", '.status.conditions[?(@.type=="RouteAccepted")].reason', priority=1),
         Column("Weighting", ".spec.weighting", priority=1),
     ),
 )

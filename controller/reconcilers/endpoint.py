@@ -3,9 +3,10 @@
 Level-triggered: every call reads the endpoint and the ArksApplications of its namespace
 afresh, server-side applies the HTTPRoute (owned by the endpoint, so deleting the endpoint
 deletes the route) and reports the backends in `status.routes`, their count in
-`status.backends` and a `Ready` condition. An unchanged status is not written. Endpoints that
-pick their engine per request also get an EnvoyPatchPolicy for Envoy Gateway and a `Picking`
-condition (`controller.reconcilers.picking`).
+`status.backends`, whether Envoy Gateway accepted the route (`RouteAccepted`, from the route's
+`status.parents`: `controller.render.route_acceptance`) and a `Ready` condition. An unchanged
+status is not written. Endpoints that pick their engine per request also get an
+EnvoyPatchPolicy for Envoy Gateway and a `Picking` condition (`controller.reconcilers.picking`).
 
 With a `LoadSource` (`controller.load.cluster.ClusterLoad`), endpoints not on `weighting:
 static` weigh their discovered applications by live engine load (the formula is in
@@ -35,10 +36,11 @@ from arks.adapters.kube.runner import Controller, Leadership
 from arks.adapters.kube.watch import Informer, watch_owned
 from arks.api import STATIC
 from arks.resources import APPLICATIONS, ENDPOINTS, HTTPROUTES, Resource
-from arks.wire import FIELD_MANAGER, LABEL_ENDPOINT, label_value
+from arks.wire import FIELD_MANAGER, LABEL_ENDPOINT, LABEL_MANAGED_BY, MANAGED_BY, label_value
 from controller.reconcilers.picking import Condition, sync_picking_policy
 from controller.reconcilers.pruning import prune_owned
 from controller.render.endpoint import DEFAULT_GATEWAY, render_httproute, route_status
+from controller.render.route_acceptance import RouteAcceptance, route_acceptance
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +75,13 @@ def _write_status(
     ready: tuple[str, str, str],
     now: datetime.datetime,
     picking: Condition | None = None,
+    route_accepted: Condition | None = None,
 ) -> None:
     current: Mapping[str, Any] = endpoint.get("status") or {}
     generation = endpoint["metadata"].get("generation")
     conditions = set_condition(current.get("conditions"), "Ready", *ready, generation, now)
+    if route_accepted is not None:  # None: no route was applied, so the last word stands
+        conditions = set_condition(conditions, "RouteAccepted", *route_accepted, generation, now)
     if picking is not None:
         conditions = set_condition(conditions, "Picking", *picking, generation, now)
     else:  # not picking per request (any more): no condition to speak of
@@ -129,7 +134,10 @@ def reconcile_endpoint(
     except PermanentError as e:
         _write_status(api_client, endpoint, {}, ("False", "Unroutable", str(e)), when)
         raise
-    server_side_apply(api_client, HTTPROUTES, set_owner(route, endpoint), field_manager)
+    live_route = server_side_apply(
+        api_client, HTTPROUTES, set_owner(route, endpoint), field_manager
+    )
+    acceptance = route_acceptance(live_route, route["spec"]["parentRefs"][0])
     owner_label = (LABEL_ENDPOINT, label_value(name))
     for gone in prune_owned(api_client, endpoint, [route], ROUTE_KINDS, owner_label):
         message = f"deleted {gone}: no longer rendered"
@@ -150,9 +158,21 @@ def reconcile_endpoint(
         ready = ("False", "NoWeightedBackends", f"HTTPRoute {name}: every backend has weight 0")
     else:
         ready = ("False", "NoBackends", f"HTTPRoute {name} has no backends (requests get 500)")
-    _write_status(
-        api_client, endpoint, {"routes": routes, "backends": len(live)}, ready, when, picking
-    )
+    ready = _gateway_verdict(ready, acceptance)
+    fields = {"routes": routes, "backends": len(live)}
+    _write_status(api_client, endpoint, fields, ready, when, picking, acceptance.accepted)
+
+
+def _gateway_verdict(ready: Condition, acceptance: RouteAcceptance) -> Condition:
+    """Ready as the backends make it, unless the Gateway refused the route or some of its
+    backends. Without word from the Gateway yet (Unknown), the backends' verdict stands."""
+    status, _reason, message = acceptance.accepted
+    if status == "False":
+        return ("False", "RouteNotAccepted", f"{message}; no request reaches this endpoint")
+    if ready[0] == "True" and acceptance.unresolved is not None:
+        _, unresolved_reason, unresolved_message = acceptance.unresolved
+        return ("False", unresolved_reason, f"{unresolved_message}; {ready[2]}")
+    return ready
 
 
 def _drained(
@@ -187,7 +207,8 @@ def endpoint_controller(
 ) -> Controller:
     """A (not started) controller for ArksEndpoints and their HTTPRoutes.
 
-    An edited or deleted HTTPRoute re-triggers its endpoint; any ArksApplication change
+    An edited or deleted HTTPRoute, or one whose status the Gateway's controller wrote,
+    re-triggers its endpoint; any ArksApplication change
     re-triggers the endpoints of its namespace, since discovery may add or drop it (also
     when its served name changes away from an endpoint), and so does a changed live load of
     an application (`load`, started and stopped by the caller).
@@ -195,8 +216,11 @@ def endpoint_controller(
     work = queue if queue is not None else WorkQueue()
     options = dict(informer_options or {})
     endpoints = Informer(api_client, ENDPOINTS, namespace, **options)
+    # Only the routes the controller labels: its cache holds no one else's. Envoy Gateway's
+    # status writes on them re-trigger the endpoint (its RouteAccepted condition).
+    ours = {**options, "label_selector": f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_ENDPOINT}"}
     routes = watch_owned(
-        api_client, HTTPROUTES, work, ENDPOINT_API_VERSION, ENDPOINT_KIND, namespace, **options
+        api_client, HTTPROUTES, work, ENDPOINT_API_VERSION, ENDPOINT_KIND, namespace, **ours
     )
     applications = Informer(api_client, APPLICATIONS, namespace, **options)
 

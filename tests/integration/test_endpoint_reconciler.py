@@ -12,7 +12,7 @@ from arks.adapters.kube import rest
 from arks.adapters.kube.conditions import find_condition
 from arks.resources import APPLICATIONS, ENDPOINTS, EVENTS, HTTPROUTES
 from controller.reconcilers.endpoint import endpoint_controller, reconcile_endpoint
-from tests.support.kube import FAST_INFORMERS, eventually
+from tests.support.kube import FAST_INFORMERS, eventually, set_status
 from tests.support.kube import get_object as get
 
 pytestmark = pytest.mark.timeout(60)
@@ -281,3 +281,133 @@ def test_a_route_the_endpoint_no_longer_renders_is_deleted_and_others_are_kept(
     assert [e["message"] for e in events if e["reason"] == "Pruned"] == [
         "deleted HTTPRoute/qwen-7b-old: no longer rendered"
     ]
+
+
+# --- the Gateway's word on the route (HTTPRoute status.parents) --------------------------------
+
+ENVOY_GATEWAY = "gateway.envoyproxy.io/gatewayclass-controller"
+NOT_ALLOWED = (
+    "False",
+    "NotAllowedByListeners",
+    "No listeners included by this parent ref allowed this attachment.",
+)  # Envoy Gateway's own words (internal/gatewayapi/route.go)
+
+
+RESOLVED = ("True", "ResolvedRefs", "Resolved all the Object references for the Route")
+
+
+def play_envoy_gateway(
+    api: ApiClient,
+    ns: str,
+    accepted: tuple[str, str, str],
+    controller: str = ENVOY_GATEWAY,
+    others: list[dict[str, Any]] | None = None,
+    resolved: tuple[str, str, str] = RESOLVED,
+) -> None:
+    """Write the route's status as Envoy Gateway does: one RouteParentStatus per parentRef."""
+    route = get(api, HTTPROUTES, ns, SERVED)
+    assert route is not None
+    status, reason, message = accepted
+    resolved_status, resolved_reason, resolved_message = resolved
+    conditions = [
+        {"type": "Accepted", "status": status, "reason": reason, "message": message,
+         "observedGeneration": route["metadata"]["generation"],
+         "lastTransitionTime": "2026-12-05T00:00:00Z"},
+        {"type": "ResolvedRefs", "status": resolved_status, "reason": resolved_reason,
+         "message": resolved_message,
+         "observedGeneration": route["metadata"]["generation"],
+         "lastTransitionTime": "2026-12-05T00:00:00Z"},
+    ]  # fmt: skip
+    (parent,) = route["spec"]["parentRefs"]
+    entry = {"parentRef": parent, "controllerName": controller, "conditions": conditions}
+    set_status(api, HTTPROUTES, ns, SERVED, parents=[*(others or []), entry])
+
+
+def conditions_of(api: ApiClient, ns: str) -> dict[str, tuple[str, str, str]]:
+    return {
+        c["type"]: (c["status"], c["reason"], c["message"])
+        for c in endpoint_status(api, ns).get("conditions") or []
+    }
+
+
+def test_the_gateways_refusal_of_the_route_is_the_endpoints_status(api: ApiClient, ns: str) -> None:
+    create_app(api, ns, "qwen-l40s", "vllm", "NVIDIA-L40S")
+    create_endpoint(api, ns)
+    reconcile_endpoint(api, (ns, SERVED))
+    conditions = conditions_of(api, ns)
+    assert conditions["RouteAccepted"][:2] == ("Unknown", "Pending")  # no word yet: not False
+    assert conditions["Ready"][:2] == ("True", "BackendsRouted")
+
+    play_envoy_gateway(api, ns, NOT_ALLOWED)
+    reconcile_endpoint(api, (ns, SERVED))
+    conditions = conditions_of(api, ns)
+    status, reason, message = conditions["RouteAccepted"]
+    assert (status, reason) == ("False", "NotAllowedByListeners")
+    assert f"namespace {ns} labelled arks.ai/tenant=true" in message
+    assert conditions["Ready"][:2] == ("False", "RouteNotAccepted")
+    events = rest.request(api, "GET", EVENTS.path(ns))["items"]
+    assert ("Warning", "RouteNotAccepted") in [(e["type"], e["reason"]) for e in events]
+
+    play_envoy_gateway(api, ns, ("True", "Accepted", "Route is accepted"))  # labelled now
+    reconcile_endpoint(api, (ns, SERVED))
+    conditions = conditions_of(api, ns)
+    assert conditions["RouteAccepted"][:2] == ("True", "Accepted")
+    assert conditions["Ready"][:2] == ("True", "BackendsRouted")
+
+
+def test_only_envoy_gateways_entry_for_our_gateway_counts(api: ApiClient, ns: str) -> None:
+    create_app(api, ns, "qwen-l40s", "vllm", "NVIDIA-L40S")
+    create_endpoint(api, ns)
+    reconcile_endpoint(api, (ns, SERVED))
+    play_envoy_gateway(api, ns, NOT_ALLOWED, controller="example.net/other-controller")
+    reconcile_endpoint(api, (ns, SERVED))
+    assert conditions_of(api, ns)["RouteAccepted"][:2] == ("Unknown", "Pending")
+    assert conditions_of(api, ns)["Ready"][0] == "True"
+
+    # Envoy Gateway accepted it for our Gateway; another Gateway's refusal is not ours.
+    elsewhere = {
+        "parentRef": {"name": "other-gateway", "namespace": "arks-system"},
+        "controllerName": ENVOY_GATEWAY,
+        "conditions": [{"type": "Accepted", "status": "False", "reason": "NotAllowedByListeners",
+                        "message": "no", "lastTransitionTime": "2026-12-05T00:00:00Z"}],
+    }  # fmt: skip
+    play_envoy_gateway(api, ns, ("True", "Accepted", "Route is accepted"), others=[elsewhere])
+    reconcile_endpoint(api, (ns, SERVED))
+    assert conditions_of(api, ns)["RouteAccepted"][:2] == ("True", "Accepted")
+
+
+def test_the_running_controller_follows_the_gateways_word_on_its_route(
+    api: ApiClient, ns: str
+) -> None:
+    controller = endpoint_controller(api, ns, informer_options=FAST_INFORMERS)
+    controller.start()
+    try:
+        create_app(api, ns, "qwen-l40s", "vllm", "NVIDIA-L40S")
+        create_endpoint(api, ns)
+        eventually(lambda: conditions_of(api, ns).get("RouteAccepted", ("",))[0] == "Unknown")
+
+        play_envoy_gateway(api, ns, NOT_ALLOWED)  # nothing else changes: the route's watch
+        eventually(lambda: conditions_of(api, ns)["Ready"][1] == "RouteNotAccepted")
+        assert conditions_of(api, ns)["RouteAccepted"][1] == "NotAllowedByListeners"
+
+        play_envoy_gateway(api, ns, ("True", "Accepted", "Route is accepted"))
+        eventually(lambda: conditions_of(api, ns)["Ready"][0] == "True")
+        assert conditions_of(api, ns)["RouteAccepted"][0] == "True"
+    finally:
+        controller.stop()
+
+
+def test_an_accepted_route_with_a_backend_the_gateway_cannot_find_is_not_ready(
+    api: ApiClient, ns: str
+) -> None:
+    create_app(api, ns, "qwen-l40s", "vllm", "NVIDIA-L40S")
+    create_endpoint(api, ns, routeConfigs=[{"name": "spill", "port": 80}])
+    reconcile_endpoint(api, (ns, SERVED))
+    missing = ("False", "BackendNotFound", f"Failed to process route rule 0 backendRef 2: service {ns}/spill not found.")  # fmt: skip
+    play_envoy_gateway(api, ns, ("True", "Accepted", "Route is accepted"), resolved=missing)
+    reconcile_endpoint(api, (ns, SERVED))
+    conditions = conditions_of(api, ns)
+    assert conditions["RouteAccepted"][0] == "True"
+    status, reason, message = conditions["Ready"]
+    assert (status, reason) == ("False", "BackendNotFound")
+    assert f"service {ns}/spill not found" in message and "over 2 backends" in message

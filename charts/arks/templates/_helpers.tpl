@@ -34,7 +34,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "arks.keep" -}}
 {{- $v := .root.Values }}
 {{- $labels := .obj.metadata.labels | default dict }}
-{{- if eq .obj.kind "Namespace" }}
+{{- if and (eq .obj.kind "Namespace") (eq .obj.metadata.name "arks-cache") }}true
+{{- else if eq .obj.kind "Namespace" }}
 {{- if $v.namespace.create }}true{{ end }}
 {{- else if eq (get $labels "app.kubernetes.io/name") "arks-redis" }}
 {{- if $v.redis.enabled }}true{{ end }}
@@ -68,6 +69,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if not $v.redis.url }}{{ fail "redis.enabled=false needs redis.url" }}{{ end }}
 {{- $a = printf "--redis=%s" $v.redis.url }}
 {{- end }}
+{{- if hasPrefix "--prometheus-url=" $a }}
+{{- $a = printf "--prometheus-url=%s" $v.autoscaling.prometheusUrl }}
+{{- end }}
 {{- $args = append $args $a }}
 {{- end }}
 {{- $_ := set $c "args" $args }}
@@ -100,6 +104,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if and (eq $meta.name "arks-ratelimit") (not $v.redis.enabled) }}
 {{- $_ := set $obj.spec "policyTypes" (list "Ingress") }}
 {{- $_ := unset $obj.spec "egress" }}
+{{- end }}
+{{- end }}
+{{- if eq $obj.kind "PodMonitor" }}
+{{- $pm := $v.autoscaling.podMonitor }}
+{{- $_ := set $meta "labels" (merge $meta.labels ($pm.labels | default dict)) }}
+{{- if $pm.namespaces }}
+{{- $_ := set $obj.spec "namespaceSelector" (dict "matchNames" $pm.namespaces) }}
 {{- end }}
 {{- end }}
 {{- end }}

@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from arks.chart import OUTPUT, drift, files
-from tests.support.manifests import INSTALL, MONITORING, where
+from controller.render.workload import RenderDefaults
+from tests.support.manifests import AUTOSCALING, INSTALL, MONITORING, where
 from tests.support.paths import REPO
 from tests.support.tools import tool
 from tests.unit.manifests.test_manifests import _parse, validate
@@ -95,7 +96,9 @@ def test_every_rendered_object_is_valid(doc: dict[str, Any]) -> None:
 
 
 def test_the_namespace_object_is_left_to_helm_by_default() -> None:
-    assert not of(DEFAULT, "Namespace")
+    """The release namespace is Helm's (`--create-namespace`); the node cache's is the chart's."""
+    assert [n["metadata"]["name"] for n in of(DEFAULT, "Namespace")] == ["arks-cache"]
+    assert not of(render("cache.createNamespace=false"), "Namespace")
 
 
 def test_only_arks_system() -> None:
@@ -186,12 +189,75 @@ def test_the_crds_are_the_generated_ones() -> None:
     assert Path(CHART / "crds").is_dir()
 
 
+def test_with_the_pod_monitor_it_renders_manifests_autoscaling_too() -> None:
+    rendered = [
+        without_helm_labels(d)
+        for d in render("namespace.create=true", "autoscaling.podMonitor.enabled=true")
+    ]
+    others = [d for d in rendered if d["kind"] != "Secret"]
+    assert canonical(others) == canonical(INSTALL + AUTOSCALING)
+    assert not of(DEFAULT, "PodMonitor")  # off by default: it needs Prometheus Operator's CRDs
+
+
+def test_the_pod_monitor_takes_the_prometheus_releases_label_and_the_engine_namespaces() -> None:
+    docs = render("autoscaling.podMonitor.enabled=true",
+                  "autoscaling.podMonitor.labels.release=kube-prometheus-stack",
+                  "autoscaling.podMonitor.namespaces={llm,team-a}")  # fmt: skip
+    (monitor,) = of(docs, "PodMonitor", "arks-engines")
+    validate(monitor)
+    labels = monitor["metadata"]["labels"]
+    assert labels["release"] == "kube-prometheus-stack"
+    assert labels["app.kubernetes.io/name"] == "arks-engines"
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["llm", "team-a"]}
+    (kustomized,) = AUTOSCALING
+    assert {k: v for k, v in monitor["spec"].items() if k != "namespaceSelector"} == {
+        k: v for k, v in kustomized["spec"].items() if k != "namespaceSelector"
+    }
+
+
+def test_the_controller_points_keda_at_the_prometheus_the_values_name() -> None:
+    default = _parse("arks-controller", container(DEFAULT, "arks-controller"))
+    assert default.prometheus_url == RenderDefaults.prometheus_url
+    docs = render("autoscaling.prometheusUrl=https://prometheus.observability.svc:9091")
+    args = container(docs, "arks-controller")["args"]
+    assert len([a for a in args if a.startswith("--prometheus-url=")]) == 1
+    controller = _parse("arks-controller", container(docs, "arks-controller"))
+    assert controller.prometheus_url == "https://prometheus.observability.svc:9091"
+    assert not of(docs, "PodMonitor")  # the one does not need the other
+
+
+def test_the_chart_ships_prometheus_adapters_rules_aimed_at_the_same_prometheus() -> None:
+    shipped = CHART / "files" / "autoscaling" / "prometheus-adapter-values.yaml"
+    source = REPO / "manifests" / "autoscaling" / "prometheus-adapter-values.yaml"
+    assert shipped.read_text() == source.read_text()
+    values = yaml.safe_load(shipped.read_text())
+    chart = yaml.safe_load((CHART / "values.yaml").read_text())
+    prometheus = f"{values['prometheus']['url']}:{values['prometheus']['port']}"
+    assert prometheus == chart["autoscaling"]["prometheusUrl"] == RenderDefaults.prometheus_url
+    notes = render_notes("autoscaling.podMonitor.enabled=true")
+    assert "-f charts/arks/files/autoscaling/prometheus-adapter-values.yaml" in notes
+
+
+def render_notes(*values: str) -> str:
+    args = [a for value in values for a in ("--set", value)]
+    out = subprocess.run(
+        [str(tool("helm")), "install", "arks", str(CHART), "-n", "arks-system", "--dry-run=client",
+         *args],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    return out.stdout.split("NOTES:", 1)[1]
+
+
 @pytest.mark.parametrize(
     "value",
     [
         "replica.arks-extproc=3",  # a misspelt key
         "replicas.arks-extproc=0",
         "redis.url=redis://:hunter2@redis:6379/0",  # the password belongs in a Secret
+        "autoscaling.prometheusUrl=http://admin:hunter2@prometheus:9090",  # likewise
+        "autoscaling.prometheusUrl=prometheus:9090",  # KEDA's serverAddress is a URL
+        "autoscaling.provider=keda",  # each ArksApplication's own (spec.autoscaling.provider)
+        "autoscaling.podMonitor.enable=true",  # a misspelt key
     ],
 )
 def test_helm_refuses_values_the_schema_does_not_allow(value: str) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import celpy
 import pytest
 
+from arks.wire import ENVOY_GATEWAY_CONTROLLER, LABEL_TENANT
 from controller.render.endpoint import render_httproute
 from tests.support.manifests import DEPLOYMENTS, INSTALL, containers, of_kind, one
 from tests.support.netpol import Pod, allows
@@ -27,6 +28,17 @@ TENANT_SA = "system:serviceaccount:team-a:default"
 
 
 # --- the listener -------------------------------------------------------------------------
+
+
+def test_the_endpoint_status_trusts_the_controller_of_the_arks_gatewayclass_and_its_label() -> None:
+    """RouteAccepted reads only the status entries of this GatewayClass's controller, and names
+    the namespace label this listener selects on when it refuses a route."""
+    gateway_class = one("GatewayClass", GATEWAY["spec"]["gatewayClassName"], INSTALL)
+    assert gateway_class["spec"]["controllerName"] == ENVOY_GATEWAY_CONTROLLER
+    (listener,) = GATEWAY["spec"]["listeners"]
+    assert listener["allowedRoutes"]["namespaces"]["selector"]["matchLabels"] == {
+        LABEL_TENANT: "true"
+    }
 
 
 def test_the_listener_takes_httproutes_only_from_labelled_namespaces() -> None:
