@@ -221,6 +221,15 @@ def header_flag(headers: Mapping[str, str], name: str) -> bool:
     return headers.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def shown(value: object) -> str:
+    """A request value in an error message: a container by its JSON type (its repr could be
+    nested past the interpreter's recursion limit, or huge), anything else cut to 100 chars."""
+    if isinstance(value, dict | list):
+        return "an object" if isinstance(value, dict) else "an array"
+    text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
 def max_tokens_cap(body: Mapping[str, Any]) -> int | None:
     """The request's `max_completion_tokens` (preferred) or `max_tokens`, if set."""
     for key in ("max_completion_tokens", "max_tokens"):
@@ -228,7 +237,7 @@ def max_tokens_cap(body: Mapping[str, Any]) -> int | None:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ApiError(400, f"{key} must be a non-negative integer, got {value!r}")
+            raise ApiError(400, f"{key} must be a non-negative integer, got {shown(value)}")
         return value
     return None
 
@@ -431,11 +440,11 @@ class SimulatedLoad:
         for key in ("waiting", "running"):
             value = body.get(key, 0)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ApiError(400, f"{key} must be a non-negative integer, got {value!r}")
+                raise ApiError(400, f"{key} must be a non-negative integer, got {shown(value)}")
             counts[key] = value
         kv = body.get("kv_cache_usage", 0.0)
         if isinstance(kv, bool) or not isinstance(kv, int | float) or not 0.0 <= kv <= 1.0:
-            raise ApiError(400, f"kv_cache_usage must be a number in [0, 1], got {kv!r}")
+            raise ApiError(400, f"kv_cache_usage must be a number in [0, 1], got {shown(kv)}")
         return cls(counts["waiting"], counts["running"], float(kv))
 
     def to_json(self) -> dict[str, Any]:

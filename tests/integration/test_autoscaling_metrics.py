@@ -9,6 +9,7 @@ and metric type.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,9 +19,9 @@ import httpx
 import pytest
 
 from arks.engine_series import ADAPTER_QUANTILES
-from controller.render import RenderDefaults, render_application
+from controller.render import render_application
 from launcher.procs import Supervisor, free_port, wait_http
-from tests.support.objects import model_on_claim
+from tests.support.objects import RENDER_DEFAULTS, model_on_claim
 from tests.support.prometheus import Prometheus, Target
 from tests.support.prometheus_adapter import Rule, load_rules, resolve
 
@@ -155,7 +156,9 @@ def application(app: App, provider: str, quantile: int) -> dict[str, Any]:
 
 
 def autoscaler(obj: dict[str, Any], prometheus_url: str = "") -> dict[str, Any]:
-    defaults = RenderDefaults(prometheus_url=prometheus_url) if prometheus_url else None
+    defaults = RENDER_DEFAULTS
+    if prometheus_url:
+        defaults = dataclasses.replace(defaults, prometheus_url=prometheus_url)
     return render_application(obj, model_on_claim("c"), defaults=defaults)[-1]
 
 

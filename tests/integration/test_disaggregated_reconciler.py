@@ -289,7 +289,7 @@ def test_switching_to_dynamo_prunes_the_sglang_router_rbac(api: ApiClient, ns: s
     Dynamo's frontend needs none, so they go (a stale Role would keep granting pod reads)."""
     create_model(api, ns)
     create_dapp(api, ns)
-    reconcile_disaggregated(api, (ns, APP))
+    reconcile_disaggregated(api, (ns, APP), defaults=RENDER_DEFAULTS)
     for resource in (ROLES, ROLEBINDINGS, SERVICEACCOUNTS):
         assert get(api, resource, ns, f"{APP}-router") is not None
 
@@ -301,7 +301,7 @@ def test_switching_to_dynamo_prunes_the_sglang_router_rbac(api: ApiClient, ns: s
         router={"replicas": 1, "args": ["--router-mode", "kv"]},
     )
     rest.request(api, "PUT", DISAGGREGATED_APPLICATIONS.path(ns, APP), body=dapp)
-    reconcile_disaggregated(api, (ns, APP))
+    reconcile_disaggregated(api, (ns, APP), defaults=RENDER_DEFAULTS)
 
     for resource in (ROLES, ROLEBINDINGS, SERVICEACCOUNTS):
         assert get(api, resource, ns, f"{APP}-router") is None

@@ -363,6 +363,22 @@ def test_bad_request_400(http: httpx.Client, content: bytes) -> None:
     assert error["code"] == 400 and error["type"] == "BadRequestError" and error["message"]
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/embeddings"])
+def test_a_deeply_nested_wrong_value_is_a_400_not_a_crash(http: httpx.Client, path: str) -> None:
+    """1,000 levels parse (orjson stops at 1,024) but their repr exceeds the recursion limit:
+    the message must not repr them (found by tests/chaos/test_fuzz.py)."""
+    deep = b"[" * 1000 + b"]" * 1000
+    content = b'{"model": "m1", "input": "hi", "messages": [{"role": "user", "content": "hi"}], '
+    resp = http.post(
+        path,
+        content=content + b'"max_completion_tokens": ' + deep + b"}",
+        headers={"content-type": "application/json"},
+    )
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert error["message"] == "max_completion_tokens must be a non-negative integer, got an array"
+
+
 def test_bad_header_400(http: httpx.Client) -> None:
     resp = http.post("/v1/chat/completions", json=chat_body(), headers={"x-sim-output-tokens": "x"})
     assert resp.status_code == 400

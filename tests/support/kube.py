@@ -806,13 +806,14 @@ class KubeEmulator(kmock.KubernetesEmulator):
         finally:
             self._watchers.remove(watcher)
 
-    def seed(self, url_path: str, bodies: list[Obj]) -> None:
-        """Create many objects at once, as POSTs to `url_path` would, without the HTTP round
-        trips: only before any client talks to the server (it runs outside the server's loop)."""
+    def seed(self, url_path: str, bodies: list[Obj], manager: str = "seed") -> None:
+        """Create many objects at once, as POSTs by field manager `manager` to `url_path` would,
+        without the HTTP round trips: only before any client talks to the server (it runs
+        outside the server's loop)."""
         path = parse_object_path(url_path)
         assert path is not None and path.name is None
         for body in bodies:
-            self._create(path, body)
+            self._create(path, body, manager)
 
     def close_watches(self) -> None:
         """End every open watch stream, so the server can stop without waiting on them."""
