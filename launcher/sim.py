@@ -27,7 +27,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
-from arks.engine_series import GENERATIONS, SERIES, Generation
+from arks.engine_series import GENERATIONS, SERIES, EngineSeries, Generation
 from arks.tokens import count_prompt
 
 log = logging.getLogger("launcher.sim")
@@ -300,32 +300,26 @@ class MetricNames:
     success_by_reason: bool  # vLLM labels finished requests with finished_reason
 
 
-_VLLM, _VLLM_LEGACY, _SGLANG = SERIES["vllm"], SERIES["vllm-legacy"], SERIES["sglang"]
+def _vllm_names(series: EngineSeries) -> MetricNames:
+    """vLLM's names; the series autoscaling reads differ by release (arks.engine_series)."""
+    return MetricNames(
+        running="vllm:num_requests_running",
+        waiting=series.waiting,
+        kv_cache=series.kv_cache,
+        prompt_tokens="vllm:prompt_tokens",
+        generation_tokens="vllm:generation_tokens",
+        ttft=series.ttft,
+        tpot=series.tpot,
+        e2e="vllm:e2e_request_latency_seconds",
+        success="vllm:request_success",
+        success_by_reason=True,
+    )
+
+
+_SGLANG = SERIES["sglang"]
 METRIC_NAMES: dict[MetricsStyle, MetricNames] = {
-    "vllm": MetricNames(
-        running="vllm:num_requests_running",
-        waiting=_VLLM.waiting,
-        kv_cache=_VLLM.kv_cache,
-        prompt_tokens="vllm:prompt_tokens",
-        generation_tokens="vllm:generation_tokens",
-        ttft=_VLLM.ttft,
-        tpot=_VLLM.tpot,
-        e2e="vllm:e2e_request_latency_seconds",
-        success="vllm:request_success",
-        success_by_reason=True,
-    ),
-    "vllm-legacy": MetricNames(
-        running="vllm:num_requests_running",
-        waiting=_VLLM_LEGACY.waiting,
-        kv_cache=_VLLM_LEGACY.kv_cache,
-        prompt_tokens="vllm:prompt_tokens",
-        generation_tokens="vllm:generation_tokens",
-        ttft=_VLLM_LEGACY.ttft,
-        tpot=_VLLM_LEGACY.tpot,
-        e2e="vllm:e2e_request_latency_seconds",
-        success="vllm:request_success",
-        success_by_reason=True,
-    ),
+    "vllm": _vllm_names(SERIES["vllm"]),
+    "vllm-legacy": _vllm_names(SERIES["vllm-legacy"]),
     "sglang": MetricNames(
         running="sglang:num_running_reqs",
         waiting=_SGLANG.waiting,
