@@ -518,10 +518,11 @@ def test_moving_the_cache_cleans_the_old_directory(api: ApiClient, ns: str) -> N
         api,
         "PATCH",
         MODELS.path(ns, MODEL),
-        body={"spec": {"nodeCache": {"path": "/var/lib/arks/models/nvme"}}},
+        body={"spec": {"nodeCache": {"path": "/mnt/nvme"}}},
         content_type=rest.MERGE_PATCH,
     )
-    reconcile_model(api, (ns, MODEL))
+    roots = ModelDefaults(cache_roots=("/var/lib/arks/models", "/mnt/nvme"))
+    reconcile_model(api, (ns, MODEL), defaults=roots)
     old = get(
         api, DAEMONSETS, CACHE_NS, cleanup_daemonset_name(model, f"/var/lib/arks/models/{ns}")
     )
@@ -531,10 +532,7 @@ def test_moving_the_cache_cleans_the_old_directory(api: ApiClient, ns: str) -> N
     )
     current = cache_ds(api, model)
     assert current is not None
-    assert (
-        current["metadata"]["annotations"]["arks.ai/cache-root"]
-        == f"/var/lib/arks/models/nvme/{ns}"
-    )
+    assert current["metadata"]["annotations"]["arks.ai/cache-root"] == f"/mnt/nvme/{ns}"
 
 
 def test_a_new_source_prunes_the_old_download_job_but_keeps_the_claim(

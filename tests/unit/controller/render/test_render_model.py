@@ -29,6 +29,7 @@ from controller.render.model import (
     ModelDefaults,
     cache_host_path,
     cache_path_problem,
+    cache_root,
     claim_name,
     model_sub_path,
     model_volume,
@@ -817,7 +818,7 @@ def test_the_default_download_image_is_the_arks_image_built_with_the_download_cl
     [
         ("/var/lib/arks/models", True),
         ("/var/lib/arks/models/", True),
-        ("/var/lib/arks/models/nvme", True),
+        ("/var/lib/arks/models/nvme", False),
         ("/var/lib/arks/models2", False),
         ("/etc", False),
         ("/", False),
@@ -840,11 +841,26 @@ def test_a_tenant_cannot_point_the_privileged_cache_pods_at_any_host_directory(
 
 def test_the_operator_allows_other_cache_roots() -> None:
     model = make_model("huggingface", cache=True)
-    model["spec"]["nodeCache"]["path"] = "/mnt/nvme/models"
+    model["spec"]["nodeCache"]["path"] = "/mnt/nvme"
     d = ModelDefaults(cache_roots=("/var/lib/arks/models", "/mnt/nvme"))
     assert cache_path_problem(model, d.cache_roots) is None
     assert render_cache_daemonset(model, d) is not None
     assert model_volume(model, {}, cache_roots=d.cache_roots).node_local
+
+
+def test_a_tenant_cannot_aim_its_cache_at_another_tenants_model() -> None:
+    # Namespace `b` caches model `a` at <root>/b/a. Namespace `a` naming <root>/b as its path
+    # would get <root>/b/a as its cache root: its copier would write into b's model directory
+    # (replacing any sub-directory named like its model) and its cleanup delete from it.
+    victim = make_model("huggingface", cache=True)
+    victim["metadata"] = {"name": "a", "namespace": "b"}
+    attacker = make_model("huggingface", cache=True)
+    attacker["metadata"] = {"name": "original", "namespace": "a"}
+    attacker["spec"]["nodeCache"]["path"] = "/var/lib/arks/models/b"
+    assert cache_root(attacker) == cache_host_path(victim)  # what the path would mean
+    assert cache_path_problem(attacker, ModelDefaults().cache_roots) is not None
+    assert render_cache_daemonset(attacker) is None
+    assert not model_volume(attacker, {}).node_local
 
 
 @pytest.mark.parametrize("name", ["qwen2.5-7b", "1-model", "qwen2-5-7b"])
