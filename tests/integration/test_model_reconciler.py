@@ -512,6 +512,42 @@ def test_turning_the_cache_off_deletes_the_node_copies_then_lets_go(
     assert not get(api, MODELS, ns, MODEL)["metadata"].get("finalizers")
 
 
+def test_a_cache_turned_back_on_waits_for_the_cleanup_of_its_directory(
+    api: ApiClient, ns: str
+) -> None:
+    # Off, then on again before the cleanup pods ran: a copy made now would be deleted by them
+    # afterwards, under the engines reading it (and its pods would never be Ready again).
+    model = ready_model(api, ns, nodeCache=CACHE)
+    for enabled in (False, True):
+        rest.request(
+            api,
+            "PATCH",
+            MODELS.path(ns, MODEL),
+            body={"spec": {"nodeCache": {"enabled": enabled}}},
+            content_type=rest.MERGE_PATCH,
+        )
+        recheck = reconcile_model(api, (ns, MODEL))
+        assert recheck is not None, "a node that never confirms sends no event: look again"
+    cleanup_name = cleanup_daemonset_name(model, f"/var/lib/arks/models/{ns}")
+    assert get(api, DAEMONSETS, CACHE_NS, cleanup_name) is not None
+    assert cache_ds(api, model) is None, "not filled while its directory is being emptied"
+    assert condition(model_status(api, ns), "CacheReady")["reason"] == "CleanupPending"
+
+    set_status(
+        api,
+        DAEMONSETS,
+        CACHE_NS,
+        cleanup_name,
+        desiredNumberScheduled=1,
+        numberReady=1,
+        observedGeneration=1,
+    )
+    assert reconcile_model(api, (ns, MODEL)) is None
+    assert get(api, DAEMONSETS, CACHE_NS, cleanup_name) is None
+    assert cache_ds(api, model) is not None
+    assert condition(model_status(api, ns), "CacheReady")["reason"] != "CleanupPending"
+
+
 def test_moving_the_cache_cleans_the_old_directory(api: ApiClient, ns: str) -> None:
     model = ready_model(api, ns, nodeCache=CACHE)
     rest.request(
