@@ -19,7 +19,8 @@ cache source when the cache is off); the PVC never is: it goes only with the mod
 cache runs in the cache namespace (`controller.render.model_cache`), outside the model's owner
 references, so the model carries the `arks.ai/node-cache` finalizer while it has a cache: a
 cache turned off, moved or deleted with the model is replaced by a cleanup DaemonSet deleting
-the host copies, and the finalizer comes off once every cleanup is done.
+the host copies, and the finalizer comes off once every cleanup is done. A cache turned back on
+at a directory still being cleaned waits for that cleanup (`CacheReady` `CleanupPending`).
 """
 
 from __future__ import annotations

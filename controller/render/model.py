@@ -196,7 +196,9 @@ def cache_enabled(model: Mapping[str, Any]) -> bool:
 def cache_root(model: Mapping[str, Any]) -> str:
     """The node directory of the namespace's cached models (the cache pods' hostPath)."""
     path = str((model["spec"].get("nodeCache") or {}).get("path") or DEFAULT_CACHE_ROOT)
-    return f"{path.rstrip('/') or ''}/{model['metadata']['namespace']}"
+    # Normalised: `/var/lib//arks/models/` is the same directory as `/var/lib/arks/models`, and
+    # must not look like a move (a cleanup of the directory the new copy goes to).
+    return f"{posixpath.normpath(path).rstrip('/')}/{model['metadata']['namespace']}"
 
 
 def cache_path_problem(model: Mapping[str, Any], allowed: Sequence[str]) -> str | None:

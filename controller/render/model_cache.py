@@ -15,8 +15,9 @@ Security admits it, so the copying runs apart from the tenant, in the cache name
   its pods are Ready only once the copy is complete, so the warm nodes are the nodes of its
   Ready pods (`warm_nodes`);
 - when the cache is turned off, moved or the model deleted: a cleanup DaemonSet on the same
-  nodes deletes the host copy (`cache_transfer remove`); it is done when all its pods are Ready
-  (`cleanup_done`), then the reconciler deletes it and releases the model's finalizer.
+  nodes deletes the host copy (`cache_transfer remove`), each pod once the node's cache pods
+  filling that directory have stopped (pod anti-affinity); it is done when all its pods are
+  Ready (`cleanup_done`), then the reconciler deletes it and releases the model's finalizer.
 """
 
 from __future__ import annotations
@@ -123,8 +124,10 @@ def cache_labels(model: Mapping[str, Any], component: str) -> dict[str, str]:
 
 
 def cache_pod_labels(model: Mapping[str, Any]) -> dict[str, str]:
-    """The labels of the cache DaemonSet's pods (its selector is a subset of them)."""
-    return cache_labels(model, COMPONENT_CACHE)
+    """The labels of the cache DaemonSet's pods (its selector is a subset of them), with the
+    digest of the directory they fill (for the cleanup's anti-affinity; on the pods only, since
+    a DaemonSet's selector is immutable and a moved cache keeps the DaemonSet's name)."""
+    return {**cache_labels(model, COMPONENT_CACHE), LABEL_CACHE_ROOT: _digest(cache_root(model))}
 
 
 def model_selector(model: Mapping[str, Any], component: str) -> str:
@@ -398,7 +401,20 @@ def render_cache_daemonset(
         "containers": [hold],
         "volumes": [_host_volume(root)],
     }
-    return _daemonset(meta, cache_node_selector(model), pod)
+    daemonset = _daemonset(meta, cache_node_selector(model), pod)
+    daemonset["spec"]["template"]["metadata"]["labels"] = cache_pod_labels(model)
+    return daemonset
+
+
+def _after_the_copiers(model: Mapping[str, Any], root: str) -> dict[str, Any]:
+    """An affinity keeping a cleanup pod off a node while a cache pod filling `root` is still
+    there: the DaemonSet's pods are deleted by the garbage collector after it, and a copier
+    still running would rename its copy into place after the cleanup deleted it. The scheduler
+    counts terminating pods for anti-affinity, so the cleanup runs once they have stopped."""
+    selector = {k: v for k, v in cache_labels(model, COMPONENT_CACHE).items() if k != LABEL_NAME}
+    selector[LABEL_CACHE_ROOT] = _digest(root)
+    term = {"labelSelector": {"matchLabels": selector}, "topologyKey": "kubernetes.io/hostname"}
+    return {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}
 
 
 def render_cleanup_daemonset(
@@ -440,6 +456,7 @@ def render_cleanup_daemonset(
         ],
         "containers": [hold],
         "volumes": [_host_volume(root)],
+        "affinity": _after_the_copiers(model, root),
     }
     return _daemonset(meta, node_selector, pod)
 

@@ -629,6 +629,46 @@ def test_the_cleanup_daemonset_removes_the_copy_where_the_cache_ran() -> None:
     assert not cleanup_done(ds), "the status of an older spec"
 
 
+def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+
+
+def test_a_cleanup_pod_waits_on_its_node_for_the_copiers_of_its_directory() -> None:
+    # The cache DaemonSet's pods are deleted by the garbage collector after it: a copier still
+    # running would rename its copy into place after the cleanup deleted it.
+    model = make_model("huggingface", cache=True)
+    cache = render_cache_daemonset(model)
+    assert cache is not None
+    copier = cache["spec"]["template"]["metadata"]["labels"]
+    assert "arks.ai/cache-root-digest" not in cache["spec"]["selector"]["matchLabels"], (
+        "a DaemonSet's selector is immutable: a moved cache keeps its DaemonSet"
+    )
+    root = retired_root(cache)[0]
+    cleanup = render_cleanup_daemonset(model, root, {"pool": "gpu"})
+    (term,) = cleanup["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert "namespaces" not in term, "the cache namespace: the cleanup pod's own"
+    assert _matches(term["labelSelector"], copier)
+    cleanup_pod = cleanup["spec"]["template"]["metadata"]["labels"]
+    assert not _matches(term["labelSelector"], cleanup_pod), "never waits for itself"
+    moved = copy.deepcopy(model)
+    moved["spec"]["nodeCache"]["path"] = "/mnt/nvme"
+    moved_cache = render_cache_daemonset(moved, ModelDefaults(cache_roots=("/mnt/nvme",)))
+    assert moved_cache is not None
+    assert moved_cache["spec"]["selector"] == cache["spec"]["selector"]
+    new_copier = moved_cache["spec"]["template"]["metadata"]["labels"]
+    assert not _matches(term["labelSelector"], new_copier), "the new directory's copiers run on"
+
+
+def test_the_same_directory_spelled_otherwise_is_not_a_move() -> None:
+    model = make_model("huggingface", cache=True)
+    model["spec"]["nodeCache"]["path"] = "/var/lib//arks/models/"
+    assert cache_path_problem(model, ModelDefaults().cache_roots) is None
+    assert cache_root(model) == "/var/lib/arks/models/llm"
+
+
 def test_a_copy_that_found_no_disk_is_reported_with_its_message() -> None:
     def pod(node: str, code: int, message: str, current: bool) -> dict[str, Any]:
         terminated = {"exitCode": code, "message": message, "reason": "Error"}
