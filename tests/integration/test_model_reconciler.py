@@ -679,3 +679,30 @@ def test_a_node_that_never_cleans_up_does_not_hold_the_model_forever(
     events = rest.request(api, "GET", EVENTS.path(ns)).get("items") or []
     (warning,) = [e for e in events if e["reason"] == "CacheCleanupIncomplete"]
     assert warning["type"] == "Warning" and "2 of 3 nodes" in warning["message"]
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-7b", "m." + "q" * 240])
+def test_a_dotted_or_long_model_name_makes_children_the_api_server_accepts(
+    api: ApiClient, ns: str, name: str
+) -> None:
+    # Model names are DNS subdomains (dots, up to 253): every child's name and label must still
+    # be what the API server accepts (the emulator checks names and labels as it does).
+    body = {"source": HF, "storage": {"size": "40Gi"}, "nodeCache": CACHE}
+    model = rest.request(
+        api,
+        "POST",
+        MODELS.path(ns),
+        body={"apiVersion": "arks.ai/v1", "kind": "ArksModel", "metadata": {"name": name},
+              "spec": body},
+    )  # fmt: skip
+    reconcile_model(api, (ns, name))
+    bind_claim(api, ns, name)
+    complete_job(api, ns, job_name(model))
+    reconcile_model(api, (ns, name))
+    assert get(api, DEPLOYMENTS, ns, source_name(model)) is not None
+    assert cache_ds(api, model) is not None
+    rest.request(api, "DELETE", MODELS.path(ns, name))
+    with pytest.raises(TemporaryError):
+        reconcile_model(api, (ns, name))  # the cleanup DaemonSet is made, with valid labels
+    cleanup = cleanup_daemonset_name(model, f"/var/lib/arks/models/{ns}")
+    assert get(api, DAEMONSETS, CACHE_NS, cleanup) is not None
