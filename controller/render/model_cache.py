@@ -7,7 +7,7 @@ Security admits it, so the copying runs apart from the tenant, in the cache name
 
 - in the model's namespace, owned by the model: the cache source, a Deployment serving the
   claim read-only over HTTP (`controller.cache_transfer serve`), its Service, and a
-  NetworkPolicy letting only the cache namespace reach it;
+  NetworkPolicy letting only the model's own cache pods (in the cache namespace) reach it;
 - in the cache namespace, named after the model's namespace and name and labelled with them
   (an owner reference cannot cross namespaces): the cache DaemonSet. Its init containers make
   the host directory the copier's (root, CAP_CHOWN only), then copy as a non-root user
@@ -187,6 +187,12 @@ def _restricted_pod(run_as: int) -> dict[str, Any]:
     }
 
 
+def _own_cache_pods(model: Mapping[str, Any]) -> dict[str, str]:
+    """Labels every cache pod of `model` has and no other model's has."""
+    labels = cache_labels(model, COMPONENT_CACHE)
+    return {k: labels[k] for k in (LABEL_COMPONENT, LABEL_MODEL_NAMESPACE, LABEL_MODEL)}
+
+
 def render_cache_source(
     model: Mapping[str, Any], defaults: ModelDefaults | None = None
 ) -> list[dict[str, Any]]:
@@ -255,7 +261,9 @@ def render_cache_source(
         "spec": {
             "podSelector": {"matchLabels": selector},
             "policyTypes": ["Ingress"],
-            # The model's files go to the cache pods, nobody else.
+            # The model's files go to this model's cache pods, nobody else: not to another
+            # model's, which a tenant could send here by turning its own source Service into an
+            # ExternalName for this one (the connection would come from the cache namespace).
             "ingress": [
                 {
                     "from": [
@@ -263,7 +271,7 @@ def render_cache_source(
                             "namespaceSelector": {
                                 "matchLabels": {"kubernetes.io/metadata.name": d.cache_namespace}
                             },
-                            "podSelector": {"matchLabels": {LABEL_COMPONENT: COMPONENT_CACHE}},
+                            "podSelector": {"matchLabels": _own_cache_pods(model)},
                         }
                     ],
                     "ports": [{"port": SOURCE_PORT, "protocol": "TCP"}],

@@ -503,12 +503,25 @@ def test_the_cache_source_serves_the_claim_read_only_to_the_cache_namespace_only
                     "namespaceSelector": {
                         "matchLabels": {"kubernetes.io/metadata.name": "arks-cache"}
                     },
-                    "podSelector": {"matchLabels": {"arks.ai/component": "model-cache"}},
+                    "podSelector": {
+                        "matchLabels": {
+                            "arks.ai/component": "model-cache",
+                            "arks.ai/model-namespace": "llm",
+                            "arks.ai/model": "qwen2-5-7b-instruct",
+                        }
+                    },
                 }
             ],
             "ports": [{"port": 8080, "protocol": "TCP"}],
         }
     ]
+    # Only this model's cache pods: another tenant's cache pods, sent here by a source Service
+    # of theirs turned into an ExternalName for this one, are not let in.
+    peer = ingress[0]["from"][0]["podSelector"]
+    assert _matches(peer, cache_pod_labels(model))
+    other = copy.deepcopy(model)
+    other["metadata"]["namespace"] = "attacker"
+    assert not _matches(peer, cache_pod_labels(other))
     selector = objects["NetworkPolicy"]["spec"]["podSelector"]["matchLabels"].items()
     assert selector <= objects["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
     assert objects["Service"]["spec"]["selector"].items() == selector
