@@ -668,3 +668,46 @@ def test_names_and_labels_the_api_server_refuses_are_422_invalid(
     error = api_error(custom(api_client).create_namespaced_custom_object, *ARKS[:2], ns, ARKS[2],
                       arks_app(name))  # fmt: skip
     assert error.status == 422
+
+
+def test_a_label_selected_watch_sees_an_object_leave_and_enter_its_selection(
+    api_client: client.ApiClient, ns: str
+) -> None:
+    # The API server's watch cache compares the old and new object with the selector: one that
+    # stops matching arrives as DELETED, one that starts matching as ADDED; an informer over a
+    # selection (e.g. the controller's Secrets labelled arks.ai/token-secret) relies on it.
+    api = custom(api_client)
+    listed = api.list_namespaced_custom_object(*ARKS[:2], ns, ARKS[2])
+    seen: list[tuple[str, str | None]] = []
+
+    def consume() -> None:
+        stream = watch.Watch().stream(
+            api.list_namespaced_custom_object,
+            *ARKS[:2],
+            ns,
+            ARKS[2],
+            label_selector="picked",
+            resource_version=listed["metadata"]["resourceVersion"],
+            timeout_seconds=3,
+        )
+        for event in stream:
+            labels = event["object"]["metadata"].get("labels") or {}
+            seen.append((event["type"], labels.get("step")))
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+
+    def label(**labels: str | None) -> None:
+        api.patch_namespaced_custom_object(
+            *ARKS[:2], ns, ARKS[2], "app", {"metadata": {"labels": labels}}
+        )
+
+    app = arks_app("app")
+    app["metadata"]["labels"] = {"step": "0"}
+    api.create_namespaced_custom_object(*ARKS[:2], ns, ARKS[2], app)  # not selected: nothing
+    label(picked="yes", step="1")  # enters: ADDED
+    label(step="2")  # stays: MODIFIED
+    label(picked=None, step="3")  # leaves: DELETED, with its new state
+    label(step="4")  # not selected: nothing
+    consumer.join(timeout=6)
+    assert seen == [("ADDED", "1"), ("MODIFIED", "2"), ("DELETED", "3")]

@@ -257,6 +257,29 @@ def labels_match(obj: Obj, terms: list[tuple[str, str | None, bool]]) -> bool:
     return True
 
 
+_OLD_LABELS = "_oldLabels"  # a MODIFIED event's labels before the change (never sent)
+
+
+def _as_selected(event: Obj, terms: list[tuple[str, str | None, bool]]) -> Obj | None:
+    """`event` as a watch with label selector `terms` sees it, or None when it sees nothing:
+    an object whose change makes it match arrives as ADDED, one whose change makes it stop
+    matching as DELETED (with its new state), as the API server's watch cache filters them
+    (k8s.io/apiserver/pkg/storage/cacher: watchCacheEvent's PrevObject)."""
+    now = labels_match(event["object"], terms)
+    kind = event["type"]
+    if kind == "MODIFIED" and _OLD_LABELS in event:
+        before = labels_match({"metadata": {"labels": event[_OLD_LABELS]}}, terms)
+        if before and not now:
+            kind = "DELETED"
+        elif now and not before:
+            kind = "ADDED"
+        elif not now:
+            return None
+    elif not now:
+        return None
+    return {"type": kind, "object": event["object"]}
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -379,11 +402,15 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     def _store(self, path: ObjectPath, obj: Obj, event_type: str) -> None:
         key = self._key(path, obj["metadata"]["name"])
+        event: Obj = {"type": event_type, "object": obj}
         if key in self.objects:
+            if event_type == "MODIFIED":  # for label-selected watches (`_as_selected`)
+                before = self.objects[key].last.raw.get("metadata") or {}
+                event[_OLD_LABELS] = dict(before.get("labels") or {})
             self.objects[key].history.append(copy.deepcopy(obj))
         else:
             self.objects[key] = copy.deepcopy(obj)
-        self._publish(path, {"type": event_type, "object": obj})
+        self._publish(path, event)
 
     def _remove(self, path: ObjectPath, obj: Obj) -> None:
         obj["metadata"]["resourceVersion"] = self._next_rv()
@@ -806,8 +833,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
                     return
                 if event is _WATCH_CLOSED:
                     return
-                if labels_match(event["object"], terms):
-                    yield event
+                selected = _as_selected(event, terms)
+                if selected is not None:
+                    yield selected
         finally:
             self._watchers.remove(watcher)
 
