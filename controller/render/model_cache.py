@@ -289,12 +289,28 @@ def _host_volume(root: str) -> dict[str, Any]:
     return {"name": "cache", "hostPath": {"path": root, "type": "DirectoryOrCreate"}}
 
 
+CONTROL_PLANE_LABEL = "node-role.kubernetes.io/control-plane"
+
+
 def _scheduling(node_selector: Mapping[str, str]) -> dict[str, Any]:
     # On explicitly selected nodes the pods tolerate every taint, like node agents: an engine
-    # pod sent there by `model_volume` must find the cache.
+    # pod sent there by `model_volume` must find the cache. Never on the control plane, though:
+    # the tenant picks the selector, and a model copied there (tolerating its NoSchedule taint)
+    # would fill the disk etcd and the API server live on.
     if not node_selector:
         return {}
-    return {"nodeSelector": dict(node_selector), "tolerations": [{"operator": "Exists"}]}
+    away = {"key": CONTROL_PLANE_LABEL, "operator": "DoesNotExist"}
+    return {
+        "nodeSelector": dict(node_selector),
+        "tolerations": [{"operator": "Exists"}],
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [{"matchExpressions": [away]}]
+                }
+            }
+        },
+    }
 
 
 def _hold(readiness: list[str] | None) -> dict[str, Any]:
@@ -317,6 +333,10 @@ def _daemonset(
     meta: dict[str, Any], node_selector: Mapping[str, str], pod: dict[str, Any]
 ) -> dict[str, Any]:
     labels = meta["labels"]
+    scheduling = _scheduling(node_selector)
+    affinity = {**(pod.get("affinity") or {}), **scheduling.pop("affinity", {})}
+    if affinity:
+        pod = {**pod, "affinity": affinity}
     keys = [
         k
         for k in (LABEL_MODEL_NAMESPACE, LABEL_MODEL, LABEL_COMPONENT, LABEL_CACHE_ROOT)
@@ -333,7 +353,7 @@ def _daemonset(
                 "spec": {
                     "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
                     **pod,
-                    **_scheduling(node_selector),
+                    **scheduling,
                 },
             },
         },

@@ -594,6 +594,25 @@ def test_cache_objects_of_two_models_never_share_a_name() -> None:
     assert cleanup_daemonset_name(a, "/x") != cleanup_daemonset_name(a, "/y")
 
 
+def test_a_tenants_node_selector_never_puts_cache_pods_on_the_control_plane() -> None:
+    # The selector is the tenant's and the pods tolerate every taint on the nodes it picks:
+    # `node-role.kubernetes.io/control-plane: ""` would copy a model onto etcd's disk.
+    model = make_model("huggingface", cache=True)
+    model["spec"]["nodeCache"]["nodeSelector"] = {"node-role.kubernetes.io/control-plane": ""}
+    cache = render_cache_daemonset(model)
+    cleanup = render_cleanup_daemonset(model, "/var/lib/arks/models/llm", {"pool": "gpu"})
+    assert cache is not None
+    for ds in (cache, cleanup):
+        pod = ds["spec"]["template"]["spec"]
+        kubernetes_validate.validate(ds, K8S_VERSION, strict=True)
+        terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        (term,) = terms["nodeSelectorTerms"]
+        assert {"key": "node-role.kubernetes.io/control-plane", "operator": "DoesNotExist"} in (
+            term["matchExpressions"]
+        )
+    assert "podAntiAffinity" in cleanup["spec"]["template"]["spec"]["affinity"], "both kept"
+
+
 def test_no_daemonset_without_the_cache_and_no_tolerations_without_a_selector() -> None:
     assert render_cache_daemonset(make_model("s3")) is None
     everywhere = make_model("s3", nodeCache={"enabled": True})
