@@ -583,8 +583,8 @@ def model_controller(
 ) -> Controller:
     """A (not started) controller for ArksModels and what they own.
 
-    Changes to owned PVCs, Jobs and DaemonSets re-trigger the owner (a deleted child is created
-    again); cache pods (labelled `arks.ai/component=model-cache`) re-trigger their model so
+    Changes to owned PVCs, Jobs, Deployments, Services and NetworkPolicies (the cache source) and
+    to its DaemonSets re-trigger the owner (a deleted child is created again); cache pods (labelled `arks.ai/component=model-cache`) re-trigger their model so
     `status.warmNodes` follows them.
     """
     work = queue if queue is not None else WorkQueue()
@@ -593,7 +593,7 @@ def model_controller(
     informer = Informer(api_client, MODELS, namespace, **options)
     owned: Sequence[Informer] = [
         watch_owned(api_client, child, work, MODEL_API_VERSION, MODEL_KIND, namespace, **options)
-        for child in (PVCS, JOBS, DEPLOYMENTS)
+        for child in (PVCS, JOBS, DEPLOYMENTS, SERVICES, NETWORKPOLICIES)
     ]
     pods = Informer(
         api_client, PODS, cache_namespace, **{**options, "label_selector": CACHE_PODS_SELECTOR}

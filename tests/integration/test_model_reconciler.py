@@ -619,6 +619,12 @@ def test_the_running_controller_creates_repairs_and_follows(api: ApiClient, ns: 
         create_cache_pod(api, ns, model, "gpu-a", ready=True)  # cache pods are watched too
         eventually(lambda: model_status(api, ns).get("warmNodes") == ["gpu-a"])
 
+        # The cache source's NetworkPolicy and Service are repaired too: without the policy,
+        # any pod of the cluster could read the model's files from the source.
+        for resource in (NETWORKPOLICIES, SERVICES):
+            rest.request(api, "DELETE", resource.path(ns, source_name(model)))
+            eventually(lambda r=resource: get(api, r, ns, source_name(model)))
+
         # Deleting the model: the cleanup DaemonSet's progress (watched) releases it.
         rest.request(api, "DELETE", MODELS.path(ns, MODEL))
         cleanup_name = cleanup_daemonset_name(model, f"/var/lib/arks/models/{ns}")
