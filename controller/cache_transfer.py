@@ -154,6 +154,12 @@ def fetch(
     except OSError as e:
         raise TransferError(f"cannot read {source}/index: {e}") from e
     files = [(str(f["path"]), int(f["size"])) for f in listing["files"]]
+    for relative, _ in files:
+        # The source is reached through a Service of the tenant's namespace, where any pod with
+        # its labels answers too: a path it lists must stay inside this model's copy.
+        parts = relative.split("/")
+        if relative.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise TransferError(f"the source lists {relative!r}, a path outside the model")
     if require_marker and MARKER not in {p for p, _ in files}:
         raise TransferError("the claim has no complete model (no marker): waiting for it")
     need = sum(size for path, size in files if path != MARKER)

@@ -36,7 +36,7 @@ from controller.reconcilers.disaggregated import disaggregated_controller
 from controller.reconcilers.endpoint import endpoint_controller
 from controller.reconcilers.model import model_controller
 from controller.reconcilers.token import token_controller
-from controller.render.model import DEFAULT_CACHE_ROOT, ModelDefaults
+from controller.render.model import DEFAULT_CACHE_ROOT, ModelDefaults, nested_cache_roots
 from controller.render.workload import RenderDefaults
 from controller.standalone import Standalone, serve_http
 
@@ -142,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="cache_roots",
         action="append",
         metavar="DIR",
-        help="a host directory node caches may use (nodeCache.path equal to or under it; "
-        f"repeatable; default {DEFAULT_CACHE_ROOT})",
+        help="a host directory node caches may use (nodeCache.path equal to it; repeatable, "
+        f"none inside another; default {DEFAULT_CACHE_ROOT})",
     )
     workloads.add_argument(
         "--cache-reserve-bytes",
@@ -223,7 +223,12 @@ class Settings:
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> Settings:
-        return cls(**vars(build_parser().parse_args(argv)))
+        parser = build_parser()
+        settings = cls(**vars(parser.parse_args(argv)))
+        nested = nested_cache_roots(settings.cache_roots or [])
+        if nested:
+            parser.error(f"--cache-root {nested[1]} lies inside --cache-root {nested[0]}")
+        return settings
 
 
 def run_standalone(settings: Settings, policy: Path) -> int:

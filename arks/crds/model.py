@@ -115,7 +115,7 @@ node_cache = obj(
         ),
         "path": string(
             "Host directory of the cache: one the cluster allows (the controller's --cache-root, "
-            "/var/lib/arks/models by default) or a directory under it; another is refused "
+            "/var/lib/arks/models by default), not a directory under it; another is refused "
             "(CacheReady PathNotAllowed).",
             pattern=r"^/",
             default="/var/lib/arks/models",

@@ -19,7 +19,8 @@ cache source when the cache is off); the PVC never is: it goes only with the mod
 cache runs in the cache namespace (`controller.render.model_cache`), outside the model's owner
 references, so the model carries the `arks.ai/node-cache` finalizer while it has a cache: a
 cache turned off, moved or deleted with the model is replaced by a cleanup DaemonSet deleting
-the host copies, and the finalizer comes off once every cleanup is done.
+the host copies, and the finalizer comes off once every cleanup is done. A cache turned back on
+at a directory still being cleaned waits for that cleanup (`CacheReady` `CleanupPending`).
 """
 
 from __future__ import annotations
@@ -173,6 +174,7 @@ class _Status:
         ]
         self.fields: dict[str, Any] = {}
         self.why = ""
+        self.recheck_s: float | None = None  # look again then, even if no event arrives
 
     def phase(self, phase: str, why: str) -> None:
         """Set the phase; `why` becomes the Event's message if the phase changes."""
@@ -260,8 +262,9 @@ def reconcile_model(
     field_manager: str = FIELD_MANAGER,
     defaults: ModelDefaults | None = None,
     now: datetime.datetime | None = None,
-) -> None:
-    """Bring ArksModel `key` = (namespace, name) and its children to the desired state.
+) -> float | None:
+    """Bring ArksModel `key` = (namespace, name) and its children to the desired state; the
+    seconds after which to look again (a cleanup of node copies is pending), or None.
 
     Raises TemporaryError while an adopted claim is missing or unbound (it is not ours, so no
     watch event would wake us), and PermanentError when a child's name is taken by an object
@@ -271,13 +274,13 @@ def reconcile_model(
     d = defaults or ModelDefaults()
     model = rest.get_or_none(api_client, MODELS, namespace, name)
     if model is None:
-        return
+        return None
     if model["metadata"].get("deletionTimestamp"):
         # Children in its namespace go through their owner references; the host copies on the
         # nodes are deleted here first, then the finalizer lets the deletion complete.
         if NODE_CACHE_FINALIZER in (model["metadata"].get("finalizers") or []):
             _release_cache(api_client, model, field_manager, d, now)
-        return
+        return None
     status = _Status(model, now or datetime.datetime.now(datetime.UTC))
     status.fields["claimName"] = claim_name(model)
     rendered: list[dict[str, Any]] = []
@@ -299,6 +302,7 @@ def reconcile_model(
             api_client, model, "Normal", "Pruned", f"deleted {gone}: no longer needed", status.now
         )
     status.write(api_client, model)
+    return status.recheck_s
 
 
 def _reconcile_adopted(api_client: ApiClient, model: Obj, status: _Status) -> None:
@@ -390,7 +394,9 @@ def _reconcile_cache(
     if not cache_enabled(model) or problem is not None:
         if live is not None:
             _retire(api_client, model, live, field_manager, d)
-        if _cleanups_finished(api_client, model, d, status.now):
+        if _pending_cleanups(api_client, model, d, status.now):
+            status.recheck_s = CLEANUP_WAIT_S  # a node that never confirms sends no event
+        else:
             remove_finalizer(api_client, MODELS, model, NODE_CACHE_FINALIZER)
         if problem is not None:  # refused: the cache pods may own and delete what is there
             status.condition("CacheReady", "False", "PathNotAllowed", problem)
@@ -404,7 +410,23 @@ def _reconcile_cache(
     if live is not None and retired_root(live)[0] != cache_root(model):
         _retire(api_client, model, live, field_manager, d)  # nodeCache.path moved
         live = None
-    _cleanups_finished(api_client, model, d, status.now)
+    pending = _pending_cleanups(api_client, model, d, status.now)
+    if pending:
+        status.recheck_s = CLEANUP_WAIT_S
+    root = cache_root(model)
+    if live is None and root in pending:
+        # The cache was turned off (or moved away) and back before its copies under this
+        # directory were deleted: a copy made now would be deleted by that cleanup, under the
+        # engines reading it. Fill the directory again once the cleanup is done.
+        status.condition(
+            "CacheReady",
+            "False",
+            "CleanupPending",
+            f"the node copies under {root} are still being deleted; the cache is filled "
+            "again once that is done",
+        )
+        status.fields["warmNodes"] = []
+        return render_cache_source(model, d) if status.fields.get("phase") == PHASE_READY else []
     source: list[dict[str, Any]] = []
     daemonset: Obj | None = live
     if status.fields.get("phase") == PHASE_READY:
@@ -484,19 +506,19 @@ def _retire(
     )
 
 
-def _cleanups_finished(
+def _pending_cleanups(
     api_client: ApiClient, model: Obj, d: ModelDefaults, now: datetime.datetime
-) -> bool:
+) -> set[str]:
     """Delete the model's cleanup DaemonSets that are done, or past their deadline (a node that
-    is down would otherwise hold the model forever: say which copies may be left); True when
-    none is left."""
+    is down would otherwise hold the model forever: say which copies may be left); the host
+    directories of those left."""
     listed = rest.request(
         api_client,
         "GET",
         DAEMONSETS.path(d.cache_namespace),
         query={"labelSelector": model_selector(model, COMPONENT_CLEANUP)},
     )
-    left = 0
+    left = set()
     for cleanup in listed.get("items") or []:
         if owner_key(cleanup) != _key(model):
             continue
@@ -517,8 +539,8 @@ def _cleanups_finished(
                 )
             delete(api_client, DAEMONSETS, d.cache_namespace, cleanup["metadata"]["name"])
         else:
-            left += 1
-    return left == 0
+            left.add(retired_root(cleanup)[0])
+    return left
 
 
 def _release_cache(
@@ -532,7 +554,7 @@ def _release_cache(
     live = rest.get_or_none(api_client, DAEMONSETS, d.cache_namespace, cache_daemonset_name(model))
     if live is not None and owner_key(live) == _key(model):
         _retire(api_client, model, live, field_manager, d)
-    if not _cleanups_finished(api_client, model, d, now or datetime.datetime.now(datetime.UTC)):
+    if _pending_cleanups(api_client, model, d, now or datetime.datetime.now(datetime.UTC)):
         raise TemporaryError("waiting for the node copies to be deleted", delay_s=CLEANUP_WAIT_S)
     remove_finalizer(api_client, MODELS, model, NODE_CACHE_FINALIZER)
 
@@ -561,8 +583,8 @@ def model_controller(
 ) -> Controller:
     """A (not started) controller for ArksModels and what they own.
 
-    Changes to owned PVCs, Jobs and DaemonSets re-trigger the owner (a deleted child is created
-    again); cache pods (labelled `arks.ai/component=model-cache`) re-trigger their model so
+    Changes to owned PVCs, Jobs, Deployments, Services and NetworkPolicies (the cache source) and
+    to its DaemonSets re-trigger the owner (a deleted child is created again); cache pods (labelled `arks.ai/component=model-cache`) re-trigger their model so
     `status.warmNodes` follows them.
     """
     work = queue if queue is not None else WorkQueue()
@@ -571,7 +593,7 @@ def model_controller(
     informer = Informer(api_client, MODELS, namespace, **options)
     owned: Sequence[Informer] = [
         watch_owned(api_client, child, work, MODEL_API_VERSION, MODEL_KIND, namespace, **options)
-        for child in (PVCS, JOBS, DEPLOYMENTS)
+        for child in (PVCS, JOBS, DEPLOYMENTS, SERVICES, NETWORKPOLICIES)
     ]
     pods = Informer(
         api_client, PODS, cache_namespace, **{**options, "label_selector": CACHE_PODS_SELECTOR}
@@ -585,8 +607,8 @@ def model_controller(
     )
     daemonsets.add_handler(_enqueue_by_annotations(work))
 
-    def reconcile(key: Key) -> None:
-        reconcile_model(api_client, key, field_manager=field_manager, defaults=defaults)
+    def reconcile(key: Key) -> float | None:
+        return reconcile_model(api_client, key, field_manager=field_manager, defaults=defaults)
 
     return Controller(
         "arksmodel",

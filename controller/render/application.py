@@ -28,6 +28,7 @@ from controller.render.workload import (
     RenderDefaults,
     RouterGroup,
     base_labels,
+    check_service_name,
     engine_workload,
     group_selector,
     object_meta,
@@ -51,6 +52,7 @@ def render_application(
     d = defaults or RenderDefaults()
     spec = app["spec"]
     name, namespace = app["metadata"]["name"], app["metadata"]["namespace"]
+    check_service_name("ArksApplication", name)
     engine = engine_for(spec)
     frontend = engine.frontend
     group = EngineGroup(name, namespace, name, spec, component="worker" if frontend else "")

@@ -37,6 +37,7 @@ from controller.render.workload import (
     RenderDefaults,
     RouterGroup,
     base_labels,
+    check_service_name,
     engine_workload,
     group_selector,
     object_meta,
@@ -135,6 +136,7 @@ def render_disaggregated(
     """
     d = defaults or RenderDefaults()
     name, namespace = dapp["metadata"]["name"], dapp["metadata"]["namespace"]
+    check_service_name("ArksDisaggregatedApplication", name)
     top = _top_spec(dapp)
     engine = engine_for(top)
     router_table = engine.pd_router

@@ -71,8 +71,8 @@ class ModelDefaults:
     # (pod-security enforce: privileged), apart from the tenants' and the controller's.
     cache_namespace: str = "arks-cache"
     cache_reserve_bytes: int = 10 * 2**30  # a copy must leave this much of the node disk free
-    # Host directories `nodeCache.path` may name (or lie under): the cache pods run privileged
-    # enough to own and delete what is there, so a tenant must not pick /etc.
+    # Host directories `nodeCache.path` may name (exactly, not one under them): the cache pods
+    # run privileged enough to own and delete what is there, so a tenant must not pick /etc.
     cache_roots: tuple[str, ...] = (DEFAULT_CACHE_ROOT,)
     # A cleanup waits this long for every node (a node that is down never confirms), then the
     # model is let go with a Warning naming what may be left.
@@ -196,25 +196,42 @@ def cache_enabled(model: Mapping[str, Any]) -> bool:
 def cache_root(model: Mapping[str, Any]) -> str:
     """The node directory of the namespace's cached models (the cache pods' hostPath)."""
     path = str((model["spec"].get("nodeCache") or {}).get("path") or DEFAULT_CACHE_ROOT)
-    return f"{path.rstrip('/') or ''}/{model['metadata']['namespace']}"
+    # Normalised: `/var/lib//arks/models/` is the same directory as `/var/lib/arks/models`, and
+    # must not look like a move (a cleanup of the directory the new copy goes to).
+    return f"{posixpath.normpath(path).rstrip('/')}/{model['metadata']['namespace']}"
 
 
 def cache_path_problem(model: Mapping[str, Any], allowed: Sequence[str]) -> str | None:
     """Why `nodeCache.path` may not be used (None when it may): it must be one of the
-    operator's `allowed` roots or lie under one, with no `..` or `.` in it."""
+    operator's `allowed` roots, absolute, with no `..` or `.` in it.
+
+    Not a directory under one: the copy goes to `<path>/<namespace>/<model>`, so a tenant of
+    namespace `a` naming `<root>/b` would get `<root>/b/a`, the directory of model `a` of
+    namespace `b`, and its cache pods would write into (and its cleanup delete from) another
+    tenant's model, which that tenant's engines then load."""
     path = str((model["spec"].get("nodeCache") or {}).get("path") or DEFAULT_CACHE_ROOT)
     parts = path.split("/")
     if not path.startswith("/") or ".." in parts or "." in parts:
         return f"nodeCache.path {path!r} must be an absolute path without '.' or '..'"
     normal = posixpath.normpath(path)
-    for root in allowed:
-        base = posixpath.normpath(root)
-        if normal == base or normal.startswith(base.rstrip("/") + "/"):
-            return None
+    if any(normal == posixpath.normpath(root) for root in allowed):
+        return None
     return (
-        f"nodeCache.path {path!r} is not under a host directory the cluster allows for model "
-        f"caches ({', '.join(allowed) or 'none'}; the controller's --cache-root)"
+        f"nodeCache.path {path!r} is not a host directory the cluster allows for model caches "
+        f"({', '.join(allowed) or 'none'}; the controller's --cache-root)"
     )
+
+
+def nested_cache_roots(roots: Sequence[str]) -> tuple[str, str] | None:
+    """(outer, inner) of two cache roots one inside the other, else None: copies go to
+    `<root>/<namespace>/<model>`, so with `/r` and `/r/b` both allowed, namespace `a`'s copies
+    (`/r/b/a/…`) would land in model `a` of namespace `b`."""
+    normal = [posixpath.normpath(r) for r in roots]
+    for i, outer in enumerate(normal):
+        for j, inner in enumerate(normal):
+            if i != j and inner.startswith(outer.rstrip("/") + "/"):
+                return roots[i], roots[j]
+    return None
 
 
 def cache_host_path(model: Mapping[str, Any]) -> str:

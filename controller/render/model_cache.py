@@ -7,7 +7,7 @@ Security admits it, so the copying runs apart from the tenant, in the cache name
 
 - in the model's namespace, owned by the model: the cache source, a Deployment serving the
   claim read-only over HTTP (`controller.cache_transfer serve`), its Service, and a
-  NetworkPolicy letting only the cache namespace reach it;
+  NetworkPolicy letting only the model's own cache pods (in the cache namespace) reach it;
 - in the cache namespace, named after the model's namespace and name and labelled with them
   (an owner reference cannot cross namespaces): the cache DaemonSet. Its init containers make
   the host directory the copier's (root, CAP_CHOWN only), then copy as a non-root user
@@ -15,8 +15,9 @@ Security admits it, so the copying runs apart from the tenant, in the cache name
   its pods are Ready only once the copy is complete, so the warm nodes are the nodes of its
   Ready pods (`warm_nodes`);
 - when the cache is turned off, moved or the model deleted: a cleanup DaemonSet on the same
-  nodes deletes the host copy (`cache_transfer remove`); it is done when all its pods are Ready
-  (`cleanup_done`), then the reconciler deletes it and releases the model's finalizer.
+  nodes deletes the host copy (`cache_transfer remove`), each pod once the node's cache pods
+  filling that directory have stopped (pod anti-affinity); it is done when all its pods are
+  Ready (`cleanup_done`), then the reconciler deletes it and releases the model's finalizer.
 """
 
 from __future__ import annotations
@@ -123,8 +124,10 @@ def cache_labels(model: Mapping[str, Any], component: str) -> dict[str, str]:
 
 
 def cache_pod_labels(model: Mapping[str, Any]) -> dict[str, str]:
-    """The labels of the cache DaemonSet's pods (its selector is a subset of them)."""
-    return cache_labels(model, COMPONENT_CACHE)
+    """The labels of the cache DaemonSet's pods (its selector is a subset of them), with the
+    digest of the directory they fill (for the cleanup's anti-affinity; on the pods only, since
+    a DaemonSet's selector is immutable and a moved cache keeps the DaemonSet's name)."""
+    return {**cache_labels(model, COMPONENT_CACHE), LABEL_CACHE_ROOT: _digest(cache_root(model))}
 
 
 def model_selector(model: Mapping[str, Any], component: str) -> str:
@@ -182,6 +185,12 @@ def _restricted_pod(run_as: int) -> dict[str, Any]:
         "runAsGroup": run_as,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
+
+
+def _own_cache_pods(model: Mapping[str, Any]) -> dict[str, str]:
+    """Labels every cache pod of `model` has and no other model's has."""
+    labels = cache_labels(model, COMPONENT_CACHE)
+    return {k: labels[k] for k in (LABEL_COMPONENT, LABEL_MODEL_NAMESPACE, LABEL_MODEL)}
 
 
 def render_cache_source(
@@ -252,7 +261,9 @@ def render_cache_source(
         "spec": {
             "podSelector": {"matchLabels": selector},
             "policyTypes": ["Ingress"],
-            # The model's files go to the cache pods, nobody else.
+            # The model's files go to this model's cache pods, nobody else: not to another
+            # model's, which a tenant could send here by turning its own source Service into an
+            # ExternalName for this one (the connection would come from the cache namespace).
             "ingress": [
                 {
                     "from": [
@@ -260,7 +271,7 @@ def render_cache_source(
                             "namespaceSelector": {
                                 "matchLabels": {"kubernetes.io/metadata.name": d.cache_namespace}
                             },
-                            "podSelector": {"matchLabels": {LABEL_COMPONENT: COMPONENT_CACHE}},
+                            "podSelector": {"matchLabels": _own_cache_pods(model)},
                         }
                     ],
                     "ports": [{"port": SOURCE_PORT, "protocol": "TCP"}],
@@ -278,12 +289,28 @@ def _host_volume(root: str) -> dict[str, Any]:
     return {"name": "cache", "hostPath": {"path": root, "type": "DirectoryOrCreate"}}
 
 
+CONTROL_PLANE_LABEL = "node-role.kubernetes.io/control-plane"
+
+
 def _scheduling(node_selector: Mapping[str, str]) -> dict[str, Any]:
     # On explicitly selected nodes the pods tolerate every taint, like node agents: an engine
-    # pod sent there by `model_volume` must find the cache.
+    # pod sent there by `model_volume` must find the cache. Never on the control plane, though:
+    # the tenant picks the selector, and a model copied there (tolerating its NoSchedule taint)
+    # would fill the disk etcd and the API server live on.
     if not node_selector:
         return {}
-    return {"nodeSelector": dict(node_selector), "tolerations": [{"operator": "Exists"}]}
+    away = {"key": CONTROL_PLANE_LABEL, "operator": "DoesNotExist"}
+    return {
+        "nodeSelector": dict(node_selector),
+        "tolerations": [{"operator": "Exists"}],
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [{"matchExpressions": [away]}]
+                }
+            }
+        },
+    }
 
 
 def _hold(readiness: list[str] | None) -> dict[str, Any]:
@@ -306,6 +333,10 @@ def _daemonset(
     meta: dict[str, Any], node_selector: Mapping[str, str], pod: dict[str, Any]
 ) -> dict[str, Any]:
     labels = meta["labels"]
+    scheduling = _scheduling(node_selector)
+    affinity = {**(pod.get("affinity") or {}), **scheduling.pop("affinity", {})}
+    if affinity:
+        pod = {**pod, "affinity": affinity}
     keys = [
         k
         for k in (LABEL_MODEL_NAMESPACE, LABEL_MODEL, LABEL_COMPONENT, LABEL_CACHE_ROOT)
@@ -322,7 +353,7 @@ def _daemonset(
                 "spec": {
                     "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
                     **pod,
-                    **_scheduling(node_selector),
+                    **scheduling,
                 },
             },
         },
@@ -398,7 +429,20 @@ def render_cache_daemonset(
         "containers": [hold],
         "volumes": [_host_volume(root)],
     }
-    return _daemonset(meta, cache_node_selector(model), pod)
+    daemonset = _daemonset(meta, cache_node_selector(model), pod)
+    daemonset["spec"]["template"]["metadata"]["labels"] = cache_pod_labels(model)
+    return daemonset
+
+
+def _after_the_copiers(model: Mapping[str, Any], root: str) -> dict[str, Any]:
+    """An affinity keeping a cleanup pod off a node while a cache pod filling `root` is still
+    there: the DaemonSet's pods are deleted by the garbage collector after it, and a copier
+    still running would rename its copy into place after the cleanup deleted it. The scheduler
+    counts terminating pods for anti-affinity, so the cleanup runs once they have stopped."""
+    selector = {k: v for k, v in cache_labels(model, COMPONENT_CACHE).items() if k != LABEL_NAME}
+    selector[LABEL_CACHE_ROOT] = _digest(root)
+    term = {"labelSelector": {"matchLabels": selector}, "topologyKey": "kubernetes.io/hostname"}
+    return {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}
 
 
 def render_cleanup_daemonset(
@@ -440,6 +484,7 @@ def render_cleanup_daemonset(
         ],
         "containers": [hold],
         "volumes": [_host_volume(root)],
+        "affinity": _after_the_copiers(model, root),
     }
     return _daemonset(meta, node_selector, pod)
 

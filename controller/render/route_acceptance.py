@@ -69,6 +69,16 @@ def _condition(entry: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None
     return None
 
 
+def _stale(condition: Mapping[str, Any] | None, generation: Any) -> int | None:
+    """The older route generation `condition` is about, or None when it is current (or either
+    generation is unknown). The Gateway's word on an earlier spec says nothing of this one:
+    a route changed to a listener that refuses it would still read Accepted."""
+    if condition is None or generation is None or condition.get("observedGeneration") is None:
+        return None
+    observed = int(condition["observedGeneration"])
+    return observed if observed < int(generation) else None
+
+
 def route_acceptance(
     route: Mapping[str, Any],
     parent: Mapping[str, Any],
@@ -86,6 +96,13 @@ def route_acceptance(
         and parent_key(entry.get("parentRef") or {}, namespace) == wanted
     ]
     accepted = _condition(entries[0], ACCEPTED) if entries else None
+    stale = _stale(accepted, meta.get("generation"))
+    if stale is not None:
+        message = (
+            f"{controller_name} has not yet looked at generation {meta.get('generation')} of "
+            f"HTTPRoute {meta.get('name')} in {gateway} (its word is about generation {stale})"
+        )
+        return RouteAcceptance(("Unknown", PENDING, message))
     if accepted is None or accepted.get("status") not in ("True", "False"):
         message = f"no word from {controller_name} on HTTPRoute {meta.get('name')} in {gateway} yet"
         if accepted is not None and accepted.get("message"):

@@ -434,6 +434,22 @@ def router_deployment(
     }
 
 
+_DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def check_service_name(kind: str, name: str) -> None:
+    """Raise UnsupportedApplication unless `name`, which names the object's Service and is its
+    pods' `arks.ai/application` label, is a DNS-1035 label: the API server refuses a Service
+    named `qwen2.5-7b` (a dot) or longer than 63 characters, and such a label value, so the
+    object could never serve; say so in its status instead of failing every apply."""
+    if not _DNS_1035_LABEL.match(name):
+        raise UnsupportedApplication(
+            f"{kind} name {name!r} also names its Service, which must be a DNS-1035 label: at "
+            "most 63 lowercase letters, digits and '-', starting with a letter and ending with "
+            "a letter or digit (no '.'); recreate it under such a name"
+        )
+
+
 def service(
     name: str,
     namespace: str,

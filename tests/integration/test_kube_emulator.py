@@ -637,3 +637,77 @@ def test_a_leaderworkerset_without_replicas_gets_the_crd_default(
     assert live["spec"]["replicas"] == 1
     scale = rest.request(api_client, "GET", f"{path}/scale")
     assert scale["spec"]["replicas"] == 1
+
+
+def test_names_and_labels_the_api_server_refuses_are_422_invalid(
+    api_client: client.ApiClient, ns: str
+) -> None:
+    # A Service's name is a DNS-1035 label; most kinds' a DNS-1123 subdomain; a label value at
+    # most 63 characters of [A-Za-z0-9_.-] (k8s.io/apimachinery/pkg/util/validation).
+    service = {"metadata": {"name": "qwen2.5-7b"}, "spec": {"ports": [{"port": 80}]}}
+    error = api_error(core(api_client).create_namespaced_service, ns, service)
+    assert error.status == 422 and "DNS-1035" in json.loads(error.body)["message"]
+    service["metadata"]["name"] = "qwen2-5-7b"
+    core(api_client).create_namespaced_service(ns, service)
+
+    apps = client.AppsV1Api(api_client)
+    assert api_error(apps.create_namespaced_deployment, ns, deployment("Qwen")).status == 422
+    apps.create_namespaced_deployment(ns, deployment("qwen2.5-7b"))  # a subdomain may have dots
+    long = deployment("long")
+    long["spec"]["template"]["metadata"]["labels"] = {"app": "long", "x": "v" * 64}
+    error = api_error(apps.create_namespaced_deployment, ns, long)
+    assert (
+        error.status == 422 and "spec.template.metadata.labels" in json.loads(error.body)["message"]
+    )
+    apply = {"_content_type": "application/apply-patch+yaml", "field_manager": "arks-controller"}
+    apps.patch_namespaced_deployment("d", ns, deployment("d"), **apply)
+    bad = deployment("d")
+    bad["metadata"]["labels"]["arks.ai/model"] = "meta-llama/Llama-3.1-8B"
+    assert api_error(apps.patch_namespaced_deployment, "d", ns, bad, **apply).status == 422
+    name = "a" * 254
+    error = api_error(custom(api_client).create_namespaced_custom_object, *ARKS[:2], ns, ARKS[2],
+                      arks_app(name))  # fmt: skip
+    assert error.status == 422
+
+
+def test_a_label_selected_watch_sees_an_object_leave_and_enter_its_selection(
+    api_client: client.ApiClient, ns: str
+) -> None:
+    # The API server's watch cache compares the old and new object with the selector: one that
+    # stops matching arrives as DELETED, one that starts matching as ADDED; an informer over a
+    # selection (e.g. the controller's Secrets labelled arks.ai/token-secret) relies on it.
+    api = custom(api_client)
+    listed = api.list_namespaced_custom_object(*ARKS[:2], ns, ARKS[2])
+    seen: list[tuple[str, str | None]] = []
+
+    def consume() -> None:
+        stream = watch.Watch().stream(
+            api.list_namespaced_custom_object,
+            *ARKS[:2],
+            ns,
+            ARKS[2],
+            label_selector="picked",
+            resource_version=listed["metadata"]["resourceVersion"],
+            timeout_seconds=3,
+        )
+        for event in stream:
+            labels = event["object"]["metadata"].get("labels") or {}
+            seen.append((event["type"], labels.get("step")))
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+
+    def label(**labels: str | None) -> None:
+        api.patch_namespaced_custom_object(
+            *ARKS[:2], ns, ARKS[2], "app", {"metadata": {"labels": labels}}
+        )
+
+    app = arks_app("app")
+    app["metadata"]["labels"] = {"step": "0"}
+    api.create_namespaced_custom_object(*ARKS[:2], ns, ARKS[2], app)  # not selected: nothing
+    label(picked="yes", step="1")  # enters: ADDED
+    label(step="2")  # stays: MODIFIED
+    label(picked=None, step="3")  # leaves: DELETED, with its new state
+    label(step="4")  # not selected: nothing
+    consumer.join(timeout=6)
+    assert seen == [("ADDED", "1"), ("MODIFIED", "2"), ("DELETED", "3")]

@@ -512,16 +512,53 @@ def test_turning_the_cache_off_deletes_the_node_copies_then_lets_go(
     assert not get(api, MODELS, ns, MODEL)["metadata"].get("finalizers")
 
 
+def test_a_cache_turned_back_on_waits_for_the_cleanup_of_its_directory(
+    api: ApiClient, ns: str
+) -> None:
+    # Off, then on again before the cleanup pods ran: a copy made now would be deleted by them
+    # afterwards, under the engines reading it (and its pods would never be Ready again).
+    model = ready_model(api, ns, nodeCache=CACHE)
+    for enabled in (False, True):
+        rest.request(
+            api,
+            "PATCH",
+            MODELS.path(ns, MODEL),
+            body={"spec": {"nodeCache": {"enabled": enabled}}},
+            content_type=rest.MERGE_PATCH,
+        )
+        recheck = reconcile_model(api, (ns, MODEL))
+        assert recheck is not None, "a node that never confirms sends no event: look again"
+    cleanup_name = cleanup_daemonset_name(model, f"/var/lib/arks/models/{ns}")
+    assert get(api, DAEMONSETS, CACHE_NS, cleanup_name) is not None
+    assert cache_ds(api, model) is None, "not filled while its directory is being emptied"
+    assert condition(model_status(api, ns), "CacheReady")["reason"] == "CleanupPending"
+
+    set_status(
+        api,
+        DAEMONSETS,
+        CACHE_NS,
+        cleanup_name,
+        desiredNumberScheduled=1,
+        numberReady=1,
+        observedGeneration=1,
+    )
+    assert reconcile_model(api, (ns, MODEL)) is None
+    assert get(api, DAEMONSETS, CACHE_NS, cleanup_name) is None
+    assert cache_ds(api, model) is not None
+    assert condition(model_status(api, ns), "CacheReady")["reason"] != "CleanupPending"
+
+
 def test_moving_the_cache_cleans_the_old_directory(api: ApiClient, ns: str) -> None:
     model = ready_model(api, ns, nodeCache=CACHE)
     rest.request(
         api,
         "PATCH",
         MODELS.path(ns, MODEL),
-        body={"spec": {"nodeCache": {"path": "/var/lib/arks/models/nvme"}}},
+        body={"spec": {"nodeCache": {"path": "/mnt/nvme"}}},
         content_type=rest.MERGE_PATCH,
     )
-    reconcile_model(api, (ns, MODEL))
+    roots = ModelDefaults(cache_roots=("/var/lib/arks/models", "/mnt/nvme"))
+    reconcile_model(api, (ns, MODEL), defaults=roots)
     old = get(
         api, DAEMONSETS, CACHE_NS, cleanup_daemonset_name(model, f"/var/lib/arks/models/{ns}")
     )
@@ -531,10 +568,7 @@ def test_moving_the_cache_cleans_the_old_directory(api: ApiClient, ns: str) -> N
     )
     current = cache_ds(api, model)
     assert current is not None
-    assert (
-        current["metadata"]["annotations"]["arks.ai/cache-root"]
-        == f"/var/lib/arks/models/nvme/{ns}"
-    )
+    assert current["metadata"]["annotations"]["arks.ai/cache-root"] == f"/mnt/nvme/{ns}"
 
 
 def test_a_new_source_prunes_the_old_download_job_but_keeps_the_claim(
@@ -584,6 +618,12 @@ def test_the_running_controller_creates_repairs_and_follows(api: ApiClient, ns: 
 
         create_cache_pod(api, ns, model, "gpu-a", ready=True)  # cache pods are watched too
         eventually(lambda: model_status(api, ns).get("warmNodes") == ["gpu-a"])
+
+        # The cache source's NetworkPolicy and Service are repaired too: without the policy,
+        # any pod of the cluster could read the model's files from the source.
+        for resource in (NETWORKPOLICIES, SERVICES):
+            rest.request(api, "DELETE", resource.path(ns, source_name(model)))
+            eventually(lambda r=resource: get(api, r, ns, source_name(model)))
 
         # Deleting the model: the cleanup DaemonSet's progress (watched) releases it.
         rest.request(api, "DELETE", MODELS.path(ns, MODEL))
@@ -645,3 +685,30 @@ def test_a_node_that_never_cleans_up_does_not_hold_the_model_forever(
     events = rest.request(api, "GET", EVENTS.path(ns)).get("items") or []
     (warning,) = [e for e in events if e["reason"] == "CacheCleanupIncomplete"]
     assert warning["type"] == "Warning" and "2 of 3 nodes" in warning["message"]
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-7b", "m." + "q" * 240])
+def test_a_dotted_or_long_model_name_makes_children_the_api_server_accepts(
+    api: ApiClient, ns: str, name: str
+) -> None:
+    # Model names are DNS subdomains (dots, up to 253): every child's name and label must still
+    # be what the API server accepts (the emulator checks names and labels as it does).
+    body = {"source": HF, "storage": {"size": "40Gi"}, "nodeCache": CACHE}
+    model = rest.request(
+        api,
+        "POST",
+        MODELS.path(ns),
+        body={"apiVersion": "arks.ai/v1", "kind": "ArksModel", "metadata": {"name": name},
+              "spec": body},
+    )  # fmt: skip
+    reconcile_model(api, (ns, name))
+    bind_claim(api, ns, name)
+    complete_job(api, ns, job_name(model))
+    reconcile_model(api, (ns, name))
+    assert get(api, DEPLOYMENTS, ns, source_name(model)) is not None
+    assert cache_ds(api, model) is not None
+    rest.request(api, "DELETE", MODELS.path(ns, name))
+    with pytest.raises(TemporaryError):
+        reconcile_model(api, (ns, name))  # the cleanup DaemonSet is made, with valid labels
+    cleanup = cleanup_daemonset_name(model, f"/var/lib/arks/models/{ns}")
+    assert get(api, DAEMONSETS, CACHE_NS, cleanup) is not None

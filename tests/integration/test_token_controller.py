@@ -285,3 +285,27 @@ def test_quota_status_writes_do_not_recheck_the_tokens_charged_to_it(
         assert reconciles() >= settled + 3
     finally:
         running.stop()
+
+
+def test_a_secret_that_loses_its_label_stops_the_token(
+    api: ApiClient, ns: str, controller: Any
+) -> None:
+    # The Secrets are watched by label: one unlabelled leaves the selection (the API server
+    # sends DELETED), so its digest is withdrawn and the gateway stops taking the token.
+    create(api, ENDPOINTS, ns, "ArksEndpoint", "qwen-7b", spec={})
+    qos = [{"arksEndpoint": {"name": "qwen-7b"}}]
+    spec = {"tokenSecretRef": {"name": "alice-token"}, "qos": qos}
+    create(api, TOKENS, ns, "ArksToken", "alice", spec=spec)
+    value = base64.b64encode(b"sk-arks-rotate-me").decode()
+    create(api, SECRETS, ns, "Secret", "alice-token", data={"token": value}, metadata=SECRET_META)
+    eventually(lambda: status(api, ns).get("tokenHash") == token_digest("sk-arks-rotate-me"))
+
+    rest.request(
+        api,
+        "PATCH",
+        SECRETS.path(ns, "alice-token"),
+        body={"metadata": {"labels": {LABEL_TOKEN_SECRET: None}}},
+        content_type=rest.MERGE_PATCH,
+    )
+    eventually(lambda: ready(api, ns) == ("False", "SecretNotFound"))
+    assert "tokenHash" not in status(api, ns)

@@ -17,7 +17,9 @@ LeaderWorkerSets have a `scale` subresource, as the HPA controller uses it.
 
 Simplifications (documented where they apply): lists are atomic for server-side apply; only the
 defaults in `DEFAULTS` are applied; strategic merge patch is treated as JSON merge patch; JSON
-patch, field selectors, foreground deletion and admission/validation are not emulated.
+patch, field selectors, foreground deletion and admission are not emulated; of validation, only
+names (a Service's a DNS-1035 label, most others' a DNS-1123 subdomain) and label keys and values
+(metadata, pod template, selector) are checked, as the API server does (422 Invalid).
 
 Usage from synchronous tests and the real `kubernetes` client::
 
@@ -32,6 +34,7 @@ import contextlib
 import copy
 import datetime
 import json
+import re
 import secrets
 import threading
 import time
@@ -254,6 +257,29 @@ def labels_match(obj: Obj, terms: list[tuple[str, str | None, bool]]) -> bool:
     return True
 
 
+_OLD_LABELS = "_oldLabels"  # a MODIFIED event's labels before the change (never sent)
+
+
+def _as_selected(event: Obj, terms: list[tuple[str, str | None, bool]]) -> Obj | None:
+    """`event` as a watch with label selector `terms` sees it, or None when it sees nothing:
+    an object whose change makes it match arrives as ADDED, one whose change makes it stop
+    matching as DELETED (with its new state), as the API server's watch cache filters them
+    (k8s.io/apiserver/pkg/storage/cacher: watchCacheEvent's PrevObject)."""
+    now = labels_match(event["object"], terms)
+    kind = event["type"]
+    if kind == "MODIFIED" and _OLD_LABELS in event:
+        before = labels_match({"metadata": {"labels": event[_OLD_LABELS]}}, terms)
+        if before and not now:
+            kind = "DELETED"
+        elif now and not before:
+            kind = "ADDED"
+        elif not now:
+            return None
+    elif not now:
+        return None
+    return {"type": kind, "object": event["object"]}
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -376,11 +402,15 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     def _store(self, path: ObjectPath, obj: Obj, event_type: str) -> None:
         key = self._key(path, obj["metadata"]["name"])
+        event: Obj = {"type": event_type, "object": obj}
         if key in self.objects:
+            if event_type == "MODIFIED":  # for label-selected watches (`_as_selected`)
+                before = self.objects[key].last.raw.get("metadata") or {}
+                event[_OLD_LABELS] = dict(before.get("labels") or {})
             self.objects[key].history.append(copy.deepcopy(obj))
         else:
             self.objects[key] = copy.deepcopy(obj)
-        self._publish(path, {"type": event_type, "object": obj})
+        self._publish(path, event)
 
     def _remove(self, path: ObjectPath, obj: Obj) -> None:
         obj["metadata"]["resourceVersion"] = self._next_rv()
@@ -483,6 +513,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             # https://kubernetes.io/docs/tasks/extend-kubernetes/custom-resources/custom-resource-definitions/#status-subresource
             body.pop("status", None)
         _default(body)
+        _validate(body, created=True)
         # The creator owns what it set (an apply: what it applied):
         # https://kubernetes.io/docs/reference/using-api/server-side-apply/#field-management
         meta.pop("managedFields", None)
@@ -656,6 +687,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 new["status"] = live["status"]
         if path.subresource != "status":
             _default(new)
+            _validate(new, created=False)
         if writer is None:
             new["metadata"].pop("managedFields", None)
             if "managedFields" in live["metadata"]:
@@ -801,8 +833,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
                     return
                 if event is _WATCH_CLOSED:
                     return
-                if labels_match(event["object"], terms):
-                    yield event
+                selected = _as_selected(event, terms)
+                if selected is not None:
+                    yield selected
         finally:
             self._watchers.remove(watcher)
 
@@ -819,6 +852,78 @@ class KubeEmulator(kmock.KubernetesEmulator):
         """End every open watch stream, so the server can stop without waiting on them."""
         for _, queue in self._watchers:
             queue.put_nowait(_WATCH_CLOSED)
+
+
+# The API server's name and label validation (k8s.io/apimachinery/pkg/util/validation):
+# https://kubernetes.io/docs/concepts/overview/working-with-objects/names/ and
+# https://kubernetes.io/docs/concepts/overview/working-with-objects/labels/#syntax-and-character-set
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_DNS_SUBDOMAIN = re.compile(rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*$")
+_DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+# Kinds whose names are not DNS subdomains: RBAC's are path segments (`system:…`), Events'
+# are the client's; a Service's name is a DNS-1035 label (it becomes a DNS name).
+_NAME_UNCHECKED = frozenset({"Role", "RoleBinding", "Event"})
+
+
+def _name_problem(kind: str, name: str) -> str | None:
+    if kind in _NAME_UNCHECKED:
+        return None
+    if kind == "Service":
+        if len(name) > 63 or not _DNS_1035_LABEL.match(name):
+            return "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic character, and end with an alphanumeric character (at most 63)"
+        return None
+    if len(name) > 253 or not _DNS_SUBDOMAIN.match(name):
+        return "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (at most 253)"
+    return None
+
+
+def _label_problems(where: str, labels: Any) -> list[str]:
+    problems = []
+    for key, value in (labels or {}).items():
+        prefix, _, name = str(key).rpartition("/")
+        if (
+            len(name) > 63
+            or not _LABEL_NAME.match(name)
+            or (prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)))
+        ):
+            problems.append(f"{where}: Invalid value: {key!r}: not a valid label key")
+        if (
+            not isinstance(value, str)
+            or len(value) > 63
+            or (value and not _LABEL_NAME.match(value))
+        ):
+            problems.append(
+                f"{where}: Invalid value: {value!r}: a valid label must be an empty string or "
+                "consist of alphanumeric characters, '-', '_' or '.', and must start and end "
+                "with an alphanumeric character (at most 63)"
+            )
+    return problems
+
+
+def _validate(obj: Obj, *, created: bool) -> None:
+    """422 Invalid for what the API server refuses in any object: a name its kind does not
+    allow (on create; names never change), labels that are not label keys and values, in the
+    metadata, a pod template's metadata or a selector's matchLabels."""
+    meta = obj.get("metadata") or {}
+    problems = []
+    if created:
+        why = _name_problem(str(obj.get("kind")), str(meta.get("name")))
+        if why:
+            problems.append(f"metadata.name: Invalid value: {meta.get('name')!r}: {why}")
+    problems += _label_problems("metadata.labels", meta.get("labels"))
+    spec = obj.get("spec")
+    if isinstance(spec, dict):
+        template = spec.get("template")
+        if isinstance(template, dict):
+            labels = (template.get("metadata") or {}).get("labels")
+            problems += _label_problems("spec.template.metadata.labels", labels)
+        selector = spec.get("selector")
+        if isinstance(selector, dict) and isinstance(selector.get("matchLabels"), dict):
+            problems += _label_problems("spec.selector.matchLabels", selector["matchLabels"])
+    if problems:
+        kind, name = obj.get("kind"), meta.get("name")
+        raise ApiError(422, "Invalid", f'{kind} "{name}" is invalid: ' + "; ".join(problems))
 
 
 def _default(obj: Obj) -> None:

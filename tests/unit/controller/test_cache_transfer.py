@@ -3,10 +3,12 @@ directories, the free-disk check, the marker discipline and path safety."""
 
 from __future__ import annotations
 
+import json
 import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -113,6 +115,41 @@ def test_the_source_serves_only_files_inside_its_root(
     with urllib.request.urlopen(source + "/index") as response:
         listed = response.read().decode()
     assert "link" not in listed and "secret" not in listed
+
+
+@pytest.mark.parametrize("path", ["../other/config.json", "{tmp}/cache/other/x", "a//b", "./x"])
+def test_a_source_listing_a_path_outside_the_model_writes_nothing(
+    path: str, tmp_path: Path
+) -> None:
+    # Any pod of the tenant's namespace with the source's labels answers through its Service.
+    path = path.format(tmp=tmp_path)  # an absolute path, inside the test's own directory
+
+    class Hostile(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"files": [{"path": path, "size": 1}]}).encode()
+            if self.path != "/index":
+                body = b"x"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    cache = tmp_path / "cache"
+    (cache / "other").mkdir(parents=True)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(TransferError, match="outside the model"):
+            fetch(url, cache, "m", "id-1")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert sorted(p.name for p in cache.rglob("*")) == ["other"]
 
 
 def test_an_unreachable_source_fails_without_a_copy(tmp_path: Path) -> None:

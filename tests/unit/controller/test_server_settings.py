@@ -3,6 +3,8 @@ the model Jobs and cache pods."""
 
 from __future__ import annotations
 
+import pytest
+
 from controller.render.model import DOWNLOADER_IMAGE, ModelDefaults
 from controller.server import Settings
 
@@ -47,3 +49,22 @@ def test_cache_roots_reach_both_renderers() -> None:
     assert settings.model_defaults().cache_roots == roots
     assert settings.render_defaults().cache_roots == roots
     assert Settings.from_args([]).model_defaults().cache_roots == ("/var/lib/arks/models",)
+
+
+@pytest.mark.parametrize(
+    "roots",
+    [("/var/lib/arks/models", "/var/lib/arks/models/b"), ("/mnt/nvme/x/", "/mnt/nvme")],
+)
+def test_a_cache_root_inside_another_is_refused(
+    roots: tuple[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Namespace a's copies under /r/b would be /r/b/a/…: model a of namespace b under /r.
+    with pytest.raises(SystemExit):
+        Settings.from_args([f"--cache-root={r}" for r in roots])
+    assert "lies inside" in capsys.readouterr().err
+
+
+def test_side_by_side_cache_roots_are_accepted() -> None:
+    roots = ["/var/lib/arks/models", "/var/lib/arks/models2", "/var/lib/arks/models"]
+    settings = Settings.from_args([f"--cache-root={r}" for r in roots])
+    assert settings.model_defaults().cache_roots == tuple(roots)

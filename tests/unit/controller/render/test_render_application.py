@@ -549,3 +549,16 @@ def test_dynamo_without_the_platform_addresses_is_refused_with_what_to_set() -> 
             render()
     # Other runtimes need nothing of it.
     render_application(make_app("vllm", 1), model_on_claim("c"))
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-7b", "a" * 64, "7b-qwen", "qwen-"])
+def test_a_name_that_cannot_name_a_service_is_refused_in_the_status(name: str) -> None:
+    # The API server refuses such a Service (and a label value over 63 characters): without
+    # this every apply would fail, and the status would not say why.
+    app = make_app("vllm", 1)
+    app["metadata"]["name"] = name
+    with pytest.raises(UnsupportedApplication, match="DNS-1035"):
+        render_application(app, downloaded_model(), defaults=RENDER_DEFAULTS)
+    app["metadata"]["name"] = "a" * 63
+    objects = render_application(app, downloaded_model(), defaults=RENDER_DEFAULTS)
+    assert by_kind(objects)["Service"]["metadata"]["name"] == "a" * 63

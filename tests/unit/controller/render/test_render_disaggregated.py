@@ -440,3 +440,10 @@ def test_the_router_takes_the_same_pass_through_fields() -> None:
     assert pod["priorityClassName"] == "system-cluster-critical"
     assert pod["imagePullSecrets"] == [{"name": "registry"}]
     assert container(router["spec"]["template"])["securityContext"] == {"runAsNonRoot": True}
+
+
+def test_a_name_that_cannot_name_a_service_is_refused() -> None:
+    dapp = make_dapp("sglang", 1)
+    dapp["metadata"]["name"] = "qwen2.5-pd"
+    with pytest.raises(UnsupportedApplication, match="DNS-1035"):
+        render_disaggregated(dapp, downloaded_model(), defaults=RENDER_DEFAULTS)

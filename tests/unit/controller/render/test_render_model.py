@@ -29,6 +29,7 @@ from controller.render.model import (
     ModelDefaults,
     cache_host_path,
     cache_path_problem,
+    cache_root,
     claim_name,
     model_sub_path,
     model_volume,
@@ -502,12 +503,25 @@ def test_the_cache_source_serves_the_claim_read_only_to_the_cache_namespace_only
                     "namespaceSelector": {
                         "matchLabels": {"kubernetes.io/metadata.name": "arks-cache"}
                     },
-                    "podSelector": {"matchLabels": {"arks.ai/component": "model-cache"}},
+                    "podSelector": {
+                        "matchLabels": {
+                            "arks.ai/component": "model-cache",
+                            "arks.ai/model-namespace": "llm",
+                            "arks.ai/model": "qwen2-5-7b-instruct",
+                        }
+                    },
                 }
             ],
             "ports": [{"port": 8080, "protocol": "TCP"}],
         }
     ]
+    # Only this model's cache pods: another tenant's cache pods, sent here by a source Service
+    # of theirs turned into an ExternalName for this one, are not let in.
+    peer = ingress[0]["from"][0]["podSelector"]
+    assert _matches(peer, cache_pod_labels(model))
+    other = copy.deepcopy(model)
+    other["metadata"]["namespace"] = "attacker"
+    assert not _matches(peer, cache_pod_labels(other))
     selector = objects["NetworkPolicy"]["spec"]["podSelector"]["matchLabels"].items()
     assert selector <= objects["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
     assert objects["Service"]["spec"]["selector"].items() == selector
@@ -580,6 +594,25 @@ def test_cache_objects_of_two_models_never_share_a_name() -> None:
     assert cleanup_daemonset_name(a, "/x") != cleanup_daemonset_name(a, "/y")
 
 
+def test_a_tenants_node_selector_never_puts_cache_pods_on_the_control_plane() -> None:
+    # The selector is the tenant's and the pods tolerate every taint on the nodes it picks:
+    # `node-role.kubernetes.io/control-plane: ""` would copy a model onto etcd's disk.
+    model = make_model("huggingface", cache=True)
+    model["spec"]["nodeCache"]["nodeSelector"] = {"node-role.kubernetes.io/control-plane": ""}
+    cache = render_cache_daemonset(model)
+    cleanup = render_cleanup_daemonset(model, "/var/lib/arks/models/llm", {"pool": "gpu"})
+    assert cache is not None
+    for ds in (cache, cleanup):
+        pod = ds["spec"]["template"]["spec"]
+        kubernetes_validate.validate(ds, K8S_VERSION, strict=True)
+        terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        (term,) = terms["nodeSelectorTerms"]
+        assert {"key": "node-role.kubernetes.io/control-plane", "operator": "DoesNotExist"} in (
+            term["matchExpressions"]
+        )
+    assert "podAntiAffinity" in cleanup["spec"]["template"]["spec"]["affinity"], "both kept"
+
+
 def test_no_daemonset_without_the_cache_and_no_tolerations_without_a_selector() -> None:
     assert render_cache_daemonset(make_model("s3")) is None
     everywhere = make_model("s3", nodeCache={"enabled": True})
@@ -626,6 +659,46 @@ def test_the_cleanup_daemonset_removes_the_copy_where_the_cache_ran() -> None:
     ds["metadata"]["generation"] = 3
     ds["status"]["observedGeneration"] = 2
     assert not cleanup_done(ds), "the status of an older spec"
+
+
+def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+
+
+def test_a_cleanup_pod_waits_on_its_node_for_the_copiers_of_its_directory() -> None:
+    # The cache DaemonSet's pods are deleted by the garbage collector after it: a copier still
+    # running would rename its copy into place after the cleanup deleted it.
+    model = make_model("huggingface", cache=True)
+    cache = render_cache_daemonset(model)
+    assert cache is not None
+    copier = cache["spec"]["template"]["metadata"]["labels"]
+    assert "arks.ai/cache-root-digest" not in cache["spec"]["selector"]["matchLabels"], (
+        "a DaemonSet's selector is immutable: a moved cache keeps its DaemonSet"
+    )
+    root = retired_root(cache)[0]
+    cleanup = render_cleanup_daemonset(model, root, {"pool": "gpu"})
+    (term,) = cleanup["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert "namespaces" not in term, "the cache namespace: the cleanup pod's own"
+    assert _matches(term["labelSelector"], copier)
+    cleanup_pod = cleanup["spec"]["template"]["metadata"]["labels"]
+    assert not _matches(term["labelSelector"], cleanup_pod), "never waits for itself"
+    moved = copy.deepcopy(model)
+    moved["spec"]["nodeCache"]["path"] = "/mnt/nvme"
+    moved_cache = render_cache_daemonset(moved, ModelDefaults(cache_roots=("/mnt/nvme",)))
+    assert moved_cache is not None
+    assert moved_cache["spec"]["selector"] == cache["spec"]["selector"]
+    new_copier = moved_cache["spec"]["template"]["metadata"]["labels"]
+    assert not _matches(term["labelSelector"], new_copier), "the new directory's copiers run on"
+
+
+def test_the_same_directory_spelled_otherwise_is_not_a_move() -> None:
+    model = make_model("huggingface", cache=True)
+    model["spec"]["nodeCache"]["path"] = "/var/lib//arks/models/"
+    assert cache_path_problem(model, ModelDefaults().cache_roots) is None
+    assert cache_root(model) == "/var/lib/arks/models/llm"
 
 
 def test_a_copy_that_found_no_disk_is_reported_with_its_message() -> None:
@@ -817,7 +890,7 @@ def test_the_default_download_image_is_the_arks_image_built_with_the_download_cl
     [
         ("/var/lib/arks/models", True),
         ("/var/lib/arks/models/", True),
-        ("/var/lib/arks/models/nvme", True),
+        ("/var/lib/arks/models/nvme", False),
         ("/var/lib/arks/models2", False),
         ("/etc", False),
         ("/", False),
@@ -840,11 +913,26 @@ def test_a_tenant_cannot_point_the_privileged_cache_pods_at_any_host_directory(
 
 def test_the_operator_allows_other_cache_roots() -> None:
     model = make_model("huggingface", cache=True)
-    model["spec"]["nodeCache"]["path"] = "/mnt/nvme/models"
+    model["spec"]["nodeCache"]["path"] = "/mnt/nvme"
     d = ModelDefaults(cache_roots=("/var/lib/arks/models", "/mnt/nvme"))
     assert cache_path_problem(model, d.cache_roots) is None
     assert render_cache_daemonset(model, d) is not None
     assert model_volume(model, {}, cache_roots=d.cache_roots).node_local
+
+
+def test_a_tenant_cannot_aim_its_cache_at_another_tenants_model() -> None:
+    # Namespace `b` caches model `a` at <root>/b/a. Namespace `a` naming <root>/b as its path
+    # would get <root>/b/a as its cache root: its copier would write into b's model directory
+    # (replacing any sub-directory named like its model) and its cleanup delete from it.
+    victim = make_model("huggingface", cache=True)
+    victim["metadata"] = {"name": "a", "namespace": "b"}
+    attacker = make_model("huggingface", cache=True)
+    attacker["metadata"] = {"name": "original", "namespace": "a"}
+    attacker["spec"]["nodeCache"]["path"] = "/var/lib/arks/models/b"
+    assert cache_root(attacker) == cache_host_path(victim)  # what the path would mean
+    assert cache_path_problem(attacker, ModelDefaults().cache_roots) is not None
+    assert render_cache_daemonset(attacker) is None
+    assert not model_volume(attacker, {}).node_local
 
 
 @pytest.mark.parametrize("name", ["qwen2.5-7b", "1-model", "qwen2-5-7b"])

@@ -98,3 +98,17 @@ def test_an_entry_without_an_accepted_condition_is_pending() -> None:
     pending = entry(("Unknown", "Pending", "waiting for the Gateway"))
     status, reason, message = route_acceptance(route(pending), OURS).accepted
     assert (status, reason) == ("Unknown", "Pending") and "waiting for the Gateway" in message
+
+
+def test_the_gateways_word_on_an_older_route_generation_is_pending() -> None:
+    # The controller changed the route (generation 2); Envoy Gateway has only judged generation
+    # 1: its Accepted says nothing of the new spec, which may be refused.
+    changed = route(entry(ACCEPTED, resolved=("False", "BackendNotFound", "gone")))
+    changed["metadata"]["generation"] = 2
+    acceptance = route_acceptance(changed, OURS)
+    status, reason, message = acceptance.accepted
+    assert (status, reason) == ("Unknown", "Pending")
+    assert "generation 2" in message and "generation 1" in message
+    assert acceptance.unresolved is None, "nor is an older ResolvedRefs reported"
+    changed["metadata"]["generation"] = 1
+    assert route_acceptance(changed, OURS).accepted[0] == "True"
