@@ -98,8 +98,12 @@ def test_the_readiness_probe_authenticates_from_its_environment(redis: ManifestR
     probe = [program, "-p", str(redis.port), *args]  # the test's port; the pod's is the default
     ok = subprocess.run(probe, env={"REDISCLI_AUTH": PASSWORD}, capture_output=True, text=True)
     assert ok.stdout.strip() == "PONG"
+    assert ok.returncode == 0
+    # The kubelet reads only the exit status: an error reply (NOAUTH here, LOADING while the
+    # append-only file replays) must fail the probe, which plain `redis-cli ping` does not.
     refused = subprocess.run(probe, env={}, capture_output=True, text=True)
     assert "NOAUTH" in refused.stdout + refused.stderr
+    assert refused.returncode != 0
 
 
 # --- the clients ------------------------------------------------------------------------------
