@@ -85,6 +85,13 @@ def test_redis_as_the_manifest_starts_it_refuses_clients_without_the_password(
     assert Redis(port=redis.port, password=PASSWORD).ping()
 
 
+def test_redis_takes_the_manifests_memory_ceiling(redis: ManifestRedis) -> None:
+    """Its redis.conf parses and sets maxmemory (noeviction alone sets no ceiling)."""
+    client = Redis(port=redis.port, password=PASSWORD)
+    assert int(client.config_get("maxmemory")["maxmemory"]) == 512 * 2**20
+    assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+
+
 def test_the_password_is_on_no_command_line(redis: ManifestRedis) -> None:
     """`exec` makes redis-server the container's process (PID 1 there), and its argv, which
     `ps` shows to everyone on the node, holds no password."""
