@@ -106,6 +106,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $_ := unset $obj.spec "egress" }}
 {{- end }}
 {{- end }}
+{{- if eq $obj.kind "ServiceMonitor" }}
+{{- $_ := set $meta "labels" (merge $meta.labels ($v.monitoring.labels | default dict)) }}
+{{- end }}
 {{- if eq $obj.kind "PodMonitor" }}
 {{- $pm := $v.autoscaling.podMonitor }}
 {{- $_ := set $meta "labels" (merge $meta.labels ($pm.labels | default dict)) }}

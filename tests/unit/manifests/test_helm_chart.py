@@ -175,6 +175,21 @@ def test_the_monitoring_namespace_is_the_one_allowed_to_scrape() -> None:
         assert "observability" in namespaces and "monitoring" not in namespaces
 
 
+def test_the_service_monitors_take_the_prometheus_releases_label() -> None:
+    """kube-prometheus-stack's Prometheus picks ServiceMonitors by `release: <its release>`."""
+    docs = render("monitoring.enabled=true", "monitoring.labels.release=kube-prometheus-stack")
+    monitors = of(docs, "ServiceMonitor")
+    assert {m["metadata"]["name"] for m in monitors} == {
+        "arks-extproc", "arks-ratelimit", "arks-controller"
+    }  # fmt: skip
+    for monitor in monitors:
+        validate(monitor)
+        assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        assert (
+            monitor["metadata"]["labels"]["app.kubernetes.io/name"] == monitor["metadata"]["name"]
+        )
+
+
 def test_without_the_gateway_wiring() -> None:
     docs = render("gateway.enabled=false")
     assert not of(docs, "Gateway") and not of(docs, "ValidatingAdmissionPolicy")
