@@ -381,7 +381,8 @@ def test_redis_takes_its_password_from_the_secret_and_not_from_its_command_line(
     }
     assert "requirepass $REDISCLI_AUTH" in _command_line(redis)
     assert "redis-server /etc/redis/redis.conf -" in _command_line(redis)
-    assert redis["readinessProbe"]["exec"]["command"] == ["redis-cli", "ping"]  # REDISCLI_AUTH
+    # REDISCLI_AUTH; -e: an error reply fails the probe
+    assert redis["readinessProbe"]["exec"]["command"] == ["redis-cli", "-e", "ping"]
 
 
 @pytest.mark.parametrize("name", ["arks-extproc", "arks-ratelimit"])
