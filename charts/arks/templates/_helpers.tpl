@@ -97,6 +97,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $match := $peer.namespaceSelector.matchLabels | default dict }}
 {{- if eq (get $match "kubernetes.io/metadata.name") "monitoring" }}
 {{- $_ := set $match "kubernetes.io/metadata.name" $v.monitoring.namespace }}
+{{- else if eq (get $match "kubernetes.io/metadata.name") "envoy-gateway-system" }}
+{{- $_ := set $match "kubernetes.io/metadata.name" $v.envoyGateway.namespace }}
 {{- end }}
 {{- end }}
 {{- end }}
