@@ -85,6 +85,13 @@ def test_redis_as_the_manifest_starts_it_refuses_clients_without_the_password(
     assert Redis(port=redis.port, password=PASSWORD).ping()
 
 
+def test_redis_takes_the_manifests_memory_ceiling(redis: ManifestRedis) -> None:
+    """Its redis.conf parses and sets maxmemory (noeviction alone sets no ceiling)."""
+    client = Redis(port=redis.port, password=PASSWORD)
+    assert int(client.config_get("maxmemory")["maxmemory"]) == 512 * 2**20
+    assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+
+
 def test_the_password_is_on_no_command_line(redis: ManifestRedis) -> None:
     """`exec` makes redis-server the container's process (PID 1 there), and its argv, which
     `ps` shows to everyone on the node, holds no password."""
@@ -98,8 +105,12 @@ def test_the_readiness_probe_authenticates_from_its_environment(redis: ManifestR
     probe = [program, "-p", str(redis.port), *args]  # the test's port; the pod's is the default
     ok = subprocess.run(probe, env={"REDISCLI_AUTH": PASSWORD}, capture_output=True, text=True)
     assert ok.stdout.strip() == "PONG"
+    assert ok.returncode == 0
+    # The kubelet reads only the exit status: an error reply (NOAUTH here, LOADING while the
+    # append-only file replays) must fail the probe, which plain `redis-cli ping` does not.
     refused = subprocess.run(probe, env={}, capture_output=True, text=True)
     assert "NOAUTH" in refused.stdout + refused.stderr
+    assert refused.returncode != 0
 
 
 # --- the clients ------------------------------------------------------------------------------

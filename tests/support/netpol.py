@@ -7,11 +7,14 @@ connection passes when any rule of any selecting policy allows it (ingress at th
 AND egress at the source). A peer with namespaceSelector and podSelector in one element is the
 AND of both; podSelector alone means the policy's own namespace; a rule without `from`/`to`
 matches every peer, without `ports` every port. `matchExpressions` is not used by our policies
-and is refused here.
+and is refused here. An ipBlock matches by address (CIDR minus `except`); an endpoint on a
+node's own network (a hostNetwork pod such as node-local DNS) is matched by ipBlock only, never
+by pod or namespace selectors (Calico and Cilium treat it as the host).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +24,8 @@ from typing import Any
 class Pod:
     namespace: str
     labels: Mapping[str, str]
+    ip: str = ""
+    host_network: bool = False
 
     def namespace_labels(self) -> dict[str, str]:
         # The label the API server puts on every namespace (1.22+).
@@ -32,8 +37,20 @@ def _selects(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
     return dict(selector.get("matchLabels") or {}).items() <= dict(labels).items()
 
 
+def _in_block(block: Mapping[str, Any], ip: str) -> bool:
+    if not ip:
+        return False
+    address = ipaddress.ip_address(ip)
+    inside = address in ipaddress.ip_network(block["cidr"])
+    return inside and not any(address in ipaddress.ip_network(x) for x in block.get("except", []))
+
+
 def _peer(peer: Mapping[str, Any], policy_namespace: str, pod: Pod) -> bool:
-    assert "ipBlock" not in peer
+    if "ipBlock" in peer:
+        assert set(peer) == {"ipBlock"}, f"ipBlock goes alone in a peer: {peer}"
+        return _in_block(peer["ipBlock"], pod.ip)
+    if pod.host_network:
+        return False
     if "namespaceSelector" in peer:
         if not _selects(peer["namespaceSelector"], pod.namespace_labels()):
             return False

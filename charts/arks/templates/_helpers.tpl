@@ -97,6 +97,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $match := $peer.namespaceSelector.matchLabels | default dict }}
 {{- if eq (get $match "kubernetes.io/metadata.name") "monitoring" }}
 {{- $_ := set $match "kubernetes.io/metadata.name" $v.monitoring.namespace }}
+{{- else if eq (get $match "kubernetes.io/metadata.name") "envoy-gateway-system" }}
+{{- $_ := set $match "kubernetes.io/metadata.name" $v.envoyGateway.namespace }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -105,6 +107,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $_ := set $obj.spec "policyTypes" (list "Ingress") }}
 {{- $_ := unset $obj.spec "egress" }}
 {{- end }}
+{{- end }}
+{{- if eq $obj.kind "ServiceMonitor" }}
+{{- $_ := set $meta "labels" (merge $meta.labels ($v.monitoring.labels | default dict)) }}
 {{- end }}
 {{- if eq $obj.kind "PodMonitor" }}
 {{- $pm := $v.autoscaling.podMonitor }}

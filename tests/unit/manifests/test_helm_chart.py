@@ -175,6 +175,47 @@ def test_the_monitoring_namespace_is_the_one_allowed_to_scrape() -> None:
         assert "observability" in namespaces and "monitoring" not in namespaces
 
 
+def test_the_service_monitors_take_the_prometheus_releases_label() -> None:
+    """kube-prometheus-stack's Prometheus picks ServiceMonitors by `release: <its release>`."""
+    docs = render("monitoring.enabled=true", "monitoring.labels.release=kube-prometheus-stack")
+    monitors = of(docs, "ServiceMonitor")
+    assert {m["metadata"]["name"] for m in monitors} == {
+        "arks-extproc", "arks-ratelimit", "arks-controller"
+    }  # fmt: skip
+    for monitor in monitors:
+        validate(monitor)
+        assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        assert (
+            monitor["metadata"]["labels"]["app.kubernetes.io/name"] == monitor["metadata"]["name"]
+        )
+
+
+def test_envoy_gateway_elsewhere_is_the_one_admitted_and_given_the_secret() -> None:
+    """Envoy Gateway in another namespace: its Envoy pods still reach the gateway and the
+    rate-limit service, its rate limiter still reaches Redis, and it gets the Secret."""
+    from dataclasses import replace
+
+    from tests.support.netpol import allows
+    from tests.unit.manifests.test_manifests_tenancy import (
+        ARKS_ENVOY,
+        EG_RATELIMIT,
+        EXTPROC,
+        RATELIMIT,
+        REDIS,
+    )
+
+    docs = render("envoyGateway.namespace=eg")
+    policies = of(docs, "NetworkPolicy")
+    envoy, rate_limiter = (replace(pod, namespace="eg") for pod in (ARKS_ENVOY, EG_RATELIMIT))
+    assert allows(policies, envoy, EXTPROC, 50051)
+    assert allows(policies, envoy, RATELIMIT, 8081)
+    assert allows(policies, rate_limiter, REDIS, 6379)
+    assert not allows(policies, ARKS_ENVOY, EXTPROC, 50051)  # envoy-gateway-system no more
+    assert {s["metadata"]["namespace"] for s in of(docs, "Secret")} == {"arks-system", "eg"}
+    alone = render("redis.auth.envoyGatewaySecret=false")
+    assert {s["metadata"]["namespace"] for s in of(alone, "Secret")} == {"arks-system"}
+
+
 def test_without_the_gateway_wiring() -> None:
     docs = render("gateway.enabled=false")
     assert not of(docs, "Gateway") and not of(docs, "ValidatingAdmissionPolicy")

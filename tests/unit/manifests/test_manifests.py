@@ -346,6 +346,25 @@ def test_redis_persists_every_second() -> None:
     ]
 
 
+def _bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (Mi, Gi) or a redis.conf size (mb, gb), in bytes."""
+    units = {"Mi": 2**20, "Gi": 2**30, "mb": 2**20, "gb": 2**30}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(quantity[: -len(suffix)]) * factor
+    return int(quantity)
+
+
+def test_redis_refuses_writes_before_the_kubelet_kills_it() -> None:
+    """noeviction needs a maxmemory; kept at half the memory limit for an AOF rewrite's fork."""
+    lines = one("ConfigMap", "arks-redis")["data"]["redis.conf"].splitlines()
+    config = dict(line.split(None, 1) for line in lines if line and not line.startswith("#"))
+    assert config["maxmemory-policy"] == "noeviction"
+    (container,) = containers(one("StatefulSet", "arks-redis"))
+    limit = _bytes(container["resources"]["limits"]["memory"])
+    assert 0 < _bytes(config["maxmemory"]) <= limit // 2
+
+
 def test_services_reach_redis_by_its_service() -> None:
     redis = one("Service", "arks-redis")
     port = redis["spec"]["ports"][0]["port"]

@@ -6,6 +6,7 @@ tests/support/netpol.py), and Redis's password kept out of command lines."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -305,6 +306,9 @@ PROMETHEUS = Pod("monitoring", {"app.kubernetes.io/name": "prometheus"})
 TENANT_POD = Pod("team-a", {"app.kubernetes.io/name": "arks-extproc"})  # labels are free to fake
 IMPOSTOR = Pod("envoy-gateway-system", {"app.kubernetes.io/name": "arks-extproc"})
 DNS = Pod("kube-system", {"k8s-app": "kube-dns"})
+# NodeLocal DNSCache: a hostNetwork pod answering on a link-local address (169.254.20.10 in the
+# Kubernetes add-on's manifest and on GKE), which pods reach instead of kube-dns.
+NODE_LOCAL_DNS = Pod("kube-system", {"k8s-app": "node-local-dns"}, "169.254.20.10", True)
 
 
 @pytest.mark.parametrize(
@@ -347,6 +351,14 @@ def test_dns_is_allowed_over_udp_too() -> None:
     assert allows(POLICIES, RATELIMIT, DNS, 53, "UDP")
 
 
+@pytest.mark.parametrize("protocol", ["UDP", "TCP"])
+def test_a_node_local_dns_cache_answers_the_rate_limit_service(protocol: str) -> None:
+    """Without it the rate-limit service cannot resolve arks-redis and fails open."""
+    assert allows(POLICIES, RATELIMIT, NODE_LOCAL_DNS, 53, protocol)
+    assert not allows(POLICIES, RATELIMIT, NODE_LOCAL_DNS, 8080)
+    assert not allows(POLICIES, RATELIMIT, replace(NODE_LOCAL_DNS, ip="169.254.169.254"), 53)
+
+
 def test_every_arks_pod_is_isolated_for_ingress() -> None:
     for pod in (REDIS, EXTPROC, RATELIMIT, CONTROLLER_POD):
         assert not allows(POLICIES, TENANT_POD, pod, 12345)
@@ -381,7 +393,8 @@ def test_redis_takes_its_password_from_the_secret_and_not_from_its_command_line(
     }
     assert "requirepass $REDISCLI_AUTH" in _command_line(redis)
     assert "redis-server /etc/redis/redis.conf -" in _command_line(redis)
-    assert redis["readinessProbe"]["exec"]["command"] == ["redis-cli", "ping"]  # REDISCLI_AUTH
+    # REDISCLI_AUTH; -e: an error reply fails the probe
+    assert redis["readinessProbe"]["exec"]["command"] == ["redis-cli", "-e", "ping"]
 
 
 @pytest.mark.parametrize("name", ["arks-extproc", "arks-ratelimit"])
