@@ -78,3 +78,34 @@ def test_one_change_parses_one_object_and_status_writes_parse_nothing(
     rest.request(api, "DELETE", TOKENS.path(ns, "u7"))
     eventually(lambda: source.current().token(token_digest("sk-7")) is None)
     assert len(source.current().tokens_by_digest) == TOKENS_LOADED
+
+
+def test_a_token_deleted_and_recreated_while_the_watch_was_down_is_the_new_one(
+    kube: RunningKubeEmulator, api: Any, ns: str
+) -> None:
+    """Revoking a token by deleting it and creating one of the same name with a new digest,
+    while the gateway's watch is down (a relist follows, as after 410 Gone): the relist shows
+    the same name with generation 1 again, which is not "nothing changed" (its uid is new).
+    The old digest must stop working."""
+
+    def token(digest: str) -> dict[str, Any]:
+        qos = [{"arksEndpoint": {"name": "m"}}]
+        return {"metadata": {"name": "alice"}, "spec": {"tokenHash": digest, "qos": qos}}
+
+    rest.request(api, "POST", TOKENS.path(ns), body=token(token_digest("sk-old")))
+    options = {**FAST_INFORMERS, "forbidden_retry_s": 0.2}
+    source = ClusterPolicySource(api, ns, informer_options=options)
+    source.start()
+    try:
+        assert source.current().token(token_digest("sk-old")) is not None
+        # the gateway may not list or watch tokens for a while (its watch ends within 1 s)
+        kube.emulator.authorize = lambda e: not (e[3] == "arkstokens" and e[1] in ("list", "watch"))
+        eventually(lambda: source._informers["ArksToken"].forbidden)
+        rest.request(api, "DELETE", TOKENS.path(ns, "alice"))
+        rest.request(api, "POST", TOKENS.path(ns), body=token(token_digest("sk-new")))
+        kube.emulator.authorize = None
+        eventually(lambda: source.current().token(token_digest("sk-new")) is not None)
+        assert source.current().token(token_digest("sk-old")) is None
+    finally:
+        kube.emulator.authorize = None
+        source.stop()
