@@ -14,7 +14,8 @@ again under its name starts again at 1) did not move changed only status or meta
 an ArksToken's published digest (`status.tokenHash`/`tokenHashSecret`), compared as well. An
 object that does not parse is left out (and logged) rather than failing the policy, as a
 cluster's objects come and go independently; two tokens with one digest are both left out, with
-a warning, until one changes.
+a warning, until one changes. An ArksToken marked for deletion (a finalizer holds it) is
+left out as if deleted: deleting a token revokes it.
 """
 
 from __future__ import annotations
@@ -129,7 +130,9 @@ class ClusterPolicySource:
             if event == "RESYNC":  # a resync repeats what the cache holds: nothing to apply
                 return
             key = (kind.kind, *_name_of(obj))
-            if event == "DELETED":
+            # A token being deleted is revoked now, not when its finalizers (anyone's) let go.
+            gone = event == "DELETED" or (kind.kind == "ArksToken" and _deleting(obj))
+            if gone:
                 self._marks.pop(key, None)
             else:
                 mark = _mark(kind.kind, obj)
@@ -138,7 +141,7 @@ class ClusterPolicySource:
                     return
                 self._marks[key] = mark
             with self._lock:
-                self._pending[key] = None if event == "DELETED" else obj
+                self._pending[key] = None if gone else obj
             self._dirty.set()
 
         return changed
@@ -198,6 +201,10 @@ def _mark(kind: str, obj: Mapping[str, Any]) -> tuple[Any, ...] | None:
     source = status.get("tokenHashSecret") or {}
     digest = (status.get("tokenHash"), source.get("name"), source.get("key"))
     return (meta.get("uid"), generation, *digest)
+
+
+def _deleting(obj: Mapping[str, Any]) -> bool:
+    return bool((obj.get("metadata") or {}).get("deletionTimestamp"))
 
 
 def _name_of(obj: Mapping[str, Any]) -> tuple[str, str]:

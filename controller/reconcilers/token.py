@@ -360,6 +360,8 @@ class DigestHolders:
 
 
 def _gateway_digest(obj: Mapping[str, Any]) -> str | None:
+    if (obj.get("metadata") or {}).get("deletionTimestamp"):
+        return None  # the gateway counts a token being deleted as gone
     try:
         token = api.parse_token(obj)
     except api.ObjectError:

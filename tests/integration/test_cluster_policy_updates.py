@@ -109,3 +109,25 @@ def test_a_token_deleted_and_recreated_while_the_watch_was_down_is_the_new_one(
     finally:
         kube.emulator.authorize = None
         source.stop()
+
+
+def test_a_deleted_token_held_by_a_finalizer_no_longer_authenticates(
+    kube: RunningKubeEmulator, api: Any, ns: str
+) -> None:
+    """Deleting an ArksToken revokes it, even while a finalizer (a tenant may add any, and
+    `--cascade=foreground` adds one) keeps the object, marked with a deletionTimestamp: the
+    gateway counts a token being deleted as gone."""
+    qos = [{"arksEndpoint": {"name": "m"}}]
+    meta = {"name": "alice", "finalizers": ["tenant.example/keep"]}
+    body = {"metadata": meta, "spec": {"tokenHash": token_digest("sk-alice"), "qos": qos}}
+    rest.request(api, "POST", TOKENS.path(ns), body=body)
+    source = ClusterPolicySource(api, ns, informer_options=FAST_INFORMERS)
+    source.start()
+    try:
+        assert source.current().token(token_digest("sk-alice")) is not None
+        rest.request(api, "DELETE", TOKENS.path(ns, "alice"))
+        held = rest.request(api, "GET", TOKENS.path(ns, "alice"))
+        assert held["metadata"]["deletionTimestamp"] and held["metadata"]["generation"] == 2
+        eventually(lambda: source.current().token(token_digest("sk-alice")) is None)
+    finally:
+        source.stop()
