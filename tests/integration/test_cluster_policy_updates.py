@@ -12,7 +12,7 @@ import pytest
 
 from arks.adapters.kube import rest
 from arks.api import token_digest
-from arks.resources import QUOTAS, TOKENS, Resource
+from arks.resources import ENDPOINTS, QUOTAS, TOKENS, Resource
 from extproc.cluster_policy import ClusterPolicySource
 from tests.support.kube import FAST_INFORMERS, RunningKubeEmulator, eventually
 
@@ -130,4 +130,28 @@ def test_a_deleted_token_held_by_a_finalizer_no_longer_authenticates(
         assert held["metadata"]["deletionTimestamp"] and held["metadata"]["generation"] == 2
         eventually(lambda: source.current().token(token_digest("sk-alice")) is None)
     finally:
+        source.stop()
+
+
+def test_a_kind_the_gateway_may_not_read_leaves_the_others_served(
+    kube: RunningKubeEmulator, api: Any, ns: str
+) -> None:
+    """Its RBAC missing one kind (or Envoy Gateway's Backend CRD not installed: 404), the
+    gateway starts with the other kinds after its start timeout, and takes the missing kind in
+    once it may read it (the informer asks again every forbidden_retry_s)."""
+    qos = [{"arksEndpoint": {"name": "m"}}]
+    body = {"metadata": {"name": "alice"}, "spec": {"tokenHash": token_digest("sk-a"), "qos": qos}}
+    rest.request(api, "POST", TOKENS.path(ns), body=body)
+    rest.request(api, "POST", ENDPOINTS.path(ns), body={"metadata": {"name": "m"}, "spec": {}})
+    kube.emulator.authorize = lambda e: e[3] != "arksendpoints"
+    options = {**FAST_INFORMERS, "forbidden_retry_s": 0.2}
+    source = ClusterPolicySource(api, ns, informer_options=options)
+    try:
+        source.start(timeout_s=1.0)
+        assert source.current().token(token_digest("sk-a")) is not None
+        assert source.current().endpoint(ns, "m") is None
+        kube.emulator.authorize = None
+        eventually(lambda: source.current().endpoint(ns, "m") is not None)
+    finally:
+        kube.emulator.authorize = None
         source.stop()
