@@ -145,7 +145,7 @@ def test_a_shared_digest_is_duplicate_token_and_a_secret_held_one_is_still_publi
         s = status_of(obj, sec, shared=lambda d, digest=digest: d == digest)
         assert (s.phase, check(s, "Ready")) == ("Invalid", ("False", "DuplicateToken"))
         assert s.digest == (held if sec else None)
-        assert status_of(obj, sec, shared=lambda d: d != digest).phase == "Active"
+        assert status_of(obj, sec, shared=lambda d, digest=digest: d != digest).phase == "Active"
 
 
 def test_a_namespace_that_did_not_opt_in_says_so_and_is_asked_again() -> None:
