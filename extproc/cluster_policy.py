@@ -9,12 +9,13 @@ A change costs O(that change), not O(cluster) (arks/policy_index.py): only the c
 is parsed and only the indexes it touches are updated; a burst of changes (a first list, a
 relist after an error) is applied as one and makes one new snapshot. An update that cannot
 change the policy is dropped before it is parsed: for these kinds, `metadata.generation` moves
-with every spec change, so an update whose generation did not move changed only status or
-metadata — the gateway's own ArksQuota status writes every few seconds come back as such — except
+with every spec change, so an update whose generation (and uid: an object deleted and created
+again under its name starts again at 1) did not move changed only status or metadata — the gateway's own ArksQuota status writes every few seconds come back as such — except
 an ArksToken's published digest (`status.tokenHash`/`tokenHashSecret`), compared as well. An
 object that does not parse is left out (and logged) rather than failing the policy, as a
 cluster's objects come and go independently; two tokens with one digest are both left out, with
-a warning, until one changes.
+a warning, until one changes. An ArksToken marked for deletion (a finalizer holds it) is
+left out as if deleted: deleting a token revokes it.
 """
 
 from __future__ import annotations
@@ -129,7 +130,9 @@ class ClusterPolicySource:
             if event == "RESYNC":  # a resync repeats what the cache holds: nothing to apply
                 return
             key = (kind.kind, *_name_of(obj))
-            if event == "DELETED":
+            # A token being deleted is revoked now, not when its finalizers (anyone's) let go.
+            gone = event == "DELETED" or (kind.kind == "ArksToken" and _deleting(obj))
+            if gone:
                 self._marks.pop(key, None)
             else:
                 mark = _mark(kind.kind, obj)
@@ -138,7 +141,7 @@ class ClusterPolicySource:
                     return
                 self._marks[key] = mark
             with self._lock:
-                self._pending[key] = None if event == "DELETED" else obj
+                self._pending[key] = None if gone else obj
             self._dirty.set()
 
         return changed
@@ -183,16 +186,25 @@ class ClusterPolicySource:
 
 def _mark(kind: str, obj: Mapping[str, Any]) -> tuple[Any, ...] | None:
     """What an update must move to change the policy, or None when unknown (then it is parsed
-    and compared): the generation, and for an ArksToken its published digest too."""
+    and compared): the uid and generation, and for an ArksToken its published digest too.
+
+    The uid, because a generation is only counted within one object: one deleted and created
+    again under its name while the watch was down (the relist then shows a MODIFIED, not a
+    DELETED and an ADDED) starts again at generation 1, with a new spec and a new uid."""
     meta = obj.get("metadata") or {}
     generation = meta.get("generation")
     if generation is None:
         return None
     if kind != "ArksToken":
-        return (generation,)
+        return (meta.get("uid"), generation)
     status = obj.get("status") or {}
     source = status.get("tokenHashSecret") or {}
-    return (generation, status.get("tokenHash"), source.get("name"), source.get("key"))
+    digest = (status.get("tokenHash"), source.get("name"), source.get("key"))
+    return (meta.get("uid"), generation, *digest)
+
+
+def _deleting(obj: Mapping[str, Any]) -> bool:
+    return bool((obj.get("metadata") or {}).get("deletionTimestamp"))
 
 
 def _name_of(obj: Mapping[str, Any]) -> tuple[str, str]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from arks.adapters.kube.events import record_event
 from arks.adapters.kube.queue import Key, WorkQueue
 from arks.adapters.kube.rest import Obj
 from arks.adapters.kube.runner import Controller, Leadership
-from arks.adapters.kube.watch import Informer, PerNamespace
+from arks.adapters.kube.watch import Informer, PerNamespace, key_of
 from arks.resources import ENDPOINTS, QUOTAS, SECRETS, TOKENS
 from arks.wire import EVENT_COMPONENT, LABEL_TOKEN_SECRET
 
@@ -50,6 +51,11 @@ PHASE_EXPIRED = "Expired"
 PHASE_INVALID = "Invalid"
 FORBIDDEN_RECHECK_S = 30.0  # how often a namespace that refused is asked again
 SECRET_READER_ROLE = "arks-token-secret-reader"  # the ClusterRole a namespace binds to opt in
+# Said to both holders of one digest; the other is not named (it may be another tenant's).
+DUPLICATE = (
+    "another ArksToken holds the same token (the same SHA-256 digest), perhaps in another "
+    "namespace; the gateway accepts neither until one changes: issue a new token for this one"
+)
 
 
 @dataclass(frozen=True)
@@ -129,8 +135,10 @@ def token_status(
     quotas: Collection[str],
     now: datetime.datetime,
     secret_forbidden: bool = False,
+    shared: Callable[[str], bool] = lambda digest: False,
 ) -> TokenStatus:
-    """The status of ArksToken `obj` at `now` (pure)."""
+    """The status of ArksToken `obj` at `now` (pure); `shared(digest)`: whether another
+    ArksToken (in any namespace) holds that digest too."""
     try:
         token = api.parse_token(obj)
     except api.ObjectError as e:
@@ -158,8 +166,13 @@ def token_status(
             recheck = FORBIDDEN_RECHECK_S if secret_forbidden else None
         else:
             digest = checked
+    held = digest if token.secret_ref is not None else token.token_hash
     if broken is not None:
         phase, ready = PHASE_INVALID, broken
+    elif held is not None and shared(held):
+        # The digest is still published (a Secret-held token's): the gateway must see the
+        # clash, or the copy would be the only holder and take this token's requests.
+        phase, ready = PHASE_INVALID, Check("Ready", "False", "DuplicateToken", DUPLICATE)
     elif token.disabled:
         phase, ready = PHASE_DISABLED, Check("Ready", "False", "Disabled", "spec.disabled is true")
     elif token.expired(now):
@@ -227,7 +240,9 @@ class TokenReconciler:
         endpoints: Informer,
         quotas: Informer,
         clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
+        holders: DigestHolders | None = None,
     ) -> None:
+        self.holders = holders if holders is not None else DigestHolders()
         self.api = api_client
         self.tokens, self.secrets, self.endpoints, self.quotas = tokens, secrets, endpoints, quotas
         self.clock = clock
@@ -257,6 +272,7 @@ class TokenReconciler:
             quotas=self._names(self.quotas, namespace),
             now=now,
             secret_forbidden=forbidden,
+            shared=lambda digest: self.holders.shared(digest, key),
         )
         current: Mapping[str, Any] = token.get("status") or {}
         desired = desired_status(
@@ -298,6 +314,59 @@ class TokenReconciler:
             record_event(self.api, token, type_, str(ready["reason"]), message, EVENT_COMPONENT)
         except Exception:  # diagnostics must not fail the reconcile
             log.warning("could not record an Event for ArksToken %s", token["metadata"]["name"])
+
+
+class DigestHolders:
+    """Which ArksTokens hold each digest, as the gateway counts them (spec.tokenHash or the
+    plain spec.token's digest; a Secret-held token's published status.tokenHash), kept from
+    the tokens' watch: O(1) per change. When a digest gains or loses a holder, the tokens
+    holding it are re-checked (the one that stayed learns it is no longer, or now, shared)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._digest_of: dict[Key, str] = {}
+        self._holders: dict[str, set[Key]] = {}
+
+    def shared(self, digest: str, key: Key) -> bool:
+        with self._lock:
+            return bool(self._holders.get(digest, set()) - {key})
+
+    def handler(self, queue: WorkQueue) -> Callable[[str, Obj], None]:
+        def handle(kind: str, obj: Obj) -> None:
+            key = key_of(obj)
+            digest = None if kind == "DELETED" else _gateway_digest(obj)
+            with self._lock:
+                old = self._digest_of.pop(key, None)
+                if old == digest:
+                    if digest is not None:
+                        self._digest_of[key] = digest
+                    return
+                touched: set[Key] = set()
+                if old is not None:
+                    holders = self._holders[old]
+                    holders.discard(key)
+                    touched |= holders
+                    if not holders:
+                        del self._holders[old]
+                if digest is not None:
+                    self._digest_of[key] = digest
+                    holders = self._holders.setdefault(digest, set())
+                    touched |= holders
+                    holders.add(key)
+            for other in touched - {key}:
+                queue.add(other)
+
+        return handle
+
+
+def _gateway_digest(obj: Mapping[str, Any]) -> str | None:
+    if (obj.get("metadata") or {}).get("deletionTimestamp"):
+        return None  # the gateway counts a token being deleted as gone
+    try:
+        token = api.parse_token(obj)
+    except api.ObjectError:
+        return None
+    return token.published_hash if token.secret_ref is not None else token.token_hash
 
 
 def _enqueue_tokens_referencing(
@@ -371,12 +440,15 @@ def token_controller(
         namespace,
         **{**options, "label_selector": LABEL_TOKEN_SECRET},
     )
+    holders = DigestHolders()
+    tokens.add_handler(holders.handler(work))
     reconcile = TokenReconciler(
         api_client,
         tokens,
         secrets,
         informers[ENDPOINTS],
         informers[QUOTAS],
+        holders=holders,
         **({"clock": clock} if clock else {}),
     )
     return Controller(

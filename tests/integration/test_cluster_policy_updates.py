@@ -12,7 +12,7 @@ import pytest
 
 from arks.adapters.kube import rest
 from arks.api import token_digest
-from arks.resources import QUOTAS, TOKENS, Resource
+from arks.resources import ENDPOINTS, QUOTAS, TOKENS, Resource
 from extproc.cluster_policy import ClusterPolicySource
 from tests.support.kube import FAST_INFORMERS, RunningKubeEmulator, eventually
 
@@ -78,3 +78,80 @@ def test_one_change_parses_one_object_and_status_writes_parse_nothing(
     rest.request(api, "DELETE", TOKENS.path(ns, "u7"))
     eventually(lambda: source.current().token(token_digest("sk-7")) is None)
     assert len(source.current().tokens_by_digest) == TOKENS_LOADED
+
+
+def test_a_token_deleted_and_recreated_while_the_watch_was_down_is_the_new_one(
+    kube: RunningKubeEmulator, api: Any, ns: str
+) -> None:
+    """Revoking a token by deleting it and creating one of the same name with a new digest,
+    while the gateway's watch is down (a relist follows, as after 410 Gone): the relist shows
+    the same name with generation 1 again, which is not "nothing changed" (its uid is new).
+    The old digest must stop working."""
+
+    def token(digest: str) -> dict[str, Any]:
+        qos = [{"arksEndpoint": {"name": "m"}}]
+        return {"metadata": {"name": "alice"}, "spec": {"tokenHash": digest, "qos": qos}}
+
+    rest.request(api, "POST", TOKENS.path(ns), body=token(token_digest("sk-old")))
+    options = {**FAST_INFORMERS, "forbidden_retry_s": 0.2}
+    source = ClusterPolicySource(api, ns, informer_options=options)
+    source.start()
+    try:
+        assert source.current().token(token_digest("sk-old")) is not None
+        # the gateway may not list or watch tokens for a while (its watch ends within 1 s)
+        kube.emulator.authorize = lambda e: not (e[3] == "arkstokens" and e[1] in ("list", "watch"))
+        eventually(lambda: source._informers["ArksToken"].forbidden)
+        rest.request(api, "DELETE", TOKENS.path(ns, "alice"))
+        rest.request(api, "POST", TOKENS.path(ns), body=token(token_digest("sk-new")))
+        kube.emulator.authorize = None
+        eventually(lambda: source.current().token(token_digest("sk-new")) is not None)
+        assert source.current().token(token_digest("sk-old")) is None
+    finally:
+        kube.emulator.authorize = None
+        source.stop()
+
+
+def test_a_deleted_token_held_by_a_finalizer_no_longer_authenticates(
+    kube: RunningKubeEmulator, api: Any, ns: str
+) -> None:
+    """Deleting an ArksToken revokes it, even while a finalizer (a tenant may add any, and
+    `--cascade=foreground` adds one) keeps the object, marked with a deletionTimestamp: the
+    gateway counts a token being deleted as gone."""
+    qos = [{"arksEndpoint": {"name": "m"}}]
+    meta = {"name": "alice", "finalizers": ["tenant.example/keep"]}
+    body = {"metadata": meta, "spec": {"tokenHash": token_digest("sk-alice"), "qos": qos}}
+    rest.request(api, "POST", TOKENS.path(ns), body=body)
+    source = ClusterPolicySource(api, ns, informer_options=FAST_INFORMERS)
+    source.start()
+    try:
+        assert source.current().token(token_digest("sk-alice")) is not None
+        rest.request(api, "DELETE", TOKENS.path(ns, "alice"))
+        held = rest.request(api, "GET", TOKENS.path(ns, "alice"))
+        assert held["metadata"]["deletionTimestamp"] and held["metadata"]["generation"] == 2
+        eventually(lambda: source.current().token(token_digest("sk-alice")) is None)
+    finally:
+        source.stop()
+
+
+def test_a_kind_the_gateway_may_not_read_leaves_the_others_served(
+    kube: RunningKubeEmulator, api: Any, ns: str
+) -> None:
+    """Its RBAC missing one kind (or Envoy Gateway's Backend CRD not installed: 404), the
+    gateway starts with the other kinds after its start timeout, and takes the missing kind in
+    once it may read it (the informer asks again every forbidden_retry_s)."""
+    qos = [{"arksEndpoint": {"name": "m"}}]
+    body = {"metadata": {"name": "alice"}, "spec": {"tokenHash": token_digest("sk-a"), "qos": qos}}
+    rest.request(api, "POST", TOKENS.path(ns), body=body)
+    rest.request(api, "POST", ENDPOINTS.path(ns), body={"metadata": {"name": "m"}, "spec": {}})
+    kube.emulator.authorize = lambda e: e[3] != "arksendpoints"
+    options = {**FAST_INFORMERS, "forbidden_retry_s": 0.2}
+    source = ClusterPolicySource(api, ns, informer_options=options)
+    try:
+        source.start(timeout_s=1.0)
+        assert source.current().token(token_digest("sk-a")) is not None
+        assert source.current().endpoint(ns, "m") is None
+        kube.emulator.authorize = None
+        eventually(lambda: source.current().endpoint(ns, "m") is not None)
+    finally:
+        kube.emulator.authorize = None
+        source.stop()

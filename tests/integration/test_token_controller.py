@@ -258,8 +258,9 @@ def test_quota_status_writes_do_not_recheck_the_tokens_charged_to_it(
         quota_spec = {"quotas": [{"type": "total", "value": 10}]}
         create(api, QUOTAS, ns, "ArksQuota", "team-a", spec=quota_spec)
         qos = [{"arksEndpoint": {"name": "qwen-7b"}, "quota": {"name": "team-a"}}]
-        for name in ("u1", "u2", "u3"):
-            create(api, TOKENS, ns, "ArksToken", name, spec={"tokenHash": DIGEST, "qos": qos})
+        for name in ("u1", "u2", "u3"):  # each its own token (one shared is DuplicateToken)
+            spec = {"tokenHash": token_digest(f"sk-{name}"), "qos": qos}
+            create(api, TOKENS, ns, "ArksToken", name, spec=spec)
         eventually(lambda: all(ready(api, ns, n) == ("True", "Active") for n in ("u1", "u2", "u3")))
         time.sleep(0.5)
 
@@ -309,3 +310,44 @@ def test_a_secret_that_loses_its_label_stops_the_token(
     )
     eventually(lambda: ready(api, ns) == ("False", "SecretNotFound"))
     assert "tokenHash" not in status(api, ns)
+
+
+def test_two_tokens_with_one_digest_in_two_namespaces_both_say_so_without_naming_the_other() -> (
+    None
+):
+    """A tenant who learned another tenant's digest writes it in its own spec.tokenHash: the
+    gateway then accepts neither token (it cannot tell the victim from the copy), so both
+    statuses say DuplicateToken instead of Active, naming no token of the other namespace;
+    once the copy is gone, the victim's token is Active again."""
+    with running_kube_emulator() as kube, kube.api_client() as api:
+        running = token_controller(api, None, informer_options=FAST_INFORMERS)
+        running.start()
+        try:
+            qos = [{"arksEndpoint": {"name": "m"}}]
+            for ns in ("bank", "mallory"):
+                create(api, ENDPOINTS, ns, "ArksEndpoint", "m", spec={})
+            create(
+                api, TOKENS, "bank", "ArksToken", "alice", spec={"tokenHash": DIGEST, "qos": qos}
+            )
+            eventually(lambda: ready(api, "bank") == ("True", "Active"))
+            create(
+                api, TOKENS, "mallory", "ArksToken", "bob", spec={"tokenHash": DIGEST, "qos": qos}
+            )
+            eventually(lambda: ready(api, "mallory", "bob") == ("False", "DuplicateToken"))
+            eventually(lambda: ready(api, "bank") == ("False", "DuplicateToken"))
+            for ns, name in (("bank", "alice"), ("mallory", "bob")):
+                assert status(api, ns, name)["phase"] == "Invalid"
+                said = yaml.safe_dump(status(api, ns, name))
+                assert "alice" not in said and "bob" not in said and "carol" not in said
+                assert "bank" not in said and "mallory" not in said
+            rest.request(api, "DELETE", TOKENS.path("mallory", "bob"))
+            eventually(lambda: ready(api, "bank") == ("True", "Active"))
+            # a copy being deleted, held by a finalizer, is gone for the gateway: not a duplicate
+            meta = {"finalizers": ["tenant.example/keep"]}
+            spec = {"tokenHash": DIGEST, "qos": qos}
+            create(api, TOKENS, "mallory", "ArksToken", "carol", metadata=meta, spec=spec)
+            eventually(lambda: ready(api, "bank") == ("False", "DuplicateToken"))
+            rest.request(api, "DELETE", TOKENS.path("mallory", "carol"))
+            eventually(lambda: ready(api, "bank") == ("True", "Active"))
+        finally:
+            running.stop()

@@ -738,6 +738,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
             # https://kubernetes.io/docs/concepts/overview/working-with-objects/finalizers/
             if live["metadata"].get("deletionTimestamp"):
                 return live
+            # As the API server's markAsDeleting, the first mark moves a generation (the spec's
+            # readers must act on it): k8s.io/apiserver/pkg/registry/generic/registry/store.go
+            if live["metadata"].get("generation", 0) > 0:
+                live["metadata"]["generation"] += 1
             live["metadata"]["deletionTimestamp"] = _now()
             live["metadata"]["resourceVersion"] = self._next_rv()
             self._store(path, live, "MODIFIED")

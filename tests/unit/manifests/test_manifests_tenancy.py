@@ -12,11 +12,14 @@ from typing import Any
 
 import celpy
 import pytest
+import yaml
 
+from arks.resources import ENDPOINTS, TOKENS
 from arks.wire import ENVOY_GATEWAY_CONTROLLER, LABEL_TENANT
 from controller.render.endpoint import render_httproute
 from tests.support.manifests import DEPLOYMENTS, INSTALL, containers, of_kind, one
 from tests.support.netpol import Pod, allows
+from tests.support.paths import REPO
 from tests.support.rbac import allows as rbac_allows
 
 GATEWAY = one("Gateway", "arks-gateway", INSTALL)
@@ -410,3 +413,31 @@ def test_the_redis_clients_read_the_password_from_the_mounted_secret(name: str) 
     assert volume["secret"]["secretName"] == "arks-redis"
     assert {"key": "password", "path": path.name} in volume["secret"]["items"]
     assert "env" not in container  # nothing of the password in the environment either
+
+
+# --- how many objects a tenant may create ------------------------------------------------------
+
+
+def test_the_tenant_sample_caps_the_count_of_every_kind_a_tenant_writes_and_the_gateway_holds() -> (
+    None
+):
+    """The gateway holds every ArksToken and ArksEndpoint of every namespace in memory; without
+    an object-count quota one tenant's million tokens would run it out of memory for all. The
+    sample ResourceQuota names each kind `arks-edit` lets a tenant create, in the API server's
+    `count/<plural>.<group>` syntax, with a positive whole number."""
+    path = REPO / "manifests" / "samples" / "tenant" / "object-counts-quota.yaml"
+    (quota,) = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert (quota["apiVersion"], quota["kind"]) == ("v1", "ResourceQuota")
+    edit = one("ClusterRole", "arks-edit", INSTALL)
+    written = {
+        f"{resource}.{rule_group}"
+        for rule in edit["rules"]
+        if "create" in rule["verbs"]
+        for rule_group in rule["apiGroups"]
+        for resource in rule["resources"]
+    }
+    for resource in (TOKENS, ENDPOINTS):  # the ones the gateway watches
+        assert f"{resource.plural}.{resource.group}" in written
+    hard = quota["spec"]["hard"]
+    assert set(hard) == {f"count/{w}" for w in written}
+    assert all(isinstance(v, str) and v.isdigit() and int(v) > 0 for v in hard.values())

@@ -51,6 +51,7 @@ def status_of(obj: dict[str, Any], sec: dict[str, Any] | None = None, **kw: Any)
         quotas=kw.get("quotas", {"team-a"}),
         now=kw.get("now", NOW),
         secret_forbidden=kw.get("secret_forbidden", False),
+        shared=kw.get("shared", lambda digest: False),
     )
 
 
@@ -129,6 +130,22 @@ def test_the_digest_of_a_secret_held_token_is_published_with_the_key_it_came_fro
         assert computed.digest is None
         gone = desired_status({"tokenHash": DIGEST}, computed, 3, NOW, ref_given)
         assert gone["tokenHash"] is None and gone["tokenHashSecret"] is None
+
+
+def test_a_shared_digest_is_duplicate_token_and_a_secret_held_one_is_still_published() -> None:
+    """Another ArksToken holding the same digest: the gateway accepts neither, so neither is
+    Active; a Secret-held token's digest stays published, or the copy would be the gateway's
+    only holder of it (and would be given this token's requests)."""
+    held = token_digest("sk-held-in-secret")
+    for obj, sec, digest in (
+        (token(tokenHash=DIGEST), None, DIGEST),
+        (token(token="sk-plain"), None, token_digest("sk-plain")),
+        (token(tokenSecretRef={"name": "alice-token"}), secret(token="sk-held-in-secret"), held),
+    ):
+        s = status_of(obj, sec, shared=lambda d, digest=digest: d == digest)
+        assert (s.phase, check(s, "Ready")) == ("Invalid", ("False", "DuplicateToken"))
+        assert s.digest == (held if sec else None)
+        assert status_of(obj, sec, shared=lambda d, digest=digest: d != digest).phase == "Active"
 
 
 def test_a_namespace_that_did_not_opt_in_says_so_and_is_asked_again() -> None:
