@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from kubernetes.client import ApiClient
+from kubernetes.client.exceptions import ApiException
 
 from arks.adapters.kube import rest
 from arks.adapters.kube.apply import applies
@@ -204,15 +205,23 @@ def test_size_two_renders_a_leaderworkerset(api: ApiClient, ns: str) -> None:
 
 
 def _update_spec(api: ApiClient, ns: str, name: str = "chat", **changes: Any) -> None:
-    """Change the app's spec as `kubectl edit` would (None removes a field)."""
-    app = get(api, APPLICATIONS, ns, name)
-    assert app is not None
-    for key, value in changes.items():
-        if value is None:
-            app["spec"].pop(key, None)
-        else:
-            app["spec"][key] = value
-    rest.request(api, "PUT", APPLICATIONS.path(ns, name), body=app)
+    """Change the app's spec as `kubectl edit` would (None removes a field), again on a 409:
+    a running controller's status write may land between the read and the write."""
+    for _ in range(10):
+        app = get(api, APPLICATIONS, ns, name)
+        assert app is not None
+        for key, value in changes.items():
+            if value is None:
+                app["spec"].pop(key, None)
+            else:
+                app["spec"][key] = value
+        try:
+            rest.request(api, "PUT", APPLICATIONS.path(ns, name), body=app)
+            return
+        except ApiException as e:
+            if e.status != 409:
+                raise
+    raise AssertionError(f"{name}: still conflicting after 10 tries")
 
 
 def test_autoscaling_turned_off_deletes_the_hpa(api: ApiClient, ns: str) -> None:
