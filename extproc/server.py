@@ -20,7 +20,12 @@ from arks.adapters.grpc_server import start_grpc
 from arks.adapters.kube.client import api_client
 from arks.adapters.redis.backend import RedisBackend
 from arks.adapters.redis.budgets import RedisBudgets
-from arks.adapters.redis.client import RedisAuthFailed, check_auth, read_password
+from arks.adapters.redis.client import (
+    RedisAuthFailed,
+    check_auth,
+    read_password,
+    startup_failure,
+)
 from arks.lifecycle import every, run_until_signalled, setup_process
 from arks.limits.backends import BackendUnavailable, MemoryBackend
 from arks.limits.budgets import MemoryBudgets
@@ -265,9 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     setup_process(settings.log_level)
     try:
         uvloop.run(serve(settings))
-    except RedisAuthFailed as err:
-        raise SystemExit(f"extproc: {err} (see --redis-password-file)") from None
-    except OSError as err:
-        if settings.redis_password_file and err.filename == str(settings.redis_password_file):
-            raise SystemExit(f"extproc: --redis-password-file: {err}") from None
-        raise
+    except (RedisAuthFailed, OSError) as err:
+        reason = startup_failure(err, settings.redis_password_file)
+        if reason is None:
+            raise
+        raise SystemExit(f"extproc: {reason}") from None

@@ -15,7 +15,12 @@ from prometheus_client import start_http_server
 
 from arks.adapters.grpc_server import start_grpc
 from arks.adapters.redis.backend import RedisBackend
-from arks.adapters.redis.client import RedisAuthFailed, check_auth, read_password
+from arks.adapters.redis.client import (
+    RedisAuthFailed,
+    check_auth,
+    read_password,
+    startup_failure,
+)
 from arks.lifecycle import every, run_until_signalled, setup_process
 from arks.limits.backends import CounterBackend, MemoryBackend
 from arks.limits.config import ConfigError, RateLimitConfig, load_config
@@ -186,9 +191,8 @@ def main(argv: list[str] | None = None) -> None:
         uvloop.run(serve(settings))
     except ConfigError as err:
         raise SystemExit(f"ratelimit: {err}") from None
-    except RedisAuthFailed as err:
-        raise SystemExit(f"ratelimit: {err} (see --redis-password-file)") from None
-    except OSError as err:
-        if settings.redis_password_file and err.filename == str(settings.redis_password_file):
-            raise SystemExit(f"ratelimit: --redis-password-file: {err}") from None
-        raise
+    except (RedisAuthFailed, OSError) as err:
+        reason = startup_failure(err, settings.redis_password_file)
+        if reason is None:
+            raise
+        raise SystemExit(f"ratelimit: {reason}") from None

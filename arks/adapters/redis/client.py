@@ -63,6 +63,16 @@ def where(url: str) -> str:
     return f"{parsed.hostname}:{parsed.port or 6379}{parsed.path}"
 
 
+def startup_failure(err: BaseException, password_file: Path | None) -> str | None:
+    """Why a service cannot start on its Redis credentials, in one line for its exit (never the
+    password): refused by Redis, or a password file it cannot read; None for another error."""
+    if isinstance(err, RedisAuthFailed):
+        return f"{err} (see --redis-password-file)"
+    if isinstance(err, OSError) and password_file and err.filename == str(password_file):
+        return f"--redis-password-file: {err}"
+    return None
+
+
 async def check_auth(url: str, password: str | None, timeout_s: float) -> None:
     """Raise RedisAuthFailed when Redis at `url` refuses these credentials. An unreachable
     Redis passes: the stores' availability policies (fail open / closed) handle outages."""
