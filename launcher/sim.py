@@ -720,6 +720,8 @@ async def stream_answer(
     first_at = last_at = 0.0
     written = 0
     try:
+        # Headers go at once (as uvicorn sends them); the first chunk, the chat role included,
+        # only with the first token, as vLLM's stream generator yields it on the first output.
         await sleep_until(first)
         if plan.tpot == 0 or n <= 1:  # one write; still one SSE event per token
             await resp.write(head + token * max(n - 1, 0) + (last if n else b"") + tail)

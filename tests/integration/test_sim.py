@@ -337,6 +337,34 @@ def test_timing_headers(http: httpx.Client) -> None:
     assert total >= 0.1 + 5 * 0.04
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_first_chunk_waits_for_the_first_token(http: httpx.Client, path: str) -> None:
+    """vLLM yields its first chunk (chat: the role, content "") only once the first token exists.
+
+    So the time to the first byte of the body is the TTFT, and the first token follows at once.
+    """
+    chat = path.endswith("chat/completions")
+    body = chat_body(stream=True) if chat else {"model": MODEL, "prompt": "a", "stream": True}
+    hdrs = {"x-sim-ttft-ms": "300", "x-sim-tpot-ms": "100", "x-sim-output-tokens": "3"}
+    arrivals: list[tuple[float, Any]] = []
+    started = time.monotonic()
+    with http.stream("POST", path, json=body, headers=hdrs) as resp:
+        headers_at = time.monotonic() - started
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                arrivals.append((time.monotonic() - started, orjson.loads(line[6:])))
+    assert headers_at < 0.3  # the status line and headers go at once, as uvicorn's do
+    first_at, first = arrivals[0]
+    assert first_at >= 0.3
+    if chat:
+        assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        token_at, token = arrivals[1]
+        assert token["choices"][0]["delta"] == {"content": TOKEN}
+        assert token_at - first_at < 0.1  # the first token came with the role, not a TPOT later
+    else:
+        assert first["choices"][0]["text"] == TOKEN
+
+
 # --------------------------------------------------------------------------- errors and listing
 
 
