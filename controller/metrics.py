@@ -53,6 +53,11 @@ class ControllerMetrics:
             registry=self.registry,
         )
 
+    def known(self, controller: str) -> None:
+        """A controller's reconcile counters exist at 0 for every result from the start."""
+        for result in RESULTS:
+            self.reconciles.labels(controller, result)
+
 
 def serve(
     address: str,

@@ -26,7 +26,7 @@ from arks.adapters.kube import rest
 from arks.adapters.kube.client import IN_CLUSTER, api_client
 from arks.adapters.kube.leader import LeaderElector
 from arks.envoy_config import EnvoySettings
-from arks.lifecycle import setup_process
+from arks.lifecycle import export_process_metrics, setup_process
 from arks.policy import FilePolicySource
 from arks.resources import LEADERWORKERSETS
 from controller.load.cluster import ClusterLoad
@@ -244,6 +244,7 @@ def run_standalone(settings: Settings, policy: Path) -> int:
     state = Standalone(
         FilePolicySource(policy), envoy, settings.xds_address, interval_s=settings.scrape_interval_s
     )
+    export_process_metrics(state.metrics.registry, "controller")
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -308,9 +309,11 @@ def run(settings: Settings) -> int:
         token_controller(client, settings.namespace, workers=settings.workers, leader=elector),
     ]
     metrics = ControllerMetrics()
+    export_process_metrics(metrics.registry, "controller")
     metrics.leader.set_function(lambda: 1.0 if elector.is_leader() else 0.0)
     for c in controllers:
         c.instrument(metrics)
+        metrics.known(c.name)
     http = serve(
         settings.metrics_address,
         settings.metrics_port,

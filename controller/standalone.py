@@ -22,7 +22,13 @@ from typing import Any
 
 import aiohttp
 import aiohttp.web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+)
 
 from arks.adapters.scrape import Scraper
 from arks.api import STATIC, SocketAddress
@@ -59,7 +65,7 @@ class StandaloneMetrics:
             ["engine"],
             registry=self.registry,
         )
-        self.snapshots = Gauge(
+        self.snapshots = Counter(
             "arks_xds_snapshots",
             "Snapshots handed to the xDS server since start.",
             registry=self.registry,
@@ -105,7 +111,7 @@ class Standalone:
         self.cache.set(snapshot)
         self._rendered = rendered
         self._published += 1
-        self.metrics.snapshots.set(self._published)
+        self.metrics.snapshots.inc()
         return True
 
     def weigh(self, observations: Mapping[SocketAddress, Observation]) -> None:

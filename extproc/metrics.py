@@ -22,7 +22,7 @@ class GatewayMetrics:
     access_log_entries: Counter
     unreported: Counter
     reported_elsewhere: Counter
-    policy_reloads: Gauge
+    policy_reloads: Counter
     pending: Gauge
     picks: Counter
     pick_seconds: Histogram
@@ -73,7 +73,7 @@ class GatewayMetrics:
                 "Requests admitted here whose access-log entry went to another gateway replica.",
                 registry=registry,
             ),
-            policy_reloads=Gauge(
+            policy_reloads=Counter(
                 "arks_policy_reloads", "Successful policy reloads since start.", registry=registry
             ),
             pending=Gauge(

@@ -26,7 +26,7 @@ from arks.adapters.redis.client import (
     read_password,
     startup_failure,
 )
-from arks.lifecycle import every, run_until_signalled, setup_process
+from arks.lifecycle import every, export_process_metrics, run_until_signalled, setup_process
 from arks.limits.backends import BackendUnavailable, MemoryBackend
 from arks.limits.budgets import MemoryBudgets
 from arks.limits.config import RateLimitConfig
@@ -170,6 +170,7 @@ async def serve(settings: Settings) -> None:
         engines = cluster_engines.picking_endpoints
     snapshots = QuotaSnapshots(budgets, source, durable, time.time)
     metrics = GatewayMetrics.create()
+    export_process_metrics(metrics.registry, "extproc")
     picking = Picking(
         PickSettings(
             fail_closed=settings.picker_fail_closed,

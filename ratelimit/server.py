@@ -21,7 +21,7 @@ from arks.adapters.redis.client import (
     read_password,
     startup_failure,
 )
-from arks.lifecycle import every, run_until_signalled, setup_process
+from arks.lifecycle import every, export_process_metrics, run_until_signalled, setup_process
 from arks.limits.backends import CounterBackend, MemoryBackend
 from arks.limits.config import ConfigError, RateLimitConfig, load_config
 from arks.limits.limiter import Enforcement, Limiter
@@ -146,6 +146,7 @@ async def serve(settings: Settings) -> None:
     if settings.redis:
         await check_auth(settings.redis, password, timeout_s=2.0)
     metrics = RateLimitMetrics.create()
+    export_process_metrics(metrics.registry, "ratelimit")
     source = ConfigSource(settings.config, metrics)
     backend = make_backend(settings, password)
     limiter = Limiter(

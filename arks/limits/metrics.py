@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter
 
+# The `policy` of arks_ratelimit_backend_errors: a decision made without the store (fail_open,
+# fail_closed), or the gateway's settlement dropped because too many waited for the store.
+STORE_ERROR_POLICIES = ("fail_open", "fail_closed", "settlement_dropped")
+
 
 @dataclass(frozen=True)
 class RateLimitMetrics:
@@ -26,7 +30,7 @@ class RateLimitMetrics:
         def per_key(name: str, doc: str) -> Counter:
             return Counter(name, doc, ("domain", "key"), registry=registry)
 
-        return cls(
+        metrics = cls(
             registry=registry,
             hits=per_key("arks_ratelimit_hits", "Hits charged to a limit."),
             over_limit=per_key("arks_ratelimit_over_limit", "Decisions over the limit (enforced)."),
@@ -53,3 +57,6 @@ class RateLimitMetrics:
                 registry=registry,
             ),
         )
+        for policy in STORE_ERROR_POLICIES:  # at 0 from the start, so rate() and alerts see them
+            metrics.backend_errors.labels(policy)
+        return metrics

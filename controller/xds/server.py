@@ -78,6 +78,9 @@ class XdsMetrics:
             ["type"],
             registry=registry,
         )
+        for label in _TYPE_LABELS.values():  # every known type exists at 0 from the start
+            for counter in (self.pushes, self.nacks, self.resources):
+                counter.labels(label)
 
 
 class _Ended:

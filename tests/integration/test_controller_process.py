@@ -36,6 +36,7 @@ from controller.render.model_cache import (
 from controller.render.picking import picking_policy_name
 from controller.server import USER_AGENT
 from launcher.procs import free_port
+from tests.support.exposition import assert_process_metrics, sample
 from tests.support.kube import RunningKubeEmulator, eventually, get_object
 from tests.support.rbac import allows, roles_of
 
@@ -214,13 +215,22 @@ def test_the_controller_process_reconciles_and_stops_cleanly(
         assert httpx.get(f"{base}/readyz").status_code == 200
         metrics = httpx.get(f"{base}/metrics").text
         assert "arks_controller_leader 1.0" in metrics
-        assert (
-            'arks_controller_reconcile_total{controller="arksapplication",result="success"}'
-            in metrics
-        )
-        assert (
-            'arks_controller_reconcile_total{controller="arksendpoint",result="success"}' in metrics
-        )
+        for controller in ("arksapplication", "arksendpoint"):
+            reconciled = sample(
+                metrics, "arks_controller_reconcile_total", controller=controller, result="success"
+            )
+            assert (reconciled or 0.0) >= 1
+        for result in ("success", "retry", "permanent_error", "error"):  # every one, from 0
+            assert (
+                sample(
+                    metrics,
+                    "arks_controller_reconcile_total",
+                    controller="arkstoken",
+                    result=result,
+                )
+                is not None
+            )
+        assert_process_metrics(metrics, "controller")
         assert 'arks_controller_queue_depth{controller="arkstoken"}' in metrics
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
