@@ -274,7 +274,7 @@ def _first_byte_seconds(
     start: Envoy's time_to_first_downstream_tx_byte is the headers', sent before the first token."""
     if first_byte_ms is None or not common.HasField("start_time"):
         return None
-    start = common.start_time.seconds + common.start_time.nanos / 1e9
+    start = float(common.start_time.seconds + common.start_time.nanos / 1e9)
     return max(0.0, first_byte_ms / 1000 - start)
 
 
