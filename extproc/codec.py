@@ -257,6 +257,7 @@ def finished(entry: accesslog_pb2.HTTPAccessLogEntry) -> Finished | None:
         duration_s=_seconds(common, "duration"),
         first_byte_s=_first_byte_seconds(common, _number(fields, "first_byte_ms")),
         upstream_s=_upstream_seconds(common),
+        choices=_number(fields, "choices") or 1,
     )
 
 

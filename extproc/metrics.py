@@ -157,7 +157,8 @@ class GatewayMetrics:
             output_token_seconds=Histogram(
                 "arks_time_per_output_token_seconds",
                 "Successful streamed requests' (duration - time to first token) / (completion "
-                "tokens - 1), with the completion tokens the engine reported (at least 2).",
+                "tokens - 1), with the completion tokens the engine reported (at least 2) for "
+                "one answer (not n > 1, nor a list of prompts).",
                 ("namespace", "model"),
                 buckets=TOKEN_BUCKETS,
                 registry=registry,
@@ -187,7 +188,13 @@ class GatewayMetrics:
             return
         first_token.observe(first)
         tokens = done.completion_tokens
-        if duration is not None and tokens is not None and tokens >= 2 and not done.interrupted:
+        if (
+            duration is not None
+            and tokens is not None
+            and tokens >= 2
+            and done.choices == 1  # n > 1: the tokens of answers written side by side
+            and not done.interrupted
+        ):
             output_token.observe(max(0.0, duration - first) / (tokens - 1))
 
     def charge(self, usage: Usage, status: int) -> None:

@@ -60,6 +60,7 @@ class Finished:
     duration_s: float | None = None  # until the last byte of the answer went to the client
     first_byte_s: float | None = None  # until a stream's first content byte left (usage.lua's)
     upstream_s: float | None = None  # first byte sent to the engine until its last byte received
+    choices: int = 1  # answers the engine writes (prompts x n); usage sums their tokens
 
 
 @dataclass(frozen=True)

@@ -52,18 +52,35 @@ def test_streamed_answer_is_timed_to_its_first_token_and_per_token(stack: Stack)
     assert _within(stack, "arks_time_per_output_token_seconds", "0.035", "0.05", **model) == 1
 
 
+def test_a_stream_of_several_answers_has_no_time_per_output_token(stack: Stack) -> None:
+    model = {"namespace": NS, "model": "model-b"}
+    before = _count(stack, "arks_time_per_output_token_seconds", **model)
+    body = {
+        "model": "model-b",
+        "messages": [{"role": "user", "content": "Twice."}],
+        "stream": True,
+        "n": 2,
+    }
+    with httpx.Client(base_url=stack.url, timeout=30) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body, headers={**AUTH, **SLOW}) as r:
+            assert r.status_code == 200
+            r.read()
+    wait_for(lambda: _count(stack, "arks_time_to_first_token_seconds", **model), lambda n: n == 1)
+    assert _count(stack, "arks_time_per_output_token_seconds", **model) == before == 0
+
+
 def test_unstreamed_answer_has_a_duration_and_no_first_token(stack: Stack) -> None:
-    before = _count(stack, "arks_time_to_first_token_seconds", namespace=NS, model="model-b")
-    body = {"model": "model-b", "messages": [{"role": "user", "content": "Time me."}]}
+    before = _count(stack, "arks_time_to_first_token_seconds", namespace=NS, model="model-a")
+    body = {"model": "model-a", "messages": [{"role": "user", "content": "Time me."}]}
     with httpx.Client(base_url=stack.url, timeout=30) as http:
         r = http.post("/v1/chat/completions", json=body, headers={**AUTH, **SLOW})
     assert r.status_code == 200
-    ok = {"namespace": NS, "model": "model-b", "stream": "false", "status_class": "2xx"}
+    ok = {"namespace": NS, "model": "model-a", "stream": "false", "status_class": "2xx"}
     wait_for(lambda: _count(stack, "arks_request_duration_seconds", **ok), lambda n: n == 1)
     assert _within(stack, "arks_request_duration_seconds", "0.5", "1.0", **ok) == 1
     assert _within(stack, "arks_upstream_duration_seconds", "0.5", "1.0", **ok) == 1
-    after = _count(stack, "arks_time_to_first_token_seconds", namespace=NS, model="model-b")
-    assert after == before == 0
+    after = _count(stack, "arks_time_to_first_token_seconds", namespace=NS, model="model-a")
+    assert after == before
 
 
 def test_engine_unreachable_is_timed_with_its_status_class_and_no_engine_time(

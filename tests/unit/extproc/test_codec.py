@@ -477,3 +477,11 @@ def test_finished_without_timings_has_none() -> None:
 
     assert done is not None
     assert (done.duration_s, done.first_byte_s, done.upstream_s) == (None, None, None)
+    assert done.choices == 1
+
+
+def test_finished_reads_the_answers_the_engine_writes() -> None:
+    done = codec.finished(log_entry({**ARKS, "choices": 3}))
+
+    assert done is not None
+    assert done.choices == 3

@@ -64,7 +64,12 @@ def test_no_first_token_without_a_successful_stream(change: dict[str, object]) -
 
 @pytest.mark.parametrize(
     "change",
-    [{"completion_tokens": 1}, {"completion_tokens": None}, {"interrupted": "client_disconnected"}],
+    [
+        {"completion_tokens": 1},
+        {"completion_tokens": None},
+        {"interrupted": "client_disconnected"},
+        {"choices": 2},  # n = 2: usage sums two answers written side by side
+    ],
 )
 def test_no_per_token_time_without_two_reported_tokens_of_a_whole_stream(
     change: dict[str, object],
