@@ -258,6 +258,7 @@ def finished(entry: accesslog_pb2.HTTPAccessLogEntry) -> Finished | None:
         first_byte_s=_first_byte_seconds(common, _number(fields, "first_byte_ms")),
         upstream_s=_upstream_seconds(common),
         choices=_number(fields, "choices") or 1,
+        attempts=common.upstream_request_attempt_count,
     )
 
 

@@ -58,8 +58,9 @@ class GatewayMetrics:
     upstream_seconds: Histogram
     first_token_seconds: Histogram
     output_token_seconds: Histogram
+    retries: Counter
     _cache: dict[tuple[str, str, str, int], tuple[Any, Any, Any]] = field(default_factory=dict)
-    _latency_cache: dict[tuple[str, str, bool, int], tuple[Any, Any, Any, Any]] = field(
+    _latency_cache: dict[tuple[str, str, bool, int], tuple[Any, Any, Any, Any, Any]] = field(
         default_factory=dict
     )
 
@@ -163,10 +164,16 @@ class GatewayMetrics:
                 buckets=TOKEN_BUCKETS,
                 registry=registry,
             ),
+            retries=Counter(
+                "arks_upstream_retries",
+                "Admitted requests' retries to engines (Envoy's attempts beyond the first).",
+                ("namespace", "model"),
+                registry=registry,
+            ),
         )
 
     def latency(self, done: Finished) -> None:
-        """Observe a finished request's timings from its access-log entry."""
+        """Observe a finished request's timings (and retries) from its access-log entry."""
         key = (done.namespace, done.model, done.stream, done.status)
         series = self._latency_cache.get(key)
         if series is None:
@@ -176,8 +183,11 @@ class GatewayMetrics:
                 self.upstream_seconds.labels(*labels, status_class(done.status)),
                 self.first_token_seconds.labels(done.namespace, done.model),
                 self.output_token_seconds.labels(done.namespace, done.model),
+                self.retries.labels(done.namespace, done.model),
             )
-        request, upstream, first_token, output_token = series
+        request, upstream, first_token, output_token, retries = series
+        if done.attempts > 1:
+            retries.inc(done.attempts - 1)
         duration = done.duration_s
         if duration is not None:
             request.observe(duration)

@@ -61,6 +61,7 @@ class Finished:
     first_byte_s: float | None = None  # until a stream's first content byte left (usage.lua's)
     upstream_s: float | None = None  # first byte sent to the engine until its last byte received
     choices: int = 1  # answers the engine writes (prompts x n); usage sums their tokens
+    attempts: int = 0  # requests Envoy sent to engines (retries included); 0 when none
 
 
 @dataclass(frozen=True)

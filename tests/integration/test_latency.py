@@ -93,6 +93,8 @@ def test_engine_unreachable_is_timed_with_its_status_class_and_no_engine_time(
     failed = {"namespace": NS, "model": "model-down", "stream": "false", "status_class": "5xx"}
     wait_for(lambda: _count(stack, "arks_request_duration_seconds", **failed), lambda n: n == 1)
     assert _count(stack, "arks_upstream_duration_seconds", **failed) == 0
+    # Envoy tried the engine three times (a connect failure is retried twice, NUM_RETRIES).
+    assert stack.metric("arks_upstream_retries_total", namespace=NS, model="model-down") == 2
 
 
 def test_latency_series_never_name_the_user(stack: Stack) -> None:

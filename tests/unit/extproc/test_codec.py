@@ -463,6 +463,7 @@ def test_finished_reads_envoys_timings_and_the_first_content_byte() -> None:
     common.time_to_first_downstream_tx_byte.FromMilliseconds(3)  # the headers, not the token
     common.time_to_first_upstream_tx_byte.FromMilliseconds(2)
     common.time_to_last_upstream_rx_byte.FromMilliseconds(880)
+    common.upstream_request_attempt_count = 2
 
     done = codec.finished(wire(entry))
 
@@ -470,6 +471,7 @@ def test_finished_reads_envoys_timings_and_the_first_content_byte() -> None:
     assert done.duration_s == pytest.approx(0.9)
     assert done.first_byte_s == pytest.approx(0.25)
     assert done.upstream_s == pytest.approx(0.878)
+    assert done.attempts == 2
 
 
 def test_finished_without_timings_has_none() -> None:

@@ -109,3 +109,12 @@ def test_latency_labels_never_name_the_user() -> None:
         if "duration" in family.name or "token_seconds" in family.name:
             for s in family.samples:
                 assert "user" not in s.labels
+
+
+def test_retries_are_the_attempts_beyond_the_first() -> None:
+    m = GatewayMetrics.create()
+    m.latency(STREAM)  # no attempt recorded: nothing
+    m.latency(dataclasses.replace(STREAM, attempts=1))
+    m.latency(dataclasses.replace(STREAM, attempts=3))
+
+    assert sample(m, "arks_upstream_retries_total", namespace="team-a", model="qwen") == 2
