@@ -266,6 +266,11 @@ function envoy_on_response(handle)
     local tail, seen, sampled, recorded = "", 0, false, false
     for chunk in handle:bodyChunks() do
       local size = chunk:length()
+      if seen == 0 and size > 0 then
+        -- The first content byte on its way to the client (headers go at once, before the first
+        -- token): the time to first token, in ms since the epoch, as Envoy's request start_time.
+        handle:streamInfo():dynamicMetadata():set("io.arks", "first_byte_ms", handle:timestamp())
+      end
       if size >= TAIL then
         tail = chunk:getBytes(size - TAIL, TAIL)
       elseif size > 0 then

@@ -254,7 +254,40 @@ def finished(entry: accesslog_pb2.HTTPAccessLogEntry) -> Finished | None:
         answer_head=_sample(ours, "answer_head"),
         limits=_limits(fields),
         reservation=Reservation.from_metadata({k: _struct_value(v) for k, v in fields.items()}),
+        duration_s=_seconds(common, "duration"),
+        first_byte_s=_first_byte_seconds(common, _number(fields, "first_byte_ms")),
+        upstream_s=_upstream_seconds(common),
+        choices=_number(fields, "choices") or 1,
+        attempts=common.upstream_request_attempt_count,
     )
+
+
+def _seconds(common: accesslog_pb2.AccessLogCommon, name: str) -> float | None:
+    if not common.HasField(name):
+        return None
+    value = getattr(common, name)
+    return float(value.seconds + value.nanos / 1e9)
+
+
+def _first_byte_seconds(
+    common: accesslog_pb2.AccessLogCommon, first_byte_ms: int | None
+) -> float | None:
+    """usage.lua's clock (ms since the epoch) at a stream's first content byte, from the request's
+    start: Envoy's time_to_first_downstream_tx_byte is the headers', sent before the first token."""
+    if first_byte_ms is None or not common.HasField("start_time"):
+        return None
+    start = float(common.start_time.seconds + common.start_time.nanos / 1e9)
+    return max(0.0, first_byte_ms / 1000 - start)
+
+
+def _upstream_seconds(common: accesslog_pb2.AccessLogCommon) -> float | None:
+    """The engine's time: the request's first byte sent to it until its answer's last byte came
+    back (Envoy's timings count from the downstream request's first byte)."""
+    sent = _seconds(common, "time_to_first_upstream_tx_byte")
+    received = _seconds(common, "time_to_last_upstream_rx_byte")
+    if sent is None or received is None:
+        return None
+    return max(0.0, received - sent)
 
 
 def _sample(namespace: struct_pb2.Struct | None, key: str = "sample") -> str | None:

@@ -218,6 +218,9 @@ def decide_route(
         for name in (*req.spoofed_headers, *CREDENTIAL_HEADERS)
         if name in req.headers and name not in ours
     )
+    choices = (facts.prompts or 1) * max(int(facts.n or 1), int(facts.best_of or 1))
+    if choices > 1:  # its usage sums them: no one time per output token (GatewayMetrics.latency)
+        metadata["choices"] = choices
     return Forward(
         identity=Identity(namespace, token.user, model),
         set_headers=set_headers,
@@ -226,7 +229,7 @@ def decide_route(
         body=new_body,
         prompt_estimate=estimate,
         max_tokens=_count(facts.max_tokens),
-        choices=(facts.prompts or 1) * max(int(facts.n or 1), int(facts.best_of or 1)),
+        choices=choices,
         answer_limit=endpoint.max_tokens,
         qos=qos,
         weighting=endpoint.weighting,

@@ -7,9 +7,37 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from extproc.usage import Usage
+from extproc.usage import Finished, Usage
 
 _IDENTITY = ("namespace", "user", "model")
+# Latency series: the matched policy's namespace and model, never the user (histograms multiply
+# a label's values by their buckets).
+_LATENCY = ("namespace", "model", "stream", "status_class")
+# LLM answers: a cached short answer in milliseconds, a long generation in minutes.
+REQUEST_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
+
+
+def status_class(status: int) -> str:
+    """`2xx`…`5xx`; `none` when no answer was sent (Envoy logs 0)."""
+    return f"{status // 100}xx" if 100 <= status <= 599 else "none"
 
 
 @dataclass(frozen=True)
@@ -26,7 +54,15 @@ class GatewayMetrics:
     pending: Gauge
     picks: Counter
     pick_seconds: Histogram
+    request_seconds: Histogram
+    upstream_seconds: Histogram
+    first_token_seconds: Histogram
+    output_token_seconds: Histogram
+    retries: Counter
     _cache: dict[tuple[str, str, str, int], tuple[Any, Any, Any]] = field(default_factory=dict)
+    _latency_cache: dict[tuple[str, str, bool, int], tuple[Any, Any, Any, Any, Any]] = field(
+        default_factory=dict
+    )
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> GatewayMetrics:
@@ -95,7 +131,81 @@ class GatewayMetrics:
                 buckets=(5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3),
                 registry=registry,
             ),
+            request_seconds=Histogram(
+                "arks_request_duration_seconds",
+                "Admitted requests' time in the gateway, from the request's first byte to the "
+                "answer's last byte sent to the client (Envoy's access-log duration).",
+                _LATENCY,
+                buckets=REQUEST_BUCKETS,
+                registry=registry,
+            ),
+            upstream_seconds=Histogram(
+                "arks_upstream_duration_seconds",
+                "Admitted requests' time at the engine, from the request's first byte sent to it "
+                "to the answer's last byte received from it.",
+                _LATENCY,
+                buckets=REQUEST_BUCKETS,
+                registry=registry,
+            ),
+            first_token_seconds=Histogram(
+                "arks_time_to_first_token_seconds",
+                "Successful streamed requests' time from the request's first byte to the "
+                "answer's first byte sent to the client.",
+                ("namespace", "model"),
+                buckets=REQUEST_BUCKETS,
+                registry=registry,
+            ),
+            output_token_seconds=Histogram(
+                "arks_time_per_output_token_seconds",
+                "Successful streamed requests' (duration - time to first token) / (completion "
+                "tokens - 1), with the completion tokens the engine reported (at least 2) for "
+                "one answer (not n > 1, nor a list of prompts).",
+                ("namespace", "model"),
+                buckets=TOKEN_BUCKETS,
+                registry=registry,
+            ),
+            retries=Counter(
+                "arks_upstream_retries",
+                "Admitted requests' retries to engines (Envoy's attempts beyond the first).",
+                ("namespace", "model"),
+                registry=registry,
+            ),
         )
+
+    def latency(self, done: Finished) -> None:
+        """Observe a finished request's timings (and retries) from its access-log entry."""
+        key = (done.namespace, done.model, done.stream, done.status)
+        series = self._latency_cache.get(key)
+        if series is None:
+            labels = (done.namespace, done.model, "true" if done.stream else "false")
+            series = self._latency_cache[key] = (
+                self.request_seconds.labels(*labels, status_class(done.status)),
+                self.upstream_seconds.labels(*labels, status_class(done.status)),
+                self.first_token_seconds.labels(done.namespace, done.model),
+                self.output_token_seconds.labels(done.namespace, done.model),
+                self.retries.labels(done.namespace, done.model),
+            )
+        request, upstream, first_token, output_token, retries = series
+        if done.attempts > 1:
+            retries.inc(done.attempts - 1)
+        duration = done.duration_s
+        if duration is not None:
+            request.observe(duration)
+        if done.upstream_s is not None:
+            upstream.observe(done.upstream_s)
+        first = done.first_byte_s
+        if not done.stream or first is None or not 200 <= done.status <= 299:
+            return
+        first_token.observe(first)
+        tokens = done.completion_tokens
+        if (
+            duration is not None
+            and tokens is not None
+            and tokens >= 2
+            and done.choices == 1  # n > 1: the tokens of answers written side by side
+            and not done.interrupted
+        ):
+            output_token.observe(max(0.0, duration - first) / (tokens - 1))
 
     def charge(self, usage: Usage, status: int) -> None:
         identity = (usage.namespace, usage.user, usage.model)

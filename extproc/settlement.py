@@ -56,6 +56,7 @@ async def finished(ctx: Context, entries: Iterable[Finished]) -> None:
             ).inc()
         else:
             ctx.metrics.charge(usage, done.status)
+        ctx.metrics.latency(done)
         await ctx.admission.settle(
             done.request_id,
             Identity(done.namespace, done.user, done.model),

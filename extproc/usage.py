@@ -56,6 +56,12 @@ class Finished:
     prompt_sample: str | None = None  # usage.lua's sample of the request body's head, raw
     answer_sample: str | None = None  # usage.lua's sample of an answer without usage, %XX-escaped
     answer_head: str | None = None  # a stream's first bytes, raw, left when it was cut
+    # Envoy's timings, in seconds from the request's first byte; None when Envoy has none.
+    duration_s: float | None = None  # until the last byte of the answer went to the client
+    first_byte_s: float | None = None  # until a stream's first content byte left (usage.lua's)
+    upstream_s: float | None = None  # first byte sent to the engine until its last byte received
+    choices: int = 1  # answers the engine writes (prompts x n); usage sums their tokens
+    attempts: int = 0  # requests Envoy sent to engines (retries included); 0 when none
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,16 @@
 """`make bench`: the gateway's cost against plain Envoy and the Python floor, in one run.
 
-    .venv/bin/python -m tests.bench.gateway --out docs/benchmarks.md [--duration 8] [--quick] [--only gateway|ratelimit|traffic|estimates|policy]
+    .venv/bin/python -m tests.bench.gateway --out docs/benchmarks.md [--duration 8] [--quick] [--only gateway|ratelimit|traffic|estimates|policy|latency]
 
 One simulated engine serves three configurations (see `targets.py`): plain Envoy, Envoy with a
 do-nothing Python ext_proc (the floor), and the full gateway. Each workload runs against all
 three, interleaved (plain, floor, gateway, then gateway, floor, plain, ...) so that the noise of
 a shared 2-core machine lands on all of them alike. Only ratios between them mean anything.
 Then the rate-limit service's part (`tests/bench/ratelimit.py`), the traffic control plane's
-part (`tests/bench/traffic.py`), the usage estimates' (`tests/bench/estimates.py`) and the
-cluster policy's (`tests/bench/policy.py`) add their own sections; `--only
-ratelimit|traffic|estimates|policy` runs just that part and replaces just its section of `--out`.
+part (`tests/bench/traffic.py`), the usage estimates' (`tests/bench/estimates.py`), the
+cluster policy's (`tests/bench/policy.py`) and the latency histograms' (`tests/bench/latency.py`)
+add their own sections; `--only ratelimit|traffic|estimates|policy|latency` runs just that part
+and replaces just its section of `--out`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from launcher.procs import Supervisor
 from launcher.stack import envoy_binary
-from tests.bench import estimates, policy, ratelimit, report, targets, traffic, wrk
+from tests.bench import estimates, latency, policy, ratelimit, report, targets, traffic, wrk
 from tests.bench.report import Measurement, Results
 from tests.bench.targets import CpuSample, Target
 from tests.bench.workloads import PATH, STREAM_CHUNKS, Workload, all_workloads, preflight
@@ -92,11 +93,11 @@ class Settings:
         )
         parser.add_argument(
             "--only",
-            choices=("all", "gateway", "ratelimit", "traffic", "estimates", "policy"),
+            choices=("all", "gateway", "ratelimit", "traffic", "estimates", "policy", "latency"),
             default="all",
             help="run only one part: the gateway's, the rate limit's (tests/bench/ratelimit.py), "
-            "the traffic control plane's (traffic.py), the usage estimates' (estimates.py) or the "
-            "cluster policy's (policy.py)",
+            "the traffic control plane's (traffic.py), the usage estimates' (estimates.py), the "
+            "cluster policy's (policy.py) or the latency histograms' (latency.py)",
         )
         args = parser.parse_args(argv)
         if args.quick:
@@ -345,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ("traffic", traffic),
         ("estimates", estimates),
         ("policy", policy),
+        ("latency", latency),
     ):
         if settings.only not in ("all", part):
             continue
@@ -373,7 +375,7 @@ def _gateway_part(settings: Settings, argv: Sequence[str], started: float) -> No
         settings.out.parent.mkdir(parents=True, exist_ok=True)
         text = render_markdown(results, workloads, settings, argv)
         if settings.only == "gateway":  # keep the other parts' sections
-            for module in (ratelimit, traffic, estimates, policy):
+            for module in (ratelimit, traffic, estimates, policy, latency):
                 if kept := report.existing_section(settings.out, module.BEGIN, module.END):
                     text += "\n" + kept + "\n"
         settings.out.write_text(text)

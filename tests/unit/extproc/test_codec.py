@@ -453,3 +453,37 @@ def test_other_response_flags_are_not_interruptions() -> None:
     done = codec.finished(log_entry(ARKS, rate_limited=True))
 
     assert done is not None and done.interrupted is None
+
+
+def test_finished_reads_envoys_timings_and_the_first_content_byte() -> None:
+    entry = log_entry({**ARKS, "first_byte_ms": 1_700_000_000_250})
+    common = entry.common_properties
+    common.start_time.FromMilliseconds(1_700_000_000_000)
+    common.duration.FromMilliseconds(900)
+    common.time_to_first_downstream_tx_byte.FromMilliseconds(3)  # the headers, not the token
+    common.time_to_first_upstream_tx_byte.FromMilliseconds(2)
+    common.time_to_last_upstream_rx_byte.FromMilliseconds(880)
+    common.upstream_request_attempt_count = 2
+
+    done = codec.finished(wire(entry))
+
+    assert done is not None
+    assert done.duration_s == pytest.approx(0.9)
+    assert done.first_byte_s == pytest.approx(0.25)
+    assert done.upstream_s == pytest.approx(0.878)
+    assert done.attempts == 2
+
+
+def test_finished_without_timings_has_none() -> None:
+    done = codec.finished(log_entry(ARKS))
+
+    assert done is not None
+    assert (done.duration_s, done.first_byte_s, done.upstream_s) == (None, None, None)
+    assert done.choices == 1
+
+
+def test_finished_reads_the_answers_the_engine_writes() -> None:
+    done = codec.finished(log_entry({**ARKS, "choices": 3}))
+
+    assert done is not None
+    assert done.choices == 3
