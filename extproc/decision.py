@@ -19,6 +19,8 @@ class Deny:
     message: str
     type: str = "invalid_request_error"
     headers: tuple[tuple[str, str], ...] = ()
+    # Who was refused, once known (never the token text): admission's refusals carry it.
+    identity: Identity | None = None
 
     def body(self) -> bytes:
         return orjson.dumps(

@@ -47,15 +47,18 @@ class InFlight:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._entries
+
     def add(self, entry: Admitted) -> None:
         if not entry.request_id:
             return
         self._entries.pop(entry.request_id, None)  # a reused id moves to the back
         self._entries[entry.request_id] = entry
 
-    def finish(self, request_id: str) -> bool:
-        """Strike the request off; False when this process never admitted it."""
-        return self._entries.pop(request_id, None) is not None
+    def finish(self, request_id: str) -> Admitted | None:
+        """Strike the request off; None when this process never admitted it."""
+        return self._entries.pop(request_id, None)
 
     def expire(self, now: float) -> list[Admitted]:
         """Remove and return the entries older than `max_age`, oldest first."""

@@ -7,6 +7,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from extproc.decision import Deny, Identity
 from extproc.usage import Finished, Usage
 
 _IDENTITY = ("namespace", "user", "model")
@@ -52,6 +53,7 @@ class GatewayMetrics:
     reported_elsewhere: Counter
     policy_reloads: Counter
     pending: Gauge
+    in_flight: Gauge
     picks: Counter
     pick_seconds: Histogram
     request_seconds: Histogram
@@ -89,8 +91,10 @@ class GatewayMetrics:
             ),
             denials=Counter(
                 "arks_gateway_denials",
-                "Requests the gateway answered itself with an error.",
-                ("status", "code"),
+                "Requests the gateway answered itself with an error, by status and code (the "
+                "check that refused it) and who was refused: namespace and user (the ArksToken) "
+                "once the token matched, model once routed (empty before).",
+                ("status", "code", *_IDENTITY),
                 registry=registry,
             ),
             access_log_entries=Counter(
@@ -115,6 +119,12 @@ class GatewayMetrics:
             pending=Gauge(
                 "arks_usage_pending_requests",
                 "Admitted requests whose usage has not arrived yet (in flight, or the access log is behind).",
+                registry=registry,
+            ),
+            in_flight=Gauge(
+                "arks_in_flight_requests",
+                "Admitted requests whose access-log entry has not arrived yet, by namespace and model.",
+                ("namespace", "model"),
                 registry=registry,
             ),
             picks=Counter(
@@ -206,6 +216,11 @@ class GatewayMetrics:
             and not done.interrupted
         ):
             output_token.observe(max(0.0, duration - first) / (tokens - 1))
+
+    def deny(self, refusal: Deny, who: Identity) -> None:
+        self.denials.labels(
+            str(refusal.status), refusal.code, who.namespace, who.user, who.model
+        ).inc()
 
     def charge(self, usage: Usage, status: int) -> None:
         identity = (usage.namespace, usage.user, usage.model)

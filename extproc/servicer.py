@@ -6,6 +6,7 @@ wire in `codec.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 
@@ -21,12 +22,14 @@ from arks.envoy_config import PICKED_WEIGHTINGS
 from extproc import codec, settlement
 from extproc.auth import authenticate
 from extproc.context import Context
-from extproc.decision import Decision, Deny, Forward, ReadBody, Reply
+from extproc.decision import Decision, Deny, Forward, Identity, ReadBody, Reply
 from extproc.gateway import decide_body, decide_headers
 from extproc.picking.service import Destination
 from extproc.request import RequestInfo
 
 log = logging.getLogger(__name__)
+
+UNKNOWN = Identity("", "", "")  # a refusal before the token matched an ArksToken
 
 
 class RequestProcessor:
@@ -45,7 +48,7 @@ class RequestProcessor:
                     return codec.forward_headers(decision, self.destination)
                 return codec.forward_body(decision, self.destination)
             case Deny():
-                self.ctx.metrics.denials.labels(str(decision.status), decision.code).inc()
+                self.ctx.metrics.deny(decision, self._who(decision))
                 return codec.deny(decision)
             case Reply():
                 return codec.reply(decision)
@@ -53,12 +56,24 @@ class RequestProcessor:
                 self.token = decision.token
                 return codec.read_body(decision)
 
+    def _who(self, decision: Deny) -> Identity:
+        """The refused request's namespace, user and model as far as they are known: a refusal
+        after routing names all three; one after the token was read (the body phase) its
+        namespace and user; anything earlier none (empty labels)."""
+        if decision.identity is not None:
+            return decision.identity
+        if self.token is not None:
+            return Identity(self.token.key.namespace, self.token.key.name, "")
+        return UNKNOWN
+
     async def _admit(self, decision: Decision) -> Decision:
         """Admit a routed request and, once it is, note it for settlement."""
         assert self.info is not None
         admitted = await self._pick_and_admit(decision)
         if isinstance(admitted, Forward):
             settlement.admitted(self.ctx, self.info, admitted)
+        elif isinstance(admitted, Deny) and isinstance(decision, Forward):
+            admitted = dataclasses.replace(admitted, identity=decision.identity)
         return admitted
 
     async def _pick_and_admit(self, decision: Decision) -> Decision:
@@ -154,7 +169,7 @@ class EarlyAuth(authz_grpc.AuthorizationServicer):  # type: ignore[misc]
             codec.check_headers(request), self.ctx.policy.current(), self.ctx.now()
         )
         if isinstance(found, Deny):
-            self.ctx.metrics.denials.labels(str(found.status), found.code).inc()
+            self.ctx.metrics.deny(found, UNKNOWN)
             return codec.check_denied(found)
         return codec.CHECK_OK
 

@@ -28,6 +28,9 @@ def admitted(ctx: Context, info: RequestInfo, decision: Forward) -> None:
     """Note a forwarded request, with what settling it needs if its entry never comes (its
     prompt as admission reserved it: a lost entry is charged that, not nothing)."""
     ours = decision.metadata[METADATA_NAMESPACE]
+    if info.request_id and info.request_id not in ctx.inflight:
+        ident = decision.identity
+        ctx.metrics.in_flight.labels(ident.namespace, ident.model).inc()
     ctx.inflight.add(
         Admitted(
             info.request_id,
@@ -47,7 +50,10 @@ async def finished(ctx: Context, entries: Iterable[Finished]) -> None:
     for done in entries:
         if ctx.picking is not None:
             ctx.picking.finished(done.request_id)
-        if not ctx.inflight.finish(done.request_id) and done.request_id:
+        entry = ctx.inflight.finish(done.request_id)
+        if entry is not None:
+            ctx.metrics.in_flight.labels(entry.identity.namespace, entry.identity.model).dec()
+        elif done.request_id:
             foreign.append(done.request_id)
         usage = usage_of(done)
         if usage is None:
@@ -80,6 +86,8 @@ async def expire_unreported(ctx: Context) -> int:
     If the shared store cannot say, the request is charged (a lost entry must cost something).
     """
     expired = ctx.inflight.expire(ctx.monotonic())
+    for gone in expired:
+        ctx.metrics.in_flight.labels(gone.identity.namespace, gone.identity.model).dec()
     if not expired:
         return 0
     try:

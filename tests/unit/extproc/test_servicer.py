@@ -86,7 +86,12 @@ async def test_denials_are_counted_by_status_and_code(ctx: Context) -> None:
 
     assert response.immediate_response.status.code == 401
     assert (
-        sample(ctx, "arks_gateway_denials_total", {"status": "401", "code": "invalid_api_key"}) == 1
+        sample(
+            ctx,
+            "arks_gateway_denials_total",
+            {"status": "401", "code": "invalid_api_key", "namespace": "", "user": "", "model": ""},
+        )
+        == 1
     )
     assert len(ctx.inflight) == 0
 
