@@ -119,7 +119,14 @@ class AdmissionControl:
                 kind = (
                     "insufficient_quota" if why.code == "insufficient_quota" else "rate_limit_error"
                 )
-                return Deny(why.status, why.code, why.message, type=kind, headers=headers)
+                return Deny(
+                    why.status,
+                    why.code,
+                    why.message,
+                    type=kind,
+                    headers=headers,
+                    reason=why.reason,
+                )
         metadata = {**decision.metadata[METADATA_NAMESPACE], **reservation.metadata()}
         return dataclasses.replace(decision, metadata={METADATA_NAMESPACE: metadata})
 
@@ -152,7 +159,15 @@ class AdmissionControl:
             orjson.loads(answer.body)["error"]["message"] if answer.body else "Rate limit reached."
         )
         headers = tuple((k, v) for k, v in answer.headers if k != "content-type")
-        return Deny(429, "rate_limit_exceeded", message, type="rate_limit_error", headers=headers)
+        over = [s.limit.name for s in answer.statuses if s.over_limit and s.limit is not None]
+        return Deny(
+            429,
+            "rate_limit_exceeded",
+            message,
+            type="rate_limit_error",
+            headers=headers,
+            reason=over[0] if over and over[0] in qos.REQUEST_LIMITS else "",
+        )
 
     def _leases(self, info: RequestInfo, decision: Forward) -> tuple[list[Lease], Reservation]:
         identity, grant = decision.identity, decision.qos

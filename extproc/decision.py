@@ -21,6 +21,9 @@ class Deny:
     headers: tuple[tuple[str, str], ...] = ()
     # Who was refused, once known (never the token text): admission's refusals carry it.
     identity: Identity | None = None
+    # Which check refused, when the code does not say (rpm, rpd, tpm, tpd, concurrency, quota);
+    # empty: the code says.
+    reason: str = ""
 
     def body(self) -> bytes:
         return orjson.dumps(

@@ -92,9 +92,10 @@ class GatewayMetrics:
             denials=Counter(
                 "arks_gateway_denials",
                 "Requests the gateway answered itself with an error, by status and code (the "
-                "check that refused it) and who was refused: namespace and user (the ArksToken) "
+                "check that refused it), reason (the limit: rpm, rpd, tpm, tpd, concurrency, quota; "
+                "else the code) and who was refused: namespace and user (the ArksToken) "
                 "once the token matched, model once routed (empty before).",
-                ("status", "code", *_IDENTITY),
+                ("status", "code", "reason", *_IDENTITY),
                 registry=registry,
             ),
             access_log_entries=Counter(
@@ -219,7 +220,12 @@ class GatewayMetrics:
 
     def deny(self, refusal: Deny, who: Identity) -> None:
         self.denials.labels(
-            str(refusal.status), refusal.code, who.namespace, who.user, who.model
+            str(refusal.status),
+            refusal.code,
+            refusal.reason or refusal.code,
+            who.namespace,
+            who.user,
+            who.model,
         ).inc()
 
     def charge(self, usage: Usage, status: int) -> None:

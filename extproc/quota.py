@@ -165,12 +165,17 @@ class Refusal:
     code: str
     message: str
     retry_after_s: int
+    reason: str  # the check that refused: concurrency, tpm, tpd or quota
 
 
 def refusal(key: str, used: int, leased: int, limit: int, now: datetime) -> Refusal:
     if key.startswith("concurrency/"):
         return Refusal(
-            429, "rate_limit_exceeded", f"Too many concurrent requests: the limit is {limit}.", 1
+            429,
+            "rate_limit_exceeded",
+            f"Too many concurrent requests: the limit is {limit}.",
+            1,
+            "concurrency",
         )
     kind = key.split("/", 1)[0]
     if kind in TOKEN_WINDOWS:
@@ -183,6 +188,7 @@ def refusal(key: str, used: int, leased: int, limit: int, now: datetime) -> Refu
             f"Token rate limit reached: {limit} tokens per {per}; {used} used and {leased} reserved "
             f"in this {per}. Try again in {retry} s.",
             retry,
+            kind,
         )
     _, namespace, name, kind, period = key.split("/", 4)
     shown = (lambda v: f"{v / MICRO:.6g}") if kind == "cost" else str
@@ -196,4 +202,5 @@ def refusal(key: str, used: int, leased: int, limit: int, now: datetime) -> Refu
         f"You exceeded your quota {namespace}/{name} ({kind}, period {period_kind}): "
         f"used {shown(used)} and {shown(leased)} reserved of {shown(limit)}{when}.",
         retry,
+        "quota",
     )

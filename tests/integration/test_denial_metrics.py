@@ -65,7 +65,12 @@ def test_a_rate_limited_request_is_counted_with_who_and_why(stack: Stack) -> Non
     assert chat(stack, RPM).status_code == 200
     refused = chat(stack, RPM)
     assert refused.status_code == 429
-    labels = {"status": "429", "code": "rate_limit_exceeded", "namespace": "default"}
+    labels = {
+        "status": "429",
+        "code": "rate_limit_exceeded",
+        "reason": "rpm",
+        "namespace": "default",
+    }
     assert denials(stack, **labels, user=user, model="model-a") == 1.0
 
 
@@ -77,14 +82,20 @@ def test_a_request_over_quota_is_counted_with_who_and_why(stack: Stack) -> None:
     assert refused.status_code == 429
     code = refused.json()["error"]["code"]
     assert code == "insufficient_quota"
-    labels = {"status": "429", "code": code, "namespace": "default", "user": user}
+    labels = {
+        "status": "429",
+        "code": code,
+        "reason": "quota",
+        "namespace": "default",
+        "user": user,
+    }
     assert denials(stack, **labels, model="model-a") == 1.0
 
 
 def test_an_unknown_key_is_counted_without_a_user_and_never_with_its_text(stack: Stack) -> None:
     secret = "sk-arks-not-a-real-key-" + uuid.uuid4().hex
     assert chat(stack, secret).status_code == 401
-    labels = {"status": "401", "code": "invalid_api_key"}
+    labels = {"status": "401", "code": "invalid_api_key", "reason": "invalid_api_key"}
     assert denials(stack, **labels, namespace="", user="", model="") >= 1.0
     assert secret not in httpx.get(stack.local.metrics_url, timeout=5).text
 

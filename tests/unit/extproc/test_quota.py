@@ -172,6 +172,7 @@ def test_a_tpm_or_tpd_refusal_says_the_window_and_when_it_ends() -> None:
         "Token rate limit reached: 300 tokens per minute; 250 used and 40 reserved in this "
         "minute. Try again in 15 s.",
         15,
+        "tpm",
     )
     left = 86400 - (15 * 3600 + 30 * 60 + 45)
     assert refusal(tpd, 4900, 200, 5000, now) == Refusal(
@@ -180,13 +181,18 @@ def test_a_tpm_or_tpd_refusal_says_the_window_and_when_it_ends() -> None:
         "Token rate limit reached: 5000 tokens per day; 4900 used and 200 reserved in this "
         f"day. Try again in {left} s.",
         left,
+        "tpd",
     )
 
 
 def test_concurrency_and_cost_refusals_in_full() -> None:
     slots = refusal(concurrency_key(Identity("default", "u", "m")), 0, 2, 2, T)
     assert slots == Refusal(
-        429, "rate_limit_exceeded", "Too many concurrent requests: the limit is 2.", 1
+        429,
+        "rate_limit_exceeded",
+        "Too many concurrent requests: the limit is 2.",
+        1,
+        "concurrency",
     )
     cost = refusal("quota/default/team/cost/month-2026-11-01", 1_500_000, 250_000, 2_000_000, T)
     assert cost == Refusal(
@@ -195,6 +201,7 @@ def test_concurrency_and_cost_refusals_in_full() -> None:
         "You exceeded your quota default/team (cost, period month): used 1.5 and 0.25 reserved "
         "of 2 until 2026-12-01 00:00 UTC.",
         int((datetime(2026, 12, 1, tzinfo=UTC) - T).total_seconds()),
+        "quota",
     )
     last_second = datetime(2026, 11, 27, 23, 59, 59, 500_000, tzinfo=UTC)
     soon = refusal("quota/default/team/total/day-2026-11-27", 100, 0, 100, last_second)

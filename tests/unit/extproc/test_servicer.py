@@ -89,7 +89,14 @@ async def test_denials_are_counted_by_status_and_code(ctx: Context) -> None:
         sample(
             ctx,
             "arks_gateway_denials_total",
-            {"status": "401", "code": "invalid_api_key", "namespace": "", "user": "", "model": ""},
+            {
+                "status": "401",
+                "code": "invalid_api_key",
+                "reason": "invalid_api_key",
+                "namespace": "",
+                "user": "",
+                "model": "",
+            },
         )
         == 1
     )
