@@ -16,16 +16,17 @@ from tests.support.waiting import wait_for
 
 RPM = "sk-arks-test-denials-rpm-01"
 QUOTA = "sk-arks-test-denials-quota-02"
+TPM = "sk-arks-test-denials-tpm-03"
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
-def _token(user: str, secret: str, quota: str | None = None, rpm: int | None = None) -> dict:
+def _token(user: str, secret: str, quota: str | None = None, **limits: int) -> dict:
     doc = token(user, ["model-a"], tokenHash=token_digest(secret))
     for grant in doc["spec"]["qos"]:
         if quota:
             grant["quota"] = {"name": quota}
-        if rpm:
-            grant["rateLimits"] = [{"type": "rpm", "value": rpm}]
+        if limits:
+            grant["rateLimits"] = [{"type": kind, "value": v} for kind, v in limits.items()]
     return doc
 
 
@@ -41,6 +42,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         },
         _token(f"rpm-{suffix}", RPM, rpm=1),
         _token(f"quota-{suffix}", QUOTA, quota=f"tiny-{suffix}"),
+        _token(f"tpm-{suffix}", TPM, tpm=10),
     ]
     with running_stack(tmp_path_factory.mktemp("denials"), documents) as running:
         running.suffix = suffix  # type: ignore[attr-defined]
@@ -90,6 +92,16 @@ def test_a_request_over_quota_is_counted_with_who_and_why(stack: Stack) -> None:
         "user": user,
     }
     assert denials(stack, **labels, model="model-a") == 1.0
+
+
+def test_a_request_over_a_token_rate_names_the_limit(stack: Stack) -> None:
+    user = f"tpm-{stack.suffix}"  # type: ignore[attr-defined]
+    assert chat(stack, TPM).status_code == 200
+    stack.usage(user, "model-a")  # settled: more than 10 tokens this minute
+    refused = chat(stack, TPM)
+    assert refused.status_code == 429
+    labels = {"status": "429", "code": "rate_limit_exceeded", "reason": "tpm"}
+    assert denials(stack, **labels, namespace="default", user=user, model="model-a") == 1.0
 
 
 def test_an_unknown_key_is_counted_without_a_user_and_never_with_its_text(stack: Stack) -> None:
