@@ -47,9 +47,6 @@ class InFlight:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def __contains__(self, request_id: str) -> bool:
-        return request_id in self._entries
-
     def add(self, entry: Admitted) -> None:
         if not entry.request_id:
             return

@@ -28,9 +28,11 @@ def admitted(ctx: Context, info: RequestInfo, decision: Forward) -> None:
     """Note a forwarded request, with what settling it needs if its entry never comes (its
     prompt as admission reserved it: a lost entry is charged that, not nothing)."""
     ours = decision.metadata[METADATA_NAMESPACE]
-    if info.request_id and info.request_id not in ctx.inflight:
-        ident = decision.identity
-        ctx.metrics.in_flight.labels(ident.namespace, ident.model).inc()
+    if info.request_id:  # InFlight keeps no entry without an id
+        reused = ctx.inflight.finish(info.request_id)
+        if reused is not None:
+            ctx.metrics.in_flight.labels(reused.identity.namespace, reused.identity.model).dec()
+        ctx.metrics.in_flight.labels(decision.identity.namespace, decision.identity.model).inc()
     ctx.inflight.add(
         Admitted(
             info.request_id,

@@ -160,6 +160,21 @@ async def test_request_without_an_access_log_entry_is_charged_its_estimate(
     )
 
 
+async def test_in_flight_counts_a_reused_id_once_and_drops_an_expired_request(
+    ctx: Context, clock: FakeClock
+) -> None:
+    def in_flight() -> float:
+        return sample(ctx, "arks_in_flight_requests", {"namespace": "default", "model": "qwen"})
+
+    for _ in range(2):  # the same request id twice: one request in flight
+        await RequestProcessor(ctx).handle(headers_message({"model": "qwen", "max_tokens": 64}))
+    assert in_flight() == 1
+
+    clock.now += MAX_AGE + 1
+    assert await expire_unreported(ctx) == 1
+    assert in_flight() == 0
+
+
 # --- endpoint picking: least-load and prefix-cache endpoints ----------------------------------
 
 ENGINES = ("10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000")
