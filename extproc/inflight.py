@@ -47,11 +47,13 @@ class InFlight:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def add(self, entry: Admitted) -> None:
+    def add(self, entry: Admitted) -> Admitted | None:
+        """Keep `entry` (none without an id); the entry a reused id replaced, if any."""
         if not entry.request_id:
-            return
-        self._entries.pop(entry.request_id, None)  # a reused id moves to the back
+            return None
+        replaced = self._entries.pop(entry.request_id, None)  # a reused id moves to the back
         self._entries[entry.request_id] = entry
+        return replaced
 
     def finish(self, request_id: str) -> Admitted | None:
         """Strike the request off; None when this process never admitted it."""

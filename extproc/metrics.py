@@ -65,6 +65,7 @@ class GatewayMetrics:
     _latency_cache: dict[tuple[str, str, bool, int], tuple[Any, Any, Any, Any, Any]] = field(
         default_factory=dict
     )
+    _in_flight_cache: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> GatewayMetrics:
@@ -217,6 +218,14 @@ class GatewayMetrics:
             and not done.interrupted
         ):
             output_token.observe(max(0.0, duration - first) / (tokens - 1))
+
+    def in_flight_changed(self, who: Identity, delta: int) -> None:
+        """One request more (+1) or fewer (-1) in flight for `who`'s namespace and model."""
+        key = (who.namespace, who.model)
+        gauge = self._in_flight_cache.get(key)
+        if gauge is None:
+            gauge = self._in_flight_cache[key] = self.in_flight.labels(*key)
+        gauge.inc(delta)
 
     def deny(self, refusal: Deny, who: Identity) -> None:
         self.denials.labels(

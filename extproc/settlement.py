@@ -28,12 +28,7 @@ def admitted(ctx: Context, info: RequestInfo, decision: Forward) -> None:
     """Note a forwarded request, with what settling it needs if its entry never comes (its
     prompt as admission reserved it: a lost entry is charged that, not nothing)."""
     ours = decision.metadata[METADATA_NAMESPACE]
-    if info.request_id:  # InFlight keeps no entry without an id
-        reused = ctx.inflight.finish(info.request_id)
-        if reused is not None:
-            ctx.metrics.in_flight.labels(reused.identity.namespace, reused.identity.model).dec()
-        ctx.metrics.in_flight.labels(decision.identity.namespace, decision.identity.model).inc()
-    ctx.inflight.add(
+    replaced = ctx.inflight.add(
         Admitted(
             info.request_id,
             decision.identity,
@@ -44,6 +39,10 @@ def admitted(ctx: Context, info: RequestInfo, decision: Forward) -> None:
             limits=ours.get("limits", {}),
         )
     )
+    if replaced is not None:
+        ctx.metrics.in_flight_changed(replaced.identity, -1)
+    if info.request_id:  # InFlight keeps no entry without an id
+        ctx.metrics.in_flight_changed(decision.identity, +1)
 
 
 async def finished(ctx: Context, entries: Iterable[Finished]) -> None:
@@ -54,7 +53,7 @@ async def finished(ctx: Context, entries: Iterable[Finished]) -> None:
             ctx.picking.finished(done.request_id)
         entry = ctx.inflight.finish(done.request_id)
         if entry is not None:
-            ctx.metrics.in_flight.labels(entry.identity.namespace, entry.identity.model).dec()
+            ctx.metrics.in_flight_changed(entry.identity, -1)
         elif done.request_id:
             foreign.append(done.request_id)
         usage = usage_of(done)
@@ -89,7 +88,7 @@ async def expire_unreported(ctx: Context) -> int:
     """
     expired = ctx.inflight.expire(ctx.monotonic())
     for gone in expired:
-        ctx.metrics.in_flight.labels(gone.identity.namespace, gone.identity.model).dec()
+        ctx.metrics.in_flight_changed(gone.identity, -1)
     if not expired:
         return 0
     try:
