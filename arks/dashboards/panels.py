@@ -1,0 +1,288 @@
+"""The building blocks the four dashboards share: variables, label filters, PromQL fragments and
+panels, written with Grafana Labs' SDK (grafana-foundation-sdk, Grafana 11.6 models).
+
+Every panel queries the data source variable `$datasource`; every query filters by the
+dashboard's variables (namespace, model, user) on the metrics that carry those labels, through
+`Board.where(...)`, so a panel cannot forget one. The variables are multi-select with "All" =
+`.*`, which also matches an empty label (a denial before routing has `model=""`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from grafana_foundation_sdk.builders import bargauge, stat, table, timeseries
+from grafana_foundation_sdk.builders import common as common_builders
+from grafana_foundation_sdk.builders import dashboard as builders
+from grafana_foundation_sdk.builders import prometheus as prom
+from grafana_foundation_sdk.models import common
+from grafana_foundation_sdk.models import dashboard as models
+from grafana_foundation_sdk.models import prometheus as prom_models
+
+DATASOURCE = models.DataSourceRef(type_val="prometheus", uid="${datasource}")
+# Grafana's own interval for rate(): at least four scrape intervals, so a rate always has two
+# samples whatever the zoom (https://grafana.com/docs/grafana/latest/datasources/prometheus/).
+RATE = "$__rate_interval"
+WIDTH = 24  # Grafana's grid is 24 columns wide
+
+# The label each variable filters; the variable has the label's name.
+NAMESPACE = "namespace"
+MODEL = "model"
+USER = "user"
+
+
+def rate(selector: str, window: str = RATE) -> str:
+    return f"rate({selector}[{window}])"
+
+
+def quantile(q: float, bucket_selector: str, by: Sequence[str] = ()) -> str:
+    """The q-quantile of a histogram's `_bucket` selector, summed over everything but `by`."""
+    keep = ", ".join(("le", *by))
+    return f"histogram_quantile({q}, sum by ({keep}) ({rate(bucket_selector)}))"
+
+
+def by(labels: Sequence[str], expr: str, op: str = "sum") -> str:
+    return f"{op} by ({', '.join(labels)}) ({expr})" if labels else f"{op}({expr})"
+
+
+def or_zero(expr: str) -> str:
+    """An aggregation that is 0, not absent, when nothing matched (a sum over no series is
+    empty, and an empty side empties a whole arithmetic expression)."""
+    return f"({expr} or vector(0))"
+
+
+@dataclass(frozen=True)
+class Target:
+    expr: str
+    legend: str = ""
+    instant: bool = False
+
+
+def target(expr: str, legend: str = "") -> Target:
+    return Target(expr, legend)
+
+
+def instant(expr: str, legend: str = "") -> Target:
+    """A query evaluated once at the range's end (tables, bar gauges, stats over `$__range`)."""
+    return Target(expr, legend, instant=True)
+
+
+def _queries(targets: Sequence[Target]) -> list[prom.Dataquery]:
+    out = []
+    for index, t in enumerate(targets):
+        query = prom.Dataquery().expr(t.expr).ref_id(chr(ord("A") + index))
+        if t.legend:
+            query = query.legend_format(t.legend)
+        if t.instant:
+            query = query.instant().format(prom_models.PromQueryFormat.TABLE)
+        out.append(query)
+    return out
+
+
+def graph(
+    title: str,
+    description: str,
+    targets: Sequence[Target],
+    unit: str = "short",
+    span: int = 12,
+    stacked: bool = False,
+) -> timeseries.Panel:
+    panel = (
+        timeseries.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .unit(unit)
+        .span(span)
+        .height(8)
+        .fill_opacity(10)
+        .legend(
+            common_builders.VizLegendOptions()
+            .display_mode(common.LegendDisplayMode.TABLE)
+            .placement(common.LegendPlacement.BOTTOM)
+            .show_legend(True)
+            .calcs(["mean", "max", "lastNotNull"])
+        )
+    )
+    if stacked:
+        panel = panel.stacking(
+            common_builders.StackingConfig().mode(common.StackingMode.NORMAL).group("A")
+        )
+    for query in _queries(targets):
+        panel = panel.with_target(query)
+    return panel
+
+
+def single(
+    title: str,
+    description: str,
+    targets: Sequence[Target],
+    unit: str = "short",
+    span: int = 6,
+    steps: Sequence[tuple[float | None, str]] = ((None, "green"),),
+) -> stat.Panel:
+    """A stat: the last value of each series, coloured by `steps` (value from, colour)."""
+    panel = (
+        stat.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .unit(unit)
+        .span(span)
+        .height(5)
+        .graph_mode(common.BigValueGraphMode.AREA)
+        .color_mode(common.BigValueColorMode.VALUE)
+        .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]))
+        .thresholds(_thresholds(steps))
+    )
+    for query in _queries(targets):
+        panel = panel.with_target(query)
+    return panel
+
+
+def bars(
+    title: str,
+    description: str,
+    targets: Sequence[Target],
+    unit: str = "short",
+    span: int = 12,
+    steps: Sequence[tuple[float | None, str]] = ((None, "green"),),
+    minimum: float | None = None,
+    maximum: float | None = None,
+) -> bargauge.Panel:
+    """A horizontal bar per series (a ranking: top tenants, limits nearest to exhaustion)."""
+    panel = (
+        bargauge.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .unit(unit)
+        .span(span)
+        .height(8)
+        .orientation(common.VizOrientation.HORIZONTAL)
+        .display_mode(common.BarGaugeDisplayMode.GRADIENT)
+        .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]))
+        .thresholds(_thresholds(steps))
+    )
+    if minimum is not None:
+        panel = panel.min(minimum)
+    if maximum is not None:
+        panel = panel.max(maximum)
+    for query in _queries(targets):
+        panel = panel.with_target(query)
+    return panel
+
+
+def listing(
+    title: str, description: str, targets: Sequence[Target], unit: str = "short", span: int = 12
+) -> table.Panel:
+    """A table of instant results, one row per series and its labels."""
+    panel = (
+        table.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .unit(unit)
+        .span(span)
+        .height(8)
+        .with_transformation(models.DataTransformerConfig(id_val="merge", options={}))
+    )
+    for query in _queries(targets):
+        panel = panel.with_target(query)
+    return panel
+
+
+def _thresholds(steps: Sequence[tuple[float | None, str]]) -> builders.ThresholdsConfig:
+    return (
+        builders.ThresholdsConfig()
+        .mode(models.ThresholdsMode.ABSOLUTE)
+        .steps([models.Threshold(value=value, color=colour) for value, colour in steps])
+    )
+
+
+def _all() -> models.VariableOption:
+    return models.VariableOption(text="All", value="$__all", selected=True)
+
+
+def datasource_variable() -> builders.DatasourceVariable:
+    return builders.DatasourceVariable("datasource").label("Data source").type("prometheus")
+
+
+def query_variable(name: str, label: str, query: str) -> builders.QueryVariable:
+    """A multi-select variable of a label's values, "All" by default meaning any value."""
+    return (
+        builders.QueryVariable(name)
+        .label(label)
+        .datasource(DATASOURCE)
+        .query(query)
+        .refresh(models.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(models.VariableSort.ALPHABETICAL_ASC)
+        .multi(True)
+        .include_all(True)
+        .all_value(".*")
+        .current(_all())
+    )
+
+
+@dataclass
+class Board:
+    """One dashboard being written: its variables, and panels laid out row by row.
+
+    `where(metric, *labels)` is the selector of `metric` filtered by the variables named by
+    `labels`; a label the dashboard has no variable for is an error, so filters stay honest.
+    """
+
+    uid: str
+    title: str
+    description: str
+    variables: tuple[str, ...]  # of NAMESPACE, MODEL, USER, in the order shown
+    source: str  # the metric whose label values fill the variables
+    _builder: builders.Dashboard = field(init=False)
+    _next_id: int = field(init=False, default=1)
+
+    def __post_init__(self) -> None:
+        self._builder = (
+            builders.Dashboard(self.title)
+            .uid(self.uid)
+            .description(self.description)
+            .tags(["arks"])
+            .time("now-1h", "now")
+            .refresh("30s")
+            .timezone("browser")
+            .tooltip(models.DashboardCursorSync.CROSSHAIR)
+            .readonly()
+            .with_variable(datasource_variable())
+        )
+        labels = {NAMESPACE: "Namespace", MODEL: "Model", USER: "User"}
+        for index, name in enumerate(self.variables):
+            # Each variable lists the values seen under the ones before it.
+            narrowed = self.where(self.source, *self.variables[:index])
+            self._builder = self._builder.with_variable(
+                query_variable(name, labels[name], f"label_values({narrowed}, {name})")
+            )
+
+    def where(self, metric: str, *labels: str, extra: str = "") -> str:
+        """`metric{label=~"$label", ...}`, plus `extra` matchers (`code=~"5.."`)."""
+        unknown = set(labels) - set(self.variables)
+        if unknown:
+            raise ValueError(f"{self.uid}: no variable for {sorted(unknown)}")
+        matchers = [f'{label}=~"${label}"' for label in labels]
+        if extra:
+            matchers.append(extra)
+        return f"{metric}{{{', '.join(matchers)}}}" if matchers else metric
+
+    def row(self, title: str) -> None:
+        self._builder = self._builder.with_row(builders.Row(title).id(self._take_id()))
+
+    def add(self, *panels: timeseries.Panel | stat.Panel | bargauge.Panel | table.Panel) -> None:
+        for panel in panels:
+            self._builder = self._builder.with_panel(panel.id(self._take_id()))
+
+    def build(self) -> models.Dashboard:
+        return self._builder.build()
+
+    def _take_id(self) -> int:
+        taken = self._next_id
+        self._next_id += 1
+        return taken
