@@ -50,6 +50,21 @@ RESTARTS_PER_HOUR = 2
 _EDGE = 'envoy_http_conn_manager_prefix!~"admin|eg-stats-http"'
 
 
+def _envoy_rejections() -> str:
+    """Rejected updates summed per Envoy over its CDS, LDS, RDS and EDS stats. Every Envoy has
+    the CDS and LDS counters; the RDS and per-cluster ones exist only with routes and EDS
+    clusters, so each of those counts as 0 where absent (a `+` with a missing side is empty)."""
+    always = [
+        "envoy_cluster_manager_cds_update_rejected",
+        "envoy_listener_manager_lds_update_rejected",
+    ]
+    optional = ["envoy_http_rds_update_rejected", "envoy_cluster_update_rejected"]
+    terms = [f"sum by (job, instance) (increase({name}[10m]))" for name in always]
+    zero = f"0 * {terms[0]}"
+    terms += [f"(sum by (job, instance) (increase({name}[10m])) or {zero})" for name in optional]
+    return " + ".join(terms) + " > 0"
+
+
 def _job(*names: str) -> str:
     return f'job=~"(.+/)?({"|".join(names)})"'
 
@@ -320,9 +335,7 @@ CONTROL_PLANE = Group(
         ),
         Alert(
             "ArksEnvoyUpdateRejected",
-            "sum by (job, instance) (increase({__name__=~"
-            '"envoy_(cluster_manager_cds|listener_manager_lds|http_rds|cluster)_update_rejected"'
-            "}[10m])) > 0",
+            _envoy_rejections(),
             "0m",
             "warning",
             "Envoy {{ $labels.instance }} rejected a configuration update",
