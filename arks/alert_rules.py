@@ -204,8 +204,7 @@ AVAILABILITY = Group(
             "0m",
             "warning",
             "{{ $labels.job }} {{ $labels.instance }} restarts repeatedly",
-            "{{ $labels.job }} {{ $labels.instance }} started {{ $value }} times in the last "
-            "hour.",
+            "{{ $labels.job }} {{ $labels.instance }} started {{ $value }} times in the last hour.",
         ),
     ),
 )
@@ -250,8 +249,7 @@ GATEWAY = Group(
         ),
         Alert(
             "ArksUsageUnreported",
-            "sum by (namespace, model) (increase(arks_usage_unreported_requests_total[15m]))"
-            " > 0",
+            "sum by (namespace, model) (increase(arks_usage_unreported_requests_total[15m])) > 0",
             "5m",
             "warning",
             f"Requests to {_WHO_MODEL} finish without an access-log entry",
@@ -373,8 +371,7 @@ CONTROL_PLANE = Group(
             "max by (namespace, model, engine) (arks_engine_weight) == 0",
             "10m",
             "info",
-            "Engine {{ $labels.engine }} of {{ $labels.namespace }}/{{ $labels.model }} is "
-            "drained",
+            "Engine {{ $labels.engine }} of {{ $labels.namespace }}/{{ $labels.model }} is drained",
             "The controller gives {{ $labels.engine }} weight 0: it gets no new requests.",
         ),
     ),

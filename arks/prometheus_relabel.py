@@ -35,7 +35,9 @@ ENVOY_CLUSTER_RELABELS: tuple[Relabel, ...] = (
 )
 
 
-def prometheus_config(relabels: tuple[Relabel, ...] = ENVOY_CLUSTER_RELABELS) -> list[dict[str, Any]]:
+def prometheus_config(
+    relabels: tuple[Relabel, ...] = ENVOY_CLUSTER_RELABELS,
+) -> list[dict[str, Any]]:
     """As `metric_relabel_configs` of a Prometheus scrape config."""
     return [
         {

@@ -39,7 +39,9 @@ def relabel(labels: dict[str, str], rules: list[dict[str, object]]) -> dict[str,
 def test_envoy_cluster_names_become_namespace_and_model(
     cluster: str, namespace: str, model: str
 ) -> None:
-    (monitor,) = [m for m in of_kind("PodMonitor", MONITORING) if m["metadata"]["name"] == "arks-envoy"]
+    (monitor,) = [
+        m for m in of_kind("PodMonitor", MONITORING) if m["metadata"]["name"] == "arks-envoy"
+    ]
     (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
     labels = relabel(
         {"envoy_cluster_name": cluster, "namespace": "envoy-gateway-system"},
@@ -49,7 +51,11 @@ def test_envoy_cluster_names_become_namespace_and_model(
 
 
 def test_other_clusters_keep_their_labels() -> None:
-    for cluster in ("arks_extproc", "arks_ratelimit", "envoyextensionpolicy/arks-system/x/extproc/0"):
+    for cluster in (
+        "arks_extproc",
+        "arks_ratelimit",
+        "envoyextensionpolicy/arks-system/x/extproc/0",
+    ):
         labels = relabel({"envoy_cluster_name": cluster, "namespace": "ns"}, operator_config())
         assert labels == {"envoy_cluster_name": cluster, "namespace": "ns"}
 
@@ -59,7 +65,10 @@ def test_both_syntaxes_carry_the_same_rules() -> None:
     for plain, operator in zip(prometheus_config(), operator_config(), strict=True):
         assert plain["source_labels"] == operator["sourceLabels"]
         assert plain["target_label"] == operator["targetLabel"]
-        assert (plain["regex"], plain["replacement"]) == (operator["regex"], operator["replacement"])
+        assert (plain["regex"], plain["replacement"]) == (
+            operator["regex"],
+            operator["replacement"],
+        )
 
 
 def test_the_envoy_pod_monitor_selects_envoy_gateways_proxy_of_our_gateway() -> None:
@@ -67,7 +76,9 @@ def test_the_envoy_pod_monitor_selects_envoy_gateways_proxy_of_our_gateway() -> 
     gateway = one("Gateway", "arks-gateway")
     labels = monitor["spec"]["selector"]["matchLabels"]
     assert labels["gateway.envoyproxy.io/owning-gateway-name"] == gateway["metadata"]["name"]
-    assert labels["gateway.envoyproxy.io/owning-gateway-namespace"] == gateway["metadata"]["namespace"]
+    assert (
+        labels["gateway.envoyproxy.io/owning-gateway-namespace"] == gateway["metadata"]["namespace"]
+    )
     assert labels["app.kubernetes.io/component"] == "proxy"
     (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
     assert (endpoint["port"], endpoint["path"]) == ("metrics", "/stats/prometheus")
@@ -75,7 +86,9 @@ def test_the_envoy_pod_monitor_selects_envoy_gateways_proxy_of_our_gateway() -> 
 
 
 def test_the_engine_pod_monitor_is_part_of_monitoring_and_of_autoscaling() -> None:
-    assert one("PodMonitor", "arks-engines", MONITORING) == one("PodMonitor", "arks-engines", AUTOSCALING)
+    assert one("PodMonitor", "arks-engines", MONITORING) == one(
+        "PodMonitor", "arks-engines", AUTOSCALING
+    )
 
 
 def test_our_service_monitors_honor_the_tenant_namespace_label() -> None:
