@@ -23,6 +23,11 @@ def strict(schema: Any) -> Any:
     if out.pop("x-kubernetes-int-or-string", False):
         out.pop("type", None)
         out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    pattern = out.get("pattern")
+    if isinstance(pattern, str) and "(?i)" in pattern[1:]:
+        # Go's RE2 takes an inline flag anywhere (PrometheusRule: `^(?i)(abort|warn)?$`);
+        # Python's re only at the start, where it means the same for the whole pattern.
+        out["pattern"] = "(?i)" + pattern.replace("(?i)", "")
     if "properties" in out and "additionalProperties" not in out:
         if not out.get("x-kubernetes-preserve-unknown-fields"):
             out["additionalProperties"] = False

@@ -108,10 +108,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $_ := unset $obj.spec "egress" }}
 {{- end }}
 {{- end }}
-{{- if eq $obj.kind "ServiceMonitor" }}
+{{- if has $obj.kind (list "ServiceMonitor" "PodMonitor" "PrometheusRule") }}
+{{- if $v.monitoring.enabled }}
 {{- $_ := set $meta "labels" (merge $meta.labels ($v.monitoring.labels | default dict)) }}
 {{- end }}
-{{- if eq $obj.kind "PodMonitor" }}
+{{- end }}
+{{- if and (eq $obj.kind "PodMonitor") (eq $meta.name "arks-envoy") }}
+{{- $_ := set $obj.spec "namespaceSelector" (dict "matchNames" (list $v.envoyGateway.namespace)) }}
+{{- end }}
+{{- if and (eq $obj.kind "PodMonitor") (eq $meta.name "arks-engines") }}
 {{- $pm := $v.autoscaling.podMonitor }}
 {{- $_ := set $meta "labels" (merge $meta.labels ($pm.labels | default dict)) }}
 {{- if $pm.namespaces }}

@@ -190,6 +190,24 @@ def test_the_service_monitors_take_the_prometheus_releases_label() -> None:
         )
 
 
+def test_monitoring_renders_the_rules_and_both_pod_monitors_once() -> None:
+    """The PrometheusRule and the Envoy PodMonitor take the Prometheus release's label; the
+    Envoy pods are looked for where Envoy Gateway runs; the engine PodMonitor, which
+    manifests/monitoring includes from manifests/autoscaling, is rendered once with both on."""
+    docs = render("monitoring.enabled=true", "monitoring.labels.release=kps",
+                  "envoyGateway.namespace=eg", "autoscaling.podMonitor.enabled=true")  # fmt: skip
+    (rule,) = of(docs, "PrometheusRule", "arks")
+    (envoy,) = of(docs, "PodMonitor", "arks-envoy")
+    (engines,) = of(docs, "PodMonitor", "arks-engines")
+    for doc in (rule, envoy, engines):
+        validate(doc)
+        assert doc["metadata"]["labels"]["release"] == "kps"
+    assert envoy["spec"]["namespaceSelector"] == {"matchNames": ["eg"]}
+    alone = render("monitoring.enabled=true")
+    assert len(of(alone, "PodMonitor", "arks-engines")) == 1
+    assert len(of(alone, "ConfigMap", "arks-prometheus-rules")) == 1
+
+
 def test_envoy_gateway_elsewhere_is_the_one_admitted_and_given_the_secret() -> None:
     """Envoy Gateway in another namespace: its Envoy pods still reach the gateway and the
     rate-limit service, its rate limiter still reaches Redis, and it gets the Secret."""

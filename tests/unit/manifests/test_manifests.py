@@ -72,6 +72,10 @@ UPSTREAM = {
         "v1",
     ),
     ("monitoring.coreos.com/v1", "PodMonitor"): ("monitoring.coreos.com_podmonitors.yaml", "v1"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"): (
+        "monitoring.coreos.com_prometheusrules.yaml",
+        "v1",
+    ),
 }
 
 
