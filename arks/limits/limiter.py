@@ -68,14 +68,20 @@ class Limiter:
         self.metrics.backend_errors.labels(policy).inc()
         log.warning("counter store unavailable (%s): %s", policy, err)
         if self.enforcement.fail_open or not any(limits):
-            return Answer(False, tuple(Status(False, limit) for limit in limits))
+            return Answer(
+                False, tuple(Status(False, limit) for limit in limits), without_store=True
+            )
         closed = tuple(Status(limit is not None, limit, 0, 1.0) for limit in limits)
         body = (
             b'{"error":{"message":"Rate limiting is unavailable and this gateway fails closed; try again shortly.",'
             b'"type":"rate_limit_error","code":"rate_limit_unavailable"}}'
         )
         return Answer(
-            True, closed, (("retry-after", "1"), ("content-type", "application/json")), body
+            True,
+            closed,
+            (("retry-after", "1"), ("content-type", "application/json")),
+            body,
+            without_store=True,
         )
 
     def _count(self, request: LimitRequest, decided: Answer) -> None:
