@@ -16,6 +16,7 @@ Every gateway replica shows the same figures (the store is shared): aggregate wi
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -76,8 +77,9 @@ class TokenLimit:
     kind: str  # rpm, rpd, tpm, tpd, concurrency
     value: int
 
-    @property
+    @functools.cached_property
     def labels(self) -> tuple[str, str, str, str]:
+        """namespace, user, model, limit: computed once (the refresh reads them often)."""
         who = self.identity
         return (who.namespace, who.user, who.model, self.kind)
 
@@ -157,13 +159,13 @@ class Shown:
 
 def shown(
     periods: Sequence[QuotaPeriod],
-    limits: Sequence[TokenLimit],
+    limits: Sequence[tuple[TokenLimit, str | None]],
     levels: Mapping[str, Level],
     snapshot: Mapping[str, int],
     counted: Mapping[tuple[str, str, str, str], int],
-    now: float,
 ) -> Shown:
-    """The samples of every gauge from what the stores said (pure)."""
+    """The samples of every gauge from what the stores said (pure); each limit comes with its
+    budget key (`budget_key`)."""
     out: dict[str, list[Sample]] = {name: [] for name in (*QUOTA_GAUGES, *LIMIT_GAUGES)}
     for period in periods:
         level = levels.get(period.key, Level(0, 0))
@@ -176,8 +178,7 @@ def shown(
             out["arks_quota_reset_timestamp_seconds"].append(
                 Sample(period.labels, period.resets_at)
             )
-    for limit in limits:
-        key = budget_key(limit, now)
+    for limit, key in limits:
         left = remaining(limit, levels.get(key) if key else None, counted.get(limit.labels))
         out["arks_rate_limit_remaining"].append(Sample(limit.labels, left))
         out["arks_rate_limit_limit"].append(Sample(limit.labels, limit.value))
@@ -233,13 +234,13 @@ class Levels:
                     MAX_LIMIT_SERIES,
                 )
             limits = limits[:MAX_LIMIT_SERIES]
-        keys = [p.key for p in periods]
-        keys += [key for limit in limits if (key := budget_key(limit, now)) is not None]
+        keyed = [(limit, budget_key(limit, now)) for limit in limits]
+        keys = [p.key for p in periods] + [key for _, key in keyed if key is not None]
         unique = list(dict.fromkeys(keys))
         levels = await self.budgets.levels(unique, now) if unique else {}
         reads = -(-len(unique) // LEVELS_PER_READ)
         counted, counter_reads = await self._counted(limits, now)
-        self.gauges.show(shown(periods, limits, levels, snapshot, counted, now))
+        self.gauges.show(shown(periods, keyed, levels, snapshot, counted))
         return reads + counter_reads
 
     async def _counted(

@@ -34,7 +34,7 @@ from arks.limits.limiter import Enforcement, Limiter
 from arks.limits.metrics import RateLimitMetrics
 from arks.metric_rules import enforce
 from arks.policy import FilePolicySource
-from extproc import settlement
+from extproc import qos, settlement
 from extproc.admission import AdmissionControl
 from extproc.cluster_policy import ClusterPolicySource
 from extproc.context import Context
@@ -214,6 +214,7 @@ async def serve(settings: Settings) -> None:
             metrics=service_metrics.limits,
             clock=time.time,
             enforcement=Enforcement(fail_open=not settings.fail_closed),
+            own_domains=frozenset({qos.DOMAIN}),
         ),
         budgets=budgets,
         policy=source,

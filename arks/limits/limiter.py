@@ -13,6 +13,7 @@ from arks.limits.config import RateLimitConfig
 from arks.limits.decision import Answer, LimitRequest, Status, answer, hits_for, limits_for
 from arks.limits.metrics import RateLimitMetrics
 from arks.limits.model import Outcome, RateLimit
+from arks.metric_rules import UNKNOWN
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ class Limiter:
     metrics: RateLimitMetrics
     clock: Callable[[], float]
     enforcement: Enforcement = Enforcement()
+    # Domains named by the process itself (the gateway's own, whose limits all come as
+    # overrides); with the configured ones, the domains shown as themselves in metrics.
+    own_domains: frozenset[str] = frozenset()
     _cache: dict[tuple[str, str], _Series] = field(default_factory=dict, repr=False)
 
     async def decide(self, request: LimitRequest, *, all_or_nothing: bool = False) -> Answer:
@@ -85,6 +89,9 @@ class Limiter:
         )
 
     def _count(self, request: LimitRequest, decided: Answer) -> None:
+        domain = request.domain
+        if domain not in self.own_domains and domain not in self.config().domains:
+            domain = UNKNOWN  # a caller's string is no label value unless configured
         for descriptor, status in zip(request.descriptors, decided.statuses, strict=True):
             limit = status.limit
             if limit is None:
@@ -92,7 +99,7 @@ class Limiter:
             key = limit.stats_key or "override"
             if limit.detailed_metric:
                 key = ".".join(f"{k}_{v}" for k, v in descriptor.entries)
-            series = self._series(request.domain, key)
+            series = self._series(domain, key)
             series.hits.inc(
                 max(1, request.hits_addend) if descriptor.hits is None else descriptor.hits
             )
