@@ -27,6 +27,7 @@ from arks.adapters.kube.client import IN_CLUSTER, api_client
 from arks.adapters.kube.leader import LeaderElector
 from arks.envoy_config import EnvoySettings
 from arks.lifecycle import export_process_metrics, setup_process
+from arks.metric_rules import enforce
 from arks.policy import FilePolicySource
 from arks.resources import LEADERWORKERSETS
 from controller.load.cluster import ClusterLoad
@@ -245,6 +246,7 @@ def run_standalone(settings: Settings, policy: Path) -> int:
         FilePolicySource(policy), envoy, settings.xds_address, interval_s=settings.scrape_interval_s
     )
     export_process_metrics(state.metrics.registry, "controller")
+    enforce(state.metrics.registry, "controller")  # the cardinality rules: fail fast
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -310,6 +312,7 @@ def run(settings: Settings) -> int:
     ]
     metrics = ControllerMetrics()
     export_process_metrics(metrics.registry, "controller")
+    enforce(metrics.registry, "controller")  # the cardinality rules: fail fast
     metrics.leader.set_function(lambda: 1.0 if elector.is_leader() else 0.0)
     for c in controllers:
         c.instrument(metrics)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -24,3 +25,4 @@ class Context:
     monotonic: Callable[[], float]
     reported: ReportedElsewhere = field(default_factory=SingleReplica)
     picking: Picking | None = None  # endpoint picking for least-load and prefix-cache endpoints
+    timer: Callable[[], float] = time.perf_counter  # times the gateway's own work (decisions)

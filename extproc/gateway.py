@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 
 from arks.api import PREFIX_CACHE, ArksToken
+from arks.metric_rules import UNKNOWN
 from arks.policy import Policy
 from arks.wire import (
     CREDENTIAL_HEADERS,
@@ -54,6 +55,18 @@ def models_reply(policy: Policy, token: ArksToken, path: str) -> Decision:
 HEALTHY = Reply(b"ok\n", content_type="text/plain")
 
 
+def attributed(decision: Decision, token: ArksToken, policy: Policy, model: object) -> Decision:
+    """A refusal after the token matched names who was refused (for the denials metric): the
+    token's namespace and user, and the model only if it is one configured in that namespace,
+    else "unknown" — never the client's string, which would make a label value of anything."""
+    if not isinstance(decision, Deny) or decision.identity is not None:
+        return decision
+    namespace = token.key.namespace
+    known = isinstance(model, str) and policy.endpoint(namespace, model) is not None
+    shown = model if known and isinstance(model, str) else UNKNOWN
+    return dataclasses.replace(decision, identity=Identity(namespace, token.user, shown))
+
+
 def decide_headers(req: RequestInfo, policy: Policy, now: datetime) -> Decision:
     """Decide on the request-headers message (with the body facts Envoy lifted into metadata)."""
     if req.path == HEALTH_PATH:
@@ -61,6 +74,10 @@ def decide_headers(req: RequestInfo, policy: Policy, now: datetime) -> Decision:
     token = authenticate(req.headers, policy, now)
     if isinstance(token, Deny):
         return token
+    return attributed(_decide_headers(req, token, policy), token, policy, None)
+
+
+def _decide_headers(req: RequestInfo, token: ArksToken, policy: Policy) -> Decision:
     if req.path == MODELS_PATH or req.path.startswith(MODELS_PATH + "/"):
         if req.method != "GET":
             return Deny(405, "method_not_allowed", f"{req.method} is not allowed on {req.path}.")
@@ -89,6 +106,10 @@ def decide_headers(req: RequestInfo, policy: Policy, now: datetime) -> Decision:
 
 def decide_body(req: RequestInfo, raw: bytes, token: ArksToken, policy: Policy) -> Decision:
     """Decide on the buffered request body (asked for by `ReadBody`)."""
+    return attributed(_decide_body(req, raw, token, policy), token, policy, None)
+
+
+def _decide_body(req: RequestInfo, raw: bytes, token: ArksToken, policy: Policy) -> Decision:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -138,6 +159,20 @@ def decide_route(
     policy: Policy,
     body: dict[str, Any] | None,
     prompt: str | None = None,
+) -> Decision:
+    """Route a request whose token matched; a refusal names the model when it is configured."""
+    return attributed(
+        _decide_route(req, facts, token, policy, body, prompt), token, policy, facts.model
+    )
+
+
+def _decide_route(
+    req: RequestInfo,
+    facts: BodyFacts,
+    token: ArksToken,
+    policy: Policy,
+    body: dict[str, Any] | None,
+    prompt: str | None,
 ) -> Decision:
     if facts.invalid_json:
         return bad_request("We could not parse the JSON body of your request.", "invalid_json")

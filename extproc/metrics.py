@@ -34,6 +34,29 @@ REQUEST_BUCKETS = (
     600.0,
 )
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
+# The gateway's own work per request: tens of microseconds when all is well, up to the budget
+# store's timeout (0.5 s) when it is not.
+DECISION_BUCKETS = (
+    1e-5,
+    2.5e-5,
+    5e-5,
+    1e-4,
+    2.5e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
+# arks_gateway_decision_seconds{phase}: the headers (or body) message up to extproc's answer;
+# admission (rate limits, quotas, concurrency) within it; one access-log entry's settlement.
+PHASES = ("headers", "admission", "settlement")
 
 
 def status_class(status: int) -> str:
@@ -61,11 +84,16 @@ class GatewayMetrics:
     first_token_seconds: Histogram
     output_token_seconds: Histogram
     retries: Counter
+    cost: Counter
+    decision_seconds: Histogram
     _cache: dict[tuple[str, str, str, int], tuple[Any, Any, Any]] = field(default_factory=dict)
     _latency_cache: dict[tuple[str, str, bool, int], tuple[Any, Any, Any, Any, Any]] = field(
         default_factory=dict
     )
     _in_flight_cache: dict[tuple[str, str], Any] = field(default_factory=dict)
+    _cost_cache: dict[tuple[str, str, str], Any] = field(default_factory=dict)
+    # The decision histogram's three series, looked up once (created at start: at 0 from then).
+    _phases: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> GatewayMetrics:
@@ -182,7 +210,40 @@ class GatewayMetrics:
                 ("namespace", "model"),
                 registry=registry,
             ),
+            cost=Counter(
+                "arks_usage_cost",
+                "What settled requests cost, in the currency of the price table of the quota "
+                "their token's grant names (ArksQuota prices, per million tokens); only requests "
+                "a price applied to.",
+                _IDENTITY,
+                registry=registry,
+            ),
+            decision_seconds=Histogram(
+                "arks_gateway_decision_seconds",
+                "The gateway's own work per request, by phase: headers (a request's headers or "
+                "body message up to extproc's answer, admission included), admission (rate "
+                "limits, quotas, concurrency) and settlement (one access-log entry).",
+                ("phase",),
+                buckets=DECISION_BUCKETS,
+                registry=registry,
+            ),
         )
+
+    def __post_init__(self) -> None:
+        for phase in PHASES:
+            self._phases[phase] = self.decision_seconds.labels(phase)
+
+    def decided(self, phase: str, seconds: float) -> None:
+        """One phase of the gateway's own work took `seconds`."""
+        self._phases[phase].observe(seconds)
+
+    def charge_cost(self, who: Identity, amount: float) -> None:
+        """A settled request cost `amount` in the price table's currency."""
+        key = (who.namespace, who.user, who.model)
+        counter = self._cost_cache.get(key)
+        if counter is None:
+            counter = self._cost_cache[key] = self.cost.labels(*key)
+        counter.inc(amount)
 
     def latency(self, done: Finished) -> None:
         """Observe a finished request's timings (and retries) from its access-log entry."""

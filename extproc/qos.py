@@ -9,8 +9,8 @@ requests cannot overshoot them: only their values are read here.
 from __future__ import annotations
 
 from arks.api import Qos
-from arks.limits.decision import DescriptorRequest, LimitRequest
-from arks.limits.model import RateLimit, Unit
+from arks.limits.decision import DescriptorRequest, LimitRequest, hits_for
+from arks.limits.model import Hit, RateLimit, Unit
 from extproc.decision import Identity
 
 DOMAIN = "arks"
@@ -48,3 +48,12 @@ def token_limits(qos: Qos | None) -> dict[str, int]:
     if qos is None:
         return {}
     return {limit.type: limit.value for limit in qos.rate_limits if limit.type in TOKEN_LIMITS}
+
+
+def peek(identity: Identity, kind: str, value: int) -> Hit:
+    """The counter of a request limit (rpm, rpd) as a hit that reads without counting: what the
+    budget gauges ask the counter store for the remaining allowance."""
+    descriptor = _descriptor(identity, kind, value, 0)
+    (hit,) = hits_for(LimitRequest(DOMAIN, (descriptor,)), [descriptor.override])
+    assert hit is not None  # an override always applies
+    return hit

@@ -84,6 +84,15 @@ def cost_of(item: QuotaItem, prompt: int, completion: int, price: Price | None) 
     return math.ceil(prompt * price.input + completion * price.output)
 
 
+def currency_cost(quota: ArksQuota, model: str, prompt: int, completion: int) -> float | None:
+    """What a request cost in the price table's currency (prices are per million tokens), exact
+    (not rounded up to a micro-unit as the budget charge is); None when no price applies."""
+    price = price_for(quota, model)
+    if price is None:
+        return None
+    return (prompt * price.input + completion * price.output) / MICRO
+
+
 def _lease(key: str, limit: int, amount: int, expires_at: float | None) -> Lease:
     # A reservation larger than the whole budget could never be admitted: cap it, so such a
     # request still runs when the budget is untouched (and overshoots by at most its excess).

@@ -32,13 +32,15 @@ from arks.limits.budgets import MemoryBudgets
 from arks.limits.config import RateLimitConfig
 from arks.limits.limiter import Enforcement, Limiter
 from arks.limits.metrics import RateLimitMetrics
+from arks.metric_rules import enforce
 from arks.policy import FilePolicySource
-from extproc import settlement
+from extproc import qos, settlement
 from extproc.admission import AdmissionControl
 from extproc.cluster_policy import ClusterPolicySource
 from extproc.context import Context
 from extproc.durability import DurableCopy, QuotaSnapshots, QuotaStatus, StateFile
 from extproc.inflight import InFlight
+from extproc.levels import LevelGauges, Levels
 from extproc.metrics import GatewayMetrics
 from extproc.picking.discovery import ClusterEngines
 from extproc.picking.scraping import EngineSets, picking_endpoints, scrape_forever
@@ -142,6 +144,27 @@ class Settings:
         return cls(**vars(parser.parse_args(argv)))
 
 
+@dataclass(frozen=True)
+class ServiceMetrics:
+    """Everything the gateway's /metrics serves, on one registry."""
+
+    gateway: GatewayMetrics
+    limits: RateLimitMetrics
+    levels: LevelGauges
+
+
+def create_metrics() -> ServiceMetrics:
+    """The gateway's registry, checked against the cardinality rules (a violation stops the
+    start-up: `arks.metric_rules`)."""
+    gateway = GatewayMetrics.create()
+    export_process_metrics(gateway.registry, "extproc")
+    created = ServiceMetrics(
+        gateway, RateLimitMetrics.create(gateway.registry), LevelGauges(gateway.registry)
+    )
+    enforce(gateway.registry, "extproc")
+    return created
+
+
 def policy_source(settings: Settings) -> FilePolicySource | ClusterPolicySource:
     if settings.policy is not None:
         return FilePolicySource(settings.policy)
@@ -169,8 +192,8 @@ async def serve(settings: Settings) -> None:
         cluster_engines.start()
         engines = cluster_engines.picking_endpoints
     snapshots = QuotaSnapshots(budgets, source, durable, time.time)
-    metrics = GatewayMetrics.create()
-    export_process_metrics(metrics.registry, "extproc")
+    service_metrics = create_metrics()
+    metrics = service_metrics.gateway
     picking = Picking(
         PickSettings(
             fail_closed=settings.picker_fail_closed,
@@ -180,17 +203,18 @@ async def serve(settings: Settings) -> None:
         ),
         metrics,
     )
+    counters = (
+        RedisBackend(settings.redis, password=password) if settings.redis else MemoryBackend()
+    )
+    levels = Levels(service_metrics.levels, budgets, counters)
     admission = AdmissionControl(
         limiter=Limiter(
             config=RateLimitConfig,  # tokens' limits come as overrides; nothing is configured
-            backend=(
-                RedisBackend(settings.redis, password=password)
-                if settings.redis
-                else MemoryBackend()
-            ),
-            metrics=RateLimitMetrics.create(metrics.registry),
+            backend=counters,
+            metrics=service_metrics.limits,
             clock=time.time,
             enforcement=Enforcement(fail_open=not settings.fail_closed),
+            own_domains=frozenset({qos.DOMAIN}),
         ),
         budgets=budgets,
         policy=source,
@@ -253,6 +277,8 @@ async def serve(settings: Settings) -> None:
             if time.monotonic() - last_snapshot >= settings.snapshot_interval_s:
                 last_snapshot = time.monotonic()
                 await snapshots.turn()
+                # The budget and rate-limit gauges: from the timer, never per request.
+                await levels.refresh(source.current(), snapshots.snapshot or {}, time.time())
         except BackendUnavailable as err:  # expected while Redis is away: no traceback
             log.warning("housekeeping: the counter store is unavailable (%s); retrying", err)
 

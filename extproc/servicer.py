@@ -19,6 +19,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from arks.api import ArksToken
 from arks.envoy_config import PICKED_WEIGHTINGS
+from arks.metric_rules import UNKNOWN as UNKNOWN_MODEL
 from extproc import codec, settlement
 from extproc.auth import authenticate
 from extproc.context import Context
@@ -57,13 +58,14 @@ class RequestProcessor:
                 return codec.read_body(decision)
 
     def _who(self, decision: Deny) -> Identity:
-        """The refused request's namespace, user and model as far as they are known: a refusal
-        after routing names all three; one after the token was read (the body phase) its
-        namespace and user; anything earlier none (empty labels)."""
+        """The refused request's namespace, user and model as far as they are known: the
+        decision names them once the token matched (`gateway.py`: the model only if it is a
+        configured one, else "unknown"); a refusal of the gateway's own after the token was read
+        (an internal error) its namespace and user; anything earlier none (empty labels)."""
         if decision.identity is not None:
             return decision.identity
         if self.token is not None:
-            return Identity(self.token.key.namespace, self.token.key.name, "")
+            return Identity(self.token.key.namespace, self.token.key.name, UNKNOWN_MODEL)
         return UNKNOWN
 
     async def _admit(self, decision: Decision) -> Decision:
@@ -86,13 +88,13 @@ class RequestProcessor:
             or not isinstance(decision, Forward)
             or decision.weighting not in PICKED_WEIGHTINGS
         ):
-            return await self.ctx.admission.admit(self.info, decision)
+            return await self._admission(decision)
         picked = picking.choose(
             self.info.request_id, decision.identity, decision.weighting, decision.prompt
         )
         if isinstance(picked, Deny):
             return picked
-        admitted = await self.ctx.admission.admit(self.info, decision)
+        admitted = await self._admission(decision)
         if isinstance(picked, Destination):
             if isinstance(admitted, Forward):
                 self.destination = picked.value
@@ -100,7 +102,24 @@ class RequestProcessor:
                 picking.finished(self.info.request_id)
         return admitted
 
+    async def _admission(self, decision: Decision) -> Decision:
+        """Admission (rate limits, quotas, concurrency), timed when there is any to do."""
+        assert self.info is not None
+        if not isinstance(decision, Forward):
+            return await self.ctx.admission.admit(self.info, decision)
+        started = self.ctx.timer()
+        admitted = await self.ctx.admission.admit(self.info, decision)
+        self.ctx.metrics.decided("admission", self.ctx.timer() - started)
+        return admitted
+
     async def handle(self, message: ep.ProcessingRequest) -> ep.ProcessingResponse:
+        """One message's answer; a request's headers or body message is timed up to it."""
+        started = self.ctx.timer()
+        response = await self._handle(message)
+        self.ctx.metrics.decided("headers", self.ctx.timer() - started)
+        return response
+
+    async def _handle(self, message: ep.ProcessingRequest) -> ep.ProcessingResponse:
         kind = message.WhichOneof("request")
         if kind == "request_headers":
             self.info = codec.request_info(message.request_headers, message.metadata_context)

@@ -11,8 +11,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+from arks.api import ObjectKey
 from arks.limits.model import BackendUnavailable
+from arks.policy import Policy
 from arks.wire import METADATA_NAMESPACE
+from extproc import quota
 from extproc.admission import prompt_reservation
 from extproc.context import Context
 from extproc.decision import Forward, Identity
@@ -49,6 +52,7 @@ async def finished(ctx: Context, entries: Iterable[Finished]) -> None:
     """One access-log batch: charge and settle each request, strike it off."""
     foreign: list[str] = []  # admitted by another replica, which is waiting for them
     for done in entries:
+        started = ctx.timer()
         if ctx.picking is not None:
             ctx.picking.finished(done.request_id)
         entry = ctx.inflight.finish(done.request_id)
@@ -64,14 +68,18 @@ async def finished(ctx: Context, entries: Iterable[Finished]) -> None:
         else:
             ctx.metrics.charge(usage, done.status)
         ctx.metrics.latency(done)
+        who = Identity(done.namespace, done.user, done.model)
+        if usage is not None:
+            _charge_cost(ctx, who, done.reservation, usage)
         await ctx.admission.settle(
             done.request_id,
-            Identity(done.namespace, done.user, done.model),
+            who,
             done.reservation,
             done.limits,
             usage.prompt_tokens if usage else 0,
             usage.completion_tokens if usage else 0,
         )
+        ctx.metrics.decided("settlement", ctx.timer() - started)
     try:
         await ctx.reported.mark(foreign)
     except BackendUnavailable as err:
@@ -104,6 +112,7 @@ async def expire_unreported(ctx: Context) -> int:
         usage: Usage = entry.usage()
         ctx.metrics.unreported.labels(usage.namespace, usage.user, usage.model).inc()
         ctx.metrics.charge(usage, 0)
+        _charge_cost(ctx, entry.identity, entry.reservation, usage)
         await ctx.admission.settle(
             entry.request_id,
             entry.identity,
@@ -113,3 +122,25 @@ async def expire_unreported(ctx: Context) -> int:
             usage.completion_tokens,
         )
     return len(lost)
+
+
+def request_cost(
+    policy: Policy, who: Identity, reservation: Reservation | None, usage: Usage
+) -> float | None:
+    """A settled request's cost in the price table's currency: the prices of the quota its
+    admission reserved against (the token's grant for the model names it), as that quota is
+    now — the one its settlement charges. None when no quota or no price applies."""
+    if reservation is None or not reservation.quota:
+        return None
+    found = policy.quotas.get(ObjectKey(who.namespace, reservation.quota))
+    if found is None:
+        return None
+    return quota.currency_cost(found, who.model, usage.prompt_tokens, usage.completion_tokens)
+
+
+def _charge_cost(
+    ctx: Context, who: Identity, reservation: Reservation | None, usage: Usage
+) -> None:
+    cost = request_cost(ctx.policy.current(), who, reservation, usage)
+    if cost is not None:
+        ctx.metrics.charge_cost(who, cost)

@@ -26,6 +26,8 @@ from arks.limits.backends import CounterBackend, MemoryBackend
 from arks.limits.config import ConfigError, RateLimitConfig, load_config
 from arks.limits.limiter import Enforcement, Limiter
 from arks.limits.metrics import RateLimitMetrics
+from arks.metric_rules import enforce
+from ratelimit.metrics import CallMetrics
 from ratelimit.servicer import RateLimitService
 
 log = logging.getLogger("ratelimit")
@@ -135,6 +137,16 @@ class ConfigSource:
         return True
 
 
+def create_metrics() -> tuple[RateLimitMetrics, CallMetrics]:
+    """The service's registry, checked against the cardinality rules (a violation stops the
+    start-up: `arks.metric_rules`)."""
+    metrics = RateLimitMetrics.create()
+    export_process_metrics(metrics.registry, "ratelimit")
+    calls = CallMetrics.create(metrics.registry)
+    enforce(metrics.registry, "ratelimit")
+    return metrics, calls
+
+
 def make_backend(settings: Settings, password: str | None) -> CounterBackend:
     if settings.redis:
         return RedisBackend(settings.redis, timeout_s=settings.redis_timeout_s, password=password)
@@ -145,8 +157,7 @@ async def serve(settings: Settings) -> None:
     password = read_password(settings.redis_password_file) if settings.redis_password_file else None
     if settings.redis:
         await check_auth(settings.redis, password, timeout_s=2.0)
-    metrics = RateLimitMetrics.create()
-    export_process_metrics(metrics.registry, "ratelimit")
+    metrics, calls = create_metrics()
     source = ConfigSource(settings.config, metrics)
     backend = make_backend(settings, password)
     limiter = Limiter(
@@ -162,7 +173,9 @@ async def serve(settings: Settings) -> None:
     )
 
     def register(server: grpc.aio.Server) -> None:
-        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(limiter), server)
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
+            RateLimitService(limiter, calls), server
+        )
 
     grpc_server = await start_grpc(settings.grpc_address, register)
     start_http_server(settings.metrics_port, settings.metrics_address, registry=metrics.registry)

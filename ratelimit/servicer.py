@@ -2,18 +2,44 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from arks.limits.limiter import Limiter
+from arks.metric_rules import UNKNOWN
 from ratelimit import codec
+from ratelimit.metrics import CallMetrics, domain_label
 
 
 class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
-    def __init__(self, limiter: Limiter) -> None:
+    def __init__(
+        self,
+        limiter: Limiter,
+        metrics: CallMetrics,
+        timer: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.limiter = limiter
+        self.metrics = metrics
+        self.timer = timer
 
     async def ShouldRateLimit(
         self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
     ) -> rls_pb2.RateLimitResponse:
-        return codec.response(await self.limiter.decide(codec.request(request)))
+        """The limiter's answer; each call timed by domain, its failures counted by type."""
+        started = self.timer()
+        domain = UNKNOWN
+        try:
+            asked = codec.request(request)
+            domain = domain_label(asked.domain, self.limiter.config().domains)
+            answer = await self.limiter.decide(asked)
+        except Exception:
+            self.metrics.errors.labels("service_error").inc()
+            raise
+        finally:
+            self.metrics.called(domain, self.timer() - started)
+        if answer.without_store:
+            self.metrics.errors.labels("redis_error").inc()
+        return codec.response(answer)

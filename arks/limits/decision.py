@@ -47,6 +47,7 @@ class Answer:
     statuses: tuple[Status, ...]
     headers: tuple[tuple[str, str], ...] = ()
     body: bytes = b""
+    without_store: bool = False  # decided without the counter store (it could not be reached)
 
 
 Lookup = Callable[[str, Sequence[tuple[str, str]]], RateLimit | None]

@@ -13,6 +13,7 @@ from arks.limits.config import RateLimitConfig
 from arks.limits.decision import Answer, LimitRequest, Status, answer, hits_for, limits_for
 from arks.limits.metrics import RateLimitMetrics
 from arks.limits.model import Outcome, RateLimit
+from arks.metric_rules import UNKNOWN
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ class Limiter:
     metrics: RateLimitMetrics
     clock: Callable[[], float]
     enforcement: Enforcement = Enforcement()
+    # Domains named by the process itself (the gateway's own, whose limits all come as
+    # overrides); with the configured ones, the domains shown as themselves in metrics.
+    own_domains: frozenset[str] = frozenset()
     _cache: dict[tuple[str, str], _Series] = field(default_factory=dict, repr=False)
 
     async def decide(self, request: LimitRequest, *, all_or_nothing: bool = False) -> Answer:
@@ -68,17 +72,26 @@ class Limiter:
         self.metrics.backend_errors.labels(policy).inc()
         log.warning("counter store unavailable (%s): %s", policy, err)
         if self.enforcement.fail_open or not any(limits):
-            return Answer(False, tuple(Status(False, limit) for limit in limits))
+            return Answer(
+                False, tuple(Status(False, limit) for limit in limits), without_store=True
+            )
         closed = tuple(Status(limit is not None, limit, 0, 1.0) for limit in limits)
         body = (
             b'{"error":{"message":"Rate limiting is unavailable and this gateway fails closed; try again shortly.",'
             b'"type":"rate_limit_error","code":"rate_limit_unavailable"}}'
         )
         return Answer(
-            True, closed, (("retry-after", "1"), ("content-type", "application/json")), body
+            True,
+            closed,
+            (("retry-after", "1"), ("content-type", "application/json")),
+            body,
+            without_store=True,
         )
 
     def _count(self, request: LimitRequest, decided: Answer) -> None:
+        domain = request.domain
+        if domain not in self.own_domains and domain not in self.config().domains:
+            domain = UNKNOWN  # a caller's string is no label value unless configured
         for descriptor, status in zip(request.descriptors, decided.statuses, strict=True):
             limit = status.limit
             if limit is None:
@@ -86,7 +99,7 @@ class Limiter:
             key = limit.stats_key or "override"
             if limit.detailed_metric:
                 key = ".".join(f"{k}_{v}" for k, v in descriptor.entries)
-            series = self._series(request.domain, key)
+            series = self._series(domain, key)
             series.hits.inc(
                 max(1, request.hits_addend) if descriptor.hits is None else descriptor.hits
             )

@@ -21,11 +21,13 @@ from redis.asyncio import Redis
 from arks.adapters.redis.budgets import RedisBudgets
 from arks.limits.backends import BackendUnavailable
 from arks.limits.budgets import (
+    LEVELS_PER_READ,
     SETTLED_MEMORY_S,
     Admission,
     BudgetStore,
     Charge,
     Lease,
+    Level,
     MemoryBudgets,
 )
 from arks.limits.budgets.room import MAX_AMOUNT
@@ -124,6 +126,23 @@ async def test_expired_leases_free_their_room(store: BudgetStore) -> None:
     assert not (await store.admit("r2", [lease(10, 1)], TTL, T0 + TTL - 0.001)).admitted
     after = await store.admit("r2", [lease(10, 10)], TTL, T0 + TTL)  # a lease lives [now, now+ttl)
     assert (after.admitted, after.leased) == (True, 0)
+
+
+async def test_levels_show_used_and_live_leases_of_many_budgets_in_batches(
+    store: BudgetStore,
+) -> None:
+    keys = [f"b{i}" for i in range(LEVELS_PER_READ + 5)]  # more than one round trip
+    await store.admit("short", [lease(100, 4, "b0")], 10.0, T0)
+    await store.admit("long", [lease(100, 6, "b0"), lease(100, 2, keys[-1])], 100.0, T0)
+    await store.settle("done", [Charge("b0", 30), Charge(keys[-1], 1)], T0)
+    levels = await store.levels(keys, T0 + 1)
+    assert set(levels) == set(keys)
+    assert levels["b0"] == Level(30, 10)
+    assert levels[keys[-1]] == Level(1, 2)
+    assert levels["b1"] == Level(0, 0)  # never touched
+    assert (await store.levels(["b0"], T0 + 20))["b0"] == Level(30, 6)  # the short lease expired
+    # Reading changed nothing an admission sees.
+    assert await figures(store, "b0", T0 + 20) == (30, 6)
 
 
 async def test_settling_an_expired_or_missing_lease_still_charges(store: BudgetStore) -> None:

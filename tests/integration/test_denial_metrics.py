@@ -49,10 +49,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield running
 
 
-def chat(stack: Stack, secret: str, **extra: object) -> httpx.Response:
+def chat(stack: Stack, secret: str, model: str = "model-a", **extra: object) -> httpx.Response:
     return httpx.post(
         f"{stack.url}/v1/chat/completions",
-        json={"model": "model-a", "messages": MESSAGES, "max_tokens": 20, **extra},
+        json={"model": model, "messages": MESSAGES, "max_tokens": 20, **extra},
         headers={"authorization": f"Bearer {secret}", "x-sim-output-tokens": "5"},
         timeout=30,
     )
@@ -110,6 +110,42 @@ def test_an_unknown_key_is_counted_without_a_user_and_never_with_its_text(stack:
     labels = {"status": "401", "code": "invalid_api_key", "reason": "invalid_api_key"}
     assert denials(stack, **labels, namespace="", user="", model="") >= 1.0
     assert secret not in httpx.get(stack.local.metrics_url, timeout=5).text
+
+
+def test_a_model_the_token_may_not_use_is_counted_with_who_and_the_configured_model(
+    stack: Stack,
+) -> None:
+    user = f"tpm-{stack.suffix}"  # type: ignore[attr-defined]
+    refused = chat(stack, TPM, model="model-b")  # configured, but not granted to this token
+    assert refused.status_code == 403
+    labels = {"status": "403", "code": "model_not_allowed", "reason": "model_not_allowed"}
+    assert denials(stack, **labels, namespace="default", user=user, model="model-b") == 1.0
+
+
+def test_an_unknown_model_is_counted_as_unknown_never_with_the_clients_string(
+    stack: Stack,
+) -> None:
+    user = f"tpm-{stack.suffix}"  # type: ignore[attr-defined]
+    invented = "client-invented-model-" + uuid.uuid4().hex
+    for model in (invented, "model-ghost"):  # neither is an ArksEndpoint of the namespace
+        assert chat(stack, TPM, model=model).status_code == 404
+    labels = {"status": "404", "code": "model_not_found", "reason": "model_not_found"}
+    assert denials(stack, **labels, namespace="default", user=user, model="unknown") == 2.0
+    assert invented not in httpx.get(stack.local.metrics_url, timeout=5).text
+
+
+def test_a_bad_request_after_the_token_matched_names_the_token(stack: Stack) -> None:
+    user = f"rpm-{stack.suffix}"  # type: ignore[attr-defined]
+    refused = httpx.post(
+        f"{stack.url}/v1/chat/completions",
+        json={"messages": MESSAGES},  # no model
+        headers={"authorization": f"Bearer {RPM}"},
+        timeout=30,
+    )
+    assert refused.status_code == 400
+    code = refused.json()["error"]["code"]
+    labels = {"status": "400", "code": code, "reason": code}
+    assert denials(stack, **labels, namespace="default", user=user, model="unknown") == 1.0
 
 
 def test_a_stream_is_in_flight_until_it_ends(stack: Stack) -> None:

@@ -116,6 +116,24 @@ def test_metrics_export_the_process_and_store_errors_at_zero(service: Service) -
         assert sample(text, "arks_ratelimit_backend_errors_total", policy=policy) == 0.0
 
 
+def test_each_call_is_timed_by_its_domain_and_an_unconfigured_domain_is_unknown(
+    service: Service,
+) -> None:
+    for _ in range(3):
+        service.ask(descriptor(("user", "dora")))
+    stranger = f"client-chosen-{uuid.uuid4().hex}"
+    request = rls_pb2.RateLimitRequest(domain=stranger, descriptors=[descriptor(("user", "x"))])
+    assert service.stub.ShouldRateLimit(request, timeout=5).overall_code == OK
+    text = service.metrics()
+    count = "arks_ratelimit_call_seconds_count"
+    assert sample(text, count, domain=service.domain) == 3
+    assert sample(text, count, domain="unknown") == 1
+    assert stranger not in text  # an unconfigured domain is one label value, never the string
+    assert sample(text, "arks_ratelimit_call_seconds_bucket", domain="unknown", le="1.0") == 1
+    for kind in ("redis_error", "service_error"):  # at 0 before any error
+        assert sample(text, "arks_ratelimit_call_errors_total", type=kind) == 0.0
+
+
 def test_nested_descriptors_and_unknown_keys(service: Service) -> None:
     answer = service.ask(descriptor(("user", "carol"), ("model", "m")), descriptor(("nobody", "x")))
     assert answer.overall_code == OK
@@ -201,10 +219,11 @@ def test_redis_outage_follows_the_policy_and_counting_resumes(
         during = svc.ask(descriptor(("user", "x")))
         assert during.overall_code == (OK if mode == "fail-open" else OVER)
         assert svc.ask(descriptor(("nobody", "n"))).overall_code == OK  # unlimited needs no Redis
-        errors = sample(
-            svc.metrics(), "arks_ratelimit_backend_errors_total", policy=mode.replace("-", "_")
-        )
+        text = svc.metrics()
+        errors = sample(text, "arks_ratelimit_backend_errors_total", policy=mode.replace("-", "_"))
         assert (errors or 0.0) >= 1
+        # envoyproxy/ratelimit's should_rate_limit.redis_error: the call decided without Redis
+        assert sample(text, "arks_ratelimit_call_errors_total", type="redis_error") == 1.0
         start_redis(sup, port)  # back, empty
         answer = wait_for(
             lambda: svc.ask(descriptor(("user", "x"))), lambda a: a.statuses[0].limit_remaining == 2

@@ -26,7 +26,14 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from arks.adapters.redis.client import Script, answer_within, connect, run
-from arks.limits.budgets import SETTLED_MEMORY_S, Admission, Charge, Lease
+from arks.limits.budgets import (
+    LEVELS_PER_READ,
+    SETTLED_MEMORY_S,
+    Admission,
+    Charge,
+    Lease,
+    Level,
+)
 from arks.limits.budgets.room import (
     NOTHING_TO_ADMIT,
     check_admit,
@@ -191,6 +198,22 @@ return renewed
 """
 )
 
+# KEYS: the four keys of each budget. ARGV[1] now. Reply: each budget's used total and leased sum
+# (as strings), after dropping its expired leases as an admission would.
+LEVELS = (
+    _PRELUDE
+    + """
+local out = {}
+for i = 1, #KEYS / 4 do
+  local k = (i - 1) * 4
+  drop_expired(KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], ARGV[1])
+  out[#out + 1] = redis.call("GET", KEYS[k + 1]) or "0"
+  out[#out + 1] = redis.call("GET", KEYS[k + 2]) or "0"
+end
+return out
+"""
+)
+
 # KEYS: used totals, ARGV: their values. Reply: how many were missing and set.
 RESTORE = """
 -- KEYS[1] the store's generation marker, then the used keys; ARGV[1] the generation this client
@@ -219,11 +242,12 @@ return {restored, ARGV[2]}
 """
 
 
-_ADMIT, _SETTLE, _RENEW, _RESTORE = (
+_ADMIT, _SETTLE, _RENEW, _RESTORE, _LEVELS = (
     Script.of(ADMIT),
     Script.of(SETTLE),
     Script.of(RENEW),
     Script.of(RESTORE),
+    Script.of(LEVELS),
 )
 
 
@@ -322,6 +346,20 @@ class RedisBudgets:
         async with self._answer("used"):
             values = await self._redis.mget([self._prefix + key + ":used" for key in keys])
             return {key: int(value or 0) for key, value in zip(keys, values, strict=True)}
+
+    async def levels(self, keys: Sequence[str], now: float) -> dict[str, Level]:
+        out: dict[str, Level] = {}
+        unique = list(dict.fromkeys(keys))
+        for first in range(0, len(unique), LEVELS_PER_READ):
+            chunk = unique[first : first + LEVELS_PER_READ]
+            names = [name for key in chunk for name in self._names(key)]
+            async with self._answer("levels"):
+                reply = await self._run(_LEVELS, names, [repr(now)])
+                if not (isinstance(reply, list) and len(reply) == 2 * len(chunk)):
+                    raise RedisError(f"unexpected script reply: {reply!r}")
+            for i, key in enumerate(chunk):
+                out[key] = Level(int(reply[2 * i]), int(reply[2 * i + 1]))
+        return out
 
     async def restore(self, used: Mapping[str, int]) -> int:
         """Put the snapshot back if Redis lost it. A generation marker tells a store that was

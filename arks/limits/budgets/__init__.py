@@ -21,6 +21,8 @@ from typing import Protocol
 # How long a budget remembers which requests it settled: longer than a settlement waits to be
 # retried after a lost reply (the next housekeeping turn), short enough to stay small in Redis.
 SETTLED_MEMORY_S = 120.0
+# Budgets read per round trip by `levels` (a Redis script's keys: four per budget).
+LEVELS_PER_READ = 256
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,14 @@ class Admission:
     used: int  # the budget's used total at decision time
     leased: int  # the budget's leases at decision time, without this request's
     limit: int
+
+
+@dataclass(frozen=True)
+class Level:
+    """A budget as it stands: what finished requests cost, what requests in flight reserved."""
+
+    used: int
+    leased: int
 
 
 class BudgetStore(Protocol):
@@ -83,6 +93,12 @@ class BudgetStore(Protocol):
         """The used totals (0 for unknown keys), for status, snapshots and tests."""
         ...
 
+    async def levels(self, keys: Sequence[str], now: float) -> dict[str, Level]:
+        """Each budget's used total and the sum of its live leases at `now` (expired leases are
+        dropped first, as an admission would), zeros for unknown keys: what the gateway's
+        budget gauges show. One round trip per `LEVELS_PER_READ` keys."""
+        ...
+
     async def restore(self, used: Mapping[str, int]) -> int:
         """Durability: for each key whose used total is missing from the store, set it; keys the
         store already has are left alone. Returns how many keys were restored."""
@@ -94,4 +110,13 @@ class BudgetStore(Protocol):
 # Imported after the names above: the implementations import them from here.
 from arks.limits.budgets.memory import MemoryBudgets  # noqa: E402
 
-__all__ = ["SETTLED_MEMORY_S", "Admission", "BudgetStore", "Charge", "Lease", "MemoryBudgets"]
+__all__ = [
+    "LEVELS_PER_READ",
+    "SETTLED_MEMORY_S",
+    "Admission",
+    "BudgetStore",
+    "Charge",
+    "Lease",
+    "Level",
+    "MemoryBudgets",
+]

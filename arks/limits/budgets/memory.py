@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from arks.limits.budgets import SETTLED_MEMORY_S, Admission, Charge, Lease
+from arks.limits.budgets import SETTLED_MEMORY_S, Admission, Charge, Lease, Level
 from arks.limits.budgets.room import (
     NOTHING_TO_ADMIT,
     check_admit,
@@ -160,6 +160,14 @@ class MemoryBudgets:
             live = budget is not None and not budget.expired(self._now)
             totals[key] = (budget.used or 0) if budget is not None and live else 0
         return totals
+
+    async def levels(self, keys: Sequence[str], now: float) -> dict[str, Level]:
+        self._now = max(self._now, now)
+        out: dict[str, Level] = {}
+        for key in keys:
+            budget = self._live(key, now)
+            out[key] = Level(budget.used or 0, budget.leased) if budget else Level(0, 0)
+        return out
 
     async def restore(self, used: Mapping[str, int]) -> int:
         """Zeros are not restored (a missing total is zero): they neither count nor write."""

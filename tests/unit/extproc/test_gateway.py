@@ -438,7 +438,12 @@ def test_a_parsed_body_with_stream_options_of_another_type_is_refused(
 ) -> None:
     body = {"model": "qwen", "messages": MESSAGES, "stream_options": options}
     decision = decide_body(request(body=BodyFacts()), orjson.dumps(body), alice, policy)
-    assert decision == Deny(400, "invalid_type", "'stream_options' must be an object.")
+    assert decision == Deny(
+        400,
+        "invalid_type",
+        "'stream_options' must be an object.",
+        identity=Identity("default", "alice", "qwen"),
+    )
 
 
 def test_stream_body_gets_include_usage_and_keeps_other_stream_options(
@@ -728,7 +733,12 @@ def test_an_unpaired_surrogate_is_a_400_not_a_crash(
 def test_a_body_nested_too_deeply_is_a_400_not_a_crash(policy: Policy, alice: ArksToken) -> None:
     raw = b'{"model": "qwen", "messages": [], "metadata": ' + b"[" * 5000 + b"]" * 5000 + b"}"
     decision = decide_body(request(body=BodyFacts()), raw, alice, policy)
-    assert decision == Deny(400, "invalid_json", "The JSON body is nested too deeply.")
+    assert decision == Deny(
+        400,
+        "invalid_json",
+        "The JSON body is nested too deeply.",
+        identity=Identity("default", "alice", "unknown"),  # the body was never read
+    )
 
 
 @pytest.mark.parametrize("max_tokens", [0, 2**31 - 1])
@@ -746,3 +756,57 @@ def test_a_parsed_body_for_an_endpoint_not_picking_by_prefix_carries_no_prompt(
     body = raw(model="qwen", messages=[{"role": "user", "content": "hello"}])
     decision = forwarded(decide_body(request(body=BodyFacts()), body, alice, policy))
     assert decision.prompt is None and decision.prompt_estimate
+
+
+# Who a refusal names (arks_gateway_denials_total) --------------------------------------------
+
+
+def test_a_refusal_before_the_token_matched_names_nobody(policy: Policy) -> None:
+    decision = denied(
+        decide_headers(request(token="sk-nobody"), policy, NOW), 401, "invalid_api_key"
+    )
+    assert decision.identity is None  # the servicer shows empty labels
+
+
+def test_a_model_the_token_may_not_use_is_named_when_it_is_configured(policy: Policy) -> None:
+    facts = BodyFacts(model="mistral")  # exists in default, not granted to alice
+    decision = denied(decide_headers(request(body=facts), policy, NOW), 403, "model_not_allowed")
+    assert decision.identity == Identity("default", "alice", "mistral")
+
+
+def test_a_model_that_is_not_configured_is_unknown_never_the_clients_string(policy: Policy) -> None:
+    for model in ("retired", "no-such-model-" + "x" * 40):
+        facts = BodyFacts(model=model)
+        decision = denied(decide_headers(request(body=facts), policy, NOW), 404, "model_not_found")
+        assert decision.identity == Identity("default", "alice", "unknown")
+
+
+def test_a_model_of_another_namespace_is_unknown(policy: Policy) -> None:
+    dave = policy.token(token_digest("sk-dave"))
+    assert dave is not None
+    facts = BodyFacts(model="qwen")  # qwen lives in default; dave in team-b
+    decision = denied(
+        decide_route(request(body=facts, token="sk-dave"), facts, dave, policy, body=None),
+        404,
+        "model_not_found",
+    )
+    assert decision.identity == Identity("team-b", "dave", "unknown")
+
+
+def test_a_refusal_before_the_model_is_read_names_the_token_and_an_unknown_model(
+    policy: Policy,
+) -> None:
+    decision = denied(decide_headers(request(path="/v1/nothing"), policy, NOW), 404, "not_found")
+    assert decision.identity == Identity("default", "alice", "unknown")
+    missing = denied(
+        decide_headers(request(body=BodyFacts(model_missing=True)), policy, NOW),
+        400,
+        "missing_model",
+    )
+    assert missing.identity == Identity("default", "alice", "unknown")
+
+
+def test_a_bad_field_of_a_configured_model_names_it(policy: Policy) -> None:
+    facts = BodyFacts(model="qwen", n=0)
+    decision = denied(decide_headers(request(body=facts), policy, NOW), 400, "invalid_type")
+    assert decision.identity == Identity("default", "alice", "qwen")

@@ -137,10 +137,26 @@ async def test_shadow_mode_counts_apart_and_an_override_is_keyed_override() -> N
     override = DescriptorRequest((("user", "o"),), RateLimit(1, Unit.SECOND, name="override"))
     await limit.decide(LimitRequest("d", (override,)))
     assert sample(metrics, "hits", "override") == 1
-    other_domain = LimitRequest("e", (override,))
+    other_domain = LimitRequest("e", (override,))  # not configured: one label value for all
     await limit.decide(other_domain)
-    assert sample(metrics, "hits", "override", domain="e") == 1
+    await limit.decide(LimitRequest("f", (override,)))
+    assert sample(metrics, "hits", "override", domain="unknown") == 2
+    assert (
+        metrics.registry.get_sample_value(
+            "arks_ratelimit_hits_total", {"domain": "e", "key": "override"}
+        )
+        is None
+    )
     assert sample(metrics, "hits", "override") == 1
+
+
+async def test_the_processs_own_domain_is_shown_as_itself() -> None:
+    store = MemoryBackend()
+    metrics = RateLimitMetrics.create()
+    own = Limiter(lambda: CONFIG, store, metrics, lambda: NOW, own_domains=frozenset({"arks"}))
+    override = DescriptorRequest((("user", "o"),), RateLimit(5, Unit.MINUTE, name="override"))
+    await own.decide(LimitRequest("arks", (override,)))
+    assert sample(metrics, "hits", "override", domain="arks") == 1
 
 
 async def test_all_or_nothing_charges_nothing_when_refused() -> None:
