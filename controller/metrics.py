@@ -1,7 +1,8 @@
 """The controller's own metrics and health, on one small HTTP server.
 
-`/metrics` (Prometheus): reconciles by controller and result, their duration, queue depth,
-and whether this replica leads. `/healthz` answers 200 while the process runs; `/readyz` 200
+`/metrics` (Prometheus): reconciles by controller and result, their duration, queue depth and
+the time a key waited in the queue, whether this replica leads, and the engine load it scraped
+(`controller.load.metrics`; the standalone controller exports the same `ControllerMetrics`). `/healthz` answers 200 while the process runs; `/readyz` 200
 once every informer has listed its objects (a replica that cannot reach the API server is not
 ready).
 """
@@ -22,7 +23,12 @@ from prometheus_client import (
     generate_latest,
 )
 
+from controller.load.metrics import EngineMetrics
+
 RESULTS = ("success", "retry", "permanent_error", "error")
+# A key's wait is near zero while the workers keep up and grows to the reconcile duration times
+# the backlog when they do not, so the buckets span the reconcile buckets and beyond.
+QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class ControllerMetrics:
@@ -47,16 +53,26 @@ class ControllerMetrics:
             ["controller"],
             registry=self.registry,
         )
+        self.queue_wait = Histogram(
+            "arks_controller_queue_wait_seconds",
+            "Time a key waited in the work queue, from its first add until a worker took it.",
+            ["controller"],
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=self.registry,
+        )
         self.leader = Gauge(
             "arks_controller_leader",
             "1 while this replica holds the leader Lease.",
             registry=self.registry,
         )
+        self.engines = EngineMetrics(self.registry)
 
     def known(self, controller: str) -> None:
-        """A controller's reconcile counters exist at 0 for every result from the start."""
+        """A controller's reconcile counters exist at 0 for every result from the start, and its
+        queue wait histogram empty (so `rate()` sees the first wait)."""
         for result in RESULTS:
             self.reconciles.labels(controller, result)
+        self.queue_wait.labels(controller)
 
 
 def serve(

@@ -275,7 +275,13 @@ def run(settings: Settings) -> int:
     elector = LeaderElector(
         client, settings.lease_namespace, settings.lease_name, settings.identity
     )
-    load = ClusterLoad(client, settings.namespace, interval_s=settings.scrape_interval_s)
+    metrics = ControllerMetrics()
+    load = ClusterLoad(
+        client,
+        settings.namespace,
+        interval_s=settings.scrape_interval_s,
+        metrics=metrics.engines,
+    )
     controllers = [
         application_controller(
             client,
@@ -310,7 +316,6 @@ def run(settings: Settings) -> int:
         ),
         token_controller(client, settings.namespace, workers=settings.workers, leader=elector),
     ]
-    metrics = ControllerMetrics()
     export_process_metrics(metrics.registry, "controller")
     enforce(metrics.registry, "controller")  # the cardinality rules: fail fast
     metrics.leader.set_function(lambda: 1.0 if elector.is_leader() else 0.0)

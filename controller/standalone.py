@@ -8,6 +8,9 @@ a new snapshot to the xDS server when anything changed. Envoy keeps its last con
 while this process is away and reconnects when it is back.
 
 `/status` (JSON) shows the weights with the load behind them and any update Envoy rejected.
+`/metrics` has the same `ControllerMetrics` as in Kubernetes mode (the engine load of each round,
+`engine` = the address; the leader gauge at 1: a standalone controller is the only one) and the
+xDS server's series.
 """
 
 from __future__ import annotations
@@ -22,20 +25,16 @@ from typing import Any
 
 import aiohttp
 import aiohttp.web
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from arks.adapters.scrape import Scraper
 from arks.api import STATIC, SocketAddress
 from arks.engine_metrics import EngineLoad, Observation
 from arks.envoy_config import EnvoySettings, routed_backends, xds_resources
 from arks.policy import FilePolicySource, Policy
+from controller.load.metrics import EngineReading, EngineSeries
 from controller.load.weights import WeightSettings, WeightTracker
+from controller.metrics import ControllerMetrics
 from controller.xds.cache import SnapshotCache, SnapshotError, snapshot_from_json
 from controller.xds.server import XdsServer
 
@@ -54,17 +53,44 @@ def load_weighted_engines(policy: Policy) -> dict[SocketAddress, str]:
     return engines
 
 
-@dataclass
-class StandaloneMetrics:
-    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+ModelKey = tuple[str, str]  # (namespace, model)
 
-    def __post_init__(self) -> None:
-        self.weight = Gauge(
-            "arks_engine_weight",
-            "Weight published for an engine (0: drained).",
-            ["engine"],
-            registry=self.registry,
-        )
+
+def served_models(policy: Policy) -> dict[SocketAddress, list[ModelKey]]:
+    """The models each load-weighted engine serves, for the labels of its series."""
+    served: dict[SocketAddress, list[ModelKey]] = {}
+    for endpoint in policy.endpoints.values():
+        if endpoint.weighting == STATIC:
+            continue
+        model = (endpoint.key.namespace, endpoint.model)
+        for _ref, backend in routed_backends(endpoint, policy):
+            for address in backend.endpoints:
+                if model not in served.setdefault(address, []):
+                    served[address].append(model)
+    return served
+
+
+def engine_readings(
+    observations: Mapping[SocketAddress, Observation],
+    weights: Mapping[SocketAddress, int],
+    served: Mapping[SocketAddress, list[ModelKey]],
+) -> dict[EngineSeries, EngineReading]:
+    """A round as exported series: one per engine and model it serves, engine = `address:port`
+    (an engine serving two models has the same load under each)."""
+    out: dict[EngineSeries, EngineReading] = {}
+    for engine, observation in observations.items():
+        for namespace, model in served.get(engine, ()):
+            series = (namespace, model, f"{engine.address}:{engine.port}")
+            out[series] = EngineReading(observation, weights.get(engine))
+    return out
+
+
+class StandaloneMetrics(ControllerMetrics):
+    """The controller's series, as in Kubernetes mode, and the snapshots this one publishes."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        super().__init__(registry)
+        self.leader.set(1)
         self.snapshots = Counter(
             "arks_xds_snapshots",
             "Snapshots handed to the xDS server since start.",
@@ -114,8 +140,13 @@ class Standalone:
         self.metrics.snapshots.inc()
         return True
 
-    def weigh(self, observations: Mapping[SocketAddress, Observation]) -> None:
-        """New weights from one scrape round (pure decisions in the tracker)."""
+    def weigh(
+        self,
+        observations: Mapping[SocketAddress, Observation],
+        served: Mapping[SocketAddress, list[ModelKey]] | None = None,
+    ) -> None:
+        """New weights from one scrape round (pure decisions in the tracker), exported with the
+        load behind them under the models each engine serves (`served`)."""
         weights = self.tracker.update(observations)
         for engine, weight in weights.items():
             if self.weights.get(engine) != weight:
@@ -126,8 +157,8 @@ class Standalone:
                     self.weights.get(engine),
                     weight,
                 )
-            self.metrics.weight.labels(f"{engine.address}:{engine.port}").set(weight)
         self.weights = dict(weights)
+        self.metrics.engines.publish(engine_readings(observations, weights, served or {}))
         self.loads = {
             engine: observation if isinstance(observation, EngineLoad) else observation.reason
             for engine, observation in observations.items()
@@ -137,7 +168,7 @@ class Standalone:
         self.source.reload_if_changed()
         policy = self.source.current()
         scraper.set_targets(load_weighted_engines(policy))
-        self.weigh(await scraper.scrape_once())
+        self.weigh(await scraper.scrape_once(), served_models(policy))
         if self.publish(policy):
             log.info("xDS snapshot %d published (policy %s)", self._published, policy.version)
 

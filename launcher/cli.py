@@ -47,17 +47,25 @@ def printable_tokens(policy_path: Path) -> dict[str, str]:
     return found
 
 
-def _banner(stack: Any, tokens: Mapping[str, str]) -> str:
+def _banner(stack: Any, tokens: Mapping[str, str], prometheus_installed: bool = False) -> str:
     models = sorted({e.model for e in stack.policy.endpoints.values()})
     lines = [
         "Arks is up.",
         f"  OpenAI endpoint  {stack.url}/v1",
         f"  Envoy admin      {stack.admin_url}",
         f"  Gateway metrics  {stack.metrics_url}",
+        f"  Controller       {stack.controller_url}/metrics",
         f"  Engine weights   {stack.controller_url}/status",
         f"  Models           {', '.join(models) or '(none)'}",
         f"  Logs             {stack.settings.state_dir / 'logs'}",
     ]
+    if stack.prometheus_url is not None:
+        rules = len(stack.prometheus_rules)
+        lines.append(f"  Prometheus       {stack.prometheus_url}   ({rules} rule files)")
+    elif prometheus_installed:
+        lines.append(
+            "  Prometheus       installed: `arks up --prometheus` starts one scraping all this"
+        )
     if not tokens:
         lines += ["", "Tokens: the policy's own (never printed); `arks token` makes a new one."]
     else:
@@ -79,8 +87,12 @@ def _banner(stack: Any, tokens: Mapping[str, str]) -> str:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from launcher.prometheus import PrometheusMissing, prometheus_binary
     from launcher.stack import LocalStack, StackSettings
 
+    if args.prometheus and prometheus_binary() is None:
+        print(f"arks up: --prometheus: {PrometheusMissing()}", file=sys.stderr)
+        return 1
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -90,6 +102,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         port=args.port,
         admin_port=args.admin_port,
         metrics_port=args.metrics_port,
+        controller_metrics_port=args.controller_metrics_port,
+        prometheus_port=args.prometheus_port if args.prometheus else None,
         redis=args.redis,
         simulate=not args.no_sim,
     )
@@ -108,7 +122,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"arks up: could not start: {err}", file=sys.stderr)
         return 1
     try:
-        print(_banner(stack, tokens), flush=True)
+        print(_banner(stack, tokens, prometheus_binary() is not None), flush=True)
         # A child that dies (killed, crashed) is started again, and the console says so.
         stack.supervisor.supervise(lambda line: print(f"arks up: {line}", flush=True))
         stop.wait()
@@ -148,6 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8080, help="the OpenAI endpoint's port")
     up.add_argument("--admin-port", type=int, default=9901, help="Envoy's admin port")
     up.add_argument("--metrics-port", type=int, default=9101, help="the gateway's Prometheus port")
+    up.add_argument(
+        "--controller-metrics-port",
+        type=int,
+        default=9103,
+        help="the controller's /metrics and /status port (0: any free port)",
+    )
+    up.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="also run a local Prometheus scraping the stack, with Arks' rules (needs the "
+        "prometheus binary: apt-get install prometheus)",
+    )
+    up.add_argument("--prometheus-port", type=int, default=9090, help="the local Prometheus's port")
     up.add_argument(
         "--redis", metavar="URL", help="Redis for rate-limit counters (default: in memory)"
     )

@@ -1,5 +1,5 @@
 """The local stack behind `arks up`: real Envoy, extproc, the controller and simulated engines,
-as child processes.
+as child processes, and with `prometheus_port` a Prometheus scraping them all.
 
 Envoy gets everything but its bootstrap from the controller over xDS (ADS): the listener, the
 routes, one cluster per model and the engines with their load-derived weights. The controller
@@ -21,7 +21,9 @@ from arks import envoy_config
 from arks.api import ObjectKey, SocketAddress
 from arks.envoy_config import EnvoySettings
 from arks.policy import Policy, load_policy_file
+from arks.prometheus_config import local_jobs, prometheus_config
 from launcher.procs import Child, Supervisor, free_port, wait_http
+from launcher.prometheus import rule_files, start_prometheus
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,9 @@ class StackSettings:
     metrics_port: int = 9101
     extproc_port: int = 0  # 0: any free port
     xds_port: int = 0  # 0: any free port
-    controller_metrics_port: int = 0  # 0: any free port
+    controller_metrics_port: int = 9103  # 0: any free port
+    prometheus_port: int | None = None  # None: no Prometheus
+    prometheus_interval_s: float = 5.0
     redis: str | None = None
     simulate: bool = True
     sim_args: tuple[str, ...] = ()
@@ -83,6 +87,8 @@ class LocalStack:
     policy: Policy = field(init=False)
     controller_metrics_port: int = field(init=False)
     controller: Child = field(init=False)
+    prometheus_url: str | None = None
+    prometheus_rules: list[Path] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.supervisor = Supervisor(log_dir=self.settings.state_dir / "logs")
@@ -153,6 +159,8 @@ class LocalStack:
             )
             wait_http(envoy, f"{self.admin_url}/ready")
             wait_http(envoy, f"{self.url}/healthz")  # the listener came over xDS
+            if s.prometheus_port is not None:
+                self._start_prometheus(s.prometheus_port)
         except BaseException:
             self.stop()
             raise
@@ -177,6 +185,30 @@ class LocalStack:
         )
         wait_http(self.controller, f"{self.controller_url}/readyz")
         return self.controller
+
+    def prometheus_config(self) -> dict[str, object]:
+        """What the local Prometheus scrapes: the gateway, the controller, Envoy's admin stats
+        and the policy's loopback engines (those read at start; the rate-limit service is not
+        part of the local stack: extproc applies the limits itself)."""
+        s = self.settings
+        engines = sorted(simulated_engines(self.policy), key=lambda a: (a.address, a.port))
+        jobs = local_jobs(
+            gateway=f"127.0.0.1:{s.metrics_port}",
+            controller=f"127.0.0.1:{self.controller_metrics_port}",
+            envoy_admin=f"127.0.0.1:{s.admin_port}",
+            engines=[f"{a.address}:{a.port}" for a in engines],
+        )
+        rules = [str(path) for path in self.prometheus_rules]
+        return prometheus_config(jobs, rules, scrape_interval_s=s.prometheus_interval_s)
+
+    def _start_prometheus(self, port: int) -> None:
+        self.prometheus_rules = rule_files()
+        _, self.prometheus_url = start_prometheus(
+            self.supervisor,
+            self.settings.state_dir / "prometheus",
+            self.prometheus_config(),
+            port,
+        )
 
     def restart_controller(self) -> Child:
         """Stop the controller and start a new one on the same ports (Envoy keeps serving)."""

@@ -2,7 +2,8 @@
 
 `ClusterLoad` watches the serving engine pods, scrapes their `/metrics` and sums per-pod weights
 per application (`capacity_of`); `serving_target` and `PodWeights` are its pure parts. Which pods,
-and why every replica scrapes: docs/architecture.md, section 8 (Engine load in a cluster).
+and why every replica scrapes: docs/architecture.md, section 8 (Engine load in a cluster). Each
+round is also exported (`controller.load.metrics`), one engine per pod (`pod_readings`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from arks.wire import (
     LABEL_ROLE,
     LABEL_SERVED_NAME,
 )
+from controller.load.metrics import EngineMetrics, EngineReading, EngineSeries
 from controller.load.weights import WeightSettings, WeightTracker
 
 log = logging.getLogger(__name__)
@@ -118,6 +120,18 @@ def application_capacities(
     return out
 
 
+def pod_readings(
+    observations: Mapping[PodTarget, Observation], capacities: Mapping[PodTarget, int]
+) -> dict[EngineSeries, EngineReading]:
+    """A round as exported series: engine = the pod's name, model = its served model name."""
+    return {
+        (target.namespace, target.served, target.name): EngineReading(
+            observation, capacities.get(target)
+        )
+        for target, observation in observations.items()
+    }
+
+
 def changed_keys(before: Mapping[AppKey, int], after: Mapping[AppKey, int]) -> set[AppKey]:
     return {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
 
@@ -160,8 +174,10 @@ class ClusterLoad:
         timeout_s: float = 1.0,
         settings: WeightSettings | None = None,
         informer_options: Mapping[str, Any] | None = None,
+        metrics: EngineMetrics | None = None,
     ) -> None:
         self.interval_s = interval_s
+        self._metrics = metrics
         self.timeout_s = min(timeout_s, interval_s)
         self.informer = Informer(
             api_client, PODS, namespace, label_selector=POD_SELECTOR, **dict(informer_options or {})
@@ -276,7 +292,10 @@ class ClusterLoad:
         with self._lock:
             targets = list(self._targets.values())
         scraper.set_targets({t: t.url for t in targets})
-        capacities = self._weights.update(await scraper.scrape_once())
+        observations = await scraper.scrape_once()
+        capacities = self._weights.update(observations)
         with self._lock:
             self._pod_capacities = capacities
+        if self._metrics is not None:
+            self._metrics.publish(pod_readings(observations, capacities))
         self._refresh()

@@ -282,6 +282,7 @@ def gateway(work: Path, engine_port: int, token: str, concurrency: int) -> Itera
         port=free_port(),
         admin_port=free_port(),
         metrics_port=free_port(),
+        controller_metrics_port=free_port(),
         simulate=False,
         envoy_concurrency=concurrency,
     )

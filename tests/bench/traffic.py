@@ -134,6 +134,7 @@ def _stack(work: Path, interval_s: float) -> Iterator[tuple[LocalStack, Engines]
             port=free_port(),
             admin_port=free_port(),
             metrics_port=free_port(),
+            controller_metrics_port=free_port(),
             simulate=False,
             controller_args=("--scrape-interval-s", str(interval_s)),
         )

@@ -15,8 +15,10 @@ import openai
 import pytest
 import yaml
 
+from arks.prometheus_config import CONTROLLER_JOB, ENGINES_JOB, ENVOY_JOB, GATEWAY_JOB
 from launcher.cli import DEMO_POLICY
 from launcher.procs import free_port
+from tests.support.prometheus import Prometheus
 from tests.support.waiting import wait_for
 
 
@@ -47,7 +49,9 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def start_arks_up(tmp_path: Path, port: int, *, demo: bool = True) -> subprocess.Popen[str]:
+def start_arks_up(
+    tmp_path: Path, port: int, *, demo: bool = True, extra: tuple[str, ...] = ()
+) -> subprocess.Popen[str]:
     """`arks up` on the demo policy, moved to free ports so it never collides with `make run`;
     with `demo=False` its Secret is an ordinary one (a real tenant's token)."""
     documents = list(yaml.safe_load_all(DEMO_POLICY.read_text()))
@@ -71,8 +75,11 @@ def start_arks_up(tmp_path: Path, port: int, *, demo: bool = True) -> subprocess
         str(free_port()),
         "--metrics-port",
         str(free_port()),
+        "--controller-metrics-port",
+        str(free_port()),
         "--state-dir",
         str(tmp_path / "state"),
+        *extra,
     ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -96,6 +103,8 @@ def test_arks_up_serves_the_demo_policy_and_stops_cleanly(tmp_path: Path) -> Non
         assert endpoint and token, text
         assert endpoint.group(1) == f"http://127.0.0.1:{port}/v1"
         assert "curl " in text
+        assert re.search(r"Controller\s+http://127\.0\.0\.1:\d+/metrics", text), text
+        assert "`arks up --prometheus`" in text  # the hint: Prometheus is installed here
 
         client = openai.OpenAI(base_url=endpoint.group(1), api_key=token.group(1), max_retries=0)
         assert sorted(m.id for m in client.models.list()) == ["llama-8b", "qwen-7b"]
@@ -219,3 +228,62 @@ def _status(client: openai.OpenAI, messages: list[dict[str, str]]) -> int:
     except openai.APIConnectionError:
         return 0
     return 200
+
+
+def test_arks_up_prometheus_scrapes_every_part_with_the_shipped_config(tmp_path: Path) -> None:
+    """`arks up --prometheus`: a real Prometheus on the port asked, every part of the stack up
+    as a target, one `arks_build_info` per service, Envoy's cluster stats with `namespace` and
+    `model` from the cluster name, and the shipped rules (if any) loaded healthy."""
+    prometheus_port = free_port()
+    proc = start_arks_up(
+        tmp_path, free_port(), extra=("--prometheus", "--prometheus-port", str(prometheus_port))
+    )
+    try:
+        text = banner_of(proc)
+        url = re.search(r"Prometheus\s+(http://\S+)", text)
+        endpoint = re.search(r"OpenAI endpoint\s+(\S+)", text)
+        token = re.search(r"Demo token\s+(sk-arks-\S+)", text)
+        assert url and endpoint and token, text
+        assert url.group(1) == f"http://127.0.0.1:{prometheus_port}"
+        client = openai.OpenAI(base_url=endpoint.group(1), api_key=token.group(1), max_retries=0)
+        hello = [{"role": "user", "content": "Hello!"}]
+        assert client.chat.completions.create(model="qwen-7b", messages=hello).choices
+
+        prom = Prometheus(url.group(1))
+        targets = wait_for(
+            prom.targets,
+            lambda found: len(found) == 5 and all(t["health"] == "up" for t in found),
+            timeout=30,
+        )
+        jobs = sorted(t["labels"]["job"] for t in targets)
+        assert jobs == sorted([GATEWAY_JOB, CONTROLLER_JOB, ENVOY_JOB, ENGINES_JOB, ENGINES_JOB])
+
+        build = prom.query("arks_build_info")
+        assert sorted(labels["service"] for labels, _ in build) == ["controller", "extproc"]
+        relabelled = wait_for(
+            lambda: prom.query(
+                'envoy_cluster_upstream_rq_total{namespace="default", model="qwen-7b"}'
+            ),
+            lambda found: bool(found) and found[0][1] >= 1,
+            timeout=30,
+        )
+        assert relabelled[0][0]["envoy_cluster_name"] == "endpoint/default/qwen-7b"
+        assert prom.query('arks_engine_waiting_requests{model="qwen-7b"}')  # the controller's
+        assert all(group_healthy(g) for g in prom.rule_groups())
+    finally:
+        interrupt(proc)
+
+
+def group_healthy(group: dict[str, object]) -> bool:
+    rules = group.get("rules")
+    assert isinstance(rules, list)
+    return all(rule.get("health") in ("ok", "unknown") for rule in rules)
+
+
+def test_arks_up_prometheus_without_the_binary_says_how_to_install_it(tmp_path: Path) -> None:
+    env = {**os.environ, "PATH": str(tmp_path)}  # nothing on PATH: no prometheus
+    cmd = [sys.executable, "-m", "launcher.cli", "up", "--prometheus", "--state-dir", str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "apt-get install prometheus" in done.stderr
+    assert not (tmp_path / "logs").exists()  # nothing was started

@@ -32,6 +32,7 @@ from arks.adapters.kube.queue import Key, WorkQueue
 from arks.adapters.kube.runner import Controller
 from arks.adapters.kube.watch import Informer, watch_owned
 from arks.resources import APPLICATIONS, CONFIGMAPS, EVENTS, LEASES, Resource
+from controller.metrics import ControllerMetrics
 from tests.support.kube import FAST_INFORMERS, RunningKubeEmulator, eventually
 from tests.support.kube import get_object as get
 from tests.support.stall_proxy import stall_proxy
@@ -435,6 +436,59 @@ def test_workers_reconcile_only_while_leading(api: ApiClient, ns: str) -> None:
         assert calls == []
         switch.leading.set()
         eventually(lambda: calls == [(ns, "llama")])
+    finally:
+        controller.stop()
+
+
+def test_queue_wait_is_the_time_from_the_watch_event_to_the_reconcile(
+    api: ApiClient, ns: str
+) -> None:
+    """`arks_controller_queue_wait_seconds`: a key queued while no worker may take it (this
+    replica does not lead yet) waited at least that long; one taken at once waited little."""
+    calls: list[Key] = []
+
+    class Switch:
+        leading = threading.Event()
+
+        def is_leader(self) -> bool:
+            return self.leading.is_set()
+
+    switch = Switch()
+    metrics = ControllerMetrics()
+    informer = Informer(api, APPLICATIONS, ns, **FAST_INFORMERS)
+    controller = Controller("waits", informer, calls.append, leader=switch, poll_s=0.02)
+    controller.instrument(metrics)
+    metrics.known("waits")
+
+    def waited(sample: str) -> float:
+        value = metrics.registry.get_sample_value(
+            f"arks_controller_queue_wait_seconds_{sample}", {"controller": "waits"}
+        )
+        assert value is not None
+        return value
+
+    controller.start()
+    try:
+        assert informer.wait_synced(5)
+        assert waited("count") == 0
+        create_app(api, ns, "llama")
+        depth = {"controller": "waits"}
+        eventually(
+            lambda: metrics.registry.get_sample_value("arks_controller_queue_depth", depth) == 1
+        )
+        held_s = 1.0
+        time.sleep(held_s)
+        switch.leading.set()
+        eventually(lambda: calls == [(ns, "llama")])
+        assert waited("count") == 1
+        assert waited("sum") >= held_s
+        create_app(api, ns, "qwen")  # taken as soon as the watch delivers it
+        eventually(lambda: len(calls) == 2)
+        assert waited("count") == 2
+        quick = metrics.registry.get_sample_value(
+            "arks_controller_queue_wait_seconds_bucket", {"controller": "waits", "le": "0.5"}
+        )
+        assert quick == 1  # the second one, not the one held for a second
     finally:
         controller.stop()
 

@@ -9,6 +9,8 @@ load.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,11 +20,13 @@ from typing import Any
 import httpx
 import pytest
 from kubernetes.client import ApiClient
+from prometheus_client import CollectorRegistry
 
 from arks.adapters.kube import rest
 from arks.adapters.kube.conditions import find_condition
 from arks.resources import APPLICATIONS, ENDPOINTS, HTTPROUTES, PODS
 from controller.load.cluster import ClusterLoad
+from controller.load.metrics import EngineMetrics
 from controller.reconcilers.endpoint import endpoint_controller, reconcile_endpoint
 from controller.render.application import render_application
 from launcher.procs import Child, Supervisor, free_port, wait_http
@@ -68,6 +72,15 @@ class Cluster:
     ns: str
     sims: dict[str, Sim]  # by application
     load: ClusterLoad
+    registry: CollectorRegistry  # what the controller's /metrics would show of the load
+
+    def engine(self, name: str, pod: str) -> float | None:
+        labels = {"namespace": self.ns, "model": SERVED, "engine": pod}
+        return self.registry.get_sample_value(name, labels)
+
+    def scrape_errors(self) -> float:
+        labels = {"namespace": self.ns, "model": SERVED}
+        return self.registry.get_sample_value("arks_engine_scrape_errors_total", labels) or 0.0
 
     def weights(self) -> dict[str, int]:
         route = get(self.api, HTTPROUTES, self.ns, SERVED)
@@ -134,10 +147,17 @@ def cluster(api: ApiClient, ns: str, tmp_path: Path) -> Iterator[Cluster]:
             wait_http(children[app], f"http://{ip}:{port}/health")
             sims[app] = Sim(ip, port, children[app])
             create_engine_pod(api, create_app(api, ns, app), ip, port)
-        load = ClusterLoad(api, ns, interval_s=SCRAPE_S, informer_options=FAST_INFORMERS)
+        registry = CollectorRegistry()
+        load = ClusterLoad(
+            api,
+            ns,
+            interval_s=SCRAPE_S,
+            informer_options=FAST_INFORMERS,
+            metrics=EngineMetrics(registry),
+        )
         load.start()
         try:
-            yield Cluster(api, ns, sims, load)
+            yield Cluster(api, ns, sims, load, registry)
         finally:
             load.stop()
 
@@ -221,3 +241,32 @@ def test_static_weighting_ignores_load_until_switched_to_weighted(cluster: Clust
     reconcile_endpoint(cluster.api, key, load=cluster.load)
     weights = cluster.weights()
     assert weights["qwen-a"] < DEFAULT_WEIGHT // 2 and weights["qwen-b"] == DEFAULT_WEIGHT
+
+
+def test_engine_load_series_follow_the_pods_and_count_failed_scrapes(cluster: Cluster) -> None:
+    """The exported load is the scraped one, per pod; an engine that stops answering (its
+    process stopped: scrapes time out) counts errors and loses its load series but shows its
+    drained weight; a deleted pod leaves no series."""
+    cluster.sims["qwen-a"].set_load(**BUSY)
+    eventually(lambda: cluster.engine("arks_engine_waiting_requests", "qwen-a-0") == 20)
+    assert cluster.engine("arks_engine_running_requests", "qwen-a-0") == 8
+    assert cluster.engine("arks_engine_kv_cache_usage_ratio", "qwen-a-0") == pytest.approx(0.6)
+    assert cluster.engine("arks_engine_waiting_requests", "qwen-b-0") == 0
+    eventually(lambda: cluster.engine("arks_engine_weight", "qwen-b-0") == 100)
+    assert cluster.scrape_errors() == 0
+
+    hung = cluster.sims["qwen-b"].child.popen.pid
+    os.killpg(hung, signal.SIGSTOP)
+    try:
+        eventually(lambda: cluster.engine("arks_engine_weight", "qwen-b-0") == 0, timeout_s=10)
+        assert cluster.scrape_errors() >= 3  # drained after three failures in a row
+        assert cluster.engine("arks_engine_waiting_requests", "qwen-b-0") is None
+        assert cluster.engine("arks_engine_running_requests", "qwen-b-0") is None
+    finally:
+        os.killpg(hung, signal.SIGCONT)
+    eventually(lambda: cluster.engine("arks_engine_waiting_requests", "qwen-b-0") == 0)
+
+    rest.request(cluster.api, "DELETE", PODS.path(cluster.ns, "qwen-a-0"))
+    for name in ("arks_engine_weight", "arks_engine_waiting_requests"):
+        eventually(lambda name=name: cluster.engine(name, "qwen-a-0") is None)
+    assert cluster.engine("arks_engine_weight", "qwen-b-0") is not None

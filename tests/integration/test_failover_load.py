@@ -61,6 +61,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalStack,
             port=free_port(),
             admin_port=free_port(),
             metrics_port=free_port(),
+            controller_metrics_port=free_port(),
             simulate=False,
         )
         with LocalStack(settings) as stack:

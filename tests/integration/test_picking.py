@@ -167,6 +167,7 @@ def picking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Picking]:
             port=free_port(),
             admin_port=free_port(),
             metrics_port=free_port(),
+            controller_metrics_port=free_port(),
             simulate=False,
             extproc_args=("--picker-fail-closed", "--picker-interval-s", str(SCRAPE_INTERVAL_S)),
         )

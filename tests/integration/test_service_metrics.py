@@ -38,3 +38,43 @@ def test_controller_exports_process_build_and_zeroed_counters(stack: Stack) -> N
     for kind in ("lds", "rds", "cds", "eds"):  # a NACK-rate alert needs the series before one
         assert sample(text, "arks_xds_nacks_total", type=kind) is not None
         assert sample(text, "arks_xds_pushes_total", type=kind) is not None
+
+
+def test_standalone_controller_exports_engine_load_like_in_a_cluster(stack: Stack) -> None:
+    """The same series as in Kubernetes mode, `engine` = the address: the engines' load and
+    weight, errors of the engine nothing listens on (refused), the leader gauge at 1; an
+    endpoint removed from the policy takes its engine's series with it."""
+    url = f"{stack.local.controller_url}/metrics"
+    a = {"namespace": "default", "model": "model-a", "engine": f"127.0.0.1:{stack.sim_ports['a']}"}
+    down = {"namespace": "default", "model": "model-down"}
+    down_engine = {**down, "engine": f"127.0.0.1:{stack.sim_ports['down']}"}
+
+    def errors(text: str) -> float:
+        return sample(text, "arks_engine_scrape_errors_total", **down) or 0.0
+
+    text = wait_for(
+        lambda: httpx.get(url, timeout=5).text,
+        lambda t: sample(t, "arks_engine_waiting_requests", **a) is not None and errors(t) > 0,
+        timeout=10,
+    )
+    assert sample(text, "arks_engine_running_requests", **a) is not None
+    assert sample(text, "arks_engine_kv_cache_usage_ratio", **a) is not None
+    assert (sample(text, "arks_engine_weight", **a) or 0) > 0
+    assert sample(text, "arks_engine_waiting_requests", **down_engine) is None  # unknown
+    assert sample(text, "arks_engine_weight", **down_engine) is not None  # drained or about to
+    assert sample(text, "arks_controller_leader") == 1.0
+    assert families(text)["arks_controller_queue_wait_seconds"].type == "histogram"
+    before = errors(text)
+    wait_for(lambda: errors(httpx.get(url, timeout=5).text), lambda n: n > before, timeout=10)
+
+    documents = stack.documents
+    without_down = [d for d in documents if d["metadata"]["name"] not in ("model-down", "sim-down")]
+    stack.write_policy(without_down)
+    try:
+        wait_for(
+            lambda: httpx.get(url, timeout=5).text,
+            lambda t: sample(t, "arks_engine_weight", **down_engine) is None,
+            timeout=10,
+        )
+    finally:
+        stack.write_policy(documents)

@@ -126,6 +126,7 @@ def traffic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traffic]:
             port=free_port(),
             admin_port=free_port(),
             metrics_port=free_port(),
+            controller_metrics_port=free_port(),
             simulate=False,
             controller_args=("--scrape-interval-s", "0.25"),
         )

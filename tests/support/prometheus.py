@@ -1,24 +1,23 @@
-"""A throwaway real Prometheus (Debian's `prometheus` package) scraping static targets."""
+"""A throwaway real Prometheus (Debian's `prometheus` package) scraping static targets.
+
+Configured by `arks.prometheus_config` and started by `launcher.prometheus`, as `arks up
+--prometheus` does, so what the tests query is what a user's Prometheus would hold.
+"""
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
-from launcher.procs import Supervisor, free_port, wait_http
+from arks.prometheus_config import Job, Target, engines_job, prometheus_config
+from launcher.procs import Supervisor, free_port
+from launcher.prometheus import prometheus_binary, start_prometheus
 
-
-@dataclass(frozen=True)
-class Target:
-    address: str  # host:port serving /metrics
-    labels: Mapping[str, str]  # what service discovery and relabelling would attach
+__all__ = ["Prometheus", "Target"]
 
 
 class Prometheus:
@@ -32,34 +31,25 @@ class Prometheus:
     def start(
         cls, sup: Supervisor, workdir: Path, targets: Sequence[Target], interval_s: int = 1
     ) -> Prometheus:
-        binary = shutil.which("prometheus")
-        assert binary, "prometheus is needed (apt-get install prometheus; .ci/run installs it)"
-        config = {
-            "global": {"scrape_interval": f"{interval_s}s", "evaluation_interval": "1s"},
-            "scrape_configs": [
-                {
-                    "job_name": "engines",
-                    "static_configs": [
-                        {"targets": [t.address], "labels": dict(t.labels)} for t in targets
-                    ],
-                }
-            ],
-        }
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-        port = free_port()
-        child = sup.start(
-            "prometheus",
-            [
-                binary,
-                f"--config.file={workdir / 'prometheus.yml'}",
-                f"--storage.tsdb.path={workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--log.level=warn",
-            ],
+        """Scraping `targets` as the engines job."""
+        return cls.start_jobs(sup, workdir, [engines_job(targets, name="engines")], interval_s)
+
+    @classmethod
+    def start_jobs(
+        cls,
+        sup: Supervisor,
+        workdir: Path,
+        jobs: Sequence[Job],
+        interval_s: float = 1,
+        rule_files: Sequence[str] = (),
+    ) -> Prometheus:
+        assert prometheus_binary(), (
+            "prometheus is needed (apt-get install prometheus; .ci/run installs it)"
         )
-        url = f"http://127.0.0.1:{port}"
-        wait_http(child, f"{url}/-/ready", timeout=30.0)
+        config = prometheus_config(
+            jobs, rule_files, scrape_interval_s=interval_s, evaluation_interval_s=1
+        )
+        _, url = start_prometheus(sup, workdir, config, free_port())
         return cls(url)
 
     def _data(self, path: str, params: Mapping[str, str]) -> Any:
@@ -97,3 +87,10 @@ class Prometheus:
                 return
             time.sleep(0.2)
         raise TimeoutError(f"not all {instances} targets up in {timeout}s: {self.query('up')}")
+
+    def targets(self) -> list[dict[str, Any]]:
+        """The active targets (`/api/v1/targets`): labels, scrapeUrl, health, lastError."""
+        return list(self._data("/api/v1/targets", {"state": "active"})["activeTargets"])
+
+    def rule_groups(self) -> list[dict[str, Any]]:
+        return list(self._data("/api/v1/rules", {})["groups"])

@@ -197,6 +197,7 @@ def running_stack(
             port=free_port(),
             admin_port=free_port(),
             metrics_port=free_port(),
+            controller_metrics_port=free_port(),
             simulate=False,
             redis=redis,
             extproc_args=("--snapshot-interval-s", "0.5", *extproc_args),

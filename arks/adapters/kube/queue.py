@@ -5,6 +5,12 @@ handed to two workers at once (an add while it is being processed is held until 
 retries back off exponentially per key and `forget` resets that after a success. Delays are
 measured on an injected clock so tests can drive time; `get`'s own timeout is real time
 because it only bounds how long a worker thread blocks.
+
+`on_wait`, when set, is told how long each key `get` hands out waited: from the add that made it
+pending (a delayed add counts from when its delay ran out) until it was taken, including the time
+it was held while an earlier run of it finished. That is client-go's
+`workqueue_queue_duration_seconds`: its `Add` notes the time whenever the key was not dirty yet,
+processing or not, and `Get` observes the time since.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ Key = tuple[str, str]
 """(namespace, name); namespace is "" for cluster-scoped objects."""
 
 Clock = Callable[[], float]
+WaitObserver = Callable[[float], None]
 
 
 class WorkQueue:
@@ -40,7 +47,9 @@ class WorkQueue:
         self._waiting_at: dict[Key, float] = {}
         self._seq = itertools.count()
         self._failures: dict[Key, int] = {}
+        self._pending_since: dict[Key, float] = {}  # clock() of the add that made a key pending
         self._shut_down = False
+        self.on_wait: WaitObserver | None = None
 
     # --- adding -----------------------------------------------------------------------------
 
@@ -101,6 +110,9 @@ class WorkQueue:
                     key = self._ready.popleft()
                     self._dirty.discard(key)
                     self._processing.add(key)
+                    since = self._pending_since.pop(key, None)
+                    if self.on_wait is not None and since is not None:
+                        self.on_wait(max(self._clock() - since, 0.0))
                     return key
                 wait: float | None = None
                 if deadline is not None:
@@ -137,6 +149,7 @@ class WorkQueue:
         if self._shut_down or key in self._dirty:
             return
         self._dirty.add(key)
+        self._pending_since[key] = self._clock()
         if key in self._processing:
             return  # `done` requeues it, so one key never runs on two workers
         self._ready.append(key)

@@ -42,6 +42,9 @@ class ReconcileMetrics(Protocol):
     @property
     def queue_depth(self) -> Gauge: ...  # labels: controller
 
+    @property
+    def queue_wait(self) -> Histogram: ...  # labels: controller
+
 
 class Controller:
     def __init__(
@@ -107,9 +110,11 @@ class Controller:
                 self.queue.done(key)
 
     def instrument(self, metrics: ReconcileMetrics) -> None:
-        """Count reconciles, time them, and export the queue depth (before `start`)."""
+        """Count reconciles, time them, export the queue depth and time each key's wait in the
+        queue (before `start`)."""
         self._metrics = metrics
         metrics.queue_depth.labels(self.name).set_function(lambda: len(self.queue))
+        self.queue.on_wait = metrics.queue_wait.labels(self.name).observe
 
     def cached(self) -> int:
         """How many objects its informers' caches hold in all."""

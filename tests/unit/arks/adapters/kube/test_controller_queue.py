@@ -225,3 +225,45 @@ def test_other_conditions_keep_their_order() -> None:
 def test_a_condition_status_outside_true_false_unknown_is_rejected() -> None:
     with pytest.raises(ValueError, match="True, False or Unknown"):
         set_condition([], "Ready", "yes", "R", "", None, T0)
+
+
+def test_a_key_s_wait_runs_from_its_first_add_until_taken(
+    queue: WorkQueue, clock: FakeClock
+) -> None:
+    waits: list[float] = []
+    queue.on_wait = waits.append
+    queue.add(A)
+    clock.advance(2.0)
+    queue.add(A)  # merged: the wait still runs from the first add
+    clock.advance(1.0)
+    assert queue.get(0) == A
+    assert waits == [3.0]
+
+
+def test_a_key_added_while_processing_waits_from_that_add_until_taken_again(
+    queue: WorkQueue, clock: FakeClock
+) -> None:
+    waits: list[float] = []
+    queue.on_wait = waits.append
+    queue.add(A)
+    assert queue.get(0) == A
+    clock.advance(1.0)
+    queue.add(A)  # held while the first run goes on: that hold is waiting too
+    clock.advance(4.0)
+    queue.done(A)
+    clock.advance(0.5)
+    assert queue.get(0) == A
+    assert waits == [0.0, 4.5]
+
+
+def test_a_delayed_key_waits_from_when_its_delay_ran_out(
+    queue: WorkQueue, clock: FakeClock
+) -> None:
+    waits: list[float] = []
+    queue.on_wait = waits.append
+    queue.add_after(A, 10.0)
+    clock.advance(10.0)
+    assert len(queue) == 1  # promoted now
+    clock.advance(0.25)
+    assert queue.get(0) == A
+    assert waits == [0.25]
