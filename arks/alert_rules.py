@@ -17,16 +17,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from arks.prometheus_config import (
+    CONTROLLER_JOB,
+    ENGINES_JOB,
+    ENVOY_JOB,
+    GATEWAY_JOB,
+    RATELIMIT_JOB,
+)
+
 Severity = Literal["critical", "warning", "info"]
 
 RUNBOOK = "https://github.com/arks-ai/arks/blob/main/README.md"
 
-# Scrape job names (the monitors in manifests/monitoring and the local Prometheus use these).
-JOB_EXTPROC = "arks-extproc"
-JOB_RATELIMIT = "arks-ratelimit"
-JOB_CONTROLLER = "arks-controller"
-JOB_ENVOY = "arks-envoy"
-JOB_ENGINES = "arks-engines"
+# Scrape job names: arks/prometheus_config.py's, which the local Prometheus and the monitors use.
+JOB_EXTPROC = GATEWAY_JOB
+JOB_RATELIMIT = RATELIMIT_JOB
+JOB_CONTROLLER = CONTROLLER_JOB
+JOB_ENVOY = ENVOY_JOB
+JOB_ENGINES = ENGINES_JOB
 
 # Availability objective at the edge (Envoy's downstream answers): 99.9 % non-5xx.
 SLO_TARGET = 0.999

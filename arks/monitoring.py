@@ -1,6 +1,6 @@
 """`python -m arks.monitoring [--check]`: the generated part of manifests/monitoring/.
 
-Writes, from arks/alert_rules.py and arks/prometheus_relabel.py:
+Writes, from arks/alert_rules.py and arks/prometheus_config.py:
 - `rules/arks-rules.yaml`: the rules as a plain Prometheus rule file (`rule_files:`), for a
   Prometheus without the Operator (and for `promtool`);
 - `prometheus-rules-configmap.yaml`: the same file in a ConfigMap, to mount into such a Prometheus;
@@ -21,7 +21,7 @@ import yaml
 
 from arks.alert_rules import JOB_ENVOY, rule_groups
 from arks.manifests import GATEWAY, NAMESPACE, _Dumper
-from arks.prometheus_relabel import operator_config
+from arks.prometheus_config import ENVOY_CLUSTER_RELABELINGS, operator_relabelings
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "manifests" / "monitoring"
@@ -103,13 +103,13 @@ def envoy_pod_monitor() -> str:
                     "port": ENVOY_METRICS_PORT,
                     "path": ENVOY_METRICS_PATH,
                     "interval": "15s",
-                    "metricRelabelings": operator_config(),
+                    "metricRelabelings": operator_relabelings(ENVOY_CLUSTER_RELABELINGS),
                 }
             ],
         },
     }
     return (
-        _header("arks/monitoring.py and arks/prometheus_relabel.py")
+        _header("arks/monitoring.py and arks/prometheus_config.py")
         + "# The Envoy pods of the Gateway arks-gateway (Envoy Gateway runs them in its own\n"
         + "# namespace); their stats are limited by EnvoyProxy arks-proxy's telemetry.metrics.\n"
         + _dump(doc)

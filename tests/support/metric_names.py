@@ -17,12 +17,15 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from arks.lifecycle import export_process_metrics
 from arks.limits.metrics import RateLimitMetrics
+from controller.load.metrics import EngineMetrics
 from controller.metrics import ControllerMetrics
 from controller.standalone import StandaloneMetrics
 from controller.xds.server import XdsMetrics
+from extproc.levels import LIMIT_GAUGES, LIMIT_LABELS, QUOTA_GAUGES, QUOTA_LABELS
 from extproc.metrics import GatewayMetrics
 from launcher.sim import METRIC_NAMES
 from launcher.sim import Metrics as SimMetrics
+from ratelimit.metrics import CallMetrics
 
 Labels = frozenset[str]
 _SUFFIXES = {
@@ -74,8 +77,14 @@ def arks_names() -> dict[str, Labels]:
         ControllerMetrics(),
         XdsMetrics(CollectorRegistry()),
         StandaloneMetrics(),
+        EngineMetrics(CollectorRegistry()),
+        CallMetrics.create(CollectorRegistry()),
     ):
         out.update(_of_holder(holder))
+    # The budget gauges are one collector rebuilt per snapshot (extproc/levels.py): its names
+    # and labels are constants there.
+    for names, labels in ((QUOTA_GAUGES, QUOTA_LABELS), (LIMIT_GAUGES, LIMIT_LABELS)):
+        out.update({name: frozenset(labels) for name in names})
     process = CollectorRegistry()
     export_process_metrics(process, "any")
     out.update(_of_registry(process))
@@ -137,47 +146,10 @@ def _histogram(labels: Iterable[str]) -> dict[str, Labels]:
             "_count": frozenset(labels)}  # fmt: skip
 
 
-def _expand(base: str, kind: str, labels: Iterable[str]) -> dict[str, Labels]:
-    if kind == "histogram":
-        return {base + suffix: ls for suffix, ls in _histogram(labels).items()}
-    return {base + ("_total" if kind == "counter" else ""): frozenset(labels)}
-
-
-_QUOTA = ("namespace", "quota", "type", "period")
-_ENGINE = ("namespace", "model", "engine")
-# The metric contract of issue 12 that other changes are adding to the services now: the
-# dashboards already query them. Each entry leaves this list once the code exports it
-# (test_pending_names_are_not_exported_yet fails until it does), so it ends empty.
-PENDING: dict[str, Labels] = {
-    name: labels
-    for base, kind, label_names in (
-        ("arks_usage_cost", "counter", ("namespace", "user", "model")),
-        ("arks_quota_used", "gauge", _QUOTA),
-        ("arks_quota_reserved", "gauge", _QUOTA),
-        ("arks_quota_limit", "gauge", _QUOTA),
-        ("arks_quota_reset_timestamp_seconds", "gauge", _QUOTA),
-        ("arks_rate_limit_remaining", "gauge", ("namespace", "user", "model", "limit")),
-        ("arks_rate_limit_limit", "gauge", ("namespace", "user", "model", "limit")),
-        ("arks_gateway_decision_seconds", "histogram", ("phase",)),
-        ("arks_ratelimit_call_seconds", "histogram", ("domain",)),
-        ("arks_engine_waiting_requests", "gauge", _ENGINE),
-        ("arks_engine_running_requests", "gauge", _ENGINE),
-        ("arks_engine_kv_cache_usage_ratio", "gauge", _ENGINE),
-        ("arks_engine_scrape_errors", "counter", ("namespace", "model")),
-        ("arks_controller_queue_wait_seconds", "histogram", ("controller",)),
-    )
-    for name, labels in _expand(base, kind, label_names).items()
-}
-# Labels the contract adds to a metric the code exports already.
-PENDING_LABELS: dict[str, Labels] = {"arks_engine_weight": frozenset({"namespace", "model"})}
-
-
 def known() -> Mapping[str, Labels]:
     """name -> labels of every series a dashboard may query."""
     out = dict(arks_names())
-    for name, extra in PENDING_LABELS.items():
-        out[name] = out[name] | extra
     for name, labels in out.items():
         if ":" in name:  # an engine's own series (vllm:*, sglang:*): its pod's target labels
             out[name] = labels | ENGINE_TARGET_LABELS
-    return {**out, **ENVOY, **KUBE_STATE_METRICS, **PENDING}
+    return {**out, **ENVOY, **KUBE_STATE_METRICS}

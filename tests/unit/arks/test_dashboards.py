@@ -28,7 +28,7 @@ from arks.dashboards import (
     variable_queries,
 )
 from arks.dashboards.__main__ import DEFAULT_OUT, drift, main
-from tests.support.metric_names import PENDING, arks_names, known
+from tests.support.metric_names import known
 from tests.support.promql import PromQLError, Selector, selectors
 
 BOARDS = dashboards()
@@ -268,12 +268,6 @@ def test_filters_use_only_labels_the_metric_has() -> None:
         for selector in selectors(query.expr):
             for label, _op, _value in selector.matchers:
                 assert label in KNOWN[selector.metric], (query.panel, selector.metric, label)
-
-
-def test_pending_names_are_not_exported_yet() -> None:
-    """PENDING lists the contract's names other changes are adding; once the code exports one,
-    it leaves the list (and its labels are then read from the code)."""
-    assert not set(PENDING) & set(arks_names()), "remove these from metric_names.PENDING"
 
 
 def test_the_defaults_cover_every_variable_the_queries_use() -> None:

@@ -1,5 +1,5 @@
 """manifests/monitoring's monitors: the Envoy Gateway proxy's PodMonitor with the one relabelling
-of arks/prometheus_relabel.py, the engines' PodMonitor (autoscaling's, included), honorLabels on
+of arks/prometheus_config.py, the engines' PodMonitor (autoscaling's, included), honorLabels on
 our ServiceMonitors; and the Envoy stats inclusion list, the same locally and under Envoy Gateway.
 (Every object is validated against its upstream CRD in tests/unit/manifests/test_manifests.py.)"""
 
@@ -12,7 +12,11 @@ import yaml
 
 from arks import envoy_config
 from arks.envoy_stats import envoy_gateway_matches, stats_matcher
-from arks.prometheus_relabel import ENVOY_CLUSTER_RELABELS, operator_config, prometheus_config
+from arks.prometheus_config import (
+    ENVOY_CLUSTER_RELABELINGS,
+    operator_relabelings,
+    relabel_configs,
+)
 from tests.support.manifests import AUTOSCALING, MANIFESTS, MONITORING, of_kind, one
 
 
@@ -23,7 +27,7 @@ def relabel(labels: dict[str, str], rules: list[dict[str, object]]) -> dict[str,
         (source,) = rule["sourceLabels"]  # type: ignore[misc]
         match = re.fullmatch(str(rule["regex"]), out.get(str(source), ""))
         if match:
-            replacement = re.sub(r"\$\{(\d+)\}", r"\\\1", str(rule["replacement"]))
+            replacement = re.sub(r"\$\{?(\d+)\}?", r"\\\1", str(rule["replacement"]))
             out[str(rule["targetLabel"])] = match.expand(replacement)
     return out
 
@@ -56,13 +60,24 @@ def test_other_clusters_keep_their_labels() -> None:
         "arks_ratelimit",
         "envoyextensionpolicy/arks-system/x/extproc/0",
     ):
-        labels = relabel({"envoy_cluster_name": cluster, "namespace": "ns"}, operator_config())
+        labels = relabel(
+            {"envoy_cluster_name": cluster, "namespace": "ns"},
+            operator_relabelings(ENVOY_CLUSTER_RELABELINGS),
+        )
         assert labels == {"envoy_cluster_name": cluster, "namespace": "ns"}
 
 
 def test_both_syntaxes_carry_the_same_rules() -> None:
-    assert len(prometheus_config()) == len(operator_config()) == len(ENVOY_CLUSTER_RELABELS)
-    for plain, operator in zip(prometheus_config(), operator_config(), strict=True):
+    assert (
+        len(relabel_configs(ENVOY_CLUSTER_RELABELINGS))
+        == len(operator_relabelings(ENVOY_CLUSTER_RELABELINGS))
+        == len(ENVOY_CLUSTER_RELABELINGS)
+    )
+    for plain, operator in zip(
+        relabel_configs(ENVOY_CLUSTER_RELABELINGS),
+        operator_relabelings(ENVOY_CLUSTER_RELABELINGS),
+        strict=True,
+    ):
         assert plain["source_labels"] == operator["sourceLabels"]
         assert plain["target_label"] == operator["targetLabel"]
         assert (plain["regex"], plain["replacement"]) == (
@@ -82,7 +97,7 @@ def test_the_envoy_pod_monitor_selects_envoy_gateways_proxy_of_our_gateway() -> 
     assert labels["app.kubernetes.io/component"] == "proxy"
     (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
     assert (endpoint["port"], endpoint["path"]) == ("metrics", "/stats/prometheus")
-    assert endpoint["metricRelabelings"] == operator_config()
+    assert endpoint["metricRelabelings"] == operator_relabelings(ENVOY_CLUSTER_RELABELINGS)
 
 
 def test_the_engine_pod_monitor_is_part_of_monitoring_and_of_autoscaling() -> None:
