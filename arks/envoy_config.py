@@ -27,7 +27,7 @@ from arks.api import (
     ObjectKey,
     SocketAddress,
 )
-from arks.envoy_stats import stats_matcher
+from arks.envoy_stats import stats_config
 from arks.policy import Policy
 from arks.wire import (
     DESTINATION_HEADER,
@@ -630,8 +630,9 @@ def bootstrap(settings: EnvoySettings, node_id: str = "arks-local") -> dict[str,
             "cds_config": dict(ADS_SOURCE),
         },
         "overload_manager": overload_manager(settings),
-        # Only the stats dashboards and alerts read are created (arks/envoy_stats.py).
-        "stats_config": {"stats_matcher": stats_matcher()},
+        # Only the stats dashboards and alerts read are created, and a cluster name keeps its
+        # dots in the envoy_cluster_name label (arks/envoy_stats.py).
+        "stats_config": stats_config(),
     }
 
 

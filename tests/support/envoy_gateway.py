@@ -9,6 +9,13 @@ import re
 from typing import Any
 
 import jsonpatch
+import yaml
+
+from tests.support.paths import REPO
+
+# The bootstrap Envoy Gateway v1.9.0 renders for an EnvoyProxy with telemetry.metrics.matches
+# (tests/schemas/SOURCES.md): its own stats_tags, a stats matcher, the xDS and stats plumbing.
+EG_BOOTSTRAP = REPO / "tests" / "schemas" / "envoy-gateway" / "bootstrap-custom-stats-matcher.yaml"
 
 _JSON_PATH = re.compile(r"\$\.\.(\w+)\[\?\(@\.name=='([^']+)'\)\](?:\.(\w+))?")
 
@@ -110,3 +117,43 @@ def eg_route_cluster(
             ],
         },
     }
+
+
+_EG_MATCH_KINDS = {"Exact": "exact", "Prefix": "prefix", "Suffix": "suffix"}
+
+
+def eg_stats_matcher(matches: list[dict[str, str]]) -> dict[str, Any]:
+    """EnvoyProxy `telemetry.metrics.matches` as EG's bootstrap template renders them
+    (internal/xds/bootstrap/bootstrap.yaml.tpl: exact, prefix, suffix, then RE2 regexes)."""
+    patterns: list[dict[str, Any]] = []
+    for kind in ("Exact", "Prefix", "Suffix"):
+        patterns += [{_EG_MATCH_KINDS[kind]: m["value"]} for m in matches if m["type"] == kind]
+    patterns += [
+        {"safe_regex": {"google_re2": {}, "regex": m["value"]}}
+        for m in matches
+        if m["type"] == "RegularExpression"
+    ]
+    return {"inclusion_list": {"patterns": patterns}}
+
+
+def eg_bootstrap(proxy_spec: dict[str, Any]) -> dict[str, Any]:
+    """The bootstrap EG gives the Envoys of an EnvoyProxy with `proxy_spec`: its rendered default
+    with the spec's stats matches, then `spec.bootstrap` applied the way ApplyBootstrapConfig does
+    for type JSONPatch (internal/xds/bootstrap/util.go: RFC 6902 on the rendered document, each
+    operation's `path` a JSON pointer)."""
+    rendered: dict[str, Any] = yaml.safe_load(EG_BOOTSTRAP.read_text())
+    matches = proxy_spec.get("telemetry", {}).get("metrics", {}).get("matches")
+    if matches:
+        rendered["stats_config"]["stats_matcher"] = eg_stats_matcher(matches)
+    else:
+        del rendered["stats_config"]["stats_matcher"]
+    bootstrap = proxy_spec.get("bootstrap")
+    if bootstrap is None:
+        return rendered
+    assert bootstrap["type"] == "JSONPatch", "only the JSONPatch form is modelled"
+    ops = [
+        {k: op[k] for k in ("op", "path", "value") if k in op} for op in bootstrap["jsonPatches"]
+    ]
+    assert all("jsonPath" not in op for op in bootstrap["jsonPatches"])
+    patched: dict[str, Any] = jsonpatch.apply_patch(rendered, ops)
+    return patched
