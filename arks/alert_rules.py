@@ -73,6 +73,18 @@ def _envoy_rejections() -> str:
     return " + ".join(terms) + " > 0"
 
 
+def _no_healthy_engine() -> str:
+    """A model none of whose engines can answer, as Envoy sees it (no healthy endpoint) or as
+    the controller does (every engine drained: weight 0 after failed scrapes). Envoy alone
+    keeps a dead engine healthy when it is its model's only one: outlier detection ejects at
+    most `max_ejection_percent` (50 %) of a cluster, and the controller, having drained every
+    engine of a model, fails open and leaves them routable (arks/envoy_config.py
+    `load_assignment`). Seen on the local stack: tests/integration/test_dashboards_on_prometheus.py."""
+    envoy = 'sum by (namespace, model) (envoy_cluster_membership_healthy{model!=""}) == 0'
+    controller = "max by (namespace, model) (arks_engine_weight) == 0"
+    return f"({envoy}) or ({controller})"
+
+
 def _job(*names: str) -> str:
     return f'job=~"(.+/)?({"|".join(names)})"'
 
@@ -179,11 +191,12 @@ AVAILABILITY = Group(
         ),
         Alert(
             "ArksModelNoHealthyEngine",
-            'sum by (namespace, model) (envoy_cluster_membership_healthy{model!=""}) == 0',
+            _no_healthy_engine(),
             "2m",
             "critical",
             f"Model {_WHO_MODEL} has no healthy engine",
-            f"Envoy sees no healthy endpoint for {_WHO_MODEL}: its requests fail with 503.",
+            f"Envoy sees no healthy endpoint for {_WHO_MODEL}, or the controller reaches none of "
+            "its engines: its requests fail with 503.",
         ),
         Alert(
             "ArksEngineErrorRatioHigh",

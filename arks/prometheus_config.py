@@ -123,16 +123,19 @@ def local_jobs(
     gateway: str,
     controller: str,
     envoy_admin: str,
-    engines: Sequence[str] = (),
+    engines: Sequence[Target] = (),
     ratelimit: str | None = None,
 ) -> list[Job]:
-    """The jobs of one local stack (`arks up`): every address is host:port."""
+    """The jobs of one local stack (`arks up`): every address is host:port. Each engine target
+    carries the `namespace` of the endpoints it serves as a target label, as a PodMonitor's
+    relabelling gives an engine pod's series in a cluster: the engine dashboard filters its
+    `vllm:*` series by it."""
     jobs = [service_job(GATEWAY_JOB, [gateway])]
     if ratelimit is not None:
         jobs.append(service_job(RATELIMIT_JOB, [ratelimit]))
     jobs += [service_job(CONTROLLER_JOB, [controller]), envoy_job([envoy_admin])]
     if engines:
-        jobs.append(engines_job([Target(a) for a in engines]))
+        jobs.append(engines_job(engines))
     return jobs
 
 

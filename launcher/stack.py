@@ -21,7 +21,7 @@ from arks import envoy_config
 from arks.api import ObjectKey, SocketAddress
 from arks.envoy_config import EnvoySettings
 from arks.policy import Policy, load_policy_file
-from arks.prometheus_config import local_jobs, prometheus_config
+from arks.prometheus_config import Target, local_jobs, prometheus_config
 from launcher.procs import Child, Supervisor, free_port, wait_http
 from launcher.prometheus import rule_files, start_prometheus
 
@@ -77,6 +77,25 @@ def simulated_engines(policy: Policy) -> dict[SocketAddress, list[str]]:
                 ):
                     models[address].append(endpoint.model)
     return dict(models)
+
+
+def engine_targets(policy: Policy) -> list[Target]:
+    """The loopback engines to scrape, each labelled with the namespace of the endpoints routed
+    to it (the first, should several namespaces share one), as a PodMonitor labels an engine
+    pod's series in a cluster."""
+    namespaces: dict[SocketAddress, str] = {}
+    for endpoint in sorted(policy.endpoints.values(), key=lambda e: (e.key.namespace, e.model)):
+        for ref in endpoint.route_configs:
+            if ref.kind != "Backend":
+                continue
+            backend = policy.backends.get(ObjectKey(ref.namespace, ref.name))
+            for address in backend.endpoints if backend else ():
+                if ipaddress.ip_address(address.address).is_loopback:
+                    namespaces.setdefault(address, endpoint.key.namespace)
+    return [
+        Target(f"{a.address}:{a.port}", {"namespace": namespaces[a]})
+        for a in sorted(namespaces, key=lambda a: (a.address, a.port))
+    ]
 
 
 @dataclass
@@ -191,12 +210,11 @@ class LocalStack:
         and the policy's loopback engines (those read at start; the rate-limit service is not
         part of the local stack: extproc applies the limits itself)."""
         s = self.settings
-        engines = sorted(simulated_engines(self.policy), key=lambda a: (a.address, a.port))
         jobs = local_jobs(
             gateway=f"127.0.0.1:{s.metrics_port}",
             controller=f"127.0.0.1:{self.controller_metrics_port}",
             envoy_admin=f"127.0.0.1:{s.admin_port}",
-            engines=[f"{a.address}:{a.port}" for a in engines],
+            engines=engine_targets(self.policy),
         )
         rules = [str(path) for path in self.prometheus_rules]
         return prometheus_config(jobs, rules, scrape_interval_s=s.prometheus_interval_s)

@@ -269,6 +269,8 @@ def test_arks_up_prometheus_scrapes_every_part_with_the_shipped_config(tmp_path:
         )
         assert relabelled[0][0]["envoy_cluster_name"] == "endpoint/default/qwen-7b"
         assert prom.query('arks_engine_waiting_requests{model="qwen-7b"}')  # the controller's
+        # The engines' own series, labelled with their endpoint's namespace by the scrape config.
+        assert prom.query('vllm:num_requests_waiting{namespace="default", model_name="qwen-7b"}')
         assert all(group_healthy(g) for g in prom.rule_groups())
     finally:
         interrupt(proc)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from arks.policy import build_policy
 from arks.prometheus_config import (
     CONTROLLER_JOB,
     ENGINES_JOB,
@@ -20,6 +21,7 @@ from arks.prometheus_config import (
     GATEWAY_JOB,
     RATELIMIT_JOB,
     Relabel,
+    Target,
     local_jobs,
     operator_relabelings,
     plain_rule_file,
@@ -27,6 +29,8 @@ from arks.prometheus_config import (
     relabel_configs,
 )
 from launcher.prometheus import rule_files
+from launcher.stack import engine_targets
+from tests.support.objects import backend, endpoint
 
 
 def relabel(labels: dict[str, str], rules: tuple[Relabel, ...]) -> dict[str, str]:
@@ -80,7 +84,10 @@ def test_the_local_stack_config_scrapes_every_part() -> None:
         gateway="127.0.0.1:9101",
         controller="127.0.0.1:9103",
         envoy_admin="127.0.0.1:9901",
-        engines=["127.0.0.1:18001", "127.0.0.1:18002"],
+        engines=[
+            Target("127.0.0.1:18001", {"namespace": "default"}),
+            Target("127.0.0.1:18002", {"namespace": "team-b"}),
+        ],
     )
     config = prometheus_config(jobs, ["/rules/arks-rules.yaml"], scrape_interval_s=5)
     assert config["global"] == {"scrape_interval": "5s", "evaluation_interval": "5s"}
@@ -91,9 +98,28 @@ def test_the_local_stack_config_scrapes_every_part() -> None:
     assert by_job[ENVOY_JOB]["metrics_path"] == ENVOY_STATS_PATH
     assert by_job[ENVOY_JOB]["metric_relabel_configs"] == relabel_configs(ENVOY_CLUSTER_RELABELINGS)
     assert "metric_relabel_configs" not in by_job[GATEWAY_JOB]
-    assert [s["targets"] for s in by_job[ENGINES_JOB]["static_configs"]] == [
-        ["127.0.0.1:18001"],
-        ["127.0.0.1:18002"],
+    assert by_job[ENGINES_JOB]["static_configs"] == [
+        {"targets": ["127.0.0.1:18001"], "labels": {"namespace": "default"}},
+        {"targets": ["127.0.0.1:18002"], "labels": {"namespace": "team-b"}},
+    ]
+
+
+def test_local_engines_are_labelled_with_their_endpoints_namespace() -> None:
+    """Engine series carry no namespace of their own; the dashboards filter them by one, as a
+    PodMonitor's target label gives it in a cluster."""
+    objects = [
+        backend("sim-a", 18001),
+        backend("sim-b", 18002, namespace="team-b"),
+        backend("remote", 18003),
+        endpoint("model-a", "sim-a", "remote"),
+        endpoint("model-b", "sim-b", namespace="team-b"),
+        endpoint("model-empty"),
+    ]
+    objects[2]["spec"]["endpoints"][0]["ip"]["address"] = "10.0.0.7"  # not a local engine
+    policy = build_policy((str(i), o) for i, o in enumerate(objects))
+    assert engine_targets(policy) == [
+        Target("127.0.0.1:18001", {"namespace": "default"}),
+        Target("127.0.0.1:18002", {"namespace": "team-b"}),
     ]
 
 
