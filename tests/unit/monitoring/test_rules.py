@@ -109,3 +109,15 @@ def test_every_alert_has_a_severity_who_and_what_and_a_runbook() -> None:
             for label in kept.group(1).split(", ") if kept else []:
                 if label != "job":
                     assert f"$labels.{label}" in text, (rule["alert"], label)
+
+
+def test_every_runbook_link_lands_on_a_readme_section_and_the_alert_table_is_complete() -> None:
+    """A runbook link is the README's heading for the alert (GitHub's anchor: the heading in
+    lower case), and the README's alert table lists every alert with its severity."""
+    readme = (REPO / "README.md").read_text()
+    headings = {h.lower() for h in re.findall(r"^#+ (\S+)\s*$", readme, flags=re.M)}
+    rows = dict(re.findall(r"^\| \[(\w+)\]\(#\w+\) \| (\w+) \|", readme, flags=re.M))
+    for alert in alert_rules.alerts():
+        assert alert.alert.lower() in headings, alert.alert
+        assert rows.get(alert.alert) == alert.severity, alert.alert
+    assert set(rows) == {a.alert for a in alert_rules.alerts()}
