@@ -11,10 +11,11 @@ renders both). The CRDs go to charts/arks/crds/ by `python -m arks.crds`.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import yaml
+
+from arks import generated
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
@@ -40,17 +41,7 @@ def files(manifests: Path = MANIFESTS) -> dict[str, str]:
 
 
 def drift(out: Path, wanted: dict[str, str]) -> list[str]:
-    problems = []
-    for name, text in wanted.items():
-        path = out / name
-        if not path.exists():
-            problems.append(f"{path}: missing")
-        elif path.read_text() != text:
-            problems.append(f"{path}: differs from manifests/{name}")
-    for path in sorted(out.glob("*/*.yaml")):
-        if str(path.relative_to(out)) not in wanted:
-            problems.append(f"{path}: not in manifests/ (stale?)")
-    return problems
+    return generated.drift(out, wanted, "manifests/", owned="*/*.yaml")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,22 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUTPUT)
     parser.add_argument("--check", action="store_true", help="exit 1 if the copies are stale")
     args = parser.parse_args(argv)
-    out: Path = args.out
     wanted = files()
     if args.check:
-        problems = drift(out, wanted)
-        for problem in problems:
-            print(problem, file=sys.stderr)
-        if problems:
-            print("run `python -m arks.chart` to copy them again", file=sys.stderr)
-        return 1 if problems else 0
-    for stale in out.glob("*/*.yaml"):
-        if str(stale.relative_to(out)) not in wanted:
-            stale.unlink()
-    for name, text in wanted.items():
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        (out / name).write_text(text)
-    print(f"wrote {len(wanted)} files to {out}")
+        return generated.report(drift(args.out, wanted), "python -m arks.chart")
+    generated.write(args.out, wanted, owned="*/*.yaml")
     return 0
 
 

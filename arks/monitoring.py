@@ -13,12 +13,12 @@ Writes, from arks/alert_rules.py and arks/prometheus_config.py:
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from arks import generated
 from arks.alert_rules import JOB_ENVOY, rule_groups
 from arks.manifests import GATEWAY, NAMESPACE, _Dumper
 from arks.prometheus_config import ENVOY_CLUSTER_RELABELINGS, operator_relabelings
@@ -126,14 +126,6 @@ def files() -> dict[str, str]:
     }
 
 
-def stale(out: Path, wanted: dict[str, str]) -> list[str]:
-    return [
-        str(out / name)
-        for name, text in wanted.items()
-        if not (out / name).exists() or (out / name).read_text() != text
-    ]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m arks.monitoring", description=__doc__.split("\n")[0]
@@ -141,17 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUTPUT)
     parser.add_argument("--check", action="store_true", help="fail if a file is stale")
     args = parser.parse_args(argv)
-    out: Path = args.out
     wanted = files()
     if args.check:
-        problems = stale(out, wanted)
-        for path in problems:
-            print(f"{path} is stale: run `python -m arks.monitoring`", file=sys.stderr)
-        return 1 if problems else 0
-    for name, text in wanted.items():
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        (out / name).write_text(text)
-    print(f"wrote {len(wanted)} files to {out}")
+        problems = generated.drift(args.out, wanted, "arks/alert_rules.py")
+        return generated.report(problems, "python -m arks.monitoring")
+    generated.write(args.out, wanted)
     return 0
 
 

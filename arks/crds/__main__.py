@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from arks import generated
 from arks.crds import chart_files, files
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -17,17 +18,7 @@ CHART_OUT = ROOT / "charts" / "arks" / "crds"
 def drift(out: Path, wanted: dict[str, str] | None = None) -> list[str]:
     """Names of files in `out` that differ from, lack or are not among the generated ones."""
     wanted = files() if wanted is None else wanted
-    problems = []
-    for file_name, text in wanted.items():
-        path = out / file_name
-        if not path.exists():
-            problems.append(f"{path}: missing")
-        elif path.read_text() != text:
-            problems.append(f"{path}: differs from the Python schema")
-    for path in sorted(out.glob("*.yaml")):
-        if path.name not in wanted:
-            problems.append(f"{path}: not generated (stale?)")
-    return problems
+    return generated.drift(out, wanted, "the Python schema", owned="*.yaml")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,16 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.check:
         problems = [p for out, wanted in targets for p in drift(out, wanted)]
-        for problem in problems:
-            print(problem, file=sys.stderr)
-        if problems:
-            print("run `python -m arks.crds` to regenerate", file=sys.stderr)
-        return 1 if problems else 0
+        return generated.report(problems, "python -m arks.crds")
     for out, wanted in targets:
-        out.mkdir(parents=True, exist_ok=True)
-        for file_name, text in wanted.items():
-            (out / file_name).write_text(text)
-        print(f"wrote {len(wanted)} files to {out}")
+        generated.write(out, wanted)
     return 0
 
 

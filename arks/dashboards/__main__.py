@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from arks import generated
 from arks.dashboards import CONFIGMAPS, DIRECTORY, files
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,16 +20,7 @@ def drift(out: Path, wanted: dict[str, str] | None = None) -> list[str]:
     """What in `out` differs from, lacks or is not among the generated files; and whether its
     kustomization.yaml installs the ConfigMaps."""
     wanted = files() if wanted is None else wanted
-    problems = []
-    for name, text in wanted.items():
-        path = out / name
-        if not path.exists():
-            problems.append(f"{path}: missing")
-        elif path.read_text() != text:
-            problems.append(f"{path}: differs from arks/dashboards")
-    for path in sorted((out / DIRECTORY).glob("*.json")):
-        if f"{DIRECTORY}/{path.name}" not in wanted:
-            problems.append(f"{path}: not generated (stale?)")
+    problems = generated.drift(out, wanted, "arks/dashboards", owned=f"{DIRECTORY}/*.json")
     kustomization = out / "kustomization.yaml"
     if kustomization.exists():
         resources = yaml.safe_load(kustomization.read_text()).get("resources") or []
@@ -42,22 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if the files are stale")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="manifests/monitoring")
     args = parser.parse_args(argv)
-    out: Path = args.out
     wanted = files()
     if args.check:
-        problems = drift(out, wanted)
-        for problem in problems:
-            print(problem, file=sys.stderr)
-        if problems:
-            print("run `python -m arks.dashboards` to regenerate", file=sys.stderr)
-        return 1 if problems else 0
-    for stale in (out / DIRECTORY).glob("*.json"):
-        if f"{DIRECTORY}/{stale.name}" not in wanted:
-            stale.unlink()
-    for name, text in wanted.items():
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        (out / name).write_text(text)
-    print(f"wrote {len(wanted)} files to {out}")
+        return generated.report(drift(args.out, wanted), "python -m arks.dashboards")
+    generated.write(args.out, wanted, owned=f"{DIRECTORY}/*.json")
     return 0
 
 
