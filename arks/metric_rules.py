@@ -29,6 +29,27 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
+# Buckets of a decision's latency (the gateway's phases, one rate-limit call): tens of
+# microseconds when all is well, a Redis round trip, up to a store's timeout (0.5 s) and beyond.
+DECISION_BUCKETS = (
+    1e-5,
+    2.5e-5,
+    5e-5,
+    1e-4,
+    2.5e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
+
 UNKNOWN = "unknown"  # the one label value of a model or domain that matched no configured object
 
 PREFIX = "arks_"

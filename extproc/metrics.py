@@ -7,6 +7,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from arks.metric_rules import DECISION_BUCKETS
 from extproc.decision import Deny, Identity
 from extproc.usage import Finished, Usage
 
@@ -34,26 +35,6 @@ REQUEST_BUCKETS = (
     600.0,
 )
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
-# The gateway's own work per request: tens of microseconds when all is well, up to the budget
-# store's timeout (0.5 s) when it is not.
-DECISION_BUCKETS = (
-    1e-5,
-    2.5e-5,
-    5e-5,
-    1e-4,
-    2.5e-4,
-    5e-4,
-    1e-3,
-    2.5e-3,
-    5e-3,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-)
 # arks_gateway_decision_seconds{phase}: the headers (or body) message up to extproc's answer;
 # admission (rate limits, quotas, concurrency) within it; one access-log entry's settlement.
 PHASES = ("headers", "admission", "settlement")

@@ -12,27 +12,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from arks.metric_rules import UNKNOWN
+from arks.metric_rules import DECISION_BUCKETS, UNKNOWN
 
-# One call: tens of microseconds in memory, a Redis round trip, up to its timeout (0.5 s).
-CALL_BUCKETS = (
-    1e-5,
-    2.5e-5,
-    5e-5,
-    1e-4,
-    2.5e-4,
-    5e-4,
-    1e-3,
-    2.5e-3,
-    5e-3,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-)
 # redis_error: decided without the counter store (fail open or closed, as configured);
 # service_error: the call failed (Envoy applies its own failure_mode_deny).
 CALL_ERROR_TYPES = ("redis_error", "service_error")
@@ -52,7 +33,7 @@ class CallMetrics:
                 "Time the rate-limit service took to answer one ShouldRateLimit call, by domain "
                 '(a domain the configuration does not have is "unknown").',
                 ("domain",),
-                buckets=CALL_BUCKETS,
+                buckets=DECISION_BUCKETS,
                 registry=registry,
             ),
             errors=Counter(
