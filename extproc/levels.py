@@ -16,6 +16,7 @@ Every gateway replica shows the same figures (the store is shared): aggregate wi
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Iterator, Mapping, Sequence
@@ -237,8 +238,14 @@ class Levels:
         keyed = [(limit, budget_key(limit, now)) for limit in limits]
         keys = [p.key for p in periods] + [key for _, key in keyed if key is not None]
         unique = list(dict.fromkeys(keys))
-        levels = await self.budgets.levels(unique, now) if unique else {}
-        reads = -(-len(unique) // LEVELS_PER_READ)
+        # Chunk by chunk, letting requests run between them: with in-memory stores nothing else
+        # would yield, and a big policy's refresh would stall the loop for tens of ms.
+        levels: dict[str, Level] = {}
+        reads = 0
+        for first in range(0, len(unique), LEVELS_PER_READ):
+            levels.update(await self.budgets.levels(unique[first : first + LEVELS_PER_READ], now))
+            reads += 1
+            await asyncio.sleep(0)
         counted, counter_reads = await self._counted(limits, now)
         self.gauges.show(shown(periods, keyed, levels, snapshot, counted))
         return reads + counter_reads
@@ -258,6 +265,7 @@ class Levels:
             chunk = asked[first : first + HITS_PER_READ]
             outcomes = await self.counters.apply([hit for _, hit in chunk], now)
             reads += 1
+            await asyncio.sleep(0)
             for (limit, _), outcome in zip(chunk, outcomes, strict=True):
                 counted[limit.labels] = outcome.remaining
         return counted, reads
