@@ -61,7 +61,8 @@ def _banner(stack: Any, tokens: Mapping[str, str], prometheus_installed: bool = 
     ]
     if stack.prometheus_url is not None:
         rules = len(stack.prometheus_rules)
-        lines.append(f"  Prometheus       {stack.prometheus_url}   ({rules} rule files)")
+        plural = "" if rules == 1 else "s"
+        lines.append(f"  Prometheus       {stack.prometheus_url}   ({rules} rule file{plural})")
     elif prometheus_installed:
         lines.append(
             "  Prometheus       installed: `arks up --prometheus` starts one scraping all this"
