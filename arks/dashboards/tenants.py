@@ -151,8 +151,10 @@ def dashboard() -> Dashboard:
         ),
     )
 
-    remaining = b.where("arks_rate_limit_remaining", *who)
-    limit = b.where("arks_rate_limit_limit", *who)
+    # Every gateway replica shows the same shared figures: one series per limit, not per replica.
+    limit_labels = ["namespace", "user", "model", "limit"]
+    remaining = by(limit_labels, b.where("arks_rate_limit_remaining", *who), op="min")
+    limit = by(limit_labels, b.where("arks_rate_limit_limit", *who), op="max")
     b.row("Rate limits")
     b.add(
         bars(
