@@ -41,6 +41,13 @@ class UsageRecord:
     estimate_reason: str | None  # why it is an estimate (None when reported)
     duration_s: float | None
     ttft_s: float | None  # streams: time to the first content byte
+    # What the quota budgets were charged, so they can be rebuilt from the ledger exactly: the
+    # ArksQuota ("namespace/name") the admission reserved against, the admission's time (a
+    # request settles into the periods it was admitted in), and the micro-units a cost item was
+    # charged (each request rounded up, as the budget charge is).
+    quota: str | None = None
+    admitted_at: datetime | None = None
+    cost_micros: int | None = None
 
     @property
     def total_tokens(self) -> int:
