@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Iterator
 
 import psycopg
-import pytest
 
 SERVER = os.environ.get("ARKS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 HOST, PORT = "127.0.0.1", 5432
@@ -25,10 +24,10 @@ def _admin() -> psycopg.Connection[tuple[object, ...]]:
     try:
         return psycopg.connect(f"{SERVER}/postgres", autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as err:
-        pytest.fail(
+        raise RuntimeError(
             f"PostgreSQL is not reachable at {SERVER} ({err}); start it (`pg_ctlcluster 15 main "
             "start`, Debian's postgresql package) — .ci/run does"
-        )
+        ) from err
 
 
 @contextlib.contextmanager
