@@ -32,6 +32,7 @@ from arks.ledger import (
     UsageRecord,
 )
 from tests.support.postgres import cut_proxy, new_schema, private_database
+from tests.support.stall_proxy import stall_proxy
 
 T0 = datetime(2024, 12, 30, 22, 0, tzinfo=UTC)  # a Monday, two hours before a new year
 
@@ -510,4 +511,20 @@ async def test_an_unreachable_server_is_unavailable(pg_url: str) -> None:
             await ledger.migrate()
         proxy.restore()
         assert await ledger.migrate() == 1
+        await ledger.close()
+
+
+async def test_a_server_that_stops_answering_is_unavailable_after_the_timeout(pg_url: str) -> None:
+    """A hung server (a network partition): the call gives up at `timeout_s`, closing the
+    connection, rather than waiting on psycopg's cancel request, which a hung server ignores."""
+    with stall_proxy("http://127.0.0.1:5432") as proxy:
+        ledger = PostgresLedger(
+            pg_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}", 1), timeout_s=1.0
+        )
+        await ledger.migrate()
+        proxy.stalled = True
+        with pytest.raises(LedgerUnavailable, match="timed out"):
+            await asyncio.wait_for(ledger.write([record("hung")]), timeout=8.0)
+        proxy.stalled = False
+        assert await ledger.write([record("hung")]) == 1, "the timed-out batch was not stored"
         await ledger.close()

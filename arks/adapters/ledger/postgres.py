@@ -189,6 +189,23 @@ def report_sql(query: ReportQuery) -> tuple[sql.Composed, list[Any]]:
     return query_sql, params
 
 
+async def _within(conn: psycopg.AsyncConnection[Any], call: Awaitable[T], timeout_s: float) -> T:
+    """`call` on `conn`, or TimeoutError after `timeout_s` with the connection closed under it.
+    Not a plain cancellation: psycopg answers one by asking the server to cancel the query and
+    waiting for it, up to 10 s more, and a server that stopped answering answers neither."""
+    task = asyncio.ensure_future(call)
+    try:
+        await asyncio.wait({task}, timeout=timeout_s)
+    finally:
+        if not task.done():  # timed out, or our caller was cancelled
+            conn.pgconn.finish()  # psycopg sees no query in progress: nothing to cancel
+            task.cancel()
+            await asyncio.wait({task})
+    if task.cancelled():
+        raise TimeoutError
+    return task.result()
+
+
 def _is_missing_partition(err: psycopg.Error) -> bool:
     return err.sqlstate == "23514" and "no partition" in str(err)
 
@@ -237,10 +254,12 @@ class PostgresLedger:
         """`work` on the connection (opened if needed), one call at a time; a lost or
         unreachable server or a call past `timeout_s` as `LedgerUnavailable`, the connection
         dropped so that the next call opens a fresh one."""
+        limit = timeout_s or self.timeout_s
         async with self._lock:
             try:
-                async with asyncio.timeout(timeout_s or self.timeout_s):
-                    return await work(await self._connection())
+                async with asyncio.timeout(limit):
+                    conn = await self._connection()
+                return await _within(conn, work(conn), limit)
             except (psycopg.OperationalError, TimeoutError) as err:
                 await self._drop()
                 what = "timed out" if isinstance(err, TimeoutError) else str(err).strip()
