@@ -195,7 +195,12 @@ async def test_every_field_is_a_column_of_its_name(store: LedgerStore, store_url
         status=0,
         engine="",
     )
-    reported = record("r", time=T0 + timedelta(microseconds=123456))
+    reported = dataclasses.replace(
+        record("r", time=T0 + timedelta(microseconds=123456)),
+        quota="team-a/monthly",
+        admitted_at=T0 - timedelta(seconds=3, microseconds=7),
+        cost_micros=1234,
+    )
     await store.write([estimated, reported])
     found = stored_rows(store_url)
     fields = [f.name for f in dataclasses.fields(UsageRecord)]
@@ -203,7 +208,7 @@ async def test_every_field_is_a_column_of_its_name(store: LedgerStore, store_url
     for row, want in zip(found, (estimated, reported), strict=True):
         for name in fields:
             got = row[name]
-            if name == "time":
+            if name in ("time", "admitted_at") and got is not None:
                 got = (
                     datetime.fromisoformat(got).replace(tzinfo=UTC) if isinstance(got, str) else got
                 )

@@ -56,6 +56,9 @@ COLUMNS = (
     "estimate_reason",
     "duration_s",
     "ttft_s",
+    "quota",
+    "admitted_at",
+    "cost_micros",
 )
 # COPY's binary types, in COLUMNS order.
 COPY_TYPES = (
@@ -74,6 +77,9 @@ COPY_TYPES = (
     "text",
     "float8",
     "float8",
+    "text",
+    "timestamptz",
+    "int8",
 )
 _COLS = sql.SQL(", ").join(sql.Identifier(c) for c in COLUMNS)
 STAGING = sql.SQL(
@@ -155,6 +161,9 @@ def record_row(record: UsageRecord) -> tuple[Any, ...]:
         record.estimate_reason,
         record.duration_s,
         record.ttft_s,
+        record.quota,
+        None if record.admitted_at is None else rows.utc(record.admitted_at),
+        record.cost_micros,
     )
 
 

@@ -44,6 +44,9 @@ COLUMNS = (
     "estimate_reason",
     "duration_s",
     "ttft_s",
+    "quota",
+    "admitted_at",
+    "cost_micros",
 )
 INSERT = (
     f"INSERT OR IGNORE INTO usage_records ({', '.join(COLUMNS)}) "
@@ -89,6 +92,9 @@ def record_row(record: UsageRecord) -> tuple[Any, ...]:
         record.estimate_reason,
         record.duration_s,
         record.ttft_s,
+        record.quota,
+        None if record.admitted_at is None else time_text(record.admitted_at),
+        record.cost_micros,
     )
 
 

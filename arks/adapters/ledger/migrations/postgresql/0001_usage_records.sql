@@ -25,6 +25,9 @@ CREATE TABLE usage_records (
     estimate_reason text,
     duration_s double precision,
     ttft_s double precision,
+    quota text,
+    admitted_at timestamptz,
+    cost_micros bigint,
     PRIMARY KEY (request_id, time)
 ) PARTITION BY RANGE (time);
 
@@ -38,3 +41,5 @@ CREATE TABLE usage_request_ids (
 CREATE INDEX usage_records_time ON usage_records USING brin (time);
 CREATE INDEX usage_records_namespace_user_time ON usage_records (namespace, "user", time);
 CREATE INDEX usage_records_model_time ON usage_records (model, time);
+-- Rebuilding a quota's budgets: its records by admission time.
+CREATE INDEX usage_records_quota_admitted ON usage_records (quota, admitted_at);

@@ -16,9 +16,14 @@ CREATE TABLE usage_records (
     source TEXT NOT NULL CHECK (source IN ('reported', 'estimated')),
     estimate_reason TEXT,
     duration_s REAL,
-    ttft_s REAL
+    ttft_s REAL,
+    quota TEXT,
+    admitted_at TEXT,
+    cost_micros INTEGER
 );
 -- The report queries: a time range, optionally narrowed to namespaces (and users) or models.
 CREATE INDEX usage_records_time ON usage_records (time);
 CREATE INDEX usage_records_namespace_user_time ON usage_records (namespace, user, time);
 CREATE INDEX usage_records_model_time ON usage_records (model, time);
+-- Rebuilding a quota's budgets: its records by admission time.
+CREATE INDEX usage_records_quota_admitted ON usage_records (quota, admitted_at);
