@@ -80,6 +80,16 @@ class ReportRow:
     estimated_requests: int
 
 
+@dataclass(frozen=True, slots=True)
+class QuotaTotals:
+    """What the records charged to one ArksQuota and admitted within a period add up to."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_micros: int = 0
+
+
 class LedgerStore(Protocol):
     async def migrate(self) -> int:
         """Apply the schema migrations not applied yet (versioned, in order); the version now."""
@@ -93,6 +103,11 @@ class LedgerStore(Protocol):
 
     async def report(self, query: ReportQuery) -> list[ReportRow]:
         """Totals for `query`, ordered by period then the grouped labels."""
+        ...
+
+    async def quota_totals(self, quota: str, start: datetime, end: datetime | None) -> QuotaTotals:
+        """The totals of the records charged to `quota` ("namespace/name") whose admission was
+        in [start, end) (`end` None: no end): what that quota's budgets for the period used."""
         ...
 
     async def close(self) -> None: ...

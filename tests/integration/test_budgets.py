@@ -253,6 +253,21 @@ async def test_restore_sets_only_missing_totals(store: BudgetStore) -> None:
     assert await store.restore({}) == 0
 
 
+async def test_raise_to_only_ever_raises_and_keeps_leases(store: BudgetStore) -> None:
+    """The ledger's figure is a floor: a total below it is raised, one above it (charges the
+    ledger has not seen yet) is kept, a missing one is set; leases stay as they were."""
+    await store.settle("r1", [Charge("a", 5)], T0)
+    await store.settle("r2", [Charge("b", 50)], T0)
+    assert (await store.admit("r3", [lease(100, 10, "a")], TTL, T0)).admitted
+    assert await store.raise_to({"a": 40, "b": 20, "c": 3, "d": 0}) == 2
+    assert await store.used(["a", "b", "c", "d"]) == {"a": 40, "b": 50, "c": 3, "d": 0}
+    refused = await store.admit("r4", [lease(100, 55, "a")], TTL, T0)
+    assert (refused.admitted, refused.used, refused.leased) == (False, 40, 10)
+    assert await store.raise_to({"a": 40}) == 0
+    with pytest.raises(ValueError):
+        await store.raise_to({"a": -1})
+
+
 async def test_a_budget_is_forgotten_when_it_expires(store: BudgetStore) -> None:
     now = time.time()  # budget expiry is absolute: Redis judges it by its own clock
     ends = now + 0.3

@@ -27,6 +27,7 @@ from arks.ledger import (
     GroupBy,
     LedgerStore,
     LedgerUnavailable,
+    QuotaTotals,
     ReportQuery,
     ReportRow,
     UsageRecord,
@@ -533,3 +534,35 @@ async def test_a_server_that_stops_answering_is_unavailable_after_the_timeout(pg
         proxy.stalled = False
         assert await ledger.write([record("hung")]) == 1, "the timed-out batch was not stored"
         await ledger.close()
+
+
+async def test_quota_totals_sum_what_was_admitted_in_the_period(store: LedgerStore) -> None:
+    """A quota's budgets are rebuilt from the records charged to it and admitted in the period:
+    by admission time (a request admitted before midnight that ended after it belongs to the
+    day it was admitted), not other quotas' records nor unquoted ones."""
+    day = datetime(2024, 12, 30, tzinfo=UTC)
+    charged = {
+        "in-1": dict(admitted_at=day + timedelta(hours=1), prompt_tokens=10, cost_micros=7),
+        "in-late": dict(
+            admitted_at=day + timedelta(hours=23, minutes=59, seconds=59),
+            time=day + timedelta(days=1, minutes=1),  # ended the next day
+            completion_tokens=30,
+            cost_micros=5,
+        ),
+        "before": dict(admitted_at=day - timedelta(seconds=1), time=day + timedelta(seconds=2)),
+        "next-day": dict(admitted_at=day + timedelta(days=1)),
+    }
+    records = [
+        record(rid, quota="team-a/daily", **{"time": day + timedelta(hours=2), **fields})
+        for rid, fields in charged.items()
+    ]
+    records += [
+        record("other", quota="team-a/other", admitted_at=day + timedelta(hours=1)),
+        record("unquoted", admitted_at=day + timedelta(hours=1)),
+    ]
+    await store.write(records)
+    got = await store.quota_totals("team-a/daily", day, day + timedelta(days=1))
+    assert got == QuotaTotals(requests=2, prompt_tokens=20, completion_tokens=35, cost_micros=12)
+    since = await store.quota_totals("team-a/daily", day, None)
+    assert since.requests == 3
+    assert await store.quota_totals("team-b/none", day, None) == QuotaTotals()

@@ -36,7 +36,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from arks.adapters.ledger import migrations, rows
-from arks.ledger import LedgerUnavailable, ReportQuery, ReportRow, UsageRecord
+from arks.ledger import LedgerUnavailable, QuotaTotals, ReportQuery, ReportRow, UsageRecord
 
 T = TypeVar("T")
 DROP_TIMEOUT_S = 600.0  # retention deletes a month of request ids: minutes, not a batch's seconds
@@ -353,6 +353,26 @@ class PostgresLedger:
 
         found = await self._run(fetch)
         return rows.ordered(rows.report_row(query, r[0], r[1:4], tuple(r[4:9])) for r in found)
+
+    async def quota_totals(self, quota: str, start: datetime, end: datetime | None) -> QuotaTotals:
+        query = (
+            "SELECT count(*), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0),"
+            " coalesce(sum(cost_micros), 0) FROM usage_records"
+            " WHERE quota = %s AND admitted_at >= %s AND time >= %s"
+            + ("" if end is None else " AND admitted_at < %s")
+        )
+        params: list[Any] = [quota, rows.utc(start), rows.utc(start)] + (
+            [] if end is None else [rows.utc(end)]
+        )
+
+        async def fetch(conn: psycopg.AsyncConnection[Any]) -> tuple[Any, ...]:
+            cur = await conn.execute(query, params)
+            found = await cur.fetchone()
+            assert found is not None  # an aggregate always answers one row
+            return tuple(found)
+
+        found = await self._run(fetch)
+        return QuotaTotals(*(int(v) for v in found))
 
     async def partitions(self) -> list[date]:
         """The months that have a partition, in order."""

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from arks.adapters.ledger import migrations, rows
-from arks.ledger import LedgerUnavailable, ReportQuery, ReportRow, UsageRecord
+from arks.ledger import LedgerUnavailable, QuotaTotals, ReportQuery, ReportRow, UsageRecord
 
 T = TypeVar("T")
 BUSY_TIMEOUT_S = 10.0
@@ -175,6 +175,21 @@ class SqliteLedger:
             )
             for r in found
         )
+
+    async def quota_totals(self, quota: str, start: datetime, end: datetime | None) -> QuotaTotals:
+        sql = (
+            "SELECT count(*), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0),"
+            " coalesce(sum(cost_micros), 0) FROM usage_records"
+            " WHERE quota = ? AND admitted_at >= ? AND time >= ?"
+        )
+        # A request ends after its admission: `time >= start` narrows the scan (and, on
+        # PostgreSQL, the partitions read).
+        params: list[Any] = [quota, time_text(start), time_text(start)]
+        if end is not None:
+            sql += " AND admitted_at < ?"
+            params.append(time_text(end))
+        found = await self._run(lambda conn: conn.execute(sql, params).fetchone())
+        return QuotaTotals(*(int(v) for v in found))
 
     async def delete_before(self, moment: datetime) -> int:
         """Retention: delete the records older than `moment`; how many. (SQLite has no

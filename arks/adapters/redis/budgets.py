@@ -241,13 +241,28 @@ redis.call("SET", KEYS[1], ARGV[2])
 return {restored, ARGV[2]}
 """
 
+# KEYS: used totals, ARGV: their floors. Reply: how many were raised. A raised total keeps the
+# key's expiry (KEEPTTL, Redis 6.0+): the budget still goes when its period's grace ends.
+RAISE = """
+local raised = 0
+for i = 1, #KEYS do
+  local floor = tonumber(ARGV[i])
+  local current = tonumber(redis.call("GET", KEYS[i]) or "0")
+  if floor > current then
+    redis.call("SET", KEYS[i], ARGV[i], "KEEPTTL")
+    raised = raised + 1
+  end
+end
+return raised
+"""
 
-_ADMIT, _SETTLE, _RENEW, _RESTORE, _LEVELS = (
+_ADMIT, _SETTLE, _RENEW, _RESTORE, _LEVELS, _RAISE = (
     Script.of(ADMIT),
     Script.of(SETTLE),
     Script.of(RENEW),
     Script.of(RESTORE),
     Script.of(LEVELS),
+    Script.of(RAISE),
 )
 
 
@@ -377,6 +392,15 @@ class RedisBudgets:
         count, generation = reply
         self._generation = generation.decode() if isinstance(generation, bytes) else str(generation)
         return int(count)
+
+    async def raise_to(self, used: Mapping[str, int]) -> int:
+        check_restore(used)
+        floors = {key: value for key, value in used.items() if value}
+        if not floors:
+            return 0
+        keys = [self._prefix + key + ":used" for key in floors]
+        async with self._answer("raise"):
+            return int(await self._run(_RAISE, keys, list(floors.values())))
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -104,6 +104,12 @@ class BudgetStore(Protocol):
         store already has are left alone. Returns how many keys were restored."""
         ...
 
+    async def raise_to(self, used: Mapping[str, int]) -> int:
+        """Rebuilding from the usage ledger: each key's used total becomes at least the given
+        figure (a lower bound of the truth: what the ledger holds), never lower than it is.
+        Returns how many keys were raised."""
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -184,6 +184,20 @@ class MemoryBudgets:
             restored += 1
         return restored
 
+    async def raise_to(self, used: Mapping[str, int]) -> int:
+        check_restore(used)
+        raised = 0
+        for key, value in used.items():
+            budget = self._budgets.get(key)
+            if budget is not None and budget.expired(self._now):
+                del self._budgets[key]
+                budget = None
+            if value == 0 or (budget is not None and (budget.used or 0) >= value):
+                continue
+            self._budgets.setdefault(key, _Budget()).used = value
+            raised += 1
+        return raised
+
     async def close(self) -> None:
         self._budgets.clear()
 
