@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from arks.api import ArksQuota
+from arks.ledger import LedgerStore, LedgerUnavailable, UsageRecord
 from arks.limits.budgets import BudgetStore
 from arks.policy import Policy, PolicySource
-from extproc import quota
+from extproc import quota, rebuild
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,11 @@ class QuotaStatus:
                 log.warning("ArksQuota %s status not written: %s", q.key, err.reason)
 
 
+# Turns (of the snapshot timer) that rebuild from the ledger after a loss: the records other
+# replicas settled before it reach the ledger within their writers' flush, a turn or two later.
+REBUILD_TURNS = 3
+
+
 @dataclass
 class QuotaSnapshots:
     budgets: BudgetStore
@@ -126,6 +132,11 @@ class QuotaSnapshots:
     durable: DurableCopy | None
     clock: Callable[[], float]
     snapshot: dict[str, int] | None = None
+    # With a usage ledger, a store that lost its data (and every start) is rebuilt from it
+    # (extproc/rebuild.py); the snapshot stays as the floor without one.
+    ledger: LedgerStore | None = None
+    pending: Callable[[], Iterable[UsageRecord]] = tuple
+    rebuild_due: int = REBUILD_TURNS  # the first turns rebuild: the store may be empty
     _keys_for: tuple[Policy, int] | None = None
     _keys: frozenset[str] = frozenset()
 
@@ -155,7 +166,22 @@ class QuotaSnapshots:
         restored = await self.budgets.restore(self.snapshot)
         if restored:
             log.warning("restored %d quota totals the budget store had lost", restored)
+            self.rebuild_due = REBUILD_TURNS
+            await self._rebuild(self.policy.current(), datetime.fromtimestamp(self.clock(), UTC))
         return restored
+
+    async def _rebuild(self, policy: Policy, now: datetime) -> None:
+        """Raise the quota budgets to what the ledger says they used, while a rebuild is due."""
+        if self.ledger is None or self.rebuild_due <= 0:
+            return
+        try:
+            raised = await rebuild.rebuild(policy, now, self.ledger, self.budgets, self.pending())
+        except LedgerUnavailable as err:
+            log.warning("quota budgets not rebuilt from the ledger (next turn again): %s", err)
+            return
+        if raised:
+            log.warning("raised %d quota totals to what the usage ledger holds", raised)
+        self.rebuild_due -= 1
 
     async def turn(self) -> int:
         """Restore what the store lost, then snapshot what it has; returns how many keys came back."""
@@ -166,6 +192,8 @@ class QuotaSnapshots:
         restored = await self.budgets.restore(self.snapshot)
         if restored:
             log.warning("restored %d quota totals the budget store had lost", restored)
+            self.rebuild_due = REBUILD_TURNS
+        await self._rebuild(policy, now)
         keys = current_keys(policy, now)
         used = await self.budgets.used(keys) if keys else {}
         # Within a period `used` only grows: the larger figure is the truer one (a store that
