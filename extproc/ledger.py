@@ -73,7 +73,7 @@ class WriterSettings:
 
 
 def backoff_delays(first_s: float, cap_s: float) -> Iterator[float]:
-    """Exponential backoff: first, 2×first, 4×first, … capped at `cap_s` (pure)."""
+    """Exponential backoff: first, 2 first, 4 first, ... capped at `cap_s` (pure)."""
     delay = first_s
     while True:
         yield min(delay, cap_s)
@@ -180,8 +180,8 @@ class LedgerWriter:
         self._task = asyncio.create_task(self._run(), name="ledger-writer")
 
     async def close(self) -> None:
-        """Flush: the queue to the store within `close_timeout_s`, the rest to the spill file;
-        then close the store."""
+        """Flush: the queue to the store within `close_timeout_s`, the rest to the spill file.
+        The store stays open (whoever opened it closes it)."""
         self._closing = True
         self._wake.set()
         self._closed.set()
@@ -204,8 +204,6 @@ class LedgerWriter:
         if self._spill_file is not None:
             self._spill_file.close()
             self._spill_file = None
-        with contextlib.suppress(Exception):
-            await self.store.close()
 
     async def _run(self) -> None:
         await self._retrying(self._migrate)

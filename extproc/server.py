@@ -340,6 +340,7 @@ async def serve(settings: Settings) -> None:
         await grpc_server.stop()
         if writer is not None:  # after the access log stopped: its last entries are recorded
             await writer.close()
+            await writer.store.close()
         if cluster_engines is not None:
             cluster_engines.stop(timeout_s=0)  # daemon threads: an open watch need not end first
 
