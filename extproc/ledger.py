@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Protocol
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from arks.ledger import LedgerStore, LedgerUnavailable, UsageRecord
 from extproc.metrics import LedgerMetrics
@@ -78,6 +79,16 @@ def backoff_delays(first_s: float, cap_s: float) -> Iterator[float]:
     while True:
         yield min(delay, cap_s)
         delay = min(delay * 2, cap_s)
+
+
+def with_password(url: str, password: str) -> str:
+    """A PostgreSQL URL with `password` in it (percent-encoded), for `--ledger-password-file`:
+    the password comes from a mounted Secret file, never the command line (pure)."""
+    parts = urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    user = unquote(userinfo.partition(":")[0]) if at else ""
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 # --------------------------------------------------------------------------- spill encoding

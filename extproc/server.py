@@ -41,7 +41,7 @@ from extproc.cluster_policy import ClusterPolicySource
 from extproc.context import Context
 from extproc.durability import DurableCopy, QuotaSnapshots, QuotaStatus, StateFile
 from extproc.inflight import InFlight
-from extproc.ledger import LedgerWriter, WriterSettings
+from extproc.ledger import LedgerWriter, WriterSettings, with_password
 from extproc.levels import LevelGauges, Levels
 from extproc.metrics import GatewayMetrics, LedgerMetrics
 from extproc.picking.discovery import ClusterEngines
@@ -82,6 +82,7 @@ class Settings:
     )
     picker_interval_s: float = 0.5  # how often those endpoints' engines are scraped
     ledger: str | None = None  # the usage ledger's database URL; None: no ledger
+    ledger_password_file: Path | None = None  # the database's password (a mounted Secret key)
     ledger_spill: Path | None = None  # where records go when the writer's queue is full
     ledger_queue_size: int = WriterSettings.queue_size
     ledger_batch_size: int = WriterSettings.batch_size
@@ -151,7 +152,13 @@ class Settings:
             "--ledger",
             metavar="URL",
             help="record every finished request's usage in this database: sqlite:///PATH or "
-            "postgresql://USER@HOST/DB (password: PGPASSWORD or ~/.pgpass; default: no ledger)",
+            "postgresql://USER@HOST/DB (default: no ledger)",
+        )
+        parser.add_argument(
+            "--ledger-password-file",
+            type=Path,
+            help="file holding the ledger database's password (a mounted Secret key; default: "
+            "the URL's, or libpq's PGPASSWORD or ~/.pgpass)",
         )
         parser.add_argument(
             "--ledger-spill",
@@ -216,8 +223,11 @@ def ledger_writer(settings: Settings, metrics: LedgerMetrics) -> LedgerWriter | 
     database delays the records, never the gateway's start)."""
     if settings.ledger is None:
         return None
+    url = settings.ledger
+    if settings.ledger_password_file is not None:
+        url = with_password(url, read_password(settings.ledger_password_file))
     return LedgerWriter(
-        open_ledger(settings.ledger),
+        open_ledger(url),
         metrics,
         settings.ledger_spill,
         WriterSettings(

@@ -9,7 +9,8 @@ a shared 2-core machine lands on all of them alike. Only ratios between them mea
 Then the rate-limit service's part (`tests/bench/ratelimit.py`), the traffic control plane's
 part (`tests/bench/traffic.py`), the usage estimates' (`tests/bench/estimates.py`), the
 cluster policy's (`tests/bench/policy.py`) and the latency histograms' (`tests/bench/latency.py`)
-add their own sections; `--only ratelimit|traffic|estimates|policy|latency` runs just that part
+add their own sections, and the usage ledger's (`tests/bench/ledger.py`: the gateway with the
+ledger on against off); `--only ratelimit|traffic|estimates|policy|latency|ledger` runs just that part
 and replaces just its section of `--out`.
 """
 
@@ -32,7 +33,17 @@ from pathlib import Path
 
 from launcher.procs import Supervisor
 from launcher.stack import envoy_binary
-from tests.bench import estimates, latency, policy, ratelimit, report, targets, traffic, wrk
+from tests.bench import (
+    estimates,
+    latency,
+    ledger,
+    policy,
+    ratelimit,
+    report,
+    targets,
+    traffic,
+    wrk,
+)
 from tests.bench.report import Measurement, Results
 from tests.bench.targets import CpuSample, Target
 from tests.bench.workloads import PATH, STREAM_CHUNKS, Workload, all_workloads, preflight
@@ -93,11 +104,21 @@ class Settings:
         )
         parser.add_argument(
             "--only",
-            choices=("all", "gateway", "ratelimit", "traffic", "estimates", "policy", "latency"),
+            choices=(
+                "all",
+                "gateway",
+                "ratelimit",
+                "traffic",
+                "estimates",
+                "policy",
+                "latency",
+                "ledger",
+            ),
             default="all",
             help="run only one part: the gateway's, the rate limit's (tests/bench/ratelimit.py), "
             "the traffic control plane's (traffic.py), the usage estimates' (estimates.py), the "
-            "cluster policy's (policy.py) or the latency histograms' (latency.py)",
+            "cluster policy's (policy.py), the latency histograms' (latency.py) or the usage "
+            "ledger's (ledger.py: gateway CPU with the ledger on vs off)",
         )
         args = parser.parse_args(argv)
         if args.quick:
@@ -347,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ("estimates", estimates),
         ("policy", policy),
         ("latency", latency),
+        ("ledger", ledger),
     ):
         if settings.only not in ("all", part):
             continue
@@ -375,7 +397,7 @@ def _gateway_part(settings: Settings, argv: Sequence[str], started: float) -> No
         settings.out.parent.mkdir(parents=True, exist_ok=True)
         text = render_markdown(results, workloads, settings, argv)
         if settings.only == "gateway":  # keep the other parts' sections
-            for module in (ratelimit, traffic, estimates, policy, latency):
+            for module in (ratelimit, traffic, estimates, policy, latency, ledger):
                 if kept := report.existing_section(settings.out, module.BEGIN, module.END):
                     text += "\n" + kept + "\n"
         settings.out.write_text(text)

@@ -25,6 +25,7 @@ from extproc.ledger import (
     parse_line,
     read_spilled,
     record_line,
+    with_password,
 )
 from extproc.metrics import LedgerMetrics
 
@@ -259,3 +260,15 @@ async def test_a_replay_cut_by_a_crash_is_finished_at_start_and_a_torn_line_is_c
 
     assert await stored(store) == (15, expected_prompt(range(15)))
     assert counted(metrics) == {"written": 11, "duplicate": 4, "spilled": 0, "dropped": 1}
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://arks@db:5432/arks", "postgresql://arks:p%40ss%3Aw%2Fd@db:5432/arks"),
+        ("postgresql://arks:old@db/arks", "postgresql://arks:p%40ss%3Aw%2Fd@db/arks"),
+        ("postgresql://db/arks", "postgresql://:p%40ss%3Aw%2Fd@db/arks"),
+    ],
+)
+def test_the_password_file_goes_into_the_url_encoded(url: str, expected: str) -> None:
+    assert with_password(url, "p@ss:w/d") == expected
