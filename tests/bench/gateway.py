@@ -1,6 +1,6 @@
 """`make bench`: the gateway's cost against plain Envoy and the Python floor, in one run.
 
-    .venv/bin/python -m tests.bench.gateway --out docs/benchmarks.md [--duration 8] [--quick] [--only gateway|ratelimit|traffic|estimates|policy|latency|ledger]
+    .venv/bin/python -m tests.bench.gateway --out docs/benchmarks.md [--duration 8] [--quick] [--only gateway|ratelimit|traffic|estimates|policy|latency|ledger|ledger-cpu]
 
 One simulated engine serves three configurations (see `targets.py`): plain Envoy, Envoy with a
 do-nothing Python ext_proc (the floor), and the full gateway. Each workload runs against all
@@ -9,8 +9,9 @@ a shared 2-core machine lands on all of them alike. Only ratios between them mea
 Then the rate-limit service's part (`tests/bench/ratelimit.py`), the traffic control plane's
 part (`tests/bench/traffic.py`), the usage estimates' (`tests/bench/estimates.py`), the
 cluster policy's (`tests/bench/policy.py`), the latency histograms' (`tests/bench/latency.py`)
-and the usage ledger's stores' (`tests/bench/ledger.py`) add their own sections;
-`--only ratelimit|traffic|estimates|policy|latency|ledger` runs just that part
+the usage ledger's stores' (`tests/bench/ledger.py`) and the gateway's CPU with the ledger on
+against off (`tests/bench/ledger_cpu.py`) add their own sections;
+`--only ratelimit|traffic|estimates|policy|latency|ledger|ledger-cpu` runs just that part
 and replaces just its section of `--out`.
 """
 
@@ -37,6 +38,7 @@ from tests.bench import (
     estimates,
     latency,
     ledger,
+    ledger_cpu,
     policy,
     ratelimit,
     report,
@@ -113,12 +115,14 @@ class Settings:
                 "policy",
                 "latency",
                 "ledger",
+                "ledger-cpu",
             ),
             default="all",
             help="run only one part: the gateway's, the rate limit's (tests/bench/ratelimit.py), "
             "the traffic control plane's (traffic.py), the usage estimates' (estimates.py), the "
             "cluster policy's (policy.py), the latency histograms' (latency.py) or the usage "
-            "ledger's stores' (ledger.py)",
+            "ledger's stores' (ledger.py) or the gateway's CPU with the ledger on and off "
+            "(ledger_cpu.py)",
         )
         args = parser.parse_args(argv)
         if args.quick:
@@ -369,6 +373,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ("policy", policy),
         ("latency", latency),
         ("ledger", ledger),
+        ("ledger-cpu", ledger_cpu),
     ):
         if settings.only not in ("all", part):
             continue
@@ -397,7 +402,7 @@ def _gateway_part(settings: Settings, argv: Sequence[str], started: float) -> No
         settings.out.parent.mkdir(parents=True, exist_ok=True)
         text = render_markdown(results, workloads, settings, argv)
         if settings.only == "gateway":  # keep the other parts' sections
-            for module in (ratelimit, traffic, estimates, policy, latency, ledger):
+            for module in (ratelimit, traffic, estimates, policy, latency, ledger, ledger_cpu):
                 if kept := report.existing_section(settings.out, module.BEGIN, module.END):
                     text += "\n" + kept + "\n"
         settings.out.write_text(text)

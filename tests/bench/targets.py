@@ -273,12 +273,21 @@ def bench_policy(engine_port: int, token: str) -> str:
 
 
 @contextmanager
-def gateway(work: Path, engine_port: int, token: str, concurrency: int) -> Iterator[Target]:
-    policy = work / "policy.yaml"
+def gateway(
+    work: Path,
+    engine_port: int,
+    token: str,
+    concurrency: int,
+    ledger: str | None = None,
+    name: str = "gateway",
+) -> Iterator[Target]:
+    """The full local stack; `ledger`: extproc's --ledger (None: off, the budgets' baseline)."""
+    policy = work / f"policy-{name}.yaml"
     policy.write_text(bench_policy(engine_port, token))
     settings = StackSettings(
         policy=policy,
-        state_dir=work / "gateway",
+        state_dir=work / name,
+        ledger=ledger,
         port=free_port(),
         admin_port=free_port(),
         metrics_port=free_port(),
@@ -292,4 +301,4 @@ def gateway(work: Path, engine_port: int, token: str, concurrency: int) -> Itera
         envoy = [c.popen.pid for c in children if c.name == "envoy"]
         if not python or len(envoy) != 1:
             raise RuntimeError(f"unexpected gateway processes: {[c.name for c in children]}")
-        yield Target("gateway", stack.url, python, envoy[0])
+        yield Target(name, stack.url, python, envoy[0])

@@ -139,7 +139,7 @@ def test_an_external_redis_with_its_own_secret() -> None:
         c = container(docs, name)
         assert _parse(name, c).redis == "redis://redis.example:6380/2"
         pod = of(docs, "Deployment", name)[0]["spec"]["template"]["spec"]
-        (volume,) = [v for v in pod["volumes"] if "secret" in v]
+        (volume,) = [v for v in pod["volumes"] if "secret" in v and v["name"] == "redis-auth"]
         assert volume["secret"]["secretName"] == "my-redis"
     (policy,) = of(docs, "NetworkPolicy", "arks-ratelimit")
     assert policy["spec"]["policyTypes"] == ["Ingress"] and "egress" not in policy["spec"]
