@@ -136,6 +136,7 @@ class QuotaSnapshots:
     # (extproc/rebuild.py); the snapshot stays as the floor without one.
     ledger: LedgerStore | None = None
     pending: Callable[[], Iterable[UsageRecord]] = tuple
+    ledger_ready: Callable[[], bool] = lambda: True  # the writer migrated its schema
     rebuild_due: int = REBUILD_TURNS  # the first turns rebuild: the store may be empty
     _keys_for: tuple[Policy, int] | None = None
     _keys: frozenset[str] = frozenset()
@@ -172,10 +173,10 @@ class QuotaSnapshots:
 
     async def _rebuild(self, policy: Policy, now: datetime) -> None:
         """Raise the quota budgets to what the ledger says they used, while a rebuild is due."""
-        if self.ledger is None or self.rebuild_due <= 0:
+        if self.ledger is None or self.rebuild_due <= 0 or not self.ledger_ready():
             return
         try:
-            raised = await rebuild.rebuild(policy, now, self.ledger, self.budgets, self.pending())
+            raised = await rebuild.rebuild(policy, now, self.ledger, self.budgets, self.pending)
         except LedgerUnavailable as err:
             log.warning("quota budgets not rebuilt from the ledger (next turn again): %s", err)
             return

@@ -187,6 +187,22 @@ class LedgerWriter:
 
     # -------------------------------------------------------------- the background task
 
+    @property
+    def ready(self) -> bool:
+        """Whether the store's schema is in place (the first migration succeeded)."""
+        return self._migrated
+
+    def unwritten(self) -> list[UsageRecord]:
+        """Records handed over and not known to be stored: the batch being written, the queue,
+        and the spill files (read from disk: for the rare quota rebuild, not the request path)."""
+        out = [*self._batch, *self._queue]
+        for path in (self._replaying_path(), self.spill_path):
+            if path is not None and path.exists():
+                if path == self.spill_path and self._spill_file is not None:
+                    self._spill_file.flush()
+                out += read_spilled(path)[0]
+        return out
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="ledger-writer")
 

@@ -79,8 +79,14 @@ def cost_of(item: QuotaItem, prompt: int, completion: int, price: Price | None) 
         return completion
     if item.type == "total":
         return prompt + completion
+    return cost_micros(prompt, completion, price)
+
+
+def cost_micros(prompt: int, completion: int, price: Price | None) -> int:
+    """What a request costs against a cost quota, in micro-units, rounded up; 0 without a price
+    for its model (it costs nothing against a cost quota)."""
     if price is None:
-        return 0  # no price for this model: it costs nothing against a cost quota
+        return 0
     return math.ceil(prompt * price.input + completion * price.output)
 
 

@@ -12,7 +12,7 @@ are written), never above it, so the store's totals are raised to it and never l
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -84,19 +84,26 @@ async def rebuild(
     now: datetime,
     ledger: LedgerStore,
     budgets: BudgetStore,
-    pending: Iterable[UsageRecord] = (),
+    pending: Callable[[], Iterable[UsageRecord]] = tuple,
 ) -> int:
-    """Raise every current quota budget to what the ledger (and `pending`, this gateway's
+    """Raise every current quota budget to what the ledger (and `pending()`, this gateway's
     records not written yet) says it used; returns how many budgets were raised. One ledger
-    query per quota and period (items of one period share it). Raises `LedgerUnavailable`."""
+    query per quota and period (items of one period share it). Raises `LedgerUnavailable`.
+
+    The writer stores batches while this runs: `pending()` is read after the totals, and the
+    records among them the ledger already holds are dropped, so none counts twice; one stored
+    between the two reads counts in neither (the next turn's rebuild finds it)."""
     found = targets(policy, now)
-    waiting = list(pending)
     totals: dict[tuple[str, datetime, datetime | None], QuotaTotals] = {}
-    floors: dict[str, int] = {}
     for target in found:
         period = (target.quota, target.start, target.end)
         if period not in totals:
-            stored = await ledger.quota_totals(target.quota, target.start, target.end)
-            totals[period] = stored
-        floors[target.key] = used(target.kind, plus(totals[period], unwritten(waiting, target)))
+            totals[period] = await ledger.quota_totals(target.quota, target.start, target.end)
+    charged = [r for r in pending() if r.quota is not None]
+    stored = await ledger.known([r.request_id for r in charged]) if charged else set()
+    waiting = [r for r in charged if r.request_id not in stored]
+    floors = {
+        t.key: used(t.kind, plus(totals[(t.quota, t.start, t.end)], unwritten(waiting, t)))
+        for t in found
+    }
     return await budgets.raise_to(floors) if floors else 0

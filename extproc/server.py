@@ -285,6 +285,10 @@ async def serve(settings: Settings) -> None:
         on_settled=snapshots.charged,
     )
     writer = ledger_writer(settings, service_metrics.ledger)
+    if writer is not None:  # quota budgets a store lost are rebuilt from the ledger
+        snapshots.ledger = writer.store
+        snapshots.pending = writer.unwritten
+        snapshots.ledger_ready = lambda: writer.ready
     ctx = Context(
         ledger=writer,
         policy=source,

@@ -9,6 +9,7 @@ one usage record handed to the ledger writer (`extproc.ledger`; nothing waits fo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -75,7 +76,8 @@ async def finished(ctx: Context, entries: Iterable[Finished]) -> None:
         who = Identity(done.namespace, done.user, done.model)
         cost = None if usage is None else _charge_cost(ctx, who, done.reservation, usage)
         if ctx.ledger is not None:
-            ctx.ledger.submit(finished_record(done, usage, cost, ctx.now()))
+            record = finished_record(done, usage, cost, ctx.now())
+            ctx.ledger.submit(quota_charged(record, ctx.policy.current(), done.reservation))
         await ctx.admission.settle(
             done.request_id,
             who,
@@ -119,7 +121,8 @@ async def expire_unreported(ctx: Context) -> int:
         ctx.metrics.charge(usage, 0)
         cost = _charge_cost(ctx, entry.identity, entry.reservation, usage)
         if ctx.ledger is not None:
-            ctx.ledger.submit(unreported_record(entry, usage, cost, ctx.now()))
+            record = unreported_record(entry, usage, cost, ctx.now())
+            ctx.ledger.submit(quota_charged(record, ctx.policy.current(), entry.reservation))
         await ctx.admission.settle(
             entry.request_id,
             entry.identity,
@@ -152,6 +155,27 @@ def _charge_cost(
     if cost is not None:
         ctx.metrics.charge_cost(who, cost)
     return cost
+
+
+def quota_charged(
+    record: UsageRecord, policy: Policy, reservation: Reservation | None
+) -> UsageRecord:
+    """`record` with what its settlement charged the quota budgets (pure), as
+    `AdmissionControl.settle` charges them: the ArksQuota its admission reserved against (if it
+    still exists), the admission's time (the periods charged) and the cost item's micro-units,
+    so the budgets can be rebuilt from the ledger exactly (extproc/rebuild.py)."""
+    if reservation is None or not reservation.quota:
+        return record
+    found = policy.quotas.get(ObjectKey(record.namespace, reservation.quota))
+    if found is None:
+        return record
+    price = quota.price_for(found, record.model)
+    return dataclasses.replace(
+        record,
+        quota=f"{record.namespace}/{reservation.quota}",
+        admitted_at=datetime.fromtimestamp(reservation.admitted_at, UTC),
+        cost_micros=quota.cost_micros(record.prompt_tokens, record.completion_tokens, price),
+    )
 
 
 def finished_record(

@@ -110,6 +110,10 @@ class LedgerStore(Protocol):
         in [start, end) (`end` None: no end): what that quota's budgets for the period used."""
         ...
 
+    async def known(self, request_ids: Sequence[str]) -> set[str]:
+        """Which of these request ids are stored."""
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -97,7 +97,7 @@ async def test_a_wiped_store_gets_back_exactly_what_the_records_charged(
     ]
     await ledger.write(written)
     unwritten = [charged("queued", today + timedelta(hours=3), 10, 20)]
-    raised = await rebuild.rebuild(p, NOW, ledger, budgets, unwritten)
+    raised = await rebuild.rebuild(p, NOW, ledger, budgets, lambda: unwritten)
     keys = {t.kind: t.key for t in rebuild.targets(p, NOW)}
     assert raised == 3
     used = await budgets.used(list(keys.values()))
@@ -107,7 +107,7 @@ async def test_a_wiped_store_gets_back_exactly_what_the_records_charged(
     assert used[keys["cost"]] == sum(r.cost_micros or 0 for r in mine)
     # Charges the ledger has not seen yet stay counted: raised, never lowered.
     await budgets.settle("late", [Charge(keys["total"], 50)], NOW.timestamp())
-    assert await rebuild.rebuild(p, NOW, ledger, budgets, unwritten) == 0
+    assert await rebuild.rebuild(p, NOW, ledger, budgets, lambda: unwritten) == 0
     assert (await budgets.used([keys["total"]]))[keys["total"]] == 107 + 34 + 30 + 50
 
 

@@ -374,6 +374,19 @@ class PostgresLedger:
         found = await self._run(fetch)
         return QuotaTotals(*(int(v) for v in found))
 
+    async def known(self, request_ids: Sequence[str]) -> set[str]:
+        if not request_ids:
+            return set()
+
+        async def find(conn: psycopg.AsyncConnection[Any]) -> set[str]:
+            cur = await conn.execute(
+                "SELECT request_id FROM usage_request_ids WHERE request_id = ANY(%s)",
+                [list(request_ids)],
+            )
+            return {row[0] for row in await cur.fetchall()}
+
+        return await self._run(find)
+
     async def partitions(self) -> list[date]:
         """The months that have a partition, in order."""
 

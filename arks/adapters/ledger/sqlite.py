@@ -191,6 +191,21 @@ class SqliteLedger:
         found = await self._run(lambda conn: conn.execute(sql, params).fetchone())
         return QuotaTotals(*(int(v) for v in found))
 
+    async def known(self, request_ids: Sequence[str]) -> set[str]:
+        def find(conn: sqlite3.Connection) -> set[str]:
+            found: set[str] = set()
+            ids = list(dict.fromkeys(request_ids))
+            for at in range(0, len(ids), 500):  # SQLite's bound parameters: at most 999 or so
+                chunk = ids[at : at + 500]
+                marks = ", ".join("?" for _ in chunk)
+                rows_ = conn.execute(
+                    f"SELECT request_id FROM usage_records WHERE request_id IN ({marks})", chunk
+                )
+                found.update(r[0] for r in rows_)
+            return found
+
+        return await self._run(find) if request_ids else set()
+
     async def delete_before(self, moment: datetime) -> int:
         """Retention: delete the records older than `moment`; how many. (SQLite has no
         partitions; run `VACUUM` afterwards to give the space back to the file system.)"""

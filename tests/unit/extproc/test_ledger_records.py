@@ -4,6 +4,7 @@ driven through the real processor and access-log receiver over in-memory stores 
 from __future__ import annotations
 
 import dataclasses
+import math
 from datetime import UTC, datetime
 
 from envoy.config.core.v3 import address_pb2
@@ -71,6 +72,11 @@ async def test_a_reported_request_is_one_record_with_its_usage_cost_engine_and_t
             estimate_reason=None,
             duration_s=1.5,
             ttft_s=None,
+            # what the quota's budgets were charged: the periods of the admission's time, the
+            # cost item's micro-units rounded up as the budget charge is
+            quota="default/team",
+            admitted_at=datetime.fromtimestamp(1e9, UTC),
+            cost_micros=math.ceil(1234 * 0.15 + 567 * 0.6),
         )
     ]
 
