@@ -1,0 +1,228 @@
+"""The usage ledger in SQLite: the embedded default (`make run` writes `.arks/usage.db`).
+
+One connection, used only from one dedicated thread (sqlite3 objects stay on the thread that
+made them; one thread also serialises the store's calls, which SQLite would do anyway). WAL
+mode: readers (`arks usage`) never block the writer, and a commit appends to the log instead
+of rewriting pages. `synchronous=FULL`: a committed batch survives a power cut, not only a
+crash of the process (WAL makes that one fsync per batch). Batches go in with
+`INSERT OR IGNORE` in one `BEGIN IMMEDIATE` transaction: the primary key `request_id` keeps
+the first record of a request id.
+
+Two processes on one file (two gateways, `arks usage` beside a gateway) take turns:
+`busy_timeout` waits for the other's write lock; a wait longer than that is `LedgerUnavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from arks.adapters.ledger import migrations, rows
+from arks.ledger import LedgerUnavailable, ReportQuery, ReportRow, UsageRecord
+
+T = TypeVar("T")
+BUSY_TIMEOUT_MS = 10_000
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+COLUMNS = (
+    "time",
+    "request_id",
+    "namespace",
+    "user",
+    "model",
+    "engine",
+    "path",
+    "status",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost",
+    "source",
+    "estimate_reason",
+    "duration_s",
+    "ttft_s",
+)
+INSERT = (
+    f"INSERT OR IGNORE INTO usage_records ({', '.join(COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in COLUMNS)})"
+)
+# The start of a record's period, as the same fixed-width text `time` is stored in.
+PERIODS = {
+    "day": "strftime('%Y-%m-%d 00:00:00.000000', time)",
+    # ISO weeks: 'weekday 0' moves to the coming Sunday (or stays on one); 6 days back is Monday.
+    "week": "strftime('%Y-%m-%d 00:00:00.000000', time, 'weekday 0', '-6 days')",
+    "month": "strftime('%Y-%m-01 00:00:00.000000', time)",
+    "none": "NULL",
+}
+MIGRATIONS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+    "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+)
+
+
+def time_text(moment: datetime) -> str:
+    """A UTC time as stored: fixed width, so text order is time order."""
+    return rows.utc(moment).strftime(TIME_FORMAT)
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.strptime(text, TIME_FORMAT).replace(tzinfo=UTC)
+
+
+def record_row(record: UsageRecord) -> tuple[Any, ...]:
+    return (
+        time_text(record.time),
+        record.request_id,
+        record.namespace,
+        record.user,
+        record.model,
+        record.engine,
+        record.path,
+        record.status,
+        record.prompt_tokens,
+        record.completion_tokens,
+        record.cost,
+        record.source,
+        record.estimate_reason,
+        record.duration_s,
+        record.ttft_s,
+    )
+
+
+def report_sql(query: ReportQuery) -> tuple[str, list[Any]]:
+    """The grouped totals for `query` and their parameters."""
+    if query.granularity not in PERIODS:
+        raise ValueError(f"unknown granularity {query.granularity!r}")
+    labels = [f"{c}" if c in query.group_by else "NULL" for c in rows.GROUP_COLUMNS]
+    where = ["time >= ?", "time < ?"]
+    params: list[Any] = [time_text(query.start), time_text(query.end)]
+    for column, values in (
+        ("namespace", query.namespaces),
+        ("user", query.users),
+        ("model", query.models),
+    ):
+        if values:
+            where.append(f"{column} IN ({', '.join('?' for _ in values)})")
+            params += values
+    sql = (
+        f"SELECT {PERIODS[query.granularity]}, {', '.join(labels)}, count(*), "
+        "coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0), total(cost), "
+        "count(*) FILTER (WHERE source = 'estimated') "
+        f"FROM usage_records WHERE {' AND '.join(where)} GROUP BY 1, 2, 3, 4"
+    )
+    return sql, params
+
+
+class SqliteLedger:
+    """`LedgerStore` on a SQLite file (created with its directory if missing)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-sqlite")
+        self._conn: sqlite3.Connection | None = None
+
+    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work` on the store's thread, with its connection; SQLite's "cannot write now"
+        errors (locked past the busy timeout, disk full or unreadable) as `LedgerUnavailable`."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._thread, self._call, work)
+        except sqlite3.OperationalError as err:
+            raise LedgerUnavailable(f"SQLite ledger {self.path}: {err}") from err
+
+    def _call(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        if self._conn is None:
+            self._conn = self._open()
+        return work(self._conn)
+
+    def _open(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: no implicit transactions; each write says BEGIN IMMEDIATE.
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+        except sqlite3.Error:
+            conn.close()
+            raise
+        return conn
+
+    async def migrate(self) -> int:
+        return await self._run(_migrate)
+
+    async def write(self, records: Sequence[UsageRecord]) -> int:
+        batch = [record_row(r) for r in rows.first_of_each(records)]
+        if not batch:
+            return 0
+        return await self._run(lambda conn: _insert(conn, batch))
+
+    async def report(self, query: ReportQuery) -> list[ReportRow]:
+        sql, params = report_sql(query)
+        found = await self._run(lambda conn: conn.execute(sql, params).fetchall())
+        return rows.ordered(
+            rows.report_row(
+                query, None if r[0] is None else parse_time(r[0]), r[1:4], tuple(r[4:9])
+            )
+            for r in found
+        )
+
+    async def delete_before(self, moment: datetime) -> int:
+        """Retention: delete the records older than `moment`; how many. (SQLite has no
+        partitions; run `VACUUM` afterwards to give the space back to the file system.)"""
+        cutoff = time_text(moment)
+        return await self._run(
+            lambda conn: (
+                conn.execute("DELETE FROM usage_records WHERE time < ?", (cutoff,)).rowcount
+            )
+        )
+
+    async def close(self) -> None:
+        def shut(conn: sqlite3.Connection) -> None:
+            conn.close()
+
+        if self._conn is not None:
+            await self._run(shut)
+            self._conn = None
+        self._thread.shutdown(wait=True)
+
+
+def _insert(conn: sqlite3.Connection, batch: list[tuple[Any, ...]]) -> int:
+    before = conn.total_changes
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.executemany(INSERT, batch)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:  # SQLite may have rolled back already (e.g. disk full)
+            conn.execute("ROLLBACK")
+        raise
+    return conn.total_changes - before
+
+
+def _migrate(conn: sqlite3.Connection) -> int:
+    """Apply the pending migrations in one IMMEDIATE transaction: a second process migrating at
+    the same time waits for the write lock, then finds them applied."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(MIGRATIONS_TABLE)
+        applied = [v for (v,) in conn.execute("SELECT version FROM schema_migrations")]
+        for migration in migrations.pending(migrations.load("sqlite"), applied):
+            for statement in migrations.statements(migration.sql):
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                (migration.version, migration.name, time_text(datetime.now(UTC))),
+            )
+        (version,) = conn.execute(
+            "SELECT coalesce(max(version), 0) FROM schema_migrations"
+        ).fetchone()
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:  # SQLite may have rolled back already (e.g. disk full)
+            conn.execute("ROLLBACK")
+        raise
+    return int(version)
