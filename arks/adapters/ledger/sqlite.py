@@ -26,7 +26,7 @@ from arks.adapters.ledger import migrations, rows
 from arks.ledger import LedgerUnavailable, ReportQuery, ReportRow, UsageRecord
 
 T = TypeVar("T")
-BUSY_TIMEOUT_MS = 10_000
+BUSY_TIMEOUT_S = 10.0
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 COLUMNS = (
     "time",
@@ -119,8 +119,9 @@ def report_sql(query: ReportQuery) -> tuple[str, list[Any]]:
 class SqliteLedger:
     """`LedgerStore` on a SQLite file (created with its directory if missing)."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
         self.path = Path(path)
+        self.busy_timeout_s = busy_timeout_s
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-sqlite")
         self._conn: sqlite3.Connection | None = None
 
@@ -141,9 +142,8 @@ class SqliteLedger:
     def _open(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: no implicit transactions; each write says BEGIN IMMEDIATE.
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=self.busy_timeout_s)
         try:
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
         except sqlite3.Error:
