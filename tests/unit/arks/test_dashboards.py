@@ -33,8 +33,8 @@ from arks.dashboards import (
     targets,
     variable_queries,
 )
-from arks.dashboards.sql import POSTGRES
 from arks.dashboards.__main__ import DEFAULT_OUT, drift, main
+from arks.dashboards.sql import POSTGRES
 from tests.support.metric_names import known
 from tests.support.promql import PromQLError, Selector, selectors
 
