@@ -259,7 +259,26 @@ def finished(entry: accesslog_pb2.HTTPAccessLogEntry) -> Finished | None:
         upstream_s=_upstream_seconds(common),
         choices=_number(fields, "choices") or 1,
         attempts=common.upstream_request_attempt_count,
+        upstream_host=_upstream_host(common),
+        started_at=_epoch_seconds(common),
     )
+
+
+def _upstream_host(common: accesslog_pb2.AccessLogCommon) -> str:
+    """The engine's `host:port` (Envoy's upstream remote address: the last attempt's); "" when
+    the request reached none."""
+    if not common.HasField("upstream_remote_address"):
+        return ""
+    socket = common.upstream_remote_address.socket_address
+    if not socket.address:
+        return ""
+    return f"{socket.address}:{socket.port_value}"
+
+
+def _epoch_seconds(common: accesslog_pb2.AccessLogCommon) -> float | None:
+    if not common.HasField("start_time"):
+        return None
+    return float(common.start_time.seconds + common.start_time.nanos / 1e9)
 
 
 def _seconds(common: accesslog_pb2.AccessLogCommon, name: str) -> float | None:

@@ -10,6 +10,7 @@ from datetime import datetime
 from arks.policy import PolicySource
 from extproc.admission import AdmissionControl
 from extproc.inflight import InFlight
+from extproc.ledger import RecordSink
 from extproc.metrics import GatewayMetrics
 from extproc.picking.service import Picking
 from extproc.reported import ReportedElsewhere, SingleReplica
@@ -26,3 +27,4 @@ class Context:
     reported: ReportedElsewhere = field(default_factory=SingleReplica)
     picking: Picking | None = None  # endpoint picking for least-load and prefix-cache endpoints
     timer: Callable[[], float] = time.perf_counter  # times the gateway's own work (decisions)
+    ledger: RecordSink | None = None  # where usage records go (None: no ledger)

@@ -26,6 +26,7 @@ class Admitted:
     at: float  # monotonic seconds
     reservation: Reservation | None = None
     limits: Mapping[str, int] = field(default_factory=dict)
+    path: str = ""  # the API path (the usage record's)
 
     def usage(self) -> Usage:
         ident = self.identity

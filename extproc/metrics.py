@@ -299,3 +299,72 @@ class GatewayMetrics:
                 self.tokens.labels(*identity, "completion"),
             )
         return series
+
+
+# arks_ledger_write_seconds: one batch's transaction, from a local SQLite file's milliseconds to a
+# remote PostgreSQL's timeout.
+LEDGER_WRITE_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+LEDGER_RESULTS = ("written", "duplicate", "spilled", "dropped")
+LEDGER_ERRORS = ("unavailable", "refused", "spill")
+
+
+@dataclass(frozen=True)
+class LedgerMetrics:
+    """The usage ledger writer's metrics (`extproc.ledger`): what became of each record."""
+
+    records: Counter
+    queue_depth: Gauge
+    write_seconds: Histogram
+    errors: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> LedgerMetrics:
+        created = cls(
+            records=Counter(
+                "arks_ledger_records",
+                "Usage records by what became of them: written (new in the store), duplicate "
+                "(its request id was stored already), spilled (the queue was full: appended to "
+                "the spill file, counted again when replayed), dropped (not kept).",
+                ("result",),
+                registry=registry,
+            ),
+            queue_depth=Gauge(
+                "arks_ledger_queue_depth",
+                "Usage records in memory waiting for the store (the queue and the batch being "
+                "written).",
+                registry=registry,
+            ),
+            write_seconds=Histogram(
+                "arks_ledger_write_seconds",
+                "One batch of usage records written to the store (successful writes).",
+                buckets=LEDGER_WRITE_BUCKETS,
+                registry=registry,
+            ),
+            errors=Counter(
+                "arks_ledger_errors",
+                "Ledger writer errors by type: unavailable (the database could not be reached; "
+                "retried), refused (a batch the store rejected; dropped), spill (the spill file "
+                "could not be written or synced).",
+                ("type",),
+                registry=registry,
+            ),
+        )
+        for result in LEDGER_RESULTS:  # at 0 from the start: rate() and alerts see them
+            created.records.labels(result)
+        for kind in LEDGER_ERRORS:
+            created.errors.labels(kind)
+        return created

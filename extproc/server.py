@@ -18,6 +18,7 @@ from prometheus_client import start_http_server
 
 from arks.adapters.grpc_server import start_grpc
 from arks.adapters.kube.client import api_client
+from arks.adapters.ledger import open_ledger
 from arks.adapters.redis.backend import RedisBackend
 from arks.adapters.redis.budgets import RedisBudgets
 from arks.adapters.redis.client import (
@@ -40,8 +41,9 @@ from extproc.cluster_policy import ClusterPolicySource
 from extproc.context import Context
 from extproc.durability import DurableCopy, QuotaSnapshots, QuotaStatus, StateFile
 from extproc.inflight import InFlight
+from extproc.ledger import LedgerWriter, WriterSettings
 from extproc.levels import LevelGauges, Levels
-from extproc.metrics import GatewayMetrics
+from extproc.metrics import GatewayMetrics, LedgerMetrics
 from extproc.picking.discovery import ClusterEngines
 from extproc.picking.scraping import EngineSets, picking_endpoints, scrape_forever
 from extproc.picking.service import Picking, PickSettings
@@ -79,6 +81,10 @@ class Settings:
         False  # 503 when a least-load/prefix-cache endpoint has no engine to pick
     )
     picker_interval_s: float = 0.5  # how often those endpoints' engines are scraped
+    ledger: str | None = None  # the usage ledger's database URL; None: no ledger
+    ledger_spill: Path | None = None  # where records go when the writer's queue is full
+    ledger_queue_size: int = WriterSettings.queue_size
+    ledger_batch_size: int = WriterSettings.batch_size
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> Settings:
@@ -141,6 +147,31 @@ class Settings:
             default=cls.picker_interval_s,
             help="how often the engines of picking endpoints are scraped",
         )
+        parser.add_argument(
+            "--ledger",
+            metavar="URL",
+            help="record every finished request's usage in this database: sqlite:///PATH or "
+            "postgresql://USER@HOST/DB (password: PGPASSWORD or ~/.pgpass; default: no ledger)",
+        )
+        parser.add_argument(
+            "--ledger-spill",
+            type=Path,
+            help="append-only file for usage records that find the writer's queue full, "
+            "replayed into the database once it takes writes again (default: such records "
+            "are dropped and counted)",
+        )
+        parser.add_argument(
+            "--ledger-queue-size",
+            type=int,
+            default=cls.ledger_queue_size,
+            help="usage records kept in memory while the database is slow or away",
+        )
+        parser.add_argument(
+            "--ledger-batch-size",
+            type=int,
+            default=cls.ledger_batch_size,
+            help="usage records per database transaction",
+        )
         return cls(**vars(parser.parse_args(argv)))
 
 
@@ -151,6 +182,7 @@ class ServiceMetrics:
     gateway: GatewayMetrics
     limits: RateLimitMetrics
     levels: LevelGauges
+    ledger: LedgerMetrics
 
 
 def create_metrics() -> ServiceMetrics:
@@ -159,7 +191,10 @@ def create_metrics() -> ServiceMetrics:
     gateway = GatewayMetrics.create()
     export_process_metrics(gateway.registry, "extproc")
     created = ServiceMetrics(
-        gateway, RateLimitMetrics.create(gateway.registry), LevelGauges(gateway.registry)
+        gateway,
+        RateLimitMetrics.create(gateway.registry),
+        LevelGauges(gateway.registry),
+        LedgerMetrics.create(gateway.registry),
     )
     enforce(gateway.registry, "extproc")
     return created
@@ -174,6 +209,21 @@ def policy_source(settings: Settings) -> FilePolicySource | ClusterPolicySource:
     )
     cluster.start()
     return cluster
+
+
+def ledger_writer(settings: Settings, metrics: LedgerMetrics) -> LedgerWriter | None:
+    """The usage ledger's writer, when `--ledger` names a database (opened lazily: an absent
+    database delays the records, never the gateway's start)."""
+    if settings.ledger is None:
+        return None
+    return LedgerWriter(
+        open_ledger(settings.ledger),
+        metrics,
+        settings.ledger_spill,
+        WriterSettings(
+            queue_size=settings.ledger_queue_size, batch_size=settings.ledger_batch_size
+        ),
+    )
 
 
 async def serve(settings: Settings) -> None:
@@ -224,7 +274,9 @@ async def serve(settings: Settings) -> None:
         default_max_tokens=settings.quota_default_max_tokens,
         on_settled=snapshots.charged,
     )
+    writer = ledger_writer(settings, service_metrics.ledger)
     ctx = Context(
+        ledger=writer,
         policy=source,
         metrics=metrics,
         inflight=InFlight(max_age=settings.usage_settle_timeout_s),
@@ -242,6 +294,8 @@ async def serve(settings: Settings) -> None:
     )
 
     metrics.pending.set_function(lambda: len(ctx.inflight))
+    if writer is not None:
+        writer.start()  # migrates the schema first, retrying while the database is away
 
     def register(server: grpc.aio.Server) -> None:
         ep_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(ctx), server)
@@ -284,6 +338,9 @@ async def serve(settings: Settings) -> None:
 
     async def shutdown() -> None:
         await grpc_server.stop()
+        if writer is not None:  # after the access log stopped: its last entries are recorded
+            await writer.close()
+            await writer.store.close()
         if cluster_engines is not None:
             cluster_engines.stop(timeout_s=0)  # daemon threads: an open watch need not end first
 

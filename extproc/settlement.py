@@ -3,15 +3,18 @@
 A forwarded request is noted in flight. Its access-log entry charges its usage (metrics), settles
 its budgets (tpm/tpd, quota, concurrency) and frees its pick. One still in flight after the
 longest possible answer is charged what the gateway knew when it admitted it (`inflight`), unless
-another replica received its entry (`reported`).
+another replica received its entry (`reported`). Each settled request, entry or expiry, becomes
+one usage record handed to the ledger writer (`extproc.ledger`; nothing waits for it).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from datetime import UTC, datetime
 
 from arks.api import ObjectKey
+from arks.ledger import UsageRecord
 from arks.limits.model import BackendUnavailable
 from arks.policy import Policy
 from arks.wire import METADATA_NAMESPACE
@@ -40,6 +43,7 @@ def admitted(ctx: Context, info: RequestInfo, decision: Forward) -> None:
             ctx.monotonic(),
             reservation=Reservation.from_metadata(ours),
             limits=ours.get("limits", {}),
+            path=info.path,
         )
     )
     if replaced is not None:
@@ -69,8 +73,9 @@ async def finished(ctx: Context, entries: Iterable[Finished]) -> None:
             ctx.metrics.charge(usage, done.status)
         ctx.metrics.latency(done)
         who = Identity(done.namespace, done.user, done.model)
-        if usage is not None:
-            _charge_cost(ctx, who, done.reservation, usage)
+        cost = None if usage is None else _charge_cost(ctx, who, done.reservation, usage)
+        if ctx.ledger is not None:
+            ctx.ledger.submit(finished_record(done, usage, cost, ctx.now()))
         await ctx.admission.settle(
             done.request_id,
             who,
@@ -112,7 +117,9 @@ async def expire_unreported(ctx: Context) -> int:
         usage: Usage = entry.usage()
         ctx.metrics.unreported.labels(usage.namespace, usage.user, usage.model).inc()
         ctx.metrics.charge(usage, 0)
-        _charge_cost(ctx, entry.identity, entry.reservation, usage)
+        cost = _charge_cost(ctx, entry.identity, entry.reservation, usage)
+        if ctx.ledger is not None:
+            ctx.ledger.submit(unreported_record(entry, usage, cost, ctx.now()))
         await ctx.admission.settle(
             entry.request_id,
             entry.identity,
@@ -140,7 +147,61 @@ def request_cost(
 
 def _charge_cost(
     ctx: Context, who: Identity, reservation: Reservation | None, usage: Usage
-) -> None:
+) -> float | None:
     cost = request_cost(ctx.policy.current(), who, reservation, usage)
     if cost is not None:
         ctx.metrics.charge_cost(who, cost)
+    return cost
+
+
+def finished_record(
+    done: Finished, usage: Usage | None, cost: float | None, now: datetime
+) -> UsageRecord:
+    """The usage record of a request whose access-log entry came (pure). Its time is when it
+    ended by Envoy's clock (start + duration: the same on every replica), else `now`; an error
+    answer (no usage owed) is recorded with no tokens."""
+    ended = now
+    if done.started_at is not None:
+        ended = datetime.fromtimestamp(done.started_at + (done.duration_s or 0.0), UTC)
+    return UsageRecord(
+        request_id=done.request_id,
+        time=ended,
+        namespace=done.namespace,
+        user=done.user,
+        model=done.model,
+        engine=done.upstream_host,
+        path=done.path,
+        status=done.status,
+        prompt_tokens=usage.prompt_tokens if usage else 0,
+        completion_tokens=usage.completion_tokens if usage else 0,
+        cost=cost,
+        source="reported" if usage is None or usage.estimated is None else "estimated",
+        estimate_reason=usage.estimated if usage else None,
+        duration_s=done.duration_s,
+        ttft_s=done.first_byte_s,
+    )
+
+
+def unreported_record(
+    entry: Admitted, usage: Usage, cost: float | None, now: datetime
+) -> UsageRecord:
+    """The usage record of an admitted request whose entry never came (pure): the estimate it
+    was charged (reason as in `arks_usage_estimated_requests_total`), no status (0), no engine,
+    no timings; its time is when it was given up on."""
+    return UsageRecord(
+        request_id=entry.request_id,
+        time=now,
+        namespace=usage.namespace,
+        user=usage.user,
+        model=usage.model,
+        engine="",
+        path=entry.path,
+        status=0,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cost=cost,
+        source="estimated",
+        estimate_reason=usage.estimated,
+        duration_s=None,
+        ttft_s=None,
+    )

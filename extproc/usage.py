@@ -62,6 +62,8 @@ class Finished:
     upstream_s: float | None = None  # first byte sent to the engine until its last byte received
     choices: int = 1  # answers the engine writes (prompts x n); usage sums their tokens
     attempts: int = 0  # requests Envoy sent to engines (retries included); 0 when none
+    upstream_host: str = ""  # the engine (host:port) Envoy sent it to last; "" when none
+    started_at: float | None = None  # the request's first byte, seconds since the epoch
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ def _banner(stack: Any, tokens: Mapping[str, str], prometheus_installed: bool = 
         f"  Engine weights   {stack.controller_url}/status",
         f"  Models           {', '.join(models) or '(none)'}",
         f"  Logs             {stack.settings.state_dir / 'logs'}",
+        f"  Usage ledger     {stack.settings.ledger_url or 'off'}",
     ]
     if stack.prometheus_url is not None:
         rules = len(stack.prometheus_rules)
@@ -107,6 +108,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         prometheus_port=args.prometheus_port if args.prometheus else None,
         redis=args.redis,
         simulate=not args.no_sim,
+        ledger=None if args.no_ledger else args.ledger,
     )
     try:
         tokens = printable_tokens(settings.policy)
@@ -187,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-dir", type=Path, default=Path(".arks"), help="generated config and logs"
     )
     up.add_argument("--no-sim", action="store_true", help="do not simulate the loopback backends")
+    up.add_argument(
+        "--ledger",
+        metavar="URL",
+        default="sqlite:///{state_dir}/usage.db",
+        help="where each request's usage is recorded: sqlite:///PATH or postgresql://... "
+        "(default: %(default)s)",
+    )
+    up.add_argument("--no-ledger", action="store_true", help="record no usage ledger")
     up.set_defaults(func=cmd_up)
 
     simulator = commands.add_parser("sim", help="run one simulated OpenAI-compatible engine")

@@ -28,6 +28,11 @@ from launcher.prometheus import rule_files, start_prometheus
 log = logging.getLogger(__name__)
 
 
+# The usage ledger of `arks up` (`make run`): a SQLite file beside the stack's other state.
+STATE_DIR_LEDGER = "sqlite:///{state_dir}/usage.db"
+LEDGER_SPILL = "ledger-spill.jsonl"
+
+
 @dataclass(frozen=True)
 class StackSettings:
     policy: Path
@@ -48,6 +53,11 @@ class StackSettings:
     controller_args: tuple[str, ...] = ()
     kube_host: str | None = None  # extproc reads the policy from this API server, not the file
     envoy_log_level: str = "warning"
+    ledger: str | None = STATE_DIR_LEDGER  # extproc's --ledger ("{state_dir}" filled in); None: off
+
+    @property
+    def ledger_url(self) -> str | None:
+        return None if self.ledger is None else self.ledger.format(state_dir=self.state_dir)
 
 
 def envoy_binary() -> str:
@@ -128,6 +138,13 @@ class LocalStack:
     def controller_url(self) -> str:
         return f"http://127.0.0.1:{self.controller_metrics_port}"
 
+    def _ledger_args(self) -> tuple[str, ...]:
+        url = self.settings.ledger_url
+        if url is None:
+            return ()
+        spill = self.settings.state_dir / LEDGER_SPILL
+        return ("--ledger", url, "--ledger-spill", str(spill))
+
     def start(self) -> None:
         s = self.settings
         self.policy = load_policy_file(s.policy)
@@ -153,6 +170,7 @@ class LocalStack:
                 *(("--redis", s.redis) if s.redis else ()),
                 "--state-file",
                 str(s.state_dir / "quota-state.json"),
+                *self._ledger_args(),
                 *s.extproc_args,
             )
             wait_http(extproc, self.metrics_url)

@@ -169,8 +169,10 @@ def running_stack(
     extproc_args: tuple[str, ...] = (),
     kube_host: str | None = None,
     controller_args: tuple[str, ...] = (),
+    ledger: str | None = None,
 ) -> Iterator[Stack]:
-    """Two simulated engines, the base policy plus `extra_documents`, and the local stack."""
+    """Two simulated engines, the base policy plus `extra_documents`, and the local stack;
+    `ledger`: extproc's usage ledger URL (`{state_dir}` is filled in; None: no ledger)."""
     ports = {"a": free_port(), "b": free_port(), "down": free_port()}  # nothing listens on "down"
     tmp.mkdir(parents=True, exist_ok=True)
     policy_path = tmp / "policy.yaml"
@@ -203,6 +205,7 @@ def running_stack(
             extproc_args=("--snapshot-interval-s", "0.5", *extproc_args),
             controller_args=controller_args,
             kube_host=kube_host,
+            ledger=ledger,
         )
         with LocalStack(settings) as local:
             yield Stack(local, policy_path, documents, ports, engines)
