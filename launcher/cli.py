@@ -18,7 +18,7 @@ from typing import Any
 from arks import api
 from arks.policy import PolicyError, read_policy_file
 from arks.wire import ANNOTATION_DEMO
-from launcher import sim
+from launcher import sim, usage
 
 DEMO_POLICY = Path(str(resources.files("launcher") / "demo" / "policy.yaml"))
 
@@ -146,6 +146,10 @@ def cmd_controller(argv: list[str]) -> int:
     return run(Settings.from_args(argv))
 
 
+def cmd_usage(args: argparse.Namespace) -> int:
+    return usage.run(args)
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     token = "sk-arks-" + secrets.token_urlsafe(32)
     print(f"token:     {token}\ntokenHash: {api.token_digest(token)}")
@@ -208,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
         "token", help="make a new API token and its tokenHash for an ArksToken"
     )
     token.set_defaults(func=cmd_token)
+
+    report = commands.add_parser(
+        "usage", help="tokens and cost from the usage ledger, by namespace, user, model and period"
+    )
+    usage.add_arguments(report)
+    report.set_defaults(func=cmd_usage)
     return parser
 
 

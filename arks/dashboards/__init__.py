@@ -1,7 +1,8 @@
 """Arks's Grafana dashboards as code: `python -m arks.dashboards [--check]`.
 
-Four dashboards (gateway, tenants, engines, control plane), one module each, built with Grafana
-Labs' grafana-foundation-sdk (Grafana 11.6 models) from the shared blocks in `panels`. Written to
+Five dashboards (gateway, tenants, engines, control plane on Prometheus; billing on the usage
+ledger's PostgreSQL), one module each, built with Grafana Labs' grafana-foundation-sdk (Grafana
+11.6 models, plus `sql`, the PostgreSQL query model it lacks) from the shared blocks in `panels`. Written to
 manifests/monitoring/dashboards/<uid>.json (for Grafana's import) and, the same JSON, into
 ConfigMaps labelled `grafana_dashboard: "1"` in manifests/monitoring/dashboards-configmap.yaml,
 which the Grafana of kube-prometheus-stack loads by its dashboard sidecar.
@@ -10,8 +11,10 @@ Each JSON is the SDK's model of the dashboard, normalised by one trip through th
 loader (`Dashboard.from_json`), so the committed file is exactly what the loader reads back: a
 misspelt key changes the round trip (tests/unit/arks/test_dashboards.py).
 
-`queries()` lists every panel query as (dashboard, panel, expr) and `substitute()` replaces
-Grafana's variables in one, for checks that run them against a real Prometheus.
+`queries()` lists every PromQL panel query as (dashboard, panel, expr) and `substitute()`
+replaces Grafana's variables in one, for checks that run them against a real Prometheus;
+`sql_queries()` lists the SQL ones, for checks against a real PostgreSQL. Each target belongs
+to exactly one of them, by its panel's data source type (`targets()` refuses any other type).
 """
 
 from __future__ import annotations
@@ -27,13 +30,15 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.cog.plugins import register_default_plugins
 from grafana_foundation_sdk.models.dashboard import Dashboard
 
-from arks.dashboards import control_plane, engines, gateway, tenants
+from arks.dashboards import billing, control_plane, engines, gateway, sql, tenants
+from arks.dashboards.panels import PROMETHEUS
 
 BUILDERS: tuple[Callable[[], Dashboard], ...] = (
     gateway.dashboard,
     tenants.dashboard,
     engines.dashboard,
     control_plane.dashboard,
+    billing.dashboard,
 )
 DIRECTORY = "dashboards"  # under manifests/monitoring
 CONFIGMAPS = "dashboards-configmap.yaml"
@@ -50,6 +55,7 @@ def normalised(dashboard: Dashboard) -> dict[str, Any]:
     """The dashboard's JSON as the SDK's loader reads it back (the loader fills defaults the
     builders leave out, e.g. a time series' empty `custom` field config)."""
     register_default_plugins()  # the panel and query types' own decoders, not generic bags
+    sql.register()  # and ours for PostgreSQL targets, which the SDK does not ship
     loaded = Dashboard.from_json(json.loads(dumps(dashboard)))
     out: dict[str, Any] = json.loads(dumps(loaded))
     return out
@@ -118,22 +124,71 @@ class PanelQuery:
     instant: bool
 
 
-def queries(boards: Mapping[str, Mapping[str, Any]] | None = None) -> Iterator[PanelQuery]:
-    """Every panel query of every dashboard (the generated ones unless `boards` is given)."""
+@dataclass(frozen=True)
+class SqlPanelQuery:
+    dashboard: str  # uid
+    panel: str  # title
+    ref_id: str
+    sql: str  # raw SQL with Grafana's variables and macros
+    table: bool  # format "table" (else "time_series")
+
+
+KINDS = (PROMETHEUS, sql.POSTGRES)  # the data source types a panel may query
+
+
+def targets(
+    boards: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Iterator[tuple[str, str, Mapping[str, Any], Mapping[str, Any]]]:
+    """(data source type, dashboard uid, panel, target) of every panel target; a type other
+    than the known ones is an error, so no query is left out of the checks unnoticed."""
     for uid, board in (dashboards() if boards is None else boards).items():
         for panel in board.get("panels", []):
             for t in panel.get("targets", []):
-                yield PanelQuery(
-                    uid, panel["title"], t["refId"], t["expr"], bool(t.get("instant", False))
-                )
+                kind = panel["datasource"]["type"]
+                if kind not in KINDS:
+                    raise ValueError(f"{uid} / {panel['title']}: data source type {kind!r}")
+                yield kind, uid, panel, t
+
+
+def queries(boards: Mapping[str, Mapping[str, Any]] | None = None) -> Iterator[PanelQuery]:
+    """Every PromQL panel query of every dashboard (the generated ones unless `boards` is
+    given); the SQL ones are `sql_queries()`."""
+    for kind, uid, panel, t in targets(boards):
+        if kind == PROMETHEUS:
+            yield PanelQuery(
+                uid, panel["title"], t["refId"], t["expr"], bool(t.get("instant", False))
+            )
+
+
+def sql_queries(boards: Mapping[str, Mapping[str, Any]] | None = None) -> Iterator[SqlPanelQuery]:
+    """Every SQL panel query (panels on a PostgreSQL data source)."""
+    for kind, uid, panel, t in targets(boards):
+        if kind == sql.POSTGRES:
+            yield SqlPanelQuery(
+                uid, panel["title"], t["refId"], t["rawSql"], t.get("format") == "table"
+            )
+
+
+def _variables(
+    kind: str, boards: Mapping[str, Mapping[str, Any]] | None
+) -> Iterator[Mapping[str, Any]]:
+    for board in (dashboards() if boards is None else boards).values():
+        for variable in board["templating"].get("list", []):
+            if variable["type"] == "query" and variable["datasource"]["type"] == kind:
+                yield variable
 
 
 def variable_queries(boards: Mapping[str, Mapping[str, Any]] | None = None) -> Iterator[str]:
-    """The query of every query variable (`label_values(selector, label)`)."""
-    for board in (dashboards() if boards is None else boards).values():
-        for variable in board["templating"].get("list", []):
-            if variable["type"] == "query":
-                yield str(variable["query"])
+    """The query of every Prometheus query variable (`label_values(selector, label)`)."""
+    for variable in _variables(PROMETHEUS, boards):
+        yield str(variable["query"])
+
+
+def sql_variables(
+    boards: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Iterator[Mapping[str, Any]]:
+    """Every PostgreSQL query variable (its `query` is SQL; `allValue` the SQL of "All")."""
+    yield from _variables(sql.POSTGRES, boards)
 
 
 # What Grafana puts in place of its built-in variables, and of ours at "All".

@@ -1,10 +1,17 @@
-"""The building blocks the four dashboards share: variables, label filters, PromQL fragments and
+"""The building blocks the dashboards share: variables, label filters, PromQL fragments and
 panels, written with Grafana Labs' SDK (grafana-foundation-sdk, Grafana 11.6 models).
 
 Every panel queries the data source variable `$datasource`; every query filters by the
 dashboard's variables (namespace, model, user) on the metrics that carry those labels, through
 `Board.where(...)`, so a panel cannot forget one. The variables are multi-select with "All" =
 `.*`, which also matches an empty label (a denial before routing has `model=""`).
+
+A board on PostgreSQL (`Board(..., engine=POSTGRES)`, the billing dashboard over the usage
+ledger) has a PostgreSQL data source variable, SQL variables (`SELECT DISTINCT` a column of
+`source`, the table) and panels of raw SQL (`SqlTarget`), filtered by `Board.sql_where(...)`:
+`"col" IN ($var)`. Its "All" is the column itself (Grafana inserts a custom "All" value
+verbatim), so `"col" IN ("col")` keeps every row without listing every value, and an empty
+table still gives valid SQL.
 """
 
 from __future__ import annotations
@@ -20,7 +27,11 @@ from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models import dashboard as models
 from grafana_foundation_sdk.models import prometheus as prom_models
 
-DATASOURCE = models.DataSourceRef(type_val="prometheus", uid="${datasource}")
+from arks.dashboards.sql import POSTGRES, SqlFormat, SqlQueryBuilder
+
+PROMETHEUS = "prometheus"
+DATASOURCE = models.DataSourceRef(type_val=PROMETHEUS, uid="${datasource}")
+SQL_DATASOURCE = models.DataSourceRef(type_val=POSTGRES, uid="${datasource}")
 # Grafana's own interval for rate(): at least four scrape intervals, so a rate always has two
 # samples whatever the zoom (https://grafana.com/docs/grafana/latest/datasources/prometheus/).
 RATE = "$__rate_interval"
@@ -68,10 +79,48 @@ def instant(expr: str, legend: str = "") -> Target:
     return Target(expr, legend, instant=True)
 
 
-def _queries(targets: Sequence[Target]) -> list[prom.Dataquery]:
-    out = []
+@dataclass(frozen=True)
+class SqlTarget:
+    """A raw SQL query: `table` rows as they are, or a time series (a `time` column, string
+    columns naming the series, numeric columns their values)."""
+
+    sql: str
+    table: bool = False
+
+
+def sql(query: str) -> SqlTarget:
+    return SqlTarget(query)
+
+
+def sql_table(query: str) -> SqlTarget:
+    return SqlTarget(query, table=True)
+
+
+AnyTarget = Target | SqlTarget
+
+
+def _on_sql(targets: Sequence[AnyTarget]) -> bool:
+    """Whether a panel's targets are SQL (all of them) or PromQL (all of them): a panel has one
+    data source."""
+    kinds = {isinstance(t, SqlTarget) for t in targets}
+    if len(kinds) != 1:
+        raise ValueError("a panel's targets are all PromQL or all SQL")
+    return kinds == {True}
+
+
+def _datasource(targets: Sequence[AnyTarget]) -> models.DataSourceRef:
+    return SQL_DATASOURCE if _on_sql(targets) else DATASOURCE
+
+
+def _queries(targets: Sequence[AnyTarget]) -> list[prom.Dataquery | SqlQueryBuilder]:
+    out: list[prom.Dataquery | SqlQueryBuilder] = []
     for index, t in enumerate(targets):
-        query = prom.Dataquery().expr(t.expr).ref_id(chr(ord("A") + index))
+        ref = chr(ord("A") + index)
+        if isinstance(t, SqlTarget):
+            fmt = SqlFormat.TABLE if t.table else SqlFormat.TIME_SERIES
+            out.append(SqlQueryBuilder(ref, t.sql, fmt))
+            continue
+        query = prom.Dataquery().expr(t.expr).ref_id(ref)
         if t.legend:
             query = query.legend_format(t.legend)
         if t.instant:
@@ -83,7 +132,7 @@ def _queries(targets: Sequence[Target]) -> list[prom.Dataquery]:
 def graph(
     title: str,
     description: str,
-    targets: Sequence[Target],
+    targets: Sequence[AnyTarget],
     unit: str = "short",
     span: int = 12,
     stacked: bool = False,
@@ -92,7 +141,7 @@ def graph(
         timeseries.Panel()
         .title(title)
         .description(description)
-        .datasource(DATASOURCE)
+        .datasource(_datasource(targets))
         .unit(unit)
         .span(span)
         .height(8)
@@ -117,7 +166,7 @@ def graph(
 def single(
     title: str,
     description: str,
-    targets: Sequence[Target],
+    targets: Sequence[AnyTarget],
     unit: str = "short",
     span: int = 6,
     steps: Sequence[tuple[float | None, str]] = ((None, "green"),),
@@ -127,7 +176,7 @@ def single(
         stat.Panel()
         .title(title)
         .description(description)
-        .datasource(DATASOURCE)
+        .datasource(_datasource(targets))
         .unit(unit)
         .span(span)
         .height(5)
@@ -144,7 +193,7 @@ def single(
 def bars(
     title: str,
     description: str,
-    targets: Sequence[Target],
+    targets: Sequence[AnyTarget],
     unit: str = "short",
     span: int = 12,
     steps: Sequence[tuple[float | None, str]] = ((None, "green"),),
@@ -156,13 +205,13 @@ def bars(
         bargauge.Panel()
         .title(title)
         .description(description)
-        .datasource(DATASOURCE)
+        .datasource(_datasource(targets))
         .unit(unit)
         .span(span)
         .height(8)
         .orientation(common.VizOrientation.HORIZONTAL)
         .display_mode(common.BarGaugeDisplayMode.GRADIENT)
-        .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]))
+        .reduce_options(_bar_values(targets))
         .thresholds(_thresholds(steps))
     )
     if minimum is not None:
@@ -175,14 +224,14 @@ def bars(
 
 
 def listing(
-    title: str, description: str, targets: Sequence[Target], unit: str = "short", span: int = 12
+    title: str, description: str, targets: Sequence[AnyTarget], unit: str = "short", span: int = 12
 ) -> table.Panel:
     """A table of instant results, one row per series and its labels."""
     panel = (
         table.Panel()
         .title(title)
         .description(description)
-        .datasource(DATASOURCE)
+        .datasource(_datasource(targets))
         .unit(unit)
         .span(span)
         .height(8)
@@ -191,6 +240,13 @@ def listing(
     for query in _queries(targets):
         panel = panel.with_target(query)
     return panel
+
+
+def _bar_values(targets: Sequence[AnyTarget]) -> common_builders.ReduceDataOptions:
+    """A bar per series (PromQL: its last value), or per row of a SQL table (`values`)."""
+    if _on_sql(targets):
+        return common_builders.ReduceDataOptions().values(True).calcs([])
+    return common_builders.ReduceDataOptions().calcs(["lastNotNull"])
 
 
 def _thresholds(steps: Sequence[tuple[float | None, str]]) -> builders.ThresholdsConfig:
@@ -205,24 +261,35 @@ def _all() -> models.VariableOption:
     return models.VariableOption(text="All", value="$__all", selected=True)
 
 
-def datasource_variable() -> builders.DatasourceVariable:
-    return builders.DatasourceVariable("datasource").label("Data source").type("prometheus")
+def datasource_variable(kind: str = PROMETHEUS) -> builders.DatasourceVariable:
+    return builders.DatasourceVariable("datasource").label("Data source").type(kind)
 
 
-def query_variable(name: str, label: str, query: str) -> builders.QueryVariable:
+def query_variable(
+    name: str,
+    label: str,
+    query: str,
+    datasource: models.DataSourceRef = DATASOURCE,
+    all_value: str = ".*",
+) -> builders.QueryVariable:
     """A multi-select variable of a label's values, "All" by default meaning any value."""
     return (
         builders.QueryVariable(name)
         .label(label)
-        .datasource(DATASOURCE)
+        .datasource(datasource)
         .query(query)
         .refresh(models.VariableRefresh.ON_TIME_RANGE_CHANGED)
         .sort(models.VariableSort.ALPHABETICAL_ASC)
         .multi(True)
         .include_all(True)
-        .all_value(".*")
+        .all_value(all_value)
         .current(_all())
     )
+
+
+def column(name: str) -> str:
+    """A SQL identifier, quoted: `user` is a reserved word in PostgreSQL."""
+    return f'"{name}"'
 
 
 @dataclass
@@ -231,13 +298,15 @@ class Board:
 
     `where(metric, *labels)` is the selector of `metric` filtered by the variables named by
     `labels`; a label the dashboard has no variable for is an error, so filters stay honest.
+    On PostgreSQL (`engine=POSTGRES`), `sql_where(*labels)` is the SQL condition of the same.
     """
 
     uid: str
     title: str
     description: str
     variables: tuple[str, ...]  # of NAMESPACE, MODEL, USER, in the order shown
-    source: str  # the metric whose label values fill the variables
+    source: str  # the metric (the table on PostgreSQL) whose values fill the variables
+    engine: str = PROMETHEUS  # or POSTGRES
     _builder: builders.Dashboard = field(init=False)
     _next_id: int = field(init=False, default=1)
 
@@ -252,15 +321,38 @@ class Board:
             .timezone("browser")
             .tooltip(models.DashboardCursorSync.CROSSHAIR)
             .readonly()
-            .with_variable(datasource_variable())
+            .with_variable(datasource_variable(self.engine))
         )
-        labels = {NAMESPACE: "Namespace", MODEL: "Model", USER: "User"}
         for index, name in enumerate(self.variables):
             # Each variable lists the values seen under the ones before it.
-            narrowed = self.where(self.source, *self.variables[:index])
             self._builder = self._builder.with_variable(
-                query_variable(name, labels[name], f"label_values({narrowed}, {name})")
+                self._variable(name, self.variables[:index])
             )
+
+    def _variable(self, name: str, before: tuple[str, ...]) -> builders.QueryVariable:
+        label = {NAMESPACE: "Namespace", MODEL: "Model", USER: "User"}[name]
+        if self.engine == PROMETHEUS:
+            narrowed = self.where(self.source, *before)
+            return query_variable(name, label, f"label_values({narrowed}, {name})")
+        if self.engine != POSTGRES:
+            raise ValueError(f"{self.uid}: unknown engine {self.engine!r}")
+        return query_variable(
+            name,
+            label,
+            f"SELECT DISTINCT {column(name)} FROM {self.source}"
+            f" WHERE {self.sql_where(*before)} ORDER BY 1",
+            datasource=SQL_DATASOURCE,
+            all_value=column(name),
+        )
+
+    def sql_where(self, *labels: str) -> str:
+        """`$__timeFilter(time) AND "label" IN ($label) AND ...`: the range and the variables."""
+        unknown = set(labels) - set(self.variables)
+        if unknown:
+            raise ValueError(f"{self.uid}: no variable for {sorted(unknown)}")
+        return " AND ".join(
+            ["$__timeFilter(time)", *(f"{column(label)} IN (${label})" for label in labels)]
+        )
 
     def where(self, metric: str, *labels: str, extra: str = "") -> str:
         """`metric{label=~"$label", ...}`, plus `extra` matchers (`code=~"5.."`)."""

@@ -1,6 +1,9 @@
 """The Grafana dashboards (`python -m arks.dashboards`): committed as generated, loadable by the
 SDK's own model without losing a key, installed by ConfigMaps the Grafana sidecar picks up, and
-every panel query valid PromQL over metrics something exports, filtered by the variables."""
+every panel query valid PromQL over metrics something exports, filtered by the variables. The
+billing dashboard's SQL is left to the PromQL checks explicitly, by its panels' data source type
+(`queries()` vs `sql_queries()`), and run against a real PostgreSQL in
+tests/integration/test_billing_dashboard.py."""
 
 from __future__ import annotations
 
@@ -24,10 +27,14 @@ from arks.dashboards import (
     dashboards,
     dumps,
     queries,
+    sql_queries,
+    sql_variables,
     substitute,
+    targets,
     variable_queries,
 )
 from arks.dashboards.__main__ import DEFAULT_OUT, drift, main
+from arks.dashboards.sql import POSTGRES
 from tests.support.metric_names import known
 from tests.support.promql import PromQLError, Selector, selectors
 
@@ -38,7 +45,10 @@ VARIABLES = {
     "arks-tenants": ("namespace", "model", "user"),
     "arks-engines": ("namespace", "model"),
     "arks-control-plane": ("namespace", "model"),
+    "arks-billing": ("namespace", "user"),
 }
+# The data source type each dashboard's panels and variables query.
+KIND = {uid: "prometheus" for uid in VARIABLES} | {"arks-billing": POSTGRES}
 KNOWN = known()
 
 
@@ -141,12 +151,15 @@ def test_stable_uids_and_titles() -> None:
 def test_variables_are_datasource_then_multi_select_with_all(uid: str) -> None:
     variables = BOARDS[uid]["templating"]["list"]
     assert [v["name"] for v in variables] == ["datasource", *VARIABLES[uid]]
-    assert variables[0]["type"] == "datasource" and variables[0]["query"] == "prometheus"
+    assert variables[0]["type"] == "datasource" and variables[0]["query"] == KIND[uid]
     for variable in variables[1:]:
         assert variable["type"] == "query"
         assert variable["multi"] and variable["includeAll"]
-        assert variable["allValue"] == ".*"  # also matches an empty label (model="")
-        assert variable["datasource"]["uid"] == "${datasource}"
+        if KIND[uid] == "prometheus":
+            assert variable["allValue"] == ".*"  # also matches an empty label (model="")
+        else:  # SQL: "All" is `"col" IN ("col")`, true for every row (Grafana inserts it as is)
+            assert variable["allValue"] == f'"{variable["name"]}"'
+        assert variable["datasource"] == {"type": KIND[uid], "uid": "${datasource}"}
 
 
 @pytest.mark.parametrize("uid", list(VARIABLES))
@@ -157,7 +170,7 @@ def test_panels_have_unique_ids_and_query_the_datasource_variable(uid: str) -> N
     for panel in panels:
         if panel["type"] == "row":
             continue
-        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert panel["datasource"] == {"type": KIND[uid], "uid": "${datasource}"}
         assert panel["targets"], panel["title"]
         refs = [t["refId"] for t in panel["targets"]]
         assert len(refs) == len(set(refs)), panel["title"]
@@ -165,8 +178,21 @@ def test_panels_have_unique_ids_and_query_the_datasource_variable(uid: str) -> N
 
 
 def test_queries_lists_every_target() -> None:
+    """Every target is a PromQL query (`queries()`) or a SQL one (`sql_queries()`), by its
+    panel's data source type, never neither: the PromQL checks skip SQL explicitly."""
     total = sum(len(p.get("targets", [])) for b in BOARDS.values() for p in b["panels"])
-    assert len(QUERIES) == total > 80
+    sqls = list(sql_queries())
+    assert len(QUERIES) + len(sqls) == total and len(QUERIES) > 80 and len(sqls) >= 10
+    assert {q.dashboard for q in sqls} == {uid for uid, kind in KIND.items() if kind == POSTGRES}
+    assert not {q.dashboard for q in QUERIES} & {q.dashboard for q in sqls}
+    assert all("expr" not in t and "rawSql" in t for kind, _, _, t in targets() if kind == POSTGRES)
+    assert len(list(sql_variables())) == 2  # namespace, user
+    strange = {"billing": {**BOARDS["arks-billing"]}}
+    strange["billing"]["panels"] = [
+        {**p, "datasource": {"type": "loki", "uid": "x"}} for p in BOARDS["arks-billing"]["panels"]
+    ]
+    with pytest.raises(ValueError, match="loki"):
+        list(queries(strange))  # an unknown data source type is refused, not skipped
     assert QUERIES[0] == PanelQuery(
         "arks-gateway",
         "Requests per second by status",
