@@ -32,7 +32,7 @@ from arks.ledger import (
     ReportRow,
     UsageRecord,
 )
-from tests.support.postgres import cut_proxy, new_schema, private_database
+from tests.support.postgres import cut_proxy, new_schema, private_database, through
 from tests.support.stall_proxy import stall_proxy
 
 T0 = datetime(2024, 12, 30, 22, 0, tzinfo=UTC)  # a Monday, two hours before a new year
@@ -494,7 +494,7 @@ async def test_drop_before_drops_whole_months(pg_url: str) -> None:
 
 async def test_unavailable_while_the_server_is_away_then_reconnects(pg_url: str) -> None:
     with cut_proxy() as proxy:
-        ledger = await pg_store(proxy.url(pg_url))
+        ledger = await pg_store(through(proxy, pg_url))
         assert await ledger.write([record("before")]) == 1
         proxy.cut()  # the server goes away: the open connection is closed under the store
         with pytest.raises(LedgerUnavailable):
@@ -512,7 +512,7 @@ async def test_unavailable_while_the_server_is_away_then_reconnects(pg_url: str)
 async def test_an_unreachable_server_is_unavailable(pg_url: str) -> None:
     with cut_proxy() as proxy:
         proxy.cut()
-        ledger = PostgresLedger(proxy.url(pg_url), timeout_s=5.0)
+        ledger = PostgresLedger(through(proxy, pg_url), timeout_s=5.0)
         with pytest.raises(LedgerUnavailable):
             await ledger.migrate()
         proxy.restore()

@@ -40,26 +40,7 @@ from arks.ledger import LedgerUnavailable, QuotaTotals, ReportQuery, ReportRow, 
 
 T = TypeVar("T")
 DROP_TIMEOUT_S = 600.0  # retention deletes a month of request ids: minutes, not a batch's seconds
-COLUMNS = (
-    "time",
-    "request_id",
-    "namespace",
-    "user",
-    "model",
-    "engine",
-    "path",
-    "status",
-    "prompt_tokens",
-    "completion_tokens",
-    "cost",
-    "source",
-    "estimate_reason",
-    "duration_s",
-    "ttft_s",
-    "quota",
-    "admitted_at",
-    "cost_micros",
-)
+COLUMNS = rows.COLUMNS
 # COPY's binary types, in COLUMNS order.
 COPY_TYPES = (
     "timestamptz",

@@ -15,6 +15,27 @@ from arks.ledger import GroupBy, ReportQuery, ReportRow, UsageRecord
 # Cost sums are rounded to this many decimal places: far below any currency's unit, far above
 # the last bits in which two databases' float additions (in different orders) differ.
 COST_DECIMALS = 9
+# usage_records' columns, in the order both stores write a record's values.
+COLUMNS = (
+    "time",
+    "request_id",
+    "namespace",
+    "user",
+    "model",
+    "engine",
+    "path",
+    "status",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost",
+    "source",
+    "estimate_reason",
+    "duration_s",
+    "ttft_s",
+    "quota",
+    "admitted_at",
+    "cost_micros",
+)
 GROUP_COLUMNS: tuple[GroupBy, ...] = ("namespace", "user", "model")
 
 

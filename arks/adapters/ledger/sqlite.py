@@ -28,26 +28,7 @@ from arks.ledger import LedgerUnavailable, QuotaTotals, ReportQuery, ReportRow, 
 T = TypeVar("T")
 BUSY_TIMEOUT_S = 10.0
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
-COLUMNS = (
-    "time",
-    "request_id",
-    "namespace",
-    "user",
-    "model",
-    "engine",
-    "path",
-    "status",
-    "prompt_tokens",
-    "completion_tokens",
-    "cost",
-    "source",
-    "estimate_reason",
-    "duration_s",
-    "ttft_s",
-    "quota",
-    "admitted_at",
-    "cost_micros",
-)
+COLUMNS = rows.COLUMNS
 INSERT = (
     f"INSERT OR IGNORE INTO usage_records ({', '.join(COLUMNS)}) "
     f"VALUES ({', '.join('?' for _ in COLUMNS)})"
