@@ -49,7 +49,8 @@ MIGRATIONS_TABLE = (
 
 def time_text(moment: datetime) -> str:
     """A UTC time as stored: fixed width, so text order is time order."""
-    return rows.utc(moment).strftime(TIME_FORMAT)
+    # isoformat, cut before its "+00:00": TIME_FORMAT's text at half strftime's cost.
+    return rows.utc(moment).isoformat(" ", "microseconds")[:26]
 
 
 def parse_time(text: str) -> datetime:
