@@ -126,26 +126,7 @@ def create_partition(month: date) -> sql.Composed:
 
 
 def record_row(record: UsageRecord) -> tuple[Any, ...]:
-    return (
-        rows.utc(record.time),
-        record.request_id,
-        record.namespace,
-        record.user,
-        record.model,
-        record.engine,
-        record.path,
-        record.status,
-        record.prompt_tokens,
-        record.completion_tokens,
-        record.cost,
-        record.source,
-        record.estimate_reason,
-        record.duration_s,
-        record.ttft_s,
-        record.quota,
-        None if record.admitted_at is None else rows.utc(record.admitted_at),
-        record.cost_micros,
-    )
+    return rows.values(record, rows.utc)
 
 
 def report_sql(query: ReportQuery) -> tuple[sql.Composed, list[Any]]:

@@ -7,8 +7,9 @@ rounding of the summed cost, which each database adds up in its own order).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, date, datetime
+from typing import Any
 
 from arks.ledger import GroupBy, ReportQuery, ReportRow, UsageRecord
 
@@ -36,6 +37,32 @@ COLUMNS = (
     "admitted_at",
     "cost_micros",
 )
+
+
+def values(record: UsageRecord, stamp: Callable[[datetime], Any]) -> tuple[Any, ...]:
+    """A record's values in `COLUMNS` order, its times as `stamp` makes them (each store its own)."""
+    return (
+        stamp(record.time),
+        record.request_id,
+        record.namespace,
+        record.user,
+        record.model,
+        record.engine,
+        record.path,
+        record.status,
+        record.prompt_tokens,
+        record.completion_tokens,
+        record.cost,
+        record.source,
+        record.estimate_reason,
+        record.duration_s,
+        record.ttft_s,
+        record.quota,
+        None if record.admitted_at is None else stamp(record.admitted_at),
+        record.cost_micros,
+    )
+
+
 GROUP_COLUMNS: tuple[GroupBy, ...] = ("namespace", "user", "model")
 
 

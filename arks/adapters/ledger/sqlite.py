@@ -55,26 +55,7 @@ def parse_time(text: str) -> datetime:
 
 
 def record_row(record: UsageRecord) -> tuple[Any, ...]:
-    return (
-        time_text(record.time),
-        record.request_id,
-        record.namespace,
-        record.user,
-        record.model,
-        record.engine,
-        record.path,
-        record.status,
-        record.prompt_tokens,
-        record.completion_tokens,
-        record.cost,
-        record.source,
-        record.estimate_reason,
-        record.duration_s,
-        record.ttft_s,
-        record.quota,
-        None if record.admitted_at is None else time_text(record.admitted_at),
-        record.cost_micros,
-    )
+    return rows.values(record, time_text)
 
 
 def report_sql(query: ReportQuery) -> tuple[str, list[Any]]:
