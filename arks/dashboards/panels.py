@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from grafana_foundation_sdk.builders import bargauge, stat, table, timeseries
 from grafana_foundation_sdk.builders import common as common_builders
@@ -129,6 +130,33 @@ def _queries(targets: Sequence[AnyTarget]) -> list[prom.Dataquery | SqlQueryBuil
     return out
 
 
+P = TypeVar("P", timeseries.Panel, stat.Panel, bargauge.Panel, table.Panel)
+
+
+def _framed(
+    panel: P,
+    title: str,
+    description: str,
+    targets: Sequence[AnyTarget],
+    unit: str,
+    span: int,
+    height: int,
+) -> P:
+    """What every panel kind has alike: its title and description, data source, unit, place,
+    and its queries."""
+    panel = (
+        panel.title(title)
+        .description(description)
+        .datasource(_datasource(targets))
+        .unit(unit)
+        .span(span)
+        .height(height)
+    )
+    for query in _queries(targets):
+        panel = panel.with_target(query)
+    return panel
+
+
 def graph(
     title: str,
     description: str,
@@ -138,13 +166,7 @@ def graph(
     stacked: bool = False,
 ) -> timeseries.Panel:
     panel = (
-        timeseries.Panel()
-        .title(title)
-        .description(description)
-        .datasource(_datasource(targets))
-        .unit(unit)
-        .span(span)
-        .height(8)
+        _framed(timeseries.Panel(), title, description, targets, unit, span, 8)
         .fill_opacity(10)
         .legend(
             common_builders.VizLegendOptions()
@@ -158,8 +180,6 @@ def graph(
         panel = panel.stacking(
             common_builders.StackingConfig().mode(common.StackingMode.NORMAL).group("A")
         )
-    for query in _queries(targets):
-        panel = panel.with_target(query)
     return panel
 
 
@@ -173,20 +193,12 @@ def single(
 ) -> stat.Panel:
     """A stat: the last value of each series, coloured by `steps` (value from, colour)."""
     panel = (
-        stat.Panel()
-        .title(title)
-        .description(description)
-        .datasource(_datasource(targets))
-        .unit(unit)
-        .span(span)
-        .height(5)
+        _framed(stat.Panel(), title, description, targets, unit, span, 5)
         .graph_mode(common.BigValueGraphMode.AREA)
         .color_mode(common.BigValueColorMode.VALUE)
         .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]))
         .thresholds(_thresholds(steps))
     )
-    for query in _queries(targets):
-        panel = panel.with_target(query)
     return panel
 
 
@@ -202,13 +214,7 @@ def bars(
 ) -> bargauge.Panel:
     """A horizontal bar per series (a ranking: top tenants, limits nearest to exhaustion)."""
     panel = (
-        bargauge.Panel()
-        .title(title)
-        .description(description)
-        .datasource(_datasource(targets))
-        .unit(unit)
-        .span(span)
-        .height(8)
+        _framed(bargauge.Panel(), title, description, targets, unit, span, 8)
         .orientation(common.VizOrientation.HORIZONTAL)
         .display_mode(common.BarGaugeDisplayMode.GRADIENT)
         .reduce_options(_bar_values(targets))
@@ -218,8 +224,6 @@ def bars(
         panel = panel.min(minimum)
     if maximum is not None:
         panel = panel.max(maximum)
-    for query in _queries(targets):
-        panel = panel.with_target(query)
     return panel
 
 
@@ -227,18 +231,9 @@ def listing(
     title: str, description: str, targets: Sequence[AnyTarget], unit: str = "short", span: int = 12
 ) -> table.Panel:
     """A table of instant results, one row per series and its labels."""
-    panel = (
-        table.Panel()
-        .title(title)
-        .description(description)
-        .datasource(_datasource(targets))
-        .unit(unit)
-        .span(span)
-        .height(8)
-        .with_transformation(models.DataTransformerConfig(id_val="merge", options={}))
+    panel = _framed(table.Panel(), title, description, targets, unit, span, 8).with_transformation(
+        models.DataTransformerConfig(id_val="merge", options={})
     )
-    for query in _queries(targets):
-        panel = panel.with_target(query)
     return panel
 
 
