@@ -74,10 +74,11 @@ async def finished(ctx: Context, entries: Iterable[Finished]) -> None:
             ctx.metrics.charge(usage, done.status)
         ctx.metrics.latency(done)
         who = Identity(done.namespace, done.user, done.model)
-        cost = None if usage is None else _charge_cost(ctx, who, done.reservation, usage)
+        policy = ctx.policy.current()
+        cost = None if usage is None else _charge_cost(ctx, policy, who, done.reservation, usage)
         if ctx.ledger is not None:
             record = finished_record(done, usage, cost, ctx.now())
-            ctx.ledger.submit(quota_charged(record, ctx.policy.current(), done.reservation))
+            ctx.ledger.submit(quota_charged(record, policy, done.reservation))
         await ctx.admission.settle(
             done.request_id,
             who,
@@ -119,10 +120,11 @@ async def expire_unreported(ctx: Context) -> int:
         usage: Usage = entry.usage()
         ctx.metrics.unreported.labels(usage.namespace, usage.user, usage.model).inc()
         ctx.metrics.charge(usage, 0)
-        cost = _charge_cost(ctx, entry.identity, entry.reservation, usage)
+        policy = ctx.policy.current()
+        cost = _charge_cost(ctx, policy, entry.identity, entry.reservation, usage)
         if ctx.ledger is not None:
             record = unreported_record(entry, usage, cost, ctx.now())
-            ctx.ledger.submit(quota_charged(record, ctx.policy.current(), entry.reservation))
+            ctx.ledger.submit(quota_charged(record, policy, entry.reservation))
         await ctx.admission.settle(
             entry.request_id,
             entry.identity,
@@ -149,9 +151,9 @@ def request_cost(
 
 
 def _charge_cost(
-    ctx: Context, who: Identity, reservation: Reservation | None, usage: Usage
+    ctx: Context, policy: Policy, who: Identity, reservation: Reservation | None, usage: Usage
 ) -> float | None:
-    cost = request_cost(ctx.policy.current(), who, reservation, usage)
+    cost = request_cost(policy, who, reservation, usage)
     if cost is not None:
         ctx.metrics.charge_cost(who, cost)
     return cost
