@@ -90,12 +90,9 @@ def cost_micros(prompt: int, completion: int, price: Price | None) -> int:
     return math.ceil(prompt * price.input + completion * price.output)
 
 
-def currency_cost(quota: ArksQuota, model: str, prompt: int, completion: int) -> float | None:
+def currency_cost(prompt: int, completion: int, price: Price) -> float:
     """What a request cost in the price table's currency (prices are per million tokens), exact
-    (not rounded up to a micro-unit as the budget charge is); None when no price applies."""
-    price = price_for(quota, model)
-    if price is None:
-        return None
+    (not rounded up to a micro-unit as the budget charge is)."""
     return (prompt * price.input + completion * price.output) / MICRO
 
 

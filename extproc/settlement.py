@@ -9,10 +9,11 @@ one usage record handed to the ledger writer (`extproc.ledger`; nothing waits fo
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from arks.api import ObjectKey
 from arks.ledger import UsageRecord
@@ -74,11 +75,9 @@ async def finished(ctx: Context, entries: Iterable[Finished]) -> None:
             ctx.metrics.charge(usage, done.status)
         ctx.metrics.latency(done)
         who = Identity(done.namespace, done.user, done.model)
-        policy = ctx.policy.current()
-        cost = None if usage is None else _charge_cost(ctx, policy, who, done.reservation, usage)
+        charge = _charge(ctx, who, done.reservation, usage)
         if ctx.ledger is not None:
-            record = finished_record(done, usage, cost, ctx.now())
-            ctx.ledger.submit(quota_charged(record, policy, done.reservation))
+            ctx.ledger.submit(finished_record(done, usage, charge, ctx.now()))
         await ctx.admission.settle(
             done.request_id,
             who,
@@ -120,11 +119,9 @@ async def expire_unreported(ctx: Context) -> int:
         usage: Usage = entry.usage()
         ctx.metrics.unreported.labels(usage.namespace, usage.user, usage.model).inc()
         ctx.metrics.charge(usage, 0)
-        policy = ctx.policy.current()
-        cost = _charge_cost(ctx, policy, entry.identity, entry.reservation, usage)
+        charge = _charge(ctx, entry.identity, entry.reservation, usage)
         if ctx.ledger is not None:
-            record = unreported_record(entry, usage, cost, ctx.now())
-            ctx.ledger.submit(quota_charged(record, policy, entry.reservation))
+            ctx.ledger.submit(unreported_record(entry, usage, charge, ctx.now()))
         await ctx.admission.settle(
             entry.request_id,
             entry.identity,
@@ -136,56 +133,62 @@ async def expire_unreported(ctx: Context) -> int:
     return len(lost)
 
 
-def request_cost(
-    policy: Policy, who: Identity, reservation: Reservation | None, usage: Usage
-) -> float | None:
-    """A settled request's cost in the price table's currency: the prices of the quota its
-    admission reserved against (the token's grant for the model names it), as that quota is
-    now — the one its settlement charges. None when no quota or no price applies."""
+@dataclass(frozen=True, slots=True)
+class QuotaCharge:
+    """What settling a request charges the quota its admission reserved against, as
+    `AdmissionControl.settle` charges it: the ArksQuota ("namespace/name"), the admission's time
+    (the periods charged), the cost in the price table's currency (exact; None when no price
+    applies) and in the micro-units a cost item counts (rounded up). The usage record keeps them,
+    so the budgets can be rebuilt from the ledger exactly (extproc/rebuild.py)."""
+
+    quota: str
+    admitted_at: float  # epoch seconds
+    cost: float | None
+    cost_micros: int
+
+
+def quota_charge(
+    policy: Policy, who: Identity, reservation: Reservation | None, prompt: int, completion: int
+) -> QuotaCharge | None:
+    """What `prompt` and `completion` tokens charge the quota `reservation` names, with its
+    prices as that quota is now (the token's grant for the model names it); None when the
+    admission reserved against no quota or that quota is gone (pure)."""
     if reservation is None or not reservation.quota:
         return None
     found = policy.quotas.get(ObjectKey(who.namespace, reservation.quota))
     if found is None:
         return None
-    return quota.currency_cost(found, who.model, usage.prompt_tokens, usage.completion_tokens)
-
-
-def _charge_cost(
-    ctx: Context, policy: Policy, who: Identity, reservation: Reservation | None, usage: Usage
-) -> float | None:
-    cost = request_cost(policy, who, reservation, usage)
-    if cost is not None:
-        ctx.metrics.charge_cost(who, cost)
-    return cost
-
-
-def quota_charged(
-    record: UsageRecord, policy: Policy, reservation: Reservation | None
-) -> UsageRecord:
-    """`record` with what its settlement charged the quota budgets (pure), as
-    `AdmissionControl.settle` charges them: the ArksQuota its admission reserved against (if it
-    still exists), the admission's time (the periods charged) and the cost item's micro-units,
-    so the budgets can be rebuilt from the ledger exactly (extproc/rebuild.py)."""
-    if reservation is None or not reservation.quota:
-        return record
-    found = policy.quotas.get(ObjectKey(record.namespace, reservation.quota))
-    if found is None:
-        return record
-    price = quota.price_for(found, record.model)
-    return dataclasses.replace(
-        record,
-        quota=f"{record.namespace}/{reservation.quota}",
-        admitted_at=datetime.fromtimestamp(reservation.admitted_at, UTC),
-        cost_micros=quota.cost_micros(record.prompt_tokens, record.completion_tokens, price),
+    price = quota.price_for(found, who.model)
+    return QuotaCharge(
+        f"{who.namespace}/{reservation.quota}",
+        reservation.admitted_at,
+        None if price is None else quota.currency_cost(prompt, completion, price),
+        quota.cost_micros(prompt, completion, price),
     )
 
 
+def _charge(
+    ctx: Context, who: Identity, reservation: Reservation | None, usage: Usage | None
+) -> QuotaCharge | None:
+    """The request's quota charge; its cost counted in the metrics when it has usage."""
+    charge = quota_charge(
+        ctx.policy.current(),
+        who,
+        reservation,
+        usage.prompt_tokens if usage else 0,
+        usage.completion_tokens if usage else 0,
+    )
+    if usage is not None and charge is not None and charge.cost is not None:
+        ctx.metrics.charge_cost(who, charge.cost)
+    return charge
+
+
 def finished_record(
-    done: Finished, usage: Usage | None, cost: float | None, now: datetime
+    done: Finished, usage: Usage | None, charge: QuotaCharge | None, now: datetime
 ) -> UsageRecord:
     """The usage record of a request whose access-log entry came (pure). Its time is when it
     ended by Envoy's clock (start + duration: the same on every replica), else `now`; an error
-    answer (no usage owed) is recorded with no tokens."""
+    answer (no usage owed) is recorded with no tokens and no cost."""
     ended = now
     if done.started_at is not None:
         ended = datetime.fromtimestamp(done.started_at + (done.duration_s or 0.0), UTC)
@@ -200,16 +203,17 @@ def finished_record(
         status=done.status,
         prompt_tokens=usage.prompt_tokens if usage else 0,
         completion_tokens=usage.completion_tokens if usage else 0,
-        cost=cost,
+        cost=charge.cost if usage is not None and charge is not None else None,
         source="reported" if usage is None or usage.estimated is None else "estimated",
         estimate_reason=usage.estimated if usage else None,
         duration_s=done.duration_s,
         ttft_s=done.first_byte_s,
+        **_charged(charge),
     )
 
 
 def unreported_record(
-    entry: Admitted, usage: Usage, cost: float | None, now: datetime
+    entry: Admitted, usage: Usage, charge: QuotaCharge | None, now: datetime
 ) -> UsageRecord:
     """The usage record of an admitted request whose entry never came (pure): the estimate it
     was charged (reason as in `arks_usage_estimated_requests_total`), no status (0), no engine,
@@ -225,9 +229,21 @@ def unreported_record(
         status=0,
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
-        cost=cost,
+        cost=None if charge is None else charge.cost,
         source="estimated",
         estimate_reason=usage.estimated,
         duration_s=None,
         ttft_s=None,
+        **_charged(charge),
     )
+
+
+def _charged(charge: QuotaCharge | None) -> dict[str, Any]:
+    """A record's quota fields."""
+    if charge is None:
+        return {}
+    return {
+        "quota": charge.quota,
+        "admitted_at": datetime.fromtimestamp(charge.admitted_at, UTC),
+        "cost_micros": charge.cost_micros,
+    }

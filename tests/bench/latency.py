@@ -28,7 +28,7 @@ from extproc.context import Context
 from extproc.decision import Identity
 from extproc.metrics import GatewayMetrics
 from extproc.reservation import Reservation
-from extproc.usage import Finished, Usage
+from extproc.usage import Finished
 from tests.bench import report
 from tests.support import objects
 from tests.support.clock import FakeClock
@@ -119,13 +119,12 @@ def run_section(*, quick: bool, command: str) -> str:
     ctx = _priced_context()
     who = Identity("default", "alice", "qwen")
     reservation = Reservation(1.7e9, "team")
-    usage = Usage("default", "alice", "qwen", 10, 11)
     policy = ctx.policy.current()
 
     def cost() -> None:
-        amount = settlement.request_cost(policy, who, reservation, usage)
-        assert amount is not None
-        ctx.metrics.charge_cost(who, amount)
+        charge = settlement.quota_charge(policy, who, reservation, 10, 11)
+        assert charge is not None and charge.cost is not None
+        ctx.metrics.charge_cost(who, charge.cost)
 
     def decisions() -> None:
         ctx.metrics.decided("headers", 1e-4)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import random
+import shutil
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -22,6 +23,7 @@ import pytest
 
 from arks.adapters.ledger import PostgresLedger, SqliteLedger, open_ledger
 from arks.adapters.ledger.rows import period_start
+from arks.adapters.ledger.sqlite import SYNC_S, statement_sizes
 from arks.ledger import (
     Granularity,
     GroupBy,
@@ -156,6 +158,24 @@ async def test_a_request_id_with_a_time_in_another_month_is_skipped(store: Ledge
     assert await store.write([record("x", time=T0 - timedelta(days=70))]) == 0
     assert await store.write([record("x", time=T0 + timedelta(days=40))]) == 0
     assert await total_requests(store) == 1
+
+
+@pytest.mark.parametrize("size", [1, 127, 128, 129, 383, 500])
+async def test_every_record_of_a_batch_of_any_size_is_stored(store: LedgerStore, size: int) -> None:
+    """SQLite cuts a batch into statements of power-of-two sizes (128 + 64 + ... + 1)."""
+    batch = [record(f"r{i}", prompt_tokens=i) for i in range(size)]
+    assert await store.write(batch) == size
+    rows = await store.report(everything(group_by=()))
+    assert [(r.requests, r.prompt_tokens) for r in rows] == [(size, size * (size - 1) // 2)]
+
+
+def test_a_batch_is_cut_into_at_most_eight_statement_sizes() -> None:
+    assert statement_sizes(0) == []
+    assert statement_sizes(137) == [128, 8, 1]
+    assert statement_sizes(500) == [128, 128, 128, 64, 32, 16, 4]
+    sizes = {s for n in range(1, 1001) for s in statement_sizes(n)}
+    assert sizes == {1, 2, 4, 8, 16, 32, 64, 128}
+    assert all(sum(statement_sizes(n)) == n for n in range(1001))
 
 
 async def test_an_empty_batch_writes_nothing(store: LedgerStore) -> None:
@@ -416,6 +436,33 @@ async def test_sqlite_locked_past_the_busy_timeout_is_unavailable(tmp_path: Path
         other.execute("ROLLBACK")
         other.close()
     assert await ledger.write([record("a")]) == 1
+    await ledger.close()
+
+
+def rows_in_the_database_file_alone(path: Path, copy: Path) -> int:
+    """The records a machine crash would leave: the database file as synced, without its log
+    (a copy of the file alone; -1 before the table itself reached it)."""
+    shutil.copyfile(path, copy)
+    with contextlib.closing(sqlite3.connect(copy)) as conn:
+        try:
+            return int(conn.execute("SELECT count(*) FROM usage_records").fetchone()[0])
+        except sqlite3.OperationalError:
+            return -1
+
+
+async def test_sqlite_commits_reach_the_synced_database_file_within_a_second(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "usage.db"
+    ledger = SqliteLedger(path)
+    await ledger.migrate()
+    await ledger.write([record("a"), record("b")])
+    assert rows_in_the_database_file_alone(path, tmp_path / "now.db") < 2, "only in the log yet"
+    await asyncio.sleep(SYNC_S + 0.5)
+    assert rows_in_the_database_file_alone(path, tmp_path / "later.db") == 2
+    await ledger.write([record("c")])  # a later commit gets its own checkpoint
+    await asyncio.sleep(SYNC_S + 0.5)
+    assert rows_in_the_database_file_alone(path, tmp_path / "last.db") == 3
     await ledger.close()
 
 

@@ -13,11 +13,10 @@ from arks.policy import build_policy
 from extproc.context import Context
 from extproc.decision import Identity
 from extproc.metrics import PHASES, GatewayMetrics
-from extproc.quota import currency_cost
+from extproc.quota import currency_cost, price_for
 from extproc.reservation import Reservation
 from extproc.servicer import AccessLogReceiver, RequestProcessor
-from extproc.settlement import expire_unreported, request_cost
-from extproc.usage import Usage
+from extproc.settlement import QuotaCharge, expire_unreported, quota_charge
 from tests.support import objects
 from tests.support.clock import FakeClock
 from tests.support.gateway import MAX_AGE, StaticPolicy, headers_message, log_message, make_context
@@ -52,9 +51,11 @@ def test_a_cost_is_exact_in_the_currency_of_the_price_table() -> None:
         (QuotaItem("cost", 10, "month"),),
         (Price("qwen", 0.15, 0.6), Price("*", 1, 2)),
     )
-    assert currency_cost(quota, "qwen", 1234, 567) == (1234 * 0.15 + 567 * 0.6) / 1e6
-    assert currency_cost(quota, "other", 10, 20) == (10 * 1 + 20 * 2) / 1e6  # the "*" price
-    assert currency_cost(dataclasses.replace(quota, prices=()), "qwen", 10, 20) is None
+    qwen, other = price_for(quota, "qwen"), price_for(quota, "other")
+    assert qwen is not None and other is not None
+    assert currency_cost(1234, 567, qwen) == (1234 * 0.15 + 567 * 0.6) / 1e6
+    assert currency_cost(10, 20, other) == (10 * 1 + 20 * 2) / 1e6  # the "*" price
+    assert price_for(dataclasses.replace(quota, prices=()), "qwen") is None
 
 
 def test_a_cost_applies_only_through_the_quota_the_admission_reserved_against() -> None:
@@ -62,11 +63,12 @@ def test_a_cost_applies_only_through_the_quota_the_admission_reserved_against() 
     policy = build_policy([])
     policy = dataclasses.replace(policy, quotas={team.key: team})
     who = Identity("default", "alice", "qwen")
-    usage = Usage("default", "alice", "qwen", 100, 50)
-    assert request_cost(policy, who, Reservation(1.0, "team"), usage) == 400 / 1e6
-    assert request_cost(policy, who, Reservation(1.0, None), usage) is None  # no quota
-    assert request_cost(policy, who, None, usage) is None
-    assert request_cost(policy, who, Reservation(1.0, "deleted"), usage) is None
+    assert quota_charge(policy, who, Reservation(1.0, "team"), 100, 50) == QuotaCharge(
+        "default/team", 1.0, 400 / 1e6, 400
+    )
+    assert quota_charge(policy, who, Reservation(1.0, None), 100, 50) is None  # no quota
+    assert quota_charge(policy, who, None, 100, 50) is None
+    assert quota_charge(policy, who, Reservation(1.0, "deleted"), 100, 50) is None
 
 
 async def test_settlement_counts_the_engine_reported_usages_cost() -> None:
