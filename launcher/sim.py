@@ -910,6 +910,8 @@ async def rerank(request: web.Request) -> web.StreamResponse:
 async def tokenize(request: web.Request) -> web.StreamResponse:
     """vLLM's TokenizeResponse: the prompt's (or the chat's) token ids; no usage."""
     body, _ = await read_body(request, request.app[ENGINE_KEY])
+    if not isinstance(body.get("prompt"), str) and not isinstance(body.get("messages"), list):
+        raise ApiError(400, "a tokenize request needs a prompt (a string) or messages")
     tokens = encoding().encode(prompt_text(body), disallowed_special=())
     return json_response(
         {"count": len(tokens), "max_model_len": MAX_MODEL_LEN, "tokens": tokens, "token_strs": None}
