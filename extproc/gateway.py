@@ -25,7 +25,7 @@ from extproc.decision import Decision, Deny, Forward, Identity, ReadBody, Reply,
 from extproc.estimate import prompt_tokens
 from extproc.picking.prefix import prefix_text
 from extproc.qos import token_limits
-from extproc.request import MODELS_PATH, BodyFacts, Kind, RequestInfo, prompt_count
+from extproc.request import MODELS_PATH, BodyFacts, PathKind, RequestInfo, prompt_count
 
 
 def _model_object(model: str, token: ArksToken) -> dict[str, Any]:
@@ -163,7 +163,7 @@ def decide_route(
 
 def _decide_route(
     req: RequestInfo,
-    kind: Kind,
+    kind: PathKind,
     facts: BodyFacts,
     token: ArksToken,
     policy: Policy,
@@ -197,7 +197,7 @@ def _decide_route(
         )
 
     limits = token_limits(qos) if kind.charged else {}
-    if facts.prompts is None and kind is Kind.COMPLETIONS and (limits or qos.quota):
+    if facts.prompts is None and kind is PathKind.COMPLETIONS and (limits or qos.quota):
         # Envoy cannot count a list of prompts (it reads a list as absent), and each prompt gets
         # its answers: a reservation against token limits needs the count from the body.
         return ReadBody("a completions prompt may be a list of prompts", token)

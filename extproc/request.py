@@ -10,7 +10,7 @@ from typing import Any
 from arks.wire import DESTINATION_HEADER
 
 
-class Kind(Enum):
+class PathKind(Enum):
     """What an engine path does, which decides how its requests are admitted and charged."""
 
     CHAT = "chat"
@@ -22,31 +22,31 @@ class Kind(Enum):
     @property
     def generates(self) -> bool:
         """The engine writes an answer token by token (max_tokens, n, streams, usage option)."""
-        return self in (Kind.CHAT, Kind.COMPLETIONS)
+        return self in (PathKind.CHAT, PathKind.COMPLETIONS)
 
     @property
     def charged(self) -> bool:
         """Its tokens are charged (tpm/tpd, quota); a tokenizer request costs none."""
-        return self is not Kind.TOKENIZER
+        return self is not PathKind.TOKENIZER
 
 
 # Every path the gateway routes to a model's engines (the body's `model`); any other is a 404,
 # the engines' admin paths (/metrics, /v1/load_lora_adapter, /sleep …) included. vLLM serves all
 # of these; SGLang the OpenAI ones and /v1/rerank.
-ENGINE_PATHS: Mapping[str, Kind] = {
-    "/v1/chat/completions": Kind.CHAT,
-    "/v1/completions": Kind.COMPLETIONS,
-    "/v1/embeddings": Kind.EMBEDDINGS,
-    "/rerank": Kind.POOLING,
-    "/v1/rerank": Kind.POOLING,
-    "/v2/rerank": Kind.POOLING,
-    "/score": Kind.POOLING,
-    "/v1/score": Kind.POOLING,
-    "/pooling": Kind.POOLING,
-    "/classify": Kind.POOLING,
-    "/v1/classify": Kind.POOLING,
-    "/tokenize": Kind.TOKENIZER,
-    "/detokenize": Kind.TOKENIZER,
+ENGINE_PATHS: Mapping[str, PathKind] = {
+    "/v1/chat/completions": PathKind.CHAT,
+    "/v1/completions": PathKind.COMPLETIONS,
+    "/v1/embeddings": PathKind.EMBEDDINGS,
+    "/rerank": PathKind.POOLING,
+    "/v1/rerank": PathKind.POOLING,
+    "/v2/rerank": PathKind.POOLING,
+    "/score": PathKind.POOLING,
+    "/v1/score": PathKind.POOLING,
+    "/pooling": PathKind.POOLING,
+    "/classify": PathKind.POOLING,
+    "/v1/classify": PathKind.POOLING,
+    "/tokenize": PathKind.TOKENIZER,
+    "/detokenize": PathKind.TOKENIZER,
 }
 MODELS_PATH = "/v1/models"
 # Also set by extproc only (endpoint picking); a client's copy is dropped like the routing headers.
@@ -119,7 +119,7 @@ class RequestInfo:
     end_of_stream: bool = False  # the request has no body
 
     @property
-    def kind(self) -> Kind | None:
+    def kind(self) -> PathKind | None:
         """What the path does; None when the gateway does not route it to engines."""
         return ENGINE_PATHS.get(self.path)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from arks.tokens import BYTES_PER_TOKEN
 from extproc.estimate import answer_estimate, prompt_estimate, unescape
-from extproc.request import ENGINE_PATHS, Kind
+from extproc.request import ENGINE_PATHS, PathKind
 from extproc.reservation import Reservation
 
 # A streamed chunk as vLLM sends it, without the token text; its length calibrates the estimate.
@@ -129,7 +129,7 @@ def _completion_estimate(done: Finished) -> int:
 
 def usage_of(done: Finished) -> Usage | None:
     """What to charge for a finished request; None when nothing is owed (an error answer)."""
-    if ENGINE_PATHS.get(done.path) is Kind.TOKENIZER:  # a request, never tokens: no estimate
+    if ENGINE_PATHS.get(done.path) is PathKind.TOKENIZER:  # a request, never tokens: no estimate
         return None if done.status >= 400 else Usage(done.namespace, done.user, done.model, 0, 0)
     completion_tokens = done.completion_tokens
     if completion_tokens is None and not _generates(done.path):

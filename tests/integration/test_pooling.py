@@ -22,7 +22,7 @@ import pytest
 from arks.api import token_digest
 from arks.tokens import count_prompt
 from arks.wire import HEALTH_PATH
-from extproc.request import ENGINE_PATHS
+from extproc.request import ENGINE_PATHS, PathKind
 from tests.support.objects import token
 from tests.support.stack import ALICE, BOB, Stack, Usage, running_stack
 from tests.support.waiting import wait_for
@@ -248,3 +248,30 @@ def test_every_routed_path_is_one_the_simulator_serves(pooling_stack: Stack) -> 
     for path in ENGINE_PATHS:
         answer = httpx.post(f"http://127.0.0.1:{port}{path}", json={"model": "model-a"})
         assert answer.status_code == 400, (path, answer.text)  # served: the body is refused
+
+
+HOSTILE = [
+    b"not json",
+    b"[1, 2]",
+    b'{"model": 7, "query": "q", "documents": ["d"]}',
+    b'{"model": "model-a", "query": {"a": 1}, "documents": "d", "text_1": 3, "input": null}',
+    b'{"model": "model-a", "tokens": "12", "prompt": ["x", 1], "stream": "yes", "n": -1}',
+    b'{"model": "model-a"' + b', "input": [' * 3000 + b"]" * 3000 + b"}",
+]
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for p, kind in ENGINE_PATHS.items() if kind in (PathKind.POOLING, PathKind.TOKENIZER)),
+)
+def test_bad_bodies_on_the_new_paths_are_openai_shaped_4xx(pooling_stack: Stack, path: str) -> None:
+    with pooling_stack.http() as http:
+        for raw in HOSTILE:
+            answer = http.post(
+                path,
+                content=raw,
+                headers={"authorization": f"Bearer {POOLER}", "content-type": "application/json"},
+            )
+            assert 400 <= answer.status_code < 500, (path, raw[:60], answer.text[:200])
+            error = answer.json()["error"]
+            assert isinstance(error["message"], str) and isinstance(error["type"], str), error
