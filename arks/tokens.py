@@ -40,8 +40,39 @@ def _content_text(content: Any) -> Iterable[str]:
                 yield part
 
 
+# Score and rerank bodies name their two sides so (vLLM: rerank's query and documents; score's
+# text_1 and text_2, renamed queries and documents or items, or data_1 and data_2).
+PAIRED_FIELDS = (
+    ("query", "documents"),
+    ("text_1", "text_2"),
+    ("queries", "documents"),
+    ("queries", "items"),
+    ("data_1", "data_2"),
+)
+
+
+def _texts(value: Any) -> list[str]:
+    """A side of a score or rerank request: one string or a list of them (multimodal parts are
+    not text, and not counted)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, str)]
+    return []
+
+
+def paired_text(first: Any, second: Any) -> str:
+    """What a cross-encoder reads: each first text with its second one, one first text with
+    every second one (a rerank's query is read once per document)."""
+    firsts, seconds = _texts(first), _texts(second)
+    if len(firsts) == 1:
+        firsts = firsts * len(seconds)
+    return "\n".join(f"{a}\n{b}" for a, b in zip(firsts, seconds, strict=False))
+
+
 def prompt_text(body: Mapping[str, Any]) -> str:
-    """The text an engine would tokenise for this request, chat or completions or embeddings.
+    """The text an engine would tokenise for this request: chat, completions, embeddings,
+    pooling, classify, tokenize (their messages, prompt or input), score and rerank (pairs).
 
     Chat messages are joined with newlines (role markers and templates are engine-specific and
     not counted: this is the estimate the gateway can make without knowing the chat template).
@@ -59,6 +90,9 @@ def prompt_text(body: Mapping[str, Any]) -> str:
             return value
         if isinstance(value, list):
             return "\n".join(v for v in value if isinstance(v, str))
+    for first, second in PAIRED_FIELDS:
+        if first in body and second in body:
+            return paired_text(body[first], body[second])
     return ""
 
 

@@ -243,12 +243,14 @@ local function record_usage(handle, text)
   end
   -- Its numbers come first; details objects (cached tokens …) are small.
   local usage = string.sub(text, from, from + 512)
-  local prompt = number_after(usage, "prompt_tokens")
+  local total = number_after(usage, "total_tokens")
+  -- vLLM's rerank before prompt_tokens was added to its usage reports the total only: all prompt.
+  local prompt = number_after(usage, "prompt_tokens") or total
   if prompt == nil then
     return false
   end
   local completion = number_after(usage, "completion_tokens") or 0 -- embeddings report none
-  local total = number_after(usage, "total_tokens") or (prompt + completion)
+  total = total or (prompt + completion)
   local metadata = handle:streamInfo():dynamicMetadata()
   metadata:set("io.arks", "prompt_tokens", prompt)
   metadata:set("io.arks", "completion_tokens", completion)

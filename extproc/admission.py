@@ -176,7 +176,7 @@ class AdmissionControl:
         quota_name = None
         found = (
             self.policy.current().quotas.get(ObjectKey(identity.namespace, grant.quota))
-            if grant and grant.quota
+            if grant and grant.quota and decision.charged
             else None
         )
         if found is not None:
@@ -188,7 +188,7 @@ class AdmissionControl:
                 found, identity.model, prompt, completion, datetime.fromtimestamp(now, UTC)
             )
             quota_name = found.key.name
-        limits = qos.token_limits(grant)
+        limits = qos.token_limits(grant) if decision.charged else {}
         if limits:
             estimate = prompt_reservation(info, decision) + self._completion_estimate(decision)
             leases += quota.token_rate_leases(identity, limits, estimate, now)

@@ -69,6 +69,7 @@ class Forward:
     choices: int = 1  # answers the engine writes: prompts x max(n, best_of); each up to max_tokens
     answer_limit: int | None = None  # the endpoint's maxTokens: the most one answer may hold
     qos: Qos | None = None  # the token's grant for this model: its limits and quota
+    charged: bool = True  # False: it costs no tokens (tokenizer): no token budget nor quota taken
     weighting: str = ""  # the endpoint's: least-load and prefix-cache pick an engine per request
     prompt: str | None = None  # the prompt text, read for prefix-cache picking
 

@@ -25,14 +25,7 @@ from extproc.decision import Decision, Deny, Forward, Identity, ReadBody, Reply,
 from extproc.estimate import prompt_tokens
 from extproc.picking.prefix import prefix_text
 from extproc.qos import token_limits
-from extproc.request import (
-    COMPLETIONS_PATH,
-    INFERENCE_PATHS,
-    MODELS_PATH,
-    BodyFacts,
-    RequestInfo,
-    prompt_count,
-)
+from extproc.request import MODELS_PATH, BodyFacts, PathKind, RequestInfo, prompt_count
 
 
 def _model_object(model: str, token: ArksToken) -> dict[str, Any]:
@@ -82,7 +75,7 @@ def _decide_headers(req: RequestInfo, token: ArksToken, policy: Policy) -> Decis
         if req.method != "GET":
             return Deny(405, "method_not_allowed", f"{req.method} is not allowed on {req.path}.")
         return models_reply(policy, token, req.path)
-    if req.path not in INFERENCE_PATHS:
+    if req.kind is None:  # the engines' admin paths too: never a tenant's
         return Deny(404, "not_found", f"Unknown path {req.path!r}.")
     if req.method != "POST":
         return Deny(
@@ -161,13 +154,16 @@ def decide_route(
     prompt: str | None = None,
 ) -> Decision:
     """Route a request whose token matched; a refusal names the model when it is configured."""
+    kind = req.kind
+    assert kind is not None  # decide_headers answered any other path
     return attributed(
-        _decide_route(req, facts, token, policy, body, prompt), token, policy, facts.model
+        _decide_route(req, kind, facts, token, policy, body, prompt), token, policy, facts.model
     )
 
 
 def _decide_route(
     req: RequestInfo,
+    kind: PathKind,
     facts: BodyFacts,
     token: ArksToken,
     policy: Policy,
@@ -181,18 +177,12 @@ def _decide_route(
     model = facts.model
     if not isinstance(model, str) or not model:
         return bad_request("'model' must be a non-empty string.", "invalid_type")
-    if facts.stream is not None and not isinstance(facts.stream, bool):
-        return bad_request("'stream' must be a boolean.", "invalid_type")
-    if body is not None and body.get("stream_options") is not None:
-        if not isinstance(body["stream_options"], dict):
-            return bad_request("'stream_options' must be an object.", "invalid_type")
-    for name, value in (("n", facts.n), ("best_of", facts.best_of)):
-        if value is not None and not _positive_int(value):
-            return bad_request(f"'{name}' must be a positive integer.", "invalid_type")
-    if facts.max_tokens is not None and _count(facts.max_tokens) is None:
-        return bad_request(
-            f"'max_tokens' must be an integer from 0 to {MAX_TOKENS_LIMIT}.", "invalid_type"
-        )
+    if kind.generates:
+        refused = _generation_options_error(facts, body)
+        if refused is not None:
+            return refused
+    else:  # no answer is written: stream, n, max_tokens … are none of the engine's options here
+        facts = BodyFacts(model=model)
     namespace = token.key.namespace
     endpoint = policy.endpoint(namespace, model)
     if endpoint is None:
@@ -206,14 +196,15 @@ def _decide_route(
             type="permission_denied",
         )
 
-    if facts.prompts is None and req.path == COMPLETIONS_PATH and (token_limits(qos) or qos.quota):
+    limits = token_limits(qos) if kind.charged else {}
+    if facts.prompts is None and kind is PathKind.COMPLETIONS and (limits or qos.quota):
         # Envoy cannot count a list of prompts (it reads a list as absent), and each prompt gets
         # its answers: a reservation against token limits needs the count from the body.
         return ReadBody("a completions prompt may be a list of prompts", token)
 
     # A streamed answer carries usage only when asked; ask for it unless the client said no.
     # Envoy inserts it (usage.lua) when we only saw metadata; here when we parsed the body.
-    needs_usage_option = facts.stream is True and facts.include_usage is None
+    needs_usage_option = kind.generates and facts.stream is True and facts.include_usage is None
     metadata: dict[str, Any] = {
         "namespace": namespace,
         "user": token.user,
@@ -222,15 +213,17 @@ def _decide_route(
     }
     if needs_usage_option and body is None:
         metadata["add_usage_option"] = True
-    elif body is None and facts.stream is not True:
+    elif kind.generates and body is None and facts.stream is not True:
         # Envoy cannot tell an object or array from an absent `stream`, nor type-check
         # `stream_options`: usage.lua looks (a pattern search of the body; type_error there).
         metadata["check_types"] = True
-    if limits := token_limits(qos):
+    if limits:
         metadata["limits"] = limits
     new_body = None
     estimate = None
-    if body is not None:
+    if not kind.charged:  # nothing to count: usage.lua keeps no sample of the body
+        estimate = metadata["prompt_estimate"] = 0
+    elif body is not None:
         # Parsed anyway (the rare path): its prompt is counted now. On the headers alone it is
         # not: usage.lua keeps the body's head and it is counted only if no usage comes back.
         estimate = metadata["prompt_estimate"] = prompt_tokens(body)
@@ -263,13 +256,31 @@ def _decide_route(
         metadata={METADATA_NAMESPACE: metadata},
         body=new_body,
         prompt_estimate=estimate,
-        max_tokens=_count(facts.max_tokens),
+        max_tokens=_count(facts.max_tokens) if kind.generates else 0,
         choices=choices,
         answer_limit=endpoint.max_tokens,
         qos=qos,
+        charged=kind.charged,
         weighting=endpoint.weighting,
         prompt=prompt,
     )
+
+
+def _generation_options_error(facts: BodyFacts, body: dict[str, Any] | None) -> Deny | None:
+    """A chat or completions request's answer options, type-checked as the engine would."""
+    if facts.stream is not None and not isinstance(facts.stream, bool):
+        return bad_request("'stream' must be a boolean.", "invalid_type")
+    if body is not None and body.get("stream_options") is not None:
+        if not isinstance(body["stream_options"], dict):
+            return bad_request("'stream_options' must be an object.", "invalid_type")
+    for name, value in (("n", facts.n), ("best_of", facts.best_of)):
+        if value is not None and not _positive_int(value):
+            return bad_request(f"'{name}' must be a positive integer.", "invalid_type")
+    if facts.max_tokens is not None and _count(facts.max_tokens) is None:
+        return bad_request(
+            f"'max_tokens' must be an integer from 0 to {MAX_TOKENS_LIMIT}.", "invalid_type"
+        )
+    return None
 
 
 def _positive_int(value: object) -> bool:

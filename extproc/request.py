@@ -4,12 +4,50 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from arks.wire import DESTINATION_HEADER
 
-COMPLETIONS_PATH = "/v1/completions"
-INFERENCE_PATHS = frozenset({"/v1/chat/completions", COMPLETIONS_PATH, "/v1/embeddings"})
+
+class PathKind(Enum):
+    """What an engine path does, which decides how its requests are admitted and charged."""
+
+    CHAT = "chat"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+    POOLING = "pooling"  # rerank, score, pooling, classify: a prompt read, no answer generated
+    TOKENIZER = "tokenizer"  # tokenize, detokenize: counted as requests, never as tokens
+
+    @property
+    def generates(self) -> bool:
+        """The engine writes an answer token by token (max_tokens, n, streams, usage option)."""
+        return self in (PathKind.CHAT, PathKind.COMPLETIONS)
+
+    @property
+    def charged(self) -> bool:
+        """Its tokens are charged (tpm/tpd, quota); a tokenizer request costs none."""
+        return self is not PathKind.TOKENIZER
+
+
+# Every path the gateway routes to a model's engines (the body's `model`); any other is a 404,
+# the engines' admin paths (/metrics, /v1/load_lora_adapter, /sleep …) included. vLLM serves all
+# of these; SGLang the OpenAI ones and /v1/rerank.
+ENGINE_PATHS: Mapping[str, PathKind] = {
+    "/v1/chat/completions": PathKind.CHAT,
+    "/v1/completions": PathKind.COMPLETIONS,
+    "/v1/embeddings": PathKind.EMBEDDINGS,
+    "/rerank": PathKind.POOLING,
+    "/v1/rerank": PathKind.POOLING,
+    "/v2/rerank": PathKind.POOLING,
+    "/score": PathKind.POOLING,
+    "/v1/score": PathKind.POOLING,
+    "/pooling": PathKind.POOLING,
+    "/classify": PathKind.POOLING,
+    "/v1/classify": PathKind.POOLING,
+    "/tokenize": PathKind.TOKENIZER,
+    "/detokenize": PathKind.TOKENIZER,
+}
 MODELS_PATH = "/v1/models"
 # Also set by extproc only (endpoint picking); a client's copy is dropped like the routing headers.
 PICKED_HEADERS = (DESTINATION_HEADER,)
@@ -79,6 +117,11 @@ class RequestInfo:
     headers: Mapping[str, str]  # lower-case names; pseudo-headers excluded
     body: BodyFacts = field(default_factory=BodyFacts)
     end_of_stream: bool = False  # the request has no body
+
+    @property
+    def kind(self) -> PathKind | None:
+        """What the path does; None when the gateway does not route it to engines."""
+        return ENGINE_PATHS.get(self.path)
 
     @property
     def request_id(self) -> str:

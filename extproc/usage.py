@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from arks.tokens import BYTES_PER_TOKEN
 from extproc.estimate import answer_estimate, prompt_estimate, unescape
+from extproc.request import ENGINE_PATHS, PathKind
 from extproc.reservation import Reservation
 
 # A streamed chunk as vLLM sends it, without the token text; its length calibrates the estimate.
@@ -102,9 +103,15 @@ def _prompt_estimate(done: Finished) -> int:
     return _text_tokens_estimate(done.request_body_bytes, _REQUEST_OVERHEAD)
 
 
+def _generates(path: str) -> bool:
+    """The engine wrote completion tokens (chat, completions); embeddings, rerank, score … not."""
+    kind = ENGINE_PATHS.get(path)
+    return kind is None or kind.generates
+
+
 def _completion_estimate(done: Finished) -> int:
     """From the answer's content when usage.lua sampled it, else from the answer's size."""
-    if done.path.endswith("/embeddings"):
+    if not _generates(done.path):
         return 0
     sample = None
     if done.answer_sample is not None:
@@ -122,9 +129,11 @@ def _completion_estimate(done: Finished) -> int:
 
 def usage_of(done: Finished) -> Usage | None:
     """What to charge for a finished request; None when nothing is owed (an error answer)."""
+    if ENGINE_PATHS.get(done.path) is PathKind.TOKENIZER:  # a request, never tokens: no estimate
+        return None if done.status >= 400 else Usage(done.namespace, done.user, done.model, 0, 0)
     completion_tokens = done.completion_tokens
-    if completion_tokens is None and done.path.endswith("/embeddings"):
-        completion_tokens = 0  # embeddings report prompt and total tokens only
+    if completion_tokens is None and not _generates(done.path):
+        completion_tokens = 0  # embeddings, rerank, score … report prompt and total tokens only
     if done.prompt_tokens is not None and completion_tokens is not None:
         return Usage(done.namespace, done.user, done.model, done.prompt_tokens, completion_tokens)
     if done.status >= 400:

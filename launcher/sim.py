@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.exposition import generate_latest
 
 from arks.engine_series import GENERATIONS, SERIES, EngineSeries, Generation
-from arks.tokens import count_prompt
+from arks.tokens import PAIRED_FIELDS, count_prompt, encoding, prompt_text
 
 log = logging.getLogger("launcher.sim")
 
@@ -53,6 +53,8 @@ H_DISCONNECT_AFTER = "x-sim-disconnect-after"
 H_OMIT_USAGE = "x-sim-omit-usage"
 H_INSTANCE = "x-sim-instance"
 H_LINGER_MS = "x-sim-linger-ms"  # a stream stays open this long after [DONE] before it ends
+H_TOTAL_ONLY = "x-sim-usage-total-only"  # a rerank's usage as vLLM wrote it before prompt_tokens
+MAX_MODEL_LEN = 8192  # what /tokenize reports
 
 # One per engine generation of `arks.engine_series` ("vllm-legacy": vLLM before 0.11).
 MetricsStyle = Generation
@@ -279,6 +281,44 @@ def embedding_vector(item: Any) -> list[float]:
     """A deterministic unit-range vector derived from the input."""
     digest = hashlib.blake2b(orjson.dumps(item), digest_size=EMBEDDING_DIM).digest()
     return [round(byte / 255.0, 6) for byte in digest]
+
+
+def relevance(*texts: Any) -> float:
+    """A deterministic score in [0, 1] for a pair (or one input)."""
+    return embedding_vector(texts)[0]
+
+
+def pooled_inputs(body: Mapping[str, Any]) -> list[Any]:
+    """A pooling or classify request's items: its `input` (as embeddings), or one chat."""
+    if isinstance(body.get("messages"), list):
+        return [body["messages"]]
+    return embedding_inputs(body.get("input"))
+
+
+def score_pairs(body: Mapping[str, Any]) -> list[tuple[Any, Any]]:
+    """A score request's pairs, under any of vLLM's names for its two sides: one first text with
+    each second one, or the i-th with the i-th."""
+    for first_key, second_key in PAIRED_FIELDS[1:]:
+        if first_key in body and second_key in body:
+            firsts, seconds = body[first_key], body[second_key]
+            firsts = firsts if isinstance(firsts, list) else [firsts]
+            seconds = seconds if isinstance(seconds, list) else [seconds]
+            if len(firsts) == 1:
+                firsts = firsts * len(seconds)
+            if not seconds or len(firsts) != len(seconds):
+                raise ApiError(400, "the two sides must have one item, or as many items, each")
+            return list(zip(firsts, seconds, strict=True))
+    raise ApiError(400, "a score request needs text_1 and text_2 (or queries and documents)")
+
+
+def pooling_usage(prompt_tokens: int) -> dict[str, Any]:
+    """vLLM's UsageInfo for a pooling answer (score, pooling, classify)."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens,
+        "completion_tokens": 0,
+        "prompt_tokens_details": None,
+    }
 
 
 # --------------------------------------------------------------------------- metrics
@@ -762,32 +802,131 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await generate(request, chat=False)
 
 
-async def embeddings(request: web.Request) -> web.StreamResponse:
-    arrival = asyncio.get_running_loop().time()
-    engine = request.app[ENGINE_KEY]
-    body, model = await read_body(request, engine)
-    inputs = embedding_inputs(body.get("input"))
-    plan = make_plan(request, engine, body, model)
-    async with engine.slot(model):
-        await asyncio.sleep(plan.ttft)
-        engine.record(model, plan.prompt_tokens, 0, None, None)
-        if plan.disconnect_after is not None:
-            drop_connection(request)
-            return web.Response()
-        engine.finished(model, "stop", asyncio.get_running_loop().time() - arrival)
-    out: dict[str, Any] = {
-        "id": "embd-" + secrets.token_hex(16),
+# A pooling answer from the request's body, its model and its prompt tokens (without usage).
+Answer = Callable[[Mapping[str, Any], str, int], dict[str, Any]]
+
+
+def pooled(answer: Answer, usage: Callable[[int], dict[str, Any]] = pooling_usage) -> Handler:
+    """A handler for an endpoint that reads its prompt and writes no tokens (embeddings, rerank,
+    score, pooling, classify): one prefill, then a JSON answer with the prompt's usage."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        arrival = asyncio.get_running_loop().time()
+        engine = request.app[ENGINE_KEY]
+        body, model = await read_body(request, engine)
+        plan = make_plan(request, engine, body, model)
+        out = answer(body, model, plan.prompt_tokens)  # refuses a bad body before any work
+        async with engine.slot(model):
+            await asyncio.sleep(plan.ttft)
+            engine.record(model, plan.prompt_tokens, 0, None, None)
+            if plan.disconnect_after is not None:
+                drop_connection(request)
+                return web.Response()
+            engine.finished(model, "stop", asyncio.get_running_loop().time() - arrival)
+        if not plan.omit_usage:
+            out["usage"] = usage(plan.prompt_tokens)
+        return json_response(out)
+
+    return handle
+
+
+def _listed(prefix: str, model: str, data: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "id": f"{prefix}-{secrets.token_hex(16)}",
         "object": "list",
         "created": int(time.time()),
         "model": model,
-        "data": [
+        "data": data,
+    }
+
+
+def embeddings_answer(body: Mapping[str, Any], model: str, prompt_tokens: int) -> dict[str, Any]:
+    inputs = embedding_inputs(body.get("input"))
+    return _listed(
+        "embd",
+        model,
+        [
             {"object": "embedding", "index": i, "embedding": embedding_vector(item)}
             for i, item in enumerate(inputs)
         ],
-    }
-    if not plan.omit_usage:
-        out["usage"] = {"prompt_tokens": plan.prompt_tokens, "total_tokens": plan.prompt_tokens}
-    return json_response(out)
+    )
+
+
+def rerank_answer(body: Mapping[str, Any], model: str, prompt_tokens: int) -> dict[str, Any]:
+    """vLLM's RerankResponse: the documents by relevance to the query, the best `top_n`."""
+    query, documents = body.get("query"), body.get("documents")
+    if not isinstance(query, str) or not isinstance(documents, list) or not documents:
+        raise ApiError(400, "a rerank request needs a query and a non-empty list of documents")
+    ranked = sorted(enumerate(documents), key=lambda item: -relevance(query, item[1]))
+    top_n = body.get("top_n") or len(ranked)
+    results = [
+        {"index": i, "document": {"text": doc}, "relevance_score": relevance(query, doc)}
+        for i, doc in ranked[:top_n]
+    ]
+    return {"id": f"rerank-{secrets.token_hex(16)}", "model": model, "results": results}
+
+
+def score_answer(body: Mapping[str, Any], model: str, prompt_tokens: int) -> dict[str, Any]:
+    data = [
+        {"index": i, "object": "score", "score": relevance(a, b)}
+        for i, (a, b) in enumerate(score_pairs(body))
+    ]
+    return _listed("score", model, data)
+
+
+def pooling_answer(body: Mapping[str, Any], model: str, prompt_tokens: int) -> dict[str, Any]:
+    data = [
+        {"index": i, "object": "pooling", "data": embedding_vector(item)}
+        for i, item in enumerate(pooled_inputs(body))
+    ]
+    return _listed("pool", model, data)
+
+
+def classify_answer(body: Mapping[str, Any], model: str, prompt_tokens: int) -> dict[str, Any]:
+    data = []
+    for i, item in enumerate(pooled_inputs(body)):
+        positive = relevance(item)
+        label = "LABEL_1" if positive >= 0.5 else "LABEL_0"
+        probs = [round(1 - positive, 6), positive]
+        data.append({"index": i, "label": label, "probs": probs, "num_classes": 2})
+    return _listed("classify", model, data)
+
+
+def rerank_usage(request: web.Request) -> Callable[[int], dict[str, Any]]:
+    """vLLM's RerankUsage: prompt and total tokens, or the total only (older vLLM)."""
+
+    def usage(prompt_tokens: int) -> dict[str, Any]:
+        if request.headers.get(H_TOTAL_ONLY):
+            return {"total_tokens": prompt_tokens}
+        return {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
+
+    return usage
+
+
+async def rerank(request: web.Request) -> web.StreamResponse:
+    return await pooled(rerank_answer, rerank_usage(request))(request)
+
+
+async def tokenize(request: web.Request) -> web.StreamResponse:
+    """vLLM's TokenizeResponse: the prompt's (or the chat's) token ids; no usage."""
+    body, _ = await read_body(request, request.app[ENGINE_KEY])
+    if not isinstance(body.get("prompt"), str) and not isinstance(body.get("messages"), list):
+        raise ApiError(400, "a tokenize request needs a prompt (a string) or messages")
+    tokens = encoding().encode(prompt_text(body), disallowed_special=())
+    return json_response(
+        {"count": len(tokens), "max_model_len": MAX_MODEL_LEN, "tokens": tokens, "token_strs": None}
+    )
+
+
+async def detokenize(request: web.Request) -> web.StreamResponse:
+    """vLLM's DetokenizeResponse: the text of the token ids."""
+    body, _ = await read_body(request, request.app[ENGINE_KEY])
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in tokens
+    ):
+        raise ApiError(400, "tokens must be a list of token ids")
+    return json_response({"prompt": encoding().decode(tokens)})
 
 
 async def list_models(request: web.Request) -> web.StreamResponse:
@@ -859,7 +998,22 @@ def build_app(settings: Settings) -> web.Application:
     app.on_response_prepare.append(add_instance_header)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post(
+        "/v1/embeddings",
+        pooled(embeddings_answer, lambda n: {"prompt_tokens": n, "total_tokens": n}),
+    )
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        app.router.add_post(path, rerank)
+    for path, answer in (
+        ("/score", score_answer),
+        ("/v1/score", score_answer),
+        ("/pooling", pooling_answer),
+        ("/classify", classify_answer),
+        ("/v1/classify", classify_answer),
+    ):
+        app.router.add_post(path, pooled(answer))
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)

@@ -79,6 +79,18 @@ CASES = {
     "embeddings, inputs": Case(
         "/v1/embeddings", {"model": "model-a", "input": [PROSE, "second input"]}, 0, OMIT
     ),
+    "rerank, long documents (the query read once per document)": Case(
+        "/v1/rerank",
+        {"model": "model-a", "query": "Which one is about budgets?", "documents": [PROSE * 4] * 20},
+        0,
+        OMIT,
+    ),
+    "score, pairs": Case(
+        "/score",
+        {"model": "model-a", "text_1": [PROSE, "short"], "text_2": ["one", PROSE]},
+        0,
+        OMIT,
+    ),
 }
 
 

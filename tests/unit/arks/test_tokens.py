@@ -52,6 +52,13 @@ from arks.tokens import count_prompt, count_text, prompt_text
         ({"input": ["a", "b"]}, "a\nb"),
         ({"input": [[1, 2, 3]]}, ""),  # token ids: nothing to count as text
         ({"model": "qwen"}, ""),
+        ({"query": "q", "documents": ["d1", "d2"]}, "q\nd1\nq\nd2"),  # the query per document
+        ({"text_1": "q", "text_2": "d"}, "q\nd"),
+        ({"text_1": ["a", "b"], "text_2": ["c", "d"]}, "a\nc\nb\nd"),  # pairwise
+        ({"queries": "q", "documents": ["d"]}, "q\nd"),
+        ({"queries": ["q"], "items": ["i1", "i2"]}, "q\ni1\nq\ni2"),
+        ({"data_1": "a", "data_2": "b"}, "a\nb"),
+        ({"query": "q", "documents": {"content": []}}, ""),  # multimodal: no text
     ],
     ids=[
         "chat",
@@ -63,6 +70,13 @@ from arks.tokens import count_prompt, count_text, prompt_text
         "input-list",
         "token-ids",
         "empty",
+        "rerank",
+        "score-text",
+        "score-pairwise",
+        "score-queries-documents",
+        "score-queries-items",
+        "score-data",
+        "rerank-multimodal",
     ],
 )
 def test_prompt_text(body: dict[str, Any], text: str) -> None:

@@ -315,3 +315,26 @@ async def test_a_settled_request_is_no_longer_renewed() -> None:
     await settle(admission, first, "r1")
     assert "r1" not in admission.held
     assert await admission.renew_leases() == 0
+
+
+async def test_tokenizer_requests_count_against_rpm_but_take_no_tokens() -> None:
+    """tpm 1 and a 100-token quota would refuse any request reserving tokens: a tokenizer
+    request reserves none, and only rpm counts it."""
+    admission, policy, now = setup(rpm=3, tpm=1)
+    now[0] = 1_800_000_000.0
+    for i in range(4):
+        info = RequestInfo(
+            "POST",
+            "/tokenize",
+            {"authorization": "Bearer sk-a", "x-request-id": f"t{i}", "content-length": "4000"},
+            BodyFacts(model="qwen"),
+        )
+        decision = decide_headers(info, policy, datetime.fromtimestamp(now[0], UTC))
+        assert isinstance(decision, Forward)
+        admitted = await admission.admit(info, decision)
+        if i < 3:
+            assert isinstance(admitted, Forward), admitted
+            assert "limits" not in admitted.metadata[METADATA_NAMESPACE]
+            assert Reservation.from_metadata(admitted.metadata[METADATA_NAMESPACE]).quota is None
+        else:
+            assert isinstance(admitted, Deny) and admitted.reason == "rpm"

@@ -14,7 +14,7 @@ from arks.tokens import count_prompt
 from arks.wire import METADATA_NAMESPACE
 from extproc.decision import Decision, Deny, Forward, Identity, ReadBody, Reply
 from extproc.gateway import decide_body, decide_headers, decide_route
-from extproc.request import BodyFacts, RequestInfo
+from extproc.request import ENGINE_PATHS, BodyFacts, RequestInfo
 
 NOW = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
 ALICE = "sk-alice"
@@ -240,9 +240,76 @@ def test_inference_paths_only_answer_post(policy: Policy, method: str) -> None:
     assert "use POST" in deny.message
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"])
-def test_every_inference_path_is_forwarded(policy: Policy, path: str) -> None:
+@pytest.mark.parametrize("path", sorted(ENGINE_PATHS))
+def test_every_engine_path_is_forwarded(policy: Policy, path: str) -> None:
     forwarded(decide_headers(request(path), policy, NOW))
+
+
+ADMIN_PATHS = [
+    "/v1/load_lora_adapter",
+    "/v1/unload_lora_adapter",
+    "/metrics",
+    "/health",
+    "/version",
+    "/server_info",
+    "/get_server_info",
+    "/start_profile",
+    "/stop_profile",
+    "/reset_prefix_cache",
+    "/sleep",
+    "/wake_up",
+    "/is_sleeping",
+    "/collective_rpc",
+    "/invocations",
+    "/pooling/",
+]
+
+
+@pytest.mark.parametrize("path", ADMIN_PATHS)
+def test_engine_admin_paths_are_404_to_tenants(policy: Policy, path: str) -> None:
+    denied(decide_headers(request(path), policy, NOW), 404, "not_found")
+
+
+@pytest.mark.parametrize("path", sorted(p for p, k in ENGINE_PATHS.items() if not k.generates))
+def test_paths_that_write_no_answer_reserve_no_answer_and_ignore_generation_options(
+    policy: Policy, path: str
+) -> None:
+    facts = BodyFacts(model="qwen", stream=True, max_tokens="many", n=0)
+    decision = forwarded(decide_headers(request(path, body=facts), policy, NOW))
+
+    assert (decision.max_tokens, decision.choices) == (0, 1)
+    ours = decision.metadata[METADATA_NAMESPACE]
+    assert "add_usage_option" not in ours and "check_types" not in ours
+    assert ours["stream"] is False
+
+
+@pytest.mark.parametrize("path", ["/tokenize", "/detokenize"])
+def test_tokenizer_requests_are_granted_per_model_and_take_no_tokens(
+    policy: Policy, path: str
+) -> None:
+    denied(decide_headers(request(path, body=BodyFacts(model_missing=True)), policy, NOW), 400,
+           "missing_model")  # fmt: skip
+    denied(decide_headers(request(path, body=BodyFacts(model="mistral")), policy, NOW), 403,
+           "model_not_allowed")  # fmt: skip
+    decision = forwarded(decide_headers(request(path), policy, NOW))
+
+    assert decision.charged is False and decision.prompt_estimate == 0
+    assert decision.metadata[METADATA_NAMESPACE]["prompt_estimate"] == 0  # usage.lua: no sample
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "qwen", "query": "which?", "documents": ["this one", "that one"]},
+        {"model": "qwen", "text_1": "which?", "text_2": ["this one", "that one"]},
+    ],
+)
+def test_a_parsed_rerank_or_score_body_counts_its_pairs(
+    alice: ArksToken, policy: Policy, body: dict[str, Any]
+) -> None:
+    decision = forwarded(decide_body(request("/v1/rerank"), raw(**body), alice, policy))
+
+    assert decision.prompt_estimate == count_prompt(body) > 0
 
 
 def test_request_without_body_is_400(policy: Policy) -> None:

@@ -163,6 +163,25 @@ def test_tiny_bodies_estimate_zero_not_negative_tokens() -> None:
     assert (usage.prompt_tokens, usage.completion_tokens) == (0, 0)
 
 
+@pytest.mark.parametrize("path", ["/rerank", "/v1/rerank", "/v2/rerank", "/score", "/pooling",
+                                  "/classify", "/v1/classify"])  # fmt: skip
+def test_pooling_answers_are_charged_their_prompt_and_no_completion(path: str) -> None:
+    reported = usage_of(finished(path=path, prompt_tokens=12))  # usage.lua: total-only is prompt
+    unreported = usage_of(finished(path=path, prompt_estimate=9, response_body_bytes=50_000))
+
+    assert reported == Usage("default", "alice", "qwen", 12, 0)
+    assert unreported == Usage("default", "alice", "qwen", 9, 0, estimated="no_usage_reported")
+
+
+@pytest.mark.parametrize("path", ["/tokenize", "/detokenize"])
+def test_tokenizer_requests_cost_no_tokens_and_no_estimate(path: str) -> None:
+    answered = finished(path=path, prompt_sample='{"model":"qwen","prompt":"a long text"}',
+                        answer_sample="%7B%22count%22%3A3%7D", response_body_bytes=900)  # fmt: skip
+
+    assert usage_of(answered) == Usage("default", "alice", "qwen", 0, 0)
+    assert usage_of(replace(answered, status=400)) is None
+
+
 def test_unreported_embeddings_cost_no_completion_tokens() -> None:
     usage = usage_of(finished(path=EMBEDDINGS, prompt_estimate=8, response_body_bytes=50_000))
 
