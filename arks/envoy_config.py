@@ -88,6 +88,11 @@ class EnvoySettings:
     max_connections: int = 50_000  # downstream connections, all listeners together
     max_heap_bytes: int = 2 * 1024**3  # Envoy's heap: past 95 % it frees, past 98 % it refuses
     http2_max_concurrent_streams: int = 100
+    # Browsers' origins allowed to call the API (CORS); empty: no CORS headers, preflights refused.
+    cors_origins: tuple[str, ...] = ()
+    # Keep a client's x-request-id instead of replacing it: only behind a trusted front proxy
+    # (the id is the usage record's identity, so a client choosing it could collide with others).
+    trust_client_request_id: bool = False
 
 
 def _json_error(status: int, kind: str, code: str, message: str) -> dict[str, Any]:
@@ -129,6 +134,8 @@ def http_filters(settings: EnvoySettings) -> list[dict[str, Any]]:
             "{usage_lua}": _usage_lua(),
         },
     )
+    if settings.cors_origins:
+        filters.insert(0, cors_filter())  # first: a preflight carries no credential
     return filters
 
 
@@ -508,11 +515,42 @@ def usage_access_log(settings: EnvoySettings) -> dict[str, Any]:
     }
 
 
-def route_configuration(policy: Policy, settings: EnvoySettings) -> dict[str, Any]:
+CORS_FILTER = "envoy.filters.http.cors"
+# What a browser's request may carry and read. No credentials mode (the API key travels in a
+# header, not a cookie), so the wildcards hold; Authorization is never covered by a wildcard.
+CORS_ALLOW_HEADERS = "authorization, x-api-key, content-type, *"
+CORS_EXPOSE_HEADERS = "x-request-id, retry-after, *"
+
+
+def cors_filter() -> dict[str, Any]:
+    """Envoy's CORS filter: it answers an allowed origin's preflight itself (before the credential
+    check, which a preflight cannot pass) and adds Access-Control-Allow-Origin to its answers."""
     return {
-        "name": ROUTE_CONFIG,
-        "virtual_hosts": [{"name": "arks", "domains": ["*"], "routes": routes(policy, settings)}],
+        "name": CORS_FILTER,
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"},
     }
+
+
+def cors_policy(origins: tuple[str, ...]) -> dict[str, Any]:
+    """The virtual host's CorsPolicy: `*` allows any origin, anything else is matched exactly."""
+    return {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
+        "allow_origin_string_match": [
+            {"safe_regex": {"regex": ".*"}} if origin == "*" else {"exact": origin}
+            for origin in origins
+        ],
+        "allow_methods": "GET, POST, OPTIONS",
+        "allow_headers": CORS_ALLOW_HEADERS,
+        "expose_headers": CORS_EXPOSE_HEADERS,
+        "max_age": "600",
+    }
+
+
+def route_configuration(policy: Policy, settings: EnvoySettings) -> dict[str, Any]:
+    host: dict[str, Any] = {"name": "arks", "domains": ["*"], "routes": routes(policy, settings)}
+    if settings.cors_origins:
+        host["typed_per_filter_config"] = {CORS_FILTER: cors_policy(settings.cors_origins)}
+    return {"name": ROUTE_CONFIG, "virtual_hosts": [host]}
 
 
 def listener(settings: EnvoySettings) -> dict[str, Any]:
@@ -531,8 +569,12 @@ def listener(settings: EnvoySettings) -> dict[str, Any]:
         },
         "generate_request_id": True,
         # The edge: the client's address is the peer's, and an outside client's x-request-id is
-        # replaced, so request ids (which pair an admission with its usage) are Envoy's own.
+        # replaced (unless a trusted front proxy set it), so request ids (which pair an admission
+        # with its usage) are Envoy's own.
         "use_remote_address": True,
+        "preserve_external_request_id": settings.trust_client_request_id,
+        # Every answer names its request (the SDK's `request_id`), errors and local replies too.
+        "always_set_request_id_in_response": True,
         "rds": {"route_config_name": ROUTE_CONFIG, "config_source": dict(ADS_SOURCE)},
         "http_filters": http_filters(settings),
         "local_reply_config": local_reply_config(settings),
