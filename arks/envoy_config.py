@@ -356,6 +356,8 @@ def routes(policy: Policy, settings: EnvoySettings) -> list[dict[str, Any]]:
                 },
             }
         )
+    if settings.cors_origins:
+        out.append(cors_route())
     out.append(
         {
             "name": "not_found",
@@ -455,6 +457,14 @@ def local_reply_config(settings: EnvoySettings) -> dict[str, Any]:
                 "The request did not arrive in time (%RESPONSE_CODE_DETAILS%).",
             ),
             _local_reply_mapper(413, "invalid_request_error", "request_too_large", too_large),
+            # The CORS route's router, with no cluster to go to (`cors_route`).
+            _local_reply_mapper(
+                404,
+                "invalid_request_error",
+                "not_found",
+                "no such route",
+                details_prefix="cluster_not_found",
+            ),
             _local_reply_mapper(500, "server_error", "internal_error"),
             _local_reply_mapper(502, "server_error", "bad_gateway"),
             # ext_proc unreachable (status_on_error 503): the gateway is away, not the engines.
@@ -520,6 +530,19 @@ CORS_FILTER = "envoy.filters.http.cors"
 # header, not a cookie), so the wildcards hold; Authorization is never covered by a wildcard.
 CORS_ALLOW_HEADERS = "authorization, x-api-key, content-type, *"
 CORS_EXPOSE_HEADERS = "x-request-id, retry-after, *"
+CORS_NO_CLUSTER_HEADER = "x-arks-no-cluster"
+
+
+def cors_route() -> dict[str, Any]:
+    """A browser's request before ext_proc has routed it: Envoy's CORS filter acts only on a
+    route that forwards (never on a direct response such as `not_found`), so requests with an
+    Origin get one. It names its cluster in a header nobody sets (ext_proc removes a client's
+    x-arks-*): a request still on it when the router runs is answered 404 not_found."""
+    return {
+        "name": "cors",
+        "match": {"prefix": "/", "headers": [{"name": "origin", "present_match": True}]},
+        "route": {"cluster_header": CORS_NO_CLUSTER_HEADER},
+    }
 
 
 def cors_filter() -> dict[str, Any]:
