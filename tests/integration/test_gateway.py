@@ -91,7 +91,8 @@ def test_include_usage_is_merged_into_the_clients_stream_options(
         )
     assert resp.status_code == 200, resp.text  # the engine parsed the patched body
     events = [json.loads(line[6:]) for line in resp.text.splitlines() if line.startswith("data: {")]
-    assert events[-1]["usage"]["completion_tokens"] == 4
+    # The engine reported usage (charged exactly below); its event, not asked for, was cut.
+    assert events and all(e["choices"] for e in events)
     charged = stack.wait_usage("alice", "model-a", before)
     assert (charged.completion, charged.estimated) == (4, 0)
 
@@ -129,7 +130,8 @@ def test_the_usage_option_goes_into_the_top_level_object_only(stack: Stack, extr
         )
     assert resp.status_code == 200, resp.text
     events = [json.loads(line[6:]) for line in resp.text.splitlines() if line.startswith("data: {")]
-    assert events[-1]["usage"]["completion_tokens"] == 3  # the engine was asked at the top level
+    # The engine was asked at the top level (charged exactly below); its usage event was cut.
+    assert events and all(e["choices"] for e in events)
     charged = stack.wait_usage("alice", "model-a", before)
     assert (charged.completion, charged.estimated) == (3, 0)
 
