@@ -44,7 +44,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def ledger_ids(stack: Stack) -> set[str]:
-    path = Path(stack.local.settings.ledger_url.removeprefix("sqlite:///"))  # type: ignore[union-attr]
+    url = stack.local.settings.ledger_url
+    assert url is not None
+    path = Path(url.removeprefix("sqlite:///"))
     if not path.exists():
         return set()
     try:
@@ -74,7 +76,12 @@ def test_the_quickstart_loop_over_a_stream_prints_every_token(
     printed = capsys.readouterr().out.splitlines()
     assert printed == ["", *[" hello"] * 5, "None"]  # the role, the tokens, the finish
     charged = stack.wait_usage("alice", "model-a", before)
-    assert charged == Usage(requests=1, prompt=count_prompt({"model": "model-a", "messages": MESSAGES}), completion=5, estimated=0)
+    assert charged == Usage(
+        requests=1,
+        prompt=count_prompt({"model": "model-a", "messages": MESSAGES}),
+        completion=5,
+        estimated=0,
+    )
 
 
 def test_the_completions_quickstart_loop_prints_every_token(stack: Stack) -> None:
