@@ -163,6 +163,20 @@ def test_a_streamed_answer_names_its_request_as_its_usage_record_does(stack: Sta
     wait_for(lambda: ledger_ids(stack), lambda ids: request_id in ids, timeout=15)
 
 
+def test_behind_a_trusted_proxy_its_request_id_is_kept_to_the_usage_record(
+    tmp_path: Path,
+) -> None:
+    chosen = f"front-proxy-{uuid.uuid4()}"
+    with running_stack(
+        tmp_path, ledger="sqlite:///{state_dir}/usage.db", trust_client_request_id=True
+    ) as trusted:
+        raw = trusted.client().chat.completions.with_raw_response.create(
+            model="model-a", messages=MESSAGES, extra_headers={"x-request-id": chosen}
+        )
+        assert raw.headers["x-request-id"] == chosen
+        wait_for(lambda: ledger_ids(trusted), lambda ids: chosen in ids, timeout=15)
+
+
 def _refused(stack: Stack, api_key: str, model: str) -> openai.APIStatusError:
     with pytest.raises(openai.APIStatusError) as refused:
         stack.client(api_key).chat.completions.create(model=model, messages=MESSAGES)
