@@ -14,10 +14,9 @@
 -- from the stream: the client did not ask for it, and code indexing `chunk.choices[0]` would
 -- fail on it. For that, an event split across data frames is withheld until its end arrives (a
 -- few hundred bytes; never more than HOLD), and only a frame holding `"choices":[]` is split
--- into its events. A JSON answer is searched chunk by chunk for
--- its last "usage" key, wherever it is (other fields may follow it). Keys inside JSON strings
--- have escaped quotes, so '"usage":{' only matches a key. The access log carries the numbers to
--- Python.
+-- into its events. A JSON answer is searched chunk by chunk for its last "usage" key, wherever
+-- it is (other fields may follow it). Keys inside JSON strings have escaped quotes, so
+-- '"usage":{' only matches a key. The access log carries the numbers to Python.
 --
 -- Samples, for a request whose answer reports no usage (extproc/estimate.py counts them at
 -- settlement, only then). Taking them must cost next to nothing when usage comes back:
@@ -247,7 +246,9 @@ local function without_usage_event(events)
 end
 
 -- What to pass on of a data frame `data` (`held`: what earlier frames withheld), and what to
--- withhold now. An empty frame (the stream's end) lets everything go.
+-- withhold now. An empty frame lets everything go: Envoy's HTTP/1 codec ends an upstream's
+-- chunked answer with one. (A stream ending in the middle of an event, in a frame that also
+-- ends it, would lose that event's start; an engine's stream ends with "data: [DONE]\n\n".)
 local function pass_on(held, data)
   local text = held .. data
   local cut = #data > 0 and unfinished_at(text) or nil
