@@ -88,6 +88,11 @@ class EnvoySettings:
     max_connections: int = 50_000  # downstream connections, all listeners together
     max_heap_bytes: int = 2 * 1024**3  # Envoy's heap: past 95 % it frees, past 98 % it refuses
     http2_max_concurrent_streams: int = 100
+    # Browsers' origins allowed to call the API (CORS); empty: no CORS headers, preflights refused.
+    cors_origins: tuple[str, ...] = ()
+    # Keep a client's x-request-id instead of replacing it: only behind a trusted front proxy
+    # (the id is the usage record's identity, so a client choosing it could collide with others).
+    trust_client_request_id: bool = False
 
 
 def _json_error(status: int, kind: str, code: str, message: str) -> dict[str, Any]:
@@ -129,6 +134,8 @@ def http_filters(settings: EnvoySettings) -> list[dict[str, Any]]:
             "{usage_lua}": _usage_lua(),
         },
     )
+    if settings.cors_origins:
+        filters.insert(0, cors_filter())  # first: a preflight carries no credential
     return filters
 
 
@@ -349,6 +356,8 @@ def routes(policy: Policy, settings: EnvoySettings) -> list[dict[str, Any]]:
                 },
             }
         )
+    if settings.cors_origins:
+        out.append(cors_route())
     out.append(
         {
             "name": "not_found",
@@ -448,6 +457,14 @@ def local_reply_config(settings: EnvoySettings) -> dict[str, Any]:
                 "The request did not arrive in time (%RESPONSE_CODE_DETAILS%).",
             ),
             _local_reply_mapper(413, "invalid_request_error", "request_too_large", too_large),
+            # The CORS route's router, with no cluster to go to (`cors_route`).
+            _local_reply_mapper(
+                404,
+                "invalid_request_error",
+                "not_found",
+                "no such route",
+                details_prefix="cluster_not_found",
+            ),
             _local_reply_mapper(500, "server_error", "internal_error"),
             _local_reply_mapper(502, "server_error", "bad_gateway"),
             # ext_proc unreachable (status_on_error 503): the gateway is away, not the engines.
@@ -508,11 +525,55 @@ def usage_access_log(settings: EnvoySettings) -> dict[str, Any]:
     }
 
 
-def route_configuration(policy: Policy, settings: EnvoySettings) -> dict[str, Any]:
+CORS_FILTER = "envoy.filters.http.cors"
+# What a browser's request may carry and read. No credentials mode (the API key travels in a
+# header, not a cookie), so the wildcards hold; Authorization is never covered by a wildcard.
+CORS_ALLOW_HEADERS = "authorization, x-api-key, content-type, *"
+CORS_EXPOSE_HEADERS = "x-request-id, retry-after, *"
+CORS_NO_CLUSTER_HEADER = "x-arks-no-cluster"
+
+
+def cors_route() -> dict[str, Any]:
+    """A browser's request before ext_proc has routed it: Envoy's CORS filter acts only on a
+    route that forwards (never on a direct response such as `not_found`), so requests with an
+    Origin get one. It names its cluster in a header nobody sets (ext_proc removes a client's
+    x-arks-*): a request still on it when the router runs is answered 404 not_found."""
     return {
-        "name": ROUTE_CONFIG,
-        "virtual_hosts": [{"name": "arks", "domains": ["*"], "routes": routes(policy, settings)}],
+        "name": "cors",
+        "match": {"prefix": "/", "headers": [{"name": "origin", "present_match": True}]},
+        "route": {"cluster_header": CORS_NO_CLUSTER_HEADER},
     }
+
+
+def cors_filter() -> dict[str, Any]:
+    """Envoy's CORS filter: it answers an allowed origin's preflight itself (before the credential
+    check, which a preflight cannot pass) and adds Access-Control-Allow-Origin to its answers."""
+    return {
+        "name": CORS_FILTER,
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"},
+    }
+
+
+def cors_policy(origins: tuple[str, ...]) -> dict[str, Any]:
+    """The virtual host's CorsPolicy: `*` allows any origin, anything else is matched exactly."""
+    return {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
+        "allow_origin_string_match": [
+            {"safe_regex": {"regex": ".*"}} if origin == "*" else {"exact": origin}
+            for origin in origins
+        ],
+        "allow_methods": "GET, POST, OPTIONS",
+        "allow_headers": CORS_ALLOW_HEADERS,
+        "expose_headers": CORS_EXPOSE_HEADERS,
+        "max_age": "600",
+    }
+
+
+def route_configuration(policy: Policy, settings: EnvoySettings) -> dict[str, Any]:
+    host: dict[str, Any] = {"name": "arks", "domains": ["*"], "routes": routes(policy, settings)}
+    if settings.cors_origins:
+        host["typed_per_filter_config"] = {CORS_FILTER: cors_policy(settings.cors_origins)}
+    return {"name": ROUTE_CONFIG, "virtual_hosts": [host]}
 
 
 def listener(settings: EnvoySettings) -> dict[str, Any]:
@@ -531,8 +592,12 @@ def listener(settings: EnvoySettings) -> dict[str, Any]:
         },
         "generate_request_id": True,
         # The edge: the client's address is the peer's, and an outside client's x-request-id is
-        # replaced, so request ids (which pair an admission with its usage) are Envoy's own.
+        # replaced (unless a trusted front proxy set it), so request ids (which pair an admission
+        # with its usage) are Envoy's own.
         "use_remote_address": True,
+        "preserve_external_request_id": settings.trust_client_request_id,
+        # Every answer names its request (the SDK's `request_id`), errors and local replies too.
+        "always_set_request_id_in_response": True,
         "rds": {"route_config_name": ROUTE_CONFIG, "config_source": dict(ADS_SOURCE)},
         "http_filters": http_filters(settings),
         "local_reply_config": local_reply_config(settings),

@@ -240,6 +240,8 @@ def filter_patches(settings: EnvoySettings | None = None) -> list[dict[str, Any]
         _patch("add", filters[USAGE_FILTER], json_path=filter_at(ROUTER_FILTER)),
         _patch("add", access_log, json_path=HCM_AT, path="/access_log/-"),
         _patch("add", local_reply_config(settings), json_path=HCM_AT, path="/local_reply_config"),
+        # every answer names its request (ClientTrafficPolicy has no field for it)
+        _patch("add", True, json_path=HCM_AT, path="/always_set_request_id_in_response"),
     ]
     return patches
 
@@ -340,7 +342,8 @@ def patch_policy(name: str, priority: int, patches: Sequence[Mapping[str, Any]])
 def client_traffic_policy(settings: EnvoySettings | None = None) -> dict[str, Any]:
     """The local listener's limits: the body buffer (json_to_metadata buffers the request; EG's
     default of 32 KiB would refuse long prompts with 413), the timeouts that bound what a slow or
-    idle client holds, the connection cap and HTTP/2's streams and windows."""
+    idle client holds, the connection cap and HTTP/2's streams and windows, and whose
+    x-request-id a request carries (Envoy's own unless a trusted front proxy sets it)."""
     settings = settings or _settings()
     hcm = listener(settings)["filter_chains"][0]["filters"][0]["typed_config"]
     http2 = hcm["http2_protocol_options"]
@@ -361,6 +364,11 @@ def client_traffic_policy(settings: EnvoySettings | None = None) -> dict[str, An
                     "requestHeadersReceivedTimeout": hcm["request_headers_timeout"],
                     "idleTimeout": hcm["common_http_protocol_options"]["idle_timeout"],
                 }
+            },
+            "headers": {
+                "requestID": (
+                    "PreserveOrGenerate" if hcm["preserve_external_request_id"] else "Generate"
+                )
             },
             "http2": {
                 "maxConcurrentStreams": http2["max_concurrent_streams"],

@@ -84,6 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen-address", default="127.0.0.1", help="Envoy's listener address"
     )
     standalone.add_argument("--listen-port", type=int, default=8080, help="Envoy's listener port")
+    standalone.add_argument(
+        "--cors-origin",
+        dest="cors_origins",
+        action="append",
+        metavar="ORIGIN",
+        help="a browser origin allowed to call the API, e.g. https://app.example.com (repeatable; "
+        "`*`: any); default: none, no CORS headers",
+    )
+    standalone.add_argument(
+        "--trust-client-request-id",
+        action="store_true",
+        help="keep a client's x-request-id (only behind a trusted front proxy that sets it)",
+    )
     for field, help_text in _CLIENT_TIMEOUTS:
         standalone.add_argument(
             "--" + field.replace("_", "-"),
@@ -173,6 +186,8 @@ class Settings:
     xds_address: str = "127.0.0.1:18000"
     listen_address: str = "127.0.0.1"
     listen_port: int = 8080
+    cors_origins: list[str] | None = None  # None: no CORS
+    trust_client_request_id: bool = False
     request_timeout_s: int = EnvoySettings.request_timeout_s
     request_headers_timeout_s: int = EnvoySettings.request_headers_timeout_s
     idle_timeout_s: int = EnvoySettings.idle_timeout_s
@@ -238,6 +253,8 @@ def run_standalone(settings: Settings, policy: Path) -> int:
         admin_port=0,
         extproc_port=0,
         listen_address=settings.listen_address,
+        cors_origins=tuple(settings.cors_origins or ()),
+        trust_client_request_id=settings.trust_client_request_id,
         request_timeout_s=settings.request_timeout_s,
         request_headers_timeout_s=settings.request_headers_timeout_s,
         idle_timeout_s=settings.idle_timeout_s,

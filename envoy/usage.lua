@@ -9,10 +9,14 @@
 -- Response: read the numbers of the answer's last "usage" object into io.arks (and Envoy AI
 -- Gateway's keys), without ever holding the whole answer: Envoy passes every chunk on as it comes
 -- (an answer of any size goes through whole). A streamed answer keeps only its last few KiB: one
--- cheap step per data frame, nothing per SSE event. A JSON answer is searched chunk by chunk for
--- its last "usage" key, wherever it is (other fields may follow it). Keys inside JSON strings
--- have escaped quotes, so '"usage":{' only matches a key. The access log carries the numbers to
--- Python.
+-- cheap step per data frame, nothing per SSE event. When this script added include_usage
+-- (io.arks.usage_added), the engine's usage-only event (`"choices":[]`, then `usage`) is cut
+-- from the stream: the client did not ask for it, and code indexing `chunk.choices[0]` would
+-- fail on it. For that, an event split across data frames is withheld until its end arrives (a
+-- few hundred bytes; never more than HOLD), and only a frame holding `"choices":[]` is split
+-- into its events. A JSON answer is searched chunk by chunk for its last "usage" key, wherever
+-- it is (other fields may follow it). Keys inside JSON strings have escaped quotes, so
+-- '"usage":{' only matches a key. The access log carries the numbers to Python.
 --
 -- Samples, for a request whose answer reports no usage (extproc/estimate.py counts them at
 -- settlement, only then). Taking them must cost next to nothing when usage comes back:
@@ -36,6 +40,9 @@ local USAGE_WINDOW = 512 -- a usage object's numbers come first; details objects
 local CARRY = 64 -- bytes kept across chunks so a key split between two is still found
 local SAMPLE_AT = 2048 -- a stream's early sample, once this much of it has passed
 local PROMPT_SAMPLE = 8192 -- the request body's head, for the prompt's estimate
+local HOLD = 16384 -- the most of a stream's unfinished event withheld (a usage event is < 1 KiB)
+local EMPTY_CHOICES = '"choices"%s*:%s*%[%s*%]'
+local USAGE_OBJECT = '"usage"%s*:%s*{'
 local ESCAPES = { ["%"] = "%25" }
 for byte = 128, 255 do
   ESCAPES[string.char(byte)] = string.format("%%%02X", byte)
@@ -207,6 +214,48 @@ function envoy_on_request(handle)
   end
   body:setBytes(patched)
   handle:headers():replace("content-length", tostring(#patched))
+  handle:streamInfo():dynamicMetadata():set("io.arks", "usage_added", true)
+end
+
+-- Where the unfinished event at the end of `text` starts, or nil when `text` ends an event
+-- (SSE events end with a blank line: "\n\n", or "\r\n\r\n").
+local function unfinished_at(text)
+  if string.sub(text, -2) == "\n\n" or string.sub(text, -3) == "\n\r\n" then
+    return nil
+  end
+  return string.match(text, "^.*\n\r?\n()") or 1
+end
+
+-- `events` (whole SSE events) without the usage-only one: its choices empty, its usage present.
+-- Quotes inside JSON strings are escaped, so the patterns only match keys.
+local function without_usage_event(events)
+  if not string.find(events, EMPTY_CHOICES) then
+    return events
+  end
+  local kept, from = {}, 1
+  while from <= #events do
+    local _, e = string.find(events, "\n\r?\n", from)
+    e = e or #events
+    local event = string.sub(events, from, e)
+    if not (string.find(event, EMPTY_CHOICES) and string.find(event, USAGE_OBJECT)) then
+      kept[#kept + 1] = event
+    end
+    from = e + 1
+  end
+  return table.concat(kept)
+end
+
+-- What to pass on of a data frame `data` (`held`: what earlier frames withheld), and what to
+-- withhold now. An empty frame lets everything go: Envoy's HTTP/1 codec ends an upstream's
+-- chunked answer with one. (A stream ending in the middle of an event, in a frame that also
+-- ends it, would lose that event's start; an engine's stream ends with "data: [DONE]\n\n".)
+local function pass_on(held, data)
+  local text = held .. data
+  local cut = #data > 0 and unfinished_at(text) or nil
+  if cut == nil or #text - cut >= HOLD then
+    return without_usage_event(text), ""
+  end
+  return without_usage_event(string.sub(text, 1, cut - 1)), string.sub(text, cut)
 end
 
 local function number_after(text, key)
@@ -265,7 +314,9 @@ function envoy_on_response(handle)
   local headers = handle:headers()
   local content_type = headers:get("content-type") or ""
   if string.find(content_type, "text/event-stream", 1, true) then
-    local tail, seen, sampled, recorded = "", 0, false, false
+    local arks = handle:streamInfo():dynamicMetadata():get("io.arks")
+    local cut_usage = arks ~= nil and arks["usage_added"] == true
+    local tail, seen, sampled, recorded, held = "", 0, false, false, ""
     for chunk in handle:bodyChunks() do
       local size = chunk:length()
       if seen == 0 and size > 0 then
@@ -273,12 +324,21 @@ function envoy_on_response(handle)
         -- token): the time to first token, in ms since the epoch, as Envoy's request start_time.
         handle:streamInfo():dynamicMetadata():set("io.arks", "first_byte_ms", handle:timestamp())
       end
+      local data = (cut_usage or size < TAIL) and chunk:getBytes(0, size) or nil
       if size >= TAIL then
-        tail = chunk:getBytes(size - TAIL, TAIL)
+        tail = data and string.sub(data, -TAIL) or chunk:getBytes(size - TAIL, TAIL)
       elseif size > 0 then
-        tail = tail .. chunk:getBytes(0, size)
+        tail = tail .. data
         if #tail > 2 * TAIL then
           tail = string.sub(tail, -TAIL)
+        end
+      end
+      if cut_usage then
+        local out
+        out, held = pass_on(held, data)
+        if out ~= data then
+          -- (setBytes also sets the sent headers' content-length: they are gone already)
+          chunk:setBytes(out)
         end
       end
       seen = seen + size

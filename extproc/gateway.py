@@ -70,17 +70,25 @@ def decide_headers(req: RequestInfo, policy: Policy, now: datetime) -> Decision:
     return attributed(_decide_headers(req, token, policy), token, policy, None)
 
 
+def not_allowed(req: RequestInfo, allowed: str) -> Deny:
+    """405 naming the method the path takes, in an Allow header as HTTP requires."""
+    return Deny(
+        405,
+        "method_not_allowed",
+        f"{req.method} is not allowed on {req.path}; use {allowed}.",
+        headers=(("allow", allowed),),
+    )
+
+
 def _decide_headers(req: RequestInfo, token: ArksToken, policy: Policy) -> Decision:
     if req.path == MODELS_PATH or req.path.startswith(MODELS_PATH + "/"):
         if req.method != "GET":
-            return Deny(405, "method_not_allowed", f"{req.method} is not allowed on {req.path}.")
+            return not_allowed(req, "GET")
         return models_reply(policy, token, req.path)
     if req.kind is None:  # the engines' admin paths too: never a tenant's
         return Deny(404, "not_found", f"Unknown path {req.path!r}.")
     if req.method != "POST":
-        return Deny(
-            405, "method_not_allowed", f"{req.method} is not allowed on {req.path}; use POST."
-        )
+        return not_allowed(req, "POST")
     if req.end_of_stream:
         return bad_request(
             "The request has no body: send a JSON object with a 'model'.", "missing_body"

@@ -168,7 +168,9 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc
             try:
                 response = await processor.handle(message)
             except Exception:  # a bug must not read as "the gateway is away" (503)
-                log.exception("ext_proc message failed; answering 500")
+                # The request id is the one its answer and its usage record carry.
+                request_id = processor.info.request_id if processor.info else ""
+                log.exception("ext_proc message failed; answering 500 (request %s)", request_id)
                 response = processor._encode(INTERNAL_ERROR, "headers")
             yield response
 

@@ -109,6 +109,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         redis=args.redis,
         simulate=not args.no_sim,
         ledger=None if args.no_ledger else args.ledger,
+        cors_origins=tuple(args.cors_origins),
+        trust_client_request_id=args.trust_client_request_id,
     )
     try:
         tokens = printable_tokens(settings.policy)
@@ -197,6 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     up.add_argument("--no-ledger", action="store_true", help="record no usage ledger")
+    up.add_argument(
+        "--cors-origin",
+        dest="cors_origins",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a browser origin allowed to call the API (repeatable; `*`: any); default: none",
+    )
+    up.add_argument(
+        "--trust-client-request-id",
+        action="store_true",
+        help="keep a client's x-request-id instead of Envoy's own (only behind a trusted proxy)",
+    )
     up.set_defaults(func=cmd_up)
 
     simulator = commands.add_parser("sim", help="run one simulated OpenAI-compatible engine")

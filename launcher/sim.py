@@ -55,6 +55,10 @@ H_INSTANCE = "x-sim-instance"
 H_LINGER_MS = "x-sim-linger-ms"  # a stream stays open this long after [DONE] before it ends
 H_TOTAL_ONLY = "x-sim-usage-total-only"  # a rerank's usage as vLLM wrote it before prompt_tokens
 MAX_MODEL_LEN = 8192  # what /tokenize reports
+# A stream goes out in writes of at most this many bytes, a moment apart: its SSE events reach
+# the gateway split across data frames.
+H_WRITE_BYTES = "x-sim-write-bytes"
+PIECE_PAUSE_S = 0.002
 
 # One per engine generation of `arks.engine_series` ("vllm-legacy": vLLM before 0.11).
 MetricsStyle = Generation
@@ -572,6 +576,7 @@ class Plan:
     disconnect_after: int | None
     omit_usage: bool
     linger: float = 0.0  # seconds between [DONE] and the stream's end
+    write_bytes: int | None = None  # a stream's writes' largest size; None: a write per token
 
     @property
     def include_usage(self) -> bool:
@@ -623,6 +628,7 @@ def make_plan(request: web.Request, engine: Engine, body: dict[str, Any], model:
         disconnect_after=header_int(headers, H_DISCONNECT_AFTER, 0),
         omit_usage=header_flag(headers, H_OMIT_USAGE),
         linger=header_ms(headers, H_LINGER_MS, 0),
+        write_bytes=header_int(headers, H_WRITE_BYTES, 1),
     )
 
 
@@ -743,6 +749,17 @@ async def whole_answer(
     return json_response(shape.answer(plan))
 
 
+async def write_pieces(resp: web.StreamResponse, data: bytes, size: int | None) -> None:
+    """`data` in writes of at most `size` bytes, a moment apart (None: in one write)."""
+    if size is None:
+        await resp.write(data)
+        return
+    for start in range(0, len(data), size):
+        if start:
+            await asyncio.sleep(PIECE_PAUSE_S)
+        await resp.write(data[start : start + size])
+
+
 async def stream_answer(
     request: web.Request, engine: Engine, plan: Plan, shape: Shape, arrival: float
 ) -> web.StreamResponse:
@@ -764,14 +781,20 @@ async def stream_answer(
         # only with the first token, as vLLM's stream generator yields it on the first output.
         await sleep_until(first)
         if plan.tpot == 0 or n <= 1:  # one write; still one SSE event per token
-            await resp.write(head + token * max(n - 1, 0) + (last if n else b"") + tail)
+            await write_pieces(
+                resp, head + token * max(n - 1, 0) + (last if n else b"") + tail, plan.write_bytes
+            )
             first_at = last_at = loop.time()
             written = n
         else:
             for i in range(n):
                 if i:
                     await sleep_until(first + i * plan.tpot)
-                await resp.write((head if i == 0 else b"") + (token if i < n - 1 else last + tail))
+                await write_pieces(
+                    resp,
+                    (head if i == 0 else b"") + (token if i < n - 1 else last + tail),
+                    plan.write_bytes,
+                )
                 last_at = loop.time()
                 first_at = first_at or last_at
                 written = i + 1

@@ -54,6 +54,8 @@ class StackSettings:
     kube_host: str | None = None  # extproc reads the policy from this API server, not the file
     envoy_log_level: str = "warning"
     ledger: str | None = STATE_DIR_LEDGER  # extproc's --ledger ("{state_dir}" filled in); None: off
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API (Envoy's CORS)
+    trust_client_request_id: bool = False  # keep a client's x-request-id (a trusted front proxy)
 
     @property
     def ledger_url(self) -> str | None:
@@ -154,6 +156,8 @@ class LocalStack:
             extproc_port=s.extproc_port or free_port(),
             xds_port=s.xds_port or free_port(),
             config_dir=s.state_dir / "envoy",
+            cors_origins=s.cors_origins,
+            trust_client_request_id=s.trust_client_request_id,
         )
         self.controller_metrics_port = s.controller_metrics_port or free_port()
         try:
@@ -218,6 +222,8 @@ class LocalStack:
             "127.0.0.1",
             "--metrics-port",
             str(self.controller_metrics_port),
+            *(arg for origin in s.cors_origins for arg in ("--cors-origin", origin)),
+            *(("--trust-client-request-id",) if s.trust_client_request_id else ()),
             *s.controller_args,
         )
         wait_http(self.controller, f"{self.controller_url}/readyz")

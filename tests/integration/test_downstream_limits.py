@@ -149,6 +149,7 @@ def test_connect_is_refused_at_once(stack: Stack, credential: bytes) -> None:
         )
         status, headers, body = _answer(conn)
     assert status == 405
+    assert headers["allow"] == "GET, POST"
     assert headers["content-type"] == "application/json"
     assert json.loads(body)["error"]["code"] == "method_not_allowed"
 

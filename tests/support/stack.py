@@ -170,9 +170,13 @@ def running_stack(
     kube_host: str | None = None,
     controller_args: tuple[str, ...] = (),
     ledger: str | None = None,
+    cors_origins: tuple[str, ...] = (),
+    trust_client_request_id: bool = False,
 ) -> Iterator[Stack]:
     """Two simulated engines, the base policy plus `extra_documents`, and the local stack;
-    `ledger`: extproc's usage ledger URL (`{state_dir}` is filled in; None: no ledger)."""
+    `ledger`: extproc's usage ledger URL (`{state_dir}` is filled in; None: no ledger);
+    `cors_origins`: the browser origins Envoy's CORS policy allows; `trust_client_request_id`:
+    Envoy keeps a client's x-request-id."""
     ports = {"a": free_port(), "b": free_port(), "down": free_port()}  # nothing listens on "down"
     tmp.mkdir(parents=True, exist_ok=True)
     policy_path = tmp / "policy.yaml"
@@ -206,6 +210,8 @@ def running_stack(
             controller_args=controller_args,
             kube_host=kube_host,
             ledger=ledger,
+            cors_origins=cors_origins,
+            trust_client_request_id=trust_client_request_id,
         )
         with LocalStack(settings) as local:
             yield Stack(local, policy_path, documents, ports, engines)

@@ -22,6 +22,8 @@ import pytest
 from arks.api import LEAST_LOAD, PREFIX_CACHE, STATIC, WEIGHTED, WEIGHTINGS, SocketAddress
 from arks.envoy_config import (
     CLUSTER_TYPE,
+    CORS_FILTER,
+    CORS_NO_CLUSTER_HEADER,
     ENDPOINT_TYPE,
     EXTPROC_CLUSTER,
     LISTENER,
@@ -32,7 +34,10 @@ from arks.envoy_config import (
     XDS_CLUSTER,
     EnvoySettings,
     bootstrap,
+    http_filters,
+    listener,
     retry_policy,
+    route_configuration,
     routes,
     write_bootstrap,
     xds_resources,
@@ -740,3 +745,60 @@ def test_envoy_validation_catches_a_route_to_a_missing_cluster(
 
     assert result.returncode != 0
     assert "endpoint/default/nowhere" in result.stderr + result.stdout
+
+
+# --- request ids and CORS ---------------------------------------------------------------------
+
+
+def test_every_answer_names_its_request_and_a_clients_id_is_replaced(
+    settings: EnvoySettings,
+) -> None:
+    hcm = hcm_of(listener(settings))
+
+    assert hcm["generate_request_id"] is True
+    assert hcm["always_set_request_id_in_response"] is True
+    assert hcm["preserve_external_request_id"] is False
+
+
+def test_a_trusted_front_proxys_request_id_is_kept(settings: EnvoySettings) -> None:
+    trusted = dataclasses.replace(settings, trust_client_request_id=True)
+
+    assert hcm_of(listener(trusted))["preserve_external_request_id"] is True
+
+
+def test_no_cors_by_default(policy: Policy, settings: EnvoySettings) -> None:
+    (host,) = route_configuration(policy, settings)["virtual_hosts"]
+
+    assert CORS_FILTER not in [f["name"] for f in http_filters(settings)]
+    assert "typed_per_filter_config" not in host
+    assert "cors" not in by_name(host["routes"])
+
+
+def test_cors_origins_get_envoys_cors_filter_first_and_a_policy(
+    policy: Policy, settings: EnvoySettings
+) -> None:
+    browsers = dataclasses.replace(settings, cors_origins=("https://app.example.com", "*"))
+    (host,) = route_configuration(policy, browsers)["virtual_hosts"]
+
+    assert http_filters(browsers)[0]["name"] == CORS_FILTER  # before the credential check
+    cors = host["typed_per_filter_config"][CORS_FILTER]
+    assert cors["allow_origin_string_match"] == [
+        {"exact": "https://app.example.com"},
+        {"safe_regex": {"regex": ".*"}},
+    ]
+    assert "authorization" in cors["allow_headers"]
+    assert "x-request-id" in cors["expose_headers"]
+    # a forwarding route for browsers' requests, before the catch-all 404
+    assert [r["name"] for r in host["routes"]][-2:] == ["cors", "not_found"]
+    assert host["routes"][-2]["route"] == {"cluster_header": CORS_NO_CLUSTER_HEADER}
+
+
+def test_envoy_accepts_the_cors_configuration(policy: Policy, settings: EnvoySettings) -> None:
+    browsers = dataclasses.replace(
+        settings, cors_origins=("https://app.example.com",), trust_client_request_id=True
+    )
+    config = inlined(policy, browsers, ENGINE_WEIGHTS)
+
+    result = envoy_validate(write(config, settings.config_dir / "cors.json"))
+
+    assert result.returncode == 0, result.stderr + result.stdout

@@ -339,6 +339,12 @@ def test_usage_access_log_goes_to_envoy_gateways_extproc_cluster(
     assert hcm(patched)["local_reply_config"] == local_reply_config(settings())
 
 
+def test_every_answer_of_envoy_gateways_listener_names_its_request(
+    patched: dict[tuple[str, str], Any],
+) -> None:
+    assert hcm(patched)["always_set_request_id_in_response"] is True
+
+
 def test_ratelimit_cluster_reaches_the_ratelimit_service(
     patched: dict[tuple[str, str], Any],
 ) -> None:
@@ -483,6 +489,7 @@ def test_traffic_policies_mirror_the_local_limits() -> None:
     clients = one("ClientTrafficPolicy", "arks-clients", INSTALL)["spec"]
     assert clients["connection"]["bufferLimit"] == f"{s.body_limit_bytes // 2**20}Mi"
     assert clients["timeout"]["http"]["streamIdleTimeout"] == "300s"
+    assert clients["headers"]["requestID"] == "Generate"  # a client's x-request-id is replaced
     backends = one("BackendTrafficPolicy", "arks-backends", INSTALL)["spec"]
     local_route = next(r for r in routes(load_policy_file(DEMO_POLICY), s) if "route" in r)["route"]
     assert backends["timeout"]["http"]["requestTimeout"] == local_route["timeout"]

@@ -202,7 +202,11 @@ def test_models_needs_a_token(policy: Policy) -> None:
 
 
 def test_models_only_answers_get(policy: Policy) -> None:
-    denied(decide_headers(request("/v1/models", "POST"), policy, NOW), 405, "method_not_allowed")
+    deny = denied(
+        decide_headers(request("/v1/models", "POST"), policy, NOW), 405, "method_not_allowed"
+    )
+
+    assert deny.headers == (("allow", "GET"),)
 
 
 def test_one_granted_model_is_described(policy: Policy) -> None:
@@ -238,6 +242,7 @@ def test_inference_paths_only_answer_post(policy: Policy, method: str) -> None:
     deny = denied(decide_headers(request(CHAT, method), policy, NOW), 405, "method_not_allowed")
 
     assert "use POST" in deny.message
+    assert deny.headers == (("allow", "POST"),)
 
 
 @pytest.mark.parametrize("path", sorted(ENGINE_PATHS))
