@@ -75,6 +75,7 @@ def test_tpm_is_charged_the_engine_reported_tokens_of_streamed_answers(qos_stack
         model="model-a",
         messages=MESSAGES,
         stream=True,
+        stream_options={"include_usage": True},  # the client sees the usage the gateway reads
         max_tokens=150,
         extra_headers={"x-sim-output-tokens": "150"},
     ):
