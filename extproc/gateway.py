@@ -267,11 +267,11 @@ def _decide_route(
         refused = _generation_options_error(facts, body)
         if refused is not None:
             return refused
+    else:  # no answer is written: stream, n, max_tokens … are none of the engine's options here
+        facts = BodyFacts(model=model)
     previous = facts.previous_response_id if kind is PathKind.RESPONSES else None
     if previous is not None and (not isinstance(previous, str) or not previous):
         return bad_request("'previous_response_id' must be a non-empty string.", "invalid_type")
-    else:  # no answer is written: stream, n, max_tokens … are none of the engine's options here
-        facts = BodyFacts(model=model)
     namespace = token.key.namespace
     endpoint = policy.endpoint(namespace, model)
     if endpoint is None:
