@@ -177,13 +177,14 @@ def test_retrieve_and_cancel_count_as_requests_and_cost_no_tokens(stack: Stack) 
 
 def test_an_unknown_response_id_is_not_found(stack: Stack) -> None:
     api = client(stack)
-    for call in (
-        lambda: api.responses.retrieve("resp_unknown"),
-        lambda: api.responses.cancel("resp_unknown"),
-        lambda: api.responses.create(model=MODEL, input="hi", previous_response_id="resp_nope"),
-    ):
-        with pytest.raises(openai.NotFoundError) as refused:
-            call()
+    with pytest.raises(openai.NotFoundError) as retrieved:
+        api.responses.retrieve("resp_unknown")
+    with pytest.raises(openai.NotFoundError) as cancelled:
+        api.responses.cancel("resp_unknown")
+    with pytest.raises(openai.NotFoundError) as continued:
+        api.responses.create(model=MODEL, input="hi", previous_response_id="resp_nope")
+
+    for refused in (retrieved, cancelled, continued):
         assert refused.value.code == "not_found"
 
 
