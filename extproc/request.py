@@ -18,18 +18,20 @@ class PathKind(Enum):
     EMBEDDINGS = "embeddings"
     POOLING = "pooling"  # rerank, score, pooling, classify: a prompt read, no answer generated
     RESPONSES = "responses"  # POST /v1/responses: generates, and the engine stores the answer
+    MESSAGES = "messages"  # POST /v1/messages (Anthropic): generates, streams report usage always
     TOKENIZER = "tokenizer"  # tokenize, detokenize: counted as requests, never as tokens
     STORED = "stored"  # a stored response read or cancelled: a request, never tokens
 
     @property
     def generates(self) -> bool:
         """The engine writes an answer token by token (a token limit, streams)."""
-        return self in (PathKind.CHAT, PathKind.COMPLETIONS, PathKind.RESPONSES)
+        return self in (PathKind.CHAT, PathKind.COMPLETIONS, PathKind.RESPONSES, PathKind.MESSAGES)
 
     @property
     def usage_option(self) -> bool:
         """A stream reports usage only when asked (stream_options.include_usage), and n/best_of
-        apply. The Responses API always reports it, in response.completed."""
+        apply. The Responses API always reports it, in response.completed; Anthropic Messages
+        in message_delta."""
         return self in (PathKind.CHAT, PathKind.COMPLETIONS)
 
     @property
@@ -57,6 +59,7 @@ ENGINE_PATHS: Mapping[str, PathKind] = {
     "/tokenize": PathKind.TOKENIZER,
     "/detokenize": PathKind.TOKENIZER,
     "/v1/responses": PathKind.RESPONSES,
+    "/v1/messages": PathKind.MESSAGES,
 }
 RESPONSES_PATH = "/v1/responses"
 CANCEL_SUFFIX = "/cancel"

@@ -1021,6 +1021,87 @@ async def cancel_response(request: web.Request) -> web.StreamResponse:
     return json_response(found)
 
 
+# --------------------------------------------------------------------------- Anthropic Messages
+
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}  # vLLM's stop_reason_map
+
+
+def anthropic_event(kind: str, **fields: Any) -> bytes:
+    """One Messages stream event as vLLM writes it (`wrap_data_with_event`)."""
+    return b"event: " + kind.encode() + b"\n" + sse({"type": kind, **fields})
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    """`POST /v1/messages` (vLLM's anthropic/serving_messages.py): `max_tokens` is required;
+    usage is `input_tokens`/`output_tokens`; a stream's message_start carries the input tokens,
+    its message_delta both, and it ends with message_stop then `data: [DONE]`, as vLLM's does."""
+    arrival = asyncio.get_running_loop().time()
+    engine = request.app[ENGINE_KEY]
+    body, model = await read_body(request, engine)
+    if not isinstance(body.get("messages"), list) or not body["messages"]:
+        raise ApiError(400, "messages must contain at least one item")
+    if body.get("max_tokens") is None:
+        raise ApiError(400, "max_tokens is required")
+    plan = make_plan(request, engine, body, model)
+    ident = "chatcmpl-" + secrets.token_hex(16)  # vLLM answers with its chat completion's id
+    stop_reason = STOP_REASONS[plan.finish_reason]
+    async with engine.slot(model):
+        if not plan.stream:
+            await asyncio.sleep(plan.ttft + max(plan.tokens - 1, 0) * plan.tpot)
+            engine.record(model, plan.prompt_tokens, plan.tokens, None, None)
+            engine.finished(model, plan.finish_reason, asyncio.get_running_loop().time() - arrival)
+            return json_response(
+                {
+                    "id": ident,
+                    "type": "message",
+                    "role": "assistant",
+                    "content": [{"type": "text", "text": TOKEN * plan.tokens}],
+                    "model": model,
+                    "stop_reason": stop_reason,
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": plan.prompt_tokens, "output_tokens": plan.tokens},
+                }
+            )
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await resp.prepare(request)
+        written = 0
+        try:
+            await asyncio.sleep(plan.ttft)
+            message = {"id": ident, "type": "message", "role": "assistant", "content": [],
+                       "model": model, "usage": {"input_tokens": plan.prompt_tokens,
+                                                 "output_tokens": 0}}  # fmt: skip
+            await resp.write(
+                anthropic_event("message_start", message=message)
+                + anthropic_event(
+                    "content_block_start", index=0, content_block={"type": "text", "text": ""}
+                )
+            )
+            for i in range(plan.sent_tokens):
+                if i:
+                    await asyncio.sleep(plan.tpot)
+                delta = {"type": "text_delta", "text": TOKEN}
+                await resp.write(anthropic_event("content_block_delta", index=0, delta=delta))
+                written += 1
+            if plan.disconnect_after is not None:
+                drop_connection(request)
+                return resp
+            usage = {"input_tokens": plan.prompt_tokens, "output_tokens": written}
+            await resp.write(
+                anthropic_event("content_block_stop", index=0)
+                + anthropic_event("message_delta", delta={"stop_reason": stop_reason}, usage=usage)
+                + anthropic_event("message_stop")
+                + SSE_DONE
+            )
+        except ConnectionError:
+            return resp
+        finally:
+            engine.record(model, plan.prompt_tokens, written, None, None)
+        engine.finished(model, plan.finish_reason, asyncio.get_running_loop().time() - arrival)
+        return resp
+
+
 # A pooling answer from the request's body, its model and its prompt tokens (without usage).
 Answer = Callable[[Mapping[str, Any], str, int], dict[str, Any]]
 
@@ -1233,6 +1314,7 @@ def build_app(settings: Settings) -> web.Application:
     ):
         app.router.add_post(path, pooled(answer))
     app.router.add_post("/v1/responses", create_response)
+    app.router.add_post("/v1/messages", messages)
     app.router.add_get("/v1/responses/{response_id}", retrieve_response)
     app.router.add_post("/v1/responses/{response_id}/cancel", cancel_response)
     app.router.add_post("/tokenize", tokenize)
