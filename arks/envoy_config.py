@@ -240,12 +240,13 @@ def endpoint_cluster(endpoint: ArksEndpoint) -> dict[str, Any]:
         },
         "circuit_breakers": {"thresholds": [CIRCUIT_BREAKERS]},
     }
-    if endpoint.weighting in PICKED_WEIGHTINGS:
-        # `load_balancing_policy` replaces `lb_policy`; locality weighting moves into the
-        # fallback policy, the panic threshold stays common (the fallback reads it).
-        del cluster["lb_policy"]
-        cluster["load_balancing_policy"] = picked_host_policy()
-        cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
+    # Every endpoint takes an engine extproc names: the picked one (least-load, prefix-cache),
+    # or the one holding a stored response (the Responses API), whatever the weighting.
+    # `load_balancing_policy` replaces `lb_policy`; locality weighting moves into the fallback
+    # policy, the panic threshold stays common (the fallback reads it).
+    del cluster["lb_policy"]
+    cluster["load_balancing_policy"] = picked_host_policy()
+    cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
     return cluster
 
 

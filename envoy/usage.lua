@@ -296,11 +296,13 @@ local function record_usage(handle, text)
   local usage = string.sub(text, from, from + 512)
   local total = number_after(usage, "total_tokens")
   -- vLLM's rerank before prompt_tokens was added to its usage reports the total only: all prompt.
-  local prompt = number_after(usage, "prompt_tokens") or total
+  -- The Responses API names them input_tokens and output_tokens.
+  local prompt = number_after(usage, "prompt_tokens") or number_after(usage, "input_tokens") or total
   if prompt == nil then
     return false
   end
-  local completion = number_after(usage, "completion_tokens") or 0 -- embeddings report none
+  -- embeddings report none
+  local completion = number_after(usage, "completion_tokens") or number_after(usage, "output_tokens") or 0
   total = total or (prompt + completion)
   local metadata = handle:streamInfo():dynamicMetadata()
   metadata:set("io.arks", "prompt_tokens", prompt)
@@ -312,8 +314,20 @@ local function record_usage(handle, text)
   return true
 end
 
+-- A stored response's id (POST /v1/responses, marked io.arks.stored_response by extproc): the
+-- first "id" of the answer, the response object's own (a stream's first event holds the object).
+-- The access log carries it to extproc, which remembers the engine that holds the response.
+local function record_response_id(handle, text)
+  local id = string.match(text, '"id"%s*:%s*"([^"\\]+)"')
+  if id ~= nil then
+    handle:streamInfo():dynamicMetadata():set("io.arks", "response_id", id)
+  end
+end
+
 function envoy_on_response(handle)
   local headers = handle:headers()
+  local stored = headers:get(":status") == "200"
+    and (handle:streamInfo():dynamicMetadata():get("io.arks") or {})["stored_response"] == true
   local content_type = headers:get("content-type") or ""
   if string.find(content_type, "text/event-stream", 1, true) then
     local arks = handle:streamInfo():dynamicMetadata():get("io.arks")
@@ -325,6 +339,9 @@ function envoy_on_response(handle)
         -- The first content byte on its way to the client (headers go at once, before the first
         -- token): the time to first token, in ms since the epoch, as Envoy's request start_time.
         handle:streamInfo():dynamicMetadata():set("io.arks", "first_byte_ms", handle:timestamp())
+        if stored then
+          record_response_id(handle, chunk:getBytes(0, math.min(size, 1024)))
+        end
       end
       local data = (cut_usage or size < TAIL) and chunk:getBytes(0, size) or nil
       if size >= TAIL then
@@ -400,6 +417,9 @@ function envoy_on_response(handle)
         end
         carry = string.sub(text, -CARRY)
       end
+    end
+    if stored then
+      record_response_id(handle, head)
     end
     if found ~= nil and record_usage(handle, found) then
       settled(handle)

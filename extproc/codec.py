@@ -261,6 +261,7 @@ def finished(entry: accesslog_pb2.HTTPAccessLogEntry) -> Finished | None:
         attempts=common.upstream_request_attempt_count,
         upstream_host=_upstream_host(common),
         started_at=_epoch_seconds(common),
+        response_id=fields["response_id"].string_value if "response_id" in fields else "",
     )
 
 

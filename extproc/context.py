@@ -14,6 +14,7 @@ from extproc.ledger import RecordSink
 from extproc.metrics import GatewayMetrics
 from extproc.picking.service import Picking
 from extproc.reported import ReportedElsewhere, SingleReplica
+from extproc.response_homes import MemoryHomes, ResponseHomes
 
 
 @dataclass(frozen=True)
@@ -28,3 +29,4 @@ class Context:
     picking: Picking | None = None  # endpoint picking for least-load and prefix-cache endpoints
     timer: Callable[[], float] = time.perf_counter  # times the gateway's own work (decisions)
     ledger: RecordSink | None = None  # where usage records go (None: no ledger)
+    homes: ResponseHomes = field(default_factory=MemoryHomes)  # the engine of each stored response

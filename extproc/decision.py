@@ -72,6 +72,8 @@ class Forward:
     charged: bool = True  # False: it costs no tokens (tokenizer): no token budget nor quota taken
     weighting: str = ""  # the endpoint's: least-load and prefix-cache pick an engine per request
     prompt: str | None = None  # the prompt text, read for prefix-cache picking
+    engine: str | None = None  # the one engine it must reach (a stored response's), `host:port`
+    follows: str | None = None  # the stored response it continues: its engine is looked up
 
 
 Decision = Deny | Reply | ReadBody | Forward

@@ -25,7 +25,15 @@ from extproc.decision import Decision, Deny, Forward, Identity, ReadBody, Reply,
 from extproc.estimate import prompt_tokens
 from extproc.picking.prefix import prefix_text
 from extproc.qos import token_limits
-from extproc.request import MODELS_PATH, BodyFacts, PathKind, RequestInfo, prompt_count
+from extproc.request import (
+    MODELS_PATH,
+    BodyFacts,
+    PathKind,
+    RequestInfo,
+    prompt_count,
+    stored_response,
+)
+from extproc.response_homes import ResponseHome
 
 
 def _model_object(model: str, token: ArksToken) -> dict[str, Any]:
@@ -60,14 +68,84 @@ def attributed(decision: Decision, token: ArksToken, policy: Policy, model: obje
     return dataclasses.replace(decision, identity=Identity(namespace, token.user, shown))
 
 
-def decide_headers(req: RequestInfo, policy: Policy, now: datetime) -> Decision:
-    """Decide on the request-headers message (with the body facts Envoy lifted into metadata)."""
+def decide_headers(
+    req: RequestInfo, policy: Policy, now: datetime, home: ResponseHome | None = None
+) -> Decision:
+    """Decide on the request-headers message (with the body facts Envoy lifted into metadata);
+    `home`: where the stored response a path names lives, looked up for those paths only."""
     if req.path == HEALTH_PATH:
         return HEALTHY  # answering is the health: Envoy says 503 while extproc is away
     token = authenticate(req.headers, policy, now)
     if isinstance(token, Deny):
         return token
+    if req.kind is PathKind.STORED:
+        return attributed(decide_stored(req, token, policy, home), token, policy, None)
     return attributed(_decide_headers(req, token, policy), token, policy, None)
+
+
+def response_not_found(response_id: str) -> Deny:
+    """As vLLM answers an id it does not hold; also for another namespace's response."""
+    return Deny(404, "not_found", f"Response with id {response_id!r} not found.")
+
+
+def decide_stored(
+    req: RequestInfo, token: ArksToken, policy: Policy, home: ResponseHome | None
+) -> Decision:
+    """`GET /v1/responses/{id}` or `POST /v1/responses/{id}/cancel`: to the engine that made the
+    response, for the model it was made with; a request (rpm), no tokens."""
+    found = stored_response(req.path)
+    assert found is not None  # PathKind.STORED
+    response_id, cancel = found
+    method = "POST" if cancel else "GET"
+    if req.method != method:
+        return not_allowed(req, method)
+    if home is None or home.namespace != token.key.namespace:
+        return response_not_found(response_id)
+    if policy.endpoint(home.namespace, home.model) is None:
+        return Deny(404, "model_not_found", f"The model {home.model!r} does not exist.")
+    qos = token.grants(home.model)
+    if qos is None:
+        return Deny(
+            403,
+            "model_not_allowed",
+            f"This API key may not use the model {home.model!r}.",
+            type="permission_denied",
+        )
+    metadata = {
+        "namespace": home.namespace,
+        "user": token.user,
+        "model": home.model,
+        "stream": False,
+        "prompt_estimate": 0,
+    }
+    return Forward(
+        identity=Identity(home.namespace, token.user, home.model),
+        set_headers=(
+            (MODEL_HEADER, home.model),
+            (NAMESPACE_HEADER, home.namespace),
+            (USER_HEADER, token.user),
+        ),
+        remove_headers=tuple(
+            name for name in (*req.spoofed_headers, *CREDENTIAL_HEADERS) if name in req.headers
+        ),
+        metadata={METADATA_NAMESPACE: metadata},
+        prompt_estimate=0,
+        max_tokens=0,
+        qos=qos,
+        charged=False,
+        engine=home.engine,
+    )
+
+
+def follow(decision: Decision, home: ResponseHome | None) -> Decision:
+    """A Responses request continuing a stored response (`previous_response_id`) goes to the
+    engine holding it; one this namespace's model did not make is not found."""
+    if not isinstance(decision, Forward) or decision.follows is None:
+        return decision
+    who = decision.identity
+    if home is None or (home.namespace, home.model) != (who.namespace, who.model):
+        return dataclasses.replace(response_not_found(decision.follows), identity=who)
+    return dataclasses.replace(decision, engine=home.engine)
 
 
 def not_allowed(req: RequestInfo, allowed: str) -> Deny:
@@ -191,6 +269,9 @@ def _decide_route(
             return refused
     else:  # no answer is written: stream, n, max_tokens … are none of the engine's options here
         facts = BodyFacts(model=model)
+    previous = facts.previous_response_id if kind is PathKind.RESPONSES else None
+    if previous is not None and (not isinstance(previous, str) or not previous):
+        return bad_request("'previous_response_id' must be a non-empty string.", "invalid_type")
     namespace = token.key.namespace
     endpoint = policy.endpoint(namespace, model)
     if endpoint is None:
@@ -212,7 +293,7 @@ def _decide_route(
 
     # A streamed answer carries usage only when asked; ask for it unless the client said no.
     # Envoy inserts it (usage.lua) when we only saw metadata; here when we parsed the body.
-    needs_usage_option = kind.generates and facts.stream is True and facts.include_usage is None
+    needs_usage_option = kind.usage_option and facts.stream is True and facts.include_usage is None
     metadata: dict[str, Any] = {
         "namespace": namespace,
         "user": token.user,
@@ -221,12 +302,14 @@ def _decide_route(
     }
     if needs_usage_option and body is None:
         metadata["add_usage_option"] = True
-    elif kind.generates and body is None and facts.stream is not True:
+    elif kind.usage_option and body is None and facts.stream is not True:
         # Envoy cannot tell an object or array from an absent `stream`, nor type-check
         # `stream_options`: usage.lua looks (a pattern search of the body; type_error there).
         metadata["check_types"] = True
     if limits:
         metadata["limits"] = limits
+    if kind is PathKind.RESPONSES:  # usage.lua reads the answer's id: its engine is remembered
+        metadata["stored_response"] = True
     new_body = None
     estimate = None
     if not kind.charged:  # nothing to count: usage.lua keeps no sample of the body
@@ -271,6 +354,7 @@ def _decide_route(
         charged=kind.charged,
         weighting=endpoint.weighting,
         prompt=prompt,
+        follows=previous,
     )
 
 

@@ -17,17 +17,28 @@ class PathKind(Enum):
     COMPLETIONS = "completions"
     EMBEDDINGS = "embeddings"
     POOLING = "pooling"  # rerank, score, pooling, classify: a prompt read, no answer generated
+    RESPONSES = "responses"  # POST /v1/responses: generates, and the engine stores the answer
+    MESSAGES = "messages"  # POST /v1/messages (Anthropic): generates, streams report usage always
     TOKENIZER = "tokenizer"  # tokenize, detokenize: counted as requests, never as tokens
+    STORED = "stored"  # a stored response read or cancelled: a request, never tokens
 
     @property
     def generates(self) -> bool:
-        """The engine writes an answer token by token (max_tokens, n, streams, usage option)."""
+        """The engine writes an answer token by token (a token limit, streams)."""
+        return self in (PathKind.CHAT, PathKind.COMPLETIONS, PathKind.RESPONSES, PathKind.MESSAGES)
+
+    @property
+    def usage_option(self) -> bool:
+        """A stream reports usage only when asked (stream_options.include_usage), and n/best_of
+        apply. The Responses API always reports it, in response.completed; Anthropic Messages
+        in message_delta."""
         return self in (PathKind.CHAT, PathKind.COMPLETIONS)
 
     @property
     def charged(self) -> bool:
-        """Its tokens are charged (tpm/tpd, quota); a tokenizer request costs none."""
-        return self is not PathKind.TOKENIZER
+        """Its tokens are charged (tpm/tpd, quota); a tokenizer or stored-response request
+        costs none."""
+        return self not in (PathKind.TOKENIZER, PathKind.STORED)
 
 
 # Every path the gateway routes to a model's engines (the body's `model`); any other is a 404,
@@ -47,10 +58,35 @@ ENGINE_PATHS: Mapping[str, PathKind] = {
     "/v1/classify": PathKind.POOLING,
     "/tokenize": PathKind.TOKENIZER,
     "/detokenize": PathKind.TOKENIZER,
+    "/v1/responses": PathKind.RESPONSES,
+    "/v1/messages": PathKind.MESSAGES,
 }
+RESPONSES_PATH = "/v1/responses"
+CANCEL_SUFFIX = "/cancel"
 MODELS_PATH = "/v1/models"
 # Also set by extproc only (endpoint picking); a client's copy is dropped like the routing headers.
 PICKED_HEADERS = (DESTINATION_HEADER,)
+
+
+def path_kind(path: str) -> PathKind | None:
+    """What a path does; None when the gateway does not route it to engines. Besides
+    ENGINE_PATHS: a stored response, `GET /v1/responses/{id}` and `POST .../{id}/cancel`."""
+    kind = ENGINE_PATHS.get(path)
+    if kind is None and stored_response(path) is not None:
+        return PathKind.STORED
+    return kind
+
+
+def stored_response(path: str) -> tuple[str, bool] | None:
+    """(response id, cancel?) of `/v1/responses/{id}` or `/v1/responses/{id}/cancel`."""
+    rest = path.removeprefix(RESPONSES_PATH + "/")
+    if rest == path:
+        return None
+    cancel = rest.endswith(CANCEL_SUFFIX)
+    ident = rest.removesuffix(CANCEL_SUFFIX) if cancel else rest
+    if not ident or "/" in ident:
+        return None
+    return ident, cancel
 
 
 @dataclass(frozen=True)
@@ -63,6 +99,7 @@ class BodyFacts:
     max_tokens: Any = None
     n: Any = None  # answers per prompt
     best_of: Any = None  # candidates generated per prompt (completions)
+    previous_response_id: Any = None  # a Responses request continuing a stored response
     # Prompts in the request: a list on /v1/completions is known from the body only (None: Envoy
     # lifted the facts and could not count them).
     prompts: int | None = None
@@ -80,9 +117,10 @@ class BodyFacts:
             model=fields.get("model"),
             stream=fields.get("stream"),
             include_usage=fields.get("include_usage"),
-            max_tokens=fields.get("max_completion_tokens", fields.get("max_tokens")),
+            max_tokens=_answer_limit(fields),
             n=fields.get("n"),
             best_of=fields.get("best_of"),
+            previous_response_id=fields.get("previous_response_id"),
             model_missing=bool(fields.get("model_missing")),
             invalid_json=bool(fields.get("invalid_json")),
         )
@@ -94,12 +132,22 @@ class BodyFacts:
             model=body.get("model"),
             stream=body.get("stream"),
             include_usage=options.get("include_usage") if isinstance(options, Mapping) else None,
-            max_tokens=body.get("max_completion_tokens", body.get("max_tokens")),
+            max_tokens=_answer_limit(body),
             n=body.get("n"),
             best_of=body.get("best_of"),
+            previous_response_id=body.get("previous_response_id"),
             prompts=prompt_count(body.get("prompt")),
             model_missing="model" not in body,
         )
+
+
+def _answer_limit(fields: Mapping[str, Any]) -> Any:
+    """The answer's token limit: max_completion_tokens or max_tokens (chat, completions),
+    max_output_tokens (Responses)."""
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        if fields.get(name) is not None:
+            return fields[name]
+    return None
 
 
 def prompt_count(prompt: Any) -> int:
@@ -121,7 +169,7 @@ class RequestInfo:
     @property
     def kind(self) -> PathKind | None:
         """What the path does; None when the gateway does not route it to engines."""
-        return ENGINE_PATHS.get(self.path)
+        return path_kind(self.path)
 
     @property
     def request_id(self) -> str:

@@ -48,6 +48,7 @@ from extproc.picking.discovery import ClusterEngines
 from extproc.picking.scraping import EngineSets, picking_endpoints, scrape_forever
 from extproc.picking.service import Picking, PickSettings
 from extproc.reported import RedisReported, SingleReplica
+from extproc.response_homes import MemoryHomes, RedisHomes
 from extproc.servicer import AccessLogReceiver, EarlyAuth, ExternalProcessor
 
 USER_AGENT = "arks-extproc"  # how the API server's audit log names our requests
@@ -305,6 +306,7 @@ async def serve(settings: Settings) -> None:
             else SingleReplica()
         ),
         picking=picking,
+        homes=RedisHomes(settings.redis, password=password) if settings.redis else MemoryHomes(),
     )
 
     metrics.pending.set_function(lambda: len(ctx.inflight))

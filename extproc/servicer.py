@@ -6,6 +6,7 @@ wire in `codec.py`.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
@@ -19,14 +20,16 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from arks.api import ArksToken
 from arks.envoy_config import PICKED_WEIGHTINGS
+from arks.limits.model import BackendUnavailable
 from arks.metric_rules import UNKNOWN as UNKNOWN_MODEL
 from extproc import codec, settlement
 from extproc.auth import authenticate
 from extproc.context import Context
 from extproc.decision import Decision, Deny, Forward, Identity, ReadBody, Reply
-from extproc.gateway import decide_body, decide_headers
+from extproc.gateway import decide_body, decide_headers, follow
 from extproc.picking.service import Destination
-from extproc.request import RequestInfo
+from extproc.request import PathKind, RequestInfo, stored_response
+from extproc.response_homes import ResponseHome
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +71,31 @@ class RequestProcessor:
             return Identity(self.token.key.namespace, self.token.key.name, UNKNOWN_MODEL)
         return UNKNOWN
 
+    async def _find_home(self, response_id: str) -> ResponseHome | Deny | None:
+        """Where a stored response lives. An answer's id reaches us in its access-log entry,
+        flushed every HOME_POLL_S or so after the answer ended: a client asking at once for the
+        response it was just given may be ahead of it, so an unknown id is looked up a few times
+        (HOME_WAIT_S in all) before it is not found."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + HOME_WAIT_S
+        while True:
+            try:
+                home = await self.ctx.homes.find(response_id)
+            except BackendUnavailable as err:
+                log.warning("looking up response %s: %s", response_id, err)
+                return STORE_UNAVAILABLE
+            if home is not None or loop.time() >= deadline:
+                return home
+            await asyncio.sleep(HOME_POLL_S)
+
     async def _admit(self, decision: Decision) -> Decision:
         """Admit a routed request and, once it is, note it for settlement."""
         assert self.info is not None
+        if isinstance(decision, Forward) and decision.follows is not None:
+            home = await self._find_home(decision.follows)
+            if isinstance(home, Deny):
+                return home
+            decision = follow(decision, home)
         admitted = await self._pick_and_admit(decision)
         if isinstance(admitted, Forward):
             settlement.admitted(self.ctx, self.info, admitted)
@@ -82,6 +107,11 @@ class RequestProcessor:
         """Pick the engine (where the endpoint asks for it), then admit; a refused request's pick
         is released. Picking comes first so that failing closed refuses before anything is charged."""
         assert self.info is not None
+        if isinstance(decision, Forward) and decision.engine is not None:
+            admitted = await self._admission(decision)  # a stored response's engine: no choice
+            if isinstance(admitted, Forward):
+                self.destination = decision.engine
+            return admitted
         picking = self.ctx.picking
         if (
             picking is None
@@ -123,7 +153,14 @@ class RequestProcessor:
         kind = message.WhichOneof("request")
         if kind == "request_headers":
             self.info = codec.request_info(message.request_headers, message.metadata_context)
-            decision = decide_headers(self.info, self.ctx.policy.current(), self.ctx.now())
+            home: ResponseHome | None = None
+            found = stored_response(self.info.path)
+            if self.info.kind is PathKind.STORED and found is not None:
+                looked = await self._find_home(found[0])
+                if isinstance(looked, Deny):
+                    return self._encode(looked, "headers")
+                home = looked
+            decision = decide_headers(self.info, self.ctx.policy.current(), self.ctx.now(), home)
             return self._encode(await self._admit(decision), "headers")
         if kind == "request_body" and self.info is not None and self.token is not None:
             decision = decide_body(
@@ -138,6 +175,15 @@ class RequestProcessor:
         log.warning("unexpected ext_proc message %s; passing it through", kind)
         return _pass_through(kind)
 
+
+HOME_WAIT_S = 0.5  # an unknown response id is looked up again for this long (access-log flushes)
+HOME_POLL_S = 0.05
+STORE_UNAVAILABLE = Deny(
+    503,
+    "store_unavailable",
+    "The gateway cannot look up stored responses right now; try again.",
+    type="server_error",
+)
 
 INTERNAL_ERROR = Deny(
     500, "internal_error", "The gateway failed to process this request.", type="server_error"

@@ -27,6 +27,7 @@ from extproc.decision import Forward, Identity
 from extproc.inflight import Admitted
 from extproc.request import RequestInfo
 from extproc.reservation import Reservation
+from extproc.response_homes import ResponseHome
 from extproc.usage import Finished, Usage, usage_of
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,17 @@ def admitted(ctx: Context, info: RequestInfo, decision: Forward) -> None:
         ctx.metrics.in_flight_changed(replaced.identity, -1)
     if info.request_id:  # InFlight keeps no entry without an id
         ctx.metrics.in_flight_changed(decision.identity, +1)
+
+
+async def _remember_home(ctx: Context, done: Finished) -> None:
+    """A stored response's engine, for the requests that must reach it (`response_homes`)."""
+    if not done.response_id or done.status != 200 or not done.upstream_host:
+        return
+    home = ResponseHome(done.namespace, done.model, done.upstream_host)
+    try:
+        await ctx.homes.remember(done.response_id, home)
+    except BackendUnavailable as err:
+        log.warning("could not record the engine of response %s: %s", done.response_id, err)
 
 
 async def finished(ctx: Context, entries: Iterable[Finished]) -> None:
@@ -86,6 +98,7 @@ async def finished(ctx: Context, entries: Iterable[Finished]) -> None:
             usage.prompt_tokens if usage else 0,
             usage.completion_tokens if usage else 0,
         )
+        await _remember_home(ctx, done)
         ctx.metrics.decided("settlement", ctx.timer() - started)
     try:
         await ctx.reported.mark(foreign)

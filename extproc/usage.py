@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from arks.tokens import BYTES_PER_TOKEN
 from extproc.estimate import answer_estimate, prompt_estimate, unescape
-from extproc.request import ENGINE_PATHS, PathKind
+from extproc.request import PathKind, path_kind
 from extproc.reservation import Reservation
 
 # A streamed chunk as vLLM sends it, without the token text; its length calibrates the estimate.
@@ -65,6 +65,7 @@ class Finished:
     attempts: int = 0  # requests Envoy sent to engines (retries included); 0 when none
     upstream_host: str = ""  # the engine (host:port) Envoy sent it to last; "" when none
     started_at: float | None = None  # the request's first byte, seconds since the epoch
+    response_id: str = ""  # a stored response's id (POST /v1/responses), read by usage.lua
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ def _prompt_estimate(done: Finished) -> int:
 
 def _generates(path: str) -> bool:
     """The engine wrote completion tokens (chat, completions); embeddings, rerank, score … not."""
-    kind = ENGINE_PATHS.get(path)
+    kind = path_kind(path)
     return kind is None or kind.generates
 
 
@@ -129,7 +130,7 @@ def _completion_estimate(done: Finished) -> int:
 
 def usage_of(done: Finished) -> Usage | None:
     """What to charge for a finished request; None when nothing is owed (an error answer)."""
-    if ENGINE_PATHS.get(done.path) is PathKind.TOKENIZER:  # a request, never tokens: no estimate
+    if path_kind(done.path) in (PathKind.TOKENIZER, PathKind.STORED):  # requests, never tokens
         return None if done.status >= 400 else Usage(done.namespace, done.user, done.model, 0, 0)
     completion_tokens = done.completion_tokens
     if completion_tokens is None and not _generates(done.path):

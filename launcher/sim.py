@@ -825,6 +825,283 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await generate(request, chat=False)
 
 
+# --------------------------------------------------------------------------- Responses API
+
+
+def responses_usage(prompt_tokens: int, output_tokens: int) -> dict[str, Any]:
+    """vLLM's ResponseUsage (protocol.py): input and output tokens, with their details."""
+    return {
+        "input_tokens": prompt_tokens,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": prompt_tokens + output_tokens,
+    }
+
+
+def response_object(
+    ident: str, plan: Plan, status: str, text: str | None, with_usage: bool
+) -> dict[str, Any]:
+    """vLLM's ResponsesResponse: `output` holds one assistant message; `usage` comes after it
+    (the gateway reads the last usage object of the answer)."""
+    body = plan.body
+    output = []
+    if text is not None:
+        output.append(
+            {
+                "id": "msg_" + ident.removeprefix("resp_"),
+                "type": "message",
+                "role": "assistant",
+                "status": status,
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
+        )
+    return {
+        "id": ident,
+        "object": "response",
+        "created_at": int(time.time()),
+        "model": plan.model,
+        "status": status,
+        "output": output,
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "background": body.get("background") is True,
+        "max_output_tokens": body.get("max_output_tokens"),
+        "previous_response_id": body.get("previous_response_id"),
+        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        "usage": responses_usage(plan.prompt_tokens, plan.sent_tokens) if with_usage else None,
+        "user": None,
+    }
+
+
+def responses_event(event: dict[str, Any]) -> bytes:
+    """One Responses stream event as vLLM writes it: its type as the SSE event name."""
+    kind: str = event["type"]
+    return b"event: " + kind.encode() + b"\n" + sse(event)
+
+
+# An instance's stored responses by id: in memory, as vLLM's response store.
+RESPONSES_KEY = web.AppKey("responses", dict[str, dict[str, Any]])
+
+
+def responses_plan(request: web.Request, engine: Engine, body: dict[str, Any], model: str) -> Plan:
+    """A Responses request's plan: `max_output_tokens` caps the answer, `input` is the prompt."""
+    if "input" not in body:
+        raise ApiError(400, "input is required")
+    cap = body.get("max_output_tokens")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
+        raise ApiError(400, f"max_output_tokens must be a non-negative integer, got {shown(cap)}")
+    return make_plan(request, engine, {**body, "max_tokens": cap}, model)
+
+
+async def create_response(request: web.Request) -> web.StreamResponse:
+    """`POST /v1/responses`: stored in this instance's memory (vLLM's response store) unless
+    `store` is false; a `previous_response_id` this instance does not hold is a 404 as in vLLM."""
+    arrival = asyncio.get_running_loop().time()
+    engine = request.app[ENGINE_KEY]
+    store: dict[str, dict[str, Any]] = request.app[RESPONSES_KEY]
+    body, model = await read_body(request, engine)
+    previous = body.get("previous_response_id")
+    if previous is not None and previous not in store:
+        raise ApiError(404, f"Response with id '{previous}' not found.")
+    plan = responses_plan(request, engine, body, model)
+    ident = "resp_" + secrets.token_hex(16)
+    status = "completed" if plan.finish_reason == "stop" else "incomplete"
+    if body.get("background") is True:  # queued, never run: enough to be retrieved and cancelled
+        queued = response_object(ident, plan, "queued", None, with_usage=False)
+        store[ident] = queued
+        return json_response(queued)
+    async with engine.slot(model):
+        if not plan.stream:
+            loop = asyncio.get_running_loop()
+            await asyncio.sleep(plan.ttft + max(plan.tokens - 1, 0) * plan.tpot)
+            engine.record(model, plan.prompt_tokens, plan.tokens, None, None)
+            engine.finished(model, plan.finish_reason, loop.time() - arrival)
+            answer = response_object(ident, plan, status, TOKEN * plan.tokens, not plan.omit_usage)
+            if body.get("store", True) is not False:
+                store[ident] = answer
+            return json_response(answer)
+        return await stream_response(request, engine, plan, ident, status, arrival)
+
+
+async def stream_response(
+    request: web.Request, engine: Engine, plan: Plan, ident: str, status: str, arrival: float
+) -> web.StreamResponse:
+    """The events vLLM streams: created, in_progress, the message's item and part, one
+    output_text.delta per token, their done events, then completed (with usage), no [DONE]."""
+    resp = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await resp.prepare(request)
+    sequence = 0
+
+    def event(kind: str, **fields: Any) -> bytes:
+        nonlocal sequence
+        sequence += 1
+        return responses_event({"type": kind, "sequence_number": sequence - 1, **fields})
+
+    item_id = "msg_" + ident.removeprefix("resp_")
+    started = response_object(ident, plan, "in_progress", None, with_usage=False)
+    part = {"type": "output_text", "text": "", "annotations": []}
+    await resp.write(
+        event("response.created", response=started)
+        + event("response.in_progress", response=started)
+    )
+    await asyncio.sleep(plan.ttft)
+    head = event(
+        "response.output_item.added",
+        output_index=0,
+        item={
+            "id": item_id,
+            "type": "message",
+            "role": "assistant",
+            "status": "in_progress",
+            "content": [],
+        },
+    ) + event(
+        "response.content_part.added", item_id=item_id, output_index=0, content_index=0, part=part
+    )
+    delta = {"item_id": item_id, "output_index": 0, "content_index": 0, "logprobs": []}
+    written = 0
+    try:
+        await resp.write(head)
+        for i in range(plan.sent_tokens):
+            if i:
+                await asyncio.sleep(plan.tpot)
+            await resp.write(event("response.output_text.delta", delta=TOKEN, **delta))
+            written += 1
+        if plan.disconnect_after is not None:
+            drop_connection(request)
+            return resp
+        text = TOKEN * written
+        done = response_object(ident, plan, status, text, not plan.omit_usage)
+        await resp.write(
+            event("response.output_text.done", text=text, **delta)
+            + event(
+                "response.content_part.done",
+                item_id=item_id,
+                output_index=0,
+                content_index=0,
+                part={**part, "text": text},
+            )
+            + event("response.output_item.done", output_index=0, item=done["output"][0])
+            + event("response.completed", response=done)
+        )
+        if plan.body.get("store", True) is not False:
+            request.app[RESPONSES_KEY][ident] = done
+    except ConnectionError:
+        return resp
+    finally:
+        engine.record(plan.model, plan.prompt_tokens, written, None, None)
+    engine.finished(plan.model, plan.finish_reason, asyncio.get_running_loop().time() - arrival)
+    return resp
+
+
+def stored_response(request: web.Request) -> dict[str, Any]:
+    ident = request.match_info["response_id"]
+    found = request.app[RESPONSES_KEY].get(ident)
+    if found is None:
+        raise ApiError(404, f"Response with id '{ident}' not found.")
+    return found
+
+
+async def retrieve_response(request: web.Request) -> web.StreamResponse:
+    """`GET /v1/responses/{id}`: only the instance that made it holds it."""
+    return json_response(stored_response(request))
+
+
+async def cancel_response(request: web.Request) -> web.StreamResponse:
+    """`POST /v1/responses/{id}/cancel`: a background response not yet finished is cancelled;
+    any other is refused, as vLLM refuses to cancel a synchronous response."""
+    found = stored_response(request)
+    if found["status"] not in ("queued", "in_progress"):
+        raise ApiError(400, "Cannot cancel a synchronous response.")
+    found["status"] = "cancelled"
+    return json_response(found)
+
+
+# --------------------------------------------------------------------------- Anthropic Messages
+
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}  # vLLM's stop_reason_map
+
+
+def anthropic_event(kind: str, **fields: Any) -> bytes:
+    """One Messages stream event as vLLM writes it (`wrap_data_with_event`)."""
+    return b"event: " + kind.encode() + b"\n" + sse({"type": kind, **fields})
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    """`POST /v1/messages` (vLLM's anthropic/serving_messages.py): `max_tokens` is required;
+    usage is `input_tokens`/`output_tokens`; a stream's message_start carries the input tokens,
+    its message_delta both, and it ends with message_stop then `data: [DONE]`, as vLLM's does."""
+    arrival = asyncio.get_running_loop().time()
+    engine = request.app[ENGINE_KEY]
+    body, model = await read_body(request, engine)
+    if not isinstance(body.get("messages"), list) or not body["messages"]:
+        raise ApiError(400, "messages must contain at least one item")
+    if body.get("max_tokens") is None:
+        raise ApiError(400, "max_tokens is required")
+    plan = make_plan(request, engine, body, model)
+    ident = "chatcmpl-" + secrets.token_hex(16)  # vLLM answers with its chat completion's id
+    stop_reason = STOP_REASONS[plan.finish_reason]
+    async with engine.slot(model):
+        if not plan.stream:
+            await asyncio.sleep(plan.ttft + max(plan.tokens - 1, 0) * plan.tpot)
+            engine.record(model, plan.prompt_tokens, plan.tokens, None, None)
+            engine.finished(model, plan.finish_reason, asyncio.get_running_loop().time() - arrival)
+            return json_response(
+                {
+                    "id": ident,
+                    "type": "message",
+                    "role": "assistant",
+                    "content": [{"type": "text", "text": TOKEN * plan.tokens}],
+                    "model": model,
+                    "stop_reason": stop_reason,
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": plan.prompt_tokens, "output_tokens": plan.tokens},
+                }
+            )
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await resp.prepare(request)
+        written = 0
+        try:
+            await asyncio.sleep(plan.ttft)
+            message = {"id": ident, "type": "message", "role": "assistant", "content": [],
+                       "model": model, "usage": {"input_tokens": plan.prompt_tokens,
+                                                 "output_tokens": 0}}  # fmt: skip
+            await resp.write(
+                anthropic_event("message_start", message=message)
+                + anthropic_event(
+                    "content_block_start", index=0, content_block={"type": "text", "text": ""}
+                )
+            )
+            for i in range(plan.sent_tokens):
+                if i:
+                    await asyncio.sleep(plan.tpot)
+                delta = {"type": "text_delta", "text": TOKEN}
+                await resp.write(anthropic_event("content_block_delta", index=0, delta=delta))
+                written += 1
+            if plan.disconnect_after is not None:
+                drop_connection(request)
+                return resp
+            usage = {"input_tokens": plan.prompt_tokens, "output_tokens": written}
+            await resp.write(
+                anthropic_event("content_block_stop", index=0)
+                + anthropic_event("message_delta", delta={"stop_reason": stop_reason}, usage=usage)
+                + anthropic_event("message_stop")
+                + SSE_DONE
+            )
+        except ConnectionError:
+            return resp
+        finally:
+            engine.record(model, plan.prompt_tokens, written, None, None)
+        engine.finished(model, plan.finish_reason, asyncio.get_running_loop().time() - arrival)
+        return resp
+
+
 # A pooling answer from the request's body, its model and its prompt tokens (without usage).
 Answer = Callable[[Mapping[str, Any], str, int], dict[str, Any]]
 
@@ -1014,6 +1291,7 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
 def build_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[openai_errors], client_max_size=MAX_BODY_BYTES)
     app[ENGINE_KEY] = Engine(settings)
+    app[RESPONSES_KEY] = {}
 
     async def add_instance_header(request: web.Request, response: web.StreamResponse) -> None:
         response.headers[H_INSTANCE] = settings.name
@@ -1035,6 +1313,10 @@ def build_app(settings: Settings) -> web.Application:
         ("/v1/classify", classify_answer),
     ):
         app.router.add_post(path, pooled(answer))
+    app.router.add_post("/v1/responses", create_response)
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_get("/v1/responses/{response_id}", retrieve_response)
+    app.router.add_post("/v1/responses/{response_id}/cancel", cancel_response)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
     app.router.add_get("/v1/models", list_models)

@@ -36,6 +36,7 @@ from arks.envoy_config import (
     bootstrap,
     http_filters,
     listener,
+    picked_host_policy,
     retry_policy,
     route_configuration,
     routes,
@@ -361,12 +362,11 @@ def test_one_eds_cluster_per_routed_endpoint(policy: Policy, settings: EnvoySett
     for name, cluster in clusters.items():
         assert cluster["type"] == "EDS"
         assert cluster["eds_cluster_config"] == {"eds_config": ADS, "service_name": name}
-        assert cluster["lb_policy"] == "LEAST_REQUEST"
+        # an engine extproc names first (a stored response's), else weighted least request
+        assert "lb_policy" not in cluster
+        assert cluster["load_balancing_policy"] == picked_host_policy()
         # drained engines get nothing, even when most are drained (no "panic" spreading)
-        assert cluster["common_lb_config"] == {
-            "locality_weighted_lb_config": {},
-            "healthy_panic_threshold": {"value": 0},
-        }
+        assert cluster["common_lb_config"] == {"healthy_panic_threshold": {"value": 0}}
         assert cluster["outlier_detection"]["consecutive_5xx"] >= 1
         assert "load_assignment" not in cluster
 
@@ -546,13 +546,14 @@ def test_a_picking_endpoint_keeps_its_localities_and_engine_weights(
     }
 
 
-def test_weighted_endpoints_keep_plain_least_request(
+def test_weighted_endpoints_take_a_named_engine_too_then_least_request(
     picking_policy: Policy, settings: EnvoySettings
 ) -> None:
+    """A stored response (the Responses API) lives on one engine, whatever the weighting."""
     cluster = clusters_of(xds_resources(picking_policy, settings))["endpoint/default/mistral"]
 
-    assert cluster["lb_policy"] == "LEAST_REQUEST"
-    assert "load_balancing_policy" not in cluster
+    assert "lb_policy" not in cluster
+    assert cluster["load_balancing_policy"] == picked_host_policy()
 
 
 def test_extproc_may_write_the_picked_engines_into_envoy_lb(settings: EnvoySettings) -> None:
