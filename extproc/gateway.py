@@ -93,6 +93,8 @@ def _decide_headers(req: RequestInfo, token: ArksToken, policy: Policy) -> Decis
         return bad_request(
             "The request has no body: send a JSON object with a 'model'.", "missing_body"
         )
+    if req.kind is PathKind.AUDIO:
+        return _decide_upload(req, token, policy)
     if not req.body.known:
         return ReadBody("the body was not lifted into metadata", token)
     if req.body.invalid_json:  # or valid JSON Envoy cannot read (a number beyond 64 bits)
@@ -103,6 +105,25 @@ def _decide_headers(req: RequestInfo, token: ArksToken, policy: Policy) -> Decis
             "prefix-cache picking needs the prompt", token
         )  # one more message, this endpoint only
     return decision
+
+
+def _decide_upload(req: RequestInfo, token: ArksToken, policy: Policy) -> Decision:
+    """An audio upload: multipart/form-data, its `model` lifted by arks.form_to_metadata (Envoy
+    keeps the file; extproc never reads it)."""
+    if not is_form(req.headers.get("content-type", "")):
+        return bad_request(
+            f"{req.path} takes multipart/form-data (a 'file' and a 'model' field).",
+            "invalid_content_type",
+        )
+    if req.body.invalid_form or not req.body.known:
+        return bad_request("We could not read the multipart/form-data body.", "invalid_multipart")
+    return decide_route(req, req.body, token, policy, body=None)
+
+
+def is_form(content_type: str) -> bool:
+    """multipart/form-data with a boundary, as arks.form_to_metadata reads it."""
+    media, _, params = content_type.partition(";")
+    return media.strip().lower() == "multipart/form-data" and "boundary=" in params.lower()
 
 
 def decide_body(req: RequestInfo, raw: bytes, token: ArksToken, policy: Policy) -> Decision:
@@ -229,7 +250,8 @@ def _decide_route(
         metadata["limits"] = limits
     new_body = None
     estimate = None
-    if not kind.charged:  # nothing to count: usage.lua keeps no sample of the body
+    if not kind.charged or kind is PathKind.AUDIO:
+        # Nothing to count (a tokenizer request, an audio file): usage.lua keeps no sample.
         estimate = metadata["prompt_estimate"] = 0
     elif body is not None:
         # Parsed anyway (the rare path): its prompt is counted now. On the headers alone it is
@@ -242,12 +264,14 @@ def _decide_route(
                 "include_usage": True,
             }
             new_body = orjson.dumps(body)
-    set_headers = (
+    set_headers: tuple[tuple[str, str], ...] = (
         (MODEL_HEADER, model),
         (NAMESPACE_HEADER, namespace),
         (USER_HEADER, token.user),
-        ("content-type", "application/json"),  # the body is a JSON object, whatever the client said
     )
+    if kind is not PathKind.AUDIO:  # a form keeps its boundary
+        # The body is a JSON object, whatever the client said.
+        set_headers += (("content-type", "application/json"),)
     ours = {name for name, _ in set_headers}
     remove = tuple(
         name

@@ -18,6 +18,7 @@ class PathKind(Enum):
     EMBEDDINGS = "embeddings"
     POOLING = "pooling"  # rerank, score, pooling, classify: a prompt read, no answer generated
     TOKENIZER = "tokenizer"  # tokenize, detokenize: counted as requests, never as tokens
+    AUDIO = "audio"  # transcriptions, translations: a multipart upload, charged by its duration
 
     @property
     def generates(self) -> bool:
@@ -47,7 +48,12 @@ ENGINE_PATHS: Mapping[str, PathKind] = {
     "/v1/classify": PathKind.POOLING,
     "/tokenize": PathKind.TOKENIZER,
     "/detokenize": PathKind.TOKENIZER,
+    "/v1/audio/transcriptions": PathKind.AUDIO,
+    "/v1/audio/translations": PathKind.AUDIO,
 }
+# The paths whose body is multipart/form-data (its `model` a form field, lifted by Envoy's
+# arks.form_to_metadata filter) and may be as large as OpenAI's 25 MB uploads.
+AUDIO_PATHS = tuple(path for path, kind in ENGINE_PATHS.items() if kind is PathKind.AUDIO)
 MODELS_PATH = "/v1/models"
 # Also set by extproc only (endpoint picking); a client's copy is dropped like the routing headers.
 PICKED_HEADERS = (DESTINATION_HEADER,)
@@ -68,14 +74,20 @@ class BodyFacts:
     prompts: int | None = None
     model_missing: bool = False
     invalid_json: bool = False
+    # A multipart body Envoy read (the audio paths): json_to_metadata's error on it means nothing.
+    form: bool = False
+    invalid_form: bool = False  # multipart, but no part could be read
 
     @property
     def known(self) -> bool:
         """False when nobody looked at the body yet (not JSON content, or no filter ran)."""
-        return self.model is not None or self.model_missing or self.invalid_json
+        return (
+            self.model is not None or self.model_missing or self.invalid_json or self.invalid_form
+        )
 
     @classmethod
     def from_metadata(cls, fields: Mapping[str, Any]) -> BodyFacts:
+        form = bool(fields.get("form"))
         return cls(
             model=fields.get("model"),
             stream=fields.get("stream"),
@@ -84,7 +96,9 @@ class BodyFacts:
             n=fields.get("n"),
             best_of=fields.get("best_of"),
             model_missing=bool(fields.get("model_missing")),
-            invalid_json=bool(fields.get("invalid_json")),
+            invalid_json=bool(fields.get("invalid_json")) and not form,
+            form=form,
+            invalid_form=bool(fields.get("invalid_form")),
         )
 
     @classmethod
