@@ -55,7 +55,9 @@ H_OMIT_USAGE = "x-sim-omit-usage"
 H_INSTANCE = "x-sim-instance"
 H_LINGER_MS = "x-sim-linger-ms"  # a stream stays open this long after [DONE] before it ends
 H_TOTAL_ONLY = "x-sim-usage-total-only"  # a rerank's usage as vLLM wrote it before prompt_tokens
-H_AUDIO_TOKENS = "x-sim-audio-tokens"  # a transcription's usage in tokens (input,output), not seconds
+H_AUDIO_TOKENS = (
+    "x-sim-audio-tokens"  # a transcription's usage in tokens (input,output), not seconds
+)
 AUDIO_BYTES_PER_SECOND = 32000  # the upload read as 16 kHz 16-bit mono PCM
 MAX_MODEL_LEN = 8192  # what /tokenize reports
 # A stream goes out in writes of at most this many bytes, a moment apart: its SSE events reach

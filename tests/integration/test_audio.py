@@ -70,10 +70,24 @@ def ledger_cost(stack: Stack) -> tuple[int, float]:
     """`arks usage` for the listener over this month: its requests and its cost."""
     url = f"sqlite:///{stack.local.settings.state_dir / 'usage.db'}"
     done = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "usage", "--ledger", url, "--user", "listener",
-         "--by", "none", "--format", "json"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "launcher.cli",
+            "usage",
+            "--ledger",
+            url,
+            "--user",
+            "listener",
+            "--by",
+            "none",
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout)
     return (rows[0]["requests"], rows[0]["cost"] or 0.0) if rows else (0, 0.0)
@@ -185,7 +199,9 @@ def test_bodies_over_the_limits_are_413(audio_stack: Stack) -> None:
 def post_form(stack: Stack, path: str, body: bytes, content_type: str, key: str = LISTENER) -> Any:
     with stack.http() as http:
         return http.post(
-            path, content=body, headers={"authorization": f"Bearer {key}", "content-type": content_type}
+            path,
+            content=body,
+            headers={"authorization": f"Bearer {key}", "content-type": content_type},
         )
 
 
@@ -196,16 +212,38 @@ BAD_FORMS = [
     ("multipart/form-data", b"--xyz\r\n\r\n--xyz--", 400, "invalid_content_type"),  # no boundary
     (FORM, b"not a form at all", 400, "invalid_multipart"),
     (FORM, b"--xyz\r\nContent-Disposition: form-data; name=", 400, "invalid_multipart"),
-    (FORM, b'--xyz\r\nContent-Disposition: form-data; name="model"\r\n\r\nmodel-a', 400,
-     "invalid_multipart"),  # fmt: skip
-    (FORM, b'--xyz\r\nContent-Disposition: form-data; name="file"\r\n\r\nabc\r\n--xyz--\r\n', 400,
-     "missing_model"),  # fmt: skip
-    (FORM, b'--xyz\r\nContent-Disposition: form-data; name="model"\r\n\r\n\r\n--xyz--\r\n', 400,
-     "missing_model"),  # fmt: skip
-    (FORM, b'--xyz\r\nContent-Disposition: form-data; name="model"\r\n\r\nghost\r\n--xyz--\r\n',
-     404, "model_not_found"),  # fmt: skip
-    (FORM, b'--xyz\r\nContent-Disposition: form-data; name="model"\r\n\r\n'
-     + b"m" * 5000 + b"\r\n--xyz--\r\n", 404, "model_not_found"),  # fmt: skip
+    (
+        FORM,
+        b'--xyz\r\nContent-Disposition: form-data; name="model"\r\n\r\nmodel-a',
+        400,
+        "invalid_multipart",
+    ),
+    (
+        FORM,
+        b'--xyz\r\nContent-Disposition: form-data; name="file"\r\n\r\nabc\r\n--xyz--\r\n',
+        400,
+        "missing_model",
+    ),
+    (
+        FORM,
+        b'--xyz\r\nContent-Disposition: form-data; name="model"\r\n\r\n\r\n--xyz--\r\n',
+        400,
+        "missing_model",
+    ),
+    (
+        FORM,
+        b'--xyz\r\nContent-Disposition: form-data; name="model"\r\n\r\nghost\r\n--xyz--\r\n',
+        404,
+        "model_not_found",
+    ),
+    (
+        FORM,
+        b'--xyz\r\nContent-Disposition: form-data; name="model"\r\n\r\n'
+        + b"m" * 5000
+        + b"\r\n--xyz--\r\n",
+        404,
+        "model_not_found",
+    ),
 ]
 
 

@@ -14,7 +14,7 @@ from arks.tokens import count_prompt
 from arks.wire import METADATA_NAMESPACE
 from extproc.decision import Decision, Deny, Forward, Identity, ReadBody, Reply
 from extproc.gateway import decide_body, decide_headers, decide_route
-from extproc.request import ENGINE_PATHS, BodyFacts, RequestInfo
+from extproc.request import ENGINE_PATHS, BodyFacts, PathKind, RequestInfo
 
 NOW = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
 ALICE = "sk-alice"
@@ -69,7 +69,9 @@ def request(
     end_of_stream: bool = False,
     token: str | None = ALICE,
 ) -> RequestInfo:
-    all_headers = {"content-type": "application/json", "x-request-id": "req-1"}
+    audio = ENGINE_PATHS.get(path) is PathKind.AUDIO
+    content_type = "multipart/form-data; boundary=x" if audio else "application/json"
+    all_headers = {"content-type": content_type, "x-request-id": "req-1"}
     if token is not None:
         all_headers["authorization"] = f"Bearer {token}"
     all_headers.update(headers or {})
