@@ -28,3 +28,5 @@ class Context:
     picking: Picking | None = None  # endpoint picking for least-load and prefix-cache endpoints
     timer: Callable[[], float] = time.perf_counter  # times the gateway's own work (decisions)
     ledger: RecordSink | None = None  # where usage records go (None: no ledger)
+    # (namespace, model) -> max_model_len its engines publish (model_info.fetch_forever fills it)
+    model_lens: dict[tuple[str, str], int] = field(default_factory=dict)

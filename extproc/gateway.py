@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -27,22 +28,32 @@ from extproc.picking.prefix import prefix_text
 from extproc.qos import token_limits
 from extproc.request import MODELS_PATH, BodyFacts, PathKind, RequestInfo, prompt_count
 
-
-def _model_object(model: str, token: ArksToken) -> dict[str, Any]:
-    return {"id": model, "object": "model", "created": 0, "owned_by": token.key.namespace}
+NO_LENS: Mapping[tuple[str, str], int] = {}
 
 
-def models_reply(policy: Policy, token: ArksToken, path: str) -> Decision:
-    """`GET /v1/models` (the models this token may use) and `GET /v1/models/{id}`."""
+def _model_object(
+    model: str, token: ArksToken, lens: Mapping[tuple[str, str], int]
+) -> dict[str, Any]:
+    namespace = token.key.namespace
+    entry: dict[str, Any] = {"id": model, "object": "model", "created": 0, "owned_by": namespace}
+    if (length := lens.get((namespace, model))) is not None:
+        entry["max_model_len"] = length  # as its engines publish it (extproc/model_info.py)
+    return entry
+
+
+def models_reply(
+    policy: Policy, token: ArksToken, path: str, lens: Mapping[tuple[str, str], int] = NO_LENS
+) -> Decision:
+    """`GET /v1/models` (the models this token may use) and `GET /v1/models/{id}`; `lens`:
+    (namespace, model) -> the max_model_len its engines publish, where known."""
     models = policy.models_for(token)
     if path == MODELS_PATH:
-        return Reply(
-            orjson.dumps({"object": "list", "data": [_model_object(m, token) for m in models]})
-        )
+        data = [_model_object(m, token, lens) for m in models]
+        return Reply(orjson.dumps({"object": "list", "data": data}))
     model = path.removeprefix(MODELS_PATH + "/")
     if model not in models:
         return Deny(404, "model_not_found", f"The model {model!r} does not exist.")
-    return Reply(orjson.dumps(_model_object(model, token)))
+    return Reply(orjson.dumps(_model_object(model, token, lens)))
 
 
 HEALTHY = Reply(b"ok\n", content_type="text/plain")
@@ -60,14 +71,20 @@ def attributed(decision: Decision, token: ArksToken, policy: Policy, model: obje
     return dataclasses.replace(decision, identity=Identity(namespace, token.user, shown))
 
 
-def decide_headers(req: RequestInfo, policy: Policy, now: datetime) -> Decision:
-    """Decide on the request-headers message (with the body facts Envoy lifted into metadata)."""
+def decide_headers(
+    req: RequestInfo,
+    policy: Policy,
+    now: datetime,
+    lens: Mapping[tuple[str, str], int] = NO_LENS,
+) -> Decision:
+    """Decide on the request-headers message (with the body facts Envoy lifted into metadata);
+    `lens`: what engines publish of their models' context, for `/v1/models`."""
     if req.path == HEALTH_PATH:
         return HEALTHY  # answering is the health: Envoy says 503 while extproc is away
     token = authenticate(req.headers, policy, now)
     if isinstance(token, Deny):
         return token
-    return attributed(_decide_headers(req, token, policy), token, policy, None)
+    return attributed(_decide_headers(req, token, policy, lens), token, policy, None)
 
 
 def not_allowed(req: RequestInfo, allowed: str) -> Deny:
@@ -80,11 +97,13 @@ def not_allowed(req: RequestInfo, allowed: str) -> Deny:
     )
 
 
-def _decide_headers(req: RequestInfo, token: ArksToken, policy: Policy) -> Decision:
+def _decide_headers(
+    req: RequestInfo, token: ArksToken, policy: Policy, lens: Mapping[tuple[str, str], int]
+) -> Decision:
     if req.path == MODELS_PATH or req.path.startswith(MODELS_PATH + "/"):
         if req.method != "GET":
             return not_allowed(req, "GET")
-        return models_reply(policy, token, req.path)
+        return models_reply(policy, token, req.path, lens)
     if req.kind is None:  # the engines' admin paths too: never a tenant's
         return Deny(404, "not_found", f"Unknown path {req.path!r}.")
     if req.method != "POST":

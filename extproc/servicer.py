@@ -123,7 +123,9 @@ class RequestProcessor:
         kind = message.WhichOneof("request")
         if kind == "request_headers":
             self.info = codec.request_info(message.request_headers, message.metadata_context)
-            decision = decide_headers(self.info, self.ctx.policy.current(), self.ctx.now())
+            decision = decide_headers(
+                self.info, self.ctx.policy.current(), self.ctx.now(), self.ctx.model_lens
+            )
             return self._encode(await self._admit(decision), "headers")
         if kind == "request_body" and self.info is not None and self.token is not None:
             decision = decide_body(

@@ -1001,6 +1001,7 @@ async def list_models(request: web.Request) -> web.StreamResponse:
             "owned_by": "arks-sim",
             "root": name,
             "parent": None,
+            "max_model_len": MAX_MODEL_LEN,
         }
         for name in engine.settings.models
     ]

@@ -188,6 +188,17 @@ def test_models_lists_only_models_granted_that_exist(policy: Policy) -> None:
     }
 
 
+def test_models_carry_the_max_model_len_their_engines_publish_when_known(policy: Policy) -> None:
+    lens = {("default", "qwen"): 32768, ("team-b", "llama"): 1}  # another namespace's: not ours
+    listed = decide_headers(request("/v1/models", "GET"), policy, NOW, lens)
+    one = decide_headers(request("/v1/models/qwen", "GET"), policy, NOW, lens)
+
+    assert isinstance(listed, Reply) and isinstance(one, Reply)
+    data = orjson.loads(listed.body)["data"]
+    assert [m.get("max_model_len") for m in data] == [None, 32768]  # llama: unknown, left out
+    assert orjson.loads(one.body)["max_model_len"] == 32768
+
+
 def test_models_in_another_namespace_are_not_listed(policy: Policy) -> None:
     decision = decide_headers(request("/v1/models", "GET", token="sk-dave"), policy, NOW)
 
