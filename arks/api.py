@@ -160,11 +160,13 @@ class QuotaItem:
 
 @dataclass(frozen=True)
 class Price:
-    """Price per million tokens, per model."""
+    """Price per million tokens, per model; and per second of audio (transcriptions and
+    translations, which engines report as a duration)."""
 
     model: str
     input: float
     output: float
+    second: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -415,6 +417,7 @@ def parse_quota(obj: Mapping[str, Any]) -> ArksQuota:
                 price.get("model", str, required=True),
                 float(price.get("input", (int, float), default=0)),
                 float(price.get("output", (int, float), default=0)),
+                float(price.get("perSecond", (int, float), default=0)),
             )
         )
         price.done()

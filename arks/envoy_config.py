@@ -77,6 +77,8 @@ class EnvoySettings:
     xds_delta: bool = True
     listen_address: str = "127.0.0.1"
     body_limit_bytes: int = 4 * 1024 * 1024
+    # The audio paths' multipart uploads: OpenAI takes files up to 25 MB (their routes' limit).
+    audio_body_limit_bytes: int = 25 * 1024 * 1024
     message_timeout_ms: int = 2000
     upstream_timeout_s: int = 600  # a whole answer; long generations stream for minutes
     access_log_flush_ms: int = 100
@@ -131,6 +133,7 @@ def http_filters(settings: EnvoySettings) -> list[dict[str, Any]]:
             "{extproc_cluster}": EXTPROC_CLUSTER,
             "{message_timeout}": f"{settings.message_timeout_ms / 1000}s",
             "{body_limit_bytes}": str(settings.body_limit_bytes),
+            "{audio_body_limit_bytes}": str(settings.audio_body_limit_bytes),
             "{usage_lua}": _usage_lua(),
         },
     )
@@ -324,19 +327,16 @@ def routes(policy: Policy, settings: EnvoySettings) -> list[dict[str, Any]]:
         }
     ]
     for endpoint in _endpoints(policy):
-        match = {
-            "prefix": "/",
-            "headers": [
-                {"name": MODEL_HEADER, "string_match": {"exact": endpoint.model}},
-                {"name": NAMESPACE_HEADER, "string_match": {"exact": endpoint.key.namespace}},
-            ],
-        }
+        headers = [
+            {"name": MODEL_HEADER, "string_match": {"exact": endpoint.model}},
+            {"name": NAMESPACE_HEADER, "string_match": {"exact": endpoint.key.namespace}},
+        ]
         name = f"endpoint/{endpoint.key.namespace}/{endpoint.model}"
         if not routed_backends(endpoint, policy):
             out.append(
                 {
                     "name": name,
-                    "match": match,
+                    "match": {"prefix": "/", "headers": headers},
                     "direct_response": _json_error(
                         503,
                         "service_unavailable",
@@ -346,29 +346,49 @@ def routes(policy: Policy, settings: EnvoySettings) -> list[dict[str, Any]]:
                 }
             )
             continue
+        action = {
+            "cluster": endpoint_cluster_name(endpoint),
+            "timeout": f"{settings.upstream_timeout_s}s",
+            "retry_policy": retry_policy(),
+        }
         out.append(
-            {
-                "name": name,
-                "match": match,
-                "route": {
-                    "cluster": endpoint_cluster_name(endpoint),
-                    "timeout": f"{settings.upstream_timeout_s}s",
-                    "retry_policy": retry_policy(),
-                },
-            }
-        )
+            audio_route(f"{name}/audio", settings, {"route": action}, headers)
+        )  # first: an upload keeps its limit once extproc routed it
+        out.append({"name": name, "match": {"prefix": "/", "headers": headers}, "route": action})
+    # What an upload matches before extproc routed it: the route Envoy picks first sets the
+    # request's buffer limit, which json_to_metadata and arks.form_to_metadata buffer under. A
+    # direct response has no route entry, hence no limit: it forwards, as the CORS route does,
+    # to a cluster named in a header nobody sets (still on it at the router: 404 not_found).
+    no_cluster = {"route": {"cluster_header": CORS_NO_CLUSTER_HEADER}}
+    out.append(audio_route("audio", settings, no_cluster, []))
     if settings.cors_origins:
         out.append(cors_route())
-    out.append(
-        {
-            "name": "not_found",
-            "match": {"prefix": "/"},
-            "direct_response": _json_error(
-                404, "invalid_request_error", "not_found", "no such route"
-            ),
-        }
-    )
+    out.append({"name": "not_found", "match": {"prefix": "/"}, "direct_response": _not_found()})
     return out
+
+
+def _not_found() -> dict[str, Any]:
+    return _json_error(404, "invalid_request_error", "not_found", "no such route")
+
+
+# The audio paths (extproc/request.py AUDIO_PATHS), matched whole (the query string aside).
+AUDIO_PATH_REGEX = "/v1/audio/(transcriptions|translations)"
+
+
+def audio_route(
+    name: str, settings: EnvoySettings, action: dict[str, Any], headers: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """A route of the audio paths: their bodies (multipart uploads) may be as large as
+    `audio_body_limit_bytes`; every other path keeps the listener's `body_limit_bytes`."""
+    match: dict[str, Any] = {"safe_regex": {"regex": AUDIO_PATH_REGEX}}
+    if headers:
+        match["headers"] = headers
+    return {
+        "name": name,
+        "match": match,
+        "request_body_buffer_limit": settings.audio_body_limit_bytes,
+        **action,
+    }
 
 
 def _local_reply_mapper(
@@ -420,7 +440,8 @@ def local_reply_config(settings: EnvoySettings) -> dict[str, Any]:
     """OpenAI-shaped bodies for the answers Envoy makes itself; the gateway's own answers (ext_proc,
     usage.lua) are JSON already and keep their bodies."""
     too_large = (
-        f"The request body is larger than the gateway's limit of {settings.body_limit_bytes} bytes."
+        f"The request body is larger than the gateway's limit of {settings.body_limit_bytes} bytes"
+        f" ({settings.audio_body_limit_bytes} on /v1/audio/transcriptions and translations)."
     )
     return {
         "mappers": [

@@ -63,6 +63,7 @@ EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 CREDENTIALS_FILTER = "arks.credentials_lua"
 EARLY_AUTH_FILTER = "arks.early_auth"
 REQUEST_FILTER = "arks.request_to_metadata"
+FORM_FILTER = "arks.form_to_metadata"
 USAGE_FILTER = "arks.usage_lua"
 RATELIMIT_FILTER = "arks.ratelimit"
 
@@ -230,6 +231,7 @@ def filter_patches(settings: EnvoySettings | None = None) -> list[dict[str, Any]
         _patch("add", False, json_path=ext_proc_at, path="/disabled"),
         # adding at an array element's pointer inserts before that element
         _patch("add", filters[REQUEST_FILTER], json_path=ext_proc_at),
+        _patch("add", filters[FORM_FILTER], json_path=ext_proc_at),
         _patch("add", filters[CREDENTIALS_FILTER], json_path=filter_at(REQUEST_FILTER)),
         _patch("add", early_auth, json_path=filter_at(REQUEST_FILTER)),
         *[

@@ -294,17 +294,25 @@ local function record_usage(handle, text)
   end
   -- Its numbers come first; details objects (cached tokens …) are small.
   local usage = string.sub(text, from, from + 512)
+  local metadata = handle:streamInfo():dynamicMetadata()
+  -- A transcription's: {"type":"duration","seconds":S} (vLLM, an integer; OpenAI, a number),
+  -- no tokens; or {"type":"tokens","input_tokens":..,"output_tokens":..}.
+  local seconds = string.match(usage, '"seconds"%s*:%s*(%d+%.?%d*)')
+  if seconds ~= nil then
+    metadata:set("io.arks", "audio_seconds", tonumber(seconds))
+  end
   local total = number_after(usage, "total_tokens")
   -- vLLM's rerank before prompt_tokens was added to its usage reports the total only: all prompt.
-  -- The Responses API names them input_tokens and output_tokens.
+  -- The Responses API and Anthropic's Messages name them input_tokens and output_tokens.
   local prompt = number_after(usage, "prompt_tokens") or number_after(usage, "input_tokens") or total
+  if prompt == nil then
+    prompt = seconds ~= nil and 0 or nil
+  end
   if prompt == nil then
     return false
   end
-  -- embeddings report none
   local completion = number_after(usage, "completion_tokens") or number_after(usage, "output_tokens") or 0
   total = total or (prompt + completion)
-  local metadata = handle:streamInfo():dynamicMetadata()
   metadata:set("io.arks", "prompt_tokens", prompt)
   metadata:set("io.arks", "completion_tokens", completion)
   metadata:set("io.arks", "total_tokens", total)

@@ -217,8 +217,10 @@ class AdmissionControl:
         limits: Mapping[str, int],
         prompt: int,
         completion: int,
+        seconds: float = 0.0,
     ) -> None:
-        """The answer ended: charge its tokens to tpm/tpd, its cost to the quota, free its slot."""
+        """The answer ended: charge its tokens to tpm/tpd, its cost (tokens, and seconds of
+        audio) to the quota, free its slot."""
         self.held.pop(request_id, None)
         if reservation is None:
             return
@@ -231,7 +233,9 @@ class AdmissionControl:
             )
             if found is not None:
                 admitted = datetime.fromtimestamp(reservation.admitted_at, UTC)
-                charges += quota.quota_charges(found, identity.model, prompt, completion, admitted)
+                charges += quota.quota_charges(
+                    found, identity.model, prompt, completion, admitted, seconds
+                )
         if reservation.concurrency:
             charges.append(Charge(quota.concurrency_key(identity), 0))
         if charges:

@@ -55,7 +55,10 @@ def _text(header: base_pb2.HeaderValue) -> str:
     return header.raw_value.decode("utf-8", "replace") if header.raw_value else str(header.value)
 
 
-_KEPT_HEADERS = frozenset({*CREDENTIAL_HEADERS, "x-request-id", "content-length", *PICKED_HEADERS})
+# content-type: an audio upload must be multipart/form-data.
+_KEPT_HEADERS = frozenset(
+    {*CREDENTIAL_HEADERS, "x-request-id", "content-length", "content-type", *PICKED_HEADERS}
+)
 
 
 def request_info(headers: ep.HttpHeaders, metadata: base_pb2.Metadata) -> RequestInfo:
@@ -207,6 +210,13 @@ def forward_body(decision: Forward, destination: str | None = None) -> ep.Proces
     )
 
 
+def _float(fields: Any, key: str) -> float:
+    value = fields.get(key)
+    if value is None or value.WhichOneof("kind") != "number_value":
+        return 0.0
+    return max(0.0, float(value.number_value))
+
+
 def _number(fields: Any, key: str) -> int | None:
     value = fields.get(key)
     if value is None or value.WhichOneof("kind") != "number_value":
@@ -246,6 +256,7 @@ def finished(entry: accesslog_pb2.HTTPAccessLogEntry) -> Finished | None:
         prompt_tokens=_number(fields, "prompt_tokens"),
         completion_tokens=_number(fields, "completion_tokens"),
         prompt_estimate=_number(fields, "prompt_estimate"),
+        audio_seconds=_float(fields, "audio_seconds"),
         request_body_bytes=entry.request.request_body_bytes,
         response_body_bytes=entry.response.response_body_bytes,
         interrupted=_interruption(common.response_flags),

@@ -30,3 +30,5 @@ class Context:
     timer: Callable[[], float] = time.perf_counter  # times the gateway's own work (decisions)
     ledger: RecordSink | None = None  # where usage records go (None: no ledger)
     homes: ResponseHomes = field(default_factory=MemoryHomes)  # the engine of each stored response
+    # (namespace, model) -> max_model_len its engines publish (model_info.fetch_forever fills it)
+    model_lens: dict[tuple[str, str], int] = field(default_factory=dict)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -35,22 +36,32 @@ from extproc.request import (
 )
 from extproc.response_homes import ResponseHome
 
-
-def _model_object(model: str, token: ArksToken) -> dict[str, Any]:
-    return {"id": model, "object": "model", "created": 0, "owned_by": token.key.namespace}
+NO_LENS: Mapping[tuple[str, str], int] = {}
 
 
-def models_reply(policy: Policy, token: ArksToken, path: str) -> Decision:
-    """`GET /v1/models` (the models this token may use) and `GET /v1/models/{id}`."""
+def _model_object(
+    model: str, token: ArksToken, lens: Mapping[tuple[str, str], int]
+) -> dict[str, Any]:
+    namespace = token.key.namespace
+    entry: dict[str, Any] = {"id": model, "object": "model", "created": 0, "owned_by": namespace}
+    if (length := lens.get((namespace, model))) is not None:
+        entry["max_model_len"] = length  # as its engines publish it (extproc/model_info.py)
+    return entry
+
+
+def models_reply(
+    policy: Policy, token: ArksToken, path: str, lens: Mapping[tuple[str, str], int] = NO_LENS
+) -> Decision:
+    """`GET /v1/models` (the models this token may use) and `GET /v1/models/{id}`; `lens`:
+    (namespace, model) -> the max_model_len its engines publish, where known."""
     models = policy.models_for(token)
     if path == MODELS_PATH:
-        return Reply(
-            orjson.dumps({"object": "list", "data": [_model_object(m, token) for m in models]})
-        )
+        data = [_model_object(m, token, lens) for m in models]
+        return Reply(orjson.dumps({"object": "list", "data": data}))
     model = path.removeprefix(MODELS_PATH + "/")
     if model not in models:
         return Deny(404, "model_not_found", f"The model {model!r} does not exist.")
-    return Reply(orjson.dumps(_model_object(model, token)))
+    return Reply(orjson.dumps(_model_object(model, token, lens)))
 
 
 HEALTHY = Reply(b"ok\n", content_type="text/plain")
@@ -69,10 +80,15 @@ def attributed(decision: Decision, token: ArksToken, policy: Policy, model: obje
 
 
 def decide_headers(
-    req: RequestInfo, policy: Policy, now: datetime, home: ResponseHome | None = None
+    req: RequestInfo,
+    policy: Policy,
+    now: datetime,
+    home: ResponseHome | None = None,
+    lens: Mapping[tuple[str, str], int] = NO_LENS,
 ) -> Decision:
     """Decide on the request-headers message (with the body facts Envoy lifted into metadata);
-    `home`: where the stored response a path names lives, looked up for those paths only."""
+    `home`: where the stored response a path names lives, looked up for those paths only;
+    `lens`: what engines publish of their models' context, for `/v1/models`."""
     if req.path == HEALTH_PATH:
         return HEALTHY  # answering is the health: Envoy says 503 while extproc is away
     token = authenticate(req.headers, policy, now)
@@ -80,7 +96,7 @@ def decide_headers(
         return token
     if req.kind is PathKind.STORED:
         return attributed(decide_stored(req, token, policy, home), token, policy, None)
-    return attributed(_decide_headers(req, token, policy), token, policy, None)
+    return attributed(_decide_headers(req, token, policy, lens), token, policy, None)
 
 
 def response_not_found(response_id: str) -> Deny:
@@ -158,11 +174,13 @@ def not_allowed(req: RequestInfo, allowed: str) -> Deny:
     )
 
 
-def _decide_headers(req: RequestInfo, token: ArksToken, policy: Policy) -> Decision:
+def _decide_headers(
+    req: RequestInfo, token: ArksToken, policy: Policy, lens: Mapping[tuple[str, str], int]
+) -> Decision:
     if req.path == MODELS_PATH or req.path.startswith(MODELS_PATH + "/"):
         if req.method != "GET":
             return not_allowed(req, "GET")
-        return models_reply(policy, token, req.path)
+        return models_reply(policy, token, req.path, lens)
     if req.kind is None:  # the engines' admin paths too: never a tenant's
         return Deny(404, "not_found", f"Unknown path {req.path!r}.")
     if req.method != "POST":
@@ -171,6 +189,8 @@ def _decide_headers(req: RequestInfo, token: ArksToken, policy: Policy) -> Decis
         return bad_request(
             "The request has no body: send a JSON object with a 'model'.", "missing_body"
         )
+    if req.kind is PathKind.AUDIO:
+        return _decide_upload(req, token, policy)
     if not req.body.known:
         return ReadBody("the body was not lifted into metadata", token)
     if req.body.invalid_json:  # or valid JSON Envoy cannot read (a number beyond 64 bits)
@@ -181,6 +201,25 @@ def _decide_headers(req: RequestInfo, token: ArksToken, policy: Policy) -> Decis
             "prefix-cache picking needs the prompt", token
         )  # one more message, this endpoint only
     return decision
+
+
+def _decide_upload(req: RequestInfo, token: ArksToken, policy: Policy) -> Decision:
+    """An audio upload: multipart/form-data, its `model` lifted by arks.form_to_metadata (Envoy
+    keeps the file; extproc never reads it)."""
+    if not is_form(req.headers.get("content-type", "")):
+        return bad_request(
+            f"{req.path} takes multipart/form-data (a 'file' and a 'model' field).",
+            "invalid_content_type",
+        )
+    if req.body.invalid_form or not req.body.known:
+        return bad_request("We could not read the multipart/form-data body.", "invalid_multipart")
+    return decide_route(req, req.body, token, policy, body=None)
+
+
+def is_form(content_type: str) -> bool:
+    """multipart/form-data with a boundary, as arks.form_to_metadata reads it."""
+    media, _, params = content_type.partition(";")
+    return media.strip().lower() == "multipart/form-data" and "boundary=" in params.lower()
 
 
 def decide_body(req: RequestInfo, raw: bytes, token: ArksToken, policy: Policy) -> Decision:
@@ -312,7 +351,8 @@ def _decide_route(
         metadata["stored_response"] = True
     new_body = None
     estimate = None
-    if not kind.charged:  # nothing to count: usage.lua keeps no sample of the body
+    if not kind.charged or kind is PathKind.AUDIO:
+        # Nothing to count (a tokenizer request, an audio file): usage.lua keeps no sample.
         estimate = metadata["prompt_estimate"] = 0
     elif body is not None:
         # Parsed anyway (the rare path): its prompt is counted now. On the headers alone it is
@@ -325,12 +365,14 @@ def _decide_route(
                 "include_usage": True,
             }
             new_body = orjson.dumps(body)
-    set_headers = (
+    set_headers: tuple[tuple[str, str], ...] = (
         (MODEL_HEADER, model),
         (NAMESPACE_HEADER, namespace),
         (USER_HEADER, token.user),
-        ("content-type", "application/json"),  # the body is a JSON object, whatever the client said
     )
+    if kind is not PathKind.AUDIO:  # a form keeps its boundary
+        # The body is a JSON object, whatever the client said.
+        set_headers += (("content-type", "application/json"),)
     ours = {name for name, _ in set_headers}
     remove = tuple(
         name

@@ -72,28 +72,33 @@ def price_for(quota: ArksQuota, model: str) -> Price | None:
     return next((p for p in quota.prices if p.model == "*"), None)
 
 
-def cost_of(item: QuotaItem, prompt: int, completion: int, price: Price | None) -> int:
+def cost_of(
+    item: QuotaItem, prompt: int, completion: int, price: Price | None, seconds: float = 0.0
+) -> int:
     if item.type == "prompt":
         return prompt
     if item.type == "response":
         return completion
     if item.type == "total":
         return prompt + completion
-    return cost_micros(prompt, completion, price)
+    return cost_micros(prompt, completion, price, seconds)
 
 
-def cost_micros(prompt: int, completion: int, price: Price | None) -> int:
+def cost_micros(prompt: int, completion: int, price: Price | None, seconds: float = 0.0) -> int:
     """What a request costs against a cost quota, in micro-units, rounded up; 0 without a price
-    for its model (it costs nothing against a cost quota)."""
+    for its model (it costs nothing against a cost quota). `seconds` of audio cost
+    `price.second` each, in the currency (a million micro-units)."""
     if price is None:
         return 0
-    return math.ceil(prompt * price.input + completion * price.output)
+    return math.ceil(
+        prompt * price.input + completion * price.output + seconds * price.second * MICRO
+    )
 
 
-def currency_cost(prompt: int, completion: int, price: Price) -> float:
-    """What a request cost in the price table's currency (prices are per million tokens), exact
-    (not rounded up to a micro-unit as the budget charge is)."""
-    return (prompt * price.input + completion * price.output) / MICRO
+def currency_cost(prompt: int, completion: int, price: Price, seconds: float = 0.0) -> float:
+    """What a request cost in the price table's currency (prices are per million tokens, and per
+    second of audio), exact (not rounded up to a micro-unit as the budget charge is)."""
+    return (prompt * price.input + completion * price.output) / MICRO + seconds * price.second
 
 
 def _lease(key: str, limit: int, amount: int, expires_at: float | None) -> Lease:
@@ -118,14 +123,19 @@ def quota_leases(
 
 
 def quota_charges(
-    quota: ArksQuota, model: str, prompt: int, completion: int, admitted: datetime
+    quota: ArksQuota,
+    model: str,
+    prompt: int,
+    completion: int,
+    admitted: datetime,
+    seconds: float = 0.0,
 ) -> list[Charge]:
     """Settle into the periods the request was admitted in, even if it ended in the next."""
     price = price_for(quota, model)
     return [
         Charge(
             budget_key(quota.key, item, admitted),
-            cost_of(item, prompt, completion, price),
+            cost_of(item, prompt, completion, price, seconds),
             _expiry(item, admitted),
         )
         for item in quota.quotas

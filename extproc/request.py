@@ -21,6 +21,7 @@ class PathKind(Enum):
     MESSAGES = "messages"  # POST /v1/messages (Anthropic): generates, streams report usage always
     TOKENIZER = "tokenizer"  # tokenize, detokenize: counted as requests, never as tokens
     STORED = "stored"  # a stored response read or cancelled: a request, never tokens
+    AUDIO = "audio"  # transcriptions, translations: a multipart upload, charged by its duration
 
     @property
     def generates(self) -> bool:
@@ -60,9 +61,14 @@ ENGINE_PATHS: Mapping[str, PathKind] = {
     "/detokenize": PathKind.TOKENIZER,
     "/v1/responses": PathKind.RESPONSES,
     "/v1/messages": PathKind.MESSAGES,
+    "/v1/audio/transcriptions": PathKind.AUDIO,
+    "/v1/audio/translations": PathKind.AUDIO,
 }
 RESPONSES_PATH = "/v1/responses"
 CANCEL_SUFFIX = "/cancel"
+# The paths whose body is multipart/form-data (its `model` a form field, lifted by Envoy's
+# arks.form_to_metadata filter) and may be as large as OpenAI's 25 MB uploads.
+AUDIO_PATHS = tuple(path for path, kind in ENGINE_PATHS.items() if kind is PathKind.AUDIO)
 MODELS_PATH = "/v1/models"
 # Also set by extproc only (endpoint picking); a client's copy is dropped like the routing headers.
 PICKED_HEADERS = (DESTINATION_HEADER,)
@@ -105,14 +111,20 @@ class BodyFacts:
     prompts: int | None = None
     model_missing: bool = False
     invalid_json: bool = False
+    # A multipart body Envoy read (the audio paths): json_to_metadata's error on it means nothing.
+    form: bool = False
+    invalid_form: bool = False  # multipart, but no part could be read
 
     @property
     def known(self) -> bool:
         """False when nobody looked at the body yet (not JSON content, or no filter ran)."""
-        return self.model is not None or self.model_missing or self.invalid_json
+        return (
+            self.model is not None or self.model_missing or self.invalid_json or self.invalid_form
+        )
 
     @classmethod
     def from_metadata(cls, fields: Mapping[str, Any]) -> BodyFacts:
+        form = bool(fields.get("form"))
         return cls(
             model=fields.get("model"),
             stream=fields.get("stream"),
@@ -122,7 +134,9 @@ class BodyFacts:
             best_of=fields.get("best_of"),
             previous_response_id=fields.get("previous_response_id"),
             model_missing=bool(fields.get("model_missing")),
-            invalid_json=bool(fields.get("invalid_json")),
+            invalid_json=bool(fields.get("invalid_json")) and not form,
+            form=form,
+            invalid_form=bool(fields.get("invalid_form")),
         )
 
     @classmethod

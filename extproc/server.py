@@ -44,6 +44,7 @@ from extproc.inflight import InFlight
 from extproc.ledger import LedgerWriter, WriterSettings, with_password
 from extproc.levels import LevelGauges, Levels
 from extproc.metrics import GatewayMetrics, LedgerMetrics
+from extproc.model_info import endpoint_engines, fetch_forever
 from extproc.picking.discovery import ClusterEngines
 from extproc.picking.scraping import EngineSets, picking_endpoints, scrape_forever
 from extproc.picking.service import Picking, PickSettings
@@ -245,6 +246,7 @@ async def serve(settings: Settings) -> None:
     budgets = RedisBudgets(settings.redis, password=password) if settings.redis else MemoryBudgets()
     durable: DurableCopy | None = StateFile(settings.state_file) if settings.state_file else None
     engines: EngineSets = picking_endpoints
+    model_engines: EngineSets = endpoint_engines  # whose /v1/models say max_model_len
     cluster_engines: ClusterEngines | None = None
     if isinstance(source, ClusterPolicySource):
         durable = QuotaStatus(source.api_client, source.status_of)
@@ -252,6 +254,7 @@ async def serve(settings: Settings) -> None:
         cluster_engines = ClusterEngines(source.api_client, source.namespace)
         cluster_engines.start()
         engines = cluster_engines.picking_endpoints
+        model_engines = engines  # Services EG balances are not asked (their hosts are not known)
     snapshots = QuotaSnapshots(budgets, source, durable, time.time)
     service_metrics = create_metrics()
     metrics = service_metrics.gateway
@@ -361,7 +364,10 @@ async def serve(settings: Settings) -> None:
             cluster_engines.stop(timeout_s=0)  # daemon threads: an open watch need not end first
 
     await run_until_signalled(
-        every(0.5, housekeeping, log), scrape_forever(picking, source, engines), shutdown=shutdown
+        every(0.5, housekeeping, log),
+        scrape_forever(picking, source, engines),
+        fetch_forever(ctx.model_lens, source, model_engines),
+        shutdown=shutdown,
     )
 
 

@@ -160,7 +160,13 @@ class RequestProcessor:
                 if isinstance(looked, Deny):
                     return self._encode(looked, "headers")
                 home = looked
-            decision = decide_headers(self.info, self.ctx.policy.current(), self.ctx.now(), home)
+            decision = decide_headers(
+                self.info,
+                self.ctx.policy.current(),
+                self.ctx.now(),
+                home=home,
+                lens=self.ctx.model_lens,
+            )
             return self._encode(await self._admit(decision), "headers")
         if kind == "request_body" and self.info is not None and self.token is not None:
             decision = decide_body(

@@ -97,6 +97,7 @@ async def finished(ctx: Context, entries: Iterable[Finished]) -> None:
             done.limits,
             usage.prompt_tokens if usage else 0,
             usage.completion_tokens if usage else 0,
+            usage.seconds if usage else 0.0,
         )
         await _remember_home(ctx, done)
         ctx.metrics.decided("settlement", ctx.timer() - started)
@@ -161,7 +162,12 @@ class QuotaCharge:
 
 
 def quota_charge(
-    policy: Policy, who: Identity, reservation: Reservation | None, prompt: int, completion: int
+    policy: Policy,
+    who: Identity,
+    reservation: Reservation | None,
+    prompt: int,
+    completion: int,
+    seconds: float = 0.0,
 ) -> QuotaCharge | None:
     """What `prompt` and `completion` tokens charge the quota `reservation` names, with its
     prices as that quota is now (the token's grant for the model names it); None when the
@@ -175,8 +181,8 @@ def quota_charge(
     return QuotaCharge(
         f"{who.namespace}/{reservation.quota}",
         reservation.admitted_at,
-        None if price is None else quota.currency_cost(prompt, completion, price),
-        quota.cost_micros(prompt, completion, price),
+        None if price is None else quota.currency_cost(prompt, completion, price, seconds),
+        quota.cost_micros(prompt, completion, price, seconds),
     )
 
 
@@ -190,6 +196,7 @@ def _charge(
         reservation,
         usage.prompt_tokens if usage else 0,
         usage.completion_tokens if usage else 0,
+        usage.seconds if usage else 0.0,
     )
     if usage is not None and charge is not None and charge.cost is not None:
         ctx.metrics.charge_cost(who, charge.cost)

@@ -66,6 +66,7 @@ class Finished:
     upstream_host: str = ""  # the engine (host:port) Envoy sent it to last; "" when none
     started_at: float | None = None  # the request's first byte, seconds since the epoch
     response_id: str = ""  # a stored response's id (POST /v1/responses), read by usage.lua
+    audio_seconds: float = 0.0  # an audio answer's reported duration (usage type "duration")
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     estimated: str | None = None  # why it is an estimate; None when the engine reported it
+    seconds: float = 0.0  # audio the engine transcribed, charged at the price per second
 
     @property
     def total_tokens(self) -> int:
@@ -136,7 +138,14 @@ def usage_of(done: Finished) -> Usage | None:
     if completion_tokens is None and not _generates(done.path):
         completion_tokens = 0  # embeddings, rerank, score … report prompt and total tokens only
     if done.prompt_tokens is not None and completion_tokens is not None:
-        return Usage(done.namespace, done.user, done.model, done.prompt_tokens, completion_tokens)
+        return Usage(
+            done.namespace,
+            done.user,
+            done.model,
+            done.prompt_tokens,
+            completion_tokens,
+            seconds=done.audio_seconds,
+        )
     if done.status >= 400:
         return None  # an error answer (the engine refused, or never got the request): nothing owed
     prompt = _prompt_estimate(done)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import secrets
 import signal
 import time
@@ -54,6 +55,10 @@ H_OMIT_USAGE = "x-sim-omit-usage"
 H_INSTANCE = "x-sim-instance"
 H_LINGER_MS = "x-sim-linger-ms"  # a stream stays open this long after [DONE] before it ends
 H_TOTAL_ONLY = "x-sim-usage-total-only"  # a rerank's usage as vLLM wrote it before prompt_tokens
+H_AUDIO_TOKENS = (
+    "x-sim-audio-tokens"  # a transcription's usage in tokens (input,output), not seconds
+)
+AUDIO_BYTES_PER_SECOND = 32000  # the upload read as 16 kHz 16-bit mono PCM
 MAX_MODEL_LEN = 8192  # what /tokenize reports
 # A stream goes out in writes of at most this many bytes, a moment apart: its SSE events reach
 # the gateway split across data frames.
@@ -1229,6 +1234,39 @@ async def detokenize(request: web.Request) -> web.StreamResponse:
     return json_response({"prompt": encoding().decode(tokens)})
 
 
+async def transcription(request: web.Request) -> web.StreamResponse:
+    """vLLM's TranscriptionResponse for /v1/audio/transcriptions and /translations: the form's
+    `file` is not decoded, its duration is its size read as 16 kHz 16-bit mono PCM, reported as
+    vLLM does (`{"type": "duration", "seconds": S}`, an integer) or, with x-sim-audio-tokens:
+    "I,O", as token usage."""
+    engine = request.app[ENGINE_KEY]
+    if not request.content_type.startswith("multipart/"):
+        raise ApiError(400, "the request must be multipart/form-data")
+    form = await request.post()
+    model, upload = form.get("model"), form.get("file")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "model is required")
+    if model not in engine.settings.models:
+        raise ApiError(404, f"The model `{model}` does not exist.")
+    if not isinstance(upload, web.FileField):
+        raise ApiError(400, "file is required")
+    size = len(upload.file.read())
+    seconds = math.ceil(size / AUDIO_BYTES_PER_SECOND)
+    usage: dict[str, Any] = {"type": "duration", "seconds": seconds}
+    tokens = request.headers.get(H_AUDIO_TOKENS)
+    if tokens is not None:
+        prompt, _, answer = tokens.partition(",")
+        usage = {
+            "type": "tokens",
+            "input_tokens": int(prompt),
+            "output_tokens": int(answer),
+            "total_tokens": int(prompt) + int(answer),
+        }
+    async with engine.slot(model):
+        engine.record(model, 0, 0, None, None)
+    return json_response({"text": f"{seconds} seconds of audio.", "usage": usage})
+
+
 async def list_models(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE_KEY]
     created = int(time.time())
@@ -1240,6 +1278,7 @@ async def list_models(request: web.Request) -> web.StreamResponse:
             "owned_by": "arks-sim",
             "root": name,
             "parent": None,
+            "max_model_len": MAX_MODEL_LEN,
         }
         for name in engine.settings.models
     ]
@@ -1319,6 +1358,8 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_post("/v1/responses/{response_id}/cancel", cancel_response)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
+    for path in ("/v1/audio/transcriptions", "/v1/audio/translations"):
+        app.router.add_post(path, transcription)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)

@@ -294,6 +294,12 @@ quota_spec = obj(
                     "model": string("Public model name (ArksEndpoint name).", min_length=1),
                     "input": number("Price per million prompt tokens.", minimum=0, default=0),
                     "output": number("Price per million response tokens.", minimum=0, default=0),
+                    "perSecond": number(
+                        "Price per second of audio (transcriptions, translations: engines"
+                        " report their duration).",
+                        minimum=0,
+                        default=0,
+                    ),
                 },
                 "Prices of one model.",
                 required=["model"],

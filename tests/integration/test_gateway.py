@@ -11,7 +11,9 @@ import openai
 import pytest
 
 from arks.tokens import count_prompt
+from launcher.sim import MAX_MODEL_LEN
 from tests.support.stack import ALICE, BOB, DISABLED, EXPIRED, Stack, Usage
+from tests.support.waiting import wait_for
 
 MESSAGES = [{"role": "user", "content": "Tell me about the weather in Lisbon in spring."}]
 
@@ -256,6 +258,16 @@ def test_models_are_listed_per_token(stack: Stack) -> None:
     assert alice == ["model-a", "model-b", "model-down", "model-empty"]
     assert bob == ["model-a"]
     assert stack.client(BOB).models.retrieve("model-a").id == "model-a"
+    # What the engines publish at their /v1/models (fetched at start, then each 60 s); model-down
+    # and model-empty have no engine that answers: the field is left out.
+    lens = wait_for(
+        lambda: {
+            m.id: getattr(m, "max_model_len", None) for m in stack.client(ALICE).models.list()
+        },
+        lambda listed: listed["model-a"] is not None and listed["model-b"] is not None,
+    )
+    assert lens == {"model-a": MAX_MODEL_LEN, "model-b": MAX_MODEL_LEN, "model-down": None,
+                    "model-empty": None}  # fmt: skip
     with pytest.raises(openai.NotFoundError):
         stack.client(BOB).models.retrieve("model-b")  # exists, but not for bob
 

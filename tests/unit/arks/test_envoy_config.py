@@ -189,7 +189,9 @@ def test_one_route_per_endpoint_matching_model_and_namespace(
     policy: Policy, settings: EnvoySettings
 ) -> None:
     endpoint_routes = [
-        route for route in routes(policy, settings) if route["name"].startswith("endpoint/")
+        route
+        for route in routes(policy, settings)
+        if route["name"].startswith("endpoint/") and not route["name"].endswith("/audio")
     ]
 
     assert [route["name"] for route in endpoint_routes] == [
@@ -284,6 +286,31 @@ def test_route_names_are_unique(policy: Policy, settings: EnvoySettings) -> None
     assert len(names) == len(set(names))
 
 
+def test_audio_paths_get_their_own_body_limit_before_and_after_extproc_routed_them(
+    policy: Policy, settings: EnvoySettings
+) -> None:
+    """The route Envoy picks first sets the buffer limit the body is read under: an upload not
+    routed yet matches `audio` (a forwarding route: a direct response has no limit), a routed
+    one its endpoint's audio route, ahead of the endpoint's other paths (the listener's limit)."""
+    named = {route["name"]: route for route in routes(policy, settings)}
+    names = list(named)
+    audio = named["endpoint/default/qwen/audio"]
+
+    assert audio["match"]["safe_regex"] == {"regex": "/v1/audio/(transcriptions|translations)"}
+    assert audio["match"]["headers"] == named["endpoint/default/qwen"]["match"]["headers"]
+    assert audio["route"] == named["endpoint/default/qwen"]["route"]
+    assert names.index("endpoint/default/qwen/audio") < names.index("endpoint/default/qwen")
+    assert (
+        named["audio"]["match"] == audio["match"] | {"headers": []}
+        or "headers" not in (named["audio"]["match"])
+    )
+    assert "cluster_header" in named["audio"]["route"]
+    assert names.index("audio") == len(names) - 2  # after every endpoint, before not_found
+    for route in (audio, named["audio"]):
+        assert route["request_body_buffer_limit"] == settings.audio_body_limit_bytes == 25 * 2**20
+    assert "request_body_buffer_limit" not in named["endpoint/default/qwen"]
+
+
 def test_empty_policy_has_only_health_and_not_found_and_no_clusters(
     settings: EnvoySettings,
 ) -> None:
@@ -291,7 +318,7 @@ def test_empty_policy_has_only_health_and_not_found_and_no_clusters(
 
     (route_config,) = resources[ROUTE_TYPE]
     (virtual_host,) = route_config["virtual_hosts"]
-    assert [route["name"] for route in virtual_host["routes"]] == ["healthz", "not_found"]
+    assert [route["name"] for route in virtual_host["routes"]] == ["healthz", "audio", "not_found"]
     assert len(resources[LISTENER_TYPE]) == 1
     assert resources[CLUSTER_TYPE] == []
     assert resources[ENDPOINT_TYPE] == []
@@ -381,7 +408,7 @@ def test_every_route_cluster_exists_and_every_cluster_has_one_assignment(
     targets = {
         route["route"]["cluster"]
         for route in route_config["virtual_hosts"][0]["routes"]
-        if "route" in route
+        if "route" in route and "cluster" in route["route"]  # not the unrouted upload's
     }
 
     assert targets == clusters

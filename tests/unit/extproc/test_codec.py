@@ -107,10 +107,12 @@ def test_request_info_reads_method_path_without_query_and_the_headers_decisions_
 
     assert info.method == "POST"
     assert info.path == "/v1/chat/completions"
-    # Only credentials, the request id and x-arks-* matter to a decision; the rest is not copied.
+    # Only credentials, the request id, the content type and x-arks-* matter to a decision; the
+    # rest is not copied.
     assert info.headers == {
         "authorization": "Bearer sk-alice",
         "x-request-id": "7f1c0d9e",
+        "content-type": "application/json",
     }
     assert info.request_id == "7f1c0d9e"
     assert not info.end_of_stream

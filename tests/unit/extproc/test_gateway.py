@@ -14,7 +14,7 @@ from arks.tokens import count_prompt
 from arks.wire import METADATA_NAMESPACE
 from extproc.decision import Decision, Deny, Forward, Identity, ReadBody, Reply
 from extproc.gateway import decide_body, decide_headers, decide_route
-from extproc.request import ENGINE_PATHS, BodyFacts, RequestInfo
+from extproc.request import ENGINE_PATHS, BodyFacts, PathKind, RequestInfo
 
 NOW = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
 ALICE = "sk-alice"
@@ -69,7 +69,9 @@ def request(
     end_of_stream: bool = False,
     token: str | None = ALICE,
 ) -> RequestInfo:
-    all_headers = {"content-type": "application/json", "x-request-id": "req-1"}
+    audio = ENGINE_PATHS.get(path) is PathKind.AUDIO
+    content_type = "multipart/form-data; boundary=x" if audio else "application/json"
+    all_headers = {"content-type": content_type, "x-request-id": "req-1"}
     if token is not None:
         all_headers["authorization"] = f"Bearer {token}"
     all_headers.update(headers or {})
@@ -184,6 +186,17 @@ def test_models_lists_only_models_granted_that_exist(policy: Policy) -> None:
         "created": 0,
         "owned_by": "default",
     }
+
+
+def test_models_carry_the_max_model_len_their_engines_publish_when_known(policy: Policy) -> None:
+    lens = {("default", "qwen"): 32768, ("team-b", "llama"): 1}  # another namespace's: not ours
+    listed = decide_headers(request("/v1/models", "GET"), policy, NOW, lens=lens)
+    one = decide_headers(request("/v1/models/qwen", "GET"), policy, NOW, lens=lens)
+
+    assert isinstance(listed, Reply) and isinstance(one, Reply)
+    data = orjson.loads(listed.body)["data"]
+    assert [m.get("max_model_len") for m in data] == [None, 32768]  # llama: unknown, left out
+    assert orjson.loads(one.body)["max_model_len"] == 32768
 
 
 def test_models_in_another_namespace_are_not_listed(policy: Policy) -> None:

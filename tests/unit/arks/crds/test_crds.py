@@ -511,6 +511,7 @@ GATEWAY_FIELDS = {
         "spec.prices[].model",
         "spec.prices[].input",
         "spec.prices[].output",
+        "spec.prices[].perSecond",
     ],
 }
 
