@@ -23,6 +23,7 @@ from arks.api import token_digest
 from arks.tokens import count_prompt
 from arks.wire import HEALTH_PATH
 from extproc.request import ENGINE_PATHS, PathKind
+from tests.support.engine_paths import ENGINE_ADMIN_PATHS
 from tests.support.objects import token
 from tests.support.stack import ALICE, BOB, Stack, Usage, running_stack
 from tests.support.waiting import wait_for
@@ -44,21 +45,6 @@ BODIES: dict[str, dict[str, Any]] = {
     "/classify": {"input": "What a wonderful evening by the sea."},
     "/v1/classify": {"messages": [{"role": "user", "content": "Is this spam? Win a boat now!"}]},
 }
-ADMIN_PATHS = [
-    "/v1/load_lora_adapter",
-    "/v1/unload_lora_adapter",
-    "/metrics",
-    "/health",
-    "/version",
-    "/server_info",
-    "/start_profile",
-    "/stop_profile",
-    "/reset_prefix_cache",
-    "/sleep",
-    "/wake_up",
-    "/is_sleeping",
-    "/collective_rpc",
-]
 
 
 def documents() -> list[dict[str, Any]]:
@@ -229,7 +215,7 @@ def test_engine_admin_paths_are_404_and_never_reach_an_engine(
 ) -> None:
     """The simulator names itself (x-sim-instance) on every answer it writes, its 404s too."""
     with pooling_stack.http() as http:
-        for path in ADMIN_PATHS:
+        for path in ENGINE_ADMIN_PATHS:
             answer = http.request(
                 method,
                 path,

@@ -15,6 +15,7 @@ from arks.wire import METADATA_NAMESPACE
 from extproc.decision import Decision, Deny, Forward, Identity, ReadBody, Reply
 from extproc.gateway import decide_body, decide_headers, decide_route
 from extproc.request import ENGINE_PATHS, BodyFacts, PathKind, RequestInfo
+from tests.support.engine_paths import ENGINE_ADMIN_PATHS
 
 NOW = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
 ALICE = "sk-alice"
@@ -263,27 +264,7 @@ def test_every_engine_path_is_forwarded(policy: Policy, path: str) -> None:
     forwarded(decide_headers(request(path), policy, NOW))
 
 
-ADMIN_PATHS = [
-    "/v1/load_lora_adapter",
-    "/v1/unload_lora_adapter",
-    "/metrics",
-    "/health",
-    "/version",
-    "/server_info",
-    "/get_server_info",
-    "/start_profile",
-    "/stop_profile",
-    "/reset_prefix_cache",
-    "/sleep",
-    "/wake_up",
-    "/is_sleeping",
-    "/collective_rpc",
-    "/invocations",
-    "/pooling/",
-]
-
-
-@pytest.mark.parametrize("path", ADMIN_PATHS)
+@pytest.mark.parametrize("path", ENGINE_ADMIN_PATHS)
 def test_engine_admin_paths_are_404_to_tenants(policy: Policy, path: str) -> None:
     denied(decide_headers(request(path), policy, NOW), 404, "not_found")
 
