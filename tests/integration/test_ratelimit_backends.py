@@ -22,6 +22,10 @@ from tests.support.redis_server import SHARED_REDIS, PrivateRedis, fresh_prefix
 
 T0 = 1_700_000_040.0  # a window start for 10 s and 60 s windows
 
+# The shared suite asserts what is counted, not the deadline (the outage tests below do): a
+# generous one keeps 200 concurrent applies from timing out on a loaded 2-core CI machine.
+SHARED_TIMEOUT_S = 5.0
+
 FIXED = Algorithm.FIXED_WINDOW
 GCRA = Algorithm.GCRA
 
@@ -36,7 +40,7 @@ def hit(
 async def shared_redis_backend(prefix: str = "") -> AsyncIterator[RedisBackend]:
     """A RedisBackend on the shared server under a fresh prefix; its keys are deleted after."""
     async with fresh_prefix("arks:rl:test") as fresh:
-        backend = RedisBackend(SHARED_REDIS, prefix=prefix or fresh)
+        backend = RedisBackend(SHARED_REDIS, prefix=prefix or fresh, timeout_s=SHARED_TIMEOUT_S)
         try:
             yield backend
         finally:
