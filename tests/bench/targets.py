@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from tests.support.cpu import cpu_seconds
 from tests.support.paths import REPO
 
 MODEL = "bench-model"
+PYTHON_SERVICES = ("extproc", "controller")  # the local stack's Python children (simulate=False)
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _ROUTER = {
     "name": "envoy.filters.http.router",
@@ -297,7 +297,8 @@ def gateway(
     )
     with LocalStack(settings) as stack:
         children = stack.supervisor.children
-        python = tuple(c.popen.pid for c in children if c.popen.args[0] == sys.executable)  # type: ignore[index]
+        # By name: every child runs through launcher.launch (argv[0] is Python for Envoy too).
+        python = tuple(c.popen.pid for c in children if c.name in PYTHON_SERVICES)
         envoy = [c.popen.pid for c in children if c.name == "envoy"]
         if not python or len(envoy) != 1:
             raise RuntimeError(f"unexpected gateway processes: {[c.name for c in children]}")

@@ -95,22 +95,30 @@ def test_the_completions_quickstart_loop_prints_every_token(stack: Stack) -> Non
     assert (charged.requests, charged.completion, charged.estimated) == (1, 4, 0)
 
 
-@pytest.mark.parametrize("write_bytes", [7, 64, 1000])
+@pytest.mark.parametrize(
+    ("tokens", "write_bytes"),
+    [
+        (6, 7),
+        (6, 64),
+        (6, 1000),
+        # Long answers in frames larger than the part of them Lua reads: pieces of 8 KiB end
+        # inside events; one write reaches Envoy as frames of up to hundreds of KiB.
+        (1000, 8192),
+        (1000, None),
+    ],
+)
 def test_a_usage_event_split_across_data_frames_is_cut_whole(
-    stack: Stack, write_bytes: int
+    stack: Stack, tokens: int, write_bytes: int | None
 ) -> None:
-    """The engine writes its stream in small pieces: the usage event reaches Envoy in several
-    data frames, and is still cut whole; every other event goes through intact."""
+    """The engine writes its stream in pieces: the usage event reaches Envoy in one data frame
+    or several, small or large, and is still cut whole; every other event goes through intact."""
     before = stack.usage("alice", "model-a")
+    headers = {"authorization": f"Bearer {ALICE}", "x-sim-output-tokens": str(tokens)}
+    if write_bytes is not None:
+        headers["x-sim-write-bytes"] = str(write_bytes)
     with stack.http() as http:
         answer = http.post(
-            CHAT,
-            json={"model": "model-a", "messages": MESSAGES, "stream": True},
-            headers={
-                "authorization": f"Bearer {ALICE}",
-                "x-sim-output-tokens": "6",
-                "x-sim-write-bytes": str(write_bytes),
-            },
+            CHAT, json={"model": "model-a", "messages": MESSAGES, "stream": True}, headers=headers
         )
     assert answer.status_code == 200
     assert answer.text.endswith("\n\ndata: [DONE]\n\n")
@@ -118,9 +126,10 @@ def test_a_usage_event_split_across_data_frames_is_cut_whole(
     chunks = [json.loads(d) for d in data[:-1]]  # each whole: it parses
     assert all(c["choices"] for c in chunks)
     assert all("usage" not in c or c["usage"] is None for c in chunks)
-    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == " hello" * 6
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert content == " hello" * tokens
     charged = stack.wait_usage("alice", "model-a", before)
-    assert (charged.requests, charged.completion, charged.estimated) == (1, 6, 0)
+    assert (charged.requests, charged.completion, charged.estimated) == (1, tokens, 0)
 
 
 def test_a_client_that_asked_for_usage_gets_the_usage_event_however_it_is_split(
