@@ -1,6 +1,7 @@
 """What a slow, idle or unauthenticated client may hold of Envoy, through the real stack.
 
-A wrong credential is refused on the headers, before a body is read (arks.early_auth); CONNECT
+A wrong credential is refused on the headers, before a body announced large is read
+(arks.early_auth); a body of unknown length is held to the limit to the byte; CONNECT
 is refused at once; a client that trickles its headers or its body, or opens a connection and
 says nothing, is cut off by Envoy's timeouts (shortened here so the test is quick; the defaults
 are in `EnvoySettings`).
@@ -119,8 +120,9 @@ def test_a_valid_credential_with_a_large_body_is_served(stack: Stack) -> None:
     assert answer.usage is not None and answer.usage.prompt_tokens > 10_000
 
 
-def test_a_body_of_unknown_length_is_checked_early_and_served(stack: Stack) -> None:
-    """Chunked (no Content-Length): checked on the headers too, then served whole."""
+def test_a_body_of_unknown_length_is_served_and_its_credential_judged(stack: Stack) -> None:
+    """Chunked (no Content-Length): judged with the rest of the request once its body is in
+    (a body of unknown length skips the early check: see the test below), served whole."""
     body = json.dumps(
         {"model": "model-a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
     ).encode()
@@ -139,6 +141,60 @@ def test_a_body_of_unknown_length_is_checked_early_and_served(stack: Stack) -> N
     assert good.status_code == 200, good.text
     assert good.json()["usage"]["completion_tokens"] == 3
     assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key"
+
+
+BODY_LIMIT = 4 * 1024 * 1024  # EnvoySettings.body_limit_bytes
+
+
+def _chunked_chat(size: int, piece: int) -> Iterator[bytes]:
+    """A chat request of exactly `size` bytes, sent in pieces of `piece` (chunked: httpx sends a
+    generator so)."""
+    head, tail = (
+        b'{"model": "model-a", "max_tokens": 1, "messages": [{"role": "user", "content": "',
+        b'"}]}',
+    )
+    yield head
+    left = size - len(head) - len(tail)
+    while left > 0:
+        yield b"a" * min(piece, left)
+        left -= piece
+    yield tail
+
+
+@pytest.mark.parametrize(
+    ("over", "piece"),
+    [
+        (0, 1 << 20),
+        (1, 64 * 1024),
+        (1, 1 << 20),
+        (1, BODY_LIMIT),
+        (1 << 20, 64 * 1024),
+        (16 * BODY_LIMIT, 1 << 20),
+    ],
+)
+def test_a_body_of_unknown_length_is_held_to_the_limit_to_the_byte(
+    stack: Stack, over: int, piece: int
+) -> None:
+    """Chunked bodies at the limit are served; one byte over is 413 however it is cut, at once
+    (a body that passed the limit while an early credential check waited used to hang until
+    the request timeout, or go through whole); the gateway keeps serving."""
+    with stack.http() as http:
+        answer = http.post(
+            "/v1/chat/completions",
+            content=_chunked_chat(BODY_LIMIT + over, piece),
+            headers={"authorization": f"Bearer {ALICE}"},
+        )
+        after = http.post(
+            "/v1/chat/completions",
+            content=_chunked_chat(1000, 100),
+            headers={"authorization": f"Bearer {ALICE}"},
+        )
+    if over:
+        assert answer.status_code == 413, answer.text[:300]
+        assert answer.json()["error"]["code"] == "request_too_large"
+    else:
+        assert answer.status_code == 200, answer.text[:300]
+    assert after.status_code == 200, after.text[:300]
 
 
 @pytest.mark.parametrize("credential", [b"", f"Authorization: Bearer {ALICE}\r\n".encode()])
