@@ -355,16 +355,20 @@ def routes(policy: Policy, settings: EnvoySettings) -> list[dict[str, Any]]:
             audio_route(f"{name}/audio", settings, {"route": action}, headers)
         )  # first: an upload keeps its limit once extproc routed it
         out.append({"name": name, "match": {"prefix": "/", "headers": headers}, "route": action})
-    # What an upload matches before extproc routed it: the route Envoy picks first sets the
-    # request's buffer limit, which json_to_metadata and arks.form_to_metadata buffer under. A
-    # direct response has no route entry, hence no limit: it forwards, as the CORS route does,
-    # to a cluster named in a header nobody sets (still on it at the router: 404 not_found).
-    no_cluster = {"route": {"cluster_header": CORS_NO_CLUSTER_HEADER}}
-    out.append(audio_route("audio", settings, no_cluster, []))
+    out.append(upload_route(settings))
     if settings.cors_origins:
         out.append(cors_route())
     out.append({"name": "not_found", "match": {"prefix": "/"}, "direct_response": _not_found()})
     return out
+
+
+def upload_route(settings: EnvoySettings) -> dict[str, Any]:
+    """What an upload matches before extproc routed it: the route Envoy picks first sets the
+    request's buffer limit, which json_to_metadata and arks.form_to_metadata buffer under. A
+    direct response has no route entry, hence no limit: it forwards, as the CORS route does, to
+    a cluster named in a header nobody sets (still on it at the router: 404 not_found)."""
+    no_cluster = {"route": {"cluster_header": CORS_NO_CLUSTER_HEADER}}
+    return audio_route("audio", settings, no_cluster, [])
 
 
 def _not_found() -> dict[str, Any]:

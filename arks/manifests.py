@@ -27,6 +27,7 @@ from arks.envoy_config import (
     http_filters,
     listener,
     local_reply_config,
+    upload_route,
     usage_access_log,
 )
 from arks.wire import MODEL_HEADER, NAMESPACE_HEADER
@@ -57,6 +58,9 @@ EG_GROUP = "gateway.envoyproxy.io"
 EG_VERSION = f"{EG_GROUP}/v1alpha1"
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ROUTE_CONFIG_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+# Every route of EG's route table (one per HTTPRoute rule; EG names the table as its listener).
+EVERY_ROUTE = "$.virtual_hosts[*].routes[*]"
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
 ROUTER_FILTER = "envoy.filters.http.router"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
@@ -248,6 +252,32 @@ def filter_patches(settings: EnvoySettings | None = None) -> list[dict[str, Any]
     return patches
 
 
+def route_patches(settings: EnvoySettings | None = None) -> list[dict[str, Any]]:
+    """Audio uploads as large as locally (arks.envoy_config): the route a request matches first
+    sets the buffer json_to_metadata reads its body into, and before extproc named the model no
+    endpoint's route matches (they match on the headers it sets), so the local upload route is
+    appended to EG's route table; and the route extproc picks must keep that limit, so every
+    route gets it (an endpoint's HTTPRoute has one rule for every path; a body of another path
+    was buffered under the listener's smaller limit before it was routed). In a policy of its
+    own: before any HTTPRoute, EG has no route table to patch, and the failure stays here."""
+    settings = settings or _settings()
+    return [
+        _patch(
+            "add",
+            upload_route(settings),
+            path="/virtual_hosts/0/routes/-",
+            kind=ROUTE_CONFIG_TYPE,
+        ),
+        _patch(
+            "add",
+            settings.audio_body_limit_bytes,
+            json_path=EVERY_ROUTE,
+            path="/request_body_buffer_limit",
+            kind=ROUTE_CONFIG_TYPE,
+        ),
+    ]
+
+
 def ratelimit_cluster() -> dict[str, Any]:
     """Our rate-limit service; its Service is headless, so Envoy balances over every pod."""
     address = f"{RATELIMIT_SERVICE}.{NAMESPACE}.svc.{CLUSTER_DOMAIN}"
@@ -426,6 +456,7 @@ def documents(settings: EnvoySettings | None = None) -> list[dict[str, Any]]:
         extension_policy(settings),
         patch_policy("arks-filters", 0, filter_patches(settings)),
         patch_policy("arks-ratelimit", 10, ratelimit_patches()),
+        patch_policy("arks-routes", 20, route_patches(settings)),
         client_traffic_policy(settings),
         backend_traffic_policy(settings),
     ]

@@ -195,6 +195,8 @@ def _decide_headers(
         return ReadBody("the body was not lifted into metadata", token)
     if req.body.invalid_json:  # or valid JSON Envoy cannot read (a number beyond 64 bits)
         return ReadBody("Envoy could not read the body: a precise answer needs it", token)
+    if req.body.model_missing:  # json_to_metadata reads a list or an object as missing too
+        return ReadBody("'model' is absent or not a scalar: a precise answer needs the body", token)
     decision = decide_route(req, req.body, token, policy, body=None)
     if isinstance(decision, Forward) and decision.weighting == PREFIX_CACHE:
         return ReadBody(

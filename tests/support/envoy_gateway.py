@@ -20,9 +20,24 @@ EG_BOOTSTRAP = REPO / "tests" / "schemas" / "envoy-gateway" / "bootstrap-custom-
 _JSON_PATH = re.compile(r"\$\.\.(\w+)\[\?\(@\.name=='([^']+)'\)\](?:\.(\w+))?")
 
 
+_EVERY = re.compile(r"\$((?:\.\w+\[\*\])+)")
+
+
 def json_pointers(document: Any, json_path: str) -> list[str]:
-    """The JSON pointers EG's JSONPath evaluation yields, for the one form our patches use:
-    `$..KEY[?(@.name=='NAME')]` with an optional `.FIELD` (recursive descent, filter on name)."""
+    """The JSON pointers EG's JSONPath evaluation yields, for the two forms our patches use:
+    `$..KEY[?(@.name=='NAME')]` with an optional `.FIELD` (recursive descent, filter on name),
+    and `$.A[*].B[*]...` (every element of nested arrays)."""
+    every = _EVERY.fullmatch(json_path)
+    if every:
+        pointers = [("", document)]
+        for key in re.findall(r"\.(\w+)\[\*\]", every.group(1)):
+            pointers = [
+                (f"{pointer}/{key}/{i}", item)
+                for pointer, node in pointers
+                if isinstance(node, dict) and isinstance(node.get(key), list)
+                for i, item in enumerate(node[key])
+            ]
+        return [pointer for pointer, _ in pointers]
     match = _JSON_PATH.fullmatch(json_path)
     assert match, f"unsupported JSONPath {json_path}"
     key, name, field = match.groups()

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import jsonpatch
 import pytest
 import yaml
 
@@ -22,6 +23,7 @@ from arks.envoy_config import (
     EnvoySettings,
     local_reply_config,
     routes,
+    upload_route,
     usage_access_log,
 )
 from arks.limits.config import parse_config
@@ -39,6 +41,7 @@ GATEWAY = one("Gateway", "arks-gateway", INSTALL)
 EXTENSION = one("EnvoyExtensionPolicy", "arks-extproc", INSTALL)
 FILTERS = one("EnvoyPatchPolicy", "arks-filters", INSTALL)
 RATELIMIT = one("EnvoyPatchPolicy", "arks-ratelimit", INSTALL)
+ROUTES = one("EnvoyPatchPolicy", "arks-routes", INSTALL)
 EG_EXT_PROC = "envoy.filters.http.ext_proc/envoyextensionpolicy/arks-system/arks-extproc/extproc/0"
 EG_CLUSTER = "envoyextensionpolicy/arks-system/arks-extproc/extproc/0"
 
@@ -260,13 +263,67 @@ def eg_listener() -> dict[str, Any]:
     }
 
 
+def eg_route_table() -> dict[str, Any]:
+    """The route table EG sends by RDS for our listener (named as it): one route per HTTPRoute
+    rule, here two endpoints' (header matches on the model and namespace, any path)."""
+
+    def route(model: str) -> dict[str, Any]:
+        return {
+            "name": f"httproute/tenant/{model}/rule/0/match/0/*",
+            "match": {
+                "prefix": "/",
+                "headers": [{"name": "x-arks-model", "string_match": {"exact": model}}],
+            },
+            "route": {"cluster": EG_CLUSTER},
+        }
+
+    return {
+        "name": "arks-system/arks-gateway/http",
+        "virtual_hosts": [
+            {
+                "name": "arks-system/arks-gateway/http/*",
+                "domains": ["*"],
+                "routes": [route("model-a"), route("model-b")],
+            }
+        ],
+    }
+
+
 @pytest.fixture(scope="module")
 def patched() -> dict[tuple[str, str], Any]:
     resources: dict[tuple[str, str], Any] = {
-        (manifests.LISTENER_TYPE, "arks-system/arks-gateway/http"): eg_listener()
+        (manifests.LISTENER_TYPE, "arks-system/arks-gateway/http"): eg_listener(),
+        (manifests.ROUTE_CONFIG_TYPE, "arks-system/arks-gateway/http"): eg_route_table(),
     }
-    apply_patches(resources, [FILTERS, RATELIMIT])
+    apply_patches(resources, [FILTERS, RATELIMIT, ROUTES])
+    # Envoy validates a listener alone: the patched table goes inline, as RDS would deliver it.
+    table = resources.pop((manifests.ROUTE_CONFIG_TYPE, "arks-system/arks-gateway/http"))
+    hcm(resources)["route_config"] = table
     return resources
+
+
+def test_envoy_gateways_routes_take_an_audio_upload_as_the_local_ones(
+    patched: dict[tuple[str, str], Any],
+) -> None:
+    """The local upload route comes after every endpoint's (matched before extproc routes a
+    request: no endpoint route matches then), and every route keeps the audio limit."""
+    (vhost,) = hcm(patched)["route_config"]["virtual_hosts"]
+    routes = vhost["routes"]
+    assert [r.get("name") for r in routes][-1] == "audio"
+    assert routes[-1] == upload_route(settings())
+    assert len(routes) == 3
+    assert {r["request_body_buffer_limit"] for r in routes} == {settings().audio_body_limit_bytes}
+
+
+def test_the_route_patches_without_a_route_table_fail_alone() -> None:
+    """Before any HTTPRoute attaches, EG's route table has no virtual host to patch: those
+    patches fail, in a policy of their own, and the filters' patches do not touch routes."""
+    empty = eg_route_table()
+    empty["virtual_hosts"] = []
+    with pytest.raises((jsonpatch.JsonPatchException, jsonpatch.JsonPointerException)):
+        apply_patches({(manifests.ROUTE_CONFIG_TYPE, empty["name"]): empty}, [ROUTES])
+    for policy in (FILTERS, RATELIMIT):
+        assert all(p["type"] != manifests.ROUTE_CONFIG_TYPE for p in policy["spec"]["jsonPatches"])
 
 
 def hcm(resources: dict[tuple[str, str], Any]) -> dict[str, Any]:

@@ -284,9 +284,12 @@ def test_paths_that_write_no_answer_reserve_no_answer_and_ignore_generation_opti
 
 @pytest.mark.parametrize("path", ["/tokenize", "/detokenize"])
 def test_tokenizer_requests_are_granted_per_model_and_take_no_tokens(
-    policy: Policy, path: str
+    alice: ArksToken, policy: Policy, path: str
 ) -> None:
-    denied(decide_headers(request(path, body=BodyFacts(model_missing=True)), policy, NOW), 400,
+    assert isinstance(
+        decide_headers(request(path, body=BodyFacts(model_missing=True)), policy, NOW), ReadBody
+    )
+    denied(decide_body(request(path, body=BodyFacts()), b"{}", alice, policy), 400,
            "missing_model")  # fmt: skip
     denied(decide_headers(request(path, body=BodyFacts(model="mistral")), policy, NOW), 403,
            "model_not_allowed")  # fmt: skip
@@ -325,12 +328,11 @@ def test_request_without_body_is_400(policy: Policy) -> None:
 @pytest.mark.parametrize(
     ("facts", "code", "mentions"),
     [
-        (BodyFacts(model_missing=True), "missing_model", "model"),
         (BodyFacts(model=42), "invalid_type", "'model'"),
         (BodyFacts(model=""), "invalid_type", "'model'"),
         (BodyFacts(model="qwen", stream="yes"), "invalid_type", "'stream'"),
     ],
-    ids=["missing-model", "number-model", "empty-model", "string-stream"],
+    ids=["number-model", "empty-model", "string-stream"],
 )
 def test_bad_body_facts_are_400(policy: Policy, facts: BodyFacts, code: str, mentions: str) -> None:
     deny = denied(decide_headers(request(body=facts), policy, NOW), 400, code)
@@ -359,9 +361,24 @@ def test_bad_bodies_are_400(
     assert mentions in deny.message
 
 
+def test_a_model_envoy_reads_as_missing_is_read_by_the_gateway(
+    alice: ArksToken, policy: Policy
+) -> None:
+    """json_to_metadata reads a `model` that is a list or an object as missing: only the body
+    tells an absent one (missing_model) from one of the wrong type (invalid_type)."""
+    decision = decide_headers(request(body=BodyFacts(model_missing=True)), policy, NOW)
+    assert isinstance(decision, ReadBody)
+    for body, code in [(raw(messages=MESSAGES), "missing_model"),
+                       (raw(model=["qwen"], messages=MESSAGES), "invalid_type"),
+                       (raw(model={"name": "qwen"}, messages=MESSAGES), "invalid_type")]:  # fmt: skip
+        denied(
+            decide_body(request(body=BodyFacts(model_missing=True)), body, alice, policy), 400, code
+        )
+
+
 def test_body_errors_have_distinct_codes(alice: ArksToken, policy: Policy) -> None:
-    cases = [BodyFacts(model_missing=True), BodyFacts(model=42)]
-    codes = [decide_headers(request(body=facts), policy, NOW) for facts in cases]
+    codes = [decide_headers(request(body=BodyFacts(model=42)), policy, NOW)]
+    codes.append(decide_body(request(body=BodyFacts()), b"{}", alice, policy))
     unreadable = decide_body(request(body=BodyFacts(invalid_json=True)), b"{x", alice, policy)
     codes.append(unreadable)
 
@@ -860,12 +877,12 @@ def test_a_model_of_another_namespace_is_unknown(policy: Policy) -> None:
 
 
 def test_a_refusal_before_the_model_is_read_names_the_token_and_an_unknown_model(
-    policy: Policy,
+    alice: ArksToken, policy: Policy
 ) -> None:
     decision = denied(decide_headers(request(path="/v1/nothing"), policy, NOW), 404, "not_found")
     assert decision.identity == Identity("default", "alice", "unknown")
     missing = denied(
-        decide_headers(request(body=BodyFacts(model_missing=True)), policy, NOW),
+        decide_body(request(body=BodyFacts(model_missing=True)), b"{}", alice, policy),
         400,
         "missing_model",
     )
