@@ -455,7 +455,7 @@ def test_openai_client_sees_typed_errors(stack: Stack) -> None:
     ("content", "status", "code"),
     [
         (b'{"model": "model-a", "messages": [', 400, "invalid_json"),
-        (b"[1, 2, 3]", 400, "missing_model"),  # valid JSON, but no object holding a model
+        (b"[1, 2, 3]", 400, "invalid_json"),  # valid JSON, but not an object
         (b'{"messages": []}', 400, "missing_model"),
         (b'{"model": 42, "messages": []}', 400, "invalid_type"),
         (b'{"model": "model-a", "stream": "yes", "messages": []}', 400, "invalid_type"),
