@@ -22,8 +22,9 @@ MANIFESTS = ROOT / "manifests"
 OUTPUT = ROOT / "charts" / "arks" / "files"
 PARTS = ("base", "gateway", "cache", "monitoring", "autoscaling")
 # Copied although no kustomization lists them: prometheus-adapter's Helm values, for a chart
-# user's `helm install prometheus-adapter ... -f` (not an object the chart renders).
-EXTRAS = ("autoscaling/prometheus-adapter-values.yaml",)
+# user's `helm install prometheus-adapter ... -f` (not an object the chart renders), and the CORS
+# SecurityPolicy, rendered with the values' origins when there are some (templates/cors.yaml).
+EXTRAS = ("autoscaling/prometheus-adapter-values.yaml", "gateway/cors.yaml")
 
 
 def files(manifests: Path = MANIFESTS) -> dict[str, str]:

@@ -554,6 +554,8 @@ def usage_access_log(settings: EnvoySettings) -> dict[str, Any]:
 CORS_FILTER = "envoy.filters.http.cors"
 # What a browser's request may carry and read. No credentials mode (the API key travels in a
 # header, not a cookie), so the wildcards hold; Authorization is never covered by a wildcard.
+CORS_METHODS = "GET, POST, OPTIONS"
+CORS_MAX_AGE_S = 600
 CORS_ALLOW_HEADERS = "authorization, x-api-key, content-type, *"
 CORS_EXPOSE_HEADERS = "x-request-id, retry-after, *"
 CORS_NO_CLUSTER_HEADER = "x-arks-no-cluster"
@@ -588,10 +590,10 @@ def cors_policy(origins: tuple[str, ...]) -> dict[str, Any]:
             {"safe_regex": {"regex": ".*"}} if origin == "*" else {"exact": origin}
             for origin in origins
         ],
-        "allow_methods": "GET, POST, OPTIONS",
+        "allow_methods": CORS_METHODS,
         "allow_headers": CORS_ALLOW_HEADERS,
         "expose_headers": CORS_EXPOSE_HEADERS,
-        "max_age": "600",
+        "max_age": str(CORS_MAX_AGE_S),
     }
 
 

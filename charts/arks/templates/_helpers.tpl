@@ -37,6 +37,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if and (eq .obj.kind "Namespace") (eq .obj.metadata.name "arks-cache") }}true
 {{- else if eq .obj.kind "Namespace" }}
 {{- if $v.namespace.create }}true{{ end }}
+{{- else if and (eq .obj.kind "SecurityPolicy") (eq .obj.metadata.name "arks-cors") }}
+{{- /* templates/cors.yaml renders it, with the values' origins */}}
 {{- else if eq (get $labels "app.kubernetes.io/name") "arks-redis" }}
 {{- if $v.redis.enabled }}true{{ end }}
 {{- else }}true{{ end }}

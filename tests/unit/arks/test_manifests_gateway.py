@@ -21,6 +21,7 @@ from arks.envoy_config import (
     CIRCUIT_BREAKERS,
     USAGE_LUA_FILE,
     EnvoySettings,
+    cors_policy,
     local_reply_config,
     routes,
     upload_route,
@@ -616,3 +617,18 @@ def test_no_plain_scalar_reads_as_a_boolean_in_go_yaml() -> None:
     text = manifests.render()
     assert not re.search(r"(:|^\s*-) [yYnN]$", text, re.MULTILINE)
     assert 'key: "n"' in text
+
+
+def test_envoy_gateways_cors_is_the_local_cors_policy() -> None:
+    """`arks up --cors-origin` and the SecurityPolicy allow the same methods and headers."""
+    local = cors_policy(("https://app.example.com", "*"))
+    cors = manifests.cors_security_policy(("https://app.example.com", "*"))["spec"]["cors"]
+    assert cors["allowOrigins"] == ["https://app.example.com", "*"]
+    assert local["allow_origin_string_match"] == [
+        {"exact": "https://app.example.com"},
+        {"safe_regex": {"regex": ".*"}},
+    ]
+    assert ", ".join(cors["allowMethods"]) == local["allow_methods"]
+    assert ", ".join(cors["allowHeaders"]) == local["allow_headers"]
+    assert ", ".join(cors["exposeHeaders"]) == local["expose_headers"]
+    assert cors["maxAge"] == f"{local['max_age']}s"

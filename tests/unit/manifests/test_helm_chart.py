@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from arks import manifests
 from arks.chart import OUTPUT, drift, files
 from controller.render.workload import RenderDefaults
 from tests.support.manifests import AUTOSCALING, INSTALL, MONITORING, where
@@ -323,3 +324,25 @@ def test_helm_refuses_values_the_schema_does_not_allow(value: str) -> None:
     with pytest.raises(subprocess.CalledProcessError) as refused:
         render(value)
     assert "values don't meet the specifications of the schema" in refused.value.stderr
+
+
+# --- CORS -------------------------------------------------------------------------------------
+
+
+def test_cors_is_off_by_default() -> None:
+    assert of(DEFAULT, "SecurityPolicy") == []
+
+
+def test_cors_origins_render_the_security_policy_of_the_manifests() -> None:
+    """The origins the values give, the rest as manifests/gateway/cors.yaml (the local CORS
+    policy's methods, headers and max age); valid against Envoy Gateway's schema."""
+    docs = render("gateway.cors.allowOrigins={https://app.example.com,https://*.example.com,*}")
+    (policy,) = of(docs, "SecurityPolicy", "arks-cors")
+    validate(policy)
+    cors = policy["spec"]["cors"]
+    assert cors["allowOrigins"] == ["https://app.example.com", "https://*.example.com", "*"]
+    expected = manifests.cors_security_policy(cors["allowOrigins"])
+    assert without_helm_labels(policy) == expected
+    assert (
+        of(render("gateway.enabled=false", "gateway.cors.allowOrigins={*}"), "SecurityPolicy") == []
+    )

@@ -67,6 +67,10 @@ UPSTREAM = {
         "gateway.envoyproxy.io_clienttrafficpolicies.yaml",
         "v1alpha1",
     ),
+    ("gateway.envoyproxy.io/v1alpha1", "SecurityPolicy"): (
+        "gateway.envoyproxy.io_securitypolicies.yaml",
+        "v1alpha1",
+    ),
     ("monitoring.coreos.com/v1", "ServiceMonitor"): (
         "monitoring.coreos.com_servicemonitors.yaml",
         "v1",
