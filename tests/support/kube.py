@@ -1031,8 +1031,10 @@ def running_kube_emulator(emulator: KubeEmulator | None = None) -> Iterator[Runn
             loop.close()
 
 
-def eventually(check: Callable[[], Any], timeout_s: float = 5.0) -> Any:
-    """Poll `check` until it returns something truthy; fail after `timeout_s`."""
+def eventually(check: Callable[[], Any], timeout_s: float = 15.0) -> Any:
+    """Poll `check` until it returns something truthy; fail after `timeout_s` (generous: it
+    only bounds a failure, and a controller starting its informers on a loaded 2-core CI
+    machine missed 5 s)."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = check()
