@@ -84,7 +84,7 @@ def _write_status(
         conditions = set_condition(conditions, "RouteAccepted", *route_accepted, generation, now)
     if picking is not None:
         conditions = set_condition(conditions, "Picking", *picking, generation, now)
-    else:  # not picking per request (any more): no condition to speak of
+    else:  # being deleted: no condition to speak of
         conditions = [c for c in conditions if c.get("type") != "Picking"]
     desired: dict[str, Any] = {**fields, "conditions": list(conditions)}
     if generation is not None:

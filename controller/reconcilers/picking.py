@@ -4,10 +4,11 @@ Part of the ArksEndpoint reconcile (`controller.reconcilers.endpoint`); the poli
 rendered by `controller.render.picking`, which says why it exists and why it lives in the
 Gateway's namespace. That placement rules out owner references, so:
 
-* while an endpoint picks per request it carries the `arks.ai/picking-policy` finalizer, added
-  before its policy is first written (a crash in between leaves no untracked policy);
+* every endpoint (whatever its weighting: a stored response names its engine) carries the
+  `arks.ai/picking-policy` finalizer, added before its policy is first written (a crash in
+  between leaves no untracked policy);
 * every reconcile deletes the endpoint's other policies (found by its uid label): those of a
-  Gateway it no longer attaches to, or all of them when it stopped picking;
+  Gateway it no longer attaches to;
 * when the endpoint is deleted, its policies go first, then the finalizer.
 
 Without Envoy Gateway's EnvoyPatchPolicy API (Envoy Gateway not installed, or an older one), the
@@ -67,8 +68,7 @@ def sync_picking_policy(
 ) -> Condition | None:
     """Bring the endpoint's EnvoyPatchPolicies to the desired state, including its deletion.
 
-    Returns the `Picking` condition to report, None for an endpoint that does not pick per
-    request (or is being deleted)."""
+    Returns the `Picking` condition to report, None for an endpoint being deleted."""
     meta = endpoint["metadata"]
     deleting = bool(meta.get("deletionTimestamp"))
     desired = None if deleting else render_picking_policy(endpoint, default_gateway)

@@ -2,10 +2,11 @@
 
 An ArksEndpoint on `weighting: least-load` or `prefix-cache` has extproc pick the engine pod of
 each request and name it in `x-gateway-destination-endpoint` and metadata `envoy.lb` (see
-`arks.envoy_config`). Envoy Gateway builds one cluster per HTTPRoute rule, named
-`httproute/<namespace>/<route>/rule/<index>`, over the ready endpoints of the rule's Services,
-balanced by least request; it reads neither the header nor the metadata. So each such endpoint
-gets an EnvoyPatchPolicy that sets that cluster's `load_balancing_policy` to the one the local
+`arks.envoy_config`); on any weighting, a request about a stored response (the Responses API:
+`GET /v1/responses/{id}`, `previous_response_id`) names the engine that holds it. Envoy Gateway
+builds one cluster per HTTPRoute rule, named `httproute/<namespace>/<route>/rule/<index>`, over
+the ready endpoints of the rule's Services, balanced by least request; it reads neither the
+header nor the metadata. So each endpoint gets an EnvoyPatchPolicy that sets that cluster's `load_balancing_policy` to the one the local
 stack's clusters use: `override_host` (the picked host, if it is one of the cluster's own),
 falling back to Envoy Gateway's default, locality-weighted least request (the route's weights).
 
@@ -23,8 +24,7 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
-from arks.api import WEIGHTED
-from arks.envoy_config import PICKED_WEIGHTINGS, picked_host_policy
+from arks.envoy_config import picked_host_policy
 from arks.manifests import CLUSTER_TYPE, EG_VERSION
 from arks.wire import (
     ANNOTATION_ENDPOINT,
@@ -38,10 +38,6 @@ from arks.wire import (
 from controller.render.endpoint import DEFAULT_GATEWAY
 
 _MAX_NAME = 253
-
-
-def picks_per_request(endpoint: Mapping[str, Any]) -> bool:
-    return (endpoint.get("spec") or {}).get("weighting", WEIGHTED) in PICKED_WEIGHTINGS
 
 
 def gateway_of(
@@ -70,12 +66,12 @@ def picking_policy_name(namespace: str, name: str) -> str:
 
 def render_picking_policy(
     endpoint: Mapping[str, Any], default_gateway: Mapping[str, str] = DEFAULT_GATEWAY
-) -> dict[str, Any] | None:
-    """The EnvoyPatchPolicy giving the endpoint's route cluster the host override, or None for
-    an endpoint that does not pick per request. The HTTPRoute has the endpoint's name and one
+) -> dict[str, Any]:
+    """The EnvoyPatchPolicy giving the endpoint's route cluster the host override. Every
+    endpoint has one: a stored response (the Responses API) lives on the engine that made it,
+    and extproc names that engine whatever the endpoint's weighting; with no engine named the
+    cluster balances as Envoy Gateway made it. The HTTPRoute has the endpoint's name and one
     rule (`controller.render.endpoint.render_httproute`)."""
-    if not picks_per_request(endpoint):
-        return None
     meta = endpoint["metadata"]
     namespace, name = str(meta["namespace"]), str(meta["name"])
     gateway_namespace, gateway = gateway_of(endpoint, default_gateway)

@@ -125,6 +125,7 @@ def test_deleting_the_endpoint_cascades_to_the_route(api: ApiClient, ns: str) ->
     reconcile_endpoint(api, (ns, SERVED))
     assert get(api, HTTPROUTES, ns, SERVED) is not None
     rest.request(api, "DELETE", ENDPOINTS.path(ns, SERVED))
+    reconcile_endpoint(api, (ns, SERVED))  # its EnvoyPatchPolicy goes, then its finalizer
     eventually(lambda: get(api, HTTPROUTES, ns, SERVED) is None)
     reconcile_endpoint(api, (ns, SERVED))  # a gone endpoint is nothing to do
     assert get(api, HTTPROUTES, ns, SERVED) is None

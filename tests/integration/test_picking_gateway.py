@@ -182,6 +182,7 @@ class Gateway:
     api: ApiClient
     url: str
     ports: dict[str, int]
+    metrics_url: str
 
     def loads(self, **waiting: int) -> None:
         for name in ENGINES:
@@ -270,7 +271,12 @@ def gateway(
             ],
         )
         wait_http(envoy, f"http://127.0.0.1:{settings.admin_port}/ready")
-        ready = Gateway(api, f"http://127.0.0.1:{settings.listen_port}", ports)
+        ready = Gateway(
+            api,
+            f"http://127.0.0.1:{settings.listen_port}",
+            ports,
+            f"http://127.0.0.1:{metrics_port}/metrics",
+        )
         with (
             ready.client() as client
         ):  # fail closed: 503 until extproc knows the engines and their load
@@ -310,3 +316,56 @@ def test_a_pod_that_turns_unready_is_no_longer_picked(gateway: Gateway) -> None:
     b = endpoint_slice(gateway.ports["b"], ready=True)
     rest.request(gateway.api, "PUT", ENDPOINTSLICES.path(NS, b["metadata"]["name"]), body=b)
     gateway.picks_move_to("b")
+
+
+def picks_so_far(gateway: Gateway) -> float:
+    text = httpx.get(gateway.metrics_url, timeout=5).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("arks_picks_total{")
+    )
+
+
+def test_a_stored_response_reaches_its_engine_on_an_endpoint_balanced_by_weight(
+    gateway: Gateway,
+) -> None:
+    """Runs last: the endpoint stops picking. Its EnvoyPatchPolicy stays (the controller writes
+    it for every endpoint), so `GET /v1/responses/{id}` still reaches the engine that holds
+    the response through Envoy Gateway's cluster, though nothing picks per request any more."""
+    gateway.loads()  # idle again
+    rest.request(
+        gateway.api,
+        "PATCH",
+        ENDPOINTS.path(NS, MODEL),
+        body={"spec": {"weighting": "weighted"}},
+        content_type=rest.MERGE_PATCH,
+    )
+    reconcile_endpoint(gateway.api, (NS, MODEL))
+    assert get(gateway.api, PATCH_POLICIES, "arks-system", picking_policy_name(NS, MODEL))
+    with gateway.client() as client:
+
+        def picked_one() -> bool:
+            before = picks_so_far(gateway)
+            gateway.ask(client)
+            return picks_so_far(gateway) > before
+
+        wait_for(picked_one, lambda picked: not picked, timeout=20)  # extproc saw the change
+        homes: dict[str, str] = {}
+        for _ in range(6):
+            answer = client.post("/v1/responses", json={"model": MODEL, "input": "hi"})
+            assert answer.status_code == 200, answer.text
+            homes[answer.json()["id"]] = answer.headers["x-sim-instance"]
+        for response_id, home in homes.items():
+            # The first may come before the gateway heard where the response was stored.
+            wait_for(
+                lambda rid=response_id: client.get(f"/v1/responses/{rid}"),
+                lambda got, home=home: (
+                    got.status_code == 200 and got.headers["x-sim-instance"] == home
+                ),
+                timeout=10,
+            )
+            for _ in range(3):
+                got = client.get(f"/v1/responses/{response_id}")
+                assert got.status_code == 200, got.text
+                assert got.headers["x-sim-instance"] == home

@@ -1,6 +1,7 @@
-"""The EnvoyPatchPolicy of a picking ArksEndpoint against the Kubernetes API emulator: written
-beside the endpoint's Gateway, moved with it, dropped when the endpoint stops picking, and
-deleted with the endpoint through the finalizer (no owner reference crosses namespaces)."""
+"""The EnvoyPatchPolicy of an ArksEndpoint against the Kubernetes API emulator: written beside
+the endpoint's Gateway, moved with it, kept whatever the weighting (a stored response names its
+engine), and deleted with the endpoint through the finalizer (no owner reference crosses
+namespaces)."""
 
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def test_a_picking_endpoint_gets_its_policy_beside_the_gateway_and_keeps_it_stea
     assert len(before) == 2 and versions() == before  # a second pass writes nothing
 
 
-def test_the_policy_moves_with_the_gateway_and_goes_when_picking_stops(
+def test_the_policy_moves_with_the_gateway_and_stays_whatever_the_weighting(
     api: ApiClient, ns: str
 ) -> None:
     create_endpoint(
@@ -104,12 +105,12 @@ def test_the_policy_moves_with_the_gateway_and_goes_when_picking_stops(
     reconcile_endpoint(api, (ns, MODEL))
     assert policies(api, ns) == [(f"{ns}-b", picking_policy_name(ns, MODEL))]
 
+    # Balanced by weight, it keeps the host override: a stored response names its engine.
     patch_spec(api, ns, weighting="weighted")
     reconcile_endpoint(api, (ns, MODEL))
-    assert policies(api, ns) == []
-    assert PICKING_FINALIZER not in finalizers(api, ns)
-    assert picking_condition(api, ns) is None
-    assert get(api, HTTPROUTES, ns, MODEL) is not None  # routing by weight goes on
+    assert policies(api, ns) == [(f"{ns}-b", picking_policy_name(ns, MODEL))]
+    assert PICKING_FINALIZER in finalizers(api, ns)
+    assert get(api, HTTPROUTES, ns, MODEL) is not None
 
 
 def test_deleting_the_endpoint_deletes_its_policy_first(api: ApiClient, ns: str) -> None:
