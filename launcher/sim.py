@@ -55,6 +55,7 @@ H_OMIT_USAGE = "x-sim-omit-usage"
 H_INSTANCE = "x-sim-instance"
 H_LINGER_MS = "x-sim-linger-ms"  # a stream stays open this long after [DONE] before it ends
 H_TOTAL_ONLY = "x-sim-usage-total-only"  # a rerank's usage as vLLM wrote it before prompt_tokens
+H_SGLANG_RERANK = "x-sim-sglang-rerank"  # a rerank answered as SGLang's: a list, no usage
 H_AUDIO_TOKENS = (
     "x-sim-audio-tokens"  # a transcription's usage in tokens (input,output), not seconds
 )
@@ -1108,12 +1109,15 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
 
 # A pooling answer from the request's body, its model and its prompt tokens (without usage).
-Answer = Callable[[Mapping[str, Any], str, int], dict[str, Any]]
+Answer = Callable[[Mapping[str, Any], str, int], Any]
 
 
-def pooled(answer: Answer, usage: Callable[[int], dict[str, Any]] = pooling_usage) -> Handler:
+def pooled(
+    answer: Answer, usage: Callable[[int], dict[str, Any]] = pooling_usage, omit_usage: bool = False
+) -> Handler:
     """A handler for an endpoint that reads its prompt and writes no tokens (embeddings, rerank,
-    score, pooling, classify): one prefill, then a JSON answer with the prompt's usage."""
+    score, pooling, classify): one prefill, then a JSON answer with the prompt's usage (none
+    with `omit_usage`: an answer that is not an object)."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
         arrival = asyncio.get_running_loop().time()
@@ -1128,7 +1132,7 @@ def pooled(answer: Answer, usage: Callable[[int], dict[str, Any]] = pooling_usag
                 drop_connection(request)
                 return web.Response()
             engine.finished(model, "stop", asyncio.get_running_loop().time() - arrival)
-        if not plan.omit_usage:
+        if not (plan.omit_usage or omit_usage):
             out["usage"] = usage(plan.prompt_tokens)
         return json_response(out)
 
@@ -1208,7 +1212,29 @@ def rerank_usage(request: web.Request) -> Callable[[int], dict[str, Any]]:
     return usage
 
 
+def sglang_rerank_answer(body: Mapping[str, Any], model: str, prompt_tokens: int) -> Any:
+    """SGLang's /v1/rerank answer: a bare list of {score, document, index, meta_info}, by
+    relevance, with no usage object (each item's meta_info has its own pair's prompt tokens)."""
+    results = rerank_answer(body, model, prompt_tokens)["results"]
+    each = prompt_tokens // max(len(results), 1)
+    return [
+        {
+            "score": r["relevance_score"],
+            "document": r["document"]["text"],
+            "index": r["index"],
+            "meta_info": {
+                "id": secrets.token_hex(16),
+                "finish_reason": None,
+                "prompt_tokens": each,
+            },
+        }
+        for r in results
+    ]
+
+
 async def rerank(request: web.Request) -> web.StreamResponse:
+    if request.headers.get(H_SGLANG_RERANK):
+        return await pooled(sglang_rerank_answer, omit_usage=True)(request)
     return await pooled(rerank_answer, rerank_usage(request))(request)
 
 

@@ -167,6 +167,24 @@ def test_a_pooling_answer_without_usage_is_charged_the_bodys_prompt(
     assert charged == Usage(requests=1, prompt=count_prompt(body), completion=0, estimated=1)
 
 
+def test_sglangs_rerank_answer_a_list_without_usage_is_charged_the_bodys_prompt(
+    pooling_stack: Stack,
+) -> None:
+    """SGLang answers /v1/rerank with a bare list (per item `meta_info`, no usage object): the
+    answer passes whole and the request is charged the estimate of its body's prompt."""
+    body = {"model": "model-a", **BODIES["/v1/rerank"]}
+    before = pooling_stack.usage("pooler", "model-a")
+
+    answer = post(pooling_stack, "/v1/rerank", body, **{"x-sim-sglang-rerank": "1"})
+
+    assert answer.status_code == 200, answer.text
+    ranked = answer.json()
+    assert isinstance(ranked, list) and len(ranked) == body["top_n"]
+    assert all(0 <= item["index"] < len(DOCS) and "meta_info" in item for item in ranked)
+    charged = pooling_stack.wait_usage("pooler", "model-a", before)
+    assert charged == Usage(requests=1, prompt=count_prompt(body), completion=0, estimated=1)
+
+
 def test_tokenizer_requests_count_against_rpm_and_cost_no_tokens(pooling_stack: Stack) -> None:
     """tpm 1 refuses any request that reserves a token; rpm 3 lets three through."""
     text = "The lighthouse keeper counted the ships. " * 50
