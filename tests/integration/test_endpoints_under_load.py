@@ -21,15 +21,13 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from arks.api import token_digest
 from arks.tokens import count_prompt
-from launcher.procs import Supervisor, free_port, wait_http
+from launcher.procs import free_port
 from launcher.sim import H_INSTANCE, H_OUTPUT_TOKENS
-from launcher.stack import LocalStack, StackSettings
 from tests.support.objects import endpoint, pool, token
-from tests.support.stack import Stack, Usage
+from tests.support.stack import Stack, Usage, pooled_stack
 
 pytestmark = pytest.mark.timeout(180)
 HEAVY = "sk-arks-test-heavy-4b2e"  # the concurrent mix
@@ -54,28 +52,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         token("hostile", [MODEL], tokenHash=token_digest(HOSTILE)),
         token("keeper", [MODEL], tokenHash=token_digest(KEEPER)),
     ]
-    (tmp / "policy.yaml").write_text(yaml.safe_dump_all(documents))
-    with Supervisor(log_dir=tmp / "logs") as sims:
-        engines = {
-            name: sims.python(
-                f"sim-{name}", "launcher.sim", "--port", str(port), "--model", MODEL,
-                "--name", f"sim-{name}", "--ttft-ms", "5", "--tpot-ms", "1",
-            )
-            for name, port in ports.items()
-        }  # fmt: skip
-        for name, port in ports.items():
-            wait_http(engines[name], f"http://127.0.0.1:{port}/health")
-        settings = StackSettings(
-            policy=tmp / "policy.yaml",
-            state_dir=tmp / "state",
-            port=free_port(),
-            admin_port=free_port(),
-            metrics_port=free_port(),
-            controller_metrics_port=free_port(),
-            simulate=False,
-        )
-        with LocalStack(settings) as local:
-            yield Stack(local, tmp / "policy.yaml", documents, ports, engines)
+    with pooled_stack(tmp, documents, ports, MODEL) as running:
+        yield running
 
 
 def concurrent_http(stack: Stack, clients: int) -> httpx.Client:

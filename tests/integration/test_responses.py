@@ -15,15 +15,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import yaml
 
 from arks.api import token_digest
 from arks.tokens import count_prompt
-from launcher.procs import Supervisor, free_port, wait_http
+from launcher.procs import free_port
 from launcher.sim import H_INSTANCE, TOKEN
-from launcher.stack import LocalStack, StackSettings
 from tests.support.objects import endpoint, pool, token
-from tests.support.stack import Stack, Usage
+from tests.support.stack import Stack, Usage, pooled_stack
 
 pytestmark = pytest.mark.timeout(180)
 KEY = "sk-arks-test-responses-5a7e"
@@ -44,28 +42,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         endpoint(MODEL, "pool", namespace="team-b", weighting="static"),
         token("carol", [MODEL], namespace="team-b", tokenHash=token_digest(OTHER)),
     ]
-    (tmp / "policy.yaml").write_text(yaml.safe_dump_all(documents))
-    with Supervisor(log_dir=tmp / "logs") as sims:
-        engines = {
-            name: sims.python(
-                f"sim-{name}", "launcher.sim", "--port", str(port), "--model", MODEL,
-                "--name", f"sim-{name}", "--ttft-ms", "5", "--tpot-ms", "1",
-            )
-            for name, port in ports.items()
-        }  # fmt: skip
-        for name, port in ports.items():
-            wait_http(engines[name], f"http://127.0.0.1:{port}/health")
-        settings = StackSettings(
-            policy=tmp / "policy.yaml",
-            state_dir=tmp / "state",
-            port=free_port(),
-            admin_port=free_port(),
-            metrics_port=free_port(),
-            controller_metrics_port=free_port(),
-            simulate=False,
-        )
-        with LocalStack(settings) as local:
-            yield Stack(local, tmp / "policy.yaml", documents, ports, engines)
+    with pooled_stack(tmp, documents, ports, MODEL) as running:
+        yield running
 
 
 def client(stack: Stack, key: str = KEY) -> openai.OpenAI:

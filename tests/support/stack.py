@@ -215,3 +215,34 @@ def running_stack(
         )
         with LocalStack(settings) as local:
             yield Stack(local, policy_path, documents, ports, engines)
+
+
+@contextlib.contextmanager
+def pooled_stack(
+    tmp: Path, documents: list[dict], ports: dict[str, int], model: str
+) -> Iterator[Stack]:
+    """A simulated engine serving `model` per name of `ports` (`sim-<name>` on its port, 5 ms
+    to the first token, 1 ms a token), the policy `documents` (which place them, e.g.
+    `pool("pool", list(ports.values()))`), and the local stack without its own simulators."""
+    (tmp / "policy.yaml").write_text(yaml.safe_dump_all(documents))
+    with Supervisor(log_dir=tmp / "logs") as sims:
+        engines = {
+            name: sims.python(
+                f"sim-{name}", "launcher.sim", "--port", str(port), "--model", model,
+                "--name", f"sim-{name}", "--ttft-ms", "5", "--tpot-ms", "1",
+            )
+            for name, port in ports.items()
+        }  # fmt: skip
+        for name, port in ports.items():
+            wait_http(engines[name], f"http://127.0.0.1:{port}/health")
+        settings = StackSettings(
+            policy=tmp / "policy.yaml",
+            state_dir=tmp / "state",
+            port=free_port(),
+            admin_port=free_port(),
+            metrics_port=free_port(),
+            controller_metrics_port=free_port(),
+            simulate=False,
+        )
+        with LocalStack(settings) as local:
+            yield Stack(local, tmp / "policy.yaml", documents, ports, engines)
