@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -322,6 +323,11 @@ async def serve(settings: Settings) -> None:
         authz_grpc.add_AuthorizationServicer_to_server(EarlyAuth(ctx), server)
 
     grpc_server = await start_grpc(settings.grpc_address, register)
+    # What start-up made (modules, protobuf descriptors, the clients, the policy so far) lives as
+    # long as the process: frozen, the collector's full passes no longer walk it, and they were
+    # the request loop's longest stalls (chat at c=1: p99.9 17-20 ms -> 6 ms, max 36-40 ms -> 7-9
+    # ms; p50 and CPU per request unchanged).
+    gc.freeze()
     start_http_server(settings.metrics_port, settings.metrics_address, registry=metrics.registry)
     log.info(
         "extproc serving gRPC on %s, metrics on %s:%d",
