@@ -288,10 +288,12 @@ HOW_TO_READ = f"""\
   server; the gateway's extproc, including its access-log receiver), not the engine nor Envoy,
   over the measurement, divided by the requests completed. It is read from each process's CPU
   clock: the total `/proc/<pid>/stat` gives in fields 14+15, at ns rather than 10 ms resolution.
-  **Envoy CPU µs/req** is the same for Envoy, for context: the gateway's Envoy also runs the
-  native `json_to_metadata` / `sse_to_metadata` filters and the access log.
+  **Envoy CPU µs/req** is the same for Envoy, for context: the gateway's Envoy also runs
+  `json_to_metadata`, the Lua filters (credentials, form, usage) and the access log.
 - **+p50 / +p99 vs plain** is the latency the configuration adds over plain Envoy. The p50 budget
   is the gateway's added p50 ÷ the floor's (≤ 1.5); the p99 budget is absolute (≤ 2 ms).
+  **p99.9 ms** shows the stalls p99 hides (at concurrency 1, a few requests of a run: read it
+  as an order of magnitude, not to 0.1 ms).
 - Python CPU per request is not a constant: a process that idles between requests pays more
   per request (cold caches, gRPC's poller thread waking the event loop), so at concurrency 1 a
   configuration whose answers take longer looks costlier per request for the same work. The

@@ -29,6 +29,10 @@ class Measurement:
     def p99(self) -> float:
         return self.load.percentile_ms(99)
 
+    @property
+    def p999(self) -> float:
+        return self.load.percentile_ms(99.9)
+
     def _per_request_us(self, seconds: float) -> float:
         return seconds / self.load.requests * 1e6 if self.load.requests else math.nan
 
@@ -186,6 +190,7 @@ HEADER = [
     "config",
     "p50 ms",
     "p99 ms",
+    "p99.9 ms",
     "+p50 vs plain",
     "+p99 vs plain",
     "req/s",
@@ -217,6 +222,7 @@ def workload_rows(workload: Workload, results: Results) -> list[list[str]]:
                 label,
                 f"{m.p50:.3f}",
                 f"{m.p99:.3f}",
+                f"{m.p999:.3f}",
                 *added,
                 f"{m.load.rps:.0f}",
                 "—" if config == "plain" else f"{m.python_us:.0f}",
