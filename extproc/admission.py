@@ -17,11 +17,12 @@ from datetime import UTC, datetime
 
 import orjson
 
-from arks.api import ObjectKey, Qos
+from arks.api import ArksQuota, ObjectKey, Qos
 from arks.limits.backends import BackendUnavailable
 from arks.limits.budgets import BudgetStore, Charge, Lease
+from arks.limits.decision import LimitRequest
 from arks.limits.limiter import Limiter
-from arks.policy import PolicySource
+from arks.policy import Policy, PolicySource
 from arks.tokens import BYTES_PER_TOKEN
 from arks.wire import METADATA_NAMESPACE
 from extproc import qos, quota
@@ -31,12 +32,43 @@ from extproc.reservation import Reservation
 
 log = logging.getLogger(__name__)
 
+MAX_PLANS = 100_000  # admission plans kept (one per tenant, model and grant); then made afresh
+
 
 def _concurrency(grant: Qos | None) -> int | None:
     for limit in grant.rate_limits if grant else ():
         if limit.type == "concurrency":
             return limit.value
     return None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What admission derives from a grant alone, the same for every request of one tenant and
+    model under one policy: worked out once, not per request."""
+
+    grant: Qos | None  # the grant it was made for (plans are found by its identity)
+    rate_limits: LimitRequest | None  # rpm/rpd for the limiter
+    token_limits: Mapping[str, int]  # tpm/tpd budgets (empty when the path is not charged)
+    concurrency: int | None
+    concurrency_key: str
+    quota: ArksQuota | None  # the grant's quota, when the path is charged
+
+
+def _plan(policy: Policy, identity: Identity, grant: Qos | None, charged: bool) -> _Plan:
+    found = (
+        policy.quotas.get(ObjectKey(identity.namespace, grant.quota))
+        if grant and grant.quota and charged
+        else None
+    )
+    return _Plan(
+        grant,
+        qos.admission(identity, grant),
+        qos.token_limits(grant) if charged else {},
+        _concurrency(grant),
+        quota.concurrency_key(identity),
+        found,
+    )
 
 
 @dataclass
@@ -61,17 +93,36 @@ class AdmissionControl:
     # restored (the quota snapshots follow each one; a charge made in a wiped store is in the
     # store's own figure, which the restore adds the snapshot to).
     on_settled: Callable[[Mapping[str, int]], None] = lambda totals: None
+    # Plans by tenant and model, grant (by identity: hashing one walks all its limits) and path
+    # charging, for the policy they were made under.
+    _plans: dict[tuple[Identity, int, bool], _Plan] = field(
+        default_factory=dict, init=False, repr=False
+    )
+    _plans_policy: Policy | None = field(default=None, init=False, repr=False)
+
+    def _plan_for(self, decision: Forward) -> _Plan:
+        policy = self.policy.current()
+        if policy is not self._plans_policy or len(self._plans) > MAX_PLANS:
+            self._plans.clear()
+            self._plans_policy = policy
+        grant = decision.qos
+        key = (decision.identity, id(grant), decision.charged)
+        found = self._plans.get(key)
+        if found is None or found.grant is not grant:
+            found = self._plans[key] = _plan(policy, decision.identity, grant, decision.charged)
+        return found
 
     async def admit(self, info: RequestInfo, decision: Decision) -> Decision:
         """Forward with what was reserved, or a refusal. All or nothing: a request refused by any
         check (budgets, then rpm/rpd) is charged by none, so refusals never use up an allowance."""
         if not isinstance(decision, Forward):
             return decision
-        leases, reservation = self._leases(info, decision)
+        plan = self._plan_for(decision)
+        leases, reservation = self._leases(info, decision, plan)
         admitted = await self._take_budgets(info, decision, leases, reservation)
         if not isinstance(admitted, Forward):
             return admitted
-        limited = await self._rate_limits(decision)
+        limited = await self._rate_limits(plan.rate_limits)
         if limited is not None:
             if leases:  # give back what the budgets reserved for it
                 released = [Charge(lease.key, 0, lease.expires_at) for lease in leases]
@@ -148,8 +199,7 @@ class AdmissionControl:
         metadata = {**decision.metadata[METADATA_NAMESPACE], **reservation.metadata()}
         return dataclasses.replace(decision, metadata={METADATA_NAMESPACE: metadata})
 
-    async def _rate_limits(self, decision: Forward) -> Deny | None:
-        request = qos.admission(decision.identity, decision.qos)
+    async def _rate_limits(self, request: LimitRequest | None) -> Deny | None:
         if request is None:
             return None
         answer = await self.limiter.decide(request, all_or_nothing=True)
@@ -169,16 +219,14 @@ class AdmissionControl:
             reason=over[0] if over and over[0] in qos.REQUEST_LIMITS else "",
         )
 
-    def _leases(self, info: RequestInfo, decision: Forward) -> tuple[list[Lease], Reservation]:
-        identity, grant = decision.identity, decision.qos
+    def _leases(
+        self, info: RequestInfo, decision: Forward, plan: _Plan
+    ) -> tuple[list[Lease], Reservation]:
+        identity = decision.identity
         now = self.clock()
         leases: list[Lease] = []
         quota_name = None
-        found = (
-            self.policy.current().quotas.get(ObjectKey(identity.namespace, grant.quota))
-            if grant and grant.quota and decision.charged
-            else None
-        )
+        found = plan.quota
         if found is not None:
             prompt, completion = (
                 prompt_reservation(info, decision),
@@ -188,13 +236,12 @@ class AdmissionControl:
                 found, identity.model, prompt, completion, datetime.fromtimestamp(now, UTC)
             )
             quota_name = found.key.name
-        limits = qos.token_limits(grant) if decision.charged else {}
-        if limits:
+        if plan.token_limits:
             estimate = prompt_reservation(info, decision) + self._completion_estimate(decision)
-            leases += quota.token_rate_leases(identity, limits, estimate, now)
-        concurrency = _concurrency(grant)
+            leases += quota.token_rate_leases(identity, plan.token_limits, estimate, now)
+        concurrency = plan.concurrency
         if concurrency is not None:
-            leases.append(Lease(quota.concurrency_key(identity), concurrency, 1))
+            leases.append(Lease(plan.concurrency_key, concurrency, 1))
         return leases, Reservation(now, quota_name, concurrency is not None)
 
     def _completion_estimate(self, decision: Forward) -> int:

@@ -89,6 +89,21 @@ def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
     )
 
 
+_SET_HEADERS: dict[tuple[str, str], base_pb2.HeaderValueOption] = {}
+MAX_CACHED_HEADERS = 10_000
+
+
+def _set_header(name: str, value: str) -> base_pb2.HeaderValueOption:
+    """A routing header (a tenant's namespace, user, model): the same few values on every
+    request, built once. Adding a message to a repeated field copies it, so one can be shared."""
+    found = _SET_HEADERS.get((name, value))
+    if found is None:
+        if len(_SET_HEADERS) >= MAX_CACHED_HEADERS:
+            _SET_HEADERS.clear()
+        found = _SET_HEADERS[(name, value)] = _header(name, value)
+    return found
+
+
 _JSON_CONTENT_TYPE = _header("content-type", "application/json")
 
 
@@ -154,7 +169,7 @@ def read_body(_: ReadBody) -> ep.ProcessingResponse:
 
 def _forward_common(decision: Forward, destination: str | None) -> ep.CommonResponse:
     # Envoy applies removals before sets: a client's destination header, removed, is replaced by ours.
-    set_headers = [_header(k, v) for k, v in decision.set_headers]
+    set_headers = [_set_header(k, v) for k, v in decision.set_headers]
     if destination is not None:
         set_headers.append(_header(DESTINATION_HEADER, destination))
     body_mutation = None
@@ -264,7 +279,9 @@ def finished(entry: accesslog_pb2.HTTPAccessLogEntry) -> Finished | None:
         answer_sample=_sample(ours, "answer_sample"),
         answer_head=_sample(ours, "answer_head"),
         limits=_limits(fields),
-        reservation=Reservation.from_metadata({k: _struct_value(v) for k, v in fields.items()}),
+        reservation=Reservation.from_metadata(
+            {k: _struct_value(fields[k]) for k in Reservation.FIELDS if k in fields}
+        ),
         duration_s=_seconds(common, "duration"),
         first_byte_s=_first_byte_seconds(common, _number(fields, "first_byte_ms")),
         upstream_s=_upstream_seconds(common),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 
 @dataclass(frozen=True)
@@ -14,6 +15,8 @@ class Reservation:
     admitted_at: float  # epoch seconds: the quota periods to settle into
     quota: str | None = None
     concurrency: bool = False
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("admitted_at", "quota", "concurrency")  # its metadata
 
     def metadata(self) -> dict[str, object]:
         out: dict[str, object] = {"admitted_at": self.admitted_at}

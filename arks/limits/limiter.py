@@ -12,7 +12,7 @@ from arks.limits.backends import BackendUnavailable, CounterBackend
 from arks.limits.config import RateLimitConfig
 from arks.limits.decision import Answer, LimitRequest, Status, answer, hits_for, limits_for
 from arks.limits.metrics import RateLimitMetrics
-from arks.limits.model import Outcome, RateLimit
+from arks.limits.model import Hit, Outcome, RateLimit
 from arks.metric_rules import UNKNOWN
 
 log = logging.getLogger(__name__)
@@ -38,12 +38,30 @@ class Limiter:
     # overrides); with the configured ones, the domains shown as themselves in metrics.
     own_domains: frozenset[str] = frozenset()
     _cache: dict[tuple[str, str], _Series] = field(default_factory=dict, repr=False)
+    # Requests whose every descriptor carries its limit (overrides: the configuration plays no
+    # part), by identity: a caller that asks the same request object again (the gateway's
+    # admission plans) gets its limits and counters worked out once. The entry holds the request,
+    # so its id is not reused while cached.
+    _prepared: dict[int, _Prepared] = field(default_factory=dict, repr=False)
+
+    def _limits_and_hits(
+        self, request: LimitRequest
+    ) -> tuple[list[RateLimit | None], list[Hit | None]]:
+        found = self._prepared.get(id(request))
+        if found is not None and found.request is request:
+            return found.limits, found.hits
+        limits = limits_for(request, self.config().lookup)
+        hits = hits_for(request, limits)
+        if all(d.override is not None for d in request.descriptors):
+            if len(self._prepared) >= MAX_PREPARED:
+                self._prepared.clear()
+            self._prepared[id(request)] = _Prepared(request, limits, hits)
+        return limits, hits
 
     async def decide(self, request: LimitRequest, *, all_or_nothing: bool = False) -> Answer:
         """The answer to `request`, its hits charged. envoyproxy/ratelimit charges over-limit hits
         too; with `all_or_nothing` (admission) a refused request is charged nothing."""
-        limits = limits_for(request, self.config().lookup)
-        hits = hits_for(request, limits)
+        limits, hits = self._limits_and_hits(request)
         charged = [h for h in hits if h is not None]
         outcomes: list[Outcome | None]
         try:
@@ -124,6 +142,15 @@ class Limiter:
                 )
             )
         return found
+
+
+MAX_PREPARED = 100_000
+
+
+class _Prepared(NamedTuple):
+    request: LimitRequest
+    limits: list[RateLimit | None]
+    hits: list[Hit | None]
 
 
 class _Series(NamedTuple):

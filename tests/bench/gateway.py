@@ -2,10 +2,12 @@
 
     .venv/bin/python -m tests.bench.gateway --out docs/benchmarks.md [--duration 8] [--quick] [--only gateway|ratelimit|traffic|estimates|policy|latency|ledger|ledger-cpu]
 
-One simulated engine serves three configurations (see `targets.py`): plain Envoy, Envoy with a
-do-nothing Python ext_proc (the floor), and the full gateway. Each workload runs against all
-three, interleaved (plain, floor, gateway, then gateway, floor, plain, ...) so that the noise of
-a shared 2-core machine lands on all of them alike. Only ratios between them mean anything.
+One simulated engine serves four configurations (see `targets.py`): plain Envoy, Envoy with a
+do-nothing Python ext_proc (the floor), the floor plus the usage channel (the gateway's batched
+access log into a do-nothing receiver: the second floor), and the full gateway. Each workload
+runs against all four, interleaved (plain, floor, floor-usage, gateway, then in reverse, ...) so
+that the noise of a shared 2-core machine lands on all of them alike. Only ratios between them
+mean anything.
 Then the rate-limit service's part (`tests/bench/ratelimit.py`), the traffic control plane's
 part (`tests/bench/traffic.py`), the usage estimates' (`tests/bench/estimates.py`), the
 cluster policy's (`tests/bench/policy.py`), the latency histograms' (`tests/bench/latency.py`)
@@ -221,10 +223,13 @@ def run(settings: Settings) -> tuple[Results, list[Workload]]:
         floor = targets.start_baseline(
             sup, work, engine_port, settings.envoy_concurrency, floor=True
         )
+        floor_usage = targets.start_baseline(
+            sup, work, engine_port, settings.envoy_concurrency, floor=True, usage_channel=True
+        )
         gateway = stack.enter_context(
             targets.gateway(work, engine_port, token, settings.envoy_concurrency)
         )
-        configs = [plain, floor, gateway]
+        configs = [plain, floor, floor_usage, gateway]
         for workload in workloads:
             for target in configs:
                 preflight(target.url, workload, token, target.name)
@@ -279,7 +284,11 @@ HOW_TO_READ = f"""\
 - **plain** is Envoy with only the router in front of the simulated engine: no Python on the
   path, the physical limit of this design. **floor** adds an `ext_proc` filter calling a
   do-nothing Python server (`tests/bench/floor_extproc.py`) that answers the request-headers
-  message and nothing else: no Python gateway can be cheaper. **gateway** is the full local stack
+  message and nothing else: no Python gateway can be cheaper. **floor-usage** (the second floor)
+  adds the usage channel: the gateway's batched gRPC access log (same filter, same flush
+  settings) into a receiver that reads nothing, and an ext_proc answer carrying constant
+  metadata of the gateway's shape, so its entries are as large as the gateway's. The gateway
+  against it shows what its own code costs beyond the structure. **gateway** is the full local stack
   (`launcher.stack.LocalStack`: the gateway's filter chain, extproc with auth, routing, quota and
   usage via the gRPC access log).
 - The machine is shared and noisy, so absolute figures drift from run to run; the budgets are

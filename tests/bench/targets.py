@@ -2,6 +2,8 @@
 
 - plain: Envoy with only the router (no Python on the path: the physical limit);
 - floor: the same plus ext_proc to a do-nothing Python server (`floor_extproc`);
+- floor-usage: the floor plus the usage channel: the gateway's batched gRPC access log to the
+  same do-nothing server, which also answers with metadata of the gateway's shape;
 - gateway: the full local stack (`launcher.stack.LocalStack`) without simulators.
 
 Each is a running Envoy on a loopback port plus the processes whose CPU we count.
@@ -20,13 +22,14 @@ from typing import Any
 import yaml
 
 from arks.api import token_digest
-from arks.envoy_config import EXTPROC_CLUSTER, EnvoySettings, extproc_cluster
+from arks.envoy_config import EXTPROC_CLUSTER, EnvoySettings, extproc_cluster, usage_access_log
 from launcher.procs import Supervisor, free_port, wait_http, wait_port
 from launcher.stack import LocalStack, StackSettings, envoy_binary
 from tests.support.cpu import cpu_seconds
 from tests.support.paths import REPO
 
 MODEL = "bench-model"
+FLOOR_USAGE = "floor-usage"  # the floor plus the usage channel (the second floor)
 PYTHON_SERVICES = ("extproc", "controller")  # the local stack's Python children (simulate=False)
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _ROUTER = {
@@ -103,15 +106,22 @@ def floor_ext_proc_filter() -> dict[str, Any]:
 
 
 def baseline_bootstrap(
-    listen_port: int, admin_port: int, engine_port: int, extproc_port: int | None
+    listen_port: int,
+    admin_port: int,
+    engine_port: int,
+    extproc_port: int | None,
+    usage_channel: bool = False,
 ) -> dict[str, Any]:
-    """plain Envoy (router only) → engine; with `extproc_port`, ext_proc to the floor first."""
+    """plain Envoy (router only) → engine; with `extproc_port`, ext_proc to the floor first;
+    with `usage_channel`, the gateway's access log (same filter, same batching) to it too."""
     filters = [_ROUTER] if extproc_port is None else [floor_ext_proc_filter(), _ROUTER]
     clusters = [_static_cluster("engine", engine_port)]
+    settings = None
     if extproc_port is not None:
-        clusters.append(extproc_cluster(EnvoySettings(listen_port, admin_port, extproc_port)))
+        settings = EnvoySettings(listen_port, admin_port, extproc_port)
+        clusters.append(extproc_cluster(settings))
     route = {"match": {"prefix": "/"}, "route": {"cluster": "engine", "timeout": "0s"}}
-    hcm = {
+    hcm: dict[str, Any] = {
         "@type": _HCM,
         "stat_prefix": "bench",
         "codec_type": "AUTO",
@@ -121,6 +131,9 @@ def baseline_bootstrap(
         },
         "http_filters": filters,
     }
+    if usage_channel:
+        assert settings is not None, "the usage channel goes to the floor's server"
+        hcm["access_log"] = [usage_access_log(settings)]
     return {
         "node": {"id": "bench", "cluster": "bench"},
         "admin": {
@@ -193,26 +206,36 @@ def start_engine(sup: Supervisor, output_tokens: int) -> int:
 
 
 def start_baseline(
-    sup: Supervisor, work: Path, engine_port: int, concurrency: int, *, floor: bool
+    sup: Supervisor,
+    work: Path,
+    engine_port: int,
+    concurrency: int,
+    *,
+    floor: bool,
+    usage_channel: bool = False,
 ) -> Target:
-    name = "floor" if floor else "plain"
+    name = (FLOOR_USAGE if usage_channel else "floor") if floor else "plain"
     listen_port, admin_port = free_port(), free_port()
     python_pids: tuple[int, ...] = ()
     extproc_port = None
     if floor:
         extproc_port = free_port()
         child = sup.python(
-            "floor-extproc",
+            f"{name}-extproc",
             "tests.bench.floor_extproc",
             "--grpc-address",
             f"127.0.0.1:{extproc_port}",
+            *(["--usage-channel"] if usage_channel else []),
             env=_python_env(),
         )
         wait_port(child, extproc_port)
         python_pids = (child.popen.pid,)
     bootstrap = work / f"envoy-{name}.json"
     bootstrap.write_text(
-        json.dumps(baseline_bootstrap(listen_port, admin_port, engine_port, extproc_port), indent=1)
+        json.dumps(
+            baseline_bootstrap(listen_port, admin_port, engine_port, extproc_port, usage_channel),
+            indent=1,
+        )
     )
     envoy = sup.start(f"envoy-{name}", envoy_argv(bootstrap, concurrency))
     wait_http(envoy, f"http://127.0.0.1:{admin_port}/ready")

@@ -338,3 +338,40 @@ async def test_tokenizer_requests_count_against_rpm_but_take_no_tokens() -> None
             assert Reservation.from_metadata(admitted.metadata[METADATA_NAMESPACE]).quota is None
         else:
             assert isinstance(admitted, Deny) and admitted.reason == "rpm"
+
+
+async def test_a_reloaded_policy_applies_its_new_limits_and_quota_at_once() -> None:
+    """Admission works out each tenant's limits once per policy: a reload must not keep the old."""
+    admission, policy, _ = setup(rpm=1)
+    assert await admit_and_settle(admission, policy, "r1", 20)
+    info, decision = request(policy, "r2")
+    refused = await admission.admit(info, decision)
+    assert isinstance(refused, Deny) and refused.code == "rate_limit_exceeded"
+
+    def reload(rpm: int, quota_value: int) -> Policy:
+        alice = objects.token("alice", ["qwen"], tokenHash=token_digest("sk-a"))
+        alice["spec"]["qos"][0]["quota"] = {"name": "team"}
+        alice["spec"]["qos"][0]["rateLimits"] = [{"type": "rpm", "value": rpm}]
+        team = {
+            "apiVersion": "arks.ai/v1",
+            "kind": "ArksQuota",
+            "metadata": {"name": "team"},
+            "spec": {"quotas": [{"type": "total", "value": quota_value, "period": "day"}]},
+        }
+        reloaded = build_policy([("t", alice), ("e", objects.endpoint("qwen")), ("q", team)])
+        assert isinstance(admission.policy, Source)
+        admission.policy.policy = reloaded
+        return reloaded
+
+    policy = reload(rpm=5, quota_value=1000)
+    assert await admit_and_settle(admission, policy, "r3", 5)  # rpm 5: the second is admitted
+    # Only the quota changes (25 used of 25 now); the tokens are the very same objects, as a
+    # policy index that rebuilds only what changed would keep them.
+    (key, team) = next(iter(policy.quotas.items()))
+    smaller = dataclasses.replace(team, quotas=(dataclasses.replace(team.quotas[0], value=25),))
+    policy = dataclasses.replace(policy, quotas={key: smaller})
+    assert isinstance(admission.policy, Source)
+    admission.policy.policy = policy
+    info, decision = request(policy, "r4")
+    refused = await admission.admit(info, decision)
+    assert isinstance(refused, Deny) and refused.code == "insufficient_quota"
