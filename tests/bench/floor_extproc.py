@@ -9,7 +9,11 @@ carries a constant `io.arks` metadata of the gateway's shape and size (prebuilt:
 gRPC's C), and it also serves the gRPC access-log service, which takes Envoy's batches (decoded
 by gRPC, as the gateway's are) and reads nothing in them.
 
-    python -m tests.bench.floor_extproc --grpc-address 127.0.0.1:50052 [--usage-channel]
+With `--gateway-answer` (for the Envoy filter ladder, `tests/bench/breakdown.py`) its answer is
+the gateway's whole answer to the bench's requests: the routing headers set, the credential
+removed, and the metadata (a streamed request's, when Envoy lifted `stream: true`).
+
+    python -m tests.bench.floor_extproc --grpc-address 127.0.0.1:50052 [--usage-channel | --gateway-answer]
 """
 
 from __future__ import annotations
@@ -21,40 +25,98 @@ from collections.abc import AsyncIterator
 
 import grpc
 import uvloop
+from envoy.config.core.v3 import base_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from google.protobuf import struct_pb2
 
-from arks.wire import METADATA_NAMESPACE
+from arks.wire import (
+    METADATA_NAMESPACE,
+    MODEL_HEADER,
+    NAMESPACE_HEADER,
+    REQUEST_METADATA_NAMESPACE,
+    USER_HEADER,
+)
 
 _HEADERS_ANSWER = ep.ProcessingResponse(request_headers=ep.HeadersResponse())
 
 
-def _usage_answer() -> ep.ProcessingResponse:
-    """The headers answer with metadata of the gateway's shape for the bench's token (what its
-    access-log filter selects on, and what makes its entries as large as the gateway's), and
-    the usage the gateway's usage.lua adds."""
+def _metadata(stream: bool, usage: bool) -> struct_pb2.Struct:
+    """The `io.arks` metadata the gateway gives the bench's requests (what its access-log filter
+    selects on, and what makes its entries as large as the gateway's); with `usage`, also the
+    usage the gateway's usage.lua adds (the usage channel's floor has no usage.lua)."""
     fields = struct_pb2.Struct()
     fields.update(
         {
             "namespace": "default",
             "user": "bench",
             "model": "bench-model",
-            "stream": False,
+            "stream": stream,
             "quota": "bench",
             "limits": {"tpm": 10**12},
             "concurrency": True,
-            "check_types": True,
             "admitted_at": 1796540870.204082,
-            "prompt_tokens": 9,
-            "completion_tokens": 16,
-            "total_tokens": 25,
         }
     )
+    if not stream:
+        fields["check_types"] = True
+    if usage:
+        fields.update({"prompt_tokens": 9, "completion_tokens": 16, "total_tokens": 25})
     metadata = struct_pb2.Struct()
     metadata.fields[METADATA_NAMESPACE].struct_value.CopyFrom(fields)
-    return ep.ProcessingResponse(request_headers=ep.HeadersResponse(), dynamic_metadata=metadata)
+    return metadata
+
+
+def _usage_answer() -> ep.ProcessingResponse:
+    return ep.ProcessingResponse(
+        request_headers=ep.HeadersResponse(), dynamic_metadata=_metadata(False, usage=True)
+    )
+
+
+def _set(name: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=name, raw_value=value.encode()),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+
+
+def _gateway_answer(stream: bool) -> ep.ProcessingResponse:
+    mutation = ep.HeaderMutation(
+        set_headers=[
+            _set(MODEL_HEADER, "bench-model"),
+            _set(NAMESPACE_HEADER, "default"),
+            _set(USER_HEADER, "bench"),
+            _set("content-type", "application/json"),
+        ],
+        remove_headers=["authorization"],
+    )
+    return ep.ProcessingResponse(
+        request_headers=ep.HeadersResponse(
+            response=ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)
+        ),
+        dynamic_metadata=_metadata(stream, usage=False),
+    )
+
+
+class GatewayShapedProcessor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    """Answers as the gateway does, from two prebuilt answers: no decision, no admission."""
+
+    def __init__(self) -> None:
+        self.answers = {False: _gateway_answer(False), True: _gateway_answer(True)}
+
+    async def Process(
+        self,
+        request_iterator: AsyncIterator[ep.ProcessingRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[ep.ProcessingResponse]:
+        async for message in request_iterator:
+            if message.WhichOneof("request") != "request_headers":
+                yield ep.ProcessingResponse()
+                continue
+            facts = message.metadata_context.filter_metadata.get(REQUEST_METADATA_NAMESPACE)
+            stream = facts is not None and facts.fields["stream"].bool_value
+            yield self.answers[stream]
 
 
 class FloorProcessor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -86,11 +148,15 @@ class FloorAccessLog(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[mis
         return als_pb2.StreamAccessLogsResponse()
 
 
-async def serve(address: str, usage_channel: bool = False) -> None:
+async def serve(address: str, usage_channel: bool = False, gateway_answer: bool = False) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    answer = _usage_answer() if usage_channel else _HEADERS_ANSWER
-    ep_grpc.add_ExternalProcessorServicer_to_server(FloorProcessor(answer), server)
-    if usage_channel:
+    processor: ep_grpc.ExternalProcessorServicer = (
+        GatewayShapedProcessor()
+        if gateway_answer
+        else FloorProcessor(_usage_answer() if usage_channel else _HEADERS_ANSWER)
+    )
+    ep_grpc.add_ExternalProcessorServicer_to_server(processor, server)
+    if usage_channel or gateway_answer:
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(FloorAccessLog(), server)
     server.add_insecure_port(address)
     await server.start()
@@ -112,8 +178,13 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="also the access-log service, and metadata of the gateway's shape in the answer",
     )
+    parser.add_argument(
+        "--gateway-answer",
+        action="store_true",
+        help="answer as the gateway does (headers, metadata); serve the access log too",
+    )
     args = parser.parse_args(argv)
-    uvloop.run(serve(args.grpc_address, args.usage_channel))
+    uvloop.run(serve(args.grpc_address, args.usage_channel, args.gateway_answer))
 
 
 if __name__ == "__main__":

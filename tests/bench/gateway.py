@@ -1,6 +1,6 @@
 """`make bench`: the gateway's cost against plain Envoy and the Python floor, in one run.
 
-    .venv/bin/python -m tests.bench.gateway --out docs/benchmarks.md [--duration 8] [--quick] [--only gateway|ratelimit|traffic|estimates|policy|latency|ledger|ledger-cpu]
+    .venv/bin/python -m tests.bench.gateway --out docs/benchmarks.md [--duration 8] [--quick] [--only gateway|ratelimit|traffic|estimates|policy|latency|ledger|ledger-cpu|breakdown]
 
 One simulated engine serves four configurations (see `targets.py`): plain Envoy, Envoy with a
 do-nothing Python ext_proc (the floor), the floor plus the usage channel (the gateway's batched
@@ -11,9 +11,10 @@ mean anything.
 Then the rate-limit service's part (`tests/bench/ratelimit.py`), the traffic control plane's
 part (`tests/bench/traffic.py`), the usage estimates' (`tests/bench/estimates.py`), the
 cluster policy's (`tests/bench/policy.py`), the latency histograms' (`tests/bench/latency.py`)
-the usage ledger's stores' (`tests/bench/ledger.py`) and the gateway's CPU with the ledger on
-against off (`tests/bench/ledger_cpu.py`) add their own sections;
-`--only ratelimit|traffic|estimates|policy|latency|ledger|ledger-cpu` runs just that part
+the usage ledger's stores' (`tests/bench/ledger.py`), the gateway's CPU with the ledger on
+against off (`tests/bench/ledger_cpu.py`) and where the gateway's time goes
+(`tests/bench/breakdown.py`) add their own sections;
+`--only ratelimit|traffic|estimates|policy|latency|ledger|ledger-cpu|breakdown` runs just that part
 and replaces just its section of `--out`.
 """
 
@@ -37,6 +38,7 @@ from pathlib import Path
 from launcher.procs import Supervisor
 from launcher.stack import envoy_binary
 from tests.bench import (
+    breakdown,
     estimates,
     latency,
     ledger,
@@ -118,13 +120,14 @@ class Settings:
                 "latency",
                 "ledger",
                 "ledger-cpu",
+                "breakdown",
             ),
             default="all",
             help="run only one part: the gateway's, the rate limit's (tests/bench/ratelimit.py), "
             "the traffic control plane's (traffic.py), the usage estimates' (estimates.py), the "
             "cluster policy's (policy.py), the latency histograms' (latency.py) or the usage "
-            "ledger's stores' (ledger.py) or the gateway's CPU with the ledger on and off "
-            "(ledger_cpu.py)",
+            "ledger's stores' (ledger.py), the gateway's CPU with the ledger on and off "
+            "(ledger_cpu.py) or where the gateway's time goes (breakdown.py)",
         )
         args = parser.parse_args(argv)
         if args.quick:
@@ -385,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ("latency", latency),
         ("ledger", ledger),
         ("ledger-cpu", ledger_cpu),
+        ("breakdown", breakdown),
     ):
         if settings.only not in ("all", part):
             continue
@@ -413,7 +417,16 @@ def _gateway_part(settings: Settings, argv: Sequence[str], started: float) -> No
         settings.out.parent.mkdir(parents=True, exist_ok=True)
         text = render_markdown(results, workloads, settings, argv)
         if settings.only == "gateway":  # keep the other parts' sections
-            for module in (ratelimit, traffic, estimates, policy, latency, ledger, ledger_cpu):
+            for module in (
+                ratelimit,
+                traffic,
+                estimates,
+                policy,
+                latency,
+                ledger,
+                ledger_cpu,
+                breakdown,
+            ):
                 if kept := report.existing_section(settings.out, module.BEGIN, module.END):
                     text += "\n" + kept + "\n"
         settings.out.write_text(text)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ import yaml
 
 from arks.api import token_digest
 from arks.envoy_config import EXTPROC_CLUSTER, EnvoySettings, extproc_cluster, usage_access_log
+from arks.envoy_config import http_filters as gateway_http_filters
 from launcher.procs import Supervisor, free_port, wait_http, wait_port
 from launcher.stack import LocalStack, StackSettings, envoy_binary
 from tests.support.cpu import cpu_seconds
@@ -111,10 +112,15 @@ def baseline_bootstrap(
     engine_port: int,
     extproc_port: int | None,
     usage_channel: bool = False,
+    http_filters: Sequence[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """plain Envoy (router only) → engine; with `extproc_port`, ext_proc to the floor first;
-    with `usage_channel`, the gateway's access log (same filter, same batching) to it too."""
-    filters = [_ROUTER] if extproc_port is None else [floor_ext_proc_filter(), _ROUTER]
+    with `usage_channel`, the gateway's access log (same filter, same batching) to it too;
+    `http_filters`: these before the router instead (the Envoy filter ladder)."""
+    if http_filters is not None:
+        filters = [*http_filters, _ROUTER]
+    else:
+        filters = [_ROUTER] if extproc_port is None else [floor_ext_proc_filter(), _ROUTER]
     clusters = [_static_cluster("engine", engine_port)]
     settings = None
     if extproc_port is not None:
@@ -219,17 +225,10 @@ def start_baseline(
     python_pids: tuple[int, ...] = ()
     extproc_port = None
     if floor:
-        extproc_port = free_port()
-        child = sup.python(
-            f"{name}-extproc",
-            "tests.bench.floor_extproc",
-            "--grpc-address",
-            f"127.0.0.1:{extproc_port}",
-            *(["--usage-channel"] if usage_channel else []),
-            env=_python_env(),
+        extproc_port, pid = start_server(
+            sup, f"{name}-extproc", *(["--usage-channel"] if usage_channel else [])
         )
-        wait_port(child, extproc_port)
-        python_pids = (child.popen.pid,)
+        python_pids = (pid,)
     bootstrap = work / f"envoy-{name}.json"
     bootstrap.write_text(
         json.dumps(
@@ -240,6 +239,52 @@ def start_baseline(
     envoy = sup.start(f"envoy-{name}", envoy_argv(bootstrap, concurrency))
     wait_http(envoy, f"http://127.0.0.1:{admin_port}/ready")
     return Target(name, f"http://127.0.0.1:{listen_port}", python_pids, envoy.popen.pid)
+
+
+def start_server(sup: Supervisor, name: str, *flags: str) -> tuple[int, int]:
+    """A floor server (`floor_extproc`) on a free port, with `flags`: its port and pid."""
+    port = free_port()
+    child = sup.python(
+        name,
+        "tests.bench.floor_extproc",
+        "--grpc-address",
+        f"127.0.0.1:{port}",
+        *flags,
+        env=_python_env(),
+    )
+    wait_port(child, port)
+    return port, child.popen.pid
+
+
+def start_ladder_step(
+    sup: Supervisor,
+    work: Path,
+    name: str,
+    engine_port: int,
+    server: tuple[int, int],
+    filters: Sequence[str],
+    access_log: bool,
+    concurrency: int,
+) -> Target:
+    """An Envoy with the gateway's HTTP filters named in `filters` (its own config of each, in
+    its order) and, with `access_log`, its usage access log, in front of the engine, calling the
+    floor server `server` (port, pid)."""
+    listen_port, admin_port = free_port(), free_port()
+    settings = EnvoySettings(listen_port, admin_port, server[0])
+    chosen = [f for f in gateway_http_filters(settings) if f["name"] in filters]
+    missing = set(filters) - {f["name"] for f in chosen}
+    if missing:
+        raise RuntimeError(f"the gateway's filter chain has no {sorted(missing)}")
+    bootstrap = work / f"envoy-{name}.json"
+    bootstrap.write_text(
+        json.dumps(
+            baseline_bootstrap(listen_port, admin_port, engine_port, server[0], access_log, chosen),
+            indent=1,
+        )
+    )
+    envoy = sup.start(f"envoy-{name}", envoy_argv(bootstrap, concurrency))
+    wait_http(envoy, f"http://127.0.0.1:{admin_port}/ready")
+    return Target(name, f"http://127.0.0.1:{listen_port}", (server[1],), envoy.popen.pid)
 
 
 def bench_policy(engine_port: int, token: str) -> str:
