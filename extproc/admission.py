@@ -24,7 +24,6 @@ from arks.limits.decision import LimitRequest
 from arks.limits.limiter import Limiter
 from arks.policy import Policy, PolicySource
 from arks.tokens import BYTES_PER_TOKEN
-from arks.wire import METADATA_NAMESPACE
 from extproc import qos, quota
 from extproc.decision import Decision, Deny, Forward, Identity
 from extproc.request import RequestInfo
@@ -178,8 +177,7 @@ class AdmissionControl:
                     headers=headers,
                     reason=why.reason,
                 )
-        metadata = {**decision.metadata[METADATA_NAMESPACE], **reservation.metadata()}
-        return dataclasses.replace(decision, metadata={METADATA_NAMESPACE: metadata})
+        return dataclasses.replace(decision, reservation=reservation)
 
     def _without_store(
         self, decision: Forward, reservation: Reservation, err: Exception
@@ -196,8 +194,7 @@ class AdmissionControl:
                 type="service_unavailable",
                 headers=(("retry-after", "1"),),
             )
-        metadata = {**decision.metadata[METADATA_NAMESPACE], **reservation.metadata()}
-        return dataclasses.replace(decision, metadata={METADATA_NAMESPACE: metadata})
+        return dataclasses.replace(decision, reservation=reservation)
 
     async def _rate_limits(self, request: LimitRequest | None) -> Deny | None:
         if request is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
@@ -202,12 +204,57 @@ def _value(value: Any) -> struct_pb2.Value:
 
 def _metadata(decision: Forward, destination: str | None) -> struct_pb2.Struct:
     fields = {ns: _value(values) for ns, values in decision.metadata.items()}
+    if decision.reservation is not None:
+        ours = fields.setdefault(
+            METADATA_NAMESPACE, struct_pb2.Value(struct_value=struct_pb2.Struct())
+        )
+        _reserve(ours.struct_value, decision.reservation)
     if destination is not None:  # the picked engines, Gateway API Inference Extension style
         picked = struct_pb2.Struct(
             fields={DESTINATION_HEADER: struct_pb2.Value(string_value=destination)}
         )
         fields[DESTINATION_METADATA_NAMESPACE] = struct_pb2.Value(struct_value=picked)
     return struct_pb2.Struct(fields=fields)
+
+
+def _reserve(ours: struct_pb2.Struct, reservation: Reservation) -> None:
+    """What admission took, in the request's metadata (`Reservation.FIELDS`)."""
+    ours.fields["admitted_at"].number_value = reservation.admitted_at
+    if reservation.quota:
+        ours.fields["quota"].string_value = reservation.quota
+    if reservation.concurrency:
+        ours.fields["concurrency"].bool_value = True
+
+
+@dataclass(frozen=True)
+class Prebuilt:
+    """The part of a forward answer that is the same for every request it is given to: the
+    header mutation and the metadata without what admission took."""
+
+    common: ep.CommonResponse
+    metadata: struct_pb2.Struct
+
+
+def prebuild(decision: Forward) -> Prebuilt:
+    """`decision`'s answer without engines picked, its reservation left out (see `forward_prebuilt`)."""
+    if decision.body is not None:
+        raise ValueError("a rewritten body is not prebuilt")
+    return Prebuilt(
+        _forward_common(decision, None),
+        _metadata(dataclasses.replace(decision, reservation=None), None),
+    )
+
+
+def forward_prebuilt(prebuilt: Prebuilt, reservation: Reservation | None) -> ep.ProcessingResponse:
+    """The same answer as `forward_headers` gives the decision `prebuilt` was made from, with
+    `reservation`, when no engine was picked. Messages given to a constructor are copied."""
+    metadata = struct_pb2.Struct()
+    metadata.CopyFrom(prebuilt.metadata)
+    if reservation is not None:
+        _reserve(metadata.fields[METADATA_NAMESPACE].struct_value, reservation)
+    return ep.ProcessingResponse(
+        request_headers=ep.HeadersResponse(response=prebuilt.common), dynamic_metadata=metadata
+    )
 
 
 def forward_headers(decision: Forward, destination: str | None = None) -> ep.ProcessingResponse:

@@ -9,6 +9,7 @@ from datetime import datetime
 
 from arks.policy import PolicySource
 from extproc.admission import AdmissionControl
+from extproc.decision_cache import DecisionCache
 from extproc.inflight import InFlight
 from extproc.ledger import RecordSink
 from extproc.metrics import GatewayMetrics
@@ -32,3 +33,4 @@ class Context:
     homes: ResponseHomes = field(default_factory=MemoryHomes)  # the engine of each stored response
     # (namespace, model) -> max_model_len its engines publish (model_info.fetch_forever fills it)
     model_lens: dict[tuple[str, str], int] = field(default_factory=dict)
+    decisions: DecisionCache = field(default_factory=DecisionCache)  # headers decisions kept

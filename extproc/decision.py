@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 
 from arks.api import ArksToken, Qos
+from extproc.reservation import Reservation
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,9 @@ class Forward:
     prompt: str | None = None  # the prompt text, read for prefix-cache picking
     engine: str | None = None  # the one engine it must reach (a stored response's), `host:port`
     follows: str | None = None  # the stored response it continues: its engine is looked up
+    # What admission took (quota, a concurrency slot), carried in the answer's metadata with the
+    # rest of `metadata`, for whoever settles the request.
+    reservation: Reservation | None = None
 
 
 Decision = Deny | Reply | ReadBody | Forward

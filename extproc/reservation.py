@@ -16,15 +16,8 @@ class Reservation:
     quota: str | None = None
     concurrency: bool = False
 
-    FIELDS: ClassVar[tuple[str, ...]] = ("admitted_at", "quota", "concurrency")  # its metadata
-
-    def metadata(self) -> dict[str, object]:
-        out: dict[str, object] = {"admitted_at": self.admitted_at}
-        if self.quota:
-            out["quota"] = self.quota
-        if self.concurrency:
-            out["concurrency"] = True
-        return out
+    # Its fields in the request's metadata (written by `codec`, read back by `from_metadata`).
+    FIELDS: ClassVar[tuple[str, ...]] = ("admitted_at", "quota", "concurrency")
 
     @classmethod
     def from_metadata(cls, fields: Mapping[str, object]) -> Reservation | None:

@@ -26,6 +26,7 @@ from extproc import codec, settlement
 from extproc.auth import authenticate
 from extproc.context import Context
 from extproc.decision import Decision, Deny, Forward, Identity, ReadBody, Reply
+from extproc.decision_cache import Kept
 from extproc.gateway import decide_body, decide_headers, follow
 from extproc.picking.service import Destination
 from extproc.request import PathKind, RequestInfo, stored_response
@@ -44,11 +45,19 @@ class RequestProcessor:
         self.info: RequestInfo | None = None
         self.token: ArksToken | None = None
         self.destination: str | None = None  # the engines picked for it, `ip:port,...`
+        self.kept: Kept | None = None  # the kept headers decision it was given, if any
 
     def _encode(self, decision: Decision, phase: str) -> ep.ProcessingResponse:
         match decision:
             case Forward():
                 if phase == "headers":
+                    kept = self.kept
+                    if (
+                        kept is not None
+                        and self.destination is None
+                        and decision.metadata is kept.decision.metadata
+                    ):  # the kept decision, admitted: its answer's fixed part is built already
+                        return codec.forward_prebuilt(kept.prebuilt(), decision.reservation)
                     return codec.forward_headers(decision, self.destination)
                 return codec.forward_body(decision, self.destination)
             case Deny():
@@ -160,13 +169,18 @@ class RequestProcessor:
                 if isinstance(looked, Deny):
                     return self._encode(looked, "headers")
                 home = looked
-            decision = decide_headers(
-                self.info,
-                self.ctx.policy.current(),
-                self.ctx.now(),
-                home=home,
-                lens=self.ctx.model_lens,
-            )
+            if home is None:
+                decision, self.kept = self.ctx.decisions.decide(
+                    self.info, self.ctx.policy.current(), self.ctx.now(), self.ctx.model_lens
+                )
+            else:
+                decision = decide_headers(
+                    self.info,
+                    self.ctx.policy.current(),
+                    self.ctx.now(),
+                    home=home,
+                    lens=self.ctx.model_lens,
+                )
             return self._encode(await self._admit(decision), "headers")
         if kind == "request_body" and self.info is not None and self.token is not None:
             decision = decide_body(

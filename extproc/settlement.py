@@ -44,7 +44,7 @@ def admitted(ctx: Context, info: RequestInfo, decision: Forward) -> None:
             prompt_reservation(info, decision),
             None if decision.max_tokens is None else decision.max_tokens * decision.choices,
             ctx.monotonic(),
-            reservation=Reservation.from_metadata(ours),
+            reservation=decision.reservation,
             limits=ours.get("limits", {}),
             path=info.path,
         )

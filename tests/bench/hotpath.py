@@ -49,7 +49,6 @@ from extproc.decision import Forward
 from extproc.gateway import decide_headers
 from extproc.inflight import InFlight
 from extproc.picking.service import Picking, PickSettings
-from extproc.reservation import Reservation
 from extproc.server import create_metrics
 from extproc.servicer import AccessLogReceiver, RequestProcessor
 from tests.bench.targets import MODEL, bench_policy
@@ -235,9 +234,8 @@ async def _stages(ctx: Context, requests: int) -> list[Stage]:
             admitted = await ctx.admission.admit(info, d)
             assert isinstance(admitted, Forward)
             ours = admitted.metadata[METADATA_NAMESPACE]
-            reservation = Reservation.from_metadata(ours)
             await ctx.admission.settle(
-                info.request_id, d.identity, reservation, ours.get("limits", {}), 9, 16
+                info.request_id, d.identity, admitted.reservation, ours.get("limits", {}), 9, 16
             )
         return (time.process_time() - started) / requests * 1e6
 

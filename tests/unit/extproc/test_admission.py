@@ -21,7 +21,6 @@ from extproc.admission import AdmissionControl
 from extproc.decision import Deny, Forward
 from extproc.gateway import decide_headers
 from extproc.request import BodyFacts, RequestInfo
-from extproc.reservation import Reservation
 from tests.support import objects
 
 DAY_END = datetime(2026, 11, 27, 23, 59, 30, tzinfo=UTC).timestamp()
@@ -81,7 +80,7 @@ async def admit_and_settle(
     await admission.settle(
         rid,
         admitted.identity,
-        Reservation.from_metadata(ours),
+        admitted.reservation,
         ours.get("limits", {}),
         10,
         tokens - 10,
@@ -114,9 +113,7 @@ async def test_all_budgets_are_leased_at_once_and_the_tightest_binds() -> None:
     assert len(winners) == 100 // 50
     for i, winner in enumerate(winners):
         ours = winner.metadata[METADATA_NAMESPACE]
-        await admission.settle(
-            f"c{i}", winner.identity, Reservation.from_metadata(ours), ours["limits"], 10, 40
-        )
+        await admission.settle(f"c{i}", winner.identity, winner.reservation, ours["limits"], 10, 40)
 
 
 @pytest.mark.parametrize(
@@ -194,7 +191,7 @@ async def test_tpm_alone_admits_what_fits_and_settles_real_costs() -> None:
             admission.settle(
                 f"c{i}",
                 a.identity,
-                Reservation.from_metadata(a.metadata[METADATA_NAMESPACE]),
+                a.reservation,
                 a.metadata[METADATA_NAMESPACE]["limits"],
                 10,
                 30,
@@ -222,7 +219,7 @@ async def admit(admission: AdmissionControl, policy: Policy, rid: str) -> Forwar
 async def settle(admission: AdmissionControl, admitted: Forward, rid: str) -> None:
     ours = admitted.metadata[METADATA_NAMESPACE]
     await admission.settle(
-        rid, admitted.identity, Reservation.from_metadata(ours), ours.get("limits", {}), 1, 1
+        rid, admitted.identity, admitted.reservation, ours.get("limits", {}), 1, 1
     )
 
 
@@ -335,7 +332,7 @@ async def test_tokenizer_requests_count_against_rpm_but_take_no_tokens() -> None
         if i < 3:
             assert isinstance(admitted, Forward), admitted
             assert "limits" not in admitted.metadata[METADATA_NAMESPACE]
-            assert Reservation.from_metadata(admitted.metadata[METADATA_NAMESPACE]).quota is None
+            assert admitted.reservation is not None and admitted.reservation.quota is None
         else:
             assert isinstance(admitted, Deny) and admitted.reason == "rpm"
 

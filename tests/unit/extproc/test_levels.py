@@ -21,7 +21,6 @@ from extproc.decision import Forward, Identity
 from extproc.gateway import decide_headers
 from extproc.levels import LevelGauges, Levels, TokenLimit
 from extproc.request import BodyFacts, RequestInfo
-from extproc.reservation import Reservation
 from tests.support import objects
 
 NOW = datetime(2026, 11, 27, 15, 30, 10, tzinfo=UTC)  # a Friday
@@ -109,9 +108,7 @@ async def test_the_gauges_show_used_reserved_limit_reset_and_remaining() -> None
     done = await admission.admit(info, decision)
     assert isinstance(done, Forward)
     ours = done.metadata[METADATA_NAMESPACE]
-    await admission.settle(
-        "r1", done.identity, Reservation.from_metadata(ours), ours["limits"], 200, 100
-    )
+    await admission.settle("r1", done.identity, done.reservation, ours["limits"], 200, 100)
     info, decision = request("r2")
     assert isinstance(await admission.admit(info, decision), Forward)
 
