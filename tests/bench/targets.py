@@ -22,8 +22,18 @@ from typing import Any
 import yaml
 
 from arks.api import token_digest
-from arks.envoy_config import EXTPROC_CLUSTER, EnvoySettings, extproc_cluster, usage_access_log
+from arks.envoy_config import (
+    EXTPROC_CLUSTER,
+    EnvoySettings,
+    endpoint_cluster,
+    extproc_cluster,
+    usage_access_log,
+)
+from arks.envoy_config import bootstrap as gateway_bootstrap
 from arks.envoy_config import http_filters as gateway_http_filters
+from arks.envoy_config import listener as gateway_listener
+from arks.envoy_config import routes as gateway_routes
+from arks.policy import build_policy
 from launcher.procs import Supervisor, free_port, wait_http, wait_port
 from launcher.stack import LocalStack, StackSettings, envoy_binary
 from tests.support.cpu import cpu_seconds
@@ -265,26 +275,70 @@ def start_ladder_step(
     filters: Sequence[str],
     access_log: bool,
     concurrency: int,
+    *,
+    gateway_routes: bool = False,
+    gateway_hcm: bool = False,
 ) -> Target:
     """An Envoy with the gateway's HTTP filters named in `filters` (its own config of each, in
     its order) and, with `access_log`, its usage access log, in front of the engine, calling the
-    floor server `server` (port, pid)."""
+    floor server `server` (port, pid). With `gateway_routes`, the gateway's route table and
+    engine cluster instead of one route; with `gateway_hcm`, its connection manager's settings
+    and its stats tags too."""
     listen_port, admin_port = free_port(), free_port()
     settings = EnvoySettings(listen_port, admin_port, server[0])
     chosen = [f for f in gateway_http_filters(settings) if f["name"] in filters]
     missing = set(filters) - {f["name"] for f in chosen}
     if missing:
         raise RuntimeError(f"the gateway's filter chain has no {sorted(missing)}")
+    config = baseline_bootstrap(listen_port, admin_port, engine_port, server[0], access_log, chosen)
+    if gateway_routes:
+        _with_gateway_routes(config, settings, engine_port)
+    if gateway_hcm:
+        _with_gateway_hcm(config, settings)
     bootstrap = work / f"envoy-{name}.json"
-    bootstrap.write_text(
-        json.dumps(
-            baseline_bootstrap(listen_port, admin_port, engine_port, server[0], access_log, chosen),
-            indent=1,
-        )
-    )
+    bootstrap.write_text(json.dumps(config, indent=1))
     envoy = sup.start(f"envoy-{name}", envoy_argv(bootstrap, concurrency))
     wait_http(envoy, f"http://127.0.0.1:{admin_port}/ready")
     return Target(name, f"http://127.0.0.1:{listen_port}", (server[1],), envoy.popen.pid)
+
+
+def _hcm(config: dict[str, Any]) -> dict[str, Any]:
+    hcm: dict[str, Any] = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][
+        0
+    ]["typed_config"]
+    return hcm
+
+
+def _with_gateway_routes(config: dict[str, Any], settings: EnvoySettings, engine_port: int) -> None:
+    """The gateway's route table for the bench's endpoint (header matches, the upload route,
+    retries) and its engine cluster (override_host, outlier detection, circuit breakers), the
+    cluster's engine given statically rather than by EDS."""
+    docs = yaml.safe_load_all(bench_policy(engine_port, "sk-arks-unused"))
+    policy = build_policy((f"bench {i}", doc) for i, doc in enumerate(docs))
+    (endpoint,) = policy.endpoints.values()
+    cluster = endpoint_cluster(endpoint)
+    del cluster["eds_cluster_config"]
+    engine = _static_cluster(cluster["name"], engine_port)
+    cluster |= {"type": "STATIC", "load_assignment": engine["load_assignment"]}
+    _hcm(config)["route_config"]["virtual_hosts"][0]["routes"] = gateway_routes(policy, settings)
+    config["static_resources"]["clusters"].append(cluster)
+
+
+# The gateway's connection manager settings not measured by another rung (the filters, the
+# access log) nor the bench's own (its name, its routes).
+_HCM_KEPT = frozenset({"@type", "stat_prefix", "codec_type", "rds", "http_filters", "access_log"})
+
+
+def _with_gateway_hcm(config: dict[str, Any], settings: EnvoySettings) -> None:
+    """The gateway's connection manager settings (local replies, request ids, timeouts, HTTP/2
+    options), its listener's buffer limit and its stats tags."""
+    gateway = gateway_listener(settings)
+    hcm = _hcm(config)
+    gateway_hcm = gateway["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm |= {k: v for k, v in gateway_hcm.items() if k not in _HCM_KEPT}
+    listener = config["static_resources"]["listeners"][0]
+    listener["per_connection_buffer_limit_bytes"] = gateway["per_connection_buffer_limit_bytes"]
+    config["stats_config"] = gateway_bootstrap(settings)["stats_config"]
 
 
 def bench_policy(engine_port: int, token: str) -> str:
