@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import uvloop
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from prometheus_client import start_http_server
 
+from arks import workers
 from arks.adapters.grpc_server import start_grpc
 from arks.adapters.redis.backend import RedisBackend
 from arks.adapters.redis.client import (
@@ -47,6 +49,8 @@ class Settings:
     near_ratio: float = 0.8
     reload_interval_s: float = 1.0
     log_level: str = "INFO"
+    workers: int = 1  # processes on one port (`arks.workers`); above 1 needs Redis
+    worker_index: int | None = None  # set in a worker: its metrics port is metrics_port + this
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> Settings:
@@ -78,6 +82,7 @@ class Settings:
         )
         p.add_argument("--near-ratio", type=float, default=cls.near_ratio)
         p.add_argument("--log-level", default=cls.log_level)
+        workers.add_arguments(p)
         a = p.parse_args(argv)
         return cls(
             config=tuple(a.config),
@@ -91,7 +96,14 @@ class Settings:
             shadow_mode=a.shadow_mode,
             near_ratio=a.near_ratio,
             log_level=a.log_level,
+            workers=a.workers,
+            worker_index=a.worker_index,
         )
+
+    @property
+    def own_metrics_port(self) -> int:
+        """This process's metrics port: a worker's is the base port plus its index."""
+        return self.metrics_port + (self.worker_index or 0)
 
 
 class ConfigSource:
@@ -177,15 +189,18 @@ async def serve(settings: Settings) -> None:
             RateLimitService(limiter, calls), server
         )
 
-    grpc_server = await start_grpc(settings.grpc_address, register)
-    start_http_server(settings.metrics_port, settings.metrics_address, registry=metrics.registry)
+    grpc_server = await start_grpc(settings.grpc_address, register, reuse_port=settings.workers > 1)
+    start_http_server(
+        settings.own_metrics_port, settings.metrics_address, registry=metrics.registry
+    )
     log.info(
-        "ratelimit serving gRPC on %s (%s, %s), metrics on %s:%d",
+        "ratelimit%s serving gRPC on %s (%s, %s), metrics on %s:%d",
+        "" if settings.worker_index is None else f" worker {settings.worker_index}",
         settings.grpc_address,
         "redis" if settings.redis else "memory",
         "fail-open" if settings.fail_open else "fail-closed",
         settings.metrics_address,
-        settings.metrics_port,
+        settings.own_metrics_port,
     )
 
     async def reload() -> None:
@@ -200,6 +215,13 @@ async def serve(settings: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_args(argv)
+    workers.check(settings.workers, settings.redis is not None, "ratelimit")
+    if settings.worker_index is not None:
+        workers.die_with_parent()
+    if settings.workers > 1 and settings.worker_index is None:
+        raise SystemExit(
+            workers.run(settings.workers, "ratelimit", sys.argv[1:] if argv is None else argv)
+        )
     setup_process(settings.log_level)
     try:
         uvloop.run(serve(settings))

@@ -21,10 +21,14 @@ class GrpcServer:
         await self.server.stop(grace_s)
 
 
-async def start_grpc(address: str, register: Callable[[grpc.aio.Server], None]) -> GrpcServer:
-    """Serve the servicers `register` adds, plus grpc.health.v1 (SERVING once started), on `address`."""
-    # No SO_REUSEPORT: a second server on the same port must fail, not share it silently.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+async def start_grpc(
+    address: str, register: Callable[[grpc.aio.Server], None], *, reuse_port: bool = False
+) -> GrpcServer:
+    """Serve the servicers `register` adds, plus grpc.health.v1 (SERVING once started), on `address`.
+
+    SO_REUSEPORT only with `reuse_port` (a service's workers, `arks.workers`): otherwise a
+    second server on the same port must fail, not share it silently."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
