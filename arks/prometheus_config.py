@@ -120,7 +120,7 @@ def engines_job(targets: Sequence[Target], name: str = ENGINES_JOB) -> Job:
 
 def local_jobs(
     *,
-    gateway: str,
+    gateway: str | Sequence[str],
     controller: str,
     envoy_admin: str,
     engines: Sequence[Target] = (),
@@ -129,8 +129,8 @@ def local_jobs(
     """The jobs of one local stack (`arks up`): every address is host:port. Each engine target
     carries the `namespace` of the endpoints it serves as a target label, as a PodMonitor's
     relabelling gives an engine pod's series in a cluster: the engine dashboard filters its
-    `vllm:*` series by it."""
-    jobs = [service_job(GATEWAY_JOB, [gateway])]
+    `vllm:*` series by it. `gateway`: extproc's metrics, one address per worker."""
+    jobs = [service_job(GATEWAY_JOB, [gateway] if isinstance(gateway, str) else list(gateway))]
     if ratelimit is not None:
         jobs.append(service_job(RATELIMIT_JOB, [ratelimit]))
     jobs += [service_job(CONTROLLER_JOB, [controller]), envoy_job([envoy_admin])]

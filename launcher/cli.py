@@ -92,6 +92,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     from launcher.prometheus import PrometheusMissing, prometheus_binary
     from launcher.stack import LocalStack, StackSettings
 
+    if args.extproc_workers > 1 and not args.redis:
+        print(
+            f"arks up: --extproc-workers {args.extproc_workers} needs --redis: limits and "
+            "budgets in one process's memory would be enforced once per worker",
+            file=sys.stderr,
+        )
+        return 2
+    if args.extproc_workers < 1:
+        print("arks up: --extproc-workers must be at least 1", file=sys.stderr)
+        return 2
     if args.prometheus and prometheus_binary() is None:
         print(f"arks up: --prometheus: {PrometheusMissing()}", file=sys.stderr)
         return 1
@@ -111,6 +121,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         ledger=None if args.no_ledger else args.ledger,
         cors_origins=tuple(args.cors_origins),
         trust_client_request_id=args.trust_client_request_id,
+        extproc_workers=args.extproc_workers,
     )
     try:
         tokens = printable_tokens(settings.policy)
@@ -186,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--prometheus-port", type=int, default=9090, help="the local Prometheus's port")
     up.add_argument(
         "--redis", metavar="URL", help="Redis for rate-limit counters (default: in memory)"
+    )
+    up.add_argument(
+        "--extproc-workers",
+        type=int,
+        default=1,
+        help="extproc processes on one port (the kernel spreads Envoy's connections, at least "
+        "one per Envoy thread, over them), their metrics on --metrics-port and the ports after; "
+        "above 1 needs --redis, where the limits are shared",
     )
     up.add_argument(
         "--state-dir", type=Path, default=Path(".arks"), help="generated config and logs"

@@ -56,6 +56,7 @@ class StackSettings:
     ledger: str | None = STATE_DIR_LEDGER  # extproc's --ledger ("{state_dir}" filled in); None: off
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API (Envoy's CORS)
     trust_client_request_id: bool = False  # keep a client's x-request-id (a trusted front proxy)
+    extproc_workers: int = 1  # extproc processes on its one port (needs `redis` above 1)
 
     @property
     def ledger_url(self) -> str | None:
@@ -175,9 +176,11 @@ class LocalStack:
                 "--state-file",
                 str(s.state_dir / "quota-state.json"),
                 *self._ledger_args(),
+                *(("--workers", str(s.extproc_workers)) if s.extproc_workers > 1 else ()),
                 *s.extproc_args,
             )
-            wait_http(extproc, self.metrics_url)
+            for worker in range(s.extproc_workers):  # each serves its metrics once serving gRPC
+                wait_http(extproc, f"http://127.0.0.1:{s.metrics_port + worker}/metrics")
             self.start_controller()
             bootstrap = envoy_config.write_bootstrap(self.envoy_settings)
             envoy = self.supervisor.start(
@@ -188,7 +191,9 @@ class LocalStack:
                     str(bootstrap),
                     "--disable-hot-restart",
                     "--concurrency",
-                    str(s.envoy_concurrency),
+                    # extproc's workers share its port by connection: Envoy opens at least one
+                    # per thread, so it runs at least as many threads as there are workers.
+                    str(max(s.envoy_concurrency, s.extproc_workers)),
                     "--log-level",
                     s.envoy_log_level,
                     # misc: a work-in-progress notice, once per message. ext_proc: a warning per
@@ -235,7 +240,7 @@ class LocalStack:
         part of the local stack: extproc applies the limits itself)."""
         s = self.settings
         jobs = local_jobs(
-            gateway=f"127.0.0.1:{s.metrics_port}",
+            gateway=[f"127.0.0.1:{s.metrics_port + i}" for i in range(s.extproc_workers)],
             controller=f"127.0.0.1:{self.controller_metrics_port}",
             envoy_admin=f"127.0.0.1:{s.admin_port}",
             engines=engine_targets(self.policy),

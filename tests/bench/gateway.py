@@ -1,6 +1,6 @@
 """`make bench`: the gateway's cost against plain Envoy and the Python floor, in one run.
 
-    .venv/bin/python -m tests.bench.gateway --out docs/benchmarks.md [--duration 8] [--quick] [--only gateway|ratelimit|traffic|estimates|policy|latency|ledger|ledger-cpu|breakdown]
+    .venv/bin/python -m tests.bench.gateway --out docs/benchmarks.md [--duration 8] [--quick] [--only gateway|ratelimit|traffic|estimates|policy|latency|ledger|ledger-cpu|breakdown|workers]
 
 One simulated engine serves four configurations (see `targets.py`): plain Envoy, Envoy with a
 do-nothing Python ext_proc (the floor), the floor plus the usage channel (the gateway's batched
@@ -12,9 +12,10 @@ Then the rate-limit service's part (`tests/bench/ratelimit.py`), the traffic con
 part (`tests/bench/traffic.py`), the usage estimates' (`tests/bench/estimates.py`), the
 cluster policy's (`tests/bench/policy.py`), the latency histograms' (`tests/bench/latency.py`)
 the usage ledger's stores' (`tests/bench/ledger.py`), the gateway's CPU with the ledger on
-against off (`tests/bench/ledger_cpu.py`) and where the gateway's time goes
-(`tests/bench/breakdown.py`) add their own sections;
-`--only ratelimit|traffic|estimates|policy|latency|ledger|ledger-cpu|breakdown` runs just that part
+against off (`tests/bench/ledger_cpu.py`), where the gateway's time goes
+(`tests/bench/breakdown.py`) and one extproc process against two (`tests/bench/workers.py`) add
+their own sections;
+`--only ratelimit|traffic|estimates|policy|latency|ledger|ledger-cpu|breakdown|workers` runs just that part
 and replaces just its section of `--out`.
 """
 
@@ -48,6 +49,7 @@ from tests.bench import (
     report,
     targets,
     traffic,
+    workers,
     wrk,
 )
 from tests.bench.report import Measurement, Results
@@ -121,13 +123,15 @@ class Settings:
                 "ledger",
                 "ledger-cpu",
                 "breakdown",
+                "workers",
             ),
             default="all",
             help="run only one part: the gateway's, the rate limit's (tests/bench/ratelimit.py), "
             "the traffic control plane's (traffic.py), the usage estimates' (estimates.py), the "
             "cluster policy's (policy.py), the latency histograms' (latency.py) or the usage "
             "ledger's stores' (ledger.py), the gateway's CPU with the ledger on and off "
-            "(ledger_cpu.py) or where the gateway's time goes (breakdown.py)",
+            "(ledger_cpu.py), where the gateway's time goes (breakdown.py) or one extproc "
+            "process against two (workers.py)",
         )
         args = parser.parse_args(argv)
         if args.quick:
@@ -389,6 +393,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ("ledger", ledger),
         ("ledger-cpu", ledger_cpu),
         ("breakdown", breakdown),
+        ("workers", workers),
     ):
         if settings.only not in ("all", part):
             continue
@@ -426,6 +431,7 @@ def _gateway_part(settings: Settings, argv: Sequence[str], started: float) -> No
                 ledger,
                 ledger_cpu,
                 breakdown,
+                workers,
             ):
                 if kept := report.existing_section(settings.out, module.BEGIN, module.END):
                     text += "\n" + kept + "\n"

@@ -394,6 +394,13 @@ def bench_policy(engine_port: int, token: str) -> str:
     return yaml.safe_dump_all(docs, sort_keys=False)
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 @contextmanager
 def gateway(
     work: Path,
@@ -402,8 +409,12 @@ def gateway(
     concurrency: int,
     ledger: str | None = None,
     name: str = "gateway",
+    redis: str | None = None,
+    extproc_workers: int = 1,
 ) -> Iterator[Target]:
-    """The full local stack; `ledger`: extproc's --ledger (None: off, the budgets' baseline)."""
+    """The full local stack; `ledger`: extproc's --ledger (None: off, the budgets' baseline);
+    `redis`: its counters' store (None: memory); `extproc_workers`: its processes (their CPU
+    counted, the parent's too)."""
     policy = work / f"policy-{name}.yaml"
     policy.write_text(bench_policy(engine_port, token))
     settings = StackSettings(
@@ -416,11 +427,14 @@ def gateway(
         controller_metrics_port=free_port(),
         simulate=False,
         envoy_concurrency=concurrency,
+        redis=redis,
+        extproc_workers=extproc_workers,
     )
     with LocalStack(settings) as stack:
         children = stack.supervisor.children
         # By name: every child runs through launcher.launch (argv[0] is Python for Envoy too).
         python = tuple(c.popen.pid for c in children if c.name in PYTHON_SERVICES)
+        python += tuple(pid for parent in python for pid in _children(parent))  # workers
         envoy = [c.popen.pid for c in children if c.name == "envoy"]
         if not python or len(envoy) != 1:
             raise RuntimeError(f"unexpected gateway processes: {[c.name for c in children]}")

@@ -10,19 +10,25 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import httpx
+import openai
 import pytest
 import yaml
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from arks.api import token_digest
 from launcher.procs import Supervisor, free_port, wait_http
 from tests.support import objects
 from tests.support.gateway import headers_message
 from tests.support.redis_server import PrivateRedis
+from tests.support.stack import ALICE, running_stack
+from tests.support.waiting import wait_for
 
 TOKEN = "sk-workers-0123456789"
 DAILY_LIMIT = 12
@@ -178,3 +184,97 @@ def test_workers_die_with_a_parent_killed_outright(redis: PrivateRedis, tmp_path
         while any(Path(f"/proc/{pid}").exists() for pid in workers):
             assert time.monotonic() < deadline, "a worker outlived its parent"
             time.sleep(0.05)
+
+
+CAROL = "sk-workers-carol-4c1d"
+CAROL_DAILY = 30
+
+
+def _samples(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _total(ports: list[int], name: str, **labels: str) -> float:
+    return sum(
+        value
+        for port in ports
+        for (n, have), value in _samples(port).items()
+        if n == name and all(dict(have).get(k) == v for k, v in labels.items())
+    )
+
+
+def test_the_local_stack_with_two_workers_serves_charges_and_limits_once(
+    redis: PrivateRedis, tmp_path: Path
+) -> None:
+    """Through real Envoy, whose ext_proc streams spread over several connections to the one
+    port: every answer charged once whichever worker admitted or settled it, and a limit
+    enforced once across the workers."""
+    carol = objects.token("carol", ["model-a"], tokenHash=token_digest(CAROL))
+    carol["spec"]["qos"][0]["rateLimits"] = [{"type": "rpd", "value": CAROL_DAILY}]
+    # 16 Envoy threads, each with its own connections to extproc's port: the kernel spreads them
+    # over the two workers (all on one: 1 in 30,000), as a cluster's many-threaded Envoys do.
+    with running_stack(
+        tmp_path,
+        extra_documents=[carol],
+        redis=redis.url,
+        extproc_workers=2,
+        envoy_concurrency=16,
+    ) as stack:
+        base = stack.local.settings.metrics_port
+        ports = [base, base + 1]
+
+        def chat(_: int, key: str = ALICE) -> openai.types.chat.ChatCompletion | int:
+            try:
+                return stack.client(api_key=key, timeout=30).chat.completions.create(
+                    model="model-a", messages=[{"role": "user", "content": "hi"}]
+                )
+            except openai.APIStatusError as err:
+                return err.status_code
+
+        answers: list[openai.types.chat.ChatCompletion | int] = []
+        with ThreadPoolExecutor(64) as pool:
+            for _ in range(3):  # bursts until both workers have decided some requests
+                answers += pool.map(chat, range(64))
+                counts = [
+                    _total([p], "arks_gateway_decision_seconds_count", phase="headers")
+                    for p in ports
+                ]
+                if min(counts) > 0:
+                    break
+            assert min(counts) > 0, counts
+            done = [a for a in answers if not isinstance(a, int)]
+            assert len(done) == len(answers)  # every one answered
+            prompt = sum(a.usage.prompt_tokens for a in done if a.usage)
+            completion = sum(a.usage.completion_tokens for a in done if a.usage)
+            wait_for(
+                lambda: _total(ports, "arks_requests_total", user="alice"),
+                lambda n: n >= len(done),
+                timeout=15,
+            )
+            assert _total(ports, "arks_requests_total", user="alice") == len(done)
+            assert _total(ports, "arks_usage_tokens_total", user="alice", type="prompt") == prompt
+            assert (
+                _total(ports, "arks_usage_tokens_total", user="alice", type="completion")
+                == completion
+            )
+
+            carols = list(pool.map(lambda i: chat(i, CAROL), range(CAROL_DAILY + 12)))
+        assert sum(1 for a in carols if not isinstance(a, int)) == CAROL_DAILY
+        assert sorted(a for a in carols if isinstance(a, int)) == [429] * 12
+
+
+def test_arks_up_refuses_workers_without_redis(tmp_path: Path) -> None:
+    arks = Path(sys.executable).parent / "arks"
+    done = subprocess.run(
+        [str(arks), "up", "--extproc-workers", "3", "--state-dir", str(tmp_path / "state")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "--extproc-workers 3 needs --redis" in done.stderr, done.stderr

@@ -172,6 +172,8 @@ def running_stack(
     ledger: str | None = None,
     cors_origins: tuple[str, ...] = (),
     trust_client_request_id: bool = False,
+    extproc_workers: int = 1,
+    envoy_concurrency: int = 2,
 ) -> Iterator[Stack]:
     """Two simulated engines, the base policy plus `extra_documents`, and the local stack;
     `ledger`: extproc's usage ledger URL (`{state_dir}` is filled in; None: no ledger);
@@ -212,6 +214,8 @@ def running_stack(
             ledger=ledger,
             cors_origins=cors_origins,
             trust_client_request_id=trust_client_request_id,
+            extproc_workers=extproc_workers,
+            envoy_concurrency=envoy_concurrency,
         )
         with LocalStack(settings) as local:
             yield Stack(local, policy_path, documents, ports, engines)
