@@ -105,3 +105,16 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != int(parent):
         sys.exit(1)
+
+
+def enter(
+    service: str, workers: int, worker_index: int | None, shared_store: bool, argv: Sequence[str]
+) -> None:
+    """A service's `main`, first thing: refuse what cannot run, become the parent of `workers`
+    workers (which never returns: the process exits with theirs), or go on as one of them, or
+    as the only process."""
+    check(workers, shared_store, service)
+    if worker_index is not None:
+        die_with_parent()
+    elif workers > 1:
+        raise SystemExit(run(workers, service, argv))

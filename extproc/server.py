@@ -392,13 +392,13 @@ async def serve(settings: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_args(argv)
-    workers.check(settings.workers, settings.redis is not None, "extproc")
-    if settings.worker_index is not None:
-        workers.die_with_parent()
-    if settings.workers > 1 and settings.worker_index is None:
-        raise SystemExit(
-            workers.run(settings.workers, "extproc", sys.argv[1:] if argv is None else argv)
-        )
+    workers.enter(
+        "extproc",
+        settings.workers,
+        settings.worker_index,
+        settings.redis is not None,
+        sys.argv[1:] if argv is None else argv,
+    )
     setup_process(settings.log_level)
     try:
         uvloop.run(serve(settings))

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from arks.api import token_digest
-from launcher.procs import Supervisor, free_port, wait_http
+from launcher.procs import Child, Supervisor, free_port, wait_http
 from tests.support import objects
 from tests.support.gateway import headers_message
 from tests.support.redis_server import PrivateRedis
@@ -33,16 +32,6 @@ from tests.support.waiting import wait_for
 TOKEN = "sk-workers-0123456789"
 DAILY_LIMIT = 12
 MAX_CONNECTIONS = 64  # new connections until both workers have answered (each lands on either)
-
-
-@pytest.fixture
-def redis() -> Iterator[PrivateRedis]:
-    server = PrivateRedis()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 def _policy(tmp: Path) -> Path:
@@ -96,7 +85,7 @@ def _pids_of_workers(parent: int) -> list[int]:
 
 
 def test_extproc_workers_share_one_port_and_enforce_one_limit(
-    redis: PrivateRedis, tmp_path: Path
+    private_redis: PrivateRedis, tmp_path: Path
 ) -> None:
     grpc_port, metrics_port = free_port(), free_port()
     second_metrics = metrics_port + 1  # the second worker's
@@ -106,7 +95,7 @@ def test_extproc_workers_share_one_port_and_enforce_one_limit(
             "extproc",
             "extproc",
             "--policy", str(_policy(tmp_path)),
-            "--redis", redis.url,
+            "--redis", private_redis.url,
             "--grpc-address", address,
             "--metrics-port", str(metrics_port),
             "--workers", "2",
@@ -143,40 +132,40 @@ def test_extproc_workers_share_one_port_and_enforce_one_limit(
         assert not Path(f"/proc/{workers[1]}").exists()
 
 
-def test_a_signal_to_the_parent_stops_every_worker(redis: PrivateRedis, tmp_path: Path) -> None:
-    grpc_port, metrics_port = free_port(), free_port()
+def _ratelimit_workers(sup: Supervisor, redis: PrivateRedis) -> tuple[Child, list[int]]:
+    """`python -m ratelimit --workers 2`, both workers serving: the parent and their pids."""
+    metrics_port = free_port()
+    parent = sup.python(
+        "ratelimit",
+        "ratelimit",
+        "--redis", redis.url,
+        "--grpc-address", f"127.0.0.1:{free_port()}",
+        "--metrics-port", str(metrics_port),
+        "--workers", "2",
+    )  # fmt: skip
+    wait_http(parent, f"http://127.0.0.1:{metrics_port}/metrics")
+    wait_http(parent, f"http://127.0.0.1:{metrics_port + 1}/metrics")
+    workers = _pids_of_workers(parent.popen.pid)
+    assert len(workers) == 2
+    return parent, workers
+
+
+def test_a_signal_to_the_parent_stops_every_worker(
+    private_redis: PrivateRedis, tmp_path: Path
+) -> None:
     with Supervisor(log_dir=tmp_path / "logs") as sup:
-        parent = sup.python(
-            "ratelimit",
-            "ratelimit",
-            "--redis", redis.url,
-            "--grpc-address", f"127.0.0.1:{grpc_port}",
-            "--metrics-port", str(metrics_port),
-            "--workers", "2",
-        )  # fmt: skip
-        wait_http(parent, f"http://127.0.0.1:{metrics_port}/metrics")
-        wait_http(parent, f"http://127.0.0.1:{metrics_port + 1}/metrics")
-        workers = _pids_of_workers(parent.popen.pid)
-        assert len(workers) == 2
+        parent, workers = _ratelimit_workers(sup, private_redis)
 
         parent.popen.send_signal(signal.SIGTERM)
         assert parent.popen.wait(timeout=30) == 0
         assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
 
 
-def test_workers_die_with_a_parent_killed_outright(redis: PrivateRedis, tmp_path: Path) -> None:
-    grpc_port, metrics_port = free_port(), free_port()
+def test_workers_die_with_a_parent_killed_outright(
+    private_redis: PrivateRedis, tmp_path: Path
+) -> None:
     with Supervisor(log_dir=tmp_path / "logs") as sup:
-        parent = sup.python(
-            "ratelimit",
-            "ratelimit",
-            "--redis", redis.url,
-            "--grpc-address", f"127.0.0.1:{grpc_port}",
-            "--metrics-port", str(metrics_port),
-            "--workers", "2",
-        )  # fmt: skip
-        wait_http(parent, f"http://127.0.0.1:{metrics_port + 1}/metrics")
-        workers = _pids_of_workers(parent.popen.pid)
+        parent, workers = _ratelimit_workers(sup, private_redis)
 
         parent.popen.kill()
         parent.popen.wait(timeout=10)
@@ -209,7 +198,7 @@ def _total(ports: list[int], name: str, **labels: str) -> float:
 
 
 def test_the_local_stack_with_two_workers_serves_charges_and_limits_once(
-    redis: PrivateRedis, tmp_path: Path
+    private_redis: PrivateRedis, tmp_path: Path
 ) -> None:
     """Through real Envoy, whose ext_proc streams spread over several connections to the one
     port: every answer charged once whichever worker admitted or settled it, and a limit
@@ -221,7 +210,7 @@ def test_the_local_stack_with_two_workers_serves_charges_and_limits_once(
     with running_stack(
         tmp_path,
         extra_documents=[carol],
-        redis=redis.url,
+        redis=private_redis.url,
         extproc_workers=2,
         envoy_concurrency=16,
     ) as stack:
