@@ -132,6 +132,10 @@ class AdmissionControl:
             self.held[info.request_id] = (reservation.admitted_at, keys)
         return admitted
 
+    def forget(self, request_id: str) -> None:
+        """Another replica settled the request: its leases are not renewed here any more."""
+        self.held.pop(request_id, None)
+
     async def renew_leases(self) -> int:
         """Renew the leases of the requests in flight (call it well within `lease_ttl_s`); how
         many were renewed. Requests held longer than `hold_max_s` are let go: their settlement

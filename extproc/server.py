@@ -308,7 +308,7 @@ async def serve(settings: Settings) -> None:
         ledger=writer,
         policy=source,
         metrics=metrics,
-        inflight=InFlight(max_age=settings.usage_settle_timeout_s),
+        inflight=InFlight(max_age=settings.usage_settle_timeout_s, recheck=bool(settings.redis)),
         admission=admission,
         now=lambda: datetime.now(UTC),
         monotonic=time.monotonic,
@@ -357,6 +357,7 @@ async def serve(settings: Settings) -> None:
         try:
             if source.reload_if_changed():
                 metrics.policy_reloads.inc()
+            await settlement.release_reported_elsewhere(ctx)
             if lost := await settlement.expire_unreported(ctx):
                 log.warning(
                     "%d admitted requests had no access-log entry; charged their estimate", lost

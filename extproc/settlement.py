@@ -109,6 +109,33 @@ async def finished(ctx: Context, entries: Iterable[Finished]) -> None:
         )
 
 
+async def release_reported_elsewhere(ctx: Context) -> int:
+    """Strike off the requests in flight whose access-log entry another replica received and
+    charged (`InFlight.due`: each looked at a few times, further apart); how many there were.
+    Their budgets that replica settled; here they free their pick and stop being renewed."""
+    now = ctx.monotonic()
+    due = ctx.inflight.due(now)
+    if not due:
+        return 0
+    try:
+        elsewhere = await ctx.reported.seen([request_id for request_id, _ in due])
+    except BackendUnavailable as err:
+        log.warning("cannot tell whether %d requests were reported elsewhere: %s", len(due), err)
+        ctx.inflight.again(due, now)
+        return 0
+    for request_id in elsewhere:
+        entry = ctx.inflight.finish(request_id)
+        if entry is None:
+            continue
+        ctx.metrics.in_flight_changed(entry.identity, -1)
+        if ctx.picking is not None:
+            ctx.picking.finished(request_id)
+        ctx.admission.forget(request_id)
+    ctx.metrics.reported_elsewhere.inc(len(elsewhere))
+    ctx.inflight.again([d for d in due if d[0] not in elsewhere], now)
+    return len(elsewhere)
+
+
 async def expire_unreported(ctx: Context) -> int:
     """Charge the admitted requests whose access-log entry never came; how many there were.
 

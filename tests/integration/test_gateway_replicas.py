@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 
 from extproc.context import Context
+from extproc.inflight import FIRST_CHECK_S
 from extproc.reported import RedisReported
 from extproc.servicer import AccessLogReceiver, RequestProcessor
-from extproc.settlement import expire_unreported
+from extproc.settlement import expire_unreported, release_reported_elsewhere
 from launcher.procs import free_port
 from tests.support.clock import FakeClock
 from tests.support.gateway import (
@@ -54,6 +55,42 @@ async def test_a_request_reported_to_another_replica_is_charged_once() -> None:
         assert totals(a) == Totals(1, 0, 64, 1)
         assert sample(a, "arks_usage_reported_elsewhere_requests_total") == 1
         assert len(a.inflight) == 0
+
+
+async def test_a_request_charged_elsewhere_stops_being_in_flight_within_seconds() -> None:
+    """Not after the longest answer: until then it held memory, the in-flight gauge, its lease
+    renewals and its engine pick on the replica that admitted it."""
+    async with fresh_prefix("reported") as prefix:
+        clock_a, clock_b = FakeClock(), FakeClock()
+        a = make_context(clock_a, RedisReported(SHARED_REDIS, ttl_s=2 * MAX_AGE, prefix=prefix))
+        b = make_context(clock_b, RedisReported(SHARED_REDIS, ttl_s=2 * MAX_AGE, prefix=prefix))
+        await admit(a, "req-elsewhere")
+        await admit(a, "req-long")  # still running: its entry comes later
+        in_flight = {"namespace": "default", "model": "qwen"}
+        assert sample(a, "arks_in_flight_requests", in_flight) == 2
+
+        await AccessLogReceiver(b).record(
+            log_message(200, request_id="req-elsewhere", prompt_tokens=12, completion_tokens=34)
+        )
+        assert await release_reported_elsewhere(a) == 0  # not due yet: entries take a moment
+        clock_a.now += FIRST_CHECK_S
+        assert await release_reported_elsewhere(a) == 1
+        assert len(a.inflight) == 1 and "req-elsewhere" not in a.admission.held
+        assert sample(a, "arks_in_flight_requests", in_flight) == 1
+        assert sample(a, "arks_usage_reported_elsewhere_requests_total") == 1
+
+        # The long one is looked at again later and further apart, and released once reported.
+        clock_a.now += FIRST_CHECK_S
+        assert await release_reported_elsewhere(a) == 0  # next look: 4 s after the first
+        await AccessLogReceiver(b).record(
+            log_message(200, request_id="req-long", prompt_tokens=1, completion_tokens=2)
+        )
+        clock_a.now += 2 * FIRST_CHECK_S
+        assert await release_reported_elsewhere(a) == 1
+        assert len(a.inflight) == 0 and sample(a, "arks_in_flight_requests", in_flight) == 0
+        clock_a.now += MAX_AGE + 1
+        assert await expire_unreported(a) == 0  # nothing charged twice
+        assert totals(a) is None and totals(b) == Totals(2, 13, 36, 0)
 
 
 async def test_without_the_shared_store_an_unreported_request_is_still_charged() -> None:

@@ -59,7 +59,7 @@ def make_context(clock: Callable[[], float], reported: ReportedElsewhere | None 
     return Context(
         policy=policy,
         metrics=metrics,
-        inflight=InFlight(MAX_AGE),
+        inflight=InFlight(MAX_AGE, recheck=reported is not None),
         admission=admission,
         now=lambda: NOW,
         monotonic=clock,
