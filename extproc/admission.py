@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -269,9 +269,41 @@ class AdmissionControl:
     ) -> None:
         """The answer ended: charge its tokens to tpm/tpd, its cost (tokens, and seconds of
         audio) to the quota, free its slot."""
-        self.held.pop(request_id, None)
-        if reservation is None:
+        await self.settle_many(
+            [Ended(request_id, identity, reservation, limits, prompt, completion, seconds)]
+        )
+
+    async def settle_many(self, ended: Sequence[Ended]) -> None:
+        """`settle` for each, in one round trip to the budget store."""
+        due: list[tuple[str, list[Charge]]] = []
+        for one in ended:
+            self.held.pop(one.request_id, None)
+            charges = self._charges(one)
+            if charges:
+                due.append((one.request_id, charges))
+        if not due:
             return
+        try:
+            all_totals = await self.budgets.settle_many(due, self.clock())
+        except BackendUnavailable as err:
+            # The store may have applied them before the reply was lost: a retry counts once
+            # (a budget remembers the requests it settled, see BudgetStore.settle).
+            for request_id, charges in due:
+                self._wait_for_store(request_id, charges)
+            log.warning(
+                "budget store unavailable; %d settlements wait for it: %s", len(self.unsettled), err
+            )
+            return
+        for totals in all_totals:
+            if totals is not None:
+                self.on_settled(totals)
+
+    def _charges(self, ended: Ended) -> list[Charge]:
+        identity, reservation = ended.identity, ended.reservation
+        if reservation is None:
+            return []
+        prompt, completion = ended.prompt, ended.completion
+        limits, seconds = ended.limits, ended.seconds
         charges: list[Charge] = quota.token_rate_charges(
             identity, limits, prompt + completion, reservation.admitted_at
         )
@@ -286,8 +318,12 @@ class AdmissionControl:
                 )
         if reservation.concurrency:
             charges.append(Charge(quota.concurrency_key(identity), 0))
-        if charges:
-            await self._settle(request_id, charges)
+        return charges
+
+    def _wait_for_store(self, request_id: str, charges: list[Charge]) -> None:
+        if len(self.unsettled) == self.unsettled.maxlen:
+            self.limiter.metrics.backend_errors.labels("settlement_dropped").inc()
+        self.unsettled.append((request_id, charges))
 
     async def _settle(self, request_id: str, charges: list[Charge]) -> None:
         try:
@@ -295,9 +331,7 @@ class AdmissionControl:
         except BackendUnavailable as err:
             # The store may have applied it before the reply was lost: the retry counts once
             # (a budget remembers the requests it settled, see BudgetStore.settle).
-            if len(self.unsettled) == self.unsettled.maxlen:
-                self.limiter.metrics.backend_errors.labels("settlement_dropped").inc()
-            self.unsettled.append((request_id, charges))
+            self._wait_for_store(request_id, charges)
             log.warning(
                 "budget store unavailable; %d settlements wait for it: %s", len(self.unsettled), err
             )
@@ -319,6 +353,19 @@ class AdmissionControl:
                 self.on_settled(totals)
             done += 1
         return done
+
+
+@dataclass(frozen=True)
+class Ended:
+    """A request whose answer ended, as its settlement needs it."""
+
+    request_id: str
+    identity: Identity
+    reservation: Reservation | None
+    limits: Mapping[str, int]
+    prompt: int
+    completion: int
+    seconds: float = 0.0
 
 
 def prompt_reservation(info: RequestInfo, decision: Forward) -> int:

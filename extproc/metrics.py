@@ -203,7 +203,8 @@ class GatewayMetrics:
                 "arks_gateway_decision_seconds",
                 "The gateway's own work per request, by phase: headers (a request's headers or "
                 "body message up to extproc's answer, admission included), admission (rate "
-                "limits, quotas, concurrency) and settlement (one access-log entry).",
+                "limits, quotas, concurrency) and settlement (one access-log entry, with its "
+                "share of its batch's budget settlement).",
                 ("phase",),
                 buckets=DECISION_BUCKETS,
                 registry=registry,

@@ -532,3 +532,36 @@ async def test_charges_made_after_a_wipe_are_added_to_the_restored_total(tmp_pat
             assert await store.settle("r3", [Charge("q", 1)], 1002.0) == {"q": 76}
         finally:
             await store.close()
+
+
+async def test_a_batch_of_settlements_is_each_settlement_once(store: BudgetStore) -> None:
+    """An access-log batch settles in one call (one round trip on Redis): the same totals as
+    one call each, a request without charges answered `{}`, and the batch retried whole (its
+    reply lost) changes nothing."""
+    ids = [f"r{i}" for i in range(6)]
+    for request_id in ids:
+        assert (await store.admit(request_id, [lease(100, 10), lease(6, 1, "c")], TTL, T0)).admitted
+    batch: list[tuple[str, list[Charge]]] = [
+        (request_id, [Charge("q", 3 + i), Charge("c", 0)]) for i, request_id in enumerate(ids)
+    ]
+    batch.insert(2, ("no-charges", []))
+
+    first = await store.settle_many(batch, T0 + 1)
+    again = await store.settle_many(batch, T0 + 2)
+
+    assert first[2] == {} and again[2] == {}
+    assert await store.used(["q", "c"]) == {"q": sum(3 + i for i in range(6)), "c": 0}
+    assert await figures(store, "q", T0 + 3) == (33, 0)  # every lease released
+    assert await figures(store, "c", T0 + 3) == (0, 0)
+
+
+async def test_a_batch_of_settlements_reloads_a_script_redis_lost() -> None:
+    async with shared_redis_store() as store:
+        assert (await store.admit("r1", [lease(100, 10)], TTL, T0)).admitted
+        admin = Redis.from_url(SHARED_REDIS)
+        try:
+            await admin.script_flush()  # as a restarted Redis would have it
+        finally:
+            await admin.aclose()
+        await store.settle_many([("r1", [Charge("q", 7)])], T0 + 1)
+        assert await store.used(["q"]) == {"q": 7}

@@ -25,7 +25,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from arks.adapters.redis.client import Script, answer_within, connect, run
+from arks.adapters.redis.client import Script, answer_within, connect, run, run_many
 from arks.limits.budgets import (
     LEVELS_PER_READ,
     SETTLED_MEMORY_S,
@@ -41,6 +41,7 @@ from arks.limits.budgets.room import (
     check_settle,
     merge_leases,
 )
+from arks.limits.model import BackendUnavailable
 
 # A budget's keys (and K:settled, written by settlements only); no suffix ends another.
 SUFFIXES = (":used", ":leased", ":leases", ":expiry")
@@ -315,33 +316,60 @@ class RedisBudgets:
         `restore` last saw (None: wiped and not restored yet, or never restored by this
         client). Totals, not increments: a snapshot takes the larger figure, so a read of the
         store that already saw this settlement cannot make it count twice."""
-        check_settle(charges, now)
-        if not charges:
-            return {}
-        keys = [self._prefix + "generation"]
-        for charge in charges:
-            keys += [*self._names(charge.key), self._prefix + charge.key + ":settled"]
-        memory_ms = math.ceil(SETTLED_MEMORY_S * 1000)
-        args: list[str | int] = [
-            repr(now),
-            request_id,
-            repr(now - SETTLED_MEMORY_S),
-            memory_ms,
-            self._generation or "",
+        (totals,) = await self.settle_many([(request_id, charges)], now)
+        return totals
+
+    async def settle_many(
+        self, settlements: Sequence[tuple[str, Sequence[Charge]]], now: float
+    ) -> list[Mapping[str, int] | None]:
+        """Every settlement's script in one pipeline: one round trip for an access-log batch."""
+        for _, charges in settlements:
+            check_settle(charges, now)
+        calls = [
+            self._settle_call(request_id, charges, now)
+            for request_id, charges in settlements
+            if charges
         ]
-        for charge in charges:
-            args += [str(charge.cost), _ms(charge.expires_at)]
-        async with self._answer("settle"):
-            reply = await self._run(_SETTLE, keys, args)
+        replies: list[Any] = []
+        if calls:
+            async with self._answer("settle"):
+                replies = await run_many(self._redis, _SETTLE, calls)
+        out: list[Mapping[str, int] | None] = []
+        answers = iter(replies)
+        for _, charges in settlements:
+            if not charges:
+                out.append({})
+                continue
+            reply = next(answers)
             if not (
                 isinstance(reply, list)
                 and len(reply) == 2 + len(charges)
                 and reply[0] == len(charges)
             ):
-                raise RedisError(f"unexpected script reply: {reply!r}")
-        if not reply[1]:
-            return None
-        return {c.key: int(total) for c, total in zip(charges, reply[2:], strict=True)}
+                raise BackendUnavailable(f"redis budgets (settle): unexpected reply {reply!r}")
+            out.append(
+                {c.key: int(total) for c, total in zip(charges, reply[2:], strict=True)}
+                if reply[1]
+                else None
+            )
+        return out
+
+    def _settle_call(
+        self, request_id: str, charges: Sequence[Charge], now: float
+    ) -> tuple[list[str], list[str | int]]:
+        keys = [self._prefix + "generation"]
+        for charge in charges:
+            keys += [*self._names(charge.key), self._prefix + charge.key + ":settled"]
+        args: list[str | int] = [
+            repr(now),
+            request_id,
+            repr(now - SETTLED_MEMORY_S),
+            math.ceil(SETTLED_MEMORY_S * 1000),
+            self._generation or "",
+        ]
+        for charge in charges:
+            args += [str(charge.cost), _ms(charge.expires_at)]
+        return keys, args
 
     async def renew(self, held: Mapping[str, Sequence[str]], ttl_s: float, now: float) -> int:
         held = {key: ids for key, ids in held.items() if ids}

@@ -97,6 +97,27 @@ async def run(redis: Redis, script: Script, keys: Sequence[str], args: Sequence[
         return await redis.eval(script.text, len(keys), *keys, *args)
 
 
+async def run_many(
+    redis: Redis, script: Script, calls: Sequence[tuple[Sequence[str], Sequence[str | int]]]
+) -> list[Any]:
+    """The script once per (keys, args), pipelined: one round trip. A server that does not have
+    the script yet is given it, and the calls are sent again (a script that must count once,
+    as the budgets' do, remembers what it applied)."""
+    for attempt in (1, 2):
+        async with redis.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            replies = await pipe.execute(raise_on_error=False)
+        missing = any(isinstance(reply, NoScriptError) for reply in replies)
+        if not missing or attempt == 2:
+            break
+        await redis.script_load(script.text)
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return list(replies)
+
+
 @asynccontextmanager
 async def answer_within(timeout_s: float, what: str) -> AsyncIterator[None]:
     """Bound the block by the timeout; any failure to get an answer is unavailability."""

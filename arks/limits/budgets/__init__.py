@@ -82,6 +82,14 @@ class BudgetStore(Protocol):
         None when it does not (wiped and not restored yet, or never restored by this client)."""
         ...
 
+    async def settle_many(
+        self, settlements: Sequence[tuple[str, Sequence[Charge]]], now: float
+    ) -> list[Mapping[str, int] | None]:
+        """`settle` for each (request id, charges), in one round trip where the store has them:
+        each applied as `settle` applies it, the answers in the same order. When it raises,
+        any of them may have been applied (a retry counts once)."""
+        ...
+
     async def renew(self, held: Mapping[str, Sequence[str]], ttl_s: float, now: float) -> int:
         """Keep leases alive: for each budget key, the leases of these request ids that are still
         held now expire at now + ttl_s (an expired or settled lease is not brought back). A

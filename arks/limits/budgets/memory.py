@@ -133,6 +133,11 @@ class MemoryBudgets:
         # One process, never wiped under its own snapshot: always the known generation.
         return {c.key: b.used or 0 for c in charges if (b := self._live(c.key, now)) is not None}
 
+    async def settle_many(
+        self, settlements: Sequence[tuple[str, Sequence[Charge]]], now: float
+    ) -> list[Mapping[str, int] | None]:
+        return [await self.settle(request_id, charges, now) for request_id, charges in settlements]
+
     def _forget_settled(self, before: float) -> None:
         order = self._settled_order
         while order and order[0][0] <= before:
