@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
 
 
-def check(workers: int, shared_store: bool, service: str) -> None:
+def _check(workers: int, shared_store: bool, service: str) -> None:
     """Exit with a clear message when `workers` cannot run correctly."""
     if workers < 1:
         sys.exit(f"{service}: --workers must be at least 1, not {workers}")
@@ -53,7 +53,7 @@ def check(workers: int, shared_store: bool, service: str) -> None:
         )
 
 
-def run(workers: int, module: str, argv: Sequence[str]) -> int:
+def _run(workers: int, module: str, argv: Sequence[str]) -> int:
     """Run `python -m module argv --worker-index i` for i < workers until one exits or the
     parent is told to stop; the exit code to end with."""
     env = {**os.environ, PARENT_ENV: str(os.getpid())}
@@ -95,7 +95,7 @@ def run(workers: int, module: str, argv: Sequence[str]) -> int:
     return code
 
 
-def die_with_parent() -> None:
+def _die_with_parent() -> None:
     """In a worker, first thing: SIGTERM when the parent goes, however it goes; and exit now if
     it went already (before the ask)."""
     parent = os.environ.get(PARENT_ENV)
@@ -113,8 +113,8 @@ def enter(
     """A service's `main`, first thing: refuse what cannot run, become the parent of `workers`
     workers (which never returns: the process exits with theirs), or go on as one of them, or
     as the only process."""
-    check(workers, shared_store, service)
+    _check(workers, shared_store, service)
     if worker_index is not None:
-        die_with_parent()
+        _die_with_parent()
     elif workers > 1:
-        raise SystemExit(run(workers, service, argv))
+        raise SystemExit(_run(workers, service, argv))

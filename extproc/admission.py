@@ -125,7 +125,7 @@ class AdmissionControl:
         if limited is not None:
             if leases:  # give back what the budgets reserved for it
                 released = [Charge(lease.key, 0, lease.expires_at) for lease in leases]
-                await self._settle(info.request_id, released)
+                await self._settle([(info.request_id, released)])
             return limited
         if leases and info.request_id:
             keys = tuple({lease.key for lease in leases})
@@ -281,22 +281,7 @@ class AdmissionControl:
             charges = self._charges(one)
             if charges:
                 due.append((one.request_id, charges))
-        if not due:
-            return
-        try:
-            all_totals = await self.budgets.settle_many(due, self.clock())
-        except BackendUnavailable as err:
-            # The store may have applied them before the reply was lost: a retry counts once
-            # (a budget remembers the requests it settled, see BudgetStore.settle).
-            for request_id, charges in due:
-                self._wait_for_store(request_id, charges)
-            log.warning(
-                "budget store unavailable; %d settlements wait for it: %s", len(self.unsettled), err
-            )
-            return
-        for totals in all_totals:
-            if totals is not None:
-                self.on_settled(totals)
+        await self._settle(due)
 
     def _charges(self, ended: Ended) -> list[Charge]:
         identity, reservation = ended.identity, ended.reservation
@@ -320,22 +305,24 @@ class AdmissionControl:
             charges.append(Charge(quota.concurrency_key(identity), 0))
         return charges
 
-    def _wait_for_store(self, request_id: str, charges: list[Charge]) -> None:
-        if len(self.unsettled) == self.unsettled.maxlen:
-            self.limiter.metrics.backend_errors.labels("settlement_dropped").inc()
-        self.unsettled.append((request_id, charges))
-
-    async def _settle(self, request_id: str, charges: list[Charge]) -> None:
+    async def _settle(self, due: list[tuple[str, list[Charge]]]) -> None:
+        """Apply these settlements in one round trip, or keep them for `retry_unsettled`."""
+        if not due:
+            return
         try:
-            totals = await self.budgets.settle(request_id, charges, self.clock())
+            all_totals = await self.budgets.settle_many(due, self.clock())
         except BackendUnavailable as err:
-            # The store may have applied it before the reply was lost: the retry counts once
+            # The store may have applied them before the reply was lost: a retry counts once
             # (a budget remembers the requests it settled, see BudgetStore.settle).
-            self._wait_for_store(request_id, charges)
+            for settlement in due:
+                if len(self.unsettled) == self.unsettled.maxlen:
+                    self.limiter.metrics.backend_errors.labels("settlement_dropped").inc()
+                self.unsettled.append(settlement)
             log.warning(
                 "budget store unavailable; %d settlements wait for it: %s", len(self.unsettled), err
             )
-        else:
+            return
+        for totals in all_totals:
             if totals is not None:
                 self.on_settled(totals)
 

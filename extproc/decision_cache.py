@@ -23,6 +23,7 @@ from extproc.auth import bearer_token
 from extproc.decision import Decision, Forward
 from extproc.gateway import NO_LENS, decide_headers
 from extproc.request import BodyFacts, PathKind, RequestInfo
+from extproc.response_homes import ResponseHome
 
 # Headers whose values vary per request and the decision does not read.
 PER_REQUEST_HEADERS = frozenset({"x-request-id", "content-length"})
@@ -61,12 +62,13 @@ class DecisionCache:
         policy: Policy,
         now: datetime,
         lens: Mapping[tuple[str, str], int] = NO_LENS,
+        home: ResponseHome | None = None,
     ) -> tuple[Decision, Kept | None]:
         """`decide_headers`' decision, and the kept entry it came from or went into (None: not
         kept)."""
         key = _key(info)
         if key is None:
-            return decide_headers(info, policy, now, lens=lens), None
+            return decide_headers(info, policy, now, home=home, lens=lens), None
         if policy is not self._policy:
             self._kept.clear()
             self._policy = policy

@@ -27,7 +27,7 @@ from extproc.auth import authenticate
 from extproc.context import Context
 from extproc.decision import Decision, Deny, Forward, Identity, ReadBody, Reply
 from extproc.decision_cache import Kept
-from extproc.gateway import decide_body, decide_headers, follow
+from extproc.gateway import decide_body, follow
 from extproc.picking.service import Destination
 from extproc.request import PathKind, RequestInfo, stored_response
 from extproc.response_homes import ResponseHome
@@ -169,18 +169,9 @@ class RequestProcessor:
                 if isinstance(looked, Deny):
                     return self._encode(looked, "headers")
                 home = looked
-            if home is None:
-                decision, self.kept = self.ctx.decisions.decide(
-                    self.info, self.ctx.policy.current(), self.ctx.now(), self.ctx.model_lens
-                )
-            else:
-                decision = decide_headers(
-                    self.info,
-                    self.ctx.policy.current(),
-                    self.ctx.now(),
-                    home=home,
-                    lens=self.ctx.model_lens,
-                )
+            decision, self.kept = self.ctx.decisions.decide(
+                self.info, self.ctx.policy.current(), self.ctx.now(), self.ctx.model_lens, home
+            )
             return self._encode(await self._admit(decision), "headers")
         if kind == "request_body" and self.info is not None and self.token is not None:
             decision = decide_body(

@@ -66,6 +66,17 @@ async def _remember_home(ctx: Context, done: Finished) -> None:
         log.warning("could not record the engine of response %s: %s", done.response_id, err)
 
 
+def _strike_off(ctx: Context, request_id: str) -> Admitted | None:
+    """The request ended: its pick is free, it is no longer in flight here (the entry it had
+    here, if this process admitted it)."""
+    if ctx.picking is not None:
+        ctx.picking.finished(request_id)
+    entry = ctx.inflight.finish(request_id)
+    if entry is not None:
+        ctx.metrics.in_flight_changed(entry.identity, -1)
+    return entry
+
+
 async def finished(ctx: Context, entries: Iterable[Finished]) -> None:
     """One access-log batch: charge and settle each request, strike it off. The budgets of the
     whole batch are settled in one round trip to their store."""
@@ -74,12 +85,7 @@ async def finished(ctx: Context, entries: Iterable[Finished]) -> None:
     spent: list[float] = []  # each entry's own work; the batch's settlement is shared out
     for done in entries:
         started = ctx.timer()
-        if ctx.picking is not None:
-            ctx.picking.finished(done.request_id)
-        entry = ctx.inflight.finish(done.request_id)
-        if entry is not None:
-            ctx.metrics.in_flight_changed(entry.identity, -1)
-        elif done.request_id:
+        if _strike_off(ctx, done.request_id) is None and done.request_id:
             foreign.append(done.request_id)
         usage = usage_of(done)
         if usage is None:
@@ -134,13 +140,8 @@ async def release_reported_elsewhere(ctx: Context) -> int:
         ctx.inflight.again(due, now)
         return 0
     for request_id in elsewhere:
-        entry = ctx.inflight.finish(request_id)
-        if entry is None:
-            continue
-        ctx.metrics.in_flight_changed(entry.identity, -1)
-        if ctx.picking is not None:
-            ctx.picking.finished(request_id)
-        ctx.admission.forget(request_id)
+        if _strike_off(ctx, request_id) is not None:
+            ctx.admission.forget(request_id)
     ctx.metrics.reported_elsewhere.inc(len(elsewhere))
     ctx.inflight.again([d for d in due if d[0] not in elsewhere], now)
     return len(elsewhere)
