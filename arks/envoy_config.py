@@ -519,6 +519,14 @@ def local_reply_config(settings: EnvoySettings) -> dict[str, Any]:
             _local_reply_mapper(
                 503, "service_unavailable", "no_backend", details_not_prefix="arks_"
             ),
+            # ext_proc's message timeout: extproc is up but did not answer in time (stalled).
+            _local_reply_mapper(
+                504,
+                "timeout",
+                "gateway_timeout",
+                "The gateway's decision service did not answer in time; try again shortly.",
+                details_prefix="ext_proc",
+            ),
             _local_reply_mapper(504, "timeout", "upstream_timeout"),
         ]
     }

@@ -11,6 +11,7 @@ gets back what the durable copy had (at most one interval old).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -33,6 +34,8 @@ def current_keys(policy: Policy, now: datetime) -> list[str]:
 
 
 class DurableCopy(Protocol):
+    """`save` blocks (a file, the API server): it is called in a thread, off the request loop."""
+
     def load(self, policy: Policy, now: datetime) -> dict[str, int]: ...
 
     def save(self, snapshot: Mapping[str, int], policy: Policy, now: datetime) -> None: ...
@@ -81,6 +84,9 @@ def quota_status(q: ArksQuota, snapshot: Mapping[str, int], now: datetime) -> li
     return out
 
 
+STATUS_WRITE_TIMEOUT_S = 10.0
+
+
 @dataclass(frozen=True)
 class QuotaStatus:
     """In a cluster: `ArksQuota.status`, which the API server keeps in etcd."""
@@ -107,17 +113,35 @@ class QuotaStatus:
         return loaded
 
     def save(self, snapshot: Mapping[str, int], policy: Policy, now: datetime) -> None:
+        """Each ArksQuota whose status (as the watch last saw it) differs: one PATCH each, so an
+        idle quota costs the API server nothing, however many replicas snapshot it."""
         import kubernetes
 
         custom = kubernetes.client.CustomObjectsApi(self.api_client)
         for q in policy.quotas.values():
-            body = {"status": {"quotaStatus": quota_status(q, snapshot, now)}}
+            written = quota_status(q, snapshot, now)
+            if (self.read_status(q) or {}).get("quotaStatus") == written:
+                continue
+            body = {"status": {"quotaStatus": written}}
             try:
                 custom.patch_namespaced_custom_object_status(
-                    "arks.ai", "v1", q.key.namespace, "arksquotas", q.key.name, body
+                    "arks.ai",
+                    "v1",
+                    q.key.namespace,
+                    "arksquotas",
+                    q.key.name,
+                    body,
+                    # A hung API server: this write (the rest of this snapshot) gives up, the
+                    # next snapshot tries again. A transport error ends the write the same way.
+                    _request_timeout=STATUS_WRITE_TIMEOUT_S,
                 )
             except kubernetes.client.ApiException as err:
                 log.warning("ArksQuota %s status not written: %s", q.key, err.reason)
+
+
+def _report_failure(saving: asyncio.Future[None]) -> None:
+    if not saving.cancelled() and (err := saving.exception()) is not None:
+        log.error("quota snapshot not written: %s", err, exc_info=err)
 
 
 # Turns (of the snapshot timer) that rebuild from the ledger after a loss: the records other
@@ -140,6 +164,7 @@ class QuotaSnapshots:
     rebuild_due: int = REBUILD_TURNS  # the first turns rebuild: the store may be empty
     _keys_for: tuple[Policy, int] | None = None
     _keys: frozenset[str] = frozenset()
+    _saving: asyncio.Future[None] | None = None
 
     def charged(self, totals: Mapping[str, int]) -> None:
         """A settlement the store took: the quota budgets' totals just after it join the
@@ -200,6 +225,25 @@ class QuotaSnapshots:
         # Within a period `used` only grows: the larger figure is the truer one (a store that
         # restarted empty between restore and read must not zero the snapshot).
         self.snapshot = {k: max(self.snapshot.get(k, 0), v) for k, v in used.items()}
-        if self.durable is not None:
-            self.durable.save(self.snapshot, policy, now)
+        self._save(policy, now)
         return restored
+
+    def _save(self, policy: Policy, now: datetime) -> None:
+        """Write the snapshot to the durable copy in a thread, off the request loop (a file; in a
+        cluster a PATCH per changed quota: done on the loop, an API server's round trips stalled
+        every request in flight, every interval). Not awaited: a slow or hung API server delays
+        the next write (this one is skipped while the last still runs), never the turn."""
+        if self.durable is None:
+            return
+        if self._saving is not None and not self._saving.done():
+            log.warning("the last quota snapshot is still being written; skipping this one")
+            return
+        self._saving = asyncio.ensure_future(
+            asyncio.to_thread(self.durable.save, dict(self.snapshot or {}), policy, now)
+        )
+        self._saving.add_done_callback(_report_failure)
+
+    async def saved(self) -> None:
+        """Wait for the snapshot write under way, if any (tests; shutdown)."""
+        if self._saving is not None:
+            await asyncio.wait([self._saving])

@@ -1,6 +1,6 @@
 """`make bench`: the gateway's cost against plain Envoy and the Python floor, in one run.
 
-    .venv/bin/python -m tests.bench.gateway --out docs/benchmarks.md [--duration 8] [--quick] [--only gateway|ratelimit|traffic|estimates|policy|latency|ledger|ledger-cpu|breakdown|workers]
+    .venv/bin/python -m tests.bench.gateway --out docs/benchmarks.md [--duration 8] [--quick] [--only gateway|ratelimit|traffic|estimates|policy|latency|ledger|ledger-cpu|breakdown|tail|workers]
 
 One simulated engine serves four configurations (see `targets.py`): plain Envoy, Envoy with a
 do-nothing Python ext_proc (the floor), the floor plus the usage channel (the gateway's batched
@@ -13,9 +13,10 @@ part (`tests/bench/traffic.py`), the usage estimates' (`tests/bench/estimates.py
 cluster policy's (`tests/bench/policy.py`), the latency histograms' (`tests/bench/latency.py`)
 the usage ledger's stores' (`tests/bench/ledger.py`), the gateway's CPU with the ledger on
 against off (`tests/bench/ledger_cpu.py`), where the gateway's time goes
-(`tests/bench/breakdown.py`) and one extproc process against two (`tests/bench/workers.py`) add
+(`tests/bench/breakdown.py`), the tail latency with and without each measure against stalls
+(`tests/bench/tail.py`) and one extproc process against two (`tests/bench/workers.py`) add
 their own sections;
-`--only ratelimit|traffic|estimates|policy|latency|ledger|ledger-cpu|breakdown|workers` runs just that part
+`--only ratelimit|traffic|estimates|policy|latency|ledger|ledger-cpu|breakdown|tail|workers` runs just that part
 and replaces just its section of `--out`.
 """
 
@@ -31,8 +32,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from tests.bench import (
     policy,
     ratelimit,
     report,
+    tail,
     targets,
     traffic,
     workers,
@@ -123,6 +125,7 @@ class Settings:
                 "ledger",
                 "ledger-cpu",
                 "breakdown",
+                "tail",
                 "workers",
             ),
             default="all",
@@ -130,8 +133,9 @@ class Settings:
             "the traffic control plane's (traffic.py), the usage estimates' (estimates.py), the "
             "cluster policy's (policy.py), the latency histograms' (latency.py) or the usage "
             "ledger's stores' (ledger.py), the gateway's CPU with the ledger on and off "
-            "(ledger_cpu.py), where the gateway's time goes (breakdown.py) or one extproc "
-            "process against two (workers.py)",
+            "(ledger_cpu.py), where the gateway's time goes (breakdown.py), the tail latency "
+            "with and without each measure against stalls (tail.py) or one extproc process "
+            "against two (workers.py)",
         )
         args = parser.parse_args(argv)
         if args.quick:
@@ -162,26 +166,38 @@ class Arm:
 
 
 def measure(
-    wrk_bin: str, arms: Sequence[Arm], work: Path, token: str, settings: Settings
+    wrk_bin: str,
+    arms: Sequence[Arm],
+    work: Path,
+    token: str,
+    settings: Settings,
+    alone: Callable[[Arm], AbstractContextManager[object]] | None = None,
 ) -> Results:
+    """Each arm's load in turn, in interleaved rounds. `alone(arm)`, when given, is entered around
+    each run of an arm's load (e.g. to pause the other configurations' processes)."""
     scripts = {}
+    solo = alone or (lambda _arm: nullcontext())
     for arm in arms:
         script = scripts[arm.label] = work / f"{arm.workload.key}-{arm.label}.lua"
         body, headers = arm.workload.body_bytes(), arm.workload.request_headers(token)
         script.write_text(wrk.lua_script("POST", body, headers))
-        wrk.run(wrk_bin, arm.target.url + PATH, script, arm.workload.connections, settings.warmup_s)
+        with solo(arm):
+            wrk.run(
+                wrk_bin, arm.target.url + PATH, script, arm.workload.connections, settings.warmup_s
+            )
     loads = {arm.label: wrk.Result() for arm in arms}
     cpu = {arm.label: CpuSample(0.0, 0.0) for arm in arms}
     segment_s = settings.duration_s / settings.rounds
     for round_ in range(settings.rounds):
         for arm in arms if round_ % 2 == 0 else list(reversed(arms)):
-            before = CpuSample.take(arm.target)
-            url = arm.target.url + PATH
-            loads[arm.label].merge(
-                wrk.run(wrk_bin, url, scripts[arm.label], arm.workload.connections, segment_s)
-            )
-            time.sleep(SETTLE_S)
-            cpu[arm.label] = cpu[arm.label] + (CpuSample.take(arm.target) - before)
+            with solo(arm):
+                before = CpuSample.take(arm.target)
+                url = arm.target.url + PATH
+                loads[arm.label].merge(
+                    wrk.run(wrk_bin, url, scripts[arm.label], arm.workload.connections, segment_s)
+                )
+                time.sleep(SETTLE_S)
+                cpu[arm.label] = cpu[arm.label] + (CpuSample.take(arm.target) - before)
     for arm in arms:
         load = loads[arm.label]
         if load.error_count or load.requests == 0:
@@ -316,11 +332,11 @@ HOW_TO_READ = f"""\
   rate-matched floor (streamed, concurrency 1) delays the floor's answers in the engine by the
   gateway's extra p50 so both run at the same request rate: compare the gateway with that too.
 - Streamed answers are {STREAM_CHUNKS} SSE events, written by the engine in one burst (no
-  per-token delay); their latency is the whole answer. The gateway's Envoy parses every event
-  (`sse_to_metadata`, to lift the usage chunk natively), so its Envoy CPU and its streamed
-  latency grow with the number of events while Python's work does not. Without
-  `stream_options.include_usage` (what the official `openai` client sends) the gateway asks for
-  the request body and adds it, one more gRPC message: about one more floor of CPU and latency.
+  per-token delay); their latency is the whole answer. The gateway's Envoy reads the answer's
+  usage in Lua (`envoy/usage.lua`: one step per data frame, the last few KiB kept, never a step
+  per event), so Python sees no chunk and its work does not grow with the answer. Without
+  `stream_options.include_usage` (what the official `openai` client sends) the same Lua adds it
+  to the request body and cuts the usage-only event from the answer: no extra gRPC message.
 - Latencies come from wrk (1,000 quantiles per run, merged across rounds); a run fails if any request
   got a non-2xx answer or a socket error.
 """
@@ -378,23 +394,28 @@ def render_markdown(
     return "\n".join(parts)
 
 
+# The parts after the gateway's, each writing its own section of --out (in this order).
+PARTS = (
+    ("ratelimit", ratelimit),
+    ("traffic", traffic),
+    ("estimates", estimates),
+    ("policy", policy),
+    ("latency", latency),
+    ("ledger", ledger),
+    ("ledger-cpu", ledger_cpu),
+    ("breakdown", breakdown),
+    ("tail", tail),
+    ("workers", workers),
+)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     settings = Settings.from_args(argv)
     started = time.monotonic()
     if settings.only in ("all", "gateway"):
         _gateway_part(settings, argv, started)
-    for part, module in (
-        ("ratelimit", ratelimit),
-        ("traffic", traffic),
-        ("estimates", estimates),
-        ("policy", policy),
-        ("latency", latency),
-        ("ledger", ledger),
-        ("ledger-cpu", ledger_cpu),
-        ("breakdown", breakdown),
-        ("workers", workers),
-    ):
+    for part, module in PARTS:
         if settings.only not in ("all", part):
             continue
         try:
@@ -422,17 +443,7 @@ def _gateway_part(settings: Settings, argv: Sequence[str], started: float) -> No
         settings.out.parent.mkdir(parents=True, exist_ok=True)
         text = render_markdown(results, workloads, settings, argv)
         if settings.only == "gateway":  # keep the other parts' sections
-            for module in (
-                ratelimit,
-                traffic,
-                estimates,
-                policy,
-                latency,
-                ledger,
-                ledger_cpu,
-                breakdown,
-                workers,
-            ):
+            for _, module in PARTS:
                 if kept := report.existing_section(settings.out, module.BEGIN, module.END):
                     text += "\n" + kept + "\n"
         settings.out.write_text(text)

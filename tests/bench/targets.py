@@ -57,6 +57,7 @@ class Target:
     url: str
     python_pids: tuple[int, ...]  # the Python services of this configuration (not the engine)
     envoy_pid: int
+    metrics_url: str | None = None  # extproc's own metrics (the gateway's), for the tail bench
 
 
 # --------------------------------------------------------------------------- CPU
@@ -438,4 +439,4 @@ def gateway(
         envoy = [c.popen.pid for c in children if c.name == "envoy"]
         if not python or len(envoy) != 1:
             raise RuntimeError(f"unexpected gateway processes: {[c.name for c in children]}")
-        yield Target(name, stack.url, python, envoy[0])
+        yield Target(name, stack.url, python, envoy[0], stack.metrics_url)

@@ -3,7 +3,9 @@ effect in the running gateway within seconds, through real Envoy."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import kubernetes
@@ -17,10 +19,12 @@ from tests.support.kube import FAST_INFORMERS, RunningKubeEmulator
 from tests.support.objects import endpoint, token
 from tests.support.rbac import allows, roles_of
 from tests.support.stack import Stack, running_stack
+from tests.support.stall_proxy import stall_proxy
 from tests.support.waiting import wait_for
 
 CAROL = "sk-arks-test-cluster-carol-71"
 DAVE = "sk-arks-test-cluster-dave-72"
+FRANK = "sk-arks-test-cluster-frank-74"
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +152,27 @@ def test_quota_usage_is_written_to_the_arksquota_status(
 
     assert wait_for(used, lambda u: u == total, timeout=15) == total
 
+    # Idle, the quota's status is not written again, however many snapshots pass (0.5 s apart
+    # here): one PATCH per change, not one per quota per interval per replica.
+    def status_writes() -> int:
+        wanted = (USER_AGENT, "patch", "arks.ai", "arksquotas/status", "default", "eve-team")
+        return sum(1 for entry in kube.emulator.audit if entry == wanted)
+
+    writes = status_writes()
+    assert writes >= 1
+    time.sleep(3)
+    assert status_writes() == writes
+    again = httpx.post(
+        f"{cluster_stack.url}/v1/chat/completions",
+        json={"model": "model-a", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"authorization": "Bearer sk-arks-test-cluster-eve-73"},
+        timeout=10,
+    )
+    assert again.status_code == 200
+    more = total + again.json()["usage"]["total_tokens"]
+    assert wait_for(used, lambda u: u == more, timeout=15) == more
+    assert status_writes() > writes
+
 
 def test_what_the_gateway_asks_of_the_api_server_its_rbac_allows(
     kube: RunningKubeEmulator, cluster_stack: Stack
@@ -160,3 +185,61 @@ def test_what_the_gateway_asks_of_the_api_server_its_rbac_allows(
     assert not [a for a in asked if a[2] == "secrets"]  # the gateway reads no Secrets
     refused = [a for a in asked if not allows(cluster, a[0], a[1], a[2], a[4])]
     assert refused == []
+
+
+def test_an_api_server_that_hangs_stalls_no_request(
+    kube: RunningKubeEmulator, cluster_stack: Stack, tmp_path: Path
+) -> None:
+    """The quota snapshot is written to ArksQuota.status every interval. With every call to the
+    API server hanging (its watches already open), requests still answer at once, and the status
+    catches up when the API server does. (`cluster_stack`: its ArksEndpoint.)"""
+    custom = kubernetes.client.CustomObjectsApi(kube.api_client())
+    custom.create_namespaced_custom_object(
+        "arks.ai",
+        "v1",
+        "default",
+        "arksquotas",
+        {
+            "apiVersion": "arks.ai/v1",
+            "kind": "ArksQuota",
+            "metadata": {"name": "frank-team", "namespace": "default"},
+            "spec": {"quotas": [{"type": "total", "value": 100000, "period": "month"}]},
+        },
+    )
+    frank = token("frank", ["model-a"], tokenHash=token_digest(FRANK))
+    frank["spec"]["qos"][0]["quota"] = {"name": "frank-team"}
+    custom.create_namespaced_custom_object("arks.ai", "v1", "default", "arkstokens", frank)
+
+    def ask() -> httpx.Response:
+        return httpx.post(
+            f"{stack.url}/v1/chat/completions",
+            json={"model": "model-a", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"authorization": f"Bearer {FRANK}"},
+            timeout=10,
+        )
+
+    def used() -> float:
+        got = custom.get_namespaced_custom_object(
+            "arks.ai", "v1", "default", "arksquotas", "frank-team"
+        )
+        return sum(e.get("used", 0) for e in (got.get("status") or {}).get("quotaStatus", []))
+
+    with stall_proxy(kube.url) as proxy, running_stack(tmp_path, kube_host=proxy.url) as stack:
+        first = wait_for(ask, lambda r: r.status_code == 200, timeout=15)
+        total = first.json()["usage"]["total_tokens"]
+        wait_for(used, lambda u: u == total, timeout=15)
+        proxy.stalled = True
+        try:
+            slowest = 0.0
+            for _ in range(12):  # over 3 s: six snapshots (0.5 s apart), each with new usage
+                started = time.monotonic()
+                answer = ask()
+                slowest = max(slowest, time.monotonic() - started)
+                assert answer.status_code == 200, answer.text
+                total += answer.json()["usage"]["total_tokens"]
+                time.sleep(0.25)
+            assert slowest < 1.0
+        finally:
+            proxy.stalled = False
+        # The write that hung gives up (its timeout) and a later one lands.
+        assert wait_for(used, lambda u: u == total, timeout=30) == total

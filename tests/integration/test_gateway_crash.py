@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from arks.api import token_digest
@@ -70,3 +71,30 @@ def test_slots_held_by_a_killed_gateway_are_free_within_the_lease_ttl(tmp_path: 
         )
         assert answer.status_code == 200
         assert time.monotonic() - killed < 10  # one lease ttl (3 s) and a restart, not 630 s
+
+
+def test_a_stalled_gateway_answers_a_clear_504_and_serves_again_when_it_resumes(
+    tmp_path: Path,
+) -> None:
+    """extproc SIGSTOPped (a stall: alive, connected, silent): Envoy's message timeout answers
+    504 `gateway_timeout` with a message (it was an empty one); resumed, it serves at once."""
+    with running_stack(tmp_path) as stack:
+        extproc = next(c for c in stack.local.supervisor.children if c.name == "extproc")
+        client = stack.client(timeout=30)
+        hello = [{"role": "user", "content": "hi"}]
+        assert client.chat.completions.create(model="model-a", messages=hello).choices
+        os.kill(extproc.popen.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(openai.APIStatusError) as stalled:
+                client.chat.completions.create(model="model-a", messages=hello)
+        finally:
+            os.kill(extproc.popen.pid, signal.SIGCONT)
+        assert stalled.value.status_code == 504, stalled.value.response.text
+        assert stalled.value.code == "gateway_timeout", stalled.value.response.text
+        assert "did not answer in time" in stalled.value.message
+        answer = wait_for(
+            lambda: client.chat.completions.create(model="model-a", messages=hello),
+            lambda a: bool(a.choices),
+            timeout=10,
+        )
+        assert answer.usage is not None and answer.usage.total_tokens > 0

@@ -4,6 +4,9 @@ afterwards got one request's charge back twice)."""
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from arks.limits.budgets import Charge, MemoryBudgets
@@ -58,3 +61,38 @@ async def test_only_the_quota_budgets_of_the_current_period_are_snapshotted() ->
     snapshots.charged({key: 7})  # an older figure never lowers it
     assert snapshots.snapshot == {key: 12}
     assert key.startswith("quota/default/team/total/")
+
+
+class SlowCopy:
+    """A durable copy whose writes wait until let go (an API server that hangs)."""
+
+    def __init__(self) -> None:
+        self.go = threading.Event()
+        self.saved: list[dict[str, int]] = []
+
+    def load(self, policy: Policy, now: datetime) -> dict[str, int]:
+        return {}
+
+    def save(self, snapshot: Mapping[str, int], policy: Policy, now: datetime) -> None:
+        self.go.wait(10)
+        self.saved.append(dict(snapshot))
+
+
+async def test_a_hung_write_of_the_snapshot_delays_neither_the_turn_nor_the_loop() -> None:
+    store = MemoryBudgets()
+    policy = team_policy()
+    copy = SlowCopy()
+    snapshots = durability.QuotaSnapshots(store, Source(policy), copy, NOW.timestamp)
+    [key] = durability.current_keys(policy, NOW)
+    started = time.monotonic()
+    await snapshots.turn()  # its write hangs ...
+    await store.settle("r1", [Charge(key, 30)], NOW.timestamp())
+    await snapshots.turn()  # ... so this turn's is skipped, not queued behind it
+    assert time.monotonic() - started < 1
+    assert copy.saved == []
+    copy.go.set()
+    await snapshots.saved()
+    assert copy.saved == [{key: 0}]
+    await snapshots.turn()  # the next turn writes what the snapshot holds now
+    await snapshots.saved()
+    assert copy.saved == [{key: 0}, {key: 30}]
