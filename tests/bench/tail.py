@@ -31,7 +31,9 @@ from tests.bench import report, targets, wrk
 from tests.bench.targets import Target
 from tests.bench.workloads import Workload, chat, preflight
 
-BEGIN = "<!-- tail-bench: begin (python -m tests.bench.gateway --only tail replaces this section) -->"
+BEGIN = (
+    "<!-- tail-bench: begin (python -m tests.bench.gateway --only tail replaces this section) -->"
+)
 END = "<!-- tail-bench: end -->"
 REVERT_DIR = Path(__file__).parent / "revert"
 SCRAPE_EVERY_S = 1.0

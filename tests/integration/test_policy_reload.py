@@ -7,10 +7,12 @@ import threading
 import time
 
 import httpx
+import yaml
 
 from arks.api import token_digest
+from arks.policy import load_policy_file
 from tests.support.objects import backend, endpoint, token
-from tests.support.stack import ALICE, BOB, Stack
+from tests.support.stack import ALICE, BOB, Stack, base_policy
 from tests.support.waiting import wait_for
 
 CAROL = "sk-arks-test-carol-93be01"
@@ -98,3 +100,45 @@ def test_a_truncated_or_emptied_policy_file_never_becomes_the_policy(stack: Stac
     text = (stack.local.settings.state_dir / "logs" / "extproc.log").read_text()
     assert "no objects (an empty or comment-only file is not a policy)" in text
     assert "would remove every token" in text
+
+
+def test_a_large_policy_file_is_reloaded_without_stalling_requests(stack: Stack) -> None:
+    """A policy file of thousands of tokens takes about a second to parse: extproc parses it
+    off its request loop, so requests keep being answered meanwhile (on the loop, every one
+    in flight waited out the whole parse)."""
+    good = base_policy(stack.sim_ports)  # the stack's first policy (earlier tests changed it)
+    many = [
+        token(f"bulk-{i}", ["model-a"], tokenHash=token_digest(f"sk-bulk-{i}"))
+        for i in range(12000)
+    ]
+    documents = [*good, *many, token("carol", ["model-a"], tokenHash=token_digest(CAROL))]
+    path = stack.policy_path.with_name("large-policy.yaml")
+    path.write_text(yaml.safe_dump_all(documents))
+    started = time.monotonic()
+    load_policy_file(path)
+    parse_s = time.monotonic() - started
+    assert parse_s > 0.5  # large enough to show a stall (here, in a process of its own)
+
+    latencies: list[float] = []
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            sent = time.monotonic()
+            statuses.append(status(stack, ALICE, "model-a"))
+            latencies.append(time.monotonic() - sent)
+
+    sender = threading.Thread(target=traffic)
+    sender.start()
+    try:
+        stack.write_policy(documents)
+        wait_for(lambda: status(stack, CAROL, "model-a"), lambda s: s == 200, timeout=30)
+    finally:
+        stop.set()
+        sender.join()
+        stack.write_policy(good)
+    wait_for(lambda: status(stack, CAROL, "model-a"), lambda s: s == 401, timeout=30)
+    assert set(statuses) == {200}, sorted(set(statuses))
+    assert len(latencies) > 20
+    assert max(latencies) < parse_s / 2, (max(latencies), parse_s)

@@ -40,7 +40,9 @@ elif REVERT == "housekeeping":
 
     _every = arks.lifecycle.every
 
-    async def _every_but_housekeeping(interval_s: float, fn: Any, *args: Any, **kwargs: Any) -> None:
+    async def _every_but_housekeeping(
+        interval_s: float, fn: Any, *args: Any, **kwargs: Any
+    ) -> None:
         if getattr(fn, "__name__", "") == "housekeeping":
             _say("housekeeping skipped")
             await asyncio.Event().wait()
