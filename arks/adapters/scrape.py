@@ -125,7 +125,11 @@ class Scraper(Generic[K]):
         now = self.clock()
         round_: dict[K, Observation] = {}
         states: dict[K, EndpointState] = {}
-        for (key, url), result in zip(targets.items(), results, strict=True):
+        for index, ((key, url), result) in enumerate(zip(targets.items(), results, strict=True)):
+            if index:
+                # Each exposition takes ~0.4 ms to parse (a vLLM's, 17 KiB): the request loop
+                # gets a turn between two, not one stall for all (40 engines: 11 ms).
+                await asyncio.sleep(0)
             observation = observe(result)
             before = self._states.get(key)
             if before is None or before.url != url:
