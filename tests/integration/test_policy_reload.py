@@ -109,7 +109,7 @@ def test_a_large_policy_file_is_reloaded_without_stalling_requests(stack: Stack)
     good = base_policy(stack.sim_ports)  # the stack's first policy (earlier tests changed it)
     many = [
         token(f"bulk-{i}", ["model-a"], tokenHash=token_digest(f"sk-bulk-{i}"))
-        for i in range(12000)
+        for i in range(8000)
     ]
     documents = [*good, *many, token("carol", ["model-a"], tokenHash=token_digest(CAROL))]
     path = stack.policy_path.with_name("large-policy.yaml")
@@ -117,7 +117,7 @@ def test_a_large_policy_file_is_reloaded_without_stalling_requests(stack: Stack)
     started = time.monotonic()
     load_policy_file(path)
     parse_s = time.monotonic() - started
-    assert parse_s > 0.5  # large enough to show a stall (here, in a process of its own)
+    assert parse_s > 0.4  # large enough to show a stall (here, in a process of its own)
 
     latencies: list[float] = []
     statuses: list[int] = []
