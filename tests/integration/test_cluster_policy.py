@@ -24,6 +24,7 @@ from tests.support.waiting import wait_for
 
 CAROL = "sk-arks-test-cluster-carol-71"
 DAVE = "sk-arks-test-cluster-dave-72"
+EVE = "sk-arks-test-cluster-eve-73"
 FRANK = "sk-arks-test-cluster-frank-74"
 
 
@@ -48,6 +49,42 @@ def status(stack: Stack, secret: str) -> int:
         headers={"authorization": f"Bearer {secret}"},
         timeout=10,
     ).status_code
+
+
+def team_with_token(custom: kubernetes.client.CustomObjectsApi, user: str, secret: str) -> str:
+    """An ArksQuota `<user>-team` (monthly tokens) and a token of `user` charged to it."""
+    team = f"{user}-team"
+    custom.create_namespaced_custom_object(
+        "arks.ai",
+        "v1",
+        "default",
+        "arksquotas",
+        {
+            "apiVersion": "arks.ai/v1",
+            "kind": "ArksQuota",
+            "metadata": {"name": team, "namespace": "default"},
+            "spec": {"quotas": [{"type": "total", "value": 100000, "period": "month"}]},
+        },
+    )
+    doc = token(user, ["model-a"], tokenHash=token_digest(secret))
+    doc["spec"]["qos"][0]["quota"] = {"name": team}
+    custom.create_namespaced_custom_object("arks.ai", "v1", "default", "arkstokens", doc)
+    return team
+
+
+def status_used(custom: kubernetes.client.CustomObjectsApi, team: str) -> float:
+    """What the ArksQuota's status says was used, all periods together."""
+    got = custom.get_namespaced_custom_object("arks.ai", "v1", "default", "arksquotas", team)
+    return sum(e.get("used", 0) for e in (got.get("status") or {}).get("quotaStatus", []))
+
+
+def ask(url: str, secret: str) -> httpx.Response:
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"model": "model-a", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"authorization": f"Bearer {secret}"},
+        timeout=10,
+    )
 
 
 def test_a_token_created_changed_and_deleted_in_the_cluster(
@@ -114,63 +151,27 @@ def test_quota_usage_is_written_to_the_arksquota_status(
     kube: RunningKubeEmulator, cluster_stack: Stack
 ) -> None:
     custom = kubernetes.client.CustomObjectsApi(kube.api_client())
-    custom.create_namespaced_custom_object(
-        "arks.ai",
-        "v1",
-        "default",
-        "arksquotas",
-        {
-            "apiVersion": "arks.ai/v1",
-            "kind": "ArksQuota",
-            "metadata": {"name": "eve-team", "namespace": "default"},
-            "spec": {"quotas": [{"type": "total", "value": 100000, "period": "month"}]},
-        },
-    )
-    eve = token("eve", ["model-a"], tokenHash=token_digest("sk-arks-test-cluster-eve-73"))
-    eve["spec"]["qos"][0]["quota"] = {"name": "eve-team"}
-    custom.create_namespaced_custom_object("arks.ai", "v1", "default", "arkstokens", eve)
+    team = team_with_token(custom, "eve", EVE)
     answer = wait_for(
-        lambda: httpx.post(
-            f"{cluster_stack.url}/v1/chat/completions",
-            json={"model": "model-a", "messages": [{"role": "user", "content": "hi"}]},
-            headers={"authorization": "Bearer sk-arks-test-cluster-eve-73"},
-            timeout=10,
-        ),
-        lambda r: r.status_code == 200,
-        timeout=10,
+        lambda: ask(cluster_stack.url, EVE), lambda r: r.status_code == 200, timeout=10
     )
     total = answer.json()["usage"]["total_tokens"]
-
-    def used() -> float:
-        status = (
-            custom.get_namespaced_custom_object(
-                "arks.ai", "v1", "default", "arksquotas", "eve-team"
-            ).get("status")
-            or {}
-        )
-        return sum(entry.get("used", 0) for entry in status.get("quotaStatus", []))
-
-    assert wait_for(used, lambda u: u == total, timeout=15) == total
+    assert wait_for(lambda: status_used(custom, team), lambda u: u == total, timeout=15) == total
 
     # Idle, the quota's status is not written again, however many snapshots pass (0.5 s apart
     # here): one PATCH per change, not one per quota per interval per replica.
     def status_writes() -> int:
-        wanted = (USER_AGENT, "patch", "arks.ai", "arksquotas/status", "default", "eve-team")
+        wanted = (USER_AGENT, "patch", "arks.ai", "arksquotas/status", "default", team)
         return sum(1 for entry in kube.emulator.audit if entry == wanted)
 
     writes = status_writes()
     assert writes >= 1
     time.sleep(3)
     assert status_writes() == writes
-    again = httpx.post(
-        f"{cluster_stack.url}/v1/chat/completions",
-        json={"model": "model-a", "messages": [{"role": "user", "content": "hi"}]},
-        headers={"authorization": "Bearer sk-arks-test-cluster-eve-73"},
-        timeout=10,
-    )
+    again = ask(cluster_stack.url, EVE)
     assert again.status_code == 200
     more = total + again.json()["usage"]["total_tokens"]
-    assert wait_for(used, lambda u: u == more, timeout=15) == more
+    assert wait_for(lambda: status_used(custom, team), lambda u: u == more, timeout=15) == more
     assert status_writes() > writes
 
 
@@ -194,46 +195,17 @@ def test_an_api_server_that_hangs_stalls_no_request(
     API server hanging (its watches already open), requests still answer at once, and the status
     catches up when the API server does. (`cluster_stack`: its ArksEndpoint.)"""
     custom = kubernetes.client.CustomObjectsApi(kube.api_client())
-    custom.create_namespaced_custom_object(
-        "arks.ai",
-        "v1",
-        "default",
-        "arksquotas",
-        {
-            "apiVersion": "arks.ai/v1",
-            "kind": "ArksQuota",
-            "metadata": {"name": "frank-team", "namespace": "default"},
-            "spec": {"quotas": [{"type": "total", "value": 100000, "period": "month"}]},
-        },
-    )
-    frank = token("frank", ["model-a"], tokenHash=token_digest(FRANK))
-    frank["spec"]["qos"][0]["quota"] = {"name": "frank-team"}
-    custom.create_namespaced_custom_object("arks.ai", "v1", "default", "arkstokens", frank)
-
-    def ask() -> httpx.Response:
-        return httpx.post(
-            f"{stack.url}/v1/chat/completions",
-            json={"model": "model-a", "messages": [{"role": "user", "content": "hi"}]},
-            headers={"authorization": f"Bearer {FRANK}"},
-            timeout=10,
-        )
-
-    def used() -> float:
-        got = custom.get_namespaced_custom_object(
-            "arks.ai", "v1", "default", "arksquotas", "frank-team"
-        )
-        return sum(e.get("used", 0) for e in (got.get("status") or {}).get("quotaStatus", []))
-
+    team = team_with_token(custom, "frank", FRANK)
     with stall_proxy(kube.url) as proxy, running_stack(tmp_path, kube_host=proxy.url) as stack:
-        first = wait_for(ask, lambda r: r.status_code == 200, timeout=15)
+        first = wait_for(lambda: ask(stack.url, FRANK), lambda r: r.status_code == 200, timeout=15)
         total = first.json()["usage"]["total_tokens"]
-        wait_for(used, lambda u: u == total, timeout=15)
+        wait_for(lambda: status_used(custom, team), lambda u: u == total, timeout=15)
         proxy.stalled = True
         try:
             slowest = 0.0
             for _ in range(12):  # over 3 s: six snapshots (0.5 s apart), each with new usage
                 started = time.monotonic()
-                answer = ask()
+                answer = ask(stack.url, FRANK)
                 slowest = max(slowest, time.monotonic() - started)
                 assert answer.status_code == 200, answer.text
                 total += answer.json()["usage"]["total_tokens"]
@@ -242,4 +214,5 @@ def test_an_api_server_that_hangs_stalls_no_request(
         finally:
             proxy.stalled = False
         # The write that hung gives up (its timeout) and a later one lands.
-        assert wait_for(used, lambda u: u == total, timeout=30) == total
+        caught_up = wait_for(lambda: status_used(custom, team), lambda u: u == total, timeout=30)
+        assert caught_up == total
