@@ -108,8 +108,7 @@ def test_a_large_policy_file_is_reloaded_without_stalling_requests(stack: Stack)
     in flight waited out the whole parse)."""
     good = base_policy(stack.sim_ports)  # the stack's first policy (earlier tests changed it)
     many = [
-        token(f"bulk-{i}", ["model-a"], tokenHash=token_digest(f"sk-bulk-{i}"))
-        for i in range(8000)
+        token(f"bulk-{i}", ["model-a"], tokenHash=token_digest(f"sk-bulk-{i}")) for i in range(8000)
     ]
     documents = [*good, *many, token("carol", ["model-a"], tokenHash=token_digest(CAROL))]
     path = stack.policy_path.with_name("large-policy.yaml")
