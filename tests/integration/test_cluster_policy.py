@@ -43,12 +43,7 @@ def cluster_stack(
 
 
 def status(stack: Stack, secret: str) -> int:
-    return httpx.post(
-        f"{stack.url}/v1/chat/completions",
-        json={"model": "model-a", "messages": [{"role": "user", "content": "hi"}]},
-        headers={"authorization": f"Bearer {secret}"},
-        timeout=10,
-    ).status_code
+    return ask(stack.url, secret).status_code
 
 
 def team_with_token(custom: kubernetes.client.CustomObjectsApi, user: str, secret: str) -> str:
