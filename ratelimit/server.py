@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ class Settings:
     near_ratio: float = 0.8
     reload_interval_s: float = 1.0
     log_level: str = "INFO"
+    merge_domains: bool = False  # a domain's files merged (upstream's MERGE_DOMAIN_CONFIG)
     workers: int = 1  # processes on one port (`arks.workers`); above 1 needs Redis
     worker_index: int | None = None  # set in a worker: its metrics port is metrics_port + this
 
@@ -81,6 +83,14 @@ class Settings:
             "--shadow-mode", action="store_true", help="report over-limit in metrics, never enforce"
         )
         p.add_argument("--near-ratio", type=float, default=cls.near_ratio)
+        p.add_argument(
+            "--merge-domain-config",
+            action="store_true",
+            default=env_bool("MERGE_DOMAIN_CONFIG"),
+            help="merge the descriptors of every file of a domain, as envoyproxy/ratelimit's "
+            "MERGE_DOMAIN_CONFIG (also read from that environment variable); without it a domain "
+            "in two files is an error",
+        )
         p.add_argument("--log-level", default=cls.log_level)
         workers.add_arguments(p)
         a = p.parse_args(argv)
@@ -96,6 +106,7 @@ class Settings:
             shadow_mode=a.shadow_mode,
             near_ratio=a.near_ratio,
             log_level=a.log_level,
+            merge_domains=a.merge_domain_config,
             workers=a.workers,
             worker_index=a.worker_index,
         )
@@ -106,13 +117,30 @@ class Settings:
         return self.metrics_port + (self.worker_index or 0)
 
 
+# envoyproxy/ratelimit reads its booleans with Go's strconv.ParseBool.
+_TRUE, _FALSE = ("1", "t", "T", "TRUE", "true", "True"), ("0", "f", "F", "FALSE", "false", "False")
+
+
+def env_bool(name: str) -> bool:
+    """An upstream-style boolean environment variable (unset or empty: false)."""
+    value = os.environ.get(name, "")
+    if value in _TRUE:
+        return True
+    if value in ("", *_FALSE):
+        return False
+    raise SystemExit(f"ratelimit: {name}={value!r} is not a boolean (true or false)")
+
+
 class ConfigSource:
     """The configuration files, reloaded when any of them changes; a bad change keeps the last good."""
 
-    def __init__(self, paths: tuple[Path, ...], metrics: RateLimitMetrics) -> None:
+    def __init__(
+        self, paths: tuple[Path, ...], metrics: RateLimitMetrics, *, merge_domains: bool = False
+    ) -> None:
         self.paths = paths
         self.metrics = metrics
-        self._config = load_config(paths)
+        self.merge_domains = merge_domains
+        self._config = load_config(paths, merge_domains=merge_domains)
         self._stamp = self._files_stamp()
 
     def current(self) -> RateLimitConfig:
@@ -139,7 +167,7 @@ class ConfigSource:
             return False
         self._stamp = stamp
         try:
-            self._config = load_config(self.paths)
+            self._config = load_config(self.paths, merge_domains=self.merge_domains)
         except (ConfigError, OSError) as err:
             self.metrics.config_errors.inc()
             log.error("rate-limit config not reloaded, keeping the last good one: %s", err)
@@ -170,7 +198,7 @@ async def serve(settings: Settings) -> None:
     if settings.redis:
         await check_auth(settings.redis, password, timeout_s=2.0)
     metrics, calls = create_metrics()
-    source = ConfigSource(settings.config, metrics)
+    source = ConfigSource(settings.config, metrics, merge_domains=settings.merge_domains)
     backend = make_backend(settings, password)
     limiter = Limiter(
         config=source.current,

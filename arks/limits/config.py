@@ -4,18 +4,28 @@ One file per domain; a domain is a tree of descriptors. A request descriptor (a 
 (key, value) entries) walks the tree one level per entry and gets the limit of the node it
 reaches. `parse_config` is the pure core; `load_config` only reads files around it.
 
+Wildcards as upstream reads them: each `*` of a value matches any run of characters (zero or
+more), `bar*b`, `foo*bar*baz` and a trailing `foo*` alike; an exact value wins, then the first
+matching wildcard in the file's order, then a descriptor without a value. `share_threshold` on a
+wildcard makes every value it matches share one counter (keyed by the pattern). Several files of
+one domain are merged when asked (`merge_domains`, upstream's MERGE_DOMAIN_CONFIG); otherwise a
+domain in two files is an error, as upstream's default.
+
 Differences from envoyproxy/ratelimit, all on the strict side: unknown or misplaced keys are
 errors (upstream ignores a key valid elsewhere), keys and values must be YAML strings (so
-`value: 0123` cannot silently become "83"), a `*` is only a trailing prefix wildcard, limit
-names are unique per domain and `replaces` must name one of them. Upstream's `quota_mode`,
-`metadata`, `value_to_metric` and `share_threshold` are rejected as unsupported rather than
-ignored. Our extension: `rate_limit.algorithm` (`fixed_window`, the default, or `gcra`).
+`value: 0123` cannot silently become "83"), limit names are unique per domain and `replaces`
+must name one of them. `value_to_metric` names a limit's metrics by the request's values as
+upstream does; a descriptor's `metadata` is kept with its limit (upstream returns it in the
+response's dynamic metadata only when asked to). Upstream's `quota_mode` is rejected as
+unsupported rather than ignored. Our extension: `rate_limit.algorithm` (`fixed_window`, the
+default, or `gcra`).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -29,11 +39,21 @@ MAX_REQUESTS_PER_UNIT = 2**32 - 1  # a uint32 in envoyproxy/ratelimit and in Env
 _T = TypeVar("_T")
 
 _ROOT_FIELDS = ("domain", "descriptors")
-_DESCRIPTOR_FIELDS = ("key", "value", "rate_limit", "shadow_mode", "detailed_metric", "descriptors")
+_DESCRIPTOR_FIELDS = (
+    "key",
+    "value",
+    "rate_limit",
+    "shadow_mode",
+    "detailed_metric",
+    "share_threshold",
+    "value_to_metric",
+    "metadata",
+    "descriptors",
+)
 _RATE_LIMIT_FIELDS = ("unit", "requests_per_unit", "name", "unlimited", "replaces", "algorithm")
 _REPLACES_FIELDS = ("name",)
 # Valid in envoyproxy/ratelimit but not implemented here: loading them silently would change meaning.
-_UNSUPPORTED = frozenset({"quota_mode", "metadata", "value_to_metric", "share_threshold"})
+_UNSUPPORTED = frozenset({"quota_mode"})
 # Where a key found in the wrong mapping belongs, for a hint in the error.
 _HOME = {
     **{name: "the file's top level" for name in _ROOT_FIELDS},
@@ -45,6 +65,7 @@ _KIND_NAMES: dict[type, str] = {
     int: "an integer",
     bool: "true or false",
     list: "a list",
+    dict: "a mapping",
 }
 
 
@@ -58,26 +79,69 @@ class ConfigError(ValueError):
         self.problem = problem
 
 
+def wildcard_match(parts: Sequence[str], value: str) -> bool:
+    """Whether `value` matches a wildcard value split on its `*`s (each matches zero or more
+    characters): it starts with the first part, ends with the last, holds the others in order."""
+    first, *middle, last = parts
+    if len(value) < sum(map(len, parts)) or not value.startswith(first):
+        return False
+    if not value.endswith(last):
+        return False
+    at, end = len(first), len(value) - len(last)
+    for part in middle:
+        found = value.find(part, at, end)
+        if found < 0:
+            return False
+        at = found + len(part)
+    return True
+
+
+@dataclass(frozen=True)
+class Wildcard:
+    """A child descriptor whose value holds a `*`."""
+
+    key: str
+    value: str  # as configured, e.g. `files/*`
+    node: DescriptorNode
+    share_threshold: bool  # every value it matches shares one counter, keyed by `value`
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return tuple(self.value.split("*"))
+
+
 @dataclass(frozen=True)
 class DescriptorNode:
     """One node of a domain's descriptor tree: its limit, if any, and its children by match kind."""
 
     limit: RateLimit | None
     exact: Mapping[tuple[str, str], DescriptorNode]  # (key, value) → node
-    prefixed: Mapping[
-        str, tuple[tuple[str, DescriptorNode], ...]
-    ]  # key → (prefix, node), longest first
+    # key → its wildcard children, split on `*`, in the configuration's order
+    wildcards: Mapping[str, tuple[tuple[tuple[str, ...], Wildcard], ...]]
     any_value: Mapping[str, DescriptorNode]  # key → node of a descriptor without a value
+    value_to_metric: bool = False  # metrics name the request's value at this level
 
-    def child(self, key: str, value: str) -> DescriptorNode | None:
-        """The most specific child matching one entry: exact value, longest prefix, key only."""
+    def child(self, key: str, value: str) -> tuple[DescriptorNode, Wildcard | None, bool] | None:
+        """The child matching one entry, as upstream picks it: the exact value, else the first
+        matching wildcard (and which), else the key without a value (the last: whether the
+        value was matched exactly)."""
         node = self.exact.get((key, value))
         if node is not None:
-            return node
-        for prefix, candidate in self.prefixed.get(key, ()):
-            if value.startswith(prefix):
-                return candidate
-        return self.any_value.get(key)
+            return node, None, True
+        for parts, wildcard in self.wildcards.get(key, ()):
+            if wildcard_match(parts, value):
+                return wildcard.node, wildcard, False
+        node = self.any_value.get(key)
+        return None if node is None else (node, None, False)
+
+    def metric_value(self, value: str, wildcard: Wildcard | None, exact: bool) -> str:
+        """What upstream's value_to_metric names this level by, reached by `value` (after the
+        key and "_"; "" for the key alone)."""
+        if wildcard is not None:
+            if wildcard.share_threshold or not self.value_to_metric:
+                return wildcard.value
+            return value
+        return value if exact or self.value_to_metric else ""
 
 
 @dataclass(frozen=True)
@@ -85,6 +149,8 @@ class RateLimitConfig:
     """Every domain's descriptor tree. Never changed after loading: a reload builds a new one."""
 
     domains: Mapping[str, DescriptorNode] = field(default_factory=lambda: MappingProxyType({}))
+    # The domains with a `value_to_metric` descriptor: only their lookups build metric names.
+    value_to_metric: frozenset[str] = frozenset()
 
     def lookup(self, domain: str, entries: Sequence[tuple[str, str]]) -> RateLimit | None:
         """The limit for one request descriptor, as envoyproxy/ratelimit finds it: one tree level
@@ -92,31 +158,72 @@ class RateLimitConfig:
         node = self.domains.get(domain)
         if node is None or not entries:
             return None
-        for key, value in entries:
-            node = node.child(key, value)
-            if node is None:
+        shared: list[str | None] | None = None
+        named = [domain] if domain in self.value_to_metric else None
+        for index, (key, value) in enumerate(entries):
+            found = node.child(key, value)
+            if found is None:
                 return None
-        return node.limit
+            node, wildcard, exact = found
+            if wildcard is not None and wildcard.share_threshold:
+                shared = shared or [None] * len(entries)
+                shared[index] = wildcard.value
+            if named is not None:
+                shown = node.metric_value(value, wildcard, exact)
+                named.append(f"{key}_{shown}" if shown else key)
+        limit = node.limit
+        if limit is None:
+            return None
+        if shared is not None:
+            limit = replace(limit, shared_values=tuple(shared))
+        if named is not None and not limit.detailed_metric:
+            stats_key = ".".join(named)
+            if stats_key != limit.stats_key:
+                limit = replace(limit, stats_key=stats_key)
+        return limit
 
 
-def load_config(paths: Sequence[Path]) -> RateLimitConfig:
+def load_config(paths: Sequence[Path], *, merge_domains: bool = False) -> RateLimitConfig:
     """Read each file, or every `*.yaml` / `*.yml` of each directory (sorted, not recursive)."""
-    return parse_config([(str(file), _read_yaml(file)) for file in _config_files(paths)])
+    return parse_config(
+        [(str(file), _read_yaml(file)) for file in _config_files(paths)],
+        merge_domains=merge_domains,
+    )
 
 
-def parse_config(documents: Sequence[tuple[str, Any]]) -> RateLimitConfig:
-    """(source name, parsed YAML) pairs → the configuration; one domain per document."""
-    domains: dict[str, DescriptorNode] = {}
-    sources: dict[str, str] = {}
+def parse_config(
+    documents: Sequence[tuple[str, Any]], *, merge_domains: bool = False
+) -> RateLimitConfig:
+    """(source name, parsed YAML) pairs → the configuration; one domain per document, or, with
+    `merge_domains`, every document of a domain merged into one tree (a descriptor in two of
+    them is an error)."""
+    roots: dict[str, list[_Reader]] = {}
     for source, document in documents:
-        name, tree = _parse_domain(source, document)
-        if name in domains:
+        root = _Reader(source, document, "", _ROOT_FIELDS, "a domain file")
+        name = root.text("domain", required=True)
+        if name in roots and not merge_domains:
             raise ConfigError(
-                source, "domain", f"duplicate domain {name!r}, already in {sources[name]}"
+                source,
+                "domain",
+                f"duplicate domain {name!r}, already in {roots[name][0].source} (merging a "
+                "domain's files is an option: --merge-domain-config, MERGE_DOMAIN_CONFIG)",
             )
-        domains[name] = tree
-        sources[name] = source
-    return RateLimitConfig(MappingProxyType(domains))
+        roots.setdefault(name, []).append(root)
+    trees = {name: _domain_tree(name, files) for name, files in roots.items()}
+    return RateLimitConfig(
+        MappingProxyType(trees),
+        frozenset(name for name, tree in trees.items() if _names_by_value(tree)),
+    )
+
+
+def _names_by_value(node: DescriptorNode) -> bool:
+    """Whether a descriptor under `node` has value_to_metric."""
+    children = [
+        *node.exact.values(),
+        *(w.node for found in node.wildcards.values() for _, w in found),
+        *node.any_value.values(),
+    ]
+    return any(child.value_to_metric or _names_by_value(child) for child in children)
 
 
 # --- files ---------------------------------------------------------------------------------
@@ -274,57 +381,58 @@ class _DomainScan:
     """Bookkeeping while one domain is parsed: limit names and where `replaces` refers to them."""
 
     names: dict[str, str] = field(default_factory=dict)  # limit name → path where it is defined
-    replaces: list[tuple[str, str]] = field(default_factory=list)  # (name, path of the reference)
+    # (name, the file, the path of the reference)
+    replaces: list[tuple[str, str, str]] = field(default_factory=list)
 
 
-def _parse_domain(source: str, document: Any) -> tuple[str, DescriptorNode]:
-    root = _Reader(source, document, "", _ROOT_FIELDS, "a domain file")
-    domain = root.text("domain", required=True)
+def _domain_tree(domain: str, files: Sequence[_Reader]) -> DescriptorNode:
     scan = _DomainScan()
-    tree = DescriptorNode(None, *_children(root, domain, scan))
-    for name, path in scan.replaces:
+    tree = DescriptorNode(None, *_children(files, domain, scan))
+    for name, source, path in scan.replaces:
         if name not in scan.names:
             raise ConfigError(source, path, f"no limit named {name!r} in domain {domain!r}")
-    return domain, tree
+    return tree
 
 
-def _children(
-    parent: _Reader, stats_prefix: str, scan: _DomainScan
-) -> tuple[
+_Children = tuple[
     Mapping[tuple[str, str], DescriptorNode],
-    Mapping[str, tuple[tuple[str, DescriptorNode], ...]],
+    Mapping[str, tuple[tuple[tuple[str, ...], Wildcard], ...]],
     Mapping[str, DescriptorNode],
-]:
+]
+
+
+def _children(parents: Sequence[_Reader], stats_prefix: str, scan: _DomainScan) -> _Children:
+    """The descriptors under `parents` (one mapping, or a domain's files merged)."""
     exact: dict[tuple[str, str], DescriptorNode] = {}
-    prefixed: dict[str, list[tuple[str, DescriptorNode]]] = {}
+    wildcards: dict[str, list[tuple[tuple[str, ...], Wildcard]]] = {}
     any_value: dict[str, DescriptorNode] = {}
     siblings: dict[tuple[str, str | None], str] = {}
-    for d in parent.items("descriptors", _DESCRIPTOR_FIELDS, "a descriptor"):
-        key = d.text("key", required=True)
-        value = d.text("value") or None  # upstream treats an empty value as no value
-        if value is not None and "*" in value[:-1]:
-            raise d.error(
-                "value", f"{value!r}: '*' is only supported at the end (a prefix wildcard)"
-            )
-        if (key, value) in siblings:
-            same = f"key {key!r}" + (
-                f", value {value!r}" if value is not None else " without a value"
-            )
-            raise d.error(None, f"duplicate of {siblings[key, value]} ({same})")
-        siblings[key, value] = d.path
-        stats_key = f"{stats_prefix}.{key}" + (f"_{value}" if value is not None else "")
-        node = _node(d, stats_key, scan)
-        if value is None:
-            any_value[key] = node
-        elif value.endswith("*"):
-            prefixed.setdefault(key, []).append((value[:-1], node))
-        else:
-            exact[key, value] = node
-    longest_first = {
-        key: tuple(sorted(nodes, key=lambda pair: len(pair[0]), reverse=True))
-        for key, nodes in prefixed.items()
-    }
-    return MappingProxyType(exact), MappingProxyType(longest_first), MappingProxyType(any_value)
+    for parent in parents:
+        for d in parent.items("descriptors", _DESCRIPTOR_FIELDS, "a descriptor"):
+            key = d.text("key", required=True)
+            value = d.text("value") or None  # upstream treats an empty value as no value
+            if (key, value) in siblings:
+                same = f"key {key!r}" + (
+                    f", value {value!r}" if value is not None else " without a value"
+                )
+                raise d.error(None, f"duplicate of {siblings[key, value]} ({same})")
+            siblings[key, value] = f"{d.source}: {d.path}" if len(parents) > 1 else d.path
+            share = d.get("share_threshold", bool) or False
+            if share and (value is None or "*" not in value):
+                raise d.error(
+                    "share_threshold", "only a wildcard value (holding '*') can share its counter"
+                )
+            stats_key = f"{stats_prefix}.{key}" + (f"_{value}" if value is not None else "")
+            node = _node(d, stats_key, scan)
+            if value is None:
+                any_value[key] = node
+            elif "*" in value:
+                wildcard = Wildcard(key, value, node, share)
+                wildcards.setdefault(key, []).append((wildcard.parts, wildcard))
+            else:
+                exact[key, value] = node
+    in_order = {key: tuple(found) for key, found in wildcards.items()}
+    return MappingProxyType(exact), MappingProxyType(in_order), MappingProxyType(any_value)
 
 
 def _node(d: _Reader, stats_key: str, scan: _DomainScan) -> DescriptorNode:
@@ -336,7 +444,30 @@ def _node(d: _Reader, stats_key: str, scan: _DomainScan) -> DescriptorNode:
         limit = _rate_limit(
             section, stats_key, scan, shadow_mode=shadow_mode, detailed_metric=detailed_metric
         )
-    return DescriptorNode(limit, *_children(d, stats_key, scan))
+        metadata = _metadata(d)
+        if metadata:
+            limit = replace(limit, metadata=metadata)
+    value_to_metric = d.get("value_to_metric", bool) or False
+    return DescriptorNode(limit, *_children([d], stats_key, scan), value_to_metric)
+
+
+def _metadata(d: _Reader) -> str:
+    """A descriptor's `metadata` as JSON ("" when none): any mapping that a protobuf Struct can
+    hold, as upstream requires (keys made strings, as upstream's loader does)."""
+    value = d.get("metadata", dict)
+    if not value:
+        return ""
+
+    def plain(item: Any) -> Any:
+        if isinstance(item, Mapping):
+            return {str(k): plain(v) for k, v in item.items()}
+        if isinstance(item, list):
+            return [plain(v) for v in item]
+        if item is None or isinstance(item, str | int | float | bool):
+            return item
+        raise d.error("metadata", f"{_describe(item)} cannot be metadata (a protobuf Struct)")
+
+    return json.dumps(plain(value), sort_keys=True, separators=(",", ":"))
 
 
 def _rate_limit(
@@ -362,7 +493,7 @@ def _rate_limit(
         replaced = entry.text("name", required=True)
         if replaced == name:
             raise entry.error("name", f"a limit cannot replace itself ({name!r})")
-        scan.replaces.append((replaced, entry.at("name")))
+        scan.replaces.append((replaced, entry.source, entry.at("name")))
         replaces.append(replaced)
     return RateLimit(
         requests_per_unit=requests or 0,

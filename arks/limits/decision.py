@@ -66,9 +66,14 @@ def limits_for(request: LimitRequest, lookup: Lookup) -> list[RateLimit | None]:
 
 
 def counter_key(domain: str, entries: Sequence[tuple[str, str]], limit: RateLimit) -> str:
-    """envoyproxy/ratelimit's key shape (domain_key_value_…), plus the window, so that an
-    override with another unit never shares a counter; GCRA state is kept apart from counts."""
-    parts = "_".join(f"{key}_{value}" for key, value in entries)
+    """envoyproxy/ratelimit's key shape (domain_key_value_…; a `share_threshold` wildcard's
+    pattern for the values it matched), plus the window, so that an override with another unit
+    never shares a counter; GCRA state is kept apart from counts."""
+    shared = limit.shared_values
+    parts = "_".join(
+        f"{key}_{shared[i] if shared and shared[i] is not None else value}"
+        for i, (key, value) in enumerate(entries)
+    )
     prefix = "gcra:" if limit.algorithm is Algorithm.GCRA else ""
     return f"{prefix}{domain}_{parts}_{limit.unit.seconds}"
 

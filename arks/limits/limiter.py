@@ -115,8 +115,12 @@ class Limiter:
             if limit is None:
                 continue
             key = limit.stats_key or "override"
-            if limit.detailed_metric:
-                key = ".".join(f"{k}_{v}" for k, v in descriptor.entries)
+            if limit.detailed_metric:  # a share_threshold wildcard's pattern for its values
+                shared = limit.shared_values
+                key = ".".join(
+                    f"{k}_{shared[i] if shared and shared[i] is not None else v}"
+                    for i, (k, v) in enumerate(descriptor.entries)
+                )
             series = self._series(domain, key)
             series.hits.inc(
                 max(1, request.hits_addend) if descriptor.hits is None else descriptor.hits

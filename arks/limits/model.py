@@ -46,6 +46,10 @@ class RateLimit:
     shadow_mode: bool = False  # over-limit is counted and reported in metrics, never enforced
     detailed_metric: bool = False  # stats keyed by the full descriptor values
     stats_key: str = ""  # "domain.key_value.key" path used in metrics
+    # Per request entry, the wildcard value its counter is keyed by instead of the entry's own
+    # value (a `share_threshold` wildcard matched it), or None; () when none did.
+    shared_values: tuple[str | None, ...] = ()
+    metadata: str = ""  # the descriptor's `metadata`, as JSON ("" when none)
 
 
 @dataclass(frozen=True)

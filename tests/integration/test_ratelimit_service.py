@@ -381,3 +381,97 @@ def test_behind_envoy_the_client_gets_429_with_headers_and_an_openai_body(tmp_pa
     assert limited.headers["x-ratelimit-limit"].startswith("3")
     assert limited.headers["content-type"] == "application/json"
     assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+SHARED = """\
+domain: {domain}
+descriptors:
+  - key: files
+    value: files/*
+    share_threshold: true
+    rate_limit: {{unit: minute, requests_per_unit: 2}}
+  - key: path
+    value: /api/*/items
+    rate_limit: {{unit: minute, requests_per_unit: 1}}
+"""
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_share_threshold_and_inner_wildcards_through_the_service(
+    store: str, tmp_path: Path
+) -> None:
+    """envoyproxy/ratelimit's share_threshold: every value a wildcard matches counts against one
+    counter; a plain wildcard (here with `*` inside the value) counts each value apart."""
+    domain = f"shared-{uuid.uuid4().hex[:8]}"
+    config = tmp_path / "shared.yaml"
+    config.write_text(SHARED.format(domain=domain))
+    port, metrics_port = free_port(), free_port()
+    extra = ("--redis", "redis://127.0.0.1:6379/0") if store == "redis" else ()
+    with Supervisor(log_dir=tmp_path / "logs") as sup:
+        child = sup.python(
+            "ratelimit",
+            "ratelimit",
+            "--config",
+            str(config),
+            "--grpc-address",
+            f"127.0.0.1:{port}",
+            "--metrics-port",
+            str(metrics_port),
+            *extra,
+        )
+        wait_http(child, f"http://127.0.0.1:{metrics_port}/metrics")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+
+            def code(*entry: tuple[str, str]) -> int:
+                request = rls_pb2.RateLimitRequest(domain=domain, descriptors=[descriptor(*entry)])
+                return stub.ShouldRateLimit(request, timeout=5).overall_code
+
+            shared = [code(("files", f"files/{name}")) for name in ("a.pdf", "b.csv", "c.txt")]
+            assert shared == [OK, OK, OVER]  # one counter of 2 for every file
+            assert code(("path", "/api/v1/items")) == OK
+            assert code(("path", "/api/v2/items")) == OK  # its own counter
+            assert code(("path", "/api/v1/items")) == OVER
+            assert code(("path", "/api/v1/other")) == OK  # no limit matches
+
+
+def test_a_domain_in_two_files_merges_when_asked_as_upstreams_env_says(tmp_path: Path) -> None:
+    """Two files of one domain: refused by default (the service does not start), merged with
+    MERGE_DOMAIN_CONFIG=true (envoyproxy/ratelimit's variable) or --merge-domain-config."""
+    domain = f"merged-{uuid.uuid4().hex[:8]}"
+    directory = tmp_path / "config"
+    directory.mkdir()
+    for key in ("key1", "key2"):
+        (directory / f"{key}.yaml").write_text(
+            f"domain: {domain}\ndescriptors:\n  - key: {key}\n"
+            "    rate_limit: {unit: minute, requests_per_unit: 1}\n"
+        )
+    port, metrics_port = free_port(), free_port()
+    argv = [
+        "--config",
+        str(directory),
+        "--grpc-address",
+        f"127.0.0.1:{port}",
+        "--metrics-port",
+        str(metrics_port),
+    ]
+    with Supervisor(log_dir=tmp_path / "logs") as sup:
+        refused = sup.python("refused", "ratelimit", *argv)
+        assert refused.popen.wait(timeout=30) != 0
+        assert f"duplicate domain '{domain}'" in (tmp_path / "logs" / "refused.log").read_text()
+        bad = sup.python("bad-env", "ratelimit", *argv, env={"MERGE_DOMAIN_CONFIG": "maybe"})
+        assert bad.popen.wait(timeout=30) != 0
+        assert (
+            "MERGE_DOMAIN_CONFIG='maybe' is not a boolean"
+            in (tmp_path / "logs" / "bad-env.log").read_text()
+        )
+        child = sup.python("merged", "ratelimit", *argv, env={"MERGE_DOMAIN_CONFIG": "true"})
+        wait_http(child, f"http://127.0.0.1:{metrics_port}/metrics")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+            for key in ("key1", "key2"):
+                request = rls_pb2.RateLimitRequest(
+                    domain=domain, descriptors=[descriptor((key, "v"))]
+                )
+                answers = [stub.ShouldRateLimit(request, timeout=5).overall_code for _ in range(2)]
+                assert answers == [OK, OVER], key

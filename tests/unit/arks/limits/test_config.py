@@ -52,7 +52,11 @@ ERROR_CASES = [
     ("missing_key", "descriptors[0].key", "required"),
     ("empty_key", "descriptors[0].key", "must not be empty"),
     ("value_not_string", "descriptors[0].value", "expected a string, got int 2061234567 (quote it"),
-    ("wildcard_not_trailing", "descriptors[0].value", "'*' is only supported at the end"),
+    (
+        "share_threshold_without_wildcard",
+        "descriptors[0].share_threshold",
+        "only a wildcard value (holding '*') can share its counter",
+    ),
     ("misspelt_descriptor_field", "descriptors[0].rate_limits", "unknown field"),
     (
         "misspelt_rate_limit_field",
@@ -139,7 +143,6 @@ ERROR_CASES = [
     ("replaces_unknown_field", "descriptors[1].rate_limit.replaces[0].limit", "unknown field"),
     ("replaces_not_list", "descriptors[1].rate_limit.replaces", "expected a list, got str"),
     ("unsupported_quota_mode", "descriptors[0].quota_mode", "not supported"),
-    ("unsupported_share_threshold", "descriptors[0].share_threshold", "not supported"),
 ]
 
 
@@ -173,7 +176,10 @@ def test_the_same_domain_in_two_files_is_an_error_naming_the_second() -> None:
     )
     with pytest.raises(ConfigError) as caught:
         load_config([FIXTURES / "duplicate_domain"])
-    assert str(caught.value) == f"{second}: domain: duplicate domain 'shared', already in {first}"
+    assert str(caught.value).startswith(
+        f"{second}: domain: duplicate domain 'shared', already in {first} (merging"
+    )
+    assert "MERGE_DOMAIN_CONFIG" in str(caught.value)
 
 
 def test_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
@@ -316,14 +322,19 @@ def test_yaml_anchors_and_merge_keys_work_with_the_strict_loader() -> None:
     ("value", "expected"),
     [
         ("llama-3-8b", 5),  # exact beats every wildcard
-        ("llama-3-70b", 4),  # the longest matching prefix wins ...
-        ("llama-2", 3),  # ... whatever the order in the file
-        ("mistral", 2),  # "*" is a prefix wildcard matching any value
+        ("llama-3-70b", 4),  # the first matching wildcard in the file's order ...
+        ("llama-2", 3),  # ... (the file lists the specific ones first)
+        ("mistral", 2),  # "*" matches any value
         ("", 2),
     ],
 )
-def test_exact_beats_prefix_which_beats_key_only(value: str, expected: int) -> None:
+def test_exact_beats_a_wildcard_which_beats_key_only(value: str, expected: int) -> None:
     assert rpu(load("precedence.yaml"), "precedence", ("model", value)) == expected
+
+
+def test_the_first_matching_wildcard_in_the_file_wins_not_the_longest() -> None:
+    """envoyproxy/ratelimit tries a level's wildcards in the order it loaded them."""
+    assert rpu(load("precedence.yaml"), "precedence", ("route", "/v1/chat/completions")) == 10
 
 
 def test_key_only_catches_what_no_prefix_matches() -> None:
@@ -490,9 +501,9 @@ def in_rate_limit(**fields: Any) -> dict[str, Any]:
             "duplicate of descriptors[0] (key 'k' without a value)",
         ),
         (
-            {"domain": "d", "descriptors": [{"key": "k", "value": "a*b"}]},
-            "descriptors[0].value",
-            "'a*b': '*' is only supported at the end (a prefix wildcard)",
+            {"domain": "d", "descriptors": [{"key": "k", "value": "a", "share_threshold": True}]},
+            "descriptors[0].share_threshold",
+            "only a wildcard value (holding '*') can share its counter",
         ),
         (
             in_rate_limit(unit="second", requests_per_unit="5"),
@@ -515,7 +526,7 @@ def in_rate_limit(**fields: Any) -> dict[str, Any]:
             "unknown field in a descriptor (it belongs in a rate_limit)",
         ),
     ],
-    ids=["duplicate", "inner wildcard", "string count", "mapping count", "algorithm", "misplaced"],
+    ids=["duplicate", "share_threshold", "string count", "mapping count", "algorithm", "misplaced"],
 )
 def test_errors_in_full(document: dict[str, Any], path: str, problem: str) -> None:
     assert problem_of(document) == (path, problem)
