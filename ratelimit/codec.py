@@ -30,9 +30,13 @@ def request(message: rls_pb2.RateLimitRequest) -> LimitRequest:
     return LimitRequest(message.domain, tuple(descriptors), message.hits_addend)
 
 
+UNLIMITED_REMAINING = 2**32 - 1  # envoyproxy/ratelimit's limit_remaining of an unlimited descriptor
+
+
 def _duration(seconds: float) -> duration_pb2.Duration:
-    whole = math.floor(seconds)
-    return duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))
+    """Whole seconds, as upstream computes it (the window's length minus the whole seconds of
+    it gone: 1 to the window's length, never 0 for a window still open)."""
+    return duration_pb2.Duration(seconds=max(1, math.ceil(seconds)))
 
 
 def response(answer: Answer) -> rls_pb2.RateLimitResponse:
@@ -41,6 +45,8 @@ def response(answer: Answer) -> rls_pb2.RateLimitResponse:
         item = _Response.DescriptorStatus(
             code=_Response.OVER_LIMIT if status.over_limit else _Response.OK
         )
+        if status.unlimited:
+            item.limit_remaining = UNLIMITED_REMAINING
         if status.limit is not None:
             item.current_limit.CopyFrom(
                 _Response.RateLimit(

@@ -32,6 +32,13 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         started = self.timer()
         domain = UNKNOWN
         try:
+            # As envoyproxy/ratelimit answers them: an error, not an OK that limits nothing.
+            if not request.domain:
+                await context.abort(grpc.StatusCode.UNKNOWN, "rate limit domain must not be empty")
+            if not request.descriptors:
+                await context.abort(
+                    grpc.StatusCode.UNKNOWN, "rate limit descriptor list must not be empty"
+                )
             asked = codec.request(request)
             domain = domain_label(asked.domain, self.limiter.config().domains)
             answer = await self.limiter.decide(asked)

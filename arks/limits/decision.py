@@ -37,8 +37,9 @@ class Status:
     limit: RateLimit | None = None
     remaining: int = 0
     reset_s: float = 0.0
-    shadowed: bool = False  # over the limit, but the limit is in shadow mode
+    shadowed: bool = False  # over the limit, but the limit (or the service) is in shadow mode
     near_limit: bool = False
+    unlimited: bool = False  # the descriptor's limit is `unlimited: true`: never counted
 
 
 @dataclass(frozen=True)
@@ -54,15 +55,21 @@ Lookup = Callable[[str, Sequence[tuple[str, str]]], RateLimit | None]
 
 
 def limits_for(request: LimitRequest, lookup: Lookup) -> list[RateLimit | None]:
-    """The limit applying to each descriptor, after overrides and `replaces`."""
+    """The limit applying to each descriptor, after overrides and `replaces`; an unlimited one
+    is kept (its status says so) but never counted."""
     found = [d.override or lookup(request.domain, d.entries) for d in request.descriptors]
     replaced = {name for limit in found if limit is not None for name in limit.replaces}
     return [
         None
-        if limit is None or limit.unlimited or (limit.name and limit.name in replaced)
+        if limit is None or (not limit.unlimited and limit.name and limit.name in replaced)
         else limit
         for limit in found
     ]
+
+
+def counted(limit: RateLimit | None) -> bool:
+    """Whether a descriptor's limit is charged and can refuse (an unlimited one is not)."""
+    return limit is not None and not limit.unlimited
 
 
 def counter_key(domain: str, entries: Sequence[tuple[str, str]], limit: RateLimit) -> str:
@@ -82,7 +89,7 @@ def hits_for(request: LimitRequest, limits: Sequence[RateLimit | None]) -> list[
     default_hits = max(1, request.hits_addend)
     out: list[Hit | None] = []
     for descriptor, limit in zip(request.descriptors, limits, strict=True):
-        if limit is None:
+        if limit is None or limit.unlimited:
             out.append(None)
             continue
         hits = default_hits if descriptor.hits is None else descriptor.hits
@@ -98,9 +105,16 @@ def answer(
     shadow_mode: bool = False,
     near_ratio: float = 0.8,
 ) -> Answer:
-    """Combine the outcomes into Envoy's answer: overall code, statuses, headers, 429 body."""
+    """Combine the outcomes into Envoy's answer: overall code, statuses, headers, 429 body.
+
+    As envoyproxy/ratelimit: a limit in shadow mode over its count reports OK; the service's
+    own shadow mode (`shadow_mode`) leaves each descriptor's status as it is (OVER_LIMIT
+    included) and only answers OK overall."""
     statuses = []
     for limit, outcome in zip(limits, outcomes, strict=True):
+        if limit is not None and limit.unlimited:
+            statuses.append(Status(over_limit=False, unlimited=True))
+            continue
         if limit is None or outcome is None:
             statuses.append(Status(over_limit=False))
             continue
@@ -108,7 +122,7 @@ def answer(
         near = not outcome.over_limit and outcome.used >= near_ratio * limit.requests_per_unit
         statuses.append(
             Status(
-                over_limit=outcome.over_limit and not shadowed,
+                over_limit=outcome.over_limit and not limit.shadow_mode,
                 limit=limit,
                 remaining=outcome.remaining,
                 reset_s=max(0.0, outcome.reset_s),
@@ -116,13 +130,13 @@ def answer(
                 near_limit=near,
             )
         )
-    over = any(s.over_limit for s in statuses)
+    over = any(s.over_limit for s in statuses) and not shadow_mode
     return Answer(over, tuple(statuses), _headers(statuses, over), _body(statuses) if over else b"")
 
 
 def _headers(statuses: Sequence[Status], over: bool) -> tuple[tuple[str, str], ...]:
     """IETF RateLimit-* headers for the tightest limit, and Retry-After when over."""
-    limited = [s for s in statuses if s.limit is not None]
+    limited = [s for s in statuses if s.limit is not None and not s.unlimited]
     if not limited:
         return ()
     tightest = min(limited, key=lambda s: (not s.over_limit, s.remaining))

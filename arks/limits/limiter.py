@@ -10,7 +10,15 @@ from typing import Any, NamedTuple
 
 from arks.limits.backends import BackendUnavailable, CounterBackend
 from arks.limits.config import RateLimitConfig
-from arks.limits.decision import Answer, LimitRequest, Status, answer, hits_for, limits_for
+from arks.limits.decision import (
+    Answer,
+    LimitRequest,
+    Status,
+    answer,
+    counted,
+    hits_for,
+    limits_for,
+)
 from arks.limits.metrics import RateLimitMetrics
 from arks.limits.model import Hit, Outcome, RateLimit
 from arks.metric_rules import UNKNOWN
@@ -89,11 +97,23 @@ class Limiter:
         policy = "fail_open" if self.enforcement.fail_open else "fail_closed"
         self.metrics.backend_errors.labels(policy).inc()
         log.warning("counter store unavailable (%s): %s", policy, err)
-        if self.enforcement.fail_open or not any(limits):
+        if self.enforcement.fail_open or not any(map(counted, limits)):
             return Answer(
-                False, tuple(Status(False, limit) for limit in limits), without_store=True
+                False,
+                tuple(
+                    Status(False, unlimited=True)
+                    if limit is not None and limit.unlimited
+                    else Status(False, limit)
+                    for limit in limits
+                ),
+                without_store=True,
             )
-        closed = tuple(Status(limit is not None, limit, 0, 1.0) for limit in limits)
+        closed = tuple(
+            Status(True, limit, 0, 1.0)
+            if counted(limit)
+            else Status(False, None, 0, 1.0, unlimited=limit is not None)
+            for limit in limits
+        )
         body = (
             b'{"error":{"message":"Rate limiting is unavailable and this gateway fails closed; try again shortly.",'
             b'"type":"rate_limit_error","code":"rate_limit_unavailable"}}'
@@ -125,10 +145,10 @@ class Limiter:
             series.hits.inc(
                 max(1, request.hits_addend) if descriptor.hits is None else descriptor.hits
             )
-            if status.over_limit:
-                series.over_limit.inc()
-            elif status.shadowed:
+            if status.shadowed:  # a limit's shadow mode, or the service's
                 series.shadow_mode.inc()
+            elif status.over_limit:
+                series.over_limit.inc()
             else:
                 series.within_limit.inc()
                 if status.near_limit:

@@ -184,6 +184,42 @@ def test_shadow_mode_and_unlimited(service: Service) -> None:
         f'arks_ratelimit_shadow_mode_total{{domain="{service.domain}",key="{service.domain}.shadowed"}} 2.0'
         in service.metrics()
     )
+    # As envoyproxy/ratelimit answers them: a shadowed limit over its count reports OK with its
+    # limit; an unlimited descriptor OK with the largest remaining count and no limit.
+    shadowed = service.ask(descriptor(("shadowed", "s"))).statuses[0]
+    assert shadowed.code == OK and shadowed.current_limit.requests_per_unit == 1
+    vip = service.ask(descriptor(("vip", "v"))).statuses[0]
+    assert (vip.code, vip.limit_remaining, vip.HasField("current_limit")) == (OK, 2**32 - 1, False)
+
+
+def test_an_empty_domain_or_descriptor_list_is_an_error_as_upstreams(service: Service) -> None:
+    for request, message in (
+        (rls_pb2.RateLimitRequest(domain="", descriptors=[descriptor(("user", "a"))]), "domain"),
+        (rls_pb2.RateLimitRequest(domain=service.domain), "descriptor list"),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            service.stub.ShouldRateLimit(request, timeout=5)
+        assert caught.value.code() == grpc.StatusCode.UNKNOWN
+        assert caught.value.details() == f"rate limit {message} must not be empty"
+    assert 'arks_ratelimit_call_errors_total{type="service_error"} 2.0' in service.metrics()
+
+
+def test_durations_until_reset_are_whole_seconds(service: Service) -> None:
+    status = service.ask(descriptor(("user", "erin"))).statuses[0]
+    reset = status.duration_until_reset
+    assert reset.nanos == 0 and 1 <= reset.seconds <= 60
+
+
+def test_global_shadow_mode_answers_ok_and_keeps_each_descriptors_code(tmp_path: Path) -> None:
+    with Supervisor(log_dir=tmp_path / "logs") as sup:
+        shadow = Service(sup, tmp_path, "--shadow-mode")
+        try:
+            answers = [shadow.ask(descriptor(("user", "frank"))) for _ in range(4)]
+            assert [a.overall_code for a in answers] == [OK, OK, OK, OK]
+            assert [a.statuses[0].code for a in answers] == [OK, OK, OK, OVER]
+            assert answers[-1].raw_body == b""  # nothing refused: no 429 body
+        finally:
+            shadow.channel.close()
 
 
 # --- Redis going away --------------------------------------------------------------------------

@@ -54,11 +54,15 @@ def test_a_limit_named_in_replaces_is_not_applied() -> None:
     assert limits_for(req, lookup) == [None, PER_DAY]
 
 
-def test_unlimited_is_never_charged() -> None:
+def test_unlimited_is_never_charged_and_says_so() -> None:
     unlimited = RateLimit(0, Unit.SECOND, unlimited=True)
-    assert limits_for(
-        request(DescriptorRequest((("k", "v"),))), lookup_table({(("k", "v"),): unlimited})
-    ) == [None]
+    req = request(DescriptorRequest((("k", "v"),)))
+    limits = limits_for(req, lookup_table({(("k", "v"),): unlimited}))
+    assert limits == [unlimited]
+    assert hits_for(req, limits) == [None]
+    decided = answer(limits, [None])
+    assert not decided.over_limit and decided.headers == ()
+    assert decided.statuses[0] == Status(over_limit=False, unlimited=True)
 
 
 def test_hits_default_to_one_and_descriptor_hits_win() -> None:
