@@ -25,7 +25,7 @@ from arks.adapters.redis.client import (
     startup_failure,
 )
 from arks.lifecycle import every, export_process_metrics, run_until_signalled, setup_process
-from arks.limits.backends import CounterBackend, MemoryBackend
+from arks.limits.backends import BackendUnavailable, CounterBackend, MemoryBackend
 from arks.limits.config import ConfigError, RateLimitConfig, load_config
 from arks.limits.limiter import Enforcement, Limiter
 from arks.limits.metrics import RateLimitMetrics
@@ -177,6 +177,9 @@ class ConfigSource:
         return True
 
 
+HEALTH_NAMES = ("ratelimit", "envoy.service.ratelimit.v3.RateLimitService")
+
+
 def create_metrics() -> tuple[RateLimitMetrics, CallMetrics]:
     """The service's registry, checked against the cardinality rules (a violation stops the
     start-up: `arks.metric_rules`)."""
@@ -217,7 +220,13 @@ async def serve(settings: Settings) -> None:
             RateLimitService(limiter, calls), server
         )
 
-    grpc_server = await start_grpc(settings.grpc_address, register, reuse_port=settings.workers > 1)
+    grpc_server = await start_grpc(
+        settings.grpc_address,
+        register,
+        reuse_port=settings.workers > 1,
+        # envoyproxy/ratelimit's name for its health, and the service's own.
+        health_names=HEALTH_NAMES,
+    )
     start_http_server(
         settings.own_metrics_port, settings.metrics_address, registry=metrics.registry
     )
@@ -231,8 +240,24 @@ async def serve(settings: Settings) -> None:
         settings.own_metrics_port,
     )
 
+    serving = True
+
     async def reload() -> None:
+        nonlocal serving
         source.reload_if_changed()
+        # As upstream: NOT_SERVING while Redis does not answer, SERVING again when it does.
+        try:
+            await backend.ping()
+            healthy = True
+        except BackendUnavailable:
+            healthy = False
+        if healthy != serving:
+            serving = healthy
+            await grpc_server.set_serving(healthy)
+            log.warning(
+                "health: %s",
+                "SERVING (Redis answers)" if healthy else "NOT_SERVING (Redis does not answer)",
+            )
 
     async def shutdown() -> None:
         await grpc_server.stop()

@@ -14,6 +14,17 @@ class GrpcServer:
     server: grpc.aio.Server
     health: health.aio.HealthServicer
     port: int  # the bound port (useful with `host:0`)
+    names: tuple[str, ...] = ("",)  # the health service names it answers for
+
+    async def set_serving(self, serving: bool) -> None:
+        """Every name SERVING, or NOT_SERVING (a store the service needs is away)."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in self.names:
+            await self.health.set(name, status)
 
     async def stop(self, grace_s: float | None = 2.0) -> None:
         """NOT_SERVING first (so load balancers stop sending), then let calls in flight finish."""
@@ -22,9 +33,14 @@ class GrpcServer:
 
 
 async def start_grpc(
-    address: str, register: Callable[[grpc.aio.Server], None], *, reuse_port: bool = False
+    address: str,
+    register: Callable[[grpc.aio.Server], None],
+    *,
+    reuse_port: bool = False,
+    health_names: tuple[str, ...] = (),
 ) -> GrpcServer:
-    """Serve the servicers `register` adds, plus grpc.health.v1 (SERVING once started), on `address`.
+    """Serve the servicers `register` adds, plus grpc.health.v1 (SERVING once started, for the
+    server as a whole, "", and each of `health_names`), on `address`.
 
     SO_REUSEPORT only with `reuse_port` (a service's workers, `arks.workers`): otherwise a
     second server on the same port must fail, not share it silently."""
@@ -34,5 +50,6 @@ async def start_grpc(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(address)
     await server.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    return GrpcServer(server, health_servicer, port)
+    grpc_server = GrpcServer(server, health_servicer, port, ("", *health_names))
+    await grpc_server.set_serving(True)
+    return grpc_server

@@ -14,6 +14,7 @@ import pytest
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2 as common
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import wrappers_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from launcher.procs import Supervisor, free_port, wait_http, wait_port
 from launcher.stack import envoy_binary
@@ -260,13 +261,35 @@ def test_redis_outage_follows_the_policy_and_counting_resumes(
         assert (errors or 0.0) >= 1
         # envoyproxy/ratelimit's should_rate_limit.redis_error: the call decided without Redis
         assert sample(text, "arks_ratelimit_call_errors_total", type="redis_error") == 1.0
+        # As envoyproxy/ratelimit's health: NOT_SERVING while Redis does not answer.
+        assert wait_for(lambda: health_of(svc), lambda h: h == {NOT_SERVING}, timeout=10)
         start_redis(sup, port)  # back, empty
         answer = wait_for(
             lambda: svc.ask(descriptor(("user", "x"))), lambda a: a.statuses[0].limit_remaining == 2
         )
         assert answer.overall_code == OK
+        assert wait_for(lambda: health_of(svc), lambda h: h == {SERVING}, timeout=10)
     finally:
         svc.channel.close()
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# envoyproxy/ratelimit registers its health as "ratelimit"; "" is the server's, and the last is
+# the service's own name (what a gRPC health check naming the service asks).
+HEALTH_NAMES = ("", "ratelimit", "envoy.service.ratelimit.v3.RateLimitService")
+
+
+def health_of(svc: Service) -> set[int]:
+    stub = health_pb2_grpc.HealthStub(svc.channel)
+    return {
+        stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status
+        for name in HEALTH_NAMES
+    }
+
+
+def test_health_answers_for_upstreams_service_name(service: Service) -> None:
+    assert health_of(service) == {SERVING}
 
 
 # --- behind real Envoy -------------------------------------------------------------------------

@@ -175,6 +175,10 @@ class RedisBackend:
         # replies[0] says whether the hits were charged; the outcomes say the same (over_limit).
         return [_outcome(hit, reply, now) for hit, reply in zip(hits, replies[1:], strict=True)]
 
+    async def ping(self) -> None:
+        async with answer_within(self._timeout_s, "counters"):
+            await self._redis.ping()
+
     async def close(self) -> None:
         await self._redis.aclose()
 

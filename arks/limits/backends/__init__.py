@@ -24,6 +24,10 @@ class CounterBackend(Protocol):
         not use up the allowance)."""
         ...
 
+    async def ping(self) -> None:
+        """Return once the store answers; BackendUnavailable when it does not (health)."""
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -44,6 +44,9 @@ class MemoryBackend:
             self._sweep(now)
         return outcomes
 
+    async def ping(self) -> None:
+        return  # in this process: always there
+
     async def close(self) -> None:
         self._counts.clear()
         self._tats.clear()
