@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2
 from google.protobuf import duration_pb2
 
-from arks.limits.decision import Answer, DescriptorRequest, LimitRequest
+from arks.limits.decision import Answer, DescriptorRequest, LimitRequest, Status
 from arks.limits.model import RateLimit, Unit
 
 _Response = rls_pb2.RateLimitResponse
@@ -39,7 +40,41 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return duration_pb2.Duration(seconds=max(1, math.ceil(seconds)))
 
 
-def response(answer: Answer) -> rls_pb2.RateLimitResponse:
+@dataclass(frozen=True)
+class HeaderNames:
+    """envoyproxy/ratelimit's response headers (LIMIT_RESPONSE_HEADERS_ENABLED and the names
+    LIMIT_LIMIT_HEADER, LIMIT_REMAINING_HEADER, LIMIT_RESET_HEADER; these are its defaults)."""
+
+    limit: str = "RateLimit-Limit"
+    remaining: str = "RateLimit-Remaining"
+    reset: str = "RateLimit-Reset"
+
+
+def _headers(answer: Answer, names: HeaderNames) -> list[base_pb2.HeaderValue]:
+    """Upstream's choice: the descriptor with the least remaining, or the last one over its
+    limit; its limit (the count alone), what remains, and the whole seconds to its reset."""
+    chosen: Status | None = None
+    least = UNLIMITED_REMAINING
+    for status in answer.statuses:
+        if status.limit is not None and status.remaining < least:
+            chosen, least = status, status.remaining
+        if status.over_limit:
+            chosen, least = status, 0
+    if chosen is None or chosen.limit is None:
+        return []
+    return [
+        base_pb2.HeaderValue(key=names.limit, value=str(chosen.limit.requests_per_unit)),
+        base_pb2.HeaderValue(key=names.remaining, value=str(chosen.remaining)),
+        base_pb2.HeaderValue(key=names.reset, value=str(max(1, math.ceil(chosen.reset_s)))),
+    ]
+
+
+def response(
+    answer: Answer, *, headers: HeaderNames | None = None, openai_body: bool = False
+) -> rls_pb2.RateLimitResponse:
+    """The answer on the wire. As upstream by default: no headers, no body. `headers`: upstream's
+    rate-limit headers under these names; `openai_body`: an over-limit answer carries an
+    OpenAI-shaped error body (Envoy answers the 429 with it) and a Retry-After (our extension)."""
     statuses = []
     for status in answer.statuses:
         item = _Response.DescriptorStatus(
@@ -58,9 +93,16 @@ def response(answer: Answer) -> rls_pb2.RateLimitResponse:
             item.limit_remaining = status.remaining
             item.duration_until_reset.CopyFrom(_duration(status.reset_s))
         statuses.append(item)
+    added = _headers(answer, headers) if headers is not None else []
+    if openai_body and answer.over_limit:
+        added += [
+            base_pb2.HeaderValue(key=k, value=v)
+            for k, v in answer.headers
+            if k in ("retry-after", "content-type")
+        ]
     return _Response(
         overall_code=_Response.OVER_LIMIT if answer.over_limit else _Response.OK,
         statuses=statuses,
-        response_headers_to_add=[base_pb2.HeaderValue(key=k, value=v) for k, v in answer.headers],
-        raw_body=answer.body,
+        response_headers_to_add=added,
+        raw_body=answer.body if openai_body else b"",
     )

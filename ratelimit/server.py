@@ -30,6 +30,7 @@ from arks.limits.config import ConfigError, RateLimitConfig, load_config
 from arks.limits.limiter import Enforcement, Limiter
 from arks.limits.metrics import RateLimitMetrics
 from arks.metric_rules import enforce
+from ratelimit.codec import HeaderNames
 from ratelimit.metrics import CallMetrics
 from ratelimit.servicer import RateLimitService
 
@@ -51,6 +52,9 @@ class Settings:
     reload_interval_s: float = 1.0
     log_level: str = "INFO"
     merge_domains: bool = False  # a domain's files merged (upstream's MERGE_DOMAIN_CONFIG)
+    # upstream's rate-limit response headers (off by default, as upstream), under these names
+    response_headers: HeaderNames | None = None
+    openai_body: bool = False  # an over-limit answer's OpenAI-shaped body and Retry-After
     workers: int = 1  # processes on one port (`arks.workers`); above 1 needs Redis
     worker_index: int | None = None  # set in a worker: its metrics port is metrics_port + this
 
@@ -84,6 +88,30 @@ class Settings:
         )
         p.add_argument("--near-ratio", type=float, default=cls.near_ratio)
         p.add_argument(
+            "--response-headers",
+            action="store_true",
+            default=env_bool("LIMIT_RESPONSE_HEADERS_ENABLED"),
+            help="add envoyproxy/ratelimit's rate-limit headers to answers (its "
+            "LIMIT_RESPONSE_HEADERS_ENABLED, also read from there; off by default, as upstream)",
+        )
+        names = HeaderNames()
+        for flag, env, default in (
+            ("--limit-header", "LIMIT_LIMIT_HEADER", names.limit),
+            ("--remaining-header", "LIMIT_REMAINING_HEADER", names.remaining),
+            ("--reset-header", "LIMIT_RESET_HEADER", names.reset),
+        ):
+            p.add_argument(
+                flag,
+                default=os.environ.get(env) or default,
+                help=f"its name (upstream's {env}; default {default})",
+            )
+        p.add_argument(
+            "--openai-body",
+            action="store_true",
+            help="an over-limit answer carries an OpenAI-shaped error body and Retry-After "
+            "(Envoy's 429 then reads as the OpenAI API's); not in envoyproxy/ratelimit",
+        )
+        p.add_argument(
             "--merge-domain-config",
             action="store_true",
             default=env_bool("MERGE_DOMAIN_CONFIG"),
@@ -107,6 +135,12 @@ class Settings:
             near_ratio=a.near_ratio,
             log_level=a.log_level,
             merge_domains=a.merge_domain_config,
+            response_headers=(
+                HeaderNames(a.limit_header, a.remaining_header, a.reset_header)
+                if a.response_headers
+                else None
+            ),
+            openai_body=a.openai_body,
             workers=a.workers,
             worker_index=a.worker_index,
         )
@@ -217,7 +251,13 @@ async def serve(settings: Settings) -> None:
 
     def register(server: grpc.aio.Server) -> None:
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
-            RateLimitService(limiter, calls), server
+            RateLimitService(
+                limiter,
+                calls,
+                headers=settings.response_headers,
+                openai_body=settings.openai_body,
+            ),
+            server,
         )
 
     grpc_server = await start_grpc(

@@ -20,10 +20,15 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         limiter: Limiter,
         metrics: CallMetrics,
         timer: Callable[[], float] = time.perf_counter,
+        *,
+        headers: codec.HeaderNames | None = None,
+        openai_body: bool = False,
     ) -> None:
         self.limiter = limiter
         self.metrics = metrics
         self.timer = timer
+        self.headers = headers
+        self.openai_body = openai_body
 
     async def ShouldRateLimit(
         self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
@@ -49,4 +54,4 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             self.metrics.called(domain, self.timer() - started)
         if answer.without_store:
             self.metrics.errors.labels("redis_error").inc()
-        return codec.response(answer)
+        return codec.response(answer, headers=self.headers, openai_body=self.openai_body)

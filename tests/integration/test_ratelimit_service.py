@@ -52,7 +52,9 @@ def descriptor(*entries: tuple[str, str], hits: int | None = None) -> common.Rat
 
 
 class Service:
-    def __init__(self, sup: Supervisor, tmp: Path, *extra: str) -> None:
+    def __init__(
+        self, sup: Supervisor, tmp: Path, *extra: str, env: dict[str, str] | None = None
+    ) -> None:
         self.domain = (
             f"test-{uuid.uuid4().hex[:8]}"  # fresh counters per service, also in a shared Redis
         )
@@ -69,6 +71,7 @@ class Service:
             "--metrics-port",
             str(self.metrics_port),
             *extra,
+            env=env,
         )
         wait_http(self.child, f"http://127.0.0.1:{self.metrics_port}/metrics")
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
@@ -104,10 +107,27 @@ def test_the_n_plus_first_request_is_over_limit_with_statuses(service: Service) 
     assert (status.current_limit.requests_per_unit, status.current_limit.name) == (3, "per_user")
     until_reset = status.duration_until_reset.ToTimedelta().total_seconds()
     assert status.limit_remaining == 0 and 0 < until_reset <= 60  # under 1 s near a minute's end
-    headers = {h.key: h.value for h in last.response_headers_to_add}
-    assert 1 <= int(headers["retry-after"]) <= 60
-    assert json.loads(last.raw_body)["error"]["code"] == "rate_limit_exceeded"
+    # As envoyproxy/ratelimit by default: no headers, no body.
+    assert list(last.response_headers_to_add) == [] and last.raw_body == b""
     assert service.ask(descriptor(("user", "bob"))).overall_code == OK  # counters are per value
+
+
+def test_upstreams_headers_under_its_names_and_our_openai_body_when_asked(tmp_path: Path) -> None:
+    env = {"LIMIT_RESPONSE_HEADERS_ENABLED": "true", "LIMIT_REMAINING_HEADER": "X-Left"}
+    with Supervisor(log_dir=tmp_path / "logs") as sup:
+        svc = Service(sup, tmp_path, "--openai-body", env=env)
+        try:
+            answers = [svc.ask(descriptor(("user", "alice"))) for _ in range(4)]
+        finally:
+            svc.channel.close()
+    first = {h.key: h.value for h in answers[0].response_headers_to_add}
+    assert set(first) == {"RateLimit-Limit", "X-Left", "RateLimit-Reset"}
+    assert (first["RateLimit-Limit"], first["X-Left"]) == ("3", "2")  # the count alone
+    assert 1 <= int(first["RateLimit-Reset"]) <= 60 and answers[0].raw_body == b""
+    limited = {h.key: h.value for h in answers[3].response_headers_to_add}
+    assert (limited["X-Left"], limited["content-type"]) == ("0", "application/json")
+    assert 1 <= int(limited["retry-after"]) <= 60
+    assert json.loads(answers[3].raw_body)["error"]["code"] == "rate_limit_exceeded"
 
 
 def test_metrics_export_the_process_and_store_errors_at_zero(service: Service) -> None:
@@ -401,7 +421,7 @@ def envoy_bootstrap(listen: int, admin: int, rls_port: int, engine_port: int, do
 
 def test_behind_envoy_the_client_gets_429_with_headers_and_an_openai_body(tmp_path: Path) -> None:
     with Supervisor(log_dir=tmp_path / "logs") as sup:
-        svc = Service(sup, tmp_path)
+        svc = Service(sup, tmp_path, "--response-headers", "--openai-body")
         engine_port = free_port()
         engine = sup.python("engine", "launcher.sim", "--port", str(engine_port), "--model", "m")
         wait_http(engine, f"http://127.0.0.1:{engine_port}/health")
@@ -434,6 +454,7 @@ def test_behind_envoy_the_client_gets_429_with_headers_and_an_openai_body(tmp_pa
         svc.channel.close()
     assert [a.status_code for a in answers] == [200, 200, 200, 429]
     assert answers[0].headers["ratelimit-remaining"] == "2"
+    assert answers[0].headers["ratelimit-limit"] == "3"
     assert answers[0].headers["x-ratelimit-remaining"] == "2"
     limited = answers[3]
     assert 1 <= int(limited.headers["retry-after"]) <= 60
