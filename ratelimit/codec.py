@@ -58,7 +58,7 @@ def _headers(answer: Answer, names: HeaderNames) -> list[base_pb2.HeaderValue]:
     for status in answer.statuses:
         if status.limit is not None and status.remaining < least:
             chosen, least = status, status.remaining
-        if status.over_limit:
+        if status.over_limit and not status.quota_mode:
             chosen, least = status, 0
     if chosen is None or chosen.limit is None:
         return []

@@ -48,6 +48,7 @@ class Settings:
     redis_timeout_s: float = 0.5
     fail_open: bool = True
     shadow_mode: bool = False
+    quota_mode: bool = False
     near_ratio: float = 0.8
     reload_interval_s: float = 1.0
     log_level: str = "INFO"
@@ -84,7 +85,18 @@ class Settings:
             "--fail-closed", action="store_true", help="refuse limited requests while Redis is down"
         )
         p.add_argument(
-            "--shadow-mode", action="store_true", help="report over-limit in metrics, never enforce"
+            "--shadow-mode",
+            action="store_true",
+            default=env_bool("SHADOW_MODE"),
+            help="report over-limit in metrics, never enforce (upstream's SHADOW_MODE, also "
+            "read from there)",
+        )
+        p.add_argument(
+            "--quota-mode",
+            action="store_true",
+            default=env_bool("QUOTA_MODE"),
+            help="every descriptor in quota mode: a request is over the limit only when all of "
+            "its descriptors are (upstream's QUOTA_MODE, also read from there)",
         )
         p.add_argument("--near-ratio", type=float, default=cls.near_ratio)
         p.add_argument(
@@ -132,6 +144,7 @@ class Settings:
             redis_timeout_s=a.redis_timeout_s,
             fail_open=not a.fail_closed,
             shadow_mode=a.shadow_mode,
+            quota_mode=a.quota_mode,
             near_ratio=a.near_ratio,
             log_level=a.log_level,
             merge_domains=a.merge_domain_config,
@@ -245,6 +258,7 @@ async def serve(settings: Settings) -> None:
         enforcement=Enforcement(
             fail_open=settings.fail_open,
             shadow_mode=settings.shadow_mode,
+            quota_mode=settings.quota_mode,
             near_ratio=settings.near_ratio,
         ),
     )

@@ -16,9 +16,9 @@ errors (upstream ignores a key valid elsewhere), keys and values must be YAML st
 `value: 0123` cannot silently become "83"), limit names are unique per domain and `replaces`
 must name one of them. `value_to_metric` names a limit's metrics by the request's values as
 upstream does; a descriptor's `metadata` is kept with its limit (upstream returns it in the
-response's dynamic metadata only when asked to). Upstream's `quota_mode` is rejected as
-unsupported rather than ignored. Our extension: `rate_limit.algorithm` (`fixed_window`, the
-default, or `gcra`).
+response's dynamic metadata only when asked to); `quota_mode` as upstream: such a limit over its
+count refuses the request only when every quota-mode descriptor of it is over. Our extension:
+`rate_limit.algorithm` (`fixed_window`, the default, or `gcra`).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ _DESCRIPTOR_FIELDS = (
     "value",
     "rate_limit",
     "shadow_mode",
+    "quota_mode",
     "detailed_metric",
     "share_threshold",
     "value_to_metric",
@@ -52,8 +53,6 @@ _DESCRIPTOR_FIELDS = (
 )
 _RATE_LIMIT_FIELDS = ("unit", "requests_per_unit", "name", "unlimited", "replaces", "algorithm")
 _REPLACES_FIELDS = ("name",)
-# Valid in envoyproxy/ratelimit but not implemented here: loading them silently would change meaning.
-_UNSUPPORTED = frozenset({"quota_mode"})
 # Where a key found in the wrong mapping belongs, for a hint in the error.
 _HOME = {
     **{name: "the file's top level" for name in _ROOT_FIELDS},
@@ -368,8 +367,6 @@ def _describe(value: Any) -> str:
 
 
 def _unknown(key: Any, what: str) -> str:
-    if key in _UNSUPPORTED:
-        return "envoyproxy/ratelimit's field is not supported by this service"
     home = _HOME.get(key) if isinstance(key, str) else None
     if home is not None:
         return f"unknown field in {what} (it belongs in {home})"
@@ -445,8 +442,9 @@ def _node(d: _Reader, stats_key: str, scan: _DomainScan) -> DescriptorNode:
             section, stats_key, scan, shadow_mode=shadow_mode, detailed_metric=detailed_metric
         )
         metadata = _metadata(d)
-        if metadata:
-            limit = replace(limit, metadata=metadata)
+        quota_mode = d.get("quota_mode", bool) or False
+        if metadata or quota_mode:
+            limit = replace(limit, metadata=metadata, quota_mode=quota_mode)
     value_to_metric = d.get("value_to_metric", bool) or False
     return DescriptorNode(limit, *_children([d], stats_key, scan), value_to_metric)
 

@@ -40,6 +40,7 @@ class Status:
     shadowed: bool = False  # over the limit, but the limit (or the service) is in shadow mode
     near_limit: bool = False
     unlimited: bool = False  # the descriptor's limit is `unlimited: true`: never counted
+    quota_mode: bool = False  # its limit (or the service) is in quota mode
 
 
 @dataclass(frozen=True)
@@ -103,20 +104,23 @@ def answer(
     outcomes: Sequence[Outcome | None],
     *,
     shadow_mode: bool = False,
+    quota_mode: bool = False,
     near_ratio: float = 0.8,
 ) -> Answer:
     """Combine the outcomes into Envoy's answer: overall code, statuses, headers, 429 body.
 
     As envoyproxy/ratelimit: a limit in shadow mode over its count reports OK; the service's
     own shadow mode (`shadow_mode`) leaves each descriptor's status as it is (OVER_LIMIT
-    included) and only answers OK overall."""
+    included) and only answers OK overall. Descriptors in quota mode (their limit's, or the
+    service's `quota_mode`) refuse together: the answer is over the limit when a descriptor not
+    in quota mode is, or when every one in quota mode is."""
     statuses = []
     for limit, outcome in zip(limits, outcomes, strict=True):
         if limit is not None and limit.unlimited:
             statuses.append(Status(over_limit=False, unlimited=True))
             continue
         if limit is None or outcome is None:
-            statuses.append(Status(over_limit=False))
+            statuses.append(Status(over_limit=False, quota_mode=quota_mode))
             continue
         shadowed = outcome.over_limit and (shadow_mode or limit.shadow_mode)
         near = not outcome.over_limit and outcome.used >= near_ratio * limit.requests_per_unit
@@ -128,10 +132,20 @@ def answer(
                 reset_s=max(0.0, outcome.reset_s),
                 shadowed=shadowed,
                 near_limit=near,
+                quota_mode=quota_mode or limit.quota_mode,
             )
         )
-    over = any(s.over_limit for s in statuses) and not shadow_mode
+    over = _over(statuses) and not shadow_mode
     return Answer(over, tuple(statuses), _headers(statuses, over), _body(statuses) if over else b"")
+
+
+def _over(statuses: Sequence[Status]) -> bool:
+    """envoyproxy/ratelimit's overall code: over when a descriptor not in quota mode is over, or
+    when there are quota-mode descriptors and all of them are over."""
+    quota = [s for s in statuses if s.quota_mode and not s.unlimited]
+    if any(s.over_limit and not s.quota_mode for s in statuses):
+        return True
+    return bool(quota) and all(s.over_limit for s in quota)
 
 
 def _headers(statuses: Sequence[Status], over: bool) -> tuple[tuple[str, str], ...]:

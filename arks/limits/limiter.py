@@ -32,6 +32,7 @@ class Enforcement:
 
     fail_open: bool = True  # the counter store unreachable: let requests through (and count it)
     shadow_mode: bool = False  # report, never enforce
+    quota_mode: bool = False  # every descriptor in quota mode (upstream's QUOTA_MODE)
     near_ratio: float = 0.8
 
 
@@ -86,6 +87,7 @@ class Limiter:
             limits,
             outcomes,
             shadow_mode=self.enforcement.shadow_mode,
+            quota_mode=self.enforcement.quota_mode,
             near_ratio=self.enforcement.near_ratio,
         )
         self._count(request, decided)

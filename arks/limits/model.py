@@ -50,6 +50,7 @@ class RateLimit:
     # value (a `share_threshold` wildcard matched it), or None; () when none did.
     shared_values: tuple[str | None, ...] = ()
     metadata: str = ""  # the descriptor's `metadata`, as JSON ("" when none)
+    quota_mode: bool = False  # over its count, it refuses only with every quota-mode one over
 
 
 @dataclass(frozen=True)

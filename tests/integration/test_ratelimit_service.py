@@ -53,13 +53,18 @@ def descriptor(*entries: tuple[str, str], hits: int | None = None) -> common.Rat
 
 class Service:
     def __init__(
-        self, sup: Supervisor, tmp: Path, *extra: str, env: dict[str, str] | None = None
+        self,
+        sup: Supervisor,
+        tmp: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        config_text: str = CONFIG,
     ) -> None:
         self.domain = (
             f"test-{uuid.uuid4().hex[:8]}"  # fresh counters per service, also in a shared Redis
         )
         config = tmp / f"{self.domain}.yaml"
-        config.write_text(CONFIG.format(domain=self.domain))
+        config.write_text(config_text.format(domain=self.domain))
         self.port, self.metrics_port = free_port(), free_port()
         self.child = sup.python(
             f"ratelimit-{self.domain}",
@@ -555,3 +560,33 @@ def test_a_domain_in_two_files_merges_when_asked_as_upstreams_env_says(tmp_path:
                 )
                 answers = [stub.ShouldRateLimit(request, timeout=5).overall_code for _ in range(2)]
                 assert answers == [OK, OVER], key
+
+
+QUOTAS = """\
+domain: {domain}
+descriptors:
+  - key: team
+    quota_mode: true
+    rate_limit: {{unit: minute, requests_per_unit: 1}}
+  - key: org
+    quota_mode: true
+    rate_limit: {{unit: minute, requests_per_unit: 2}}
+"""
+
+
+def test_quota_mode_refuses_only_when_every_quota_is_spent(tmp_path: Path) -> None:
+    """envoyproxy/ratelimit's quota_mode: a request over one quota but within another goes
+    through (its descriptor still says OVER_LIMIT); over all of them, it is refused."""
+    with Supervisor(log_dir=tmp_path / "logs") as sup:
+        svc = Service(sup, tmp_path, config_text=QUOTAS)
+        try:
+            both = (descriptor(("team", "t")), descriptor(("org", "o")))
+            answers = [svc.ask(*both) for _ in range(3)]
+        finally:
+            svc.channel.close()
+    assert [a.overall_code for a in answers] == [OK, OK, OVER]
+    assert [[s.code for s in a.statuses] for a in answers] == [
+        [OK, OK],
+        [OVER, OK],
+        [OVER, OVER],
+    ]

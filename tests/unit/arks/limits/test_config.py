@@ -142,7 +142,6 @@ ERROR_CASES = [
     ("replaces_empty_name", "descriptors[0].rate_limit.replaces[0].name", "must not be empty"),
     ("replaces_unknown_field", "descriptors[1].rate_limit.replaces[0].limit", "unknown field"),
     ("replaces_not_list", "descriptors[1].rate_limit.replaces", "expected a list, got str"),
-    ("unsupported_quota_mode", "descriptors[0].quota_mode", "not supported"),
 ]
 
 

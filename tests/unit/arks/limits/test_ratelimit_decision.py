@@ -197,3 +197,46 @@ def test_the_429_body_names_the_limit_over_and_says_when_to_retry() -> None:
     unnamed = RateLimit(3, Unit.SECOND)
     body = orjson.loads(answer([unnamed], [Outcome(True, 0, 0.0, 4)]).body)
     assert body["error"]["message"] == "Rate limit reached: 3 per second. Try again in 1 s."
+
+
+# --- quota mode, as envoyproxy/ratelimit's service tests (TestService*QuotaMode*) ------------
+
+QUOTA = RateLimit(5, Unit.MINUTE, quota_mode=True)
+RATE = RateLimit(10, Unit.MINUTE)
+
+
+def over(limit: RateLimit, is_over: bool = True) -> Outcome:
+    return Outcome(over_limit=is_over, remaining=0, reset_s=30.0, used=limit.requests_per_unit)
+
+
+def test_every_quota_descriptor_over_is_over() -> None:
+    decided = answer([QUOTA, QUOTA], [over(QUOTA), over(QUOTA)])
+    assert decided.over_limit
+    assert [s.over_limit for s in decided.statuses] == [True, True]
+
+
+def test_some_quota_descriptors_over_is_ok_with_their_codes_kept() -> None:
+    decided = answer([QUOTA, QUOTA], [over(QUOTA), over(QUOTA, False)])
+    assert not decided.over_limit and decided.body == b""
+    assert [s.over_limit for s in decided.statuses] == [True, False]
+
+
+def test_a_rate_limit_over_is_over_and_so_is_the_only_quota_over() -> None:
+    assert answer([RATE, QUOTA], [over(RATE), over(QUOTA, False)]).over_limit
+    # TestServicePerDescriptorQuotaMode: every quota-mode descriptor (the one) is over
+    assert answer([RATE, QUOTA], [over(RATE, False), over(QUOTA)]).over_limit
+    assert not answer(
+        [RATE, QUOTA, QUOTA], [over(RATE, False), over(QUOTA), over(QUOTA, False)]
+    ).over_limit
+
+
+def test_the_services_quota_mode_puts_every_descriptor_in_it() -> None:
+    assert answer([RATE, RATE], [over(RATE), over(RATE)], quota_mode=True).over_limit
+    decided = answer([RATE, RATE], [over(RATE), over(RATE, False)], quota_mode=True)
+    assert not decided.over_limit
+
+
+def test_global_shadow_mode_overrides_quota_mode() -> None:
+    decided = answer([QUOTA, QUOTA], [over(QUOTA), over(QUOTA)], shadow_mode=True)
+    assert not decided.over_limit
+    assert [s.over_limit for s in decided.statuses] == [True, True]
