@@ -487,30 +487,13 @@ def test_share_threshold_and_inner_wildcards_through_the_service(
 ) -> None:
     """envoyproxy/ratelimit's share_threshold: every value a wildcard matches counts against one
     counter; a plain wildcard (here with `*` inside the value) counts each value apart."""
-    domain = f"shared-{uuid.uuid4().hex[:8]}"
-    config = tmp_path / "shared.yaml"
-    config.write_text(SHARED.format(domain=domain))
-    port, metrics_port = free_port(), free_port()
     extra = ("--redis", "redis://127.0.0.1:6379/0") if store == "redis" else ()
     with Supervisor(log_dir=tmp_path / "logs") as sup:
-        child = sup.python(
-            "ratelimit",
-            "ratelimit",
-            "--config",
-            str(config),
-            "--grpc-address",
-            f"127.0.0.1:{port}",
-            "--metrics-port",
-            str(metrics_port),
-            *extra,
-        )
-        wait_http(child, f"http://127.0.0.1:{metrics_port}/metrics")
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+        svc = Service(sup, tmp_path, *extra, config_text=SHARED)
+        try:
 
             def code(*entry: tuple[str, str]) -> int:
-                request = rls_pb2.RateLimitRequest(domain=domain, descriptors=[descriptor(*entry)])
-                return stub.ShouldRateLimit(request, timeout=5).overall_code
+                return svc.ask(descriptor(*entry)).overall_code
 
             shared = [code(("files", f"files/{name}")) for name in ("a.pdf", "b.csv", "c.txt")]
             assert shared == [OK, OK, OVER]  # one counter of 2 for every file
@@ -518,6 +501,8 @@ def test_share_threshold_and_inner_wildcards_through_the_service(
             assert code(("path", "/api/v2/items")) == OK  # its own counter
             assert code(("path", "/api/v1/items")) == OVER
             assert code(("path", "/api/v1/other")) == OK  # no limit matches
+        finally:
+            svc.channel.close()
 
 
 def test_a_domain_in_two_files_merges_when_asked_as_upstreams_env_says(tmp_path: Path) -> None:
