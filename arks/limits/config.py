@@ -103,10 +103,10 @@ class Wildcard:
     value: str  # as configured, e.g. `files/*`
     node: DescriptorNode
     share_threshold: bool  # every value it matches shares one counter, keyed by `value`
+    parts: tuple[str, ...] = field(init=False)  # `value` split on its `*`s, once
 
-    @property
-    def parts(self) -> tuple[str, ...]:
-        return tuple(self.value.split("*"))
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "parts", tuple(self.value.split("*")))
 
 
 @dataclass(frozen=True)
@@ -115,8 +115,7 @@ class DescriptorNode:
 
     limit: RateLimit | None
     exact: Mapping[tuple[str, str], DescriptorNode]  # (key, value) → node
-    # key → its wildcard children, split on `*`, in the configuration's order
-    wildcards: Mapping[str, tuple[tuple[tuple[str, ...], Wildcard], ...]]
+    wildcards: Mapping[str, tuple[Wildcard, ...]]  # key → its wildcards, in the file's order
     any_value: Mapping[str, DescriptorNode]  # key → node of a descriptor without a value
     value_to_metric: bool = False  # metrics name the request's value at this level
 
@@ -127,11 +126,18 @@ class DescriptorNode:
         node = self.exact.get((key, value))
         if node is not None:
             return node, None, True
-        for parts, wildcard in self.wildcards.get(key, ()):
-            if wildcard_match(parts, value):
+        for wildcard in self.wildcards.get(key, ()):
+            if wildcard_match(wildcard.parts, value):
                 return wildcard.node, wildcard, False
         node = self.any_value.get(key)
         return None if node is None else (node, None, False)
+
+    def children(self) -> list[DescriptorNode]:
+        return [
+            *self.exact.values(),
+            *(w.node for found in self.wildcards.values() for w in found),
+            *self.any_value.values(),
+        ]
 
     def metric_value(self, value: str, wildcard: Wildcard | None, exact: bool) -> str:
         """What upstream's value_to_metric names this level by, reached by `value` (after the
@@ -217,12 +223,7 @@ def parse_config(
 
 def _names_by_value(node: DescriptorNode) -> bool:
     """Whether a descriptor under `node` has value_to_metric."""
-    children = [
-        *node.exact.values(),
-        *(w.node for found in node.wildcards.values() for _, w in found),
-        *node.any_value.values(),
-    ]
-    return any(child.value_to_metric or _names_by_value(child) for child in children)
+    return any(child.value_to_metric or _names_by_value(child) for child in node.children())
 
 
 # --- files ---------------------------------------------------------------------------------
@@ -393,7 +394,7 @@ def _domain_tree(domain: str, files: Sequence[_Reader]) -> DescriptorNode:
 
 _Children = tuple[
     Mapping[tuple[str, str], DescriptorNode],
-    Mapping[str, tuple[tuple[tuple[str, ...], Wildcard], ...]],
+    Mapping[str, tuple[Wildcard, ...]],
     Mapping[str, DescriptorNode],
 ]
 
@@ -401,7 +402,7 @@ _Children = tuple[
 def _children(parents: Sequence[_Reader], stats_prefix: str, scan: _DomainScan) -> _Children:
     """The descriptors under `parents` (one mapping, or a domain's files merged)."""
     exact: dict[tuple[str, str], DescriptorNode] = {}
-    wildcards: dict[str, list[tuple[tuple[str, ...], Wildcard]]] = {}
+    wildcards: dict[str, list[Wildcard]] = {}
     any_value: dict[str, DescriptorNode] = {}
     siblings: dict[tuple[str, str | None], str] = {}
     for parent in parents:
@@ -424,8 +425,7 @@ def _children(parents: Sequence[_Reader], stats_prefix: str, scan: _DomainScan) 
             if value is None:
                 any_value[key] = node
             elif "*" in value:
-                wildcard = Wildcard(key, value, node, share)
-                wildcards.setdefault(key, []).append((wildcard.parts, wildcard))
+                wildcards.setdefault(key, []).append(Wildcard(key, value, node, share))
             else:
                 exact[key, value] = node
     in_order = {key: tuple(found) for key, found in wildcards.items()}

@@ -248,12 +248,7 @@ def _limits(node: object) -> list[RateLimit]:
 
     assert isinstance(node, DescriptorNode)
     out = [node.limit] if node.limit is not None else []
-    children = [
-        *node.exact.values(),
-        *(w.node for found in node.wildcards.values() for _, w in found),
-        *node.any_value.values(),
-    ]
-    for child in children:
+    for child in node.children():
         out += _limits(child)
     return out
 
