@@ -134,6 +134,18 @@ async def test_two_processes_migrating_at_once_both_succeed(store_url: str) -> N
     assert applied_versions(store_url) == [(1, "usage_records")]
 
 
+async def test_many_stores_opening_a_new_sqlite_file_at_once_all_open(tmp_path: Path) -> None:
+    """Each connection switches a new file to write-ahead logging; SQLite refuses all but one
+    of those racing at once without waiting (the migration test above failed 1 run in ~20)."""
+    for attempt in range(10):
+        stores = [SqliteLedger(tmp_path / f"race{attempt}" / "usage.db") for _ in range(8)]
+        try:
+            assert await asyncio.gather(*(s.migrate() for s in stores)) == [1] * 8
+        finally:
+            for s in stores:
+                await s.close()
+
+
 # --- idempotency --------------------------------------------------------------------------
 
 

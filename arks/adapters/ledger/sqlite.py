@@ -22,6 +22,7 @@ import asyncio
 import functools
 import logging
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -118,7 +119,7 @@ class SqliteLedger:
         # isolation_level=None: no implicit transactions; each write says BEGIN IMMEDIATE.
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=self.busy_timeout_s)
         try:
-            conn.execute("PRAGMA journal_mode = WAL")
+            _enter_wal(conn, time.monotonic() + self.busy_timeout_s)
             conn.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.Error:
             conn.close()
@@ -263,6 +264,23 @@ def _insert_many(rows_: int) -> str:
 def _checkpoint(conn: sqlite3.Connection) -> None:
     # PASSIVE: never waits for a reader (`arks usage`); it copies what no reader still needs.
     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+
+
+def _enter_wal(conn: sqlite3.Connection, deadline: float) -> None:
+    """Switch the file to write-ahead logging, retried until `deadline`: connections opening a
+    new file at once all read it, then each wants it alone to switch, and SQLite answers the
+    losers "database is locked" at once (its busy handler is not called where waiting could
+    deadlock), so the connection's busy timeout does not cover this."""
+    pause = 0.001
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
 
 
 def _migrate(conn: sqlite3.Connection) -> int:
