@@ -13,6 +13,7 @@ COPY extproc extproc
 COPY ratelimit ratelimit
 COPY controller controller
 COPY launcher launcher
+COPY rls_protos rls_protos
 # With the `download` extra: the model download Jobs run `hf` / `modelscope` from this image.
 RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[download]"
 

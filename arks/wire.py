@@ -27,6 +27,11 @@ DESTINATION_METADATA_NAMESPACE = "envoy.lb"  # the picked engines (Gateway API I
 # gateway_unavailable while it is away (a load balancer should stop sending then).
 HEALTH_PATH = "/healthz"
 
+# --- xDS ------------------------------------------------------------------------------------
+# envoyproxy/ratelimit's configuration resource (CONFIG_TYPE=GRPC_XDS_SOTW): the controller's xDS
+# server serves it, the rate-limit service subscribes to it (rls_protos holds its message)
+RATE_LIMIT_CONFIG_TYPE = "type.googleapis.com/ratelimit.config.ratelimit.v3.RateLimitConfig"
+
 # --- HTTP headers ---------------------------------------------------------------------------
 MODEL_HEADER = "x-arks-model"
 NAMESPACE_HEADER = "x-arks-namespace"

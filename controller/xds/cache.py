@@ -23,22 +23,28 @@ from typing import Any as AnyValue
 from google.protobuf import any_pb2, descriptor_pool, json_format
 from google.protobuf.message import Message
 
+from arks import wire
+
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+# envoyproxy/ratelimit's configuration (CONFIG_TYPE=GRPC_XDS_SOTW), as Envoy Gateway serves it
+RATE_LIMIT_CONFIG = wire.RATE_LIMIT_CONFIG_TYPE
 
 # Clusters before their endpoints, listeners before their routes (the xDS protocol's advice for
 # ADS): nothing then points at a resource Envoy does not know yet.
-RESOURCE_TYPES = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
-# LDS and CDS subscribe to everything; RDS and EDS name the resources they want.
-WILDCARD_TYPES = frozenset({LISTENER, CLUSTER})
+RESOURCE_TYPES = (CLUSTER, ENDPOINT, LISTENER, ROUTE, RATE_LIMIT_CONFIG)
+# LDS and CDS subscribe to everything, and so does the rate-limit service (it names no resource);
+# RDS and EDS name the resources they want.
+WILDCARD_TYPES = frozenset({LISTENER, CLUSTER, RATE_LIMIT_CONFIG})
 
 _TOP_LEVEL_MODULES = {
     LISTENER: ("envoy.config.listener.v3.listener_pb2", "Listener"),
     ROUTE: ("envoy.config.route.v3.route_pb2", "RouteConfiguration"),
     CLUSTER: ("envoy.config.cluster.v3.cluster_pb2", "Cluster"),
     ENDPOINT: ("envoy.config.endpoint.v3.endpoint_pb2", "ClusterLoadAssignment"),
+    RATE_LIMIT_CONFIG: ("rls_protos.rls_conf_pb2", "RateLimitConfig"),
 }
 
 

@@ -25,13 +25,27 @@ from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from arks.adapters.grpc_server import GrpcServer, start_grpc
-from controller.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot, SnapshotCache
+from controller.xds.cache import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    RATE_LIMIT_CONFIG,
+    ROUTE,
+    Snapshot,
+    SnapshotCache,
+)
 from controller.xds.delta import DeltaRequest, DeltaStreamState
 from controller.xds.stream import Kind, Received, StreamState, XdsRequest
 
 log = logging.getLogger(__name__)
 
-_TYPE_LABELS = {LISTENER: "lds", ROUTE: "rds", CLUSTER: "cds", ENDPOINT: "eds"}
+_TYPE_LABELS = {
+    LISTENER: "lds",
+    ROUTE: "rds",
+    CLUSTER: "cds",
+    ENDPOINT: "eds",
+    RATE_LIMIT_CONFIG: "rls",  # envoyproxy/ratelimit's configuration
+}
 
 
 def type_label(type_url: str) -> str:
@@ -52,7 +66,7 @@ class XdsMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.pushes = Counter(
             "arks_xds_pushes_total",
-            "xDS responses sent, by type (lds, rds, cds, eds).",
+            "xDS responses sent, by type (lds, rds, cds, eds, rls).",
             ["type"],
             registry=registry,
         )
