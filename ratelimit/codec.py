@@ -6,10 +6,11 @@ import math
 from dataclasses import dataclass
 
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, struct_pb2
 
-from arks.limits.decision import Answer, DescriptorRequest, LimitRequest, Status
+from arks.limits.decision import Answer, DescriptorRequest, LimitRequest, Status, passed_metadata
 from arks.limits.model import RateLimit, Unit
 
 _Response = rls_pb2.RateLimitResponse
@@ -69,12 +70,52 @@ def _headers(answer: Answer, names: HeaderNames) -> list[base_pb2.HeaderValue]:
     ]
 
 
+def _override_text(limit: ratelimit_pb2.RateLimitDescriptor.RateLimitOverride) -> str:
+    """A descriptor's limit override as Go's String() of it prints (its text format on one line:
+    the fields not at their zero value, `name:value`)."""
+    parts = []
+    if limit.requests_per_unit:
+        parts.append(f"requests_per_unit:{limit.requests_per_unit}")
+    if limit.unit:
+        names = limit.DESCRIPTOR.fields_by_name["unit"].enum_type.values_by_number
+        parts.append(f"unit:{names[limit.unit].name if limit.unit in names else limit.unit}")
+    return " ".join(parts)
+
+
+def dynamic_metadata(message: rls_pb2.RateLimitRequest, answer: Answer) -> struct_pb2.Struct:
+    """What envoyproxy/ratelimit's RESPONSE_DYNAMIC_METADATA puts in the response: the request's
+    domain, its descriptors (entries as `key=value`, a limit override as text, a hits_addend),
+    its hits_addend when not 0, and the merged `metadata` of the limits that passed, if any."""
+    descriptors = []
+    for d in message.descriptors:
+        item: dict[str, object] = {"entries": [f"{e.key}={e.value}" for e in d.entries]}
+        if d.HasField("limit"):
+            item["limit"] = _override_text(d.limit)
+        if d.HasField("hits_addend"):
+            item["hitsAddend"] = float(d.hits_addend.value)
+        descriptors.append(item)
+    fields: dict[str, object] = {"domain": message.domain, "descriptors": descriptors}
+    if message.hits_addend:
+        fields["hitsAddend"] = float(message.hits_addend)
+    merged = passed_metadata(answer)
+    if merged:
+        fields["metadata"] = merged
+    out = struct_pb2.Struct()
+    out.update(fields)
+    return out
+
+
 def response(
-    answer: Answer, *, headers: HeaderNames | None = None, openai_body: bool = False
+    answer: Answer,
+    *,
+    headers: HeaderNames | None = None,
+    openai_body: bool = False,
+    dynamic_metadata: struct_pb2.Struct | None = None,
 ) -> rls_pb2.RateLimitResponse:
-    """The answer on the wire. As upstream by default: no headers, no body. `headers`: upstream's
-    rate-limit headers under these names; `openai_body`: an over-limit answer carries an
-    OpenAI-shaped error body (Envoy answers the 429 with it) and a Retry-After (our extension)."""
+    """The answer on the wire. As upstream by default: no headers, no body, no dynamic metadata.
+    `headers`: upstream's rate-limit headers under these names; `openai_body`: an over-limit
+    answer carries an OpenAI-shaped error body (Envoy answers the 429 with it) and a Retry-After
+    (our extension); `dynamic_metadata`: set in the response (`dynamic_metadata` above)."""
     statuses = []
     for status in answer.statuses:
         item = _Response.DescriptorStatus(
@@ -105,4 +146,5 @@ def response(
         statuses=statuses,
         response_headers_to_add=added,
         raw_body=answer.body if openai_body else b"",
+        dynamic_metadata=dynamic_metadata,
     )

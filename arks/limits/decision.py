@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -188,3 +189,26 @@ def _body(statuses: Sequence[Status]) -> bytes:
     return orjson.dumps(
         {"error": {"message": message, "type": "rate_limit_error", "code": "rate_limit_exceeded"}}
     )
+
+
+def passed_metadata(decided: Answer) -> dict[str, Any]:
+    """envoyproxy/ratelimit's `metadata` in a response's dynamic metadata: the configured
+    `metadata` of the limit of each descriptor that passed (not over its limit, not unlimited),
+    merged in the request's order: a key already there keeps its value, unless both are
+    mappings, which are merged alike."""
+    merged: dict[str, Any] = {}
+    for status in decided.statuses:
+        if status.over_limit or status.unlimited or status.limit is None:
+            continue
+        if status.limit.metadata:
+            _merge(merged, orjson.loads(status.limit.metadata))
+    return merged
+
+
+def _merge(into: dict[str, Any], source: dict[str, Any]) -> None:
+    for key, value in source.items():
+        there = into.get(key)
+        if key not in into:
+            into[key] = value
+        elif isinstance(there, dict) and isinstance(value, dict):
+            _merge(there, value)

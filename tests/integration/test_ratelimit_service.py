@@ -66,6 +66,7 @@ class Service:
         config = tmp / f"{self.domain}.yaml"
         config.write_text(config_text.format(domain=self.domain))
         self.port, self.metrics_port = free_port(), free_port()
+        self.http_port, self.debug_port = free_port(), free_port()  # upstream's PORT, DEBUG_PORT
         self.child = sup.python(
             f"ratelimit-{self.domain}",
             "ratelimit",
@@ -75,6 +76,10 @@ class Service:
             f"127.0.0.1:{self.port}",
             "--metrics-port",
             str(self.metrics_port),
+            "--port",
+            str(self.http_port),
+            "--debug-port",
+            str(self.debug_port),
             *extra,
             env=env,
         )
@@ -524,6 +529,10 @@ def test_a_domain_in_two_files_merges_when_asked_as_upstreams_env_says(tmp_path:
         f"127.0.0.1:{port}",
         "--metrics-port",
         str(metrics_port),
+        "--port",
+        str(free_port()),
+        "--debug-port",
+        str(free_port()),
     ]
     with Supervisor(log_dir=tmp_path / "logs") as sup:
         refused = sup.python("refused", "ratelimit", *argv)

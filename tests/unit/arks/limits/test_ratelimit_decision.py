@@ -13,6 +13,7 @@ from arks.limits.decision import (
     counter_key,
     hits_for,
     limits_for,
+    passed_metadata,
 )
 from arks.limits.model import Algorithm, Hit, Outcome, RateLimit, Unit
 
@@ -240,3 +241,25 @@ def test_global_shadow_mode_overrides_quota_mode() -> None:
     decided = answer([QUOTA, QUOTA], [over(QUOTA), over(QUOTA)], shadow_mode=True)
     assert not decided.over_limit
     assert [s.over_limit for s in decided.statuses] == [True, True]
+
+
+def test_passed_metadata_merges_the_limits_that_let_the_request_through() -> None:
+    """upstream's ratelimitToMetadata: the configured metadata of each descriptor that passed,
+    in order; a key already there keeps its value, two mappings under one key merge."""
+    first = RateLimit(1, Unit.MINUTE, metadata='{"tier":{"name":"gold"},"team":"a"}')
+    second = RateLimit(1, Unit.MINUTE, metadata='{"tier":{"name":"x","rank":2},"team":{"b":1}}')
+    over = RateLimit(1, Unit.MINUTE, metadata='{"over":true}')
+    free = RateLimit(0, Unit.SECOND, unlimited=True, metadata='{"free":true}')
+    decided = answer(
+        [first, None, second, over, free],
+        [Outcome(False, 0, 1, 1), None, Outcome(False, 0, 1, 1), Outcome(True, 0, 1, 2), None],
+    )
+    assert passed_metadata(decided) == {"tier": {"name": "gold", "rank": 2}, "team": "a"}
+
+
+def test_passed_metadata_counts_a_shadowed_limit_as_passed_but_not_the_services_shadow() -> None:
+    shadowed = RateLimit(1, Unit.MINUTE, shadow_mode=True, metadata='{"s":1}')
+    over = [Outcome(True, 0, 1, 2)]
+    assert passed_metadata(answer([shadowed], over)) == {"s": 1}
+    plain = RateLimit(1, Unit.MINUTE, metadata='{"p":1}')
+    assert passed_metadata(answer([plain], over, shadow_mode=True)) == {}
