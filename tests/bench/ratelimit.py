@@ -323,6 +323,10 @@ def start_ratelimit(sup: Supervisor, label: str, config: Path, redis_url: str | 
         f"127.0.0.1:{port}",
         "--metrics-port",
         str(metrics_port),
+        "--port",  # upstream's HTTP and debug ports: free ones, as two services run at once
+        str(free_port()),
+        "--debug-port",
+        str(free_port()),
         "--log-level",
         "WARNING",
         *extra,
