@@ -34,6 +34,9 @@ class Enforcement:
     shadow_mode: bool = False  # report, never enforce
     quota_mode: bool = False  # every descriptor in quota mode (upstream's QUOTA_MODE)
     near_ratio: float = 0.8
+    # A refused request charges nothing, every call (upstream's
+    # STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT); else only where the caller asks (admission).
+    all_or_nothing: bool = False
 
 
 @dataclass
@@ -75,7 +78,11 @@ class Limiter:
         outcomes: list[Outcome | None]
         try:
             applied = (
-                await self.backend.apply(charged, self.clock(), all_or_nothing=all_or_nothing)
+                await self.backend.apply(
+                    charged,
+                    self.clock(),
+                    all_or_nothing=all_or_nothing or self.enforcement.all_or_nothing,
+                )
                 if charged
                 else []
             )

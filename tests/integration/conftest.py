@@ -15,6 +15,7 @@ import pytest
 
 from tests.support.kube import RunningKubeEmulator, running_kube_emulator
 from tests.support.redis_server import PrivateRedis
+from tests.support.redis_topologies import Cluster, running
 from tests.support.stack import Stack, running_stack
 
 
@@ -34,6 +35,15 @@ def private_redis() -> Iterator[PrivateRedis]:
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A 3-master Redis Cluster (a replica each) for tests that only count on it; tests that
+    kill nodes start their own."""
+    with running(Cluster(tmp_path_factory.mktemp("redis-cluster"))) as cluster:
+        assert isinstance(cluster, Cluster)
+        yield cluster
 
 
 @pytest.fixture(scope="module")

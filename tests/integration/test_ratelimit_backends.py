@@ -1,4 +1,5 @@
-"""The counter backends against one shared suite: memory, and the real Redis on 127.0.0.1:6379.
+"""The counter backends against one shared suite: memory, the real Redis on 127.0.0.1:6379, and
+a real 3-master Redis Cluster (where one apply's hits spread over slots: a script per slot).
 
 Time is passed in (`now`), so windows and GCRA intervals are stepped exactly. Redis outage tests
 run their own redis-server on a free port and never touch the shared one.
@@ -19,6 +20,7 @@ from arks.adapters.redis.backend import RedisBackend
 from arks.limits.backends import BackendUnavailable, CounterBackend, MemoryBackend
 from arks.limits.model import Algorithm, Hit
 from tests.support.redis_server import SHARED_REDIS, PrivateRedis, fresh_prefix
+from tests.support.redis_topologies import Cluster
 
 T0 = 1_700_000_040.0  # a window start for 10 s and 60 s windows
 
@@ -47,15 +49,24 @@ async def shared_redis_backend(prefix: str = "") -> AsyncIterator[RedisBackend]:
             await backend.close()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[CounterBackend]:
     if request.param == "memory":
         memory = MemoryBackend()
         yield memory
         await memory.close()
-    else:
+    elif request.param == "redis":
         async with shared_redis_backend() as redis_backend:
             yield redis_backend
+    else:
+        cluster = request.getfixturevalue("redis_cluster")
+        on_cluster = RedisBackend(
+            f"redis+cluster://{cluster.urls}",
+            prefix=f"arks:rl:test:{uuid.uuid4().hex}:",
+            timeout_s=SHARED_TIMEOUT_S,
+        )
+        yield on_cluster
+        await on_cluster.close()
 
 
 async def over(backend: CounterBackend, h: Hit, now: float) -> bool:
@@ -229,17 +240,33 @@ async def test_redis_and_memory_give_identical_outcomes() -> None:
 
 async def test_redis_and_memory_agree_in_all_or_nothing_mode() -> None:
     memory = MemoryBackend()
+    async with shared_redis_backend() as redis_backend:
+        await agree_in_all_or_nothing_mode(redis_backend, memory)
+
+
+async def test_a_cluster_and_memory_agree_in_all_or_nothing_mode(redis_cluster: Cluster) -> None:
+    """A script per slot (three keys: three slots, but for a 1 in 16,384² chance), refused
+    slots giving back what the others took, ends where one script would."""
+    on_cluster = RedisBackend(
+        f"redis+cluster://{redis_cluster.urls}", prefix=f"arks:rl:test:{uuid.uuid4().hex}:"
+    )
+    try:
+        await agree_in_all_or_nothing_mode(on_cluster, MemoryBackend())
+    finally:
+        await on_cluster.close()
+
+
+async def agree_in_all_or_nothing_mode(backend: CounterBackend, memory: MemoryBackend) -> None:
     now = time.time()
     batches = [
         [hit(5, hits=i % 3, key="f"), g(limit=4, hits=i % 2, key="g"), hit(20, key="wide")]
         for i in range(40)
     ]
-    async with shared_redis_backend() as redis_backend:
-        for i, batch in enumerate(batches):
-            at = now + i * 0.71
-            assert await redis_backend.apply(batch, at, all_or_nothing=True) == await memory.apply(
-                batch, at, all_or_nothing=True
-            )
+    for i, batch in enumerate(batches):
+        at = now + i * 0.71
+        assert await backend.apply(batch, at, all_or_nothing=True) == await memory.apply(
+            batch, at, all_or_nothing=True
+        )
 
 
 # Keeping state bounded ---------------------------------------------------------------------------

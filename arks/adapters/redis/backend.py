@@ -7,13 +7,15 @@ backend does.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.crc import key_slot
 from redis.exceptions import RedisError
 
-from arks.adapters.redis.client import Script, answer_within, connect, run
+from arks.adapters.redis.client import Script, answer_within, connect, ping, run, target
 from arks.limits.model import Algorithm, Hit, Outcome
 from arks.limits.window import (
     Instant,
@@ -134,13 +136,53 @@ return replies
 
 _SCRIPT = Script.of(SCRIPT)
 
+# Takes back what SCRIPT charged: a Redis Cluster runs one script per slot, and when one slot's
+# hits are refused (all or nothing) the slots that charged give it back. Same KEYS and ARGV as
+# SCRIPT (ARGV[3] unused). A fixed window's count goes down by the hits (the key deleted at zero,
+# as if never charged); a GCRA TAT goes back by the hits' emission intervals.
+UNDO = """
+local now_s = tonumber(ARGV[1])
+local now_f = tonumber(ARGV[2])
+for i, key in ipairs(KEYS) do
+  local at = 4 + (i - 1) * 4
+  local algorithm, hits, limit, window_s = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
+  local n, l = tonumber(hits), tonumber(limit)
+  if n > 0 and algorithm == "fixed" then
+    if redis.call("EXISTS", key) == 1 and redis.call("DECRBY", key, hits) <= 0 then
+      redis.call("DEL", key)
+    end
+  elseif n > 0 and l > 0 then
+    local tat = redis.call("GET", key)
+    if tat then
+      local sep = string.find(tat, " ", 1, true)
+      local ahead = (tonumber(string.sub(tat, 1, sep - 1)) - now_s)
+        + (tonumber(string.sub(tat, sep + 1)) - now_f) - n * (tonumber(window_s) / l)
+      if ahead <= 0 then
+        redis.call("DEL", key)
+      else
+        local t = now_f + ahead
+        local whole = math.floor(t)
+        redis.call("SET", key, string.format("%d %.17g", now_s + whole, t - whole),
+          "PX", string.format("%d", (math.ceil(ahead) + 1) * 1000))
+      end
+    end
+  end
+end
+return 1
+"""
+
+_UNDO = Script.of(UNDO)
+
 _ALGORITHM_ARG = {Algorithm.FIXED_WINDOW: "fixed", Algorithm.GCRA: "gcra"}
 
 
 class RedisBackend:
-    """Shared counters in one Redis; every key is `prefix + hit.key + suffix`.
+    """Shared counters in Redis; every key is `prefix + hit.key + suffix`.
 
-    Any failure to get an answer within `timeout_s` (connect, pool wait, script) raises
+    On a Redis Cluster the hits are grouped by their keys' slots, one script per slot, the slots
+    at once: all or nothing still holds (a slot refused, the others give back what they took),
+    but only in the end, not at every instant: a request racing the give-back may see the
+    counts a moment higher. Any failure to get an answer within `timeout_s` (connect, pool wait, script) raises
     BackendUnavailable. Broken connections are dropped and reopened on the next call, so the
     backend recovers by itself when Redis comes back.
     """
@@ -153,10 +195,13 @@ class RedisBackend:
         *,
         max_connections: int = 64,
         password: str | None = None,
+        **options: Any,
     ) -> None:
+        """`options`: the rest of `connect`'s (username, sentinel_password, tls)."""
         self._prefix = prefix
         self._timeout_s = timeout_s
-        self._redis: Redis = connect(url, timeout_s, max_connections, password)
+        self._cluster = target(url).kind == "cluster"
+        self._redis: Redis = connect(url, timeout_s, max_connections, password, **options)
 
     async def apply(
         self, hits: Sequence[Hit], now: float, *, all_or_nothing: bool = False
@@ -167,17 +212,27 @@ class RedisBackend:
             validate(hit)
         at = Instant.of(now)
         keys = [self._prefix + counter_key(hit, now) for hit in hits]
-        args: list[str | int] = [at.seconds, repr(at.fraction), "1" if all_or_nothing else "0"]
-        for hit in hits:
-            args += [_ALGORITHM_ARG[hit.algorithm], hit.hits, hit.limit, hit.window_s]
+        head: list[str | int] = [at.seconds, repr(at.fraction), "1" if all_or_nothing else "0"]
+        slots = _by_slot(keys) if self._cluster else [list(range(len(hits)))]
+        calls = [
+            ([keys[i] for i in group], head + [a for i in group for a in _hit_args(hits[i])])
+            for group in slots
+        ]
         async with answer_within(self._timeout_s, "counters"):
-            replies = await self._run(keys, args)
-        # replies[0] says whether the hits were charged; the outcomes say the same (over_limit).
-        return [_outcome(hit, reply, now) for hit, reply in zip(hits, replies[1:], strict=True)]
+            replies = await asyncio.gather(*(self._run(*call) for call in calls))
+            # replies[g][0] says whether slot g's hits were charged.
+            if all_or_nothing and len(calls) > 1 and any(r[0] == 0 for r in replies):
+                taken = [call for call, r in zip(calls, replies, strict=True) if r[0] == 1]
+                await asyncio.gather(*(run(self._redis, _UNDO, *call) for call in taken))
+        values: list[Any] = [None] * len(hits)
+        for group, reply in zip(slots, replies, strict=True):
+            for i, value in zip(group, reply[1:], strict=True):
+                values[i] = value
+        return [_outcome(hit, value, now) for hit, value in zip(hits, values, strict=True)]
 
     async def ping(self) -> None:
         async with answer_within(self._timeout_s, "counters"):
-            await self._redis.ping()
+            await ping(self._redis)
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -187,6 +242,18 @@ class RedisBackend:
         if not isinstance(replies, list) or len(replies) != len(keys) + 1:
             raise RedisError(f"unexpected script reply: {replies!r}")
         return replies
+
+
+def _hit_args(hit: Hit) -> list[str | int]:
+    return [_ALGORITHM_ARG[hit.algorithm], hit.hits, hit.limit, hit.window_s]
+
+
+def _by_slot(keys: Sequence[str]) -> list[list[int]]:
+    """The keys' indexes grouped by Redis Cluster slot, in first-seen order."""
+    groups: dict[int, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key_slot(key.encode()), []).append(i)
+    return list(groups.values())
 
 
 def _outcome(hit: Hit, reply: Any, now: float) -> Outcome:

@@ -1,5 +1,15 @@
-"""What every Redis store of the rate-limit package shares: how to connect, how to run a Lua
-script in one round trip, and what counts as the store being unavailable."""
+"""What every Redis store of the rate-limit package shares: how to connect (one server, a Redis
+Cluster, or a master found through Redis Sentinel), how to run a Lua script in one round trip,
+and what counts as the store being unavailable.
+
+Where Redis is, as one URL:
+  redis://host:port/db, rediss://..., unix:///path    one server (redis-py's URL forms)
+  redis+cluster://host:port,host:port                  a Redis Cluster, from any of its nodes
+  redis+sentinel://host:port,host:port/master[/db]     the master Sentinel names `master`
+(`rediss+cluster`, `rediss+sentinel`: the same over TLS.) A cluster's client follows MOVED and
+ASK and finds a promoted replica by itself; a sentinel-found master is looked up again when its
+connection breaks, so a failover is ridden out like a restart.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +18,22 @@ import hashlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
-from urllib.parse import urlsplit
+from typing import Any, Literal, NamedTuple
+from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, NoScriptError, RedisError
+from redis.exceptions import (
+    AuthenticationError,
+    ClusterDownError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    SlotNotCoveredError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from arks.limits.model import BackendUnavailable
@@ -34,21 +53,162 @@ class RedisAuthFailed(Exception):
     outage to ride out, so the services stop instead of failing open or closed for ever."""
 
 
-def connect(url: str, timeout_s: float, max_connections: int, password: str | None = None) -> Redis:
-    """A client for `url`; `password` (AUTH) unless the URL carries one."""
+Kind = Literal["single", "cluster", "sentinel"]
+
+_KINDS: dict[str, tuple[Kind, bool]] = {
+    "redis+cluster": ("cluster", False),
+    "rediss+cluster": ("cluster", True),
+    "redis+sentinel": ("sentinel", False),
+    "rediss+sentinel": ("sentinel", True),
+}
+
+
+class Target(NamedTuple):
+    """Where Redis is: `url` as given; for a cluster or sentinels, their nodes parsed."""
+
+    kind: Kind
+    url: str
+    nodes: tuple[tuple[str, int], ...] = ()
+    master: str = ""  # the name Sentinel knows the master by
+    db: int = 0
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+
+def target(url: str) -> Target:
+    """`url` parsed (the forms in the module's docstring); ValueError says what is wrong."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"a Redis URL has a scheme (redis://host:port): {where(url)!r}")
+    if scheme not in _KINDS:
+        return Target("single", url)
+    kind, tls = _KINDS[scheme]
+    userinfo, at, hosts = rest.rpartition("@")
+    if not at:
+        hosts = rest
+    hosts, _, path = hosts.partition("/")
+    username, password = None, None
+    if userinfo:
+        user, colon, secret = userinfo.partition(":")
+        username, password = (unquote(user) or None, unquote(secret)) if colon else (None, user)
+    nodes = tuple(_node(text, scheme) for text in hosts.split(",") if text)
+    if not nodes:
+        raise ValueError(f"{scheme}:// names no host:port")
+    parts = [p for p in path.split("/") if p]
+    if kind == "cluster":
+        if parts:
+            raise ValueError("a Redis Cluster has one database: no path after its nodes")
+        return Target(kind, url, nodes, tls=tls, username=username, password=password)
+    if not parts or len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        raise ValueError(f"{scheme}://host:port,.../master[/db]: name the master Sentinel watches")
+    db = int(parts[1]) if len(parts) == 2 else 0
+    return Target(kind, url, nodes, parts[0], db, tls, username, password)
+
+
+def _node(text: str, scheme: str) -> tuple[str, int]:
+    host, colon, port = text.rpartition(":")
+    if not colon or not host or not port.isdigit():
+        raise ValueError(f"{scheme}://: {text!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+class Tls(NamedTuple):
+    """TLS to Redis beyond the scheme's defaults (`rediss://`: the system's CAs, host checked)."""
+
+    ca_file: str | None = None  # the CA bundle to trust instead of the system's
+    cert_file: str | None = None  # a client certificate (mutual TLS) and its key
+    key_file: str | None = None
+    check_hostname: bool = True
+
+
+def connect(
+    url: str,
+    timeout_s: float,
+    max_connections: int,
+    password: str | None = None,
+    *,
+    username: str | None = None,
+    sentinel_password: str | None = None,
+    tls: Tls | None = None,
+) -> Redis:
+    """A client for `url` (one server, a cluster or a sentinel-found master); `password` (AUTH)
+    unless the URL carries one; `sentinel_password` the sentinels' own. A cluster's client is
+    typed as `Redis`: the commands the stores send are the same, and a cluster refuses
+    (RedisClusterException) a script whose keys are not in one slot."""
+    where_ = target(url)
+    # One immediate retry on a dropped connection (e.g. a pooled one Redis closed while
+    # restarting): the command almost surely never ran. Never on timeouts: the script may have
+    # run, and a retry would charge twice.
+    once = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+    common: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "username": where_.username or username,
+        "password": where_.password or password,
+    }
+    secure: dict[str, Any] = {}
+    if tls is not None:
+        secure = {
+            "ssl_ca_certs": tls.ca_file,
+            "ssl_certfile": tls.cert_file,
+            "ssl_keyfile": tls.key_file,
+            # Off: the chain is still verified, only the name not (as upstream's
+            # REDIS_TLS_SKIP_HOSTNAME_VERIFICATION).
+            "ssl_check_hostname": tls.check_hostname,
+        }
+    if where_.kind == "cluster":
+        cluster = _Cluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in where_.nodes],
+            max_connections=max_connections,
+            ssl=where_.tls,
+            # Redirections and a topology that changed are followed; a timed-out script is not
+            # sent again (see `once`).
+            retry=Retry(NoBackoff(), 2),
+            **common,
+            **(secure if where_.tls else {}),
+        )
+        return cluster  # type: ignore[return-value]
+    if where_.kind == "sentinel":
+        sentinel = Sentinel(
+            list(where_.nodes),
+            # The sentinels' own password: REDIS_SENTINEL_AUTH upstream; none by default.
+            sentinel_kwargs={
+                "socket_timeout": timeout_s,
+                "socket_connect_timeout": timeout_s,
+                "password": sentinel_password,
+                **({"ssl": True, **secure} if where_.tls else {}),
+            },
+            ssl=where_.tls,
+            db=where_.db,
+            retry=once,
+            max_connections=max_connections,
+            **common,
+            **(secure if where_.tls else {}),
+        )
+        master: Redis = sentinel.master_for(where_.master)
+        return master
     pool = BlockingConnectionPool.from_url(
         url,
-        password=password,
         max_connections=max_connections,
         timeout=timeout_s,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        # One immediate retry on a dropped connection (e.g. a pooled one Redis closed while
-        # restarting): the command almost surely never ran. Never on timeouts: the script may
-        # have run, and a retry would charge twice.
-        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        retry=once,
+        **{k: v for k, v in common.items() if v is not None},
+        **(secure if url.startswith("rediss://") else {}),
     )
     return Redis.from_pool(pool)
+
+
+class _Cluster(RedisCluster):
+    """A cluster client that does not send a command again after a timeout (redis-py retries
+    on it): the script may have run, and a retry would charge twice. A refused connection, a
+    cluster still electing, a slot not covered yet: retried, with the topology read again."""
+
+    ERRORS_ALLOW_RETRY = (  # type: ignore[assignment]
+        RedisConnectionError,
+        ClusterDownError,
+        SlotNotCoveredError,
+    )
 
 
 def read_password(path: Path) -> str:
@@ -58,9 +218,15 @@ def read_password(path: Path) -> str:
 
 
 def where(url: str) -> str:
-    """host:port/db of a Redis URL, for messages: never the credentials it may hold."""
-    parsed = urlsplit(url)
-    return f"{parsed.hostname}:{parsed.port or 6379}{parsed.path}"
+    """Where a Redis URL points, for messages: never the credentials it may hold."""
+    scheme, _, rest = url.partition("://")
+    if scheme in _KINDS:
+        return f"{scheme}://{rest.rpartition('@')[2]}"
+    try:
+        parsed = urlsplit(url)
+        return f"{parsed.hostname}:{parsed.port or 6379}{parsed.path}"
+    except ValueError:
+        return "(an unreadable Redis URL)"
 
 
 def startup_failure(err: BaseException, password_file: Path | None) -> str | None:
@@ -73,20 +239,30 @@ def startup_failure(err: BaseException, password_file: Path | None) -> str | Non
     return None
 
 
-async def check_auth(url: str, password: str | None, timeout_s: float) -> None:
-    """Raise RedisAuthFailed when Redis at `url` refuses these credentials. An unreachable
-    Redis passes: the stores' availability policies (fail open / closed) handle outages."""
-    redis = connect(url, timeout_s, max_connections=1, password=password)
+async def check_auth(url: str, password: str | None, timeout_s: float, **options: Any) -> None:
+    """Raise RedisAuthFailed when Redis at `url` refuses these credentials (`options`: the rest
+    of `connect`'s). An unreachable Redis passes: the stores' availability policies (fail open
+    / closed) handle outages."""
+    redis = connect(url, timeout_s, max_connections=1, password=password, **options)
     try:
         async with asyncio.timeout(timeout_s):
             await redis.ping()
     except AuthenticationError as e:
         detail = "no password given" if password is None else "wrong password"
         raise RedisAuthFailed(f"redis {where(url)} refused to authenticate ({detail}): {e}") from e
-    except (RedisError, OSError, TimeoutError):
+    except (RedisError, RedisClusterException, OSError, TimeoutError):
         pass
     finally:
         await redis.aclose()
+
+
+async def ping(redis: Redis) -> None:
+    """PING the server; on a cluster every master, so a master down (until its replica takes
+    over) is a store that cannot answer for some of its keys."""
+    if isinstance(redis, RedisCluster):
+        await redis.ping(target_nodes=RedisCluster.PRIMARIES)
+    else:
+        await redis.ping()
 
 
 async def run(redis: Redis, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
@@ -124,6 +300,6 @@ async def answer_within(timeout_s: float, what: str) -> AsyncIterator[None]:
     try:
         async with asyncio.timeout(timeout_s):
             yield
-    except (RedisError, OSError, TimeoutError) as e:
+    except (RedisError, RedisClusterException, OSError, TimeoutError) as e:
         detail = str(e) or f"no answer within {timeout_s} s"
         raise BackendUnavailable(f"redis {what}: {type(e).__name__}: {detail}") from e

@@ -1,10 +1,13 @@
-"""The Redis client's helpers that handle the password: read from a Secret file, never printed."""
+"""The Redis client's helpers: where Redis is (one server, a cluster, sentinels) from its URL, and
+the password, read from a Secret file and never printed."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from arks.adapters.redis.client import read_password, where
+import pytest
+
+from arks.adapters.redis.client import Target, read_password, target, where
 
 
 def test_where_names_the_server_without_credentials() -> None:
@@ -20,3 +23,48 @@ def test_the_password_file_loses_only_its_trailing_newline(tmp_path: Path) -> No
     assert read_password(path) == "abc"
     path.write_text(" abc ")
     assert read_password(path) == " abc "
+
+
+def test_where_hides_the_credentials_of_a_cluster_or_sentinel_url() -> None:
+    assert where("redis+cluster://:pw@a:7000,b:7001") == "redis+cluster://a:7000,b:7001"
+    assert where("rediss+sentinel://u:pw@s1:26379/main") == "rediss+sentinel://s1:26379/main"
+    assert where("redis://[::1") == "(an unreadable Redis URL)"
+
+
+def test_a_single_server_url_is_kept_as_redis_py_reads_it() -> None:
+    for url in ("redis://h:6380/2", "rediss://h", "unix:///run/redis.sock"):
+        assert target(url) == Target("single", url)
+
+
+def test_a_cluster_is_its_nodes() -> None:
+    found = target("rediss+cluster://user:pw@a:7000,[::1]:7001")
+    assert found.kind == "cluster" and found.tls
+    assert found.nodes == (("a", 7000), ("::1", 7001))
+    assert (found.username, found.password) == ("user", "pw")
+    assert target("redis+cluster://:pw@a:7000").password == "pw"
+    assert target("redis+cluster://pw@a:7000").password == "pw"
+
+
+def test_sentinels_name_their_master_and_maybe_a_database() -> None:
+    found = target("redis+sentinel://s1:26379,s2:26380/mymaster/3")
+    assert (found.kind, found.master, found.db, found.tls) == ("sentinel", "mymaster", 3, False)
+    assert found.nodes == (("s1", 26379), ("s2", 26380))
+    assert target("redis+sentinel://s1:26379/mymaster").db == 0
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("localhost:6379", "has a scheme"),
+        ("redis+cluster://", "names no host:port"),
+        ("redis+cluster://a", "is not host:port"),
+        ("redis+cluster://a:x", "is not host:port"),
+        ("redis+cluster://a:7000/1", "one database"),
+        ("redis+sentinel://s:26379", "name the master"),
+        ("redis+sentinel://s:26379/m/x", "name the master"),
+        ("redis+sentinel://s:26379/m/1/2", "name the master"),
+    ],
+)
+def test_a_url_that_cannot_work_says_why(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        target(url)

@@ -1,0 +1,157 @@
+"""envoyproxy/ratelimit's Redis settings (REDIS_*, CACHE_KEY_PREFIX, BACKEND_TYPE,
+STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT in its `src/settings/settings.go`) read as our flags'
+defaults, so an existing deployment's env block finds the same Redis. Pure: the environment is a
+mapping passed in.
+
+Upstream's REDIS_URL by REDIS_TYPE, and ours (arks.adapters.redis.client):
+  SINGLE    host:port (REDIS_SOCKET_TYPE=tcp) or a socket path (unix)  redis://host:port, unix://
+  CLUSTER   host:port,host:port,...                                    redis+cluster://...
+  SENTINEL  master,host:port,host:port,...                             redis+sentinel://.../master
+REDIS_TLS makes each `rediss`. A URL with a scheme already (redis://...) is taken as it is.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from arks.adapters.redis.client import Tls
+from ratelimit.environment import EnvError, env_int, parse_bool
+
+
+@dataclass(frozen=True)
+class RedisEnv:
+    """What the environment says about Redis; None: not set (our flag's default stands)."""
+
+    url: str | None = None
+    username: str | None = None
+    password: str | None = None  # REDIS_AUTH: "password" or "user:password"
+    sentinel_password: str | None = None
+    pool_size: int | None = None
+    timeout_s: float | None = None
+    tls: Tls | None = None
+    key_prefix: str | None = None
+    stop_increment_when_over: bool = False
+
+    def __repr__(self) -> str:  # never the passwords
+        return f"RedisEnv(url={self.url!r}, key_prefix={self.key_prefix!r})"
+
+
+# Settings that ask for what this service does not do, and why; refused at start-up when on.
+_REFUSED_WHEN_ON = {
+    "REDIS_PERSECOND": "per-second limits in a second Redis are not supported: one Redis (or "
+    "one cluster) keeps every counter",
+}
+# Values upstream accepts for its pool when empty; radix v4 only waits, so do we.
+_POOL_ON_EMPTY = ("WAIT", "")
+
+
+def redis_env(environ: Mapping[str, str]) -> RedisEnv:
+    """The Redis settings in `environ`; EnvError names a variable we cannot honour."""
+    backend = environ.get("BACKEND_TYPE", "")
+    if backend not in ("", "redis"):
+        raise EnvError(f"BACKEND_TYPE={backend!r}: only redis (or our in-memory counters)")
+    for name, why in _REFUSED_WHEN_ON.items():
+        if parse_bool(name, environ.get(name, "")):
+            raise EnvError(f"{name}=true: {why}")
+    on_empty = environ.get("REDIS_POOL_ON_EMPTY_BEHAVIOR", "").upper()
+    if on_empty not in _POOL_ON_EMPTY:
+        raise EnvError(
+            f"REDIS_POOL_ON_EMPTY_BEHAVIOR={on_empty!r}: only WAIT (upstream refuses the others too)"
+        )
+    tls_on = parse_bool("REDIS_TLS", environ.get("REDIS_TLS", ""))
+    url = redis_url(
+        environ.get("REDIS_URL", ""),
+        environ.get("REDIS_TYPE", "") or "SINGLE",
+        environ.get("REDIS_SOCKET_TYPE", "") or "unix",
+        tls_on,
+    )
+    username, password = _auth(environ.get("REDIS_AUTH", ""))
+    tls = None
+    if tls_on:
+        tls = Tls(
+            ca_file=environ.get("REDIS_TLS_CACERT") or None,
+            cert_file=environ.get("REDIS_TLS_CLIENT_CERT") or None,
+            key_file=environ.get("REDIS_TLS_CLIENT_KEY") or None,
+            check_hostname=not parse_bool(
+                "REDIS_TLS_SKIP_HOSTNAME_VERIFICATION",
+                environ.get("REDIS_TLS_SKIP_HOSTNAME_VERIFICATION", ""),
+            ),
+        )
+        if (tls.cert_file is None) != (tls.key_file is None):
+            raise EnvError("REDIS_TLS_CLIENT_CERT and REDIS_TLS_CLIENT_KEY go together")
+    timeout = environ.get("REDIS_TIMEOUT", "")
+    pool = env_int(environ, "REDIS_POOL_SIZE", 0)
+    if pool < 0:
+        raise EnvError(f"REDIS_POOL_SIZE={pool}: a pool holds at least one connection")
+    return RedisEnv(
+        url=url,
+        username=username,
+        password=password,
+        sentinel_password=environ.get("REDIS_SENTINEL_AUTH") or None,
+        pool_size=pool or None,
+        timeout_s=go_duration("REDIS_TIMEOUT", timeout) if timeout else None,
+        tls=tls,
+        key_prefix=environ["CACHE_KEY_PREFIX"] if "CACHE_KEY_PREFIX" in environ else None,
+        stop_increment_when_over=parse_bool(
+            "STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT",
+            environ.get("STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT", ""),
+        ),
+    )
+
+
+def redis_url(url: str, kind: str, socket_type: str, tls: bool) -> str | None:
+    """Upstream's REDIS_URL under REDIS_TYPE and REDIS_SOCKET_TYPE as our Redis URL; None when
+    it is not set."""
+    if not url:
+        return None
+    if "://" in url:
+        return url
+    s = "s" if tls else ""
+    match kind.lower():
+        case "single":
+            if socket_type.lower() == "unix":
+                return f"unix://{url}"
+            if socket_type.lower() != "tcp":
+                raise EnvError(f"REDIS_SOCKET_TYPE={socket_type!r}: tcp or unix")
+            return f"redis{s}://{url}"
+        case "cluster":
+            return f"redis{s}+cluster://{url}"
+        case "sentinel":
+            master, _, sentinels = url.partition(",")
+            if not master or not sentinels:
+                raise EnvError(
+                    "REDIS_URL for REDIS_TYPE=sentinel is <master name>,<sentinel>,...,<sentinel>"
+                )
+            return f"redis{s}+sentinel://{sentinels}/{master}"
+    raise EnvError(f"REDIS_TYPE={kind!r}: single, cluster or sentinel")
+
+
+def _auth(value: str) -> tuple[str | None, str | None]:
+    """REDIS_AUTH as upstream reads it: "user:password", or a password alone."""
+    if not value:
+        return None, None
+    user, colon, password = value.partition(":")
+    return (user, password) if colon else (None, value)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+_UNIT_S["h"] = 3600.0
+
+
+def go_duration(name: str, value: str) -> float:
+    """Go's time.ParseDuration ("10s", "1m30s", "250ms") in seconds; "0" is zero."""
+    if value == "0":
+        return 0.0
+    text, total = value, 0.0
+    while text:
+        found = _DURATION.match(text)
+        if found is None:
+            raise EnvError(f"{name}={value!r} is not a duration (e.g. 500ms, 10s, 1m)")
+        total += float(found.group(1)) * _UNIT_S[found.group(2)]
+        text = text[found.end() :]
+    if not value:
+        raise EnvError(f"{name} is empty")
+    return total
