@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
