@@ -17,6 +17,7 @@ import httpx
 import pytest
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from launcher.procs import Supervisor, free_port, wait_http
 from tests.integration.test_ratelimit_service import (
@@ -286,6 +287,52 @@ def test_upstreams_variables_place_the_ports_and_the_runtime_config(tmp_path: Pa
     assert not any(line.startswith("reload.") for line in dump)  # outside config/: not read
     assert codes == [200, 429]
     assert answer.overall_code == OK and answer.statuses[0].current_limit.requests_per_unit == 20
+
+
+def test_healthy_only_with_a_domain_when_asked_as_upstreams_variable_says(
+    tmp_path: Path,
+) -> None:
+    """HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED: unhealthy (HTTP and gRPC) while the configuration
+    has no domain, healthy once a file with one is loaded."""
+    config = tmp_path / "config"
+    config.mkdir()
+    port, grpc_port = free_port(), free_port()
+    env = {"HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED": "true", "PORT": str(port)}
+    argv = ["--config", str(config), "--grpc-address", f"127.0.0.1:{grpc_port}"]
+    argv += ["--metrics-port", str(free_port()), "--debug-port", str(free_port())]
+    with Supervisor(log_dir=tmp_path / "logs") as sup:
+        child = sup.python("ratelimit", "ratelimit", *argv, env=env)
+        wait_http(child, f"http://127.0.0.1:{port}/healthcheck", expect=500)
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            ask = health_pb2.HealthCheckRequest(service="ratelimit")
+            assert stub.Check(ask, timeout=5).status == NOT_SERVING
+            (config / "d.yaml").write_text(
+                "domain: d\ndescriptors:\n  - key: k\n"
+                "    rate_limit: {unit: second, requests_per_unit: 1}\n"
+            )
+            wait_http(child, f"http://127.0.0.1:{port}/healthcheck")
+            assert stub.Check(ask, timeout=5).status == SERVING
+
+
+def test_grpc_on_a_unix_socket_as_upstreams_grpc_uds(tmp_path: Path) -> None:
+    socket = tmp_path / "ratelimit.sock"
+    port = free_port()
+    env = {"GRPC_UDS": str(socket), "PORT": str(port), "DEBUG_PORT": str(free_port())}
+    config = tmp_path / "d.yaml"
+    config.write_text(
+        "domain: d\ndescriptors:\n  - key: k\n"
+        "    rate_limit: {unit: minute, requests_per_unit: 1}\n"
+    )
+    argv = ["--config", str(config), "--metrics-port", str(free_port())]
+    with Supervisor(log_dir=tmp_path / "logs") as sup:
+        child = sup.python("ratelimit", "ratelimit", *argv, env=env)
+        wait_http(child, f"http://127.0.0.1:{port}/healthcheck")
+        with grpc.insecure_channel(f"unix:{socket}") as channel:
+            stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+            request = rls_pb2.RateLimitRequest(domain="d", descriptors=[descriptor(("k", "v"))])
+            codes = [stub.ShouldRateLimit(request, timeout=5).overall_code for _ in range(2)]
+    assert codes == [OK, rls_pb2.RateLimitResponse.OVER_LIMIT]
 
 
 @pytest.mark.parametrize(
