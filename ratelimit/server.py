@@ -7,9 +7,10 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp.web
 import grpc
 import uvloop
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
@@ -23,6 +24,7 @@ from arks.adapters.redis.client import (
     check_auth,
     read_password,
     startup_failure,
+    target,
 )
 from arks.lifecycle import every, export_process_metrics, run_until_signalled, setup_process
 from arks.limits.backends import BackendUnavailable, CounterBackend, MemoryBackend
@@ -30,9 +32,14 @@ from arks.limits.config import ConfigError, RateLimitConfig, load_config
 from arks.limits.limiter import Enforcement, Limiter
 from arks.limits.metrics import RateLimitMetrics
 from arks.metric_rules import enforce
+from ratelimit import environment, xds_config
 from ratelimit.codec import HeaderNames
+from ratelimit.health import CONFIG, REDIS, SIGTERM, Health
+from ratelimit.http import debug_app, service_app, start_http
 from ratelimit.metrics import CallMetrics
+from ratelimit.redis_env import RedisEnv, redis_env
 from ratelimit.servicer import RateLimitService
+from ratelimit.xds_config import XdsConfigSource, XdsSettings
 
 log = logging.getLogger("ratelimit")
 
@@ -46,6 +53,12 @@ class Settings:
     redis: str | None = None  # None: counters in this process's memory
     redis_password_file: Path | None = None  # Redis AUTH (a mounted Secret key)
     redis_timeout_s: float = 0.5
+    redis_pool_size: int = 64
+    # upstream's REDIS_AUTH, REDIS_SENTINEL_AUTH, REDIS_TLS_* (the URL's scheme says TLS)
+    redis_env: RedisEnv = field(default_factory=RedisEnv)
+    key_prefix: str = "arks:rl:"  # before every counter's key (upstream's CACHE_KEY_PREFIX)
+    # a refused request charges nothing (upstream's STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT)
+    stop_increment_when_over: bool = False
     fail_open: bool = True
     shadow_mode: bool = False
     quota_mode: bool = False
@@ -56,31 +69,115 @@ class Settings:
     # upstream's rate-limit response headers (off by default, as upstream), under these names
     response_headers: HeaderNames | None = None
     openai_body: bool = False  # an over-limit answer's OpenAI-shaped body and Retry-After
+    # envoyproxy/ratelimit's HTTP port (/healthcheck, /json) and debug port (/rlconfig, /stats)
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    debug_host: str = "127.0.0.1"
+    debug_port: int = 6070
+    dynamic_metadata: bool = False  # upstream's RESPONSE_DYNAMIC_METADATA
+    healthy_with_config: bool = False  # upstream's HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED
     workers: int = 1  # processes on one port (`arks.workers`); above 1 needs Redis
     worker_index: int | None = None  # set in a worker: its metrics port is metrics_port + this
+    xds: XdsSettings | None = None  # limits from an xDS server instead of files (CONFIG_TYPE)
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> Settings:
+        try:  # envoyproxy/ratelimit's environment variables, as the flags' defaults
+            from_env = redis_env(os.environ)
+            upstream = environment.defaults(
+                os.environ,
+                host="127.0.0.1",
+                grpc_default=cls.grpc_address,
+                metrics=(cls.metrics_address, cls.metrics_port),
+                level_default=cls.log_level,
+                near_ratio=cls.near_ratio,
+            )
+        except environment.EnvError as err:
+            raise SystemExit(f"ratelimit: {err}") from None
         p = argparse.ArgumentParser(prog="python -m ratelimit", description=__doc__)
         p.add_argument(
             "--config",
             type=Path,
             action="append",
             default=[],
-            help="envoyproxy/ratelimit YAML file or directory (repeatable; reloaded on change)",
+            help="envoyproxy/ratelimit YAML file or directory (repeatable; reloaded on change; "
+            "default: upstream's RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/RUNTIME_APPDIRECTORY)",
         )
-        p.add_argument("--grpc-address", default=cls.grpc_address)
-        p.add_argument("--metrics-address", default=cls.metrics_address)
-        p.add_argument("--metrics-port", type=int, default=cls.metrics_port)
         p.add_argument(
-            "--redis", metavar="URL", help="redis://host:port/db (default: counters in memory)"
+            "--grpc-address",
+            default=upstream.grpc_address,
+            help="host:port, or unix:PATH (default from upstream's GRPC_HOST, GRPC_PORT, GRPC_UDS)",
+        )
+        p.add_argument(
+            "--host", default=upstream.http_host, help="/healthcheck and /json (upstream's HOST)"
+        )
+        p.add_argument("--port", type=int, default=upstream.http_port, help="(upstream's PORT)")
+        p.add_argument(
+            "--debug-host",
+            default=upstream.debug_host,
+            help="/rlconfig and /stats (upstream's DEBUG_HOST)",
+        )
+        p.add_argument(
+            "--debug-port", type=int, default=upstream.debug_port, help="(upstream's DEBUG_PORT)"
+        )
+        p.add_argument(
+            "--metrics-address",
+            default=upstream.metrics_address,
+            help="Prometheus (with upstream's USE_PROMETHEUS=true: from PROMETHEUS_ADDR)",
+        )
+        p.add_argument("--metrics-port", type=int, default=upstream.metrics_port)
+        p.add_argument(
+            "--response-dynamic-metadata",
+            action="store_true",
+            default=upstream.dynamic_metadata,
+            help="echo the request and the passing limits' metadata in the answer's dynamic "
+            "metadata (upstream's RESPONSE_DYNAMIC_METADATA, also read from there)",
+        )
+        p.add_argument(
+            "--healthy-with-at-least-one-config-loaded",
+            action="store_true",
+            default=upstream.healthy_with_config,
+            help="unhealthy while the configuration has no domain (upstream's "
+            "HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED, also read from there)",
+        )
+        p.add_argument(
+            "--redis",
+            metavar="URL",
+            default=from_env.url,
+            help="redis://host:port/db, redis+cluster://host:port,..., redis+sentinel://host:port,"
+            ".../master (default: upstream's REDIS_URL under REDIS_TYPE, REDIS_SOCKET_TYPE and "
+            "REDIS_TLS; without it counters in memory)",
+        )
+        p.add_argument(
+            "--redis-pool-size",
+            type=int,
+            default=from_env.pool_size or cls.redis_pool_size,
+            help="connections per Redis server (upstream's REDIS_POOL_SIZE)",
+        )
+        p.add_argument(
+            "--key-prefix",
+            default=cls.key_prefix if from_env.key_prefix is None else from_env.key_prefix,
+            help="before every counter's key, so deployments can share one Redis (upstream's "
+            f"CACHE_KEY_PREFIX; default {cls.key_prefix})",
+        )
+        p.add_argument(
+            "--stop-increment-when-over-limit",
+            action="store_true",
+            default=from_env.stop_increment_when_over,
+            help="a request over any of its limits charges none of them (upstream's "
+            "STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT, also read from there)",
         )
         p.add_argument(
             "--redis-password-file",
             type=Path,
             help="file holding Redis's password (a mounted Secret key; default: no AUTH)",
         )
-        p.add_argument("--redis-timeout-s", type=float, default=cls.redis_timeout_s)
+        p.add_argument(
+            "--redis-timeout-s",
+            type=float,
+            default=cls.redis_timeout_s if from_env.timeout_s is None else from_env.timeout_s,
+            help="a decision's wait for Redis (upstream's REDIS_TIMEOUT)",
+        )
         p.add_argument(
             "--fail-closed", action="store_true", help="refuse limited requests while Redis is down"
         )
@@ -98,7 +195,12 @@ class Settings:
             help="every descriptor in quota mode: a request is over the limit only when all of "
             "its descriptors are (upstream's QUOTA_MODE, also read from there)",
         )
-        p.add_argument("--near-ratio", type=float, default=cls.near_ratio)
+        p.add_argument(
+            "--near-ratio",
+            type=float,
+            default=upstream.near_ratio,
+            help="(upstream's NEAR_LIMIT_RATIO)",
+        )
         p.add_argument(
             "--response-headers",
             action="store_true",
@@ -131,22 +233,38 @@ class Settings:
             "MERGE_DOMAIN_CONFIG (also read from that environment variable); without it a domain "
             "in two files is an error",
         )
-        p.add_argument("--log-level", default=cls.log_level)
+        p.add_argument("--log-level", default=upstream.log_level, help="(upstream's LOG_LEVEL)")
         workers.add_arguments(p)
+        xds_config.add_arguments(p)
         a = p.parse_args(argv)
+        if a.redis:
+            try:
+                target(a.redis)
+            except ValueError as err:
+                p.error(f"--redis: {err}")
         return cls(
-            config=tuple(a.config),
+            config=tuple(a.config) or upstream.config,
             grpc_address=a.grpc_address,
+            http_host=a.host,
+            http_port=a.port,
+            debug_host=a.debug_host,
+            debug_port=a.debug_port,
+            dynamic_metadata=a.response_dynamic_metadata,
+            healthy_with_config=a.healthy_with_at_least_one_config_loaded,
             metrics_address=a.metrics_address,
             metrics_port=a.metrics_port,
             redis=a.redis,
             redis_password_file=a.redis_password_file,
             redis_timeout_s=a.redis_timeout_s,
+            redis_pool_size=a.redis_pool_size,
+            redis_env=from_env,
+            key_prefix=a.key_prefix,
+            stop_increment_when_over=a.stop_increment_when_over_limit,
             fail_open=not a.fail_closed,
             shadow_mode=a.shadow_mode,
             quota_mode=a.quota_mode,
             near_ratio=a.near_ratio,
-            log_level=a.log_level,
+            log_level=_log_level(a.log_level),
             merge_domains=a.merge_domain_config,
             response_headers=(
                 HeaderNames(a.limit_header, a.remaining_header, a.reset_header)
@@ -156,6 +274,7 @@ class Settings:
             openai_body=a.openai_body,
             workers=a.workers,
             worker_index=a.worker_index,
+            xds=xds_config.from_args(a),
         )
 
     @property
@@ -164,18 +283,19 @@ class Settings:
         return self.metrics_port + (self.worker_index or 0)
 
 
-# envoyproxy/ratelimit reads its booleans with Go's strconv.ParseBool.
-_TRUE, _FALSE = ("1", "t", "T", "TRUE", "true", "True"), ("0", "f", "F", "FALSE", "false", "False")
-
-
 def env_bool(name: str) -> bool:
     """An upstream-style boolean environment variable (unset or empty: false)."""
-    value = os.environ.get(name, "")
-    if value in _TRUE:
-        return True
-    if value in ("", *_FALSE):
-        return False
-    raise SystemExit(f"ratelimit: {name}={value!r} is not a boolean (true or false)")
+    try:
+        return environment.parse_bool(name, os.environ.get(name, ""))
+    except environment.EnvError as err:
+        raise SystemExit(f"ratelimit: {err}") from None
+
+
+def _log_level(value: str) -> str:
+    try:
+        return environment.log_level("--log-level", value)
+    except environment.EnvError as err:
+        raise SystemExit(f"ratelimit: {err}") from None
 
 
 class ConfigSource:
@@ -239,16 +359,40 @@ def create_metrics() -> tuple[RateLimitMetrics, CallMetrics]:
 
 def make_backend(settings: Settings, password: str | None) -> CounterBackend:
     if settings.redis:
-        return RedisBackend(settings.redis, timeout_s=settings.redis_timeout_s, password=password)
+        env = settings.redis_env
+        return RedisBackend(
+            settings.redis,
+            prefix=settings.key_prefix,
+            timeout_s=settings.redis_timeout_s,
+            max_connections=settings.redis_pool_size,
+            password=password or env.password,
+            username=env.username,
+            sentinel_password=env.sentinel_password,
+            tls=env.tls,
+        )
     return MemoryBackend()
 
 
 async def serve(settings: Settings) -> None:
     password = read_password(settings.redis_password_file) if settings.redis_password_file else None
     if settings.redis:
-        await check_auth(settings.redis, password, timeout_s=2.0)
+        env = settings.redis_env
+        await check_auth(
+            settings.redis,
+            password or env.password,
+            timeout_s=2.0,
+            username=env.username,
+            sentinel_password=env.sentinel_password,
+            tls=env.tls,
+        )
     metrics, calls = create_metrics()
-    source = ConfigSource(settings.config, metrics, merge_domains=settings.merge_domains)
+    source: ConfigSource | XdsConfigSource
+    if settings.xds is not None:
+        if settings.config:  # as upstream, whose file settings stay set beside CONFIG_TYPE
+            log.info("limits from xDS (%s); the config files are not read", settings.xds.server)
+        source = XdsConfigSource(settings.xds, metrics, merge_domains=settings.merge_domains)
+    else:
+        source = ConfigSource(settings.config, metrics, merge_domains=settings.merge_domains)
     backend = make_backend(settings, password)
     limiter = Limiter(
         config=source.current,
@@ -260,20 +404,31 @@ async def serve(settings: Settings) -> None:
             shadow_mode=settings.shadow_mode,
             quota_mode=settings.quota_mode,
             near_ratio=settings.near_ratio,
+            all_or_nothing=settings.stop_increment_when_over,
         ),
     )
 
-    def register(server: grpc.aio.Server) -> None:
-        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
-            RateLimitService(
-                limiter,
-                calls,
-                headers=settings.response_headers,
-                openai_body=settings.openai_body,
-            ),
-            server,
-        )
+    service = RateLimitService(
+        limiter,
+        calls,
+        headers=settings.response_headers,
+        openai_body=settings.openai_body,
+        dynamic_metadata=settings.dynamic_metadata,
+    )
 
+    def register(server: grpc.aio.Server) -> None:
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(service, server)
+
+    # One health for gRPC and /healthcheck, as upstream's HealthChecker.
+    health = Health((REDIS, SIGTERM, CONFIG) if settings.healthy_with_config else (REDIS, SIGTERM))
+    if settings.healthy_with_config:
+        health.set(CONFIG, bool(limiter.config().domains))
+    # Before gRPC: a start-up stopped by a taken HTTP port leaves no server behind.
+    served = [
+        await _serve_http(service_app(health, service.answer), settings, debug=False),
+        await _serve_http(debug_app(limiter.config, metrics.registry), settings, debug=True),
+    ]
+    runners = [runner for runner in served if runner is not None]
     grpc_server = await start_grpc(
         settings.grpc_address,
         register,
@@ -281,23 +436,31 @@ async def serve(settings: Settings) -> None:
         # envoyproxy/ratelimit's name for its health, and the service's own.
         health_names=HEALTH_NAMES,
     )
+    if not health.ok:
+        await grpc_server.set_serving(False)
     start_http_server(
         settings.own_metrics_port, settings.metrics_address, registry=metrics.registry
     )
+
+    async def set_health(component: str, ok: bool) -> None:
+        if health.set(component, ok) is not None:
+            await grpc_server.set_serving(health.ok)
+            failing = ", ".join(health.failing())
+            log.warning("health: %s", "SERVING" if health.ok else f"NOT_SERVING ({failing})")
+
     log.info(
-        "ratelimit%s serving gRPC on %s (%s, %s), metrics on %s:%d",
+        "ratelimit%s serving gRPC on %s (%s, %s), HTTP on %s, debug on %s, metrics on %s:%d",
         "" if settings.worker_index is None else f" worker {settings.worker_index}",
         settings.grpc_address,
         "redis" if settings.redis else "memory",
         "fail-open" if settings.fail_open else "fail-closed",
+        environment.join_host_port(settings.http_host, settings.http_port),
+        environment.join_host_port(settings.debug_host, settings.debug_port),
         settings.metrics_address,
         settings.own_metrics_port,
     )
 
-    serving = True
-
     async def reload() -> None:
-        nonlocal serving
         source.reload_if_changed()
         # As upstream: NOT_SERVING while Redis does not answer, SERVING again when it does.
         try:
@@ -305,19 +468,41 @@ async def serve(settings: Settings) -> None:
             healthy = True
         except BackendUnavailable:
             healthy = False
-        if healthy != serving:
-            serving = healthy
-            await grpc_server.set_serving(healthy)
-            log.warning(
-                "health: %s",
-                "SERVING (Redis answers)" if healthy else "NOT_SERVING (Redis does not answer)",
-            )
+        await set_health(REDIS, healthy)
+        if settings.healthy_with_config:
+            await set_health(CONFIG, bool(limiter.config().domains))
 
     async def shutdown() -> None:
+        await set_health(SIGTERM, False)  # as upstream: unhealthy from the signal on
         await grpc_server.stop()
+        for runner in runners:
+            await runner.cleanup()
         await backend.close()
 
-    await run_until_signalled(every(settings.reload_interval_s, reload, log), shutdown=shutdown)
+    background = [every(settings.reload_interval_s, reload, log)]
+    if isinstance(source, XdsConfigSource):
+        background.append(source.run())
+    await run_until_signalled(*background, shutdown=shutdown)
+
+
+async def _serve_http(
+    app: aiohttp.web.Application, settings: Settings, *, debug: bool
+) -> aiohttp.web.AppRunner | None:
+    """The HTTP port (refusing to start without it, as upstream) or the debug port (None
+    without it: upstream only logs that)."""
+    host, port = (
+        (settings.debug_host, settings.debug_port)
+        if debug
+        else (settings.http_host, settings.http_port)
+    )
+    try:
+        return await start_http(app, host, port, reuse_port=settings.workers > 1)
+    except OSError as err:
+        what = f"{'debug' if debug else 'HTTP'} port {environment.join_host_port(host, port)}"
+        if debug:
+            log.error("not serving the %s: %s", what, err)
+            return None
+        raise SystemExit(f"ratelimit: cannot serve the {what}: {err.strerror or err}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
