@@ -1,4 +1,5 @@
-"""The budget stores against one shared suite: memory, and the real Redis on 127.0.0.1:6379.
+"""The budget stores against one shared suite: memory, the real Redis on 127.0.0.1:6379, and a
+real 3-master Redis Cluster (a request's budgets spread over slots: a script per slot).
 
 Lease expiry is judged by the `now` passed in, so it is stepped exactly. Budget expiry
 (`expires_at`) is judged by Redis's own clock, so those tests use real time. Outage tests run
@@ -14,9 +15,11 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.crc import key_slot
 
 from arks.adapters.redis.budgets import RedisBudgets
 from arks.limits.backends import BackendUnavailable
@@ -33,6 +36,7 @@ from arks.limits.budgets import (
 from arks.limits.budgets.room import MAX_AMOUNT
 from launcher.procs import Supervisor, free_port, wait_port
 from tests.support.redis_server import SHARED_REDIS, PrivateRedis, fresh_prefix
+from tests.support.redis_topologies import Cluster, command
 
 T0 = 1_700_000_000.0
 TTL = 60.0
@@ -60,15 +64,27 @@ async def shared_redis_store(prefix: str = "") -> AsyncIterator[RedisBudgets]:
             await store.close()
 
 
-@pytest.fixture(params=["memory", "redis"])
+def cluster_store(cluster: Cluster, **options: Any) -> RedisBudgets:
+    return RedisBudgets(
+        f"redis+cluster://{cluster.urls}",
+        prefix=f"arks:budget:test:{uuid.uuid4().hex}:",
+        **options,
+    )
+
+
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[BudgetStore]:
     if request.param == "memory":
         memory = MemoryBudgets()
         yield memory
         await memory.close()
-    else:
+    elif request.param == "redis":
         async with shared_redis_store() as redis_store:
             yield redis_store
+    else:
+        on_cluster = cluster_store(request.getfixturevalue("redis_cluster"))
+        yield on_cluster
+        await on_cluster.close()
 
 
 # Admission --------------------------------------------------------------------------------------
@@ -158,8 +174,9 @@ async def test_a_settlement_retried_counts_once(store: BudgetStore) -> None:
     """A settlement whose reply was lost is retried: it must not charge twice."""
     assert (await store.admit("r1", [lease(100, 10)], TTL, T0)).admitted
     await store.settle("r1", [Charge("q", 7)], T0 + 1)
-    # the retry; a store this client restored says the total, as after the first
-    await store.restore({})
+    # the retry; a store this client restored (on a cluster: the budget's slot) says the
+    # total, as after the first
+    await store.restore({"q": 0})
     assert await store.settle("r1", [Charge("q", 7)], T0 + 2) == {"q": 7}
     assert await store.used(["q"]) == {"q": 7}
     assert await figures(store, "q", T0 + 3) == (7, 0)
@@ -368,30 +385,44 @@ async def test_sequential_requests_overshoot_by_at_most_one_estimate(store: Budg
 # Both stores agree -------------------------------------------------------------------------------
 
 
-async def test_redis_and_memory_give_identical_answers() -> None:
+async def identical_answers(store: RedisBudgets, keys: list[str]) -> None:
+    """400 random admissions and settlements: `store` answers as the memory store does."""
     rng = random.Random(7)
     memory = MemoryBudgets()
+    now = T0
+    for step in range(400):
+        now += rng.choice([0.0, 0.137, 1.5, 7.0])
+        request_id = f"r{rng.randrange(30)}"
+        chosen = rng.sample(keys, rng.randint(0, len(keys)))
+        answers: list[object]
+        if rng.random() < 0.6:
+            leases = [lease(rng.randint(0, 40), rng.randint(0, 12), k) for k in chosen]
+            ttl_s = rng.choice([2.0, 10.0, 30.0])
+            answers = [await s.admit(request_id, leases, ttl_s, now) for s in (memory, store)]
+        else:
+            charges = [Charge(k, rng.randint(0, 12)) for k in chosen]
+            for s in (memory, store):
+                await s.settle(request_id, charges, now)
+            answers = [await s.used(keys) for s in (memory, store)]
+        assert answers[0] == answers[1], step
+
+
+async def test_a_cluster_and_memory_give_identical_answers(redis_cluster: Cluster) -> None:
+    """Refused in one slot, a request's leases in the others are given back: no trace."""
+    store = cluster_store(redis_cluster)
+    try:
+        keys = ["a", "b", "c", "d"]
+        assert len({key_slot(f"{{{k}}}".encode()) for k in keys}) == len(keys)
+        await identical_answers(store, keys)
+    finally:
+        await store.close()
+
+
+async def test_redis_and_memory_give_identical_answers() -> None:
     keys = ["a", "b", "c"]
     prefix = f"arks:budget:test:{uuid.uuid4().hex}:"
     async with shared_redis_store(prefix) as redis_store:
-        now = T0
-        for step in range(400):
-            now += rng.choice([0.0, 0.137, 1.5, 7.0])
-            request_id = f"r{rng.randrange(30)}"
-            chosen = rng.sample(keys, rng.randint(0, 3))
-            answers: list[object]
-            if rng.random() < 0.6:
-                leases = [lease(rng.randint(0, 40), rng.randint(0, 12), k) for k in chosen]
-                ttl_s = rng.choice([2.0, 10.0, 30.0])
-                answers = [
-                    await s.admit(request_id, leases, ttl_s, now) for s in (memory, redis_store)
-                ]
-            else:
-                charges = [Charge(k, rng.randint(0, 12)) for k in chosen]
-                for s in (memory, redis_store):
-                    await s.settle(request_id, charges, now)
-                answers = [await s.used(keys) for s in (memory, redis_store)]
-            assert answers[0] == answers[1], step
+        await identical_answers(redis_store, keys)
 
         admin = Redis.from_url(SHARED_REDIS)
         try:  # the three lease keys of a budget still tell one story
@@ -532,6 +563,49 @@ async def test_charges_made_after_a_wipe_are_added_to_the_restored_total(tmp_pat
             assert await store.settle("r3", [Charge("q", 1)], 1002.0) == {"q": 76}
         finally:
             await store.close()
+
+
+async def test_a_cluster_master_that_lost_its_data_gets_its_slots_back_alone(
+    redis_cluster: Cluster,
+) -> None:
+    """Each slot has its generation marker: a master wiped (FLUSHALL, which its replica
+    follows) is recognised as wiped for its own budgets only."""
+    store = cluster_store(redis_cluster)
+    try:
+        served = {m.port: served_slots(m.port) for m in redis_cluster.masters()}
+        # Two budgets held by different masters.
+        where: dict[int, str] = {}
+        for name in (f"b{i}" for i in range(50)):
+            slot = key_slot(f"{{{name}}}".encode())
+            where.setdefault(next(port for port, slots in served.items() if slot in slots), name)
+            if len(where) == 2:
+                break
+        (wiped, a), (_, b) = list(where.items())
+        await store.settle("r1", [Charge(a, 70), Charge(b, 30)], 1000.0)
+        assert await store.restore({a: 70, b: 30}) == 0  # first contact: marks both slots
+        assert await store.settle("r2", [Charge(a, 1), Charge(b, 1)], 1001.0) == {a: 71, b: 31}
+        assert command(wiped, "FLUSHALL") == "OK"
+        # Lands before the restore: a's total is not vouched for, b's is.
+        assert await store.settle("r3", [Charge(a, 5), Charge(b, 2)], 1002.0) == {b: 33}
+        assert await store.restore({a: 71, b: 33}) == 1  # only a's slot came back
+        assert await store.used([a, b]) == {a: 76, b: 33}
+        assert await store.settle("r4", [Charge(a, 1)], 1003.0) == {a: 77}
+    finally:
+        await store.close()
+
+
+def served_slots(port: int) -> set[int]:
+    """The slots the master on `port` serves, from its own CLUSTER NODES line."""
+    for line in command(port, "CLUSTER", "NODES").splitlines():
+        fields = line.split()
+        if "myself" in fields[2]:
+            out: set[int] = set()
+            for part in fields[8:]:
+                first, _, last = part.partition("-")
+                if first.isdigit():
+                    out.update(range(int(first), int(last or first) + 1))
+            return out
+    raise AssertionError(f"no own line in CLUSTER NODES of {port}")
 
 
 async def test_a_batch_of_settlements_is_each_settlement_once(store: BudgetStore) -> None:

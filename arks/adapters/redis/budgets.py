@@ -8,6 +8,12 @@ Per budget `K` (under the prefix) four keys:
 The three lease keys are always written together and given the same expiry, so they never
 disagree. A script first drops the budget's expired leases from all three, then reads or writes.
 
+On a Redis Cluster a budget's keys carry `{K}` as their hash tag, so a script over one budget
+stays in one slot; a call over several budgets runs one script per slot, at once. Admission is
+still all or nothing: when a slot refuses, the slots that took their leases give them back
+(RELEASE). The generation marker (see `restore`) is one per slot there, as a master can lose its
+data alone.
+
 Expiry: `K:used` gets PEXPIREAT from `expires_at` when one is given (else it persists). The
 lease keys expire with the budget or when their latest lease would (relative, so a skew between
 the caller's clock and Redis's cannot drop live leases), whichever comes first by the caller's
@@ -16,16 +22,28 @@ clock: an idle budget without `expires_at` leaves nothing behind but its used to
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import itertools
 import math
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.asyncio import Redis
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import RedisError
 
-from arks.adapters.redis.client import Script, answer_within, connect, run, run_many
+from arks.adapters.redis.client import (
+    Script,
+    answer_within,
+    connect,
+    mget,
+    run,
+    run_many,
+    target,
+)
 from arks.limits.budgets import (
     LEVELS_PER_READ,
     SETTLED_MEMORY_S,
@@ -166,6 +184,29 @@ return {count, (generation and generation == ARGV[5]) and 1 or 0, unpack(totals)
 """
 )
 
+# KEYS: the four keys of each budget. ARGV[1] now, ARGV[2] request id. Takes back the leases
+# ADMIT took for the request (on a cluster, when another slot refused it). Reply: how many.
+RELEASE = (
+    _PRELUDE
+    + """
+local released = 0
+for i = 1, #KEYS / 4 do
+  local k = (i - 1) * 4
+  drop_expired(KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], ARGV[1])
+  local own = redis.call("HGET", KEYS[k + 3], ARGV[2])
+  if own then
+    redis.call("HDEL", KEYS[k + 3], ARGV[2])
+    redis.call("ZREM", KEYS[k + 4], ARGV[2])
+    if redis.call("DECRBY", KEYS[k + 2], own) <= 0 then
+      redis.call("DEL", KEYS[k + 2])
+    end
+    released = released + 1
+  end
+end
+return released
+"""
+)
+
 # KEYS: the four keys of each budget. ARGV[1] now, ARGV[2] the new lease expiry (now + ttl);
 # then per budget: how many request ids, and the ids. A lease still held gets the new expiry, and
 # the lease keys live at least as long (never shortened). Reply: how many leases were renewed.
@@ -257,18 +298,47 @@ end
 return raised
 """
 
-_ADMIT, _SETTLE, _RENEW, _RESTORE, _LEVELS, _RAISE = (
+_ADMIT, _SETTLE, _RENEW, _RESTORE, _LEVELS, _RAISE, _RELEASE = (
     Script.of(ADMIT),
     Script.of(SETTLE),
     Script.of(RENEW),
     Script.of(RESTORE),
     Script.of(LEVELS),
     Script.of(RAISE),
+    Script.of(RELEASE),
 )
+
+T = TypeVar("T")
+
+
+@functools.cache
+def slot_tags() -> tuple[str, ...]:
+    """A short hash tag for each cluster slot: `{tag}` puts a key in that slot (the slots'
+    generation markers live there). Computed once: ~0.2 s, only by a client of a cluster."""
+    tags: list[str | None] = [None] * REDIS_CLUSTER_HASH_SLOTS
+    missing = REDIS_CLUSTER_HASH_SLOTS
+    for n in itertools.count():
+        tag = format(n, "x")
+        slot = key_slot(tag.encode())
+        if tags[slot] is None:
+            tags[slot] = tag
+            missing -= 1
+            if not missing:
+                return tuple(t for t in tags if t is not None)
+    raise AssertionError("unreachable")
+
+
+def by_slot(items: Sequence[T], key: Callable[[T], str]) -> dict[int, list[int]]:
+    """The items' indexes grouped by the cluster slot of `key(item)`, in first-seen order."""
+    groups: dict[int, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(key_slot(key(item).encode()), []).append(i)
+    return groups
 
 
 class RedisBudgets:
-    """Shared budgets in one Redis; every key is `prefix + budget key + suffix`.
+    """Shared budgets in Redis; every key is `prefix + budget key + suffix` (on a cluster
+    `prefix + {budget key} + suffix`).
 
     Any failure to get an answer within `timeout_s` (connect, pool wait, script) raises
     BackendUnavailable. Broken connections are dropped and reopened on the next call, so the
@@ -283,11 +353,17 @@ class RedisBudgets:
         *,
         max_connections: int = 64,
         password: str | None = None,
+        **options: Any,
     ) -> None:
+        """`options`: the rest of `connect`'s (username, sentinel_password, tls)."""
         self._prefix = prefix
         self._timeout_s = timeout_s
+        self._cluster = target(url).kind == "cluster"
+        if self._cluster and "{" in prefix:
+            raise ValueError(f"a cluster's budget prefix has no hash tag of its own: {prefix!r}")
         self._generation: str | None = None  # the store's generation marker as last seen
-        self._redis: Redis = connect(url, timeout_s, max_connections, password)
+        self._generations: dict[int, str] = {}  # a cluster's, by slot
+        self._redis: Redis = connect(url, timeout_s, max_connections, password, **options)
 
     async def admit(
         self, request_id: str, leases: Sequence[Lease], ttl_s: float, now: float
@@ -297,16 +373,34 @@ class RedisBudgets:
         check_admit(merged, ttl_s, now)
         if not merged:
             return NOTHING_TO_ADMIT
-        keys = [name for lease in merged for name in self._names(lease.key)]
-        args: list[str | int] = [repr(now), repr(now + ttl_s), request_id]
-        for lease in merged:
-            args += [lease.limit, lease.amount, _ms(lease.expires_at)]
+        groups = self._groups(merged, lambda lease: lease.key)
+        head: list[str | int] = [repr(now), repr(now + ttl_s), request_id]
+        calls = []
+        for group in groups:
+            args = list(head)
+            for i in group:
+                args += [merged[i].limit, merged[i].amount, _ms(merged[i].expires_at)]
+            calls.append(([n for i in group for n in self._names(merged[i].key)], args))
         async with self._answer("admit"):
-            reply = await self._run(_ADMIT, keys, args)
-            if not (isinstance(reply, list) and len(reply) == 5 and 1 <= reply[1] <= len(merged)):
-                raise RedisError(f"unexpected script reply: {reply!r}")
-        admitted, index, used, leased, own = reply
-        lease = merged[index - 1]
+            replies = await asyncio.gather(*(self._run(_ADMIT, *call) for call in calls))
+            for group, reply in zip(groups, replies, strict=True):
+                if not (
+                    isinstance(reply, list) and len(reply) == 5 and 1 <= reply[1] <= len(group)
+                ):
+                    raise RedisError(f"unexpected script reply: {reply!r}")
+            refused = [g for g, reply in enumerate(replies) if reply[0] != 1]
+            if refused and len(groups) > 1:  # the slots that took their leases give them back
+                taken = [calls[g][0] for g in range(len(groups)) if g not in refused]
+                await asyncio.gather(
+                    *(self._run(_RELEASE, keys, [repr(now), request_id]) for keys in taken)
+                )
+        # Refused: the first budget that refused, in lease order; admitted: the last budget.
+        if refused:
+            deciding = min(refused, key=lambda g: groups[g][replies[g][1] - 1])
+        else:
+            deciding = max(range(len(groups)), key=lambda g: groups[g][-1])
+        admitted, index, used, leased, own = replies[deciding]
+        lease = merged[groups[deciding][index - 1]]
         return Admission(admitted == 1, lease.key, int(used), int(leased) - int(own), lease.limit)
 
     async def settle(
@@ -325,116 +419,184 @@ class RedisBudgets:
         """Every settlement's script in one pipeline: one round trip for an access-log batch."""
         for _, charges in settlements:
             check_settle(charges, now)
-        calls = [
-            self._settle_call(request_id, charges, now)
-            for request_id, charges in settlements
-            if charges
+        # Per settlement, its calls: one per slot on a cluster, else one.
+        plans = [
+            self._settle_calls(request_id, charges, now) for request_id, charges in settlements
         ]
+        calls = [call for plan in plans for (_, _, call) in plan]
         replies: list[Any] = []
         if calls:
             async with self._answer("settle"):
                 replies = await run_many(self._redis, _SETTLE, calls)
         out: list[Mapping[str, int] | None] = []
         answers = iter(replies)
-        for _, charges in settlements:
+        for (_, charges), plan in zip(settlements, plans, strict=True):
             if not charges:
                 out.append({})
                 continue
-            reply = next(answers)
-            if not (
-                isinstance(reply, list)
-                and len(reply) == 2 + len(charges)
-                and reply[0] == len(charges)
-            ):
-                raise BackendUnavailable(f"redis budgets (settle): unexpected reply {reply!r}")
-            out.append(
-                {c.key: int(total) for c, total in zip(charges, reply[2:], strict=True)}
-                if reply[1]
-                else None
-            )
+            totals: dict[str, int] = {}
+            vouched = False
+            for indexes, _, _ in plan:
+                reply = next(answers)
+                if not (
+                    isinstance(reply, list)
+                    and len(reply) == 2 + len(indexes)
+                    and reply[0] == len(indexes)
+                ):
+                    raise BackendUnavailable(f"redis budgets (settle): unexpected reply {reply!r}")
+                if reply[1]:  # the generation this client restored: totals it can vouch for
+                    vouched = True
+                    totals.update(
+                        (charges[i].key, int(total))
+                        for i, total in zip(indexes, reply[2:], strict=True)
+                    )
+            out.append(totals if vouched else None)
         return out
 
-    def _settle_call(
+    def _settle_calls(
         self, request_id: str, charges: Sequence[Charge], now: float
-    ) -> tuple[list[str], list[str | int]]:
-        keys = [self._prefix + "generation"]
-        for charge in charges:
-            keys += [*self._names(charge.key), self._prefix + charge.key + ":settled"]
-        args: list[str | int] = [
-            repr(now),
-            request_id,
-            repr(now - SETTLED_MEMORY_S),
-            math.ceil(SETTLED_MEMORY_S * 1000),
-            self._generation or "",
-        ]
-        for charge in charges:
-            args += [str(charge.cost), _ms(charge.expires_at)]
-        return keys, args
+    ) -> list[tuple[list[int], int | None, tuple[list[str], list[str | int]]]]:
+        """(charge indexes, slot or None, (keys, args)) of each SETTLE call a settlement needs."""
+        calls = []
+        for slot, indexes in self._slots(charges, lambda charge: charge.key):
+            keys = [self._marker(slot)]
+            for i in indexes:
+                keys += [*self._names(charges[i].key), self._name(charges[i].key, ":settled")]
+            args: list[str | int] = [
+                repr(now),
+                request_id,
+                repr(now - SETTLED_MEMORY_S),
+                math.ceil(SETTLED_MEMORY_S * 1000),
+                self._known(slot),
+            ]
+            for i in indexes:
+                args += [str(charges[i].cost), _ms(charges[i].expires_at)]
+            calls.append((indexes, slot, (keys, args)))
+        return calls
 
     async def renew(self, held: Mapping[str, Sequence[str]], ttl_s: float, now: float) -> int:
         held = {key: ids for key, ids in held.items() if ids}
         if not held:
             return 0
-        keys = [name for key in held for name in self._names(key)]
-        args: list[str | int] = [repr(now), repr(now + ttl_s)]
-        for ids in held.values():
-            args += [len(ids), *ids]
+        budgets = list(held)
+        calls = []
+        for _, indexes in self._slots(budgets, lambda key: key):
+            keys = [name for i in indexes for name in self._names(budgets[i])]
+            args: list[str | int] = [repr(now), repr(now + ttl_s)]
+            for i in indexes:
+                args += [len(held[budgets[i]]), *held[budgets[i]]]
+            calls.append((keys, args))
         async with self._answer("renew"):
-            renewed = await self._run(_RENEW, keys, args)
-        return int(renewed)
+            renewed = await asyncio.gather(*(self._run(_RENEW, *call) for call in calls))
+        return sum(int(n) for n in renewed)
 
     async def used(self, keys: Sequence[str]) -> dict[str, int]:
         if not keys:
             return {}
         async with self._answer("used"):
-            values = await self._redis.mget([self._prefix + key + ":used" for key in keys])
+            values = await mget(self._redis, [self._name(key, ":used") for key in keys])
             return {key: int(value or 0) for key, value in zip(keys, values, strict=True)}
 
     async def levels(self, keys: Sequence[str], now: float) -> dict[str, Level]:
         out: dict[str, Level] = {}
         unique = list(dict.fromkeys(keys))
-        for first in range(0, len(unique), LEVELS_PER_READ):
-            chunk = unique[first : first + LEVELS_PER_READ]
-            names = [name for key in chunk for name in self._names(key)]
-            async with self._answer("levels"):
-                reply = await self._run(_LEVELS, names, [repr(now)])
-                if not (isinstance(reply, list) and len(reply) == 2 * len(chunk)):
-                    raise RedisError(f"unexpected script reply: {reply!r}")
-            for i, key in enumerate(chunk):
-                out[key] = Level(int(reply[2 * i]), int(reply[2 * i + 1]))
-        return out
+        for _, indexes in self._slots(unique, lambda key: key):
+            for first in range(0, len(indexes), LEVELS_PER_READ):
+                chunk = [unique[i] for i in indexes[first : first + LEVELS_PER_READ]]
+                names = [name for key in chunk for name in self._names(key)]
+                async with self._answer("levels"):
+                    reply = await self._run(_LEVELS, names, [repr(now)])
+                    if not (isinstance(reply, list) and len(reply) == 2 * len(chunk)):
+                        raise RedisError(f"unexpected script reply: {reply!r}")
+                for i, key in enumerate(chunk):
+                    out[key] = Level(int(reply[2 * i]), int(reply[2 * i + 1]))
+        return {key: out[key] for key in unique}
 
     async def restore(self, used: Mapping[str, int]) -> int:
         """Put the snapshot back if Redis lost it. A generation marker tells a store that was
         wiped (the marker this client saw is gone: the snapshot is added to whatever was charged
         since) from one met for the first time (only missing totals are filled). Zeros are not
-        restored. Restored totals have no expiry until the budget's next lease or charge."""
+        restored. Restored totals have no expiry until the budget's next lease or charge. On a
+        cluster each slot of the snapshot's budgets has its marker: a master can lose its data
+        alone."""
         check_restore(used)
-        missing = {key: value for key, value in used.items() if value}
+        budgets = list(used)
         # Called with nothing to restore too: the first call marks the generation, so that a
         # wipe before any usage was snapshotted is still recognised as one.
-        keys = [self._prefix + "generation", *(self._prefix + key + ":used" for key in missing)]
-        args: list[str | int] = [self._generation or "", uuid.uuid4().hex, *missing.values()]
-        async with self._answer("restore"):
-            reply = await self._run(_RESTORE, keys, args)
-        count, generation = reply
-        self._generation = generation.decode() if isinstance(generation, bytes) else str(generation)
-        return int(count)
+        plans = (
+            self._slots(budgets, lambda key: key)
+            if self._cluster
+            else [(None, list(range(len(budgets))))]
+        )
+        restored = 0
+        # On a cluster the slots this snapshot has no budget in are forgotten: their markers
+        # are not kept up, so a wipe there would not be seen before their first budget is
+        # snapshotted, and that budget is then met as for the first time (filled if missing,
+        # never added twice).
+        known, self._generations = self._generations, {}
+        for slot, indexes in plans:
+            missing = {budgets[i]: used[budgets[i]] for i in indexes if used[budgets[i]]}
+            keys = [self._marker(slot), *(self._name(key, ":used") for key in missing)]
+            last = self._generation if slot is None else known.get(slot)
+            args: list[str | int] = [last or "", uuid.uuid4().hex, *missing.values()]
+            async with self._answer("restore"):
+                reply = await self._run(_RESTORE, keys, args)
+            count, generation = reply
+            seen = generation.decode() if isinstance(generation, bytes) else str(generation)
+            if slot is None:
+                self._generation = seen
+            else:
+                self._generations[slot] = seen
+            restored += int(count)
+        return restored
 
     async def raise_to(self, used: Mapping[str, int]) -> int:
         check_restore(used)
         floors = {key: value for key, value in used.items() if value}
         if not floors:
             return 0
-        keys = [self._prefix + key + ":used" for key in floors]
+        budgets = list(floors)
+        calls = []
+        for _, indexes in self._slots(budgets, lambda key: key):
+            keys = [self._name(budgets[i], ":used") for i in indexes]
+            calls.append((keys, [floors[budgets[i]] for i in indexes]))
         async with self._answer("raise"):
-            return int(await self._run(_RAISE, keys, list(floors.values())))
+            raised = await asyncio.gather(*(self._run(_RAISE, *call) for call in calls))
+        return sum(int(n) for n in raised)
 
     async def close(self) -> None:
         await self._redis.aclose()
 
+    def _name(self, key: str, suffix: str) -> str:
+        """A budget's key: on a cluster `{key}` is its hash tag, so a budget is in one slot."""
+        return f"{self._prefix}{{{key}}}{suffix}" if self._cluster else self._prefix + key + suffix
+
     def _names(self, key: str) -> list[str]:
-        return [self._prefix + key + suffix for suffix in SUFFIXES]
+        return [self._name(key, suffix) for suffix in SUFFIXES]
+
+    def _marker(self, slot: int | None) -> str:
+        """The generation marker: the store's, or on a cluster the slot's."""
+        if slot is None:
+            return self._prefix + "generation"
+        return f"{self._prefix}{{{slot_tags()[slot]}}}:generation"
+
+    def _known(self, slot: int | None) -> str:
+        """The generation this client last saw at `slot`'s marker ("" if none)."""
+        seen = self._generation if slot is None else self._generations.get(slot)
+        return seen or ""
+
+    def _slots(
+        self, items: Sequence[T], key: Callable[[T], str]
+    ) -> list[tuple[int | None, list[int]]]:
+        """The items' indexes by the slot of their budget's keys (on a cluster), else all at
+        once under no slot."""
+        if not self._cluster:
+            return [(None, list(range(len(items))))] if items else []
+        groups = by_slot(items, lambda item: self._name(key(item), ""))
+        return list(groups.items())
+
+    def _groups(self, items: Sequence[T], key: Callable[[T], str]) -> list[list[int]]:
+        return [indexes for _, indexes in self._slots(items, key)]
 
     def _answer(self, what: str) -> AbstractAsyncContextManager[None]:
         return answer_within(self._timeout_s, f"budgets ({what})")

@@ -265,6 +265,13 @@ async def ping(redis: Redis) -> None:
         await redis.ping()
 
 
+async def mget(redis: Redis, keys: Sequence[str]) -> list[Any]:
+    """GET of each key in one round trip; on a cluster one per master, the keys in many slots."""
+    if isinstance(redis, RedisCluster):
+        return await redis.mget_nonatomic(keys)
+    return await redis.mget(keys)
+
+
 async def run(redis: Redis, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
     try:
         return await redis.evalsha(script.sha, len(keys), *keys, *args)
