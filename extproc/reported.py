@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
-from arks.adapters.redis.client import connect
+from arks.adapters.redis.client import connect, mget
 from arks.limits.model import BackendUnavailable
 
 
@@ -65,15 +65,15 @@ class RedisReported:
                 for request_id in request_ids:
                     pipe.set(self._prefix + request_id, b"1", px=self._ttl_ms)
                 await pipe.execute()
-        except (RedisError, OSError) as err:
+        except (RedisError, RedisClusterException, OSError) as err:
             raise BackendUnavailable(f"marking reported requests: {err}") from err
 
     async def seen(self, request_ids: Sequence[str]) -> set[str]:
         if not request_ids:
             return set()
         try:
-            values = await self._redis.mget([self._prefix + r for r in request_ids])
-        except (RedisError, OSError) as err:
+            values = await mget(self._redis, [self._prefix + r for r in request_ids])
+        except (RedisError, RedisClusterException, OSError) as err:
             raise BackendUnavailable(f"looking up reported requests: {err}") from err
         return {r for r, value in zip(request_ids, values, strict=True) if value is not None}
 

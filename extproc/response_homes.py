@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import orjson
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from arks.adapters.redis.client import connect
 from arks.limits.model import BackendUnavailable
@@ -96,13 +96,13 @@ class RedisHomes:
         value = orjson.dumps([home.namespace, home.model, home.engine])
         try:
             await self._redis.set(self._prefix + response_id, value, px=self._ttl_ms)
-        except (RedisError, OSError) as err:
+        except (RedisError, RedisClusterException, OSError) as err:
             raise BackendUnavailable(f"recording a response's engine: {err}") from err
 
     async def find(self, response_id: str) -> ResponseHome | None:
         try:
             value = await self._redis.get(self._prefix + response_id)
-        except (RedisError, OSError) as err:
+        except (RedisError, RedisClusterException, OSError) as err:
             raise BackendUnavailable(f"looking up a response's engine: {err}") from err
         if value is None:
             return None

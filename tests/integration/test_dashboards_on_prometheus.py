@@ -174,6 +174,10 @@ def start_ratelimit(sup: Supervisor, tmp: Path) -> RateLimitService:
         f"127.0.0.1:{grpc_port}",
         "--metrics-port",
         str(metrics_port),
+        "--port",  # its HTTP and debug ports off upstream's defaults (8080, 6070)
+        str(free_port()),
+        "--debug-port",
+        str(free_port()),
     )
     wait_http(child, f"http://127.0.0.1:{metrics_port}/metrics")
     return RateLimitService(child, f"127.0.0.1:{grpc_port}", f"127.0.0.1:{metrics_port}")

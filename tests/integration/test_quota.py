@@ -19,6 +19,7 @@ from arks.api import token_digest
 from launcher.procs import Supervisor, free_port, wait_port
 from tests.support.objects import token
 from tests.support.redis_server import PrivateRedis
+from tests.support.redis_topologies import Cluster, command
 from tests.support.stack import MODEL_B_MAX_TOKENS, Stack, running_stack
 from tests.support.waiting import wait_for
 
@@ -376,3 +377,58 @@ def test_a_redis_restarted_empty_under_load_loses_no_quota_charge(
             lambda: _redis_used(redis_server.port, name), lambda used: used == truth, timeout=15
         )
         assert charged == truth
+
+
+# --- on a Redis Cluster ------------------------------------------------------------------------
+
+
+def test_quotas_and_rates_on_a_redis_cluster_survive_it_restarting_empty(
+    redis_cluster: Cluster, tmp_path: Path
+) -> None:
+    """The gateway's budgets (a quota, a token rate, a concurrency limit: three budgets, each
+    in its own slot) and its request-rate counters on a 3-master cluster; every master wiped
+    at once (FLUSHALL: a cluster restarted empty) gets the quota's total back."""
+    suffix = uuid.uuid4().hex[:6]
+    docs = [
+        quota(f"cl-{suffix}", {"type": "total", "value": 100, "period": "month"}),
+        granted(
+            f"cl-{suffix}",
+            ALICE_Q,
+            f"cl-{suffix}",
+            rate_limits=[
+                {"type": "tpm", "value": 100_000},
+                {"type": "concurrency", "value": 4},
+                {"type": "rpm", "value": 1000},
+            ],
+        ),
+    ]
+    url = f"redis+cluster://{redis_cluster.urls}"
+    with running_stack(tmp_path / "stack", docs, redis=url) as stack:
+        codes = []
+        for _ in range(8):
+            codes.append(chat(stack, ALICE_Q).status_code)
+            stack.usage(f"cl-{suffix}", "model-a")  # settled before the next one
+        assert codes[0] == 200 and codes[-1] == 429, codes
+        used = wait_for(
+            lambda: cluster_used(redis_cluster, f"cl-{suffix}"), lambda u: u > 0, timeout=10
+        )
+        assert 0 < used <= 100
+        for master in redis_cluster.masters():
+            assert command(master.port, "FLUSHALL") == "OK"
+        restored = wait_for(
+            lambda: cluster_used(redis_cluster, f"cl-{suffix}"), lambda u: u == used, timeout=10
+        )
+        assert restored == used
+        refused = chat(stack, ALICE_Q)
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "insufficient_quota"
+
+
+def cluster_used(cluster: Cluster, name: str) -> int:
+    """The quota's used totals, summed over every master."""
+    total = 0
+    for master in cluster.masters():
+        pattern = f"*quota/default/{name}/*:used"
+        for key in command(master.port, "--scan", "--pattern", pattern).split():
+            total += int(command(master.port, "GET", key) or 0)
+    return total

@@ -138,6 +138,8 @@ def _ratelimit_args(tmp: Path, redis: ManifestRedis, port: int, metrics: int) ->
         "--redis", redis.url,
         "--grpc-address", f"127.0.0.1:{port}",
         "--metrics-port", str(metrics),
+        # its HTTP and debug ports off upstream's defaults (8080, 6070)
+        "--port", str(free_port()), "--debug-port", str(free_port()),
     ]  # fmt: skip
 
 

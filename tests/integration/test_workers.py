@@ -141,6 +141,8 @@ def _ratelimit_workers(sup: Supervisor, redis: PrivateRedis) -> tuple[Child, lis
         "--redis", redis.url,
         "--grpc-address", f"127.0.0.1:{free_port()}",
         "--metrics-port", str(metrics_port),
+        # its HTTP and debug ports off upstream's defaults (8080, 6070)
+        "--port", str(free_port()), "--debug-port", str(free_port()),
         "--workers", "2",
     )  # fmt: skip
     wait_http(parent, f"http://127.0.0.1:{metrics_port}/metrics")
