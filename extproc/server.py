@@ -111,7 +111,11 @@ class Settings:
         parser.add_argument("--metrics-address", default=cls.metrics_address)
         parser.add_argument("--log-level", default=cls.log_level)
         parser.add_argument(
-            "--redis", metavar="URL", help="Redis for rate-limit counters (default: in memory)"
+            "--redis",
+            metavar="URL",
+            help="Redis for counters and budgets: redis://host:port/db, "
+            "redis+cluster://host:port,..., redis+sentinel://host:port,.../master "
+            "(default: in memory)",
         )
         parser.add_argument(
             "--redis-password-file",
