@@ -15,6 +15,8 @@ from contextlib import asynccontextmanager
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 
 from arks.adapters.redis.backend import RedisBackend
 from arks.limits.backends import BackendUnavailable, CounterBackend, MemoryBackend
@@ -253,6 +255,35 @@ async def test_a_cluster_and_memory_agree_in_all_or_nothing_mode(redis_cluster: 
     try:
         await agree_in_all_or_nothing_mode(on_cluster, MemoryBackend())
     finally:
+        await on_cluster.close()
+
+
+@pytest.mark.parametrize("all_or_nothing", [True, False], ids=["all-or-nothing", "each"])
+async def test_a_cluster_slot_that_fails_leaves_the_other_slots_uncharged(
+    redis_cluster: Cluster, all_or_nothing: bool
+) -> None:
+    """One script per slot: when one fails (here a key of the wrong type), the slots that did
+    charge give it back, as one script that failed would have charged nothing."""
+    prefix = f"arks:rl:test:{uuid.uuid4().hex}:"
+    on_cluster = RedisBackend(f"redis+cluster://{redis_cluster.urls}", prefix=prefix)
+    admin = RedisCluster.from_url(f"redis://{redis_cluster.nodes[0].address}")
+    window = int(T0)  # T0 starts a 60 s window
+    ok = "a"
+    broken = next(
+        f"b{i}"
+        for i in range(100)
+        if key_slot(f"{prefix}b{i}_{window}".encode()) != key_slot(f"{prefix}a_{window}".encode())
+    )
+    try:
+        await admin.hset(f"{prefix}{broken}_{window}", "not", "a counter")
+        with pytest.raises(BackendUnavailable):
+            await on_cluster.apply(
+                [hit(5, key=ok), hit(5, key=broken)], T0, all_or_nothing=all_or_nothing
+            )
+        (read,) = await on_cluster.apply([hit(5, 0, key=ok)], T0)
+        assert read.used == 0
+    finally:
+        await admin.aclose()
         await on_cluster.close()
 
 

@@ -180,7 +180,8 @@ class RedisBackend:
     """Shared counters in Redis; every key is `prefix + hit.key + suffix`.
 
     On a Redis Cluster the hits are grouped by their keys' slots, one script per slot, the slots
-    at once: all or nothing still holds (a slot refused, the others give back what they took),
+    at once: all or nothing still holds (a slot refused, the others give back what they took;
+    a slot failed, the others give back theirs in any mode, as one failed script charges none),
     but only in the end, not at every instant: a request racing the give-back may see the
     counts a moment higher. Any failure to get an answer within `timeout_s` (connect, pool wait, script) raises
     BackendUnavailable. Broken connections are dropped and reopened on the next call, so the
@@ -219,13 +220,28 @@ class RedisBackend:
             for group in slots
         ]
         async with answer_within(self._timeout_s, "counters"):
-            replies = await asyncio.gather(*(self._run(*call) for call in calls))
-            # replies[g][0] says whether slot g's hits were charged.
-            if all_or_nothing and len(calls) > 1 and any(r[0] == 0 for r in replies):
-                taken = [call for call, r in zip(calls, replies, strict=True) if r[0] == 1]
+            # Every slot's script settles before any error is raised: a slot still running would
+            # charge behind the caller's back.
+            replies = await asyncio.gather(
+                *(self._run(*call) for call in calls), return_exceptions=True
+            )
+            failed = next((r for r in replies if isinstance(r, BaseException)), None)
+            # replies[g][0] says whether slot g's hits were charged. A slot that failed charged
+            # nothing (or, timed out, cannot be told): the others give theirs back too, as one
+            # script that failed would have charged nothing.
+            refused = all_or_nothing and any(r[0] == 0 for r in replies if isinstance(r, list))
+            if len(calls) > 1 and (failed is not None or refused):
+                taken = [
+                    call
+                    for call, r in zip(calls, replies, strict=True)
+                    if isinstance(r, list) and r[0] == 1
+                ]
                 await asyncio.gather(*(run(self._redis, _UNDO, *call) for call in taken))
+            if failed is not None:
+                raise failed
         values: list[Any] = [None] * len(hits)
-        for group, reply in zip(slots, replies, strict=True):
+        answers = [r for r in replies if isinstance(r, list)]
+        for group, reply in zip(slots, answers, strict=True):
             for i, value in zip(group, reply[1:], strict=True):
                 values[i] = value
         return [_outcome(hit, value, now) for hit, value in zip(hits, values, strict=True)]
