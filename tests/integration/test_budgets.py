@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from arks.adapters.redis.budgets import RedisBudgets
@@ -195,6 +196,17 @@ async def test_readmitting_a_request_replaces_its_lease(store: BudgetStore) -> N
     assert await figures(store, "q", T0) == (0, 7)  # a refusal keeps the lease it had
     await store.settle("r1", [Charge("q", 1)], T0)
     assert await figures(store, "q", T0) == (1, 0)
+
+
+async def test_a_refused_readmission_keeps_every_lease_it_had(store: BudgetStore) -> None:
+    """On a cluster `a` and `b` are in different slots: `a`'s slot takes the new lease before
+    `b`'s refuses, then puts back the one the request had, amount and expiry."""
+    await store.admit("r1", [lease(10, 4, "a"), lease(10, 4, "b")], TTL, T0)
+    refused = await store.admit("r1", [lease(10, 5, "a"), lease(10, 11, "b")], TTL, T0 + 30)
+    assert (refused.admitted, refused.key) == (False, "b")
+    assert await figures(store, "a", T0 + 30) == (0, 4)
+    assert await figures(store, "b", T0 + 30) == (0, 4)
+    assert await figures(store, "a", T0 + TTL) == (0, 0)  # not renewed by the refusal
 
 
 async def test_readmitting_renews_the_lease_expiry(store: BudgetStore) -> None:
@@ -591,6 +603,25 @@ async def test_a_cluster_master_that_lost_its_data_gets_its_slots_back_alone(
         assert await store.used([a, b]) == {a: 76, b: 33}
         assert await store.settle("r4", [Charge(a, 1)], 1003.0) == {a: 77}
     finally:
+        await store.close()
+
+
+async def test_a_cluster_slot_that_fails_gives_back_the_leases_of_the_others(
+    redis_cluster: Cluster,
+) -> None:
+    """Admission runs one script per slot: one failing (here a key of the wrong type in `b`'s
+    slot), the leases the other slots took are given back, as a failed script takes none."""
+    prefix = f"arks:budget:test:{uuid.uuid4().hex}:"
+    store = RedisBudgets(f"redis+cluster://{redis_cluster.urls}", prefix=prefix)
+    admin = RedisCluster.from_url(f"redis://{redis_cluster.nodes[0].address}")
+    try:
+        assert key_slot(b"{a}") != key_slot(b"{b}")
+        await admin.hset(f"{prefix}{{b}}:leased", "not", "a number")
+        with pytest.raises(BackendUnavailable):
+            await store.admit("r1", [lease(10, 4, "a"), lease(10, 4, "b")], TTL, T0)
+        assert await figures(store, "a", T0) == (0, 0)
+    finally:
+        await admin.aclose()
         await store.close()
 
 

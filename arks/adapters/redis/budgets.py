@@ -97,8 +97,10 @@ end
 
 # KEYS: the four keys of each budget, in lease order. ARGV[1] now, ARGV[2] lease expiry (now +
 # ttl), ARGV[3] request id; then per budget: limit, amount, budget expiry in ms or "".
-# Reply: {admitted 0/1, index of the deciding budget, its used, leased and this request's lease},
-# figures read before any lease is taken. A refusal writes nothing but the expired leases' drop.
+# Reply: {admitted 0/1, index of the deciding budget, its used, leased and this request's lease,
+# what the leases replaced}, figures read before any lease is taken; what they replaced is per
+# budget the request's lease before (amount and expiry, "" for none; empty when refused), so
+# RELEASE can put it back. A refusal writes nothing but the expired leases' drop.
 ADMIT = (
     _PRELUDE
     + """
@@ -114,12 +116,15 @@ for i = 1, count do
   figures[i] = {used, leased, own}
   local others = tonumber(leased) - tonumber(own)
   if tonumber(used) + others + tonumber(ARGV[a + 2]) > tonumber(ARGV[a + 1]) then
-    return {0, i, used, leased, own}
+    return {0, i, used, leased, own, {}}
   end
 end
+local replaced = {}
 for i = 1, count do
   local k, a = (i - 1) * 4, 3 + (i - 1) * 3
   local amount, expires_ms = ARGV[a + 2], ARGV[a + 3]
+  replaced[#replaced + 1] = figures[i][3]
+  replaced[#replaced + 1] = redis.call("ZSCORE", KEYS[k + 4], rid) or ""
   redis.call("HSET", KEYS[k + 3], rid, amount)
   redis.call("ZADD", KEYS[k + 4], until_s, rid)
   redis.call("INCRBY", KEYS[k + 2], int(tonumber(amount) - tonumber(figures[i][3])))
@@ -137,7 +142,7 @@ for i = 1, count do
   end
 end
 local last = figures[count]
-return {1, count, last[1], last[2], last[3]}
+return {1, count, last[1], last[2], last[3], replaced}
 """
 )
 
@@ -184,20 +189,33 @@ return {count, (generation and generation == ARGV[5]) and 1 or 0, unpack(totals)
 """
 )
 
-# KEYS: the four keys of each budget. ARGV[1] now, ARGV[2] request id. Takes back the leases
-# ADMIT took for the request (on a cluster, when another slot refused it). Reply: how many.
+# KEYS: the four keys of each budget. ARGV[1] now (ADMIT's), ARGV[2] request id; then per budget
+# what ADMIT's lease replaced (its reply's last item: amount and expiry, "" for none). Takes back
+# the leases ADMIT took for the request (on a cluster, when another slot refused it or failed): a
+# lease the request did not hold before goes, one it held is put back as it was (a refusal keeps
+# the lease it had). Reply: how many.
 RELEASE = (
     _PRELUDE
     + """
+local rid = ARGV[2]
 local released = 0
 for i = 1, #KEYS / 4 do
-  local k = (i - 1) * 4
+  local k, a = (i - 1) * 4, 1 + i * 2
   drop_expired(KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], ARGV[1])
-  local own = redis.call("HGET", KEYS[k + 3], ARGV[2])
+  local own = redis.call("HGET", KEYS[k + 3], rid)
   if own then
-    redis.call("HDEL", KEYS[k + 3], ARGV[2])
-    redis.call("ZREM", KEYS[k + 4], ARGV[2])
-    if redis.call("DECRBY", KEYS[k + 2], own) <= 0 then
+    local before, until_s = ARGV[a], ARGV[a + 1]
+    local leased
+    if until_s == "" then
+      redis.call("HDEL", KEYS[k + 3], rid)
+      redis.call("ZREM", KEYS[k + 4], rid)
+      leased = redis.call("DECRBY", KEYS[k + 2], own)
+    else
+      redis.call("HSET", KEYS[k + 3], rid, before)
+      redis.call("ZADD", KEYS[k + 4], until_s, rid)
+      leased = redis.call("INCRBY", KEYS[k + 2], int(tonumber(before) - tonumber(own)))
+    end
+    if leased <= 0 then
       redis.call("DEL", KEYS[k + 2])
     end
     released = released + 1
@@ -382,24 +400,36 @@ class RedisBudgets:
                 args += [merged[i].limit, merged[i].amount, _ms(merged[i].expires_at)]
             calls.append(([n for i in group for n in self._names(merged[i].key)], args))
         async with self._answer("admit"):
-            replies = await asyncio.gather(*(self._run(_ADMIT, *call) for call in calls))
+            # Every slot's script settles before any error is raised: one still running would
+            # take its leases behind the caller's back.
+            replies = await asyncio.gather(
+                *(self._run(_ADMIT, *call) for call in calls), return_exceptions=True
+            )
+            failed = next((r for r in replies if isinstance(r, BaseException)), None)
             for group, reply in zip(groups, replies, strict=True):
-                if not (
-                    isinstance(reply, list) and len(reply) == 5 and 1 <= reply[1] <= len(group)
+                if failed is None and not (
+                    isinstance(reply, list) and len(reply) == 6 and 1 <= reply[1] <= len(group)
                 ):
-                    raise RedisError(f"unexpected script reply: {reply!r}")
-            refused = [g for g, reply in enumerate(replies) if reply[0] != 1]
-            if refused and len(groups) > 1:  # the slots that took their leases give them back
-                taken = [calls[g][0] for g in range(len(groups)) if g not in refused]
+                    failed = RedisError(f"unexpected script reply: {reply!r}")
+            # The slots that took their leases give them back when another refused or failed.
+            taken = {g: r for g, r in enumerate(replies) if isinstance(r, list) and r[0] == 1}
+            refused = [g for g in range(len(groups)) if g not in taken]
+            if refused and taken:
                 await asyncio.gather(
-                    *(self._run(_RELEASE, keys, [repr(now), request_id]) for keys in taken)
+                    *(
+                        self._run(_RELEASE, calls[g][0], [repr(now), request_id, *_texts(r[5])])
+                        for g, r in taken.items()
+                    )
                 )
+            if failed is not None:
+                raise failed
+        answers = [r for r in replies if isinstance(r, list)]
         # Refused: the first budget that refused, in lease order; admitted: the last budget.
         if refused:
-            deciding = min(refused, key=lambda g: groups[g][replies[g][1] - 1])
+            deciding = min(refused, key=lambda g: groups[g][answers[g][1] - 1])
         else:
             deciding = max(range(len(groups)), key=lambda g: groups[g][-1])
-        admitted, index, used, leased, own = replies[deciding]
+        admitted, index, used, leased, own, _ = answers[deciding]
         lease = merged[groups[deciding][index - 1]]
         return Admission(admitted == 1, lease.key, int(used), int(leased) - int(own), lease.limit)
 
@@ -603,6 +633,11 @@ class RedisBudgets:
 
     async def _run(self, script: Script, keys: list[str], args: Sequence[str | int]) -> Any:
         return await run(self._redis, script, keys, args)
+
+
+def _texts(values: Sequence[Any]) -> list[str | int]:
+    """A script's reply items as arguments for another."""
+    return [v.decode() if isinstance(v, bytes) else v for v in values]
 
 
 def _ms(expires_at: float | None) -> str | int:
