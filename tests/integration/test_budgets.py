@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-from arks.adapters.redis.budgets import RedisBudgets
+from arks.adapters.redis.budgets import RedisBudgets, slot_tags
 from arks.limits.backends import BackendUnavailable
 from arks.limits.budgets import (
     LEVELS_PER_READ,
@@ -620,6 +620,40 @@ async def test_a_cluster_slot_that_fails_gives_back_the_leases_of_the_others(
         with pytest.raises(BackendUnavailable):
             await store.admit("r1", [lease(10, 4, "a"), lease(10, 4, "b")], TTL, T0)
         assert await figures(store, "a", T0) == (0, 0)
+    finally:
+        await admin.aclose()
+        await store.close()
+
+
+async def test_a_restore_that_fails_midway_keeps_the_generations_it_did_not_reach(
+    redis_cluster: Cluster,
+) -> None:
+    """A restore that fails at one slot (here a marker of the wrong type) forgets no other
+    slot's generation: a wipe there is still recognised, its snapshot added, not lost."""
+    prefix = f"arks:budget:test:{uuid.uuid4().hex}:"
+    store = RedisBudgets(f"redis+cluster://{redis_cluster.urls}", prefix=prefix)
+    admin = RedisCluster.from_url(f"redis://{redis_cluster.nodes[0].address}")
+    try:
+        served = {m.port: served_slots(m.port) for m in redis_cluster.masters()}
+
+        def master_of(name: str) -> int:
+            slot = key_slot(f"{{{name}}}".encode())
+            return next(port for port, slots in served.items() if slot in slots)
+
+        a = "a"
+        b = next(n for n in (f"b{i}" for i in range(50)) if master_of(n) != master_of(a))
+        await store.settle("r1", [Charge(a, 70), Charge(b, 30)], 1000.0)
+        assert await store.restore({a: 70, b: 30}) == 0  # first contact: marks both slots
+        a_slot = key_slot(f"{{{a}}}".encode())
+        broken = f"{prefix}{{{slot_tags()[a_slot]}}}:generation"  # a's slot's marker
+        await admin.delete(broken)
+        await admin.hset(broken, "not", "a generation")
+        with pytest.raises(BackendUnavailable):
+            await store.restore({a: 70, b: 30})  # fails at a's slot, before b's
+        assert command(master_of(b), "FLUSHALL") == "OK"
+        assert await store.settle("r2", [Charge(b, 2)], 1001.0) is None  # not vouched for
+        assert await store.restore({b: 30}) == 1
+        assert await store.used([b]) == {b: 32}
     finally:
         await admin.aclose()
         await store.close()

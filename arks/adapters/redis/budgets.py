@@ -559,16 +559,10 @@ class RedisBudgets:
             else [(None, list(range(len(budgets))))]
         )
         restored = 0
-        # On a cluster the slots this snapshot has no budget in are forgotten: their markers
-        # are not kept up, so a wipe there would not be seen before their first budget is
-        # snapshotted, and that budget is then met as for the first time (filled if missing,
-        # never added twice).
-        known, self._generations = self._generations, {}
         for slot, indexes in plans:
             missing = {budgets[i]: used[budgets[i]] for i in indexes if used[budgets[i]]}
             keys = [self._marker(slot), *(self._name(key, ":used") for key in missing)]
-            last = self._generation if slot is None else known.get(slot)
-            args: list[str | int] = [last or "", uuid.uuid4().hex, *missing.values()]
+            args: list[str | int] = [self._known(slot), uuid.uuid4().hex, *missing.values()]
             async with self._answer("restore"):
                 reply = await self._run(_RESTORE, keys, args)
             count, generation = reply
@@ -578,6 +572,14 @@ class RedisBudgets:
             else:
                 self._generations[slot] = seen
             restored += int(count)
+        # On a cluster the slots this snapshot has no budget in are forgotten: their markers
+        # are not kept up, so a wipe there would not be seen before their first budget is
+        # snapshotted, and that budget is then met as for the first time (filled if missing,
+        # never added twice). Only after a whole pass: a slot a failed call did not reach keeps
+        # its generation, or a wipe there would be met as a first contact and its snapshot lost.
+        if self._cluster:
+            planned = {slot for slot, _ in plans}
+            self._generations = {s: g for s, g in self._generations.items() if s in planned}
         return restored
 
     async def raise_to(self, used: Mapping[str, int]) -> int:
