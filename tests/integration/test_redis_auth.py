@@ -19,6 +19,7 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from redis import Redis
 from redis.exceptions import AuthenticationError, RedisError
 
+from arks.adapters.redis.client import RedisAuthFailed, check_auth
 from launcher.procs import Supervisor, free_port, wait_http
 from tests.support.manifests import INSTALL, containers, one
 from tests.support.paths import DEMO_POLICY
@@ -199,6 +200,19 @@ def test_ratelimit_stops_clearly_without_the_right_password(
     assert PASSWORD not in log and (
         password is None or password not in log.replace("wrong password", "")
     )
+
+
+@pytest.mark.parametrize("password", [None, "wrong"])
+async def test_a_cluster_url_without_the_right_password_is_refused_at_start(
+    redis: ManifestRedis, password: str | None
+) -> None:
+    """A cluster's client reports the refused AUTH inside a RedisClusterException (here the one
+    node it was given; no cluster needed to be refused): still a setting to fix, not an outage."""
+    url = f"redis+cluster://127.0.0.1:{redis.port}"
+    expected = "no password given" if password is None else "wrong password"
+    with pytest.raises(RedisAuthFailed, match=f"refused to authenticate \\({expected}\\)"):
+        await check_auth(url, password, timeout_s=2.0)
+    await check_auth(url, PASSWORD, timeout_s=2.0)  # accepted (not a cluster: unreachable)
 
 
 def _extproc_args(redis: ManifestRedis) -> list[str]:

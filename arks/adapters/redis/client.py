@@ -247,13 +247,26 @@ async def check_auth(url: str, password: str | None, timeout_s: float, **options
     try:
         async with asyncio.timeout(timeout_s):
             await redis.ping()
-    except AuthenticationError as e:
-        detail = "no password given" if password is None else "wrong password"
-        raise RedisAuthFailed(f"redis {where(url)} refused to authenticate ({detail}): {e}") from e
-    except (RedisError, RedisClusterException, OSError, TimeoutError):
-        pass
+    except (RedisError, RedisClusterException, OSError, TimeoutError) as e:
+        refusal = _refusal(e)
+        if refusal is not None:
+            detail = "no password given" if password is None else "wrong password"
+            raise RedisAuthFailed(
+                f"redis {where(url)} refused to authenticate ({detail}): {refusal}"
+            ) from e
     finally:
         await redis.aclose()
+
+
+def _refusal(err: BaseException) -> AuthenticationError | None:
+    """The AuthenticationError behind `err`: a cluster's client reports a refused AUTH on every
+    node it tried as a RedisClusterException caused by it."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, AuthenticationError):
+            return seen
+        seen = seen.__cause__
+    return None
 
 
 async def ping(redis: Redis) -> None:
