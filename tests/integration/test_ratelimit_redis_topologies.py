@@ -17,6 +17,8 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from grpc_health.v1 import health_pb2
 from redis.crc import key_slot
 
+from arks.adapters.redis.backend import RedisBackend
+from arks.limits.model import Algorithm, Hit
 from launcher.procs import Supervisor
 from tests.integration.test_ratelimit_service import (
     NOT_SERVING,
@@ -291,3 +293,34 @@ def test_health_follows_a_sentinel_master_that_cannot_be_found(tmp_path: Path) -
         assert svc.ask(descriptor(("tenant", "x"))).overall_code == OK  # fail-open
         assert health_pb2.HealthCheckResponse.SERVING not in health_of(svc)
         svc.channel.close()
+
+
+async def test_a_sentinel_found_master_waits_for_connections_and_closes_the_sentinels_ones(
+    tmp_path: Path,
+) -> None:
+    """More concurrent applies than connections wait their turn (as one server's pool makes
+    them), none refused. The client asks the sentinels where the master is; closed, it leaves
+    no connection to them open (redis-py closes those only with its Sentinel object)."""
+    with running(Sentinels(tmp_path / "sentinel", count=1)) as sentinels:
+        assert isinstance(sentinels, Sentinels)
+        (sentinel,) = sentinels.sentinels
+
+        def ours() -> list[str]:  # every client but redis-cli asking (one sentinel: no peers)
+            listed = command(sentinel.port, "CLIENT", "LIST").splitlines()
+            return [line for line in listed if "cmd=client|list" not in line]
+
+        backend = RedisBackend(
+            f"redis+sentinel://{sentinel.address}/{sentinels.name}",
+            timeout_s=5.0,
+            max_connections=2,
+        )
+        now = time.time()
+        busy = Hit("busy", 100, 60, 1, Algorithm.FIXED_WINDOW)
+        answers = await asyncio.gather(*(backend.apply([busy], now) for _ in range(40)))
+        assert sorted(outcome.used for (outcome,) in answers) == list(range(1, 41))
+        assert ours()
+        await backend.close()
+        deadline = time.monotonic() + 5
+        while ours() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert ours() == []

@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlsplit
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import (
     AuthenticationError,
@@ -186,7 +186,12 @@ def connect(
             **common,
             **(secure if where_.tls else {}),
         )
-        master: Redis = sentinel.master_for(where_.master)
+        master: Redis = sentinel.master_for(
+            where_.master,
+            redis_class=_SentinelMaster,
+            connection_pool_class=_SentinelPool,
+            timeout=timeout_s,  # the wait for a free connection, as one server's pool
+        )
         return master
     pool = BlockingConnectionPool.from_url(
         url,
@@ -209,6 +214,24 @@ class _Cluster(RedisCluster):
         ClusterDownError,
         SlotNotCoveredError,
     )
+
+
+class _SentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """A sentinel-found master's pool that waits for a free connection as one server's does
+    (redis-py's refuses a command at once, MaxConnectionsError, when all are in use)."""
+
+
+class _SentinelMaster(Redis):
+    """A sentinel-found master's client that closes its connections to the sentinels with its
+    own: redis-py leaves them to the Sentinel object, which only the master's pool holds."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        try:
+            await super().aclose(close_connection_pool)
+        finally:
+            pool = self.connection_pool
+            if isinstance(pool, SentinelConnectionPool):
+                await pool.sentinel_manager.aclose()
 
 
 def read_password(path: Path) -> str:
