@@ -287,6 +287,24 @@ async def test_a_cluster_slot_that_fails_leaves_the_other_slots_uncharged(
         await on_cluster.close()
 
 
+async def test_a_cluster_waits_for_a_connection_as_one_server_does(redis_cluster: Cluster) -> None:
+    """More concurrent applies than connections: each waits its turn (as one server's pool
+    makes it wait), none is refused for want of a connection."""
+    on_cluster = RedisBackend(
+        f"redis+cluster://{redis_cluster.urls}",
+        prefix=f"arks:rl:test:{uuid.uuid4().hex}:",
+        timeout_s=SHARED_TIMEOUT_S,
+        max_connections=2,
+    )
+    try:
+        answers = await asyncio.gather(
+            *(on_cluster.apply([hit(100, key="busy")], T0) for _ in range(40))
+        )
+        assert sorted(outcome.used for (outcome,) in answers) == list(range(1, 41))
+    finally:
+        await on_cluster.close()
+
+
 async def agree_in_all_or_nothing_mode(backend: CounterBackend, memory: MemoryBackend) -> None:
     now = time.time()
     batches = [

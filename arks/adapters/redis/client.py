@@ -17,12 +17,13 @@ import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
@@ -214,6 +215,50 @@ class _Cluster(RedisCluster):
         ClusterDownError,
         SlotNotCoveredError,
     )
+
+    def __init__(self, *, max_connections: int, **kwargs: Any) -> None:
+        super().__init__(max_connections=max_connections, **kwargs)
+        # redis-py's cluster client refuses a command at once (MaxConnectionsError) when a
+        # node's connections are all in use, where one server's pool waits for one. Calls wait
+        # their turn here instead (within their caller's timeout): a command or a pipeline
+        # holds at most one connection per node at a time, so no node runs out.
+        self._turns = asyncio.Semaphore(max_connections)
+
+    @asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        if _IN_TURN.get() is self:  # a command a pipeline (or a command) sends for itself
+            yield
+            return
+        async with self._turns:
+            held = _IN_TURN.set(self)
+            try:
+                yield
+            finally:
+                _IN_TURN.reset(held)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self.turn():
+            return await super().execute_command(*args, **kwargs)
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
+        if shard_hint:
+            raise RedisClusterException("shard_hint is deprecated in cluster mode")
+        return _ClusterPipeline(self, transaction)  # type: ignore[abstract]
+
+
+class _ClusterPipeline(ClusterPipeline):
+    """A pipeline that waits its turn for connections (see _Cluster)."""
+
+    def __init__(self, client: _Cluster, transaction: bool | None = None) -> None:
+        super().__init__(client, transaction)
+        self._client = client
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        async with self._client.turn():
+            return await super().execute(raise_on_error, allow_redirections)
+
+
+_IN_TURN: ContextVar[_Cluster | None] = ContextVar("arks_redis_in_turn", default=None)
 
 
 class _SentinelPool(SentinelConnectionPool, BlockingConnectionPool):
