@@ -92,7 +92,9 @@ def target(url: str) -> Target:
     username, password = None, None
     if userinfo:
         user, colon, secret = userinfo.partition(":")
-        username, password = (unquote(user) or None, unquote(secret)) if colon else (None, user)
+        username, password = (
+            (unquote(user) or None, unquote(secret)) if colon else (None, unquote(user))
+        )
     nodes = tuple(_node(text, scheme) for text in hosts.split(",") if text)
     if not nodes:
         raise ValueError(f"{scheme}:// names no host:port")

@@ -45,6 +45,12 @@ def test_a_cluster_is_its_nodes() -> None:
     assert target("redis+cluster://pw@a:7000").password == "pw"
 
 
+def test_credentials_are_percent_decoded_with_or_without_a_user() -> None:
+    assert target("redis+cluster://u%3Ax:p%40w@a:7000")[-2:] == ("u:x", "p@w")
+    assert target("redis+cluster://p%40w@a:7000").password == "p@w"
+    assert target("redis+sentinel://p%2Fw@s:26379/m").password == "p/w"
+
+
 def test_sentinels_name_their_master_and_maybe_a_database() -> None:
     found = target("redis+sentinel://s1:26379,s2:26380/mymaster/3")
     assert (found.kind, found.master, found.db, found.tls) == ("sentinel", "mymaster", 3, False)
