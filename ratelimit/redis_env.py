@@ -27,7 +27,8 @@ class RedisEnv:
     url: str | None = None
     username: str | None = None
     password: str | None = None  # REDIS_AUTH: "password" or "user:password"
-    sentinel_password: str | None = None
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None  # REDIS_SENTINEL_AUTH: as REDIS_AUTH
     pool_size: int | None = None
     timeout_s: float | None = None
     tls: Tls | None = None
@@ -68,6 +69,7 @@ def redis_env(environ: Mapping[str, str]) -> RedisEnv:
         tls_on,
     )
     username, password = _auth(environ.get("REDIS_AUTH", ""))
+    sentinel_username, sentinel_password = _auth(environ.get("REDIS_SENTINEL_AUTH", ""))
     tls = None
     if tls_on:
         tls = Tls(
@@ -89,9 +91,12 @@ def redis_env(environ: Mapping[str, str]) -> RedisEnv:
         url=url,
         username=username,
         password=password,
-        sentinel_password=environ.get("REDIS_SENTINEL_AUTH") or None,
+        sentinel_username=sentinel_username,
+        sentinel_password=sentinel_password,
         pool_size=pool or None,
-        timeout_s=go_duration("REDIS_TIMEOUT", timeout) if timeout else None,
+        # Upstream's 0 is no deadline at all; ours bounds every decision, so 0 keeps our
+        # default (a deadline of 0 would time every call out).
+        timeout_s=(go_duration("REDIS_TIMEOUT", timeout) or None) if timeout else None,
         tls=tls,
         key_prefix=environ["CACHE_KEY_PREFIX"] if "CACHE_KEY_PREFIX" in environ else None,
         stop_increment_when_over=parse_bool(
@@ -129,7 +134,8 @@ def redis_url(url: str, kind: str, socket_type: str, tls: bool) -> str | None:
 
 
 def _auth(value: str) -> tuple[str | None, str | None]:
-    """REDIS_AUTH as upstream reads it: "user:password", or a password alone."""
+    """REDIS_AUTH (and REDIS_SENTINEL_AUTH) as upstream reads it: "user:password", or a
+    password alone."""
     if not value:
         return None, None
     user, colon, password = value.partition(":")

@@ -367,6 +367,7 @@ def make_backend(settings: Settings, password: str | None) -> CounterBackend:
             max_connections=settings.redis_pool_size,
             password=password or env.password,
             username=env.username,
+            sentinel_username=env.sentinel_username,
             sentinel_password=env.sentinel_password,
             tls=env.tls,
         )
@@ -382,6 +383,7 @@ async def serve(settings: Settings) -> None:
             password or env.password,
             timeout_s=2.0,
             username=env.username,
+            sentinel_username=env.sentinel_username,
             sentinel_password=env.sentinel_password,
             tls=env.tls,
         )

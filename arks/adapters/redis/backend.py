@@ -198,7 +198,8 @@ class RedisBackend:
         password: str | None = None,
         **options: Any,
     ) -> None:
-        """`options`: the rest of `connect`'s (username, sentinel_password, tls)."""
+        """`options`: the rest of `connect`'s (username, sentinel_username, sentinel_password,
+        tls)."""
         self._prefix = prefix
         self._timeout_s = timeout_s
         self._cluster = target(url).kind == "cluster"

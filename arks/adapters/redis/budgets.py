@@ -373,7 +373,8 @@ class RedisBudgets:
         password: str | None = None,
         **options: Any,
     ) -> None:
-        """`options`: the rest of `connect`'s (username, sentinel_password, tls)."""
+        """`options`: the rest of `connect`'s (username, sentinel_username, sentinel_password,
+        tls)."""
         self._prefix = prefix
         self._timeout_s = timeout_s
         self._cluster = target(url).kind == "cluster"

@@ -132,13 +132,14 @@ def connect(
     password: str | None = None,
     *,
     username: str | None = None,
+    sentinel_username: str | None = None,
     sentinel_password: str | None = None,
     tls: Tls | None = None,
 ) -> Redis:
     """A client for `url` (one server, a cluster or a sentinel-found master); `password` (AUTH)
-    unless the URL carries one; `sentinel_password` the sentinels' own. A cluster's client is
-    typed as `Redis`: the commands the stores send are the same, and a cluster refuses
-    (RedisClusterException) a script whose keys are not in one slot."""
+    unless the URL carries one; `sentinel_username` and `sentinel_password` the sentinels' own.
+    A cluster's client is typed as `Redis`: the commands the stores send are the same, and a
+    cluster refuses (RedisClusterException) a script whose keys are not in one slot."""
     where_ = target(url)
     # One immediate retry on a dropped connection (e.g. a pooled one Redis closed while
     # restarting): the command almost surely never ran. Never on timeouts: the script may have
@@ -175,10 +176,11 @@ def connect(
     if where_.kind == "sentinel":
         sentinel = Sentinel(
             list(where_.nodes),
-            # The sentinels' own password: REDIS_SENTINEL_AUTH upstream; none by default.
+            # The sentinels' own credentials: REDIS_SENTINEL_AUTH upstream; none by default.
             sentinel_kwargs={
                 "socket_timeout": timeout_s,
                 "socket_connect_timeout": timeout_s,
+                "username": sentinel_username,
                 "password": sentinel_password,
                 **({"ssl": True, **secure} if where_.tls else {}),
             },

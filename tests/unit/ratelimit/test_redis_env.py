@@ -75,6 +75,20 @@ def test_auth_user_password_sentinel_auth_pool_timeout_prefix_and_stop_increment
     assert env.stop_increment_when_over
 
 
+def test_sentinel_auth_is_read_as_upstream_reads_it_user_and_password() -> None:
+    """driver_impl.go's createDialer cuts REDIS_SENTINEL_AUTH at its first colon, as
+    REDIS_AUTH."""
+    env = redis_env({"REDIS_SENTINEL_AUTH": "watcher:pa:ss"})
+    assert (env.sentinel_username, env.sentinel_password) == ("watcher", "pa:ss")
+    assert "pa:ss" not in repr(env)
+
+
+def test_a_zero_timeout_upstreams_none_keeps_our_default() -> None:
+    """Upstream's REDIS_TIMEOUT=0 sets no deadline; ours would time every call out at once."""
+    assert redis_env({"REDIS_TIMEOUT": "0"}).timeout_s is None
+    assert redis_env({"REDIS_TIMEOUT": "0s"}).timeout_s is None
+
+
 def test_skipping_the_hostname_check_keeps_the_chain_checked() -> None:
     env = redis_env(
         {"REDIS_URL": "r:6379", "REDIS_SOCKET_TYPE": "tcp", "REDIS_TLS": "1",
