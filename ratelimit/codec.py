@@ -24,7 +24,9 @@ def request(message: rls_pb2.RateLimitRequest) -> LimitRequest:
         if d.HasField("limit"):
             unit_name = _Response.RateLimit.Unit.Name(d.limit.unit)
             if unit_name in Unit.__members__:
-                override = RateLimit(d.limit.requests_per_unit, Unit[unit_name], name="override")
+                # Unnamed, as upstream's (its stats keep one series for every override: our
+                # metrics' cardinality rule, where upstream names one per descriptor value).
+                override = RateLimit(d.limit.requests_per_unit, Unit[unit_name])
         hits = d.hits_addend.value if d.HasField("hits_addend") else None
         descriptors.append(
             DescriptorRequest(tuple((e.key, e.value) for e in d.entries), override, hits)

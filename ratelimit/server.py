@@ -408,6 +408,7 @@ async def serve(settings: Settings) -> None:
             near_ratio=settings.near_ratio,
             all_or_nothing=settings.stop_increment_when_over,
         ),
+        overrides_anywhere=False,  # as upstream: no limit in a domain it does not have
     )
 
     service = RateLimitService(

@@ -56,10 +56,17 @@ class Answer:
 Lookup = Callable[[str, Sequence[tuple[str, str]]], RateLimit | None]
 
 
-def limits_for(request: LimitRequest, lookup: Lookup) -> list[RateLimit | None]:
+def limits_for(
+    request: LimitRequest, lookup: Lookup, *, overrides: bool = True
+) -> list[RateLimit | None]:
     """The limit applying to each descriptor, after overrides and `replaces`; an unlimited one
-    is kept (its status says so) but never counted."""
-    found = [d.override or lookup(request.domain, d.entries) for d in request.descriptors]
+    is kept (its status says so) but never counted. Without `overrides` (a domain the
+    configuration does not have: envoyproxy/ratelimit finds no limit there, override or not)
+    a descriptor's own limit is ignored."""
+    found = [
+        (d.override if overrides else None) or lookup(request.domain, d.entries)
+        for d in request.descriptors
+    ]
     replaced = {name for limit in found if limit is not None for name in limit.replaces}
     return [
         None

@@ -49,6 +49,9 @@ class Limiter:
     # Domains named by the process itself (the gateway's own, whose limits all come as
     # overrides); with the configured ones, the domains shown as themselves in metrics.
     own_domains: frozenset[str] = frozenset()
+    # Whether a descriptor's own limit (Envoy's override) counts in a domain neither configured
+    # nor our own: envoyproxy/ratelimit finds no limit there (its service sets this False).
+    overrides_anywhere: bool = True
     _cache: dict[tuple[str, str], _Series] = field(default_factory=dict, repr=False)
     # Requests whose every descriptor carries its limit (overrides: the configuration plays no
     # part), by identity: a caller that asks the same request object again (the gateway's
@@ -62,7 +65,13 @@ class Limiter:
         found = self._prepared.get(id(request))
         if found is not None and found.request is request:
             return found.limits, found.hits
-        limits = limits_for(request, self.config().lookup)
+        config = self.config()
+        overrides = (
+            self.overrides_anywhere
+            or request.domain in self.own_domains
+            or request.domain in config.domains
+        )
+        limits = limits_for(request, config.lookup, overrides=overrides)
         hits = hits_for(request, limits)
         if all(d.override is not None for d in request.descriptors):
             if len(self._prepared) >= MAX_PREPARED:

@@ -198,10 +198,16 @@ def test_envoys_limit_override(service: Service) -> None:
             )
         )
         started = time.time()
-        codes = [service.ask(d).overall_code for _ in range(2)]
+        answers = [service.ask(d) for _ in range(2)]
         if int(time.time()) == int(started):
             break
-    assert codes == [OK, OVER]
+    assert [a.overall_code for a in answers] == [OK, OVER]
+    limit = answers[1].statuses[0].current_limit
+    assert (limit.requests_per_unit, limit.name) == (1, "")  # unnamed, as upstream's
+    # A domain the configuration does not have: no limit, override or not (as upstream).
+    elsewhere = rls_pb2.RateLimitRequest(domain="not-configured", descriptors=[d])
+    answer = service.stub.ShouldRateLimit(elsewhere, timeout=5)
+    assert answer.overall_code == OK and not answer.statuses[0].HasField("current_limit")
 
 
 def test_shadow_mode_and_unlimited(service: Service) -> None:

@@ -23,6 +23,7 @@ from arks.limits.config import RateLimitConfig
 from arks.limits.limiter import Limiter
 from arks.limits.metrics import RateLimitMetrics
 from arks.policy import Policy, build_policy
+from extproc import qos
 from extproc.admission import AdmissionControl
 from extproc.context import Context
 from extproc.inflight import InFlight
@@ -50,7 +51,11 @@ def make_context(clock: Callable[[], float], reported: ReportedElsewhere | None 
     metrics = GatewayMetrics.create()
     admission = AdmissionControl(
         limiter=Limiter(
-            RateLimitConfig, MemoryBackend(), RateLimitMetrics.create(), clock=lambda: 1e9
+            RateLimitConfig,
+            MemoryBackend(),
+            RateLimitMetrics.create(),
+            clock=lambda: 1e9,
+            own_domains=frozenset({qos.DOMAIN}),  # as extproc's: its limits come as overrides
         ),
         budgets=MemoryBudgets(),
         policy=policy,

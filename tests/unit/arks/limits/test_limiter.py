@@ -127,6 +127,7 @@ async def test_descriptors_after_an_unlimited_or_unmatched_one_are_still_charged
 
 async def test_shadow_mode_counts_apart_and_an_override_is_keyed_override() -> None:
     limit, metrics = limiter()
+    limit.overrides_anywhere = False  # as the rate-limit service, as upstream
     shadowed = LimitRequest("d", (descriptor(("trial", "t")),))
     await limit.decide(shadowed)
     second = await limit.decide(shadowed)
@@ -134,13 +135,17 @@ async def test_shadow_mode_counts_apart_and_an_override_is_keyed_override() -> N
     assert sample(metrics, "shadow_mode", "d.trial") == 1
     assert sample(metrics, "over_limit", "d.trial") == 0
 
-    override = DescriptorRequest((("user", "o"),), RateLimit(1, Unit.SECOND, name="override"))
+    override = DescriptorRequest((("user", "o"),), RateLimit(1, Unit.SECOND))
     await limit.decide(LimitRequest("d", (override,)))
     assert sample(metrics, "hits", "override") == 1
-    other_domain = LimitRequest("e", (override,))  # not configured: one label value for all
-    await limit.decide(other_domain)
-    await limit.decide(LimitRequest("f", (override,)))
-    assert sample(metrics, "hits", "override", domain="unknown") == 2
+    # A domain the configuration does not have: no limit, override or not (as upstream's
+    # TestConfigLimitOverride), and nothing counted under a caller's string.
+    for domain in ("e", "f"):
+        answer = await limit.decide(LimitRequest(domain, (override,)))
+        assert not answer.over_limit and answer.statuses[0].limit is None
+    assert sample(metrics, "hits", "override", domain="unknown") == 0
+    limit.overrides_anywhere = True  # a library user's own domains: the override counts
+    assert (await limit.decide(LimitRequest("e", (override,)))).statuses[0].limit is not None
     assert (
         metrics.registry.get_sample_value(
             "arks_ratelimit_hits_total", {"domain": "e", "key": "override"}
