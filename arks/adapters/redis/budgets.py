@@ -601,8 +601,13 @@ class RedisBudgets:
         await self._redis.aclose()
 
     def _name(self, key: str, suffix: str) -> str:
-        """A budget's key: on a cluster `{key}` is its hash tag, so a budget is in one slot."""
-        return f"{self._prefix}{{{key}}}{suffix}" if self._cluster else self._prefix + key + suffix
+        """A budget's key: on a cluster `{key}` is its hash tag, so a budget is in one slot (a
+        key that would make the tag empty would spread its budget over slots: refused)."""
+        if not self._cluster:
+            return self._prefix + key + suffix
+        if not key or key[0] == "}":
+            raise ValueError(f"budget key {key!r} cannot be a cluster hash tag")
+        return f"{self._prefix}{{{key}}}{suffix}"
 
     def _names(self, key: str) -> list[str]:
         return [self._name(key, suffix) for suffix in SUFFIXES]

@@ -76,6 +76,9 @@ class Target(NamedTuple):
     username: str | None = None
     password: str | None = None
 
+    def __repr__(self) -> str:  # never the credentials
+        return f"Target({self.kind}, {where(self.url)})"
+
 
 def target(url: str) -> Target:
     """`url` parsed (the forms in the module's docstring); ValueError says what is wrong."""
@@ -294,6 +297,8 @@ def where(url: str) -> str:
     scheme, _, rest = url.partition("://")
     if scheme in _KINDS:
         return f"{scheme}://{rest.rpartition('@')[2]}"
+    if scheme == "unix":
+        return f"unix://{urlsplit(url).path}"
     try:
         parsed = urlsplit(url)
         return f"{parsed.hostname}:{parsed.port or 6379}{parsed.path}"

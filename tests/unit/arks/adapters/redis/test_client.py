@@ -29,6 +29,9 @@ def test_where_hides_the_credentials_of_a_cluster_or_sentinel_url() -> None:
     assert where("redis+cluster://:pw@a:7000,b:7001") == "redis+cluster://a:7000,b:7001"
     assert where("rediss+sentinel://u:pw@s1:26379/main") == "rediss+sentinel://s1:26379/main"
     assert where("redis://[::1") == "(an unreadable Redis URL)"
+    assert where("unix://:pw@/run/redis.sock") == "unix:///run/redis.sock"
+    assert "pw" not in repr(target("redis+cluster://u:pw@a:7000"))
+    assert "pw" not in repr(target("redis://:pw@a:7000"))
 
 
 def test_a_single_server_url_is_kept_as_redis_py_reads_it() -> None:
