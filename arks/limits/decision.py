@@ -9,6 +9,7 @@ override if it sent one, else the configured one; a limit named in another match
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,7 @@ class Status:
     near_limit: bool = False
     unlimited: bool = False  # the descriptor's limit is `unlimited: true`: never counted
     quota_mode: bool = False  # its limit (or the service) is in quota mode
+    used: int = 0  # the counter after this request's hits (the outcome's)
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,9 @@ def answer(
             statuses.append(Status(over_limit=False, quota_mode=quota_mode))
             continue
         shadowed = outcome.over_limit and (shadow_mode or limit.shadow_mode)
-        near = not outcome.over_limit and outcome.used >= near_ratio * limit.requests_per_unit
+        near = not outcome.over_limit and outcome.used > near_threshold(
+            limit.requests_per_unit, near_ratio
+        )
         statuses.append(
             Status(
                 over_limit=outcome.over_limit and not limit.shadow_mode,
@@ -141,10 +145,46 @@ def answer(
                 shadowed=shadowed,
                 near_limit=near,
                 quota_mode=quota_mode or limit.quota_mode,
+                used=outcome.used,
             )
         )
     over = _over(statuses) and not shadow_mode
     return Answer(over, tuple(statuses), _headers(statuses, over), _body(statuses) if over else b"")
+
+
+def _f32(x: float) -> float:
+    """`x` as a float32 holds it (Go's float32 conversions)."""
+    return float(struct.unpack("f", struct.pack("f", x))[0])
+
+
+def near_threshold(limit: int, near_ratio: float) -> int:
+    """envoyproxy/ratelimit's near-limit threshold: floor(float32(limit) * float32(ratio)); a
+    counter above it (and within the limit) is near the limit."""
+    return math.floor(_f32(_f32(limit) * _f32(near_ratio)))
+
+
+def hit_stats(status: Status, hits: int, near_ratio: float) -> tuple[int, int, int, int]:
+    """How many of a descriptor's `hits` envoyproxy/ratelimit counts over the limit, near it,
+    within it and in shadow mode (its base_limiter: a request that crosses a threshold counts
+    only its hits beyond it there; hits over a shadow-mode limit count both over and shadow;
+    the service's global shadow mode changes no stat)."""
+    limit = status.limit
+    if limit is None:
+        return 0, 0, 0, 0
+    threshold = limit.requests_per_unit
+    after = status.used
+    before = max(0, after - hits)
+    near_at = near_threshold(threshold, near_ratio)
+    if status.over_limit or (limit.shadow_mode and status.shadowed):
+        if before >= threshold:
+            over, near = hits, 0
+        else:
+            over, near = after - threshold, threshold - max(near_at, before)
+        return over, near, 0, over if limit.shadow_mode else 0
+    near = 0
+    if after > near_at:
+        near = hits if before >= near_at else after - near_at
+    return 0, near, hits, 0
 
 
 def _over(statuses: Sequence[Status]) -> bool:

@@ -16,6 +16,7 @@ from arks.limits.decision import (
     Status,
     answer,
     counted,
+    hit_stats,
     hits_for,
     limits_for,
 )
@@ -160,17 +161,17 @@ class Limiter:
                     for i, (k, v) in enumerate(descriptor.entries)
                 )
             series = self._series(domain, key)
-            series.hits.inc(
-                max(1, request.hits_addend) if descriptor.hits is None else descriptor.hits
-            )
-            if status.shadowed:  # a limit's shadow mode, or the service's
-                series.shadow_mode.inc()
-            elif status.over_limit:
-                series.over_limit.inc()
-            else:
-                series.within_limit.inc()
-                if status.near_limit:
-                    series.near_limit.inc()
+            hits = max(1, request.hits_addend) if descriptor.hits is None else descriptor.hits
+            series.hits.inc(hits)
+            over, near, within, shadow = hit_stats(status, hits, self.enforcement.near_ratio)
+            for counter, n in (
+                (series.over_limit, over),
+                (series.near_limit, near),
+                (series.within_limit, within),
+                (series.shadow_mode, shadow),
+            ):
+                if n:
+                    counter.inc(n)
 
     def _series(self, domain: str, key: str) -> _Series:
         """One key's counters, looked up once: labels() costs microseconds on every call."""

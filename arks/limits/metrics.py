@@ -33,14 +33,21 @@ class RateLimitMetrics:
         metrics = cls(
             registry=registry,
             hits=per_key("arks_ratelimit_hits", "Hits charged to a limit."),
-            over_limit=per_key("arks_ratelimit_over_limit", "Decisions over the limit (enforced)."),
+            # Counted in hits, split as envoyproxy/ratelimit splits them (decision.hit_stats).
+            over_limit=per_key(
+                "arks_ratelimit_over_limit", "Hits over the limit (a limit in shadow mode too)."
+            ),
             near_limit=per_key(
                 "arks_ratelimit_near_limit",
-                "Decisions within the limit but above the near-limit ratio.",
+                "Hits within the limit but above the near-limit ratio (and those of a request "
+                "that crossed the limit, up to it).",
             ),
-            within_limit=per_key("arks_ratelimit_within_limit", "Decisions within the limit."),
+            within_limit=per_key(
+                "arks_ratelimit_within_limit", "Hits of requests within the limit."
+            ),
             shadow_mode=per_key(
-                "arks_ratelimit_shadow_mode", "Over the limit, let through because of shadow mode."
+                "arks_ratelimit_shadow_mode",
+                "Hits over a limit in shadow mode, let through.",
             ),
             backend_errors=Counter(
                 "arks_ratelimit_backend_errors",

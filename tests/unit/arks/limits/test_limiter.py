@@ -133,7 +133,7 @@ async def test_shadow_mode_counts_apart_and_an_override_is_keyed_override() -> N
     second = await limit.decide(shadowed)
     assert not second.over_limit and second.statuses[0].shadowed
     assert sample(metrics, "shadow_mode", "d.trial") == 1
-    assert sample(metrics, "over_limit", "d.trial") == 0
+    assert sample(metrics, "over_limit", "d.trial") == 1  # both, as upstream counts them
 
     override = DescriptorRequest((("user", "o"),), RateLimit(1, Unit.SECOND))
     await limit.decide(LimitRequest("d", (override,)))
@@ -244,11 +244,14 @@ async def test_the_enforcement_settings_reach_the_decision() -> None:
     request = LimitRequest("d", (descriptor(("user", "s")),))
     answers = [await shadow.decide(request) for _ in range(3)]
     assert not any(a.over_limit for a in answers) and answers[-1].statuses[0].shadowed
-    assert sample(metrics, "shadow_mode", "d.user") == 1
+    # The service's shadow mode changes answers, not stats (upstream's): counted over the limit.
+    assert sample(metrics, "shadow_mode", "d.user") == 0
+    assert sample(metrics, "over_limit", "d.user") == 1
 
     early, metrics = limiter(Enforcement(near_ratio=0.5))
-    first = await early.decide(request)
-    assert first.statuses[0].near_limit  # 1 of 2 reaches a 0.5 ratio
+    first, second = [await early.decide(request) for _ in range(2)]
+    assert not first.statuses[0].near_limit  # 1 of 2 is not above floor(2 * 0.5)
+    assert second.statuses[0].near_limit
     assert sample(metrics, "near_limit", "d.user") == 1
 
 

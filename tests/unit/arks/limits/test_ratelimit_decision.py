@@ -11,6 +11,7 @@ from arks.limits.decision import (
     Status,
     answer,
     counter_key,
+    hit_stats,
     hits_for,
     limits_for,
     passed_metadata,
@@ -108,11 +109,47 @@ def test_over_limit_answer_has_statuses_headers_and_an_openai_body() -> None:
 
 
 def test_within_limits_reports_the_tightest_and_no_body() -> None:
-    decided = answer([PER_MINUTE, PER_DAY], [Outcome(False, 2, 30, 8), Outcome(False, 50, 100, 50)])
+    decided = answer([PER_MINUTE, PER_DAY], [Outcome(False, 1, 30, 9), Outcome(False, 50, 100, 50)])
     assert not decided.over_limit and decided.body == b""
     headers = dict(decided.headers)
-    assert headers["ratelimit-remaining"] == "2" and "retry-after" not in headers
+    assert headers["ratelimit-remaining"] == "1" and "retry-after" not in headers
+    # near: above floor(10 * 0.8) = 8, as upstream
     assert decided.statuses[0].near_limit and not decided.statuses[1].near_limit
+    at_eight = answer([PER_MINUTE], [Outcome(False, 2, 30, 8)])
+    assert not at_eight.statuses[0].near_limit
+
+
+@pytest.mark.parametrize(
+    ("limit", "hits", "after", "split"),
+    [
+        # envoyproxy/ratelimit's TestNearLimit (test/redis/fixed_cache_impl_test.go), ratio 0.8:
+        # (over, near, within, shadow) of `hits` that brought the counter to `after`.
+        (15, 1, 11, (0, 0, 1, 0)),
+        (15, 1, 13, (0, 1, 1, 0)),
+        (15, 1, 16, (1, 0, 0, 0)),
+        (20, 3, 5, (0, 0, 3, 0)),
+        (8, 2, 7, (0, 1, 2, 0)),
+        (20, 3, 19, (0, 3, 3, 0)),
+        (20, 3, 22, (2, 1, 0, 0)),
+    ],
+)
+def test_hits_are_split_over_near_and_within_as_upstream(
+    limit: int, hits: int, after: int, split: tuple[int, int, int, int]
+) -> None:
+    rate = RateLimit(limit, Unit.SECOND)
+    outcome = Outcome(after > limit, max(0, limit - after), 1, after)
+    (status,) = answer([rate], [outcome]).statuses
+    assert hit_stats(status, hits, 0.8) == split
+
+
+def test_shadow_mode_hits_count_over_and_shadow_and_the_global_switch_changes_no_stat() -> None:
+    shadowed = RateLimit(5, Unit.SECOND, shadow_mode=True)
+    (status,) = answer([shadowed], [Outcome(True, 0, 1, 7)]).statuses
+    assert hit_stats(status, 3, 0.8) == (2, 1, 0, 2)  # 4 -> 7: two over, one near (4 -> 5)
+    (status,) = answer(
+        [RateLimit(5, Unit.SECOND)], [Outcome(True, 0, 1, 7)], shadow_mode=True
+    ).statuses
+    assert hit_stats(status, 3, 0.8) == (2, 1, 0, 0)
 
 
 def test_shadow_mode_reports_but_does_not_enforce() -> None:
