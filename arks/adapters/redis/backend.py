@@ -16,6 +16,7 @@ from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from arks.adapters.redis.client import Script, answer_within, connect, ping, run, target
+from arks.adapters.redis.resp import pipelined
 from arks.limits.model import Algorithm, Hit, Outcome
 from arks.limits.window import (
     Instant,
@@ -204,6 +205,8 @@ class RedisBackend:
         self._timeout_s = timeout_s
         self._cluster = target(url).kind == "cluster"
         self._redis: Redis = connect(url, timeout_s, max_connections, password, **options)
+        # One plain server: the scripts go over the lean pipelined client (resp.py).
+        self._fast = pipelined(url, timeout_s, password, **options)
 
     async def apply(
         self, hits: Sequence[Hit], now: float, *, all_or_nothing: bool = False
@@ -220,6 +223,10 @@ class RedisBackend:
             ([keys[i] for i in group], head + [a for i in group for a in _hit_args(hits[i])])
             for group in slots
         ]
+        if len(calls) == 1:  # one server, or one slot: one script, nothing to give back
+            async with answer_within(self._timeout_s, "counters"):
+                reply = await self._run(*calls[0])
+            return [_outcome(hit, value, now) for hit, value in zip(hits, reply[1:], strict=True)]
         async with answer_within(self._timeout_s, "counters"):
             # Every slot's script settles before any error is raised: a slot still running would
             # charge behind the caller's back.
@@ -237,7 +244,7 @@ class RedisBackend:
                     for call, r in zip(calls, replies, strict=True)
                     if isinstance(r, list) and r[0] == 1
                 ]
-                await asyncio.gather(*(run(self._redis, _UNDO, *call) for call in taken))
+                await asyncio.gather(*(self._script(_UNDO, *call) for call in taken))
             if failed is not None:
                 raise failed
         values: list[Any] = [None] * len(hits)
@@ -249,16 +256,29 @@ class RedisBackend:
 
     async def ping(self) -> None:
         async with answer_within(self._timeout_s, "counters"):
-            await ping(self._redis)
+            if self._fast is not None:
+                await self._fast.call("PING")
+            else:
+                await ping(self._redis)
 
     async def close(self) -> None:
+        if self._fast is not None:
+            await self._fast.close()
         await self._redis.aclose()
 
     async def _run(self, keys: list[str], args: list[str | int]) -> list[Any]:
-        replies = await run(self._redis, _SCRIPT, keys, args)
+        if self._fast is not None:
+            replies = await self._fast.script(SCRIPT, _SCRIPT.sha, keys, args)
+        else:
+            replies = await run(self._redis, _SCRIPT, keys, args)
         if not isinstance(replies, list) or len(replies) != len(keys) + 1:
             raise RedisError(f"unexpected script reply: {replies!r}")
         return replies
+
+    async def _script(self, script: Script, keys: list[str], args: list[str | int]) -> Any:
+        if self._fast is not None:
+            return await self._fast.script(script.text, script.sha, keys, args)
+        return await run(self._redis, script, keys, args)
 
 
 def _hit_args(hit: Hit) -> list[str | int]:
