@@ -145,13 +145,13 @@ REFUSED: tuple[tuple[str, Callable[[Mapping[str, str]], bool], str], ...] = (
         ),
         "response times in milliseconds (ours are seconds)",
     ),
-    ("GRPC_SERVER_USE_TLS", _true("GRPC_SERVER_USE_TLS"), "TLS on the gRPC port"),
     ("TRACING_ENABLED", _true("TRACING_ENABLED"), "OpenTelemetry tracing"),
     ("LOG_FORMAT", lambda env: env.get("LOG_FORMAT", "").lower() == "json", "JSON logs"),
 )
 # Accepted and ignored, as harmless here: GRPC_MAX_CONNECTION_AGE(_GRACE) (gRPC keepalive
-# tuning); GRPC_SERVER_TLS_*, GRPC_CLIENT_TLS_* (read only with GRPC_SERVER_USE_TLS); LOG_FORMAT
-# text; STATSD_HOST/PORT, USE_DOG_STATSD_MOGRIFIERS, STATS_FLUSH_INTERVAL (read only by the
+# tuning); GRPC_SERVER_TLS_CERT/_KEY, GRPC_CLIENT_TLS_CACERT/_SAN without GRPC_SERVER_USE_TLS
+# (as upstream: see `grpc_tls`); GRPC_SERVER_TLS_CA_CERT (set by Envoy Gateway, read by no
+# version of upstream: the client CA is GRPC_CLIENT_TLS_CACERT); LOG_FORMAT text; STATSD_HOST/PORT, USE_DOG_STATSD_MOGRIFIERS, STATS_FLUSH_INTERVAL (read only by the
 # refused sinks); DISABLE_STATS (our metrics are only pulled, never pushed); PROMETHEUS_PATH
 # (our metrics port answers on every path); MEMCACHE_* (read only with BACKEND_TYPE=memcache,
 # which `ratelimit.redis_env` refuses with the other counter-store settings);
@@ -172,6 +172,35 @@ def refusal(environ: Mapping[str, str]) -> str | None:
 
 
 @dataclass(frozen=True)
+class GrpcTls:
+    """Upstream's TLS on the gRPC port (settings.go's GrpcServerTlsConfig): the files and the
+    client SAN are read only with GRPC_SERVER_USE_TLS=true."""
+
+    use_tls: bool = False
+    cert: Path | None = None  # GRPC_SERVER_TLS_CERT
+    key: Path | None = None  # GRPC_SERVER_TLS_KEY
+    client_ca: Path | None = None  # GRPC_CLIENT_TLS_CACERT: client certificates required
+    client_san: str = ""  # GRPC_CLIENT_TLS_SAN: a name the client certificate must hold
+
+
+def grpc_tls(environ: Mapping[str, str]) -> GrpcTls:
+    if not parse_bool("GRPC_SERVER_USE_TLS", environ.get("GRPC_SERVER_USE_TLS", "")):
+        return GrpcTls()
+
+    def path(name: str) -> Path | None:
+        value = environ.get(name, "")
+        return Path(value) if value else None
+
+    return GrpcTls(
+        use_tls=True,
+        cert=path("GRPC_SERVER_TLS_CERT"),
+        key=path("GRPC_SERVER_TLS_KEY"),
+        client_ca=path("GRPC_CLIENT_TLS_CACERT"),
+        client_san=environ.get("GRPC_CLIENT_TLS_SAN", ""),
+    )
+
+
+@dataclass(frozen=True)
 class Defaults:
     """Our flags' defaults as upstream's variables set them (ours where a variable is unset)."""
 
@@ -187,6 +216,7 @@ class Defaults:
     near_ratio: float
     dynamic_metadata: bool
     healthy_with_config: bool
+    grpc_tls: GrpcTls
 
 
 def defaults(
@@ -222,4 +252,5 @@ def defaults(
         near_ratio=env_float(environ, "NEAR_LIMIT_RATIO", near_ratio),
         dynamic_metadata=flag("RESPONSE_DYNAMIC_METADATA"),
         healthy_with_config=flag("HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED"),
+        grpc_tls=grpc_tls(environ),
     )

@@ -18,6 +18,7 @@ from prometheus_client import start_http_server
 
 from arks import workers
 from arks.adapters.grpc_server import start_grpc
+from arks.adapters.grpc_tls import CertificateFiles, ServerTls, TlsFilesError
 from arks.adapters.redis.backend import RedisBackend
 from arks.adapters.redis.client import (
     RedisAuthFailed,
@@ -48,6 +49,7 @@ log = logging.getLogger("ratelimit")
 class Settings:
     config: tuple[Path, ...] = ()
     grpc_address: str = "127.0.0.1:8081"
+    grpc_tls: ServerTls | None = None  # TLS on the gRPC port (upstream's GRPC_SERVER_USE_TLS)
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 9102
     redis: str | None = None  # None: counters in this process's memory
@@ -107,6 +109,22 @@ class Settings:
             "--grpc-address",
             default=upstream.grpc_address,
             help="host:port, or unix:PATH (default from upstream's GRPC_HOST, GRPC_PORT, GRPC_UDS)",
+        )
+        tls = upstream.grpc_tls  # upstream's variables, read only with GRPC_SERVER_USE_TLS=true
+        for option, variable, path, what in (
+            ("--grpc-tls-cert", "GRPC_SERVER_TLS_CERT", tls.cert, "TLS on the gRPC port: its "
+             "certificate (PEM; reloaded on change)"),
+            ("--grpc-tls-key", "GRPC_SERVER_TLS_KEY", tls.key, "its private key (PEM)"),
+            ("--grpc-client-ca", "GRPC_CLIENT_TLS_CACERT", tls.client_ca, "client certificates "
+             "required, verified against this CA (PEM)"),
+        ):  # fmt: skip
+            p.add_argument(option, type=Path, default=path, help=f"{what} (upstream's {variable})")
+        p.add_argument(
+            "--grpc-client-san",
+            default=tls.client_san,
+            help="a name (DNS or IP SAN) the client certificate must hold, checked per call: "
+            "UNAUTHENTICATED without it (upstream's GRPC_CLIENT_TLS_SAN; upstream checks it in "
+            "the handshake)",
         )
         p.add_argument(
             "--host", default=upstream.http_host, help="/healthcheck and /json (upstream's HOST)"
@@ -245,6 +263,7 @@ class Settings:
         return cls(
             config=tuple(a.config) or upstream.config,
             grpc_address=a.grpc_address,
+            grpc_tls=_grpc_tls(a, tls.use_tls),
             http_host=a.host,
             http_port=a.port,
             debug_host=a.debug_host,
@@ -289,6 +308,56 @@ def env_bool(name: str) -> bool:
         return environment.parse_bool(name, os.environ.get(name, ""))
     except environment.EnvError as err:
         raise SystemExit(f"ratelimit: {err}") from None
+
+
+def _grpc_tls(a: argparse.Namespace, use_tls_env: bool) -> ServerTls | None:
+    """TLS on the gRPC port when it has a certificate and its key; SystemExit, naming what is
+    missing, for a TLS setting without them (upstream: a fatal error at start-up too)."""
+    cert, key = a.grpc_tls_cert, a.grpc_tls_key
+    if cert is not None and key is not None:
+        return ServerTls(cert, key, a.grpc_client_ca, a.grpc_client_san)
+    if use_tls_env:
+        missing = " and ".join(
+            f"{env} (or {flag})"
+            for env, flag, value in (
+                ("GRPC_SERVER_TLS_CERT", "--grpc-tls-cert", cert),
+                ("GRPC_SERVER_TLS_KEY", "--grpc-tls-key", key),
+            )
+            if value is None
+        )
+        raise SystemExit(f"ratelimit: GRPC_SERVER_USE_TLS=true needs {missing}")
+    if cert is not None or key is not None:
+        flag = "--grpc-tls-key" if key is None else "--grpc-tls-cert"
+        raise SystemExit(f"ratelimit: TLS on the gRPC port needs {flag} too")
+    for flag, value in (
+        ("--grpc-client-ca", a.grpc_client_ca),
+        ("--grpc-client-san", a.grpc_client_san),
+    ):
+        if value:
+            raise SystemExit(f"ratelimit: {flag} needs --grpc-tls-cert and --grpc-tls-key")
+    return None
+
+
+# What a TlsFilesError's role names: the flag and upstream's variable.
+_TLS_FILES = {
+    "cert": "--grpc-tls-cert (GRPC_SERVER_TLS_CERT)",
+    "key": "--grpc-tls-key (GRPC_SERVER_TLS_KEY)",
+    "pair": "--grpc-tls-cert and --grpc-tls-key (GRPC_SERVER_TLS_CERT, GRPC_SERVER_TLS_KEY)",
+    "client_ca": "--grpc-client-ca (GRPC_CLIENT_TLS_CACERT)",
+}
+
+
+def check_tls_files(tls: ServerTls | None) -> None:
+    """Read the gRPC port's TLS files once before anything starts: SystemExit, one line naming
+    the flag and the variable, when they cannot serve."""
+    if tls is None:
+        return
+    try:
+        CertificateFiles(tls)
+    except TlsFilesError as err:
+        raise SystemExit(
+            f"ratelimit: TLS on the gRPC port: {_TLS_FILES[err.role]}: {err}"
+        ) from None
 
 
 def _log_level(value: str) -> str:
@@ -432,12 +501,20 @@ async def serve(settings: Settings) -> None:
         await _serve_http(debug_app(limiter.config, metrics.registry), settings, debug=True),
     ]
     runners = [runner for runner in served if runner is not None]
+    tls = settings.grpc_tls
+    if tls is not None and tls.client_san and tls.client_ca is None:  # as upstream, which then
+        log.warning(  # asks for no client certificate
+            "the client SAN %r is not checked: no --grpc-client-ca (GRPC_CLIENT_TLS_CACERT), so "
+            "no client certificate is asked for",
+            tls.client_san,
+        )
     grpc_server = await start_grpc(
         settings.grpc_address,
         register,
         reuse_port=settings.workers > 1,
         # envoyproxy/ratelimit's name for its health, and the service's own.
         health_names=HEALTH_NAMES,
+        tls=tls,
     )
     if not health.ok:
         await grpc_server.set_serving(False)
@@ -452,9 +529,10 @@ async def serve(settings: Settings) -> None:
             log.warning("health: %s", "SERVING" if health.ok else f"NOT_SERVING ({failing})")
 
     log.info(
-        "ratelimit%s serving gRPC on %s (%s, %s), HTTP on %s, debug on %s, metrics on %s:%d",
+        "ratelimit%s serving gRPC on %s (%s%s, %s), HTTP on %s, debug on %s, metrics on %s:%d",
         "" if settings.worker_index is None else f" worker {settings.worker_index}",
         settings.grpc_address,
+        _tls_mode(settings.grpc_tls),
         "redis" if settings.redis else "memory",
         "fail-open" if settings.fail_open else "fail-closed",
         environment.join_host_port(settings.http_host, settings.http_port),
@@ -488,6 +566,14 @@ async def serve(settings: Settings) -> None:
     await run_until_signalled(*background, shutdown=shutdown)
 
 
+def _tls_mode(tls: ServerTls | None) -> str:
+    if tls is None:
+        return ""
+    if tls.client_ca is None:
+        return "TLS, "
+    return f"TLS, client certificates{f' with SAN {tls.client_san}' if tls.client_san else ''}, "
+
+
 async def _serve_http(
     app: aiohttp.web.Application, settings: Settings, *, debug: bool
 ) -> aiohttp.web.AppRunner | None:
@@ -510,6 +596,7 @@ async def _serve_http(
 
 def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_args(argv)
+    check_tls_files(settings.grpc_tls)
     workers.enter(
         "ratelimit",
         settings.workers,

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from arks.adapters.grpc_tls import ServerTls, interceptors, server_credentials
+
 
 @dataclass(frozen=True)
 class GrpcServer:
@@ -38,17 +40,27 @@ async def start_grpc(
     *,
     reuse_port: bool = False,
     health_names: tuple[str, ...] = (),
+    tls: ServerTls | None = None,
 ) -> GrpcServer:
     """Serve the servicers `register` adds, plus grpc.health.v1 (SERVING once started, for the
     server as a whole, "", and each of `health_names`), on `address`.
 
     SO_REUSEPORT only with `reuse_port` (a service's workers, `arks.workers`): otherwise a
-    second server on the same port must fail, not share it silently."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
+    second server on the same port must fail, not share it silently.
+
+    With `tls` the port, health included, serves TLS only (`arks.adapters.grpc_tls`; its
+    TlsFilesError when the files cannot be read); without it, plaintext."""
+    server = grpc.aio.server(
+        interceptors=interceptors(tls) or None,
+        options=[("grpc.so_reuseport", 1 if reuse_port else 0)],
+    )
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(address)
+    if tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, server_credentials(tls))
     await server.start()
     grpc_server = GrpcServer(server, health_servicer, port, ("", *health_names))
     await grpc_server.set_serving(True)

@@ -339,7 +339,6 @@ def test_grpc_on_a_unix_socket_as_upstreams_grpc_uds(tmp_path: Path) -> None:
     ("name", "value"),
     [
         ("USE_STATSD", "true"),
-        ("GRPC_SERVER_USE_TLS", "true"),
         ("TRACING_ENABLED", "1"),
         ("EXTRA_TAGS", "team:a"),
         ("LOG_FORMAT", "json"),

@@ -11,7 +11,6 @@ event loop of its own in a thread, so the test's blocking gRPC calls never stall
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import threading
 import uuid
 from collections.abc import Coroutine, Iterator
@@ -28,6 +27,7 @@ from controller.xds.server import AggregatedDiscoveryService, Rejection, XdsMetr
 from launcher.procs import Supervisor, free_port
 from rls_protos import rls_conf_pb2 as rls
 from tests.integration.test_ratelimit_service import OK, OVER, Service, descriptor
+from tests.support.certs import certificates
 from tests.support.exposition import sample
 from tests.support.waiting import wait_for
 
@@ -257,31 +257,6 @@ def test_the_service_rides_out_a_restart_of_the_xds_server(
 
 
 # --- mutual TLS, as Envoy Gateway sets it up ----------------------------------------------------
-
-
-def openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
-def certificates(tmp: Path) -> dict[str, Path]:
-    """A CA and two certificates it signed: the xDS server's (for DNS name `envoy-gateway`, as
-    Envoy Gateway's certgen names it) and the rate-limit service's client certificate."""
-    out = {"ca.crt": tmp / "ca.crt", "ca.key": tmp / "ca.key"}
-    openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
-        "-keyout", str(out["ca.key"]), "-out", str(out["ca.crt"]),
-    )  # fmt: skip
-    for name, cn in (("server", "envoy-gateway"), ("client", "envoy-ratelimit")):
-        key, csr, crt = (tmp / f"{name}.{ext}" for ext in ("key", "csr", "crt"))
-        ext = tmp / f"{name}.ext"
-        ext.write_text(f"subjectAltName=DNS:{cn}\n")
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}",
-                "-keyout", str(key), "-out", str(csr))  # fmt: skip
-        openssl("x509", "-req", "-in", str(csr), "-CA", str(out["ca.crt"]),
-                "-CAkey", str(out["ca.key"]), "-CAcreateserial", "-days", "1",
-                "-extfile", str(ext), "-out", str(crt))  # fmt: skip
-        out[f"{name}.key"], out[f"{name}.crt"] = key, crt
-    return out
 
 
 def test_mutual_tls_to_the_xds_server_with_envoy_gateways_environment(tmp_path: Path) -> None:

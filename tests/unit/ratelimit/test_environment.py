@@ -8,6 +8,7 @@ import pytest
 
 from ratelimit.environment import (
     EnvError,
+    GrpcTls,
     defaults,
     grpc_address,
     log_level,
@@ -65,6 +66,24 @@ def test_upstreams_variables_set_the_defaults() -> None:
     )
     assert (got.grpc_address, got.log_level, got.near_ratio) == ("127.0.0.1:18081", "DEBUG", 0.5)
     assert got.dynamic_metadata and got.healthy_with_config
+
+
+def test_grpc_tls_is_read_only_with_grpc_server_use_tls() -> None:
+    files = {
+        "GRPC_SERVER_TLS_CERT": "/certs/tls.crt",
+        "GRPC_SERVER_TLS_KEY": "/certs/tls.key",
+        "GRPC_CLIENT_TLS_CACERT": "/certs/ca.crt",
+        "GRPC_CLIENT_TLS_SAN": "envoy",
+        "GRPC_SERVER_TLS_CA_CERT": "/certs/ca.crt",  # Envoy Gateway sets it; upstream reads none
+    }
+    assert read().grpc_tls == GrpcTls()
+    assert read(**files).grpc_tls == GrpcTls()  # as upstream: the files without the switch
+    assert read(GRPC_SERVER_USE_TLS="T", **files).grpc_tls == GrpcTls(
+        True, Path("/certs/tls.crt"), Path("/certs/tls.key"), Path("/certs/ca.crt"), "envoy"
+    )
+    assert read(GRPC_SERVER_USE_TLS="true").grpc_tls == GrpcTls(use_tls=True)
+    with pytest.raises(EnvError, match=r"^GRPC_SERVER_USE_TLS='yes' is not a boolean"):
+        read(GRPC_SERVER_USE_TLS="yes")
 
 
 def test_use_prometheus_moves_our_metrics_to_its_address() -> None:
@@ -140,7 +159,6 @@ def test_a_port_that_is_no_number_is_named(name: str) -> None:
         ({"USE_STATSD": "true"}, "USE_STATSD"),
         ({"USE_DOG_STATSD": "1"}, "USE_DOG_STATSD"),
         ({"EXTRA_TAGS": "a:b"}, "EXTRA_TAGS"),
-        ({"GRPC_SERVER_USE_TLS": "T"}, "GRPC_SERVER_USE_TLS"),
         ({"TRACING_ENABLED": "true"}, "TRACING_ENABLED"),
         ({"LOG_FORMAT": "JSON"}, "LOG_FORMAT"),
         ({"USE_PROMETHEUS": "true", "PROMETHEUS_MAPPER_YAML": "/m.yaml"}, "PROMETHEUS_MAPPER_YAML"),
