@@ -10,9 +10,11 @@ Only for one plain server (`redis://`, `unix://`); a cluster, Sentinel or TLS go
 redis-py. Failures as our redis-py clients are set up: a connection the server closed (a
 restart between two calls leaves one behind, noticed only when written to) is opened again and
 the call sent once more, at once; a call that timed out is never sent again (the script may
-have run: a retry would charge twice). A server that stops answering: the first call left
-waiting longer than `timeout_s` closes the connection, so every call waiting on it fails and the
-next one reconnects, and no more than `MAX_WAITING` calls ever wait on one connection.
+have run: a retry would charge twice). A server that stops answering: a watchdog (every quarter
+of `timeout_s`, not a timer per call: those cost more than the call) closes the connection once
+a call has waited longer than `timeout_s`, so every call waiting on it fails within 1.25 x
+`timeout_s` and the next one reconnects; no more than `MAX_WAITING` calls ever wait on one
+connection, and connecting is bounded by `timeout_s` too.
 """
 
 from __future__ import annotations
@@ -136,6 +138,7 @@ class Pipelined:
         self._timeout_s = timeout_s
         self._wire: _Wire | None = None
         self._connecting: asyncio.Task[_Wire] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
 
     @staticmethod
     def serves(url: str) -> bool:
@@ -170,8 +173,9 @@ class Pipelined:
             return await self.call("EVAL", text, len(keys), *keys, *args)
 
     async def close(self) -> None:
-        if self._connecting is not None:
-            self._connecting.cancel()
+        for task in (self._connecting, self._watchdog):
+            if task is not None:
+                task.cancel()
         if self._wire is not None:
             self._wire.close("client closed")
             self._wire = None
@@ -190,10 +194,14 @@ class Pipelined:
 
     async def _connect(self) -> _Wire:
         loop = asyncio.get_running_loop()
-        if self._unix:
-            _, wire = await loop.create_unix_connection(_Wire, self._path)
-        else:
-            _, wire = await loop.create_connection(_Wire, self._host, self._port)
+        async with asyncio.timeout(self._timeout_s):
+            if self._unix:
+                _, wire = await loop.create_unix_connection(_Wire, self._path)
+            else:
+                _, wire = await loop.create_connection(_Wire, self._host, self._port)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._watchdog = loop.create_task(self._watch(wire))
         hello: list[asyncio.Future[Any]] = []
         if self._password is not None:
             auth = [self._username, self._password] if self._username else [self._password]
@@ -205,6 +213,13 @@ class Pipelined:
                 wire.close("refused the connection's set-up")
                 raise _error(str(reply))
         return wire
+
+    async def _watch(self, wire: _Wire) -> None:
+        """Close `wire` once a call has waited on it longer than the timeout."""
+        while not wire.closed:
+            await asyncio.sleep(self._timeout_s / 4)
+            if wire.oldest_wait() > self._timeout_s:
+                wire.close(f"no reply within {self._timeout_s} s")
 
 
 def pipelined(url: str, timeout_s: float, password: str | None, **options: Any) -> Pipelined | None:
