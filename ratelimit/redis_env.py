@@ -34,6 +34,7 @@ class RedisEnv:
     tls: Tls | None = None
     key_prefix: str | None = None
     stop_increment_when_over: bool = False
+    local_cache_bytes: int = 0  # LOCAL_CACHE_SIZE_IN_BYTES: 0, no local over-limit cache
 
     def __repr__(self) -> str:  # never the passwords
         return f"RedisEnv(url={self.url!r}, key_prefix={self.key_prefix!r})"
@@ -99,11 +100,19 @@ def redis_env(environ: Mapping[str, str]) -> RedisEnv:
         timeout_s=(go_duration("REDIS_TIMEOUT", timeout) or None) if timeout else None,
         tls=tls,
         key_prefix=environ["CACHE_KEY_PREFIX"] if "CACHE_KEY_PREFIX" in environ else None,
+        local_cache_bytes=_non_negative(environ, "LOCAL_CACHE_SIZE_IN_BYTES"),
         stop_increment_when_over=parse_bool(
             "STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT",
             environ.get("STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT", ""),
         ),
     )
+
+
+def _non_negative(environ: Mapping[str, str], name: str) -> int:
+    value = env_int(environ, name, 0)
+    if value < 0:
+        raise EnvError(f"{name}={value}: a size is not negative")
+    return value
 
 
 def redis_url(url: str, kind: str, socket_type: str, tls: bool) -> str | None:

@@ -29,6 +29,7 @@ from arks.adapters.redis.client import (
 )
 from arks.lifecycle import every, export_process_metrics, run_until_signalled, setup_process
 from arks.limits.backends import BackendUnavailable, CounterBackend, MemoryBackend
+from arks.limits.backends.local_cache import BYTES_PER_ENTRY, LocalOverLimitCache, entries_for
 from arks.limits.config import ConfigError, RateLimitConfig, load_config
 from arks.limits.limiter import Enforcement, Limiter
 from arks.limits.metrics import RateLimitMetrics
@@ -61,6 +62,7 @@ class Settings:
     key_prefix: str = "arks:rl:"  # before every counter's key (upstream's CACHE_KEY_PREFIX)
     # a refused request charges nothing (upstream's STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT)
     stop_increment_when_over: bool = False
+    local_cache_bytes: int = 0  # upstream's LOCAL_CACHE_SIZE_IN_BYTES (0: none)
     fail_open: bool = True
     shadow_mode: bool = False
     quota_mode: bool = False
@@ -186,6 +188,14 @@ class Settings:
             "STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT, also read from there)",
         )
         p.add_argument(
+            "--local-cache-size-in-bytes",
+            type=int,
+            default=from_env.local_cache_bytes,
+            help="remember counters found over their limit in this process until their window "
+            "ends, answering them without Redis (upstream's LOCAL_CACHE_SIZE_IN_BYTES, also read "
+            f"from there; ~{BYTES_PER_ENTRY} bytes a counter; 0: off)",
+        )
+        p.add_argument(
             "--redis-password-file",
             type=Path,
             help="file holding Redis's password (a mounted Secret key; default: no AUTH)",
@@ -279,6 +289,7 @@ class Settings:
             redis_env=from_env,
             key_prefix=a.key_prefix,
             stop_increment_when_over=a.stop_increment_when_over_limit,
+            local_cache_bytes=a.local_cache_size_in_bytes,
             fail_open=not a.fail_closed,
             shadow_mode=a.shadow_mode,
             quota_mode=a.quota_mode,
@@ -429,7 +440,7 @@ def create_metrics() -> tuple[RateLimitMetrics, CallMetrics]:
 def make_backend(settings: Settings, password: str | None) -> CounterBackend:
     if settings.redis:
         env = settings.redis_env
-        return RedisBackend(
+        store = RedisBackend(
             settings.redis,
             prefix=settings.key_prefix,
             timeout_s=settings.redis_timeout_s,
@@ -440,6 +451,8 @@ def make_backend(settings: Settings, password: str | None) -> CounterBackend:
             sentinel_password=env.sentinel_password,
             tls=env.tls,
         )
+        entries = entries_for(settings.local_cache_bytes)
+        return LocalOverLimitCache(store, entries) if entries else store
     return MemoryBackend()
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+import redis
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2 as common
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import wrappers_pb2
@@ -590,3 +591,47 @@ def test_quota_mode_refuses_only_when_every_quota_is_spent(tmp_path: Path) -> No
         [OVER, OK],
         [OVER, OVER],
     ]
+
+
+def test_a_spent_limit_is_answered_from_the_local_cache_as_upstreams_variable_says(
+    tmp_path: Path,
+) -> None:
+    """LOCAL_CACHE_SIZE_IN_BYTES: once over, a counter is answered in the service until its
+    window ends; Redis's count stops where the refusals began."""
+    with Supervisor(log_dir=tmp_path / "logs") as sup:
+        svc = Service(
+            sup,
+            tmp_path,
+            "--redis",
+            "redis://127.0.0.1:6379/0",
+            env={"LOCAL_CACHE_SIZE_IN_BYTES": "1048576"},
+        )
+        try:
+            user = f"u-{uuid.uuid4().hex[:8]}"
+            for attempt in range(5):  # 3 per minute: the asks must fall in one window
+                started = time.time()
+                codes = [
+                    svc.ask(descriptor(("user", f"{user}-{attempt}"))).overall_code
+                    for _ in range(8)
+                ]
+                if int(time.time()) // 60 == int(started) // 60:
+                    break
+            assert codes == [OK, OK, OK] + [OVER] * 5
+            admin = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+            try:
+                (key,) = admin.keys(f"arks:rl:{svc.domain}_user_{user}-{attempt}_*")
+                assert int(admin.get(key) or 0) == 4, "only the first refusal reached Redis"
+            finally:
+                admin.close()
+            text = svc.metrics()
+            assert (
+                sample(
+                    text,
+                    "arks_ratelimit_over_limit_total",
+                    domain=svc.domain,
+                    key=f"{svc.domain}.user",
+                )
+                == 5
+            )
+        finally:
+            svc.channel.close()

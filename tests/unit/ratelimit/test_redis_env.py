@@ -109,6 +109,8 @@ def test_skipping_the_hostname_check_keeps_the_chain_checked() -> None:
         ({"REDIS_URL": "just-a-master", "REDIS_TYPE": "sentinel"}, "REDIS_TYPE=sentinel"),
         ({"REDIS_TIMEOUT": "10"}, "REDIS_TIMEOUT"),
         ({"REDIS_POOL_SIZE": "-1"}, "REDIS_POOL_SIZE"),
+        ({"LOCAL_CACHE_SIZE_IN_BYTES": "-1"}, "LOCAL_CACHE_SIZE_IN_BYTES"),
+        ({"LOCAL_CACHE_SIZE_IN_BYTES": "1MB"}, "LOCAL_CACHE_SIZE_IN_BYTES"),
         ({"REDIS_TLS": "true", "REDIS_TLS_CLIENT_CERT": "/c"}, "REDIS_TLS_CLIENT_KEY"),
     ],
 )
