@@ -27,7 +27,7 @@ run: $(STAMP)
 	$(VENV)/bin/arks up $(ARGS)
 
 test: $(STAMP) $(TOOLS)
-	$(PY) -m pytest -q tests/unit tests/integration tests/chaos
+	$(PY) -m pytest -q --durations=25 tests/unit tests/integration tests/chaos
 
 unit: $(STAMP) $(TOOLS)
 	$(PY) -m pytest -q tests/unit
