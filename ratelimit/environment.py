@@ -4,6 +4,7 @@ mapping passed in, read once by `Settings.from_args`."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,3 +255,24 @@ def defaults(
         healthy_with_config=flag("HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED"),
         grpc_tls=grpc_tls(environ),
     )
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+_UNIT_S["h"] = 3600.0
+
+
+def go_duration(name: str, value: str) -> float:
+    """Go's time.ParseDuration ("10s", "1m30s", "250ms") in seconds; "0" is zero."""
+    if value == "0":
+        return 0.0
+    text, total = value, 0.0
+    while text:
+        found = _DURATION.match(text)
+        if found is None:
+            raise EnvError(f"{name}={value!r} is not a duration (e.g. 500ms, 10s, 1m)")
+        total += float(found.group(1)) * _UNIT_S[found.group(2)]
+        text = text[found.end() :]
+    if not value:
+        raise EnvError(f"{name} is empty")
+    return total

@@ -12,12 +12,11 @@ REDIS_TLS makes each `rediss`. A URL with a scheme already (redis://...) is take
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from arks.adapters.redis.client import Tls
-from ratelimit.environment import EnvError, env_int, parse_bool
+from ratelimit.environment import EnvError, env_int, go_duration, parse_bool
 
 
 @dataclass(frozen=True)
@@ -149,24 +148,3 @@ def _auth(value: str) -> tuple[str | None, str | None]:
         return None, None
     user, colon, password = value.partition(":")
     return (user, password) if colon else (None, value)
-
-
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
-_UNIT_S["h"] = 3600.0
-
-
-def go_duration(name: str, value: str) -> float:
-    """Go's time.ParseDuration ("10s", "1m30s", "250ms") in seconds; "0" is zero."""
-    if value == "0":
-        return 0.0
-    text, total = value, 0.0
-    while text:
-        found = _DURATION.match(text)
-        if found is None:
-            raise EnvError(f"{name}={value!r} is not a duration (e.g. 500ms, 10s, 1m)")
-        total += float(found.group(1)) * _UNIT_S[found.group(2)]
-        text = text[found.end() :]
-    if not value:
-        raise EnvError(f"{name} is empty")
-    return total

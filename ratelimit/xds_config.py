@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import logging
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from google.protobuf import json_format
 from arks import wire
 from arks.limits.config import ConfigError, RateLimitConfig, parse_config
 from arks.limits.metrics import RateLimitMetrics
+from ratelimit import environment
 from rls_protos import rls_conf_pb2
 
 log = logging.getLogger(__name__)
@@ -67,22 +67,20 @@ def config_type(text: str) -> str:
     )
 
 
-_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-
-
 def go_duration(text: str) -> float:
-    """Seconds in a Go duration (`3s`, `500ms`, `1m30s`), as upstream's settings read them; a
-    bare number is seconds."""
+    """Seconds in a Go duration (`3s`, `500ms`, `1m30s`), as upstream's settings read them
+    (`environment.go_duration`); a bare number is seconds too, as a flag's convenience."""
     text = text.strip()
     try:
         return float(text)
     except ValueError:
         pass
-    parts = _GO_PART.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 3s, 500ms, 1m30s)")
-    return sum(float(number) * _GO_UNITS[unit] for number, unit in parts)
+    try:
+        return environment.go_duration("a duration", text)
+    except environment.EnvError as err:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration (e.g. 3s, 500ms, 1m30s)"
+        ) from err
 
 
 def node_metadata(text: str) -> tuple[tuple[str, str], ...]:

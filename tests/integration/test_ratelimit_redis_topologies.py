@@ -216,12 +216,19 @@ def assert_limits_held(load: Load) -> None:
     assert all(n == LIMIT for n in whole.values()), whole
 
 
-def assert_counting_again(svc: Service, count: int) -> None:
-    """Fresh tenants (their keys over every slot range) are counted in Redis again."""
-    for i in range(count):
+def assert_recovered(svc: Service, load: Load, fresh: int) -> None:
+    """Limits held under the load, the outage seen (decided without Redis, fail-closed), and
+    the service back by itself: SERVING, `fresh` new tenants (their keys over every slot range)
+    counted in Redis again, the process never down."""
+    assert_limits_held(load)
+    errors = sample(svc.metrics(), "arks_ratelimit_backend_errors_total", policy="fail_closed")
+    assert (errors or 0) > 0
+    assert wait_for(lambda: health_of(svc), lambda h: h == {SERVING}, timeout=15)
+    for i in range(fresh):
         tenant = f"after-{i}"
         codes = [svc.ask(descriptor(("tenant", tenant))).overall_code for _ in range(LIMIT + 1)]
         assert codes == [OK] * LIMIT + [OVER], tenant
+    assert svc.child.alive()
 
 
 def test_a_cluster_master_killed_under_load(tmp_path: Path) -> None:
@@ -240,13 +247,7 @@ def test_a_cluster_master_killed_under_load(tmp_path: Path) -> None:
 
         load = asyncio.run(under_load(svc, tenants, victim.kill, healed))
         cluster.wait_ok()
-        assert_limits_held(load)
-        assert (
-            sample(svc.metrics(), "arks_ratelimit_backend_errors_total", policy="fail_closed") or 0
-        ) > 0
-        assert wait_for(lambda: health_of(svc), lambda h: h == {SERVING}, timeout=15)
-        assert_counting_again(svc, 8)
-        assert svc.child.alive()
+        assert_recovered(svc, load, fresh=8)
         svc.channel.close()
 
 
@@ -267,12 +268,7 @@ def test_a_sentinel_master_killed_under_load(tmp_path: Path) -> None:
 
         load = asyncio.run(under_load(svc, tenants, sentinels.master.kill, healed))
         assert sentinels.current_master() != old
-        assert_limits_held(load)
-        assert (
-            sample(svc.metrics(), "arks_ratelimit_backend_errors_total", policy="fail_closed") or 0
-        ) > 0
-        assert wait_for(lambda: health_of(svc), lambda h: h == {SERVING}, timeout=15)
-        assert_counting_again(svc, 2)
+        assert_recovered(svc, load, fresh=2)
         # What the old master held came over with the replica.
         assert svc.ask(descriptor(("tenant", "first"))).statuses[0].limit_remaining == LIMIT - 3
         assert svc.child.alive()

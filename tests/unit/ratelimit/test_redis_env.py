@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from arks.adapters.redis.client import Tls, target
-from ratelimit.environment import EnvError
-from ratelimit.redis_env import RedisEnv, go_duration, redis_env, redis_url
+from ratelimit.environment import EnvError, go_duration
+from ratelimit.redis_env import RedisEnv, redis_env, redis_url
 
 
 def test_nothing_set_is_nothing_said() -> None:
