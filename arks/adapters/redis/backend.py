@@ -223,15 +223,17 @@ class RedisBackend:
             ([keys[i] for i in group], head + [a for i in group for a in _hit_args(hits[i])])
             for group in slots
         ]
-        if len(calls) == 1 and self._fast is not None:  # the hot path: bounded by its watchdog
-            try:
-                reply = await self._run(*calls[0])
-            except (RedisError, OSError) as err:
-                raise BackendUnavailable(f"redis counters: {type(err).__name__}: {err}") from err
-            return [_outcome(hit, value, now) for hit, value in zip(hits, reply[1:], strict=True)]
-        if len(calls) == 1:  # one slot: one script, nothing to give back
-            async with answer_within(self._timeout_s, "counters"):
-                reply = await self._run(*calls[0])
+        if len(calls) == 1:  # one server or one slot: one script, nothing to give back
+            if self._fast is not None:  # the hot path: bounded by its watchdog, no timer here
+                try:
+                    reply = await self._run(*calls[0])
+                except (RedisError, OSError) as err:
+                    raise BackendUnavailable(
+                        f"redis counters: {type(err).__name__}: {err}"
+                    ) from err
+            else:
+                async with answer_within(self._timeout_s, "counters"):
+                    reply = await self._run(*calls[0])
             return [_outcome(hit, value, now) for hit, value in zip(hits, reply[1:], strict=True)]
         async with answer_within(self._timeout_s, "counters"):
             # Every slot's script settles before any error is raised: a slot still running would
@@ -250,7 +252,9 @@ class RedisBackend:
                     for call, r in zip(calls, replies, strict=True)
                     if isinstance(r, list) and r[0] == 1
                 ]
-                await asyncio.gather(*(self._script(_UNDO, *call) for call in taken))
+                await asyncio.gather(
+                    *(run(self._redis, _UNDO, *call, fast=self._fast) for call in taken)
+                )
             if failed is not None:
                 raise failed
         values: list[Any] = [None] * len(hits)
@@ -273,18 +277,10 @@ class RedisBackend:
         await self._redis.aclose()
 
     async def _run(self, keys: list[str], args: list[str | int]) -> list[Any]:
-        if self._fast is not None:
-            replies = await self._fast.script(SCRIPT, _SCRIPT.sha, keys, args)
-        else:
-            replies = await run(self._redis, _SCRIPT, keys, args)
+        replies = await run(self._redis, _SCRIPT, keys, args, fast=self._fast)
         if not isinstance(replies, list) or len(replies) != len(keys) + 1:
             raise RedisError(f"unexpected script reply: {replies!r}")
         return replies
-
-    async def _script(self, script: Script, keys: list[str], args: list[str | int]) -> Any:
-        if self._fast is not None:
-            return await self._fast.script(script.text, script.sha, keys, args)
-        return await run(self._redis, script, keys, args)
 
 
 def _hit_args(hit: Hit) -> list[str | int]:

@@ -650,9 +650,7 @@ class RedisBudgets:
         return answer_within(self._timeout_s, f"budgets ({what})")
 
     async def _run(self, script: Script, keys: list[str], args: Sequence[str | int]) -> Any:
-        if self._fast is not None:
-            return await self._fast.script(script.text, script.sha, keys, args)
-        return await run(self._redis, script, keys, args)
+        return await run(self._redis, script, keys, args, fast=self._fast)
 
 
 def _texts(values: Sequence[Any]) -> list[str | int]:
