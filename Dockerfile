@@ -26,8 +26,9 @@ COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links=/wheels "arks[download]" \
     && rm -rf /wheels
 # Envoy Gateway runs the image of its rate-limit Deployment as `/bin/ratelimit`, without arguments
-# (the settings are upstream's environment variables): the image answers to that name too.
-RUN printf '#!/bin/sh\nexec python -m ratelimit "$@"\n' > /bin/ratelimit && chmod 0755 /bin/ratelimit
+# (the settings are upstream's environment variables): the image answers to that name too, with
+# upstream's defaults (every port on 0.0.0.0; `python -m ratelimit` keeps to 127.0.0.1).
+RUN ln -s /usr/local/bin/ratelimit /bin/ratelimit
 # 65532: the non-root uid/gid the manifests' securityContext names.
 USER 65532:65532
 WORKDIR /tmp

@@ -53,7 +53,9 @@ DECISION_BUCKETS = (
 UNKNOWN = "unknown"  # the one label value of a model or domain that matched no configured object
 
 PREFIX = "arks_"
-FOREIGN_PREFIXES = ("process_", "python_")  # prometheus_client's own collectors
+# prometheus_client's own collectors; envoyproxy/ratelimit's series, served by the rate-limit
+# service only as a view of its own `arks_ratelimit_*` ones (`ratelimit.upstream_stats`)
+FOREIGN_PREFIXES = ("process_", "python_", "ratelimit_service_")
 PER_BUCKET_TYPES = ("histogram", "gaugehistogram", "summary")
 PER_USER_LABEL = "user"
 

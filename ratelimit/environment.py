@@ -4,6 +4,7 @@ mapping passed in, read once by `Settings.from_args`."""
 
 from __future__ import annotations
 
+import argparse
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -149,8 +150,7 @@ REFUSED: tuple[tuple[str, Callable[[Mapping[str, str]], bool], str], ...] = (
     ("TRACING_ENABLED", _true("TRACING_ENABLED"), "OpenTelemetry tracing"),
     ("LOG_FORMAT", lambda env: env.get("LOG_FORMAT", "").lower() == "json", "JSON logs"),
 )
-# Accepted and ignored, as harmless here: GRPC_MAX_CONNECTION_AGE(_GRACE) (gRPC keepalive
-# tuning); GRPC_SERVER_TLS_CERT/_KEY, GRPC_CLIENT_TLS_CACERT/_SAN without GRPC_SERVER_USE_TLS
+# Accepted and ignored, as harmless here: GRPC_SERVER_TLS_CERT/_KEY, GRPC_CLIENT_TLS_CACERT/_SAN without GRPC_SERVER_USE_TLS
 # (as upstream: see `grpc_tls`); GRPC_SERVER_TLS_CA_CERT (set by Envoy Gateway, read by no
 # version of upstream: the client CA is GRPC_CLIENT_TLS_CACERT); LOG_FORMAT text; STATSD_HOST/PORT, USE_DOG_STATSD_MOGRIFIERS, STATS_FLUSH_INTERVAL (read only by the
 # refused sinks); DISABLE_STATS (our metrics are only pulled, never pushed); PROMETHEUS_PATH
@@ -218,6 +218,15 @@ class Defaults:
     dynamic_metadata: bool
     healthy_with_config: bool
     grpc_tls: GrpcTls
+    use_prometheus: bool  # USE_PROMETHEUS: upstream's series names served too
+    shadow_mode: bool
+    quota_mode: bool
+    response_headers: bool  # LIMIT_RESPONSE_HEADERS_ENABLED
+    merge_domains: bool  # MERGE_DOMAIN_CONFIG
+    # GRPC_MAX_CONNECTION_AGE(_GRACE): a connection is sent GOAWAY after this long (gRPC adds
+    # +/-10 % jitter, as upstream says of its own), and closed the grace after that
+    max_connection_age_s: float
+    max_connection_age_grace_s: float
 
 
 def defaults(
@@ -254,12 +263,41 @@ def defaults(
         dynamic_metadata=flag("RESPONSE_DYNAMIC_METADATA"),
         healthy_with_config=flag("HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED"),
         grpc_tls=grpc_tls(environ),
+        use_prometheus=prometheus_address(environ) is not None,
+        shadow_mode=flag("SHADOW_MODE"),
+        quota_mode=flag("QUOTA_MODE"),
+        response_headers=flag("LIMIT_RESPONSE_HEADERS_ENABLED"),
+        merge_domains=flag("MERGE_DOMAIN_CONFIG"),
+        max_connection_age_s=duration(environ, "GRPC_MAX_CONNECTION_AGE", 24 * 3600.0),
+        max_connection_age_grace_s=duration(environ, "GRPC_MAX_CONNECTION_AGE_GRACE", 3600.0),
     )
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
 _UNIT_S["h"] = 3600.0
+
+
+def duration_arg(text: str) -> float:
+    """A flag's duration, for argparse: a Go duration (`3s`, `500ms`, `1m30s`), as upstream's
+    settings read them, or a bare number of seconds, as a flag's convenience."""
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return go_duration("a duration", text)
+    except EnvError as err:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration (e.g. 3s, 500ms, 1m30s)"
+        ) from err
+
+
+def duration(environ: Mapping[str, str], name: str, default: float) -> float:
+    """A Go duration variable in seconds (unset or empty: `default`, upstream's)."""
+    value = environ.get(name, "")
+    return go_duration(name, value) if value else default
 
 
 def go_duration(name: str, value: str) -> float:

@@ -34,6 +34,9 @@ class RedisEnv:
     key_prefix: str | None = None
     stop_increment_when_over: bool = False
     local_cache_bytes: int = 0  # LOCAL_CACHE_SIZE_IN_BYTES: 0, no local over-limit cache
+    # EXPIRATION_JITTER_MAX_SECONDS; unset: 0 (upstream's 300 keeps a per-second limit's spent
+    # keys up to 5 minutes: ~150 times the keys in Redis)
+    expiry_jitter_s: int = 0
 
     def __repr__(self) -> str:  # never the passwords
         return f"RedisEnv(url={self.url!r}, key_prefix={self.key_prefix!r})"
@@ -100,6 +103,7 @@ def redis_env(environ: Mapping[str, str]) -> RedisEnv:
         tls=tls,
         key_prefix=environ["CACHE_KEY_PREFIX"] if "CACHE_KEY_PREFIX" in environ else None,
         local_cache_bytes=_non_negative(environ, "LOCAL_CACHE_SIZE_IN_BYTES"),
+        expiry_jitter_s=_non_negative(environ, "EXPIRATION_JITTER_MAX_SECONDS"),
         stop_increment_when_over=parse_bool(
             "STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT",
             environ.get("STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT", ""),
@@ -110,7 +114,7 @@ def redis_env(environ: Mapping[str, str]) -> RedisEnv:
 def _non_negative(environ: Mapping[str, str], name: str) -> int:
     value = env_int(environ, name, 0)
     if value < 0:
-        raise EnvError(f"{name}={value}: a size is not negative")
+        raise EnvError(f"{name}={value}: not negative")
     return value
 
 

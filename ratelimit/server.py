@@ -41,6 +41,7 @@ from ratelimit.http import debug_app, service_app, start_http
 from ratelimit.metrics import CallMetrics
 from ratelimit.redis_env import RedisEnv, redis_env
 from ratelimit.servicer import RateLimitService
+from ratelimit.upstream_stats import UpstreamStats
 from ratelimit.xds_config import XdsConfigSource, XdsSettings
 
 log = logging.getLogger("ratelimit")
@@ -63,6 +64,7 @@ class Settings:
     # a refused request charges nothing (upstream's STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT)
     stop_increment_when_over: bool = False
     local_cache_bytes: int = 0  # upstream's LOCAL_CACHE_SIZE_IN_BYTES (0: none)
+    expiry_jitter_s: int = 0  # upstream's EXPIRATION_JITTER_MAX_SECONDS
     fail_open: bool = True
     shadow_mode: bool = False
     quota_mode: bool = False
@@ -83,6 +85,10 @@ class Settings:
     workers: int = 1  # processes on one port (`arks.workers`); above 1 needs Redis
     worker_index: int | None = None  # set in a worker: its metrics port is metrics_port + this
     xds: XdsSettings | None = None  # limits from an xDS server instead of files (CONFIG_TYPE)
+    upstream_stat_names: bool = False  # envoyproxy/ratelimit's Prometheus series served too
+    # GOAWAY after this long, closed the grace later (upstream's GRPC_MAX_CONNECTION_AGE(_GRACE))
+    max_connection_age_s: float = 24 * 3600.0
+    max_connection_age_grace_s: float = 3600.0
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> Settings:
@@ -129,6 +135,19 @@ class Settings:
             "the handshake)",
         )
         p.add_argument(
+            "--grpc-max-connection-age",
+            type=environment.duration_arg,
+            default=upstream.max_connection_age_s,
+            help="a gRPC connection is sent GOAWAY after this long, +/-10 %% (Go duration; "
+            "upstream's GRPC_MAX_CONNECTION_AGE, default 24h): clients spread over new replicas",
+        )
+        p.add_argument(
+            "--grpc-max-connection-age-grace",
+            type=environment.duration_arg,
+            default=upstream.max_connection_age_grace_s,
+            help="then closed after this long (upstream's GRPC_MAX_CONNECTION_AGE_GRACE, 1h)",
+        )
+        p.add_argument(
             "--host", default=upstream.http_host, help="/healthcheck and /json (upstream's HOST)"
         )
         p.add_argument("--port", type=int, default=upstream.http_port, help="(upstream's PORT)")
@@ -146,6 +165,14 @@ class Settings:
             help="Prometheus (with upstream's USE_PROMETHEUS=true: from PROMETHEUS_ADDR)",
         )
         p.add_argument("--metrics-port", type=int, default=upstream.metrics_port)
+        p.add_argument(
+            "--upstream-stat-names",
+            action=argparse.BooleanOptionalAction,
+            default=upstream.use_prometheus,
+            help="serve envoyproxy/ratelimit's Prometheus series too (ratelimit_service_rate_limit"
+            "_over_limit{domain,key1,key2}, ...: what its alerts and dashboards query), computed "
+            "from ours at scrape time (default: on with upstream's USE_PROMETHEUS=true)",
+        )
         p.add_argument(
             "--response-dynamic-metadata",
             action="store_true",
@@ -196,6 +223,14 @@ class Settings:
             f"from there; ~{BYTES_PER_ENTRY} bytes a counter; 0: off)",
         )
         p.add_argument(
+            "--expiration-jitter-max-seconds",
+            type=int,
+            default=from_env.expiry_jitter_s,
+            help="a fixed window's Redis key lives a random 0 to this many seconds past its "
+            "window, so keys made together do not expire together (upstream's "
+            "EXPIRATION_JITTER_MAX_SECONDS, also read from there; upstream's default 300, ours 0)",
+        )
+        p.add_argument(
             "--redis-password-file",
             type=Path,
             help="file holding Redis's password (a mounted Secret key; default: no AUTH)",
@@ -212,14 +247,14 @@ class Settings:
         p.add_argument(
             "--shadow-mode",
             action="store_true",
-            default=env_bool("SHADOW_MODE"),
+            default=upstream.shadow_mode,
             help="report over-limit in metrics, never enforce (upstream's SHADOW_MODE, also "
             "read from there)",
         )
         p.add_argument(
             "--quota-mode",
             action="store_true",
-            default=env_bool("QUOTA_MODE"),
+            default=upstream.quota_mode,
             help="every descriptor in quota mode: a request is over the limit only when all of "
             "its descriptors are (upstream's QUOTA_MODE, also read from there)",
         )
@@ -232,7 +267,7 @@ class Settings:
         p.add_argument(
             "--response-headers",
             action="store_true",
-            default=env_bool("LIMIT_RESPONSE_HEADERS_ENABLED"),
+            default=upstream.response_headers,
             help="add envoyproxy/ratelimit's rate-limit headers to answers (its "
             "LIMIT_RESPONSE_HEADERS_ENABLED, also read from there; off by default, as upstream)",
         )
@@ -256,7 +291,7 @@ class Settings:
         p.add_argument(
             "--merge-domain-config",
             action="store_true",
-            default=env_bool("MERGE_DOMAIN_CONFIG"),
+            default=upstream.merge_domains,
             help="merge the descriptors of every file of a domain, as envoyproxy/ratelimit's "
             "MERGE_DOMAIN_CONFIG (also read from that environment variable); without it a domain "
             "in two files is an error",
@@ -265,6 +300,8 @@ class Settings:
         workers.add_arguments(p)
         xds_config.add_arguments(p)
         a = p.parse_args(argv)
+        if a.expiration_jitter_max_seconds < 0:
+            p.error("--expiration-jitter-max-seconds: not negative")
         if a.redis:
             try:
                 target(a.redis)
@@ -290,6 +327,7 @@ class Settings:
             key_prefix=a.key_prefix,
             stop_increment_when_over=a.stop_increment_when_over_limit,
             local_cache_bytes=a.local_cache_size_in_bytes,
+            expiry_jitter_s=a.expiration_jitter_max_seconds,
             fail_open=not a.fail_closed,
             shadow_mode=a.shadow_mode,
             quota_mode=a.quota_mode,
@@ -305,20 +343,15 @@ class Settings:
             workers=a.workers,
             worker_index=a.worker_index,
             xds=xds_config.from_args(a),
+            upstream_stat_names=a.upstream_stat_names,
+            max_connection_age_s=a.grpc_max_connection_age,
+            max_connection_age_grace_s=a.grpc_max_connection_age_grace,
         )
 
     @property
     def own_metrics_port(self) -> int:
         """This process's metrics port: a worker's is the base port plus its index."""
         return self.metrics_port + (self.worker_index or 0)
-
-
-def env_bool(name: str) -> bool:
-    """An upstream-style boolean environment variable (unset or empty: false)."""
-    try:
-        return environment.parse_bool(name, os.environ.get(name, ""))
-    except environment.EnvError as err:
-        raise SystemExit(f"ratelimit: {err}") from None
 
 
 def _grpc_tls(a: argparse.Namespace, use_tls_env: bool) -> ServerTls | None:
@@ -427,12 +460,17 @@ class ConfigSource:
 HEALTH_NAMES = ("ratelimit", "envoy.service.ratelimit.v3.RateLimitService")
 
 
-def create_metrics() -> tuple[RateLimitMetrics, CallMetrics]:
+def create_metrics(upstream_names: bool = False) -> tuple[RateLimitMetrics, CallMetrics]:
     """The service's registry, checked against the cardinality rules (a violation stops the
-    start-up: `arks.metric_rules`)."""
+    start-up: `arks.metric_rules`); with `upstream_names`, envoyproxy/ratelimit's series too."""
     metrics = RateLimitMetrics.create()
     export_process_metrics(metrics.registry, "ratelimit")
     calls = CallMetrics.create(metrics.registry)
+    if upstream_names:
+        m = metrics
+        ours = (m.hits, m.over_limit, m.near_limit, m.within_limit, m.shadow_mode)
+        source = (*ours, m.config_reloads, m.config_errors, calls.errors, calls.seconds)
+        metrics.registry.register(UpstreamStats(source))
     enforce(metrics.registry, "ratelimit")
     return metrics, calls
 
@@ -450,6 +488,7 @@ def make_backend(settings: Settings, password: str | None) -> CounterBackend:
             sentinel_username=env.sentinel_username,
             sentinel_password=env.sentinel_password,
             tls=env.tls,
+            expiry_jitter_s=settings.expiry_jitter_s,
         )
         entries = entries_for(settings.local_cache_bytes)
         return LocalOverLimitCache(store, entries) if entries else store
@@ -469,7 +508,7 @@ async def serve(settings: Settings) -> None:
             sentinel_password=env.sentinel_password,
             tls=env.tls,
         )
-    metrics, calls = create_metrics()
+    metrics, calls = create_metrics(settings.upstream_stat_names)
     source: ConfigSource | XdsConfigSource
     if settings.xds is not None:
         if settings.config:  # as upstream, whose file settings stay set beside CONFIG_TYPE
@@ -528,6 +567,8 @@ async def serve(settings: Settings) -> None:
         # envoyproxy/ratelimit's name for its health, and the service's own.
         health_names=HEALTH_NAMES,
         tls=tls,
+        max_connection_age_s=settings.max_connection_age_s,
+        max_connection_age_grace_s=settings.max_connection_age_grace_s,
     )
     if not health.ok:
         await grpc_server.set_serving(False)
@@ -605,6 +646,26 @@ async def _serve_http(
             log.error("not serving the %s: %s", what, err)
             return None
         raise SystemExit(f"ratelimit: cannot serve the {what}: {err.strerror or err}") from None
+
+
+# Upstream's binary listens on every address: settings.go defaults HOST, GRPC_HOST and DEBUG_HOST
+# to 0.0.0.0 (an empty value, too, is every address to Go's net.Listen). `python -m ratelimit`
+# keeps to 127.0.0.1 unless told; `ratelimit`, the image's /bin/ratelimit, is upstream's binary.
+UPSTREAM_HOSTS = ("HOST", "GRPC_HOST", "DEBUG_HOST")
+
+
+def upstream_environment(environ: dict[str, str]) -> None:
+    """Upstream's listening defaults filled into `environ` (workers inherit them)."""
+    for name in UPSTREAM_HOSTS:
+        if not environ.get(name):
+            environ[name] = "0.0.0.0"
+
+
+def upstream_main() -> None:
+    """`ratelimit`: as envoyproxy/ratelimit's binary, which Envoy Gateway runs as /bin/ratelimit
+    with its settings in the environment."""
+    upstream_environment(os.environ)  # type: ignore[arg-type]
+    main()
 
 
 def main(argv: list[str] | None = None) -> None:

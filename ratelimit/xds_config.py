@@ -67,20 +67,7 @@ def config_type(text: str) -> str:
     )
 
 
-def go_duration(text: str) -> float:
-    """Seconds in a Go duration (`3s`, `500ms`, `1m30s`), as upstream's settings read them
-    (`environment.go_duration`); a bare number is seconds too, as a flag's convenience."""
-    text = text.strip()
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        return environment.go_duration("a duration", text)
-    except environment.EnvError as err:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a duration (e.g. 3s, 500ms, 1m30s)"
-        ) from err
+go_duration = environment.duration_arg  # the flags' durations, as upstream's settings
 
 
 def node_metadata(text: str) -> tuple[tuple[str, str], ...]:

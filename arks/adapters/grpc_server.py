@@ -41,6 +41,8 @@ async def start_grpc(
     reuse_port: bool = False,
     health_names: tuple[str, ...] = (),
     tls: ServerTls | None = None,
+    max_connection_age_s: float | None = None,
+    max_connection_age_grace_s: float | None = None,
 ) -> GrpcServer:
     """Serve the servicers `register` adds, plus grpc.health.v1 (SERVING once started, for the
     server as a whole, "", and each of `health_names`), on `address`.
@@ -49,11 +51,19 @@ async def start_grpc(
     second server on the same port must fail, not share it silently.
 
     With `tls` the port, health included, serves TLS only (`arks.adapters.grpc_tls`; its
-    TlsFilesError when the files cannot be read); without it, plaintext."""
-    server = grpc.aio.server(
-        interceptors=interceptors(tls) or None,
-        options=[("grpc.so_reuseport", 1 if reuse_port else 0)],
-    )
+    TlsFilesError when the files cannot be read); without it, plaintext.
+
+    With `max_connection_age_s` a connection is sent GOAWAY after that long (gRPC core adds
+    +/-10 % jitter), so clients reconnect and spread over the replicas a Service adds; it is
+    closed `max_connection_age_grace_s` later, calls still in flight or not."""
+    options: list[tuple[str, int]] = [("grpc.so_reuseport", 1 if reuse_port else 0)]
+    if max_connection_age_s is not None:
+        options.append(("grpc.max_connection_age_ms", round(max_connection_age_s * 1000)))
+    if max_connection_age_grace_s is not None:
+        options.append(
+            ("grpc.max_connection_age_grace_ms", round(max_connection_age_grace_s * 1000))
+        )
+    server = grpc.aio.server(interceptors=interceptors(tls) or None, options=options)
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -8,6 +8,7 @@ backend does.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +29,8 @@ from arks.limits.window import (
 
 # KEYS[i]: hit i's counter. ARGV[1], ARGV[2]: now as whole seconds and fraction (window.Instant).
 # ARGV[3]: "1" for all or nothing (charge nothing if any hit would be over its limit), else "0".
-# ARGV[4 + 4(i-1) ...]: hit i's algorithm ("fixed" | "gcra"), hits, limit, window_s.
+# ARGV[4 + 4(i-1) ...]: hit i's algorithm ("fixed" | "gcra"), hits, limit, window_s (a fixed
+# window's: how long its new key lives, the window plus any expiration jitter).
 # Reply: a flag (1: charged, 0: nothing charged), then per hit: fixed window: the count after the
 # hit (an integer); GCRA: how far the TAT is ahead of now after the hit, as "%.17g" (a Lua number
 # in a reply would be cut to an integer). When nothing is charged, the values are what charging
@@ -197,10 +199,16 @@ class RedisBackend:
         *,
         max_connections: int = 64,
         password: str | None = None,
+        expiry_jitter_s: int = 0,
         **options: Any,
     ) -> None:
-        """`options`: the rest of `connect`'s (username, sentinel_username, sentinel_password,
-        tls)."""
+        """`expiry_jitter_s`: a fixed window's new key lives up to this much longer than its
+        window, a random amount per key (envoyproxy/ratelimit's EXPIRATION_JITTER_MAX_SECONDS:
+        keys made together do not all expire in the same second). `options`: the rest of
+        `connect`'s (username, sentinel_username, sentinel_password, tls)."""
+        if expiry_jitter_s < 0:
+            raise ValueError("the expiration jitter is not negative")
+        self._jitter = expiry_jitter_s
         self._prefix = prefix
         self._timeout_s = timeout_s
         self._cluster = target(url).kind == "cluster"
@@ -220,7 +228,10 @@ class RedisBackend:
         head: list[str | int] = [at.seconds, repr(at.fraction), "1" if all_or_nothing else "0"]
         slots = _by_slot(keys) if self._cluster else [list(range(len(hits)))]
         calls = [
-            ([keys[i] for i in group], head + [a for i in group for a in _hit_args(hits[i])])
+            (
+                [keys[i] for i in group],
+                head + [a for i in group for a in _hit_args(hits[i], self._jitter)],
+            )
             for group in slots
         ]
         if len(calls) == 1:  # one server or one slot: one script, nothing to give back
@@ -283,8 +294,11 @@ class RedisBackend:
         return replies
 
 
-def _hit_args(hit: Hit) -> list[str | int]:
-    return [_ALGORITHM_ARG[hit.algorithm], hit.hits, hit.limit, hit.window_s]
+def _hit_args(hit: Hit, jitter_s: int) -> list[str | int]:
+    lives = hit.window_s
+    if jitter_s and hit.algorithm is Algorithm.FIXED_WINDOW:  # a GCRA cell's TTL is its own
+        lives += random.randrange(jitter_s)  # as upstream: [0, max)
+    return [_ALGORITHM_ARG[hit.algorithm], hit.hits, hit.limit, lives]
 
 
 def _by_slot(keys: Sequence[str]) -> list[list[int]]:

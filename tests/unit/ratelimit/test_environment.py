@@ -16,6 +16,7 @@ from ratelimit.environment import (
     refusal,
     runtime_config,
 )
+from ratelimit.server import upstream_environment
 
 
 def read(**environ: str):  # type: ignore[no-untyped-def]
@@ -192,3 +193,42 @@ def test_switches_left_off_or_harmless_are_accepted() -> None:
         "RUNTIME_IGNOREDOTFILES": "true",
     }
     assert refusal(harmless) is None
+
+
+def test_switches_connection_age_and_prometheus_names_as_upstream_defaults_them() -> None:
+    unset = read()
+    assert (unset.max_connection_age_s, unset.max_connection_age_grace_s) == (86400.0, 3600.0)
+    assert not any(
+        (unset.shadow_mode, unset.quota_mode, unset.response_headers, unset.merge_domains)
+    )
+    assert not unset.use_prometheus
+    got = read(
+        GRPC_MAX_CONNECTION_AGE="1m30s",
+        GRPC_MAX_CONNECTION_AGE_GRACE="250ms",
+        SHADOW_MODE="true",
+        QUOTA_MODE="1",
+        LIMIT_RESPONSE_HEADERS_ENABLED="T",
+        MERGE_DOMAIN_CONFIG="true",
+        USE_PROMETHEUS="true",
+    )
+    assert (got.max_connection_age_s, got.max_connection_age_grace_s) == (90.0, 0.25)
+    assert all((got.shadow_mode, got.quota_mode, got.response_headers, got.merge_domains))
+    assert got.use_prometheus
+    with pytest.raises(EnvError, match=r"^GRPC_MAX_CONNECTION_AGE="):
+        read(GRPC_MAX_CONNECTION_AGE="a day")
+    with pytest.raises(EnvError, match=r"^SHADOW_MODE="):
+        read(SHADOW_MODE="yes")
+
+
+def test_the_upstream_binary_listens_on_every_address_unless_told() -> None:
+    """`ratelimit` (the image's /bin/ratelimit) fills in upstream's 0.0.0.0 for HOST, GRPC_HOST
+    and DEBUG_HOST, empty ones too; a value set stays."""
+    environ = {"HOST": "", "DEBUG_HOST": "10.0.0.7"}
+    upstream_environment(environ)
+    assert environ == {"HOST": "0.0.0.0", "GRPC_HOST": "0.0.0.0", "DEBUG_HOST": "10.0.0.7"}
+    got = read(**environ)
+    assert (got.http_host, got.debug_host, got.grpc_address) == (
+        "0.0.0.0",
+        "10.0.0.7",
+        "0.0.0.0:8081",
+    )

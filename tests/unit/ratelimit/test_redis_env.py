@@ -65,6 +65,7 @@ def test_auth_user_password_sentinel_auth_pool_timeout_prefix_and_stop_increment
             "REDIS_TIMEOUT": "1m30.5s",
             "CACHE_KEY_PREFIX": "",
             "STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT": "true",
+            "EXPIRATION_JITTER_MAX_SECONDS": "300",
             "REDIS_TLS_SKIP_HOSTNAME_VERIFICATION": "true",  # without REDIS_TLS: nothing
         }
     )
@@ -73,6 +74,7 @@ def test_auth_user_password_sentinel_auth_pool_timeout_prefix_and_stop_increment
     assert (env.pool_size, env.timeout_s, env.tls) == (20, 90.5, None)
     assert env.key_prefix == "", "set, even empty, replaces our prefix"
     assert env.stop_increment_when_over
+    assert env.expiry_jitter_s == 300
 
 
 def test_sentinel_auth_is_read_as_upstream_reads_it_user_and_password() -> None:
@@ -111,6 +113,8 @@ def test_skipping_the_hostname_check_keeps_the_chain_checked() -> None:
         ({"REDIS_POOL_SIZE": "-1"}, "REDIS_POOL_SIZE"),
         ({"LOCAL_CACHE_SIZE_IN_BYTES": "-1"}, "LOCAL_CACHE_SIZE_IN_BYTES"),
         ({"LOCAL_CACHE_SIZE_IN_BYTES": "1MB"}, "LOCAL_CACHE_SIZE_IN_BYTES"),
+        ({"EXPIRATION_JITTER_MAX_SECONDS": "-5"}, "EXPIRATION_JITTER_MAX_SECONDS"),
+        ({"EXPIRATION_JITTER_MAX_SECONDS": "5m"}, "EXPIRATION_JITTER_MAX_SECONDS"),
         ({"REDIS_TLS": "true", "REDIS_TLS_CLIENT_CERT": "/c"}, "REDIS_TLS_CLIENT_KEY"),
     ],
 )

@@ -1,0 +1,162 @@
+"""Upstream's settings that change what a deployment sees from outside, on the real
+`python -m ratelimit`: its Prometheus series names (USE_PROMETHEUS, read by a real Prometheus as
+Envoy Gateway's end-to-end test queries them), its gRPC connection age
+(GRPC_MAX_CONNECTION_AGE) and its keys' expiration jitter (EXPIRATION_JITTER_MAX_SECONDS)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+import uuid
+from pathlib import Path
+
+import redis
+
+from arks.prometheus_config import service_job
+from launcher.procs import Supervisor
+from tests.integration.test_ratelimit_service import OK, OVER, Service, descriptor
+from tests.support.exposition import sample
+from tests.support.prometheus import Prometheus
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def test_upstreams_series_names_are_served_with_use_prometheus(tmp_path: Path) -> None:
+    """With USE_PROMETHEUS=true the limits' stats are also served under upstream's names and
+    labels (statsd_exporter's default mapping: domain, key1, key2), scraped by a real Prometheus
+    and queried as Envoy Gateway's e2e test queries them."""
+    with Supervisor(log_dir=tmp_path / "logs") as sup:
+        svc = Service(sup, tmp_path, env={"USE_PROMETHEUS": "true"})
+        codes = [svc.ask(descriptor(("user", "alice"))).overall_code for _ in range(4)]
+        deeper = svc.ask(descriptor(("user", "bob"), ("model", "m"))).overall_code
+        prom = Prometheus.start_jobs(
+            sup, tmp_path / "prom", [service_job("ratelimit", [f"127.0.0.1:{svc.metrics_port}"])]
+        )
+        prom.wait_up(1)
+        prom.wait_scrapes(1)
+
+        def value(expr: str) -> float | None:
+            found = prom.query(expr)
+            assert len(found) <= 1, found
+            return found[0][1] if found else None
+
+        d = svc.domain
+        over = value(f'ratelimit_service_rate_limit_over_limit{{domain="{d}",key1="user",key2=""}}')
+        hits = value(f'ratelimit_service_rate_limit_total_hits{{domain="{d}",key1="user",key2=""}}')
+        within = value(
+            f'ratelimit_service_rate_limit_within_limit{{domain="{d}",key1="user",key2=""}}'
+        )
+        nested = value(
+            f'ratelimit_service_rate_limit_total_hits{{domain="{d}",key1="user",key2="model"}}'
+        )
+        calls = value('ratelimit_service_total_requests{grpc_method="ShouldRateLimit"}')
+        timed = value(
+            'ratelimit_service_response_time_seconds_count{grpc_method="ShouldRateLimit"}'
+        )
+        loaded = value("ratelimit_service_config_load_error")
+        ours = value(f'arks_ratelimit_over_limit_total{{domain="{d}",key="{d}.user"}}')
+        svc.channel.close()
+    assert codes == [OK, OK, OK, OVER] and deeper == OK
+    assert (over, hits, nested, calls, timed, loaded, ours) == (1, 4, 1, 5, 5, 0, 1)
+    assert within is not None and within < 4  # the near-limit hits are counted apart
+
+
+def test_upstreams_series_names_are_off_without_use_prometheus_and_on_when_asked(
+    tmp_path: Path,
+) -> None:
+    with Supervisor(log_dir=tmp_path / "logs") as sup:
+        plain = Service(sup, tmp_path)
+        asked = Service(sup, tmp_path, "--upstream-stat-names")
+        for svc in (plain, asked):
+            svc.ask(descriptor(("user", "alice")))
+        texts = [svc.metrics() for svc in (plain, asked)]
+        for svc in (plain, asked):
+            svc.channel.close()
+    assert "ratelimit_service_" not in texts[0]
+    hits = "ratelimit_service_rate_limit_total_hits"
+    assert sample(texts[1], hits, domain=asked.domain, key1="user") == 1
+
+
+def _goaway_after(port: int, timeout_s: float) -> float | None:
+    """Seconds until the server sends an HTTP/2 GOAWAY on an idle connection (None: not within
+    `timeout_s`)."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as conn:
+        conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        buffer = b""
+        while time.monotonic() - started < timeout_s:
+            try:
+                chunk = conn.recv(65536)
+            except TimeoutError:
+                return None
+            if not chunk:
+                return None
+            buffer += chunk
+            while len(buffer) >= 9:
+                length = struct.unpack(">I", b"\x00" + buffer[:3])[0]
+                kind = buffer[3]
+                if len(buffer) < 9 + length:
+                    break
+                if kind == 0x7:  # GOAWAY
+                    return time.monotonic() - started
+                if kind == 0x4 and not buffer[4] & 0x1:  # the server's SETTINGS: acknowledge
+                    conn.sendall(b"\x00\x00\x00\x04\x01\x00\x00\x00\x00")
+                buffer = buffer[9 + length :]
+    return None
+
+
+def test_a_connection_is_sent_goaway_after_grpc_max_connection_age(tmp_path: Path) -> None:
+    """GRPC_MAX_CONNECTION_AGE=1s (upstream's variable, Go duration): an idle connection gets
+    its GOAWAY after about a second (gRPC adds +/-10 %), and none by default (24h)."""
+    with Supervisor(log_dir=tmp_path / "logs") as sup:
+        aged = Service(
+            sup,
+            tmp_path,
+            env={"GRPC_MAX_CONNECTION_AGE": "1s", "GRPC_MAX_CONNECTION_AGE_GRACE": "500ms"},
+        )
+        default = Service(sup, tmp_path)
+        assert aged.ask(descriptor(("user", "alice"))).overall_code == OK
+        after = _goaway_after(aged.port, timeout_s=5.0)
+        never = _goaway_after(default.port, timeout_s=2.0)
+        for svc in (aged, default):
+            svc.channel.close()
+    assert after is not None and 0.8 <= after <= 3.0, after
+    assert never is None
+
+
+def test_expiration_jitter_lengthens_each_new_keys_life_by_a_random_amount(
+    tmp_path: Path,
+) -> None:
+    """EXPIRATION_JITTER_MAX_SECONDS=1000: a fixed window's new key lives its minute plus a
+    random 0-1000 s (as upstream: [0, max)); without it, the minute alone."""
+    prefixes = [f"jitter-{uuid.uuid4().hex[:6]}:", f"plain-{uuid.uuid4().hex[:6]}:"]
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        with Supervisor(log_dir=tmp_path / "logs") as sup:
+            jittered = Service(
+                sup,
+                tmp_path,
+                "--redis",
+                REDIS_URL,
+                "--key-prefix",
+                prefixes[0],
+                env={"EXPIRATION_JITTER_MAX_SECONDS": "1000"},
+            )
+            plain = Service(sup, tmp_path, "--redis", REDIS_URL, "--key-prefix", prefixes[1])
+            for svc in (jittered, plain):
+                for user in range(20):
+                    assert svc.ask(descriptor(("user", f"u{user}"))).overall_code == OK
+                svc.channel.close()
+        ttls = [
+            [client.ttl(key) for key in client.scan_iter(match=f"{prefix}*")] for prefix in prefixes
+        ]
+    finally:
+        for prefix in prefixes:
+            for key in client.scan_iter(match=f"{prefix}*"):
+                client.delete(key)
+        client.close()
+    assert len(ttls[0]) == len(ttls[1]) == 20
+    assert all(0 < ttl <= 60 + 1000 for ttl in ttls[0]) and max(ttls[0]) > 60
+    assert len(set(ttls[0])) > 1  # a random amount per key, not one for all
+    assert all(0 < ttl <= 60 for ttl in ttls[1])
