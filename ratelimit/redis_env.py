@@ -8,12 +8,14 @@ Upstream's REDIS_URL by REDIS_TYPE, and ours (arks.adapters.redis.client):
   CLUSTER   host:port,host:port,...                                    redis+cluster://...
   SENTINEL  master,host:port,host:port,...                             redis+sentinel://.../master
 REDIS_TLS makes each `rediss`. A URL with a scheme already (redis://...) is taken as it is.
+With REDIS_PERSECOND=true the same settings under REDIS_PERSECOND_* name a second Redis for the
+counters of per-second limits (`arks.limits.backends.per_second`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from arks.adapters.redis.client import Tls
 from ratelimit.environment import EnvError, env_int, go_duration, parse_bool
@@ -37,16 +39,17 @@ class RedisEnv:
     # EXPIRATION_JITTER_MAX_SECONDS; unset: 0 (upstream's 300 keeps a per-second limit's spent
     # keys up to 5 minutes: ~150 times the keys in Redis)
     expiry_jitter_s: int = 0
+    # REDIS_PERSECOND=true: the per-second Redis's connection (its url, auth, pool, timeout, tls;
+    # the other fields unused), from REDIS_PERSECOND_URL, _TYPE, _SOCKET_TYPE, _AUTH, ...
+    per_second: RedisEnv | None = None
 
     def __repr__(self) -> str:  # never the passwords
-        return f"RedisEnv(url={self.url!r}, key_prefix={self.key_prefix!r})"
+        return (
+            f"RedisEnv(url={self.url!r}, key_prefix={self.key_prefix!r}, "
+            f"per_second={self.per_second!r})"
+        )
 
 
-# Settings that ask for what this service does not do, and why; refused at start-up when on.
-_REFUSED_WHEN_ON = {
-    "REDIS_PERSECOND": "per-second limits in a second Redis are not supported: one Redis (or "
-    "one cluster) keeps every counter",
-}
 # Values upstream accepts for its pool when empty; radix v4 only waits, so do we.
 _POOL_ON_EMPTY = ("WAIT", "")
 
@@ -56,23 +59,43 @@ def redis_env(environ: Mapping[str, str]) -> RedisEnv:
     backend = environ.get("BACKEND_TYPE", "")
     if backend not in ("", "redis"):
         raise EnvError(f"BACKEND_TYPE={backend!r}: only redis (or our in-memory counters)")
-    for name, why in _REFUSED_WHEN_ON.items():
-        if parse_bool(name, environ.get(name, "")):
-            raise EnvError(f"{name}=true: {why}")
-    on_empty = environ.get("REDIS_POOL_ON_EMPTY_BEHAVIOR", "").upper()
+    per_second = None
+    if parse_bool("REDIS_PERSECOND", environ.get("REDIS_PERSECOND", "")):
+        per_second = _connection(environ, "REDIS_PERSECOND")
+        if per_second.url is None:
+            raise EnvError("REDIS_PERSECOND=true needs REDIS_PERSECOND_URL")
+    return replace(
+        _connection(environ, "REDIS"),
+        per_second=per_second,
+        key_prefix=environ["CACHE_KEY_PREFIX"] if "CACHE_KEY_PREFIX" in environ else None,
+        local_cache_bytes=_non_negative(environ, "LOCAL_CACHE_SIZE_IN_BYTES"),
+        expiry_jitter_s=_non_negative(environ, "EXPIRATION_JITTER_MAX_SECONDS"),
+        stop_increment_when_over=parse_bool(
+            "STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT",
+            environ.get("STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT", ""),
+        ),
+    )
+
+
+def _connection(environ: Mapping[str, str], prefix: str) -> RedisEnv:
+    """One Redis's settings under `prefix` (REDIS, or REDIS_PERSECOND for the per-second one;
+    the TLS files, REDIS_TLS_*, are both's, as upstream's)."""
+
+    def get(name: str) -> str:
+        return environ.get(f"{prefix}_{name}", "")
+
+    on_empty = get("POOL_ON_EMPTY_BEHAVIOR").upper()
     if on_empty not in _POOL_ON_EMPTY:
         raise EnvError(
-            f"REDIS_POOL_ON_EMPTY_BEHAVIOR={on_empty!r}: only WAIT (upstream refuses the others too)"
+            f"{prefix}_POOL_ON_EMPTY_BEHAVIOR={on_empty!r}: only WAIT (upstream refuses the "
+            "others too)"
         )
-    tls_on = parse_bool("REDIS_TLS", environ.get("REDIS_TLS", ""))
+    tls_on = parse_bool(f"{prefix}_TLS", get("TLS"))
     url = redis_url(
-        environ.get("REDIS_URL", ""),
-        environ.get("REDIS_TYPE", "") or "SINGLE",
-        environ.get("REDIS_SOCKET_TYPE", "") or "unix",
-        tls_on,
+        get("URL"), get("TYPE") or "SINGLE", get("SOCKET_TYPE") or "unix", tls_on, prefix
     )
-    username, password = _auth(environ.get("REDIS_AUTH", ""))
-    sentinel_username, sentinel_password = _auth(environ.get("REDIS_SENTINEL_AUTH", ""))
+    username, password = _auth(get("AUTH"))
+    sentinel_username, sentinel_password = _auth(get("SENTINEL_AUTH"))
     tls = None
     if tls_on:
         tls = Tls(
@@ -86,10 +109,10 @@ def redis_env(environ: Mapping[str, str]) -> RedisEnv:
         )
         if (tls.cert_file is None) != (tls.key_file is None):
             raise EnvError("REDIS_TLS_CLIENT_CERT and REDIS_TLS_CLIENT_KEY go together")
-    timeout = environ.get("REDIS_TIMEOUT", "")
-    pool = env_int(environ, "REDIS_POOL_SIZE", 0)
+    timeout = get("TIMEOUT")
+    pool = env_int(environ, f"{prefix}_POOL_SIZE", 0)
     if pool < 0:
-        raise EnvError(f"REDIS_POOL_SIZE={pool}: a pool holds at least one connection")
+        raise EnvError(f"{prefix}_POOL_SIZE={pool}: a pool holds at least one connection")
     return RedisEnv(
         url=url,
         username=username,
@@ -99,15 +122,8 @@ def redis_env(environ: Mapping[str, str]) -> RedisEnv:
         pool_size=pool or None,
         # Upstream's 0 is no deadline at all; ours bounds every decision, so 0 keeps our
         # default (a deadline of 0 would time every call out).
-        timeout_s=(go_duration("REDIS_TIMEOUT", timeout) or None) if timeout else None,
+        timeout_s=(go_duration(f"{prefix}_TIMEOUT", timeout) or None) if timeout else None,
         tls=tls,
-        key_prefix=environ["CACHE_KEY_PREFIX"] if "CACHE_KEY_PREFIX" in environ else None,
-        local_cache_bytes=_non_negative(environ, "LOCAL_CACHE_SIZE_IN_BYTES"),
-        expiry_jitter_s=_non_negative(environ, "EXPIRATION_JITTER_MAX_SECONDS"),
-        stop_increment_when_over=parse_bool(
-            "STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT",
-            environ.get("STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT", ""),
-        ),
     )
 
 
@@ -118,7 +134,9 @@ def _non_negative(environ: Mapping[str, str], name: str) -> int:
     return value
 
 
-def redis_url(url: str, kind: str, socket_type: str, tls: bool) -> str | None:
+def redis_url(
+    url: str, kind: str, socket_type: str, tls: bool, prefix: str = "REDIS"
+) -> str | None:
     """Upstream's REDIS_URL under REDIS_TYPE and REDIS_SOCKET_TYPE as our Redis URL; None when
     it is not set."""
     if not url:
@@ -131,7 +149,7 @@ def redis_url(url: str, kind: str, socket_type: str, tls: bool) -> str | None:
             if socket_type.lower() == "unix":
                 return f"unix://{url}"
             if socket_type.lower() != "tcp":
-                raise EnvError(f"REDIS_SOCKET_TYPE={socket_type!r}: tcp or unix")
+                raise EnvError(f"{prefix}_SOCKET_TYPE={socket_type!r}: tcp or unix")
             return f"redis{s}://{url}"
         case "cluster":
             return f"redis{s}+cluster://{url}"
@@ -139,10 +157,11 @@ def redis_url(url: str, kind: str, socket_type: str, tls: bool) -> str | None:
             master, _, sentinels = url.partition(",")
             if not master or not sentinels:
                 raise EnvError(
-                    "REDIS_URL for REDIS_TYPE=sentinel is <master name>,<sentinel>,...,<sentinel>"
+                    f"{prefix}_URL for {prefix}_TYPE=sentinel is <master name>,<sentinel>,...,"
+                    "<sentinel>"
                 )
             return f"redis{s}+sentinel://{sentinels}/{master}"
-    raise EnvError(f"REDIS_TYPE={kind!r}: single, cluster or sentinel")
+    raise EnvError(f"{prefix}_TYPE={kind!r}: single, cluster or sentinel")
 
 
 def _auth(value: str) -> tuple[str | None, str | None]:

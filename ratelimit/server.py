@@ -30,6 +30,7 @@ from arks.adapters.redis.client import (
 from arks.lifecycle import every, export_process_metrics, run_until_signalled, setup_process
 from arks.limits.backends import BackendUnavailable, CounterBackend, MemoryBackend
 from arks.limits.backends.local_cache import BYTES_PER_ENTRY, LocalOverLimitCache, entries_for
+from arks.limits.backends.per_second import PerSecondSplit
 from arks.limits.config import ConfigError, RateLimitConfig, load_config
 from arks.limits.limiter import Enforcement, Limiter
 from arks.limits.metrics import RateLimitMetrics
@@ -58,6 +59,8 @@ class Settings:
     redis_password_file: Path | None = None  # Redis AUTH (a mounted Secret key)
     redis_timeout_s: float = 0.5
     redis_pool_size: int = 64
+    # the counters of per-second limits in this Redis instead (upstream's REDIS_PERSECOND)
+    redis_per_second: str | None = None
     # upstream's REDIS_AUTH, REDIS_SENTINEL_AUTH, REDIS_TLS_* (the URL's scheme says TLS)
     redis_env: RedisEnv = field(default_factory=RedisEnv)
     key_prefix: str = "arks:rl:"  # before every counter's key (upstream's CACHE_KEY_PREFIX)
@@ -196,6 +199,13 @@ class Settings:
             "REDIS_TLS; without it counters in memory)",
         )
         p.add_argument(
+            "--redis-per-second",
+            metavar="URL",
+            default=from_env.per_second.url if from_env.per_second else None,
+            help="keep the counters of per-second limits in this Redis, the others in --redis's "
+            "(upstream's REDIS_PERSECOND=true with REDIS_PERSECOND_URL, _TYPE, _AUTH, ...)",
+        )
+        p.add_argument(
             "--redis-pool-size",
             type=int,
             default=from_env.pool_size or cls.redis_pool_size,
@@ -302,11 +312,14 @@ class Settings:
         a = p.parse_args(argv)
         if a.expiration_jitter_max_seconds < 0:
             p.error("--expiration-jitter-max-seconds: not negative")
-        if a.redis:
+        for flag, url in (("--redis", a.redis), ("--redis-per-second", a.redis_per_second)):
             try:
-                target(a.redis)
+                if url:
+                    target(url)
             except ValueError as err:
-                p.error(f"--redis: {err}")
+                p.error(f"{flag}: {err}")
+        if a.redis_per_second and not a.redis:
+            p.error("--redis-per-second (REDIS_PERSECOND) needs --redis (REDIS_URL) for the rest")
         return cls(
             config=tuple(a.config) or upstream.config,
             grpc_address=a.grpc_address,
@@ -323,6 +336,7 @@ class Settings:
             redis_password_file=a.redis_password_file,
             redis_timeout_s=a.redis_timeout_s,
             redis_pool_size=a.redis_pool_size,
+            redis_per_second=a.redis_per_second,
             redis_env=from_env,
             key_prefix=a.key_prefix,
             stop_increment_when_over=a.stop_increment_when_over_limit,
@@ -476,32 +490,66 @@ def create_metrics(upstream_names: bool = False) -> tuple[RateLimitMetrics, Call
 
 
 def make_backend(settings: Settings, password: str | None) -> CounterBackend:
-    if settings.redis:
-        env = settings.redis_env
-        store = RedisBackend(
-            settings.redis,
-            prefix=settings.key_prefix,
-            timeout_s=settings.redis_timeout_s,
-            max_connections=settings.redis_pool_size,
-            password=password or env.password,
-            username=env.username,
-            sentinel_username=env.sentinel_username,
-            sentinel_password=env.sentinel_password,
-            tls=env.tls,
-            expiry_jitter_s=settings.expiry_jitter_s,
+    if not settings.redis:
+        return MemoryBackend()
+    main = settings.redis_env
+    store: CounterBackend = _redis_store(
+        settings, settings.redis, main, password, settings.redis_timeout_s, settings.redis_pool_size
+    )
+    if settings.redis_per_second:
+        env, password = _per_second_env(settings, password)
+        timeout_s = settings.redis_timeout_s if env.timeout_s is None else env.timeout_s
+        pool = env.pool_size or settings.redis_pool_size
+        per_second = _redis_store(
+            settings, settings.redis_per_second, env, password, timeout_s, pool
         )
-        entries = entries_for(settings.local_cache_bytes)
-        return LocalOverLimitCache(store, entries) if entries else store
-    return MemoryBackend()
+        store = PerSecondSplit(per_second, store)
+    entries = entries_for(settings.local_cache_bytes)
+    return LocalOverLimitCache(store, entries) if entries else store
+
+
+def _per_second_env(settings: Settings, password: str | None) -> tuple[RedisEnv, str | None]:
+    """The per-second Redis's settings: REDIS_PERSECOND_*'s, or, named by the flag alone, the
+    main Redis's (its password file too)."""
+    env = settings.redis_env.per_second
+    if env is None:
+        return settings.redis_env, password
+    return env, env.password
+
+
+def _redis_store(
+    settings: Settings,
+    url: str,
+    env: RedisEnv,
+    password: str | None,
+    timeout_s: float,
+    pool_size: int,
+) -> RedisBackend:
+    return RedisBackend(
+        url,
+        prefix=settings.key_prefix,
+        timeout_s=timeout_s,
+        max_connections=pool_size,
+        password=password or env.password,
+        username=env.username,
+        sentinel_username=env.sentinel_username,
+        sentinel_password=env.sentinel_password,
+        tls=env.tls,
+        expiry_jitter_s=settings.expiry_jitter_s,
+    )
 
 
 async def serve(settings: Settings) -> None:
     password = read_password(settings.redis_password_file) if settings.redis_password_file else None
+    stores: list[tuple[str, RedisEnv, str | None]] = []
     if settings.redis:
-        env = settings.redis_env
+        stores.append((settings.redis, settings.redis_env, password))
+    if settings.redis_per_second:
+        stores.append((settings.redis_per_second, *_per_second_env(settings, password)))
+    for url, env, secret in stores:
         await check_auth(
-            settings.redis,
-            password or env.password,
+            url,
+            secret or env.password,
             timeout_s=2.0,
             username=env.username,
             sentinel_username=env.sentinel_username,
@@ -587,7 +635,9 @@ async def serve(settings: Settings) -> None:
         "" if settings.worker_index is None else f" worker {settings.worker_index}",
         settings.grpc_address,
         _tls_mode(settings.grpc_tls),
-        "redis" if settings.redis else "memory",
+        ("redis + per-second redis" if settings.redis_per_second else "redis")
+        if settings.redis
+        else "memory",
         "fail-open" if settings.fail_open else "fail-closed",
         environment.join_host_port(settings.http_host, settings.http_port),
         environment.join_host_port(settings.debug_host, settings.debug_port),

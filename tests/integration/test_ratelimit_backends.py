@@ -20,6 +20,7 @@ from redis.crc import key_slot
 
 from arks.adapters.redis.backend import RedisBackend
 from arks.limits.backends import BackendUnavailable, CounterBackend, MemoryBackend
+from arks.limits.backends.per_second import PerSecondSplit
 from arks.limits.model import Algorithm, Hit
 from tests.support.redis_server import SHARED_REDIS, PrivateRedis, fresh_prefix
 from tests.support.redis_topologies import Cluster
@@ -51,7 +52,7 @@ async def shared_redis_backend(prefix: str = "") -> AsyncIterator[RedisBackend]:
             await backend.close()
 
 
-@pytest.fixture(params=["memory", "redis", "redis-cluster"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster", "per-second-split"])
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[CounterBackend]:
     if request.param == "memory":
         memory = MemoryBackend()
@@ -60,6 +61,9 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[CounterBacken
     elif request.param == "redis":
         async with shared_redis_backend() as redis_backend:
             yield redis_backend
+    elif request.param == "per-second-split":  # REDIS_PERSECOND: a second store, same answers
+        async with shared_redis_backend() as per_second, shared_redis_backend() as other:
+            yield PerSecondSplit(per_second, other)
     else:
         cluster = request.getfixturevalue("redis_cluster")
         on_cluster = RedisBackend(
@@ -204,6 +208,49 @@ async def test_all_or_nothing_leaves_a_gcra_cell_alone_when_another_limit_refuse
         assert strict_outcome.over_limit and not cell_outcome.over_limit
     (read,) = await backend.apply([g(limit=2, hits=0, key="cell")], T0)
     assert read.remaining == 1  # only the admitted request holds a unit
+
+
+async def test_all_or_nothing_holds_across_per_second_and_longer_windows(
+    backend: CounterBackend,
+) -> None:
+    """With REDIS_PERSECOND the two windows live in two stores: each refusal charges neither."""
+    rps, rpm = hit(2, key="rps", window_s=1), hit(3, key="rpm")
+    cell = g(limit=1, key="cell")  # a GCRA cell of a minute, in the other store
+    assert not any(
+        o.over_limit for o in await backend.apply([rps, rpm, cell], T0, all_or_nothing=True)
+    )
+    over_minute = await backend.apply([rps, rpm, cell], T0, all_or_nothing=True)  # the cell refuses
+    assert [o.over_limit for o in over_minute] == [False, False, True]
+    (rps_now, rpm_now, cell_now) = await backend.apply(
+        [hit(2, 0, key="rps", window_s=1), hit(3, 0, key="rpm"), g(limit=1, hits=0, key="cell")], T0
+    )
+    assert (rps_now.used, rpm_now.used, cell_now.remaining) == (1, 1, 0)
+    await backend.apply([rps], T0)  # the second is spent
+    over_second = await backend.apply([rps, rpm], T0, all_or_nothing=True)
+    assert [o.over_limit for o in over_second] == [True, False]
+    (rpm_after,) = await backend.apply([hit(3, 0, key="rpm")], T0)
+    assert rpm_after.used == 1  # the minute gave its hit back
+
+
+async def test_refund_gives_back_what_apply_charged(backend: CounterBackend) -> None:
+    fixed, cell, second = (
+        hit(5, hits=3, key="f"),
+        g(limit=4, hits=3, key="c"),
+        hit(9, 2, key="s", window_s=1),
+    )
+    await backend.apply([fixed, cell, second], T0)
+    await backend.refund([fixed, cell, second], T0 + 0.5)
+    outcomes = await backend.apply(
+        [hit(5, hits=5, key="f"), g(limit=4, hits=4, key="c"), hit(9, 9, key="s", window_s=1)],
+        T0 + 0.5,
+    )
+    assert [(o.over_limit, o.used) for o in outcomes] == [(False, 5), (False, 4), (False, 9)]
+    await backend.refund([hit(5, hits=50, key="f")], T0 + 0.5)  # more than was charged: none left
+    (empty,) = await backend.apply([hit(5, 0, key="f")], T0 + 0.5)
+    assert empty.used == 0
+    await backend.refund([hit(5, key="never")], T0)  # nothing to give back: nothing happens
+    (never,) = await backend.apply([hit(5, 0, key="never")], T0)
+    assert never.used == 0
 
 
 async def test_all_or_nothing_counts_a_key_hit_twice_once_per_hit(backend: CounterBackend) -> None:
@@ -390,3 +437,25 @@ async def test_stalled_redis_times_out_and_recovers(private_redis: PrivateRedis)
         assert not after.over_limit
     finally:
         await backend.close()
+
+
+async def test_a_per_second_store_that_fails_leaves_the_other_uncharged(
+    private_redis: PrivateRedis,
+) -> None:
+    """REDIS_PERSECOND's Redis down: the call fails (the service applies its fail policy) and
+    the other store gives back what it took, as one store that failed would have charged
+    nothing; back up, both count again."""
+    per_second = RedisBackend(private_redis.url, timeout_s=OUTAGE_TIMEOUT_S)
+    async with shared_redis_backend() as other:
+        split = PerSecondSplit(per_second, other)
+        try:
+            private_redis.kill()
+            with pytest.raises(BackendUnavailable):
+                await split.apply([hit(5, key="rps", window_s=1), hit(5, key="rpm")], T0)
+            (rpm,) = await other.apply([hit(5, 0, key="rpm")], T0)
+            assert rpm.used == 0
+            private_redis.start()
+            both = await split.apply([hit(5, key="rps", window_s=1), hit(5, key="rpm")], T0)
+            assert [o.used for o in both] == [1, 1]
+        finally:
+            await split.close()

@@ -1,7 +1,8 @@
 """Upstream's settings that change what a deployment sees from outside, on the real
 `python -m ratelimit`: its Prometheus series names (USE_PROMETHEUS, read by a real Prometheus as
 Envoy Gateway's end-to-end test queries them), its gRPC connection age
-(GRPC_MAX_CONNECTION_AGE) and its keys' expiration jitter (EXPIRATION_JITTER_MAX_SECONDS)."""
+(GRPC_MAX_CONNECTION_AGE), its keys' expiration jitter (EXPIRATION_JITTER_MAX_SECONDS) and its
+per-second Redis (REDIS_PERSECOND)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from launcher.procs import Supervisor
 from tests.integration.test_ratelimit_service import OK, OVER, Service, descriptor
 from tests.support.exposition import sample
 from tests.support.prometheus import Prometheus
+from tests.support.redis_server import PrivateRedis
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -160,3 +162,56 @@ def test_expiration_jitter_lengthens_each_new_keys_life_by_a_random_amount(
     assert all(0 < ttl <= 60 + 1000 for ttl in ttls[0]) and max(ttls[0]) > 60
     assert len(set(ttls[0])) > 1  # a random amount per key, not one for all
     assert all(0 < ttl <= 60 for ttl in ttls[1])
+
+
+PER_SECOND_CONFIG = """
+domain: {domain}
+descriptors:
+  - key: rps
+    rate_limit: {{unit: second, requests_per_unit: 5}}
+  - key: rpm
+    rate_limit: {{unit: minute, requests_per_unit: 1}}
+"""
+
+
+def test_redis_persecond_keeps_per_second_counters_in_their_own_redis(
+    tmp_path: Path, private_redis: PrivateRedis
+) -> None:
+    """Upstream's REDIS_PERSECOND env block: the per-second limit counts in REDIS_PERSECOND_URL's
+    Redis, the minute's in REDIS_URL's; with STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT a request
+    the minute refuses charges the second nothing, across the two servers."""
+    prefix = f"persecond-{uuid.uuid4().hex[:6]}:"
+    env = {
+        "REDIS_SOCKET_TYPE": "tcp",
+        "REDIS_URL": "127.0.0.1:6379",
+        "REDIS_PERSECOND": "true",
+        "REDIS_PERSECOND_SOCKET_TYPE": "tcp",
+        "REDIS_PERSECOND_URL": f"127.0.0.1:{private_redis.port}",
+        "CACHE_KEY_PREFIX": prefix,
+        "STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT": "true",
+    }
+    main = redis.Redis.from_url(REDIS_URL)
+    fast = redis.Redis.from_url(private_redis.url)
+    try:
+        with Supervisor(log_dir=tmp_path / "logs") as sup:
+            svc = Service(sup, tmp_path, env=env, config_text=PER_SECOND_CONFIG)
+            both = (descriptor(("rps", "a")), descriptor(("rpm", "a")))
+            codes = [svc.ask(*both).overall_code for _ in range(3)]
+            svc.channel.close()
+
+        def counts(client: redis.Redis) -> dict[str, int]:
+            return {
+                key.decode().split(":", 1)[1]: int(client.get(key))
+                for key in client.scan_iter(match=f"{prefix}*")
+            }
+
+        in_main, in_fast = counts(main), counts(fast)
+    finally:
+        for key in main.scan_iter(match=f"{prefix}*"):
+            main.delete(key)
+        main.close()
+        fast.close()
+    assert codes == [OK, OVER, OVER]
+    assert all("rpm" in key for key in in_main) and sum(in_main.values()) == 1
+    assert in_fast and all("rps" in key for key in in_fast)
+    assert sum(in_fast.values()) == 1  # the refused requests charged the second nothing

@@ -275,6 +275,23 @@ class RedisBackend:
                 values[i] = value
         return [_outcome(hit, value, now) for hit, value in zip(hits, values, strict=True)]
 
+    async def refund(self, hits: Sequence[Hit], now: float) -> None:
+        """UNDO for `hits`, a script per slot (BackendUnavailable when Redis does not answer)."""
+        if not hits:
+            return
+        at = Instant.of(now)
+        keys = [self._prefix + counter_key(hit, now) for hit in hits]
+        head: list[str | int] = [at.seconds, repr(at.fraction), "0"]
+        slots = _by_slot(keys) if self._cluster else [list(range(len(hits)))]
+        undo = [
+            ([keys[i] for i in group], head + [a for i in group for a in _hit_args(hits[i], 0)])
+            for group in slots
+        ]
+        async with answer_within(self._timeout_s, "counters"):
+            await asyncio.gather(
+                *(run(self._redis, _UNDO, *call, fast=self._fast) for call in undo)
+            )
+
     async def ping(self) -> None:
         async with answer_within(self._timeout_s, "counters"):
             if self._fast is not None:

@@ -24,6 +24,13 @@ class CounterBackend(Protocol):
         not use up the allowance)."""
         ...
 
+    async def refund(self, hits: Sequence[Hit], now: float) -> None:
+        """Give back what `apply(hits, now)` charged: a fixed window's count goes down by the
+        hits, a GCRA TAT back by their emission intervals. For all or nothing across stores (a
+        store that charged, when another refused); a request racing it may see the counts a
+        moment higher."""
+        ...
+
     async def ping(self) -> None:
         """Return once the store answers; BackendUnavailable when it does not (health)."""
         ...

@@ -49,6 +49,9 @@ class LocalOverLimitCache:
             outcomes.append(outcome)
         return outcomes
 
+    async def refund(self, hits: Sequence[Hit], now: float) -> None:
+        await self.store.refund(hits, now)
+
     async def ping(self) -> None:
         await self.store.ping()
 

@@ -8,11 +8,13 @@ from arks.limits.model import Algorithm, Hit, Outcome
 from arks.limits.window import (
     Instant,
     counter_key,
+    emission_interval,
     fixed_window_outcome,
     gcra_ahead,
     gcra_charge,
     gcra_outcome,
     gcra_step,
+    gcra_stores,
     validate,
 )
 
@@ -43,6 +45,32 @@ class MemoryBackend:
         if self._writes >= self._writes_per_sweep:
             self._sweep(now)
         return outcomes
+
+    async def refund(self, hits: Sequence[Hit], now: float) -> None:
+        at = Instant.of(now)
+        for hit in hits:
+            if hit.hits == 0:
+                continue
+            key = counter_key(hit, now)
+            if hit.algorithm is Algorithm.GCRA:
+                tat = self._live_tat(key, now)
+                if tat is None or not gcra_stores(hit):
+                    continue
+                ahead = gcra_ahead(tat[0], at) - hit.hits * emission_interval(
+                    hit.limit, hit.window_s
+                )
+                if ahead <= 0:
+                    del self._tats[key]
+                else:
+                    self._tats[key] = (at.plus(ahead), tat[1])
+                continue
+            count = self._live_count(key, now)
+            if count is None:
+                continue
+            if count[0] <= hit.hits:  # back to nothing, as if never charged
+                del self._counts[key]
+            else:
+                self._counts[key] = (count[0] - hit.hits, count[1])
 
     async def ping(self) -> None:
         return  # in this process: always there

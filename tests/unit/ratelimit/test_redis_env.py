@@ -103,7 +103,19 @@ def test_skipping_the_hostname_check_keeps_the_chain_checked() -> None:
     ("environ", "named"),
     [
         ({"BACKEND_TYPE": "memcache"}, "BACKEND_TYPE"),
-        ({"REDIS_PERSECOND": "true"}, "REDIS_PERSECOND"),
+        ({"REDIS_PERSECOND": "true"}, "REDIS_PERSECOND_URL"),
+        (
+            {"REDIS_PERSECOND": "1", "REDIS_PERSECOND_URL": "r:1", "REDIS_PERSECOND_TYPE": "x"},
+            "REDIS_PERSECOND_TYPE",
+        ),
+        (
+            {
+                "REDIS_PERSECOND": "1",
+                "REDIS_PERSECOND_URL": "r:1",
+                "REDIS_PERSECOND_POOL_ON_EMPTY_BEHAVIOR": "CREATE",
+            },
+            "REDIS_PERSECOND_POOL_ON_EMPTY_BEHAVIOR",
+        ),
         ({"REDIS_PERSECOND": "maybe"}, "REDIS_PERSECOND"),
         ({"REDIS_POOL_ON_EMPTY_BEHAVIOR": "ERROR"}, "REDIS_POOL_ON_EMPTY_BEHAVIOR"),
         ({"REDIS_URL": "r:1", "REDIS_TYPE": "twemproxy"}, "REDIS_TYPE"),
@@ -131,3 +143,33 @@ def test_go_durations() -> None:
     for bad in ("", "s", "1x", "1s2"):
         with pytest.raises(EnvError, match="X"):
             go_duration("X", bad)
+
+
+def test_the_per_second_redis_has_its_own_connection_settings() -> None:
+    """REDIS_PERSECOND=true: REDIS_PERSECOND_URL under its own _TYPE, _SOCKET_TYPE, _AUTH,
+    _SENTINEL_AUTH, _POOL_SIZE, _TIMEOUT and _TLS (the TLS files are REDIS_TLS_*'s, shared, as
+    upstream's); the main Redis's are not changed by them."""
+    env = redis_env(
+        {
+            "REDIS_SOCKET_TYPE": "tcp",
+            "REDIS_URL": "main:6379",
+            "REDIS_AUTH": "main-pw",
+            "REDIS_PERSECOND": "true",
+            "REDIS_PERSECOND_TYPE": "sentinel",
+            "REDIS_PERSECOND_URL": "fast,s1:26379,s2:26379",
+            "REDIS_PERSECOND_AUTH": "u:fast-pw",
+            "REDIS_PERSECOND_SENTINEL_AUTH": "s-pw",
+            "REDIS_PERSECOND_POOL_SIZE": "7",
+            "REDIS_PERSECOND_TIMEOUT": "250ms",
+            "REDIS_PERSECOND_TLS": "true",
+            "REDIS_TLS_CACERT": "/ca.pem",
+        }
+    )
+    assert (env.url, env.password, env.tls) == ("redis://main:6379", "main-pw", None)
+    fast = env.per_second
+    assert fast is not None
+    assert fast.url == "rediss+sentinel://s1:26379,s2:26379/fast"
+    assert (fast.username, fast.password, fast.sentinel_password) == ("u", "fast-pw", "s-pw")
+    assert (fast.pool_size, fast.timeout_s) == (7, 0.25)
+    assert fast.tls is not None and fast.tls.ca_file == "/ca.pem"
+    assert redis_env({"REDIS_PERSECOND": "false", "REDIS_PERSECOND_URL": "x:1"}).per_second is None
