@@ -37,7 +37,7 @@ from tests.integration.test_ratelimit_service import NOT_SERVING, SERVING, Servi
 from tests.integration.test_ratelimit_xds import RETRY, ControlPlane, snapshot
 from tests.support.certs import authority, issue
 from tests.support.exposition import sample
-from tests.support.redis_server import SHARED_REDIS
+from tests.support.redis_server import SHARED_REDIS, PrivateRedis
 from tests.support.waiting import wait_for
 
 RUNTIME = (
@@ -234,11 +234,27 @@ STORES = ["memory", "redis"]
 
 
 @pytest.fixture(scope="module")
-def stores(sup: tuple[Supervisor, Path]) -> Iterator[dict[str, Rls]]:
-    """memory; Redis under a prefix (upstream's CACHE_KEY_PREFIX: its WithCachePrefix); and
-    Redis behind the local over-limit cache (LOCAL_CACHE_SIZE_IN_BYTES: its WithLocalCache)."""
+def per_second_redis() -> Iterator[PrivateRedis]:
+    server = PrivateRedis()
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def stores(
+    sup: tuple[Supervisor, Path], per_second_redis: PrivateRedis
+) -> Iterator[dict[str, Rls]]:
+    """memory; Redis under a prefix (upstream's CACHE_KEY_PREFIX: its WithCachePrefix); Redis
+    behind the local over-limit cache (LOCAL_CACHE_SIZE_IN_BYTES: its WithLocalCache); and
+    per-second limits in a Redis of their own (REDIS_PERSECOND: its WithPerSecondRedis)."""
     supervisor, tmp = sup
-    redis_prefix, cached_prefix = f"replay-{fresh()}:", f"replay-{fresh()}:"
+    redis_prefix, cached_prefix, split_prefix = (f"replay-{fresh()}:" for _ in range(3))
+    per_second = {
+        "REDIS_PERSECOND": "true",
+        "REDIS_PERSECOND_SOCKET_TYPE": "tcp",
+        "REDIS_PERSECOND_URL": f"127.0.0.1:{per_second_redis.port}",
+    }
     running = {
         "memory": start(supervisor, tmp),
         "redis": start(supervisor, tmp, env=on_redis(redis_prefix), prefix=redis_prefix),
@@ -247,6 +263,9 @@ def stores(sup: tuple[Supervisor, Path]) -> Iterator[dict[str, Rls]]:
             tmp,
             env=on_redis(cached_prefix, LOCAL_CACHE_SIZE_IN_BYTES="1000000"),
             prefix=cached_prefix,
+        ),
+        "redis-per-second": start(
+            supervisor, tmp, env=on_redis(split_prefix, **per_second), prefix=split_prefix
         ),
     }
     yield running
@@ -293,19 +312,28 @@ def replay_basic_base_config(r: Rls, *, stop_increment: bool = False) -> None:
         assert counters.get("over_limit", "another.key3") == max(0, i - 9)
 
 
-@pytest.mark.parametrize("store", [*STORES, "redis-local-cache"])
-def test_basic_base_config(stores: dict[str, Rls], store: str) -> None:
+@pytest.mark.parametrize("store", [*STORES, "redis-local-cache", "redis-per-second"])
+def test_basic_base_config(
+    stores: dict[str, Rls], store: str, per_second_redis: PrivateRedis
+) -> None:
     """TestBasicConfig (WithoutPerSecondRedis, WithoutPerSecondRedisWithLocalCache,
-    WithoutPerSecondRedisWithCachePrefix): testBasicBaseConfig, the local cache's own stats
-    aside (docs/ratelimit-compatibility.md)."""
+    WithoutPerSecondRedisWithCachePrefix, WithPerSecondRedis): testBasicBaseConfig, the local
+    cache's own stats aside (docs/ratelimit-compatibility.md)."""
     r = stores[store]
     replay_basic_base_config(r)
-    if r.prefix:  # upstream's CACHE_KEY_PREFIX: every counter under it
-        admin = redis.Redis.from_url(SHARED_REDIS)
-        try:
-            assert any(admin.scan_iter(f"{r.prefix}another_key2_*"))
-        finally:
-            admin.close()
+    if not r.prefix:
+        return
+    admin = redis.Redis.from_url(SHARED_REDIS)  # upstream's CACHE_KEY_PREFIX: every key under it
+    fast = redis.Redis.from_url(per_second_redis.url)
+    try:
+        assert any(admin.scan_iter(f"{r.prefix}another_key2_*"))
+        # basic's key1 is per second: in the per-second Redis when there is one
+        split = store == "redis-per-second"
+        assert any(fast.scan_iter(f"{r.prefix}basic_key1_*")) == split
+        assert any(admin.scan_iter(f"{r.prefix}basic_key1_*")) != split
+    finally:
+        admin.close()
+        fast.close()
 
 
 def test_duration_until_reset_counts_down(stores: dict[str, Rls]) -> None:
