@@ -50,8 +50,9 @@ class RedisEnv:
         )
 
 
-# Values upstream accepts for its pool when empty; radix v4 only waits, so do we.
-_POOL_ON_EMPTY = ("WAIT", "")
+# What upstream refuses for its pool when empty (radix v4 only waits, so do we); any other value,
+# unknown ones too, is waiting, as upstream (which logs a warning for an unknown one).
+_POOL_ON_EMPTY_REFUSED = ("ERROR", "CREATE")
 
 
 def redis_env(environ: Mapping[str, str]) -> RedisEnv:
@@ -85,10 +86,10 @@ def _connection(environ: Mapping[str, str], prefix: str) -> RedisEnv:
         return environ.get(f"{prefix}_{name}", "")
 
     on_empty = get("POOL_ON_EMPTY_BEHAVIOR").upper()
-    if on_empty not in _POOL_ON_EMPTY:
+    if on_empty in _POOL_ON_EMPTY_REFUSED:
         raise EnvError(
-            f"{prefix}_POOL_ON_EMPTY_BEHAVIOR={on_empty!r}: only WAIT (upstream refuses the "
-            "others too)"
+            f"{prefix}_POOL_ON_EMPTY_BEHAVIOR={on_empty}: only WAIT (upstream refuses {on_empty} "
+            "too)"
         )
     tls_on = parse_bool(f"{prefix}_TLS", get("TLS"))
     url = redis_url(

@@ -595,6 +595,11 @@ async def serve(settings: Settings) -> None:
     health = Health((REDIS, SIGTERM, CONFIG) if settings.healthy_with_config else (REDIS, SIGTERM))
     if settings.healthy_with_config:
         health.set(CONFIG, bool(limiter.config().domains))
+    if settings.redis:  # as upstream, healthy only once Redis has answered
+        try:
+            await backend.ping()
+        except BackendUnavailable:
+            health.set(REDIS, False)
     # Before gRPC: a start-up stopped by a taken HTTP port leaves no server behind.
     served = [
         await _serve_http(service_app(health, service.answer), settings, debug=False),

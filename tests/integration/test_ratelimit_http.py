@@ -183,7 +183,15 @@ def test_sigterm_makes_the_service_unhealthy_before_it_stops(tmp_path: Path) -> 
             try:
                 assert httpx.get(http(svc, "/healthcheck")).status_code == 200
                 redis.pause()
-                in_flight = threading.Thread(target=svc.ask, args=(descriptor(("user", "x")),))
+                ended: list[object] = []
+
+                def ask() -> None:  # on Redis paused past the 2 s grace: cancelled, or answered
+                    try:
+                        ended.append(svc.ask(descriptor(("user", "x"))).overall_code)
+                    except grpc.RpcError as err:
+                        ended.append(err.code())
+
+                in_flight = threading.Thread(target=ask)
                 in_flight.start()
                 time.sleep(0.3)
                 svc.child.popen.send_signal(signal.SIGTERM)
@@ -200,6 +208,7 @@ def test_sigterm_makes_the_service_unhealthy_before_it_stops(tmp_path: Path) -> 
             finally:
                 svc.channel.close()
         assert 500 in codes
+        assert len(ended) == 1  # the call in flight ended, one way or the other
         assert "health: NOT_SERVING (sigterm)" in (svc.child.log_path or Path()).read_text()
     finally:
         redis.kill()

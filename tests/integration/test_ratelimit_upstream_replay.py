@@ -875,3 +875,20 @@ def test_basic_config_on_a_tls_redis_with_a_password_and_a_client_certificate(
             replay_basic_base_config(r)
         finally:
             r.close()
+
+
+# Health: unhealthy until Redis has answered -------------------------------------------------
+
+
+def test_unhealthy_until_redis_has_answered(tmp_path: Path) -> None:
+    """TestHealthCheck, TestGrpcHealthCheck: Redis starts unhealthy until the connection is
+    confirmed: a service whose Redis never answers is never healthy, from its first answer."""
+    with Supervisor(log_dir=tmp_path / "logs") as sup:
+        svc = Service(sup, tmp_path, "--redis", f"redis://127.0.0.1:{free_port()}/0")
+        try:
+            http = httpx.get(f"http://127.0.0.1:{svc.http_port}/healthcheck").status_code
+            ask = health_pb2.HealthCheckRequest(service="ratelimit")
+            grpc_health = health_pb2_grpc.HealthStub(svc.channel).Check(ask, timeout=5).status
+            assert (http, grpc_health) == (500, NOT_SERVING)
+        finally:
+            svc.channel.close()

@@ -173,3 +173,12 @@ def test_the_per_second_redis_has_its_own_connection_settings() -> None:
     assert (fast.pool_size, fast.timeout_s) == (7, 0.25)
     assert fast.tls is not None and fast.tls.ca_file == "/ca.pem"
     assert redis_env({"REDIS_PERSECOND": "false", "REDIS_PERSECOND_URL": "x:1"}).per_second is None
+
+
+def test_an_unknown_pool_on_empty_behaviour_falls_back_to_waiting() -> None:
+    """driver_impl_test.go TestPoolOnEmptyBehavior: "unknown behavior falls back to default";
+    lowercase "wait" works; ERROR and CREATE, any case, are refused (the list above)."""
+    assert redis_env({"REDIS_POOL_ON_EMPTY_BEHAVIOR": "QUEUE"}) == RedisEnv()
+    assert redis_env({"REDIS_POOL_ON_EMPTY_BEHAVIOR": "wait"}) == RedisEnv()
+    with pytest.raises(EnvError, match="ERROR"):
+        redis_env({"REDIS_POOL_ON_EMPTY_BEHAVIOR": "error"})
