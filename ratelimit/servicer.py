@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
-from arks.limits.limiter import Limiter
+from arks.limits.limiter import Limiter, Prepared
 from arks.metric_rules import UNKNOWN
 from ratelimit import codec
 from ratelimit.metrics import CallMetrics, domain_label
@@ -16,6 +17,17 @@ from ratelimit.metrics import CallMetrics, domain_label
 
 class InvalidRequest(ValueError):
     """A request envoyproxy/ratelimit refuses as a service error (gRPC UNKNOWN, HTTP 400)."""
+
+
+# Requests prepared, by their bytes: Envoy asks the same few descriptors over and over, and working
+# one out (our types, the configuration's limits, counter keys, stats series) costs more than the
+# rest of the decision. Forgotten all at once when full (a flood of distinct values only refills).
+MAX_PLANS = 10_000
+
+
+class _Plan(NamedTuple):
+    prepared: Prepared
+    domain: str  # the metrics' label
 
 
 class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
@@ -35,6 +47,7 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         self.headers = headers
         self.openai_body = openai_body
         self.dynamic_metadata = dynamic_metadata  # upstream's RESPONSE_DYNAMIC_METADATA
+        self._plans: dict[bytes, _Plan] = {}
 
     async def ShouldRateLimit(
         self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
@@ -51,14 +64,9 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         started = self.timer()
         domain = UNKNOWN
         try:
-            # As envoyproxy/ratelimit answers them: an error, not an OK that limits nothing.
-            if not request.domain:
-                raise InvalidRequest("rate limit domain must not be empty")
-            if not request.descriptors:
-                raise InvalidRequest("rate limit descriptor list must not be empty")
-            asked = codec.request(request)
-            domain = domain_label(asked.domain, self.limiter.config().domains)
-            answer = await self.limiter.decide(asked)
+            plan = self._plan(request)
+            domain = plan.domain
+            answer = await self.limiter.decide(plan.prepared)
         except Exception:
             self.metrics.errors.labels("service_error").inc()
             raise
@@ -74,3 +82,21 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             if self.dynamic_metadata
             else None,
         )
+
+    def _plan(self, request: rls_pb2.RateLimitRequest) -> _Plan:
+        key = request.SerializeToString()
+        plan = self._plans.get(key)
+        config = self.limiter.config()
+        if plan is not None and (plan.prepared.config is config or plan.prepared.config is None):
+            return plan
+        # As envoyproxy/ratelimit answers them: an error, not an OK that limits nothing.
+        if not request.domain:
+            raise InvalidRequest("rate limit domain must not be empty")
+        if not request.descriptors:
+            raise InvalidRequest("rate limit descriptor list must not be empty")
+        asked = codec.request(request)
+        plan = _Plan(self.limiter.prepare(asked), domain_label(asked.domain, config.domains))
+        if len(self._plans) >= MAX_PLANS:
+            self._plans.clear()
+        self._plans[key] = plan
+        return plan

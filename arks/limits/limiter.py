@@ -54,37 +54,68 @@ class Limiter:
     # nor our own: envoyproxy/ratelimit finds no limit there (its service sets this False).
     overrides_anywhere: bool = True
     _cache: dict[tuple[str, str], _Series] = field(default_factory=dict, repr=False)
-    # Requests whose every descriptor carries its limit (overrides: the configuration plays no
-    # part), by identity: a caller that asks the same request object again (the gateway's
-    # admission plans) gets its limits and counters worked out once. The entry holds the request,
-    # so its id is not reused while cached.
-    _prepared: dict[int, _Prepared] = field(default_factory=dict, repr=False)
+    # Requests whose every descriptor carries its limit (overrides) in one of our own domains (the
+    # configuration plays no part), by identity: a caller that asks the same request object again
+    # (the gateway's admission plans) gets it prepared once. The entry holds the request, so its
+    # id is not reused while cached.
+    _prepared: dict[int, Prepared] = field(default_factory=dict, repr=False)
 
-    def _limits_and_hits(
-        self, request: LimitRequest
-    ) -> tuple[list[RateLimit | None], list[Hit | None]]:
-        found = self._prepared.get(id(request))
-        if found is not None and found.request is request:
-            return found.limits, found.hits
+    def prepare(self, request: LimitRequest) -> Prepared:
+        """`request`'s limits, counters and stats series under the current configuration: what
+        `decide` works out first, for a caller that asks the same request again to keep."""
         config = self.config()
+        domain = request.domain
         overrides = (
-            self.overrides_anywhere
-            or request.domain in self.own_domains
-            or request.domain in config.domains
+            self.overrides_anywhere or domain in self.own_domains or domain in config.domains
         )
         limits = limits_for(request, config.lookup, overrides=overrides)
         hits = hits_for(request, limits)
-        if all(d.override is not None for d in request.descriptors):
+        label = domain if domain in self.own_domains or domain in config.domains else UNKNOWN
+        default_hits = max(1, request.hits_addend)
+        stats = tuple(
+            _Stat(
+                i,
+                (label, _stats_key(limit, descriptor.entries)),
+                default_hits if descriptor.hits is None else descriptor.hits,
+            )
+            for i, (descriptor, limit) in enumerate(zip(request.descriptors, limits, strict=True))
+            if counted(limit)
+        )
+        config_free = domain in self.own_domains and all(
+            d.override is not None for d in request.descriptors
+        )
+        return Prepared(
+            request,
+            None if config_free else config,
+            limits,
+            hits,
+            [h for h in hits if h is not None],
+            stats,
+        )
+
+    def _prepared_for(self, request: LimitRequest | Prepared) -> Prepared:
+        if isinstance(request, Prepared):
+            if request.config is None or request.config is self.config():
+                return request
+            return self.prepare(request.request)  # the configuration changed since
+        found = self._prepared.get(id(request))
+        if found is not None and found.request is request:
+            return found
+        prepared = self.prepare(request)
+        if prepared.config is None:
             if len(self._prepared) >= MAX_PREPARED:
                 self._prepared.clear()
-            self._prepared[id(request)] = _Prepared(request, limits, hits)
-        return limits, hits
+            self._prepared[id(request)] = prepared
+        return prepared
 
-    async def decide(self, request: LimitRequest, *, all_or_nothing: bool = False) -> Answer:
-        """The answer to `request`, its hits charged. envoyproxy/ratelimit charges over-limit hits
-        too; with `all_or_nothing` (admission) a refused request is charged nothing."""
-        limits, hits = self._limits_and_hits(request)
-        charged = [h for h in hits if h is not None]
+    async def decide(
+        self, request: LimitRequest | Prepared, *, all_or_nothing: bool = False
+    ) -> Answer:
+        """The answer to `request` (or to a request `prepare`d before), its hits charged.
+        envoyproxy/ratelimit charges over-limit hits too; with `all_or_nothing` (admission) a
+        refused request is charged nothing."""
+        prepared = self._prepared_for(request)
+        limits, hits, charged = prepared.limits, prepared.hits, prepared.charged
         outcomes: list[Outcome | None]
         try:
             applied = (
@@ -96,10 +127,13 @@ class Limiter:
                 if charged
                 else []
             )
-            results = iter(applied)
-            outcomes = [next(results) if h is not None else None for h in hits]
+            if len(applied) == len(hits):
+                outcomes = list(applied)
+            else:
+                results = iter(applied)
+                outcomes = [next(results) if h is not None else None for h in hits]
         except BackendUnavailable as err:
-            return self._without_backend(request, limits, err)
+            return self._without_backend(prepared.request, limits, err)
         decided = answer(
             limits,
             outcomes,
@@ -107,7 +141,7 @@ class Limiter:
             quota_mode=self.enforcement.quota_mode,
             near_ratio=self.enforcement.near_ratio,
         )
-        self._count(request, decided)
+        self._count(prepared, decided)
         return decided
 
     def _without_backend(
@@ -145,33 +179,21 @@ class Limiter:
             without_store=True,
         )
 
-    def _count(self, request: LimitRequest, decided: Answer) -> None:
-        domain = request.domain
-        if domain not in self.own_domains and domain not in self.config().domains:
-            domain = UNKNOWN  # a caller's string is no label value unless configured
-        for descriptor, status in zip(request.descriptors, decided.statuses, strict=True):
-            limit = status.limit
-            if limit is None:
-                continue
-            key = limit.stats_key or "override"
-            if limit.detailed_metric:  # a share_threshold wildcard's pattern for its values
-                shared = limit.shared_values
-                key = ".".join(
-                    f"{k}_{shared[i] if shared and shared[i] is not None else v}"
-                    for i, (k, v) in enumerate(descriptor.entries)
-                )
-            series = self._series(domain, key)
-            hits = max(1, request.hits_addend) if descriptor.hits is None else descriptor.hits
+    def _count(self, prepared: Prepared, decided: Answer) -> None:
+        near_ratio = self.enforcement.near_ratio
+        statuses = decided.statuses
+        for position, series_key, hits in prepared.stats:
+            series = self._cache.get(series_key) or self._series(*series_key)
             series.hits.inc(hits)
-            over, near, within, shadow = hit_stats(status, hits, self.enforcement.near_ratio)
-            for counter, n in (
-                (series.over_limit, over),
-                (series.near_limit, near),
-                (series.within_limit, within),
-                (series.shadow_mode, shadow),
-            ):
-                if n:
-                    counter.inc(n)
+            over, near, within, shadow = hit_stats(statuses[position], hits, near_ratio)
+            if over:
+                series.over_limit.inc(over)
+            if near:
+                series.near_limit.inc(near)
+            if within:
+                series.within_limit.inc(within)
+            if shadow:
+                series.shadow_mode.inc(shadow)
 
     def _series(self, domain: str, key: str) -> _Series:
         """One key's counters, looked up once: labels() costs microseconds on every call."""
@@ -190,10 +212,35 @@ class Limiter:
 MAX_PREPARED = 100_000
 
 
-class _Prepared(NamedTuple):
+def _stats_key(limit: RateLimit | None, entries: Sequence[tuple[str, str]]) -> str:
+    """The `key` label of a descriptor's stats: its limit's stats key ("override" for Envoy's
+    unnamed one), or a `detailed_metric` limit's pattern for the request's values."""
+    assert limit is not None
+    if not limit.detailed_metric:
+        return limit.stats_key or "override"
+    shared = limit.shared_values
+    return ".".join(
+        f"{k}_{shared[i] if shared and shared[i] is not None else v}"
+        for i, (k, v) in enumerate(entries)
+    )
+
+
+class _Stat(NamedTuple):
+    position: int  # the descriptor's, in the request
+    series: tuple[str, str]  # (domain label, key label)
+    hits: int
+
+
+class Prepared(NamedTuple):
+    """A request worked out against one configuration (`config`; None: the request carries all
+    its limits in one of our own domains, so any configuration gives the same)."""
+
     request: LimitRequest
+    config: RateLimitConfig | None
     limits: list[RateLimit | None]
     hits: list[Hit | None]
+    charged: list[Hit]  # the hits not None, in order
+    stats: tuple[_Stat, ...]  # the counted descriptors' stats
 
 
 class _Series(NamedTuple):
