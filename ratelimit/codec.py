@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2
-from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf import struct_pb2
 
 from arks.limits.decision import Answer, DescriptorRequest, LimitRequest, Status, passed_metadata
 from arks.limits.model import RateLimit, Unit
 
 _Response = rls_pb2.RateLimitResponse
-_UNIT_NAMES = {u: u.name for u in Unit}
+_OK, _OVER_LIMIT = _Response.OK, _Response.OVER_LIMIT
+_UNIT_NUMBERS = {u.value: _Response.RateLimit.Unit.Value(u.name) for u in Unit}
 
 
 def request(message: rls_pb2.RateLimitRequest) -> LimitRequest:
@@ -35,12 +38,6 @@ def request(message: rls_pb2.RateLimitRequest) -> LimitRequest:
 
 
 UNLIMITED_REMAINING = 2**32 - 1  # envoyproxy/ratelimit's limit_remaining of an unlimited descriptor
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    """Whole seconds, as upstream computes it (the window's length minus the whole seconds of
-    it gone: 1 to the window's length, never 0 for a window still open)."""
-    return duration_pb2.Duration(seconds=max(1, math.ceil(seconds)))
 
 
 @dataclass(frozen=True)
@@ -120,21 +117,19 @@ def response(
     (our extension); `dynamic_metadata`: set in the response (`dynamic_metadata` above)."""
     statuses = []
     for status in answer.statuses:
-        item = _Response.DescriptorStatus(
-            code=_Response.OVER_LIMIT if status.over_limit else _Response.OK
-        )
-        if status.unlimited:
-            item.limit_remaining = UNLIMITED_REMAINING
-        if status.limit is not None:
-            item.current_limit.CopyFrom(
-                _Response.RateLimit(
-                    name=status.limit.name,
-                    requests_per_unit=status.limit.requests_per_unit,
-                    unit=_Response.RateLimit.Unit.Value(_UNIT_NAMES[status.limit.unit]),
-                )
+        # Nested messages given as dicts: built by upb in one go (half the CPU of setting fields).
+        item: dict[str, Any] = {"code": _OVER_LIMIT if status.over_limit else _OK}
+        limit = status.limit
+        if limit is not None:
+            item["current_limit"] = _current_limit(
+                limit.name, limit.requests_per_unit, limit.unit.value
             )
-            item.limit_remaining = status.remaining
-            item.duration_until_reset.CopyFrom(_duration(status.reset_s))
+            item["limit_remaining"] = status.remaining
+            # Whole seconds, as upstream computes it (the window's length minus the whole seconds
+            # of it gone: 1 to the window's length, never 0 for a window still open).
+            item["duration_until_reset"] = {"seconds": max(1, math.ceil(status.reset_s))}
+        elif status.unlimited:
+            item["limit_remaining"] = UNLIMITED_REMAINING
         statuses.append(item)
     added = _headers(answer, headers) if headers is not None else []
     if openai_body and answer.over_limit:
@@ -143,10 +138,21 @@ def response(
             for k, v in answer.headers
             if k in ("retry-after", "content-type")
         ]
-    return _Response(
-        overall_code=_Response.OVER_LIMIT if answer.over_limit else _Response.OK,
-        statuses=statuses,
-        response_headers_to_add=added,
-        raw_body=answer.body if openai_body else b"",
-        dynamic_metadata=dynamic_metadata,
+    out = _Response(overall_code=_OVER_LIMIT if answer.over_limit else _OK, statuses=statuses)
+    if added:
+        out.response_headers_to_add.extend(added)
+    if openai_body and answer.body:
+        out.raw_body = answer.body
+    if dynamic_metadata is not None:
+        out.dynamic_metadata.CopyFrom(dynamic_metadata)
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _current_limit(
+    name: str, requests_per_unit: int, unit: int
+) -> rls_pb2.RateLimitResponse.RateLimit:
+    """A status's `current_limit` (copied into each response, never changed)."""
+    return _Response.RateLimit(
+        name=name, requests_per_unit=requests_per_unit, unit=_UNIT_NUMBERS[unit]
     )
