@@ -8,6 +8,7 @@ override if it sent one, else the configured one; a limit named in another match
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Callable, Sequence
@@ -157,6 +158,7 @@ def _f32(x: float) -> float:
     return float(struct.unpack("f", struct.pack("f", x))[0])
 
 
+@functools.lru_cache(maxsize=4096)  # two float32 round trips: the hot path's costliest arithmetic
 def near_threshold(limit: int, near_ratio: float) -> int:
     """envoyproxy/ratelimit's near-limit threshold: floor(float32(limit) * float32(ratio)); a
     counter above it (and within the limit) is near the limit."""
@@ -201,24 +203,26 @@ def _headers(statuses: Sequence[Status], over: bool) -> tuple[tuple[str, str], .
     limited = [s for s in statuses if s.limit is not None and not s.unlimited]
     if not limited:
         return ()
-    tightest = min(limited, key=lambda s: (not s.over_limit, s.remaining))
-    assert tightest.limit is not None
-    window = tightest.limit.unit.seconds
-    headers = [
-        (
-            "ratelimit-limit",
-            f"{tightest.limit.requests_per_unit}, {tightest.limit.requests_per_unit};w={window}",
-        ),
+    tightest = (
+        limited[0]
+        if len(limited) == 1
+        else min(limited, key=lambda s: (not s.over_limit, s.remaining))
+    )
+    limit = tightest.limit
+    assert limit is not None
+    count = limit.requests_per_unit
+    headers: tuple[tuple[str, str], ...] = (
+        ("ratelimit-limit", f"{count}, {count};w={limit.unit.value}"),
         ("ratelimit-remaining", str(tightest.remaining)),
         ("ratelimit-reset", str(math.ceil(tightest.reset_s))),
-    ]
+    )
     if over:
         retry = max(s.reset_s for s in statuses if s.over_limit)
-        headers += [
+        headers += (
             ("retry-after", str(max(1, math.ceil(retry)))),
             ("content-type", "application/json"),
-        ]
-    return tuple(headers)
+        )
+    return headers
 
 
 def _body(statuses: Sequence[Status]) -> bytes:
