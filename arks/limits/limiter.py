@@ -75,7 +75,7 @@ class Limiter:
         stats = tuple(
             _Stat(
                 i,
-                (label, _stats_key(limit, descriptor.entries)),
+                (label, _stats_key(domain, limit, descriptor.entries)),
                 default_hits if descriptor.hits is None else descriptor.hits,
             )
             for i, (descriptor, limit) in enumerate(zip(request.descriptors, limits, strict=True))
@@ -212,16 +212,24 @@ class Limiter:
 MAX_PREPARED = 100_000
 
 
-def _stats_key(limit: RateLimit | None, entries: Sequence[tuple[str, str]]) -> str:
+def _stats_key(domain: str, limit: RateLimit | None, entries: Sequence[tuple[str, str]]) -> str:
     """The `key` label of a descriptor's stats: its limit's stats key ("override" for Envoy's
-    unnamed one), or a `detailed_metric` limit's pattern for the request's values."""
+    unnamed one), or, for a `detailed_metric` limit, upstream's key of the request's values:
+    `domain.key_value...`, an entry a share_threshold wildcard matched named by the wildcard."""
     assert limit is not None
     if not limit.detailed_metric:
         return limit.stats_key or "override"
     shared = limit.shared_values
+    if not shared or all(value is None for value in shared):
+        return ".".join([domain, *(f"{k}_{v}" for k, v in entries)])
     return ".".join(
-        f"{k}_{shared[i] if shared and shared[i] is not None else v}"
-        for i, (k, v) in enumerate(entries)
+        [
+            domain,
+            *(
+                f"{k}_{shared[i]}" if shared[i] is not None else (f"{k}_{v}" if v else k)
+                for i, (k, v) in enumerate(entries)
+            ),
+        ]
     )
 
 

@@ -104,9 +104,9 @@ async def test_descriptor_hits_and_the_request_hits_addend_are_what_the_metrics_
     await limit.decide(LimitRequest("d", (descriptor(("user", "a")),), hits_addend=0))
     await limit.decide(LimitRequest("d", (descriptor(("user", "b")),), hits_addend=2))
     await limit.decide(LimitRequest("d", (descriptor(("team", "t"), ("model", "m")),)))
-    # detailed_metric: the key is the descriptor's own entries
-    assert sample(metrics, "hits", "model_m") == 4
-    assert sample(metrics, "hits", "team_t.model_m") == 1
+    # detailed_metric: the key is the domain and the descriptor's own entries (upstream's)
+    assert sample(metrics, "hits", "d.model_m") == 4
+    assert sample(metrics, "hits", "d.team_t.model_m") == 1
     assert sample(metrics, "hits", "d.user") == 1 + 2
 
 

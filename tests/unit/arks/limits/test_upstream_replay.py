@@ -492,3 +492,96 @@ async def test_json_handler_answers_as_upstreams(
         await client.close()
     if body.startswith("{"):
         assert asked == [rls_pb2.RateLimitRequest(domain="foo")]
+
+
+# detailed_metric: the stats key names the domain and the request's values -----------------------
+
+DETAILED_NESTED = {**NESTED, "detailed_metric": True}
+DETAILED_NESTED["descriptors"] = [{"key": "key-2", "rate_limit": per(5), "detailed_metric": True}]
+REALISTIC = [
+    {"key": "key_1", "rate_limit": per(500), "detailed_metric": True},
+    {"key": "key_1", "value": "some-value-for-key-1", "rate_limit": per(500)},
+    *(
+        {
+            "key": "key_2",
+            **({"value": value} if value else {}),
+            "rate_limit": per(top),
+            "detailed_metric": True,
+            "descriptors": [
+                {"key": "key_3", "detailed_metric": True},
+                {
+                    "key": "key_3",
+                    "value": "requested-key3-value",
+                    "rate_limit": per(inner),
+                    "detailed_metric": True,
+                },
+            ],
+        }
+        for value, top, inner in (("", 5000, 5), ("specific-id", 50000, 100))
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("descriptors", "entries", "expected"),
+    [
+        ([DETAILED_NESTED], [("key-1", "value-1")], "nested.key-1_value-1"),
+        (
+            [DETAILED_NESTED],
+            [("key-1", "value-1"), ("key-2", "value-2")],
+            "nested.key-1_value-1.key-2_value-2",
+        ),
+        (REALISTIC, [("key_1", "value-for-key-1")], "nested.key_1_value-for-key-1"),
+        (REALISTIC, [("key_2", "key-2-value")], "nested.key_2_key-2-value"),
+        (
+            REALISTIC,
+            [("key_2", "key-2-value"), ("key_3", "requested-key3-value")],
+            "nested.key_2_key-2-value.key_3_requested-key3-value",
+        ),
+    ],
+)
+async def test_detailed_metric_names_the_domain_and_every_value(
+    descriptors: list[dict[str, Any]], entries: Entries, expected: str
+) -> None:
+    """TestDetailedMetric, its cases with detailed_metric."""
+    assert await counted_key(inline("nested", *descriptors), "nested", entries) == expected
+
+
+async def test_basic_config_detailed_metric_key() -> None:
+    """TestBasicConfig: key7 (detailed_metric) counts under test-domain.key7_<value>."""
+    for value in ("unspecified_value", "another_value"):
+        assert await counted_key(load("basic_config"), DOMAIN, [("key7", value)]) == (
+            f"{DOMAIN}.key7_{value}"
+        )
+
+
+async def test_value_to_metric_leaves_a_detailed_metric_alone_in_the_name() -> None:
+    """TestValueToMetric_DoesNotOverrideDetailedMetric."""
+    config = inline(
+        "domain",
+        {
+            "key": "route",
+            "value_to_metric": True,
+            "descriptors": [
+                {
+                    "key": "http_method",
+                    "value_to_metric": True,
+                    "descriptors": [
+                        {"key": "subject_id", "detailed_metric": True, "rate_limit": per(60)}
+                    ],
+                }
+            ],
+        },
+    )
+    entries = [("route", "draw"), ("http_method", "GET"), ("subject_id", "123")]
+    assert await counted_key(config, "domain", entries) == (
+        "domain.route_draw.http_method_GET.subject_id_123"
+    )
+
+
+async def test_share_threshold_names_its_pattern_in_a_detailed_metric() -> None:
+    """TestShareThreshold, "share_threshold with metrics" (detailed_metric)."""
+    entries = [("service", "svc/user"), ("endpoint", "get")]
+    assert await counted_key(load("share_threshold"), DOMAIN, entries) == (
+        f"{DOMAIN}.service_svc/*.endpoint_get"
+    )
