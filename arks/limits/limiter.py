@@ -22,6 +22,7 @@ from arks.limits.decision import (
 )
 from arks.limits.metrics import RateLimitMetrics
 from arks.limits.model import Hit, Outcome, RateLimit
+from arks.limits.window import uncharged
 from arks.metric_rules import UNKNOWN
 
 log = logging.getLogger(__name__)
@@ -113,20 +114,25 @@ class Limiter:
     ) -> Answer:
         """The answer to `request` (or to a request `prepare`d before), its hits charged.
         envoyproxy/ratelimit charges over-limit hits too; with `all_or_nothing` (admission) a
-        refused request is charged nothing."""
+        refused request is charged nothing, and its statuses within their limits say what is
+        left."""
         prepared = self._prepared_for(request)
         limits, hits, charged = prepared.limits, prepared.hits, prepared.charged
         outcomes: list[Outcome | None]
+        all_or_nothing = all_or_nothing or self.enforcement.all_or_nothing
         try:
             applied = (
-                await self.backend.apply(
-                    charged,
-                    self.clock(),
-                    all_or_nothing=all_or_nothing or self.enforcement.all_or_nothing,
-                )
+                await self.backend.apply(charged, self.clock(), all_or_nothing=all_or_nothing)
                 if charged
                 else []
             )
+            if all_or_nothing and any(o.over_limit for o in applied):
+                # Refused, nothing charged: a hit within its limit says what is left, as
+                # upstream's STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT (not what it would leave).
+                applied = [
+                    o if o.over_limit else uncharged(o, h)
+                    for o, h in zip(applied, charged, strict=True)
+                ]
             if len(applied) == len(hits):
                 outcomes = list(applied)
             else:

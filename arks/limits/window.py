@@ -160,6 +160,21 @@ def gcra_outcome(ahead_s: float, hit: Hit) -> Outcome:
     )
 
 
+def uncharged(outcome: Outcome, hit: Hit) -> Outcome:
+    """The outcome of a hit within its limit as if it had not been charged: what is left now
+    (an all-or-nothing call refused by another hit charged it nothing)."""
+    if hit.hits == 0:
+        return outcome
+    if hit.algorithm is Algorithm.GCRA:
+        if hit.limit == 0:
+            return outcome
+        remaining = min(hit.limit, outcome.remaining + hit.hits)
+        back_s = hit.hits * emission_interval(hit.limit, hit.window_s)
+        return Outcome(False, remaining, max(0.0, outcome.reset_s - back_s), hit.limit - remaining)
+    used = max(0, outcome.used - hit.hits)
+    return Outcome(False, max(0, hit.limit - used), outcome.reset_s, used)
+
+
 @dataclass(frozen=True)
 class GcraStep:
     """One GCRA transition: the outcome and what to store (None: leave the state alone)."""

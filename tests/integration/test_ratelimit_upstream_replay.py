@@ -877,6 +877,41 @@ def test_basic_config_on_a_tls_redis_with_a_password_and_a_client_certificate(
             r.close()
 
 
+# STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT: an uncharged descriptor says what is left ---------------
+
+
+@pytest.fixture(scope="module")
+def stopping(sup: tuple[Supervisor, Path]) -> Iterator[dict[str, Rls]]:
+    supervisor, tmp = sup
+    prefix, stop = f"replay-{fresh()}:", {"STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT": "true"}
+    running = {
+        "memory": start(supervisor, tmp, env=stop),
+        "redis": start(supervisor, tmp, env=on_redis(prefix, **stop), prefix=prefix),
+    }
+    yield running
+    for service in running.values():
+        service.close()
+    forget(prefix)
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_basic_base_config_stopping_increments(stopping: dict[str, Rls], store: str) -> None:
+    """TestBasicConfig, …WithstopCacheKeyIncrementWhenOverlimitConfig: once key3 refuses, key2
+    is not charged and says so (10 left, as before the refusal)."""
+    replay_basic_base_config(stopping[store], stop_increment=True)
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_over_limit_with_stop_cache_key_increment(stopping: dict[str, Rls], store: str) -> None:
+    """TestOverLimitWithStopCacheKeyIncrementWhenOverlimitConfig: limits of 15 and 14 at 13; 2
+    more hits each take the second over: it refuses, and the first, not charged, says 2 left."""
+    r = stopping[store]
+    a, b = ("near15", fresh()), ("stop14", fresh())
+    r.ask(descriptor(a, hits=13), descriptor(b, hits=13))
+    answer = r.ask(descriptor(a, hits=2), descriptor(b, hits=2))
+    assert_answer(answer, OVER, status(OK, 15, HOUR, 2), status(OVER, 14, HOUR, 0))
+
+
 # Health: unhealthy until Redis has answered -------------------------------------------------
 
 
