@@ -45,6 +45,7 @@ class Status:
     unlimited: bool = False  # the descriptor's limit is `unlimited: true`: never counted
     quota_mode: bool = False  # its limit (or the service) is in quota mode
     used: int = 0  # the counter after this request's hits (the outcome's)
+    cached: bool = False  # over the limit by the local over-limit cache (the outcome's)
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ def answer(
                 near_limit=near,
                 quota_mode=quota_mode or limit.quota_mode,
                 used=outcome.used,
+                cached=outcome.cached,
             )
         )
     over = _over(statuses) and not shadow_mode

@@ -194,6 +194,8 @@ class Limiter:
             over, near, within, shadow = hit_stats(statuses[position], hits, near_ratio)
             if over:
                 series.over_limit.inc(over)
+                if statuses[position].cached:
+                    series.over_limit_with_local_cache.inc(over)
             if near:
                 series.near_limit.inc(near)
             if within:
@@ -209,7 +211,14 @@ class Limiter:
             found = self._cache[(domain, key)] = _Series(
                 *(
                     c.labels(domain, key)
-                    for c in (m.hits, m.over_limit, m.near_limit, m.within_limit, m.shadow_mode)
+                    for c in (
+                        m.hits,
+                        m.over_limit,
+                        m.near_limit,
+                        m.within_limit,
+                        m.shadow_mode,
+                        m.over_limit_with_local_cache,
+                    )
                 )
             )
         return found
@@ -263,3 +272,4 @@ class _Series(NamedTuple):
     near_limit: Any
     within_limit: Any
     shadow_mode: Any
+    over_limit_with_local_cache: Any

@@ -19,6 +19,7 @@ class RateLimitMetrics:
     near_limit: Counter
     within_limit: Counter
     shadow_mode: Counter
+    over_limit_with_local_cache: Counter
     backend_errors: Counter
     config_reloads: Counter
     config_errors: Counter
@@ -48,6 +49,11 @@ class RateLimitMetrics:
             shadow_mode=per_key(
                 "arks_ratelimit_shadow_mode",
                 "Hits over a limit in shadow mode, let through.",
+            ),
+            over_limit_with_local_cache=per_key(
+                "arks_ratelimit_over_limit_with_local_cache",
+                "Hits over the limit answered by the local over-limit cache, without the counter "
+                "store (counted in over_limit too).",
             ),
             backend_errors=Counter(
                 "arks_ratelimit_backend_errors",

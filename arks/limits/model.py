@@ -72,6 +72,7 @@ class Outcome:
     remaining: int  # never negative
     reset_s: float  # seconds until the counter has room again (fixed window: until the window ends)
     used: int  # the count (or equivalent cost) in the window after this hit
+    cached: bool = False  # answered over the limit by the local over-limit cache, not the store
 
 
 class BackendUnavailable(Exception):

@@ -597,7 +597,8 @@ def test_a_spent_limit_is_answered_from_the_local_cache_as_upstreams_variable_sa
     tmp_path: Path,
 ) -> None:
     """LOCAL_CACHE_SIZE_IN_BYTES: once over, a counter is answered in the service until its
-    window ends; Redis's count stops where the refusals began."""
+    window ends; Redis's count stops where the refusals began; the refusals answered here are
+    counted apart too (upstream's over_limit_with_local_cache)."""
     with Supervisor(log_dir=tmp_path / "logs") as sup:
         svc = Service(
             sup,
@@ -633,5 +634,7 @@ def test_a_spent_limit_is_answered_from_the_local_cache_as_upstreams_variable_sa
                 )
                 == 5
             )
+            cached = "arks_ratelimit_over_limit_with_local_cache_total"  # upstream's stat
+            assert sample(text, cached, domain=svc.domain, key=f"{svc.domain}.user") == 4
         finally:
             svc.channel.close()

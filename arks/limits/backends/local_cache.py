@@ -41,7 +41,8 @@ class LocalOverLimitCache:
         for hit, key, over in zip(hits, keys, known, strict=True):
             if over:
                 assert key is not None
-                outcomes.append(Outcome(True, 0, self._until[key] - now, hit.limit + hit.hits))
+                until = self._until[key] - now
+                outcomes.append(Outcome(True, 0, until, hit.limit + hit.hits, cached=True))
                 continue
             outcome = next(answers)
             if key is not None and outcome.over_limit:
