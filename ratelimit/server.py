@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -562,6 +564,10 @@ async def serve(settings: Settings) -> None:
         if settings.config:  # as upstream, whose file settings stay set beside CONFIG_TYPE
             log.info("limits from xDS (%s); the config files are not read", settings.xds.server)
         source = XdsConfigSource(settings.xds, metrics, merge_domains=settings.merge_domains)
+        streaming = asyncio.ensure_future(source.run())
+        if not settings.xds.force_start:  # as upstream: no port open before the first config
+            log.info("waiting for the first rate-limit config from %s", settings.xds.server)
+            await source.loaded.wait()
     else:
         source = ConfigSource(settings.config, metrics, merge_domains=settings.merge_domains)
     backend = make_backend(settings, password)
@@ -669,9 +675,9 @@ async def serve(settings: Settings) -> None:
             await runner.cleanup()
         await backend.close()
 
-    background = [every(settings.reload_interval_s, reload, log)]
+    background: list[Awaitable[None]] = [every(settings.reload_interval_s, reload, log)]
     if isinstance(source, XdsConfigSource):
-        background.append(source.run())
+        background.append(streaming)
     await run_until_signalled(*background, shutdown=shutdown)
 
 

@@ -52,6 +52,9 @@ class XdsSettings:
     client_key: Path | None = None  # CONFIG_GRPC_XDS_CLIENT_TLS_KEY
     server_ca: Path | None = None  # CONFIG_GRPC_XDS_SERVER_TLS_CACERT (None: system roots)
     server_san: str = ""  # CONFIG_GRPC_XDS_SERVER_TLS_SAN: the name the server's cert must hold
+    # FORCE_START_WITHOUT_INITIAL_CONFIG: serve before the first config (every answer OK until
+    # then); by default, as upstream, nothing is served until it has arrived
+    force_start: bool = False
 
 
 CONFIG_TYPES = {"file": "FILE", "grpc-xds-sotw": "GRPC_XDS_SOTW"}
@@ -158,6 +161,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             flag, type=Path, default=Path(value) if value else None, help=f"{what} ({var})"
         )
     p.add_argument(
+        "--force-start-without-initial-config",
+        action="store_true",
+        default=_env_flag("FORCE_START_WITHOUT_INITIAL_CONFIG"),
+        help="serve before the xDS server's first config, answering OK (no domain) until it "
+        "comes; by default nothing is served until then, as upstream "
+        "(FORCE_START_WITHOUT_INITIAL_CONFIG)",
+    )
+    p.add_argument(
         "--config-xds-server-san",
         default=env("CONFIG_GRPC_XDS_SERVER_TLS_SAN") or "",
         help="the name the server's certificate must hold, if not its host "
@@ -182,6 +193,7 @@ def from_args(a: argparse.Namespace) -> XdsSettings | None:
         client_key=a.config_xds_client_key,
         server_ca=a.config_xds_server_ca,
         server_san=a.config_xds_server_san,
+        force_start=a.force_start_without_initial_config,
     )
 
 
@@ -264,7 +276,8 @@ def decode(response: discovery_pb2.DiscoveryResponse) -> list[rls_conf_pb2.RateL
 
 class XdsConfigSource:
     """The configuration an xDS server streams; `current()` as `ConfigSource`'s, `run()` the
-    client (until cancelled). Before the first good response: no domain (every answer OK)."""
+    client (until cancelled), `loaded` set by the first good response. Before it: no domain
+    (every answer OK), which the service serves only when forced to (`force_start`)."""
 
     def __init__(
         self, settings: XdsSettings, metrics: RateLimitMetrics, *, merge_domains: bool = False
@@ -274,6 +287,7 @@ class XdsConfigSource:
         self.merge_domains = merge_domains
         self._config = RateLimitConfig()
         self._version = ""  # the version in force, sent again when the stream reopens
+        self.loaded = asyncio.Event()
         self._node = base_pb2.Node(id=settings.node_id)
         for key, value in settings.node_metadata:
             self._node.metadata.fields[key].string_value = value
@@ -346,6 +360,7 @@ class XdsConfigSource:
             )
             return self._request(response.nonce, str(err))
         self._config, self._version = config, response.version_info
+        self.loaded.set()
         self.metrics.config_reloads.inc()
         log.info("xDS config version %s in force (%d domains)", self._version, len(config.domains))
         return self._request(response.nonce)

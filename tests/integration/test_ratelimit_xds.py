@@ -11,7 +11,9 @@ event loop of its own in a thread, so the test's blocking gRPC calls never stall
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
+import time
 import uuid
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
@@ -20,11 +22,12 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 from envoy.service.discovery.v3 import ads_pb2_grpc
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from controller.xds.cache import RATE_LIMIT_CONFIG, Snapshot, SnapshotCache, snapshot_from_messages
 from controller.xds.server import AggregatedDiscoveryService, Rejection, XdsMetrics, XdsServer
-from launcher.procs import Supervisor, free_port
+from launcher.procs import Supervisor, free_port, wait_port
 from rls_protos import rls_conf_pb2 as rls
 from tests.integration.test_ratelimit_service import OK, OVER, Service, descriptor
 from tests.support.certs import certificates
@@ -147,7 +150,56 @@ def start_service(sup: Supervisor, tmp: Path, plane: ControlPlane, node: str) ->
         "cluster=arks,zone=local",
         "--config-xds-retry-interval",
         RETRY,
+        "--force-start-without-initial-config",  # serving before the first config, as EG has it
     )
+
+
+def test_nothing_is_served_before_the_first_config_unless_forced(
+    plane: ControlPlane, tmp_path: Path
+) -> None:
+    """Upstream's default (FORCE_START_WITHOUT_INITIAL_CONFIG unset): no port opens until the
+    xDS server's first config has arrived, so no call is answered without the limits (a
+    fail-closed Envoy refuses meanwhile instead of passing everything)."""
+    node = f"rls-{uuid.uuid4().hex[:8]}"
+    domain = f"test-{uuid.uuid4().hex[:8]}"
+    port, metrics_port, http_port = free_port(), free_port(), free_port()
+    with Supervisor(log_dir=tmp_path / "logs") as sup:
+        child = sup.python(
+            "ratelimit-waiting",
+            "ratelimit",
+            "--config-type",
+            "grpc-xds-sotw",
+            "--config-xds-server",
+            f"127.0.0.1:{plane.port}",
+            "--config-xds-node-id",
+            node,
+            "--config-xds-retry-interval",
+            RETRY,
+            "--grpc-address",
+            f"127.0.0.1:{port}",
+            "--metrics-port",
+            str(metrics_port),
+            "--port",
+            str(http_port),
+            "--debug-port",
+            str(free_port()),
+        )
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:  # the stream is open, no snapshot for the node yet
+            assert child.alive()
+            for closed in (port, http_port):
+                with socket.socket() as s:
+                    assert s.connect_ex(("127.0.0.1", closed)) != 0, "a port opened early"
+            time.sleep(0.1)
+        plane.cache.set(snapshot("1", limits(domain, per_user=1)), node_id=node)
+        wait_port(child, port)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+            request = rls_pb2.RateLimitRequest(
+                domain=domain, descriptors=[descriptor(("user", "a"))]
+            )
+            first = [stub.ShouldRateLimit(request, timeout=5).overall_code for _ in range(2)]
+    assert first == [OK, OVER]  # the very first answers already under the limits
 
 
 def test_limits_arrive_over_xds_and_an_update_replaces_them(
@@ -280,6 +332,7 @@ def test_mutual_tls_to_the_xds_server_with_envoy_gateways_environment(tmp_path: 
         "CONFIG_GRPC_XDS_SERVER_TLS_CACERT": str(certs["ca.crt"]),
         "CONFIG_GRPC_XDS_SERVER_TLS_SAN": "envoy-gateway",
         "CONFIG_GRPC_XDS_SERVER_CONNECT_RETRY_INTERVAL": RETRY,
+        "FORCE_START_WITHOUT_INITIAL_CONFIG": "true",  # EG's too
     }
     try:
         with Supervisor(log_dir=tmp_path / "logs") as sup:
