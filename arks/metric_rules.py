@@ -53,9 +53,7 @@ DECISION_BUCKETS = (
 UNKNOWN = "unknown"  # the one label value of a model or domain that matched no configured object
 
 PREFIX = "arks_"
-# prometheus_client's own collectors; envoyproxy/ratelimit's series, served by the rate-limit
-# service only as a view of its own `arks_ratelimit_*` ones (`ratelimit.upstream_stats`)
-FOREIGN_PREFIXES = ("process_", "python_", "ratelimit_service_")
+FOREIGN_PREFIXES = ("process_", "python_")  # prometheus_client's own collectors
 PER_BUCKET_TYPES = ("histogram", "gaugehistogram", "summary")
 PER_USER_LABEL = "user"
 
@@ -157,5 +155,8 @@ def _declared(family: Metric, extra: frozenset[str]) -> Declared:
 def _collectors(registry: CollectorRegistry) -> list[Any]:
     # The registry keeps its collectors in a private map (prometheus_client 0.x); read under its
     # lock, as its own `collect` does.
+    # A collector that says `foreign_names` serves another project's names by that project's
+    # rules, as a view of ours when asked for (the rate-limit service's envoyproxy/ratelimit
+    # series, named by statsd_exporter mappings an operator may supply): not ours to check.
     with registry._lock:
-        return list(registry._collector_to_names)
+        return [c for c in registry._collector_to_names if not getattr(c, "foreign_names", False)]

@@ -134,19 +134,6 @@ REFUSED: tuple[tuple[str, Callable[[Mapping[str, str]], bool], str], ...] = (
     ("USE_STATSD", _true("USE_STATSD"), "statsd stats (ours are Prometheus: --metrics-port)"),
     ("USE_DOG_STATSD", _true("USE_DOG_STATSD"), "DogStatsD stats"),
     ("EXTRA_TAGS", _set("EXTRA_TAGS"), "extra tags on every stat"),
-    (
-        "PROMETHEUS_MAPPER_YAML",
-        lambda env: prometheus_address(env) is not None and _set("PROMETHEUS_MAPPER_YAML")(env),
-        "statsd-to-Prometheus name mapping (our series have their own names)",
-    ),
-    (
-        "PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS",
-        lambda env: (
-            prometheus_address(env) is not None
-            and _true("PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS")(env)
-        ),
-        "response times in milliseconds (ours are seconds)",
-    ),
     ("TRACING_ENABLED", _true("TRACING_ENABLED"), "OpenTelemetry tracing"),
     ("LOG_FORMAT", lambda env: env.get("LOG_FORMAT", "").lower() == "json", "JSON logs"),
 )
@@ -219,6 +206,10 @@ class Defaults:
     healthy_with_config: bool
     grpc_tls: GrpcTls
     use_prometheus: bool  # USE_PROMETHEUS: upstream's series names served too
+    # with it, PROMETHEUS_MAPPER_YAML (statsd_exporter's rules for those names; None: upstream's
+    # default ones) and PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS
+    prometheus_mapper: Path | None
+    response_time_ms: bool
     shadow_mode: bool
     quota_mode: bool
     response_headers: bool  # LIMIT_RESPONSE_HEADERS_ENABLED
@@ -264,6 +255,13 @@ def defaults(
         healthy_with_config=flag("HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED"),
         grpc_tls=grpc_tls(environ),
         use_prometheus=prometheus_address(environ) is not None,
+        prometheus_mapper=(
+            Path(environ["PROMETHEUS_MAPPER_YAML"])
+            if prometheus_address(environ) is not None and environ.get("PROMETHEUS_MAPPER_YAML")
+            else None
+        ),
+        response_time_ms=prometheus_address(environ) is not None
+        and flag("PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS"),
         shadow_mode=flag("SHADOW_MODE"),
         quota_mode=flag("QUOTA_MODE"),
         response_headers=flag("LIMIT_RESPONSE_HEADERS_ENABLED"),

@@ -37,13 +37,14 @@ from arks.limits.config import ConfigError, RateLimitConfig, load_config
 from arks.limits.limiter import Enforcement, Limiter
 from arks.limits.metrics import RateLimitMetrics
 from arks.metric_rules import enforce
-from ratelimit import environment, xds_config
+from ratelimit import environment, statsd_mapping, xds_config
 from ratelimit.codec import HeaderNames
 from ratelimit.health import CONFIG, REDIS, SIGTERM, Health
 from ratelimit.http import debug_app, service_app, start_http
 from ratelimit.metrics import CallMetrics
 from ratelimit.redis_env import RedisEnv, redis_env
 from ratelimit.servicer import RateLimitService
+from ratelimit.statsd_mapping import Rule
 from ratelimit.upstream_stats import UpstreamStats
 from ratelimit.xds_config import XdsConfigSource, XdsSettings
 
@@ -91,6 +92,8 @@ class Settings:
     worker_index: int | None = None  # set in a worker: its metrics port is metrics_port + this
     xds: XdsSettings | None = None  # limits from an xDS server instead of files (CONFIG_TYPE)
     upstream_stat_names: bool = False  # envoyproxy/ratelimit's Prometheus series served too
+    upstream_stat_mapping: Path | None = None  # their statsd_exporter rules (None: upstream's)
+    upstream_response_time_ms: bool = False  # their response time in milliseconds
     # GOAWAY after this long, closed the grace later (upstream's GRPC_MAX_CONNECTION_AGE(_GRACE))
     max_connection_age_s: float = 24 * 3600.0
     max_connection_age_grace_s: float = 3600.0
@@ -177,6 +180,21 @@ class Settings:
             help="serve envoyproxy/ratelimit's Prometheus series too (ratelimit_service_rate_limit"
             "_over_limit{domain,key1,key2}, ...: what its alerts and dashboards query), computed "
             "from ours at scrape time (default: on with upstream's USE_PROMETHEUS=true)",
+        )
+        p.add_argument(
+            "--upstream-stat-mapping",
+            type=Path,
+            default=upstream.prometheus_mapper,
+            metavar="FILE",
+            help="statsd_exporter mapping rules naming those series (upstream's "
+            "PROMETHEUS_MAPPER_YAML, which Envoy Gateway writes; default: upstream's own rules)",
+        )
+        p.add_argument(
+            "--upstream-response-time-ms",
+            action="store_true",
+            default=upstream.response_time_ms,
+            help="their response time in milliseconds (upstream's "
+            "PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS)",
         )
         p.add_argument(
             "--response-dynamic-metadata",
@@ -360,6 +378,8 @@ class Settings:
             worker_index=a.worker_index,
             xds=xds_config.from_args(a),
             upstream_stat_names=a.upstream_stat_names,
+            upstream_stat_mapping=a.upstream_stat_mapping,
+            upstream_response_time_ms=a.upstream_response_time_ms,
             max_connection_age_s=a.grpc_max_connection_age,
             max_connection_age_grace_s=a.grpc_max_connection_age_grace,
         )
@@ -476,19 +496,43 @@ class ConfigSource:
 HEALTH_NAMES = ("ratelimit", "envoy.service.ratelimit.v3.RateLimitService")
 
 
-def create_metrics(upstream_names: bool = False) -> tuple[RateLimitMetrics, CallMetrics]:
+def create_metrics(
+    upstream_names: bool = False, rules: tuple[Rule, ...] | None = None
+) -> tuple[RateLimitMetrics, CallMetrics]:
     """The service's registry, checked against the cardinality rules (a violation stops the
-    start-up: `arks.metric_rules`); with `upstream_names`, envoyproxy/ratelimit's series too."""
+    start-up: `arks.metric_rules`); with `upstream_names`, envoyproxy/ratelimit's series too,
+    named by statsd_exporter's `rules` (None: upstream's default ones)."""
     metrics = RateLimitMetrics.create()
     export_process_metrics(metrics.registry, "ratelimit")
     calls = CallMetrics.create(metrics.registry)
     if upstream_names:
         m = metrics
         ours = (m.hits, m.over_limit, m.near_limit, m.within_limit, m.shadow_mode)
+        ours += (m.over_limit_with_local_cache,)
         source = (*ours, m.config_reloads, m.config_errors, calls.errors, calls.seconds)
-        metrics.registry.register(UpstreamStats(source))
+        metrics.registry.register(UpstreamStats(source, rules))
     enforce(metrics.registry, "ratelimit")
     return metrics, calls
+
+
+def upstream_rules(settings: Settings) -> tuple[Rule, ...] | None:
+    """The rules naming upstream's series: the mapping file's, or upstream's default ones. A
+    file that cannot be read or parsed leaves no rule (every series under its escaped statsd
+    name), as upstream ignores the error; said in the log."""
+    path = settings.upstream_stat_mapping
+    ms = settings.upstream_response_time_ms
+    if path is None:
+        return statsd_mapping.parse(statsd_mapping.DEFAULT, response_time_ms=ms)
+    try:
+        return statsd_mapping.parse(path.read_text(), response_time_ms=ms)
+    except (OSError, UnicodeDecodeError, statsd_mapping.MappingError) as err:
+        log.warning(
+            "upstream's stat names: %s unusable (%s); every series keeps its escaped statsd name, "
+            "as upstream's sink does then",
+            path,
+            err,
+        )
+        return ()
 
 
 def make_backend(settings: Settings, password: str | None) -> CounterBackend:
@@ -558,7 +602,7 @@ async def serve(settings: Settings) -> None:
             sentinel_password=env.sentinel_password,
             tls=env.tls,
         )
-    metrics, calls = create_metrics(settings.upstream_stat_names)
+    metrics, calls = create_metrics(settings.upstream_stat_names, upstream_rules(settings))
     source: ConfigSource | XdsConfigSource
     if settings.xds is not None:
         if settings.config:  # as upstream, whose file settings stay set beside CONFIG_TYPE

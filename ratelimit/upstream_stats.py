@@ -1,18 +1,18 @@
 """envoyproxy/ratelimit's Prometheus series, read off ours at scrape time.
 
 Upstream, with USE_PROMETHEUS=true, turns its statsd stats into Prometheus series through
-statsd_exporter and its default mapping (`src/stats/prom/default_mapper.yaml`): a limit's stats
-key `domain.key1_value1.key2_value2...` becomes the labels `domain`, `key1` and, with a third
-part or more, `key2` (deeper parts dropped, their counts summed) of
-`ratelimit_service_rate_limit_{total_hits,over_limit,near_limit,within_limit,shadow_mode}`.
-Alerts, dashboards and Envoy Gateway's own end-to-end tests query those names. This collector
-serves them from our `arks_ratelimit_*` families when asked (`--upstream-stat-names`), so
-nothing is counted twice on the decision path.
+statsd_exporter's mapping rules: its default rules, or PROMETHEUS_MAPPER_YAML's file (which
+Envoy Gateway writes from its rate-limit rules). This collector names our `arks_ratelimit_*`
+figures as upstream's statsd stats (`ratelimit.service.rate_limit.<stats key>.over_limit`,
+`ratelimit_server.ShouldRateLimit.response_time`, ...) and maps them with the same rules
+(`ratelimit.statsd_mapping`), so alerts, dashboards and Envoy Gateway's end-to-end tests find
+the series they query, and nothing is counted twice on the decision path.
 
 Differences, deliberate: upstream's counters carry no `_total` suffix, which prometheus_client
 writes for every counter, so these are untyped (a query reads them the same); an Envoy override
-is keyed `override` (upstream: its descriptor's values); the call-time histogram has our
-buckets.
+is keyed `<domain>.override` (upstream: its descriptor's values); timers are histograms of our
+buckets (a rule's `observer_type: summary` gives no quantiles); `global_shadow_mode` is not
+counted.
 """
 
 from __future__ import annotations
@@ -24,42 +24,46 @@ from typing import Any
 from prometheus_client.metrics_core import HistogramMetricFamily, Metric, UnknownMetricFamily
 from prometheus_client.utils import floatToGoString
 
-PREFIX = "ratelimit_service_"
+from ratelimit import statsd_mapping
+from ratelimit.statsd_mapping import COUNTER, OBSERVER, Rule
+
 GRPC_METHOD = "ShouldRateLimit"
 
-# Our per-limit family -> upstream's stat name.
+# Our per-limit family -> upstream's stat (`ratelimit.service.rate_limit.<key>.<stat>`).
 PER_LIMIT = (
     ("arks_ratelimit_hits", "total_hits"),
     ("arks_ratelimit_over_limit", "over_limit"),
     ("arks_ratelimit_near_limit", "near_limit"),
     ("arks_ratelimit_within_limit", "within_limit"),
     ("arks_ratelimit_shadow_mode", "shadow_mode"),
+    ("arks_ratelimit_over_limit_with_local_cache", "over_limit_with_local_cache"),
 )
-# Our counter without labels -> upstream's name (statsd `ratelimit.service.<stat>`).
+# Our counter without labels -> upstream's stat (`ratelimit.service.<stat>`).
 PLAIN = (
     ("arks_ratelimit_config_reloads", "config_load_success"),
     ("arks_ratelimit_config_errors", "config_load_error"),
 )
-CALL_ERRORS = "arks_ratelimit_call_errors"  # label `type` -> upstream's `err_type`
-CALL_SECONDS = "arks_ratelimit_call_seconds"  # by domain -> one histogram per gRPC method
+CALL_ERRORS = "arks_ratelimit_call_errors"  # `type` -> ratelimit.service.call.should_rate_limit.*
+CALL_SECONDS = "arks_ratelimit_call_seconds"  # by domain -> ratelimit_server.<method>.*
+
+Labels = tuple[tuple[str, str], ...]
 
 
-def key_labels(domain: str, key: str) -> tuple[tuple[str, str], ...]:
-    """The default mapping's labels for a stats key: its domain, then key1 and key2."""
-    parts = key.split(".")
-    if len(parts) > 1 and parts[0] == domain:
-        parts = parts[1:]
-    labels = [("domain", domain), ("key1", parts[0])]
-    if len(parts) > 1:
-        labels.append(("key2", parts[1]))
-    return tuple(labels)
+def stats_key(domain: str, key: str) -> str:
+    """Upstream's stats key for our `key` label: it starts with the domain (an override's,
+    `override`, is put under it)."""
+    return key if key.startswith(f"{domain}.") else f"{domain}.{key}"
 
 
 class UpstreamStats:
-    """A collector of upstream's series, computed from `source`'s families on every scrape."""
+    """A collector of upstream's series, computed from `source`'s families on every scrape and
+    named by `rules` (statsd_exporter's; `statsd_mapping.DEFAULT` when none were given)."""
 
-    def __init__(self, source: Iterable[Any]) -> None:
+    foreign_names = True  # upstream's names, by its rules: outside `arks.metric_rules`
+
+    def __init__(self, source: Iterable[Any], rules: tuple[Rule, ...] | None = None) -> None:
         self.source = tuple(source)  # collectors (our counters, the call histogram)
+        self.rules = statsd_mapping.parse(statsd_mapping.DEFAULT) if rules is None else rules
 
     def describe(self) -> list[Metric]:
         return []  # nothing to check at registration: every name is computed at scrape time
@@ -68,28 +72,35 @@ class UpstreamStats:
         families = {
             family.name: family for collector in self.source for family in collector.collect()
         }
+        counters: dict[str, dict[Labels, float]] = defaultdict(lambda: defaultdict(float))
+
+        def count(event: str, value: float) -> None:
+            mapped = statsd_mapping.resolve(self.rules, event, COUNTER)
+            if mapped is not None:
+                counters[mapped.name][mapped.labels] += value
+
         for ours, stat in PER_LIMIT:
-            sums: dict[tuple[tuple[str, str], ...], float] = defaultdict(float)
             for sample in _counted(families.get(ours)):
-                labels = sample.labels
-                sums[key_labels(labels["domain"], labels["key"])] += sample.value
-            yield _untyped(
-                f"{PREFIX}rate_limit_{stat}",
-                f"envoyproxy/ratelimit's {stat} of a limit (from {ours})",
-                sums,
-            )
-        errors: dict[tuple[tuple[str, str], ...], float] = defaultdict(float)
+                domain, key = sample.labels["domain"], sample.labels["key"]
+                count(f"ratelimit.service.rate_limit.{stats_key(domain, key)}.{stat}", sample.value)
         for sample in _counted(families.get(CALL_ERRORS)):
-            errors[(("err_type", sample.labels["type"]),)] += sample.value
-        yield _untyped(
-            f"{PREFIX}should_rate_limit_error", f"Failed calls by type (from {CALL_ERRORS})", errors
-        )
+            count(f"ratelimit.service.call.should_rate_limit.{sample.labels['type']}", sample.value)
         for ours, stat in PLAIN:
-            total = sum(sample.value for sample in _counted(families.get(ours)))
-            yield _untyped(
-                f"{PREFIX}{stat}", f"envoyproxy/ratelimit's {stat} (from {ours})", {(): total}
-            )
-        yield from _calls(families.get(CALL_SECONDS))
+            for sample in _counted(families.get(ours)):
+                count(f"ratelimit.service.{stat}", sample.value)
+        calls = _Calls.of(families.get(CALL_SECONDS))
+        count(f"ratelimit_server.{GRPC_METHOD}.total_requests", calls.count)
+        for name, series in counters.items():
+            labels = sorted({label for key in series for label, _ in key})
+            family = UnknownMetricFamily(name, f"envoyproxy/ratelimit's {name}", labels=labels)
+            for key, value in sorted(series.items()):
+                family.add_sample(name, dict(key), value)
+            yield family
+        timed = statsd_mapping.resolve(
+            self.rules, f"ratelimit_server.{GRPC_METHOD}.response_time", OBSERVER
+        )
+        if timed is not None:
+            yield calls.histogram(timed)
 
 
 def _counted(family: Metric | None) -> Iterator[Any]:
@@ -98,42 +109,39 @@ def _counted(family: Metric | None) -> Iterator[Any]:
         yield from (s for s in family.samples if s.name.endswith("_total"))
 
 
-def _untyped(name: str, doc: str, sums: dict[tuple[tuple[str, str], ...], float]) -> Metric:
-    labels = sorted({label for key in sums for label, _ in key})
-    family = UnknownMetricFamily(name, doc, labels=labels)
-    for key, value in sorted(sums.items()):
-        family.add_sample(name, dict(key), value)
-    return family
+class _Calls:
+    """Every domain's call times together, in seconds."""
 
+    def __init__(self) -> None:
+        self.buckets: dict[float, float] = defaultdict(float)
+        self.count = 0.0
+        self.total_s = 0.0
 
-def _calls(family: Metric | None) -> Iterator[Metric]:
-    """Every domain's call times as one histogram per method, and its count as total_requests."""
-    buckets: dict[float, float] = defaultdict(float)
-    count = total = 0.0
-    for sample in family.samples if family is not None else ():
-        if sample.name.endswith("_bucket"):
-            buckets[float(sample.labels["le"])] += sample.value
-        elif sample.name.endswith("_count"):
-            count += sample.value
-        elif sample.name.endswith("_sum"):
-            total += sample.value
-    method = {"grpc_method": GRPC_METHOD}
-    requests = UnknownMetricFamily(
-        f"{PREFIX}total_requests",
-        f"Calls by gRPC method (from {CALL_SECONDS})",
-        labels=["grpc_method"],
-    )
-    requests.add_sample(f"{PREFIX}total_requests", method, count)
-    yield requests
-    seconds = HistogramMetricFamily(
-        f"{PREFIX}response_time_seconds",
-        f"Call times by gRPC method (from {CALL_SECONDS})",
-        labels=["grpc_method"],
-    )
-    if buckets:
-        bounds = [(_bound(le), n) for le, n in sorted(buckets.items())]
-        seconds.add_metric([GRPC_METHOD], bounds, total)
-    yield seconds
+    @classmethod
+    def of(cls, family: Metric | None) -> _Calls:
+        calls = cls()
+        for sample in family.samples if family is not None else ():
+            if sample.name.endswith("_bucket"):
+                calls.buckets[float(sample.labels["le"])] += sample.value
+            elif sample.name.endswith("_count"):
+                calls.count += sample.value
+            elif sample.name.endswith("_sum"):
+                calls.total_s += sample.value
+        return calls
+
+    def histogram(self, mapped: statsd_mapping.Mapped) -> Metric:
+        """As statsd_exporter observes upstream's timer: in milliseconds, times the rule's
+        scale (upstream's default rule: 0.001, seconds)."""
+        factor = 1000.0 * mapped.scale
+        family = HistogramMetricFamily(
+            mapped.name,
+            f"envoyproxy/ratelimit's {mapped.name} (from {CALL_SECONDS})",
+            labels=[label for label, _ in mapped.labels],
+        )
+        if self.buckets:
+            bounds = [(_bound(le * factor), n) for le, n in sorted(self.buckets.items())]
+            family.add_metric([value for _, value in mapped.labels], bounds, self.total_s * factor)
+        return family
 
 
 def _bound(le: float) -> str:

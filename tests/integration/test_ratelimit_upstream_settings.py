@@ -215,3 +215,44 @@ def test_redis_persecond_keeps_per_second_counters_in_their_own_redis(
     assert all("rpm" in key for key in in_main) and sum(in_main.values()) == 1
     assert in_fast and all("rps" in key for key in in_fast)
     assert sum(in_fast.values()) == 1  # the refused requests charged the second nothing
+
+
+def test_envoy_gateways_prometheus_settings_and_its_mapping_file(tmp_path: Path) -> None:
+    """What Envoy Gateway sets with its rate-limit telemetry on: USE_PROMETHEUS, PROMETHEUS_ADDR,
+    PROMETHEUS_MAPPER_YAML (its statsd-exporter ConfigMap, mounted optional) and
+    FORCE_START_WITHOUT_INITIAL_CONFIG. The service starts, and names the series by the file's
+    rules; a file that is not there (the optional ConfigMap absent) leaves no rule, as upstream:
+    every series under its escaped statsd name."""
+    rules = tmp_path / "conf.yaml"
+    env = {
+        "USE_PROMETHEUS": "true",
+        "PROMETHEUS_ADDR": "127.0.0.1:19001",  # the port is the test's (--metrics-port)
+        "PROMETHEUS_MAPPER_YAML": str(rules),
+        "FORCE_START_WITHOUT_INITIAL_CONFIG": "true",
+        "USE_STATSD": "false",
+    }
+    with Supervisor(log_dir=tmp_path / "logs") as sup:
+        svc = Service(sup, tmp_path, env={**env, "PROMETHEUS_MAPPER_YAML": str(tmp_path / "none")})
+        rules.write_text(
+            "mappings:\n"
+            "  - match: 'ratelimit\\.service\\.rate_limit\\.test-[^.]*\\.user\\.(.*)'\n"
+            "    match_type: regex\n"
+            "    name: ratelimit_service_rate_limit_${1}\n"
+            "    labels: {ratelimit_policy_name: per-user, ratelimit_policy_namespace: default}\n"
+        )
+        mapped = Service(sup, tmp_path, env=env)
+        for service in (svc, mapped):
+            for _ in range(4):
+                service.ask(descriptor(("user", "alice")))
+        escaped, named = svc.metrics(), mapped.metrics()
+        for service in (svc, mapped):
+            service.channel.close()
+    policy = {"ratelimit_policy_name": "per-user", "ratelimit_policy_namespace": "default"}
+    assert sample(named, "ratelimit_service_rate_limit_over_limit", **policy) == 1
+    assert sample(named, "ratelimit_service_rate_limit_total_hits", **policy) == 4
+    assert (
+        sample(
+            escaped, f"ratelimit_service_rate_limit_{svc.domain.replace('-', '_')}_user_over_limit"
+        )
+        == 1
+    )

@@ -162,11 +162,6 @@ def test_a_port_that_is_no_number_is_named(name: str) -> None:
         ({"EXTRA_TAGS": "a:b"}, "EXTRA_TAGS"),
         ({"TRACING_ENABLED": "true"}, "TRACING_ENABLED"),
         ({"LOG_FORMAT": "JSON"}, "LOG_FORMAT"),
-        ({"USE_PROMETHEUS": "true", "PROMETHEUS_MAPPER_YAML": "/m.yaml"}, "PROMETHEUS_MAPPER_YAML"),
-        (
-            {"USE_PROMETHEUS": "true", "PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS": "true"},
-            "PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS",
-        ),
     ],
 )
 def test_a_feature_we_do_not_implement_is_refused_by_its_name(
@@ -214,6 +209,20 @@ def test_switches_connection_age_and_prometheus_names_as_upstream_defaults_them(
     assert (got.max_connection_age_s, got.max_connection_age_grace_s) == (90.0, 0.25)
     assert all((got.shadow_mode, got.quota_mode, got.response_headers, got.merge_domains))
     assert got.use_prometheus
+    assert (got.prometheus_mapper, got.response_time_ms) == (None, False)
+    eg = read(  # Envoy Gateway's, with its Prometheus telemetry on
+        USE_PROMETHEUS="true",
+        PROMETHEUS_ADDR=":19001",
+        PROMETHEUS_MAPPER_YAML="/etc/statsd-exporter/conf.yaml",
+        PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS="true",
+    )
+    assert (eg.metrics_address, eg.metrics_port) == ("0.0.0.0", 19001)
+    assert eg.prometheus_mapper == Path("/etc/statsd-exporter/conf.yaml") and eg.response_time_ms
+    off = read(PROMETHEUS_MAPPER_YAML="/m.yaml", PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS="true")
+    assert (off.prometheus_mapper, off.response_time_ms) == (
+        None,
+        False,
+    )  # read with USE_PROMETHEUS
     with pytest.raises(EnvError, match=r"^GRPC_MAX_CONNECTION_AGE="):
         read(GRPC_MAX_CONNECTION_AGE="a day")
     with pytest.raises(EnvError, match=r"^SHADOW_MODE="):
