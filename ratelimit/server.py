@@ -507,9 +507,15 @@ def create_metrics(
     calls = CallMetrics.create(metrics.registry)
     if upstream_names:
         m = metrics
-        ours = (m.hits, m.over_limit, m.near_limit, m.within_limit, m.shadow_mode)
-        ours += (m.over_limit_with_local_cache,)
-        source = (*ours, m.config_reloads, m.config_errors, calls.errors, calls.seconds)
+        per_limit = (m.hits, m.over_limit, m.near_limit, m.within_limit, m.shadow_mode)
+        source = (
+            *per_limit,
+            m.over_limit_with_local_cache,
+            m.config_reloads,
+            m.config_errors,
+            calls.errors,
+            calls.seconds,
+        )
         metrics.registry.register(UpstreamStats(source, rules))
     enforce(metrics.registry, "ratelimit")
     return metrics, calls
