@@ -47,6 +47,7 @@ CALL_ERRORS = "arks_ratelimit_call_errors"  # `type` -> ratelimit.service.call.s
 CALL_SECONDS = "arks_ratelimit_call_seconds"  # by domain -> ratelimit_server.<method>.*
 
 Labels = tuple[tuple[str, str], ...]
+MAX_MAPPED = 200_000  # stats whose mapping is remembered (all forgotten at once beyond)
 
 
 def stats_key(domain: str, key: str) -> str:
@@ -64,6 +65,19 @@ class UpstreamStats:
     def __init__(self, source: Iterable[Any], rules: tuple[Rule, ...] | None = None) -> None:
         self.source = tuple(source)  # collectors (our counters, the call histogram)
         self.rules = statsd_mapping.parse(statsd_mapping.DEFAULT) if rules is None else rules
+        # Each stat's mapping, worked out once: a scrape runs in the metrics thread, holding the
+        # GIL, and a regex rule per stat per series each time would stall the decisions.
+        self._mapped: dict[tuple[str, str], statsd_mapping.Mapped | None] = {}
+
+    def _resolve(self, event: str, kind: str) -> statsd_mapping.Mapped | None:
+        key = (event, kind)
+        try:
+            return self._mapped[key]
+        except KeyError:
+            if len(self._mapped) >= MAX_MAPPED:
+                self._mapped.clear()
+            found = self._mapped[key] = statsd_mapping.resolve(self.rules, event, kind)
+            return found
 
     def describe(self) -> list[Metric]:
         return []  # nothing to check at registration: every name is computed at scrape time
@@ -75,7 +89,7 @@ class UpstreamStats:
         counters: dict[str, dict[Labels, float]] = defaultdict(lambda: defaultdict(float))
 
         def count(event: str, value: float) -> None:
-            mapped = statsd_mapping.resolve(self.rules, event, COUNTER)
+            mapped = self._resolve(event, COUNTER)
             if mapped is not None:
                 counters[mapped.name][mapped.labels] += value
 
@@ -96,9 +110,7 @@ class UpstreamStats:
             for key, value in sorted(series.items()):
                 family.add_sample(name, dict(key), value)
             yield family
-        timed = statsd_mapping.resolve(
-            self.rules, f"ratelimit_server.{GRPC_METHOD}.response_time", OBSERVER
-        )
+        timed = self._resolve(f"ratelimit_server.{GRPC_METHOD}.response_time", OBSERVER)
         if timed is not None:
             yield calls.histogram(timed)
 
