@@ -23,6 +23,9 @@ class InvalidRequest(ValueError):
 # one out (our types, the configuration's limits, counter keys, stats series) costs more than the
 # rest of the decision. Forgotten all at once when full (a flood of distinct values only refills).
 MAX_PLANS = 10_000
+# Only requests this small are kept: Envoy's are a few hundred bytes, and a client sending large
+# distinct ones (gRPC takes up to 4 MiB) must not make the cache hold gigabytes.
+MAX_PLAN_BYTES = 4096
 
 
 class _Plan(NamedTuple):
@@ -96,7 +99,8 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             raise InvalidRequest("rate limit descriptor list must not be empty")
         asked = codec.request(request)
         plan = _Plan(self.limiter.prepare(asked), domain_label(asked.domain, config.domains))
-        if len(self._plans) >= MAX_PLANS:
-            self._plans.clear()
-        self._plans[key] = plan
+        if len(key) <= MAX_PLAN_BYTES:
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()
+            self._plans[key] = plan
         return plan

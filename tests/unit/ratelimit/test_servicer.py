@@ -55,3 +55,24 @@ async def test_a_request_prepared_under_an_old_configuration_is_decided_under_th
     decided = await limiter.decide(prepared)
     assert decided.over_limit and decided.statuses[0].limit is not None
     assert decided.statuses[0].limit.requests_per_unit == 0
+
+
+async def test_large_requests_are_decided_but_never_kept() -> None:
+    """The plans are kept by the request's bytes: a client sending large distinct requests
+    (gRPC takes up to 4 MiB each) must not make the cache hold gigabytes."""
+    metrics = RateLimitMetrics.create()
+    limiter = Limiter(lambda: config(2), MemoryBackend(), metrics, lambda: NOW)
+    service = RateLimitService(limiter, CallMetrics.create(metrics.registry))
+    large = rls_pb2.RateLimitRequest(
+        domain="d",
+        descriptors=[
+            common.RateLimitDescriptor(
+                entries=[common.RateLimitDescriptor.Entry(key="user", value="x" * 5000)]
+            )
+        ],
+    )
+    codes = [(await service.answer(large)).overall_code for _ in range(3)]
+    assert codes == [OK, OK, OVER]  # decided as any other
+    assert not service._plans
+    await service.answer(request())
+    assert len(service._plans) == 1  # a small one is kept
