@@ -513,6 +513,7 @@ def create_metrics(
             m.over_limit_with_local_cache,
             m.config_reloads,
             m.config_errors,
+            m.global_shadow_mode,
             calls.errors,
             calls.seconds,
         )

@@ -11,8 +11,7 @@ the series they query, and nothing is counted twice on the decision path.
 Differences, deliberate: upstream's counters carry no `_total` suffix, which prometheus_client
 writes for every counter, so these are untyped (a query reads them the same); an Envoy override
 is keyed `<domain>.override` (upstream: its descriptor's values); timers are histograms of our
-buckets (a rule's `observer_type: summary` gives no quantiles); `global_shadow_mode` is not
-counted.
+buckets (a rule's `observer_type: summary` gives no quantiles).
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ PER_LIMIT = (
 PLAIN = (
     ("arks_ratelimit_config_reloads", "config_load_success"),
     ("arks_ratelimit_config_errors", "config_load_error"),
+    ("arks_ratelimit_global_shadow_mode", "global_shadow_mode"),
 )
 CALL_ERRORS = "arks_ratelimit_call_errors"  # `type` -> ratelimit.service.call.should_rate_limit.*
 CALL_SECONDS = "arks_ratelimit_call_seconds"  # by domain -> ratelimit_server.<method>.*

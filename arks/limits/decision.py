@@ -55,6 +55,7 @@ class Answer:
     headers: tuple[tuple[str, str], ...] = ()
     body: bytes = b""
     without_store: bool = False  # decided without the counter store (it could not be reached)
+    shadowed: bool = False  # over the limit, answered OK by the service's own shadow mode
 
 
 Lookup = Callable[[str, Sequence[tuple[str, str]]], RateLimit | None]
@@ -151,8 +152,15 @@ def answer(
                 cached=outcome.cached,
             )
         )
-    over = _over(statuses) and not shadow_mode
-    return Answer(over, tuple(statuses), _headers(statuses, over), _body(statuses) if over else b"")
+    refused = _over(statuses)
+    over = refused and not shadow_mode
+    return Answer(
+        over,
+        tuple(statuses),
+        _headers(statuses, over),
+        _body(statuses) if over else b"",
+        shadowed=refused and shadow_mode,
+    )
 
 
 def _f32(x: float) -> float:

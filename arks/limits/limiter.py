@@ -186,6 +186,8 @@ class Limiter:
         )
 
     def _count(self, prepared: Prepared, decided: Answer) -> None:
+        if decided.shadowed:
+            self.metrics.global_shadow_mode.inc()
         near_ratio = self.enforcement.near_ratio
         statuses = decided.statuses
         for position, series_key, hits in prepared.stats:

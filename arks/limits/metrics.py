@@ -21,6 +21,7 @@ class RateLimitMetrics:
     shadow_mode: Counter
     over_limit_with_local_cache: Counter
     backend_errors: Counter
+    global_shadow_mode: Counter
     config_reloads: Counter
     config_errors: Counter
 
@@ -59,6 +60,11 @@ class RateLimitMetrics:
                 "arks_ratelimit_backend_errors",
                 "Decisions made without the counter store, by the policy applied (fail_open, fail_closed).",
                 ("policy",),
+                registry=registry,
+            ),
+            global_shadow_mode=Counter(
+                "arks_ratelimit_global_shadow_mode",
+                "Requests over a limit answered OK by the service's shadow mode (--shadow-mode).",
                 registry=registry,
             ),
             config_reloads=Counter(

@@ -256,6 +256,8 @@ def test_global_shadow_mode_answers_ok_and_keeps_each_descriptors_code(tmp_path:
             assert [a.overall_code for a in answers] == [OK, OK, OK, OK]
             assert [a.statuses[0].code for a in answers] == [OK, OK, OK, OVER]
             assert answers[-1].raw_body == b""  # nothing refused: no 429 body
+            # counted apart, as upstream's global_shadow_mode
+            assert sample(shadow.metrics(), "arks_ratelimit_global_shadow_mode_total") == 1
         finally:
             shadow.channel.close()
 

@@ -130,6 +130,7 @@ def test_series_are_ours_renamed_and_summed_where_the_mapping_merges_keys() -> N
     metrics.over_limit_with_local_cache.labels("rl", "rl.a").inc()  # no default rule: escaped
     metrics.config_reloads.inc()
     metrics.config_reloads.inc()
+    metrics.global_shadow_mode.inc()
     calls.errors.labels("redis_error").inc()
     for seconds in (0.0002, 0.003, 0.003):
         calls.called("rl", seconds)
@@ -145,6 +146,7 @@ def test_series_are_ours_renamed_and_summed_where_the_mapping_merges_keys() -> N
     assert sample(text, "ratelimit_service_should_rate_limit_error", err_type="service_error") == 0
     assert sample(text, "ratelimit_service_config_load_success") == 2
     assert sample(text, "ratelimit_service_config_load_error") == 0
+    assert sample(text, "ratelimit_service_global_shadow_mode") == 1  # no default rule: escaped
     method = {"grpc_method": "ShouldRateLimit"}
     assert sample(text, "ratelimit_service_total_requests", **method) == 4
     seconds = "ratelimit_service_response_time_seconds"
