@@ -45,7 +45,7 @@ from ratelimit.metrics import CallMetrics
 from ratelimit.redis_env import RedisEnv, redis_env
 from ratelimit.servicer import RateLimitService
 from ratelimit.statsd_mapping import Rule
-from ratelimit.upstream_stats import UpstreamStats
+from ratelimit.upstream_stats import RuleFile, UpstreamStats
 from ratelimit.xds_config import XdsConfigSource, XdsSettings
 
 log = logging.getLogger("ratelimit")
@@ -497,7 +497,7 @@ HEALTH_NAMES = ("ratelimit", "envoy.service.ratelimit.v3.RateLimitService")
 
 
 def create_metrics(
-    upstream_names: bool = False, rules: tuple[Rule, ...] | None = None
+    upstream_names: bool = False, rules: tuple[Rule, ...] | RuleFile | None = None
 ) -> tuple[RateLimitMetrics, CallMetrics]:
     """The service's registry, checked against the cardinality rules (a violation stops the
     start-up: `arks.metric_rules`); with `upstream_names`, envoyproxy/ratelimit's series too,
@@ -522,24 +522,14 @@ def create_metrics(
     return metrics, calls
 
 
-def upstream_rules(settings: Settings) -> tuple[Rule, ...] | None:
-    """The rules naming upstream's series: the mapping file's, or upstream's default ones. A
-    file that cannot be read or parsed leaves no rule (every series under its escaped statsd
-    name), as upstream ignores the error; said in the log."""
+def upstream_rules(settings: Settings) -> tuple[Rule, ...] | RuleFile:
+    """The rules naming upstream's series: the mapping file's (`RuleFile`: read again when it
+    changes), or upstream's default ones."""
     path = settings.upstream_stat_mapping
     ms = settings.upstream_response_time_ms
     if path is None:
         return statsd_mapping.parse(statsd_mapping.DEFAULT, response_time_ms=ms)
-    try:
-        return statsd_mapping.parse(path.read_text(), response_time_ms=ms)
-    except (OSError, UnicodeDecodeError, statsd_mapping.MappingError) as err:
-        log.warning(
-            "upstream's stat names: %s unusable (%s); every series keeps its escaped statsd name, "
-            "as upstream's sink does then",
-            path,
-            err,
-        )
-        return ()
+    return RuleFile(path, response_time_ms=ms)
 
 
 def make_backend(settings: Settings, password: str | None) -> CounterBackend:

@@ -16,8 +16,10 @@ buckets (a rule's `observer_type: summary` gives no quantiles).
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client.metrics_core import HistogramMetricFamily, Metric, UnknownMetricFamily
@@ -25,6 +27,8 @@ from prometheus_client.utils import floatToGoString
 
 from ratelimit import statsd_mapping
 from ratelimit.statsd_mapping import COUNTER, OBSERVER, Rule
+
+log = logging.getLogger(__name__)
 
 GRPC_METHOD = "ShouldRateLimit"
 
@@ -56,17 +60,63 @@ def stats_key(domain: str, key: str) -> str:
     return key if key.startswith(f"{domain}.") else f"{domain}.{key}"
 
 
+class RuleFile:
+    """PROMETHEUS_MAPPER_YAML's rules, read again when the file changes: Envoy Gateway rewrites
+    its ConfigMap as its rate-limit rules change (upstream reads the file once, at start-up). A
+    file that cannot be read or parsed leaves the rules as they were; at start-up that is none
+    (every series under its escaped statsd name), as upstream, which ignores the error."""
+
+    def __init__(self, path: Path, *, response_time_ms: bool = False) -> None:
+        self.path = path
+        self.response_time_ms = response_time_ms
+        self._seen: tuple[int, int, int] | None = None  # (mtime, size, inode) last read
+        self._rules: tuple[Rule, ...] = ()
+        self._said = False
+
+    def __call__(self) -> tuple[Rule, ...]:
+        try:
+            info = self.path.stat()
+            seen: tuple[int, int, int] | None = (info.st_mtime_ns, info.st_size, info.st_ino)
+        except OSError as err:
+            if not self._said:
+                self._said = True
+                log.warning("upstream's stat names: %s: %s; rules kept as they are", self.path, err)
+            return self._rules
+        if seen == self._seen:
+            return self._rules
+        self._seen, self._said = seen, False
+        try:
+            rules = statsd_mapping.parse(
+                self.path.read_text(), response_time_ms=self.response_time_ms
+            )
+        except (OSError, UnicodeDecodeError, statsd_mapping.MappingError) as err:
+            log.warning("upstream's stat names: %s unusable (%s); rules kept", self.path, err)
+            return self._rules
+        log.info("upstream's stat names: %d rules from %s", len(rules), self.path)
+        self._rules = rules
+        return rules
+
+
 class UpstreamStats:
     """A collector of upstream's series, computed from `source`'s families on every scrape and
-    named by `rules` (statsd_exporter's; `statsd_mapping.DEFAULT` when none were given)."""
+    named by `rules` (statsd_exporter's: fixed, or a `RuleFile` asked at each scrape;
+    `statsd_mapping.DEFAULT` when none were given)."""
 
     foreign_names = True  # upstream's names, by its rules: outside `arks.metric_rules`
 
-    def __init__(self, source: Iterable[Any], rules: tuple[Rule, ...] | None = None) -> None:
+    def __init__(
+        self,
+        source: Iterable[Any],
+        rules: tuple[Rule, ...] | Callable[[], tuple[Rule, ...]] | None = None,
+    ) -> None:
         self.source = tuple(source)  # collectors (our counters, the call histogram)
-        self.rules = statsd_mapping.parse(statsd_mapping.DEFAULT) if rules is None else rules
-        # Each stat's mapping, worked out once: a scrape runs in the metrics thread, holding the
-        # GIL, and a regex rule per stat per series each time would stall the decisions.
+        if rules is None:
+            rules = statsd_mapping.parse(statsd_mapping.DEFAULT)
+        self._rule_source = rules
+        self.rules: tuple[Rule, ...] = ()
+        # Each stat's mapping, worked out once per set of rules: a scrape runs in the metrics
+        # thread, holding the GIL, and a regex rule per stat per series each time would stall
+        # the decisions.
         self._mapped: dict[tuple[str, str], statsd_mapping.Mapped | None] = {}
 
     def _resolve(self, event: str, kind: str) -> statsd_mapping.Mapped | None:
@@ -83,6 +133,11 @@ class UpstreamStats:
         return []  # nothing to check at registration: every name is computed at scrape time
 
     def collect(self) -> Iterator[Metric]:
+        source = self._rule_source
+        rules = source if isinstance(source, tuple) else source()
+        if rules is not self.rules:
+            self.rules = rules
+            self._mapped = {}
         families = {
             family.name: family for collector in self.source for family in collector.collect()
         }

@@ -4,6 +4,9 @@ Gateway writes it), served as valid exposition in both text formats."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
@@ -21,6 +24,7 @@ from ratelimit.statsd_mapping import (
     parse,
     resolve,
 )
+from ratelimit.upstream_stats import RuleFile
 from tests.support.exposition import sample
 
 RULES = parse(DEFAULT)
@@ -189,3 +193,32 @@ def test_without_upstream_names_only_ours() -> None:
     metrics, _ = create_metrics()
     metrics.hits.labels("rl", "rl.a").inc()
     assert "ratelimit_service_" not in generate_latest(metrics.registry).decode()
+
+
+def test_a_mapping_file_is_read_again_when_it_changes(tmp_path: Path) -> None:
+    """Envoy Gateway rewrites its ConfigMap as its rules change (a mounted ConfigMap is swapped
+    through a symlink): the next scrape names the series by the new rules. Absent at start-up:
+    no rule (escaped names), as upstream; a file that breaks later keeps the last good rules."""
+    path = tmp_path / "conf.yaml"
+    rules = RuleFile(path)
+    metrics, _ = create_metrics(True, rules)
+    metrics.hits.labels("rl", "rl.a").inc()
+
+    def scrape() -> str:
+        return generate_latest(metrics.registry).decode()
+
+    assert sample(scrape(), "ratelimit_service_rate_limit_rl_a_total_hits") == 1
+    path.write_text(
+        "mappings: [{match: 'ratelimit.service.rate_limit.rl.*.total_hits', name: hits, "
+        "labels: {who: $1}}]"
+    )
+    assert sample(scrape(), "hits", who="a") == 1
+    fresh = tmp_path / "fresh.yaml"  # a ConfigMap update: a new file put in the old one's place
+    fresh.write_text(
+        "mappings: [{match: 'ratelimit.service.rate_limit.rl.*.total_hits', name: calls, "
+        "labels: {user: $1}}]"
+    )
+    os.replace(fresh, path)
+    assert sample(scrape(), "calls", user="a") == 1
+    path.write_text("mappings: [{match: 'x'}]")  # no name: refused, the last rules stay
+    assert sample(scrape(), "calls", user="a") == 1
