@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp.web
 import grpc
@@ -532,73 +533,81 @@ def upstream_rules(settings: Settings) -> tuple[Rule, ...] | RuleFile:
     return RuleFile(path, response_time_ms=ms)
 
 
-def make_backend(settings: Settings, password: str | None) -> CounterBackend:
+@dataclass(frozen=True)
+class RedisTarget:
+    """One Redis the counters live in, as reached: the main one, or the per-second one."""
+
+    url: str
+    env: RedisEnv  # its user, Sentinel credentials, TLS
+    password: str | None
+    timeout_s: float
+    pool_size: int
+
+    def credentials(self) -> dict[str, Any]:
+        e = self.env
+        return {
+            "password": self.password,
+            "username": e.username,
+            "sentinel_username": e.sentinel_username,
+            "sentinel_password": e.sentinel_password,
+            "tls": e.tls,
+        }
+
+
+def redis_targets(settings: Settings, password: str | None) -> list[RedisTarget]:
+    """The main Redis (`password`: its password file's, else REDIS_AUTH's), then the per-second
+    one: REDIS_PERSECOND_*'s settings, or, named by the flag alone, the main one's."""
     if not settings.redis:
-        return MemoryBackend()
+        return []
     main = settings.redis_env
-    store: CounterBackend = _redis_store(
-        settings, settings.redis, main, password, settings.redis_timeout_s, settings.redis_pool_size
-    )
-    if settings.redis_per_second:
-        env, password = _per_second_env(settings, password)
-        timeout_s = settings.redis_timeout_s if env.timeout_s is None else env.timeout_s
-        pool = env.pool_size or settings.redis_pool_size
-        per_second = _redis_store(
-            settings, settings.redis_per_second, env, password, timeout_s, pool
+    targets = [
+        RedisTarget(
+            settings.redis,
+            main,
+            password or main.password,
+            settings.redis_timeout_s,
+            settings.redis_pool_size,
         )
-        store = PerSecondSplit(per_second, store)
+    ]
+    if settings.redis_per_second:
+        own = main.per_second
+        env = own or main
+        targets.append(
+            RedisTarget(
+                settings.redis_per_second,
+                env,
+                env.password if own else targets[0].password,
+                own.timeout_s if own and own.timeout_s is not None else settings.redis_timeout_s,
+                (own.pool_size if own else None) or settings.redis_pool_size,
+            )
+        )
+    return targets
+
+
+def make_backend(settings: Settings, targets: list[RedisTarget]) -> CounterBackend:
+    if not targets:
+        return MemoryBackend()
+    main, *per_second = (
+        RedisBackend(
+            t.url,
+            prefix=settings.key_prefix,
+            timeout_s=t.timeout_s,
+            max_connections=t.pool_size,
+            expiry_jitter_s=settings.expiry_jitter_s,
+            **t.credentials(),
+        )
+        for t in targets
+    )
+    store: CounterBackend = PerSecondSplit(per_second[0], main) if per_second else main
     entries = entries_for(settings.local_cache_bytes)
     return LocalOverLimitCache(store, entries) if entries else store
 
 
-def _per_second_env(settings: Settings, password: str | None) -> tuple[RedisEnv, str | None]:
-    """The per-second Redis's settings: REDIS_PERSECOND_*'s, or, named by the flag alone, the
-    main Redis's (its password file too)."""
-    env = settings.redis_env.per_second
-    if env is None:
-        return settings.redis_env, password
-    return env, env.password
-
-
-def _redis_store(
-    settings: Settings,
-    url: str,
-    env: RedisEnv,
-    password: str | None,
-    timeout_s: float,
-    pool_size: int,
-) -> RedisBackend:
-    return RedisBackend(
-        url,
-        prefix=settings.key_prefix,
-        timeout_s=timeout_s,
-        max_connections=pool_size,
-        password=password or env.password,
-        username=env.username,
-        sentinel_username=env.sentinel_username,
-        sentinel_password=env.sentinel_password,
-        tls=env.tls,
-        expiry_jitter_s=settings.expiry_jitter_s,
-    )
-
-
 async def serve(settings: Settings) -> None:
     password = read_password(settings.redis_password_file) if settings.redis_password_file else None
-    stores: list[tuple[str, RedisEnv, str | None]] = []
-    if settings.redis:
-        stores.append((settings.redis, settings.redis_env, password))
-    if settings.redis_per_second:
-        stores.append((settings.redis_per_second, *_per_second_env(settings, password)))
-    for url, env, secret in stores:
-        await check_auth(
-            url,
-            secret or env.password,
-            timeout_s=2.0,
-            username=env.username,
-            sentinel_username=env.sentinel_username,
-            sentinel_password=env.sentinel_password,
-            tls=env.tls,
-        )
+    targets = redis_targets(settings, password)
+    for store in targets:
+        await check_auth(store.url, timeout_s=2.0, **store.credentials())
     metrics, calls = create_metrics(settings.upstream_stat_names, upstream_rules(settings))
     source: ConfigSource | XdsConfigSource
     if settings.xds is not None:
@@ -611,7 +620,7 @@ async def serve(settings: Settings) -> None:
             await source.loaded.wait()
     else:
         source = ConfigSource(settings.config, metrics, merge_domains=settings.merge_domains)
-    backend = make_backend(settings, password)
+    backend = make_backend(settings, targets)
     limiter = Limiter(
         config=source.current,
         backend=backend,

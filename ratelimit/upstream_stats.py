@@ -25,6 +25,7 @@ from typing import Any
 from prometheus_client.metrics_core import HistogramMetricFamily, Metric, UnknownMetricFamily
 from prometheus_client.utils import floatToGoString
 
+from arks.adapters import files
 from ratelimit import statsd_mapping
 from ratelimit.statsd_mapping import COUNTER, OBSERVER, Rule
 
@@ -69,18 +70,16 @@ class RuleFile:
     def __init__(self, path: Path, *, response_time_ms: bool = False) -> None:
         self.path = path
         self.response_time_ms = response_time_ms
-        self._seen: tuple[int, int, int] | None = None  # (mtime, size, inode) last read
+        self._seen: files.Stamp | None = None  # the file's when last read
         self._rules: tuple[Rule, ...] = ()
         self._said = False
 
     def __call__(self) -> tuple[Rule, ...]:
-        try:
-            info = self.path.stat()
-            seen: tuple[int, int, int] | None = (info.st_mtime_ns, info.st_size, info.st_ino)
-        except OSError as err:
+        seen = files.stamp(self.path)
+        if seen is None:
             if not self._said:
                 self._said = True
-                log.warning("upstream's stat names: %s: %s; rules kept as they are", self.path, err)
+                log.warning("upstream's stat names: no %s; rules kept as they are", self.path)
             return self._rules
         if seen == self._seen:
             return self._rules

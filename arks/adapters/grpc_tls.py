@@ -8,7 +8,6 @@ from __future__ import annotations
 import inspect
 import ipaddress
 import logging
-import os
 import ssl
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
+from arks.adapters import files
 
 log = logging.getLogger("arks.grpc_tls")
 
@@ -42,7 +43,7 @@ class _Changing(Exception):
     """The files changed while they were read: read them again later."""
 
 
-_Stamp = tuple[tuple[int, int, int, int] | None, ...]
+_Stamp = tuple[files.Stamp | None, ...]
 
 
 class CertificateFiles:
@@ -67,15 +68,7 @@ class CertificateFiles:
         return (tls.cert, tls.key) if tls.client_ca is None else (tls.cert, tls.key, tls.client_ca)
 
     def _now(self) -> _Stamp:
-        stamp: list[tuple[int, int, int, int] | None] = []
-        for path in self._paths():
-            try:
-                st = os.stat(path)
-            except OSError:
-                stamp.append(None)
-                continue
-            stamp.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
-        return tuple(stamp)
+        return tuple(files.stamp(path) for path in self._paths())
 
     def _load(self) -> tuple[_Stamp, grpc.ServerCertificateConfiguration]:
         """The files as a configuration, checked as a key pair and a CA; TlsFilesError."""

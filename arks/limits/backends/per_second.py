@@ -57,9 +57,9 @@ class PerSecondSplit:
             raise fast_answer
         if isinstance(rest_answer, BaseException):
             raise rest_answer
-        outcomes = list(fast_answer) + list(rest_answer)
-        order = fast + rest
-        return [outcome for _, outcome in sorted(zip(order, outcomes, strict=True), key=_first)]
+        by_index = dict(zip(fast, fast_answer, strict=True))
+        by_index.update(zip(rest, rest_answer, strict=True))
+        return [by_index[i] for i in range(len(hits))]
 
     async def refund(self, hits: Sequence[Hit], now: float) -> None:
         fast, rest = _split(hits)
@@ -80,10 +80,6 @@ def _void(answer: list[Outcome] | BaseException, all_or_nothing: bool) -> bool:
     if isinstance(answer, BaseException):
         return True
     return all_or_nothing and any(outcome.over_limit for outcome in answer)
-
-
-def _first(pair: tuple[int, Outcome]) -> int:
-    return pair[0]
 
 
 def _split(hits: Sequence[Hit]) -> tuple[list[int], list[int]]:
